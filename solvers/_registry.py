@@ -1,0 +1,74 @@
+"""One registry of solvers by name; unknown names and options are errors that list the valid ones."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ._base import Solver
+
+
+@dataclass(frozen=True)
+class _Entry:
+    factory: Callable[..., Solver]
+    summary: str
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register(name: str, factory: Callable[..., Solver], summary: str = "") -> None:
+    """Register ``factory(**options) -> Solver`` under ``name`` (an error if the name is taken)."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register: name must be a non-empty string, got {name!r}")
+    if name in _REGISTRY:
+        raise ValueError(f"register: a solver named {name!r} is already registered")
+    _REGISTRY[name] = _Entry(factory, summary)
+
+
+def available(*, adaptive: bool | None = None, reversible: bool | None = None,
+              multistep: bool | None = None) -> list[str]:
+    """Registered solver names, sorted; filter by capability with the keyword flags."""
+    names = []
+    for name in sorted(_REGISTRY):
+        if adaptive is None and reversible is None and multistep is None:
+            names.append(name)
+            continue
+        solver = _REGISTRY[name].factory()
+        if adaptive is not None and solver.adaptive != adaptive:
+            continue
+        if reversible is not None and solver.reversible != reversible:
+            continue
+        if multistep is not None and solver.multistep != multistep:
+            continue
+        names.append(name)
+    return names
+
+
+def describe() -> dict[str, str]:
+    """Name → one-line summary of every registered solver."""
+    return {name: _REGISTRY[name].summary for name in sorted(_REGISTRY)}
+
+
+def get(name: str | Solver, **options: object) -> Solver:
+    """The solver registered as ``name``, built with ``options``; a Solver instance passes through."""
+    if isinstance(name, Solver):
+        if options:
+            raise TypeError(f"solver options {sorted(options)} given with a solver instance; "
+                            "configure the instance instead")
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"solver must be a registered name (str) or a solvers.Solver, got {type(name).__name__}")
+    try:
+        entry = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown solver {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+    params = inspect.signature(entry.factory).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    valid = [p for p, spec in params.items() if spec.kind is spec.KEYWORD_ONLY or spec.kind is spec.POSITIONAL_OR_KEYWORD]
+    unknown = sorted(set(options) - set(valid))
+    if unknown and not accepts_any:
+        raise TypeError(f"solver {name!r} got unknown option(s) {unknown}; "
+                        f"it accepts: {', '.join(valid) if valid else 'no options'}")
+    return entry.factory(**options)

@@ -1,0 +1,67 @@
+"""Explicit Runge–Kutta steps from a Butcher tableau."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor
+
+from ._base import Derivative, Solver, StepResult, VectorField
+from ._tableau import ButcherTableau
+
+
+def lincomb(y0: Tensor, h: float, weights: Sequence[float], ks: Sequence[Tensor]) -> Tensor:
+    """``y0 + h * sum(w_j * k_j)``, skipping zero weights; scalars stay Python floats."""
+    out = y0
+    for w, k in zip(weights, ks):
+        if w != 0.0:
+            out = out.add(k, alpha=h * w)
+    return out
+
+
+def weighted_sum(h: float, weights: Sequence[float], ks: Sequence[Tensor]) -> Tensor:
+    """``h * sum(w_j * k_j)`` (used for error estimates)."""
+    terms = [(w, k) for w, k in zip(weights, ks) if w != 0.0]
+    out = terms[0][1] * (h * terms[0][0])
+    for w, k in terms[1:]:
+        out = out.add(k, alpha=h * w)
+    return out
+
+
+class ExplicitRK(Solver):
+    """An explicit Runge–Kutta method given by its tableau.
+
+    The carried state is a :class:`Derivative` ``f(t0, y0)`` when one is already known:
+    the last stage of a first-same-as-last tableau, or the first stage of a step the
+    adaptive driver rejected and retries from the same point. It is never recomputed.
+    """
+
+    def __init__(self, name: str, tableau: ButcherTableau, order: int, *, error_order: int | None = None) -> None:
+        self.name = name  # type: ignore[misc]
+        self.tableau = tableau
+        self.order = order  # type: ignore[misc]
+        self.adaptive = tableau.b_error is not None  # type: ignore[misc]
+        self.error_order = error_order if error_order is not None else order - 1
+        self.evaluates_end = tableau.evaluates_end  # type: ignore[misc]
+
+    def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
+        tab = self.tableau
+        h = t1 - t0
+        k1 = state.k if isinstance(state, Derivative) and state.t == t0 else f(t0, y0)
+        ks = [k1]
+        y1 = None
+        last = tab.stages - 1
+        for i in range(1, tab.stages):
+            if i == last and tab.fsal:
+                y1 = lincomb(y0, h, tab.b, ks)
+                yi = y1
+            else:
+                yi = lincomb(y0, h, tab.a[i - 1], ks)
+            ks.append(f(t0 + tab.c[i] * h, yi))
+        if y1 is None:
+            y1 = lincomb(y0, h, tab.b, ks)
+        error = weighted_sum(h, tab.b_error, ks) if tab.b_error is not None else None
+        # FSAL: the last stage is f(t1, y1). Otherwise keep f(t0, y0) for a retried step.
+        new_state = Derivative(t1, ks[-1]) if tab.fsal else Derivative(t0, k1)
+        return StepResult(y1, new_state, error)
