@@ -1,0 +1,27 @@
+"""flowdiff: diffusion sampling, encoding and solver comparison on the probability-flow ODE.
+
+    dx̄/dσ = ε_θ( x̄/√(σ²+1), t(σ) ),   x̄ = x·√(1+σ²),   σ = √((1−ᾱ)/ᾱ)
+
+DDIM is explicit Euler on this ODE; flowdiff solves it with any method of :mod:`solvers`,
+in both directions.
+"""
+
+from .flow import PREDICTION_TYPES, ProbabilityFlow
+from .grids import GRIDS, grid_timesteps, make_sigmas
+from .sampling import Latent, Result, StepState, decode, encode, generate
+from .schedules import Schedule
+
+__all__ = [
+    "GRIDS",
+    "PREDICTION_TYPES",
+    "Latent",
+    "ProbabilityFlow",
+    "Result",
+    "Schedule",
+    "StepState",
+    "decode",
+    "encode",
+    "generate",
+    "grid_timesteps",
+    "make_sigmas",
+]
