@@ -8,7 +8,8 @@ in both directions.
 
 from .flow import PREDICTION_TYPES, ProbabilityFlow
 from .grids import GRIDS, grid_timesteps, make_sigmas
-from .sampling import Latent, Result, StepState, decode, encode, generate
+from .latent import Latent
+from .sampling import Result, StepState, decode, encode, generate
 from .schedules import Schedule
 
 __all__ = [

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -20,6 +20,7 @@ from solvers import Solver, Stats
 
 from .flow import ProbabilityFlow
 from .grids import make_sigmas
+from .latent import Latent
 from .schedules import ArrayLike
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -33,26 +34,6 @@ class StepState(NamedTuple):
     sigma: float
     x: Tensor
     xbar: Tensor
-
-
-@dataclass
-class Latent:
-    """An encoding: the DDIM-scale latent ``x`` (x_T) and what a decode needs to retrace it.
-
-    ``sigmas`` is the encode grid (increasing, starting at 0); ``solver`` and
-    ``solver_options`` the method that made it; ``solver_state`` the extra state of a
-    reversible solver (``None`` for plain solvers, whose latent is ``x`` alone).
-    """
-
-    x: Tensor
-    sigmas: np.ndarray
-    solver: str
-    solver_options: dict[str, Any] = field(default_factory=dict)
-    solver_state: Any = None
-
-    @property
-    def steps(self) -> int:
-        return len(self.sigmas) - 1
 
 
 @dataclass
@@ -146,6 +127,9 @@ def generate(
     final_euler: bool = True,
     callback: Callable[[StepState], None] | None = None,
     check_finite: bool = True,
+    eta: float | str | None = None,
+    generator: torch.Generator | None = None,
+    step_noise: Tensor | None = None,
 ) -> Result:
     """Generate images from DDIM-scale noise x_T ~ N(0, I) by solving from the grid's first σ to 0.
 
@@ -161,9 +145,22 @@ def generate(
     its last step as Euler instead, as EDM and k-diffusion do. The state keeps the noise's
     dtype; float16/bfloat16 noise is integrated in float32 with the model fed in the
     noise's dtype, and the image returned in it.
+
+    ``eta`` (a number in [0, 1], or ``"sigma_hat"``) selects the DDIM paper's stochastic
+    generative process instead of the ODE (see :mod:`flowdiff.stochastic`), with randomness
+    from ``generator`` or given per step in ``step_noise``.
     """
     flow = _check_flow(flow)
     noise = _check_state(noise, "noise")
+    if eta is not None or generator is not None or step_noise is not None:
+        from .stochastic import generate_stochastic
+
+        if rtol is not None or atol is not None:
+            raise ValueError("eta= (stochastic generation) takes a fixed grid, not rtol=/atol=")
+        return generate_stochastic(flow, noise, eta=0.0 if eta is None else eta, generator=generator,
+                                   step_noise=step_noise, steps=steps, nfe=nfe, grid=grid, sigmas=sigmas,
+                                   timesteps=timesteps, model_kwargs=model_kwargs, grid_options=grid_options,
+                                   callback=callback, check_finite=check_finite, solver=solver)
     solver_obj = _resolve_solver(solver, solver_options)
     dtype = _compute_dtype(noise)
     model_dtype = noise.dtype if noise.dtype != dtype else None
@@ -204,6 +201,9 @@ def encode(
     grid_options: Mapping[str, Any] | None = None,
     callback: Callable[[StepState], None] | None = None,
     check_finite: bool = True,
+    inversion: str | None = None,
+    inversion_options: Mapping[str, Any] | None = None,
+    eta: float | str | None = None,
 ) -> Result:
     """Encode images (model data scale, σ = 0) to DDIM-scale latents x_T along the reversed grid.
 
@@ -212,9 +212,30 @@ def encode(
     ``solver="ddim_inverse"`` reproduces diffusers' DDIMInverseScheduler (see
     :mod:`flowdiff.ddim_inverse` for how it differs from the Euler encode). The result's
     ``latent`` carries the grid and solver for :func:`decode`.
+
+    ``inversion="fixed_point"`` encodes so that the *plain* solver's decode reproduces the
+    images (see :mod:`flowdiff.inversion`). ``eta`` other than 0 is refused: the stochastic
+    process has no inverse.
     """
     flow = _check_flow(flow)
     images = _check_state(images, "images")
+    if eta is not None and eta != 0:
+        raise ValueError(f"encode takes no eta={eta!r}: the stochastic generative process (eta > 0 or "
+                         "'sigma_hat') injects fresh noise at every step and has no inverse; encoding is "
+                         "deterministic (eta=0, the ODE)")
+    if inversion is not None:
+        from .inversion import encode_fixed_point
+
+        if inversion != "fixed_point":
+            raise ValueError(f"unknown inversion {inversion!r}; accepted: 'fixed_point' (or None)")
+        if rtol is not None or atol is not None:
+            raise ValueError("inversion='fixed_point' works on a fixed grid; drop rtol=/atol=")
+        return encode_fixed_point(flow, images, solver=solver, steps=steps, nfe=nfe, grid=grid, sigmas=sigmas,
+                                  timesteps=timesteps, model_kwargs=model_kwargs, solver_options=solver_options,
+                                  grid_options=grid_options, callback=callback, check_finite=check_finite,
+                                  **dict(inversion_options or {}))
+    elif inversion_options is not None:
+        raise ValueError("inversion_options= given without inversion=")
     dtype = _compute_dtype(images)
     model_dtype = images.dtype if images.dtype != dtype else None
     options = dict(solver_options or {})

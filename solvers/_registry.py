@@ -66,7 +66,8 @@ def get(name: str | Solver, **options: object) -> Solver:
         raise ValueError(f"unknown solver {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
     params = inspect.signature(entry.factory).parameters
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    valid = [p for p, spec in params.items() if spec.kind is spec.KEYWORD_ONLY or spec.kind is spec.POSITIONAL_OR_KEYWORD]
+    named = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    valid = [p for p, spec in params.items() if spec.kind in named]
     unknown = sorted(set(options) - set(valid))
     if unknown and not accepts_any:
         raise TypeError(f"solver {name!r} got unknown option(s) {unknown}; "
