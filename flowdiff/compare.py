@@ -1,0 +1,407 @@
+"""Solvers compared at a fixed budget of model evaluations: error against a reference, NFE, wall time.
+
+The question users ask first is "which solver, on which grid, gives the best image for N
+model evaluations?". :func:`compare` answers it on one flow and one batch of noise: every
+(solver, grid, NFE budget) generates from the same noise with ``generate(..., nfe=N)``, and
+its image is measured against the exact solution of the same ODE from the same start,
+
+    error = RMS over the batch and pixels of  x_solver(σ=0) − x_ref(σ=0)
+
+in the image's scale (the model's data range, e.g. [−1, 1]). The reference ``x_ref`` is a
+tight adaptive solve in float64 (Dormand–Prince 8(7) by default, error measured in the
+image's scale), cached per flow, noise and start σ so that it is computed once however
+many rows share it (:func:`reference_solution`). Its own accuracy is estimated by a second
+solve at a 100× looser tolerance and reported with the table, so that a row below that
+floor is visibly not resolved.
+
+NFE is the currency: the table shows the budget asked for and the NFE actually spent
+(counted by the driver: a one-evaluation-per-step solver spends the budget exactly; Heun
+with its Euler step into σ = 0 spends an odd count ≤ N). Wall time is recorded, never
+asserted. :class:`Comparison` renders the table as markdown or CSV and draws the log-log
+error-vs-NFE plot.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import math
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import solvers as _solvers
+
+from .flow import ProbabilityFlow
+from .grids import GRIDS
+from .sampling import generate
+
+#: Grids of the default comparison: diffusers' trailing timesteps, EDM's, uniform in log σ.
+DEFAULT_GRIDS = ("trailing", "karras", "logsnr")
+#: NFE budgets of the default comparison.
+DEFAULT_NFE = (10, 20, 50)
+#: Solvers always in the default comparison (DDIM and its second-order correction); the
+#: registered multistep solvers join them (see :func:`default_solvers`).
+BASE_SOLVERS = ("euler", "heun")
+
+_CACHE: weakref.WeakKeyDictionary[ProbabilityFlow, dict[tuple, Reference]] = weakref.WeakKeyDictionary()
+
+
+def default_solvers() -> list[str]:
+    """Euler (DDIM) and Heun, then every registered multistep solver (the low-NFE methods)."""
+    multistep = [name for name in _solvers.available(multistep=True) if name not in BASE_SOLVERS]
+    return [name for name in BASE_SOLVERS if name in _solvers.available()] + multistep
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The float64 reference image ``x`` from noise started at ``sigma_start``.
+
+    ``nfe`` and ``wall_time`` are the reference solve's own cost; ``error`` the RMS distance
+    to a solve at 100× looser tolerance (an upper estimate of the reference's error, since
+    the error of an adaptive solve shrinks with the tolerance).
+    """
+
+    x: Tensor
+    sigma_start: float
+    solver: str
+    rtol: float
+    atol: float
+    nfe: int
+    wall_time: float
+    error: float
+
+
+@dataclass(frozen=True)
+class Run:
+    """One row: ``solver`` on ``grid`` at NFE budget ``budget``, spending ``nfe`` in ``steps`` steps.
+
+    ``rms_error`` and ``max_error`` are against the reference in the image's scale;
+    ``wall_time`` is the seconds ``generate`` took.
+    """
+
+    solver: str
+    grid: str
+    budget: int
+    nfe: int
+    steps: int
+    rms_error: float
+    max_error: float
+    wall_time: float
+    sigma_start: float
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A (solver, grid, budget) that could not run, and why (e.g. one step costs more than the budget)."""
+
+    solver: str
+    grid: str
+    budget: int
+    reason: str
+
+
+CSV_COLUMNS = ("solver", "grid", "budget", "nfe", "steps", "rms_error", "max_error", "wall_time", "sigma_start")
+
+
+@dataclass
+class Comparison:
+    """The result of :func:`compare`: the runs, the reference they are measured against, what was skipped."""
+
+    runs: list[Run]
+    reference: Reference
+    skipped: list[Skipped] = field(default_factory=list)
+
+    @property
+    def budgets(self) -> list[int]:
+        return sorted({r.budget for r in self.runs} | {s.budget for s in self.skipped})
+
+    def best(self, budget: int) -> Run:
+        """The run with the lowest RMS error at ``budget``."""
+        rows = [r for r in self.runs if r.budget == budget]
+        if not rows:
+            raise ValueError(f"no run at budget {budget}; budgets run: {self.budgets}")
+        return min(rows, key=lambda r: r.rms_error)
+
+    def to_markdown(self, layout: str = "wide") -> str:
+        """A markdown table.
+
+        ``layout="wide"``: a row per (solver, grid), a column per NFE budget holding the RMS
+        error (the NFE actually spent in brackets where it differs from the budget; the best
+        per budget in bold; ``—`` where the solver cannot fit the budget). ``layout="long"``:
+        one row per run with every column of the CSV.
+        """
+        if layout == "long":
+            lines = ["| solver | grid | NFE budget | NFE used | steps | RMS error | max error | wall s |",
+                     "|---|---|---:|---:|---:|---:|---:|---:|"]
+            for r in self.runs:
+                lines.append(f"| {r.solver} | {r.grid} | {r.budget} | {r.nfe} | {r.steps} | {r.rms_error:.3e} | "
+                             f"{r.max_error:.3e} | {r.wall_time:.3f} |")
+            return "\n".join(lines) + "\n"
+        if layout != "wide":
+            raise ValueError(f"layout must be 'wide' or 'long', got {layout!r}")
+        budgets = self.budgets
+        best = {b: self.best(b) for b in budgets if any(r.budget == b for r in self.runs)}
+        keys: list[tuple[str, str]] = []
+        for item in [*self.runs, *self.skipped]:
+            if (item.solver, item.grid) not in keys:
+                keys.append((item.solver, item.grid))
+        cell = {(r.solver, r.grid, r.budget): r for r in self.runs}
+        lines = ["| solver | grid | " + " | ".join(f"NFE {b}" for b in budgets) + " |",
+                 "|---|---|" + "---:|" * len(budgets)]
+        for solver, grid in keys:
+            cells = []
+            for b in budgets:
+                r = cell.get((solver, grid, b))
+                if r is None:
+                    cells.append("—")
+                    continue
+                text = f"{r.rms_error:.2e}" + (f" ({r.nfe})" if r.nfe != b else "")
+                cells.append(f"**{text}**" if best.get(b) is r else text)
+            lines.append(f"| {solver} | {grid} | " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def to_csv(self) -> str:
+        """One line per run, columns :data:`CSV_COLUMNS` (errors and times in full precision)."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for r in self.runs:
+            writer.writerow([getattr(r, c) if not isinstance(getattr(r, c), float) else repr(getattr(r, c))
+                             for c in CSV_COLUMNS])
+        return out.getvalue()
+
+    def plot(self, path: str | Path, title: str | None = None) -> Path:
+        """Write the log-log plot of RMS error against NFE used (a line per solver and grid) as a PNG.
+
+        Colour marks the solver, line style the grid; the dotted horizontal line is the
+        reference's estimated error.
+        """
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        names = list(dict.fromkeys(r.solver for r in self.runs))
+        grids = list(dict.fromkeys(r.grid for r in self.runs))
+        colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+        styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1))]
+        fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=120)
+        tiny = 1e-16
+        for i, name in enumerate(names):
+            for j, grid in enumerate(grids):
+                rows = sorted((r for r in self.runs if r.solver == name and r.grid == grid), key=lambda r: r.nfe)
+                if not rows:
+                    continue
+                ax.plot([r.nfe for r in rows], [max(r.rms_error, tiny) for r in rows], marker="o", markersize=3,
+                        color=colours(i % colours.N), linestyle=styles[j % len(styles)], label=f"{name} / {grid}")
+        floor = self.reference.error
+        if math.isfinite(floor) and floor > 0:
+            ax.axhline(floor, color="grey", linestyle=":", linewidth=1, label="reference error (est.)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("model evaluations (NFE)")
+        ax.set_ylabel("RMS error vs reference (image scale)")
+        ax.set_title(title or "error vs NFE")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2 if len(names) * len(grids) > 8 else 1)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+
+def clear_reference_cache() -> None:
+    """Forget every cached reference."""
+    _CACHE.clear()
+
+
+def _float64_flow(flow: ProbabilityFlow) -> ProbabilityFlow:
+    """The flow with its network in float64 when it is a torch module in another precision.
+
+    A σ-native flow (closed-form models) and a non-module callable are used as given: they
+    must accept float64 input themselves.
+    """
+    model = flow.model
+    if flow.sigma_field is not None or not isinstance(model, torch.nn.Module):
+        return flow
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    if all(p.dtype == torch.float64 for p in params):
+        return flow
+    model64 = copy.deepcopy(model).double()
+    return ProbabilityFlow(model64, flow.schedule, prediction_type=flow.prediction_type)
+
+
+def _noise_key(noise: Tensor) -> tuple:
+    data = noise.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()
+    return hashlib.blake2b(data, digest_size=16).hexdigest(), tuple(noise.shape), str(noise.device)
+
+
+def _check_tolerance(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < 1):
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+    return float(value)
+
+
+def reference_solution(
+    flow: ProbabilityFlow,
+    noise: Tensor,
+    *,
+    sigma_start: float | None = None,
+    solver: str = "dopri8",
+    rtol: float = 1e-9,
+    atol: float = 1e-9,
+    model_kwargs: Mapping[str, Any] | None = None,
+    cache: bool = True,
+) -> Reference:
+    """The high-accuracy image from ``noise`` (DDIM scale, x_T ~ N(0, I)) started at ``sigma_start``.
+
+    An adaptive float64 solve of σ_start → 0 (default σ_start: the schedule's σ_max) with
+    the error measured in the image's scale; a torch network in another precision is copied
+    to float64 for it. Cached per (flow, noise values, σ_start, solver, tolerances) unless
+    ``cache=False`` or ``model_kwargs`` are given (conditioning is not hashed). ``error`` is
+    the RMS distance to the same solve at 100× looser tolerances.
+    """
+    if not isinstance(flow, ProbabilityFlow):
+        raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
+    if not isinstance(noise, Tensor) or not noise.is_floating_point():
+        raise TypeError(f"noise must be a floating-point torch.Tensor, got {type(noise).__name__}")
+    rtol, atol = _check_tolerance("rtol", rtol), _check_tolerance("atol", atol)
+    if not _solvers.get(solver).adaptive:
+        raise ValueError(f"the reference needs an adaptive solver; got {solver!r}, adaptive solvers: "
+                         f"{', '.join(_solvers.available(adaptive=True))}")
+    s0 = flow.schedule.sigma_max if sigma_start is None else float(sigma_start)
+    if not (math.isfinite(s0) and s0 > 0):
+        raise ValueError(f"sigma_start must be a finite number > 0, got {sigma_start!r}")
+    use_cache = cache and model_kwargs is None
+    key = (*_noise_key(noise), s0, solver, rtol, atol)
+    if use_cache:
+        hit = _CACHE.get(flow, {}).get(key)
+        if hit is not None:
+            return hit
+    flow64 = _float64_flow(flow)
+    noise64 = noise.detach().to(torch.float64)
+    start = time.perf_counter()
+    tight = generate(flow64, noise64, solver=solver, rtol=rtol, atol=atol, sigmas=[s0, 0.0],
+                     model_kwargs=model_kwargs)
+    wall = time.perf_counter() - start
+    loose = generate(flow64, noise64, solver=solver, rtol=min(100 * rtol, 0.1), atol=min(100 * atol, 0.1),
+                     sigmas=[s0, 0.0], model_kwargs=model_kwargs)
+    error = float((loose.x - tight.x).pow(2).mean().sqrt())
+    ref = Reference(tight.x, s0, solver, rtol, atol, tight.stats.nfe, wall, error)
+    if use_cache:
+        _CACHE.setdefault(flow, {})[key] = ref
+    return ref
+
+
+def _check_names(values: Iterable[str] | str, name: str, accepted: Sequence[str]) -> list[str]:
+    if isinstance(values, str):
+        values = [values]
+    out = list(values)
+    if not out:
+        raise ValueError(f"{name} must name at least one; accepted: {', '.join(accepted)}")
+    for v in out:
+        if not isinstance(v, str):
+            raise TypeError(f"{name} must be names (str), got {type(v).__name__}")
+        if v not in accepted:
+            raise ValueError(f"unknown {name[:-1] if name.endswith('s') else name} {v!r} in {name}; "
+                             f"accepted: {', '.join(accepted)}")
+    return list(dict.fromkeys(out))
+
+
+def _check_budgets(nfe: Iterable[int] | int) -> list[int]:
+    values = [nfe] if isinstance(nfe, int) else list(nfe)
+    if not values:
+        raise ValueError("nfe must hold at least one budget")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"nfe budgets must be positive ints, got {v!r}")
+    return sorted(set(values))
+
+
+def compare(
+    flow: ProbabilityFlow,
+    noise: Tensor,
+    *,
+    solvers: Iterable[str] | str | None = None,
+    grids: Iterable[str] | str = DEFAULT_GRIDS,
+    nfe: Iterable[int] | int = DEFAULT_NFE,
+    model_kwargs: Mapping[str, Any] | None = None,
+    reference_solver: str = "dopri8",
+    rtol: float = 1e-9,
+    atol: float = 1e-9,
+    progress: bool | Callable[[str], None] = False,
+) -> Comparison:
+    """Run every solver × grid × NFE budget from ``noise`` and measure it against the reference.
+
+    ``solvers`` are registered names (default :func:`default_solvers`), ``grids`` named
+    grids of :func:`flowdiff.make_sigmas`, ``nfe`` the budgets (each run spends the largest
+    NFE ≤ the budget that its solver's steps allow). Runs use ``noise``'s dtype (float64
+    noise isolates the solvers' truncation error from rounding); a combination whose one
+    step costs more than the budget is listed in ``skipped``. Every run is measured against
+    one :func:`reference_solution` from the schedule's σ_max, the exact sample of this noise:
+    grids that start lower (``leading``, ``linear``, ``quadratic`` read the noise as x_T at
+    a smaller σ) carry the error of that late start, as their users get it.
+    ``progress=True`` shows a tqdm bar on stderr; a callable receives a short description
+    before each run instead.
+    """
+    if not isinstance(flow, ProbabilityFlow):
+        raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
+    if not isinstance(noise, Tensor) or not noise.is_floating_point():
+        raise TypeError(f"noise must be a floating-point torch.Tensor, got {type(noise).__name__}")
+    names = _check_names(default_solvers() if solvers is None else solvers, "solvers", _solvers.available())
+    grid_names = _check_names(grids, "grids", GRIDS)
+    budgets = _check_budgets(nfe)
+    _check_tolerance("rtol", rtol)
+    _check_tolerance("atol", atol)
+    if not (isinstance(progress, bool) or callable(progress)):
+        raise TypeError(f"progress must be a bool or a callable, got {type(progress).__name__}")
+
+    jobs = [(s, g, b) for s in names for g in grid_names for b in budgets]
+    bar = None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs) + 1, desc="compare", unit="run", leave=False)
+        bar.set_postfix_str("reference", refresh=True)
+    elif callable(progress):
+        progress("reference")
+    try:
+        ref = reference_solution(flow, noise, solver=reference_solver, rtol=rtol, atol=atol,
+                                 model_kwargs=model_kwargs)
+        if bar is not None:
+            bar.update(1)
+        result = Comparison([], reference=ref)
+        for solver, grid, budget in jobs:
+            label = f"{solver}/{grid}/NFE {budget}"
+            if bar is not None:
+                bar.set_postfix_str(label, refresh=False)
+            elif callable(progress):
+                progress(label)
+            one_step = _solvers.nfe_for_steps(solver, 1, eval_end=False)
+            if budget < one_step:
+                result.skipped.append(Skipped(solver, grid, budget, f"one step costs {one_step} evaluations"))
+            else:
+                start = time.perf_counter()
+                out = generate(flow, noise, solver=solver, nfe=budget, grid=grid, model_kwargs=model_kwargs)
+                wall = time.perf_counter() - start
+                diff = out.x.detach().to(torch.float64) - ref.x.to(out.x.device)
+                result.runs.append(Run(solver, grid, budget, out.stats.nfe, out.stats.steps,
+                                       float(diff.pow(2).mean().sqrt()), float(diff.abs().max()), wall,
+                                       float(out.sigmas[0])))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return result
