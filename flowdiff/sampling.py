@@ -103,6 +103,10 @@ def _run(flow: ProbabilityFlow, xbar0: Tensor, grid: np.ndarray, solver: Solver,
         def wrapped(info: solvers.StepInfo) -> None:
             s = info.t1
             callback(StepState(info.step, s, info.y / math.sqrt(1.0 + s * s), info.y))
+    if getattr(solver, "variables", None) == "data":  # a change of variables (flowdiff.formulations)
+        from .formulations import solve_data
+
+        return solve_data(f, xbar0, grid.tolist(), solver, callback=wrapped, check_finite=check_finite)
     eval_end = not (final_euler and grid[-1] == 0.0)
     return solvers.solve(f, xbar0, grid.tolist(), solver, state=state, eval_end=eval_end, callback=wrapped,
                          check_finite=check_finite, time_name="σ")

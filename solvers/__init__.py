@@ -11,12 +11,18 @@ from ._adaptive import ErrorNorm, StepController, rms_norm, solve_adaptive
 from ._base import Derivative, Solver, StepResult, VectorField
 from ._driver import Solution, StepInfo, check_grid, nfe_for_steps, solve, steps_for_nfe
 from ._errors import SolveError
+from ._multistep import IPNDM, Adams, DPMSolverPP2M, History, adams_weights
 from ._registry import available, describe, get, register
 from ._rk import ExplicitRK, lincomb
 from ._stats import Stats
 from ._tableau import ButcherTableau
 
 __all__ = [
+    "Adams",
+    "DPMSolverPP2M",
+    "History",
+    "IPNDM",
+    "adams_weights",
     "ButcherTableau",
     "Derivative",
     "ErrorNorm",

@@ -1,0 +1,233 @@
+"""Linear multistep methods on variable grids: Adams–Bashforth, Adams–Moulton correctors, iPNDM.
+
+An Adams method advances ``y`` by the integral of a polynomial through the last few
+derivatives ``k_j = f(t_j, y_j)``:
+
+    y₁ = y₀ + ∫_{t₀}^{t₁} P(u(t)) dt,   P(u_j) = k_j,
+
+with the polynomial in ``u = t`` (classic Adams; on a variable grid its weights change
+every step) or in ``u = log|t|`` ("log time"). The second is the exponential-integrator
+family in disguise: for ``dy/dρ = D`` with ``ρ = e^λ``, a polynomial in λ integrated exactly
+against ``dρ = e^λ dλ`` gives the φ-function weights of DPM-Solver++ (Lu et al.,
+"DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models", 2022)
+and of UniPC (Zhao et al., "UniPC: A Unified Predictor-Corrector Framework", 2023). Nothing
+here knows that; the caller chooses the variables (flowdiff does, see
+``flowdiff.formulations``).
+
+A step costs one evaluation: ``f(t₀, y₀)`` (or, in predict–evaluate–correct mode, ``f(t₁, ỹ₁)``
+at the predicted point, which the next step reuses as its ``k₀`` — the corrector is free).
+The first steps use the history they have (order 1, 2, … up to ``order``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+from torch import Tensor
+
+from ._base import Derivative, Solver, StepResult, VectorField
+from ._registry import register
+
+# Gauss–Legendre nodes on [0, 1]: exact for the polynomial weights in linear time, and
+# accurate to ~1e-16 for polynomial × exponential over a log-time step of length up to ~10.
+_GL_X, _GL_W = np.polynomial.legendre.leggauss(20)
+_GL_X = 0.5 * (_GL_X + 1.0)
+_GL_W = 0.5 * _GL_W
+
+
+def adams_weights(nodes: Sequence[float], t0: float, t1: float, *, log_time: bool = False) -> list[float]:
+    """``w_j = ∫_{t₀}^{t₁} ℓ_j(u(t)) dt`` for the Lagrange basis ``ℓ_j`` on ``nodes`` in ``u``.
+
+    ``u = t``, or ``u = log|t|`` with ``log_time`` (all times then share one sign and are
+    non-zero). ``y₀ + Σ w_j k_j`` is the Adams step through the derivatives ``k_j`` at
+    ``nodes``. Computed in float64 by 20-point Gauss–Legendre quadrature.
+    """
+    if log_time:
+        if any(t == 0 for t in (*nodes, t0, t1)) or len({math.copysign(1.0, t) for t in (*nodes, t0, t1)}) > 1:
+            raise ValueError(f"log-time Adams weights need non-zero times of one sign, got nodes={list(nodes)}, "
+                             f"t0={t0}, t1={t1}")
+        sign = math.copysign(1.0, t0)
+        ua, ub = math.log(abs(t0)), math.log(abs(t1))
+        u_nodes = np.log(np.abs(np.asarray(nodes, dtype=np.float64)))
+        uq = ua + _GL_X * (ub - ua)
+        dq = _GL_W * (ub - ua) * sign * np.exp(uq)  # dt = t du
+    else:
+        u_nodes = np.asarray(nodes, dtype=np.float64)
+        uq = t0 + _GL_X * (t1 - t0)
+        dq = _GL_W * (t1 - t0)
+    weights = []
+    for j in range(len(u_nodes)):
+        basis = np.ones_like(uq)
+        for m in range(len(u_nodes)):
+            if m != j:
+                basis *= (uq - u_nodes[m]) / (u_nodes[j] - u_nodes[m])
+        weights.append(float(np.dot(basis, dq)))
+    return weights
+
+
+#: Adams–Bashforth coefficients for equal steps, newest derivative first (iPNDM's multipliers).
+_AB_EQUAL = (
+    (1.0,),
+    (3 / 2, -1 / 2),
+    (23 / 12, -16 / 12, 5 / 12),
+    (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+)
+
+
+class History(Derivative):
+    """The carried state of a multistep method: the newest derivative ``(t, k)`` as a
+    :class:`Derivative` (so a following Runge–Kutta step reuses it), plus the older ones in
+    ``past`` (newest first, ``(t, k)`` pairs)."""
+
+    # A NamedTuple subclass without __slots__ has an instance dict: ``past`` lives there.
+    past: tuple[tuple[float, Tensor], ...]
+
+    @classmethod
+    def of(cls, t: float, k: Tensor, past: tuple[tuple[float, Tensor], ...]) -> History:
+        h = cls(t, k)
+        h.past = past
+        return h
+
+    def newest(self, n: int) -> tuple[list[float], list[Tensor]]:
+        """The newest ``n`` times and derivatives (fewer if the history is shorter), newest first."""
+        pairs = [(self.t, self.k), *self.past][:n]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _history_at(f: VectorField, t0: float, y0: Tensor, state: Any, keep: int) -> History:
+    """The history with ``k₀ = f(t₀, y₀)`` newest: reused when the state already holds it
+    (a corrector's evaluation, or a driver's first evaluation), evaluated otherwise."""
+    if isinstance(state, Derivative) and state.t == t0:
+        return state if isinstance(state, History) else History.of(state.t, state.k, ())
+    past: tuple[tuple[float, Tensor], ...] = ()
+    if isinstance(state, History):
+        past = ((state.t, state.k), *state.past)[: keep - 1]
+    return History.of(t0, f(t0, y0), past)
+
+
+def _combine(y0: Tensor, weights: Sequence[float], ks: Sequence[Tensor]) -> Tensor:
+    out = y0
+    for w, k in zip(weights, ks):
+        out = out.add(k, alpha=w)
+    return out
+
+
+class Adams(Solver):
+    """Variable-step Adams–Bashforth of ``order`` (``order`` derivatives, newest first).
+
+    ``log_time`` interpolates the derivatives in ``log|t|`` instead of ``t`` (see the module
+    docstring). ``corrector`` turns the step into predict–evaluate–correct (PEC): the
+    Adams–Bashforth prediction ``ỹ₁`` is evaluated, ``k₁ = f(t₁, ỹ₁)``, and the Adams–Moulton
+    formula through ``k₁`` and the last ``order`` derivatives gives ``y₁`` (order + 1); the
+    difference ``y₁ − ỹ₁`` is Milne's estimate of the local error, so the method is adaptive
+    at one evaluation per step. ``k₁`` is kept and reused as the next step's ``k₀``.
+
+    ``variables`` is a hint for callers that own a change of variables (``"data"``: the
+    method was designed for ``dy/dρ = D`` of diffusion models; ``None``: any ODE). This
+    package never reads it.
+    """
+
+    multistep: ClassVar[bool] = True
+    variables: str | None = None
+
+    def __init__(self, name: str, order: int, *, log_time: bool = False, corrector: bool = False,
+                 variables: str | None = None) -> None:
+        if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
+            raise ValueError(f"solver {name!r}: order must be an int in 1..4, got {order!r}")
+        self.name = name  # type: ignore[misc]
+        self.steps_order = order
+        self.order = order + 1 if corrector else order  # type: ignore[misc]
+        self.log_time = log_time
+        self.corrector = corrector
+        self.adaptive = corrector  # type: ignore[misc]
+        self.evaluates_end = corrector  # type: ignore[misc]
+        self.error_order = order
+        self.variables = variables
+
+    def _predict_weights(self, ts: list[float], t0: float, t1: float) -> list[float]:
+        return adams_weights(ts, t0, t1, log_time=self.log_time)
+
+    def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
+        hist = _history_at(f, t0, y0, state, self.steps_order)
+        ts, ks = hist.newest(self.steps_order)
+        y_pred = _combine(y0, self._predict_weights(ts, t0, t1), ks)
+        if not self.corrector:
+            return StepResult(y_pred, hist, None)
+        k1 = f(t1, y_pred)
+        y1 = _combine(y0, adams_weights([t1, *ts], t0, t1, log_time=self.log_time), [k1, *ks])
+        return StepResult(y1, History.of(t1, k1, tuple(zip(ts, ks))), y1 - y_pred)
+
+
+class DPMSolverPP2M(Adams):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) for ``dy/dρ = D``: the step
+
+        y₁ = y₀ + (ρ₁ − ρ₀)·[(1 + 1/(2r))·D₀ − 1/(2r)·D₋₁],   r = (λ₀ − λ₋₁)/(λ₁ − λ₀),  λ = log ρ.
+
+    A second-order two-step method whose extrapolation is linear in λ but, unlike the exact
+    log-time Adams weights, integrated with the midpoint rule. This is k-diffusion's
+    ``sample_dpmpp_2m`` in the variables y = x̄/σ, ρ = 1/σ.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("dpmpp_2m", 2, log_time=True, variables="data")
+
+    def _predict_weights(self, ts: list[float], t0: float, t1: float) -> list[float]:
+        if len(ts) < 2:
+            return [t1 - t0]
+        h = math.log(abs(t1)) - math.log(abs(t0))
+        r = (math.log(abs(t0)) - math.log(abs(ts[1]))) / h
+        return [(t1 - t0) * (1 + 0.5 / r), -(t1 - t0) * 0.5 / r]
+
+
+class IPNDM(Solver):
+    """iPNDM (Zhang & Chen, "Fast Sampling of Diffusion Models with Exponential Integrator",
+    2023): Adams–Bashforth with the equal-step coefficients used on any grid, with lower
+    orders while the history fills. Order ``order`` on uniform grids in ``t``; on a
+    non-uniform grid its coefficients ignore the step ratios (that is the method)."""
+
+    multistep: ClassVar[bool] = True
+
+    def __init__(self, order: int = 4) -> None:
+        if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
+            raise ValueError(f"solver 'ipndm': order must be an int in 1..4, got {order!r}")
+        self.name = "ipndm"  # type: ignore[misc]
+        self.order = order  # type: ignore[misc]
+
+    def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
+        hist = _history_at(f, t0, y0, state, self.order)
+        _, ks = hist.newest(self.order)
+        h = t1 - t0
+        return StepResult(_combine(y0, [h * c for c in _AB_EQUAL[len(ks) - 1]], ks), hist, None)
+
+
+def _lms(order: int = 4) -> Adams:
+    return Adams("lms", order)
+
+
+def _dpmpp_3m() -> Adams:
+    return Adams("dpmpp_3m", 3, log_time=True, variables="data")
+
+
+def _unipc(order: int = 2) -> Adams:
+    return Adams("unipc", order, log_time=True, corrector=True, variables="data")
+
+
+def _abm(order: int = 3) -> Adams:
+    return Adams("abm", order, corrector=True)
+
+
+register("lms", _lms, "linear multistep: variable-step Adams–Bashforth in t, order 4 (option order=1..4); "
+         "k-diffusion's 'lms' on the σ ODE; 1 evaluation a step")
+register("ipndm", IPNDM, "iPNDM: Adams–Bashforth with equal-step coefficients, order 4 (option order=1..4); "
+         "1 evaluation a step")
+register("abm", _abm, "Adams–Bashforth–Moulton PEC in t: AB predictor of order (default 3), AM corrector, "
+         "order + 1; Milne error estimate, adaptive; 1 evaluation a step")
+register("dpmpp_2m", DPMSolverPP2M, "DPM-Solver++(2M): second-order multistep in log time, for the "
+         "data-prediction variables (flowdiff changes variables); 1 evaluation a step")
+register("dpmpp_3m", _dpmpp_3m, "DPM-Solver++(3M): third-order Adams in log time (exact φ weights), for the "
+         "data-prediction variables; 1 evaluation a step")
+register("unipc", _unipc, "UniPC-style predictor–corrector: log-time Adams–Bashforth of order (default 2) with "
+         "a free Adams–Moulton corrector, order + 1; adaptive; 1 evaluation a step; data-prediction variables")
