@@ -127,10 +127,11 @@ class Schedule:
             t = float(t)
             if not 0 <= t <= self.num_train_timesteps - 1:
                 raise ValueError(f"timestep t={t} is outside [0, {self.num_train_timesteps - 1}]")
-            i = min(int(t), self.num_train_timesteps - 2)
+            if t == int(t):
+                return self._sigma_list[int(t)]
+            i = int(t)
             frac = t - i
-            return math.exp(self._log_sigmas[i] * (1 - frac) + self._log_sigmas[i + 1] * frac) if frac else \
-                self._sigma_list[i]
+            return math.exp(self._log_sigmas[i] * (1 - frac) + self._log_sigmas[i + 1] * frac)
         return np.array([self.sigma_at(float(x)) for x in np.asarray(t, dtype=np.float64)])
 
     def timestep(self, sigma: float) -> float:

@@ -1,0 +1,222 @@
+"""generate / encode / decode on closed-form models: orders, NFE, round trips, dtypes, bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import flowdiff
+import solvers
+from flowdiff.analytic import Gaussian, Mixture
+from solvers import SolveError
+
+FIXED_STEP = solvers.available()
+
+
+def _gaussian():
+    return Gaussian(torch.linspace(-0.5, 0.5, 4), 0.3**2)
+
+
+def _counting(flow):
+    """A t-convention model around a flow's exact field that counts its calls."""
+    calls = []
+    schedule = flow.schedule
+
+    def model(x, t, **kw):
+        calls.append(float(t[0]))
+        s = float(schedule.sigma_at(float(t[0])))
+        return flow.sigma_field(x * math.sqrt(1 + s * s), s)
+
+    return flowdiff.ProbabilityFlow(model, schedule), calls
+
+
+@pytest.mark.parametrize("name", FIXED_STEP)
+def test_convergence_order_on_the_gaussian(name):
+    """Global error at σ = 0 against the closed-form trajectory: the slope of log error against log
+    step count is at least the solver's order. (The exact order of each method is fitted on a
+    generic nonlinear ODE in tests/test_solvers.py; on this linear ODE some methods superconverge.)"""
+    g = Gaussian(torch.linspace(-0.5, 0.5, 4), torch.tensor([0.5, 1.0, 2.0, 4.0]))
+    flow = g.flow()
+    noise = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    solver = solvers.get(name)
+    steps = {1: [8, 16, 32, 64], 2: [8, 16, 32, 64], 3: [8, 16, 32, 64], 4: [4, 8, 16, 32]}.get(solver.order,
+                                                                                              [4, 8, 16, 32])
+    errs = []
+    for n in steps:
+        sig = np.linspace(4.0, 0.0, n + 1)
+        res = flowdiff.generate(flow, noise, solver=name, sigmas=sig, final_euler=False)
+        exact = g.solution(noise * math.sqrt(1 + sig[0] ** 2), sig[0], 0.0)
+        errs.append(float((res.x - exact).abs().max()))
+    slope = -np.polyfit(np.log(steps[1:]), np.log(errs[1:]), 1)[0]
+    assert slope > solver.order - 0.3, (name, slope, errs)
+
+
+@pytest.mark.parametrize("name", solvers.available())
+def test_stats_nfe_equals_model_calls(name):
+    flow, calls = _counting(_gaussian().flow())
+    noise = torch.randn(2, 4, dtype=torch.float64)
+    for kwargs in (dict(steps=5), dict(nfe=15)):
+        calls.clear()
+        res = flowdiff.generate(flow, noise, solver=name, grid="logsnr", **kwargs)
+        assert res.stats.nfe == len(calls)
+        if "nfe" in kwargs:
+            assert res.stats.nfe <= 15
+    calls.clear()
+    enc = flowdiff.encode(flow, noise, solver=name, steps=4)
+    assert enc.stats.nfe == len(calls)
+
+
+def test_nfe_budget_is_exact_for_one_evaluation_solvers_and_never_exceeded():
+    flow = _gaussian().flow()
+    noise = torch.randn(2, 4, dtype=torch.float64)
+    assert flowdiff.generate(flow, noise, solver="euler", nfe=13).stats.nfe == 13
+    heun = flowdiff.generate(flow, noise, solver="heun", nfe=10)
+    assert heun.stats.nfe == 9 and heun.stats.steps == 5  # 4 Heun steps + the Euler step into σ = 0
+    assert flowdiff.generate(flow, noise, solver="heun", nfe=10, final_euler=False).stats.nfe == 10
+    assert flowdiff.generate(flow, noise, solver="rk4", nfe=10).stats.nfe <= 10
+
+
+def test_heun_takes_its_last_step_into_zero_as_euler():
+    flow, calls = _counting(_gaussian().flow())
+    flowdiff.generate(flow, torch.randn(1, 4, dtype=torch.float64), solver="heun", steps=4)
+    assert len(calls) == 7 and min(calls) > 0  # never evaluated at σ = 0 (t = 0 is σ_min's timestep)
+
+
+def test_encode_decode_round_trip_with_tight_adaptive_solve():
+    mix = Mixture(torch.randn(6, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3)), 0.2)
+    flow = mix.flow()
+    images = mix.sample(3, generator=torch.Generator().manual_seed(4))
+    enc = flowdiff.encode(flow, images, solver="dopri5", rtol=1e-9, atol=1e-9)
+    dec = flowdiff.generate(flow, enc.x, solver="dopri5", rtol=1e-9, atol=1e-9)
+    assert float((dec.x - images).abs().max()) < 1e-5
+
+
+def test_encode_then_decode_retraces_the_grid_and_converges():
+    g = _gaussian()
+    flow = g.flow()
+    images = g.sample(4, generator=torch.Generator().manual_seed(5))
+    errs = []
+    for steps in (10, 20, 40):
+        enc = flowdiff.encode(flow, images, solver="heun", steps=steps, grid="karras")
+        assert np.array_equal(enc.latent.sigmas, flowdiff.make_sigmas(flow.schedule, "karras", steps)[::-1])
+        dec = flowdiff.decode(flow, enc.latent, final_euler=False)
+        errs.append(float((dec.x - images).abs().max()))
+    assert errs[0] > errs[1] > errs[2]
+    assert errs[1] / errs[2] > 3  # second order round trip
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_prediction_types_give_the_same_flow(prediction_type):
+    g = _gaussian()
+    schedule = g.schedule
+
+    def model(x, t):
+        s = float(schedule.sigma_at(float(t[0])))
+        xbar = x * math.sqrt(1 + s * s)
+        eps = g.eps(xbar, s)
+        a, sd = 1 / math.sqrt(1 + s * s), s / math.sqrt(1 + s * s)
+        x0 = xbar - s * eps
+        return {"epsilon": eps, "v_prediction": a * eps - sd * x0, "sample": x0}[prediction_type]
+
+    flow = flowdiff.ProbabilityFlow(model, schedule, prediction_type=prediction_type)
+    ref = flowdiff.ProbabilityFlow(g, schedule)
+    noise = torch.randn(2, 4, dtype=torch.float64)
+    a = flowdiff.generate(flow, noise, solver="heun", steps=8)
+    b = flowdiff.generate(ref, noise, solver="heun", steps=8)
+    assert torch.allclose(a.x, b.x, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_dtypes(dtype):
+    seen = []
+
+    def model(x, t):
+        seen.append((x.dtype, t.dtype, tuple(t.shape)))
+        return torch.tanh(x)
+
+    flow = flowdiff.ProbabilityFlow(model, flowdiff.Schedule.linear())
+    noise = torch.randn(3, 2, 4, 4).to(dtype)
+    res = flowdiff.generate(flow, noise, solver="heun", steps=6)
+    assert res.x.dtype == dtype and torch.isfinite(res.x.float()).all()
+    assert all(s[0] == dtype and s[1].is_floating_point and s[2] == (3,) for s in seen)
+    if dtype in (torch.float16, torch.bfloat16):
+        ref = flowdiff.generate(flow, noise.float(), solver="heun", steps=6)
+        # float32 accumulation: the low-precision run stays within a few roundings of its dtype
+        eps = torch.finfo(dtype).eps
+        assert float((res.x.float() - ref.x).abs().max()) < 8 * eps * float(ref.x.abs().max())
+
+
+def test_model_kwargs_pass_through_and_callback():
+    got = {}
+
+    def model(x, t, *, label, scale=1.0):
+        got["label"], got["scale"] = label, scale
+        return x * 0.1
+
+    flow = flowdiff.ProbabilityFlow(model, flowdiff.Schedule.linear())
+    seen = []
+    flowdiff.generate(flow, torch.randn(2, 3), steps=4, model_kwargs={"label": 7, "scale": 2.0},
+                      callback=lambda s: seen.append((s.step, s.sigma, s.x.shape)))
+    assert got == {"label": 7, "scale": 2.0}
+    assert [s[0] for s in seen] == [0, 1, 2, 3] and seen[-1][1] == 0.0
+
+
+def _flow(fn=lambda x, t: x * 0.0):
+    return flowdiff.ProbabilityFlow(fn, flowdiff.Schedule.linear())
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(steps=3, solver="nope"), ValueError, "unknown solver 'nope'"),
+    (dict(steps=3, grid="nope"), ValueError, "unknown grid 'nope'"),
+    (dict(steps=0), ValueError, "steps must be >= 1"),
+    (dict(steps=3, nfe=3), ValueError, "not both"),
+    (dict(), ValueError, "give one of steps"),
+    (dict(nfe=1, solver="heun", final_euler=False), ValueError, "below the cost of one step"),
+    (dict(steps=3, solver="euler", rtol=1e-3), ValueError, "drop steps"),
+    (dict(solver="euler", rtol=1e-3), ValueError, "no error estimate"),
+    (dict(steps=3, max_nfe=10), ValueError, "max_nfe= applies to adaptive"),
+    (dict(steps=3, solver_options={"lam": 1}), TypeError, "unknown option"),
+    (dict(steps=3, sigmas=[2.0, 1.0, 0.0]), ValueError, "exactly one"),
+])
+def test_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        flowdiff.generate(_flow(), torch.randn(2, 3), **kwargs)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="noise contains NaN"):
+        flowdiff.generate(_flow(), torch.tensor([[math.nan, 1.0]]), steps=2)
+    with pytest.raises(TypeError, match="noise must be a floating-point"):
+        flowdiff.generate(_flow(), torch.ones(2, 3, dtype=torch.int64), steps=2)
+    with pytest.raises(TypeError, match="noise must be a torch.Tensor"):
+        flowdiff.generate(_flow(), [[1.0]], steps=2)
+    with pytest.raises(TypeError, match="flow must be a flowdiff.ProbabilityFlow"):
+        flowdiff.generate(lambda x, t: x, torch.ones(2, 3), steps=2)
+    with pytest.raises(ValueError, match="unknown prediction_type 'score'.*v_prediction"):
+        flowdiff.ProbabilityFlow(lambda x, t: x, flowdiff.Schedule.linear(), prediction_type="score")
+    with pytest.raises(ValueError, match="encode takes no eta"):
+        flowdiff.encode(_flow(), torch.ones(2, 3), steps=2, eta=0.5)
+
+
+def test_model_failures_say_where():
+    with pytest.raises(ValueError, match=r"step 0 \(σ .*model returned shape \(2, 2\) for input shape \(2, 3\)"):
+        flowdiff.generate(_flow(lambda x, t: x[:, :2]), torch.ones(2, 3), steps=3)
+
+    def nan_late(x, t):
+        return x * (math.nan if float(t[0]) < 400 else 0.1)
+
+    with pytest.raises(SolveError, match=r"step 6 \(σ [0-9.]+ -> [0-9.]+\) produced non-finite") as info:
+        flowdiff.generate(_flow(nan_late), torch.ones(2, 3), steps=10, grid="leading")
+    assert info.value.step == 6 and info.value.stats.nfe == 10
+
+
+def test_decode_refuses_a_latent_from_another_grid_or_solver():
+    flow = _gaussian().flow()
+    enc = flowdiff.encode(flow, torch.randn(2, 4, dtype=torch.float64), solver="heun", steps=5)
+    with pytest.raises(ValueError, match="encoded with solver 'heun'"):
+        flowdiff.decode(flow, enc.latent, solver="euler")
+    with pytest.raises(ValueError, match="encoded with 5 steps"):
+        flowdiff.decode(flow, enc.latent, steps=6)
+    with pytest.raises(ValueError, match="carries its own grid"):
+        flowdiff.decode(flow, enc.latent, grid="karras")
