@@ -173,9 +173,9 @@ def solve_adaptive(
             times.append(t)
             prev_ratio = max(ratio, 1e-10)
             if check_finite:
-                flags.append(torch.isfinite(y).all())
+                flags.append(y.sum())
             if callback is not None:
-                callback(StepInfo(stats.accepted - 1, times[-2], t, y))
+                callback(StepInfo(stats.accepted - 1, times[-2], t, y, state))
         else:
             stats.rejected += 1
             factor = min(factor, 1.0)

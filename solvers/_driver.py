@@ -28,6 +28,7 @@ class StepInfo(NamedTuple):
     t0: float
     t1: float
     y: Tensor
+    state: Any = None  # the solver's carried state after the step (e.g. f(t1, y) of an FSAL pair)
 
 
 @dataclass
@@ -81,10 +82,14 @@ def _located(err: Exception, i: int, t0: float, t1: float, time_name: str, stats
 
 
 def raise_if_nonfinite(flags: list[Tensor], ts: Sequence[float], time_name: str, stats: Stats) -> None:
-    """One host sync at the end of a solve: locate the first step whose result is not finite."""
+    """One host sync at the end of a solve: locate the first step whose result is not finite.
+
+    ``flags`` holds one sum of the state per step (a reduction is several times cheaper than
+    ``isfinite().all()`` inside the loop, and a NaN or inf anywhere makes it non-finite).
+    """
     if not flags:
         return
-    ok = torch.stack(flags)
+    ok = torch.isfinite(torch.stack(flags))
     if bool(ok.all()):
         return
     i = int((~ok).nonzero()[0, 0])
@@ -136,7 +141,7 @@ def solve(
             raise _located(err, i, t0, t1, time_name, stats) from err
         y, state = result.y, result.state
         if check_finite:
-            flags.append(torch.isfinite(y).all())
+            flags.append(y.sum())  # NaN/inf anywhere makes the sum non-finite; checked once, at the end
         if callback is not None:
             callback(StepInfo(i, t0, t1, y))
     stats.nfe, stats.steps, stats.accepted = field.nfe, n, n
