@@ -78,18 +78,32 @@ def logsigma_sigma(tau: float, c: float, tau_zero: float) -> float:
     return 0.0 if tau <= tau_zero else max(math.exp(tau) - c, 0.0)
 
 
-def finish_at_zero(state: Any, sigma_last: float, xbar_last: Tensor, eps: EpsField) -> tuple[Tensor, int]:
+def finish_at_zero(state: Any, sigma_last: float, xbar_last: Tensor, eps: EpsField, *,
+                   extrapolate: bool = False) -> tuple[Tensor, int]:
     """The image x̄(0) from the data-variables state at σ_last > 0, and the evaluations spent.
 
-    Along a trajectory dD/dσ = −σ·dε/dσ vanishes at σ = 0, so D(σ) = x̄(0) + O(σ²): the last
-    denoised value is a second-order-accurate image in σ (this is the final step of DDIM,
-    DPM-Solver++ and UniPC). A multistep state holding D at ρ = 1/σ_last is reused (no
-    evaluation); otherwise D is evaluated once.
+    Along a trajectory dD/dσ = −σ·dε/dσ vanishes at σ = 0, so D(x̄(σ), σ) = x̄(0) + O(σ²):
+    the last denoised value alone is the image of DDIM's, DPM-Solver++'s and UniPC's last
+    step. With the previous denoised value D₂ at σ₂ too (a multistep history), the O(σ²)
+    term is removed (``extrapolate=True``; the adaptive solves use it) by extrapolating in σ² to 0:
+
+        x̄(0) ≈ D₁ + σ₁²/(σ₂² − σ₁²)·(D₁ − D₂).
+
+    A history holding D at ρ = 1/σ_last is reused (no evaluation); otherwise D is evaluated once.
     """
     rho = 1.0 / sigma_last
-    if isinstance(state, Derivative) and state.t == rho:
-        return state.k, 0
-    return xbar_last - sigma_last * eps(sigma_last, xbar_last), 1
+    pairs: list[tuple[float, Tensor]] = []
+    if isinstance(state, Derivative):
+        pairs = [(state.t, state.k), *getattr(state, "past", ())]
+    spent = 0
+    if not pairs or pairs[0][0] != rho:
+        pairs.insert(0, (rho, xbar_last - sigma_last * eps(sigma_last, xbar_last)))
+        spent = 1
+    d1 = pairs[0][1]
+    if not extrapolate or len(pairs) < 2 or not pairs[1][0] < rho:
+        return d1, spent
+    s1, s2 = sigma_last, 1.0 / pairs[1][0]
+    return d1 + (d1 - pairs[1][1]) * (s1 * s1 / (s2 * s2 - s1 * s1)), spent
 
 
 def solve_data(eps: EpsField, xbar0: Tensor, sigmas: list[float], solver: Solver, *,

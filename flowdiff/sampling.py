@@ -125,6 +125,7 @@ def generate(
     rtol: float | None = None,
     atol: float | None = None,
     max_nfe: int | None = None,
+    adaptive_options: Mapping[str, Any] | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     solver_options: Mapping[str, Any] | None = None,
     grid_options: Mapping[str, Any] | None = None,
@@ -143,7 +144,8 @@ def generate(
     ``stats.nfe`` is the largest count ≤ N that the solver's steps allow (exactly N for
     one-evaluation-per-step solvers; Heun with its Euler step into σ = 0 spends odd counts).
     With ``rtol``/``atol`` the solve is adaptive (an adaptive solver is required; ``max_nfe``
-    caps its evaluations with an error, ``nfe=`` is refused).
+    caps its evaluations with an error, ``nfe=`` is refused; ``adaptive_options`` holds the
+    controller knobs of :func:`flowdiff.adaptive.solve_adaptive_flow`).
 
     ``final_euler`` (default True): a solver that would evaluate the model at σ = 0 takes
     its last step as Euler instead, as EDM and k-diffusion do. The state keeps the noise's
@@ -176,9 +178,11 @@ def generate(
                              "(use max_nfe= to cap the evaluations)")
         return solve_adaptive_flow(flow, noise, solver_obj, direction="generate", rtol=rtol, atol=atol,
                                    max_nfe=max_nfe, sigmas=sigmas, model_kwargs=model_kwargs,
-                                   model_dtype=model_dtype, callback=callback, check_finite=check_finite)
-    if max_nfe is not None:
-        raise ValueError("max_nfe= applies to adaptive solves (rtol=/atol=); for a fixed budget use nfe=")
+                                   model_dtype=model_dtype, callback=callback, check_finite=check_finite,
+                                   **dict(adaptive_options or {}))
+    if max_nfe is not None or adaptive_options is not None:
+        raise ValueError("max_nfe=/adaptive_options= apply to adaptive solves (rtol=/atol=); for a fixed budget "
+                         "use nfe=")
     sig = _grid(flow, solver_obj, steps=steps, nfe=nfe, grid=grid, sigmas=sigmas, timesteps=timesteps,
                 final_euler=final_euler, grid_options=grid_options)
     xbar0 = noise.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)
@@ -200,6 +204,7 @@ def encode(
     rtol: float | None = None,
     atol: float | None = None,
     max_nfe: int | None = None,
+    adaptive_options: Mapping[str, Any] | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     solver_options: Mapping[str, Any] | None = None,
     grid_options: Mapping[str, Any] | None = None,
@@ -259,9 +264,11 @@ def encode(
             raise ValueError("an adaptive solve (rtol=/atol=) chooses its own steps; drop steps=/nfe=")
         return solve_adaptive_flow(flow, images, solver_obj, direction="encode", rtol=rtol, atol=atol,
                                    max_nfe=max_nfe, sigmas=sigmas, model_kwargs=model_kwargs,
-                                   model_dtype=model_dtype, callback=callback, check_finite=check_finite)
-    if max_nfe is not None:
-        raise ValueError("max_nfe= applies to adaptive solves (rtol=/atol=); for a fixed budget use nfe=")
+                                   model_dtype=model_dtype, callback=callback, check_finite=check_finite,
+                                   **dict(adaptive_options or {}))
+    if max_nfe is not None or adaptive_options is not None:
+        raise ValueError("max_nfe=/adaptive_options= apply to adaptive solves (rtol=/atol=); for a fixed budget "
+                         "use nfe=")
     sig = _grid(flow, solver_obj, steps=steps, nfe=nfe, grid=grid, sigmas=sigmas, timesteps=timesteps,
                 final_euler=False, grid_options=grid_options)[::-1].copy()
     sol = _run(flow, images.to(dtype), sig, solver_obj, model_kwargs=model_kwargs, model_dtype=model_dtype,

@@ -97,6 +97,7 @@ def solve_adaptive(
     callback: Callable[[StepInfo], None] | None = None,
     check_finite: bool = True,
     time_name: str = "t",
+    log_steps: bool = False,
 ) -> Solution:
     """Integrate from ``t0`` to ``t1`` (either direction) with error control.
 
@@ -104,6 +105,11 @@ def solve_adaptive(
     accepted when ``norm(error, y0, y1, t1) <= 1``; the default norm is :func:`rms_norm`.
     ``max_nfe`` bounds the evaluations: past it a :class:`SolveError` says where the solve
     stood, with the partial statistics attached.
+
+    ``log_steps`` measures step sizes in ``log|t|`` (t₀ and t₁ non-zero, of one sign): a step
+    is ``t → t·e^{±h}`` and ``min_step``/``max_step``/``first_step`` are in that unit. For
+    problems whose time scale is proportional to ``|t|`` this keeps the controller's steps
+    natural in both directions (growing or shrinking ``t`` alike).
     """
     solver = get(solver)
     if not solver.adaptive:
@@ -126,8 +132,15 @@ def solve_adaptive(
     field = CountingField(f)
     stats = Stats()
     start = time.perf_counter()
+    if log_steps and (t0 == 0 or t1 == 0 or (t0 > 0) != (t1 > 0)):
+        raise ValueError(f"log_steps=True needs non-zero t0 and t1 of one sign, got t0={t0!r}, t1={t1!r}")
     direction = 1.0 if t1 > t0 else -1.0
     span = abs(t1 - t0)
+    log_span = abs(math.log(abs(t1 / t0))) if log_steps else span
+    log_dir = (1.0 if abs(t1) > abs(t0) else -1.0) if log_steps else direction
+
+    def advance(t: float, h: float) -> float:
+        return t * math.exp(log_dir * h) if log_steps else t + direction * h
     t, y = t0, y0
     state = solver.init(field, t0, y0)
     flags: list[Tensor] = []
@@ -141,6 +154,8 @@ def solve_adaptive(
         k0 = field(t0, y0)
         state = Derivative(t0, k0)
         h = _initial_step(field, t0, y0, k0, direction, k - 1, norm, span)
+        if log_steps:
+            h = min(h / abs(t0), log_span)
     else:
         if not (isinstance(first_step, (int, float)) and 0 < first_step):
             raise ValueError(f"first_step must be a positive number, got {first_step!r}")
@@ -152,7 +167,7 @@ def solve_adaptive(
             raise fail(f"max_nfe={max_nfe} reached at {time_name}={t:.6g} after {stats.accepted} accepted and "
                        f"{stats.rejected} rejected steps, short of {time_name}={t1:.6g}; raise max_nfe or "
                        "loosen rtol/atol")
-        t_next = t + direction * h
+        t_next = advance(t, h)
         if direction * (t_next - t1) >= 0 or abs(t1 - t_next) < 1e-12 * span:
             t_next = t1
         try:
@@ -165,7 +180,7 @@ def solve_adaptive(
         if not math.isfinite(ratio):
             raise fail(f"step {stats.steps - 1} ({time_name} {t:.6g} -> {t_next:.6g}): the error estimate is "
                        "not finite; the vector field (the model) returned NaN or inf")
-        h_used = abs(t_next - t)
+        h_used = abs(math.log(t_next / t)) if log_steps else abs(t_next - t)
         factor = controller.factor(ratio, prev_ratio, k)
         if ratio <= 1.0 or h_used <= controller.min_step:
             stats.accepted += 1
