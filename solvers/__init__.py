@@ -13,9 +13,11 @@ from ._driver import Solution, StepInfo, check_grid, nfe_for_steps, solve, steps
 from ._errors import SolveError
 from ._multistep import IPNDM, Adams, DPMSolverPP2M, History, adams_weights
 from ._registry import available, describe, get, register
+from ._reversible import Reversible, ReversibleHeun, ReversibleState
 from ._rk import ExplicitRK, lincomb
 from ._stats import Stats
 from ._tableau import ButcherTableau
+from ._unsolve import unsolve
 
 __all__ = [
     "Adams",
@@ -27,6 +29,9 @@ __all__ = [
     "Derivative",
     "ErrorNorm",
     "ExplicitRK",
+    "Reversible",
+    "ReversibleHeun",
+    "ReversibleState",
     "Solution",
     "SolveError",
     "Solver",
@@ -46,4 +51,5 @@ __all__ = [
     "solve",
     "solve_adaptive",
     "steps_for_nfe",
+    "unsolve",
 ]
