@@ -163,6 +163,8 @@ def generate(
 
         if rtol is not None or atol is not None:
             raise ValueError("eta= (stochastic generation) takes a fixed grid, not rtol=/atol=")
+        if solver_options or max_nfe is not None:
+            raise ValueError("eta= (stochastic generation) takes its own DDIM step: no solver_options= or max_nfe=")
         return generate_stochastic(flow, noise, eta=0.0 if eta is None else eta, generator=generator,
                                    step_noise=step_noise, steps=steps, nfe=nfe, grid=grid, sigmas=sigmas,
                                    timesteps=timesteps, model_kwargs=model_kwargs, grid_options=grid_options,

@@ -330,6 +330,8 @@ def test_bad_arguments_are_named():
         flowdiff.generate(flow, noise, steps=5, eta=0.5, generator="seed")
     with pytest.raises(ValueError, match="not rtol="):
         flowdiff.generate(flow, noise, eta=0.5, rtol=1e-3)
+    with pytest.raises(ValueError, match="no solver_options= or max_nfe="):
+        flowdiff.generate(flow, noise, steps=5, eta=0.5, solver_options={"x": 1})
     with pytest.raises(ValueError, match="give one of steps="):
         generate_stochastic(flow, noise, eta=0.5)
 
