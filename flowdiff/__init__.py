@@ -11,6 +11,7 @@ from .grids import GRIDS, grid_timesteps, make_sigmas
 from .latent import Latent
 from .sampling import Result, StepState, decode, encode, generate
 from .schedules import Schedule
+from .stochastic import noise_levels
 
 __all__ = [
     "GRIDS",
@@ -25,4 +26,5 @@ __all__ = [
     "generate",
     "grid_timesteps",
     "make_sigmas",
+    "noise_levels",
 ]
