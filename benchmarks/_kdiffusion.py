@@ -1,0 +1,117 @@
+"""Benchmark-only helpers: k-diffusion's samplers on a flowdiff model, and the shared models.
+
+k-diffusion (``pip install --no-deps k-diffusion``, see ``benchmarks/requirements.txt``) is
+loaded without its package ``__init__`` (which imports torchvision, clip and more): only
+``k_diffusion/sampling.py`` and ``utils.py`` are executed, with ``torchvision`` and ``torchsde``
+stubbed (they serve image transforms and the SDE samplers, neither used here).
+
+Its samplers run on the denoiser D(x̄, σ) = x̄ − σ·ε(x̄, σ), with k-diffusion's x equal to
+flowdiff's x̄ = x·√(1+σ²); every call is counted (NFE).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+import flowdiff
+
+
+def load_kdiffusion_sampling() -> types.ModuleType:
+    """``k_diffusion.sampling`` without the package's heavy imports."""
+    if "k_diffusion.sampling" in sys.modules:
+        return sys.modules["k_diffusion.sampling"]
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("k-diffusion is not installed: pip install --no-deps k-diffusion (see "
+                          "benchmarks/requirements.txt)")
+    root = Path(list(spec.submodule_search_locations)[0])
+    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional", "torchsde"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    package = types.ModuleType("k_diffusion")
+    package.__path__ = [str(root)]
+    sys.modules["k_diffusion"] = package
+    for sub in ("utils", "sampling"):
+        sub_spec = importlib.util.spec_from_file_location(f"k_diffusion.{sub}", root / f"{sub}.py")
+        module = importlib.util.module_from_spec(sub_spec)
+        sys.modules[f"k_diffusion.{sub}"] = module
+        sub_spec.loader.exec_module(module)
+        setattr(package, sub, module)
+    return sys.modules["k_diffusion.sampling"]
+
+
+class CountingDenoiser(torch.nn.Module):
+    """k-diffusion's ``model(x, sigma)`` = D(x̄, σ) from a flowdiff flow, counting calls."""
+
+    def __init__(self, flow: flowdiff.ProbabilityFlow, model_kwargs: dict | None = None) -> None:
+        super().__init__()
+        self.eps = flow.field(model_kwargs)
+        self.nfe = 0
+
+    def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
+        self.nfe += 1
+        s = sigma.reshape(-1)
+        if not bool((s == s[0]).all()):
+            raise ValueError("one σ per batch expected")
+        s0 = float(s[0])
+        return x - s0 * self.eps(s0, x)
+
+
+def mixture_flow(n_centers: int = 200, bandwidth: float = 0.1) -> flowdiff.ProbabilityFlow:
+    """A closed-form Gaussian mixture centred on scikit-learn's 8×8 digit images in [−1, 1]
+    (DDPM linear schedule, T = 1000): exact ε at every σ ≥ 0."""
+    from sklearn.datasets import load_digits
+
+    from flowdiff.analytic import Mixture
+
+    images = load_digits().images[:n_centers] / 16.0 * 2 - 1
+    return Mixture(torch.tensor(images).reshape(n_centers, 1, 8, 8), bandwidth=bandwidth).flow()
+
+
+def trained_flow() -> flowdiff.ProbabilityFlow | None:
+    """The shipped digits model in float64, or ``None`` when its weights are not there yet."""
+    try:
+        from flowdiff.pretrained import pretrained
+
+        flow = pretrained("digits")
+    except Exception as err:  # weights missing or the module not landed
+        print(f"# trained model unavailable: {type(err).__name__}: {err}", file=sys.stderr)
+        return None
+    model = flow.model
+    if isinstance(model, torch.nn.Module):
+        model.double().eval()
+    return flow
+
+
+def reference(flow: flowdiff.ProbabilityFlow, noise: Tensor, tol: float = 1e-10) -> tuple[Tensor, float, int]:
+    """A tight float64 solve: dopri8 in log(σ + c) at rtol = atol = ``tol``; returns the image,
+    its RMS distance to the same solve at 100× looser tolerance, and its NFE."""
+    with torch.no_grad():
+        tight = flowdiff.generate(flow, noise, solver="dopri8", rtol=tol, atol=tol)
+        loose = flowdiff.generate(flow, noise, solver="dopri8", rtol=100 * tol, atol=100 * tol)
+    return tight.x, rmse(loose.x, tight.x), tight.stats.nfe
+
+
+def rmse(x: Tensor, ref: Tensor) -> float:
+    return float((x - ref).pow(2).mean().sqrt())
+
+
+def model_grid(flow: flowdiff.ProbabilityFlow, n: int) -> Tensor:
+    """k-diffusion's DiscreteSchedule.get_sigmas(n): timesteps linspace(T−1, 0, n), then 0."""
+    T = flow.schedule.num_train_timesteps
+    t = torch.linspace(T - 1, 0, n, dtype=torch.float64)
+    sig = torch.tensor(flow.schedule.sigma_at(t.numpy()), dtype=torch.float64)
+    return torch.cat([sig, sig.new_zeros(1)])
+
+
+def sigma_range(flow: flowdiff.ProbabilityFlow) -> tuple[float, float]:
+    return flow.schedule.sigma_min, flow.schedule.sigma_max
+
+
+__all__ = ["CountingDenoiser", "load_kdiffusion_sampling", "mixture_flow", "model_grid", "reference",
+           "rmse", "sigma_range", "trained_flow"]
