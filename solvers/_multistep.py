@@ -43,12 +43,12 @@ def adams_weights(nodes: Sequence[float], t0: float, t1: float, *, log_time: boo
 
     ``u = t``, or ``u = log|t|`` with ``log_time`` (all times then share one sign and are
     non-zero). ``y₀ + Σ w_j k_j`` is the Adams step through the derivatives ``k_j`` at
-    ``nodes``. Computed in float64 by 20-point Gauss–Legendre quadrature.
+    ``nodes``. Computed in float64 by 20-point Gauss–Legendre quadrature. Where ``log|t|``
+    is undefined (a time is 0, or the times change sign) the polynomial is taken in ``t``.
     """
+    if log_time and not _log_defined((*nodes, t0, t1)):
+        log_time = False
     if log_time:
-        if any(t == 0 for t in (*nodes, t0, t1)) or len({math.copysign(1.0, t) for t in (*nodes, t0, t1)}) > 1:
-            raise ValueError(f"log-time Adams weights need non-zero times of one sign, got nodes={list(nodes)}, "
-                             f"t0={t0}, t1={t1}")
         sign = math.copysign(1.0, t0)
         ua, ub = math.log(abs(t0)), math.log(abs(t1))
         u_nodes = np.log(np.abs(np.asarray(nodes, dtype=np.float64)))
@@ -66,6 +66,10 @@ def adams_weights(nodes: Sequence[float], t0: float, t1: float, *, log_time: boo
                 basis *= (uq - u_nodes[m]) / (u_nodes[j] - u_nodes[m])
         weights.append(float(np.dot(basis, dq)))
     return weights
+
+
+def _log_defined(times: Sequence[float]) -> bool:
+    return all(t > 0 for t in times) or all(t < 0 for t in times)
 
 
 #: Adams–Bashforth coefficients for equal steps, newest derivative first (iPNDM's multipliers).
@@ -125,6 +129,10 @@ class Adams(Solver):
     difference ``y₁ − ỹ₁`` is Milne's estimate of the local error, so the method is adaptive
     at one evaluation per step. ``k₁`` is kept and reused as the next step's ``k₀``.
 
+    ``order`` is the order of the formula (reached by adaptive solves, whose first steps are
+    small); a self-started fixed-grid solve is limited by its lower-order first steps to
+    ``fixed_grid_order`` (2 for Adams–Bashforth, 3 in PEC mode), as k-diffusion's lms is.
+
     ``variables`` is a hint for callers that own a change of variables (``"data"``: the
     method was designed for ``dy/dρ = D`` of diffusion models; ``None``: any ODE). This
     package never reads it.
@@ -145,6 +153,7 @@ class Adams(Solver):
         self.adaptive = corrector  # type: ignore[misc]
         self.evaluates_end = corrector  # type: ignore[misc]
         self.error_order = order
+        self.fixed_grid_order = min(self.order, 3 if corrector else 2)
         self.variables = variables
 
     def _predict_weights(self, ts: list[float], t0: float, t1: float) -> list[float]:
@@ -175,8 +184,8 @@ class DPMSolverPP2M(Adams):
         super().__init__("dpmpp_2m", 2, log_time=True, variables="data")
 
     def _predict_weights(self, ts: list[float], t0: float, t1: float) -> list[float]:
-        if len(ts) < 2:
-            return [t1 - t0]
+        if len(ts) < 2 or not _log_defined((*ts, t1)):
+            return adams_weights(ts, t0, t1, log_time=False)
         h = math.log(abs(t1)) - math.log(abs(t0))
         r = (math.log(abs(t0)) - math.log(abs(ts[1]))) / h
         return [(t1 - t0) * (1 + 0.5 / r), -(t1 - t0) * 0.5 / r]
@@ -186,7 +195,8 @@ class IPNDM(Solver):
     """iPNDM (Zhang & Chen, "Fast Sampling of Diffusion Models with Exponential Integrator",
     2023): Adams–Bashforth with the equal-step coefficients used on any grid, with lower
     orders while the history fills. Order ``order`` on uniform grids in ``t``; on a
-    non-uniform grid its coefficients ignore the step ratios (that is the method)."""
+    non-uniform grid its coefficients ignore the step ratios (that is the method). Self-started
+    on a fixed grid its first Euler step limits it to ``fixed_grid_order`` = 2."""
 
     multistep: ClassVar[bool] = True
 
@@ -195,6 +205,7 @@ class IPNDM(Solver):
             raise ValueError(f"solver 'ipndm': order must be an int in 1..4, got {order!r}")
         self.name = "ipndm"  # type: ignore[misc]
         self.order = order  # type: ignore[misc]
+        self.fixed_grid_order = min(order, 2)
 
     def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
         hist = _history_at(f, t0, y0, state, self.order)
