@@ -6,6 +6,7 @@ DDIM is explicit Euler on this ODE; flowdiff solves it with any method of :mod:`
 in both directions.
 """
 
+from .compare import Comparison, Reference, compare, reference_solution
 from .flow import PREDICTION_TYPES, ProbabilityFlow
 from .grids import GRIDS, grid_timesteps, make_sigmas
 from .latent import Latent
@@ -15,16 +16,20 @@ from .stochastic import noise_levels
 
 __all__ = [
     "GRIDS",
+    "Comparison",
     "PREDICTION_TYPES",
+    "Reference",
     "Latent",
     "ProbabilityFlow",
     "Result",
     "Schedule",
     "StepState",
+    "compare",
     "decode",
     "encode",
     "generate",
     "grid_timesteps",
     "make_sigmas",
     "noise_levels",
+    "reference_solution",
 ]
