@@ -64,10 +64,15 @@ class Gaussian(_ClosedForm):
     def __init__(self, mean: Tensor, cov: float | Tensor, schedule: Schedule | ArrayLike | None = None) -> None:
         self.schedule = Schedule.linear() if schedule is None else as_schedule(schedule)
         mean = torch.as_tensor(mean, dtype=torch.float64)
+        if mean.ndim < 1 or mean.numel() < 1 or not bool(torch.isfinite(mean).all()):
+            raise ValueError(f"mean must be a finite tensor of the data's shape (at least 1-D), got shape "
+                             f"{tuple(mean.shape)}")
         self.shape = tuple(mean.shape)
         self.dim = mean.numel()
         self.mean = mean.reshape(-1)
         cov_t = torch.as_tensor(cov, dtype=torch.float64)
+        if not bool(torch.isfinite(cov_t).all()):
+            raise ValueError("cov must be finite")
         if cov_t.ndim == 0:
             cov_t = cov_t.expand(self.dim).clone()
         if cov_t.ndim == 1:
@@ -125,9 +130,14 @@ class Mixture(_ClosedForm):
                  schedule: Schedule | ArrayLike | None = None, chunk: int = 256) -> None:
         self.schedule = Schedule.linear() if schedule is None else as_schedule(schedule)
         centers = torch.as_tensor(centers, dtype=torch.float64)
-        if centers.ndim < 2 or centers.shape[0] < 1:
+        if centers.ndim < 2 or centers.shape[0] < 1 or centers[0].numel() < 1:
             raise ValueError(f"centers must have shape (N, ...) with N >= 1, got {tuple(centers.shape)}")
-        if not (isinstance(bandwidth, (int, float)) and bandwidth > 0 and math.isfinite(bandwidth)):
+        if not bool(torch.isfinite(centers).all()):
+            raise ValueError("centers must be finite")
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+        if isinstance(bandwidth, bool) or not (isinstance(bandwidth, (int, float)) and bandwidth > 0
+                                                and math.isfinite(bandwidth)):
             raise ValueError(f"bandwidth must be a finite number > 0, got {bandwidth!r}")
         self.shape = tuple(centers.shape[1:])
         self.dim = centers[0].numel()
@@ -137,7 +147,7 @@ class Mixture(_ClosedForm):
             self.log_weights = torch.full((centers.shape[0],), -math.log(centers.shape[0]), dtype=torch.float64)
         else:
             w = torch.as_tensor(weights, dtype=torch.float64)
-            if w.shape != (centers.shape[0],) or bool((w <= 0).any()):
+            if w.shape != (centers.shape[0],) or not bool(((w > 0) & torch.isfinite(w)).all()):
                 raise ValueError(f"weights must be {centers.shape[0]} positive numbers, got shape {tuple(w.shape)}")
             self.log_weights = torch.log(w / w.sum())
         self._sq = (self.centers**2).sum(1)
