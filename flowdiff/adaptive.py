@@ -8,9 +8,12 @@ Two design decisions make ``rtol``/``atol`` mean what a user expects:
   σ ≫ c, and σ = 0 is the finite point τ = log c, reached exactly with no division by σ
   (c defaults to the schedule's smallest trained σ). Solvers built for the data-prediction
   variables (``unipc``) run in ρ = 1/σ, y = x̄/σ, where the exponential part of the flow is
-  integrated exactly, down to ``sigma_end`` (default σ_min), and finish with the denoised
+  integrated exactly (steps additive in ρ when generating, relative in ρ when encoding, so
+  that they can grow where the flow is smooth and shrink where it is not),
+  down to ``sigma_end`` (default σ_min), and finish with the denoised
   image extrapolated in σ² to σ = 0 (error O(σ_end⁴); see
-  :func:`~flowdiff.formulations.finish_at_zero`). Encoding runs the same machinery backwards.
+  :func:`~flowdiff.formulations.finish_at_zero`). Encoding runs the same machinery backwards
+  (a data-variables encode leaves σ = 0 by one Euler step to σ_end/1000).
 * **The error norm.** The local error of a step is measured on the VP-scaled state
   x = x̄/√(1+σ²) — the scale of the image at σ = 0 and of unit noise at σ_max — as the RMS
   over each sample of ``error / (atol + rtol·|x|)``, the worst sample deciding. Measured on
@@ -18,7 +21,10 @@ Two design decisions make ``rtol``/``atol`` mean what a user expects:
 
 A tolerance buys roughly itself: with ``rtol = atol = tol`` the image's RMS error against
 the exact flow is within a small factor of ``tol`` (see ``tests/test_adaptive.py`` and
-``benchmarks/results/adaptive.md`` for the measured factors).
+``benchmarks/results/adaptive.md`` for the measured factors). For an encode the same holds
+for the image its latent decodes to; the latent itself is more sensitive (an error made near
+σ = 0 grows in the latent by about 1/std of the data's narrowest direction, and shrinks back
+on decoding).
 """
 
 from __future__ import annotations
@@ -39,12 +45,14 @@ from .flow import ProbabilityFlow
 from .formulations import data_field, finish_at_zero, logsigma_field, variables_of
 from .schedules import ArrayLike
 
-#: Controller defaults: an I-controller for one-step pairs, with steps of at most 2 in log(σ + c)
-#: (σ + c changes by at most e² per step: embedded estimates are meaningless for steps that jump
-#: over the whole region where the image forms), and a gentler growth for multistep methods
-#: (their weights are extrapolations, and large step-ratio jumps cost accuracy).
+#: Controller defaults. Runge–Kutta pairs: an I-controller with steps of at most 2 in log(σ + c)
+#: (σ + c changes by at most e² per step: an embedded estimate is meaningless for a step that
+#: jumps over the whole region where the image forms). Multistep pairs: gentler growth (their
+#: weights are extrapolations; step-ratio jumps cost accuracy); generating, they step in ρ = 1/σ
+#: (steps grow with ρ as the flow settles), encoding in log ρ with at most 1 per step.
 RK_CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=10.0, max_step=2.0)
 MULTISTEP_CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=2.5)
+MULTISTEP_ENCODE_CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=2.5, max_step=1.0)
 
 
 class AdaptiveStep(NamedTuple):
@@ -134,7 +142,8 @@ def solve_adaptive_flow(flow: ProbabilityFlow, x: Tensor, solver: Solver, *, dir
     xbar0 = x.to(dtype) * (math.sqrt(1.0 + s_max**2) if generating else 1.0)
     data = variables_of(solver) == "data"
     if controller is None:
-        controller = MULTISTEP_CONTROLLER if solver.multistep else RK_CONTROLLER
+        controller = RK_CONTROLLER if not solver.multistep else (
+            MULTISTEP_CONTROLLER if generating else MULTISTEP_ENCODE_CONTROLLER)
     run = _run_data if data else _run_logsigma
     xbar, stats, grid = run(eps, xbar0, solver, s_max=s_max, c=c, s_end=s_end, generating=generating, rtol=rtol,
                             atol=atol, controller=controller, first_step=first_step, max_nfe=max_nfe,
@@ -215,7 +224,7 @@ def _run_data(eps, xbar0, solver, *, s_max, c, s_end, generating, rtol, atol, co
         sol = solvers.solve_adaptive(data_field(eps), xbar / sigmas[0], 1.0 / sigmas[0], 1.0 / sigmas[1], solver,
                                      rtol=rtol, atol=atol, norm=image_norm(rtol, atol, to_x), controller=controller,
                                      first_step=first_step, max_nfe=budget, callback=wrapped,
-                                     check_finite=check_finite, time_name="ρ=1/σ", log_steps=True)
+                                     check_finite=check_finite, time_name="ρ=1/σ", log_steps=not generating)
     except SolveError as err:
         if isinstance(err.stats, Stats):
             err.stats = stats + err.stats

@@ -49,6 +49,18 @@ def variables_of(solver: Solver) -> str:
     return name
 
 
+def grid_order(solver: Solver) -> int:
+    """The convergence order of a fixed-grid generate into σ = 0 with ``solver``.
+
+    A self-started multistep method is limited by its lower-order first steps
+    (``fixed_grid_order``); in the data variables the step into σ = 0 is the denoised image,
+    D = x̄(0) + O(σ²), a second-order step. (Methods in log time reach it on grids refined
+    in log σ; on grids uniform in σ their last steps stay O(1) long in log σ.)
+    """
+    order = getattr(solver, "fixed_grid_order", solver.order)
+    return min(order, 2) if variables_of(solver) == "data" else order
+
+
 def data_field(eps: EpsField) -> Callable[[float, Tensor], Tensor]:
     """``f(ρ, y) = D(x̄, σ)`` with σ = 1/ρ, x̄ = y/ρ: the data-prediction ODE (ρ > 0)."""
 

@@ -108,6 +108,11 @@ def _run(flow: ProbabilityFlow, xbar0: Tensor, grid: np.ndarray, solver: Solver,
 
         return solve_data(f, xbar0, grid.tolist(), solver, callback=wrapped, check_finite=check_finite)
     eval_end = not (final_euler and grid[-1] == 0.0)
+    if solver.reversible:  # exact encoding runs in the VP-scaled state (see flowdiff.inversion)
+        from .inversion import solve_vp
+
+        return solve_vp(f, xbar0, grid.tolist(), solver, state=state, eval_end=eval_end, callback=wrapped,
+                        check_finite=check_finite)
     return solvers.solve(f, xbar0, grid.tolist(), solver, state=state, eval_end=eval_end, callback=wrapped,
                          check_finite=check_finite, time_name="σ")
 
@@ -182,9 +187,10 @@ def generate(
                                    max_nfe=max_nfe, sigmas=sigmas, model_kwargs=model_kwargs,
                                    model_dtype=model_dtype, callback=callback, check_finite=check_finite,
                                    **dict(adaptive_options or {}))
-    if max_nfe is not None or adaptive_options is not None:
-        raise ValueError("max_nfe=/adaptive_options= apply to adaptive solves (rtol=/atol=); for a fixed budget "
-                         "use nfe=")
+    if max_nfe is not None:
+        raise ValueError("max_nfe= applies to adaptive solves (rtol=/atol=); for a fixed budget use nfe=")
+    if adaptive_options is not None:
+        raise ValueError("adaptive_options= apply to adaptive solves (rtol=/atol=)")
     sig = _grid(flow, solver_obj, steps=steps, nfe=nfe, grid=grid, sigmas=sigmas, timesteps=timesteps,
                 final_euler=final_euler, grid_options=grid_options)
     xbar0 = noise.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)
@@ -268,9 +274,10 @@ def encode(
                                    max_nfe=max_nfe, sigmas=sigmas, model_kwargs=model_kwargs,
                                    model_dtype=model_dtype, callback=callback, check_finite=check_finite,
                                    **dict(adaptive_options or {}))
-    if max_nfe is not None or adaptive_options is not None:
-        raise ValueError("max_nfe=/adaptive_options= apply to adaptive solves (rtol=/atol=); for a fixed budget "
-                         "use nfe=")
+    if max_nfe is not None:
+        raise ValueError("max_nfe= applies to adaptive solves (rtol=/atol=); for a fixed budget use nfe=")
+    if adaptive_options is not None:
+        raise ValueError("adaptive_options= apply to adaptive solves (rtol=/atol=)")
     sig = _grid(flow, solver_obj, steps=steps, nfe=nfe, grid=grid, sigmas=sigmas, timesteps=timesteps,
                 final_euler=False, grid_options=grid_options)[::-1].copy()
     sol = _run(flow, images.to(dtype), sig, solver_obj, model_kwargs=model_kwargs, model_dtype=model_dtype,

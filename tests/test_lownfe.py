@@ -9,7 +9,7 @@ import torch
 import flowdiff
 import solvers
 from flowdiff.analytic import Gaussian
-from flowdiff.formulations import data_field, solve_data
+from flowdiff.formulations import data_field, finish_at_zero, solve_data
 from solvers import History
 
 #: name, options, formula order, interpolation in log time
@@ -179,3 +179,23 @@ def test_bad_orders_are_rejected_with_the_accepted_range():
             solvers.get(name, order=5)
     with pytest.raises(TypeError, match="unknown option"):
         solvers.get("dpmpp_2m", order=2)
+
+
+def test_finish_at_zero_is_second_order_and_fourth_with_extrapolation():
+    gauss, g = _gaussian()
+    eps = gauss.flow().field()
+    x1 = torch.randn(2, 16, dtype=torch.float64, generator=g) * math.sqrt(1 + 1.0)
+    x0 = gauss.solution(x1, 1.0, 0.0)
+    plain, extrap, sig = [], [], [0.08, 0.04, 0.02, 0.01]
+    for s in sig:
+        xs, xs2 = gauss.solution(x0, 0.0, s), gauss.solution(x0, 0.0, 2 * s)
+        d2 = gauss.denoised(xs2, 2 * s)
+        state = History.of(1.0 / s, gauss.denoised(xs, s), ((1.0 / (2 * s), d2),))
+        out, spent = finish_at_zero(None, s, xs, eps)
+        assert spent == 1
+        plain.append(float((out - x0).abs().max()))
+        out, spent = finish_at_zero(state, s, xs, eps, extrapolate=True)
+        assert spent == 0
+        extrap.append(float((out - x0).abs().max()))
+    assert abs(np.polyfit(np.log(sig), np.log(plain), 1)[0] - 2) < 0.2, plain
+    assert abs(np.polyfit(np.log(sig), np.log(extrap), 1)[0] - 4) < 0.3, extrap

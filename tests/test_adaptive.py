@@ -1,0 +1,184 @@
+"""Adaptive solves in the image's scale, on the Gaussian model whose flow is known exactly."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import flowdiff
+import solvers
+from flowdiff.adaptive import AdaptiveStep
+from flowdiff.analytic import Gaussian
+from solvers import SolveError
+
+TOLS = [1e-2, 1e-3, 1e-4, 1e-5]
+#: The stated factor: the RMS error of the image is within [tol/LOW, HIGH·tol] over TOLS.
+HIGH = {"unipc": 4.0, "abm": 5.0, "dopri5": 3.0, "dopri8": 3.0, "adaptive_heun": 3.0, "bosh3": 20.0}
+LOW = 100.0
+
+
+def _setup():
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(32, dtype=torch.float64, generator=g) * 0.5
+    var = torch.rand(32, dtype=torch.float64, generator=g) * 0.3 + 0.02
+    gauss = Gaussian(mean, var)
+    noise = torch.randn(4, 32, dtype=torch.float64, generator=g)
+    images = gauss.sample(4, generator=g)
+    return gauss, noise, images
+
+
+def _rms(a, b):
+    return float((a - b).pow(2).mean().sqrt())
+
+
+def _adaptive_names():
+    names = []
+    for name in solvers.available(adaptive=True):
+        marks = []
+        if name == "fehlberg2":  # its embedded estimate is ~500× below its actual error here
+            marks = [pytest.mark.xfail(strict=True, reason="Fehlberg 1(2)'s estimate underestimates its error")]
+        elif name not in HIGH:
+            marks = [pytest.mark.skip(reason=f"no stated factor for {name!r} (added after this test)")]
+        names.append(pytest.param(name, marks=marks))
+    return names
+
+
+@pytest.mark.parametrize("name", _adaptive_names())
+def test_generate_error_tracks_tolerance(name):
+    gauss, noise, _ = _setup()
+    flow = gauss.flow()
+    s_max = flow.schedule.sigma_max
+    exact = gauss.solution(noise * math.sqrt(1 + s_max**2), s_max, 0.0)
+    errs = []
+    for tol in TOLS:
+        r = flowdiff.generate(flow, noise, solver=name, rtol=tol, atol=tol)
+        errs.append(_rms(r.x, exact))
+    high = HIGH.get(name, 20.0)
+    for tol, err in zip(TOLS, errs):
+        assert tol / LOW < err < high * tol, (name, tol, err)
+    slope = np.polyfit(np.log(TOLS), np.log(errs), 1)[0]
+    assert slope > 0.5, (name, slope, errs)
+
+
+@pytest.mark.parametrize("name", ["unipc", "dopri5", "abm"])
+def test_encode_error_tracks_tolerance_in_the_image_it_decodes_to(name):
+    gauss, _, images = _setup()
+    flow = gauss.flow()
+    s_max = flow.schedule.sigma_max
+    exact_latent = gauss.solution(images, 0.0, s_max) / math.sqrt(1 + s_max**2)
+    errs = []
+    for tol in TOLS:
+        r = flowdiff.encode(flow, images, solver=name, rtol=tol, atol=tol)
+        decoded = gauss.solution(r.x * math.sqrt(1 + s_max**2), s_max, 0.0)  # the exact decode
+        err = _rms(decoded, images)
+        errs.append(err)
+        assert tol / LOW < err < 6.0 * tol, (name, tol, err)
+        # The latent itself: within the conditioning factor 1/std of the narrowest direction.
+        amplification = float(1 / gauss.evals.min().sqrt())
+        assert _rms(r.x, exact_latent) < 6.0 * amplification * tol
+        assert r.latent is not None and r.sigmas[0] == 0.0 and r.sigmas[-1] == s_max
+    assert np.polyfit(np.log(TOLS), np.log(errs), 1)[0] > 0.5
+
+
+@pytest.mark.parametrize("name", ["unipc", "dopri5", "bosh3"])
+@pytest.mark.parametrize("direction", ["generate", "encode"])
+def test_stats_add_up_and_count_every_evaluation(name, direction):
+    gauss, noise, images = _setup()
+    calls = []
+
+    def eps(xbar, sigma):
+        calls.append(sigma)
+        return gauss.eps(xbar, sigma)
+
+    flow = flowdiff.ProbabilityFlow.from_sigma_field(eps, gauss.schedule)
+    run = flowdiff.generate if direction == "generate" else flowdiff.encode
+    r = run(flow, noise if direction == "generate" else images, solver=name, rtol=1e-4, atol=1e-4)
+    assert r.stats.nfe == len(calls)
+    assert r.stats.steps == r.stats.accepted + r.stats.rejected
+    assert r.stats.accepted == len(r.sigmas) - 1
+    assert r.stats.wall_time > 0
+    grid = r.sigmas if direction == "encode" else r.sigmas[::-1]
+    assert np.all(np.diff(grid) > 0) and grid[0] == 0.0
+
+
+@pytest.mark.parametrize("name", ["unipc", "dopri5"])
+def test_max_nfe_guard_fails_with_its_message_and_partial_stats(name):
+    gauss, noise, _ = _setup()
+    with pytest.raises(SolveError, match="max_nfe=12 reached") as info:
+        flowdiff.generate(gauss.flow(), noise, solver=name, rtol=1e-8, atol=1e-8, max_nfe=12)
+    stats = info.value.stats
+    assert isinstance(stats, solvers.Stats)
+    assert 0 < stats.nfe and stats.steps == stats.accepted + stats.rejected and stats.accepted > 0
+    # The guard is checked before each step: it overshoots by less than one step's evaluations.
+    assert stats.nfe < 12 + 7
+
+
+def test_callback_sees_step_sigma_x_and_denoised():
+    gauss, noise, _ = _setup()
+    seen = []
+    r = flowdiff.generate(gauss.flow(), noise, solver="unipc", rtol=1e-3, atol=1e-3, callback=seen.append)
+    assert all(isinstance(s, AdaptiveStep) for s in seen)
+    assert [s.step for s in seen] == list(range(len(seen))) and len(seen) == r.stats.accepted
+    sigmas = [s.sigma for s in seen]
+    assert all(a > b for a, b in zip(sigmas, sigmas[1:])) and sigmas[-1] == 0.0
+    for s in seen:
+        assert torch.allclose(s.x, s.xbar / math.sqrt(1 + s.sigma**2))
+    # unipc evaluates the model at the end of each step: the denoised image comes free.
+    assert all(s.denoised is not None for s in seen)
+    middle = seen[len(seen) // 2]
+    assert _rms(middle.denoised, gauss.denoised(middle.xbar, middle.sigma)) < 1e-2
+    assert torch.equal(seen[-1].xbar, r.x)
+    # dopri5 is FSAL: f(t₁, y₁) is known after every step, and gives the denoised image.
+    seen.clear()
+    flowdiff.generate(gauss.flow(), noise, solver="dopri5", rtol=1e-3, atol=1e-3, callback=seen.append)
+    s = seen[len(seen) // 2]
+    assert torch.allclose(s.denoised, gauss.denoised(s.xbar, s.sigma), rtol=1e-10, atol=1e-12)
+
+
+def test_adaptive_options_reach_the_controller():
+    gauss, noise, _ = _setup()
+    flow = gauss.flow()
+    free = flowdiff.generate(flow, noise, solver="dopri5", rtol=1e-3, atol=1e-3)
+    capped = flowdiff.generate(flow, noise, solver="dopri5", rtol=1e-3, atol=1e-3,
+                               adaptive_options={"controller": solvers.StepController(max_step=0.25)})
+    # log(σ_max + c) − log(c) ≈ 9.7 in steps of at most 0.25: at least 39 steps.
+    assert capped.stats.accepted >= 39 > free.stats.accepted
+    with pytest.raises(TypeError, match="unknown adaptive option"):
+        flowdiff.generate(flow, noise, solver="dopri5", rtol=1e-3, adaptive_options={"safety": 0.5})
+    with pytest.raises(TypeError, match="StepController"):
+        flowdiff.generate(flow, noise, solver="dopri5", rtol=1e-3, adaptive_options={"controller": 0.5})
+    with pytest.raises(ValueError, match="adaptive_options= apply to adaptive solves"):
+        flowdiff.generate(flow, noise, solver="dopri5", steps=4, adaptive_options={"sigma_c": 0.1})
+
+
+def test_adaptive_tolerance_on_a_fixed_step_solver_is_an_error_naming_it():
+    gauss, noise, _ = _setup()
+    for name in ("euler", "lms", "dpmpp_2m"):
+        with pytest.raises(ValueError, match=f"{name!r} has no error estimate.*Adaptive solvers: .*unipc"):
+            flowdiff.generate(gauss.flow(), noise, solver=name, rtol=1e-3)
+
+
+def test_bad_tolerances_and_intervals_are_rejected():
+    gauss, noise, _ = _setup()
+    flow = gauss.flow()
+    with pytest.raises(ValueError, match="rtol must be a finite number"):
+        flowdiff.generate(flow, noise, solver="unipc", rtol=-1.0)
+    with pytest.raises(ValueError, match="cannot both be 0"):
+        flowdiff.generate(flow, noise, solver="unipc", rtol=0.0, atol=0.0)
+    with pytest.raises(ValueError, match=r"sigmas= gives the interval \[σ_start, 0\]"):
+        flowdiff.generate(flow, noise, solver="unipc", rtol=1e-3, sigmas=[10.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="sigma_end must lie in"):
+        flowdiff.generate(flow, noise, solver="unipc", rtol=1e-3, adaptive_options={"sigma_end": 0.0})
+
+
+def test_sigma_start_and_float32():
+    gauss, noise, _ = _setup()
+    flow = gauss.flow()
+    exact = gauss.solution(noise * math.sqrt(1 + 10.0**2), 10.0, 0.0)
+    r = flowdiff.generate(flow, noise, solver="unipc", rtol=1e-4, atol=1e-4, sigmas=[10.0, 0.0])
+    assert _rms(r.x, exact) < 4e-4 and r.sigmas[0] == 10.0 and r.sigmas[-1] == 0.0
+    r32 = flowdiff.generate(flow, noise.float(), solver="dopri5", rtol=1e-3, atol=1e-3)
+    assert r32.x.dtype == torch.float32
+    s_max = flow.schedule.sigma_max
+    assert _rms(r32.x.double(), gauss.solution(noise * math.sqrt(1 + s_max**2), s_max, 0.0)) < 3e-3
