@@ -7,9 +7,14 @@ in both directions.
 """
 
 from .compare import Comparison, Reference, compare, reference_solution
+from .diffusers_io import from_diffusers
 from .flow import PREDICTION_TYPES, ProbabilityFlow
 from .grids import GRIDS, grid_timesteps, make_sigmas
+from .guidance import classifier_free_guidance
+from .kdiffusion import from_denoiser, to_denoiser
 from .latent import Latent
+from .pretrained import digits_data, pretrained
+from .quality import sample_quality
 from .sampling import Result, StepState, decode, encode, generate
 from .schedules import Schedule
 from .stochastic import noise_levels
@@ -24,12 +29,19 @@ __all__ = [
     "Result",
     "Schedule",
     "StepState",
+    "classifier_free_guidance",
     "compare",
     "decode",
+    "digits_data",
     "encode",
+    "from_denoiser",
+    "from_diffusers",
     "generate",
     "grid_timesteps",
     "make_sigmas",
     "noise_levels",
+    "pretrained",
     "reference_solution",
+    "sample_quality",
+    "to_denoiser",
 ]

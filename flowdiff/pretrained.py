@@ -71,8 +71,8 @@ def split_indices(labels: np.ndarray, test_fraction: float = TEST_FRACTION,
 def digits_data(split: str = "test") -> Digits:
     """The 8×8 digits scaled to [−1, 1] (pixel values 0–16 map to x/8 − 1), shape (N, 1, 8, 8).
 
-    ``split``: ``"train"`` (the images the shipped model was trained on, 1434), ``"test"``
-    (the 363 held out: 20% of each class, seeded) or ``"all"`` (1797). Needs scikit-learn,
+    ``split``: ``"train"`` (the images the shipped model was trained on, 1433), ``"test"``
+    (the 364 held out: ⌈20%⌉ of each class, seeded) or ``"all"`` (1797). Needs scikit-learn,
     which bundles the data (no download).
     """
     if split not in SPLITS:
