@@ -111,13 +111,8 @@ def load_config(name: str, directory: str | Path | None = None) -> dict[str, Any
         raise ValueError(f"model config {path} is not valid JSON: {e}") from None
 
 
-def load_network(name: str = "digits", *, directory: str | Path | None = None,
-                 device: str | torch.device | None = None) -> DigitsNet:
-    """The bare network of a shipped model, weights loaded and checked, in eval mode.
-
-    The weights file's SHA-256 is checked against its config, so a truncated or altered
-    file is an error naming it rather than a silently wrong model.
-    """
+def _load(name: str, directory: str | Path | None,
+          device: str | torch.device | None) -> tuple[DigitsNet, dict[str, Any]]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -133,15 +128,25 @@ def load_network(name: str = "digits", *, directory: str | Path | None = None,
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"weights file {path} could not be read as safetensors: {e}") from None
-    net = DigitsNet(**config["net"])
     try:
+        net = DigitsNet(**config["net"])
         net.load_state_dict(state)
-    except RuntimeError as e:
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"weights file {path} does not match the architecture in {name}.json: {e}") from None
     net.eval().requires_grad_(False)
     if device is not None:
         net.to(device)
-    return net
+    return net, config
+
+
+def load_network(name: str = "digits", *, directory: str | Path | None = None,
+                 device: str | torch.device | None = None) -> DigitsNet:
+    """The bare network of a shipped model, weights loaded and checked, in eval mode.
+
+    The weights file's SHA-256 is checked against its config, so a truncated or altered
+    file is an error naming it rather than a silently wrong model.
+    """
+    return _load(name, directory, device)[0]
 
 
 def pretrained(name: str = "digits", *, directory: str | Path | None = None,
@@ -154,8 +159,7 @@ def pretrained(name: str = "digits", *, directory: str | Path | None = None,
     it is the class-conditional one. Images are (batch, 1, 8, 8) in [−1, 1]. ``directory``
     loads a retrained copy from elsewhere.
     """
-    net = load_network(name, directory=directory, device=device)
-    config = load_config(name, directory)
+    net, config = _load(name, directory, device)
     return ProbabilityFlow(net, Schedule.from_config(**config["schedule"]),
                            prediction_type=config["prediction_type"])
 
