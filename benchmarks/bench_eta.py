@@ -97,9 +97,10 @@ def main() -> None:
         columns = [("energy", "energy distance ↓", "{:.4f}"),
                    ("nn_ratio", "nearest-component distance over the true samples' (1 ideal)", "{:.3f}")]
     else:
+        from flowdiff.pretrained import pretrained
         from flowdiff.quality import sample_quality
 
-        flow = flowdiff.pretrained("digits")
+        flow = pretrained("digits")
         shape = train.shape[1:]
         test = digits_data("test").images.double()
         floor_q = sample_quality(test.float())
