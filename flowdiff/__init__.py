@@ -6,6 +6,7 @@ DDIM is explicit Euler on this ODE; flowdiff solves it with any method of :mod:`
 in both directions.
 """
 
+from .adaptive import AdaptiveStep
 from .compare import Comparison, Reference, compare, reference_solution
 from .diffusers_io import from_diffusers
 from .flow import PREDICTION_TYPES, ProbabilityFlow
@@ -20,6 +21,7 @@ from .schedules import Schedule
 from .stochastic import noise_levels
 
 __all__ = [
+    "AdaptiveStep",
     "GRIDS",
     "Comparison",
     "PREDICTION_TYPES",
