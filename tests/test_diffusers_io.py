@@ -81,7 +81,7 @@ def test_pipeline_directory_and_class_labels_pass_through(tmp_path):
     assert not torch.allclose(ours.x, other.x)  # the labels reached the network
 
 
-def test_schedule_matches_diffusers_alphas_cumprod(tmp_path):
+def test_schedule_matches_diffusers_alphas_cumprod():
     for beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"):
         scheduler = diffusers.DDPMScheduler(beta_schedule=beta_schedule)
         schedule, _ = flowdiff.diffusers_io.schedule_from_config(scheduler.config)
