@@ -6,6 +6,7 @@ DDIM is explicit Euler on this ODE; flowdiff solves it with any method of :mod:`
 in both directions.
 """
 
+from . import metrics
 from .adaptive import AdaptiveStep
 from .compare import Comparison, Reference, compare, reference_solution
 from .diffusers_io import from_diffusers
@@ -14,6 +15,7 @@ from .grids import GRIDS, grid_timesteps, make_sigmas
 from .guidance import classifier_free_guidance
 from .kdiffusion import from_denoiser, to_denoiser
 from .latent import Latent
+from .metrics import Reconstruction, reconstruction
 from .pretrained import digits_data, pretrained
 from .quality import sample_quality
 from .sampling import Result, StepState, decode, encode, generate
@@ -27,6 +29,7 @@ __all__ = [
     "PREDICTION_TYPES",
     "Reference",
     "Latent",
+    "Reconstruction",
     "ProbabilityFlow",
     "Result",
     "Schedule",
@@ -43,6 +46,8 @@ __all__ = [
     "make_sigmas",
     "noise_levels",
     "pretrained",
+    "metrics",
+    "reconstruction",
     "reference_solution",
     "sample_quality",
     "to_denoiser",

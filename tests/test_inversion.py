@@ -1,0 +1,256 @@
+"""Exact encoding through flowdiff: reversible latents, fixed-point inversion, Latent files, metrics."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import flowdiff as fd
+import solvers
+from flowdiff import metrics
+from flowdiff.analytic import Gaussian, Mixture
+from flowdiff.latent import Latent
+from flowdiff.testing import assert_fixed_point_converged, assert_round_trip
+
+REVERSIBLE = [("reversible_heun", {}), ("reversible", {}), ("reversible", {"base": "heun"})]
+IDS = [f"{n}{o}" for n, o in REVERSIBLE]
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.rand(8, 1, 4, 4, dtype=torch.float64, generator=gen) * 2 - 1
+    model = Mixture(centers, 0.3)
+    return model, model.flow(), model.sample(3, generator=gen).clamp(-1, 1)
+
+
+class CountingEps:
+    """A σ-native ε that counts its calls (to check stats.nfe)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __call__(self, xbar, sigma):
+        self.calls += 1
+        return self.model.eps(xbar, sigma)
+
+
+@pytest.mark.parametrize(("solver", "opts"), REVERSIBLE, ids=IDS)
+@pytest.mark.parametrize("grid", ["trailing", "karras"])
+@pytest.mark.parametrize("steps", [1, 10, 30])
+def test_reversible_round_trip_float64(mixture, solver, opts, grid, steps):
+    _, flow, x = mixture
+    rt = assert_round_trip(flow, x, atol=1e-10, solver=solver, solver_options=opts, steps=steps, grid=grid)
+    assert rt.encoded.latent.solver_state is not None and rt.encoded.latent.exact
+
+
+@pytest.mark.parametrize(("solver", "opts"), REVERSIBLE, ids=IDS)
+def test_reversible_round_trip_float32(mixture, solver, opts):
+    _, flow, x = mixture
+    x = x.float()
+    rt = assert_round_trip(flow, x, atol=256 * torch.finfo(torch.float32).eps, solver=solver, solver_options=opts,
+                           steps=20)
+    assert rt.decoded.x.dtype == torch.float32 and rt.encoded.latent.solver_state.z.dtype == torch.float32
+
+
+@pytest.mark.parametrize(("solver", "opts"), REVERSIBLE, ids=IDS)
+def test_reversible_nfe_is_counted_and_at_most_twice_ddim(mixture, solver, opts):
+    model, _, x = mixture
+    eps = CountingEps(model)
+    flow = fd.ProbabilityFlow.from_sigma_field(eps, model.schedule)
+    steps = 10
+    enc = fd.encode(flow, x, solver=solver, solver_options=opts, steps=steps)
+    assert enc.stats.nfe == eps.calls
+    before = eps.calls
+    dec = fd.decode(flow, enc.latent)
+    assert dec.stats.nfe == eps.calls - before
+    per_step = 1 if solver == "reversible_heun" else 2 * solvers.nfe_for_steps(opts.get("base", "euler"), 1)
+    assert dec.stats.nfe == per_step * steps
+    if solver == "reversible_heun" or opts.get("base", "euler") == "euler":
+        assert enc.stats.nfe <= 2 * steps and dec.stats.nfe <= 2 * steps  # DDIM spends `steps` each way
+
+
+def test_reversible_latent_main_tensor_is_ddim_xT(mixture):
+    """x_T of a reversible encode is the DDIM-scale latent: close to an accurate encode's x_T."""
+    model, flow, x = mixture
+    enc = fd.encode(flow, x, solver="reversible_heun", steps=60, grid="karras")
+    ref = fd.encode(flow, x, solver="rk4", steps=60, grid="karras")
+    assert enc.latent.x is enc.x
+    assert (enc.x - ref.x).abs().max().item() < 1e-2  # (Euler at 60 steps: 0.1 off)
+    assert enc.latent.solver_state.t == enc.sigmas[-1]
+
+
+def test_generate_with_reversible_solvers_from_noise():
+    model = Gaussian(torch.zeros(1, 2, 2), torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    flow = model.flow()
+    z = torch.randn(2, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    sig = fd.make_sigmas(flow.schedule, "karras", 40)
+    exact = model.solution(z * math.sqrt(1 + sig[0] ** 2), sig[0], 0.0)
+    errs = []
+    for steps in (20, 40):
+        sig = fd.make_sigmas(flow.schedule, "karras", steps)
+        errs.append((fd.generate(flow, z, solver="reversible_heun", sigmas=sig).x - exact).abs().max().item())
+    assert errs[1] < errs[0] < 0.05
+
+
+def test_latent_save_load_is_bit_exact(mixture, tmp_path):
+    _, flow, x = mixture
+    for solver, opts in REVERSIBLE[:2]:
+        enc = fd.encode(flow, x, solver=solver, solver_options=opts, steps=7, grid="karras")
+        path = tmp_path / f"{solver}.safetensors"
+        enc.latent.save(path)
+        back = Latent.load(path)
+        assert torch.equal(back.x, enc.latent.x) and np.array_equal(back.sigmas, enc.latent.sigmas)
+        assert back.solver == enc.latent.solver and back.solver_options == enc.latent.solver_options
+        assert back.solver_state.t == enc.latent.solver_state.t
+        assert torch.equal(back.solver_state.z, enc.latent.solver_state.z)
+        assert torch.equal(fd.decode(flow, back).x, fd.decode(flow, enc.latent).x)
+
+
+def test_latent_load_rejects_other_files(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a flowdiff latent"):
+        Latent.load(tmp_path / "other.safetensors")
+
+
+def test_decode_refuses_mismatched_settings(mixture):
+    _, flow, x = mixture
+    latent = fd.encode(flow, x, solver="reversible_heun", steps=5).latent
+    with pytest.raises(ValueError, match="encoded with solver 'reversible_heun'"):
+        fd.decode(flow, latent, solver="euler")
+    with pytest.raises(ValueError, match="encoded with 5 steps"):
+        fd.decode(flow, latent, steps=6)
+    with pytest.raises(ValueError, match="carries its own grid"):
+        fd.decode(flow, latent, grid="karras")
+    with pytest.raises(ValueError, match="sigmas= differs"):
+        fd.decode(flow, latent, sigmas=fd.make_sigmas(flow.schedule, "karras", 5))
+    wrapped = fd.encode(flow, x, solver="reversible", solver_options={"coupling": 0.99}, steps=5).latent
+    with pytest.raises(ValueError, match="solver_options"):
+        fd.decode(flow, wrapped, solver_options={"coupling": 0.999})
+    with pytest.raises(ValueError, match="encoded with 5 steps"):
+        latent.check_decode(steps=4)
+    with pytest.raises(ValueError, match="encoded on the grid"):
+        latent.check_decode(sigmas=np.linspace(0, 1, 6))
+
+
+def test_latent_validation(mixture):
+    _, flow, x = mixture
+    latent = fd.encode(flow, x, solver="reversible_heun", steps=3).latent
+    with pytest.raises(ValueError, match="strictly increasing"):
+        Latent(latent.x, latent.sigmas[::-1], "reversible_heun")
+    with pytest.raises(TypeError, match="Latent.x"):
+        Latent(np.zeros(3), latent.sigmas, "euler")
+    bad_state = latent.solver_state._replace(z=latent.solver_state.z[:1])
+    with pytest.raises(ValueError, match="shape"):
+        Latent(latent.x, latent.sigmas, "reversible_heun", {}, bad_state)
+    with pytest.raises(ValueError, match="σ_max"):
+        Latent(latent.x, latent.sigmas, "reversible_heun", {}, latent.solver_state._replace(t=1.0))
+    with pytest.raises(TypeError, match="ReversibleState"):
+        Latent(latent.x, latent.sigmas, "reversible_heun", {}, (1.0, latent.x))
+
+
+# -- fixed-point inversion --------------------------------------------------------------------
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "midpoint"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fixed_point_plain_decode_reproduces_images(mixture, solver, dtype):
+    _, flow, x = mixture
+    x = x.to(dtype)
+    enc = fd.encode(flow, x, solver=solver, steps=10, inversion="fixed_point")
+    assert_fixed_point_converged(enc)
+    assert enc.latent.solver_state is None and enc.latent.inversion == "fixed_point"
+    plain = fd.decode(flow, enc.x, solver=solver, steps=10)  # a plain tensor, the standard decode
+    via_latent = fd.decode(flow, enc.latent)
+    assert torch.equal(plain.x, via_latent.x)
+    tol = 1e-12 if dtype == torch.float64 else 64 * torch.finfo(torch.float32).eps
+    assert (plain.x - x).abs().max().item() <= tol
+    # an ordinary encode with the same solver is much further off: the inversion is what makes it exact
+    naive = fd.decode(flow, fd.encode(flow, x, solver=solver, steps=10).latent)
+    assert (naive.x - x).abs().max().item() > 1e3 * tol
+
+
+def test_fixed_point_each_step_reaches_its_tolerance(mixture):
+    """Recompute every decode step from the encode's trajectory: each lands on its target within tol."""
+    _, flow, x = mixture
+    traj = [x]
+    tol = 1e-10
+    enc = fd.encode(flow, x, solver="heun", steps=6, grid="karras", inversion="fixed_point",
+                    inversion_options={"tol": tol}, callback=lambda s: traj.append(s.xbar))
+    sig = enc.sigmas
+    f = flow.field()
+    for n in range(len(sig) - 1):
+        method = "euler" if n == 0 else "heun"  # the decode's last step into σ = 0 is Euler (final_euler)
+        landed = solvers.get(method).step(f, sig[n + 1], sig[n], traj[n + 1], None).y
+        residual = ((landed - traj[n]).abs() / (1 + traj[n].abs())).max().item()
+        assert residual <= tol
+        assert residual == pytest.approx(enc.stats.extra["residuals"][n], rel=1e-3, abs=1e-15)  # as reported
+
+
+def test_fixed_point_stats(mixture):
+    model, _, x = mixture
+    eps = CountingEps(model)
+    flow = fd.ProbabilityFlow.from_sigma_field(eps, model.schedule)
+    enc = fd.encode(flow, x, solver="euler", steps=20, inversion="fixed_point")
+    extra = enc.stats.extra
+    assert enc.stats.nfe == eps.calls
+    assert len(extra["iterations_per_step"]) == 20 and extra["iterations"] == sum(extra["iterations_per_step"])
+    assert enc.stats.nfe == 1 + extra["iterations"]  # Euler: one evaluation per iteration, one to start
+    plain = fd.encode(flow, x, solver="euler", steps=20, inversion="fixed_point", inversion_options={"anderson": 0})
+    assert plain.stats.extra["iterations"] >= extra["iterations"]
+
+
+def test_fixed_point_nonconvergence_names_step_and_residual(mixture):
+    """One Euler step from σ_max decodes to the posterior mean, inside the hull of the mixture's centres
+    (within [−1, 1]): an image outside it has no preimage, and the inversion must say so."""
+    _, flow, x = mixture
+    outside = torch.full_like(x, 2.5)
+    with pytest.raises(solvers.SolveError, match=r"did not converge at step 0 .*residual") as info:
+        fd.encode(flow, outside, solver="euler", steps=1, inversion="fixed_point", inversion_options={"max_iter": 30})
+    assert info.value.step == 0 and info.value.stats.nfe == 31
+    with pytest.raises(solvers.SolveError, match="max_iter=1"):
+        fd.encode(flow, x, solver="euler", steps=20, inversion="fixed_point", inversion_options={"max_iter": 1})
+
+
+def test_fixed_point_bad_options(mixture):
+    _, flow, x = mixture
+    for opts, err, pat in [({"tol": 0.0}, ValueError, "tol"), ({"anderson": -1}, ValueError, "anderson"),
+                           ({"max_iter": 0}, ValueError, "max_iter"), ({"final_euler": 1}, TypeError, "final_euler"),
+                           ({"bogus": 1}, TypeError, "bogus")]:
+        with pytest.raises(err, match=pat):
+            fd.encode(flow, x, steps=3, inversion="fixed_point", inversion_options=opts)
+    with pytest.raises(ValueError, match="reversible"):
+        fd.encode(flow, x, solver="reversible_heun", steps=3, inversion="fixed_point")
+    with pytest.raises(ValueError, match="ddim_inverse"):
+        fd.encode(flow, x, solver="ddim_inverse", steps=3, inversion="fixed_point")
+
+
+# -- metrics --------------------------------------------------------------------------------
+
+def test_metrics_on_constructed_errors():
+    x = torch.rand(4, 3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    delta = torch.tensor([1e-1, 1e-3, 1e-6, 0.0], dtype=torch.float64)
+    y = x + 2 * delta[:, None, None, None]  # a [0, 1]-scale error of delta per pixel
+    per = metrics.mse(x, y, reduction="none")
+    assert torch.allclose(per, delta**2, rtol=1e-6, atol=1e-30)
+    assert torch.allclose(metrics.max_abs_error(x, y, reduction="none"), delta, rtol=1e-6)
+    p = metrics.psnr(x, y, reduction="none")
+    assert torch.allclose(p[:3], -20 * torch.log10(delta[:3]), rtol=1e-6) and math.isinf(p[3].item())
+    r = metrics.reconstruction(x[:3], y[:3])
+    assert r.mse == pytest.approx(float((delta[:3] ** 2).mean()), rel=1e-6)
+    assert r.max_abs == pytest.approx(0.1, rel=1e-6)
+    assert metrics.mse(x * 0.5 + 0.5, y * 0.5 + 0.5, data_range=(0, 1)).item() == pytest.approx(per.mean().item())
+
+
+def test_metrics_bad_input():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.mse(x, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="data_range"):
+        metrics.psnr(x, x, data_range=(1, 1))
+    with pytest.raises(ValueError, match="reduction"):
+        metrics.mse(x, x, reduction="sum")
+    with pytest.raises(TypeError, match="floating-point"):
+        metrics.mse(x.long(), x.long())
