@@ -16,6 +16,7 @@ model directory. Errors end the command with a one-line message and a non-zero s
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 import sys
@@ -37,6 +38,8 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.f
 BUILTIN_MODELS = ("digits", "analytic-mixture")
 #: Kernel bandwidth of ``--model analytic-mixture`` in the image scale [−1, 1] (pixel steps are 1/8).
 MIXTURE_BANDWIDTH = 0.1
+#: Tolerance of ``flowdiff compare``'s reference solve (see benchmarks/results/compare.md for its cost and error).
+REFERENCE_RTOL = 1e-5
 
 
 class CommandError(Exception):
@@ -290,11 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("compare", help="compare solvers × grids at fixed NFE against a float64 reference (main job)",
-                       description="Generate from one batch of noise with every solver × grid × NFE budget, "
-                                   "measure the RMS error of the images against a tight float64 adaptive "
-                                   "reference solve, print the table and write it as markdown, CSV and a "
-                                   "log-log error-vs-NFE plot.")
-    _common(p, dtype="float64")
+                       description="Generate from one batch of noise with every solver × grid × NFE budget (in "
+                                   "--dtype), measure the RMS error of the images against a tight float64 adaptive "
+                                   "reference solve from the same noise, print the table and write it as "
+                                   "markdown, CSV and a log-log error-vs-NFE plot.")
+    _common(p, dtype="float32")
     p.add_argument("--solver", type=_name_list(_solvers.available, "solver"), default=None, metavar="LIST",
                    help="comma-separated solver names (default: "
                         f"{','.join(default_solvers())}); available: {', '.join(_solvers.available())}")
@@ -302,9 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated NFE budgets (default: {','.join(map(str, DEFAULT_NFE))})")
     p.add_argument("--grid", type=_name_list(lambda: GRIDS, "grid"), default=list(DEFAULT_GRIDS), metavar="LIST",
                    help=f"comma-separated grids (default: {','.join(DEFAULT_GRIDS)}); available: {', '.join(GRIDS)}")
-    p.add_argument("--batch", type=_positive_int, default=32, help="noise samples per run (default: 32)")
-    p.add_argument("--rtol", type=float, default=1e-9,
-                   help="relative and absolute tolerance of the reference solve (default: 1e-9)")
+    p.add_argument("--batch", type=_positive_int, default=16, help="noise samples per run (default: 16)")
+    p.add_argument("--rtol", type=float, default=REFERENCE_RTOL,
+                   help="relative and absolute tolerance of the float64 reference solve (default: "
+                        f"{REFERENCE_RTOL:g}); the reference is kept in DIR/reference.safetensors and reused "
+                        "while the model, seed, batch and tolerance are unchanged")
+    p.add_argument("--fresh-reference", action="store_true", help="solve the reference again even if kept")
     p.add_argument("--out", default="flowdiff-compare", metavar="DIR",
                    help="directory for compare.md, compare.csv and compare.png (default: ./flowdiff-compare)")
     p.add_argument("--layout", choices=("wide", "long"), default="wide",
@@ -394,21 +400,65 @@ def _budget(args: argparse.Namespace) -> dict[str, int]:
     return {"nfe": args.default_nfe} if args.default_nfe is not None else {"steps": args.default_steps}
 
 
+def fingerprint(loaded: LoadedModel) -> str:
+    """A digest of what defines the flow: the network's weights (or a closed-form model's tensors),
+    the schedule and the prediction type; the key of the reference kept on disk."""
+    h = hashlib.blake2b(digest_size=16)
+    flow = loaded.flow
+    owner = getattr(flow.sigma_field, "__self__", None) if flow.sigma_field is not None else flow.model
+    if isinstance(owner, torch.nn.Module):
+        items = sorted(owner.state_dict().items())
+    elif owner is not None:
+        items = sorted((k, v) for k, v in vars(owner).items() if isinstance(v, (Tensor, int, float, str)))
+    else:
+        raise CommandError("cannot fingerprint this model for the reference cache")
+    for name, value in items:
+        h.update(name.encode())
+        if isinstance(value, Tensor):
+            h.update(str((value.dtype, tuple(value.shape))).encode())
+            h.update(value.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(value).encode())
+    h.update(flow.schedule.alphas_cumprod.tobytes())
+    h.update(f"{type(owner).__name__}|{flow.prediction_type}".encode())
+    return h.hexdigest()
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import Reference, reference_solution
+
     if not (0 < args.rtol < 1):
         raise CommandError(f"--rtol must be in (0, 1), got {args.rtol}")
     loaded, dtype, device = _setup(args)
     noise = _noise(args, args.batch, loaded.shape, dtype, device)
-    result = compare(loaded.flow, noise, solvers=args.solver, grids=args.grid, nfe=args.nfe,
-                     model_kwargs=loaded.model_kwargs or None, rtol=args.rtol, atol=args.rtol,
-                     progress=not args.no_progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # The reference depends on the model, the noise (seed, batch, shape) and the tolerance, not on --dtype:
+    # it is always solved in float64 from the same float64 draw, so it is kept on disk under that key.
+    key = f"{fingerprint(loaded)}|seed={args.seed}|batch={args.batch}|shape={loaded.shape}|dopri8|{args.rtol!r}"
+    ref_path = out / "reference.safetensors"
+    ref, kept = None, False
+    if ref_path.is_file() and not args.fresh_reference:
+        try:
+            ref = Reference.load(ref_path, key)
+        except Exception:  # an unreadable or foreign file is replaced
+            ref = None
+        kept = ref is not None
+    if ref is None:
+        if not args.no_progress:
+            print(f"solving the float64 reference (dopri8, rtol=atol={args.rtol:g}); it is kept in {ref_path} "
+                  "for later runs", file=sys.stderr)
+        ref = reference_solution(loaded.flow, _noise(args, args.batch, loaded.shape, torch.float64, device),
+                                 rtol=args.rtol, atol=args.rtol, model_kwargs=loaded.model_kwargs or None,
+                                 progress=not args.no_progress)
+        ref.save(ref_path, key)
+    result = compare(loaded.flow, noise, solvers=args.solver, grids=args.grid, nfe=args.nfe,
+                     model_kwargs=loaded.model_kwargs or None, reference=ref, progress=not args.no_progress)
     ref = result.reference
     title = (f"{loaded.name}: RMS error vs NFE ({args.batch} samples, {args.dtype}, seed {args.seed})")
     header = (f"model {loaded.name}, {args.batch} samples of shape {loaded.shape}, {args.dtype}, seed {args.seed}; "
               f"reference: {ref.solver} rtol=atol={ref.rtol:g} from σ={ref.sigma_start:.4g}, {ref.nfe} NFE, "
-              f"estimated error {ref.error:.1e}")
+              f"estimated error {ref.error:.1e}" + (f" (kept in {ref_path})" if kept else ""))
     table = result.to_markdown(args.layout)
     (out / "compare.md").write_text(f"{header}\n\n{result.to_markdown('wide')}\n{result.to_markdown('long')}")
     (out / "compare.csv").write_text(result.to_csv())

@@ -10,9 +10,9 @@ its image is measured against the exact solution of the same ODE from the same s
 in the image's scale (the model's data range, e.g. [−1, 1]). The reference ``x_ref`` is a
 tight adaptive solve in float64 (Dormand–Prince 8(7) by default, error measured in the
 image's scale), cached per flow, noise and start σ so that it is computed once however
-many rows share it (:func:`reference_solution`). Its own accuracy is estimated by a second
-solve at a 100× looser tolerance and reported with the table, so that a row below that
-floor is visibly not resolved.
+many rows share it (:func:`reference_solution`). Its own accuracy is estimated from a
+second solve at a 100× looser tolerance (see :class:`Reference`) and reported with the
+table, so that a row near that floor is visibly not resolved.
 
 NFE is the currency: the table shows the budget asked for and the NFE actually spent
 (counted by the driver: a one-evaluation-per-step solver spends the budget exactly; Heun
@@ -65,9 +65,11 @@ def default_solvers() -> list[str]:
 class Reference:
     """The float64 reference image ``x`` from noise started at ``sigma_start``.
 
-    ``nfe`` and ``wall_time`` are the reference solve's own cost; ``error`` the RMS distance
-    to a solve at 100× looser tolerance (an upper estimate of the reference's error, since
-    the error of an adaptive solve shrinks with the tolerance).
+    ``nfe`` and ``wall_time`` are the reference solve's own cost. ``error`` estimates its
+    RMS error from a second solve at 100× looser tolerances, assuming tolerance
+    proportionality (global error ∝ tolerance, Hairer, Nørsett & Wanner, "Solving Ordinary
+    Differential Equations I", §II.4): with e_tight = c·tol and e_loose = 100·c·tol,
+    ‖x_loose − x_tight‖ ≈ 99·e_tight, so ``error`` = ‖x_loose − x_tight‖_RMS / 99.
     """
 
     x: Tensor
@@ -78,6 +80,36 @@ class Reference:
     nfe: int
     wall_time: float
     error: float
+
+    def save(self, path: str | Path, key: str = "") -> Path:
+        """Write this reference to a safetensors file, with ``key`` saying what it belongs to."""
+        from safetensors.torch import save_file
+
+        meta = {"format": _REFERENCE_FORMAT, "key": key, "sigma_start": self.sigma_start.hex(), "solver": self.solver,
+                "rtol": self.rtol.hex(), "atol": self.atol.hex(), "nfe": str(self.nfe),
+                "wall_time": repr(self.wall_time), "error": repr(self.error)}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"x": self.x.detach().to("cpu", torch.float64).contiguous()}, str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, key: str | None = None) -> Reference | None:
+        """Read a reference written by :meth:`save`; ``None`` if ``key`` is given and differs from the file's."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("format") != _REFERENCE_FORMAT:
+                raise ValueError(f"{path} is not a flowdiff reference file (format {meta.get('format')!r})")
+            if key is not None and meta.get("key") != key:
+                return None
+            x = fh.get_tensor("x")
+        return cls(x, float.fromhex(meta["sigma_start"]), meta["solver"], float.fromhex(meta["rtol"]),
+                   float.fromhex(meta["atol"]), int(meta["nfe"]), float(meta["wall_time"]), float(meta["error"]))
+
+
+_REFERENCE_FORMAT = "flowdiff.Reference/1"
 
 
 @dataclass(frozen=True)
@@ -252,9 +284,12 @@ def _noise_key(noise: Tensor) -> tuple:
     return hashlib.blake2b(data, digest_size=16).hexdigest(), tuple(noise.shape), str(noise.device)
 
 
+_LOOSER = 100.0
+
+
 def _check_tolerance(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < 1):
-        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1e-3):
+        raise ValueError(f"{name} must be a number in (0, 1e-3] (a reference is a tight solve), got {value!r}")
     return float(value)
 
 
@@ -268,6 +303,7 @@ def reference_solution(
     atol: float = 1e-9,
     model_kwargs: Mapping[str, Any] | None = None,
     cache: bool = True,
+    progress: bool = False,
 ) -> Reference:
     """The high-accuracy image from ``noise`` (DDIM scale, x_T ~ N(0, I)) started at ``sigma_start``.
 
@@ -275,7 +311,8 @@ def reference_solution(
     the error measured in the image's scale; a torch network in another precision is copied
     to float64 for it. Cached per (flow, noise values, σ_start, solver, tolerances) unless
     ``cache=False`` or ``model_kwargs`` are given (conditioning is not hashed). ``error`` is
-    the RMS distance to the same solve at 100× looser tolerances.
+    estimated from the same solve at 100× looser tolerances (see :class:`Reference`).
+    ``progress=True`` shows a tqdm bar of the σ reached on stderr.
     """
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
@@ -296,18 +333,49 @@ def reference_solution(
             return hit
     flow64 = _float64_flow(flow)
     noise64 = noise.detach().to(torch.float64)
-    with torch.no_grad():
+    with torch.no_grad(), _SigmaBar(s0, progress) as bar:
         start = time.perf_counter()
+        bar.stage = "reference"
         tight = generate(flow64, noise64, solver=solver, rtol=rtol, atol=atol, sigmas=[s0, 0.0],
-                         model_kwargs=model_kwargs)
+                         model_kwargs=model_kwargs, callback=bar.callback)
         wall = time.perf_counter() - start
-        loose = generate(flow64, noise64, solver=solver, rtol=min(100 * rtol, 0.1), atol=min(100 * atol, 0.1),
-                         sigmas=[s0, 0.0], model_kwargs=model_kwargs)
-    error = float((loose.x - tight.x).pow(2).mean().sqrt())
+        bar.stage = "its error check"
+        loose = generate(flow64, noise64, solver=solver, rtol=_LOOSER * rtol, atol=_LOOSER * atol,
+                         sigmas=[s0, 0.0], model_kwargs=model_kwargs, callback=bar.callback)
+    error = float((loose.x - tight.x).pow(2).mean().sqrt()) / (_LOOSER - 1)
     ref = Reference(tight.x, s0, solver, rtol, atol, tight.stats.nfe, wall, error)
     if use_cache:
         _CACHE.setdefault(flow, {})[key] = ref
     return ref
+
+
+class _SigmaBar:
+    """A tqdm bar of an adaptive solve's progress from σ_start to 0, measured in log(1 + σ)."""
+
+    def __init__(self, sigma_start: float, enabled: bool) -> None:
+        self.total = math.log1p(sigma_start)
+        self.enabled = enabled
+        self.stage = ""
+        self.bar: Any = None
+        self.callback = self._update if enabled else None
+
+    def __enter__(self) -> _SigmaBar:
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=1000, desc="reference", leave=False,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}")
+        return self
+
+    def _update(self, state: Any) -> None:
+        done = 1.0 - math.log1p(state.sigma) / self.total
+        self.bar.set_description_str(self.stage, refresh=False)
+        self.bar.set_postfix_str(f"σ={state.sigma:.3g}, step {state.step + 1}", refresh=False)
+        self.bar.update(round(1000 * done) - self.bar.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _check_names(values: Iterable[str] | str, name: str, accepted: Sequence[str]) -> list[str]:
@@ -346,6 +414,7 @@ def compare(
     reference_solver: str = "dopri8",
     rtol: float = 1e-9,
     atol: float = 1e-9,
+    reference: Reference | None = None,
     progress: bool | Callable[[str], None] = False,
 ) -> Comparison:
     """Run every solver × grid × NFE budget from ``noise`` and measure it against the reference.
@@ -359,7 +428,9 @@ def compare(
     grids that start lower (``leading``, ``linear``, ``quadratic`` read the noise as x_T at
     a smaller σ) carry the error of that late start, as their users get it.
     ``progress=True`` shows a tqdm bar on stderr; a callable receives a short description
-    before each run instead.
+    before each run instead. ``reference`` supplies the reference instead of solving it
+    (e.g. one kept on disk from an earlier run of the same model and noise); its shape must
+    match the noise.
     """
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
@@ -372,21 +443,30 @@ def compare(
     _check_tolerance("atol", atol)
     if not (isinstance(progress, bool) or callable(progress)):
         raise TypeError(f"progress must be a bool or a callable, got {type(progress).__name__}")
+    if reference is not None:
+        if not isinstance(reference, Reference):
+            raise TypeError(f"reference must be a flowdiff.Reference or None, got {type(reference).__name__}")
+        if tuple(reference.x.shape) != tuple(noise.shape):
+            raise ValueError(f"reference has shape {tuple(reference.x.shape)}, the noise {tuple(noise.shape)}; "
+                             "a reference belongs to one batch of noise")
 
     jobs = [(s, g, b) for s in names for g in grid_names for b in budgets]
     bar = None
     if progress is True:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(jobs) + 1, desc="compare", unit="run", leave=False)
-        bar.set_postfix_str("reference", refresh=True)
-    elif callable(progress):
-        progress("reference")
+        bar = tqdm(total=len(jobs) + (reference is None), desc="compare", unit="run", leave=False)
     try:
-        ref = reference_solution(flow, noise, solver=reference_solver, rtol=rtol, atol=atol,
-                                 model_kwargs=model_kwargs)
-        if bar is not None:
-            bar.update(1)
+        ref = reference
+        if ref is None:
+            if bar is not None:
+                bar.set_postfix_str("reference", refresh=True)
+            elif callable(progress):
+                progress("reference")
+            ref = reference_solution(flow, noise, solver=reference_solver, rtol=rtol, atol=atol,
+                                     model_kwargs=model_kwargs, progress=bar is not None)
+            if bar is not None:
+                bar.update(1)
         result = Comparison([], reference=ref)
         for solver, grid, budget in jobs:
             label = f"{solver}/{grid}/NFE {budget}"
