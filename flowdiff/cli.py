@@ -557,19 +557,16 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
         enc.latent.save(args.latents)
     if args.out is not None:
         save_images(dec.x, args.out, [Path(p).stem + "_roundtrip.png" for p in args.images])
+    from .metrics import reconstruction
+
+    figures = reconstruction(images, dec.x, encode_stats=enc.stats, decode_stats=dec.stats)
     print(f"round trip of {len(args.images)} image(s) with {enc.solver} on the {args.grid} grid, "
-          f"{enc.latent.steps} steps: encode {enc.stats.nfe} NFE, decode {dec.stats.nfe} NFE")
-    for name, value in reconstruction_metrics(images, dec.x).items():
-        print(f"  {name}: {value:.3e}")
+          f"{enc.latent.steps} steps: encode {figures.nfe_encode} NFE, decode {figures.nfe_decode} NFE; "
+          "errors on the [0, 1] pixel scale:")
+    print(f"  mse: {figures.mse:.3e}")
+    print(f"  max_abs_error: {figures.max_abs:.3e}")
+    print(f"  psnr_db: {figures.psnr:.2f}")
     return 0
-
-
-def reconstruction_metrics(images: Tensor, recon: Tensor) -> dict[str, float]:
-    """How far a reconstruction is from its input, in the image scale [−1, 1]: RMS and max error, PSNR (dB)."""
-    diff = recon.detach().to("cpu", torch.float64) - images.detach().to("cpu", torch.float64)
-    rms = float(diff.pow(2).mean().sqrt())
-    return {"rms_error": rms, "max_error": float(diff.abs().max()),
-            "psnr_db": math.inf if rms == 0 else 20 * math.log10(2.0 / rms)}
 
 
 # -- entry point ------------------------------------------------------------------------------

@@ -150,8 +150,8 @@ def test_roundtrip_prints_metrics_that_shrink_with_more_steps(capsys, digit_pngs
                              "float64", "--latents", tmp_path / f"{steps}.safetensors", "--out", tmp_path / "rec")
         assert code == 0, err
         metrics = dict(line.strip().split(": ") for line in out.splitlines() if line.startswith("  "))
-        assert set(metrics) == {"rms_error", "max_error", "psnr_db"}
-        errors.append(float(metrics["rms_error"]))
+        assert set(metrics) == {"mse", "max_abs_error", "psnr_db"}
+        errors.append(float(metrics["mse"]))
     assert errors[1] < errors[0]
     assert (tmp_path / "40.safetensors").is_file() and len(list((tmp_path / "rec").glob("*.png"))) == 4
 
@@ -192,6 +192,31 @@ def test_unreadable_inputs_fail_with_one_line(capsys, tmp_path, digit_pngs):
     empty_dir.mkdir()
     got, _, err = run(capsys, "sample", "--model", empty_dir)
     assert_one_line_error(got, err)
+
+
+def test_a_diffusers_model_directory_samples_like_the_library(capsys, tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    pipe = tmp_path / "pipe"
+    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(clip_sample=False)).save_pretrained(pipe)
+    path = tmp_path / "s.png"
+    code, out, err = run(capsys, "sample", "--model", pipe, "--num", 3, "--steps", 4, "--grid", "leading",
+                         "--seed", 5, "--scale", 1, "--out", path)
+    assert code == 0, err
+    from flowdiff.cli import _to_uint8
+
+    flow = flowdiff.from_diffusers(pipe)
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64).float()
+    x = flowdiff.generate(flow, noise, solver="euler", steps=4, grid="leading").x
+    with Image.open(path) as img:
+        grid = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(img.height, img.width)
+    expected = _to_uint8(x)[..., 0]
+    for i in range(3):
+        r, k = divmod(i, 2)
+        assert torch.equal(grid[1 + 9 * r:9 + 9 * r, 1 + 9 * k:9 + 9 * k], expected[i])
 
 
 def test_solver_choices_follow_the_registry():
