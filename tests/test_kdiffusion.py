@@ -149,3 +149,31 @@ def test_bad_input():
     bad = from_denoiser(lambda x, s: x[:, :3], flow.schedule)
     with pytest.raises(ValueError, match="denoiser returned"):
         bad.eps(_xbar(2), 1.0)
+
+
+def _kdiffusion_sampling():
+    """k-diffusion's own sampling module, through the benchmarks' loader; skip where it is not installed."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_kdiffusion.py"
+    spec = importlib.util.spec_from_file_location("_bench_kdiffusion", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        return module.load_kdiffusion_sampling()
+    except (ImportError, FileNotFoundError, AttributeError) as e:
+        pytest.skip(f"k-diffusion not available: {e}")
+
+
+@pytest.mark.parametrize("solver, sampler", [("euler", "sample_euler"), ("heun", "sample_heun")])
+def test_kdiffusion_own_samplers_on_a_flow_equal_flowdiff(solver, sampler):
+    """Peer check: k-diffusion's sample_euler / sample_heun on to_denoiser(flow) are flowdiff's Euler / Heun."""
+    sampling = _kdiffusion_sampling()
+    flow = _timestep_flow()
+    sigmas = flowdiff.make_sigmas(flow.schedule, "karras", 12)
+    z = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    theirs = getattr(sampling, sampler)(to_denoiser(flow), z * sigmas[0], torch.tensor(sigmas, dtype=torch.float64),
+                                        disable=True)
+    ours = flowdiff.generate(flow, z * sigmas[0] / math.sqrt(1 + sigmas[0] ** 2), solver=solver, sigmas=sigmas)
+    torch.testing.assert_close(ours.x, theirs, rtol=1e-10, atol=1e-10)
