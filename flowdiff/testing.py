@@ -2,10 +2,11 @@
 
 Use them to property-test your own models and settings the way flowdiff tests itself::
 
-    from hypothesis import given
+    import torch
+    from hypothesis import given, strategies as st
     from flowdiff import testing as ft
 
-    @given(ft.round_trip_cases(solvers=["reversible_heun"]))
+    @given(ft.round_trip_cases(solvers=["reversible_heun"], dtype=st.just(torch.float64)))
     def test_my_round_trip(case):
         ft.assert_round_trip(case.flow, case.images, solver=case.solver, steps=case.steps, grid=case.grid,
                              atol=1e-10)
