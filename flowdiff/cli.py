@@ -457,7 +457,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     ref = result.reference
     title = (f"{loaded.name}: RMS error vs NFE ({args.batch} samples, {args.dtype}, seed {args.seed})")
     header = (f"model {loaded.name}, {args.batch} samples of shape {loaded.shape}, {args.dtype}, seed {args.seed}; "
-              f"reference: {ref.solver} rtol=atol={ref.rtol:g} from σ={ref.sigma_start:.4g}, {ref.nfe} NFE, "
+              f"reference: {ref.solver} rtol=atol={ref.rtol:g} from σ={ref.sigma_start:.4g} to {ref.sigma_end:.4g} "
+              f"then the Euler step to 0, {ref.nfe} NFE, "
               f"estimated error {ref.error:.1e}" + (f" (kept in {ref_path})" if kept else ""))
     table = result.to_markdown(args.layout)
     (out / "compare.md").write_text(f"{header}\n\n{result.to_markdown('wide')}\n{result.to_markdown('long')}")

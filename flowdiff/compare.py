@@ -9,8 +9,10 @@ its image is measured against the exact solution of the same ODE from the same s
 
 in the image's scale (the model's data range, e.g. [−1, 1]). The reference ``x_ref`` is a
 tight adaptive solve in float64 (Dormand–Prince 8(7) by default, error measured in the
-image's scale), cached per flow, noise and start σ so that it is computed once however
-many rows share it (:func:`reference_solution`). Its own accuracy is estimated from a
+image's scale) down to the schedule's smallest trained σ, followed by the same Euler step
+into σ = 0 that every fixed grid ends with: the limit the fixed grids converge to
+(:func:`reference_solution` says why). It is cached per flow and noise, so it is computed
+once however many rows share it. Its own accuracy is estimated from a
 second solve at a 100× looser tolerance (see :class:`Reference`) and reported with the
 table, so that a row near that floor is visibly not resolved.
 
@@ -42,7 +44,7 @@ import solvers as _solvers
 
 from .flow import ProbabilityFlow
 from .grids import GRIDS
-from .sampling import generate
+from .sampling import StepState, generate
 
 #: Grids of the default comparison: diffusers' trailing timesteps, EDM's, uniform in log σ.
 DEFAULT_GRIDS = ("trailing", "karras", "logsnr")
@@ -63,7 +65,7 @@ def default_solvers() -> list[str]:
 
 @dataclass(frozen=True)
 class Reference:
-    """The float64 reference image ``x`` from noise started at ``sigma_start``.
+    """The float64 reference image ``x`` from noise started at ``sigma_start``, solved to ``sigma_end``.
 
     ``nfe`` and ``wall_time`` are the reference solve's own cost. ``error`` estimates its
     RMS error from a second solve at 100× looser tolerances, assuming tolerance
@@ -74,6 +76,7 @@ class Reference:
 
     x: Tensor
     sigma_start: float
+    sigma_end: float
     solver: str
     rtol: float
     atol: float
@@ -85,7 +88,8 @@ class Reference:
         """Write this reference to a safetensors file, with ``key`` saying what it belongs to."""
         from safetensors.torch import save_file
 
-        meta = {"format": _REFERENCE_FORMAT, "key": key, "sigma_start": self.sigma_start.hex(), "solver": self.solver,
+        meta = {"format": _REFERENCE_FORMAT, "key": key, "sigma_start": self.sigma_start.hex(),
+                "sigma_end": self.sigma_end.hex(), "solver": self.solver,
                 "rtol": self.rtol.hex(), "atol": self.atol.hex(), "nfe": str(self.nfe),
                 "wall_time": repr(self.wall_time), "error": repr(self.error)}
         path = Path(path)
@@ -105,11 +109,12 @@ class Reference:
             if key is not None and meta.get("key") != key:
                 return None
             x = fh.get_tensor("x")
-        return cls(x, float.fromhex(meta["sigma_start"]), meta["solver"], float.fromhex(meta["rtol"]),
+        return cls(x, float.fromhex(meta["sigma_start"]), float.fromhex(meta["sigma_end"]), meta["solver"],
+                   float.fromhex(meta["rtol"]),
                    float.fromhex(meta["atol"]), int(meta["nfe"]), float(meta["wall_time"]), float(meta["error"]))
 
 
-_REFERENCE_FORMAT = "flowdiff.Reference/1"
+_REFERENCE_FORMAT = "flowdiff.Reference/2"
 
 
 @dataclass(frozen=True)
@@ -298,6 +303,7 @@ def reference_solution(
     noise: Tensor,
     *,
     sigma_start: float | None = None,
+    sigma_end: float | None = None,
     solver: str = "dopri8",
     rtol: float = 1e-9,
     atol: float = 1e-9,
@@ -305,14 +311,25 @@ def reference_solution(
     cache: bool = True,
     progress: bool = False,
 ) -> Reference:
-    """The high-accuracy image from ``noise`` (DDIM scale, x_T ~ N(0, I)) started at ``sigma_start``.
+    """The high-accuracy image from ``noise`` (DDIM scale, x_T ~ N(0, I)), the limit the fixed grids converge to.
 
-    An adaptive float64 solve of σ_start → 0 (default σ_start: the schedule's σ_max) with
-    the error measured in the image's scale; a torch network in another precision is copied
-    to float64 for it. Cached per (flow, noise values, σ_start, solver, tolerances) unless
-    ``cache=False`` or ``model_kwargs`` are given (conditioning is not hashed). ``error`` is
-    estimated from the same solve at 100× looser tolerances (see :class:`Reference`).
-    ``progress=True`` shows a tqdm bar of the σ reached on stderr.
+    An adaptive float64 solve from σ_start (default: the schedule's σ_max) down to σ_end,
+    then the step every fixed grid ends with, Euler from its last σ into σ = 0, which is the
+    model's denoised image x̄ − σ_end·ε(x̄, σ_end). σ_end defaults to the schedule's smallest
+    trained σ: a trained model knows no σ below it (its timestep is clamped to 0 there), the
+    grids ``karras``, ``logsnr`` and ``leading`` end there and the others approach it as
+    steps grow, so fixed-grid errors fall to 0 with NFE instead of settling on the error of
+    that one fixed last step. ``sigma_end=0`` solves the ODE itself to σ = 0 (for closed-form
+    models, exact down to 0).
+
+    The solve runs in τ = log σ (dx̄/dτ = σ·ε, steps relative in σ, where the image forms in
+    the last few percent of the σ range) with the error measured in the image's scale
+    (:func:`flowdiff.adaptive.image_norm`); with ``sigma_end=0`` it is
+    ``generate(..., rtol=, atol=)``. A torch network in another precision is copied to
+    float64 for it. Cached per (flow, noise values, σ_start, σ_end, solver, tolerances)
+    unless ``cache=False`` or ``model_kwargs`` are given (conditioning is not hashed).
+    ``error`` is estimated from the same solve at 100× looser tolerances (see
+    :class:`Reference`). ``progress=True`` shows a tqdm bar of the σ reached on stderr.
     """
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
@@ -325,8 +342,11 @@ def reference_solution(
     s0 = flow.schedule.sigma_max if sigma_start is None else float(sigma_start)
     if not (math.isfinite(s0) and s0 > 0):
         raise ValueError(f"sigma_start must be a finite number > 0, got {sigma_start!r}")
+    s_end = flow.schedule.sigma_min if sigma_end is None else float(sigma_end)
+    if not (math.isfinite(s_end) and 0 <= s_end < s0):
+        raise ValueError(f"sigma_end must lie in [0, sigma_start={s0:.6g}), got {sigma_end!r}")
     use_cache = cache and model_kwargs is None
-    key = (*_noise_key(noise), s0, solver, rtol, atol)
+    key = (*_noise_key(noise), s0, s_end, solver, rtol, atol)
     if use_cache:
         hit = _CACHE.get(flow, {}).get(key)
         if hit is not None:
@@ -336,17 +356,52 @@ def reference_solution(
     with torch.no_grad(), _SigmaBar(s0, progress) as bar:
         start = time.perf_counter()
         bar.stage = "reference"
-        tight = generate(flow64, noise64, solver=solver, rtol=rtol, atol=atol, sigmas=[s0, 0.0],
-                         model_kwargs=model_kwargs, callback=bar.callback)
+        tight, nfe = _solve_reference(flow64, noise64, s0, s_end, solver, rtol, atol, model_kwargs, bar.callback)
         wall = time.perf_counter() - start
         bar.stage = "its error check"
-        loose = generate(flow64, noise64, solver=solver, rtol=_LOOSER * rtol, atol=_LOOSER * atol,
-                         sigmas=[s0, 0.0], model_kwargs=model_kwargs, callback=bar.callback)
-    error = float((loose.x - tight.x).pow(2).mean().sqrt()) / (_LOOSER - 1)
-    ref = Reference(tight.x, s0, solver, rtol, atol, tight.stats.nfe, wall, error)
+        loose, _ = _solve_reference(flow64, noise64, s0, s_end, solver, _LOOSER * rtol, _LOOSER * atol,
+                                    model_kwargs, bar.callback)
+    error = float((loose - tight).pow(2).mean().sqrt()) / (_LOOSER - 1)
+    ref = Reference(tight, s0, s_end, solver, rtol, atol, nfe, wall, error)
     if use_cache:
         _CACHE.setdefault(flow, {})[key] = ref
     return ref
+
+
+def _solve_reference(flow: ProbabilityFlow, noise: Tensor, s0: float, s_end: float, solver: str, rtol: float,
+                     atol: float, model_kwargs: Mapping[str, Any] | None,
+                     callback: Callable[[Any], None] | None) -> tuple[Tensor, int]:
+    """The image at σ = 0 and the NFE spent: adaptive in τ = log σ to σ_end, then the Euler step into 0."""
+    if s_end == 0.0:
+        out = generate(flow, noise, solver=solver, rtol=rtol, atol=atol, sigmas=[s0, 0.0], model_kwargs=model_kwargs,
+                       callback=callback)
+        return out.x, out.stats.nfe
+    from .adaptive import RK_CONTROLLER, image_norm
+
+    eps = flow.field(model_kwargs)
+    tau0, tau_end = math.log(s0), math.log(s_end)
+
+    def sigma_of(tau: float) -> float:  # exact at the ends, so the model sees exactly σ_start and σ_end
+        return s0 if tau == tau0 else s_end if tau == tau_end else math.exp(tau)
+
+    def f(tau: float, xbar: Tensor) -> Tensor:
+        sigma = sigma_of(tau)
+        return eps(sigma, xbar) * sigma
+
+    def to_x(tau: float) -> float:
+        sigma = sigma_of(tau)
+        return 1.0 / math.sqrt(1.0 + sigma * sigma)
+
+    wrapped = None
+    if callback is not None:
+        def wrapped(info: _solvers.StepInfo) -> None:
+            callback(StepState(info.step, sigma_of(info.t1), info.y * to_x(info.t1), info.y))
+
+    xbar0 = noise * math.sqrt(1.0 + s0 * s0)
+    sol = _solvers.solve_adaptive(f, xbar0, tau0, tau_end, solver, rtol=rtol, atol=atol,
+                                  norm=image_norm(rtol, atol, to_x), controller=RK_CONTROLLER, callback=wrapped,
+                                  time_name="log σ")
+    return sol.y - s_end * eps(s_end, sol.y), sol.stats.nfe + 1
 
 
 class _SigmaBar:

@@ -58,17 +58,40 @@ def _fresh_cache():
 
 
 @pytest.mark.parametrize("tol", [1e-5, 1e-7])
-def test_reference_matches_the_closed_form_solution_and_estimates_its_own_error(tol):
+@pytest.mark.parametrize("to_zero", [False, True])
+def test_reference_matches_the_closed_form_solution_and_estimates_its_own_error(tol, to_zero):
     g = _gaussian()
     noise = _noise()
-    ref = reference_solution(g.flow(), noise, rtol=tol, atol=tol)
-    s = g.schedule.sigma_max
-    exact = g.solution(noise * math.sqrt(1 + s * s), s, 0.0)
+    ref = reference_solution(g.flow(), noise, rtol=tol, atol=tol, sigma_end=0.0 if to_zero else None)
+    s0, s_min = g.schedule.sigma_max, g.schedule.sigma_min
+    xbar0 = noise * math.sqrt(1 + s0 * s0)
+    if to_zero:
+        exact = g.solution(xbar0, s0, 0.0)
+    else:  # the exact flow to σ_min, then the Euler step into σ = 0 that the fixed grids end with
+        at_min = g.solution(xbar0, s0, s_min)
+        exact = at_min - s_min * g.eps(at_min, s_min)
     actual = float((ref.x - exact).pow(2).mean().sqrt())
     assert ref.x.dtype == torch.float64
-    assert ref.sigma_start == s
+    assert (ref.sigma_start, ref.sigma_end) == (s0, 0.0 if to_zero else s_min)
     assert actual < 10 * tol
     assert ref.error / 10 < actual < ref.error * 10  # the estimate has the right order of magnitude
+
+
+def test_fixed_grid_errors_converge_to_the_default_reference_not_to_the_ode_at_zero():
+    # data with tiny variances: ε changes fast below σ_min, so the grids' fixed last step σ_min -> 0 matters
+    g = Gaussian(torch.zeros(1, 4, 4), torch.logspace(-5, 0, 16))
+    flow, noise, budgets = g.flow(), _noise(), [40, 80, 160]
+
+    def errors(sigma_end):
+        ref = reference_solution(flow, noise, rtol=1e-9, atol=1e-9, sigma_end=sigma_end)
+        runs = compare(flow, noise, solvers=["heun"], grids=["logsnr"], nfe=budgets, reference=ref).runs
+        runs = sorted(runs, key=lambda r: r.nfe)
+        return [r.rms_error for r in runs], [r.nfe for r in runs]
+
+    to_min, nfe = errors(None)
+    assert np.polyfit(np.log(nfe), np.log(to_min), 1)[0] < -1.7  # Heun's second order
+    to_zero, _ = errors(0.0)
+    assert to_zero[-1] > 0.5 * to_zero[-2]  # stalls at the error of the last step into σ = 0
 
 
 def test_reference_is_cached_per_flow_and_noise():
@@ -98,8 +121,8 @@ def test_a_given_reference_is_used_and_survives_a_file_round_trip(tmp_path):
     ref = reference_solution(g.flow(), noise, rtol=1e-7, atol=1e-7)
     path = ref.save(tmp_path / "ref.safetensors", key="gaussian|seed 0")
     loaded = Reference.load(path, key="gaussian|seed 0")
-    assert loaded == Reference(loaded.x, ref.sigma_start, ref.solver, ref.rtol, ref.atol, ref.nfe, ref.wall_time,
-                               ref.error)
+    assert loaded == Reference(loaded.x, ref.sigma_start, ref.sigma_end, ref.solver, ref.rtol, ref.atol, ref.nfe,
+                               ref.wall_time, ref.error)
     assert torch.equal(loaded.x, ref.x)
     assert Reference.load(path, key="another model") is None
     result = compare(flow, noise, solvers=["euler"], grids=["trailing"], nfe=[5], reference=loaded)
@@ -232,6 +255,8 @@ def test_flow_and_noise_types_are_checked():
         compare(_gaussian().flow(), np.zeros((1, 1, 4, 4)))
     with pytest.raises(ValueError, match="sigma_start"):
         reference_solution(_gaussian().flow(), _noise(1), sigma_start=-1.0)
+    with pytest.raises(ValueError, match="sigma_end"):
+        reference_solution(_gaussian().flow(), _noise(1), sigma_start=1.0, sigma_end=2.0)
 
 
 def test_comparison_of_nothing_has_no_best():
