@@ -16,6 +16,7 @@ model directory. Errors end the command with a one-line message and a non-zero s
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import math
 import os
@@ -97,8 +98,8 @@ def _diffusers_dir(path: Path, dtype: torch.dtype, device: torch.device) -> Load
     return LoadedModel(path.name, _to(flow, dtype, device), tuple(flow.model.sample_shape), {})
 
 
-def _to(flow: ProbabilityFlow, dtype: torch.dtype, device: torch.device) -> ProbabilityFlow:
-    """Move a flow's torch network to the device, in the precision the state is integrated in.
+def _to(flow: ProbabilityFlow, dtype: torch.dtype | None, device: torch.device) -> ProbabilityFlow:
+    """Move a flow's torch network to the device and (unless ``dtype`` is None) to the state's precision.
 
     float16/bfloat16 networks run in that precision while generate keeps a float32 state.
     """
@@ -109,8 +110,22 @@ def _to(flow: ProbabilityFlow, dtype: torch.dtype, device: torch.device) -> Prob
     return flow
 
 
-def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
-    """The model named by ``--model``: ``digits``, ``analytic-mixture`` or a diffusers model directory."""
+def in_dtype(flow: ProbabilityFlow, dtype: torch.dtype) -> ProbabilityFlow:
+    """The flow with a copy of its torch network in ``dtype`` (the flow itself if already so, or not a network)."""
+    model = flow.model
+    if flow.sigma_field is not None or not isinstance(model, torch.nn.Module):
+        return flow
+    if all(p.dtype == dtype for p in model.parameters() if p.is_floating_point()):
+        return flow
+    return ProbabilityFlow(copy.deepcopy(model).to(dtype), flow.schedule, prediction_type=flow.prediction_type)
+
+
+def load_model(spec: str, *, dtype: torch.dtype | None = torch.float32,
+               device: str | torch.device = "cpu") -> LoadedModel:
+    """The model named by ``--model``: ``digits``, ``analytic-mixture`` or a diffusers model directory.
+
+    A network is put in ``dtype`` (``None``: left in the precision its weights were saved in).
+    """
     device = torch.device(device)
     if spec == "digits":
         return _pretrained_digits(dtype, device)
@@ -374,15 +389,15 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _setup(args: argparse.Namespace) -> tuple[LoadedModel, torch.dtype, torch.device]:
+def _setup(args: argparse.Namespace, *, convert: bool = True) -> tuple[LoadedModel, torch.dtype, torch.device]:
+    """The model on the device (its network in ``--dtype`` unless ``convert=False``), the dtype and the device."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     elif args.model in BUILTIN_MODELS:
         torch.set_num_threads(1)
     device = _device(args.device)
     dtype = DTYPES[args.dtype]
-    net_dtype = dtype
-    loaded = load_model(args.model, dtype=net_dtype, device=device)
+    loaded = load_model(args.model, dtype=dtype if convert else None, device=device)
     return loaded, dtype, device
 
 
@@ -429,7 +444,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if not (0 < args.rtol < 1):
         raise CommandError(f"--rtol must be in (0, 1), got {args.rtol}")
-    loaded, dtype, device = _setup(args)
+    # the reference is solved from the network as saved (copied to float64), the runs in --dtype
+    loaded, dtype, device = _setup(args, convert=False)
+    run_flow = in_dtype(loaded.flow, dtype)
     noise = _noise(args, args.batch, loaded.shape, dtype, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -452,7 +469,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                  rtol=args.rtol, atol=args.rtol, model_kwargs=loaded.model_kwargs or None,
                                  progress=not args.no_progress)
         ref.save(ref_path, key)
-    result = compare(loaded.flow, noise, solvers=args.solver, grids=args.grid, nfe=args.nfe,
+    result = compare(run_flow, noise, solvers=args.solver, grids=args.grid, nfe=args.nfe,
                      model_kwargs=loaded.model_kwargs or None, reference=ref, progress=not args.no_progress)
     ref = result.reference
     title = (f"{loaded.name}: RMS error vs NFE ({args.batch} samples, {args.dtype}, seed {args.seed})")

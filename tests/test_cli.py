@@ -233,6 +233,11 @@ def test_the_default_model_is_the_shipped_digits_model(capsys, tmp_path):
                          "--rtol", "1e-3", "--out", tmp_path, "--no-progress")
     assert code == 0, err
     assert out.startswith("model digits")
+    # the runs' precision does not change the reference: it is kept and reused
+    code, out, err = run(capsys, "compare", "--batch", 2, "--nfe", 4, "--solver", "euler", "--grid", "trailing",
+                         "--rtol", "1e-3", "--out", tmp_path, "--no-progress", "--dtype", "float64")
+    assert code == 0, err
+    assert "kept in" in out.splitlines()[0]
 
 
 def test_console_script_runs_and_fails_cleanly(tmp_path):
