@@ -3,7 +3,7 @@
 The question users ask first is "which solver, on which grid, gives the best image for N
 model evaluations?". :func:`compare` answers it on one flow and one batch of noise: every
 (solver, grid, NFE budget) generates from the same noise with ``generate(..., nfe=N)``, and
-its image is measured against the exact solution of the same ODE from the same start,
+its image is measured against a high-accuracy solution of the same ODE from the same noise,
 
     error = RMS over the batch and pixels of  x_solver(σ=0) − x_ref(σ=0)
 
@@ -12,9 +12,9 @@ tight adaptive solve in float64 (Dormand–Prince 8(7) by default, error measure
 image's scale) down to the schedule's smallest trained σ, followed by the same Euler step
 into σ = 0 that every fixed grid ends with: the limit the fixed grids converge to
 (:func:`reference_solution` says why). It is cached per flow and noise, so it is computed
-once however many rows share it. Its own accuracy is estimated from a
-second solve at a 100× looser tolerance (see :class:`Reference`) and reported with the
-table, so that a row near that floor is visibly not resolved.
+once however many rows share it. Its own accuracy is estimated from a second solve at a
+100× looser tolerance (see :class:`Reference`) and reported with the table, so that a row
+near that floor is visibly not resolved.
 
 NFE is the currency: the table shows the budget asked for and the NFE actually spent
 (counted by the driver: a one-evaluation-per-step solver spends the budget exactly; Heun
