@@ -177,6 +177,12 @@ def test_bad_arguments_fail_with_one_line(capsys, argv, code, fragment):
     assert fragment in line
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_asking_for_cuda_without_it_fails_with_one_line(capsys):
+    got, _, err = run(capsys, "sample", *MIX, "--device", "cuda")
+    assert "CUDA is not available" in assert_one_line_error(got, err)
+
+
 def test_unreadable_inputs_fail_with_one_line(capsys, tmp_path, digit_pngs):
     text = tmp_path / "notes.png"
     text.write_text("not an image")
