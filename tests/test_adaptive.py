@@ -13,8 +13,11 @@ from flowdiff.analytic import Gaussian
 from solvers import SolveError
 
 TOLS = [1e-2, 1e-3, 1e-4, 1e-5]
-#: The stated factor: the RMS error of the image is within [tol/LOW, HIGH·tol] over TOLS.
+#: The stated factor: the RMS error of the image is within [tol/LOW, HIGH·tol] over a tolerance
+#: range. High-order pairs are tested where their step cap (1 in log(σ + c)) does not bind: at
+#: looser tolerances they are more accurate than asked (dopri8's ~15 capped steps give ~1e-7).
 HIGH = {"unipc": 4.0, "abm": 5.0, "dopri5": 3.0, "dopri8": 3.0, "adaptive_heun": 3.0, "bosh3": 20.0}
+METHOD_TOLS = {"dopri5": [1e-4, 1e-5, 1e-6, 1e-7], "dopri8": [1e-6, 1e-7, 1e-8, 1e-9]}
 LOW = 100.0
 
 
@@ -51,13 +54,14 @@ def test_generate_error_tracks_tolerance(name):
     s_max = flow.schedule.sigma_max
     exact = gauss.solution(noise * math.sqrt(1 + s_max**2), s_max, 0.0)
     errs = []
-    for tol in TOLS:
+    tols = METHOD_TOLS.get(name, TOLS)
+    for tol in tols:
         r = flowdiff.generate(flow, noise, solver=name, rtol=tol, atol=tol)
         errs.append(_rms(r.x, exact))
     high = HIGH.get(name, 20.0)
-    for tol, err in zip(TOLS, errs):
+    for tol, err in zip(tols, errs):
         assert tol / LOW < err < high * tol, (name, tol, err)
-    slope = np.polyfit(np.log(TOLS), np.log(errs), 1)[0]
+    slope = np.polyfit(np.log(tols), np.log(errs), 1)[0]
     assert slope > 0.5, (name, slope, errs)
 
 
@@ -68,7 +72,8 @@ def test_encode_error_tracks_tolerance_in_the_image_it_decodes_to(name):
     s_max = flow.schedule.sigma_max
     exact_latent = gauss.solution(images, 0.0, s_max) / math.sqrt(1 + s_max**2)
     errs = []
-    for tol in TOLS:
+    tols = METHOD_TOLS.get(name, TOLS)
+    for tol in tols:
         r = flowdiff.encode(flow, images, solver=name, rtol=tol, atol=tol)
         decoded = gauss.solution(r.x * math.sqrt(1 + s_max**2), s_max, 0.0)  # the exact decode
         err = _rms(decoded, images)
@@ -78,7 +83,7 @@ def test_encode_error_tracks_tolerance_in_the_image_it_decodes_to(name):
         amplification = float(1 / gauss.evals.min().sqrt())
         assert _rms(r.x, exact_latent) < 6.0 * amplification * tol
         assert r.latent is not None and r.sigmas[0] == 0.0 and r.sigmas[-1] == s_max
-    assert np.polyfit(np.log(TOLS), np.log(errs), 1)[0] > 0.5
+    assert np.polyfit(np.log(tols), np.log(errs), 1)[0] > 0.5
 
 
 @pytest.mark.parametrize("name", ["unipc", "dopri5", "bosh3"])
