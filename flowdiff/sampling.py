@@ -343,6 +343,9 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
     options = dict(latent.solver_options)
     if solver_options is not None and dict(solver_options) != options:
         raise ValueError(f"this latent was encoded with solver_options={options}; got {dict(solver_options)}")
+    if latent.final_euler is not None and final_euler != latent.final_euler:  # a fixed-point latent
+        raise ValueError(f"this latent inverts a decode with final_euler={latent.final_euler}; "
+                         f"got final_euler={final_euler}")
     solver_obj = solvers.get(own, **options)
     dtype = _compute_dtype(x)
     model_dtype = x.dtype if x.dtype != dtype else None

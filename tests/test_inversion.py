@@ -172,6 +172,18 @@ def test_fixed_point_plain_decode_reproduces_images(mixture, solver, dtype):
     assert (naive.x - x).abs().max().item() > 1e3 * tol
 
 
+def test_fixed_point_latent_refuses_another_final_step(mixture):
+    _, flow, x = mixture
+    enc = fd.encode(flow, x, solver="heun", steps=5, inversion="fixed_point")
+    assert enc.latent.final_euler is True
+    with pytest.raises(ValueError, match="final_euler=True"):
+        fd.decode(flow, enc.latent, final_euler=False)
+    other = fd.encode(flow, x, solver="heun", steps=5, inversion="fixed_point",
+                      inversion_options={"final_euler": False})
+    back = fd.decode(flow, other.x, solver="heun", steps=5, final_euler=False)
+    assert (back.x - x).abs().max().item() <= 1e-12
+
+
 def test_fixed_point_each_step_reaches_its_tolerance(mixture):
     """Recompute every decode step from the encode's trajectory: each lands on its target within tol."""
     _, flow, x = mixture
