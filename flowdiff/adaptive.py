@@ -29,6 +29,7 @@ on decoding).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -46,12 +47,13 @@ from .formulations import data_field, finish_at_zero, logsigma_field, variables_
 from .schedules import ArrayLike
 
 #: Controller defaults. Runge–Kutta pairs: an I-controller with steps of at most 1 in log(σ + c)
-#: (σ + c changes by at most e per step: an embedded estimate is meaningless for a step that
-#: jumps over the whole region where the image forms; with 2, dopri5 at tol 0.03 accepted a last
-#: step 0.17 → 0 that left the trained digits model's images off by 15). Multistep pairs: gentler growth (their
-#: weights are extrapolations; step-ratio jumps cost accuracy); generating, they step in ρ = 1/σ
-#: (steps grow with ρ as the flow settles), encoding in log ρ with at most 1 per step.
-RK_CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=10.0, max_step=1.0)
+#: (σ + c changes by at most e per step; 2 for dopri8, ``RK_MAX_STEP``). Near σ_min a trained
+#: model's field has ∂f/∂x̄ of order −(σ + c)/σ_min ≈ −2 in this variable, and an explicit step
+#: beyond the method's stability region is accepted by an embedded estimate that cannot see it:
+#: with a cap of 2, dopri5 at tol 0.03 accepted a last step 0.17 → 0 that left the trained digits
+#: model's images off by 15. Dopri8's stability region is about twice as long.
+RK_CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=10.0, max_step=2.0)
+RK_MAX_STEP = {"dopri8": 2.0}
 MULTISTEP_CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=2.5)
 MULTISTEP_ENCODE_CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=2.5, max_step=1.0)
 
@@ -142,6 +144,8 @@ def solve_adaptive_flow(flow: ProbabilityFlow, x: Tensor, solver: Solver, *, dir
     generating = direction == "generate"
     xbar0 = x.to(dtype) * (math.sqrt(1.0 + s_max**2) if generating else 1.0)
     data = variables_of(solver) == "data"
+    if controller is None and not solver.multistep:
+        controller = dataclasses.replace(RK_CONTROLLER, max_step=RK_MAX_STEP.get(solver.name, 1.0))
     if controller is None:
         controller = RK_CONTROLLER if not solver.multistep else (
             MULTISTEP_CONTROLLER if generating else MULTISTEP_ENCODE_CONTROLLER)
