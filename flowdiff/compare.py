@@ -43,7 +43,7 @@ from torch import Tensor
 import solvers as _solvers
 
 from .flow import ProbabilityFlow
-from .grids import GRIDS
+from .grids import GRIDS, make_sigmas
 from .sampling import StepState, generate
 
 #: Grids of the default comparison: diffusers' trailing timesteps, EDM's, uniform in log σ.
@@ -433,6 +433,19 @@ class _SigmaBar:
             self.bar.close()
 
 
+def _cannot_run(flow: ProbabilityFlow, solver: str, grid: str, budget: int) -> str | None:
+    """Why ``solver`` on ``grid`` cannot spend ``budget`` (one step costs more, or the grid has no such
+    step count, e.g. ``quadratic`` repeating timesteps), or None."""
+    one_step = _solvers.nfe_for_steps(solver, 1, eval_end=False)
+    if budget < one_step:
+        return f"one step costs {one_step} evaluations"
+    try:
+        make_sigmas(flow.schedule, grid, _solvers.steps_for_nfe(solver, budget, eval_end=False))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def _check_names(values: Iterable[str] | str, name: str, accepted: Sequence[str]) -> list[str]:
     if isinstance(values, str):
         values = [values]
@@ -529,9 +542,9 @@ def compare(
                 bar.set_postfix_str(label, refresh=False)
             elif callable(progress):
                 progress(label)
-            one_step = _solvers.nfe_for_steps(solver, 1, eval_end=False)
-            if budget < one_step:
-                result.skipped.append(Skipped(solver, grid, budget, f"one step costs {one_step} evaluations"))
+            reason = _cannot_run(flow, solver, grid, budget)
+            if reason is not None:
+                result.skipped.append(Skipped(solver, grid, budget, reason))
             else:
                 start = time.perf_counter()
                 with torch.no_grad():

@@ -177,6 +177,15 @@ def test_nfe_used_is_the_counted_cost_of_the_steps_and_the_budget_for_one_evalua
     assert {(s.solver, s.budget) for s in result.skipped} == {("midpoint", 1)}
 
 
+def test_a_grid_without_that_step_count_is_skipped_with_its_reason():
+    g = _gaussian()  # T = 1000 trained timesteps: the quadratic grid repeats timesteps past ~200 steps
+    result = compare(g.flow(), _noise(1), solvers=["euler"], grids=["quadratic", "trailing"], nfe=[10, 500])
+    assert {(r.grid, r.budget) for r in result.runs} == {("quadratic", 10), ("trailing", 10), ("trailing", 500)}
+    (skip,) = result.skipped
+    assert (skip.solver, skip.grid, skip.budget) == ("euler", "quadratic", 500)
+    assert "repeats timesteps" in skip.reason
+
+
 def test_errors_fall_with_nfe_at_first_order_for_euler():
     g = _gaussian()
     budgets = [10, 20, 40, 80, 160]
