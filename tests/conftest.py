@@ -14,7 +14,9 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     settings.load_profile("long" if config.getoption("--slow") else os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    # One intra-op thread: the models in the tests are tiny, and on a shared 2-core machine a second
+    # thread makes them many times slower, not faster.
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
