@@ -27,9 +27,16 @@ test: setup
 test-long: setup
 	$(BIN)/python -m pytest -q --slow
 
+# The benchmarks behind benchmarks/RESULTS.md (tens of minutes on 2 cores; each script documents its options).
 bench: setup
+	$(BIN)/python -m pip install -q --no-deps k-diffusion==0.1.1.post1
 	$(BIN)/python -m pip install -q -r benchmarks/requirements.txt
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/bench_overhead.py
+	$(BIN)/python benchmarks/bench_models.py
+	$(BIN)/python benchmarks/bench_lownfe.py
+	$(BIN)/python benchmarks/bench_adaptive.py
+	$(BIN)/python benchmarks/bench_reconstruction.py
+	$(BIN)/python benchmarks/bench_eta.py
 
 lint: setup
 	$(BIN)/ruff check flowdiff solvers tests benchmarks

@@ -9,6 +9,7 @@ import torch
 import solvers
 from solvers import ButcherTableau, SolveError
 
+
 def _linear_problem():
     """dy/dt = A(t) y with y(0) = y0: y(t) = exp(-(t + t²)/2 ... ) closed form per component."""
     rates = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
