@@ -12,14 +12,6 @@ from flowdiff.analytic import Gaussian, Mixture
 D = 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: on a busy 2-core machine two intra-op threads run many times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)

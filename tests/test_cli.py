@@ -19,14 +19,6 @@ MIX = ["--model", "analytic-mixture"]
 HAS_DIGITS = (Path(flowdiff.__file__).parent / "weights" / "digits.safetensors").is_file()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared machine: one thread is faster than contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def run(capsys, *argv):
     code = main([str(a) for a in argv])

@@ -42,13 +42,6 @@ class CountingEps:
         return self.model.eps(xbar, sigma)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():

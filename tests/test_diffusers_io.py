@@ -11,14 +11,6 @@ from flowdiff.diffusers_io import DiffusersUNet, from_diffusers
 diffusers = pytest.importorskip("diffusers")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: on a busy 2-core machine two intra-op threads run many times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _tiny_unet(seed: int = 0, num_class_embeds: int | None = None) -> "diffusers.UNet2DModel":
     torch.manual_seed(seed)

@@ -9,15 +9,6 @@ from flowdiff.guidance import GuidedModel, classifier_free_guidance
 from flowdiff.nets import DigitsNet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions: on a busy 2-core machine two intra-op threads run ~30x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ClassMixture:
     """A closed-form class-conditional model: class c is a kernel density over its own points,
     the unconditional model the density over all points (ε in σ, exact at σ = 0)."""

@@ -10,15 +10,6 @@ from flowdiff.analytic import Gaussian, Mixture
 from flowdiff.kdiffusion import from_denoiser, to_denoiser
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: on a busy 2-core machine two intra-op threads run many times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gaussian():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(6, 6, dtype=torch.float64, generator=g)

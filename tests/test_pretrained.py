@@ -16,14 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "flowdiff" / "weights"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions: on a busy 2-core machine two intra-op threads run ~30x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _bench():
     spec = importlib.util.spec_from_file_location("bench_models", ROOT / "benchmarks" / "bench_models.py")
