@@ -6,6 +6,7 @@ encoding runs the same grid reversed (0 up to σ_max), decoding runs an encode's
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -270,10 +271,13 @@ def encode(
 
         if steps is not None or nfe is not None:
             raise ValueError("an adaptive solve (rtol=/atol=) chooses its own steps; drop steps=/nfe=")
-        return solve_adaptive_flow(flow, images, solver_obj, direction="encode", rtol=rtol, atol=atol,
-                                   max_nfe=max_nfe, sigmas=sigmas, model_kwargs=model_kwargs,
-                                   model_dtype=model_dtype, callback=callback, check_finite=check_finite,
-                                   **dict(adaptive_options or {}))
+        res = solve_adaptive_flow(flow, images, solver_obj, direction="encode", rtol=rtol, atol=atol,
+                                  max_nfe=max_nfe, sigmas=sigmas, model_kwargs=model_kwargs,
+                                  model_dtype=model_dtype, callback=callback, check_finite=check_finite,
+                                  **dict(adaptive_options or {}))
+        # the latent records the solver's options, so that its decode runs the same method
+        res.latent = dataclasses.replace(res.latent, solver_options=options)
+        return res
     if max_nfe is not None:
         raise ValueError("max_nfe= applies to adaptive solves (rtol=/atol=); for a fixed budget use nfe=")
     if adaptive_options is not None:

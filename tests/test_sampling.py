@@ -224,3 +224,12 @@ def test_decode_refuses_a_latent_from_another_grid_or_solver():
         flowdiff.decode(flow, enc.latent, steps=6)
     with pytest.raises(ValueError, match="carries its own grid"):
         flowdiff.decode(flow, enc.latent, grid="karras")
+
+
+def test_adaptive_encode_latent_keeps_the_solver_options():
+    flow = _gaussian().flow()
+    images = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    enc = flowdiff.encode(flow, images, solver="unipc", solver_options={"order": 2}, rtol=1e-6, atol=1e-6)
+    assert enc.latent.solver_options == {"order": 2}
+    dec = flowdiff.decode(flow, enc.latent)
+    assert dec.solver == "unipc" and float((dec.x - images).abs().max()) < 1e-3
