@@ -11,9 +11,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
+$(VENV)/.installed: $(BIN)/python pyproject.toml Makefile
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[test]"
+	# k-diffusion, a peer the tests check equivalence against: its sampling module only (its own
+	# requirements pull torchvision & co., which do not match the CPU torch wheel)
+	$(BIN)/python -m pip install -q --no-deps k-diffusion==0.1.1.post1
 	touch $@
 
 setup: $(VENV)/.installed
@@ -29,7 +32,6 @@ test-long: setup
 
 # The benchmarks behind benchmarks/RESULTS.md (tens of minutes on 2 cores; each script documents its options).
 bench: setup
-	$(BIN)/python -m pip install -q --no-deps k-diffusion==0.1.1.post1
 	$(BIN)/python -m pip install -q -r benchmarks/requirements.txt
 	$(BIN)/python benchmarks/bench_overhead.py
 	$(BIN)/python benchmarks/bench_models.py
