@@ -89,7 +89,7 @@ class ProbabilityFlow:
             key = (s_t, xbar.shape[0], xbar.device)
             t = t_cache.get(key)
             if t is None:
-                t_dtype = torch.float64 if xbar.dtype == torch.float64 else torch.float32
+                t_dtype = torch.float64 if (model_dtype or xbar.dtype) == torch.float64 else torch.float32
                 t = torch.full((xbar.shape[0],), timestep(s_t), dtype=t_dtype, device=xbar.device)
                 t_cache[key] = t
             out = model(x, t, **kwargs)

@@ -34,6 +34,11 @@ class Latent:
     :class:`solvers.ReversibleState` at σ_max, ``None`` for plain solvers, whose latent is
     ``x`` alone); ``inversion`` names how a plain latent was made (``"fixed_point"``) and
     ``final_euler`` whether the decode it was made for takes its last step as Euler.
+
+    ``dtype`` is the dtype of the encoded images, which the decode feeds the model and
+    returns (default: ``x.dtype``). A reversible solver keeps ``x`` and its state in float64
+    for float32 (or lower) images, since its exact inverse amplifies the rounding of the
+    state it starts from; ``x.to(latent.dtype)`` is the plain x_T at the images' precision.
     """
 
     x: Tensor
@@ -43,10 +48,16 @@ class Latent:
     solver_state: Any = None
     inversion: str | None = None
     final_euler: bool | None = None
+    dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.x, Tensor):
             raise TypeError(f"Latent.x must be a torch.Tensor, got {type(self.x).__name__}")
+        if self.dtype is None:
+            self.dtype = self.x.dtype
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise TypeError(f"Latent.dtype must be a floating-point torch.dtype (the images' dtype), "
+                            f"got {self.dtype!r}")
         s = np.asarray(self.sigmas, dtype=np.float64)
         if s.ndim != 1 or s.size < 2:
             raise ValueError(f"Latent.sigmas must be 1-D with at least 2 values (an encode grid), got shape {s.shape}")
@@ -82,7 +93,7 @@ class Latent:
         if st is not None:
             st = ReversibleState(st.t, st.z.to(device), None if st.k is None else st.k.to(device))
         return Latent(self.x.to(device), self.sigmas.copy(), self.solver, dict(self.solver_options), st,
-                      self.inversion, self.final_euler)
+                      self.inversion, self.final_euler, self.dtype)
 
     def check_decode(self, *, solver: str | None = None, steps: int | None = None,
                      sigmas: np.ndarray | None = None, solver_options: dict[str, Any] | None = None) -> None:
@@ -109,7 +120,7 @@ class Latent:
         tensors = {"x": self.x.detach().contiguous().cpu(),
                    "sigmas": torch.from_numpy(np.ascontiguousarray(self.sigmas))}
         meta: dict[str, Any] = {"format": _FORMAT, "solver": self.solver, "inversion": self.inversion,
-                                "final_euler": self.final_euler}
+                                "final_euler": self.final_euler, "dtype": str(self.dtype).removeprefix("torch.")}
         try:
             meta["solver_options"] = json.dumps(self.solver_options)
         except TypeError:
@@ -135,11 +146,16 @@ class Latent:
         if meta.get("format") != _FORMAT:
             raise ValueError(f"{os.fspath(path)!r} is not a flowdiff latent file (format {meta.get('format')!r}, "
                              f"expected {_FORMAT!r})")
+        dtype = None
+        if meta.get("dtype") is not None:
+            dtype = getattr(torch, str(meta["dtype"]), None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"{os.fspath(path)!r}: unknown images dtype {meta['dtype']!r} in the metadata")
         state = None
         if "state.z" in tensors:
             state = ReversibleState(float.fromhex(meta["state_t"]), tensors["state.z"], tensors.get("state.k"))
         return cls(tensors["x"], tensors["sigmas"].cpu().double().numpy(), meta["solver"],
-                   json.loads(meta["solver_options"]), state, meta.get("inversion"), meta.get("final_euler"))
+                   json.loads(meta["solver_options"]), state, meta.get("inversion"), meta.get("final_euler"), dtype)
 
 
 def _short(s: np.ndarray) -> str:

@@ -96,6 +96,16 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
 
 
+def _exact_dtype(x: Tensor) -> torch.dtype:
+    """The state dtype of a reversible encode: float64 wherever the device has it (not on MPS).
+
+    A reversible solver's inverse steps amplify the rounding of the state they start from by
+    the model's Lipschitz constant, step after step; in float64 that stays far below float32's
+    resolution, so float32 images come back to their last bit while the model runs in float32.
+    """
+    return torch.float32 if x.device.type == "mps" else torch.float64
+
+
 def _run(flow: ProbabilityFlow, xbar0: Tensor, grid: np.ndarray, solver: Solver, *, model_kwargs, model_dtype,
          final_euler: bool, callback, check_finite: bool, state: Any = None) -> solvers.Solution:
     f = flow.field(model_kwargs, model_dtype)
@@ -232,7 +242,7 @@ def encode(
     ``latent`` carries the grid and solver for :func:`decode`.
 
     ``inversion="fixed_point"`` encodes so that the *plain* solver's decode reproduces the
-    images (see :mod:`flowdiff.inversion`). ``eta`` other than 0 is refused: the stochastic
+    images (see :mod:`flowdiff.fixed_point`). ``eta`` other than 0 is refused: the stochastic
     process has no inverse.
     """
     flow = _check_flow(flow)
@@ -242,7 +252,7 @@ def encode(
                          "'sigma_hat') injects fresh noise at every step and has no inverse; encoding is "
                          "deterministic (eta=0, the ODE)")
     if inversion is not None:
-        from .inversion import encode_fixed_point
+        from .fixed_point import encode_fixed_point
 
         if inversion != "fixed_point":
             raise ValueError(f"unknown inversion {inversion!r}; accepted: 'fixed_point' (or None)")
@@ -254,8 +264,6 @@ def encode(
                                   **dict(inversion_options or {}))
     elif inversion_options is not None:
         raise ValueError("inversion_options= given without inversion=")
-    dtype = _compute_dtype(images)
-    model_dtype = images.dtype if images.dtype != dtype else None
     options = dict(solver_options or {})
     name = solver if isinstance(solver, str) else solver.name
     if name == "ddim_inverse":
@@ -266,6 +274,8 @@ def encode(
         solver_obj: Solver = DDIMInverse()
     else:
         solver_obj = _resolve_solver(solver, options)
+    dtype = _exact_dtype(images) if solver_obj.reversible else _compute_dtype(images)
+    model_dtype = images.dtype if images.dtype != dtype else None
     if rtol is not None or atol is not None:
         from .adaptive import solve_adaptive_flow
 
@@ -286,10 +296,13 @@ def encode(
                 final_euler=False, grid_options=grid_options)[::-1].copy()
     sol = _run(flow, images.to(dtype), sig, solver_obj, model_kwargs=model_kwargs, model_dtype=model_dtype,
                final_euler=False, callback=callback, check_finite=check_finite)
-    x_T = (sol.y / math.sqrt(1.0 + sig[-1] ** 2)).to(images.dtype)
-    state = sol.state if solver_obj.reversible else None
-    latent = Latent(x_T, sig, name if isinstance(name, str) else solver_obj.name, options, state)
-    return Result(x_T, sol.stats, sig, solver_obj.name, latent)
+    x_T = sol.y / math.sqrt(1.0 + sig[-1] ** 2)
+    if solver_obj.reversible:  # the latent keeps the exact state; the result's x_T is at the images' precision
+        latent = Latent(x_T, sig, name, options, sol.state, dtype=images.dtype)
+    else:
+        x_T = x_T.to(images.dtype)
+        latent = Latent(x_T, sig, name, options)
+    return Result(x_T.to(images.dtype), sol.stats, sig, solver_obj.name, latent)
 
 
 def decode(
@@ -352,7 +365,7 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
                          f"got final_euler={final_euler}")
     solver_obj = solvers.get(own, **options)
     dtype = _compute_dtype(x)
-    model_dtype = x.dtype if x.dtype != dtype else None
+    model_dtype = latent.dtype if latent.dtype != dtype else None
     xbar0 = x.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)
     if latent.solver_state is not None:
         from .inversion import decode_reversible
@@ -361,4 +374,4 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
                                  model_dtype=model_dtype, callback=callback, check_finite=check_finite)
     sol = _run(flow, xbar0, sig, solver_obj, model_kwargs=model_kwargs, model_dtype=model_dtype,
                final_euler=final_euler and own != "euler", callback=callback, check_finite=check_finite)
-    return Result(sol.y.to(x.dtype), sol.stats, sig, solver_obj.name)
+    return Result(sol.y.to(latent.dtype), sol.stats, sig, solver_obj.name)

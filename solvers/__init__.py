@@ -12,6 +12,7 @@ from ._base import Derivative, Solver, StepResult, VectorField
 from ._driver import Solution, StepInfo, check_grid, nfe_for_steps, solve, steps_for_nfe
 from ._errors import SolveError
 from ._multistep import IPNDM, Adams, DPMSolverPP2M, History, adams_weights
+from ._newton import RootResult, newton_krylov
 from ._registry import available, describe, get, register
 from ._reversible import Reversible, ReversibleHeun, ReversibleState
 from ._rk import ExplicitRK, lincomb
@@ -32,6 +33,7 @@ __all__ = [
     "Reversible",
     "ReversibleHeun",
     "ReversibleState",
+    "RootResult",
     "Solution",
     "SolveError",
     "Solver",
@@ -45,6 +47,7 @@ __all__ = [
     "describe",
     "get",
     "lincomb",
+    "newton_krylov",
     "nfe_for_steps",
     "register",
     "rms_norm",
