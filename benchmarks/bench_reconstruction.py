@@ -11,8 +11,9 @@ held-out test digits (``flowdiff.digits_data("test")``, never seen in training),
 * ``heun`` — Heun both ways (the decode's last step into σ = 0 is Euler, flowdiff's default);
 * ``reversible_heun``, ``reversible[euler]``, ``reversible[heun]`` — algebraically reversible
   solvers (McCallum–Foster coupling λ = 0.999), decoded by their exact inverse;
-* ``fixed_point[euler]``, ``fixed_point[heun]`` — fixed-point inversion, decoded by the plain
-  solver (``fixed_point[euler]`` decodes with plain DDIM).
+* ``fixed_point[euler]``, ``fixed_point[heun]`` — fixed-point inversion (Newton–Krylov,
+  ``on_failure="keep"``), decoded by the plain solver (``fixed_point[euler]`` decodes with
+  plain DDIM); the cell also says how many samples reached the tolerance.
 
 ``--guidance W`` repeats the table with the class-conditional model under classifier-free
 guidance at scale W (labels of the test images). Every figure is measured here; NFE counts
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+import warnings
 
 import torch
 
@@ -45,29 +47,41 @@ METHODS = {
     "reversible_heun": dict(solver="reversible_heun"),
     "reversible[euler]": dict(solver="reversible", solver_options={"base": "euler"}),
     "reversible[heun]": dict(solver="reversible", solver_options={"base": "heun"}),
-    "fixed_point[euler]": dict(solver="euler", inversion="fixed_point", inversion_options={"max_iter": 50}),
-    "fixed_point[heun]": dict(solver="heun", inversion="fixed_point", inversion_options={"max_iter": 50}),
+    "fixed_point[euler]": dict(solver="euler", inversion="fixed_point", inversion_options={"on_failure": "keep"}),
+    "fixed_point[heun]": dict(solver="heun", inversion="fixed_point", inversion_options={"on_failure": "keep"}),
 }
 #: the costliest methods are tabulated up to this many steps (CPU time); "–" beyond
-MAX_STEPS = {"reversible[heun]": 200, "fixed_point[heun]": 200}
+MAX_STEPS = {"reversible[heun]": 200, "fixed_point[euler]": 200, "fixed_point[heun]": 100}
+#: and with guidance (two network calls an evaluation)
+MAX_GUIDED_STEPS = {"fixed_point[euler]": 50, "fixed_point[heun]": 20}
 
 
 def run_cell(flow, images, steps, method, model_kwargs):
     kwargs = dict(METHODS[method])
     start = time.perf_counter()
     try:
-        enc = flowdiff.encode(flow, images, steps=steps, model_kwargs=model_kwargs, **kwargs)
+        with warnings.catch_warnings():  # fixed point with on_failure="keep": the unconverged are counted below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            enc = flowdiff.encode(flow, images, steps=steps, model_kwargs=model_kwargs, **kwargs)
     except solvers.SolveError as err:
         return {"error": f"no convergence at step {err.step}"}
     dec = flowdiff.decode(flow, enc.latent, model_kwargs=model_kwargs)
     wall = time.perf_counter() - start
     r = metrics.reconstruction(images, dec.x, encode_stats=enc.stats, decode_stats=dec.stats)
-    return {"mse": r.mse, "max_abs": r.max_abs, "psnr": r.psnr, "nfe_enc": r.nfe_encode, "nfe_dec": r.nfe_decode,
+    cell = {"mse": r.mse, "max_abs": r.max_abs, "psnr": r.psnr, "nfe_enc": r.nfe_encode, "nfe_dec": r.nfe_decode,
             "wall": wall}
+    if "unconverged" in enc.stats.extra:  # fixed point: how many samples reached tol, and their error
+        bad = set(enc.stats.extra["unconverged"])
+        good = [i for i in range(images.shape[0]) if i not in bad]
+        cell["exact"] = f"{len(good)}/{images.shape[0]}"
+        if good:
+            cell["exact_max"] = float(metrics.max_abs_error(images[good], dec.x[good]))
+    return cell
 
 
 def table(results, steps_list, methods, title):
-    lines = [f"#### {title}", "", "Per-dimension MSE on [0, 1] (max abs error in brackets); NFE encode + decode.", "",
+    lines = [f"#### {title}", "", "Per-dimension MSE on [0, 1] (max abs error in brackets); NFE encode + decode; "
+             "for fixed point, the samples that reached tol (their max abs error in brackets).", "",
              "| method | " + " | ".join(f"S = {s}" for s in steps_list) + " |",
              "|---|" + "---|" * len(steps_list)]
     for m in methods:
@@ -79,7 +93,10 @@ def table(results, steps_list, methods, title):
             elif "error" in c:
                 cells.append(c["error"])
             else:
-                cells.append(f"{c['mse']:.2e} [{c['max_abs']:.1e}]<br>{c['nfe_enc']}+{c['nfe_dec']}")
+                text = f"{c['mse']:.2e} [{c['max_abs']:.1e}]<br>{c['nfe_enc']}+{c['nfe_dec']}"
+                if "exact" in c:
+                    text += f"<br>{c['exact']} at tol" + (f" [{c['exact_max']:.0e}]" if "exact_max" in c else "")
+                cells.append(text)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -134,16 +151,17 @@ def main() -> None:
 
     data = flowdiff.digits_data("test")
     images, labels = data.images[: args.n], data.labels[: args.n]
-    settings = [("unguided", None, None, args.steps)]
+    settings = [("unguided", None, None, args.steps, MAX_STEPS)]
     for w in args.guidance:
-        settings.append((f"classifier-free guidance w = {w:g}", w, {"class_labels": labels}, args.guided_steps))
+        settings.append((f"classifier-free guidance w = {w:g}", w, {"class_labels": labels}, args.guided_steps,
+                         {**MAX_STEPS, **MAX_GUIDED_STEPS}))
     out = ["## Exact encoding: reconstruction (the DDIM paper's Table 2 on the digits model)", "",
            f"`python benchmarks/bench_reconstruction.py --n {args.n} --steps {' '.join(map(str, args.steps))} "
            f"--dtype {' '.join(args.dtype)} --guidance {' '.join(f'{w:g}' for w in args.guidance)} "
            f"--guided-steps {' '.join(map(str, args.guided_steps))}` — "
            f"{args.n} held-out test digits (8×8, never seen in training), trailing grid, "
            f"torch {torch.__version__} on {platform.processor() or platform.machine()}, 1 thread.", ""]
-    for title, scale, model_kwargs, steps_list in settings:
+    for title, scale, model_kwargs, steps_list, max_steps in settings:
         for dtype_name in args.dtype:
             dtype = getattr(torch, dtype_name)
             flow = flowdiff.pretrained("digits")
@@ -155,15 +173,17 @@ def main() -> None:
             t0 = time.perf_counter()
             for m in args.methods:
                 for s in steps_list:
-                    if s > MAX_STEPS.get(m, s):
+                    if s > max_steps.get(m, s):
                         continue
                     results[(m, s)] = run_cell(flow, x, s, m, model_kwargs)
                     c = results[(m, s)]
                     print(f"{title} {dtype_name} {m} S={s}: " + (c["error"] if "error" in c else
                           f"mse {c['mse']:.3e} max {c['max_abs']:.2e} nfe {c['nfe_enc']}+{c['nfe_dec']} "
-                          f"{c['wall']:.1f}s"), flush=True)
+                          f"{c.get('exact', '')} {c['wall']:.1f}s"), flush=True)
+            what = ("images, network and state" if dtype_name == "float64" else
+                    "images and network; the reversible solvers keep a float64 state")
             out.append(table(results, steps_list, args.methods,
-                             f"{title}, {dtype_name} (state and network), {time.perf_counter() - t0:.0f} s"))
+                             f"{title}, {dtype_name} {what}, {time.perf_counter() - t0:.0f} s"))
             out.append("")
     text = "\n".join(out)
     print(text)

@@ -21,6 +21,7 @@ import hashlib
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,6 +287,12 @@ def _common(parser: argparse.ArgumentParser, *, dtype: str) -> None:
                             "thread is fastest; torch's choice for --model DIR)")
 
 
+def _fixed_point_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fixed-point", action="store_true",
+                        help="encode by fixed-point inversion (Newton-Krylov) of the solver's decode steps, so that "
+                             "the plain decode with --solver reproduces the images (not for reversible solvers)")
+
+
 def _solve_options(parser: argparse.ArgumentParser, *, solver: str, nfe: int | None, steps: int | None) -> None:
     group = parser.add_argument_group("solver")
     group.add_argument("--solver", default=solver, type=_one_name(_solvers.available, "solver"),
@@ -350,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, dtype="float32")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (resized to the model's size)")
     _solve_options(p, solver="euler", nfe=None, steps=50)
+    _fixed_point_option(p)
     p.add_argument("--out", default="latents.safetensors", metavar="FILE",
                    help="output latents file (default: latents.safetensors)")
     p.set_defaults(func=cmd_encode)
@@ -369,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, dtype="float32")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (resized to the model's size)")
     _solve_options(p, solver="euler", nfe=None, steps=50)
+    _fixed_point_option(p)
     p.add_argument("--latents", default=None, metavar="FILE", help="also write the latents to this file")
     p.add_argument("--out", default=None, metavar="DIR", help="also write the reconstructions as PNGs here")
     p.set_defaults(func=cmd_roundtrip)
@@ -521,8 +530,18 @@ def _encode(args: argparse.Namespace, loaded: LoadedModel, dtype: torch.dtype, d
     from .sampling import encode
 
     images = read_images(args.images, loaded.shape).to(device=device, dtype=dtype)
-    result = encode(loaded.flow, images, solver=args.solver, grid=args.grid,
-                    model_kwargs=loaded.model_kwargs or None, **_budget(args))
+    if not args.fixed_point:
+        return images, encode(loaded.flow, images, solver=args.solver, grid=args.grid,
+                              model_kwargs=loaded.model_kwargs or None, **_budget(args))
+    with warnings.catch_warnings():  # the images that missed the tolerance are reported below, by name
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = encode(loaded.flow, images, solver=args.solver, grid=args.grid, inversion="fixed_point",
+                        inversion_options={"on_failure": "keep"}, model_kwargs=loaded.model_kwargs or None,
+                        **_budget(args))
+    missed = result.stats.extra["unconverged"]
+    if missed:
+        print(f"fixed-point inversion: {len(missed)} of {len(args.images)} image(s) have no exact preimage under "
+              f"this decode (best iterate kept): {', '.join(args.images[i] for i in missed)}")
     return images, result
 
 
@@ -555,7 +574,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
         if type(err).__module__.split(".")[0] != "safetensors":
             raise
         raise CommandError(f"latents {args.latents!r}: not a safetensors file ({_one_line(err)})") from None
-    latent.x = latent.x.to(device=device, dtype=dtype)
+    if latent.solver_state is None:  # a reversible latent keeps its exact (float64) state as it is
+        latent.x = latent.x.to(dtype=dtype)
+    latent.dtype = dtype  # the network's dtype: what the decode feeds it and returns
     result = decode(loaded.flow, latent, model_kwargs=loaded.model_kwargs or None)
     names = [f"{path.stem}_{i:03d}.png" for i in range(result.x.shape[0])]
     written = save_images(result.x, args.out, names, scale=args.scale)

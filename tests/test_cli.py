@@ -148,6 +148,31 @@ def test_roundtrip_prints_metrics_that_shrink_with_more_steps(capsys, digit_pngs
     assert (tmp_path / "40.safetensors").is_file() and len(list((tmp_path / "rec").glob("*.png"))) == 4
 
 
+def test_exact_round_trips_from_the_command_line(capsys, digit_pngs, tmp_path):
+    """float32 reversible latents written and read back through files decode to the last bits; a fixed-point latent
+    decodes with the plain solver."""
+    pngs, _ = digit_pngs
+    latents = tmp_path / "rev.safetensors"
+    code, out, err = run(capsys, "roundtrip", *pngs, *MIX, "--steps", 10, "--solver", "reversible_heun",
+                         "--latents", latents)
+    assert code == 0, err
+    metrics = dict(line.strip().split(": ") for line in out.splitlines() if line.startswith("  "))
+    assert float(metrics["max_abs_error"]) <= 4 * torch.finfo(torch.float32).eps
+    assert flowdiff.Latent.load(latents).x.dtype == torch.float64  # the exact state, not rounded to float32
+    code, out, err = run(capsys, "decode", latents, *MIX, "--out", tmp_path / "dec")
+    assert code == 0, err
+    from flowdiff.cli import load_model
+
+    loaded = load_model("analytic-mixture", dtype=torch.float32)
+    images = read_images(pngs, loaded.shape)
+    got = read_images([str(p) for p in sorted((tmp_path / "dec").glob("*.png"))], loaded.shape)
+    assert torch.equal(got, images)  # the same 8-bit PNGs back
+    code, out, err = run(capsys, "roundtrip", *pngs, *MIX, "--steps", 10, "--fixed-point", "--dtype", "float64")
+    assert code == 0, err
+    metrics = dict(line.strip().split(": ") for line in out.splitlines() if line.startswith("  "))
+    assert float(metrics["max_abs_error"]) <= 1e-10  # each step to 32 ulps, the decode amplifies the rest
+
+
 @pytest.mark.parametrize(("argv", "code", "fragment"), [
     (["sample", "--model", "/no/such/dir"], 1, "no such directory"),
     (["sample", *MIX, "--solver", "nope"], 2, "unknown solver 'nope'"),

@@ -125,6 +125,13 @@ def test_latent_save_load_is_bit_exact(mixture, tmp_path):
         assert back.solver_state.t == enc.latent.solver_state.t
         assert torch.equal(back.solver_state.z, enc.latent.solver_state.z)
         assert torch.equal(fd.decode(flow, back).x, fd.decode(flow, enc.latent).x)
+    # a float32 encode: the float64 state and the images' dtype both survive the file
+    enc = fd.encode(flow, x.float(), solver="reversible_heun", steps=7)
+    enc.latent.save(tmp_path / "f32.safetensors")
+    back = Latent.load(tmp_path / "f32.safetensors")
+    assert back.dtype == torch.float32 and back.x.dtype == torch.float64 and torch.equal(back.x, enc.latent.x)
+    dec = fd.decode(flow, back)
+    assert dec.x.dtype == torch.float32 and torch.equal(dec.x, fd.decode(flow, enc.latent).x)
 
 
 def test_latent_load_rejects_other_files(tmp_path):
@@ -169,6 +176,8 @@ def test_latent_validation(mixture):
         Latent(latent.x, latent.sigmas, "reversible_heun", {}, latent.solver_state._replace(t=1.0))
     with pytest.raises(TypeError, match="ReversibleState"):
         Latent(latent.x, latent.sigmas, "reversible_heun", {}, (1.0, latent.x))
+    with pytest.raises(TypeError, match="Latent.dtype must be a floating-point torch.dtype"):
+        Latent(latent.x, latent.sigmas, "reversible_heun", {}, latent.solver_state, dtype=torch.int64)
 
 
 # -- fixed-point inversion --------------------------------------------------------------------
