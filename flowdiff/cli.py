@@ -534,7 +534,7 @@ def _encode(args: argparse.Namespace, loaded: LoadedModel, dtype: torch.dtype, d
         return images, encode(loaded.flow, images, solver=args.solver, grid=args.grid,
                               model_kwargs=loaded.model_kwargs or None, **_budget(args))
     with warnings.catch_warnings():  # the images that missed the tolerance are reported below, by name
-        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.filterwarnings("ignore", message="fixed-point inversion", category=RuntimeWarning)
         result = encode(loaded.flow, images, solver=args.solver, grid=args.grid, inversion="fixed_point",
                         inversion_options={"on_failure": "keep"}, model_kwargs=loaded.model_kwargs or None,
                         **_budget(args))

@@ -66,8 +66,9 @@ class _CountingField:
         return k
 
 
-def _default_tol(dtype: torch.dtype) -> float:
-    return 32.0 * torch.finfo(dtype).eps
+def _default_tol(state_dtype: torch.dtype, model_dtype: torch.dtype) -> float:
+    """32 machine epsilons of the state, but no less than 4 of the model's input (float16 resolves no better)."""
+    return max(32.0 * torch.finfo(state_dtype).eps, 4.0 * torch.finfo(model_dtype).eps)
 
 
 def _check_int(name: str, value: object, low: int, what: str = "") -> None:
@@ -186,10 +187,11 @@ def encode_fixed_point(
     decode step's increment; with ``final_euler`` the decode's last step into σ = 0 is Euler,
     as :func:`flowdiff.decode` takes it by default), until every element's residual
     |x̄_b + Ψ(x̄_b) − x̄_a| ≤ ``tol``·(1 + |x̄_a|) (default 32 machine epsilons of the state's
-    dtype). ``method``: ``"newton"`` (Newton–Krylov, at most ``max_iter`` Newton iterations a
-    step, default 50, with up to ``krylov_dim`` GMRES vectors each) or ``"anderson"``
-    (Anderson mixing of depth ``anderson``, 0 for plain fixed-point iteration, at most
-    ``max_iter`` iterations a step, default 100). The first guess is the explicit Euler
+    dtype, and at least 4 of the images' dtype for float16/bfloat16). ``method``:
+    ``"newton"`` (Newton–Krylov, at most ``max_iter`` Newton iterations a step, default 50,
+    with up to ``krylov_dim`` GMRES vectors each) or ``"anderson"`` (Anderson mixing of depth
+    ``anderson``, 0 for plain fixed-point iteration, at most ``max_iter`` iterations a step,
+    default 100). The first guess is the explicit Euler
     encode step; Newton restarts a stuck sample from x̄_a itself.
 
     A sample that misses ``tol`` raises :class:`solvers.SolveError` naming the step, σ and
@@ -217,7 +219,7 @@ def encode_fixed_point(
         max_iter = 50 if method == "newton" else 100
     dtype = _compute_dtype(images)
     model_dtype = images.dtype if images.dtype != dtype else None
-    tol = _default_tol(dtype) if tol is None else float(tol)
+    tol = _default_tol(dtype, images.dtype) if tol is None else float(tol)
     gen = _grid(flow, solver_obj, steps=steps, nfe=nfe, grid=grid, sigmas=sigmas, timesteps=timesteps,
                 final_euler=final_euler, grid_options=grid_options)
     enc = gen[::-1].copy()
@@ -249,7 +251,8 @@ def encode_fixed_point(
             scale = x_a.abs().add_(1.0)
             if method == "newton":
                 root = solvers.newton_krylov(lambda x, x_a=x_a, step=step: step(x) - x_a, [guess, x_a],
-                                             scale=scale, tol=tol, max_iter=max_iter, krylov_dim=krylov_dim)
+                                             scale=scale, tol=tol, max_iter=max_iter, krylov_dim=krylov_dim,
+                                             eps=max(torch.finfo(dtype).eps, torch.finfo(images.dtype).eps))
                 x, res, it, k_b = root.y, root.residual, root.iterations, None
                 restarts += root.restarts
             else:
@@ -262,15 +265,20 @@ def encode_fixed_point(
             stats.nfe = field.nfe
             raise SolveError(f"{where}: the residual is not finite (the model returned NaN/inf or the iteration "
                              "diverged)", step=n, t0=s_a, t1=s_b, stats=stats)
-        worst = float(res.amax())
-        missed = (res > tol).nonzero().flatten().tolist()
+        missed_mask = ~(res <= tol)  # NaN counts as missed
+        missed = missed_mask.nonzero().flatten().tolist()
+        worst = float(torch.where(missed_mask, res, torch.zeros_like(res)).amax()) if missed else float(res.amax())
         if missed and on_failure == "raise":
             stats.nfe = field.nfe
-            stats.extra.update(method=method, iterations=sum(iters) + it, tol=tol)
+            stats.extra.update(method=method, iterations=sum(iters) + it, tol=tol, restarts=restarts)
+            why = (f"the budget max_iter={max_iter} ran out; use a larger max_iter or tol, or more steps"
+                   if it >= max_iter else
+                   f"Newton's line search failed from every initial guess (max_iter={max_iter} was not reached): "
+                   "this decode step has no preimage of the image near them, or none at all")
             raise SolveError(f"fixed-point inversion did not converge at step {n} (σ {s_a:.6g} -> {s_b:.6g}): "
-                             f"residual {worst:.3g} > tol {tol:.3g} for sample(s) {missed[:8]} after "
-                             f"max_iter={max_iter} {method} iterations; use more steps, a larger tol or max_iter, "
-                             "or on_failure='keep' to keep the best iterate", step=n, t0=s_a, t1=s_b, stats=stats)
+                             f"residual {worst:.3g} > tol {tol:.3g} for sample(s) {missed[:8]} after {it} {method} "
+                             f"iteration(s); {why}. on_failure='keep' keeps the best iterate instead",
+                             step=n, t0=s_a, t1=s_b, stats=stats)
         unconverged.update(missed)
         iters.append(it)
         residuals.append(worst)

@@ -61,7 +61,7 @@ class _Counted:
         return self.F(y)
 
 
-def _gmres(F: _Counted, y: Tensor, r: Tensor, active: Tensor, *, dim: int, rel_tol: float) -> Tensor:
+def _gmres(F: _Counted, y: Tensor, r: Tensor, active: Tensor, *, dim: int, rel_tol: float, eps: float) -> Tensor:
     """Per-sample GMRES for J d = −r with J v ≈ (F(y + h v) − F(y))/h; returns d (zero for inactive samples).
 
     One Arnoldi step is one batched call of F. The Krylov basis is built in float64 for the
@@ -70,8 +70,9 @@ def _gmres(F: _Counted, y: Tensor, r: Tensor, active: Tensor, *, dim: int, rel_t
     """
     b = y.shape[0]
     dtype = y.dtype
-    eps = torch.finfo(dtype).eps
     rf = _flat(r).double()
+    active = active & torch.isfinite(rf).all(dim=1)
+    rf = torch.where(active[:, None], rf, torch.zeros_like(rf))  # a non-finite sample must not poison the batch
     beta = rf.norm(dim=1)
     beta_safe = torch.where(beta > 0, beta, torch.ones_like(beta))
     V = [-rf / beta_safe[:, None]]
@@ -87,6 +88,8 @@ def _gmres(F: _Counted, y: Tensor, r: Tensor, active: Tensor, *, dim: int, rel_t
         v = V[k]
         yp = y + (h[:, None] * v).reshape(y.shape).to(dtype)
         w = (_flat(F(yp)).double() - rf) / h[:, None]
+        active = active & torch.isfinite(w).all(dim=1)
+        w = torch.where(active[:, None], w, torch.zeros_like(w))
         for j in range(k + 1):
             hj = (w * V[j]).sum(dim=1)
             H[:, j, k] = hj
@@ -99,7 +102,7 @@ def _gmres(F: _Counted, y: Tensor, r: Tensor, active: Tensor, *, dim: int, rel_t
         Hk = H[:, : k + 2, : k + 1]
         coeffs = torch.linalg.lstsq(Hk, e1[:, : k + 2, None]).solution[:, :, 0]
         lin_res = (e1[:, : k + 2] - (Hk @ coeffs[:, :, None])[:, :, 0]).norm(dim=1)
-        done = done | (lin_res <= rel_tol * beta) | (hn <= 1e-14 * beta)
+        done = done | ~active | (lin_res <= rel_tol * beta) | (hn <= 1e-14 * beta)
         if bool(done.all()):
             break
     d = sum(coeffs[:, j, None] * V[j] for j in range(k_used))
@@ -117,6 +120,7 @@ def newton_krylov(
     krylov_dim: int = 40,
     forcing: float = 1e-3,
     max_backtracks: int = 8,
+    eps: float | None = None,
 ) -> RootResult:
     """Solve F(y) = 0 per sample to max |F(y)|/scale ≤ ``tol``, from ``guesses`` in order.
 
@@ -126,16 +130,24 @@ def newton_krylov(
     and backtracks y + λd, λ = 1, ½, … (``max_backtracks`` halvings) until the residual's
     2-norm decreases by the Armijo factor (1 − 10⁻⁴λ). A sample whose line search fails
     restarts from the next guess; after the last guess it stops. At most ``max_iter``
-    Newton iterations in all.
+    Newton iterations in all. ``eps`` is the relative precision of F's values (default: the
+    machine epsilon of y's dtype; larger when F computes in lower precision), which sets the
+    forward-difference step √eps·(1 + |y|). A sample whose residual is not finite counts as
+    unconverged (residual inf) and is restarted, without disturbing the others.
     """
     if not guesses:
         raise ValueError("newton_krylov needs at least one initial guess")
     Fc = _Counted(F)
+    eps = torch.finfo(guesses[0].dtype).eps if eps is None else float(eps)
     y = guesses[0].clone()
     r = Fc(y)
+    inf = torch.tensor(math.inf, dtype=torch.float64, device=y.device)
 
     def measure(res: Tensor) -> tuple[Tensor, Tensor]:
-        return _flat(res.abs() / scale).amax(dim=1), _flat(res).double().norm(dim=1)
+        res_max = _flat(res.abs() / scale).double().amax(dim=1)
+        res_norm = _flat(res).double().norm(dim=1)
+        finite = torch.isfinite(res_max) & torch.isfinite(res_norm)
+        return torch.where(finite, res_max, inf), torch.where(finite, res_norm, inf)
 
     res_max, res_norm = measure(r)
     best_y, best_res = y.clone(), res_max.clone()
@@ -149,7 +161,8 @@ def newton_krylov(
         if not bool(active.any()):
             it -= 1
             break
-        d = _gmres(Fc, y, r, active, dim=min(krylov_dim, _flat(y).shape[1]), rel_tol=forcing)
+        d = _gmres(Fc, y, r, active & torch.isfinite(res_norm), dim=min(krylov_dim, _flat(y).shape[1]),
+                   rel_tol=forcing, eps=eps)
         lam = torch.ones(y.shape[0], dtype=torch.float64, device=y.device)
         pending = active.clone()
         y_new, r_new = y.clone(), r.clone()
@@ -157,7 +170,7 @@ def newton_krylov(
             trial = y + _bcast(lam, y).to(y.dtype) * d
             r_trial = Fc(trial)
             t_max, t_norm = measure(r_trial)
-            ok = pending & torch.isfinite(t_norm) & (t_norm <= (1.0 - 1e-4 * lam) * res_norm)
+            ok = pending & torch.isfinite(t_norm) & torch.isfinite(res_norm) & (t_norm <= (1.0 - 1e-4 * lam) * res_norm)
             m = _bcast(ok, y)
             y_new = torch.where(m, trial, y_new)
             r_new = torch.where(m, r_trial, r_new)
