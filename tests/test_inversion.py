@@ -287,6 +287,24 @@ def test_fixed_point_keep_lists_the_unconverged_samples(mixture):
     assert (back.x[1] - images[1]).abs().min().item() > 1.4  # tanh < 1
 
 
+def test_fixed_point_never_returns_a_nan_sample(mixture):
+    """Even with check_finite=False, a sample whose model output is NaN is reported, by index, not returned."""
+    model, _, x = mixture
+
+    def eps(xbar, sigma):
+        out = model.eps(xbar, sigma)
+        out[1] = float("nan")
+        return out
+
+    flow = fd.ProbabilityFlow.from_sigma_field(eps, model.schedule)
+    for method in ("newton", "anderson"):
+        with pytest.raises(solvers.SolveError, match=r"sample\(s\) \[1\]"):
+            fd.encode(flow, x, steps=10, inversion="fixed_point", check_finite=False,
+                      inversion_options={"method": method})
+        with pytest.raises(solvers.SolveError, match="not finite"):
+            fd.encode(flow, x, steps=10, inversion="fixed_point", inversion_options={"method": method})
+
+
 def test_fixed_point_newton_inverts_ddim_on_the_trained_network():
     """The last DDIM step of the shipped network (the denoiser at σ₁ = 0.34) has a nearly singular Jacobian and the
     fixed-point map has spectral radius > 1: Anderson mixing fails, Newton–Krylov finds the preimage, and plain DDIM

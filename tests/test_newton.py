@@ -50,3 +50,13 @@ def test_restarts_from_the_next_guess_and_reports_samples_without_a_root():
 def test_needs_a_guess():
     with pytest.raises(ValueError, match="initial guess"):
         solvers.newton_krylov(lambda y: y, [], scale=torch.ones(1), tol=1e-6)
+
+
+def test_a_non_finite_sample_is_restarted_without_disturbing_the_others():
+    """Sample 0 starts at NaN (F is NaN there): it counts as unconverged, is restarted from the next guess and
+    converges; sample 1 solves as usual."""
+    first = torch.tensor([[float("nan")], [3.0]], dtype=torch.float64)
+    res = solvers.newton_krylov(lambda y: y**2 - 4.0, [first, torch.ones_like(first)], scale=torch.ones(1),
+                                tol=1e-12)
+    assert res.converged.tolist() == [True, True] and res.restarts == 1
+    assert res.y.flatten().tolist() == pytest.approx([2.0, 2.0], abs=1e-12)
