@@ -231,7 +231,7 @@ def test_fixed_point_each_step_reaches_its_tolerance(mixture):
 
 def test_fixed_point_stats(mixture):
     model, _, x = mixture
-    for method in ("newton", "anderson"):
+    for method in ("hybrid", "newton", "anderson"):
         eps = CountingEps(model)
         flow = fd.ProbabilityFlow.from_sigma_field(eps, model.schedule)
         enc = fd.encode(flow, x, solver="euler", steps=20, inversion="fixed_point",
@@ -253,7 +253,7 @@ def test_fixed_point_nonconvergence_names_step_and_residual(mixture):
     eps = CountingEps(model)
     flow = fd.ProbabilityFlow.from_sigma_field(eps, model.schedule)
     outside = torch.full_like(x, 2.5)
-    for method in ("newton", "anderson"):
+    for method in ("hybrid", "newton", "anderson"):
         before = eps.calls
         pattern = r"did not converge at step 0 .*residual .* sample\(s\) \[0, 1, 2\]"
         with pytest.raises(solvers.SolveError, match=pattern) as info:
@@ -297,7 +297,7 @@ def test_fixed_point_never_returns_a_nan_sample(mixture):
         return out
 
     flow = fd.ProbabilityFlow.from_sigma_field(eps, model.schedule)
-    for method in ("newton", "anderson"):
+    for method in ("hybrid", "newton", "anderson"):
         with pytest.raises(solvers.SolveError, match=r"sample\(s\) \[1\]"):
             fd.encode(flow, x, steps=10, inversion="fixed_point", check_finite=False,
                       inversion_options={"method": method})
@@ -325,7 +325,7 @@ def test_fixed_point_bad_options(mixture):
     _, flow, x = mixture
     for opts, err, pat in [({"tol": 0.0}, ValueError, "tol"), ({"anderson": -1}, ValueError, "anderson"),
                            ({"max_iter": 0}, ValueError, "max_iter"), ({"final_euler": 1}, TypeError, "final_euler"),
-                           ({"method": "broyden"}, ValueError, "method must be one of 'newton', 'anderson'"),
+                           ({"method": "broyden"}, ValueError, "method must be one of 'hybrid', 'newton', 'anderson'"),
                            ({"krylov_dim": 0}, ValueError, "krylov_dim"),
                            ({"on_failure": "ignore"}, ValueError, "on_failure must be one of 'raise', 'keep'"),
                            ({"bogus": 1}, TypeError, "bogus")]:
