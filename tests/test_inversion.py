@@ -307,18 +307,20 @@ def test_fixed_point_never_returns_a_nan_sample(mixture):
 
 def test_fixed_point_newton_inverts_ddim_on_the_trained_network():
     """The last DDIM step of the shipped network (the denoiser at σ₁ = 0.34) has a nearly singular Jacobian and the
-    fixed-point map has spectral radius > 1: Anderson mixing fails, Newton–Krylov finds the preimage, and plain DDIM
-    decoding then returns held-out digits to float64 rounding."""
+    fixed-point map has spectral radius > 1: Anderson mixing fails, Newton–Krylov (alone, or after Anderson in the
+    default hybrid) finds the preimage, and plain DDIM decoding then returns held-out digits to float64 rounding."""
     flow = fd.pretrained("digits")
     flow.model.double()
     x = fd.digits_data("test").images[:2].double()  # two held-out digits whose DDIM preimage Newton finds
     with pytest.raises(solvers.SolveError, match="did not converge at step 0"):
         fd.encode(flow, x, solver="euler", steps=10, inversion="fixed_point",
                   inversion_options={"method": "anderson", "max_iter": 50})
-    enc = fd.encode(flow, x, solver="euler", steps=10, inversion="fixed_point")
-    assert_fixed_point_converged(enc)
-    ddim = fd.decode(flow, enc.x, solver="euler", steps=10)  # the standard DDIM decode of a plain tensor
-    assert (ddim.x - x).abs().max().item() <= 1e-12
+    for method in ("hybrid", "newton"):
+        enc = fd.encode(flow, x, solver="euler", steps=10, inversion="fixed_point",
+                        inversion_options={"method": method})
+        assert_fixed_point_converged(enc)
+        ddim = fd.decode(flow, enc.x, solver="euler", steps=10)  # the standard DDIM decode of a plain tensor
+        assert (ddim.x - x).abs().max().item() <= 1e-12
 
 
 def test_fixed_point_bad_options(mixture):
