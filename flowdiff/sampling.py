@@ -96,6 +96,11 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
 
 
+#: reversible Heun's grid for float32 (and lower) images integrated in float64: states are multiples of 2⁻⁴⁰ (below
+#: float32's resolution by 2¹⁶ at |x| = 1, exact for |x| < 2¹³), so the decode recomputes bit-identical model inputs
+EXACT_QUANTUM = 2.0**-40
+
+
 def _exact_dtype(x: Tensor) -> torch.dtype:
     """The state dtype of a reversible encode: float64 wherever the device has it (not on MPS).
 
@@ -273,6 +278,9 @@ def encode(
             raise TypeError(f"solver 'ddim_inverse' takes no options, got {sorted(options)}")
         solver_obj: Solver = DDIMInverse()
     else:
+        if (solver == "reversible_heun" and images.dtype != torch.float64
+                and _exact_dtype(images) == torch.float64):
+            options.setdefault("quantum", EXACT_QUANTUM)  # bit-exact inverse (see solvers.ReversibleHeun)
         solver_obj = _resolve_solver(solver, options)
     dtype = _exact_dtype(images) if solver_obj.reversible else _compute_dtype(images)
     model_dtype = images.dtype if images.dtype != dtype else None

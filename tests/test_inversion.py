@@ -57,6 +57,8 @@ def test_reversible_round_trip_float32(mixture, solver, opts):
     assert latent.dtype == torch.float32 and latent.x.dtype == torch.float64
     assert latent.solver_state.z.dtype == torch.float64
     assert torch.equal(rt.encoded.x, latent.x.float())
+    if solver == "reversible_heun":  # on its 2^-40 grid: bit-exact
+        assert latent.solver_options == {"quantum": 2.0**-40} and torch.equal(rt.decoded.x, x)
 
 
 @pytest.mark.parametrize(("solver", "opts"), REVERSIBLE[:2], ids=IDS[:2])
@@ -69,8 +71,11 @@ def test_reversible_round_trip_float32_trained_network(solver, opts):
     fed = []
     model = flow.model
     flow.model = lambda inp, t, **kw: (fed.append(inp.dtype), model(inp, t, **kw))[1]
-    assert_round_trip(flow, x, atol=16 * torch.finfo(torch.float32).eps, solver=solver, solver_options=opts, steps=10)
+    rt = assert_round_trip(flow, x, atol=16 * torch.finfo(torch.float32).eps, solver=solver, solver_options=opts,
+                           steps=10)
     assert set(fed) == {torch.float32}  # the network is fed float32 throughout
+    if solver == "reversible_heun":  # quantised state: the decode feeds the network bit-identical inputs
+        assert torch.equal(rt.decoded.x, x)
 
 
 @pytest.mark.parametrize(("solver", "opts"), REVERSIBLE, ids=IDS)

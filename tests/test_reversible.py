@@ -13,7 +13,8 @@ import torch
 import solvers
 from solvers import ReversibleState, SolveError, solve, unsolve
 
-REVERSIBLE = [("reversible_heun", {}), ("reversible", {}), ("reversible", {"base": "heun"}),
+REVERSIBLE = [("reversible_heun", {}), ("reversible_heun", {"quantum": 2.0**-40}), ("reversible", {}),
+              ("reversible", {"base": "heun"}),
               ("reversible", {"base": "rk4", "coupling": 0.99}), ("reversible", {"base": "midpoint", "coupling": 1.0})]
 IDS = [f"{n}{o}" for n, o in REVERSIBLE]
 
@@ -140,6 +141,30 @@ def test_bad_input():
         unsolve(linear, sol.y, [0.0, 0.5, 2.0], "reversible_heun", state=sol.state)
     with pytest.raises(SolveError, match="shape"):
         unsolve(linear, torch.ones(3, dtype=torch.float64), [0.0, 0.5, 1.0], "reversible_heun", state=sol.state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_quantised_reversible_heun_inverts_to_the_last_bit(dtype):
+    """With quantum=q the states stay on qℤ and every update is an exact addition: unsolve returns the (quantised)
+    start bit for bit, on an irregular grid in either direction, where the plain method is only close."""
+    q = 2.0**-40 if dtype == torch.float64 else 2.0**-18  # exact while |y| < 2^13 (float64), 2^6 (float32)
+    y0 = torch.randn(3, 5, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    ts = np.cumsum(np.random.default_rng(0).uniform(0.01, 0.2, 60)).tolist()
+    exact = solvers.get("reversible_heun", quantum=q)
+    for grid in (ts, ts[::-1]):
+        sol = solve(nonlinear, y0, grid, exact)
+        back = unsolve(nonlinear, sol.y, grid, exact, state=sol.state)
+        assert torch.equal(back.y, torch.round(y0 / q) * q)
+        assert (back.y - y0).abs().max().item() <= q / 2
+    plain = solvers.get("reversible_heun")
+    sol = solve(nonlinear, y0, ts, plain)
+    assert not torch.equal(unsolve(nonlinear, sol.y, ts, plain, state=sol.state).y, y0)
+
+
+def test_quantum_must_be_a_power_of_two():
+    for bad in (0.0, -2.0**-10, 3e-10, float("inf"), True):
+        with pytest.raises(ValueError, match="quantum must be a power of two"):
+            solvers.get("reversible_heun", quantum=bad)
 
 
 def test_nonfinite_located():
