@@ -142,6 +142,7 @@ def _anderson_step(step: Callable[[Tensor], Tensor], field: _CountingField, s_b:
         if check_finite and not bool(torch.isfinite(res).all()):
             raise FloatingPointError("the residual is not finite (the model returned NaN/inf or the iteration "
                                      "diverged)")
+        res = torch.nan_to_num(res, nan=math.inf)  # a NaN sample is unconverged, and any finite iterate beats it
         if best_res is None:
             best_x, best_res = x, res
         else:  # samples frozen at convergence keep their residual; others keep their best iterate
