@@ -100,7 +100,10 @@ def _gmres(F: _Counted, y: Tensor, r: Tensor, active: Tensor, *, dim: int, rel_t
         k_used = k + 1
         # least squares min |β e1 − H c| per sample
         Hk = H[:, : k + 2, : k + 1]
-        coeffs = torch.linalg.lstsq(Hk, e1[:, : k + 2, None]).solution[:, :, 0]
+        # the small Hessenberg problem on the host with an SVD driver: it can be rank-deficient (a sample whose
+        # residual is already 0, a lucky breakdown), which CUDA's only driver (gels, full rank) does not allow
+        coeffs = torch.linalg.lstsq(Hk.cpu(), e1[:, : k + 2, None].cpu(), driver="gelsd").solution[:, :, 0]
+        coeffs = coeffs.to(y.device)
         lin_res = (e1[:, : k + 2] - (Hk @ coeffs[:, :, None])[:, :, 0]).norm(dim=1)
         done = done | ~active | (lin_res <= rel_tol * beta) | (hn <= 1e-14 * beta)
         if bool(done.all()):
