@@ -10,6 +10,7 @@ from . import metrics
 from .adaptive import AdaptiveStep
 from .compare import Comparison, Reference, compare, reference_solution
 from .diffusers_io import from_diffusers
+from .fingerprint import flow_fingerprint
 from .flow import PREDICTION_TYPES, ProbabilityFlow
 from .grids import GRIDS, grid_timesteps, make_sigmas
 from .guidance import classifier_free_guidance
@@ -39,6 +40,7 @@ __all__ = [
     "decode",
     "digits_data",
     "encode",
+    "flow_fingerprint",
     "from_denoiser",
     "from_diffusers",
     "generate",

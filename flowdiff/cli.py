@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import math
 import os
 import sys
@@ -33,6 +32,7 @@ from torch import Tensor
 import solvers as _solvers
 
 from .compare import DEFAULT_GRIDS, DEFAULT_NFE, compare, default_solvers
+from .fingerprint import flow_fingerprint
 from .flow import ProbabilityFlow
 from .grids import GRIDS
 
@@ -425,27 +425,11 @@ def _budget(args: argparse.Namespace) -> dict[str, int]:
 
 
 def fingerprint(loaded: LoadedModel) -> str:
-    """A digest of what defines the flow: the network's weights (or a closed-form model's tensors),
-    the schedule and the prediction type; the key of the reference kept on disk."""
-    h = hashlib.blake2b(digest_size=16)
-    flow = loaded.flow
-    owner = getattr(flow.sigma_field, "__self__", None) if flow.sigma_field is not None else flow.model
-    if isinstance(owner, torch.nn.Module):
-        items = sorted(owner.state_dict().items())
-    elif owner is not None:
-        items = sorted((k, v) for k, v in vars(owner).items() if isinstance(v, (Tensor, int, float, str)))
-    else:
-        raise CommandError("cannot fingerprint this model for the reference cache")
-    for name, value in items:
-        h.update(name.encode())
-        if isinstance(value, Tensor):
-            h.update(str((value.dtype, tuple(value.shape))).encode())
-            h.update(value.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-        else:
-            h.update(repr(value).encode())
-    h.update(flow.schedule.alphas_cumprod.tobytes())
-    h.update(f"{type(owner).__name__}|{flow.prediction_type}".encode())
-    return h.hexdigest()
+    """The key of the reference kept on disk: :func:`flowdiff.fingerprint.flow_fingerprint` of the model."""
+    try:
+        return flow_fingerprint(loaded.flow)
+    except TypeError as err:
+        raise CommandError(f"cannot fingerprint this model for the reference cache: {err}") from None
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

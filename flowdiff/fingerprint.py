@@ -1,0 +1,61 @@
+"""A digest of what defines a flow, so that files made with one model can refuse another.
+
+The reference kept by ``flowdiff compare``, tuned grids and latent files all record it: the
+network's weights (or a closed-form model's tensors), the schedule, the prediction type and,
+where given, the conditioning passed as ``model_kwargs``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .flow import ProbabilityFlow
+
+
+def _update(h: Any, value: object) -> None:
+    if isinstance(value, Tensor):
+        h.update(str((value.dtype, tuple(value.shape))).encode())
+        h.update(value.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, Mapping):
+        for key in sorted(value, key=str):
+            h.update(str(key).encode())
+            _update(h, value[key])
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{type(value).__name__}{len(value)}".encode())
+        for item in value:
+            _update(h, item)
+    else:
+        h.update(repr(value).encode())
+
+
+def flow_fingerprint(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> str:
+    """A 32-hex-digit digest of ``flow`` (weights, schedule, prediction type) and of ``model_kwargs``.
+
+    Raises ``TypeError`` for a model whose parameters cannot be read (a plain function that is
+    neither a ``torch.nn.Module`` nor an object holding its tensors as attributes).
+    """
+    if not isinstance(flow, ProbabilityFlow):
+        raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
+    h = hashlib.blake2b(digest_size=16)
+    owner = getattr(flow.sigma_field, "__self__", None) if flow.sigma_field is not None else flow.model
+    if isinstance(owner, torch.nn.Module):
+        items = sorted(owner.state_dict().items())
+    elif owner is not None and hasattr(owner, "__dict__"):
+        items = sorted((k, v) for k, v in vars(owner).items() if isinstance(v, (Tensor, int, float, str)))
+    else:
+        raise TypeError(f"cannot fingerprint a model of type {type(flow.model).__name__}: it is neither a "
+                        "torch.nn.Module nor an object holding its tensors as attributes")
+    for name, value in items:
+        h.update(name.encode())
+        _update(h, value)
+    h.update(flow.schedule.alphas_cumprod.tobytes())
+    h.update(f"{type(owner).__name__}|{flow.prediction_type}".encode())
+    if model_kwargs:
+        h.update(b"|kwargs")
+        _update(h, dict(model_kwargs))
+    return h.hexdigest()
