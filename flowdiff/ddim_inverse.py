@@ -21,6 +21,8 @@ from torch import Tensor
 
 from solvers import Solver, StepResult
 
+from .plugins import Plugin, register_plugin
+
 
 class DDIMInverse(Solver):
     """One DDIMInverse step: Euler with the model's timestep taken at the step's end."""
@@ -31,3 +33,14 @@ class DDIMInverse(Solver):
     def step(self, f: Any, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
         eps = f(t1, y0 * math.sqrt((1.0 + t1 * t1) / (1.0 + t0 * t0)))
         return StepResult(y0.add(eps, alpha=t1 - t0), None)
+
+
+def _make(options: dict[str, Any]) -> DDIMInverse:
+    if options:
+        raise TypeError(f"solver 'ddim_inverse' takes no options, got {sorted(options)}")
+    return DDIMInverse()
+
+
+register_plugin(Plugin("ddim_inverse", "encode", "solver", "diffusers' DDIMInverseScheduler: Euler with the model's "
+                       "timestep at the step's end; its latents decode with Euler (DDIM)", make=_make,
+                       decodes_with="euler"))

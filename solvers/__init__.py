@@ -12,7 +12,7 @@ from . import _methods  # noqa: F401  (registers the Runge–Kutta methods)
 from ._adaptive import solve_adaptive
 from ._base import Derivative, Solver, StepResult, VectorField
 from ._driver import FINAL_EULER, final_step_methods, nfe_for_steps, solve, steps_for_nfe, unsolve
-from ._errors import SolveError
+from ._errors import SolveError, StepFailure
 from ._integrate import (
     Chain,
     ErrorControl,
@@ -61,6 +61,7 @@ __all__ = [
     "SolveError",
     "Solver",
     "Stats",
+    "StepFailure",
     "StepController",
     "StepInfo",
     "StepResult",

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ._base import Derivative, Solver, StepResult, VectorField
-from ._errors import SolveError
+from ._errors import SolveError, StepFailure
 from ._registry import get
 from ._stats import Stats
 
@@ -483,6 +483,12 @@ def integrate(
                     state = result.state
     except SolveError:
         raise
+    except StepFailure as failure:
+        finish()
+        stats.extra.update(failure.extra)
+        where = _where(stats.steps, t0, t1, time_name, display, inverse)
+        message = failure.message.format(where=where) if "{where}" in failure.message else f"{where}: {failure}"
+        raise SolveError(message, step=stats.steps, t0=t0, t1=t1, stats=stats) from None
     except _Stop as stop:
         finish()
         where = _where(stats.steps - 1, t0, t1, time_name, display, inverse)
