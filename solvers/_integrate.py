@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ._base import Derivative, Solver, StepResult, VectorField
 from ._errors import SolveError, StepFailure
-from ._registry import get
+from ._registry import available, get
 from ._stats import Stats
 
 #: ``norm(error, y0, y1, t1) -> scaled error`` (a 0-dim tensor or float); a step is accepted when <= 1.
@@ -434,8 +434,6 @@ def integrate(
     run = stepping.begin(solver, counted, y0, state)
     inverse = run.inverse
     if inverse and not solver.reversible:
-        from ._registry import available
-
         raise TypeError(f"an inverse run needs a reversible solver (solvers.available(reversible=True): "
                         f"{', '.join(available(reversible=True))}); got {solver.name!r}")
     if inverse and state is None:
