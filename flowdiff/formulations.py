@@ -164,16 +164,17 @@ class Sigma(Formulation):
         return None
 
 
-def data_field(eps: EpsField) -> VectorField:
+def data_field(eps: EpsField, sigma_of: Callable[[float], float] | None = None) -> VectorField:
     """``f(ρ, y) = D(x̄, σ)`` with σ = 1/ρ, x̄ = y/ρ: the data-prediction ODE (ρ > 0).
 
     At ρ = ∞ (σ = 0) the state is x̄ itself and ``f`` returns ε(x̄, 0): what the Euler step
-    out of σ = 0 needs (:class:`Data`)."""
+    out of σ = 0 needs (:class:`Data`). ``sigma_of(ρ)`` maps times back to σ (a grid's own σ
+    exactly, :meth:`Formulation.sigma`); default 1/ρ."""
 
     def f(rho: float, y: Tensor) -> Tensor:
         if rho == math.inf:
             return eps(0.0, y)
-        sigma = 1.0 / rho
+        sigma = 1.0 / rho if sigma_of is None else sigma_of(rho)
         xbar = y * sigma
         return xbar - sigma * eps(sigma, xbar)
 
@@ -259,7 +260,7 @@ class Data(Formulation):
         return y if t == math.inf else y / t
 
     def field(self, eps: EpsField) -> VectorField:
-        return data_field(eps)
+        return data_field(eps, self.sigma)
 
     def x_factor(self, t: float) -> float:
         return 1.0 if t == math.inf else 1.0 / math.sqrt(1.0 + t * t)

@@ -189,7 +189,8 @@ def generate(
     sig = grid_spec.generation_sigmas(flow, solver_obj)
     xbar0 = noise.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)
     form = formulation_for(solver_obj, "generate")
-    sol = solve_grid(flow.field(request.model_kwargs, model_dtype), form, sig.tolist(), solver_obj, xbar0=xbar0,
+    eps = flow.field(request.model_kwargs, model_dtype, sigmas=sig)
+    sol = solve_grid(eps, form, sig.tolist(), solver_obj, xbar0=xbar0,
                      eval_end=not (grid_spec.final_euler and sig[-1] == 0.0), callback=request.callback,
                      check_finite=check_finite)
     return Result(sol.xbar.to(noise.dtype), sol.stats, sig, solver_obj.name)
@@ -270,7 +271,7 @@ def encode(
         return solve_adaptive_flow(request, images, direction="encode", model_dtype=model_dtype)
     sig = grid_spec.generation_sigmas(flow, solver_obj, final_euler=False)[::-1].copy()
     form = formulation_for(solver_obj, "encode")
-    sol = solve_grid(flow.field(request.model_kwargs, model_dtype), form, sig.tolist(), solver_obj,
+    sol = solve_grid(flow.field(request.model_kwargs, model_dtype, sigmas=sig), form, sig.tolist(), solver_obj,
                      xbar0=images.to(dtype), callback=request.callback, check_finite=check_finite)
     x_T = sol.xbar / math.sqrt(1.0 + sig[-1] ** 2)
     if solver_obj.reversible:  # the latent keeps the exact state; the result's x_T is at the images' precision
@@ -348,7 +349,8 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
     xbar0 = x.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)
     form = formulation_for(solver_obj, "decode")
     eval_end = not (final_euler and own != "euler" and sig[-1] == 0.0)
-    sol = solve_grid(flow.field(request.model_kwargs, model_dtype), form, sig.tolist(), solver_obj, xbar0=xbar0,
+    eps = flow.field(request.model_kwargs, model_dtype, sigmas=sig)
+    sol = solve_grid(eps, form, sig.tolist(), solver_obj, xbar0=xbar0,
                      eval_end=eval_end, callback=request.callback, check_finite=check_finite)
     return Result(sol.xbar.to(latent.dtype), sol.stats, sig, solver_obj.name)
 

@@ -418,16 +418,47 @@ def integrate(
 
     ``state`` seeds the solver's carried state (e.g. a reversible solver's second variable;
     for an inverse run, its state at the grid's end). ``max_nfe`` bounds the evaluations: past
-    it a :class:`SolveError` says where the solve stood, with the partial statistics. Non-finite
-    states are located to the step with one host sync at the end of the solve, never inside the
-    loop (one sum per step is kept; a NaN or inf anywhere makes it non-finite). Errors name the
-    step and the time, shown as ``display(t)`` under ``time_name`` when given (a caller that
-    changed variables reports its own time, e.g. σ).
+    it a :class:`SolveError` says where the solve stood, with the partial statistics. Errors
+    name the step and the time, shown as ``display(t)`` under ``time_name`` when given (a
+    caller that changed variables reports its own time, e.g. σ).
+
+    Non-finite values cost nothing inside the loop: NaN and inf propagate to the end state,
+    which is checked once (one host sync). Only when it is not finite is the solve run again,
+    without the callback, keeping one sum per step, to locate the first step that produced
+    them; the error carries the statistics of the first run. (A vector field that is not
+    deterministic may then not reproduce the failure: the error says so.)
     """
     solver = get(solver)
     check_state(y0)
     if max_nfe is not None and (isinstance(max_nfe, bool) or not isinstance(max_nfe, int) or max_nfe < 1):
         raise ValueError(f"max_nfe must be a positive int or None, got {max_nfe!r}")
+    names = (time_name, display)
+    y, end_state, times, stats = _loop(f, y0, solver, stepping, state, max_nfe, callback, None, names)
+    if check_finite and not bool(torch.isfinite(y).all()):
+        flags: list[Tensor] = []
+        try:
+            _loop(f, y0, solver, stepping, state, None, None, flags, names)
+        except Exception:  # noqa: BLE001  (the locating pass only looks for the first non-finite step)
+            pass
+        ok = torch.isfinite(torch.stack(flags)) if flags else torch.zeros(0, dtype=torch.bool)
+        inverse = isinstance(stepping, FixedGrid) and stepping.inverse
+        if bool(ok.all()):
+            raise SolveError(f"the solve ended with non-finite values at {time_name} "
+                             f"{_shown(times[-1], display):.6g}, and a second run did not reproduce them (is the "
+                             "vector field deterministic?)", step=len(times) - 2, t0=times[-2], t1=times[-1],
+                             stats=stats)
+        i = int((~ok).nonzero()[0, 0])
+        where = _where(i, times[i], times[i + 1], time_name, display, inverse)
+        raise SolveError(f"{where} produced non-finite values: the vector field (the model) returned NaN or "
+                         "inf, or the state overflowed", step=i, t0=times[i], t1=times[i + 1], stats=stats)
+    return Solution(y, stats, end_state, times)
+
+
+def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state: Any, max_nfe: int | None,
+          callback: Callable[[StepInfo], None] | None, flags: list[Tensor] | None,
+          names: tuple[str, Callable[[float], float] | None]) -> tuple[Tensor, Any, list[float], Stats]:
+    """The loop itself: ``flags`` (when a list) collects one sum of the state per accepted step."""
+    time_name, display = names
     counted = _Counted(f)
     stats = Stats()
     start = time.perf_counter()
@@ -442,71 +473,73 @@ def integrate(
     if state is None and not inverse:
         state = solver.init(counted, run.t, y0)
     y = y0
-    flags: list[Tensor] = []
     times = [run.t]
     t0 = t1 = run.t
+    done, propose, judge = run.done, run.propose, run.judge
 
     def finish() -> None:
         stats.nfe = counted.nfe
         stats.wall_time = time.perf_counter() - start
 
+    steps = accepted = rejected = 0
     try:
-        while not run.done():
+        while not done():
             if max_nfe is not None and counted.nfe >= max_nfe:
+                stats.steps, stats.accepted, stats.rejected = steps, accepted, rejected
                 finish()
                 raise SolveError(
-                    f"max_nfe={max_nfe} reached at {time_name}={_shown(run.t, display):.6g} after {stats.accepted} "
-                    f"accepted and {stats.rejected} rejected steps; raise max_nfe or loosen rtol/atol",
-                    step=stats.steps, t0=run.t, stats=stats)
+                    f"max_nfe={max_nfe} reached at {time_name}={_shown(run.t, display):.6g} after {accepted} "
+                    f"accepted and {rejected} rejected steps; raise max_nfe or loosen rtol/atol",
+                    step=steps, t0=run.t, stats=stats)
             t0 = run.t
-            t1, method, state = run.propose(y, state)
-            method = method or solver
+            t1, method, state = propose(y, state)
             if inverse:  # undo the forward step t1 -> t0 (t1 is the earlier time of the solved grid)
-                y_new, state_new = method.unstep(counted, t1, t0, y, state)
+                y_new, state_new = (method or solver).unstep(counted, t1, t0, y, state)
                 result = StepResult(y_new, state_new)
             else:
-                result = method.step(counted, t0, t1, y, state)
-            stats.steps += 1
-            if run.judge(result, y, t1):
-                stats.accepted += 1
+                result = (method or solver).step(counted, t0, t1, y, state)
+            steps += 1
+            if judge(result, y, t1):
+                accepted += 1
                 y, state = result.y, result.state
                 times.append(t1)
-                if check_finite:
+                if flags is not None:
                     flags.append(y.sum())
                 if callback is not None:
-                    callback(StepInfo(stats.accepted - 1, t0, t1, y, state))
+                    callback(StepInfo(accepted - 1, t0, t1, y, state))
             else:
-                stats.rejected += 1
+                rejected += 1
                 if getattr(result.state, "t", None) == t0:  # f(t0, y0) from the rejected try: reuse it
                     state = result.state
-    except SolveError:
-        raise
-    except StepFailure as failure:
-        finish()
-        stats.extra.update(failure.extra)
-        where = _where(stats.steps, t0, t1, time_name, display, inverse)
-        message = failure.message.format(where=where) if "{where}" in failure.message else f"{where}: {failure}"
-        raise SolveError(message, step=stats.steps, t0=t0, t1=t1, stats=stats) from None
-    except _Stop as stop:
-        finish()
-        where = _where(stats.steps - 1, t0, t1, time_name, display, inverse)
-        raise SolveError(f"{where}: {stop}", step=stats.steps - 1, t0=t0, t1=t1, stats=stats) from None
-    except Exception as err:
-        finish()
-        where = _where(stats.steps, t0, t1, time_name, display, inverse)
-        if isinstance(err, (ValueError, TypeError)):
-            raise SolveError(f"{where}: {err}", step=stats.steps, t0=t0, t1=t1, stats=stats) from err
-        err.add_note(f"while solving {where}")
-        raise
+    except BaseException as err:  # the counts so far belong to the error's statistics
+        stats.steps, stats.accepted, stats.rejected = steps, accepted, rejected
+        _reraise(err, stats, t0, t1, names, inverse, finish)
+    stats.steps, stats.accepted, stats.rejected = steps, accepted, rejected
     finish()
-    if flags:
-        ok = torch.isfinite(torch.stack(flags))
-        if not bool(ok.all()):
-            i = int((~ok).nonzero()[0, 0])
-            where = _where(i, times[i], times[i + 1], time_name, display, inverse)
-            raise SolveError(f"{where} produced non-finite values: the vector field (the model) returned NaN or "
-                             "inf, or the state overflowed", step=i, t0=times[i], t1=times[i + 1], stats=stats)
-    return Solution(y, stats, state, times)
+    return y, state, times, stats
+
+
+def _reraise(err: BaseException, stats: Stats, t0: float, t1: float,
+             names: tuple[str, Callable[[float], float] | None], inverse: bool, finish: Callable[[], None]) -> None:
+    """Raise ``err`` located at the step that failed (a :class:`SolveError` for bad values)."""
+    time_name, display = names
+    if isinstance(err, SolveError):
+        raise err
+    finish()
+    if isinstance(err, StepFailure):
+        stats.extra.update(err.extra)
+        where = _where(stats.steps, t0, t1, time_name, display, inverse)
+        message = err.message.format(where=where) if "{where}" in err.message else f"{where}: {err}"
+        raise SolveError(message, step=stats.steps, t0=t0, t1=t1, stats=stats) from None
+    if isinstance(err, _Stop):
+        where = _where(stats.steps - 1, t0, t1, time_name, display, inverse)
+        raise SolveError(f"{where}: {err}", step=stats.steps - 1, t0=t0, t1=t1, stats=stats) from None
+    if isinstance(err, (ValueError, TypeError)):
+        where = _where(stats.steps, t0, t1, time_name, display, inverse)
+        raise SolveError(f"{where}: {err}", step=stats.steps, t0=t0, t1=t1, stats=stats) from err
+    if isinstance(err, Exception):
+        err.add_note(f"while solving {_where(stats.steps, t0, t1, time_name, display, inverse)}")
+    raise err
 
 
 def _shown(t: float, display: Callable[[float], float] | None) -> float:
