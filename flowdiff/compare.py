@@ -46,6 +46,7 @@ from .adaptive import RK_CONTROLLER, to_zero_in_log_sigma
 from .engine import solve_flow
 from .flow import ProbabilityFlow
 from .grids import GRIDS, make_sigmas
+from .options import Grid
 from .sampling import generate
 
 #: Grids of the default comparison: diffusers' trailing timesteps, EDM's, uniform in log σ.
@@ -529,7 +530,8 @@ def compare(
             else:
                 start = time.perf_counter()
                 with torch.no_grad():
-                    out = generate(flow, noise, solver=solver, nfe=budget, grid=grid, model_kwargs=model_kwargs)
+                    out = generate(flow, noise, solver=solver, grid=Grid(grid, nfe=budget),
+                                   model_kwargs=model_kwargs)
                 wall = time.perf_counter() - start
                 diff = out.x.detach().to(torch.float64) - ref.x.to(out.x.device)
                 result.runs.append(Run(solver, grid, budget, out.stats.nfe, out.stats.steps,

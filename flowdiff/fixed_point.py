@@ -103,71 +103,6 @@ def _check_options(tol: float | None, max_iter: int | None, method: str, anderso
         raise ValueError(f"on_failure must be one of {', '.join(map(repr, ON_FAILURE))}, got {on_failure!r}")
 
 
-def _anderson_mix(g: Tensor, r: Tensor, dg: list[Tensor], dr: list[Tensor]) -> Tensor:
-    """Anderson type-II update per sample: x⁺ = g − ΔG γ with γ = argmin ‖r − ΔR γ‖ (float64 normal equations)."""
-    b = r.shape[0]
-    dR = torch.stack([d.reshape(b, -1) for d in dr], dim=2).double()
-    dG = torch.stack([d.reshape(b, -1) for d in dg], dim=2).double()
-    A = dR.transpose(1, 2) @ dR
-    rhs = dR.transpose(1, 2) @ r.reshape(b, -1, 1).double()
-    scale = torch.diagonal(A, dim1=1, dim2=2).amax(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
-    A = A + torch.eye(A.shape[1], dtype=A.dtype, device=A.device) * (1e-13 * scale)[:, None, None]
-    gamma = torch.linalg.solve(A, rhs)
-    return (g.reshape(b, -1).double() - (dG @ gamma).squeeze(2)).reshape(g.shape).to(g.dtype)
-
-
-def _per_sample(r: Tensor, scale: Tensor) -> Tensor:
-    return (r.abs() / scale).reshape(r.shape[0], -1).amax(dim=1)
-
-
-def _bcast(mask: Tensor, like: Tensor) -> Tensor:
-    return mask.reshape(-1, *([1] * (like.ndim - 1)))
-
-
-def _anderson_step(step: Callable[[Tensor], Tensor], field: _Watch, s_b: float, x_a: Tensor,
-                   guess: Tensor, scale: Tensor, tol: float, max_iter: int, depth: int,
-                   check_finite: bool) -> tuple[Tensor, Tensor, int, Tensor | None]:
-    """Anderson-mixed x̄ ← x̄_a − Ψ(x̄); returns (x̄_b, per-sample residual, iterations, f(σ_b, x̄_b) if seen)."""
-    x = guess
-    dg: list[Tensor] = []
-    dr: list[Tensor] = []
-    g_prev = r_prev = None
-    best_x, best_res = x, None
-    converged = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    k_seen = None
-    for it in range(1, max_iter + 1):
-        field.watch, field.seen = (s_b, x), None
-        g = x_a - (step(x) - x)
-        k_seen = field.seen
-        r = g - x
-        res = _per_sample(r, scale)
-        if check_finite and not bool(torch.isfinite(res).all()):
-            raise StepFailure("fixed-point inversion, {where}: the residual is not finite (the model returned "
-                              "NaN/inf or the iteration diverged)")
-        res = torch.nan_to_num(res, nan=math.inf)  # a NaN sample is unconverged, and any finite iterate beats it
-        if best_res is None:
-            best_x, best_res = x, res
-        else:  # samples frozen at convergence keep their residual; others keep their best iterate
-            better = res < best_res
-            best_x = torch.where(_bcast(better, x), x, best_x)
-            best_res = torch.where(better, res, best_res)
-        converged = converged | (res <= tol)
-        if bool(converged.all()):
-            return best_x, best_res, it, k_seen if bool((best_x == x).all()) else None
-        if depth > 0 and g_prev is not None:
-            dg.append(g - g_prev)
-            dr.append(r - r_prev)
-            if len(dg) > depth:
-                dg.pop(0)
-                dr.pop(0)
-            x_new = _anderson_mix(g, r, dg, dr)
-        else:
-            x_new = g
-        g_prev, r_prev = g, r
-        x = torch.where(_bcast(converged, x), x, x_new)
-    return best_x, best_res, max_iter, None
-
-
 class FixedPointInverse(Solver):
     """One encode step σ_a → σ_b that inverts a decode step: x̄_b with x̄_b + Ψ_{σ_b→σ_a}(x̄_b) = x̄_a.
 
@@ -207,8 +142,17 @@ class FixedPointInverse(Solver):
         x, res, it, k_b, exhausted = guess, None, 0, None, False
         if method != "newton":  # Anderson: alone, or first (hybrid: a short run, divergence allowed)
             budget = max_iter if method == "anderson" else min(HYBRID_ANDERSON_ITER, max_iter)
-            x, res, it, k_b = _anderson_step(step, field, s_b, x_a, guess, scale, tol, budget, self.anderson,
-                                             self.check_finite and method == "anderson")
+            def g(x: Tensor) -> Tensor:  # x̄ ← x̄_a − Ψ(x̄); f(σ_b, x̄) is kept for the next step's guess
+                field.watch, field.seen = (s_b, x), None
+                return x_a - (step(x) - x)
+
+            try:
+                mixed = solvers.anderson(g, guess, scale=scale, tol=tol, max_iter=budget, depth=self.anderson,
+                                         check_finite=self.check_finite and method == "anderson")
+            except FloatingPointError as err:
+                raise StepFailure(f"fixed-point inversion, {{where}}: {err}") from None
+            x, res, it = mixed.y, mixed.residual, mixed.iterations
+            k_b = field.seen if mixed.last_is_best else None
             exhausted = method == "anderson" and it >= max_iter
         if method == "newton" or (method == "hybrid" and not bool((res <= tol).all())):
             guesses = [guess, x_a] if method == "newton" else [x, guess, x_a]

@@ -10,6 +10,7 @@ the statistics, callbacks and failure reports. :func:`solve`, :func:`solve_adapt
 
 from . import _methods  # noqa: F401  (registers the Runge–Kutta methods)
 from ._adaptive import solve_adaptive
+from ._anderson import AndersonResult, anderson
 from ._base import Derivative, Solver, StepResult, VectorField
 from ._driver import FINAL_EULER, final_step_methods, nfe_for_steps, solve, steps_for_nfe, unsolve
 from ._errors import SolveError, StepFailure
@@ -37,6 +38,8 @@ from ._tableau import ButcherTableau
 
 __all__ = [
     "Adams",
+    "AndersonResult",
+    "anderson",
     "Chain",
     "ErrorControl",
     "FINAL_EULER",
