@@ -229,7 +229,7 @@ def test_a_diffusers_model_directory_samples_like_the_library(capsys, tmp_path):
     code, out, err = run(capsys, "sample", "--model", pipe, "--num", 3, "--steps", 4, "--grid", "leading",
                          "--seed", 5, "--scale", 1, "--out", path)
     assert code == 0, err
-    from flowdiff.cli import _to_uint8
+    from flowdiff.cli._images import _to_uint8
 
     flow = flowdiff.from_diffusers(pipe)
     noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64).float()
