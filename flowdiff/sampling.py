@@ -19,6 +19,7 @@ from torch import Tensor
 import solvers
 from solvers import Solver, Stats
 
+from . import _checks
 from .flow import ProbabilityFlow
 from .grids import make_sigmas
 from .latent import Latent
@@ -179,6 +180,8 @@ def generate(
     """
     flow = _check_flow(flow)
     noise = _check_state(noise, "noise")
+    _checks.check_flags(final_euler=final_euler, check_finite=check_finite)  # issue 13
+    _checks.check_model_kwargs(model_kwargs)
     if eta is not None or generator is not None or step_noise is not None:
         from .stochastic import generate_stochastic
 
@@ -252,6 +255,9 @@ def encode(
     """
     flow = _check_flow(flow)
     images = _check_state(images, "images")
+    _checks.check_flags(check_finite=check_finite)  # issue 13
+    _checks.check_model_kwargs(model_kwargs)
+    _checks.check_data_range(images, "images")
     if eta is not None and eta != 0:
         raise ValueError(f"encode takes no eta={eta!r}: the stochastic generative process (eta > 0 or "
                          "'sigma_hat') injects fresh noise at every step and has no inverse; encoding is "
@@ -263,10 +269,12 @@ def encode(
             raise ValueError(f"unknown inversion {inversion!r}; accepted: 'fixed_point' (or None)")
         if rtol is not None or atol is not None:
             raise ValueError("inversion='fixed_point' works on a fixed grid; drop rtol=/atol=")
-        return encode_fixed_point(flow, images, solver=solver, steps=steps, nfe=nfe, grid=grid, sigmas=sigmas,
-                                  timesteps=timesteps, model_kwargs=model_kwargs, solver_options=solver_options,
-                                  grid_options=grid_options, callback=callback, check_finite=check_finite,
-                                  **dict(inversion_options or {}))
+        res = encode_fixed_point(flow, images, solver=solver, steps=steps, nfe=nfe, grid=grid, sigmas=sigmas,
+                                 timesteps=timesteps, model_kwargs=model_kwargs, solver_options=solver_options,
+                                 grid_options=grid_options, callback=callback, check_finite=check_finite,
+                                 **dict(inversion_options or {}))
+        res.latent.set_origin(flow, model_kwargs)  # issue 13: the latent records its model
+        return res
     elif inversion_options is not None:
         raise ValueError("inversion_options= given without inversion=")
     options = dict(solver_options or {})
@@ -294,7 +302,7 @@ def encode(
                                   model_dtype=model_dtype, callback=callback, check_finite=check_finite,
                                   **dict(adaptive_options or {}))
         # the latent records the solver's options, so that its decode runs the same method
-        res.latent = dataclasses.replace(res.latent, solver_options=options)
+        res.latent = dataclasses.replace(res.latent, solver_options=options).set_origin(flow, model_kwargs)
         return res
     if max_nfe is not None:
         raise ValueError("max_nfe= applies to adaptive solves (rtol=/atol=); for a fixed budget use nfe=")
@@ -310,7 +318,7 @@ def encode(
     else:
         x_T = x_T.to(images.dtype)
         latent = Latent(x_T, sig, name, options)
-    return Result(x_T.to(images.dtype), sol.stats, sig, solver_obj.name, latent)
+    return Result(x_T.to(images.dtype), sol.stats, sig, solver_obj.name, latent.set_origin(flow, model_kwargs))
 
 
 def decode(
@@ -329,6 +337,7 @@ def decode(
     final_euler: bool = True,
     callback: Callable[[StepState], None] | None = None,
     check_finite: bool = True,
+    check_model: bool = True,
 ) -> Result:
     """Decode a latent back to an image.
 
@@ -336,9 +345,15 @@ def decode(
     that grid with that solver (a ``ddim_inverse`` latent decodes with Euler, i.e. DDIM), and
     grid or solver arguments that disagree with it are an error. A plain tensor decodes like
     :func:`generate` with the grid arguments given (defaults: Euler on the trailing grid).
+    A latent that records its model (``latent.fingerprint``) refuses another flow or other
+    ``model_kwargs`` with a ValueError naming both, unless ``check_model=False``.
     """
     flow = _check_flow(flow)
+    _checks.check_flags(final_euler=final_euler, check_finite=check_finite, check_model=check_model)  # issue 13
+    _checks.check_model_kwargs(model_kwargs)
     if isinstance(latent, Latent):
+        if check_model:  # issue 13: a latent decodes only with the model that encoded it
+            latent.check_model(flow, model_kwargs)
         return _decode_latent(flow, latent, solver=solver, steps=steps, nfe=nfe, grid=grid, sigmas=sigmas,
                               timesteps=timesteps, model_kwargs=model_kwargs, solver_options=solver_options,
                               final_euler=final_euler, callback=callback, check_finite=check_finite)

@@ -17,17 +17,26 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 import solvers as _solvers
 
-from ._errors import CommandError, one_line
+from ._errors import CommandError, UsageError, one_line
 from ._images import read_images, save_grid, save_images
 from ._models import LoadedModel, in_dtype, load_model
 from ._parser import build_parser
 
-__all__ = ["CommandError", "LoadedModel", "build_parser", "in_dtype", "load_model", "main", "read_images",
+__all__ = ["CommandError", "UsageError", "LoadedModel", "build_parser", "in_dtype", "load_model", "main", "read_images",
            "save_grid", "save_images"]
+
+
+def _one_line_warning(command: str):
+    """A ``warnings.showwarning`` that prints ``flowdiff COMMAND: warning: …`` on one line of stderr."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        print(f"flowdiff {command}: warning: {one_line(message)}", file=sys.stderr)
+
+    return show
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,7 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(args.command)
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"flowdiff {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -49,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("FLOWDIFF_DEBUG"):
             raise
         print(f"flowdiff {args.command}: error: {one_line(err)}", file=sys.stderr)
-        return 1
+        return getattr(err, "exit_code", 1)
     except Exception as err:  # a bug, still reported in one line; FLOWDIFF_DEBUG=1 shows where
         if os.environ.get("FLOWDIFF_DEBUG"):
             raise
