@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ._base import Derivative, Solver, VectorField
+from ._checks import check_flags, check_state
 from ._driver import CountingField, Solution, StepInfo, _located, raise_if_nonfinite
 from ._errors import SolveError
 from ._registry import get
@@ -112,6 +113,8 @@ def solve_adaptive(
     natural in both directions (growing or shrinking ``t`` alike).
     """
     solver = get(solver)
+    check_state(y0, "y0")  # issue 13: a real floating-point start, bool flags
+    check_flags(check_finite=check_finite, log_steps=log_steps)
     if not solver.adaptive:
         raise ValueError(f"solver {solver.name!r} has no error estimate; adaptive solvers: "
                          "see solvers.available(adaptive=True)")

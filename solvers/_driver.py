@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ._base import Solver, VectorField
+from ._checks import check_flags, check_state
 from ._errors import SolveError
 from ._methods import EULER
 from ._registry import get
@@ -120,8 +121,8 @@ def solve(
     """
     solver = get(solver)
     grid = check_grid(ts)
-    if not isinstance(y0, Tensor):
-        raise TypeError(f"y0 must be a torch.Tensor, got {type(y0).__name__}")
+    check_state(y0, "y0")  # issue 13: a real floating-point start, bool flags
+    check_flags(eval_end=eval_end, check_finite=check_finite)
     field = CountingField(f)
     stats = Stats()
     start = time.perf_counter()

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ._base import Solver, VectorField
+from ._checks import check_flags, check_state
 from ._driver import CountingField, Solution, StepInfo, _located, check_grid
 from ._errors import SolveError
 from ._registry import get
@@ -41,8 +42,8 @@ def unsolve(
         raise TypeError(f"unsolve needs a reversible solver (solvers.available(reversible=True): "
                         f"{', '.join(_reversible_names())}); got {solver.name!r}")
     grid = check_grid(ts)
-    if not isinstance(y_end, Tensor):
-        raise TypeError(f"y_end must be a torch.Tensor, got {type(y_end).__name__}")
+    check_state(y_end, "y_end")  # issue 13
+    check_flags(check_finite=check_finite)
     if state is None:
         raise ValueError("unsolve needs the solver's carried state at the grid's end (Solution.state of the "
                          "forward solve); without it the inverse is not defined")
