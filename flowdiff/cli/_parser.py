@@ -95,9 +95,11 @@ def _overwrite_option(parser: argparse.ArgumentParser) -> None:
 
 def _name_list(accepted: Callable[[], Sequence[str]], what: str) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
-        names = [part.strip() for part in text.split(",") if part.strip()]
-        if not names:
+        names = [part.strip() for part in text.split(",")]
+        if not any(names):
             _empty(text)
+        if not all(names):
+            raise argparse.ArgumentTypeError(f"empty entry in {text!r}; expected comma-separated {what} names")
         known = accepted()
         for name in names:
             if name not in known:
