@@ -247,6 +247,10 @@ def _range(data_range: tuple[float, float]) -> tuple[float, float]:
 def to_data(pixels: np.ndarray, fmt: ImageFormat, *, data_range: tuple[float, float] = (-1.0, 1.0)) -> Tensor:
     """Pixels (H, W, C) → a float64 tensor (C, H, W) in the model's data range (see the module docstring)."""
     lo, hi = _range(data_range)
+    if not isinstance(pixels, np.ndarray) or pixels.ndim != 3 or pixels.shape[-1] != fmt.channels \
+            or pixels.dtype != fmt.dtype:
+        raise ValueError(f"to_data: pixels must be a {fmt.dtype} array (H, W, {fmt.channels}) for {fmt}, got "
+                         f"{getattr(pixels, 'dtype', type(pixels).__name__)} of shape {getattr(pixels, 'shape', '?')}")
     v = torch.from_numpy(np.ascontiguousarray(pixels).astype(np.float64)).permute(2, 0, 1).contiguous()
     if fmt.kind == "float":
         return v * (hi - lo) + lo

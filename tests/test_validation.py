@@ -276,3 +276,38 @@ def test_images_far_outside_the_data_range_warn_naming_them(scale):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         flowdiff.encode(flow, torch.rand(2, *SHAPE) * 2.2 - 1.1, steps=3)  # a resampling overshoot passes
+
+
+@pytest.mark.parametrize(("solver", "kwargs", "names"), [
+    ("dopri5", dict(order=0), "order"),
+    ("dopri5", dict(order=2.0), "order"),
+    ("dopri5", dict(order=True), "order"),
+    ("dopri5", dict(order=5, error_order=0), "error_order"),
+    ("dopri5", dict(order=5, error_order=-1), "error_order"),
+    ("dopri5", dict(order=5, error_order="4"), "error_order"),
+    ("dopri5", dict(order=1), "error_order"),  # its default error order, order − 1, would be 0
+    ("rk4", dict(order=4, error_order=3), "error_order"),  # no embedded method to have an order
+])
+def test_orders_out_of_range_are_refused(solver, kwargs, names):
+    tableau = solvers.get(solver).tableau
+    with pytest.raises((ValueError, TypeError)) as info:
+        solvers.ExplicitRK("custom", tableau, **kwargs)
+    assert names in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_reconstruction_metrics_refuse_non_finite_images(images, bad):
+    broken = images.clone()
+    broken[0, 0, 0, 0] = bad
+    for original, rec, names in ((images, broken, "reconstruction"), (broken, images, "original")):
+        with pytest.raises(ValueError, match=names):
+            flowdiff.reconstruction(original, rec)
+
+
+def test_pixels_that_do_not_match_their_format_are_refused():
+    from flowdiff.imageio import ImageFormat, to_data
+
+    with pytest.raises(ValueError, match="uint16"):
+        to_data(np.zeros((4, 4, 1), dtype=np.float32), ImageFormat("L", 16))
+    with pytest.raises(ValueError, match="RGB"):
+        to_data(np.zeros((4, 4, 1), dtype=np.uint8), ImageFormat("RGB", 8))
