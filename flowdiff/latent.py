@@ -209,7 +209,10 @@ class Latent:
 
         path = _check_path(path)
         name = os.fspath(path)
-        target = _check_device(device)
+        try:
+            target = _check_device(device)
+        except ValueError as err:
+            raise ValueError(f"latent file {name!r}: cannot load onto {err}") from None
         if not path.is_file():
             raise FileNotFoundError(f"latent file {name!r}: no such file")
         data = path.read_bytes()

@@ -80,6 +80,8 @@ def work(tmp_path):
     (tmp_path / "notes.txt").write_text("not a folder")
     (tmp_path / "existing.png").write_bytes(b"precious")
     (tmp_path / "lat.safetensors").write_bytes(b"\0" * 7)
+    (tmp_path / "C").mkdir()
+    (tmp_path / "C" / "reference.safetensors").write_bytes(b"someone else's file")
     return tmp_path
 
 
@@ -123,6 +125,8 @@ BAD = [
     (["roundtrip", "a/x.png", *MIX, "--out", "notes.txt"], 1, ["notes.txt", "folder"]),
     (["compare", *MIX, "--out", "notes.txt"], 1, ["notes.txt"]),
     (["sample", "--model", "no/such/dir"], 1, ["no/such/dir"]),
+    (["sample", "--model", ""], 1, ["--model ''"]),
+    (["compare", *MIX, "--out", "C", "--no-progress"], 1, ["reference.safetensors", "--overwrite"]),
 ]
 
 

@@ -9,8 +9,17 @@
 Everything runs offline: the default model is the small trained digits model shipped with
 the package (``--model digits``); ``--model analytic-mixture`` is a closed-form Gaussian
 mixture over 8×8 digit images (exact ε, no network); ``--model DIR`` loads a local diffusers
-model directory. Errors end the command with a one-line message and a non-zero status
-(1: the command failed, 2: bad arguments); set ``FLOWDIFF_DEBUG=1`` to see the traceback.
+model directory.
+
+Outputs are planned before any work (:mod:`._outputs`): names that collide, an output that is an
+input, or one that exists (without ``--overwrite``) stop the command before the model runs; each
+file is written atomically. Image files keep their depth (:mod:`flowdiff.imageio`); latents
+files record their model and refuse another at decode (``--ignore-fingerprint``). Errors end the
+command with a one-line message naming the option or file and a non-zero status (2: arguments
+that cannot work, 1: a failure at run time); set ``FLOWDIFF_DEBUG=1`` to see the traceback.
+
+The package: ``_parser`` (options), ``_models`` (``--model``), ``_images`` (image files),
+``_outputs`` (the output plan), ``_commands`` (one function per command), ``_errors``.
 """
 
 from __future__ import annotations

@@ -100,11 +100,14 @@ def load_model(spec: str, *, dtype: torch.dtype | None = torch.float32,
     if spec == "analytic-mixture":
         return _mixture_digits(dtype, device)
     path = Path(spec)
-    if not path.exists():
+    if not spec.strip() or not path.exists():
         raise CommandError(f"--model {spec!r}: no such directory; give {' or '.join(BUILTIN_MODELS)}, "
                            "or a local diffusers model directory")
     if not path.is_dir():
         raise CommandError(f"--model {spec!r} is a file; a diffusers model is a directory (with model_index.json "
                            "or config.json)")
-    return _diffusers_dir(path, dtype, device)
+    try:
+        return _diffusers_dir(path, dtype, device)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CommandError(f"--model {spec!r}: {' '.join(str(err).split()) or type(err).__name__}") from None
 
