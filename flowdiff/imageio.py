@@ -210,7 +210,11 @@ def write_image(path: str | os.PathLike[str], pixels: np.ndarray, fmt: ImageForm
     if not isinstance(pixels, np.ndarray) or pixels.ndim != 3 or pixels.shape[-1] != fmt.channels:
         raise ValueError(f"write_image {os.fspath(path)!r}: pixels must be an array (H, W, {fmt.channels}) for "
                          f"{fmt}, got {getattr(pixels, 'shape', type(pixels).__name__)}")
-    pixels = np.ascontiguousarray(pixels, dtype=fmt.dtype)
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"write_image {os.fspath(path)!r}: scale must be a positive int, got {scale!r}")
+    if pixels.dtype != fmt.dtype:
+        raise ValueError(f"write_image {os.fspath(path)!r}: pixels are {pixels.dtype}, {fmt} needs {fmt.dtype}")
+    pixels = np.ascontiguousarray(pixels)
     if scale > 1:
         pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)
     suffix = path.suffix.lower()
@@ -265,6 +269,8 @@ def from_data(x: Tensor, fmt: ImageFormat, *, data_range: tuple[float, float] = 
         raise ValueError(f"from_data: need a tensor (C, H, W) with C = {fmt.channels} for {fmt}, got shape "
                          f"{tuple(x.shape)}")
     x = x.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"from_data: the image contains NaN or inf; it cannot be written as {fmt}")
     if fmt.kind == "float":
         return ((x - lo) / (hi - lo)).permute(1, 2, 0).numpy().astype(np.float32)
     top = 2**fmt.bits - 1

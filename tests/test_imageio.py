@@ -159,3 +159,14 @@ def test_writes_are_atomic_and_keep_an_earlier_file_when_they_fail(tmp_path):
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["x.png"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         write_image(tmp_path / "no" / "x.png", random_pixels(fmt), fmt)
+
+
+def test_pixels_of_another_dtype_a_bad_scale_or_non_finite_data_are_refused(tmp_path):
+    fmt = ImageFormat("L", 8)
+    with pytest.raises(ValueError, match="uint8"):
+        write_image(tmp_path / "a.png", np.zeros((4, 4, 1), dtype=np.uint16), fmt)  # would wrap 16 bits to 8
+    with pytest.raises(ValueError, match="scale"):
+        write_image(tmp_path / "a.png", np.zeros((4, 4, 1), dtype=np.uint8), fmt, scale=0)
+    with pytest.raises(ValueError, match="NaN"):
+        from_data(torch.full((1, 4, 4), float("nan")), fmt)
+    assert list(tmp_path.iterdir()) == []
