@@ -453,6 +453,15 @@ def _check_budgets(nfe: Iterable[int] | int) -> list[int]:
     return sorted(set(values))
 
 
+def _check_noise(noise: Tensor) -> None:
+    """A batch (N, ...) with N ≥ 1 and at least one value per sample, all finite."""
+    if noise.ndim < 1 or noise.shape[0] < 1 or noise[0].numel() < 1:
+        raise ValueError(f"noise must be a non-empty batch (batch, ...) with batch >= 1, got shape "
+                         f"{tuple(noise.shape)}")
+    if not bool(torch.isfinite(noise).all()):
+        raise ValueError("noise contains NaN or inf; compare needs finite noise, e.g. torch.randn(batch, *shape)")
+
+
 def compare(
     flow: ProbabilityFlow,
     noise: Tensor,
@@ -485,7 +494,9 @@ def compare(
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
     if not isinstance(noise, Tensor) or not noise.is_floating_point():
-        raise TypeError(f"noise must be a floating-point torch.Tensor, got {type(noise).__name__}")
+        raise TypeError(f"noise must be a floating-point torch.Tensor, got "
+                        f"{noise.dtype if isinstance(noise, Tensor) else type(noise).__name__}")
+    _check_noise(noise)  # issue 13
     names = _check_names(default_solvers() if solvers is None else solvers, "solvers", _solvers.available())
     grid_names = _check_names(grids, "grids", GRIDS)
     budgets = _check_budgets(nfe)

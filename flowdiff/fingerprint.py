@@ -20,7 +20,7 @@ from .flow import ProbabilityFlow
 def _update(h: Any, value: object) -> None:
     if isinstance(value, Tensor):
         h.update(str((value.dtype, tuple(value.shape))).encode())
-        h.update(value.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     elif isinstance(value, Mapping):
         for key in sorted(value, key=str):
             h.update(str(key).encode())

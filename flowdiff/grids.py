@@ -13,6 +13,32 @@ import numpy as np
 from .schedules import ArrayLike, Schedule
 
 GRIDS = ("trailing", "leading", "linear", "quadratic", "karras", "logsnr")
+#: The options each grid takes (``grid_options=``); the timestep grids and explicit sigmas/timesteps take none.
+GRID_OPTIONS: dict[str, tuple[str, ...]] = {"karras": ("rho", "sigma_min", "sigma_max"),
+                                            "logsnr": ("power", "sigma_min", "sigma_max")}
+_DEFAULTS = {"rho": 7.0, "power": 1.0}
+
+
+def check_grid_options(grid: object, options: dict[str, object], *, explicit: str | None = None) -> dict[str, float]:
+    """The options of ``grid`` as floats; an option the grid does not take, or a value that is not a finite real
+    number, is an error naming the option, the value and what is accepted. ``explicit`` names the argument
+    (``"sigmas"``/``"timesteps"``) when the grid is given explicitly, which takes no options."""
+    if not options:
+        return {}
+    if explicit is None and grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}; available: {', '.join(GRIDS)}, or pass sigmas= or timesteps=")
+    accepted = () if explicit is not None else GRID_OPTIONS.get(grid, ()) if isinstance(grid, str) else ()
+    for name, value in options.items():
+        if name not in accepted:
+            where = f"an explicit {explicit}= grid" if explicit is not None else f"grid {grid!r}"
+            takes = ", ".join(accepted) if accepted else "no options"
+            others = "; ".join(f"{g}: {', '.join(o)}" for g, o in GRID_OPTIONS.items())
+            raise TypeError(f"{where} takes {takes}; got grid option {name!r}={value!r} (grid options: {others})")
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TypeError(f"grid option {name} must be a real number, got {value!r} ({type(value).__name__})")
+        if not np.isfinite(value):
+            raise ValueError(f"grid option {name} must be finite, got {value!r}")
+    return {name: float(value) for name, value in options.items()}
 
 
 def _check_steps(steps: object) -> int:
@@ -53,10 +79,7 @@ def make_sigmas(
     *,
     sigmas: ArrayLike | None = None,
     timesteps: ArrayLike | None = None,
-    rho: float = 7.0,
-    sigma_min: float | None = None,
-    sigma_max: float | None = None,
-    power: float = 1.0,
+    **grid_options: float,
 ) -> np.ndarray:
     """The generation grid: ``steps + 1`` σ values, strictly decreasing, ending with 0.
 
@@ -65,10 +88,16 @@ def make_sigmas(
     strictly decreasing, fractional allowed) get σ = 0 appended. ``power`` (logsnr only)
     warps the log-uniform grid: below 1 it spends more steps at large σ, which at 10–20
     evaluations measured better on the digits mixture (``benchmarks/results/lownfe.md``).
+
+    ``grid_options`` are the named grid's (:data:`GRID_OPTIONS`): ``rho`` (karras, default 7),
+    ``power`` (logsnr, default 1), ``sigma_min``/``sigma_max`` (karras and logsnr; default and
+    bounds: the schedule's trained range, outside which the model's timestep would be clamped).
+    Any other option, or one that the grid does not take, is a ``TypeError``.
     """
     given = [name for name, v in (("steps", steps), ("sigmas", sigmas), ("timesteps", timesteps)) if v is not None]
     if len(given) != 1:
         raise ValueError(f"give exactly one of steps, sigmas or timesteps; got {given or 'none'}")
+    options = check_grid_options(grid, grid_options, explicit=given[0] if given[0] != "steps" else None)
     if sigmas is not None:
         s = np.asarray(sigmas.detach().cpu().double() if hasattr(sigmas, "detach") else sigmas, dtype=np.float64)
         if s.ndim != 1 or s.size < 2:
@@ -94,20 +123,27 @@ def make_sigmas(
     ts = grid_timesteps(schedule, grid, steps)  # validates grid and steps
     if ts is not None:
         return np.append(schedule.sigmas[ts], 0.0)
-    lo = schedule.sigma_min if sigma_min is None else float(sigma_min)
-    hi = schedule.sigma_max if sigma_max is None else float(sigma_max)
-    if not 0 < lo < hi:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got {lo}, {hi}")
+    lo = options.get("sigma_min", schedule.sigma_min)
+    hi = options.get("sigma_max", schedule.sigma_max)
+    rho = options.get("rho", _DEFAULTS["rho"])
+    power = options.get("power", _DEFAULTS["power"])
+    for name, value in (("sigma_min", lo), ("sigma_max", hi)):
+        if not schedule.sigma_min * (1 - 1e-12) <= value <= schedule.sigma_max * (1 + 1e-12):
+            raise ValueError(f"grid option {name}={value!r} is outside the schedule's trained range "
+                             f"[{schedule.sigma_min:.6g}, {schedule.sigma_max:.6g}] (the model's timestep would be "
+                             "clamped there)")
+    if not lo < hi:
+        raise ValueError(f"grid options need sigma_min < sigma_max, got sigma_min={lo!r}, sigma_max={hi!r}")
     if steps == 1:
         return np.array([hi, 0.0])
     ramp = np.linspace(0.0, 1.0, steps)
     if grid == "karras":
         if not rho > 0:
-            raise ValueError(f"rho must be > 0, got {rho}")
+            raise ValueError(f"grid option rho must be > 0 (EDM uses 7), got {rho!r}")
         s = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
     else:  # logsnr; power < 1 moves steps towards σ_max (log σ_i = log σ_max + (i/(n−1))^power · Δ)
-        if not (isinstance(power, (int, float)) and 0 < power < 10):
-            raise ValueError(f"power must be a number in (0, 10), got {power!r}")
+        if not 0 < power < 10:
+            raise ValueError(f"grid option power must be a number in (0, 10), got {power!r}")
         s = np.exp(np.log(hi) + ramp**power * (np.log(lo) - np.log(hi)))
     s[0], s[-1] = hi, lo
     return np.append(s, 0.0)

@@ -4,7 +4,13 @@ A :class:`Latent` is self-contained: ``decode(flow, latent)`` needs nothing besi
 main tensor ``x`` is always DDIM's x_T (x̄/√(1+σ_max²)), so it can also be used as plain
 noise; a reversible solver's extra state rides along in ``solver_state``. ``save``/``load``
 write and read one safetensors file (tensors as tensors, the grid as float64, the rest as
-JSON metadata).
+JSON metadata), atomically.
+
+A latent knows where it comes from: ``fingerprint`` is :func:`flowdiff.flow_fingerprint` of
+the flow and conditioning that encoded it, and ``dtype`` the images' dtype. A decode with
+another model, schedule or conditioning would return images off by whatever the models differ
+by, with no error; :meth:`Latent.check_model` refuses it (``decode(..., check_model=False)``
+for those who mean it).
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +28,11 @@ import torch
 from torch import Tensor
 
 from solvers import ReversibleState
+
+from ._files import atomic_write, check_folder
+from .fingerprint import flow_fingerprint
+from .flow import ProbabilityFlow
+from .plugins import decodes_with
 
 _FORMAT = "flowdiff.Latent/1"
 
@@ -39,6 +52,10 @@ class Latent:
     returns (default: ``x.dtype``). A reversible solver keeps ``x`` and its state in float64
     for float32 (or lower) images, since its exact inverse amplifies the rounding of the
     state it starts from; ``x.to(latent.dtype)`` is the plain x_T at the images' precision.
+
+    ``fingerprint`` is the digest of the flow and ``model_kwargs`` that encoded it (``None``:
+    unknown, not checked); ``info`` free JSON-serialisable notes kept in the file (the
+    ``flowdiff`` command keeps the images' names and formats there).
     """
 
     x: Tensor
@@ -49,10 +66,23 @@ class Latent:
     inversion: str | None = None
     final_euler: bool | None = None
     dtype: torch.dtype | None = None
+    fingerprint: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.x, Tensor):
             raise TypeError(f"Latent.x must be a torch.Tensor, got {type(self.x).__name__}")
+        if not self.x.is_floating_point():
+            raise TypeError(f"Latent.x must be a floating-point tensor, got {self.x.dtype}")
+        if self.fingerprint is not None and not isinstance(self.fingerprint, str):
+            raise TypeError(f"Latent.fingerprint must be a str (flowdiff.flow_fingerprint) or None, "
+                            f"got {type(self.fingerprint).__name__}")
+        if not isinstance(self.info, dict):
+            raise TypeError(f"Latent.info must be a dict, got {type(self.info).__name__}")
+        if self.inversion is not None and not isinstance(self.inversion, str):
+            raise TypeError(f"Latent.inversion must be a str or None, got {self.inversion!r}")
+        if self.final_euler is not None and not isinstance(self.final_euler, bool):
+            raise TypeError(f"Latent.final_euler must be True, False or None, got {self.final_euler!r}")
         if self.dtype is None:
             self.dtype = self.x.dtype
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
@@ -93,12 +123,40 @@ class Latent:
         if st is not None:
             st = ReversibleState(st.t, st.z.to(device), None if st.k is None else st.k.to(device))
         return Latent(self.x.to(device), self.sigmas.copy(), self.solver, dict(self.solver_options), st,
-                      self.inversion, self.final_euler, self.dtype)
+                      self.inversion, self.final_euler, self.dtype, self.fingerprint, dict(self.info))
+
+    def set_origin(self, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> Latent:
+        """Record the fingerprint of the flow and conditioning that made this latent (left ``None`` for a model that
+        cannot be fingerprinted, such as a plain function); returns ``self``."""
+        try:
+            self.fingerprint = flow_fingerprint(flow, model_kwargs)
+        except TypeError:
+            self.fingerprint = None
+        return self
+
+    def check_model(self, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> None:
+        """Raise ``ValueError`` if ``flow`` and ``model_kwargs`` are not the model, schedule and conditioning this
+        latent was encoded with (their :func:`flowdiff.flow_fingerprint` differs from :attr:`fingerprint`).
+
+        A latent without a fingerprint (an older file, or a model that cannot be fingerprinted) is not checked.
+        """
+        if self.fingerprint is None:
+            return
+        try:
+            got = flow_fingerprint(flow, model_kwargs)
+        except TypeError as err:
+            raise ValueError(f"this latent was encoded with the model fingerprinted {self.fingerprint}, and this "
+                             f"flow cannot be fingerprinted to check it ({err}); pass check_model=False to decode "
+                             "anyway") from None
+        if got != self.fingerprint:
+            raise ValueError(f"this latent was encoded with another model, schedule or conditioning: its fingerprint "
+                             f"is {self.fingerprint}, this flow and model_kwargs give {got}; decode with the "
+                             "encoding model and model_kwargs, or pass check_model=False to decode anyway")
 
     def check_decode(self, *, solver: str | None = None, steps: int | None = None,
                      sigmas: np.ndarray | None = None, solver_options: dict[str, Any] | None = None) -> None:
         """Raise ValueError naming the mismatch if a decode asks for another solver, step count, grid or options."""
-        own = "euler" if self.solver == "ddim_inverse" else self.solver
+        own = decodes_with(self.solver)
         if solver is not None and solver != own:
             raise ValueError(f"this latent was encoded with solver {self.solver!r} and decodes with {own!r}; "
                              f"got solver={solver!r} (pass latent.x to decode a plain tensor another way)")
@@ -114,48 +172,143 @@ class Latent:
                              f"got {dict(solver_options)}")
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write this latent to one safetensors file (read it back with :meth:`Latent.load`)."""
-        from safetensors.torch import save_file
+        """Write this latent to one safetensors file (read it back with :meth:`Latent.load`), atomically: the file is
+        written next to ``path`` and renamed onto it, so a failure leaves an earlier file untouched."""
+        from safetensors.torch import save
 
+        path = _check_path(path)
+        check_folder(path, "latent file")
         tensors = {"x": self.x.detach().contiguous().cpu(),
                    "sigmas": torch.from_numpy(np.ascontiguousarray(self.sigmas))}
         meta: dict[str, Any] = {"format": _FORMAT, "solver": self.solver, "inversion": self.inversion,
-                                "final_euler": self.final_euler, "dtype": str(self.dtype).removeprefix("torch.")}
-        try:
-            meta["solver_options"] = json.dumps(self.solver_options)
-        except TypeError:
-            raise TypeError(f"Latent.save: solver_options must be JSON-serialisable, got {self.solver_options!r}") \
-                from None
+                                "final_euler": self.final_euler, "dtype": str(self.dtype).removeprefix("torch."),
+                                "fingerprint": self.fingerprint}
+        for name in ("solver_options", "info"):
+            try:
+                meta[name] = json.dumps(getattr(self, name), allow_nan=False)
+            except (TypeError, ValueError):
+                raise TypeError(f"Latent.save: {name} must be JSON-serialisable, got {getattr(self, name)!r}") \
+                    from None
         st = self.solver_state
         if st is not None:
             meta["state_t"] = st.t.hex()
             tensors["state.z"] = st.z.detach().contiguous().cpu()
             if st.k is not None:
                 tensors["state.k"] = st.k.detach().contiguous().cpu()
-        save_file(tensors, os.fspath(path), metadata={k: json.dumps(v) for k, v in meta.items()})
+        data = save(tensors, metadata={k: json.dumps(v) for k, v in meta.items()})
+        atomic_write(path, data, "latent file")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, device: torch.device | str = "cpu") -> Latent:
-        """Read a latent written by :meth:`save` (bit-exact: tensors, the float64 grid and σ_max as hex)."""
-        from safetensors import safe_open
+        """Read a latent written by :meth:`save` (bit-exact: tensors, the float64 grid and σ_max as hex).
 
-        with safe_open(os.fspath(path), framework="pt", device=str(device)) as fh:
-            raw = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118  (safe_open has no __iter__)
-        meta = {k: json.loads(v) for k, v in raw.items()}
+        Every way a file can be wrong (missing, empty, truncated, not safetensors, not a latent, an entry missing,
+        bad metadata) is a ``ValueError`` (``FileNotFoundError`` when missing) naming the file and what is wrong;
+        an unavailable ``device`` is a ``ValueError`` naming it.
+        """
+        from safetensors.torch import load as load_bytes
+
+        path = _check_path(path)
+        name = os.fspath(path)
+        try:
+            target = _check_device(device)
+        except ValueError as err:
+            raise ValueError(f"latent file {name!r}: cannot load onto {err}") from None
+        if not path.is_file():
+            raise FileNotFoundError(f"latent file {name!r}: no such file")
+        data = path.read_bytes()
+        if not data:
+            raise ValueError(f"latent file {name!r}: the file is empty")
+        try:
+            tensors = load_bytes(data)
+            raw = _safetensors_metadata(data)
+        except Exception as err:  # safetensors' own error type, or a header that is not JSON
+            raise ValueError(f"latent file {name!r}: not a safetensors file, or truncated "
+                             f"({' '.join(str(err).split()) or type(err).__name__})") from None
+        meta: dict[str, Any] = {}
+        for key, value in raw.items():
+            try:
+                meta[key] = json.loads(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"latent file {name!r}: metadata entry {key!r} is not JSON: {value!r:.80}") from None
         if meta.get("format") != _FORMAT:
-            raise ValueError(f"{os.fspath(path)!r} is not a flowdiff latent file (format {meta.get('format')!r}, "
+            raise ValueError(f"latent file {name!r} is not a flowdiff latent file (format {meta.get('format')!r}, "
                              f"expected {_FORMAT!r})")
+        for key in ("x", "sigmas"):
+            if key not in tensors:
+                raise ValueError(f"latent file {name!r}: the tensor {key!r} is missing")
+        for key in ("solver", "solver_options"):
+            if key not in meta:
+                raise ValueError(f"latent file {name!r}: the metadata entry {key!r} is missing")
         dtype = None
         if meta.get("dtype") is not None:
             dtype = getattr(torch, str(meta["dtype"]), None)
             if not isinstance(dtype, torch.dtype):
-                raise ValueError(f"{os.fspath(path)!r}: unknown images dtype {meta['dtype']!r} in the metadata")
+                raise ValueError(f"latent file {name!r}: unknown images dtype {meta['dtype']!r} in the metadata")
+        try:
+            options = json.loads(meta["solver_options"]) if isinstance(meta["solver_options"], str) else None
+            info = json.loads(meta["info"]) if isinstance(meta.get("info"), str) else meta.get("info", {})
+        except ValueError:
+            options, info = None, None
+        if not isinstance(options, dict):
+            raise ValueError(f"latent file {name!r}: metadata solver_options is not a JSON object: "
+                             f"{meta['solver_options']!r:.80}")
+        if not isinstance(info, dict):
+            raise ValueError(f"latent file {name!r}: metadata info is not a JSON object: {meta.get('info')!r:.80}")
         state = None
         if "state.z" in tensors:
-            state = ReversibleState(float.fromhex(meta["state_t"]), tensors["state.z"], tensors.get("state.k"))
-        return cls(tensors["x"], tensors["sigmas"].cpu().double().numpy(), meta["solver"],
-                   json.loads(meta["solver_options"]), state, meta.get("inversion"), meta.get("final_euler"), dtype)
+            try:
+                t = float.fromhex(meta["state_t"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"latent file {name!r}: the reversible state's time state_t is missing or not a "
+                                 f"hex float: {meta.get('state_t')!r}") from None
+            state = ReversibleState(t, tensors["state.z"].to(target), _get(tensors, "state.k", target))
+        sigmas = tensors["sigmas"]
+        if not sigmas.is_floating_point() or sigmas.ndim != 1:
+            raise ValueError(f"latent file {name!r}: sigmas must be a 1-D float tensor, got {sigmas.dtype} of shape "
+                             f"{tuple(sigmas.shape)}")
+        try:
+            return cls(tensors["x"].to(target), sigmas.double().numpy(), meta["solver"], options, state,
+                       meta.get("inversion"), meta.get("final_euler"), dtype, meta.get("fingerprint"), info)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"latent file {name!r}: {err}") from None
+
+
+def _get(tensors: dict[str, Tensor], key: str, device: torch.device) -> Tensor | None:
+    value = tensors.get(key)
+    return None if value is None else value.to(device)
+
+
+def _check_path(path: object) -> Path:
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    return Path(path)
+
+
+def _check_device(device: object) -> torch.device:
+    """``device`` as a torch.device, refused with a ValueError naming it when it does not exist on this machine."""
+    try:
+        target = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:0')") from None
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available in this torch build or on this machine")
+        if target.index is not None and target.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif target.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available on this machine")
+    return target
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's JSON header (the tensors were read by safetensors itself)."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("__metadata__ is not an object")
+    return meta
 
 
 def _short(s: np.ndarray) -> str:

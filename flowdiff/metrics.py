@@ -34,6 +34,9 @@ def _pair(original: Tensor, reconstruction: Tensor, data_range: tuple[float, flo
         raise TypeError(f"data_range must be a pair (lo, hi) of numbers, got {data_range!r}") from None
     if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
         raise ValueError(f"data_range must be a finite pair with hi > lo, got {data_range!r}")
+    for name, x in (("original", original), ("reconstruction", reconstruction)):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or inf; reconstruction metrics need finite images")
     diff = (reconstruction.double() - original.double()).reshape(original.shape[0], -1)
     return diff, hi - lo
 

@@ -26,6 +26,7 @@ from torch import Tensor
 import solvers
 from solvers import ReversibleHeun, Solver
 
+from . import _checks
 from . import ddim_inverse as _ddim_inverse  # noqa: F401  (registers the 'ddim_inverse' plug-in)
 from .adaptive import solve_adaptive_flow
 from .engine import solve_grid
@@ -160,6 +161,8 @@ def generate(
     """
     flow = check_flow(flow)
     noise = check_state(noise, "noise")
+    _checks.check_flags(final_euler=final_euler, check_finite=check_finite)
+    _checks.check_model_kwargs(model_kwargs)
     adaptive_given = rtol is not None or atol is not None or adaptive is not None
     grid_spec = build_grid(grid, steps=steps, nfe=nfe, sigmas=None if adaptive_given else sigmas,
                            timesteps=timesteps, grid_options=grid_options, final_euler=final_euler)
@@ -234,6 +237,9 @@ def encode(
     """
     flow = check_flow(flow)
     images = check_state(images, "images")
+    _checks.check_flags(check_finite=check_finite)
+    _checks.check_model_kwargs(model_kwargs)
+    _checks.check_data_range(images, "images")
     if eta is not None and eta != 0:
         raise ValueError(f"encode takes no eta={eta!r}: the stochastic generative process (eta > 0 or "
                          "'sigma_hat') injects fresh noise at every step and has no inverse; encoding is "
@@ -257,7 +263,9 @@ def encode(
                              "(use solver='euler' to invert DDIM decoding)")
         solver_obj, name, options = _resolve_solver(solver, solver_options, "encode")
         request = _request(flow, solver_obj, name, options, grid_spec, None, model_kwargs, callback, check_finite)
-        return plugin.run(request, images, spec)
+        res = plugin.run(request, images, spec)
+        res.latent.set_origin(flow, model_kwargs)  # the latent records its model
+        return res
     if inversion_options is not None:
         raise ValueError("inversion_options= given without inversion=")
     state_dtype = None if images.dtype == torch.float64 else exact_dtype(images)
@@ -268,7 +276,9 @@ def encode(
     request = _request(flow, solver_obj, name, options, grid_spec, adaptive_spec, model_kwargs, callback,
                        check_finite)
     if adaptive_spec is not None:
-        return solve_adaptive_flow(request, images, direction="encode", model_dtype=model_dtype)
+        res = solve_adaptive_flow(request, images, direction="encode", model_dtype=model_dtype)
+        res.latent.set_origin(flow, model_kwargs)
+        return res
     sig = grid_spec.generation_sigmas(flow, solver_obj, final_euler=False)[::-1].copy()
     form = formulation_for(solver_obj, "encode")
     sol = solve_grid(flow.field(request.model_kwargs, model_dtype, sigmas=sig), form, sig.tolist(), solver_obj,
@@ -279,7 +289,7 @@ def encode(
     else:
         x_T = x_T.to(images.dtype)
         latent = Latent(x_T, sig, name, options)
-    return Result(x_T.to(images.dtype), sol.stats, sig, solver_obj.name, latent)
+    return Result(x_T.to(images.dtype), sol.stats, sig, solver_obj.name, latent.set_origin(flow, model_kwargs))
 
 
 def decode(
@@ -298,6 +308,7 @@ def decode(
     final_euler: bool = True,
     callback: Callable[[StepState], None] | None = None,
     check_finite: bool = True,
+    check_model: bool = True,
 ) -> Result:
     """Decode a latent back to an image.
 
@@ -305,9 +316,15 @@ def decode(
     that grid with that solver (a ``ddim_inverse`` latent decodes with Euler, i.e. DDIM), and
     grid or solver arguments that disagree with it are an error. A plain tensor decodes like
     :func:`generate` with the grid arguments given (defaults: Euler on the trailing grid).
+    A latent that records its model (``latent.fingerprint``) refuses another flow or other
+    ``model_kwargs`` with a ValueError naming both, unless ``check_model=False``.
     """
     flow = check_flow(flow)
+    _checks.check_flags(final_euler=final_euler, check_finite=check_finite, check_model=check_model)
+    _checks.check_model_kwargs(model_kwargs)
     if isinstance(latent, Latent):
+        if check_model:  # a latent decodes only with the model that encoded it
+            latent.check_model(flow, model_kwargs)
         return _decode_latent(flow, latent, solver=solver, steps=steps, nfe=nfe, grid=grid, sigmas=sigmas,
                               timesteps=timesteps, model_kwargs=model_kwargs, solver_options=solver_options,
                               final_euler=final_euler, callback=callback, check_finite=check_finite)

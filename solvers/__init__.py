@@ -12,6 +12,7 @@ from . import _methods  # noqa: F401  (registers the Runge–Kutta methods)
 from ._adaptive import solve_adaptive
 from ._anderson import AndersonResult, anderson
 from ._base import Derivative, Solver, StepResult, VectorField
+from ._checks import check_state
 from ._driver import FINAL_EULER, final_step_methods, nfe_for_steps, solve, steps_for_nfe, unsolve
 from ._errors import SolveError, StepFailure
 from ._integrate import (
@@ -24,7 +25,6 @@ from ._integrate import (
     StepInfo,
     Stepping,
     check_grid,
-    check_state,
     integrate,
     rms_norm,
 )

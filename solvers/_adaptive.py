@@ -11,6 +11,7 @@ from collections.abc import Callable
 from torch import Tensor
 
 from ._base import Solver, VectorField
+from ._checks import check_flags
 from ._integrate import ErrorControl, ErrorNorm, Solution, StepController, StepInfo, integrate, rms_norm
 from ._registry import get
 
@@ -48,6 +49,7 @@ def solve_adaptive(
     natural in both directions (growing or shrinking ``t`` alike).
     """
     solver = get(solver)
+    check_flags(check_finite=check_finite, log_steps=log_steps)
     if not solver.adaptive:
         raise ValueError(f"solver {solver.name!r} has no error estimate; adaptive solvers: "
                          "see solvers.available(adaptive=True)")

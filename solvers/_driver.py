@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ._base import Solver, VectorField
+from ._checks import check_flags, check_state
 from ._integrate import FixedGrid, Solution, StepInfo, check_grid, integrate
 from ._methods import EULER
 from ._registry import get
@@ -50,6 +51,7 @@ def solve(
     at the end, never inside the loop.
     """
     solver = get(solver)
+    check_flags(eval_end=eval_end)
     grid = check_grid(ts)
     stepping = FixedGrid(grid, final_step_methods(solver, len(grid) - 1, eval_end))
     return integrate(f, y0, solver, stepping, state=state, callback=callback, check_finite=check_finite,
@@ -77,6 +79,7 @@ def unsolve(
     the grid in the order visited (``ts`` reversed) and ``state`` the solver's state at ``ts[0]``.
     """
     solver = get(solver)
+    check_state(y_end, "y_end")
     grid = check_grid(ts)
     return integrate(f, y_end, solver, FixedGrid(grid, inverse=True), state=state, callback=callback,
                      check_finite=check_finite, time_name=time_name)

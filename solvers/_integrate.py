@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ._base import Derivative, Solver, StepResult, VectorField
+from ._checks import check_derivative, check_flags, check_state
 from ._errors import SolveError, StepFailure
 from ._registry import available, get
 from ._stats import Stats
@@ -63,17 +64,22 @@ class Solution:
 
 
 class _Counted:
-    """``f`` with its evaluations counted: the NFE of the statistics."""
+    """``f`` with its evaluations counted: the NFE of the statistics. Its first value is checked to
+    be a tensor of the state's shape and dtype (a complex or other-precision result is refused)."""
 
-    __slots__ = ("f", "nfe")
+    __slots__ = ("f", "nfe", "time_name")
 
-    def __init__(self, f: VectorField) -> None:
+    def __init__(self, f: VectorField, time_name: str = "t") -> None:
         self.f = f
         self.nfe = 0
+        self.time_name = time_name
 
     def __call__(self, t: float, y: Tensor) -> Tensor:
         self.nfe += 1
-        return self.f(t, y)
+        k = self.f(t, y)
+        if self.nfe == 1:
+            check_derivative(k, y, t, self.time_name)
+        return k
 
 
 class _Stop(Exception):
@@ -98,16 +104,6 @@ def check_grid(ts: Sequence[float], *, name: str = "ts", infinite_ends: bool = F
         raise ValueError(f"{name} must be strictly monotone; it breaks between index {bad} and {bad + 1} "
                          f"({grid[bad]!r} -> {grid[bad + 1]!r})")
     return grid
-
-
-def check_state(y0: object, name: str = "y0") -> Tensor:
-    """``y0`` must be a floating-point tensor (an integer state cannot take fractional steps)."""
-    if not isinstance(y0, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(y0).__name__}")
-    if not (y0.is_floating_point() or y0.is_complex()):
-        raise TypeError(f"{name} must be a floating-point tensor (float64, float32, float16, bfloat16), "
-                        f"got {y0.dtype}; convert it first, e.g. {name}.double()")
-    return y0
 
 
 # -- steppings -------------------------------------------------------------------------------
@@ -429,7 +425,8 @@ def integrate(
     deterministic may then not reproduce the failure: the error says so.)
     """
     solver = get(solver)
-    check_state(y0)
+    check_state(y0, "y0")
+    check_flags(check_finite=check_finite)
     if max_nfe is not None and (isinstance(max_nfe, bool) or not isinstance(max_nfe, int) or max_nfe < 1):
         raise ValueError(f"max_nfe must be a positive int or None, got {max_nfe!r}")
     names = (time_name, display)
@@ -459,7 +456,7 @@ def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state:
           names: tuple[str, Callable[[float], float] | None]) -> tuple[Tensor, Any, list[float], Stats]:
     """The loop itself: ``flags`` (when a list) collects one sum of the state per accepted step."""
     time_name, display = names
-    counted = _Counted(f)
+    counted = _Counted(f, time_name)
     stats = Stats()
     start = time.perf_counter()
     run = stepping.begin(solver, counted, y0, state)

@@ -117,6 +117,8 @@ class ReversibleHeun(Solver):
     def init(self, f: VectorField, t0: float, y0: Tensor) -> ReversibleState:
         """z₀ = y₀ (on the grid when quantised) and k₀ = f(t₀, z₀): one evaluation before the first step."""
         z0 = self._grid(y0)
+        if self.quantum is not None:
+            _check_quantum(self.quantum, y0, z0)
         return ReversibleState(t0, z0, f(t0, z0))
 
     def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
@@ -150,6 +152,28 @@ class ReversibleHeun(Solver):
 
     def __repr__(self) -> str:
         return f"ReversibleHeun(quantum={self.quantum!r}, order=2)" if self.quantum else super().__repr__()
+
+
+#: The largest rounding of the start state, relative to its largest value, that still counts as exact: a quarter
+#: of a 16-bit quantisation step (2⁻¹⁶ of the range), so 16-bit data comes back to the same integers. Finer
+#: rounding is the user's choice (float32 states cannot hold much finer grids); 0.5 on images in [−1, 1] is not.
+QUANTUM_ROUNDING = 2.0**-18
+
+
+def _check_quantum(q: float, y0: Tensor, z0: Tensor) -> None:
+    """Refuse a quantum the round trip cannot be exact with (one host sync, at the start of a solve).
+
+    Too coarse: rounding y₀ to qℤ moves it by more than :data:`QUANTUM_ROUNDING` of its largest value; the
+    inverse then returns the rounded start, not y₀ (quantum=0.5 moves images in [−1, 1] by up to 0.25). A
+    quantum finer than the dtype resolves is harmless: the states then round as they would unquantised.
+    """
+    scale = float(y0.detach().abs().max()) if y0.numel() else 0.0
+    moved = float((z0 - y0).detach().abs().max()) if y0.numel() else 0.0
+    if moved > QUANTUM_ROUNDING * scale:
+        finest = 2.0 ** math.floor(math.log2(QUANTUM_ROUNDING * scale)) if scale > 0 else q
+        raise ValueError(f"reversible_heun: quantum={q!r} is too coarse to be exact for this start: rounding y0 "
+                         f"(values up to {scale:.4g}) to multiples of it moves it by up to {moved:.4g}, and the "
+                         f"inverse returns the rounded start; use quantum <= {finest!r} (e.g. 2**-40), or None")
 
 
 class Reversible(Solver):

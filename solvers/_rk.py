@@ -38,6 +38,23 @@ class ExplicitRK(Solver):
     """
 
     def __init__(self, name: str, tableau: ButcherTableau, order: int, *, error_order: int | None = None) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"ExplicitRK: name must be a non-empty str, got {name!r}")
+        if not isinstance(tableau, ButcherTableau):
+            raise TypeError(f"ExplicitRK {name!r}: tableau must be a solvers.ButcherTableau, got "
+                            f"{type(tableau).__name__}")
+        if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+            raise ValueError(f"ExplicitRK {name!r}: order must be a positive int, got {order!r}")
+        if error_order is not None:
+            if tableau.b_error is None:
+                raise ValueError(f"ExplicitRK {name!r}: error_order={error_order!r} given for a tableau without an "
+                                 "error estimate (b_error)")
+            if isinstance(error_order, bool) or not isinstance(error_order, int) or error_order < 1:
+                raise ValueError(f"ExplicitRK {name!r}: error_order must be a positive int (the order of the "
+                                 f"embedded method), got {error_order!r}")
+        elif tableau.b_error is not None and order < 2:
+            raise ValueError(f"ExplicitRK {name!r}: an embedded pair of order {order} needs error_order >= 1 "
+                             "(its default, order - 1, is not positive)")
         self.name = name  # type: ignore[misc]
         self.tableau = tableau
         self.order = order  # type: ignore[misc]

@@ -83,12 +83,14 @@ def test_compare_prints_the_table_and_writes_markdown_csv_and_plot(capsys, tmp_p
         assert img.format == "PNG"
     # a second run reuses the reference kept on disk and reproduces the errors; another seed does not reuse it
     code, again, err = run(capsys, "compare", *MIX, "--batch", 2, "--nfe", "3,6", "--solver", "euler,heun",
-                           "--grid", "trailing,logsnr", "--rtol", "1e-5", "--out", out_dir, "--no-progress")
+                           "--grid", "trailing,logsnr", "--rtol", "1e-5", "--out", out_dir, "--no-progress",
+                           "--overwrite")
     assert code == 0, err
     assert "kept in" in again.splitlines()[0]
     assert list(csv.DictReader((out_dir / "compare.csv").open()))[0]["rms_error"] == rows[0]["rms_error"]
     code, other, err = run(capsys, "compare", *MIX, "--batch", 2, "--nfe", "3", "--solver", "euler", "--grid",
-                           "trailing", "--rtol", "1e-5", "--out", out_dir, "--no-progress", "--seed", 1)
+                           "trailing", "--rtol", "1e-5", "--out", out_dir, "--no-progress", "--seed", 1,
+                           "--overwrite")
     assert code == 0, err
     assert "kept in" not in other
 
@@ -139,13 +141,14 @@ def test_roundtrip_prints_metrics_that_shrink_with_more_steps(capsys, digit_pngs
     errors = []
     for steps in (5, 40):
         code, out, err = run(capsys, "roundtrip", *pngs, *MIX, "--steps", steps, "--solver", "heun", "--dtype",
-                             "float64", "--latents", tmp_path / f"{steps}.safetensors", "--out", tmp_path / "rec")
+                             "float64", "--latents", tmp_path / f"{steps}.safetensors", "--out",
+                             tmp_path / f"rec{steps}")
         assert code == 0, err
         metrics = dict(line.strip().split(": ") for line in out.splitlines() if line.startswith("  "))
         assert set(metrics) == {"mse", "max_abs_error", "psnr_db"}
         errors.append(float(metrics["mse"]))
     assert errors[1] < errors[0]
-    assert (tmp_path / "40.safetensors").is_file() and len(list((tmp_path / "rec").glob("*.png"))) == 4
+    assert (tmp_path / "40.safetensors").is_file() and len(list((tmp_path / "rec40").glob("*.png"))) == 4
 
 
 def test_exact_round_trips_from_the_command_line(capsys, digit_pngs, tmp_path):
@@ -180,10 +183,10 @@ def test_exact_round_trips_from_the_command_line(capsys, digit_pngs, tmp_path):
     (["sample", *MIX, "--nfe", "0"], 2, "positive integer"),
     (["sample", *MIX, "--nfe", "4", "--steps", "4"], 2, "not allowed with argument"),
     (["sample", *MIX, "--dtype", "float8"], 2, "invalid choice"),
-    (["sample", *MIX, "--device", "toaster"], 1, "--device 'toaster'"),
+    (["sample", *MIX, "--device", "toaster"], 2, "--device"),
     (["compare", *MIX, "--nfe", "10,x"], 2, "positive integer"),
     (["compare", *MIX, "--solver", "euler,nope"], 2, "unknown solver 'nope'"),
-    (["compare", *MIX, "--rtol", "2"], 1, "--rtol"),
+    (["compare", *MIX, "--rtol", "2"], 2, "--rtol"),
     (["encode", "/no/such.png", *MIX], 1, "no such file"),
     (["decode", "/no/such.safetensors", *MIX], 1, "no such file"),
     (["frobnicate"], 2, "invalid choice"),
@@ -229,7 +232,7 @@ def test_a_diffusers_model_directory_samples_like_the_library(capsys, tmp_path):
     code, out, err = run(capsys, "sample", "--model", pipe, "--num", 3, "--steps", 4, "--grid", "leading",
                          "--seed", 5, "--scale", 1, "--out", path)
     assert code == 0, err
-    from flowdiff.cli import _to_uint8
+    from flowdiff.cli._images import _to_uint8
 
     flow = flowdiff.from_diffusers(pipe)
     noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64).float()
@@ -258,7 +261,8 @@ def test_the_default_model_is_the_shipped_digits_model(capsys, tmp_path):
     assert out.startswith("model digits")
     # the runs' precision does not change the reference: it is kept and reused
     code, out, err = run(capsys, "compare", "--batch", 2, "--nfe", 4, "--solver", "euler", "--grid", "trailing",
-                         "--rtol", "1e-3", "--out", tmp_path, "--no-progress", "--dtype", "float64")
+                         "--rtol", "1e-3", "--out", tmp_path, "--no-progress", "--dtype", "float64",
+                         "--overwrite")
     assert code == 0, err
     assert "kept in" in out.splitlines()[0]
 

@@ -1,0 +1,58 @@
+"""Small validators shared by the public entry points: a flag that is really a bool, images in the model's range.
+
+Each names the argument, the value and what is accepted (see ../shared/STYLE.md, "Errors").
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: How far outside its data range an input may reach, in widths of the range, before it is reported: images
+#: for a [−1, 1] model given in [0, 255] are caught, while
+#: the overshoot of resampling or of a decoded image is not.
+RANGE_SLACK = 1.0
+
+
+def check_flags(**flags: object) -> None:
+    """``TypeError`` for any flag that is not a bool: ``final_euler="False"`` would otherwise count as True."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
+def check_model_kwargs(model_kwargs: object) -> Mapping[str, Any] | None:
+    """``model_kwargs`` is ``None`` or a mapping with string keys (the keyword arguments of the model)."""
+    if model_kwargs is None:
+        return None
+    if not isinstance(model_kwargs, Mapping):
+        raise TypeError(f"model_kwargs must be a mapping of keyword arguments to the model (or None), got "
+                        f"{type(model_kwargs).__name__}")
+    bad = [k for k in model_kwargs if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"model_kwargs keys must be argument names (str), got {bad!r}")
+    return model_kwargs
+
+
+def check_data_range(x: Tensor, name: str = "images", data_range: tuple[float, float] = (-1.0, 1.0)) -> None:
+    """Warn (``UserWarning``) when ``x`` reaches beyond ``data_range`` by more than :data:`RANGE_SLACK` widths.
+
+    A warning, not an error: latent-space models have no hard range, and an encode of values outside it is
+    well defined; but images on the wrong scale (e.g. [0, 255] for a [−1, 1] model) encode to latents far from
+    N(0, I) and decode to something else, so they should not pass unnoticed. One host sync.
+    """
+    lo, hi = (float(v) for v in data_range)
+    if x.numel() == 0:
+        return
+    xmin, xmax = (float(v) for v in torch.aminmax(x.detach().reshape(-1).to(torch.float64)))
+    width = hi - lo
+    if not (math.isfinite(xmin) and math.isfinite(xmax)):
+        return  # non-finite values are reported by the state checks
+    if xmin < lo - RANGE_SLACK * width or xmax > hi + RANGE_SLACK * width:
+        warnings.warn(f"{name} span [{xmin:.4g}, {xmax:.4g}], far outside the model's data range [{lo:g}, {hi:g}]; "
+                      f"rescale them (8-bit pixels v: v / 127.5 - 1)", UserWarning, stacklevel=3)

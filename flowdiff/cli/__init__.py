@@ -1,0 +1,78 @@
+"""The ``flowdiff`` command: compare solvers, sample, encode, decode and round-trip images.
+
+    flowdiff compare                      # solvers × grids × NFE on the embedded digits model
+    flowdiff sample --solver heun --nfe 19 --out samples.png
+    flowdiff encode a.png b.png --out latents.safetensors
+    flowdiff decode latents.safetensors --out decoded/
+    flowdiff roundtrip a.png b.png --solver euler --steps 50
+
+Everything runs offline: the default model is the small trained digits model shipped with
+the package (``--model digits``); ``--model analytic-mixture`` is a closed-form Gaussian
+mixture over 8×8 digit images (exact ε, no network); ``--model DIR`` loads a local diffusers
+model directory.
+
+Outputs are planned before any work (:mod:`._outputs`): names that collide, an output that is an
+input, or one that exists (without ``--overwrite``) stop the command before the model runs; each
+file is written atomically. Image files keep their depth (:mod:`flowdiff.imageio`); latents
+files record their model and refuse another at decode (``--ignore-fingerprint``). Errors end the
+command with a one-line message naming the option or file and a non-zero status (2: arguments
+that cannot work, 1: a failure at run time); set ``FLOWDIFF_DEBUG=1`` to see the traceback.
+
+The package: ``_parser`` (options), ``_models`` (``--model``), ``_images`` (image files),
+``_outputs`` (the output plan), ``_commands`` (one function per command), ``_errors``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+import solvers as _solvers
+
+from ._errors import CommandError, UsageError, one_line
+from ._images import read_images, save_grid, save_images
+from ._models import LoadedModel, in_dtype, load_model
+from ._parser import build_parser
+
+__all__ = ["CommandError", "UsageError", "LoadedModel", "build_parser", "in_dtype", "load_model", "main", "read_images",
+           "save_grid", "save_images"]
+
+
+def _one_line_warning(command: str):
+    """A ``warnings.showwarning`` that prints ``flowdiff COMMAND: warning: …`` on one line of stderr."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        print(f"flowdiff {command}: warning: {one_line(message)}", file=sys.stderr)
+
+    return show
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``flowdiff`` command with ``argv`` (default: the process's); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2), already printed in one line
+        return exit_.code if isinstance(exit_.code, int) else 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(args.command)
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"flowdiff {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (CommandError, _solvers.SolveError, ValueError, TypeError, OSError, RuntimeError, ImportError) as err:
+        if os.environ.get("FLOWDIFF_DEBUG"):
+            raise
+        print(f"flowdiff {args.command}: error: {one_line(err)}", file=sys.stderr)
+        return getattr(err, "exit_code", 1)
+    except Exception as err:  # a bug, still reported in one line; FLOWDIFF_DEBUG=1 shows where
+        if os.environ.get("FLOWDIFF_DEBUG"):
+            raise
+        print(f"flowdiff {args.command}: internal error: {type(err).__name__}: {one_line(err)} "
+              "(set FLOWDIFF_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1

@@ -1,0 +1,294 @@
+"""The commands: compare, sample, encode, decode and roundtrip, each given the parsed arguments.
+
+Every command plans its outputs first (:mod:`._outputs`: names that cannot collide, nothing overwritten without
+``--overwrite``, folders writable), then loads the model and runs, then writes each file atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .._files import atomic_path
+from ..compare import compare
+from ..fingerprint import flow_fingerprint
+from ..imageio import ImageFormat
+from ..latent import Latent
+from ._errors import CommandError, one_line
+from ._images import default_format, load_images, save_grid, write_images
+from ._models import BUILTIN_MODELS, LoadedModel, in_dtype, load_model
+from ._outputs import image_output_name, output_dir, plan, relative_names
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: Tolerance of ``flowdiff compare``'s reference solve (see benchmarks/results/compare.md for its cost and error).
+REFERENCE_RTOL = 1e-5
+
+
+def _device(name: str) -> torch.device:
+    device = torch.device(name)  # the parser has checked the spelling
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {name!r}: CUDA is not available in this torch build or on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CommandError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CommandError(f"--device {name!r}: MPS is not available on this machine")
+    return device
+
+
+def _setup(args: argparse.Namespace, *, convert: bool = True,
+           dtype: str | None = None) -> tuple[LoadedModel, torch.dtype, torch.device]:
+    """The model on the device (its network in ``--dtype`` unless ``convert=False``), the dtype and the device."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif args.model in BUILTIN_MODELS:
+        torch.set_num_threads(1)
+    device = _device(args.device)
+    torch_dtype = DTYPES[dtype or args.dtype]
+    loaded = load_model(args.model, dtype=torch_dtype if convert else None, device=device)
+    return loaded, torch_dtype, device
+
+
+def _noise(args: argparse.Namespace, n: int, shape: tuple[int, int, int], dtype: torch.dtype,
+           device: torch.device) -> Tensor:
+    gen = torch.Generator().manual_seed(args.seed)
+    return torch.randn(n, *shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def _budget(args: argparse.Namespace) -> dict[str, int]:
+    if args.nfe is not None:
+        return {"nfe": args.nfe}
+    if args.steps is not None:
+        return {"steps": args.steps}
+    return {"nfe": args.default_nfe} if args.default_nfe is not None else {"steps": args.default_steps}
+
+
+def fingerprint(loaded: LoadedModel) -> str:
+    """The key of the reference kept on disk: :func:`flowdiff.fingerprint.flow_fingerprint` of the model."""
+    try:
+        return flow_fingerprint(loaded.flow)
+    except TypeError as err:
+        raise CommandError(f"cannot fingerprint this model for the reference cache: {err}") from None
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ..compare import Reference, reference_solution
+
+    out = output_dir(args.out)
+    md, csv, png = plan([(out / "compare.md", "--out"), (out / "compare.csv", "--out"),
+                         (out / "compare.png", "--out")], overwrite=args.overwrite)
+    ref_path = out / "reference.safetensors"
+    # the reference is solved from the network as saved (copied to float64), the runs in --dtype
+    loaded, dtype, device = _setup(args, convert=False)
+    run_flow = in_dtype(loaded.flow, dtype)
+    noise = _noise(args, args.batch, loaded.shape, dtype, device)
+    # The reference depends on the model, the noise (seed, batch, shape) and the tolerance, not on --dtype:
+    # it is always solved in float64 from the same float64 draw, so it is kept on disk under that key.
+    key = f"{fingerprint(loaded)}|seed={args.seed}|batch={args.batch}|shape={loaded.shape}|dopri8|{args.rtol!r}"
+    ref, kept = None, False
+    if ref_path.exists() and not args.fresh_reference:
+        try:
+            ref = Reference.load(ref_path, key)
+        except Exception as err:  # an unreadable or foreign file is another's: not replaced without being asked
+            if not args.overwrite:
+                raise CommandError(f"{os.fspath(ref_path)!r} is not a flowdiff reference file ({one_line(err)}); "
+                                   "pass --overwrite or --fresh-reference to replace it") from None
+        kept = ref is not None
+    if ref is None:
+        if not args.no_progress:
+            print(f"solving the float64 reference (dopri8, rtol=atol={args.rtol:g}); it is kept in {ref_path} "
+                  "for later runs", file=sys.stderr)
+        ref = reference_solution(loaded.flow, _noise(args, args.batch, loaded.shape, torch.float64, device),
+                                 rtol=args.rtol, atol=args.rtol, model_kwargs=loaded.model_kwargs or None,
+                                 progress=not args.no_progress)
+        with atomic_path(ref_path, "reference") as tmp:
+            ref.save(tmp, key)
+    result = compare(run_flow, noise, solvers=args.solver, grids=args.grid, nfe=args.nfe,
+                     model_kwargs=loaded.model_kwargs or None, reference=ref, progress=not args.no_progress)
+    ref = result.reference
+    title = (f"{loaded.name}: RMS error vs NFE ({args.batch} samples, {args.dtype}, seed {args.seed})")
+    header = (f"model {loaded.name}, {args.batch} samples of shape {loaded.shape}, {args.dtype}, seed {args.seed}; "
+              f"reference: {ref.solver} rtol=atol={ref.rtol:g} from σ={ref.sigma_start:.4g} to {ref.sigma_end:.4g} "
+              f"then the Euler step to 0, {ref.nfe} NFE, "
+              f"estimated error {ref.error:.1e}" + (f" (kept in {ref_path})" if kept else ""))
+    table = result.to_markdown(args.layout)
+    with atomic_path(md) as tmp:
+        tmp.write_text(f"{header}\n\n{result.to_markdown('wide')}\n{result.to_markdown('long')}")
+    with atomic_path(csv) as tmp:
+        tmp.write_text(result.to_csv())
+    with atomic_path(png) as tmp:
+        result.plot(tmp, title=title)
+    print(header)
+    print()
+    print(table)
+    for budget in result.budgets:
+        if any(r.budget == budget for r in result.runs):
+            best = result.best(budget)
+            print(f"best at NFE {budget}: {best.solver} on {best.grid} (RMS error {best.rms_error:.2e}, "
+                  f"NFE used {best.nfe})")
+    for skip in result.skipped:
+        print(f"skipped {skip.solver} on {skip.grid} at NFE {skip.budget}: {skip.reason}")
+    print(f"wrote {md}, {csv}, {png}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from ..sampling import generate
+
+    (path,) = plan([(Path(args.out), "--out")], overwrite=args.overwrite)
+    _check_image_suffix(path, "--out")
+    loaded, dtype, device = _setup(args)
+    noise = _noise(args, args.num, loaded.shape, dtype, device)
+    result = generate(loaded.flow, noise, solver=args.solver, grid=args.grid,
+                      model_kwargs=loaded.model_kwargs or None, **_budget(args))
+    scale = args.scale or max(1, 64 // max(loaded.shape[1:]))
+    path = save_grid(result.x, path, scale=scale)
+    print(f"{args.num} samples with {result.solver} on the {args.grid} grid: {result.stats.nfe} NFE, "
+          f"{len(result.sigmas) - 1} steps, {result.stats.wall_time:.2f} s; wrote {path}")
+    return 0
+
+
+def _check_image_suffix(path: Path, option: str) -> None:
+    from PIL import Image
+
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise CommandError(f"{option} {os.fspath(path)!r}: not an image file name; give one ending in .png (or "
+                           ".tif, .bmp)")
+
+
+def _encode(args: argparse.Namespace, loaded: LoadedModel, dtype: torch.dtype, device: torch.device) -> tuple:
+    from ..sampling import encode
+
+    images, formats = load_images(args.images, loaded.shape)
+    images = images.to(device=device, dtype=dtype)
+    if not args.fixed_point:
+        result = encode(loaded.flow, images, solver=args.solver, grid=args.grid,
+                        model_kwargs=loaded.model_kwargs or None, **_budget(args))
+    else:
+        with warnings.catch_warnings():  # the images that missed the tolerance are reported below, by name
+            warnings.filterwarnings("ignore", message="fixed-point inversion", category=RuntimeWarning)
+            result = encode(loaded.flow, images, solver=args.solver, grid=args.grid, inversion="fixed_point",
+                            inversion_options={"on_failure": "keep"}, model_kwargs=loaded.model_kwargs or None,
+                            **_budget(args))
+        missed = result.stats.extra["unconverged"]
+        if missed:
+            print(f"fixed-point inversion: {len(missed)} of {len(args.images)} image(s) have no exact preimage under "
+                  f"this decode (best iterate kept): {', '.join(args.images[i] for i in missed)}")
+    # the latent keeps, for `flowdiff decode`, the model's name and each image's name and format
+    names = relative_names(args.images)
+    result.latent.info = {"model": loaded.name, "images": [
+        {"name": n.as_posix(), "mode": f.mode, "bits": f.bits, "kind": f.kind} for n, f in zip(names, formats)]}
+    return images, formats, result
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    (path,) = plan([(Path(args.out), "--out")], inputs=args.images, overwrite=args.overwrite)
+    loaded, dtype, device = _setup(args)
+    _, _, result = _encode(args, loaded, dtype, device)
+    _save_latent(result.latent, path)
+    print(f"encoded {len(args.images)} image(s) with {result.solver} on the {args.grid} grid: "
+          f"{result.stats.nfe} NFE, {result.latent.steps} steps; wrote {path}")
+    return 0
+
+
+def _save_latent(latent: Latent, path: Path) -> None:
+    try:
+        latent.save(path)
+    except (OSError, TypeError) as err:
+        raise CommandError(f"cannot write the latents {os.fspath(path)!r}: {one_line(err)}") from None
+
+
+def _recorded_images(latent: Latent, stem: str, channels: int) -> tuple[list[Path], list[ImageFormat]]:
+    """Output names and formats of a latent's images: as `flowdiff encode` recorded them, else ``STEM_000.png``."""
+    n = latent.x.shape[0]
+    records = latent.info.get("images") if isinstance(latent.info, dict) else None
+    if isinstance(records, list) and len(records) == n:
+        try:
+            names = [image_output_name(Path(r["name"])) for r in records]
+            formats = [ImageFormat(str(r["mode"]), int(r["bits"]), str(r.get("kind", "uint"))) for r in records]
+        except (KeyError, TypeError, ValueError):
+            names = []
+        if names and all(not p.is_absolute() and ".." not in p.parts for p in names) \
+                and all(f.channels == channels for f in formats):
+            return names, formats
+    return [Path(f"{stem}_{i:03d}.png") for i in range(n)], [default_format(channels)] * n
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from ..sampling import decode
+
+    path = Path(args.latents)
+    if not path.is_file():
+        raise CommandError(f"latents {args.latents!r}: no such file")
+    out = output_dir(args.out)
+    try:
+        latent = Latent.load(path)
+    except (ValueError, OSError) as err:
+        raise CommandError(one_line(err)) from None
+    channels = latent.x.shape[1] if latent.x.ndim == 4 else 0
+    if channels not in (1, 2, 3, 4):
+        raise CommandError(f"latents {args.latents!r} hold a tensor of shape {tuple(latent.x.shape)}, not a batch of "
+                           "images (N, C, H, W)")
+    names, formats = _recorded_images(latent, path.stem, channels)
+    targets = plan([(out / n, f"the image {n.as_posix()!r} of {args.latents!r}") for n in names],
+                   inputs=[path], overwrite=args.overwrite)
+    own = str(latent.dtype).removeprefix("torch.")
+    if args.dtype is not None and args.dtype != own and latent.exact:
+        raise CommandError(f"latents {args.latents!r} decode exactly in {own}; --dtype {args.dtype} would lose that "
+                           "exactness: omit --dtype")
+    loaded, dtype, device = _setup(args, dtype=args.dtype or own)
+    if tuple(latent.x.shape[1:]) != tuple(loaded.shape):
+        raise CommandError(f"latents {args.latents!r} have images of shape {tuple(latent.x.shape[1:])}; the model "
+                           f"{loaded.name!r} makes {tuple(loaded.shape)}")
+    if not args.ignore_fingerprint:
+        try:  # the fingerprint of the model in the latent's precision (the one it was encoded with)
+            latent.check_model(in_dtype(loaded.flow, latent.dtype), loaded.model_kwargs or None)
+        except ValueError:
+            made_by = latent.info.get("model", "another model")
+            raise CommandError(f"latents {args.latents!r} were encoded with {made_by!r} (fingerprint "
+                               f"{latent.fingerprint}), not with --model {args.model!r}; decode with that model, or "
+                               "pass --ignore-fingerprint to decode anyway") from None
+    latent = latent.to(device)
+    if latent.solver_state is None:  # a reversible latent keeps its exact (float64) state as it is
+        latent.x = latent.x.to(dtype=dtype)
+    latent.dtype = dtype  # the network's dtype: what the decode feeds it and returns
+    result = decode(loaded.flow, latent, model_kwargs=loaded.model_kwargs or None, check_model=False)
+    written = write_images(result.x, targets, formats, scale=args.scale)
+    print(f"decoded {len(written)} image(s) with {result.solver}: {result.stats.nfe} NFE; wrote "
+          f"{', '.join(os.fspath(p) for p in written[:3])}{', …' if len(written) > 3 else ''}")
+    return 0
+
+
+def cmd_roundtrip(args: argparse.Namespace) -> int:
+    from ..sampling import decode
+
+    outputs: list[tuple[Path, str]] = []
+    if args.latents is not None:
+        outputs.append((Path(args.latents), "--latents"))
+    names = [image_output_name(n) for n in relative_names(args.images)]
+    if args.out is not None:
+        out = output_dir(args.out)
+        outputs += [(out / n, f"the reconstruction of {img!r}") for n, img in zip(names, args.images)]
+    paths = plan(outputs, inputs=args.images, overwrite=args.overwrite)
+    loaded, dtype, device = _setup(args)
+    images, formats, enc = _encode(args, loaded, dtype, device)
+    dec = decode(loaded.flow, enc.latent, model_kwargs=loaded.model_kwargs or None)
+    if args.latents is not None:
+        _save_latent(enc.latent, paths.pop(0))
+    if args.out is not None:
+        write_images(dec.x, paths, formats)
+    from ..metrics import reconstruction
+
+    figures = reconstruction(images, dec.x, encode_stats=enc.stats, decode_stats=dec.stats)
+    print(f"round trip of {len(args.images)} image(s) with {enc.solver} on the {args.grid} grid, "
+          f"{enc.latent.steps} steps: encode {figures.nfe_encode} NFE, decode {figures.nfe_decode} NFE; "
+          "errors on the [0, 1] pixel scale:")
+    print(f"  mse: {figures.mse:.3e}")
+    print(f"  max_abs_error: {figures.max_abs:.3e}")
+    print(f"  psnr_db: {figures.psnr:.2f}")
+    return 0

@@ -1,0 +1,113 @@
+"""The models the command line can load: the shipped digits model, the closed-form mixture, a diffusers directory."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..flow import ProbabilityFlow
+from ._errors import CommandError
+
+BUILTIN_MODELS = ("digits", "analytic-mixture")
+#: Kernel bandwidth of ``--model analytic-mixture`` in the image scale [−1, 1] (pixel steps are 1/8).
+MIXTURE_BANDWIDTH = 0.1
+
+
+@dataclass
+class LoadedModel:
+    """A flow and the image shape (C, H, W) its samples have, in the model's data range [−1, 1]."""
+
+    name: str
+    flow: ProbabilityFlow
+    shape: tuple[int, int, int]
+    model_kwargs: dict[str, Any]
+
+
+def _mixture_digits(dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    """A Gaussian mixture of bandwidth :data:`MIXTURE_BANDWIDTH` on each training digit of the shipped model."""
+    from ..analytic import Mixture
+    from ..pretrained import digits_data
+
+    try:
+        images = digits_data("train").images
+    except ImportError:
+        raise CommandError("--model analytic-mixture needs scikit-learn, which bundles its digit images "
+                           "(pip install scikit-learn)") from None
+    model = Mixture(images.to(device), bandwidth=MIXTURE_BANDWIDTH, schedule=_digits_schedule())
+    return LoadedModel("analytic-mixture", model.flow(), (1, 8, 8), {})
+
+
+def _digits_schedule() -> Any:
+    """The shipped digits model's schedule (so that both built-in models share σ_max and the grids)."""
+    from ..pretrained import load_config
+    from ..schedules import Schedule
+
+    try:
+        return Schedule.from_config(**load_config("digits")["schedule"])
+    except (OSError, ValueError, KeyError):
+        return Schedule.linear()
+
+
+def _pretrained_digits(dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    from ..pretrained import pretrained
+
+    flow = pretrained("digits", device=device)
+    return LoadedModel("digits", _to(flow, dtype, device), (1, 8, 8), {})
+
+
+def _diffusers_dir(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    from ..diffusers_io import from_diffusers
+
+    flow = from_diffusers(path, device=device)
+    return LoadedModel(path.name, _to(flow, dtype, device), tuple(flow.model.sample_shape), {})
+
+
+def _to(flow: ProbabilityFlow, dtype: torch.dtype | None, device: torch.device) -> ProbabilityFlow:
+    """Move a flow's torch network to the device and (unless ``dtype`` is None) to the state's precision.
+
+    float16/bfloat16 networks run in that precision while generate keeps a float32 state.
+    """
+    model = flow.model
+    if isinstance(model, torch.nn.Module):
+        model.to(device=device, dtype=dtype)
+        model.eval()
+    return flow
+
+
+def in_dtype(flow: ProbabilityFlow, dtype: torch.dtype) -> ProbabilityFlow:
+    """The flow with a copy of its torch network in ``dtype`` (the flow itself if already so, or not a network)."""
+    model = flow.model
+    if flow.sigma_field is not None or not isinstance(model, torch.nn.Module):
+        return flow
+    if all(p.dtype == dtype for p in model.parameters() if p.is_floating_point()):
+        return flow
+    return ProbabilityFlow(copy.deepcopy(model).to(dtype), flow.schedule, prediction_type=flow.prediction_type)
+
+
+def load_model(spec: str, *, dtype: torch.dtype | None = torch.float32,
+               device: str | torch.device = "cpu") -> LoadedModel:
+    """The model named by ``--model``: ``digits``, ``analytic-mixture`` or a diffusers model directory.
+
+    A network is put in ``dtype`` (``None``: left in the precision its weights were saved in).
+    """
+    device = torch.device(device)
+    if spec == "digits":
+        return _pretrained_digits(dtype, device)
+    if spec == "analytic-mixture":
+        return _mixture_digits(dtype, device)
+    path = Path(spec)
+    if not spec.strip() or not path.exists():
+        raise CommandError(f"--model {spec!r}: no such directory; give {' or '.join(BUILTIN_MODELS)}, "
+                           "or a local diffusers model directory")
+    if not path.is_dir():
+        raise CommandError(f"--model {spec!r} is a file; a diffusers model is a directory (with model_index.json "
+                           "or config.json)")
+    try:
+        return _diffusers_dir(path, dtype, device)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CommandError(f"--model {spec!r}: {' '.join(str(err).split()) or type(err).__name__}") from None
+

@@ -1,0 +1,86 @@
+"""Outputs that cannot destroy anything: every path a command will write is planned and checked before the work.
+
+A plan refuses, before any model runs: two outputs with one name, an output that is an input, an output that
+exists (unless ``--overwrite``), and a folder that cannot be made or written. Files are then written atomically
+(:func:`flowdiff._files.atomic_path`: a temporary file in the target folder, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..imageio import LOSSLESS_SUFFIXES
+from ._errors import CommandError, UsageError
+
+
+def relative_names(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Each input's path relative to the folder all inputs share, so that outputs keep the inputs' layout:
+    ``a/x.png b/x.png`` → ``a/x.png``, ``b/x.png``; one input ``d/x.png`` → ``x.png``."""
+    resolved = [Path(p).resolve() for p in inputs]
+    if not resolved:
+        return []
+    common = Path(os.path.commonpath([p.parent for p in resolved]))
+    return [p.relative_to(common) for p in resolved]
+
+
+def image_output_name(relative: Path) -> Path:
+    """The output name of an input image: its relative path, with ``.png`` for lossy or unknown types (JPEG, …)."""
+    return relative if relative.suffix.lower() in LOSSLESS_SUFFIXES else relative.with_suffix(".png")
+
+
+def plan(outputs: Sequence[tuple[Path, str]], *, inputs: Sequence[str | os.PathLike[str]] = (),
+         overwrite: bool = False) -> list[Path]:
+    """Check ``(path, what)`` outputs before the work starts; make their folders; return the paths.
+
+    ``what`` says where a path comes from (``"--out"``, ``"the reconstruction of a/x.png"``) for the messages.
+    """
+    seen: dict[Path, str] = {}
+    ins = {Path(p).resolve(): os.fspath(p) for p in inputs}
+    for path, what in outputs:
+        key = path.resolve()
+        if key in seen:
+            raise UsageError(f"{what} and {seen[key]} would both be written to {os.fspath(path)!r}; give distinct "
+                             "names (outputs keep the inputs' relative paths)")
+        seen[key] = what
+        if key in ins:
+            if not overwrite:
+                raise UsageError(f"{what} would overwrite the input {ins[key]!r}; write elsewhere (or pass "
+                                 "--overwrite to replace the input)")
+        elif path.is_dir():
+            raise CommandError(f"{what} would be written to {os.fspath(path)!r}, which is a folder; give a file name")
+        elif path.exists() and not overwrite:
+            raise CommandError(f"{what} would overwrite {os.fspath(path)!r}, which exists; pass --overwrite to "
+                               "replace it, or write elsewhere")
+    for path, what in outputs:
+        folder = path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise CommandError(f"{what} {os.fspath(path)!r}: {os.fspath(folder)!r} is a file, not a folder") from None
+        except OSError as err:
+            raise CommandError(f"{what} {os.fspath(path)!r}: cannot create the folder {os.fspath(folder)!r} "
+                               f"({err.strerror or err})") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise CommandError(f"{what} {os.fspath(path)!r}: the folder {os.fspath(folder)!r} is not writable")
+        probe = None
+        try:  # os.access trusts permission bits; a read-only file system says no only when written to
+            fd, probe = tempfile.mkstemp(prefix=".flowdiff-probe.", dir=folder)
+            os.close(fd)
+        except OSError as err:
+            raise CommandError(f"{what} {os.fspath(path)!r}: cannot write into the folder {os.fspath(folder)!r} "
+                               f"({err.strerror or err})") from None
+        finally:
+            if probe is not None:
+                os.unlink(probe)
+    return [path for path, _ in outputs]
+
+
+def output_dir(text: str, option: str = "--out") -> Path:
+    """An output folder option: not an existing file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise CommandError(f"{option} {text!r} is a file; it names the folder to write into")
+    return path

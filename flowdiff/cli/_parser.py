@@ -1,0 +1,250 @@
+"""The ``flowdiff`` argument parser: every command, its options and their one-line usage errors."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+import solvers as _solvers
+
+from ..compare import DEFAULT_GRIDS, DEFAULT_NFE, default_solvers
+from ..grids import GRIDS
+from ._commands import DTYPES, REFERENCE_RTOL, cmd_compare, cmd_decode, cmd_encode, cmd_roundtrip, cmd_sample
+from ._errors import one_line
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``flowdiff sample: error: ... (see flowdiff sample --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    parts = [part.strip() for part in text.split(",")]
+    if not any(parts):
+        _empty(text)
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"empty entry in {text!r}; expected comma-separated positive integers, "
+                                         "e.g. 5,10,20")
+    return [_positive_int(part) for part in parts]
+
+
+#: Seeds torch.Generator.manual_seed takes: 0 … 2⁶⁴ − 1.
+MAX_SEED = 2**64 - 1
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64 - 1], got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64 - 1], got {value}")
+    return value
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
+    return value
+
+
+def _device_name(text: str) -> str:
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:0, mps)") from None
+    return text
+
+
+#: The largest pixel magnification (--scale): 64× an 8×8 image is 512×512 pixels.
+MAX_SCALE = 64
+
+
+def _scale(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_SCALE:
+        raise argparse.ArgumentTypeError(f"expected a positive integer up to {MAX_SCALE}, got {value}")
+    return value
+
+
+def _overwrite_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace output files that exist (without it, a command that would overwrite a file, "
+                             "an input included, stops before it starts)")
+
+
+def _name_list(accepted: Callable[[], Sequence[str]], what: str) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [part.strip() for part in text.split(",")]
+        if not any(names):
+            _empty(text)
+        if not all(names):
+            raise argparse.ArgumentTypeError(f"empty entry in {text!r}; expected comma-separated {what} names")
+        known = accepted()
+        for name in names:
+            if name not in known:
+                raise argparse.ArgumentTypeError(f"unknown {what} {name!r}; accepted: {', '.join(known)}")
+        return names
+
+    return parse
+
+
+def _one_name(accepted: Callable[[], Sequence[str]], what: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        known = accepted()
+        if text not in known:
+            raise argparse.ArgumentTypeError(f"unknown {what} {text!r}; accepted: {', '.join(known)}")
+        return text
+
+    return parse
+
+
+def _empty(text: str) -> NoReturn:
+    raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+
+
+def _common(parser: argparse.ArgumentParser, *, dtype: str | None) -> None:
+    group = parser.add_argument_group("model and device")
+    group.add_argument("--model", default="digits", metavar="NAME|DIR",
+                       help="'digits' (default: the small trained 8×8 digits model shipped with flowdiff), "
+                            "'analytic-mixture' (a closed-form Gaussian mixture over 8×8 digits, exact ε), "
+                            "or a local diffusers model directory")
+    group.add_argument("--device", default="cpu", type=_device_name,
+                       help="torch device to run on, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    group.add_argument("--dtype", default=dtype, choices=list(DTYPES),
+                       help=f"precision of the state and the network (default: {dtype or 'that of the latents'}); "
+                            "float16/bfloat16 run the network in that precision with a float32 state")
+    group.add_argument("--seed", type=_seed, default=0, help="seed of the noise, 0 … 2**64 - 1 (default: 0)")
+    group.add_argument("--threads", type=_positive_int, default=None,
+                       help="CPU threads for torch (default: 1 for the small built-in models, for which one "
+                            "thread is fastest; torch's choice for --model DIR)")
+
+
+def _fixed_point_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fixed-point", action="store_true",
+                        help="encode by fixed-point inversion (Newton-Krylov) of the solver's decode steps, so that "
+                             "the plain decode with --solver reproduces the images (not for reversible solvers)")
+
+
+def _solve_options(parser: argparse.ArgumentParser, *, solver: str, nfe: int | None, steps: int | None) -> None:
+    group = parser.add_argument_group("solver")
+    group.add_argument("--solver", default=solver, type=_one_name(_solvers.available, "solver"),
+                       help=f"registered solver name (default: {solver}); 'flowdiff compare --help' lists them")
+    budget = group.add_mutually_exclusive_group()
+    default = f"--nfe {nfe}" if nfe is not None else f"--steps {steps}"
+    budget.add_argument("--nfe", type=_positive_int, default=None,
+                        help=f"budget of model evaluations; the largest step count within it is used (default: "
+                             f"{default})")
+    budget.add_argument("--steps", type=_positive_int, default=None, help="number of solver steps")
+    group.add_argument("--grid", default="trailing", type=_one_name(lambda: GRIDS, "grid"),
+                       help=f"σ grid: {', '.join(GRIDS)} (default: trailing)")
+    parser.set_defaults(default_nfe=nfe, default_steps=steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``flowdiff`` argument parser (its ``--help`` documents every option)."""
+    parser = _Parser(prog="flowdiff", description="Compare ODE solvers on diffusion models, sample, encode, decode.",
+                     epilog="Run 'flowdiff COMMAND --help' for a command's options.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("compare", help="compare solvers × grids at fixed NFE against a float64 reference (main job)",
+                       description="Generate from one batch of noise with every solver × grid × NFE budget (in "
+                                   "--dtype), measure the RMS error of the images against a tight float64 adaptive "
+                                   "reference solve from the same noise, print the table and write it as "
+                                   "markdown, CSV and a log-log error-vs-NFE plot.")
+    _common(p, dtype="float32")
+    p.add_argument("--solver", type=_name_list(_solvers.available, "solver"), default=None, metavar="LIST",
+                   help="comma-separated solver names (default: "
+                        f"{','.join(default_solvers())}); available: {', '.join(_solvers.available())}")
+    p.add_argument("--nfe", type=_int_list, default=list(DEFAULT_NFE), metavar="LIST",
+                   help=f"comma-separated NFE budgets (default: {','.join(map(str, DEFAULT_NFE))})")
+    p.add_argument("--grid", type=_name_list(lambda: GRIDS, "grid"), default=list(DEFAULT_GRIDS), metavar="LIST",
+                   help=f"comma-separated grids (default: {','.join(DEFAULT_GRIDS)}); available: {', '.join(GRIDS)}")
+    p.add_argument("--batch", type=_positive_int, default=16, help="noise samples per run (default: 16)")
+    p.add_argument("--rtol", type=_tolerance, default=REFERENCE_RTOL,
+                   help="relative and absolute tolerance of the float64 reference solve (default: "
+                        f"{REFERENCE_RTOL:g}); the reference is kept in DIR/reference.safetensors and reused "
+                        "while the model, seed, batch and tolerance are unchanged")
+    p.add_argument("--fresh-reference", action="store_true", help="solve the reference again even if kept")
+    p.add_argument("--out", default="flowdiff-compare", metavar="DIR",
+                   help="directory for compare.md, compare.csv and compare.png (default: ./flowdiff-compare)")
+    p.add_argument("--layout", choices=("wide", "long"), default="wide",
+                   help="printed table: a column per NFE budget (wide, default) or a row per run (long)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _overwrite_option(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("sample", help="generate images and write them as one PNG grid",
+                       description="Generate images from seeded noise and write them as one PNG grid.")
+    _common(p, dtype="float32")
+    _solve_options(p, solver="euler", nfe=20, steps=None)
+    p.add_argument("--num", type=_positive_int, default=16, help="number of images (default: 16)")
+    p.add_argument("--out", default="samples.png", metavar="PNG", help="output PNG (default: samples.png)")
+    p.add_argument("--scale", type=_scale, default=None,
+                   help="pixel magnification of the PNG (default: up to 64 pixels per image side)")
+    _overwrite_option(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("encode", help="encode image files to latents (safetensors)",
+                       description="Encode image files to DDIM-scale latents x_T by solving the probability-flow "
+                                   "ODE from σ = 0 up to σ_max; the latents file keeps the grid and solver so that "
+                                   "'flowdiff decode' retraces them.")
+    _common(p, dtype="float32")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files (PNG, TIFF, …) of the model's size and channels")
+    _solve_options(p, solver="euler", nfe=None, steps=50)
+    _fixed_point_option(p)
+    p.add_argument("--out", default="latents.safetensors", metavar="FILE",
+                   help="output latents file (default: latents.safetensors)")
+    _overwrite_option(p)
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("decode", help="decode latents (safetensors) to PNG images",
+                       description="Decode a latents file written by 'flowdiff encode' back to images, with the "
+                                   "grid and solver it was encoded with.")
+    _common(p, dtype=None)
+    p.add_argument("latents", metavar="FILE", help="latents file from 'flowdiff encode'")
+    p.add_argument("--out", default="decoded", metavar="DIR",
+                   help="output folder (default: decoded); each image keeps the name and format (depth, mode) its "
+                        "input had at the encode, else FILE-STEM_000.png, …")
+    p.add_argument("--scale", type=_scale, default=1, help="pixel magnification of the images (default: 1)")
+    p.add_argument("--ignore-fingerprint", action="store_true",
+                   help="decode even if the latents were encoded with another model or conditioning")
+    _overwrite_option(p)
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("roundtrip", help="encode then decode image files and print reconstruction metrics",
+                       description="Encode image files, decode the latents with the same grid and solver, and "
+                                   "print how far the reconstruction is from the input.")
+    _common(p, dtype="float32")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files (PNG, TIFF, …) of the model's size and channels")
+    _solve_options(p, solver="euler", nfe=None, steps=50)
+    _fixed_point_option(p)
+    p.add_argument("--latents", default=None, metavar="FILE", help="also write the latents to this file")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="also write the reconstructions here, each under its input's relative path and format")
+    _overwrite_option(p)
+    p.set_defaults(func=cmd_roundtrip)
+    return parser
+
