@@ -17,14 +17,19 @@ from .guidance import classifier_free_guidance
 from .kdiffusion import from_denoiser, to_denoiser
 from .latent import Latent
 from .metrics import Reconstruction, reconstruction
+from .pipelines import DiffusersFlow, sample_like
 from .pretrained import digits_data, pretrained
 from .quality import sample_quality
 from .sampling import Result, StepState, decode, encode, generate
-from .schedules import Schedule
+from .scheduler_grids import scheduler_sigmas
+from .schedules import FlowMatchingSchedule, Schedule, VESchedule
 from .stochastic import noise_levels
 
 __all__ = [
     "AdaptiveStep",
+    "DiffusersFlow",
+    "FlowMatchingSchedule",
+    "VESchedule",
     "GRIDS",
     "Comparison",
     "PREDICTION_TYPES",
@@ -51,6 +56,8 @@ __all__ = [
     "metrics",
     "reconstruction",
     "reference_solution",
+    "sample_like",
     "sample_quality",
+    "scheduler_sigmas",
     "to_denoiser",
 ]
