@@ -324,3 +324,14 @@ def test_missing_and_corrupt_files_are_named(sd):
     with pytest.raises(ValueError, match=r"tokenizer.*tokenizer\.json"):
         from_diffusers(broken)
     shutil.rmtree(broken)
+
+
+def test_readme_section_runs():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("### Stable Diffusion, DiT and flow-matching transformers", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
+    assert blocks, "the README section has no python example"
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
