@@ -31,6 +31,7 @@ from torch import Tensor
 
 import solvers as _solvers
 
+from . import cli_prompt  # prompts, guidance and the autoencoder of latent pipelines (issue 15)
 from .compare import DEFAULT_GRIDS, DEFAULT_NFE, compare, default_solvers
 from .fingerprint import flow_fingerprint
 from .flow import ProbabilityFlow
@@ -285,6 +286,7 @@ def _common(parser: argparse.ArgumentParser, *, dtype: str) -> None:
     group.add_argument("--threads", type=_positive_int, default=None,
                        help="CPU threads for torch (default: 1 for the small built-in models, for which one "
                             "thread is fastest; torch's choice for --model DIR)")
+    cli_prompt.add_prompt_options(parser)
 
 
 def _fixed_point_option(parser: argparse.ArgumentParser) -> None:
@@ -407,7 +409,7 @@ def _setup(args: argparse.Namespace, *, convert: bool = True) -> tuple[LoadedMod
     device = _device(args.device)
     dtype = DTYPES[args.dtype]
     loaded = load_model(args.model, dtype=dtype if convert else None, device=device)
-    return loaded, dtype, device
+    return cli_prompt.condition(loaded, args), dtype, device
 
 
 def _noise(args: argparse.Namespace, n: int, shape: tuple[int, int, int], dtype: torch.dtype,
@@ -496,7 +498,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     result = generate(loaded.flow, noise, solver=args.solver, grid=args.grid,
                       model_kwargs=loaded.model_kwargs or None, **_budget(args))
     scale = args.scale or max(1, 64 // max(loaded.shape[1:]))
-    path = save_grid(result.x, args.out, scale=scale)
+    path = save_grid(cli_prompt.to_images(loaded, result.x), args.out, scale=scale)
     print(f"{args.num} samples with {result.solver} on the {args.grid} grid: {result.stats.nfe} NFE, "
           f"{len(result.sigmas) - 1} steps, {result.stats.wall_time:.2f} s; wrote {path}")
     return 0
@@ -513,13 +515,14 @@ def _latent_io() -> Any:
 def _encode(args: argparse.Namespace, loaded: LoadedModel, dtype: torch.dtype, device: torch.device) -> tuple:
     from .sampling import encode
 
-    images = read_images(args.images, loaded.shape).to(device=device, dtype=dtype)
+    images = read_images(args.images, cli_prompt.image_shape(loaded)).to(device=device, dtype=dtype)
+    data = cli_prompt.to_latents(loaded, images)
     if not args.fixed_point:
-        return images, encode(loaded.flow, images, solver=args.solver, grid=args.grid,
+        return images, encode(loaded.flow, data, solver=args.solver, grid=args.grid,
                               model_kwargs=loaded.model_kwargs or None, **_budget(args))
     with warnings.catch_warnings():  # the images that missed the tolerance are reported below, by name
         warnings.filterwarnings("ignore", message="fixed-point inversion", category=RuntimeWarning)
-        result = encode(loaded.flow, images, solver=args.solver, grid=args.grid, inversion="fixed_point",
+        result = encode(loaded.flow, data, solver=args.solver, grid=args.grid, inversion="fixed_point",
                         inversion_options={"on_failure": "keep"}, model_kwargs=loaded.model_kwargs or None,
                         **_budget(args))
     missed = result.stats.extra["unconverged"]
@@ -537,6 +540,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     result.latent.save(path)
+    cli_prompt.write_record(loaded, path)
     print(f"encoded {len(args.images)} image(s) with {result.solver} on the {args.grid} grid: "
           f"{result.stats.nfe} NFE, {result.latent.steps} steps; wrote {path}")
     return 0
@@ -561,9 +565,10 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if latent.solver_state is None:  # a reversible latent keeps its exact (float64) state as it is
         latent.x = latent.x.to(dtype=dtype)
     latent.dtype = dtype  # the network's dtype: what the decode feeds it and returns
+    cli_prompt.check_record(loaded, path)
     result = decode(loaded.flow, latent, model_kwargs=loaded.model_kwargs or None)
     names = [f"{path.stem}_{i:03d}.png" for i in range(result.x.shape[0])]
-    written = save_images(result.x, args.out, names, scale=args.scale)
+    written = save_images(cli_prompt.to_images(loaded, result.x), args.out, names, scale=args.scale)
     print(f"decoded {len(written)} image(s) with {result.solver}: {result.stats.nfe} NFE; wrote {args.out}/")
     return 0
 
@@ -574,10 +579,12 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
     loaded, dtype, device = _setup(args)
     images, enc = _encode(args, loaded, dtype, device)
     dec = decode(loaded.flow, enc.latent, model_kwargs=loaded.model_kwargs or None)
+    dec.x = cli_prompt.to_images(loaded, dec.x)
     if args.latents is not None:
         Path(args.latents).parent.mkdir(parents=True, exist_ok=True)
         _latent_io()
         enc.latent.save(args.latents)
+        cli_prompt.write_record(loaded, args.latents)
     if args.out is not None:
         save_images(dec.x, args.out, [Path(p).stem + "_roundtrip.png" for p in args.images])
     from .metrics import reconstruction

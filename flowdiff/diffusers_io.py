@@ -54,8 +54,10 @@ class DiffusersModel(nn.Module):
 
     The input is cast to the network's dtype and the output returned in the input's dtype, so
     a float16 network serves a float32 solve and a float32 one a float64 solve. The time is
-    passed as ``timestep=t·time_scale``. An output with twice the input's channels is a
-    learned-variance prediction ([ε, variance]); its first half, ε, is returned.
+    passed as ``timestep=t·time_scale``; floating-point keyword tensors are cast to the network's
+    dtype, and those of batch size 1 (one prompt's embedding) broadcast to the input's batch.
+    An output with twice the input's channels is a learned-variance prediction ([ε, variance]);
+    its first half, ε, is returned.
     ``sample_shape`` is one sample's (channels, height, width).
     """
 
@@ -75,6 +77,15 @@ class DiffusersModel(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, **model_kwargs: Any) -> Tensor:
         timestep = t if self.time_scale == 1.0 else t * self.time_scale
+        n, dtype = x_t.shape[0], self.net.dtype
+        for key, value in model_kwargs.items():
+            if not isinstance(value, Tensor):
+                continue
+            if value.is_floating_point() and value.dtype != dtype:  # embeddings in the network's precision
+                value = value.to(dtype)
+            if value.ndim >= 1 and value.shape[0] == 1 and n > 1:  # one prompt's conditioning for the batch
+                value = value.expand(n, *value.shape[1:])
+            model_kwargs[key] = value
         out = self.net(x_t.to(self.net.dtype), timestep=timestep, return_dict=False, **model_kwargs)[0]
         if out.ndim == x_t.ndim and out.shape[1] == 2 * x_t.shape[1] and out.shape[2:] == x_t.shape[2:]:
             out = out[:, : x_t.shape[1]]  # learned variance: [ε, v]

@@ -30,12 +30,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .flow import ProbabilityFlow
 
 
-class GuidedModel:
+class GuidedModel(nn.Module):
     """``model(x, t, **kwargs)`` → out_c + (w − 1)·(out_c − out_u) (= out_u + w·(out_c − out_u)).
 
     ``out_c`` is the wrapped model called with the caller's keyword arguments, ``out_u`` with
@@ -43,23 +43,42 @@ class GuidedModel:
     conditional output exactly. Works for ``model(x_t, t)`` models and σ-native ``eps(x̄, σ)``.
     Both branches are one call on the doubled batch where :func:`batched_kwargs` can pair
     their keyword arguments (``batch=False`` always makes two calls).
+
+    A ``torch.nn.Module``: a wrapped network is its submodule and the unconditional tensors
+    (e.g. negative-prompt embeddings) and w are buffers, so that ``.to(dtype)``/``.to(device)``
+    move them all and :func:`flowdiff.flow_fingerprint` covers weights, w and the negative prompt.
     """
 
     def __init__(self, model: Callable[..., Tensor], scale: float,
                  unconditional_kwargs: Mapping[str, Any] | None = None, *, batch: bool = True) -> None:
+        super().__init__()
         self.model = model
         self.scale = scale
-        self.unconditional_kwargs = dict(unconditional_kwargs or {})
         self.batch = batch
+        self._plain: dict[str, Any] = {}
+        self._tensor_keys: list[str] = []
+        for key, value in dict(unconditional_kwargs or {}).items():
+            if isinstance(value, Tensor):
+                self.register_buffer(f"uncond_{key}", value)
+                self._tensor_keys.append(key)
+            else:
+                self._plain[key] = value
+        # w as a buffer only so that the fingerprint (a state dict) sees it; the arithmetic uses the float
+        self.register_buffer("guidance_scale", torch.tensor(float(scale), dtype=torch.float64))
 
-    def __call__(self, x: Tensor, t: Any, **model_kwargs: Any) -> Tensor:
-        joint = batched_kwargs(self.unconditional_kwargs, model_kwargs, x.shape[0]) if self.batch else None
+    @property
+    def unconditional_kwargs(self) -> dict[str, Any]:
+        return {**self._plain, **{k: getattr(self, f"uncond_{k}") for k in self._tensor_keys}}
+
+    def forward(self, x: Tensor, t: Any, **model_kwargs: Any) -> Tensor:
+        uncond = self.unconditional_kwargs
+        joint = batched_kwargs(uncond, model_kwargs, x.shape[0]) if self.batch else None
         if joint is not None:
             tt = torch.cat([t, t]) if isinstance(t, Tensor) and t.ndim == 1 and t.shape[0] == x.shape[0] else t
             out_u, out_c = self.model(torch.cat([x, x]), tt, **joint).chunk(2)
         else:
             out_c = self.model(x, t, **model_kwargs)
-            out_u = self.model(x, t, **self.unconditional_kwargs)
+            out_u = self.model(x, t, **uncond)
         return out_c + (self.scale - 1.0) * (out_c - out_u)
 
     def __repr__(self) -> str:
@@ -70,7 +89,8 @@ def batched_kwargs(first: Mapping[str, Any], second: Mapping[str, Any], batch: i
     """The keyword arguments of one call on the batch [first; second], or None where they do not pair.
 
     They pair when both name the same keys and each key holds either two tensors of leading
-    size ``batch`` and equal trailing shape and dtype (concatenated), or the same non-tensor value.
+    size ``batch`` (or both 1, broadcast to it) and equal trailing shape and dtype
+    (concatenated), or the same non-tensor value.
     """
     if set(first) != set(second):
         return None
@@ -78,7 +98,11 @@ def batched_kwargs(first: Mapping[str, Any], second: Mapping[str, Any], batch: i
     for key, a in first.items():
         b = second[key]
         if isinstance(a, Tensor) and isinstance(b, Tensor):
-            if a.ndim == 0 or a.shape != b.shape or a.dtype != b.dtype or a.shape[0] != batch or a.device != b.device:
+            if a.ndim == 0 or a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+                return None
+            if a.shape[0] == 1 and batch > 1:  # one prompt for the whole batch: broadcast before pairing
+                a, b = a.expand(batch, *a.shape[1:]), b.expand(batch, *b.shape[1:])
+            elif a.shape[0] != batch:
                 return None
             joint[key] = torch.cat([a, b])
         elif isinstance(a, Tensor) or isinstance(b, Tensor) or a is not b and a != b:

@@ -117,7 +117,10 @@ class DiffusersFlow(ProbabilityFlow):
         if self.prompt_encoder is None:
             raise ValueError("this flow has no prompt encoder (no supported tokenizer + text_encoder in its "
                              "pipeline); pass the denoiser's conditioning as model_kwargs yourself")
-        return self.prompt_encoder(prompts)
+        kwargs = self.prompt_encoder(prompts)
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None) \
+            if isinstance(self.model, nn.Module) else None
+        return {k: v.to(dtype) if dtype is not None else v for k, v in kwargs.items()}  # the denoiser's dtype now
 
     def scheduler_sigmas(self, steps: int, *, mu: float | None = None) -> np.ndarray:
         """The σ grid its own scheduler runs for ``steps`` steps (:func:`flowdiff.scheduler_sigmas`)."""
