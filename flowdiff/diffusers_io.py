@@ -58,7 +58,7 @@ class DiffusersModel(nn.Module):
     dtype, and those of batch size 1 (one prompt's embedding) broadcast to the input's batch.
     An output with twice the input's channels is a learned-variance prediction ([ε, variance]);
     its first half, ε, is returned.
-    ``sample_shape`` is one sample's (channels, height, width).
+    ``sample_shape`` is one sample's (channels, height, width) (None for Flux's packed latents).
     """
 
     def __init__(self, net: nn.Module, time_scale: float = 1.0) -> None:
@@ -66,9 +66,12 @@ class DiffusersModel(nn.Module):
         self.net = net
         self.time_scale = float(time_scale)
         cfg = net.config
-        size = cfg.sample_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        self.sample_shape = (int(cfg.in_channels), int(h), int(w))
+        size = getattr(cfg, "sample_size", None)
+        if size is None:  # Flux works on packed (batch, tokens, channels) latents whose length the caller picks
+            self.sample_shape: tuple[int, ...] | None = None
+        else:
+            h, w = (size, size) if isinstance(size, int) else tuple(size)
+            self.sample_shape = (int(cfg.in_channels), int(h), int(w))
 
     @property
     def unet(self) -> nn.Module:

@@ -122,9 +122,9 @@ class DiffusersFlow(ProbabilityFlow):
             if isinstance(self.model, nn.Module) else None
         return {k: v.to(dtype) if dtype is not None else v for k, v in kwargs.items()}  # the denoiser's dtype now
 
-    def scheduler_sigmas(self, steps: int, *, mu: float | None = None) -> np.ndarray:
+    def scheduler_sigmas(self, steps: int, *, mu: float | None = None, sigmas: Any = None) -> np.ndarray:
         """The σ grid its own scheduler runs for ``steps`` steps (:func:`flowdiff.scheduler_sigmas`)."""
-        return scheduler_sigmas(self.scheduler_config, steps, mu=mu)
+        return scheduler_sigmas(self.scheduler_config, steps, mu=mu, sigmas=sigmas)
 
 
 def _check_tensor(x: object, name: str) -> Tensor:
@@ -140,7 +140,8 @@ def _model_per_ddim(schedule: Any, sigma: float) -> float:
 
 
 def sample_like(flow: ProbabilityFlow, noise: Tensor, scheduler: object = None, steps: int | None = None, *,
-                solver: str = "euler", mu: float | None = None, model_kwargs: Mapping[str, Any] | None = None,
+                solver: str = "euler", mu: float | None = None, sigmas: Any = None,
+                model_kwargs: Mapping[str, Any] | None = None,
                 **generate_kwargs: Any) -> Result:
     """What a diffusers pipeline's loop with ``scheduler`` returns from ``noise``, by ``solver``.
 
@@ -150,7 +151,9 @@ def sample_like(flow: ProbabilityFlow, noise: Tensor, scheduler: object = None, 
     DDIM with ``set_alpha_to_one=False``. The grid is :func:`flowdiff.scheduler_sigmas`
     (``scheduler`` defaults to the flow's own ``scheduler_config``). With ``solver="euler"`` this
     is the scheduler's loop: DDIM's step and flow matching's x + (t' − t)·v are both Euler on
-    dx̄/dσ = ε. A grid starting at σ = ∞ takes its first step with
+    dx̄/dσ = ε. ``mu`` and ``sigmas`` are those a flow-matching pipeline passes to
+    ``set_timesteps`` (Flux: its resolution-dependent shift and ``linspace(1, 1/steps, steps)``).
+    A grid starting at σ = ∞ takes its first step with
     :meth:`~flowdiff.ProbabilityFlow.step_from_noise` (one more evaluation, counted in
     ``stats.nfe``). Further keywords go to :func:`flowdiff.generate`.
     """
@@ -164,7 +167,7 @@ def sample_like(flow: ProbabilityFlow, noise: Tensor, scheduler: object = None, 
         if scheduler is None:
             raise ValueError("this flow carries no scheduler_config; pass scheduler= (a diffusers scheduler, "
                              "its config or its directory)")
-    grid = scheduler_sigmas(scheduler, steps, mu=mu)
+    grid = scheduler_sigmas(scheduler, steps, mu=mu, sigmas=sigmas)
     schedule = flow.schedule
     extra = 0
     if math.isinf(grid[0]):

@@ -181,7 +181,8 @@ def _ddim_sigmas(config: Mapping[str, Any], steps: int, source: str) -> np.ndarr
     return np.append(schedule.sigmas[ts], end)
 
 
-def _flow_matching_sigmas(config: Mapping[str, Any], steps: int, mu: float | None, source: str) -> np.ndarray:
+def _flow_matching_sigmas(config: Mapping[str, Any], steps: int, mu: float | None, base: Any,
+                          source: str) -> np.ndarray:
     for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
                 "stochastic_sampling"):
         if config.get(key):
@@ -195,12 +196,18 @@ def _flow_matching_sigmas(config: Mapping[str, Any], steps: int, mu: float | Non
         raise ValueError(f"{source}: use_dynamic_shifting=True needs mu= (the resolution-dependent shift)")
     if not dynamic and mu is not None:
         raise ValueError(f"{source}: mu= is for use_dynamic_shifting=True configs; this one shifts by shift={shift}")
-    # The trained levels as the scheduler builds them, in float32: t_i = shift(i/T), i = T … 1.
-    levels = (np.linspace(1, T, T, dtype=np.float32)[::-1] / np.float32(T)).astype(np.float32)
-    if not dynamic:
-        levels = (shift * levels / (1 + (shift - 1) * levels)).astype(np.float32)
-    t_max, t_min = float(levels[0]), float(levels[-1])
-    t = np.linspace(t_max * T, t_min * T, steps) / T
+    if base is None:
+        # The trained levels as the scheduler builds them, in float32: t_i = shift(i/T), i = T … 1; the
+        # inference times are uniform between the largest and smallest, then shifted (again), in float64.
+        levels = (np.linspace(1, T, T, dtype=np.float32)[::-1] / np.float32(T)).astype(np.float32)
+        if not dynamic:
+            levels = (shift * levels / (1 + (shift - 1) * levels)).astype(np.float32)
+        t_max, t_min = float(levels[0]), float(levels[-1])
+        t = np.linspace(t_max * T, t_min * T, steps) / T
+    else:  # the pipeline's own unshifted times (FluxPipeline: linspace(1, 1/N, N)), kept in float32 as diffusers does
+        t = np.asarray(base, dtype=np.float64).astype(np.float32)
+        if t.ndim != 1 or t.size != steps or not np.all((t > 0) & (t <= 1)) or np.any(np.diff(t) >= 0):
+            raise ValueError(f"sigmas must be {steps} decreasing flow-matching times in (0, 1], got {base!r}")
     if dynamic:
         kind = config.get("time_shift_type", "exponential")
         if kind == "exponential":
@@ -216,7 +223,7 @@ def _flow_matching_sigmas(config: Mapping[str, Any], steps: int, mu: float | Non
         return np.where(t < 1, t / (1 - t), np.inf)
 
 
-def scheduler_sigmas(scheduler: object, steps: int, *, mu: float | None = None) -> np.ndarray:
+def scheduler_sigmas(scheduler: object, steps: int, *, mu: float | None = None, sigmas: Any = None) -> np.ndarray:
     """The σ grid that diffusers' ``scheduler.set_timesteps(steps)`` loop runs, float64, decreasing.
 
     ``scheduler``: a diffusers scheduler, its config dict, a directory or a
@@ -225,17 +232,19 @@ def scheduler_sigmas(scheduler: object, steps: int, *, mu: float | None = None) 
     ``set_alpha_to_one=False``; a flow-matching grid starts at ``inf`` (t = 1). Pass it to
     ``generate(..., sigmas=grid)`` (or, for ``inf``-started grids and model-scale latents, to
     :func:`flowdiff.pipelines.sample_like`). ``mu`` is the shift of ``use_dynamic_shifting``
-    configs (Flux), as given to ``set_timesteps(mu=...)``.
+    configs (Flux), as given to ``set_timesteps(mu=...)``; ``sigmas`` a flow-matching pipeline's
+    own unshifted times, as given to ``set_timesteps(sigmas=...)`` (FluxPipeline passes
+    ``np.linspace(1, 1/steps, steps)``).
     """
     config, source = config_of(scheduler)
     steps = _check_steps(steps)
     name = class_name(config)
     if name == "DDIMScheduler":
-        if mu is not None:
-            raise ValueError("mu= applies to flow-matching schedulers, not DDIMScheduler")
+        if mu is not None or sigmas is not None:
+            raise ValueError("mu= and sigmas= apply to flow-matching schedulers, not DDIMScheduler")
         return _ddim_sigmas(config, steps, source)
     if name in FLOW_MATCHING_SCHEDULERS:
-        return _flow_matching_sigmas(config, steps, mu, source)
+        return _flow_matching_sigmas(config, steps, mu, sigmas, source)
     raise ValueError(f"{source}: scheduler_sigmas knows the grids of {', '.join(GRID_SCHEDULERS)}; got "
                      f"_class_name={name!r} (for another scheduler pass its sigmas to generate(sigmas=...) directly, "
                      "or load its config into a DDIMScheduler)")

@@ -335,3 +335,37 @@ def test_readme_section_runs():
     assert blocks, "the README section has no python example"
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+
+
+# -- Flux: packed latents, timestep / 1000, resolution-dependent shift ------------------------------------
+
+def test_flux_euler_is_the_pipelines_loop(tmp_path):
+    torch.manual_seed(3)
+    net = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                           pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)).eval()
+    net.save_pretrained(tmp_path / "transformer")
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0)
+    scheduler.save_pretrained(tmp_path / "scheduler")
+    g = torch.Generator().manual_seed(0)
+    kwargs = {"encoder_hidden_states": torch.randn(2, 3, 16, generator=g),
+              "pooled_projections": torch.randn(2, 8, generator=g),
+              "img_ids": torch.rand(16, 3, generator=g), "txt_ids": torch.zeros(3, 3)}
+    noise = torch.randn(2, 16, 16, generator=g)  # 16 packed tokens of 16 channels
+    steps, mu = 4, 0.8
+    base = np.linspace(1.0, 1 / steps, steps)  # what FluxPipeline passes to set_timesteps
+    scheduler.set_timesteps(sigmas=base, mu=mu)
+    x = noise
+    with torch.no_grad():
+        for t in scheduler.timesteps:  # FluxPipeline's loop: the transformer takes timestep / 1000
+            v = net(hidden_states=x, timestep=t.expand(2) / 1000, return_dict=False, **kwargs)[0]
+            x = scheduler.step(v, t, x).prev_sample
+    flow = from_diffusers(tmp_path / "transformer")
+    assert flow.sample_shape is None and flow.schedule.shift == 1.0  # the shift is the grid's (mu)
+    ours = sample_like(flow, noise, steps=steps, mu=mu, sigmas=base, model_kwargs=kwargs)
+    torch.testing.assert_close(ours.x, x, **TOL)
+    t = scheduler.sigmas.double().numpy()
+    with np.errstate(divide="ignore"):
+        assert np.array_equal(ours.sigmas, np.where(t < 1, t / (1 - t), np.inf))  # the same grid, to the bit
+    enc = flowdiff.encode(flow, noise, solver="reversible_heun", sigmas=ours.sigmas[1:], model_kwargs=kwargs)
+    assert torch.equal(flowdiff.decode(flow, enc.latent, model_kwargs=kwargs).x, noise)
