@@ -10,7 +10,7 @@ from flowdiff import cli, cli_prompt
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
-from test_diffusers_pipelines import build_sd  # noqa: E402  (the tiny pipeline of the equivalence tests)
+from flowdiff.tiny_pipelines import stable_diffusion as build_sd  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,13 @@ Every model is tiny and random, built here, saved with save_pretrained and loade
 rounding; reversible encodings in latent space must decode back bit for bit.
 """
 
-import json
 
 import numpy as np
 import pytest
 import torch
 
 import flowdiff
-from flowdiff import from_diffusers, sample_like, scheduler_sigmas
+from flowdiff import from_diffusers, sample_like, scheduler_sigmas, tiny_pipelines
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -24,50 +23,8 @@ SCHEDULER_CONFIGS = {
 TOL = {"rtol": 2e-5, "atol": 2e-5}
 
 
-def write_clip_tokenizer(directory):
-    """A CLIP BPE vocabulary of single letters, with 'cat' merged: small, but the real tokenizer class."""
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = {}
-    for suffix in ("", "</w>"):
-        for c in "abcdefghijklmnopqrstuvwxyz":
-            vocab[c + suffix] = len(vocab)
-    merges = ["c a", "ca t</w>"]
-    for m in merges:
-        vocab[m.replace(" ", "")] = len(vocab)
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return transformers.CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"),
-                                      model_max_length=8), vocab
-
-
-def tiny_vae():
-    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
-                                   latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=16)
-
-
 def build_sd(root, **scheduler_config):
-    torch.manual_seed(0)
-    tokenizer, vocab = write_clip_tokenizer(root / "_vocab")
-    text_config = transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=8, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"])
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=2)
-    scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                        clip_sample=False, **scheduler_config)
-    pipe = diffusers.StableDiffusionPipeline(vae=tiny_vae(), text_encoder=transformers.CLIPTextModel(text_config),
-                                             tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(root / "sd")
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.eval()
-    return pipe, root / "sd"
+    return tiny_pipelines.stable_diffusion(root, **scheduler_config)
 
 
 @pytest.fixture(scope="module", params=list(SCHEDULER_CONFIGS))
@@ -149,28 +106,7 @@ def test_float16_model_follows_the_float32_one(sd):
 
 @pytest.fixture(scope="module")
 def sd3(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd3")
-    torch.manual_seed(1)
-    net = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1,
-                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                          caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
-                                          pos_embed_max_size=8)
-    net.save_pretrained(root / "transformer")
-    diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(root / "scheduler")
-    g = torch.Generator().manual_seed(7)
-    kwargs = {"encoder_hidden_states": torch.randn(2, 5, 16, generator=g),
-              "pooled_projections": torch.randn(2, 8, generator=g)}
-    return net.eval(), root / "transformer", kwargs
-
-
-def _flow_match_loop(net, scheduler, noise, steps, **kwargs):
-    scheduler.set_timesteps(steps)
-    x = noise
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            v = net(x, timestep=t.expand(x.shape[0]), return_dict=False, **kwargs)[0]
-            x = scheduler.step(v, t, x).prev_sample
-    return x
+    return tiny_pipelines.sd3_transformer(tmp_path_factory.mktemp("sd3"))
 
 
 def test_flow_matching_euler_is_the_schedulers_loop(sd3):
@@ -179,7 +115,7 @@ def test_flow_matching_euler_is_the_schedulers_loop(sd3):
     assert flow.prediction_type == "velocity" and flow.schedule.kind == "flow_matching"
     assert flow.schedule.shift == 3.0
     noise = _noise((2, 4, 8, 8), seed=2)
-    ref = _flow_match_loop(net, diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), noise, 6, **kwargs)
+    ref = tiny_pipelines.flow_match_loop(net, diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), noise, 6, **kwargs)
     ours = sample_like(flow, noise, steps=6, model_kwargs=kwargs)
     assert ours.stats.nfe == 6 and np.isinf(ours.sigmas[0]) and ours.sigmas[-1] == 0
     torch.testing.assert_close(ours.x, ref, **TOL)
@@ -204,14 +140,7 @@ def test_flow_matching_round_trip_is_exact(sd3, dtype):
 
 @pytest.fixture(scope="module")
 def dit(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dit")
-    torch.manual_seed(2)
-    net = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                          num_layers=1, sample_size=8, patch_size=2, norm_num_groups=4)
-    pipe = diffusers.DiTPipeline(transformer=net, vae=tiny_vae(), scheduler=diffusers.DDIMScheduler(clip_sample=False))
-    pipe.save_pretrained(root / "dit")
-    pipe.transformer.eval(), pipe.vae.eval()  # a new module is in training mode, where DiT drops labels at random
-    return pipe, root / "dit"
+    return tiny_pipelines.dit(tmp_path_factory.mktemp("dit"))
 
 
 def test_dit_euler_is_the_pipelines_ddim_loop(dit):
@@ -231,7 +160,7 @@ def test_dit_euler_is_the_pipelines_ddim_loop(dit):
     assert ref.std() > 1e-3  # not clamped flat
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_dit_round_trip_is_exact(dit, dtype):
     _, path = dit
     flow = from_diffusers(path, dtype=dtype)
