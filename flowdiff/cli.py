@@ -432,7 +432,7 @@ def _budget(args: argparse.Namespace) -> dict[str, int]:
 def fingerprint(loaded: LoadedModel) -> str:
     """The key of the reference kept on disk: :func:`flowdiff.fingerprint.flow_fingerprint` of the model."""
     try:
-        return flow_fingerprint(loaded.flow)
+        return flow_fingerprint(loaded.flow, loaded.model_kwargs or None)  # the prompt's embeddings too
     except TypeError as err:
         raise CommandError(f"cannot fingerprint this model for the reference cache: {err}") from None
 

@@ -64,7 +64,7 @@ class GuidedModel(nn.Module):
             else:
                 self._plain[key] = value
         # w as a buffer only so that the fingerprint (a state dict) sees it; the arithmetic uses the float
-        self.register_buffer("guidance_scale", torch.tensor(float(scale), dtype=torch.float64))
+        self.register_buffer("guidance_scale", torch.tensor([float(scale)], dtype=torch.float64))
 
     @property
     def unconditional_kwargs(self) -> dict[str, Any]:

@@ -83,3 +83,16 @@ def test_roundtrip_and_errors(sd_dir, image_file, capsys):
     assert "no text encoder" in capsys.readouterr().err
     assert cli.main(["sample", "--model", sd_dir, "--guidance", "2", "--num", "1", "--steps", "2"]) == 1
     assert "need --prompt" in capsys.readouterr().err
+
+
+def test_compare_keys_its_reference_on_the_prompt_and_guidance(sd_dir):
+    """compare keeps its float64 reference on disk under the model's fingerprint: prompts must be part of it."""
+    import argparse
+
+    def key(prompt, negative=None, w=None):
+        args = argparse.Namespace(prompt=prompt, negative_prompt=negative, guidance=w)
+        return cli.fingerprint(cli_prompt.condition(cli.load_model(sd_dir), args))
+
+    same = key("a cat")
+    assert key("a cat") == same
+    assert len({same, key("dog"), key("a cat", "dog"), key("a cat", None, 3.0), key("a cat", None, 1.0)}) == 5
