@@ -298,3 +298,24 @@ def test_flux_euler_is_the_pipelines_loop(tmp_path):
         assert np.array_equal(ours.sigmas, np.where(t < 1, t / (1 - t), np.inf))  # the same grid, to the bit
     enc = flowdiff.encode(flow, noise, solver="reversible_heun", sigmas=ours.sigmas[1:], model_kwargs=kwargs)
     assert torch.equal(flowdiff.decode(flow, enc.latent, model_kwargs=kwargs).x, noise)
+
+
+def test_sample_like_refuses_bad_input(sd3):
+    _, path, kwargs = sd3
+    flow = from_diffusers(path)
+    noise = _noise((2, 4, 8, 8))
+    with pytest.raises(TypeError, match="steps="):
+        sample_like(flow, noise, model_kwargs=kwargs)
+    with pytest.raises(TypeError, match="noise"):
+        sample_like(flow, noise.long(), steps=2, model_kwargs=kwargs)
+    plain = flowdiff.ProbabilityFlow(flow.model, flow.schedule, prediction_type="velocity")
+    with pytest.raises(ValueError, match="scheduler="):
+        sample_like(plain, noise, steps=2, model_kwargs=kwargs)
+    with pytest.raises(ValueError, match="mu="):
+        sample_like(flow, noise, steps=2, mu=0.5, model_kwargs=kwargs)
+    # one step from pure noise straight to σ = 0 is x̂₀ itself: one evaluation
+    one = sample_like(flow, noise, steps=1, model_kwargs=kwargs)
+    assert one.stats.nfe == 1 and list(one.sigmas) == [np.inf, 0.0]
+    with torch.no_grad():
+        v = flow.model(noise, torch.full((2,), 1000.0), **kwargs)
+    torch.testing.assert_close(one.x, noise - v, rtol=1e-6, atol=1e-6)
