@@ -599,6 +599,8 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
     print(f"  mse: {figures.mse:.3e}")
     print(f"  max_abs_error: {figures.max_abs:.3e}")
     print(f"  psnr_db: {figures.psnr:.2f}")
+    if (line := cli_prompt.autoencoder_line(loaded, images, dec.x)) is not None:
+        print(line)
     return 0
 
 

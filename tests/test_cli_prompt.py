@@ -78,7 +78,8 @@ def test_encode_decode_retrace_the_prompt_and_return_the_autoencoders_reconstruc
 def test_roundtrip_and_errors(sd_dir, image_file, capsys):
     assert cli.main(["roundtrip", image_file, "--model", sd_dir, "--prompt", "a cat", "--solver", "reversible_heun",
                      "--steps", "3"]) == 0
-    assert "psnr_db" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "psnr_db" in out and "autoencoder's own reconstruction: max_abs_error 0.000e+00" in out
     assert cli.main(["sample", "--prompt", "a cat", "--num", "1", "--steps", "2"]) == 1  # digits: no text encoder
     assert "no text encoder" in capsys.readouterr().err
     assert cli.main(["sample", "--model", sd_dir, "--guidance", "2", "--num", "1", "--steps", "2"]) == 1
