@@ -17,19 +17,24 @@ from .kdiffusion import from_denoiser, to_denoiser
 from .latent import Latent
 from .metrics import Reconstruction, reconstruction
 from .options import Adaptive, Grid, Inversion, Stochastic
+from .pipelines import DiffusersFlow, sample_like
 from .pretrained import digits_data, pretrained
 from .quality import sample_quality
 from .results import AdaptiveStep, Result, StepState
 from .sampling import decode, encode, generate
-from .schedules import Schedule
+from .scheduler_grids import scheduler_sigmas
+from .schedules import FlowMatchingSchedule, Schedule, VESchedule
 from .stochastic import noise_levels
 
 __all__ = [
     "Adaptive",
     "AdaptiveStep",
+    "DiffusersFlow",
+    "FlowMatchingSchedule",
     "Grid",
     "Inversion",
     "Stochastic",
+    "VESchedule",
     "GRIDS",
     "Comparison",
     "PREDICTION_TYPES",
@@ -56,6 +61,8 @@ __all__ = [
     "metrics",
     "reconstruction",
     "reference_solution",
+    "sample_like",
     "sample_quality",
+    "scheduler_sigmas",
     "to_denoiser",
 ]

@@ -1,22 +1,28 @@
-"""Local diffusers models as probability flows: a saved ``UNet2DModel`` or DDPM/DDIM pipeline, offline.
+"""Local diffusers models and pipelines as probability flows, offline.
 
 :func:`from_diffusers` reads a directory written by diffusers' ``save_pretrained``:
 
-* a pipeline directory (``model_index.json``, with ``unet/`` and ``scheduler/``), or
-* a model directory (``config.json`` of a ``UNet2DModel`` and its weights), whose scheduler
+* a pipeline directory (``model_index.json``): its denoiser (``unet/`` or ``transformer/``),
+  ``scheduler/``, and where present ``vae/`` (the flow then lives in latent space, with an
+  :class:`~flowdiff.pipelines.Autoencoder`) and ``tokenizer/`` + ``text_encoder/`` (a
+  :class:`~flowdiff.pipelines.PromptEncoder`, for CLIP text encoders as in Stable Diffusion 1/2);
+* a model directory (``config.json`` of a supported denoiser and its weights), whose scheduler
   config is ``scheduler_config.json`` beside it, in ``../scheduler/``, or given as ``scheduler=``.
 
-From the scheduler config only the model's training definition is used: ``beta_schedule``,
-``beta_start``, ``beta_end``, ``trained_betas``, ``num_train_timesteps`` and
-``prediction_type``. Sampling settings (``timestep_spacing``, ``steps_offset``,
-``set_alpha_to_one``, ``clip_sample``, ``thresholding``) describe a scheduler's loop, not the
-ODE, and are ignored: choose the grid with ``generate(grid=...)``. Nothing is downloaded
-(``local_files_only``).
+Denoisers: ``UNet2DModel``, ``UNet2DConditionModel`` (Stable Diffusion), ``DiTTransformer2DModel``
+(class-conditional), ``SD3Transformer2DModel`` and ``FluxTransformer2DModel`` (flow matching).
+A learned-variance output (twice the input's channels: DiT, improved DDPM) gives its ε half.
+Keyword arguments (``encoder_hidden_states``, ``class_labels``, ``pooled_projections``, …)
+reach the denoiser unchanged.
+
+From the scheduler config only the model's training definition is used (see
+:func:`flowdiff.scheduler_grids.schedule_from_config`); its sampling settings describe one
+grid, which :func:`flowdiff.scheduler_sigmas` reproduces. Nothing is downloaded
+(``local_files_only``); missing or corrupt files are errors naming the file.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,42 +30,72 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .flow import PREDICTION_TYPES, ProbabilityFlow
-from .schedules import BETA_SCHEDULES, Schedule
+from .pipelines import Autoencoder, DiffusersFlow, PromptEncoder
+from .scheduler_grids import config_of, read_json, schedule_from_config
 
-SUPPORTED_MODELS = ("UNet2DModel",)
-_WEIGHT_PREFIX = "diffusion_pytorch_model"
+__all__ = ["DiffusersModel", "DiffusersUNet", "SUPPORTED_MODELS", "from_diffusers", "schedule_from_config"]
+
+#: denoiser class → the factor diffusers' pipelines apply to the scheduler's timestep before the model
+SUPPORTED_MODELS = {
+    "UNet2DModel": 1.0,
+    "UNet2DConditionModel": 1.0,
+    "DiTTransformer2DModel": 1.0,
+    "SD3Transformer2DModel": 1.0,
+    "FluxTransformer2DModel": 1e-3,  # FluxPipeline feeds timestep / 1000
+}
+_DENOISER_KEYS = ("unet", "transformer")
+_WEIGHT_PREFIXES = ("diffusion_pytorch_model", "model")
+_TEXT_ENCODERS = ("CLIPTextModel",)
+_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
 
 
-class DiffusersUNet(nn.Module):
-    """A diffusers ``UNet2DModel`` in flowdiff's convention ``model(x_t, t, **kwargs) -> Tensor``.
+class DiffusersModel(nn.Module):
+    """A diffusers denoiser in flowdiff's convention ``model(x_t, t, **kwargs) -> Tensor``.
 
-    The input is cast to the network's dtype and the output returned in the input's dtype,
-    so a float32 network serves a float64 solve (``.double()`` the network for a float64
-    model). ``sample_shape`` is (channels, height, width) of one sample, for making noise.
+    The input is cast to the network's dtype and the output returned in the input's dtype, so
+    a float16 network serves a float32 solve and a float32 one a float64 solve. The time is
+    passed as ``timestep=t·time_scale``; floating-point keyword tensors are cast to the network's
+    dtype, and those of batch size 1 (one prompt's embedding) broadcast to the input's batch.
+    An output with twice the input's channels is a learned-variance prediction ([ε, variance]);
+    its first half, ε, is returned.
+    ``sample_shape`` is one sample's (channels, height, width) (None for Flux's packed latents).
     """
 
-    def __init__(self, unet: nn.Module) -> None:
+    def __init__(self, net: nn.Module, time_scale: float = 1.0) -> None:
         super().__init__()
-        self.unet = unet
-        cfg = unet.config
-        size = cfg.sample_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        self.sample_shape = (int(cfg.in_channels), int(h), int(w))
+        self.net = net
+        self.time_scale = float(time_scale)
+        cfg = net.config
+        size = getattr(cfg, "sample_size", None)
+        if size is None:  # Flux works on packed (batch, tokens, channels) latents whose length the caller picks
+            self.sample_shape: tuple[int, ...] | None = None
+        else:
+            h, w = (size, size) if isinstance(size, int) else tuple(size)
+            self.sample_shape = (int(cfg.in_channels), int(h), int(w))
+
+    @property
+    def unet(self) -> nn.Module:
+        """The wrapped network (the name of the UNet-only wrapper this one generalises)."""
+        return self.net
 
     def forward(self, x_t: Tensor, t: Tensor, **model_kwargs: Any) -> Tensor:
-        out = self.unet(x_t.to(self.unet.dtype), t, return_dict=False, **model_kwargs)[0]
+        timestep = t if self.time_scale == 1.0 else t * self.time_scale
+        n, dtype = x_t.shape[0], self.net.dtype
+        for key, value in model_kwargs.items():
+            if not isinstance(value, Tensor):
+                continue
+            if value.is_floating_point() and value.dtype != dtype:  # embeddings in the network's precision
+                value = value.to(dtype)
+            if value.ndim >= 1 and value.shape[0] == 1 and n > 1:  # one prompt's conditioning for the batch
+                value = value.expand(n, *value.shape[1:])
+            model_kwargs[key] = value
+        out = self.net(x_t.to(self.net.dtype), timestep=timestep, return_dict=False, **model_kwargs)[0]
+        if out.ndim == x_t.ndim and out.shape[1] == 2 * x_t.shape[1] and out.shape[2:] == x_t.shape[2:]:
+            out = out[:, : x_t.shape[1]]  # learned variance: [ε, v]
         return out.to(x_t.dtype)
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{what} {path} must hold a JSON object, got {type(data).__name__}")
-    return data
+DiffusersUNet = DiffusersModel
 
 
 def _scheduler_config(scheduler: object, model_dir: Path) -> tuple[dict[str, Any], str]:
@@ -68,109 +104,152 @@ def _scheduler_config(scheduler: object, model_dir: Path) -> tuple[dict[str, Any
         beside, sibling = model_dir / "scheduler_config.json", model_dir.parent / "scheduler" / "scheduler_config.json"
         for candidate in (beside, sibling):
             if candidate.is_file():
-                return _read_json(candidate, "scheduler config"), str(candidate)
+                return read_json(candidate, "scheduler config"), str(candidate)
         raise FileNotFoundError(f"no scheduler config for the model in {model_dir}: looked for scheduler_config.json "
                                 "there and in ../scheduler/; pass scheduler= (a directory, a scheduler_config.json "
                                 "path, a dict or a diffusers scheduler)")
-    if isinstance(scheduler, Mapping):
-        return dict(scheduler), "scheduler="
-    if hasattr(scheduler, "config") and isinstance(scheduler.config, Mapping):
-        return dict(scheduler.config), f"scheduler={type(scheduler).__name__}"
-    if isinstance(scheduler, (str, Path)):
-        p = Path(scheduler)
-        if p.is_dir():
-            p = p / "scheduler_config.json"
-        if not p.is_file():
-            raise FileNotFoundError(f"scheduler config {p} does not exist")
-        return _read_json(p, "scheduler config"), str(p)
-    raise TypeError("scheduler must be a directory or scheduler_config.json path, a dict, or a diffusers scheduler; "
-                    f"got {type(scheduler).__name__}")
+    config, source = config_of(scheduler)
+    return config, ("scheduler=" if isinstance(scheduler, Mapping) else source)
 
 
-def schedule_from_config(config: Mapping[str, Any], source: str = "scheduler config") -> tuple[Schedule, str]:
-    """The :class:`Schedule` and prediction type that a diffusers scheduler config defines."""
-    if config.get("rescale_betas_zero_snr"):
-        raise ValueError(f"{source}: rescale_betas_zero_snr=True gives ᾱ_T = 0 (σ = ∞ at the last timestep), "
-                         "which this ODE in σ cannot start from; unsupported")
-    prediction_type = config.get("prediction_type", "epsilon")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"{source}: unsupported prediction_type {prediction_type!r}; "
-                         f"supported: {', '.join(PREDICTION_TYPES)}")
-    beta_schedule = config.get("beta_schedule", "linear")
-    if config.get("trained_betas") is None and beta_schedule not in BETA_SCHEDULES:
-        raise ValueError(f"{source}: unsupported beta_schedule {beta_schedule!r}; "
-                         f"supported: {', '.join(BETA_SCHEDULES)} (or trained_betas)")
-    try:
-        schedule = Schedule.from_config(beta_schedule=beta_schedule,
-                                        num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
-                                        beta_start=float(config.get("beta_start", 1e-4)),
-                                        beta_end=float(config.get("beta_end", 0.02)),
-                                        trained_betas=config.get("trained_betas"))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{source}: {e}") from None
-    return schedule, prediction_type
-
-
-def _locate(path: Path) -> Path:
-    """The UNet's directory inside a pipeline or model directory."""
+def _components(path: Path) -> tuple[Path, dict[str, Any] | None]:
+    """The denoiser's directory inside a pipeline or model directory, and the pipeline's index (or None)."""
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory (expected a diffusers model or pipeline saved with "
                                 "save_pretrained)")
-    index = path / "model_index.json"
-    if index.is_file():
-        components = _read_json(index, "pipeline index")
-        entry = components.get("unet")
-        if not (isinstance(entry, list) and len(entry) == 2):
-            raise ValueError(f"pipeline {path} has no 'unet' component in model_index.json "
-                             f"(components: {', '.join(k for k in components if not k.startswith('_'))})")
-        if entry[1] not in SUPPORTED_MODELS:
-            raise ValueError(f"pipeline {path}: unet is a {entry[1]}; supported: {', '.join(SUPPORTED_MODELS)}")
-        return path / "unet"
+    index_path = path / "model_index.json"
+    if index_path.is_file():
+        index = read_json(index_path, "pipeline index")
+        for key in _DENOISER_KEYS:
+            entry = index.get(key)
+            if isinstance(entry, list) and len(entry) == 2 and entry[1] is not None:
+                if entry[1] not in SUPPORTED_MODELS:
+                    raise ValueError(f"pipeline {path}: {key} is a {entry[1]}; supported: "
+                                     f"{', '.join(SUPPORTED_MODELS)}")
+                return path / key, index
+        raise ValueError(f"pipeline {path} has no 'unet' or 'transformer' component in model_index.json "
+                         f"(components: {', '.join(k for k in index if not k.startswith('_'))})")
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a diffusers model or pipeline directory: it has neither model_index.json "
                          "nor config.json")
-    return path
+    return path, None
+
+
+def _weights(directory: Path) -> list[str]:
+    names = sorted(p.name for p in directory.iterdir() if p.name.startswith(_WEIGHT_PREFIXES)
+                   and p.suffix in (".safetensors", ".bin", ".json"))
+    weights = [n for n in names if not n.endswith(".json") or n.endswith(".index.json")]
+    if not weights:
+        raise FileNotFoundError(f"no weights in {directory}: expected diffusion_pytorch_model.safetensors "
+                                "(or model.safetensors, .bin)")
+    return weights
+
+
+def _load(cls: Any, directory: Path, what: str, dtype: torch.dtype | None) -> nn.Module:
+    """``cls.from_pretrained(directory)`` offline, with errors that name the directory and its files."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{what} directory {directory} is missing")
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{what} config {directory / 'config.json'} is missing")
+    read_json(directory / "config.json", f"{what} config")
+    weights = _weights(directory)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    try:
+        module = cls.from_pretrained(str(directory), **kwargs)
+    except Exception as e:  # diffusers/transformers raise OSError, ValueError, RuntimeError or SafetensorError
+        raise ValueError(f"could not load the {cls.__name__} weights in {directory} ({', '.join(weights)}): "
+                         f"{type(e).__name__}: {e}") from None
+    if dtype is not None and any(p.dtype != dtype for p in module.parameters()):
+        module.to(dtype)  # some classes load part of their weights in float32 whatever torch_dtype says
+    return module.eval().requires_grad_(False)
+
+
+def _diffusers() -> Any:
+    try:
+        import diffusers
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError("loading diffusers models needs diffusers: pip install 'flowdiff[diffusers]'") from None
+    return diffusers
+
+
+def _prompt_encoder(root: Path, index: Mapping[str, Any], dtype: torch.dtype | None,
+                    model_dtype: torch.dtype) -> PromptEncoder | None:
+    tok, enc = index.get("tokenizer"), index.get("text_encoder")
+    if not (isinstance(tok, list) and isinstance(enc, list) and tok[1] and enc[1]):
+        return None
+    if tok[1] not in _TOKENIZERS or enc[1] not in _TEXT_ENCODERS or any(
+            isinstance(index.get(k), list) and index[k][1] for k in ("text_encoder_2", "text_encoder_3")):
+        return None  # e.g. SD3's three encoders: the caller passes the embeddings as model_kwargs
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError(f"pipeline {root} has a {enc[1]} text encoder; loading it needs transformers: "
+                          "pip install transformers") from None
+    tok_dir = root / "tokenizer"
+    if not tok_dir.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {tok_dir} is missing")
+    try:
+        tokenizer = getattr(transformers, tok[1]).from_pretrained(str(tok_dir), local_files_only=True)
+    except Exception as e:
+        files = ", ".join(sorted(p.name for p in tok_dir.iterdir())) or "no files"
+        raise ValueError(f"could not load the tokenizer in {tok_dir} ({files}): {type(e).__name__}: {e}") from None
+    text_encoder = _load(getattr(transformers, enc[1]), root / "text_encoder", "text encoder", dtype)
+    return PromptEncoder(tokenizer, text_encoder, model_dtype)
 
 
 def from_diffusers(path: str | Path, *, scheduler: object = None, device: str | torch.device | None = None,
-                   dtype: torch.dtype | None = None) -> ProbabilityFlow:
-    """A :class:`ProbabilityFlow` from a local diffusers ``UNet2DModel`` or DDPM pipeline directory.
+                   dtype: torch.dtype | None = None) -> DiffusersFlow:
+    """A :class:`~flowdiff.pipelines.DiffusersFlow` from a local diffusers model or pipeline directory.
 
-    ``scheduler``: where the noise schedule comes from if not beside the model (a directory,
+    ``scheduler``: where the training schedule comes from if not beside the model (a directory,
     a ``scheduler_config.json`` path, a config dict or a diffusers scheduler object).
-    ``device``/``dtype`` move the network. The flow's ``model`` is a :class:`DiffusersUNet`
-    (``flow.model.sample_shape`` gives one sample's shape); model keyword arguments such as
-    ``class_labels`` pass through to the UNet.
+    ``device``/``dtype`` move every network (``dtype=torch.float16`` loads them in half precision,
+    as diffusers' ``torch_dtype``; states stay in the caller's dtype). ``flow.model`` is a
+    :class:`DiffusersModel` (``flow.model.sample_shape`` gives one sample's shape);
+    ``flow.autoencoder`` and ``flow.encode_prompt`` exist for latent pipelines with a VAE and
+    a CLIP text encoder.
     """
     if not isinstance(path, (str, Path)):
         raise TypeError(f"path must be a directory path (str or Path), got {type(path).__name__}")
-    model_dir = _locate(Path(path))
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype (float16, bfloat16, float32, float64), "
+                        f"got {dtype!r}")
+    root = Path(path)
+    model_dir, index = _components(root)
     config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"model config {config_path} is missing")
-    config = _read_json(config_path, "model config")
+    config = read_json(config_path, "model config")
     class_name = config.get("_class_name")
     if class_name not in SUPPORTED_MODELS:
         raise ValueError(f"{config_path}: model class {class_name!r} is not supported; "
                          f"supported: {', '.join(SUPPORTED_MODELS)}")
-    weights = sorted(p.name for p in model_dir.iterdir() if p.name.startswith(_WEIGHT_PREFIX))
-    if not weights:
-        raise FileNotFoundError(f"no weights in {model_dir}: expected {_WEIGHT_PREFIX}.safetensors "
-                                f"(or {_WEIGHT_PREFIX}.bin)")
     sched_config, source = _scheduler_config(scheduler, model_dir)
     schedule, prediction_type = schedule_from_config(sched_config, source)
+    flow_matching = prediction_type == "velocity"
+    if class_name in ("SD3Transformer2DModel", "FluxTransformer2DModel") and not flow_matching:
+        raise ValueError(f"{source}: a {class_name} is a flow-matching model; its scheduler config must be a "
+                         f"FlowMatchEulerDiscreteScheduler, got {sched_config.get('_class_name')!r}")
 
-    try:
-        from diffusers import UNet2DModel
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise ImportError("loading diffusers models needs diffusers: pip install 'flowdiff[diffusers]'") from None
-    try:
-        unet = UNet2DModel.from_pretrained(str(model_dir), local_files_only=True, low_cpu_mem_usage=False,
-                                           torch_dtype=dtype)
-    except Exception as e:  # diffusers raises OSError, ValueError, RuntimeError or SafetensorError here
-        raise ValueError(f"could not load the UNet2DModel weights in {model_dir} ({', '.join(weights)}): "
-                         f"{type(e).__name__}: {e}") from None
-    unet.eval().requires_grad_(False)
+    diffusers = _diffusers()
+    net = _load(getattr(diffusers, class_name), model_dir, class_name, dtype)
     if device is not None:
-        unet.to(device)
-    return ProbabilityFlow(DiffusersUNet(unet), schedule, prediction_type=prediction_type)
+        net.to(device)
+    model = DiffusersModel(net, SUPPORTED_MODELS[class_name])
+    flow = DiffusersFlow(model, schedule, prediction_type=prediction_type)
+    flow.scheduler_config = dict(sched_config)
+    flow.sample_shape = model.sample_shape
+    if index is not None:
+        vae_entry = index.get("vae")
+        if isinstance(vae_entry, list) and vae_entry[1]:
+            if vae_entry[1] not in ("AutoencoderKL",):
+                raise ValueError(f"pipeline {root}: vae is a {vae_entry[1]}; supported: AutoencoderKL")
+            vae = _load(diffusers.AutoencoderKL, root / "vae", "vae", dtype)
+            if device is not None:
+                vae.to(device)
+            flow.autoencoder = Autoencoder(vae)
+        prompt_encoder = _prompt_encoder(root, index, dtype, net.dtype)
+        if prompt_encoder is not None and device is not None:
+            prompt_encoder.text_encoder.to(device)
+        flow.prompt_encoder = prompt_encoder
+    return flow

@@ -7,6 +7,11 @@ explicit Euler for
 
 (Song et al., "Denoising Diffusion Implicit Models", ICLR 2021, eq. 14). The image is x̄ at
 σ = 0; DDIM's x_T ~ N(0, I) is x̄/√(1+σ_max²).
+
+The same ODE holds for every schedule x = α·x₀ + s·ε with σ = s/α and x̄ = x/α (see
+:mod:`flowdiff.schedules`): variance exploding (α = 1) and rectified flow (α = 1 − t, s = t)
+differ from VP only in the model's input x = α(σ)·x̄, its time t(σ), and the conversion of
+its prediction to ε, all of which the schedule supplies.
 """
 
 from __future__ import annotations
@@ -20,18 +25,26 @@ from torch import Tensor
 
 from .schedules import ArrayLike, Schedule, as_schedule
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "velocity")
 
-#: ``model(x_t, t, **model_kwargs) -> prediction``; x_t VP-scaled, t a float tensor of shape (batch,).
+#: ``model(x_t, t, **model_kwargs) -> prediction``; x_t = α(σ)·x̄ (VP-scaled for VP schedules), t a float
+#: tensor of shape (batch,).
 Model = Callable[..., Tensor]
 
 
 class ProbabilityFlow:
     """The vector field ``dx̄/dσ = ε(x̄, σ)`` of a model and its schedule.
 
-    ``model(x_t, t, **model_kwargs)`` receives the VP-scaled input x_t = x̄/√(1+σ²) and the
-    timestep t(σ) (float, shape (batch,)); it predicts ``epsilon``, ``v_prediction`` or
-    ``sample`` (x₀), converted here to ε. States may have any shape (batch, ...).
+    ``model(x_t, t, **model_kwargs)`` receives its input x_t = α(σ)·x̄ (for VP x̄/√(1+σ²))
+    and its time t(σ) (float, shape (batch,)), both from the schedule; it predicts ``epsilon``,
+    ``v_prediction`` (v = α·ε − s·x₀, Salimans & Ho 2022), ``sample`` (x₀) or ``velocity``
+    (flow matching's v = dx/dt, e.g. ε − x₀ for rectified flow), converted here to ε:
+
+        ε = (s·x + α·v)/(α² + s²) = σ/(1+σ²)·x̄ + v/(α(1+σ²))      (v_prediction)
+        ε = (x̄ − x₀)/σ                                              (sample)
+        ε = a(σ)·x̄ + b(σ)·v, (a, b) = schedule.velocity_coefficients(σ)   (velocity)
+
+    States may have any shape (batch, ...).
     """
 
     def __init__(self, model: Model, alphas_cumprod: Schedule | ArrayLike | None = None, *,
@@ -43,6 +56,8 @@ class ProbabilityFlow:
                              f"accepted: {', '.join(PREDICTION_TYPES)}")
         self.model = model
         self.schedule = as_schedule(alphas_cumprod)
+        if prediction_type == "velocity":
+            self.schedule.velocity_coefficients(self.schedule.sigma_min)  # raises for schedules without one
         self.prediction_type = prediction_type
         self.sigma_field: Callable[..., Tensor] | None = None
 
@@ -77,6 +92,8 @@ class ProbabilityFlow:
         if self.sigma_field is not None:
             return self._native_field(kwargs, model_dtype)
         timestep = self.schedule.timestep
+        alpha = self.schedule.alpha
+        velocity_coefficients = self.schedule.velocity_coefficients
         model = self.model
         prediction_type = self.prediction_type
         t_cache: dict[tuple[float, int, torch.device], Tensor] = {}
@@ -84,7 +101,7 @@ class ProbabilityFlow:
         built: set[tuple[int, torch.device]] = set()
 
         def f(sigma: float, xbar: Tensor) -> Tensor:
-            inv_scale = 1.0 / math.sqrt(1.0 + sigma * sigma)
+            inv_scale = alpha(sigma)
             x = xbar * inv_scale
             if model_dtype is not None and x.dtype != model_dtype:
                 x = x.to(model_dtype)
@@ -113,8 +130,12 @@ class ProbabilityFlow:
             if prediction_type == "epsilon":
                 return out
             if prediction_type == "v_prediction":
-                # x = a·x0 + s·ε, v = a·ε − s·x0  ⇒  ε = s·x + a·v, with a = 1/√(1+σ²), s = σ·a.
-                return out.mul(inv_scale).add_(xbar, alpha=sigma * inv_scale * inv_scale)
+                # x = a·x0 + s·ε, v = a·ε − s·x0  ⇒  ε = (s·x + a·v)/(a² + s²), with s = σ·a, x = a·x̄.
+                c = 1.0 / (1.0 + sigma * sigma)
+                return out.mul(c / inv_scale).add_(xbar, alpha=sigma * c)
+            if prediction_type == "velocity":
+                a, b = velocity_coefficients(sigma)
+                return out.mul(b).add_(xbar, alpha=a)
             if sigma == 0:
                 raise ValueError("prediction_type='sample' defines no ε at σ = 0 (ε = (x̄ − x₀)/σ); "
                                  "use a grid that does not evaluate the model at σ = 0")
@@ -137,6 +158,47 @@ class ProbabilityFlow:
             return out if out.dtype == xbar.dtype else out.to(xbar.dtype)
 
         return f
+
+    def step_from_noise(self, noise: Tensor, sigma: float, model_kwargs: Mapping[str, Any] | None = None,
+                        model_dtype: torch.dtype | None = None) -> Tensor:
+        """The Euler (= DDIM) step from σ = ∞ to ``sigma``, returned at DDIM scale for :func:`flowdiff.generate`.
+
+        No grid can start at σ = ∞, where the model's input is pure noise (flow matching's t = 1,
+        a zero-terminal-SNR schedule's last step), yet that is where SD3/Flux samplers start.
+        The step there is finite in the data form x̄' = x̂₀ + σ'·ε̂: at α = 0 the input is the
+        noise itself (x = s·ε with s = 1), so ε̂ = ``noise`` and x̂₀ comes from the prediction
+        (``sample``: x̂₀ = out; ``v_prediction``: −out; ``velocity``: x − out for rectified flow).
+        ``epsilon`` models define no x̂₀ there (0/0) and are refused. One model evaluation;
+        the return value is x̄'/√(1+σ'²), the ``noise`` that ``generate(..., sigmas=grid[1:])``
+        continues from.
+        """
+        if self.sigma_field is not None:
+            raise ValueError("step_from_noise needs a model(x_t, t) flow; a σ-native field has no σ = ∞")
+        sigma = float(sigma)
+        if not 0 <= sigma < math.inf:
+            raise ValueError(f"sigma must be finite and >= 0 (the first grid point after σ = ∞), got {sigma}")
+        if self.prediction_type == "epsilon":
+            raise ValueError("prediction_type 'epsilon' defines no clean estimate at σ = ∞ (x̂₀ = (x − s·ε)/α "
+                             "with α = 0); start an epsilon model from a finite σ")
+        if self.prediction_type == "velocity" and self.schedule.kind != "flow_matching":
+            raise ValueError(f"step_from_noise for 'velocity' models is defined for flow-matching schedules, "
+                             f"got {self.schedule!r}")
+        t_max = self.schedule.timestep(math.inf)
+        t_dtype = torch.float64 if (model_dtype or noise.dtype) == torch.float64 else torch.float32
+        t = torch.full((noise.shape[0],), t_max, dtype=t_dtype, device=noise.device)
+        x = noise if model_dtype is None else noise.to(model_dtype)
+        out = self.model(x, t, **dict(model_kwargs or {}))
+        if not isinstance(out, Tensor) or out.shape != noise.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"model returned {got} for input shape {tuple(noise.shape)} at σ = ∞")
+        out = out.to(noise.dtype)
+        if self.prediction_type == "sample":
+            x0 = out
+        elif self.prediction_type == "v_prediction":  # v = α·ε − s·x₀ with α = 0, s = 1
+            x0 = -out
+        else:  # rectified flow at t = 1: v = ε − x₀ and x = ε
+            x0 = noise - out
+        return (x0 + sigma * noise) / math.sqrt(1.0 + sigma * sigma)
 
     def eps(self, xbar: Tensor, sigma: float, **model_kwargs: Any) -> Tensor:
         """ε(x̄, σ): the vector field at one point."""

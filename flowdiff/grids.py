@@ -84,7 +84,8 @@ def make_sigmas(
     """The generation grid: ``steps + 1`` σ values, strictly decreasing, ending with 0.
 
     Exactly one of ``steps`` (with a named ``grid``), ``sigmas`` or ``timesteps`` is used.
-    Explicit ``sigmas`` must already end at 0; explicit ``timesteps`` (in [0, T−1],
+    Explicit ``sigmas`` end at 0, or above it for a grid that stops short of the image
+    (diffusers' ``set_alpha_to_one=False``; :func:`flowdiff.scheduler_sigmas`); explicit ``timesteps`` (in [0, T−1],
     strictly decreasing, fractional allowed) get σ = 0 appended. ``power`` (logsnr only)
     warps the log-uniform grid: below 1 it spends more steps at large σ, which at 10–20
     evaluations measured better on the digits mixture (``benchmarks/results/lownfe.md``).
@@ -106,8 +107,8 @@ def make_sigmas(
             raise ValueError("sigmas must be finite and >= 0")
         if np.any(np.diff(s) >= 0):
             raise ValueError("sigmas must be strictly decreasing (a generation grid); encode reverses it itself")
-        if s[-1] != 0:
-            raise ValueError(f"sigmas must end at 0 (the image), got last value {s[-1]!r}")
+        # A grid may stop above 0: diffusers' DDIMScheduler with set_alpha_to_one=False ends at σ_min
+        # (see flowdiff.scheduler_grids); the result is then x̄ at that σ.
         return s
     if timesteps is not None:
         t = np.asarray(timesteps.detach().cpu().double() if hasattr(timesteps, "detach") else timesteps,

@@ -1,4 +1,15 @@
-"""Noise schedules: ᾱ_t, σ_t = √((1−ᾱ_t)/ᾱ_t), and the map between σ and the model's timestep t.
+"""Noise schedules: x_t = α_t·x₀ + s_t·ε, σ = s/α, and the map between σ and the model's time t.
+
+Every schedule of this form is one ODE: with x̄ = x/α and σ = s/α, x̄ = x₀ + σ·ε, and the
+probability flow is dx̄/dσ = ε whatever α and s are (Karras et al., "Elucidating the Design
+Space of Diffusion-Based Generative Models", 2022, eq. 4 with s(t) = α). Schedules differ only
+in the model's input scaling x = α(σ)·x̄, its time t(σ), and how a prediction becomes ε:
+
+* variance preserving (:class:`Schedule`, DDPM/DDIM/Stable Diffusion): α² + s² = 1,
+  α = √ᾱ = 1/√(1+σ²), σ = √((1−ᾱ)/ᾱ), discrete trained timesteps;
+* variance exploding (:class:`VESchedule`, NCSN/EDM): α = 1, s = σ;
+* rectified flow / flow matching (:class:`FlowMatchingSchedule`, SD3, Flux): α = 1 − t,
+  s = t, so σ = t/(1−t) and α = 1/(1+σ).
 
 Everything here is float64 on the host. The schedule is the only place that knows the
 trained timesteps; the ODE itself lives in σ.
@@ -39,6 +50,9 @@ class Schedule:
     :meth:`linear` (DDPM), :meth:`scaled_linear` (Stable Diffusion), :meth:`cosine`
     (improved DDPM), :meth:`from_betas` or :meth:`from_alphas_cumprod`.
     """
+
+    #: which family of (α, s) the schedule is: "vp", "ve" or "flow_matching"
+    kind = "vp"
 
     def __init__(self, alphas_cumprod: ArrayLike) -> None:
         acp = _as_float64(alphas_cumprod, "alphas_cumprod")
@@ -108,6 +122,28 @@ class Schedule:
             return cls.cosine(num_train_timesteps)
         raise ValueError(f"unsupported beta_schedule {beta_schedule!r}; supported: {', '.join(BETA_SCHEDULES)}")
 
+    @classmethod
+    def flow_matching(cls, num_train_timesteps: int = 1000, shift: float = 1.0) -> FlowMatchingSchedule:
+        """Rectified flow x = (1−t)·x₀ + t·ε with model time T·t (SD3, Flux); see :class:`FlowMatchingSchedule`."""
+        return FlowMatchingSchedule(num_train_timesteps, shift)
+
+    @classmethod
+    def variance_exploding(cls, sigma_min: float = 0.002, sigma_max: float = 80.0, num_levels: int = 1000,
+                           time: str = "log_sigma") -> VESchedule:
+        """x = x₀ + σ·ε (NCSN, EDM); see :class:`VESchedule`."""
+        return VESchedule(sigma_min, sigma_max, num_levels, time)
+
+    # -- the model's variables ------------------------------------------------------------
+    def alpha(self, sigma: float) -> float:
+        """The model's input scale α(σ): the model sees x = α·x̄ (VP: α = √ᾱ = 1/√(1+σ²))."""
+        return 1.0 / math.sqrt(1.0 + sigma * sigma)
+
+    def velocity_coefficients(self, sigma: float) -> tuple[float, float]:
+        """(a, b) with ε = a·x̄ + b·v for a flow-matching velocity v = dx/dt; VP's discrete time has none."""
+        raise ValueError(f"prediction_type 'velocity' (v = dx/dt) needs a continuous-time schedule "
+                         f"(flowdiff.Schedule.flow_matching or .variance_exploding); {self!r} is discrete VP. "
+                         "For the VP 'v' of Salimans & Ho use prediction_type='v_prediction'")
+
     # -- conversions ----------------------------------------------------------------------
     @property
     def num_train_timesteps(self) -> int:
@@ -158,6 +194,140 @@ class Schedule:
     def __repr__(self) -> str:
         return (f"Schedule(T={self.num_train_timesteps}, sigma_min={self.sigma_min:.4g}, "
                 f"sigma_max={self.sigma_max:.4g})")
+
+
+class _ContinuousSchedule(Schedule):
+    """A schedule whose model time is a closed-form function of σ (valid for every σ ≥ 0).
+
+    The discrete table (``alphas_cumprod``, ``sigmas``) holds the trained noise levels as their
+    variance-preserving equivalents ᾱ = 1/(1+σ²), so that the named grids (``trailing``,
+    ``karras``, ...) and ``sigma_min``/``sigma_max`` mean what they mean for VP; the model
+    itself is fed :meth:`alpha` · x̄ and :meth:`timestep`, both closed form.
+    """
+
+    def __init__(self, level_sigmas: np.ndarray) -> None:
+        super().__init__(1.0 / (1.0 + level_sigmas.astype(np.float64) ** 2))
+
+    def _time(self, sigma: float) -> float:
+        raise NotImplementedError
+
+    def _sigma(self, t: float) -> float:
+        raise NotImplementedError
+
+    def _time_range(self) -> tuple[float, float]:
+        raise NotImplementedError
+
+    def timestep(self, sigma: float) -> float:
+        """The model's time for noise level σ ≥ 0, in closed form (no interpolation)."""
+        if not sigma >= 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        return self._time(float(sigma))
+
+    def sigma_at(self, t: float | ArrayLike) -> float | np.ndarray:
+        """σ at the model's time t (the inverse of :meth:`timestep`)."""
+        if np.ndim(t) == 0:
+            lo, hi = self._time_range()
+            t = float(t)
+            if not lo <= t < hi:
+                raise ValueError(f"time t={t} is outside this schedule's [{lo}, {hi})")
+            return self._sigma(t)
+        return np.array([self.sigma_at(float(x)) for x in np.asarray(t, dtype=np.float64)])
+
+
+class FlowMatchingSchedule(_ContinuousSchedule):
+    """Rectified flow (Liu et al., "Flow Straight and Fast", 2022; Esser et al., "Scaling Rectified
+    Flow Transformers for High-Resolution Image Synthesis" (SD3), 2024): x = (1−t)·x₀ + t·ε.
+
+    With σ = t/(1−t) and x̄ = x/(1−t) this is the σ-ODE dx̄/dσ = ε; the model sees
+    x = x̄/(1+σ) and the time ``T·t`` = T·σ/(1+σ) (diffusers' FlowMatchEulerDiscreteScheduler
+    feeds ``sigma·num_train_timesteps``). Its velocity v = dx/dt = ε − x₀ gives
+    ε = x + (1−t)·v = (x̄ + v)/(1+σ).
+
+    SD3's time shift t ↦ shift·t/(1 + (shift−1)·t) is σ ↦ shift·σ: a shifted grid is the
+    unshifted one scaled. The trained levels (the table) are diffusers' t_i = shift(i/T),
+    i = 1 … T−1; t = 1 (σ = ∞, pure noise) is left out, as no grid can start at σ = ∞: a
+    sampler starting from pure noise takes its first step with
+    :meth:`flowdiff.ProbabilityFlow.step_from_noise`.
+    """
+
+    kind = "flow_matching"
+
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0) -> None:
+        _check_T(num_train_timesteps)
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not (math.isfinite(shift) and shift > 0):
+            raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
+        self.train_steps = num_train_timesteps
+        self.shift = float(shift)
+        u = np.arange(1, num_train_timesteps, dtype=np.float64) / num_train_timesteps
+        super().__init__(self.shift * u / (1.0 - u))  # σ of the shifted levels: shift · u/(1−u)
+
+    def _time(self, sigma: float) -> float:
+        if sigma == math.inf:
+            return float(self.train_steps)
+        return self.train_steps * sigma / (1.0 + sigma)
+
+    def _sigma(self, t: float) -> float:
+        return t / (self.train_steps - t)
+
+    def _time_range(self) -> tuple[float, float]:
+        return 0.0, float(self.train_steps)
+
+    def alpha(self, sigma: float) -> float:
+        """x = (1−t)·x̄ = x̄/(1+σ)."""
+        return 1.0 / (1.0 + sigma)
+
+    def velocity_coefficients(self, sigma: float) -> tuple[float, float]:
+        """ε = (x̄ + v)/(1+σ) for v = dx/dt = ε − x₀."""
+        a = 1.0 / (1.0 + sigma)
+        return a, a
+
+    def __repr__(self) -> str:
+        return (f"FlowMatchingSchedule(T={self.train_steps}, shift={self.shift:g}, sigma_min={self.sigma_min:.4g}, "
+                f"sigma_max={self.sigma_max:.4g})")
+
+
+class VESchedule(_ContinuousSchedule):
+    """Variance exploding, x = x₀ + σ·ε (Song & Ermon's NCSN; EDM's preconditioned form):
+    α = 1, so the model sees x̄ itself and the ODE is dx̄/dσ = ε directly.
+
+    ``time`` is what the model is fed: ``"sigma"`` (σ itself, as diffusers' ScoreSdeVe models)
+    or ``"log_sigma"`` (EDM's c_noise = ¼·ln σ; below ``sigma_min``, e.g. at σ = 0, it is
+    fed ¼·ln σ_min, as a VP schedule feeds timestep 0 there). The table is ``num_levels``
+    geometric levels in [σ_min, σ_max]. Its velocity v = dx/dσ is ε itself.
+    """
+
+    kind = "ve"
+    TIMES = ("sigma", "log_sigma")
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, num_levels: int = 1000,
+                 time: str = "log_sigma") -> None:
+        if not (0 < sigma_min < sigma_max < math.inf):
+            raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got {sigma_min}, {sigma_max}")
+        if time not in self.TIMES:
+            raise ValueError(f"unknown time {time!r}; accepted: {', '.join(self.TIMES)}")
+        _check_T(num_levels)
+        self.time = time
+        super().__init__(np.geomspace(sigma_min, sigma_max, num_levels))
+
+    def _time(self, sigma: float) -> float:
+        if self.time == "sigma":
+            return sigma
+        return 0.25 * math.log(max(sigma, self.sigma_min))
+
+    def _sigma(self, t: float) -> float:
+        return t if self.time == "sigma" else math.exp(4.0 * t)
+
+    def _time_range(self) -> tuple[float, float]:
+        return (0.0, math.inf) if self.time == "sigma" else (0.25 * math.log(self.sigma_min), math.inf)
+
+    def alpha(self, sigma: float) -> float:
+        return 1.0
+
+    def velocity_coefficients(self, sigma: float) -> tuple[float, float]:
+        return 0.0, 1.0
+
+    def __repr__(self) -> str:
+        return f"VESchedule(sigma_min={self.sigma_min:.4g}, sigma_max={self.sigma_max:.4g}, time={self.time!r})"
 
 
 def _check_T(num_train_timesteps: int) -> None:

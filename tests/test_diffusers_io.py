@@ -115,9 +115,9 @@ def test_unsupported_model_class(tmp_path):
     _save(tmp_path)
     config_path = tmp_path / "unet" / "config.json"
     config = json.loads(config_path.read_text())
-    config["_class_name"] = "UNet2DConditionModel"
+    config["_class_name"] = "UNet3DConditionModel"
     config_path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="UNet2DConditionModel.*supported: UNet2DModel"):
+    with pytest.raises(ValueError, match="UNet3DConditionModel.*supported: UNet2DModel"):
         from_diffusers(tmp_path / "unet")
 
 

@@ -117,10 +117,17 @@ def test_guided_flow_round_trips_tightly_with_an_adaptive_solver():
 def test_null_class_kwargs():
     flow = _random_digits_net()
     x = torch.randn(2, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    explicit = classifier_free_guidance(flow, 2.0, unconditional_kwargs={"class_labels": torch.tensor([10, 10])})
+    null = {"class_labels": torch.tensor([10, 10])}
+    explicit = classifier_free_guidance(flow, 2.0, unconditional_kwargs=null, batch=False)
     implicit = classifier_free_guidance(flow, 2.0)
     kwargs = {"class_labels": torch.tensor([3, 7])}
     torch.testing.assert_close(explicit.eps(x, 1.0, **kwargs), implicit.eps(x, 1.0, **kwargs), rtol=0, atol=0)
+    # the same two branches as one call on the doubled batch: equal to rounding, and one call, not two
+    calls = []
+    flow.model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    batched = classifier_free_guidance(flow, 2.0, unconditional_kwargs=null)
+    torch.testing.assert_close(batched.eps(x, 1.0, **kwargs), implicit.eps(x, 1.0, **kwargs), rtol=1e-12, atol=1e-12)
+    assert calls == [4, 2, 2]
 
 
 def test_bad_input():

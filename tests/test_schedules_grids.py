@@ -72,6 +72,7 @@ def test_quadratic_and_linear_follow_the_ddim_paper():
 def test_explicit_grids():
     s = Schedule.linear()
     assert np.array_equal(make_sigmas(s, sigmas=[3.0, 1.0, 0.0]), [3.0, 1.0, 0.0])
+    assert np.array_equal(make_sigmas(s, sigmas=[3.0, 1.0]), [3.0, 1.0])  # stops short (set_alpha_to_one=False)
     t = make_sigmas(s, timesteps=[999, 500.5, 0])
     assert t[0] == s.sigma_max and t[-1] == 0 and t[-2] == s.sigma_min
 
@@ -81,7 +82,6 @@ def test_explicit_grids():
     (dict(grid="trailing", steps=0), "steps must be >= 1"),
     (dict(grid="trailing", steps=1001), "exceeds"),
     (dict(sigmas=[1.0, 2.0, 0.0]), "strictly decreasing"),
-    (dict(sigmas=[2.0, 1.0]), "must end at 0"),
     (dict(sigmas=[2.0, -1.0]), ">= 0"),
     (dict(timesteps=[999, 1200]), r"\[0, 999\]"),
     (dict(grid="trailing", steps=3, sigmas=[1.0, 0.0]), "exactly one"),

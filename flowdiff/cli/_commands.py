@@ -20,6 +20,7 @@ from ..compare import compare
 from ..fingerprint import flow_fingerprint
 from ..imageio import ImageFormat
 from ..latent import Latent
+from . import _prompt
 from ._errors import CommandError, one_line
 from ._images import default_format, load_images, save_grid, write_images
 from ._models import BUILTIN_MODELS, LoadedModel, in_dtype, load_model
@@ -41,9 +42,10 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _setup(args: argparse.Namespace, *, convert: bool = True,
-           dtype: str | None = None) -> tuple[LoadedModel, torch.dtype, torch.device]:
-    """The model on the device (its network in ``--dtype`` unless ``convert=False``), the dtype and the device."""
+def _setup(args: argparse.Namespace, *, convert: bool = True, dtype: str | None = None,
+           record: dict | None = None) -> tuple[LoadedModel, torch.dtype, torch.device]:
+    """The model on the device (its network in ``--dtype`` unless ``convert=False``), conditioned on
+    ``--prompt`` (or on the prompt ``record`` of a decode's latents), the dtype and the device."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     elif args.model in BUILTIN_MODELS:
@@ -51,6 +53,10 @@ def _setup(args: argparse.Namespace, *, convert: bool = True,
     device = _device(args.device)
     torch_dtype = DTYPES[dtype or args.dtype]
     loaded = load_model(args.model, dtype=torch_dtype if convert else None, device=device)
+    try:
+        loaded = _prompt.condition(loaded, args, record)
+    except ValueError as err:
+        raise CommandError(one_line(err)) from None
     return loaded, torch_dtype, device
 
 
@@ -71,7 +77,7 @@ def _budget(args: argparse.Namespace) -> dict[str, int]:
 def fingerprint(loaded: LoadedModel) -> str:
     """The key of the reference kept on disk: :func:`flowdiff.fingerprint.flow_fingerprint` of the model."""
     try:
-        return flow_fingerprint(loaded.flow)
+        return flow_fingerprint(loaded.flow, loaded.model_kwargs or None)  # the prompt's embeddings too
     except TypeError as err:
         raise CommandError(f"cannot fingerprint this model for the reference cache: {err}") from None
 
@@ -147,7 +153,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     result = generate(loaded.flow, noise, solver=args.solver, grid=args.grid,
                       model_kwargs=loaded.model_kwargs or None, **_budget(args))
     scale = args.scale or max(1, 64 // max(loaded.shape[1:]))
-    path = save_grid(result.x, path, scale=scale)
+    path = save_grid(_prompt.to_images(loaded, result.x), path, scale=scale)
     print(f"{args.num} samples with {result.solver} on the {args.grid} grid: {result.stats.nfe} NFE, "
           f"{len(result.sigmas) - 1} steps, {result.stats.wall_time:.2f} s; wrote {path}")
     return 0
@@ -164,15 +170,16 @@ def _check_image_suffix(path: Path, option: str) -> None:
 def _encode(args: argparse.Namespace, loaded: LoadedModel, dtype: torch.dtype, device: torch.device) -> tuple:
     from ..sampling import encode
 
-    images, formats = load_images(args.images, loaded.shape)
+    images, formats = load_images(args.images, _prompt.image_shape(loaded))
     images = images.to(device=device, dtype=dtype)
+    data = _prompt.to_latents(loaded, images)  # a latent pipeline's flow runs on its autoencoder's latents
     if not args.fixed_point:
-        result = encode(loaded.flow, images, solver=args.solver, grid=args.grid,
+        result = encode(loaded.flow, data, solver=args.solver, grid=args.grid,
                         model_kwargs=loaded.model_kwargs or None, **_budget(args))
     else:
         with warnings.catch_warnings():  # the images that missed the tolerance are reported below, by name
             warnings.filterwarnings("ignore", message="fixed-point inversion", category=RuntimeWarning)
-            result = encode(loaded.flow, images, solver=args.solver, grid=args.grid, inversion="fixed_point",
+            result = encode(loaded.flow, data, solver=args.solver, grid=args.grid, inversion="fixed_point",
                             inversion_options={"on_failure": "keep"}, model_kwargs=loaded.model_kwargs or None,
                             **_budget(args))
         missed = result.stats.extra["unconverged"]
@@ -183,6 +190,7 @@ def _encode(args: argparse.Namespace, loaded: LoadedModel, dtype: torch.dtype, d
     names = relative_names(args.images)
     result.latent.info = {"model": loaded.name, "images": [
         {"name": n.as_posix(), "mode": f.mode, "bits": f.bits, "kind": f.kind} for n, f in zip(names, formats)]}
+    _prompt.write_record(loaded, result.latent)
     return images, formats, result
 
 
@@ -230,7 +238,10 @@ def cmd_decode(args: argparse.Namespace) -> int:
         latent = Latent.load(path)
     except (ValueError, OSError) as err:
         raise CommandError(one_line(err)) from None
+    records = latent.info.get("images") if isinstance(latent.info, dict) else None
     channels = latent.x.shape[1] if latent.x.ndim == 4 else 0
+    if isinstance(records, list) and records and isinstance(records[0], dict) and "mode" in records[0]:
+        channels = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}.get(str(records[0]["mode"]), channels)  # the images'
     if channels not in (1, 2, 3, 4):
         raise CommandError(f"latents {args.latents!r} hold a tensor of shape {tuple(latent.x.shape)}, not a batch of "
                            "images (N, C, H, W)")
@@ -241,11 +252,16 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if args.dtype is not None and args.dtype != own and latent.exact:
         raise CommandError(f"latents {args.latents!r} decode exactly in {own}; --dtype {args.dtype} would lose that "
                            "exactness: omit --dtype")
-    loaded, dtype, device = _setup(args, dtype=args.dtype or own)
+    record = latent.info.get("prompt") if isinstance(latent.info, dict) else None
+    loaded, dtype, device = _setup(args, dtype=args.dtype or own, record=record)
     if tuple(latent.x.shape[1:]) != tuple(loaded.shape):
         raise CommandError(f"latents {args.latents!r} have images of shape {tuple(latent.x.shape[1:])}; the model "
                            f"{loaded.name!r} makes {tuple(loaded.shape)}")
     if not args.ignore_fingerprint:
+        try:  # latents made under a prompt name it when another is given
+            _prompt.check_record(loaded, latent, args.latents)
+        except ValueError as err:
+            raise CommandError(one_line(err)) from None
         try:  # the fingerprint of the model in the latent's precision (the one it was encoded with)
             latent.check_model(in_dtype(loaded.flow, latent.dtype), loaded.model_kwargs or None)
         except ValueError:
@@ -258,7 +274,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         latent.x = latent.x.to(dtype=dtype)
     latent.dtype = dtype  # the network's dtype: what the decode feeds it and returns
     result = decode(loaded.flow, latent, model_kwargs=loaded.model_kwargs or None, check_model=False)
-    written = write_images(result.x, targets, formats, scale=args.scale)
+    written = write_images(_prompt.to_images(loaded, result.x), targets, formats, scale=args.scale)
     print(f"decoded {len(written)} image(s) with {result.solver}: {result.stats.nfe} NFE; wrote "
           f"{', '.join(os.fspath(p) for p in written[:3])}{', …' if len(written) > 3 else ''}")
     return 0
@@ -278,6 +294,7 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
     loaded, dtype, device = _setup(args)
     images, formats, enc = _encode(args, loaded, dtype, device)
     dec = decode(loaded.flow, enc.latent, model_kwargs=loaded.model_kwargs or None)
+    dec.x = _prompt.to_images(loaded, dec.x)
     if args.latents is not None:
         _save_latent(enc.latent, paths.pop(0))
     if args.out is not None:
@@ -291,4 +308,6 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
     print(f"  mse: {figures.mse:.3e}")
     print(f"  max_abs_error: {figures.max_abs:.3e}")
     print(f"  psnr_db: {figures.psnr:.2f}")
+    if (line := _prompt.autoencoder_line(loaded, images, dec.x)) is not None:
+        print(line)
     return 0

@@ -12,6 +12,7 @@ from ..compare import DEFAULT_GRIDS, DEFAULT_NFE, default_solvers
 from ..grids import GRIDS
 from ._commands import DTYPES, REFERENCE_RTOL, cmd_compare, cmd_decode, cmd_encode, cmd_roundtrip, cmd_sample
 from ._errors import one_line
+from ._prompt import add_prompt_options
 
 
 class _Parser(argparse.ArgumentParser):
@@ -138,6 +139,7 @@ def _common(parser: argparse.ArgumentParser, *, dtype: str | None) -> None:
     group.add_argument("--threads", type=_positive_int, default=None,
                        help="CPU threads for torch (default: 1 for the small built-in models, for which one "
                             "thread is fastest; torch's choice for --model DIR)")
+    add_prompt_options(parser)
 
 
 def _fixed_point_option(parser: argparse.ArgumentParser) -> None:

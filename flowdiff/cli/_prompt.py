@@ -1,0 +1,130 @@
+"""The command line's text-to-image and latent-pipeline parts: prompts, guidance, the autoencoder.
+
+``flowdiff sample|encode|decode|roundtrip|compare --model DIR --prompt "a cat" [--negative-prompt
+"blurry"] [--guidance 7.5]``: the prompt becomes the denoiser's ``model_kwargs`` through the
+pipeline's own text encoder, guidance is :func:`flowdiff.classifier_free_guidance` with the
+negative (default: empty) prompt as the unconditional branch, and a pipeline with an autoencoder
+takes and writes images while the flow runs on its latents. A latents file records, in its
+``info`` (``info["prompt"]``), the prompt, the guidance and the fingerprint of the conditioned
+model, so that ``decode`` reuses the prompt and refuses a different one.
+
+These are the functions the CLI calls; the CLI itself adds a line per hook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from ..fingerprint import flow_fingerprint
+from ..guidance import classifier_free_guidance
+from ..latent import Latent
+
+#: diffusers' Stable Diffusion default guidance scale, used when --prompt is given without --guidance
+DEFAULT_GUIDANCE = 7.5
+
+
+def add_prompt_options(parser: argparse.ArgumentParser) -> None:
+    """--prompt, --negative-prompt and --guidance for a subcommand."""
+    group = parser.add_argument_group("prompt (text-to-image pipelines, e.g. Stable Diffusion)")
+    group.add_argument("--prompt", default=None, metavar="TEXT",
+                       help="condition a text-to-image model on this prompt (through its own text encoder)")
+    group.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                       help="the unconditional branch of guidance (default: the empty prompt)")
+    group.add_argument("--guidance", type=float, default=None, metavar="W",
+                       help=f"classifier-free guidance scale w, ε_u + w·(ε_c − ε_u) as diffusers' guidance_scale "
+                            f"(default with --prompt: {DEFAULT_GUIDANCE}; 1: no guidance)")
+
+
+def condition(loaded: Any, args: argparse.Namespace, record: dict[str, Any] | None = None) -> Any:
+    """``loaded`` with its flow conditioned on ``--prompt`` (and guided), or unchanged without one.
+
+    ``loaded`` is the CLI's LoadedModel (``flow``, ``model_kwargs``); it gets the prompt's
+    ``model_kwargs`` and, for w ≠ 1, the guided flow, plus ``prompt_record`` for latents files.
+    ``record`` (a decode's latents' ``info["prompt"]``) supplies the prompt when none is given.
+    """
+    prompt, negative, w = args.prompt, args.negative_prompt, args.guidance
+    if prompt is None:
+        if isinstance(record, dict) and "prompt" in record:  # decode: the prompt the latents were made with
+            prompt, negative, w = record["prompt"], record["negative_prompt"], record["guidance"]
+        elif negative is not None or w is not None:
+            raise ValueError("--negative-prompt and --guidance need --prompt")
+        else:
+            loaded.prompt_record = None
+            return loaded
+    if w is None:
+        w = DEFAULT_GUIDANCE
+    if not math.isfinite(w):
+        raise ValueError(f"--guidance must be a finite number, got {w}")
+    flow = loaded.flow
+    if getattr(flow, "prompt_encoder", None) is None:
+        raise ValueError(f"--prompt: model {loaded.name!r} has no text encoder flowdiff can use (a Stable-Diffusion-"
+                         "style pipeline folder with a CLIP tokenizer and text_encoder)")
+    cond = flow.encode_prompt([prompt])
+    kwargs: dict[str, Any] = {"cond": cond, "guidance": w}
+    if w != 1:
+        uncond = flow.encode_prompt([negative or ""])
+        kwargs["uncond"] = uncond
+        loaded.flow = classifier_free_guidance(flow, w, unconditional_kwargs=uncond)
+    loaded.model_kwargs = dict(cond)
+    loaded.prompt_record = {"prompt": prompt, "negative_prompt": negative, "guidance": w,
+                            "fingerprint": flow_fingerprint(flow, kwargs)}
+    return loaded
+
+
+def write_record(loaded: Any, latent: Latent) -> None:
+    """Record the prompt (if any) in the latent's ``info``, which its file keeps."""
+    record = getattr(loaded, "prompt_record", None)
+    if record is not None:
+        latent.info = {**(latent.info or {}), "prompt": record}
+
+
+def check_record(loaded: Any, latent: Latent, latents_path: str | Path) -> None:
+    """Refuse to decode latents made with another model or prompt than the one loaded now."""
+    recorded = (latent.info or {}).get("prompt")
+    if not isinstance(recorded, dict):  # latents without a record: decoded with whatever prompt is given
+        return
+    now = getattr(loaded, "prompt_record", None)
+    if now is None or now["fingerprint"] != recorded["fingerprint"]:
+        raise ValueError(f"latents {str(latents_path)!r} were encoded with prompt {recorded['prompt']!r} "
+                         f"(guidance {recorded['guidance']}) on another model or conditioning than this one "
+                         f"(fingerprint {recorded['fingerprint'][:12]} vs "
+                         f"{now['fingerprint'][:12] if now else 'none'})")
+
+
+def image_shape(loaded: Any) -> tuple[int, int, int]:
+    """The (C, H, W) of the images the model takes: its own shape, or its autoencoder's image size."""
+    autoencoder = getattr(loaded.flow, "autoencoder", None)
+    if autoencoder is None:
+        return loaded.shape
+    cfg = autoencoder.vae.config
+    factor = 2 ** (len(cfg.block_out_channels) - 1)
+    c, h, w = loaded.shape
+    return int(cfg.in_channels), h * factor, w * factor
+
+
+def to_latents(loaded: Any, images: Tensor) -> Tensor:
+    """Images → the flow's data (the autoencoder's latents, or the images themselves)."""
+    autoencoder = getattr(loaded.flow, "autoencoder", None)
+    return images if autoencoder is None else autoencoder.encode(images)
+
+
+def to_images(loaded: Any, x: Tensor) -> Tensor:
+    """The flow's data → images (through the autoencoder's decoder, or as they are)."""
+    autoencoder = getattr(loaded.flow, "autoencoder", None)
+    return x if autoencoder is None else autoencoder.decode(x)
+
+
+def autoencoder_line(loaded: Any, images: Tensor, reconstruction: Tensor) -> str | None:
+    """For a latent pipeline, how far the round trip is from the autoencoder's own reconstruction D(E(x)):
+    what the ODE round trip adds on top of the autoencoder's loss (0 for an exact encoding)."""
+    if getattr(loaded.flow, "autoencoder", None) is None:
+        return None
+    own = to_images(loaded, to_latents(loaded, images))
+    err = float((reconstruction.double() - own.double()).abs().max()) / 2  # [−1, 1] → the [0, 1] pixel scale
+    return (f"  vs the autoencoder's own reconstruction: max_abs_error {err:.3e} (the rest is the autoencoder's "
+            "loss)")

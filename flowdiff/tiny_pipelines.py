@@ -1,0 +1,123 @@
+"""Tiny random diffusers pipelines, built and saved offline: for tests, benchmarks and examples.
+
+Each builder makes a seeded random model of a few thousand parameters (8×8 latents, one or two
+blocks), saves it with ``save_pretrained`` into ``root`` and returns the live diffusers object and
+the folder, so that ``flowdiff.from_diffusers(folder)`` can be checked against diffusers' own loop.
+The CLIP tokenizer's vocabulary (single letters, with "cat" merged) is written here as well.
+They need ``diffusers`` (and ``transformers`` for :func:`stable_diffusion`); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _diffusers() -> Any:
+    import diffusers
+
+    return diffusers
+
+
+def clip_tokenizer(directory: Path) -> tuple[Any, dict[str, int]]:
+    """A real ``CLIPTokenizer`` over a vocabulary of letters (and 'cat'), with ``model_max_length`` 8."""
+    import transformers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for c in "abcdefghijklmnopqrstuvwxyz":
+            vocab[c + suffix] = len(vocab)
+    merges = ["c a", "ca t</w>"]
+    for m in merges:
+        vocab[m.replace(" ", "")] = len(vocab)
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = transformers.CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"),
+                                           model_max_length=8)
+    return tokenizer, vocab
+
+
+def vae() -> Any:
+    """An ``AutoencoderKL`` from 16×16 RGB images to 4×8×8 latents."""
+    d = _diffusers()
+    return d.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                           up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                           norm_num_groups=4, layers_per_block=1, sample_size=16)
+
+
+def _eval(*modules: torch.nn.Module) -> None:
+    for m in modules:  # a new module is in training mode (DiT then drops labels at random)
+        m.eval()
+
+
+def stable_diffusion(root: Path, seed: int = 0, **scheduler_config: Any) -> tuple[Any, Path]:
+    """A Stable-Diffusion-style pipeline: 2-block ``UNet2DConditionModel``, ``AutoencoderKL``, 2-layer CLIP."""
+    import transformers
+
+    d = _diffusers()
+    root = Path(root)
+    torch.manual_seed(seed)
+    tokenizer, vocab = clip_tokenizer(root / "_vocab")
+    text_config = transformers.CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=8, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"])
+    unet = d.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=2)
+    scheduler = d.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                                **scheduler_config)
+    pipe = d.StableDiffusionPipeline(vae=vae(), text_encoder=transformers.CLIPTextModel(text_config),
+                                     tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None,
+                                     feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root / "sd")
+    _eval(pipe.unet, pipe.vae, pipe.text_encoder)
+    return pipe, root / "sd"
+
+
+def dit(root: Path, seed: int = 2) -> tuple[Any, Path]:
+    """A ``DiTPipeline``: one-layer class-conditional ``DiTTransformer2DModel`` (learned variance), VAE, DDIM."""
+    d = _diffusers()
+    root = Path(root)
+    torch.manual_seed(seed)
+    net = d.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                  num_layers=1, sample_size=8, patch_size=2, norm_num_groups=4)
+    pipe = d.DiTPipeline(transformer=net, vae=vae(), scheduler=d.DDIMScheduler(clip_sample=False))
+    pipe.save_pretrained(root / "dit")
+    _eval(pipe.transformer, pipe.vae)
+    return pipe, root / "dit"
+
+
+def sd3_transformer(root: Path, seed: int = 1, shift: float = 3.0) -> tuple[Any, Path, dict[str, torch.Tensor]]:
+    """A one-layer ``SD3Transformer2DModel`` with a ``FlowMatchEulerDiscreteScheduler(shift=...)`` beside it,
+    and random conditioning (``encoder_hidden_states``, ``pooled_projections``) for a batch of 2."""
+    d = _diffusers()
+    root = Path(root)
+    torch.manual_seed(seed)
+    net = d.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                  pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8)
+    net.save_pretrained(root / "transformer")
+    d.FlowMatchEulerDiscreteScheduler(shift=shift).save_pretrained(root / "scheduler")
+    g = torch.Generator().manual_seed(7)
+    kwargs = {"encoder_hidden_states": torch.randn(2, 5, 16, generator=g),
+              "pooled_projections": torch.randn(2, 8, generator=g)}
+    return net.eval(), root / "transformer", kwargs
+
+
+def flow_match_loop(net: Any, scheduler: Any, noise: torch.Tensor, steps: int, **kwargs: Any) -> torch.Tensor:
+    """diffusers' flow-matching loop, as SD3's pipeline runs it (no guidance): x ← scheduler.step(v(x, t))."""
+    scheduler.set_timesteps(steps)
+    x = noise
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            v = net(x, timestep=t.expand(x.shape[0]), return_dict=False, **kwargs)[0]
+            x = scheduler.step(v, t, x).prev_sample
+    return x
