@@ -8,6 +8,7 @@ where given, the conditioning passed as ``model_kwargs``.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +34,27 @@ def _update(h: Any, value: object) -> None:
         h.update(repr(value).encode())
 
 
+#: module -> (what its tensors are now, the digest of their values): hashing a large network's weights costs
+#: seconds, and encode and decode both ask; the key changes whenever a tensor is replaced or modified in place
+_MODULE_DIGESTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, bytes]] = weakref.WeakKeyDictionary()
+
+
+def _module_digest(module: torch.nn.Module) -> bytes:
+    items = sorted(module.state_dict().items())
+    key = tuple((name, v.data_ptr(), v._version, v.dtype, tuple(v.shape), str(v.device)) if isinstance(v, Tensor)
+                else (name, repr(v)) for name, v in items)
+    hit = _MODULE_DIGESTS.get(module)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    h = hashlib.blake2b(digest_size=16)
+    for name, value in items:
+        h.update(name.encode())
+        _update(h, value)
+    digest = h.digest()
+    _MODULE_DIGESTS[module] = (key, digest)
+    return digest
+
+
 def flow_fingerprint(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> str:
     """A 32-hex-digit digest of ``flow`` (weights, schedule, prediction type) and of ``model_kwargs``.
 
@@ -44,15 +66,14 @@ def flow_fingerprint(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | No
     h = hashlib.blake2b(digest_size=16)
     owner = getattr(flow.sigma_field, "__self__", None) if flow.sigma_field is not None else flow.model
     if isinstance(owner, torch.nn.Module):
-        items = sorted(owner.state_dict().items())
+        h.update(_module_digest(owner))
     elif owner is not None and hasattr(owner, "__dict__"):
-        items = sorted((k, v) for k, v in vars(owner).items() if isinstance(v, (Tensor, int, float, str)))
+        for name, value in sorted((k, v) for k, v in vars(owner).items() if isinstance(v, (Tensor, int, float, str))):
+            h.update(name.encode())
+            _update(h, value)
     else:
         raise TypeError(f"cannot fingerprint a model of type {type(flow.model).__name__}: it is neither a "
                         "torch.nn.Module nor an object holding its tensors as attributes")
-    for name, value in items:
-        h.update(name.encode())
-        _update(h, value)
     h.update(flow.schedule.alphas_cumprod.tobytes())
     h.update(f"{type(owner).__name__}|{flow.prediction_type}".encode())
     if model_kwargs:
