@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"reference: {table.reference.nfe} NFE, its own error ≈ {table.reference.error:.1e}")
     for budget in table.budgets:
         best = table.best(budget)
-        print(f"best at NFE {budget}: {best.solver} on {best.grid} (RMS error {best.rms_error:.2e}, NFE used {best.nfe})")
+        print(f"best at NFE {budget}: {best.solver} on {best.grid} "
+              f"(RMS error {best.rms_error:.2e}, NFE used {best.nfe})")
     print(f"wrote {args.out / 'compare.md'}, compare.csv and error_vs_nfe.png")
     return 0
 
