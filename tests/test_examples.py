@@ -101,7 +101,7 @@ def test_diffusers_pipeline_end_to_end(tmp_path, monkeypatch):
                     reason="flowdiff.log_likelihood is not in this version yet (issue 16): "
                            "examples/likelihood.py needs it")
 def test_likelihood_bits_per_dim(tmp_path, monkeypatch):
-    run_example("likelihood.py", monkeypatch, "--batch", "2", "--steps", "8", "--out", str(tmp_path))
+    run_example("likelihood.py", monkeypatch, "--batch", "1", "--steps", "4", "--probes", "1", "--out", str(tmp_path))
     rows = {r[0]: r for r in _table_rows((tmp_path / "likelihood.md").read_text())[1:]}
     digits, noise = float(rows["held-out digits"][1]), float(rows["uniform noise"][1])
     assert digits < noise                    # the model puts more density on digits than on noise
