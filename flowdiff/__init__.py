@@ -7,7 +7,6 @@ in both directions.
 """
 
 from . import metrics
-from .adaptive import AdaptiveStep
 from .compare import Comparison, Reference, compare, reference_solution
 from .diffusers_io import from_diffusers
 from .fingerprint import flow_fingerprint
@@ -17,14 +16,20 @@ from .guidance import classifier_free_guidance
 from .kdiffusion import from_denoiser, to_denoiser
 from .latent import Latent
 from .metrics import Reconstruction, reconstruction
+from .options import Adaptive, Grid, Inversion, Stochastic
 from .pretrained import digits_data, pretrained
 from .quality import sample_quality
-from .sampling import Result, StepState, decode, encode, generate
+from .results import AdaptiveStep, Result, StepState
+from .sampling import decode, encode, generate
 from .schedules import Schedule
 from .stochastic import noise_levels
 
 __all__ = [
+    "Adaptive",
     "AdaptiveStep",
+    "Grid",
+    "Inversion",
+    "Stochastic",
     "GRIDS",
     "Comparison",
     "PREDICTION_TYPES",

@@ -42,9 +42,12 @@ from torch import Tensor
 
 import solvers as _solvers
 
+from .adaptive import RK_CONTROLLER, to_zero_in_log_sigma
+from .engine import solve_flow
 from .flow import ProbabilityFlow
 from .grids import GRIDS, make_sigmas
-from .sampling import StepState, generate
+from .options import Grid
+from .sampling import generate
 
 #: Grids of the default comparison: diffusers' trailing timesteps, EDM's, uniform in log σ.
 DEFAULT_GRIDS = ("trailing", "karras", "logsnr")
@@ -376,32 +379,11 @@ def _solve_reference(flow: ProbabilityFlow, noise: Tensor, s0: float, s_end: flo
         out = generate(flow, noise, solver=solver, rtol=rtol, atol=atol, sigmas=[s0, 0.0], model_kwargs=model_kwargs,
                        callback=callback)
         return out.x, out.stats.nfe
-    from .adaptive import RK_CONTROLLER, image_norm
-
-    eps = flow.field(model_kwargs)
-    tau0, tau_end = math.log(s0), math.log(s_end)
-
-    def sigma_of(tau: float) -> float:  # exact at the ends, so the model sees exactly σ_start and σ_end
-        return s0 if tau == tau0 else s_end if tau == tau_end else math.exp(tau)
-
-    def f(tau: float, xbar: Tensor) -> Tensor:
-        sigma = sigma_of(tau)
-        return eps(sigma, xbar) * sigma
-
-    def to_x(tau: float) -> float:
-        sigma = sigma_of(tau)
-        return 1.0 / math.sqrt(1.0 + sigma * sigma)
-
-    wrapped = None
-    if callback is not None:
-        def wrapped(info: _solvers.StepInfo) -> None:
-            callback(StepState(info.step, sigma_of(info.t1), info.y * to_x(info.t1), info.y))
-
+    form, stepping = to_zero_in_log_sigma(s0, s_end, rtol, atol, RK_CONTROLLER)
     xbar0 = noise * math.sqrt(1.0 + s0 * s0)
-    sol = _solvers.solve_adaptive(f, xbar0, tau0, tau_end, solver, rtol=rtol, atol=atol,
-                                  norm=image_norm(rtol, atol, to_x), controller=RK_CONTROLLER, callback=wrapped,
-                                  time_name="log σ")
-    return sol.y - s_end * eps(s_end, sol.y), sol.stats.nfe + 1
+    sol = solve_flow(flow.field(model_kwargs), form, stepping, _solvers.get(solver), sigma0=s0, xbar0=xbar0,
+                     callback=callback)
+    return sol.xbar, sol.stats.nfe
 
 
 class _SigmaBar:
@@ -548,7 +530,8 @@ def compare(
             else:
                 start = time.perf_counter()
                 with torch.no_grad():
-                    out = generate(flow, noise, solver=solver, nfe=budget, grid=grid, model_kwargs=model_kwargs)
+                    out = generate(flow, noise, solver=solver, grid=Grid(grid, nfe=budget),
+                                   model_kwargs=model_kwargs)
                 wall = time.perf_counter() - start
                 diff = out.x.detach().to(torch.float64) - ref.x.to(out.x.device)
                 result.runs.append(Run(solver, grid, budget, out.stats.nfe, out.stats.steps,

@@ -36,19 +36,21 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 import solvers
-from solvers import SolveError, Solver, Stats
+from solvers import Derivative, Solver, StepFailure, StepResult
 
-from .flow import ProbabilityFlow
+from .engine import solve_grid
+from .formulations import Sigma
 from .latent import Latent
-from .sampling import Result, StepState, _check_flow, _check_state, _compute_dtype, _grid, _resolve_solver
-from .schedules import ArrayLike
+from .options import Inversion, Request, compute_dtype
+from .plugins import Plugin, register_plugin
+from .results import Result
 
 METHODS = ("hybrid", "newton", "anderson")
 #: Anderson iterations a step before ``method="hybrid"`` hands the samples still off tol to Newton–Krylov
@@ -56,18 +58,18 @@ HYBRID_ANDERSON_ITER = 20
 ON_FAILURE = ("raise", "keep")
 
 
-class _CountingField:
-    """Counts evaluations and keeps the first one made at (t, y) for a watched y object (reused as a guess)."""
+class _Watch:
+    """Keeps the first evaluation made at (t, y) for a watched y object (reused as the next step's guess)."""
 
-    def __init__(self, f: Callable[..., Tensor]) -> None:
+    def __init__(self, f: Callable[[float, Tensor], Tensor]) -> None:
         self.f = f
-        self.nfe = 0
+        self.calls = 0
         self.watch: tuple[float, Tensor] | None = None
         self.seen: Tensor | None = None
 
-    def __call__(self, t: float, y: Tensor, **kwargs: Any) -> Tensor:
-        self.nfe += 1
-        k = self.f(t, y, **kwargs)
+    def __call__(self, t: float, y: Tensor) -> Tensor:
+        self.calls += 1
+        k = self.f(t, y)
         if self.watch is not None and self.seen is None and t == self.watch[0] and y is self.watch[1]:
             self.seen = k
         return k
@@ -101,107 +103,101 @@ def _check_options(tol: float | None, max_iter: int | None, method: str, anderso
         raise ValueError(f"on_failure must be one of {', '.join(map(repr, ON_FAILURE))}, got {on_failure!r}")
 
 
-def _anderson_mix(g: Tensor, r: Tensor, dg: list[Tensor], dr: list[Tensor]) -> Tensor:
-    """Anderson type-II update per sample: x⁺ = g − ΔG γ with γ = argmin ‖r − ΔR γ‖ (float64 normal equations)."""
-    b = r.shape[0]
-    dR = torch.stack([d.reshape(b, -1) for d in dr], dim=2).double()
-    dG = torch.stack([d.reshape(b, -1) for d in dg], dim=2).double()
-    A = dR.transpose(1, 2) @ dR
-    rhs = dR.transpose(1, 2) @ r.reshape(b, -1, 1).double()
-    scale = torch.diagonal(A, dim1=1, dim2=2).amax(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
-    A = A + torch.eye(A.shape[1], dtype=A.dtype, device=A.device) * (1e-13 * scale)[:, None, None]
-    gamma = torch.linalg.solve(A, rhs)
-    return (g.reshape(b, -1).double() - (dG @ gamma).squeeze(2)).reshape(g.shape).to(g.dtype)
+class FixedPointInverse(Solver):
+    """One encode step σ_a → σ_b that inverts a decode step: x̄_b with x̄_b + Ψ_{σ_b→σ_a}(x̄_b) = x̄_a.
+
+    Run by the one loop across the encode grid (which counts every evaluation, Jacobian–vector
+    products included); the carried state is ``f(σ_a, x̄_a)`` when the previous step saw it.
+    Per-step figures accumulate in the attributes ``iterations``, ``residuals``,
+    ``evaluations``, ``restarts`` and ``unconverged``.
+    """
+
+    name = "fixed_point_inverse"
+    order = 1
+
+    def __init__(self, decode: Solver, *, last_euler_at: float | None, method: str, tol: float, max_iter: int,
+                 anderson: int, krylov_dim: int, on_failure: str, check_finite: bool, eps_floor: float) -> None:
+        self.decode, self.last_euler_at = decode, last_euler_at
+        self.method, self.tol, self.max_iter = method, tol, max_iter
+        self.anderson, self.krylov_dim, self.on_failure = anderson, krylov_dim, on_failure
+        self.check_finite, self.eps_floor = check_finite, eps_floor
+        self.iterations: list[int] = []
+        self.residuals: list[float] = []
+        self.evaluations: list[int] = []
+        self.unconverged: set[int] = set()
+        self.restarts = 0
+
+    def step(self, f: Any, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
+        s_a, s_b, x_a = t0, t1, y0
+        field = _Watch(f)
+        decode_step = solvers.FINAL_EULER if self.last_euler_at == s_a else self.decode
+        method, tol, max_iter = self.method, self.tol, self.max_iter
+
+        def step(x: Tensor) -> Tensor:
+            return decode_step.step(field, s_b, s_a, x, None).y
+
+        k_a = state.k if isinstance(state, Derivative) and state.t == s_a else field(s_a, x_a)
+        guess = x_a.add(k_a, alpha=s_b - s_a)
+        scale = x_a.abs().add_(1.0)
+        x, res, it, k_b, exhausted = guess, None, 0, None, False
+        if method != "newton":  # Anderson: alone, or first (hybrid: a short run, divergence allowed)
+            budget = max_iter if method == "anderson" else min(HYBRID_ANDERSON_ITER, max_iter)
+            def g(x: Tensor) -> Tensor:  # x̄ ← x̄_a − Ψ(x̄); f(σ_b, x̄) is kept for the next step's guess
+                field.watch, field.seen = (s_b, x), None
+                return x_a - (step(x) - x)
+
+            try:
+                mixed = solvers.anderson(g, guess, scale=scale, tol=tol, max_iter=budget, depth=self.anderson,
+                                         check_finite=self.check_finite and method == "anderson")
+            except FloatingPointError as err:
+                raise StepFailure(f"fixed-point inversion, {{where}}: {err}") from None
+            x, res, it = mixed.y, mixed.residual, mixed.iterations
+            k_b = field.seen if mixed.last_is_best else None
+            exhausted = method == "anderson" and it >= max_iter
+        if method == "newton" or (method == "hybrid" and not bool((res <= tol).all())):
+            guesses = [guess, x_a] if method == "newton" else [x, guess, x_a]
+            root = solvers.newton_krylov(lambda y: step(y) - x_a, guesses, scale=scale, tol=tol, max_iter=max_iter,
+                                         krylov_dim=self.krylov_dim, eps=self.eps_floor)
+            x, res, it, k_b = root.y, root.residual, it + root.iterations, None
+            exhausted = root.iterations >= max_iter
+            self.restarts += root.restarts
+        if self.check_finite and not bool(torch.isfinite(res).all()):
+            raise StepFailure("fixed-point inversion, {where}: the residual is not finite (the model returned NaN/inf "
+                              "or the iteration diverged)")
+        missed_mask = ~(res <= tol)  # NaN counts as missed
+        missed = missed_mask.nonzero().flatten().tolist()
+        worst = float(torch.where(missed_mask, res, torch.zeros_like(res)).amax()) if missed else float(res.amax())
+        if missed and self.on_failure == "raise":
+            extra = {"method": method, "iterations": sum(self.iterations) + it, "tol": tol, "restarts": self.restarts}
+            why = (f"the budget max_iter={max_iter} ran out; use a larger max_iter or tol, or more steps"
+                   if exhausted else
+                   f"Newton's line search failed from every initial guess (max_iter={max_iter} was not reached): "
+                   "this decode step has no preimage of the image near them, or none at all")
+            raise StepFailure(f"fixed-point inversion did not converge at {{where}}: residual {worst:.3g} > tol "
+                              f"{tol:.3g} for sample(s) {missed[:8]} after {it} {method} iteration(s); {why}. "
+                              "on_failure='keep' keeps the best iterate instead", extra)
+        self.unconverged.update(missed)
+        self.iterations.append(it)
+        self.residuals.append(worst)
+        self.evaluations.append(field.calls)
+        return StepResult(x, None if k_b is None else Derivative(s_b, k_b))
 
 
-def _per_sample(r: Tensor, scale: Tensor) -> Tensor:
-    return (r.abs() / scale).reshape(r.shape[0], -1).amax(dim=1)
-
-
-def _bcast(mask: Tensor, like: Tensor) -> Tensor:
-    return mask.reshape(-1, *([1] * (like.ndim - 1)))
-
-
-def _anderson_step(step: Callable[[Tensor], Tensor], field: _CountingField, s_b: float, x_a: Tensor,
-                   guess: Tensor, scale: Tensor, tol: float, max_iter: int, depth: int,
-                   check_finite: bool) -> tuple[Tensor, Tensor, int, Tensor | None]:
-    """Anderson-mixed x̄ ← x̄_a − Ψ(x̄); returns (x̄_b, per-sample residual, iterations, f(σ_b, x̄_b) if seen)."""
-    x = guess
-    dg: list[Tensor] = []
-    dr: list[Tensor] = []
-    g_prev = r_prev = None
-    best_x, best_res = x, None
-    converged = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    k_seen = None
-    for it in range(1, max_iter + 1):
-        field.watch, field.seen = (s_b, x), None
-        g = x_a - (step(x) - x)
-        k_seen = field.seen
-        r = g - x
-        res = _per_sample(r, scale)
-        if check_finite and not bool(torch.isfinite(res).all()):
-            raise FloatingPointError("the residual is not finite (the model returned NaN/inf or the iteration "
-                                     "diverged)")
-        res = torch.nan_to_num(res, nan=math.inf)  # a NaN sample is unconverged, and any finite iterate beats it
-        if best_res is None:
-            best_x, best_res = x, res
-        else:  # samples frozen at convergence keep their residual; others keep their best iterate
-            better = res < best_res
-            best_x = torch.where(_bcast(better, x), x, best_x)
-            best_res = torch.where(better, res, best_res)
-        converged = converged | (res <= tol)
-        if bool(converged.all()):
-            return best_x, best_res, it, k_seen if bool((best_x == x).all()) else None
-        if depth > 0 and g_prev is not None:
-            dg.append(g - g_prev)
-            dr.append(r - r_prev)
-            if len(dg) > depth:
-                dg.pop(0)
-                dr.pop(0)
-            x_new = _anderson_mix(g, r, dg, dr)
-        else:
-            x_new = g
-        g_prev, r_prev = g, r
-        x = torch.where(_bcast(converged, x), x, x_new)
-    return best_x, best_res, max_iter, None
-
-
-def encode_fixed_point(
-    flow: ProbabilityFlow,
-    images: Tensor,
-    *,
-    solver: str | Solver = "euler",
-    steps: int | None = None,
-    nfe: int | None = None,
-    grid: str = "trailing",
-    sigmas: ArrayLike | None = None,
-    timesteps: ArrayLike | None = None,
-    model_kwargs: Mapping[str, Any] | None = None,
-    solver_options: Mapping[str, Any] | None = None,
-    grid_options: Mapping[str, Any] | None = None,
-    callback: Callable[[StepState], None] | None = None,
-    check_finite: bool = True,
-    method: str = "hybrid",
-    tol: float | None = None,
-    max_iter: int | None = None,
-    anderson: int = 3,
-    krylov_dim: int = 40,
-    final_euler: bool = True,
-    on_failure: str = "raise",
-) -> Result:
-    """Encode so that the *plain* decode with ``solver`` on the same grid reproduces ``images``.
+def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Result:
+    """Encode so that the *plain* decode with the request's solver on its grid reproduces ``images``.
 
     Per encode step σ_a → σ_b the noisier state solves x̄_b + Ψ_{σ_b→σ_a}(x̄_b) = x̄_a (Ψ the
     decode step's increment; with ``final_euler`` the decode's last step into σ = 0 is Euler,
     as :func:`flowdiff.decode` takes it by default), until every element's residual
     |x̄_b + Ψ(x̄_b) − x̄_a| ≤ ``tol``·(1 + |x̄_a|) (default 32 machine epsilons of the state's
-    dtype, and at least 4 of the images' dtype for float16/bfloat16). ``method``:
-    ``"newton"`` (Newton–Krylov, at most ``max_iter`` Newton iterations a step, default 50,
-    with up to ``krylov_dim`` GMRES vectors each), ``"anderson"`` (Anderson mixing of depth
-    ``anderson``, 0 for plain fixed-point iteration, at most ``max_iter`` iterations a step,
-    default 100) or ``"hybrid"`` (default: Anderson for up to 20 iterations, then Newton with
-    ``max_iter`` for what is left). The first guess is the explicit Euler
-    encode step; Newton restarts a stuck sample from the Euler guess and from x̄_a itself.
+    dtype, and at least 4 of the images' dtype for float16/bfloat16). Options
+    (``spec.options``): ``method`` — ``"newton"`` (Newton–Krylov, at most ``max_iter`` Newton
+    iterations a step, default 50, with up to ``krylov_dim`` GMRES vectors each), ``"anderson"``
+    (Anderson mixing of depth ``anderson``, 0 for plain fixed-point iteration, at most
+    ``max_iter`` iterations a step, default 100) or ``"hybrid"`` (default: Anderson for up to
+    20 iterations, then Newton with ``max_iter`` for what is left); ``tol``; ``final_euler``;
+    ``on_failure``. The first guess is the explicit Euler encode step; Newton restarts a stuck
+    sample from the Euler guess and from x̄_a itself.
 
     A sample that misses ``tol`` raises :class:`solvers.SolveError` naming the step, σ and
     residual; ``on_failure="keep"`` instead keeps its best iterate, warns, and lists it in
@@ -212,13 +208,17 @@ def encode_fixed_point(
     step, the achieved max over samples), ``tol``, ``unconverged`` and, for Newton,
     ``restarts``.
     """
-    flow = _check_flow(flow)
-    images = _check_state(images, "images")
+    options = dict(spec.options)
+    known = ("method", "tol", "max_iter", "anderson", "krylov_dim", "final_euler", "on_failure")
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(f"encode_fixed_point() got unknown inversion option(s) {unknown}; accepted: {', '.join(known)}")
+    method = options.get("method", "hybrid")
+    tol, max_iter = options.get("tol"), options.get("max_iter")
+    anderson, krylov_dim = options.get("anderson", 3), options.get("krylov_dim", 40)
+    final_euler, on_failure = options.get("final_euler", True), options.get("on_failure", "raise")
     _check_options(tol, max_iter, method, anderson, krylov_dim, final_euler, on_failure)
-    if isinstance(solver, str) and solver == "ddim_inverse":
-        raise ValueError("inversion='fixed_point' inverts a decode solver; 'ddim_inverse' is an encode method "
-                         "(use solver='euler' to invert DDIM decoding)")
-    solver_obj = _resolve_solver(solver, solver_options)
+    solver_obj = request.solver
     if solver_obj.reversible:
         raise ValueError(f"solver {solver_obj.name!r} is reversible: encode with it directly (no inversion=) and "
                          "its latent decodes exactly by the algebraic inverse")
@@ -226,91 +226,34 @@ def encode_fixed_point(
         raise ValueError(f"fixed-point inversion needs a one-step solver; {solver_obj.name!r} is multistep")
     if max_iter is None:
         max_iter = 100 if method == "anderson" else 50
-    dtype = _compute_dtype(images)
+    dtype = compute_dtype(images)
     model_dtype = images.dtype if images.dtype != dtype else None
     tol = _default_tol(dtype, images.dtype) if tol is None else float(tol)
-    gen = _grid(flow, solver_obj, steps=steps, nfe=nfe, grid=grid, sigmas=sigmas, timesteps=timesteps,
-                final_euler=final_euler, grid_options=grid_options)
+    gen = request.grid.generation_sigmas(request.flow, solver_obj, final_euler=final_euler)
     enc = gen[::-1].copy()
-    euler = solvers.get("euler")
     last_euler = final_euler and solver_obj.evaluates_end and enc[0] == 0.0
-    field = _CountingField(flow.field(model_kwargs, model_dtype))
-    stats = Stats()
-    iters: list[int] = []
-    residuals: list[float] = []
-    unconverged: set[int] = set()
-    restarts = 0
-    evaluations: list[int] = []
-    x_a = images.to(dtype)
-    k_a: Tensor | None = None  # f(σ_a, x̄_a), when the last step saw it
-    n_steps = len(enc) - 1
-    for n in range(n_steps):
-        s_a, s_b = float(enc[n]), float(enc[n + 1])
-        decode_step = euler if (last_euler and n == 0) else solver_obj
-        where = f"fixed-point inversion, step {n} (σ {s_a:.6g} -> {s_b:.6g})"
-        nfe_before = field.nfe
-
-        def step(x: Tensor, decode_step: Solver = decode_step, s_a: float = s_a, s_b: float = s_b) -> Tensor:
-            return decode_step.step(field, s_b, s_a, x, None).y
-
-        try:
-            if k_a is None:
-                k_a = field(s_a, x_a)
-            guess = x_a.add(k_a, alpha=s_b - s_a)
-            scale = x_a.abs().add_(1.0)
-            x, res, it, k_b, exhausted = guess, None, 0, None, False
-            if method != "newton":  # Anderson: alone, or first (hybrid: a short run, divergence allowed)
-                budget = max_iter if method == "anderson" else min(HYBRID_ANDERSON_ITER, max_iter)
-                x, res, it, k_b = _anderson_step(step, field, s_b, x_a, guess, scale, tol, budget, anderson,
-                                                 check_finite and method == "anderson")
-                exhausted = method == "anderson" and it >= max_iter
-            if method == "newton" or (method == "hybrid" and not bool((res <= tol).all())):
-                guesses = [guess, x_a] if method == "newton" else [x, guess, x_a]
-                root = solvers.newton_krylov(lambda y, x_a=x_a, step=step: step(y) - x_a, guesses,
-                                             scale=scale, tol=tol, max_iter=max_iter, krylov_dim=krylov_dim,
-                                             eps=max(torch.finfo(dtype).eps, torch.finfo(images.dtype).eps))
-                x, res, it, k_b = root.y, root.residual, it + root.iterations, None
-                exhausted = root.iterations >= max_iter
-                restarts += root.restarts
-        except Exception as err:
-            stats.nfe = field.nfe
-            raise SolveError(f"{where}: {err}", step=n, t0=s_a, t1=s_b, stats=stats) from err
-        if check_finite and not bool(torch.isfinite(res).all()):
-            stats.nfe = field.nfe
-            raise SolveError(f"{where}: the residual is not finite (the model returned NaN/inf or the iteration "
-                             "diverged)", step=n, t0=s_a, t1=s_b, stats=stats)
-        missed_mask = ~(res <= tol)  # NaN counts as missed
-        missed = missed_mask.nonzero().flatten().tolist()
-        worst = float(torch.where(missed_mask, res, torch.zeros_like(res)).amax()) if missed else float(res.amax())
-        if missed and on_failure == "raise":
-            stats.nfe = field.nfe
-            stats.extra.update(method=method, iterations=sum(iters) + it, tol=tol, restarts=restarts)
-            why = (f"the budget max_iter={max_iter} ran out; use a larger max_iter or tol, or more steps"
-                   if exhausted else
-                   f"Newton's line search failed from every initial guess (max_iter={max_iter} was not reached): "
-                   "this decode step has no preimage of the image near them, or none at all")
-            raise SolveError(f"fixed-point inversion did not converge at step {n} (σ {s_a:.6g} -> {s_b:.6g}): "
-                             f"residual {worst:.3g} > tol {tol:.3g} for sample(s) {missed[:8]} after {it} {method} "
-                             f"iteration(s); {why}. on_failure='keep' keeps the best iterate instead",
-                             step=n, t0=s_a, t1=s_b, stats=stats)
-        unconverged.update(missed)
-        iters.append(it)
-        residuals.append(worst)
-        evaluations.append(field.nfe - nfe_before)
-        x_a, k_a = x, k_b
-        if callback is not None:
-            callback(StepState(n, s_b, x / math.sqrt(1.0 + s_b * s_b), x))
-    stats.nfe, stats.steps, stats.accepted = field.nfe, n_steps, n_steps
+    inverse = FixedPointInverse(solver_obj, last_euler_at=0.0 if last_euler else None, method=method, tol=tol,
+                                max_iter=max_iter, anderson=anderson, krylov_dim=krylov_dim, on_failure=on_failure,
+                                check_finite=request.check_finite,
+                                eps_floor=max(torch.finfo(dtype).eps, torch.finfo(images.dtype).eps))
+    sol = solve_grid(request.flow.field(request.model_kwargs, model_dtype, sigmas=enc), Sigma(), enc.tolist(), inverse,
+                     xbar0=images.to(dtype), callback=request.callback, check_finite=request.check_finite)
+    stats = sol.stats
+    iters, residuals, unconverged = inverse.iterations, inverse.residuals, sorted(inverse.unconverged)
     stats.extra.update(method=method, iterations=sum(iters), iterations_per_step=iters,
-                       evaluations_per_step=evaluations, residuals=residuals, tol=tol,
-                       unconverged=sorted(unconverged))
+                       evaluations_per_step=inverse.evaluations, residuals=residuals, tol=tol,
+                       unconverged=unconverged)
     if method != "anderson":
-        stats.extra["restarts"] = restarts
+        stats.extra["restarts"] = inverse.restarts
     if unconverged:
         warnings.warn(f"fixed-point inversion: {len(unconverged)} of {images.shape[0]} sample(s) missed tol "
                       f"{tol:.3g} (worst residual {max(residuals):.3g}); their plain decode will not reproduce "
-                      "them exactly (stats.extra['unconverged'] lists them)", RuntimeWarning, stacklevel=3)
-    x_T = (x_a / math.sqrt(1.0 + enc[-1] ** 2)).to(images.dtype)
-    name = solver if isinstance(solver, str) else solver_obj.name
-    latent = Latent(x_T, enc, name, dict(solver_options or {}), None, "fixed_point", final_euler)
+                      "them exactly (stats.extra['unconverged'] lists them)", RuntimeWarning, stacklevel=4)
+    x_T = (sol.xbar / math.sqrt(1.0 + enc[-1] ** 2)).to(images.dtype)
+    latent = Latent(x_T, enc, request.solver_name, dict(request.solver_options), None, "fixed_point", final_euler)
     return Result(x_T, stats, enc, solver_obj.name, latent)
+
+
+register_plugin(Plugin("fixed_point", "encode", "procedure", "a plain latent that the standard decode turns back into "
+                       "the images (Newton–Krylov / Anderson): flowdiff.Inversion / encode(inversion='fixed_point')",
+                       run=encode_fixed_point))

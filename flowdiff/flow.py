@@ -12,7 +12,7 @@ explicit Euler for
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -65,12 +65,13 @@ class ProbabilityFlow:
                 f"prediction_type={self.prediction_type!r})")
 
     def field(self, model_kwargs: Mapping[str, Any] | None = None,
-              model_dtype: torch.dtype | None = None) -> Callable[..., Tensor]:
+              model_dtype: torch.dtype | None = None, *, sigmas: Sequence[float] | None = None
+              ) -> Callable[[float, Tensor], Tensor]:
         """The right-hand side ``f(σ, x̄) -> ε`` for the solvers, with conditioning bound.
 
         ``model_dtype`` casts the model's input (e.g. float16) while the state stays in its
-        own dtype (float32 accumulation). ``f(σ, x̄, sigma_t=s)`` evaluates the model at the
-        timestep of ``s`` instead of σ (DDIMInverse's convention; see :mod:`flowdiff.ddim_inverse`).
+        own dtype (float32 accumulation). ``sigmas`` (the grid about to be solved, optional)
+        lets the timestep tensors of all its σ be built at once, outside the step loop.
         """
         kwargs = dict(model_kwargs or {})
         if self.sigma_field is not None:
@@ -79,19 +80,26 @@ class ProbabilityFlow:
         model = self.model
         prediction_type = self.prediction_type
         t_cache: dict[tuple[float, int, torch.device], Tensor] = {}
+        pending = [float(s) for s in sigmas] if sigmas is not None else []
+        built: set[tuple[int, torch.device]] = set()
 
-        def f(sigma: float, xbar: Tensor, sigma_t: float | None = None) -> Tensor:
+        def f(sigma: float, xbar: Tensor) -> Tensor:
             inv_scale = 1.0 / math.sqrt(1.0 + sigma * sigma)
             x = xbar * inv_scale
             if model_dtype is not None and x.dtype != model_dtype:
                 x = x.to(model_dtype)
-            s_t = sigma if sigma_t is None else sigma_t
-            key = (s_t, xbar.shape[0], xbar.device)
-            t = t_cache.get(key)
+            batch, device = xbar.shape[0], xbar.device
+            t = t_cache.get((sigma, batch, device))
             if t is None:
                 t_dtype = torch.float64 if (model_dtype or xbar.dtype) == torch.float64 else torch.float32
-                t = torch.full((xbar.shape[0],), timestep(s_t), dtype=t_dtype, device=xbar.device)
-                t_cache[key] = t
+                grid = [sigma]
+                if pending and (batch, device) not in built:  # the whole grid, once per batch size and device
+                    grid = [*pending, sigma]
+                    built.add((batch, device))
+                table = torch.tensor([timestep(s) for s in grid], dtype=t_dtype, device=device)
+                for s, row in zip(grid, table.unsqueeze(1).expand(-1, batch).contiguous().unbind(0)):
+                    t_cache.setdefault((s, batch, device), row)
+                t = t_cache[(sigma, batch, device)]
             out = model(x, t, **kwargs)
             if not isinstance(out, Tensor):
                 raise TypeError(f"model must return a torch.Tensor, got {type(out).__name__} "
@@ -117,11 +125,8 @@ class ProbabilityFlow:
     def _native_field(self, kwargs: dict[str, Any], model_dtype: torch.dtype | None) -> Callable[..., Tensor]:
         eps_fn = self.sigma_field
 
-        def f(sigma: float, xbar: Tensor, sigma_t: float | None = None) -> Tensor:
+        def f(sigma: float, xbar: Tensor) -> Tensor:
             inp = xbar
-            if sigma_t is not None and sigma_t != sigma:  # DDIMInverse: x at σ read as if at σ_t
-                inp = xbar * math.sqrt((1.0 + sigma_t * sigma_t) / (1.0 + sigma * sigma))
-                sigma = sigma_t
             if model_dtype is not None:
                 inp = inp.to(model_dtype)
             out = eps_fn(inp, sigma, **kwargs)

@@ -1,52 +1,68 @@
-"""Changes of variables of the probability-flow ODE, so that a solver sees the ODE it was built for.
+"""Changes of variables of the probability-flow ODE, as objects, and the one place that picks them.
 
-The flow is ``dx̄/dσ = ε(x̄, σ)``. Some methods are designed for other variables; the solver
-stays diffusion-agnostic (it integrates ``dy/dt = f(t, y)``) and the change of variables
-lives here:
+The flow is ``dx̄/dσ = ε(x̄, σ)``. Some methods are built for other variables; the solver
+stays diffusion-agnostic (it integrates ``dy/dt = f(t, y)``) and each change of variables is
+a :class:`Formulation` here: its time t ↔ σ, its state y ↔ x̄, its field ``f(t, y)`` from ε,
+the factor from y to the VP-scaled image x = x̄/√(1+σ²) (for error norms), the denoised image
+from a carried derivative, and the fixed grid in its own time (with the steps its end points
+need). :func:`formulation_for` picks one for a solver, a direction and a kind of solve;
+nothing else in flowdiff converts.
 
-* ``"sigma"`` — t = σ, y = x̄, f = ε. DDIM is Euler here; k-diffusion's lms is Adams here.
-* ``"data"`` — t = ρ = 1/σ, y = x̄/σ, f = D = x̄ − σ·ε (the model's denoised image):
+* :class:`Sigma` — t = σ, y = x̄, f = ε. DDIM is Euler here; k-diffusion's lms is Adams here.
+* :class:`Data` — t = ρ = 1/σ, y = x̄/σ, f = D = x̄ − σ·ε (the model's denoised image):
 
       dy/dρ = D(x̄, σ),
 
   since dy/dσ = ε/σ − x̄/σ² = −D/σ² and dρ/dσ = −1/σ². Euler here is again DDIM; Adams
   methods whose derivative polynomial is in λ = log ρ are the multistep exponential
   integrators DPM-Solver++(2M/3M) (Lu et al. 2022) and UniPC (Zhao et al. 2023).
-  σ = 0 is ρ = ∞, so the stretch touching σ = 0 is taken in x̄: into σ = 0 the image is
-  ``lim_{σ→0} D(x̄(σ), σ)``, read off the last denoised value(s) (see :func:`finish_at_zero`);
-  out of σ = 0 (encoding) the first step is Euler in σ (DDIM), which never divides by σ.
-* ``"logsigma"`` — t = τ = log(σ + c), y = x̄, f = (σ + c)·ε, for adaptive Runge–Kutta:
+  σ = 0 is ρ = ∞, where the state is x̄ itself. The step touching σ = 0 is taken in x̄ by a
+  method of its own: into σ = 0 the image is ``lim_{σ→0} D(x̄(σ), σ)``, read off the last
+  denoised value(s) (:func:`finish_at_zero`); out of σ = 0 (encoding) the first step is
+  Euler in σ (DDIM), which never divides by σ.
+* :class:`LogSigma` — t = τ = log(σ + c), y = x̄, f = (σ + c)·ε, for adaptive Runge–Kutta:
   steps are relative in σ ≫ c (log σ), and σ = 0 is the finite τ = log c, reached exactly
-  without dividing by σ. c defaults to the schedule's smallest trained σ.
+  without dividing by σ. With c = 0 (t = log σ) σ = 0 is τ = −∞, reached by an Euler step.
+* :class:`VP` — t = τ = log(1 + σ), y = x = x̄/√(1+σ²), for reversible solvers: |x| = O(1)
+  at every σ and the field is nearly zero at large σ, so the rounding an exact inverse
+  amplifies stays at the state's own precision (see :mod:`flowdiff.inversion`).
 
-A solver names the variables it wants with its ``variables`` attribute (``None``: σ).
+Time values at the grid's points map back to the grid's own σ exactly (looked up, not
+recomputed through exp/log), so that an encode and its decode evaluate the model at
+identical σ.
 """
 
 from __future__ import annotations
 
+import abc
 import math
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
-import solvers
-from solvers import Derivative, Solver, Stats
-
-VARIABLES = ("sigma", "data", "logsigma")
+from solvers import Derivative, FixedGrid, ReversibleState, Solver, StepResult, VectorField, final_step_methods
 
 #: ``eps_field(σ, x̄) -> ε`` as built by :meth:`flowdiff.ProbabilityFlow.field`.
-EpsField = Callable[..., Tensor]
+EpsField = Callable[[float, Tensor], Tensor]
+
+VARIABLES = ("sigma", "data", "logsigma", "vp")
+
+#: Solvers built for the data-prediction variables (registry name → variables). Diffusion
+#: knowledge, so it lives here and not in :mod:`solvers`; :func:`prefer_variables` adds to it.
+_PREFERRED: dict[str, str] = {"dpmpp_2m": "data", "dpmpp_3m": "data", "unipc": "data"}
+
+
+def prefer_variables(solver_name: str, variables: str) -> None:
+    """Declare that the solver registered as ``solver_name`` runs in ``variables`` (``"sigma"`` or ``"data"``)."""
+    if variables not in ("sigma", "data"):
+        raise ValueError(f"variables must be 'sigma' or 'data', got {variables!r}")
+    _PREFERRED[solver_name] = variables
 
 
 def variables_of(solver: Solver) -> str:
-    """The variables a solver is meant to run in (``"sigma"`` unless it says otherwise)."""
-    name = getattr(solver, "variables", None) or "sigma"
-    if name not in VARIABLES:
-        raise ValueError(f"solver {solver.name!r} asks for variables {name!r}; known: {', '.join(VARIABLES)}")
-    return name
+    """The variables a solver is meant to run in: ``"data"`` for the exponential integrators, else ``"sigma"``."""
+    return _PREFERRED.get(solver.name, "sigma")
 
 
 def grid_order(solver: Solver) -> int:
@@ -61,33 +77,124 @@ def grid_order(solver: Solver) -> int:
     return min(order, 2) if variables_of(solver) == "data" else order
 
 
-def data_field(eps: EpsField) -> Callable[[float, Tensor], Tensor]:
-    """``f(ρ, y) = D(x̄, σ)`` with σ = 1/ρ, x̄ = y/ρ: the data-prediction ODE (ρ > 0)."""
+class Formulation(abc.ABC):
+    """One change of variables (t, y) of the flow ``dx̄/dσ = ε``."""
+
+    name: str = ""
+
+    def __init__(self) -> None:
+        self._exact: dict[float, float] = {}
+
+    # time <-> σ
+    @abc.abstractmethod
+    def _time(self, sigma: float) -> float: ...
+
+    @abc.abstractmethod
+    def _sigma(self, t: float) -> float: ...
+
+    def time(self, sigma: float) -> float:
+        return self._time(float(sigma))
+
+    def sigma(self, t: float) -> float:
+        """σ at time ``t``: a grid point's own σ when ``t`` is one (see :meth:`times`)."""
+        s = self._exact.get(t)
+        return self._sigma(t) if s is None else s
+
+    def times(self, sigmas: Sequence[float]) -> list[float]:
+        """The grid's times; each maps back to its own σ exactly."""
+        ts = [self._time(float(s)) for s in sigmas]
+        self._exact.update(zip(ts, (float(s) for s in sigmas)))
+        return ts
+
+    # state <-> x̄
+    @abc.abstractmethod
+    def to_state(self, xbar: Tensor, sigma: float) -> Tensor: ...
+
+    @abc.abstractmethod
+    def to_xbar(self, y: Tensor, t: float) -> Tensor: ...
+
+    @abc.abstractmethod
+    def field(self, eps: EpsField) -> VectorField: ...
+
+    def x_factor(self, t: float) -> float:
+        """x = y·x_factor(t): the VP-scaled image x = x̄/√(1+σ²) from the state (error norms use it)."""
+        s = self.sigma(t)
+        return 1.0 / math.sqrt(1.0 + s * s)
+
+    def denoised(self, t: float, y: Tensor, state: Any) -> Tensor | None:
+        """The model's denoised image at (t, y) if the carried state already holds the field there."""
+        return None
+
+    def grid(self, sigmas: Sequence[float], solver: Solver, *, eval_end: bool = True) -> FixedGrid:
+        """The fixed stepping across the σ grid ``sigmas`` in this formulation's time."""
+        ts = self.times(sigmas)
+        return FixedGrid(ts, final_step_methods(solver, len(ts) - 1, eval_end))
+
+    # a reversible solver's carried state is stored timed in σ (what a Latent keeps)
+    def state_in(self, state: Any) -> Any:
+        return state._replace(t=self.time(state.t)) if isinstance(state, ReversibleState) else state
+
+    def state_out(self, state: Any) -> Any:
+        return state._replace(t=self.sigma(state.t)) if isinstance(state, ReversibleState) else state
+
+
+class Sigma(Formulation):
+    """t = σ, y = x̄, f = ε."""
+
+    name = "sigma"
+
+    def _time(self, sigma: float) -> float:
+        return sigma
+
+    def _sigma(self, t: float) -> float:
+        return t
+
+    def to_state(self, xbar: Tensor, sigma: float) -> Tensor:
+        return xbar
+
+    def to_xbar(self, y: Tensor, t: float) -> Tensor:
+        return y
+
+    def field(self, eps: EpsField) -> VectorField:
+        return eps
+
+    def denoised(self, t: float, y: Tensor, state: Any) -> Tensor | None:
+        if isinstance(state, Derivative) and state.t == t:
+            return y - state.k * t
+        return None
+
+
+def data_field(eps: EpsField, sigma_of: Callable[[float], float] | None = None) -> VectorField:
+    """``f(ρ, y) = D(x̄, σ)`` with σ = 1/ρ, x̄ = y/ρ: the data-prediction ODE (ρ > 0).
+
+    At ρ = ∞ (σ = 0) the state is x̄ itself and ``f`` returns ε(x̄, 0): what the Euler step
+    out of σ = 0 needs (:class:`Data`). ``sigma_of(ρ)`` maps times back to σ (a grid's own σ
+    exactly, :meth:`Formulation.sigma`); default 1/ρ."""
 
     def f(rho: float, y: Tensor) -> Tensor:
-        sigma = 1.0 / rho
+        if rho == math.inf:
+            return eps(0.0, y)
+        sigma = 1.0 / rho if sigma_of is None else sigma_of(rho)
         xbar = y * sigma
         return xbar - sigma * eps(sigma, xbar)
 
     return f
 
 
-def logsigma_field(eps: EpsField, c: float, tau_zero: float) -> Callable[[float, Tensor], Tensor]:
-    """``f(τ, x̄) = (σ + c)·ε(x̄, σ)`` with σ = e^τ − c (exactly 0 at ``tau_zero`` = log c)."""
-
-    def f(tau: float, xbar: Tensor) -> Tensor:
-        sigma = 0.0 if tau <= tau_zero else max(math.exp(tau) - c, 0.0)
-        return eps(sigma, xbar) * (sigma + c)
-
-    return f
-
-
-def logsigma_time(sigma: float, c: float) -> float:
-    return math.log(sigma + c)
-
-
-def logsigma_sigma(tau: float, c: float, tau_zero: float) -> float:
-    return 0.0 if tau <= tau_zero else max(math.exp(tau) - c, 0.0)
+def _limit(state: Any, rho: float, denoised_here: Callable[[], Tensor], extrapolate: bool) -> tuple[Tensor, int]:
+    """x̄(0) from the denoised value at ρ (carried in ``state`` or evaluated by ``denoised_here``)."""
+    pairs: list[tuple[float, Tensor]] = []
+    if isinstance(state, Derivative):
+        pairs = [(state.t, state.k), *getattr(state, "past", ())]
+    spent = 0
+    if not pairs or pairs[0][0] != rho:
+        pairs.insert(0, (rho, denoised_here()))
+        spent = 1
+    d1 = pairs[0][1]
+    if not extrapolate or len(pairs) < 2 or not pairs[1][0] < rho:
+        return d1, spent
+    s1, s2 = 1.0 / rho, 1.0 / pairs[1][0]
+    return d1 + (d1 - pairs[1][1]) * (s1 * s1 / (s2 * s2 - s1 * s1)), spent
 
 
 def finish_at_zero(state: Any, sigma_last: float, xbar_last: Tensor, eps: EpsField, *,
@@ -103,64 +210,182 @@ def finish_at_zero(state: Any, sigma_last: float, xbar_last: Tensor, eps: EpsFie
 
     A history holding D at ρ = 1/σ_last is reused (no evaluation); otherwise D is evaluated once.
     """
-    rho = 1.0 / sigma_last
-    pairs: list[tuple[float, Tensor]] = []
-    if isinstance(state, Derivative):
-        pairs = [(state.t, state.k), *getattr(state, "past", ())]
-    spent = 0
-    if not pairs or pairs[0][0] != rho:
-        pairs.insert(0, (rho, xbar_last - sigma_last * eps(sigma_last, xbar_last)))
-        spent = 1
-    d1 = pairs[0][1]
-    if not extrapolate or len(pairs) < 2 or not pairs[1][0] < rho:
-        return d1, spent
-    s1, s2 = sigma_last, 1.0 / pairs[1][0]
-    return d1 + (d1 - pairs[1][1]) * (s1 * s1 / (s2 * s2 - s1 * s1)), spent
+    return _limit(state, 1.0 / sigma_last, lambda: xbar_last - sigma_last * eps(sigma_last, xbar_last), extrapolate)
 
 
-def solve_data(eps: EpsField, xbar0: Tensor, sigmas: list[float], solver: Solver, *,
-               callback: Callable[[solvers.StepInfo], None] | None, check_finite: bool) -> solvers.Solution:
-    """Run ``solver`` across the σ grid ``sigmas`` (either direction) in the data variables.
+class IntoZero(Solver):
+    """The data variables' step from ρ to ρ = ∞ (σ = 0): the image is the last denoised value,
+    extrapolated in σ² with ``extrapolate`` (:func:`finish_at_zero`); the state becomes x̄."""
 
-    Steps between positive σ are the solver's, in ρ = 1/σ; a step out of σ = 0 is Euler in σ
-    and a step into σ = 0 is :func:`finish_at_zero`. Statistics count every evaluation.
+    name = "denoised_limit"
+    order = 2
+
+    def __init__(self, extrapolate: bool = False) -> None:
+        self.extrapolate = extrapolate
+
+    def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
+        image, _ = _limit(state, t0, lambda: f(t0, y0), self.extrapolate)
+        return StepResult(image, None)
+
+
+class OutOfZero(Solver):
+    """The data variables' step from ρ = ∞ (σ = 0) to σ₁: Euler in σ (DDIM), x̄₁ = x̄₀ + σ₁·ε(x̄₀, 0)."""
+
+    name = "euler_from_zero"
+    order = 1
+
+    def __init__(self, sigma1: float) -> None:
+        self.sigma1 = sigma1
+
+    def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
+        xbar = y0 + self.sigma1 * f(t0, y0)
+        return StepResult(xbar / self.sigma1, None)
+
+
+class Data(Formulation):
+    """t = ρ = 1/σ, y = x̄/σ, f = D (see the module docstring); σ = 0 is ρ = ∞ with y = x̄."""
+
+    name = "data"
+
+    def _time(self, sigma: float) -> float:
+        return math.inf if sigma == 0.0 else 1.0 / sigma
+
+    def _sigma(self, t: float) -> float:
+        return 0.0 if t == math.inf else 1.0 / t
+
+    def to_state(self, xbar: Tensor, sigma: float) -> Tensor:
+        return xbar if sigma == 0.0 else xbar / sigma
+
+    def to_xbar(self, y: Tensor, t: float) -> Tensor:
+        return y if t == math.inf else y / t
+
+    def field(self, eps: EpsField) -> VectorField:
+        return data_field(eps, self.sigma)
+
+    def x_factor(self, t: float) -> float:
+        return 1.0 if t == math.inf else 1.0 / math.sqrt(1.0 + t * t)
+
+    def denoised(self, t: float, y: Tensor, state: Any) -> Tensor | None:
+        if t == math.inf:
+            return y
+        if isinstance(state, Derivative) and state.t == t:
+            return state.k
+        return None
+
+    def grid(self, sigmas: Sequence[float], solver: Solver, *, eval_end: bool = True,
+             extrapolate: bool = False) -> FixedGrid:
+        ts = self.times(sigmas)
+        methods: dict[int, Solver] = {}
+        if sigmas[0] == 0.0:
+            methods[0] = OutOfZero(float(sigmas[1]))
+        if sigmas[-1] == 0.0:
+            methods[len(ts) - 2] = IntoZero(extrapolate)
+        return FixedGrid(ts, methods, infinite_ends=True)
+
+
+class LogSigma(Formulation):
+    """t = τ = log(σ + c), y = x̄, f = (σ + c)·ε; σ = 0 is τ = log c (τ = −∞ when c = 0)."""
+
+    name = "logsigma"
+
+    def __init__(self, c: float) -> None:
+        super().__init__()
+        if not (math.isfinite(c) and c >= 0):
+            raise ValueError(f"the c of log(σ + c) must be a finite number >= 0, got {c!r}")
+        self.c = float(c)
+        self.tau_zero = math.log(c) if c > 0 else -math.inf
+
+    def _time(self, sigma: float) -> float:
+        return math.log(sigma + self.c) if sigma + self.c > 0 else -math.inf
+
+    def _sigma(self, t: float) -> float:
+        return 0.0 if t <= self.tau_zero else max(math.exp(t) - self.c, 0.0)
+
+    def to_state(self, xbar: Tensor, sigma: float) -> Tensor:
+        return xbar
+
+    def to_xbar(self, y: Tensor, t: float) -> Tensor:
+        return y
+
+    def field(self, eps: EpsField) -> VectorField:
+        sigma_of, c = self.sigma, self.c
+
+        def f(tau: float, xbar: Tensor) -> Tensor:
+            sigma = sigma_of(tau)
+            return eps(sigma, xbar) * (sigma + c)
+
+        return f
+
+    def denoised(self, t: float, y: Tensor, state: Any) -> Tensor | None:
+        if isinstance(state, Derivative) and state.t == t:  # FSAL: f(t₁, y₁) = (σ + c)·ε
+            s = self.sigma(t)
+            return y - state.k * (s / (s + self.c))
+        return None
+
+
+class EulerToZero(Solver):
+    """In t = log σ (c = 0): the Euler step in σ from σ₀ into σ = 0 (τ = −∞), x̄ − σ₀·ε = x̄ − f(τ₀, x̄)."""
+
+    name = "euler_to_zero"
+    order = 1
+
+    def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
+        return StepResult(y0 - f(t0, y0), None)
+
+
+class VP(Formulation):
+    """t = τ = log(1 + σ), y = x = x̄/√(1+σ²): dx/dτ = (1 + σ)·(ε(x·c, σ) − σx/c)/c, c = √(1+σ²).
+
+    No division by σ (exact at σ = 0, where x = x̄); |x| stays O(1) at every σ and at large σ,
+    where ε ≈ x̄/σ, the field is nearly zero. Steps are additive in σ below 1 and relative above.
     """
-    start = time.perf_counter()
-    stats = Stats()
-    n = len(sigmas) - 1
-    xbar = xbar0
-    offset = 0
-    pos = list(sigmas)
-    if pos[0] == 0.0:  # encoding: leave σ = 0 by one Euler (DDIM) step
-        xbar = xbar0 + pos[1] * eps(0.0, xbar0)
-        stats.nfe += 1
-        stats.steps += 1
-        if callback is not None:
-            callback(solvers.StepInfo(0, 0.0, pos[1], xbar))
-        pos, offset = pos[1:], 1
-    into_zero = pos[-1] == 0.0
-    if into_zero:
-        pos = pos[:-1]
-    state: Any = None
-    if len(pos) >= 2:
-        def in_sigma(info: solvers.StepInfo) -> None:
-            if callback is not None:
-                callback(solvers.StepInfo(info.step + offset, 1.0 / info.t0, 1.0 / info.t1, info.y / info.t1))
 
-        sol = solvers.solve(data_field(eps), xbar / pos[0], [1.0 / s for s in pos], solver,
-                            callback=in_sigma if callback is not None else None, check_finite=check_finite,
-                            time_name="ρ")
-        xbar, state = sol.y * pos[-1], sol.state
-        stats = stats + sol.stats
-    if into_zero:
-        xbar, spent = finish_at_zero(state, pos[-1], xbar, eps)
-        stats.nfe += spent
-        stats.steps += 1
-        if callback is not None:
-            callback(solvers.StepInfo(n - 1, pos[-1], 0.0, xbar))
-        if check_finite and not bool(torch.isfinite(xbar).all()):
-            raise solvers.SolveError(f"step {n - 1} (σ {pos[-1]:.6g} -> 0) produced non-finite values: the model "
-                                     "returned NaN or inf", step=n - 1, t0=pos[-1], t1=0.0, stats=stats)
-    stats.accepted = stats.steps
-    stats.wall_time = time.perf_counter() - start
-    return solvers.Solution(xbar, stats, None if into_zero else state, list(sigmas))
+    name = "vp"
+
+    def _time(self, sigma: float) -> float:
+        return math.log1p(sigma)
+
+    def _sigma(self, t: float) -> float:
+        return max(math.expm1(t), 0.0)
+
+    def to_state(self, xbar: Tensor, sigma: float) -> Tensor:
+        return xbar / math.sqrt(1.0 + sigma * sigma)
+
+    def to_xbar(self, y: Tensor, t: float) -> Tensor:
+        s = self.sigma(t)
+        return y * math.sqrt(1.0 + s * s)
+
+    def x_factor(self, t: float) -> float:
+        return 1.0
+
+    def field(self, eps: EpsField) -> VectorField:
+        sigma_of = self.sigma
+
+        def f(tau: float, x: Tensor) -> Tensor:
+            s = sigma_of(tau)
+            c = math.sqrt(1.0 + s * s)
+            return (eps(s, x * c) - x * (s / c)) / c * (1.0 + s)
+
+        return f
+
+
+def formulation_for(solver: Solver, direction: str, *, adaptive: bool = False,
+                    sigma_c: float | None = None) -> Formulation:
+    """The variables ``solver`` runs in for a ``direction`` (``"generate"``/``"encode"``/``"decode"``).
+
+    Reversible solvers: :class:`VP` (their exact inverse keeps rounding at the state's scale).
+    Methods built for the data-prediction ODE (:func:`variables_of`): :class:`Data`. Other
+    adaptive solves: :class:`LogSigma` with ``sigma_c`` (relative steps, σ = 0 at a finite
+    time). Everything else: :class:`Sigma`.
+    """
+    if direction not in ("generate", "encode", "decode"):
+        raise ValueError(f"direction must be 'generate', 'encode' or 'decode', got {direction!r}")
+    if solver.reversible:
+        return VP()
+    if variables_of(solver) == "data":
+        return Data()
+    if adaptive:
+        if sigma_c is None:
+            raise ValueError("an adaptive solve in log(σ + c) needs sigma_c")
+        return LogSigma(sigma_c)
+    return Sigma()

@@ -11,7 +11,7 @@ direction makes its own O(h^p) error (the DDIM paper's Table 2 measures it). Two
   evaluations a step.
 
   They are integrated in the VP-scaled state x = x̄/√(1+σ²) with time τ = log(1 + σ)
-  (:func:`vp_field`, :func:`solve_vp`), not in (σ, x̄). The variables describe the same ODE,
+  (:class:`flowdiff.formulations.VP`), not in (σ, x̄). The variables describe the same ODE,
   but the rounding of the algebraic inverse is not the same: x̄ grows to σ_max·|noise| (157
   for DDPM's linear schedule, 2·10⁴ for the cosine one), and a reversible method's inverse
   multiplies the rounding of its second variable by about h·L (step times the field's
@@ -27,124 +27,45 @@ direction makes its own O(h^p) error (the DDIM paper's Table 2 measures it). Two
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
-from typing import Any
-
 import numpy as np
-import torch
-from torch import Tensor
 
-import solvers
-from solvers import ReversibleState, Solver
+from solvers import FixedGrid, ReversibleState, Solver
 
-from .flow import ProbabilityFlow
+from .engine import solve_flow
+from .formulations import VP
 from .latent import Latent
-from .sampling import Result, StepState, _check_flow
+from .options import Request, compute_dtype
+from .results import Result
+
+#: reversible Heun's grid for float32 (and lower) images integrated in float64: states are multiples of 2⁻⁴⁰ (below
+#: float32's resolution by 2¹⁶ at |x| = 1, exact for |x| < 2¹³), so the decode recomputes bit-identical model inputs
+EXACT_QUANTUM = 2.0**-40
 
 
-def vp_field(eps: Callable[..., Tensor]) -> Callable[[float, Tensor], Tensor]:
-    """The probability-flow ODE in the VP-scaled state x = x̄/√(1+σ²), time σ.
-
-    With c = √(1+σ²): dx/dσ = ε/c − σx̄/c³ = (ε(x·c, σ) − σx/c)/c. No division by σ (exact at
-    σ = 0, where x = x̄), |x| stays O(1) at every σ, and at large σ, where ε ≈ x̄/σ, the field
-    is nearly zero.
-    """
-
-    def f(sigma: float, x: Tensor) -> Tensor:
-        c = math.sqrt(1.0 + sigma * sigma)
-        return (eps(sigma, x * c) - x * (sigma / c)) / c
-
-    return f
-
-
-class _LogTime:
-    """Time τ = log(1 + σ) for the VP field: dx/dτ = (1 + σ)·dx/dσ.
-
-    Steps are additive in σ below 1 and relative above (σ = 0 is τ = 0, exactly). At grid
-    points the model sees the grid's own σ (looked up, not recomputed through exp), so that
-    encode and decode evaluate it at identical times.
-    """
-
-    def __init__(self, eps: Callable[..., Tensor], sigmas: list[float]) -> None:
-        self.taus = [math.log1p(s) for s in sigmas]
-        self.sigma_of = dict(zip(self.taus, sigmas))
-        self.vp = vp_field(eps)
-
-    def sigma(self, tau: float) -> float:
-        s = self.sigma_of.get(tau)
-        return max(math.expm1(tau), 0.0) if s is None else s
-
-    def __call__(self, tau: float, x: Tensor) -> Tensor:
-        s = self.sigma(tau)
-        return self.vp(s, x) * (1.0 + s)
-
-    def state_in_tau(self, state: Any) -> Any:
-        return state._replace(t=math.log1p(state.t)) if isinstance(state, ReversibleState) else state
-
-    def state_in_sigma(self, state: Any) -> Any:
-        return state._replace(t=self.sigma(state.t)) if isinstance(state, ReversibleState) else state
-
-
-def solve_vp(eps: Callable[..., Tensor], xbar0: Tensor, sigmas: list[float], solver: Solver, *, state: Any = None,
-             eval_end: bool = True, callback: Callable[[solvers.StepInfo], None] | None = None,
-             check_finite: bool = True) -> solvers.Solution:
-    """Run ``solver`` across the σ grid in the variables (τ = log(1+σ), x = x̄/√(1+σ²)); ``y`` comes back as x̄.
-
-    ``state`` and the returned ``Solution.state`` are a reversible solver's second variable in
-    x, timed in σ (what a :class:`Latent` stores); the callback sees σ and x̄ like any solve.
-    """
-    problem = _LogTime(eps, sigmas)
-    c0 = math.sqrt(1.0 + sigmas[0] ** 2)
-    wrapped = None
-    if callback is not None:
-        def wrapped(info: solvers.StepInfo) -> None:
-            s0, s1 = problem.sigma(info.t0), problem.sigma(info.t1)
-            callback(solvers.StepInfo(info.step, s0, s1, info.y * math.sqrt(1.0 + s1 * s1)))
-    sol = solvers.solve(problem, xbar0 / c0, problem.taus, solver, state=problem.state_in_tau(state),
-                        eval_end=eval_end, callback=wrapped, check_finite=check_finite, time_name="log(1+σ)")
-    return solvers.Solution(sol.y * math.sqrt(1.0 + sigmas[-1] ** 2), sol.stats, problem.state_in_sigma(sol.state),
-                            list(sigmas))
-
-
-def decode_reversible(
-    flow: ProbabilityFlow,
-    latent: Latent,
-    xbar0: Tensor,
-    sig: np.ndarray,
-    solver_obj: Solver,
-    *,
-    model_kwargs: Mapping[str, Any] | None,
-    model_dtype: torch.dtype | None,
-    callback: Callable[[StepState], None] | None,
-    check_finite: bool,
-) -> Result:
+def decode_reversible(request: Request, latent: Latent) -> Result:
     """Decode a reversible solver's latent by running the encode's exact inverse steps.
 
-    ``sig`` is the decode grid (the encode grid reversed). The inverse runs in the VP
-    variables the encode used (:func:`solve_vp`) and starts from the latent's x_T itself
-    (``xbar0`` = x_T·√(1+σ_max²) only fixes the dtype and device), with the second variable
-    from ``latent.solver_state``. It is :func:`solvers.unsolve` along the encode grid, so
-    ``final_euler`` does not apply: every step is the inverse of the encode step it undoes.
+    The inverse runs in the VP variables the encode used (:class:`~flowdiff.formulations.VP`)
+    and starts from the latent's x_T itself, with the second variable from
+    ``latent.solver_state``: it is the inverse mode of the one loop along the encode grid, so
+    ``final_euler`` does not apply — every step is the inverse of the encode step it undoes.
     """
-    _check_flow(flow)
-    if not solver_obj.reversible:
-        raise TypeError(f"decode_reversible needs a reversible solver, got {solver_obj.name!r}")
+    solver: Solver = request.solver
+    if not solver.reversible:
+        raise TypeError(f"decode_reversible needs a reversible solver, got {solver.name!r}")
     state = latent.solver_state
     if not isinstance(state, ReversibleState):
         raise ValueError(f"this latent carries no reversible solver state (solver {latent.solver!r}); "
                          "decode it with flowdiff.decode")
     enc = np.asarray(latent.sigmas, dtype=np.float64)
-    if not np.array_equal(np.asarray(sig, dtype=np.float64)[::-1], enc):
-        raise ValueError("the decode grid is not the latent's encode grid reversed")
-    cast = {"dtype": xbar0.dtype, "device": xbar0.device}
+    x = latent.x
+    cast = {"dtype": compute_dtype(x), "device": x.device}
     state = ReversibleState(state.t, state.z.to(**cast), None if state.k is None else state.k.to(**cast))
-    problem = _LogTime(flow.field(model_kwargs, model_dtype), enc.tolist())
-    wrapped = None
-    if callback is not None:
-        def wrapped(info: solvers.StepInfo) -> None:
-            s = problem.sigma(info.t1)
-            callback(StepState(info.step, s, info.y, info.y * math.sqrt(1.0 + s * s)))
-    sol = solvers.unsolve(problem, latent.x.to(**cast), problem.taus, solver_obj, state=problem.state_in_tau(state),
-                          callback=wrapped, check_finite=check_finite, time_name="log(1+σ)")
-    return Result(sol.y.to(latent.dtype), sol.stats, np.asarray(sig, dtype=np.float64), solver_obj.name)
+    model_dtype = latent.dtype if latent.dtype != cast["dtype"] else None
+    form = VP()
+    stepping = FixedGrid(form.times(enc.tolist()), inverse=True)
+    sol = solve_flow(request.flow.field(request.model_kwargs, model_dtype, sigmas=enc), form, stepping, solver,
+                     sigma0=float(enc[-1]), y0=x.to(**cast), state=state, callback=request.callback,
+                     check_finite=request.check_finite)
+    return Result(sol.xbar.to(latent.dtype), sol.stats, enc[::-1].copy(), solver.name)
+

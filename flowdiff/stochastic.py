@@ -39,7 +39,7 @@ diffusers' schedulers make from the same generator — or given explicitly per s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,9 +49,11 @@ from torch import Tensor
 import solvers
 from solvers import Solver, StepResult
 
-from .flow import ProbabilityFlow
-from .sampling import Result, StepState, _check_flow, _check_state, _compute_dtype, _grid
-from .schedules import ArrayLike
+from .engine import solve_grid
+from .formulations import Sigma
+from .options import Request, Stochastic, compute_dtype
+from .plugins import Plugin, register_plugin
+from .results import Result
 
 #: The named member of the family besides numeric η: DDPM's larger variance σ̂² = 1 − ᾱ_t/ᾱ_s.
 SIGMA_HAT = "sigma_hat"
@@ -172,8 +174,7 @@ class GeneralizedDDIM(Solver):
         return StepResult(y1, state + 1)
 
 
-def _check_solver(solver: object) -> None:
-    name = solver if isinstance(solver, str) else getattr(solver, "name", type(solver).__name__)
+def _check_solver(name: str) -> None:
     if name != "euler":
         raise ValueError(f"eta= (the DDIM paper's generalized process) has its own one-evaluation step, which at "
                          f"eta=0 is the Euler step; it takes solver='euler' (the default), got solver={name!r}. "
@@ -195,25 +196,8 @@ def _check_generator(generator: object, noise: Tensor) -> torch.Generator | None
     return generator
 
 
-def generate_stochastic(
-    flow: ProbabilityFlow,
-    noise: Tensor,
-    *,
-    eta: float | str = 0.0,
-    generator: torch.Generator | int | None = None,
-    step_noise: Tensor | Sequence[Tensor] | None = None,
-    steps: int | None = None,
-    nfe: int | None = None,
-    grid: str = "trailing",
-    sigmas: ArrayLike | None = None,
-    timesteps: ArrayLike | None = None,
-    model_kwargs: Mapping[str, Any] | None = None,
-    grid_options: Mapping[str, Any] | None = None,
-    callback: Callable[[StepState], None] | None = None,
-    check_finite: bool = True,
-    solver: str | Solver = "euler",
-) -> Result:
-    """Generate with the DDIM paper's generalized process (``flowdiff.generate(..., eta=)`` calls this).
+def generate_stochastic(request: Request, noise: Tensor, spec: Stochastic) -> Result:
+    """Generate with the DDIM paper's generalized process (``flowdiff.generate(..., eta=)`` runs this).
 
     ``eta`` in [0, 1] interpolates from the ODE (0: DDIM, bit for bit the Euler solve) to the
     DDPM posterior (1); ``"sigma_hat"`` is DDPM's larger variance (the paper's σ̂). The grid
@@ -229,28 +213,25 @@ def generate_stochastic(
     diffusers' DDIMScheduler, whose ``step(..., variance_noise=step_noise[i])`` this reproduces).
     At η = 0 no noise is drawn or used. ``stats.extra`` records ``eta`` and ``noise_draws``.
     """
-    flow = _check_flow(flow)
-    noise = _check_state(noise, "noise")
-    eta = check_eta(eta)
-    _check_solver(solver)
-    gen = _check_generator(generator, noise)
-    if gen is not None and step_noise is not None:
+    eta = check_eta(spec.eta)
+    _check_solver(request.solver_name)
+    gen = _check_generator(spec.generator, noise)
+    if gen is not None and spec.step_noise is not None:
         raise ValueError("give generator= or step_noise=, not both: step_noise fixes every step's noise itself")
     euler = solvers.get("euler")
-    sig = _grid(flow, euler, steps=steps, nfe=nfe, grid=grid, sigmas=sigmas, timesteps=timesteps,
-                final_euler=True, grid_options=grid_options)
-    dtype = _compute_dtype(noise)
+    sig = request.grid.generation_sigmas(request.flow, euler, final_euler=True)
+    dtype = compute_dtype(noise)
     model_dtype = noise.dtype if noise.dtype != dtype else None
     xbar0 = noise.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)
-    source = _StepNoise(step_noise, gen, xbar0, len(sig) - 1)
+    source = _StepNoise(spec.step_noise, gen, xbar0, len(sig) - 1)
     step = GeneralizedDDIM(eta, source)
-    wrapped = None
-    if callback is not None:
-        def wrapped(info: solvers.StepInfo) -> None:
-            s = info.t1
-            callback(StepState(info.step, s, info.y / math.sqrt(1.0 + s * s), info.y))
-    sol = solvers.solve(flow.field(model_kwargs, model_dtype), xbar0, sig.tolist(), step, state=0,
-                        callback=wrapped, check_finite=check_finite, time_name="σ")
+    eps = request.flow.field(request.model_kwargs, model_dtype, sigmas=sig)
+    sol = solve_grid(eps, Sigma(), sig.tolist(), step, xbar0=xbar0,
+                     state=0, callback=request.callback, check_finite=request.check_finite)
     sol.stats.extra.update(eta=eta, noise_draws=source.draws)
     label = "ddim(sigma_hat)" if eta == SIGMA_HAT else f"ddim(eta={eta:g})"
-    return Result(sol.y.to(noise.dtype), sol.stats, sig, label)
+    return Result(sol.xbar.to(noise.dtype), sol.stats, sig, label)
+
+
+register_plugin(Plugin("eta", "generate", "procedure", "the DDIM paper's generalized generative process (eta in "
+                       "[0, 1] or 'sigma_hat'): flowdiff.Stochastic / generate(eta=)", run=generate_stochastic))

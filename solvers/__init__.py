@@ -1,16 +1,33 @@
 """solvers: ODE methods over tensors, and the drivers that run them.
 
 This package knows ``dy/dt = f(t, y)`` and nothing of diffusion. A solver implements one
-step (:class:`Solver`); the drivers :func:`solve` (a fixed grid, either direction) and
-:func:`solve_adaptive` (error control) own the loop, the direction, NFE counting and the
-statistics. Solvers are looked up by name in one registry: :func:`available`, :func:`get`.
+step (:class:`Solver`); a stepping places the steps (:class:`FixedGrid`, :class:`ErrorControl`,
+:class:`Chain`); :func:`integrate` is the one loop, which owns the direction, NFE counting,
+the statistics, callbacks and failure reports. :func:`solve`, :func:`solve_adaptive` and
+:func:`unsolve` are its common forms. Solvers are looked up by name in one registry:
+:func:`available`, :func:`get`.
 """
 
 from . import _methods  # noqa: F401  (registers the Runge–Kutta methods)
-from ._adaptive import ErrorNorm, StepController, rms_norm, solve_adaptive
+from ._adaptive import solve_adaptive
+from ._anderson import AndersonResult, anderson
 from ._base import Derivative, Solver, StepResult, VectorField
-from ._driver import Solution, StepInfo, check_grid, nfe_for_steps, solve, steps_for_nfe
-from ._errors import SolveError
+from ._driver import FINAL_EULER, final_step_methods, nfe_for_steps, solve, steps_for_nfe, unsolve
+from ._errors import SolveError, StepFailure
+from ._integrate import (
+    Chain,
+    ErrorControl,
+    ErrorNorm,
+    FixedGrid,
+    Solution,
+    StepController,
+    StepInfo,
+    Stepping,
+    check_grid,
+    check_state,
+    integrate,
+    rms_norm,
+)
 from ._multistep import IPNDM, Adams, DPMSolverPP2M, History, adams_weights
 from ._newton import RootResult, newton_krylov
 from ._registry import available, describe, get, register
@@ -18,10 +35,19 @@ from ._reversible import Reversible, ReversibleHeun, ReversibleState
 from ._rk import ExplicitRK, lincomb
 from ._stats import Stats
 from ._tableau import ButcherTableau
-from ._unsolve import unsolve
 
 __all__ = [
     "Adams",
+    "AndersonResult",
+    "anderson",
+    "Chain",
+    "ErrorControl",
+    "FINAL_EULER",
+    "FixedGrid",
+    "Stepping",
+    "check_state",
+    "final_step_methods",
+    "integrate",
     "DPMSolverPP2M",
     "History",
     "IPNDM",
@@ -38,6 +64,7 @@ __all__ = [
     "SolveError",
     "Solver",
     "Stats",
+    "StepFailure",
     "StepController",
     "StepInfo",
     "StepResult",

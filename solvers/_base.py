@@ -20,7 +20,7 @@ class Derivative(NamedTuple):
     k: Tensor
 
 
-@dataclass
+@dataclass(slots=True)
 class StepResult:
     """What one step returns: the new state, the solver's carried state, and an error estimate.
 

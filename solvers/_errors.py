@@ -21,3 +21,17 @@ class SolveError(ValueError):
         self.t0 = t0
         self.t1 = t1
         self.stats = stats
+
+
+class StepFailure(Exception):
+    """Raised by a step that cannot be taken (e.g. an implicit step whose root finder missed).
+
+    The loop turns it into a :class:`SolveError` located at the step: ``{where}`` in the
+    message becomes ``step i (t t0 -> t1)``, and ``extra`` is merged into the statistics'
+    ``extra`` of the error.
+    """
+
+    def __init__(self, message: str, extra: dict | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extra = dict(extra or {})

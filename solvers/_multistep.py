@@ -133,16 +133,11 @@ class Adams(Solver):
     small); a self-started fixed-grid solve is limited by its lower-order first steps to
     ``fixed_grid_order`` (2 for Adams–Bashforth, 3 in PEC mode), as k-diffusion's lms is.
 
-    ``variables`` is a hint for callers that own a change of variables (``"data"``: the
-    method was designed for ``dy/dρ = D`` of diffusion models; ``None``: any ODE). This
-    package never reads it.
     """
 
     multistep: ClassVar[bool] = True
-    variables: str | None = None
 
-    def __init__(self, name: str, order: int, *, log_time: bool = False, corrector: bool = False,
-                 variables: str | None = None) -> None:
+    def __init__(self, name: str, order: int, *, log_time: bool = False, corrector: bool = False) -> None:
         if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
             raise ValueError(f"solver {name!r}: order must be an int in 1..4, got {order!r}")
         self.name = name  # type: ignore[misc]
@@ -154,7 +149,6 @@ class Adams(Solver):
         self.evaluates_end = corrector  # type: ignore[misc]
         self.error_order = order
         self.fixed_grid_order = min(self.order, 3 if corrector else 2)
-        self.variables = variables
 
     def _predict_weights(self, ts: list[float], t0: float, t1: float) -> list[float]:
         return adams_weights(ts, t0, t1, log_time=self.log_time)
@@ -181,7 +175,7 @@ class DPMSolverPP2M(Adams):
     """
 
     def __init__(self) -> None:
-        super().__init__("dpmpp_2m", 2, log_time=True, variables="data")
+        super().__init__("dpmpp_2m", 2, log_time=True)
 
     def _predict_weights(self, ts: list[float], t0: float, t1: float) -> list[float]:
         if len(ts) < 2 or not _log_defined((*ts, t1)):
@@ -219,11 +213,11 @@ def _lms(order: int = 4) -> Adams:
 
 
 def _dpmpp_3m() -> Adams:
-    return Adams("dpmpp_3m", 3, log_time=True, variables="data")
+    return Adams("dpmpp_3m", 3, log_time=True)
 
 
 def _unipc(order: int = 2) -> Adams:
-    return Adams("unipc", order, log_time=True, corrector=True, variables="data")
+    return Adams("unipc", order, log_time=True, corrector=True)
 
 
 def _abm(order: int = 3) -> Adams:

@@ -44,24 +44,29 @@ class ExplicitRK(Solver):
         self.adaptive = tableau.b_error is not None  # type: ignore[misc]
         self.error_order = error_order if error_order is not None else order - 1
         self.evaluates_end = tableau.evaluates_end  # type: ignore[misc]
+        # the tableau's derived properties, read once (the step runs inside the loop)
+        self._stages, self._fsal = tableau.stages, tableau.fsal
+        self._a, self._b, self._c, self._b_error = tableau.a, tableau.b, tableau.c, tableau.b_error
 
     def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
-        tab = self.tableau
         h = t1 - t0
         k1 = state.k if isinstance(state, Derivative) and state.t == t0 else f(t0, y0)
+        if self._stages == 1:  # Euler: one evaluation, one update, nothing to carry (it never retries)
+            return StepResult(y0.add(k1, alpha=h * self._b[0]), None)
         ks = [k1]
         y1 = None
-        last = tab.stages - 1
-        for i in range(1, tab.stages):
-            if i == last and tab.fsal:
-                y1 = lincomb(y0, h, tab.b, ks)
+        stages, fsal, b = self._stages, self._fsal, self._b
+        last = stages - 1
+        for i in range(1, stages):
+            if i == last and fsal:
+                y1 = lincomb(y0, h, b, ks)
                 yi = y1
             else:
-                yi = lincomb(y0, h, tab.a[i - 1], ks)
-            ks.append(f(t0 + tab.c[i] * h, yi))
+                yi = lincomb(y0, h, self._a[i - 1], ks)
+            ks.append(f(t0 + self._c[i] * h, yi))
         if y1 is None:
-            y1 = lincomb(y0, h, tab.b, ks)
-        error = weighted_sum(h, tab.b_error, ks) if tab.b_error is not None else None
+            y1 = lincomb(y0, h, b, ks)
+        error = weighted_sum(h, self._b_error, ks) if self._b_error is not None else None
         # FSAL: the last stage is f(t1, y1). Otherwise keep f(t0, y0) for a retried step.
-        new_state = Derivative(t1, ks[-1]) if tab.fsal else Derivative(t0, k1)
+        new_state = Derivative(t1, ks[-1]) if fsal else Derivative(t0, k1)
         return StepResult(y1, new_state, error)

@@ -9,7 +9,8 @@ import torch
 import flowdiff
 import solvers
 from flowdiff.analytic import Gaussian
-from flowdiff.formulations import data_field, finish_at_zero, solve_data
+from flowdiff.engine import solve_grid
+from flowdiff.formulations import Data, data_field, finish_at_zero, variables_of
 from solvers import History
 
 #: name, options, formula order, interpolation in log time
@@ -109,8 +110,8 @@ def test_data_variables_on_the_gaussian_converge_at_order(name, options, order):
     errs, ns = [], [16, 32, 64, 128]
     for n in ns:
         sig = np.exp(np.linspace(math.log(20.0), math.log(0.5), n + 1)).tolist()
-        sol = solve_data(eps, x20, sig, solvers.get(name, **options), callback=None, check_finite=True)
-        errs.append(float((sol.y - exact).abs().max()))
+        sol = solve_grid(eps, Data(), sig, solvers.get(name, **options), xbar0=x20)
+        errs.append(float((sol.xbar - exact).abs().max()))
     slope = -np.polyfit(np.log(ns), np.log(errs), 1)[0]
     assert abs(slope - order) < 0.35, (name, slope, errs)
 
@@ -169,8 +170,8 @@ def test_encode_decode_round_trip_in_data_variables():
 def test_multistep_capabilities_are_visible():
     assert {"lms", "ipndm", "abm", "dpmpp_2m", "dpmpp_3m", "unipc"} <= set(solvers.available(multistep=True))
     assert {"abm", "unipc"} <= set(solvers.available(adaptive=True))
-    assert solvers.get("dpmpp_2m").variables == "data"
-    assert getattr(solvers.get("lms"), "variables", None) is None
+    assert variables_of(solvers.get("dpmpp_2m")) == "data"
+    assert variables_of(solvers.get("lms")) == "sigma"
 
 
 def test_bad_orders_are_rejected_with_the_accepted_range():

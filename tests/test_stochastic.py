@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import flowdiff
 from flowdiff import Schedule
 from flowdiff.analytic import Gaussian, Mixture
-from flowdiff.stochastic import SIGMA_HAT, generate_stochastic, noise_levels
+from flowdiff.stochastic import SIGMA_HAT, noise_levels
 
 SHAPE = (3, 2, 4)
 
@@ -333,7 +333,7 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="no solver_options= or max_nfe="):
         flowdiff.generate(flow, noise, steps=5, eta=0.5, solver_options={"x": 1})
     with pytest.raises(ValueError, match="give one of steps="):
-        generate_stochastic(flow, noise, eta=0.5)
+        flowdiff.generate(flow, noise, eta=0.5)
 
 
 @pytest.mark.parametrize("eta", [0.5, 1.0, SIGMA_HAT])

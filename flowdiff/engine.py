@@ -1,0 +1,83 @@
+"""The flow solved in a formulation's variables: the one bridge from flowdiff to :func:`solvers.integrate`.
+
+Every solve of the probability-flow ODE — fixed grid or adaptive, generate, encode or a
+reversible decode — is :func:`solve_flow`: the formulation gives the field, the state and
+the time, the stepping places the steps, and :func:`solvers.integrate` runs the one loop.
+This module converts the start into the formulation's state, the callback's records and the
+result back into σ and x̄, and reports failures in σ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+import solvers
+from solvers import Solver, Stats, Stepping
+
+from .formulations import EpsField, Formulation
+from .results import StepState
+
+
+@dataclass
+class FlowSolution:
+    """The end of a solve: ``xbar``, the state ``y`` in the formulation's variables, the
+    statistics, the solver's carried state (timed in σ) and the σ values visited."""
+
+    xbar: Tensor
+    y: Tensor
+    stats: Stats
+    state: Any
+    sigmas: np.ndarray
+
+
+def _records(form: Formulation, callback: Callable[[StepState], None]) -> Callable[[solvers.StepInfo], None]:
+    def record(info: solvers.StepInfo) -> None:
+        t = info.t1
+        callback(StepState(info.step, form.sigma(t), info.y * form.x_factor(t), form.to_xbar(info.y, t),
+                           form.denoised(t, info.y, info.state)))
+
+    return record
+
+
+def solve_flow(
+    eps: EpsField,
+    form: Formulation,
+    stepping: Stepping,
+    solver: Solver,
+    *,
+    sigma0: float,
+    xbar0: Tensor | None = None,
+    y0: Tensor | None = None,
+    state: Any = None,
+    max_nfe: int | None = None,
+    callback: Callable[[StepState], None] | None = None,
+    check_finite: bool = True,
+) -> FlowSolution:
+    """Solve ``dx̄/dσ = eps(σ, x̄)`` in ``form``'s variables from σ = ``sigma0``.
+
+    The start is ``xbar0`` (converted) or ``y0`` already in the formulation's state (a
+    reversible decode starts from the latent's own state, bit for bit). ``state`` is the
+    solver's carried state timed in σ (a :class:`solvers.ReversibleState` from a Latent).
+    """
+    if (xbar0 is None) == (y0 is None):
+        raise ValueError("give xbar0 or y0")
+    start = form.to_state(xbar0, sigma0) if y0 is None else y0
+    sol = solvers.integrate(form.field(eps), start, solver, stepping, state=form.state_in(state), max_nfe=max_nfe,
+                            callback=None if callback is None else _records(form, callback),
+                            check_finite=check_finite, time_name="σ", display=form.sigma)
+    t_end = sol.ts[-1]
+    return FlowSolution(form.to_xbar(sol.y, t_end), sol.y, sol.stats, form.state_out(sol.state),
+                        np.array([form.sigma(t) for t in sol.ts], dtype=np.float64))
+
+
+def solve_grid(eps: EpsField, form: Formulation, sigmas: list[float], solver: Solver, *, xbar0: Tensor,
+               eval_end: bool = True, state: Any = None, callback: Callable[[StepState], None] | None = None,
+               check_finite: bool = True) -> FlowSolution:
+    """:func:`solve_flow` across the σ grid ``sigmas`` (either direction) with ``form``'s fixed stepping."""
+    return solve_flow(eps, form, form.grid(sigmas, solver, eval_end=eval_end), solver, sigma0=sigmas[0],
+                      xbar0=xbar0, state=state, callback=callback, check_finite=check_finite)

@@ -1,0 +1,546 @@
+"""The one integration loop: a solver, a stepping controller, and ``integrate``.
+
+In the spirit of diffrax (a solver, a step-size controller, one ``diffeqsolve``): the
+*solver* takes one step (:class:`solvers.Solver`), the *stepping* decides where the steps go
+and whether a step is accepted, and :func:`integrate` is the only loop. It alone counts
+evaluations of ``f``, builds the :class:`Stats` (wall time included), enforces ``max_nfe``,
+calls the callback, and locates failures and non-finite values by step and time.
+
+Steppings:
+
+* :class:`FixedGrid` — steps to given times, in either direction; a step may be given its
+  own method (``methods={i: solver}``, e.g. an Euler step into an end point where the model
+  must not be evaluated). With ``inverse=True`` the loop walks a solved grid backwards by
+  the solver's exact inverse steps (:meth:`Solver.unstep`): a reversible decode.
+* :class:`ErrorControl` — a PI controller on an embedded error estimate, from ``t0`` to ``t1``,
+  with steps measured in ``t`` or in ``log|t|``.
+* :class:`Chain` — one stepping after another in the same loop (e.g. error control down to
+  a small time, then a fixed last step), so that one solve has one set of statistics.
+
+The vector field is strictly ``f(t, y)``.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._base import Derivative, Solver, StepResult, VectorField
+from ._errors import SolveError, StepFailure
+from ._registry import available, get
+from ._stats import Stats
+
+#: ``norm(error, y0, y1, t1) -> scaled error`` (a 0-dim tensor or float); a step is accepted when <= 1.
+ErrorNorm = Callable[[Tensor, Tensor, Tensor, float], Any]
+
+
+class StepInfo(NamedTuple):
+    """What a callback receives after each accepted step: its index, the times, the new state
+    and the solver's carried state after the step (e.g. ``f(t1, y)`` of an FSAL pair)."""
+
+    step: int
+    t0: float
+    t1: float
+    y: Tensor
+    state: Any = None
+
+
+@dataclass
+class Solution:
+    """The end state ``y``, the statistics, the solver's carried state and the times reached."""
+
+    y: Tensor
+    stats: Stats
+    state: Any
+    ts: list[float]
+
+
+class _Counted:
+    """``f`` with its evaluations counted: the NFE of the statistics."""
+
+    __slots__ = ("f", "nfe")
+
+    def __init__(self, f: VectorField) -> None:
+        self.f = f
+        self.nfe = 0
+
+    def __call__(self, t: float, y: Tensor) -> Tensor:
+        self.nfe += 1
+        return self.f(t, y)
+
+
+class _Stop(Exception):
+    """Raised by a stepping to end the solve with a located :class:`SolveError`."""
+
+
+def check_grid(ts: Sequence[float], *, name: str = "ts", infinite_ends: bool = False) -> list[float]:
+    """Validate a time grid: at least two strictly monotone times, finite (or ±inf at the ends
+    with ``infinite_ends``); returned as Python floats."""
+    try:
+        grid = [float(t) for t in (ts.tolist() if hasattr(ts, "tolist") else ts)]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a sequence of real numbers, got {type(ts).__name__}") from None
+    if len(grid) < 2:
+        raise ValueError(f"{name} must hold at least 2 times (one step), got {len(grid)}")
+    inner = grid[1:-1] if infinite_ends else grid
+    if not all(math.isfinite(t) for t in inner) or any(math.isnan(t) for t in grid):
+        raise ValueError(f"{name} must be finite, got {grid}")
+    diffs = [b - a for a, b in zip(grid, grid[1:])]
+    if not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
+        bad = next(i for i, d in enumerate(diffs) if (d <= 0) != (diffs[0] <= 0) or d == 0)
+        raise ValueError(f"{name} must be strictly monotone; it breaks between index {bad} and {bad + 1} "
+                         f"({grid[bad]!r} -> {grid[bad + 1]!r})")
+    return grid
+
+
+def check_state(y0: object, name: str = "y0") -> Tensor:
+    """``y0`` must be a floating-point tensor (an integer state cannot take fractional steps)."""
+    if not isinstance(y0, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(y0).__name__}")
+    if not (y0.is_floating_point() or y0.is_complex()):
+        raise TypeError(f"{name} must be a floating-point tensor (float64, float32, float16, bfloat16), "
+                        f"got {y0.dtype}; convert it first, e.g. {name}.double()")
+    return y0
+
+
+# -- steppings -------------------------------------------------------------------------------
+
+class Stepping(abc.ABC):
+    """Where the steps go: a frozen description; :meth:`begin` makes the mutable run of one solve."""
+
+    @abc.abstractmethod
+    def begin(self, solver: Solver, f: VectorField, y: Tensor, state: Any) -> _Run:
+        raise NotImplementedError  # abstract
+
+
+class _Run(abc.ABC):
+    """The controller of one solve: proposes the next step and judges its result."""
+
+    t: float
+    inverse: bool = False
+
+    @abc.abstractmethod
+    def done(self) -> bool:
+        raise NotImplementedError  # abstract
+
+    @abc.abstractmethod
+    def propose(self, y: Tensor, state: Any) -> tuple[float, Solver, Any]:
+        """``(t1, method, state)`` of the next step from ``self.t`` (the state may gain a derivative)."""
+        raise NotImplementedError  # abstract
+
+    def judge(self, result: StepResult, y0: Tensor, t1: float) -> bool:
+        """Accept the step (and move ``self.t`` to ``t1``) or reject it; fixed steps are always accepted."""
+        self.t = t1
+        return True
+
+
+@dataclass(frozen=True)
+class FixedGrid(Stepping):
+    """Step across ``ts`` one interval at a time (increasing or decreasing).
+
+    ``methods`` gives some steps (by index) their own method instead of the solver's.
+    ``inverse=True`` undoes a solve of ``ts``: the loop starts at ``ts[-1]`` and runs the
+    solver's exact inverse steps back to ``ts[0]`` (``Solution.ts`` is then ``ts`` reversed).
+    ``infinite_ends`` allows ``±inf`` as the first or last time (a change of variables in
+    which an end point of the interval lies at infinity; its step must have its own method).
+    """
+
+    ts: Sequence[float]
+    methods: Mapping[int, Solver] = field(default_factory=dict)
+    inverse: bool = False
+    infinite_ends: bool = False
+
+    def times(self) -> list[float]:
+        return check_grid(self.ts, infinite_ends=self.infinite_ends)
+
+    def begin(self, solver: Solver, f: VectorField, y: Tensor, state: Any) -> _Run:
+        return _GridRun(self.times(), dict(self.methods), solver, self.inverse)
+
+
+class _GridRun(_Run):
+    def __init__(self, grid: list[float], methods: dict[int, Solver], solver: Solver, inverse: bool) -> None:
+        self.grid = grid[::-1] if inverse else grid
+        self.methods = methods
+        self.solver = solver
+        self.inverse = inverse
+        self.i = 0
+        self.n = len(grid) - 1
+        self.t = self.grid[0]
+
+    def done(self) -> bool:
+        return self.i >= self.n
+
+    def propose(self, y: Tensor, state: Any) -> tuple[float, Solver, Any]:
+        i = self.i
+        index = self.n - 1 - i if self.inverse else i
+        return self.grid[i + 1], self.methods.get(index, self.solver), state
+
+    def judge(self, result: StepResult, y0: Tensor, t1: float) -> bool:
+        self.i += 1
+        self.t = t1
+        return True
+
+
+@dataclass(frozen=True)
+class StepController:
+    """A PI step-size controller (an I-controller when ``pcoeff == 0``).
+
+    The new step is ``h * safety * r**(-icoeff/k) * r_prev**(pcoeff/k)`` with ``k`` the
+    error estimate's order + 1 and ``r`` the scaled error, clipped to ``[factor_min, factor_max]``
+    and to ``[min_step, max_step]`` in magnitude.
+    """
+
+    safety: float = 0.9
+    icoeff: float = 1.0
+    pcoeff: float = 0.0
+    factor_min: float = 0.2
+    factor_max: float = 10.0
+    min_step: float = 0.0
+    max_step: float = math.inf
+
+    def __post_init__(self) -> None:
+        if not 0 < self.safety <= 1:
+            raise ValueError(f"safety must be in (0, 1], got {self.safety}")
+        if not 0 < self.factor_min < 1 < self.factor_max:
+            raise ValueError(f"need 0 < factor_min < 1 < factor_max, got {self.factor_min}, {self.factor_max}")
+        if not 0 <= self.min_step < self.max_step:
+            raise ValueError(f"need 0 <= min_step < max_step, got {self.min_step}, {self.max_step}")
+
+    def factor(self, ratio: float, prev_ratio: float, k: int) -> float:
+        if ratio == 0.0:
+            return self.factor_max
+        f = self.safety * ratio ** (-self.icoeff / k) * prev_ratio ** (self.pcoeff / k)
+        return min(self.factor_max, max(self.factor_min, f))
+
+
+def rms_norm(rtol: float, atol: float) -> ErrorNorm:
+    """Hairer's mixed norm: RMS of ``error / (atol + rtol * max(|y0|, |y1|))``."""
+
+    def norm(error: Tensor, y0: Tensor, y1: Tensor, t1: float) -> Tensor:
+        scale = torch.maximum(y0.abs(), y1.abs()).mul_(rtol).add_(atol)
+        return (error / scale).pow(2).mean().sqrt()
+
+    return norm
+
+
+def _check_tol(name: str, value: object) -> float:
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ErrorControl(Stepping):
+    """Error-controlled steps from ``t0`` to ``t1`` (either direction), for a solver with an
+    embedded error estimate (``solver.adaptive``).
+
+    A step is accepted when ``norm(error, y0, y1, t1) <= 1`` (default :func:`rms_norm`).
+    ``log_steps`` measures step sizes in ``log|t|`` (t₀ and t₁ non-zero, of one sign): a step
+    is ``t → t·e^{±h}`` and ``min_step``/``max_step``/``first_step`` are in that unit. Without
+    ``first_step`` the first step is Hairer, Nørsett & Wanner's estimate (one extra evaluation).
+    """
+
+    t0: float
+    t1: float
+    rtol: float = 1e-3
+    atol: float = 1e-6
+    norm: ErrorNorm | None = None
+    controller: StepController | None = None
+    first_step: float | None = None
+    log_steps: bool = False
+
+    def __post_init__(self) -> None:
+        rtol, atol = _check_tol("rtol", self.rtol), _check_tol("atol", self.atol)
+        if rtol == 0 and atol == 0:
+            raise ValueError("rtol and atol cannot both be 0")
+        t0, t1 = float(self.t0), float(self.t1)
+        if not (math.isfinite(t0) and math.isfinite(t1)) or t0 == t1:
+            raise ValueError(f"need finite t0 != t1, got t0={t0!r}, t1={t1!r}")
+        if self.log_steps and (t0 == 0 or t1 == 0 or (t0 > 0) != (t1 > 0)):
+            raise ValueError(f"log_steps=True needs non-zero t0 and t1 of one sign, got t0={t0!r}, t1={t1!r}")
+        if self.first_step is not None and not (
+                isinstance(self.first_step, (int, float)) and not isinstance(self.first_step, bool)
+                and 0 < self.first_step):
+            raise ValueError(f"first_step must be a positive number, got {self.first_step!r}")
+        if self.controller is not None and not isinstance(self.controller, StepController):
+            raise TypeError(f"controller must be a solvers.StepController, got {type(self.controller).__name__}")
+
+    def begin(self, solver: Solver, f: VectorField, y: Tensor, state: Any) -> _Run:
+        if not solver.adaptive:
+            raise ValueError(f"solver {solver.name!r} has no error estimate; adaptive solvers: "
+                             "see solvers.available(adaptive=True)")
+        return _ErrorRun(self, solver, f)
+
+
+class _ErrorRun(_Run):
+    def __init__(self, spec: ErrorControl, solver: Solver, f: VectorField) -> None:
+        self.spec = spec
+        self.f = f
+        self.norm = spec.norm if spec.norm is not None else rms_norm(spec.rtol, spec.atol)
+        self.controller = spec.controller if spec.controller is not None else StepController()
+        self.k = min(solver.order, getattr(solver, "error_order", solver.order - 1)) + 1
+        t0, t1 = float(spec.t0), float(spec.t1)
+        self.t, self.t_end = t0, t1
+        self.direction = 1.0 if t1 > t0 else -1.0
+        self.span = abs(t1 - t0)
+        self.log = spec.log_steps
+        self.log_dir = (1.0 if abs(t1) > abs(t0) else -1.0) if self.log else self.direction
+        self.h: float | None = None
+        self.prev_ratio = 1.0
+        self.h_used = 0.0
+        self.ratio = 0.0
+
+    def done(self) -> bool:
+        return self.direction * (self.t_end - self.t) <= 0
+
+    def _first(self, y: Tensor, state: Any) -> Any:
+        spec, c = self.spec, self.controller
+        if spec.first_step is None:
+            k0 = self.f(self.t, y)
+            state = Derivative(self.t, k0)
+            h = _initial_step(self.f, self.t, y, k0, self.direction, self.k - 1, self.norm, self.span)
+            if self.log:
+                h = min(h / abs(self.t), abs(math.log(abs(self.t_end / self.t))))
+        else:
+            h = float(spec.first_step)
+        self.h = min(max(h, c.min_step), c.max_step)
+        return state
+
+    def propose(self, y: Tensor, state: Any) -> tuple[float, Solver, Any]:
+        if self.h is None:
+            state = self._first(y, state)
+        t, h = self.t, self.h
+        t_next = t * math.exp(self.log_dir * h) if self.log else t + self.direction * h
+        if self.direction * (t_next - self.t_end) >= 0 or abs(self.t_end - t_next) < 1e-12 * self.span:
+            t_next = self.t_end
+        return t_next, None, state  # type: ignore[return-value]  (None: the solver itself)
+
+    def judge(self, result: StepResult, y0: Tensor, t1: float) -> bool:
+        ratio = float(self.norm(result.error, y0, result.y, t1))
+        if not math.isfinite(ratio):
+            raise _Stop("the error estimate is not finite; the vector field (the model) returned NaN or inf")
+        t = self.t
+        self.h_used = abs(math.log(t1 / t)) if self.log else abs(t1 - t)
+        factor = self.controller.factor(ratio, self.prev_ratio, self.k)
+        accepted = ratio <= 1.0 or self.h_used <= self.controller.min_step
+        if accepted:
+            self.t = t1
+            self.prev_ratio = max(ratio, 1e-10)
+        else:
+            factor = min(factor, 1.0)
+        self.h = min(max(self.h_used * factor, self.controller.min_step), self.controller.max_step)
+        return accepted
+
+
+def _initial_step(f: VectorField, t0: float, y0: Tensor, k0: Tensor, direction: float, order: int,
+                  norm: ErrorNorm, span: float) -> float:
+    """Hairer, Nørsett & Wanner's starting step (one extra evaluation)."""
+    zero = torch.zeros_like(y0)
+    d0 = float(norm(y0, zero, zero, t0))
+    d1 = float(norm(k0, zero, zero, t0))
+    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    h0 = min(h0, span)
+    k1 = f(t0 + direction * h0, y0 + direction * h0 * k0)
+    d2 = float(norm(k1 - k0, zero, zero, t0)) / h0
+    h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
+    return min(100 * h0, h1, span)
+
+
+@dataclass(frozen=True)
+class Chain(Stepping):
+    """Several steppings in one solve, each starting where the previous one ended."""
+
+    parts: Sequence[Stepping]
+
+    def begin(self, solver: Solver, f: VectorField, y: Tensor, state: Any) -> _Run:
+        if not self.parts:
+            raise ValueError("Chain needs at least one stepping")
+        return _ChainRun(list(self.parts), solver, f, y, state)
+
+
+class _ChainRun(_Run):
+    def __init__(self, parts: list[Stepping], solver: Solver, f: VectorField, y: Tensor, state: Any) -> None:
+        self.parts, self.solver, self.f = parts, solver, f
+        self.index = 0
+        self.run = parts[0].begin(solver, f, y, state)
+        self.t = self.run.t
+
+    def _advance(self, y: Tensor, state: Any) -> None:
+        while self.run.done() and self.index + 1 < len(self.parts):
+            self.index += 1
+            self.run = self.parts[self.index].begin(self.solver, self.f, y, state)
+            if self.run.t != self.t:
+                raise ValueError(f"Chain: part {self.index} starts at t={self.run.t!r}, the previous one ended "
+                                 f"at t={self.t!r}")
+
+    def done(self) -> bool:
+        return self.run.done() and self.index + 1 >= len(self.parts)
+
+    def propose(self, y: Tensor, state: Any) -> tuple[float, Solver, Any]:
+        self._advance(y, state)
+        return self.run.propose(y, state)
+
+    def judge(self, result: StepResult, y0: Tensor, t1: float) -> bool:
+        accepted = self.run.judge(result, y0, t1)
+        self.t = self.run.t
+        return accepted
+
+
+# -- the loop --------------------------------------------------------------------------------
+
+def _where(i: int, t0: float, t1: float, time_name: str, display: Callable[[float], float] | None,
+           inverse: bool) -> str:
+    a, b = (display(t0), display(t1)) if display is not None else (t0, t1)
+    return f"{'inverse step' if inverse else 'step'} {i} ({time_name} {a:.6g} -> {b:.6g})"
+
+
+def integrate(
+    f: VectorField,
+    y0: Tensor,
+    solver: str | Solver,
+    stepping: Stepping,
+    *,
+    state: Any = None,
+    max_nfe: int | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
+    check_finite: bool = True,
+    time_name: str = "t",
+    display: Callable[[float], float] | None = None,
+) -> Solution:
+    """Integrate ``dy/dt = f(t, y)`` from ``y0`` with ``solver``, the steps placed by ``stepping``.
+
+    ``state`` seeds the solver's carried state (e.g. a reversible solver's second variable;
+    for an inverse run, its state at the grid's end). ``max_nfe`` bounds the evaluations: past
+    it a :class:`SolveError` says where the solve stood, with the partial statistics. Errors
+    name the step and the time, shown as ``display(t)`` under ``time_name`` when given (a
+    caller that changed variables reports its own time, e.g. σ).
+
+    Non-finite values cost nothing inside the loop: NaN and inf propagate to the end state,
+    which is checked once (one host sync). Only when it is not finite is the solve run again,
+    without the callback, keeping one sum per step, to locate the first step that produced
+    them; the error carries the statistics of the first run. (A vector field that is not
+    deterministic may then not reproduce the failure: the error says so.)
+    """
+    solver = get(solver)
+    check_state(y0)
+    if max_nfe is not None and (isinstance(max_nfe, bool) or not isinstance(max_nfe, int) or max_nfe < 1):
+        raise ValueError(f"max_nfe must be a positive int or None, got {max_nfe!r}")
+    names = (time_name, display)
+    y, end_state, times, stats = _loop(f, y0, solver, stepping, state, max_nfe, callback, None, names)
+    if check_finite and not bool(torch.isfinite(y).all()):
+        flags: list[Tensor] = []
+        try:
+            _loop(f, y0, solver, stepping, state, None, None, flags, names)
+        except Exception:  # noqa: BLE001  (the locating pass only looks for the first non-finite step)
+            pass
+        ok = torch.isfinite(torch.stack(flags)) if flags else torch.zeros(0, dtype=torch.bool)
+        inverse = isinstance(stepping, FixedGrid) and stepping.inverse
+        if bool(ok.all()):
+            raise SolveError(f"the solve ended with non-finite values at {time_name} "
+                             f"{_shown(times[-1], display):.6g}, and a second run did not reproduce them (is the "
+                             "vector field deterministic?)", step=len(times) - 2, t0=times[-2], t1=times[-1],
+                             stats=stats)
+        i = int((~ok).nonzero()[0, 0])
+        where = _where(i, times[i], times[i + 1], time_name, display, inverse)
+        raise SolveError(f"{where} produced non-finite values: the vector field (the model) returned NaN or "
+                         "inf, or the state overflowed", step=i, t0=times[i], t1=times[i + 1], stats=stats)
+    return Solution(y, stats, end_state, times)
+
+
+def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state: Any, max_nfe: int | None,
+          callback: Callable[[StepInfo], None] | None, flags: list[Tensor] | None,
+          names: tuple[str, Callable[[float], float] | None]) -> tuple[Tensor, Any, list[float], Stats]:
+    """The loop itself: ``flags`` (when a list) collects one sum of the state per accepted step."""
+    time_name, display = names
+    counted = _Counted(f)
+    stats = Stats()
+    start = time.perf_counter()
+    run = stepping.begin(solver, counted, y0, state)
+    inverse = run.inverse
+    if inverse and not solver.reversible:
+        raise TypeError(f"an inverse run needs a reversible solver (solvers.available(reversible=True): "
+                        f"{', '.join(available(reversible=True))}); got {solver.name!r}")
+    if inverse and state is None:
+        raise ValueError("an inverse run needs the solver's carried state at the grid's end (Solution.state of "
+                         "the forward solve); without it the inverse is not defined")
+    if state is None and not inverse:
+        state = solver.init(counted, run.t, y0)
+    y = y0
+    times = [run.t]
+    t0 = t1 = run.t
+    done, propose, judge = run.done, run.propose, run.judge
+
+    def finish() -> None:
+        stats.nfe = counted.nfe
+        stats.wall_time = time.perf_counter() - start
+
+    steps = accepted = rejected = 0
+    try:
+        while not done():
+            if max_nfe is not None and counted.nfe >= max_nfe:
+                stats.steps, stats.accepted, stats.rejected = steps, accepted, rejected
+                finish()
+                raise SolveError(
+                    f"max_nfe={max_nfe} reached at {time_name}={_shown(run.t, display):.6g} after {accepted} "
+                    f"accepted and {rejected} rejected steps; raise max_nfe or loosen rtol/atol",
+                    step=steps, t0=run.t, stats=stats)
+            t0 = run.t
+            t1, method, state = propose(y, state)
+            if inverse:  # undo the forward step t1 -> t0 (t1 is the earlier time of the solved grid)
+                y_new, state_new = (method or solver).unstep(counted, t1, t0, y, state)
+                result = StepResult(y_new, state_new)
+            else:
+                result = (method or solver).step(counted, t0, t1, y, state)
+            steps += 1
+            if judge(result, y, t1):
+                accepted += 1
+                y, state = result.y, result.state
+                times.append(t1)
+                if flags is not None:
+                    flags.append(y.sum())
+                if callback is not None:
+                    callback(StepInfo(accepted - 1, t0, t1, y, state))
+            else:
+                rejected += 1
+                if getattr(result.state, "t", None) == t0:  # f(t0, y0) from the rejected try: reuse it
+                    state = result.state
+    except BaseException as err:  # the counts so far belong to the error's statistics
+        stats.steps, stats.accepted, stats.rejected = steps, accepted, rejected
+        _reraise(err, stats, t0, t1, names, inverse, finish)
+    stats.steps, stats.accepted, stats.rejected = steps, accepted, rejected
+    finish()
+    return y, state, times, stats
+
+
+def _reraise(err: BaseException, stats: Stats, t0: float, t1: float,
+             names: tuple[str, Callable[[float], float] | None], inverse: bool, finish: Callable[[], None]) -> None:
+    """Raise ``err`` located at the step that failed (a :class:`SolveError` for bad values)."""
+    time_name, display = names
+    if isinstance(err, SolveError):
+        raise err
+    finish()
+    if isinstance(err, StepFailure):
+        stats.extra.update(err.extra)
+        where = _where(stats.steps, t0, t1, time_name, display, inverse)
+        message = err.message.format(where=where) if "{where}" in err.message else f"{where}: {err}"
+        raise SolveError(message, step=stats.steps, t0=t0, t1=t1, stats=stats) from None
+    if isinstance(err, _Stop):
+        where = _where(stats.steps - 1, t0, t1, time_name, display, inverse)
+        raise SolveError(f"{where}: {err}", step=stats.steps - 1, t0=t0, t1=t1, stats=stats) from None
+    if isinstance(err, (ValueError, TypeError)):
+        where = _where(stats.steps, t0, t1, time_name, display, inverse)
+        raise SolveError(f"{where}: {err}", step=stats.steps, t0=t0, t1=t1, stats=stats) from err
+    if isinstance(err, Exception):
+        err.add_note(f"while solving {_where(stats.steps, t0, t1, time_name, display, inverse)}")
+    raise err
+
+
+def _shown(t: float, display: Callable[[float], float] | None) -> float:
+    return display(t) if display is not None else t

@@ -1,0 +1,120 @@
+"""The layout's rules, checked on the source: no import cycles, and solvers/ never imports flowdiff/.
+
+Every ``import`` is counted, at module level or inside a function: a function-level import that
+closes a circle still makes the modules depend on each other (and breaks when moved to the top).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("solvers", "flowdiff")
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join(parts)] = path
+    return out
+
+
+def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _edges(modules: dict[str, Path]) -> dict[str, set[str]]:
+    def known(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for module, path in modules.items():
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(module, is_package, node)
+                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                           for alias in node.names]
+            for target in targets:
+                hit = known(target)
+                if hit is not None and hit != module:
+                    graph[module].add(hit)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    cycles = _cycles(_edges(_modules()))
+    assert not cycles, f"import cycles (counting imports inside functions): {cycles}"
+
+
+def test_solvers_never_imports_flowdiff():
+    graph = _edges(_modules())
+    leaks = {m: sorted(t for t in targets if t.split(".")[0] == "flowdiff")
+             for m, targets in graph.items() if m.split(".")[0] == "solvers"}
+    assert not any(leaks.values()), leaks
+
+
+def test_the_checker_sees_a_cycle(tmp_path):
+    """The test above can fail: two modules importing each other inside functions form a cycle."""
+    graph = {"p.a": {"p.b"}, "p.b": {"p.a"}, "p.c": {"p.a"}}
+    assert _cycles(graph) == [["p.a", "p.b"]]
+
+
+@pytest.mark.parametrize("module", ["flowdiff.sampling", "flowdiff.adaptive", "flowdiff.inversion",
+                                    "flowdiff.stochastic", "flowdiff.fixed_point", "flowdiff.formulations"])
+def test_the_diffusion_layer_does_not_import_its_entry_points_back(module):
+    graph = _edges(_modules())
+    assert "flowdiff" not in graph[module], f"{module} imports the flowdiff package, which imports it"
