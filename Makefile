@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-long bench lint
+.PHONY: setup demo test test-long bench lint docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,5 +40,10 @@ bench: setup
 	$(BIN)/python benchmarks/bench_reconstruction.py
 	$(BIN)/python benchmarks/bench_eta.py
 
+# The documentation site, offline, into site/ (mkdocs-material + mkdocstrings: the API reference from the
+# docstrings). --strict: a warning (a broken reference, a name that does not resolve) fails the build.
+docs: setup
+	$(BIN)/mkdocs build --strict --site-dir site
+
 lint: setup
-	$(BIN)/ruff check flowdiff solvers tests benchmarks
+	$(BIN)/ruff check flowdiff solvers tests benchmarks examples docs

@@ -177,11 +177,12 @@ class RoundTrip:
 
 
 def round_trip_error(flow: ProbabilityFlow, images: Tensor, **encode_kwargs: Any) -> RoundTrip:
-    """Encode ``images`` with ``encode_kwargs`` (see :func:`flowdiff.encode`) and decode the latent it returns."""
+    """Encode ``images`` with ``encode_kwargs`` (see :func:`flowdiff.encode`) and decode the latent it returns
+    (with the encode's ``model_kwargs``: a conditional latent decodes under the same conditioning)."""
     enc = encode(flow, images, **encode_kwargs)
     if enc.latent is None:
         raise ValueError("this encode returned no Latent (an adaptive encode?); round trips need a fixed grid")
-    dec = decode(flow, enc.latent)
+    dec = decode(flow, enc.latent, model_kwargs=encode_kwargs.get("model_kwargs"))  # the same conditioning
     return RoundTrip(enc, dec, float((dec.x.double() - images.double()).abs().max()))
 
 
