@@ -236,7 +236,7 @@ def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Res
                                 max_iter=max_iter, anderson=anderson, krylov_dim=krylov_dim, on_failure=on_failure,
                                 check_finite=request.check_finite,
                                 eps_floor=max(torch.finfo(dtype).eps, torch.finfo(images.dtype).eps))
-    sol = solve_grid(request.flow.field(request.model_kwargs, model_dtype, sigmas=enc), Sigma(), enc.tolist(), inverse,
+    sol = solve_grid(request.flow.field(request.model_kwargs, model_dtype), Sigma(), enc.tolist(), inverse,
                      xbar0=images.to(dtype), callback=request.callback, check_finite=request.check_finite)
     stats = sol.stats
     iters, residuals, unconverged = inverse.iterations, inverse.residuals, sorted(inverse.unconverged)

@@ -17,7 +17,7 @@ its prediction to ε, all of which the schedule supplies.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -26,6 +26,10 @@ from torch import Tensor
 from .schedules import ArrayLike, Schedule, as_schedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "velocity")
+
+#: How many (σ, batch, device, dtype) timestep tensors a flow keeps (a few grids' worth); the model must not
+#: modify its timestep argument in place.
+_TIMESTEP_CACHE = 4096
 
 #: ``model(x_t, t, **model_kwargs) -> prediction``; x_t = α(σ)·x̄ (VP-scaled for VP schedules), t a float
 #: tensor of shape (batch,).
@@ -80,13 +84,13 @@ class ProbabilityFlow:
                 f"prediction_type={self.prediction_type!r})")
 
     def field(self, model_kwargs: Mapping[str, Any] | None = None,
-              model_dtype: torch.dtype | None = None, *, sigmas: Sequence[float] | None = None
-              ) -> Callable[[float, Tensor], Tensor]:
+              model_dtype: torch.dtype | None = None) -> Callable[[float, Tensor], Tensor]:
         """The right-hand side ``f(σ, x̄) -> ε`` for the solvers, with conditioning bound.
 
         ``model_dtype`` casts the model's input (e.g. float16) while the state stays in its
-        own dtype (float32 accumulation). ``sigmas`` (the grid about to be solved, optional)
-        lets the timestep tensors of all its σ be built at once, outside the step loop.
+        own dtype (float32 accumulation). The timestep tensors and input scales of the σ
+        visited are kept on the flow (a bounded cache), so that repeated solves on one grid
+        build no tensor inside the step loop.
         """
         kwargs = dict(model_kwargs or {})
         if self.sigma_field is not None:
@@ -96,27 +100,24 @@ class ProbabilityFlow:
         velocity_coefficients = self.schedule.velocity_coefficients
         model = self.model
         prediction_type = self.prediction_type
-        t_cache: dict[tuple[float, int, torch.device], Tensor] = {}
-        pending = [float(s) for s in sigmas] if sigmas is not None else []
-        built: set[tuple[int, torch.device]] = set()
+        if getattr(self, "_timesteps_of", None) is not self.schedule:  # a new (or replaced) schedule: a new cache
+            self._timesteps: dict[tuple, tuple[Tensor, float]] = {}
+            self._timesteps_of = self.schedule
+        t_cache = self._timesteps
 
         def f(sigma: float, xbar: Tensor) -> Tensor:
-            inv_scale = alpha(sigma)
+            key = (sigma, xbar.shape[0], xbar.device, model_dtype or xbar.dtype)
+            hit = t_cache.get(key)
+            if hit is None:
+                t_dtype = torch.float64 if key[3] == torch.float64 else torch.float32
+                hit = (torch.full((key[1],), timestep(sigma), dtype=t_dtype, device=key[2]), alpha(sigma))
+                if len(t_cache) >= _TIMESTEP_CACHE:
+                    t_cache.clear()
+                t_cache[key] = hit
+            t, inv_scale = hit
             x = xbar * inv_scale
             if model_dtype is not None and x.dtype != model_dtype:
                 x = x.to(model_dtype)
-            batch, device = xbar.shape[0], xbar.device
-            t = t_cache.get((sigma, batch, device))
-            if t is None:
-                t_dtype = torch.float64 if (model_dtype or xbar.dtype) == torch.float64 else torch.float32
-                grid = [sigma]
-                if pending and (batch, device) not in built:  # the whole grid, once per batch size and device
-                    grid = [*pending, sigma]
-                    built.add((batch, device))
-                table = torch.tensor([timestep(s) for s in grid], dtype=t_dtype, device=device)
-                for s, row in zip(grid, table.unsqueeze(1).expand(-1, batch).contiguous().unbind(0)):
-                    t_cache.setdefault((s, batch, device), row)
-                t = t_cache[(sigma, batch, device)]
             out = model(x, t, **kwargs)
             if not isinstance(out, Tensor):
                 raise TypeError(f"model must return a torch.Tensor, got {type(out).__name__} "

@@ -64,7 +64,7 @@ def decode_reversible(request: Request, latent: Latent) -> Result:
     model_dtype = latent.dtype if latent.dtype != cast["dtype"] else None
     form = VP()
     stepping = FixedGrid(form.times(enc.tolist()), inverse=True)
-    sol = solve_flow(request.flow.field(request.model_kwargs, model_dtype, sigmas=enc), form, stepping, solver,
+    sol = solve_flow(request.flow.field(request.model_kwargs, model_dtype), form, stepping, solver,
                      sigma0=float(enc[-1]), y0=x.to(**cast), state=state, callback=request.callback,
                      check_finite=request.check_finite)
     return Result(sol.xbar.to(latent.dtype), sol.stats, enc[::-1].copy(), solver.name)

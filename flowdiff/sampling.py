@@ -192,7 +192,7 @@ def generate(
     sig = grid_spec.generation_sigmas(flow, solver_obj)
     xbar0 = noise.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)
     form = formulation_for(solver_obj, "generate")
-    eps = flow.field(request.model_kwargs, model_dtype, sigmas=sig)
+    eps = flow.field(request.model_kwargs, model_dtype)
     sol = solve_grid(eps, form, sig.tolist(), solver_obj, xbar0=xbar0,
                      eval_end=not (grid_spec.final_euler and sig[-1] == 0.0), callback=request.callback,
                      check_finite=check_finite)
@@ -281,7 +281,7 @@ def encode(
         return res
     sig = grid_spec.generation_sigmas(flow, solver_obj, final_euler=False)[::-1].copy()
     form = formulation_for(solver_obj, "encode")
-    sol = solve_grid(flow.field(request.model_kwargs, model_dtype, sigmas=sig), form, sig.tolist(), solver_obj,
+    sol = solve_grid(flow.field(request.model_kwargs, model_dtype), form, sig.tolist(), solver_obj,
                      xbar0=images.to(dtype), callback=request.callback, check_finite=check_finite)
     x_T = sol.xbar / math.sqrt(1.0 + sig[-1] ** 2)
     if solver_obj.reversible:  # the latent keeps the exact state; the result's x_T is at the images' precision
@@ -366,7 +366,7 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
     xbar0 = x.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)
     form = formulation_for(solver_obj, "decode")
     eval_end = not (final_euler and own != "euler" and sig[-1] == 0.0)
-    eps = flow.field(request.model_kwargs, model_dtype, sigmas=sig)
+    eps = flow.field(request.model_kwargs, model_dtype)
     sol = solve_grid(eps, form, sig.tolist(), solver_obj, xbar0=xbar0,
                      eval_end=eval_end, callback=request.callback, check_finite=check_finite)
     return Result(sol.xbar.to(latent.dtype), sol.stats, sig, solver_obj.name)

@@ -225,7 +225,7 @@ def generate_stochastic(request: Request, noise: Tensor, spec: Stochastic) -> Re
     xbar0 = noise.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)
     source = _StepNoise(spec.step_noise, gen, xbar0, len(sig) - 1)
     step = GeneralizedDDIM(eta, source)
-    eps = request.flow.field(request.model_kwargs, model_dtype, sigmas=sig)
+    eps = request.flow.field(request.model_kwargs, model_dtype)
     sol = solve_grid(eps, Sigma(), sig.tolist(), step, xbar0=xbar0,
                      state=0, callback=request.callback, check_finite=request.check_finite)
     sol.stats.extra.update(eta=eta, noise_draws=source.draws)
