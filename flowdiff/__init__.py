@@ -16,6 +16,7 @@ from .grids import GRIDS, grid_timesteps, make_sigmas
 from .guidance import classifier_free_guidance
 from .kdiffusion import from_denoiser, to_denoiser
 from .latent import Latent
+from .likelihood import Likelihood, log_likelihood
 from .metrics import Reconstruction, reconstruction
 from .pretrained import digits_data, pretrained
 from .quality import sample_quality
@@ -30,6 +31,7 @@ __all__ = [
     "PREDICTION_TYPES",
     "Reference",
     "Latent",
+    "Likelihood",
     "Reconstruction",
     "ProbabilityFlow",
     "Result",
@@ -45,6 +47,7 @@ __all__ = [
     "from_diffusers",
     "generate",
     "grid_timesteps",
+    "log_likelihood",
     "make_sigmas",
     "noise_levels",
     "pretrained",
