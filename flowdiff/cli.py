@@ -31,6 +31,7 @@ from torch import Tensor
 
 import solvers as _solvers
 
+from . import cli_likelihood
 from .compare import DEFAULT_GRIDS, DEFAULT_NFE, compare, default_solvers
 from .fingerprint import flow_fingerprint
 from .flow import ProbabilityFlow
@@ -381,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latents", default=None, metavar="FILE", help="also write the latents to this file")
     p.add_argument("--out", default=None, metavar="DIR", help="also write the reconstructions as PNGs here")
     p.set_defaults(func=cmd_roundtrip)
+
+    cli_likelihood.add_parser(sub, load_model=load_model, read_images=read_images)  # flowdiff likelihood
     return parser
 
 
