@@ -30,8 +30,8 @@ latent noise): ~0.02 nats for the digits. That difference is a statement about t
 prior, not the solve.
 
 **Divergences** (``divergence=``): ``"exact"`` is the trace of the Jacobian from D
-Jacobian–vector products (``torch.func.jvp``, forward mode, stacked along the batch in chunks
-of ``chunk`` rows); ``"hutchinson"`` is vᵀ(∂ε/∂x̄)v with ``probes`` Rademacher or Gaussian
+vector–Jacobian products (``torch.func.vjp``, one forward pass shared by all of them,
+vectorised with ``torch.func.vmap`` in chunks of ``chunk`` rows; tr J = tr Jᵀ); ``"hutchinson"`` is vᵀ(∂ε/∂x̄)v with ``probes`` Rademacher or Gaussian
 vectors v fixed along the solve (Hutchinson 1989; Grathwohl et al., "FFJORD", 2019);
 ``"hutch++"`` (Meyer, Musco, Musco & Woodruff, "Hutch++: Optimal Stochastic Trace
 Estimation", 2021) takes the trace exactly on the span Q of the Jacobian applied to
@@ -40,10 +40,12 @@ g̃ = (I − QQᵀ)g. The trajectory x̄(σ) does not depend on the probes, so e
 own unbiased ODE term ℓⱼ; ``log_prob`` uses their mean and ``std_error`` is their standard
 deviation over √probes (for Hutch++ conditional on the sketch, under which it is unbiased).
 
-**Counting.** ``stats.nfe`` counts model evaluations on the batch, each Jacobian–vector
-product one (it yields ε too): per field evaluation D for ``"exact"``, ``probes`` for
-``"hutchinson"``, 2·``sketch`` + ``probes`` for ``"hutch++"``. ``stats.extra["field_evals"]``
-is the solver's count of augmented-field evaluations.
+**Counting.** ``stats.nfe`` counts model evaluations on the batch, each vector–Jacobian
+product one (as k-diffusion counts its one VJP a step; the forward pass they need is shared):
+per field evaluation D for ``"exact"``, ``probes`` for ``"hutchinson"``, 2·``sketch`` +
+``probes`` for ``"hutch++"``. ``stats.extra`` has ``field_evals`` (the solver's count of
+augmented-field evaluations) and ``model_calls`` (forward passes: one per field evaluation and
+piece of ``chunk`` samples).
 
 **Bits per dimension.** ``bits_per_dim = −log_prob/(D ln 2) + offset``. For data quantized to
 ``dequantize = K`` levels over the model's range [−1, 1] (lattice spacing Δ = 2/(K − 1)), the
@@ -126,15 +128,16 @@ class Likelihood:
 # -- divergence estimators ------------------------------------------------------------------------
 
 class _Jacobian:
-    """ε(x̄, σ) and Jacobian–vector products (∂ε/∂x̄)·v for m vectors per sample.
+    """ε(x̄, σ) on a piece of the batch, and products of the transposed Jacobian (∂ε/∂x̄)ᵀ·v with it.
 
-    ``tangents`` has shape (m, B, D). The products are forward-mode (``torch.func.jvp``)
-    vectorised over the vectors with ``torch.func.vmap``, so that one model call computes ε once
-    and m tangents; a call holds at most ``chunk`` rows (vectors × samples). A model that vmap
-    cannot trace (data-dependent Python control flow, ``.item()``) is evaluated instead on the
-    vectors stacked along the batch (same values, more work; ``stats.extra["jvp"]`` says which).
-    ``products`` counts Jacobian–vector products on the whole batch (the NFE), ``calls`` the
-    model calls.
+    Reverse mode: one forward pass per piece (``torch.func.vjp``) serves every vector, and the
+    vector–Jacobian products are vectorised over the vectors with ``torch.func.vmap``, at most
+    ``chunk`` rows (vectors × samples) at a time. (Forward-mode JVPs cost 10–40× a forward pass
+    of the closed-form models in torch 2.13, whose forward-mode rules for softmax and friends are
+    Python decompositions; a VJP costs ~3.) Traces are the same for J and Jᵀ. A model that vmap
+    cannot trace is given the vectors one at a time (same values; ``stats.extra["vjp"]``).
+    ``rows`` counts vector–Jacobian products row by row (NFE = rows / batch), ``calls`` forward
+    passes of the model.
     """
 
     def __init__(self, eps: Callable[..., Tensor], shape: tuple[int, ...], chunk: int) -> None:
@@ -145,78 +148,67 @@ class _Jacobian:
         self.calls = 0
         self.mode = "vmap"
 
-    def _products(self, sigma: float, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        def f(inp: Tensor) -> Tensor:
-            return self.eps(sigma, inp)
+    def linearize(self, sigma: float, xbar: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """ε at the rows ``xbar`` (b, D) and ``apply(v)``: (m, b, D) vectors → (∂ε/∂x̄)ᵀ·v, (m, b, D)."""
+        b, dim = xbar.shape
+        with torch.enable_grad():
+            out, pullback = torch.func.vjp(lambda inp: self.eps(sigma, inp), xbar.reshape(b, *self.shape))
+        self.calls += 1
+        per = max(1, self.chunk // b)
 
+        def apply(vectors: Tensor) -> Tensor:
+            m = vectors.shape[0]
+            parts = []
+            for j0 in range(0, m, per):
+                v = vectors[j0:j0 + per].reshape(-1, b, *self.shape)
+                parts.append(self._pull(pullback, v).reshape(-1, b, dim))
+            self.rows += m * b
+            return torch.cat(parts)
+
+        return out.reshape(b, dim), apply
+
+    def _pull(self, pullback: Callable[..., tuple[Tensor]], v: Tensor) -> Tensor:
         if self.mode == "vmap":
             try:
-                return torch.func.vmap(lambda v: torch.func.jvp(f, (x,), (v,)), out_dims=(None, 0))(t)
+                return torch.func.vmap(pullback)(v)[0]
             except RuntimeError as err:
                 if "vmap" not in str(err) and "functorch" not in str(err) and "Batched" not in str(err):
                     raise
-                self.mode = "stacked"
-        m, b = t.shape[0], t.shape[1]
-        out, jv = torch.func.jvp(f, (x.repeat(m, *([1] * (x.ndim - 1))),), (t.reshape(m * b, *t.shape[2:]),))
-        return out[:b], jv.reshape(t.shape)
-
-    def __call__(self, sigma: float, xbar: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
-        m, batch, dim = tangents.shape
-        rows_per_call = max(1, min(batch, self.chunk))
-        primal: list[Tensor] = []
-        products: list[Tensor] = []
-        for b0 in range(0, batch, rows_per_call):
-            b1 = min(batch, b0 + rows_per_call)
-            x = xbar[b0:b1].reshape(b1 - b0, *self.shape)
-            per = max(1, self.chunk // (b1 - b0))
-            parts = []
-            for j0 in range(0, m, per):
-                j1 = min(m, j0 + per)
-                t = tangents[j0:j1, b0:b1].reshape(j1 - j0, b1 - b0, *self.shape)
-                out, jv = self._products(sigma, x, t)
-                self.calls += 1
-                self.rows += (j1 - j0) * (b1 - b0)
-                if j0 == 0:
-                    primal.append(out.reshape(b1 - b0, dim))
-                parts.append(jv.reshape(j1 - j0, b1 - b0, dim))
-            products.append(torch.cat(parts))
-        return torch.cat(primal), torch.cat(products, 1)
+                self.mode = "looped"
+        return torch.stack([pullback(vi)[0] for vi in v])
 
 
 class _Exact:
-    """tr(∂ε/∂x̄) from the D basis vectors, a chunk of them at a time."""
+    """tr(∂ε/∂x̄) = Σᵢ eᵢᵀ(∂ε/∂x̄)ᵀeᵢ over the D basis vectors, a chunk of them at a time."""
 
-    def __init__(self, jac: _Jacobian, batch: int, dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.jac, self.batch, self.dim = jac, batch, dim
-        self.per_call = max(1, jac.chunk // batch)
-        self.dtype, self.device = dtype, device
-        self.columns = 1
+    columns = 1
+
+    def __init__(self, dim: int, chunk: int) -> None:
+        self.dim, self.chunk = dim, chunk
         self.cost = dim
 
-    def __call__(self, sigma: float, xbar: Tensor) -> tuple[Tensor, Tensor]:
-        div = torch.zeros(self.batch, dtype=xbar.dtype, device=xbar.device)
-        eps = None
-        for i0 in range(0, self.dim, self.per_call):
-            idx = torch.arange(i0, min(self.dim, i0 + self.per_call), device=xbar.device)
-            basis = torch.zeros(idx.numel(), self.batch, self.dim, dtype=xbar.dtype, device=xbar.device)
-            basis[torch.arange(idx.numel(), device=xbar.device), :, idx] = 1.0
-            out, jv = self.jac(sigma, xbar, basis)
-            eps = out if eps is None else eps
-            div += jv[torch.arange(idx.numel(), device=xbar.device), :, idx].sum(0)
-        return eps, div[:, None]
+    def __call__(self, apply: Callable[[Tensor], Tensor], rows: slice, b: int, like: Tensor) -> Tensor:
+        per = max(1, self.chunk // b)
+        div = like.new_zeros(b)
+        for i0 in range(0, self.dim, per):
+            idx = torch.arange(i0, min(self.dim, i0 + per), device=like.device)
+            m = torch.arange(idx.numel(), device=like.device)
+            basis = like.new_zeros(idx.numel(), b, self.dim)
+            basis[m, :, idx] = 1.0
+            div += apply(basis)[m, :, idx].sum(0)
+        return div[:, None]
 
 
 class _Hutchinson:
     """vⱼᵀ(∂ε/∂x̄)vⱼ for fixed probes vⱼ, one column per probe."""
 
-    def __init__(self, jac: _Jacobian, probes: Tensor) -> None:
-        self.jac, self.probes = jac, probes
-        self.columns = probes.shape[0]
-        self.cost = probes.shape[0]
+    def __init__(self, probes: Tensor) -> None:
+        self.probes = probes
+        self.columns = self.cost = probes.shape[0]
 
-    def __call__(self, sigma: float, xbar: Tensor) -> tuple[Tensor, Tensor]:
-        eps, jv = self.jac(sigma, xbar, self.probes)
-        return eps, (self.probes * jv).sum(2).T
+    def __call__(self, apply: Callable[[Tensor], Tensor], rows: slice, b: int, like: Tensor) -> Tensor:
+        v = self.probes[:, rows]
+        return (v * apply(v)).sum(2).T
 
 
 class _HutchPlusPlus:
@@ -227,29 +219,28 @@ class _HutchPlusPlus:
     α, the sketch vectors' mean Rayleigh quotient sᵀJs/|s|², takes out the bulk: Q, an
     orthonormal basis of (J − αI)·S, then captures the low-rank part, and the residual probes
     g̃ⱼ = (I − QQᵀ)gⱼ see little but the rest. tr(J) = αD + tr(J − αI) for every α; α and Q
-    depend on the sketch only, so each column is unbiased given the sketch.
+    depend on the sketch only, so each column is unbiased given the sketch. (Run on Jᵀ, whose
+    trace is J's: the products are vector–Jacobian products.)
     """
 
-    def __init__(self, jac: _Jacobian, sketch: Tensor, probes: Tensor) -> None:
-        self.jac, self.sketch, self.probes = jac, sketch, probes
+    def __init__(self, sketch: Tensor, probes: Tensor) -> None:
+        self.sketch, self.probes = sketch, probes
         self.columns = probes.shape[0]
         self.cost = 2 * sketch.shape[0] + probes.shape[0]
-        self.sketch_sq = (sketch * sketch).sum(2)                       # (k, B)
 
-    def __call__(self, sigma: float, xbar: Tensor) -> tuple[Tensor, Tensor]:
-        s = self.sketch                                                 # (k, B, D)
+    def __call__(self, apply: Callable[[Tensor], Tensor], rows: slice, b: int, like: Tensor) -> Tensor:
+        s = self.sketch[:, rows]                                        # (k, b, D)
         k, dim = s.shape[0], s.shape[2]
-        eps, js = self.jac(sigma, xbar, s)
-        alpha = ((s * js).sum(2) / self.sketch_sq).mean(0)              # (B,)
-        q = torch.linalg.qr((js - alpha[None, :, None] * s).permute(1, 2, 0)).Q   # (B, D, k)
-        g = self.probes.permute(1, 2, 0)                                # (B, D, n)
+        js = apply(s)
+        alpha = ((s * js).sum(2) / (s * s).sum(2)).mean(0)              # (b,)
+        q = torch.linalg.qr((js - alpha[None, :, None] * s).permute(1, 2, 0)).Q   # (b, D, k)
+        g = self.probes[:, rows].permute(1, 2, 0)                       # (b, D, n)
         g_res = g - q @ (q.transpose(1, 2) @ g)
-        tangents = torch.cat([q.permute(2, 0, 1), g_res.permute(2, 0, 1)])
-        _, jv = self.jac(sigma, xbar, tangents)
-        quad = (tangents * jv).sum(2)                                   # vᵀJv, (k + n, B)
+        vectors = torch.cat([q.permute(2, 0, 1), g_res.permute(2, 0, 1)])
+        quad = (vectors * apply(vectors)).sum(2)                        # vᵀJv, (k + n, b)
         low = quad[:k].sum(0) - alpha * k                               # tr(Qᵀ(J − αI)Q)
-        residual = quad[k:].T - alpha[:, None] * (g_res * g_res).sum(1)  # g̃ᵀ(J − αI)g̃, (B, n)
-        return eps, (alpha * dim + low)[:, None] + residual
+        residual = quad[k:].T - alpha[:, None] * (g_res * g_res).sum(1)  # g̃ᵀ(J − αI)g̃, (b, n)
+        return (alpha * dim + low)[:, None] + residual
 
 
 # -- validation -----------------------------------------------------------------------------------
@@ -359,11 +350,11 @@ def log_likelihood(
     ``divergence``: ``"exact"``, ``"hutchinson"`` or ``"hutch++"``; ``probes`` (default 8) the
     stochastic estimators' probes, drawn once from ``generator`` (``noise``: ``"rademacher"`` or
     ``"gaussian"``); ``sketch`` Hutch++'s sketch size (default ``probes``). ``chunk`` bounds the
-    rows (samples × vectors) of one Jacobian–vector product call (memory). ``dequantize=K``
+    rows (samples × vectors) of one batched vector–Jacobian product (memory). ``dequantize=K``
     (levels over [−1, 1]; 256 for 8-bit images) adds uniform dequantization noise from
     ``generator`` and its offset −log₂(2/(K−1)) to bits/dim. ``data_mean``/``data_var`` (scalars
     or per-pixel tensors) set the prior N(m, (v + σ_max²)I); the defaults are the VP prior that
-    :func:`flowdiff.generate` samples. ``max_nfe`` bounds model evaluations (JVPs included).
+    :func:`flowdiff.generate` samples. ``max_nfe`` bounds model evaluations (VJPs included).
     """
     start = time.perf_counter()
     if not isinstance(flow, ProbabilityFlow):
@@ -427,12 +418,12 @@ def log_likelihood(
 
     jac = _Jacobian(flow.field(model_kwargs, model_dtype), shape, chunk)
     if divergence == "exact":
-        estimator: Any = _Exact(jac, batch, dim, dtype, device)
+        estimator: Any = _Exact(dim, chunk)
     elif divergence == "hutchinson":
-        estimator = _Hutchinson(jac, _draw(noise, probes, batch, dim, generator).to(device, dtype))
+        estimator = _Hutchinson(_draw(noise, probes, batch, dim, generator).to(device, dtype))
     else:
         s = _draw(noise, sketch, batch, dim, generator).to(device, dtype)
-        estimator = _HutchPlusPlus(jac, s, _draw(noise, probes, batch, dim, generator).to(device, dtype))
+        estimator = _HutchPlusPlus(s, _draw(noise, probes, batch, dim, generator).to(device, dtype))
     k = estimator.columns
 
     tau_zero, tau_max = math.log(c), math.log(s_max + c)
@@ -440,10 +431,17 @@ def log_likelihood(
     def sigma_of(tau: float) -> float:
         return 0.0 if tau <= tau_zero else max(math.exp(tau) - c, 0.0)
 
+    piece = min(batch, chunk)
+
     def augmented(tau: float, y: Tensor) -> Tensor:
         sigma = sigma_of(tau)
-        eps, div = estimator(sigma, y[:, :dim])
-        return torch.cat([eps, div.to(y.dtype)], 1).mul_(sigma + c)
+        out = []
+        for b0 in range(0, batch, piece):
+            rows = slice(b0, min(batch, b0 + piece))
+            eps, apply = jac.linearize(sigma, y[rows, :dim])
+            div = estimator(apply, rows, eps.shape[0], eps)
+            out.append(torch.cat([eps.detach(), div.detach().to(y.dtype)], 1))
+        return torch.cat(out).mul_(sigma + c)
 
     def norm(error: Tensor, y0: Tensor, y1: Tensor, tau: float) -> Tensor:
         s = sigma_of(tau)
@@ -471,7 +469,7 @@ def log_likelihood(
                 sol = solvers.solve(augmented, y0, ts, solver_obj, check_finite=check_finite, time_name="log(σ+c)")
         except SolveError as err:
             if err.stats is not None:
-                err.stats.extra.update(field_evals=err.stats.nfe, model_calls=jac.calls, jvp=jac.mode)
+                err.stats.extra.update(field_evals=err.stats.nfe, model_calls=jac.calls, vjp=jac.mode)
                 err.stats.nfe = jac.rows // batch
             raise
     y = sol.y
@@ -487,7 +485,7 @@ def log_likelihood(
         std_error = per_probe.std(1) / math.sqrt(k)
     bpd = -log_prob / (dim * math.log(2)) + offset
     stats = sol.stats
-    stats.extra.update(field_evals=stats.nfe, model_calls=jac.calls, jvp=jac.mode)
+    stats.extra.update(field_evals=stats.nfe, model_calls=jac.calls, vjp=jac.mode)
     stats.nfe = jac.rows // batch
     stats.wall_time = time.perf_counter() - start
     latent = (y[:, :dim] / math.sqrt(1.0 + s_max * s_max)).reshape(batch, *shape).to(images.dtype)
