@@ -22,21 +22,24 @@ x_T ~ N(0, I), i.e. x̄ ~ N(0, (1 + σ_max²)I): with the defaults ``data_mean=0
 closed-form model, or a trained model that has learnt its data) the Gaussian N(m, (v + σ²)I)
 with the data's mean m and per-pixel variance v matches p_{σ_max}'s first two moments (for
 data with isotropic covariance; per-pixel v otherwise captures the diagonal). The remaining
-mismatch, for data of covariance Σ with eigenvalues λᵢ: the log-density is off by about
-Σᵢ (λᵢ − v)²/(4σ⁴) plus terms in the data's higher cumulants over σ⁴ — 1e-8 nats for the
-digits at σ_max = 157. The VP prior instead (m = 0, v = 1) is off by about
-μ·z/σ_max + |μ|²/(2σ_max²) + Σᵢ (λᵢ − 1)/(2σ_max²) nats per sample (μ the data mean, z the
-latent noise): ~0.02 nats for the digits. That difference is a statement about the model's
+mismatch, for Gaussian data of covariance Σ: the log-density at x̄ = μ + σ_max·z is off by
+about zᵀ(Σ − diag v)z/(2σ_max²) (zero mean, standard deviation ‖Σ − diag v‖_F/(√2·σ_max²)) plus
+terms of order 1/σ_max⁴ and the data's higher cumulants over σ_max⁴ — ~1e-4 nats for the
+digits (σ_max = 157, ‖Σ − diag v‖_F/σ_max² = 1.7e-4). The VP prior instead (m = 0, v = 1) is off
+by about −μ·z/σ_max + Σᵢ(vᵢ − 1)/(2σ_max²) nats per sample (μ the data mean, z the latent noise):
+a spread of |μ|/σ_max = 0.033 nats for the digits. That difference is a statement about the model's
 prior, not the solve.
 
 **Divergences** (``divergence=``): ``"exact"`` is the trace of the Jacobian from D
 vector–Jacobian products (``torch.func.vjp``, one forward pass shared by all of them,
-vectorised with ``torch.func.vmap`` in chunks of ``chunk`` rows; tr J = tr Jᵀ); ``"hutchinson"`` is vᵀ(∂ε/∂x̄)v with ``probes`` Rademacher or Gaussian
-vectors v fixed along the solve (Hutchinson 1989; Grathwohl et al., "FFJORD", 2019);
-``"hutch++"`` (Meyer, Musco, Musco & Woodruff, "Hutch++: Optimal Stochastic Trace
-Estimation", 2021) takes the trace exactly on the span Q of the Jacobian applied to
-``sketch`` fixed vectors and Hutchinson's estimate on the rest, tr(QᵀJQ) + g̃ᵀJg̃ with
-g̃ = (I − QQᵀ)g. The trajectory x̄(σ) does not depend on the probes, so each probe gives its
+vectorised with ``torch.func.vmap`` in chunks of ``chunk`` rows; tr J = tr Jᵀ);
+``"hutchinson"`` is vᵀ(∂ε/∂x̄)v with ``probes`` Rademacher or Gaussian vectors v fixed along
+the solve (Hutchinson 1989; Grathwohl et al., "FFJORD", 2019); ``"hutch++"`` (Meyer, Musco,
+Musco & Woodruff, "Hutch++: Optimal Stochastic Trace Estimation", 2021) takes the trace
+exactly on the span Q of the (shifted) Jacobian applied to ``sketch`` fixed vectors and
+Hutchinson's estimate on the rest, tr(QᵀJQ) + g̃ᵀJg̃ with g̃ = (I − QQᵀ)g (see
+:class:`_HutchPlusPlus` for the shift by α·I that makes the sketch see a diffusion model's
+low-rank part). The trajectory x̄(σ) does not depend on the probes, so each probe gives its
 own unbiased ODE term ℓⱼ; ``log_prob`` uses their mean and ``std_error`` is their standard
 deviation over √probes (for Hutch++ conditional on the sketch, under which it is unbiased).
 
