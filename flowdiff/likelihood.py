@@ -345,8 +345,9 @@ def log_likelihood(
       τ = log(σ + c); a step is accepted when, for every sample, the RMS over pixels of the
       state's error on the image scale x = x̄/√(1+σ²) is ≤ ``atol + rtol·|x|``, and each
       log-density column's error (nats) is ≤ ``atol + rtol·|ℓ|``. The defaults (1e-5) came
-      within 0.02 nats of the exact log-density on closed-form mixtures of 64 and 256 dimensions
-      (``benchmarks/results/likelihood.md``); 1e-4 within ~0.03 (D = 64) to 0.25 (D = 256).
+      within 0.027 nats at worst of the exact log-density of a 256-dimensional closed-form
+      mixture (mean 0.010; ``benchmarks/results/likelihood.md``); 1e-4 within 0.05 on average
+      but up to 0.5 at worst.
     * ``steps=N``: a fixed grid of N steps uniform in τ with any σ-variable solver (``rk4``,
       ``heun``, ``ipndm``, ...).
 
