@@ -15,6 +15,7 @@ from .grids import GRIDS, grid_timesteps, make_sigmas
 from .guidance import classifier_free_guidance
 from .kdiffusion import from_denoiser, to_denoiser
 from .latent import Latent
+from .likelihood import Likelihood, log_likelihood
 from .metrics import Reconstruction, reconstruction
 from .options import Adaptive, Grid, Inversion, Stochastic
 from .pipelines import DiffusersFlow, sample_like
@@ -40,6 +41,7 @@ __all__ = [
     "PREDICTION_TYPES",
     "Reference",
     "Latent",
+    "Likelihood",
     "Reconstruction",
     "ProbabilityFlow",
     "Result",
@@ -55,6 +57,7 @@ __all__ = [
     "from_diffusers",
     "generate",
     "grid_timesteps",
+    "log_likelihood",
     "make_sigmas",
     "noise_levels",
     "pretrained",

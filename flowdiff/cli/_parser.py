@@ -10,8 +10,11 @@ import solvers as _solvers
 
 from ..compare import DEFAULT_GRIDS, DEFAULT_NFE, default_solvers
 from ..grids import GRIDS
+from . import _likelihood
 from ._commands import DTYPES, REFERENCE_RTOL, cmd_compare, cmd_decode, cmd_encode, cmd_roundtrip, cmd_sample
 from ._errors import one_line
+from ._images import read_images
+from ._models import load_model
 from ._prompt import add_prompt_options
 
 
@@ -248,5 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the reconstructions here, each under its input's relative path and format")
     _overwrite_option(p)
     p.set_defaults(func=cmd_roundtrip)
+
+    _likelihood.add_parser(sub, load_model=load_model, read_images=read_images)
     return parser
 
