@@ -22,6 +22,7 @@ from .quality import sample_quality
 from .sampling import Result, StepState, decode, encode, generate
 from .schedules import Schedule
 from .stochastic import noise_levels
+from .tuning import TunedGrid, tune, tune_grid
 
 __all__ = [
     "AdaptiveStep",
@@ -53,4 +54,7 @@ __all__ = [
     "reference_solution",
     "sample_quality",
     "to_denoiser",
+    "TunedGrid",
+    "tune",
+    "tune_grid",
 ]

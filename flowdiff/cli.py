@@ -325,8 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{','.join(default_solvers())}); available: {', '.join(_solvers.available())}")
     p.add_argument("--nfe", type=_int_list, default=list(DEFAULT_NFE), metavar="LIST",
                    help=f"comma-separated NFE budgets (default: {','.join(map(str, DEFAULT_NFE))})")
-    p.add_argument("--grid", type=_name_list(lambda: GRIDS, "grid"), default=list(DEFAULT_GRIDS), metavar="LIST",
-                   help=f"comma-separated grids (default: {','.join(DEFAULT_GRIDS)}); available: {', '.join(GRIDS)}")
+    p.add_argument("--grid", type=_name_list(lambda: (*GRIDS, "tuned"), "grid"), default=list(DEFAULT_GRIDS),
+                   metavar="LIST", help=f"comma-separated grids (default: {','.join(DEFAULT_GRIDS)}); available: "
+                   f"{', '.join(GRIDS)}, tuned (flowdiff.tune_grid per solver and budget, on calibration noise)")
+    p.add_argument("--calibration-seed", type=int, default=None, metavar="N",
+                   help="seed of the calibration noise --grid tuned is tuned on (default: flowdiff's own; "
+                        "never the evaluation noise)")
     p.add_argument("--batch", type=_positive_int, default=16, help="noise samples per run (default: 16)")
     p.add_argument("--rtol", type=float, default=REFERENCE_RTOL,
                    help="relative and absolute tolerance of the float64 reference solve (default: "
@@ -462,8 +466,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                  rtol=args.rtol, atol=args.rtol, model_kwargs=loaded.model_kwargs or None,
                                  progress=not args.no_progress)
         ref.save(ref_path, key)
+    calibration = None if args.calibration_seed is None else torch.randn(
+        noise.shape, generator=torch.Generator().manual_seed(args.calibration_seed), dtype=noise.dtype).to(device)
     result = compare(run_flow, noise, solvers=args.solver, grids=args.grid, nfe=args.nfe,
-                     model_kwargs=loaded.model_kwargs or None, reference=ref, progress=not args.no_progress)
+                     model_kwargs=loaded.model_kwargs or None, reference=ref, progress=not args.no_progress,
+                     calibration_noise=calibration, tune_options={"progress": not args.no_progress})
     ref = result.reference
     title = (f"{loaded.name}: RMS error vs NFE ({args.batch} samples, {args.dtype}, seed {args.seed})")
     header = (f"model {loaded.name}, {args.batch} samples of shape {loaded.shape}, {args.dtype}, seed {args.seed}; "
@@ -484,6 +491,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                   f"NFE used {best.nfe})")
     for skip in result.skipped:
         print(f"skipped {skip.solver} on {skip.grid} at NFE {skip.budget}: {skip.reason}")
+    for (solver, grid, budget), made in result.provided.items():
+        print(f"{grid} grid of {solver} at NFE {budget}: tuning cost {made.tuning_nfe} NFE, {made.tuning_seconds:.1f} s")
     print(f"wrote {out / 'compare.md'}, {out / 'compare.csv'}, {plot}")
     return 0
 

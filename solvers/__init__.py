@@ -7,6 +7,7 @@ statistics. Solvers are looked up by name in one registry: :func:`available`, :f
 """
 
 from . import _methods  # noqa: F401  (registers the Runge–Kutta methods)
+from . import _deis  # noqa: F401  (registers DEIS)
 from ._adaptive import ErrorNorm, StepController, rms_norm, solve_adaptive
 from ._base import Derivative, Solver, StepResult, VectorField
 from ._driver import Solution, StepInfo, check_grid, nfe_for_steps, solve, steps_for_nfe
