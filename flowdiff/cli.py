@@ -492,7 +492,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for skip in result.skipped:
         print(f"skipped {skip.solver} on {skip.grid} at NFE {skip.budget}: {skip.reason}")
     for (solver, grid, budget), made in result.provided.items():
-        print(f"{grid} grid of {solver} at NFE {budget}: tuning cost {made.tuning_nfe} NFE, {made.tuning_seconds:.1f} s")
+        print(f"{grid} grid of {solver} at NFE {budget}: tuning cost {made.tuning_nfe} NFE, "
+              f"{made.tuning_seconds:.1f} s")
     print(f"wrote {out / 'compare.md'}, {out / 'compare.csv'}, {plot}")
     return 0
 

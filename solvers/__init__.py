@@ -6,8 +6,7 @@ step (:class:`Solver`); the drivers :func:`solve` (a fixed grid, either directio
 statistics. Solvers are looked up by name in one registry: :func:`available`, :func:`get`.
 """
 
-from . import _methods  # noqa: F401  (registers the Runge–Kutta methods)
-from . import _deis  # noqa: F401  (registers DEIS)
+from . import _deis, _methods  # noqa: F401  (register DEIS and the Runge–Kutta methods)
 from ._adaptive import ErrorNorm, StepController, rms_norm, solve_adaptive
 from ._base import Derivative, Solver, StepResult, VectorField
 from ._driver import Solution, StepInfo, check_grid, nfe_for_steps, solve, steps_for_nfe
