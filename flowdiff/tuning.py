@@ -13,8 +13,12 @@ with ``x_ref`` = :func:`flowdiff.reference_solution` of the calibration noise, �
 (where the reference starts) and n the step count that spends the NFE budget. The knots are
 parametrised by n positive gaps in log σ between σ_max and a floor (default the schedule's
 σ_min), normalised to sum to the whole range, so that every point of the search is a valid,
-strictly decreasing grid; the search is Nelder–Mead (Nelder & Mead 1965) in the logarithms of
-the gaps, started from the best of the named grids and restarted from seeded random simplices.
+strictly decreasing grid; the search is Nelder–Mead (Nelder & Mead 1965), first over a two-parameter warp of
+the log-σ grid (log σ_i = log σ_max + (i/(n−1))^p·(log σ_{n−1} − log σ_max): the exponent p
+and the last positive σ), then over the logarithms of all the gaps, started from the best of
+the named grids and restarted from seeded random simplices. Half the calibration batch is
+held out: of the grids that improved the fitted half, the one best on the held-out half is
+kept (early stopping, against fitting which samples of one batch happen to land well).
 
 The search sees only the calibration noise: measure a tuned grid on other noise (``compare``'s
 ``grids=["tuned"]`` does). Its cost, in model evaluations and seconds, is recorded with the
@@ -47,7 +51,7 @@ _FORMAT = "flowdiff.TunedGrid/1"
 #: Named grids a search may start from (each tried on the calibration noise; the best one starts).
 DEFAULT_INIT = ("logsnr", ("logsnr", {"power": 0.7}), "karras", "trailing")
 _OPTIONS = ("model_kwargs", "seed", "max_evals", "restarts", "init", "sigma_floor", "reference_tol", "objective",
-            "validate", "progress")
+            "validate", "free_start", "progress")
 
 
 @dataclass(frozen=True)
@@ -123,28 +127,36 @@ def _json_default(value: object) -> object:
 
 
 class _Knots:
-    """The map from search parameters ``v`` (n − 1 reals) to a grid of n steps from σ_max to 0.
+    """The map from search parameters ``v`` to a grid of n steps from σ_max (or below) to 0.
 
-    Gaps g_0 = 1, g_j = exp(v_j) (j = 1..n−1) split log σ_max − log σ_floor into n parts; the
-    knots are log σ_i = log σ_max − L·(g_0 + … + g_{i−1})/Σg for i = 1..n−1 (the last gap is the
-    room left between σ_{n−1} and the floor), then σ_n = 0.
+    Positive gaps g split log σ_max − log σ_floor into parts, and the knots are the partial sums:
+    log σ_i = log σ_max − L·(g_s + g_0 + … + g_{i−1})/Σg (the last gap is the room left between
+    σ_{n−1} and the floor), then σ_n = 0. g_0 = 1 fixes the scale; the others are exp(v_j). The
+    start gap g_s exists only with ``free_start`` (the grid may then start below σ_max, as
+    diffusers' ``leading`` spacing does); otherwise σ_0 = σ_max.
     """
 
-    def __init__(self, sigma_max: float, sigma_floor: float, steps: int) -> None:
+    def __init__(self, sigma_max: float, sigma_floor: float, steps: int, free_start: bool) -> None:
         self.hi, self.lo, self.steps = math.log(sigma_max), math.log(sigma_floor), steps
-        self.sigma_max = sigma_max
+        self.sigma_max, self.free_start = sigma_max, free_start
+        self.dim = steps if free_start else steps - 1
 
     def grid(self, v: np.ndarray) -> np.ndarray:
-        gaps = np.exp(np.concatenate([[0.0], np.clip(v, -30.0, 30.0)]))
-        frac = np.cumsum(gaps)[:-1] / gaps.sum()
-        inner = np.exp(self.hi - (self.hi - self.lo) * frac)
-        return np.concatenate([[self.sigma_max], inner, [0.0]])
+        v = np.clip(np.asarray(v, dtype=np.float64), -30.0, 30.0)
+        logs = np.concatenate([[v[0], 0.0], v[1:]]) if self.free_start else np.concatenate([[0.0], v])
+        gaps = np.exp(logs)
+        knots = np.exp(self.hi - (self.hi - self.lo) * (np.cumsum(gaps)[:-1] / gaps.sum()))
+        head = [] if self.free_start else [self.sigma_max]
+        return np.concatenate([head, knots, [0.0]])
 
     def params(self, sigmas: np.ndarray) -> np.ndarray:
         """Parameters of the grid nearest ``sigmas`` (clipped into the floor, every gap kept positive)."""
-        logs = np.log(np.clip(sigmas[1:-1], math.exp(self.lo), self.sigma_max))
+        inner = sigmas[:-1] if self.free_start else sigmas[1:-1]
+        logs = np.log(np.clip(inner, math.exp(self.lo), self.sigma_max))
         points = np.concatenate([[self.hi], logs, [self.lo]])
         gaps = np.maximum(-np.diff(points), 1e-3 * (self.hi - self.lo) / self.steps)
+        if self.free_start:
+            return np.log(np.concatenate([[gaps[0]], gaps[2:]]) / gaps[1])
         return np.log(gaps[1:] / gaps[0])
 
 
@@ -226,6 +238,8 @@ def tune(
     max_evals = opts.get("max_evals") or (40 + 40 * dim)
     tol = float(opts.get("reference_tol", 1e-7))
     objective = opts.get("objective", "rms")
+    if not isinstance(opts.get("free_start", False), bool):
+        raise TypeError(f"free_start must be a bool, got {type(opts['free_start']).__name__}")
     validate = opts.get("validate", True) and noise.shape[0] >= 2
     start = time.perf_counter()
     ref = reference_solution(flow, noise, rtol=tol, atol=tol, model_kwargs=model_kwargs,
@@ -252,20 +266,21 @@ def tune(
         return value if math.isfinite(value) else math.inf
 
     search = _Search(error, halves, int(noise.shape[0]), max_evals, opts.get("progress", True))
-    knots = _Knots(sigma_max, floor, steps)
+    knots = _Knots(sigma_max, floor, steps, opts.get("free_start", False))
     initial = None
     for name, grid_options in opts["init"]:
         try:
             sig = make_sigmas(flow.schedule, name, steps, **grid_options)
         except ValueError:  # e.g. a timestep grid that cannot hold this many steps
             continue
-        if sig[0] != sigma_max:  # the search keeps σ_0 = σ_max, where the noise and the reference start
+        if sig[0] != sigma_max and not knots.free_start:  # σ_0 = σ_max: where the noise and the reference start
             continue
         e = search.evaluate(sig)
         if initial is None or e < initial[0]:
             initial = (e, _init_name(name, grid_options), sig)
     if initial is None:
-        initial = (search.evaluate(knots.grid(np.zeros(dim))), "uniform in log σ", knots.grid(np.zeros(dim)))
+        initial = (search.evaluate(knots.grid(np.zeros(knots.dim))), "uniform in log σ",
+                   knots.grid(np.zeros(knots.dim)))
     rng = np.random.default_rng(seed)
     try:
         if dim >= 2:  # a two-parameter warp of the log-σ grid first: few knobs, little to overfit
@@ -274,10 +289,13 @@ def tune(
                             np.eye(2) * 0.5, budget=min(max_evals // 4, 40))
         for attempt in range(restarts + 1):  # then every knot
             left = max_evals - search.evals
-            if dim == 0 or left <= dim + 1:
+            if knots.dim == 0 or left <= knots.dim + 1:
                 break
             x = knots.params(search.best_sigmas)
-            directions = np.eye(dim) if attempt == 0 else np.linalg.qr(rng.standard_normal((dim, dim)))[0].T
+            k = knots.dim
+            directions = np.eye(k) if attempt == 0 else np.linalg.qr(rng.standard_normal((k, k)))[0].T
+            if knots.free_start and attempt == 0:
+                directions[0, 0] = 4.0 / 0.7  # the start gap begins tiny: move it by a large factor
             search.minimize(knots.grid, x, (0.7 if attempt == 0 else 0.4) * directions,
                             budget=left // (restarts + 1 - attempt))
     finally:
@@ -401,13 +419,22 @@ def tune_grid(
     spends at most ``nfe`` evaluations. :func:`tune` returns the same grid with its cost and
     errors as a :class:`TunedGrid` (which saves and loads as JSON).
 
+    The search fits the even-indexed half of ``noise`` and keeps, of the grids that improved
+    on it, the one best on the odd-indexed half (``validate=False``: the whole batch is fitted
+    and the best fit kept). A batch of a few dozen samples is enough for a smooth model; a
+    model whose samples can jump between modes at low NFE needs more (the error is then
+    dominated by the samples that jump).
+
     Options: ``model_kwargs`` (conditioning), ``seed`` (of the random restarts, default 0;
-    the result is reproducible for a seed), ``max_evals`` (candidate solves, default
-    40 + 40·(steps − 1)), ``restarts`` (default 1), ``init`` (named grids to start from,
-    default logsnr, karras, trailing: the best on the calibration noise starts the search),
-    ``sigma_floor`` (the smallest σ a knot may take, default the schedule's σ_min),
-    ``reference_tol`` (rtol = atol of the reference, default 1e-7), ``progress`` (a tqdm bar,
-    default True).
+    the result is reproducible for a seed), ``max_evals`` (candidate solves, named starting
+    grids included, default 40 + 40·(steps − 1)), ``restarts`` (default 1), ``init`` (grids
+    to start from: names or ``(name, grid_options)``, default logsnr, logsnr with power 0.7,
+    karras, trailing: the best on the calibration noise starts the search), ``sigma_floor``
+    (the smallest σ a knot may take, default the schedule's σ_min), ``reference_tol`` (rtol =
+    atol of the reference, default 1e-7), ``objective`` (``"rms"``, the RMS image error, or
+    ``"geomean"``, the geometric mean of the per-sample errors), ``validate`` (default True),
+    ``free_start`` (let the first σ move below σ_max too, default False), ``progress`` (tqdm
+    bars of the reference and the search, default True).
     """
     return tune(flow, noise, solver=solver, nfe=nfe, solver_options=solver_options, **options).sigmas
 

@@ -118,3 +118,12 @@ def test_compare_tunes_on_calibration_noise_and_measures_on_other_noise():
     with pytest.raises(ValueError, match="calibration_noise is the noise"):
         flowdiff.compare(FLOW, noise, solvers=["ipndm"], grids=["tuned"], nfe=4, calibration_noise=noise.clone(),
                          tune_options=QUICK)
+
+
+def test_free_start_may_start_below_sigma_max_and_stays_a_valid_grid():
+    tuned = flowdiff.tune(FLOW, _noise(1), solver="dpmpp_2m", nfe=5, free_start=True,
+                          init=["logsnr", "leading"], **dict(QUICK, max_evals=40))
+    s = tuned.sigmas
+    assert s[0] <= FLOW.schedule.sigma_max and s[-1] == 0.0 and np.all(np.diff(s) < 0) and len(s) == 6
+    out = flowdiff.generate(FLOW, _noise(2), solver="dpmpp_2m", sigmas=s)
+    assert out.stats.nfe == 5
