@@ -127,3 +127,14 @@ def test_free_start_may_start_below_sigma_max_and_stays_a_valid_grid():
     assert s[0] <= FLOW.schedule.sigma_max and s[-1] == 0.0 and np.all(np.diff(s) < 0) and len(s) == 6
     out = flowdiff.generate(FLOW, _noise(2), solver="dpmpp_2m", sigmas=s)
     assert out.stats.nfe == 5
+
+
+def test_command_line_compare_accepts_the_tuned_grid(capsys, tmp_path):
+    from flowdiff.cli import main
+
+    code = main(["compare", "--model", "analytic-mixture", "--batch", "4", "--nfe", "4", "--solver", "ipndm",
+                 "--grid", "tuned,logsnr", "--calibration-seed", "5", "--rtol", "1e-5", "--no-progress",
+                 "--out", str(tmp_path / "cmp")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "| ipndm | tuned |" in out and "tuned grid of ipndm at NFE 4: tuning cost" in out
