@@ -10,11 +10,12 @@ search on the quantity that matters, the error of the image itself against a tig
     min over σ_1 > … > σ_{n−1}  of  RMS( generate(noise_cal, solver, [σ_max, σ_1, …, σ_{n−1}, 0]) − x_ref )
 
 with ``x_ref`` = :func:`flowdiff.reference_solution` of the calibration noise, σ_0 = σ_max
-(where the reference starts) and n the step count that spends the NFE budget. The knots are
-parametrised by n positive gaps in log σ between σ_max and a floor (default the schedule's
-σ_min), normalised to sum to the whole range, so that every point of the search is a valid,
-strictly decreasing grid; the search is Nelder–Mead (Nelder & Mead 1965), first over a two-parameter warp of
-the log-σ grid (log σ_i = log σ_max + (i/(n−1))^p·(log σ_{n−1} − log σ_max): the exponent p
+(where the reference starts; ``free_start=True`` lets it move down too) and n the step count
+that spends the NFE budget. The knots are parametrised by positive gaps in log σ between σ_max
+and a floor (default the schedule's σ_min), normalised to sum to the whole range, so that every
+point of the search is a valid, strictly decreasing grid. The search is Nelder–Mead ("A simplex
+method for function minimization", Nelder & Mead 1965), first over a two-parameter warp of the
+log-σ grid (log σ_i = log σ_max + (i/(n−1))^p·(log σ_{n−1} − log σ_max): the exponent p
 and the last positive σ), then over the logarithms of all the gaps, started from the best of
 the named grids and restarted from seeded random simplices. Half the calibration batch is
 held out: of the grids that improved the fitted half, the one best on the held-out half is
