@@ -52,7 +52,7 @@ _FORMAT = "flowdiff.TunedGrid/1"
 #: Named grids a search may start from (each tried on the calibration noise; the best one starts).
 DEFAULT_INIT = ("logsnr", ("logsnr", {"power": 0.7}), "karras", "trailing")
 _OPTIONS = ("model_kwargs", "seed", "max_evals", "restarts", "init", "sigma_floor", "reference_tol", "objective",
-            "validate", "free_start", "progress")
+            "validate", "select", "free_start", "progress")
 
 
 @dataclass(frozen=True)
@@ -187,6 +187,8 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     if not parsed:
         raise ValueError(f"init must name at least one grid to start from; accepted: {', '.join(GRIDS)}")
     out["init"] = parsed
+    if out.get("select", "validation") not in ("validation", "pooled"):
+        raise ValueError(f"select must be 'validation' or 'pooled', got {out['select']!r}")
     if not isinstance(out.get("validate", True), bool):
         raise TypeError(f"validate must be a bool, got {type(out['validate']).__name__}")
     tol = out.get("reference_tol", 1e-7)
@@ -266,7 +268,8 @@ def tune(
         value = float(per_sample.pow(2).mean().sqrt() if objective == "rms" else per_sample.log().mean().exp())
         return value if math.isfinite(value) else math.inf
 
-    search = _Search(error, halves, int(noise.shape[0]), max_evals, opts.get("progress", True))
+    search = _Search(error, halves, int(noise.shape[0]), max_evals, opts.get("progress", True),
+                     opts.get("select", "validation"))
     knots = _Knots(sigma_max, floor, steps, opts.get("free_start", False))
     initial = None
     for name, grid_options in opts["init"]:
@@ -336,8 +339,10 @@ class _Search:
     along the way, the validation half's error of every new best; the result is the grid of that path
     that did best on the validation half (early stopping against over-fitting the batch)."""
 
-    def __init__(self, error, halves: tuple[slice, slice | None], batch: int, max_evals: int, progress: bool) -> None:
+    def __init__(self, error, halves: tuple[slice, slice | None], batch: int, max_evals: int, progress: bool,
+                 select: str = "validation") -> None:
         self.error, (self.fit, self.val) = error, halves
+        self.select = select
         self.sizes = (len(range(batch)[self.fit]), len(range(batch)[self.val]) if self.val is not None else 0)
         self.max_evals = max_evals
         self.evals = 0
@@ -394,7 +399,10 @@ class _Search:
     def result(self) -> tuple[np.ndarray, float]:
         if not self.path:
             raise ValueError("every candidate grid failed (non-finite images); the model or noise may be at fault")
-        val, fit, grid = min(self.path, key=lambda p: (p[0], p[1]))
+        if self.select == "pooled":
+            val, fit, grid = min(self.path, key=lambda p: self._pooled(p[1], p[0]))
+        else:
+            val, fit, grid = min(self.path, key=lambda p: (p[0], p[1]))
         return grid, self.full_error(grid)
 
     def close(self) -> None:
@@ -434,6 +442,8 @@ def tune_grid(
     (the smallest σ a knot may take, default the schedule's σ_min), ``reference_tol`` (rtol =
     atol of the reference, default 1e-7), ``objective`` (``"rms"``, the RMS image error, or
     ``"geomean"``, the geometric mean of the per-sample errors), ``validate`` (default True),
+    ``select`` (which improving grid is kept: ``"validation"``, the best on the held-out half,
+    default; ``"pooled"``, the best on the whole batch),
     ``free_start`` (let the first σ move below σ_max too, default False), ``progress`` (tqdm
     bars of the reference and the search, default True).
     """

@@ -138,3 +138,15 @@ def test_command_line_compare_accepts_the_tuned_grid(capsys, tmp_path):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "| ipndm | tuned |" in out and "tuned grid of ipndm at NFE 4: tuning cost" in out
+
+
+def test_pooled_selection_keeps_the_grid_best_on_the_whole_calibration_batch():
+    # The search path does not depend on the final choice: of its grids, "pooled" keeps the one with the
+    # smallest error on the whole batch, so it can be no worse there than the validation choice.
+    opts = dict(QUICK, max_evals=40)
+    by_validation = flowdiff.tune(FLOW, _noise(1, n=16), solver="ipndm", nfe=5, **opts)
+    pooled = flowdiff.tune(FLOW, _noise(1, n=16), solver="ipndm", nfe=5, select="pooled", **opts)
+    assert pooled.calibration_error <= by_validation.calibration_error
+    assert pooled.evaluations == by_validation.evaluations
+    with pytest.raises(ValueError, match="select"):
+        flowdiff.tune(FLOW, _noise(1), solver="ipndm", nfe=5, select="best", **QUICK)
