@@ -29,6 +29,7 @@ Usage: python benchmarks/bench_frontier.py [--batch 64] [--digits-batch 8] [--ou
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import platform
 import time
@@ -159,7 +160,7 @@ def run_tuned(flow, calibration, noise, ref, budget: int, key: str, max_evals: i
 
 def evaluation_reference(flow, noise: torch.Tensor, key: str, tol: float) -> Reference:
     """A float64 reference kept on disk (keyed by model, noise and tolerance) across runs."""
-    digest = flowdiff.flow_fingerprint(flow)[:12] + "-" + str(abs(hash(noise.numpy().tobytes())) % 10**12)
+    digest = flowdiff.flow_fingerprint(flow)[:12] + "-" + hashlib.sha256(noise.numpy().tobytes()).hexdigest()[:12]
     path = Path("/tmp/flowdiff_bench_cache") / f"frontier-{key}-{digest}-{tol:g}.safetensors"
     tag = f"{key}|{tol!r}|{tuple(noise.shape)}"
     if path.exists():
