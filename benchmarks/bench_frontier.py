@@ -144,11 +144,12 @@ def run_untuned(flow, noise, ref, budget: int) -> list[dict]:
     return rows
 
 
-def run_tuned(flow, calibration, noise, ref, budget: int, key: str, max_evals: int | None) -> list[dict]:
+def run_tuned(flow, calibration, noise, ref, budget: int, key: str, max_evals: int | None,
+              select: str) -> list[dict]:
     rows = []
     for solver, options in TUNED[key]:
         tuned = flowdiff.tune(flow, calibration, solver=solver, nfe=budget, solver_options=options,
-                              progress=False, max_evals=max_evals, reference_tol=1e-6)
+                              progress=False, max_evals=max_evals, reference_tol=1e-6, select=select)
         with torch.no_grad():
             r = flowdiff.generate(flow, noise, solver=solver, solver_options=options, sigmas=tuned.sigmas)
         rows.append(dict(lib="flowdiff", solver=label(solver, options), grid="tuned", nfe=r.stats.nfe,
@@ -223,6 +224,8 @@ def main() -> None:
                         help="cap on candidate solves per tuned grid of the mixture (default 150)")
     parser.add_argument("--digits-max-evals", type=int, default=60,
                         help="cap on candidate solves per tuned grid of the trained model (default 60)")
+    parser.add_argument("--select", choices=("validation", "pooled"), default="pooled",
+                        help="which improving grid flowdiff.tune keeps (default pooled)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nfe", default=",".join(map(str, BUDGETS)))
     parser.add_argument("--models", default="mixture,digits")
@@ -244,7 +247,8 @@ def main() -> None:
     lines = ["## The low-NFE frontier: tuned grids against diffusers and k-diffusion", "",
              f"`python benchmarks/bench_frontier.py --batch {args.batch} --digits-batch {args.digits_batch} "
              f"--calibration {args.calibration} --digits-calibration {args.digits_calibration} "
-             f"--max-evals {args.max_evals} --digits-max-evals {args.digits_max_evals} --seed {args.seed}` — "
+             f"--max-evals {args.max_evals} --digits-max-evals {args.digits_max_evals} --select {args.select} "
+             f"--seed {args.seed}` — "
              f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, float64. "
              "RMSE of the image against a float64 dopri8 reference (rtol = atol = 1e-8 for the mixture, 1e-7 for the "
              "trained model) from the same noise. "
@@ -264,7 +268,7 @@ def main() -> None:
                   "|---:|---|---:|---:|---|---:|---|---:|---|---:|---:|"]
         details, per_budget = [], {}
         for budget in budgets:
-            tuned = run_tuned(flow, calibration, noise, ref.x, budget, key, max_evals)
+            tuned = run_tuned(flow, calibration, noise, ref.x, budget, key, max_evals, args.select)
             untuned = run_untuned(flow, noise, ref.x, budget)
             dif = run_diffusers(flow, noise, ref.x, budget)
             kd = run_kdiffusion(K, flow, noise, ref.x, budget)
