@@ -224,8 +224,8 @@ def main() -> None:
                         help="cap on candidate solves per tuned grid of the mixture (default 150)")
     parser.add_argument("--digits-max-evals", type=int, default=60,
                         help="cap on candidate solves per tuned grid of the trained model (default 60)")
-    parser.add_argument("--select", choices=("validation", "pooled"), default="pooled",
-                        help="which improving grid flowdiff.tune keeps (default pooled)")
+    parser.add_argument("--select", choices=("validation", "pooled"), default="validation",
+                        help="which improving grid flowdiff.tune keeps (default validation, the library default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nfe", default=",".join(map(str, BUDGETS)))
     parser.add_argument("--models", default="mixture,digits")
