@@ -26,6 +26,7 @@ from .sampling import decode, encode, generate
 from .scheduler_grids import scheduler_sigmas
 from .schedules import FlowMatchingSchedule, Schedule, VESchedule
 from .stochastic import noise_levels
+from .tuning import TunedGrid, tune, tune_grid
 
 __all__ = [
     "Adaptive",
@@ -68,4 +69,7 @@ __all__ = [
     "sample_quality",
     "scheduler_sigmas",
     "to_denoiser",
+    "TunedGrid",
+    "tune",
+    "tune_grid",
 ]

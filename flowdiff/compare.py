@@ -57,6 +57,14 @@ DEFAULT_NFE = (10, 20, 50)
 #: registered multistep solvers join them (see :func:`default_solvers`).
 BASE_SOLVERS = ("euler", "heun")
 
+#: Grids made per (solver, budget) by a plug-in instead of :func:`make_sigmas`, e.g. ``"tuned"``
+#: (registered by :mod:`flowdiff.tuning`): ``provider(flow, calibration_noise, *, solver, nfe,
+#: model_kwargs, **options)`` returns an object with the grid as ``.sigmas``. It sees only the
+#: calibration noise, never the noise the runs are measured on.
+GRID_PROVIDERS: dict[str, Callable[..., Any]] = {}
+#: Seed of the calibration noise drawn when ``compare(calibration_noise=None)`` needs one.
+CALIBRATION_SEED = 20241
+
 _CACHE: weakref.WeakKeyDictionary[ProbabilityFlow, dict[tuple, Reference]] = weakref.WeakKeyDictionary()
 
 
@@ -159,6 +167,8 @@ class Comparison:
     runs: list[Run]
     reference: Reference
     skipped: list[Skipped] = field(default_factory=list)
+    #: (solver, grid, budget) → what a plug-in grid provider made (e.g. a ``TunedGrid`` with its cost)
+    provided: dict[tuple[str, str, int], Any] = field(default_factory=dict)
 
     @property
     def budgets(self) -> list[int]:
@@ -422,7 +432,8 @@ def _cannot_run(flow: ProbabilityFlow, solver: str, grid: str, budget: int) -> s
     if budget < one_step:
         return f"one step costs {one_step} evaluations"
     try:
-        make_sigmas(flow.schedule, grid, _solvers.steps_for_nfe(solver, budget, eval_end=False))
+        make_sigmas(flow.schedule, "logsnr" if grid in GRID_PROVIDERS else grid,
+                    _solvers.steps_for_nfe(solver, budget, eval_end=False))
     except ValueError as err:
         return str(err)
     return None
@@ -462,6 +473,20 @@ def _check_noise(noise: Tensor) -> None:
         raise ValueError("noise contains NaN or inf; compare needs finite noise, e.g. torch.randn(batch, *shape)")
 
 
+def _calibration(noise: Tensor, calibration_noise: Tensor | None) -> Tensor:
+    """The noise a tuned grid is made on: given, or drawn with :data:`CALIBRATION_SEED`; never ``noise`` itself."""
+    if calibration_noise is None:
+        gen = torch.Generator().manual_seed(CALIBRATION_SEED)
+        calibration_noise = torch.randn(noise.shape, generator=gen, dtype=noise.dtype).to(noise.device)
+    elif not isinstance(calibration_noise, Tensor) or not calibration_noise.is_floating_point():
+        raise TypeError(f"calibration_noise must be a floating-point torch.Tensor or None, "
+                        f"got {type(calibration_noise).__name__}")
+    if calibration_noise.shape == noise.shape and torch.equal(calibration_noise.to(noise), noise):
+        raise ValueError("calibration_noise is the noise the runs are measured on: a tuned grid must be measured on "
+                         "other noise (pass another calibration_noise batch, or other noise)")
+    return calibration_noise
+
+
 def compare(
     flow: ProbabilityFlow,
     noise: Tensor,
@@ -475,6 +500,8 @@ def compare(
     atol: float = 1e-9,
     reference: Reference | None = None,
     progress: bool | Callable[[str], None] = False,
+    calibration_noise: Tensor | None = None,
+    tune_options: Mapping[str, Any] | None = None,
 ) -> Comparison:
     """Run every solver × grid × NFE budget from ``noise`` and measure it against the reference.
 
@@ -490,6 +517,12 @@ def compare(
     before each run instead. ``reference`` supplies the reference instead of solving it
     (e.g. one kept on disk from an earlier run of the same model and noise); its shape must
     match the noise.
+
+    ``grids`` may also name a plug-in grid of :data:`GRID_PROVIDERS`: ``"tuned"`` tunes a grid
+    per (solver, budget) with :func:`flowdiff.tune` (options ``tune_options``) on
+    ``calibration_noise`` (default: a batch like ``noise`` drawn with seed
+    :data:`CALIBRATION_SEED`) and measures it on ``noise``; the same batch for both is an error.
+    What was tuned, and its cost, is in the result's ``provided``.
     """
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
@@ -498,7 +531,8 @@ def compare(
                         f"{noise.dtype if isinstance(noise, Tensor) else type(noise).__name__}")
     _check_noise(noise)  # issue 13
     names = _check_names(default_solvers() if solvers is None else solvers, "solvers", _solvers.available())
-    grid_names = _check_names(grids, "grids", GRIDS)
+    grid_names = _check_names(grids, "grids", (*GRIDS, *GRID_PROVIDERS))
+    calibration = _calibration(noise, calibration_noise) if set(grid_names) & set(GRID_PROVIDERS) else None
     budgets = _check_budgets(nfe)
     _check_tolerance("rtol", rtol)
     _check_tolerance("atol", atol)
@@ -539,10 +573,15 @@ def compare(
             if reason is not None:
                 result.skipped.append(Skipped(solver, grid, budget, reason))
             else:
+                spec = Grid(grid, nfe=budget) if grid in GRIDS else None
+                if grid in GRID_PROVIDERS:  # a plug-in grid (e.g. tuned), made on the calibration noise only
+                    made = GRID_PROVIDERS[grid](flow, calibration, solver=solver, nfe=budget,
+                                                model_kwargs=model_kwargs, **dict(tune_options or {}))
+                    result.provided[(solver, grid, budget)] = made
+                    spec = Grid(sigmas=made.sigmas)
                 start = time.perf_counter()
                 with torch.no_grad():
-                    out = generate(flow, noise, solver=solver, grid=Grid(grid, nfe=budget),
-                                   model_kwargs=model_kwargs)
+                    out = generate(flow, noise, solver=solver, grid=spec, model_kwargs=model_kwargs)
                 wall = time.perf_counter() - start
                 diff = out.x.detach().to(torch.float64) - ref.x.to(out.x.device)
                 result.runs.append(Run(solver, grid, budget, out.stats.nfe, out.stats.steps,

@@ -8,7 +8,7 @@ the statistics, callbacks and failure reports. :func:`solve`, :func:`solve_adapt
 :func:`available`, :func:`get`.
 """
 
-from . import _methods  # noqa: F401  (registers the Runge–Kutta methods)
+from . import _deis, _methods  # noqa: F401  (register DEIS and the Runge–Kutta methods)
 from ._adaptive import solve_adaptive
 from ._anderson import AndersonResult, anderson
 from ._base import Derivative, Solver, StepResult, VectorField

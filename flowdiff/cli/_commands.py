@@ -114,8 +114,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                  progress=not args.no_progress)
         with atomic_path(ref_path, "reference") as tmp:
             ref.save(tmp, key)
+    calibration = None if args.calibration_seed is None else torch.randn(
+        noise.shape, generator=torch.Generator().manual_seed(args.calibration_seed), dtype=noise.dtype).to(device)
     result = compare(run_flow, noise, solvers=args.solver, grids=args.grid, nfe=args.nfe,
-                     model_kwargs=loaded.model_kwargs or None, reference=ref, progress=not args.no_progress)
+                     model_kwargs=loaded.model_kwargs or None, reference=ref, progress=not args.no_progress,
+                     calibration_noise=calibration, tune_options={"progress": not args.no_progress})
     ref = result.reference
     title = (f"{loaded.name}: RMS error vs NFE ({args.batch} samples, {args.dtype}, seed {args.seed})")
     header = (f"model {loaded.name}, {args.batch} samples of shape {loaded.shape}, {args.dtype}, seed {args.seed}; "
@@ -139,6 +142,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
                   f"NFE used {best.nfe})")
     for skip in result.skipped:
         print(f"skipped {skip.solver} on {skip.grid} at NFE {skip.budget}: {skip.reason}")
+    for (solver, grid, budget), made in result.provided.items():
+        print(f"{grid} grid of {solver} at NFE {budget}: tuning cost {made.tuning_nfe} NFE, "
+              f"{made.tuning_seconds:.1f} s")
     print(f"wrote {md}, {csv}, {png}")
     return 0
 

@@ -183,8 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{','.join(default_solvers())}); available: {', '.join(_solvers.available())}")
     p.add_argument("--nfe", type=_int_list, default=list(DEFAULT_NFE), metavar="LIST",
                    help=f"comma-separated NFE budgets (default: {','.join(map(str, DEFAULT_NFE))})")
-    p.add_argument("--grid", type=_name_list(lambda: GRIDS, "grid"), default=list(DEFAULT_GRIDS), metavar="LIST",
-                   help=f"comma-separated grids (default: {','.join(DEFAULT_GRIDS)}); available: {', '.join(GRIDS)}")
+    p.add_argument("--grid", type=_name_list(lambda: (*GRIDS, "tuned"), "grid"), default=list(DEFAULT_GRIDS),
+                   metavar="LIST", help=f"comma-separated grids (default: {','.join(DEFAULT_GRIDS)}); available: "
+                   f"{', '.join(GRIDS)}, tuned (flowdiff.tune_grid per solver and budget, on calibration noise)")
+    p.add_argument("--calibration-seed", type=_seed, default=None, metavar="N",
+                   help="seed of the calibration noise --grid tuned is tuned on (default: flowdiff's own; "
+                        "never the evaluation noise)")
     p.add_argument("--batch", type=_positive_int, default=16, help="noise samples per run (default: 16)")
     p.add_argument("--rtol", type=_tolerance, default=REFERENCE_RTOL,
                    help="relative and absolute tolerance of the float64 reference solve (default: "
