@@ -108,7 +108,8 @@ class ProbabilityFlow:
         def f(sigma: float, xbar: Tensor) -> Tensor:
             key = (sigma, xbar.shape[0], xbar.device, model_dtype or xbar.dtype)
             hit = t_cache.get(key)
-            if hit is None:
+            fresh = hit is None  # a σ (batch, device, dtype) not seen yet: check what the model returns there
+            if fresh:
                 t_dtype = torch.float64 if key[3] == torch.float64 else torch.float32
                 hit = (torch.full((key[1],), timestep(sigma), dtype=t_dtype, device=key[2]), alpha(sigma))
                 if len(t_cache) >= _TIMESTEP_CACHE:
@@ -118,16 +119,20 @@ class ProbabilityFlow:
             x = xbar * inv_scale
             if model_dtype is not None and x.dtype != model_dtype:
                 x = x.to(model_dtype)
-            out = model(x, t, **kwargs)
-            if not isinstance(out, Tensor):
-                raise TypeError(f"model must return a torch.Tensor, got {type(out).__name__} "
-                                "(wrap models that return objects, e.g. flowdiff.from_diffusers)")
-            if out.shape != xbar.shape:
-                raise ValueError(f"model returned shape {tuple(out.shape)} for input shape {tuple(xbar.shape)} "
-                                 f"at σ={sigma:.6g} (t={t[0].item() if t.device.type == 'cpu' else '?'}); "
-                                 "it must return the input's shape")
-            if out.dtype != xbar.dtype:
-                out = out.to(xbar.dtype)
+            out = model(x, t, **kwargs) if kwargs else model(x, t)
+            if fresh or out.dtype != xbar.dtype:
+                if not isinstance(out, Tensor):
+                    raise TypeError(f"model must return a torch.Tensor, got {type(out).__name__} "
+                                    "(wrap models that return objects, e.g. flowdiff.from_diffusers)")
+                if out.shape != xbar.shape:
+                    raise ValueError(f"model returned shape {tuple(out.shape)} for input shape {tuple(xbar.shape)} "
+                                     f"at σ={sigma:.6g} (t={t[0].item() if t.device.type == 'cpu' else '?'}); "
+                                     "it must return the input's shape")
+                if out.dtype != xbar.dtype:
+                    if out.is_complex():
+                        raise TypeError(f"model returned a complex tensor at σ={sigma:.6g}; it must return real "
+                                        "values")
+                    out = out.to(xbar.dtype)
             if prediction_type == "epsilon":
                 return out
             if prediction_type == "v_prediction":

@@ -162,21 +162,21 @@ class FixedGrid(Stepping):
 
 class _GridRun(_Run):
     def __init__(self, grid: list[float], methods: dict[int, Solver], solver: Solver, inverse: bool) -> None:
-        self.grid = grid[::-1] if inverse else grid
-        self.methods = methods
-        self.solver = solver
+        n = len(grid) - 1
+        visit = grid[::-1] if inverse else grid
+        # (t1, method) of each step, in the order taken; a step's own method is keyed by its index in ``grid``
+        self.plan = [(visit[i + 1], methods.get(n - 1 - i if inverse else i, solver)) for i in range(n)]
         self.inverse = inverse
         self.i = 0
-        self.n = len(grid) - 1
-        self.t = self.grid[0]
+        self.n = n
+        self.t = visit[0]
 
     def done(self) -> bool:
         return self.i >= self.n
 
     def propose(self, y: Tensor, state: Any) -> tuple[float, Solver, Any]:
-        i = self.i
-        index = self.n - 1 - i if self.inverse else i
-        return self.grid[i + 1], self.methods.get(index, self.solver), state
+        t1, method = self.plan[self.i]
+        return t1, method, state
 
     def judge(self, result: StepResult, y0: Tensor, t1: float) -> bool:
         self.i += 1
@@ -490,11 +490,13 @@ def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state:
                     step=steps, t0=run.t, stats=stats)
             t0 = run.t
             t1, method, state = propose(y, state)
+            if method is None:
+                method = solver
             if inverse:  # undo the forward step t1 -> t0 (t1 is the earlier time of the solved grid)
-                y_new, state_new = (method or solver).unstep(counted, t1, t0, y, state)
+                y_new, state_new = method.unstep(counted, t1, t0, y, state)
                 result = StepResult(y_new, state_new)
             else:
-                result = (method or solver).step(counted, t0, t1, y, state)
+                result = method.step(counted, t0, t1, y, state)
             steps += 1
             if judge(result, y, t1):
                 accepted += 1
