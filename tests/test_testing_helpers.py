@@ -1,5 +1,6 @@
 """flowdiff.testing's round-trip checks decode under the encode's conditioning."""
 
+import pytest
 import torch
 
 import flowdiff
@@ -21,6 +22,9 @@ def test_round_trip_error_decodes_with_the_encode_model_kwargs():
     images = torch.linspace(-0.5, 0.5, 8, dtype=torch.float64).reshape(2, 4)
     kwargs = {"class_labels": torch.tensor([3, 7])}
     rt = ft.assert_round_trip(flow, images, atol=1e-10, solver="reversible_heun", steps=8, model_kwargs=kwargs)
-    # the same latent decoded without the labels does not come back: the conditioning mattered
-    plain = flowdiff.decode(flow, rt.encoded.latent)
+    # the same latent decoded without the labels is refused (its fingerprint records them) and, forced, does not
+    # come back: the conditioning mattered
+    with pytest.raises(ValueError, match="fingerprint"):
+        flowdiff.decode(flow, rt.encoded.latent)
+    plain = flowdiff.decode(flow, rt.encoded.latent, check_model=False)
     assert (plain.x - images).abs().max() > 1e-3
