@@ -243,9 +243,24 @@ class OutOfZero(Solver):
 
 
 class Data(Formulation):
-    """t = ρ = 1/σ, y = x̄/σ, f = D (see the module docstring); σ = 0 is ρ = ∞ with y = x̄."""
+    """t = ρ = 1/σ, y = x̄/σ, f = D (see the module docstring); σ = 0 is ρ = ∞ with y = x̄.
+
+    ``reach`` (encoding): a multistep step of length h in λ = log ρ uses the j-th past
+    derivative only while it lies within ``reach·j·|h|`` of the step's start in λ (and the
+    ones before it do); otherwise the step is taken at the lower order its near history
+    allows (:meth:`solvers.Adams.limited`). An encode's first steps out of σ = 0 span many
+    units of λ on some grids (the leading grid's σ_min → σ₂), and a polynomial through them
+    extrapolated over the next, much shorter step overshoots: this is where third-order and
+    corrector methods lost their order when encoding.
+    """
 
     name = "data"
+
+    def __init__(self, reach: float | None = None) -> None:
+        super().__init__()
+        if reach is not None and not (math.isfinite(reach) and reach >= 1):
+            raise ValueError(f"reach must be a finite number >= 1 or None, got {reach!r}")
+        self.reach = reach
 
     def _time(self, sigma: float) -> float:
         return math.inf if sigma == 0.0 else 1.0 / sigma
@@ -280,7 +295,36 @@ class Data(Formulation):
             methods[0] = OutOfZero(float(sigmas[1]))
         if sigmas[-1] == 0.0:
             methods[len(ts) - 2] = IntoZero(extrapolate)
+        limited = getattr(solver, "limited", None)
+        if self.reach is not None and limited is not None:
+            for i, n in enumerate(near_history(ts, self.reach)):
+                long_step = 0 < ts[i + 1] < ts[i] < math.inf and math.log(ts[i] / ts[i + 1]) > LONG_STEP
+                if i not in methods and (n < solver.steps_order or long_step):
+                    methods[i] = limited(n, corrector=not long_step)
         return FixedGrid(ts, methods, infinite_ends=True)
+
+
+#: An encode step longer than this in λ = log ρ is taken without a corrector: over such a step
+#: (the leading grid's σ_min → σ₂ spans 3.5) the corrector's interpolant of the denoised image,
+#: which changes little and then fast, is worse than the predictor's constant.
+LONG_STEP = 3.0
+
+
+def near_history(ts: Sequence[float], reach: float) -> list[int]:
+    """For each step ``i`` of the ρ grid ``ts``: how many derivatives (the one at ``ts[i]`` and
+    the past ones, newest first) lie within ``reach·j·|h|`` in log ρ (see :class:`Data`)."""
+    lam = [math.log(t) if 0 < t < math.inf else None for t in ts]
+    counts = []
+    for i in range(len(ts) - 1):
+        n = 1
+        if lam[i] is not None and lam[i + 1] is not None:
+            h = abs(lam[i + 1] - lam[i])
+            j = 1
+            while i - j >= 0 and lam[i - j] is not None and abs(lam[i] - lam[i - j]) <= reach * j * h:
+                n += 1
+                j += 1
+        counts.append(n)
+    return counts
 
 
 class LogSigma(Formulation):
@@ -369,11 +413,35 @@ class VP(Formulation):
         return f
 
 
+#: Solvers refused for encoding (registry name → why, and what to use instead).
+_NO_ENCODE: dict[str, str] = {
+    "ipndm": "its equal-step Adams coefficients ignore the step ratios, and an encode's steps grow "
+             "geometrically in σ (shrink in 1/σ), so it loses its order and can diverge; use 'lms' "
+             "(variable-step Adams of the same order) or 'dpmpp_3m' to encode",
+}
+
+def encode_refusal(solver_name: str) -> str | None:
+    """Why the solver registered as ``solver_name`` is refused for encoding, or None if it encodes."""
+    return _NO_ENCODE.get(solver_name)
+
+
+#: The :class:`Data` ``reach`` of multistep encodes (see there); measured on the shipped model
+#: and closed-form Gaussians (benchmarks/bench_roundtrip.py).
+ENCODE_REACH = 3.0
+
+
 def formulation_for(solver: Solver, direction: str, *, adaptive: bool = False,
                     sigma_c: float | None = None) -> Formulation:
     """The variables ``solver`` runs in for a ``direction`` (``"generate"``/``"encode"``/``"decode"``).
 
     Reversible solvers: :class:`VP` (their exact inverse keeps rounding at the state's scale).
+    Encoding on a fixed grid, every multistep method: :class:`Data` with ``reach``
+    (:data:`ENCODE_REACH`). An encode runs away from σ = 0 with steps that grow geometrically
+    in σ; Adams methods in σ (lms, abm) extrapolate over ever longer steps and diverge there
+    (|x_T| ~ 1e3 on the shipped model), whereas in ρ = 1/σ the same steps shrink, as a
+    generation's do in σ, and the field (the denoised image) stays bounded. A solver that
+    cannot encode at its order (iPNDM, whose equal-step coefficients ignore step ratios) is
+    refused with a ValueError saying what to use instead.
     Methods built for the data-prediction ODE (:func:`variables_of`): :class:`Data`. Other
     adaptive solves: :class:`LogSigma` with ``sigma_c`` (relative steps, σ = 0 at a finite
     time). Everything else: :class:`Sigma`.
@@ -382,6 +450,11 @@ def formulation_for(solver: Solver, direction: str, *, adaptive: bool = False,
         raise ValueError(f"direction must be 'generate', 'encode' or 'decode', got {direction!r}")
     if solver.reversible:
         return VP()
+    if direction == "encode" and not adaptive:
+        if solver.name in _NO_ENCODE:
+            raise ValueError(f"solver {solver.name!r} cannot encode: {_NO_ENCODE[solver.name]}")
+        if solver.multistep:
+            return Data(reach=ENCODE_REACH)
     if variables_of(solver) == "data":
         return Data()
     if adaptive:

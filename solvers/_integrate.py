@@ -52,6 +52,31 @@ class StepInfo(NamedTuple):
     state: Any = None
 
 
+@dataclass(frozen=True)
+class Bound:
+    """A divergence guard: the solve fails when ``max|y|·scale(t)`` at the end exceeds ``limit``.
+
+    The end state is checked once (the same host sync as the non-finite check); only when it
+    is out of range is the solve run again to locate the first step that left the range.
+    ``scale(t)`` maps the state to the quantity bounded (default 1); ``name`` is how the
+    error message calls that quantity. Nothing here knows what a plausible range is: the
+    caller chooses ``limit`` (flowdiff bounds the VP-scaled image, see ``flowdiff.encode``).
+    """
+
+    limit: float
+    scale: Callable[[float], float] | None = None
+    name: str = "max|y|"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.limit, bool) or not isinstance(self.limit, (int, float)) or not self.limit > 0:
+            raise ValueError(f"Bound.limit must be a positive number, got {self.limit!r}")
+
+    def value(self, t: float, y: Tensor) -> Tensor:
+        """The bounded quantity at ``(t, y)`` as a 0-dim tensor (NaN if ``y`` holds NaN)."""
+        m = y.detach().abs().amax()
+        return m if self.scale is None else m * self.scale(t)
+
+
 @dataclass
 class Solution:
     """The end state ``y``, the statistics, the solver's carried state and the times reached."""
@@ -413,6 +438,7 @@ def integrate(
     check_finite: bool = True,
     time_name: str = "t",
     display: Callable[[float], float] | None = None,
+    bound: Bound | None = None,
 ) -> Solution:
     """Integrate ``dy/dt = f(t, y)`` from ``y0`` with ``solver``, the steps placed by ``stepping``.
 
@@ -427,37 +453,69 @@ def integrate(
     without the callback, keeping one sum per step, to locate the first step that produced
     them; the error carries the statistics of the first run. (A vector field that is not
     deterministic may then not reproduce the failure: the error says so.)
+
+    ``bound`` (a :class:`Bound`) is a divergence guard checked the same way: the end state
+    out of the bound is located by a second run at the first step whose state left it.
     """
     solver = get(solver)
     check_state(y0)
     if max_nfe is not None and (isinstance(max_nfe, bool) or not isinstance(max_nfe, int) or max_nfe < 1):
         raise ValueError(f"max_nfe must be a positive int or None, got {max_nfe!r}")
     names = (time_name, display)
-    y, end_state, times, stats = _loop(f, y0, solver, stepping, state, max_nfe, callback, None, names)
-    if check_finite and not bool(torch.isfinite(y).all()):
-        flags: list[Tensor] = []
-        try:
-            _loop(f, y0, solver, stepping, state, None, None, flags, names)
-        except Exception:  # noqa: BLE001  (the locating pass only looks for the first non-finite step)
-            pass
-        ok = torch.isfinite(torch.stack(flags)) if flags else torch.zeros(0, dtype=torch.bool)
-        inverse = isinstance(stepping, FixedGrid) and stepping.inverse
-        if bool(ok.all()):
-            raise SolveError(f"the solve ended with non-finite values at {time_name} "
-                             f"{_shown(times[-1], display):.6g}, and a second run did not reproduce them (is the "
-                             "vector field deterministic?)", step=len(times) - 2, t0=times[-2], t1=times[-1],
-                             stats=stats)
-        i = int((~ok).nonzero()[0, 0])
-        where = _where(i, times[i], times[i + 1], time_name, display, inverse)
+    y, end_state, times, stats = _loop(f, y0, solver, stepping, state, max_nfe, callback, None, names, None)
+    if bound is not None and not isinstance(bound, Bound):
+        raise TypeError(f"bound must be a solvers.Bound or None, got {type(bound).__name__}")
+    if bound is None:
+        ok = not check_finite or bool(torch.isfinite(y).all())
+    else:  # one sync for both checks: a NaN fails the comparison too
+        ok = bool(bound.value(times[-1], y) <= bound.limit)
+        if not ok and not check_finite and not bool(torch.isfinite(y).all()):
+            ok = True  # non-finite values were asked not to be checked
+    if not ok:
+        _locate(f, y0, solver, stepping, state, names, times, stats, check_finite, bound)
+    return Solution(y, stats, end_state, times)
+
+
+def _locate(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state: Any,
+            names: tuple[str, Callable[[float], float] | None], times: list[float], stats: Stats,
+            check_finite: bool, bound: Bound | None) -> None:
+    """Run the solve again keeping one value per step and raise at the first bad step."""
+    time_name, display = names
+    flags: list[Tensor] = []
+    try:
+        _loop(f, y0, solver, stepping, state, None, None, flags, names, bound)
+    except Exception:  # noqa: BLE001  (the locating pass only looks for the first bad step)
+        pass
+    values = torch.stack(flags) if flags else torch.zeros(0)
+    finite = torch.isfinite(values)
+    bad = ~finite if check_finite else torch.zeros_like(finite)
+    if bound is not None:
+        bad = bad | (finite & (values > bound.limit))
+    inverse = isinstance(stepping, FixedGrid) and stepping.inverse
+    if not bool(bad.any()):
+        raise SolveError(f"the solve ended with {'values out of the bound' if check_finite else 'bad values'} at "
+                         f"{time_name} {_shown(times[-1], display):.6g}, and a second run did not reproduce them "
+                         "(is the vector field deterministic?)", step=len(times) - 2, t0=times[-2], t1=times[-1],
+                         stats=stats)
+    i = int(bad.nonzero()[0, 0])
+    where = _where(i, times[i], times[i + 1], time_name, display, inverse)
+    value = float(values[i])
+    if not math.isfinite(value):
         raise SolveError(f"{where} produced non-finite values: the vector field (the model) returned NaN or "
                          "inf, or the state overflowed", step=i, t0=times[i], t1=times[i + 1], stats=stats)
-    return Solution(y, stats, end_state, times)
+    err = SolveError(f"{where} diverged: {bound.name} = {value:.6g} exceeds the bound {bound.limit:.6g} (the "
+                     "solver is unstable on this grid: use another solver or grid, or raise the bound)",
+                     step=i, t0=times[i], t1=times[i + 1], stats=stats)
+    err.value = value
+    raise err
 
 
 def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state: Any, max_nfe: int | None,
           callback: Callable[[StepInfo], None] | None, flags: list[Tensor] | None,
-          names: tuple[str, Callable[[float], float] | None]) -> tuple[Tensor, Any, list[float], Stats]:
-    """The loop itself: ``flags`` (when a list) collects one sum of the state per accepted step."""
+          names: tuple[str, Callable[[float], float] | None], bound: Bound | None
+          ) -> tuple[Tensor, Any, list[float], Stats]:
+    """The loop itself: ``flags`` (when a list) collects one value per accepted step: the
+    bounded quantity of ``bound`` (:meth:`Bound.value`), else max|y| (NaN or inf if non-finite)."""
     time_name, display = names
     counted = _Counted(f)
     stats = Stats()
@@ -504,7 +562,7 @@ def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state:
                 y, state = result.y, result.state
                 times.append(t1)
                 if flags is not None:
-                    flags.append(y.sum())
+                    flags.append(y.detach().abs().amax() if bound is None else bound.value(t1, y))
                 if callback is not None:
                     callback(StepInfo(accepted - 1, t0, t1, y, state))
             else:
