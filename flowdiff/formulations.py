@@ -245,13 +245,16 @@ class OutOfZero(Solver):
 class Data(Formulation):
     """t = ρ = 1/σ, y = x̄/σ, f = D (see the module docstring); σ = 0 is ρ = ∞ with y = x̄.
 
-    ``reach`` (encoding): a multistep step of length h in λ = log ρ uses the j-th past
-    derivative only while it lies within ``reach·j·|h|`` of the step's start in λ (and the
-    ones before it do); otherwise the step is taken at the lower order its near history
-    allows (:meth:`solvers.Adams.limited`). An encode's first steps out of σ = 0 span many
-    units of λ on some grids (the leading grid's σ_min → σ₂), and a polynomial through them
-    extrapolated over the next, much shorter step overshoots: this is where third-order and
-    corrector methods lost their order when encoding.
+    ``reach`` (encoding and a latent's decode): a multistep step of length h in λ = log ρ uses
+    the j-th past derivative only while its distance from the step's start in λ is at most
+    ``reach·j·|h|`` and, for j ≥ 2, at least ``j·|h|/reach`` (and the nearer ones' are); otherwise the step is
+    taken at the lower order its history allows (:meth:`solvers.Adams.limited`), and a step
+    longer than :data:`LONG_STEP` in λ without a corrector. An encode's first steps out of
+    σ = 0 span many units of λ on some grids (the leading grid's σ_min → σ₂): a polynomial
+    through them extrapolated over the next, much shorter step overshoots; a decode's last
+    step on that grid is the same long step, over which a quadratic through the short steps
+    before it overshoots. This is where third-order and corrector methods lost their order in
+    round trips (dpmpp_3m's leading-grid round trip on the shipped model: MSE 1.6).
     """
 
     name = "data"
@@ -298,7 +301,8 @@ class Data(Formulation):
         limited = getattr(solver, "limited", None)
         if self.reach is not None and limited is not None:
             for i, n in enumerate(near_history(ts, self.reach)):
-                long_step = 0 < ts[i + 1] < ts[i] < math.inf and math.log(ts[i] / ts[i + 1]) > LONG_STEP
+                long_step = (0 < ts[i] < math.inf and 0 < ts[i + 1] < math.inf
+                             and abs(math.log(ts[i] / ts[i + 1])) > LONG_STEP)
                 if i not in methods and (n < solver.steps_order or long_step):
                     methods[i] = limited(n, corrector=not long_step)
         return FixedGrid(ts, methods, infinite_ends=True)
@@ -312,7 +316,9 @@ LONG_STEP = 3.0
 
 def near_history(ts: Sequence[float], reach: float) -> list[int]:
     """For each step ``i`` of the ρ grid ``ts``: how many derivatives (the one at ``ts[i]`` and
-    the past ones, newest first) lie within ``reach·j·|h|`` in log ρ (see :class:`Data`)."""
+    the past ones, newest first) lie within ``reach·j·|h|`` of ``ts[i]`` in log ρ and, from the
+    second past one on, beyond ``j·|h|/reach`` (see :class:`Data`): neither so far back nor so
+    close that a curved polynomial through them is extrapolated far beyond their spread."""
     lam = [math.log(t) if 0 < t < math.inf else None for t in ts]
     counts = []
     for i in range(len(ts) - 1):
@@ -320,7 +326,9 @@ def near_history(ts: Sequence[float], reach: float) -> list[int]:
         if lam[i] is not None and lam[i + 1] is not None:
             h = abs(lam[i + 1] - lam[i])
             j = 1
-            while i - j >= 0 and lam[i - j] is not None and abs(lam[i] - lam[i - j]) <= reach * j * h:
+            while (i - j >= 0 and lam[i - j] is not None
+                   and abs(lam[i] - lam[i - j]) <= reach * j * h
+                   and (j == 1 or j * h / reach <= abs(lam[i] - lam[i - j]))):
                 n += 1
                 j += 1
         counts.append(n)
@@ -436,7 +444,8 @@ def formulation_for(solver: Solver, direction: str, *, adaptive: bool = False,
 
     Reversible solvers: :class:`VP` (their exact inverse keeps rounding at the state's scale).
     Encoding on a fixed grid, every multistep method: :class:`Data` with ``reach``
-    (:data:`ENCODE_REACH`). An encode runs away from σ = 0 with steps that grow geometrically
+    (:data:`ENCODE_REACH`); a latent's decode with a data-variables method too (``generate``
+    is unchanged: it keeps its steps bit for bit). An encode runs away from σ = 0 with steps that grow geometrically
     in σ; Adams methods in σ (lms, abm) extrapolate over ever longer steps and diverge there
     (|x_T| ~ 1e3 on the shipped model), whereas in ρ = 1/σ the same steps shrink, as a
     generation's do in σ, and the field (the denoised image) stays bounded. A solver that
@@ -450,10 +459,10 @@ def formulation_for(solver: Solver, direction: str, *, adaptive: bool = False,
         raise ValueError(f"direction must be 'generate', 'encode' or 'decode', got {direction!r}")
     if solver.reversible:
         return VP()
-    if direction == "encode" and not adaptive:
-        if solver.name in _NO_ENCODE:
+    if direction in ("encode", "decode") and not adaptive:
+        if direction == "encode" and solver.name in _NO_ENCODE:
             raise ValueError(f"solver {solver.name!r} cannot encode: {_NO_ENCODE[solver.name]}")
-        if solver.multistep:
+        if solver.multistep and (direction == "encode" or variables_of(solver) == "data"):
             return Data(reach=ENCODE_REACH)
     if variables_of(solver) == "data":
         return Data()
