@@ -160,3 +160,29 @@ def test_decode_retraces_an_rk_encode_at_sigma_zero():
     symmetric = float((flowdiff.decode(flow, enc.latent).x - x).abs().max())
     euler_last = float((flowdiff.decode(flow, enc.latent, final_euler=True).x - x).abs().max())
     assert symmetric < 0.1 * euler_last
+
+
+# -- the harness compares encoders ----------------------------------------------------------
+
+def test_compare_roundtrip_measures_against_the_images_with_each_halfs_nfe(tmp_path):
+    g = _gaussian()
+    flow = g.flow()
+    x = g.sample(2, generator=torch.Generator().manual_seed(4))
+    comp = flowdiff.compare(flow, task="roundtrip", images=x, grids=["trailing", "logsnr"], nfe=[6, 12],
+                            solvers=["euler", "dpmpp_2m", "heun", "reversible_heun", "ddim_inverse", "ipndm"])
+    rows = {(r.solver, r.grid, r.budget): r for r in comp.runs}
+    for (solver, grid, budget), r in rows.items():  # each row is the round trip it claims, NFE counted apart
+        enc = flowdiff.encode(flow, x, solver=solver, grid=flowdiff.Grid(grid, nfe=budget))
+        dec = flowdiff.decode(flow, enc.latent)
+        assert (r.encode_nfe, r.decode_nfe, r.nfe) == (enc.stats.nfe, dec.stats.nfe, enc.stats.nfe + dec.stats.nfe)
+        assert r.rms_error == pytest.approx(float((dec.x - x).pow(2).mean().sqrt()), rel=1e-12)
+    assert rows[("reversible_heun", "logsnr", 12)].max_error < 1e-13  # exact methods at rounding level
+    assert rows[("dpmpp_2m", "logsnr", 12)].rms_error < rows[("euler", "logsnr", 12)].rms_error
+    assert {s.solver for s in comp.skipped} == {"ipndm"} and "use 'lms'" in comp.skipped[0].reason
+    assert comp.to_csv().splitlines()[0].endswith("encode_nfe,decode_nfe")
+    assert "| dpmpp_2m | logsnr |" in comp.to_markdown()
+    assert comp.plot(tmp_path / "rt.png").stat().st_size > 0
+    with pytest.raises(TypeError, match="task='roundtrip' needs images="):
+        flowdiff.compare(flow, task="roundtrip")
+    with pytest.raises(ValueError, match="task must be 'generate' or 'roundtrip'"):
+        flowdiff.compare(flow, x, task="nope")
