@@ -338,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=("wide", "long"), default="wide",
                    help="printed table: a column per NFE budget (wide, default) or a row per run (long)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--task", choices=("generate", "roundtrip"), default="generate",
+                   help="roundtrip: compare encoders by decode(encode(x)) on --batch held-out digits")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("sample", help="generate images and write them as one PNG grid",
@@ -443,6 +445,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     noise = _noise(args, args.batch, loaded.shape, dtype, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.task == "roundtrip":  # held-out digits (the shipped models' data) encoded and decoded back
+        from .pretrained import digits_data
+
+        images = digits_data("test").images[: args.batch].to(device, dtype).reshape(-1, *loaded.shape)
+        result = compare(run_flow, task="roundtrip", images=images, solvers=args.solver, grids=args.grid,
+                         nfe=args.nfe, model_kwargs=loaded.model_kwargs or None)
+        (out / "compare.md").write_text(result.to_markdown("wide") + "\n" + result.to_markdown("long"))
+        (out / "compare.csv").write_text(result.to_csv())
+        print(result.to_markdown(args.layout), f"wrote {out / 'compare.md'}, {out / 'compare.csv'}, "
+              f"{result.plot(out / 'compare.png', title='round trip: RMS error vs encode + decode NFE')}", sep="\n")
+        return 0
     # The reference depends on the model, the noise (seed, batch, shape) and the tolerance, not on --dtype:
     # it is always solved in float64 from the same float64 draw, so it is kept on disk under that key.
     key = f"{fingerprint(loaded)}|seed={args.seed}|batch={args.batch}|shape={loaded.shape}|dopri8|{args.rtol!r}"

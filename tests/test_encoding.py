@@ -186,3 +186,13 @@ def test_compare_roundtrip_measures_against_the_images_with_each_halfs_nfe(tmp_p
         flowdiff.compare(flow, task="roundtrip")
     with pytest.raises(ValueError, match="task must be 'generate' or 'roundtrip'"):
         flowdiff.compare(flow, x, task="nope")
+
+
+def test_cli_compare_task_roundtrip_writes_the_table(tmp_path, capsys):
+    from flowdiff.cli import main
+
+    out = tmp_path / "rt"
+    assert main(["compare", "--task", "roundtrip", "--model", "analytic-mixture", "--solver", "euler,dpmpp_2m",
+                 "--grid", "logsnr", "--nfe", "6", "--batch", "2", "--out", str(out)]) == 0
+    assert "| dpmpp_2m | logsnr |" in capsys.readouterr().out
+    assert (out / "compare.csv").read_text().splitlines()[0].endswith("encode_nfe,decode_nfe")
