@@ -310,7 +310,7 @@ def decode(
     model_kwargs: Mapping[str, Any] | None = None,
     solver_options: Mapping[str, Any] | None = None,
     grid_options: Mapping[str, Any] | None = None,
-    final_euler: bool | None = None,
+    final_euler: bool = True,
     callback: Callable[[StepState], None] | None = None,
     check_finite: bool = True,
     divergence: float | None = DIVERGENCE_GENERATE,
@@ -324,11 +324,6 @@ def decode(
     in either order, equal ``solver_options`` — and only disagreements are refused, naming
     both values. A plain tensor decodes like :func:`generate` with the grid arguments given
     (defaults: Euler on the trailing grid). ``divergence``: the guard of :func:`generate`.
-
-    ``final_euler`` (default None: as the encode did): a latent's decode evaluates the model
-    at σ = 0 where its encode did (its first step started there), so that the two retrace
-    each other step for step; a fixed-point latent decodes as the decode it inverts; a plain
-    tensor decodes like :func:`generate` (True).
     """
     flow = check_flow(flow)
     if isinstance(latent, Latent):
@@ -339,8 +334,7 @@ def decode(
     return generate(flow, latent, solver="euler" if solver is None else solver, steps=steps, nfe=nfe,
                     grid="trailing" if grid is None else grid, sigmas=sigmas, timesteps=timesteps,
                     model_kwargs=model_kwargs, solver_options=solver_options, grid_options=grid_options,
-                    final_euler=True if final_euler is None else final_euler, callback=callback,
-                    check_finite=check_finite, divergence=divergence)
+                    final_euler=final_euler, callback=callback, check_finite=check_finite, divergence=divergence)
 
 
 def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe, grid, sigmas, timesteps,
@@ -378,8 +372,6 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
                              f"this latent was encoded on, {np.array2string(sig, precision=4)}")
     elif steps is not None and steps != latent.steps:
         raise ValueError(f"this latent was encoded with {latent.steps} steps; got steps={steps}")
-    if final_euler is None:
-        final_euler = False if latent.final_euler is None else latent.final_euler
     if latent.final_euler is not None and final_euler != latent.final_euler:  # a fixed-point latent
         raise ValueError(f"this latent inverts a decode with final_euler={latent.final_euler}; "
                          f"got final_euler={final_euler}")
