@@ -247,13 +247,14 @@ class Data(Formulation):
 
     ``reach`` (encoding and a latent's decode): a multistep step of length h in λ = log ρ uses
     the j-th past derivative only while its distance from the step's start in λ is at most
-    ``reach·j·|h|`` and, for j ≥ 2, at least ``j·|h|/reach`` (and the nearer ones' are); otherwise the step is
-    taken at the lower order its history allows (:meth:`solvers.Adams.limited`), and a step
-    longer than :data:`LONG_STEP` in λ without a corrector. An encode's first steps out of
-    σ = 0 span many units of λ on some grids (the leading grid's σ_min → σ₂): a polynomial
-    through them extrapolated over the next, much shorter step overshoots; a decode's last
-    step on that grid is the same long step, over which a quadratic through the short steps
-    before it overshoots. This is where third-order and corrector methods lost their order in
+    ``reach·j·|h|`` and, for j ≥ 2, at least ``j·|h|/reach`` (and the nearer ones' are);
+    otherwise the step is taken at the lower order its history allows
+    (:meth:`solvers.Adams.limited`). A step longer than :data:`LONG_STEP` in λ is the
+    first-order step (DDIM's), without a corrector. An encode's first steps out of σ = 0 span
+    many units of λ on some grids (the leading grid's σ_min → σ₂): a polynomial through them
+    extrapolated over the next, much shorter step overshoots; a decode's last step on that
+    grid is the same long step, over which a quadratic through the short steps before it
+    overshoots. This is where third-order and corrector methods lost their order in
     round trips (dpmpp_3m's leading-grid round trip on the shipped model: MSE 1.6).
     """
 
@@ -304,13 +305,15 @@ class Data(Formulation):
                 long_step = (0 < ts[i] < math.inf and 0 < ts[i + 1] < math.inf
                              and abs(math.log(ts[i] / ts[i + 1])) > LONG_STEP)
                 if i not in methods and (n < solver.steps_order or long_step):
-                    methods[i] = limited(n, corrector=not long_step)
+                    methods[i] = limited(1 if long_step else n, corrector=not long_step)
         return FixedGrid(ts, methods, infinite_ends=True)
 
 
-#: An encode step longer than this in λ = log ρ is taken without a corrector: over such a step
-#: (the leading grid's σ_min → σ₂ spans 3.5) the corrector's interpolant of the denoised image,
-#: which changes little and then fast, is worse than the predictor's constant.
+#: A step longer than this in λ = log ρ (encode, or a latent's decode) is taken at first order
+#: without a corrector (DDIM's step): over such a step (the leading grid's σ_min ↔ σ₂ spans
+#: 3.5) the denoised image changes little and then fast, and a polynomial through the
+#: neighbouring derivatives is worse than the constant. Measured on the shipped model, 10
+#: steps on the leading grid: the decode's MSE fell from 9.5e-2 to 1.6e-2 for dpmpp_3m.
 LONG_STEP = 3.0
 
 
