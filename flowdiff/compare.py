@@ -42,6 +42,7 @@ from torch import Tensor
 
 import solvers as _solvers
 
+from . import roundtrip as _roundtrip
 from .adaptive import RK_CONTROLLER, to_zero_in_log_sigma
 from .engine import solve_flow
 from .flow import ProbabilityFlow
@@ -145,6 +146,8 @@ class Run:
     max_error: float
     wall_time: float
     sigma_start: float
+    encode_nfe: int | None = None  # round trips (task="roundtrip"): nfe = encode_nfe + decode_nfe
+    decode_nfe: int | None = None
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,7 @@ class Comparison:
     skipped: list[Skipped] = field(default_factory=list)
     #: (solver, grid, budget) → what a plug-in grid provider made (e.g. a ``TunedGrid`` with its cost)
     provided: dict[tuple[str, str, int], Any] = field(default_factory=dict)
+    task: str = "generate"
 
     @property
     def budgets(self) -> list[int]:
@@ -223,10 +227,11 @@ class Comparison:
         """One line per run, columns :data:`CSV_COLUMNS` (errors and times in full precision)."""
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(CSV_COLUMNS)
+        columns = CSV_COLUMNS + (("encode_nfe", "decode_nfe") if self.task == "roundtrip" else ())
+        writer.writerow(columns)
         for r in self.runs:
             writer.writerow([getattr(r, c) if not isinstance(getattr(r, c), float) else repr(getattr(r, c))
-                             for c in CSV_COLUMNS])
+                             for c in columns])
         return out.getvalue()
 
     def plot(self, path: str | Path, title: str | None = None) -> Path:
@@ -489,7 +494,7 @@ def _calibration(noise: Tensor, calibration_noise: Tensor | None) -> Tensor:
 
 def compare(
     flow: ProbabilityFlow,
-    noise: Tensor,
+    noise: Tensor | None = None,
     *,
     solvers: Iterable[str] | str | None = None,
     grids: Iterable[str] | str = DEFAULT_GRIDS,
@@ -502,6 +507,8 @@ def compare(
     progress: bool | Callable[[str], None] = False,
     calibration_noise: Tensor | None = None,
     tune_options: Mapping[str, Any] | None = None,
+    task: str = "generate",
+    images: Tensor | None = None,
 ) -> Comparison:
     """Run every solver × grid × NFE budget from ``noise`` and measure it against the reference.
 
@@ -523,7 +530,18 @@ def compare(
     ``calibration_noise`` (default: a batch like ``noise`` drawn with seed
     :data:`CALIBRATION_SEED`) and measures it on ``noise``; the same batch for both is an error.
     What was tuned, and its cost, is in the result's ``provided``.
+
+    ``task="roundtrip"`` compares encoders instead (:mod:`flowdiff.roundtrip`): each
+    solver × grid × budget encodes ``images`` at that NFE and decodes its latent; the error is
+    against the images themselves, ``nfe`` is encode + decode (``encode_nfe``/``decode_nfe``
+    apart), the reference is the images (error 0), and ``solvers`` default to every encoder.
     """
+    if task == "roundtrip":
+        return _compare_roundtrip(flow, images, solvers, grids, nfe, model_kwargs, progress)
+    if task != "generate":
+        raise ValueError(f"task must be 'generate' or 'roundtrip', got {task!r}")
+    if images is not None:
+        raise ValueError("images= is for task='roundtrip'; a generation comparison starts from noise=")
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
     if not isinstance(noise, Tensor) or not noise.is_floating_point():
@@ -593,3 +611,23 @@ def compare(
         if bar is not None:
             bar.close()
     return result
+
+
+def _compare_roundtrip(flow: ProbabilityFlow, images: Tensor | None, solvers: Iterable[str] | str | None,
+                       grids: Iterable[str] | str, nfe: Iterable[int] | int, model_kwargs: Mapping[str, Any] | None,
+                       progress: bool | Callable[[str], None]) -> Comparison:
+    """:func:`compare` with ``task="roundtrip"`` (see there and :mod:`flowdiff.roundtrip`)."""
+    if not isinstance(flow, ProbabilityFlow):
+        raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
+    if not isinstance(images, Tensor) or not images.is_floating_point():
+        raise TypeError("task='roundtrip' needs images= as a floating-point torch.Tensor (the images to encode), "
+                        f"got {type(images).__name__}")
+    names = _check_names(_roundtrip.encoders() if solvers is None else solvers, "solvers",
+                         [*_solvers.available(), "ddim_inverse"])
+    jobs = [(s, g, b) for s in names for g in _check_names(grids, "grids", GRIDS) for b in _check_budgets(nfe)]
+    on_job = (lambda s, g, b: progress(f"{s}/{g}/NFE {b}")) if callable(progress) else None
+    runs, skipped = _roundtrip.roundtrip_runs(flow, images, jobs, model_kwargs=model_kwargs, on_job=on_job)
+    ref = Reference(images.detach().to(torch.float64), 0.0, 0.0, "images", 0.0, 0.0, 0, 0.0, 0.0)
+    return Comparison([Run(r.solver, r.grid, r.budget, r.encode_nfe + r.decode_nfe, r.steps, r.rms_error,
+                           r.max_error, r.wall_time, r.sigma_end, r.encode_nfe, r.decode_nfe) for r in runs],
+                      reference=ref, skipped=[Skipped(*s) for s in skipped], task="roundtrip")

@@ -9,6 +9,7 @@ result back into σ and x̄, and reports failures in σ.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,8 @@ from solvers import Solver, Stats, Stepping
 
 from .formulations import EpsField, Formulation
 from .results import StepState
+
+_BOUND_NAME = "max|x| (the VP-scaled state x̄/√(1+σ²))"
 
 
 @dataclass
@@ -44,6 +47,31 @@ def _records(form: Formulation, callback: Callable[[StepState], None]) -> Callab
     return record
 
 
+#: The divergence guard's defaults: a solve fails when the VP-scaled state at its end,
+#: max|x̄|/√(1+σ²), exceeds this multiple of max(1, max|input|) (the images' or the noise's
+#: scale). An encode's end is a latent x_T meant to be distributed like N(0, I): 50× the
+#: images' scale is far outside it (the unstable encodes this guard was made for reached
+#: |x_T| ~ 1e3). A generation's end is an image, whose range depends on the model (a toy ε
+#: that does not scale like x̄/σ legitimately reaches σ_max·max|ε|): the bound is looser.
+DIVERGENCE_ENCODE = 50.0
+DIVERGENCE_GENERATE = 1000.0
+
+
+def divergence_limit(divergence: float | None, start: Tensor) -> float | None:
+    """The absolute bound on the VP-scaled end state: ``divergence × max(1, max|start|)`` (None: off).
+
+    ``start`` is what the solve starts from in the VP scale (noise, images, a latent's x_T);
+    its maximum is read once, before the loop."""
+    if divergence is None:
+        return None
+    if isinstance(divergence, bool) or not isinstance(divergence, (int, float)) or not (
+            math.isfinite(divergence) and divergence > 0):
+        raise ValueError(f"divergence must be a positive number (a multiple of max(1, max|input|)) or None "
+                         f"to turn the guard off, got {divergence!r}")
+    scale = float(start.detach().abs().amax()) if start.numel() else 0.0
+    return float(divergence) * max(1.0, scale if math.isfinite(scale) else 1.0)
+
+
 def solve_flow(
     eps: EpsField,
     form: Formulation,
@@ -57,19 +85,23 @@ def solve_flow(
     max_nfe: int | None = None,
     callback: Callable[[StepState], None] | None = None,
     check_finite: bool = True,
+    bound: float | None = None,
 ) -> FlowSolution:
     """Solve ``dx̄/dσ = eps(σ, x̄)`` in ``form``'s variables from σ = ``sigma0``.
 
     The start is ``xbar0`` (converted) or ``y0`` already in the formulation's state (a
     reversible decode starts from the latent's own state, bit for bit). ``state`` is the
     solver's carried state timed in σ (a :class:`solvers.ReversibleState` from a Latent).
+    ``bound`` (see :func:`divergence_limit`) fails the solve with a located
+    :class:`solvers.SolveError` when the VP-scaled end state's max|x| exceeds it.
     """
     if (xbar0 is None) == (y0 is None):
         raise ValueError("give xbar0 or y0")
     start = form.to_state(xbar0, sigma0) if y0 is None else y0
     sol = solvers.integrate(form.field(eps), start, solver, stepping, state=form.state_in(state), max_nfe=max_nfe,
                             callback=None if callback is None else _records(form, callback),
-                            check_finite=check_finite, time_name="σ", display=form.sigma)
+                            check_finite=check_finite, time_name="σ", display=form.sigma,
+                            bound=None if bound is None else solvers.Bound(bound, form.x_factor, _BOUND_NAME))
     t_end = sol.ts[-1]
     return FlowSolution(form.to_xbar(sol.y, t_end), sol.y, sol.stats, form.state_out(sol.state),
                         np.array([form.sigma(t) for t in sol.ts], dtype=np.float64))
@@ -77,7 +109,7 @@ def solve_flow(
 
 def solve_grid(eps: EpsField, form: Formulation, sigmas: list[float], solver: Solver, *, xbar0: Tensor,
                eval_end: bool = True, state: Any = None, callback: Callable[[StepState], None] | None = None,
-               check_finite: bool = True) -> FlowSolution:
+               check_finite: bool = True, bound: float | None = None) -> FlowSolution:
     """:func:`solve_flow` across the σ grid ``sigmas`` (either direction) with ``form``'s fixed stepping."""
     return solve_flow(eps, form, form.grid(sigmas, solver, eval_end=eval_end), solver, sigma0=sigmas[0],
-                      xbar0=xbar0, state=state, callback=callback, check_finite=check_finite)
+                      xbar0=xbar0, state=state, callback=callback, check_finite=check_finite, bound=bound)

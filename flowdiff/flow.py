@@ -27,9 +27,9 @@ from .schedules import ArrayLike, Schedule, as_schedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "velocity")
 
-#: How many (σ, batch, device, dtype) timestep tensors a flow keeps (a few grids' worth); the model must not
-#: modify its timestep argument in place.
-_TIMESTEP_CACHE = 4096
+#: How many (batch, device, dtype) tables of timestep tensors a flow keeps; the model must not modify its
+#: timestep argument in place.
+_TIMESTEP_CACHE = 64
 
 #: ``model(x_t, t, **model_kwargs) -> prediction``; x_t = α(σ)·x̄ (VP-scaled for VP schedules), t a float
 #: tensor of shape (batch,).
@@ -101,20 +101,35 @@ class ProbabilityFlow:
         model = self.model
         prediction_type = self.prediction_type
         if getattr(self, "_timesteps_of", None) is not self.schedule:  # a new (or replaced) schedule: a new cache
-            self._timesteps: dict[tuple, tuple[Tensor, float]] = {}
+            self._timesteps: dict[tuple, dict[float, tuple[Tensor, float]]] = {}
             self._timesteps_of = self.schedule
         t_cache = self._timesteps
 
+        # the (batch, device, dtype) of the solve's state and that combination's σ → (t, α) table; a state of
+        # another batch size, device or dtype switches table
+        current: list[Any] = [None, None]
+
+        def table(xbar: Tensor) -> dict[float, tuple[Tensor, float]]:
+            combo = (xbar.shape[0], xbar.device, model_dtype or xbar.dtype)
+            if len(t_cache) >= _TIMESTEP_CACHE:
+                t_cache.clear()
+            current[0], current[1] = combo, t_cache.setdefault(combo, {})
+            return current[1]
+
         def f(sigma: float, xbar: Tensor) -> Tensor:
-            key = (sigma, xbar.shape[0], xbar.device, model_dtype or xbar.dtype)
-            hit = t_cache.get(key)
-            fresh = hit is None  # a σ (batch, device, dtype) not seen yet: check what the model returns there
+            combo, by_sigma = current
+            if combo is None or xbar.shape[0] != combo[0]:
+                by_sigma = table(xbar)
+                combo = current[0]
+            hit = by_sigma.get(sigma)
+            fresh = hit is None  # a σ not seen yet for this state: check what the model returns there
             if fresh:
-                t_dtype = torch.float64 if key[3] == torch.float64 else torch.float32
-                hit = (torch.full((key[1],), timestep(sigma), dtype=t_dtype, device=key[2]), alpha(sigma))
-                if len(t_cache) >= _TIMESTEP_CACHE:
-                    t_cache.clear()
-                t_cache[key] = hit
+                if (xbar.device, model_dtype or xbar.dtype) != combo[1:]:  # the same batch size, another state
+                    by_sigma = table(xbar)
+                    combo = current[0]
+                t_dtype = torch.float64 if combo[2] == torch.float64 else torch.float32
+                hit = (torch.full((combo[0],), timestep(sigma), dtype=t_dtype, device=combo[1]), alpha(sigma))
+                by_sigma[sigma] = hit
             t, inv_scale = hit
             x = xbar * inv_scale
             if model_dtype is not None and x.dtype != model_dtype:

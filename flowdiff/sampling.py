@@ -29,7 +29,7 @@ from solvers import ReversibleHeun, Solver
 from . import _checks
 from . import ddim_inverse as _ddim_inverse  # noqa: F401  (registers the 'ddim_inverse' plug-in)
 from .adaptive import solve_adaptive_flow
-from .engine import solve_grid
+from .engine import DIVERGENCE_ENCODE, DIVERGENCE_GENERATE, divergence_limit, solve_grid
 from .fixed_point import encode_fixed_point as _fixed_point  # noqa: F401  (registers 'fixed_point')
 from .flow import ProbabilityFlow
 from .formulations import formulation_for
@@ -137,6 +137,7 @@ def generate(
     step_noise: Tensor | None = None,
     adaptive: Adaptive | None = None,
     stochastic: Stochastic | None = None,
+    divergence: float | None = DIVERGENCE_GENERATE,
 ) -> Result:
     """Generate images from DDIM-scale noise x_T ~ N(0, I) by solving from the grid's first σ to 0.
 
@@ -158,6 +159,12 @@ def generate(
     ``eta`` (a number in [0, 1], or ``"sigma_hat"``), or ``stochastic=flowdiff.Stochastic(...)``,
     selects the DDIM paper's stochastic generative process instead of the ODE (see
     :mod:`flowdiff.stochastic`), with randomness from ``generator`` or given per step in ``step_noise``.
+
+    ``divergence`` (default 1000) is the divergence guard of fixed-grid solves: when the
+    VP-scaled end state max|x̄|/√(1+σ²) exceeds ``divergence × max(1, max|noise|)`` the solve
+    is run again to find the first step past that bound and a :class:`solvers.SolveError`
+    names it (step, σ, the value: ``err.value``) instead of returning garbage. It costs one
+    host sync at the end, none in the loop. ``None`` turns it off.
     """
     flow = check_flow(flow)
     noise = check_state(noise, "noise")
@@ -195,7 +202,7 @@ def generate(
     eps = flow.field(request.model_kwargs, model_dtype)
     sol = solve_grid(eps, form, sig.tolist(), solver_obj, xbar0=xbar0,
                      eval_end=not (grid_spec.final_euler and sig[-1] == 0.0), callback=request.callback,
-                     check_finite=check_finite)
+                     check_finite=check_finite, bound=divergence_limit(divergence, noise))
     return Result(sol.xbar.to(noise.dtype), sol.stats, sig, solver_obj.name)
 
 
@@ -222,6 +229,7 @@ def encode(
     inversion_options: Mapping[str, Any] | None = None,
     eta: float | str | None = None,
     adaptive: Adaptive | None = None,
+    divergence: float | None = DIVERGENCE_ENCODE,
 ) -> Result:
     """Encode images (model data scale, σ = 0) to DDIM-scale latents x_T along the reversed grid.
 
@@ -234,6 +242,12 @@ def encode(
     ``inversion="fixed_point"`` (or ``flowdiff.Inversion(...)``) encodes so that the *plain*
     solver's decode reproduces the images (see :mod:`flowdiff.fixed_point`). ``eta`` other
     than 0 is refused: the stochastic process has no inverse.
+
+    Every registered solver encodes at its order or is refused: multistep methods run in the
+    variables :func:`flowdiff.formulations.formulation_for` picks for encoding (ρ = 1/σ, where
+    an encode's steps shrink), iPNDM is refused. ``divergence`` is the guard of
+    :func:`generate` on the latent x_T, tighter by default (``divergence × max(1, max|images|)``,
+    default 50: a latent is N(0, I)-distributed; see :data:`flowdiff.engine.DIVERGENCE_ENCODE`).
     """
     flow = check_flow(flow)
     images = check_state(images, "images")
@@ -282,7 +296,8 @@ def encode(
     sig = grid_spec.generation_sigmas(flow, solver_obj, final_euler=False)[::-1].copy()
     form = formulation_for(solver_obj, "encode")
     sol = solve_grid(flow.field(request.model_kwargs, model_dtype), form, sig.tolist(), solver_obj,
-                     xbar0=images.to(dtype), callback=request.callback, check_finite=check_finite)
+                     xbar0=images.to(dtype), callback=request.callback, check_finite=check_finite,
+                     bound=divergence_limit(divergence, images))
     x_T = sol.xbar / math.sqrt(1.0 + sig[-1] ** 2)
     if solver_obj.reversible:  # the latent keeps the exact state; the result's x_T is at the images' precision
         latent = Latent(x_T, sig, name, options, sol.state, dtype=images.dtype)
@@ -309,13 +324,17 @@ def decode(
     callback: Callable[[StepState], None] | None = None,
     check_finite: bool = True,
     check_model: bool = True,
+    divergence: float | None = DIVERGENCE_GENERATE,
 ) -> Result:
     """Decode a latent back to an image.
 
     A :class:`Latent` from :func:`encode` carries its grid and solver: the decode retraces
-    that grid with that solver (a ``ddim_inverse`` latent decodes with Euler, i.e. DDIM), and
-    grid or solver arguments that disagree with it are an error. A plain tensor decodes like
-    :func:`generate` with the grid arguments given (defaults: Euler on the trailing grid).
+    that grid with that solver (a ``ddim_inverse`` latent decodes with Euler, i.e. DDIM).
+    The encode's own arguments are accepted — ``solver``, ``steps``/``nfe``/``grid``/
+    ``timesteps``/``grid_options`` that build the latent's grid, ``sigmas`` equal to the grid
+    in either order, equal ``solver_options`` — and only disagreements are refused, naming
+    both values. A plain tensor decodes like :func:`generate` with the grid arguments given
+    (defaults: Euler on the trailing grid). ``divergence``: the guard of :func:`generate`.
     A latent that records its model (``latent.fingerprint``) refuses another flow or other
     ``model_kwargs`` with a ValueError naming both, unless ``check_model=False``.
     """
@@ -327,33 +346,49 @@ def decode(
             latent.check_model(flow, model_kwargs)
         return _decode_latent(flow, latent, solver=solver, steps=steps, nfe=nfe, grid=grid, sigmas=sigmas,
                               timesteps=timesteps, model_kwargs=model_kwargs, solver_options=solver_options,
-                              final_euler=final_euler, callback=callback, check_finite=check_finite)
+                              grid_options=grid_options, final_euler=final_euler, callback=callback,
+                              check_finite=check_finite, divergence=divergence)
     return generate(flow, latent, solver="euler" if solver is None else solver, steps=steps, nfe=nfe,
                     grid="trailing" if grid is None else grid, sigmas=sigmas, timesteps=timesteps,
                     model_kwargs=model_kwargs, solver_options=solver_options, grid_options=grid_options,
-                    final_euler=final_euler, callback=callback, check_finite=check_finite)
+                    final_euler=final_euler, callback=callback, check_finite=check_finite, divergence=divergence)
 
 
 def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe, grid, sigmas, timesteps,
-                   model_kwargs, solver_options, final_euler, callback, check_finite) -> Result:
+                   model_kwargs, solver_options, grid_options, final_euler, callback, check_finite,
+                   divergence) -> Result:
     x = check_state(latent.x, "latent.x")
     own = decodes_with(latent.solver)
     if solver is not None:
         name = solver if isinstance(solver, str) else solver.name
-        if name != own:
+        if name not in (own, latent.solver):
             raise ValueError(f"this latent was encoded with solver {latent.solver!r} and decodes with {own!r}; "
                              f"got solver={name!r} (pass latent.x to decode a plain tensor another way)")
-    if steps is not None and steps != latent.steps:
-        raise ValueError(f"this latent was encoded with {latent.steps} steps; got steps={steps}")
-    if nfe is not None or grid is not None or timesteps is not None:
-        raise ValueError("a Latent carries its own grid; drop nfe=/grid=/timesteps= "
-                         "(or pass latent.x to decode a plain tensor on another grid)")
     sig = np.asarray(latent.sigmas, dtype=np.float64)[::-1].copy()
-    if sigmas is not None and not np.array_equal(np.asarray(sigmas, dtype=np.float64), sig):
-        raise ValueError("sigmas= differs from the grid this latent was encoded on")
+    if sigmas is not None:
+        given = np.asarray(sigmas, dtype=np.float64)
+        if not (np.array_equal(given, sig) or np.array_equal(given, sig[::-1])):
+            raise ValueError(f"sigmas= {np.array2string(given, precision=4)} differs from the grid this latent "
+                             f"was encoded on, {np.array2string(sig, precision=4)} (either order is accepted)")
     options = dict(latent.solver_options)
     if solver_options is not None and dict(solver_options) != options:
         raise ValueError(f"this latent was encoded with solver_options={options}; got {dict(solver_options)}")
+    if grid is not None or nfe is not None or timesteps is not None or grid_options is not None:
+        if sigmas is not None:
+            raise ValueError("give sigmas= or grid=/nfe=/timesteps=, not both")
+        plugin = solver_plugin(latent.solver)
+        encoder = plugin.make(options) if plugin is not None else solvers.get(latent.solver, **options)
+        built = build_grid("trailing" if grid is None else grid,
+                           steps=latent.steps if steps is None and nfe is None and timesteps is None else steps,
+                           nfe=nfe, sigmas=None, timesteps=timesteps, grid_options=grid_options, final_euler=True)
+        rebuilt = built.generation_sigmas(flow, encoder, final_euler=False)
+        if not np.array_equal(rebuilt, sig):
+            shown = ", ".join(f"{k}={v!r}" for k, v in (("grid", grid), ("steps", steps), ("nfe", nfe),
+                                                        ("timesteps", timesteps)) if v is not None)
+            raise ValueError(f"{shown} builds the σ grid {np.array2string(rebuilt, precision=4)}, not the one "
+                             f"this latent was encoded on, {np.array2string(sig, precision=4)}")
+    elif steps is not None and steps != latent.steps:
+        raise ValueError(f"this latent was encoded with {latent.steps} steps; got steps={steps}")
     if latent.final_euler is not None and final_euler != latent.final_euler:  # a fixed-point latent
         raise ValueError(f"this latent inverts a decode with final_euler={latent.final_euler}; "
                          f"got final_euler={final_euler}")
@@ -368,6 +403,7 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
     eval_end = not (final_euler and own != "euler" and sig[-1] == 0.0)
     eps = flow.field(request.model_kwargs, model_dtype)
     sol = solve_grid(eps, form, sig.tolist(), solver_obj, xbar0=xbar0,
-                     eval_end=eval_end, callback=request.callback, check_finite=check_finite)
+                     eval_end=eval_end, callback=request.callback, check_finite=check_finite,
+                     bound=divergence_limit(divergence, x))
     return Result(sol.xbar.to(latent.dtype), sol.stats, sig, solver_obj.name)
 

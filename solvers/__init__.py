@@ -16,6 +16,7 @@ from ._checks import check_state
 from ._driver import FINAL_EULER, final_step_methods, nfe_for_steps, solve, steps_for_nfe, unsolve
 from ._errors import SolveError, StepFailure
 from ._integrate import (
+    Bound,
     Chain,
     ErrorControl,
     ErrorNorm,
@@ -40,6 +41,7 @@ __all__ = [
     "Adams",
     "AndersonResult",
     "anderson",
+    "Bound",
     "Chain",
     "ErrorControl",
     "FINAL_EULER",

@@ -11,7 +11,8 @@ class SolveError(ValueError):
     by the vector field propagate unchanged, with a note saying which step they came from.
 
     Attributes ``step``, ``t0`` and ``t1`` say which step failed; ``stats`` holds the
-    statistics gathered up to the failure (a :class:`solvers.Stats`).
+    statistics gathered up to the failure (a :class:`solvers.Stats`); ``value`` the offending
+    value when a divergence guard (:class:`solvers.Bound`) fired, else ``None``.
     """
 
     def __init__(self, message: str, *, step: int | None = None, t0: float | None = None,
@@ -21,6 +22,7 @@ class SolveError(ValueError):
         self.t0 = t0
         self.t1 = t1
         self.stats = stats
+        self.value: float | None = None
 
 
 class StepFailure(Exception):

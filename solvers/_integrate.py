@@ -53,6 +53,31 @@ class StepInfo(NamedTuple):
     state: Any = None
 
 
+@dataclass(frozen=True)
+class Bound:
+    """A divergence guard: the solve fails when ``max|y|·scale(t)`` at the end exceeds ``limit``.
+
+    The end state is checked once (the same host sync as the non-finite check); only when it
+    is out of range is the solve run again to locate the first step that left the range.
+    ``scale(t)`` maps the state to the quantity bounded (default 1); ``name`` is how the
+    error message calls that quantity. Nothing here knows what a plausible range is: the
+    caller chooses ``limit`` (flowdiff bounds the VP-scaled image, see ``flowdiff.encode``).
+    """
+
+    limit: float
+    scale: Callable[[float], float] | None = None
+    name: str = "max|y|"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.limit, bool) or not isinstance(self.limit, (int, float)) or not self.limit > 0:
+            raise ValueError(f"Bound.limit must be a positive number, got {self.limit!r}")
+
+    def value(self, t: float, y: Tensor) -> Tensor:
+        """The bounded quantity at ``(t, y)`` as a 0-dim tensor (NaN if ``y`` holds NaN)."""
+        m = y.detach().abs().amax()
+        return m if self.scale is None else m * self.scale(t)
+
+
 @dataclass
 class Solution:
     """The end state ``y``, the statistics, the solver's carried state and the times reached."""
@@ -117,18 +142,23 @@ class Stepping(abc.ABC):
 
 
 class _Run(abc.ABC):
-    """The controller of one solve: proposes the next step and judges its result."""
+    """The controller of one solve: proposes the next step and judges its result.
+
+    ``always_accepts``: every proposed step is taken (a fixed grid), so :meth:`propose` moves
+    ``t`` itself and :meth:`judge` is not asked.
+    """
 
     t: float
     inverse: bool = False
+    always_accepts: bool = False
 
     @abc.abstractmethod
     def done(self) -> bool:
         raise NotImplementedError  # abstract
 
     @abc.abstractmethod
-    def propose(self, y: Tensor, state: Any) -> tuple[float, Solver, Any]:
-        """``(t1, method, state)`` of the next step from ``self.t`` (the state may gain a derivative)."""
+    def propose(self, y: Tensor, state: Any) -> tuple[float, float, Solver | None, Any] | None:
+        """``(t0, t1, method, state)`` of the next step (the state may gain a derivative), or None when done."""
         raise NotImplementedError  # abstract
 
     def judge(self, result: StepResult, y0: Tensor, t1: float) -> bool:
@@ -164,24 +194,24 @@ class _GridRun(_Run):
     def __init__(self, grid: list[float], methods: dict[int, Solver], solver: Solver, inverse: bool) -> None:
         n = len(grid) - 1
         visit = grid[::-1] if inverse else grid
-        # (t1, method) of each step, in the order taken; a step's own method is keyed by its index in ``grid``
-        self.plan = [(visit[i + 1], methods.get(n - 1 - i if inverse else i, solver)) for i in range(n)]
+        # (t0, t1, method) of each step, in the order taken; a step's own method is keyed by its index in ``grid``
+        self.plan = iter([(visit[i], visit[i + 1], methods.get(n - 1 - i if inverse else i, solver))
+                          for i in range(n)])
         self.inverse = inverse
-        self.i = 0
-        self.n = n
+        self.always_accepts = True
+        self.left = n
         self.t = visit[0]
 
     def done(self) -> bool:
-        return self.i >= self.n
+        return self.left == 0
 
-    def propose(self, y: Tensor, state: Any) -> tuple[float, Solver, Any]:
-        t1, method = self.plan[self.i]
-        return t1, method, state
-
-    def judge(self, result: StepResult, y0: Tensor, t1: float) -> bool:
-        self.i += 1
-        self.t = t1
-        return True
+    def propose(self, y: Tensor, state: Any) -> tuple[float, float, Solver, Any] | None:
+        step = next(self.plan, None)
+        if step is None:
+            return None
+        self.left -= 1
+        self.t = step[1]
+        return (*step, state)
 
 
 @dataclass(frozen=True)
@@ -309,14 +339,16 @@ class _ErrorRun(_Run):
         self.h = min(max(h, c.min_step), c.max_step)
         return state
 
-    def propose(self, y: Tensor, state: Any) -> tuple[float, Solver, Any]:
+    def propose(self, y: Tensor, state: Any) -> tuple[float, float, Solver | None, Any] | None:
+        if self.done():
+            return None
         if self.h is None:
             state = self._first(y, state)
         t, h = self.t, self.h
         t_next = t * math.exp(self.log_dir * h) if self.log else t + self.direction * h
         if self.direction * (t_next - self.t_end) >= 0 or abs(self.t_end - t_next) < 1e-12 * self.span:
             t_next = self.t_end
-        return t_next, None, state  # type: ignore[return-value]  (None: the solver itself)
+        return t, t_next, None, state  # None: the solver itself
 
     def judge(self, result: StepResult, y0: Tensor, t1: float) -> bool:
         ratio = float(self.norm(result.error, y0, result.y, t1))
@@ -379,12 +411,14 @@ class _ChainRun(_Run):
     def done(self) -> bool:
         return self.run.done() and self.index + 1 >= len(self.parts)
 
-    def propose(self, y: Tensor, state: Any) -> tuple[float, Solver, Any]:
+    def propose(self, y: Tensor, state: Any) -> tuple[float, float, Solver | None, Any] | None:
         self._advance(y, state)
-        return self.run.propose(y, state)
+        step = self.run.propose(y, state)
+        self.t = self.run.t
+        return step
 
     def judge(self, result: StepResult, y0: Tensor, t1: float) -> bool:
-        accepted = self.run.judge(result, y0, t1)
+        accepted = True if self.run.always_accepts else self.run.judge(result, y0, t1)
         self.t = self.run.t
         return accepted
 
@@ -409,6 +443,7 @@ def integrate(
     check_finite: bool = True,
     time_name: str = "t",
     display: Callable[[float], float] | None = None,
+    bound: Bound | None = None,
 ) -> Solution:
     """Integrate ``dy/dt = f(t, y)`` from ``y0`` with ``solver``, the steps placed by ``stepping``.
 
@@ -423,6 +458,9 @@ def integrate(
     without the callback, keeping one sum per step, to locate the first step that produced
     them; the error carries the statistics of the first run. (A vector field that is not
     deterministic may then not reproduce the failure: the error says so.)
+
+    ``bound`` (a :class:`Bound`) is a divergence guard checked the same way: the end state
+    out of the bound is located by a second run at the first step whose state left it.
     """
     solver = get(solver)
     check_state(y0, "y0")
@@ -430,31 +468,60 @@ def integrate(
     if max_nfe is not None and (isinstance(max_nfe, bool) or not isinstance(max_nfe, int) or max_nfe < 1):
         raise ValueError(f"max_nfe must be a positive int or None, got {max_nfe!r}")
     names = (time_name, display)
-    y, end_state, times, stats = _loop(f, y0, solver, stepping, state, max_nfe, callback, None, names)
-    if check_finite and not bool(torch.isfinite(y).all()):
-        flags: list[Tensor] = []
-        try:
-            _loop(f, y0, solver, stepping, state, None, None, flags, names)
-        except Exception:  # noqa: BLE001  (the locating pass only looks for the first non-finite step)
-            pass
-        ok = torch.isfinite(torch.stack(flags)) if flags else torch.zeros(0, dtype=torch.bool)
-        inverse = isinstance(stepping, FixedGrid) and stepping.inverse
-        if bool(ok.all()):
-            raise SolveError(f"the solve ended with non-finite values at {time_name} "
-                             f"{_shown(times[-1], display):.6g}, and a second run did not reproduce them (is the "
-                             "vector field deterministic?)", step=len(times) - 2, t0=times[-2], t1=times[-1],
-                             stats=stats)
-        i = int((~ok).nonzero()[0, 0])
-        where = _where(i, times[i], times[i + 1], time_name, display, inverse)
+    y, end_state, times, stats = _loop(f, y0, solver, stepping, state, max_nfe, callback, None, names, None)
+    if bound is not None and not isinstance(bound, Bound):
+        raise TypeError(f"bound must be a solvers.Bound or None, got {type(bound).__name__}")
+    if bound is None:
+        ok = not check_finite or bool(torch.isfinite(y).all())
+    else:  # one sync for both checks: a NaN fails the comparison too
+        ok = bool(bound.value(times[-1], y) <= bound.limit)
+        if not ok and not check_finite and not bool(torch.isfinite(y).all()):
+            ok = True  # non-finite values were asked not to be checked
+    if not ok:
+        _locate(f, y0, solver, stepping, state, names, times, stats, check_finite, bound)
+    return Solution(y, stats, end_state, times)
+
+
+def _locate(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state: Any,
+            names: tuple[str, Callable[[float], float] | None], times: list[float], stats: Stats,
+            check_finite: bool, bound: Bound | None) -> None:
+    """Run the solve again keeping one value per step and raise at the first bad step."""
+    time_name, display = names
+    flags: list[Tensor] = []
+    try:
+        _loop(f, y0, solver, stepping, state, None, None, flags, names, bound)
+    except Exception:  # noqa: BLE001  (the locating pass only looks for the first bad step)
+        pass
+    values = torch.stack(flags) if flags else torch.zeros(0)
+    finite = torch.isfinite(values)
+    bad = ~finite if check_finite else torch.zeros_like(finite)
+    if bound is not None:
+        bad = bad | (finite & (values > bound.limit))
+    inverse = isinstance(stepping, FixedGrid) and stepping.inverse
+    if not bool(bad.any()):
+        raise SolveError(f"the solve ended with {'values out of the bound' if check_finite else 'bad values'} at "
+                         f"{time_name} {_shown(times[-1], display):.6g}, and a second run did not reproduce them "
+                         "(is the vector field deterministic?)", step=len(times) - 2, t0=times[-2], t1=times[-1],
+                         stats=stats)
+    i = int(bad.nonzero()[0, 0])
+    where = _where(i, times[i], times[i + 1], time_name, display, inverse)
+    value = float(values[i])
+    if not math.isfinite(value):
         raise SolveError(f"{where} produced non-finite values: the vector field (the model) returned NaN or "
                          "inf, or the state overflowed", step=i, t0=times[i], t1=times[i + 1], stats=stats)
-    return Solution(y, stats, end_state, times)
+    err = SolveError(f"{where} diverged: {bound.name} = {value:.6g} exceeds the bound {bound.limit:.6g} (the "
+                     "solver is unstable on this grid: use another solver or grid, or raise the bound)",
+                     step=i, t0=times[i], t1=times[i + 1], stats=stats)
+    err.value = value
+    raise err
 
 
 def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state: Any, max_nfe: int | None,
           callback: Callable[[StepInfo], None] | None, flags: list[Tensor] | None,
-          names: tuple[str, Callable[[float], float] | None]) -> tuple[Tensor, Any, list[float], Stats]:
-    """The loop itself: ``flags`` (when a list) collects one sum of the state per accepted step."""
+          names: tuple[str, Callable[[float], float] | None], bound: Bound | None
+          ) -> tuple[Tensor, Any, list[float], Stats]:
+    """The loop itself: ``flags`` (when a list) collects one value per accepted step: the
+    bounded quantity of ``bound`` (:meth:`Bound.value`), else max|y| (NaN or inf if non-finite)."""
     time_name, display = names
     counted = _Counted(f, time_name)
     stats = Stats()
@@ -472,7 +539,7 @@ def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state:
     y = y0
     times = [run.t]
     t0 = t1 = run.t
-    done, propose, judge = run.done, run.propose, run.judge
+    propose, judge, always = run.propose, run.judge, run.always_accepts
 
     def finish() -> None:
         stats.nfe = counted.nfe
@@ -480,16 +547,18 @@ def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state:
 
     steps = accepted = rejected = 0
     try:
-        while not done():
-            if max_nfe is not None and counted.nfe >= max_nfe:
+        while True:
+            if max_nfe is not None and counted.nfe >= max_nfe and not run.done():
                 stats.steps, stats.accepted, stats.rejected = steps, accepted, rejected
                 finish()
                 raise SolveError(
                     f"max_nfe={max_nfe} reached at {time_name}={_shown(run.t, display):.6g} after {accepted} "
                     f"accepted and {rejected} rejected steps; raise max_nfe or loosen rtol/atol",
                     step=steps, t0=run.t, stats=stats)
-            t0 = run.t
-            t1, method, state = propose(y, state)
+            step = propose(y, state)
+            if step is None:
+                break
+            t0, t1, method, state = step
             if method is None:
                 method = solver
             if inverse:  # undo the forward step t1 -> t0 (t1 is the earlier time of the solved grid)
@@ -498,12 +567,12 @@ def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state:
             else:
                 result = method.step(counted, t0, t1, y, state)
             steps += 1
-            if judge(result, y, t1):
+            if always or judge(result, y, t1):
                 accepted += 1
                 y, state = result.y, result.state
                 times.append(t1)
                 if flags is not None:
-                    flags.append(y.sum())
+                    flags.append(y.detach().abs().amax() if bound is None else bound.value(t1, y))
                 if callback is not None:
                     callback(StepInfo(accepted - 1, t0, t1, y, state))
             else:

@@ -153,6 +153,15 @@ class Adams(Solver):
     def _predict_weights(self, ts: list[float], t0: float, t1: float) -> list[float]:
         return adams_weights(ts, t0, t1, log_time=self.log_time)
 
+    def limited(self, derivatives: int, *, corrector: bool | None = None) -> Adams:
+        """The same method through at most ``derivatives`` past derivatives (a lower order for
+        one step: where the history lies too far back for its polynomial to extrapolate), and
+        without its corrector with ``corrector=False`` (a step too long for the interpolant)."""
+        corrector = self.corrector if corrector is None else corrector and self.corrector
+        if derivatives >= self.steps_order and corrector == self.corrector:
+            return self
+        return Adams(self.name, min(derivatives, self.steps_order), log_time=self.log_time, corrector=corrector)
+
     def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
         hist = _history_at(f, t0, y0, state, self.steps_order)
         ts, ks = hist.newest(self.steps_order)

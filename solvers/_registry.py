@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +52,15 @@ def describe() -> dict[str, str]:
     return {name: _REGISTRY[name].summary for name in sorted(_REGISTRY)}
 
 
+@functools.cache
+def _options_of(factory: Callable[..., Solver]) -> tuple[bool, tuple[str, ...]]:
+    """Whether ``factory`` takes any keyword, and the option names it takes (read once per factory)."""
+    params = inspect.signature(factory).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    named = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return accepts_any, tuple(p for p, spec in params.items() if spec.kind in named)
+
+
 def get(name: str | Solver, **options: object) -> Solver:
     """The solver registered as ``name``, built with ``options``; a Solver instance passes through."""
     if isinstance(name, Solver):
@@ -64,10 +74,9 @@ def get(name: str | Solver, **options: object) -> Solver:
         entry = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown solver {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
-    params = inspect.signature(entry.factory).parameters
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    named = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    valid = [p for p, spec in params.items() if spec.kind in named]
+    if not options:
+        return entry.factory()
+    accepts_any, valid = _options_of(entry.factory)
     unknown = sorted(set(options) - set(valid))
     if unknown and not accepts_any:
         raise TypeError(f"solver {name!r} got unknown option(s) {unknown}; "

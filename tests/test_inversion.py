@@ -154,10 +154,15 @@ def test_decode_refuses_mismatched_settings(mixture):
         fd.decode(flow, latent, solver="euler")
     with pytest.raises(ValueError, match="encoded with 5 steps"):
         fd.decode(flow, latent, steps=6)
-    with pytest.raises(ValueError, match="carries its own grid"):
+    with pytest.raises(ValueError, match="grid='karras' builds the σ grid"):
         fd.decode(flow, latent, grid="karras")
-    with pytest.raises(ValueError, match="sigmas= differs"):
+    with pytest.raises(ValueError, match="sigmas= .* differs from the grid this latent was encoded on"):
         fd.decode(flow, latent, sigmas=fd.make_sigmas(flow.schedule, "karras", 5))
+    # the encode's own arguments are accepted, and retrace it bit for bit
+    exact = fd.decode(flow, latent).x
+    for agreeing in (dict(grid="trailing"), dict(grid="trailing", steps=5), dict(sigmas=latent.sigmas),
+                     dict(solver="reversible_heun", steps=5)):
+        assert torch.equal(fd.decode(flow, latent, **agreeing).x, exact), agreeing
     wrapped = fd.encode(flow, x, solver="reversible", solver_options={"coupling": 0.99}, steps=5).latent
     with pytest.raises(ValueError, match="solver_options"):
         fd.decode(flow, wrapped, solver_options={"coupling": 0.999})

@@ -9,7 +9,7 @@ import torch
 import flowdiff
 import solvers
 from flowdiff.analytic import Gaussian, Mixture
-from flowdiff.formulations import grid_order, variables_of
+from flowdiff.formulations import encode_refusal, grid_order, variables_of
 from solvers import SolveError
 
 FIXED_STEP = solvers.available()
@@ -67,6 +67,11 @@ def test_stats_nfe_equals_model_calls(name):
         if "nfe" in kwargs:
             assert res.stats.nfe <= 15
     calls.clear()
+    if encode_refusal(name) is not None:  # refused for encoding, before any evaluation
+        with pytest.raises(ValueError, match=f"solver {name!r} cannot encode"):
+            flowdiff.encode(flow, noise, solver=name, steps=4)
+        assert not calls
+        return
     enc = flowdiff.encode(flow, noise, solver=name, steps=4)
     assert enc.stats.nfe == len(calls)
 
@@ -215,15 +220,26 @@ def test_model_failures_say_where():
     assert info.value.step == 6 and info.value.stats.nfe == 10
 
 
-def test_decode_refuses_a_latent_from_another_grid_or_solver():
+def test_decode_accepts_the_encodes_own_arguments_and_refuses_each_disagreement():
     flow = _gaussian().flow()
-    enc = flowdiff.encode(flow, torch.randn(2, 4, dtype=torch.float64), solver="heun", steps=5)
-    with pytest.raises(ValueError, match="encoded with solver 'heun'"):
+    enc = flowdiff.encode(flow, torch.randn(2, 4, dtype=torch.float64), solver="heun", steps=5, grid="karras")
+    plain = flowdiff.decode(flow, enc.latent).x
+    for agreeing in (dict(solver="heun"), dict(steps=5), dict(grid="karras"), dict(grid="karras", steps=5),
+                     dict(solver="heun", steps=5, grid="karras", solver_options={}),
+                     dict(sigmas=enc.latent.sigmas), dict(sigmas=enc.latent.sigmas[::-1].copy())):
+        assert torch.equal(flowdiff.decode(flow, enc.latent, **agreeing).x, plain), agreeing
+    with pytest.raises(ValueError, match="encoded with solver 'heun'.*got solver='euler'"):
         flowdiff.decode(flow, enc.latent, solver="euler")
-    with pytest.raises(ValueError, match="encoded with 5 steps"):
+    with pytest.raises(ValueError, match="encoded with 5 steps; got steps=6"):
         flowdiff.decode(flow, enc.latent, steps=6)
-    with pytest.raises(ValueError, match="carries its own grid"):
-        flowdiff.decode(flow, enc.latent, grid="karras")
+    with pytest.raises(ValueError, match=r"grid='trailing' builds the σ grid \[.*\], not the one this latent"):
+        flowdiff.decode(flow, enc.latent, grid="trailing")
+    with pytest.raises(ValueError, match=r"grid='karras', steps=6 builds"):
+        flowdiff.decode(flow, enc.latent, grid="karras", steps=6)
+    with pytest.raises(ValueError, match=r"sigmas= \[.*\] differs from the grid this latent was encoded on, \["):
+        flowdiff.decode(flow, enc.latent, sigmas=enc.latent.sigmas * 1.01)
+    with pytest.raises(ValueError, match=r"solver_options=\{\}; got \{'x': 1\}"):
+        flowdiff.decode(flow, enc.latent, solver_options={"x": 1})
 
 
 def test_adaptive_encode_latent_keeps_the_solver_options():

@@ -18,6 +18,7 @@ from torch import Tensor
 from .._files import atomic_path
 from ..compare import compare
 from ..fingerprint import flow_fingerprint
+from ..flow import ProbabilityFlow
 from ..imageio import ImageFormat
 from ..latent import Latent
 from . import _prompt
@@ -92,6 +93,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     # the reference is solved from the network as saved (copied to float64), the runs in --dtype
     loaded, dtype, device = _setup(args, convert=False)
     run_flow = in_dtype(loaded.flow, dtype)
+    if args.task == "roundtrip":  # held-out digits (the shipped models' data) encoded and decoded back
+        return _compare_roundtrip(args, loaded, run_flow, dtype, device, md, csv, png)
     noise = _noise(args, args.batch, loaded.shape, dtype, device)
     # The reference depends on the model, the noise (seed, batch, shape) and the tolerance, not on --dtype:
     # it is always solved in float64 from the same float64 draw, so it is kept on disk under that key.
@@ -145,6 +148,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for (solver, grid, budget), made in result.provided.items():
         print(f"{grid} grid of {solver} at NFE {budget}: tuning cost {made.tuning_nfe} NFE, "
               f"{made.tuning_seconds:.1f} s")
+    print(f"wrote {md}, {csv}, {png}")
+    return 0
+
+
+def _compare_roundtrip(args: argparse.Namespace, loaded: LoadedModel, run_flow: ProbabilityFlow,
+                       dtype: torch.dtype, device: torch.device, md: Path, csv: Path, png: Path) -> int:
+    from ..pretrained import digits_data
+
+    if tuple(loaded.shape) != (1, 8, 8):
+        raise CommandError(f"--task roundtrip runs on the held-out 8×8 digits; --model {args.model!r} makes images of "
+                           f"shape {tuple(loaded.shape)} (use flowdiff.compare(task='roundtrip', images=...) from "
+                           "Python)")
+    images = digits_data("test").images[: args.batch].to(device, dtype).reshape(-1, *loaded.shape)
+    result = compare(run_flow, task="roundtrip", images=images, solvers=args.solver, grids=args.grid,
+                     nfe=args.nfe, model_kwargs=loaded.model_kwargs or None)
+    with atomic_path(md) as tmp:
+        tmp.write_text(result.to_markdown("wide") + "\n" + result.to_markdown("long"))
+    with atomic_path(csv) as tmp:
+        tmp.write_text(result.to_csv())
+    with atomic_path(png) as tmp:
+        result.plot(tmp, title="round trip: RMS error vs encode + decode NFE")
+    print(result.to_markdown(args.layout))
     print(f"wrote {md}, {csv}, {png}")
     return 0
 

@@ -200,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=("wide", "long"), default="wide",
                    help="printed table: a column per NFE budget (wide, default) or a row per run (long)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--task", choices=("generate", "roundtrip"), default="generate",
+                   help="roundtrip: compare encoders by decode(encode(x)) on --batch held-out digits")
     _overwrite_option(p)
     p.set_defaults(func=cmd_compare)
 
