@@ -29,13 +29,19 @@ _BOUND_NAME = "max|x| (the VP-scaled state x̄/√(1+σ²))"
 @dataclass
 class FlowSolution:
     """The end of a solve: ``xbar``, the state ``y`` in the formulation's variables, the
-    statistics, the solver's carried state (timed in σ) and the σ values visited."""
+    statistics, the solver's carried state (timed in σ) and the times visited (``sigmas``: as σ)."""
 
     xbar: Tensor
     y: Tensor
     stats: Stats
     state: Any
-    sigmas: np.ndarray
+    times: list[float]
+    form: Formulation
+
+    @property
+    def sigmas(self) -> np.ndarray:
+        """The σ values visited (mapped back from the formulation's times when asked)."""
+        return np.array([self.form.sigma(t) for t in self.times], dtype=np.float64)
 
 
 def _records(form: Formulation, callback: Callable[[StepState], None]) -> Callable[[solvers.StepInfo], None]:
@@ -103,8 +109,7 @@ def solve_flow(
                             check_finite=check_finite, time_name="σ", display=form.sigma,
                             bound=None if bound is None else solvers.Bound(bound, form.x_factor, _BOUND_NAME))
     t_end = sol.ts[-1]
-    return FlowSolution(form.to_xbar(sol.y, t_end), sol.y, sol.stats, form.state_out(sol.state),
-                        np.array([form.sigma(t) for t in sol.ts], dtype=np.float64))
+    return FlowSolution(form.to_xbar(sol.y, t_end), sol.y, sol.stats, form.state_out(sol.state), sol.ts, form)
 
 
 def solve_grid(eps: EpsField, form: Formulation, sigmas: list[float], solver: Solver, *, xbar0: Tensor,

@@ -143,6 +143,9 @@ class Sigma(Formulation):
 
     name = "sigma"
 
+    def times(self, sigmas: Sequence[float]) -> list[float]:
+        return [float(v) for v in sigmas]  # the time is σ itself: nothing to look up
+
     def _time(self, sigma: float) -> float:
         return sigma
 
