@@ -160,7 +160,7 @@ def generate(
     selects the DDIM paper's stochastic generative process instead of the ODE (see
     :mod:`flowdiff.stochastic`), with randomness from ``generator`` or given per step in ``step_noise``.
 
-    ``divergence`` (default 1000) is the divergence guard of fixed-grid solves: when the
+    ``divergence`` (default 1000) is the divergence guard of fixed-grid and adaptive solves: when the
     VP-scaled end state max|x̄|/√(1+σ²) exceeds ``divergence × max(1, max|noise|)`` the solve
     is run again to find the first step past that bound and a :class:`solvers.SolveError`
     names it (step, σ, the value: ``err.value``) instead of returning garbage. It costs one
@@ -195,7 +195,8 @@ def generate(
     dtype = compute_dtype(noise)
     model_dtype = noise.dtype if noise.dtype != dtype else None
     if adaptive_spec is not None:
-        return solve_adaptive_flow(request, noise, direction="generate", model_dtype=model_dtype)
+        return solve_adaptive_flow(request, noise, direction="generate", model_dtype=model_dtype,
+                                   bound=divergence_limit(divergence, noise))
     sig = grid_spec.generation_sigmas(flow, solver_obj)
     xbar0 = noise.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)
     form = formulation_for(solver_obj, "generate")
@@ -290,7 +291,8 @@ def encode(
     request = _request(flow, solver_obj, name, options, grid_spec, adaptive_spec, model_kwargs, callback,
                        check_finite)
     if adaptive_spec is not None:
-        res = solve_adaptive_flow(request, images, direction="encode", model_dtype=model_dtype)
+        res = solve_adaptive_flow(request, images, direction="encode", model_dtype=model_dtype,
+                                  bound=divergence_limit(divergence, images))
         res.latent.set_origin(flow, model_kwargs)
         return res
     sig = grid_spec.generation_sigmas(flow, solver_obj, final_euler=False)[::-1].copy()

@@ -184,3 +184,18 @@ def test_cli_compare_task_roundtrip_writes_the_table(tmp_path, capsys):
                  "--grid", "logsnr", "--nfe", "6", "--batch", "2", "--out", str(out)]) == 0
     assert "| dpmpp_2m | logsnr |" in capsys.readouterr().out
     assert (out / "compare.csv").read_text().splitlines()[0].endswith("encode_nfe,decode_nfe")
+
+
+def test_divergence_guard_covers_adaptive_solves():
+    """The guard bounds the end state of error-controlled solves too (generate and encode), located in σ."""
+    gauss = Gaussian(torch.zeros(6, dtype=torch.float64), 0.3)
+    flow = gauss.flow()
+    images = gauss.sample(3, generator=torch.Generator().manual_seed(0))
+    ok = flowdiff.encode(flow, images, solver="dopri5", rtol=1e-3, atol=1e-3)
+    assert float(ok.x.abs().max()) < 10
+    with pytest.raises(solvers.SolveError, match=r"step \d+ \(σ .*diverged") as info:
+        flowdiff.encode(flow, images, solver="dopri5", rtol=1e-3, atol=1e-3, divergence=1e-3)
+    assert info.value.value > 1e-3
+    noise = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(solvers.SolveError, match="diverged"):
+        flowdiff.generate(flow, noise, solver="unipc", rtol=1e-3, atol=1e-3, divergence=1e-3)
