@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from .flow import PREDICTION_TYPES
+from .grids import _check_steps
 from .schedules import BETA_SCHEDULES, FlowMatchingSchedule, Schedule
 
 FLOW_MATCHING_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
@@ -126,14 +127,6 @@ def schedule_from_config(config: Mapping[str, Any], source: str = "scheduler con
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source}: {e}") from None
     return schedule, prediction_type
-
-
-def _check_steps(steps: object) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
-        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    return int(steps)
 
 
 def ddim_timesteps(config: Mapping[str, Any], steps: int, source: str = "scheduler config") -> np.ndarray:
