@@ -96,8 +96,17 @@ class Schedule:
 
     @classmethod
     def cosine(cls, num_train_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
-        """Improved DDPM's cosine schedule (Nichol & Dhariwal 2021), betas capped at ``max_beta``."""
+        """Improved DDPM's cosine schedule (Nichol & Dhariwal 2021), betas capped at ``max_beta``.
+
+        ``s`` (the offset that keeps β small near t = 0) must be a finite number ≥ 0, and
+        ``max_beta`` in (0, 1); others are errors naming them.
+        """
         _check_T(num_train_timesteps)
+        for name, value, ok, accepted in (("s", s, lambda v: v >= 0, "a finite number >= 0 (0.008 in the paper)"),
+                                          ("max_beta", max_beta, lambda v: 0 < v < 1, "a number in (0, 1)")):
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) \
+                    or not math.isfinite(value) or not ok(value):
+                raise ValueError(f"Schedule.cosine: {name} must be {accepted}, got {value!r}")
         T = num_train_timesteps
 
         def alpha_bar(x: np.ndarray) -> np.ndarray:

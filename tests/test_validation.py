@@ -311,3 +311,10 @@ def test_pixels_that_do_not_match_their_format_are_refused():
         to_data(np.zeros((4, 4, 1), dtype=np.float32), ImageFormat("L", 16))
     with pytest.raises(ValueError, match="RGB"):
         to_data(np.zeros((4, 4, 1), dtype=np.uint8), ImageFormat("RGB", 8))
+
+
+@pytest.mark.parametrize("kwargs,name", [({"s": -1}, "s"), ({"s": float("nan")}, "s"), ({"s": "0.008"}, "s"),
+                                         ({"max_beta": 1.5}, "max_beta"), ({"max_beta": 0.0}, "max_beta")])
+def test_cosine_schedule_names_its_bad_argument(kwargs, name):
+    with pytest.raises(ValueError, match=f"Schedule.cosine: {name} must be"):
+        flowdiff.Schedule.cosine(**kwargs)
