@@ -218,13 +218,13 @@ class _ContinuousSchedule(Schedule):
         super().__init__(1.0 / (1.0 + level_sigmas.astype(np.float64) ** 2))
 
     def _time(self, sigma: float) -> float:
-        raise NotImplementedError
+        raise NotImplementedError  # abstract
 
     def _sigma(self, t: float) -> float:
-        raise NotImplementedError
+        raise NotImplementedError  # abstract
 
     def _time_range(self) -> tuple[float, float]:
-        raise NotImplementedError
+        raise NotImplementedError  # abstract
 
     def timestep(self, sigma: float) -> float:
         """The model's time for noise level σ ≥ 0, in closed form (no interpolation)."""
