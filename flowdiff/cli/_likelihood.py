@@ -14,7 +14,6 @@ uniform dequantization noise and the offset log₂ 127.5 = 6.994 bits of 8-bit d
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,29 +24,11 @@ import torch
 import solvers as _solvers
 
 from ..likelihood import DEFAULT_RTOL, DIVERGENCES, PROBE_NOISES, log_likelihood
+from ._argtypes import positive_int as _positive_int
+from ._argtypes import positive_number as _tolerance
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _tolerance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
 
 
 def add_parser(subparsers: Any, *, load_model: Callable[..., Any],

@@ -11,6 +11,7 @@ import solvers as _solvers
 from ..compare import DEFAULT_GRIDS, DEFAULT_NFE, default_solvers
 from ..grids import GRIDS
 from . import _likelihood
+from ._argtypes import positive_int as _positive_int
 from ._commands import DTYPES, REFERENCE_RTOL, cmd_compare, cmd_decode, cmd_encode, cmd_roundtrip, cmd_sample
 from ._errors import one_line
 from ._images import read_images
@@ -24,16 +25,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _int_list(text: str) -> list[int]:
