@@ -31,6 +31,9 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "velocity")
 #: timestep argument in place.
 _TIMESTEP_CACHE = 64
 
+#: State dtypes whose product with a 0-dim tensor equals the product with a Python float, bit for bit.
+_EXACT_SCALARS = (torch.float32, torch.float64)
+
 #: ``model(x_t, t, **model_kwargs) -> prediction``; x_t = α(σ)·x̄ (VP-scaled for VP schedules), t a float
 #: tensor of shape (batch,).
 Model = Callable[..., Tensor]
@@ -101,19 +104,23 @@ class ProbabilityFlow:
         model = self.model
         prediction_type = self.prediction_type
         if getattr(self, "_timesteps_of", None) is not self.schedule:  # a new (or replaced) schedule: a new cache
-            self._timesteps: dict[tuple, dict[float, tuple[Tensor, float]]] = {}
+            self._timesteps: dict[tuple, dict[float, tuple[Tensor, Tensor | float, float]]] = {}
             self._timesteps_of = self.schedule
         t_cache = self._timesteps
 
-        # the (batch, device, dtype) of the solve's state and that combination's σ → (t, α) table; a state of
-        # another batch size, device or dtype switches table
+        # The (batch, device, state dtype) of the solve's state and that combination's table σ → (t, input
+        # scale α, α). For float32/float64 states α is kept as a 0-dim tensor of the state's dtype: multiplying
+        # by it is the same float operation as by the Python float (checked bit for bit), and about half as
+        # costly on small states, where a Python scalar is wrapped into a new tensor on every call. (Half
+        # precision computes a Python scalar in float32, so there α stays a float.) A state of another batch
+        # size, device or dtype switches table.
         current: list[Any] = [None, None]
 
-        def table(xbar: Tensor) -> dict[float, tuple[Tensor, float]]:
-            combo = (xbar.shape[0], xbar.device, model_dtype or xbar.dtype)
+        def table(xbar: Tensor) -> dict[float, tuple[Tensor, Tensor | float, float]]:
+            combo = (xbar.shape[0], xbar.device, xbar.dtype)
             if len(t_cache) >= _TIMESTEP_CACHE:
                 t_cache.clear()
-            current[0], current[1] = combo, t_cache.setdefault(combo, {})
+            current[0], current[1] = combo, t_cache.setdefault((*combo, model_dtype), {})
             return current[1]
 
         def f(sigma: float, xbar: Tensor) -> Tensor:
@@ -124,14 +131,17 @@ class ProbabilityFlow:
             hit = by_sigma.get(sigma)
             fresh = hit is None  # a σ not seen yet for this state: check what the model returns there
             if fresh:
-                if (xbar.device, model_dtype or xbar.dtype) != combo[1:]:  # the same batch size, another state
+                if (xbar.device, xbar.dtype) != combo[1:]:  # the same batch size, another state
                     by_sigma = table(xbar)
                     combo = current[0]
-                t_dtype = torch.float64 if combo[2] == torch.float64 else torch.float32
-                hit = (torch.full((combo[0],), timestep(sigma), dtype=t_dtype, device=combo[1]), alpha(sigma))
+                t_dtype = torch.float64 if (model_dtype or combo[2]) == torch.float64 else torch.float32
+                scale = alpha(sigma)
+                hit = (torch.full((combo[0],), timestep(sigma), dtype=t_dtype, device=combo[1]),
+                       torch.tensor(scale, dtype=combo[2], device=combo[1]) if combo[2] in _EXACT_SCALARS else scale,
+                       scale)
                 by_sigma[sigma] = hit
-            t, inv_scale = hit
-            x = xbar * inv_scale
+            t, scale_t, inv_scale = hit
+            x = xbar * scale_t
             if model_dtype is not None and x.dtype != model_dtype:
                 x = x.to(model_dtype)
             out = model(x, t, **kwargs) if kwargs else model(x, t)

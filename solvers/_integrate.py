@@ -195,23 +195,23 @@ class _GridRun(_Run):
         n = len(grid) - 1
         visit = grid[::-1] if inverse else grid
         # (t0, t1, method) of each step, in the order taken; a step's own method is keyed by its index in ``grid``
-        self.plan = iter([(visit[i], visit[i + 1], methods.get(n - 1 - i if inverse else i, solver))
-                          for i in range(n)])
+        self.plan = [(visit[i], visit[i + 1], methods.get(n - 1 - i if inverse else i, solver)) for i in range(n)]
         self.inverse = inverse
         self.always_accepts = True
-        self.left = n
+        self.next = 0
         self.t = visit[0]
 
     def done(self) -> bool:
-        return self.left == 0
+        return self.next == len(self.plan)
 
     def propose(self, y: Tensor, state: Any) -> tuple[float, float, Solver, Any] | None:
-        step = next(self.plan, None)
-        if step is None:
+        i = self.next
+        if i == len(self.plan):
             return None
-        self.left -= 1
-        self.t = step[1]
-        return (*step, state)
+        self.next = i + 1
+        t0, t1, method = self.plan[i]
+        self.t = t1
+        return t0, t1, method, state
 
 
 @dataclass(frozen=True)

@@ -67,8 +67,10 @@ class ExplicitRK(Solver):
 
     def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
         h = t1 - t0
+        if self._stages == 1 and state is None:  # Euler: one evaluation, one update, nothing to carry
+            return StepResult(y0.add(f(t0, y0), alpha=h * self._b[0]), None)
         k1 = state.k if isinstance(state, Derivative) and state.t == t0 else f(t0, y0)
-        if self._stages == 1:  # Euler: one evaluation, one update, nothing to carry (it never retries)
+        if self._stages == 1:
             return StepResult(y0.add(k1, alpha=h * self._b[0]), None)
         ks = [k1]
         y1 = None

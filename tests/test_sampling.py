@@ -156,6 +156,31 @@ def test_dtypes(dtype):
         assert float((res.x.float() - ref.x).abs().max()) < 8 * eps * float(ref.x.abs().max())
 
 
+@pytest.mark.parametrize("state_dtype,model_dtype", [(torch.float32, None), (torch.float64, None),
+                                                      (torch.float32, torch.float16), (torch.float64, torch.float32),
+                                                      (torch.float16, None), (torch.bfloat16, None)])
+def test_field_feeds_the_model_exactly_alpha_times_xbar(state_dtype, model_dtype):
+    # the field caches each σ's input scale (as a 0-dim tensor where that is the same float operation):
+    # the model must still receive exactly x̄·α(σ) computed in the state's dtype, then cast to its own
+    inputs = []
+
+    def model(x, t):
+        inputs.append(x)
+        return torch.zeros_like(x)
+
+    flow = flowdiff.ProbabilityFlow(model, flowdiff.Schedule.linear())
+    f = flow.field(model_dtype=model_dtype)
+    xbar = (torch.randn(2, 3, 5, 5, dtype=torch.float64) * 7).to(state_dtype)
+    sigmas = [0.0, 0.0137, 1.0, 3.7, 80.0]
+    for _ in range(2):  # first visits build the table, second visits read it
+        for sigma in sigmas:
+            f(sigma, xbar)
+    want = [(xbar * flow.schedule.alpha(s)).to(model_dtype or state_dtype) for s in sigmas] * 2
+    assert len(inputs) == len(want)
+    for got, ref in zip(inputs, want):
+        assert got.dtype == ref.dtype and torch.equal(got, ref)
+
+
 def test_model_kwargs_pass_through_and_callback():
     got = {}
 
