@@ -145,7 +145,7 @@ class ProbabilityFlow:
             if model_dtype is not None and x.dtype != model_dtype:
                 x = x.to(model_dtype)
             out = model(x, t, **kwargs) if kwargs else model(x, t)
-            if fresh or out.dtype != xbar.dtype:
+            if fresh or out.dtype is not xbar.dtype:  # dtypes are singletons: `is` is the cheap test
                 if not isinstance(out, Tensor):
                     raise TypeError(f"model must return a torch.Tensor, got {type(out).__name__} "
                                     "(wrap models that return objects, e.g. flowdiff.from_diffusers)")
