@@ -24,8 +24,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from solvers import Stats
-
 from .flow import ProbabilityFlow
 from .sampling import Result, generate
 from .scheduler_grids import scheduler_sigmas
@@ -153,9 +151,9 @@ def sample_like(flow: ProbabilityFlow, noise: Tensor, scheduler: object = None, 
     is the scheduler's loop: DDIM's step and flow matching's x + (t' − t)·v are both Euler on
     dx̄/dσ = ε. ``mu`` and ``sigmas`` are those a flow-matching pipeline passes to
     ``set_timesteps`` (Flux: its resolution-dependent shift and ``linspace(1, 1/steps, steps)``).
-    A grid starting at σ = ∞ takes its first step with
-    :meth:`~flowdiff.ProbabilityFlow.step_from_noise` (one more evaluation, counted in
-    ``stats.nfe``). Further keywords go to :func:`flowdiff.generate`.
+    A grid starting at σ = ∞ (flow matching, zero terminal SNR) takes its first step with
+    :meth:`~flowdiff.ProbabilityFlow.step_from_noise`, as :func:`flowdiff.generate` does
+    (:mod:`flowdiff.terminal`; counted in ``stats.nfe``). Further keywords go to :func:`flowdiff.generate`.
     """
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
@@ -169,21 +167,8 @@ def sample_like(flow: ProbabilityFlow, noise: Tensor, scheduler: object = None, 
                              "its config or its directory)")
     grid = scheduler_sigmas(scheduler, steps, mu=mu, sigmas=sigmas)
     schedule = flow.schedule
-    extra = 0
-    if math.isinf(grid[0]):
-        state_dtype = torch.float32 if noise.dtype in (torch.float16, torch.bfloat16) else noise.dtype
-        model_dtype = noise.dtype if noise.dtype != state_dtype else None
-        x_T = flow.step_from_noise(noise.to(state_dtype), float(grid[1]), model_kwargs, model_dtype).to(noise.dtype)
-        grid, extra = grid[1:], 1
-    else:
-        x_T = noise / _model_per_ddim(schedule, float(grid[0]))
-    if len(grid) == 1:  # one step, from σ = ∞ straight to the end
-        x = x_T * _model_per_ddim(schedule, float(grid[0]))
-        return Result(x, Stats(nfe=1, steps=1, accepted=1), np.append(np.inf, grid), solver)
+    # at σ = ∞ the model's input is the noise itself (α = 0, s = 1), which is also DDIM's x_T there
+    x_T = noise if math.isinf(grid[0]) else noise / _model_per_ddim(schedule, float(grid[0]))
     res = generate(flow, x_T, solver=solver, sigmas=grid, model_kwargs=model_kwargs, **generate_kwargs)
     end = float(grid[-1])
-    x = res.x if end == 0 else res.x * schedule.alpha(end)
-    stats = dataclasses.replace(res.stats, nfe=res.stats.nfe + extra, steps=res.stats.steps + extra,
-                                accepted=res.stats.accepted + extra)
-    full = np.append(np.inf, grid) if extra else grid
-    return Result(x, stats, full, res.solver)
+    return dataclasses.replace(res, x=res.x if end == 0 else res.x * schedule.alpha(end))
