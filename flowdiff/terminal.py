@@ -70,3 +70,13 @@ def refuse_encode_to_infinity(sigmas: np.ndarray) -> None:
                          "limit x_T = ε̂, which no decode retraces. Encode to the last finite level: pass the "
                          "generation grid without its first point, e.g. sigmas=grid[1:] (decoding that latent with "
                          "a reversible solver is exact)")
+
+
+def refuse_infinite_start(sigma: float, what: str) -> None:
+    """Refuse a solve of ``what`` (adaptive, stochastic) from or to σ = ∞, where only the fixed-grid ODE step is
+    defined (:func:`generate_from_infinity`)."""
+    if sigma == math.inf:
+        raise ValueError(f"{what} cannot start or end at σ = ∞ (this schedule's σ_max: zero terminal SNR), where "
+                         "the state x̄ is infinite; only a fixed-grid ODE solve takes the boundary step out of it. "
+                         "Start at a finite σ (sigmas=[σ_start, 0] or sigma_start=, e.g. the scheduler grid's "
+                         "second value), or use a fixed grid without eta")

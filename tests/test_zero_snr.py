@@ -133,3 +133,25 @@ def test_an_epsilon_model_cannot_start_at_infinity(tmp_path, zero_snr):
         flowdiff.generate(flow, _noise(), steps=4)
     grid = flow.scheduler_sigmas(4)
     assert flowdiff.generate(flow, _noise(), sigmas=grid[1:]).x.isfinite().all()  # from the last finite level
+
+
+def test_solves_with_no_step_out_of_infinity_are_refused_by_name(zero_snr):
+    _, path = zero_snr
+    flow = from_diffusers(path)
+    noise, images = _noise(), _noise().clamp(-1, 1)
+    for call, what in ((lambda: flowdiff.generate(flow, noise, solver="dopri5", rtol=1e-3, atol=1e-3),
+                        "an adaptive solve"),
+                       (lambda: flowdiff.encode(flow, images, solver="dopri5", rtol=1e-3, atol=1e-3),
+                        "an adaptive solve"),
+                       (lambda: flowdiff.generate(flow, noise, steps=4, eta=1.0, generator=0),
+                        r"the stochastic \(eta\) process"),
+                       (lambda: flowdiff.compare(flow, noise, solvers=["euler"], nfe=[4], grids=["trailing"]),
+                        "the adaptive reference solution")):
+        with pytest.raises(ValueError, match=f"{what} cannot start or end at σ = ∞"):
+            call()
+    with pytest.raises(ValueError, match="ends at σ = ∞"):
+        flowdiff.encode(flow, images, steps=4, inversion="fixed_point")
+    # from a finite start they run: an adaptive solve from the scheduler grid's second level
+    start = float(flow.scheduler_sigmas(10)[1])
+    res = flowdiff.generate(flow, noise, solver="dopri5", rtol=1e-3, atol=1e-3, sigmas=[start, 0.0])
+    assert res.x.isfinite().all() and res.sigmas[0] == start
