@@ -255,11 +255,14 @@ def _prompt_encoder(root: Path, index: Mapping[str, Any], dtype: torch.dtype | N
         return PromptEncoder(tokenizer, text_encoder, model_dtype)
     # SD3 / Flux: the pipeline's own encode_prompt over its tokenizers and text encoders, nothing else loaded
     components: dict[str, Any] = {k: None for k in index if not k.startswith("_")}
-    for suffix in _TEXT_PIPELINES[pipeline_class]:
+    suffixes = _TEXT_PIPELINES[pipeline_class]
+    if any(_entry(index, "tokenizer" + x) is None or _entry(index, "text_encoder" + x) is None for x in suffixes):
+        return None  # e.g. SD3 saved without T5: the caller passes the embeddings as model_kwargs
+    for suffix in suffixes:
         tok, enc = _entry(index, "tokenizer" + suffix), _entry(index, "text_encoder" + suffix)
-        if tok is None or enc is None or not hasattr(transformers, tok) or not hasattr(transformers, enc):
-            raise ValueError(f"pipeline {root}: a {pipeline_class} needs tokenizer{suffix} and text_encoder{suffix} "
-                             f"(transformers classes), got {tok!r} and {enc!r} in model_index.json")
+        if not hasattr(transformers, tok) or not hasattr(transformers, enc):
+            raise ValueError(f"pipeline {root}: tokenizer{suffix} {tok!r} or text_encoder{suffix} {enc!r} in "
+                             "model_index.json is not a transformers class")
         components["tokenizer" + suffix] = _load_tokenizer(transformers, tok, root / ("tokenizer" + suffix))
         components["text_encoder" + suffix] = _load(getattr(transformers, enc), root / ("text_encoder" + suffix),
                                                      "text encoder", dtype)

@@ -139,3 +139,27 @@ def test_flux_images_round_trip_through_packed_latents_exactly(flux):
     assert torch.equal(flowdiff.decode(guided, enc.latent, model_kwargs=cond).x, latents)
     with pytest.raises(ValueError, match="multiples of 4"):
         flow.autoencoder.encode(torch.zeros(1, 3, 10, 10))
+
+
+def test_missing_and_corrupt_text_components_are_named(sd3):
+    import json
+    import shutil
+
+    _, path = sd3
+    broken = path.parent / "broken_sd3"
+    shutil.copytree(path, broken)
+    weights = broken / "text_encoder_3" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"text_encoder_3.*model\.safetensors"):
+        from_diffusers(broken)
+    shutil.rmtree(broken / "tokenizer_3")
+    with pytest.raises(FileNotFoundError, match="tokenizer_3"):
+        from_diffusers(broken)
+    index = json.loads((broken / "model_index.json").read_text())
+    index["text_encoder_3"] = index["tokenizer_3"] = [None, None]  # SD3 saved without T5: loads, without prompts
+    (broken / "model_index.json").write_text(json.dumps(index))
+    flow = from_diffusers(broken)
+    assert flow.prompt_encoder is None and flow.autoencoder is not None
+    with pytest.raises(ValueError, match="no prompt encoder"):
+        flow.encode_prompt(["a cat"])
+    shutil.rmtree(broken)
