@@ -56,10 +56,10 @@ def generate_from_infinity(flow: ProbabilityFlow, noise: Tensor, sigmas: np.ndar
     if len(sigmas) == 2:  # one step, from pure noise straight to the grid's end
         xbar = x * math.sqrt(1.0 + float(sigmas[1]) ** 2)
         return Result(xbar.to(noise.dtype), Stats(nfe=1, steps=1, accepted=1), sigmas.copy(), "euler")
-    res = solve(x.to(noise.dtype) if noise.dtype != state_dtype else x, sigmas[1:].copy())
+    res = solve(x, sigmas[1:].copy())  # x stays in the state's precision (float32 for float16 noise)
     stats = dataclasses.replace(res.stats, nfe=res.stats.nfe + 1, steps=res.stats.steps + 1,
                                 accepted=res.stats.accepted + 1)
-    return Result(res.x, stats, sigmas.copy(), res.solver)
+    return Result(res.x.to(noise.dtype), stats, sigmas.copy(), res.solver)
 
 
 def refuse_encode_to_infinity(sigmas: np.ndarray) -> None:

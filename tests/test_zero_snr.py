@@ -155,3 +155,29 @@ def test_solves_with_no_step_out_of_infinity_are_refused_by_name(zero_snr):
     start = float(flow.scheduler_sigmas(10)[1])
     res = flowdiff.generate(flow, noise, solver="dopri5", rtol=1e-3, atol=1e-3, sigmas=[start, 0.0])
     assert res.x.isfinite().all() and res.sigmas[0] == start
+
+
+def test_the_cli_samples_from_infinity_and_refuses_to_encode_there(zero_snr, tmp_path, capsys):
+    from PIL import Image
+
+    from flowdiff import cli
+
+    _, path = zero_snr
+    out = tmp_path / "s.png"
+    assert cli.main(["sample", "--model", str(path), "--num", "2", "--steps", "5", "--scale", "1",
+                     "--out", str(out)]) == 0
+    assert "5 NFE, 5 steps" in capsys.readouterr().out
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8), mode="L").save(tmp_path / "a.png")
+    assert cli.main(["encode", str(tmp_path / "a.png"), "--model", str(path), "--steps", "5",
+                     "--out", str(tmp_path / "l.safetensors")]) == 1
+    assert "ends at σ = ∞" in capsys.readouterr().err
+
+
+def test_float16_noise_keeps_a_float32_state_after_the_boundary_step(zero_snr):
+    _, path = zero_snr
+    f16 = from_diffusers(path, dtype=torch.float16)
+    noise = _noise()
+    half = flowdiff.generate(f16, noise.half(), steps=10)
+    assert half.x.dtype == torch.float16 and half.stats.nfe == 10
+    full = flowdiff.generate(from_diffusers(path), noise, steps=10).x
+    assert (half.x.float() - full).abs().max() < 2e-2 * full.abs().max()
