@@ -89,3 +89,24 @@ def test_flux_transformer_alone_is_refused_by_the_cli(pipeline_dir, capsys):
 
     assert cli.main(["sample", "--model", str(Path(path) / "transformer"), "--num", "1", "--steps", "2"]) == 1
     assert "without its pipeline's VAE" in capsys.readouterr().err
+
+
+def test_embedded_guidance_is_flux_dev_style_guidance_scale(pipeline_dir, tmp_path, capsys):
+    kind, path = pipeline_dir
+    args = ["sample", "--model", path, "--num", "1", "--steps", "2", "--scale", "1", "--prompt", "a cat"]
+    if kind != "flux":  # SD3 has no guidance embedding: refused by name
+        assert cli.main([*args, "--embedded-guidance", "2", "--out", str(tmp_path / "x.png")]) == 1
+        assert "no guidance embedding" in capsys.readouterr().err
+        return
+    assert cli.main([*args, "--embedded-guidance", "1.5", "--out", str(tmp_path / "g.png")]) == 0
+    assert cli.main([*args, "--out", str(tmp_path / "default.png")]) == 0
+    flow = flowdiff.from_diffusers(path)
+    flow.prompt_encoder.embedded_guidance = 1.5
+    assert torch.equal(flow.encode_prompt(["a cat"])["guidance"], torch.tensor([1.5]))
+    noise = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()
+    x = flowdiff.generate(flow, noise, steps=2, model_kwargs=flow.encode_prompt(["a cat"])).x
+    cli.save_grid(flow.autoencoder.decode(x), tmp_path / "python.png")
+    assert np.array_equal(_png(tmp_path / "python.png"), _png(tmp_path / "g.png"))
+    assert not np.array_equal(_png(tmp_path / "default.png"), _png(tmp_path / "g.png"))
+    assert cli.main(["sample", "--model", path, "--embedded-guidance", "2", "--num", "1", "--steps", "2"]) == 1
+    assert "need --prompt" in capsys.readouterr().err

@@ -43,6 +43,9 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
                        help=f"classifier-free guidance scale w, ε_u + w·(ε_c − ε_u) as diffusers' guidance_scale "
                             f"(Flux: true_cfg_scale; default with --prompt: the pipeline's own, {DEFAULT_GUIDANCE} for "
                             "Stable Diffusion, 7 for SD3, 1 for Flux; 1: no guidance)")
+    group.add_argument("--embedded-guidance", type=float, default=None, metavar="G",
+                       help="a guidance-distilled Flux model's embedded guidance (FluxPipeline's guidance_scale; "
+                            "default 3.5)")
 
 
 def condition(loaded: Any, args: argparse.Namespace, record: dict[str, Any] | None = None) -> Any:
@@ -53,11 +56,13 @@ def condition(loaded: Any, args: argparse.Namespace, record: dict[str, Any] | No
     ``record`` (a decode's latents' ``info["prompt"]``) supplies the prompt when none is given.
     """
     prompt, negative, w = args.prompt, args.negative_prompt, args.guidance
+    embedded = getattr(args, "embedded_guidance", None)
     if prompt is None:
         if isinstance(record, dict) and "prompt" in record:  # decode: the prompt the latents were made with
             prompt, negative, w = record["prompt"], record["negative_prompt"], record["guidance"]
-        elif negative is not None or w is not None:
-            raise ValueError("--negative-prompt and --guidance need --prompt")
+            embedded = record.get("embedded_guidance", embedded)
+        elif negative is not None or w is not None or embedded is not None:
+            raise ValueError("--negative-prompt, --guidance and --embedded-guidance need --prompt")
         else:
             loaded.prompt_record = None
             if getattr(loaded.flow, "prompt_encoder", None) is not None:  # a text-to-image denoiser needs its text
@@ -71,6 +76,13 @@ def condition(loaded: Any, args: argparse.Namespace, record: dict[str, Any] | No
     if getattr(flow, "prompt_encoder", None) is None:
         raise ValueError(f"--prompt: model {loaded.name!r} has no text encoder flowdiff can use (a Stable Diffusion, "
                          "SD3 or Flux pipeline folder with its tokenizers and text encoders)")
+    if embedded is not None:
+        if not getattr(flow.prompt_encoder, "guidance_embeds", False):
+            raise ValueError(f"--embedded-guidance: model {loaded.name!r} has no guidance embedding (a guidance-"
+                             "distilled Flux transformer, guidance_embeds=True, has one); use --guidance")
+        if not math.isfinite(embedded):
+            raise ValueError(f"--embedded-guidance must be a finite number, got {embedded}")
+        flow.prompt_encoder.embedded_guidance = float(embedded)
     cond = flow.encode_prompt([prompt])
     kwargs: dict[str, Any] = {"cond": cond, "guidance": w}
     if w != 1:
@@ -80,6 +92,8 @@ def condition(loaded: Any, args: argparse.Namespace, record: dict[str, Any] | No
     loaded.model_kwargs = dict(cond)
     loaded.prompt_record = {"prompt": prompt, "negative_prompt": negative, "guidance": w,
                             "fingerprint": flow_fingerprint(flow, kwargs)}
+    if embedded is not None:
+        loaded.prompt_record["embedded_guidance"] = float(embedded)
     return loaded
 
 
