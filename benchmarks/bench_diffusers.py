@@ -4,10 +4,11 @@
 
 Tiny random models (flowdiff.tiny_pipelines), saved and loaded back. For each: the largest
 difference between flowdiff's Euler on the scheduler's grid (flowdiff.sample_like) and the
-pipeline's own loop, relative to the largest latent/image value; the reversible (reversible_heun)
+pipeline's own loop (SD, DiT, SD3 and Flux pipelines with their own text encoders, a zero-terminal-SNR
+DDIM schedule), relative to the largest latent/image value; the reversible (reversible_heun)
 round trip in latent space with float32, float16 and bfloat16 networks; and the wall time of a
 guided Stable Diffusion generation with both guidance branches in one batched call versus two.
-One intra-op thread; a few seconds per row on 2 cores.
+One intra-op thread; a few seconds per row on 2 cores (Flux's 512-token T5 prompts: ~20 s a row).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 import flowdiff
 from flowdiff import tiny_pipelines
+from flowdiff.pipelines import flux_grid_arguments
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -67,7 +69,74 @@ def equivalence(root: Path, steps: int) -> list[tuple[str, float, float]]:
                                          **kwargs)
     ours = flowdiff.sample_like(flow, noise, steps=steps, model_kwargs=kwargs)
     rows.append(("SD3 transformer (FlowMatchEuler, shift 3): latents", *_rel(ours.x, ref)))
+    return rows + text_pipelines(root, steps) + zero_snr(root, steps)
+
+
+def text_pipelines(root: Path, steps: int) -> list[tuple[str, float, float]]:
+    """SD3 and Flux pipelines with their own text encoders (default max_sequence_length), prompt + negative prompt."""
+    import diffusers
+
+    rows = []
+    prompts, negative = ["a cat", "dog"], ["bad", ""]
+    pipe, path = tiny_pipelines.stable_diffusion_3(root / "sd3pipe")
+    flow = flowdiff.from_diffusers(path)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for w in (1.0, 7.0):
+        with torch.no_grad():
+            ref = pipe(prompts, negative_prompt=negative if w > 1 else None, num_inference_steps=steps,
+                       guidance_scale=w, output_type="latent", latents=noise.clone(), height=16, width=16).images
+        guided = flow if w == 1 else flowdiff.classifier_free_guidance(
+            flow, w, unconditional_kwargs=flow.encode_prompt(negative))
+        ours = flowdiff.sample_like(guided, noise, steps=steps, model_kwargs=flow.encode_prompt(prompts))
+        rows.append((f"SD3 pipeline (2 CLIP + T5 prompts), w = {w:g}: latents", *_rel(ours.x, ref)))
+        cfg = pipe.vae.config
+        with torch.no_grad():
+            ref_img = pipe.vae.decode(ref / cfg.scaling_factor + cfg.shift_factor).sample
+        rows.append((f"SD3 pipeline (2 CLIP + T5 prompts), w = {w:g}: decoded images",
+                     *_rel(flow.autoencoder.decode(ours.x), ref_img)))
+    pipe, path = tiny_pipelines.flux(root / "fluxpipe")
+    flow = flowdiff.from_diffusers(path)
+    packed = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(0))
+    for w in (1.0, 4.0):
+        with torch.no_grad():
+            ref = pipe(prompts, negative_prompt=negative if w > 1 else None, true_cfg_scale=w, guidance_scale=3.5,
+                       num_inference_steps=steps, output_type="latent", latents=packed.clone(), height=16,
+                       width=16).images
+        guided = flow if w == 1 else flowdiff.classifier_free_guidance(
+            flow, w, unconditional_kwargs=flow.encode_prompt(negative))
+        ours = flowdiff.sample_like(guided, packed, steps=steps, model_kwargs=flow.encode_prompt(prompts))
+        name = f"Flux pipeline (CLIP + T5 prompts, embedded guidance 3.5), true_cfg = {w:g}"
+        rows.append((f"{name}: packed latents", *_rel(ours.x, ref)))
+        cfg = pipe.vae.config
+        with torch.no_grad():
+            unpacked = diffusers.FluxPipeline._unpack_latents(ref, 16, 16, 2)
+            ref_img = pipe.vae.decode(unpacked / cfg.scaling_factor + cfg.shift_factor).sample
+        rows.append((f"{name}: decoded images", *_rel(flow.autoencoder.decode(ours.x), ref_img)))
     return rows
+
+
+def zero_snr(root: Path, steps: int) -> list[tuple[str, float, float]]:
+    """A v-prediction UNet2DModel on a zero-terminal-SNR DDIM schedule (trailing), against diffusers' float32 loop."""
+    import diffusers
+
+    config = {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing",
+              "clip_sample": False, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
+                                 up_block_types=("UpBlock2D",) * 2, norm_num_groups=4).eval()
+    unet.save_pretrained(root / "zsnr" / "unet")
+    scheduler = diffusers.DDIMScheduler(**config)
+    scheduler.save_pretrained(root / "zsnr" / "scheduler")
+    flow = flowdiff.from_diffusers(root / "zsnr" / "unet")
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    scheduler.set_timesteps(steps)
+    x = noise
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
+    ours = flowdiff.generate(flow, noise, steps=steps, grid="trailing")  # from σ = ∞: the boundary step first
+    return [("zero-terminal-SNR DDIM (v-prediction, trailing, σ_max = ∞): samples", *_rel(ours.x, x))]
 
 
 def round_trips(root: Path, steps: int) -> list[tuple[str, str, float, float, bool]]:
@@ -76,9 +145,11 @@ def round_trips(root: Path, steps: int) -> list[tuple[str, str, float, float, bo
     _, sd_path = tiny_pipelines.stable_diffusion(root / "rt_sd")
     _, dit_path = tiny_pipelines.dit(root / "rt_dit")
     _, sd3_path, sd3_kwargs = tiny_pipelines.sd3_transformer(root / "rt_sd3")
+    _, flux_path = tiny_pipelines.flux(root / "rt_flux")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
-        for model, path in (("Stable Diffusion, w = 7.5", sd_path), ("DiT", dit_path), ("SD3 transformer", sd3_path)):
+        for model, path in (("Stable Diffusion, w = 7.5", sd_path), ("DiT", dit_path), ("SD3 transformer", sd3_path),
+                            ("Flux pipeline", flux_path)):
             flow = flowdiff.from_diffusers(path, dtype=dtype)
             if model.startswith("Stable"):
                 kw = flow.encode_prompt(["a cat", "dog"])
@@ -86,6 +157,10 @@ def round_trips(root: Path, steps: int) -> list[tuple[str, str, float, float, bo
                 grid = {"steps": steps}
             elif model == "DiT":
                 kw, grid = {"class_labels": torch.tensor([1, 2])}, {"steps": steps}
+            elif model == "Flux pipeline":
+                kw = flow.encode_prompt(["a cat", "dog"])
+                mu, base = flux_grid_arguments(flow.scheduler_config, 16, steps)  # FluxPipeline's, 16 tokens
+                grid = {"sigmas": flow.scheduler_sigmas(steps, mu=mu, sigmas=base)[1:]}
             else:
                 kw, grid = sd3_kwargs, {"sigmas": flow.scheduler_sigmas(steps)[1:]}
             z = flow.autoencoder.encode(images) if flow.autoencoder is not None else images[:, :1].repeat(1, 4, 1, 1)[

@@ -44,6 +44,7 @@ from .formulations import Data, EulerToZero, Formulation, IntoZero, LogSigma, Ou
 from .latent import Latent
 from .options import Adaptive, Request, compute_dtype
 from .results import AdaptiveStep, Result
+from .terminal import refuse_infinite_start
 
 __all__ = ["MULTISTEP_CONTROLLER", "MULTISTEP_ENCODE_CONTROLLER", "RK_CONTROLLER", "RK_MAX_STEP", "AdaptiveStep",
            "image_norm", "solve_adaptive_flow", "to_zero_in_log_sigma"]
@@ -102,6 +103,7 @@ def solve_adaptive_flow(request: Request, x: Tensor, *, direction: str, model_dt
                          f"Adaptive solvers: {', '.join(solvers.available(adaptive=True))}")
     schedule = flow.schedule
     s_max = schedule.sigma_max if spec.sigma_start is None else spec.sigma_start
+    refuse_infinite_start(s_max, "an adaptive solve")  # zero terminal SNR (flowdiff.terminal)
     c = schedule.sigma_min if spec.sigma_c is None else spec.sigma_c
     s_end = schedule.sigma_min / 10 if spec.sigma_end is None else spec.sigma_end
     for name, value in (("sigma_c", c), ("sigma_end", s_end)):

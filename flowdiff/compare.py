@@ -49,6 +49,7 @@ from .flow import ProbabilityFlow
 from .grids import GRIDS, make_sigmas
 from .options import Grid
 from .sampling import generate
+from .terminal import refuse_infinite_start
 
 #: Grids of the default comparison: diffusers' trailing timesteps, EDM's, uniform in log σ.
 DEFAULT_GRIDS = ("trailing", "karras", "logsnr")
@@ -359,6 +360,8 @@ def reference_solution(
                          f"{', '.join(_solvers.available(adaptive=True))}")
     s0 = flow.schedule.sigma_max if sigma_start is None else float(sigma_start)
     if not (math.isfinite(s0) and s0 > 0):
+        if sigma_start is None:  # a zero-terminal-SNR schedule: σ_max = ∞ (flowdiff.terminal)
+            refuse_infinite_start(s0, "the adaptive reference solution")
         raise ValueError(f"sigma_start must be a finite number > 0, got {sigma_start!r}")
     s_end = flow.schedule.sigma_min if sigma_end is None else float(sigma_end)
     if not (math.isfinite(s_end) and 0 <= s_end < s0):

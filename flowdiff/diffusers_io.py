@@ -4,8 +4,11 @@
 
 * a pipeline directory (``model_index.json``): its denoiser (``unet/`` or ``transformer/``),
   ``scheduler/``, and where present ``vae/`` (the flow then lives in latent space, with an
-  :class:`~flowdiff.pipelines.Autoencoder`) and ``tokenizer/`` + ``text_encoder/`` (a
-  :class:`~flowdiff.pipelines.PromptEncoder`, for CLIP text encoders as in Stable Diffusion 1/2);
+  :class:`~flowdiff.pipelines.Autoencoder`; for Flux a :class:`~flowdiff.pipelines.PackedAutoencoder`)
+  and ``tokenizer/`` + ``text_encoder/`` (a :class:`~flowdiff.pipelines.PromptEncoder`, for CLIP text
+  encoders as in Stable Diffusion 1/2; for SD3's two CLIP + T5 and Flux's CLIP + T5, with their
+  tokenizers, a :class:`~flowdiff.pipelines.PipelinePromptEncoder` running the pipeline's own
+  ``encode_prompt``);
 * a model directory (``config.json`` of a supported denoiser and its weights), whose scheduler
   config is ``scheduler_config.json`` beside it, in ``../scheduler/``, or given as ``scheduler=``.
 
@@ -23,6 +26,7 @@ grid, which :func:`flowdiff.scheduler_sigmas` reproduces. Nothing is downloaded
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .pipelines import Autoencoder, DiffusersFlow, PromptEncoder
+from .pipelines import Autoencoder, DiffusersFlow, PackedAutoencoder, PipelinePromptEncoder, PromptEncoder
 from .scheduler_grids import config_of, read_json, schedule_from_config
 
 __all__ = ["DiffusersModel", "DiffusersUNet", "SUPPORTED_MODELS", "from_diffusers", "schedule_from_config"]
@@ -47,6 +51,10 @@ _DENOISER_KEYS = ("unet", "transformer")
 _WEIGHT_PREFIXES = ("diffusion_pytorch_model", "model")
 _TEXT_ENCODERS = ("CLIPTextModel",)
 _TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
+#: pipelines whose text encoders are loaded and run through the pipeline's own encode_prompt → their suffixes
+_TEXT_PIPELINES = {"StableDiffusion3Pipeline": ("", "_2", "_3"), "FluxPipeline": ("", "_2")}
+#: the guidance scale each pipeline uses by default (FluxPipeline's true_cfg_scale: no guidance)
+_DEFAULT_GUIDANCE = {"StableDiffusion3Pipeline": 7.0, "FluxPipeline": 1.0}
 
 
 class DiffusersModel(nn.Module):
@@ -58,7 +66,14 @@ class DiffusersModel(nn.Module):
     dtype, and those of batch size 1 (one prompt's embedding) broadcast to the input's batch.
     An output with twice the input's channels is a learned-variance prediction ([ε, variance]);
     its first half, ε, is returned.
-    ``sample_shape`` is one sample's (channels, height, width) (None for Flux's packed latents).
+    ``sample_shape`` is one sample's (channels, height, width) (for Flux's packed latents
+    (tokens, channels) when its pipeline's VAE fixes the image size, else None).
+
+    Flux's position ids, when not given as ``img_ids``/``txt_ids``: the image tokens' (row, column)
+    ids of diffusers' ``FluxPipeline._prepare_latent_image_ids`` for the token grid that
+    ``token_grid(tokens)`` gives (from the pipeline's :class:`~flowdiff.pipelines.PackedAutoencoder`,
+    else a square grid), and zeros for the text tokens (as FluxPipeline's ``text_ids``). Kept
+    out of ``model_kwargs`` so that those carry only batched tensors (guidance pairs them).
     """
 
     def __init__(self, net: nn.Module, time_scale: float = 1.0) -> None:
@@ -67,11 +82,39 @@ class DiffusersModel(nn.Module):
         self.time_scale = float(time_scale)
         cfg = net.config
         size = getattr(cfg, "sample_size", None)
+        self.packed = type(net).__name__ == "FluxTransformer2DModel"
+        self.token_grid: Any = None
+        self._ids: dict[tuple, Tensor] = {}
         if size is None:  # Flux works on packed (batch, tokens, channels) latents whose length the caller picks
             self.sample_shape: tuple[int, ...] | None = None
         else:
             h, w = (size, size) if isinstance(size, int) else tuple(size)
             self.sample_shape = (int(cfg.in_channels), int(h), int(w))
+
+    def _position_ids(self, x_t: Tensor, model_kwargs: dict[str, Any]) -> None:
+        """Flux's img_ids and txt_ids, where the caller gave none (see the class docstring)."""
+        dtype, device = self.net.dtype, x_t.device
+        if "img_ids" not in model_kwargs:
+            tokens = x_t.shape[1]
+            key = ("img", tokens, device, dtype)
+            if key not in self._ids:
+                if self.token_grid is not None:
+                    rows, cols = self.token_grid(tokens)
+                else:
+                    rows = cols = math.isqrt(tokens)
+                    if rows * cols != tokens:
+                        raise ValueError(f"Flux latents of {tokens} tokens are not a square grid: pass img_ids "
+                                         "(FluxPipeline._prepare_latent_image_ids) in model_kwargs")
+                from diffusers import FluxPipeline
+
+                self._ids[key] = FluxPipeline._prepare_latent_image_ids(1, rows, cols, device, dtype)
+            model_kwargs["img_ids"] = self._ids[key]
+        text = model_kwargs.get("encoder_hidden_states")
+        if "txt_ids" not in model_kwargs and isinstance(text, Tensor):
+            key = ("txt", text.shape[1], device, dtype)
+            if key not in self._ids:
+                self._ids[key] = torch.zeros(text.shape[1], 3, device=device, dtype=dtype)
+            model_kwargs["txt_ids"] = self._ids[key]
 
     @property
     def unet(self) -> nn.Module:
@@ -89,6 +132,8 @@ class DiffusersModel(nn.Module):
             if value.ndim >= 1 and value.shape[0] == 1 and n > 1:  # one prompt's conditioning for the batch
                 value = value.expand(n, *value.shape[1:])
             model_kwargs[key] = value
+        if self.packed:
+            self._position_ids(x_t, model_kwargs)
         out = self.net(x_t.to(self.net.dtype), timestep=timestep, return_dict=False, **model_kwargs)[0]
         if out.ndim == x_t.ndim and out.shape[1] == 2 * x_t.shape[1] and out.shape[2:] == x_t.shape[2:]:
             out = out[:, : x_t.shape[1]]  # learned variance: [ε, v]
@@ -174,29 +219,56 @@ def _diffusers() -> Any:
     return diffusers
 
 
+def _load_tokenizer(transformers: Any, class_name: str, directory: Path) -> Any:
+    if not directory.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {directory} is missing")
+    try:
+        return getattr(transformers, class_name).from_pretrained(str(directory), local_files_only=True)
+    except Exception as e:
+        files = ", ".join(sorted(p.name for p in directory.iterdir())) or "no files"
+        raise ValueError(f"could not load the tokenizer in {directory} ({files}): {type(e).__name__}: {e}") from None
+
+
+def _entry(index: Mapping[str, Any], key: str) -> str | None:
+    value = index.get(key)
+    return value[1] if isinstance(value, list) and len(value) == 2 and value[1] else None
+
+
 def _prompt_encoder(root: Path, index: Mapping[str, Any], dtype: torch.dtype | None,
-                    model_dtype: torch.dtype) -> PromptEncoder | None:
-    tok, enc = index.get("tokenizer"), index.get("text_encoder")
-    if not (isinstance(tok, list) and isinstance(enc, list) and tok[1] and enc[1]):
+                    model_dtype: torch.dtype) -> PromptEncoder | PipelinePromptEncoder | None:
+    tok, enc = _entry(index, "tokenizer"), _entry(index, "text_encoder")
+    if tok is None or enc is None:
         return None
-    if tok[1] not in _TOKENIZERS or enc[1] not in _TEXT_ENCODERS or any(
-            isinstance(index.get(k), list) and index[k][1] for k in ("text_encoder_2", "text_encoder_3")):
-        return None  # e.g. SD3's three encoders: the caller passes the embeddings as model_kwargs
+    pipeline_class = index.get("_class_name")
+    multi = pipeline_class in _TEXT_PIPELINES
+    if not multi and (tok not in _TOKENIZERS or enc not in _TEXT_ENCODERS
+                      or _entry(index, "text_encoder_2") or _entry(index, "text_encoder_3")):
+        return None  # text encoders of a pipeline flowdiff does not know: pass the embeddings as model_kwargs
     try:
         import transformers
     except ImportError:  # pragma: no cover - depends on the environment
-        raise ImportError(f"pipeline {root} has a {enc[1]} text encoder; loading it needs transformers: "
+        raise ImportError(f"pipeline {root} has a {enc} text encoder; loading it needs transformers: "
                           "pip install transformers") from None
-    tok_dir = root / "tokenizer"
-    if not tok_dir.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {tok_dir} is missing")
-    try:
-        tokenizer = getattr(transformers, tok[1]).from_pretrained(str(tok_dir), local_files_only=True)
-    except Exception as e:
-        files = ", ".join(sorted(p.name for p in tok_dir.iterdir())) or "no files"
-        raise ValueError(f"could not load the tokenizer in {tok_dir} ({files}): {type(e).__name__}: {e}") from None
-    text_encoder = _load(getattr(transformers, enc[1]), root / "text_encoder", "text encoder", dtype)
-    return PromptEncoder(tokenizer, text_encoder, model_dtype)
+    if not multi:
+        tokenizer = _load_tokenizer(transformers, tok, root / "tokenizer")
+        text_encoder = _load(getattr(transformers, enc), root / "text_encoder", "text encoder", dtype)
+        return PromptEncoder(tokenizer, text_encoder, model_dtype)
+    # SD3 / Flux: the pipeline's own encode_prompt over its tokenizers and text encoders, nothing else loaded
+    components: dict[str, Any] = {k: None for k in index if not k.startswith("_")}
+    suffixes = _TEXT_PIPELINES[pipeline_class]
+    if any(_entry(index, "tokenizer" + x) is None or _entry(index, "text_encoder" + x) is None for x in suffixes):
+        return None  # e.g. SD3 saved without T5: the caller passes the embeddings as model_kwargs
+    for suffix in suffixes:
+        tok, enc = _entry(index, "tokenizer" + suffix), _entry(index, "text_encoder" + suffix)
+        if not hasattr(transformers, tok) or not hasattr(transformers, enc):
+            raise ValueError(f"pipeline {root}: tokenizer{suffix} {tok!r} or text_encoder{suffix} {enc!r} in "
+                             "model_index.json is not a transformers class")
+        components["tokenizer" + suffix] = _load_tokenizer(transformers, tok, root / ("tokenizer" + suffix))
+        components["text_encoder" + suffix] = _load(getattr(transformers, enc), root / ("text_encoder" + suffix),
+                                                     "text encoder", dtype)
+    pipeline = getattr(_diffusers(), pipeline_class)(**components)
+    config = read_json(root / "transformer" / "config.json", "model config")
+    return PipelinePromptEncoder(pipeline, model_dtype, guidance_embeds=bool(config.get("guidance_embeds", False)))
 
 
 def from_diffusers(path: str | Path, *, scheduler: object = None, device: str | torch.device | None = None,
@@ -239,6 +311,7 @@ def from_diffusers(path: str | Path, *, scheduler: object = None, device: str | 
     flow = DiffusersFlow(model, schedule, prediction_type=prediction_type)
     flow.scheduler_config = dict(sched_config)
     flow.sample_shape = model.sample_shape
+    flow.packed = model.packed
     if index is not None:
         vae_entry = index.get("vae")
         if isinstance(vae_entry, list) and vae_entry[1]:
@@ -247,9 +320,20 @@ def from_diffusers(path: str | Path, *, scheduler: object = None, device: str | 
             vae = _load(diffusers.AutoencoderKL, root / "vae", "vae", dtype)
             if device is not None:
                 vae.to(device)
-            flow.autoencoder = Autoencoder(vae)
+            if model.packed:  # Flux: the flow runs on 2×2-packed latents, through diffusers' own (un)packing
+                packed = PackedAutoencoder(vae, diffusers.FluxPipeline._pack_latents,
+                                           diffusers.FluxPipeline._unpack_latents)
+                flow.autoencoder = packed
+                model.token_grid = packed.token_grid
+                if packed.image_size is not None:
+                    rows, cols = (s // packed.patch for s in packed.image_size)
+                    flow.sample_shape = model.sample_shape = (rows * cols, int(net.config.in_channels))
+            else:
+                flow.autoencoder = Autoencoder(vae)
         prompt_encoder = _prompt_encoder(root, index, dtype, net.dtype)
         if prompt_encoder is not None and device is not None:
-            prompt_encoder.text_encoder.to(device)
+            for encoder in getattr(prompt_encoder, "text_encoders", None) or [prompt_encoder.text_encoder]:
+                encoder.to(device)
         flow.prompt_encoder = prompt_encoder
+        flow.default_guidance = _DEFAULT_GUIDANCE.get(index.get("_class_name"), 7.5)
     return flow

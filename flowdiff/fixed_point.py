@@ -51,6 +51,7 @@ from .latent import Latent
 from .options import Inversion, Request, compute_dtype
 from .plugins import Plugin, register_plugin
 from .results import Result
+from .terminal import refuse_encode_to_infinity
 
 METHODS = ("hybrid", "newton", "anderson")
 #: Anderson iterations a step before ``method="hybrid"`` hands the samples still off tol to Newton–Krylov
@@ -231,6 +232,7 @@ def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Res
     tol = _default_tol(dtype, images.dtype) if tol is None else float(tol)
     gen = request.grid.generation_sigmas(request.flow, solver_obj, final_euler=final_euler)
     enc = gen[::-1].copy()
+    refuse_encode_to_infinity(enc)  # zero terminal SNR (flowdiff.terminal)
     last_euler = final_euler and solver_obj.evaluates_end and enc[0] == 0.0
     inverse = FixedPointInverse(solver_obj, last_euler_at=0.0 if last_euler else None, method=method, tol=tol,
                                 max_iter=max_iter, anderson=anderson, krylov_dim=krylov_dim, on_failure=on_failure,

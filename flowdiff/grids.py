@@ -8,6 +8,8 @@ diffusers' definitions, ``linear`` and ``quadratic`` the DDIM paper's (App. D.2)
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .schedules import ArrayLike, Schedule
@@ -103,8 +105,9 @@ def make_sigmas(
         s = np.asarray(sigmas.detach().cpu().double() if hasattr(sigmas, "detach") else sigmas, dtype=np.float64)
         if s.ndim != 1 or s.size < 2:
             raise ValueError(f"sigmas must be 1-D with at least 2 values, got shape {s.shape}")
-        if not np.all(np.isfinite(s)) or np.any(s < 0):
-            raise ValueError("sigmas must be finite and >= 0")
+        if not np.all(np.isfinite(s[1:])) or np.isnan(s[0]) or np.any(s < 0):
+            raise ValueError("sigmas must be finite and >= 0 (the first may be inf: pure noise, for models that "
+                             "define a step from there, see flowdiff.terminal)")
         if np.any(np.diff(s) >= 0):
             raise ValueError("sigmas must be strictly decreasing (a generation grid); encode reverses it itself")
         # A grid may stop above 0: diffusers' DDIMScheduler with set_alpha_to_one=False ends at σ_min
@@ -135,6 +138,9 @@ def make_sigmas(
                              "clamped there)")
     if not lo < hi:
         raise ValueError(f"grid options need sigma_min < sigma_max, got sigma_min={lo!r}, sigma_max={hi!r}")
+    if hi == math.inf:
+        raise ValueError(f"the {grid} grid needs a finite sigma_max, and this schedule's is ∞ (zero terminal SNR); "
+                         "pass grid_options={'sigma_max': ...}, or use a timestep grid (trailing, leading)")
     if steps == 1:
         return np.array([hi, 0.0])
     ramp = np.linspace(0.0, 1.0, steps)

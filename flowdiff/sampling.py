@@ -52,6 +52,7 @@ from .plugins import decodes_with, procedure, solver_plugin
 from .results import Result, StepState
 from .schedules import ArrayLike
 from .stochastic import generate_stochastic as _stochastic  # noqa: F401  (registers 'eta')
+from .terminal import generate_from_infinity, refuse_encode_to_infinity, starts_at_infinity
 
 __all__ = ["Result", "StepState", "decode", "encode", "generate"]
 
@@ -198,13 +199,20 @@ def generate(
         return solve_adaptive_flow(request, noise, direction="generate", model_dtype=model_dtype,
                                    bound=divergence_limit(divergence, noise))
     sig = grid_spec.generation_sigmas(flow, solver_obj)
-    xbar0 = noise.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)
     form = formulation_for(solver_obj, "generate")
     eps = flow.field(request.model_kwargs, model_dtype)
-    sol = solve_grid(eps, form, sig.tolist(), solver_obj, xbar0=xbar0,
-                     eval_end=not (grid_spec.final_euler and sig[-1] == 0.0), callback=request.callback,
-                     check_finite=check_finite, bound=divergence_limit(divergence, noise))
-    return Result(sol.xbar.to(noise.dtype), sol.stats, sig, solver_obj.name)
+    bound = divergence_limit(divergence, noise)
+
+    def run(noise: Tensor, sig: np.ndarray) -> Result:
+        xbar0 = noise.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)
+        sol = solve_grid(eps, form, sig.tolist(), solver_obj, xbar0=xbar0,
+                         eval_end=not (grid_spec.final_euler and sig[-1] == 0.0), callback=request.callback,
+                         check_finite=check_finite, bound=bound)
+        return Result(sol.xbar.to(noise.dtype), sol.stats, sig, solver_obj.name)
+
+    if starts_at_infinity(sig):  # from pure noise (zero terminal SNR): a boundary step first (flowdiff.terminal)
+        return generate_from_infinity(flow, noise, sig, run, request.model_kwargs, model_dtype)
+    return run(noise, sig)
 
 
 def encode(
@@ -296,6 +304,7 @@ def encode(
         res.latent.set_origin(flow, model_kwargs)
         return res
     sig = grid_spec.generation_sigmas(flow, solver_obj, final_euler=False)[::-1].copy()
+    refuse_encode_to_infinity(sig)  # zero terminal SNR: see flowdiff.terminal
     form = formulation_for(solver_obj, "encode")
     sol = solve_grid(flow.field(request.model_kwargs, model_dtype), form, sig.tolist(), solver_obj,
                      xbar0=images.to(dtype), callback=request.callback, check_finite=check_finite,

@@ -97,7 +97,10 @@ def schedule_from_config(config: Mapping[str, Any], source: str = "scheduler con
     A ``FlowMatchEulerDiscreteScheduler`` config is rectified flow with prediction type
     ``velocity`` (:class:`~flowdiff.schedules.FlowMatchingSchedule` with its ``shift``; with
     ``use_dynamic_shifting`` the shift depends on the image size and belongs to the grid, so
-    the table is unshifted); any other is a VP schedule of betas.
+    the table is unshifted); any other is a VP schedule of betas, rescaled to zero terminal SNR
+    with ``rescale_betas_zero_snr`` (ᾱ_{T−1} = 0: the schedule's last σ is ∞, where a
+    ``v_prediction`` or ``sample`` model's step starts from pure noise; an ``epsilon`` model
+    defines no clean image there and is refused when a solve starts at σ = ∞).
     """
     if _is_flow_matching(config):
         shift = 1.0 if config.get("use_dynamic_shifting") else config.get("shift", 1.0)
@@ -106,9 +109,6 @@ def schedule_from_config(config: Mapping[str, Any], source: str = "scheduler con
         except (TypeError, ValueError) as e:
             raise ValueError(f"{source}: {e}") from None
         return schedule, "velocity"
-    if config.get("rescale_betas_zero_snr"):
-        raise ValueError(f"{source}: rescale_betas_zero_snr=True gives ᾱ_T = 0 (σ = ∞ at the last timestep), "
-                         "which this ODE in σ cannot start from; unsupported")
     prediction_type = config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES or prediction_type == "velocity":
         raise ValueError(f"{source}: unsupported prediction_type {prediction_type!r}; "
@@ -123,7 +123,8 @@ def schedule_from_config(config: Mapping[str, Any], source: str = "scheduler con
                                         num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
                                         beta_start=float(config.get("beta_start", 1e-4)),
                                         beta_end=float(config.get("beta_end", 0.02)),
-                                        trained_betas=config.get("trained_betas"))
+                                        trained_betas=config.get("trained_betas"),
+                                        rescale_betas_zero_snr=bool(config.get("rescale_betas_zero_snr", False)))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source}: {e}") from None
     return schedule, prediction_type

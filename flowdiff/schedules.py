@@ -49,6 +49,12 @@ class Schedule:
     ᾱ must be strictly decreasing in (0, 1], so σ_t increases strictly with t. Build one with
     :meth:`linear` (DDPM), :meth:`scaled_linear` (Stable Diffusion), :meth:`cosine`
     (improved DDPM), :meth:`from_betas` or :meth:`from_alphas_cumprod`.
+
+    The last ᾱ alone may be exactly 0: a zero-terminal-SNR schedule (Lin et al., "Common
+    Diffusion Noise Schedules and Sample Steps are Flawed", 2024; :func:`rescale_zero_terminal_snr`),
+    whose last timestep is pure noise, σ_max = ∞. There x̄ is infinite but the model's input
+    x = ε is not: a generation starting there takes its first step with
+    :meth:`flowdiff.ProbabilityFlow.step_from_noise` (see :mod:`flowdiff.terminal`).
     """
 
     #: which family of (α, s) the schedule is: "vp", "ve" or "flow_matching"
@@ -56,13 +62,17 @@ class Schedule:
 
     def __init__(self, alphas_cumprod: ArrayLike) -> None:
         acp = _as_float64(alphas_cumprod, "alphas_cumprod")
-        if np.any(acp <= 0) or np.any(acp > 1):
-            raise ValueError("alphas_cumprod must lie in (0, 1]")
+        if np.any(acp[:-1] <= 0) or acp[-1] < 0 or np.any(acp > 1):
+            raise ValueError("alphas_cumprod must lie in (0, 1] (the last value may be exactly 0: zero terminal "
+                             "SNR)")
         if np.any(np.diff(acp) >= 0):
             i = int(np.argmax(np.diff(acp) >= 0))
             raise ValueError(f"alphas_cumprod must be strictly decreasing; it is not at index {i} -> {i + 1}")
         self.alphas_cumprod = acp
-        self.sigmas = np.sqrt((1.0 - acp) / acp)
+        #: True when ᾱ_{T−1} = 0: the last timestep is pure noise, σ_max = ∞
+        self.zero_terminal_snr = bool(acp[-1] == 0.0)
+        with np.errstate(divide="ignore"):
+            self.sigmas = np.sqrt((1.0 - acp) / acp)
         if self.sigmas[0] <= 0:
             raise ValueError("alphas_cumprod[0] must be < 1 (σ_0 > 0) so that t(σ) is defined")
         self._sigma_list = self.sigmas.tolist()
@@ -74,11 +84,14 @@ class Schedule:
         return cls(alphas_cumprod)
 
     @classmethod
-    def from_betas(cls, betas: ArrayLike) -> Schedule:
+    def from_betas(cls, betas: ArrayLike, *, rescale_zero_snr: bool = False) -> Schedule:
+        """The schedule ᾱ_t = ∏(1 − β) of ``betas`` in (0, 1); with ``rescale_zero_snr``, first rescaled to
+        zero terminal SNR (:func:`rescale_zero_terminal_snr`, diffusers' ``rescale_betas_zero_snr=True``)."""
         b = _as_float64(betas, "betas")
         if np.any(b <= 0) or np.any(b >= 1):
             raise ValueError("betas must lie in (0, 1)")
-        return cls(np.cumprod(1.0 - b))
+        acp = np.cumprod(1.0 - b)
+        return cls(rescale_zero_terminal_snr(acp) if rescale_zero_snr else acp)
 
     @classmethod
     def linear(cls, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
@@ -119,17 +132,22 @@ class Schedule:
     @classmethod
     def from_config(cls, beta_schedule: str = "linear", num_train_timesteps: int = 1000,
                     beta_start: float = 1e-4, beta_end: float = 0.02,
-                    trained_betas: ArrayLike | None = None) -> Schedule:
-        """A schedule named as diffusers names it (``beta_schedule`` of a scheduler config)."""
+                    trained_betas: ArrayLike | None = None, rescale_betas_zero_snr: bool = False) -> Schedule:
+        """A schedule named as diffusers names it (``beta_schedule`` of a scheduler config); with
+        ``rescale_betas_zero_snr`` rescaled to zero terminal SNR (:func:`rescale_zero_terminal_snr`)."""
+        if not isinstance(rescale_betas_zero_snr, bool):
+            raise TypeError(f"rescale_betas_zero_snr must be True or False, got {rescale_betas_zero_snr!r}")
         if trained_betas is not None:
-            return cls.from_betas(trained_betas)
-        if beta_schedule == "linear":
-            return cls.linear(num_train_timesteps, beta_start, beta_end)
-        if beta_schedule == "scaled_linear":
-            return cls.scaled_linear(num_train_timesteps, beta_start, beta_end)
-        if beta_schedule in ("squaredcos_cap_v2", "cosine"):
-            return cls.cosine(num_train_timesteps)
-        raise ValueError(f"unsupported beta_schedule {beta_schedule!r}; supported: {', '.join(BETA_SCHEDULES)}")
+            schedule = cls.from_betas(trained_betas)
+        elif beta_schedule == "linear":
+            schedule = cls.linear(num_train_timesteps, beta_start, beta_end)
+        elif beta_schedule == "scaled_linear":
+            schedule = cls.scaled_linear(num_train_timesteps, beta_start, beta_end)
+        elif beta_schedule in ("squaredcos_cap_v2", "cosine"):
+            schedule = cls.cosine(num_train_timesteps)
+        else:
+            raise ValueError(f"unsupported beta_schedule {beta_schedule!r}; supported: {', '.join(BETA_SCHEDULES)}")
+        return cls(rescale_zero_terminal_snr(schedule.alphas_cumprod)) if rescale_betas_zero_snr else schedule
 
     @classmethod
     def flow_matching(cls, num_train_timesteps: int = 1000, shift: float = 1.0) -> FlowMatchingSchedule:
@@ -167,7 +185,7 @@ class Schedule:
         return self._sigma_list[-1]
 
     def sigma_at(self, t: float | ArrayLike) -> float | np.ndarray:
-        """σ at (possibly fractional) timestep t, by the same log-linear interpolation as :meth:`timestep`."""
+        """σ at (possibly fractional) timestep t, by the same interpolation as :meth:`timestep`."""
         if np.ndim(t) == 0:
             t = float(t)
             if not 0 <= t <= self.num_train_timesteps - 1:
@@ -176,6 +194,9 @@ class Schedule:
                 return self._sigma_list[int(t)]
             i = int(t)
             frac = t - i
+            if self._sigma_list[i + 1] == math.inf:  # zero terminal SNR: linear in α = 1/√(1+σ²) down to α = 0
+                a = (1 - frac) / math.sqrt(1.0 + self._sigma_list[i] ** 2)
+                return math.sqrt(1.0 - a * a) / a
             return math.exp(self._log_sigmas[i] * (1 - frac) + self._log_sigmas[i + 1] * frac)
         return np.array([self.sigma_at(float(x)) for x in np.asarray(t, dtype=np.float64)])
 
@@ -183,7 +204,9 @@ class Schedule:
         """The model's timestep for noise level σ ≥ 0 (a float).
 
         Linear in log σ between trained steps, exact at them; 0 below the smallest trained σ
-        (including σ = 0) and T−1 above the largest.
+        (including σ = 0) and T−1 above the largest. Between the last finite level and σ = ∞ of
+        a zero-terminal-SNR schedule (where log σ has no finite end) it is linear in the signal
+        scale α = 1/√(1+σ²), which falls to 0 there.
         """
         if sigma <= self._sigma_list[0]:
             if sigma < 0 or sigma != sigma:
@@ -194,6 +217,8 @@ class Schedule:
         ls = math.log(sigma)
         i = bisect.bisect_right(self._log_sigmas, ls) - 1
         lo, hi = self._log_sigmas[i], self._log_sigmas[i + 1]
+        if hi == math.inf:
+            return i + 1.0 - math.sqrt((1.0 + self._sigma_list[i] ** 2) / (1.0 + sigma * sigma))
         return i + (ls - lo) / (hi - lo)
 
     def timesteps(self, sigmas: ArrayLike) -> np.ndarray:
@@ -201,8 +226,9 @@ class Schedule:
         return np.array([self.timestep(float(s)) for s in np.asarray(sigmas, dtype=np.float64)])
 
     def __repr__(self) -> str:
+        zero = ", zero terminal SNR" if self.zero_terminal_snr else ""
         return (f"Schedule(T={self.num_train_timesteps}, sigma_min={self.sigma_min:.4g}, "
-                f"sigma_max={self.sigma_max:.4g})")
+                f"sigma_max={self.sigma_max:.4g}{zero})")
 
 
 class _ContinuousSchedule(Schedule):
@@ -337,6 +363,26 @@ class VESchedule(_ContinuousSchedule):
 
     def __repr__(self) -> str:
         return f"VESchedule(sigma_min={self.sigma_min:.4g}, sigma_max={self.sigma_max:.4g}, time={self.time!r})"
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: ArrayLike) -> np.ndarray:
+    """ᾱ rescaled to zero terminal SNR (Lin et al., "Common Diffusion Noise Schedules and Sample
+    Steps are Flawed", WACV 2024, Algorithm 1): √ᾱ is shifted so that its last value is 0 and
+    scaled so that its first is kept,
+
+        √ᾱ'_t = (√ᾱ_t − √ᾱ_{T−1}) · √ᾱ_0 / (√ᾱ_0 − √ᾱ_{T−1}),
+
+    so that the last timestep is pure noise (σ = ∞) and the model can be trained, and sampled,
+    from there. In float64; diffusers' ``rescale_betas_zero_snr=True`` does the same on its betas.
+    """
+    acp = _as_float64(alphas_cumprod, "alphas_cumprod")
+    root = np.sqrt(acp)
+    first, last = root[0], root[-1]
+    if not first > last:
+        raise ValueError("alphas_cumprod must decrease to rescale it to zero terminal SNR")
+    rescaled = (root - last) * (first / (first - last))
+    rescaled[-1] = 0.0
+    return rescaled**2
 
 
 def _check_T(num_train_timesteps: int) -> None:

@@ -54,6 +54,7 @@ from .formulations import Sigma
 from .options import Request, Stochastic, compute_dtype
 from .plugins import Plugin, register_plugin
 from .results import Result
+from .terminal import refuse_infinite_start
 
 #: The named member of the family besides numeric η: DDPM's larger variance σ̂² = 1 − ᾱ_t/ᾱ_s.
 SIGMA_HAT = "sigma_hat"
@@ -220,6 +221,7 @@ def generate_stochastic(request: Request, noise: Tensor, spec: Stochastic) -> Re
         raise ValueError("give generator= or step_noise=, not both: step_noise fixes every step's noise itself")
     euler = solvers.get("euler")
     sig = request.grid.generation_sigmas(request.flow, euler, final_euler=True)
+    refuse_infinite_start(float(sig[0]), "the stochastic (eta) process")  # zero terminal SNR (flowdiff.terminal)
     dtype = compute_dtype(noise)
     model_dtype = noise.dtype if noise.dtype != dtype else None
     xbar0 = noise.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)

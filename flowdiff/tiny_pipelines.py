@@ -3,8 +3,9 @@
 Each builder makes a seeded random model of a few thousand parameters (8×8 latents, one or two
 blocks), saves it with ``save_pretrained`` into ``root`` and returns the live diffusers object and
 the folder, so that ``flowdiff.from_diffusers(folder)`` can be checked against diffusers' own loop.
-The CLIP tokenizer's vocabulary (single letters, with "cat" merged) is written here as well.
-They need ``diffusers`` (and ``transformers`` for :func:`stable_diffusion`); nothing is downloaded.
+The CLIP tokenizer's vocabulary (single letters, with "cat" merged) and the T5 tokenizer's (a
+unigram model over the same letters) are written here as well. They need ``diffusers`` (and
+``transformers`` for the text-to-image pipelines); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -121,3 +122,93 @@ def flow_match_loop(net: Any, scheduler: Any, noise: torch.Tensor, steps: int, *
             v = net(x, timestep=t.expand(x.shape[0]), return_dict=False, **kwargs)[0]
             x = scheduler.step(v, t, x).prev_sample
     return x
+
+
+def t5_tokenizer(directory: Path) -> Any:
+    """A real ``T5Tokenizer`` (fast, from a ``tokenizers`` unigram model written here: letters, "▁cat", ``</s>``)."""
+    import tokenizers
+    import transformers
+    from tokenizers import decoders, models, pre_tokenizers, processors
+
+    directory.mkdir(parents=True, exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0), ("▁cat", -0.5)]
+    vocab += [("▁" + c, -1.0) for c in letters] + [(c, -2.0) for c in letters]
+    tok = tokenizers.Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    tok.save(str(directory / "tokenizer.json"))
+    return transformers.T5TokenizerFast(tokenizer_file=str(directory / "tokenizer.json"), eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>", extra_ids=0)
+
+
+def _clip_config(vocab: dict[str, int], hidden: int, **extra: Any) -> Any:
+    import transformers
+
+    return transformers.CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=8, bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"], **extra)
+
+
+def _t5_encoder(tokenizer: Any, d_model: int) -> Any:
+    import transformers
+
+    return transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=4, d_ff=2 * d_model, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+
+
+def stable_diffusion_3(root: Path, seed: int = 4, shift: float = 3.0) -> tuple[Any, Path]:
+    """A ``StableDiffusion3Pipeline``: one-layer ``SD3Transformer2DModel``, VAE with shift_factor, two
+    ``CLIPTextModelWithProjection`` (hidden 8, projection 4) and a ``T5EncoderModel`` (d_model 24, so the
+    CLIP embeddings are zero-padded to it as in SD3), each with its tokenizer."""
+    import transformers
+
+    d = _diffusers()
+    root = Path(root)
+    torch.manual_seed(seed)
+    tokenizer, vocab = clip_tokenizer(root / "_vocab")
+    tokenizer_2, _ = clip_tokenizer(root / "_vocab2")
+    clip = [transformers.CLIPTextModelWithProjection(_clip_config(vocab, 8, projection_dim=4)) for _ in range(2)]
+    tokenizer_3 = t5_tokenizer(root / "_t5")
+    net = d.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=16,
+                                  pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8)
+    autoencoder = vae()
+    autoencoder.register_to_config(shift_factor=0.1, scaling_factor=0.6)
+    pipe = d.StableDiffusion3Pipeline(transformer=net, scheduler=d.FlowMatchEulerDiscreteScheduler(shift=shift),
+                                      vae=autoencoder, text_encoder=clip[0], tokenizer=tokenizer,
+                                      text_encoder_2=clip[1], tokenizer_2=tokenizer_2,
+                                      text_encoder_3=_t5_encoder(tokenizer_3, 24), tokenizer_3=tokenizer_3)
+    pipe.save_pretrained(root / "sd3")
+    _eval(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
+    return pipe, root / "sd3"
+
+
+def flux(root: Path, seed: int = 5, guidance_embeds: bool = True) -> tuple[Any, Path]:
+    """A ``FluxPipeline``: a one-double, one-single-block ``FluxTransformer2DModel`` on 2×2-packed latents of a
+    4-channel VAE with shift_factor (16×16 images → 8×8 latents → 16 tokens of 16 channels), the pooled CLIP
+    text model and a T5 encoder with their tokenizers, dynamic (resolution-dependent) shift; ``guidance_embeds``
+    makes it a guidance-distilled model (the embedded guidance of Flux-dev)."""
+    import transformers
+
+    d = _diffusers()
+    root = Path(root)
+    torch.manual_seed(seed)
+    tokenizer, vocab = clip_tokenizer(root / "_vocab")
+    tokenizer_2 = t5_tokenizer(root / "_t5")
+    net = d.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                   pooled_projection_dim=8, axes_dims_rope=(2, 2, 4), guidance_embeds=guidance_embeds)
+    autoencoder = vae()
+    autoencoder.register_to_config(shift_factor=0.1, scaling_factor=0.6)
+    pipe = d.FluxPipeline(transformer=net, scheduler=d.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True,
+                                                                                       shift=3.0),
+                          vae=autoencoder, text_encoder=transformers.CLIPTextModel(_clip_config(vocab, 8)),
+                          tokenizer=tokenizer, text_encoder_2=_t5_encoder(tokenizer_2, 16), tokenizer_2=tokenizer_2)
+    pipe.save_pretrained(root / "flux")
+    _eval(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)
+    return pipe, root / "flux"

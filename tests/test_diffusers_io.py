@@ -124,7 +124,6 @@ def test_unsupported_model_class(tmp_path):
 @pytest.mark.parametrize("change, match", [
     ({"beta_schedule": "exp"}, "beta_schedule 'exp'"),
     ({"prediction_type": "flow_prediction"}, "prediction_type 'flow_prediction'"),
-    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
     ({"beta_end": 2.0}, "betas"),
 ])
 def test_unsupported_scheduler_configs(tmp_path, change, match):

@@ -9,7 +9,7 @@ before a block changes that (several comments may stand on consecutive lines):
 - ``<!-- skip: reason -->``: not run; the reason is required and shown by pytest. Use sparingly.
 - ``<!-- fixture: NAME[, NAME] -->``: before the block, make files it refers to in the working
   folder (see ``FIXTURES``: a tiny random diffusers pipeline at ``path/to/ddpm-pipeline``, two
-  digit PNGs ``a.png`` and ``b.png``).
+  digit PNGs ``a.png`` and ``b.png``, a tiny Flux pipeline at ``path/to/flux`` with ``photo.png``).
 - ``<!-- shrink: ARGS -->`` (``sh`` blocks): append ARGS to each ``flowdiff`` line (a later option
   overrides an earlier one), to run a smaller variant of a command that takes minutes as written.
 
@@ -180,7 +180,19 @@ def _fixture_pngs(directory: Path) -> None:
         Image.fromarray(pixels, mode="L").save(directory / name)
 
 
-FIXTURES = {"ddpm-pipeline": _fixture_ddpm_pipeline, "pngs": _fixture_pngs}
+def _fixture_flux_pipeline(directory: Path) -> None:
+    """A tiny random FluxPipeline (flowdiff.tiny_pipelines.flux) at path/to/flux, and a 16×16 RGB photo.png."""
+    import numpy as np
+    from PIL import Image
+
+    from flowdiff import tiny_pipelines
+
+    tiny_pipelines.flux(directory / "path" / "to")
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(directory / "photo.png")
+
+
+FIXTURES = {"ddpm-pipeline": _fixture_ddpm_pipeline, "pngs": _fixture_pngs, "flux-pipeline": _fixture_flux_pipeline}
 
 
 def make_fixtures(block: Block, directory: Path) -> None:

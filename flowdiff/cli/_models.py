@@ -64,8 +64,9 @@ def _diffusers_dir(path: Path, dtype: torch.dtype, device: torch.device) -> Load
 
     flow = from_diffusers(path, device=device)
     if flow.model.sample_shape is None:
-        raise CommandError(f"--model {str(path)!r}: a {type(flow.model.net).__name__} takes packed latents of a "
-                           "length the caller chooses; use it from Python (flowdiff.from_diffusers)")
+        raise CommandError(f"--model {str(path)!r}: a {type(flow.model.net).__name__} without its pipeline's VAE takes "
+                           "packed latents of a length the caller chooses; give the pipeline folder (with vae/), or "
+                           "use it from Python (flowdiff.from_diffusers)")
     return LoadedModel(path.name, _to(flow, dtype, device), tuple(flow.model.sample_shape), {})
 
 

@@ -2,9 +2,12 @@
 
 ``flowdiff sample|encode|decode|roundtrip|compare --model DIR --prompt "a cat" [--negative-prompt
 "blurry"] [--guidance 7.5]``: the prompt becomes the denoiser's ``model_kwargs`` through the
-pipeline's own text encoder, guidance is :func:`flowdiff.classifier_free_guidance` with the
-negative (default: empty) prompt as the unconditional branch, and a pipeline with an autoencoder
-takes and writes images while the flow runs on its latents. A latents file records, in its
+pipeline's own text encoder(s) (Stable Diffusion's CLIP; SD3's two CLIP and T5; Flux's CLIP and
+T5), guidance is :func:`flowdiff.classifier_free_guidance` with the negative (default: empty)
+prompt as the unconditional branch (default scale: the pipeline's own, ``flow.default_guidance``),
+and a pipeline with an autoencoder takes and writes images while the flow runs on its latents
+(Flux's packed ones included). Without ``--prompt`` a text-to-image model is conditioned on the
+empty prompt, unguided. A latents file records, in its
 ``info`` (``info["prompt"]``), the prompt, the guidance and the fingerprint of the conditioned
 model, so that ``decode`` reuses the prompt and refuses a different one.
 
@@ -24,7 +27,8 @@ from ..fingerprint import flow_fingerprint
 from ..guidance import classifier_free_guidance
 from ..latent import Latent
 
-#: diffusers' Stable Diffusion default guidance scale, used when --prompt is given without --guidance
+#: diffusers' Stable Diffusion default guidance scale, used when --prompt is given without --guidance (and the flow
+#: names no ``default_guidance`` of its own)
 DEFAULT_GUIDANCE = 7.5
 
 
@@ -37,7 +41,11 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
                        help="the unconditional branch of guidance (default: the empty prompt)")
     group.add_argument("--guidance", type=float, default=None, metavar="W",
                        help=f"classifier-free guidance scale w, ε_u + w·(ε_c − ε_u) as diffusers' guidance_scale "
-                            f"(default with --prompt: {DEFAULT_GUIDANCE}; 1: no guidance)")
+                            f"(Flux: true_cfg_scale; default with --prompt: the pipeline's own, {DEFAULT_GUIDANCE} for "
+                            "Stable Diffusion, 7 for SD3, 1 for Flux; 1: no guidance)")
+    group.add_argument("--embedded-guidance", type=float, default=None, metavar="G",
+                       help="a guidance-distilled Flux model's embedded guidance (FluxPipeline's guidance_scale; "
+                            "default 3.5)")
 
 
 def condition(loaded: Any, args: argparse.Namespace, record: dict[str, Any] | None = None) -> Any:
@@ -48,22 +56,33 @@ def condition(loaded: Any, args: argparse.Namespace, record: dict[str, Any] | No
     ``record`` (a decode's latents' ``info["prompt"]``) supplies the prompt when none is given.
     """
     prompt, negative, w = args.prompt, args.negative_prompt, args.guidance
+    embedded = getattr(args, "embedded_guidance", None)
     if prompt is None:
         if isinstance(record, dict) and "prompt" in record:  # decode: the prompt the latents were made with
             prompt, negative, w = record["prompt"], record["negative_prompt"], record["guidance"]
-        elif negative is not None or w is not None:
-            raise ValueError("--negative-prompt and --guidance need --prompt")
+            embedded = record.get("embedded_guidance", embedded)
+        elif negative is not None or w is not None or embedded is not None:
+            raise ValueError("--negative-prompt, --guidance and --embedded-guidance need --prompt")
         else:
             loaded.prompt_record = None
+            if getattr(loaded.flow, "prompt_encoder", None) is not None:  # a text-to-image denoiser needs its text
+                loaded.model_kwargs = dict(loaded.flow.encode_prompt([""]))  # input: the empty prompt, unguided
             return loaded
     if w is None:
-        w = DEFAULT_GUIDANCE
+        w = float(getattr(loaded.flow, "default_guidance", DEFAULT_GUIDANCE))
     if not math.isfinite(w):
         raise ValueError(f"--guidance must be a finite number, got {w}")
     flow = loaded.flow
     if getattr(flow, "prompt_encoder", None) is None:
-        raise ValueError(f"--prompt: model {loaded.name!r} has no text encoder flowdiff can use (a Stable-Diffusion-"
-                         "style pipeline folder with a CLIP tokenizer and text_encoder)")
+        raise ValueError(f"--prompt: model {loaded.name!r} has no text encoder flowdiff can use (a Stable Diffusion, "
+                         "SD3 or Flux pipeline folder with its tokenizers and text encoders)")
+    if embedded is not None:
+        if not getattr(flow.prompt_encoder, "guidance_embeds", False):
+            raise ValueError(f"--embedded-guidance: model {loaded.name!r} has no guidance embedding (a guidance-"
+                             "distilled Flux transformer, guidance_embeds=True, has one); use --guidance")
+        if not math.isfinite(embedded):
+            raise ValueError(f"--embedded-guidance must be a finite number, got {embedded}")
+        flow.prompt_encoder.embedded_guidance = float(embedded)
     cond = flow.encode_prompt([prompt])
     kwargs: dict[str, Any] = {"cond": cond, "guidance": w}
     if w != 1:
@@ -73,6 +92,8 @@ def condition(loaded: Any, args: argparse.Namespace, record: dict[str, Any] | No
     loaded.model_kwargs = dict(cond)
     loaded.prompt_record = {"prompt": prompt, "negative_prompt": negative, "guidance": w,
                             "fingerprint": flow_fingerprint(flow, kwargs)}
+    if embedded is not None:
+        loaded.prompt_record["embedded_guidance"] = float(embedded)
     return loaded
 
 
@@ -101,10 +122,7 @@ def image_shape(loaded: Any) -> tuple[int, int, int]:
     autoencoder = getattr(loaded.flow, "autoencoder", None)
     if autoencoder is None:
         return loaded.shape
-    cfg = autoencoder.vae.config
-    factor = 2 ** (len(cfg.block_out_channels) - 1)
-    c, h, w = loaded.shape
-    return int(cfg.in_channels), h * factor, w * factor
+    return autoencoder.image_shape(loaded.shape)  # Flux: the images of its packed (tokens, channels) latents
 
 
 def to_latents(loaded: Any, images: Tensor) -> Tensor:
