@@ -19,7 +19,9 @@ attention at 16×16, 35.7M parameters), built from a seed, saved with ``save_pre
 ``flowdiff.from_diffusers`` — nothing is downloaded. The diffusers loops call the same network objects.
 
 Per loop and NFE: seconds per batch, images per second, the largest difference to the diffusers loop's images
-(relative to their largest value: both sides compute the same map), and the host–device syncs the loop makes
+(relative to their largest value: both sides compute the same map when the NFE divides T = 1000; otherwise
+diffusers' trailing DDIM steps to t − T//n while its next step starts at another timestep, which is no single σ
+grid, and the column shows that gap), and the host–device syncs the loop makes
 (``flowdiff.syncs``: per step + constant, from runs of two step counts; ``n/a`` off CUDA). On CUDA the
 timings are bracketed by ``torch.cuda.synchronize()``. The defaults are small on a CPU (one intra-op thread,
 batch 16 for digits and 1 for the UNet) and GPU-sized on CUDA (batch 128 for both).

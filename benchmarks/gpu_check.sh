@@ -9,8 +9,8 @@
 #   2. prints the device (torch, CUDA, the GPU's name, nvidia-smi) and fails if CUDA is not available;
 #   3. runs the CUDA variants of the device-parametrised tests (pytest --device cuda): DDIM against diffusers'
 #      DDIMScheduler, the exact reversible round trips in float32/float64, the solvers' orders, guidance,
-#      likelihood, the shipped model, and "no host sync per step" for fixed-grid generates; it fails if any
-#      fails, or if DDIM equivalence or the round trips did not run;
+#      likelihood, the closed-form models, the shipped model, and "no host sync per step" for fixed-grid
+#      generates; it fails if any fails, or if DDIM equivalence or the round trips did not run;
 #   4. runs benchmarks/bench_throughput.py on CUDA (images/s at fixed NFE against diffusers' loops, host syncs).
 # Every step runs even if an earlier one failed (device time is scarce: one run says everything); the script
 # then exits non-zero naming the failed steps. Outputs go to $OUT (the device tool's folder) if set, else to
@@ -20,7 +20,7 @@
 # then run `bash benchmarks/gpu_check.sh` with carry [".whl"] and a timeout of about 420 s.
 #
 #   --cpu       check this script end to end on a CPU: the same steps with --device cpu, CUDA required nowhere
-#   --quick     the smallest selection (a few tests, the digits model at 2 NFE): for the test suite
+#   --quick     the smallest selection (two test files, the digits model at 2 NFE): with --cpu, for the tests
 #   --no-bench  skip the throughput benchmark
 #   --prepare   download the wheels that the GPU machine lacks into .whl/ and exit (needs PyPI: run it here)
 # Environment: PYTHON (default python3), OUT, GPU_CHECK_TESTS (test paths, replacing the default list),

@@ -73,3 +73,27 @@ def test_cpu_quick_mode_runs_end_to_end(tmp_path):
     table = (out / "throughput.md").read_text()
     for loop in ("diffusers DDIM", "flowdiff euler", "diffusers DPM++ 2M", "flowdiff dpmpp_2m"):
         assert f"| digits | {loop} | 2 | 4 |" in table
+
+
+def test_throughput_benchmark_compares_the_same_maps(tmp_path, monkeypatch):
+    """bench_throughput's flowdiff loops compute what diffusers' loops compute (same grids, same network), so its
+    images-per-second columns compare like with like; off CUDA the sync column says n/a. (4 steps divide T = 1000:
+    otherwise diffusers' trailing DDIM steps to t − T//n while its next step starts elsewhere, no single grid.)"""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("bench_throughput", ROOT / "benchmarks" / "bench_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_throughput", bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    out = tmp_path / "rows.json"
+    threads = torch.get_num_threads()
+    try:
+        rc = bench.main(["--models", "digits", "--nfe", "4", "--repeats", "1", "--batch", "2", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    rows = {r["loop"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == set(bench.LOOPS)
+    assert rows["flowdiff euler"]["rel_diff"] < 1e-5 and rows["flowdiff dpmpp_2m"]["rel_diff"] < 1e-5
+    assert all(r["images_per_s"] > 0 and r["syncs"] == "n/a" and r["nfe"] == 4 for r in rows.values())
