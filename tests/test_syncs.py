@@ -8,18 +8,23 @@ import torch
 import flowdiff
 from flowdiff.syncs import SyncCount, count_host_syncs, syncs_per_step
 
-#: a fixed-grid solve may sync a few times in all (the divergence guard's start scale, the end state's check)
-CONSTANT_SYNCS = 4
+#: a fixed-grid solve may sync a few times in all (the input's check, the divergence guard's start scale, the end
+#: state's check)
+CONSTANT_SYNCS = 8
 
 
-@pytest.mark.parametrize("solver", ["euler", "heun", "dpmpp_2m"])
-def test_fixed_grid_generate_does_no_host_sync_per_step(device, solver):
+@pytest.mark.parametrize("solver, labels", [("euler", None), ("heun", None), ("dpmpp_2m", None),
+                                            ("euler", "class"), ("euler", "guided")])
+def test_fixed_grid_generate_does_no_host_sync_per_step(device, solver, labels):
     flow = flowdiff.pretrained("digits", device=device)
     noise = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)).to(device)
+    kwargs = {} if labels is None else {"class_labels": torch.arange(8, device=device)}
+    if labels == "guided":
+        flow = flowdiff.classifier_free_guidance(flow, 2.0)
 
     def solve(steps):
         with torch.no_grad():
-            return flowdiff.generate(flow, noise, solver=solver, steps=steps, grid="trailing")
+            return flowdiff.generate(flow, noise, solver=solver, steps=steps, grid="trailing", model_kwargs=kwargs)
 
     counted = syncs_per_step(solve, device, steps=(4, 12))
     if device.type != "cuda":
