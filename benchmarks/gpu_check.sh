@@ -9,7 +9,7 @@
 #   2. prints the device (torch, CUDA, the GPU's name, nvidia-smi) and fails if CUDA is not available;
 #   3. runs the CUDA variants of the device-parametrised tests (pytest --device cuda): DDIM against diffusers'
 #      DDIMScheduler, the exact reversible round trips in float32/float64, the solvers' orders, guidance,
-#      likelihood, the closed-form models, the shipped model, and "no host sync per step" for fixed-grid
+#      likelihood, compare, the closed-form models, the shipped model, and "no host sync per step" for fixed-grid
 #      generates; it fails if any fails, or if DDIM equivalence or the round trips did not run;
 #   4. runs benchmarks/bench_throughput.py on CUDA (images/s at fixed NFE against diffusers' loops, host syncs).
 # Every step runs even if an earlier one failed (device time is scarce: one run says everything); the script
