@@ -39,6 +39,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_adaptive.py
 	$(BIN)/python benchmarks/bench_reconstruction.py
 	$(BIN)/python benchmarks/bench_eta.py
+	$(BIN)/python benchmarks/bench_throughput.py --out benchmarks/results/throughput_cpu.md
 
 # The documentation site, offline, into site/ (mkdocs-material + mkdocstrings: the API reference from the
 # docstrings). --strict: a warning (a broken reference, a name that does not resolve) fails the build.

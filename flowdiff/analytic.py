@@ -49,6 +49,21 @@ class _ClosedForm:
                for i, s in enumerate(float(self.schedule.sigma_at(v)) for v in t_vals)]
         return torch.cat(out)
 
+    def _on(self, device: torch.device, *tensors: Tensor) -> list[Tensor]:
+        """The model's constant ``tensors`` on ``device``, copied there once and kept: a host-to-device copy
+        per evaluation would make the host wait for the GPU at every step of a solve."""
+        copies: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = self.__dict__.setdefault("_copies", {})
+        out = []
+        for t in tensors:
+            if t.device == device:
+                out.append(t)
+                continue
+            hit = copies.get((id(t), device))
+            if hit is None or hit[0] is not t:  # not copied yet, or the attribute was replaced since
+                hit = copies[(id(t), device)] = (t, t.to(device))
+            out.append(hit[1])
+        return out
+
     def flow(self) -> ProbabilityFlow:
         """The exact σ-native flow of this model (no timestep rounding, exact down to σ = 0)."""
         return ProbabilityFlow.from_sigma_field(self.eps, self.schedule)
@@ -92,18 +107,21 @@ class Gaussian(_ClosedForm):
         """Multiply rows of v by g(Σ) given g's values on the eigenvalues."""
         if self.evecs is None:
             return v * fn_of_evals
-        return ((v @ self.evecs) * fn_of_evals) @ self.evecs.T
+        (evecs,) = self._on(v.device, self.evecs)
+        return ((v @ evecs) * fn_of_evals) @ evecs.T
 
     def eps(self, xbar: Tensor, sigma: float) -> Tensor:
-        v = _flat(xbar, self.dim, "xbar").double() - self.mean.to(xbar.device)
-        out = self._apply(v, (sigma / (self.evals + sigma * sigma)).to(xbar.device))
+        mean, evals = self._on(xbar.device, self.mean, self.evals)
+        v = _flat(xbar, self.dim, "xbar").double() - mean
+        out = self._apply(v, sigma / (evals + sigma * sigma))
         return out.reshape(xbar.shape).to(xbar.dtype)
 
     def solution(self, xbar0: Tensor, sigma0: float, sigma1: float) -> Tensor:
         """The exact ODE solution at σ₁ from x̄(σ₀) = xbar0 (either direction)."""
-        v = _flat(xbar0, self.dim, "xbar0").double() - self.mean.to(xbar0.device)
-        g = torch.sqrt((self.evals + sigma1**2) / (self.evals + sigma0**2)).to(xbar0.device)
-        return (self._apply(v, g) + self.mean.to(xbar0.device)).reshape(xbar0.shape).to(xbar0.dtype)
+        mean, evals = self._on(xbar0.device, self.mean, self.evals)
+        v = _flat(xbar0, self.dim, "xbar0").double() - mean
+        g = torch.sqrt((evals + sigma1**2) / (evals + sigma0**2))
+        return (self._apply(v, g) + mean).reshape(xbar0.shape).to(xbar0.dtype)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n samples of the data, shape (n, *mean.shape), float64."""
@@ -112,9 +130,10 @@ class Gaussian(_ClosedForm):
 
     def log_prob(self, xbar: Tensor, sigma: float) -> Tensor:
         """log p_σ(x̄) (float64), for checking ε = −σ ∇ log p_σ."""
-        v = _flat(xbar, self.dim, "xbar").double() - self.mean
-        var = self.evals + sigma * sigma
-        w = v if self.evecs is None else v @ self.evecs
+        mean, evals = self._on(xbar.device, self.mean, self.evals)
+        v = _flat(xbar, self.dim, "xbar").double() - mean
+        var = evals + sigma * sigma
+        w = v if self.evecs is None else v @ self._on(xbar.device, self.evecs)[0]
         return -0.5 * ((w * w / var).sum(1) + torch.log(2 * math.pi * var).sum())
 
 
@@ -154,14 +173,14 @@ class Mixture(_ClosedForm):
         self.chunk = chunk
 
     def _posterior(self, v: Tensor, var: float) -> Tensor:
-        c = self.centers.to(v.device)
-        d2 = (v * v).sum(1, keepdim=True) - 2 * v @ c.T + self._sq.to(v.device)
-        return torch.softmax(self.log_weights.to(v.device) - d2 / (2 * var), dim=1)
+        c, sq, log_weights = self._on(v.device, self.centers, self._sq, self.log_weights)
+        d2 = (v * v).sum(1, keepdim=True) - 2 * v @ c.T + sq
+        return torch.softmax(log_weights - d2 / (2 * var), dim=1)
 
     def eps(self, xbar: Tensor, sigma: float) -> Tensor:
         v = _flat(xbar, self.dim, "xbar").double()
         var = self.bandwidth**2 + sigma * sigma
-        c = self.centers.to(v.device)
+        (c,) = self._on(v.device, self.centers)
         out = torch.empty_like(v)
         for i in range(0, v.shape[0], self.chunk):
             vi = v[i:i + self.chunk]
@@ -179,5 +198,6 @@ class Mixture(_ClosedForm):
         """log p_σ(x̄) (float64)."""
         v = _flat(xbar, self.dim, "xbar").double()
         var = self.bandwidth**2 + sigma * sigma
-        d2 = ((v[:, None, :] - self.centers[None]) ** 2).sum(-1)
-        return torch.logsumexp(self.log_weights - d2 / (2 * var), dim=1) - 0.5 * self.dim * math.log(2 * math.pi * var)
+        centers, log_weights = self._on(v.device, self.centers, self.log_weights)
+        d2 = ((v[:, None, :] - centers[None]) ** 2).sum(-1)
+        return torch.logsumexp(log_weights - d2 / (2 * var), dim=1) - 0.5 * self.dim * math.log(2 * math.pi * var)

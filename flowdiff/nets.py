@@ -108,9 +108,14 @@ class DigitsNet(nn.Module):
                 raise ValueError(f"class_labels must be integers of shape ({batch},) or a scalar, "
                                  f"got {labels.dtype} {tuple(labels.shape)}")
             labels = labels.long()
-            if bool(((labels < 0) | (labels > self.null_class)).any()):
-                raise ValueError(f"class_labels must lie in [0, {self.num_classes - 1}], or be "
-                                 f"{self.null_class} (the null class: unconditional)")
+            bad = (labels < 0) | (labels > self.null_class)
+            message = (f"class_labels must lie in [0, {self.num_classes - 1}], or be {self.null_class} (the null "
+                       "class: unconditional)")
+            if labels.device.type == "cpu":
+                if bool(bad.any()):
+                    raise ValueError(message)
+            else:  # checked on the device: reading it on the host would stall every step of a solve
+                torch._assert_async(~bad.any(), message)
         emb = self.time_mlp(timestep_embedding(t, self.emb_dim).to(dtype)) + self.class_emb(labels)
         emb = nn.functional.silu(emb)
         h0 = self.down0(self.conv_in(x_t.to(dtype)), emb)

@@ -179,10 +179,11 @@ def test_a_grid_without_that_step_count_is_skipped_with_its_reason():
     assert "repeats timesteps" in skip.reason
 
 
-def test_errors_fall_with_nfe_at_first_order_for_euler():
+def test_errors_fall_with_nfe_at_first_order_for_euler(device):
     g = _gaussian()
     budgets = [10, 20, 40, 80, 160]
-    result = compare(g.flow(), _noise(), solvers=["euler"], grids=["trailing"], nfe=budgets)
+    result = compare(g.flow(), _noise().to(device), solvers=["euler"], grids=["trailing"], nfe=budgets)
+    assert result.reference.x.device == torch.device(device)
     errors = [r.rms_error for r in sorted(result.runs, key=lambda r: r.nfe)]
     assert all(a > b for a, b in zip(errors, errors[1:]))
     slope = np.polyfit(np.log(budgets), np.log(errors), 1)[0]

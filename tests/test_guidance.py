@@ -79,15 +79,16 @@ def test_guidance_on_a_timestep_network_combines_eps(prediction_type):
                                    rtol=1e-12, atol=1e-12)
 
 
-def test_guided_generation_at_w1_is_conditional_generation():
+def test_guided_generation_at_w1_is_conditional_generation(device):
     flow = _random_digits_net()
-    noise = torch.randn(4, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    kwargs = {"class_labels": LABELS}
+    flow.model.to(device)
+    noise = torch.randn(4, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(device)
+    kwargs = {"class_labels": LABELS.to(device)}
     cond = flowdiff.generate(flow, noise, solver="heun", steps=5, model_kwargs=kwargs)
     guided = flowdiff.generate(classifier_free_guidance(flow, 1.0), noise, solver="heun", steps=5,
                                model_kwargs=kwargs)
     torch.testing.assert_close(guided.x, cond.x, rtol=1e-12, atol=1e-12)
-    assert guided.stats.nfe == cond.stats.nfe
+    assert guided.stats.nfe == cond.stats.nfe and guided.x.device == noise.device
 
 
 def _round_trip(w, **solve):

@@ -39,16 +39,18 @@ class CountingEps:
 @pytest.mark.parametrize(("solver", "opts"), REVERSIBLE, ids=IDS)
 @pytest.mark.parametrize("grid", ["trailing", "karras"])
 @pytest.mark.parametrize("steps", [1, 10, 25])
-def test_reversible_round_trip_float64(mixture, solver, opts, grid, steps):
+def test_reversible_round_trip_float64(mixture, solver, opts, grid, steps, device):
     _, flow, x = mixture
+    x = x.to(device)
     rt = assert_round_trip(flow, x, atol=1e-10, solver=solver, solver_options=opts, steps=steps, grid=grid)
     assert rt.encoded.latent.solver_state is not None and rt.encoded.latent.exact
+    assert rt.decoded.x.device == x.device and rt.encoded.latent.solver_state.z.device == x.device
 
 
 @pytest.mark.parametrize(("solver", "opts"), REVERSIBLE, ids=IDS)
-def test_reversible_round_trip_float32(mixture, solver, opts):
+def test_reversible_round_trip_float32(mixture, solver, opts, device):
     _, flow, x = mixture
-    x = x.float()
+    x = x.to(device, torch.float32)
     rt = assert_round_trip(flow, x, atol=4 * torch.finfo(torch.float32).eps, solver=solver, solver_options=opts,
                            steps=20)
     latent = rt.encoded.latent
@@ -62,12 +64,12 @@ def test_reversible_round_trip_float32(mixture, solver, opts):
 
 
 @pytest.mark.parametrize(("solver", "opts"), REVERSIBLE[:2], ids=IDS[:2])
-def test_reversible_round_trip_float32_trained_network(solver, opts):
+def test_reversible_round_trip_float32_trained_network(solver, opts, device):
     """The shipped network in float32: its large Lipschitz constant amplified float32 state rounding to 3e-5;
     with the float64 state the round trip is within a few float32 ulps (the network's float32 input can round
     the other way when the float64 state recovered by the inverse differs from the encode's in its last bits)."""
-    flow = fd.pretrained("digits")
-    x = fd.digits_data("test").images[:4]
+    flow = fd.pretrained("digits", device=device)
+    x = fd.digits_data("test").images[:4].to(device)
     fed = []
     model = flow.model
     flow.model = lambda inp, t, **kw: (fed.append(inp.dtype), model(inp, t, **kw))[1]
@@ -194,9 +196,9 @@ def test_latent_validation(mixture):
 
 @pytest.mark.parametrize("solver", ["euler", "heun", "midpoint"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_fixed_point_plain_decode_reproduces_images(mixture, solver, dtype):
+def test_fixed_point_plain_decode_reproduces_images(mixture, solver, dtype, device):
     _, flow, x = mixture
-    x = x.to(dtype)
+    x = x.to(device, dtype)
     enc = fd.encode(flow, x, solver=solver, steps=10, inversion="fixed_point")
     assert_fixed_point_converged(enc)
     assert enc.latent.solver_state is None and enc.latent.inversion == "fixed_point"

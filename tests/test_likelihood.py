@@ -37,15 +37,17 @@ def slope(x, y) -> float:
 
 # -- exact densities --------------------------------------------------------------------------------
 
-def test_gaussian_log_prob_is_exact_and_error_shrinks_with_tolerance():
+def test_gaussian_log_prob_is_exact_and_error_shrinks_with_tolerance(device):
     g = gaussian()
     x = g.sample(6, torch.Generator().manual_seed(0))
-    exact = g.log_prob(x, 0.0)
+    exact = g.log_prob(x, 0.0).to(device)
+    x = x.to(device)
     tols = [1e-5, 1e-6, 1e-7]
     errors = []
     for tol in tols:
         r = log_likelihood(g.flow(), x, rtol=tol, atol=tol, **gaussian_prior(g))
         assert isinstance(r, Likelihood) and r.log_prob.dtype == torch.float64 and r.log_prob.shape == (6,)
+        assert r.log_prob.device == r.latent.device == x.device
         errors.append(float((r.log_prob - exact).abs().max()))
     assert errors[-1] < 1e-5, errors
     assert all(b < a for a, b in zip(errors, errors[1:])), errors
@@ -53,6 +55,7 @@ def test_gaussian_log_prob_is_exact_and_error_shrinks_with_tolerance():
     # the latent is the exact ODE solution at σ_max, in DDIM's scale
     s_max = g.schedule.sigma_max
     latent = g.solution(x, 0.0, s_max) / math.sqrt(1 + s_max**2)
+    assert latent.device == x.device
     torch.testing.assert_close(r.latent, latent, atol=1e-5, rtol=0)
     torch.testing.assert_close(r.log_prob, r.prior + r.delta)
 

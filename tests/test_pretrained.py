@@ -170,3 +170,24 @@ def test_architecture_mismatch_and_bad_labels(tmp_path):
         net(x, t, class_labels=torch.tensor([0.5, 1.0]))
     with pytest.raises(ValueError, match=r"x_t must have shape \(batch, 1, 8, 8\)"):
         net(torch.zeros(2, 1, 16, 16), t)
+
+
+def test_generate_encode_decode_on_a_device(device):
+    """The shipped network on ``device``: in float64 its images are the CPU's to rounding (float64, so that the
+    GPU's TF32 convolutions do not enter), they stay on the device, and in float32 an exact (reversible) encode
+    decodes back to the images within float32 rounding."""
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        cpu64, dev64 = pretrained("digits"), pretrained("digits", device=device)
+        cpu64.model.double()
+        dev64.model.double()
+        ref = flowdiff.generate(cpu64, noise.double(), solver="dpmpp_2m", nfe=10).x
+        got = flowdiff.generate(dev64, noise.double().to(device), solver="dpmpp_2m", nfe=10).x
+        flow = pretrained("digits", device=device)
+        gen = flowdiff.generate(flow, noise.to(device), solver="dpmpp_2m", nfe=10)
+        enc = flowdiff.encode(flow, gen.x, solver="reversible_heun", steps=10)
+        dec = flowdiff.decode(flow, enc.latent)
+    assert got.device == gen.x.device == enc.x.device == dec.x.device == noise.to(device).device
+    assert gen.stats.nfe == 10 and dec.stats.nfe == enc.stats.nfe - 1
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-10, atol=1e-10)
+    assert (dec.x - gen.x).abs().max().item() <= 16 * torch.finfo(torch.float32).eps

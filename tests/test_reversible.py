@@ -38,14 +38,15 @@ def test_registered_and_queryable():
 
 @pytest.mark.parametrize(("name", "opts"), REVERSIBLE, ids=IDS)
 @pytest.mark.parametrize("direction", [1.0, -1.0])
-def test_unsolve_inverts_solve_float64(name, opts, direction):
+def test_unsolve_inverts_solve_float64(name, opts, direction, device):
     gen = torch.Generator().manual_seed(1)
-    y0 = torch.randn(3, 5, dtype=torch.float64, generator=gen)
+    y0 = torch.randn(3, 5, dtype=torch.float64, generator=gen).to(device)
     rng = np.random.default_rng(0)
     ts = (np.cumsum(rng.uniform(0.01, 0.2, 40)) * direction).tolist()  # an irregular grid
     s = solvers.get(name, **opts)
     sol = solve(nonlinear, y0, ts, s)
     back = unsolve(nonlinear, sol.y, ts, s, state=sol.state)
+    assert back.y.device == y0.device and sol.state.z.device == y0.device
     assert torch.equal(back.y, back.y)  # finite
     assert (back.y - y0).abs().max().item() <= 1e-12
     assert back.ts == ts[::-1]
@@ -53,8 +54,8 @@ def test_unsolve_inverts_solve_float64(name, opts, direction):
 
 
 @pytest.mark.parametrize(("name", "opts"), REVERSIBLE, ids=IDS)
-def test_unsolve_inverts_solve_float32_to_rounding(name, opts):
-    y0 = torch.randn(64, generator=torch.Generator().manual_seed(2))
+def test_unsolve_inverts_solve_float32_to_rounding(name, opts, device):
+    y0 = torch.randn(64, generator=torch.Generator().manual_seed(2)).to(device)
     ts = np.linspace(0.0, 2.0, 51).tolist()
     s = solvers.get(name, **opts)
     sol = solve(nonlinear, y0, ts, s)
@@ -144,11 +145,11 @@ def test_bad_input():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_quantised_reversible_heun_inverts_to_the_last_bit(dtype):
+def test_quantised_reversible_heun_inverts_to_the_last_bit(dtype, device):
     """With quantum=q the states stay on qℤ and every update is an exact addition: unsolve returns the (quantised)
     start bit for bit, on an irregular grid in either direction, where the plain method is only close."""
     q = 2.0**-40 if dtype == torch.float64 else 2.0**-18  # exact while |y| < 2^13 (float64), 2^6 (float32)
-    y0 = torch.randn(3, 5, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    y0 = torch.randn(3, 5, dtype=dtype, generator=torch.Generator().manual_seed(1)).to(device)
     ts = np.cumsum(np.random.default_rng(0).uniform(0.01, 0.2, 60)).tolist()
     exact = solvers.get("reversible_heun", quantum=q)
     for grid in (ts, ts[::-1]):

@@ -10,9 +10,9 @@ import solvers
 from solvers import ButcherTableau, SolveError
 
 
-def _linear_problem():
+def _linear_problem(device="cpu"):
     """dy/dt = A(t) y with y(0) = y0: y(t) = exp(-(t + t²)/2 ... ) closed form per component."""
-    rates = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    rates = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64, device=device)
 
     def f(t, y):
         return -rates * (1.0 + t) * y
@@ -23,23 +23,24 @@ def _linear_problem():
     return f, exact
 
 
-def _global_error(name, n, t0=0.0, t1=1.0):
-    f, exact = _linear_problem()
-    y0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+def _global_error(name, n, t0=0.0, t1=1.0, device="cpu"):
+    f, exact = _linear_problem(device)
+    y0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, device=device)
     ts = np.linspace(t0, t1, n + 1)
     sol = solvers.solve(f, y0, ts, name)
-    return float((sol.y - exact(t1, y0) / exact(t0, torch.ones(3, dtype=torch.float64))).abs().max())
+    assert sol.y.device == y0.device
+    return float((sol.y - exact(t1, y0) / exact(t0, torch.ones_like(y0))).abs().max())
 
 
 @pytest.mark.parametrize("name", solvers.available())
-def test_convergence_order_by_slope_fit(name):
+def test_convergence_order_by_slope_fit(name, device):
     solver = solvers.get(name)
     # A self-started multistep method is limited by its lower-order first steps (fixed_grid_order).
     order = getattr(solver, "fixed_grid_order", solver.order)
     # Step counts where the error is in the asymptotic range and far above rounding.
     base = {1: 64, 2: 32, 3: 16, 4: 8, 5: 8}.get(order, 2)
     ns = [base * 2**k for k in range(4)]
-    errs = [_global_error(name, n) for n in ns]
+    errs = [_global_error(name, n, device=device) for n in ns]
     slope = -np.polyfit(np.log(ns), np.log(errs), 1)[0]
     # High orders start pre-asymptotic (the fitted slope overshoots); a wrong coefficient drops the order.
     assert abs(slope - order) < max(0.35, 0.12 * order), (name, slope, errs)
