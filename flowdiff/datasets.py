@@ -164,11 +164,12 @@ def record_path(out: Path, batch: int) -> Path:
     return out / RECORDS / f"batch-{batch:06d}.json"
 
 
-def write_record(out: Path, run: str, batch: int, rows: Sequence[Mapping[str, Any]]) -> None:
-    """The completion record of ``batch``: its rows, after its files are written (atomically: all or nothing)."""
+def write_record(out: Path, run: str, batch: int, rows: Sequence[Mapping[str, Any]], rank: int = 0) -> None:
+    """The completion record of ``batch``: its rows and the rank that made them, after its files are written
+    (atomically: all or nothing)."""
     record_path(out, batch).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(record_path(out, batch), "completion record") as tmp:
-        tmp.write_text(json.dumps({"run": run, "batch": batch, "rows": list(rows)}))
+        tmp.write_text(json.dumps({"run": run, "batch": batch, "rank": rank, "rows": list(rows)}))
 
 
 def _record(out: Path, run: str, batch: int) -> list[dict[str, Any]] | None:

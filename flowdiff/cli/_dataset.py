@@ -187,7 +187,7 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
         if stop is not None and finished >= stop:
             raise Stopped(f"stopped after {finished} image(s) as FLOWDIFF_STOP_AFTER={stop} asks, like a kill: batch "
                           f"{b} has its files but no completion record; rerun the command to finish")
-        _ds.write_record(out, run, b, rows)
+        _ds.write_record(out, run, b, rows, ranks.rank)
     ranks.barrier()
     if not ranks.is_main:
         return 0
