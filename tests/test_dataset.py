@@ -200,6 +200,14 @@ def test_colliding_or_unsafe_outputs_are_refused(data, tmp_path, capsys):
     assert code == 1 and "no such folder" in err
     code, _, err = run(capsys, "roundtrip", data / "f.png", "--data", data, "--out", tmp_path / "o3")
     assert code == 2 and "not both" in err
+    code, _, err = run(capsys, "roundtrip", data / "f.png", "--batch-size", "2")
+    assert code == 2 and "--batch-size is for --data" in err
+    assert run(capsys, "encode")[0] == 2
+    damaged = tmp_path / "damaged"
+    write_digits(damaged, ["a.png"])
+    (damaged / "b.png").write_bytes(b"\x89PNG not really")
+    code, _, err = run(capsys, "roundtrip", "--data", damaged, "--out", tmp_path / "o4", *ARGS)
+    assert code == 1 and "b.png" in err and "damaged" in err  # an image type that cannot be read: an error naming it
 
 
 def test_encode_a_folder_writes_a_latent_per_image(data, one_process, tmp_path, capsys):

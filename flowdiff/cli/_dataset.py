@@ -77,7 +77,7 @@ def with_data(command: str, plain: Callable[[argparse.Namespace], int]) -> Calla
                 if getattr(args, option, None):
                     raise UsageError(f"--{option.replace('_', '-')} is for --data DIR runs")
             if not args.images:
-                raise UsageError(f"flowdiff {command}: give image files, or --data DIR")
+                raise UsageError("give image files (IMAGE ...), or --data DIR")
             if command == "encode" and args.out is None:
                 args.out = "latents.safetensors"
             return plain(args)
