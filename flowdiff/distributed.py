@@ -124,6 +124,8 @@ def process_group(device: torch.device | str = "cpu") -> Ranks:
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     if not dist.is_initialized():
         cuda = torch.device(device).type == "cuda"
+        if cuda and torch.cuda.is_available() and local < torch.cuda.device_count():
+            torch.cuda.set_device(local)  # nccl's device for this rank: one GPU per process (else --device says)
         dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo")
     return Ranks(dist.get_rank(), dist.get_world_size(), local)
 
