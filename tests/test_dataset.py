@@ -225,24 +225,42 @@ def test_encode_a_folder_writes_a_latent_per_image(data, one_process, tmp_path, 
     assert code == 0 and (tmp_path / "dec" / "0" / "a.png").is_file(), err  # decode keeps the recorded name
 
 
+def compare_table(folder: Path) -> list[dict]:
+    """compare.csv without the measured wall times."""
+    with open(folder / "compare.csv") as fh:
+        return [{k: v for k, v in r.items() if k != "wall_time"} for r in csv.DictReader(fh)]
+
+
+COMPARE = ["compare", "--solver", "euler,heun,dpmpp_2m", "--nfe", "3,5", "--grid", "trailing", "--batch", "2",
+           "--no-progress"]
+
+
 def test_compare_runs_split_over_two_processes_give_one_table(tmp_path, capsys):
-    argv = ["compare", "--solver", "euler,heun,dpmpp_2m", "--nfe", "3,5", "--grid", "trailing", "--batch", "2",
-            "--rtol", "1e-3", "--no-progress"]
+    """Round-trip comparison (no reference solve, so that the test costs little more than starting 3 processes)."""
+    argv = [*COMPARE, "--task", "roundtrip"]
     code, _, err = run(capsys, *argv, "--out", tmp_path / "one")
     assert code == 0, err
-    (tmp_path / "two").mkdir()  # the kept reference, read by both ranks (solving it again would take the time of
-    shutil.copy(tmp_path / "one" / "reference.safetensors", tmp_path / "two")  # one more process on a busy CPU)
     done = torchrun(*argv, "--out", tmp_path / "two")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("best at NFE 3") == 1
-
-    def table(folder):  # every column but the measured wall time
-        with open(folder / "compare.csv") as fh:
-            return [{k: v for k, v in r.items() if k != "wall_time"} for r in csv.DictReader(fh)]
-
-    one, two = table(tmp_path / "one"), table(tmp_path / "two")
+    assert done.stdout.count("| euler | trailing |") == 1  # one table, printed by rank 0
+    one, two = compare_table(tmp_path / "one"), compare_table(tmp_path / "two")
     assert len(one) == 6 and one == two
-    assert "(kept in" in done.stdout
+
+
+@pytest.mark.slow
+def test_generation_compare_over_two_processes_solves_the_reference_once(tmp_path, capsys):
+    """Rank 0 solves the reference and keeps it on disk, rank 1 reads it; the table equals one process's."""
+    argv = [*COMPARE, "--rtol", "1e-3"]
+    code, _, err = run(capsys, *argv, "--out", tmp_path / "one")
+    assert code == 0, err
+    done = torchrun(*argv, "--out", tmp_path / "two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(kept in" not in done.stdout and done.stdout.count("best at NFE 3") == 1  # solved by this run
+    assert compare_table(tmp_path / "one") == compare_table(tmp_path / "two")
+    from flowdiff.compare import Reference
+
+    a, b = (Reference.load(tmp_path / d / "reference.safetensors") for d in ("one", "two"))
+    assert torch.equal(a.x, b.x) and a.nfe == b.nfe
 
 
 @pytest.mark.slow
