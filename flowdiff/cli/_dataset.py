@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -180,7 +181,8 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
                  if folder.skipped else ""))
     stop = _stop_after()
     finished = 0
-    for b in todo:
+    progress = sys.stderr.isatty()  # a line per batch on a terminal; nothing in logs and pipes
+    for k, b in enumerate(todo):
         rels = [folder.files[i] for i in groups[b]]
         rows = _batch(args, command, loaded, dtype, device, folder, rels, out)
         finished += len(rels)
@@ -188,6 +190,9 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
             raise Stopped(f"stopped after {finished} image(s) as FLOWDIFF_STOP_AFTER={stop} asks, like a kill: batch "
                           f"{b} has its files but no completion record; rerun the command to finish")
         _ds.write_record(out, run, b, rows, ranks.rank)
+        if progress:
+            who = f"rank {ranks.rank}: " if ranks.distributed else ""
+            print(f"{who}batch {b} done ({k + 1} of {len(todo)} to do here)", file=sys.stderr, flush=True)
     ranks.barrier()
     if not ranks.is_main:
         return 0
