@@ -123,10 +123,15 @@ def torchrun(*argv, env=None):
                            "-m", "flowdiff", *map(str, argv)], capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_two_processes_under_torchrun_give_the_one_process_table(data, one_process, tmp_path):
+def test_two_processes_under_torchrun_give_the_one_process_table(data, one_process, tmp_path, capsys, monkeypatch):
+    """Two ranks finish a run that one process started and was stopped in (batch 0 recorded, batch 1 cut off)."""
     out = tmp_path / "out"
+    monkeypatch.setenv("FLOWDIFF_STOP_AFTER", "3")
+    assert run(capsys, "roundtrip", "--data", data, "--out", out, *ARGS, "--save-latents")[0] == 3
+    monkeypatch.delenv("FLOWDIFF_STOP_AFTER")
     done = torchrun("roundtrip", "--data", data, "--out", out, *ARGS, "--save-latents")
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming: 1 of 4 batches done" in done.stdout
     assert done.stdout.count("round trip of 7 image(s)") == 1  # rank 0 alone merges and prints
     assert (out / "results.csv").read_bytes() == (one_process / "results.csv").read_bytes()  # bit for bit
     assert (out / "summary.json").read_bytes() == (one_process / "summary.json").read_bytes()
