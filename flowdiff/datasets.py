@@ -246,17 +246,19 @@ def _stats(values: Sequence[float], higher_is_worse: bool) -> dict[str, float]:
 
 
 def summarize(rows: Sequence[Mapping[str, Any]], metrics: Mapping[str, bool], worst_by: str,
-              totals: Iterable[str] = ()) -> dict[str, Any]:
+              counts: Iterable[str] = ()) -> dict[str, Any]:
     """The summary of a merged table: the count, per metric (``{name: higher_is_worse}``) its mean, p50, tail
-    percentiles and worst value, the worst image by ``worst_by`` with its row, and the sum of each ``totals``."""
+    percentiles and worst value, the worst image by ``worst_by`` with its row, and the least, mean and largest
+    of each integer column of ``counts`` (the NFE an image went through: its batch's, shared by the batch)."""
     summary: dict[str, Any] = {"images": len(rows)}
     for name, higher in metrics.items():
         summary[name] = _stats([float(r[name]) for r in rows], higher)
     higher = metrics[worst_by]
     worst = (max if higher else min)(rows, key=lambda r: float(r[worst_by]))
     summary["worst"] = dict(worst)
-    for name in totals:
-        summary[f"{name}_total"] = sum(int(r[name]) for r in rows)
+    for name in counts:
+        values = [int(r[name]) for r in rows]
+        summary[name] = {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
     return summary
 
 

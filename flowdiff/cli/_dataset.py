@@ -252,6 +252,13 @@ def _batch(args: argparse.Namespace, command: str, loaded: Any, dtype: torch.dty
     return rows
 
 
+def _nfe(count: dict[str, float]) -> str:
+    """``5``, or ``5–7 (mean 6.2)`` where the batches' adaptive solves spent different counts."""
+    if count["min"] == count["max"]:
+        return str(count["min"])
+    return f"{count['min']}–{count['max']} (mean {count['mean']:.1f})"
+
+
 def _merge(command: str, folder: _ds.ImageFolder, out: Path, run: str, groups: list[range]) -> int:
     try:
         rows = _ds.merge(out, run, groups, folder.files)
@@ -260,17 +267,17 @@ def _merge(command: str, folder: _ds.ImageFolder, out: Path, run: str, groups: l
     skipped = [{"path": p, "reason": r} for p, r in folder.skipped]
     if command == "encode":
         _ds.write_csv(out / "results.csv", rows, ENCODE_COLUMNS)
-        summary = _ds.summarize(rows, {"latent_std": True}, "latent_std", totals=("nfe_encode",))
+        summary = _ds.summarize(rows, {"latent_std": True}, "latent_std", counts=("nfe_encode",))
         summary["skipped"] = skipped
         _ds.write_json(out / "summary.json", _ds.json_safe(summary))
         s = summary["latent_std"]
-        print(f"encoded {summary['images']} image(s), {summary['nfe_encode_total']} NFE in all; per-image std of x_T: "
+        print(f"encoded {summary['images']} image(s), {_nfe(summary['nfe_encode'])} NFE each; per-image std of x_T: "
               f"mean {s['mean']:.4f}, p50 {s['p50']:.4f}, p90 {s['p90']:.4f}, p99 {s['p99']:.4f}, largest "
               f"{s['worst']:.4f} ({summary['worst']['path']})")
     else:
         _ds.write_csv(out / "results.csv", rows, ROUNDTRIP_COLUMNS)
         summary = _ds.summarize(rows, {"mse": True, "max_abs": True, "psnr": False}, "mse",
-                                totals=("nfe_encode", "nfe_decode"))
+                                counts=("nfe_encode", "nfe_decode"))
         summary["skipped"] = skipped
         _ds.write_json(out / "summary.json", _ds.json_safe(summary))
         m, a, p, w = summary["mse"], summary["max_abs"], summary["psnr"], summary["worst"]
@@ -279,7 +286,7 @@ def _merge(command: str, folder: _ds.ImageFolder, out: Path, run: str, groups: l
         print(f"  max_abs: mean {a['mean']:.3e}, p50 {a['p50']:.3e}, p90 {a['p90']:.3e}, p99 {a['p99']:.3e}")
         print(f"  psnr_db: mean {p['mean']:.2f}, p50 {p['p50']:.2f}, p10 {p['p10']:.2f}, p1 {p['p1']:.2f}")
         print(f"  worst: {w['path']} (mse {w['mse']:.3e}, max_abs {w['max_abs']:.3e}, psnr {w['psnr']:.2f} dB)")
-        print(f"  NFE: encode {summary['nfe_encode_total']}, decode {summary['nfe_decode_total']} in all")
+        print(f"  NFE per image: encode {_nfe(summary['nfe_encode'])}, decode {_nfe(summary['nfe_decode'])}")
     if folder.skipped:
         print(f"skipped {len(folder.skipped)} file(s) that are not images (listed in summary.json)")
     print(f"wrote {out / 'results.csv'}, {out / 'summary.json'}")
