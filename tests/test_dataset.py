@@ -113,6 +113,7 @@ def test_one_process_rows_are_the_batches_computed_by_the_api(data, one_process)
     assert summary["images"] == 7 and summary["mse"]["worst"] == max(errors)
     assert summary["mse"]["mean"] == pytest.approx(sum(errors) / 7, rel=1e-12)
     assert summary["worst"]["path"] == table[int(np.argmax(errors))]["path"]
+    assert summary["nfe_encode"] == {"min": 3, "mean": 3.0, "max": 3} == summary["nfe_decode"]
     assert summary["skipped"] == [{"path": "notes.txt", "reason": "not an image type flowdiff reads (.txt)"}]
     assert sorted(files(one_process, "images")) == sorted(n.replace(".jpg", ".png") for n in NAMES)  # lossy → .png
 
