@@ -12,6 +12,8 @@ error ×10).
     python examples/reconstruction.py --images my_pngs/ --model path/to/diffusers-model --steps 50
 
 Images are read with Pillow, converted to the model's channels and resized to its sample size.
+For a whole dataset (every image under a folder, over several processes, resumable) use the command
+``flowdiff roundtrip --data DIR --out OUT`` (README, "A folder of images").
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ before a block changes that (several comments may stand on consecutive lines):
 - ``<!-- skip: reason -->``: not run; the reason is required and shown by pytest. Use sparingly.
 - ``<!-- fixture: NAME[, NAME] -->``: before the block, make files it refers to in the working
   folder (see ``FIXTURES``: a tiny random diffusers pipeline at ``path/to/ddpm-pipeline``, two
-  digit PNGs ``a.png`` and ``b.png``, a tiny Flux pipeline at ``path/to/flux`` with ``photo.png``).
+  digit PNGs ``a.png`` and ``b.png``, a tiny Flux pipeline at ``path/to/flux`` with ``photo.png``, six digit
+  PNGs in a folder tree ``digits/``).
 - ``<!-- shrink: ARGS -->`` (``sh`` blocks): append ARGS to each ``flowdiff`` line (a later option
   overrides an earlier one), to run a smaller variant of a command that takes minutes as written.
 
@@ -192,7 +193,21 @@ def _fixture_flux_pipeline(directory: Path) -> None:
     Image.fromarray(pixels).save(directory / "photo.png")
 
 
-FIXTURES = {"ddpm-pipeline": _fixture_ddpm_pipeline, "pngs": _fixture_pngs, "flux-pipeline": _fixture_flux_pipeline}
+def _fixture_digits_folder(directory: Path) -> None:
+    """Six held-out digits as 8×8 grey PNGs in a folder tree: digits/0/*.png, digits/1/*.png, digits/*.png."""
+    import numpy as np
+    from PIL import Image
+
+    import flowdiff
+
+    for i, image in enumerate(flowdiff.digits_data("test").images[:6]):
+        path = directory / "digits" / ("", "0", "1")[i % 3] / f"d{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(((image[0].numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8), mode="L").save(path)
+
+
+FIXTURES = {"ddpm-pipeline": _fixture_ddpm_pipeline, "pngs": _fixture_pngs, "flux-pipeline": _fixture_flux_pipeline,
+            "digits-folder": _fixture_digits_folder}
 
 
 def make_fixtures(block: Block, directory: Path) -> None:

@@ -5,6 +5,7 @@
     flowdiff encode a.png b.png --out latents.safetensors
     flowdiff decode latents.safetensors --out decoded/
     flowdiff roundtrip a.png b.png --solver euler --steps 50
+    flowdiff roundtrip --data DIR --out OUT --steps 20    # a folder; resumable; under torchrun, split over ranks
 
 Everything runs offline: the default model is the small trained digits model shipped with
 the package (``--model digits``); ``--model analytic-mixture`` is a closed-form Gaussian
@@ -19,7 +20,8 @@ command with a one-line message naming the option or file and a non-zero status 
 that cannot work, 1: a failure at run time); set ``FLOWDIFF_DEBUG=1`` to see the traceback.
 
 The package: ``_parser`` (options), ``_models`` (``--model``), ``_images`` (image files),
-``_outputs`` (the output plan), ``_commands`` (one function per command), ``_errors``.
+``_outputs`` (the output plan), ``_commands`` (one function per command), ``_dataset`` (``--data DIR`` runs),
+``_errors``.
 """
 
 from __future__ import annotations

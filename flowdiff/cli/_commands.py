@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .. import distributed
 from .._files import atomic_path
-from ..compare import compare
 from ..fingerprint import flow_fingerprint
 from ..flow import ProbabilityFlow
 from ..imageio import ImageFormat
@@ -84,6 +84,16 @@ def fingerprint(loaded: LoadedModel) -> str:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    # under torchrun the runs are split over the processes and gathered on rank 0, which writes and prints
+    ranks = distributed.process_group(args.device)
+    args.device = str(distributed.rank_device(args.device, ranks))
+    try:
+        return _cmd_compare(args, ranks)
+    finally:
+        distributed.close(ranks)
+
+
+def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
     from ..compare import Reference, reference_solution
 
     out = output_dir(args.out)
@@ -94,34 +104,42 @@ def cmd_compare(args: argparse.Namespace) -> int:
     loaded, dtype, device = _setup(args, convert=False)
     run_flow = in_dtype(loaded.flow, dtype)
     if args.task == "roundtrip":  # held-out digits (the shipped models' data) encoded and decoded back
-        return _compare_roundtrip(args, loaded, run_flow, dtype, device, md, csv, png)
+        return _compare_roundtrip(args, loaded, run_flow, dtype, device, md, csv, png, ranks)
     noise = _noise(args, args.batch, loaded.shape, dtype, device)
     # The reference depends on the model, the noise (seed, batch, shape) and the tolerance, not on --dtype:
     # it is always solved in float64 from the same float64 draw, so it is kept on disk under that key.
     key = f"{fingerprint(loaded)}|seed={args.seed}|batch={args.batch}|shape={loaded.shape}|dopri8|{args.rtol!r}"
-    ref, kept = None, False
-    if ref_path.exists() and not args.fresh_reference:
-        try:
-            ref = Reference.load(ref_path, key)
-        except Exception as err:  # an unreadable or foreign file is another's: not replaced without being asked
-            if not args.overwrite:
-                raise CommandError(f"{os.fspath(ref_path)!r} is not a flowdiff reference file ({one_line(err)}); "
-                                   "pass --overwrite or --fresh-reference to replace it") from None
-        kept = ref is not None
-    if ref is None:
-        if not args.no_progress:
-            print(f"solving the float64 reference (dopri8, rtol=atol={args.rtol:g}); it is kept in {ref_path} "
-                  "for later runs", file=sys.stderr)
-        ref = reference_solution(loaded.flow, _noise(args, args.batch, loaded.shape, torch.float64, device),
-                                 rtol=args.rtol, atol=args.rtol, model_kwargs=loaded.model_kwargs or None,
-                                 progress=not args.no_progress)
-        with atomic_path(ref_path, "reference") as tmp:
-            ref.save(tmp, key)
+
+    def kept_or_solved() -> tuple[Reference, bool]:
+        ref, kept = None, False
+        if ref_path.exists() and not (args.fresh_reference and ranks.is_main):  # the others read rank 0's
+            try:
+                ref = Reference.load(ref_path, key)
+            except Exception as err:  # an unreadable or foreign file is another's: not replaced without being asked
+                if not args.overwrite:
+                    raise CommandError(f"{os.fspath(ref_path)!r} is not a flowdiff reference file ({one_line(err)}); "
+                                       "pass --overwrite or --fresh-reference to replace it") from None
+            kept = ref is not None
+        if ref is None:
+            if not args.no_progress:
+                print(f"solving the float64 reference (dopri8, rtol=atol={args.rtol:g}); it is kept in {ref_path} "
+                      "for later runs", file=sys.stderr)
+            ref = reference_solution(loaded.flow, _noise(args, args.batch, loaded.shape, torch.float64, device),
+                                     rtol=args.rtol, atol=args.rtol, model_kwargs=loaded.model_kwargs or None,
+                                     progress=not args.no_progress)
+            with atomic_path(ref_path, "reference") as tmp:
+                ref.save(tmp, key)
+        return ref, kept
+
+    ref, kept = ranks.main_first(kept_or_solved)  # solved once, by rank 0, and read from its file by the others
     calibration = None if args.calibration_seed is None else torch.randn(
         noise.shape, generator=torch.Generator().manual_seed(args.calibration_seed), dtype=noise.dtype).to(device)
-    result = compare(run_flow, noise, solvers=args.solver, grids=args.grid, nfe=args.nfe,
-                     model_kwargs=loaded.model_kwargs or None, reference=ref, progress=not args.no_progress,
-                     calibration_noise=calibration, tune_options={"progress": not args.no_progress})
+    result = distributed.compare(run_flow, noise, ranks=ranks, solvers=args.solver, grids=args.grid, nfe=args.nfe,
+                                 model_kwargs=loaded.model_kwargs or None, reference=ref,
+                                 progress=not args.no_progress, calibration_noise=calibration,
+                                 tune_options={"progress": not args.no_progress})
+    if not ranks.is_main:
+        return 0
     ref = result.reference
     title = (f"{loaded.name}: RMS error vs NFE ({args.batch} samples, {args.dtype}, seed {args.seed})")
     header = (f"model {loaded.name}, {args.batch} samples of shape {loaded.shape}, {args.dtype}, seed {args.seed}; "
@@ -153,7 +171,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _compare_roundtrip(args: argparse.Namespace, loaded: LoadedModel, run_flow: ProbabilityFlow,
-                       dtype: torch.dtype, device: torch.device, md: Path, csv: Path, png: Path) -> int:
+                       dtype: torch.dtype, device: torch.device, md: Path, csv: Path, png: Path,
+                       ranks: distributed.Ranks) -> int:
     from ..pretrained import digits_data
 
     if tuple(loaded.shape) != (1, 8, 8):
@@ -161,8 +180,10 @@ def _compare_roundtrip(args: argparse.Namespace, loaded: LoadedModel, run_flow: 
                            f"shape {tuple(loaded.shape)} (use flowdiff.compare(task='roundtrip', images=...) from "
                            "Python)")
     images = digits_data("test").images[: args.batch].to(device, dtype).reshape(-1, *loaded.shape)
-    result = compare(run_flow, task="roundtrip", images=images, solvers=args.solver, grids=args.grid,
-                     nfe=args.nfe, model_kwargs=loaded.model_kwargs or None)
+    result = distributed.compare(run_flow, ranks=ranks, task="roundtrip", images=images, solvers=args.solver,
+                                 grids=args.grid, nfe=args.nfe, model_kwargs=loaded.model_kwargs or None)
+    if not ranks.is_main:
+        return 0
     with atomic_path(md) as tmp:
         tmp.write_text(result.to_markdown("wide") + "\n" + result.to_markdown("long"))
     with atomic_path(csv) as tmp:

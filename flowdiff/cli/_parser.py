@@ -13,6 +13,7 @@ from ..grids import GRIDS
 from . import _likelihood
 from ._argtypes import positive_int as _positive_int
 from ._commands import DTYPES, REFERENCE_RTOL, cmd_compare, cmd_decode, cmd_encode, cmd_roundtrip, cmd_sample
+from ._dataset import add_data_options, with_data
 from ._errors import one_line
 from ._images import read_images
 from ._models import load_model
@@ -212,14 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "ODE from σ = 0 up to σ_max; the latents file keeps the grid and solver so that "
                                    "'flowdiff decode' retraces them.")
     _common(p, dtype="float32")
-    p.add_argument("images", nargs="+", metavar="IMAGE",
-                   help="image files (PNG, TIFF, …) of the model's size and channels")
+    p.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="image files (PNG, TIFF, …) of the model's size and channels (or --data DIR)")
     _solve_options(p, solver="euler", nfe=None, steps=50)
     _fixed_point_option(p)
-    p.add_argument("--out", default="latents.safetensors", metavar="FILE",
-                   help="output latents file (default: latents.safetensors)")
+    p.add_argument("--out", default=None, metavar="FILE|DIR",
+                   help="output latents file (default: latents.safetensors); with --data, the output folder")
+    add_data_options(p, "encode")
     _overwrite_option(p)
-    p.set_defaults(func=cmd_encode)
+    p.set_defaults(func=with_data("encode", cmd_encode))
 
     p = sub.add_parser("decode", help="decode latents (safetensors) to PNG images",
                        description="Decode a latents file written by 'flowdiff encode' back to images, with the "
@@ -239,15 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Encode image files, decode the latents with the same grid and solver, and "
                                    "print how far the reconstruction is from the input.")
     _common(p, dtype="float32")
-    p.add_argument("images", nargs="+", metavar="IMAGE",
-                   help="image files (PNG, TIFF, …) of the model's size and channels")
+    p.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="image files (PNG, TIFF, …) of the model's size and channels (or --data DIR)")
     _solve_options(p, solver="euler", nfe=None, steps=50)
     _fixed_point_option(p)
     p.add_argument("--latents", default=None, metavar="FILE", help="also write the latents to this file")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="also write the reconstructions here, each under its input's relative path and format")
+                   help="also write the reconstructions here, each under its input's relative path and format; "
+                        "with --data, the output folder (required)")
+    add_data_options(p, "roundtrip")
     _overwrite_option(p)
-    p.set_defaults(func=cmd_roundtrip)
+    p.set_defaults(func=with_data("roundtrip", cmd_roundtrip))
 
     _likelihood.add_parser(sub, load_model=load_model, read_images=read_images)
     return parser

@@ -1,0 +1,293 @@
+"""``flowdiff roundtrip --data DIR`` and ``flowdiff encode --data DIR``: a folder of images, on one process or many
+(``torchrun``), resumable.
+
+The folder walk, the fixed batches, the manifest and the completion records are :mod:`flowdiff.datasets`; the
+processes are :mod:`flowdiff.distributed`. Outputs, in ``--out OUT``:
+
+    OUT/images/REL           the reconstruction of DIR/REL (roundtrip; lossy types as .png, like decode)
+    OUT/latents/REL.safetensors   its latent (encode; roundtrip with --save-latents), for 'flowdiff decode'
+    OUT/results.csv          one row per image, sorted by path
+    OUT/summary.json         the count, means, percentiles, the worst image, what was skipped
+    OUT/run.json             the manifest; OUT/.flowdiff-run/ the completion record of each batch
+
+``FLOWDIFF_STOP_AFTER=k`` (a test hook) stops a process the way a kill would once it has finished k images: the
+batch holding the k-th has its files written but no completion record, and the command exits with status 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import datasets as _ds
+from ..distributed import Ranks, close, process_group, rank_device
+from ..latent import Latent
+from ..metrics import max_abs_error, mse, psnr
+from . import _commands, _prompt
+from ._errors import CommandError, UsageError, one_line
+from ._images import write_images
+from ._outputs import image_output_name, output_dir, plan
+
+#: Images per batch unless --batch-size says otherwise.
+DEFAULT_BATCH = 16
+#: Exit status of a process stopped by FLOWDIFF_STOP_AFTER.
+STOPPED = 3
+ROUNDTRIP_COLUMNS = ("path", "mse", "max_abs", "psnr", "nfe_encode", "nfe_decode")
+ENCODE_COLUMNS = ("path", "latent", "nfe_encode", "latent_mean", "latent_std")
+#: Options that do not change a run's numbers (where it is written, how fast, whether to start over).
+_NOT_DEFINING = {"func", "command", "data", "images", "out", "overwrite", "threads", "latents", "no_progress", "seed"}
+
+
+class Stopped(CommandError):
+    """FLOWDIFF_STOP_AFTER was reached (a simulated kill)."""
+
+    exit_code = STOPPED
+
+
+def add_data_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """--data, --batch-size (and for roundtrip --save-latents) on ``parser``."""
+    from ._argtypes import positive_int
+
+    group = parser.add_argument_group("a folder of images (one process, or many under torchrun; resumable)")
+    group.add_argument("--data", default=None, metavar="DIR",
+                       help="every image under DIR, recursively, instead of image files; needs --out DIR. A rerun "
+                            "with the same arguments resumes; under 'torchrun --nproc_per_node N -m flowdiff' the "
+                            "processes share the batches")
+    group.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
+                       help=f"images per batch with --data (default: {DEFAULT_BATCH}); the batches are fixed in the "
+                            "sorted order of the paths, so the numbers do not depend on the process count")
+    if command == "roundtrip":
+        group.add_argument("--save-latents", action="store_true",
+                           help="with --data, also write each image's latent to OUT/latents/REL.safetensors")
+    else:
+        parser.set_defaults(save_latents=False)
+
+
+def with_data(command: str, plain: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """The command function: ``plain`` for image files on the command line, the dataset run for ``--data DIR``."""
+    def run(args: argparse.Namespace) -> int:
+        if args.data is None:
+            for option in ("batch_size", "save_latents"):
+                if getattr(args, option, None):
+                    raise UsageError(f"--{option.replace('_', '-')} is for --data DIR runs")
+            if not args.images:
+                raise UsageError("give image files (IMAGE ...), or --data DIR")
+            if command == "encode" and args.out is None:
+                args.out = "latents.safetensors"
+            return plain(args)
+        if args.images:
+            raise UsageError(f"give image files or --data DIR, not both (got {len(args.images)} file(s) and --data "
+                             f"{args.data!r})")
+        if args.out is None:
+            raise UsageError(f"--data needs --out DIR: the folder for the results of 'flowdiff {command}'")
+        if command == "roundtrip" and getattr(args, "latents", None) is not None:
+            raise UsageError("--latents FILE is for image files; with --data, --save-latents writes one latent per "
+                             "image under OUT/latents/")
+        return run_dataset(args, command)
+
+    run.__doc__ = plain.__doc__
+    return run
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _arguments(args: argparse.Namespace, fingerprint: str) -> dict[str, Any]:
+    values = {k: v for k, v in sorted(vars(args).items())
+              if k not in _NOT_DEFINING and k not in ("nfe", "steps", "default_nfe", "default_steps")}
+    values.update(_commands._budget(args))  # the budget in force: --nfe N or --steps N, given or default
+    values["batch_size"] = args.batch_size or DEFAULT_BATCH
+    values["model fingerprint"] = fingerprint
+    return {k: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v) for k, v in values.items()}
+
+
+def run_dataset(args: argparse.Namespace, command: str) -> int:
+    """One dataset run (see the module docstring); on every rank under ``torchrun``, rank 0 merging."""
+    data = Path(args.data)
+    out = output_dir(args.out)
+    if not data.is_dir():
+        raise CommandError(f"--data {args.data!r}: no such folder")
+    if _inside(out, data):
+        raise UsageError(f"--out {args.out!r} is inside --data {args.data!r}: its images would become inputs of the "
+                         "next run; write elsewhere")
+    folder = _ds.scan(data)
+    if not folder.files:
+        seen = ", ".join(p for p, _ in folder.skipped[:3])
+        raise CommandError(f"--data {args.data!r}: no image files" + (f" (skipped: {seen}, …)" if seen else ""))
+    ranks = process_group(args.device)
+    try:
+        return _run(args, command, folder, out, ranks)
+    finally:
+        close(ranks)
+
+
+def _outputs(command: str, args: argparse.Namespace, folder: _ds.ImageFolder, out: Path) -> list[tuple[Path, str]]:
+    outputs: list[tuple[Path, str]] = []
+    for rel in folder.files:
+        if command == "roundtrip":
+            outputs.append((out / "images" / image_output_name(Path(rel)), f"the reconstruction of {rel!r}"))
+        if command == "encode" or args.save_latents:
+            outputs.append((out / "latents" / f"{rel}.safetensors", f"the latent of {rel!r}"))
+    return outputs + [(out / name, "--out") for name in ("results.csv", "summary.json", "run.json")]
+
+
+def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: Path, ranks: Ranks) -> int:
+    args.device = str(rank_device(args.device, ranks))
+    device_given = args.device
+    loaded, dtype, device = _commands._setup(args)
+    args.device = torch.device(device_given).type  # the manifest keeps the kind of device, not each rank's index
+    man = _ds.manifest(command, _arguments(args, _commands.fingerprint(loaded)), folder)
+    run = _ds.run_id(man)
+    manifest_path = out / "run.json"
+    old = None
+    if manifest_path.exists() and not args.overwrite:
+        try:
+            old = _ds.read_manifest(manifest_path)
+        except ValueError as err:
+            raise CommandError(f"{one_line(err)}; pass --overwrite to start a new run there, or write elsewhere") \
+                from None
+        diff = _ds.difference(old, man)
+        if diff is not None:
+            raise UsageError(f"--out {args.out!r} holds a run with other arguments ({diff}); rerun with the same "
+                             "arguments to resume it, pass --overwrite to start over, or write elsewhere")
+    resume = old is not None
+    outputs = _outputs(command, args, folder, out)
+    plan(outputs, inputs=[folder.path(rel) for rel in folder.files], overwrite=resume or args.overwrite)
+    groups = _ds.batches(len(folder.files), args.batch_size or DEFAULT_BATCH)
+    ranks.barrier()  # every rank has read the old manifest before rank 0 replaces it
+    if ranks.is_main and not resume:
+        _ds.clear_records(out)
+        for name in ("results.csv", "summary.json"):
+            (out / name).unlink(missing_ok=True)
+        _ds.write_json(manifest_path, man)
+    ranks.barrier()
+    done = _ds.completed(out, run, groups, folder.files) if resume else set()
+    todo = [b for b in ranks.share(range(len(groups))) if b not in done]
+    if ranks.is_main:
+        where = f" over {ranks.world_size} processes" if ranks.distributed else ""
+        start = f"resuming: {len(done)} of {len(groups)} batches done, " if resume else ""
+        print(f"{start}{len(folder.files)} images in {len(groups)} batches of up to {groups[0].stop}{where}"
+              + (f"; skipped {len(folder.skipped)} other file(s): "
+                 f"{', '.join(p for p, _ in folder.skipped[:3])}{', …' if len(folder.skipped) > 3 else ''}"
+                 if folder.skipped else ""))
+    stop = _stop_after()
+    finished = 0
+    progress = sys.stderr.isatty()  # a line per batch on a terminal; nothing in logs and pipes
+    for k, b in enumerate(todo):
+        rels = [folder.files[i] for i in groups[b]]
+        rows = _batch(args, command, loaded, dtype, device, folder, rels, out)
+        finished += len(rels)
+        if stop is not None and finished >= stop:
+            raise Stopped(f"stopped after {finished} image(s) as FLOWDIFF_STOP_AFTER={stop} asks, like a kill: batch "
+                          f"{b} has its files but no completion record; rerun the command to finish")
+        _ds.write_record(out, run, b, rows, ranks.rank)
+        if progress:
+            who = f"rank {ranks.rank}: " if ranks.distributed else ""
+            print(f"{who}batch {b} done ({k + 1} of {len(todo)} to do here)", file=sys.stderr, flush=True)
+    ranks.barrier()
+    if not ranks.is_main:
+        return 0
+    return _merge(command, folder, out, run, groups)
+
+
+def _stop_after() -> int | None:
+    text = os.environ.get("FLOWDIFF_STOP_AFTER")
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"FLOWDIFF_STOP_AFTER={text!r}: expected a positive integer (images)") from None
+    if value < 1:
+        raise UsageError(f"FLOWDIFF_STOP_AFTER={text!r}: expected a positive integer (images)")
+    return value
+
+
+def _one(latent: Latent, i: int, info: dict[str, Any]) -> Latent:
+    """Image ``i`` of a batch's latent, as a latent of its own (``flowdiff decode`` takes it)."""
+    st = latent.solver_state
+    if st is not None:
+        st = type(st)(st.t, st.z[i:i + 1], None if st.k is None else st.k[i:i + 1])
+    return Latent(latent.x[i:i + 1], latent.sigmas.copy(), latent.solver, dict(latent.solver_options), st,
+                  latent.inversion, latent.final_euler, latent.dtype, latent.fingerprint, info)
+
+
+def _batch(args: argparse.Namespace, command: str, loaded: Any, dtype: torch.dtype, device: torch.device,
+           folder: _ds.ImageFolder, rels: list[str], out: Path) -> list[dict[str, Any]]:
+    """Encode (and decode) one batch, write its files, and return its rows."""
+    from ..sampling import decode
+
+    batch_args = copy.copy(args)
+    batch_args.images = [os.fspath(folder.path(rel)) for rel in rels]
+    images, formats, enc = _commands._encode(batch_args, loaded, dtype, device)
+    latent = enc.latent
+    rows: list[dict[str, Any]] = []
+    if command == "encode" or args.save_latents:
+        for i, (rel, fmt) in enumerate(zip(rels, formats)):
+            info = {**latent.info, "images": [{"name": rel, "mode": fmt.mode, "bits": fmt.bits, "kind": fmt.kind}]}
+            _commands._save_latent(_one(latent, i, info), out / "latents" / f"{rel}.safetensors")
+    if command == "encode":
+        x = latent.x.detach().to(torch.float64).reshape(len(rels), -1)
+        for i, rel in enumerate(rels):
+            rows.append({"path": rel, "latent": f"latents/{rel}.safetensors", "nfe_encode": enc.stats.nfe,
+                         "latent_mean": float(x[i].mean()), "latent_std": float(x[i].std())})
+        return rows
+    with torch.no_grad():
+        dec = decode(loaded.flow, latent, model_kwargs=loaded.model_kwargs or None)
+    recon = _prompt.to_images(loaded, dec.x)
+    write_images(recon, [out / "images" / image_output_name(Path(rel)) for rel in rels], formats)
+    errors = [m(images, recon, reduction="none").tolist() for m in (mse, max_abs_error, psnr)]
+    for i, rel in enumerate(rels):
+        rows.append({"path": rel, "mse": errors[0][i], "max_abs": errors[1][i], "psnr": errors[2][i],
+                     "nfe_encode": enc.stats.nfe, "nfe_decode": dec.stats.nfe})
+    return rows
+
+
+def _nfe(count: dict[str, float]) -> str:
+    """``5``, or ``5–7 (mean 6.2)`` where the batches' adaptive solves spent different counts."""
+    if count["min"] == count["max"]:
+        return str(count["min"])
+    return f"{count['min']}–{count['max']} (mean {count['mean']:.1f})"
+
+
+def _merge(command: str, folder: _ds.ImageFolder, out: Path, run: str, groups: list[range]) -> int:
+    try:
+        rows = _ds.merge(out, run, groups, folder.files)
+    except RuntimeError as err:
+        raise CommandError(one_line(err)) from None
+    skipped = [{"path": p, "reason": r} for p, r in folder.skipped]
+    if command == "encode":
+        _ds.write_csv(out / "results.csv", rows, ENCODE_COLUMNS)
+        summary = _ds.summarize(rows, {"latent_std": True}, "latent_std", counts=("nfe_encode",))
+        summary["skipped"] = skipped
+        _ds.write_json(out / "summary.json", _ds.json_safe(summary))
+        s = summary["latent_std"]
+        print(f"encoded {summary['images']} image(s), {_nfe(summary['nfe_encode'])} NFE each; per-image std of x_T: "
+              f"mean {s['mean']:.4f}, p50 {s['p50']:.4f}, p90 {s['p90']:.4f}, p99 {s['p99']:.4f}, largest "
+              f"{s['worst']:.4f} ({summary['worst']['path']})")
+    else:
+        _ds.write_csv(out / "results.csv", rows, ROUNDTRIP_COLUMNS)
+        summary = _ds.summarize(rows, {"mse": True, "max_abs": True, "psnr": False}, "mse",
+                                counts=("nfe_encode", "nfe_decode"))
+        summary["skipped"] = skipped
+        _ds.write_json(out / "summary.json", _ds.json_safe(summary))
+        m, a, p, w = summary["mse"], summary["max_abs"], summary["psnr"], summary["worst"]
+        print(f"round trip of {summary['images']} image(s); errors on the [0, 1] pixel scale:")
+        print(f"  mse:     mean {m['mean']:.3e}, p50 {m['p50']:.3e}, p90 {m['p90']:.3e}, p99 {m['p99']:.3e}")
+        print(f"  max_abs: mean {a['mean']:.3e}, p50 {a['p50']:.3e}, p90 {a['p90']:.3e}, p99 {a['p99']:.3e}")
+        print(f"  psnr_db: mean {p['mean']:.2f}, p50 {p['p50']:.2f}, p10 {p['p10']:.2f}, p1 {p['p1']:.2f}")
+        print(f"  worst: {w['path']} (mse {w['mse']:.3e}, max_abs {w['max_abs']:.3e}, psnr {w['psnr']:.2f} dB)")
+        print(f"  NFE per image: encode {_nfe(summary['nfe_encode'])}, decode {_nfe(summary['nfe_decode'])}")
+    if folder.skipped:
+        print(f"skipped {len(folder.skipped)} file(s) that are not images (listed in summary.json)")
+    print(f"wrote {out / 'results.csv'}, {out / 'summary.json'}")
+    return 0
