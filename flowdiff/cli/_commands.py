@@ -146,8 +146,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for skip in result.skipped:
         print(f"skipped {skip.solver} on {skip.grid} at NFE {skip.budget}: {skip.reason}")
     for (solver, grid, budget), made in result.provided.items():
-        print(f"{grid} grid of {solver} at NFE {budget}: tuning cost {made.tuning_nfe} NFE, "
-              f"{made.tuning_seconds:.1f} s")
+        source = getattr(made, "source", "")
+        print(f"{grid} grid of {solver} at NFE {budget}: " + (f"shipped ({source}, tuned once on other noise at "
+              f"{made.tuning_nfe} NFE)" if source else f"tuning cost {made.tuning_nfe} NFE, "
+              f"{made.tuning_seconds:.1f} s"))
+    if args.grid is None and not any(g == "tuned" for _, g, _ in result.provided):
+        print("no shipped tuned grids cover this model and these solvers and budgets: add --grid "
+              "trailing,karras,logsnr,tuned to tune them here on calibration noise (it costs model evaluations)")
     print(f"wrote {md}, {csv}, {png}")
     return 0
 
