@@ -21,6 +21,13 @@ the named grids and restarted from seeded random simplices. Half the calibration
 held out: of the grids that improved the fitted half, the one best on the held-out half is
 kept (early stopping, against fitting which samples of one batch happen to land well).
 
+Where it starts matters at few knots and many local minima, so the default (``method=
+"dp+search"``) adds to the named starting grids the grids of GITS's dynamic programming
+(:mod:`flowdiff.grid_dp`: the least total local error over a fine candidate grid against teacher
+trajectories of the fitted half, for Euler's and the trapezoidal rule's local errors); the best of
+all on the fitted half starts the search. ``method="dp"`` returns the better DP grid as it is (no
+search: only the teacher's cost), ``method="search"`` starts from the named grids alone.
+
 The search sees only the calibration noise: measure a tuned grid on other noise (``compare``'s
 ``grids=["tuned"]`` does). Its cost, in model evaluations and seconds, is recorded with the
 grid in a :class:`TunedGrid`, which saves to JSON with the model's fingerprint.
@@ -85,7 +92,7 @@ class TunedGrid:
     tuning_nfe: int = 0
     reference_nfe: int = 0
     tuning_seconds: float = 0.0
-    method: str = "search"
+    method: str = "dp+search"
     teacher_nfe: int = 0
     source: str = ""
 
@@ -207,10 +214,10 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"objective must be 'geomean' or 'rms', got {out['objective']!r}")
     if not isinstance(out.get("progress", True), bool):
         raise TypeError(f"progress must be a bool, got {type(out['progress']).__name__}")
-    if out.get("method", "search") not in METHODS:
+    if out.get("method", "dp+search") not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {out['method']!r}")
     count = out.get("candidates", _dp.DEFAULT_CANDIDATES)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 2):
         raise ValueError(f"candidates must be an int >= 2 (candidate σ of the DP), got {count!r}")
     orders = out.get("dp_orders", (1, 2))
     if isinstance(orders, int) and not isinstance(orders, bool):
@@ -292,11 +299,12 @@ def tune(
     search = _Search(error, halves, int(noise.shape[0]), max_evals, opts.get("progress", True),
                      opts.get("select", "validation"))
     knots = _Knots(sigma_max, floor, steps, opts.get("free_start", False))
-    method = opts.get("method", "search")
+    method = opts.get("method", "dp+search")
     teacher_nfe = 0
     starts: list[tuple[str, np.ndarray]] = []
     if method in ("dp", "dp+search"):  # GITS: DP over candidate σ against teacher trajectories of the fitted half
-        candidates = _dp.candidate_sigmas(sigma_max, floor, opts.get("candidates", _dp.DEFAULT_CANDIDATES))
+        count = opts.get("candidates") or max(_dp.DEFAULT_CANDIDATES, 2 * steps)
+        candidates = _dp.candidate_sigmas(sigma_max, floor, count)
         if steps > len(candidates) - 1:
             raise ValueError(f"{steps} steps need at least {steps} candidate σ for the DP; got candidates="
                              f"{len(candidates) - 1}")
@@ -484,7 +492,11 @@ def tune_grid(
     ``select`` (which improving grid is kept: ``"validation"``, the best on the held-out half,
     default; ``"pooled"``, the best on the whole batch),
     ``free_start`` (let the first σ move below σ_max too, default False), ``progress`` (tqdm
-    bars of the reference and the search, default True).
+    bars of the reference and the search, default True), ``method`` (``"dp+search"``, default:
+    the GITS-style DP grids join the starting grids; ``"dp"``: the better DP grid, no search;
+    ``"search"``: the named grids start), ``candidates`` (candidate σ of the DP, uniform in log σ,
+    default 64 or twice the steps if more) and ``dp_orders`` (the local-error rules whose DP grids are tried: 1,
+    Euler's, 2, the trapezoidal rule's; default both).
     """
     return tune(flow, noise, solver=solver, nfe=nfe, solver_options=solver_options, **options).sigmas
 
