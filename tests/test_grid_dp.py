@@ -173,3 +173,15 @@ def test_shipped_grids_cover_the_default_comparison_of_the_shipped_model():
             assert s[0] == flow.schedule.sigma_max and s[-1] == 0.0 and np.all(np.diff(s) < 0)
             assert len(s) - 1 == solvers.steps_for_nfe(solver, nfe, eval_end=False)
             assert grid.options["calibration_batch"] >= 8 and grid.calibration_error <= grid.initial_error
+
+
+def test_default_command_line_compare_shows_the_shipped_grid_or_says_there_is_none(capsys, tmp_path):
+    from flowdiff.cli import main
+
+    common = ["--batch", "2", "--nfe", "10", "--solver", "unipc", "--rtol", "1e-4", "--no-progress"]
+    assert main(["compare", "--model", "digits", *common, "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "| unipc | tuned |" in out and "tuned grids: 1 shipped ones from" in out and "digits.tuned.json" in out
+    assert main(["compare", "--model", "analytic-mixture", *common, "--out", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "| unipc | tuned |" not in out and "no shipped tuned grids cover this model" in out
