@@ -19,7 +19,9 @@ log-σ grid (log σ_i = log σ_max + (i/(n−1))^p·(log σ_{n−1} − log σ_m
 and the last positive σ), then over the logarithms of all the gaps, started from the best of
 the named grids and restarted from seeded random simplices. Half the calibration batch is
 held out: of the grids that improved the fitted half, the one best on the held-out half is
-kept (early stopping, against fitting which samples of one batch happen to land well).
+kept (early stopping, against fitting which samples of one batch happen to land well), unless
+the grid the search started from is better on the whole batch (then it is kept: on a batch of a
+few samples the held-out half alone can prefer a worse grid).
 
 Where it starts matters at few knots and many local minima, so the default (``method=
 "dp+search"``) adds to the named starting grids the grids of GITS's dynamic programming
@@ -357,6 +359,8 @@ def tune(
                   objective=objective, validate=validate, calibration_batch=int(noise.shape[0]),
                   init=[_init_name(*g) for g in opts["init"]], dp_orders=list(opts["dp_orders"]))
     initial_err = search.full_error(initial[2])
+    if initial_err < best_err:  # the held-out choice may not undo the start: never worse on the whole batch
+        best_sigmas, best_err = initial[2], initial_err
     return TunedGrid(best_sigmas.copy(), solver, solver_options, nfe, flow_fingerprint(flow, model_kwargs), stored,
                      best_err, initial[1], initial_err, spent["evals"], spent["nfe"] + ref.nfe + teacher_nfe, ref.nfe,
                      elapsed, method, teacher_nfe)
