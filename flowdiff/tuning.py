@@ -94,7 +94,7 @@ class TunedGrid:
     tuning_nfe: int = 0
     reference_nfe: int = 0
     tuning_seconds: float = 0.0
-    method: str = "dp+search"
+    method: str = "search"  # what files written before the DP existed were made with
     teacher_nfe: int = 0
     source: str = ""
 
