@@ -23,7 +23,8 @@ side in one process, every model call counted.
 * k-diffusion: ``benchmarks/bench_lownfe.py``'s samplers and grids, best chosen on the
   evaluation noise.
 
-Usage: python benchmarks/bench_frontier.py [--batch 64] [--digits-batch 8] [--out benchmarks/results/frontier.md]
+Usage: python benchmarks/bench_frontier.py [--batch 64] [--digits-batch 8] [--method dp+search]
+[--models mixture,digits] [--out benchmarks/results/frontier.md]
 """
 
 from __future__ import annotations
@@ -145,11 +146,11 @@ def run_untuned(flow, noise, ref, budget: int) -> list[dict]:
 
 
 def run_tuned(flow, calibration, noise, ref, budget: int, key: str, max_evals: int | None,
-              select: str) -> list[dict]:
+              select: str, method: str = "dp+search") -> list[dict]:
     rows = []
     for solver, options in TUNED[key]:
         tuned = flowdiff.tune(flow, calibration, solver=solver, nfe=budget, solver_options=options,
-                              progress=False, max_evals=max_evals, reference_tol=1e-6, select=select)
+                              progress=False, max_evals=max_evals, reference_tol=1e-6, select=select, method=method)
         with torch.no_grad():
             r = flowdiff.generate(flow, noise, solver=solver, solver_options=options, sigmas=tuned.sigmas)
         rows.append(dict(lib="flowdiff", solver=label(solver, options), grid="tuned", nfe=r.stats.nfe,
@@ -226,6 +227,8 @@ def main() -> None:
                         help="cap on candidate solves per tuned grid of the trained model (default 60)")
     parser.add_argument("--select", choices=("validation", "pooled"), default="validation",
                         help="which improving grid flowdiff.tune keeps (default validation, the library default)")
+    parser.add_argument("--method", choices=("search", "dp", "dp+search"), default="dp+search",
+                        help="flowdiff.tune's method (default dp+search: the DP grid among the search's starts)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nfe", default=",".join(map(str, BUDGETS)))
     parser.add_argument("--models", default="mixture,digits")
@@ -248,6 +251,7 @@ def main() -> None:
              f"`python benchmarks/bench_frontier.py --batch {args.batch} --digits-batch {args.digits_batch} "
              f"--calibration {args.calibration} --digits-calibration {args.digits_calibration} "
              f"--max-evals {args.max_evals} --digits-max-evals {args.digits_max_evals} --select {args.select} "
+             f"--method {args.method} --models {args.models} "
              f"--seed {args.seed}` — "
              f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, float64. "
              "RMSE of the image against a float64 dopri8 reference (rtol = atol = 1e-8 for the mixture, 1e-7 for the "
@@ -268,7 +272,7 @@ def main() -> None:
                   "|---:|---|---:|---:|---|---:|---|---:|---|---:|---:|"]
         details, per_budget = [], {}
         for budget in budgets:
-            tuned = run_tuned(flow, calibration, noise, ref.x, budget, key, max_evals, args.select)
+            tuned = run_tuned(flow, calibration, noise, ref.x, budget, key, max_evals, args.select, args.method)
             untuned = run_untuned(flow, noise, ref.x, budget)
             dif = run_diffusers(flow, noise, ref.x, budget)
             kd = run_kdiffusion(K, flow, noise, ref.x, budget)

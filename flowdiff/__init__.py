@@ -26,7 +26,7 @@ from .sampling import decode, encode, generate
 from .scheduler_grids import scheduler_sigmas
 from .schedules import FlowMatchingSchedule, Schedule, VESchedule
 from .stochastic import noise_levels
-from .tuning import TunedGrid, tune, tune_grid
+from .tuning import TunedGrid, load_grids, save_grids, stored_grid, tune, tune_grid
 
 __all__ = [
     "Adaptive",
@@ -72,4 +72,7 @@ __all__ = [
     "TunedGrid",
     "tune",
     "tune_grid",
+    "load_grids",
+    "save_grids",
+    "stored_grid",
 ]

@@ -63,11 +63,24 @@ BASE_SOLVERS = ("euler", "heun")
 #: (registered by :mod:`flowdiff.tuning`): ``provider(flow, calibration_noise, *, solver, nfe,
 #: model_kwargs, **options)`` returns an object with the grid as ``.sigmas``. It sees only the
 #: calibration noise, never the noise the runs are measured on.
+#: ``stored=`` tells it whether a stored grid may stand in (compare passes ``calibration_noise is None``),
+#: and a provider with a ``has_stored(flow, solver, nfe, model_kwargs)`` attribute joins the default
+#: grids of a comparison whose every (solver, budget) has one (see :func:`default_grids`).
 GRID_PROVIDERS: dict[str, Callable[..., Any]] = {}
 #: Seed of the calibration noise drawn when ``compare(calibration_noise=None)`` needs one.
 CALIBRATION_SEED = 20241
 
 _CACHE: weakref.WeakKeyDictionary[ProbabilityFlow, dict[tuple, Reference]] = weakref.WeakKeyDictionary()
+
+
+def default_grids(flow: ProbabilityFlow, solvers: Iterable[str], nfe: Iterable[int],
+                  model_kwargs: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """:data:`DEFAULT_GRIDS`, plus each plug-in grid (e.g. ``"tuned"``) that has a stored grid for
+    every solver × budget of the comparison (flowdiff ships tuned grids for ``pretrained("digits")``)."""
+    solvers, nfe = list(solvers), list(nfe)
+    extra = tuple(name for name, provider in GRID_PROVIDERS.items() if hasattr(provider, "has_stored")
+                  and all(provider.has_stored(flow, s, b, model_kwargs) for s in solvers for b in nfe))
+    return DEFAULT_GRIDS + extra
 
 
 def default_solvers() -> list[str]:
@@ -500,7 +513,7 @@ def compare(
     noise: Tensor | None = None,
     *,
     solvers: Iterable[str] | str | None = None,
-    grids: Iterable[str] | str = DEFAULT_GRIDS,
+    grids: Iterable[str] | str | None = None,
     nfe: Iterable[int] | int = DEFAULT_NFE,
     model_kwargs: Mapping[str, Any] | None = None,
     reference_solver: str = "dopri8",
@@ -516,7 +529,8 @@ def compare(
     """Run every solver × grid × NFE budget from ``noise`` and measure it against the reference.
 
     ``solvers`` are registered names (default :func:`default_solvers`), ``grids`` named
-    grids of :func:`flowdiff.make_sigmas`, ``nfe`` the budgets (each run spends the largest
+    grids of :func:`flowdiff.make_sigmas` (default :func:`default_grids`: trailing, karras,
+    logsnr, and ``"tuned"`` where stored tuned grids cover every run), ``nfe`` the budgets (each run spends the largest
     NFE ≤ the budget that its solver's steps allow). Runs use ``noise``'s dtype (float64
     noise isolates the solvers' truncation error from rounding); a combination whose one
     step costs more than the budget is listed in ``skipped``. Every run is measured against
@@ -532,6 +546,9 @@ def compare(
     per (solver, budget) with :func:`flowdiff.tune` (options ``tune_options``) on
     ``calibration_noise`` (default: a batch like ``noise`` drawn with seed
     :data:`CALIBRATION_SEED`) and measures it on ``noise``; the same batch for both is an error.
+    Without ``calibration_noise``, a grid flowdiff ships for this very model, solver and budget
+    (:func:`flowdiff.stored_grid`, tuned on its own calibration noise) stands in for the tuning;
+    give ``calibration_noise`` (or ``tune_options={"stored": False}``) to tune afresh.
     What was tuned, and its cost, is in the result's ``provided``.
 
     ``task="roundtrip"`` compares encoders instead (:mod:`flowdiff.roundtrip`): each
@@ -552,9 +569,11 @@ def compare(
                         f"{noise.dtype if isinstance(noise, Tensor) else type(noise).__name__}")
     _check_noise(noise)  # issue 13
     names = _check_names(default_solvers() if solvers is None else solvers, "solvers", _solvers.available())
+    budgets = _check_budgets(nfe)
+    if grids is None:
+        grids = default_grids(flow, names, budgets, model_kwargs)
     grid_names = _check_names(grids, "grids", (*GRIDS, *GRID_PROVIDERS))
     calibration = _calibration(noise, calibration_noise) if set(grid_names) & set(GRID_PROVIDERS) else None
-    budgets = _check_budgets(nfe)
     _check_tolerance("rtol", rtol)
     _check_tolerance("atol", atol)
     if not (isinstance(progress, bool) or callable(progress)):
@@ -597,7 +616,8 @@ def compare(
                 spec = Grid(grid, nfe=budget) if grid in GRIDS else None
                 if grid in GRID_PROVIDERS:  # a plug-in grid (e.g. tuned), made on the calibration noise only
                     made = GRID_PROVIDERS[grid](flow, calibration, solver=solver, nfe=budget,
-                                                model_kwargs=model_kwargs, **dict(tune_options or {}))
+                                                model_kwargs=model_kwargs,
+                                                **{"stored": calibration_noise is None, **dict(tune_options or {})})
                     result.provided[(solver, grid, budget)] = made
                     spec = Grid(sigmas=made.sigmas)
                 start = time.perf_counter()
@@ -617,8 +637,8 @@ def compare(
 
 
 def _compare_roundtrip(flow: ProbabilityFlow, images: Tensor | None, solvers: Iterable[str] | str | None,
-                       grids: Iterable[str] | str, nfe: Iterable[int] | int, model_kwargs: Mapping[str, Any] | None,
-                       progress: bool | Callable[[str], None]) -> Comparison:
+                       grids: Iterable[str] | str | None, nfe: Iterable[int] | int,
+                       model_kwargs: Mapping[str, Any] | None, progress: bool | Callable[[str], None]) -> Comparison:
     """:func:`compare` with ``task="roundtrip"`` (see there and :mod:`flowdiff.roundtrip`)."""
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
@@ -627,6 +647,7 @@ def _compare_roundtrip(flow: ProbabilityFlow, images: Tensor | None, solvers: It
                         f"got {type(images).__name__}")
     names = _check_names(_roundtrip.encoders() if solvers is None else solvers, "solvers",
                          [*_solvers.available(), "ddim_inverse"])
+    grids = DEFAULT_GRIDS if grids is None else grids
     jobs = [(s, g, b) for s in names for g in _check_names(grids, "grids", GRIDS) for b in _check_budgets(nfe)]
     on_job = (lambda s, g, b: progress(f"{s}/{g}/NFE {b}")) if callable(progress) else None
     runs, skipped = _roundtrip.roundtrip_runs(flow, images, jobs, model_kwargs=model_kwargs, on_job=on_job)

@@ -19,7 +19,16 @@ log-σ grid (log σ_i = log σ_max + (i/(n−1))^p·(log σ_{n−1} − log σ_m
 and the last positive σ), then over the logarithms of all the gaps, started from the best of
 the named grids and restarted from seeded random simplices. Half the calibration batch is
 held out: of the grids that improved the fitted half, the one best on the held-out half is
-kept (early stopping, against fitting which samples of one batch happen to land well).
+kept (early stopping, against fitting which samples of one batch happen to land well), unless
+the grid the search started from is better on the whole batch (then it is kept: on a batch of a
+few samples the held-out half alone can prefer a worse grid).
+
+Where it starts matters at few knots and many local minima, so the default (``method=
+"dp+search"``) adds to the named starting grids the grids of GITS's dynamic programming
+(:mod:`flowdiff.grid_dp`: the least total local error over a fine candidate grid against teacher
+trajectories of the fitted half, for Euler's and the trapezoidal rule's local errors); the best of
+all on the fitted half starts the search. ``method="dp"`` returns the better DP grid as it is (no
+search: only the teacher's cost), ``method="search"`` starts from the named grids alone.
 
 The search sees only the calibration noise: measure a tuned grid on other noise (``compare``'s
 ``grids=["tuned"]`` does). Its cost, in model evaluations and seconds, is recorded with the
@@ -32,7 +41,7 @@ import json
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +51,7 @@ from torch import Tensor
 
 import solvers as _solvers
 
+from . import grid_dp as _dp
 from .compare import GRID_PROVIDERS, reference_solution
 from .fingerprint import flow_fingerprint
 from .flow import ProbabilityFlow
@@ -52,7 +62,10 @@ _FORMAT = "flowdiff.TunedGrid/1"
 #: Named grids a search may start from (each tried on the calibration noise; the best one starts).
 DEFAULT_INIT = ("logsnr", ("logsnr", {"power": 0.7}), "karras", "trailing")
 _OPTIONS = ("model_kwargs", "seed", "max_evals", "restarts", "init", "sigma_floor", "reference_tol", "objective",
-            "validate", "select", "free_start", "progress")
+            "validate", "select", "free_start", "progress", "method", "candidates", "dp_orders")
+#: What :func:`tune` does: the direct search from named grids, the GITS-style DP grid alone, or the search
+#: started from the best of the named and the DP grids.
+METHODS = ("search", "dp", "dp+search")
 
 
 @dataclass(frozen=True)
@@ -63,7 +76,9 @@ class TunedGrid:
     RMS image error on the calibration noise, ``initial_error`` that of the named grid the
     search started from (``initial_grid``); ``tuning_nfe`` and ``tuning_seconds`` are the
     search's cost (model evaluations of the candidate solves, plus the reference's
-    ``reference_nfe``). ``options`` are the tuning options used (seed, evaluations, ...).
+    ``reference_nfe``, and the DP's teacher, ``teacher_nfe``). ``options`` are the tuning options
+    used (seed, evaluations, ...), ``method`` the :data:`METHODS` entry. ``source`` is the file a
+    stored grid was read from by :func:`stored_grid` (empty for a grid tuned in this process).
     """
 
     sigmas: np.ndarray
@@ -79,6 +94,9 @@ class TunedGrid:
     tuning_nfe: int = 0
     reference_nfe: int = 0
     tuning_seconds: float = 0.0
+    method: str = "search"  # what files written before the DP existed were made with
+    teacher_nfe: int = 0
+    source: str = ""
 
     def check(self, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> None:
         """Raise ``ValueError`` unless this grid was tuned on ``flow`` (with ``model_kwargs``)."""
@@ -198,6 +216,18 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"objective must be 'geomean' or 'rms', got {out['objective']!r}")
     if not isinstance(out.get("progress", True), bool):
         raise TypeError(f"progress must be a bool, got {type(out['progress']).__name__}")
+    if out.get("method", "dp+search") not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {out['method']!r}")
+    count = out.get("candidates", _dp.DEFAULT_CANDIDATES)
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 2):
+        raise ValueError(f"candidates must be an int >= 2 (candidate σ of the DP), got {count!r}")
+    orders = out.get("dp_orders", (1, 2))
+    if isinstance(orders, int) and not isinstance(orders, bool):
+        orders = (orders,)
+    if not isinstance(orders, (tuple, list)) or not orders or any(o not in (1, 2) or isinstance(o, bool)
+                                                                  for o in orders):
+        raise ValueError(f"dp_orders must be 1, 2 or a sequence of them (the DP's local-error rules), got {orders!r}")
+    out["dp_orders"] = tuple(orders)
     return out
 
 
@@ -271,8 +301,24 @@ def tune(
     search = _Search(error, halves, int(noise.shape[0]), max_evals, opts.get("progress", True),
                      opts.get("select", "validation"))
     knots = _Knots(sigma_max, floor, steps, opts.get("free_start", False))
+    method = opts.get("method", "dp+search")
+    teacher_nfe = 0
+    starts: list[tuple[str, np.ndarray]] = []
+    if method in ("dp", "dp+search"):  # GITS: DP over candidate σ against teacher trajectories of the fitted half
+        count = opts.get("candidates") or max(_dp.DEFAULT_CANDIDATES, 2 * steps)
+        candidates = _dp.candidate_sigmas(sigma_max, floor, count)
+        if steps > len(candidates) - 1:
+            raise ValueError(f"{steps} steps need at least {steps} candidate σ for the DP; got candidates="
+                             f"{len(candidates) - 1}")
+        teacher = _dp.teacher_trajectory(flow, noise[halves[0]], candidates, model_kwargs=model_kwargs)
+        teacher_nfe = teacher.nfe
+        starts += [(f"dp order {order}", _dp.dp_sigmas(teacher, steps, order)) for order in opts["dp_orders"]]
     initial = None
-    for name, grid_options in opts["init"]:
+    for label, sig in starts:
+        e = search.evaluate(sig)
+        if initial is None or e < initial[0]:
+            initial = (e, label, sig)
+    for name, grid_options in ([] if method == "dp" else opts["init"]):
         try:
             sig = make_sigmas(flow.schedule, name, steps, **grid_options)
         except ValueError:  # e.g. a timestep grid that cannot hold this many steps
@@ -287,11 +333,13 @@ def tune(
                    knots.grid(np.zeros(knots.dim)))
     rng = np.random.default_rng(seed)
     try:
-        if dim >= 2:  # a two-parameter warp of the log-σ grid first: few knobs, little to overfit
+        if method == "dp":
+            max_evals = search.evals  # the DP grids alone: no search
+        if dim >= 2 and method != "dp":  # a two-parameter warp of the log-σ grid first: few knobs, little to overfit
             warp = _Warp(sigma_max, floor, steps)
             search.minimize(warp.grid, np.array([0.0, math.log(max(initial[2][-2], floor) / floor) + 1e-3]),
                             np.eye(2) * 0.5, budget=min(max_evals // 4, 40))
-        for attempt in range(restarts + 1):  # then every knot
+        for attempt in range(restarts + 1 if method != "dp" else 0):  # then every knot
             left = max_evals - search.evals
             if knots.dim == 0 or left <= knots.dim + 1:
                 break
@@ -309,10 +357,13 @@ def tune(
     stored = {k: v for k, v in opts.items() if k not in ("model_kwargs", "progress", "init")}
     stored.update(max_evals=max_evals, restarts=restarts, seed=seed, reference_tol=tol, sigma_floor=floor,
                   objective=objective, validate=validate, calibration_batch=int(noise.shape[0]),
-                  init=[_init_name(*g) for g in opts["init"]])
+                  init=[_init_name(*g) for g in opts["init"]], dp_orders=list(opts["dp_orders"]))
     initial_err = search.full_error(initial[2])
+    if initial_err < best_err:  # the held-out choice may not undo the start: never worse on the whole batch
+        best_sigmas, best_err = initial[2], initial_err
     return TunedGrid(best_sigmas.copy(), solver, solver_options, nfe, flow_fingerprint(flow, model_kwargs), stored,
-                     best_err, initial[1], initial_err, spent["evals"], spent["nfe"] + ref.nfe, ref.nfe, elapsed)
+                     best_err, initial[1], initial_err, spent["evals"], spent["nfe"] + ref.nfe + teacher_nfe, ref.nfe,
+                     elapsed, method, teacher_nfe)
 
 
 def _init_name(name: str, grid_options: Mapping[str, Any]) -> str:
@@ -445,14 +496,103 @@ def tune_grid(
     ``select`` (which improving grid is kept: ``"validation"``, the best on the held-out half,
     default; ``"pooled"``, the best on the whole batch),
     ``free_start`` (let the first σ move below σ_max too, default False), ``progress`` (tqdm
-    bars of the reference and the search, default True).
+    bars of the reference and the search, default True), ``method`` (``"dp+search"``, default:
+    the GITS-style DP grids join the starting grids; ``"dp"``: the better DP grid, no search;
+    ``"search"``: the named grids start), ``candidates`` (candidate σ of the DP, uniform in log σ,
+    default 64 or twice the steps if more) and ``dp_orders`` (the local-error rules whose DP grids are tried: 1,
+    Euler's, 2, the trapezoidal rule's; default both).
     """
     return tune(flow, noise, solver=solver, nfe=nfe, solver_options=solver_options, **options).sigmas
 
 
+# ---------------------------------------------------------------------------------------------- stored grids
+
+_SET_FORMAT = "flowdiff.TunedGrids/1"
+#: Where flowdiff's own tuned grids are shipped (``*.tuned.json``, one file per model; see
+#: ``benchmarks/tune_shipped.py``, which writes the one of ``pretrained("digits")``).
+STORED_DIR = Path(__file__).parent / "weights"
+
+
+def save_grids(grids: list[TunedGrid], path: str | Path) -> Path:
+    """Write several tuned grids (e.g. one model's, for every solver and budget) to one JSON file."""
+    if not grids or not all(isinstance(g, TunedGrid) for g in grids):
+        raise TypeError("grids must be a non-empty list of flowdiff.TunedGrid")
+    items = []
+    for grid in grids:
+        data = asdict(grid)
+        data["sigmas"] = [float(s).hex() for s in grid.sigmas]
+        items.append(data)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"format": _SET_FORMAT, "grids": items}, indent=1, default=_json_default) + "\n")
+    return path
+
+
+def load_grids(path: str | Path) -> list[TunedGrid]:
+    """Read a file written by :func:`save_grids` (every grid, of whatever model: see :meth:`TunedGrid.check`)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable tuned-grids JSON file ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != _SET_FORMAT or not isinstance(data.get("grids"), list):
+        found = data.get("format") if isinstance(data, dict) else None
+        raise ValueError(f"{path} is not a flowdiff tuned-grids file (format {found!r}, expected {_SET_FORMAT!r})")
+    out = []
+    for k, item in enumerate(data["grids"]):
+        try:
+            item = dict(item)
+            item["sigmas"] = np.array([float.fromhex(s) for s in item["sigmas"]], dtype=np.float64)
+            out.append(TunedGrid(**item))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"{path}: grid {k} is malformed ({err})") from None
+    return out
+
+
+_STORED: dict[Path, tuple[float, list[TunedGrid]]] = {}
+
+
+def stored_grid(flow: ProbabilityFlow, solver: str, nfe: int, solver_options: Mapping[str, Any] | None = None,
+                model_kwargs: Mapping[str, Any] | None = None, directory: str | Path | None = None
+                ) -> TunedGrid | None:
+    """The shipped grid tuned for exactly this flow (by fingerprint), solver, options and budget, or ``None``.
+
+    Looks in ``directory`` (default :data:`STORED_DIR`) at every ``*.tuned.json``. A flow whose
+    network, schedule or conditioning differs in any bit has another fingerprint and finds none.
+    """
+    folder = STORED_DIR if directory is None else Path(directory)
+    files = sorted(folder.glob("*.tuned.json"))
+    if not files:
+        return None
+    try:
+        fingerprint = flow_fingerprint(flow, model_kwargs)
+    except TypeError:  # conditioning that cannot be fingerprinted has no stored grid
+        return None
+    options = dict(solver_options or {})
+    for path in files:
+        mtime = path.stat().st_mtime
+        cached = _STORED.get(path)
+        if cached is None or cached[0] != mtime:
+            cached = _STORED[path] = (mtime, load_grids(path))
+        for grid in cached[1]:
+            if (grid.fingerprint, grid.solver, grid.nfe, grid.solver_options) == (fingerprint, solver, nfe, options):
+                return replace(grid, source=str(path))
+    return None
+
+
 def _for_compare(flow: ProbabilityFlow, calibration: Tensor, *, solver: str, nfe: int,
-                 model_kwargs: Mapping[str, Any] | None, **options: Any) -> TunedGrid:
+                 model_kwargs: Mapping[str, Any] | None, stored: bool = True, **options: Any) -> TunedGrid:
+    """compare's ``"tuned"`` grid: the shipped one for this flow when ``stored`` and one matches, else tuned now."""
+    if stored:
+        grid = stored_grid(flow, solver, nfe, model_kwargs=model_kwargs)
+        if grid is not None:
+            return grid
     return tune(flow, calibration, solver=solver, nfe=nfe, model_kwargs=model_kwargs, **options)
 
 
+def _has_stored(flow: ProbabilityFlow, solver: str, nfe: int, model_kwargs: Mapping[str, Any] | None) -> bool:
+    return stored_grid(flow, solver, nfe, model_kwargs=model_kwargs) is not None
+
+
+_for_compare.has_stored = _has_stored  # compare's default grids include "tuned" where every run has one
 GRID_PROVIDERS["tuned"] = _for_compare

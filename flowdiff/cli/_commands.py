@@ -163,9 +163,21 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
                   f"NFE used {best.nfe})")
     for skip in result.skipped:
         print(f"skipped {skip.solver} on {skip.grid} at NFE {skip.budget}: {skip.reason}")
+    shipped = {}
     for (solver, grid, budget), made in result.provided.items():
-        print(f"{grid} grid of {solver} at NFE {budget}: tuning cost {made.tuning_nfe} NFE, "
-              f"{made.tuning_seconds:.1f} s")
+        source = getattr(made, "source", "")
+        if source:
+            shipped.setdefault(source, []).append(made)
+        else:
+            print(f"{grid} grid of {solver} at NFE {budget}: tuning cost {made.tuning_nfe} NFE, "
+                  f"{made.tuning_seconds:.1f} s")
+    for source, made in shipped.items():
+        batches = "/".join(str(b) for b in sorted({m.options.get("calibration_batch", 0) for m in made}))
+        print(f"tuned grids: {len(made)} shipped ones from {source}, tuned once on other noise ({batches} "
+              "samples, flowdiff.compare.CALIBRATION_SEED); --calibration-seed N tunes them here instead")
+    if args.grid is None and not any(g == "tuned" for _, g, _ in result.provided):
+        print("no shipped tuned grids cover this model and these solvers and budgets: add --grid "
+              "trailing,karras,logsnr,tuned to tune them here on calibration noise (it costs model evaluations)")
     print(f"wrote {md}, {csv}, {png}")
     return 0
 

@@ -175,9 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{','.join(default_solvers())}); available: {', '.join(_solvers.available())}")
     p.add_argument("--nfe", type=_int_list, default=list(DEFAULT_NFE), metavar="LIST",
                    help=f"comma-separated NFE budgets (default: {','.join(map(str, DEFAULT_NFE))})")
-    p.add_argument("--grid", type=_name_list(lambda: (*GRIDS, "tuned"), "grid"), default=list(DEFAULT_GRIDS),
-                   metavar="LIST", help=f"comma-separated grids (default: {','.join(DEFAULT_GRIDS)}); available: "
-                   f"{', '.join(GRIDS)}, tuned (flowdiff.tune_grid per solver and budget, on calibration noise)")
+    p.add_argument("--grid", type=_name_list(lambda: (*GRIDS, "tuned"), "grid"), default=None,
+                   metavar="LIST", help=f"comma-separated grids (default: {','.join(DEFAULT_GRIDS)}, plus tuned where "
+                   "flowdiff ships tuned grids for the model and every solver and budget, as for digits); available: "
+                   f"{', '.join(GRIDS)}, tuned (flowdiff.tune_grid per solver and budget, on calibration noise: the "
+                   "shipped grid where there is one, unless --calibration-seed is given)")
     p.add_argument("--calibration-seed", type=_seed, default=None, metavar="N",
                    help="seed of the calibration noise --grid tuned is tuned on (default: flowdiff's own; "
                         "never the evaluation noise)")
