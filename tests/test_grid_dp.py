@@ -7,30 +7,17 @@ import math
 import numpy as np
 import pytest
 import torch
+from _closed_form import QUICK
+from _closed_form import mixture as _mixture
+from _closed_form import noise as _noise
+from _closed_form import rmse as _rmse
 
 import flowdiff
 import solvers
 from flowdiff import grid_dp
-from flowdiff.analytic import Gaussian, Mixture
-
-QUICK = {"max_evals": 12, "restarts": 0, "progress": False, "reference_tol": 1e-6}
-
-
-def _mixture(seed=3, bandwidth=0.4, dim=8):
-    g = torch.Generator().manual_seed(seed)
-    return Mixture(torch.randn(4, dim, dtype=torch.float64, generator=g), bandwidth=bandwidth).flow()
-
+from flowdiff.analytic import Gaussian
 
 FLOW = _mixture()
-
-
-def _noise(seed, n=8, dim=8):
-    return torch.randn(n, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-
-
-def _rmse(flow, noise, **kwargs):
-    ref = flowdiff.reference_solution(flow, noise, sigma_end=0.0, rtol=1e-9, atol=1e-9)
-    return float((flowdiff.generate(flow, noise, **kwargs).x - ref.x).pow(2).mean().sqrt())
 
 
 def test_dp_path_is_the_least_cost_path_of_exactly_that_many_steps():

@@ -1,0 +1,25 @@
+"""Shared by the grid-tuning tests: a nonlinear closed-form model, seeded noise, the error against a tight reference."""
+
+import torch
+
+import flowdiff
+from flowdiff.analytic import Mixture
+
+#: A tuning run small enough for a test: a few candidate solves, no restarts, a loose reference.
+QUICK = {"max_evals": 12, "restarts": 0, "progress": False, "reference_tol": 1e-6}
+
+
+def mixture(seed=3, bandwidth=0.4, dim=8):
+    """Four well-separated modes in ``dim`` dimensions."""
+    g = torch.Generator().manual_seed(seed)
+    return Mixture(torch.randn(4, dim, dtype=torch.float64, generator=g), bandwidth=bandwidth).flow()
+
+
+def noise(seed, n=8, dim=8):
+    return torch.randn(n, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def rmse(flow, noise, **kwargs):
+    """RMSE of ``generate(flow, noise, **kwargs)`` against a float64 reference solve at tolerance 1e-9."""
+    ref = flowdiff.reference_solution(flow, noise, sigma_end=0.0, rtol=1e-9, atol=1e-9)
+    return float((flowdiff.generate(flow, noise, **kwargs).x - ref.x).pow(2).mean().sqrt())
