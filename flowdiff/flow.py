@@ -109,11 +109,12 @@ class ProbabilityFlow:
         t_cache = self._timesteps
 
         # The (batch, device, state dtype) of the solve's state and that combination's table σ → (t, input
-        # scale α, α). For float32/float64 states α is kept as a 0-dim tensor of the state's dtype: multiplying
-        # by it is the same float operation as by the Python float (checked bit for bit), and about half as
-        # costly on small states, where a Python scalar is wrapped into a new tensor on every call. (Half
-        # precision computes a Python scalar in float32, so there α stays a float.) A state of another batch
-        # size, device or dtype switches table.
+        # scale α, α). For float32/float64 states α is kept as a 0-dim tensor of the state's dtype, made by a
+        # fill kernel (no host-to-device copy, so no sync on CUDA): multiplying by it is the same float
+        # operation as by the Python float (checked bit for bit), and about half as costly on small states,
+        # where a Python scalar is wrapped into a new tensor on every call. (Half precision computes a Python
+        # scalar in float32, so there α stays a float.) A state of another batch size, device or dtype
+        # switches table.
         current: list[Any] = [None, None]
 
         def table(xbar: Tensor) -> dict[float, tuple[Tensor, Tensor | float, float]]:
@@ -137,7 +138,7 @@ class ProbabilityFlow:
                 t_dtype = torch.float64 if (model_dtype or combo[2]) == torch.float64 else torch.float32
                 scale = alpha(sigma)
                 hit = (torch.full((combo[0],), timestep(sigma), dtype=t_dtype, device=combo[1]),
-                       torch.tensor(scale, dtype=combo[2], device=combo[1]) if combo[2] in _EXACT_SCALARS else scale,
+                       torch.full((), scale, dtype=combo[2], device=combo[1]) if combo[2] in _EXACT_SCALARS else scale,
                        scale)
                 by_sigma[sigma] = hit
             t, scale_t, inv_scale = hit
