@@ -15,6 +15,7 @@ table gathered on every rank: the same rows, in the same order, with the same nu
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -22,7 +23,15 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from .compare import DEFAULT_GRIDS, DEFAULT_NFE, Comparison, Reference, default_solvers, reference_solution
+from .compare import (
+    DEFAULT_GRIDS,
+    DEFAULT_NFE,
+    Comparison,
+    Reference,
+    default_grids,
+    default_solvers,
+    reference_solution,
+)
 from .compare import compare as _compare_one
 from .flow import ProbabilityFlow
 from .roundtrip import encoders
@@ -149,7 +158,7 @@ def close(ranks: Ranks) -> None:
 
 
 def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks | None = None,
-            solvers: Iterable[str] | str | None = None, grids: Iterable[str] | str = DEFAULT_GRIDS,
+            solvers: Iterable[str] | str | None = None, grids: Iterable[str] | str | None = None,
             nfe: Iterable[int] | int = DEFAULT_NFE, model_kwargs: Mapping[str, Any] | None = None,
             reference: Reference | None = None, progress: bool | Callable[[str], None] = False,
             task: str = "generate", images: Tensor | None = None, **options: Any) -> Comparison:
@@ -169,6 +178,8 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
                                 progress=progress, **kwargs)
     default = encoders() if task == "roundtrip" else default_solvers()
     names = _listed(default if solvers is None else solvers)
+    if grids is None:  # the defaults of flowdiff.compare for this task (with stored tuned grids where they cover it)
+        grids = DEFAULT_GRIDS if task == "roundtrip" else default_grids(flow, names, _budgets(nfe), model_kwargs)
     jobs = [(s, g, b) for s in names for g in _listed(grids) for b in _budgets(nfe)]
     if task != "roundtrip" and reference is None:
         if ranks.is_main:
@@ -177,10 +188,13 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
                 ref_options["solver"] = ref_options.pop("reference_solver")
             reference = reference_solution(flow, noise, model_kwargs=model_kwargs, **ref_options)
         reference = ranks.broadcast(reference)
+    if isinstance(progress, bool):  # True: each rank names its runs on stderr as it starts them
+        rank = ranks.rank
+        progress = (lambda text: print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)) if progress else None
     mine = []
     for index in ranks.share(range(len(jobs))):
         solver, grid, budget = jobs[index]
-        if callable(progress) and not isinstance(progress, bool):
+        if progress is not None:
             progress(f"{solver}/{grid}/NFE {budget}")
         part = _compare_one(flow, noise, solvers=[solver], grids=[grid], nfe=[budget], reference=reference,
                                 **kwargs)

@@ -288,3 +288,34 @@ def test_a_killed_run_resumes_to_the_same_table(data, one_process, tmp_path, cap
     code, text, err = run(capsys, "roundtrip", "--data", data, "--out", out, *ARGS, "--save-latents")
     assert code == 0 and "resuming:" in text, err
     assert (out / "results.csv").read_bytes() == (one_process / "results.csv").read_bytes()
+
+
+class _AllWorkRank0(Ranks):
+    """Rank 0 of 2 that does every run itself: the distributed code path of ``distributed.compare`` in one process."""
+
+    def share(self, items):
+        return list(items)
+
+    def all_gather(self, obj):
+        return [obj, []]
+
+    def broadcast(self, obj):
+        return obj
+
+
+def test_distributed_compare_takes_flowdiffs_default_grids_when_none_are_given():
+    from flowdiff import distributed
+    from flowdiff.analytic import Mixture
+    from flowdiff.compare import DEFAULT_GRIDS
+
+    centers = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    flow = Mixture(centers, bandwidth=0.5).flow()
+    noise = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref = flowdiff.reference_solution(flow, noise)
+    one = flowdiff.compare(flow, noise, solvers=["euler"], nfe=[4], reference=ref)
+    # grids=None is what the CLI passes without --grid
+    split = distributed.compare(flow, noise, ranks=_AllWorkRank0(rank=0, world_size=2), solvers=["euler"],
+                                grids=None, nfe=[4], reference=ref)
+    assert [(r.solver, r.grid, r.budget, r.rms_error) for r in split.runs] == \
+        [(r.solver, r.grid, r.budget, r.rms_error) for r in one.runs]
+    assert {r.grid for r in one.runs} == set(DEFAULT_GRIDS)
