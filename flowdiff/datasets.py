@@ -5,8 +5,9 @@ all independent of how many processes share it:
 
 - **the inputs**: every file under DIR, recursively, in the sorted order of their relative POSIX paths
   (:func:`scan`). Files whose suffix names a type Pillow opens are inputs; every other file (a
-  ``notes.txt``, a ``.DS_Store``) and every hidden folder is *listed as skipped*, with the reason, never
-  dropped silently. An input that then cannot be read is an error naming it.
+  ``notes.txt``), every hidden file (a ``.DS_Store``, macOS's ``._x.png``) and every hidden folder is
+  *listed as skipped*, with the reason, never dropped silently; a folder that cannot be listed is an
+  error. An input that then cannot be read is an error naming it.
 - **fixed batches** of the global order: batch b holds inputs b·S … (b+1)·S − 1 (:func:`batches`). A
   model evaluated on a batch of 3 and on a batch of 4 may differ at float rounding (matrix kernels
   block differently; an adaptive solve is controlled by its worst sample), so the batches never depend
@@ -72,7 +73,11 @@ def scan(root: str | os.PathLike[str]) -> ImageFolder:
     suffixes = image_suffixes()
     files: list[str] = []
     skipped: list[tuple[str, str]] = []
-    for folder, dirs, names in os.walk(root):
+    def unreadable(err: OSError) -> None:  # os.walk would otherwise skip a folder it cannot list, silently
+        raise OSError(f"--data {os.fspath(root)!r}: cannot list the folder {err.filename!r} "
+                      f"({err.strerror or err}); fix its permissions or move it out of --data") from None
+
+    for folder, dirs, names in os.walk(root, onerror=unreadable):
         here = Path(folder)
         for d in list(dirs):
             rel = (here / d).relative_to(root).as_posix()
@@ -84,7 +89,9 @@ def scan(root: str | os.PathLike[str]) -> ImageFolder:
         for name in names:
             rel = (here / name).relative_to(root).as_posix()
             suffix = Path(name).suffix.lower()
-            if suffix in suffixes:
+            if name.startswith("."):  # e.g. macOS's ._x.png resource forks: not images, whatever their suffix
+                skipped.append((rel, "hidden file"))
+            elif suffix in suffixes:
                 files.append(rel)
             else:
                 skipped.append((rel, f"not an image type flowdiff reads ({suffix or 'no suffix'})"))
@@ -133,7 +140,8 @@ def difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
     if ia != ib:
         gone = sorted(set(p for p, _ in ia) - set(p for p, _ in ib))
         added = sorted(set(p for p, _ in ib) - set(p for p, _ in ia))
-        changed = sorted(p for p, d in ib if p in dict(ia) and dict(ia)[p] != d)
+        digests = dict(ia)
+        changed = sorted(p for p, d in ib if p in digests and digests[p] != d)
         parts = [f"{len(ia)} images in the folder's run, {len(ib)} now"]
         for label, names in (("removed", gone), ("added", added), ("changed", changed)):
             if names:

@@ -89,6 +89,15 @@ def test_folder_walk_is_sorted_and_lists_what_it_skips(data):
     assert datasets.nearest_rank([1.0, float("inf")], 99) == float("inf")
 
 
+def test_hidden_files_are_skipped_whatever_their_suffix(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.png").write_bytes(b"")
+    (tmp_path / "sub" / "._a.png").write_bytes(b"\x00\x05\x16\x07")  # a macOS resource fork, not a PNG
+    folder = datasets.scan(tmp_path)
+    assert folder.files == ("sub/a.png",)
+    assert folder.skipped == (("sub/._a.png", "hidden file"),)
+
+
 def test_one_process_rows_are_the_batches_computed_by_the_api(data, one_process):
     table = rows(one_process)
     assert [r["path"] for r in table] == sorted(NAMES)  # every image once, sorted
