@@ -202,6 +202,11 @@ def test_colliding_or_unsafe_outputs_are_refused(data, tmp_path, capsys):
     assert code == 2 and "'x.jpg'" in err and "'x.png'" in err and "would both be written" in err
     code, _, err = run(capsys, "roundtrip", "--data", data, "--out", data / "inside", *ARGS)
     assert code == 2 and "inside --data" in err
+    nested = tmp_path / "o2"
+    write_digits(nested / "images", ["y.png"])  # a previous run's reconstructions given as inputs
+    before = (nested / "images" / "y.png").read_bytes()
+    code, _, err = run(capsys, "roundtrip", "--data", nested / "images", "--out", nested, *ARGS)
+    assert code == 2 and "inside --out" in err and (nested / "images" / "y.png").read_bytes() == before
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "results.csv").write_text("someone else's")

@@ -119,6 +119,9 @@ def run_dataset(args: argparse.Namespace, command: str) -> int:
     if _inside(out, data):
         raise UsageError(f"--out {args.out!r} is inside --data {args.data!r}: its images would become inputs of the "
                          "next run; write elsewhere")
+    if _inside(data, out):  # e.g. --data OUT/images: the reconstructions would be written over their own inputs
+        raise UsageError(f"--data {args.data!r} is inside --out {args.out!r}: the outputs would be written over the "
+                         "inputs; write elsewhere")
     folder = _ds.scan(data)
     if not folder.files:
         seen = ", ".join(p for p, _ in folder.skipped[:3])
