@@ -582,8 +582,11 @@ def stored_grid(flow: ProbabilityFlow, solver: str, nfe: int, solver_options: Ma
 
 def _for_compare(flow: ProbabilityFlow, calibration: Tensor, *, solver: str, nfe: int,
                  model_kwargs: Mapping[str, Any] | None, stored: bool = True, **options: Any) -> TunedGrid:
-    """compare's ``"tuned"`` grid: the shipped one for this flow when ``stored`` and one matches, else tuned now."""
-    if stored:
+    """compare's ``"tuned"`` grid: the shipped one for this flow when ``stored`` and one matches, else tuned now.
+
+    Tuning options (``tune_options`` of :func:`flowdiff.compare`, other than ``progress``) ask for a grid
+    tuned that way, which a stored grid is not: with any of them the grid is tuned now."""
+    if stored and not set(options) - {"progress"}:
         grid = stored_grid(flow, solver, nfe, model_kwargs=model_kwargs)
         if grid is not None:
             return grid

@@ -146,6 +146,8 @@ def test_compare_uses_stored_grids_by_default_and_tunes_afresh_on_given_calibrat
     fresh = flowdiff.compare(FLOW, noise, solvers=["ipndm"], nfe=[4], grids=["tuned"], calibration_noise=_noise(5),
                              tune_options=QUICK)
     assert fresh.provided[("ipndm", "tuned", 4)].source == ""
+    asked = flowdiff.compare(FLOW, noise, solvers=["ipndm"], nfe=[4], grids=["tuned"], tune_options=QUICK)
+    assert asked.provided[("ipndm", "tuned", 4)].source == ""  # tuning options ask for a grid tuned that way
 
 
 def test_shipped_grids_cover_the_default_comparison_of_the_shipped_model():
