@@ -218,6 +218,11 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
         raise TypeError(f"progress must be a bool, got {type(out['progress']).__name__}")
     if out.get("method", "dp+search") not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {out['method']!r}")
+    if out.get("method", "dp+search") == "search":
+        unused = [k for k in ("candidates", "dp_orders") if k in out]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} configure the DP, which method='search' does not run; drop "
+                             f"{'them' if len(unused) > 1 else 'it'} or use method='dp' or 'dp+search'")
     count = out.get("candidates", _dp.DEFAULT_CANDIDATES)
     if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 2):
         raise ValueError(f"candidates must be an int >= 2 (candidate σ of the DP), got {count!r}")

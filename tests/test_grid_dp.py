@@ -107,6 +107,8 @@ def test_dp_options_are_checked():
         flowdiff.tune(FLOW, _noise(1), solver="euler", nfe=4, method="dp", dp_orders=(3,), progress=False)
     with pytest.raises(ValueError, match="candidate σ"):
         flowdiff.tune(FLOW, _noise(1), solver="euler", nfe=20, method="dp", candidates=8, progress=False)
+    with pytest.raises(ValueError, match="candidates configure the DP, which method='search' does not run"):
+        flowdiff.tune(FLOW, _noise(1), solver="euler", nfe=4, method="search", candidates=32, progress=False)
 
 
 def test_stored_grids_round_trip_and_are_found_only_for_their_model(tmp_path):
