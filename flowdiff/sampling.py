@@ -211,7 +211,7 @@ def generate(
         return Result(sol.xbar.to(noise.dtype), sol.stats, sig, solver_obj.name)
 
     if starts_at_infinity(sig):  # from pure noise (zero terminal SNR): a boundary step first (flowdiff.terminal)
-        return generate_from_infinity(flow, noise, sig, run, request.model_kwargs, model_dtype)
+        return generate_from_infinity(flow, noise, sig, run, request.model_kwargs, model_dtype, check_finite)
     return run(noise, sig)
 
 

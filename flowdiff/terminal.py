@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from solvers import Stats
+from solvers import SolveError, Stats
 
 from .flow import ProbabilityFlow
 from .results import Result
@@ -41,24 +42,32 @@ def starts_at_infinity(sigmas: np.ndarray) -> bool:
 
 def generate_from_infinity(flow: ProbabilityFlow, noise: Tensor, sigmas: np.ndarray,
                            solve: Callable[[Tensor, np.ndarray], Result],
-                           model_kwargs: Mapping[str, Any] | None, model_dtype: torch.dtype | None) -> Result:
+                           model_kwargs: Mapping[str, Any] | None, model_dtype: torch.dtype | None,
+                           check_finite: bool = True) -> Result:
     """Generate on a grid starting at σ = ∞: the boundary step to ``sigmas[1]``, then ``solve`` on the rest.
 
     ``noise`` is x_T = ε (DDIM's scale at σ = ∞ is the noise itself); ``solve(x, grid)`` is the
     generate of the finite grid ``sigmas[1:]`` from its DDIM-scale start ``x``. The boundary step
     is one model evaluation, counted in the result's ``stats`` (``steps``, ``accepted``, ``nfe``);
     the result's ``sigmas`` is the whole grid, ∞ included. A callback sees the finite steps only.
+    With ``check_finite`` a non-finite boundary step fails here, named as step 0 (one host sync).
     """
     if len(sigmas) < 2 or not np.isfinite(sigmas[1:]).all():
         raise ValueError(f"a grid from σ = ∞ needs finite σ after its first, got {sigmas!r}")
     state_dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
+    start = time.perf_counter()
     x = flow.step_from_noise(noise.to(state_dtype), float(sigmas[1]), model_kwargs, model_dtype)
+    if check_finite and not bool(torch.isfinite(x).all()):
+        raise SolveError(f"step 0 (σ inf -> {float(sigmas[1]):.6g}), the step out of pure noise, produced non-finite "
+                         "values: the model returned NaN or inf", step=0, t0=math.inf, t1=float(sigmas[1]),
+                         stats=Stats(nfe=1, steps=1, wall_time=time.perf_counter() - start))
     if len(sigmas) == 2:  # one step, from pure noise straight to the grid's end
         xbar = x * math.sqrt(1.0 + float(sigmas[1]) ** 2)
-        return Result(xbar.to(noise.dtype), Stats(nfe=1, steps=1, accepted=1), sigmas.copy(), "euler")
+        stats = Stats(nfe=1, steps=1, accepted=1, wall_time=time.perf_counter() - start)
+        return Result(xbar.to(noise.dtype), stats, sigmas.copy(), "euler")
     res = solve(x, sigmas[1:].copy())  # x stays in the state's precision (float32 for float16 noise)
     stats = dataclasses.replace(res.stats, nfe=res.stats.nfe + 1, steps=res.stats.steps + 1,
-                                accepted=res.stats.accepted + 1)
+                                accepted=res.stats.accepted + 1, wall_time=time.perf_counter() - start)
     return Result(res.x.to(noise.dtype), stats, sigmas.copy(), res.solver)
 
 

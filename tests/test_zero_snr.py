@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import flowdiff
+import solvers
 from flowdiff import Schedule, from_diffusers, sample_like
 from flowdiff.schedules import rescale_zero_terminal_snr
 
@@ -181,3 +182,18 @@ def test_float16_noise_keeps_a_float32_state_after_the_boundary_step(zero_snr):
     assert half.x.dtype == torch.float16 and half.stats.nfe == 10
     full = flowdiff.generate(from_diffusers(path), noise, steps=10).x
     assert (half.x.float() - full).abs().max() < 2e-2 * full.abs().max()
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_a_non_finite_step_out_of_infinity_is_named_as_step_0(steps):
+    # a v-prediction model that returns NaN at its last timestep (σ = ∞) only
+    schedule = Schedule(rescale_zero_terminal_snr(Schedule.linear().alphas_cumprod))
+
+    def model(x, t):
+        return torch.where(t.view(-1, 1, 1, 1) >= schedule.num_train_timesteps - 1, torch.nan, 0.0) * x
+
+    flow = flowdiff.ProbabilityFlow(model, schedule, prediction_type="v_prediction")
+    with pytest.raises(solvers.SolveError, match=r"step 0 \(σ inf -> .*non-finite") as err:
+        flowdiff.generate(flow, _noise(), steps=steps)
+    assert err.value.step == 0 and err.value.stats.nfe == 1
+    assert flowdiff.generate(flow, _noise(), steps=steps, check_finite=False).x.isnan().all()
