@@ -148,7 +148,9 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
     device_given = args.device
     loaded, dtype, device = _commands._setup(args)
     args.device = torch.device(device_given).type  # the manifest keeps the kind of device, not each rank's index
-    man = _ds.manifest(command, _arguments(args, _commands.fingerprint(loaded)), folder)
+    arguments = _arguments(args, _commands.fingerprint(loaded))
+    # rank 0 hashes the inputs and sends the manifest: N ranks would otherwise read the whole dataset N times
+    man = ranks.broadcast(_ds.manifest(command, arguments, folder) if ranks.is_main else None)
     run = _ds.run_id(man)
     manifest_path = out / "run.json"
     old = None
