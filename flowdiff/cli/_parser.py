@@ -158,6 +158,15 @@ def _solve_options(parser: argparse.ArgumentParser, *, solver: str, nfe: int | N
     parser.set_defaults(default_nfe=nfe, default_steps=steps)
 
 
+def _encode_inputs(parser: argparse.ArgumentParser) -> None:
+    """What ``encode`` and ``roundtrip`` share: the model, the images (or ``--data``), the solve, the inversion."""
+    _common(parser, dtype="float32")
+    parser.add_argument("images", nargs="*", metavar="IMAGE",
+                        help="image files (PNG, TIFF, …) of the model's size and channels (or --data DIR)")
+    _solve_options(parser, solver="euler", nfe=None, steps=50)
+    _fixed_point_option(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``flowdiff`` argument parser (its ``--help`` documents every option)."""
     parser = _Parser(prog="flowdiff", description="Compare ODE solvers on diffusion models, sample, encode, decode.",
@@ -214,11 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Encode image files to DDIM-scale latents x_T by solving the probability-flow "
                                    "ODE from σ = 0 up to σ_max; the latents file keeps the grid and solver so that "
                                    "'flowdiff decode' retraces them.")
-    _common(p, dtype="float32")
-    p.add_argument("images", nargs="*", metavar="IMAGE",
-                   help="image files (PNG, TIFF, …) of the model's size and channels (or --data DIR)")
-    _solve_options(p, solver="euler", nfe=None, steps=50)
-    _fixed_point_option(p)
+    _encode_inputs(p)
     p.add_argument("--out", default=None, metavar="FILE|DIR",
                    help="output latents file (default: latents.safetensors); with --data, the output folder")
     add_data_options(p, "encode")
@@ -242,11 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("roundtrip", help="encode then decode image files and print reconstruction metrics",
                        description="Encode image files, decode the latents with the same grid and solver, and "
                                    "print how far the reconstruction is from the input.")
-    _common(p, dtype="float32")
-    p.add_argument("images", nargs="*", metavar="IMAGE",
-                   help="image files (PNG, TIFF, …) of the model's size and channels (or --data DIR)")
-    _solve_options(p, solver="euler", nfe=None, steps=50)
-    _fixed_point_option(p)
+    _encode_inputs(p)
     p.add_argument("--latents", default=None, metavar="FILE", help="also write the latents to this file")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="also write the reconstructions here, each under its input's relative path and format; "
