@@ -70,7 +70,7 @@ def mixture_flow(n_centers: int = 200, bandwidth: float = 0.1) -> flowdiff.Proba
     (DDPM linear schedule, T = 1000): exact ε at every σ ≥ 0."""
     from sklearn.datasets import load_digits
 
-    from flowdiff.analytic import Mixture
+    from flowdiff.models.analytic import Mixture
 
     images = load_digits().images[:n_centers] / 16.0 * 2 - 1
     return Mixture(torch.tensor(images).reshape(n_centers, 1, 8, 8), bandwidth=bandwidth).flow()
@@ -79,7 +79,7 @@ def mixture_flow(n_centers: int = 200, bandwidth: float = 0.1) -> flowdiff.Proba
 def trained_flow() -> flowdiff.ProbabilityFlow | None:
     """The shipped digits model in float64, or ``None`` when its weights are not there yet."""
     try:
-        from flowdiff.pretrained import pretrained
+        from flowdiff.models.pretrained import pretrained
 
         flow = pretrained("digits")
     except Exception as err:  # weights missing or the module not landed

@@ -13,7 +13,8 @@ import argparse
 
 import torch
 
-from flowdiff import pretrained, reference_solution
+from flowdiff import reference_solution
+from flowdiff.models import pretrained
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_diffusers.py [--steps 10] [--out benchmarks/results/diffusers.md]
 
-Tiny random models (flowdiff.tiny_pipelines), saved and loaded back. For each: the largest
+Tiny random models (flowdiff.models.tiny_pipelines), saved and loaded back. For each: the largest
 difference between flowdiff's Euler on the scheduler's grid (flowdiff.sample_like) and the
 pipeline's own loop (SD, DiT, SD3 and Flux pipelines with their own text encoders, a zero-terminal-SNR
 DDIM schedule), relative to the largest latent/image value; the reversible (reversible_heun)
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 import flowdiff
-from flowdiff import tiny_pipelines
-from flowdiff.pipelines import flux_grid_arguments
+from flowdiff.models import tiny_pipelines
+from flowdiff.models.pipelines import flux_grid_arguments
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -199,7 +199,7 @@ def main() -> None:
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp())
     lines = [f"# flowdiff on diffusers pipelines (`python benchmarks/bench_diffusers.py --steps {args.steps}`)", "",
-             f"Tiny random models from `flowdiff.tiny_pipelines`, float32 unless said, {args.steps} steps, "
+             f"Tiny random models from `flowdiff.models.tiny_pipelines`, float32 unless said, {args.steps} steps, "
              f"torch {torch.__version__}, one thread.", "",
              "## Euler on the scheduler's grid vs the pipeline's own loop", "",
              "| model | max abs difference | relative to max abs |", "|---|---:|---:|"]

@@ -5,7 +5,7 @@ generalized process for each η and step count. FID needs Inception weights, whi
 available here; this script measures instead:
 
 * ``--model digits`` — the shipped class-free digits model (``flowdiff.pretrained("digits")``),
-  scored by :func:`flowdiff.quality.sample_quality` (a pixel logistic-regression classifier's
+  scored by :func:`flowdiff.tools.quality.sample_quality` (a pixel logistic-regression classifier's
   Inception-Score analogue ``digit_score``, higher is better, and ``nn_ratio``, the samples'
   nearest-training-image distance over that of held-out digits, 1 is ideal), and by a
   Fréchet distance in pixel space to the held-out test digits (FID's formula, pixels in
@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 import flowdiff
-from flowdiff.analytic import Mixture
-from flowdiff.stochastic import SIGMA_HAT
+from flowdiff.api.stochastic import SIGMA_HAT
+from flowdiff.models.analytic import Mixture
 
 ETAS: tuple[float | str, ...] = (0.0, 0.2, 0.5, 1.0, SIGMA_HAT)
 
@@ -78,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from flowdiff.pretrained import digits_data
+    from flowdiff.models.pretrained import digits_data
 
     train = digits_data("train").images.double()
     if args.model == "mixture":
@@ -97,8 +97,8 @@ def main() -> None:
         columns = [("energy", "energy distance ↓", "{:.4f}"),
                    ("nn_ratio", "nearest-component distance over the true samples' (1 ideal)", "{:.3f}")]
     else:
-        from flowdiff.pretrained import pretrained
-        from flowdiff.quality import sample_quality
+        from flowdiff.models.pretrained import pretrained
+        from flowdiff.tools.quality import sample_quality
 
         flow = pretrained("digits")
         shape = train.shape[1:]

@@ -44,7 +44,7 @@ from _kdiffusion import load_kdiffusion_sampling, mixture_flow, rmse, trained_fl
 from bench_lownfe import run_kdiffusion
 
 import flowdiff
-from flowdiff.compare import Reference
+from flowdiff.tools.compare import Reference
 
 BUDGETS = (4, 5, 6, 8, 10, 20)
 #: solvers whose grids are tuned, per model (the trained model is slow on one CPU thread: fewer)

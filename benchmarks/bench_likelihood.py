@@ -1,6 +1,6 @@
 """Log-likelihood through the probability-flow ODE: error against an exact log-density, flowdiff vs k-diffusion.
 
-The model is a closed-form Gaussian mixture (``flowdiff.analytic.Mixture``, bandwidth 0.1) on
+The model is a closed-form Gaussian mixture (``flowdiff.models.analytic.Mixture``, bandwidth 0.1) on
 200 of scikit-learn's digit images upsampled to 16×16 (D = 256) in [−1, 1], DDPM linear
 schedule (σ_max ≈ 157): its log-density at σ = 0 is a log-sum-exp, known exactly. Points are
 drawn from the mixture itself (``--samples``, seeded). Side by side in one process:
@@ -35,7 +35,7 @@ import torch
 from _kdiffusion import CountingDenoiser, load_kdiffusion_sampling
 
 import flowdiff
-from flowdiff.analytic import Mixture
+from flowdiff.models.analytic import Mixture
 
 FLOWDIFF = [
     ("exact", {}, [1e-3, 1e-4, 1e-5]),

@@ -1,7 +1,7 @@
 """Sample quality of the shipped digits model: ``python benchmarks/bench_models.py`` (a few minutes, one thread).
 
 Generates ``--n`` samples per setting from seeded noise with the shipped model
-(:func:`flowdiff.pretrained`) and scores them with :func:`flowdiff.quality.sample_quality`,
+(:func:`flowdiff.pretrained`) and scores them with :func:`flowdiff.tools.quality.sample_quality`,
 next to the same figures for the held-out test digits (the reference a perfect model
 would match). Writes
 
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 import flowdiff
-from flowdiff.guidance import classifier_free_guidance
-from flowdiff.pretrained import digits_data, load_config, pretrained
-from flowdiff.quality import sample_quality
+from flowdiff.models.guidance import classifier_free_guidance
+from flowdiff.models.pretrained import digits_data, load_config, pretrained
+from flowdiff.tools.quality import sample_quality
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         f"({config['training']['steps']} steps, batch {config['training']['batch']}, 1 thread on a shared 2-core "
         "machine). Quality of "
         f"{args.n} samples from seeded noise (seed {args.seed}; conditional rows use labels cycling 0–9), "
-        "measured by `flowdiff.quality.sample_quality`; the first row is the held-out test digits themselves.",
+        "measured by `flowdiff.tools.quality.sample_quality`; the first row is the held-out test digits themselves.",
         "",
         "| samples | solver | NFE | w | confidence | digit score | accuracy | NN distance | NN ratio | wall s |",
         "|---|---|---|---|---|---|---|---|---|---|",

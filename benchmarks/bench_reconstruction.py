@@ -38,7 +38,7 @@ import torch
 
 import flowdiff
 import solvers
-from flowdiff import metrics
+from flowdiff.tools import metrics
 
 METHODS = {
     "euler": dict(solver="euler"),
@@ -103,7 +103,7 @@ def table(results, steps_list, methods, title):
 
 def growth(n: int, steps_list: list[int]) -> str:
     """Max abs round-trip error ([0, 1] scale) of each reversible solver against S, float64 and float32."""
-    from flowdiff.analytic import Mixture
+    from flowdiff.models.analytic import Mixture
 
     train = flowdiff.digits_data("train").images[:256]
     model = Mixture(train, 0.2)

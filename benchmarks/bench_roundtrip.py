@@ -33,8 +33,8 @@ import torch
 
 import flowdiff
 import solvers
-from flowdiff.analytic import Mixture
-from flowdiff.formulations import encode_refusal
+from flowdiff.engine.formulations import encode_refusal
+from flowdiff.models.analytic import Mixture
 
 GRIDS = ("trailing", "leading", "karras", "logsnr")
 SOLVERS = ("euler", "heun", "heun3", "lms", "abm", "dpmpp_2m", "dpmpp_3m", "unipc")

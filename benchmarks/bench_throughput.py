@@ -22,7 +22,7 @@ Per loop and NFE: seconds per batch, images per second, the largest difference t
 (relative to their largest value: both sides compute the same map when the NFE divides T = 1000; otherwise
 diffusers' trailing DDIM steps to t − T//n while its next step starts at another timestep, which is no single σ
 grid, and the column shows that gap), and the host–device syncs the loop makes
-(``flowdiff.syncs``: per step + constant, from runs of two step counts; ``n/a`` off CUDA). On CUDA the
+(``flowdiff.tools.syncs``: per step + constant, from runs of two step counts; ``n/a`` off CUDA). On CUDA the
 timings are bracketed by ``torch.cuda.synchronize()``. The defaults are small on a CPU (one intra-op thread,
 batch 16 for digits and 1 for the UNet) and GPU-sized on CUDA (batch 128 for both).
 """
@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 import flowdiff
-from flowdiff.syncs import syncs_per_step
+from flowdiff.tools.syncs import syncs_per_step
 
 T = 1000
 #: the CIFAR-10 DDPM UNet's layout (Ho et al. 2020; diffusers' google/ddpm-cifar10-32 config), random weights

@@ -3,10 +3,10 @@
 ``flowdiff compare`` (``make demo``) shows these as its ``tuned`` grid next to the named ones
 without tuning anything: :func:`flowdiff.stored_grid` finds them by the model's fingerprint,
 solver, options and budget. They are tuned here, once, on calibration noise drawn with
-``flowdiff.compare.CALIBRATION_SEED`` (the demo measures on seed 0: other noise), in the demo's
+``flowdiff.tools.compare.CALIBRATION_SEED`` (the demo measures on seed 0: other noise), in the demo's
 precision (float32) against a float64 reference, by ``flowdiff.tune(method="dp+search")``: the
 best of the GITS-style DP grids and the named grids starts a short direct search (see
-:mod:`flowdiff.tuning`).
+:mod:`flowdiff.tools.tuning`).
 
 Usage: python benchmarks/tune_shipped.py [--batch 16] [--max-evals 40] [--out flowdiff/weights/digits.tuned.json]
 """
@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 import flowdiff
-from flowdiff.compare import CALIBRATION_SEED, DEFAULT_NFE, default_solvers
-from flowdiff.tuning import STORED_DIR
+from flowdiff.tools.compare import CALIBRATION_SEED, DEFAULT_NFE, default_solvers
+from flowdiff.tools.tuning import STORED_DIR
 
 
 def main() -> None:

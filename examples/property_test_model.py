@@ -29,7 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flowdiff
-from flowdiff import testing as ft
+from flowdiff.tools import testing as ft
 
 
 def my_flow(dtype: torch.dtype = torch.float32) -> flowdiff.ProbabilityFlow:

@@ -6,27 +6,27 @@ DDIM is explicit Euler on this ODE; flowdiff solves it with any method of :mod:`
 in both directions.
 """
 
-from . import metrics
-from .compare import Comparison, Reference, compare, reference_solution
-from .diffusers_io import from_diffusers
-from .fingerprint import flow_fingerprint
-from .flow import PREDICTION_TYPES, ProbabilityFlow
-from .grids import GRIDS, grid_timesteps, make_sigmas
-from .guidance import classifier_free_guidance
-from .kdiffusion import from_denoiser, to_denoiser
-from .latent import Latent
-from .likelihood import Likelihood, log_likelihood
-from .metrics import Reconstruction, reconstruction
-from .options import Adaptive, Grid, Inversion, Stochastic
-from .pipelines import DiffusersFlow, sample_like
-from .pretrained import digits_data, pretrained
-from .quality import sample_quality
-from .results import AdaptiveStep, Result, StepState
-from .sampling import decode, encode, generate
-from .scheduler_grids import scheduler_sigmas
-from .schedules import FlowMatchingSchedule, Schedule, VESchedule
-from .stochastic import noise_levels
-from .tuning import TunedGrid, load_grids, save_grids, stored_grid, tune, tune_grid
+from .api.sampling import decode, encode, generate
+from .api.stochastic import noise_levels
+from .engine.fingerprint import flow_fingerprint
+from .engine.flow import PREDICTION_TYPES, ProbabilityFlow
+from .engine.grids import GRIDS, grid_timesteps, make_sigmas
+from .engine.latent import Latent
+from .engine.options import Adaptive, Grid, Inversion, Stochastic
+from .engine.results import AdaptiveStep, Result, StepState
+from .engine.scheduler_grids import scheduler_sigmas
+from .engine.schedules import FlowMatchingSchedule, Schedule, VESchedule
+from .models.diffusers_io import from_diffusers
+from .models.guidance import classifier_free_guidance
+from .models.kdiffusion import from_denoiser, to_denoiser
+from .models.pipelines import DiffusersFlow, sample_like
+from .models.pretrained import digits_data, pretrained
+from .tools import metrics
+from .tools.compare import Comparison, Reference, compare, reference_solution
+from .tools.likelihood import Likelihood, log_likelihood
+from .tools.metrics import Reconstruction, reconstruction
+from .tools.quality import sample_quality
+from .tools.tuning import TunedGrid, load_grids, save_grids, stored_grid, tune, tune_grid
 
 __all__ = [
     "Adaptive",

@@ -3,7 +3,7 @@
 import torch
 
 import flowdiff
-from flowdiff.analytic import Mixture
+from flowdiff.models.analytic import Mixture
 
 #: A tuning run small enough for a test: a few candidate solves, no restarts, a loose reference.
 QUICK = {"max_evals": 12, "restarts": 0, "progress": False, "reference_tol": 1e-6}

@@ -8,8 +8,8 @@ import torch
 
 import flowdiff
 import solvers
-from flowdiff.adaptive import AdaptiveStep
-from flowdiff.analytic import Gaussian
+from flowdiff.api.adaptive import AdaptiveStep
+from flowdiff.models.analytic import Gaussian
 from solvers import SolveError
 
 TOLS = [1e-2, 1e-3, 1e-4, 1e-5]

@@ -7,7 +7,7 @@ import torch
 from torchdiffeq import odeint
 
 import flowdiff
-from flowdiff.analytic import Gaussian, Mixture
+from flowdiff.models.analytic import Gaussian, Mixture
 
 D = 5
 
@@ -180,7 +180,7 @@ def test_bad_input_raises_naming_the_argument():
 def test_closed_forms_on_a_device_agree_with_the_cpu_without_host_syncs(name, device):
     """ε, the exact solution and log p on ``device`` are the CPU's values; the model's constants are copied to the
     device once, so an evaluation makes no host sync (counted on CUDA)."""
-    from flowdiff.syncs import count_host_syncs
+    from flowdiff.tools.syncs import count_host_syncs
 
     model = _mixture() if name == "mixture" else _gaussians()[name]
     x = model.sample(4, _gen(3))

@@ -37,7 +37,7 @@ def assert_one_line_error(code, err, expected_code=1):
 @pytest.fixture(scope="module")
 def digit_pngs(tmp_path_factory):
     """Four held-out digits written as 8×8 grey PNGs."""
-    from flowdiff.pretrained import digits_data
+    from flowdiff.models.pretrained import digits_data
 
     directory = tmp_path_factory.mktemp("digits")
     images = digits_data("test").images[:4]

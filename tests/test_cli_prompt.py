@@ -10,7 +10,7 @@ from flowdiff.cli._commands import fingerprint
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
-from flowdiff.tiny_pipelines import stable_diffusion as build_sd  # noqa: E402
+from flowdiff.models.tiny_pipelines import stable_diffusion as build_sd  # noqa: E402
 
 
 @pytest.fixture(scope="module")

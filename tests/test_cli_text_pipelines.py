@@ -11,7 +11,7 @@ from flowdiff.cli import _prompt as cli_prompt
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
-from flowdiff import tiny_pipelines  # noqa: E402
+from flowdiff.models import tiny_pipelines  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=["flux", "sd3"])

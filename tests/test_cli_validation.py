@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from flowdiff.cli import main
-from flowdiff.imageio import ImageFormat, read_image, write_image
+from flowdiff.runs.imageio import ImageFormat, read_image, write_image
 
 ROOT = Path(__file__).resolve().parents[1]
 MIX = ["--model", "analytic-mixture"]
@@ -62,11 +62,11 @@ def assert_failed(code, err, expected, *fragments):
 def work(tmp_path):
     """A folder with 8×8 digits as 8- and 16-bit grey PNGs (two with one name in two folders), a colour PNG, a
     16×16 PNG, a damaged PNG, a latents file of the mixture model and files in the way of outputs."""
-    from flowdiff.pretrained import digits_data
+    from flowdiff.models.pretrained import digits_data
 
     x = digits_data("test").images[:3]
     grey8, grey16 = ImageFormat("L", 8), ImageFormat("L", 16)
-    from flowdiff.imageio import from_data
+    from flowdiff.runs.imageio import from_data
 
     for sub in ("a", "b"):
         (tmp_path / sub).mkdir()

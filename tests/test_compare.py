@@ -10,8 +10,8 @@ import torch
 
 import solvers
 from flowdiff import ProbabilityFlow
-from flowdiff.analytic import Gaussian
-from flowdiff.compare import (
+from flowdiff.models.analytic import Gaussian
+from flowdiff.tools.compare import (
     CSV_COLUMNS,
     Comparison,
     Reference,

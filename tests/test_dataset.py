@@ -20,11 +20,11 @@ import torch
 from PIL import Image
 
 import flowdiff
-from flowdiff import datasets
 from flowdiff.cli import main
-from flowdiff.distributed import Ranks
-from flowdiff.latent import Latent
-from flowdiff.metrics import max_abs_error, mse, psnr
+from flowdiff.engine.latent import Latent
+from flowdiff.runs import datasets
+from flowdiff.runs.distributed import Ranks
+from flowdiff.tools.metrics import max_abs_error, mse, psnr
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_DIGITS = (Path(flowdiff.__file__).parent / "weights" / "digits.safetensors").is_file()
@@ -277,7 +277,7 @@ def test_generation_compare_over_two_processes_solves_the_reference_once(tmp_pat
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(kept in" not in done.stdout and done.stdout.count("best at NFE 3") == 1  # solved by this run
     assert compare_table(tmp_path / "one") == compare_table(tmp_path / "two")
-    from flowdiff.compare import Reference
+    from flowdiff.tools.compare import Reference
 
     a, b = (Reference.load(tmp_path / d / "reference.safetensors") for d in ("one", "two"))
     assert torch.equal(a.x, b.x) and a.nfe == b.nfe
@@ -318,9 +318,9 @@ class _AllWorkRank0(Ranks):
 
 
 def test_distributed_compare_takes_flowdiffs_default_grids_when_none_are_given():
-    from flowdiff import distributed
-    from flowdiff.analytic import Mixture
-    from flowdiff.compare import DEFAULT_GRIDS
+    from flowdiff.models.analytic import Mixture
+    from flowdiff.runs import distributed
+    from flowdiff.tools.compare import DEFAULT_GRIDS
 
     centers = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     flow = Mixture(centers, bandwidth=0.5).flow()

@@ -8,7 +8,7 @@ import torch
 
 import flowdiff
 import solvers
-from flowdiff.analytic import Gaussian
+from flowdiff.models.analytic import Gaussian
 from solvers import History
 
 

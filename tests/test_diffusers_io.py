@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import flowdiff
-from flowdiff.diffusers_io import DiffusersUNet, from_diffusers
+from flowdiff.models.diffusers_io import DiffusersUNet, from_diffusers
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -76,7 +76,7 @@ def test_pipeline_directory_and_class_labels_pass_through(tmp_path):
 def test_schedule_matches_diffusers_alphas_cumprod():
     for beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"):
         scheduler = diffusers.DDPMScheduler(beta_schedule=beta_schedule)
-        schedule, _ = flowdiff.diffusers_io.schedule_from_config(scheduler.config)
+        schedule, _ = flowdiff.models.diffusers_io.schedule_from_config(scheduler.config)
         torch.testing.assert_close(torch.tensor(schedule.alphas_cumprod, dtype=torch.float32),
                                    scheduler.alphas_cumprod, rtol=1e-5, atol=1e-7)
 

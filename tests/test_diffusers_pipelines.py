@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import flowdiff
-from flowdiff import from_diffusers, sample_like, scheduler_sigmas, tiny_pipelines
+from flowdiff import from_diffusers, sample_like, scheduler_sigmas
+from flowdiff.models import tiny_pipelines
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -185,7 +186,7 @@ def test_ddim_grid_is_the_schedulers(config, steps):
     scheduler = diffusers.DDIMScheduler(clip_sample=False, **config)
     scheduler.set_timesteps(steps)
     grid = scheduler_sigmas(scheduler, steps)
-    schedule = flowdiff.diffusers_io.schedule_from_config(scheduler.config)[0]
+    schedule = flowdiff.models.diffusers_io.schedule_from_config(scheduler.config)[0]
     assert np.array_equal(grid[:-1], schedule.sigmas[scheduler.timesteps.numpy()])
     acp_end = float(scheduler.final_alpha_cumprod)  # float32: 1 − ᾱ₀ ≈ 1e-4 keeps ~3 digits there
     assert grid[-1] == pytest.approx(np.sqrt((1 - acp_end) / acp_end), rel=1e-3, abs=0)

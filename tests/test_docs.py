@@ -182,11 +182,11 @@ def _fixture_pngs(directory: Path) -> None:
 
 
 def _fixture_flux_pipeline(directory: Path) -> None:
-    """A tiny random FluxPipeline (flowdiff.tiny_pipelines.flux) at path/to/flux, and a 16×16 RGB photo.png."""
+    """A tiny random FluxPipeline (flowdiff.models.tiny_pipelines.flux) at path/to/flux, and a 16×16 RGB photo.png."""
     import numpy as np
     from PIL import Image
 
-    from flowdiff import tiny_pipelines
+    from flowdiff.models import tiny_pipelines
 
     tiny_pipelines.flux(directory / "path" / "to")
     pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)

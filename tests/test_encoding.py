@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 import flowdiff
 import solvers
-from flowdiff.analytic import Gaussian
-from flowdiff.formulations import encode_refusal
-from flowdiff.testing import closed_form_models, grid_names
+from flowdiff.engine.formulations import encode_refusal
+from flowdiff.models.analytic import Gaussian
+from flowdiff.tools.testing import closed_form_models, grid_names
 from solvers import SolveError
 
 STEPS = (16, 32, 64)

@@ -14,8 +14,8 @@ from _closed_form import rmse as _rmse
 
 import flowdiff
 import solvers
-from flowdiff import grid_dp
-from flowdiff.analytic import Gaussian
+from flowdiff.models.analytic import Gaussian
+from flowdiff.tools import grid_dp
 
 FLOW = _mixture()
 
@@ -130,8 +130,8 @@ def test_stored_grids_round_trip_and_are_found_only_for_their_model(tmp_path):
 
 
 def test_compare_uses_stored_grids_by_default_and_tunes_afresh_on_given_calibration(tmp_path, monkeypatch):
-    import flowdiff.tuning as tuning
-    from flowdiff.compare import default_grids
+    import flowdiff.tools.tuning as tuning
+    from flowdiff.tools.compare import default_grids
 
     made = flowdiff.tune(FLOW, _noise(1), solver="ipndm", nfe=4, method="dp", **QUICK)
     flowdiff.save_grids([made], tmp_path / "m.tuned.json")
@@ -153,7 +153,7 @@ def test_compare_uses_stored_grids_by_default_and_tunes_afresh_on_given_calibrat
 
 
 def test_shipped_grids_cover_the_default_comparison_of_the_shipped_model():
-    from flowdiff.compare import DEFAULT_NFE, default_grids, default_solvers
+    from flowdiff.tools.compare import DEFAULT_NFE, default_grids, default_solvers
 
     flow = flowdiff.pretrained("digits")
     assert "tuned" in default_grids(flow, default_solvers(), DEFAULT_NFE)

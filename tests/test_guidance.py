@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import flowdiff
-from flowdiff.analytic import Mixture
-from flowdiff.guidance import GuidedModel, classifier_free_guidance
-from flowdiff.nets import DigitsNet
+from flowdiff.models.analytic import Mixture
+from flowdiff.models.guidance import GuidedModel, classifier_free_guidance
+from flowdiff.models.nets import DigitsNet
 
 
 class ClassMixture:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flowdiff.imageio import ImageFormat, _png16_bytes, from_data, read_image, to_data, write_image
+from flowdiff.runs.imageio import ImageFormat, _png16_bytes, from_data, read_image, to_data, write_image
 
 FORMATS = [  # (mode, bits, kind, suffix)
     *[(mode, bits, "uint", ".png") for mode in ("L", "LA", "RGB", "RGBA") for bits in (8, 16)],

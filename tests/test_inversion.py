@@ -8,10 +8,10 @@ import torch
 
 import flowdiff as fd
 import solvers
-from flowdiff import metrics
-from flowdiff.analytic import Gaussian, Mixture
-from flowdiff.latent import Latent
-from flowdiff.testing import assert_fixed_point_converged, assert_round_trip
+from flowdiff.engine.latent import Latent
+from flowdiff.models.analytic import Gaussian, Mixture
+from flowdiff.tools import metrics
+from flowdiff.tools.testing import assert_fixed_point_converged, assert_round_trip
 
 REVERSIBLE = [("reversible_heun", {}), ("reversible", {}), ("reversible", {"base": "heun"})]
 IDS = [f"{n}{o}" for n, o in REVERSIBLE]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import flowdiff
-from flowdiff.analytic import Gaussian, Mixture
-from flowdiff.kdiffusion import from_denoiser, to_denoiser
+from flowdiff.models.analytic import Gaussian, Mixture
+from flowdiff.models.kdiffusion import from_denoiser, to_denoiser
 
 
 def _gaussian():

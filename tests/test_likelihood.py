@@ -8,8 +8,8 @@ import torch
 
 import flowdiff
 import solvers
-from flowdiff.analytic import Gaussian, Mixture
-from flowdiff.likelihood import Likelihood, log_likelihood
+from flowdiff.models.analytic import Gaussian, Mixture
+from flowdiff.tools.likelihood import Likelihood, log_likelihood
 
 
 def gaussian() -> Gaussian:
@@ -187,7 +187,7 @@ def test_float32_agrees_with_float64_and_a_network_runs_through_jvp():
     assert r32.log_prob.dtype == torch.float64 and r32.latent.dtype == torch.float32
     torch.testing.assert_close(r32.log_prob, r64.log_prob, atol=0.05, rtol=0)
 
-    from flowdiff.nets import DigitsNet
+    from flowdiff.models.nets import DigitsNet
 
     torch.manual_seed(0)
     net = DigitsNet(channels=(8, 16)).eval()

@@ -8,9 +8,9 @@ import torch
 
 import flowdiff
 import solvers
-from flowdiff.analytic import Gaussian
-from flowdiff.engine import solve_grid
-from flowdiff.formulations import Data, data_field, finish_at_zero, variables_of
+from flowdiff.engine.formulations import Data, data_field, finish_at_zero, variables_of
+from flowdiff.engine.loop import solve_grid
+from flowdiff.models.analytic import Gaussian
 from solvers import History
 
 #: name, options, formula order, interpolation in log time

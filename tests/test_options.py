@@ -7,8 +7,8 @@ import torch
 
 import flowdiff
 import solvers
-from flowdiff.analytic import Gaussian
-from flowdiff.plugins import plugins
+from flowdiff.engine.plugins import plugins
+from flowdiff.models.analytic import Gaussian
 
 
 def _setup():

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import flowdiff
-from flowdiff.pretrained import digits_data, load_config, load_network, pretrained
-from flowdiff.quality import sample_quality
+from flowdiff.models.pretrained import digits_data, load_config, load_network, pretrained
+from flowdiff.tools.quality import sample_quality
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "flowdiff" / "weights"
@@ -49,7 +49,7 @@ def test_loads_offline_and_generates_finite_images_of_the_right_shape():
     assert x64.dtype == torch.float64
     torch.testing.assert_close(x64.float(), x, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(x, xc)  # labels reach the network; no labels = the null class
-    assert flowdiff.pretrained.digits_data is digits_data
+    assert flowdiff.models.pretrained.digits_data is digits_data
 
 
 @pytest.mark.parametrize("setting, scale", [("unconditional", None), ("conditional", 1.0)])

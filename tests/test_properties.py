@@ -1,4 +1,4 @@
-"""Property tests of exact encoding, written with the public strategies of :mod:`flowdiff.testing`.
+"""Property tests of exact encoding, written with the public strategies of :mod:`flowdiff.tools.testing`.
 
 The hypothesis profile is ``ci`` by default (few, derandomised examples) and ``long`` with
 ``--slow`` (see conftest.py).
@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 import flowdiff as fd
 import solvers
-from flowdiff import testing as ft
-from flowdiff.latent import Latent
+from flowdiff.engine.latent import Latent
+from flowdiff.tools import testing as ft
 
 REVERSIBLE_OPTIONS = {"reversible": [{}, {"base": "heun"}, {"base": "midpoint", "coupling": 0.99}]}
 ANY_SCHEDULE = ft.schedules(kinds=("linear", "scaled_linear", "cosine"))

@@ -8,8 +8,8 @@ import torch
 
 import flowdiff
 import solvers
-from flowdiff.analytic import Gaussian, Mixture
-from flowdiff.formulations import encode_refusal, grid_order, variables_of
+from flowdiff.engine.formulations import encode_refusal, grid_order, variables_of
+from flowdiff.models.analytic import Gaussian, Mixture
 from solvers import SolveError
 
 FIXED_STEP = solvers.available()

@@ -13,7 +13,7 @@ import torch
 
 import flowdiff
 from flowdiff import FlowMatchingSchedule, ProbabilityFlow, Schedule, VESchedule
-from flowdiff.analytic import Gaussian
+from flowdiff.models.analytic import Gaussian
 
 SCHEDULES = {
     "vp": lambda: Schedule.scaled_linear(),

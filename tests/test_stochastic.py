@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 import flowdiff
 from flowdiff import Schedule
-from flowdiff.analytic import Gaussian, Mixture
-from flowdiff.stochastic import SIGMA_HAT, noise_levels
+from flowdiff.api.stochastic import SIGMA_HAT, noise_levels
+from flowdiff.models.analytic import Gaussian, Mixture
 
 SHAPE = (3, 2, 4)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import flowdiff
-from flowdiff.syncs import SyncCount, count_host_syncs, syncs_per_step
+from flowdiff.tools.syncs import SyncCount, count_host_syncs, syncs_per_step
 
 #: a fixed-grid solve may sync a few times in all (the input's check, the divergence guard's start scale, the end
 #: state's check)

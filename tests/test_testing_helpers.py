@@ -1,10 +1,10 @@
-"""flowdiff.testing's round-trip checks decode under the encode's conditioning."""
+"""flowdiff.tools.testing's round-trip checks decode under the encode's conditioning."""
 
 import pytest
 import torch
 
 import flowdiff
-from flowdiff import testing as ft
+from flowdiff.tools import testing as ft
 
 
 def _conditional_flow() -> flowdiff.ProbabilityFlow:

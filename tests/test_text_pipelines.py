@@ -2,7 +2,7 @@
 
 Tiny random StableDiffusion3Pipeline (two CLIPTextModelWithProjection + T5EncoderModel) and FluxPipeline
 (CLIPTextModel + T5EncoderModel, guidance-distilled, packed latents), their tokenizers' vocabularies written
-by flowdiff.tiny_pipelines, saved and loaded back (no network). Prompts become model_kwargs through the
+by flowdiff.models.tiny_pipelines, saved and loaded back (no network). Prompts become model_kwargs through the
 pipeline's own encode_prompt; flowdiff's Euler on the pipeline's grid must equal the pipeline's
 output_type="latent" result, with a prompt, a negative prompt and guidance, to float rounding.
 """
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import flowdiff
-from flowdiff import from_diffusers, sample_like, tiny_pipelines
+from flowdiff import from_diffusers, sample_like
+from flowdiff.models import tiny_pipelines
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -38,7 +39,7 @@ def _noise(*shape, seed=0):
 def test_sd3_embeddings_are_the_pipelines(sd3):
     pipe, path = sd3
     flow = from_diffusers(path)
-    assert isinstance(flow.prompt_encoder, flowdiff.pipelines.PipelinePromptEncoder)
+    assert isinstance(flow.prompt_encoder, flowdiff.models.pipelines.PipelinePromptEncoder)
     assert flow.prompt_encoder.max_sequence_length == 256 and flow.default_guidance == 7.0
     with torch.no_grad():
         embeds, _, pooled, _ = pipe.encode_prompt(["a cat", "dog"], None, None, do_classifier_free_guidance=False)
@@ -96,7 +97,7 @@ def test_flux_euler_is_the_pipelines_loop(flux, true_cfg):
     flow = from_diffusers(path)
     flow.prompt_encoder.max_sequence_length = SEQ
     flow.prompt_encoder.embedded_guidance = 2.5
-    assert flow.sample_shape == (16, 16) and isinstance(flow.autoencoder, flowdiff.pipelines.PackedAutoencoder)
+    assert flow.sample_shape == (16, 16) and isinstance(flow.autoencoder, flowdiff.models.pipelines.PackedAutoencoder)
     prompts, negative = ["a cat", "dog"], ["bad", ""]
     noise = _noise(2, 16, 16, seed=2)  # packed: 16 tokens (4×4 patches of 2×2) of 4·4 channels
     with torch.no_grad():

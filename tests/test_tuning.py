@@ -13,7 +13,7 @@ from _closed_form import rmse as _rmse
 
 import flowdiff
 import solvers
-from flowdiff.analytic import Gaussian
+from flowdiff.models.analytic import Gaussian
 
 FLOW = _mixture()
 

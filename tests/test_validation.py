@@ -15,7 +15,7 @@ import torch
 import flowdiff
 import solvers
 from flowdiff import Latent
-from flowdiff.analytic import Gaussian
+from flowdiff.models.analytic import Gaussian
 
 SHAPE = (1, 4, 4)
 
@@ -305,7 +305,7 @@ def test_reconstruction_metrics_refuse_non_finite_images(images, bad):
 
 
 def test_pixels_that_do_not_match_their_format_are_refused():
-    from flowdiff.imageio import ImageFormat, to_data
+    from flowdiff.runs.imageio import ImageFormat, to_data
 
     with pytest.raises(ValueError, match="uint16"):
         to_data(np.zeros((4, 4, 1), dtype=np.float32), ImageFormat("L", 16))

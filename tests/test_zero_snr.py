@@ -15,7 +15,7 @@ import torch
 import flowdiff
 import solvers
 from flowdiff import Schedule, from_diffusers, sample_like
-from flowdiff.schedules import rescale_zero_terminal_snr
+from flowdiff.engine.schedules import rescale_zero_terminal_snr
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -54,7 +54,7 @@ def _noise(dtype=torch.float32, seed=1):
 
 def test_the_schedule_is_diffusers_rescaled_one():
     scheduler = diffusers.DDIMScheduler(**ZERO_SNR)
-    schedule = flowdiff.diffusers_io.schedule_from_config(scheduler.config)[0]
+    schedule = flowdiff.models.diffusers_io.schedule_from_config(scheduler.config)[0]
     assert schedule.zero_terminal_snr and schedule.alphas_cumprod[-1] == 0 and schedule.sigma_max == math.inf
     np.testing.assert_allclose(schedule.alphas_cumprod, scheduler.alphas_cumprod.double().numpy(), rtol=2e-5,
                                atol=1e-7)

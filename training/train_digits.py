@@ -1,7 +1,7 @@
 """Train the shipped digits model: ``python training/train_digits.py`` (about 10 minutes on one CPU core).
 
-A class-conditional ε-network (:class:`flowdiff.nets.DigitsNet`) on the training split of
-scikit-learn's 8×8 digits (:func:`flowdiff.pretrained.digits_data`), with the DDPM loss
+A class-conditional ε-network (:class:`flowdiff.models.nets.DigitsNet`) on the training split of
+scikit-learn's 8×8 digits (:func:`flowdiff.models.pretrained.digits_data`), with the DDPM loss
 ‖ε − ε_θ(√ᾱ_t x₀ + √(1−ᾱ_t) ε, t, c)‖² (Ho et al. 2020) at integer t uniform in [0, T),
 DDPM's linear schedule (T = 1000), and the label replaced by the null class with
 probability ``--label-dropout`` (Ho & Salimans, "Classifier-Free Diffusion Guidance") so
@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from flowdiff.nets import DigitsNet
-from flowdiff.pretrained import SPLIT_SEED, TEST_FRACTION, digits_data
-from flowdiff.schedules import Schedule
+from flowdiff.engine.schedules import Schedule
+from flowdiff.models.nets import DigitsNet
+from flowdiff.models.pretrained import SPLIT_SEED, TEST_FRACTION, digits_data
 
 SCHEDULE = {"beta_schedule": "linear", "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     weights = args.out / "digits.safetensors"
     save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(weights))
     config = {
-        "architecture": "flowdiff.nets.DigitsNet",
+        "architecture": "flowdiff.models.nets.DigitsNet",
         "net": ema.config,
         "schedule": SCHEDULE,
         "prediction_type": "epsilon",

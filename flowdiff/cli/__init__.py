@@ -14,7 +14,7 @@ model directory.
 
 Outputs are planned before any work (:mod:`._outputs`): names that collide, an output that is an
 input, or one that exists (without ``--overwrite``) stop the command before the model runs; each
-file is written atomically. Image files keep their depth (:mod:`flowdiff.imageio`); latents
+file is written atomically. Image files keep their depth (:mod:`flowdiff.runs.imageio`); latents
 files record their model and refuse another at decode (``--ignore-fingerprint``). Errors end the
 command with a one-line message naming the option or file and a non-zero status (2: arguments
 that cannot work, 1: a failure at run time); set ``FLOWDIFF_DEBUG=1`` to see the traceback.

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .. import distributed
-from .._files import atomic_path
-from ..fingerprint import flow_fingerprint
-from ..flow import ProbabilityFlow
-from ..imageio import ImageFormat
-from ..latent import Latent
+from ..engine._files import atomic_path
+from ..engine.fingerprint import flow_fingerprint
+from ..engine.flow import ProbabilityFlow
+from ..engine.latent import Latent
+from ..runs import distributed
+from ..runs.imageio import ImageFormat
 from . import _prompt
 from ._errors import CommandError, one_line
 from ._images import default_format, load_images, save_grid, write_images
@@ -76,7 +76,7 @@ def _budget(args: argparse.Namespace) -> dict[str, int]:
 
 
 def fingerprint(loaded: LoadedModel) -> str:
-    """The key of the reference kept on disk: :func:`flowdiff.fingerprint.flow_fingerprint` of the model."""
+    """The key of the reference kept on disk: :func:`flowdiff.engine.fingerprint.flow_fingerprint` of the model."""
     try:
         return flow_fingerprint(loaded.flow, loaded.model_kwargs or None)  # the prompt's embeddings too
     except TypeError as err:
@@ -94,7 +94,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
-    from ..compare import Reference, reference_solution
+    from ..tools.compare import Reference, reference_solution
 
     out = output_dir(args.out)
     md, csv, png = plan([(out / "compare.md", "--out"), (out / "compare.csv", "--out"),
@@ -174,7 +174,7 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
     for source, made in shipped.items():
         batches = "/".join(str(b) for b in sorted({m.options.get("calibration_batch", 0) for m in made}))
         print(f"tuned grids: {len(made)} shipped ones from {source}, tuned once on other noise ({batches} "
-              "samples, flowdiff.compare.CALIBRATION_SEED); --calibration-seed N tunes them here instead")
+              "samples, flowdiff.tools.compare.CALIBRATION_SEED); --calibration-seed N tunes them here instead")
     if args.grid is None and not any(g == "tuned" for _, g, _ in result.provided):
         print("no shipped tuned grids cover this model and these solvers and budgets: add --grid "
               "trailing,karras,logsnr,tuned to tune them here on calibration noise (it costs model evaluations)")
@@ -185,7 +185,7 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
 def _compare_roundtrip(args: argparse.Namespace, loaded: LoadedModel, run_flow: ProbabilityFlow,
                        dtype: torch.dtype, device: torch.device, md: Path, csv: Path, png: Path,
                        ranks: distributed.Ranks) -> int:
-    from ..pretrained import digits_data
+    from ..models.pretrained import digits_data
 
     if tuple(loaded.shape) != (1, 8, 8):
         raise CommandError(f"--task roundtrip runs on the held-out 8×8 digits; --model {args.model!r} makes images of "
@@ -208,7 +208,7 @@ def _compare_roundtrip(args: argparse.Namespace, loaded: LoadedModel, run_flow: 
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from ..sampling import generate
+    from ..api.sampling import generate
 
     (path,) = plan([(Path(args.out), "--out")], overwrite=args.overwrite)
     _check_image_suffix(path, "--out")
@@ -232,7 +232,7 @@ def _check_image_suffix(path: Path, option: str) -> None:
 
 
 def _encode(args: argparse.Namespace, loaded: LoadedModel, dtype: torch.dtype, device: torch.device) -> tuple:
-    from ..sampling import encode
+    from ..api.sampling import encode
 
     images, formats = load_images(args.images, _prompt.image_shape(loaded))
     images = images.to(device=device, dtype=dtype)
@@ -292,7 +292,7 @@ def _recorded_images(latent: Latent, stem: str, channels: int) -> tuple[list[Pat
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from ..sampling import decode
+    from ..api.sampling import decode
 
     path = Path(args.latents)
     if not path.is_file():
@@ -345,7 +345,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_roundtrip(args: argparse.Namespace) -> int:
-    from ..sampling import decode
+    from ..api.sampling import decode
 
     outputs: list[tuple[Path, str]] = []
     if args.latents is not None:
@@ -363,7 +363,7 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
         _save_latent(enc.latent, paths.pop(0))
     if args.out is not None:
         write_images(dec.x, paths, formats)
-    from ..metrics import reconstruction
+    from ..tools.metrics import reconstruction
 
     figures = reconstruction(images, dec.x, encode_stats=enc.stats, decode_stats=dec.stats)
     print(f"round trip of {len(args.images)} image(s) with {enc.solver} on the {args.grid} grid, "

@@ -1,8 +1,8 @@
 """``flowdiff roundtrip --data DIR`` and ``flowdiff encode --data DIR``: a folder of images, on one process or many
 (``torchrun``), resumable.
 
-The folder walk, the fixed batches, the manifest and the completion records are :mod:`flowdiff.datasets`; the
-processes are :mod:`flowdiff.distributed`. Outputs, in ``--out OUT``:
+The folder walk, the fixed batches, the manifest and the completion records are :mod:`flowdiff.runs.datasets`; the
+processes are :mod:`flowdiff.runs.distributed`. Outputs, in ``--out OUT``:
 
     OUT/images/REL           the reconstruction of DIR/REL (roundtrip; lossy types as .png, like decode)
     OUT/latents/REL.safetensors   its latent (encode; roundtrip with --save-latents), for 'flowdiff decode'
@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from .. import datasets as _ds
-from ..distributed import Ranks, close, process_group, rank_device
-from ..latent import Latent
-from ..metrics import max_abs_error, mse, psnr
+from ..engine.latent import Latent
+from ..runs import datasets as _ds
+from ..runs.distributed import Ranks, close, process_group, rank_device
+from ..tools.metrics import max_abs_error, mse, psnr
 from . import _commands, _prompt
 from ._errors import CommandError, UsageError, one_line
 from ._images import write_images
@@ -229,7 +229,7 @@ def _one(latent: Latent, i: int, info: dict[str, Any]) -> Latent:
 def _batch(args: argparse.Namespace, command: str, loaded: Any, dtype: torch.dtype, device: torch.device,
            folder: _ds.ImageFolder, rels: list[str], out: Path) -> list[dict[str, Any]]:
     """Encode (and decode) one batch, write its files, and return its rows."""
-    from ..sampling import decode
+    from ..api.sampling import decode
 
     batch_args = copy.copy(args)
     batch_args.images = [os.fspath(folder.path(rel)) for rel in rels]

@@ -1,7 +1,7 @@
 """Image files in and out of the command line, at their depth: a batch in the model's data range [−1, 1].
 
 Reading refuses what would need a silent conversion: a channel count the model does not take, another size
-(flowdiff does not resample). Writing keeps each input's format (:mod:`flowdiff.imageio`).
+(flowdiff does not resample). Writing keeps each input's format (:mod:`flowdiff.runs.imageio`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .._checks import check_data_range
-from ..imageio import MODES, ImageFormat, from_data, read_image, to_data, write_image
+from ..engine._checks import check_data_range
+from ..runs.imageio import MODES, ImageFormat, from_data, read_image, to_data, write_image
 from ._errors import CommandError
 
 

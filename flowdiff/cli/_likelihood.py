@@ -7,7 +7,7 @@ Prints one row per image (nats, bits/dim and, for stochastic divergences, the st
 from the probes) and the mean bits/dim with its standard error over the images. The images
 are read as the model's data, in [−1, 1] (8-bit files: k/127.5 − 1); ``--dequantize 256`` adds
 uniform dequantization noise and the offset log₂ 127.5 = 6.994 bits of 8-bit data (see
-:mod:`flowdiff.likelihood`). The command's model loading and image reading are the main CLI's
+:mod:`flowdiff.tools.likelihood`). The command's model loading and image reading are the main CLI's
 (``flowdiff.cli``), handed in by :func:`add_parser` so that this module does not import it back.
 """
 
@@ -23,7 +23,7 @@ import torch
 
 import solvers as _solvers
 
-from ..likelihood import DEFAULT_RTOL, DIVERGENCES, PROBE_NOISES, log_likelihood
+from ..tools.likelihood import DEFAULT_RTOL, DIVERGENCES, PROBE_NOISES, log_likelihood
 from ._argtypes import positive_int as _positive_int
 from ._argtypes import positive_number as _tolerance
 

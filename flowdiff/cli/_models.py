@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..flow import ProbabilityFlow
+from ..engine.flow import ProbabilityFlow
 from ._errors import CommandError
 
 BUILTIN_MODELS = ("digits", "analytic-mixture")
@@ -29,8 +29,8 @@ class LoadedModel:
 
 def _mixture_digits(dtype: torch.dtype, device: torch.device) -> LoadedModel:
     """A Gaussian mixture of bandwidth :data:`MIXTURE_BANDWIDTH` on each training digit of the shipped model."""
-    from ..analytic import Mixture
-    from ..pretrained import digits_data
+    from ..models.analytic import Mixture
+    from ..models.pretrained import digits_data
 
     try:
         images = digits_data("train").images
@@ -43,8 +43,8 @@ def _mixture_digits(dtype: torch.dtype, device: torch.device) -> LoadedModel:
 
 def _digits_schedule() -> Any:
     """The shipped digits model's schedule (so that both built-in models share σ_max and the grids)."""
-    from ..pretrained import load_config
-    from ..schedules import Schedule
+    from ..engine.schedules import Schedule
+    from ..models.pretrained import load_config
 
     try:
         return Schedule.from_config(**load_config("digits")["schedule"])
@@ -53,14 +53,14 @@ def _digits_schedule() -> Any:
 
 
 def _pretrained_digits(dtype: torch.dtype, device: torch.device) -> LoadedModel:
-    from ..pretrained import pretrained
+    from ..models.pretrained import pretrained
 
     flow = pretrained("digits", device=device)
     return LoadedModel("digits", _to(flow, dtype, device), (1, 8, 8), {})
 
 
 def _diffusers_dir(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-    from ..diffusers_io import from_diffusers
+    from ..models.diffusers_io import from_diffusers
 
     flow = from_diffusers(path, device=device)
     if flow.model.sample_shape is None:

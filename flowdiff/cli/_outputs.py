@@ -2,7 +2,7 @@
 
 A plan refuses, before any model runs: two outputs with one name, an output that is an input, an output that
 exists (unless ``--overwrite``), and a folder that cannot be made or written. Files are then written atomically
-(:func:`flowdiff._files.atomic_path`: a temporary file in the target folder, then ``os.replace``).
+(:func:`flowdiff.engine._files.atomic_path`: a temporary file in the target folder, then ``os.replace``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..imageio import LOSSLESS_SUFFIXES
+from ..runs.imageio import LOSSLESS_SUFFIXES
 from ._errors import CommandError, UsageError
 
 

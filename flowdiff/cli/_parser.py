@@ -8,8 +8,8 @@ from typing import NoReturn
 
 import solvers as _solvers
 
-from ..compare import DEFAULT_GRIDS, DEFAULT_NFE, default_solvers
-from ..grids import GRIDS
+from ..engine.grids import GRIDS
+from ..tools.compare import DEFAULT_GRIDS, DEFAULT_NFE, default_solvers
 from . import _likelihood
 from ._argtypes import positive_int as _positive_int
 from ._commands import DTYPES, REFERENCE_RTOL, cmd_compare, cmd_decode, cmd_encode, cmd_roundtrip, cmd_sample

@@ -23,9 +23,9 @@ from typing import Any
 
 from torch import Tensor
 
-from ..fingerprint import flow_fingerprint
-from ..guidance import classifier_free_guidance
-from ..latent import Latent
+from ..engine.fingerprint import flow_fingerprint
+from ..engine.latent import Latent
+from ..models.guidance import classifier_free_guidance
 
 #: diffusers' Stable Diffusion default guidance scale, used when --prompt is given without --guidance (and the flow
 #: names no ``default_guidance`` of its own)

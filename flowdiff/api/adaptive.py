@@ -1,0 +1,157 @@
+"""Adaptive solves of the probability-flow ODE whose tolerance means accuracy of the image.
+
+Two design decisions make ``rtol``/``atol`` mean what a user expects:
+
+* **The time variable.** dx̄/dσ spans σ from ~157 down to 0 and the image forms in the
+  last few percent; steps uniform in σ jump over it. Runge–Kutta methods therefore run in
+  τ = log(σ + c) (``"logsigma"`` in :mod:`flowdiff.engine.formulations`): relative steps for
+  σ ≫ c, and σ = 0 is the finite point τ = log c, reached exactly with no division by σ
+  (c defaults to the schedule's smallest trained σ). Solvers built for the data-prediction
+  variables (``unipc``) run in ρ = 1/σ, y = x̄/σ, where the exponential part of the flow is
+  integrated exactly (steps additive in ρ when generating, relative in ρ when encoding, so
+  that they can grow where the flow is smooth and shrink where it is not),
+  down to ``sigma_end`` (default σ_min/10), and finish with the denoised
+  image extrapolated in σ² to σ = 0 (error O(σ_end⁴); see
+  :func:`~flowdiff.engine.formulations.finish_at_zero`). Encoding runs the same machinery backwards
+  (a data-variables encode leaves σ = 0 by one Euler step to σ_end/1000).
+* **The error norm.** The local error of a step is measured on the VP-scaled state
+  x = x̄/√(1+σ²) — the scale of the image at σ = 0 and of unit noise at σ_max — as the RMS
+  over each sample of ``error / (atol + rtol·|x|)``, the worst sample deciding. Measured on
+  x̄ (|x̄| ≈ 157 at σ_max) a tolerance of 1e-4 allows errors that leave the image wrong by 0.3.
+
+A tolerance buys roughly itself: with ``rtol = atol = tol`` the image's RMS error against
+the exact flow is within a small factor of ``tol`` (see ``tests/test_adaptive.py`` and
+``benchmarks/results/adaptive.md`` for the measured factors). For an encode the same holds
+for the image its latent decodes to; the latent itself is more sensitive (an error made near
+σ = 0 grows in the latent by about 1/std of the data's narrowest direction, and shrinks back
+on decoding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+import solvers
+from solvers import Chain, ErrorControl, FixedGrid, StepController
+
+from ..engine.formulations import Data, EulerToZero, Formulation, IntoZero, LogSigma, OutOfZero, variables_of
+from ..engine.latent import Latent
+from ..engine.loop import solve_flow
+from ..engine.options import Adaptive, Request, compute_dtype
+from ..engine.results import AdaptiveStep, Result
+from ..engine.terminal import refuse_infinite_start
+
+__all__ = ["MULTISTEP_CONTROLLER", "MULTISTEP_ENCODE_CONTROLLER", "RK_CONTROLLER", "RK_MAX_STEP", "AdaptiveStep",
+           "image_norm", "solve_adaptive_flow", "to_zero_in_log_sigma"]
+
+#: Controller defaults. Runge–Kutta pairs: an I-controller with steps of at most 1 in log(σ + c)
+#: (σ + c changes by at most e per step; 2 for dopri8, ``RK_MAX_STEP``). Near σ_min a trained
+#: model's field has ∂f/∂x̄ of order −(σ + c)/σ_min ≈ −2 in this variable, and an explicit step
+#: beyond the method's stability region is accepted by an embedded estimate that cannot see it:
+#: with a cap of 2, dopri5 at tol 0.03 accepted a last step 0.17 → 0 that left the trained digits
+#: model's images off by 15. Dopri8's stability region is about twice as long.
+RK_CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=10.0, max_step=2.0)
+RK_MAX_STEP = {"dopri8": 2.0}
+MULTISTEP_CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=2.5)
+MULTISTEP_ENCODE_CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=2.5, max_step=1.0)
+
+
+def image_norm(rtol: float, atol: float, to_x: Callable[[float], float]) -> solvers.ErrorNorm:
+    """The error norm in the image's scale.
+
+    ``to_x(t)`` is the factor from the solver's variable to x = x̄/√(1+σ²) at time t. The
+    value is ``max over samples of RMS(e_x / (atol + rtol·|x₁|))``, with e_x the step's error
+    estimate in x; a step is accepted when it is ≤ 1.
+    """
+
+    def norm(error: Tensor, y0: Tensor, y1: Tensor, t1: float) -> Tensor:
+        a = to_x(t1)
+        ratio = (error * a).abs() / (y1.abs() * (rtol * a) + atol)
+        if ratio.ndim == 0:
+            return ratio
+        return ratio.pow(2).reshape(ratio.shape[0], -1).mean(1).sqrt().max()
+
+    return norm
+
+
+def _controller(spec: Adaptive, solver: solvers.Solver, generating: bool) -> StepController:
+    if spec.controller is not None:
+        return spec.controller
+    if not solver.multistep:
+        return dataclasses.replace(RK_CONTROLLER, max_step=RK_MAX_STEP.get(solver.name, 1.0))
+    return MULTISTEP_CONTROLLER if generating else MULTISTEP_ENCODE_CONTROLLER
+
+
+def solve_adaptive_flow(request: Request, x: Tensor, *, direction: str, model_dtype: torch.dtype | None,
+                        bound: float | None = None) -> Result:
+    """An adaptive generate (σ_start → 0) or encode (0 → σ_max) of DDIM-scale noise or images.
+
+    Called by :func:`flowdiff.generate` / :func:`flowdiff.encode` when ``rtol``/``atol`` are
+    given; ``request.adaptive`` (a :class:`flowdiff.Adaptive`) holds the tolerances and knobs.
+    ``bound`` is the divergence guard on the VP-scaled end state (see :func:`flowdiff.generate`).
+    """
+    spec, solver, flow = request.adaptive, request.solver, request.flow
+    if spec is None:
+        raise ValueError("an adaptive solve needs request.adaptive (a flowdiff.Adaptive)")
+    if not solver.adaptive:
+        raise ValueError(f"rtol=/atol= need an adaptive solver; {solver.name!r} has no error estimate. "
+                         f"Adaptive solvers: {', '.join(solvers.available(adaptive=True))}")
+    schedule = flow.schedule
+    s_max = schedule.sigma_max if spec.sigma_start is None else spec.sigma_start
+    refuse_infinite_start(s_max, "an adaptive solve")  # zero terminal SNR (flowdiff.engine.terminal)
+    c = schedule.sigma_min if spec.sigma_c is None else spec.sigma_c
+    s_end = schedule.sigma_min / 10 if spec.sigma_end is None else spec.sigma_end
+    for name, value in (("sigma_c", c), ("sigma_end", s_end)):
+        if not 0 < value < s_max:
+            raise ValueError(f"{name} must lie in (0, σ_start={s_max:.6g}), got {value!r}")
+    generating = direction == "generate"
+    eps = flow.field(request.model_kwargs, model_dtype)
+    xbar0 = x.to(compute_dtype(x)) * (math.sqrt(1.0 + s_max**2) if generating else 1.0)
+    controller = _controller(spec, solver, generating)
+    form: Formulation
+    if variables_of(solver) == "data":
+        form = Data()
+        if generating:  # ρ additive to σ_end, then the denoised image extrapolated to σ = 0
+            t0, t1 = form.times([s_max, s_end])
+            stepping = Chain([ErrorControl(t0, t1, spec.rtol, spec.atol, image_norm(spec.rtol, spec.atol,
+                                                                                     form.x_factor),
+                                           controller, spec.first_step),
+                              FixedGrid([t1, math.inf], {0: IntoZero(extrapolate=True)}, infinite_ends=True)])
+        else:  # leave σ = 0 by one Euler (DDIM) step to σ_end/1000 (local error O(σ_end²·1e-6)), then log ρ steps
+            s_first = s_end * 1e-3
+            t0, t1 = form.times([s_first, s_max])
+            stepping = Chain([FixedGrid([math.inf, t0], {0: OutOfZero(s_first)}, infinite_ends=True),
+                              ErrorControl(t0, t1, spec.rtol, spec.atol, image_norm(spec.rtol, spec.atol,
+                                                                                     form.x_factor),
+                                           controller, spec.first_step, log_steps=True)])
+    else:  # Runge–Kutta pairs (and σ-variable multistep methods) in τ = log(σ + c), σ = 0 exactly
+        form = LogSigma(c)
+        ends = form.times([s_max, 0.0] if generating else [0.0, s_max])
+        stepping = ErrorControl(ends[0], ends[1], spec.rtol, spec.atol,
+                                image_norm(spec.rtol, spec.atol, form.x_factor), controller, spec.first_step)
+    sol = solve_flow(eps, form, stepping, solver, sigma0=s_max if generating else 0.0, xbar0=xbar0, bound=bound,
+                     max_nfe=spec.max_nfe, callback=request.callback, check_finite=request.check_finite)
+    grid = sol.sigmas.copy()
+    grid[0], grid[-1] = (s_max, 0.0) if generating else (0.0, s_max)
+    if generating:
+        return Result(sol.xbar.to(x.dtype), sol.stats, grid, solver.name)
+    x_T = (sol.xbar / math.sqrt(1.0 + s_max**2)).to(x.dtype)
+    return Result(x_T, sol.stats, grid, solver.name, Latent(x_T, grid, request.solver_name,
+                                                             dict(request.solver_options), None))
+
+
+def to_zero_in_log_sigma(s0: float, s_end: float, rtol: float, atol: float, controller: StepController
+                         ) -> tuple[LogSigma, Chain]:
+    """The reference solve's variables and stepping: error control in τ = log σ from ``s0`` to ``s_end``,
+    then the Euler step from ``s_end`` into σ = 0 that every fixed grid ends with."""
+    form = LogSigma(0.0)
+    t0, t1, t_zero = form.times([s0, s_end, 0.0])
+    norm = image_norm(rtol, atol, form.x_factor)
+    return form, Chain([ErrorControl(t0, t1, rtol, atol, norm, controller),
+                        FixedGrid([t1, t_zero], {0: EulerToZero()}, infinite_ends=True)])
+

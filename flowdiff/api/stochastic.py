@@ -1,0 +1,239 @@
+"""The DDIM paper's generalized generative process: η from the ODE (η = 0) to DDPM (η = 1), and σ̂.
+
+Song et al., "Denoising Diffusion Implicit Models" (ICLR 2021), eq. 12, with DDIM's own
+notation (ᾱ the cumulative schedule, s the step's target, t its start):
+
+    x_s = √ᾱ_s·x̂₀ + √(1 − ᾱ_s − c²)·ε_θ(x_t, t) + c·z,      x̂₀ = (x_t − √(1−ᾱ_t)·ε_θ)/√ᾱ_t,
+    c(η) = η·√((1−ᾱ_s)/(1−ᾱ_t))·√(1 − ᾱ_t/ᾱ_s)                       (eq. 16),  z ~ N(0, I).
+
+In flowdiff's frame, σ = √((1−ᾱ)/ᾱ) and x̄ = x/√ᾱ, dividing by √ᾱ_s turns the step into a
+deterministic Euler step to a lower level σ_down followed by fresh noise of size σ_up:
+
+    x̄_s = x̄_t + (σ_down − σ_t)·ε_θ(x̄_t, σ_t) + σ_up·z,
+    σ_up = η·σ_s·√(1 − σ_s²/σ_t²),   σ_down = √(σ_s² − σ_up²) = σ_s·√(1 − η² + η²·σ_s²/σ_t²),
+
+since c·√(1+σ_s²) = σ_up (the noise, unit variance in x, is σ_up in x̄). At η = 0, σ_down = σ_s
+and σ_up = 0: the step *is* the Euler step of the probability-flow ODE (DDIM), to the bit.
+At η = 1 the mean is the DDPM posterior mean q(x_s | x_t, x̂₀) and c² its variance β̃ (DDPM
+with the "small" variance), and σ_down = σ_s²/σ_t; the same step is k-diffusion's "Euler
+ancestral" sampler.
+
+``eta="sigma_hat"`` is the paper's σ̂ column of Table 1: DDPM's larger variance
+σ̂² = β = 1 − ᾱ_t/ᾱ_s. With that variance eq. 12's √(1 − ᾱ_s − σ̂²) can be imaginary, so
+the paper's code (``ddpm_steps`` in ermongroup/ddim) keeps the η = 1 (posterior) mean and
+only enlarges the noise; so does this module:
+
+    x̄_s = x̄_t + (σ_s²/σ_t − σ_t)·ε + σ̂_up·z,   σ̂_up = √((σ_t² − σ_s²)(1 + σ_s²)/(1 + σ_t²)).
+
+The step into σ = 0 (the image) adds no noise for any η, as DDPM's last step does: the
+result is the model's x̂₀. (diffusers' DDPMScheduler adds noise whenever the current
+timestep is > 0, so on grids whose last timestep is not 0 its σ̂ sample ends with noise of
+size √(1−ᾱ_t); on grids ending at timestep 0, "leading" among them, the two agree.)
+
+Randomness: one z per noisy step (every step but the one into σ = 0 when η > 0), drawn in
+order with ``torch.randn(shape, generator=generator, dtype, device)`` — the same draws as
+diffusers' schedulers make from the same generator — or given explicitly per step in
+``step_noise`` so that samplers can be compared on identical noise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import solvers
+from solvers import Solver, StepResult
+
+from ..engine.formulations import Sigma
+from ..engine.loop import solve_grid
+from ..engine.options import Request, Stochastic, compute_dtype
+from ..engine.plugins import Plugin, register_plugin
+from ..engine.results import Result
+from ..engine.terminal import refuse_infinite_start
+
+#: The named member of the family besides numeric η: DDPM's larger variance σ̂² = 1 − ᾱ_t/ᾱ_s.
+SIGMA_HAT = "sigma_hat"
+
+
+def check_eta(eta: object) -> float | str:
+    """Validate ``eta``: a real number in [0, 1], or ``"sigma_hat"``; returned as float or that string."""
+    if isinstance(eta, str):
+        if eta != SIGMA_HAT:
+            raise ValueError(f"unknown eta {eta!r}; accepted: a number in [0, 1] or {SIGMA_HAT!r}")
+        return eta
+    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)):
+        raise TypeError(f"eta must be a number in [0, 1] or {SIGMA_HAT!r}, got {type(eta).__name__}")
+    value = float(eta)
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(f"eta must lie in [0, 1] (0: the ODE/DDIM, 1: DDPM's posterior variance) "
+                         f"or be {SIGMA_HAT!r}, got {eta!r}")
+    return value
+
+
+def noise_levels(sigma: float, sigma_next: float, eta: float | str) -> tuple[float, float]:
+    """``(σ_down, σ_up)`` of one generalized DDIM step from σ_t = ``sigma`` to σ_s = ``sigma_next``.
+
+    The step is x̄_s = x̄_t + (σ_down − σ_t)·ε + σ_up·z (see the module docstring):
+    σ_up = η·σ_s·√(1 − σ_s²/σ_t²) and σ_down = σ_s·√(1 − η² + η²·σ_s²/σ_t²), written without
+    cancellation; for ``"sigma_hat"`` σ_down = σ_s²/σ_t and σ_up = √((σ_t²−σ_s²)(1+σ_s²)/(1+σ_t²)).
+    Into σ_s = 0 both are 0. Requires σ_t > σ_s ≥ 0 (a generation step).
+    """
+    eta = check_eta(eta)
+    sigma, sigma_next = float(sigma), float(sigma_next)
+    if not (math.isfinite(sigma) and 0.0 <= sigma_next < sigma):
+        raise ValueError(f"a generation step needs sigma > sigma_next >= 0, got {sigma!r} -> {sigma_next!r}")
+    if sigma_next == 0.0:
+        return 0.0, 0.0
+    ratio2 = (sigma_next / sigma) ** 2
+    if eta == SIGMA_HAT:
+        sigma_up = math.sqrt((sigma - sigma_next) * (sigma + sigma_next) * (1.0 + sigma_next**2) / (1.0 + sigma**2))
+        return sigma_next * (sigma_next / sigma), sigma_up
+    if eta == 0.0:
+        return sigma_next, 0.0
+    eta2 = eta * eta
+    return sigma_next * math.sqrt(1.0 - eta2 + eta2 * ratio2), eta * sigma_next * math.sqrt(1.0 - ratio2)
+
+
+class _StepNoise:
+    """Where each step's z comes from: explicit ``step_noise[i]``, or drawn in step order."""
+
+    def __init__(self, step_noise: Tensor | Sequence[Tensor] | None, generator: torch.Generator | None,
+                 like: Tensor, steps: int) -> None:
+        self.shape, self.dtype, self.device = like.shape, like.dtype, like.device
+        self.generator = generator
+        self.given: list[Tensor] | None = None
+        self.draws = 0
+        if step_noise is not None:
+            self.given = _check_step_noise(step_noise, like, steps)
+
+    def __call__(self, i: int) -> Tensor:
+        self.draws += 1
+        if self.given is not None:
+            return self.given[i]
+        return torch.randn(self.shape, generator=self.generator, dtype=self.dtype, device=self.device)
+
+
+def _check_step_noise(step_noise: object, like: Tensor, steps: int) -> list[Tensor]:
+    if isinstance(step_noise, Tensor):
+        items = list(step_noise.unbind(0)) if step_noise.ndim == like.ndim + 1 else None
+        if items is None or step_noise.shape[1:] != like.shape:
+            raise ValueError(f"step_noise as a tensor must have shape (steps, *noise.shape) = "
+                             f"({steps}, {', '.join(map(str, like.shape))}), got {tuple(step_noise.shape)}")
+    elif isinstance(step_noise, (list, tuple)):
+        items = list(step_noise)
+    else:
+        raise TypeError(f"step_noise must be a tensor of shape (steps, *noise.shape) or a list of tensors, "
+                        f"got {type(step_noise).__name__}")
+    if len(items) != steps:
+        raise ValueError(f"step_noise must hold one noise per step, {steps} for this grid (the entry for the "
+                         f"step into σ = 0 is not used), got {len(items)}")
+    out = []
+    for i, z in enumerate(items):
+        if not isinstance(z, Tensor) or not z.is_floating_point():
+            raise TypeError(f"step_noise[{i}] must be a floating-point torch.Tensor, got "
+                            f"{type(z).__name__ if not isinstance(z, Tensor) else z.dtype}")
+        if z.shape != like.shape:
+            raise ValueError(f"step_noise[{i}] has shape {tuple(z.shape)}; each must have noise's shape "
+                             f"{tuple(like.shape)}")
+        if z.device != like.device:
+            raise ValueError(f"step_noise[{i}] is on {z.device}, noise on {like.device}; put them on one device")
+        out.append(z.to(like.dtype))
+    if not bool(torch.isfinite(torch.stack(out)).all()):
+        raise ValueError("step_noise contains NaN or inf")
+    return out
+
+
+class GeneralizedDDIM(Solver):
+    """One step of the DDIM paper's generalized generative process in x̄/σ (one model evaluation).
+
+    x̄_s = x̄_t + (σ_down − σ_t)·ε(x̄_t, σ_t) + σ_up·z with ``(σ_down, σ_up) = noise_levels(σ_t, σ_s, η)``;
+    ``z = noise(i)`` for the i-th step. The carried state is the step index. For generation
+    only (σ decreasing): the process injects fresh noise and has no inverse.
+    """
+
+    name = "ddim_eta"
+    order = 1
+
+    def __init__(self, eta: float | str, noise: Callable[[int], Tensor]) -> None:
+        self.eta = check_eta(eta)
+        self.noise = noise
+
+    def init(self, f: Any, t0: float, y0: Tensor) -> int:
+        return 0
+
+    def step(self, f: Any, t0: float, t1: float, y0: Tensor, state: int) -> StepResult:
+        sigma_down, sigma_up = noise_levels(t0, t1, self.eta)
+        eps = f(t0, y0)
+        y1 = y0.add(eps, alpha=sigma_down - t0)
+        if sigma_up > 0.0:
+            y1 = y1.add_(self.noise(state), alpha=sigma_up)
+        return StepResult(y1, state + 1)
+
+
+def _check_solver(name: str) -> None:
+    if name != "euler":
+        raise ValueError(f"eta= (the DDIM paper's generalized process) has its own one-evaluation step, which at "
+                         f"eta=0 is the Euler step; it takes solver='euler' (the default), got solver={name!r}. "
+                         "Higher-order solvers integrate the deterministic ODE: drop eta=/generator=/step_noise=")
+
+
+def _check_generator(generator: object, noise: Tensor) -> torch.Generator | None:
+    if generator is None:
+        return None
+    if isinstance(generator, bool):
+        raise TypeError("generator must be a torch.Generator or an int seed, got bool")
+    if isinstance(generator, (int, np.integer)):
+        return torch.Generator(device=noise.device).manual_seed(int(generator))
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or an int seed, got {type(generator).__name__}")
+    if generator.device.type != noise.device.type:
+        raise ValueError(f"generator is on {generator.device}, noise on {noise.device}; "
+                         "create the generator on noise's device")
+    return generator
+
+
+def generate_stochastic(request: Request, noise: Tensor, spec: Stochastic) -> Result:
+    """Generate with the DDIM paper's generalized process (``flowdiff.generate(..., eta=)`` runs this).
+
+    ``eta`` in [0, 1] interpolates from the ODE (0: DDIM, bit for bit the Euler solve) to the
+    DDPM posterior (1); ``"sigma_hat"`` is DDPM's larger variance (the paper's σ̂). The grid
+    arguments mean what they mean for :func:`flowdiff.generate`; each step costs one model
+    evaluation, so ``nfe=N`` runs N steps and ``stats.nfe`` counts them exactly.
+
+    Randomness: ``generator`` (a ``torch.Generator`` on noise's device, or an int seed) draws
+    one z per noisy step in order; the same generator state gives the same images on the same
+    device and dtype, and the same z for every η > 0 (a sweep over η with one seed compares
+    the samplers on identical noise). Without it the global torch RNG is used. Or pass
+    ``step_noise``: a tensor of shape ``(steps, *noise.shape)`` or a list of ``steps`` tensors,
+    ``step_noise[i]`` used at step i (the entry for the step into σ = 0 is unused, as it is in
+    diffusers' DDIMScheduler, whose ``step(..., variance_noise=step_noise[i])`` this reproduces).
+    At η = 0 no noise is drawn or used. ``stats.extra`` records ``eta`` and ``noise_draws``.
+    """
+    eta = check_eta(spec.eta)
+    _check_solver(request.solver_name)
+    gen = _check_generator(spec.generator, noise)
+    if gen is not None and spec.step_noise is not None:
+        raise ValueError("give generator= or step_noise=, not both: step_noise fixes every step's noise itself")
+    euler = solvers.get("euler")
+    sig = request.grid.generation_sigmas(request.flow, euler, final_euler=True)
+    refuse_infinite_start(float(sig[0]), "the stochastic (eta) process")  # zero terminal SNR (flowdiff.engine.terminal)
+    dtype = compute_dtype(noise)
+    model_dtype = noise.dtype if noise.dtype != dtype else None
+    xbar0 = noise.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)
+    source = _StepNoise(spec.step_noise, gen, xbar0, len(sig) - 1)
+    step = GeneralizedDDIM(eta, source)
+    eps = request.flow.field(request.model_kwargs, model_dtype)
+    sol = solve_grid(eps, Sigma(), sig.tolist(), step, xbar0=xbar0,
+                     state=0, callback=request.callback, check_finite=request.check_finite)
+    sol.stats.extra.update(eta=eta, noise_draws=source.draws)
+    label = "ddim(sigma_hat)" if eta == SIGMA_HAT else f"ddim(eta={eta:g})"
+    return Result(sol.xbar.to(noise.dtype), sol.stats, sig, label)
+
+
+register_plugin(Plugin("eta", "generate", "procedure", "the DDIM paper's generalized generative process (eta in "
+                       "[0, 1] or 'sigma_hat'): flowdiff.Stochastic / generate(eta=)", run=generate_stochastic))

@@ -1,0 +1,241 @@
+"""The probability-flow ODE of a noise-prediction model, in DDIM's variables.
+
+With ᾱ the schedule, σ = √((1−ᾱ)/ᾱ) and x̄ = x/√ᾱ = x·√(1+σ²), deterministic DDIM is
+explicit Euler for
+
+    dx̄/dσ = ε_θ( x̄/√(σ²+1), t(σ) )
+
+(Song et al., "Denoising Diffusion Implicit Models", ICLR 2021, eq. 14). The image is x̄ at
+σ = 0; DDIM's x_T ~ N(0, I) is x̄/√(1+σ_max²).
+
+The same ODE holds for every schedule x = α·x₀ + s·ε with σ = s/α and x̄ = x/α (see
+:mod:`flowdiff.engine.schedules`): variance exploding (α = 1) and rectified flow (α = 1 − t, s = t)
+differ from VP only in the model's input x = α(σ)·x̄, its time t(σ), and the conversion of
+its prediction to ε, all of which the schedule supplies.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .schedules import ArrayLike, Schedule, as_schedule
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "velocity")
+
+#: How many (batch, device, dtype) tables of timestep tensors a flow keeps; the model must not modify its
+#: timestep argument in place.
+_TIMESTEP_CACHE = 64
+
+#: State dtypes whose product with a 0-dim tensor equals the product with a Python float, bit for bit.
+_EXACT_SCALARS = (torch.float32, torch.float64)
+
+#: ``model(x_t, t, **model_kwargs) -> prediction``; x_t = α(σ)·x̄ (VP-scaled for VP schedules), t a float
+#: tensor of shape (batch,).
+Model = Callable[..., Tensor]
+
+
+class ProbabilityFlow:
+    """The vector field ``dx̄/dσ = ε(x̄, σ)`` of a model and its schedule.
+
+    ``model(x_t, t, **model_kwargs)`` receives its input x_t = α(σ)·x̄ (for VP x̄/√(1+σ²))
+    and its time t(σ) (float, shape (batch,)), both from the schedule; it predicts ``epsilon``,
+    ``v_prediction`` (v = α·ε − s·x₀, Salimans & Ho 2022), ``sample`` (x₀) or ``velocity``
+    (flow matching's v = dx/dt, e.g. ε − x₀ for rectified flow), converted here to ε:
+
+        ε = (s·x + α·v)/(α² + s²) = σ/(1+σ²)·x̄ + v/(α(1+σ²))      (v_prediction)
+        ε = (x̄ − x₀)/σ                                              (sample)
+        ε = a(σ)·x̄ + b(σ)·v, (a, b) = schedule.velocity_coefficients(σ)   (velocity)
+
+    States may have any shape (batch, ...).
+    """
+
+    def __init__(self, model: Model, alphas_cumprod: Schedule | ArrayLike | None = None, *,
+                 prediction_type: str = "epsilon") -> None:
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(x_t, t, **kwargs), got {type(model).__name__}")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction_type {prediction_type!r}; "
+                             f"accepted: {', '.join(PREDICTION_TYPES)}")
+        self.model = model
+        self.schedule = as_schedule(alphas_cumprod)
+        if prediction_type == "velocity":
+            self.schedule.velocity_coefficients(self.schedule.sigma_min)  # raises for schedules without one
+        self.prediction_type = prediction_type
+        self.sigma_field: Callable[..., Tensor] | None = None
+
+    @classmethod
+    def from_sigma_field(cls, eps: Callable[..., Tensor], alphas_cumprod: Schedule | ArrayLike) -> ProbabilityFlow:
+        """A flow from ``eps(xbar, sigma, **model_kwargs) -> ε`` given directly in σ (σ a Python float).
+
+        For models defined at every σ ≥ 0 (closed-form models, k-diffusion denoisers) there
+        is no timestep to round through: the field is exact down to σ = 0. The schedule
+        still supplies σ_min, σ_max and the timestep grids.
+        """
+        if not callable(eps):
+            raise TypeError(f"eps must be callable as eps(xbar, sigma), got {type(eps).__name__}")
+        flow = cls(eps, alphas_cumprod)
+        flow.sigma_field = eps
+        return flow
+
+    def __repr__(self) -> str:
+        return (f"ProbabilityFlow(model={type(self.model).__name__}, {self.schedule!r}, "
+                f"prediction_type={self.prediction_type!r})")
+
+    def field(self, model_kwargs: Mapping[str, Any] | None = None,
+              model_dtype: torch.dtype | None = None) -> Callable[[float, Tensor], Tensor]:
+        """The right-hand side ``f(σ, x̄) -> ε`` for the solvers, with conditioning bound.
+
+        ``model_dtype`` casts the model's input (e.g. float16) while the state stays in its
+        own dtype (float32 accumulation). The timestep tensors and input scales of the σ
+        visited are kept on the flow (a bounded cache), so that repeated solves on one grid
+        build no tensor inside the step loop.
+        """
+        kwargs = dict(model_kwargs or {})
+        if self.sigma_field is not None:
+            return self._native_field(kwargs, model_dtype)
+        timestep = self.schedule.timestep
+        alpha = self.schedule.alpha
+        velocity_coefficients = self.schedule.velocity_coefficients
+        model = self.model
+        prediction_type = self.prediction_type
+        if getattr(self, "_timesteps_of", None) is not self.schedule:  # a new (or replaced) schedule: a new cache
+            self._timesteps: dict[tuple, dict[float, tuple[Tensor, Tensor | float, float]]] = {}
+            self._timesteps_of = self.schedule
+        t_cache = self._timesteps
+
+        # The (batch, device, state dtype) of the solve's state and that combination's table σ → (t, input
+        # scale α, α). For float32/float64 states α is kept as a 0-dim tensor of the state's dtype, made by a
+        # fill kernel (no host-to-device copy, so no sync on CUDA): multiplying by it is the same float
+        # operation as by the Python float (checked bit for bit), and about half as costly on small states,
+        # where a Python scalar is wrapped into a new tensor on every call. (Half precision computes a Python
+        # scalar in float32, so there α stays a float.) A state of another batch size, device or dtype
+        # switches table.
+        current: list[Any] = [None, None]
+
+        def table(xbar: Tensor) -> dict[float, tuple[Tensor, Tensor | float, float]]:
+            combo = (xbar.shape[0], xbar.device, xbar.dtype)
+            if len(t_cache) >= _TIMESTEP_CACHE:
+                t_cache.clear()
+            current[0], current[1] = combo, t_cache.setdefault((*combo, model_dtype), {})
+            return current[1]
+
+        def f(sigma: float, xbar: Tensor) -> Tensor:
+            combo, by_sigma = current
+            if combo is None or xbar.shape[0] != combo[0]:
+                by_sigma = table(xbar)
+                combo = current[0]
+            hit = by_sigma.get(sigma)
+            fresh = hit is None  # a σ not seen yet for this state: check what the model returns there
+            if fresh:
+                if (xbar.device, xbar.dtype) != combo[1:]:  # the same batch size, another state
+                    by_sigma = table(xbar)
+                    combo = current[0]
+                t_dtype = torch.float64 if (model_dtype or combo[2]) == torch.float64 else torch.float32
+                scale = alpha(sigma)
+                hit = (torch.full((combo[0],), timestep(sigma), dtype=t_dtype, device=combo[1]),
+                       torch.full((), scale, dtype=combo[2], device=combo[1]) if combo[2] in _EXACT_SCALARS else scale,
+                       scale)
+                by_sigma[sigma] = hit
+            t, scale_t, inv_scale = hit
+            x = xbar * scale_t
+            if model_dtype is not None and x.dtype != model_dtype:
+                x = x.to(model_dtype)
+            out = model(x, t, **kwargs) if kwargs else model(x, t)
+            if fresh or out.dtype is not xbar.dtype:  # dtypes are singletons: `is` is the cheap test
+                if not isinstance(out, Tensor):
+                    raise TypeError(f"model must return a torch.Tensor, got {type(out).__name__} "
+                                    "(wrap models that return objects, e.g. flowdiff.from_diffusers)")
+                if out.shape != xbar.shape:
+                    raise ValueError(f"model returned shape {tuple(out.shape)} for input shape {tuple(xbar.shape)} "
+                                     f"at σ={sigma:.6g} (t={t[0].item() if t.device.type == 'cpu' else '?'}); "
+                                     "it must return the input's shape")
+                if out.dtype != xbar.dtype:
+                    if out.is_complex():
+                        raise TypeError(f"model returned a complex tensor at σ={sigma:.6g}; it must return real "
+                                        "values")
+                    out = out.to(xbar.dtype)
+            if prediction_type == "epsilon":
+                return out
+            if prediction_type == "v_prediction":
+                # x = a·x0 + s·ε, v = a·ε − s·x0  ⇒  ε = (s·x + a·v)/(a² + s²), with s = σ·a, x = a·x̄.
+                c = 1.0 / (1.0 + sigma * sigma)
+                return out.mul(c / inv_scale).add_(xbar, alpha=sigma * c)
+            if prediction_type == "velocity":
+                a, b = velocity_coefficients(sigma)
+                return out.mul(b).add_(xbar, alpha=a)
+            if sigma == 0:
+                raise ValueError("prediction_type='sample' defines no ε at σ = 0 (ε = (x̄ − x₀)/σ); "
+                                 "use a grid that does not evaluate the model at σ = 0")
+            return (xbar - out) / sigma
+
+        return f
+
+    def _native_field(self, kwargs: dict[str, Any], model_dtype: torch.dtype | None) -> Callable[..., Tensor]:
+        eps_fn = self.sigma_field
+
+        def f(sigma: float, xbar: Tensor) -> Tensor:
+            inp = xbar
+            if model_dtype is not None:
+                inp = inp.to(model_dtype)
+            out = eps_fn(inp, sigma, **kwargs)
+            if not isinstance(out, Tensor) or out.shape != xbar.shape:
+                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(f"eps returned {got} for input shape {tuple(xbar.shape)} at σ={sigma:.6g}; "
+                                 "it must return a tensor of the input's shape")
+            return out if out.dtype == xbar.dtype else out.to(xbar.dtype)
+
+        return f
+
+    def step_from_noise(self, noise: Tensor, sigma: float, model_kwargs: Mapping[str, Any] | None = None,
+                        model_dtype: torch.dtype | None = None) -> Tensor:
+        """The Euler (= DDIM) step from σ = ∞ to ``sigma``, returned at DDIM scale for :func:`flowdiff.generate`.
+
+        No grid can start at σ = ∞, where the model's input is pure noise (flow matching's t = 1,
+        a zero-terminal-SNR schedule's last step), yet that is where SD3/Flux samplers start.
+        The step there is finite in the data form x̄' = x̂₀ + σ'·ε̂: at α = 0 the input is the
+        noise itself (x = s·ε with s = 1), so ε̂ = ``noise`` and x̂₀ comes from the prediction
+        (``sample``: x̂₀ = out; ``v_prediction``: −out; ``velocity``: x − out for rectified flow).
+        ``epsilon`` models define no x̂₀ there (0/0) and are refused. One model evaluation;
+        the return value is x̄'/√(1+σ'²), the ``noise`` that ``generate(..., sigmas=grid[1:])``
+        continues from.
+        """
+        if self.sigma_field is not None:
+            raise ValueError("step_from_noise needs a model(x_t, t) flow; a σ-native field has no σ = ∞")
+        sigma = float(sigma)
+        if not 0 <= sigma < math.inf:
+            raise ValueError(f"sigma must be finite and >= 0 (the first grid point after σ = ∞), got {sigma}")
+        if self.prediction_type == "epsilon":
+            raise ValueError("prediction_type 'epsilon' defines no clean estimate at σ = ∞ (x̂₀ = (x − s·ε)/α "
+                             "with α = 0); start an epsilon model from a finite σ")
+        if self.prediction_type == "velocity" and self.schedule.kind != "flow_matching":
+            raise ValueError(f"step_from_noise for 'velocity' models is defined for flow-matching schedules, "
+                             f"got {self.schedule!r}")
+        t_max = self.schedule.timestep(math.inf)
+        t_dtype = torch.float64 if (model_dtype or noise.dtype) == torch.float64 else torch.float32
+        t = torch.full((noise.shape[0],), t_max, dtype=t_dtype, device=noise.device)
+        x = noise if model_dtype is None else noise.to(model_dtype)
+        out = self.model(x, t, **dict(model_kwargs or {}))
+        if not isinstance(out, Tensor) or out.shape != noise.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"model returned {got} for input shape {tuple(noise.shape)} at σ = ∞")
+        out = out.to(noise.dtype)
+        if self.prediction_type == "sample":
+            x0 = out
+        elif self.prediction_type == "v_prediction":  # v = α·ε − s·x₀ with α = 0, s = 1
+            x0 = -out
+        else:  # rectified flow at t = 1: v = ε − x₀ and x = ε
+            x0 = noise - out
+        return (x0 + sigma * noise) / math.sqrt(1.0 + sigma * sigma)
+
+    def eps(self, xbar: Tensor, sigma: float, **model_kwargs: Any) -> Tensor:
+        """ε(x̄, σ): the vector field at one point."""
+        return self.field(model_kwargs)(float(sigma), xbar)
+
+    def denoised(self, xbar: Tensor, sigma: float, **model_kwargs: Any) -> Tensor:
+        """The model's estimate of the clean image, x̂₀ = x̄ − σ·ε(x̄, σ)."""
+        return xbar - float(sigma) * self.eps(xbar, sigma, **model_kwargs)

@@ -1,0 +1,479 @@
+"""Changes of variables of the probability-flow ODE, as objects, and the one place that picks them.
+
+The flow is ``dx̄/dσ = ε(x̄, σ)``. Some methods are built for other variables; the solver
+stays diffusion-agnostic (it integrates ``dy/dt = f(t, y)``) and each change of variables is
+a :class:`Formulation` here: its time t ↔ σ, its state y ↔ x̄, its field ``f(t, y)`` from ε,
+the factor from y to the VP-scaled image x = x̄/√(1+σ²) (for error norms), the denoised image
+from a carried derivative, and the fixed grid in its own time (with the steps its end points
+need). :func:`formulation_for` picks one for a solver, a direction and a kind of solve;
+nothing else in flowdiff converts.
+
+* :class:`Sigma` — t = σ, y = x̄, f = ε. DDIM is Euler here; k-diffusion's lms is Adams here.
+* :class:`Data` — t = ρ = 1/σ, y = x̄/σ, f = D = x̄ − σ·ε (the model's denoised image):
+
+      dy/dρ = D(x̄, σ),
+
+  since dy/dσ = ε/σ − x̄/σ² = −D/σ² and dρ/dσ = −1/σ². Euler here is again DDIM; Adams
+  methods whose derivative polynomial is in λ = log ρ are the multistep exponential
+  integrators DPM-Solver++(2M/3M) (Lu et al. 2022) and UniPC (Zhao et al. 2023).
+  σ = 0 is ρ = ∞, where the state is x̄ itself. The step touching σ = 0 is taken in x̄ by a
+  method of its own: into σ = 0 the image is ``lim_{σ→0} D(x̄(σ), σ)``, read off the last
+  denoised value(s) (:func:`finish_at_zero`); out of σ = 0 (encoding) the first step is
+  Euler in σ (DDIM), which never divides by σ.
+* :class:`LogSigma` — t = τ = log(σ + c), y = x̄, f = (σ + c)·ε, for adaptive Runge–Kutta:
+  steps are relative in σ ≫ c (log σ), and σ = 0 is the finite τ = log c, reached exactly
+  without dividing by σ. With c = 0 (t = log σ) σ = 0 is τ = −∞, reached by an Euler step.
+* :class:`VP` — t = τ = log(1 + σ), y = x = x̄/√(1+σ²), for reversible solvers: |x| = O(1)
+  at every σ and the field is nearly zero at large σ, so the rounding an exact inverse
+  amplifies stays at the state's own precision (see :mod:`flowdiff.api.inversion`).
+
+Time values at the grid's points map back to the grid's own σ exactly (looked up, not
+recomputed through exp/log), so that an encode and its decode evaluate the model at
+identical σ.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from solvers import Derivative, FixedGrid, ReversibleState, Solver, StepResult, VectorField, final_step_methods
+
+#: ``eps_field(σ, x̄) -> ε`` as built by :meth:`flowdiff.ProbabilityFlow.field`.
+EpsField = Callable[[float, Tensor], Tensor]
+
+VARIABLES = ("sigma", "data", "logsigma", "vp")
+
+#: Solvers built for the data-prediction variables (registry name → variables). Diffusion
+#: knowledge, so it lives here and not in :mod:`solvers`; :func:`prefer_variables` adds to it.
+_PREFERRED: dict[str, str] = {"dpmpp_2m": "data", "dpmpp_3m": "data", "unipc": "data"}
+
+
+def prefer_variables(solver_name: str, variables: str) -> None:
+    """Declare that the solver registered as ``solver_name`` runs in ``variables`` (``"sigma"`` or ``"data"``)."""
+    if variables not in ("sigma", "data"):
+        raise ValueError(f"variables must be 'sigma' or 'data', got {variables!r}")
+    _PREFERRED[solver_name] = variables
+
+
+def variables_of(solver: Solver) -> str:
+    """The variables a solver is meant to run in: ``"data"`` for the exponential integrators, else ``"sigma"``."""
+    return _PREFERRED.get(solver.name, "sigma")
+
+
+def grid_order(solver: Solver) -> int:
+    """The convergence order of a fixed-grid generate into σ = 0 with ``solver``.
+
+    A self-started multistep method is limited by its lower-order first steps
+    (``fixed_grid_order``); in the data variables the step into σ = 0 is the denoised image,
+    D = x̄(0) + O(σ²), a second-order step. (Methods in log time reach it on grids refined
+    in log σ; on grids uniform in σ their last steps stay O(1) long in log σ.)
+    """
+    order = getattr(solver, "fixed_grid_order", solver.order)
+    return min(order, 2) if variables_of(solver) == "data" else order
+
+
+class Formulation(abc.ABC):
+    """One change of variables (t, y) of the flow ``dx̄/dσ = ε``."""
+
+    name: str = ""
+
+    def __init__(self) -> None:
+        self._exact: dict[float, float] = {}
+
+    # time <-> σ
+    @abc.abstractmethod
+    def _time(self, sigma: float) -> float: ...
+
+    @abc.abstractmethod
+    def _sigma(self, t: float) -> float: ...
+
+    def time(self, sigma: float) -> float:
+        return self._time(float(sigma))
+
+    def sigma(self, t: float) -> float:
+        """σ at time ``t``: a grid point's own σ when ``t`` is one (see :meth:`times`)."""
+        s = self._exact.get(t)
+        return self._sigma(t) if s is None else s
+
+    def times(self, sigmas: Sequence[float]) -> list[float]:
+        """The grid's times; each maps back to its own σ exactly."""
+        ts = [self._time(float(s)) for s in sigmas]
+        self._exact.update(zip(ts, (float(s) for s in sigmas)))
+        return ts
+
+    # state <-> x̄
+    @abc.abstractmethod
+    def to_state(self, xbar: Tensor, sigma: float) -> Tensor: ...
+
+    @abc.abstractmethod
+    def to_xbar(self, y: Tensor, t: float) -> Tensor: ...
+
+    @abc.abstractmethod
+    def field(self, eps: EpsField) -> VectorField: ...
+
+    def x_factor(self, t: float) -> float:
+        """x = y·x_factor(t): the VP-scaled image x = x̄/√(1+σ²) from the state (error norms use it)."""
+        s = self.sigma(t)
+        return 1.0 / math.sqrt(1.0 + s * s)
+
+    def denoised(self, t: float, y: Tensor, state: Any) -> Tensor | None:
+        """The model's denoised image at (t, y) if the carried state already holds the field there."""
+        return None
+
+    def grid(self, sigmas: Sequence[float], solver: Solver, *, eval_end: bool = True) -> FixedGrid:
+        """The fixed stepping across the σ grid ``sigmas`` in this formulation's time."""
+        ts = self.times(sigmas)
+        return FixedGrid(ts, final_step_methods(solver, len(ts) - 1, eval_end))
+
+    # a reversible solver's carried state is stored timed in σ (what a Latent keeps)
+    def state_in(self, state: Any) -> Any:
+        return state._replace(t=self.time(state.t)) if isinstance(state, ReversibleState) else state
+
+    def state_out(self, state: Any) -> Any:
+        return state._replace(t=self.sigma(state.t)) if isinstance(state, ReversibleState) else state
+
+
+class Sigma(Formulation):
+    """t = σ, y = x̄, f = ε."""
+
+    name = "sigma"
+
+    def times(self, sigmas: Sequence[float]) -> list[float]:
+        return [float(v) for v in sigmas]  # the time is σ itself: nothing to look up
+
+    def _time(self, sigma: float) -> float:
+        return sigma
+
+    def _sigma(self, t: float) -> float:
+        return t
+
+    def to_state(self, xbar: Tensor, sigma: float) -> Tensor:
+        return xbar
+
+    def to_xbar(self, y: Tensor, t: float) -> Tensor:
+        return y
+
+    def field(self, eps: EpsField) -> VectorField:
+        return eps
+
+    def denoised(self, t: float, y: Tensor, state: Any) -> Tensor | None:
+        if isinstance(state, Derivative) and state.t == t:
+            return y - state.k * t
+        return None
+
+
+def data_field(eps: EpsField, sigma_of: Callable[[float], float] | None = None) -> VectorField:
+    """``f(ρ, y) = D(x̄, σ)`` with σ = 1/ρ, x̄ = y/ρ: the data-prediction ODE (ρ > 0).
+
+    At ρ = ∞ (σ = 0) the state is x̄ itself and ``f`` returns ε(x̄, 0): what the Euler step
+    out of σ = 0 needs (:class:`Data`). ``sigma_of(ρ)`` maps times back to σ (a grid's own σ
+    exactly, :meth:`Formulation.sigma`); default 1/ρ."""
+
+    def f(rho: float, y: Tensor) -> Tensor:
+        if rho == math.inf:
+            return eps(0.0, y)
+        sigma = 1.0 / rho if sigma_of is None else sigma_of(rho)
+        xbar = y * sigma
+        return xbar - sigma * eps(sigma, xbar)
+
+    return f
+
+
+def _limit(state: Any, rho: float, denoised_here: Callable[[], Tensor], extrapolate: bool) -> tuple[Tensor, int]:
+    """x̄(0) from the denoised value at ρ (carried in ``state`` or evaluated by ``denoised_here``)."""
+    pairs: list[tuple[float, Tensor]] = []
+    if isinstance(state, Derivative):
+        pairs = [(state.t, state.k), *getattr(state, "past", ())]
+    spent = 0
+    if not pairs or pairs[0][0] != rho:
+        pairs.insert(0, (rho, denoised_here()))
+        spent = 1
+    d1 = pairs[0][1]
+    if not extrapolate or len(pairs) < 2 or not pairs[1][0] < rho:
+        return d1, spent
+    s1, s2 = 1.0 / rho, 1.0 / pairs[1][0]
+    return d1 + (d1 - pairs[1][1]) * (s1 * s1 / (s2 * s2 - s1 * s1)), spent
+
+
+def finish_at_zero(state: Any, sigma_last: float, xbar_last: Tensor, eps: EpsField, *,
+                   extrapolate: bool = False) -> tuple[Tensor, int]:
+    """The image x̄(0) from the data-variables state at σ_last > 0, and the evaluations spent.
+
+    Along a trajectory dD/dσ = −σ·dε/dσ vanishes at σ = 0, so D(x̄(σ), σ) = x̄(0) + O(σ²):
+    the last denoised value alone is the image of DDIM's, DPM-Solver++'s and UniPC's last
+    step. With the previous denoised value D₂ at σ₂ too (a multistep history), the O(σ²)
+    term is removed (``extrapolate=True``; the adaptive solves use it) by extrapolating in σ² to 0:
+
+        x̄(0) ≈ D₁ + σ₁²/(σ₂² − σ₁²)·(D₁ − D₂).
+
+    A history holding D at ρ = 1/σ_last is reused (no evaluation); otherwise D is evaluated once.
+    """
+    return _limit(state, 1.0 / sigma_last, lambda: xbar_last - sigma_last * eps(sigma_last, xbar_last), extrapolate)
+
+
+class IntoZero(Solver):
+    """The data variables' step from ρ to ρ = ∞ (σ = 0): the image is the last denoised value,
+    extrapolated in σ² with ``extrapolate`` (:func:`finish_at_zero`); the state becomes x̄."""
+
+    name = "denoised_limit"
+    order = 2
+
+    def __init__(self, extrapolate: bool = False) -> None:
+        self.extrapolate = extrapolate
+
+    def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
+        image, _ = _limit(state, t0, lambda: f(t0, y0), self.extrapolate)
+        return StepResult(image, None)
+
+
+class OutOfZero(Solver):
+    """The data variables' step from ρ = ∞ (σ = 0) to σ₁: Euler in σ (DDIM), x̄₁ = x̄₀ + σ₁·ε(x̄₀, 0)."""
+
+    name = "euler_from_zero"
+    order = 1
+
+    def __init__(self, sigma1: float) -> None:
+        self.sigma1 = sigma1
+
+    def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
+        xbar = y0 + self.sigma1 * f(t0, y0)
+        return StepResult(xbar / self.sigma1, None)
+
+
+class Data(Formulation):
+    """t = ρ = 1/σ, y = x̄/σ, f = D (see the module docstring); σ = 0 is ρ = ∞ with y = x̄.
+
+    ``reach`` (encoding and a latent's decode): a multistep step of length h in λ = log ρ uses
+    the j-th past derivative only while its distance from the step's start in λ is at most
+    ``reach·j·|h|`` and, for j ≥ 2, at least ``j·|h|/reach`` (and the nearer ones' are);
+    otherwise the step is taken at the lower order its history allows
+    (:meth:`solvers.Adams.limited`). A step longer than :data:`LONG_STEP` in λ is the
+    first-order step (DDIM's), without a corrector. An encode's first steps out of σ = 0 span
+    many units of λ on some grids (the leading grid's σ_min → σ₂): a polynomial through them
+    extrapolated over the next, much shorter step overshoots; a decode's last step on that
+    grid is the same long step, over which a quadratic through the short steps before it
+    overshoots. This is where third-order and corrector methods lost their order in
+    round trips (dpmpp_3m's leading-grid round trip on the shipped model: MSE 1.6).
+    """
+
+    name = "data"
+
+    def __init__(self, reach: float | None = None) -> None:
+        super().__init__()
+        if reach is not None and not (math.isfinite(reach) and reach >= 1):
+            raise ValueError(f"reach must be a finite number >= 1 or None, got {reach!r}")
+        self.reach = reach
+
+    def _time(self, sigma: float) -> float:
+        return math.inf if sigma == 0.0 else 1.0 / sigma
+
+    def _sigma(self, t: float) -> float:
+        return 0.0 if t == math.inf else 1.0 / t
+
+    def to_state(self, xbar: Tensor, sigma: float) -> Tensor:
+        return xbar if sigma == 0.0 else xbar / sigma
+
+    def to_xbar(self, y: Tensor, t: float) -> Tensor:
+        return y if t == math.inf else y / t
+
+    def field(self, eps: EpsField) -> VectorField:
+        return data_field(eps, self.sigma)
+
+    def x_factor(self, t: float) -> float:
+        return 1.0 if t == math.inf else 1.0 / math.sqrt(1.0 + t * t)
+
+    def denoised(self, t: float, y: Tensor, state: Any) -> Tensor | None:
+        if t == math.inf:
+            return y
+        if isinstance(state, Derivative) and state.t == t:
+            return state.k
+        return None
+
+    def grid(self, sigmas: Sequence[float], solver: Solver, *, eval_end: bool = True,
+             extrapolate: bool = False) -> FixedGrid:
+        ts = self.times(sigmas)
+        methods: dict[int, Solver] = {}
+        if sigmas[0] == 0.0:
+            methods[0] = OutOfZero(float(sigmas[1]))
+        if sigmas[-1] == 0.0:
+            methods[len(ts) - 2] = IntoZero(extrapolate)
+        limited = getattr(solver, "limited", None)
+        if self.reach is not None and limited is not None:
+            for i, n in enumerate(near_history(ts, self.reach)):
+                long_step = (0 < ts[i] < math.inf and 0 < ts[i + 1] < math.inf
+                             and abs(math.log(ts[i] / ts[i + 1])) > LONG_STEP)
+                if i not in methods and (n < solver.steps_order or long_step):
+                    methods[i] = limited(1 if long_step else n, corrector=not long_step)
+        return FixedGrid(ts, methods, infinite_ends=True)
+
+
+#: A step longer than this in λ = log ρ (encode, or a latent's decode) is taken at first order
+#: without a corrector (DDIM's step): over such a step (the leading grid's σ_min ↔ σ₂ spans
+#: 3.5) the denoised image changes little and then fast, and a polynomial through the
+#: neighbouring derivatives is worse than the constant. Measured on the shipped model, 10
+#: steps on the leading grid: the decode's MSE fell from 9.5e-2 to 1.6e-2 for dpmpp_3m.
+LONG_STEP = 2.5
+
+
+def near_history(ts: Sequence[float], reach: float) -> list[int]:
+    """For each step ``i`` of the ρ grid ``ts``: how many derivatives (the one at ``ts[i]`` and
+    the past ones, newest first) lie within ``reach·j·|h|`` of ``ts[i]`` in log ρ and, from the
+    second past one on, beyond ``j·|h|/reach`` (see :class:`Data`): neither so far back nor so
+    close that a curved polynomial through them is extrapolated far beyond their spread."""
+    lam = [math.log(t) if 0 < t < math.inf else None for t in ts]
+    counts = []
+    for i in range(len(ts) - 1):
+        n = 1
+        if lam[i] is not None and lam[i + 1] is not None:
+            h = abs(lam[i + 1] - lam[i])
+            j = 1
+            while (i - j >= 0 and lam[i - j] is not None
+                   and abs(lam[i] - lam[i - j]) <= reach * j * h
+                   and (j == 1 or j * h / reach <= abs(lam[i] - lam[i - j]))):
+                n += 1
+                j += 1
+        counts.append(n)
+    return counts
+
+
+class LogSigma(Formulation):
+    """t = τ = log(σ + c), y = x̄, f = (σ + c)·ε; σ = 0 is τ = log c (τ = −∞ when c = 0)."""
+
+    name = "logsigma"
+
+    def __init__(self, c: float) -> None:
+        super().__init__()
+        if not (math.isfinite(c) and c >= 0):
+            raise ValueError(f"the c of log(σ + c) must be a finite number >= 0, got {c!r}")
+        self.c = float(c)
+        self.tau_zero = math.log(c) if c > 0 else -math.inf
+
+    def _time(self, sigma: float) -> float:
+        return math.log(sigma + self.c) if sigma + self.c > 0 else -math.inf
+
+    def _sigma(self, t: float) -> float:
+        return 0.0 if t <= self.tau_zero else max(math.exp(t) - self.c, 0.0)
+
+    def to_state(self, xbar: Tensor, sigma: float) -> Tensor:
+        return xbar
+
+    def to_xbar(self, y: Tensor, t: float) -> Tensor:
+        return y
+
+    def field(self, eps: EpsField) -> VectorField:
+        sigma_of, c = self.sigma, self.c
+
+        def f(tau: float, xbar: Tensor) -> Tensor:
+            sigma = sigma_of(tau)
+            return eps(sigma, xbar) * (sigma + c)
+
+        return f
+
+    def denoised(self, t: float, y: Tensor, state: Any) -> Tensor | None:
+        if isinstance(state, Derivative) and state.t == t:  # FSAL: f(t₁, y₁) = (σ + c)·ε
+            s = self.sigma(t)
+            return y - state.k * (s / (s + self.c))
+        return None
+
+
+class EulerToZero(Solver):
+    """In t = log σ (c = 0): the Euler step in σ from σ₀ into σ = 0 (τ = −∞), x̄ − σ₀·ε = x̄ − f(τ₀, x̄)."""
+
+    name = "euler_to_zero"
+    order = 1
+
+    def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
+        return StepResult(y0 - f(t0, y0), None)
+
+
+class VP(Formulation):
+    """t = τ = log(1 + σ), y = x = x̄/√(1+σ²): dx/dτ = (1 + σ)·(ε(x·c, σ) − σx/c)/c, c = √(1+σ²).
+
+    No division by σ (exact at σ = 0, where x = x̄); |x| stays O(1) at every σ and at large σ,
+    where ε ≈ x̄/σ, the field is nearly zero. Steps are additive in σ below 1 and relative above.
+    """
+
+    name = "vp"
+
+    def _time(self, sigma: float) -> float:
+        return math.log1p(sigma)
+
+    def _sigma(self, t: float) -> float:
+        return max(math.expm1(t), 0.0)
+
+    def to_state(self, xbar: Tensor, sigma: float) -> Tensor:
+        return xbar / math.sqrt(1.0 + sigma * sigma)
+
+    def to_xbar(self, y: Tensor, t: float) -> Tensor:
+        s = self.sigma(t)
+        return y * math.sqrt(1.0 + s * s)
+
+    def x_factor(self, t: float) -> float:
+        return 1.0
+
+    def field(self, eps: EpsField) -> VectorField:
+        sigma_of = self.sigma
+
+        def f(tau: float, x: Tensor) -> Tensor:
+            s = sigma_of(tau)
+            c = math.sqrt(1.0 + s * s)
+            return (eps(s, x * c) - x * (s / c)) / c * (1.0 + s)
+
+        return f
+
+
+#: Solvers refused for encoding (registry name → why, and what to use instead).
+_NO_ENCODE: dict[str, str] = {
+    "ipndm": "its equal-step Adams coefficients ignore the step ratios, and an encode's steps grow "
+             "geometrically in σ (shrink in 1/σ), so it loses its order and can diverge; use 'lms' "
+             "(variable-step Adams of the same order) or 'dpmpp_3m' to encode",
+}
+
+def encode_refusal(solver_name: str) -> str | None:
+    """Why the solver registered as ``solver_name`` is refused for encoding, or None if it encodes."""
+    return _NO_ENCODE.get(solver_name)
+
+
+#: The :class:`Data` ``reach`` of multistep encodes (see there); measured on the shipped model
+#: and closed-form Gaussians (benchmarks/bench_roundtrip.py).
+ENCODE_REACH = 3.0
+
+
+def formulation_for(solver: Solver, direction: str, *, adaptive: bool = False,
+                    sigma_c: float | None = None) -> Formulation:
+    """The variables ``solver`` runs in for a ``direction`` (``"generate"``/``"encode"``/``"decode"``).
+
+    Reversible solvers: :class:`VP` (their exact inverse keeps rounding at the state's scale).
+    Encoding on a fixed grid, every multistep method: :class:`Data` with ``reach``
+    (:data:`ENCODE_REACH`); a latent's decode with a data-variables method too (``generate``
+    is unchanged: it keeps its steps bit for bit). An encode runs away from σ = 0 with steps that grow geometrically
+    in σ; Adams methods in σ (lms, abm) extrapolate over ever longer steps and diverge there
+    (|x_T| ~ 1e3 on the shipped model), whereas in ρ = 1/σ the same steps shrink, as a
+    generation's do in σ, and the field (the denoised image) stays bounded. A solver that
+    cannot encode at its order (iPNDM, whose equal-step coefficients ignore step ratios) is
+    refused with a ValueError saying what to use instead.
+    Methods built for the data-prediction ODE (:func:`variables_of`): :class:`Data`. Other
+    adaptive solves: :class:`LogSigma` with ``sigma_c`` (relative steps, σ = 0 at a finite
+    time). Everything else: :class:`Sigma`.
+    """
+    if direction not in ("generate", "encode", "decode"):
+        raise ValueError(f"direction must be 'generate', 'encode' or 'decode', got {direction!r}")
+    if solver.reversible:
+        return VP()
+    if direction in ("encode", "decode") and not adaptive:
+        if direction == "encode" and solver.name in _NO_ENCODE:
+            raise ValueError(f"solver {solver.name!r} cannot encode: {_NO_ENCODE[solver.name]}")
+        if solver.multistep and (direction == "encode" or variables_of(solver) == "data"):
+            return Data(reach=ENCODE_REACH)
+    if variables_of(solver) == "data":
+        return Data()
+    if adaptive:
+        if sigma_c is None:
+            raise ValueError("an adaptive solve in log(σ + c) needs sigma_c")
+        return LogSigma(sigma_c)
+    return Sigma()

@@ -1,0 +1,278 @@
+"""What a solve is asked to do, as small frozen objects validated once and passed whole.
+
+``generate``/``encode``/``decode``/``compare`` and the CLI accept flat keywords (``steps=``,
+``grid=``, ``rtol=``, ``eta=``, …) as the convenient form; they build these objects, and
+every layer below takes the objects, never the keywords one by one:
+
+* :class:`Grid` — a fixed σ grid: a named grid with ``steps`` or an ``nfe`` budget, or
+  explicit ``sigmas``/``timesteps``, its options, and whether the step into σ = 0 is Euler.
+* :class:`Adaptive` — an error-controlled solve: tolerances in the image's scale, the
+  evaluation cap, the controller and the change-of-variables knobs.
+* :class:`Stochastic` — the DDIM paper's η process (generation only) and its noise source.
+* :class:`Inversion` — an encode that inverts a plain decode (``"fixed_point"``) and its options.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import solvers
+from solvers import Solver, StepController
+
+from .flow import ProbabilityFlow
+from .grids import GRIDS, make_sigmas
+from .schedules import ArrayLike
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# -- checks shared by every entry point -----------------------------------------------------------
+
+def check_flow(flow: object) -> ProbabilityFlow:
+    if not isinstance(flow, ProbabilityFlow):
+        raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
+    return flow
+
+
+def check_state(x: object, name: str) -> Tensor:
+    """A floating-point batch ``(batch, ...)`` without NaN or inf."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float64, float32, float16, bfloat16), got {x.dtype}")
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(f"{name} must have a batch dimension first, shape (batch, ...), got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    return x
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The state's dtype: the input's, except float16/bfloat16, which are integrated in float32."""
+    return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+
+
+def exact_dtype(x: Tensor) -> torch.dtype:
+    """The state dtype of a reversible encode: float64 wherever the device has it (not on MPS).
+
+    A reversible solver's inverse steps amplify the rounding of the state they start from by
+    the model's Lipschitz constant, step after step; in float64 that stays far below float32's
+    resolution, so float32 images come back to their last bit while the model runs in float32.
+    """
+    return torch.float32 if x.device.type == "mps" else torch.float64
+
+
+def _mapping(value: object, name: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a mapping (dict), got {type(value).__name__}")
+    return dict(value)
+
+
+def _count(value: object, name: str, low: int = 1) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+    return int(value)
+
+
+def _flag(value: object, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _tolerance(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+# -- the option objects ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Grid:
+    """A fixed σ grid for a solve.
+
+    ``name`` is one of :data:`flowdiff.GRIDS` with ``steps`` (the step count) or ``nfe``
+    (a budget: the largest step count whose counted NFE fits), or give ``sigmas``
+    (decreasing, ending at 0) or ``timesteps`` explicitly. ``options`` go to the grid
+    (``rho``, ``power``, ``sigma_min``, ``sigma_max``). ``final_euler``: a solver that would
+    evaluate the model at σ = 0 takes its last step as Euler instead (as EDM does).
+    """
+
+    name: str = "trailing"
+    steps: int | None = None
+    nfe: int | None = None
+    sigmas: ArrayLike | None = None
+    timesteps: ArrayLike | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    final_euler: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or self.name not in GRIDS:
+            raise ValueError(f"unknown grid {self.name!r}; accepted: {', '.join(GRIDS)} (or sigmas=/timesteps=)")
+        object.__setattr__(self, "steps", _count(self.steps, "steps"))
+        object.__setattr__(self, "nfe", _count(self.nfe, "nfe"))
+        object.__setattr__(self, "options", _mapping(self.options, "grid_options"))
+        _flag(self.final_euler, "final_euler")
+        if self.nfe is not None:
+            if self.steps is not None:
+                raise ValueError("give steps or nfe, not both")
+            if self.sigmas is not None or self.timesteps is not None:
+                raise ValueError("nfe= picks the step count of a named grid; it cannot be combined with sigmas= or "
+                                 "timesteps= (their length fixes the steps)")
+
+    @property
+    def given(self) -> bool:
+        """Whether anything fixes the grid (steps, nfe, sigmas or timesteps)."""
+        return not (self.steps is None and self.nfe is None and self.sigmas is None and self.timesteps is None)
+
+    def generation_sigmas(self, flow: ProbabilityFlow, solver: Solver, *,
+                          final_euler: bool | None = None) -> np.ndarray:
+        """The generation grid (decreasing to 0), with ``nfe=`` turned into a step count exactly."""
+        if not self.given:
+            raise ValueError("give one of steps=, nfe=, sigmas= or timesteps= (or rtol=/atol= for an adaptive solve)")
+        final = self.final_euler if final_euler is None else final_euler
+        steps = self.steps
+        if self.nfe is not None:
+            steps = solvers.steps_for_nfe(solver, self.nfe, eval_end=not final)
+        return make_sigmas(flow.schedule, self.name, steps, sigmas=self.sigmas, timesteps=self.timesteps,
+                           **self.options)
+
+    def replace(self, **changes: Any) -> Grid:
+        values = {k: getattr(self, k) for k in ("name", "steps", "nfe", "sigmas", "timesteps", "options",
+                                                 "final_euler")}
+        values.update(changes)
+        return Grid(**values)
+
+
+@dataclass(frozen=True, eq=False)
+class Adaptive:
+    """An error-controlled solve whose tolerance is measured on the image's scale.
+
+    ``rtol``/``atol`` (default 1e-3 each) bound each step's local error in the VP-scaled
+    state x = x̄/√(1+σ²), per sample, the worst sample deciding. ``max_nfe`` stops a solve
+    that would need more evaluations with a :class:`solvers.SolveError`. ``controller`` (a
+    :class:`solvers.StepController`), ``first_step`` (in the solve's time variable),
+    ``sigma_c`` (the c of τ = log(σ + c); default the schedule's smallest σ), ``sigma_end``
+    (where a data-variables solve hands over to the denoised image; default σ_min/10) and
+    ``sigma_start`` (default the schedule's σ_max) shape it.
+    """
+
+    rtol: float = 1e-3
+    atol: float = 1e-3
+    max_nfe: int | None = None
+    controller: StepController | None = None
+    first_step: float | None = None
+    sigma_c: float | None = None
+    sigma_end: float | None = None
+    sigma_start: float | None = None
+
+    def __post_init__(self) -> None:
+        rtol, atol = _tolerance("rtol", self.rtol), _tolerance("atol", self.atol)
+        if rtol == 0 and atol == 0:
+            raise ValueError("rtol and atol cannot both be 0")
+        object.__setattr__(self, "max_nfe", _count(self.max_nfe, "max_nfe"))
+        if self.controller is not None and not isinstance(self.controller, StepController):
+            raise TypeError(f"adaptive_options['controller'] must be a solvers.StepController, got "
+                            f"{type(self.controller).__name__}")
+        if self.first_step is not None and (isinstance(self.first_step, bool) or not isinstance(
+                self.first_step, (int, float)) or not self.first_step > 0):
+            raise ValueError(f"adaptive_options['first_step'] must be a number > 0, got {self.first_step!r}")
+        for name in ("sigma_c", "sigma_end", "sigma_start"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not (math.isfinite(value) and value > 0)):
+                raise ValueError(f"{name} must lie in (0, σ_start) (a finite number > 0), got {value!r}")
+
+    @classmethod
+    def from_keywords(cls, rtol: float | None, atol: float | None, max_nfe: int | None,
+                      options: Mapping[str, Any] | None, sigmas: ArrayLike | None) -> Adaptive:
+        """The flat-keyword form of ``generate``/``encode``: ``sigmas`` is the interval [σ_start, 0]."""
+        opts = _mapping(options, "adaptive_options")
+        known = ("controller", "first_step", "sigma_c", "sigma_end")
+        unknown = sorted(set(opts) - set(known))
+        if unknown:
+            raise TypeError(f"unknown adaptive option(s) {unknown}; accepted: {', '.join(known)}")
+        start = None
+        if sigmas is not None:
+            s = np.asarray(sigmas, dtype=np.float64)
+            if s.ndim != 1 or s.size != 2 or not (s[0] > 0 and s[1] == 0):
+                raise ValueError(f"with rtol=/atol=, sigmas= gives the interval [σ_start, 0] as 2 values, got "
+                                 f"{sigmas!r}")
+            start = float(s[0])
+        return cls(1e-3 if rtol is None else rtol, 1e-3 if atol is None else atol, max_nfe, sigma_start=start,
+                   **opts)
+
+
+@dataclass(frozen=True, eq=False)
+class Stochastic:
+    """The DDIM paper's generalized generative process (see :mod:`flowdiff.api.stochastic`).
+
+    ``eta`` in [0, 1] or ``"sigma_hat"``; noise drawn from ``generator`` (a ``torch.Generator``
+    or an int seed) or given per step in ``step_noise`` (shape ``(steps, *noise.shape)``).
+    """
+
+    eta: float | str = 0.0
+    generator: torch.Generator | int | None = None
+    step_noise: Tensor | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Inversion:
+    """An encode whose plain latent the standard decode turns back into the images.
+
+    ``method`` names the inversion (``"fixed_point"``: :mod:`flowdiff.api.fixed_point`);
+    ``options`` are its own (``tol``, ``max_iter``, ``method``, ``on_failure``, …).
+    """
+
+    method: str = "fixed_point"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", _mapping(self.options, "inversion_options"))
+
+
+@dataclass(frozen=True, eq=False)
+class Request:
+    """One solve as the layers below the entry points see it: the flow, the solver (built),
+    the grid or adaptive control, the conditioning and the callback."""
+
+    flow: ProbabilityFlow
+    solver: Solver
+    solver_name: str
+    solver_options: dict[str, Any]
+    grid: Grid
+    adaptive: Adaptive | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    callback: Callable[..., None] | None = None
+    check_finite: bool = True
+
+
+def check_callback(callback: object) -> Callable[..., None] | None:
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable (it receives a flowdiff.StepState), got {type(callback).__name__}")
+    return callback  # type: ignore[return-value]
+
+
+def build_grid(grid: str | Grid, *, steps: int | None, nfe: int | None, sigmas: ArrayLike | None,
+               timesteps: ArrayLike | None, grid_options: Mapping[str, Any] | None, final_euler: bool) -> Grid:
+    """A :class:`Grid` from the flat keywords, or the one given (then the flat grid keywords must be unset)."""
+    if isinstance(grid, Grid):
+        if any(v is not None for v in (steps, nfe, sigmas, timesteps, grid_options)):
+            raise ValueError("grid= is a flowdiff.Grid: give steps/nfe/sigmas/timesteps/grid_options inside it, "
+                             "not beside it")
+        return grid if final_euler else grid.replace(final_euler=False)
+    return Grid(grid, steps, nfe, sigmas, timesteps, _mapping(grid_options, "grid_options"), final_euler)

@@ -1,0 +1,244 @@
+"""Diffusers scheduler configs: the training schedule they define, and the σ grid their loop runs.
+
+A diffusers scheduler config holds two different things. Its training definition
+(``beta_schedule``, ``num_train_timesteps``, ``prediction_type``, flow matching's ``shift``)
+defines the ODE: :func:`schedule_from_config`. Its sampling settings (``timestep_spacing``,
+``steps_offset``, ``set_alpha_to_one``, the time shift, ``mu``) define one grid on it:
+:func:`scheduler_sigmas` gives that grid, so that ``generate(..., sigmas=grid)`` with Euler is
+the scheduler's loop to float rounding.
+
+* ``DDIMScheduler``: the timesteps of ``set_timesteps(steps)`` (``leading`` with
+  ``steps_offset``, ``trailing``, ``linspace``), each step going to t − T//steps. The last step
+  goes to σ = 0 when ``set_alpha_to_one`` and to the first trained level σ_min otherwise
+  (diffusers' ``final_alpha_cumprod = alphas_cumprod[0]``), so the grid ends at σ_min there.
+  A loop whose step does not land on its next timestep (``trailing`` when T is not a multiple
+  of ``steps``, ``linspace`` mostly) is no single grid and is refused, as are ``clip_sample``
+  and ``thresholding`` (they change x̂₀ at each step: not an ODE).
+* ``FlowMatchEulerDiscreteScheduler``: its σ_FM = t values (the static ``shift`` or the
+  resolution-dependent ``mu``), with float32 rounding where diffusers rounds, mapped to
+  σ = t/(1−t). Its first t is 1, σ = ∞ (pure noise): the grid starts with ``inf``, which
+  :func:`flowdiff.models.pipelines.sample_like` takes as one step from noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .flow import PREDICTION_TYPES
+from .grids import _check_steps
+from .schedules import BETA_SCHEDULES, FlowMatchingSchedule, Schedule
+
+FLOW_MATCHING_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+VP_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "DDIMInverseScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
+                 "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LMSDiscreteScheduler",
+                 "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler")
+GRID_SCHEDULERS = ("DDIMScheduler", "FlowMatchEulerDiscreteScheduler")
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``; errors name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def config_of(scheduler: object) -> tuple[dict[str, Any], str]:
+    """A scheduler config as a dict (from a dict, a diffusers scheduler, a directory or a json path), and its source."""
+    if isinstance(scheduler, Mapping):
+        return dict(scheduler), "scheduler config"
+    if hasattr(scheduler, "config") and isinstance(scheduler.config, Mapping):
+        config = dict(scheduler.config)
+        config.setdefault("_class_name", type(scheduler).__name__)
+        return config, f"scheduler {type(scheduler).__name__}"
+    if isinstance(scheduler, (str, Path)):
+        p = Path(scheduler)
+        if p.is_dir():
+            p = p / "scheduler_config.json"
+        if not p.is_file():
+            raise FileNotFoundError(f"scheduler config {p} does not exist")
+        return read_json(p, "scheduler config"), str(p)
+    raise TypeError("scheduler must be a directory or scheduler_config.json path, a dict, or a diffusers scheduler; "
+                    f"got {type(scheduler).__name__}")
+
+
+def class_name(config: Mapping[str, Any]) -> str | None:
+    """The scheduler class a config is for: its ``_class_name`` (written by save_pretrained), or for a
+    live ``scheduler.config`` (which lacks it) the class its keys identify: flow matching's
+    ``shift``/``use_dynamic_shifting`` without betas, DDIM's ``set_alpha_to_one``."""
+    name = config.get("_class_name")
+    if name is not None:
+        return name
+    if ("use_dynamic_shifting" in config or "shift" in config) and "beta_schedule" not in config:
+        return "FlowMatchEulerDiscreteScheduler"
+    if "set_alpha_to_one" in config:
+        return "DDIMScheduler"
+    return None
+
+
+def _is_flow_matching(config: Mapping[str, Any]) -> bool:
+    return class_name(config) in FLOW_MATCHING_SCHEDULERS
+
+
+def schedule_from_config(config: Mapping[str, Any], source: str = "scheduler config") -> tuple[Schedule, str]:
+    """The :class:`Schedule` and prediction type that a diffusers scheduler config defines.
+
+    A ``FlowMatchEulerDiscreteScheduler`` config is rectified flow with prediction type
+    ``velocity`` (:class:`~flowdiff.engine.schedules.FlowMatchingSchedule` with its ``shift``; with
+    ``use_dynamic_shifting`` the shift depends on the image size and belongs to the grid, so
+    the table is unshifted); any other is a VP schedule of betas, rescaled to zero terminal SNR
+    with ``rescale_betas_zero_snr`` (ᾱ_{T−1} = 0: the schedule's last σ is ∞, where a
+    ``v_prediction`` or ``sample`` model's step starts from pure noise; an ``epsilon`` model
+    defines no clean image there and is refused when a solve starts at σ = ∞).
+    """
+    if _is_flow_matching(config):
+        shift = 1.0 if config.get("use_dynamic_shifting") else config.get("shift", 1.0)
+        try:
+            schedule = FlowMatchingSchedule(int(config.get("num_train_timesteps", 1000)), float(shift))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from None
+        return schedule, "velocity"
+    prediction_type = config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES or prediction_type == "velocity":
+        raise ValueError(f"{source}: unsupported prediction_type {prediction_type!r}; "
+                         f"supported: epsilon, v_prediction, sample (flow matching: a "
+                         f"{', '.join(FLOW_MATCHING_SCHEDULERS)} config)")
+    beta_schedule = config.get("beta_schedule", "linear")
+    if config.get("trained_betas") is None and beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(f"{source}: unsupported beta_schedule {beta_schedule!r}; "
+                         f"supported: {', '.join(BETA_SCHEDULES)} (or trained_betas)")
+    try:
+        schedule = Schedule.from_config(beta_schedule=beta_schedule,
+                                        num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+                                        beta_start=float(config.get("beta_start", 1e-4)),
+                                        beta_end=float(config.get("beta_end", 0.02)),
+                                        trained_betas=config.get("trained_betas"),
+                                        rescale_betas_zero_snr=bool(config.get("rescale_betas_zero_snr", False)))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from None
+    return schedule, prediction_type
+
+
+def ddim_timesteps(config: Mapping[str, Any], steps: int, source: str = "scheduler config") -> np.ndarray:
+    """The integer timesteps of ``DDIMScheduler.set_timesteps(steps)`` for this config, decreasing."""
+    T = int(config.get("num_train_timesteps", 1000))
+    if steps > T:
+        raise ValueError(f"{source}: steps={steps} exceeds num_train_timesteps={T}")
+    spacing = config.get("timestep_spacing", "leading")
+    offset = int(config.get("steps_offset", 0))
+    if spacing == "leading":
+        ts = np.arange(steps, dtype=np.int64)[::-1] * (T // steps) + offset
+    elif spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
+    elif spacing == "linspace":
+        ts = np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
+    else:
+        raise ValueError(f"{source}: unknown timestep_spacing {spacing!r}; accepted: leading, trailing, linspace")
+    if ts[0] > T - 1:
+        raise ValueError(f"{source}: steps_offset={offset} puts the first timestep at {ts[0]}, past the last "
+                         f"trained one ({T - 1})")
+    return ts.copy()
+
+
+def _ddim_sigmas(config: Mapping[str, Any], steps: int, source: str) -> np.ndarray:
+    for key in ("clip_sample", "thresholding"):
+        if config.get(key, key == "clip_sample"):  # DDIMScheduler's default clip_sample is True
+            raise ValueError(f"{source}: {key}=True changes x̂₀ at every step, so that loop is not the ODE any solver "
+                             f"here solves; the grid is that of the same config with {key}=False")
+    schedule, _ = schedule_from_config(config, source)
+    T = schedule.num_train_timesteps
+    ts = ddim_timesteps(config, steps, source)
+    ratio = T // steps
+    targets = ts - ratio  # DDIM's step goes from t to t − T//steps, whatever the next timestep is
+    if not np.array_equal(targets[:-1], ts[1:]):
+        i = int(np.argmax(targets[:-1] != ts[1:]))
+        raise ValueError(f"{source}: with timestep_spacing={config.get('timestep_spacing', 'leading')!r} and "
+                         f"steps={steps}, DDIM's step from timestep {ts[i]} lands on {targets[i]} while the next "
+                         f"step starts at {ts[i + 1]}: that loop re-labels its state between steps and is no single "
+                         "σ grid; use steps dividing num_train_timesteps, or 'leading' spacing")
+    last = int(targets[-1])
+    if last >= 0:
+        end = schedule.sigmas[last]
+    else:
+        end = 0.0 if config.get("set_alpha_to_one", True) else schedule.sigmas[0]
+    return np.append(schedule.sigmas[ts], end)
+
+
+def _flow_matching_sigmas(config: Mapping[str, Any], steps: int, mu: float | None, base: Any,
+                          source: str) -> np.ndarray:
+    for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
+                "stochastic_sampling"):
+        if config.get(key):
+            raise ValueError(f"{source}: {key}=True is not supported by scheduler_sigmas")
+    if config.get("shift_terminal"):
+        raise ValueError(f"{source}: shift_terminal is not supported by scheduler_sigmas")
+    T = int(config.get("num_train_timesteps", 1000))
+    shift = float(config.get("shift", 1.0))
+    dynamic = bool(config.get("use_dynamic_shifting", False))
+    if dynamic and mu is None:
+        raise ValueError(f"{source}: use_dynamic_shifting=True needs mu= (the resolution-dependent shift)")
+    if not dynamic and mu is not None:
+        raise ValueError(f"{source}: mu= is for use_dynamic_shifting=True configs; this one shifts by shift={shift}")
+    if base is None:
+        # The trained levels as the scheduler builds them, in float32: t_i = shift(i/T), i = T … 1; the
+        # inference times are uniform between the largest and smallest, then shifted (again), in float64.
+        levels = (np.linspace(1, T, T, dtype=np.float32)[::-1] / np.float32(T)).astype(np.float32)
+        if not dynamic:
+            levels = (shift * levels / (1 + (shift - 1) * levels)).astype(np.float32)
+        t_max, t_min = float(levels[0]), float(levels[-1])
+        t = np.linspace(t_max * T, t_min * T, steps) / T
+    else:  # the pipeline's own unshifted times (FluxPipeline: linspace(1, 1/N, N)), kept in float32 as diffusers does
+        t = np.asarray(base, dtype=np.float64).astype(np.float32)
+        if t.ndim != 1 or t.size != steps or not np.all((t > 0) & (t <= 1)) or np.any(np.diff(t) >= 0):
+            raise ValueError(f"sigmas must be {steps} decreasing flow-matching times in (0, 1], got {base!r}")
+    if dynamic:
+        kind = config.get("time_shift_type", "exponential")
+        if kind == "exponential":
+            t = math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+        elif kind == "linear":
+            t = mu / (mu + (1 / t - 1))
+        else:
+            raise ValueError(f"{source}: unknown time_shift_type {kind!r}; accepted: exponential, linear")
+    else:
+        t = shift * t / (1 + (shift - 1) * t)
+    t = np.append(t.astype(np.float32).astype(np.float64), 0.0)
+    with np.errstate(divide="ignore"):
+        return np.where(t < 1, t / (1 - t), np.inf)
+
+
+def scheduler_sigmas(scheduler: object, steps: int, *, mu: float | None = None, sigmas: Any = None) -> np.ndarray:
+    """The σ grid that diffusers' ``scheduler.set_timesteps(steps)`` loop runs, float64, decreasing.
+
+    ``scheduler``: a diffusers scheduler, its config dict, a directory or a
+    ``scheduler_config.json`` path (``DDIMScheduler`` or ``FlowMatchEulerDiscreteScheduler``).
+    The grid has ``steps + 1`` values: it ends at 0, or at σ_min for DDIM with
+    ``set_alpha_to_one=False``; a flow-matching grid starts at ``inf`` (t = 1). Pass it to
+    ``generate(..., sigmas=grid)`` (or, for ``inf``-started grids and model-scale latents, to
+    :func:`flowdiff.models.pipelines.sample_like`). ``mu`` is the shift of ``use_dynamic_shifting``
+    configs (Flux), as given to ``set_timesteps(mu=...)``; ``sigmas`` a flow-matching pipeline's
+    own unshifted times, as given to ``set_timesteps(sigmas=...)`` (FluxPipeline passes
+    ``np.linspace(1, 1/steps, steps)``).
+    """
+    config, source = config_of(scheduler)
+    steps = _check_steps(steps)
+    name = class_name(config)
+    if name == "DDIMScheduler":
+        if mu is not None or sigmas is not None:
+            raise ValueError("mu= and sigmas= apply to flow-matching schedulers, not DDIMScheduler")
+        return _ddim_sigmas(config, steps, source)
+    if name in FLOW_MATCHING_SCHEDULERS:
+        return _flow_matching_sigmas(config, steps, mu, sigmas, source)
+    raise ValueError(f"{source}: scheduler_sigmas knows the grids of {', '.join(GRID_SCHEDULERS)}; got "
+                     f"_class_name={name!r} (for another scheduler pass its sigmas to generate(sigmas=...) directly, "
+                     "or load its config into a DDIMScheduler)")

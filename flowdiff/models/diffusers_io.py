@@ -1,0 +1,339 @@
+"""Local diffusers models and pipelines as probability flows, offline.
+
+:func:`from_diffusers` reads a directory written by diffusers' ``save_pretrained``:
+
+* a pipeline directory (``model_index.json``): its denoiser (``unet/`` or ``transformer/``),
+  ``scheduler/``, and where present ``vae/`` (the flow then lives in latent space, with an
+  :class:`~flowdiff.models.pipelines.Autoencoder`; for Flux a :class:`~flowdiff.models.pipelines.PackedAutoencoder`)
+  and ``tokenizer/`` + ``text_encoder/`` (a :class:`~flowdiff.models.pipelines.PromptEncoder`, for CLIP text
+  encoders as in Stable Diffusion 1/2; for SD3's two CLIP + T5 and Flux's CLIP + T5, with their
+  tokenizers, a :class:`~flowdiff.models.pipelines.PipelinePromptEncoder` running the pipeline's own
+  ``encode_prompt``);
+* a model directory (``config.json`` of a supported denoiser and its weights), whose scheduler
+  config is ``scheduler_config.json`` beside it, in ``../scheduler/``, or given as ``scheduler=``.
+
+Denoisers: ``UNet2DModel``, ``UNet2DConditionModel`` (Stable Diffusion), ``DiTTransformer2DModel``
+(class-conditional), ``SD3Transformer2DModel`` and ``FluxTransformer2DModel`` (flow matching).
+A learned-variance output (twice the input's channels: DiT, improved DDPM) gives its ε half.
+Keyword arguments (``encoder_hidden_states``, ``class_labels``, ``pooled_projections``, …)
+reach the denoiser unchanged.
+
+From the scheduler config only the model's training definition is used (see
+:func:`flowdiff.engine.scheduler_grids.schedule_from_config`); its sampling settings describe one
+grid, which :func:`flowdiff.scheduler_sigmas` reproduces. Nothing is downloaded
+(``local_files_only``); missing or corrupt files are errors naming the file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..engine.scheduler_grids import config_of, read_json, schedule_from_config
+from .pipelines import Autoencoder, DiffusersFlow, PackedAutoencoder, PipelinePromptEncoder, PromptEncoder
+
+__all__ = ["DiffusersModel", "DiffusersUNet", "SUPPORTED_MODELS", "from_diffusers", "schedule_from_config"]
+
+#: denoiser class → the factor diffusers' pipelines apply to the scheduler's timestep before the model
+SUPPORTED_MODELS = {
+    "UNet2DModel": 1.0,
+    "UNet2DConditionModel": 1.0,
+    "DiTTransformer2DModel": 1.0,
+    "SD3Transformer2DModel": 1.0,
+    "FluxTransformer2DModel": 1e-3,  # FluxPipeline feeds timestep / 1000
+}
+_DENOISER_KEYS = ("unet", "transformer")
+_WEIGHT_PREFIXES = ("diffusion_pytorch_model", "model")
+_TEXT_ENCODERS = ("CLIPTextModel",)
+_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
+#: pipelines whose text encoders are loaded and run through the pipeline's own encode_prompt → their suffixes
+_TEXT_PIPELINES = {"StableDiffusion3Pipeline": ("", "_2", "_3"), "FluxPipeline": ("", "_2")}
+#: the guidance scale each pipeline uses by default (FluxPipeline's true_cfg_scale: no guidance)
+_DEFAULT_GUIDANCE = {"StableDiffusion3Pipeline": 7.0, "FluxPipeline": 1.0}
+
+
+class DiffusersModel(nn.Module):
+    """A diffusers denoiser in flowdiff's convention ``model(x_t, t, **kwargs) -> Tensor``.
+
+    The input is cast to the network's dtype and the output returned in the input's dtype, so
+    a float16 network serves a float32 solve and a float32 one a float64 solve. The time is
+    passed as ``timestep=t·time_scale``; floating-point keyword tensors are cast to the network's
+    dtype, and those of batch size 1 (one prompt's embedding) broadcast to the input's batch.
+    An output with twice the input's channels is a learned-variance prediction ([ε, variance]);
+    its first half, ε, is returned.
+    ``sample_shape`` is one sample's (channels, height, width) (for Flux's packed latents
+    (tokens, channels) when its pipeline's VAE fixes the image size, else None).
+
+    Flux's position ids, when not given as ``img_ids``/``txt_ids``: the image tokens' (row, column)
+    ids of diffusers' ``FluxPipeline._prepare_latent_image_ids`` for the token grid that
+    ``token_grid(tokens)`` gives (from the pipeline's :class:`~flowdiff.models.pipelines.PackedAutoencoder`,
+    else a square grid), and zeros for the text tokens (as FluxPipeline's ``text_ids``). Kept
+    out of ``model_kwargs`` so that those carry only batched tensors (guidance pairs them).
+    """
+
+    def __init__(self, net: nn.Module, time_scale: float = 1.0) -> None:
+        super().__init__()
+        self.net = net
+        self.time_scale = float(time_scale)
+        cfg = net.config
+        size = getattr(cfg, "sample_size", None)
+        self.packed = type(net).__name__ == "FluxTransformer2DModel"
+        self.token_grid: Any = None
+        self._ids: dict[tuple, Tensor] = {}
+        if size is None:  # Flux works on packed (batch, tokens, channels) latents whose length the caller picks
+            self.sample_shape: tuple[int, ...] | None = None
+        else:
+            h, w = (size, size) if isinstance(size, int) else tuple(size)
+            self.sample_shape = (int(cfg.in_channels), int(h), int(w))
+
+    def _position_ids(self, x_t: Tensor, model_kwargs: dict[str, Any]) -> None:
+        """Flux's img_ids and txt_ids, where the caller gave none (see the class docstring)."""
+        dtype, device = self.net.dtype, x_t.device
+        if "img_ids" not in model_kwargs:
+            tokens = x_t.shape[1]
+            key = ("img", tokens, device, dtype)
+            if key not in self._ids:
+                if self.token_grid is not None:
+                    rows, cols = self.token_grid(tokens)
+                else:
+                    rows = cols = math.isqrt(tokens)
+                    if rows * cols != tokens:
+                        raise ValueError(f"Flux latents of {tokens} tokens are not a square grid: pass img_ids "
+                                         "(FluxPipeline._prepare_latent_image_ids) in model_kwargs")
+                from diffusers import FluxPipeline
+
+                self._ids[key] = FluxPipeline._prepare_latent_image_ids(1, rows, cols, device, dtype)
+            model_kwargs["img_ids"] = self._ids[key]
+        text = model_kwargs.get("encoder_hidden_states")
+        if "txt_ids" not in model_kwargs and isinstance(text, Tensor):
+            key = ("txt", text.shape[1], device, dtype)
+            if key not in self._ids:
+                self._ids[key] = torch.zeros(text.shape[1], 3, device=device, dtype=dtype)
+            model_kwargs["txt_ids"] = self._ids[key]
+
+    @property
+    def unet(self) -> nn.Module:
+        """The wrapped network (the name of the UNet-only wrapper this one generalises)."""
+        return self.net
+
+    def forward(self, x_t: Tensor, t: Tensor, **model_kwargs: Any) -> Tensor:
+        timestep = t if self.time_scale == 1.0 else t * self.time_scale
+        n, dtype = x_t.shape[0], self.net.dtype
+        for key, value in model_kwargs.items():
+            if not isinstance(value, Tensor):
+                continue
+            if value.is_floating_point() and value.dtype != dtype:  # embeddings in the network's precision
+                value = value.to(dtype)
+            if value.ndim >= 1 and value.shape[0] == 1 and n > 1:  # one prompt's conditioning for the batch
+                value = value.expand(n, *value.shape[1:])
+            model_kwargs[key] = value
+        if self.packed:
+            self._position_ids(x_t, model_kwargs)
+        out = self.net(x_t.to(self.net.dtype), timestep=timestep, return_dict=False, **model_kwargs)[0]
+        if out.ndim == x_t.ndim and out.shape[1] == 2 * x_t.shape[1] and out.shape[2:] == x_t.shape[2:]:
+            out = out[:, : x_t.shape[1]]  # learned variance: [ε, v]
+        return out.to(x_t.dtype)
+
+
+DiffusersUNet = DiffusersModel
+
+
+def _scheduler_config(scheduler: object, model_dir: Path) -> tuple[dict[str, Any], str]:
+    """The scheduler config as a dict, and where it came from (for error messages)."""
+    if scheduler is None:
+        beside, sibling = model_dir / "scheduler_config.json", model_dir.parent / "scheduler" / "scheduler_config.json"
+        for candidate in (beside, sibling):
+            if candidate.is_file():
+                return read_json(candidate, "scheduler config"), str(candidate)
+        raise FileNotFoundError(f"no scheduler config for the model in {model_dir}: looked for scheduler_config.json "
+                                "there and in ../scheduler/; pass scheduler= (a directory, a scheduler_config.json "
+                                "path, a dict or a diffusers scheduler)")
+    config, source = config_of(scheduler)
+    return config, ("scheduler=" if isinstance(scheduler, Mapping) else source)
+
+
+def _components(path: Path) -> tuple[Path, dict[str, Any] | None]:
+    """The denoiser's directory inside a pipeline or model directory, and the pipeline's index (or None)."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory (expected a diffusers model or pipeline saved with "
+                                "save_pretrained)")
+    index_path = path / "model_index.json"
+    if index_path.is_file():
+        index = read_json(index_path, "pipeline index")
+        for key in _DENOISER_KEYS:
+            entry = index.get(key)
+            if isinstance(entry, list) and len(entry) == 2 and entry[1] is not None:
+                if entry[1] not in SUPPORTED_MODELS:
+                    raise ValueError(f"pipeline {path}: {key} is a {entry[1]}; supported: "
+                                     f"{', '.join(SUPPORTED_MODELS)}")
+                return path / key, index
+        raise ValueError(f"pipeline {path} has no 'unet' or 'transformer' component in model_index.json "
+                         f"(components: {', '.join(k for k in index if not k.startswith('_'))})")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a diffusers model or pipeline directory: it has neither model_index.json "
+                         "nor config.json")
+    return path, None
+
+
+def _weights(directory: Path) -> list[str]:
+    names = sorted(p.name for p in directory.iterdir() if p.name.startswith(_WEIGHT_PREFIXES)
+                   and p.suffix in (".safetensors", ".bin", ".json"))
+    weights = [n for n in names if not n.endswith(".json") or n.endswith(".index.json")]
+    if not weights:
+        raise FileNotFoundError(f"no weights in {directory}: expected diffusion_pytorch_model.safetensors "
+                                "(or model.safetensors, .bin)")
+    return weights
+
+
+def _load(cls: Any, directory: Path, what: str, dtype: torch.dtype | None) -> nn.Module:
+    """``cls.from_pretrained(directory)`` offline, with errors that name the directory and its files."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{what} directory {directory} is missing")
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{what} config {directory / 'config.json'} is missing")
+    read_json(directory / "config.json", f"{what} config")
+    weights = _weights(directory)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    try:
+        module = cls.from_pretrained(str(directory), **kwargs)
+    except Exception as e:  # diffusers/transformers raise OSError, ValueError, RuntimeError or SafetensorError
+        raise ValueError(f"could not load the {cls.__name__} weights in {directory} ({', '.join(weights)}): "
+                         f"{type(e).__name__}: {e}") from None
+    if dtype is not None and any(p.dtype != dtype for p in module.parameters()):
+        module.to(dtype)  # some classes load part of their weights in float32 whatever torch_dtype says
+    return module.eval().requires_grad_(False)
+
+
+def _diffusers() -> Any:
+    try:
+        import diffusers
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError("loading diffusers models needs diffusers: pip install 'flowdiff[diffusers]'") from None
+    return diffusers
+
+
+def _load_tokenizer(transformers: Any, class_name: str, directory: Path) -> Any:
+    if not directory.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {directory} is missing")
+    try:
+        return getattr(transformers, class_name).from_pretrained(str(directory), local_files_only=True)
+    except Exception as e:
+        files = ", ".join(sorted(p.name for p in directory.iterdir())) or "no files"
+        raise ValueError(f"could not load the tokenizer in {directory} ({files}): {type(e).__name__}: {e}") from None
+
+
+def _entry(index: Mapping[str, Any], key: str) -> str | None:
+    value = index.get(key)
+    return value[1] if isinstance(value, list) and len(value) == 2 and value[1] else None
+
+
+def _prompt_encoder(root: Path, index: Mapping[str, Any], dtype: torch.dtype | None,
+                    model_dtype: torch.dtype) -> PromptEncoder | PipelinePromptEncoder | None:
+    tok, enc = _entry(index, "tokenizer"), _entry(index, "text_encoder")
+    if tok is None or enc is None:
+        return None
+    pipeline_class = index.get("_class_name")
+    multi = pipeline_class in _TEXT_PIPELINES
+    if not multi and (tok not in _TOKENIZERS or enc not in _TEXT_ENCODERS
+                      or _entry(index, "text_encoder_2") or _entry(index, "text_encoder_3")):
+        return None  # text encoders of a pipeline flowdiff does not know: pass the embeddings as model_kwargs
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError(f"pipeline {root} has a {enc} text encoder; loading it needs transformers: "
+                          "pip install transformers") from None
+    if not multi:
+        tokenizer = _load_tokenizer(transformers, tok, root / "tokenizer")
+        text_encoder = _load(getattr(transformers, enc), root / "text_encoder", "text encoder", dtype)
+        return PromptEncoder(tokenizer, text_encoder, model_dtype)
+    # SD3 / Flux: the pipeline's own encode_prompt over its tokenizers and text encoders, nothing else loaded
+    components: dict[str, Any] = {k: None for k in index if not k.startswith("_")}
+    suffixes = _TEXT_PIPELINES[pipeline_class]
+    if any(_entry(index, "tokenizer" + x) is None or _entry(index, "text_encoder" + x) is None for x in suffixes):
+        return None  # e.g. SD3 saved without T5: the caller passes the embeddings as model_kwargs
+    for suffix in suffixes:
+        tok, enc = _entry(index, "tokenizer" + suffix), _entry(index, "text_encoder" + suffix)
+        if not hasattr(transformers, tok) or not hasattr(transformers, enc):
+            raise ValueError(f"pipeline {root}: tokenizer{suffix} {tok!r} or text_encoder{suffix} {enc!r} in "
+                             "model_index.json is not a transformers class")
+        components["tokenizer" + suffix] = _load_tokenizer(transformers, tok, root / ("tokenizer" + suffix))
+        components["text_encoder" + suffix] = _load(getattr(transformers, enc), root / ("text_encoder" + suffix),
+                                                     "text encoder", dtype)
+    pipeline = getattr(_diffusers(), pipeline_class)(**components)
+    config = read_json(root / "transformer" / "config.json", "model config")
+    return PipelinePromptEncoder(pipeline, model_dtype, guidance_embeds=bool(config.get("guidance_embeds", False)))
+
+
+def from_diffusers(path: str | Path, *, scheduler: object = None, device: str | torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> DiffusersFlow:
+    """A :class:`~flowdiff.models.pipelines.DiffusersFlow` from a local diffusers model or pipeline directory.
+
+    ``scheduler``: where the training schedule comes from if not beside the model (a directory,
+    a ``scheduler_config.json`` path, a config dict or a diffusers scheduler object).
+    ``device``/``dtype`` move every network (``dtype=torch.float16`` loads them in half precision,
+    as diffusers' ``torch_dtype``; states stay in the caller's dtype). ``flow.model`` is a
+    :class:`DiffusersModel` (``flow.model.sample_shape`` gives one sample's shape);
+    ``flow.autoencoder`` and ``flow.encode_prompt`` exist for latent pipelines with a VAE and
+    a CLIP text encoder.
+    """
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be a directory path (str or Path), got {type(path).__name__}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype (float16, bfloat16, float32, float64), "
+                        f"got {dtype!r}")
+    root = Path(path)
+    model_dir, index = _components(root)
+    config_path = model_dir / "config.json"
+    config = read_json(config_path, "model config")
+    class_name = config.get("_class_name")
+    if class_name not in SUPPORTED_MODELS:
+        raise ValueError(f"{config_path}: model class {class_name!r} is not supported; "
+                         f"supported: {', '.join(SUPPORTED_MODELS)}")
+    sched_config, source = _scheduler_config(scheduler, model_dir)
+    schedule, prediction_type = schedule_from_config(sched_config, source)
+    flow_matching = prediction_type == "velocity"
+    if class_name in ("SD3Transformer2DModel", "FluxTransformer2DModel") and not flow_matching:
+        raise ValueError(f"{source}: a {class_name} is a flow-matching model; its scheduler config must be a "
+                         f"FlowMatchEulerDiscreteScheduler, got {sched_config.get('_class_name')!r}")
+
+    diffusers = _diffusers()
+    net = _load(getattr(diffusers, class_name), model_dir, class_name, dtype)
+    if device is not None:
+        net.to(device)
+    model = DiffusersModel(net, SUPPORTED_MODELS[class_name])
+    flow = DiffusersFlow(model, schedule, prediction_type=prediction_type)
+    flow.scheduler_config = dict(sched_config)
+    flow.sample_shape = model.sample_shape
+    flow.packed = model.packed
+    if index is not None:
+        vae_entry = index.get("vae")
+        if isinstance(vae_entry, list) and vae_entry[1]:
+            if vae_entry[1] not in ("AutoencoderKL",):
+                raise ValueError(f"pipeline {root}: vae is a {vae_entry[1]}; supported: AutoencoderKL")
+            vae = _load(diffusers.AutoencoderKL, root / "vae", "vae", dtype)
+            if device is not None:
+                vae.to(device)
+            if model.packed:  # Flux: the flow runs on 2×2-packed latents, through diffusers' own (un)packing
+                packed = PackedAutoencoder(vae, diffusers.FluxPipeline._pack_latents,
+                                           diffusers.FluxPipeline._unpack_latents)
+                flow.autoencoder = packed
+                model.token_grid = packed.token_grid
+                if packed.image_size is not None:
+                    rows, cols = (s // packed.patch for s in packed.image_size)
+                    flow.sample_shape = model.sample_shape = (rows * cols, int(net.config.in_channels))
+            else:
+                flow.autoencoder = Autoencoder(vae)
+        prompt_encoder = _prompt_encoder(root, index, dtype, net.dtype)
+        if prompt_encoder is not None and device is not None:
+            for encoder in getattr(prompt_encoder, "text_encoders", None) or [prompt_encoder.text_encoder]:
+                encoder.to(device)
+        flow.prompt_encoder = prompt_encoder
+        flow.default_guidance = _DEFAULT_GUIDANCE.get(index.get("_class_name"), 7.5)
+    return flow

@@ -1,0 +1,323 @@
+"""Latent-diffusion pipelines as flows: the autoencoder, the prompt encoder, and a scheduler's loop.
+
+Stable Diffusion and its successors (Rombach et al., "High-Resolution Image Synthesis with
+Latent Diffusion Models", 2022) run the probability flow in an autoencoder's latent space:
+images become latents z = scaling_factor·(E(x) − shift_factor) and back x = D(z/scaling_factor
++ shift_factor); prompts become the denoiser's ``encoder_hidden_states`` through the
+pipeline's text encoder. :class:`DiffusersFlow` is the :class:`~flowdiff.ProbabilityFlow` of
+such a pipeline's denoiser with those two pieces attached; every solver, encode and decode
+works on it unchanged, on latents.
+
+:func:`sample_like` runs a diffusers scheduler's own grid (:func:`flowdiff.scheduler_sigmas`)
+with the pipeline's conventions: noise and result in the model's scale (the latents a
+pipeline's ``output_type="latent"`` returns), a first σ of ∞ taken as one step from pure noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..api.sampling import Result, generate
+from ..engine.flow import ProbabilityFlow
+from ..engine.scheduler_grids import config_of, scheduler_sigmas
+
+
+class Autoencoder:
+    """A diffusers ``AutoencoderKL``: ``encode(images)`` = scaling_factor·(latent mean − shift_factor),
+    ``decode(latents)`` = the decoder's image of latents/scaling_factor + shift_factor.
+
+    Images are (batch, 3, H, W) in [−1, 1] as diffusers' pipelines use them. The posterior mean
+    (not a sample) makes ``encode`` deterministic. Inputs are cast to the VAE's dtype and
+    results returned in the input's dtype.
+    """
+
+    def __init__(self, vae: nn.Module) -> None:
+        self.vae = vae
+        cfg = vae.config
+        self.scaling_factor = float(getattr(cfg, "scaling_factor", 1.0) or 1.0)
+        shift = getattr(cfg, "shift_factor", None)
+        self.shift_factor = 0.0 if shift is None else float(shift)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Latents of ``images``: scaling_factor·(mean of q(z | x) − shift_factor)."""
+        _check_tensor(images, "images")
+        mean = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
+        return ((mean - self.shift_factor) * self.scaling_factor).to(images.dtype)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Images of ``latents`` (in [−1, 1] up to the decoder's range; not clamped)."""
+        _check_tensor(latents, "latents")
+        z = latents.to(self.vae.dtype) / self.scaling_factor + self.shift_factor
+        return self.vae.decode(z).sample.to(latents.dtype)
+
+    def image_shape(self, sample_shape: Sequence[int]) -> tuple[int, int, int]:
+        """The (C, H, W) of the images whose latents have ``sample_shape`` (C, h, w)."""
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        _, h, w = sample_shape
+        return int(self.vae.config.in_channels), int(h) * factor, int(w) * factor
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.vae).__name__}, scaling_factor={self.scaling_factor:g})"
+
+
+class PackedAutoencoder(Autoencoder):
+    """Flux's autoencoder with its 2×2 packing: the flow runs on packed latents (batch, tokens, 4·C).
+
+    ``encode(images)``: the VAE's latents (:class:`Autoencoder`), each 2×2 patch of them one token
+    of 4·C channels (diffusers' ``FluxPipeline._pack_latents``); ``decode`` unpacks
+    (``FluxPipeline._unpack_latents``) and decodes. Both helpers are diffusers' own static
+    methods, passed in. The image size of a decode is ``image_size`` (the VAE's ``sample_size``)
+    when the token count fits it, else the square one the token count gives (:meth:`image_hw`).
+    """
+
+    def __init__(self, vae: nn.Module, pack: Any, unpack: Any, image_size: tuple[int, int] | None = None) -> None:
+        super().__init__(vae)
+        self._pack, self._unpack = pack, unpack
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        size = getattr(vae.config, "sample_size", None) if image_size is None else image_size
+        self.image_size = None if size is None else ((size, size) if isinstance(size, int) else tuple(size))
+
+    @property
+    def patch(self) -> int:
+        """Image pixels per token side: the VAE's factor times the 2×2 packing."""
+        return 2 * self.vae_scale_factor
+
+    def token_grid(self, tokens: int) -> tuple[int, int]:
+        """The (rows, columns) of tokens that ``tokens`` packed latents stand for (see :meth:`image_hw`)."""
+        h, w = self.image_hw(tokens)
+        return h // self.patch, w // self.patch
+
+    def image_hw(self, tokens: int) -> tuple[int, int]:
+        """The (H, W) of the images ``tokens`` packed latents decode to."""
+        if self.image_size is not None:
+            h, w = self.image_size
+            if (h // self.patch) * (w // self.patch) == tokens:
+                return h, w
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            raise ValueError(f"packed latents of {tokens} tokens fit neither the autoencoder's image size "
+                             f"{self.image_size} nor a square image; pass img_ids for other shapes")
+        return side * self.patch, side * self.patch
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Packed latents of ``images``: (batch, (h/2)·(w/2), 4·C) for latents of (C, h, w)."""
+        _check_tensor(images, "images")
+        if images.ndim != 4 or images.shape[-1] % self.patch or images.shape[-2] % self.patch:
+            raise ValueError(f"images must be (batch, C, H, W) with H and W multiples of {self.patch} (the VAE's "
+                             f"factor {self.vae_scale_factor} times Flux's 2×2 packing), got {tuple(images.shape)}")
+        z = super().encode(images)
+        b, c, h, w = z.shape
+        return self._pack(z, b, c, h, w)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Images of packed ``latents`` (batch, tokens, 4·C)."""
+        _check_tensor(latents, "latents")
+        if latents.ndim != 3:
+            raise ValueError(f"packed latents must be (batch, tokens, channels), got {tuple(latents.shape)}")
+        h, w = self.image_hw(latents.shape[1])
+        return super().decode(self._unpack(latents, h, w, self.vae_scale_factor))
+
+    def image_shape(self, sample_shape: Sequence[int]) -> tuple[int, int, int]:
+        """The (C, H, W) of the images whose packed latents have ``sample_shape`` (tokens, channels)."""
+        h, w = self.image_hw(int(sample_shape[0]))
+        return int(self.vae.config.in_channels), h, w
+
+
+class PromptEncoder:
+    """A CLIP-style tokenizer and text encoder: prompts → ``{"encoder_hidden_states": ...}``.
+
+    As Stable Diffusion's pipeline does: each prompt padded to the tokenizer's
+    ``model_max_length`` and truncated, the encoder's last hidden state taken (with the
+    attention mask only where the encoder's config asks for it), cast to ``dtype``.
+    """
+
+    def __init__(self, tokenizer: Any, text_encoder: nn.Module, dtype: torch.dtype) -> None:
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        _check_prompts(prompts)
+        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        device = next(self.text_encoder.parameters()).device
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = tokens.attention_mask.to(device)
+        hidden = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+        return {"encoder_hidden_states": hidden.to(self.dtype)}
+
+
+class PipelinePromptEncoder:
+    """The text encoders of an SD3 or Flux pipeline: prompts → ``model_kwargs``, by the pipeline's own
+    ``encode_prompt``.
+
+    ``pipeline`` is the diffusers pipeline holding only its tokenizers and text encoders (no
+    denoiser, VAE or scheduler). Stable Diffusion 3 (Esser et al. 2024): two CLIP encoders with
+    projection and T5; its ``encoder_hidden_states`` are the CLIP embeddings (zero-padded to T5's
+    width) followed by T5's, its ``pooled_projections`` the two pooled CLIP outputs side by side.
+    Flux: T5's ``encoder_hidden_states`` and the CLIP pooled output; for a guidance-distilled Flux
+    (``guidance_embeds``) also ``guidance``, the embedded guidance scale :attr:`embedded_guidance`
+    (FluxPipeline's ``guidance_scale``, 3.5 by default). ``max_sequence_length``: T5's padded
+    length (the pipelines' defaults: SD3 256, Flux 512).
+    """
+
+    #: the pipeline class name → its ``__call__``'s default ``max_sequence_length``
+    MAX_SEQUENCE_LENGTH = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512}
+
+    def __init__(self, pipeline: Any, dtype: torch.dtype, *, guidance_embeds: bool = False) -> None:
+        name = type(pipeline).__name__
+        if name not in self.MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"PipelinePromptEncoder supports {', '.join(self.MAX_SEQUENCE_LENGTH)}, got {name}")
+        self.pipeline = pipeline
+        self.kind = name
+        self.dtype = dtype
+        self.max_sequence_length = self.MAX_SEQUENCE_LENGTH[name]
+        self.guidance_embeds = guidance_embeds
+        self.embedded_guidance = 3.5
+
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        return [m for k in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                if isinstance(m := getattr(self.pipeline, k, None), nn.Module)]
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        _check_prompts(prompts)
+        device = next(self.text_encoders[0].parameters()).device
+        if self.kind == "StableDiffusion3Pipeline":
+            embeds, _, pooled, _ = self.pipeline.encode_prompt(
+                list(prompts), None, None, device=device, do_classifier_free_guidance=False,
+                max_sequence_length=self.max_sequence_length)
+        else:
+            embeds, pooled, _ = self.pipeline.encode_prompt(list(prompts), None, device=device,
+                                                            max_sequence_length=self.max_sequence_length)
+        kwargs = {"encoder_hidden_states": embeds.to(self.dtype), "pooled_projections": pooled.to(self.dtype)}
+        if self.guidance_embeds:  # FluxPipeline: torch.full([1], guidance_scale) expanded to the batch
+            kwargs["guidance"] = torch.full([1], float(self.embedded_guidance), device=device, dtype=torch.float32)
+        return kwargs
+
+
+def _check_prompts(prompts: object) -> None:
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts \
+            or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+
+
+class DiffusersFlow(ProbabilityFlow):
+    """The flow of a diffusers denoiser, with what its pipeline adds around it.
+
+    ``autoencoder``: an :class:`Autoencoder` for latent pipelines (None for pixel models; a
+    :class:`PackedAutoencoder` for Flux, whose flow runs on packed latents);
+    ``prompt_encoder``: a :class:`PromptEncoder` (Stable Diffusion 1/2) or
+    :class:`PipelinePromptEncoder` (SD3, Flux), None without supported text encoders;
+    ``default_guidance``: the guidance scale the pipeline uses by default (SD 7.5, SD3 7.0, Flux
+    1.0: its ``true_cfg_scale``); ``packed``: a Flux flow, on packed latents (batch, tokens, channels);
+    ``scheduler_config``: the scheduler config it was loaded with (for
+    :func:`flowdiff.scheduler_sigmas` and :func:`sample_like`); ``sample_shape``: one sample's
+    (latent) shape, for making noise.
+    """
+
+    autoencoder: Autoencoder | None = None
+    prompt_encoder: PromptEncoder | PipelinePromptEncoder | None = None
+    default_guidance: float = 7.5
+    packed: bool = False
+    scheduler_config: dict[str, Any]
+    sample_shape: tuple[int, ...]
+
+    def encode_prompt(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """``model_kwargs`` for ``prompts`` through the pipeline's own text encoder.
+
+        The unconditional branch of classifier-free guidance is the empty (or negative)
+        prompt: ``classifier_free_guidance(flow, 7.5, unconditional_kwargs=flow.encode_prompt([""] * n))``.
+        """
+        if self.prompt_encoder is None:
+            raise ValueError("this flow has no prompt encoder (no supported tokenizer + text_encoder in its "
+                             "pipeline); pass the denoiser's conditioning as model_kwargs yourself")
+        kwargs = self.prompt_encoder(prompts)
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None) \
+            if isinstance(self.model, nn.Module) else None
+        return {k: v.to(dtype) if dtype is not None else v for k, v in kwargs.items()}  # the denoiser's dtype now
+
+    def scheduler_sigmas(self, steps: int, *, mu: float | None = None, sigmas: Any = None) -> np.ndarray:
+        """The σ grid its own scheduler runs for ``steps`` steps (:func:`flowdiff.scheduler_sigmas`)."""
+        return scheduler_sigmas(self.scheduler_config, steps, mu=mu, sigmas=sigmas)
+
+
+def _check_tensor(x: object, name: str) -> Tensor:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"{name} must be a floating-point torch.Tensor, got {got}")
+    return x
+
+
+def _model_per_ddim(schedule: Any, sigma: float) -> float:
+    """x_model / x_DDIM at σ: α(σ)·√(1+σ²) — exactly 1 for VP, whose model scale is DDIM's."""
+    return 1.0 if schedule.kind == "vp" else schedule.alpha(sigma) * math.sqrt(1.0 + sigma * sigma)
+
+
+def flux_grid_arguments(scheduler: object, tokens: int, steps: int) -> tuple[float | None, np.ndarray]:
+    """The ``mu`` and unshifted ``sigmas`` that ``FluxPipeline`` passes to ``set_timesteps`` for ``tokens``
+    packed latents: its times ``linspace(1, 1/steps, steps)`` and, for a ``use_dynamic_shifting``
+    config, the shift diffusers' own ``calculate_shift`` gives for that sequence length (None otherwise)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    config = config_of(scheduler)[0]
+    base = np.linspace(1.0, 1 / steps, steps)
+    if not config.get("use_dynamic_shifting"):
+        return None, base
+    mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    return float(mu), base
+
+
+def sample_like(flow: ProbabilityFlow, noise: Tensor, scheduler: object = None, steps: int | None = None, *,
+                solver: str = "euler", mu: float | None = None, sigmas: Any = None,
+                model_kwargs: Mapping[str, Any] | None = None,
+                **generate_kwargs: Any) -> Result:
+    """What a diffusers pipeline's loop with ``scheduler`` returns from ``noise``, by ``solver``.
+
+    ``noise`` is the pipeline's initial latents in the model's own scale (``randn`` for DDIM and
+    flow matching, whose ``init_noise_sigma`` is 1); the result's ``x`` is the final latents as
+    the pipeline returns them (``output_type="latent"``), i.e. α(σ_end)·x̄ — σ_end is σ_min for
+    DDIM with ``set_alpha_to_one=False``. The grid is :func:`flowdiff.scheduler_sigmas`
+    (``scheduler`` defaults to the flow's own ``scheduler_config``). With ``solver="euler"`` this
+    is the scheduler's loop: DDIM's step and flow matching's x + (t' − t)·v are both Euler on
+    dx̄/dσ = ε. ``mu`` and ``sigmas`` are those a flow-matching pipeline passes to
+    ``set_timesteps`` (Flux: its resolution-dependent shift and ``linspace(1, 1/steps, steps)``,
+    which a Flux flow gets by default from :func:`flux_grid_arguments`, as FluxPipeline computes them).
+    A grid starting at σ = ∞ (flow matching, zero terminal SNR) takes its first step with
+    :meth:`~flowdiff.ProbabilityFlow.step_from_noise`, as :func:`flowdiff.generate` does
+    (:mod:`flowdiff.engine.terminal`; counted in ``stats.nfe``). Further keywords go to :func:`flowdiff.generate`.
+    """
+    if not isinstance(flow, ProbabilityFlow):
+        raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
+    _check_tensor(noise, "noise")
+    if steps is None:
+        raise TypeError("sample_like needs steps= (the pipeline's num_inference_steps)")
+    if scheduler is None:
+        scheduler = getattr(flow, "scheduler_config", None)
+        if scheduler is None:
+            raise ValueError("this flow carries no scheduler_config; pass scheduler= (a diffusers scheduler, "
+                             "its config or its directory)")
+    if mu is None and sigmas is None and getattr(flow, "packed", False):
+        mu, sigmas = flux_grid_arguments(scheduler, noise.shape[1], steps)
+    grid = scheduler_sigmas(scheduler, steps, mu=mu, sigmas=sigmas)
+    schedule = flow.schedule
+    # at σ = ∞ the model's input is the noise itself (α = 0, s = 1), which is also DDIM's x_T there
+    x_T = noise if math.isinf(grid[0]) else noise / _model_per_ddim(schedule, float(grid[0]))
+    res = generate(flow, x_T, solver=solver, sigmas=grid, model_kwargs=model_kwargs, **generate_kwargs)
+    end = float(grid[-1])
+    return dataclasses.replace(res, x=res.x if end == 0 else res.x * schedule.alpha(end))

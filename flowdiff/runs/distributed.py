@@ -1,0 +1,218 @@
+"""Work split over the processes PyTorch's own launcher starts: ``torchrun --nproc_per_node N ...``.
+
+flowdiff has no scheduler of its own. Under ``torchrun`` every process runs the same command with
+``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` in its environment; :func:`process_group` joins them with
+``torch.distributed`` (gloo for the host-side exchanges — barriers and small Python objects — and nccl
+beside it when the work runs on CUDA), and only when ``WORLD_SIZE`` > 1: a plain run never touches
+``torch.distributed``. What each rank does is fixed by its rank alone (rank r takes items r, r + N,
+r + 2N, … of one deterministic list), so a split changes who computes an item, never what it computes.
+
+:func:`compare` is :func:`flowdiff.compare` with its runs (solver × grid × NFE) split this way and the
+table gathered on every rank: the same rows, in the same order, with the same numbers as one process
+(only the measured wall times differ).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from ..api.roundtrip import encoders
+from ..engine.flow import ProbabilityFlow
+from ..tools.compare import (
+    DEFAULT_GRIDS,
+    DEFAULT_NFE,
+    Comparison,
+    Reference,
+    default_grids,
+    default_solvers,
+    reference_solution,
+)
+from ..tools.compare import compare as _compare_one
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the launched ones: ``rank`` of ``world_size`` (0 of 1 without ``torchrun``)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that merges, writes the shared files and prints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def share(self, items: Sequence[T]) -> list[T]:
+        """This rank's items of ``items``: those at positions ≡ rank (mod world_size)."""
+        return list(items[self.rank::self.world_size])
+
+    def barrier(self) -> None:
+        """Wait until every rank is here (nothing to wait for in one process)."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def all_gather(self, obj: T) -> list[T]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: T | None) -> T:
+        """Rank 0's ``obj`` (picklable) on every rank."""
+        if not self.distributed:
+            return obj  # type: ignore[return-value]
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def main_first(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on rank 0, then on the other ranks: for work that rank 0 leaves on disk for the others
+        (a reference solve kept in a file is solved once and read by the rest)."""
+        if not self.distributed:
+            return fn()
+        if self.is_main:
+            out = fn()
+            self.barrier()
+            return out
+        self.barrier()
+        return fn()
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={text!r} is not an integer (torchrun sets it)") from None
+    if value < 0:
+        raise ValueError(f"environment variable {name}={text!r} must be ≥ 0")
+    return value
+
+
+def process_group(device: torch.device | str = "cpu") -> Ranks:
+    """Join the processes ``torchrun`` started (once per process) and return this one's :class:`Ranks`.
+
+    Without ``WORLD_SIZE`` > 1 in the environment nothing is initialised: ``Ranks(0, 1)``. Under
+    ``torchrun`` the default group is ``gloo`` (every exchange here is of host objects), with ``nccl``
+    for CUDA tensors beside it when ``device`` is CUDA; each rank then works on ``cuda:LOCAL_RANK``
+    (see :func:`rank_device`).
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    if world <= 1:
+        return Ranks()
+    rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    if rank >= world:
+        raise ValueError(f"environment variable RANK={rank} is not below WORLD_SIZE={world}")
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    if not dist.is_initialized():
+        cuda = torch.device(device).type == "cuda"
+        if cuda and torch.cuda.is_available() and local < torch.cuda.device_count():
+            torch.cuda.set_device(local)  # nccl's device for this rank: one GPU per process (else --device says)
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size(), local)
+
+
+def rank_device(device: torch.device | str, ranks: Ranks) -> torch.device:
+    """The device this rank works on: ``cuda`` (without an index) becomes ``cuda:LOCAL_RANK`` under ``torchrun``,
+    so that the processes of one machine take one GPU each; any other device is used as given."""
+    device = torch.device(device)
+    if ranks.distributed and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", ranks.local_rank)
+    return device
+
+
+def close(ranks: Ranks) -> None:
+    """Leave the process group (after the last exchange), so that the launcher sees a clean exit."""
+    if ranks.distributed:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks | None = None,
+            solvers: Iterable[str] | str | None = None, grids: Iterable[str] | str | None = None,
+            nfe: Iterable[int] | int = DEFAULT_NFE, model_kwargs: Mapping[str, Any] | None = None,
+            reference: Reference | None = None, progress: bool | Callable[[str], None] = False,
+            task: str = "generate", images: Tensor | None = None, **options: Any) -> Comparison:
+    """:func:`flowdiff.compare` with its runs split over the ranks and the table gathered on every rank.
+
+    The runs are the product solvers × grids × budgets in :func:`flowdiff.compare`'s order; rank r
+    runs those at positions ≡ r (mod N), each on the whole batch, against one reference: ``reference``
+    if given, else solved on rank 0 and sent to the others. Each run is the computation a single
+    process makes, so the gathered rows equal a one-process table value for value (wall times aside).
+    ``ranks`` defaults to :func:`process_group`; with one process this is :func:`flowdiff.compare`.
+    Other keywords (``rtol``, ``calibration_noise``, …) pass through.
+    """
+    ranks = process_group() if ranks is None else ranks
+    kwargs = dict(model_kwargs=model_kwargs, task=task, images=images, **options)
+    if not ranks.distributed:
+        return _compare_one(flow, noise, solvers=solvers, grids=grids, nfe=nfe, reference=reference,
+                                progress=progress, **kwargs)
+    default = encoders() if task == "roundtrip" else default_solvers()
+    names = _listed(default if solvers is None else solvers)
+    if grids is None:  # the defaults of flowdiff.compare for this task (with stored tuned grids where they cover it)
+        grids = DEFAULT_GRIDS if task == "roundtrip" else default_grids(flow, names, _budgets(nfe), model_kwargs)
+    jobs = [(s, g, b) for s in names for g in _listed(grids) for b in _budgets(nfe)]
+    if task != "roundtrip" and reference is None:
+        if ranks.is_main:
+            ref_options = {k: options[k] for k in ("reference_solver", "rtol", "atol") if k in options}
+            if "reference_solver" in ref_options:
+                ref_options["solver"] = ref_options.pop("reference_solver")
+            reference = reference_solution(flow, noise, model_kwargs=model_kwargs, **ref_options)
+        reference = ranks.broadcast(reference)
+    if isinstance(progress, bool):  # True: each rank names its runs on stderr as it starts them
+        rank = ranks.rank
+        progress = (lambda text: print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)) if progress else None
+    mine = []
+    for index in ranks.share(range(len(jobs))):
+        solver, grid, budget = jobs[index]
+        if progress is not None:
+            progress(f"{solver}/{grid}/NFE {budget}")
+        part = _compare_one(flow, noise, solvers=[solver], grids=[grid], nfe=[budget], reference=reference,
+                                **kwargs)
+        mine.append((index, part))
+    parts = sorted((item for gathered in ranks.all_gather(mine) for item in gathered), key=lambda item: item[0])
+    if [index for index, _ in parts] != list(range(len(jobs))):
+        raise RuntimeError(f"the ranks returned runs {[i for i, _ in parts]} of {len(jobs)}; expected each once")
+    result = Comparison([], reference=parts[0][1].reference if parts else reference, task=task)
+    for _, part in parts:
+        result.runs += part.runs
+        result.skipped += part.skipped
+        result.provided.update(part.provided)
+    return result
+
+
+def _listed(values: Iterable[str] | str) -> list[str]:
+    return [values] if isinstance(values, str) else list(values)
+
+
+def _budgets(nfe: Iterable[int] | int) -> list[int]:
+    return [nfe] if isinstance(nfe, int) else list(nfe)

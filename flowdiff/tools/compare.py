@@ -1,0 +1,657 @@
+"""Solvers compared at a fixed budget of model evaluations: error against a reference, NFE, wall time.
+
+The question users ask first is "which solver, on which grid, gives the best image for N
+model evaluations?". :func:`compare` answers it on one flow and one batch of noise: every
+(solver, grid, NFE budget) generates from the same noise with ``generate(..., nfe=N)``, and
+its image is measured against a high-accuracy solution of the same ODE from the same noise,
+
+    error = RMS over the batch and pixels of  x_solver(σ=0) − x_ref(σ=0)
+
+in the image's scale (the model's data range, e.g. [−1, 1]). The reference ``x_ref`` is a
+tight adaptive solve in float64 (Dormand–Prince 8(7) by default, error measured in the
+image's scale) down to the schedule's smallest trained σ, followed by the same Euler step
+into σ = 0 that every fixed grid ends with: the limit the fixed grids converge to
+(:func:`reference_solution` says why). It is cached per flow and noise, so it is computed
+once however many rows share it. Its own accuracy is estimated from a second solve at a
+100× looser tolerance (see :class:`Reference`) and reported with the table, so that a row
+near that floor is visibly not resolved.
+
+NFE is the currency: the table shows the budget asked for and the NFE actually spent
+(counted by the driver: a one-evaluation-per-step solver spends the budget exactly; Heun
+with its Euler step into σ = 0 spends an odd count ≤ N). Wall time is recorded, never
+asserted. :class:`Comparison` renders the table as markdown or CSV and draws the log-log
+error-vs-NFE plot.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import math
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import solvers as _solvers
+
+from ..api import roundtrip as _roundtrip
+from ..api.adaptive import RK_CONTROLLER, to_zero_in_log_sigma
+from ..api.sampling import generate
+from ..engine.flow import ProbabilityFlow
+from ..engine.grids import GRIDS, make_sigmas
+from ..engine.loop import solve_flow
+from ..engine.options import Grid
+from ..engine.terminal import refuse_infinite_start
+
+#: Grids of the default comparison: diffusers' trailing timesteps, EDM's, uniform in log σ.
+DEFAULT_GRIDS = ("trailing", "karras", "logsnr")
+#: NFE budgets of the default comparison.
+DEFAULT_NFE = (10, 20, 50)
+#: Solvers always in the default comparison (DDIM and its second-order correction); the
+#: registered multistep solvers join them (see :func:`default_solvers`).
+BASE_SOLVERS = ("euler", "heun")
+
+#: Grids made per (solver, budget) by a plug-in instead of :func:`make_sigmas`, e.g. ``"tuned"``
+#: (registered by :mod:`flowdiff.tools.tuning`): ``provider(flow, calibration_noise, *, solver, nfe,
+#: model_kwargs, **options)`` returns an object with the grid as ``.sigmas``. It sees only the
+#: calibration noise, never the noise the runs are measured on.
+#: ``stored=`` tells it whether a stored grid may stand in (compare passes ``calibration_noise is None``),
+#: and a provider with a ``has_stored(flow, solver, nfe, model_kwargs)`` attribute joins the default
+#: grids of a comparison whose every (solver, budget) has one (see :func:`default_grids`).
+GRID_PROVIDERS: dict[str, Callable[..., Any]] = {}
+#: Seed of the calibration noise drawn when ``compare(calibration_noise=None)`` needs one.
+CALIBRATION_SEED = 20241
+
+_CACHE: weakref.WeakKeyDictionary[ProbabilityFlow, dict[tuple, Reference]] = weakref.WeakKeyDictionary()
+
+
+def default_grids(flow: ProbabilityFlow, solvers: Iterable[str], nfe: Iterable[int],
+                  model_kwargs: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """:data:`DEFAULT_GRIDS`, plus each plug-in grid (e.g. ``"tuned"``) that has a stored grid for
+    every solver × budget of the comparison (flowdiff ships tuned grids for ``pretrained("digits")``)."""
+    solvers, nfe = list(solvers), list(nfe)
+    extra = tuple(name for name, provider in GRID_PROVIDERS.items() if hasattr(provider, "has_stored")
+                  and all(provider.has_stored(flow, s, b, model_kwargs) for s in solvers for b in nfe))
+    return DEFAULT_GRIDS + extra
+
+
+def default_solvers() -> list[str]:
+    """Euler (DDIM) and Heun, then every registered multistep solver (the low-NFE methods)."""
+    multistep = [name for name in _solvers.available(multistep=True) if name not in BASE_SOLVERS]
+    return [name for name in BASE_SOLVERS if name in _solvers.available()] + multistep
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The float64 reference image ``x`` from noise started at ``sigma_start``, solved to ``sigma_end``.
+
+    ``nfe`` and ``wall_time`` are the reference solve's own cost. ``error`` estimates its
+    RMS error from a second solve at 100× looser tolerances, assuming tolerance
+    proportionality (global error ∝ tolerance, Hairer, Nørsett & Wanner, "Solving Ordinary
+    Differential Equations I", §II.4): with e_tight = c·tol and e_loose = 100·c·tol,
+    ‖x_loose − x_tight‖ ≈ 99·e_tight, so ``error`` = ‖x_loose − x_tight‖_RMS / 99.
+    """
+
+    x: Tensor
+    sigma_start: float
+    sigma_end: float
+    solver: str
+    rtol: float
+    atol: float
+    nfe: int
+    wall_time: float
+    error: float
+
+    def save(self, path: str | Path, key: str = "") -> Path:
+        """Write this reference to a safetensors file, with ``key`` saying what it belongs to."""
+        from safetensors.torch import save_file
+
+        meta = {"format": _REFERENCE_FORMAT, "key": key, "sigma_start": self.sigma_start.hex(),
+                "sigma_end": self.sigma_end.hex(), "solver": self.solver,
+                "rtol": self.rtol.hex(), "atol": self.atol.hex(), "nfe": str(self.nfe),
+                "wall_time": repr(self.wall_time), "error": repr(self.error)}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"x": self.x.detach().to("cpu", torch.float64).contiguous()}, str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, key: str | None = None) -> Reference | None:
+        """Read a reference written by :meth:`save`; ``None`` if ``key`` is given and differs from the file's."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("format") != _REFERENCE_FORMAT:
+                raise ValueError(f"{path} is not a flowdiff reference file (format {meta.get('format')!r})")
+            if key is not None and meta.get("key") != key:
+                return None
+            x = fh.get_tensor("x")
+        return cls(x, float.fromhex(meta["sigma_start"]), float.fromhex(meta["sigma_end"]), meta["solver"],
+                   float.fromhex(meta["rtol"]),
+                   float.fromhex(meta["atol"]), int(meta["nfe"]), float(meta["wall_time"]), float(meta["error"]))
+
+
+_REFERENCE_FORMAT = "flowdiff.Reference/2"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One row: ``solver`` on ``grid`` at NFE budget ``budget``, spending ``nfe`` in ``steps`` steps.
+
+    ``rms_error`` and ``max_error`` are against the reference in the image's scale;
+    ``wall_time`` is the seconds ``generate`` took.
+    """
+
+    solver: str
+    grid: str
+    budget: int
+    nfe: int
+    steps: int
+    rms_error: float
+    max_error: float
+    wall_time: float
+    sigma_start: float
+    encode_nfe: int | None = None  # round trips (task="roundtrip"): nfe = encode_nfe + decode_nfe
+    decode_nfe: int | None = None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A (solver, grid, budget) that could not run, and why (e.g. one step costs more than the budget)."""
+
+    solver: str
+    grid: str
+    budget: int
+    reason: str
+
+
+CSV_COLUMNS = ("solver", "grid", "budget", "nfe", "steps", "rms_error", "max_error", "wall_time", "sigma_start")
+
+
+@dataclass
+class Comparison:
+    """The result of :func:`compare`: the runs, the reference they are measured against, what was skipped."""
+
+    runs: list[Run]
+    reference: Reference
+    skipped: list[Skipped] = field(default_factory=list)
+    #: (solver, grid, budget) → what a plug-in grid provider made (e.g. a ``TunedGrid`` with its cost)
+    provided: dict[tuple[str, str, int], Any] = field(default_factory=dict)
+    task: str = "generate"
+
+    @property
+    def budgets(self) -> list[int]:
+        return sorted({r.budget for r in self.runs} | {s.budget for s in self.skipped})
+
+    def best(self, budget: int) -> Run:
+        """The run with the lowest RMS error at ``budget``."""
+        rows = [r for r in self.runs if r.budget == budget]
+        if not rows:
+            raise ValueError(f"no run at budget {budget}; budgets run: {self.budgets}")
+        return min(rows, key=lambda r: r.rms_error)
+
+    def to_markdown(self, layout: str = "wide") -> str:
+        """A markdown table.
+
+        ``layout="wide"``: a row per (solver, grid), a column per NFE budget holding the RMS
+        error (the NFE actually spent in brackets where it differs from the budget; the best
+        per budget in bold; ``—`` where the solver cannot fit the budget). ``layout="long"``:
+        one row per run with every column of the CSV.
+        """
+        if layout == "long":
+            lines = ["| solver | grid | NFE budget | NFE used | steps | RMS error | max error | wall s |",
+                     "|---|---|---:|---:|---:|---:|---:|---:|"]
+            for r in self.runs:
+                lines.append(f"| {r.solver} | {r.grid} | {r.budget} | {r.nfe} | {r.steps} | {r.rms_error:.3e} | "
+                             f"{r.max_error:.3e} | {r.wall_time:.3f} |")
+            return "\n".join(lines) + "\n"
+        if layout != "wide":
+            raise ValueError(f"layout must be 'wide' or 'long', got {layout!r}")
+        budgets = self.budgets
+        best = {b: self.best(b) for b in budgets if any(r.budget == b for r in self.runs)}
+        keys: list[tuple[str, str]] = []
+        for item in [*self.runs, *self.skipped]:
+            if (item.solver, item.grid) not in keys:
+                keys.append((item.solver, item.grid))
+        cell = {(r.solver, r.grid, r.budget): r for r in self.runs}
+        lines = ["| solver | grid | " + " | ".join(f"NFE {b}" for b in budgets) + " |",
+                 "|---|---|" + "---:|" * len(budgets)]
+        for solver, grid in keys:
+            cells = []
+            for b in budgets:
+                r = cell.get((solver, grid, b))
+                if r is None:
+                    cells.append("—")
+                    continue
+                text = f"{r.rms_error:.2e}" + (f" ({r.nfe})" if r.nfe != b else "")
+                cells.append(f"**{text}**" if best.get(b) is r else text)
+            lines.append(f"| {solver} | {grid} | " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def to_csv(self) -> str:
+        """One line per run, columns :data:`CSV_COLUMNS` (errors and times in full precision)."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        columns = CSV_COLUMNS + (("encode_nfe", "decode_nfe") if self.task == "roundtrip" else ())
+        writer.writerow(columns)
+        for r in self.runs:
+            writer.writerow([getattr(r, c) if not isinstance(getattr(r, c), float) else repr(getattr(r, c))
+                             for c in columns])
+        return out.getvalue()
+
+    def plot(self, path: str | Path, title: str | None = None) -> Path:
+        """Write the log-log plot of RMS error against NFE used (a line per solver and grid) as a PNG.
+
+        Colour marks the solver, line style the grid; a dotted grey line marks the
+        reference's estimated error when it is within two decades of the best run.
+        """
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        names = list(dict.fromkeys(r.solver for r in self.runs))
+        grids = list(dict.fromkeys(r.grid for r in self.runs))
+        colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+        styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1))]
+        fig, ax = plt.subplots(figsize=(9.0, 5.5), dpi=120)
+        tiny = 1e-16
+        for i, name in enumerate(names):
+            for j, grid in enumerate(grids):
+                rows = sorted((r for r in self.runs if r.solver == name and r.grid == grid), key=lambda r: r.nfe)
+                if not rows:
+                    continue
+                ax.plot([r.nfe for r in rows], [max(r.rms_error, tiny) for r in rows], marker="o", markersize=3,
+                        color=colours(i % colours.N), linestyle=styles[j % len(styles)], label=f"{name} / {grid}")
+        floor = self.reference.error
+        lowest = min((r.rms_error for r in self.runs), default=math.nan)
+        if math.isfinite(floor) and floor > 0 and floor >= 1e-2 * lowest:  # draw it only where it is in view
+            ax.axhline(floor, color="grey", linestyle=":", linewidth=1, label="reference error (est.)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        budgets = self.budgets
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.minorticks_off()
+        ax.set_xlabel("model evaluations (NFE)")
+        ax.set_ylabel("RMS error vs reference (image scale)")
+        ax.set_title(title or "error vs NFE", fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  ncol=2 if len(names) * len(grids) > 24 else 1)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+
+def clear_reference_cache() -> None:
+    """Forget every cached reference."""
+    _CACHE.clear()
+
+
+def _float64_flow(flow: ProbabilityFlow) -> ProbabilityFlow:
+    """The flow with its network in float64 when it is a torch module in another precision.
+
+    A σ-native flow (closed-form models) and a non-module callable are used as given: they
+    must accept float64 input themselves.
+    """
+    model = flow.model
+    if flow.sigma_field is not None or not isinstance(model, torch.nn.Module):
+        return flow
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    if all(p.dtype == torch.float64 for p in params):
+        return flow
+    model64 = copy.deepcopy(model).double()
+    return ProbabilityFlow(model64, flow.schedule, prediction_type=flow.prediction_type)
+
+
+def _noise_key(noise: Tensor) -> tuple:
+    data = noise.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()
+    return hashlib.blake2b(data, digest_size=16).hexdigest(), tuple(noise.shape), str(noise.device)
+
+
+_LOOSER = 100.0
+
+
+def _check_tolerance(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1e-3):
+        raise ValueError(f"{name} must be a number in (0, 1e-3] (a reference is a tight solve), got {value!r}")
+    return float(value)
+
+
+def reference_solution(
+    flow: ProbabilityFlow,
+    noise: Tensor,
+    *,
+    sigma_start: float | None = None,
+    sigma_end: float | None = None,
+    solver: str = "dopri8",
+    rtol: float = 1e-9,
+    atol: float = 1e-9,
+    model_kwargs: Mapping[str, Any] | None = None,
+    cache: bool = True,
+    progress: bool = False,
+) -> Reference:
+    """The high-accuracy image from ``noise`` (DDIM scale, x_T ~ N(0, I)), the limit the fixed grids converge to.
+
+    An adaptive float64 solve from σ_start (default: the schedule's σ_max) down to σ_end,
+    then the step every fixed grid ends with, Euler from its last σ into σ = 0, which is the
+    model's denoised image x̄ − σ_end·ε(x̄, σ_end). σ_end defaults to the schedule's smallest
+    trained σ: a trained model knows no σ below it (its timestep is clamped to 0 there), the
+    grids ``karras``, ``logsnr`` and ``leading`` end there and the others approach it as
+    steps grow, so fixed-grid errors fall to 0 with NFE instead of settling on the error of
+    that one fixed last step. ``sigma_end=0`` solves the ODE itself to σ = 0 (for closed-form
+    models, exact down to 0).
+
+    The solve runs in τ = log σ (dx̄/dτ = σ·ε, steps relative in σ, where the image forms in
+    the last few percent of the σ range) with the error measured in the image's scale
+    (:func:`flowdiff.api.adaptive.image_norm`); with ``sigma_end=0`` it is
+    ``generate(..., rtol=, atol=)``. A torch network in another precision is copied to
+    float64 for it. Cached per (flow, noise values, σ_start, σ_end, solver, tolerances)
+    unless ``cache=False`` or ``model_kwargs`` are given (conditioning is not hashed).
+    ``error`` is estimated from the same solve at 100× looser tolerances (see
+    :class:`Reference`). ``progress=True`` shows a tqdm bar of the σ reached on stderr.
+    """
+    if not isinstance(flow, ProbabilityFlow):
+        raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
+    if not isinstance(noise, Tensor) or not noise.is_floating_point():
+        raise TypeError(f"noise must be a floating-point torch.Tensor, got {type(noise).__name__}")
+    rtol, atol = _check_tolerance("rtol", rtol), _check_tolerance("atol", atol)
+    if not _solvers.get(solver).adaptive:
+        raise ValueError(f"the reference needs an adaptive solver; got {solver!r}, adaptive solvers: "
+                         f"{', '.join(_solvers.available(adaptive=True))}")
+    s0 = flow.schedule.sigma_max if sigma_start is None else float(sigma_start)
+    if not (math.isfinite(s0) and s0 > 0):
+        if sigma_start is None:  # a zero-terminal-SNR schedule: σ_max = ∞ (flowdiff.engine.terminal)
+            refuse_infinite_start(s0, "the adaptive reference solution")
+        raise ValueError(f"sigma_start must be a finite number > 0, got {sigma_start!r}")
+    s_end = flow.schedule.sigma_min if sigma_end is None else float(sigma_end)
+    if not (math.isfinite(s_end) and 0 <= s_end < s0):
+        raise ValueError(f"sigma_end must lie in [0, sigma_start={s0:.6g}), got {sigma_end!r}")
+    use_cache = cache and model_kwargs is None
+    key = (*_noise_key(noise), s0, s_end, solver, rtol, atol)
+    if use_cache:
+        hit = _CACHE.get(flow, {}).get(key)
+        if hit is not None:
+            return hit
+    flow64 = _float64_flow(flow)
+    noise64 = noise.detach().to(torch.float64)
+    with torch.no_grad(), _SigmaBar(s0, progress) as bar:
+        start = time.perf_counter()
+        bar.stage = "reference"
+        tight, nfe = _solve_reference(flow64, noise64, s0, s_end, solver, rtol, atol, model_kwargs, bar.callback)
+        wall = time.perf_counter() - start
+        bar.stage = "its error check"
+        loose, _ = _solve_reference(flow64, noise64, s0, s_end, solver, _LOOSER * rtol, _LOOSER * atol,
+                                    model_kwargs, bar.callback)
+    error = float((loose - tight).pow(2).mean().sqrt()) / (_LOOSER - 1)
+    ref = Reference(tight, s0, s_end, solver, rtol, atol, nfe, wall, error)
+    if use_cache:
+        _CACHE.setdefault(flow, {})[key] = ref
+    return ref
+
+
+def _solve_reference(flow: ProbabilityFlow, noise: Tensor, s0: float, s_end: float, solver: str, rtol: float,
+                     atol: float, model_kwargs: Mapping[str, Any] | None,
+                     callback: Callable[[Any], None] | None) -> tuple[Tensor, int]:
+    """The image at σ = 0 and the NFE spent: adaptive in τ = log σ to σ_end, then the Euler step into 0."""
+    if s_end == 0.0:
+        out = generate(flow, noise, solver=solver, rtol=rtol, atol=atol, sigmas=[s0, 0.0], model_kwargs=model_kwargs,
+                       callback=callback)
+        return out.x, out.stats.nfe
+    form, stepping = to_zero_in_log_sigma(s0, s_end, rtol, atol, RK_CONTROLLER)
+    xbar0 = noise * math.sqrt(1.0 + s0 * s0)
+    sol = solve_flow(flow.field(model_kwargs), form, stepping, _solvers.get(solver), sigma0=s0, xbar0=xbar0,
+                     callback=callback)
+    return sol.xbar, sol.stats.nfe
+
+
+class _SigmaBar:
+    """A tqdm bar of an adaptive solve's progress from σ_start to 0, measured in log(1 + σ)."""
+
+    def __init__(self, sigma_start: float, enabled: bool) -> None:
+        self.total = math.log1p(sigma_start)
+        self.enabled = enabled
+        self.stage = ""
+        self.bar: Any = None
+        self.callback = self._update if enabled else None
+
+    def __enter__(self) -> _SigmaBar:
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=1000, desc="reference", leave=False,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}")
+        return self
+
+    def _update(self, state: Any) -> None:
+        done = 1.0 - math.log1p(state.sigma) / self.total
+        self.bar.set_description_str(self.stage, refresh=False)
+        self.bar.set_postfix_str(f"σ={state.sigma:.3g}, step {state.step + 1}", refresh=False)
+        self.bar.update(round(1000 * done) - self.bar.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _cannot_run(flow: ProbabilityFlow, solver: str, grid: str, budget: int) -> str | None:
+    """Why ``solver`` on ``grid`` cannot spend ``budget`` (one step costs more, or the grid has no such
+    step count, e.g. ``quadratic`` repeating timesteps), or None."""
+    one_step = _solvers.nfe_for_steps(solver, 1, eval_end=False)
+    if budget < one_step:
+        return f"one step costs {one_step} evaluations"
+    try:
+        make_sigmas(flow.schedule, "logsnr" if grid in GRID_PROVIDERS else grid,
+                    _solvers.steps_for_nfe(solver, budget, eval_end=False))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _check_names(values: Iterable[str] | str, name: str, accepted: Sequence[str]) -> list[str]:
+    if isinstance(values, str):
+        values = [values]
+    out = list(values)
+    if not out:
+        raise ValueError(f"{name} must name at least one; accepted: {', '.join(accepted)}")
+    for v in out:
+        if not isinstance(v, str):
+            raise TypeError(f"{name} must be names (str), got {type(v).__name__}")
+        if v not in accepted:
+            raise ValueError(f"unknown {name[:-1] if name.endswith('s') else name} {v!r} in {name}; "
+                             f"accepted: {', '.join(accepted)}")
+    return list(dict.fromkeys(out))
+
+
+def _check_budgets(nfe: Iterable[int] | int) -> list[int]:
+    values = [nfe] if isinstance(nfe, int) else list(nfe)
+    if not values:
+        raise ValueError("nfe must hold at least one budget")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"nfe budgets must be positive ints, got {v!r}")
+    return sorted(set(values))
+
+
+def _check_noise(noise: Tensor) -> None:
+    """A batch (N, ...) with N ≥ 1 and at least one value per sample, all finite."""
+    if noise.ndim < 1 or noise.shape[0] < 1 or noise[0].numel() < 1:
+        raise ValueError(f"noise must be a non-empty batch (batch, ...) with batch >= 1, got shape "
+                         f"{tuple(noise.shape)}")
+    if not bool(torch.isfinite(noise).all()):
+        raise ValueError("noise contains NaN or inf; compare needs finite noise, e.g. torch.randn(batch, *shape)")
+
+
+def _calibration(noise: Tensor, calibration_noise: Tensor | None) -> Tensor:
+    """The noise a tuned grid is made on: given, or drawn with :data:`CALIBRATION_SEED`; never ``noise`` itself."""
+    if calibration_noise is None:
+        gen = torch.Generator().manual_seed(CALIBRATION_SEED)
+        calibration_noise = torch.randn(noise.shape, generator=gen, dtype=noise.dtype).to(noise.device)
+    elif not isinstance(calibration_noise, Tensor) or not calibration_noise.is_floating_point():
+        raise TypeError(f"calibration_noise must be a floating-point torch.Tensor or None, "
+                        f"got {type(calibration_noise).__name__}")
+    if calibration_noise.shape == noise.shape and torch.equal(calibration_noise.to(noise), noise):
+        raise ValueError("calibration_noise is the noise the runs are measured on: a tuned grid must be measured on "
+                         "other noise (pass another calibration_noise batch, or other noise)")
+    return calibration_noise
+
+
+def compare(
+    flow: ProbabilityFlow,
+    noise: Tensor | None = None,
+    *,
+    solvers: Iterable[str] | str | None = None,
+    grids: Iterable[str] | str | None = None,
+    nfe: Iterable[int] | int = DEFAULT_NFE,
+    model_kwargs: Mapping[str, Any] | None = None,
+    reference_solver: str = "dopri8",
+    rtol: float = 1e-9,
+    atol: float = 1e-9,
+    reference: Reference | None = None,
+    progress: bool | Callable[[str], None] = False,
+    calibration_noise: Tensor | None = None,
+    tune_options: Mapping[str, Any] | None = None,
+    task: str = "generate",
+    images: Tensor | None = None,
+) -> Comparison:
+    """Run every solver × grid × NFE budget from ``noise`` and measure it against the reference.
+
+    ``solvers`` are registered names (default :func:`default_solvers`), ``grids`` named
+    grids of :func:`flowdiff.make_sigmas` (default :func:`default_grids`: trailing, karras,
+    logsnr, and ``"tuned"`` where stored tuned grids cover every run), ``nfe`` the budgets (each run spends the largest
+    NFE ≤ the budget that its solver's steps allow). Runs use ``noise``'s dtype (float64
+    noise isolates the solvers' truncation error from rounding); a combination whose one
+    step costs more than the budget is listed in ``skipped``. Every run is measured against
+    one :func:`reference_solution` from the schedule's σ_max, the exact sample of this noise:
+    grids that start lower (``leading``, ``linear``, ``quadratic`` read the noise as x_T at
+    a smaller σ) carry the error of that late start, as their users get it.
+    ``progress=True`` shows a tqdm bar on stderr; a callable receives a short description
+    before each run instead. ``reference`` supplies the reference instead of solving it
+    (e.g. one kept on disk from an earlier run of the same model and noise); its shape must
+    match the noise.
+
+    ``grids`` may also name a plug-in grid of :data:`GRID_PROVIDERS`: ``"tuned"`` tunes a grid
+    per (solver, budget) with :func:`flowdiff.tune` (options ``tune_options``) on
+    ``calibration_noise`` (default: a batch like ``noise`` drawn with seed
+    :data:`CALIBRATION_SEED`) and measures it on ``noise``; the same batch for both is an error.
+    Without ``calibration_noise``, a grid flowdiff ships for this very model, solver and budget
+    (:func:`flowdiff.stored_grid`, tuned on its own calibration noise) stands in for the tuning;
+    give ``calibration_noise`` (or ``tune_options={"stored": False}``) to tune afresh.
+    What was tuned, and its cost, is in the result's ``provided``.
+
+    ``task="roundtrip"`` compares encoders instead (:mod:`flowdiff.api.roundtrip`): each
+    solver × grid × budget encodes ``images`` at that NFE and decodes its latent; the error is
+    against the images themselves, ``nfe`` is encode + decode (``encode_nfe``/``decode_nfe``
+    apart), the reference is the images (error 0), and ``solvers`` default to every encoder.
+    """
+    if task == "roundtrip":
+        return _compare_roundtrip(flow, images, solvers, grids, nfe, model_kwargs, progress)
+    if task != "generate":
+        raise ValueError(f"task must be 'generate' or 'roundtrip', got {task!r}")
+    if images is not None:
+        raise ValueError("images= is for task='roundtrip'; a generation comparison starts from noise=")
+    if not isinstance(flow, ProbabilityFlow):
+        raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
+    if not isinstance(noise, Tensor) or not noise.is_floating_point():
+        raise TypeError(f"noise must be a floating-point torch.Tensor, got "
+                        f"{noise.dtype if isinstance(noise, Tensor) else type(noise).__name__}")
+    _check_noise(noise)  # issue 13
+    names = _check_names(default_solvers() if solvers is None else solvers, "solvers", _solvers.available())
+    budgets = _check_budgets(nfe)
+    if grids is None:
+        grids = default_grids(flow, names, budgets, model_kwargs)
+    grid_names = _check_names(grids, "grids", (*GRIDS, *GRID_PROVIDERS))
+    calibration = _calibration(noise, calibration_noise) if set(grid_names) & set(GRID_PROVIDERS) else None
+    _check_tolerance("rtol", rtol)
+    _check_tolerance("atol", atol)
+    if not (isinstance(progress, bool) or callable(progress)):
+        raise TypeError(f"progress must be a bool or a callable, got {type(progress).__name__}")
+    if reference is not None:
+        if not isinstance(reference, Reference):
+            raise TypeError(f"reference must be a flowdiff.Reference or None, got {type(reference).__name__}")
+        if tuple(reference.x.shape) != tuple(noise.shape):
+            raise ValueError(f"reference has shape {tuple(reference.x.shape)}, the noise {tuple(noise.shape)}; "
+                             "a reference belongs to one batch of noise")
+
+    jobs = [(s, g, b) for s in names for g in grid_names for b in budgets]
+    bar = None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs) + (reference is None), desc="compare", unit="run", leave=False)
+    try:
+        ref = reference
+        if ref is None:
+            if bar is not None:
+                bar.set_postfix_str("reference", refresh=True)
+            elif callable(progress):
+                progress("reference")
+            ref = reference_solution(flow, noise, solver=reference_solver, rtol=rtol, atol=atol,
+                                     model_kwargs=model_kwargs, progress=bar is not None)
+            if bar is not None:
+                bar.update(1)
+        result = Comparison([], reference=ref)
+        for solver, grid, budget in jobs:
+            label = f"{solver}/{grid}/NFE {budget}"
+            if bar is not None:
+                bar.set_postfix_str(label, refresh=False)
+            elif callable(progress):
+                progress(label)
+            reason = _cannot_run(flow, solver, grid, budget)
+            if reason is not None:
+                result.skipped.append(Skipped(solver, grid, budget, reason))
+            else:
+                spec = Grid(grid, nfe=budget) if grid in GRIDS else None
+                if grid in GRID_PROVIDERS:  # a plug-in grid (e.g. tuned), made on the calibration noise only
+                    made = GRID_PROVIDERS[grid](flow, calibration, solver=solver, nfe=budget,
+                                                model_kwargs=model_kwargs,
+                                                **{"stored": calibration_noise is None, **dict(tune_options or {})})
+                    result.provided[(solver, grid, budget)] = made
+                    spec = Grid(sigmas=made.sigmas)
+                start = time.perf_counter()
+                with torch.no_grad():
+                    out = generate(flow, noise, solver=solver, grid=spec, model_kwargs=model_kwargs)
+                wall = time.perf_counter() - start
+                diff = out.x.detach().to(torch.float64) - ref.x.to(out.x.device)
+                result.runs.append(Run(solver, grid, budget, out.stats.nfe, out.stats.steps,
+                                       float(diff.pow(2).mean().sqrt()), float(diff.abs().max()), wall,
+                                       float(out.sigmas[0])))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return result
+
+
+def _compare_roundtrip(flow: ProbabilityFlow, images: Tensor | None, solvers: Iterable[str] | str | None,
+                       grids: Iterable[str] | str | None, nfe: Iterable[int] | int,
+                       model_kwargs: Mapping[str, Any] | None, progress: bool | Callable[[str], None]) -> Comparison:
+    """:func:`compare` with ``task="roundtrip"`` (see there and :mod:`flowdiff.api.roundtrip`)."""
+    if not isinstance(flow, ProbabilityFlow):
+        raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
+    if not isinstance(images, Tensor) or not images.is_floating_point():
+        raise TypeError("task='roundtrip' needs images= as a floating-point torch.Tensor (the images to encode), "
+                        f"got {type(images).__name__}")
+    names = _check_names(_roundtrip.encoders() if solvers is None else solvers, "solvers",
+                         [*_solvers.available(), "ddim_inverse"])
+    grids = DEFAULT_GRIDS if grids is None else grids
+    jobs = [(s, g, b) for s in names for g in _check_names(grids, "grids", GRIDS) for b in _check_budgets(nfe)]
+    on_job = (lambda s, g, b: progress(f"{s}/{g}/NFE {b}")) if callable(progress) else None
+    runs, skipped = _roundtrip.roundtrip_runs(flow, images, jobs, model_kwargs=model_kwargs, on_job=on_job)
+    ref = Reference(images.detach().to(torch.float64), 0.0, 0.0, "images", 0.0, 0.0, 0, 0.0, 0.0)
+    return Comparison([Run(r.solver, r.grid, r.budget, r.encode_nfe + r.decode_nfe, r.steps, r.rms_error,
+                           r.max_error, r.wall_time, r.sigma_end, r.encode_nfe, r.decode_nfe) for r in runs],
+                      reference=ref, skipped=[Skipped(*s) for s in skipped], task="roundtrip")

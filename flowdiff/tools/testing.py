@@ -1,0 +1,239 @@
+"""Property-testing helpers: hypothesis strategies for flowdiff's inputs, and invariant checks.
+
+Use them to property-test your own models and settings the way flowdiff tests itself::
+
+    import torch
+    from hypothesis import given, strategies as st
+    from flowdiff.tools import testing as ft
+
+    @given(ft.round_trip_cases(solvers=["reversible_heun"], dtype=st.just(torch.float64)))
+    def test_my_round_trip(case):
+        ft.assert_round_trip(case.flow, case.images, solver=case.solver, steps=case.steps, grid=case.grid,
+                             atol=1e-10)
+
+Strategies (all draw small, fast cases): :func:`schedules`, :func:`grid_names`,
+:func:`step_counts`, :func:`batch_shapes`, :func:`dtypes`, :func:`closed_form_models`
+(:class:`~flowdiff.models.analytic.Gaussian` and :class:`~flowdiff.models.analytic.Mixture` models, whose
+flows are exact at every σ), and :func:`round_trip_cases` combining them with a batch of
+data drawn from the model. Checks: :func:`round_trip_error`, :func:`assert_round_trip` (an
+AssertionError that reports solver, grid, steps, dtype, the worst sample and element, and
+the NFE), :func:`assert_fixed_point_converged` and :func:`round_trip_order` (the slope of
+log round-trip error against log step count).
+
+Hypothesis is a test dependency (``pip install flowdiff[test]``); importing this module
+without it raises ImportError naming it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+try:
+    from hypothesis import strategies as st
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError("flowdiff.tools.testing needs hypothesis (pip install 'flowdiff[test]')") from err
+
+from ..api.sampling import Result, decode, encode
+from ..engine.flow import ProbabilityFlow
+from ..engine.grids import GRIDS
+from ..engine.schedules import Schedule
+from ..models.analytic import Gaussian, Mixture
+
+__all__ = [
+    "RoundTrip",
+    "RoundTripCase",
+    "assert_fixed_point_converged",
+    "assert_round_trip",
+    "batch_shapes",
+    "closed_form_models",
+    "dtypes",
+    "grid_names",
+    "round_trip_cases",
+    "round_trip_error",
+    "round_trip_order",
+    "schedules",
+    "step_counts",
+]
+
+
+# -- strategies ------------------------------------------------------------------------------
+
+def schedules(*, kinds: Sequence[str] = ("linear", "scaled_linear", "cosine"),
+              num_train_timesteps: Sequence[int] = (1000,)) -> st.SearchStrategy[Schedule]:
+    """Noise schedules by diffusers' names (``linear``, ``scaled_linear``, ``cosine``) and training lengths."""
+    makers = {"linear": Schedule.linear, "scaled_linear": Schedule.scaled_linear, "cosine": Schedule.cosine}
+    unknown = sorted(set(kinds) - set(makers))
+    if unknown:
+        raise ValueError(f"unknown schedule kind(s) {unknown}; accepted: {', '.join(makers)}")
+    return st.builds(lambda k, T: makers[k](T), st.sampled_from(list(kinds)),
+                     st.sampled_from(list(num_train_timesteps)))
+
+
+def grid_names(*, exclude: Sequence[str] = ("quadratic",)) -> st.SearchStrategy[str]:
+    """Named σ grids of :func:`flowdiff.make_sigmas` (``quadratic`` excluded by default: it repeats timesteps at
+    large step counts)."""
+    return st.sampled_from([g for g in GRIDS if g not in exclude])
+
+
+def step_counts(min_value: int = 1, max_value: int = 50) -> st.SearchStrategy[int]:
+    """Step counts in [min_value, max_value]."""
+    return st.integers(min_value=min_value, max_value=max_value)
+
+
+def batch_shapes(*, max_batch: int = 3, max_side: int = 4, channels: Sequence[int] = (1, 3)
+                 ) -> st.SearchStrategy[tuple[int, ...]]:
+    """Image-like shapes (batch, channels, height, width), small enough for closed-form models."""
+    return st.tuples(st.integers(1, max_batch), st.sampled_from(list(channels)), st.integers(1, max_side),
+                     st.integers(1, max_side))
+
+
+def dtypes(*, include: Sequence[torch.dtype] = (torch.float64, torch.float32)) -> st.SearchStrategy[torch.dtype]:
+    """State dtypes (float64 and float32 by default)."""
+    return st.sampled_from(list(include))
+
+
+@st.composite
+def closed_form_models(draw: st.DrawFn, sample_shape: tuple[int, ...], *,
+                       schedule: st.SearchStrategy[Schedule] | None = None,
+                       kinds: Sequence[str] = ("gaussian", "mixture"),
+                       min_bandwidth: float = 0.2) -> Gaussian | Mixture:
+    """A closed-form model on samples of ``sample_shape`` (without the batch dimension).
+
+    ``gaussian``: N(μ, diag(v)) with μ in [−0.5, 0.5] and variances in [0.01, 0.5];
+    ``mixture``: 2–8 centres in [−1, 1] with bandwidth in [min_bandwidth, 0.5]. Parameters
+    are drawn from a seed so that a failing case shrinks to a small, reproducible one.
+    """
+    kind = draw(st.sampled_from(list(kinds)))
+    sched = draw(schedule if schedule is not None else st.just(Schedule.linear()))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    dim = int(np.prod(sample_shape))
+    if kind == "gaussian":
+        mean = (torch.rand(dim, dtype=torch.float64, generator=gen) - 0.5).reshape(sample_shape)
+        var = 0.01 + 0.49 * torch.rand(dim, dtype=torch.float64, generator=gen)
+        return Gaussian(mean, var, sched)
+    if kind == "mixture":
+        n = draw(st.integers(2, 8))
+        bandwidth = draw(st.floats(min_bandwidth, 0.5))
+        centers = (2 * torch.rand(n, dim, dtype=torch.float64, generator=gen) - 1).reshape(n, *sample_shape)
+        return Mixture(centers, bandwidth, schedule=sched)
+    raise ValueError(f"unknown closed-form model kind {kind!r}; accepted: 'gaussian', 'mixture'")
+
+
+@dataclass
+class RoundTripCase:
+    """One drawn case: the model, its exact flow, a batch of its data and the encode settings."""
+
+    model: Gaussian | Mixture
+    flow: ProbabilityFlow
+    images: Tensor
+    solver: str
+    solver_options: dict[str, Any]
+    steps: int
+    grid: str
+
+
+@st.composite
+def round_trip_cases(draw: st.DrawFn, *, solvers: Sequence[str] = ("reversible_heun",),
+                     solver_options: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+                     steps: st.SearchStrategy[int] | None = None, grids: st.SearchStrategy[str] | None = None,
+                     dtype: st.SearchStrategy[torch.dtype] | None = None,
+                     shapes: st.SearchStrategy[tuple[int, ...]] | None = None,
+                     schedule: st.SearchStrategy[Schedule] | None = None,
+                     kinds: Sequence[str] = ("gaussian", "mixture")) -> RoundTripCase:
+    """A closed-form model, a batch of its data (clipped to [−1, 1]) and encode settings drawn together.
+
+    ``solver_options`` maps a solver name to the option sets to draw from (e.g.
+    ``{"reversible": [{"base": "euler"}, {"base": "heun"}]}``).
+    """
+    shape = draw(shapes if shapes is not None else batch_shapes())
+    model = draw(closed_form_models(shape[1:], schedule=schedule, kinds=kinds))
+    name = draw(st.sampled_from(list(solvers)))
+    choices = list((solver_options or {}).get(name, [{}]))
+    opts = dict(draw(st.sampled_from(choices)))
+    n = draw(steps if steps is not None else step_counts(1, 30))
+    grid = draw(grids if grids is not None else grid_names())
+    dt = draw(dtype if dtype is not None else dtypes())
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    images = model.sample(shape[0], generator=gen).clamp(-1, 1).to(dt)
+    return RoundTripCase(model, model.flow(), images, name, opts, n, grid)
+
+
+# -- invariant checks ------------------------------------------------------------------------
+
+@dataclass
+class RoundTrip:
+    """An encode, its decode and the reconstruction error (max abs, the images' scale)."""
+
+    encoded: Result
+    decoded: Result
+    max_abs: float
+
+
+def round_trip_error(flow: ProbabilityFlow, images: Tensor, **encode_kwargs: Any) -> RoundTrip:
+    """Encode ``images`` with ``encode_kwargs`` (see :func:`flowdiff.encode`) and decode the latent it returns
+    (with the encode's ``model_kwargs``: a conditional latent decodes under the same conditioning)."""
+    enc = encode(flow, images, **encode_kwargs)
+    if enc.latent is None:
+        raise ValueError("this encode returned no Latent (an adaptive encode?); round trips need a fixed grid")
+    dec = decode(flow, enc.latent, model_kwargs=encode_kwargs.get("model_kwargs"))  # the same conditioning
+    return RoundTrip(enc, dec, float((dec.x.double() - images.double()).abs().max()))
+
+
+def assert_round_trip(flow: ProbabilityFlow, images: Tensor, *, atol: float, **encode_kwargs: Any) -> RoundTrip:
+    """Assert ``max |decode(encode(x)) − x| ≤ atol``; the failure names the settings, worst sample/element and NFE."""
+    rt = round_trip_error(flow, images, **encode_kwargs)
+    if not rt.max_abs <= atol:
+        err = (rt.decoded.x.double() - images.double()).abs()
+        flat = int(err.reshape(-1).argmax())
+        where = np.unravel_index(flat, tuple(err.shape))
+        settings = ", ".join(f"{k}={v!r}" for k, v in sorted(encode_kwargs.items()))
+        raise AssertionError(
+            f"round trip error {rt.max_abs:.3g} > atol {atol:.3g}\n"
+            f"  settings: {settings}\n"
+            f"  images: shape {tuple(images.shape)}, dtype {images.dtype}; grid σ = "
+            f"{rt.encoded.sigmas[1]:.4g} … {rt.encoded.sigmas[-1]:.4g} ({len(rt.encoded.sigmas) - 1} steps)\n"
+            f"  worst element {tuple(int(i) for i in where)}: original {images.reshape(-1)[flat].item():.17g}, "
+            f"decoded {rt.decoded.x.reshape(-1)[flat].item():.17g}\n"
+            f"  per-sample max error: {[f'{v:.3g}' for v in err.reshape(err.shape[0], -1).amax(1).tolist()]}\n"
+            f"  NFE encode {rt.encoded.stats.nfe}, decode {rt.decoded.stats.nfe}")
+    return rt
+
+
+def assert_fixed_point_converged(result: Result, tol: float | None = None) -> None:
+    """Assert that a fixed-point encode reached its tolerance at every step (``stats.extra['residuals']``)."""
+    extra = result.stats.extra
+    if "residuals" not in extra:
+        raise ValueError("this result is not a fixed-point inversion (no stats.extra['residuals'])")
+    tol = extra["tol"] if tol is None else tol
+    bad = [(i, r) for i, r in enumerate(extra["residuals"]) if not r <= tol]
+    if bad:
+        raise AssertionError(f"fixed-point inversion missed tol {tol:.3g} at step(s) "
+                             + ", ".join(f"{i} (residual {r:.3g})" for i, r in bad[:5]))
+
+
+def round_trip_order(flow: ProbabilityFlow, images: Tensor, step_list: Sequence[int], *, sigmas_for=None,
+                     **encode_kwargs: Any) -> tuple[float, list[float]]:
+    """The fitted slope p of log round-trip error against log step count (error ∝ steps^−p), and the errors.
+
+    ``sigmas_for(steps)`` gives the generation grid for a step count (default: the
+    schedule's Karras grid reaching σ = 0 smoothly, σ_i = σ_max (1 − i/N)^7, so that every
+    step shrinks as N grows).
+    """
+    if len(step_list) < 2:
+        raise ValueError(f"step_list needs at least 2 step counts, got {list(step_list)}")
+    if sigmas_for is None:
+        smax = flow.schedule.sigma_max
+
+        def sigmas_for(n: int) -> np.ndarray:
+            return smax * (1.0 - np.arange(n + 1) / n) ** 7
+
+    errors = [round_trip_error(flow, images, sigmas=sigmas_for(n), **encode_kwargs).max_abs for n in step_list]
+    slope = -float(np.polyfit(np.log(step_list), np.log(errors), 1)[0])
+    return slope, errors
