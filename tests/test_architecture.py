@@ -119,3 +119,52 @@ def test_the_checker_sees_a_cycle(tmp_path):
 def test_the_diffusion_layer_does_not_import_its_entry_points_back(module):
     graph = _edges(_modules())
     assert "flowdiff" not in graph[module], f"{module} imports the flowdiff package, which imports it"
+
+
+# The layers of flowdiff/, lowest first: a module imports only from its own layer or the ones below
+# (and solvers/, which is below all of them). The package's __init__ (the public surface) and
+# __main__ sit on top.
+LAYERS = ("engine", "api", "models", "tools", "runs", "cli")
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    if parts[0] != "flowdiff" or len(parts) < 2 or parts[1] in ("__main__",):
+        return None
+    return LAYERS.index(parts[1]) if parts[1] in LAYERS else -1
+
+
+def _upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    out = []
+    for module, targets in graph.items():
+        here = _layer(module)
+        if here is None:
+            continue
+        for target in targets:
+            there = _layer(target)
+            if there is not None and there > here:
+                out.append((module, target))
+    return sorted(out)
+
+
+def test_flowdiff_modules_live_in_a_layer():
+    stray = [m for m in _modules() if _layer(m) == -1]
+    assert not stray, f"modules outside the layers {LAYERS}: {stray}"
+
+
+def test_imports_only_go_down_the_layers():
+    upward = _upward_imports(_edges(_modules()))
+    assert not upward, f"imports going up the layers {LAYERS} (module -> what it imports): {upward}"
+
+
+def test_the_layer_checker_sees_an_upward_import():
+    graph = {"flowdiff.engine.flow": {"flowdiff.api.sampling"}, "flowdiff.api.sampling": {"flowdiff.engine.flow"}}
+    assert _upward_imports(graph) == [("flowdiff.engine.flow", "flowdiff.api.sampling")]
+
+
+def test_no_folder_of_flowdiff_holds_more_than_15_modules():
+    package = ROOT / "flowdiff"
+    crowded = {str(folder.relative_to(ROOT)): n
+               for folder in [package, *(p for p in package.rglob("*") if p.is_dir())]
+               if (n := len([f for f in folder.glob("*.py") if f.name != "__init__.py"])) > 15}
+    assert not crowded, f"folders with more than 15 modules: {crowded}"
