@@ -5,8 +5,9 @@ all independent of how many processes share it:
 
 - **the inputs**: every file under DIR, recursively, in the sorted order of their relative POSIX paths
   (:func:`scan`). Files whose suffix names a type Pillow opens are inputs; every other file (a
-  ``notes.txt``), every hidden file (a ``.DS_Store``, macOS's ``._x.png``) and every hidden folder is
-  *listed as skipped*, with the reason, never dropped silently; a folder that cannot be listed is an
+  ``notes.txt``), every hidden file (a ``.DS_Store``, macOS's ``._x.png``), every file that is not a
+  regular file (a FIFO, a socket or a device named ``x.png``) and every hidden folder is *listed as
+  skipped*, with the reason, never dropped silently; a folder that cannot be listed is an
   error. An input that then cannot be read is an error naming it.
 - **fixed batches** of the global order: batch b holds inputs b·S … (b+1)·S − 1 (:func:`batches`). A
   model evaluated on a batch of 3 and on a batch of 4 may differ at float rounding (matrix kernels
@@ -31,12 +32,14 @@ import hashlib
 import json
 import math
 import os
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..engine._files import atomic_path
+from .imageio import file_kind
 
 #: Format tag of ``run.json``.
 MANIFEST_FORMAT = "flowdiff.dataset-run/1"
@@ -89,13 +92,24 @@ def scan(root: str | os.PathLike[str]) -> ImageFolder:
         for name in names:
             rel = (here / name).relative_to(root).as_posix()
             suffix = Path(name).suffix.lower()
+            mode = _mode(here / name)
             if name.startswith("."):  # e.g. macOS's ._x.png resource forks: not images, whatever their suffix
                 skipped.append((rel, "hidden file"))
+            elif mode is not None and not stat.S_ISREG(mode):  # a FIFO would block the reader for ever
+                skipped.append((rel, f"{file_kind(mode)}, not a regular file; not read"))
             elif suffix in suffixes:
                 files.append(rel)
             else:
                 skipped.append((rel, f"not an image type flowdiff reads ({suffix or 'no suffix'})"))
     return ImageFolder(root, tuple(sorted(files)), tuple(sorted(skipped)))
+
+
+def _mode(path: Path) -> int | None:
+    """``st_mode`` of ``path`` (links followed); ``None`` when it cannot be read (the input's read names it)."""
+    try:
+        return os.stat(path).st_mode
+    except OSError:
+        return None
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:
