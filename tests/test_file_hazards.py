@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import flowdiff
@@ -133,3 +134,76 @@ def test_an_exif_rotated_image_is_refused_naming_its_orientation(tmp_path):
     exif[0x0112] = 1  # upright: read as stored
     Image.fromarray(pixels).save(tmp_path / "up.png", exif=exif)
     assert np.array_equal(read_image(tmp_path / "up.png")[0], pixels)
+
+
+def test_a_latent_missing_a_state_its_solver_needs_is_refused_naming_the_key(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from flowdiff.cli import load_model
+
+    loaded = load_model("analytic-mixture", dtype=torch.float64)
+    images = torch.rand(2, *loaded.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    for solver, keys in (("reversible_heun", ["state.k", "state.z"]), ("reversible", ["state.z"])):
+        latent = flowdiff.encode(loaded.flow, images, solver=solver, steps=3).latent
+        path = tmp_path / f"{solver}.safetensors"
+        latent.save(path)
+        assert flowdiff.Latent.load(path).solver_state is not None  # whole: read back
+        with open(path, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        meta = header["__metadata__"]
+        tensors = load_file(path)
+        assert sorted(k for k in tensors if k.startswith("state.")) == keys
+        for key in keys:  # each state tensor removed in turn, from a file that lists them and from one that does not
+            for listed in (True, False):
+                broken = tmp_path / f"{solver}-{key}-{listed}.safetensors"
+                save_file({k: v for k, v in tensors.items() if k != key}, broken,
+                          metadata=meta if listed else {k: v for k, v in meta.items() if k != "state"})
+                with pytest.raises(ValueError, match=rf"the tensor '{key}' is missing; solver '{solver}' needs it"):
+                    flowdiff.Latent.load(broken)
+
+
+def test_outputs_take_the_umask_or_the_mode_of_the_file_they_replace(tmp_path):
+    pixels, fmt = np.zeros((4, 4, 1), np.uint8), ImageFormat("L", 8)
+    old = os.umask(0o022)
+    try:
+        for mask in (0o022, 0o077, 0o002):
+            os.umask(mask)
+            path = write_image(tmp_path / f"u{mask:o}.png", pixels, fmt)
+            assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+        os.chmod(path, 0o640)  # a file replaced keeps its own mode, as open(path, "w") would
+        write_image(path, pixels, fmt)
+        assert path.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_a_long_but_legal_file_name_is_written(tmp_path):
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    pixels, fmt = np.arange(12, dtype=np.uint8).reshape(3, 4, 1), ImageFormat("L", 8)
+    for name in ("a" * (limit - 4) + ".png", "é" * ((limit - 4) // 2) + ".png"):  # at NAME_MAX, in bytes
+        assert len(os.fsencode(name)) <= limit
+        path = write_image(tmp_path / name, pixels, fmt)
+        assert np.array_equal(read_image(path)[0], pixels)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(  # no temporary file left behind
+        ["a" * (limit - 4) + ".png", "é" * ((limit - 4) // 2) + ".png"])
+
+
+def test_a_failed_write_names_what_and_the_path_and_keeps_the_earlier_file(tmp_path):
+    """The file-size limit (RLIMIT_FSIZE) makes the OS refuse the write the way a full disk does."""
+    import subprocess
+
+    target = tmp_path / "samples.png"
+    target.write_bytes(b"an earlier file")
+    script = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (40, resource.RLIM_INFINITY)); "
+              "from flowdiff.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, "sample", "--model", "analytic-mixture", "--steps", "2",
+                           "--num", "4", "--out", str(target), "--overwrite"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    line = proc.stderr.strip()
+    assert len(line.splitlines()) == 1 and f"cannot write the image {os.fspath(target)!r}" in line, line
+    assert os.strerror(errno.EFBIG) in line
+    assert target.read_bytes() == b"an earlier file" and [p.name for p in tmp_path.iterdir()] == ["samples.png"]

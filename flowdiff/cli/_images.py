@@ -7,7 +7,6 @@ Reading refuses what would need a silent conversion: a channel count the model d
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ from torch import Tensor
 
 from ..engine._checks import check_data_range
 from ..runs.imageio import MODES, ImageFormat, from_data, read_image, to_data, write_image
-from ._errors import CommandError
+from ._errors import CommandError, one_line
 
 
 def load_images(paths: Sequence[str], shape: tuple[int, int, int]) -> tuple[Tensor, list[ImageFormat]]:
@@ -98,6 +97,6 @@ def write_images(images: Tensor, paths: Sequence[Path], formats: Sequence[ImageF
         fmt = formats[i] if formats is not None else default_format(images.shape[1])
         try:
             out.append(write_image(path, from_data(images[i], fmt), fmt, scale=scale))
-        except (OSError, ValueError) as err:
-            raise CommandError(f"cannot write {os.fspath(path)!r}: {err}") from None
+        except (OSError, ValueError) as err:  # both name the file and what failed (a full disk, a suffix, …)
+            raise CommandError(one_line(err)) from None
     return out
