@@ -207,3 +207,23 @@ def test_a_failed_write_names_what_and_the_path_and_keeps_the_earlier_file(tmp_p
     assert len(line.splitlines()) == 1 and f"cannot write the image {os.fspath(target)!r}" in line, line
     assert os.strerror(errno.EFBIG) in line
     assert target.read_bytes() == b"an earlier file" and [p.name for p in tmp_path.iterdir()] == ["samples.png"]
+
+
+@needs_digits
+def test_roundtrip_prints_the_errors_of_the_images_it_writes_and_labels_the_decoders_apart(tmp_path, capsys):
+    from flowdiff.cli import read_images
+    from flowdiff.tools.metrics import max_abs_error, mse, psnr
+
+    names = ["a.png", "b.png", "c.png"]
+    write_digits(tmp_path / "in", names)
+    inputs = [tmp_path / "in" / n for n in names]
+    code, out, err = run(capsys, "roundtrip", *inputs, "--steps", "2", "--out", tmp_path / "rec")
+    assert code == 0, err
+    printed = dict(line.strip().split(": ") for line in out.splitlines() if line.startswith("  "))
+    original = read_images([str(p) for p in inputs], (1, 8, 8))
+    written = read_images([str(tmp_path / "rec" / n) for n in names], (1, 8, 8))  # what the files hold
+    assert printed == {"mse": f"{float(mse(original, written)):.3e}",
+                       "max_abs_error": f"{float(max_abs_error(original, written)):.3e}",
+                       "psnr_db": f"{float(psnr(original, written)):.2f}"}
+    assert "errors on the [0, 1] pixel scale of the images written, rounded to each file's depth" in out
+    assert "the decoder's output itself, before rounding and clipping: mse " in out

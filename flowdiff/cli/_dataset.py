@@ -32,14 +32,16 @@ from ..runs.distributed import Ranks, close, process_group, rank_device
 from ..tools.metrics import max_abs_error, mse, psnr
 from . import _commands, _prompt
 from ._errors import CommandError, UsageError, one_line
-from ._images import write_images
+from ._images import as_written, write_images
 from ._outputs import image_output_name, output_dir, plan
 
 #: Images per batch unless --batch-size says otherwise.
 DEFAULT_BATCH = 16
 #: Exit status of a process stopped by FLOWDIFF_STOP_AFTER.
 STOPPED = 3
-ROUNDTRIP_COLUMNS = ("path", "mse", "max_abs", "psnr", "nfe_encode", "nfe_decode")
+#: mse, max_abs, psnr: of the decoder's output; the ``_written`` ones: of the image files written (rounded, clipped).
+ROUNDTRIP_COLUMNS = ("path", "mse", "max_abs", "psnr", "mse_written", "max_abs_written", "psnr_written",
+                     "nfe_encode", "nfe_decode")
 ENCODE_COLUMNS = ("path", "latent", "nfe_encode", "latent_mean", "latent_std")
 #: Options that do not change a run's numbers (where it is written, how fast, whether to start over).
 _NOT_DEFINING = {"func", "command", "data", "images", "out", "overwrite", "threads", "latents", "no_progress", "seed"}
@@ -251,8 +253,11 @@ def _batch(args: argparse.Namespace, command: str, loaded: Any, dtype: torch.dty
     recon = _prompt.to_images(loaded, dec.x)
     write_images(recon, [out / "images" / image_output_name(Path(rel)) for rel in rels], formats)
     errors = [m(images, recon, reduction="none").tolist() for m in (mse, max_abs_error, psnr)]
+    original, written = as_written(images, formats), as_written(recon, formats)  # what the files hold
+    held = [m(original, written, reduction="none").tolist() for m in (mse, max_abs_error, psnr)]
     for i, rel in enumerate(rels):
         rows.append({"path": rel, "mse": errors[0][i], "max_abs": errors[1][i], "psnr": errors[2][i],
+                     "mse_written": held[0][i], "max_abs_written": held[1][i], "psnr_written": held[2][i],
                      "nfe_encode": enc.stats.nfe, "nfe_decode": dec.stats.nfe})
     return rows
 
@@ -281,12 +286,19 @@ def _merge(command: str, folder: _ds.ImageFolder, out: Path, run: str, groups: l
               f"{s['worst']:.4f} ({summary['worst']['path']})")
     else:
         _ds.write_csv(out / "results.csv", rows, ROUNDTRIP_COLUMNS)
-        summary = _ds.summarize(rows, {"mse": True, "max_abs": True, "psnr": False}, "mse",
+        summary = _ds.summarize(rows, {"mse": True, "max_abs": True, "psnr": False, "mse_written": True,
+                                       "max_abs_written": True, "psnr_written": False}, "mse",
                                 counts=("nfe_encode", "nfe_decode"))
         summary["skipped"] = skipped
         _ds.write_json(out / "summary.json", _ds.json_safe(summary))
         m, a, p, w = summary["mse"], summary["max_abs"], summary["psnr"], summary["worst"]
-        print(f"round trip of {summary['images']} image(s); errors on the [0, 1] pixel scale:")
+        print(f"round trip of {summary['images']} image(s); errors on the [0, 1] pixel scale of the decoder's output "
+              "(columns mse, max_abs, psnr):")
+        print(f"  mse:     mean {m['mean']:.3e}, p50 {m['p50']:.3e}, p90 {m['p90']:.3e}, p99 {m['p99']:.3e}")
+        print(f"  max_abs: mean {a['mean']:.3e}, p50 {a['p50']:.3e}, p90 {a['p90']:.3e}, p99 {a['p99']:.3e}")
+        print(f"  psnr_db: mean {p['mean']:.2f}, p50 {p['p50']:.2f}, p10 {p['p10']:.2f}, p1 {p['p1']:.2f}")
+        m, a, p = summary["mse_written"], summary["max_abs_written"], summary["psnr_written"]
+        print("and of the image files written, rounded to their depth and clipped to their range (columns *_written):")
         print(f"  mse:     mean {m['mean']:.3e}, p50 {m['p50']:.3e}, p90 {m['p90']:.3e}, p99 {m['p99']:.3e}")
         print(f"  max_abs: mean {a['mean']:.3e}, p50 {a['p50']:.3e}, p90 {a['p90']:.3e}, p99 {a['p99']:.3e}")
         print(f"  psnr_db: mean {p['mean']:.2f}, p50 {p['p50']:.2f}, p10 {p['p10']:.2f}, p1 {p['p1']:.2f}")

@@ -89,6 +89,13 @@ def save_images(images: Tensor, directory: str | Path, names: Sequence[str], *, 
     return write_images(images, [directory / name for name in names], None, scale=scale)
 
 
+def as_written(images: Tensor, formats: Sequence[ImageFormat]) -> Tensor:
+    """A batch (N, C, H, W) in [−1, 1] as its image files hold it: each image rounded to its format's depth and
+    clipped to its range (:func:`~flowdiff.runs.imageio.from_data`), back in the data range, float64 on the CPU.
+    What a reader of the written files gets, so that errors are reported on that and not on the decoder's output."""
+    return torch.stack([to_data(from_data(images[i], fmt), fmt) for i, fmt in enumerate(formats)])
+
+
 def write_images(images: Tensor, paths: Sequence[Path], formats: Sequence[ImageFormat] | None, *,
                  scale: int = 1) -> list[Path]:
     """Write image i of the batch to ``paths[i]`` in ``formats[i]`` (default: 8 bits), each atomically."""
