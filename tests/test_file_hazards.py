@@ -227,3 +227,110 @@ def test_roundtrip_prints_the_errors_of_the_images_it_writes_and_labels_the_deco
                        "psnr_db": f"{float(psnr(original, written)):.2f}"}
     assert "errors on the [0, 1] pixel scale of the images written, rounded to each file's depth" in out
     assert "the decoder's output itself, before rounding and clipping: mse " in out
+
+
+def content(path: Path):
+    """A file's bytes; for a safetensors file its tensors' bytes and its metadata (whose order varies per save)."""
+    if path.suffix != ".safetensors":
+        return path.read_bytes()
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as fh:
+        return fh.metadata(), {k: fh.get_tensor(k).numpy().tobytes() for k in fh.keys()}
+
+
+def tree(out: Path) -> dict:
+    """Every file under ``out`` with its content, the run's bookkeeping (records, manifest, lock) aside."""
+    return {p.relative_to(out).as_posix(): content(p) for p in sorted(out.rglob("*"))
+            if p.is_file() and datasets.RECORDS not in p.parts and p.name not in ("run.json", datasets.LOCK)}
+
+
+@needs_digits
+def test_a_busy_output_folder_is_refused_naming_its_holder_and_a_killed_runs_lock_is_taken_over(tmp_path, capsys):
+    import socket
+    import subprocess
+
+    write_digits(tmp_path / "data", ["a.png", "b.png", "c.png"])
+    out = tmp_path / "out"
+    assert run(capsys, "roundtrip", "--data", tmp_path / "data", "--out", out, *ARGS)[0] == 0
+    before = tree(out)
+    holder = subprocess.Popen(  # another run holding OUT: the lock taken the way a run takes it, then waiting
+        [sys.executable, "-c", "import sys; from flowdiff.runs.datasets import FolderLock; "
+         f"FolderLock({os.fspath(out)!r}).acquire(); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, _, err = run(capsys, "roundtrip", "--data", tmp_path / "data", "--out", out, *ARGS, "--overwrite")
+        assert code == 1, err
+        assert (f"the output folder {os.fspath(out)!r} is in use by another run: pid {holder.pid} on "
+                f"{socket.gethostname()}, started ") in err
+        assert tree(out) == before  # --overwrite removed nothing of the other run's
+    finally:
+        holder.kill()  # a kill: its lock file stays behind, unheld
+        holder.wait()
+    assert (out / datasets.LOCK).is_file()
+    code, out_text, err = run(capsys, "roundtrip", "--data", tmp_path / "data", "--out", out, *ARGS, "--overwrite")
+    assert code == 0, err
+    assert f"took over the lock {os.fspath(out / datasets.LOCK)!r} left by pid {holder.pid} on" in out_text
+    assert "no longer runs" in out_text
+    assert not (out / datasets.LOCK).exists() and tree(out) == before  # released; the same run made again
+
+
+@needs_digits
+def test_overwrite_removes_every_file_the_earlier_run_wrote_and_nothing_else(tmp_path, capsys):
+    write_digits(tmp_path / "one", ["a.png", "deep/b.png", "c.jpg"])
+    write_digits(tmp_path / "two", ["x.png", "y.png"], start=5)
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    assert run(capsys, "roundtrip", "--data", tmp_path / "one", "--out", out, *ARGS, "--save-latents")[0] == 0
+    assert {"images/deep/b.png", "latents/c.jpg.safetensors"} <= set(tree(out))
+    (out / "images" / "mine.png").write_bytes(b"a file of the user's")  # not the run's: kept
+    (out / "notes.txt").write_text("kept")
+    code, text, err = run(capsys, "roundtrip", "--data", tmp_path / "two", "--out", out, *ARGS, "--overwrite")
+    assert code == 0, err
+    assert "--overwrite: removed the 8 file(s) the earlier run wrote" in text  # 3 images, 3 latents, csv, summary
+    assert run(capsys, "roundtrip", "--data", tmp_path / "two", "--out", fresh, *ARGS)[0] == 0
+    assert tree(out) == {**tree(fresh), "images/mine.png": b"a file of the user's", "notes.txt": b"kept"}
+    assert not (out / "latents").exists() and not (out / "images" / "deep").exists()  # emptied folders go too
+
+
+@needs_digits
+def test_a_rerun_restores_the_outputs_its_records_list_that_were_deleted(tmp_path, capsys):
+    write_digits(tmp_path / "data", ["a.png", "b.png", "c.png", "d.png", "e.png"])
+    out = tmp_path / "out"
+    argv = ["roundtrip", "--data", tmp_path / "data", "--out", out, *ARGS, "--save-latents"]
+    assert run(capsys, *argv)[0] == 0
+    before = tree(out)
+    (out / "images" / "c.png").unlink()
+    (out / "latents" / "e.png.safetensors").unlink()
+    (out / "results.csv").unlink()
+    code, text, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "2 file(s) listed by the completion records are missing" in text and "running their 2 batch(es)" in text
+    assert "resuming: 1 of 3 batches done" in text  # batch 0 (a, b) kept; c's and e's batches run again
+    assert tree(out) == before  # every file back, bit for bit
+
+
+@needs_digits
+def test_file_names_that_are_not_utf8_are_recorded_losslessly_and_reruns_work(tmp_path, capsys):
+    import csv
+
+    raw = [b"caf\xe9.png", b"back\\slash.png", "ünï.png".encode()]  # latin-1 bytes, a backslash, UTF-8
+    names = [os.fsdecode(n) for n in raw]
+    data = tmp_path / "data"
+    try:
+        write_digits(data, names)
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    out = tmp_path / "out"
+    for _ in range(2):  # the first run, then a rerun that resumes and writes the table again
+        code, text, err = run(capsys, "roundtrip", "--data", data, "--out", out, *ARGS, "--save-latents")
+        assert code == 0, err
+    with open(out / "results.csv", encoding="utf-8") as fh:
+        paths = [row["path"] for row in csv.DictReader(fh)]
+    assert sorted(paths) == sorted(["caf\\xe9.png", "back\\\\slash.png", "ünï.png"])
+    assert sorted(datasets.unescaped_name(p) for p in paths) == sorted(names)  # lossless
+    assert json.loads((out / "summary.json").read_text(encoding="utf-8"))["worst"]["path"] in paths
+    for name in names:  # the outputs carry the inputs' own names, bytes and all
+        assert (out / "images" / name).is_file() and (out / "latents" / f"{name}.safetensors").is_file()
+    assert flowdiff.Latent.load(out / "latents" / f"{names[0]}.safetensors").info["images"][0]["name"] == names[0]
