@@ -131,9 +131,13 @@ def _mode(path: Path) -> int | None:
 def file_digest(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a file's bytes (hex)."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot read the input {os.fspath(path)!r} to record its SHA-256 in the run's "
+                                 f"manifest: {err.strerror or err}") from None
     return h.hexdigest()
 
 
@@ -237,7 +241,11 @@ def clear_records(out: Path) -> None:
     if folder.is_dir():
         for path in folder.glob("batch-*.json"):
             if path.is_file():
-                path.unlink()
+                try:
+                    path.unlink()
+                except OSError as err:
+                    raise OSError(err.errno, f"cannot remove the completion record {os.fspath(path)!r} of the "
+                                             f"earlier run: {err.strerror or err}") from None
 
 
 def merge(out: Path, run: str, groups: Sequence[range], files: Sequence[str]) -> list[dict[str, Any]]:
