@@ -103,6 +103,8 @@ def test_only_regular_files_are_read_and_a_fifo_is_skipped_with_the_reason(tmp_p
     try:
         with pytest.raises(ValueError, match=r"x.png': a FIFO \(named pipe\), not a regular file"):
             read_image(tmp_path / "x.png")
+        with pytest.raises(ValueError, match=r"latent file .*x.png': a FIFO \(named pipe\), not a regular file"):
+            flowdiff.Latent.load(tmp_path / "x.png")
         folder = datasets.scan(tmp_path)
         man = datasets.manifest("encode", {}, folder)  # hashes every input: would block on the FIFO
     finally:
@@ -186,6 +188,14 @@ def test_a_long_but_legal_file_name_is_written(tmp_path):
         assert np.array_equal(read_image(path)[0], pixels)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(  # no temporary file left behind
         ["a" * (limit - 4) + ".png", "é" * ((limit - 4) // 2) + ".png"])
+
+
+def test_a_name_the_file_system_cannot_hold_is_refused_before_the_work(tmp_path, capsys):
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    name = "a" * (limit - 3) + ".png"
+    code, _, err = run(capsys, "sample", "--model", "analytic-mixture", "--out", tmp_path / name)
+    assert code == 1 and f"its name is {limit + 1} bytes" in err and f"names of up to {limit} bytes" in err, err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_failed_write_names_what_and_the_path_and_keeps_the_earlier_file(tmp_path):

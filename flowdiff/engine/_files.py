@@ -56,7 +56,11 @@ def new_file_mode(path: str | os.PathLike[str]) -> int:
 
 
 def name_max(folder: str | os.PathLike[str]) -> int:
-    """The longest file name (in bytes) the file system of ``folder`` holds (255 where it does not say)."""
+    """The longest file name (in bytes) the file system of ``folder`` holds (asked of its nearest existing folder;
+    255 where the system does not say)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
     try:
         return int(os.pathconf(folder, "PC_NAME_MAX"))
     except (OSError, ValueError, AttributeError):
@@ -78,6 +82,32 @@ def io_error(err: OSError, doing: str) -> OSError:
     reason = err.strerror or str(err) or type(err).__name__
     new = type(err)(err.errno, f"{doing}: {reason}") if err.errno is not None else type(err)(f"{doing}: {reason}")
     return new
+
+
+def regular_file(path: str | os.PathLike[str], what: str = "image") -> os.stat_result:
+    """``os.stat`` of ``path`` when it is a regular file (links followed); otherwise the error naming it and its
+    kind: ``FileNotFoundError`` when missing, ``ValueError`` for a folder, FIFO, socket or device (reading a FIFO
+    blocks until something writes to it)."""
+    name = os.fspath(path)
+    try:
+        st = os.stat(name)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {name!r}: no such file") from None
+    except OSError as err:
+        raise OSError(err.errno, f"{what} {name!r}: cannot read its file status ({err.strerror or err})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{what} {name!r}: {file_kind(st.st_mode)}, not a regular file; only regular files are read")
+    return st
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words, from its ``st_mode``."""
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from torch import Tensor
 import solvers
 from solvers import ReversibleState
 
-from ._files import atomic_write, check_folder
+from ._files import atomic_write, check_folder, regular_file
 from .fingerprint import flow_fingerprint
 from .flow import ProbabilityFlow
 from .plugins import decodes_with
@@ -216,8 +216,7 @@ class Latent:
             target = _check_device(device)
         except ValueError as err:
             raise ValueError(f"latent file {name!r}: cannot load onto {err}") from None
-        if not path.is_file():
-            raise FileNotFoundError(f"latent file {name!r}: no such file")
+        regular_file(path, "latent file")  # missing, or a FIFO/device/folder: named, never waited on
         data = path.read_bytes()
         if not data:
             raise ValueError(f"latent file {name!r}: the file is empty")

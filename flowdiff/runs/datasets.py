@@ -52,8 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..engine._files import atomic_path
-from .imageio import file_kind
+from ..engine._files import atomic_path, file_kind
 
 #: Format tag of ``run.json``.
 MANIFEST_FORMAT = "flowdiff.dataset-run/1"

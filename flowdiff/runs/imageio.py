@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 import struct
 import threading
 import warnings
@@ -40,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..engine._files import atomic_write
+from ..engine._files import atomic_write, regular_file
 
 #: Pillow modes by channel count.
 MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
@@ -102,32 +101,6 @@ def _check_size(name: str, width: int, height: int, limit: int) -> None:
                          f"of {limit} (a decompression bomb, or a picture too big to read safely); not decoded. "
                          f"Raise the limit with {MAX_PIXELS_ENV}=N (or read_image(..., max_pixels=N)) if you trust "
                          "the file")
-
-
-def regular_file(path: str | os.PathLike[str], what: str = "image") -> os.stat_result:
-    """``os.stat`` of ``path`` when it is a regular file (links followed); otherwise the error naming it and its
-    kind: ``FileNotFoundError`` when missing, ``ValueError`` for a folder, FIFO, socket or device (reading a FIFO
-    blocks until something writes to it)."""
-    name = os.fspath(path)
-    try:
-        st = os.stat(name)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {name!r}: no such file") from None
-    except OSError as err:
-        raise OSError(err.errno, f"{what} {name!r}: cannot read its file status ({err.strerror or err})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{what} {name!r}: {file_kind(st.st_mode)}, not a regular file; only regular files are read")
-    return st
-
-
-def file_kind(mode: int) -> str:
-    """What a non-regular file is, in words, from its ``st_mode``."""
-    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return kind
-    return "not a regular file"
 
 
 def read_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -> tuple[np.ndarray, ImageFormat]:
