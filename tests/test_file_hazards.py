@@ -221,6 +221,8 @@ def test_a_failed_write_names_what_and_the_path_and_keeps_the_earlier_file(tmp_p
 
 @needs_digits
 def test_roundtrip_prints_the_errors_of_the_images_it_writes_and_labels_the_decoders_apart(tmp_path, capsys):
+    import csv
+
     from flowdiff.cli import read_images
     from flowdiff.tools.metrics import max_abs_error, mse, psnr
 
@@ -237,6 +239,15 @@ def test_roundtrip_prints_the_errors_of_the_images_it_writes_and_labels_the_deco
                        "psnr_db": f"{float(psnr(original, written)):.2f}"}
     assert "errors on the [0, 1] pixel scale of the images written, rounded to each file's depth" in out
     assert "the decoder's output itself, before rounding and clipping: mse " in out
+    # a folder run: the *_written columns are the errors of each file it wrote
+    code, out, err = run(capsys, "roundtrip", "--data", tmp_path / "in", "--out", tmp_path / "run", *ARGS)
+    assert code == 0, err
+    with open(tmp_path / "run" / "results.csv") as fh:
+        table = {row["path"]: row for row in csv.DictReader(fh)}
+    written = read_images([str(tmp_path / "run" / "images" / n) for n in names], (1, 8, 8))
+    for i, name in enumerate(names):
+        for column, metric in (("mse_written", mse), ("max_abs_written", max_abs_error), ("psnr_written", psnr)):
+            assert float(table[name][column]) == float(metric(original[i:i + 1], written[i:i + 1]))
 
 
 def content(path: Path):

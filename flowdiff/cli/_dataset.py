@@ -381,17 +381,16 @@ def _merge(command: str, folder: _ds.ImageFolder, out: Path, run: str, groups: l
                                 counts=("nfe_encode", "nfe_decode"))
         summary["skipped"] = skipped
         _ds.write_json(out / "summary.json", _ds.json_safe(summary))
-        m, a, p, w = summary["mse"], summary["max_abs"], summary["psnr"], summary["worst"]
-        print(f"round trip of {summary['images']} image(s); errors on the [0, 1] pixel scale of the decoder's output "
-              "(columns mse, max_abs, psnr):")
-        print(f"  mse:     mean {m['mean']:.3e}, p50 {m['p50']:.3e}, p90 {m['p90']:.3e}, p99 {m['p99']:.3e}")
-        print(f"  max_abs: mean {a['mean']:.3e}, p50 {a['p50']:.3e}, p90 {a['p90']:.3e}, p99 {a['p99']:.3e}")
-        print(f"  psnr_db: mean {p['mean']:.2f}, p50 {p['p50']:.2f}, p10 {p['p10']:.2f}, p1 {p['p1']:.2f}")
-        m, a, p = summary["mse_written"], summary["max_abs_written"], summary["psnr_written"]
-        print("and of the image files written, rounded to their depth and clipped to their range (columns *_written):")
-        print(f"  mse:     mean {m['mean']:.3e}, p50 {m['p50']:.3e}, p90 {m['p90']:.3e}, p99 {m['p99']:.3e}")
-        print(f"  max_abs: mean {a['mean']:.3e}, p50 {a['p50']:.3e}, p90 {a['p90']:.3e}, p99 {a['p99']:.3e}")
-        print(f"  psnr_db: mean {p['mean']:.2f}, p50 {p['p50']:.2f}, p10 {p['p10']:.2f}, p1 {p['p1']:.2f}")
+        w = summary["worst"]
+        for suffix, what in (("", "round trip of {n} image(s); errors on the [0, 1] pixel scale of the decoder's "
+                                  "output (columns mse, max_abs, psnr):"),
+                             ("_written", "and of the image files written, rounded to their depth and clipped to "
+                                          "their range (columns *_written):")):
+            m, a, p = (summary[name + suffix] for name in ("mse", "max_abs", "psnr"))
+            print(what.format(n=summary["images"]))
+            print(f"  mse:     mean {m['mean']:.3e}, p50 {m['p50']:.3e}, p90 {m['p90']:.3e}, p99 {m['p99']:.3e}")
+            print(f"  max_abs: mean {a['mean']:.3e}, p50 {a['p50']:.3e}, p90 {a['p90']:.3e}, p99 {a['p99']:.3e}")
+            print(f"  psnr_db: mean {p['mean']:.2f}, p50 {p['p50']:.2f}, p10 {p['p10']:.2f}, p1 {p['p1']:.2f}")
         print(f"  worst: {w['path']} (mse {w['mse']:.3e}, max_abs {w['max_abs']:.3e}, psnr {w['psnr']:.2f} dB)")
         print(f"  NFE per image: encode {_nfe(summary['nfe_encode'])}, decode {_nfe(summary['nfe_decode'])}")
     if folder.skipped:
