@@ -52,7 +52,7 @@ LOSSLESS_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 MAX_PIXELS = 8192 * 8192
 #: The environment variable that sets the limit for the command line (and for :func:`read_image` by default).
 MAX_PIXELS_ENV = "FLOWDIFF_MAX_PIXELS"
-#: EXIF orientation tag values → what a viewer does to show the picture (1, "upright", is accepted).
+#: EXIF orientation tag values → what a viewer does to show the picture (1, "upright", and no tag are accepted).
 _ORIENTATIONS = {2: "mirrored left-right", 3: "rotated 180°", 4: "mirrored top-bottom",
                  5: "mirrored and rotated 90°", 6: "rotated 90° clockwise", 7: "mirrored and rotated 270°",
                  8: "rotated 90° counter-clockwise"}
@@ -148,9 +148,9 @@ def read_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -
                 raise ValueError(f"image {name!r} holds {frames} frames (a multi-page or animated {img.format}); "
                                  "flowdiff reads one picture per file and keeps every frame or none: save each "
                                  "frame as a file of its own")
-            orientation = img.getexif().get(0x0112, 1)
-            if orientation not in (None, 1):
-                turn = _ORIENTATIONS.get(orientation, f"unknown value {orientation!r}")
+            orientation = img.getexif().get(0x0112)  # values outside 2…8 mean nothing to a viewer either
+            if orientation in _ORIENTATIONS:
+                turn = _ORIENTATIONS[orientation]
                 raise ValueError(f"image {name!r} has the EXIF orientation {orientation} ({turn}): its pixels as "
                                  "stored are not the picture as shown, and flowdiff neither rotates them nor "
                                  "ignores the tag; save it upright without the tag (e.g. PIL.ImageOps."
