@@ -23,7 +23,7 @@ from ..runs import distributed
 from ..runs.imageio import ImageFormat
 from . import _prompt
 from ._errors import CommandError, one_line
-from ._images import default_format, load_images, save_grid, write_images
+from ._images import as_written, default_format, load_images, save_grid, write_images
 from ._models import BUILTIN_MODELS, LoadedModel, in_dtype, load_model
 from ._outputs import image_output_name, output_dir, plan, relative_names
 
@@ -365,13 +365,21 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
         write_images(dec.x, paths, formats)
     from ..tools.metrics import reconstruction
 
-    figures = reconstruction(images, dec.x, encode_stats=enc.stats, decode_stats=dec.stats)
+    # the errors of the images as their files hold them (rounded to each file's depth, clipped to its range), which
+    # for a latent model's decoder can be far from those of its unclipped output: both are printed, each named
+    written = reconstruction(as_written(images, formats), as_written(dec.x, formats), encode_stats=enc.stats,
+                             decode_stats=dec.stats)
+    raw = reconstruction(images, dec.x)
+    held = "written" if args.out is not None else "as they would be written (with --out)"
     print(f"round trip of {len(args.images)} image(s) with {enc.solver} on the {args.grid} grid, "
-          f"{enc.latent.steps} steps: encode {figures.nfe_encode} NFE, decode {figures.nfe_decode} NFE; "
-          "errors on the [0, 1] pixel scale:")
-    print(f"  mse: {figures.mse:.3e}")
-    print(f"  max_abs_error: {figures.max_abs:.3e}")
-    print(f"  psnr_db: {figures.psnr:.2f}")
+          f"{enc.latent.steps} steps: encode {written.nfe_encode} NFE, decode {written.nfe_decode} NFE; "
+          f"errors on the [0, 1] pixel scale of the images {held}, rounded to each file's depth and clipped to "
+          "its range:")
+    print(f"  mse: {written.mse:.3e}")
+    print(f"  max_abs_error: {written.max_abs:.3e}")
+    print(f"  psnr_db: {written.psnr:.2f}")
+    print(f"the decoder's output itself, before rounding and clipping: mse {raw.mse:.3e}, max_abs_error "
+          f"{raw.max_abs:.3e}, psnr_db {raw.psnr:.2f}")
     if (line := _prompt.autoencoder_line(loaded, images, dec.x)) is not None:
         print(line)
     return 0

@@ -9,6 +9,10 @@ processes are :mod:`flowdiff.runs.distributed`. Outputs, in ``--out OUT``:
     OUT/results.csv          one row per image, sorted by path
     OUT/summary.json         the count, means, percentiles, the worst image, what was skipped
     OUT/run.json             the manifest; OUT/.flowdiff-run/ the completion record of each batch
+    OUT/.flowdiff-lock       held while a run writes OUT: a second run into OUT is refused, naming the holder
+
+``--overwrite`` removes what the earlier run recorded in ``OUT/run.json`` wrote (by the names its manifest fixes,
+nothing else) before it starts over; a rerun that finds files of recorded batches deleted runs those batches again.
 
 ``FLOWDIFF_STOP_AFTER=k`` (a test hook) stops a process the way a kill would once it has finished k images: the
 batch holding the k-th has its files written but no completion record, and the command exits with status 3.
@@ -17,10 +21,11 @@ batch holding the k-th has its files written but no completion record, and the c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +37,16 @@ from ..runs.distributed import Ranks, close, process_group, rank_device
 from ..tools.metrics import max_abs_error, mse, psnr
 from . import _commands, _prompt
 from ._errors import CommandError, UsageError, one_line
-from ._images import write_images
+from ._images import as_written, write_images
 from ._outputs import image_output_name, output_dir, plan
 
 #: Images per batch unless --batch-size says otherwise.
 DEFAULT_BATCH = 16
 #: Exit status of a process stopped by FLOWDIFF_STOP_AFTER.
 STOPPED = 3
-ROUNDTRIP_COLUMNS = ("path", "mse", "max_abs", "psnr", "nfe_encode", "nfe_decode")
+#: mse, max_abs, psnr: of the decoder's output; the ``_written`` ones: of the image files written (rounded, clipped).
+ROUNDTRIP_COLUMNS = ("path", "mse", "max_abs", "psnr", "mse_written", "max_abs_written", "psnr_written",
+                     "nfe_encode", "nfe_decode")
 ENCODE_COLUMNS = ("path", "latent", "nfe_encode", "latent_mean", "latent_std")
 #: Options that do not change a run's numbers (where it is written, how fast, whether to start over).
 _NOT_DEFINING = {"func", "command", "data", "images", "out", "overwrite", "threads", "latents", "no_progress", "seed"}
@@ -127,20 +134,89 @@ def run_dataset(args: argparse.Namespace, command: str) -> int:
         seen = ", ".join(p for p, _ in folder.skipped[:3])
         raise CommandError(f"--data {args.data!r}: no image files" + (f" (skipped: {seen}, …)" if seen else ""))
     ranks = process_group(args.device)
+    lock = _ds.FolderLock(out)
     try:
+        problem = None
+        if ranks.is_main:  # rank 0 holds OUT for the whole run; every rank learns whether it could
+            try:
+                _make_folder(out)
+                lock.acquire()
+            except (_ds.FolderBusy, OSError) as err:
+                problem = one_line(err)
+        problem = ranks.broadcast(problem)
+        if problem is not None:
+            raise CommandError(problem)
+        if lock.took_over:
+            print(f"note: {lock.took_over}")
         return _run(args, command, folder, out, ranks)
     finally:
+        lock.release()
         close(ranks)
 
 
-def _outputs(command: str, args: argparse.Namespace, folder: _ds.ImageFolder, out: Path) -> list[tuple[Path, str]]:
+def _make_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(err.errno, f"--out {os.fspath(out)!r}: cannot create the folder ({err.strerror or err})") \
+            from None
+
+
+def _image_outputs(command: str, save_latents: bool, rels: Iterable[str], out: Path) -> list[tuple[Path, str]]:
+    """The files a run writes for the inputs ``rels``: reconstructions and latents, with what each is."""
     outputs: list[tuple[Path, str]] = []
-    for rel in folder.files:
+    for rel in rels:
         if command == "roundtrip":
             outputs.append((out / "images" / image_output_name(Path(rel)), f"the reconstruction of {rel!r}"))
-        if command == "encode" or args.save_latents:
+        if command == "encode" or save_latents:
             outputs.append((out / "latents" / f"{rel}.safetensors", f"the latent of {rel!r}"))
-    return outputs + [(out / name, "--out") for name in ("results.csv", "summary.json", "run.json")]
+    return outputs
+
+
+def _outputs(command: str, args: argparse.Namespace, folder: _ds.ImageFolder, out: Path) -> list[tuple[Path, str]]:
+    return _image_outputs(command, args.save_latents, folder.files, out) + [
+        (out / name, "--out") for name in ("results.csv", "summary.json", "run.json")]
+
+
+def _remove_earlier(out: Path, manifest_path: Path) -> str:
+    """Remove what the run recorded in ``manifest_path`` wrote (its images, latents, table and summary, by the names
+    its manifest fixes: nothing else), and the folders that leaves empty; what was done, in words."""
+    try:
+        old = _ds.read_manifest(manifest_path)
+    except ValueError as err:
+        return (f"--overwrite: {one_line(err)}; the files of the run that wrote it cannot be told from others, so "
+                "none is removed")
+    inputs = [rel for rel, _ in old.get("inputs", [])]
+    earlier = _image_outputs(str(old.get("command")), bool(old.get("arguments", {}).get("save_latents")), inputs,
+                             out)
+    removed, folders = 0, set()
+    for path in [p for p, _ in earlier] + [out / "results.csv", out / "summary.json"]:
+        if path.is_file() or path.is_symlink():
+            try:
+                path.unlink()
+            except OSError as err:
+                raise CommandError(f"--overwrite: cannot remove {os.fspath(path)!r}, written by the earlier run in "
+                                   f"--out ({err.strerror or err})") from None
+            removed += 1
+            folders.update(path.parents)
+    for folder in sorted((f for f in folders if _inside(f, out) and f.resolve() != out.resolve()),
+                         key=lambda f: len(f.parts), reverse=True):
+        with contextlib.suppress(OSError):  # only folders left empty go: rmdir refuses the others
+            folder.rmdir()
+    return (f"--overwrite: removed the {removed} file(s) the earlier run wrote in {os.fspath(out)!r} "
+            f"('flowdiff {old.get('command')}' of {len(inputs)} image(s))")
+
+
+def _missing(out: Path, command: str, save_latents: bool, folder: _ds.ImageFolder, groups: list[range],
+             done: set[int]) -> dict[int, list[str]]:
+    """The recorded batches whose files are not all there (deleted since), with the missing files' names in OUT."""
+    missing: dict[int, list[str]] = {}
+    for b in sorted(done):
+        gone = [p for p, _ in _image_outputs(command, save_latents, [folder.files[i] for i in groups[b]], out)
+                if not p.is_file()]
+        if gone:
+            missing[b] = [p.relative_to(out).as_posix() for p in gone]
+    return missing
 
 
 def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: Path, ranks: Ranks) -> int:
@@ -170,19 +246,33 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
     groups = _ds.batches(len(folder.files), args.batch_size or DEFAULT_BATCH)
     ranks.barrier()  # every rank has read the old manifest before rank 0 replaces it
     if ranks.is_main and not resume:
+        if args.overwrite and manifest_path.exists():
+            print(_remove_earlier(out, manifest_path))
+            for folder_of in {p.parent for p, _ in outputs}:  # planned folders the removal left empty
+                folder_of.mkdir(parents=True, exist_ok=True)
         _ds.clear_records(out)
         for name in ("results.csv", "summary.json"):
             (out / name).unlink(missing_ok=True)
         _ds.write_json(manifest_path, man)
     ranks.barrier()
-    done = _ds.completed(out, run, groups, folder.files) if resume else set()
+    done = set()
+    if resume and ranks.is_main:  # decided once, on rank 0: a batch whose files were deleted is run again
+        done = _ds.completed(out, run, groups, folder.files)
+        missing = _missing(out, command, args.save_latents, folder, groups, done)
+        if missing:
+            names = [_ds.escaped_name(n) for b in missing for n in missing[b]]
+            print(f"{len(names)} file(s) listed by the completion records are missing ({', '.join(names[:3])}"
+                  f"{', …' if len(names) > 3 else ''}): running their {len(missing)} batch(es) again")
+            done -= set(missing)
+    done = ranks.broadcast(done)
     todo = [b for b in ranks.share(range(len(groups))) if b not in done]
     if ranks.is_main:
         where = f" over {ranks.world_size} processes" if ranks.distributed else ""
         start = f"resuming: {len(done)} of {len(groups)} batches done, " if resume else ""
         print(f"{start}{len(folder.files)} images in {len(groups)} batches of up to {groups[0].stop}{where}"
               + (f"; skipped {len(folder.skipped)} other file(s): "
-                 f"{', '.join(p for p, _ in folder.skipped[:3])}{', …' if len(folder.skipped) > 3 else ''}"
+                 f"{', '.join(_ds.escaped_name(p) for p, _ in folder.skipped[:3])}"
+                 f"{', …' if len(folder.skipped) > 3 else ''}"
                  if folder.skipped else ""))
     stop = _stop_after()
     finished = 0
@@ -251,8 +341,11 @@ def _batch(args: argparse.Namespace, command: str, loaded: Any, dtype: torch.dty
     recon = _prompt.to_images(loaded, dec.x)
     write_images(recon, [out / "images" / image_output_name(Path(rel)) for rel in rels], formats)
     errors = [m(images, recon, reduction="none").tolist() for m in (mse, max_abs_error, psnr)]
+    original, written = as_written(images, formats), as_written(recon, formats)  # what the files hold
+    held = [m(original, written, reduction="none").tolist() for m in (mse, max_abs_error, psnr)]
     for i, rel in enumerate(rels):
         rows.append({"path": rel, "mse": errors[0][i], "max_abs": errors[1][i], "psnr": errors[2][i],
+                     "mse_written": held[0][i], "max_abs_written": held[1][i], "psnr_written": held[2][i],
                      "nfe_encode": enc.stats.nfe, "nfe_decode": dec.stats.nfe})
     return rows
 
@@ -269,7 +362,9 @@ def _merge(command: str, folder: _ds.ImageFolder, out: Path, run: str, groups: l
         rows = _ds.merge(out, run, groups, folder.files)
     except RuntimeError as err:
         raise CommandError(one_line(err)) from None
-    skipped = [{"path": p, "reason": r} for p, r in folder.skipped]
+    # names as text (a name that is not UTF-8 keeps its bytes as \xNN; see flowdiff.runs.datasets.escaped_name)
+    rows = [{**r, **{k: _ds.escaped_name(r[k]) for k in ("path", "latent") if k in r}} for r in rows]
+    skipped = [{"path": _ds.escaped_name(p), "reason": r} for p, r in folder.skipped]
     if command == "encode":
         _ds.write_csv(out / "results.csv", rows, ENCODE_COLUMNS)
         summary = _ds.summarize(rows, {"latent_std": True}, "latent_std", counts=("nfe_encode",))
@@ -281,15 +376,21 @@ def _merge(command: str, folder: _ds.ImageFolder, out: Path, run: str, groups: l
               f"{s['worst']:.4f} ({summary['worst']['path']})")
     else:
         _ds.write_csv(out / "results.csv", rows, ROUNDTRIP_COLUMNS)
-        summary = _ds.summarize(rows, {"mse": True, "max_abs": True, "psnr": False}, "mse",
+        summary = _ds.summarize(rows, {"mse": True, "max_abs": True, "psnr": False, "mse_written": True,
+                                       "max_abs_written": True, "psnr_written": False}, "mse",
                                 counts=("nfe_encode", "nfe_decode"))
         summary["skipped"] = skipped
         _ds.write_json(out / "summary.json", _ds.json_safe(summary))
-        m, a, p, w = summary["mse"], summary["max_abs"], summary["psnr"], summary["worst"]
-        print(f"round trip of {summary['images']} image(s); errors on the [0, 1] pixel scale:")
-        print(f"  mse:     mean {m['mean']:.3e}, p50 {m['p50']:.3e}, p90 {m['p90']:.3e}, p99 {m['p99']:.3e}")
-        print(f"  max_abs: mean {a['mean']:.3e}, p50 {a['p50']:.3e}, p90 {a['p90']:.3e}, p99 {a['p99']:.3e}")
-        print(f"  psnr_db: mean {p['mean']:.2f}, p50 {p['p50']:.2f}, p10 {p['p10']:.2f}, p1 {p['p1']:.2f}")
+        w = summary["worst"]
+        for suffix, what in (("", "round trip of {n} image(s); errors on the [0, 1] pixel scale of the decoder's "
+                                  "output (columns mse, max_abs, psnr):"),
+                             ("_written", "and of the image files written, rounded to their depth and clipped to "
+                                          "their range (columns *_written):")):
+            m, a, p = (summary[name + suffix] for name in ("mse", "max_abs", "psnr"))
+            print(what.format(n=summary["images"]))
+            print(f"  mse:     mean {m['mean']:.3e}, p50 {m['p50']:.3e}, p90 {m['p90']:.3e}, p99 {m['p99']:.3e}")
+            print(f"  max_abs: mean {a['mean']:.3e}, p50 {a['p50']:.3e}, p90 {a['p90']:.3e}, p99 {a['p99']:.3e}")
+            print(f"  psnr_db: mean {p['mean']:.2f}, p50 {p['p50']:.2f}, p10 {p['p10']:.2f}, p1 {p['p1']:.2f}")
         print(f"  worst: {w['path']} (mse {w['mse']:.3e}, max_abs {w['max_abs']:.3e}, psnr {w['psnr']:.2f} dB)")
         print(f"  NFE per image: encode {_nfe(summary['nfe_encode'])}, decode {_nfe(summary['nfe_decode'])}")
     if folder.skipped:

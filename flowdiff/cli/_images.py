@@ -7,7 +7,6 @@ Reading refuses what would need a silent conversion: a channel count the model d
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ from torch import Tensor
 
 from ..engine._checks import check_data_range
 from ..runs.imageio import MODES, ImageFormat, from_data, read_image, to_data, write_image
-from ._errors import CommandError
+from ._errors import CommandError, one_line
 
 
 def load_images(paths: Sequence[str], shape: tuple[int, int, int]) -> tuple[Tensor, list[ImageFormat]]:
@@ -90,6 +89,13 @@ def save_images(images: Tensor, directory: str | Path, names: Sequence[str], *, 
     return write_images(images, [directory / name for name in names], None, scale=scale)
 
 
+def as_written(images: Tensor, formats: Sequence[ImageFormat]) -> Tensor:
+    """A batch (N, C, H, W) in [−1, 1] as its image files hold it: each image rounded to its format's depth and
+    clipped to its range (:func:`~flowdiff.runs.imageio.from_data`), back in the data range, float64 on the CPU.
+    What a reader of the written files gets, so that errors are reported on that and not on the decoder's output."""
+    return torch.stack([to_data(from_data(images[i], fmt), fmt) for i, fmt in enumerate(formats)])
+
+
 def write_images(images: Tensor, paths: Sequence[Path], formats: Sequence[ImageFormat] | None, *,
                  scale: int = 1) -> list[Path]:
     """Write image i of the batch to ``paths[i]`` in ``formats[i]`` (default: 8 bits), each atomically."""
@@ -98,6 +104,6 @@ def write_images(images: Tensor, paths: Sequence[Path], formats: Sequence[ImageF
         fmt = formats[i] if formats is not None else default_format(images.shape[1])
         try:
             out.append(write_image(path, from_data(images[i], fmt), fmt, scale=scale))
-        except (OSError, ValueError) as err:
-            raise CommandError(f"cannot write {os.fspath(path)!r}: {err}") from None
+        except (OSError, ValueError) as err:  # both name the file and what failed (a full disk, a suffix, …)
+            raise CommandError(one_line(err)) from None
     return out

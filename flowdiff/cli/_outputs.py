@@ -1,7 +1,8 @@
 """Outputs that cannot destroy anything: every path a command will write is planned and checked before the work.
 
 A plan refuses, before any model runs: two outputs with one name, an output that is an input, an output that
-exists (unless ``--overwrite``), and a folder that cannot be made or written. Files are then written atomically
+exists (unless ``--overwrite``), a name longer than the file system holds (NAME_MAX), and a folder that cannot be
+made or written. Files are then written atomically
 (:func:`flowdiff.engine._files.atomic_path`: a temporary file in the target folder, then ``os.replace``).
 """
 
@@ -12,6 +13,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..engine._files import name_max
 from ..runs.imageio import LOSSLESS_SUFFIXES
 from ._errors import CommandError, UsageError
 
@@ -40,6 +42,11 @@ def plan(outputs: Sequence[tuple[Path, str]], *, inputs: Sequence[str | os.PathL
     seen: dict[Path, str] = {}
     ins = {Path(p).resolve(): os.fspath(p) for p in inputs}
     for path, what in outputs:
+        limit = name_max(path.parent)
+        if len(os.fsencode(path.name)) > limit:  # it could not be written after the work (nor even looked up)
+            raise CommandError(f"{what} {os.fspath(path)!r}: its name is {len(os.fsencode(path.name))} bytes, and the "
+                               f"file system of {os.fspath(path.parent)!r} holds names of up to {limit} bytes; "
+                               "shorten the name (outputs keep the inputs' names, latents add '.safetensors')")
         key = path.resolve()
         if key in seen:
             raise UsageError(f"{what} and {seen[key]} would both be written to {os.fspath(path)!r}; give distinct "

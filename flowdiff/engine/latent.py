@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+import solvers
 from solvers import ReversibleState
 
-from ._files import atomic_write, check_folder
+from ._files import atomic_write, check_folder, regular_file
 from .fingerprint import flow_fingerprint
 from .flow import ProbabilityFlow
 from .plugins import decodes_with
@@ -195,6 +196,7 @@ class Latent:
             tensors["state.z"] = st.z.detach().contiguous().cpu()
             if st.k is not None:
                 tensors["state.k"] = st.k.detach().contiguous().cpu()
+        meta["state"] = sorted(k for k in tensors if k.startswith("state."))  # what a load must find again
         data = save(tensors, metadata={k: json.dumps(v) for k, v in meta.items()})
         atomic_write(path, data, "latent file")
 
@@ -214,8 +216,7 @@ class Latent:
             target = _check_device(device)
         except ValueError as err:
             raise ValueError(f"latent file {name!r}: cannot load onto {err}") from None
-        if not path.is_file():
-            raise FileNotFoundError(f"latent file {name!r}: no such file")
+        regular_file(path, "latent file")  # missing, or a FIFO/device/folder: named, never waited on
         data = path.read_bytes()
         if not data:
             raise ValueError(f"latent file {name!r}: the file is empty")
@@ -255,6 +256,12 @@ class Latent:
                              f"{meta['solver_options']!r:.80}")
         if not isinstance(info, dict):
             raise ValueError(f"latent file {name!r}: metadata info is not a JSON object: {meta.get('info')!r:.80}")
+        needed = meta["state"] if isinstance(meta.get("state"), list) else _state_keys(meta["solver"], options)
+        for key in needed:
+            if key not in tensors:
+                raise ValueError(f"latent file {name!r}: the tensor {key!r} is missing; solver {meta['solver']!r} "
+                                 "needs it to decode this latent exactly, and decoding without it would give other "
+                                 "images without a word. Re-encode the images, or use the file as it was written")
         state = None
         if "state.z" in tensors:
             try:
@@ -272,6 +279,19 @@ class Latent:
                        meta.get("inversion"), meta.get("final_euler"), dtype, meta.get("fingerprint"), info)
         except (TypeError, ValueError) as err:
             raise type(err)(f"latent file {name!r}: {err}") from None
+
+
+def _state_keys(solver: object, options: dict[str, Any]) -> list[str]:
+    """The state tensors a latent of ``solver`` carries (files written before ``save`` listed them): a reversible
+    solver's second variable ``state.z``, and ``state.k`` when its carried state holds one (asked of the solver)."""
+    try:
+        obj = solvers.get(str(solver), **options)
+    except (TypeError, ValueError, KeyError):
+        return []  # a plug-in's name, or options of another version: nothing to ask
+    if not obj.reversible:
+        return []
+    probe = obj.init(lambda t, y: torch.zeros_like(y), 0.0, torch.zeros(1, dtype=torch.float64))
+    return ["state.z"] + (["state.k"] if getattr(probe, "k", None) is not None else [])
 
 
 def _get(tensors: dict[str, Tensor], key: str, device: torch.device) -> Tensor | None:

@@ -5,8 +5,9 @@ all independent of how many processes share it:
 
 - **the inputs**: every file under DIR, recursively, in the sorted order of their relative POSIX paths
   (:func:`scan`). Files whose suffix names a type Pillow opens are inputs; every other file (a
-  ``notes.txt``), every hidden file (a ``.DS_Store``, macOS's ``._x.png``) and every hidden folder is
-  *listed as skipped*, with the reason, never dropped silently; a folder that cannot be listed is an
+  ``notes.txt``), every hidden file (a ``.DS_Store``, macOS's ``._x.png``), every file that is not a
+  regular file (a FIFO, a socket or a device named ``x.png``) and every hidden folder is *listed as
+  skipped*, with the reason, never dropped silently; a folder that cannot be listed is an
   error. An input that then cannot be read is an error naming it.
 - **fixed batches** of the global order: batch b holds inputs b·S … (b+1)·S − 1 (:func:`batches`). A
   model evaluated on a batch of 3 and on a batch of 4 may differ at float rounding (matrix kernels
@@ -23,25 +24,42 @@ off by a kill has no record and is run again whole, its files rewritten); a reru
 differs is refused with the first differing argument, old and new (:func:`difference`). Rank 0 merges
 the records after the last batch (:func:`merge`): every input exactly once, sorted by path, into
 ``OUT/results.csv``, and a summary (:func:`summarize`) into ``OUT/summary.json``.
+
+A run owns its OUT while it runs: :class:`FolderLock` holds ``OUT/.flowdiff-lock`` (an ``flock`` on it, which
+the system drops when the process dies, and in it the holder's pid, host and start time). A second run into
+the folder is refused naming the holder; a lock file left by a run that was killed is taken over, and said.
+
+File names are kept as the file system gives them (a name that is not UTF-8 is a ``str`` with surrogate
+escapes, ``os.fsdecode``'s form, and the JSON records keep it losslessly). Text meant for people and other
+programs — ``results.csv``, ``summary.json`` and what is printed — carries :func:`escaped_name`: a backslash
+doubled and each byte that is not UTF-8 as ``\\xNN``; :func:`unescaped_name` gives the name back.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import hashlib
 import json
 import math
 import os
+import re
+import socket
+import stat
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..engine._files import atomic_path
+from ..engine._files import atomic_path, file_kind
 
 #: Format tag of ``run.json``.
 MANIFEST_FORMAT = "flowdiff.dataset-run/1"
 #: The folder of per-batch completion records inside OUT.
 RECORDS = ".flowdiff-run"
+#: The lock file of a run inside OUT.
+LOCK = ".flowdiff-lock"
 
 
 @dataclass(frozen=True)
@@ -89,8 +107,11 @@ def scan(root: str | os.PathLike[str]) -> ImageFolder:
         for name in names:
             rel = (here / name).relative_to(root).as_posix()
             suffix = Path(name).suffix.lower()
+            mode = _mode(here / name)
             if name.startswith("."):  # e.g. macOS's ._x.png resource forks: not images, whatever their suffix
                 skipped.append((rel, "hidden file"))
+            elif mode is not None and not stat.S_ISREG(mode):  # a FIFO would block the reader for ever
+                skipped.append((rel, f"{file_kind(mode)}, not a regular file; not read"))
             elif suffix in suffixes:
                 files.append(rel)
             else:
@@ -98,12 +119,24 @@ def scan(root: str | os.PathLike[str]) -> ImageFolder:
     return ImageFolder(root, tuple(sorted(files)), tuple(sorted(skipped)))
 
 
+def _mode(path: Path) -> int | None:
+    """``st_mode`` of ``path`` (links followed); ``None`` when it cannot be read (the input's read names it)."""
+    try:
+        return os.stat(path).st_mode
+    except OSError:
+        return None
+
+
 def file_digest(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a file's bytes (hex)."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot read the input {os.fspath(path)!r} to record its SHA-256 in the run's "
+                                 f"manifest: {err.strerror or err}") from None
     return h.hexdigest()
 
 
@@ -165,7 +198,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
 def write_json(path: Path, data: Any) -> None:
     """``data`` as indented JSON, atomically."""
     with atomic_path(path, "file") as tmp:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
 def record_path(out: Path, batch: int) -> Path:
@@ -205,9 +238,13 @@ def clear_records(out: Path) -> None:
     """Remove every completion record (a run started over)."""
     folder = out / RECORDS
     if folder.is_dir():
-        for path in folder.iterdir():
+        for path in folder.glob("batch-*.json"):
             if path.is_file():
-                path.unlink()
+                try:
+                    path.unlink()
+                except OSError as err:
+                    raise OSError(err.errno, f"cannot remove the completion record {os.fspath(path)!r} of the "
+                                             f"earlier run: {err.strerror or err}") from None
 
 
 def merge(out: Path, run: str, groups: Sequence[range], files: Sequence[str]) -> list[dict[str, Any]]:
@@ -233,7 +270,7 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[s
     for row in rows:
         writer.writerow([repr(row[c]) if isinstance(row[c], float) else row[c] for c in columns])
     with atomic_path(path, "results table") as tmp:
-        tmp.write_text(buffer.getvalue())
+        tmp.write_text(buffer.getvalue(), encoding="utf-8")
 
 
 def nearest_rank(values: Sequence[float], q: float) -> float:
@@ -279,3 +316,125 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+def escaped_name(name: str) -> str:
+    """A file name as text any UTF-8 file or terminal holds, losslessly: each backslash doubled, each byte of the
+    name that is not UTF-8 as ``\\xNN`` (``os.fsencode`` of a surrogate-escaped name). :func:`unescaped_name`
+    inverts it."""
+    return os.fsencode(name).replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
+def unescaped_name(text: str) -> str:
+    """The file name (``os.fsdecode`` form) that :func:`escaped_name` wrote as ``text``."""
+    def byte(match: re.Match[str]) -> str:
+        token = match.group(0)
+        return "\\" if token == "\\\\" else chr(0xDC00 + int(token[2:], 16))  # a surrogate escape of the byte
+
+    return os.fsdecode(os.fsencode(re.sub(r"\\\\|\\x[0-9a-f]{2}", byte, text)))
+
+
+class FolderBusy(RuntimeError):
+    """Another live run holds the folder's lock."""
+
+
+class FolderLock:
+    """The lock of a run's output folder: ``OUT/.flowdiff-lock``, ``flock``-ed for as long as the run holds it.
+
+    The file says who holds it (pid, host, start time, command). ``flock`` is dropped by the system when the
+    process dies, so a lock file nobody holds is one a killed run left behind: it is taken over, and
+    :attr:`took_over` says whose it was. Use as a context manager, or :meth:`acquire` and :meth:`release`.
+    """
+
+    def __init__(self, out: str | os.PathLike[str]) -> None:
+        self.path = Path(out) / LOCK
+        self.fd: int | None = None
+        self.took_over: str | None = None
+
+    def _holder(self, fd: int) -> dict[str, Any]:
+        try:
+            text = os.pread(fd, 1 << 16, 0).decode("utf-8", "replace")
+            holder = json.loads(text) if text.strip() else {}
+        except (OSError, ValueError):
+            holder = {}
+        return holder if isinstance(holder, dict) else {}
+
+    @staticmethod
+    def describe(holder: Mapping[str, Any]) -> str:
+        if not holder:
+            return "a process that has not yet said who it is"
+        return (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
+                + (f" ({holder['command']})" if holder.get("command") else ""))
+
+    def acquire(self) -> FolderLock:
+        """Take the lock, or raise :class:`FolderBusy` naming the holder (an ``OSError`` naming the file when it
+        cannot be made)."""
+        import fcntl
+
+        name = os.fspath(self.path)
+        while True:
+            try:
+                fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as err:
+                raise OSError(err.errno, f"cannot create the lock file {name!r} of the output folder: "
+                                         f"{err.strerror or err}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder(fd)
+                os.close(fd)
+                raise FolderBusy(f"the output folder {os.fspath(self.path.parent)!r} is in use by another run: "
+                                 f"{self.describe(holder)}, holds its lock {name!r}; wait for it to finish, or "
+                                 "write elsewhere") from None
+            except OSError as err:
+                os.close(fd)
+                raise OSError(err.errno, f"cannot lock {name!r}: {err.strerror or err}") from None
+            try:  # the file may have been released and removed between our open and our flock: then again
+                same = os.fstat(fd).st_ino == os.stat(name).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        left = self._holder(fd)
+        if left:
+            alive = _alive(left)
+            self.took_over = (f"took over the lock {name!r} left by {self.describe(left)}, which "
+                              + ("no longer runs" if alive is False else "no longer holds it (killed)"))
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "command": " ".join(sys.argv[1:])[:300]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (nothing when not held)."""
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
+                os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _alive(holder: Mapping[str, Any]) -> bool | None:
+    """Whether the holder's pid runs (on this host; ``None`` when that cannot be told)."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid < 1:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True

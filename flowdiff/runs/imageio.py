@@ -14,6 +14,14 @@ alpha, RGB and RGBA PNG (16-bit colour PNGs are decoded here, since Pillow reads
 bits), 8- and 16-bit grey and 8-bit colour TIFF, 32-bit float grey TIFF, and the 8-bit modes
 Pillow opens (JPEG, BMP, …; palette and 1-bit images are expanded to 8-bit grey/RGB(A),
 which loses nothing). Anything else is a ``ValueError`` naming the file.
+
+Reading checks before it decodes: only regular files are opened (a FIFO named ``x.png`` would block
+the reader for ever); the width × height the file declares is checked against a limit
+(:data:`MAX_PIXELS`, or the environment variable ``FLOWDIFF_MAX_PIXELS``, or ``max_pixels=``)
+before a byte of pixel data is inflated, so that a small compressed file declaring a huge image is
+refused, not unpacked; a file of several frames (a multi-page TIFF, an animated GIF or PNG) is
+refused with its frame count rather than cut to its first; and an EXIF orientation other than
+"upright" is refused, since the pixels as stored are not the picture as shown.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ from __future__ import annotations
 import io
 import os
 import struct
+import threading
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..engine._files import atomic_write
+from ..engine._files import atomic_write, regular_file
 
 #: Pillow modes by channel count.
 MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
@@ -38,6 +48,15 @@ _PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # PNG colour type → channels (3, the
 _PNG_COLOR_TYPE = {v: k for k, v in _PNG_CHANNELS.items()}
 #: Suffixes of lossless formats: outputs keep them (other inputs, e.g. JPEG, get a .png output).
 LOSSLESS_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+#: Default limit on the pixels (width × height) of an image read: 8192 × 8192. ``FLOWDIFF_MAX_PIXELS`` sets another.
+MAX_PIXELS = 8192 * 8192
+#: The environment variable that sets the limit for the command line (and for :func:`read_image` by default).
+MAX_PIXELS_ENV = "FLOWDIFF_MAX_PIXELS"
+#: EXIF orientation tag values → what a viewer does to show the picture (1, "upright", and no tag are accepted).
+_ORIENTATIONS = {2: "mirrored left-right", 3: "rotated 180°", 4: "mirrored top-bottom",
+                 5: "mirrored and rotated 90°", 6: "rotated 90° clockwise", 7: "mirrored and rotated 270°",
+                 8: "rotated 90° counter-clockwise"}
+_PILLOW_LIMIT = threading.Lock()  # Image.MAX_IMAGE_PIXELS is a module global: set under a lock, then restored
 
 
 @dataclass(frozen=True)
@@ -61,29 +80,89 @@ class ImageFormat:
         return f"{self.bits}-bit {'float ' if self.kind == 'float' else ''}{self.mode}"
 
 
-def read_image(path: str | os.PathLike[str]) -> tuple[np.ndarray, ImageFormat]:
+def pixel_limit() -> int:
+    """The limit on width × height of an image read: ``FLOWDIFF_MAX_PIXELS`` when set, else :data:`MAX_PIXELS`."""
+    text = os.environ.get(MAX_PIXELS_ENV)
+    if text is None or text == "":
+        return MAX_PIXELS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{MAX_PIXELS_ENV}={text!r}: expected a positive integer (the most pixels, width × height, "
+                         "an image read may have)")
+    return value
+
+
+def _check_size(name: str, width: int, height: int, limit: int) -> None:
+    if width * height > limit:
+        raise ValueError(f"image {name!r} declares {width}×{height} = {width * height} pixels, more than the limit "
+                         f"of {limit} (a decompression bomb, or a picture too big to read safely); not decoded. "
+                         f"Raise the limit with {MAX_PIXELS_ENV}=N (or read_image(..., max_pixels=N)) if you trust "
+                         "the file")
+
+
+def read_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -> tuple[np.ndarray, ImageFormat]:
     """The pixels of an image file as stored, shape (H, W, C), and their format.
 
-    Raises ``FileNotFoundError``/``ValueError`` naming the file when it is missing, empty,
-    truncated, not an image, or in a mode that cannot be kept exactly (CMYK, 16-bit colour TIFF, …).
+    Raises ``FileNotFoundError``/``ValueError`` naming the file when it is missing, not a regular file, empty,
+    truncated, not an image, larger than ``max_pixels`` (default :func:`pixel_limit`) by its declared size, made of
+    several frames, EXIF-rotated, or in a mode that cannot be kept exactly (CMYK, 16-bit colour TIFF, …).
     """
     from PIL import Image, UnidentifiedImageError
 
     name = os.fspath(path)
+    if max_pixels is None:
+        limit = pixel_limit()
+    elif isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"read_image {name!r}: max_pixels must be a positive int, got {max_pixels!r}")
+    else:
+        limit = max_pixels
+    regular_file(name)
     p = Path(name)
-    if not p.is_file():
-        raise FileNotFoundError(f"image {name!r}: no such file")
-    head = p.read_bytes()[:33]
+    try:
+        with open(name, "rb") as fh:
+            head = fh.read(33)
+    except OSError as err:
+        raise OSError(err.errno, f"image {name!r}: cannot read it ({err.strerror or err})") from None
     if not head:
         raise ValueError(f"image {name!r}: the file is empty")
+    if head.startswith(_PNG_SIGNATURE) and len(head) >= 24 and head[12:16] == b"IHDR":
+        _check_size(name, *struct.unpack(">II", head[16:24]), limit)
     try:
         if head.startswith(_PNG_SIGNATURE) and len(head) >= 33 and head[24] == 16 and head[25] in (2, 4, 6):
             return _read_png16(p)
-        with Image.open(p) as img:
+        with _PILLOW_LIMIT:
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, by name
+                    img = Image.open(p)
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+        with img:
+            _check_size(name, img.width, img.height, limit)
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1:
+                raise ValueError(f"image {name!r} holds {frames} frames (a multi-page or animated {img.format}); "
+                                 "flowdiff reads one picture per file and keeps every frame or none: save each "
+                                 "frame as a file of its own")
+            orientation = img.getexif().get(0x0112)  # values outside 2…8 mean nothing to a viewer either
+            if orientation in _ORIENTATIONS:
+                turn = _ORIENTATIONS[orientation]
+                raise ValueError(f"image {name!r} has the EXIF orientation {orientation} ({turn}): its pixels as "
+                                 "stored are not the picture as shown, and flowdiff neither rotates them nor "
+                                 "ignores the tag; save it upright without the tag (e.g. PIL.ImageOps."
+                                 "exif_transpose)")
             img.load()
             return _from_pillow(img, name)
     except UnidentifiedImageError:
         raise ValueError(f"image {name!r}: not an image file Pillow can read (PNG, TIFF, JPEG, BMP, …)") from None
+    except Image.DecompressionBombError:
+        raise ValueError(f"image {name!r}: larger than the limit of {limit} pixels (a decompression bomb, or a "
+                         f"picture too big to read safely); not decoded. Raise the limit with {MAX_PIXELS_ENV}=N "
+                         "if you trust the file") from None
     except (OSError, SyntaxError, zlib.error, struct.error, IndexError) as err:
         raise ValueError(f"image {name!r}: the file is damaged or truncated ({' '.join(str(err).split())})") \
             from None
@@ -140,10 +219,11 @@ def _read_png16(path: Path) -> tuple[np.ndarray, ImageFormat]:
     channels = _PNG_CHANNELS[color]
     bpp = 2 * channels
     stride = width * bpp
-    raw = zlib.decompress(b"".join(idat))
-    if len(raw) != height * (stride + 1):
+    expected = height * (stride + 1)
+    raw = zlib.decompressobj().decompress(b"".join(idat), expected + 1)  # never inflates past the declared size
+    if len(raw) != expected:
         raise ValueError(f"image {os.fspath(path)!r}: the image data has {len(raw)} bytes, expected "
-                         f"{height * (stride + 1)} (truncated or damaged)")
+                         f"{expected} (truncated or damaged)")
     rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, stride + 1)
     out = np.zeros((height, stride), dtype=np.uint8)
     prior = np.zeros(stride, dtype=np.uint8)
