@@ -1,4 +1,4 @@
-"""adjoint=: 'checkpoint' and 'reversible' gradients equal autograd's; memory; NFE; refusals (flowdiff.engine.adjoint)."""
+"""adjoint=: checkpoint and reversible gradients equal autograd's; memory; NFE; refusals (flowdiff.engine.adjoint)."""
 
 from __future__ import annotations
 
