@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 import solvers
-from solvers import FixedGrid, Solution, Solver, Stepping
+from solvers import FixedGrid, ReversibleHeun, Solution, Solver, Stepping
 
 ADJOINTS = ("autograd", "checkpoint", "reversible")
 
@@ -190,6 +190,12 @@ class _Plan:
             return result.y, result.state
         return method.unstep(f, t0, t1, y, state)
 
+    def replays(self, i: int) -> bool:
+        """Whether rebuilding the start of step ``i`` evaluates f where recomputing step ``i − 1`` does (see
+        :meth:`_SolveFunction.backward`): reversible Heun forwards, both steps its own."""
+        return (not self.inverse and i > 0 and isinstance(self.steps[i][2], ReversibleHeun)
+                and isinstance(self.steps[i - 1][2], ReversibleHeun))
+
     def keeps(self, i: int) -> bool:
         """Whether the forward pass stores the start of step ``i`` (> 0; step 0's start is the input)."""
         return self.mode == "checkpoint" or not self.invertible(i)
@@ -253,6 +259,23 @@ class _SolveFunction(torch.autograd.Function):
             counter[0] += 1
             return f(t, y)
 
+        # Reversible Heun's inverse of step i evaluates f exactly where step i − 1 does, at (t_i, z_i): that
+        # evaluation is kept with its graph and replayed by the recomputation of step i − 1 (one evaluation a
+        # step saved; one evaluation's activations held at a time).
+        replayed: dict[float, tuple[Tensor, Tensor]] = {}
+
+        def field_kept(t: float, y: Tensor) -> Tensor:
+            counter[0] += 1
+            with torch.enable_grad():
+                leaf = y.detach().requires_grad_(True)
+                k = f(t, leaf)
+            replayed[t] = (leaf, k)
+            return k.detach()
+
+        def field_replay(t: float, y: Tensor) -> Tensor:
+            hit = replayed.pop(t, None)
+            return field_counted(t, y) if hit is None else _Replay.apply(hit, y, *params)
+
         adj = list(grads)  # the adjoint of the current step's outputs: y and the carried state's tensors
         out_rebuild = ctx.end_rebuild
         if plan.mode == "reversible":
@@ -270,7 +293,8 @@ class _SolveFunction(torch.autograd.Function):
                 y_in, rebuild_in, leaves_in = kept[i][0], kept[i][1], list(kept[i][2])
             else:
                 with torch.no_grad():
-                    y_in, state_in = plan.inverse_step(field_counted, i, y_cur, state_cur)
+                    y_in, state_in = plan.inverse_step(field_kept if plan.replays(i) else field_counted, i,
+                                                       y_cur, state_cur)
                 leaves_in, rebuild_in = _flatten(state_in)
             with torch.enable_grad():
                 y_var = y_in.detach().requires_grad_(True)
@@ -279,7 +303,7 @@ class _SolveFunction(torch.autograd.Function):
                     state = plan.solver.init(field_counted, plan.steps[0][0], y_var)
                 else:
                     state = rebuild_in(iter(vars_in))
-                y_out, state_out = plan.forward_step(field_counted, i, y_var, state)
+                y_out, state_out = plan.forward_step(field_replay, i, y_var, state)
                 outs = [y_out, *_flatten(state_out)[0]]
                 if len(outs) != len(adj):
                     raise RuntimeError(f"adjoint: step {i} recomputed {len(outs)} tensors where the solve "
@@ -298,11 +322,27 @@ class _SolveFunction(torch.autograd.Function):
             for j, g in enumerate(got[1 + len(vars_in):]):
                 if g is not None:
                     adj_params[j] = g if adj_params[j] is None else adj_params[j] + g
+            replayed.pop(plan.steps[i][1], None)  # the evaluation kept for this step's recomputation, if unused
             if plan.mode == "reversible" and i > 0:
                 y_cur, state_cur = y_in, (rebuild_in(iter(leaves_in)) if rebuild_in is not None else None)
         plan.solution.stats.extra[NFE_BACKWARD] = plan.solution.stats.extra.get(NFE_BACKWARD, 0) + counter[0]
         grad_state0 = adj[1:1 + plan.n_state] if plan.state_rebuild is not None else []
         return (None, adj[0], *grad_state0, *adj_params)
+
+
+class _Replay(torch.autograd.Function):
+    """A kept evaluation ``k = f(t, leaf)`` standing in for ``f(t, y)`` at the same point (to rounding): its value,
+    and in the backward pass the vector–Jacobian product through the kept graph (w.r.t. y and the params)."""
+
+    @staticmethod
+    def forward(ctx: Any, hit: tuple[Tensor, Tensor], y: Tensor, *params: Tensor) -> Tensor:
+        ctx.hit, ctx.params = hit, params
+        return hit[1].detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        leaf, k = ctx.hit
+        return (None, *torch.autograd.grad(k, [leaf, *ctx.params], grad, allow_unused=True))
 
 
 def _refuse_hidden_leaves(outputs: list[Tensor], inputs: list[Tensor]) -> None:
