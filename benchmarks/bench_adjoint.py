@@ -3,17 +3,18 @@
 For each model and step count S this takes d/d(noise) of L = Σ w·generate(noise) (w fixed random
 weights; the networks' parameters frozen, as in noise optimisation) by
 
-* flowdiff ``adjoint="autograd"``, ``"checkpoint"`` (both with Euler, i.e. DDIM) and
-  ``"reversible"`` (reversible Heun; its own forward solve);
+* flowdiff ``adjoint="autograd"`` and ``"checkpoint"`` with Euler (DDIM), ``"autograd"`` and
+  ``"reversible"`` with reversible Heun (its own forward solve);
 * torchdiffeq's ``odeint_adjoint`` (Chen et al. 2018) on the same ODE dx̄/dσ = ε(x̄, σ), Euler on the
   same σ grid (so its forward is flowdiff's Euler solve), backward by its continuous adjoint ODE.
 
 Memory is what autograd keeps from the forward pass to the backward pass: the bytes of every tensor
 saved for backward (``torch.autograd.graph.saved_tensors_hooks``), counted during the forward.
-(On a CPU there is no allocator peak to read; the backward pass adds one step's activations at a
-time on top of it in checkpoint/reversible modes.) Time: the gradient (forward + backward) over the
-same mode's forward solve without gradients, one run each on a shared machine (noisy). Gradient
-error: relative max-norm difference from the discrete gradient (autograd through the same solver).
+(On a CPU there is no allocator peak to read; in checkpoint/reversible modes the backward pass adds
+one step's activations at a time on top of it, two evaluations' for reversible Heun.) Time: the
+forward and the backward pass of the gradient, each over the same solver's plain forward solve
+without gradients; one run each on a shared machine (noisy). Gradient error: relative max-norm
+difference from the discrete gradient (autograd through the same solver).
 
 Models: the shipped digits model (1×8×8, batch 1) at S = 10, 50, 200, 1000, and a random
 diffusers UNet2DModel with attention on 4×32×32 latents (SD's latent channels, ~1.1 M parameters;
@@ -37,7 +38,8 @@ import flowdiff
 import solvers
 from flowdiff.engine.options import build_grid
 
-MODES = (("autograd", "euler"), ("checkpoint", "euler"), ("reversible", "reversible_heun"))
+MODES = (("autograd", "euler"), ("checkpoint", "euler"), ("autograd", "reversible_heun"),
+         ("reversible", "reversible_heun"))
 
 
 class Saved:
@@ -64,9 +66,10 @@ def flowdiff_gradient(flow, noise, weights, steps, mode, solver):
     start = time.perf_counter()
     with Saved() as saved:
         res = flowdiff.generate(flow, x, solver=solver, steps=steps, adjoint=mode)
+    middle = time.perf_counter()
     (res.x * weights).sum().backward()
-    seconds = time.perf_counter() - start
-    return x.grad, seconds, saved.bytes, res.stats.nfe, res.stats.extra.get("nfe_backward", res.stats.nfe)
+    seconds = (middle - start, time.perf_counter() - middle)
+    return x.grad, seconds, saved.bytes, res.stats.nfe, res.stats.extra.get("nfe_backward", 0)  # autograd: none
 
 
 def forward_time(flow, noise, steps, solver):
@@ -95,8 +98,9 @@ def torchdiffeq_gradient(flow, noise, weights, steps):
         y0 = x * float((1 + ts[0] ** 2) ** 0.5)
         path = odeint_adjoint(f, y0, ts.to(noise.dtype), method="euler", adjoint_params=())
     forward_nfe = count[0]
+    middle = time.perf_counter()
     (path[-1] * weights).sum().backward()
-    seconds = time.perf_counter() - start
+    seconds = (middle - start, time.perf_counter() - middle)
     return x.grad, seconds, saved.bytes, forward_nfe, count[0] - forward_nfe
 
 
@@ -135,6 +139,34 @@ def objective_curves(iterations: int = 20):
     return curves
 
 
+def plot(series, curves, path: Path) -> None:
+    """Memory and time against steps by method and model, and the noise-recovery objective."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.6), dpi=110)
+    methods = sorted({method for _, method in series})
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
+    for (name, method), v in series.items():
+        style = "-" if name.startswith("digits") else "--"
+        steps = [s for s, _, _ in v]
+        label = method if name.startswith("digits") else None
+        axes[0].loglog(steps, [b / 2**20 for _, b, _ in v], style, marker="o", color=colours[method], label=label)
+        axes[1].semilogx(steps, [r for _, _, r in v], style, marker="o", color=colours[method])
+    axes[0].set(xlabel="steps", ylabel="MiB saved for backward",
+                title="memory of one gradient (—: digits, --: UNet)")
+    axes[1].set(xlabel="steps", ylabel="gradient time ÷ plain forward time", title="time of one gradient")
+    for k, v in curves.items():
+        axes[2].semilogy(range(1, len(v) + 1), v, marker=".", label=k)
+    axes[2].set(xlabel="Adam iteration", ylabel="MSE to the digits", title="noise recovery objective")
+    axes[2].legend(fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    fig.savefig(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/adjoint.md"))
@@ -151,58 +183,41 @@ def main() -> None:
             flowdiff_gradient(flow, noise, weights, 2, mode, solver)
         for steps in step_list:
             fwd = {s: forward_time(flow, noise, steps, s) for s in ("euler", "reversible_heun")}
-            discrete = {}
+            discrete = {}  # autograd's gradient of each solver's discrete solve: the reference
             for mode, solver in MODES:
                 grad, sec, saved, nfe, nfe_b = flowdiff_gradient(flow, noise, weights, steps, mode, solver)
                 discrete.setdefault(solver, grad)
                 err = relative(grad, discrete[solver])
-                rows.append((name, steps, f"flowdiff {mode} ({solver})", saved, sec, sec / fwd[solver], nfe, nfe_b,
-                             err))
-                series.setdefault((name, f"flowdiff {mode}"), []).append((steps, saved, sec / fwd[solver]))
+                rows.append((name, steps, f"flowdiff {mode} ({solver})", saved, sec, fwd[solver], nfe, nfe_b, err))
+                series.setdefault((name, f"flowdiff {mode} ({solver})"), []).append(
+                    (steps, saved, sum(sec) / fwd[solver]))
             grad, sec, saved, nfe, nfe_b = torchdiffeq_gradient(flow, noise, weights, steps)
-            rows.append((name, steps, "torchdiffeq odeint_adjoint (euler)", saved, sec, sec / fwd["euler"], nfe, nfe_b,
+            rows.append((name, steps, "torchdiffeq odeint_adjoint (euler)", saved, sec, fwd["euler"], nfe, nfe_b,
                          relative(grad, discrete["euler"])))
-            series.setdefault((name, "torchdiffeq odeint_adjoint"), []).append((steps, saved, sec / fwd["euler"]))
+            series.setdefault((name, "torchdiffeq odeint_adjoint"), []).append(
+                (steps, saved, sum(sec) / fwd["euler"]))
             print(f"{name} S={steps} done at {time.perf_counter() - begin:.0f} s", flush=True)
     curves = objective_curves()
     total = time.perf_counter() - begin
 
     lines = [f"One gradient d/d(noise) through the sampler (torch {torch.__version__}, {platform.machine()}, "
              f"1 thread, float32, one run each; total {total:.0f} s)", "",
-             "| model | steps | method | saved for backward | gradient s | ÷ forward s | NFE fwd | NFE bwd | "
-             "gradient error vs discrete |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for name, steps, method, saved, sec, ratio, nfe, nfe_b, err in rows:
-        lines.append(f"| {name} | {steps} | {method} | {saved / 2**20:.3f} MiB | {sec:.3f} | {ratio:.2f} | {nfe} | "
-                     f"{nfe_b} | {err:.1e} |")
+             "| model | steps | method | saved for backward | plain forward s | forward s | backward s | "
+             "backward ÷ plain forward | gradient ÷ plain forward | NFE fwd | NFE bwd | gradient error vs discrete |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, steps, method, saved, (f_s, b_s), plain, nfe, nfe_b, err in rows:
+        lines.append(f"| {name} | {steps} | {method} | {saved / 2**20:.3f} MiB | {plain:.3f} | {f_s:.3f} | {b_s:.3f} | "
+                     f"{b_s / plain:.2f} | {(f_s + b_s) / plain:.2f} | {nfe} | {nfe_b} | {err:.1e} |")
     lines += ["", "Saved bytes, reversible mode, largest ÷ smallest over the step counts: " + ", ".join(
         f"{name}: {max(s for _, s, _ in v) / min(s for _, s, _ in v):.3f}"
-        for (name, method), v in series.items() if method == "flowdiff reversible"),
+        for (name, method), v in series.items() if method.startswith("flowdiff reversible")),
         "", "Noise-recovery objective (MSE, 2 digits, 10 steps, Adam lr 0.02), first → last of 20 iterations: " +
         ", ".join(f"{k}: {v[0]:.4f} → {v[-1]:.4f}" for k, v in curves.items())]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), dpi=110)
-    for (name, method), v in series.items():
-        style = "-" if name.startswith("digits") else "--"
-        steps = [s for s, _, _ in v]
-        axes[0].loglog(steps, [b / 2**20 for _, b, _ in v], style, marker="o", label=f"{method}, {name}")
-        axes[1].semilogx(steps, [r for _, _, r in v], style, marker="o", label=f"{method}, {name}")
-    axes[0].set(xlabel="steps", ylabel="MiB saved for backward", title="memory of one gradient")
-    axes[1].set(xlabel="steps", ylabel="gradient time ÷ forward time", title="time of one gradient")
-    for k, v in curves.items():
-        axes[2].semilogy(range(1, len(v) + 1), v, marker=".", label=k)
-    axes[2].set(xlabel="Adam iteration", ylabel="MSE to the digits", title="noise recovery objective")
-    axes[0].legend(fontsize=6)
-    axes[2].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"))
+    plot(series, curves, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

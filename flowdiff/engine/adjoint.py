@@ -14,7 +14,14 @@
   vector–Jacobian product (McCallum and Foster, "Efficient, Accurate and Stable Gradients for
   Neural ODEs", 2024; Kidger et al., "Efficient and Accurate Gradients for Neural SDEs", 2021).
   Memory is flat in the number of steps. A step without an inverse (the Euler step into σ = 0
-  of ``final_euler``) keeps its start: a fixed number of states per solve.
+  of ``final_euler``) keeps its start: a fixed number of states per solve. Reversible Heun's
+  inverse of step i evaluates the model exactly where the recomputation of step i − 1 does, so
+  that evaluation is kept with its graph and replayed: its backward pass makes as many model
+  evaluations as its forward (the wrapper's inverse costs two base evaluations a step more).
+
+Adaptive solves, the stochastic η process and fixed-point inversion are refused (they take
+``"autograd"``). The backward pass is once differentiable: a second derivative through it is an
+error from autograd.
 
 All three give the gradient of the *discrete* solve (not the continuous adjoint ODE of
 ``torchdiffeq.odeint_adjoint``): equal to autograd's to rounding. With the quantised reversible
@@ -39,6 +46,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 import solvers
 from solvers import FixedGrid, ReversibleHeun, Solution, Solver, Stepping
@@ -242,6 +250,7 @@ class _SolveFunction(torch.autograd.Function):
         return tuple(outputs)
 
     @staticmethod
+    @once_differentiable  # a second derivative through it is refused by autograd, not returned wrong
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         plan: _Plan = ctx.plan
         saved = list(ctx.saved_tensors)
@@ -340,6 +349,7 @@ class _Replay(torch.autograd.Function):
         return hit[1].detach().clone()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         leaf, k = ctx.hit
         return (None, *torch.autograd.grad(k, [leaf, *ctx.params], grad, allow_unused=True))
