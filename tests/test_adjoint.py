@@ -270,3 +270,22 @@ def test_a_tensor_the_solve_cannot_see_is_refused_not_lost():
     res = flowdiff.generate(flow, x, steps=3, adjoint="checkpoint")
     with pytest.raises(ValueError, match=r"cannot see \(\(\) float64\)"):
         res.x.sum().backward()
+
+
+@pytest.mark.parametrize("solver, mode", [("euler", "checkpoint"), ("reversible_heun", "reversible")])
+def test_backward_does_no_host_sync_per_step(device, solver, mode):
+    from flowdiff.tools.syncs import syncs_per_step
+
+    flow = flowdiff.pretrained("digits", device=device)
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def gradient(steps):
+        x = noise.clone().requires_grad_()
+        flowdiff.generate(flow, x, solver=solver, steps=steps, adjoint=mode).x.sum().backward()
+        return x.grad
+
+    counted = syncs_per_step(gradient, device, steps=(4, 12))
+    if device.type != "cuda":
+        assert counted.per_step is None  # a CPU has no queue to wait for: checked where CUDA is
+        return
+    assert counted.per_step == 0, counted
