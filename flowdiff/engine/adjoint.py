@@ -322,10 +322,13 @@ class _SolveFunction(torch.autograd.Function):
                 if not checked:
                     _refuse_hidden_leaves([o for o, _ in pairs], wrt)
                     checked = True
-                if pairs:
-                    got = torch.autograd.grad([o for o, _ in pairs], wrt, [a for _, a in pairs], allow_unused=True)
-                else:
-                    got = (None,) * len(wrt)
+                live = [j for j, v in enumerate(wrt) if v.requires_grad]  # e.g. not an integer state tensor
+                got: list[Tensor | None] = [None] * len(wrt)
+                if pairs and live:
+                    found = torch.autograd.grad([o for o, _ in pairs], [wrt[j] for j in live], [a for _, a in pairs],
+                                                allow_unused=True)
+                    for j, g in zip(live, found):
+                        got[j] = g
             adj = [torch.zeros_like(y_in) if got[0] is None else got[0]]
             adj += [torch.zeros_like(v) if g is None else g for v, g in zip(vars_in, got[1:1 + len(vars_in)])]
             for j, g in enumerate(got[1 + len(vars_in):]):
