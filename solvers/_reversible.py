@@ -83,11 +83,34 @@ def _check_state(solver: Solver, state: Any, t: float, y: Tensor, *, needs_k: bo
     return state
 
 
+class _StraightThrough(torch.autograd.Function):
+    """round(x·a)·q, differentiated as if the rounding were not there: d/dx = a·q."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, a: float, q: float) -> Tensor:
+        ctx.scale = a * q
+        return torch.round(x * a).mul_(q)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return grad * ctx.scale, None, None
+
+
+def _quantise(x: Tensor, a: float, q: float) -> Tensor:
+    """round(x·a)·q (a grid of q when a = 1/q, q a power of two). Under autograd the rounding is the identity
+    (straight through): the gradient is that of the unquantised step, which the O(q) rounding only perturbs;
+    rounding's own derivative, zero almost everywhere, would make every gradient through the solve vanish."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _StraightThrough.apply(x, a, q)
+    return torch.round(x * a).mul_(q)
+
+
 class ReversibleHeun(Solver):
     """Reversible Heun (Kidger et al. 2021): 2nd order, one new evaluation per step, exact inverse.
 
     ``quantum`` (a power of two, or None): keep the states on the grid quantum·ℤ so that the
-    inverse is exact to the last bit (see the module docstring).
+    inverse is exact to the last bit (see the module docstring). Gradients see the rounding as
+    the identity (straight through), i.e. the derivative of the unquantised step.
     """
 
     name = "reversible_heun"
@@ -105,14 +128,14 @@ class ReversibleHeun(Solver):
 
     def _grid(self, y: Tensor) -> Tensor:
         q = self.quantum
-        return y if q is None else torch.round(y / q).mul_(q)
+        return y if q is None else _quantise(y, 1.0 / q, q)
 
     def _increment(self, k: Tensor, h: float) -> Tensor:
         """h·k, on the grid 2·quantum·ℤ when quantised (so that half of it stays on the grid)."""
         if self.quantum is None:
             return k * h
         q2 = 2.0 * self.quantum
-        return torch.round(k * (h / q2)).mul_(q2)
+        return _quantise(k, h / q2, q2)
 
     def init(self, f: VectorField, t0: float, y0: Tensor) -> ReversibleState:
         """z₀ = y₀ (on the grid when quantised) and k₀ = f(t₀, z₀): one evaluation before the first step."""

@@ -37,7 +37,7 @@ def _table_rows(markdown: str) -> list[list[str]]:
 
 def test_every_example_is_tested():
     tested = {"compare_solvers.py", "reconstruction.py", "property_test_model.py", "diffusers_pipeline.py",
-              "likelihood.py"}
+              "likelihood.py", "noise_optimisation.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -105,3 +105,13 @@ def test_likelihood_bits_per_dim(tmp_path, monkeypatch):
     rows = {r[0]: r for r in _table_rows((tmp_path / "likelihood.md").read_text())[1:]}
     digits, noise = float(rows["held-out digits"][1]), float(rows["uniform noise"][1])
     assert digits < noise                    # the model puts more density on digits than on noise
+
+
+def test_noise_optimisation(tmp_path, monkeypatch):
+    run_example("noise_optimisation.py", monkeypatch, "--batch", "2", "--steps", "4", "--iterations", "6",
+                "--lr", "0.05", "--out", str(tmp_path))
+    rows = _table_rows((tmp_path / "noise_optimisation.md").read_text())[1:]
+    ddim, optimised = float(rows[0][1]), float(rows[1][1])
+    assert optimised < ddim                  # the gradient steps improved on DDIM inversion's noise
+    assert rows[1][2] == rows[1][3] == "4"   # checkpoint: the backward pass recomputes each of the 4 steps once
+    assert (tmp_path / "noise_optimisation.png").is_file()

@@ -28,6 +28,7 @@ direction makes its own O(h^p) error (the DDIM paper's Table 2 measures it). Two
 from __future__ import annotations
 
 import numpy as np
+from torch import Tensor
 
 from solvers import FixedGrid, ReversibleState, Solver
 
@@ -42,7 +43,8 @@ from ..engine.results import Result
 EXACT_QUANTUM = 2.0**-40
 
 
-def decode_reversible(request: Request, latent: Latent) -> Result:
+def decode_reversible(request: Request, latent: Latent, *, adjoint: str = "autograd",
+                      params: tuple[Tensor, ...] = ()) -> Result:
     """Decode a reversible solver's latent by running the encode's exact inverse steps.
 
     The inverse runs in the VP variables the encode used (:class:`~flowdiff.engine.formulations.VP`)
@@ -66,6 +68,6 @@ def decode_reversible(request: Request, latent: Latent) -> Result:
     stepping = FixedGrid(form.times(enc.tolist()), inverse=True)
     sol = solve_flow(request.flow.field(request.model_kwargs, model_dtype), form, stepping, solver,
                      sigma0=float(enc[-1]), y0=x.to(**cast), state=state, callback=request.callback,
-                     check_finite=request.check_finite)
+                     check_finite=request.check_finite, adjoint=adjoint, params=params)
     return Result(sol.xbar.to(latent.dtype), sol.stats, enc[::-1].copy(), solver.name)
 

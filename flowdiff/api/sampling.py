@@ -27,6 +27,7 @@ import solvers
 from solvers import ReversibleHeun, Solver
 
 from ..engine import _checks
+from ..engine.adjoint import adjoint_for, refuse_adjoint
 from ..engine.flow import ProbabilityFlow
 from ..engine.formulations import formulation_for
 from ..engine.latent import Latent
@@ -139,6 +140,7 @@ def generate(
     adaptive: Adaptive | None = None,
     stochastic: Stochastic | None = None,
     divergence: float | None = DIVERGENCE_GENERATE,
+    adjoint: str = "autograd",
 ) -> Result:
     """Generate images from DDIM-scale noise x_T ~ N(0, I) by solving from the grid's first σ to 0.
 
@@ -166,6 +168,10 @@ def generate(
     is run again to find the first step past that bound and a :class:`solvers.SolveError`
     names it (step, σ, the value: ``err.value``) instead of returning garbage. It costs one
     host sync at the end, none in the loop. ``None`` turns it off.
+
+    ``adjoint`` is how the solve is differentiated (:mod:`flowdiff.engine.adjoint`): ``"autograd"``
+    (default), ``"checkpoint"`` (step-boundary states kept, each step recomputed backwards) or
+    ``"reversible"`` (reversible solvers: nothing kept per step). Fixed grids only.
     """
     flow = check_flow(flow)
     noise = check_state(noise, "noise")
@@ -185,6 +191,7 @@ def generate(
             raise ValueError("eta= (stochastic generation) takes a fixed grid, not rtol=/atol=")
         if solver_options or max_nfe is not None:
             raise ValueError("eta= (stochastic generation) takes its own DDIM step: no solver_options= or max_nfe=")
+        refuse_adjoint(adjoint, "stochastic generation (eta=/stochastic=)")
         name = solver if isinstance(solver, str) else getattr(solver, "name", type(solver).__name__)
         request = _request(flow, solvers.get("euler"), name, {}, grid_spec, None, model_kwargs, callback,
                            check_finite)
@@ -196,18 +203,20 @@ def generate(
     dtype = compute_dtype(noise)
     model_dtype = noise.dtype if noise.dtype != dtype else None
     if adaptive_spec is not None:
+        refuse_adjoint(adjoint, "an adaptive solve (rtol=/atol=)")
         return solve_adaptive_flow(request, noise, direction="generate", model_dtype=model_dtype,
                                    bound=divergence_limit(divergence, noise))
     sig = grid_spec.generation_sigmas(flow, solver_obj)
     form = formulation_for(solver_obj, "generate")
     eps = flow.field(request.model_kwargs, model_dtype)
     bound = divergence_limit(divergence, noise)
+    grads = adjoint_for(adjoint, solver_obj, flow.model, request.model_kwargs)
 
     def run(noise: Tensor, sig: np.ndarray) -> Result:
         xbar0 = noise.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)
         sol = solve_grid(eps, form, sig.tolist(), solver_obj, xbar0=xbar0,
                          eval_end=not (grid_spec.final_euler and sig[-1] == 0.0), callback=request.callback,
-                         check_finite=check_finite, bound=bound)
+                         check_finite=check_finite, bound=bound, **grads)
         return Result(sol.xbar.to(noise.dtype), sol.stats, sig, solver_obj.name)
 
     if starts_at_infinity(sig):  # from pure noise (zero terminal SNR): a boundary step first (flowdiff.engine.terminal)
@@ -239,6 +248,7 @@ def encode(
     eta: float | str | None = None,
     adaptive: Adaptive | None = None,
     divergence: float | None = DIVERGENCE_ENCODE,
+    adjoint: str = "autograd",
 ) -> Result:
     """Encode images (model data scale, σ = 0) to DDIM-scale latents x_T along the reversed grid.
 
@@ -257,6 +267,8 @@ def encode(
     an encode's steps shrink), iPNDM is refused. ``divergence`` is the guard of
     :func:`generate` on the latent x_T, tighter by default (``divergence × max(1, max|images|)``,
     default 50: a latent is N(0, I)-distributed; see :data:`flowdiff.engine.loop.DIVERGENCE_ENCODE`).
+    ``adjoint``: how the encode is differentiated, as for :func:`generate` (the latent's
+    solver state, when it keeps one, is differentiable too).
     """
     flow = check_flow(flow)
     images = check_state(images, "images")
@@ -279,6 +291,7 @@ def encode(
         elif inversion_options is not None:
             raise ValueError("inversion= is a flowdiff.Inversion: give its options inside it")
         plugin = procedure(spec.method, "encode")
+        refuse_adjoint(adjoint, f"inversion={spec.method!r}")
         if adaptive_given:
             raise ValueError(f"inversion={spec.method!r} works on a fixed grid; drop rtol=/atol=")
         if solver_plugin(solver) is not None:
@@ -299,6 +312,7 @@ def encode(
     request = _request(flow, solver_obj, name, options, grid_spec, adaptive_spec, model_kwargs, callback,
                        check_finite)
     if adaptive_spec is not None:
+        refuse_adjoint(adjoint, "an adaptive solve (rtol=/atol=)")
         res = solve_adaptive_flow(request, images, direction="encode", model_dtype=model_dtype,
                                   bound=divergence_limit(divergence, images))
         res.latent.set_origin(flow, model_kwargs)
@@ -308,7 +322,8 @@ def encode(
     form = formulation_for(solver_obj, "encode")
     sol = solve_grid(flow.field(request.model_kwargs, model_dtype), form, sig.tolist(), solver_obj,
                      xbar0=images.to(dtype), callback=request.callback, check_finite=check_finite,
-                     bound=divergence_limit(divergence, images))
+                     bound=divergence_limit(divergence, images),
+                     **adjoint_for(adjoint, solver_obj, flow.model, request.model_kwargs))
     x_T = sol.xbar / math.sqrt(1.0 + sig[-1] ** 2)
     if solver_obj.reversible:  # the latent keeps the exact state; the result's x_T is at the images' precision
         latent = Latent(x_T, sig, name, options, sol.state, dtype=images.dtype)
@@ -336,6 +351,7 @@ def decode(
     check_finite: bool = True,
     check_model: bool = True,
     divergence: float | None = DIVERGENCE_GENERATE,
+    adjoint: str = "autograd",
 ) -> Result:
     """Decode a latent back to an image.
 
@@ -348,6 +364,7 @@ def decode(
     (defaults: Euler on the trailing grid). ``divergence``: the guard of :func:`generate`.
     A latent that records its model (``latent.fingerprint``) refuses another flow or other
     ``model_kwargs`` with a ValueError naming both, unless ``check_model=False``.
+    ``adjoint``: how the decode is differentiated, as for :func:`generate`.
     """
     flow = check_flow(flow)
     _checks.check_flags(final_euler=final_euler, check_finite=check_finite, check_model=check_model)
@@ -358,16 +375,17 @@ def decode(
         return _decode_latent(flow, latent, solver=solver, steps=steps, nfe=nfe, grid=grid, sigmas=sigmas,
                               timesteps=timesteps, model_kwargs=model_kwargs, solver_options=solver_options,
                               grid_options=grid_options, final_euler=final_euler, callback=callback,
-                              check_finite=check_finite, divergence=divergence)
+                              check_finite=check_finite, divergence=divergence, adjoint=adjoint)
     return generate(flow, latent, solver="euler" if solver is None else solver, steps=steps, nfe=nfe,
                     grid="trailing" if grid is None else grid, sigmas=sigmas, timesteps=timesteps,
                     model_kwargs=model_kwargs, solver_options=solver_options, grid_options=grid_options,
-                    final_euler=final_euler, callback=callback, check_finite=check_finite, divergence=divergence)
+                    final_euler=final_euler, callback=callback, check_finite=check_finite, divergence=divergence,
+                    adjoint=adjoint)
 
 
 def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe, grid, sigmas, timesteps,
                    model_kwargs, solver_options, grid_options, final_euler, callback, check_finite,
-                   divergence) -> Result:
+                   divergence, adjoint) -> Result:
     x = check_state(latent.x, "latent.x")
     own = decodes_with(latent.solver)
     if solver is not None:
@@ -405,8 +423,9 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
                          f"got final_euler={final_euler}")
     solver_obj = solvers.get(own, **options)
     request = _request(flow, solver_obj, own, options, Grid(sigmas=sig), None, model_kwargs, callback, check_finite)
+    grads = adjoint_for(adjoint, solver_obj, flow.model, request.model_kwargs)
     if latent.solver_state is not None:
-        return decode_reversible(request, latent)
+        return decode_reversible(request, latent, **grads)
     dtype = compute_dtype(x)
     model_dtype = latent.dtype if latent.dtype != dtype else None
     xbar0 = x.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)
@@ -415,6 +434,6 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
     eps = flow.field(request.model_kwargs, model_dtype)
     sol = solve_grid(eps, form, sig.tolist(), solver_obj, xbar0=xbar0,
                      eval_end=eval_end, callback=request.callback, check_finite=check_finite,
-                     bound=divergence_limit(divergence, x))
+                     bound=divergence_limit(divergence, x), **grads)
     return Result(sol.xbar.to(latent.dtype), sol.stats, sig, solver_obj.name)
 

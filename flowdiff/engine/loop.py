@@ -20,6 +20,7 @@ from torch import Tensor
 import solvers
 from solvers import Solver, Stats, Stepping
 
+from .adjoint import integrate_adjoint
 from .formulations import EpsField, Formulation
 from .results import StepState
 
@@ -92,6 +93,8 @@ def solve_flow(
     callback: Callable[[StepState], None] | None = None,
     check_finite: bool = True,
     bound: float | None = None,
+    adjoint: str = "autograd",
+    params: tuple[Tensor, ...] = (),
 ) -> FlowSolution:
     """Solve ``dx̄/dσ = eps(σ, x̄)`` in ``form``'s variables from σ = ``sigma0``.
 
@@ -99,22 +102,31 @@ def solve_flow(
     reversible decode starts from the latent's own state, bit for bit). ``state`` is the
     solver's carried state timed in σ (a :class:`solvers.ReversibleState` from a Latent).
     ``bound`` (see :func:`divergence_limit`) fails the solve with a located
-    :class:`solvers.SolveError` when the VP-scaled end state's max|x| exceeds it.
+    :class:`solvers.SolveError` when the VP-scaled end state's max|x| exceeds it. ``adjoint``
+    (``"checkpoint"``, ``"reversible"``) differentiates a fixed-grid solve with respect to the start,
+    ``state`` and ``params`` by :func:`flowdiff.engine.adjoint.integrate_adjoint`.
     """
     if (xbar0 is None) == (y0 is None):
         raise ValueError("give xbar0 or y0")
     start = form.to_state(xbar0, sigma0) if y0 is None else y0
-    sol = solvers.integrate(form.field(eps), start, solver, stepping, state=form.state_in(state), max_nfe=max_nfe,
-                            callback=None if callback is None else _records(form, callback),
-                            check_finite=check_finite, time_name="σ", display=form.sigma,
-                            bound=None if bound is None else solvers.Bound(bound, form.x_factor, _BOUND_NAME))
+    options = dict(callback=None if callback is None else _records(form, callback), check_finite=check_finite,
+                   time_name="σ", display=form.sigma,
+                   bound=None if bound is None else solvers.Bound(bound, form.x_factor, _BOUND_NAME))
+    if adjoint == "autograd":
+        sol = solvers.integrate(form.field(eps), start, solver, stepping, state=form.state_in(state),
+                                max_nfe=max_nfe, **options)
+    else:
+        sol = integrate_adjoint(form.field(eps), start, solver, stepping, adjoint=adjoint, params=params,
+                                state=form.state_in(state), **options)
     t_end = sol.ts[-1]
     return FlowSolution(form.to_xbar(sol.y, t_end), sol.y, sol.stats, form.state_out(sol.state), sol.ts, form)
 
 
 def solve_grid(eps: EpsField, form: Formulation, sigmas: list[float], solver: Solver, *, xbar0: Tensor,
                eval_end: bool = True, state: Any = None, callback: Callable[[StepState], None] | None = None,
-               check_finite: bool = True, bound: float | None = None) -> FlowSolution:
+               check_finite: bool = True, bound: float | None = None, adjoint: str = "autograd",
+               params: tuple[Tensor, ...] = ()) -> FlowSolution:
     """:func:`solve_flow` across the σ grid ``sigmas`` (either direction) with ``form``'s fixed stepping."""
     return solve_flow(eps, form, form.grid(sigmas, solver, eval_end=eval_end), solver, sigma0=sigmas[0],
-                      xbar0=xbar0, state=state, callback=callback, check_finite=check_finite, bound=bound)
+                      xbar0=xbar0, state=state, callback=callback, check_finite=check_finite, bound=bound,
+                      adjoint=adjoint, params=params)

@@ -1,0 +1,416 @@
+"""Gradients through a fixed-grid solve: plain autograd, checkpointed steps, or reversible steps.
+
+``adjoint=`` (diffrax's name) says how ``generate``/``encode``/``decode`` are differentiated:
+
+* ``"autograd"`` — autograd records every model evaluation of every step: the exact gradient
+  of the discrete solve, memory linear in the steps (the network's activations, every step).
+* ``"checkpoint"`` — the forward pass keeps only the state at each step boundary (the solver's
+  state ``y`` and its carried state, e.g. a multistep history); the backward pass recomputes
+  one step at a time under autograd and takes its vector–Jacobian product. Any fixed-grid
+  solver; memory is the boundary states (no activations), one step's activations at a time.
+* ``"reversible"`` — an algebraically reversible solver (``reversible_heun``, ``reversible``)
+  keeps nothing per step: the backward pass rebuilds each step's start from its end by the
+  solver's exact inverse (:meth:`solvers.Solver.unstep`), then takes that step's
+  vector–Jacobian product (McCallum and Foster, "Efficient, Accurate and Stable Gradients for
+  Neural ODEs", 2024; Kidger et al., "Efficient and Accurate Gradients for Neural SDEs", 2021).
+  Memory is flat in the number of steps. A step without an inverse (the Euler step into σ = 0
+  of ``final_euler``) keeps its start: a fixed number of states per solve. Reversible Heun's
+  inverse of step i evaluates the model exactly where the recomputation of step i − 1 does, so
+  that evaluation is kept with its graph and replayed: its backward pass makes as many model
+  evaluations as its forward (the wrapper's inverse costs two base evaluations a step more).
+
+Adaptive solves, the stochastic η process and fixed-point inversion are refused (they take
+``"autograd"``). The backward pass is once differentiable: a second derivative through it is an
+error from autograd.
+
+All three give the gradient of the *discrete* solve (not the continuous adjoint ODE of
+``torchdiffeq.odeint_adjoint``): equal to autograd's to rounding. With the quantised reversible
+Heun (states on a grid of 2⁻⁴⁰, what ``encode`` uses in float64) the rebuilt states equal the
+forward's bit for bit, so ``"reversible"`` and ``"checkpoint"`` return the same bits; the
+rounding to the grid is differentiated as the identity (straight through).
+
+The solve is one :class:`torch.autograd.Function` whose inputs are the start state, the
+solver's given carried state, and every tensor the model depends on that requires a gradient
+(:func:`differentiable_inputs`: the parameters and tensor attributes of an ``nn.Module`` model,
+of a bound method's object, and the tensors in ``model_kwargs``). A tensor the backward pass
+meets that is none of these would lose its gradient: the backward pass refuses it, naming it.
+The backward pass's model evaluations are counted in ``stats.extra["nfe_backward"]`` (``stats.nfe``
+counts the forward's); it makes no host sync per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+import solvers
+from solvers import FixedGrid, ReversibleHeun, Solution, Solver, Stepping
+
+ADJOINTS = ("autograd", "checkpoint", "reversible")
+
+#: The key of the backward pass's model evaluations in ``stats.extra``.
+NFE_BACKWARD = "nfe_backward"
+
+
+def check_adjoint(adjoint: object, solver: Solver) -> str:
+    """Validate ``adjoint=`` for ``solver`` (a fixed-grid solve); returns the name."""
+    if not isinstance(adjoint, str):
+        raise TypeError(f"adjoint must be one of {', '.join(map(repr, ADJOINTS))}, got {type(adjoint).__name__}")
+    if adjoint not in ADJOINTS:
+        raise ValueError(f"adjoint must be one of {', '.join(map(repr, ADJOINTS))}, got {adjoint!r}")
+    if adjoint == "reversible" and not solver.reversible:
+        names = ", ".join(solvers.available(reversible=True))
+        raise ValueError(f"adjoint='reversible' rebuilds each step from the next by the solver's exact inverse and "
+                         f"needs a reversible solver ({names}); got solver {solver.name!r} (adjoint='checkpoint' "
+                         "works with any fixed-grid solver)")
+    return adjoint
+
+
+def refuse_adjoint(adjoint: object, what: str) -> None:
+    """Refuse ``adjoint`` other than ``"autograd"`` for a solve that is not a plain fixed-grid solve (``what``)."""
+    if adjoint == "autograd":
+        return
+    if not isinstance(adjoint, str) or adjoint not in ADJOINTS:
+        check_adjoint(adjoint, solvers.get("euler"))  # the type/name error
+    raise ValueError(f"adjoint={adjoint!r} differentiates a fixed-grid solve step by step; {what} takes "
+                     "adjoint='autograd' (plain autograd through its steps)")
+
+
+def differentiable_inputs(model: object, model_kwargs: Mapping[str, Any] | None = None) -> tuple[Tensor, ...]:
+    """Every tensor requiring a gradient that ``model`` (or its bound object) holds, and those in ``model_kwargs``.
+
+    For an ``nn.Module``: its parameters, buffers and plain tensor attributes (e.g. a guidance
+    scale given as a tensor) of every submodule; for a bound method, the same of its object;
+    for another object, its tensor attributes. ``model_kwargs`` values are searched through
+    mappings, lists and tuples.
+    """
+    found: list[Tensor] = []
+    seen: set[int] = set()
+
+    def add(value: object) -> None:
+        if isinstance(value, Tensor):
+            if value.requires_grad and id(value) not in seen:
+                seen.add(id(value))
+                found.append(value)
+        elif isinstance(value, Mapping):
+            for v in value.values():
+                add(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                add(v)
+
+    def attributes(obj: object) -> None:
+        if isinstance(obj, nn.Module):
+            for module in obj.modules():
+                for v in (*module._parameters.values(), *module._buffers.values(), *vars(module).values()):
+                    if isinstance(v, Tensor):
+                        add(v)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            for v in vars(obj).values():
+                if isinstance(v, Tensor):
+                    add(v)
+
+    attributes(getattr(model, "__self__", model))
+    add(dict(model_kwargs or {}))
+    return tuple(found)
+
+
+# -- carried states as lists of tensors ---------------------------------------------------------
+
+def _flatten(obj: Any) -> tuple[list[Tensor], Callable[[Iterator[Tensor]], Any]]:
+    """The tensors of a solver's carried state (tuples, NamedTuples with instance attributes such as
+    :class:`solvers.History`'s ``past``, lists, dicts) and a function rebuilding it from new tensors."""
+    if isinstance(obj, Tensor):
+        return [obj], lambda it: next(it)
+    if isinstance(obj, (tuple, list)):
+        parts = [_flatten(v) for v in obj]
+        extra = dict(vars(obj)) if isinstance(obj, tuple) and hasattr(obj, "__dict__") else {}
+        extra_parts = {k: _flatten(v) for k, v in extra.items()}
+        leaves = [t for p in parts for t in p[0]] + [t for p in extra_parts.values() for t in p[0]]
+
+        def rebuild(it: Iterator[Tensor]) -> Any:
+            items = [p[1](it) for p in parts]
+            if isinstance(obj, list):
+                return items
+            new = type(obj)._make(items) if hasattr(obj, "_fields") else type(obj)(items)
+            for k, p in extra_parts.items():
+                setattr(new, k, p[1](it))
+            return new
+
+        return leaves, rebuild
+    if isinstance(obj, dict):
+        keys = list(obj)
+        parts = [_flatten(obj[k]) for k in keys]
+        return [t for p in parts for t in p[0]], lambda it: {k: p[1](it) for k, p in zip(keys, parts)}
+    return [], lambda it: obj
+
+
+def _leaves_like(leaves: Sequence[Tensor]) -> list[Tensor]:
+    return [t.detach().requires_grad_(t.is_floating_point() or t.is_complex()) for t in leaves]
+
+
+# -- the plan of a fixed-grid solve -------------------------------------------------------------
+
+@dataclass
+class _Plan:
+    """One differentiated solve: the field, the solver, the steps in the order taken, what to keep."""
+
+    f: Callable[[float, Tensor], Tensor]
+    solver: Solver
+    stepping: FixedGrid
+    mode: str
+    params: tuple[Tensor, ...]
+    integrate_options: dict[str, Any]
+    steps: list[tuple[float, float, Solver]] = field(default_factory=list)
+    inverse: bool = False
+    state_rebuild: Callable[[Iterator[Tensor]], Any] | None = None
+    n_state: int = 0
+    solution: Solution | None = None
+
+    def __post_init__(self) -> None:
+        ts = self.stepping.times()
+        n = len(ts) - 1
+        self.inverse = bool(self.stepping.inverse)
+        visit = ts[::-1] if self.inverse else ts
+        methods = dict(self.stepping.methods)
+        self.steps = [(visit[i], visit[i + 1], methods.get(n - 1 - i if self.inverse else i, self.solver))
+                      for i in range(n)]
+
+    def forward_step(self, f: Callable, i: int, y: Tensor, state: Any) -> tuple[Tensor, Any]:
+        t0, t1, method = self.steps[i]
+        if self.inverse:  # an inverse run: each step undoes the forward step t1 -> t0
+            return method.unstep(f, t1, t0, y, state)
+        result = method.step(f, t0, t1, y, state)
+        return result.y, result.state
+
+    def invertible(self, i: int) -> bool:
+        return self.steps[i][2].reversible
+
+    def inverse_step(self, f: Callable, i: int, y: Tensor, state: Any) -> tuple[Tensor, Any]:
+        t0, t1, method = self.steps[i]
+        if self.inverse:
+            result = method.step(f, t1, t0, y, state)
+            return result.y, result.state
+        return method.unstep(f, t0, t1, y, state)
+
+    def replays(self, i: int) -> bool:
+        """Whether rebuilding the start of step ``i`` evaluates f where recomputing step ``i − 1`` does (see
+        :meth:`_SolveFunction.backward`): reversible Heun forwards, both steps its own."""
+        return (not self.inverse and i > 0 and isinstance(self.steps[i][2], ReversibleHeun)
+                and isinstance(self.steps[i - 1][2], ReversibleHeun))
+
+    def keeps(self, i: int) -> bool:
+        """Whether the forward pass stores the start of step ``i`` (> 0; step 0's start is the input)."""
+        return self.mode == "checkpoint" or not self.invertible(i)
+
+
+class _SolveFunction(torch.autograd.Function):
+    """The solve as one autograd node: inputs (y₀, the given carried state's tensors, params); outputs
+    (y_N, the end state's tensors)."""
+
+    @staticmethod
+    def forward(ctx: Any, plan: _Plan, y0: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
+        state0 = plan.state_rebuild(iter(inputs[:plan.n_state])) if plan.state_rebuild is not None else None
+        kept: dict[int, tuple[Tensor, list[Tensor], Callable]] = {}
+        user_callback = plan.integrate_options.pop("callback", None)
+        n = len(plan.steps)
+
+        def keep(info: solvers.StepInfo) -> None:
+            i = info.step + 1  # the start of step i is the end of step i - 1
+            if i < n and plan.keeps(i):
+                leaves, rebuild = _flatten(info.state)
+                kept[i] = (info.y, leaves, rebuild)
+            if user_callback is not None:
+                user_callback(info)
+
+        sol = solvers.integrate(plan.f, y0, plan.solver, plan.stepping, state=state0, callback=keep,
+                                **plan.integrate_options)
+        sol.stats.extra.setdefault(NFE_BACKWARD, 0)
+        plan.solution = sol
+        end_leaves, end_rebuild = _flatten(sol.state)
+        given = {id(t) for t in (y0, *inputs)}
+        outputs = [t.clone() if id(t) in given else t for t in (sol.y, *end_leaves)]
+        ctx.plan = plan
+        ctx.end_rebuild = end_rebuild
+        ctx.kept_index = sorted(kept)
+        ctx.kept_rebuild = [kept[i][2] for i in ctx.kept_index]
+        ctx.kept_sizes = [len(kept[i][1]) for i in ctx.kept_index]
+        tensors = [y0, *inputs[:plan.n_state]]
+        for i in ctx.kept_index:
+            tensors += [kept[i][0], *kept[i][1]]
+        ctx.n_outputs = len(outputs)
+        if plan.mode == "reversible":  # the end, from which the steps are rebuilt backwards
+            tensors += outputs
+        ctx.save_for_backward(*tensors)
+        return tuple(outputs)
+
+    @staticmethod
+    @once_differentiable  # a second derivative through it is refused by autograd, not returned wrong
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        plan: _Plan = ctx.plan
+        saved = list(ctx.saved_tensors)
+        y0, state0_leaves = saved[0], saved[1:1 + plan.n_state]
+        pos = 1 + plan.n_state
+        kept: dict[int, tuple[Tensor, Any]] = {}
+        for i, rebuild, size in zip(ctx.kept_index, ctx.kept_rebuild, ctx.kept_sizes):
+            kept[i] = (saved[pos], rebuild, saved[pos + 1:pos + 1 + size])
+            pos += 1 + size
+        params = plan.params
+        counter = [0]
+        f = plan.f
+
+        def field_counted(t: float, y: Tensor) -> Tensor:
+            counter[0] += 1
+            return f(t, y)
+
+        # Reversible Heun's inverse of step i evaluates f exactly where step i − 1 does, at (t_i, z_i): that
+        # evaluation is kept with its graph and replayed by the recomputation of step i − 1 (one evaluation a
+        # step saved; one evaluation's activations held at a time).
+        replayed: dict[float, tuple[Tensor, Tensor]] = {}
+
+        def field_kept(t: float, y: Tensor) -> Tensor:
+            counter[0] += 1
+            with torch.enable_grad():
+                leaf = y.detach().requires_grad_(True)
+                k = f(t, leaf)
+            replayed[t] = (leaf, k)
+            return k.detach()
+
+        def field_replay(t: float, y: Tensor) -> Tensor:
+            hit = replayed.pop(t, None)
+            return field_counted(t, y) if hit is None else _Replay.apply(hit, y, *params)
+
+        adj = list(grads)  # the adjoint of the current step's outputs: y and the carried state's tensors
+        out_rebuild = ctx.end_rebuild
+        if plan.mode == "reversible":
+            ends = saved[pos:pos + ctx.n_outputs]
+            y_cur, state_cur = ends[0], out_rebuild(iter(ends[1:]))
+        adj_params: list[Tensor | None] = [None] * len(params)
+        checked = False
+        for i in range(len(plan.steps) - 1, -1, -1):
+            # the start of step i: the input, a kept state, or rebuilt from the step's end by the exact inverse
+            if i == 0:
+                y_in = y0
+                leaves_in = list(state0_leaves)
+                rebuild_in = plan.state_rebuild
+            elif i in kept:
+                y_in, rebuild_in, leaves_in = kept[i][0], kept[i][1], list(kept[i][2])
+            else:
+                with torch.no_grad():
+                    y_in, state_in = plan.inverse_step(field_kept if plan.replays(i) else field_counted, i,
+                                                       y_cur, state_cur)
+                leaves_in, rebuild_in = _flatten(state_in)
+            with torch.enable_grad():
+                y_var = y_in.detach().requires_grad_(True)
+                vars_in = _leaves_like(leaves_in)
+                if rebuild_in is None:  # step 0 of a solve that starts without a state: the init is part of it
+                    state = plan.solver.init(field_counted, plan.steps[0][0], y_var)
+                else:
+                    state = rebuild_in(iter(vars_in))
+                y_out, state_out = plan.forward_step(field_replay, i, y_var, state)
+                outs = [y_out, *_flatten(state_out)[0]]
+                if len(outs) != len(adj):
+                    raise RuntimeError(f"adjoint: step {i} recomputed {len(outs)} tensors where the solve "
+                                       f"produced {len(adj)}; the solver's carried state is not reproducible")
+                pairs = [(o, a) for o, a in zip(outs, adj) if o.requires_grad and a is not None]
+                wrt = [y_var, *vars_in, *params]
+                if not checked:
+                    _refuse_hidden_leaves([o for o, _ in pairs], wrt)
+                    checked = True
+                live = [j for j, v in enumerate(wrt) if v.requires_grad]  # e.g. not an integer state tensor
+                got: list[Tensor | None] = [None] * len(wrt)
+                if pairs and live:
+                    found = torch.autograd.grad([o for o, _ in pairs], [wrt[j] for j in live], [a for _, a in pairs],
+                                                allow_unused=True)
+                    for j, g in zip(live, found):
+                        got[j] = g
+            adj = [torch.zeros_like(y_in) if got[0] is None else got[0]]
+            adj += [torch.zeros_like(v) if g is None else g for v, g in zip(vars_in, got[1:1 + len(vars_in)])]
+            for j, g in enumerate(got[1 + len(vars_in):]):
+                if g is not None:
+                    adj_params[j] = g if adj_params[j] is None else adj_params[j] + g
+            replayed.pop(plan.steps[i][1], None)  # the evaluation kept for this step's recomputation, if unused
+            if plan.mode == "reversible" and i > 0:
+                y_cur, state_cur = y_in, (rebuild_in(iter(leaves_in)) if rebuild_in is not None else None)
+        plan.solution.stats.extra[NFE_BACKWARD] = plan.solution.stats.extra.get(NFE_BACKWARD, 0) + counter[0]
+        grad_state0 = adj[1:1 + plan.n_state] if plan.state_rebuild is not None else []
+        return (None, adj[0], *grad_state0, *adj_params)
+
+
+class _Replay(torch.autograd.Function):
+    """A kept evaluation ``k = f(t, leaf)`` standing in for ``f(t, y)`` at the same point (to rounding): its value,
+    and in the backward pass the vector–Jacobian product through the kept graph (w.r.t. y and the params)."""
+
+    @staticmethod
+    def forward(ctx: Any, hit: tuple[Tensor, Tensor], y: Tensor, *params: Tensor) -> Tensor:
+        ctx.hit, ctx.params = hit, params
+        return hit[1].detach().clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        leaf, k = ctx.hit
+        return (None, *torch.autograd.grad(k, [leaf, *ctx.params], grad, allow_unused=True))
+
+
+def _refuse_hidden_leaves(outputs: list[Tensor], inputs: list[Tensor]) -> None:
+    """Refuse a graph that reaches a tensor requiring grad that is not an input of the solve's node:
+    its gradient would be lost silently."""
+    known = {id(t) for t in inputs}
+    stops = {t.grad_fn for t in inputs if t.grad_fn is not None}
+    hidden: list[Tensor] = []
+    seen: set = set()
+    stack = [o.grad_fn for o in outputs if o.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in stops:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) not in known:
+            hidden.append(variable)
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    if hidden:
+        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in hidden[:5])
+        raise ValueError(f"adjoint: the model uses {len(hidden)} tensor(s) requiring grad that the solve cannot see "
+                         f"({shapes}{', ...' if len(hidden) > 5 else ''}): its gradient would be lost. Make them "
+                         "parameters or attributes of the model (an nn.Module, or the object of a bound method), "
+                         "pass them in model_kwargs, or use adjoint='autograd'")
+
+
+def integrate_adjoint(f: Callable[[float, Tensor], Tensor], y0: Tensor, solver: Solver, stepping: Stepping, *,
+                      adjoint: str, params: tuple[Tensor, ...], state: Any = None,
+                      **integrate_options: Any) -> Solution:
+    """:func:`solvers.integrate` over a fixed grid, differentiated by ``adjoint`` (``"checkpoint"`` or
+    ``"reversible"``) with respect to ``y0``, the tensors of ``state`` and ``params``.
+
+    ``params`` are the tensors requiring grad that ``f`` depends on besides ``y0`` and ``state``.
+    Without any input that requires a gradient (or with grad mode off) this is plain
+    :func:`solvers.integrate`.
+    """
+    if not isinstance(stepping, FixedGrid):
+        raise ValueError(f"adjoint={adjoint!r} needs a fixed grid (solvers.FixedGrid), got {type(stepping).__name__}")
+    state_leaves, state_rebuild = _flatten(state) if state is not None else ([], None)
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (y0, *state_leaves, *params))
+    if not wants_grad:
+        return solvers.integrate(f, y0, solver, stepping, state=state, **integrate_options)
+    plan = _Plan(f, solver, stepping, adjoint, tuple(params), dict(integrate_options),
+                 state_rebuild=state_rebuild, n_state=len(state_leaves))
+    outputs = _SolveFunction.apply(plan, y0, *state_leaves, *params)
+    sol = plan.solution
+    end_state = _flatten(sol.state)[1](iter(outputs[1:]))
+    return Solution(outputs[0], sol.stats, end_state, sol.ts)
+
+
+def adjoint_for(adjoint: object, solver: Solver, model: object, model_kwargs: Mapping[str, Any] | None
+                ) -> dict[str, Any]:
+    """The ``adjoint``/``params`` keywords of :func:`flowdiff.engine.loop.solve_grid` for a fixed-grid solve of
+    ``model`` with ``solver``: validated, and the tensors to differentiate collected (none for ``"autograd"``)."""
+    name = check_adjoint(adjoint, solver)
+    params = () if name == "autograd" else differentiable_inputs(model, model_kwargs)
+    return {"adjoint": name, "params": params}
