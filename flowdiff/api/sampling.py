@@ -47,7 +47,7 @@ from ..engine.options import (
 from ..engine.plugins import decodes_with, procedure, solver_plugin
 from ..engine.results import Result, StepState
 from ..engine.schedules import ArrayLike
-from ..engine.terminal import generate_from_infinity, refuse_encode_to_infinity, starts_at_infinity
+from ..engine.terminal import field_from_infinity, refuse_encode_to_infinity, starts_at_infinity
 from . import ddim_inverse as _ddim_inverse  # noqa: F401  (registers the 'ddim_inverse' plug-in)
 from .adaptive import solve_adaptive_flow
 from .fixed_point import encode_fixed_point as _fixed_point  # noqa: F401  (registers 'fixed_point')
@@ -201,18 +201,15 @@ def generate(
     sig = grid_spec.generation_sigmas(flow, solver_obj)
     form = formulation_for(solver_obj, "generate")
     eps = flow.field(request.model_kwargs, model_dtype)
-    bound = divergence_limit(divergence, noise)
-
-    def run(noise: Tensor, sig: np.ndarray) -> Result:
-        xbar0 = noise.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)
-        sol = solve_grid(eps, form, sig.tolist(), solver_obj, xbar0=xbar0,
-                         eval_end=not (grid_spec.final_euler and sig[-1] == 0.0), callback=request.callback,
-                         check_finite=check_finite, bound=bound)
-        return Result(sol.xbar.to(noise.dtype), sol.stats, sig, solver_obj.name)
-
-    if starts_at_infinity(sig):  # from pure noise (zero terminal SNR): a boundary step first (flowdiff.engine.terminal)
-        return generate_from_infinity(flow, noise, sig, run, request.model_kwargs, model_dtype, check_finite)
-    return run(noise, sig)
+    if starts_at_infinity(sig):  # from pure noise (zero terminal SNR): the grid's boundary step (engine.terminal)
+        eps = field_from_infinity(flow, eps, sig, request.model_kwargs, model_dtype)
+        start = {"y0": noise.to(dtype)}
+    else:
+        start = {"xbar0": noise.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)}
+    sol = solve_grid(eps, form, sig.tolist(), solver_obj, **start,
+                     eval_end=not (grid_spec.final_euler and sig[-1] == 0.0), callback=request.callback,
+                     check_finite=check_finite, bound=divergence_limit(divergence, noise))
+    return Result(sol.xbar.to(noise.dtype), sol.stats, sig, solver_obj.name)
 
 
 def encode(

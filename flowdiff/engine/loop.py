@@ -112,9 +112,32 @@ def solve_flow(
     return FlowSolution(form.to_xbar(sol.y, t_end), sol.y, sol.stats, form.state_out(sol.state), sol.ts, form)
 
 
-def solve_grid(eps: EpsField, form: Formulation, sigmas: list[float], solver: Solver, *, xbar0: Tensor,
-               eval_end: bool = True, state: Any = None, callback: Callable[[StepState], None] | None = None,
-               check_finite: bool = True, bound: float | None = None) -> FlowSolution:
-    """:func:`solve_flow` across the σ grid ``sigmas`` (either direction) with ``form``'s fixed stepping."""
+def solve_grid(eps: EpsField, form: Formulation, sigmas: list[float], solver: Solver, *, xbar0: Tensor | None = None,
+               y0: Tensor | None = None, eval_end: bool = True, state: Any = None,
+               callback: Callable[[StepState], None] | None = None, check_finite: bool = True,
+               bound: float | None = None) -> FlowSolution:
+    """:func:`solve_flow` across the σ grid ``sigmas`` (either direction) with ``form``'s fixed stepping.
+
+    A grid from σ = ∞ starts from ``y0`` = the noise (the state there in every formulation) and
+    ``eps`` extended to σ = ∞ (:func:`flowdiff.engine.terminal.field_from_infinity`); its first step
+    is the grid's boundary step, counted, timed, called back and located by the loop like the others."""
+    if sigmas[0] == math.inf:
+        if y0 is None:
+            raise ValueError("a grid from σ = ∞ starts from the noise itself: give y0, not xbar0")
+        if state is None:  # the boundary step has its own method: no solver state (and no evaluation) at σ = ∞
+            state = _NO_STATE
     return solve_flow(eps, form, form.grid(sigmas, solver, eval_end=eval_end), solver, sigma0=sigmas[0],
-                      xbar0=xbar0, state=state, callback=callback, check_finite=check_finite, bound=bound)
+                      xbar0=xbar0, y0=y0, state=state, callback=callback, check_finite=check_finite, bound=bound)
+
+
+class _NoState:
+    """The carried state before a boundary step that needs none: given so that the loop does not ask the
+    solver's ``init`` (a reversible solver would evaluate the field there); the boundary step drops it."""
+
+    t = math.inf
+
+    def __repr__(self) -> str:
+        return "NO_STATE"
+
+
+_NO_STATE = _NoState()
