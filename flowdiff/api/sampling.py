@@ -37,6 +37,7 @@ from ..engine.options import (
     Inversion,
     Request,
     Stochastic,
+    _shown,
     build_grid,
     check_callback,
     check_flow,
@@ -78,6 +79,25 @@ def _resolve_solver(solver: str | Solver, solver_options: Mapping[str, Any] | No
     return obj, obj.name, options
 
 
+def _check_final_euler(final_euler: object) -> None:
+    if final_euler is not None and not isinstance(final_euler, bool):
+        raise TypeError(f"final_euler must be True, False or None (the default: True unless the Grid or the latent "
+                        f"says otherwise), got {final_euler!r} ({type(final_euler).__name__})")
+
+
+def _inversion_final_euler(spec: Inversion, grid: Grid) -> Inversion:
+    """The inversion's ``final_euler`` said once: in its options or in the Grid (equal values agree)."""
+    if grid.final_euler is None:
+        return spec
+    own = spec.options.get("final_euler")
+    if own is None:
+        return Inversion(spec.method, {**spec.options, "final_euler": grid.final_euler})
+    if own != grid.final_euler:
+        raise ValueError(f"inversion_options={{'final_euler': {own!r}}} and grid=Grid(..., final_euler="
+                         f"{grid.final_euler}) say two different things; give final_euler once")
+    return spec
+
+
 def _request(flow: ProbabilityFlow, solver: Solver, name: str, options: dict[str, Any], grid: Grid,
              adaptive: Adaptive | None, model_kwargs: Mapping[str, Any] | None, callback: object,
              check_finite: bool) -> Request:
@@ -90,26 +110,48 @@ def _request(flow: ProbabilityFlow, solver: Solver, name: str, options: dict[str
 
 
 def _adaptive_or_none(adaptive: Adaptive | None, rtol: float | None, atol: float | None, max_nfe: int | None,
-                      adaptive_options: Mapping[str, Any] | None, grid: Grid, sigmas: ArrayLike | None
-                      ) -> Adaptive | None:
-    """The adaptive spec from ``adaptive=`` or the flat keywords; None for a fixed-grid solve."""
-    flat = rtol is not None or atol is not None
+                      adaptive_options: Mapping[str, Any] | None, *, grid: str | Grid, steps: int | None,
+                      nfe: int | None, sigmas: ArrayLike | None, timesteps: ArrayLike | None,
+                      grid_options: Mapping[str, Any] | None, final_euler: bool | None) -> Adaptive | None:
+    """The adaptive spec from ``adaptive=`` or the flat keywords; None for a fixed-grid solve.
+
+    An adaptive request can be spelt one way each: tolerances as ``rtol=``/``atol=`` (with
+    ``max_nfe=``, ``adaptive_options=``, ``sigmas=[σ_start, 0]``) or inside ``adaptive=``; a
+    fixed-grid keyword beside either (``steps``, ``nfe``, ``timesteps``, ``grid``, ``grid_options``,
+    ``final_euler``) would be ignored, so it is refused, naming both spellings."""
+    flat = {"rtol": rtol, "atol": atol, "max_nfe": max_nfe, "adaptive_options": adaptive_options}
     if adaptive is not None:
         if not isinstance(adaptive, Adaptive):
             raise TypeError(f"adaptive must be a flowdiff.Adaptive, got {type(adaptive).__name__}")
-        if flat or max_nfe is not None or adaptive_options is not None:
-            raise ValueError("adaptive= is a flowdiff.Adaptive: give rtol/atol/max_nfe/options inside it")
-    elif flat:
+        given = [f"{k}={_shown(v)}" for k, v in flat.items() if v is not None]
+        if given:
+            raise ValueError(f"adaptive= is a flowdiff.Adaptive and {', '.join(given)} was given beside it: give "
+                             "rtol/atol/max_nfe/options inside it, not beside it")
+        if sigmas is not None:
+            raise ValueError(f"sigmas={_shown(sigmas)} beside adaptive=flowdiff.Adaptive(...): an adaptive solve's "
+                             "start is Adaptive(sigma_start=...); give it there (sigmas=[σ_start, 0] is the "
+                             "rtol=/atol= spelling)")
+        what = "adaptive="
+    elif rtol is not None or atol is not None:
         adaptive = Adaptive.from_keywords(rtol, atol, max_nfe, adaptive_options, sigmas)
+        what = "rtol=/atol="
     else:
         if max_nfe is not None:
             raise ValueError("max_nfe= applies to adaptive solves (rtol=/atol=); for a fixed budget use nfe=")
         if adaptive_options is not None:
             raise ValueError("adaptive_options= apply to adaptive solves (rtol=/atol=)")
         return None
-    if grid.steps is not None or grid.nfe is not None:
-        raise ValueError("an adaptive solve (rtol=/atol=) chooses its own steps; drop steps=/nfe= "
+    if steps is not None or nfe is not None:
+        raise ValueError(f"an adaptive solve ({what}) chooses its own steps; drop steps=/nfe= "
                          "(use max_nfe= to cap the evaluations)")
+    fixed = {"timesteps": timesteps, "grid_options": grid_options, "final_euler": final_euler,
+             "grid": grid if isinstance(grid, Grid) or grid != "trailing" else None}
+    given = [f"{k}={_shown(v) if k != 'grid' or not isinstance(v, Grid) else 'Grid(...)'}"
+             for k, v in fixed.items() if v is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} and {what} ask for two kinds of solve: {given[0].split('=')[0]}= "
+                         "belongs to a fixed grid, and an adaptive solve places its own steps from its start "
+                         "(sigmas=[σ_start, 0] or Adaptive(sigma_start=)) to 0. Drop one of them")
     return adaptive
 
 
@@ -130,7 +172,7 @@ def generate(
     model_kwargs: Mapping[str, Any] | None = None,
     solver_options: Mapping[str, Any] | None = None,
     grid_options: Mapping[str, Any] | None = None,
-    final_euler: bool = True,
+    final_euler: bool | None = None,
     callback: Callable[[StepState], None] | None = None,
     check_finite: bool = True,
     eta: float | str | None = None,
@@ -169,28 +211,33 @@ def generate(
     """
     flow = check_flow(flow)
     noise = check_state(noise, "noise")
-    _checks.check_flags(final_euler=final_euler, check_finite=check_finite)
+    _checks.check_flags(check_finite=check_finite)
+    _check_final_euler(final_euler)
     _checks.check_model_kwargs(model_kwargs)
-    adaptive_given = rtol is not None or atol is not None or adaptive is not None
-    grid_spec = build_grid(grid, steps=steps, nfe=nfe, sigmas=None if adaptive_given else sigmas,
-                           timesteps=timesteps, grid_options=grid_options, final_euler=final_euler)
-    flat_noise = eta is not None or generator is not None or step_noise is not None
-    if stochastic is not None or flat_noise:
-        if stochastic is not None and flat_noise:
-            raise ValueError("stochastic= is a flowdiff.Stochastic: give eta/generator/step_noise inside it")
+    adaptive_spec = _adaptive_or_none(adaptive, rtol, atol, max_nfe, adaptive_options, grid=grid, steps=steps,
+                                      nfe=nfe, sigmas=sigmas, timesteps=timesteps, grid_options=grid_options,
+                                      final_euler=final_euler)
+    grid_spec = Grid() if adaptive_spec is not None else build_grid(
+        grid, steps=steps, nfe=nfe, sigmas=sigmas, timesteps=timesteps, grid_options=grid_options,
+        final_euler=final_euler)
+    flat_noise = {"eta": eta, "generator": generator, "step_noise": step_noise}
+    if stochastic is not None or any(v is not None for v in flat_noise.values()):
+        given = [f"{k}={_shown(v) if k != 'step_noise' else '...'}" for k, v in flat_noise.items() if v is not None]
+        if stochastic is not None and given:
+            raise ValueError(f"stochastic= is a flowdiff.Stochastic and {', '.join(given)} was given beside it: "
+                             "give eta/generator/step_noise inside it, not beside it")
         spec = stochastic if stochastic is not None else Stochastic(0.0 if eta is None else eta, generator, step_noise)
         if not isinstance(spec, Stochastic):
             raise TypeError(f"stochastic must be a flowdiff.Stochastic, got {type(spec).__name__}")
-        if adaptive_given:
-            raise ValueError("eta= (stochastic generation) takes a fixed grid, not rtol=/atol=")
-        if solver_options or max_nfe is not None:
+        if adaptive_spec is not None:
+            raise ValueError("eta= (stochastic generation) takes a fixed grid, not rtol=/atol=/adaptive=")
+        if solver_options:
             raise ValueError("eta= (stochastic generation) takes its own DDIM step: no solver_options= or max_nfe=")
         name = solver if isinstance(solver, str) else getattr(solver, "name", type(solver).__name__)
         request = _request(flow, solvers.get("euler"), name, {}, grid_spec, None, model_kwargs, callback,
                            check_finite)
         return procedure("eta", "generate").run(request, noise, spec)
     solver_obj, name, options = _resolve_solver(solver, solver_options, "generate")
-    adaptive_spec = _adaptive_or_none(adaptive, rtol, atol, max_nfe, adaptive_options, grid_spec, sigmas)
     request = _request(flow, solver_obj, name, options, grid_spec, adaptive_spec, model_kwargs, callback,
                        check_finite)
     dtype = compute_dtype(noise)
@@ -207,7 +254,7 @@ def generate(
     else:
         start = {"xbar0": noise.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)}
     sol = solve_grid(eps, form, sig.tolist(), solver_obj, **start,
-                     eval_end=not (grid_spec.final_euler and sig[-1] == 0.0), callback=request.callback,
+                     eval_end=not (grid_spec.euler_into_zero and sig[-1] == 0.0), callback=request.callback,
                      check_finite=check_finite, bound=divergence_limit(divergence, noise))
     return Result(sol.xbar.to(noise.dtype), sol.stats, sig, solver_obj.name)
 
@@ -264,9 +311,11 @@ def encode(
         raise ValueError(f"encode takes no eta={eta!r}: the stochastic generative process (eta > 0 or "
                          "'sigma_hat') injects fresh noise at every step and has no inverse; encoding is "
                          "deterministic (eta=0, the ODE)")
-    adaptive_given = rtol is not None or atol is not None or adaptive is not None
-    grid_spec = build_grid(grid, steps=steps, nfe=nfe, sigmas=None if adaptive_given else sigmas,
-                           timesteps=timesteps, grid_options=grid_options, final_euler=True)
+    adaptive_spec = _adaptive_or_none(adaptive, rtol, atol, max_nfe, adaptive_options, grid=grid, steps=steps,
+                                      nfe=nfe, sigmas=sigmas, timesteps=timesteps, grid_options=grid_options,
+                                      final_euler=None)
+    grid_spec = Grid() if adaptive_spec is not None else build_grid(
+        grid, steps=steps, nfe=nfe, sigmas=sigmas, timesteps=timesteps, grid_options=grid_options, final_euler=None)
     if inversion is not None:
         spec = inversion if isinstance(inversion, Inversion) else None
         if spec is None:
@@ -274,13 +323,15 @@ def encode(
                 raise TypeError(f"inversion must be a name or a flowdiff.Inversion, got {type(inversion).__name__}")
             spec = Inversion(inversion, inversion_options or {})
         elif inversion_options is not None:
-            raise ValueError("inversion= is a flowdiff.Inversion: give its options inside it")
+            raise ValueError(f"inversion= is a flowdiff.Inversion and inversion_options={_shown(inversion_options)} "
+                             "was given beside it: give its options inside it, not beside it")
         plugin = procedure(spec.method, "encode")
-        if adaptive_given:
-            raise ValueError(f"inversion={spec.method!r} works on a fixed grid; drop rtol=/atol=")
+        if adaptive_spec is not None:
+            raise ValueError(f"inversion={spec.method!r} works on a fixed grid; drop rtol=/atol=/adaptive=")
         if solver_plugin(solver) is not None:
             raise ValueError(f"inversion={spec.method!r} inverts a decode solver; {solver!r} is an encode method "
                              "(use solver='euler' to invert DDIM decoding)")
+        spec = _inversion_final_euler(spec, grid_spec)
         solver_obj, name, options = _resolve_solver(solver, solver_options, "encode")
         request = _request(flow, solver_obj, name, options, grid_spec, None, model_kwargs, callback, check_finite)
         res = plugin.run(request, images, spec)
@@ -288,11 +339,14 @@ def encode(
         return res
     if inversion_options is not None:
         raise ValueError("inversion_options= given without inversion=")
+    if grid_spec.final_euler is not None:
+        raise ValueError(f"grid=Grid(..., final_euler={grid_spec.final_euler}) on a plain encode: final_euler is "
+                         "about the step into σ = 0 of a decode (or of the decode that inversion='fixed_point' "
+                         "inverts); an encode starts at σ = 0 and has none. Give it to decode, or drop it")
     state_dtype = None if images.dtype == torch.float64 else exact_dtype(images)
     solver_obj, name, options = _resolve_solver(solver, solver_options, "encode", state_dtype=state_dtype)
     dtype = exact_dtype(images) if solver_obj.reversible else compute_dtype(images)
     model_dtype = images.dtype if images.dtype != dtype else None
-    adaptive_spec = _adaptive_or_none(adaptive, rtol, atol, max_nfe, adaptive_options, grid_spec, sigmas)
     request = _request(flow, solver_obj, name, options, grid_spec, adaptive_spec, model_kwargs, callback,
                        check_finite)
     if adaptive_spec is not None:
@@ -328,7 +382,7 @@ def decode(
     model_kwargs: Mapping[str, Any] | None = None,
     solver_options: Mapping[str, Any] | None = None,
     grid_options: Mapping[str, Any] | None = None,
-    final_euler: bool = True,
+    final_euler: bool | None = None,
     callback: Callable[[StepState], None] | None = None,
     check_finite: bool = True,
     check_model: bool = True,
@@ -347,7 +401,8 @@ def decode(
     ``model_kwargs`` with a ValueError naming both, unless ``check_model=False``.
     """
     flow = check_flow(flow)
-    _checks.check_flags(final_euler=final_euler, check_finite=check_finite, check_model=check_model)
+    _checks.check_flags(check_finite=check_finite, check_model=check_model)
+    _check_final_euler(final_euler)
     _checks.check_model_kwargs(model_kwargs)
     if isinstance(latent, Latent):
         if check_model:  # a latent decodes only with the model that encoded it
@@ -386,9 +441,15 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
             raise ValueError("give sigmas= or grid=/nfe=/timesteps=, not both")
         plugin = solver_plugin(latent.solver)
         encoder = plugin.make(options) if plugin is not None else solvers.get(latent.solver, **options)
-        built = build_grid("trailing" if grid is None else grid,
-                           steps=latent.steps if steps is None and nfe is None and timesteps is None else steps,
-                           nfe=nfe, sigmas=None, timesteps=timesteps, grid_options=grid_options, final_euler=True)
+        if isinstance(grid, Grid):  # a Grid holds its own steps (and may say final_euler once)
+            built = build_grid(grid, steps=steps, nfe=nfe, sigmas=None, timesteps=timesteps,
+                               grid_options=grid_options, final_euler=final_euler)
+            final_euler = built.final_euler
+        else:
+            built = build_grid("trailing" if grid is None else grid,
+                               steps=latent.steps if steps is None and nfe is None and timesteps is None else steps,
+                               nfe=nfe, sigmas=None, timesteps=timesteps, grid_options=grid_options,
+                               final_euler=None)
         rebuilt = built.generation_sigmas(flow, encoder, final_euler=False)
         if not np.array_equal(rebuilt, sig):
             shown = ", ".join(f"{k}={v!r}" for k, v in (("grid", grid), ("steps", steps), ("nfe", nfe),
@@ -397,9 +458,12 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
                              f"this latent was encoded on, {np.array2string(sig, precision=4)}")
     elif steps is not None and steps != latent.steps:
         raise ValueError(f"this latent was encoded with {latent.steps} steps; got steps={steps}")
-    if latent.final_euler is not None and final_euler != latent.final_euler:  # a fixed-point latent
-        raise ValueError(f"this latent inverts a decode with final_euler={latent.final_euler}; "
-                         f"got final_euler={final_euler}")
+    if latent.final_euler is not None:  # a fixed-point latent says how its decode ends
+        if final_euler is not None and final_euler != latent.final_euler:
+            raise ValueError(f"this latent inverts a decode with final_euler={latent.final_euler} "
+                             f"(Latent.final_euler); got final_euler={final_euler}")
+        final_euler = latent.final_euler
+    final_euler = final_euler is not False
     solver_obj = solvers.get(own, **options)
     request = _request(flow, solver_obj, own, options, Grid(sigmas=sig), None, model_kwargs, callback, check_finite)
     if latent.solver_state is not None:

@@ -109,7 +109,9 @@ class Grid:
     (a budget: the largest step count whose counted NFE fits), or give ``sigmas``
     (decreasing, ending at 0) or ``timesteps`` explicitly. ``options`` go to the grid
     (``rho``, ``power``, ``sigma_min``, ``sigma_max``). ``final_euler``: a solver that would
-    evaluate the model at σ = 0 takes its last step as Euler instead (as EDM does).
+    evaluate the model at σ = 0 takes its last step as Euler instead (as EDM does); ``None``
+    (the default) means True unless said elsewhere once (``final_euler=`` of generate/decode, a
+    fixed-point latent, ``inversion_options``): two different values are refused, naming both.
     """
 
     name: str = "trailing"
@@ -118,7 +120,7 @@ class Grid:
     sigmas: ArrayLike | None = None
     timesteps: ArrayLike | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
-    final_euler: bool = True
+    final_euler: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or self.name not in GRIDS:
@@ -126,7 +128,8 @@ class Grid:
         object.__setattr__(self, "steps", _count(self.steps, "steps"))
         object.__setattr__(self, "nfe", _count(self.nfe, "nfe"))
         object.__setattr__(self, "options", _mapping(self.options, "grid_options"))
-        _flag(self.final_euler, "final_euler")
+        if self.final_euler is not None:
+            object.__setattr__(self, "final_euler", _flag(self.final_euler, "final_euler"))
         if self.nfe is not None:
             if self.steps is not None:
                 raise ValueError("give steps or nfe, not both")
@@ -144,12 +147,17 @@ class Grid:
         """The generation grid (decreasing to 0), with ``nfe=`` turned into a step count exactly."""
         if not self.given:
             raise ValueError("give one of steps=, nfe=, sigmas= or timesteps= (or rtol=/atol= for an adaptive solve)")
-        final = self.final_euler if final_euler is None else final_euler
+        final = self.euler_into_zero if final_euler is None else final_euler
         steps = self.steps
         if self.nfe is not None:
             steps = solvers.steps_for_nfe(solver, self.nfe, eval_end=not final)
         return make_sigmas(flow.schedule, self.name, steps, sigmas=self.sigmas, timesteps=self.timesteps,
                            **self.options)
+
+    @property
+    def euler_into_zero(self) -> bool:
+        """Whether the step into σ = 0 is Euler (``final_euler``, True unless set to False)."""
+        return self.final_euler is not False
 
     def replace(self, **changes: Any) -> Grid:
         values = {k: getattr(self, k) for k in ("name", "steps", "nfe", "sigmas", "timesteps", "options",
@@ -267,12 +275,34 @@ def check_callback(callback: object) -> Callable[..., None] | None:
     return callback  # type: ignore[return-value]
 
 
+#: The flat grid keywords that a :class:`Grid` holds (keyword → the Grid field).
+_GRID_KEYWORDS = {"steps": "steps", "nfe": "nfe", "sigmas": "sigmas", "timesteps": "timesteps",
+                  "grid_options": "options"}
+
+
+def _shown(value: object) -> str:
+    text = repr(value.tolist() if isinstance(value, (np.ndarray, Tensor)) else value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def build_grid(grid: str | Grid, *, steps: int | None, nfe: int | None, sigmas: ArrayLike | None,
-               timesteps: ArrayLike | None, grid_options: Mapping[str, Any] | None, final_euler: bool) -> Grid:
-    """A :class:`Grid` from the flat keywords, or the one given (then the flat grid keywords must be unset)."""
+               timesteps: ArrayLike | None, grid_options: Mapping[str, Any] | None,
+               final_euler: bool | None) -> Grid:
+    """A :class:`Grid` from the flat keywords, or the one given (then the flat grid keywords must be unset).
+
+    ``final_euler`` beside a Grid: None or the Grid's own value is accepted (one meaning); a
+    different value is refused, naming both spellings."""
     if isinstance(grid, Grid):
-        if any(v is not None for v in (steps, nfe, sigmas, timesteps, grid_options)):
-            raise ValueError("grid= is a flowdiff.Grid: give steps/nfe/sigmas/timesteps/grid_options inside it, "
-                             "not beside it")
-        return grid if final_euler else grid.replace(final_euler=False)
+        flat = {"steps": steps, "nfe": nfe, "sigmas": sigmas, "timesteps": timesteps, "grid_options": grid_options}
+        given = [f"{k}={_shown(v)}" for k, v in flat.items() if v is not None]
+        if given:
+            raise ValueError(f"grid= is a flowdiff.Grid and {', '.join(given)} was given beside it: give "
+                             "steps/nfe/sigmas/timesteps/grid_options inside it (e.g. "
+                             f"Grid(..., {_GRID_KEYWORDS[given[0].split('=')[0]]}=...)), not beside it")
+        if final_euler is None or final_euler == grid.final_euler:
+            return grid
+        if grid.final_euler is None:
+            return grid.replace(final_euler=final_euler)
+        raise ValueError(f"final_euler={final_euler} and grid=Grid(..., final_euler={grid.final_euler}) say two "
+                         "different things; give final_euler once (inside the Grid)")
     return Grid(grid, steps, nfe, sigmas, timesteps, _mapping(grid_options, "grid_options"), final_euler)
