@@ -142,7 +142,8 @@ def _adaptive_or_none(adaptive: Adaptive | None, rtol: float | None, atol: float
             raise ValueError("adaptive_options= apply to adaptive solves (rtol=/atol=)")
         return None
     if steps is not None or nfe is not None:
-        raise ValueError(f"an adaptive solve ({what}) chooses its own steps; drop steps=/nfe= "
+        given = "steps=" + _shown(steps) if steps is not None else "nfe=" + _shown(nfe)
+        raise ValueError(f"{given} beside {what}: an adaptive solve chooses its own steps; drop steps=/nfe= "
                          "(use max_nfe= to cap the evaluations)")
     fixed = {"timesteps": timesteps, "grid_options": grid_options, "final_euler": final_euler,
              "grid": grid if isinstance(grid, Grid) or grid != "trailing" else None}
