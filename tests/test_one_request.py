@@ -195,3 +195,74 @@ def test_a_one_step_grid_from_infinity_is_one_loop_step():
         res = flowdiff.generate(flow, noise, solver=solver, sigmas=[math.inf, 0.0], callback=seen.append)
         torch.testing.assert_close(res.x, flow.step_from_noise(noise, 0.0), rtol=0, atol=0)
         assert res.stats.nfe == res.stats.steps == 1 and seen.pop().step == 0 and not seen
+
+
+# -- saved states are the callback's records ----------------------------------------------------------------------
+
+def _same_records(saved, recorded):
+    assert [(r.step, r.sigma) for r in saved] == [(r.step, r.sigma) for r in recorded]
+    for a, b in zip(saved, recorded):
+        assert torch.equal(a.x, b.x) and torch.equal(a.xbar, b.xbar)
+        assert (a.denoised is None) == (b.denoised is None)
+        assert a.denoised is None or torch.equal(a.denoised, b.denoised)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "dpmpp_2m", "dopri5", "reversible_heun"])
+def test_saved_steps_equal_the_callback_records(solver):
+    flow, noise, _ = _gauss()
+    recorded = []
+    res = flowdiff.generate(flow, noise, solver=solver, steps=6, callback=recorded.append,
+                            save=flowdiff.Save(steps=True, denoised=True))
+    assert len(res.saved) == len(recorded) == res.stats.accepted
+    _same_records(res.saved, recorded)
+    plain = flowdiff.generate(flow, noise, solver=solver, steps=6, save=flowdiff.Save(steps=True))
+    assert torch.equal(plain.x, res.x) and plain.stats.nfe == res.stats.nfe and plain.saved[-1].sigma == 0.0
+    assert all(r.denoised is None for r in plain.saved)  # dropped unless asked for
+
+
+def test_saved_sigmas_keep_only_those_states():
+    flow, noise, _ = _gauss()
+    grid = flowdiff.make_sigmas(flow.schedule, "trailing", 8)
+    recorded = []
+    res = flowdiff.generate(flow, noise, sigmas=grid, callback=recorded.append,
+                            save=flowdiff.Save(sigmas=[grid[5], grid[2]]))
+    _same_records(res.saved, [r for r in recorded if r.sigma in (grid[2], grid[5])])
+    assert [r.step for r in res.saved] == [1, 4]
+    with pytest.raises(ValueError, match=r"σ = \[1.2345\], which this solve does not step to"):
+        flowdiff.generate(flow, noise, sigmas=grid, save=flowdiff.Save(sigmas=[1.2345]))
+
+
+def test_saved_states_of_encodes_decodes_and_other_procedures():
+    flow, noise, gauss = _gauss()
+    images = gauss.sample(2, generator=torch.Generator().manual_seed(0))
+    for kwargs in (dict(solver="euler"), dict(solver="reversible_heun"), dict(solver="heun", inversion="fixed_point"),
+                   dict(solver="ddim_inverse")):
+        recorded = []
+        enc = flowdiff.encode(flow, images, steps=5, callback=recorded.append, save=flowdiff.Save(steps=True),
+                              **kwargs)
+        assert [r.sigma for r in enc.saved] == enc.sigmas[1:].tolist()
+        _same_records(enc.saved, [r._replace(denoised=None) for r in recorded])
+        recorded = []
+        dec = flowdiff.decode(flow, enc.latent, callback=recorded.append, save=flowdiff.Save(sigmas=[0.0]))
+        _same_records(dec.saved, [r._replace(denoised=None) for r in recorded if r.sigma == 0.0])
+    recorded = []
+    sto = flowdiff.generate(flow, noise, steps=5, eta=0.5, generator=3, callback=recorded.append,
+                            save=flowdiff.Save(steps=True))
+    _same_records(sto.saved, [r._replace(denoised=None) for r in recorded])
+    zero = _zero_snr_flow()
+    res = flowdiff.generate(zero, noise, steps=4, save=flowdiff.Save(steps=True))
+    assert [r.step for r in res.saved] == [0, 1, 2, 3] and res.saved[0].sigma == res.sigmas[1] < math.inf
+
+
+def test_save_is_validated_once():
+    flow, noise, _ = _gauss()
+    with pytest.raises(ValueError, match="Save\\(\\) keeps nothing"):
+        flowdiff.Save()
+    with pytest.raises(ValueError, match="Save.sigmas must be"):
+        flowdiff.Save(sigmas=[float("nan")])
+    with pytest.raises(TypeError, match="Save.steps must be True or False"):
+        flowdiff.Save(steps="yes")
+    with pytest.raises(TypeError, match="save must be a flowdiff.Save"):
+        flowdiff.generate(flow, noise, steps=3, save={"steps": True})
+    with pytest.raises(ValueError, match=r"Save\(sigmas=\[1.0\]\) with an adaptive solve"):
+        flowdiff.generate(flow, noise, solver="dopri5", rtol=1e-3, save=flowdiff.Save(sigmas=[1.0]))

@@ -36,6 +36,7 @@ from ..engine.options import (
     Grid,
     Inversion,
     Request,
+    Save,
     Stochastic,
     _shown,
     build_grid,
@@ -46,7 +47,7 @@ from ..engine.options import (
     exact_dtype,
 )
 from ..engine.plugins import decodes_with, procedure, solver_plugin
-from ..engine.results import Result, StepState
+from ..engine.results import Result, Saver, StepState
 from ..engine.schedules import ArrayLike
 from ..engine.terminal import field_from_infinity, refuse_encode_to_infinity, starts_at_infinity
 from . import ddim_inverse as _ddim_inverse  # noqa: F401  (registers the 'ddim_inverse' plug-in)
@@ -96,6 +97,22 @@ def _inversion_final_euler(spec: Inversion, grid: Grid) -> Inversion:
         raise ValueError(f"inversion_options={{'final_euler': {own!r}}} and grid=Grid(..., final_euler="
                          f"{grid.final_euler}) say two different things; give final_euler once")
     return spec
+
+
+def _saver(save: object, callback: object, adaptive: bool) -> Saver | None:
+    """The callback keeping what ``save`` asks for (None without ``save``)."""
+    if save is None:
+        return None
+    if not isinstance(save, Save):
+        raise TypeError(f"save must be a flowdiff.Save, got {type(save).__name__}")
+    if save.sigmas and adaptive:
+        raise ValueError(f"Save(sigmas={list(save.sigmas)}) with an adaptive solve, which places its own steps "
+                         "and reaches given σ only by chance; use Save(steps=True) (every accepted step)")
+    return Saver(save, check_callback(callback))
+
+
+def _kept(saver: Saver | None, result: Result) -> Result:
+    return result if saver is None else saver.attach(result)
 
 
 def _request(flow: ProbabilityFlow, solver: Solver, name: str, options: dict[str, Any], grid: Grid,
@@ -182,6 +199,7 @@ def generate(
     adaptive: Adaptive | None = None,
     stochastic: Stochastic | None = None,
     divergence: float | None = DIVERGENCE_GENERATE,
+    save: Save | None = None,
 ) -> Result:
     """Generate images from DDIM-scale noise x_T ~ N(0, I) by solving from the grid's first σ to 0.
 
@@ -209,6 +227,9 @@ def generate(
     is run again to find the first step past that bound and a :class:`solvers.SolveError`
     names it (step, σ, the value: ``err.value``) instead of returning garbage. It costs one
     host sync at the end, none in the loop. ``None`` turns it off.
+
+    ``save=flowdiff.Save(sigmas=[...], steps=True, denoised=True)`` returns the states at chosen σ
+    (or after every step) in ``result.saved``: the records a callback would receive there.
     """
     flow = check_flow(flow)
     noise = check_state(noise, "noise")
@@ -218,6 +239,8 @@ def generate(
     adaptive_spec = _adaptive_or_none(adaptive, rtol, atol, max_nfe, adaptive_options, grid=grid, steps=steps,
                                       nfe=nfe, sigmas=sigmas, timesteps=timesteps, grid_options=grid_options,
                                       final_euler=final_euler)
+    saver = _saver(save, callback, adaptive_spec is not None)
+    callback = saver or callback
     grid_spec = Grid() if adaptive_spec is not None else build_grid(
         grid, steps=steps, nfe=nfe, sigmas=sigmas, timesteps=timesteps, grid_options=grid_options,
         final_euler=final_euler)
@@ -237,15 +260,15 @@ def generate(
         name = solver if isinstance(solver, str) else getattr(solver, "name", type(solver).__name__)
         request = _request(flow, solvers.get("euler"), name, {}, grid_spec, None, model_kwargs, callback,
                            check_finite)
-        return procedure("eta", "generate").run(request, noise, spec)
+        return _kept(saver, procedure("eta", "generate").run(request, noise, spec))
     solver_obj, name, options = _resolve_solver(solver, solver_options, "generate")
     request = _request(flow, solver_obj, name, options, grid_spec, adaptive_spec, model_kwargs, callback,
                        check_finite)
     dtype = compute_dtype(noise)
     model_dtype = noise.dtype if noise.dtype != dtype else None
     if adaptive_spec is not None:
-        return solve_adaptive_flow(request, noise, direction="generate", model_dtype=model_dtype,
-                                   bound=divergence_limit(divergence, noise))
+        return _kept(saver, solve_adaptive_flow(request, noise, direction="generate", model_dtype=model_dtype,
+                                                bound=divergence_limit(divergence, noise)))
     sig = grid_spec.generation_sigmas(flow, solver_obj)
     form = formulation_for(solver_obj, "generate")
     eps = flow.field(request.model_kwargs, model_dtype)
@@ -257,7 +280,7 @@ def generate(
     sol = solve_grid(eps, form, sig.tolist(), solver_obj, **start,
                      eval_end=not (grid_spec.euler_into_zero and sig[-1] == 0.0), callback=request.callback,
                      check_finite=check_finite, bound=divergence_limit(divergence, noise))
-    return Result(sol.xbar.to(noise.dtype), sol.stats, sig, solver_obj.name)
+    return _kept(saver, Result(sol.xbar.to(noise.dtype), sol.stats, sig, solver_obj.name))
 
 
 def encode(
@@ -284,6 +307,7 @@ def encode(
     eta: float | str | None = None,
     adaptive: Adaptive | None = None,
     divergence: float | None = DIVERGENCE_ENCODE,
+    save: Save | None = None,
 ) -> Result:
     """Encode images (model data scale, σ = 0) to DDIM-scale latents x_T along the reversed grid.
 
@@ -315,6 +339,8 @@ def encode(
     adaptive_spec = _adaptive_or_none(adaptive, rtol, atol, max_nfe, adaptive_options, grid=grid, steps=steps,
                                       nfe=nfe, sigmas=sigmas, timesteps=timesteps, grid_options=grid_options,
                                       final_euler=None)
+    saver = _saver(save, callback, adaptive_spec is not None)
+    callback = saver or callback
     grid_spec = Grid() if adaptive_spec is not None else build_grid(
         grid, steps=steps, nfe=nfe, sigmas=sigmas, timesteps=timesteps, grid_options=grid_options, final_euler=None)
     if inversion is not None:
@@ -337,7 +363,7 @@ def encode(
         request = _request(flow, solver_obj, name, options, grid_spec, None, model_kwargs, callback, check_finite)
         res = plugin.run(request, images, spec)
         res.latent.set_origin(flow, model_kwargs)  # the latent records its model
-        return res
+        return _kept(saver, res)
     if inversion_options is not None:
         raise ValueError("inversion_options= given without inversion=")
     if grid_spec.final_euler is not None:
@@ -354,7 +380,7 @@ def encode(
         res = solve_adaptive_flow(request, images, direction="encode", model_dtype=model_dtype,
                                   bound=divergence_limit(divergence, images))
         res.latent.set_origin(flow, model_kwargs)
-        return res
+        return _kept(saver, res)
     sig = grid_spec.generation_sigmas(flow, solver_obj, final_euler=False)[::-1].copy()
     refuse_encode_to_infinity(sig)  # zero terminal SNR: see flowdiff.engine.terminal
     form = formulation_for(solver_obj, "encode")
@@ -367,7 +393,8 @@ def encode(
     else:
         x_T = x_T.to(images.dtype)
         latent = Latent(x_T, sig, name, options)
-    return Result(x_T.to(images.dtype), sol.stats, sig, solver_obj.name, latent.set_origin(flow, model_kwargs))
+    return _kept(saver, Result(x_T.to(images.dtype), sol.stats, sig, solver_obj.name,
+                               latent.set_origin(flow, model_kwargs)))
 
 
 def decode(
@@ -388,6 +415,7 @@ def decode(
     check_finite: bool = True,
     check_model: bool = True,
     divergence: float | None = DIVERGENCE_GENERATE,
+    save: Save | None = None,
 ) -> Result:
     """Decode a latent back to an image.
 
@@ -408,14 +436,17 @@ def decode(
     if isinstance(latent, Latent):
         if check_model:  # a latent decodes only with the model that encoded it
             latent.check_model(flow, model_kwargs)
-        return _decode_latent(flow, latent, solver=solver, steps=steps, nfe=nfe, grid=grid, sigmas=sigmas,
-                              timesteps=timesteps, model_kwargs=model_kwargs, solver_options=solver_options,
-                              grid_options=grid_options, final_euler=final_euler, callback=callback,
-                              check_finite=check_finite, divergence=divergence)
+        saver = _saver(save, callback, adaptive=False)
+        return _kept(saver, _decode_latent(flow, latent, solver=solver, steps=steps, nfe=nfe, grid=grid,
+                                           sigmas=sigmas, timesteps=timesteps, model_kwargs=model_kwargs,
+                                           solver_options=solver_options, grid_options=grid_options,
+                                           final_euler=final_euler, callback=saver or callback,
+                                           check_finite=check_finite, divergence=divergence))
     return generate(flow, latent, solver="euler" if solver is None else solver, steps=steps, nfe=nfe,
                     grid="trailing" if grid is None else grid, sigmas=sigmas, timesteps=timesteps,
                     model_kwargs=model_kwargs, solver_options=solver_options, grid_options=grid_options,
-                    final_euler=final_euler, callback=callback, check_finite=check_finite, divergence=divergence)
+                    final_euler=final_euler, callback=callback, check_finite=check_finite, divergence=divergence,
+                    save=save)
 
 
 def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe, grid, sigmas, timesteps,

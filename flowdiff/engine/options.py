@@ -10,6 +10,7 @@ every layer below takes the objects, never the keywords one by one:
   evaluation cap, the controller and the change-of-variables knobs.
 * :class:`Stochastic` — the DDIM paper's η process (generation only) and its noise source.
 * :class:`Inversion` — an encode that inverts a plain decode (``"fixed_point"``) and its options.
+* :class:`Save` — which states (and denoised images) the solve returns besides its end.
 """
 
 from __future__ import annotations
@@ -251,6 +252,34 @@ class Inversion:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", _mapping(self.options, "inversion_options"))
+
+
+@dataclass(frozen=True, eq=False)
+class Save:
+    """Which states a solve returns besides its end, in ``Result.saved`` (diffrax's ``SaveAt`` in spirit).
+
+    ``sigmas``: the σ values whose states to keep, each a point the solve steps to (any point
+    of its grid but the start; a fixed grid's, in either direction); ``steps=True``: the state
+    after every accepted step. Each saved record is the :class:`flowdiff.StepState` a callback
+    receives there (step index, σ, x, x̄). ``denoised=True`` keeps its ``denoised`` image where
+    the solve evaluated it (no evaluation is added; ``None`` elsewhere); by default it is dropped.
+    """
+
+    sigmas: ArrayLike | None = None
+    steps: bool = False
+    denoised: bool = False
+
+    def __post_init__(self) -> None:
+        _flag(self.steps, "Save.steps")
+        _flag(self.denoised, "Save.denoised")
+        if self.sigmas is not None:
+            s = np.asarray(self.sigmas, dtype=np.float64)
+            if s.ndim != 1 or s.size == 0 or np.isnan(s).any() or (s < 0).any():
+                raise ValueError(f"Save.sigmas must be a non-empty 1-D list of σ >= 0 (points of the solve's grid), "
+                                 f"got {self.sigmas!r}")
+            object.__setattr__(self, "sigmas", tuple(float(v) for v in s))
+        if not self.sigmas and not self.steps:
+            raise ValueError("Save() keeps nothing: give sigmas=[...] (states at those σ) or steps=True (every step)")
 
 
 @dataclass(frozen=True, eq=False)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from torch import Tensor
@@ -35,10 +36,40 @@ AdaptiveStep = StepState
 class Result:
     """The outcome of generate/encode/decode: ``x`` (image, or latent x_T for encode), the
     statistics (``stats.nfe`` is the exact number of model evaluations), the σ grid used,
-    and for encode the :class:`Latent` that :func:`decode` takes back."""
+    for encode the :class:`Latent` that :func:`decode` takes back, and the states kept by
+    ``save=flowdiff.Save(...)`` (``saved``: the callback's records there, in step order)."""
 
     x: Tensor
     stats: Stats
     sigmas: np.ndarray
     solver: str
     latent: Latent | None = None
+    saved: tuple[StepState, ...] | None = None
+
+
+class Saver:
+    """The callback that keeps what a :class:`flowdiff.Save` asks for, calling the user's ``callback`` first.
+
+    It sees exactly the records a callback sees (so saved states are the callback's), keeps
+    those at the requested σ (or all with ``steps``), and :meth:`attach` puts them on the result,
+    refusing a requested σ the solve never stepped to."""
+
+    def __init__(self, save: Any, callback: Callable[[StepState], None] | None) -> None:
+        self.save, self.callback = save, callback
+        self.wanted = frozenset(save.sigmas or ())
+        self.records: list[StepState] = []
+
+    def __call__(self, state: StepState) -> None:
+        if self.callback is not None:
+            self.callback(state)
+        if self.save.steps or state.sigma in self.wanted:
+            self.records.append(state if self.save.denoised else state._replace(denoised=None))
+
+    def attach(self, result: Result) -> Result:
+        missing = sorted(self.wanted - {r.sigma for r in self.records})
+        if missing:
+            reached = np.array2string(np.asarray(result.sigmas[1:]), precision=6)
+            raise ValueError(f"Save(sigmas=...) asks for σ = {missing}, which this solve does not step to; "
+                             f"the σ it steps to are {reached} (use one of them, or Save(steps=True))")
+        result.saved = tuple(self.records)
+        return result
