@@ -266,3 +266,31 @@ def test_save_is_validated_once():
         flowdiff.generate(flow, noise, steps=3, save={"steps": True})
     with pytest.raises(ValueError, match=r"Save\(sigmas=\[1.0\]\) with an adaptive solve"):
         flowdiff.generate(flow, noise, solver="dopri5", rtol=1e-3, save=flowdiff.Save(sigmas=[1.0]))
+
+
+# -- the variables are chosen in one place -------------------------------------------------------------------------
+
+def test_every_solve_asks_the_one_chooser(monkeypatch):
+    from flowdiff.api import adaptive, inversion, sampling, stochastic
+    from flowdiff.engine import formulations
+
+    calls = []
+
+    def spy(solver, direction, **options):
+        form = formulations.formulation_for(solver, direction, **options)
+        calls.append((solver.name, direction, options.get("adaptive", False), form.name))
+        return form
+
+    for module in (adaptive, inversion, sampling, stochastic):
+        monkeypatch.setattr(module, "formulation_for", spy)
+    flow, noise, gauss = _gauss()
+    images = gauss.sample(2, generator=torch.Generator().manual_seed(0))
+    flowdiff.generate(flow, noise, solver="dopri5", rtol=1e-3, atol=1e-3)
+    flowdiff.generate(flow, noise, solver="unipc", rtol=1e-3, atol=1e-3)
+    flowdiff.encode(flow, images, solver="bosh3", rtol=1e-3, atol=1e-3)
+    flowdiff.generate(flow, noise, steps=3, eta=0.5, generator=0)
+    enc = flowdiff.encode(flow, images, solver="reversible_heun", steps=3)
+    flowdiff.decode(flow, enc.latent)
+    assert calls == [("dopri5", "generate", True, "logsigma"), ("unipc", "generate", True, "data"),
+                     ("bosh3", "encode", True, "logsigma"), ("ddim_eta", "generate", False, "sigma"),
+                     ("reversible_heun", "encode", False, "vp"), ("reversible_heun", "decode", False, "vp")]

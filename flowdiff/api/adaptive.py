@@ -39,7 +39,7 @@ from torch import Tensor
 import solvers
 from solvers import Chain, ErrorControl, FixedGrid, StepController
 
-from ..engine.formulations import Data, EulerToZero, Formulation, IntoZero, LogSigma, OutOfZero, variables_of
+from ..engine.formulations import Data, EulerToZero, IntoZero, LogSigma, OutOfZero, formulation_for
 from ..engine.latent import Latent
 from ..engine.loop import solve_flow
 from ..engine.options import Adaptive, Request, compute_dtype
@@ -113,9 +113,8 @@ def solve_adaptive_flow(request: Request, x: Tensor, *, direction: str, model_dt
     eps = flow.field(request.model_kwargs, model_dtype)
     xbar0 = x.to(compute_dtype(x)) * (math.sqrt(1.0 + s_max**2) if generating else 1.0)
     controller = _controller(spec, solver, generating)
-    form: Formulation
-    if variables_of(solver) == "data":
-        form = Data()
+    form = formulation_for(solver, direction, adaptive=True, sigma_c=c)  # the one chooser (engine.formulations)
+    if isinstance(form, Data):
         if generating:  # ρ additive to σ_end, then the denoised image extrapolated to σ = 0
             t0, t1 = form.times([s_max, s_end])
             stepping = Chain([ErrorControl(t0, t1, spec.rtol, spec.atol, image_norm(spec.rtol, spec.atol,
@@ -129,11 +128,12 @@ def solve_adaptive_flow(request: Request, x: Tensor, *, direction: str, model_dt
                               ErrorControl(t0, t1, spec.rtol, spec.atol, image_norm(spec.rtol, spec.atol,
                                                                                      form.x_factor),
                                            controller, spec.first_step, log_steps=True)])
-    else:  # Runge–Kutta pairs (and σ-variable multistep methods) in τ = log(σ + c), σ = 0 exactly
-        form = LogSigma(c)
+    elif isinstance(form, LogSigma):  # Runge–Kutta pairs (and σ-variable multistep methods): σ = 0 exactly
         ends = form.times([s_max, 0.0] if generating else [0.0, s_max])
         stepping = ErrorControl(ends[0], ends[1], spec.rtol, spec.atol,
                                 image_norm(spec.rtol, spec.atol, form.x_factor), controller, spec.first_step)
+    else:
+        raise ValueError(f"no adaptive solve in the {form.name!r} variables that {solver.name!r} runs in")
     sol = solve_flow(eps, form, stepping, solver, sigma0=s_max if generating else 0.0, xbar0=xbar0, bound=bound,
                      max_nfe=spec.max_nfe, callback=request.callback, check_finite=request.check_finite)
     grid = sol.sigmas.copy()

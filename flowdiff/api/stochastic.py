@@ -49,7 +49,7 @@ from torch import Tensor
 import solvers
 from solvers import Solver, StepResult
 
-from ..engine.formulations import Sigma
+from ..engine.formulations import formulation_for
 from ..engine.loop import solve_grid
 from ..engine.options import Request, Stochastic, compute_dtype
 from ..engine.plugins import Plugin, register_plugin
@@ -228,7 +228,7 @@ def generate_stochastic(request: Request, noise: Tensor, spec: Stochastic) -> Re
     source = _StepNoise(spec.step_noise, gen, xbar0, len(sig) - 1)
     step = GeneralizedDDIM(eta, source)
     eps = request.flow.field(request.model_kwargs, model_dtype)
-    sol = solve_grid(eps, Sigma(), sig.tolist(), step, xbar0=xbar0,
+    sol = solve_grid(eps, formulation_for(step, "generate"), sig.tolist(), step, xbar0=xbar0,
                      state=0, callback=request.callback, check_finite=request.check_finite)
     sol.stats.extra.update(eta=eta, noise_draws=source.draws)
     label = "ddim(sigma_hat)" if eta == SIGMA_HAT else f"ddim(eta={eta:g})"

@@ -5,7 +5,8 @@ stays diffusion-agnostic (it integrates ``dy/dt = f(t, y)``) and each change of 
 a :class:`Formulation` here: its time t ↔ σ, its state y ↔ x̄, its field ``f(t, y)`` from ε,
 the factor from y to the VP-scaled image x = x̄/√(1+σ²) (for error norms), the denoised image
 from a carried derivative, and the fixed grid in its own time (with the steps its end points
-need). :func:`formulation_for` picks one for a solver, a direction and a kind of solve;
+need). :func:`formulation_for` picks one for a solver, a direction and a kind of solve (fixed grid,
+adaptive, the η process, a reversible decode all ask it);
 nothing else in flowdiff converts.
 
 * :class:`Sigma` — t = σ, y = x̄, f = ε. DDIM is Euler here; k-diffusion's lms is Adams here.
