@@ -269,7 +269,7 @@ def generate(
     if adaptive_spec is not None:
         return _kept(saver, solve_adaptive_flow(request, noise, direction="generate", model_dtype=model_dtype,
                                                 bound=divergence_limit(divergence, noise)))
-    sig = grid_spec.generation_sigmas(flow, solver_obj)
+    sig = grid_spec.solve_sigmas(flow, solver_obj, "generate")
     form = formulation_for(solver_obj, "generate")
     eps = flow.field(request.model_kwargs, model_dtype)
     if starts_at_infinity(sig):  # from pure noise (zero terminal SNR): the grid's boundary step (engine.terminal)
@@ -381,7 +381,7 @@ def encode(
                                   bound=divergence_limit(divergence, images))
         res.latent.set_origin(flow, model_kwargs)
         return _kept(saver, res)
-    sig = grid_spec.generation_sigmas(flow, solver_obj, final_euler=False)[::-1].copy()
+    sig = grid_spec.solve_sigmas(flow, solver_obj, "encode")
     refuse_encode_to_infinity(sig)  # zero terminal SNR: see flowdiff.engine.terminal
     form = formulation_for(solver_obj, "encode")
     sol = solve_grid(flow.field(request.model_kwargs, model_dtype), form, sig.tolist(), solver_obj,

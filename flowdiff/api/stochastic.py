@@ -220,7 +220,7 @@ def generate_stochastic(request: Request, noise: Tensor, spec: Stochastic) -> Re
     if gen is not None and spec.step_noise is not None:
         raise ValueError("give generator= or step_noise=, not both: step_noise fixes every step's noise itself")
     euler = solvers.get("euler")
-    sig = request.grid.generation_sigmas(request.flow, euler, final_euler=True)
+    sig = request.grid.solve_sigmas(request.flow, euler, "generate")  # Euler never evaluates σ = 0
     refuse_infinite_start(float(sig[0]), "the stochastic (eta) process")  # zero terminal SNR (flowdiff.engine.terminal)
     dtype = compute_dtype(noise)
     model_dtype = noise.dtype if noise.dtype != dtype else None

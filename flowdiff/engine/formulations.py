@@ -6,8 +6,8 @@ a :class:`Formulation` here: its time t ↔ σ, its state y ↔ x̄, its field `
 the factor from y to the VP-scaled image x = x̄/√(1+σ²) (for error norms), the denoised image
 from a carried derivative, and the fixed grid in its own time (with the steps its end points
 need). :func:`formulation_for` picks one for a solver, a direction and a kind of solve (fixed grid,
-adaptive, the η process, a reversible decode all ask it);
-nothing else in flowdiff converts.
+adaptive, the η process, a reversible decode all ask it; the fixed-point inversion and the
+tools' reference and likelihood solves still name their variables directly).
 
 * :class:`Sigma` — t = σ, y = x̄, f = ε. DDIM is Euler here; k-diffusion's lms is Adams here.
 * :class:`Data` — t = ρ = 1/σ, y = x̄/σ, f = D = x̄ − σ·ε (the model's denoised image):

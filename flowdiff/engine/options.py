@@ -155,6 +155,19 @@ class Grid:
         return make_sigmas(flow.schedule, self.name, steps, sigmas=self.sigmas, timesteps=self.timesteps,
                            **self.options)
 
+    def solve_sigmas(self, flow: ProbabilityFlow, solver: Solver, direction: str) -> np.ndarray:
+        """The σ grid in the order the solve runs it: the one place a grid is reversed.
+
+        ``"generate"`` (and a plain decode): the generation grid, decreasing to 0, its last step
+        Euler per ``final_euler``. ``"encode"``: the same grid reversed (0 up to σ_max), built as a
+        decode that evaluates every step's end (final_euler=False) sees it, so that the decode
+        with the same arguments retraces it."""
+        if direction == "generate":
+            return self.generation_sigmas(flow, solver)
+        if direction == "encode":
+            return self.generation_sigmas(flow, solver, final_euler=False)[::-1].copy()
+        raise ValueError(f"direction must be 'generate' or 'encode', got {direction!r}")
+
     @property
     def euler_into_zero(self) -> bool:
         """Whether the step into σ = 0 is Euler (``final_euler``, True unless set to False)."""
