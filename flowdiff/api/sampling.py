@@ -30,7 +30,7 @@ from ..engine import _checks
 from ..engine.flow import ProbabilityFlow
 from ..engine.formulations import formulation_for
 from ..engine.latent import Latent
-from ..engine.loop import DIVERGENCE_ENCODE, DIVERGENCE_GENERATE, divergence_limit, solve_grid
+from ..engine.loop import DIVERGENCE_ENCODE, DIVERGENCE_GENERATE, FlowSolution, divergence_limit, solve_grid
 from ..engine.options import (
     Adaptive,
     Grid,
@@ -113,6 +113,23 @@ def _saver(save: object, callback: object, adaptive: bool) -> Saver | None:
 
 def _kept(saver: Saver | None, result: Result) -> Result:
     return result if saver is None else saver.attach(result)
+
+
+def _solve_fixed(request: Request, start: Tensor, sig: np.ndarray, direction: str, *, dtype: torch.dtype,
+                 model_dtype: torch.dtype | None, eval_end: bool, bound: float | None) -> FlowSolution:
+    """The one fixed-grid solve of generate, encode and decode, in the variables the engine picks.
+
+    ``start`` is the VP-scaled state at ``sig[0]`` (noise, images at σ = 0, a latent's x_T), taken to
+    x̄ here; a grid from σ = ∞ starts from the noise itself with its boundary step (engine.terminal)."""
+    flow, solver = request.flow, request.solver
+    eps = flow.field(request.model_kwargs, model_dtype)
+    if starts_at_infinity(sig):
+        eps = field_from_infinity(flow, eps, sig, request.model_kwargs, model_dtype)
+        begin = {"y0": start.to(dtype)}
+    else:
+        begin = {"xbar0": start.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)}
+    return solve_grid(eps, formulation_for(solver, direction), sig.tolist(), solver, **begin, eval_end=eval_end,
+                      callback=request.callback, check_finite=request.check_finite, bound=bound)
 
 
 def _request(flow: ProbabilityFlow, solver: Solver, name: str, options: dict[str, Any], grid: Grid,
@@ -270,16 +287,9 @@ def generate(
         return _kept(saver, solve_adaptive_flow(request, noise, direction="generate", model_dtype=model_dtype,
                                                 bound=divergence_limit(divergence, noise)))
     sig = grid_spec.solve_sigmas(flow, solver_obj, "generate")
-    form = formulation_for(solver_obj, "generate")
-    eps = flow.field(request.model_kwargs, model_dtype)
-    if starts_at_infinity(sig):  # from pure noise (zero terminal SNR): the grid's boundary step (engine.terminal)
-        eps = field_from_infinity(flow, eps, sig, request.model_kwargs, model_dtype)
-        start = {"y0": noise.to(dtype)}
-    else:
-        start = {"xbar0": noise.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)}
-    sol = solve_grid(eps, form, sig.tolist(), solver_obj, **start,
-                     eval_end=not (grid_spec.euler_into_zero and sig[-1] == 0.0), callback=request.callback,
-                     check_finite=check_finite, bound=divergence_limit(divergence, noise))
+    sol = _solve_fixed(request, noise, sig, "generate", dtype=dtype, model_dtype=model_dtype,
+                       eval_end=not (grid_spec.euler_into_zero and sig[-1] == 0.0),
+                       bound=divergence_limit(divergence, noise))
     return _kept(saver, Result(sol.xbar.to(noise.dtype), sol.stats, sig, solver_obj.name))
 
 
@@ -383,10 +393,8 @@ def encode(
         return _kept(saver, res)
     sig = grid_spec.solve_sigmas(flow, solver_obj, "encode")
     refuse_encode_to_infinity(sig)  # zero terminal SNR: see flowdiff.engine.terminal
-    form = formulation_for(solver_obj, "encode")
-    sol = solve_grid(flow.field(request.model_kwargs, model_dtype), form, sig.tolist(), solver_obj,
-                     xbar0=images.to(dtype), callback=request.callback, check_finite=check_finite,
-                     bound=divergence_limit(divergence, images))
+    sol = _solve_fixed(request, images, sig, "encode", dtype=dtype, model_dtype=model_dtype, eval_end=True,
+                       bound=divergence_limit(divergence, images))
     x_T = sol.xbar / math.sqrt(1.0 + sig[-1] ** 2)
     if solver_obj.reversible:  # the latent keeps the exact state; the result's x_T is at the images' precision
         latent = Latent(x_T, sig, name, options, sol.state, dtype=images.dtype)
@@ -502,12 +510,8 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
         return decode_reversible(request, latent)
     dtype = compute_dtype(x)
     model_dtype = latent.dtype if latent.dtype != dtype else None
-    xbar0 = x.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)
-    form = formulation_for(solver_obj, "decode")
-    eval_end = not (final_euler and own != "euler" and sig[-1] == 0.0)
-    eps = flow.field(request.model_kwargs, model_dtype)
-    sol = solve_grid(eps, form, sig.tolist(), solver_obj, xbar0=xbar0,
-                     eval_end=eval_end, callback=request.callback, check_finite=check_finite,
-                     bound=divergence_limit(divergence, x))
+    sol = _solve_fixed(request, x, sig, "decode", dtype=dtype, model_dtype=model_dtype,
+                       eval_end=not (final_euler and own != "euler" and sig[-1] == 0.0),
+                       bound=divergence_limit(divergence, x))
     return Result(sol.xbar.to(latent.dtype), sol.stats, sig, solver_obj.name)
 
