@@ -230,6 +230,14 @@ def test_saved_sigmas_keep_only_those_states():
     assert [r.step for r in res.saved] == [1, 4]
     with pytest.raises(ValueError, match=r"σ = \[1.2345\], which this solve does not step to"):
         flowdiff.generate(flow, noise, sigmas=grid, save=flowdiff.Save(sigmas=[1.2345]))
+    calls = []  # a fixed grid is checked before the solve: no evaluation is spent on a σ it cannot save
+    counting = flowdiff.ProbabilityFlow(lambda x, t: calls.append(t) or 0.1 * x, Schedule.linear())
+    with pytest.raises(ValueError, match="does not step to"):
+        flowdiff.generate(counting, noise, steps=4, save=flowdiff.Save(sigmas=[1.2345]))
+    assert calls == []
+    # the start is not a step: an encode's σ = 0 cannot be saved (its images are the input)
+    with pytest.raises(ValueError, match=r"σ = \[0.0\]"):
+        flowdiff.encode(flow, noise.clamp(-1, 1), steps=4, save=flowdiff.Save(sigmas=[0.0]))
 
 
 def test_saved_states_of_encodes_decodes_and_other_procedures():
@@ -294,3 +302,19 @@ def test_every_solve_asks_the_one_chooser(monkeypatch):
     assert calls == [("dopri5", "generate", True, "logsigma"), ("unipc", "generate", True, "data"),
                      ("bosh3", "encode", True, "logsigma"), ("ddim_eta", "generate", False, "sigma"),
                      ("reversible_heun", "encode", False, "vp"), ("reversible_heun", "decode", False, "vp")]
+
+
+def test_the_divergence_guard_applies_to_every_kind_of_solve():
+    # divergence= was silently ignored by the η process and the reversible decode
+    flow, noise, gauss = _gauss()
+    images = gauss.sample(2, generator=torch.Generator().manual_seed(0))
+    enc = flowdiff.encode(flow, images, solver="reversible_heun", steps=4)
+    solves = {"fixed grid": lambda **kw: flowdiff.generate(flow, noise, steps=4, **kw),
+              "adaptive": lambda **kw: flowdiff.generate(flow, noise, solver="bosh3", rtol=1e-3, **kw),
+              "eta": lambda **kw: flowdiff.generate(flow, noise, steps=4, eta=0.5, generator=0, **kw),
+              "reversible decode": lambda **kw: flowdiff.decode(flow, enc.latent, **kw)}
+    for name, solve in solves.items():
+        assert solve(divergence=None).x.isfinite().all(), name
+        with pytest.raises(solvers.SolveError, match="diverged") as err:
+            solve(divergence=1e-3)
+        assert err.value.value > 1e-3, name

@@ -87,13 +87,12 @@ def _controller(spec: Adaptive, solver: solvers.Solver, generating: bool) -> Ste
     return MULTISTEP_CONTROLLER if generating else MULTISTEP_ENCODE_CONTROLLER
 
 
-def solve_adaptive_flow(request: Request, x: Tensor, *, direction: str, model_dtype: torch.dtype | None,
-                        bound: float | None = None) -> Result:
+def solve_adaptive_flow(request: Request, x: Tensor, *, direction: str, model_dtype: torch.dtype | None) -> Result:
     """An adaptive generate (σ_start → 0) or encode (0 → σ_max) of DDIM-scale noise or images.
 
     Called by :func:`flowdiff.generate` / :func:`flowdiff.encode` when ``rtol``/``atol`` are
     given; ``request.adaptive`` (a :class:`flowdiff.Adaptive`) holds the tolerances and knobs.
-    ``bound`` is the divergence guard on the VP-scaled end state (see :func:`flowdiff.generate`).
+    ``request.bound`` is the divergence guard on the VP-scaled end state (see :func:`flowdiff.generate`).
     """
     spec, solver, flow = request.adaptive, request.solver, request.flow
     if spec is None:
@@ -134,7 +133,7 @@ def solve_adaptive_flow(request: Request, x: Tensor, *, direction: str, model_dt
                                 image_norm(spec.rtol, spec.atol, form.x_factor), controller, spec.first_step)
     else:
         raise ValueError(f"no adaptive solve in the {form.name!r} variables that {solver.name!r} runs in")
-    sol = solve_flow(eps, form, stepping, solver, sigma0=s_max if generating else 0.0, xbar0=xbar0, bound=bound,
+    sol = solve_flow(eps, form, stepping, solver, sigma0=s_max if generating else 0.0, xbar0=xbar0, bound=request.bound,
                      max_nfe=spec.max_nfe, callback=request.callback, check_finite=request.check_finite)
     grid = sol.sigmas.copy()
     grid[0], grid[-1] = (s_max, 0.0) if generating else (0.0, s_max)

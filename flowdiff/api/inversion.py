@@ -66,6 +66,6 @@ def decode_reversible(request: Request, latent: Latent) -> Result:
     stepping = FixedGrid(form.times(enc.tolist()), inverse=True)
     sol = solve_flow(request.flow.field(request.model_kwargs, model_dtype), form, stepping, solver,
                      sigma0=float(enc[-1]), y0=x.to(**cast), state=state, callback=request.callback,
-                     check_finite=request.check_finite)
+                     check_finite=request.check_finite, bound=request.bound)
     return Result(sol.xbar.to(latent.dtype), sol.stats, enc[::-1].copy(), solver.name)
 

@@ -116,12 +116,14 @@ def _kept(saver: Saver | None, result: Result) -> Result:
 
 
 def _solve_fixed(request: Request, start: Tensor, sig: np.ndarray, direction: str, *, dtype: torch.dtype,
-                 model_dtype: torch.dtype | None, eval_end: bool, bound: float | None) -> FlowSolution:
+                 model_dtype: torch.dtype | None, eval_end: bool) -> FlowSolution:
     """The one fixed-grid solve of generate, encode and decode, in the variables the engine picks.
 
     ``start`` is the VP-scaled state at ``sig[0]`` (noise, images at σ = 0, a latent's x_T), taken to
     x̄ here; a grid from σ = ∞ starts from the noise itself with its boundary step (engine.terminal)."""
     flow, solver = request.flow, request.solver
+    if isinstance(request.callback, Saver):  # a σ to save that the grid does not step to: refused before the solve
+        request.callback.check(sig)
     eps = flow.field(request.model_kwargs, model_dtype)
     if starts_at_infinity(sig):
         eps = field_from_infinity(flow, eps, sig, request.model_kwargs, model_dtype)
@@ -129,18 +131,18 @@ def _solve_fixed(request: Request, start: Tensor, sig: np.ndarray, direction: st
     else:
         begin = {"xbar0": start.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)}
     return solve_grid(eps, formulation_for(solver, direction), sig.tolist(), solver, **begin, eval_end=eval_end,
-                      callback=request.callback, check_finite=request.check_finite, bound=bound)
+                      callback=request.callback, check_finite=request.check_finite, bound=request.bound)
 
 
 def _request(flow: ProbabilityFlow, solver: Solver, name: str, options: dict[str, Any], grid: Grid,
              adaptive: Adaptive | None, model_kwargs: Mapping[str, Any] | None, callback: object,
-             check_finite: bool) -> Request:
+             check_finite: bool, *, bound: float | None = None) -> Request:
     if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
         raise TypeError(f"model_kwargs must be a mapping, got {type(model_kwargs).__name__}")
     if not isinstance(check_finite, bool):
         raise TypeError(f"check_finite must be True or False, got {check_finite!r}")
     return Request(flow, solver, name, options, grid, adaptive, dict(model_kwargs or {}), check_callback(callback),
-                   check_finite)
+                   check_finite, bound)
 
 
 def _adaptive_or_none(adaptive: Adaptive | None, rtol: float | None, atol: float | None, max_nfe: int | None,
@@ -239,7 +241,7 @@ def generate(
     selects the DDIM paper's stochastic generative process instead of the ODE (see
     :mod:`flowdiff.api.stochastic`), with randomness from ``generator`` or given per step in ``step_noise``.
 
-    ``divergence`` (default 1000) is the divergence guard of fixed-grid and adaptive solves: when the
+    ``divergence`` (default 1000) is the divergence guard of fixed-grid, adaptive and η solves: when the
     VP-scaled end state max|x̄|/√(1+σ²) exceeds ``divergence × max(1, max|noise|)`` the solve
     is run again to find the first step past that bound and a :class:`solvers.SolveError`
     names it (step, σ, the value: ``err.value``) instead of returning garbage. It costs one
@@ -276,20 +278,18 @@ def generate(
             raise ValueError("eta= (stochastic generation) takes its own DDIM step: no solver_options= or max_nfe=")
         name = solver if isinstance(solver, str) else getattr(solver, "name", type(solver).__name__)
         request = _request(flow, solvers.get("euler"), name, {}, grid_spec, None, model_kwargs, callback,
-                           check_finite)
+                           check_finite, bound=divergence_limit(divergence, noise))
         return _kept(saver, procedure("eta", "generate").run(request, noise, spec))
     solver_obj, name, options = _resolve_solver(solver, solver_options, "generate")
     request = _request(flow, solver_obj, name, options, grid_spec, adaptive_spec, model_kwargs, callback,
-                       check_finite)
+                       check_finite, bound=divergence_limit(divergence, noise))
     dtype = compute_dtype(noise)
     model_dtype = noise.dtype if noise.dtype != dtype else None
     if adaptive_spec is not None:
-        return _kept(saver, solve_adaptive_flow(request, noise, direction="generate", model_dtype=model_dtype,
-                                                bound=divergence_limit(divergence, noise)))
+        return _kept(saver, solve_adaptive_flow(request, noise, direction="generate", model_dtype=model_dtype))
     sig = grid_spec.solve_sigmas(flow, solver_obj, "generate")
     sol = _solve_fixed(request, noise, sig, "generate", dtype=dtype, model_dtype=model_dtype,
-                       eval_end=not (grid_spec.euler_into_zero and sig[-1] == 0.0),
-                       bound=divergence_limit(divergence, noise))
+                       eval_end=not (grid_spec.euler_into_zero and sig[-1] == 0.0))
     return _kept(saver, Result(sol.xbar.to(noise.dtype), sol.stats, sig, solver_obj.name))
 
 
@@ -385,16 +385,14 @@ def encode(
     dtype = exact_dtype(images) if solver_obj.reversible else compute_dtype(images)
     model_dtype = images.dtype if images.dtype != dtype else None
     request = _request(flow, solver_obj, name, options, grid_spec, adaptive_spec, model_kwargs, callback,
-                       check_finite)
+                       check_finite, bound=divergence_limit(divergence, images))
     if adaptive_spec is not None:
-        res = solve_adaptive_flow(request, images, direction="encode", model_dtype=model_dtype,
-                                  bound=divergence_limit(divergence, images))
+        res = solve_adaptive_flow(request, images, direction="encode", model_dtype=model_dtype)
         res.latent.set_origin(flow, model_kwargs)
         return _kept(saver, res)
     sig = grid_spec.solve_sigmas(flow, solver_obj, "encode")
     refuse_encode_to_infinity(sig)  # zero terminal SNR: see flowdiff.engine.terminal
-    sol = _solve_fixed(request, images, sig, "encode", dtype=dtype, model_dtype=model_dtype, eval_end=True,
-                       bound=divergence_limit(divergence, images))
+    sol = _solve_fixed(request, images, sig, "encode", dtype=dtype, model_dtype=model_dtype, eval_end=True)
     x_T = sol.xbar / math.sqrt(1.0 + sig[-1] ** 2)
     if solver_obj.reversible:  # the latent keeps the exact state; the result's x_T is at the images' precision
         latent = Latent(x_T, sig, name, options, sol.state, dtype=images.dtype)
@@ -505,13 +503,13 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
         final_euler = latent.final_euler
     final_euler = final_euler is not False
     solver_obj = solvers.get(own, **options)
-    request = _request(flow, solver_obj, own, options, Grid(sigmas=sig), None, model_kwargs, callback, check_finite)
+    request = _request(flow, solver_obj, own, options, Grid(sigmas=sig), None, model_kwargs, callback, check_finite,
+                       bound=divergence_limit(divergence, x))
     if latent.solver_state is not None:
         return decode_reversible(request, latent)
     dtype = compute_dtype(x)
     model_dtype = latent.dtype if latent.dtype != dtype else None
     sol = _solve_fixed(request, x, sig, "decode", dtype=dtype, model_dtype=model_dtype,
-                       eval_end=not (final_euler and own != "euler" and sig[-1] == 0.0),
-                       bound=divergence_limit(divergence, x))
+                       eval_end=not (final_euler and own != "euler" and sig[-1] == 0.0))
     return Result(sol.xbar.to(latent.dtype), sol.stats, sig, solver_obj.name)
 

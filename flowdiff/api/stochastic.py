@@ -229,7 +229,7 @@ def generate_stochastic(request: Request, noise: Tensor, spec: Stochastic) -> Re
     step = GeneralizedDDIM(eta, source)
     eps = request.flow.field(request.model_kwargs, model_dtype)
     sol = solve_grid(eps, formulation_for(step, "generate"), sig.tolist(), step, xbar0=xbar0,
-                     state=0, callback=request.callback, check_finite=request.check_finite)
+                     state=0, callback=request.callback, check_finite=request.check_finite, bound=request.bound)
     sol.stats.extra.update(eta=eta, noise_draws=source.draws)
     label = "ddim(sigma_hat)" if eta == SIGMA_HAT else f"ddim(eta={eta:g})"
     return Result(sol.xbar.to(noise.dtype), sol.stats, sig, label)

@@ -298,7 +298,9 @@ class Save:
 @dataclass(frozen=True, eq=False)
 class Request:
     """One solve as the layers below the entry points see it: the flow, the solver (built),
-    the grid or adaptive control, the conditioning and the callback."""
+    the grid or adaptive control, the conditioning, the callback and the divergence guard's
+    absolute bound on the VP-scaled end state (``bound``, None: off; see
+    :func:`flowdiff.engine.loop.divergence_limit`)."""
 
     flow: ProbabilityFlow
     solver: Solver
@@ -309,6 +311,7 @@ class Request:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     callback: Callable[..., None] | None = None
     check_finite: bool = True
+    bound: float | None = None
 
 
 def check_callback(callback: object) -> Callable[..., None] | None:

@@ -65,11 +65,16 @@ class Saver:
         if self.save.steps or state.sigma in self.wanted:
             self.records.append(state if self.save.denoised else state._replace(denoised=None))
 
-    def attach(self, result: Result) -> Result:
-        missing = sorted(self.wanted - {r.sigma for r in self.records})
+    def check(self, sigmas: np.ndarray, reached: set[float] | None = None) -> None:
+        """Refuse requested σ that the grid ``sigmas`` (in the solve's order) does not step to (before a
+        fixed-grid solve; after any solve with the σ ``reached``)."""
+        missing = sorted(self.wanted - (set(np.asarray(sigmas[1:]).tolist()) if reached is None else reached))
         if missing:
-            reached = np.array2string(np.asarray(result.sigmas[1:]), precision=6)
+            steps_to = np.array2string(np.asarray(sigmas[1:]), precision=6)
             raise ValueError(f"Save(sigmas=...) asks for σ = {missing}, which this solve does not step to; "
-                             f"the σ it steps to are {reached} (use one of them, or Save(steps=True))")
+                             f"the σ it steps to are {steps_to} (use one of them, or Save(steps=True))")
+
+    def attach(self, result: Result) -> Result:
+        self.check(result.sigmas, {r.sigma for r in self.records})
         result.saved = tuple(self.records)
         return result
