@@ -109,6 +109,7 @@ def solve_adaptive_flow(request: Request, x: Tensor, *, direction: str, model_dt
         if not 0 < value < s_max:
             raise ValueError(f"{name} must lie in (0, σ_start={s_max:.6g}), got {value!r}")
     generating = direction == "generate"
+    ends = (s_max, 0.0) if generating else (0.0, s_max)  # the interval in the solve's own order
     eps = flow.field(request.model_kwargs, model_dtype)
     xbar0 = x.to(compute_dtype(x)) * (math.sqrt(1.0 + s_max**2) if generating else 1.0)
     controller = _controller(spec, solver, generating)
@@ -128,15 +129,15 @@ def solve_adaptive_flow(request: Request, x: Tensor, *, direction: str, model_dt
                                                                                      form.x_factor),
                                            controller, spec.first_step, log_steps=True)])
     elif isinstance(form, LogSigma):  # Runge–Kutta pairs (and σ-variable multistep methods): σ = 0 exactly
-        ends = form.times([s_max, 0.0] if generating else [0.0, s_max])
-        stepping = ErrorControl(ends[0], ends[1], spec.rtol, spec.atol,
+        t0, t1 = form.times(ends)
+        stepping = ErrorControl(t0, t1, spec.rtol, spec.atol,
                                 image_norm(spec.rtol, spec.atol, form.x_factor), controller, spec.first_step)
     else:
         raise ValueError(f"no adaptive solve in the {form.name!r} variables that {solver.name!r} runs in")
-    sol = solve_flow(eps, form, stepping, solver, sigma0=s_max if generating else 0.0, xbar0=xbar0, bound=request.bound,
+    sol = solve_flow(eps, form, stepping, solver, sigma0=ends[0], xbar0=xbar0, bound=request.bound,
                      max_nfe=spec.max_nfe, callback=request.callback, check_finite=request.check_finite)
     grid = sol.sigmas.copy()
-    grid[0], grid[-1] = (s_max, 0.0) if generating else (0.0, s_max)
+    grid[0], grid[-1] = ends
     if generating:
         return Result(sol.xbar.to(x.dtype), sol.stats, grid, solver.name)
     x_T = (sol.xbar / math.sqrt(1.0 + s_max**2)).to(x.dtype)
