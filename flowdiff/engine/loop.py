@@ -134,8 +134,6 @@ class _NoState:
     """The carried state before a boundary step that needs none: given so that the loop does not ask the
     solver's ``init`` (a reversible solver would evaluate the field there); the boundary step drops it."""
 
-    t = math.inf
-
     def __repr__(self) -> str:
         return "NO_STATE"
 
