@@ -199,23 +199,33 @@ def test_a_one_step_grid_from_infinity_is_one_loop_step():
 
 # -- saved states are the callback's records ----------------------------------------------------------------------
 
-def _same_records(saved, recorded):
+def _same_records(saved, recorded, flow=None):
+    """Saved records are the callback's; a ``denoised`` the callback lacks is the model's x̄ − σ·ε at that state."""
     assert [(r.step, r.sigma) for r in saved] == [(r.step, r.sigma) for r in recorded]
     for a, b in zip(saved, recorded):
         assert torch.equal(a.x, b.x) and torch.equal(a.xbar, b.xbar)
-        assert (a.denoised is None) == (b.denoised is None)
-        assert a.denoised is None or torch.equal(a.denoised, b.denoised)
+        if b.denoised is not None:
+            assert torch.equal(a.denoised, b.denoised)
+        elif a.denoised is not None:
+            assert flow is not None
+            torch.testing.assert_close(a.denoised, a.xbar - a.sigma * flow.field()(a.sigma, a.xbar), rtol=1e-13,
+                                       atol=1e-13)
 
 
-@pytest.mark.parametrize("solver", ["euler", "heun", "dpmpp_2m", "dopri5", "reversible_heun"])
-def test_saved_steps_equal_the_callback_records(solver):
-    flow, noise, _ = _gauss()
-    recorded = []
-    res = flowdiff.generate(flow, noise, solver=solver, steps=6, callback=recorded.append,
+@pytest.mark.parametrize("solver, every", [("euler", True), ("heun", True), ("dpmpp_2m", True), ("dopri5", True),
+                                           ("reversible_heun", False)])
+def test_saved_steps_equal_the_callback_records(solver, every):
+    _, noise, gauss = _gauss()
+    recorded, calls = [], []
+    counting = flowdiff.ProbabilityFlow.from_sigma_field(lambda x, s: calls.append(s) or gauss.eps(x, s),
+                                                         gauss.schedule)
+    res = flowdiff.generate(counting, noise, solver=solver, steps=6, callback=recorded.append,
                             save=flowdiff.Save(steps=True, denoised=True))
-    assert len(res.saved) == len(recorded) == res.stats.accepted
-    _same_records(res.saved, recorded)
-    plain = flowdiff.generate(flow, noise, solver=solver, steps=6, save=flowdiff.Save(steps=True))
+    assert len(res.saved) == len(recorded) == res.stats.accepted and len(calls) == res.stats.nfe
+    _same_records(res.saved, recorded, counting)
+    if every:  # x̂₀ at every saved state but the end, from the evaluation the next step makes there
+        assert all(r.denoised is not None for r in res.saved[:-1])
+    plain = flowdiff.generate(counting, noise, solver=solver, steps=6, save=flowdiff.Save(steps=True))
     assert torch.equal(plain.x, res.x) and plain.stats.nfe == res.stats.nfe and plain.saved[-1].sigma == 0.0
     assert all(r.denoised is None for r in plain.saved)  # dropped unless asked for
 
@@ -253,6 +263,10 @@ def test_saved_states_of_encodes_decodes_and_other_procedures():
         recorded = []
         dec = flowdiff.decode(flow, enc.latent, callback=recorded.append, save=flowdiff.Save(sigmas=[0.0]))
         _same_records(dec.saved, [r._replace(denoised=None) for r in recorded if r.sigma == 0.0])
+    # an inversion's trajectory with x̂₀ at every state but the last, as editing methods use it
+    traj = flowdiff.encode(flow, images, steps=5, save=flowdiff.Save(steps=True, denoised=True)).saved
+    assert all(r.denoised is not None for r in traj[:-1]) and traj[-1].denoised is None
+    _same_records(traj, [r._replace(denoised=None) for r in traj], flow)
     recorded = []
     sto = flowdiff.generate(flow, noise, steps=5, eta=0.5, generator=3, callback=recorded.append,
                             save=flowdiff.Save(steps=True))

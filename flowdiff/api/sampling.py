@@ -122,9 +122,9 @@ def _solve_fixed(request: Request, start: Tensor, sig: np.ndarray, direction: st
     ``start`` is the VP-scaled state at ``sig[0]`` (noise, images at σ = 0, a latent's x_T), taken to
     x̄ here; a grid from σ = ∞ starts from the noise itself with its boundary step (engine.terminal)."""
     flow, solver = request.flow, request.solver
+    eps = flow.field(request.model_kwargs, model_dtype)
     if isinstance(request.callback, Saver):  # a σ to save that the grid does not step to: refused before the solve
         request.callback.check(sig)
-    eps = flow.field(request.model_kwargs, model_dtype)
     if starts_at_infinity(sig):
         eps = field_from_infinity(flow, eps, sig, request.model_kwargs, model_dtype)
         begin = {"y0": start.to(dtype)}

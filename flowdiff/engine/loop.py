@@ -21,7 +21,7 @@ import solvers
 from solvers import Solver, Stats, Stepping
 
 from .formulations import EpsField, Formulation
-from .results import StepState
+from .results import Saver, StepState
 
 _BOUND_NAME = "max|x| (the VP-scaled state x̄/√(1+σ²))"
 
@@ -45,8 +45,12 @@ class FlowSolution:
 
 
 def _records(form: Formulation, callback: Callable[[StepState], None]) -> Callable[[solvers.StepInfo], None]:
+    saver = callback if isinstance(callback, Saver) else None
+
     def record(info: solvers.StepInfo) -> None:
         t = info.t1
+        if saver is not None:
+            saver.at_state(info.y, t)
         callback(StepState(info.step, form.sigma(t), info.y * form.x_factor(t), form.to_xbar(info.y, t),
                            form.denoised(t, info.y, info.state)))
 
@@ -104,7 +108,10 @@ def solve_flow(
     if (xbar0 is None) == (y0 is None):
         raise ValueError("give xbar0 or y0")
     start = form.to_state(xbar0, sigma0) if y0 is None else y0
-    sol = solvers.integrate(form.field(eps), start, solver, stepping, state=form.state_in(state), max_nfe=max_nfe,
+    field = form.field(eps)
+    if isinstance(callback, Saver):  # x̂₀ of the saved states, read off the steps' own evaluations
+        field = callback.tap(field, form.denoised)
+    sol = solvers.integrate(field, start, solver, stepping, state=form.state_in(state), max_nfe=max_nfe,
                             callback=None if callback is None else _records(form, callback),
                             check_finite=check_finite, time_name="σ", display=form.sigma,
                             bound=None if bound is None else solvers.Bound(bound, form.x_factor, _BOUND_NAME))

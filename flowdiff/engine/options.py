@@ -274,8 +274,11 @@ class Save:
     ``sigmas``: the σ values whose states to keep, each a point the solve steps to (any point
     of its grid but the start; a fixed grid's, in either direction); ``steps=True``: the state
     after every accepted step. Each saved record is the :class:`flowdiff.StepState` a callback
-    receives there (step index, σ, x, x̄). ``denoised=True`` keeps its ``denoised`` image where
-    the solve evaluated it (no evaluation is added; ``None`` elsewhere); by default it is dropped.
+    receives there (step index, σ, x, x̄). ``denoised=True`` keeps the model's denoised image x̂₀
+    there wherever the solve evaluated the model at that state (the callback's record has it, or
+    the next step starts by evaluating there: Euler/DDIM, Runge–Kutta, the η process); no
+    evaluation is added, and ``None`` is kept where none was made (the end state). By default
+    ``denoised`` is dropped.
     """
 
     sigmas: ArrayLike | None = None

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from torch import Tensor
 
-from solvers import Stats
+from solvers import Derivative, Stats
 
 from .latent import Latent
 
@@ -58,12 +58,39 @@ class Saver:
         self.save, self.callback = save, callback
         self.wanted = frozenset(save.sigmas or ())
         self.records: list[StepState] = []
+        self._pending: tuple[Tensor, float] | None = None
+        self._saved: tuple[Tensor, float] | None = None  # the loop's state behind the last saved record
 
     def __call__(self, state: StepState) -> None:
         if self.callback is not None:
             self.callback(state)
         if self.save.steps or state.sigma in self.wanted:
             self.records.append(state if self.save.denoised else state._replace(denoised=None))
+            self._saved = self._pending
+
+    def at_state(self, y: Tensor, t: float) -> None:
+        """The loop's own state (in the formulation's variables) behind the record about to be passed."""
+        self._pending = (y, t)
+
+    def tap(self, field: Callable[[float, Tensor], Tensor], denoised: Callable[[float, Tensor, Any], Any]
+            ) -> Callable[[float, Tensor], Tensor]:
+        """The formulation's ``field(t, y)`` that also fills the last saved record's ``denoised``
+        (with ``Save(denoised=True)``): the step after a saved state usually starts by evaluating the
+        model at that very state (the same tensor, at the same time); x̂₀ is read off that value by
+        ``denoised(t, y, Derivative(t, k))`` (the formulation's own map). No evaluation is added; a
+        record that no evaluation reaches (the solve's end) keeps ``None``."""
+        if not self.save.denoised:
+            return field
+        records = self.records
+
+        def f(t: float, y: Tensor) -> Tensor:
+            k = field(t, y)
+            if records and self._saved is not None and y is self._saved[0] and t == self._saved[1] \
+                    and records[-1].denoised is None:
+                records[-1] = records[-1]._replace(denoised=denoised(t, y, Derivative(t, k)))
+            return k
+
+        return f
 
     def check(self, sigmas: np.ndarray, reached: set[float] | None = None) -> None:
         """Refuse requested σ that the grid ``sigmas`` (in the solve's order) does not step to (before a
