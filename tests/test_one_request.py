@@ -332,3 +332,14 @@ def test_the_divergence_guard_applies_to_every_kind_of_solve():
         with pytest.raises(solvers.SolveError, match="diverged") as err:
             solve(divergence=1e-3)
         assert err.value.value > 1e-3, name
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "rk4", "dpmpp_2m", "reversible_heun"])
+def test_an_nfe_budget_counts_the_step_out_of_infinity_as_one_evaluation(solver):
+    flow = _zero_snr_flow()
+    noise = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    for budget in range(4, 12):
+        res = flowdiff.generate(flow, noise, solver=solver, nfe=budget)
+        assert res.sigmas[0] == math.inf and res.stats.nfe <= budget
+        more = flowdiff.generate(flow, noise, solver=solver, steps=res.stats.steps + 1)
+        assert more.stats.nfe > budget  # the largest step count that fits

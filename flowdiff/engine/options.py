@@ -149,11 +149,16 @@ class Grid:
         if not self.given:
             raise ValueError("give one of steps=, nfe=, sigmas= or timesteps= (or rtol=/atol= for an adaptive solve)")
         final = self.euler_into_zero if final_euler is None else final_euler
-        steps = self.steps
-        if self.nfe is not None:
-            steps = solvers.steps_for_nfe(solver, self.nfe, eval_end=not final)
-        return make_sigmas(flow.schedule, self.name, steps, sigmas=self.sigmas, timesteps=self.timesteps,
-                           **self.options)
+        if self.nfe is None:
+            return make_sigmas(flow.schedule, self.name, self.steps, sigmas=self.sigmas, timesteps=self.timesteps,
+                               **self.options)
+        steps = solvers.steps_for_nfe(solver, self.nfe, eval_end=not final)
+        sig = make_sigmas(flow.schedule, self.name, steps, **self.options)
+        if sig[0] == math.inf:  # the step out of σ = ∞ costs one evaluation; the rest is a fresh solve
+            fits = self.nfe > solvers.nfe_for_steps(solver, 1, eval_end=not final)
+            steps = 1 + (solvers.steps_for_nfe(solver, self.nfe - 1, eval_end=not final) if fits else 0)
+            sig = make_sigmas(flow.schedule, self.name, steps, **self.options)
+        return sig
 
     def solve_sigmas(self, flow: ProbabilityFlow, solver: Solver, direction: str) -> np.ndarray:
         """The σ grid in the order the solve runs it: the one place a grid is reversed.
