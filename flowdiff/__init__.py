@@ -12,7 +12,7 @@ from .engine.fingerprint import flow_fingerprint
 from .engine.flow import PREDICTION_TYPES, ProbabilityFlow
 from .engine.grids import GRIDS, grid_timesteps, make_sigmas
 from .engine.latent import Latent
-from .engine.options import Adaptive, Grid, Inversion, Stochastic
+from .engine.options import Adaptive, Grid, Inversion, Save, Stochastic
 from .engine.results import AdaptiveStep, Result, StepState
 from .engine.scheduler_grids import scheduler_sigmas
 from .engine.schedules import FlowMatchingSchedule, Schedule, VESchedule
@@ -35,6 +35,7 @@ __all__ = [
     "FlowMatchingSchedule",
     "Grid",
     "Inversion",
+    "Save",
     "Stochastic",
     "VESchedule",
     "GRIDS",

@@ -39,7 +39,7 @@ from torch import Tensor
 import solvers
 from solvers import Chain, ErrorControl, FixedGrid, StepController
 
-from ..engine.formulations import Data, EulerToZero, Formulation, IntoZero, LogSigma, OutOfZero, variables_of
+from ..engine.formulations import Data, EulerToZero, IntoZero, LogSigma, OutOfZero, formulation_for
 from ..engine.latent import Latent
 from ..engine.loop import solve_flow
 from ..engine.options import Adaptive, Request, compute_dtype
@@ -87,13 +87,12 @@ def _controller(spec: Adaptive, solver: solvers.Solver, generating: bool) -> Ste
     return MULTISTEP_CONTROLLER if generating else MULTISTEP_ENCODE_CONTROLLER
 
 
-def solve_adaptive_flow(request: Request, x: Tensor, *, direction: str, model_dtype: torch.dtype | None,
-                        bound: float | None = None) -> Result:
+def solve_adaptive_flow(request: Request, x: Tensor, *, direction: str, model_dtype: torch.dtype | None) -> Result:
     """An adaptive generate (σ_start → 0) or encode (0 → σ_max) of DDIM-scale noise or images.
 
     Called by :func:`flowdiff.generate` / :func:`flowdiff.encode` when ``rtol``/``atol`` are
     given; ``request.adaptive`` (a :class:`flowdiff.Adaptive`) holds the tolerances and knobs.
-    ``bound`` is the divergence guard on the VP-scaled end state (see :func:`flowdiff.generate`).
+    ``request.bound`` is the divergence guard on the VP-scaled end state (see :func:`flowdiff.generate`).
     """
     spec, solver, flow = request.adaptive, request.solver, request.flow
     if spec is None:
@@ -110,12 +109,12 @@ def solve_adaptive_flow(request: Request, x: Tensor, *, direction: str, model_dt
         if not 0 < value < s_max:
             raise ValueError(f"{name} must lie in (0, σ_start={s_max:.6g}), got {value!r}")
     generating = direction == "generate"
+    ends = (s_max, 0.0) if generating else (0.0, s_max)  # the interval in the solve's own order
     eps = flow.field(request.model_kwargs, model_dtype)
     xbar0 = x.to(compute_dtype(x)) * (math.sqrt(1.0 + s_max**2) if generating else 1.0)
     controller = _controller(spec, solver, generating)
-    form: Formulation
-    if variables_of(solver) == "data":
-        form = Data()
+    form = formulation_for(solver, direction, adaptive=True, sigma_c=c)  # the one chooser (engine.formulations)
+    if isinstance(form, Data):
         if generating:  # ρ additive to σ_end, then the denoised image extrapolated to σ = 0
             t0, t1 = form.times([s_max, s_end])
             stepping = Chain([ErrorControl(t0, t1, spec.rtol, spec.atol, image_norm(spec.rtol, spec.atol,
@@ -129,15 +128,16 @@ def solve_adaptive_flow(request: Request, x: Tensor, *, direction: str, model_dt
                               ErrorControl(t0, t1, spec.rtol, spec.atol, image_norm(spec.rtol, spec.atol,
                                                                                      form.x_factor),
                                            controller, spec.first_step, log_steps=True)])
-    else:  # Runge–Kutta pairs (and σ-variable multistep methods) in τ = log(σ + c), σ = 0 exactly
-        form = LogSigma(c)
-        ends = form.times([s_max, 0.0] if generating else [0.0, s_max])
-        stepping = ErrorControl(ends[0], ends[1], spec.rtol, spec.atol,
+    elif isinstance(form, LogSigma):  # Runge–Kutta pairs (and σ-variable multistep methods): σ = 0 exactly
+        t0, t1 = form.times(ends)
+        stepping = ErrorControl(t0, t1, spec.rtol, spec.atol,
                                 image_norm(spec.rtol, spec.atol, form.x_factor), controller, spec.first_step)
-    sol = solve_flow(eps, form, stepping, solver, sigma0=s_max if generating else 0.0, xbar0=xbar0, bound=bound,
+    else:
+        raise ValueError(f"no adaptive solve in the {form.name!r} variables that {solver.name!r} runs in")
+    sol = solve_flow(eps, form, stepping, solver, sigma0=ends[0], xbar0=xbar0, bound=request.bound,
                      max_nfe=spec.max_nfe, callback=request.callback, check_finite=request.check_finite)
     grid = sol.sigmas.copy()
-    grid[0], grid[-1] = (s_max, 0.0) if generating else (0.0, s_max)
+    grid[0], grid[-1] = ends
     if generating:
         return Result(sol.xbar.to(x.dtype), sol.stats, grid, solver.name)
     x_T = (sol.xbar / math.sqrt(1.0 + s_max**2)).to(x.dtype)

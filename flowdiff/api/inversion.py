@@ -32,7 +32,7 @@ from torch import Tensor
 
 from solvers import FixedGrid, ReversibleState, Solver
 
-from ..engine.formulations import VP
+from ..engine.formulations import formulation_for
 from ..engine.latent import Latent
 from ..engine.loop import solve_flow
 from ..engine.options import Request, compute_dtype
@@ -64,10 +64,11 @@ def decode_reversible(request: Request, latent: Latent, *, adjoint: str = "autog
     cast = {"dtype": compute_dtype(x), "device": x.device}
     state = ReversibleState(state.t, state.z.to(**cast), None if state.k is None else state.k.to(**cast))
     model_dtype = latent.dtype if latent.dtype != cast["dtype"] else None
-    form = VP()
+    form = formulation_for(solver, "decode")  # the encode's variables (VP for a reversible solver)
     stepping = FixedGrid(form.times(enc.tolist()), inverse=True)
     sol = solve_flow(request.flow.field(request.model_kwargs, model_dtype), form, stepping, solver,
                      sigma0=float(enc[-1]), y0=x.to(**cast), state=state, callback=request.callback,
-                     check_finite=request.check_finite, adjoint=adjoint, params=params)
+                     check_finite=request.check_finite, bound=request.bound,
+                     adjoint=adjoint, params=params)
     return Result(sol.xbar.to(latent.dtype), sol.stats, enc[::-1].copy(), solver.name)
 

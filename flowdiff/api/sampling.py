@@ -31,13 +31,15 @@ from ..engine.adjoint import adjoint_for, refuse_adjoint
 from ..engine.flow import ProbabilityFlow
 from ..engine.formulations import formulation_for
 from ..engine.latent import Latent
-from ..engine.loop import DIVERGENCE_ENCODE, DIVERGENCE_GENERATE, divergence_limit, solve_grid
+from ..engine.loop import DIVERGENCE_ENCODE, DIVERGENCE_GENERATE, FlowSolution, divergence_limit, solve_grid
 from ..engine.options import (
     Adaptive,
     Grid,
     Inversion,
     Request,
+    Save,
     Stochastic,
+    _shown,
     build_grid,
     check_callback,
     check_flow,
@@ -46,9 +48,9 @@ from ..engine.options import (
     exact_dtype,
 )
 from ..engine.plugins import decodes_with, procedure, solver_plugin
-from ..engine.results import Result, StepState
+from ..engine.results import Result, Saver, StepState
 from ..engine.schedules import ArrayLike
-from ..engine.terminal import generate_from_infinity, refuse_encode_to_infinity, starts_at_infinity
+from ..engine.terminal import field_from_infinity, refuse_encode_to_infinity, starts_at_infinity
 from . import ddim_inverse as _ddim_inverse  # noqa: F401  (registers the 'ddim_inverse' plug-in)
 from .adaptive import solve_adaptive_flow
 from .fixed_point import encode_fixed_point as _fixed_point  # noqa: F401  (registers 'fixed_point')
@@ -79,38 +81,116 @@ def _resolve_solver(solver: str | Solver, solver_options: Mapping[str, Any] | No
     return obj, obj.name, options
 
 
+def _check_final_euler(final_euler: object) -> None:
+    if final_euler is not None and not isinstance(final_euler, bool):
+        raise TypeError(f"final_euler must be True, False or None (the default: True unless the Grid or the latent "
+                        f"says otherwise), got {final_euler!r} ({type(final_euler).__name__})")
+
+
+def _inversion_final_euler(spec: Inversion, grid: Grid) -> Inversion:
+    """The inversion's ``final_euler`` said once: in its options or in the Grid (equal values agree)."""
+    if grid.final_euler is None:
+        return spec
+    own = spec.options.get("final_euler")
+    if own is None:
+        return Inversion(spec.method, {**spec.options, "final_euler": grid.final_euler})
+    if own != grid.final_euler:
+        raise ValueError(f"inversion_options={{'final_euler': {own!r}}} and grid=Grid(..., final_euler="
+                         f"{grid.final_euler}) say two different things; give final_euler once")
+    return spec
+
+
+def _saver(save: object, callback: object, adaptive: bool) -> Saver | None:
+    """The callback keeping what ``save`` asks for (None without ``save``)."""
+    if save is None:
+        return None
+    if not isinstance(save, Save):
+        raise TypeError(f"save must be a flowdiff.Save, got {type(save).__name__}")
+    if save.sigmas and adaptive:
+        raise ValueError(f"Save(sigmas={list(save.sigmas)}) with an adaptive solve, which places its own steps "
+                         "and reaches given σ only by chance; use Save(steps=True) (every accepted step)")
+    return Saver(save, check_callback(callback))
+
+
+def _kept(saver: Saver | None, result: Result) -> Result:
+    return result if saver is None else saver.attach(result)
+
+
+def _solve_fixed(request: Request, start: Tensor, sig: np.ndarray, direction: str, *, dtype: torch.dtype,
+                 model_dtype: torch.dtype | None, eval_end: bool, adjoint: str = "autograd") -> FlowSolution:
+    """The one fixed-grid solve of generate, encode and decode, in the variables the engine picks.
+
+    ``start`` is the VP-scaled state at ``sig[0]`` (noise, images at σ = 0, a latent's x_T), taken to
+    x̄ here; a grid from σ = ∞ starts from the noise itself with its boundary step (engine.terminal)."""
+    flow, solver = request.flow, request.solver
+    eps = flow.field(request.model_kwargs, model_dtype)
+    if isinstance(request.callback, Saver):  # a σ to save that the grid does not step to: refused before the solve
+        request.callback.check(sig)
+    if starts_at_infinity(sig):
+        eps = field_from_infinity(flow, eps, sig, request.model_kwargs, model_dtype)
+        begin = {"y0": start.to(dtype)}
+    else:
+        begin = {"xbar0": start.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)}
+    grads = adjoint_for(adjoint, solver, flow.model, request.model_kwargs)
+    return solve_grid(eps, formulation_for(solver, direction), sig.tolist(), solver, **begin, eval_end=eval_end,
+                      callback=request.callback, check_finite=request.check_finite, bound=request.bound, **grads)
+
+
 def _request(flow: ProbabilityFlow, solver: Solver, name: str, options: dict[str, Any], grid: Grid,
              adaptive: Adaptive | None, model_kwargs: Mapping[str, Any] | None, callback: object,
-             check_finite: bool) -> Request:
+             check_finite: bool, *, bound: float | None = None) -> Request:
     if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
         raise TypeError(f"model_kwargs must be a mapping, got {type(model_kwargs).__name__}")
     if not isinstance(check_finite, bool):
         raise TypeError(f"check_finite must be True or False, got {check_finite!r}")
     return Request(flow, solver, name, options, grid, adaptive, dict(model_kwargs or {}), check_callback(callback),
-                   check_finite)
+                   check_finite, bound)
 
 
 def _adaptive_or_none(adaptive: Adaptive | None, rtol: float | None, atol: float | None, max_nfe: int | None,
-                      adaptive_options: Mapping[str, Any] | None, grid: Grid, sigmas: ArrayLike | None
-                      ) -> Adaptive | None:
-    """The adaptive spec from ``adaptive=`` or the flat keywords; None for a fixed-grid solve."""
-    flat = rtol is not None or atol is not None
+                      adaptive_options: Mapping[str, Any] | None, *, grid: str | Grid, steps: int | None,
+                      nfe: int | None, sigmas: ArrayLike | None, timesteps: ArrayLike | None,
+                      grid_options: Mapping[str, Any] | None, final_euler: bool | None) -> Adaptive | None:
+    """The adaptive spec from ``adaptive=`` or the flat keywords; None for a fixed-grid solve.
+
+    An adaptive request can be spelt one way each: tolerances as ``rtol=``/``atol=`` (with
+    ``max_nfe=``, ``adaptive_options=``, ``sigmas=[σ_start, 0]``) or inside ``adaptive=``; a
+    fixed-grid keyword beside either (``steps``, ``nfe``, ``timesteps``, ``grid``, ``grid_options``,
+    ``final_euler``) would be ignored, so it is refused, naming both spellings."""
+    flat = {"rtol": rtol, "atol": atol, "max_nfe": max_nfe, "adaptive_options": adaptive_options}
     if adaptive is not None:
         if not isinstance(adaptive, Adaptive):
             raise TypeError(f"adaptive must be a flowdiff.Adaptive, got {type(adaptive).__name__}")
-        if flat or max_nfe is not None or adaptive_options is not None:
-            raise ValueError("adaptive= is a flowdiff.Adaptive: give rtol/atol/max_nfe/options inside it")
-    elif flat:
+        given = [f"{k}={_shown(v)}" for k, v in flat.items() if v is not None]
+        if given:
+            raise ValueError(f"adaptive= is a flowdiff.Adaptive and {', '.join(given)} was given beside it: give "
+                             "rtol/atol/max_nfe/options inside it, not beside it")
+        if sigmas is not None:
+            raise ValueError(f"sigmas={_shown(sigmas)} beside adaptive=flowdiff.Adaptive(...): an adaptive solve's "
+                             "start is Adaptive(sigma_start=...); give it there (sigmas=[σ_start, 0] is the "
+                             "rtol=/atol= spelling)")
+        what = "adaptive="
+    elif rtol is not None or atol is not None:
         adaptive = Adaptive.from_keywords(rtol, atol, max_nfe, adaptive_options, sigmas)
+        what = "rtol=/atol="
     else:
         if max_nfe is not None:
             raise ValueError("max_nfe= applies to adaptive solves (rtol=/atol=); for a fixed budget use nfe=")
         if adaptive_options is not None:
             raise ValueError("adaptive_options= apply to adaptive solves (rtol=/atol=)")
         return None
-    if grid.steps is not None or grid.nfe is not None:
-        raise ValueError("an adaptive solve (rtol=/atol=) chooses its own steps; drop steps=/nfe= "
+    if steps is not None or nfe is not None:
+        given = "steps=" + _shown(steps) if steps is not None else "nfe=" + _shown(nfe)
+        raise ValueError(f"{given} beside {what}: an adaptive solve chooses its own steps; drop steps=/nfe= "
                          "(use max_nfe= to cap the evaluations)")
+    fixed = {"timesteps": timesteps, "grid_options": grid_options, "final_euler": final_euler,
+             "grid": grid if isinstance(grid, Grid) or grid != "trailing" else None}
+    given = [f"{k}={_shown(v) if k != 'grid' or not isinstance(v, Grid) else 'Grid(...)'}"
+             for k, v in fixed.items() if v is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} and {what} ask for two kinds of solve: {given[0].split('=')[0]}= "
+                         "belongs to a fixed grid, and an adaptive solve places its own steps from its start "
+                         "(sigmas=[σ_start, 0] or Adaptive(sigma_start=)) to 0. Drop one of them")
     return adaptive
 
 
@@ -131,7 +211,7 @@ def generate(
     model_kwargs: Mapping[str, Any] | None = None,
     solver_options: Mapping[str, Any] | None = None,
     grid_options: Mapping[str, Any] | None = None,
-    final_euler: bool = True,
+    final_euler: bool | None = None,
     callback: Callable[[StepState], None] | None = None,
     check_finite: bool = True,
     eta: float | str | None = None,
@@ -140,6 +220,7 @@ def generate(
     adaptive: Adaptive | None = None,
     stochastic: Stochastic | None = None,
     divergence: float | None = DIVERGENCE_GENERATE,
+    save: Save | None = None,
     adjoint: str = "autograd",
 ) -> Result:
     """Generate images from DDIM-scale noise x_T ~ N(0, I) by solving from the grid's first σ to 0.
@@ -163,11 +244,14 @@ def generate(
     selects the DDIM paper's stochastic generative process instead of the ODE (see
     :mod:`flowdiff.api.stochastic`), with randomness from ``generator`` or given per step in ``step_noise``.
 
-    ``divergence`` (default 1000) is the divergence guard of fixed-grid and adaptive solves: when the
+    ``divergence`` (default 1000) is the divergence guard of fixed-grid, adaptive and η solves: when the
     VP-scaled end state max|x̄|/√(1+σ²) exceeds ``divergence × max(1, max|noise|)`` the solve
     is run again to find the first step past that bound and a :class:`solvers.SolveError`
     names it (step, σ, the value: ``err.value``) instead of returning garbage. It costs one
     host sync at the end, none in the loop. ``None`` turns it off.
+
+    ``save=flowdiff.Save(sigmas=[...], steps=True, denoised=True)`` returns the states at chosen σ
+    (or after every step) in ``result.saved``: the records a callback would receive there.
 
     ``adjoint`` is how the solve is differentiated (:mod:`flowdiff.engine.adjoint`): ``"autograd"``
     (default), ``"checkpoint"`` (step-boundary states kept, each step recomputed backwards) or
@@ -175,53 +259,47 @@ def generate(
     """
     flow = check_flow(flow)
     noise = check_state(noise, "noise")
-    _checks.check_flags(final_euler=final_euler, check_finite=check_finite)
+    _checks.check_flags(check_finite=check_finite)
+    _check_final_euler(final_euler)
     _checks.check_model_kwargs(model_kwargs)
-    adaptive_given = rtol is not None or atol is not None or adaptive is not None
-    grid_spec = build_grid(grid, steps=steps, nfe=nfe, sigmas=None if adaptive_given else sigmas,
-                           timesteps=timesteps, grid_options=grid_options, final_euler=final_euler)
-    flat_noise = eta is not None or generator is not None or step_noise is not None
-    if stochastic is not None or flat_noise:
-        if stochastic is not None and flat_noise:
-            raise ValueError("stochastic= is a flowdiff.Stochastic: give eta/generator/step_noise inside it")
+    adaptive_spec = _adaptive_or_none(adaptive, rtol, atol, max_nfe, adaptive_options, grid=grid, steps=steps,
+                                      nfe=nfe, sigmas=sigmas, timesteps=timesteps, grid_options=grid_options,
+                                      final_euler=final_euler)
+    saver = _saver(save, callback, adaptive_spec is not None)
+    callback = saver or callback
+    grid_spec = Grid() if adaptive_spec is not None else build_grid(
+        grid, steps=steps, nfe=nfe, sigmas=sigmas, timesteps=timesteps, grid_options=grid_options,
+        final_euler=final_euler)
+    flat_noise = {"eta": eta, "generator": generator, "step_noise": step_noise}
+    if stochastic is not None or any(v is not None for v in flat_noise.values()):
+        given = [f"{k}={_shown(v) if k != 'step_noise' else '...'}" for k, v in flat_noise.items() if v is not None]
+        if stochastic is not None and given:
+            raise ValueError(f"stochastic= is a flowdiff.Stochastic and {', '.join(given)} was given beside it: "
+                             "give eta/generator/step_noise inside it, not beside it")
         spec = stochastic if stochastic is not None else Stochastic(0.0 if eta is None else eta, generator, step_noise)
         if not isinstance(spec, Stochastic):
             raise TypeError(f"stochastic must be a flowdiff.Stochastic, got {type(spec).__name__}")
-        if adaptive_given:
-            raise ValueError("eta= (stochastic generation) takes a fixed grid, not rtol=/atol=")
-        if solver_options or max_nfe is not None:
-            raise ValueError("eta= (stochastic generation) takes its own DDIM step: no solver_options= or max_nfe=")
         refuse_adjoint(adjoint, "stochastic generation (eta=/stochastic=)")
+        if adaptive_spec is not None:
+            raise ValueError("eta= (stochastic generation) takes a fixed grid, not rtol=/atol=/adaptive=")
+        if solver_options:
+            raise ValueError("eta= (stochastic generation) takes its own DDIM step: no solver_options= or max_nfe=")
         name = solver if isinstance(solver, str) else getattr(solver, "name", type(solver).__name__)
         request = _request(flow, solvers.get("euler"), name, {}, grid_spec, None, model_kwargs, callback,
-                           check_finite)
-        return procedure("eta", "generate").run(request, noise, spec)
+                           check_finite, bound=divergence_limit(divergence, noise))
+        return _kept(saver, procedure("eta", "generate").run(request, noise, spec))
     solver_obj, name, options = _resolve_solver(solver, solver_options, "generate")
-    adaptive_spec = _adaptive_or_none(adaptive, rtol, atol, max_nfe, adaptive_options, grid_spec, sigmas)
     request = _request(flow, solver_obj, name, options, grid_spec, adaptive_spec, model_kwargs, callback,
-                       check_finite)
+                       check_finite, bound=divergence_limit(divergence, noise))
     dtype = compute_dtype(noise)
     model_dtype = noise.dtype if noise.dtype != dtype else None
     if adaptive_spec is not None:
         refuse_adjoint(adjoint, "an adaptive solve (rtol=/atol=)")
-        return solve_adaptive_flow(request, noise, direction="generate", model_dtype=model_dtype,
-                                   bound=divergence_limit(divergence, noise))
-    sig = grid_spec.generation_sigmas(flow, solver_obj)
-    form = formulation_for(solver_obj, "generate")
-    eps = flow.field(request.model_kwargs, model_dtype)
-    bound = divergence_limit(divergence, noise)
-    grads = adjoint_for(adjoint, solver_obj, flow.model, request.model_kwargs)
-
-    def run(noise: Tensor, sig: np.ndarray) -> Result:
-        xbar0 = noise.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)
-        sol = solve_grid(eps, form, sig.tolist(), solver_obj, xbar0=xbar0,
-                         eval_end=not (grid_spec.final_euler and sig[-1] == 0.0), callback=request.callback,
-                         check_finite=check_finite, bound=bound, **grads)
-        return Result(sol.xbar.to(noise.dtype), sol.stats, sig, solver_obj.name)
-
-    if starts_at_infinity(sig):  # from pure noise (zero terminal SNR): a boundary step first (flowdiff.engine.terminal)
-        return generate_from_infinity(flow, noise, sig, run, request.model_kwargs, model_dtype, check_finite)
-    return run(noise, sig)
+        return _kept(saver, solve_adaptive_flow(request, noise, direction="generate", model_dtype=model_dtype))
+    sig = grid_spec.solve_sigmas(flow, solver_obj, "generate")
+    sol = _solve_fixed(request, noise, sig, "generate", dtype=dtype, model_dtype=model_dtype,
+                       eval_end=not (grid_spec.euler_into_zero and sig[-1] == 0.0), adjoint=adjoint)
+    return _kept(saver, Result(sol.xbar.to(noise.dtype), sol.stats, sig, solver_obj.name))
 
 
 def encode(
@@ -248,6 +326,7 @@ def encode(
     eta: float | str | None = None,
     adaptive: Adaptive | None = None,
     divergence: float | None = DIVERGENCE_ENCODE,
+    save: Save | None = None,
     adjoint: str = "autograd",
 ) -> Result:
     """Encode images (model data scale, σ = 0) to DDIM-scale latents x_T along the reversed grid.
@@ -279,9 +358,13 @@ def encode(
         raise ValueError(f"encode takes no eta={eta!r}: the stochastic generative process (eta > 0 or "
                          "'sigma_hat') injects fresh noise at every step and has no inverse; encoding is "
                          "deterministic (eta=0, the ODE)")
-    adaptive_given = rtol is not None or atol is not None or adaptive is not None
-    grid_spec = build_grid(grid, steps=steps, nfe=nfe, sigmas=None if adaptive_given else sigmas,
-                           timesteps=timesteps, grid_options=grid_options, final_euler=True)
+    adaptive_spec = _adaptive_or_none(adaptive, rtol, atol, max_nfe, adaptive_options, grid=grid, steps=steps,
+                                      nfe=nfe, sigmas=sigmas, timesteps=timesteps, grid_options=grid_options,
+                                      final_euler=None)
+    saver = _saver(save, callback, adaptive_spec is not None)
+    callback = saver or callback
+    grid_spec = Grid() if adaptive_spec is not None else build_grid(
+        grid, steps=steps, nfe=nfe, sigmas=sigmas, timesteps=timesteps, grid_options=grid_options, final_euler=None)
     if inversion is not None:
         spec = inversion if isinstance(inversion, Inversion) else None
         if spec is None:
@@ -289,48 +372,50 @@ def encode(
                 raise TypeError(f"inversion must be a name or a flowdiff.Inversion, got {type(inversion).__name__}")
             spec = Inversion(inversion, inversion_options or {})
         elif inversion_options is not None:
-            raise ValueError("inversion= is a flowdiff.Inversion: give its options inside it")
+            raise ValueError(f"inversion= is a flowdiff.Inversion and inversion_options={_shown(inversion_options)} "
+                             "was given beside it: give its options inside it, not beside it")
         plugin = procedure(spec.method, "encode")
         refuse_adjoint(adjoint, f"inversion={spec.method!r}")
-        if adaptive_given:
-            raise ValueError(f"inversion={spec.method!r} works on a fixed grid; drop rtol=/atol=")
+        if adaptive_spec is not None:
+            raise ValueError(f"inversion={spec.method!r} works on a fixed grid; drop rtol=/atol=/adaptive=")
         if solver_plugin(solver) is not None:
             raise ValueError(f"inversion={spec.method!r} inverts a decode solver; {solver!r} is an encode method "
                              "(use solver='euler' to invert DDIM decoding)")
+        spec = _inversion_final_euler(spec, grid_spec)
         solver_obj, name, options = _resolve_solver(solver, solver_options, "encode")
         request = _request(flow, solver_obj, name, options, grid_spec, None, model_kwargs, callback, check_finite)
         res = plugin.run(request, images, spec)
         res.latent.set_origin(flow, model_kwargs)  # the latent records its model
-        return res
+        return _kept(saver, res)
     if inversion_options is not None:
         raise ValueError("inversion_options= given without inversion=")
+    if grid_spec.final_euler is not None:
+        raise ValueError(f"grid=Grid(..., final_euler={grid_spec.final_euler}) on a plain encode: final_euler is "
+                         "about the step into σ = 0 of a decode (or of the decode that inversion='fixed_point' "
+                         "inverts); an encode starts at σ = 0 and has none. Give it to decode, or drop it")
     state_dtype = None if images.dtype == torch.float64 else exact_dtype(images)
     solver_obj, name, options = _resolve_solver(solver, solver_options, "encode", state_dtype=state_dtype)
     dtype = exact_dtype(images) if solver_obj.reversible else compute_dtype(images)
     model_dtype = images.dtype if images.dtype != dtype else None
-    adaptive_spec = _adaptive_or_none(adaptive, rtol, atol, max_nfe, adaptive_options, grid_spec, sigmas)
     request = _request(flow, solver_obj, name, options, grid_spec, adaptive_spec, model_kwargs, callback,
-                       check_finite)
+                       check_finite, bound=divergence_limit(divergence, images))
     if adaptive_spec is not None:
         refuse_adjoint(adjoint, "an adaptive solve (rtol=/atol=)")
-        res = solve_adaptive_flow(request, images, direction="encode", model_dtype=model_dtype,
-                                  bound=divergence_limit(divergence, images))
+        res = solve_adaptive_flow(request, images, direction="encode", model_dtype=model_dtype)
         res.latent.set_origin(flow, model_kwargs)
-        return res
-    sig = grid_spec.generation_sigmas(flow, solver_obj, final_euler=False)[::-1].copy()
+        return _kept(saver, res)
+    sig = grid_spec.solve_sigmas(flow, solver_obj, "encode")
     refuse_encode_to_infinity(sig)  # zero terminal SNR: see flowdiff.engine.terminal
-    form = formulation_for(solver_obj, "encode")
-    sol = solve_grid(flow.field(request.model_kwargs, model_dtype), form, sig.tolist(), solver_obj,
-                     xbar0=images.to(dtype), callback=request.callback, check_finite=check_finite,
-                     bound=divergence_limit(divergence, images),
-                     **adjoint_for(adjoint, solver_obj, flow.model, request.model_kwargs))
+    sol = _solve_fixed(request, images, sig, "encode", dtype=dtype, model_dtype=model_dtype, eval_end=True,
+                       adjoint=adjoint)
     x_T = sol.xbar / math.sqrt(1.0 + sig[-1] ** 2)
     if solver_obj.reversible:  # the latent keeps the exact state; the result's x_T is at the images' precision
         latent = Latent(x_T, sig, name, options, sol.state, dtype=images.dtype)
     else:
         x_T = x_T.to(images.dtype)
         latent = Latent(x_T, sig, name, options)
-    return Result(x_T.to(images.dtype), sol.stats, sig, solver_obj.name, latent.set_origin(flow, model_kwargs))
+    return _kept(saver, Result(x_T.to(images.dtype), sol.stats, sig, solver_obj.name,
+                               latent.set_origin(flow, model_kwargs)))
 
 
 def decode(
@@ -346,11 +431,12 @@ def decode(
     model_kwargs: Mapping[str, Any] | None = None,
     solver_options: Mapping[str, Any] | None = None,
     grid_options: Mapping[str, Any] | None = None,
-    final_euler: bool = True,
+    final_euler: bool | None = None,
     callback: Callable[[StepState], None] | None = None,
     check_finite: bool = True,
     check_model: bool = True,
     divergence: float | None = DIVERGENCE_GENERATE,
+    save: Save | None = None,
     adjoint: str = "autograd",
 ) -> Result:
     """Decode a latent back to an image.
@@ -367,20 +453,23 @@ def decode(
     ``adjoint``: how the decode is differentiated, as for :func:`generate`.
     """
     flow = check_flow(flow)
-    _checks.check_flags(final_euler=final_euler, check_finite=check_finite, check_model=check_model)
+    _checks.check_flags(check_finite=check_finite, check_model=check_model)
+    _check_final_euler(final_euler)
     _checks.check_model_kwargs(model_kwargs)
     if isinstance(latent, Latent):
         if check_model:  # a latent decodes only with the model that encoded it
             latent.check_model(flow, model_kwargs)
-        return _decode_latent(flow, latent, solver=solver, steps=steps, nfe=nfe, grid=grid, sigmas=sigmas,
-                              timesteps=timesteps, model_kwargs=model_kwargs, solver_options=solver_options,
-                              grid_options=grid_options, final_euler=final_euler, callback=callback,
-                              check_finite=check_finite, divergence=divergence, adjoint=adjoint)
+        saver = _saver(save, callback, adaptive=False)
+        return _kept(saver, _decode_latent(flow, latent, solver=solver, steps=steps, nfe=nfe, grid=grid,
+                                           sigmas=sigmas, timesteps=timesteps, model_kwargs=model_kwargs,
+                                           solver_options=solver_options, grid_options=grid_options,
+                                           final_euler=final_euler, callback=saver or callback,
+                                           check_finite=check_finite, divergence=divergence, adjoint=adjoint))
     return generate(flow, latent, solver="euler" if solver is None else solver, steps=steps, nfe=nfe,
                     grid="trailing" if grid is None else grid, sigmas=sigmas, timesteps=timesteps,
                     model_kwargs=model_kwargs, solver_options=solver_options, grid_options=grid_options,
                     final_euler=final_euler, callback=callback, check_finite=check_finite, divergence=divergence,
-                    adjoint=adjoint)
+                    save=save, adjoint=adjoint)
 
 
 def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe, grid, sigmas, timesteps,
@@ -407,9 +496,15 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
             raise ValueError("give sigmas= or grid=/nfe=/timesteps=, not both")
         plugin = solver_plugin(latent.solver)
         encoder = plugin.make(options) if plugin is not None else solvers.get(latent.solver, **options)
-        built = build_grid("trailing" if grid is None else grid,
-                           steps=latent.steps if steps is None and nfe is None and timesteps is None else steps,
-                           nfe=nfe, sigmas=None, timesteps=timesteps, grid_options=grid_options, final_euler=True)
+        if isinstance(grid, Grid):  # a Grid holds its own steps (and may say final_euler once)
+            built = build_grid(grid, steps=steps, nfe=nfe, sigmas=None, timesteps=timesteps,
+                               grid_options=grid_options, final_euler=final_euler)
+            final_euler = built.final_euler
+        else:
+            built = build_grid("trailing" if grid is None else grid,
+                               steps=latent.steps if steps is None and nfe is None and timesteps is None else steps,
+                               nfe=nfe, sigmas=None, timesteps=timesteps, grid_options=grid_options,
+                               final_euler=None)
         rebuilt = built.generation_sigmas(flow, encoder, final_euler=False)
         if not np.array_equal(rebuilt, sig):
             shown = ", ".join(f"{k}={v!r}" for k, v in (("grid", grid), ("steps", steps), ("nfe", nfe),
@@ -418,22 +513,21 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
                              f"this latent was encoded on, {np.array2string(sig, precision=4)}")
     elif steps is not None and steps != latent.steps:
         raise ValueError(f"this latent was encoded with {latent.steps} steps; got steps={steps}")
-    if latent.final_euler is not None and final_euler != latent.final_euler:  # a fixed-point latent
-        raise ValueError(f"this latent inverts a decode with final_euler={latent.final_euler}; "
-                         f"got final_euler={final_euler}")
+    if latent.final_euler is not None:  # a fixed-point latent says how its decode ends
+        if final_euler is not None and final_euler != latent.final_euler:
+            raise ValueError(f"this latent inverts a decode with final_euler={latent.final_euler} "
+                             f"(Latent.final_euler); got final_euler={final_euler}")
+        final_euler = latent.final_euler
+    final_euler = final_euler is not False
     solver_obj = solvers.get(own, **options)
-    request = _request(flow, solver_obj, own, options, Grid(sigmas=sig), None, model_kwargs, callback, check_finite)
-    grads = adjoint_for(adjoint, solver_obj, flow.model, request.model_kwargs)
+    request = _request(flow, solver_obj, own, options, Grid(sigmas=sig), None, model_kwargs, callback, check_finite,
+                       bound=divergence_limit(divergence, x))
     if latent.solver_state is not None:
-        return decode_reversible(request, latent, **grads)
+        return decode_reversible(request, latent, **adjoint_for(adjoint, solver_obj, flow.model,
+                                                                request.model_kwargs))
     dtype = compute_dtype(x)
     model_dtype = latent.dtype if latent.dtype != dtype else None
-    xbar0 = x.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)
-    form = formulation_for(solver_obj, "decode")
-    eval_end = not (final_euler and own != "euler" and sig[-1] == 0.0)
-    eps = flow.field(request.model_kwargs, model_dtype)
-    sol = solve_grid(eps, form, sig.tolist(), solver_obj, xbar0=xbar0,
-                     eval_end=eval_end, callback=request.callback, check_finite=check_finite,
-                     bound=divergence_limit(divergence, x), **grads)
+    sol = _solve_fixed(request, x, sig, "decode", dtype=dtype, model_dtype=model_dtype,
+                       eval_end=not (final_euler and own != "euler" and sig[-1] == 0.0), adjoint=adjoint)
     return Result(sol.xbar.to(latent.dtype), sol.stats, sig, solver_obj.name)
 

@@ -49,7 +49,7 @@ from torch import Tensor
 import solvers
 from solvers import Solver, StepResult
 
-from ..engine.formulations import Sigma
+from ..engine.formulations import formulation_for
 from ..engine.loop import solve_grid
 from ..engine.options import Request, Stochastic, compute_dtype
 from ..engine.plugins import Plugin, register_plugin
@@ -220,7 +220,7 @@ def generate_stochastic(request: Request, noise: Tensor, spec: Stochastic) -> Re
     if gen is not None and spec.step_noise is not None:
         raise ValueError("give generator= or step_noise=, not both: step_noise fixes every step's noise itself")
     euler = solvers.get("euler")
-    sig = request.grid.generation_sigmas(request.flow, euler, final_euler=True)
+    sig = request.grid.solve_sigmas(request.flow, euler, "generate")  # Euler never evaluates σ = 0
     refuse_infinite_start(float(sig[0]), "the stochastic (eta) process")  # zero terminal SNR (flowdiff.engine.terminal)
     dtype = compute_dtype(noise)
     model_dtype = noise.dtype if noise.dtype != dtype else None
@@ -228,8 +228,8 @@ def generate_stochastic(request: Request, noise: Tensor, spec: Stochastic) -> Re
     source = _StepNoise(spec.step_noise, gen, xbar0, len(sig) - 1)
     step = GeneralizedDDIM(eta, source)
     eps = request.flow.field(request.model_kwargs, model_dtype)
-    sol = solve_grid(eps, Sigma(), sig.tolist(), step, xbar0=xbar0,
-                     state=0, callback=request.callback, check_finite=request.check_finite)
+    sol = solve_grid(eps, formulation_for(step, "generate"), sig.tolist(), step, xbar0=xbar0,
+                     state=0, callback=request.callback, check_finite=request.check_finite, bound=request.bound)
     sol.stats.extra.update(eta=eta, noise_draws=source.draws)
     label = "ddim(sigma_hat)" if eta == SIGMA_HAT else f"ddim(eta={eta:g})"
     return Result(sol.xbar.to(noise.dtype), sol.stats, sig, label)

@@ -5,8 +5,9 @@ stays diffusion-agnostic (it integrates ``dy/dt = f(t, y)``) and each change of 
 a :class:`Formulation` here: its time t ↔ σ, its state y ↔ x̄, its field ``f(t, y)`` from ε,
 the factor from y to the VP-scaled image x = x̄/√(1+σ²) (for error norms), the denoised image
 from a carried derivative, and the fixed grid in its own time (with the steps its end points
-need). :func:`formulation_for` picks one for a solver, a direction and a kind of solve;
-nothing else in flowdiff converts.
+need). :func:`formulation_for` picks one for a solver, a direction and a kind of solve (fixed grid,
+adaptive, the η process, a reversible decode all ask it; the fixed-point inversion and the
+tools' reference and likelihood solves still name their variables directly).
 
 * :class:`Sigma` — t = σ, y = x̄, f = ε. DDIM is Euler here; k-diffusion's lms is Adams here.
 * :class:`Data` — t = ρ = 1/σ, y = x̄/σ, f = D = x̄ − σ·ε (the model's denoised image):
@@ -30,6 +31,14 @@ nothing else in flowdiff converts.
 Time values at the grid's points map back to the grid's own σ exactly (looked up, not
 recomputed through exp/log), so that an encode and its decode evaluate the model at
 identical σ.
+
+A generation grid may start at σ = ∞ (zero terminal SNR, flow matching's t = 1), where x̄ is
+infinite. There every formulation's state is the noise itself, the VP-scaled x (x̄/σ → x in
+:class:`Data`, x in :class:`VP`), and the field's value is the denoised image x̂₀ read off the
+model at pure noise (:mod:`flowdiff.engine.terminal` extends ε that way). The step out of it is
+a step of the grid like any other, with its own method (:class:`OutOfInfinity`: Euler's limit
+x̄₁ = x̂₀ + σ₁·ε̂, ε̂ = the noise), so that the one loop counts it, times it, calls the callback
+with index 0 and locates its failures.
 """
 
 from __future__ import annotations
@@ -126,9 +135,15 @@ class Formulation(abc.ABC):
         return None
 
     def grid(self, sigmas: Sequence[float], solver: Solver, *, eval_end: bool = True) -> FixedGrid:
-        """The fixed stepping across the σ grid ``sigmas`` in this formulation's time."""
+        """The fixed stepping across the σ grid ``sigmas`` in this formulation's time (from σ = ∞ included)."""
         ts = self.times(sigmas)
-        return FixedGrid(ts, final_step_methods(solver, len(ts) - 1, eval_end))
+        return self._fixed(sigmas, ts, final_step_methods(solver, len(ts) - 1, eval_end))
+
+    def _fixed(self, sigmas: Sequence[float], ts: list[float], methods: dict[int, Solver]) -> FixedGrid:
+        """The fixed grid ``ts`` with ``methods``; a first σ = ∞ gets the boundary step out of pure noise."""
+        if sigmas[0] == math.inf:
+            methods[0] = OutOfInfinity(self)
+        return FixedGrid(ts, methods, infinite_ends=True)
 
     # a reversible solver's carried state is stored timed in σ (what a Latent keeps)
     def state_in(self, state: Any) -> Any:
@@ -167,16 +182,38 @@ class Sigma(Formulation):
         return None
 
 
+class OutOfInfinity(Solver):
+    """The step from σ = ∞ (pure noise, the state is the noise x) to σ₁: Euler's limit there,
+    x̄₁ = x̂₀ + σ₁·ε̂ with ε̂ = the noise and x̂₀ = ``f(∞, x)`` (one evaluation), in ``form``'s state.
+
+    For DDIM this is its first step on a zero-terminal-SNR grid: x_{t₁} = √ᾱ₁·x̂₀ + √(1−ᾱ₁)·ε̂.
+    The carried state is dropped: the grid's own solver starts afresh at σ₁."""
+
+    name = "euler_from_noise"
+    order = 1
+
+    def __init__(self, form: Formulation) -> None:
+        self.form = form
+
+    def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
+        sigma1 = self.form.sigma(t1)
+        xbar1 = f(t0, y0).add(y0, alpha=sigma1) if sigma1 > 0.0 else f(t0, y0)
+        return StepResult(self.form.to_state(xbar1, sigma1), None)
+
+
 def data_field(eps: EpsField, sigma_of: Callable[[float], float] | None = None) -> VectorField:
     """``f(ρ, y) = D(x̄, σ)`` with σ = 1/ρ, x̄ = y/ρ: the data-prediction ODE (ρ > 0).
 
     At ρ = ∞ (σ = 0) the state is x̄ itself and ``f`` returns ε(x̄, 0): what the Euler step
-    out of σ = 0 needs (:class:`Data`). ``sigma_of(ρ)`` maps times back to σ (a grid's own σ
-    exactly, :meth:`Formulation.sigma`); default 1/ρ."""
+    out of σ = 0 needs (:class:`Data`). At ρ = 0 (σ = ∞) the state is the noise and ``f``
+    returns ``eps(∞, noise)``, the denoised image there (:class:`OutOfInfinity`). ``sigma_of(ρ)``
+    maps times back to σ (a grid's own σ exactly, :meth:`Formulation.sigma`); default 1/ρ."""
 
     def f(rho: float, y: Tensor) -> Tensor:
         if rho == math.inf:
             return eps(0.0, y)
+        if rho == 0.0:
+            return eps(math.inf, y)
         sigma = 1.0 / rho if sigma_of is None else sigma_of(rho)
         xbar = y * sigma
         return xbar - sigma * eps(sigma, xbar)
@@ -273,7 +310,7 @@ class Data(Formulation):
         return math.inf if sigma == 0.0 else 1.0 / sigma
 
     def _sigma(self, t: float) -> float:
-        return 0.0 if t == math.inf else 1.0 / t
+        return 0.0 if t == math.inf else math.inf if t == 0.0 else 1.0 / t
 
     def to_state(self, xbar: Tensor, sigma: float) -> Tensor:
         return xbar if sigma == 0.0 else xbar / sigma
@@ -309,7 +346,7 @@ class Data(Formulation):
                              and abs(math.log(ts[i] / ts[i + 1])) > LONG_STEP)
                 if i not in methods and (n < solver.steps_order or long_step):
                     methods[i] = limited(1 if long_step else n, corrector=not long_step)
-        return FixedGrid(ts, methods, infinite_ends=True)
+        return self._fixed(sigmas, ts, methods)
 
 
 #: A step longer than this in λ = log ρ (encode, or a latent's decode) is taken at first order
@@ -421,6 +458,8 @@ class VP(Formulation):
 
         def f(tau: float, x: Tensor) -> Tensor:
             s = sigma_of(tau)
+            if s == math.inf:  # pure noise: the denoised image there (OutOfInfinity)
+                return eps(s, x)
             c = math.sqrt(1.0 + s * s)
             return (eps(s, x * c) - x * (s / c)) / c * (1.0 + s)
 

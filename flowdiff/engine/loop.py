@@ -22,7 +22,7 @@ from solvers import Solver, Stats, Stepping
 
 from .adjoint import integrate_adjoint
 from .formulations import EpsField, Formulation
-from .results import StepState
+from .results import Saver, StepState
 
 _BOUND_NAME = "max|x| (the VP-scaled state x̄/√(1+σ²))"
 
@@ -46,8 +46,12 @@ class FlowSolution:
 
 
 def _records(form: Formulation, callback: Callable[[StepState], None]) -> Callable[[solvers.StepInfo], None]:
+    saver = callback if isinstance(callback, Saver) else None
+
     def record(info: solvers.StepInfo) -> None:
         t = info.t1
+        if saver is not None:
+            saver.at_state(info.y, t)
         callback(StepState(info.step, form.sigma(t), info.y * form.x_factor(t), form.to_xbar(info.y, t),
                            form.denoised(t, info.y, info.state)))
 
@@ -109,24 +113,47 @@ def solve_flow(
     if (xbar0 is None) == (y0 is None):
         raise ValueError("give xbar0 or y0")
     start = form.to_state(xbar0, sigma0) if y0 is None else y0
+    field = form.field(eps)
+    if isinstance(callback, Saver):  # x̂₀ of the saved states, read off the steps' own evaluations
+        field = callback.tap(field, form.denoised)
     options = dict(callback=None if callback is None else _records(form, callback), check_finite=check_finite,
                    time_name="σ", display=form.sigma,
                    bound=None if bound is None else solvers.Bound(bound, form.x_factor, _BOUND_NAME))
     if adjoint == "autograd":
-        sol = solvers.integrate(form.field(eps), start, solver, stepping, state=form.state_in(state),
-                                max_nfe=max_nfe, **options)
+        sol = solvers.integrate(field, start, solver, stepping, state=form.state_in(state), max_nfe=max_nfe,
+                                **options)
     else:
-        sol = integrate_adjoint(form.field(eps), start, solver, stepping, adjoint=adjoint, params=params,
+        sol = integrate_adjoint(field, start, solver, stepping, adjoint=adjoint, params=params,
                                 state=form.state_in(state), **options)
     t_end = sol.ts[-1]
     return FlowSolution(form.to_xbar(sol.y, t_end), sol.y, sol.stats, form.state_out(sol.state), sol.ts, form)
 
 
-def solve_grid(eps: EpsField, form: Formulation, sigmas: list[float], solver: Solver, *, xbar0: Tensor,
-               eval_end: bool = True, state: Any = None, callback: Callable[[StepState], None] | None = None,
-               check_finite: bool = True, bound: float | None = None, adjoint: str = "autograd",
-               params: tuple[Tensor, ...] = ()) -> FlowSolution:
-    """:func:`solve_flow` across the σ grid ``sigmas`` (either direction) with ``form``'s fixed stepping."""
+def solve_grid(eps: EpsField, form: Formulation, sigmas: list[float], solver: Solver, *, xbar0: Tensor | None = None,
+               y0: Tensor | None = None, eval_end: bool = True, state: Any = None,
+               callback: Callable[[StepState], None] | None = None, check_finite: bool = True,
+               bound: float | None = None, adjoint: str = "autograd", params: tuple[Tensor, ...] = ()) -> FlowSolution:
+    """:func:`solve_flow` across the σ grid ``sigmas`` (either direction) with ``form``'s fixed stepping.
+
+    A grid from σ = ∞ starts from ``y0`` = the noise (the state there in every formulation) and
+    ``eps`` extended to σ = ∞ (:func:`flowdiff.engine.terminal.field_from_infinity`); its first step
+    is the grid's boundary step, counted, timed, called back and located by the loop like the others."""
+    if sigmas[0] == math.inf:
+        if y0 is None:
+            raise ValueError("a grid from σ = ∞ starts from the noise itself: give y0, not xbar0")
+        if state is None:  # the boundary step has its own method: no solver state (and no evaluation) at σ = ∞
+            state = _NO_STATE
     return solve_flow(eps, form, form.grid(sigmas, solver, eval_end=eval_end), solver, sigma0=sigmas[0],
-                      xbar0=xbar0, state=state, callback=callback, check_finite=check_finite, bound=bound,
+                      xbar0=xbar0, y0=y0, state=state, callback=callback, check_finite=check_finite, bound=bound,
                       adjoint=adjoint, params=params)
+
+
+class _NoState:
+    """The carried state before a boundary step that needs none: given so that the loop does not ask the
+    solver's ``init`` (a reversible solver would evaluate the field there); the boundary step drops it."""
+
+    def __repr__(self) -> str:
+        return "NO_STATE"
+
+
+_NO_STATE = _NoState()

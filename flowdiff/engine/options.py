@@ -10,6 +10,7 @@ every layer below takes the objects, never the keywords one by one:
   evaluation cap, the controller and the change-of-variables knobs.
 * :class:`Stochastic` — the DDIM paper's η process (generation only) and its noise source.
 * :class:`Inversion` — an encode that inverts a plain decode (``"fixed_point"``) and its options.
+* :class:`Save` — which states (and denoised images) the solve returns besides its end.
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ class Grid:
     (a budget: the largest step count whose counted NFE fits), or give ``sigmas``
     (decreasing, ending at 0) or ``timesteps`` explicitly. ``options`` go to the grid
     (``rho``, ``power``, ``sigma_min``, ``sigma_max``). ``final_euler``: a solver that would
-    evaluate the model at σ = 0 takes its last step as Euler instead (as EDM does).
+    evaluate the model at σ = 0 takes its last step as Euler instead (as EDM does); ``None``
+    (the default) means True unless said elsewhere once (``final_euler=`` of generate/decode, a
+    fixed-point latent, ``inversion_options``): two different values are refused, naming both.
     """
 
     name: str = "trailing"
@@ -118,7 +121,7 @@ class Grid:
     sigmas: ArrayLike | None = None
     timesteps: ArrayLike | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
-    final_euler: bool = True
+    final_euler: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or self.name not in GRIDS:
@@ -126,7 +129,8 @@ class Grid:
         object.__setattr__(self, "steps", _count(self.steps, "steps"))
         object.__setattr__(self, "nfe", _count(self.nfe, "nfe"))
         object.__setattr__(self, "options", _mapping(self.options, "grid_options"))
-        _flag(self.final_euler, "final_euler")
+        if self.final_euler is not None:
+            object.__setattr__(self, "final_euler", _flag(self.final_euler, "final_euler"))
         if self.nfe is not None:
             if self.steps is not None:
                 raise ValueError("give steps or nfe, not both")
@@ -144,12 +148,35 @@ class Grid:
         """The generation grid (decreasing to 0), with ``nfe=`` turned into a step count exactly."""
         if not self.given:
             raise ValueError("give one of steps=, nfe=, sigmas= or timesteps= (or rtol=/atol= for an adaptive solve)")
-        final = self.final_euler if final_euler is None else final_euler
-        steps = self.steps
-        if self.nfe is not None:
-            steps = solvers.steps_for_nfe(solver, self.nfe, eval_end=not final)
-        return make_sigmas(flow.schedule, self.name, steps, sigmas=self.sigmas, timesteps=self.timesteps,
-                           **self.options)
+        final = self.euler_into_zero if final_euler is None else final_euler
+        if self.nfe is None:
+            return make_sigmas(flow.schedule, self.name, self.steps, sigmas=self.sigmas, timesteps=self.timesteps,
+                               **self.options)
+        steps = solvers.steps_for_nfe(solver, self.nfe, eval_end=not final)
+        sig = make_sigmas(flow.schedule, self.name, steps, **self.options)
+        if sig[0] == math.inf:  # the step out of σ = ∞ costs one evaluation; the rest is a fresh solve
+            fits = self.nfe > solvers.nfe_for_steps(solver, 1, eval_end=not final)
+            steps = 1 + (solvers.steps_for_nfe(solver, self.nfe - 1, eval_end=not final) if fits else 0)
+            sig = make_sigmas(flow.schedule, self.name, steps, **self.options)
+        return sig
+
+    def solve_sigmas(self, flow: ProbabilityFlow, solver: Solver, direction: str) -> np.ndarray:
+        """The σ grid in the order the solve runs it: the one place a grid is reversed.
+
+        ``"generate"`` (and a plain decode): the generation grid, decreasing to 0, its last step
+        Euler per ``final_euler``. ``"encode"``: the same grid reversed (0 up to σ_max), built as a
+        decode that evaluates every step's end (final_euler=False) sees it, so that the decode
+        with the same arguments retraces it."""
+        if direction == "generate":
+            return self.generation_sigmas(flow, solver)
+        if direction == "encode":
+            return self.generation_sigmas(flow, solver, final_euler=False)[::-1].copy()
+        raise ValueError(f"direction must be 'generate' or 'encode', got {direction!r}")
+
+    @property
+    def euler_into_zero(self) -> bool:
+        """Whether the step into σ = 0 is Euler (``final_euler``, True unless set to False)."""
+        return self.final_euler is not False
 
     def replace(self, **changes: Any) -> Grid:
         values = {k: getattr(self, k) for k in ("name", "steps", "nfe", "sigmas", "timesteps", "options",
@@ -246,9 +273,42 @@ class Inversion:
 
 
 @dataclass(frozen=True, eq=False)
+class Save:
+    """Which states a solve returns besides its end, in ``Result.saved`` (diffrax's ``SaveAt`` in spirit).
+
+    ``sigmas``: the σ values whose states to keep, each a point the solve steps to (any point
+    of its grid but the start; a fixed grid's, in either direction); ``steps=True``: the state
+    after every accepted step. Each saved record is the :class:`flowdiff.StepState` a callback
+    receives there (step index, σ, x, x̄). ``denoised=True`` keeps the model's denoised image x̂₀
+    there wherever the solve evaluated the model at that state (the callback's record has it, or
+    the next step starts by evaluating there: Euler/DDIM, Runge–Kutta, the η process); no
+    evaluation is added, and ``None`` is kept where none was made (the end state). By default
+    ``denoised`` is dropped.
+    """
+
+    sigmas: ArrayLike | None = None
+    steps: bool = False
+    denoised: bool = False
+
+    def __post_init__(self) -> None:
+        _flag(self.steps, "Save.steps")
+        _flag(self.denoised, "Save.denoised")
+        if self.sigmas is not None:
+            s = np.asarray(self.sigmas, dtype=np.float64)
+            if s.ndim != 1 or s.size == 0 or np.isnan(s).any() or (s < 0).any():
+                raise ValueError(f"Save.sigmas must be a non-empty 1-D list of σ >= 0 (points of the solve's grid), "
+                                 f"got {self.sigmas!r}")
+            object.__setattr__(self, "sigmas", tuple(float(v) for v in s))
+        if not self.sigmas and not self.steps:
+            raise ValueError("Save() keeps nothing: give sigmas=[...] (states at those σ) or steps=True (every step)")
+
+
+@dataclass(frozen=True, eq=False)
 class Request:
     """One solve as the layers below the entry points see it: the flow, the solver (built),
-    the grid or adaptive control, the conditioning and the callback."""
+    the grid or adaptive control, the conditioning, the callback and the divergence guard's
+    absolute bound on the VP-scaled end state (``bound``, None: off; see
+    :func:`flowdiff.engine.loop.divergence_limit`)."""
 
     flow: ProbabilityFlow
     solver: Solver
@@ -259,6 +319,7 @@ class Request:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     callback: Callable[..., None] | None = None
     check_finite: bool = True
+    bound: float | None = None
 
 
 def check_callback(callback: object) -> Callable[..., None] | None:
@@ -267,12 +328,34 @@ def check_callback(callback: object) -> Callable[..., None] | None:
     return callback  # type: ignore[return-value]
 
 
+#: The flat grid keywords that a :class:`Grid` holds (keyword → the Grid field).
+_GRID_KEYWORDS = {"steps": "steps", "nfe": "nfe", "sigmas": "sigmas", "timesteps": "timesteps",
+                  "grid_options": "options"}
+
+
+def _shown(value: object) -> str:
+    text = repr(value.tolist() if isinstance(value, (np.ndarray, Tensor)) else value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def build_grid(grid: str | Grid, *, steps: int | None, nfe: int | None, sigmas: ArrayLike | None,
-               timesteps: ArrayLike | None, grid_options: Mapping[str, Any] | None, final_euler: bool) -> Grid:
-    """A :class:`Grid` from the flat keywords, or the one given (then the flat grid keywords must be unset)."""
+               timesteps: ArrayLike | None, grid_options: Mapping[str, Any] | None,
+               final_euler: bool | None) -> Grid:
+    """A :class:`Grid` from the flat keywords, or the one given (then the flat grid keywords must be unset).
+
+    ``final_euler`` beside a Grid: None or the Grid's own value is accepted (one meaning); a
+    different value is refused, naming both spellings."""
     if isinstance(grid, Grid):
-        if any(v is not None for v in (steps, nfe, sigmas, timesteps, grid_options)):
-            raise ValueError("grid= is a flowdiff.Grid: give steps/nfe/sigmas/timesteps/grid_options inside it, "
-                             "not beside it")
-        return grid if final_euler else grid.replace(final_euler=False)
+        flat = {"steps": steps, "nfe": nfe, "sigmas": sigmas, "timesteps": timesteps, "grid_options": grid_options}
+        given = [f"{k}={_shown(v)}" for k, v in flat.items() if v is not None]
+        if given:
+            raise ValueError(f"grid= is a flowdiff.Grid and {', '.join(given)} was given beside it: give "
+                             "steps/nfe/sigmas/timesteps/grid_options inside it (e.g. "
+                             f"Grid(..., {_GRID_KEYWORDS[given[0].split('=')[0]]}=...)), not beside it")
+        if final_euler is None or final_euler == grid.final_euler:
+            return grid
+        if grid.final_euler is None:
+            return grid.replace(final_euler=final_euler)
+        raise ValueError(f"final_euler={final_euler} and grid=Grid(..., final_euler={grid.final_euler}) say two "
+                         "different things; give final_euler once (inside the Grid)")
     return Grid(grid, steps, nfe, sigmas, timesteps, _mapping(grid_options, "grid_options"), final_euler)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from torch import Tensor
 
-from solvers import Stats
+from solvers import Derivative, Stats
 
 from .latent import Latent
 
@@ -35,10 +36,72 @@ AdaptiveStep = StepState
 class Result:
     """The outcome of generate/encode/decode: ``x`` (image, or latent x_T for encode), the
     statistics (``stats.nfe`` is the exact number of model evaluations), the σ grid used,
-    and for encode the :class:`Latent` that :func:`decode` takes back."""
+    for encode the :class:`Latent` that :func:`decode` takes back, and the states kept by
+    ``save=flowdiff.Save(...)`` (``saved``: the callback's records there, in step order)."""
 
     x: Tensor
     stats: Stats
     sigmas: np.ndarray
     solver: str
     latent: Latent | None = None
+    saved: tuple[StepState, ...] | None = None
+
+
+class Saver:
+    """The callback that keeps what a :class:`flowdiff.Save` asks for, calling the user's ``callback`` first.
+
+    It sees exactly the records a callback sees (so saved states are the callback's), keeps
+    those at the requested σ (or all with ``steps``), and :meth:`attach` puts them on the result,
+    refusing a requested σ the solve never stepped to."""
+
+    def __init__(self, save: Any, callback: Callable[[StepState], None] | None) -> None:
+        self.save, self.callback = save, callback
+        self.wanted = frozenset(save.sigmas or ())
+        self.records: list[StepState] = []
+        self._pending: tuple[Tensor, float] | None = None
+        self._saved: tuple[Tensor, float] | None = None  # the loop's state behind the last saved record
+
+    def __call__(self, state: StepState) -> None:
+        if self.callback is not None:
+            self.callback(state)
+        if self.save.steps or state.sigma in self.wanted:
+            self.records.append(state if self.save.denoised else state._replace(denoised=None))
+            self._saved = self._pending
+
+    def at_state(self, y: Tensor, t: float) -> None:
+        """The loop's own state (in the formulation's variables) behind the record about to be passed."""
+        self._pending = (y, t)
+
+    def tap(self, field: Callable[[float, Tensor], Tensor], denoised: Callable[[float, Tensor, Any], Any]
+            ) -> Callable[[float, Tensor], Tensor]:
+        """The formulation's ``field(t, y)`` that also fills the last saved record's ``denoised``
+        (with ``Save(denoised=True)``): the step after a saved state usually starts by evaluating the
+        model at that very state (the same tensor, at the same time); x̂₀ is read off that value by
+        ``denoised(t, y, Derivative(t, k))`` (the formulation's own map). No evaluation is added; a
+        record that no evaluation reaches (the solve's end) keeps ``None``."""
+        if not self.save.denoised:
+            return field
+        records = self.records
+
+        def f(t: float, y: Tensor) -> Tensor:
+            k = field(t, y)
+            if records and self._saved is not None and y is self._saved[0] and t == self._saved[1] \
+                    and records[-1].denoised is None:
+                records[-1] = records[-1]._replace(denoised=denoised(t, y, Derivative(t, k)))
+            return k
+
+        return f
+
+    def check(self, sigmas: np.ndarray, reached: set[float] | None = None) -> None:
+        """Refuse requested σ that the grid ``sigmas`` (in the solve's order) does not step to (before a
+        fixed-grid solve; after any solve with the σ ``reached``)."""
+        missing = sorted(self.wanted - (set(np.asarray(sigmas[1:]).tolist()) if reached is None else reached))
+        if missing:
+            steps_to = np.array2string(np.asarray(sigmas[1:]), precision=6)
+            raise ValueError(f"Save(sigmas=...) asks for σ = {missing}, which this solve does not step to; "
+                             f"the σ it steps to are {steps_to} (use one of them, or Save(steps=True))")
+
+    def attach(self, result: Result) -> Result:
+        self.check(result.sigmas, {r.sigma for r in self.records})
+        result.saved = tuple(self.records)
+        return result

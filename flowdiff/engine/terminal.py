@@ -6,9 +6,12 @@ t = 1: both are σ = ∞, where the ODE's state x̄ = x/α is infinite. The mode
 finite, x = ε (α = 0, s = 1), and so is the first step out of it: from pure noise, Euler (=
 DDIM) lands on x̄' = x̂₀ + σ'·ε̂ with ε̂ = the noise and x̂₀ read off the prediction
 (``v_prediction``: x̂₀ = −v, as v = α·ε − s·x₀; ``sample``: x̂₀ itself; flow matching's
-velocity: x̂₀ = x − v). That step is :meth:`flowdiff.ProbabilityFlow.step_from_noise`, the
-boundary step of such grids (as the data variables' steps out of and into σ = 0 are the
-boundary steps of :mod:`flowdiff.engine.formulations`); every solver then runs the finite rest.
+velocity: x̂₀ = x − v). That step is the first step of the grid, taken by the one loop with
+its own method (:class:`flowdiff.engine.formulations.OutOfInfinity`, as the data variables'
+steps out of and into σ = 0 are theirs): the state there is the noise, and the field
+:func:`field_from_infinity` builds returns x̂₀ at σ = ∞ (:meth:`flowdiff.ProbabilityFlow.step_from_noise`
+to σ = 0). The loop counts its evaluation, times it, calls the callback with step 0 and
+names it as step 0 when it fails; every solver then runs the finite rest.
 
 Encoding *to* σ = ∞ is refused: whatever the solver, its last step spans an infinite
 interval (in σ, in ρ = 1/σ's log, and in the reversible solvers' log(1 + σ)), so it can only
@@ -19,9 +22,7 @@ instead (its latent is x_T there, which decodes exactly with a reversible solver
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,10 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from solvers import SolveError, Stats
-
 from .flow import ProbabilityFlow
-from .results import Result
 
 
 def starts_at_infinity(sigmas: np.ndarray) -> bool:
@@ -40,35 +38,24 @@ def starts_at_infinity(sigmas: np.ndarray) -> bool:
     return bool(len(sigmas) and sigmas[0] == math.inf)
 
 
-def generate_from_infinity(flow: ProbabilityFlow, noise: Tensor, sigmas: np.ndarray,
-                           solve: Callable[[Tensor, np.ndarray], Result],
-                           model_kwargs: Mapping[str, Any] | None, model_dtype: torch.dtype | None,
-                           check_finite: bool = True) -> Result:
-    """Generate on a grid starting at σ = ∞: the boundary step to ``sigmas[1]``, then ``solve`` on the rest.
+def field_from_infinity(flow: ProbabilityFlow, eps: Callable[[float, Tensor], Tensor], sigmas: np.ndarray,
+                        model_kwargs: Mapping[str, Any] | None, model_dtype: torch.dtype | None
+                        ) -> Callable[[float, Tensor], Tensor]:
+    """``eps(σ, x̄)`` extended to σ = ∞ for a grid that starts there: ``f(∞, noise)`` is x̂₀ (one evaluation).
 
-    ``noise`` is x_T = ε (DDIM's scale at σ = ∞ is the noise itself); ``solve(x, grid)`` is the
-    generate of the finite grid ``sigmas[1:]`` from its DDIM-scale start ``x``. The boundary step
-    is one model evaluation, counted in the result's ``stats`` (``steps``, ``accepted``, ``nfe``);
-    the result's ``sigmas`` is the whole grid, ∞ included. A callback sees the finite steps only.
-    With ``check_finite`` a non-finite boundary step fails here, named as step 0 (one host sync).
+    ``sigmas`` is the generation grid (first σ = ∞, the rest finite). The boundary step
+    (:class:`flowdiff.engine.formulations.OutOfInfinity`) is the only caller at σ = ∞.
     """
     if len(sigmas) < 2 or not np.isfinite(sigmas[1:]).all():
         raise ValueError(f"a grid from σ = ∞ needs finite σ after its first, got {sigmas!r}")
-    state_dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
-    start = time.perf_counter()
-    x = flow.step_from_noise(noise.to(state_dtype), float(sigmas[1]), model_kwargs, model_dtype)
-    if check_finite and not bool(torch.isfinite(x).all()):
-        raise SolveError(f"step 0 (σ inf -> {float(sigmas[1]):.6g}), the step out of pure noise, produced non-finite "
-                         "values: the model returned NaN or inf", step=0, t0=math.inf, t1=float(sigmas[1]),
-                         stats=Stats(nfe=1, steps=1, wall_time=time.perf_counter() - start))
-    if len(sigmas) == 2:  # one step, from pure noise straight to the grid's end
-        xbar = x * math.sqrt(1.0 + float(sigmas[1]) ** 2)
-        stats = Stats(nfe=1, steps=1, accepted=1, wall_time=time.perf_counter() - start)
-        return Result(xbar.to(noise.dtype), stats, sigmas.copy(), "euler")
-    res = solve(x, sigmas[1:].copy())  # x stays in the state's precision (float32 for float16 noise)
-    stats = dataclasses.replace(res.stats, nfe=res.stats.nfe + 1, steps=res.stats.steps + 1,
-                                accepted=res.stats.accepted + 1, wall_time=time.perf_counter() - start)
-    return Result(res.x.to(noise.dtype), stats, sigmas.copy(), res.solver)
+    kwargs = dict(model_kwargs or {})
+
+    def f(sigma: float, y: Tensor) -> Tensor:
+        if sigma == math.inf:  # the Euler step from pure noise to σ = 0 is x̂₀ itself
+            return flow.step_from_noise(y, 0.0, kwargs, model_dtype)
+        return eps(sigma, y)
+
+    return f
 
 
 def refuse_encode_to_infinity(sigmas: np.ndarray) -> None:
@@ -83,7 +70,7 @@ def refuse_encode_to_infinity(sigmas: np.ndarray) -> None:
 
 def refuse_infinite_start(sigma: float, what: str) -> None:
     """Refuse a solve of ``what`` (adaptive, stochastic) from or to σ = ∞, where only the fixed-grid ODE step is
-    defined (:func:`generate_from_infinity`)."""
+    defined (:func:`field_from_infinity`)."""
     if sigma == math.inf:
         raise ValueError(f"{what} cannot start or end at σ = ∞ (this schedule's σ_max: zero terminal SNR), where "
                          "the state x̄ is infinite; only a fixed-grid ODE solve takes the boundary step out of it. "
