@@ -44,6 +44,7 @@ from ..api.sampling import generate
 from ..engine.flow import ProbabilityFlow
 from ..engine.grids import GRIDS, make_sigmas
 from ..engine.options import Grid
+from . import peers as _peers
 from . import tuning as _tuning
 from .reference import Reference, check_tolerance, clear_reference_cache, reference_solution
 
@@ -88,7 +89,8 @@ class Run:
     """One row: ``solver`` on ``grid`` at NFE budget ``budget``, spending ``nfe`` in ``steps`` steps.
 
     ``rms_error`` and ``max_error`` are against the reference in the image's scale;
-    ``wall_time`` is the seconds ``generate`` took.
+    ``wall_time`` is the seconds ``generate`` (or the peer's own loop) took. ``source`` says whose
+    sampler it is: ``"flowdiff"``, or a peer of :data:`flowdiff.tools.peers.PEERS`.
     """
 
     solver: str
@@ -102,6 +104,12 @@ class Run:
     sigma_start: float
     encode_nfe: int | None = None  # round trips (task="roundtrip"): nfe = encode_nfe + decode_nfe
     decode_nfe: int | None = None
+    source: str = "flowdiff"
+
+    @property
+    def method(self) -> str:
+        """``solver / grid``, prefixed by the peer's name for a peer's row."""
+        return (f"{self.source}: " if self.source != "flowdiff" else "") + f"{self.solver} / {self.grid}"
 
 
 @dataclass(frozen=True)
@@ -112,9 +120,11 @@ class Skipped:
     grid: str
     budget: int
     reason: str
+    source: str = "flowdiff"
 
 
-CSV_COLUMNS = ("solver", "grid", "budget", "nfe", "steps", "rms_error", "max_error", "wall_time", "sigma_start")
+CSV_COLUMNS = ("source", "solver", "grid", "budget", "nfe", "steps", "rms_error", "max_error", "wall_time",
+               "sigma_start")
 
 
 @dataclass
@@ -127,6 +137,10 @@ class Comparison:
     #: (solver, grid, budget) → what a plug-in grid provider made (e.g. a ``TunedGrid`` with its cost)
     provided: dict[tuple[str, str, int], Any] = field(default_factory=dict)
     task: str = "generate"
+    #: peer → why it could not run (not installed): said in the report, not raised
+    unavailable: dict[str, str] = field(default_factory=dict)
+    #: (source, solver, grid, budget) → the first images of that run (``compare(keep_images=k)``)
+    images: dict[tuple[str, str, str, int], Tensor] = field(default_factory=dict)
 
     @property
     def budgets(self) -> list[int]:
@@ -142,39 +156,50 @@ class Comparison:
     def to_markdown(self, layout: str = "wide") -> str:
         """A markdown table.
 
-        ``layout="wide"``: a row per (solver, grid), a column per NFE budget holding the RMS
-        error (the NFE actually spent in brackets where it differs from the budget; the best
-        per budget in bold; ``—`` where the solver cannot fit the budget). ``layout="long"``:
-        one row per run with every column of the CSV.
+        ``layout="best"``: a row per solver (a peer's sampler named with its peer), a column per NFE
+        budget holding its lowest RMS error over the grids run, with that grid. ``layout="wide"``: a row
+        per (solver, grid), a column per NFE budget holding the RMS error. In both, the NFE actually
+        spent is in brackets where it differs from the budget, the best per budget is in bold and ``—``
+        marks a budget the solver cannot fit. ``layout="long"``: one row per run with every column of
+        the CSV.
         """
         if layout == "long":
-            lines = ["| solver | grid | NFE budget | NFE used | steps | RMS error | max error | wall s |",
-                     "|---|---|---:|---:|---:|---:|---:|---:|"]
+            lines = ["| source | solver | grid | NFE budget | NFE used | steps | RMS error | max error | wall s |",
+                     "|---|---|---|---:|---:|---:|---:|---:|---:|"]
             for r in self.runs:
-                lines.append(f"| {r.solver} | {r.grid} | {r.budget} | {r.nfe} | {r.steps} | {r.rms_error:.3e} | "
-                             f"{r.max_error:.3e} | {r.wall_time:.3f} |")
+                lines.append(f"| {r.source} | {r.solver} | {r.grid} | {r.budget} | {r.nfe} | {r.steps} | "
+                             f"{r.rms_error:.3e} | {r.max_error:.3e} | {r.wall_time:.3f} |")
             return "\n".join(lines) + "\n"
-        if layout != "wide":
-            raise ValueError(f"layout must be 'wide' or 'long', got {layout!r}")
+        if layout not in ("wide", "best"):
+            raise ValueError(f"layout must be 'best', 'wide' or 'long', got {layout!r}")
         budgets = self.budgets
         best = {b: self.best(b) for b in budgets if any(r.budget == b for r in self.runs)}
-        keys: list[tuple[str, str]] = []
-        for item in [*self.runs, *self.skipped]:
-            if (item.solver, item.grid) not in keys:
-                keys.append((item.solver, item.grid))
-        cell = {(r.solver, r.grid, r.budget): r for r in self.runs}
-        lines = ["| solver | grid | " + " | ".join(f"NFE {b}" for b in budgets) + " |",
-                 "|---|---|" + "---:|" * len(budgets)]
-        for solver, grid in keys:
-            cells = []
+        by_grid = layout == "wide"
+
+        def key(item: Run | Skipped) -> tuple[str, ...]:
+            name = (f"{item.source}: " if item.source != "flowdiff" else "") + item.solver
+            return (name, item.grid) if by_grid else (name,)
+
+        keys = list(dict.fromkeys(key(item) for item in [*self.runs, *self.skipped]))
+        cells: dict[tuple, Run] = {}
+        for r in self.runs:
+            k = (*key(r), r.budget)
+            if k not in cells or r.rms_error < cells[k].rms_error:
+                cells[k] = r
+        head = "| solver | grid | " if by_grid else "| solver | "
+        lines = [head + " | ".join(f"NFE {b}" for b in budgets) + " |",
+                 ("|---|---|" if by_grid else "|---|") + "---:|" * len(budgets)]
+        for k in keys:
+            row = []
             for b in budgets:
-                r = cell.get((solver, grid, b))
+                r = cells.get((*k, b))
                 if r is None:
-                    cells.append("—")
+                    row.append("—")
                     continue
-                text = f"{r.rms_error:.2e}" + (f" ({r.nfe})" if r.nfe != b else "")
-                cells.append(f"**{text}**" if best.get(b) is r else text)
-            lines.append(f"| {solver} | {grid} | " + " | ".join(cells) + " |")
+                text = f"{r.rms_error:.2e}" + (f" ({r.nfe})" if r.nfe != b else "") + ("" if by_grid else
+                                                                                        f" {r.grid}")
+                row.append(f"**{text}**" if best.get(b) is r else text)
+            lines.append("| " + " | ".join(k) + " | " + " | ".join(row) + " |")
         return "\n".join(lines) + "\n"
 
     def to_csv(self) -> str:
@@ -191,6 +216,8 @@ class Comparison:
     def plot(self, path: str | Path, title: str | None = None) -> Path:
         """Write the log-log plot of RMS error against NFE used (a line per solver and grid) as a PNG.
 
+        This is the detail; :func:`flowdiff.tools.report.frontier_plot` draws the best per source.
+
         Colour marks the solver, line style the grid; a dotted grey line marks the
         reference's estimated error when it is within two decades of the best run.
         """
@@ -200,7 +227,7 @@ class Comparison:
         import matplotlib.pyplot as plt
 
         path = Path(path)
-        names = list(dict.fromkeys(r.solver for r in self.runs))
+        names = list(dict.fromkeys((r.source, r.solver) for r in self.runs))
         grids = list(dict.fromkeys(r.grid for r in self.runs))
         colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
         styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1))]
@@ -208,11 +235,12 @@ class Comparison:
         tiny = 1e-16
         for i, name in enumerate(names):
             for j, grid in enumerate(grids):
-                rows = sorted((r for r in self.runs if r.solver == name and r.grid == grid), key=lambda r: r.nfe)
+                rows = sorted((r for r in self.runs if (r.source, r.solver) == name and r.grid == grid),
+                              key=lambda r: r.nfe)
                 if not rows:
                     continue
                 ax.plot([r.nfe for r in rows], [max(r.rms_error, tiny) for r in rows], marker="o", markersize=3,
-                        color=colours(i % colours.N), linestyle=styles[j % len(styles)], label=f"{name} / {grid}")
+                        color=colours(i % colours.N), linestyle=styles[j % len(styles)], label=rows[0].method)
         floor = self.reference.error
         lowest = min((r.rms_error for r in self.runs), default=math.nan)
         if math.isfinite(floor) and floor > 0 and floor >= 1e-2 * lowest:  # draw it only where it is in view
@@ -314,6 +342,8 @@ def compare(
     tune_options: Mapping[str, Any] | None = None,
     task: str = "generate",
     images: Tensor | None = None,
+    peers: Iterable[str] | str | None = None,
+    keep_images: int = 0,
 ) -> Comparison:
     """Run every solver × grid × NFE budget from ``noise`` and measure it against the reference.
 
@@ -340,12 +370,28 @@ def compare(
     give ``calibration_noise`` (or ``tune_options={"stored": False}``) to tune afresh.
     What was tuned, and its cost, is in the result's ``provided``.
 
+    ``peers`` (names of :data:`flowdiff.tools.peers.PEERS`: ``"diffusers"``, ``"k-diffusion"``) adds
+    their default samplers (:mod:`flowdiff.tools.peers`) as rows, run through their own loops on the
+    same flow, noise and budgets and measured against the same reference; their rows carry the peer's
+    name in ``source``. A peer that is not installed is listed in the result's ``unavailable`` with why,
+    not raised. ``keep_images=k`` keeps the first ``k`` images of every run in the result's ``images``
+    (for :mod:`flowdiff.tools.report`'s sample grid).
+
     ``task="roundtrip"`` compares encoders instead (:mod:`flowdiff.api.roundtrip`): each
     solver × grid × budget encodes ``images`` at that NFE and decodes its latent; the error is
     against the images themselves, ``nfe`` is encode + decode (``encode_nfe``/``decode_nfe``
     apart), the reference is the images (error 0), and ``solvers`` default to every encoder.
     """
     if task == "roundtrip":
+        given = {"noise": noise is not None, "reference_solver": reference_solver != "dopri8",
+                 "rtol": rtol != 1e-9, "atol": atol != 1e-9, "reference": reference is not None,
+                 "calibration_noise": calibration_noise is not None, "tune_options": tune_options is not None,
+                 "peers": peers is not None, "keep_images": keep_images != 0}
+        for name, is_given in given.items():
+            if is_given:
+                raise ValueError(f"{name}= does not apply to task='roundtrip': a round trip starts from images= and "
+                                 "is measured against them (no noise, no reference solve, no tuned grid, no "
+                                 f"peer encoders); drop {name}=")
         return _compare_roundtrip(flow, images, solvers, grids, nfe, model_kwargs, progress)
     if task != "generate":
         raise ValueError(f"task must be 'generate' or 'roundtrip', got {task!r}")
@@ -362,6 +408,8 @@ def compare(
     if grids is None:
         grids = default_grids(flow, names, budgets, model_kwargs)
     grid_names = _check_names(grids, "grids", (*GRIDS, *TUNED_GRIDS))
+    peer_names = [] if peers is None else _peers.check_peers(peers)
+    _check_keep(keep_images)
     calibration = _calibration(noise, calibration_noise) if set(grid_names) & set(TUNED_GRIDS) else None
     check_tolerance("rtol", rtol)
     check_tolerance("atol", atol)
@@ -375,11 +423,14 @@ def compare(
                              "a reference belongs to one batch of noise")
 
     jobs = [(s, g, b) for s in names for g in grid_names for b in budgets]
+    unavailable = {peer: why for peer in peer_names if (why := _peers.unavailable(peer)) is not None}
+    samplers = _peers.default_samplers([p for p in peer_names if p not in unavailable])
     bar = None
     if progress is True:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(jobs) + (reference is None), desc="compare", unit="run", leave=False)
+        bar = tqdm(total=len(jobs) + len(samplers) * len(budgets) + (reference is None), desc="compare", unit="run",
+                   leave=False)
     try:
         ref = reference
         if ref is None:
@@ -391,7 +442,7 @@ def compare(
                                      model_kwargs=model_kwargs, progress=bar is not None)
             if bar is not None:
                 bar.update(1)
-        result = Comparison([], reference=ref)
+        result = Comparison([], reference=ref, unavailable=unavailable)
         for solver, grid, budget in jobs:
             label = f"{solver}/{grid}/NFE {budget}"
             if bar is not None:
@@ -417,12 +468,57 @@ def compare(
                 result.runs.append(Run(solver, grid, budget, out.stats.nfe, out.stats.steps,
                                        float(diff.pow(2).mean().sqrt()), float(diff.abs().max()), wall,
                                        float(out.sigmas[0])))
+                if keep_images:
+                    result.images[("flowdiff", solver, grid, budget)] = out.x[:keep_images].detach().cpu()
             if bar is not None:
                 bar.update(1)
+
+        def announce(label: str) -> None:
+            if bar is not None:
+                bar.set_postfix_str(label, refresh=False)
+                bar.update(1)
+            elif callable(progress):
+                progress(label)
+
+        run_peers(result, flow, noise, samplers, budgets, model_kwargs=model_kwargs, keep_images=keep_images,
+                  on_run=announce)
     finally:
         if bar is not None:
             bar.close()
     return result
+
+
+def run_peers(result: Comparison, flow: ProbabilityFlow, noise: Tensor, samplers: Sequence[_peers.PeerSampler],
+              budgets: Iterable[int], *, model_kwargs: Mapping[str, Any] | None = None, keep_images: int = 0,
+              on_run: Callable[[str], None] | None = None) -> Comparison:
+    """Add to ``result`` a row per peer sampler × budget, measured against ``result.reference`` (the
+    peers' part of :func:`compare`, which the command line runs once after the ranks' runs)."""
+    ref = result.reference
+    for sampler in samplers:
+        for budget in budgets:
+            if on_run is not None:
+                on_run(f"{sampler.source}: {sampler.name}/{sampler.grid}/NFE {budget}")
+            reason = _peers.fits(sampler, budget)
+            if reason is not None:
+                result.skipped.append(Skipped(sampler.name, sampler.grid, budget, reason, sampler.source))
+                continue
+            out = _peers.run(sampler, flow, noise, budget, model_kwargs)
+            if out.nfe > budget:  # the peers' step counts are chosen to fit; a miss is a bug here, not a result
+                raise RuntimeError(f"{sampler.source} {sampler.name} spent {out.nfe} evaluations of a budget of "
+                                   f"{budget}")
+            diff = out.x.detach().to(torch.float64) - ref.x.to(out.x.device)
+            result.runs.append(Run(sampler.name, sampler.grid, budget, out.nfe, out.steps,
+                                   float(diff.pow(2).mean().sqrt()), float(diff.abs().max()), out.wall_time,
+                                   out.sigma_start, source=sampler.source))
+            if keep_images:
+                result.images[(sampler.source, sampler.name, sampler.grid, budget)] = \
+                    out.x[:keep_images].detach().cpu()
+    return result
+
+
+def _check_keep(keep_images: object) -> None:
+    if isinstance(keep_images, bool) or not isinstance(keep_images, int) or keep_images < 0:
+        raise ValueError(f"keep_images must be an int >= 0 (images of each run to keep), got {keep_images!r}")
 
 
 def _compare_roundtrip(flow: ProbabilityFlow, images: Tensor | None, solvers: Iterable[str] | str | None,
