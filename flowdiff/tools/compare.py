@@ -423,14 +423,12 @@ def compare(
                              "a reference belongs to one batch of noise")
 
     jobs = [(s, g, b) for s in names for g in grid_names for b in budgets]
-    unavailable = {peer: why for peer in peer_names if (why := _peers.unavailable(peer)) is not None}
-    samplers = _peers.default_samplers([p for p in peer_names if p not in unavailable])
     bar = None
     if progress is True:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(jobs) + len(samplers) * len(budgets) + (reference is None), desc="compare", unit="run",
-                   leave=False)
+        bar = tqdm(total=len(jobs) + len(_peers.default_samplers(peer_names)) * len(budgets) + (reference is None),
+                   desc="compare", unit="run", leave=False)
     try:
         ref = reference
         if ref is None:
@@ -442,7 +440,7 @@ def compare(
                                      model_kwargs=model_kwargs, progress=bar is not None)
             if bar is not None:
                 bar.update(1)
-        result = Comparison([], reference=ref, unavailable=unavailable)
+        result = Comparison([], reference=ref)
         for solver, grid, budget in jobs:
             label = f"{solver}/{grid}/NFE {budget}"
             if bar is not None:
@@ -480,21 +478,25 @@ def compare(
             elif callable(progress):
                 progress(label)
 
-        run_peers(result, flow, noise, samplers, budgets, model_kwargs=model_kwargs, keep_images=keep_images,
-                  on_run=announce)
+        if peer_names:
+            run_peers(result, flow, noise, peer_names, budgets, model_kwargs=model_kwargs, keep_images=keep_images,
+                      on_run=announce)
     finally:
         if bar is not None:
             bar.close()
     return result
 
 
-def run_peers(result: Comparison, flow: ProbabilityFlow, noise: Tensor, samplers: Sequence[_peers.PeerSampler],
+def run_peers(result: Comparison, flow: ProbabilityFlow, noise: Tensor, peers: Iterable[str] | str,
               budgets: Iterable[int], *, model_kwargs: Mapping[str, Any] | None = None, keep_images: int = 0,
               on_run: Callable[[str], None] | None = None) -> Comparison:
-    """Add to ``result`` a row per peer sampler × budget, measured against ``result.reference`` (the
-    peers' part of :func:`compare`, which the command line runs once after the ranks' runs)."""
+    """Add to ``result`` a row per default sampler of each of ``peers`` × budget, measured against
+    ``result.reference``, and each peer that cannot run to ``result.unavailable`` with why (the peers'
+    part of :func:`compare`, which the command line runs once after the ranks' runs)."""
+    names = _peers.check_peers(peers)
+    result.unavailable.update({peer: why for peer in names if (why := _peers.unavailable(peer)) is not None})
     ref = result.reference
-    for sampler in samplers:
+    for sampler in _peers.default_samplers([p for p in names if p not in result.unavailable]):
         for budget in budgets:
             if on_run is not None:
                 on_run(f"{sampler.source}: {sampler.name}/{sampler.grid}/NFE {budget}")
