@@ -94,8 +94,9 @@ def test_peer_rows_equal_their_own_loops_run_directly():
                       K.get_sigmas_karras(3, flow.schedule.sigma_min, flow.schedule.sigma_max).double(), disable=True)
     heun = rows[("k-diffusion", "heun")]
     assert heun.rms_error == _rms(x, ref) and (heun.steps, heun.nfe) == (3, 5)  # 2 a step, 1 into σ = 0
-    # DDIM on trailing timesteps is flowdiff's Euler on the trailing grid: the harness measures both alike
-    assert math.isclose(rows[("diffusers", "DDIM")].rms_error, rows[("flowdiff", "euler")].rms_error, rel_tol=1e-9)
+    # DDIM on trailing timesteps is flowdiff's Euler on the trailing grid: the harness measures both alike (up to
+    # diffusers keeping alphas_cumprod in float32)
+    assert math.isclose(rows[("diffusers", "DDIM")].rms_error, rows[("flowdiff", "euler")].rms_error, rel_tol=1e-5)
     assert all(r.nfe <= r.budget for r in result.runs)
 
 

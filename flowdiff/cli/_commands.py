@@ -21,6 +21,8 @@ from ..engine.flow import ProbabilityFlow
 from ..engine.latent import Latent
 from ..runs import distributed
 from ..runs.imageio import ImageFormat
+from ..tools.report import FILES as REPORT_FILES
+from ..tools.report import ROUNDTRIP_FIGURE
 from . import _prompt
 from ._errors import CommandError, one_line
 from ._images import default_format, load_images, save_grid, write_images
@@ -126,7 +128,8 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
     from ..tools.compare import Reference, reference_solution, run_peers
 
     out = output_dir(args.out)
-    plan([(out / name, "--out") for name in REPORT_FILES.values()], overwrite=args.overwrite)
+    names = [*REPORT_FILES.values()] + ([ROUNDTRIP_FIGURE] if args.task == "roundtrip" else [])
+    plan([(out / name, "--out") for name in names], overwrite=args.overwrite)
     ref_path = out / "reference.safetensors"
     # the reference is solved from the network as saved (copied to float64), the runs in --dtype
     loaded, dtype, device = _setup(args, convert=False)
@@ -220,11 +223,6 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
     return 0
 
 
-#: The files of ``flowdiff compare``'s report (:data:`flowdiff.tools.report.FILES`) and the round trip's figure.
-REPORT_FILES = {"report": "compare.md", "csv": "compare.csv", "frontier": "frontier.png", "detail": "compare.png",
-                "samples": "samples.png"}
-
-
 def _report_facts(args: argparse.Namespace, loaded: LoadedModel, device: torch.device) -> dict[str, str]:
     from ..tools.report import versions
 
@@ -278,7 +276,9 @@ def _compare_roundtrip(args: argparse.Namespace, loaded: LoadedModel, run_flow: 
         with torch.no_grad():
             enc = encode(run_flow, shown, solver=solver, grid=Grid(grid, nfe=top))
             recon[f"{solver} / {grid}, NFE {top}"] = decode(run_flow, enc.latent).x
-    figure = roundtrip_figure(shown, recon, out / "roundtrip.png")
+    with atomic_path(out / ROUNDTRIP_FIGURE) as tmp:
+        roundtrip_figure(shown, recon, tmp)
+    figure = out / ROUNDTRIP_FIGURE
     facts = _report_facts(args, loaded, device)
     facts["images"] = f"the first {args.batch} held-out digits, {args.dtype}; error against them (no reference solve)"
     paths = _write_report(result, out, args, loaded, facts, "round trip: decode(encode(x))",

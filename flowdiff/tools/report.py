@@ -23,12 +23,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..engine._files import atomic_path
 from .compare import Comparison, Run
 from .peers import version
 
 #: Where each file of a report goes, by role.
 FILES = {"report": "compare.md", "csv": "compare.csv", "frontier": "frontier.png", "detail": "compare.png",
          "samples": "samples.png"}
+#: The round-trip task's figure (:func:`roundtrip_figure`), beside the report.
+ROUNDTRIP_FIGURE = "roundtrip.png"
 
 
 def versions(peers: Sequence[str] = ()) -> dict[str, str]:
@@ -175,7 +178,8 @@ def write_report(result: Comparison, out: str | Path, *, facts: Mapping[str, str
                  reproduce: Callable[[Run], str] | None = None, title: str = "flowdiff compare",
                  to_images: Callable[[Tensor], Tensor] | None = None,
                  figures: Mapping[str, Path] | None = None) -> dict[str, Path]:
-    """Write the report of ``result`` into the folder ``out`` (see the module's docstring); the paths by role.
+    """Write the report of ``result`` into the folder ``out`` (see the module's docstring), each file atomically;
+    the paths by role.
 
     ``facts`` are listed first (model, fingerprint, seed, reference, versions, …); ``reproduce(run)`` gives
     the command that reproduces a flowdiff row (the best one is shown); ``figures`` are further figures
@@ -184,11 +188,15 @@ def write_report(result: Comparison, out: str | Path, *, facts: Mapping[str, str
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {role: out / name for role, name in FILES.items()}
-    paths["csv"].write_text(result.to_csv())
-    frontier_plot(result, paths["frontier"], title=f"{title}: the frontier")
-    result.plot(paths["detail"], title=f"{title}: every solver × grid")
+    with atomic_path(paths["csv"]) as tmp:
+        tmp.write_text(result.to_csv())
+    with atomic_path(paths["frontier"]) as tmp:
+        frontier_plot(result, tmp, title=f"{title}: the frontier")
+    with atomic_path(paths["detail"]) as tmp:
+        result.plot(tmp, title=f"{title}: every solver × grid")
     if result.images:
-        sample_grid(result, paths["samples"], to_images=to_images)
+        with atomic_path(paths["samples"]) as tmp:
+            sample_grid(result, tmp, to_images=to_images)
     else:
         del paths["samples"]
     md = [f"# {title}", ""]
@@ -216,7 +224,8 @@ def write_report(result: Comparison, out: str | Path, *, facts: Mapping[str, str
         md += ["Skipped:", ""] + [f"- {s.source} {s.solver} on {s.grid} at NFE {s.budget}: {s.reason}"
                                   for s in result.skipped] + [""]
     md += [f"Every run, with NFE used, steps, max error and wall time: [{FILES['csv']}]({FILES['csv']})", ""]
-    paths["report"].write_text("\n".join(md))
+    with atomic_path(paths["report"]) as tmp:
+        tmp.write_text("\n".join(md))
     return paths
 
 
