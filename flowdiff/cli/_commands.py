@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -200,7 +201,7 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
     mine = [r for r in result.runs if r.source == "flowdiff"]
     if mine:
         top = min(mine, key=lambda r: (-r.budget, r.rms_error))
-        print(f"reproduce the best flowdiff row at NFE {top.budget}: {_reproduce(args, top)}")
+        print(f"reproduce the best flowdiff row at NFE {top.budget}: {_reproduce(args, top, result.provided)}")
     for skip in result.skipped:
         peer = "" if skip.source == "flowdiff" else f"{skip.source}: "
         print(f"skipped {peer}{skip.solver} on {skip.grid} at NFE {skip.budget}: {skip.reason}")
@@ -232,12 +233,19 @@ def _report_facts(args: argparse.Namespace, loaded: LoadedModel, device: torch.d
     return facts
 
 
-def _reproduce(args: argparse.Namespace, run) -> str:  # noqa: ANN001 - a flowdiff.tools.compare.Run
+def _reproduce(args: argparse.Namespace, run, provided: dict) -> str:  # noqa: ANN001 - a flowdiff.tools.compare.Run
     """The ``flowdiff sample`` command that makes ``run``'s images (the same seeded noise, solver, grid, budget)."""
-    model = "" if args.model == "digits" else f" --model {args.model}"
-    grid = run.grid
-    return (f"flowdiff sample{model} --solver {run.solver} --grid {grid} --nfe {run.budget} --seed {args.seed} "
-            f"--num {args.batch} --dtype {args.dtype}" + ("" if grid != "tuned" else "  # the stored tuned grid"))
+    model = "" if args.model == "digits" else f" --model {shlex.quote(args.model)}"
+    note = ""
+    if run.grid == "tuned":
+        stored = getattr(provided.get((run.solver, run.grid, run.budget)), "source", "")
+        note = ("  # the stored tuned grid" if stored else
+                "  # NB: this grid was tuned here (--calibration-seed); --grid tuned uses the stored one, if any")
+    conditioning = "".join(f" --{name.replace('_', '-')} {shlex.quote(str(value))}"
+                           for name in ("prompt", "negative_prompt", "guidance", "embedded_guidance")
+                           if (value := getattr(args, name, None)) is not None)
+    return (f"flowdiff sample{model} --solver {run.solver} --grid {run.grid} --nfe {run.budget} --seed {args.seed} "
+            f"--num {args.batch} --dtype {args.dtype}{conditioning}{note}")
 
 
 def _write_report(result, out: Path, args: argparse.Namespace, loaded: LoadedModel,  # noqa: ANN001
@@ -249,8 +257,8 @@ def _write_report(result, out: Path, args: argparse.Namespace, loaded: LoadedMod
             images = _prompt.to_images(loaded, x.to(device=result.reference.x.device, dtype=DTYPES[args.dtype]))
         return ((images.detach().cpu().float().clamp(-1, 1) + 1) / 2)
 
-    return write_report(result, out, facts=facts, reproduce=lambda run: _reproduce(args, run), title=title,
-                        to_images=to_images, figures=figures)
+    return write_report(result, out, facts=facts, reproduce=lambda run: _reproduce(args, run, result.provided),
+                        title=title, to_images=to_images, figures=figures)
 
 
 def _compare_roundtrip(args: argparse.Namespace, loaded: LoadedModel, run_flow: ProbabilityFlow,

@@ -427,7 +427,8 @@ def compare(
     if progress is True:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(jobs) + len(_peers.default_samplers(peer_names)) * len(budgets) + (reference is None),
+        runnable = [p for p in peer_names if _peers.unavailable(p) is None]
+        bar = tqdm(total=len(jobs) + len(_peers.default_samplers(runnable)) * len(budgets) + (reference is None),
                    desc="compare", unit="run", leave=False)
     try:
         ref = reference
