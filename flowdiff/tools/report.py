@@ -74,13 +74,16 @@ def frontier_plot(result: Comparison, path: str | Path, title: str | None = None
     lines = frontier(result)
     fig, ax = plt.subplots(figsize=(8.0, 5.0), dpi=120)
     markers = {"flowdiff, named grids": "o-", "flowdiff, tuned grid": "D-", "diffusers": "^--", "k-diffusion": "v--"}
-    for name, per_budget in lines.items():
+    # each line's labels on their own side of its points, so that lines that meet keep readable names
+    offsets = [((5, 4), "left"), ((5, -10), "left"), ((-5, -10), "right"), ((-5, 4), "right")]
+    for i, (name, per_budget) in enumerate(lines.items()):
         runs = [per_budget[b] for b in sorted(per_budget)]
         xs, ys = [r.nfe for r in runs], [max(r.rms_error, 1e-16) for r in runs]
         (line,) = ax.plot(xs, ys, markers.get(name, "s-"), markersize=5, label=name)
+        offset, align = offsets[i % len(offsets)]
         for r, x, y in zip(runs, xs, ys):
-            ax.annotate(f"{r.solver}/{r.grid}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6,
-                        color=line.get_color())
+            ax.annotate(f"{r.solver}/{r.grid}", (x, y), textcoords="offset points", xytext=offset, ha=align,
+                        fontsize=6, color=line.get_color())
     floor = result.reference.error
     lowest = min((r.rms_error for r in result.runs), default=math.nan)
     if math.isfinite(floor) and floor > 0 and floor >= 1e-2 * lowest:
@@ -89,6 +92,7 @@ def frontier_plot(result: Comparison, path: str | Path, title: str | None = None
     ax.set_yscale("log")
     ax.set_xticks(result.budgets, [str(b) for b in result.budgets])
     ax.minorticks_off()
+    ax.margins(x=0.12)
     ax.set_xlabel("model evaluations (NFE used)")
     ax.set_ylabel("lowest RMS error vs reference")
     ax.set_title(title or "the frontier: best per source", fontsize=10)
