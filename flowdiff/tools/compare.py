@@ -20,7 +20,10 @@ NFE is the currency: the table shows the budget asked for and the NFE actually s
 (counted by the driver: a one-evaluation-per-step solver spends the budget exactly; Heun
 with its Euler step into σ = 0 spends an odd count ≤ N). Wall time is recorded, never
 asserted. :class:`Comparison` renders the table as markdown or CSV and draws the log-log
-error-vs-NFE plot.
+error-vs-NFE plot; :mod:`flowdiff.tools.report` makes the report of it (frontier, samples, facts).
+
+``peers=`` adds the samplers of diffusers and k-diffusion (:mod:`flowdiff.tools.peers`) as rows of
+the same table: same flow, noise, budgets and reference, their model calls counted the same way.
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ from . import peers as _peers
 from . import tuning as _tuning
 from .reference import Reference, check_tolerance, clear_reference_cache, reference_solution
 
-__all__ = ["CALIBRATION_SEED", "CSV_COLUMNS", "DEFAULT_GRIDS", "DEFAULT_NFE", "Comparison", "Reference", "Run",
-           "Skipped", "clear_reference_cache", "compare", "default_grids", "default_solvers", "reference_solution"]
+__all__ = ["CALIBRATION_SEED", "CSV_COLUMNS", "DEFAULT_GRIDS", "DEFAULT_NFE", "TUNED_GRIDS", "Comparison", "Reference",
+           "Run", "Skipped", "clear_reference_cache", "compare", "default_grids", "default_solvers",
+           "reference_solution", "run_peers"]
 
 #: Grids of the default comparison: diffusers' trailing timesteps, EDM's, uniform in log σ.
 DEFAULT_GRIDS = ("trailing", "karras", "logsnr")
@@ -67,7 +71,6 @@ TUNED_GRIDS = ("tuned",)
 CALIBRATION_SEED = 20241
 
 
-
 def default_grids(flow: ProbabilityFlow, solvers: Iterable[str], nfe: Iterable[int],
                   model_kwargs: Mapping[str, Any] | None = None) -> tuple[str, ...]:
     """:data:`DEFAULT_GRIDS`, plus ``"tuned"`` where a stored tuned grid (:func:`flowdiff.stored_grid`) covers
@@ -81,7 +84,6 @@ def default_solvers() -> list[str]:
     """Euler (DDIM) and Heun, then every registered multistep solver (the low-NFE methods)."""
     multistep = [name for name in _solvers.available(multistep=True) if name not in BASE_SOLVERS]
     return [name for name in BASE_SOLVERS if name in _solvers.available()] + multistep
-
 
 
 @dataclass(frozen=True)
