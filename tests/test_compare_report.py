@@ -244,3 +244,12 @@ def test_compare_imports_tuning_and_tuning_does_not_register_itself():
     import flowdiff.tools.compare as compare_module
 
     assert not hasattr(compare_module, "GRID_PROVIDERS")
+
+
+def test_the_device_defaults_to_the_gpu_when_torch_sees_one():
+    from flowdiff.cli._parser import build_parser
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    for command in (["compare"], ["sample"], ["encode", "a.png"], ["roundtrip", "a.png"]):
+        assert build_parser().parse_args(command).device == expected
+    assert build_parser().parse_args(["sample", "--device", "cpu"]).device == "cpu"

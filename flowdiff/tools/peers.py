@@ -6,10 +6,11 @@ as one NFE. Each peer runs through its own code, not a reimplementation:
 
 * diffusers: the scheduler's own ``set_timesteps`` / ``scale_model_input`` / ``step`` loop from
   ``x = noise · init_noise_sigma``, the model given as diffusers' ``model(x_t, t)`` returning ε at
-  σ(t) of the flow's schedule (x̄ = x_t·√(1+σ²)). Its schedulers are built from the flow's own
-  ``alphas_cumprod`` (``trained_betas``), with ``num_inference_steps`` = the budget (one evaluation a
-  step). :data:`DIFFUSERS_DEFAULT` is the default set; :func:`diffusers_configs` every scheduler ×
-  order × spacing or σ option (``benchmarks/bench_frontier.py`` runs them all).
+  the σ of timestep t in the flow's table of noise levels (x̄ = x_t·√(1+σ²)). Its schedulers are
+  built from the flow's own ``alphas_cumprod`` (``trained_betas``), with ``num_inference_steps`` = the
+  budget (one evaluation a step). :data:`DIFFUSERS_DEFAULT` is the default set;
+  :func:`diffusers_configs` every scheduler × order × spacing or σ option
+  (``benchmarks/bench_frontier.py`` runs them all).
 * k-diffusion: its ``sample_*`` functions on :func:`flowdiff.models.kdiffusion.to_denoiser` of the
   flow (D(x̄, σ) = x̄ − σ·ε), on k-diffusion's own Karras grid between the schedule's σ_min and
   σ_max, started at x̄ = noise·√(1+σ_max²). Heun spends two evaluations a step but one on the last
@@ -39,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ..engine.flow import ProbabilityFlow
+from ..engine.schedules import Schedule
 from ..models.kdiffusion import to_denoiser
 
 #: The peers :func:`flowdiff.compare` can run, by the name rows carry in ``Run.source``.
@@ -182,19 +184,26 @@ def _steps(sampler: PeerSampler, budget: int) -> int:
 # ---------------------------------------------------------------------------------------------- diffusers
 
 
+def table_sigma(flow: ProbabilityFlow, t: Tensor | float) -> float:
+    """σ of diffusers' (possibly fractional) timestep ``t``: the schedule's table of trained noise levels
+    (its ``alphas_cumprod``, the one the scheduler is built from), interpolated in log σ between
+    timesteps as diffusers does — also for a schedule whose model time is continuous."""
+    return float(Schedule.sigma_at(flow.schedule, float(t)))
+
+
 class DiffusersEps:
-    """The flow's ε as diffusers' ``model(x_t, t)``: σ = σ(t) of the flow's schedule, x̄ = x_t·√(1+σ²).
+    """The flow's ε as diffusers' ``model(x_t, t)``: σ = :func:`table_sigma` of t, x̄ = x_t·√(1+σ²).
 
     Counts its calls (``nfe``): one per scheduler step, whatever the batch."""
 
     def __init__(self, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> None:
         self.field = flow.field(model_kwargs)
-        self.schedule = flow.schedule
+        self.flow = flow
         self.nfe = 0
 
     def __call__(self, x_t: Tensor, t: Tensor | float) -> Tensor:
         self.nfe += 1
-        sigma = float(self.schedule.sigma_at(float(t)))
+        sigma = table_sigma(self.flow, t)
         return self.field(sigma, x_t * math.sqrt(1.0 + sigma * sigma))
 
 
@@ -222,7 +231,7 @@ def _run_diffusers(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, b
             eps = model(scheduler.scale_model_input(x, t), t)
             x = scheduler.step(eps, t, x).prev_sample
     wall = time.perf_counter() - start
-    first = float(flow.schedule.sigma_at(float(scheduler.timesteps[0])))
+    first = table_sigma(flow, scheduler.timesteps[0])
     return PeerRun(x, model.nfe, len(scheduler.timesteps), wall, first)
 
 
