@@ -180,9 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="compare solvers × grids at fixed NFE against a float64 reference (main job)",
                        description="Generate from one batch of noise with every solver × grid × NFE budget (in "
-                                   "--dtype), measure the RMS error of the images against a tight float64 adaptive "
-                                   "reference solve from the same noise, print the table and write it as "
-                                   "markdown, CSV and a log-log error-vs-NFE plot.")
+                                   "--dtype), and with --peers diffusers' and k-diffusion's samplers, measure the RMS "
+                                   "error of the images against a tight float64 adaptive reference solve from the "
+                                   "same noise, print the best grid per solver and write a report: compare.md (the "
+                                   "run's facts, the best per budget, the command that reproduces it), the frontier "
+                                   "and sample figures, every solver × grid, and every run as CSV.")
     _common(p, dtype="float32")
     p.add_argument("--solver", type=_name_list(_solvers.available, "solver"), default=None, metavar="LIST",
                    help="comma-separated solver names (default: "
