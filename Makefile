@@ -22,7 +22,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml Makefile
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/flowdiff compare
+	$(BIN)/flowdiff compare --peers diffusers,k-diffusion
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -1,9 +1,8 @@
 """Benchmark-only helpers: k-diffusion's samplers on a flowdiff model, and the shared models.
 
 k-diffusion (``pip install --no-deps k-diffusion``, see ``benchmarks/requirements.txt``) is
-loaded without its package ``__init__`` (which imports torchvision, clip and more): only
-``k_diffusion/sampling.py`` and ``utils.py`` are executed, with ``torchvision`` and ``torchsde``
-stubbed (they serve image transforms and the SDE samplers, neither used here).
+loaded by :func:`flowdiff.tools.peers.load_kdiffusion`, without its package ``__init__`` (which
+imports torchvision, clip and more).
 
 Its samplers run on the denoiser D(x̄, σ) = x̄ − σ·ε(x̄, σ), with k-diffusion's x equal to
 flowdiff's x̄ = x·√(1+σ²); every call is counted (NFE).
@@ -12,7 +11,6 @@ flowdiff's x̄ = x·√(1+σ²); every call is counted (NFE).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import sys
 import types
@@ -23,29 +21,12 @@ import torch
 from torch import Tensor
 
 import flowdiff
+from flowdiff.tools.peers import load_kdiffusion
 
 
 def load_kdiffusion_sampling() -> types.ModuleType:
-    """``k_diffusion.sampling`` without the package's heavy imports."""
-    if "k_diffusion.sampling" in sys.modules:
-        return sys.modules["k_diffusion.sampling"]
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("k-diffusion is not installed: pip install --no-deps k-diffusion (see "
-                          "benchmarks/requirements.txt)")
-    root = Path(list(spec.submodule_search_locations)[0])
-    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional", "torchsde"):
-        sys.modules.setdefault(name, types.ModuleType(name))
-    package = types.ModuleType("k_diffusion")
-    package.__path__ = [str(root)]
-    sys.modules["k_diffusion"] = package
-    for sub in ("utils", "sampling"):
-        sub_spec = importlib.util.spec_from_file_location(f"k_diffusion.{sub}", root / f"{sub}.py")
-        module = importlib.util.module_from_spec(sub_spec)
-        sys.modules[f"k_diffusion.{sub}"] = module
-        sub_spec.loader.exec_module(module)
-        setattr(package, sub, module)
-    return sys.modules["k_diffusion.sampling"]
+    """``k_diffusion.sampling`` without the package's heavy imports (:func:`flowdiff.tools.peers.load_kdiffusion`)."""
+    return load_kdiffusion()
 
 
 class CountingDenoiser(torch.nn.Module):

@@ -13,13 +13,12 @@ side in one process, every model call counted.
   is reported.
 * flowdiff, untuned: every solver of ``UNTUNED`` on its named grids, best chosen on the
   evaluation noise (for comparison).
-* diffusers: ``DDIMScheduler``, ``DPMSolverMultistepScheduler`` (dpmsolver++ 2M and 3M),
-  ``DEISMultistepScheduler`` (orders 2, 3), ``UniPCMultistepScheduler`` (bh1, bh2, orders 2, 3),
-  each with its timestep spacings (linspace, leading, trailing) and sigma options (karras,
-  lu_lambdas, exponential, beta where offered), with ``num_inference_steps`` = NFE (one
-  evaluation a step), driven on the flow's ε as a diffusers-style ``model(x_t, t)`` (the
-  flow's schedule is DDPM linear, T = 1000; x_t = x̄/√(1+σ²)). Best chosen on the evaluation
-  noise itself, which favours it.
+* diffusers: every configuration of :func:`flowdiff.tools.peers.diffusers_configs` (DDIM without
+  ``clip_sample``, DPM++ 2M and 3M, DEIS and UniPC bh1/bh2 of orders 2 and 3, each with its
+  timestep spacings and σ options), run by :func:`flowdiff.tools.peers.run` through the
+  scheduler's own loop with ``num_inference_steps`` = NFE (one evaluation a step) — the runner
+  ``flowdiff compare --peers diffusers`` uses. Best chosen on the evaluation noise itself, which
+  favours it.
 * k-diffusion: ``benchmarks/bench_lownfe.py``'s samplers and grids, best chosen on the
   evaluation noise.
 
@@ -34,16 +33,14 @@ import hashlib
 import math
 import platform
 import time
-import warnings
 from pathlib import Path
 
-import diffusers  # before k-diffusion's loader stubs torchsde, which diffusers probes for
-import numpy as np
 import torch
-from _kdiffusion import load_kdiffusion_sampling, mixture_flow, rmse, trained_flow
+from _kdiffusion import mixture_flow, rmse, trained_flow
 from bench_lownfe import run_kdiffusion
 
 import flowdiff
+from flowdiff.tools import peers
 from flowdiff.tools.compare import Reference
 
 BUDGETS = (4, 5, 6, 8, 10, 20)
@@ -53,7 +50,6 @@ TUNED = {"mixture": [("ipndm", {"order": 3}), ("dpmpp_3m", {}), ("unipc", {"orde
 UNTUNED = [("euler", {}), ("lms", {}), ("ipndm", {"order": 3}), ("ipndm", {}), ("deis", {}), ("deis", {"order": 2}),
            ("dpmpp_2m", {}), ("dpmpp_3m", {}), ("unipc", {"order": 1}), ("unipc", {"order": 2})]
 UNTUNED_GRIDS = [("trailing", {}), ("karras", {}), ("logsnr", {}), ("logsnr", {"power": 0.7})]
-SPACINGS = ("linspace", "leading", "trailing")
 
 
 def label(solver: str, options: dict) -> str:
@@ -63,68 +59,18 @@ def label(solver: str, options: dict) -> str:
 # ---------------------------------------------------------------------------------------------- diffusers
 
 
-def diffusers_configs() -> list[tuple[str, type, dict]]:
-    """Every scheduler × order × spacing or sigma option the issue names."""
-    D = diffusers
-    configs = [(f"DDIM {sp}", D.DDIMScheduler, {"timestep_spacing": sp}) for sp in SPACINGS]
-
-    def sigma_options(cls, extra: dict, lu: bool) -> list[tuple[str, dict]]:
-        out = [(sp, {"timestep_spacing": sp}) for sp in SPACINGS]
-        names = ["karras", "exponential", "beta"] + (["lu_lambdas"] if lu else [])
-        for name in names:
-            key = f"use_{name}" if name == "lu_lambdas" else f"use_{name}_sigmas"
-            out.append((name, {key: True}))
-        return out
-
-    for order in (2, 3):
-        for tag, kw in sigma_options(D.DPMSolverMultistepScheduler, {}, lu=True):
-            configs.append((f"DPM++ {order}M {tag}", D.DPMSolverMultistepScheduler,
-                            {"algorithm_type": "dpmsolver++", "solver_order": order, **kw}))
-        for tag, kw in sigma_options(D.DEISMultistepScheduler, {}, lu=False):
-            configs.append((f"DEIS order {order} {tag}", D.DEISMultistepScheduler, {"solver_order": order, **kw}))
-        for kind in ("bh1", "bh2"):
-            for tag, kw in sigma_options(D.UniPCMultistepScheduler, {}, lu=False):
-                configs.append((f"UniPC {kind} order {order} {tag}", D.UniPCMultistepScheduler,
-                                {"solver_type": kind, "solver_order": order, **kw}))
-    return configs
-
-
-class EpsModel:
-    """The flow's ε as diffusers' ``model(x_t, t)``: σ = σ(t) of the schedule, x̄ = x_t·√(1+σ²); counts calls."""
-
-    def __init__(self, flow: flowdiff.ProbabilityFlow) -> None:
-        self.eps = flow.field()
-        self.schedule = flow.schedule
-        self.nfe = 0
-
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.nfe += 1
-        sigma = float(self.schedule.sigma_at(float(t)))
-        return self.eps(sigma, x_t * math.sqrt(1.0 + sigma * sigma))
-
-
 def run_diffusers(flow, noise: torch.Tensor, ref: torch.Tensor, budget: int) -> list[dict]:
-    ac = flow.schedule.alphas_cumprod
-    betas = (1.0 - ac / np.concatenate([[1.0], ac[:-1]])).tolist()
+    """Every configuration of :func:`flowdiff.tools.peers.diffusers_configs`, through the scheduler's own loop."""
     rows = []
-    for name, cls, kw in diffusers_configs():
+    for sampler in peers.diffusers_configs():
+        label = f"{sampler.name} {sampler.grid}"
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                sched = cls(num_train_timesteps=len(ac), trained_betas=betas, **kw)
-                sched.set_timesteps(budget)
+            run = peers.run(sampler, flow, noise, budget)
         except (ValueError, ImportError) as err:  # an option this version or schedule does not take
-            rows.append(dict(lib="diffusers", solver=name, grid="", nfe=0, rmse=math.inf, wall=0.0, note=str(err)))
+            rows.append(dict(lib="diffusers", solver=label, grid="", nfe=0, rmse=math.inf, wall=0.0, note=str(err)))
             continue
-        model = EpsModel(flow)
-        start = time.perf_counter()
-        x = noise.clone() * sched.init_noise_sigma
-        with torch.no_grad():
-            for t in sched.timesteps:
-                x = sched.step(model(x, t), t, x).prev_sample
-        err = rmse(x, ref) if bool(torch.isfinite(x).all()) else math.inf
-        rows.append(dict(lib="diffusers", solver=name, grid="", nfe=model.nfe, rmse=err,
-                         wall=time.perf_counter() - start))
+        err = rmse(run.x, ref) if bool(torch.isfinite(run.x).all()) else math.inf
+        rows.append(dict(lib="diffusers", solver=label, grid="", nfe=run.nfe, rmse=err, wall=run.wall_time))
     return rows
 
 
@@ -236,7 +182,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     budgets = [int(b) for b in args.nfe.split(",")]
-    K = load_kdiffusion_sampling()
+    K = peers.load_kdiffusion()
     models = []
     wanted = args.models.split(",")
     if "mixture" in wanted:

@@ -252,7 +252,7 @@ def compare_table(folder: Path) -> list[dict]:
 
 
 COMPARE = ["compare", "--solver", "euler,heun,dpmpp_2m", "--nfe", "3,5", "--grid", "trailing", "--batch", "2",
-           "--no-progress"]
+           "--no-progress", "--layout", "wide"]
 
 
 def test_compare_runs_split_over_two_processes_give_one_table(tmp_path, capsys):

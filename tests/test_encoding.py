@@ -181,7 +181,7 @@ def test_cli_compare_task_roundtrip_writes_the_table(tmp_path, capsys):
 
     out = tmp_path / "rt"
     assert main(["compare", "--task", "roundtrip", "--model", "analytic-mixture", "--solver", "euler,dpmpp_2m",
-                 "--grid", "logsnr", "--nfe", "6", "--batch", "2", "--out", str(out)]) == 0
+                 "--grid", "logsnr", "--nfe", "6", "--batch", "2", "--layout", "wide", "--out", str(out)]) == 0
     assert "| dpmpp_2m | logsnr |" in capsys.readouterr().out
     assert (out / "compare.csv").read_text().splitlines()[0].endswith("encode_nfe,decode_nfe")
 

@@ -169,7 +169,8 @@ def test_shipped_grids_cover_the_default_comparison_of_the_shipped_model():
 def test_default_command_line_compare_shows_the_shipped_grid_or_says_there_is_none(capsys, tmp_path):
     from flowdiff.cli import main
 
-    common = ["--batch", "2", "--nfe", "10", "--solver", "unipc", "--rtol", "1e-4", "--no-progress"]
+    common = ["--batch", "2", "--nfe", "10", "--solver", "unipc", "--rtol", "1e-4", "--no-progress", "--layout",
+              "wide"]
     assert main(["compare", "--model", "digits", *common, "--out", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
     assert "| unipc | tuned |" in out and "tuned grids: 1 shipped ones from" in out and "digits.tuned.json" in out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -21,6 +22,8 @@ from ..engine.flow import ProbabilityFlow
 from ..engine.latent import Latent
 from ..runs import distributed
 from ..runs.imageio import ImageFormat
+from ..tools.report import FILES as REPORT_FILES
+from ..tools.report import ROUNDTRIP_FIGURE
 from . import _prompt
 from ._errors import CommandError, one_line
 from ._images import as_written, default_format, load_images, save_grid, write_images
@@ -75,6 +78,31 @@ def _budget(args: argparse.Namespace) -> dict[str, int]:
     return {"nfe": args.default_nfe} if args.default_nfe is not None else {"steps": args.default_steps}
 
 
+def _grid(args: argparse.Namespace, loaded: LoadedModel) -> dict:
+    """The grid and budget keywords of ``generate``/``encode``: ``--grid NAME`` with the budget in force, or for
+    ``--grid tuned`` the tuned grid stored for this model, ``--solver`` and ``--nfe`` (refused where none is)."""
+    budget = _budget(args)
+    if args.grid != "tuned":
+        return {"grid": args.grid, **budget}
+    from ..engine.options import Grid
+    from ..tools.tuning import STORED_DIR, load_grids, stored_grid
+
+    if "nfe" not in budget:
+        raise CommandError(f"--grid tuned needs --nfe N (got --steps {budget['steps']}): tuned grids are stored per "
+                           "NFE budget")
+    model_kwargs = loaded.model_kwargs or None
+    made = stored_grid(loaded.flow, args.solver, budget["nfe"], model_kwargs=model_kwargs)
+    if made is None:
+        mine = fingerprint(loaded)
+        have = sorted({(g.solver, g.nfe) for path in sorted(STORED_DIR.glob("*.tuned.json"))
+                       for g in load_grids(path) if g.fingerprint == mine and not g.solver_options})
+        stored = ", ".join(f"{solver} at {nfe}" for solver, nfe in have) or "none"
+        raise CommandError(f"--grid tuned: no tuned grid is stored for --model {args.model!r} with --solver "
+                           f"{args.solver} at --nfe {budget['nfe']} (stored for this model: {stored}); pick one of "
+                           "those, or another --grid, or tune one with flowdiff.tune and flowdiff.save_grids")
+    return {"grid": Grid(sigmas=made.sigmas)}
+
+
 def fingerprint(loaded: LoadedModel) -> str:
     """The key of the reference kept on disk: :func:`flowdiff.engine.fingerprint.flow_fingerprint` of the model."""
     try:
@@ -93,18 +121,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
         distributed.close(ranks)
 
 
+#: Images of each run the report's sample grid shows.
+SAMPLE_IMAGES = 4
+
+
 def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
-    from ..tools.compare import Reference, reference_solution
+    from ..tools.compare import Reference, reference_solution, run_peers
 
     out = output_dir(args.out)
-    md, csv, png = plan([(out / "compare.md", "--out"), (out / "compare.csv", "--out"),
-                         (out / "compare.png", "--out")], overwrite=args.overwrite)
+    names = [*REPORT_FILES.values()] + ([ROUNDTRIP_FIGURE] if args.task == "roundtrip" else [])
+    plan([(out / name, "--out") for name in names], overwrite=args.overwrite)
     ref_path = out / "reference.safetensors"
     # the reference is solved from the network as saved (copied to float64), the runs in --dtype
     loaded, dtype, device = _setup(args, convert=False)
     run_flow = in_dtype(loaded.flow, dtype)
     if args.task == "roundtrip":  # held-out digits (the shipped models' data) encoded and decoded back
-        return _compare_roundtrip(args, loaded, run_flow, dtype, device, md, csv, png, ranks)
+        if args.peers:
+            raise CommandError("--peers applies to --task generate: the peers' samplers do not encode")
+        return _compare_roundtrip(args, loaded, run_flow, dtype, device, out, ranks)
     noise = _noise(args, args.batch, loaded.shape, dtype, device)
     # The reference depends on the model, the noise (seed, batch, shape) and the tolerance, not on --dtype:
     # it is always solved in float64 from the same float64 draw, so it is kept on disk under that key.
@@ -137,32 +171,40 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
     result = distributed.compare(run_flow, noise, ranks=ranks, solvers=args.solver, grids=args.grid, nfe=args.nfe,
                                  model_kwargs=loaded.model_kwargs or None, reference=ref,
                                  progress=not args.no_progress, calibration_noise=calibration,
-                                 tune_options={"progress": not args.no_progress})
+                                 tune_options={"progress": not args.no_progress}, keep_images=SAMPLE_IMAGES)
     if not ranks.is_main:
         return 0
+    if args.peers:  # once, on rank 0, after the ranks' runs: the same noise, budgets and reference
+        run_peers(result, run_flow, noise, args.peers, result.budgets, model_kwargs=loaded.model_kwargs or None,
+                  keep_images=SAMPLE_IMAGES,
+                  on_run=None if args.no_progress else (lambda text: print(text, file=sys.stderr, flush=True)))
     ref = result.reference
-    title = (f"{loaded.name}: RMS error vs NFE ({args.batch} samples, {args.dtype}, seed {args.seed})")
     header = (f"model {loaded.name}, {args.batch} samples of shape {loaded.shape}, {args.dtype}, seed {args.seed}; "
               f"reference: {ref.solver} rtol=atol={ref.rtol:g} from σ={ref.sigma_start:.4g} to {ref.sigma_end:.4g} "
               f"then the Euler step to 0, {ref.nfe} NFE, "
               f"estimated error {ref.error:.1e}" + (f" (kept in {ref_path})" if kept else ""))
-    table = result.to_markdown(args.layout)
-    with atomic_path(md) as tmp:
-        tmp.write_text(f"{header}\n\n{result.to_markdown('wide')}\n{result.to_markdown('long')}")
-    with atomic_path(csv) as tmp:
-        tmp.write_text(result.to_csv())
-    with atomic_path(png) as tmp:
-        result.plot(tmp, title=title)
+    facts = _report_facts(args, loaded, device)
+    facts["noise"] = f"seed {args.seed}, {args.batch} samples of shape {tuple(loaded.shape)}, {args.dtype}"
+    facts["reference"] = (f"{ref.solver} in float64, rtol = atol = {ref.rtol:g}, from σ = {ref.sigma_start:.4g} to "
+                          f"{ref.sigma_end:.4g} then the Euler step to 0, {ref.nfe} NFE, estimated error "
+                          f"{ref.error:.1e}")
+    paths = _write_report(result, out, args, loaded, facts, f"{loaded.name}: {args.batch} samples, {args.dtype}")
     print(header)
+    for why in result.unavailable.values():
+        print(f"peer not run: {why}")
     print()
-    print(table)
+    print(result.to_markdown(args.layout))
     for budget in result.budgets:
         if any(r.budget == budget for r in result.runs):
             best = result.best(budget)
-            print(f"best at NFE {budget}: {best.solver} on {best.grid} (RMS error {best.rms_error:.2e}, "
-                  f"NFE used {best.nfe})")
+            print(f"best at NFE {budget}: {best.method} (RMS error {best.rms_error:.2e}, NFE used {best.nfe})")
+    mine = [r for r in result.runs if r.source == "flowdiff"]
+    if mine:
+        top = min(mine, key=lambda r: (-r.budget, r.rms_error))
+        print(f"reproduce the best flowdiff row at NFE {top.budget}: {_reproduce(args, top, result.provided)}")
     for skip in result.skipped:
-        print(f"skipped {skip.solver} on {skip.grid} at NFE {skip.budget}: {skip.reason}")
+        peer = "" if skip.source == "flowdiff" else f"{skip.source}: "
+        print(f"skipped {peer}{skip.solver} on {skip.grid} at NFE {skip.budget}: {skip.reason}")
     shipped = {}
     for (solver, grid, budget), made in result.provided.items():
         source = getattr(made, "source", "")
@@ -178,14 +220,53 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
     if args.grid is None and not any(g == "tuned" for _, g, _ in result.provided):
         print("no shipped tuned grids cover this model and these solvers and budgets: add --grid "
               "trailing,karras,logsnr,tuned to tune them here on calibration noise (it costs model evaluations)")
-    print(f"wrote {md}, {csv}, {png}")
+    print(f"wrote the report {paths['report']} with {', '.join(p.name for k, p in paths.items() if k != 'report')}")
     return 0
 
 
+def _report_facts(args: argparse.Namespace, loaded: LoadedModel, device: torch.device) -> dict[str, str]:
+    from ..tools.report import versions
+
+    facts = {"model": f"{loaded.name} (fingerprint {fingerprint(loaded)})",
+             "device": f"{device}, {args.dtype}"}
+    facts["versions"] = ", ".join(f"{k} {v}" for k, v in versions(args.peers or ()).items())
+    return facts
+
+
+def _reproduce(args: argparse.Namespace, run, provided: dict) -> str:  # noqa: ANN001 - a flowdiff.tools.compare.Run
+    """The ``flowdiff sample`` command that makes ``run``'s images (the same seeded noise, solver, grid, budget)."""
+    model = "" if args.model == "digits" else f" --model {shlex.quote(args.model)}"
+    note = ""
+    if run.grid == "tuned":
+        stored = getattr(provided.get((run.solver, run.grid, run.budget)), "source", "")
+        note = ("  # the stored tuned grid" if stored else
+                "  # NB: this grid was tuned here (--calibration-seed); --grid tuned uses the stored one, if any")
+    conditioning = "".join(f" --{name.replace('_', '-')} {shlex.quote(str(value))}"
+                           for name in ("prompt", "negative_prompt", "guidance", "embedded_guidance")
+                           if (value := getattr(args, name, None)) is not None)
+    return (f"flowdiff sample{model} --solver {run.solver} --grid {run.grid} --nfe {run.budget} --seed {args.seed} "
+            f"--num {args.batch} --dtype {args.dtype}{conditioning}{note}")
+
+
+def _write_report(result, out: Path, args: argparse.Namespace, loaded: LoadedModel,  # noqa: ANN001
+                  facts: dict[str, str], title: str, figures: dict | None = None) -> dict[str, Path]:
+    from ..tools.report import write_report
+
+    def to_images(x: Tensor) -> Tensor:  # the flow's data (latents of a latent pipeline) → images in [0, 1]
+        with torch.no_grad():
+            images = _prompt.to_images(loaded, x.to(device=result.reference.x.device, dtype=DTYPES[args.dtype]))
+        return ((images.detach().cpu().float().clamp(-1, 1) + 1) / 2)
+
+    return write_report(result, out, facts=facts, reproduce=lambda run: _reproduce(args, run, result.provided),
+                        title=title, to_images=to_images, figures=figures)
+
+
 def _compare_roundtrip(args: argparse.Namespace, loaded: LoadedModel, run_flow: ProbabilityFlow,
-                       dtype: torch.dtype, device: torch.device, md: Path, csv: Path, png: Path,
-                       ranks: distributed.Ranks) -> int:
+                       dtype: torch.dtype, device: torch.device, out: Path, ranks: distributed.Ranks) -> int:
+    from ..api.sampling import decode, encode
+    from ..engine.options import Grid
     from ..models.pretrained import digits_data
+    from ..tools.report import ranked_methods, roundtrip_figure
 
     if tuple(loaded.shape) != (1, 8, 8):
         raise CommandError(f"--task roundtrip runs on the held-out 8×8 digits; --model {args.model!r} makes images of "
@@ -196,14 +277,23 @@ def _compare_roundtrip(args: argparse.Namespace, loaded: LoadedModel, run_flow: 
                                  grids=args.grid, nfe=args.nfe, model_kwargs=loaded.model_kwargs or None)
     if not ranks.is_main:
         return 0
-    with atomic_path(md) as tmp:
-        tmp.write_text(result.to_markdown("wide") + "\n" + result.to_markdown("long"))
-    with atomic_path(csv) as tmp:
-        tmp.write_text(result.to_csv())
-    with atomic_path(png) as tmp:
-        result.plot(tmp, title="round trip: RMS error vs encode + decode NFE")
+    top = max(result.budgets)
+    shown = images[:SAMPLE_IMAGES]
+    recon = {}
+    for _, solver, grid in ranked_methods(result)[:3]:  # the best encoders, again on the images shown
+        with torch.no_grad():
+            enc = encode(run_flow, shown, solver=solver, grid=Grid(grid, nfe=top))
+            recon[f"{solver} / {grid}, NFE {top}"] = decode(run_flow, enc.latent).x
+    with atomic_path(out / ROUNDTRIP_FIGURE) as tmp:
+        roundtrip_figure(shown, recon, tmp)
+    figure = out / ROUNDTRIP_FIGURE
+    facts = _report_facts(args, loaded, device)
+    facts["images"] = f"the first {args.batch} held-out digits, {args.dtype}; error against them (no reference solve)"
+    paths = _write_report(result, out, args, loaded, facts, "round trip: decode(encode(x))",
+                          figures={"Inputs, reconstructions and error maps": figure})
     print(result.to_markdown(args.layout))
-    print(f"wrote {md}, {csv}, {png}")
+    print(f"wrote the report {paths['report']} with {', '.join(p.name for k, p in paths.items() if k != 'report')}, "
+          f"{figure.name}")
     return 0
 
 
@@ -214,8 +304,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _check_image_suffix(path, "--out")
     loaded, dtype, device = _setup(args)
     noise = _noise(args, args.num, loaded.shape, dtype, device)
-    result = generate(loaded.flow, noise, solver=args.solver, grid=args.grid,
-                      model_kwargs=loaded.model_kwargs or None, **_budget(args))
+    result = generate(loaded.flow, noise, solver=args.solver, model_kwargs=loaded.model_kwargs or None,
+                      **_grid(args, loaded))
     scale = args.scale or max(1, 64 // max(loaded.shape[1:]))
     path = save_grid(_prompt.to_images(loaded, result.x), path, scale=scale)
     print(f"{args.num} samples with {result.solver} on the {args.grid} grid: {result.stats.nfe} NFE, "
@@ -238,14 +328,14 @@ def _encode(args: argparse.Namespace, loaded: LoadedModel, dtype: torch.dtype, d
     images = images.to(device=device, dtype=dtype)
     data = _prompt.to_latents(loaded, images)  # a latent pipeline's flow runs on its autoencoder's latents
     if not args.fixed_point:
-        result = encode(loaded.flow, data, solver=args.solver, grid=args.grid,
-                        model_kwargs=loaded.model_kwargs or None, **_budget(args))
+        result = encode(loaded.flow, data, solver=args.solver, model_kwargs=loaded.model_kwargs or None,
+                        **_grid(args, loaded))
     else:
         with warnings.catch_warnings():  # the images that missed the tolerance are reported below, by name
             warnings.filterwarnings("ignore", message="fixed-point inversion", category=RuntimeWarning)
-            result = encode(loaded.flow, data, solver=args.solver, grid=args.grid, inversion="fixed_point",
+            result = encode(loaded.flow, data, solver=args.solver, inversion="fixed_point",
                             inversion_options={"on_failure": "keep"}, model_kwargs=loaded.model_kwargs or None,
-                            **_budget(args))
+                            **_grid(args, loaded))
         missed = result.stats.extra["unconverged"]
         if missed:
             print(f"fixed-point inversion: {len(missed)} of {len(args.images)} image(s) have no exact preimage under "

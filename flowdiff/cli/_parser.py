@@ -10,6 +10,7 @@ import solvers as _solvers
 
 from ..engine.grids import GRIDS
 from ..tools.compare import DEFAULT_GRIDS, DEFAULT_NFE, default_solvers
+from ..tools.peers import PEERS
 from . import _likelihood
 from ._argtypes import positive_int as _positive_int
 from ._commands import DTYPES, REFERENCE_RTOL, cmd_compare, cmd_decode, cmd_encode, cmd_roundtrip, cmd_sample
@@ -65,6 +66,8 @@ def _tolerance(text: str) -> float:
 def _device_name(text: str) -> str:
     import torch
 
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         torch.device(text)
     except (RuntimeError, ValueError):
@@ -125,8 +128,9 @@ def _common(parser: argparse.ArgumentParser, *, dtype: str | None) -> None:
                        help="'digits' (default: the small trained 8×8 digits model shipped with flowdiff), "
                             "'analytic-mixture' (a closed-form Gaussian mixture over 8×8 digits, exact ε), "
                             "or a local diffusers model directory")
-    group.add_argument("--device", default="cpu", type=_device_name,
-                       help="torch device to run on, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    group.add_argument("--device", default="auto", type=_device_name,
+                       help="torch device to run on, e.g. cpu, cuda, cuda:1 (default: auto, the GPU when torch "
+                            "sees one, else cpu)")
     group.add_argument("--dtype", default=dtype, choices=list(DTYPES),
                        help=f"precision of the state and the network (default: {dtype or 'that of the latents'}); "
                             "float16/bfloat16 run the network in that precision with a float32 state")
@@ -153,8 +157,9 @@ def _solve_options(parser: argparse.ArgumentParser, *, solver: str, nfe: int | N
                         help=f"budget of model evaluations; the largest step count within it is used (default: "
                              f"{default})")
     budget.add_argument("--steps", type=_positive_int, default=None, help="number of solver steps")
-    group.add_argument("--grid", default="trailing", type=_one_name(lambda: GRIDS, "grid"),
-                       help=f"σ grid: {', '.join(GRIDS)} (default: trailing)")
+    group.add_argument("--grid", default="trailing", type=_one_name(lambda: (*GRIDS, "tuned"), "grid"),
+                       help=f"σ grid: {', '.join(GRIDS)} (default: trailing), or tuned: the grid flowdiff stores "
+                            "tuned for this model, --solver and --nfe (as for digits; refused where none is)")
     parser.set_defaults(default_nfe=nfe, default_steps=steps)
 
 
@@ -175,9 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="compare solvers × grids at fixed NFE against a float64 reference (main job)",
                        description="Generate from one batch of noise with every solver × grid × NFE budget (in "
-                                   "--dtype), measure the RMS error of the images against a tight float64 adaptive "
-                                   "reference solve from the same noise, print the table and write it as "
-                                   "markdown, CSV and a log-log error-vs-NFE plot.")
+                                   "--dtype), and with --peers diffusers' and k-diffusion's samplers, measure the RMS "
+                                   "error of the images against a tight float64 adaptive reference solve from the "
+                                   "same noise, print the best grid per solver and write a report: compare.md (the "
+                                   "run's facts, the best per budget, the command that reproduces it), the frontier "
+                                   "and sample figures, every solver × grid, and every run as CSV.")
     _common(p, dtype="float32")
     p.add_argument("--solver", type=_name_list(_solvers.available, "solver"), default=None, metavar="LIST",
                    help="comma-separated solver names (default: "
@@ -198,13 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{REFERENCE_RTOL:g}); the reference is kept in DIR/reference.safetensors and reused "
                         "while the model, seed, batch and tolerance are unchanged")
     p.add_argument("--fresh-reference", action="store_true", help="solve the reference again even if kept")
+    p.add_argument("--peers", type=_name_list(lambda: PEERS, "peer"), default=None, metavar="LIST",
+                   help=f"also run these libraries' samplers on the same model, noise, budgets and reference: "
+                        f"{', '.join(PEERS)} (comma-separated; a peer that is not installed is reported, not run)")
     p.add_argument("--out", default="flowdiff-compare", metavar="DIR",
-                   help="directory for compare.md, compare.csv and compare.png (default: ./flowdiff-compare)")
-    p.add_argument("--layout", choices=("wide", "long"), default="wide",
-                   help="printed table: a column per NFE budget (wide, default) or a row per run (long)")
+                   help="directory for the report compare.md with its figures frontier.png, samples.png and "
+                        "compare.png, and compare.csv (default: ./flowdiff-compare)")
+    p.add_argument("--layout", choices=("best", "wide", "long"), default="best",
+                   help="printed table: a row per solver with its best grid and a column per NFE budget (best, "
+                        "default), a row per solver × grid (wide) or a row per run (long)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--task", choices=("generate", "roundtrip"), default="generate",
-                   help="roundtrip: compare encoders by decode(encode(x)) on --batch held-out digits")
+                   help="roundtrip: compare encoders by decode(encode(x)) on --batch held-out digits (no --peers: "
+                        "they do not encode)")
     _overwrite_option(p)
     p.set_defaults(func=cmd_compare)
 

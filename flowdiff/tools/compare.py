@@ -20,18 +20,18 @@ NFE is the currency: the table shows the budget asked for and the NFE actually s
 (counted by the driver: a one-evaluation-per-step solver spends the budget exactly; Heun
 with its Euler step into σ = 0 spends an odd count ≤ N). Wall time is recorded, never
 asserted. :class:`Comparison` renders the table as markdown or CSV and draws the log-log
-error-vs-NFE plot.
+error-vs-NFE plot; :mod:`flowdiff.tools.report` makes the report of it (frontier, samples, facts).
+
+``peers=`` adds the samplers of diffusers and k-diffusion (:mod:`flowdiff.tools.peers`) as rows of
+the same table: same flow, noise, budgets and reference, their model calls counted the same way.
 """
 
 from __future__ import annotations
 
-import copy
 import csv
-import hashlib
 import io
 import math
 import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,13 +43,17 @@ from torch import Tensor
 import solvers as _solvers
 
 from ..api import roundtrip as _roundtrip
-from ..api.adaptive import RK_CONTROLLER, to_zero_in_log_sigma
 from ..api.sampling import generate
 from ..engine.flow import ProbabilityFlow
 from ..engine.grids import GRIDS, make_sigmas
-from ..engine.loop import solve_flow
 from ..engine.options import Grid
-from ..engine.terminal import refuse_infinite_start
+from . import peers as _peers
+from . import tuning as _tuning
+from .reference import Reference, check_tolerance, clear_reference_cache, reference_solution
+
+__all__ = ["CALIBRATION_SEED", "CSV_COLUMNS", "DEFAULT_GRIDS", "DEFAULT_NFE", "TUNED_GRIDS", "Comparison", "Reference",
+           "Run", "Skipped", "clear_reference_cache", "compare", "default_grids", "default_solvers",
+           "reference_solution", "run_peers"]
 
 #: Grids of the default comparison: diffusers' trailing timesteps, EDM's, uniform in log σ.
 DEFAULT_GRIDS = ("trailing", "karras", "logsnr")
@@ -59,28 +63,21 @@ DEFAULT_NFE = (10, 20, 50)
 #: registered multistep solvers join them (see :func:`default_solvers`).
 BASE_SOLVERS = ("euler", "heun")
 
-#: Grids made per (solver, budget) by a plug-in instead of :func:`make_sigmas`, e.g. ``"tuned"``
-#: (registered by :mod:`flowdiff.tools.tuning`): ``provider(flow, calibration_noise, *, solver, nfe,
-#: model_kwargs, **options)`` returns an object with the grid as ``.sigmas``. It sees only the
-#: calibration noise, never the noise the runs are measured on.
-#: ``stored=`` tells it whether a stored grid may stand in (compare passes ``calibration_noise is None``),
-#: and a provider with a ``has_stored(flow, solver, nfe, model_kwargs)`` attribute joins the default
-#: grids of a comparison whose every (solver, budget) has one (see :func:`default_grids`).
-GRID_PROVIDERS: dict[str, Callable[..., Any]] = {}
+#: Grids made per (solver, budget) from calibration noise instead of by :func:`make_sigmas`: ``"tuned"``,
+#: by :func:`flowdiff.tools.tuning.compare_grid` (the stored grid for this model, solver and budget, or
+#: one tuned now). It sees only the calibration noise, never the noise the runs are measured on.
+TUNED_GRIDS = ("tuned",)
 #: Seed of the calibration noise drawn when ``compare(calibration_noise=None)`` needs one.
 CALIBRATION_SEED = 20241
-
-_CACHE: weakref.WeakKeyDictionary[ProbabilityFlow, dict[tuple, Reference]] = weakref.WeakKeyDictionary()
 
 
 def default_grids(flow: ProbabilityFlow, solvers: Iterable[str], nfe: Iterable[int],
                   model_kwargs: Mapping[str, Any] | None = None) -> tuple[str, ...]:
-    """:data:`DEFAULT_GRIDS`, plus each plug-in grid (e.g. ``"tuned"``) that has a stored grid for
+    """:data:`DEFAULT_GRIDS`, plus ``"tuned"`` where a stored tuned grid (:func:`flowdiff.stored_grid`) covers
     every solver × budget of the comparison (flowdiff ships tuned grids for ``pretrained("digits")``)."""
     solvers, nfe = list(solvers), list(nfe)
-    extra = tuple(name for name, provider in GRID_PROVIDERS.items() if hasattr(provider, "has_stored")
-                  and all(provider.has_stored(flow, s, b, model_kwargs) for s in solvers for b in nfe))
-    return DEFAULT_GRIDS + extra
+    covered = all(_tuning.stored_grid(flow, s, b, model_kwargs=model_kwargs) is not None for s in solvers for b in nfe)
+    return DEFAULT_GRIDS + (TUNED_GRIDS if covered else ())
 
 
 def default_solvers() -> list[str]:
@@ -90,65 +87,12 @@ def default_solvers() -> list[str]:
 
 
 @dataclass(frozen=True)
-class Reference:
-    """The float64 reference image ``x`` from noise started at ``sigma_start``, solved to ``sigma_end``.
-
-    ``nfe`` and ``wall_time`` are the reference solve's own cost. ``error`` estimates its
-    RMS error from a second solve at 100× looser tolerances, assuming tolerance
-    proportionality (global error ∝ tolerance, Hairer, Nørsett & Wanner, "Solving Ordinary
-    Differential Equations I", §II.4): with e_tight = c·tol and e_loose = 100·c·tol,
-    ‖x_loose − x_tight‖ ≈ 99·e_tight, so ``error`` = ‖x_loose − x_tight‖_RMS / 99.
-    """
-
-    x: Tensor
-    sigma_start: float
-    sigma_end: float
-    solver: str
-    rtol: float
-    atol: float
-    nfe: int
-    wall_time: float
-    error: float
-
-    def save(self, path: str | Path, key: str = "") -> Path:
-        """Write this reference to a safetensors file, with ``key`` saying what it belongs to."""
-        from safetensors.torch import save_file
-
-        meta = {"format": _REFERENCE_FORMAT, "key": key, "sigma_start": self.sigma_start.hex(),
-                "sigma_end": self.sigma_end.hex(), "solver": self.solver,
-                "rtol": self.rtol.hex(), "atol": self.atol.hex(), "nfe": str(self.nfe),
-                "wall_time": repr(self.wall_time), "error": repr(self.error)}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"x": self.x.detach().to("cpu", torch.float64).contiguous()}, str(path), metadata=meta)
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path, key: str | None = None) -> Reference | None:
-        """Read a reference written by :meth:`save`; ``None`` if ``key`` is given and differs from the file's."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            if meta.get("format") != _REFERENCE_FORMAT:
-                raise ValueError(f"{path} is not a flowdiff reference file (format {meta.get('format')!r})")
-            if key is not None and meta.get("key") != key:
-                return None
-            x = fh.get_tensor("x")
-        return cls(x, float.fromhex(meta["sigma_start"]), float.fromhex(meta["sigma_end"]), meta["solver"],
-                   float.fromhex(meta["rtol"]),
-                   float.fromhex(meta["atol"]), int(meta["nfe"]), float(meta["wall_time"]), float(meta["error"]))
-
-
-_REFERENCE_FORMAT = "flowdiff.Reference/2"
-
-
-@dataclass(frozen=True)
 class Run:
     """One row: ``solver`` on ``grid`` at NFE budget ``budget``, spending ``nfe`` in ``steps`` steps.
 
     ``rms_error`` and ``max_error`` are against the reference in the image's scale;
-    ``wall_time`` is the seconds ``generate`` took.
+    ``wall_time`` is the seconds ``generate`` (or the peer's own loop) took. ``source`` says whose
+    sampler it is: ``"flowdiff"``, or a peer of :data:`flowdiff.tools.peers.PEERS`.
     """
 
     solver: str
@@ -162,6 +106,12 @@ class Run:
     sigma_start: float
     encode_nfe: int | None = None  # round trips (task="roundtrip"): nfe = encode_nfe + decode_nfe
     decode_nfe: int | None = None
+    source: str = "flowdiff"
+
+    @property
+    def method(self) -> str:
+        """``solver / grid``, prefixed by the peer's name for a peer's row."""
+        return (f"{self.source}: " if self.source != "flowdiff" else "") + f"{self.solver} / {self.grid}"
 
 
 @dataclass(frozen=True)
@@ -172,9 +122,11 @@ class Skipped:
     grid: str
     budget: int
     reason: str
+    source: str = "flowdiff"
 
 
-CSV_COLUMNS = ("solver", "grid", "budget", "nfe", "steps", "rms_error", "max_error", "wall_time", "sigma_start")
+CSV_COLUMNS = ("source", "solver", "grid", "budget", "nfe", "steps", "rms_error", "max_error", "wall_time",
+               "sigma_start")
 
 
 @dataclass
@@ -187,6 +139,10 @@ class Comparison:
     #: (solver, grid, budget) → what a plug-in grid provider made (e.g. a ``TunedGrid`` with its cost)
     provided: dict[tuple[str, str, int], Any] = field(default_factory=dict)
     task: str = "generate"
+    #: peer → why it could not run (not installed): said in the report, not raised
+    unavailable: dict[str, str] = field(default_factory=dict)
+    #: (source, solver, grid, budget) → the first images of that run (``compare(keep_images=k)``)
+    images: dict[tuple[str, str, str, int], Tensor] = field(default_factory=dict)
 
     @property
     def budgets(self) -> list[int]:
@@ -202,39 +158,50 @@ class Comparison:
     def to_markdown(self, layout: str = "wide") -> str:
         """A markdown table.
 
-        ``layout="wide"``: a row per (solver, grid), a column per NFE budget holding the RMS
-        error (the NFE actually spent in brackets where it differs from the budget; the best
-        per budget in bold; ``—`` where the solver cannot fit the budget). ``layout="long"``:
-        one row per run with every column of the CSV.
+        ``layout="best"``: a row per solver (a peer's sampler named with its peer), a column per NFE
+        budget holding its lowest RMS error over the grids run, with that grid. ``layout="wide"``: a row
+        per (solver, grid), a column per NFE budget holding the RMS error. In both, the NFE actually
+        spent is in brackets where it differs from the budget, the best per budget is in bold and ``—``
+        marks a budget the solver cannot fit. ``layout="long"``: one row per run with every column of
+        the CSV.
         """
         if layout == "long":
-            lines = ["| solver | grid | NFE budget | NFE used | steps | RMS error | max error | wall s |",
-                     "|---|---|---:|---:|---:|---:|---:|---:|"]
+            lines = ["| source | solver | grid | NFE budget | NFE used | steps | RMS error | max error | wall s |",
+                     "|---|---|---|---:|---:|---:|---:|---:|---:|"]
             for r in self.runs:
-                lines.append(f"| {r.solver} | {r.grid} | {r.budget} | {r.nfe} | {r.steps} | {r.rms_error:.3e} | "
-                             f"{r.max_error:.3e} | {r.wall_time:.3f} |")
+                lines.append(f"| {r.source} | {r.solver} | {r.grid} | {r.budget} | {r.nfe} | {r.steps} | "
+                             f"{r.rms_error:.3e} | {r.max_error:.3e} | {r.wall_time:.3f} |")
             return "\n".join(lines) + "\n"
-        if layout != "wide":
-            raise ValueError(f"layout must be 'wide' or 'long', got {layout!r}")
+        if layout not in ("wide", "best"):
+            raise ValueError(f"layout must be 'best', 'wide' or 'long', got {layout!r}")
         budgets = self.budgets
         best = {b: self.best(b) for b in budgets if any(r.budget == b for r in self.runs)}
-        keys: list[tuple[str, str]] = []
-        for item in [*self.runs, *self.skipped]:
-            if (item.solver, item.grid) not in keys:
-                keys.append((item.solver, item.grid))
-        cell = {(r.solver, r.grid, r.budget): r for r in self.runs}
-        lines = ["| solver | grid | " + " | ".join(f"NFE {b}" for b in budgets) + " |",
-                 "|---|---|" + "---:|" * len(budgets)]
-        for solver, grid in keys:
-            cells = []
+        by_grid = layout == "wide"
+
+        def key(item: Run | Skipped) -> tuple[str, ...]:
+            name = (f"{item.source}: " if item.source != "flowdiff" else "") + item.solver
+            return (name, item.grid) if by_grid else (name,)
+
+        keys = list(dict.fromkeys(key(item) for item in [*self.runs, *self.skipped]))
+        cells: dict[tuple, Run] = {}
+        for r in self.runs:
+            k = (*key(r), r.budget)
+            if k not in cells or r.rms_error < cells[k].rms_error:
+                cells[k] = r
+        head = "| solver | grid | " if by_grid else "| solver | "
+        lines = [head + " | ".join(f"NFE {b}" for b in budgets) + " |",
+                 ("|---|---|" if by_grid else "|---|") + "---:|" * len(budgets)]
+        for k in keys:
+            row = []
             for b in budgets:
-                r = cell.get((solver, grid, b))
+                r = cells.get((*k, b))
                 if r is None:
-                    cells.append("—")
+                    row.append("—")
                     continue
-                text = f"{r.rms_error:.2e}" + (f" ({r.nfe})" if r.nfe != b else "")
-                cells.append(f"**{text}**" if best.get(b) is r else text)
-            lines.append(f"| {solver} | {grid} | " + " | ".join(cells) + " |")
+                text = f"{r.rms_error:.2e}" + (f" ({r.nfe})" if r.nfe != b else "") + ("" if by_grid else
+                                                                                        f" {r.grid}")
+                row.append(f"**{text}**" if best.get(b) is r else text)
+            lines.append("| " + " | ".join(k) + " | " + " | ".join(row) + " |")
         return "\n".join(lines) + "\n"
 
     def to_csv(self) -> str:
@@ -251,6 +218,8 @@ class Comparison:
     def plot(self, path: str | Path, title: str | None = None) -> Path:
         """Write the log-log plot of RMS error against NFE used (a line per solver and grid) as a PNG.
 
+        This is the detail; :func:`flowdiff.tools.report.frontier_plot` draws the best per source.
+
         Colour marks the solver, line style the grid; a dotted grey line marks the
         reference's estimated error when it is within two decades of the best run.
         """
@@ -260,7 +229,7 @@ class Comparison:
         import matplotlib.pyplot as plt
 
         path = Path(path)
-        names = list(dict.fromkeys(r.solver for r in self.runs))
+        names = list(dict.fromkeys((r.source, r.solver) for r in self.runs))
         grids = list(dict.fromkeys(r.grid for r in self.runs))
         colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
         styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1))]
@@ -268,11 +237,12 @@ class Comparison:
         tiny = 1e-16
         for i, name in enumerate(names):
             for j, grid in enumerate(grids):
-                rows = sorted((r for r in self.runs if r.solver == name and r.grid == grid), key=lambda r: r.nfe)
+                rows = sorted((r for r in self.runs if (r.source, r.solver) == name and r.grid == grid),
+                              key=lambda r: r.nfe)
                 if not rows:
                     continue
                 ax.plot([r.nfe for r in rows], [max(r.rms_error, tiny) for r in rows], marker="o", markersize=3,
-                        color=colours(i % colours.N), linestyle=styles[j % len(styles)], label=f"{name} / {grid}")
+                        color=colours(i % colours.N), linestyle=styles[j % len(styles)], label=rows[0].method)
         floor = self.reference.error
         lowest = min((r.rms_error for r in self.runs), default=math.nan)
         if math.isfinite(floor) and floor > 0 and floor >= 1e-2 * lowest:  # draw it only where it is in view
@@ -295,157 +265,6 @@ class Comparison:
         return path
 
 
-def clear_reference_cache() -> None:
-    """Forget every cached reference."""
-    _CACHE.clear()
-
-
-def _float64_flow(flow: ProbabilityFlow) -> ProbabilityFlow:
-    """The flow with its network in float64 when it is a torch module in another precision.
-
-    A σ-native flow (closed-form models) and a non-module callable are used as given: they
-    must accept float64 input themselves.
-    """
-    model = flow.model
-    if flow.sigma_field is not None or not isinstance(model, torch.nn.Module):
-        return flow
-    params = [p for p in model.parameters() if p.is_floating_point()]
-    if all(p.dtype == torch.float64 for p in params):
-        return flow
-    model64 = copy.deepcopy(model).double()
-    return ProbabilityFlow(model64, flow.schedule, prediction_type=flow.prediction_type)
-
-
-def _noise_key(noise: Tensor) -> tuple:
-    data = noise.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()
-    return hashlib.blake2b(data, digest_size=16).hexdigest(), tuple(noise.shape), str(noise.device)
-
-
-_LOOSER = 100.0
-
-
-def _check_tolerance(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1e-3):
-        raise ValueError(f"{name} must be a number in (0, 1e-3] (a reference is a tight solve), got {value!r}")
-    return float(value)
-
-
-def reference_solution(
-    flow: ProbabilityFlow,
-    noise: Tensor,
-    *,
-    sigma_start: float | None = None,
-    sigma_end: float | None = None,
-    solver: str = "dopri8",
-    rtol: float = 1e-9,
-    atol: float = 1e-9,
-    model_kwargs: Mapping[str, Any] | None = None,
-    cache: bool = True,
-    progress: bool = False,
-) -> Reference:
-    """The high-accuracy image from ``noise`` (DDIM scale, x_T ~ N(0, I)), the limit the fixed grids converge to.
-
-    An adaptive float64 solve from σ_start (default: the schedule's σ_max) down to σ_end,
-    then the step every fixed grid ends with, Euler from its last σ into σ = 0, which is the
-    model's denoised image x̄ − σ_end·ε(x̄, σ_end). σ_end defaults to the schedule's smallest
-    trained σ: a trained model knows no σ below it (its timestep is clamped to 0 there), the
-    grids ``karras``, ``logsnr`` and ``leading`` end there and the others approach it as
-    steps grow, so fixed-grid errors fall to 0 with NFE instead of settling on the error of
-    that one fixed last step. ``sigma_end=0`` solves the ODE itself to σ = 0 (for closed-form
-    models, exact down to 0).
-
-    The solve runs in τ = log σ (dx̄/dτ = σ·ε, steps relative in σ, where the image forms in
-    the last few percent of the σ range) with the error measured in the image's scale
-    (:func:`flowdiff.api.adaptive.image_norm`); with ``sigma_end=0`` it is
-    ``generate(..., rtol=, atol=)``. A torch network in another precision is copied to
-    float64 for it. Cached per (flow, noise values, σ_start, σ_end, solver, tolerances)
-    unless ``cache=False`` or ``model_kwargs`` are given (conditioning is not hashed).
-    ``error`` is estimated from the same solve at 100× looser tolerances (see
-    :class:`Reference`). ``progress=True`` shows a tqdm bar of the σ reached on stderr.
-    """
-    if not isinstance(flow, ProbabilityFlow):
-        raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
-    if not isinstance(noise, Tensor) or not noise.is_floating_point():
-        raise TypeError(f"noise must be a floating-point torch.Tensor, got {type(noise).__name__}")
-    rtol, atol = _check_tolerance("rtol", rtol), _check_tolerance("atol", atol)
-    if not _solvers.get(solver).adaptive:
-        raise ValueError(f"the reference needs an adaptive solver; got {solver!r}, adaptive solvers: "
-                         f"{', '.join(_solvers.available(adaptive=True))}")
-    s0 = flow.schedule.sigma_max if sigma_start is None else float(sigma_start)
-    if not (math.isfinite(s0) and s0 > 0):
-        if sigma_start is None:  # a zero-terminal-SNR schedule: σ_max = ∞ (flowdiff.engine.terminal)
-            refuse_infinite_start(s0, "the adaptive reference solution")
-        raise ValueError(f"sigma_start must be a finite number > 0, got {sigma_start!r}")
-    s_end = flow.schedule.sigma_min if sigma_end is None else float(sigma_end)
-    if not (math.isfinite(s_end) and 0 <= s_end < s0):
-        raise ValueError(f"sigma_end must lie in [0, sigma_start={s0:.6g}), got {sigma_end!r}")
-    use_cache = cache and model_kwargs is None
-    key = (*_noise_key(noise), s0, s_end, solver, rtol, atol)
-    if use_cache:
-        hit = _CACHE.get(flow, {}).get(key)
-        if hit is not None:
-            return hit
-    flow64 = _float64_flow(flow)
-    noise64 = noise.detach().to(torch.float64)
-    with torch.no_grad(), _SigmaBar(s0, progress) as bar:
-        start = time.perf_counter()
-        bar.stage = "reference"
-        tight, nfe = _solve_reference(flow64, noise64, s0, s_end, solver, rtol, atol, model_kwargs, bar.callback)
-        wall = time.perf_counter() - start
-        bar.stage = "its error check"
-        loose, _ = _solve_reference(flow64, noise64, s0, s_end, solver, _LOOSER * rtol, _LOOSER * atol,
-                                    model_kwargs, bar.callback)
-    error = float((loose - tight).pow(2).mean().sqrt()) / (_LOOSER - 1)
-    ref = Reference(tight, s0, s_end, solver, rtol, atol, nfe, wall, error)
-    if use_cache:
-        _CACHE.setdefault(flow, {})[key] = ref
-    return ref
-
-
-def _solve_reference(flow: ProbabilityFlow, noise: Tensor, s0: float, s_end: float, solver: str, rtol: float,
-                     atol: float, model_kwargs: Mapping[str, Any] | None,
-                     callback: Callable[[Any], None] | None) -> tuple[Tensor, int]:
-    """The image at σ = 0 and the NFE spent: adaptive in τ = log σ to σ_end, then the Euler step into 0."""
-    if s_end == 0.0:
-        out = generate(flow, noise, solver=solver, rtol=rtol, atol=atol, sigmas=[s0, 0.0], model_kwargs=model_kwargs,
-                       callback=callback)
-        return out.x, out.stats.nfe
-    form, stepping = to_zero_in_log_sigma(s0, s_end, rtol, atol, RK_CONTROLLER)
-    xbar0 = noise * math.sqrt(1.0 + s0 * s0)
-    sol = solve_flow(flow.field(model_kwargs), form, stepping, _solvers.get(solver), sigma0=s0, xbar0=xbar0,
-                     callback=callback)
-    return sol.xbar, sol.stats.nfe
-
-
-class _SigmaBar:
-    """A tqdm bar of an adaptive solve's progress from σ_start to 0, measured in log(1 + σ)."""
-
-    def __init__(self, sigma_start: float, enabled: bool) -> None:
-        self.total = math.log1p(sigma_start)
-        self.enabled = enabled
-        self.stage = ""
-        self.bar: Any = None
-        self.callback = self._update if enabled else None
-
-    def __enter__(self) -> _SigmaBar:
-        if self.enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=1000, desc="reference", leave=False,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}")
-        return self
-
-    def _update(self, state: Any) -> None:
-        done = 1.0 - math.log1p(state.sigma) / self.total
-        self.bar.set_description_str(self.stage, refresh=False)
-        self.bar.set_postfix_str(f"σ={state.sigma:.3g}, step {state.step + 1}", refresh=False)
-        self.bar.update(round(1000 * done) - self.bar.n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _cannot_run(flow: ProbabilityFlow, solver: str, grid: str, budget: int) -> str | None:
     """Why ``solver`` on ``grid`` cannot spend ``budget`` (one step costs more, or the grid has no such
     step count, e.g. ``quadratic`` repeating timesteps), or None."""
@@ -453,7 +272,7 @@ def _cannot_run(flow: ProbabilityFlow, solver: str, grid: str, budget: int) -> s
     if budget < one_step:
         return f"one step costs {one_step} evaluations"
     try:
-        make_sigmas(flow.schedule, "logsnr" if grid in GRID_PROVIDERS else grid,
+        make_sigmas(flow.schedule, "logsnr" if grid in TUNED_GRIDS else grid,
                     _solvers.steps_for_nfe(solver, budget, eval_end=False))
     except ValueError as err:
         return str(err)
@@ -525,6 +344,8 @@ def compare(
     tune_options: Mapping[str, Any] | None = None,
     task: str = "generate",
     images: Tensor | None = None,
+    peers: Iterable[str] | str | None = None,
+    keep_images: int = 0,
 ) -> Comparison:
     """Run every solver × grid × NFE budget from ``noise`` and measure it against the reference.
 
@@ -542,7 +363,7 @@ def compare(
     (e.g. one kept on disk from an earlier run of the same model and noise); its shape must
     match the noise.
 
-    ``grids`` may also name a plug-in grid of :data:`GRID_PROVIDERS`: ``"tuned"`` tunes a grid
+    ``grids`` may also name ``"tuned"`` (:data:`TUNED_GRIDS`), which tunes a grid
     per (solver, budget) with :func:`flowdiff.tune` (options ``tune_options``) on
     ``calibration_noise`` (default: a batch like ``noise`` drawn with seed
     :data:`CALIBRATION_SEED`) and measures it on ``noise``; the same batch for both is an error.
@@ -551,12 +372,28 @@ def compare(
     give ``calibration_noise`` (or ``tune_options={"stored": False}``) to tune afresh.
     What was tuned, and its cost, is in the result's ``provided``.
 
+    ``peers`` (names of :data:`flowdiff.tools.peers.PEERS`: ``"diffusers"``, ``"k-diffusion"``) adds
+    their default samplers (:mod:`flowdiff.tools.peers`) as rows, run through their own loops on the
+    same flow, noise and budgets and measured against the same reference; their rows carry the peer's
+    name in ``source``. A peer that is not installed is listed in the result's ``unavailable`` with why,
+    not raised. ``keep_images=k`` keeps the first ``k`` images of every run in the result's ``images``
+    (for :mod:`flowdiff.tools.report`'s sample grid).
+
     ``task="roundtrip"`` compares encoders instead (:mod:`flowdiff.api.roundtrip`): each
     solver × grid × budget encodes ``images`` at that NFE and decodes its latent; the error is
     against the images themselves, ``nfe`` is encode + decode (``encode_nfe``/``decode_nfe``
     apart), the reference is the images (error 0), and ``solvers`` default to every encoder.
     """
     if task == "roundtrip":
+        given = {"noise": noise is not None, "reference_solver": reference_solver != "dopri8",
+                 "rtol": rtol != 1e-9, "atol": atol != 1e-9, "reference": reference is not None,
+                 "calibration_noise": calibration_noise is not None, "tune_options": tune_options is not None,
+                 "peers": peers is not None, "keep_images": keep_images != 0}
+        for name, is_given in given.items():
+            if is_given:
+                raise ValueError(f"{name}= does not apply to task='roundtrip': a round trip starts from images= and "
+                                 "is measured against them (no noise, no reference solve, no tuned grid, no "
+                                 f"peer encoders); drop {name}=")
         return _compare_roundtrip(flow, images, solvers, grids, nfe, model_kwargs, progress)
     if task != "generate":
         raise ValueError(f"task must be 'generate' or 'roundtrip', got {task!r}")
@@ -572,10 +409,12 @@ def compare(
     budgets = _check_budgets(nfe)
     if grids is None:
         grids = default_grids(flow, names, budgets, model_kwargs)
-    grid_names = _check_names(grids, "grids", (*GRIDS, *GRID_PROVIDERS))
-    calibration = _calibration(noise, calibration_noise) if set(grid_names) & set(GRID_PROVIDERS) else None
-    _check_tolerance("rtol", rtol)
-    _check_tolerance("atol", atol)
+    grid_names = _check_names(grids, "grids", (*GRIDS, *TUNED_GRIDS))
+    peer_names = [] if peers is None else _peers.check_peers(peers)
+    _check_keep(keep_images)
+    calibration = _calibration(noise, calibration_noise) if set(grid_names) & set(TUNED_GRIDS) else None
+    check_tolerance("rtol", rtol)
+    check_tolerance("atol", atol)
     if not (isinstance(progress, bool) or callable(progress)):
         raise TypeError(f"progress must be a bool or a callable, got {type(progress).__name__}")
     if reference is not None:
@@ -590,7 +429,9 @@ def compare(
     if progress is True:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(jobs) + (reference is None), desc="compare", unit="run", leave=False)
+        runnable = [p for p in peer_names if _peers.unavailable(p) is None]
+        bar = tqdm(total=len(jobs) + len(_peers.default_samplers(runnable)) * len(budgets) + (reference is None),
+                   desc="compare", unit="run", leave=False)
     try:
         ref = reference
         if ref is None:
@@ -614,8 +455,8 @@ def compare(
                 result.skipped.append(Skipped(solver, grid, budget, reason))
             else:
                 spec = Grid(grid, nfe=budget) if grid in GRIDS else None
-                if grid in GRID_PROVIDERS:  # a plug-in grid (e.g. tuned), made on the calibration noise only
-                    made = GRID_PROVIDERS[grid](flow, calibration, solver=solver, nfe=budget,
+                if grid in TUNED_GRIDS:  # made on the calibration noise only
+                    made = _tuning.compare_grid(flow, calibration, solver=solver, nfe=budget,
                                                 model_kwargs=model_kwargs,
                                                 **{"stored": calibration_noise is None, **dict(tune_options or {})})
                     result.provided[(solver, grid, budget)] = made
@@ -628,12 +469,61 @@ def compare(
                 result.runs.append(Run(solver, grid, budget, out.stats.nfe, out.stats.steps,
                                        float(diff.pow(2).mean().sqrt()), float(diff.abs().max()), wall,
                                        float(out.sigmas[0])))
+                if keep_images:
+                    result.images[("flowdiff", solver, grid, budget)] = out.x[:keep_images].detach().cpu()
             if bar is not None:
                 bar.update(1)
+
+        def announce(label: str) -> None:
+            if bar is not None:
+                bar.set_postfix_str(label, refresh=False)
+                bar.update(1)
+            elif callable(progress):
+                progress(label)
+
+        if peer_names:
+            run_peers(result, flow, noise, peer_names, budgets, model_kwargs=model_kwargs, keep_images=keep_images,
+                      on_run=announce)
     finally:
         if bar is not None:
             bar.close()
     return result
+
+
+def run_peers(result: Comparison, flow: ProbabilityFlow, noise: Tensor, peers: Iterable[str] | str,
+              budgets: Iterable[int], *, model_kwargs: Mapping[str, Any] | None = None, keep_images: int = 0,
+              on_run: Callable[[str], None] | None = None) -> Comparison:
+    """Add to ``result`` a row per default sampler of each of ``peers`` × budget, measured against
+    ``result.reference``, and each peer that cannot run to ``result.unavailable`` with why (the peers'
+    part of :func:`compare`, which the command line runs once after the ranks' runs)."""
+    names = _peers.check_peers(peers)
+    result.unavailable.update({peer: why for peer in names if (why := _peers.unavailable(peer)) is not None})
+    ref = result.reference
+    for sampler in _peers.default_samplers([p for p in names if p not in result.unavailable]):
+        for budget in budgets:
+            if on_run is not None:
+                on_run(f"{sampler.source}: {sampler.name}/{sampler.grid}/NFE {budget}")
+            reason = _peers.fits(sampler, budget)
+            if reason is not None:
+                result.skipped.append(Skipped(sampler.name, sampler.grid, budget, reason, sampler.source))
+                continue
+            out = _peers.run(sampler, flow, noise, budget, model_kwargs)
+            if out.nfe > budget:  # the peers' step counts are chosen to fit; a miss is a bug here, not a result
+                raise RuntimeError(f"{sampler.source} {sampler.name} spent {out.nfe} evaluations of a budget of "
+                                   f"{budget}")
+            diff = out.x.detach().to(torch.float64) - ref.x.to(out.x.device)
+            result.runs.append(Run(sampler.name, sampler.grid, budget, out.nfe, out.steps,
+                                   float(diff.pow(2).mean().sqrt()), float(diff.abs().max()), out.wall_time,
+                                   out.sigma_start, source=sampler.source))
+            if keep_images:
+                result.images[(sampler.source, sampler.name, sampler.grid, budget)] = \
+                    out.x[:keep_images].detach().cpu()
+    return result
+
+
+def _check_keep(keep_images: object) -> None:
+    if isinstance(keep_images, bool) or not isinstance(keep_images, int) or keep_images < 0:
+        raise ValueError(f"keep_images must be an int >= 0 (images of each run to keep), got {keep_images!r}")
 
 
 def _compare_roundtrip(flow: ProbabilityFlow, images: Tensor | None, solvers: Iterable[str] | str | None,

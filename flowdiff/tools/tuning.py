@@ -56,7 +56,7 @@ from ..engine.fingerprint import flow_fingerprint
 from ..engine.flow import ProbabilityFlow
 from ..engine.grids import GRIDS, make_sigmas
 from . import grid_dp as _dp
-from .compare import GRID_PROVIDERS, reference_solution
+from .reference import reference_solution
 
 _FORMAT = "flowdiff.TunedGrid/1"
 #: Named grids a search may start from (each tried on the calibration noise; the best one starts).
@@ -585,9 +585,10 @@ def stored_grid(flow: ProbabilityFlow, solver: str, nfe: int, solver_options: Ma
     return None
 
 
-def _for_compare(flow: ProbabilityFlow, calibration: Tensor, *, solver: str, nfe: int,
+def compare_grid(flow: ProbabilityFlow, calibration: Tensor, *, solver: str, nfe: int,
                  model_kwargs: Mapping[str, Any] | None, stored: bool = True, **options: Any) -> TunedGrid:
-    """compare's ``"tuned"`` grid: the shipped one for this flow when ``stored`` and one matches, else tuned now.
+    """:func:`flowdiff.compare`'s ``"tuned"`` grid: the shipped one for this flow when ``stored`` and one
+    matches, else tuned now on ``calibration``.
 
     Tuning options (``tune_options`` of :func:`flowdiff.compare`, other than ``progress``) ask for a grid
     tuned that way, which a stored grid is not: with any of them the grid is tuned now."""
@@ -596,11 +597,3 @@ def _for_compare(flow: ProbabilityFlow, calibration: Tensor, *, solver: str, nfe
         if grid is not None:
             return grid
     return tune(flow, calibration, solver=solver, nfe=nfe, model_kwargs=model_kwargs, **options)
-
-
-def _has_stored(flow: ProbabilityFlow, solver: str, nfe: int, model_kwargs: Mapping[str, Any] | None) -> bool:
-    return stored_grid(flow, solver, nfe, model_kwargs=model_kwargs) is not None
-
-
-_for_compare.has_stored = _has_stored  # compare's default grids include "tuned" where every run has one
-GRID_PROVIDERS["tuned"] = _for_compare

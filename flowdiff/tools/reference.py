@@ -1,0 +1,238 @@
+"""The float64 reference a fixed-budget solve is measured against, its error estimate, and its file.
+
+:func:`reference_solution` solves the probability-flow ODE from one batch of noise to high accuracy
+(adaptive, float64) and estimates its own error; :class:`Reference` holds the image and its cost and
+saves it to safetensors, so that a comparison, a tuning run or a command line keeps it across runs.
+It lives apart from :mod:`flowdiff.tools.compare` so that :mod:`flowdiff.tools.tuning` uses it
+without importing the comparison that imports tuning.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import solvers as _solvers
+
+from ..api.adaptive import RK_CONTROLLER, to_zero_in_log_sigma
+from ..api.sampling import generate
+from ..engine.flow import ProbabilityFlow
+from ..engine.loop import solve_flow
+from ..engine.terminal import refuse_infinite_start
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The float64 reference image ``x`` from noise started at ``sigma_start``, solved to ``sigma_end``.
+
+    ``nfe`` and ``wall_time`` are the reference solve's own cost. ``error`` estimates its
+    RMS error from a second solve at 100× looser tolerances, assuming tolerance
+    proportionality (global error ∝ tolerance, Hairer, Nørsett & Wanner, "Solving Ordinary
+    Differential Equations I", §II.4): with e_tight = c·tol and e_loose = 100·c·tol,
+    ‖x_loose − x_tight‖ ≈ 99·e_tight, so ``error`` = ‖x_loose − x_tight‖_RMS / 99.
+    """
+
+    x: Tensor
+    sigma_start: float
+    sigma_end: float
+    solver: str
+    rtol: float
+    atol: float
+    nfe: int
+    wall_time: float
+    error: float
+
+    def save(self, path: str | Path, key: str = "") -> Path:
+        """Write this reference to a safetensors file, with ``key`` saying what it belongs to."""
+        from safetensors.torch import save_file
+
+        meta = {"format": _REFERENCE_FORMAT, "key": key, "sigma_start": self.sigma_start.hex(),
+                "sigma_end": self.sigma_end.hex(), "solver": self.solver,
+                "rtol": self.rtol.hex(), "atol": self.atol.hex(), "nfe": str(self.nfe),
+                "wall_time": repr(self.wall_time), "error": repr(self.error)}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"x": self.x.detach().to("cpu", torch.float64).contiguous()}, str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, key: str | None = None) -> Reference | None:
+        """Read a reference written by :meth:`save`; ``None`` if ``key`` is given and differs from the file's."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("format") != _REFERENCE_FORMAT:
+                raise ValueError(f"{path} is not a flowdiff reference file (format {meta.get('format')!r})")
+            if key is not None and meta.get("key") != key:
+                return None
+            x = fh.get_tensor("x")
+        return cls(x, float.fromhex(meta["sigma_start"]), float.fromhex(meta["sigma_end"]), meta["solver"],
+                   float.fromhex(meta["rtol"]),
+                   float.fromhex(meta["atol"]), int(meta["nfe"]), float(meta["wall_time"]), float(meta["error"]))
+
+
+_REFERENCE_FORMAT = "flowdiff.Reference/2"
+
+_CACHE: weakref.WeakKeyDictionary[ProbabilityFlow, dict[tuple, Reference]] = weakref.WeakKeyDictionary()
+
+
+def clear_reference_cache() -> None:
+    """Forget every cached reference."""
+    _CACHE.clear()
+
+
+def _float64_flow(flow: ProbabilityFlow) -> ProbabilityFlow:
+    """The flow with its network in float64 when it is a torch module in another precision.
+
+    A σ-native flow (closed-form models) and a non-module callable are used as given: they
+    must accept float64 input themselves.
+    """
+    model = flow.model
+    if flow.sigma_field is not None or not isinstance(model, torch.nn.Module):
+        return flow
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    if all(p.dtype == torch.float64 for p in params):
+        return flow
+    model64 = copy.deepcopy(model).double()
+    return ProbabilityFlow(model64, flow.schedule, prediction_type=flow.prediction_type)
+
+
+def _noise_key(noise: Tensor) -> tuple:
+    data = noise.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()
+    return hashlib.blake2b(data, digest_size=16).hexdigest(), tuple(noise.shape), str(noise.device)
+
+
+_LOOSER = 100.0
+
+
+def check_tolerance(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1e-3):
+        raise ValueError(f"{name} must be a number in (0, 1e-3] (a reference is a tight solve), got {value!r}")
+    return float(value)
+
+
+def reference_solution(
+    flow: ProbabilityFlow,
+    noise: Tensor,
+    *,
+    sigma_start: float | None = None,
+    sigma_end: float | None = None,
+    solver: str = "dopri8",
+    rtol: float = 1e-9,
+    atol: float = 1e-9,
+    model_kwargs: Mapping[str, Any] | None = None,
+    cache: bool = True,
+    progress: bool = False,
+) -> Reference:
+    """The high-accuracy image from ``noise`` (DDIM scale, x_T ~ N(0, I)), the limit the fixed grids converge to.
+
+    An adaptive float64 solve from σ_start (default: the schedule's σ_max) down to σ_end,
+    then the step every fixed grid ends with, Euler from its last σ into σ = 0, which is the
+    model's denoised image x̄ − σ_end·ε(x̄, σ_end). σ_end defaults to the schedule's smallest
+    trained σ: a trained model knows no σ below it (its timestep is clamped to 0 there), the
+    grids ``karras``, ``logsnr`` and ``leading`` end there and the others approach it as
+    steps grow, so fixed-grid errors fall to 0 with NFE instead of settling on the error of
+    that one fixed last step. ``sigma_end=0`` solves the ODE itself to σ = 0 (for closed-form
+    models, exact down to 0).
+
+    The solve runs in τ = log σ (dx̄/dτ = σ·ε, steps relative in σ, where the image forms in
+    the last few percent of the σ range) with the error measured in the image's scale
+    (:func:`flowdiff.api.adaptive.image_norm`); with ``sigma_end=0`` it is
+    ``generate(..., rtol=, atol=)``. A torch network in another precision is copied to
+    float64 for it. Cached per (flow, noise values, σ_start, σ_end, solver, tolerances)
+    unless ``cache=False`` or ``model_kwargs`` are given (conditioning is not hashed).
+    ``error`` is estimated from the same solve at 100× looser tolerances (see
+    :class:`Reference`). ``progress=True`` shows a tqdm bar of the σ reached on stderr.
+    """
+    if not isinstance(flow, ProbabilityFlow):
+        raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
+    if not isinstance(noise, Tensor) or not noise.is_floating_point():
+        raise TypeError(f"noise must be a floating-point torch.Tensor, got {type(noise).__name__}")
+    rtol, atol = check_tolerance("rtol", rtol), check_tolerance("atol", atol)
+    if not _solvers.get(solver).adaptive:
+        raise ValueError(f"the reference needs an adaptive solver; got {solver!r}, adaptive solvers: "
+                         f"{', '.join(_solvers.available(adaptive=True))}")
+    s0 = flow.schedule.sigma_max if sigma_start is None else float(sigma_start)
+    if not (math.isfinite(s0) and s0 > 0):
+        if sigma_start is None:  # a zero-terminal-SNR schedule: σ_max = ∞ (flowdiff.engine.terminal)
+            refuse_infinite_start(s0, "the adaptive reference solution")
+        raise ValueError(f"sigma_start must be a finite number > 0, got {sigma_start!r}")
+    s_end = flow.schedule.sigma_min if sigma_end is None else float(sigma_end)
+    if not (math.isfinite(s_end) and 0 <= s_end < s0):
+        raise ValueError(f"sigma_end must lie in [0, sigma_start={s0:.6g}), got {sigma_end!r}")
+    use_cache = cache and model_kwargs is None
+    key = (*_noise_key(noise), s0, s_end, solver, rtol, atol)
+    if use_cache:
+        hit = _CACHE.get(flow, {}).get(key)
+        if hit is not None:
+            return hit
+    flow64 = _float64_flow(flow)
+    noise64 = noise.detach().to(torch.float64)
+    with torch.no_grad(), _SigmaBar(s0, progress) as bar:
+        start = time.perf_counter()
+        bar.stage = "reference"
+        tight, nfe = _solve_reference(flow64, noise64, s0, s_end, solver, rtol, atol, model_kwargs, bar.callback)
+        wall = time.perf_counter() - start
+        bar.stage = "its error check"
+        loose, _ = _solve_reference(flow64, noise64, s0, s_end, solver, _LOOSER * rtol, _LOOSER * atol,
+                                    model_kwargs, bar.callback)
+    error = float((loose - tight).pow(2).mean().sqrt()) / (_LOOSER - 1)
+    ref = Reference(tight, s0, s_end, solver, rtol, atol, nfe, wall, error)
+    if use_cache:
+        _CACHE.setdefault(flow, {})[key] = ref
+    return ref
+
+
+def _solve_reference(flow: ProbabilityFlow, noise: Tensor, s0: float, s_end: float, solver: str, rtol: float,
+                     atol: float, model_kwargs: Mapping[str, Any] | None,
+                     callback: Callable[[Any], None] | None) -> tuple[Tensor, int]:
+    """The image at σ = 0 and the NFE spent: adaptive in τ = log σ to σ_end, then the Euler step into 0."""
+    if s_end == 0.0:
+        out = generate(flow, noise, solver=solver, rtol=rtol, atol=atol, sigmas=[s0, 0.0], model_kwargs=model_kwargs,
+                       callback=callback)
+        return out.x, out.stats.nfe
+    form, stepping = to_zero_in_log_sigma(s0, s_end, rtol, atol, RK_CONTROLLER)
+    xbar0 = noise * math.sqrt(1.0 + s0 * s0)
+    sol = solve_flow(flow.field(model_kwargs), form, stepping, _solvers.get(solver), sigma0=s0, xbar0=xbar0,
+                     callback=callback)
+    return sol.xbar, sol.stats.nfe
+
+
+class _SigmaBar:
+    """A tqdm bar of an adaptive solve's progress from σ_start to 0, measured in log(1 + σ)."""
+
+    def __init__(self, sigma_start: float, enabled: bool) -> None:
+        self.total = math.log1p(sigma_start)
+        self.enabled = enabled
+        self.stage = ""
+        self.bar: Any = None
+        self.callback = self._update if enabled else None
+
+    def __enter__(self) -> _SigmaBar:
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=1000, desc="reference", leave=False,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}")
+        return self
+
+    def _update(self, state: Any) -> None:
+        done = 1.0 - math.log1p(state.sigma) / self.total
+        self.bar.set_description_str(self.stage, refresh=False)
+        self.bar.set_postfix_str(f"σ={state.sigma:.3g}, step {state.step + 1}", refresh=False)
+        self.bar.update(round(1000 * done) - self.bar.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
