@@ -162,6 +162,10 @@ class Adams(Solver):
             return self
         return Adams(self.name, min(derivatives, self.steps_order), log_time=self.log_time, corrector=corrector)
 
+    def step_cost(self, t0: float, state: Any) -> int:
+        """``f(t₀, y₀)`` unless the state holds it, plus the corrector's evaluation at the predicted point."""
+        return (0 if isinstance(state, Derivative) and state.t == t0 else 1) + (1 if self.corrector else 0)
+
     def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
         hist = _history_at(f, t0, y0, state, self.steps_order)
         ts, ks = hist.newest(self.steps_order)
