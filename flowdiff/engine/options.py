@@ -27,7 +27,7 @@ import solvers
 from solvers import Solver, StepController
 
 from .flow import ProbabilityFlow
-from .grids import GRIDS, make_sigmas
+from .grids import GRIDS, check_budget, make_sigmas
 from .schedules import ArrayLike
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -147,7 +147,7 @@ class Grid:
         final = self.final_euler if final_euler is None else final_euler
         steps = self.steps
         if self.nfe is not None:
-            steps = solvers.steps_for_nfe(solver, self.nfe, eval_end=not final)
+            steps = check_budget(solver.name, self.nfe, solvers.steps_for_nfe(solver, self.nfe, eval_end=not final))
         return make_sigmas(flow.schedule, self.name, steps, sigmas=self.sigmas, timesteps=self.timesteps,
                            **self.options)
 
