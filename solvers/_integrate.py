@@ -160,6 +160,10 @@ class Stepping(abc.ABC):
     def begin(self, solver: Solver, f: VectorField, y: Tensor, state: Any) -> _Run:
         raise NotImplementedError  # abstract
 
+    def interval(self) -> tuple[float, float] | None:
+        """The first and last time of the solve (for :meth:`Solver.on_interval`), or None if unknown beforehand."""
+        return None
+
 
 class _Run(abc.ABC):
     """The controller of one solve: proposes the next step and judges its result.
@@ -205,6 +209,10 @@ class FixedGrid(Stepping):
 
     def times(self) -> list[float]:
         return check_grid(self.ts, infinite_ends=self.infinite_ends)
+
+    def interval(self) -> tuple[float, float]:
+        grid = self.times()
+        return grid[0], grid[-1]
 
     def begin(self, solver: Solver, f: VectorField, y: Tensor, state: Any) -> _Run:
         return _GridRun(self.times(), dict(self.methods), solver, self.inverse)
@@ -336,6 +344,9 @@ class ErrorControl(Stepping):
         if self.controller is not None and not isinstance(self.controller, StepController):
             raise TypeError(f"controller must be a solvers.StepController, got {type(self.controller).__name__}")
 
+    def interval(self) -> tuple[float, float]:
+        return float(self.t0), float(self.t1)
+
     def begin(self, solver: Solver, f: VectorField, y: Tensor, state: Any) -> _Run:
         if not solver.adaptive:
             raise ValueError(f"solver {solver.name!r} has no error estimate; adaptive solvers: "
@@ -438,6 +449,10 @@ class Chain(Stepping):
     """Several steppings in one solve, each starting where the previous one ended."""
 
     parts: Sequence[Stepping]
+
+    def interval(self) -> tuple[float, float] | None:
+        ends = [part.interval() for part in self.parts]
+        return None if not ends or None in ends else (ends[0][0], ends[-1][1])
 
     def begin(self, solver: Solver, f: VectorField, y: Tensor, state: Any) -> _Run:
         if not self.parts:
@@ -583,6 +598,9 @@ def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state:
     field = counted.evaluate
     stats = Stats()
     start = time.perf_counter()
+    interval = stepping.interval()
+    if interval is not None:
+        solver = solver.on_interval(*interval)
     run = stepping.begin(solver, field, y0, state)
     inverse = run.inverse
     if inverse and not solver.reversible:

@@ -158,3 +158,40 @@ def test_a_wrong_value_is_refused_on_any_call(bad, match, name):
     with pytest.raises(SolveError, match=match):
         solvers.solve(f, torch.ones(2, dtype=torch.float64), np.linspace(0, 1, 6), name)
     assert len(calls) == 4
+
+
+# -- log-time multistep weights away from t = 0 only -----------------------------------------------------
+
+def _order_on(name, t0, t1, ns):
+    # dy/dt = cos(t)·y + sin(3t): smooth in t through 0, not in log|t|; reference by a fine rk4 solve
+    def f(t, y):
+        return math.cos(t) * y + math.sin(3 * t)
+
+    y0 = torch.tensor([0.7], dtype=torch.float64)
+    ref = float(solvers.solve(f, y0, np.linspace(t0, t1, 4097), "rk4").y[0])
+    errs = [abs(float(solvers.solve(f, y0, np.linspace(t0, t1, n + 1), name).y[0]) - ref) for n in ns]
+    return -np.polyfit(np.log(ns), np.log(errs), 1)[0], errs
+
+
+@pytest.mark.parametrize("interval", [(-1.0, 1.0), (1.0, -1.0), (-1.0, 0.0), (0.0, 1.0), (0.5, -0.25)])
+def test_unipc_keeps_its_order_on_intervals_that_cross_or_touch_zero(interval):
+    solver = solvers.get("unipc")
+    slope, errs = _order_on("unipc", *interval, [32, 64, 128, 256])
+    # (log-time weights next to 0 made it 1.6-2.4 here)
+    assert abs(slope - solver.fixed_grid_order) < 0.35, (slope, errs)
+
+
+def test_log_time_weights_are_kept_away_from_zero_and_dropped_across_it():
+    solver = solvers.get("unipc")
+    assert solver.on_interval(1.0, 2.0) is solver and solver.on_interval(-2.0, -0.5) is solver
+    assert solver.on_interval(0.01, math.inf) is solver  # flowdiff's ρ = 1/σ runs out to ∞
+    for a, b in [(-1.0, 1.0), (0.0, 1.0), (1.0, 0.0)]:
+        in_t = solver.on_interval(a, b)
+        assert not in_t.log_time and in_t.order == solver.order and in_t.name == solver.name
+    # and the solve uses it: on [-1, 1] unipc is the classic Adams PEC of its order (abm's formula)
+    f = lambda t, y: math.cos(t) * y  # noqa: E731
+    ts = np.linspace(-1.0, 1.0, 21)
+    y0 = torch.ones(1, dtype=torch.float64)
+    unipc = solvers.solve(f, y0, ts, "unipc").y
+    abm2 = solvers.solve(f, y0, ts, solvers.get("abm", order=2)).y
+    assert torch.equal(unipc, abm2)
