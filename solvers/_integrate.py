@@ -515,8 +515,10 @@ def integrate(
     """Integrate ``dy/dt = f(t, y)`` from ``y0`` with ``solver``, the steps placed by ``stepping``.
 
     ``state`` seeds the solver's carried state (e.g. a reversible solver's second variable;
-    for an inverse run, its state at the grid's end). ``max_nfe`` bounds the evaluations: past
-    it a :class:`SolveError` says where the solve stood, with the partial statistics. Errors
+    for an inverse run, its state at the grid's end). ``max_nfe`` is a hard bound on the
+    evaluations: a step whose cost (:meth:`Solver.step_cost`) would pass it is not taken, and an
+    evaluation past it is never made; a :class:`SolveError` names that step and its time, with the
+    partial statistics (a solve that needs exactly ``max_nfe`` evaluations finishes). Errors
     name the step and the time, shown as ``display(t)`` under ``time_name`` when given (a
     caller that changed variables reports its own time, e.g. σ).
 
