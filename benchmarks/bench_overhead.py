@@ -9,14 +9,21 @@ run side by side in one process, interleaved, best of several repeats:
   diffusers — ``scheduler.step(model(x, t), t, x)`` over DDIMScheduler's timesteps;
   flowdiff  — ``flowdiff.generate(flow, noise, solver="euler", steps=500)``.
 
-Usage: python benchmarks/bench_overhead.py [--repeats 7]
+With ``--baseline DIR`` (another version's source tree, e.g. ``git archive REV | tar -x -C DIR``) that
+version's ``flowdiff``/``solvers`` are imported as well and its loop runs interleaved with this one in the
+same process, as "flowdiff (baseline)": on a busy machine, separate runs cannot resolve a microsecond.
+
+Usage: python benchmarks/bench_overhead.py [--repeats 7] [--baseline DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from diffusers import DDIMScheduler
@@ -51,6 +58,27 @@ def diffusers_loop(sched: DDIMScheduler, noise: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def import_baseline(root: str) -> ModuleType:
+    """``flowdiff`` of the source tree ``root``, with its own ``solvers``, beside the ones already imported.
+
+    The current packages' entries are taken out of ``sys.modules`` while the baseline imports (so that its
+    ``import solvers`` finds its own), then put back; the baseline's modules keep their own references."""
+    ours = {k: v for k, v in sys.modules.items() if k.split(".")[0] in ("flowdiff", "solvers")}
+    for name in ours:
+        del sys.modules[name]
+    sys.path.insert(0, root)
+    try:
+        import flowdiff as baseline
+    finally:
+        sys.path.remove(root)
+        for name in [k for k in sys.modules if k.split(".")[0] in ("flowdiff", "solvers")]:
+            del sys.modules[name]
+        sys.modules.update(ours)
+    if not Path(baseline.__file__).resolve().is_relative_to(Path(root).resolve()):
+        raise SystemExit(f"--baseline {root!r}: did not import a flowdiff from there (got {baseline.__file__})")
+    return baseline
+
+
 def best_time(fn, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -63,6 +91,7 @@ def best_time(fn, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--baseline", metavar="DIR", help="another version's source tree to time alongside")
     args = parser.parse_args()
     torch.set_num_threads(1)
     noise = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -81,6 +110,12 @@ def main() -> None:
         "flowdiff (check_finite=False)": lambda: flowdiff.generate(flow, noise, solver="euler", steps=STEPS,
                                                                     check_finite=False),
     }
+    if args.baseline:
+        base = import_baseline(args.baseline)
+        base_flow = base.ProbabilityFlow(model, sched.alphas_cumprod)
+        runs["flowdiff (baseline)"] = lambda: base.generate(base_flow, noise, solver="euler", steps=STEPS)
+        runs["flowdiff (baseline, check_finite=False)"] = lambda: base.generate(base_flow, noise, solver="euler",
+                                                                                steps=STEPS, check_finite=False)
     for fn in runs.values():  # warm-up
         fn()
     times = {name: float("inf") for name in runs}
