@@ -142,7 +142,8 @@ def steps_for_nfe(solver: str | Solver, nfe: int, *, eval_end: bool = True) -> i
     by bisection (the NFE grows with the step count): a handful of short dry runs for any budget.
     """
     solver = get(solver)
-    nfe = _check_count(nfe, "nfe")
+    if isinstance(nfe, bool) or not isinstance(nfe, int):
+        raise TypeError(f"nfe must be an int, got {type(nfe).__name__} {nfe!r}")
     check_flags(eval_end=eval_end)
     one = nfe_for_steps(solver, 1, eval_end=eval_end)
     if nfe < one:
