@@ -8,10 +8,9 @@ import math
 
 import torch
 
+from ..engine._checks import check_seed
 from ._errors import CommandError
 
-#: Seeds torch.Generator.manual_seed takes: 0 … 2⁶⁴ − 1.
-MAX_SEED = 2**64 - 1
 #: The most images one ``flowdiff sample`` draws (they are one batch and one PNG grid): past it a count is a typing
 #: mistake that would allocate until the kernel kills the process.
 MAX_IMAGES = 100_000
@@ -46,14 +45,11 @@ def positive_number(text: str) -> float:
 
 
 def seed(text: str) -> int:
-    """A seed ``torch.Generator.manual_seed`` takes."""
+    """A seed ``torch.Generator.manual_seed`` takes (:func:`flowdiff.engine._checks.check_seed`)."""
     try:
-        value = int(text)
+        return check_seed(int(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64 - 1], got {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64 - 1], got {value}")
-    return value
 
 
 def device_name(text: str) -> str:
