@@ -189,3 +189,11 @@ def test_a_seed_outside_torchs_range_is_refused_by_name(seed, error):
     with pytest.raises(error, match=r"generator must be .*seed in \[0, 2\*\*64 - 1\]"):
         flowdiff.generate(_gauss().flow(), _noise(), steps=4, eta=0.5, generator=seed)
     flowdiff.generate(_gauss().flow(), _noise(), steps=4, eta=0.5, generator=2**64 - 1)  # the largest is fine
+
+
+def test_likelihood_refuses_astronomical_steps():
+    from flowdiff.tools.likelihood import log_likelihood
+
+    gauss = _gauss()
+    with pytest.raises(ValueError, match=r"steps must be at most 1,000,000"):
+        log_likelihood(gauss.flow(), gauss.sample(2, torch.Generator().manual_seed(0)), solver="rk4", steps=10**12)
