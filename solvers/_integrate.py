@@ -210,9 +210,11 @@ class FixedGrid(Stepping):
     def times(self) -> list[float]:
         return check_grid(self.ts, infinite_ends=self.infinite_ends)
 
-    def interval(self) -> tuple[float, float]:
-        grid = self.times()
-        return grid[0], grid[-1]
+    def interval(self) -> tuple[float, float] | None:
+        try:  # the ends only: begin() validates the whole grid (and says what is wrong with it)
+            return float(self.ts[0]), float(self.ts[-1])
+        except (TypeError, ValueError, IndexError):
+            return None
 
     def begin(self, solver: Solver, f: VectorField, y: Tensor, state: Any) -> _Run:
         return _GridRun(self.times(), dict(self.methods), solver, self.inverse)
