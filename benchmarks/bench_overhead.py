@@ -29,6 +29,7 @@ import torch
 from diffusers import DDIMScheduler
 
 import flowdiff
+import solvers
 
 STEPS = 500
 
@@ -58,8 +59,8 @@ def diffusers_loop(sched: DDIMScheduler, noise: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def import_baseline(root: str) -> ModuleType:
-    """``flowdiff`` of the source tree ``root``, with its own ``solvers``, beside the ones already imported.
+def import_baseline(root: str) -> tuple[ModuleType, ModuleType]:
+    """``flowdiff`` and ``solvers`` of the source tree ``root``, beside the ones already imported.
 
     The current packages' entries are taken out of ``sys.modules`` while the baseline imports (so that its
     ``import solvers`` finds its own), then put back; the baseline's modules keep their own references."""
@@ -69,14 +70,17 @@ def import_baseline(root: str) -> ModuleType:
     sys.path.insert(0, root)
     try:
         import flowdiff as baseline
+
+        baseline_solvers = sys.modules["solvers"]
     finally:
         sys.path.remove(root)
         for name in [k for k in sys.modules if k.split(".")[0] in ("flowdiff", "solvers")]:
             del sys.modules[name]
         sys.modules.update(ours)
-    if not Path(baseline.__file__).resolve().is_relative_to(Path(root).resolve()):
-        raise SystemExit(f"--baseline {root!r}: did not import a flowdiff from there (got {baseline.__file__})")
-    return baseline
+    for module in (baseline, baseline_solvers):
+        if not Path(module.__file__).resolve().is_relative_to(Path(root).resolve()):
+            raise SystemExit(f"--baseline {root!r}: {module.__name__} came from {module.__file__}")
+    return baseline, baseline_solvers
 
 
 def best_time(fn, repeats: int) -> float:
@@ -111,11 +115,18 @@ def main() -> None:
                                                                     check_finite=False),
     }
     if args.baseline:
-        base = import_baseline(args.baseline)
+        base, base_solvers = import_baseline(args.baseline)
         base_flow = base.ProbabilityFlow(model, sched.alphas_cumprod)
         runs["flowdiff (baseline)"] = lambda: base.generate(base_flow, noise, solver="euler", steps=STEPS)
         runs["flowdiff (baseline, check_finite=False)"] = lambda: base.generate(base_flow, noise, solver="euler",
                                                                                 steps=STEPS, check_finite=False)
+        # the two halves apart: the flow's field alone (its calls at the grid's σ), and the solver loop alone
+        sigmas = [float(s) for s in flowdiff.make_sigmas(flow.schedule, "trailing", STEPS)]
+        for label, field in (("", flow.field()), (" (baseline)", base_flow.field())):
+            runs[f"field alone{label}"] = (lambda f: lambda: [f(s, noise) for s in sigmas[:-1]])(field)
+        identity = lambda t, y: y  # noqa: E731
+        runs["solvers loop alone, f = y"] = lambda: solvers.solve(identity, noise, sigmas, "euler")
+        runs["solvers loop alone, f = y (baseline)"] = lambda: base_solvers.solve(identity, noise, sigmas, "euler")
     for fn in runs.values():  # warm-up
         fn()
     times = {name: float("inf") for name in runs}
