@@ -120,11 +120,13 @@ class _Counted:
 
 
 class _OverBudget(Exception):
-    """Raised instead of an evaluation of ``f`` that would exceed ``max_nfe``."""
+    """Raised instead of an evaluation of ``f`` that would exceed ``max_nfe``; ``what`` names work done
+    outside a step (the first step's size estimate), else the step about to be taken is meant."""
 
-    def __init__(self, t: float) -> None:
+    def __init__(self, t: float, what: str | None = None) -> None:
         super().__init__(t)
         self.t = t
+        self.what = what
 
 
 class _Stop(Exception):
@@ -398,7 +400,11 @@ class _ErrorRun(_Run):
         if self.done():
             return None
         if self.h is None:
-            state = self._first(y, state)
+            try:
+                state = self._first(y, state)
+            except _OverBudget as err:
+                err.what = "the first step's size estimate"
+                raise
         t, h = self.t, self.h
         t_next = t * math.exp(self.log_dir * h) if self.log else t + self.direction * h
         if self.direction * (t_next - self.t_end) >= 0 or abs(self.t_end - t_next) < 1e-12 * self.span:
@@ -659,26 +665,29 @@ def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state:
         stats.steps, stats.accepted, stats.rejected = steps, accepted, rejected
         if isinstance(err, _OverBudget):
             finish()
-            raise _budget_error(max_nfe, err.t, t0, t1, stats, names, inverse) from None
+            raise _budget_error(max_nfe, err, t0, t1, stats, names, inverse) from None
         _reraise(err, stats, t0, t1, names, inverse, finish)
     stats.steps, stats.accepted, stats.rejected = steps, accepted, rejected
     finish()
     return y, state, times, stats
 
 
-def _budget_error(max_nfe: int | None, t: float, t0: float, t1: float, stats: Stats,
+def _budget_error(max_nfe: int | None, err: _OverBudget, t0: float, t1: float, stats: Stats,
                   names: tuple[str, Callable[[float], float] | None], inverse: bool) -> SolveError:
-    """The error of a step not taken because its evaluations would pass ``max_nfe`` (``t``: where the
-    evaluation that would have passed it was asked for; before the first step ``t0 == t1``)."""
+    """The error of a step (or of the first step's size estimate, ``err.what``) not taken because its
+    evaluations would pass ``max_nfe``; ``err.t`` is where the evaluation that would have passed it was asked."""
     time_name, display = names
     i = stats.steps
-    where = (_where(i, t0, t1, time_name, display, inverse) if t0 != t1
-             else f"the start ({time_name} {_shown(t0, display):.6g})")
+    at = f"{time_name} {_shown(err.t, display):.6g}"
+    if err.what is not None:
+        where, t0 = f"{err.what} at {at}", err.t
+        t1 = t0
+    else:
+        where = _where(i, t0, t1, time_name, display, inverse) + (f" (stopped at {at})" if err.t != t0 else "")
     return SolveError(
-        f"max_nfe={max_nfe} reached: {where} was not taken, its evaluations (from {time_name} "
-        f"{_shown(t, display):.6g}) would pass the bound after the {stats.nfe} already made ({stats.accepted} "
-        f"accepted and {stats.rejected} rejected steps); raise max_nfe or loosen rtol/atol",
-        step=i, t0=t0, t1=t1, stats=stats)
+        f"max_nfe={max_nfe} reached: {where} was not taken, its evaluations would pass the bound after the "
+        f"{stats.nfe} already made ({stats.accepted} accepted and {stats.rejected} rejected steps); raise max_nfe "
+        "or loosen rtol/atol", step=i, t0=t0, t1=t1, stats=stats)
 
 
 def _reraise(err: BaseException, stats: Stats, t0: float, t1: float,

@@ -78,6 +78,26 @@ def test_max_nfe_bounds_a_fixed_grid_and_names_the_step(name):
     assert info.value.step == info.value.stats.steps  # the step not taken is the next one
 
 
+def test_max_nfe_also_bounds_the_first_step_estimate_and_steps_of_unknown_cost():
+    y0 = torch.ones(2, dtype=torch.float64)
+    with pytest.raises(SolveError, match="max_nfe=1 reached: the first step's size estimate at t") as info:
+        solvers.solve_adaptive(_decay(), y0, 0.0, 1.0, "dopri5", max_nfe=1)
+    assert info.value.stats.nfe == 1
+
+    class TwoStage(solvers.Solver):  # explicit midpoint, with no step_cost: the loop cannot know its cost
+        name = "two_stage"
+        order = 2
+
+        def step(self, f, t0, t1, y0, state):
+            h = t1 - t0
+            return solvers.StepResult(y0 + h * f(t0 + h / 2, y0 + h / 2 * f(t0, y0)), None)
+
+    rec = _Recorder(_decay())
+    with pytest.raises(SolveError, match=r"max_nfe=5 reached: step 2 \(t 0.4 -> 0.6\) \(stopped at t 0.5\)") as info:
+        solvers.integrate(rec, y0, TwoStage(), solvers.FixedGrid(np.linspace(0, 1, 6)), max_nfe=5)
+    assert info.value.stats.nfe == len(rec.calls) == 5 and info.value.stats.accepted == 2
+
+
 # -- tolerances --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["dopri5", "bosh3", "dopri8"])
