@@ -9,19 +9,27 @@ run side by side in one process, interleaved, best of several repeats:
   diffusers — ``scheduler.step(model(x, t), t, x)`` over DDIMScheduler's timesteps;
   flowdiff  — ``flowdiff.generate(flow, noise, solver="euler", steps=500)``.
 
-Usage: python benchmarks/bench_overhead.py [--repeats 7]
+With ``--baseline DIR`` (another version's source tree, e.g. ``git archive REV | tar -x -C DIR``) that
+version's ``flowdiff``/``solvers`` are imported as well and its loop runs interleaved with this one in the
+same process, as "flowdiff (baseline)": on a busy machine, separate runs cannot resolve a microsecond.
+
+Usage: python benchmarks/bench_overhead.py [--repeats 7] [--baseline DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from diffusers import DDIMScheduler
 
 import flowdiff
+import solvers
 
 STEPS = 500
 
@@ -51,6 +59,30 @@ def diffusers_loop(sched: DDIMScheduler, noise: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def import_baseline(root: str) -> tuple[ModuleType, ModuleType]:
+    """``flowdiff`` and ``solvers`` of the source tree ``root``, beside the ones already imported.
+
+    The current packages' entries are taken out of ``sys.modules`` while the baseline imports (so that its
+    ``import solvers`` finds its own), then put back; the baseline's modules keep their own references."""
+    ours = {k: v for k, v in sys.modules.items() if k.split(".")[0] in ("flowdiff", "solvers")}
+    for name in ours:
+        del sys.modules[name]
+    sys.path.insert(0, root)
+    try:
+        import flowdiff as baseline
+
+        baseline_solvers = sys.modules["solvers"]
+    finally:
+        sys.path.remove(root)
+        for name in [k for k in sys.modules if k.split(".")[0] in ("flowdiff", "solvers")]:
+            del sys.modules[name]
+        sys.modules.update(ours)
+    for module in (baseline, baseline_solvers):
+        if not Path(module.__file__).resolve().is_relative_to(Path(root).resolve()):
+            raise SystemExit(f"--baseline {root!r}: {module.__name__} came from {module.__file__}")
+    return baseline, baseline_solvers
+
+
 def best_time(fn, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -63,6 +95,7 @@ def best_time(fn, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--baseline", metavar="DIR", help="another version's source tree to time alongside")
     args = parser.parse_args()
     torch.set_num_threads(1)
     noise = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -81,6 +114,19 @@ def main() -> None:
         "flowdiff (check_finite=False)": lambda: flowdiff.generate(flow, noise, solver="euler", steps=STEPS,
                                                                     check_finite=False),
     }
+    if args.baseline:
+        base, base_solvers = import_baseline(args.baseline)
+        base_flow = base.ProbabilityFlow(model, sched.alphas_cumprod)
+        runs["flowdiff (baseline)"] = lambda: base.generate(base_flow, noise, solver="euler", steps=STEPS)
+        runs["flowdiff (baseline, check_finite=False)"] = lambda: base.generate(base_flow, noise, solver="euler",
+                                                                                steps=STEPS, check_finite=False)
+        # the two halves apart: the flow's field alone (its calls at the grid's σ), and the solver loop alone
+        sigmas = [float(s) for s in flowdiff.make_sigmas(flow.schedule, "trailing", STEPS)]
+        for label, field in (("", flow.field()), (" (baseline)", base_flow.field())):
+            runs[f"field alone{label}"] = (lambda f: lambda: [f(s, noise) for s in sigmas[:-1]])(field)
+        identity = lambda t, y: y  # noqa: E731
+        runs["solvers loop alone, f = y"] = lambda: solvers.solve(identity, noise, sigmas, "euler")
+        runs["solvers loop alone, f = y (baseline)"] = lambda: base_solvers.solve(identity, noise, sigmas, "euler")
     for fn in runs.values():  # warm-up
         fn()
     times = {name: float("inf") for name in runs}

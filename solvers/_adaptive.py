@@ -40,8 +40,9 @@ def solve_adaptive(
 
     Needs a solver with an embedded error estimate (``solver.adaptive``). A step is
     accepted when ``norm(error, y0, y1, t1) <= 1``; the default norm is :func:`rms_norm`.
-    ``max_nfe`` bounds the evaluations: past it a :class:`SolveError` says where the solve
-    stood, with the partial statistics attached.
+    ``rtol`` or ``atol`` may be 0 (a pure absolute or relative tolerance), not both. ``max_nfe``
+    is a hard bound on the evaluations: the step that would pass it is not taken, and a
+    :class:`SolveError` names it, with the partial statistics attached.
 
     ``log_steps`` measures step sizes in ``log|t|`` (t₀ and t₁ non-zero, of one sign): a step
     is ``t → t·e^{±h}`` and ``min_step``/``max_step``/``first_step`` are in that unit. For

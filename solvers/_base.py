@@ -62,6 +62,17 @@ class Solver(abc.ABC):
         """Advance ``y0`` at ``t0`` to ``t1``."""
         raise NotImplementedError  # abstract
 
+    def on_interval(self, t0: float, t1: float) -> Solver:
+        """The method to use for a whole solve from ``t0`` to ``t1`` (either may be ±inf): ``self``, unless the
+        method's formulas depend on where the interval lies (log-time weights need it away from t = 0)."""
+        return self
+
+    def step_cost(self, t0: float, state: Any) -> int | None:
+        """How many evaluations of ``f`` the next :meth:`step` from ``t0`` with ``state`` makes, when the
+        solver knows (``None`` otherwise): the loop refuses a step that would pass ``max_nfe``
+        before taking it."""
+        return None
+
     def unstep(self, f: VectorField, t0: float, t1: float, y1: Tensor, state1: Any) -> tuple[Tensor, Any]:
         """The exact algebraic inverse of :meth:`step` (reversible solvers only)."""
         raise TypeError(f"solver {self.name!r} is not reversible; it has no exact inverse step")

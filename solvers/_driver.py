@@ -85,27 +85,78 @@ def unsolve(
                      check_finite=check_finite, time_name=time_name)
 
 
-def nfe_for_steps(solver: str | Solver, steps: int, *, eval_end: bool = True) -> int:
-    """The exact NFE of ``steps`` fixed steps, found by a dry run of the loop on a scalar."""
-    solver = get(solver)
+#: Step counts up to this are counted by a dry run of the whole grid; beyond it, by extrapolation (see below).
+DRY_RUN_STEPS = 64
+#: How many consecutive step counts past :data:`DRY_RUN_STEPS` must cost the same to extrapolate.
+_WINDOW = 4
+
+
+def _check_count(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value!r}")
+    return value
+
+
+def _dry_run(solver: Solver, steps: int, eval_end: bool) -> int:
     grid = [2.0 - i / steps for i in range(steps + 1)]  # positive times: log-time methods count too
     y0 = torch.zeros((), dtype=torch.float64)
-    return solve(lambda t, y: torch.zeros_like(y), y0, grid, solver, eval_end=eval_end,
-                 check_finite=False).stats.nfe
+    return solve(lambda t, y: torch.zeros_like(y), y0, grid, solver, eval_end=eval_end, check_finite=False).stats.nfe
+
+
+def _settled(solver: Solver, eval_end: bool, steps: int) -> tuple[int, int]:
+    """``(NFE of DRY_RUN_STEPS + _WINDOW steps, evaluations per further step)``, from dry runs."""
+    counts = [_dry_run(solver, DRY_RUN_STEPS + i, eval_end) for i in range(_WINDOW + 1)]
+    per_step = {b - a for a, b in zip(counts, counts[1:])}
+    if len(per_step) != 1 or counts[-1] <= counts[-2]:
+        raise ValueError(f"solver {solver.name!r}: the cost of a step does not settle ({counts} evaluations for "
+                         f"{DRY_RUN_STEPS}..{DRY_RUN_STEPS + _WINDOW} steps), so the NFE of {steps} steps cannot be "
+                         f"counted without running them; give at most {DRY_RUN_STEPS + _WINDOW} steps")
+    return counts[-1], per_step.pop()
+
+
+def nfe_for_steps(solver: str | Solver, steps: int, *, eval_end: bool = True) -> int:
+    """The exact NFE of ``steps`` fixed steps, counted by a dry run of the loop on a scalar.
+
+    Up to ``DRY_RUN_STEPS + 4`` steps the whole grid is run. Beyond, a step costs whatever a long
+    grid's middle steps cost (only the first steps, while a multistep history fills or an FSAL
+    pair starts, and the last, into the grid's end, differ): the dry runs of ``DRY_RUN_STEPS`` …
+    ``DRY_RUN_STEPS + 4`` steps must add the same number of evaluations per step, and the count
+    is extended from there, in constant time for any ``steps`` (a solver whose cost does not
+    settle is a ``ValueError``, not a guess).
+    """
+    solver = get(solver)
+    steps = _check_count(steps, "steps")
+    check_flags(eval_end=eval_end)
+    if steps <= DRY_RUN_STEPS + _WINDOW:
+        return _dry_run(solver, steps, eval_end)
+    base, per_step = _settled(solver, eval_end, steps)
+    return base + (steps - DRY_RUN_STEPS - _WINDOW) * per_step
 
 
 def steps_for_nfe(solver: str | Solver, nfe: int, *, eval_end: bool = True) -> int:
-    """The largest step count whose exact NFE is at most ``nfe`` (a ValueError if one step costs more)."""
-    if isinstance(nfe, bool) or not isinstance(nfe, int):
-        raise TypeError(f"nfe must be an int, got {type(nfe).__name__}")
+    """The largest step count whose exact NFE is at most ``nfe`` (a ValueError if one step costs more).
+
+    Past the dry-run range of :func:`nfe_for_steps` the count is solved for directly; within it,
+    by bisection (the NFE grows with the step count): a handful of short dry runs for any budget.
+    """
     solver = get(solver)
+    if isinstance(nfe, bool) or not isinstance(nfe, int):
+        raise TypeError(f"nfe must be an int, got {type(nfe).__name__} {nfe!r}")
+    check_flags(eval_end=eval_end)
     one = nfe_for_steps(solver, 1, eval_end=eval_end)
     if nfe < one:
         raise ValueError(f"nfe={nfe} is below the cost of one step of solver {solver.name!r} ({one} evaluations)")
-    per_step = max(nfe_for_steps(solver, 2, eval_end=eval_end) - one, 1)
-    steps = max(1, (nfe - one) // per_step + 1)
-    while steps > 1 and nfe_for_steps(solver, steps, eval_end=eval_end) > nfe:
-        steps -= 1
-    while nfe_for_steps(solver, steps + 1, eval_end=eval_end) <= nfe:
-        steps += 1
-    return steps
+    top = DRY_RUN_STEPS + _WINDOW
+    if nfe >= _dry_run(solver, top, eval_end):
+        base, per_step = _settled(solver, eval_end, top + 1)
+        return top + (nfe - base) // per_step
+    lo, hi = 1, top  # nfe_for_steps(lo) <= nfe < nfe_for_steps(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _dry_run(solver, mid, eval_end) <= nfe:
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -89,25 +90,43 @@ class Solution:
 
 
 class _Counted:
-    """``f`` with its evaluations counted: the NFE of the statistics. Its first value is checked to
-    be a tensor of the state's shape and dtype (a complex or other-precision result is refused).
+    """``f`` with its evaluations counted (the NFE of the statistics) and bounded by ``limit``.
+
+    Every value is checked to be a tensor of the state's shape and dtype (a tuple, a complex or
+    an other-precision result is refused on whichever call returns it, not only on the first):
+    three comparisons, no host sync. An evaluation past ``limit`` is not made: :class:`_OverBudget`
+    is raised instead, so that ``max_nfe`` is a hard bound even for steps whose cost the loop
+    cannot know beforehand.
 
     The loop hands the solvers the bound method :meth:`evaluate`, not the object: calling an instance
     through ``__call__`` costs about three times a bound method's call, once per evaluation."""
 
-    __slots__ = ("f", "nfe", "time_name")
+    __slots__ = ("f", "limit", "nfe", "time_name")
 
-    def __init__(self, f: VectorField, time_name: str = "t") -> None:
+    def __init__(self, f: VectorField, time_name: str = "t", limit: int | None = None) -> None:
         self.f = f
         self.nfe = 0
         self.time_name = time_name
+        self.limit = sys.maxsize if limit is None else limit
 
     def evaluate(self, t: float, y: Tensor) -> Tensor:
+        if self.nfe >= self.limit:
+            raise _OverBudget(t)
         self.nfe += 1
         k = self.f(t, y)
-        if self.nfe == 1:
+        if not isinstance(k, Tensor) or k.dtype is not y.dtype or k.shape != y.shape:
             check_derivative(k, y, t, self.time_name)
         return k
+
+
+class _OverBudget(Exception):
+    """Raised instead of an evaluation of ``f`` that would exceed ``max_nfe``; ``what`` names work done
+    outside a step (the first step's size estimate), else the step about to be taken is meant."""
+
+    def __init__(self, t: float, what: str | None = None) -> None:
+        super().__init__(t)
+        self.t = t
+        self.what = what
 
 
 class _Stop(Exception):
@@ -142,6 +161,10 @@ class Stepping(abc.ABC):
     @abc.abstractmethod
     def begin(self, solver: Solver, f: VectorField, y: Tensor, state: Any) -> _Run:
         raise NotImplementedError  # abstract
+
+    def interval(self) -> tuple[float, float] | None:
+        """The first and last time of the solve (for :meth:`Solver.on_interval`), or None if unknown beforehand."""
+        return None
 
 
 class _Run(abc.ABC):
@@ -188,6 +211,17 @@ class FixedGrid(Stepping):
 
     def times(self) -> list[float]:
         return check_grid(self.ts, infinite_ends=self.infinite_ends)
+
+    def interval(self) -> tuple[float, float] | None:
+        """The span the solver itself steps across: steps given their own method (``methods``, e.g. a boundary
+        step out of an infinite end) at either end of the grid are not the solver's."""
+        try:  # the ends only: begin() validates the whole grid (and says what is wrong with it)
+            own = [i for i in range(len(self.ts) - 1) if i not in self.methods]
+            if not own:
+                return None
+            return float(self.ts[own[0]]), float(self.ts[own[-1] + 1])
+        except (TypeError, ValueError, IndexError):
+            return None
 
     def begin(self, solver: Solver, f: VectorField, y: Tensor, state: Any) -> _Run:
         return _GridRun(self.times(), dict(self.methods), solver, self.inverse)
@@ -249,12 +283,29 @@ class StepController:
         return min(self.factor_max, max(self.factor_min, f))
 
 
+#: Dtypes whose squares overflow or lose the tolerance's resolution: error norms are taken in float32 for them.
+_NARROW = (torch.float16, torch.bfloat16)
+
+
 def rms_norm(rtol: float, atol: float) -> ErrorNorm:
-    """Hairer's mixed norm: RMS of ``error / (atol + rtol * max(|y0|, |y1|))``."""
+    """Hairer's mixed norm: RMS of ``error / (atol + rtol * max(|y0|, |y1|))``, in float32 or wider.
+
+    A half-precision state is measured in float32: ``(error/scale)²`` of a step that should just be
+    rejected overflows float16 (above 65504) and would read as a non-finite model output. With
+    ``atol == 0`` (a pure relative tolerance) an entry where the state and the error are both 0
+    counts as no error (0/0 is taken as 0); a non-zero error where the state is 0 is infinitely
+    too large, and the step is rejected.
+    """
 
     def norm(error: Tensor, y0: Tensor, y1: Tensor, t1: float) -> Tensor:
-        scale = torch.maximum(y0.abs(), y1.abs()).mul_(rtol).add_(atol)
-        return (error / scale).pow(2).mean().sqrt()
+        if error.dtype in _NARROW:
+            error, y0, y1 = error.float(), y0.float(), y1.float()
+        scale = torch.maximum(y0.abs(), y1.abs()).mul_(rtol)
+        if atol == 0:
+            ratio = torch.where(error == 0, 0.0, error / scale)
+        else:
+            ratio = error / scale.add_(atol)
+        return ratio.pow(2).mean().sqrt()
 
     return norm
 
@@ -288,7 +339,8 @@ class ErrorControl(Stepping):
     def __post_init__(self) -> None:
         rtol, atol = _check_tol("rtol", self.rtol), _check_tol("atol", self.atol)
         if rtol == 0 and atol == 0:
-            raise ValueError("rtol and atol cannot both be 0")
+            raise ValueError("rtol=0 and atol=0: at least one tolerance must be > 0 (atol=0 is a pure relative "
+                             "tolerance, rtol=0 a pure absolute one)")
         t0, t1 = float(self.t0), float(self.t1)
         if not (math.isfinite(t0) and math.isfinite(t1)) or t0 == t1:
             raise ValueError(f"need finite t0 != t1, got t0={t0!r}, t1={t1!r}")
@@ -300,6 +352,9 @@ class ErrorControl(Stepping):
             raise ValueError(f"first_step must be a positive number, got {self.first_step!r}")
         if self.controller is not None and not isinstance(self.controller, StepController):
             raise TypeError(f"controller must be a solvers.StepController, got {type(self.controller).__name__}")
+
+    def interval(self) -> tuple[float, float]:
+        return float(self.t0), float(self.t1)
 
     def begin(self, solver: Solver, f: VectorField, y: Tensor, state: Any) -> _Run:
         if not solver.adaptive:
@@ -330,10 +385,14 @@ class _ErrorRun(_Run):
         return self.direction * (self.t_end - self.t) <= 0
 
     def _first(self, y: Tensor, state: Any) -> Any:
+        """The first step size; ``f(t0, y0)`` is evaluated here, once, and handed on as the state (a
+        first step that is rejected is retried from it, never evaluated again at the same point)."""
         spec, c = self.spec, self.controller
+        known = isinstance(state, Derivative) and state.t == self.t
+        if not known and (spec.first_step is None or state is None or type(state) is Derivative):
+            state = Derivative(self.t, self.f(self.t, y))  # (with first_step, a history is left to its solver)
         if spec.first_step is None:
-            k0 = self.f(self.t, y)
-            state = Derivative(self.t, k0)
+            k0 = state.k
             h = _initial_step(self.f, self.t, y, k0, self.direction, self.k - 1, self.norm, self.span)
             if self.log:
                 h = min(h / abs(self.t), abs(math.log(abs(self.t_end / self.t))))
@@ -346,7 +405,11 @@ class _ErrorRun(_Run):
         if self.done():
             return None
         if self.h is None:
-            state = self._first(y, state)
+            try:
+                state = self._first(y, state)
+            except _OverBudget as err:
+                err.what = "the first step's size estimate"
+                raise
         t, h = self.t, self.h
         t_next = t * math.exp(self.log_dir * h) if self.log else t + self.direction * h
         if self.direction * (t_next - self.t_end) >= 0 or abs(self.t_end - t_next) < 1e-12 * self.span:
@@ -355,8 +418,9 @@ class _ErrorRun(_Run):
 
     def judge(self, result: StepResult, y0: Tensor, t1: float) -> bool:
         ratio = float(self.norm(result.error, y0, result.y, t1))
-        if not math.isfinite(ratio):
+        if not math.isfinite(ratio) and (math.isnan(ratio) or not bool(torch.isfinite(result.error).all())):
             raise _Stop("the error estimate is not finite; the vector field (the model) returned NaN or inf")
+        # (an infinite ratio of a finite error: a zero scale, atol=0 where the state is 0; the step is rejected)
         t = self.t
         self.h_used = abs(math.log(t1 / t)) if self.log else abs(t1 - t)
         factor = self.controller.factor(ratio, self.prev_ratio, self.k)
@@ -372,15 +436,24 @@ class _ErrorRun(_Run):
 
 def _initial_step(f: VectorField, t0: float, y0: Tensor, k0: Tensor, direction: float, order: int,
                   norm: ErrorNorm, span: float) -> float:
-    """Hairer, Nørsett & Wanner's starting step (one extra evaluation)."""
-    zero = torch.zeros_like(y0)
-    d0 = float(norm(y0, zero, zero, t0))
-    d1 = float(norm(k0, zero, zero, t0))
-    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-    h0 = min(h0, span)
+    """Hairer, Nørsett & Wanner's starting step (one extra evaluation).
+
+    The norms are scaled by ``y0`` (``atol + rtol·|y0|``), as in HNW: with ``atol = 0`` a scale of
+    zeros would make every ratio 0/0. Where a ratio is still not finite (a derivative where the
+    state is 0, with ``atol = 0``) the estimate falls back to HNW's small default step, 1e-6.
+    """
+    d0 = float(norm(y0, y0, y0, t0))
+    d1 = float(norm(k0, y0, y0, t0))
+    small = not (math.isfinite(d0) and math.isfinite(d1)) or d0 < 1e-5 or d1 < 1e-5
+    h0 = min(1e-6 if small else 0.01 * d0 / d1, span)
     k1 = f(t0 + direction * h0, y0 + direction * h0 * k0)
-    d2 = float(norm(k1 - k0, zero, zero, t0)) / h0
-    h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
+    d2 = float(norm(k1 - k0, y0, y0, t0)) / h0
+    if not math.isfinite(d2) or not math.isfinite(d1):
+        h1 = max(1e-6, h0 * 1e-3)
+    elif max(d1, d2) <= 1e-15:
+        h1 = max(1e-6, h0 * 1e-3)
+    else:
+        h1 = (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
     return min(100 * h0, h1, span)
 
 
@@ -389,6 +462,10 @@ class Chain(Stepping):
     """Several steppings in one solve, each starting where the previous one ended."""
 
     parts: Sequence[Stepping]
+
+    def interval(self) -> tuple[float, float] | None:
+        ends = [part.interval() for part in self.parts]
+        return None if not ends or None in ends else (ends[0][0], ends[-1][1])
 
     def begin(self, solver: Solver, f: VectorField, y: Tensor, state: Any) -> _Run:
         if not self.parts:
@@ -451,8 +528,10 @@ def integrate(
     """Integrate ``dy/dt = f(t, y)`` from ``y0`` with ``solver``, the steps placed by ``stepping``.
 
     ``state`` seeds the solver's carried state (e.g. a reversible solver's second variable;
-    for an inverse run, its state at the grid's end). ``max_nfe`` bounds the evaluations: past
-    it a :class:`SolveError` says where the solve stood, with the partial statistics. Errors
+    for an inverse run, its state at the grid's end). ``max_nfe`` is a hard bound on the
+    evaluations: a step whose cost (:meth:`Solver.step_cost`) would pass it is not taken, and an
+    evaluation past it is never made; a :class:`SolveError` names that step and its time, with the
+    partial statistics (a solve that needs exactly ``max_nfe`` evaluations finishes). Errors
     name the step and the time, shown as ``display(t)`` under ``time_name`` when given (a
     caller that changed variables reports its own time, e.g. σ).
 
@@ -530,10 +609,13 @@ def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state:
     """The loop itself: ``flags`` (when a list) collects one value per accepted step: the
     bounded quantity of ``bound`` (:meth:`Bound.value`), else max|y| (NaN or inf if non-finite)."""
     time_name, display = names
-    counted = _Counted(f, time_name)
+    counted = _Counted(f, time_name, max_nfe)
     field = counted.evaluate
     stats = Stats()
     start = time.perf_counter()
+    interval = stepping.interval()
+    if interval is not None:
+        solver = solver.on_interval(*interval)
     run = stepping.begin(solver, field, y0, state)
     inverse = run.inverse
     if inverse and not solver.reversible:
@@ -556,19 +638,16 @@ def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state:
     steps = accepted = rejected = 0
     try:
         while True:
-            if max_nfe is not None and counted.nfe >= max_nfe and not run.done():
-                stats.steps, stats.accepted, stats.rejected = steps, accepted, rejected
-                finish()
-                raise SolveError(
-                    f"max_nfe={max_nfe} reached at {time_name}={_shown(run.t, display):.6g} after {accepted} "
-                    f"accepted and {rejected} rejected steps; raise max_nfe or loosen rtol/atol",
-                    step=steps, t0=run.t, stats=stats)
             step = propose(y, state)
             if step is None:
                 break
             t0, t1, method, state = step
             if method is None:
                 method = solver
+            if max_nfe is not None:  # a step that would pass the bound is not taken
+                cost = None if inverse else method.step_cost(t0, state)
+                if cost is not None and counted.nfe + cost > max_nfe:
+                    raise _OverBudget(t0)
             if inverse:  # undo the forward step t1 -> t0 (t1 is the earlier time of the solved grid)
                 y_new, state_new = method.unstep(field, t1, t0, y, state)
                 result = StepResult(y_new, state_new)
@@ -589,10 +668,31 @@ def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state:
                     state = result.state
     except BaseException as err:  # the counts so far belong to the error's statistics
         stats.steps, stats.accepted, stats.rejected = steps, accepted, rejected
+        if isinstance(err, _OverBudget):
+            finish()
+            raise _budget_error(max_nfe, err, t0, t1, stats, names, inverse) from None
         _reraise(err, stats, t0, t1, names, inverse, finish)
     stats.steps, stats.accepted, stats.rejected = steps, accepted, rejected
     finish()
     return y, state, times, stats
+
+
+def _budget_error(max_nfe: int | None, err: _OverBudget, t0: float, t1: float, stats: Stats,
+                  names: tuple[str, Callable[[float], float] | None], inverse: bool) -> SolveError:
+    """The error of a step (or of the first step's size estimate, ``err.what``) not taken because its
+    evaluations would pass ``max_nfe``; ``err.t`` is where the evaluation that would have passed it was asked."""
+    time_name, display = names
+    i = stats.steps
+    at = f"{time_name} {_shown(err.t, display):.6g}"
+    if err.what is not None:
+        where, t0 = f"{err.what} at {at}", err.t
+        t1 = t0
+    else:
+        where = _where(i, t0, t1, time_name, display, inverse) + (f" (stopped at {at})" if err.t != t0 else "")
+    return SolveError(
+        f"max_nfe={max_nfe} reached: {where} was not taken, its evaluations would pass the bound after the "
+        f"{stats.nfe} already made ({stats.accepted} accepted and {stats.rejected} rejected steps); raise max_nfe "
+        "or loosen rtol/atol", step=i, t0=t0, t1=t1, stats=stats)
 
 
 def _reraise(err: BaseException, stats: Stats, t0: float, t1: float,

@@ -65,6 +65,10 @@ class ExplicitRK(Solver):
         self._stages, self._fsal = tableau.stages, tableau.fsal
         self._a, self._b, self._c, self._b_error = tableau.a, tableau.b, tableau.c, tableau.b_error
 
+    def step_cost(self, t0: float, state: Any) -> int:
+        """Every stage is an evaluation, but the first when ``state`` already holds ``f(t0, y0)``."""
+        return self._stages - (1 if isinstance(state, Derivative) and state.t == t0 else 0)
+
     def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
         h = t1 - t0
         if self._stages == 1 and state is None:  # Euler: one evaluation, one update, nothing to carry

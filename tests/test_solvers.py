@@ -120,7 +120,8 @@ def test_max_nfe_guard_reports_partial_stats():
     with pytest.raises(SolveError, match="max_nfe=30") as info:
         solvers.solve_adaptive(lambda t, y: math.cos(50 * t) * y, torch.ones(1, dtype=torch.float64),
                                0.0, 10.0, "bosh3", rtol=1e-10, atol=1e-12, max_nfe=30)
-    assert info.value.stats.nfe >= 30 and info.value.stats.accepted > 0
+    # a hard bound: the step that would pass it is not taken (3 evaluations a bosh3 step, FSAL)
+    assert 30 - 3 < info.value.stats.nfe <= 30 and info.value.stats.accepted > 0
 
 
 def test_adaptive_needs_error_estimate():

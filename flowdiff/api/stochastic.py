@@ -49,6 +49,7 @@ from torch import Tensor
 import solvers
 from solvers import Solver, StepResult
 
+from ..engine._checks import check_seed
 from ..engine.formulations import formulation_for
 from ..engine.loop import solve_grid
 from ..engine.options import Request, Stochastic, compute_dtype
@@ -188,7 +189,7 @@ def _check_generator(generator: object, noise: Tensor) -> torch.Generator | None
     if isinstance(generator, bool):
         raise TypeError("generator must be a torch.Generator or an int seed, got bool")
     if isinstance(generator, (int, np.integer)):
-        return torch.Generator(device=noise.device).manual_seed(int(generator))
+        return torch.Generator(device=noise.device).manual_seed(check_seed(generator, "generator"))
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or an int seed, got {type(generator).__name__}")
     if generator.device.type != noise.device.type:

@@ -25,6 +25,7 @@ from ..runs.imageio import ImageFormat
 from ..tools.report import FILES as REPORT_FILES
 from ..tools.report import ROUNDTRIP_FIGURE
 from . import _prompt
+from ._argtypes import available_device
 from ._errors import CommandError, one_line
 from ._images import as_written, default_format, load_images, save_grid, write_images
 from ._models import BUILTIN_MODELS, LoadedModel, in_dtype, load_model
@@ -35,17 +36,6 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.f
 REFERENCE_RTOL = 1e-5
 
 
-def _device(name: str) -> torch.device:
-    device = torch.device(name)  # the parser has checked the spelling
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CommandError(f"--device {name!r}: CUDA is not available in this torch build or on this machine")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise CommandError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise CommandError(f"--device {name!r}: MPS is not available on this machine")
-    return device
-
-
 def _setup(args: argparse.Namespace, *, convert: bool = True, dtype: str | None = None,
            record: dict | None = None) -> tuple[LoadedModel, torch.dtype, torch.device]:
     """The model on the device (its network in ``--dtype`` unless ``convert=False``), conditioned on
@@ -54,7 +44,7 @@ def _setup(args: argparse.Namespace, *, convert: bool = True, dtype: str | None 
         torch.set_num_threads(args.threads)
     elif args.model in BUILTIN_MODELS:
         torch.set_num_threads(1)
-    device = _device(args.device)
+    device = available_device(args.device)
     torch_dtype = DTYPES[dtype or args.dtype]
     loaded = load_model(args.model, dtype=torch_dtype if convert else None, device=device)
     try:

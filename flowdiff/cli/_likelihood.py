@@ -24,6 +24,7 @@ import torch
 import solvers as _solvers
 
 from ..tools.likelihood import DEFAULT_RTOL, DIVERGENCES, PROBE_NOISES, log_likelihood
+from ._argtypes import available_device, device_name, seed
 from ._argtypes import positive_int as _positive_int
 from ._argtypes import positive_number as _tolerance
 
@@ -51,10 +52,11 @@ def add_parser(subparsers: Any, *, load_model: Callable[..., Any],
     group.add_argument("--model", default="digits", metavar="NAME|DIR",
                        help="'digits' (default: the shipped 8×8 digits model), 'analytic-mixture' (closed form), or "
                             "a local diffusers model directory")
-    group.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    group.add_argument("--device", default="cpu", type=device_name, help="torch device (default: cpu)")
     group.add_argument("--dtype", default="float32", choices=list(DTYPES),
                        help="precision of the state and the network (default: float32)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the probes and the dequantization (default: 0)")
+    group.add_argument("--seed", type=seed, default=0,
+                       help="seed of the probes and the dequantization, 0 … 2**64 - 1 (default: 0)")
     group.add_argument("--threads", type=_positive_int, default=None,
                        help="CPU threads for torch (default: 1 for the built-in models, torch's choice otherwise)")
     group = p.add_argument_group("estimator")
@@ -100,10 +102,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     elif args.model in ("digits", "analytic-mixture"):
         torch.set_num_threads(1)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda)") from None
+    device = available_device(args.device)
     dtype = DTYPES[args.dtype]
     loaded = load_model(args.model, dtype=dtype, device=device)
     images = read_images(paths, loaded.shape).to(device=device, dtype=dtype)

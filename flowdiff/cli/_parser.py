@@ -12,7 +12,10 @@ from ..engine.grids import GRIDS
 from ..tools.compare import DEFAULT_GRIDS, DEFAULT_NFE, default_solvers
 from ..tools.peers import PEERS
 from . import _likelihood
+from ._argtypes import device_name as _device_name
+from ._argtypes import image_count
 from ._argtypes import positive_int as _positive_int
+from ._argtypes import seed as _seed
 from ._commands import DTYPES, REFERENCE_RTOL, cmd_compare, cmd_decode, cmd_encode, cmd_roundtrip, cmd_sample
 from ._dataset import add_data_options, with_data
 from ._errors import one_line
@@ -39,20 +42,6 @@ def _int_list(text: str) -> list[int]:
     return [_positive_int(part) for part in parts]
 
 
-#: Seeds torch.Generator.manual_seed takes: 0 … 2⁶⁴ − 1.
-MAX_SEED = 2**64 - 1
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64 - 1], got {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64 - 1], got {value}")
-    return value
-
-
 def _tolerance(text: str) -> float:
     try:
         value = float(text)
@@ -61,18 +50,6 @@ def _tolerance(text: str) -> float:
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
     return value
-
-
-def _device_name(text: str) -> str:
-    import torch
-
-    if text == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:0, mps)") from None
-    return text
 
 
 #: The largest pixel magnification (--scale): 64× an 8×8 image is 512×512 pixels.
@@ -225,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate images from seeded noise and write them as one PNG grid.")
     _common(p, dtype="float32")
     _solve_options(p, solver="euler", nfe=20, steps=None)
-    p.add_argument("--num", type=_positive_int, default=16, help="number of images (default: 16)")
+    p.add_argument("--num", type=image_count, default=16, help="number of images (default: 16)")
     p.add_argument("--out", default="samples.png", metavar="PNG", help="output PNG (default: samples.png)")
     p.add_argument("--scale", type=_scale, default=None,
                    help="pixel magnification of the PNG (default: up to 64 pixels per image side)")

@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -24,6 +25,20 @@ def check_flags(**flags: object) -> None:
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
+#: Seeds ``torch.Generator.manual_seed`` takes: 0 … 2⁶⁴ − 1.
+MAX_SEED = 2**64 - 1
+
+
+def check_seed(seed: object, name: str = "seed") -> int:
+    """An int seed in 0 … 2⁶⁴ − 1 (torch's own error past it, "Overflow when unpacking long long", names nothing;
+    it silently wraps negative seeds)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"{name} must be an int seed in [0, 2**64 - 1], got {type(seed).__name__} {seed!r}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{name} must be an int seed in [0, 2**64 - 1], got {seed}")
+    return int(seed)
 
 
 def check_model_kwargs(model_kwargs: object) -> Mapping[str, Any] | None:

@@ -27,8 +27,9 @@ from .schedules import ArrayLike, Schedule, as_schedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "velocity")
 
-#: How many (batch, device, dtype) tables of timestep tensors a flow keeps; the model must not modify its
-#: timestep argument in place.
+#: How many (batch, device, dtype) tables of timestep tensors a flow keeps. The model is handed a fresh copy of
+#: the cached tensor on each call (one copy kernel, no host sync), so that a model that modifies its timestep
+#: argument in place changes nothing of later calls.
 _TIMESTEP_CACHE = 64
 
 #: State dtypes whose product with a 0-dim tensor equals the product with a Python float, bit for bit.
@@ -130,8 +131,7 @@ class ProbabilityFlow:
                 by_sigma = table(xbar)
                 combo = current[0]
             hit = by_sigma.get(sigma)
-            fresh = hit is None  # a σ not seen yet for this state: check what the model returns there
-            if fresh:
+            if hit is None:  # a σ not seen yet for this state
                 if (xbar.device, xbar.dtype) != combo[1:]:  # the same batch size, another state
                     by_sigma = table(xbar)
                     combo = current[0]
@@ -145,10 +145,13 @@ class ProbabilityFlow:
             x = xbar * scale_t
             if model_dtype is not None and x.dtype != model_dtype:
                 x = x.to(model_dtype)
-            out = model(x, t, **kwargs) if kwargs else model(x, t)
-            if fresh or out.dtype is not xbar.dtype:  # dtypes are singletons: `is` is the cheap test
+            t_model = t.clone()  # the model may modify its argument: never hand it the cached tensor
+            out = model(x, t_model, **kwargs) if kwargs else model(x, t_model)
+            # Checked on every call (a model's output may change type or shape between calls at one σ);
+            # dtypes are singletons: `is` is the cheap test.
+            if not isinstance(out, Tensor) or out.dtype is not xbar.dtype or out.shape != xbar.shape:
                 if not isinstance(out, Tensor):
-                    raise TypeError(f"model must return a torch.Tensor, got {type(out).__name__} "
+                    raise TypeError(f"model must return a torch.Tensor, got {type(out).__name__} at σ={sigma:.6g} "
                                     "(wrap models that return objects, e.g. flowdiff.from_diffusers)")
                 if out.shape != xbar.shape:
                     raise ValueError(f"model returned shape {tuple(out.shape)} for input shape {tuple(xbar.shape)} "

@@ -43,12 +43,29 @@ def check_grid_options(grid: object, options: dict[str, object], *, explicit: st
     return {name: float(value) for name, value in options.items()}
 
 
-def _check_steps(steps: object) -> int:
+#: The most steps a named grid may have. Past it a step count is a mistake (10**12 would build arrays until the
+#: kernel kills the process) rather than a sampler: a million steps of the cheapest loop take minutes.
+MAX_STEPS = 1_000_000
+
+
+def _check_steps(steps: object, name: str = "steps") -> int:
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
-        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+        raise TypeError(f"{name} must be an int, got {type(steps).__name__}")
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise ValueError(f"{name} must be >= 1, got {steps}")
+    if steps > MAX_STEPS:
+        raise ValueError(f"{name} must be at most {MAX_STEPS:,} (flowdiff.engine.grids.MAX_STEPS), got {steps:,}; "
+                         "for a longer solve pass the grid itself as sigmas=")
     return int(steps)
+
+
+def check_budget(solver_name: str, nfe: int, steps: int) -> int:
+    """``steps``, the count that ``nfe`` evaluations buy with ``solver_name``, within :data:`MAX_STEPS` (the
+    error names the budget, which is what the caller gave)."""
+    if steps > MAX_STEPS:
+        raise ValueError(f"nfe={nfe:,} buys {steps:,} steps of solver {solver_name!r}, more than a grid may have "
+                         f"({MAX_STEPS:,}, flowdiff.engine.grids.MAX_STEPS); give a smaller nfe")
+    return steps
 
 
 def grid_timesteps(schedule: Schedule, grid: str, steps: int) -> np.ndarray | None:

@@ -28,7 +28,7 @@ import solvers
 from solvers import Solver, StepController
 
 from .flow import ProbabilityFlow
-from .grids import GRIDS, make_sigmas
+from .grids import GRIDS, check_budget, make_sigmas
 from .schedules import ArrayLike
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -152,7 +152,7 @@ class Grid:
         if self.nfe is None:
             return make_sigmas(flow.schedule, self.name, self.steps, sigmas=self.sigmas, timesteps=self.timesteps,
                                **self.options)
-        steps = solvers.steps_for_nfe(solver, self.nfe, eval_end=not final)
+        steps = check_budget(solver.name, self.nfe, solvers.steps_for_nfe(solver, self.nfe, eval_end=not final))
         sig = make_sigmas(flow.schedule, self.name, steps, **self.options)
         if sig[0] == math.inf:  # the step out of σ = ∞ costs one evaluation; the rest is a fresh solve
             fits = self.nfe > solvers.nfe_for_steps(solver, 1, eval_end=not final)

@@ -77,6 +77,7 @@ from solvers import SolveError, Solver, Stats, StepController
 
 from ..engine.flow import ProbabilityFlow
 from ..engine.formulations import variables_of
+from ..engine.grids import MAX_STEPS
 
 DIVERGENCES = ("exact", "hutchinson", "hutch++")
 PROBE_NOISES = ("rademacher", "gaussian")
@@ -401,6 +402,8 @@ def log_likelihood(
             raise ValueError("rtol and atol cannot both be 0")
     else:
         steps = _check_int("steps", steps, 1)
+        if steps > MAX_STEPS:
+            raise ValueError(f"steps must be at most {MAX_STEPS:,} (flowdiff.engine.grids.MAX_STEPS), got {steps:,}")
         if rtol is not None or atol is not None:
             raise ValueError(f"rtol=/atol= set an adaptive solve; steps={steps} sets a fixed grid: give one of them")
     if max_nfe is not None:
