@@ -27,9 +27,9 @@ from .schedules import ArrayLike, Schedule, as_schedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "velocity")
 
-#: How many (batch, device, dtype) tables of timestep tensors a flow keeps. The model is handed a fresh copy of
-#: the cached tensor on each call (one copy kernel, no host sync), so that a model that modifies its timestep
-#: argument in place changes nothing of later calls.
+#: How many (batch, device, dtype) tables of timestep tensors a flow keeps. A model that modifies its timestep
+#: argument in place (seen by the tensor's version counter, a host-side integer: no copy, no sync) keeps that
+#: tensor: the table forgets it and the next call at that σ gets a new one, so later calls see the right t.
 _TIMESTEP_CACHE = 64
 
 #: State dtypes whose product with a 0-dim tensor equals the product with a Python float, bit for bit.
@@ -145,8 +145,13 @@ class ProbabilityFlow:
             x = xbar * scale_t
             if model_dtype is not None and x.dtype != model_dtype:
                 x = x.to(model_dtype)
-            t_model = t.clone()  # the model may modify its argument: never hand it the cached tensor
-            out = model(x, t_model, **kwargs) if kwargs else model(x, t_model)
+            if t.is_inference():  # made under torch.inference_mode: no version counter, so the model gets a copy
+                out = model(x, t.clone(), **kwargs) if kwargs else model(x, t.clone())
+            else:
+                version = t._version
+                out = model(x, t, **kwargs) if kwargs else model(x, t)
+                if t._version != version:  # the model modified its timestep in place: the tensor is the model's now
+                    by_sigma.pop(sigma, None)
             # Checked on every call (a model's output may change type or shape between calls at one σ);
             # dtypes are singletons: `is` is the cheap test.
             if not isinstance(out, Tensor) or out.dtype is not xbar.dtype or out.shape != xbar.shape:
