@@ -120,7 +120,14 @@ def test_a_wrong_model_output_fails_the_same_way_on_every_call(wrong, error, mat
     assert not isinstance(info.value, AttributeError) and good.stats.nfe == 4
 
 
-def test_a_model_modifying_its_timestep_in_place_changes_no_later_call():
+@pytest.mark.parametrize("mode", ["grad", "inference"])  # inference tensors keep no version counter
+def test_a_model_modifying_its_timestep_in_place_changes_no_later_call(mode):
+    context = torch.inference_mode() if mode == "inference" else torch.enable_grad()
+    with context:
+        _modifying_model_changes_nothing()
+
+
+def _modifying_model_changes_nothing():
     schedule = flowdiff.Schedule.from_betas(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
     seen = []
 
