@@ -233,26 +233,29 @@ class CorrectedAdams(Solver):
     al., "S4S: Solving for a Diffusion Model Solver", ICML 2025, restricted to an order-keeping
     correction as in DC-Solver's compensation, Zhao et al., ECCV 2024).
 
-    ``coefficients`` maps the start time ``t₀`` of each step taken with this method to its
-    ``c`` (at most as many as that step's history has terms: a step whose history is shorter
-    needs fewer); a step from a time not in the map is an error, since the coefficients
-    belong to one grid.
+    ``coefficients`` maps each step ``(t₀, t₁)`` taken with this method to its ``c`` (at most
+    as many as that step's history has terms: a step whose history is shorter needs fewer);
+    a step not in the map (another grid, or the same grid the other way) is an error, since
+    the coefficients belong to one grid and one direction.
     """
 
     multistep: ClassVar[bool] = True
 
-    def __init__(self, base: Adams, coefficients: dict[float, Sequence[float]], *, name: str | None = None) -> None:
+    def __init__(self, base: Adams, coefficients: dict[tuple[float, float], Sequence[float]], *,
+                 name: str | None = None) -> None:
         if not isinstance(base, Adams) or isinstance(base, CorrectedAdams):
             raise TypeError(f"base must be a solvers.Adams multistep method, got {type(base).__name__}")
         if not isinstance(coefficients, dict):
-            raise TypeError(f"coefficients must be a dict of step start time -> coefficients, "
+            raise TypeError(f"coefficients must be a dict of step (t0, t1) -> coefficients, "
                             f"got {type(coefficients).__name__}")
-        table: dict[float, tuple[float, ...]] = {}
-        for t0, cs in coefficients.items():
+        table: dict[tuple[float, float], tuple[float, ...]] = {}
+        for key, cs in coefficients.items():
+            if not (isinstance(key, tuple) and len(key) == 2):
+                raise TypeError(f"coefficients must be keyed by steps (t0, t1), got the key {key!r}")
             cs = tuple(float(c) for c in cs)
             if not all(math.isfinite(c) for c in cs):
-                raise ValueError(f"coefficients at t={t0!r} must be finite numbers, got {cs}")
-            table[float(t0)] = cs
+                raise ValueError(f"coefficients of the step {key!r} must be finite numbers, got {cs}")
+            table[(float(key[0]), float(key[1]))] = cs
         self.base = base
         self.coefficients = table
         self.terms = max((len(c) for c in table.values()), default=0)
@@ -268,10 +271,10 @@ class CorrectedAdams(Solver):
         return kept - min(kept, self.base.steps_order)
 
     def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
-        cs = self.coefficients.get(t0)
+        cs = self.coefficients.get((t0, t1))
         if cs is None:
-            raise ValueError(f"solver {self.name!r} has no coefficients for a step from t={t0!r}: its "
-                             f"coefficients belong to the grid they were fitted on (steps from "
+            raise ValueError(f"solver {self.name!r} has no coefficients for the step {t0!r} -> {t1!r}: its "
+                             f"coefficients belong to the grid and direction they were fitted on (steps "
                              f"{sorted(self.coefficients)})")
         keep = self.base.steps_order + self.terms
         hist = _history_at(f, t0, y0, state, keep)

@@ -28,7 +28,7 @@ from solvers import ReversibleHeun, Solver
 
 from ..engine import _checks
 from ..engine.flow import ProbabilityFlow
-from ..engine.formulations import formulation_for
+from ..engine.formulations import encode_evaluates_end, formulation_for
 from ..engine.latent import Latent
 from ..engine.loop import DIVERGENCE_ENCODE, DIVERGENCE_GENERATE, divergence_limit, solve_grid
 from ..engine.options import (
@@ -303,7 +303,8 @@ def encode(
                                   bound=divergence_limit(divergence, images))
         res.latent.set_origin(flow, model_kwargs)
         return res
-    sig = grid_spec.generation_sigmas(flow, solver_obj, final_euler=False)[::-1].copy()
+    last_evaluated = encode_evaluates_end(solver_obj)  # unipc and abm end an encode with the predictor alone
+    sig = grid_spec.generation_sigmas(flow, solver_obj, final_euler=not last_evaluated)[::-1].copy()
     refuse_encode_to_infinity(sig)  # zero terminal SNR: see flowdiff.engine.terminal
     form = formulation_for(solver_obj, "encode")
     sol = solve_grid(flow.field(request.model_kwargs, model_dtype), form, sig.tolist(), solver_obj,
@@ -392,7 +393,7 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
         built = build_grid("trailing" if grid is None else grid,
                            steps=latent.steps if steps is None and nfe is None and timesteps is None else steps,
                            nfe=nfe, sigmas=None, timesteps=timesteps, grid_options=grid_options, final_euler=True)
-        rebuilt = built.generation_sigmas(flow, encoder, final_euler=False)
+        rebuilt = built.generation_sigmas(flow, encoder, final_euler=not encode_evaluates_end(encoder))
         if not np.array_equal(rebuilt, sig):
             shown = ", ".join(f"{k}={v!r}" for k, v in (("grid", grid), ("steps", steps), ("nfe", nfe),
                                                         ("timesteps", timesteps)) if v is not None)

@@ -189,7 +189,7 @@ def _corrected(base: _solvers.Adams, sigmas: np.ndarray, coefficients) -> _solve
     if variables_of(base) == "data":
         prefer_variables(name, "data")  # the same change of variables as its base
     times = formulation_for(base, "generate").times(sigmas)
-    table = {t: tuple(c) for t, c in zip(times[:-1], coefficients)}
+    table = {(t0, t1): tuple(c) for t0, t1, c in zip(times[:-1], times[1:], coefficients)}
     return _solvers.CorrectedAdams(base, table, name=name)
 
 
@@ -198,7 +198,7 @@ def _layout(base: _solvers.Adams, sigmas: np.ndarray, terms: int) -> list[int]:
     method (into σ = 0), else as many terms as its history allows (step i holds i + 1 derivatives)."""
     form = formulation_for(base, "generate")
     replaced = form.grid(list(map(float, sigmas)), base, eval_end=sigmas[-1] != 0.0).methods
-    probe = _solvers.CorrectedAdams(base, {0.0: (0.0,) * terms})
+    probe = _solvers.CorrectedAdams(base, {(1.0, 0.0): (0.0,) * terms})
     return [0 if i in replaced else probe.available_terms(i + 1) for i in range(len(sigmas) - 1)]
 
 
