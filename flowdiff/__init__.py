@@ -23,6 +23,7 @@ from .models.pipelines import DiffusersFlow, sample_like
 from .models.pretrained import digits_data, pretrained
 from .tools import metrics
 from .tools.compare import Comparison, Reference, compare, reference_solution
+from .tools.learned import LearnedSolver, learn_solver
 from .tools.likelihood import Likelihood, log_likelihood
 from .tools.metrics import Reconstruction, reconstruction
 from .tools.quality import sample_quality
@@ -42,6 +43,7 @@ __all__ = [
     "PREDICTION_TYPES",
     "Reference",
     "Latent",
+    "LearnedSolver",
     "Likelihood",
     "Reconstruction",
     "ProbabilityFlow",
@@ -58,6 +60,7 @@ __all__ = [
     "from_diffusers",
     "generate",
     "grid_timesteps",
+    "learn_solver",
     "log_likelihood",
     "make_sigmas",
     "noise_levels",
