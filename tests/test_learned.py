@@ -94,6 +94,20 @@ def test_a_bad_fit_is_rejected_on_held_out_noise():
     assert judged.as_solver().name == "dpmpp_2m"  # the base method itself
 
 
+def test_ridge_pulls_the_coefficients_towards_the_base_method():
+    flow = mixture()
+    cal = noise(1, n=8)
+
+    def norm(learned):
+        return math.sqrt(sum(c * c for cs in learned.coefficients for c in cs))
+
+    free = learn_solver(flow, cal, solver="dpmpp_3m", nfe=6, iterations=3)
+    pulled = learn_solver(flow, cal, solver="dpmpp_3m", nfe=6, iterations=3, ridge=10.0)
+    forced = [LearnedSolver(**{**x.__dict__, "kept": True}) for x in (free, pulled)]
+    assert 0 < norm(pulled) < norm(free) or (not pulled.kept and norm(pulled) == 0 < norm(free))
+    assert forced[1].calibration_error >= forced[0].calibration_error - 1e-12
+
+
 def test_save_load_round_trip_and_refusal_for_another_model(tmp_path):
     flow = mixture()
     cal = noise(1, n=8)
@@ -132,6 +146,8 @@ def test_bad_arguments_name_what_is_accepted():
         learn_solver(flow, noise(1, n=1), solver="unipc", nfe=6)
     with pytest.raises(ValueError, match="terms must be an int in 1..3, got 0"):
         learn_solver(flow, noise(1, n=4), solver="unipc", nfe=6, terms=0)
+    with pytest.raises(ValueError, match="ridge must be a finite number >= 0"):
+        learn_solver(flow, noise(1, n=4), solver="unipc", nfe=6, ridge=-0.5)
     with pytest.raises(ValueError, match="bound must be a positive finite number"):
         learn_solver(flow, noise(1, n=4), solver="unipc", nfe=6, bound=-1.0)
     with pytest.raises(TypeError, match="coefficients must be keyed by steps"):

@@ -229,6 +229,7 @@ def learn_solver(
     terms: int = 2,
     bound: float = 4.0,
     iterations: int = 8,
+    ridge: float = 0.0,
     model_kwargs: Mapping[str, Any] | None = None,
     reference_tol: float = 1e-7,
 ) -> LearnedSolver:
@@ -239,7 +240,9 @@ def learn_solver(
     ``sigmas`` when given (it must cost at most ``nfe``), else the stored tuned grid of this
     flow, solver and budget (:func:`flowdiff.stored_grid`), else ``logsnr``. ``terms`` (1–3)
     correction terms per step, each coefficient in ``[−bound, bound]``; ``iterations`` caps
-    the least-squares iterations (each costs one candidate solve per coefficient plus one).
+    the least-squares iterations (each costs one candidate solve per coefficient plus one); ``ridge`` adds
+    ``ridge·|r₀|²·|c|²/dim(c)`` to the fitted sum of squares (``r₀`` the base method's residual), pulling the
+    coefficients towards the base method where the calibration batch is small.
     ``solver`` is a variable-step Adams method (``unipc``, ``dpmpp_3m``, ``dpmpp_2m``, ``lms``,
     ``abm``). Measure the result on other noise (:meth:`LearnedSolver.validated`).
     """
@@ -259,6 +262,8 @@ def learn_solver(
     for name, value, lo, hi in (("terms", terms, 1, 3), ("iterations", iterations, 0, 1000)):
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             raise ValueError(f"{name} must be an int in {lo}..{hi}, got {value!r}")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not (0 <= ridge < math.inf):
+        raise ValueError(f"ridge must be a finite number >= 0 (the weight of |c|² in the fit), got {ridge!r}")
     if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not (0 < bound < math.inf):
         raise ValueError(f"bound must be a positive finite number (the largest |coefficient|), got {bound!r}")
     if isinstance(reference_tol, bool) or not isinstance(reference_tol, (int, float)) or not 0 < reference_tol <= 1e-3:
@@ -308,7 +313,7 @@ def learn_solver(
     r0 = residual(zero)
     v = zero
     if slots and iterations > 0:
-        v = _fit(residual, r0, len(slots), float(bound), iterations)
+        v = _fit(residual, r0, len(slots), float(bound), iterations, float(ridge))
     r = residual(v) if slots else r0
     calib, base_calib = float(np.sqrt(np.mean(r * r))), float(np.sqrt(np.mean(r0 * r0)))
     learned_val = _rms(images(v, held), held_target)
@@ -322,18 +327,19 @@ def learn_solver(
                    fitting_seconds=time.perf_counter() - start)
 
 
-def _fit(residual, r0: np.ndarray, dim: int, bound: float, iterations: int) -> np.ndarray:
+def _fit(residual, r0: np.ndarray, dim: int, bound: float, iterations: int, ridge: float) -> np.ndarray:
     """Box-bounded Levenberg–Marquardt (scipy's trust-region reflective least squares), forward-difference
     Jacobian: one candidate solve per coefficient and iteration."""
     from scipy.optimize import least_squares
 
     step = 1e-3 * bound
-    cache: dict[bytes, np.ndarray] = {np.zeros(dim).tobytes(): r0}
+    weight = math.sqrt(ridge * float(np.dot(r0, r0)) / dim)  # ridge·|r₀|² for |c|² = dim
+    cache: dict[bytes, np.ndarray] = {np.zeros(dim).tobytes(): np.concatenate([r0, np.zeros(dim)])}
 
     def fun(v: np.ndarray) -> np.ndarray:
         key = v.tobytes()
         if key not in cache:
-            cache[key] = residual(v)
+            cache[key] = np.concatenate([residual(v), weight * v])
         return cache[key]
 
     def jac(v: np.ndarray) -> np.ndarray:
