@@ -23,7 +23,7 @@ from .models.pipelines import DiffusersFlow, sample_like
 from .models.pretrained import digits_data, pretrained
 from .tools import metrics
 from .tools.compare import Comparison, Reference, compare, reference_solution
-from .tools.learned import LearnedSolver, learn_solver
+from .tools.learned import LearnedSolver, learn_solver, tune_roundtrip
 from .tools.likelihood import Likelihood, log_likelihood
 from .tools.metrics import Reconstruction, reconstruction
 from .tools.quality import sample_quality
@@ -75,6 +75,7 @@ __all__ = [
     "TunedGrid",
     "tune",
     "tune_grid",
+    "tune_roundtrip",
     "load_grids",
     "save_grids",
     "stored_grid",

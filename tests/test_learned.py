@@ -201,3 +201,40 @@ def test_steps_and_nfe_say_what_a_multistep_encode_and_decode_cost(name, n):
         calls.clear()
         dec = flowdiff.decode(flow, enc.latent)
         assert dec.stats.nfe == len(calls) == n, (name, kw, dec.stats.nfe, len(calls))
+
+
+# -- grids tuned for the round trip -----------------------------------------------------------------------
+
+
+def test_roundtrip_grid_beats_its_start_on_other_images_and_spends_the_budget():
+    g = Gaussian(torch.linspace(-0.5, 0.5, 16), 0.1)
+    flow = g.flow()
+    cal = g.sample(8, generator=torch.Generator().manual_seed(0))
+    other = g.sample(8, generator=torch.Generator().manual_seed(1))
+    tuned = flowdiff.tune_roundtrip(flow, cal, solver="unipc", nfe=8, max_evals=30)
+    assert tuned.method == "roundtrip" and tuned.sigmas[0] == flow.schedule.sigma_max and tuned.sigmas[-1] == 0
+    assert np.all(np.diff(tuned.sigmas) < 0)
+    assert tuned.evaluations > 3 and tuned.tuning_nfe == 16 * tuned.evaluations  # 8 + 8 per candidate
+
+    def roundtrip(sigmas):
+        enc = flowdiff.encode(flow, other, solver="unipc", sigmas=sigmas)
+        dec = flowdiff.decode(flow, enc.latent)
+        assert enc.stats.nfe == dec.stats.nfe == 8
+        return _rms(dec.x, other)
+
+    start = flowdiff.make_sigmas(flow.schedule, tuned.initial_grid, 8)
+    assert roundtrip(tuned.sigmas) < roundtrip(start)
+
+
+def test_roundtrip_tuning_refuses_what_it_cannot_tune():
+    g = Gaussian(torch.linspace(-0.5, 0.5, 4), 0.1)
+    flow = g.flow()
+    x = g.sample(4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="solver 'ipndm' cannot encode"):
+        flowdiff.tune_roundtrip(flow, x, solver="ipndm", nfe=8)
+    with pytest.raises(ValueError, match="reversible"):
+        flowdiff.tune_roundtrip(flow, x, solver="reversible_heun", nfe=8)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        flowdiff.tune_roundtrip(flow, x[:1], solver="unipc", nfe=8)
+    with pytest.raises(ValueError, match="max_evals must be an int >= 1"):
+        flowdiff.tune_roundtrip(flow, x, solver="unipc", nfe=8, max_evals=0)

@@ -44,15 +44,21 @@ from torch import Tensor
 
 import solvers as _solvers
 
-from ..api.sampling import generate
+from ..api.sampling import decode, encode, generate
 from ..engine.fingerprint import flow_fingerprint
 from ..engine.flow import ProbabilityFlow
-from ..engine.formulations import formulation_for, prefer_variables, variables_of
+from ..engine.formulations import (
+    encode_evaluates_end,
+    encode_refusal,
+    formulation_for,
+    prefer_variables,
+    variables_of,
+)
 from ..engine.grids import make_sigmas
 from .compare import reference_solution
-from .tuning import stored_grid
+from .tuning import TunedGrid, _Warp, stored_grid
 
-__all__ = ["LearnedSolver", "learn_solver"]
+__all__ = ["LearnedSolver", "learn_solver", "tune_roundtrip"]
 
 _FORMAT = "flowdiff.LearnedSolver/1"
 
@@ -354,3 +360,102 @@ def _fit(residual, r0: np.ndarray, dim: int, bound: float, iterations: int, ridg
     result = least_squares(fun, np.zeros(dim), jac=jac, bounds=(-bound, bound), method="trf",
                            max_nfev=iterations, x_scale=1.0)
     return np.clip(result.x, -bound, bound)
+
+
+# ---------------------------------------------------------------------------------------------- round-trip grids
+
+
+def tune_roundtrip(
+    flow: ProbabilityFlow,
+    images: Tensor,
+    *,
+    solver: str,
+    nfe: int,
+    solver_options: Mapping[str, Any] | None = None,
+    max_evals: int = 40,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> TunedGrid:
+    """A σ grid for ``encode`` + ``decode`` with ``solver`` at ``nfe`` evaluations each way, tuned on ``images``.
+
+    The objective is the round trip itself: the RMS of ``decode(encode(x)) − x`` on the even-indexed half of the
+    calibration ``images`` (model data scale, at least 2), minimised by Nelder–Mead over the two-parameter warp
+    of the log-σ grid that :func:`flowdiff.tune` starts with (log σ_i = log σ_max + (i/(n−1))^p·(log σ_{n−1} −
+    log σ_max): the exponent p and the last positive σ), started from the best named grid (logsnr, karras,
+    trailing) on that half. The odd-indexed half decides: the tuned grid is returned only if its round trip
+    there beats the starting grid's, otherwise the starting grid (``initial_grid`` says which). An encode's
+    error is made at its first steps out of σ = 0, where a generation grid's last, smallest steps lie; how
+    small they should be depends on the model, which the named grids cannot know.
+
+    Use it as ``encode(flow, x, solver=solver, sigmas=grid.sigmas)``; the latent decodes on the same grid. The
+    result is a :class:`~flowdiff.TunedGrid` with ``method="roundtrip"`` and its cost (``tuning_nfe``): save it
+    with :meth:`~flowdiff.TunedGrid.save`, apart from the generation grids of ``*.tuned.json`` files (which
+    :func:`flowdiff.stored_grid` reads for generation).
+    """
+    if not isinstance(flow, ProbabilityFlow):
+        raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
+    if not isinstance(images, Tensor) or not images.is_floating_point():
+        raise TypeError(f"images must be a floating-point torch.Tensor, got {type(images).__name__}")
+    if images.shape[0] < 2:
+        raise ValueError(f"images must hold at least 2 samples (one to fit, one held out), got {images.shape[0]}")
+    if not isinstance(solver, str):
+        raise TypeError(f"solver must be a registered solver name (str), got {type(solver).__name__}")
+    refusal = encode_refusal(solver)
+    if refusal is not None:
+        raise ValueError(f"solver {solver!r} cannot encode: {refusal}")
+    options = dict(solver_options or {})
+    solver_obj = _solvers.get(solver, **options)
+    if solver_obj.reversible:
+        raise ValueError(f"solver {solver!r} is reversible: its round trip is exact on any grid; nothing to tune")
+    if isinstance(max_evals, bool) or not isinstance(max_evals, int) or max_evals < 1:
+        raise ValueError(f"max_evals must be an int >= 1 (candidate round trips), got {max_evals!r}")
+    if isinstance(nfe, bool) or not isinstance(nfe, int):
+        raise TypeError(f"nfe must be an int, got {type(nfe).__name__}")
+    steps = _solvers.steps_for_nfe(solver_obj, nfe, eval_end=encode_evaluates_end(solver_obj))
+    start = time.perf_counter()
+    fit, held = images[0::2], images[1::2]
+    spent = {"nfe": 0, "evals": 0}
+
+    def error(sigmas: np.ndarray, part: Tensor) -> float:
+        try:
+            with torch.no_grad():
+                enc = encode(flow, part, solver=solver_obj, sigmas=sigmas, model_kwargs=model_kwargs)
+                dec = decode(flow, enc.latent, model_kwargs=model_kwargs)
+        except _solvers.SolveError:
+            return math.inf
+        spent["nfe"] += enc.stats.nfe + dec.stats.nfe
+        spent["evals"] += 1
+        if enc.stats.nfe > nfe or dec.stats.nfe > nfe:  # never: the step count is the encode's own count
+            raise RuntimeError(f"a candidate round trip spent {enc.stats.nfe} + {dec.stats.nfe}, over nfe={nfe}")
+        return _rms(dec.x, part.to(torch.float64))
+
+    schedule = flow.schedule
+    starts = []
+    for name in ("logsnr", "karras", "trailing"):
+        sig = make_sigmas(schedule, name, steps)
+        starts.append((error(sig, fit), name, sig))
+    initial_err, initial_name, initial = min(starts, key=lambda s: s[0])
+    best = [initial_err, initial]
+    if steps >= 3:
+        from scipy.optimize import minimize
+
+        warp = _Warp(schedule.sigma_max, schedule.sigma_min, steps)
+
+        def objective(v: np.ndarray) -> float:
+            sig = warp.grid(v)
+            e = error(sig, fit)
+            if e < best[0]:
+                best[:] = [e, sig]
+            return math.log(e) if 0 < e < math.inf else 50.0
+
+        x0 = np.array([0.0, math.log(max(initial[-2], schedule.sigma_min) / schedule.sigma_min) + 1e-3])
+        minimize(objective, x0, method="Nelder-Mead",
+                 options={"initial_simplex": np.vstack([x0, x0 + 0.5 * np.eye(2)]), "maxfev": max_evals,
+                          "xatol": 1e-3, "fatol": 1e-4})
+    tuned_err, tuned = best
+    if tuned is not initial and error(tuned, held) >= error(initial, held):
+        tuned, tuned_err = initial, initial_err  # the held-out half prefers the start
+    return TunedGrid(np.asarray(tuned, dtype=np.float64).copy(), solver, options, nfe,
+                     flow_fingerprint(flow, model_kwargs),
+                     {"objective": "roundtrip", "max_evals": max_evals, "calibration_batch": int(images.shape[0])},
+                     tuned_err, initial_name, initial_err, spent["evals"], spent["nfe"], 0,
+                     time.perf_counter() - start, "roundtrip")
