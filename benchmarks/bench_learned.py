@@ -14,8 +14,10 @@ reference from the same noise:
   evaluation noise itself, which favours them.
 
 Round trips: the per-pixel MSE of decode(encode(x)) at 10 + 10 evaluations for flowdiff's multistep and Euler
-encoders on the named grids against diffusers' inverse schedulers (``bench_roundtrip.py``'s runner), on held-out
-test digits (shipped model) and on the mixture of ``bench_roundtrip.py`` (64 training digits, bandwidth 0.3).
+encoders on the named grids, and on grids tuned for the round trip (``flowdiff.tune_roundtrip`` on 4 training
+digits, not the images measured), against diffusers' inverse schedulers (``bench_roundtrip.py``'s runner), on
+held-out test digits (shipped model) and on the mixture of ``bench_roundtrip.py`` (64 training digits,
+bandwidth 0.3).
 
 Usage: python benchmarks/bench_learned.py [--models mixture,digits] [--nfe 4,5,6,8,10,20]
 [--out benchmarks/results/learned.md]
@@ -42,6 +44,8 @@ from flowdiff.models.analytic import Mixture
 SOLVERS = ("unipc", "dpmpp_3m")
 ROUNDTRIP_SOLVERS = ("euler", "lms", "dpmpp_2m", "dpmpp_3m", "unipc", "abm")
 ROUNDTRIP_GRIDS = ("trailing", "leading", "karras", "logsnr")
+#: solvers whose grid is tuned on the round-trip error of calibration images (``flowdiff.tune_roundtrip``)
+TUNED_ROUNDTRIP = ("dpmpp_2m", "dpmpp_3m", "unipc")
 
 
 def flowdiff_candidates(flow, calibration, noise, ref, budget, max_evals, tol) -> list[dict]:
@@ -105,9 +109,16 @@ def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, to
                     *details, ""]
 
 
-def roundtrips(title, flow, images, nfe) -> list[str]:
+def roundtrips(title, flow, images, calibration, nfe) -> list[str]:
     model = EpsNetwork(flow)
     rows = []
+    for solver in TUNED_ROUNDTRIP:
+        tuned = flowdiff.tune_roundtrip(flow, calibration, solver=solver, nfe=nfe)
+        with torch.no_grad():
+            enc = flowdiff.encode(flow, images, solver=solver, sigmas=tuned.sigmas)
+            dec = flowdiff.decode(flow, enc.latent)
+        rows.append((float((dec.x - images).pow(2).mean()), f"{solver} / round-trip grid (from {tuned.initial_grid}, "
+                     f"{tuned.tuning_nfe} NFE to tune)", f"{enc.stats.nfe}+{dec.stats.nfe}"))
     for solver in ROUNDTRIP_SOLVERS:
         for grid in ROUNDTRIP_GRIDS:
             with torch.no_grad():
@@ -180,12 +191,15 @@ def main() -> None:
                           args.digits_calibration, [int(b) for b in args.digits_nfe.split(",")], args.max_evals,
                           args.seed, 1e-6)
         images = flowdiff.digits_data("test").images[: args.roundtrip_images].double()
-        lines += roundtrips("shipped digits model, held-out test digits", trained, images, 10)
+        calibration = flowdiff.digits_data("train").images[100:104].double()
+        lines += roundtrips("shipped digits model, held-out test digits", trained, images, calibration, 10)
     if "mixture" in wanted:
         train = flowdiff.digits_data("train").images[:64].double()
         mix = Mixture(train, 0.3, schedule=flowdiff.Schedule.linear()).flow()
         images = flowdiff.digits_data("test").images[: args.roundtrip_images].double()
-        lines += roundtrips("mixture of 64 training digits (bandwidth 0.3), held-out test digits", mix, images, 10)
+        calibration = flowdiff.digits_data("train").images[100:104].double()  # not among the mixture's centres
+        lines += roundtrips("mixture of 64 training digits (bandwidth 0.3), held-out test digits", mix, images,
+                            calibration, 10)
     lines.append(f"Total wall time {time.perf_counter() - started:.0f} s.")
     text = "\n".join(lines) + "\n"
     if args.out:
