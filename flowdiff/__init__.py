@@ -23,6 +23,7 @@ from .models.pipelines import DiffusersFlow, sample_like
 from .models.pretrained import digits_data, pretrained
 from .tools import metrics
 from .tools.compare import Comparison, Reference, compare, reference_solution
+from .tools.learned import LearnedSolver, learn_solver, tune_roundtrip
 from .tools.likelihood import Likelihood, log_likelihood
 from .tools.metrics import Reconstruction, reconstruction
 from .tools.quality import sample_quality
@@ -43,6 +44,7 @@ __all__ = [
     "PREDICTION_TYPES",
     "Reference",
     "Latent",
+    "LearnedSolver",
     "Likelihood",
     "Reconstruction",
     "ProbabilityFlow",
@@ -59,6 +61,7 @@ __all__ = [
     "from_diffusers",
     "generate",
     "grid_timesteps",
+    "learn_solver",
     "log_likelihood",
     "make_sigmas",
     "noise_levels",
@@ -73,6 +76,7 @@ __all__ = [
     "TunedGrid",
     "tune",
     "tune_grid",
+    "tune_roundtrip",
     "load_grids",
     "save_grids",
     "stored_grid",

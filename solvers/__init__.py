@@ -29,7 +29,7 @@ from ._integrate import (
     integrate,
     rms_norm,
 )
-from ._multistep import IPNDM, Adams, DPMSolverPP2M, History, adams_weights
+from ._multistep import IPNDM, Adams, CorrectedAdams, DPMSolverPP2M, History, adams_weights
 from ._newton import RootResult, newton_krylov
 from ._registry import available, describe, get, register
 from ._reversible import Reversible, ReversibleHeun, ReversibleState
@@ -43,6 +43,7 @@ __all__ = [
     "anderson",
     "Bound",
     "Chain",
+    "CorrectedAdams",
     "ErrorControl",
     "FINAL_EULER",
     "FixedGrid",

@@ -232,6 +232,91 @@ class IPNDM(Solver):
         return StepResult(_combine(y0, [h * c for c in _AB_EQUAL[len(ks) - 1]], ks), hist, None)
 
 
+class CorrectedAdams(Solver):
+    """An Adams method plus given multiples of its next-order terms, with coefficients per step.
+
+    Where the history holds more derivatives than the base method's formula uses at a step
+    (``n`` nodes: its predictor's, or its corrector's with ``k₁`` in PEC mode), the m-th term is
+    the difference of the Adams steps through ``n + m`` and ``n + m − 1`` of those nodes:
+
+        T_m = Σ_j (w_j^{(n+m)} − w_j^{(n+m−1)})·k_j = O(h^{n+m+1}),
+        y₁ = y₁^{base} + Σ_m c_m·T_m.
+
+    ``c₁ = 1`` is the Adams step of the next order; any bounded ``c`` keeps the base method's
+    order, since each term is of higher order than the base's local error. Fitted ``c`` make
+    a few-step method's coefficients its own (the learned-coefficient idea of S4S, Frankel et
+    al., "S4S: Solving for a Diffusion Model Solver", ICML 2025, restricted to an order-keeping
+    correction as in DC-Solver's compensation, Zhao et al., ECCV 2024).
+
+    ``coefficients`` maps each step ``(t₀, t₁)`` taken with this method to its ``c`` (at most
+    as many as that step's history has terms: a step whose history is shorter needs fewer);
+    a step not in the map (another grid, or the same grid the other way) is an error, since
+    the coefficients belong to one grid and one direction.
+    """
+
+    multistep: ClassVar[bool] = True
+
+    def __init__(self, base: Adams, coefficients: dict[tuple[float, float], Sequence[float]], *,
+                 name: str | None = None) -> None:
+        if not isinstance(base, Adams) or isinstance(base, CorrectedAdams):
+            raise TypeError(f"base must be a solvers.Adams multistep method, got {type(base).__name__}")
+        if not isinstance(coefficients, dict):
+            raise TypeError(f"coefficients must be a dict of step (t0, t1) -> coefficients, "
+                            f"got {type(coefficients).__name__}")
+        table: dict[tuple[float, float], tuple[float, ...]] = {}
+        for key, cs in coefficients.items():
+            if not (isinstance(key, tuple) and len(key) == 2):
+                raise TypeError(f"coefficients must be keyed by steps (t0, t1), got the key {key!r}")
+            cs = tuple(float(c) for c in cs)
+            if not all(math.isfinite(c) for c in cs):
+                raise ValueError(f"coefficients of the step {key!r} must be finite numbers, got {cs}")
+            table[(float(key[0]), float(key[1]))] = cs
+        self.base = base
+        self.coefficients = table
+        self.terms = max((len(c) for c in table.values()), default=0)
+        self.name = name or f"{base.name}+corrected"  # type: ignore[misc]
+        self.order = base.order  # type: ignore[misc]
+        self.fixed_grid_order = getattr(base, "fixed_grid_order", base.order)
+        self.evaluates_end = base.evaluates_end  # type: ignore[misc]
+        self.steps_order = base.steps_order
+
+    def available_terms(self, history: int) -> int:
+        """How many correction terms a step whose history holds ``history`` derivatives can take."""
+        kept = min(history, self.base.steps_order + self.terms)
+        return kept - min(kept, self.base.steps_order)
+
+    def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
+        cs = self.coefficients.get((t0, t1))
+        if cs is None:
+            raise ValueError(f"solver {self.name!r} has no coefficients for the step {t0!r} -> {t1!r}: its "
+                             f"coefficients belong to the grid and direction they were fitted on (steps "
+                             f"{sorted(self.coefficients)})")
+        keep = self.base.steps_order + self.terms
+        hist = _history_at(f, t0, y0, state, keep)
+        ts, ks = hist.newest(keep)
+        available = self.available_terms(len(ts))
+        if len(cs) > available:
+            raise ValueError(f"solver {self.name!r}: the step from t={t0!r} has {available} correction term(s) "
+                             f"(its history holds {len(ts)} derivatives), got {len(cs)} coefficients")
+        res = self.base.step(f, t0, t1, y0, hist)
+        used = min(len(ts), self.base.steps_order)
+        if self.base.corrector:
+            ts, ks = [t1, *ts], [res.state.k, *ks]
+            used += 1
+        y1 = res.y
+        for m, c in enumerate(cs, start=1):
+            if c == 0.0:
+                continue
+            hi = adams_weights(ts[: used + m], t0, t1, log_time=self.base.log_time)
+            lo = adams_weights(ts[: used + m - 1], t0, t1, log_time=self.base.log_time) + [0.0]
+            y1 = _combine(y1, [c * (a - b) for a, b in zip(hi, lo)], ks[: used + m])
+        if self.base.corrector:  # the base kept only its own history: keep the longer one
+            new = History.of(t1, ks[0], tuple(zip(ts[1:], ks[1:]))[: keep - 1])
+        else:
+            new = hist
+        return StepResult(y1, new, None)
+
+
 def _lms(order: int = 4) -> Adams:
     return Adams("lms", order)
 

@@ -29,7 +29,7 @@ from solvers import ReversibleHeun, Solver
 from ..engine import _checks
 from ..engine.adjoint import adjoint_for, refuse_adjoint
 from ..engine.flow import ProbabilityFlow
-from ..engine.formulations import formulation_for
+from ..engine.formulations import encode_evaluates_end, formulation_for
 from ..engine.latent import Latent
 from ..engine.loop import DIVERGENCE_ENCODE, DIVERGENCE_GENERATE, FlowSolution, divergence_limit, solve_grid
 from ..engine.options import (
@@ -505,7 +505,7 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
                                steps=latent.steps if steps is None and nfe is None and timesteps is None else steps,
                                nfe=nfe, sigmas=None, timesteps=timesteps, grid_options=grid_options,
                                final_euler=None)
-        rebuilt = built.generation_sigmas(flow, encoder, final_euler=False)
+        rebuilt = built.generation_sigmas(flow, encoder, final_euler=not encode_evaluates_end(encoder))
         if not np.array_equal(rebuilt, sig):
             shown = ", ".join(f"{k}={v!r}" for k, v in (("grid", grid), ("steps", steps), ("nfe", nfe),
                                                         ("timesteps", timesteps)) if v is not None)

@@ -290,7 +290,10 @@ class Data(Formulation):
     ``reach·j·|h|`` and, for j ≥ 2, at least ``j·|h|/reach`` (and the nearer ones' are);
     otherwise the step is taken at the lower order its history allows
     (:meth:`solvers.Adams.limited`). A step longer than :data:`LONG_STEP` in λ is the
-    first-order step (DDIM's), without a corrector. An encode's first steps out of σ = 0 span
+    first-order step (DDIM's), without a corrector. An encode's last step (into σ_max) is the
+    predictor alone: its corrector would cost an evaluation at σ_max that nothing else uses
+    (:func:`encode_evaluates_end`), so that ``steps=N`` costs N evaluations both ways.
+    An encode's first steps out of σ = 0 span
     many units of λ on some grids (the leading grid's σ_min → σ₂): a polynomial through them
     extrapolated over the next, much shorter step overshoots; a decode's last step on that
     grid is the same long step, over which a quadratic through the short steps before it
@@ -341,11 +344,13 @@ class Data(Formulation):
             methods[len(ts) - 2] = IntoZero(extrapolate)
         limited = getattr(solver, "limited", None)
         if self.reach is not None and limited is not None:
+            encode_end = len(ts) - 2 if sigmas[-1] > sigmas[0] else None
             for i, n in enumerate(near_history(ts, self.reach)):
                 long_step = (0 < ts[i] < math.inf and 0 < ts[i + 1] < math.inf
                              and abs(math.log(ts[i] / ts[i + 1])) > LONG_STEP)
-                if i not in methods and (n < solver.steps_order or long_step):
-                    methods[i] = limited(1 if long_step else n, corrector=not long_step)
+                corrector = not long_step and i != encode_end  # see encode_evaluates_end
+                if i not in methods and (n < solver.steps_order or not corrector):
+                    methods[i] = limited(1 if long_step else n, corrector=corrector)
         return self._fixed(sigmas, ts, methods)
 
 
@@ -476,6 +481,18 @@ _NO_ENCODE: dict[str, str] = {
 def encode_refusal(solver_name: str) -> str | None:
     """Why the solver registered as ``solver_name`` is refused for encoding, or None if it encodes."""
     return _NO_ENCODE.get(solver_name)
+
+
+def encode_evaluates_end(solver: Solver) -> bool:
+    """Whether a fixed-grid encode with ``solver`` evaluates the field at its last σ (σ_max).
+
+    Runge–Kutta methods whose last stage lies at a step's end do (``solver.evaluates_end``). A
+    multistep predictor–corrector method (``unipc``, ``abm``) does not: in an encode (:class:`Data`)
+    its last step is the predictor alone, since that evaluation would serve only the last
+    corrector, one more than ``steps=N`` says (one step of one order lower keeps the solve's
+    order). An encode's ``nfe=`` budget is counted with ``eval_end`` set to this.
+    """
+    return solver.evaluates_end and getattr(solver, "limited", None) is None
 
 
 #: The :class:`Data` ``reach`` of multistep encodes (see there); measured on the shipped model

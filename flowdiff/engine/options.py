@@ -28,6 +28,7 @@ import solvers
 from solvers import Solver, StepController
 
 from .flow import ProbabilityFlow
+from .formulations import encode_evaluates_end
 from .grids import GRIDS, check_budget, make_sigmas
 from .schedules import ArrayLike
 
@@ -165,12 +166,13 @@ class Grid:
 
         ``"generate"`` (and a plain decode): the generation grid, decreasing to 0, its last step
         Euler per ``final_euler``. ``"encode"``: the same grid reversed (0 up to σ_max), built as a
-        decode that evaluates every step's end (final_euler=False) sees it, so that the decode
-        with the same arguments retraces it."""
+        decode sees it whose last step evaluates as the encode's first does (:func:`encode_evaluates_end`),
+        so that the decode with the same arguments retraces it."""
         if direction == "generate":
             return self.generation_sigmas(flow, solver)
         if direction == "encode":
-            return self.generation_sigmas(flow, solver, final_euler=False)[::-1].copy()
+            # unipc and abm end an encode with the predictor alone (formulations.encode_evaluates_end)
+            return self.generation_sigmas(flow, solver, final_euler=not encode_evaluates_end(solver))[::-1].copy()
         raise ValueError(f"direction must be 'generate' or 'encode', got {direction!r}")
 
     @property

@@ -1,0 +1,212 @@
+"""Learned low-NFE solvers against tuned grids, diffusers' best scheduler and k-diffusion; round trips 10 + 10.
+
+Frontier (NFE 4–20): for each model (the closed-form mixture of ``bench_frontier.py``, 200 digit images at
+bandwidth 0.1, and the shipped trained ``digits`` model), float64, the RMS image error against a float64
+reference from the same noise:
+
+* flowdiff, tuned grid: ``flowdiff.tune`` (dp+search) for each solver of ``SOLVERS`` on calibration noise
+  (seed + 1), measured on the evaluation noise (seed); the entry is the solver best on the calibration noise.
+* flowdiff, learned: ``flowdiff.learn_solver`` on the same calibration noise and on that tuned grid (its
+  coefficients kept only where the held-out half of the calibration batch agrees), measured on the
+  evaluation noise; the entry is the candidate (learned or tuned-only, any solver) best on the
+  calibration batch. Nothing of the evaluation noise is used to choose it.
+* diffusers (55 scheduler configurations) and k-diffusion: ``bench_frontier.py``'s runners, best chosen on the
+  evaluation noise itself, which favours them.
+
+Round trips: the per-pixel MSE of decode(encode(x)) at 10 + 10 evaluations for flowdiff's multistep and Euler
+encoders on the named grids, and on grids tuned for the round trip (``flowdiff.tune_roundtrip`` on 4 training
+digits, not the images measured), against diffusers' inverse schedulers (``bench_roundtrip.py``'s runner), on
+held-out test digits (shipped model) and on the mixture of ``bench_roundtrip.py`` (64 training digits,
+bandwidth 0.3).
+
+Usage: python benchmarks/bench_learned.py [--models mixture,digits] [--nfe 4,5,6,8,10,20]
+[--out benchmarks/results/learned.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from _kdiffusion import load_kdiffusion_sampling, mixture_flow, rmse, trained_flow
+from bench_frontier import evaluation_reference, run_diffusers
+from bench_lownfe import run_kdiffusion
+from bench_roundtrip import diffusers_roundtrip
+
+import flowdiff
+from flowdiff.models.analytic import Mixture
+
+SOLVERS = ("unipc", "dpmpp_3m")
+ROUNDTRIP_SOLVERS = ("euler", "lms", "dpmpp_2m", "dpmpp_3m", "unipc", "abm")
+ROUNDTRIP_GRIDS = ("trailing", "leading", "karras", "logsnr")
+#: solvers whose grid is tuned on the round-trip error of calibration images (``flowdiff.tune_roundtrip``)
+TUNED_ROUNDTRIP = ("dpmpp_2m", "dpmpp_3m", "unipc")
+
+
+def flowdiff_candidates(flow, calibration, noise, ref, budget, max_evals, tol) -> list[dict]:
+    rows = []
+    for solver in SOLVERS:
+        tuned = flowdiff.tune(flow, calibration, solver=solver, nfe=budget, progress=False, max_evals=max_evals,
+                              reference_tol=tol)
+        with torch.no_grad():
+            x_tuned = flowdiff.generate(flow, noise, solver=solver, sigmas=tuned.sigmas)
+        learned = flowdiff.learn_solver(flow, calibration, solver=solver, nfe=budget, sigmas=tuned.sigmas,
+                                        reference_tol=tol)
+        with torch.no_grad():
+            x_learned = flowdiff.generate(flow, noise, solver=learned.as_solver(), sigmas=learned.sigmas)
+        assert x_tuned.stats.nfe <= budget and x_learned.stats.nfe <= budget
+        # on the calibration batch: the learned solver's error over both halves (equal sizes) vs the tuned grid's
+        learned_cal = math.sqrt((learned.calibration_error ** 2 + learned.validation_error ** 2) / 2)
+        rows.append(dict(solver=solver, kind="tuned grid", rmse=rmse(x_tuned.x, ref), cal=tuned.calibration_error,
+                         nfe=x_tuned.stats.nfe, cost=tuned.tuning_nfe))
+        rows.append(dict(solver=solver, kind="learned" if learned.kept else "learned (rejected: tuned grid)",
+                         rmse=rmse(x_learned.x, ref), cal=learned_cal if learned.kept else tuned.calibration_error,
+                         nfe=x_learned.stats.nfe, cost=tuned.tuning_nfe + learned.fitting_nfe - learned.reference_nfe,
+                         base_cal=learned.base_calibration_error, fit_cal=learned.calibration_error,
+                         val=learned.validation_error, base_val=learned.base_validation_error))
+    return rows
+
+
+def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, tol) -> list[str]:
+    noise = torch.randn(batch, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    calibration = torch.randn(cal_batch, 1, 8, 8, dtype=torch.float64,
+                              generator=torch.Generator().manual_seed(seed + 1))
+    ref = evaluation_reference(flow, noise, key, tol)
+    lines = [f"### {title}", "", f"Evaluation batch {batch}, calibration batch {cal_batch}, reference tolerance "
+             f"{tol:g} ({ref.nfe} NFE).", "",
+             "| NFE | flowdiff learned (chosen on calibration) | RMSE | tuned grid only (chosen on calibration) | "
+             "RMSE | best diffusers | RMSE | best k-diffusion | RMSE | learned / best peer | tuned / best peer | "
+             "fitting cost (NFE, all solvers) |",
+             "|---:|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|"]
+    details = []
+    for budget in budgets:
+        started = time.perf_counter()
+        ours = flowdiff_candidates(flow, calibration, noise, ref.x, budget, max_evals, tol)
+        dif = [r for r in run_diffusers(flow, noise, ref.x, budget) if math.isfinite(r["rmse"])]
+        kd = run_kdiffusion(K, flow, noise, ref.x, budget)
+        assert all(r["nfe"] <= budget for r in dif + kd)
+        pick = min(ours, key=lambda r: r["cal"])
+        tuned_pick = min((r for r in ours if r["kind"] == "tuned grid"), key=lambda r: r["cal"])
+        best_dif, best_kd = min(dif, key=lambda r: r["rmse"]), min(kd, key=lambda r: r["rmse"])
+        peer = min(best_dif["rmse"], best_kd["rmse"])
+        cost = sum(r["cost"] for r in ours if r["kind"] != "tuned grid")
+        lines.append(f"| {budget} | {pick['solver']}, {pick['kind']} | {pick['rmse']:.3e} | {tuned_pick['solver']} | "
+                     f"{tuned_pick['rmse']:.3e} | {best_dif['solver']} | {best_dif['rmse']:.3e} | "
+                     f"{best_kd['solver']} on {best_kd['grid']} | {best_kd['rmse']:.3e} | {pick['rmse'] / peer:.2f}× | "
+                     f"{tuned_pick['rmse'] / peer:.2f}× | {cost} |")
+        details += [f"- NFE {budget}: " + "; ".join(
+            f"{r['solver']} {r['kind']} {r['rmse']:.3e}" + (
+                f" (fit half {r['fit_cal']:.3e} vs base {r['base_cal']:.3e}, held-out half {r['val']:.3e} vs "
+                f"{r['base_val']:.3e})" if "base_cal" in r else "") for r in ours)]
+        print(f"{key} NFE {budget}: learned pick {pick['solver']} {pick['kind']} {pick['rmse']:.3e}, tuned "
+              f"{tuned_pick['rmse']:.3e}, peer {peer:.3e} [{time.perf_counter() - started:.0f} s]", flush=True)
+    return lines + ["", "Every flowdiff candidate on the evaluation noise (and the learned fits' halves):", "",
+                    *details, ""]
+
+
+def roundtrips(title, flow, images, calibration, nfe) -> list[str]:
+    model = EpsNetwork(flow)
+    rows = []
+    for solver in TUNED_ROUNDTRIP:
+        tuned = flowdiff.tune_roundtrip(flow, calibration, solver=solver, nfe=nfe)
+        with torch.no_grad():
+            enc = flowdiff.encode(flow, images, solver=solver, sigmas=tuned.sigmas)
+            dec = flowdiff.decode(flow, enc.latent)
+        rows.append((float((dec.x - images).pow(2).mean()), f"{solver} / round-trip grid (from {tuned.initial_grid}, "
+                     f"{tuned.tuning_nfe} NFE to tune)", f"{enc.stats.nfe}+{dec.stats.nfe}"))
+    for solver in ROUNDTRIP_SOLVERS:
+        for grid in ROUNDTRIP_GRIDS:
+            with torch.no_grad():
+                enc = flowdiff.encode(flow, images, solver=solver, nfe=nfe, grid=grid)
+                dec = flowdiff.decode(flow, enc.latent)
+            rows.append((float((dec.x - images).pow(2).mean()), f"{solver} / {grid}",
+                         f"{enc.stats.nfe}+{dec.stats.nfe}"))
+    peers = []
+    for kind, orders in (("ddim", (1,)), ("dpm++", (1, 2, 3))):
+        for order in orders:
+            for spacing in ("leading", "trailing", "linspace"):
+                name = "DDIMInverse+DDIM" if kind == "ddim" else f"DPMSolverMultistepInverse(order {order})+DPM"
+                try:
+                    peers.append((diffusers_roundtrip(model, images, nfe, kind, order, spacing),
+                                  f"{name} / {spacing}"))
+                except ValueError:  # a spacing this inverse scheduler refuses (DDIMInverse: linspace)
+                    continue
+    best, peer = min(rows), min(peers)
+    lines = [f"### Round trips {nfe} + {nfe}: {title}", "",
+             f"flowdiff best **{best[1]}** MSE {best[0]:.2e} ({best[2]} NFE); diffusers best {peer[1]} "
+             f"{peer[0]:.2e}; ratio **{best[0] / peer[0]:.2f}×**.", "",
+             "| flowdiff encoder / grid | MSE | NFE |", "|---|---:|---:|"]
+    lines += [f"| {name} | {mse:.2e} | {n} |" for mse, name, n in sorted(rows)]
+    return lines + [""]
+
+
+class EpsNetwork:
+    """The flow's ε as diffusers' ``model(x_t, t)`` for a batch of timesteps (all equal)."""
+
+    def __init__(self, flow) -> None:
+        self.eps, self.schedule = flow.field(), flow.schedule
+
+    def __call__(self, x_t, t):
+        sigma = float(self.schedule.sigma_at(float(t.reshape(-1)[0])))
+        return self.eps(sigma, x_t * math.sqrt(1.0 + sigma * sigma))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="mixture,digits")
+    parser.add_argument("--nfe", default="4,5,6,8,10,20")
+    parser.add_argument("--digits-nfe", default="5,10,20", help="budgets of the trained model (slower)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--calibration", type=int, default=32)
+    parser.add_argument("--digits-batch", type=int, default=8)
+    parser.add_argument("--digits-calibration", type=int, default=8)
+    parser.add_argument("--max-evals", type=int, default=60, help="candidate solves per tuned grid")
+    parser.add_argument("--roundtrip-images", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    K = load_kdiffusion_sampling()
+    started = time.perf_counter()
+    wanted = args.models.split(",")
+    lines = ["## Learned low-NFE solvers and round trips (`bench_learned.py`)", "",
+             f"`python benchmarks/bench_learned.py --models {args.models} --nfe {args.nfe} --digits-nfe "
+             f"{args.digits_nfe} --batch {args.batch} --calibration {args.calibration} --digits-batch "
+             f"{args.digits_batch} --digits-calibration {args.digits_calibration} --max-evals {args.max_evals} "
+             f"--seed {args.seed}` — {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+             "1 thread, float64.", ""]
+    if "mixture" in wanted:
+        lines += frontier(K, "closed-form mixture (200 digit images, bandwidth 0.1)", mixture_flow(), "mixture",
+                          args.batch, args.calibration, [int(b) for b in args.nfe.split(",")], args.max_evals,
+                          args.seed, 1e-8)
+    trained = trained_flow() if "digits" in wanted else None
+    if trained is not None:
+        lines += frontier(K, "shipped trained model pretrained('digits')", trained, "digits", args.digits_batch,
+                          args.digits_calibration, [int(b) for b in args.digits_nfe.split(",")], args.max_evals,
+                          args.seed, 1e-6)
+        images = flowdiff.digits_data("test").images[: args.roundtrip_images].double()
+        calibration = flowdiff.digits_data("train").images[100:104].double()
+        lines += roundtrips("shipped digits model, held-out test digits", trained, images, calibration, 10)
+    if "mixture" in wanted:
+        train = flowdiff.digits_data("train").images[:64].double()
+        mix = Mixture(train, 0.3, schedule=flowdiff.Schedule.linear()).flow()
+        images = flowdiff.digits_data("test").images[: args.roundtrip_images].double()
+        calibration = flowdiff.digits_data("train").images[100:104].double()  # not among the mixture's centres
+        lines += roundtrips("mixture of 64 training digits (bandwidth 0.3), held-out test digits", mix, images,
+                            calibration, 10)
+    lines.append(f"Total wall time {time.perf_counter() - started:.0f} s.")
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

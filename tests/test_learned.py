@@ -1,0 +1,240 @@
+"""Learned low-NFE solvers (order kept, held-out decision, files tied to their model) and multistep encodes at
+their order with exact NFE in both directions."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from _closed_form import mixture, noise
+
+import flowdiff
+import solvers
+from flowdiff.engine.formulations import Data
+from flowdiff.engine.loop import solve_grid
+from flowdiff.models.analytic import Gaussian
+from flowdiff.tools.learned import LearnedSolver, learn_solver
+
+
+def _gaussian():
+    g = torch.Generator().manual_seed(1)
+    mean = torch.randn(16, dtype=torch.float64, generator=g) * 0.5
+    var = torch.rand(16, dtype=torch.float64, generator=g) * 0.5 + 0.05
+    return Gaussian(mean, var), g
+
+
+def _rms(x, ref):
+    return float((x - ref).pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("name,options", [("dpmpp_2m", {}), ("dpmpp_3m", {}), ("unipc", {"order": 2})])
+def test_corrections_at_the_bound_keep_the_base_order_on_the_gaussian(name, options):
+    """Whatever a fit returns lies in [−bound, bound]; coefficients at ±bound on every step keep the base's
+    order (slope fit against the Gaussian's exact solution between σ = 20 and 0.5, in the data
+    variables), and the slope of the base itself."""
+    gauss, g = _gaussian()
+    eps = gauss.flow().field()
+    x20 = torch.randn(3, 16, dtype=torch.float64, generator=g) * math.sqrt(1 + 20.0**2)
+    exact = gauss.solution(x20, 20.0, 0.5)
+    base = solvers.get(name, **options)
+    bound = 4.0
+    errs, base_errs, ns = [], [], [32, 64, 128, 256]
+    for n in ns:
+        sig = np.exp(np.linspace(math.log(20.0), math.log(0.5), n + 1)).tolist()
+        ts = Data().times(sig)
+        probe = solvers.CorrectedAdams(base, {(1.0, 0.0): (0.0, 0.0)})
+        table = {(ts[i], ts[i + 1]): tuple(bound * (-1) ** m for m in range(probe.available_terms(i + 1)))
+                 for i in range(n)}
+        corrected = solvers.CorrectedAdams(base, table)
+        errs.append(float((solve_grid(eps, Data(), sig, corrected, xbar0=x20).xbar - exact).abs().max()))
+        base_errs.append(float((solve_grid(eps, Data(), sig, base, xbar0=x20).xbar - exact).abs().max()))
+    slope = -np.polyfit(np.log(ns), np.log(errs), 1)[0]
+    base_slope = -np.polyfit(np.log(ns), np.log(base_errs), 1)[0]
+    assert slope > base.order - 0.35, (name, slope, errs)  # on log-σ grids the self-started base reaches it too
+    assert slope > base_slope - 0.5, (name, slope, base_slope)
+    assert errs != base_errs  # the corrections did act
+
+
+def test_fit_lowers_the_calibration_error_spends_exactly_the_budget_and_is_kept_only_if_held_out_agrees():
+    flow = mixture()
+    cal = noise(1, n=16)
+    learned = learn_solver(flow, cal, solver="dpmpp_3m", nfe=6)
+    assert learned.calibration_error < learned.base_calibration_error
+    assert learned.kept == (learned.validation_error < learned.base_validation_error)
+    assert learned.fitting_nfe > learned.reference_nfe > 0 and learned.solves > 0
+    # the held-out errors are those of the two solvers on the odd half, measured again here
+    ref = flowdiff.reference_solution(flow, cal, sigma_end=0.0, rtol=1e-7, atol=1e-7).x[1::2]
+    base_x = flowdiff.generate(flow, cal[1::2], solver="dpmpp_3m", sigmas=learned.sigmas).x
+    assert _rms(base_x, ref) == pytest.approx(learned.base_validation_error, rel=1e-9)
+    # exact NFE: one evaluation a step, as its base
+    calls = []
+    gauss_field = flow.sigma_field
+
+    def counted(xbar, sigma):
+        calls.append(sigma)
+        return gauss_field(xbar, sigma)
+
+    counting = flowdiff.ProbabilityFlow.from_sigma_field(counted, flow.schedule)
+    out = flowdiff.generate(counting, cal, solver=learned.as_solver(), sigmas=learned.sigmas)
+    assert out.stats.nfe == len(calls) == 6
+
+
+def test_a_bad_fit_is_rejected_on_held_out_noise():
+    flow = mixture()
+    learned = learn_solver(flow, noise(1, n=8), solver="dpmpp_2m", nfe=6, iterations=2)
+    bad = LearnedSolver(**{**learned.__dict__, "kept": True,
+                           "coefficients": tuple(tuple(4.0 for _ in c) for c in learned.coefficients)})
+    assert any(c for cs in bad.coefficients for c in cs)
+    judged = bad.validated(flow, noise(2, n=8))
+    assert not judged.kept
+    assert judged.base_validation_error < _rms(
+        flowdiff.generate(flow, noise(2, n=8), solver=bad.as_solver(), sigmas=bad.sigmas).x,
+        flowdiff.reference_solution(flow, noise(2, n=8), sigma_end=0.0, rtol=1e-7, atol=1e-7).x)
+    assert all(c == 0.0 for cs in judged.coefficients for c in cs)
+    assert judged.as_solver().name == "dpmpp_2m"  # the base method itself
+
+
+def test_ridge_pulls_the_coefficients_towards_the_base_method():
+    flow = mixture()
+    cal = noise(1, n=8)
+
+    def norm(learned):
+        return math.sqrt(sum(c * c for cs in learned.coefficients for c in cs))
+
+    free = learn_solver(flow, cal, solver="dpmpp_3m", nfe=6, iterations=3)
+    pulled = learn_solver(flow, cal, solver="dpmpp_3m", nfe=6, iterations=3, ridge=10.0)
+    forced = [LearnedSolver(**{**x.__dict__, "kept": True}) for x in (free, pulled)]
+    assert 0 < norm(pulled) < norm(free) or (not pulled.kept and norm(pulled) == 0 < norm(free))
+    assert forced[1].calibration_error >= forced[0].calibration_error - 1e-12
+
+
+def test_save_load_round_trip_and_refusal_for_another_model(tmp_path):
+    flow = mixture()
+    cal = noise(1, n=8)
+    learned = learn_solver(flow, cal, solver="unipc", nfe=6, iterations=2)
+    path = learned.save(tmp_path / "digits.learned.json")
+    back = LearnedSolver.load(path, flow)
+    assert np.array_equal(back.sigmas, learned.sigmas) and back.coefficients == learned.coefficients
+    assert (back.kept, back.fitting_nfe, back.source) == (learned.kept, learned.fitting_nfe, str(path))
+    a = flowdiff.generate(flow, cal, solver=learned.as_solver(), sigmas=learned.sigmas).x
+    b = flowdiff.generate(flow, cal, solver=back.as_solver(), sigmas=back.sigmas).x
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="fingerprint"):
+        LearnedSolver.load(path, mixture(seed=4))
+    (tmp_path / "bad.json").write_text('{"format": "flowdiff.TunedGrid/1"}')
+    with pytest.raises(ValueError, match="not a flowdiff learned solver"):
+        LearnedSolver.load(tmp_path / "bad.json", flow)
+
+
+def test_learned_coefficients_belong_to_their_grid_and_direction():
+    flow = mixture()
+    learned = learn_solver(flow, noise(1, n=8), solver="dpmpp_3m", nfe=8, iterations=1)
+    corrected = learned.base() if not learned.kept else learned.as_solver()
+    if not learned.kept:  # build the corrected solver anyway: the refusal is the solver's
+        corrected = LearnedSolver(**{**learned.__dict__, "kept": True}).as_solver()
+    with pytest.raises(ValueError, match="no coefficients for the step"):
+        flowdiff.generate(flow, noise(2, n=2), solver=corrected, steps=8, grid="trailing")
+    with pytest.raises(ValueError, match="no coefficients for the step"):
+        flowdiff.encode(flow, noise(2, n=2).clamp(-1, 1), solver=corrected, sigmas=learned.sigmas)
+
+
+def test_bad_arguments_name_what_is_accepted():
+    flow = mixture()
+    with pytest.raises(ValueError, match="variable-step Adams method .* accepted: .*unipc"):
+        learn_solver(flow, noise(1, n=4), solver="heun", nfe=6)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        learn_solver(flow, noise(1, n=1), solver="unipc", nfe=6)
+    with pytest.raises(ValueError, match="terms must be an int in 1..3, got 0"):
+        learn_solver(flow, noise(1, n=4), solver="unipc", nfe=6, terms=0)
+    with pytest.raises(ValueError, match="ridge must be a finite number >= 0"):
+        learn_solver(flow, noise(1, n=4), solver="unipc", nfe=6, ridge=-0.5)
+    with pytest.raises(ValueError, match="bound must be a positive finite number"):
+        learn_solver(flow, noise(1, n=4), solver="unipc", nfe=6, bound=-1.0)
+    with pytest.raises(TypeError, match="coefficients must be keyed by steps"):
+        solvers.CorrectedAdams(solvers.get("unipc"), {1.0: (0.5,)})
+
+
+# -- encoding at the solver's order, with steps=N and nfe=N costing N both ways --------------------------
+
+MULTISTEP_ENCODERS = ["lms", "abm", "dpmpp_2m", "dpmpp_3m", "unipc"]
+
+
+@pytest.mark.parametrize("name", MULTISTEP_ENCODERS)
+def test_multistep_encode_and_decode_converge_at_the_fixed_grid_order(name):
+    """Encode (0 → σ_max) against the exact latent, and decode from the exact latent (σ_max → 0) against the
+    exact image, on grids that refine every step (σ_i = σ_max (1 − i/N)^7)."""
+    g = Gaussian(torch.linspace(-0.5, 0.5, 4), 0.3**2)
+    flow = g.flow()
+    smax = flow.schedule.sigma_max
+    x = g.sample(3, generator=torch.Generator().manual_seed(0))
+    latent = g.solution(x, 0.0, smax) / math.sqrt(1 + smax**2)
+    solver = solvers.get(name)
+    order = getattr(solver, "fixed_grid_order", solver.order)
+    enc_errs, dec_errs = [], []
+    for n in (16, 32, 64):
+        sig = smax * (1.0 - np.arange(n + 1) / n) ** 7
+        enc = flowdiff.encode(flow, x, solver=name, sigmas=sig)
+        enc_errs.append(float((enc.x - latent).abs().max()))
+        dec = flowdiff.decode(flow, flowdiff.Latent(latent, sig[::-1].copy(), name, {}))
+        dec_errs.append(float((dec.x - x).abs().max()))
+    assert math.log2(enc_errs[-2] / enc_errs[-1]) > order - 0.3, (name, enc_errs)
+    assert math.log2(dec_errs[-2] / dec_errs[-1]) > min(order, 2) - 0.3, (name, dec_errs)
+
+
+@pytest.mark.parametrize("name", MULTISTEP_ENCODERS)
+@pytest.mark.parametrize("n", [4, 10])
+def test_steps_and_nfe_say_what_a_multistep_encode_and_decode_cost(name, n):
+    gauss, g = _gaussian()
+    calls = []
+
+    def counted(xbar, sigma):
+        calls.append(sigma)
+        return gauss.eps(xbar, sigma)
+
+    flow = flowdiff.ProbabilityFlow.from_sigma_field(counted, gauss.schedule)
+    images = gauss.sample(2, generator=g)
+    for kw in ({"steps": n}, {"nfe": n}):
+        calls.clear()
+        enc = flowdiff.encode(flow, images, solver=name, grid="logsnr", **kw)
+        assert enc.stats.nfe == len(calls) == n, (name, kw, enc.stats.nfe, len(calls))
+        assert len(enc.sigmas) == n + 1
+        calls.clear()
+        dec = flowdiff.decode(flow, enc.latent)
+        assert dec.stats.nfe == len(calls) == n, (name, kw, dec.stats.nfe, len(calls))
+
+
+# -- grids tuned for the round trip -----------------------------------------------------------------------
+
+
+def test_roundtrip_grid_beats_its_start_on_other_images_and_spends_the_budget():
+    g = Gaussian(torch.linspace(-0.5, 0.5, 16), 0.1)
+    flow = g.flow()
+    cal = g.sample(8, generator=torch.Generator().manual_seed(0))
+    other = g.sample(8, generator=torch.Generator().manual_seed(1))
+    tuned = flowdiff.tune_roundtrip(flow, cal, solver="unipc", nfe=8, max_evals=30)
+    assert tuned.method == "roundtrip" and tuned.sigmas[0] == flow.schedule.sigma_max and tuned.sigmas[-1] == 0
+    assert np.all(np.diff(tuned.sigmas) < 0)
+    assert tuned.evaluations > 3 and tuned.tuning_nfe == 16 * tuned.evaluations  # 8 + 8 per candidate
+
+    def roundtrip(sigmas):
+        enc = flowdiff.encode(flow, other, solver="unipc", sigmas=sigmas)
+        dec = flowdiff.decode(flow, enc.latent)
+        assert enc.stats.nfe == dec.stats.nfe == 8
+        return _rms(dec.x, other)
+
+    start = flowdiff.make_sigmas(flow.schedule, tuned.initial_grid, 8)
+    assert roundtrip(tuned.sigmas) < roundtrip(start)
+
+
+def test_roundtrip_tuning_refuses_what_it_cannot_tune():
+    g = Gaussian(torch.linspace(-0.5, 0.5, 4), 0.1)
+    flow = g.flow()
+    x = g.sample(4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="solver 'ipndm' cannot encode"):
+        flowdiff.tune_roundtrip(flow, x, solver="ipndm", nfe=8)
+    with pytest.raises(ValueError, match="reversible"):
+        flowdiff.tune_roundtrip(flow, x, solver="reversible_heun", nfe=8)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        flowdiff.tune_roundtrip(flow, x[:1], solver="unipc", nfe=8)
+    with pytest.raises(ValueError, match="max_evals must be an int >= 1"):
+        flowdiff.tune_roundtrip(flow, x, solver="unipc", nfe=8, max_evals=0)
