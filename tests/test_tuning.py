@@ -119,7 +119,7 @@ def test_command_line_compare_accepts_the_tuned_grid(capsys, tmp_path):
 
     code = main(["compare", "--model", "analytic-mixture", "--batch", "4", "--nfe", "4", "--solver", "ipndm",
                  "--grid", "tuned,logsnr", "--calibration-seed", "5", "--rtol", "1e-5", "--no-progress",
-                 "--out", str(tmp_path / "cmp")])
+                 "--layout", "wide", "--out", str(tmp_path / "cmp")])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "| ipndm | tuned |" in out and "tuned grid of ipndm at NFE 4: tuning cost" in out
