@@ -12,7 +12,7 @@ from .engine.fingerprint import flow_fingerprint
 from .engine.flow import PREDICTION_TYPES, ProbabilityFlow
 from .engine.grids import GRIDS, grid_timesteps, make_sigmas
 from .engine.latent import Latent
-from .engine.options import Adaptive, Grid, Inversion, Save, Stochastic
+from .engine.options import Adaptive, Checks, Grid, Inversion, Save, Stochastic
 from .engine.results import AdaptiveStep, Result, StepState
 from .engine.scheduler_grids import scheduler_sigmas
 from .engine.schedules import FlowMatchingSchedule, Schedule, VESchedule
@@ -32,6 +32,7 @@ from .tools.tuning import TunedGrid, load_grids, save_grids, stored_grid, tune, 
 __all__ = [
     "Adaptive",
     "AdaptiveStep",
+    "Checks",
     "DiffusersFlow",
     "FlowMatchingSchedule",
     "Grid",

@@ -31,7 +31,7 @@ from ._integrate import (
 )
 from ._multistep import IPNDM, Adams, CorrectedAdams, DPMSolverPP2M, History, adams_weights
 from ._newton import RootResult, newton_krylov
-from ._registry import available, describe, get, register
+from ._registry import available, describe, get, options_of, register
 from ._reversible import Reversible, ReversibleHeun, ReversibleState
 from ._rk import ExplicitRK, lincomb
 from ._stats import Stats
@@ -76,6 +76,7 @@ __all__ = [
     "check_grid",
     "describe",
     "get",
+    "options_of",
     "lincomb",
     "newton_krylov",
     "nfe_for_steps",

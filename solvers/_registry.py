@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -75,10 +76,31 @@ def get(name: str | Solver, **options: object) -> Solver:
     except KeyError:
         raise ValueError(f"unknown solver {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
     if not options:
-        return entry.factory()
+        return _remember(entry.factory(), {})
     accepts_any, valid = _options_of(entry.factory)
     unknown = sorted(set(options) - set(valid))
     if unknown and not accepts_any:
         raise TypeError(f"solver {name!r} got unknown option(s) {unknown}; "
                         f"it accepts: {', '.join(valid) if valid else 'no options'}")
-    return entry.factory(**options)
+    return _remember(entry.factory(**options), options)
+
+
+#: id(instance) → the options :func:`get` built it with, while the instance lives.
+_BUILT: dict[int, dict[str, object]] = {}
+
+
+def _remember(solver: Solver, options: dict[str, object]) -> Solver:
+    _BUILT[id(solver)] = dict(options)
+    weakref.finalize(solver, _BUILT.pop, id(solver), None)
+    return solver
+
+
+def options_of(solver: Solver) -> dict[str, object] | None:
+    """The options :func:`get` built ``solver`` with (``get(solver.name, **options_of(solver))`` rebuilds it).
+
+    ``None`` for an instance that :func:`get` did not build from a name (constructed directly):
+    its configuration is not a set of registry options. Used to record how a latent was made."""
+    if not isinstance(solver, Solver):
+        raise TypeError(f"solver must be a solvers.Solver, got {type(solver).__name__}")
+    options = _BUILT.get(id(solver))
+    return None if options is None else dict(options)

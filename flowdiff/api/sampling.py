@@ -1,11 +1,12 @@
 """Generation, encoding and decoding: the entry points.
 
-``generate``, ``encode`` and ``decode`` take the flat keywords the README documents, build
-the option objects of :mod:`flowdiff.engine.options` once (validated there), and dispatch:
+``generate``, ``encode`` and ``decode`` take at most ten keywords each: the everyday ``solver``,
+``steps``/``nfe`` and ``grid``, and the option objects of :mod:`flowdiff.engine.options` for the rest
+(validated there). They dispatch:
 
 * a procedure plug-in (:mod:`flowdiff.engine.plugins`: the η process, fixed-point inversion) when
-  its option object is given;
-* an adaptive solve (:mod:`flowdiff.api.adaptive`) when tolerances are;
+  ``solver=`` is its option object (:class:`Stochastic`, :class:`Inversion`);
+* an adaptive solve (:mod:`flowdiff.api.adaptive`) for ``adaptive=Adaptive(...)``;
 * otherwise a fixed grid, in the variables :func:`flowdiff.engine.formulations.formulation_for`
   picks for the solver and the direction, run by :func:`flowdiff.engine.loop.solve_grid`.
 
@@ -34,14 +35,17 @@ from ..engine.latent import Latent
 from ..engine.loop import DIVERGENCE_ENCODE, DIVERGENCE_GENERATE, FlowSolution, divergence_limit, solve_grid
 from ..engine.options import (
     Adaptive,
+    Checks,
     Grid,
     Inversion,
     Request,
     Save,
     Stochastic,
     _shown,
+    as_grid,
     build_grid,
     check_callback,
+    check_checks,
     check_flow,
     check_state,
     compute_dtype,
@@ -57,22 +61,26 @@ from .fixed_point import encode_fixed_point as _fixed_point  # noqa: F401  (regi
 from .inversion import EXACT_QUANTUM, decode_reversible
 from .stochastic import generate_stochastic as _stochastic  # noqa: F401  (registers 'eta')
 
-__all__ = ["Result", "StepState", "decode", "encode", "generate"]
+__all__ = ["REMOVED", "Result", "StepState", "decode", "encode", "generate"]
 
 
-def _resolve_solver(solver: str | Solver, solver_options: Mapping[str, Any] | None, direction: str,
+def _resolve_solver(solver: str | Solver, direction: str,
                     state_dtype: torch.dtype | None = None) -> tuple[Solver, str, dict[str, Any]]:
-    """The solver object, its name and options (as a latent records them) for ``direction``."""
-    if solver_options is not None and not isinstance(solver_options, Mapping):
-        raise TypeError(f"solver_options must be a mapping, got {type(solver_options).__name__}")
-    options = dict(solver_options or {})
+    """The solver object, its name and options (as a latent records them) for ``direction``.
+
+    ``solver`` is a registered name or a :class:`solvers.Solver`, whose options travel with it
+    (:func:`solvers.options_of`: the options ``solvers.get`` built it with)."""
+    if not isinstance(solver, (str, Solver)):
+        raise TypeError(f"solver must be a registered name, a solvers.Solver, flowdiff.Stochastic (generate) or "
+                        f"flowdiff.Inversion (encode), got {type(solver).__name__}")
     plugin = solver_plugin(solver)
     if plugin is not None:
         if plugin.direction != direction:
             what = "an encoding" if plugin.direction == "encode" else "a generation"
             raise ValueError(f"solver {plugin.name!r} is {what} method only; use it with flowdiff.{plugin.direction}")
-        return plugin.make(options), plugin.name, options
-    obj = solvers.get(solver, **options)
+        return plugin.make({}), plugin.name, {}
+    obj = solvers.get(solver)
+    options = {} if isinstance(solver, str) else (solvers.options_of(obj) or {})
     if (state_dtype == torch.float64 and isinstance(obj, ReversibleHeun) and obj.quantum is None
             and "quantum" not in options):
         # float32 (or lower) images with a float64 state: states on 2⁻⁴⁰ℤ make the inverse bit-exact
@@ -81,23 +89,51 @@ def _resolve_solver(solver: str | Solver, solver_options: Mapping[str, Any] | No
     return obj, obj.name, options
 
 
-def _check_final_euler(final_euler: object) -> None:
-    if final_euler is not None and not isinstance(final_euler, bool):
-        raise TypeError(f"final_euler must be True, False or None (the default: True unless the Grid or the latent "
-                        f"says otherwise), got {final_euler!r} ({type(final_euler).__name__})")
-
-
 def _inversion_final_euler(spec: Inversion, grid: Grid) -> Inversion:
     """The inversion's ``final_euler`` said once: in its options or in the Grid (equal values agree)."""
     if grid.final_euler is None:
         return spec
     own = spec.options.get("final_euler")
     if own is None:
-        return Inversion(spec.method, {**spec.options, "final_euler": grid.final_euler})
+        return Inversion(spec.method, {**spec.options, "final_euler": grid.final_euler}, spec.solver)
     if own != grid.final_euler:
-        raise ValueError(f"inversion_options={{'final_euler': {own!r}}} and grid=Grid(..., final_euler="
+        raise ValueError(f"Inversion(options={{'final_euler': {own!r}}}) and grid=Grid(..., final_euler="
                          f"{grid.final_euler}) say two different things; give final_euler once")
     return spec
+
+
+#: The keywords removed from generate/encode/decode in 0.x, each with what says it now.
+REMOVED = {
+    "sigmas": "grid=<σ values> (a 1-D list, array or tensor) or grid=flowdiff.Grid(sigmas=...)",
+    "timesteps": "grid=flowdiff.Grid(timesteps=...)",
+    "grid_options": "grid=flowdiff.Grid(name, options={...})",
+    "final_euler": "grid=flowdiff.Grid(..., final_euler=...)",
+    "rtol": "adaptive=flowdiff.Adaptive(rtol=..., atol=...)",
+    "atol": "adaptive=flowdiff.Adaptive(rtol=..., atol=...)",
+    "max_nfe": "adaptive=flowdiff.Adaptive(..., max_nfe=...)",
+    "adaptive_options": "adaptive=flowdiff.Adaptive(..., controller=, first_step=, sigma_c=, sigma_end=)",
+    "solver_options": "solver=solvers.get(name, **options)",
+    "check_finite": "checks=flowdiff.Checks(finite=...)",
+    "divergence": "checks=flowdiff.Checks(divergence=...)",
+    "check_model": "checks=flowdiff.Checks(model=...)",
+    "eta": "solver=flowdiff.Stochastic(eta, generator, step_noise) (generate only)",
+    "generator": "solver=flowdiff.Stochastic(eta, generator=...)",
+    "step_noise": "solver=flowdiff.Stochastic(eta, step_noise=...)",
+    "stochastic": "solver=flowdiff.Stochastic(...)",
+    "inversion": "solver=flowdiff.Inversion(method, options, solver=...) (encode only)",
+    "inversion_options": "solver=flowdiff.Inversion(method, options={...})",
+}
+
+
+def _refuse_removed(function: str, removed: Mapping[str, Any]) -> None:
+    """A keyword that generate/encode/decode no longer take: TypeError naming its replacement."""
+    if not removed:
+        return
+    name = next(iter(removed))
+    if name in REMOVED:
+        raise TypeError(f"{function}() got an unexpected keyword argument {name!r}: removed in flowdiff 0.x; use "
+                        f"{REMOVED[name]}")
+    raise TypeError(f"{function}() got an unexpected keyword argument {name!r}")
 
 
 def _saver(save: object, callback: object, adaptive: bool) -> Saver | None:
@@ -147,108 +183,75 @@ def _request(flow: ProbabilityFlow, solver: Solver, name: str, options: dict[str
                    check_finite, bound)
 
 
-def _adaptive_or_none(adaptive: Adaptive | None, rtol: float | None, atol: float | None, max_nfe: int | None,
-                      adaptive_options: Mapping[str, Any] | None, *, grid: str | Grid, steps: int | None,
-                      nfe: int | None, sigmas: ArrayLike | None, timesteps: ArrayLike | None,
-                      grid_options: Mapping[str, Any] | None, final_euler: bool | None) -> Adaptive | None:
-    """The adaptive spec from ``adaptive=`` or the flat keywords; None for a fixed-grid solve.
-
-    An adaptive request can be spelt one way each: tolerances as ``rtol=``/``atol=`` (with
-    ``max_nfe=``, ``adaptive_options=``, ``sigmas=[σ_start, 0]``) or inside ``adaptive=``; a
-    fixed-grid keyword beside either (``steps``, ``nfe``, ``timesteps``, ``grid``, ``grid_options``,
-    ``final_euler``) would be ignored, so it is refused, naming both spellings."""
-    flat = {"rtol": rtol, "atol": atol, "max_nfe": max_nfe, "adaptive_options": adaptive_options}
-    if adaptive is not None:
-        if not isinstance(adaptive, Adaptive):
-            raise TypeError(f"adaptive must be a flowdiff.Adaptive, got {type(adaptive).__name__}")
-        given = [f"{k}={_shown(v)}" for k, v in flat.items() if v is not None]
-        if given:
-            raise ValueError(f"adaptive= is a flowdiff.Adaptive and {', '.join(given)} was given beside it: give "
-                             "rtol/atol/max_nfe/options inside it, not beside it")
-        if sigmas is not None:
-            raise ValueError(f"sigmas={_shown(sigmas)} beside adaptive=flowdiff.Adaptive(...): an adaptive solve's "
-                             "start is Adaptive(sigma_start=...); give it there (sigmas=[σ_start, 0] is the "
-                             "rtol=/atol= spelling)")
-        what = "adaptive="
-    elif rtol is not None or atol is not None:
-        adaptive = Adaptive.from_keywords(rtol, atol, max_nfe, adaptive_options, sigmas)
-        what = "rtol=/atol="
-    else:
-        if max_nfe is not None:
-            raise ValueError("max_nfe= applies to adaptive solves (rtol=/atol=); for a fixed budget use nfe=")
-        if adaptive_options is not None:
-            raise ValueError("adaptive_options= apply to adaptive solves (rtol=/atol=)")
+def _adaptive_or_none(adaptive: object, grid: object, steps: int | None, nfe: int | None,
+                      default_grid: object = "trailing") -> Adaptive | None:
+    """``adaptive=`` checked: None for a fixed-grid solve; a fixed-grid keyword beside it is refused."""
+    if adaptive is None:
         return None
+    if not isinstance(adaptive, Adaptive):
+        raise TypeError(f"adaptive must be a flowdiff.Adaptive, got {type(adaptive).__name__}")
     if steps is not None or nfe is not None:
         given = "steps=" + _shown(steps) if steps is not None else "nfe=" + _shown(nfe)
-        raise ValueError(f"{given} beside {what}: an adaptive solve chooses its own steps; drop steps=/nfe= "
-                         "(use max_nfe= to cap the evaluations)")
-    fixed = {"timesteps": timesteps, "grid_options": grid_options, "final_euler": final_euler,
-             "grid": grid if isinstance(grid, Grid) or grid != "trailing" else None}
-    given = [f"{k}={_shown(v) if k != 'grid' or not isinstance(v, Grid) else 'Grid(...)'}"
-             for k, v in fixed.items() if v is not None]
-    if given:
-        raise ValueError(f"{', '.join(given)} and {what} ask for two kinds of solve: {given[0].split('=')[0]}= "
-                         "belongs to a fixed grid, and an adaptive solve places its own steps from its start "
-                         "(sigmas=[σ_start, 0] or Adaptive(sigma_start=)) to 0. Drop one of them")
+        raise ValueError(f"{given} beside adaptive=flowdiff.Adaptive(...): an adaptive solve chooses its own steps; "
+                         "drop steps=/nfe= (Adaptive(max_nfe=...) caps the evaluations)")
+    if not (isinstance(grid, str) and grid == default_grid) and grid is not default_grid:
+        shown = f"grid={grid!r}" if isinstance(grid, str) else ("grid=Grid(...)" if isinstance(grid, Grid)
+                                                                else f"grid={_shown(grid)}")
+        raise ValueError(f"{shown} and adaptive=flowdiff.Adaptive(...) ask for two kinds of solve: grid= is a fixed "
+                         "grid, and an adaptive solve places its own steps from its start (Adaptive(sigma_start=)) "
+                         "to 0. Drop one of them")
     return adaptive
+
+
+def _refuse_model_check(checks: Checks, function: str) -> None:
+    if not checks.model:
+        raise ValueError(f"checks=Checks(model=False) given to {function}: the model check is decode's (a latent "
+                         "refuses another model); drop model=False here")
 
 
 def generate(
     flow: ProbabilityFlow,
     noise: Tensor,
     *,
-    solver: str | Solver = "euler",
+    solver: str | Solver | Stochastic = "euler",
     steps: int | None = None,
     nfe: int | None = None,
-    grid: str | Grid = "trailing",
-    sigmas: ArrayLike | None = None,
-    timesteps: ArrayLike | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
-    max_nfe: int | None = None,
-    adaptive_options: Mapping[str, Any] | None = None,
+    grid: str | Grid | ArrayLike = "trailing",
     model_kwargs: Mapping[str, Any] | None = None,
-    solver_options: Mapping[str, Any] | None = None,
-    grid_options: Mapping[str, Any] | None = None,
-    final_euler: bool | None = None,
-    callback: Callable[[StepState], None] | None = None,
-    check_finite: bool = True,
-    eta: float | str | None = None,
-    generator: torch.Generator | int | None = None,
-    step_noise: Tensor | None = None,
     adaptive: Adaptive | None = None,
-    stochastic: Stochastic | None = None,
-    divergence: float | None = DIVERGENCE_GENERATE,
+    callback: Callable[[StepState], None] | None = None,
     save: Save | None = None,
+    checks: Checks | None = None,
     adjoint: str = "autograd",
+    **removed: Any,
 ) -> Result:
     """Generate images from DDIM-scale noise x_T ~ N(0, I) by solving from the grid's first σ to 0.
 
-    Fixed grids: ``steps`` on a named ``grid`` (``trailing``, ``leading``, ``linear``,
-    ``quadratic``, ``karras``, ``logsnr``), explicit ``sigmas`` (decreasing, ending at 0) or
-    ``timesteps``, or ``grid=flowdiff.Grid(...)``. ``nfe=N`` is the fixed-budget form: the
-    step count is chosen so that ``stats.nfe`` is the largest count ≤ N that the solver's
-    steps allow (exactly N for one-evaluation-per-step solvers; Heun with its Euler step into
-    σ = 0 spends odd counts). With ``rtol``/``atol`` (or ``adaptive=flowdiff.Adaptive(...)``)
-    the solve is adaptive (an adaptive solver is required; ``max_nfe`` caps its evaluations
-    with an error, ``nfe=`` is refused; ``adaptive_options`` holds the controller knobs of
-    :class:`flowdiff.Adaptive`).
+    ``solver``: a registered name, a :class:`solvers.Solver` (its options travel with it:
+    ``solvers.get("unipc", order=2)``), or ``flowdiff.Stochastic(eta, generator, step_noise)``
+    for the DDIM paper's stochastic generative process instead of the ODE (see
+    :mod:`flowdiff.api.stochastic`).
 
-    ``final_euler`` (default True): a solver that would evaluate the model at σ = 0 takes
-    its last step as Euler instead, as EDM and k-diffusion do. The state keeps the noise's
-    dtype; float16/bfloat16 noise is integrated in float32 with the model fed in the
+    Fixed grids: ``steps`` on a named ``grid`` (``trailing``, ``leading``, ``linear``,
+    ``quadratic``, ``karras``, ``logsnr``), explicit σ values ``grid=[...]`` (decreasing, ending
+    at 0), or ``grid=flowdiff.Grid(...)`` (timesteps, grid options, ``final_euler``). ``nfe=N``
+    is the fixed-budget form: the step count is chosen so that ``stats.nfe`` is the largest
+    count ≤ N that the solver's steps allow (exactly N for one-evaluation-per-step solvers;
+    Heun with its Euler step into σ = 0 spends odd counts). With
+    ``adaptive=flowdiff.Adaptive(rtol, atol, ...)`` the solve is adaptive (an adaptive solver is
+    required; ``steps``/``nfe``/``grid`` are refused beside it).
+
+    ``Grid(final_euler=...)`` (default True): a solver that would evaluate the model at σ = 0
+    takes its last step as Euler instead, as EDM and k-diffusion do. The state keeps the
+    noise's dtype; float16/bfloat16 noise is integrated in float32 with the model fed in the
     noise's dtype, and the image returned in it.
 
-    ``eta`` (a number in [0, 1], or ``"sigma_hat"``), or ``stochastic=flowdiff.Stochastic(...)``,
-    selects the DDIM paper's stochastic generative process instead of the ODE (see
-    :mod:`flowdiff.api.stochastic`), with randomness from ``generator`` or given per step in ``step_noise``.
-
-    ``divergence`` (default 1000) is the divergence guard of fixed-grid, adaptive and η solves: when the
-    VP-scaled end state max|x̄|/√(1+σ²) exceeds ``divergence × max(1, max|noise|)`` the solve
-    is run again to find the first step past that bound and a :class:`solvers.SolveError`
-    names it (step, σ, the value: ``err.value``) instead of returning garbage. It costs one
-    host sync at the end, none in the loop. ``None`` turns it off.
+    ``checks=flowdiff.Checks(finite=True, divergence="auto")``: non-finite states stop the
+    solve naming the step; the divergence guard (default 1000): when the VP-scaled end state
+    max|x̄|/√(1+σ²) exceeds ``divergence × max(1, max|noise|)`` the solve is run again to find
+    the first step past that bound and a :class:`solvers.SolveError` names it (step, σ, the
+    value: ``err.value``) instead of returning garbage. It costs one host sync at the end,
+    none in the loop. ``divergence=None`` turns it off.
 
     ``save=flowdiff.Save(sigmas=[...], steps=True, denoised=True)`` returns the states at chosen σ
     (or after every step) in ``result.saved``: the records a callback would receive there.
@@ -257,44 +260,35 @@ def generate(
     (default), ``"checkpoint"`` (step-boundary states kept, each step recomputed backwards) or
     ``"reversible"`` (reversible solvers: nothing kept per step). Fixed grids only.
     """
+    _refuse_removed("generate", removed)
     flow = check_flow(flow)
     noise = check_state(noise, "noise")
-    _checks.check_flags(check_finite=check_finite)
-    _check_final_euler(final_euler)
+    checks = check_checks(checks)
+    _refuse_model_check(checks, "generate")
     _checks.check_model_kwargs(model_kwargs)
-    adaptive_spec = _adaptive_or_none(adaptive, rtol, atol, max_nfe, adaptive_options, grid=grid, steps=steps,
-                                      nfe=nfe, sigmas=sigmas, timesteps=timesteps, grid_options=grid_options,
-                                      final_euler=final_euler)
+    adaptive_spec = _adaptive_or_none(adaptive, grid, steps, nfe)
     saver = _saver(save, callback, adaptive_spec is not None)
     callback = saver or callback
-    grid_spec = Grid() if adaptive_spec is not None else build_grid(
-        grid, steps=steps, nfe=nfe, sigmas=sigmas, timesteps=timesteps, grid_options=grid_options,
-        final_euler=final_euler)
-    flat_noise = {"eta": eta, "generator": generator, "step_noise": step_noise}
-    if stochastic is not None or any(v is not None for v in flat_noise.values()):
-        given = [f"{k}={_shown(v) if k != 'step_noise' else '...'}" for k, v in flat_noise.items() if v is not None]
-        if stochastic is not None and given:
-            raise ValueError(f"stochastic= is a flowdiff.Stochastic and {', '.join(given)} was given beside it: "
-                             "give eta/generator/step_noise inside it, not beside it")
-        spec = stochastic if stochastic is not None else Stochastic(0.0 if eta is None else eta, generator, step_noise)
-        if not isinstance(spec, Stochastic):
-            raise TypeError(f"stochastic must be a flowdiff.Stochastic, got {type(spec).__name__}")
-        refuse_adjoint(adjoint, "stochastic generation (eta=/stochastic=)")
+    grid_spec = Grid() if adaptive_spec is not None else build_grid(grid, steps=steps, nfe=nfe)
+    bound = divergence_limit(checks.bound(DIVERGENCE_GENERATE), noise)
+    if isinstance(solver, Stochastic):
+        refuse_adjoint(adjoint, "stochastic generation (solver=flowdiff.Stochastic)")
         if adaptive_spec is not None:
-            raise ValueError("eta= (stochastic generation) takes a fixed grid, not rtol=/atol=/adaptive=")
-        if solver_options:
-            raise ValueError("eta= (stochastic generation) takes its own DDIM step: no solver_options= or max_nfe=")
-        name = solver if isinstance(solver, str) else getattr(solver, "name", type(solver).__name__)
-        request = _request(flow, solvers.get("euler"), name, {}, grid_spec, None, model_kwargs, callback,
-                           check_finite, bound=divergence_limit(divergence, noise))
-        return _kept(saver, procedure("eta", "generate").run(request, noise, spec))
-    solver_obj, name, options = _resolve_solver(solver, solver_options, "generate")
+            raise ValueError("solver=flowdiff.Stochastic(...) (stochastic generation) takes a fixed grid, not "
+                             "adaptive=flowdiff.Adaptive(...)")
+        request = _request(flow, solvers.get("euler"), "euler", {}, grid_spec, None, model_kwargs, callback,
+                           checks.finite, bound=bound)
+        return _kept(saver, procedure("eta", "generate").run(request, noise, solver))
+    if isinstance(solver, Inversion):
+        raise ValueError(f"solver=flowdiff.Inversion({solver.method!r}, ...) is an encoding method; use it with "
+                         "flowdiff.encode")
+    solver_obj, name, options = _resolve_solver(solver, "generate")
     request = _request(flow, solver_obj, name, options, grid_spec, adaptive_spec, model_kwargs, callback,
-                       check_finite, bound=divergence_limit(divergence, noise))
+                       checks.finite, bound=bound)
     dtype = compute_dtype(noise)
     model_dtype = noise.dtype if noise.dtype != dtype else None
     if adaptive_spec is not None:
-        refuse_adjoint(adjoint, "an adaptive solve (rtol=/atol=)")
+        refuse_adjoint(adjoint, "an adaptive solve (adaptive=)")
         return _kept(saver, solve_adaptive_flow(request, noise, direction="generate", model_dtype=model_dtype))
     sig = grid_spec.solve_sigmas(flow, solver_obj, "generate")
     sol = _solve_fixed(request, noise, sig, "generate", dtype=dtype, model_dtype=model_dtype,
@@ -306,28 +300,17 @@ def encode(
     flow: ProbabilityFlow,
     images: Tensor,
     *,
-    solver: str | Solver = "euler",
+    solver: str | Solver | Inversion = "euler",
     steps: int | None = None,
     nfe: int | None = None,
-    grid: str | Grid = "trailing",
-    sigmas: ArrayLike | None = None,
-    timesteps: ArrayLike | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
-    max_nfe: int | None = None,
-    adaptive_options: Mapping[str, Any] | None = None,
+    grid: str | Grid | ArrayLike = "trailing",
     model_kwargs: Mapping[str, Any] | None = None,
-    solver_options: Mapping[str, Any] | None = None,
-    grid_options: Mapping[str, Any] | None = None,
-    callback: Callable[[StepState], None] | None = None,
-    check_finite: bool = True,
-    inversion: str | Inversion | None = None,
-    inversion_options: Mapping[str, Any] | None = None,
-    eta: float | str | None = None,
     adaptive: Adaptive | None = None,
-    divergence: float | None = DIVERGENCE_ENCODE,
+    callback: Callable[[StepState], None] | None = None,
     save: Save | None = None,
+    checks: Checks | None = None,
     adjoint: str = "autograd",
+    **removed: Any,
 ) -> Result:
     """Encode images (model data scale, σ = 0) to DDIM-scale latents x_T along the reversed grid.
 
@@ -337,70 +320,61 @@ def encode(
     :mod:`flowdiff.api.ddim_inverse` for how it differs from the Euler encode). The result's
     ``latent`` carries the grid and solver for :func:`decode`.
 
-    ``inversion="fixed_point"`` (or ``flowdiff.Inversion(...)``) encodes so that the *plain*
-    solver's decode reproduces the images (see :mod:`flowdiff.api.fixed_point`). ``eta`` other
-    than 0 is refused: the stochastic process has no inverse.
+    ``solver=flowdiff.Inversion("fixed_point", options, solver=...)`` encodes so that the *plain*
+    decode with ``Inversion.solver`` reproduces the images (see :mod:`flowdiff.api.fixed_point`).
+    ``flowdiff.Stochastic`` is refused: the stochastic process has no inverse (η = 0 is the ODE:
+    ``solver="euler"``).
 
     Every registered solver encodes at its order or is refused: multistep methods run in the
     variables :func:`flowdiff.engine.formulations.formulation_for` picks for encoding (ρ = 1/σ, where
-    an encode's steps shrink), iPNDM is refused. ``divergence`` is the guard of
+    an encode's steps shrink), iPNDM is refused. ``checks=Checks(divergence=...)`` is the guard of
     :func:`generate` on the latent x_T, tighter by default (``divergence × max(1, max|images|)``,
     default 50: a latent is N(0, I)-distributed; see :data:`flowdiff.engine.loop.DIVERGENCE_ENCODE`).
     ``adjoint``: how the encode is differentiated, as for :func:`generate` (the latent's
     solver state, when it keeps one, is differentiable too).
     """
+    _refuse_removed("encode", removed)
     flow = check_flow(flow)
     images = check_state(images, "images")
-    _checks.check_flags(check_finite=check_finite)
+    checks = check_checks(checks)
+    _refuse_model_check(checks, "encode")
     _checks.check_model_kwargs(model_kwargs)
     _checks.check_data_range(images, "images")
-    if eta is not None and eta != 0:
-        raise ValueError(f"encode takes no eta={eta!r}: the stochastic generative process (eta > 0 or "
-                         "'sigma_hat') injects fresh noise at every step and has no inverse; encoding is "
-                         "deterministic (eta=0, the ODE)")
-    adaptive_spec = _adaptive_or_none(adaptive, rtol, atol, max_nfe, adaptive_options, grid=grid, steps=steps,
-                                      nfe=nfe, sigmas=sigmas, timesteps=timesteps, grid_options=grid_options,
-                                      final_euler=None)
+    if isinstance(solver, Stochastic):
+        raise ValueError(f"encode takes no solver=flowdiff.Stochastic(eta={solver.eta!r}, ...): the stochastic "
+                         "generative process injects fresh noise at every step and has no inverse; encoding is "
+                         "deterministic (eta=0 is the ODE: solver='euler')")
+    adaptive_spec = _adaptive_or_none(adaptive, grid, steps, nfe)
     saver = _saver(save, callback, adaptive_spec is not None)
     callback = saver or callback
-    grid_spec = Grid() if adaptive_spec is not None else build_grid(
-        grid, steps=steps, nfe=nfe, sigmas=sigmas, timesteps=timesteps, grid_options=grid_options, final_euler=None)
-    if inversion is not None:
-        spec = inversion if isinstance(inversion, Inversion) else None
-        if spec is None:
-            if not isinstance(inversion, str):
-                raise TypeError(f"inversion must be a name or a flowdiff.Inversion, got {type(inversion).__name__}")
-            spec = Inversion(inversion, inversion_options or {})
-        elif inversion_options is not None:
-            raise ValueError(f"inversion= is a flowdiff.Inversion and inversion_options={_shown(inversion_options)} "
-                             "was given beside it: give its options inside it, not beside it")
+    grid_spec = Grid() if adaptive_spec is not None else build_grid(grid, steps=steps, nfe=nfe)
+    if isinstance(solver, Inversion):
+        spec = solver
         plugin = procedure(spec.method, "encode")
-        refuse_adjoint(adjoint, f"inversion={spec.method!r}")
+        refuse_adjoint(adjoint, f"solver=Inversion({spec.method!r})")
         if adaptive_spec is not None:
-            raise ValueError(f"inversion={spec.method!r} works on a fixed grid; drop rtol=/atol=/adaptive=")
-        if solver_plugin(solver) is not None:
-            raise ValueError(f"inversion={spec.method!r} inverts a decode solver; {solver!r} is an encode method "
-                             "(use solver='euler' to invert DDIM decoding)")
+            raise ValueError(f"solver=Inversion({spec.method!r}) works on a fixed grid; drop adaptive=")
+        if solver_plugin(spec.solver) is not None:
+            raise ValueError(f"Inversion({spec.method!r}) inverts a decode solver; Inversion.solver={spec.solver!r} "
+                             "is an encode method (use solver='euler' to invert DDIM decoding)")
         spec = _inversion_final_euler(spec, grid_spec)
-        solver_obj, name, options = _resolve_solver(solver, solver_options, "encode")
-        request = _request(flow, solver_obj, name, options, grid_spec, None, model_kwargs, callback, check_finite)
+        solver_obj, name, options = _resolve_solver(spec.solver, "encode")
+        request = _request(flow, solver_obj, name, options, grid_spec, None, model_kwargs, callback, checks.finite)
         res = plugin.run(request, images, spec)
         res.latent.set_origin(flow, model_kwargs)  # the latent records its model
         return _kept(saver, res)
-    if inversion_options is not None:
-        raise ValueError("inversion_options= given without inversion=")
     if grid_spec.final_euler is not None:
         raise ValueError(f"grid=Grid(..., final_euler={grid_spec.final_euler}) on a plain encode: final_euler is "
-                         "about the step into σ = 0 of a decode (or of the decode that inversion='fixed_point' "
+                         "about the step into σ = 0 of a decode (or of the decode that solver=Inversion(...) "
                          "inverts); an encode starts at σ = 0 and has none. Give it to decode, or drop it")
     state_dtype = None if images.dtype == torch.float64 else exact_dtype(images)
-    solver_obj, name, options = _resolve_solver(solver, solver_options, "encode", state_dtype=state_dtype)
+    solver_obj, name, options = _resolve_solver(solver, "encode", state_dtype=state_dtype)
     dtype = exact_dtype(images) if solver_obj.reversible else compute_dtype(images)
     model_dtype = images.dtype if images.dtype != dtype else None
     request = _request(flow, solver_obj, name, options, grid_spec, adaptive_spec, model_kwargs, callback,
-                       check_finite, bound=divergence_limit(divergence, images))
+                       checks.finite, bound=divergence_limit(checks.bound(DIVERGENCE_ENCODE), images))
     if adaptive_spec is not None:
-        refuse_adjoint(adjoint, "an adaptive solve (rtol=/atol=)")
+        refuse_adjoint(adjoint, "an adaptive solve (adaptive=)")
         res = solve_adaptive_flow(request, images, direction="encode", model_dtype=model_dtype)
         res.latent.set_origin(flow, model_kwargs)
         return _kept(saver, res)
@@ -425,90 +399,88 @@ def decode(
     solver: str | Solver | None = None,
     steps: int | None = None,
     nfe: int | None = None,
-    grid: str | Grid | None = None,
-    sigmas: ArrayLike | None = None,
-    timesteps: ArrayLike | None = None,
+    grid: str | Grid | ArrayLike | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
-    solver_options: Mapping[str, Any] | None = None,
-    grid_options: Mapping[str, Any] | None = None,
-    final_euler: bool | None = None,
     callback: Callable[[StepState], None] | None = None,
-    check_finite: bool = True,
-    check_model: bool = True,
-    divergence: float | None = DIVERGENCE_GENERATE,
     save: Save | None = None,
+    checks: Checks | None = None,
     adjoint: str = "autograd",
+    **removed: Any,
 ) -> Result:
     """Decode a latent back to an image.
 
     A :class:`Latent` from :func:`encode` carries its grid and solver: the decode retraces
     that grid with that solver (a ``ddim_inverse`` latent decodes with Euler, i.e. DDIM).
-    The encode's own arguments are accepted — ``solver``, ``steps``/``nfe``/``grid``/
-    ``timesteps``/``grid_options`` that build the latent's grid, ``sigmas`` equal to the grid
-    in either order, equal ``solver_options`` — and only disagreements are refused, naming
-    both values. A plain tensor decodes like :func:`generate` with the grid arguments given
-    (defaults: Euler on the trailing grid). ``divergence``: the guard of :func:`generate`.
-    A latent that records its model (``latent.fingerprint``) refuses another flow or other
-    ``model_kwargs`` with a ValueError naming both, unless ``check_model=False``.
+    The encode's own arguments are accepted — ``solver`` (a name, or an instance with the
+    latent's options), ``steps``/``nfe``/``grid`` that build the latent's grid, explicit σ equal
+    to the grid in either order — and only disagreements are refused, naming both values. A
+    plain tensor decodes like :func:`generate` with the grid arguments given (defaults: Euler on
+    the trailing grid). ``checks``: the checks of :func:`generate`; besides, a latent that
+    records its model (``latent.fingerprint``) refuses another flow or other ``model_kwargs``
+    with a ValueError naming both, unless ``checks=Checks(model=False)``.
     ``adjoint``: how the decode is differentiated, as for :func:`generate`.
     """
+    _refuse_removed("decode", removed)
     flow = check_flow(flow)
-    _checks.check_flags(check_finite=check_finite, check_model=check_model)
-    _check_final_euler(final_euler)
+    checks = check_checks(checks)
     _checks.check_model_kwargs(model_kwargs)
+    if isinstance(solver, (Stochastic, Inversion)):
+        raise ValueError(f"decode takes a solver name or a solvers.Solver, got flowdiff.{type(solver).__name__}: "
+                         "a latent decodes with the solver that encoded it")
     if isinstance(latent, Latent):
-        if check_model:  # a latent decodes only with the model that encoded it
+        if checks.model:  # a latent decodes only with the model that encoded it
             latent.check_model(flow, model_kwargs)
         saver = _saver(save, callback, adaptive=False)
         return _kept(saver, _decode_latent(flow, latent, solver=solver, steps=steps, nfe=nfe, grid=grid,
-                                           sigmas=sigmas, timesteps=timesteps, model_kwargs=model_kwargs,
-                                           solver_options=solver_options, grid_options=grid_options,
-                                           final_euler=final_euler, callback=saver or callback,
-                                           check_finite=check_finite, divergence=divergence, adjoint=adjoint))
+                                           model_kwargs=model_kwargs, callback=saver or callback, checks=checks,
+                                           adjoint=adjoint))
+    if not checks.model:
+        checks = Checks(checks.finite, checks.divergence)  # a plain tensor records no model: nothing to skip
     return generate(flow, latent, solver="euler" if solver is None else solver, steps=steps, nfe=nfe,
-                    grid="trailing" if grid is None else grid, sigmas=sigmas, timesteps=timesteps,
-                    model_kwargs=model_kwargs, solver_options=solver_options, grid_options=grid_options,
-                    final_euler=final_euler, callback=callback, check_finite=check_finite, divergence=divergence,
-                    save=save, adjoint=adjoint)
+                    grid="trailing" if grid is None else grid, model_kwargs=model_kwargs, callback=callback,
+                    save=save, checks=checks, adjoint=adjoint)
 
 
-def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe, grid, sigmas, timesteps,
-                   model_kwargs, solver_options, grid_options, final_euler, callback, check_finite,
-                   divergence, adjoint) -> Result:
+def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe, grid, model_kwargs, callback,
+                   checks: Checks, adjoint) -> Result:
     x = check_state(latent.x, "latent.x")
     own = decodes_with(latent.solver)
+    options = dict(latent.solver_options)
     if solver is not None:
         name = solver if isinstance(solver, str) else solver.name
         if name not in (own, latent.solver):
             raise ValueError(f"this latent was encoded with solver {latent.solver!r} and decodes with {own!r}; "
                              f"got solver={name!r} (pass latent.x to decode a plain tensor another way)")
+        if isinstance(solver, Solver):
+            given = solvers.options_of(solver)
+            if given is not None and given != options:
+                raise ValueError(f"this latent was encoded with solver options {options}; got "
+                                 f"solvers.get({name!r}, **{given})")
     sig = np.asarray(latent.sigmas, dtype=np.float64)[::-1].copy()
-    if sigmas is not None:
-        given = np.asarray(sigmas, dtype=np.float64)
+    grid = None if grid is None else as_grid(grid)
+    final_euler = None
+    if isinstance(grid, Grid):
+        final_euler = grid.final_euler
+    if isinstance(grid, Grid) and grid.sigmas is not None:
+        given = np.asarray(grid.sigmas, dtype=np.float64)
         if not (np.array_equal(given, sig) or np.array_equal(given, sig[::-1])):
-            raise ValueError(f"sigmas= {np.array2string(given, precision=4)} differs from the grid this latent "
+            raise ValueError(f"grid= {np.array2string(given, precision=4)} differs from the grid this latent "
                              f"was encoded on, {np.array2string(sig, precision=4)} (either order is accepted)")
-    options = dict(latent.solver_options)
-    if solver_options is not None and dict(solver_options) != options:
-        raise ValueError(f"this latent was encoded with solver_options={options}; got {dict(solver_options)}")
-    if grid is not None or nfe is not None or timesteps is not None or grid_options is not None:
-        if sigmas is not None:
-            raise ValueError("give sigmas= or grid=/nfe=/timesteps=, not both")
+        if steps is not None or nfe is not None:
+            build_grid(grid, steps=steps, nfe=nfe)  # refused, naming both
+    elif grid is not None or nfe is not None:
         plugin = solver_plugin(latent.solver)
         encoder = plugin.make(options) if plugin is not None else solvers.get(latent.solver, **options)
         if isinstance(grid, Grid):  # a Grid holds its own steps (and may say final_euler once)
-            built = build_grid(grid, steps=steps, nfe=nfe, sigmas=None, timesteps=timesteps,
-                               grid_options=grid_options, final_euler=final_euler)
-            final_euler = built.final_euler
+            built = build_grid(grid, steps=steps if steps is not None or nfe is not None or grid.given
+                               else latent.steps, nfe=nfe)
         else:
             built = build_grid("trailing" if grid is None else grid,
-                               steps=latent.steps if steps is None and nfe is None and timesteps is None else steps,
-                               nfe=nfe, sigmas=None, timesteps=timesteps, grid_options=grid_options,
-                               final_euler=None)
+                               steps=latent.steps if steps is None and nfe is None else steps, nfe=nfe)
         rebuilt = built.generation_sigmas(flow, encoder, final_euler=not encode_evaluates_end(encoder))
         if not np.array_equal(rebuilt, sig):
-            shown = ", ".join(f"{k}={v!r}" for k, v in (("grid", grid), ("steps", steps), ("nfe", nfe),
-                                                        ("timesteps", timesteps)) if v is not None)
+            shown = ", ".join(f"{k}={v!r}" for k, v in (("grid", grid), ("steps", steps), ("nfe", nfe))
+                              if v is not None)
             raise ValueError(f"{shown} builds the σ grid {np.array2string(rebuilt, precision=4)}, not the one "
                              f"this latent was encoded on, {np.array2string(sig, precision=4)}")
     elif steps is not None and steps != latent.steps:
@@ -516,12 +488,12 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
     if latent.final_euler is not None:  # a fixed-point latent says how its decode ends
         if final_euler is not None and final_euler != latent.final_euler:
             raise ValueError(f"this latent inverts a decode with final_euler={latent.final_euler} "
-                             f"(Latent.final_euler); got final_euler={final_euler}")
+                             f"(Latent.final_euler); got grid=Grid(..., final_euler={final_euler})")
         final_euler = latent.final_euler
     final_euler = final_euler is not False
     solver_obj = solvers.get(own, **options)
-    request = _request(flow, solver_obj, own, options, Grid(sigmas=sig), None, model_kwargs, callback, check_finite,
-                       bound=divergence_limit(divergence, x))
+    request = _request(flow, solver_obj, own, options, Grid(sigmas=sig), None, model_kwargs, callback, checks.finite,
+                       bound=divergence_limit(checks.bound(DIVERGENCE_GENERATE), x))
     if latent.solver_state is not None:
         return decode_reversible(request, latent, **adjoint_for(adjoint, solver_obj, flow.model,
                                                                 request.model_kwargs))
@@ -530,4 +502,3 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
     sol = _solve_fixed(request, x, sig, "decode", dtype=dtype, model_dtype=model_dtype,
                        eval_end=not (final_euler and own != "euler" and sig[-1] == 0.0), adjoint=adjoint)
     return Result(sol.xbar.to(latent.dtype), sol.stats, sig, solver_obj.name)
-

@@ -176,13 +176,6 @@ class GeneralizedDDIM(Solver):
         return StepResult(y1, state + 1)
 
 
-def _check_solver(name: str) -> None:
-    if name != "euler":
-        raise ValueError(f"eta= (the DDIM paper's generalized process) has its own one-evaluation step, which at "
-                         f"eta=0 is the Euler step; it takes solver='euler' (the default), got solver={name!r}. "
-                         "Higher-order solvers integrate the deterministic ODE: drop eta=/generator=/step_noise=")
-
-
 def _check_generator(generator: object, noise: Tensor) -> torch.Generator | None:
     if generator is None:
         return None
@@ -199,7 +192,8 @@ def _check_generator(generator: object, noise: Tensor) -> torch.Generator | None
 
 
 def generate_stochastic(request: Request, noise: Tensor, spec: Stochastic) -> Result:
-    """Generate with the DDIM paper's generalized process (``flowdiff.generate(..., eta=)`` runs this).
+    """Generate with the DDIM paper's generalized process (``flowdiff.generate(..., solver=flowdiff.Stochastic(eta))``
+    runs this; its one-evaluation step replaces the solver).
 
     ``eta`` in [0, 1] interpolates from the ODE (0: DDIM, bit for bit the Euler solve) to the
     DDPM posterior (1); ``"sigma_hat"`` is DDPM's larger variance (the paper's σ̂). The grid
@@ -216,10 +210,10 @@ def generate_stochastic(request: Request, noise: Tensor, spec: Stochastic) -> Re
     At η = 0 no noise is drawn or used. ``stats.extra`` records ``eta`` and ``noise_draws``.
     """
     eta = check_eta(spec.eta)
-    _check_solver(request.solver_name)
     gen = _check_generator(spec.generator, noise)
     if gen is not None and spec.step_noise is not None:
-        raise ValueError("give generator= or step_noise=, not both: step_noise fixes every step's noise itself")
+        raise ValueError("Stochastic: give generator= or step_noise=, not both: step_noise fixes every step's "
+                         "noise itself")
     euler = solvers.get("euler")
     sig = request.grid.solve_sigmas(request.flow, euler, "generate")  # Euler never evaluates σ = 0
     refuse_infinite_start(float(sig[0]), "the stochastic (eta) process")  # zero terminal SNR (flowdiff.engine.terminal)
@@ -237,4 +231,5 @@ def generate_stochastic(request: Request, noise: Tensor, spec: Stochastic) -> Re
 
 
 register_plugin(Plugin("eta", "generate", "procedure", "the DDIM paper's generalized generative process (eta in "
-                       "[0, 1] or 'sigma_hat'): flowdiff.Stochastic / generate(eta=)", run=generate_stochastic))
+                       "[0, 1] or 'sigma_hat'): generate(solver=flowdiff.Stochastic(eta, ...))",
+                       run=generate_stochastic))

@@ -1,8 +1,9 @@
 """What a solve is asked to do, as small frozen objects validated once and passed whole.
 
-``generate``/``encode``/``decode``/``compare`` and the CLI accept flat keywords (``steps=``,
-``grid=``, ``rtol=``, ``eta=``, …) as the convenient form; they build these objects, and
-every layer below takes the objects, never the keywords one by one:
+``generate``/``encode``/``decode`` take ``steps=``/``nfe=``/``grid=`` (a name or explicit σ) as the
+everyday form and these objects for everything else (``grid=Grid(...)``, ``adaptive=Adaptive(...)``,
+``solver=Stochastic(...)`` or ``solver=Inversion(...)``, ``checks=Checks(...)``); every layer below
+takes the objects, never keywords one by one:
 
 * :class:`Grid` — a fixed σ grid: a named grid with ``steps`` or an ``nfe`` budget, or
   explicit ``sigmas``/``timesteps``, its options, and whether the step into σ = 0 is Euler.
@@ -11,6 +12,7 @@ every layer below takes the objects, never the keywords one by one:
 * :class:`Stochastic` — the DDIM paper's η process (generation only) and its noise source.
 * :class:`Inversion` — an encode that inverts a plain decode (``"fixed_point"``) and its options.
 * :class:`Save` — which states (and denoised images) the solve returns besides its end.
+* :class:`Checks` — the run-time checks: non-finite states, the divergence guard, a latent's model.
 """
 
 from __future__ import annotations
@@ -112,8 +114,8 @@ class Grid:
     (decreasing, ending at 0) or ``timesteps`` explicitly. ``options`` go to the grid
     (``rho``, ``power``, ``sigma_min``, ``sigma_max``). ``final_euler``: a solver that would
     evaluate the model at σ = 0 takes its last step as Euler instead (as EDM does); ``None``
-    (the default) means True unless said elsewhere once (``final_euler=`` of generate/decode, a
-    fixed-point latent, ``inversion_options``): two different values are refused, naming both.
+    (the default) means True unless said elsewhere once (a fixed-point latent, the
+    :class:`Inversion`'s options): two different values are refused, naming both.
     """
 
     name: str = "trailing"
@@ -126,10 +128,11 @@ class Grid:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or self.name not in GRIDS:
-            raise ValueError(f"unknown grid {self.name!r}; accepted: {', '.join(GRIDS)} (or sigmas=/timesteps=)")
+            raise ValueError(f"unknown grid {self.name!r}; accepted: {', '.join(GRIDS)} (or Grid(sigmas=...) / "
+                             "Grid(timesteps=...))")
         object.__setattr__(self, "steps", _count(self.steps, "steps"))
         object.__setattr__(self, "nfe", _count(self.nfe, "nfe"))
-        object.__setattr__(self, "options", _mapping(self.options, "grid_options"))
+        object.__setattr__(self, "options", _mapping(self.options, "Grid.options"))
         if self.final_euler is not None:
             object.__setattr__(self, "final_euler", _flag(self.final_euler, "final_euler"))
         if self.nfe is not None:
@@ -148,7 +151,8 @@ class Grid:
                           final_euler: bool | None = None) -> np.ndarray:
         """The generation grid (decreasing to 0), with ``nfe=`` turned into a step count exactly."""
         if not self.given:
-            raise ValueError("give one of steps=, nfe=, sigmas= or timesteps= (or rtol=/atol= for an adaptive solve)")
+            raise ValueError("give one of steps=, nfe=, grid=<σ values> or grid=Grid(sigmas=/timesteps=) (or "
+                             "adaptive=flowdiff.Adaptive(...) for an adaptive solve)")
         final = self.euler_into_zero if final_euler is None else final_euler
         if self.nfe is None:
             return make_sigmas(flow.schedule, self.name, self.steps, sigmas=self.sigmas, timesteps=self.timesteps,
@@ -215,35 +219,16 @@ class Adaptive:
             raise ValueError("rtol and atol cannot both be 0")
         object.__setattr__(self, "max_nfe", _count(self.max_nfe, "max_nfe"))
         if self.controller is not None and not isinstance(self.controller, StepController):
-            raise TypeError(f"adaptive_options['controller'] must be a solvers.StepController, got "
+            raise TypeError(f"Adaptive.controller must be a solvers.StepController, got "
                             f"{type(self.controller).__name__}")
         if self.first_step is not None and (isinstance(self.first_step, bool) or not isinstance(
                 self.first_step, (int, float)) or not self.first_step > 0):
-            raise ValueError(f"adaptive_options['first_step'] must be a number > 0, got {self.first_step!r}")
+            raise ValueError(f"Adaptive.first_step must be a number > 0, got {self.first_step!r}")
         for name in ("sigma_c", "sigma_end", "sigma_start"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not (math.isfinite(value) and value > 0)):
                 raise ValueError(f"{name} must lie in (0, σ_start) (a finite number > 0), got {value!r}")
-
-    @classmethod
-    def from_keywords(cls, rtol: float | None, atol: float | None, max_nfe: int | None,
-                      options: Mapping[str, Any] | None, sigmas: ArrayLike | None) -> Adaptive:
-        """The flat-keyword form of ``generate``/``encode``: ``sigmas`` is the interval [σ_start, 0]."""
-        opts = _mapping(options, "adaptive_options")
-        known = ("controller", "first_step", "sigma_c", "sigma_end")
-        unknown = sorted(set(opts) - set(known))
-        if unknown:
-            raise TypeError(f"unknown adaptive option(s) {unknown}; accepted: {', '.join(known)}")
-        start = None
-        if sigmas is not None:
-            s = np.asarray(sigmas, dtype=np.float64)
-            if s.ndim != 1 or s.size != 2 or not (s[0] > 0 and s[1] == 0):
-                raise ValueError(f"with rtol=/atol=, sigmas= gives the interval [σ_start, 0] as 2 values, got "
-                                 f"{sigmas!r}")
-            start = float(s[0])
-        return cls(1e-3 if rtol is None else rtol, 1e-3 if atol is None else atol, max_nfe, sigma_start=start,
-                   **opts)
 
 
 @dataclass(frozen=True, eq=False)
@@ -263,15 +248,23 @@ class Stochastic:
 class Inversion:
     """An encode whose plain latent the standard decode turns back into the images.
 
-    ``method`` names the inversion (``"fixed_point"``: :mod:`flowdiff.api.fixed_point`);
-    ``options`` are its own (``tol``, ``max_iter``, ``method``, ``on_failure``, …).
+    Given as ``encode(..., solver=Inversion(...))``. ``method`` names the inversion
+    (``"fixed_point"``: :mod:`flowdiff.api.fixed_point`); ``options`` are its own (``tol``,
+    ``max_iter``, ``method``, ``on_failure``, …); ``solver`` is the decode solver whose decode it
+    inverts (a registered name or a :class:`solvers.Solver`; default ``"euler"``, DDIM decoding).
     """
 
     method: str = "fixed_point"
     options: Mapping[str, Any] = field(default_factory=dict)
+    solver: str | Solver = "euler"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "options", _mapping(self.options, "inversion_options"))
+        if not isinstance(self.method, str):
+            raise TypeError(f"Inversion.method must be a name (str), got {type(self.method).__name__}")
+        object.__setattr__(self, "options", _mapping(self.options, "Inversion.options"))
+        if not isinstance(self.solver, (str, Solver)):
+            raise TypeError(f"Inversion.solver must be a registered solver name or a solvers.Solver, got "
+                            f"{type(self.solver).__name__}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -306,6 +299,46 @@ class Save:
 
 
 @dataclass(frozen=True, eq=False)
+class Checks:
+    """The run-time checks of ``generate``/``encode``/``decode``.
+
+    ``finite``: stop with a :class:`solvers.SolveError` naming the step when a state turns
+    NaN/inf. ``divergence``: the divergence guard (:func:`flowdiff.engine.loop.divergence_limit`):
+    a number > 0 times ``max(1, max|start|)`` bounds the VP-scaled end state, ``None`` turns it
+    off, ``"auto"`` (the default) is the direction's own bound (1000 for generate and decode,
+    50 for encode). ``model``: a :class:`flowdiff.Latent` that records its model refuses another
+    flow or other ``model_kwargs`` in :func:`flowdiff.decode` (generate and encode have no such
+    check, so ``model=False`` there is refused rather than ignored).
+    """
+
+    finite: bool = True
+    divergence: float | str | None = "auto"
+    model: bool = True
+
+    def __post_init__(self) -> None:
+        _flag(self.finite, "Checks.finite")
+        _flag(self.model, "Checks.model")
+        d = self.divergence
+        if d is None or d == "auto":
+            return
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not (math.isfinite(d) and d > 0):
+            raise ValueError(f"Checks.divergence must be a finite number > 0, None (off) or 'auto' (the direction's "
+                             f"default), got {d!r}")
+
+    def bound(self, default: float) -> float | None:
+        """The divergence factor for a solve whose own default is ``default`` (None: off)."""
+        return default if self.divergence == "auto" else self.divergence
+
+
+def check_checks(checks: object) -> Checks:
+    if checks is None:
+        return Checks()
+    if not isinstance(checks, Checks):
+        raise TypeError(f"checks must be a flowdiff.Checks, got {type(checks).__name__}")
+    return checks
+
+
+@dataclass(frozen=True, eq=False)
 class Request:
     """One solve as the layers below the entry points see it: the flow, the solver (built),
     the grid or adaptive control, the conditioning, the callback and the divergence guard's
@@ -330,34 +363,34 @@ def check_callback(callback: object) -> Callable[..., None] | None:
     return callback  # type: ignore[return-value]
 
 
-#: The flat grid keywords that a :class:`Grid` holds (keyword → the Grid field).
-_GRID_KEYWORDS = {"steps": "steps", "nfe": "nfe", "sigmas": "sigmas", "timesteps": "timesteps",
-                  "grid_options": "options"}
-
-
 def _shown(value: object) -> str:
     text = repr(value.tolist() if isinstance(value, (np.ndarray, Tensor)) else value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def build_grid(grid: str | Grid, *, steps: int | None, nfe: int | None, sigmas: ArrayLike | None,
-               timesteps: ArrayLike | None, grid_options: Mapping[str, Any] | None,
-               final_euler: bool | None) -> Grid:
-    """A :class:`Grid` from the flat keywords, or the one given (then the flat grid keywords must be unset).
+def as_grid(grid: object, name: str = "grid") -> str | Grid:
+    """``grid=`` as a name or a :class:`Grid`; explicit σ values (a 1-D list, array or tensor) are
+    ``Grid(sigmas=...)``."""
+    if isinstance(grid, (str, Grid)):
+        return grid
+    if isinstance(grid, (list, tuple, np.ndarray, Tensor)):
+        return Grid(sigmas=grid)
+    raise TypeError(f"{name} must be a grid name ({', '.join(GRIDS)}), a flowdiff.Grid or explicit σ values "
+                    f"(a 1-D list, array or tensor), got {type(grid).__name__}")
 
-    ``final_euler`` beside a Grid: None or the Grid's own value is accepted (one meaning); a
-    different value is refused, naming both spellings."""
+
+def build_grid(grid: object, *, steps: int | None, nfe: int | None) -> Grid:
+    """The :class:`Grid` of ``grid=`` with the everyday ``steps=``/``nfe=`` keywords.
+
+    A Grid (or explicit σ) that fixes its own steps refuses ``steps=``/``nfe=`` beside it, naming both."""
+    grid = as_grid(grid)
     if isinstance(grid, Grid):
-        flat = {"steps": steps, "nfe": nfe, "sigmas": sigmas, "timesteps": timesteps, "grid_options": grid_options}
-        given = [f"{k}={_shown(v)}" for k, v in flat.items() if v is not None]
-        if given:
-            raise ValueError(f"grid= is a flowdiff.Grid and {', '.join(given)} was given beside it: give "
-                             "steps/nfe/sigmas/timesteps/grid_options inside it (e.g. "
-                             f"Grid(..., {_GRID_KEYWORDS[given[0].split('=')[0]]}=...)), not beside it")
-        if final_euler is None or final_euler == grid.final_euler:
+        if steps is None and nfe is None:
             return grid
-        if grid.final_euler is None:
-            return grid.replace(final_euler=final_euler)
-        raise ValueError(f"final_euler={final_euler} and grid=Grid(..., final_euler={grid.final_euler}) say two "
-                         "different things; give final_euler once (inside the Grid)")
-    return Grid(grid, steps, nfe, sigmas, timesteps, _mapping(grid_options, "grid_options"), final_euler)
+        given = f"steps={_shown(steps)}" if steps is not None else f"nfe={_shown(nfe)}"
+        if grid.given:
+            shown = "explicit σ" if grid.sigmas is not None else "Grid(...)"
+            raise ValueError(f"{given} beside grid={shown}, which fixes its own steps: give the step count once "
+                             "(inside the Grid, or as steps=/nfe= with a grid name)")
+        return grid.replace(steps=steps, nfe=nfe)
+    return Grid(grid, steps, nfe)
