@@ -221,7 +221,7 @@ def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Res
     _check_options(tol, max_iter, method, anderson, krylov_dim, final_euler, on_failure)
     solver_obj = request.solver
     if solver_obj.reversible:
-        raise ValueError(f"solver {solver_obj.name!r} is reversible: encode with it directly (no inversion=) and "
+        raise ValueError(f"solver {solver_obj.name!r} is reversible: encode with it directly (no Inversion) and "
                          "its latent decodes exactly by the algebraic inverse")
     if solver_obj.multistep:
         raise ValueError(f"fixed-point inversion needs a one-step solver; {solver_obj.name!r} is multistep")
@@ -257,5 +257,5 @@ def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Res
 
 
 register_plugin(Plugin("fixed_point", "encode", "procedure", "a plain latent that the standard decode turns back into "
-                       "the images (Newton–Krylov / Anderson): flowdiff.Inversion / encode(inversion='fixed_point')",
+                       "the images (Newton–Krylov / Anderson): encode(solver=flowdiff.Inversion('fixed_point'))",
                        run=encode_fixed_point))

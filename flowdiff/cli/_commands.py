@@ -313,6 +313,7 @@ def _check_image_suffix(path: Path, option: str) -> None:
 
 def _encode(args: argparse.Namespace, loaded: LoadedModel, dtype: torch.dtype, device: torch.device) -> tuple:
     from ..api.sampling import encode
+    from ..engine.options import Inversion
 
     images, formats = load_images(args.images, _prompt.image_shape(loaded))
     images = images.to(device=device, dtype=dtype)
@@ -323,9 +324,9 @@ def _encode(args: argparse.Namespace, loaded: LoadedModel, dtype: torch.dtype, d
     else:
         with warnings.catch_warnings():  # the images that missed the tolerance are reported below, by name
             warnings.filterwarnings("ignore", message="fixed-point inversion", category=RuntimeWarning)
-            result = encode(loaded.flow, data, solver=args.solver, inversion="fixed_point",
-                            inversion_options={"on_failure": "keep"}, model_kwargs=loaded.model_kwargs or None,
-                            **_grid(args, loaded))
+            result = encode(loaded.flow, data,
+                            solver=Inversion("fixed_point", {"on_failure": "keep"}, solver=args.solver),
+                            model_kwargs=loaded.model_kwargs or None, **_grid(args, loaded))
         missed = result.stats.extra["unconverged"]
         if missed:
             print(f"fixed-point inversion: {len(missed)} of {len(args.images)} image(s) have no exact preimage under "
@@ -373,6 +374,7 @@ def _recorded_images(latent: Latent, stem: str, channels: int) -> tuple[list[Pat
 
 def cmd_decode(args: argparse.Namespace) -> int:
     from ..api.sampling import decode
+    from ..engine.options import Checks
 
     path = Path(args.latents)
     if not path.is_file():
@@ -417,7 +419,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if latent.solver_state is None:  # a reversible latent keeps its exact (float64) state as it is
         latent.x = latent.x.to(dtype=dtype)
     latent.dtype = dtype  # the network's dtype: what the decode feeds it and returns
-    result = decode(loaded.flow, latent, model_kwargs=loaded.model_kwargs or None, check_model=False)
+    result = decode(loaded.flow, latent, model_kwargs=loaded.model_kwargs or None, checks=Checks(model=False))
     written = write_images(_prompt.to_images(loaded, result.x), targets, formats, scale=args.scale)
     print(f"decoded {len(written)} image(s) with {result.solver}: {result.stats.nfe} NFE; wrote "
           f"{', '.join(os.fspath(p) for p in written[:3])}{', …' if len(written) > 3 else ''}")

@@ -209,7 +209,7 @@ class ProbabilityFlow:
         noise itself (x = s·ε with s = 1), so ε̂ = ``noise`` and x̂₀ comes from the prediction
         (``sample``: x̂₀ = out; ``v_prediction``: −out; ``velocity``: x − out for rectified flow).
         ``epsilon`` models define no x̂₀ there (0/0) and are refused. One model evaluation;
-        the return value is x̄'/√(1+σ'²), the ``noise`` that ``generate(..., sigmas=grid[1:])``
+        the return value is x̄'/√(1+σ'²), the ``noise`` that ``generate(..., grid=grid[1:])``
         continues from.
         """
         if self.sigma_field is not None:

@@ -15,7 +15,7 @@ import numpy as np
 from .schedules import ArrayLike, Schedule
 
 GRIDS = ("trailing", "leading", "linear", "quadratic", "karras", "logsnr")
-#: The options each grid takes (``grid_options=``); the timestep grids and explicit sigmas/timesteps take none.
+#: The options each grid takes (``Grid(options=...)``); the timestep grids and explicit sigmas/timesteps take none.
 GRID_OPTIONS: dict[str, tuple[str, ...]] = {"karras": ("rho", "sigma_min", "sigma_max"),
                                             "logsnr": ("power", "sigma_min", "sigma_max")}
 _DEFAULTS = {"rho": 7.0, "power": 1.0}

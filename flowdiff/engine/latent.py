@@ -9,7 +9,7 @@ JSON metadata), atomically.
 A latent knows where it comes from: ``fingerprint`` is :func:`flowdiff.flow_fingerprint` of
 the flow and conditioning that encoded it, and ``dtype`` the images' dtype. A decode with
 another model, schedule or conditioning would return images off by whatever the models differ
-by, with no error; :meth:`Latent.check_model` refuses it (``decode(..., check_model=False)``
+by, with no error; :meth:`Latent.check_model` refuses it (``decode(..., checks=Checks(model=False))``
 for those who mean it).
 """
 
@@ -147,12 +147,12 @@ class Latent:
             got = flow_fingerprint(flow, model_kwargs)
         except TypeError as err:
             raise ValueError(f"this latent was encoded with the model fingerprinted {self.fingerprint}, and this "
-                             f"flow cannot be fingerprinted to check it ({err}); pass check_model=False to decode "
+                             f"flow cannot be fingerprinted to check it ({err}); pass checks=flowdiff.Checks(model=False) to decode "
                              "anyway") from None
         if got != self.fingerprint:
             raise ValueError(f"this latent was encoded with another model, schedule or conditioning: its fingerprint "
                              f"is {self.fingerprint}, this flow and model_kwargs give {got}; decode with the "
-                             "encoding model and model_kwargs, or pass check_model=False to decode anyway")
+                             "encoding model and model_kwargs, or pass checks=flowdiff.Checks(model=False) to decode anyway")
 
     def check_decode(self, *, solver: str | None = None, steps: int | None = None,
                      sigmas: np.ndarray | None = None, solver_options: dict[str, Any] | None = None) -> None:

@@ -4,7 +4,7 @@ A diffusers scheduler config holds two different things. Its training definition
 (``beta_schedule``, ``num_train_timesteps``, ``prediction_type``, flow matching's ``shift``)
 defines the ODE: :func:`schedule_from_config`. Its sampling settings (``timestep_spacing``,
 ``steps_offset``, ``set_alpha_to_one``, the time shift, ``mu``) define one grid on it:
-:func:`scheduler_sigmas` gives that grid, so that ``generate(..., sigmas=grid)`` with Euler is
+:func:`scheduler_sigmas` gives that grid, so that ``generate(..., grid=grid)`` with Euler is
 the scheduler's loop to float rounding.
 
 * ``DDIMScheduler``: the timesteps of ``set_timesteps(steps)`` (``leading`` with
@@ -224,7 +224,7 @@ def scheduler_sigmas(scheduler: object, steps: int, *, mu: float | None = None, 
     ``scheduler_config.json`` path (``DDIMScheduler`` or ``FlowMatchEulerDiscreteScheduler``).
     The grid has ``steps + 1`` values: it ends at 0, or at σ_min for DDIM with
     ``set_alpha_to_one=False``; a flow-matching grid starts at ``inf`` (t = 1). Pass it to
-    ``generate(..., sigmas=grid)`` (or, for ``inf``-started grids and model-scale latents, to
+    ``generate(..., grid=grid)`` (or, for ``inf``-started grids and model-scale latents, to
     :func:`flowdiff.models.pipelines.sample_like`). ``mu`` is the shift of ``use_dynamic_shifting``
     configs (Flux), as given to ``set_timesteps(mu=...)``; ``sigmas`` a flow-matching pipeline's
     own unshifted times, as given to ``set_timesteps(sigmas=...)`` (FluxPipeline passes
@@ -240,5 +240,5 @@ def scheduler_sigmas(scheduler: object, steps: int, *, mu: float | None = None, 
     if name in FLOW_MATCHING_SCHEDULERS:
         return _flow_matching_sigmas(config, steps, mu, sigmas, source)
     raise ValueError(f"{source}: scheduler_sigmas knows the grids of {', '.join(GRID_SCHEDULERS)}; got "
-                     f"_class_name={name!r} (for another scheduler pass its sigmas to generate(sigmas=...) directly, "
+                     f"_class_name={name!r} (for another scheduler pass its sigmas to generate(grid=...) directly, "
                      "or load its config into a DDIMScheduler)")

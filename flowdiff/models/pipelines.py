@@ -318,6 +318,6 @@ def sample_like(flow: ProbabilityFlow, noise: Tensor, scheduler: object = None, 
     schedule = flow.schedule
     # at σ = ∞ the model's input is the noise itself (α = 0, s = 1), which is also DDIM's x_T there
     x_T = noise if math.isinf(grid[0]) else noise / _model_per_ddim(schedule, float(grid[0]))
-    res = generate(flow, x_T, solver=solver, sigmas=grid, model_kwargs=model_kwargs, **generate_kwargs)
+    res = generate(flow, x_T, solver=solver, grid=grid, model_kwargs=model_kwargs, **generate_kwargs)
     end = float(grid[-1])
     return dataclasses.replace(res, x=res.x if end == 0 else res.x * schedule.alpha(end))

@@ -120,7 +120,7 @@ def _solve_teacher(flow: ProbabilityFlow, noise: Tensor, candidates: np.ndarray,
             states[k] = step.xbar.detach().clone()
 
     with torch.no_grad():
-        out = generate(flow, noise, solver="rk4", sigmas=fine, model_kwargs=model_kwargs, callback=record)
+        out = generate(flow, noise, solver="rk4", grid=fine, model_kwargs=model_kwargs, callback=record)
         states[-1] = out.x.detach()
         field = flow.field(model_kwargs)
         eps = torch.stack([field(float(s), states[k]) for k, s in enumerate(positive)])

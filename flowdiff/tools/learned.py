@@ -76,7 +76,7 @@ class LearnedSolver:
     ``fitting_nfe`` counts every model evaluation the fit spent (teacher included:
     ``reference_nfe``), ``solves`` the candidate solves. ``source`` is the file it was read from.
 
-    Use: ``generate(flow, noise, solver=learned.as_solver(), sigmas=learned.sigmas)``.
+    Use: ``generate(flow, noise, solver=learned.as_solver(), grid=learned.sigmas)``.
     """
 
     solver: str
@@ -125,8 +125,8 @@ class LearnedSolver:
         _check_noise(noise)
         target = _reference(flow, noise, model_kwargs, float(self.options.get("reference_tol", 1e-7)))[0]
         learned = _rms(generate(flow, noise, solver=_corrected(self.base(), self.sigmas, self.coefficients),
-                                sigmas=self.sigmas, model_kwargs=model_kwargs).x, target)
-        base = _rms(generate(flow, noise, solver=self.base(), sigmas=self.sigmas, model_kwargs=model_kwargs).x,
+                                grid=self.sigmas, model_kwargs=model_kwargs).x, target)
+        base = _rms(generate(flow, noise, solver=self.base(), grid=self.sigmas, model_kwargs=model_kwargs).x,
                     target)
         return self._decided(learned, base)
 
@@ -301,7 +301,7 @@ def learn_solver(
 
     def images(v: np.ndarray, part: Tensor) -> Tensor:
         with torch.no_grad():
-            res = generate(flow, part, solver=_corrected(base, sigmas, coefficients_of(v)), sigmas=sigmas,
+            res = generate(flow, part, solver=_corrected(base, sigmas, coefficients_of(v)), grid=sigmas,
                            model_kwargs=model_kwargs)
         if res.stats.nfe > nfe:
             raise ValueError(f"the grid spends {res.stats.nfe} evaluations with solver {solver!r}, over nfe={nfe}")
@@ -386,7 +386,7 @@ def tune_roundtrip(
     error is made at its first steps out of σ = 0, where a generation grid's last, smallest steps lie; how
     small they should be depends on the model, which the named grids cannot know.
 
-    Use it as ``encode(flow, x, solver=solver, sigmas=grid.sigmas)``; the latent decodes on the same grid. The
+    Use it as ``encode(flow, x, solver=solver, grid=grid.sigmas)``; the latent decodes on the same grid. The
     result is a :class:`~flowdiff.TunedGrid` with ``method="roundtrip"`` and its cost (``tuning_nfe``): save it
     with :meth:`~flowdiff.TunedGrid.save`, apart from the generation grids of ``*.tuned.json`` files (which
     :func:`flowdiff.stored_grid` reads for generation).
@@ -418,7 +418,7 @@ def tune_roundtrip(
     def error(sigmas: np.ndarray, part: Tensor) -> float:
         try:
             with torch.no_grad():
-                enc = encode(flow, part, solver=solver_obj, sigmas=sigmas, model_kwargs=model_kwargs)
+                enc = encode(flow, part, solver=solver_obj, grid=sigmas, model_kwargs=model_kwargs)
                 dec = decode(flow, enc.latent, model_kwargs=model_kwargs)
         except _solvers.SolveError:
             return math.inf

@@ -28,6 +28,7 @@ from ..api.adaptive import RK_CONTROLLER, to_zero_in_log_sigma
 from ..api.sampling import generate
 from ..engine.flow import ProbabilityFlow
 from ..engine.loop import solve_flow
+from ..engine.options import Adaptive
 from ..engine.terminal import refuse_infinite_start
 
 
@@ -149,7 +150,7 @@ def reference_solution(
     The solve runs in τ = log σ (dx̄/dτ = σ·ε, steps relative in σ, where the image forms in
     the last few percent of the σ range) with the error measured in the image's scale
     (:func:`flowdiff.api.adaptive.image_norm`); with ``sigma_end=0`` it is
-    ``generate(..., rtol=, atol=)``. A torch network in another precision is copied to
+    ``generate(..., adaptive=Adaptive(rtol, atol))``. A torch network in another precision is copied to
     float64 for it. Cached per (flow, noise values, σ_start, σ_end, solver, tolerances)
     unless ``cache=False`` or ``model_kwargs`` are given (conditioning is not hashed).
     ``error`` is estimated from the same solve at 100× looser tolerances (see
@@ -199,8 +200,9 @@ def _solve_reference(flow: ProbabilityFlow, noise: Tensor, s0: float, s_end: flo
                      callback: Callable[[Any], None] | None) -> tuple[Tensor, int]:
     """The image at σ = 0 and the NFE spent: adaptive in τ = log σ to σ_end, then the Euler step into 0."""
     if s_end == 0.0:
-        out = generate(flow, noise, solver=solver, rtol=rtol, atol=atol, sigmas=[s0, 0.0], model_kwargs=model_kwargs,
-                       callback=callback)
+        out = generate(flow, noise, solver=solver,
+                       adaptive=Adaptive(rtol=rtol, atol=atol, sigma_start=s0),
+                       model_kwargs=model_kwargs, callback=callback)
         return out.x, out.stats.nfe
     form, stepping = to_zero_in_log_sigma(s0, s_end, rtol, atol, RK_CONTROLLER)
     xbar0 = noise * math.sqrt(1.0 + s0 * s0)

@@ -234,6 +234,6 @@ def round_trip_order(flow: ProbabilityFlow, images: Tensor, step_list: Sequence[
         def sigmas_for(n: int) -> np.ndarray:
             return smax * (1.0 - np.arange(n + 1) / n) ** 7
 
-    errors = [round_trip_error(flow, images, sigmas=sigmas_for(n), **encode_kwargs).max_abs for n in step_list]
+    errors = [round_trip_error(flow, images, grid=sigmas_for(n), **encode_kwargs).max_abs for n in step_list]
     slope = -float(np.polyfit(np.log(step_list), np.log(errors), 1)[0])
     return slope, errors

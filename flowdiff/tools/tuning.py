@@ -248,8 +248,8 @@ def tune(
     """Tune the σ grid of ``solver`` at a budget of ``nfe`` evaluations on calibration ``noise``.
 
     Returns the :class:`TunedGrid` (the grid, its calibration error, what it cost); see
-    :func:`tune_grid` for the options. ``generate(flow, other_noise, solver=solver,
-    sigmas=tuned.sigmas, solver_options=solver_options)`` spends at most ``nfe`` evaluations.
+    :func:`tune_grid` for the options. ``generate(flow, other_noise,
+    solver=solvers.get(solver, **solver_options), grid=tuned.sigmas)`` spends at most ``nfe`` evaluations.
     """
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
@@ -291,7 +291,7 @@ def tune(
         """The RMS image error of the grid on ``noise[part]`` (inf where the solve fails)."""
         try:
             with torch.no_grad():
-                out = generate(flow, noise[part], solver=solver_obj, sigmas=sigmas, model_kwargs=model_kwargs)
+                out = generate(flow, noise[part], solver=solver_obj, grid=sigmas, model_kwargs=model_kwargs)
         except _solvers.SolveError:
             return math.inf
         spent["nfe"] += out.stats.nfe
@@ -480,7 +480,7 @@ def tune_grid(
     The grid minimises the RMS error of the image generated from ``noise`` (the calibration
     batch, DDIM scale) against :func:`flowdiff.reference_solution` of that noise, by a direct
     search over its log-σ knots (see :mod:`flowdiff.tools.tuning`). Use it on *other* noise:
-    ``generate(flow, other, solver=solver, sigmas=grid, solver_options=solver_options)``
+    ``generate(flow, other, solver=solvers.get(solver, **solver_options), grid=grid)``
     spends at most ``nfe`` evaluations. :func:`tune` returns the same grid with its cost and
     errors as a :class:`TunedGrid` (which saves and loads as JSON).
 
