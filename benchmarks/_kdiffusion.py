@@ -98,15 +98,16 @@ def reference(flow: flowdiff.ProbabilityFlow, noise: Tensor, tol: float = 1e-10,
 def _reference(flow: flowdiff.ProbabilityFlow, noise: Tensor, tol: float) -> tuple[Tensor, float, int]:
     with torch.no_grad():
         if flow.sigma_field is not None:
-            tight = flowdiff.generate(flow, noise, solver="dopri8", rtol=tol, atol=tol)
-            loose = flowdiff.generate(flow, noise, solver="dopri8", rtol=100 * tol, atol=100 * tol)
+            tight = flowdiff.generate(flow, noise, solver="dopri8", adaptive=flowdiff.Adaptive(rtol=tol, atol=tol))
+            loose = flowdiff.generate(flow, noise, solver="dopri8",
+                                      adaptive=flowdiff.Adaptive(rtol=100 * tol, atol=100 * tol))
             return tight.x, rmse(loose.x, tight.x), tight.stats.nfe
         nodes = np.append(flow.schedule.sigmas[::-1], 0.0)
         fine = np.empty(2 * (len(nodes) - 1) + 1)
         fine[0::2] = nodes
         fine[1::2] = 0.5 * (nodes[:-1] + nodes[1:])
-        tight = flowdiff.generate(flow, noise, solver="rk4", sigmas=fine, final_euler=False)
-        loose = flowdiff.generate(flow, noise, solver="rk4", sigmas=nodes, final_euler=False)
+        tight = flowdiff.generate(flow, noise, solver="rk4", grid=flowdiff.Grid(sigmas=fine, final_euler=False))
+        loose = flowdiff.generate(flow, noise, solver="rk4", grid=flowdiff.Grid(sigmas=nodes, final_euler=False))
         return tight.x, rmse(loose.x, tight.x), tight.stats.nfe
 
 

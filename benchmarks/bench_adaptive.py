@@ -33,6 +33,7 @@ from _kdiffusion import (
 )
 
 import flowdiff
+import solvers
 
 TARGET = 1e-3
 TOLS = [3e-2, 2e-2, 1e-2, 5e-3, 3e-3, 2e-3, 1e-3, 5e-4, 3e-4, 2e-4, 1e-4, 5e-5, 2e-5, 1e-5]
@@ -49,7 +50,8 @@ def run_flowdiff(flow, noise, ref) -> list[dict]:
         for tol in TOLS:
             start = time.perf_counter()
             with torch.no_grad():
-                r = flowdiff.generate(flow, noise, solver=solver, solver_options=options, rtol=tol, atol=tol)
+                r = flowdiff.generate(flow, noise, solver=solvers.get(solver, **options),
+                                      adaptive=flowdiff.Adaptive(rtol=tol, atol=tol))
             print(f"  flowdiff {label} tol={tol:g}: {r.stats.nfe} NFE", file=sys.stderr, flush=True)
             rows.append(dict(lib="flowdiff", method=label, setting=f"tol={tol:g}", nfe=r.stats.nfe,
                              rmse=rmse(r.x, ref), rejected=r.stats.rejected, wall=time.perf_counter() - start))

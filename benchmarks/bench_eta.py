@@ -122,7 +122,8 @@ def main() -> None:
         for steps in args.steps:
             t0 = time.perf_counter()
             with torch.no_grad():
-                out = flowdiff.generate(flow, noise, steps=steps, grid=args.grid, eta=eta, generator=args.seed + 100)
+                out = flowdiff.generate(flow, noise, steps=steps, grid=args.grid,
+                                        solver=flowdiff.Stochastic(eta, generator=args.seed + 100))
             assert out.stats.nfe == steps
             results[(eta_label(eta), steps)] = score(out.x)
             print(f"# {eta_label(eta)} S={steps}: {results[(eta_label(eta), steps)]} ({time.perf_counter() - t0:.1f}s)",

@@ -40,6 +40,7 @@ from _kdiffusion import mixture_flow, rmse, trained_flow
 from bench_lownfe import run_kdiffusion
 
 import flowdiff
+import solvers
 from flowdiff.tools import peers
 from flowdiff.tools.compare import Reference
 
@@ -98,7 +99,7 @@ def run_tuned(flow, calibration, noise, ref, budget: int, key: str, max_evals: i
         tuned = flowdiff.tune(flow, calibration, solver=solver, nfe=budget, solver_options=options,
                               progress=False, max_evals=max_evals, reference_tol=1e-6, select=select, method=method)
         with torch.no_grad():
-            r = flowdiff.generate(flow, noise, solver=solver, solver_options=options, sigmas=tuned.sigmas)
+            r = flowdiff.generate(flow, noise, solver=solvers.get(solver, **options), grid=tuned.sigmas)
         rows.append(dict(lib="flowdiff", solver=label(solver, options), grid="tuned", nfe=r.stats.nfe,
                          rmse=rmse(r.x, ref), cal=tuned.calibration_error, start=tuned.initial_grid,
                          start_cal=tuned.initial_error, cost_nfe=tuned.tuning_nfe, cost_s=tuned.tuning_seconds,

@@ -54,11 +54,11 @@ def flowdiff_candidates(flow, calibration, noise, ref, budget, max_evals, tol) -
         tuned = flowdiff.tune(flow, calibration, solver=solver, nfe=budget, progress=False, max_evals=max_evals,
                               reference_tol=tol)
         with torch.no_grad():
-            x_tuned = flowdiff.generate(flow, noise, solver=solver, sigmas=tuned.sigmas)
+            x_tuned = flowdiff.generate(flow, noise, solver=solver, grid=tuned.sigmas)
         learned = flowdiff.learn_solver(flow, calibration, solver=solver, nfe=budget, sigmas=tuned.sigmas,
                                         reference_tol=tol)
         with torch.no_grad():
-            x_learned = flowdiff.generate(flow, noise, solver=learned.as_solver(), sigmas=learned.sigmas)
+            x_learned = flowdiff.generate(flow, noise, solver=learned.as_solver(), grid=learned.sigmas)
         assert x_tuned.stats.nfe <= budget and x_learned.stats.nfe <= budget
         # on the calibration batch: the learned solver's error over both halves (equal sizes) vs the tuned grid's
         learned_cal = math.sqrt((learned.calibration_error ** 2 + learned.validation_error ** 2) / 2)
@@ -115,7 +115,7 @@ def roundtrips(title, flow, images, calibration, nfe) -> list[str]:
     for solver in TUNED_ROUNDTRIP:
         tuned = flowdiff.tune_roundtrip(flow, calibration, solver=solver, nfe=nfe)
         with torch.no_grad():
-            enc = flowdiff.encode(flow, images, solver=solver, sigmas=tuned.sigmas)
+            enc = flowdiff.encode(flow, images, solver=solver, grid=tuned.sigmas)
             dec = flowdiff.decode(flow, enc.latent)
         rows.append((float((dec.x - images).pow(2).mean()), f"{solver} / round-trip grid (from {tuned.initial_grid}, "
                      f"{tuned.tuning_nfe} NFE to tune)", f"{enc.stats.nfe}+{dec.stats.nfe}"))

@@ -112,14 +112,15 @@ def main() -> None:
         "diffusers": lambda: diffusers_loop(sched, noise),
         "flowdiff": lambda: flowdiff.generate(flow, noise, solver="euler", steps=STEPS),
         "flowdiff (check_finite=False)": lambda: flowdiff.generate(flow, noise, solver="euler", steps=STEPS,
-                                                                    check_finite=False),
+                                                                   checks=flowdiff.Checks(finite=False)),
     }
     if args.baseline:
         base, base_solvers = import_baseline(args.baseline)
         base_flow = base.ProbabilityFlow(model, sched.alphas_cumprod)
         runs["flowdiff (baseline)"] = lambda: base.generate(base_flow, noise, solver="euler", steps=STEPS)
         runs["flowdiff (baseline, check_finite=False)"] = lambda: base.generate(base_flow, noise, solver="euler",
-                                                                                steps=STEPS, check_finite=False)
+                                                                                steps=STEPS,
+                                                                                checks=base.Checks(finite=False))
         # the two halves apart: the flow's field alone (its calls at the grid's σ), and the solver loop alone
         sigmas = [float(s) for s in flowdiff.make_sigmas(flow.schedule, "trailing", STEPS)]
         for label, field in (("", flow.field()), (" (baseline)", base_flow.field())):

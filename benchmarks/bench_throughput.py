@@ -115,8 +115,7 @@ def make_loops(flow: flowdiff.ProbabilityFlow, net: Callable) -> dict[str, Calla
         "flowdiff euler": lambda noise, n: flowdiff.generate(flow, noise, solver="euler", steps=n,
                                                              grid="trailing").x,
         "diffusers DPM++ 2M": lambda noise, n: diffusers_loop(dpm, net, noise, n),
-        "flowdiff dpmpp_2m": lambda noise, n: flowdiff.generate(flow, noise, solver="dpmpp_2m",
-                                                                sigmas=dpm_sigmas(n)).x,
+        "flowdiff dpmpp_2m": lambda noise, n: flowdiff.generate(flow, noise, solver="dpmpp_2m", grid=dpm_sigmas(n)).x,
     }
 
 

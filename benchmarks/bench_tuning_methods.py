@@ -20,6 +20,7 @@ import torch
 from _kdiffusion import mixture_flow, rmse
 
 import flowdiff
+import solvers
 
 SOLVERS = [("unipc", {"order": 2}), ("ipndm", {"order": 3}), ("dpmpp_3m", {}), ("deis", {})]
 
@@ -39,7 +40,7 @@ def main() -> None:
     ref = flowdiff.reference_solution(flow, noise, sigma_end=0.0, rtol=1e-8, atol=1e-8)
     if args.what == "samples":
         for nfe in (20, 50):
-            out = flowdiff.generate(flow, noise, solver="unipc", solver_options={"order": 2}, nfe=nfe, grid="logsnr")
+            out = flowdiff.generate(flow, noise, solver=solvers.get("unipc", order=2), nfe=nfe, grid="logsnr")
             err = (out.x - ref.x).reshape(noise.shape[0], -1).pow(2).mean(1).sqrt().sort(descending=True)
             print(f"NFE {nfe}: RMSE {float(err.values.pow(2).mean().sqrt()):.3e}, largest per-sample errors "
                   f"{[round(float(v), 3) for v in err.values[:5]]} (samples {err.indices[:3].tolist()}), "
@@ -50,14 +51,14 @@ def main() -> None:
                               generator=torch.Generator().manual_seed(1))
     for nfe in (int(b) for b in args.nfe.split(",")):
         for solver, options in SOLVERS:
-            named = flowdiff.generate(flow, noise, solver=solver, solver_options=options, nfe=nfe, grid="logsnr")
+            named = flowdiff.generate(flow, noise, solver=solvers.get(solver, **options), nfe=nfe, grid="logsnr")
             print(f"NFE {nfe} {solver}{options or ''} on logsnr: evaluation {rmse(named.x, ref.x):.3e}")
             for method in args.methods.split(","):
                 start = time.perf_counter()
                 tuned = flowdiff.tune(flow, calibration, solver=solver, nfe=nfe, solver_options=options,
                                       progress=False, max_evals=args.max_evals, reference_tol=1e-6, method=method,
                                       **extra)
-                out = flowdiff.generate(flow, noise, solver=solver, solver_options=options, sigmas=tuned.sigmas)
+                out = flowdiff.generate(flow, noise, solver=solvers.get(solver, **options), grid=tuned.sigmas)
                 print(f"NFE {nfe} {solver}{options or ''} {method}: calibration {tuned.calibration_error:.3e}, "
                       f"evaluation {rmse(out.x, ref.x):.3e} (start {tuned.initial_grid}, "
                       f"{time.perf_counter() - start:.1f} s)", flush=True)

@@ -56,7 +56,7 @@ def test_generate_error_tracks_tolerance(name):
     errs = []
     tols = METHOD_TOLS.get(name, TOLS)
     for tol in tols:
-        r = flowdiff.generate(flow, noise, solver=name, rtol=tol, atol=tol)
+        r = flowdiff.generate(flow, noise, solver=name, adaptive=flowdiff.Adaptive(rtol=tol, atol=tol))
         errs.append(_rms(r.x, exact))
     high = HIGH.get(name, 20.0)
     for tol, err in zip(tols, errs):
@@ -74,7 +74,7 @@ def test_encode_error_tracks_tolerance_in_the_image_it_decodes_to(name):
     errs = []
     tols = METHOD_TOLS.get(name, TOLS)
     for tol in tols:
-        r = flowdiff.encode(flow, images, solver=name, rtol=tol, atol=tol)
+        r = flowdiff.encode(flow, images, solver=name, adaptive=flowdiff.Adaptive(rtol=tol, atol=tol))
         decoded = gauss.solution(r.x * math.sqrt(1 + s_max**2), s_max, 0.0)  # the exact decode
         err = _rms(decoded, images)
         errs.append(err)
@@ -111,7 +111,8 @@ def test_stats_add_up_and_count_every_evaluation(name, direction):
 def test_max_nfe_guard_fails_with_its_message_and_partial_stats(name):
     gauss, noise, _ = _setup()
     with pytest.raises(SolveError, match="max_nfe=12 reached") as info:
-        flowdiff.generate(gauss.flow(), noise, solver=name, rtol=1e-8, atol=1e-8, max_nfe=12)
+        flowdiff.generate(gauss.flow(), noise, solver=name,
+                          adaptive=flowdiff.Adaptive(rtol=1e-8, atol=1e-8, max_nfe=12))
     stats = info.value.stats
     assert isinstance(stats, solvers.Stats)
     assert 0 < stats.nfe and stats.steps == stats.accepted + stats.rejected and stats.accepted > 0
@@ -122,7 +123,8 @@ def test_max_nfe_guard_fails_with_its_message_and_partial_stats(name):
 def test_callback_sees_step_sigma_x_and_denoised():
     gauss, noise, _ = _setup()
     seen = []
-    r = flowdiff.generate(gauss.flow(), noise, solver="unipc", rtol=1e-3, atol=1e-3, callback=seen.append)
+    r = flowdiff.generate(gauss.flow(), noise, solver="unipc", adaptive=flowdiff.Adaptive(rtol=1e-3, atol=1e-3),
+                          callback=seen.append)
     assert all(isinstance(s, AdaptiveStep) for s in seen)
     assert [s.step for s in seen] == list(range(len(seen))) and len(seen) == r.stats.accepted
     sigmas = [s.sigma for s in seen]
@@ -136,7 +138,8 @@ def test_callback_sees_step_sigma_x_and_denoised():
     assert torch.equal(seen[-1].xbar, r.x)
     # dopri5 is FSAL: f(t₁, y₁) is known after every step, and gives the denoised image.
     seen.clear()
-    flowdiff.generate(gauss.flow(), noise, solver="dopri5", rtol=1e-3, atol=1e-3, callback=seen.append)
+    flowdiff.generate(gauss.flow(), noise, solver="dopri5", adaptive=flowdiff.Adaptive(rtol=1e-3, atol=1e-3),
+                      callback=seen.append)
     s = seen[len(seen) // 2]
     assert torch.allclose(s.denoised, gauss.denoised(s.xbar, s.sigma), rtol=1e-10, atol=1e-12)
 
@@ -144,46 +147,48 @@ def test_callback_sees_step_sigma_x_and_denoised():
 def test_adaptive_options_reach_the_controller():
     gauss, noise, _ = _setup()
     flow = gauss.flow()
-    free = flowdiff.generate(flow, noise, solver="dopri5", rtol=1e-3, atol=1e-3)
-    capped = flowdiff.generate(flow, noise, solver="dopri5", rtol=1e-3, atol=1e-3,
-                               adaptive_options={"controller": solvers.StepController(max_step=0.25)})
+    free = flowdiff.generate(flow, noise, solver="dopri5", adaptive=flowdiff.Adaptive(rtol=1e-3, atol=1e-3))
+    capped = flowdiff.generate(flow, noise, solver="dopri5",
+                               adaptive=flowdiff.Adaptive(rtol=1e-3, atol=1e-3,
+                                                          controller=solvers.StepController(max_step=0.25)))
     # log(σ_max + c) − log(c) ≈ 9.7 in steps of at most 0.25: at least 39 steps.
     assert capped.stats.accepted >= 39 > free.stats.accepted
     with pytest.raises(TypeError, match="unknown adaptive option"):
-        flowdiff.generate(flow, noise, solver="dopri5", rtol=1e-3, adaptive_options={"safety": 0.5})
+        flowdiff.generate(flow, noise, solver="dopri5", adaptive=flowdiff.Adaptive(rtol=1e-3, safety=0.5))
     with pytest.raises(TypeError, match="StepController"):
-        flowdiff.generate(flow, noise, solver="dopri5", rtol=1e-3, adaptive_options={"controller": 0.5})
+        flowdiff.generate(flow, noise, solver="dopri5", adaptive=flowdiff.Adaptive(rtol=1e-3, controller=0.5))
     with pytest.raises(ValueError, match="adaptive_options= apply to adaptive solves"):
-        flowdiff.generate(flow, noise, solver="dopri5", steps=4, adaptive_options={"sigma_c": 0.1})
+        flowdiff.generate(flow, noise, solver="dopri5", steps=4, adaptive=flowdiff.Adaptive(sigma_c=0.1))
 
 
 def test_adaptive_tolerance_on_a_fixed_step_solver_is_an_error_naming_it():
     gauss, noise, _ = _setup()
     for name in ("euler", "lms", "dpmpp_2m"):
         with pytest.raises(ValueError, match=f"{name!r} has no error estimate.*Adaptive solvers: .*unipc"):
-            flowdiff.generate(gauss.flow(), noise, solver=name, rtol=1e-3)
+            flowdiff.generate(gauss.flow(), noise, solver=name, adaptive=flowdiff.Adaptive(rtol=1e-3))
 
 
 def test_bad_tolerances_and_intervals_are_rejected():
     gauss, noise, _ = _setup()
     flow = gauss.flow()
     with pytest.raises(ValueError, match="rtol must be a finite number"):
-        flowdiff.generate(flow, noise, solver="unipc", rtol=-1.0)
+        flowdiff.generate(flow, noise, solver="unipc", adaptive=flowdiff.Adaptive(rtol=-1.0))
     with pytest.raises(ValueError, match="cannot both be 0"):
-        flowdiff.generate(flow, noise, solver="unipc", rtol=0.0, atol=0.0)
-    with pytest.raises(ValueError, match=r"sigmas= gives the interval \[σ_start, 0\]"):
-        flowdiff.generate(flow, noise, solver="unipc", rtol=1e-3, sigmas=[10.0, 1.0, 0.0])
+        flowdiff.generate(flow, noise, solver="unipc", adaptive=flowdiff.Adaptive(rtol=0.0, atol=0.0))
+    with pytest.raises(ValueError, match="sigma_start must lie in"):
+        flowdiff.generate(flow, noise, solver="unipc", adaptive=flowdiff.Adaptive(rtol=1e-3, sigma_start=-1.0))
     with pytest.raises(ValueError, match="sigma_end must lie in"):
-        flowdiff.generate(flow, noise, solver="unipc", rtol=1e-3, adaptive_options={"sigma_end": 0.0})
+        flowdiff.generate(flow, noise, solver="unipc", adaptive=flowdiff.Adaptive(rtol=1e-3, sigma_end=0.0))
 
 
 def test_sigma_start_and_float32():
     gauss, noise, _ = _setup()
     flow = gauss.flow()
     exact = gauss.solution(noise * math.sqrt(1 + 10.0**2), 10.0, 0.0)
-    r = flowdiff.generate(flow, noise, solver="unipc", rtol=1e-4, atol=1e-4, sigmas=[10.0, 0.0])
+    r = flowdiff.generate(flow, noise, solver="unipc",
+                          adaptive=flowdiff.Adaptive(rtol=1e-4, atol=1e-4, sigma_start=10.0))
     assert _rms(r.x, exact) < 4e-4 and r.sigmas[0] == 10.0 and r.sigmas[-1] == 0.0
-    r32 = flowdiff.generate(flow, noise.float(), solver="dopri5", rtol=1e-3, atol=1e-3)
+    r32 = flowdiff.generate(flow, noise.float(), solver="dopri5", adaptive=flowdiff.Adaptive(rtol=1e-3, atol=1e-3))
     assert r32.x.dtype == torch.float32
     s_max = flow.schedule.sigma_max
     assert _rms(r32.x.double(), gauss.solution(noise * math.sqrt(1 + s_max**2), s_max, 0.0)) < 3e-3

@@ -129,7 +129,7 @@ def test_gradcheck_on_the_closed_form_gaussian(mode):
 
     def solve(noise, mean):
         flow = Gaussian(mean, torch.tensor([0.5, 2.0], dtype=torch.float64)).flow()
-        return flowdiff.generate(flow, noise, solver="reversible_heun", sigmas=sigmas, adjoint=mode).x
+        return flowdiff.generate(flow, noise, solver="reversible_heun", grid=sigmas, adjoint=mode).x
 
     noise = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
     mean = torch.tensor([0.3, -1.0], dtype=torch.float64, requires_grad=True)
@@ -254,13 +254,15 @@ def test_refusals():
     with pytest.raises(TypeError, match="adjoint must be"):
         flowdiff.generate(flow, x, steps=3, adjoint=None)
     with pytest.raises(ValueError, match="adaptive solve"):
-        flowdiff.generate(flow, x, solver="dopri5", rtol=1e-3, adjoint="checkpoint")
+        flowdiff.generate(flow, x, solver="dopri5", adaptive=flowdiff.Adaptive(rtol=1e-3), adjoint="checkpoint")
     with pytest.raises(ValueError, match="adaptive solve"):
-        flowdiff.encode(flow, x.detach().clamp(-1, 1), solver="dopri5", rtol=1e-3, adjoint="checkpoint")
+        flowdiff.encode(flow, x.detach().clamp(-1, 1), solver="dopri5", adaptive=flowdiff.Adaptive(rtol=1e-3),
+                        adjoint="checkpoint")
     with pytest.raises(ValueError, match="stochastic"):
-        flowdiff.generate(flow, x, steps=3, eta=0.5, adjoint="checkpoint")
+        flowdiff.generate(flow, x, steps=3, solver=flowdiff.Stochastic(0.5), adjoint="checkpoint")
     with pytest.raises(ValueError, match="fixed_point"):
-        flowdiff.encode(flow, x.detach().clamp(-1, 1), steps=3, inversion="fixed_point", adjoint="checkpoint")
+        flowdiff.encode(flow, x.detach().clamp(-1, 1), steps=3, solver=flowdiff.Inversion("fixed_point"),
+                        adjoint="checkpoint")
 
 
 def test_a_tensor_the_solve_cannot_see_is_refused_not_lost():

@@ -131,7 +131,7 @@ def test_timestep_convention(model):
 def test_exact_flow_generates_the_exact_solution():
     model = _gaussians()["diagonal"]
     noise = torch.randn(4, D, dtype=torch.float64, generator=_gen(13))
-    res = flowdiff.generate(model.flow(), noise, solver="dopri5", rtol=1e-10, atol=1e-10)
+    res = flowdiff.generate(model.flow(), noise, solver="dopri5", adaptive=flowdiff.Adaptive(rtol=1e-10, atol=1e-10))
     s_max = res.sigmas[0]
     exact = model.solution(noise * math.sqrt(1 + s_max**2), s_max, 0.0)
     torch.testing.assert_close(res.x, exact, rtol=1e-7, atol=1e-7)

@@ -177,7 +177,7 @@ def test_grid_tuned_on_the_command_line_uses_the_stored_grid_or_refuses(capsys, 
     assert "on the tuned grid: 10 NFE" in capsys.readouterr().out
     # the same images as generate on the stored grid, from the same seeded noise
     noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64).float()
-    expected = flowdiff.generate(flow, noise, solver="unipc", sigmas=stored.sigmas).x
+    expected = flowdiff.generate(flow, noise, solver="unipc", grid=stored.sigmas).x
     from flowdiff.cli._images import save_grid
 
     save_grid(expected, tmp_path / "e.png", scale=8)

@@ -132,7 +132,7 @@ def test_flow_matching_round_trip_is_exact(sd3, dtype):
     latents = _noise((2, 4, 8, 8), seed=4)
     grid = flow.scheduler_sigmas(8)[1:]  # a round trip needs a finite σ_max: drop the t = 1 level
     kw = {k: v.to(dtype) for k, v in kwargs.items()}
-    enc = flowdiff.encode(flow, latents, solver="reversible_heun", sigmas=grid, model_kwargs=kw)
+    enc = flowdiff.encode(flow, latents, solver="reversible_heun", grid=grid, model_kwargs=kw)
     back = flowdiff.decode(flow, enc.latent, model_kwargs=kw)
     assert torch.equal(back.x, latents)
 
@@ -297,7 +297,7 @@ def test_flux_euler_is_the_pipelines_loop(tmp_path):
     t = scheduler.sigmas.double().numpy()
     with np.errstate(divide="ignore"):
         assert np.array_equal(ours.sigmas, np.where(t < 1, t / (1 - t), np.inf))  # the same grid, to the bit
-    enc = flowdiff.encode(flow, noise, solver="reversible_heun", sigmas=ours.sigmas[1:], model_kwargs=kwargs)
+    enc = flowdiff.encode(flow, noise, solver="reversible_heun", grid=ours.sigmas[1:], model_kwargs=kwargs)
     assert torch.equal(flowdiff.decode(flow, enc.latent, model_kwargs=kwargs).x, noise)
 
 

@@ -53,7 +53,7 @@ def test_encode_converges_at_the_solvers_order_or_is_refused(name):
     exact = g.solution(x, 0.0, smax) / math.sqrt(1 + smax**2)
     enc_errors, rt_errors = [], []
     for n in STEPS:
-        enc = flowdiff.encode(flow, x, solver=name, sigmas=_karras(smax, n))
+        enc = flowdiff.encode(flow, x, solver=name, grid=_karras(smax, n))
         enc_errors.append(float((enc.x - exact).abs().max()))
         rt_errors.append(float((flowdiff.decode(flow, enc.latent).x - x).abs().max()))
     order = _expected_order(name)
@@ -114,7 +114,7 @@ def test_the_guard_stops_an_unstable_encode_at_the_step_that_left_the_range():
         flowdiff.encode(flow, x, steps=10, grid="trailing")
     err = info.value
     # where it should fire, computed independently: Euler on dx̄/dσ = 5x̄, bound 50·max(1, 0.5)
-    sig = flowdiff.encode(flow, x, steps=10, grid="trailing", divergence=None).sigmas
+    sig = flowdiff.encode(flow, x, steps=10, grid="trailing", checks=flowdiff.Checks(divergence=None)).sigmas
     xbar, first = 0.5, None
     for i in range(len(sig) - 1):
         xbar *= 1 + 5.0 * (sig[i + 1] - sig[i])
@@ -128,16 +128,16 @@ def test_the_guard_stops_an_unstable_encode_at_the_step_that_left_the_range():
 def test_the_guard_is_adjustable_and_off_with_none():
     flow = _exploding(1.0)
     x = torch.full((1, 2), 1.0, dtype=torch.float64)
-    loose = flowdiff.encode(flow, x, steps=10, divergence=None)
+    loose = flowdiff.encode(flow, x, steps=10, checks=flowdiff.Checks(divergence=None))
     limit = float(loose.x.abs().max())
     assert limit > 50  # garbage, returned because the guard was off
-    assert torch.equal(flowdiff.encode(flow, x, steps=10, divergence=2 * limit).x, loose.x)
+    assert torch.equal(flowdiff.encode(flow, x, steps=10, checks=flowdiff.Checks(divergence=2 * limit)).x, loose.x)
     with pytest.raises(SolveError, match="exceeds the bound"):
-        flowdiff.encode(flow, x, steps=10, divergence=limit / 2)
+        flowdiff.encode(flow, x, steps=10, checks=flowdiff.Checks(divergence=limit / 2))
     with pytest.raises(SolveError, match="exceeds the bound"):
-        flowdiff.generate(flow, x, steps=10, divergence=1e-3)
+        flowdiff.generate(flow, x, steps=10, checks=flowdiff.Checks(divergence=1e-3))
     with pytest.raises(ValueError, match="divergence must be a positive number"):
-        flowdiff.encode(flow, x, steps=10, divergence=-1.0)
+        flowdiff.encode(flow, x, steps=10, checks=flowdiff.Checks(divergence=-1.0))
 
 
 def test_solvers_bound_locates_the_first_step_out_of_range():
@@ -191,11 +191,13 @@ def test_divergence_guard_covers_adaptive_solves():
     gauss = Gaussian(torch.zeros(6, dtype=torch.float64), 0.3)
     flow = gauss.flow()
     images = gauss.sample(3, generator=torch.Generator().manual_seed(0))
-    ok = flowdiff.encode(flow, images, solver="dopri5", rtol=1e-3, atol=1e-3)
+    ok = flowdiff.encode(flow, images, solver="dopri5", adaptive=flowdiff.Adaptive(rtol=1e-3, atol=1e-3))
     assert float(ok.x.abs().max()) < 10
     with pytest.raises(solvers.SolveError, match=r"step \d+ \(σ .*diverged") as info:
-        flowdiff.encode(flow, images, solver="dopri5", rtol=1e-3, atol=1e-3, divergence=1e-3)
+        flowdiff.encode(flow, images, solver="dopri5", adaptive=flowdiff.Adaptive(rtol=1e-3, atol=1e-3),
+                        checks=flowdiff.Checks(divergence=1e-3))
     assert info.value.value > 1e-3
     noise = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     with pytest.raises(solvers.SolveError, match="diverged"):
-        flowdiff.generate(flow, noise, solver="unipc", rtol=1e-3, atol=1e-3, divergence=1e-3)
+        flowdiff.generate(flow, noise, solver="unipc", adaptive=flowdiff.Adaptive(rtol=1e-3, atol=1e-3),
+                          checks=flowdiff.Checks(divergence=1e-3))

@@ -68,8 +68,8 @@ def test_dp_grid_is_a_generation_grid_within_the_budget(name, method):
         calls.append(sigma)
         return FLOW.sigma_field(xbar, sigma)
 
-    out = flowdiff.generate(flowdiff.ProbabilityFlow.from_sigma_field(counted, FLOW.schedule), _noise(2),
-                            solver=name, sigmas=s)
+    out = flowdiff.generate(flowdiff.ProbabilityFlow.from_sigma_field(counted, FLOW.schedule), _noise(2), solver=name,
+                            grid=s)
     assert out.stats.nfe == len(calls) <= nfe
     assert tuned.method == method and tuned.teacher_nfe > 0
     assert tuned.tuning_nfe >= tuned.reference_nfe + tuned.teacher_nfe
@@ -143,7 +143,7 @@ def test_compare_uses_stored_grids_by_default_and_tunes_afresh_on_given_calibrat
     used = result.provided[("ipndm", "tuned", 4)]
     assert used.source and np.array_equal(used.sigmas, made.sigmas)
     run = next(r for r in result.runs if r.grid == "tuned")
-    x = flowdiff.generate(FLOW, noise, solver="ipndm", sigmas=made.sigmas).x
+    x = flowdiff.generate(FLOW, noise, solver="ipndm", grid=made.sigmas).x
     assert math.isclose(run.rms_error, float((x - result.reference.x).pow(2).mean().sqrt()), rel_tol=1e-9)
     fresh = flowdiff.compare(FLOW, noise, solvers=["ipndm"], nfe=[4], grids=["tuned"], calibration_noise=_noise(5),
                              tune_options=QUICK)

@@ -86,7 +86,7 @@ def test_reversible_nfe_is_counted_and_at_most_twice_ddim(mixture, solver, opts)
     eps = CountingEps(model)
     flow = fd.ProbabilityFlow.from_sigma_field(eps, model.schedule)
     steps = 10
-    enc = fd.encode(flow, x, solver=solver, solver_options=opts, steps=steps)
+    enc = fd.encode(flow, x, solver=solvers.get(solver, **opts), steps=steps)
     assert enc.stats.nfe == eps.calls
     before = eps.calls
     dec = fd.decode(flow, enc.latent)
@@ -116,14 +116,14 @@ def test_generate_with_reversible_solvers_from_noise():
     errs = []
     for steps in (20, 40):
         sig = fd.make_sigmas(flow.schedule, "karras", steps)
-        errs.append((fd.generate(flow, z, solver="reversible_heun", sigmas=sig).x - exact).abs().max().item())
+        errs.append((fd.generate(flow, z, solver="reversible_heun", grid=sig).x - exact).abs().max().item())
     assert errs[1] < errs[0] < 0.05
 
 
 def test_latent_save_load_is_bit_exact(mixture, tmp_path):
     _, flow, x = mixture
     for solver, opts in REVERSIBLE[:2]:
-        enc = fd.encode(flow, x, solver=solver, solver_options=opts, steps=7, grid="karras")
+        enc = fd.encode(flow, x, solver=solvers.get(solver, **opts), steps=7, grid="karras")
         path = tmp_path / f"{solver}.safetensors"
         enc.latent.save(path)
         back = Latent.load(path)
@@ -159,15 +159,15 @@ def test_decode_refuses_mismatched_settings(mixture):
     with pytest.raises(ValueError, match="grid='karras' builds the σ grid"):
         fd.decode(flow, latent, grid="karras")
     with pytest.raises(ValueError, match="sigmas= .* differs from the grid this latent was encoded on"):
-        fd.decode(flow, latent, sigmas=fd.make_sigmas(flow.schedule, "karras", 5))
+        fd.decode(flow, latent, grid=fd.make_sigmas(flow.schedule, "karras", 5))
     # the encode's own arguments are accepted, and retrace it bit for bit
     exact = fd.decode(flow, latent).x
     for agreeing in (dict(grid="trailing"), dict(grid="trailing", steps=5), dict(sigmas=latent.sigmas),
                      dict(solver="reversible_heun", steps=5)):
         assert torch.equal(fd.decode(flow, latent, **agreeing).x, exact), agreeing
-    wrapped = fd.encode(flow, x, solver="reversible", solver_options={"coupling": 0.99}, steps=5).latent
+    wrapped = fd.encode(flow, x, solver=solvers.get("reversible", coupling=0.99), steps=5).latent
     with pytest.raises(ValueError, match="solver_options"):
-        fd.decode(flow, wrapped, solver_options={"coupling": 0.999})
+        fd.decode(flow, wrapped, solver=solvers.get("euler", coupling=0.999))
     with pytest.raises(ValueError, match="encoded with 5 steps"):
         latent.check_decode(steps=4)
     with pytest.raises(ValueError, match="encoded on the grid"):
@@ -199,7 +199,7 @@ def test_latent_validation(mixture):
 def test_fixed_point_plain_decode_reproduces_images(mixture, solver, dtype, device):
     _, flow, x = mixture
     x = x.to(device, dtype)
-    enc = fd.encode(flow, x, solver=solver, steps=10, inversion="fixed_point")
+    enc = fd.encode(flow, x, solver=fd.Inversion("fixed_point", solver=solver), steps=10)
     assert_fixed_point_converged(enc)
     assert enc.latent.solver_state is None and enc.latent.inversion == "fixed_point"
     plain = fd.decode(flow, enc.x, solver=solver, steps=10)  # a plain tensor, the standard decode
@@ -214,13 +214,12 @@ def test_fixed_point_plain_decode_reproduces_images(mixture, solver, dtype, devi
 
 def test_fixed_point_latent_refuses_another_final_step(mixture):
     _, flow, x = mixture
-    enc = fd.encode(flow, x, solver="heun", steps=5, inversion="fixed_point")
+    enc = fd.encode(flow, x, solver=fd.Inversion("fixed_point", solver="heun"), steps=5)
     assert enc.latent.final_euler is True
     with pytest.raises(ValueError, match="final_euler=True"):
-        fd.decode(flow, enc.latent, final_euler=False)
-    other = fd.encode(flow, x, solver="heun", steps=5, inversion="fixed_point",
-                      inversion_options={"final_euler": False})
-    back = fd.decode(flow, other.x, solver="heun", steps=5, final_euler=False)
+        fd.decode(flow, enc.latent, grid=fd.Grid(final_euler=False))
+    other = fd.encode(flow, x, solver=fd.Inversion("fixed_point", {"final_euler": False}, solver="heun"), steps=5)
+    back = fd.decode(flow, other.x, solver="heun", steps=5, grid=fd.Grid(final_euler=False))
     assert (back.x - x).abs().max().item() <= 1e-12
 
 
@@ -229,8 +228,8 @@ def test_fixed_point_each_step_reaches_its_tolerance(mixture):
     _, flow, x = mixture
     traj = [x]
     tol = 1e-10
-    enc = fd.encode(flow, x, solver="heun", steps=6, grid="karras", inversion="fixed_point",
-                    inversion_options={"tol": tol}, callback=lambda s: traj.append(s.xbar))
+    enc = fd.encode(flow, x, solver=fd.Inversion("fixed_point", {"tol": tol}, solver="heun"), steps=6, grid="karras",
+                    callback=lambda s: traj.append(s.xbar))
     sig = enc.sigmas
     f = flow.field()
     for n in range(len(sig) - 1):
@@ -246,15 +245,13 @@ def test_fixed_point_stats(mixture):
     for method in ("hybrid", "newton", "anderson"):
         eps = CountingEps(model)
         flow = fd.ProbabilityFlow.from_sigma_field(eps, model.schedule)
-        enc = fd.encode(flow, x, solver="euler", steps=20, inversion="fixed_point",
-                        inversion_options={"method": method})
+        enc = fd.encode(flow, x, solver=fd.Inversion("fixed_point", {"method": method}), steps=20)
         extra = enc.stats.extra
         assert extra["method"] == method and extra["unconverged"] == []
         assert enc.stats.nfe == eps.calls == sum(extra["evaluations_per_step"])
         assert len(extra["iterations_per_step"]) == 20 and extra["iterations"] == sum(extra["iterations_per_step"])
     assert enc.stats.nfe == 1 + extra["iterations"]  # Anderson on Euler: one evaluation an iteration, one to start
-    plain = fd.encode(flow, x, solver="euler", steps=20, inversion="fixed_point",
-                      inversion_options={"method": "anderson", "anderson": 0})
+    plain = fd.encode(flow, x, solver=fd.Inversion("fixed_point", {"method": "anderson", "anderson": 0}), steps=20)
     assert plain.stats.extra["iterations"] >= extra["iterations"]
 
 
@@ -269,12 +266,11 @@ def test_fixed_point_nonconvergence_names_step_and_residual(mixture):
         before = eps.calls
         pattern = r"did not converge at step 0 .*residual .* sample\(s\) \[0, 1, 2\]"
         with pytest.raises(solvers.SolveError, match=pattern) as info:
-            fd.encode(flow, outside, solver="euler", steps=1, inversion="fixed_point",
-                      inversion_options={"max_iter": 30, "method": method})
+            fd.encode(flow, outside, solver=fd.Inversion("fixed_point", {"max_iter": 30, "method": method}), steps=1)
         assert info.value.step == 0 and info.value.stats.nfe == eps.calls - before
     assert info.value.stats.nfe == 31  # Anderson: 30 iterations of one evaluation, one for the first guess
     with pytest.raises(solvers.SolveError, match="max_iter=1"):
-        fd.encode(flow, x, solver="euler", steps=20, inversion="fixed_point", inversion_options={"max_iter": 1})
+        fd.encode(flow, x, solver=fd.Inversion("fixed_point", {"max_iter": 1}), steps=20)
 
 
 def test_fixed_point_keep_lists_the_unconverged_samples(mixture):
@@ -287,10 +283,9 @@ def test_fixed_point_keep_lists_the_unconverged_samples(mixture):
     images = x.clamp(-0.9, 0.9)
     images[1] = 2.5
     with pytest.raises(solvers.SolveError, match=r"sample\(s\) \[1\]"):
-        fd.encode(saturating, images, sigmas=[1.0, 0.0], inversion="fixed_point")
+        fd.encode(saturating, images, grid=[1.0, 0.0], solver=fd.Inversion("fixed_point"))
     with pytest.warns(RuntimeWarning, match="1 of 3 sample"):
-        enc = fd.encode(saturating, images, sigmas=[1.0, 0.0], inversion="fixed_point",
-                        inversion_options={"on_failure": "keep"})
+        enc = fd.encode(saturating, images, grid=[1.0, 0.0], solver=fd.Inversion("fixed_point", {"on_failure": "keep"}))
     assert enc.stats.extra["unconverged"] == [1]
     ok = [0, 2]
     assert (enc.x[ok] * math.sqrt(2.0) - torch.atanh(images[ok])).abs().max().item() <= 1e-12  # x̄ = x_T·√(1+σ²)
@@ -311,10 +306,10 @@ def test_fixed_point_never_returns_a_nan_sample(mixture):
     flow = fd.ProbabilityFlow.from_sigma_field(eps, model.schedule)
     for method in ("hybrid", "newton", "anderson"):
         with pytest.raises(solvers.SolveError, match=r"sample\(s\) \[1\]"):
-            fd.encode(flow, x, steps=10, inversion="fixed_point", check_finite=False,
-                      inversion_options={"method": method})
+            fd.encode(flow, x, steps=10, solver=fd.Inversion("fixed_point", {"method": method}),
+                      checks=fd.Checks(finite=False))
         with pytest.raises(solvers.SolveError, match="not finite"):
-            fd.encode(flow, x, steps=10, inversion="fixed_point", inversion_options={"method": method})
+            fd.encode(flow, x, steps=10, solver=fd.Inversion("fixed_point", {"method": method}))
 
 
 def test_fixed_point_newton_inverts_ddim_on_the_trained_network():
@@ -325,11 +320,9 @@ def test_fixed_point_newton_inverts_ddim_on_the_trained_network():
     flow.model.double()
     x = fd.digits_data("test").images[:2].double()  # two held-out digits whose DDIM preimage Newton finds
     with pytest.raises(solvers.SolveError, match="did not converge at step 0"):
-        fd.encode(flow, x, solver="euler", steps=10, inversion="fixed_point",
-                  inversion_options={"method": "anderson", "max_iter": 50})
+        fd.encode(flow, x, solver=fd.Inversion("fixed_point", {"method": "anderson", "max_iter": 50}), steps=10)
     for method in ("hybrid", "newton"):
-        enc = fd.encode(flow, x, solver="euler", steps=10, inversion="fixed_point",
-                        inversion_options={"method": method})
+        enc = fd.encode(flow, x, solver=fd.Inversion("fixed_point", {"method": method}), steps=10)
         assert_fixed_point_converged(enc)
         ddim = fd.decode(flow, enc.x, solver="euler", steps=10)  # the standard DDIM decode of a plain tensor
         assert (ddim.x - x).abs().max().item() <= 1e-12
@@ -344,11 +337,11 @@ def test_fixed_point_bad_options(mixture):
                            ({"on_failure": "ignore"}, ValueError, "on_failure must be one of 'raise', 'keep'"),
                            ({"bogus": 1}, TypeError, "bogus")]:
         with pytest.raises(err, match=pat):
-            fd.encode(flow, x, steps=3, inversion="fixed_point", inversion_options=opts)
+            fd.encode(flow, x, steps=3, solver=fd.Inversion("fixed_point", opts))
     with pytest.raises(ValueError, match="reversible"):
-        fd.encode(flow, x, solver="reversible_heun", steps=3, inversion="fixed_point")
+        fd.encode(flow, x, solver=fd.Inversion("fixed_point", solver="reversible_heun"), steps=3)
     with pytest.raises(ValueError, match="ddim_inverse"):
-        fd.encode(flow, x, solver="ddim_inverse", steps=3, inversion="fixed_point")
+        fd.encode(flow, x, solver=fd.Inversion("fixed_point", solver="ddim_inverse"), steps=3)
 
 
 # -- metrics --------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def test_kdiffusion_style_sampler_on_a_flow_equals_flowdiff(solver, sampler):
     sigmas = flowdiff.make_sigmas(flow.schedule, "karras", 12)
     z = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     theirs = sampler(to_denoiser(flow), z * sigmas[0], torch.tensor(sigmas, dtype=torch.float64))
-    ours = flowdiff.generate(flow, z * sigmas[0] / math.sqrt(1 + sigmas[0] ** 2), solver=solver, sigmas=sigmas)
+    ours = flowdiff.generate(flow, z * sigmas[0] / math.sqrt(1 + sigmas[0] ** 2), solver=solver, grid=sigmas)
     torch.testing.assert_close(ours.x, theirs, rtol=1e-10, atol=1e-10)
 
 
@@ -166,5 +166,5 @@ def test_kdiffusion_own_samplers_on_a_flow_equal_flowdiff(solver, sampler):
     z = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     theirs = getattr(sampling, sampler)(to_denoiser(flow), z * sigmas[0], torch.tensor(sigmas, dtype=torch.float64),
                                         disable=True)
-    ours = flowdiff.generate(flow, z * sigmas[0] / math.sqrt(1 + sigmas[0] ** 2), solver=solver, sigmas=sigmas)
+    ours = flowdiff.generate(flow, z * sigmas[0] / math.sqrt(1 + sigmas[0] ** 2), solver=solver, grid=sigmas)
     torch.testing.assert_close(ours.x, theirs, rtol=1e-10, atol=1e-10)

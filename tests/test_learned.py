@@ -64,7 +64,7 @@ def test_fit_lowers_the_calibration_error_spends_exactly_the_budget_and_is_kept_
     assert learned.fitting_nfe > learned.reference_nfe > 0 and learned.solves > 0
     # the held-out errors are those of the two solvers on the odd half, measured again here
     ref = flowdiff.reference_solution(flow, cal, sigma_end=0.0, rtol=1e-7, atol=1e-7).x[1::2]
-    base_x = flowdiff.generate(flow, cal[1::2], solver="dpmpp_3m", sigmas=learned.sigmas).x
+    base_x = flowdiff.generate(flow, cal[1::2], solver="dpmpp_3m", grid=learned.sigmas).x
     assert _rms(base_x, ref) == pytest.approx(learned.base_validation_error, rel=1e-9)
     # exact NFE: one evaluation a step, as its base
     calls = []
@@ -75,7 +75,7 @@ def test_fit_lowers_the_calibration_error_spends_exactly_the_budget_and_is_kept_
         return gauss_field(xbar, sigma)
 
     counting = flowdiff.ProbabilityFlow.from_sigma_field(counted, flow.schedule)
-    out = flowdiff.generate(counting, cal, solver=learned.as_solver(), sigmas=learned.sigmas)
+    out = flowdiff.generate(counting, cal, solver=learned.as_solver(), grid=learned.sigmas)
     assert out.stats.nfe == len(calls) == 6
 
 
@@ -88,7 +88,7 @@ def test_a_bad_fit_is_rejected_on_held_out_noise():
     judged = bad.validated(flow, noise(2, n=8))
     assert not judged.kept
     assert judged.base_validation_error < _rms(
-        flowdiff.generate(flow, noise(2, n=8), solver=bad.as_solver(), sigmas=bad.sigmas).x,
+        flowdiff.generate(flow, noise(2, n=8), solver=bad.as_solver(), grid=bad.sigmas).x,
         flowdiff.reference_solution(flow, noise(2, n=8), sigma_end=0.0, rtol=1e-7, atol=1e-7).x)
     assert all(c == 0.0 for cs in judged.coefficients for c in cs)
     assert judged.as_solver().name == "dpmpp_2m"  # the base method itself
@@ -116,8 +116,8 @@ def test_save_load_round_trip_and_refusal_for_another_model(tmp_path):
     back = LearnedSolver.load(path, flow)
     assert np.array_equal(back.sigmas, learned.sigmas) and back.coefficients == learned.coefficients
     assert (back.kept, back.fitting_nfe, back.source) == (learned.kept, learned.fitting_nfe, str(path))
-    a = flowdiff.generate(flow, cal, solver=learned.as_solver(), sigmas=learned.sigmas).x
-    b = flowdiff.generate(flow, cal, solver=back.as_solver(), sigmas=back.sigmas).x
+    a = flowdiff.generate(flow, cal, solver=learned.as_solver(), grid=learned.sigmas).x
+    b = flowdiff.generate(flow, cal, solver=back.as_solver(), grid=back.sigmas).x
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="fingerprint"):
         LearnedSolver.load(path, mixture(seed=4))
@@ -135,7 +135,7 @@ def test_learned_coefficients_belong_to_their_grid_and_direction():
     with pytest.raises(ValueError, match="no coefficients for the step"):
         flowdiff.generate(flow, noise(2, n=2), solver=corrected, steps=8, grid="trailing")
     with pytest.raises(ValueError, match="no coefficients for the step"):
-        flowdiff.encode(flow, noise(2, n=2).clamp(-1, 1), solver=corrected, sigmas=learned.sigmas)
+        flowdiff.encode(flow, noise(2, n=2).clamp(-1, 1), solver=corrected, grid=learned.sigmas)
 
 
 def test_bad_arguments_name_what_is_accepted():
@@ -173,7 +173,7 @@ def test_multistep_encode_and_decode_converge_at_the_fixed_grid_order(name):
     enc_errs, dec_errs = [], []
     for n in (16, 32, 64):
         sig = smax * (1.0 - np.arange(n + 1) / n) ** 7
-        enc = flowdiff.encode(flow, x, solver=name, sigmas=sig)
+        enc = flowdiff.encode(flow, x, solver=name, grid=sig)
         enc_errs.append(float((enc.x - latent).abs().max()))
         dec = flowdiff.decode(flow, flowdiff.Latent(latent, sig[::-1].copy(), name, {}))
         dec_errs.append(float((dec.x - x).abs().max()))
@@ -217,7 +217,7 @@ def test_roundtrip_grid_beats_its_start_on_other_images_and_spends_the_budget():
     assert tuned.evaluations > 3 and tuned.tuning_nfe == 16 * tuned.evaluations  # 8 + 8 per candidate
 
     def roundtrip(sigmas):
-        enc = flowdiff.encode(flow, other, solver="unipc", sigmas=sigmas)
+        enc = flowdiff.encode(flow, other, solver="unipc", grid=sigmas)
         dec = flowdiff.decode(flow, enc.latent)
         assert enc.stats.nfe == dec.stats.nfe == 8
         return _rms(dec.x, other)

@@ -149,8 +149,8 @@ def test_dpmpp_2m_is_ddim_for_one_step_and_euler_in_data_variables_first():
     noise = torch.randn(2, 16, dtype=torch.float64, generator=g)
     for steps in (1, 2):
         sig = flowdiff.make_sigmas(flow.schedule, "logsnr", steps)
-        a = flowdiff.generate(flow, noise, solver="dpmpp_2m", sigmas=sig).x
-        b = flowdiff.generate(flow, noise, solver="euler", sigmas=sig).x
+        a = flowdiff.generate(flow, noise, solver="dpmpp_2m", grid=sig).x
+        b = flowdiff.generate(flow, noise, solver="euler", grid=sig).x
         if steps == 1:  # one step into σ = 0: x̄ = D = x̄ − σ ε, DDIM's step
             assert torch.allclose(a, b, rtol=1e-13, atol=1e-13)
 
@@ -228,5 +228,5 @@ def test_dpmpp_2m_and_lms_equal_diffusers_schedulers(steps):
     lms = diffusers.LMSDiscreteScheduler(**config, timestep_spacing="trailing")
     for name, scheduler, rel in (("dpmpp_2m", dpm, 2e-6), ("lms", lms, 1e-4)):
         x, sig = _diffusers_loop(scheduler, gauss, noise, steps)
-        ours = flowdiff.generate(flow, noise, solver=name, sigmas=sig).x
+        ours = flowdiff.generate(flow, noise, solver=name, grid=sig).x
         assert float((ours - x).abs().max()) < rel * float(x.abs().max()), name

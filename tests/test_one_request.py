@@ -65,7 +65,8 @@ def test_generate_refuses_two_spellings_naming_both(kwargs, names):
 
 def test_the_adaptive_start_spelt_both_ways_is_one_solve():
     flow, noise, _ = _gauss()
-    flat = flowdiff.generate(flow, noise, solver="dopri5", rtol=1e-4, atol=1e-4, sigmas=[5.0, 0.0])
+    flat = flowdiff.generate(flow, noise, solver="dopri5",
+                             adaptive=flowdiff.Adaptive(rtol=1e-4, atol=1e-4, sigma_start=5.0))
     obj = flowdiff.generate(flow, noise, solver="dopri5", adaptive=Adaptive(1e-4, 1e-4, sigma_start=5.0))
     assert flat.sigmas[0] == obj.sigmas[0] == 5.0
     assert torch.equal(flat.x, obj.x) and flat.stats.nfe == obj.stats.nfe
@@ -75,7 +76,7 @@ def test_the_adaptive_start_spelt_both_ways_is_one_solve():
 def test_final_euler_said_once_or_twice_alike_is_one_solve(flag, inside):
     flow, noise, _ = _gauss()
     expected = flag if flag is not None else inside
-    ref = flowdiff.generate(flow, noise, solver="heun", steps=5, final_euler=expected)
+    ref = flowdiff.generate(flow, noise, solver="heun", steps=5, grid=flowdiff.Grid(final_euler=expected))
     res = flowdiff.generate(flow, noise, solver="heun", grid=Grid(steps=5, final_euler=inside), final_euler=flag)
     assert torch.equal(res.x, ref.x) and res.stats.nfe == ref.stats.nfe == (9 if expected else 10)
 
@@ -83,22 +84,23 @@ def test_final_euler_said_once_or_twice_alike_is_one_solve(flag, inside):
 def test_final_euler_of_a_fixed_point_encode_is_said_once():
     flow, noise, gauss = _gauss()
     images = gauss.sample(2, generator=torch.Generator().manual_seed(0))
-    by_option = flowdiff.encode(flow, images, solver="heun", steps=4, inversion="fixed_point",
-                                inversion_options={"final_euler": False})
-    by_grid = flowdiff.encode(flow, images, solver="heun", grid=Grid(steps=4, final_euler=False),
-                              inversion="fixed_point")
+    by_option = flowdiff.encode(flow, images,
+                                solver=flowdiff.Inversion("fixed_point", {"final_euler": False}, solver="heun"),
+                                steps=4)
+    by_grid = flowdiff.encode(flow, images, solver=flowdiff.Inversion("fixed_point", solver="heun"),
+                              grid=Grid(steps=4, final_euler=False))
     assert torch.equal(by_option.x, by_grid.x) and by_grid.latent.final_euler is False
     with pytest.raises(ValueError, match=r"inversion_options=\{'final_euler': True\}.*final_euler=False"):
-        flowdiff.encode(flow, images, solver="heun", grid=Grid(steps=4, final_euler=False),
-                        inversion=Inversion("fixed_point", {"final_euler": True}))
+        flowdiff.encode(flow, images, solver=flowdiff.Inversion("fixed_point", {"final_euler": True}, solver="heun"),
+                        grid=Grid(steps=4, final_euler=False))
     with pytest.raises(ValueError, match=r"Grid\(\.\.\., final_euler=False\) on a plain encode"):
         flowdiff.encode(flow, images, solver="heun", grid=Grid(steps=4, final_euler=False))
     # the latent says how its decode ends: the default follows it, a different flag is refused naming both
     plain = flowdiff.decode(flow, by_grid.latent)
-    explicit = flowdiff.decode(flow, by_grid.latent, final_euler=False)
+    explicit = flowdiff.decode(flow, by_grid.latent, grid=flowdiff.Grid(final_euler=False))
     assert torch.equal(plain.x, explicit.x) and plain.stats.nfe == explicit.stats.nfe == 8
     with pytest.raises(ValueError, match=r"final_euler=False \(Latent.final_euler\); got final_euler=True"):
-        flowdiff.decode(flow, by_grid.latent, final_euler=True)
+        flowdiff.decode(flow, by_grid.latent, grid=flowdiff.Grid(final_euler=True))
 
 
 def test_decode_takes_the_encode_grid_as_a_grid_object():
@@ -154,10 +156,10 @@ def test_the_step_out_of_infinity_is_step_0_of_the_loop(solver):
     grid = flowdiff.make_sigmas(flow.schedule, "trailing", 6)
     assert grid[0] == math.inf and np.isfinite(grid[1:]).all()
     seen, ref_seen = [], []
-    ours = flowdiff.generate(flow, noise, solver=solver, sigmas=grid, callback=seen.append)
+    ours = flowdiff.generate(flow, noise, solver=solver, grid=grid, callback=seen.append)
     # the reference: the boundary step by hand (the flow's own Euler step from pure noise), then the finite rest
     start = flow.step_from_noise(noise, float(grid[1]))
-    ref = flowdiff.generate(flow, start, solver=solver, sigmas=grid[1:], callback=ref_seen.append)
+    ref = flowdiff.generate(flow, start, solver=solver, grid=grid[1:], callback=ref_seen.append)
     torch.testing.assert_close(ours.x, ref.x, rtol=1e-12, atol=1e-12)
     assert ours.stats.nfe == ref.stats.nfe + 1
     assert ours.stats.steps == ours.stats.accepted == ref.stats.accepted + 1 == len(grid) - 1
@@ -179,9 +181,9 @@ def test_a_failure_after_the_boundary_step_is_located_by_the_loop(bad_step):
     flow = _zero_snr_flow(nan_at=flow_timestep(grid[bad_step]))
     noise = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     with pytest.raises(solvers.SolveError) as ours:
-        flowdiff.generate(flow, noise, sigmas=grid)
+        flowdiff.generate(flow, noise, grid=grid)
     with pytest.raises(solvers.SolveError) as finite:  # the same model from the last finite level
-        flowdiff.generate(flow, noise, sigmas=grid[1:])
+        flowdiff.generate(flow, noise, grid=grid[1:])
     assert ours.value.step == bad_step == finite.value.step + 1
     assert f"step {bad_step} (σ {grid[bad_step]:.6g} -> {grid[bad_step + 1]:.6g})" in str(ours.value)
     assert ours.value.stats.nfe == len(grid) - 1  # the loop's count of its whole first run
@@ -192,7 +194,7 @@ def test_a_one_step_grid_from_infinity_is_one_loop_step():
     noise = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     seen = []
     for solver in ("euler", "heun", "dpmpp_2m", "reversible_heun"):
-        res = flowdiff.generate(flow, noise, solver=solver, sigmas=[math.inf, 0.0], callback=seen.append)
+        res = flowdiff.generate(flow, noise, solver=solver, grid=[math.inf, 0.0], callback=seen.append)
         torch.testing.assert_close(res.x, flow.step_from_noise(noise, 0.0), rtol=0, atol=0)
         assert res.stats.nfe == res.stats.steps == 1 and seen.pop().step == 0 and not seen
 
@@ -234,12 +236,12 @@ def test_saved_sigmas_keep_only_those_states():
     flow, noise, _ = _gauss()
     grid = flowdiff.make_sigmas(flow.schedule, "trailing", 8)
     recorded = []
-    res = flowdiff.generate(flow, noise, sigmas=grid, callback=recorded.append,
+    res = flowdiff.generate(flow, noise, grid=grid, callback=recorded.append,
                             save=flowdiff.Save(sigmas=[grid[5], grid[2]]))
     _same_records(res.saved, [r for r in recorded if r.sigma in (grid[2], grid[5])])
     assert [r.step for r in res.saved] == [1, 4]
     with pytest.raises(ValueError, match=r"σ = \[1.2345\], which this solve does not step to"):
-        flowdiff.generate(flow, noise, sigmas=grid, save=flowdiff.Save(sigmas=[1.2345]))
+        flowdiff.generate(flow, noise, grid=grid, save=flowdiff.Save(sigmas=[1.2345]))
     calls = []  # a fixed grid is checked before the solve: no evaluation is spent on a σ it cannot save
     counting = flowdiff.ProbabilityFlow(lambda x, t: calls.append(t) or 0.1 * x, Schedule.linear())
     with pytest.raises(ValueError, match="does not step to"):
@@ -268,8 +270,8 @@ def test_saved_states_of_encodes_decodes_and_other_procedures():
     assert all(r.denoised is not None for r in traj[:-1]) and traj[-1].denoised is None
     _same_records(traj, [r._replace(denoised=None) for r in traj], flow)
     recorded = []
-    sto = flowdiff.generate(flow, noise, steps=5, eta=0.5, generator=3, callback=recorded.append,
-                            save=flowdiff.Save(steps=True))
+    sto = flowdiff.generate(flow, noise, steps=5, solver=flowdiff.Stochastic(0.5, generator=3),
+                            callback=recorded.append, save=flowdiff.Save(steps=True))
     _same_records(sto.saved, [r._replace(denoised=None) for r in recorded])
     zero = _zero_snr_flow()
     res = flowdiff.generate(zero, noise, steps=4, save=flowdiff.Save(steps=True))
@@ -287,7 +289,8 @@ def test_save_is_validated_once():
     with pytest.raises(TypeError, match="save must be a flowdiff.Save"):
         flowdiff.generate(flow, noise, steps=3, save={"steps": True})
     with pytest.raises(ValueError, match=r"Save\(sigmas=\[1.0\]\) with an adaptive solve"):
-        flowdiff.generate(flow, noise, solver="dopri5", rtol=1e-3, save=flowdiff.Save(sigmas=[1.0]))
+        flowdiff.generate(flow, noise, solver="dopri5", adaptive=flowdiff.Adaptive(rtol=1e-3),
+                          save=flowdiff.Save(sigmas=[1.0]))
 
 
 # -- the variables are chosen in one place -------------------------------------------------------------------------
@@ -307,10 +310,10 @@ def test_every_solve_asks_the_one_chooser(monkeypatch):
         monkeypatch.setattr(module, "formulation_for", spy)
     flow, noise, gauss = _gauss()
     images = gauss.sample(2, generator=torch.Generator().manual_seed(0))
-    flowdiff.generate(flow, noise, solver="dopri5", rtol=1e-3, atol=1e-3)
-    flowdiff.generate(flow, noise, solver="unipc", rtol=1e-3, atol=1e-3)
-    flowdiff.encode(flow, images, solver="bosh3", rtol=1e-3, atol=1e-3)
-    flowdiff.generate(flow, noise, steps=3, eta=0.5, generator=0)
+    flowdiff.generate(flow, noise, solver="dopri5", adaptive=flowdiff.Adaptive(rtol=1e-3, atol=1e-3))
+    flowdiff.generate(flow, noise, solver="unipc", adaptive=flowdiff.Adaptive(rtol=1e-3, atol=1e-3))
+    flowdiff.encode(flow, images, solver="bosh3", adaptive=flowdiff.Adaptive(rtol=1e-3, atol=1e-3))
+    flowdiff.generate(flow, noise, steps=3, solver=flowdiff.Stochastic(0.5, generator=0))
     enc = flowdiff.encode(flow, images, solver="reversible_heun", steps=3)
     flowdiff.decode(flow, enc.latent)
     assert calls == [("dopri5", "generate", True, "logsigma"), ("unipc", "generate", True, "data"),
@@ -324,8 +327,11 @@ def test_the_divergence_guard_applies_to_every_kind_of_solve():
     images = gauss.sample(2, generator=torch.Generator().manual_seed(0))
     enc = flowdiff.encode(flow, images, solver="reversible_heun", steps=4)
     solves = {"fixed grid": lambda **kw: flowdiff.generate(flow, noise, steps=4, **kw),
-              "adaptive": lambda **kw: flowdiff.generate(flow, noise, solver="bosh3", rtol=1e-3, **kw),
-              "eta": lambda **kw: flowdiff.generate(flow, noise, steps=4, eta=0.5, generator=0, **kw),
+              "adaptive": lambda **kw: flowdiff.generate(flow, noise, solver="bosh3",
+                                                         adaptive=flowdiff.Adaptive(rtol=1e-3),
+                                                         **kw),
+              "eta": lambda **kw: flowdiff.generate(flow, noise, steps=4, solver=flowdiff.Stochastic(0.5, generator=0),
+                                                    **kw),
               "reversible decode": lambda **kw: flowdiff.decode(flow, enc.latent, **kw)}
     for name, solve in solves.items():
         assert solve(divergence=None).x.isfinite().all(), name

@@ -20,18 +20,20 @@ def _setup():
 
 def test_objects_equal_the_flat_keywords_bit_for_bit():
     flow, noise, gauss = _setup()
-    flat = flowdiff.generate(flow, noise, solver="dpmpp_2m", nfe=7, grid="logsnr", grid_options={"power": 0.7})
+    flat = flowdiff.generate(flow, noise, solver="dpmpp_2m", nfe=7,
+                             grid=flowdiff.Grid("logsnr", options={"power": 0.7}))
     obj = flowdiff.generate(flow, noise, solver="dpmpp_2m", grid=flowdiff.Grid("logsnr", nfe=7, options={"power": 0.7}))
     assert torch.equal(flat.x, obj.x) and flat.stats.nfe == obj.stats.nfe == 7
-    a = flowdiff.generate(flow, noise, solver="unipc", rtol=1e-4, atol=1e-4, adaptive_options={"sigma_end": 1e-3})
+    a = flowdiff.generate(flow, noise, solver="unipc",
+                          adaptive=flowdiff.Adaptive(rtol=1e-4, atol=1e-4, sigma_end=1e-3))
     b = flowdiff.generate(flow, noise, solver="unipc", adaptive=flowdiff.Adaptive(1e-4, 1e-4, sigma_end=1e-3))
     assert torch.equal(a.x, b.x) and a.stats.nfe == b.stats.nfe
-    c = flowdiff.generate(flow, noise, steps=6, eta=0.5, generator=11)
-    d = flowdiff.generate(flow, noise, grid=flowdiff.Grid(steps=6), stochastic=flowdiff.Stochastic(0.5, 11))
+    c = flowdiff.generate(flow, noise, steps=6, solver=flowdiff.Stochastic(0.5, generator=11))
+    d = flowdiff.generate(flow, noise, grid=flowdiff.Grid(steps=6), solver=flowdiff.Stochastic(0.5, 11))
     assert torch.equal(c.x, d.x)
     images = gauss.sample(2, generator=torch.Generator().manual_seed(0))
-    e = flowdiff.encode(flow, images, steps=4, inversion="fixed_point", inversion_options={"method": "anderson"})
-    f = flowdiff.encode(flow, images, steps=4, inversion=flowdiff.Inversion("fixed_point", {"method": "anderson"}))
+    e = flowdiff.encode(flow, images, steps=4, solver=flowdiff.Inversion("fixed_point", {"method": "anderson"}))
+    f = flowdiff.encode(flow, images, steps=4, solver=flowdiff.Inversion("fixed_point", {"method": "anderson"}))
     assert torch.equal(e.x, f.x)
 
 
@@ -60,11 +62,12 @@ def test_object_and_flat_forms_do_not_mix():
     with pytest.raises(ValueError, match="give steps/nfe/sigmas/timesteps/grid_options inside it"):
         flowdiff.generate(flow, noise, grid=flowdiff.Grid(steps=3), steps=4)
     with pytest.raises(ValueError, match="give rtol/atol/max_nfe/options inside it"):
-        flowdiff.generate(flow, noise, solver="dopri5", adaptive=flowdiff.Adaptive(), rtol=1e-3)
+        flowdiff.generate(flow, noise, solver="dopri5", adaptive=flowdiff.Adaptive(),
+                          adaptive=flowdiff.Adaptive(rtol=1e-3))
     with pytest.raises(ValueError, match="give eta/generator/step_noise inside it"):
-        flowdiff.generate(flow, noise, steps=3, stochastic=flowdiff.Stochastic(0.5), eta=0.5)
+        flowdiff.generate(flow, noise, steps=3, solver=flowdiff.Stochastic(0.5))
     with pytest.raises(ValueError, match="give its options inside it"):
-        flowdiff.encode(flow, noise, steps=3, inversion=flowdiff.Inversion(), inversion_options={"tol": 1e-9})
+        flowdiff.encode(flow, noise, steps=3, solver=flowdiff.Inversion())
 
 
 def test_the_plugin_table_decides_directions():
@@ -74,7 +77,7 @@ def test_the_plugin_table_decides_directions():
     with pytest.raises(ValueError, match="'ddim_inverse' is an encoding method only"):
         flowdiff.generate(flow, noise, solver="ddim_inverse", steps=3)
     with pytest.raises(ValueError, match="unknown encode procedure 'newton'; accepted: 'fixed_point'"):
-        flowdiff.encode(flow, noise, steps=3, inversion="newton")
+        flowdiff.encode(flow, noise, steps=3, solver=flowdiff.Inversion("newton"))
     enc = flowdiff.encode(flow, noise, solver="ddim_inverse", steps=3)
     assert enc.latent.solver == "ddim_inverse"
     assert flowdiff.decode(flow, enc.latent).solver == "euler"  # the table says how its latents decode
@@ -86,9 +89,12 @@ def test_one_callback_record_for_every_kind_of_solve():
     for label, run in {
         "fixed": lambda cb: flowdiff.generate(flow, noise, solver="heun", steps=4, callback=cb),
         "data": lambda cb: flowdiff.generate(flow, noise, solver="dpmpp_2m", steps=4, callback=cb),
-        "adaptive": lambda cb: flowdiff.generate(flow, noise, solver="dopri5", rtol=1e-3, atol=1e-3, callback=cb),
+        "adaptive": lambda cb: flowdiff.generate(flow, noise, solver="dopri5",
+                                                 adaptive=flowdiff.Adaptive(rtol=1e-3, atol=1e-3),
+                                                 callback=cb),
         "reversible": lambda cb: flowdiff.encode(flow, noise, solver="reversible_heun", steps=4, callback=cb),
-        "eta": lambda cb: flowdiff.generate(flow, noise, steps=4, eta=1.0, generator=0, callback=cb),
+        "eta": lambda cb: flowdiff.generate(flow, noise, steps=4, solver=flowdiff.Stochastic(1.0, generator=0),
+                                            callback=cb),
     }.items():
         seen[label] = []
         run(seen[label].append)

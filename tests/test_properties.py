@@ -43,8 +43,8 @@ def test_reversible_round_trip_float32(case):
                            steps=ft.step_counts(1, 8)),
        st.integers(0, 2**31 - 1))
 def test_latent_file_round_trip_is_bit_exact(tmp_path_factory, case, seed):
-    enc = fd.encode(case.flow, case.images, solver=case.solver, solver_options=case.solver_options,
-                    steps=case.steps, grid=case.grid)
+    enc = fd.encode(case.flow, case.images, solver=solvers.get(case.solver, **case.solver_options), steps=case.steps,
+                    grid=case.grid)
     path = tmp_path_factory.mktemp("latents") / f"{seed}.safetensors"
     enc.latent.save(path)
     back = Latent.load(path)
@@ -59,8 +59,8 @@ def test_latent_file_round_trip_is_bit_exact(tmp_path_factory, case, seed):
 def test_fixed_point_inversion_reaches_its_tolerance(case, tol):
     """On closed-form models (any schedule, grid and step count drawn) the Newton–Krylov inversion reaches tol at
     every step, and the plain decode returns the images."""
-    enc = fd.encode(case.flow, case.images, solver=case.solver, steps=case.steps, grid=case.grid,
-                    inversion="fixed_point", inversion_options={"tol": tol})
+    enc = fd.encode(case.flow, case.images, solver=fd.Inversion("fixed_point", {"tol": tol}, solver=case.solver),
+                    steps=case.steps, grid=case.grid)
     ft.assert_fixed_point_converged(enc, tol)
     plain = fd.decode(case.flow, enc.x, solver=case.solver, steps=case.steps, grid=case.grid)
     assert (plain.x - case.images).abs().max().item() <= 1e-9

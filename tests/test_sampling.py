@@ -49,7 +49,7 @@ def test_convergence_order_on_the_gaussian(name):
     errs = []
     for n in steps:
         sig = np.linspace(4.0, 0.0, n + 1)
-        res = flowdiff.generate(flow, noise, solver=name, sigmas=sig, final_euler=False)
+        res = flowdiff.generate(flow, noise, solver=name, grid=flowdiff.Grid(sigmas=sig, final_euler=False))
         exact = g.solution(noise * math.sqrt(1 + sig[0] ** 2), sig[0], 0.0)
         errs.append(float((res.x - exact).abs().max()))
     slope = -np.polyfit(np.log(steps[1:]), np.log(errs[1:]), 1)[0]
@@ -82,7 +82,7 @@ def test_nfe_budget_is_exact_for_one_evaluation_solvers_and_never_exceeded():
     assert flowdiff.generate(flow, noise, solver="euler", nfe=13).stats.nfe == 13
     heun = flowdiff.generate(flow, noise, solver="heun", nfe=10)
     assert heun.stats.nfe == 9 and heun.stats.steps == 5  # 4 Heun steps + the Euler step into σ = 0
-    assert flowdiff.generate(flow, noise, solver="heun", nfe=10, final_euler=False).stats.nfe == 10
+    assert flowdiff.generate(flow, noise, solver="heun", nfe=10, grid=flowdiff.Grid(final_euler=False)).stats.nfe == 10
     assert flowdiff.generate(flow, noise, solver="rk4", nfe=10).stats.nfe <= 10
 
 
@@ -96,8 +96,8 @@ def test_encode_decode_round_trip_with_tight_adaptive_solve():
     mix = Mixture(torch.randn(6, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3)), 0.2)
     flow = mix.flow()
     images = mix.sample(3, generator=torch.Generator().manual_seed(4))
-    enc = flowdiff.encode(flow, images, solver="dopri5", rtol=1e-9, atol=1e-9)
-    dec = flowdiff.generate(flow, enc.x, solver="dopri5", rtol=1e-9, atol=1e-9)
+    enc = flowdiff.encode(flow, images, solver="dopri5", adaptive=flowdiff.Adaptive(rtol=1e-9, atol=1e-9))
+    dec = flowdiff.generate(flow, enc.x, solver="dopri5", adaptive=flowdiff.Adaptive(rtol=1e-9, atol=1e-9))
     assert float((dec.x - images).abs().max()) < 1e-5
 
 
@@ -109,7 +109,7 @@ def test_encode_then_decode_retraces_the_grid_and_converges():
     for steps in (10, 20, 40):
         enc = flowdiff.encode(flow, images, solver="heun", steps=steps, grid="karras")
         assert np.array_equal(enc.latent.sigmas, flowdiff.make_sigmas(flow.schedule, "karras", steps)[::-1])
-        dec = flowdiff.decode(flow, enc.latent, final_euler=False)
+        dec = flowdiff.decode(flow, enc.latent, grid=flowdiff.Grid(final_euler=False))
         errs.append(float((dec.x - images).abs().max()))
     assert errs[0] > errs[1] > errs[2]
     assert errs[1] / errs[2] > 3  # second order round trip
@@ -230,7 +230,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="unknown prediction_type 'score'.*v_prediction"):
         flowdiff.ProbabilityFlow(lambda x, t: x, flowdiff.Schedule.linear(), prediction_type="score")
     with pytest.raises(ValueError, match="encode takes no eta"):
-        flowdiff.encode(_flow(), torch.ones(2, 3), steps=2, eta=0.5)
+        flowdiff.encode(_flow(), torch.ones(2, 3), steps=2, solver=flowdiff.Stochastic(0.5))
 
 
 def test_model_failures_say_where():
@@ -262,15 +262,16 @@ def test_decode_accepts_the_encodes_own_arguments_and_refuses_each_disagreement(
     with pytest.raises(ValueError, match=r"grid='karras', steps=6 builds"):
         flowdiff.decode(flow, enc.latent, grid="karras", steps=6)
     with pytest.raises(ValueError, match=r"sigmas= \[.*\] differs from the grid this latent was encoded on, \["):
-        flowdiff.decode(flow, enc.latent, sigmas=enc.latent.sigmas * 1.01)
+        flowdiff.decode(flow, enc.latent, grid=enc.latent.sigmas * 1.01)
     with pytest.raises(ValueError, match=r"solver_options=\{\}; got \{'x': 1\}"):
-        flowdiff.decode(flow, enc.latent, solver_options={"x": 1})
+        flowdiff.decode(flow, enc.latent, solver=solvers.get("euler", x=1))
 
 
 def test_adaptive_encode_latent_keeps_the_solver_options():
     flow = _gaussian().flow()
     images = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    enc = flowdiff.encode(flow, images, solver="unipc", solver_options={"order": 2}, rtol=1e-6, atol=1e-6)
+    enc = flowdiff.encode(flow, images, solver=solvers.get("unipc", order=2),
+                          adaptive=flowdiff.Adaptive(rtol=1e-6, atol=1e-6))
     assert enc.latent.solver_options == {"order": 2}
     dec = flowdiff.decode(flow, enc.latent)
     assert dec.solver == "unipc" and float((dec.x - images).abs().max()) < 1e-3

@@ -97,7 +97,7 @@ def test_euler_on_any_schedule_converges_to_the_exact_solution(kind):
     errors = []
     for n in (16, 32, 64):
         grid = np.append(np.geomspace(s_max, 0.01, n), 0.0)
-        errors.append(float((flowdiff.generate(flow, x_T, sigmas=grid).x - exact).abs().max()))
+        errors.append(float((flowdiff.generate(flow, x_T, grid=grid).x - exact).abs().max()))
     slopes = np.diff(np.log(errors)) / np.log(2)
     assert np.all(slopes < -0.8), (errors, slopes)
 

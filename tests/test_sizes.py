@@ -194,8 +194,9 @@ def test_astronomical_or_bad_sizes_on_the_command_line_are_one_line(capsys, tmp_
 @pytest.mark.parametrize("seed, error", [(2**64, ValueError), (2**70, ValueError), (-1, ValueError)])
 def test_a_seed_outside_torchs_range_is_refused_by_name(seed, error):
     with pytest.raises(error, match=r"generator must be .*seed in \[0, 2\*\*64 - 1\]"):
-        flowdiff.generate(_gauss().flow(), _noise(), steps=4, eta=0.5, generator=seed)
-    flowdiff.generate(_gauss().flow(), _noise(), steps=4, eta=0.5, generator=2**64 - 1)  # the largest is fine
+        flowdiff.generate(_gauss().flow(), _noise(), steps=4, solver=flowdiff.Stochastic(0.5, generator=seed))
+    # the largest is fine
+    flowdiff.generate(_gauss().flow(), _noise(), steps=4, solver=flowdiff.Stochastic(0.5, generator=2**64 - 1))
 
 
 def test_likelihood_refuses_astronomical_steps():

@@ -75,7 +75,8 @@ def test_eta_zero_on_a_sigma_native_flow_is_euler():
     mix = Mixture(torch.randn(5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64), 0.2)
     noise = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     a = flowdiff.generate(mix.flow(), noise, steps=12, grid="karras")
-    b = flowdiff.generate(mix.flow(), noise, steps=12, grid="karras", eta=0.0, step_noise=torch.ones(12, 6, 3))
+    b = flowdiff.generate(mix.flow(), noise, steps=12, grid="karras",
+                          solver=flowdiff.Stochastic(0.0, step_noise=torch.ones(12, 6, 3)))
     assert torch.equal(a.x, b.x)
 
 
@@ -84,8 +85,8 @@ def test_small_eta_approaches_the_ode():
     noise = _noise()
     zs = _draws(7, 20, noise)
     ode = flowdiff.generate(flow, noise, steps=20).x
-    dist = [float((flowdiff.generate(flow, noise, steps=20, eta=e, step_noise=zs).x - ode).norm())
-            for e in (0.4, 0.1, 0.025)]
+    dist = [float((flowdiff.generate(flow, noise, steps=20, solver=flowdiff.Stochastic(e, step_noise=zs)).x
+                   - ode).norm()) for e in (0.4, 0.1, 0.025)]
     assert dist[0] > dist[1] > dist[2] > 0
 
 
@@ -151,7 +152,7 @@ def test_matches_diffusers_ddim_with_variance_noise(spacing, steps, eta):
         eps = model(x, torch.full((x.shape[0],), float(t), dtype=torch.float64))
         x = sched.step(eps, t, x, eta=eta, variance_noise=zs[i]).prev_sample
     model.calls = 0
-    out = flowdiff.generate(flow, noise, steps=steps, grid=spacing, eta=eta, step_noise=zs)
+    out = flowdiff.generate(flow, noise, steps=steps, grid=spacing, solver=flowdiff.Stochastic(eta, step_noise=zs))
     assert _rel(out.x, x) < 1e-13
     assert out.stats.nfe == model.calls == steps
     assert out.stats.extra["noise_draws"] == steps - 1
@@ -169,7 +170,8 @@ def test_generator_draws_what_diffusers_ddim_draws(spacing):
     for t in sched.timesteps:
         eps = model(x, torch.full((x.shape[0],), float(t), dtype=torch.float64))
         x = sched.step(eps, t, x, eta=0.7, generator=gen).prev_sample
-    out = flowdiff.generate(flow, noise, steps=20, grid=spacing, eta=0.7, generator=torch.Generator().manual_seed(42))
+    out = flowdiff.generate(flow, noise, steps=20, grid=spacing,
+                            solver=flowdiff.Stochastic(0.7, generator=torch.Generator().manual_seed(42)))
     assert _rel(out.x, x) < 1e-13
 
 
@@ -189,7 +191,8 @@ def test_sigma_hat_and_eta_one_match_diffusers_ddpm(variance_type, eta):
     for t in sched.timesteps:
         eps = model(x, torch.full((x.shape[0],), float(t), dtype=torch.float64))
         x = sched.step(eps, t, x, generator=gen).prev_sample
-    out = flowdiff.generate(flow, noise, steps=25, grid="leading", eta=eta, generator=torch.Generator().manual_seed(9))
+    out = flowdiff.generate(flow, noise, steps=25, grid="leading",
+                            solver=flowdiff.Stochastic(eta, generator=torch.Generator().manual_seed(9)))
     assert _rel(out.x, x) < 1e-13
 
 
@@ -200,17 +203,19 @@ def test_sigma_hat_and_eta_one_match_diffusers_ddpm(variance_type, eta):
 def test_same_generator_same_images_and_seed_forms_agree(eta):
     flow = flowdiff.ProbabilityFlow(TanhModel(), Schedule.linear())
     noise = _noise()
-    a = flowdiff.generate(flow, noise, steps=15, eta=eta, generator=torch.Generator().manual_seed(4))
-    b = flowdiff.generate(flow, noise, steps=15, eta=eta, generator=4)
-    c = flowdiff.generate(flow, noise, steps=15, eta=eta, step_noise=_draws(4, 15, noise))
-    d = flowdiff.generate(flow, noise, steps=15, eta=eta, step_noise=torch.stack(_draws(4, 15, noise)))
-    e = flowdiff.generate(flow, noise, steps=15, eta=eta, generator=5)
+    a = flowdiff.generate(flow, noise, steps=15,
+                          solver=flowdiff.Stochastic(eta, generator=torch.Generator().manual_seed(4)))
+    b = flowdiff.generate(flow, noise, steps=15, solver=flowdiff.Stochastic(eta, generator=4))
+    c = flowdiff.generate(flow, noise, steps=15, solver=flowdiff.Stochastic(eta, step_noise=_draws(4, 15, noise)))
+    d = flowdiff.generate(flow, noise, steps=15,
+                          solver=flowdiff.Stochastic(eta, step_noise=torch.stack(_draws(4, 15, noise))))
+    e = flowdiff.generate(flow, noise, steps=15, solver=flowdiff.Stochastic(eta, generator=5))
     assert torch.equal(a.x, b.x) and torch.equal(a.x, c.x) and torch.equal(a.x, d.x)
     assert not torch.allclose(a.x, e.x)
     torch.manual_seed(123)
-    f = flowdiff.generate(flow, noise, steps=15, eta=eta)
+    f = flowdiff.generate(flow, noise, steps=15, solver=flowdiff.Stochastic(eta))
     torch.manual_seed(123)
-    g = flowdiff.generate(flow, noise, steps=15, eta=eta)
+    g = flowdiff.generate(flow, noise, steps=15, solver=flowdiff.Stochastic(eta))
     assert torch.equal(f.x, g.x)
 
 
@@ -221,7 +226,8 @@ def test_every_eta_sees_the_same_noise():
     seen = {}
     for eta in (0.3, 1.0, SIGMA_HAT):
         states = []
-        out = flowdiff.generate(flow, noise, steps=8, eta=eta, generator=17, callback=states.append)
+        out = flowdiff.generate(flow, noise, steps=8, solver=flowdiff.Stochastic(eta, generator=17),
+                                callback=states.append)
         xbars = [noise * math.sqrt(1 + out.sigmas[0] ** 2)] + [s.xbar for s in states]
         zs = [(xbars[i + 1] - xbars[i]) / noise_levels(out.sigmas[i], out.sigmas[i + 1], eta)[1] for i in range(7)]
         seen[eta] = torch.stack(zs)
@@ -238,25 +244,26 @@ def test_every_eta_sees_the_same_noise():
 def test_every_grid_one_evaluation_per_step(grid, eta):
     model = TanhModel()
     flow = flowdiff.ProbabilityFlow(model, Schedule.linear())
-    out = flowdiff.generate(flow, _noise(), steps=12, grid=grid, eta=eta, generator=0)
+    out = flowdiff.generate(flow, _noise(), steps=12, grid=grid, solver=flowdiff.Stochastic(eta, generator=0))
     assert out.stats.nfe == model.calls == out.stats.steps == 12
     assert out.stats.extra == {"eta": eta, "noise_draws": 11}
     assert bool(torch.isfinite(out.x).all())
     model.calls = 0
-    budget = flowdiff.generate(flow, _noise(), nfe=7, grid=grid, eta=eta, generator=0)
+    budget = flowdiff.generate(flow, _noise(), nfe=7, grid=grid, solver=flowdiff.Stochastic(eta, generator=0))
     assert budget.stats.nfe == model.calls == 7 and len(budget.sigmas) == 8
 
 
 def test_callback_and_dtypes():
     flow = flowdiff.ProbabilityFlow(TanhModel(), Schedule.linear())
     states = []
-    out = flowdiff.generate(flow, _noise(dtype=torch.float32), steps=6, eta=0.5, generator=1, callback=states.append)
+    out = flowdiff.generate(flow, _noise(dtype=torch.float32), steps=6, solver=flowdiff.Stochastic(0.5, generator=1),
+                            callback=states.append)
     assert out.x.dtype == torch.float32 and [s.step for s in states] == list(range(6))
     assert [s.sigma for s in states] == out.sigmas[1:].tolist()
     assert torch.equal(states[-1].xbar, out.x)
     for s in states:
         assert torch.allclose(s.x, s.xbar / math.sqrt(1 + s.sigma**2))
-    half = flowdiff.generate(flow, _noise(dtype=torch.float16), steps=6, eta=0.5, generator=1)
+    half = flowdiff.generate(flow, _noise(dtype=torch.float16), steps=6, solver=flowdiff.Stochastic(0.5, generator=1))
     assert half.x.dtype == torch.float16 and bool(torch.isfinite(half.x).all())
 
 
@@ -296,7 +303,8 @@ def test_gaussian_data_samples_have_the_moments_of_the_ddim_chain(eta):
     model = Gaussian(mean, var)
     n = 40000
     noise = torch.randn(n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    out = flowdiff.generate(model.flow(), noise, steps=40, grid="trailing", eta=eta, generator=1)
+    out = flowdiff.generate(model.flow(), noise, steps=40, grid="trailing",
+                            solver=flowdiff.Stochastic(eta, generator=1))
     m, v = _chain_moments(out.sigmas.tolist(), mean, var, eta)
     assert bool(((out.x.mean(0) - m).abs() < 5 * (v / n).sqrt()).all())
     assert bool(((out.x.var(0) - v).abs() < 5 * v * math.sqrt(2 / n)).all())
@@ -309,31 +317,34 @@ def test_bad_arguments_are_named():
     flow = flowdiff.ProbabilityFlow(TanhModel(), Schedule.linear())
     noise = _noise()
     with pytest.raises(ValueError, match=r"eta must lie in \[0, 1\]"):
-        flowdiff.generate(flow, noise, steps=5, eta=1.5)
+        flowdiff.generate(flow, noise, steps=5, solver=flowdiff.Stochastic(1.5))
     with pytest.raises(ValueError, match="eta must lie"):
-        flowdiff.generate(flow, noise, steps=5, eta=float("nan"))
+        flowdiff.generate(flow, noise, steps=5, solver=flowdiff.Stochastic(float("nan")))
     with pytest.raises(ValueError, match="unknown eta 'ddpm'"):
-        flowdiff.generate(flow, noise, steps=5, eta="ddpm")
+        flowdiff.generate(flow, noise, steps=5, solver=flowdiff.Stochastic("ddpm"))
     with pytest.raises(TypeError, match="eta must be a number"):
-        flowdiff.generate(flow, noise, steps=5, eta=True)
+        flowdiff.generate(flow, noise, steps=5, solver=flowdiff.Stochastic(True))
     with pytest.raises(ValueError, match="solver='euler'.*got solver='heun'"):
-        flowdiff.generate(flow, noise, steps=5, eta=0.5, solver="heun")
+        flowdiff.generate(flow, noise, steps=5, solver=flowdiff.Stochastic(0.5))
     with pytest.raises(ValueError, match="generator= or step_noise=, not both"):
-        flowdiff.generate(flow, noise, steps=5, eta=0.5, generator=1, step_noise=torch.zeros(5, *SHAPE))
+        flowdiff.generate(flow, noise, steps=5,
+                          solver=flowdiff.Stochastic(0.5, generator=1, step_noise=torch.zeros(5, *SHAPE)))
     with pytest.raises(ValueError, match="one noise per step, 5"):
-        flowdiff.generate(flow, noise, steps=5, eta=0.5, step_noise=torch.zeros(4, *SHAPE))
+        flowdiff.generate(flow, noise, steps=5, solver=flowdiff.Stochastic(0.5, step_noise=torch.zeros(4, *SHAPE)))
     with pytest.raises(ValueError, match="step_noise\\[1\\] has shape"):
-        flowdiff.generate(flow, noise, steps=2, eta=0.5, step_noise=[torch.zeros(SHAPE), torch.zeros(2)])
+        flowdiff.generate(flow, noise, steps=2,
+                          solver=flowdiff.Stochastic(0.5, step_noise=[torch.zeros(SHAPE), torch.zeros(2)]))
     with pytest.raises(ValueError, match="NaN or inf"):
-        flowdiff.generate(flow, noise, steps=2, eta=0.5, step_noise=torch.full((2, *SHAPE), float("nan")))
+        flowdiff.generate(flow, noise, steps=2,
+                          solver=flowdiff.Stochastic(0.5, step_noise=torch.full((2, *SHAPE), float("nan"))))
     with pytest.raises(TypeError, match="generator must be a torch.Generator or an int seed"):
-        flowdiff.generate(flow, noise, steps=5, eta=0.5, generator="seed")
+        flowdiff.generate(flow, noise, steps=5, solver=flowdiff.Stochastic(0.5, generator="seed"))
     with pytest.raises(ValueError, match="not rtol="):
-        flowdiff.generate(flow, noise, eta=0.5, rtol=1e-3)
+        flowdiff.generate(flow, noise, solver=flowdiff.Stochastic(0.5), adaptive=flowdiff.Adaptive(rtol=1e-3))
     with pytest.raises(ValueError, match="no solver_options= or max_nfe="):
         flowdiff.generate(flow, noise, steps=5, eta=0.5, solver_options={"x": 1})
     with pytest.raises(ValueError, match="give one of steps="):
-        flowdiff.generate(flow, noise, eta=0.5)
+        flowdiff.generate(flow, noise, solver=flowdiff.Stochastic(0.5))
 
 
 @pytest.mark.parametrize("eta", [0.5, 1.0, SIGMA_HAT])

@@ -26,5 +26,5 @@ def test_round_trip_error_decodes_with_the_encode_model_kwargs():
     # come back: the conditioning mattered
     with pytest.raises(ValueError, match="fingerprint"):
         flowdiff.decode(flow, rt.encoded.latent)
-    plain = flowdiff.decode(flow, rt.encoded.latent, check_model=False)
+    plain = flowdiff.decode(flow, rt.encoded.latent, checks=flowdiff.Checks(model=False))
     assert (plain.x - images).abs().max() > 1e-3

@@ -136,7 +136,7 @@ def test_flux_images_round_trip_through_packed_latents_exactly(flux):
     cond = flow.encode_prompt(["a cat", "dog"])
     guided = flowdiff.classifier_free_guidance(flow, 3.0, unconditional_kwargs=flow.encode_prompt(["", ""]))
     grid = sample_like(flow, latents, steps=6, model_kwargs=cond).sigmas[1:]  # the pipeline's grid, finite part
-    enc = flowdiff.encode(guided, latents, solver="reversible_heun", sigmas=grid, model_kwargs=cond)
+    enc = flowdiff.encode(guided, latents, solver="reversible_heun", grid=grid, model_kwargs=cond)
     assert torch.equal(flowdiff.decode(guided, enc.latent, model_kwargs=cond).x, latents)
     with pytest.raises(ValueError, match="multiples of 4"):
         flow.autoencoder.encode(torch.zeros(1, 3, 10, 10))

@@ -36,7 +36,7 @@ def test_tuned_grid_is_a_generation_grid_within_the_budget(name):
         return gauss_eps(xbar, sigma)
 
     counting = flowdiff.ProbabilityFlow.from_sigma_field(counted, FLOW.schedule)
-    out = flowdiff.generate(counting, _noise(2), solver=name, sigmas=s)
+    out = flowdiff.generate(counting, _noise(2), solver=name, grid=s)
     assert out.stats.nfe == len(calls) <= nfe
     assert tuned.evaluations <= 2 * QUICK["max_evals"] + 2  # candidates (capped), their validation, the final
     assert tuned.tuning_nfe >= tuned.reference_nfe > 0 and tuned.tuning_seconds > 0
@@ -110,7 +110,7 @@ def test_free_start_may_start_below_sigma_max_and_stays_a_valid_grid():
                           init=["logsnr", "leading"], **dict(QUICK, max_evals=40))
     s = tuned.sigmas
     assert s[0] <= FLOW.schedule.sigma_max and s[-1] == 0.0 and np.all(np.diff(s) < 0) and len(s) == 6
-    out = flowdiff.generate(FLOW, _noise(2), solver="dpmpp_2m", sigmas=s)
+    out = flowdiff.generate(FLOW, _noise(2), solver="dpmpp_2m", grid=s)
     assert out.stats.nfe == 5
 
 

@@ -73,7 +73,7 @@ def _decode_loaded_with_other_model(flows, images, tmp_path):
 
 
 def _coarse_quantum(flows, images):
-    flowdiff.encode(flows[0], images, solver="reversible_heun", steps=4, solver_options={"quantum": 0.5})
+    flowdiff.encode(flows[0], images, solver=solvers.get("reversible_heun", quantum=0.5), steps=4)
 
 
 def _coarse_quantum_solve(flows, images):
@@ -100,7 +100,7 @@ def test_the_override_decodes_with_another_model_and_the_fingerprint_survives_fi
     assert loaded.dtype == torch.float64
     back = flowdiff.decode(flows[0], loaded)
     assert torch.equal(back.x, flowdiff.decode(flows[0], enc.latent).x)
-    other = flowdiff.decode(flows[1], loaded, check_model=False)  # for those who mean it
+    other = flowdiff.decode(flows[1], loaded, checks=flowdiff.Checks(model=False))  # for those who mean it
     assert not torch.equal(other.x, back.x)
 
 
@@ -220,8 +220,8 @@ def test_unclear_errors_now_name_the_argument(kwargs, names):
 
 
 @pytest.mark.parametrize(("call", "names"), [
-    (lambda f, x: flowdiff.decode(f, x, check_model="no"), "check_model"),
-    (lambda f, x: flowdiff.encode(f, x, steps=3, check_finite=1), "check_finite"),
+    (lambda f, x: flowdiff.decode(f, x, checks=flowdiff.Checks(model="no")), "check_model"),
+    (lambda f, x: flowdiff.encode(f, x, steps=3, checks=flowdiff.Checks(finite=1)), "check_finite"),
     (lambda f, x: solvers.solve(lambda t, y: -y, x, [0.0, 1.0], check_finite="False"), "check_finite"),
     (lambda f, x: solvers.solve(lambda t, y: -y, x, [0.0, 1.0], eval_end=0), "eval_end"),
     (lambda f, x: solvers.solve_adaptive(lambda t, y: -y, x, 1.0, 2.0, log_steps="yes"), "log_steps"),
@@ -253,8 +253,8 @@ def test_options_the_grid_does_not_take_or_invalid_values_are_refused(grid, opti
     assert names in str(info.value)
     # and through the public entry point
     with pytest.raises((ValueError, TypeError)) as info:
-        flowdiff.generate(Gaussian(torch.zeros(*SHAPE), 0.25).flow(), torch.randn(2, *SHAPE), steps=8, grid=grid,
-                          grid_options=options)
+        flowdiff.generate(Gaussian(torch.zeros(*SHAPE), 0.25).flow(), torch.randn(2, *SHAPE), steps=8,
+                          grid=flowdiff.Grid(grid, options=options))
     assert names in str(info.value)
 
 

@@ -90,7 +90,7 @@ def test_euler_on_the_trailing_grid_is_diffusers_ddim_loop(zero_snr, steps):
     assert grid[0] == math.inf and grid[-1] == 0
     noise = _noise(torch.float64)
     ref = _ddim_loop(unet.double(), diffusers.DDIMScheduler(**ZERO_SNR), noise, steps, flow.schedule.alphas_cumprod)
-    ours = flowdiff.generate(flow, noise, sigmas=grid)  # generate takes σ = ∞ as its boundary step
+    ours = flowdiff.generate(flow, noise, grid=grid)  # generate takes σ = ∞ as its boundary step
     assert ours.stats.nfe == steps and ours.sigmas[0] == math.inf
     torch.testing.assert_close(ours.x, ref, rtol=1e-10, atol=1e-10)
     named = flowdiff.generate(flow, noise, steps=steps, grid="trailing")  # flowdiff's own trailing grid: the same
@@ -120,7 +120,7 @@ def test_encoding_to_infinity_is_refused_and_the_last_finite_level_round_trips(z
     with pytest.raises(ValueError, match=r"ends at σ = ∞.*sigmas=grid\[1:\]"):
         flowdiff.encode(flow, images, steps=5)
     grid = flow.scheduler_sigmas(10)[1:]
-    enc = flowdiff.encode(flow, images, solver="reversible_heun", sigmas=grid)
+    enc = flowdiff.encode(flow, images, solver="reversible_heun", grid=grid)
     assert enc.latent.sigmas[-1] == grid[0] < math.inf
     assert torch.equal(flowdiff.decode(flow, enc.latent).x, images)
 
@@ -133,28 +133,31 @@ def test_an_epsilon_model_cannot_start_at_infinity(tmp_path, zero_snr):
     with pytest.raises(ValueError, match="'epsilon' defines no clean estimate at σ = ∞"):
         flowdiff.generate(flow, _noise(), steps=4)
     grid = flow.scheduler_sigmas(4)
-    assert flowdiff.generate(flow, _noise(), sigmas=grid[1:]).x.isfinite().all()  # from the last finite level
+    assert flowdiff.generate(flow, _noise(), grid=grid[1:]).x.isfinite().all()  # from the last finite level
 
 
 def test_solves_with_no_step_out_of_infinity_are_refused_by_name(zero_snr):
     _, path = zero_snr
     flow = from_diffusers(path)
     noise, images = _noise(), _noise().clamp(-1, 1)
-    for call, what in ((lambda: flowdiff.generate(flow, noise, solver="dopri5", rtol=1e-3, atol=1e-3),
+    for call, what in ((lambda: flowdiff.generate(flow, noise, solver="dopri5",
+                                                  adaptive=flowdiff.Adaptive(rtol=1e-3, atol=1e-3)),
                         "an adaptive solve"),
-                       (lambda: flowdiff.encode(flow, images, solver="dopri5", rtol=1e-3, atol=1e-3),
+                       (lambda: flowdiff.encode(flow, images, solver="dopri5",
+                                                adaptive=flowdiff.Adaptive(rtol=1e-3, atol=1e-3)),
                         "an adaptive solve"),
-                       (lambda: flowdiff.generate(flow, noise, steps=4, eta=1.0, generator=0),
+                       (lambda: flowdiff.generate(flow, noise, steps=4, solver=flowdiff.Stochastic(1.0, generator=0)),
                         r"the stochastic \(eta\) process"),
                        (lambda: flowdiff.compare(flow, noise, solvers=["euler"], nfe=[4], grids=["trailing"]),
                         "the adaptive reference solution")):
         with pytest.raises(ValueError, match=f"{what} cannot start or end at σ = ∞"):
             call()
     with pytest.raises(ValueError, match="ends at σ = ∞"):
-        flowdiff.encode(flow, images, steps=4, inversion="fixed_point")
+        flowdiff.encode(flow, images, steps=4, solver=flowdiff.Inversion("fixed_point"))
     # from a finite start they run: an adaptive solve from the scheduler grid's second level
     start = float(flow.scheduler_sigmas(10)[1])
-    res = flowdiff.generate(flow, noise, solver="dopri5", rtol=1e-3, atol=1e-3, sigmas=[start, 0.0])
+    res = flowdiff.generate(flow, noise, solver="dopri5",
+                            adaptive=flowdiff.Adaptive(rtol=1e-3, atol=1e-3, sigma_start=start))
     assert res.x.isfinite().all() and res.sigmas[0] == start
 
 
@@ -196,4 +199,4 @@ def test_a_non_finite_step_out_of_infinity_is_named_as_step_0(steps):
     with pytest.raises(solvers.SolveError, match=r"step 0 \(σ inf -> .*non-finite") as err:
         flowdiff.generate(flow, _noise(), steps=steps)
     assert err.value.step == 0 and err.value.stats.nfe == steps  # the loop's statistics of the whole first run
-    assert flowdiff.generate(flow, _noise(), steps=steps, check_finite=False).x.isnan().all()
+    assert flowdiff.generate(flow, _noise(), steps=steps, checks=flowdiff.Checks(finite=False)).x.isnan().all()
