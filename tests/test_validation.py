@@ -195,33 +195,42 @@ def test_latent_save_is_atomic_and_keeps_an_earlier_file(latent_file, tmp_path):
 # -- unclear errors: now named ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("kwargs", "names"), [
-    (dict(grid="karras", grid_options={"foo": 1}), "'foo'"),
-    (dict(grid="karras", grid_options={"rho": "7"}), "rho"),
-    (dict(grid="logsnr", grid_options={"power": "0.5"}), "power"),
-    (dict(grid="karras", grid_options={"sigma_min": "0.1"}), "sigma_min"),
-    (dict(grid="karras", grid_options={"sigma_max": float("nan")}), "sigma_max"),
-    (dict(grid="logsnr", grid_options={"sigma_max": 1e9}), "sigma_max"),
-    (dict(grid="karras", grid_options={"sigma_min": 5.0, "sigma_max": 1.0}), "sigma_min"),
-    (dict(grid="karras", grid_options={"rho": True}), "rho"),
-    (dict(grid="wiggly", grid_options={"rho": 3}), "wiggly"),
-    (dict(sigmas=[2.0, 1.0, 0.0], grid_options={"rho": 3}), "sigmas"),
-    (dict(final_euler="False"), "final_euler"),
-    (dict(check_finite="no"), "check_finite"),
-    (dict(solver="lms", solver_options={"order": 9}), "order"),
-    (dict(solver="abm", solver_options={"order": 0}), "order"),
-    (dict(solver="reversible", solver_options={"coupling": "0.5"}), "coupling"),
+    (dict(grid=("karras", {"foo": 1})), "'foo'"),
+    (dict(grid=("karras", {"rho": "7"})), "rho"),
+    (dict(grid=("logsnr", {"power": "0.5"})), "power"),
+    (dict(grid=("karras", {"sigma_min": "0.1"})), "sigma_min"),
+    (dict(grid=("karras", {"sigma_max": float("nan")})), "sigma_max"),
+    (dict(grid=("logsnr", {"sigma_max": 1e9})), "sigma_max"),
+    (dict(grid=("karras", {"sigma_min": 5.0, "sigma_max": 1.0})), "sigma_min"),
+    (dict(grid=("karras", {"rho": True})), "rho"),
+    (dict(grid=("wiggly", {"rho": 3})), "wiggly"),
+    (dict(grid=(None, {"rho": 3})), "sigmas"),
+    (dict(grid=("trailing", {}), final_euler="False"), "final_euler"),
+    (dict(solver=("lms", {"order": 9})), "order"),
+    (dict(solver=("abm", {"order": 0})), "order"),
+    (dict(solver=("reversible", {"coupling": "0.5"})), "coupling"),
 ])
 def test_unclear_errors_now_name_the_argument(kwargs, names):
+    """``grid=(name, options)`` is built as ``Grid(name, options=...)`` (``None``: explicit σ), ``solver=(name,
+    options)`` as ``solvers.get(name, **options)``, inside the check: either may refuse, naming the argument."""
     flow = Gaussian(torch.zeros(*SHAPE), 0.25).flow()
-    kwargs = {"steps": 4, **kwargs} if "sigmas" not in kwargs else kwargs
     with pytest.raises((ValueError, TypeError)) as info:
-        flowdiff.generate(flow, torch.randn(2, *SHAPE), **kwargs)
+        call = {"steps": 4}
+        if "grid" in kwargs:
+            name, options = kwargs["grid"]
+            extra = {"final_euler": kwargs["final_euler"]} if "final_euler" in kwargs else {}
+            call = {"grid": flowdiff.Grid(sigmas=[2.0, 1.0, 0.0], options=options) if name is None
+                    else flowdiff.Grid(name, steps=4, options=options, **extra)}
+        if "solver" in kwargs:
+            call["solver"] = solvers.get(kwargs["solver"][0], **kwargs["solver"][1])
+        flowdiff.generate(flow, torch.randn(2, *SHAPE), **call)
     assert names in str(info.value)
 
 
 @pytest.mark.parametrize(("call", "names"), [
-    (lambda f, x: flowdiff.decode(f, x, checks=flowdiff.Checks(model="no")), "check_model"),
-    (lambda f, x: flowdiff.encode(f, x, steps=3, checks=flowdiff.Checks(finite=1)), "check_finite"),
+    (lambda f, x: flowdiff.decode(f, x, checks=flowdiff.Checks(model="no")), "Checks.model"),
+    (lambda f, x: flowdiff.encode(f, x, steps=3, checks=flowdiff.Checks(finite=1)), "Checks.finite"),
+    (lambda f, x: flowdiff.generate(f, x, steps=3, checks=flowdiff.Checks(finite="no")), "Checks.finite"),
     (lambda f, x: solvers.solve(lambda t, y: -y, x, [0.0, 1.0], check_finite="False"), "check_finite"),
     (lambda f, x: solvers.solve(lambda t, y: -y, x, [0.0, 1.0], eval_end=0), "eval_end"),
     (lambda f, x: solvers.solve_adaptive(lambda t, y: -y, x, 1.0, 2.0, log_steps="yes"), "log_steps"),
