@@ -160,9 +160,9 @@ def round_trips(root: Path, steps: int) -> list[tuple[str, str, float, float, bo
             elif model == "Flux pipeline":
                 kw = flow.encode_prompt(["a cat", "dog"])
                 mu, base = flux_grid_arguments(flow.scheduler_config, 16, steps)  # FluxPipeline's, 16 tokens
-                grid = {"sigmas": flow.scheduler_sigmas(steps, mu=mu, sigmas=base)[1:]}
+                grid = {"grid": flow.scheduler_sigmas(steps, mu=mu, sigmas=base)[1:]}
             else:
-                kw, grid = sd3_kwargs, {"sigmas": flow.scheduler_sigmas(steps)[1:]}
+                kw, grid = sd3_kwargs, {"grid": flow.scheduler_sigmas(steps)[1:]}
             z = flow.autoencoder.encode(images) if flow.autoencoder is not None else images[:, :1].repeat(1, 4, 1, 1)[
                 :, :, ::2, ::2].contiguous()
             enc = flowdiff.encode(flow, z, solver="reversible_heun", model_kwargs=kw, **grid)

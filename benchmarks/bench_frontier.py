@@ -84,8 +84,8 @@ def run_untuned(flow, noise, ref, budget: int) -> list[dict]:
         for grid, grid_options in UNTUNED_GRIDS:
             start = time.perf_counter()
             with torch.no_grad():
-                r = flowdiff.generate(flow, noise, solver=solver, solver_options=options, nfe=budget, grid=grid,
-                                      grid_options=grid_options)
+                r = flowdiff.generate(flow, noise, solver=solvers.get(solver, **options), nfe=budget,
+                                      grid=flowdiff.Grid(grid, options=grid_options or {}))
             rows.append(dict(lib="flowdiff", solver=label(solver, options),
                              grid=grid + (f"(power={grid_options['power']})" if grid_options else ""),
                              nfe=r.stats.nfe, rmse=rmse(r.x, ref), wall=time.perf_counter() - start))

@@ -33,6 +33,7 @@ from _kdiffusion import (
 )
 
 import flowdiff
+import solvers
 
 BUDGETS = (10, 20)
 FLOWDIFF_SOLVERS = [("euler", {}), ("heun", {}), ("lms", {}), ("ipndm", {}), ("ipndm", {"order": 3}),
@@ -84,8 +85,8 @@ def run_flowdiff(flow, noise: torch.Tensor, ref: torch.Tensor, budget: int) -> l
         for grid, grid_options in FLOWDIFF_GRIDS:
             start = time.perf_counter()
             with torch.no_grad():
-                r = flowdiff.generate(flow, noise, solver=solver, solver_options=options, nfe=budget, grid=grid,
-                                      grid_options=grid_options)
+                r = flowdiff.generate(flow, noise, solver=solvers.get(solver, **options), nfe=budget,
+                                      grid=flowdiff.Grid(grid, options=grid_options or {}))
             label = solver + ("" if not options else "(" + ",".join(f"{k}={v}" for k, v in options.items()) + ")")
             grid_label = grid + ("" if not grid_options else f"(power={grid_options['power']})")
             rows.append(dict(lib="flowdiff", solver=label, grid=grid_label, nfe=r.stats.nfe, rmse=rmse(r.x, ref),

@@ -64,14 +64,15 @@ def _guided(flow: flowdiff.ProbabilityFlow, w: float | None) -> flowdiff.Probabi
 @given(images=batches, steps=ft.step_counts(1, 20), grid=ft.grid_names(), w=guidance, label=st.integers(0, 9))
 def test_reversible_heun_is_exact_in_float64(images, steps, grid, w, label):
     kwargs = {} if w is None else {"model_kwargs": {"class_labels": torch.full((len(images),), label)}}
-    rt = ft.assert_round_trip(_guided(FLOW64, w), images.double(), atol=1e-10, solver="reversible_heun",
-                              steps=steps, grid=grid, **kwargs)
+    rt = ft.assert_round_trip(_guided(FLOW64, w), images.double(), atol=1e-10,
+                              solver="reversible_heun", steps=steps, grid=grid, **kwargs)
     _record("reversible_heun, float64: max abs error of decode(encode(x))", rt.max_abs)
 
 
 @given(images=batches, steps=ft.step_counts(1, 20), grid=ft.grid_names())
 def test_reversible_heun_is_bit_exact_in_float32(images, steps, grid):
-    rt = ft.assert_round_trip(FLOW32, images, atol=0.0, solver="reversible_heun", steps=steps, grid=grid)
+    rt = ft.assert_round_trip(FLOW32, images, atol=0.0, solver="reversible_heun", steps=steps,
+                              grid=grid)
     assert rt.decoded.x.dtype == torch.float32
     _record("reversible_heun, float32: max abs error of decode(encode(x))", rt.max_abs)
 

@@ -136,7 +136,7 @@ def test_the_guard_is_adjustable_and_off_with_none():
         flowdiff.encode(flow, x, steps=10, checks=flowdiff.Checks(divergence=limit / 2))
     with pytest.raises(SolveError, match="exceeds the bound"):
         flowdiff.generate(flow, x, steps=10, checks=flowdiff.Checks(divergence=1e-3))
-    with pytest.raises(ValueError, match="divergence must be a positive number"):
+    with pytest.raises(ValueError, match="Checks.divergence must be a finite number > 0"):
         flowdiff.encode(flow, x, steps=10, checks=flowdiff.Checks(divergence=-1.0))
 
 

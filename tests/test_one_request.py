@@ -80,7 +80,8 @@ def test_final_euler_of_a_fixed_point_encode_is_said_once():
     plain = flowdiff.decode(flow, by_grid.latent)
     explicit = flowdiff.decode(flow, by_grid.latent, grid=flowdiff.Grid(final_euler=False))
     assert torch.equal(plain.x, explicit.x) and plain.stats.nfe == explicit.stats.nfe == 8
-    with pytest.raises(ValueError, match=r"final_euler=False \(Latent.final_euler\); got grid=Grid\(\.\.\., final_euler=True\)"):
+    with pytest.raises(ValueError,
+                       match=r"final_euler=False \(Latent.final_euler\); got grid=Grid\(\.\.\., final_euler=True\)"):
         flowdiff.decode(flow, by_grid.latent, grid=flowdiff.Grid(final_euler=True))
 
 
@@ -235,8 +236,8 @@ def test_saved_sigmas_keep_only_those_states():
 def test_saved_states_of_encodes_decodes_and_other_procedures():
     flow, noise, gauss = _gauss()
     images = gauss.sample(2, generator=torch.Generator().manual_seed(0))
-    for kwargs in (dict(solver="euler"), dict(solver="reversible_heun"), dict(solver=Inversion("fixed_point", solver="heun")),
-                   dict(solver="ddim_inverse")):
+    for kwargs in (dict(solver="euler"), dict(solver="reversible_heun"),
+                   dict(solver=Inversion("fixed_point", solver="heun")), dict(solver="ddim_inverse")):
         recorded = []
         enc = flowdiff.encode(flow, images, steps=5, callback=recorded.append, save=flowdiff.Save(steps=True),
                               **kwargs)

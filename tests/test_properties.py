@@ -25,7 +25,8 @@ common = settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_
 @given(ft.round_trip_cases(solvers=["reversible_heun", "reversible"], solver_options=REVERSIBLE_OPTIONS,
                            dtype=st.just(torch.float64), schedule=ANY_SCHEDULE))
 def test_reversible_round_trip_float64(case):
-    ft.assert_round_trip(case.flow, case.images, atol=1e-10, solver=case.solver, solver_options=case.solver_options,
+    ft.assert_round_trip(case.flow, case.images, atol=1e-10,
+                         solver=solvers.get(case.solver, **case.solver_options),
                          steps=case.steps, grid=case.grid)
 
 
@@ -33,8 +34,9 @@ def test_reversible_round_trip_float64(case):
 @given(ft.round_trip_cases(solvers=["reversible_heun", "reversible"], solver_options=REVERSIBLE_OPTIONS,
                            dtype=st.just(torch.float32), schedule=ANY_SCHEDULE))
 def test_reversible_round_trip_float32(case):
-    rt = ft.assert_round_trip(case.flow, case.images, atol=FLOAT32_ROUNDING, solver=case.solver,
-                              solver_options=case.solver_options, steps=case.steps, grid=case.grid)
+    rt = ft.assert_round_trip(case.flow, case.images, atol=FLOAT32_ROUNDING,
+                              solver=solvers.get(case.solver, **case.solver_options),
+                              steps=case.steps, grid=case.grid)
     assert rt.decoded.x.dtype == torch.float32 and rt.encoded.latent.dtype == torch.float32
 
 

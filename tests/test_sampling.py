@@ -206,12 +206,10 @@ def _flow(fn=lambda x, t: x * 0.0):
     (dict(steps=0), ValueError, "steps must be >= 1"),
     (dict(steps=3, nfe=3), ValueError, "not both"),
     (dict(), ValueError, "give one of steps"),
-    (dict(nfe=1, solver="heun", final_euler=False), ValueError, "below the cost of one step"),
-    (dict(steps=3, solver="euler", rtol=1e-3), ValueError, "drop steps"),
-    (dict(solver="euler", rtol=1e-3), ValueError, "no error estimate"),
-    (dict(steps=3, max_nfe=10), ValueError, "max_nfe= applies to adaptive"),
-    (dict(steps=3, solver_options={"lam": 1}), TypeError, "unknown option"),
-    (dict(steps=3, sigmas=[2.0, 1.0, 0.0]), ValueError, "exactly one"),
+    (dict(nfe=1, solver="heun", grid=flowdiff.Grid(final_euler=False)), ValueError, "below the cost of one step"),
+    (dict(steps=3, solver="euler", adaptive=flowdiff.Adaptive(rtol=1e-3)), ValueError, "drop steps"),
+    (dict(solver="euler", adaptive=flowdiff.Adaptive(rtol=1e-3)), ValueError, "no error estimate"),
+    (dict(steps=3, grid=[2.0, 1.0, 0.0]), ValueError, "steps=3 beside grid=explicit σ"),
 ])
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -229,7 +227,7 @@ def test_bad_inputs():
         flowdiff.generate(lambda x, t: x, torch.ones(2, 3), steps=2)
     with pytest.raises(ValueError, match="unknown prediction_type 'score'.*v_prediction"):
         flowdiff.ProbabilityFlow(lambda x, t: x, flowdiff.Schedule.linear(), prediction_type="score")
-    with pytest.raises(ValueError, match="encode takes no eta"):
+    with pytest.raises(ValueError, match="encode takes no solver=flowdiff.Stochastic"):
         flowdiff.encode(_flow(), torch.ones(2, 3), steps=2, solver=flowdiff.Stochastic(0.5))
 
 
@@ -250,8 +248,8 @@ def test_decode_accepts_the_encodes_own_arguments_and_refuses_each_disagreement(
     enc = flowdiff.encode(flow, torch.randn(2, 4, dtype=torch.float64), solver="heun", steps=5, grid="karras")
     plain = flowdiff.decode(flow, enc.latent).x
     for agreeing in (dict(solver="heun"), dict(steps=5), dict(grid="karras"), dict(grid="karras", steps=5),
-                     dict(solver="heun", steps=5, grid="karras", solver_options={}),
-                     dict(sigmas=enc.latent.sigmas), dict(sigmas=enc.latent.sigmas[::-1].copy())):
+                     dict(solver=solvers.get("heun"), steps=5, grid="karras"),
+                     dict(grid=enc.latent.sigmas), dict(grid=enc.latent.sigmas[::-1].copy())):
         assert torch.equal(flowdiff.decode(flow, enc.latent, **agreeing).x, plain), agreeing
     with pytest.raises(ValueError, match="encoded with solver 'heun'.*got solver='euler'"):
         flowdiff.decode(flow, enc.latent, solver="euler")
@@ -261,10 +259,10 @@ def test_decode_accepts_the_encodes_own_arguments_and_refuses_each_disagreement(
         flowdiff.decode(flow, enc.latent, grid="trailing")
     with pytest.raises(ValueError, match=r"grid='karras', steps=6 builds"):
         flowdiff.decode(flow, enc.latent, grid="karras", steps=6)
-    with pytest.raises(ValueError, match=r"sigmas= \[.*\] differs from the grid this latent was encoded on, \["):
+    with pytest.raises(ValueError, match=r"grid= \[.*\] differs from the grid this latent was encoded on, \["):
         flowdiff.decode(flow, enc.latent, grid=enc.latent.sigmas * 1.01)
-    with pytest.raises(ValueError, match=r"solver_options=\{\}; got \{'x': 1\}"):
-        flowdiff.decode(flow, enc.latent, solver=solvers.get("euler", x=1))
+    with pytest.raises(TypeError, match=r"solver 'heun' got unknown option\(s\) \['x'\]"):
+        flowdiff.decode(flow, enc.latent, solver=solvers.get("heun", x=1))
 
 
 def test_adaptive_encode_latent_keeps_the_solver_options():

@@ -63,9 +63,10 @@ def test_eta_zero_is_the_euler_solve_bit_for_bit(grid, dtype):
     flow = flowdiff.ProbabilityFlow(TanhModel(), Schedule.linear())
     noise = _noise(dtype=dtype)
     ode = flowdiff.generate(flow, noise, solver="euler", steps=10, grid=grid)
-    for kwargs in ({"eta": 0.0}, {"eta": 0}, {"eta": 0.0, "generator": 3}, {"generator": torch.Generator()}):
-        out = flowdiff.generate(flow, noise, steps=10, grid=grid, **kwargs)
-        assert torch.equal(out.x, ode.x), kwargs
+    for spec in (flowdiff.Stochastic(0.0), flowdiff.Stochastic(0), flowdiff.Stochastic(0.0, generator=3),
+                 flowdiff.Stochastic(generator=torch.Generator())):
+        out = flowdiff.generate(flow, noise, steps=10, grid=grid, solver=spec)
+        assert torch.equal(out.x, ode.x), spec
         assert out.stats.nfe == ode.stats.nfe == 10
         assert out.stats.extra["noise_draws"] == 0
         np.testing.assert_array_equal(out.sigmas, ode.sigmas)

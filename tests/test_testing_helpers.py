@@ -21,7 +21,8 @@ def test_round_trip_error_decodes_with_the_encode_model_kwargs():
     flow = _conditional_flow()
     images = torch.linspace(-0.5, 0.5, 8, dtype=torch.float64).reshape(2, 4)
     kwargs = {"class_labels": torch.tensor([3, 7])}
-    rt = ft.assert_round_trip(flow, images, atol=1e-10, solver="reversible_heun", steps=8, model_kwargs=kwargs)
+    rt = ft.assert_round_trip(flow, images, atol=1e-10, solver="reversible_heun", steps=8,
+                              model_kwargs=kwargs)
     # the same latent decoded without the labels is refused (its fingerprint records them) and, forced, does not
     # come back: the conditioning mattered
     with pytest.raises(ValueError, match="fingerprint"):

@@ -56,8 +56,8 @@ def test_tuned_grid_beats_the_default_grids_on_held_out_noise(solver, options):
     nfe = 5
     tuned = flowdiff.tune(flow, calibration, solver=solver, nfe=nfe, solver_options=options, progress=False,
                           max_evals=150)
-    tuned_err = _rmse(flow, held_out, solver=solver, solver_options=options, sigmas=tuned.sigmas)
-    defaults = {g: _rmse(flow, held_out, solver=solver, solver_options=options, nfe=nfe, grid=g)
+    tuned_err = _rmse(flow, held_out, solver=solvers.get(solver, **options), grid=tuned.sigmas)
+    defaults = {g: _rmse(flow, held_out, solver=solvers.get(solver, **options), nfe=nfe, grid=g)
                 for g in ("trailing", "karras", "logsnr")}
     assert tuned_err < 0.8 * min(defaults.values()), (tuned_err, defaults)
     assert tuned.calibration_error <= tuned.initial_error

@@ -461,6 +461,8 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
     final_euler = None
     if isinstance(grid, Grid):
         final_euler = grid.final_euler
+        if not grid.given and grid.name == "trailing" and not grid.options:
+            grid = None  # Grid(final_euler=...) alone says how the decode ends, nothing about the grid
     if isinstance(grid, Grid) and grid.sigmas is not None:
         given = np.asarray(grid.sigmas, dtype=np.float64)
         if not (np.array_equal(given, sig) or np.array_equal(given, sig[::-1])):

@@ -147,12 +147,13 @@ class Latent:
             got = flow_fingerprint(flow, model_kwargs)
         except TypeError as err:
             raise ValueError(f"this latent was encoded with the model fingerprinted {self.fingerprint}, and this "
-                             f"flow cannot be fingerprinted to check it ({err}); pass checks=flowdiff.Checks(model=False) to decode "
-                             "anyway") from None
+                             f"flow cannot be fingerprinted to check it ({err}); pass "
+                             "checks=flowdiff.Checks(model=False) to decode anyway") from None
         if got != self.fingerprint:
             raise ValueError(f"this latent was encoded with another model, schedule or conditioning: its fingerprint "
                              f"is {self.fingerprint}, this flow and model_kwargs give {got}; decode with the "
-                             "encoding model and model_kwargs, or pass checks=flowdiff.Checks(model=False) to decode anyway")
+                             "encoding model and model_kwargs, or pass checks=flowdiff.Checks(model=False) to decode "
+                             "anyway")
 
     def check_decode(self, *, solver: str | None = None, steps: int | None = None,
                      sigmas: np.ndarray | None = None, solver_options: dict[str, Any] | None = None) -> None:
