@@ -82,8 +82,7 @@ def forward_time(flow, noise, steps, solver):
 def torchdiffeq_gradient(flow, noise, weights, steps):
     from torchdiffeq import odeint_adjoint
 
-    sig = build_grid("trailing", steps=steps, nfe=None, sigmas=None, timesteps=None, grid_options=None,
-                     final_euler=True).generation_sigmas(flow, solvers.get("euler"))  # generate's own grid
+    sig = build_grid("trailing", steps=steps, nfe=None).generation_sigmas(flow, solvers.get("euler"))  # generate's
     field = flow.field()
     count = [0]
 

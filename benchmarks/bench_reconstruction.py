@@ -45,10 +45,10 @@ METHODS = {
     "ddim_inverse": dict(solver="ddim_inverse"),
     "heun": dict(solver="heun"),
     "reversible_heun": dict(solver="reversible_heun"),
-    "reversible[euler]": dict(solver="reversible", solver_options={"base": "euler"}),
-    "reversible[heun]": dict(solver="reversible", solver_options={"base": "heun"}),
-    "fixed_point[euler]": dict(solver="euler", inversion="fixed_point", inversion_options={"on_failure": "keep"}),
-    "fixed_point[heun]": dict(solver="heun", inversion="fixed_point", inversion_options={"on_failure": "keep"}),
+    "reversible[euler]": dict(solver=solvers.get("reversible", base="euler")),
+    "reversible[heun]": dict(solver=solvers.get("reversible", base="heun")),
+    "fixed_point[euler]": dict(solver=flowdiff.Inversion("fixed_point", {"on_failure": "keep"}, solver="euler")),
+    "fixed_point[heun]": dict(solver=flowdiff.Inversion("fixed_point", {"on_failure": "keep"}, solver="heun")),
 }
 #: the costliest methods are tabulated up to this many steps (CPU time); "–" beyond
 MAX_STEPS = {"reversible[heun]": 200, "fixed_point[euler]": 200, "fixed_point[heun]": 100}

@@ -11,7 +11,7 @@ Two models, each run by four loops side by side in one process, interleaved, bes
                     map (deterministic DDIM is Euler on dx̄/dσ = ε, Song et al., ICLR 2021);
   diffusers DPM++ — ``DPMSolverMultistepScheduler`` (dpmsolver++, order 2, σ = 0 at the end), the multistep
                     peer;
-  flowdiff dpmpp_2m — ``flowdiff.generate(..., solver="dpmpp_2m", sigmas=<that scheduler's σ grid>)``.
+  flowdiff dpmpp_2m — ``flowdiff.generate(..., solver="dpmpp_2m", grid=<that scheduler's σ grid>)``.
 
 Models: the shipped ``digits`` network (1×8×8, 283k parameters), and a random ``UNet2DModel`` of CIFAR-10
 size (3×32×32; the block layout of google/ddpm-cifar10-32: channels 128/256/256/256, two layers per block,
