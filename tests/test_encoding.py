@@ -114,7 +114,7 @@ def test_the_guard_stops_an_unstable_encode_at_the_step_that_left_the_range():
         flowdiff.encode(flow, x, steps=10, grid="trailing")
     err = info.value
     # where it should fire, computed independently: Euler on dx̄/dσ = 5x̄, bound 50·max(1, 0.5)
-    sig = flowdiff.encode(flow, x, steps=10, grid="trailing", checks=flowdiff.Checks(divergence=None)).sigmas
+    sig = flowdiff.encode(flow, x, steps=10, grid="trailing", checks=flowdiff.Checks(growth=None)).sigmas
     xbar, first = 0.5, None
     for i in range(len(sig) - 1):
         xbar *= 1 + 5.0 * (sig[i + 1] - sig[i])
@@ -128,16 +128,16 @@ def test_the_guard_stops_an_unstable_encode_at_the_step_that_left_the_range():
 def test_the_guard_is_adjustable_and_off_with_none():
     flow = _exploding(1.0)
     x = torch.full((1, 2), 1.0, dtype=torch.float64)
-    loose = flowdiff.encode(flow, x, steps=10, checks=flowdiff.Checks(divergence=None))
+    loose = flowdiff.encode(flow, x, steps=10, checks=flowdiff.Checks(growth=None))
     limit = float(loose.x.abs().max())
     assert limit > 50  # garbage, returned because the guard was off
-    assert torch.equal(flowdiff.encode(flow, x, steps=10, checks=flowdiff.Checks(divergence=2 * limit)).x, loose.x)
+    assert torch.equal(flowdiff.encode(flow, x, steps=10, checks=flowdiff.Checks(growth=2 * limit)).x, loose.x)
     with pytest.raises(SolveError, match="exceeds the bound"):
-        flowdiff.encode(flow, x, steps=10, checks=flowdiff.Checks(divergence=limit / 2))
+        flowdiff.encode(flow, x, steps=10, checks=flowdiff.Checks(growth=limit / 2))
     with pytest.raises(SolveError, match="exceeds the bound"):
-        flowdiff.generate(flow, x, steps=10, checks=flowdiff.Checks(divergence=1e-3))
-    with pytest.raises(ValueError, match="Checks.divergence must be a finite number > 0"):
-        flowdiff.encode(flow, x, steps=10, checks=flowdiff.Checks(divergence=-1.0))
+        flowdiff.generate(flow, x, steps=10, checks=flowdiff.Checks(growth=1e-3))
+    with pytest.raises(ValueError, match="Checks.growth must be a finite number > 0"):
+        flowdiff.encode(flow, x, steps=10, checks=flowdiff.Checks(growth=-1.0))
 
 
 def test_solvers_bound_locates_the_first_step_out_of_range():
@@ -195,9 +195,9 @@ def test_divergence_guard_covers_adaptive_solves():
     assert float(ok.x.abs().max()) < 10
     with pytest.raises(solvers.SolveError, match=r"step \d+ \(σ .*diverged") as info:
         flowdiff.encode(flow, images, solver="dopri5", adaptive=flowdiff.Adaptive(rtol=1e-3, atol=1e-3),
-                        checks=flowdiff.Checks(divergence=1e-3))
+                        checks=flowdiff.Checks(growth=1e-3))
     assert info.value.value > 1e-3
     noise = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     with pytest.raises(solvers.SolveError, match="diverged"):
         flowdiff.generate(flow, noise, solver="unipc", adaptive=flowdiff.Adaptive(rtol=1e-3, atol=1e-3),
-                          checks=flowdiff.Checks(divergence=1e-3))
+                          checks=flowdiff.Checks(growth=1e-3))

@@ -303,7 +303,7 @@ def test_every_solve_asks_the_one_chooser(monkeypatch):
 
 
 def test_the_divergence_guard_applies_to_every_kind_of_solve():
-    # Checks(divergence=) (formerly divergence=, silently ignored by the η process and the reversible decode
+    # Checks(growth=) (formerly divergence=, silently ignored by the η process and the reversible decode
     flow, noise, gauss = _gauss()
     images = gauss.sample(2, generator=torch.Generator().manual_seed(0))
     enc = flowdiff.encode(flow, images, solver="reversible_heun", steps=4)
@@ -315,9 +315,9 @@ def test_the_divergence_guard_applies_to_every_kind_of_solve():
                                                     **kw),
               "reversible decode": lambda **kw: flowdiff.decode(flow, enc.latent, **kw)}
     for name, solve in solves.items():
-        assert solve(checks=flowdiff.Checks(divergence=None)).x.isfinite().all(), name
+        assert solve(checks=flowdiff.Checks(growth=None)).x.isfinite().all(), name
         with pytest.raises(solvers.SolveError, match="diverged") as err:
-            solve(checks=flowdiff.Checks(divergence=1e-3))
+            solve(checks=flowdiff.Checks(growth=1e-3))
         assert err.value.value > 1e-3, name
 
 

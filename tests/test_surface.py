@@ -100,16 +100,16 @@ def test_solver_options_travel_with_the_solver():
 def test_checks_object():
     flow, noise, images = _setup()
     plain = flowdiff.generate(flow, noise, steps=4)
-    for checks in (flowdiff.Checks(finite=False), flowdiff.Checks(divergence=None), flowdiff.Checks(divergence=2e3)):
+    for checks in (flowdiff.Checks(finite=False), flowdiff.Checks(growth=None), flowdiff.Checks(growth=2e3)):
         assert torch.equal(flowdiff.generate(flow, noise, steps=4, checks=checks).x, plain.x)
     with pytest.raises(solvers.SolveError, match="diverged"):
-        flowdiff.generate(flow, noise, steps=4, checks=flowdiff.Checks(divergence=1e-3))
+        flowdiff.generate(flow, noise, steps=4, checks=flowdiff.Checks(growth=1e-3))
     # the default bound is the direction's: 50 for an encode, which Checks() says as "auto"
-    enc = flowdiff.encode(flow, images, steps=4, checks=flowdiff.Checks(divergence="auto"))
-    assert torch.equal(enc.x, flowdiff.encode(flow, images, steps=4, checks=flowdiff.Checks(divergence=50.0)).x)
+    enc = flowdiff.encode(flow, images, steps=4, checks=flowdiff.Checks(growth="auto"))
+    assert torch.equal(enc.x, flowdiff.encode(flow, images, steps=4, checks=flowdiff.Checks(growth=50.0)).x)
     for bad in (0.0, -1.0, float("inf"), "off", True):
-        with pytest.raises(ValueError, match="Checks.divergence must be"):
-            flowdiff.Checks(divergence=bad)
+        with pytest.raises(ValueError, match="Checks.growth must be"):
+            flowdiff.Checks(growth=bad)
     with pytest.raises(TypeError, match="checks must be a flowdiff.Checks, got dict"):
         flowdiff.generate(flow, noise, steps=4, checks={"finite": False})
     # model= is decode's: refused where it would be ignored, honoured on a latent

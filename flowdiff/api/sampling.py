@@ -114,7 +114,7 @@ REMOVED = {
     "adaptive_options": "adaptive=flowdiff.Adaptive(..., controller=, first_step=, sigma_c=, sigma_end=)",
     "solver_options": "solver=solvers.get(name, **options)",
     "check_finite": "checks=flowdiff.Checks(finite=...)",
-    "divergence": "checks=flowdiff.Checks(divergence=...)",
+    "divergence": "checks=flowdiff.Checks(growth=...)",
     "check_model": "checks=flowdiff.Checks(model=...)",
     "eta": "solver=flowdiff.Stochastic(eta, generator, step_noise) (generate only)",
     "generator": "solver=flowdiff.Stochastic(eta, generator=...)",
@@ -246,12 +246,12 @@ def generate(
     noise's dtype; float16/bfloat16 noise is integrated in float32 with the model fed in the
     noise's dtype, and the image returned in it.
 
-    ``checks=flowdiff.Checks(finite=True, divergence="auto")``: non-finite states stop the
+    ``checks=flowdiff.Checks(finite=True, growth="auto")``: non-finite states stop the
     solve naming the step; the divergence guard (default 1000): when the VP-scaled end state
-    max|x̄|/√(1+σ²) exceeds ``divergence × max(1, max|noise|)`` the solve is run again to find
+    max|x̄|/√(1+σ²) exceeds ``growth × max(1, max|noise|)`` the solve is run again to find
     the first step past that bound and a :class:`solvers.SolveError` names it (step, σ, the
     value: ``err.value``) instead of returning garbage. It costs one host sync at the end,
-    none in the loop. ``divergence=None`` turns it off.
+    none in the loop. ``Checks(growth=None)`` turns it off.
 
     ``save=flowdiff.Save(sigmas=[...], steps=True, denoised=True)`` returns the states at chosen σ
     (or after every step) in ``result.saved``: the records a callback would receive there.
@@ -327,8 +327,8 @@ def encode(
 
     Every registered solver encodes at its order or is refused: multistep methods run in the
     variables :func:`flowdiff.engine.formulations.formulation_for` picks for encoding (ρ = 1/σ, where
-    an encode's steps shrink), iPNDM is refused. ``checks=Checks(divergence=...)`` is the guard of
-    :func:`generate` on the latent x_T, tighter by default (``divergence × max(1, max|images|)``,
+    an encode's steps shrink), iPNDM is refused. ``checks=Checks(growth=...)`` is the guard of
+    :func:`generate` on the latent x_T, tighter by default (``growth × max(1, max|images|)``,
     default 50: a latent is N(0, I)-distributed; see :data:`flowdiff.engine.loop.DIVERGENCE_ENCODE`).
     ``adjoint``: how the encode is differentiated, as for :func:`generate` (the latent's
     solver state, when it keeps one, is differentiable too).
@@ -435,7 +435,7 @@ def decode(
                                            model_kwargs=model_kwargs, callback=saver or callback, checks=checks,
                                            adjoint=adjoint))
     if not checks.model:
-        checks = Checks(checks.finite, checks.divergence)  # a plain tensor records no model: nothing to skip
+        checks = Checks(checks.finite, checks.growth)  # a plain tensor records no model: nothing to skip
     return generate(flow, latent, solver="euler" if solver is None else solver, steps=steps, nfe=nfe,
                     grid="trailing" if grid is None else grid, model_kwargs=model_kwargs, callback=callback,
                     save=save, checks=checks, adjoint=adjoint)

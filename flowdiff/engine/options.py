@@ -303,31 +303,32 @@ class Checks:
     """The run-time checks of ``generate``/``encode``/``decode``.
 
     ``finite``: stop with a :class:`solvers.SolveError` naming the step when a state turns
-    NaN/inf. ``divergence``: the divergence guard (:func:`flowdiff.engine.loop.divergence_limit`):
-    a number > 0 times ``max(1, max|start|)`` bounds the VP-scaled end state, ``None`` turns it
-    off, ``"auto"`` (the default) is the direction's own bound (1000 for generate and decode,
-    50 for encode). ``model``: a :class:`flowdiff.Latent` that records its model refuses another
+    NaN/inf. ``growth``: the divergence guard (:func:`flowdiff.engine.loop.divergence_limit`):
+    the VP-scaled end state may reach ``growth × max(1, max|start|)`` and no further; ``None``
+    turns it off, ``"auto"`` (the default) is the direction's own factor (1000 for generate and
+    decode, 50 for encode). (Not called ``divergence``: in :func:`flowdiff.log_likelihood` that
+    name is the trace estimator.) ``model``: a :class:`flowdiff.Latent` that records its model refuses another
     flow or other ``model_kwargs`` in :func:`flowdiff.decode` (generate and encode have no such
     check, so ``model=False`` there is refused rather than ignored).
     """
 
     finite: bool = True
-    divergence: float | str | None = "auto"
+    growth: float | str | None = "auto"
     model: bool = True
 
     def __post_init__(self) -> None:
         _flag(self.finite, "Checks.finite")
         _flag(self.model, "Checks.model")
-        d = self.divergence
+        d = self.growth
         if d is None or d == "auto":
             return
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not (math.isfinite(d) and d > 0):
-            raise ValueError(f"Checks.divergence must be a finite number > 0, None (off) or 'auto' (the direction's "
+            raise ValueError(f"Checks.growth must be a finite number > 0, None (off) or 'auto' (the direction's "
                              f"default), got {d!r}")
 
     def bound(self, default: float) -> float | None:
         """The divergence factor for a solve whose own default is ``default`` (None: off)."""
-        return default if self.divergence == "auto" else self.divergence
+        return default if self.growth == "auto" else self.growth
 
 
 def check_checks(checks: object) -> Checks:
