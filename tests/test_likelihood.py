@@ -342,8 +342,9 @@ def test_auto_takes_hutch_plus_plus_beyond_256_dimensions_at_a_cost_that_does_no
 @pytest.mark.parametrize("dequantization", ["uniform", "truncated_normal"])
 def test_dequantized_bits_per_dim_bound_the_discrete_datas_on_integer_images(dequantization):
     """A diagonal Gaussian quantized to 17 levels: the discrete probability of each lattice point is a product of
-    normal-CDF differences. The dequantized bits/dim is an upper bound on the discrete data's (by Jensen), close
-    to it for cells small against the Gaussian's width, averaged over the dequantization noise."""
+    normal-CDF differences. The dequantized bits/dim, averaged over the dequantization noise, is an upper bound on
+    the discrete data's (by Jensen); with uniform noise close to it (the density is nearly flat across a cell),
+    with the truncated normal of σ_min = 0.01 (0.08 lattice spacings) looser."""
     from scipy.stats import norm, truncnorm
 
     g = gaussian()
@@ -361,7 +362,7 @@ def test_dequantized_bits_per_dim_bound_the_discrete_datas_on_integer_images(deq
         centred = u - 0.5
         assert bool((r.log_q == 0).all())
     else:
-        s = 0.25
+        s = g.schedule.sigma_min / delta
         centred = torch.tensor(truncnorm.ppf(u.numpy(), -0.5 / s, 0.5 / s, scale=s))
         log_q = torch.tensor(truncnorm.logpdf(centred.numpy(), -0.5 / s, 0.5 / s, scale=s)).sum(1)
         torch.testing.assert_close(r.log_q, log_q, atol=1e-6, rtol=0)
@@ -375,4 +376,6 @@ def test_dequantized_bits_per_dim_bound_the_discrete_datas_on_integer_images(deq
         discrete = float(-torch.tensor(cell).log2().sum() / 4)
         est = r.bits_per_dim[i * reps:(i + 1) * reps]
         mean, se = float(est.mean()), float(est.std() / math.sqrt(reps))
-        assert discrete - 3 * se <= mean <= discrete + 0.05, (dequantization, mean, se, discrete)
+        assert discrete - 3 * se <= mean, (dequantization, mean, se, discrete)
+        if dequantization == "uniform":
+            assert mean <= discrete + 0.05, (mean, discrete)

@@ -68,8 +68,11 @@ uniform q; Zheng et al., "Improved Techniques for Maximum Likelihood Estimation 
 ODEs" (i-DODE), 2023, with a truncated normal). One draw of u per image gives the bound's
 unbiased estimate, bits/dim = −(log p(ỹ) − log q(u))/(D ln 2) + offset, offset = −log₂ Δ: the
 discrete data's code length, the figure the literature reports. ``dequantization="uniform"``
-(q = 1) or ``"truncated_normal"`` (u − ½ ~ N(0, ¼²) truncated to the cell: the density's mass
-sits nearer the lattice point, where a model trained on quantized data puts it). For 8-bit images
+(q = 1) or ``"truncated_normal"``: u − ½ ~ N(0, (σ_min/Δ)²) truncated to the cell, i.e. noise of
+the schedule's smallest level σ_min, the least the model was trained at — i-DODE's training-free
+choice, there to start the ODE at σ_min; here it is the dequantization noise and the ODE starts at
+σ = 0. It helps a model that is not resolved below σ_min; for a density that is flat across a
+cell uniform noise is the better q (the tighter bound). For 8-bit images
 (K = 256, y = k/127.5 − 1) the offset is log₂ 127.5 = 6.994 bits; the convention of Song et
 al.'s code, which maps (k + u)/256 to [−1, 1), adds 7. Without ``dequantize`` the offset is 0
 and bits/dim is the continuous density's (it can be negative).
@@ -106,8 +109,6 @@ DEFAULT_SKETCH = 32
 AUTO_EXACT_MAX_DIM = 256
 #: The check solve's tolerances are this many times the solve's (a fixed grid: half the steps).
 CHECK_FACTOR = 10.0
-#: ``dequantization="truncated_normal"``: the standard deviation of u − ½, in lattice spacings, before truncation.
-TRUNCATED_NORMAL_STD = 0.25
 #: Steps of at most 1 in log(σ + c) (σ + c grows by at most e per step), as flowdiff's adaptive generate.
 CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=10.0, max_step=1.0)
 
@@ -325,13 +326,14 @@ def _per_pixel(name: str, value: object, shape: tuple[int, ...], *, positive: bo
     return t
 
 
-def _dequantize(images: Tensor, levels: object, kind: str,
+def _dequantize(images: Tensor, levels: object, kind: str, sigma_min: float,
                 generator: torch.Generator | None) -> tuple[Tensor, float, Tensor]:
     """Dequantization on the lattice of ``levels`` values over [−1, 1]: ỹ = y + Δ(u − ½).
 
     ``kind="uniform"``: u ~ U[0, 1)^D, log q(u) = 0. ``"truncated_normal"``: u − ½ ~ N(0, s²)
-    truncated to [−½, ½] per pixel (s = :data:`TRUNCATED_NORMAL_STD`), drawn by inverting the
-    normal CDF, with its log-density log q(u) summed over pixels. Returns ỹ, −log₂ Δ and log q.
+    truncated to [−½, ½] per pixel, s = σ_min/Δ (the schedule's smallest noise level in lattice
+    units), drawn by inverting the normal CDF, with its log-density log q(u) summed over pixels.
+    Returns ỹ, −log₂ Δ and log q.
     """
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
         raise ValueError(f"dequantize must be None or the number of quantization levels over [-1, 1] "
@@ -349,7 +351,7 @@ def _dequantize(images: Tensor, levels: object, kind: str,
         centred = u - 0.5
         log_q = torch.zeros(batch, dtype=torch.float64)
     else:
-        std = TRUNCATED_NORMAL_STD
+        std = sigma_min / delta
         normal = torch.distributions.Normal(0.0, 1.0)
         lo, hi = normal.cdf(torch.tensor(-0.5 / std)), normal.cdf(torch.tensor(0.5 / std))
         z = normal.icdf(lo + u * (hi - lo)).clamp(-0.5 / std, 0.5 / std)
@@ -501,7 +503,7 @@ def log_likelihood(
 
     offset, log_q = 0.0, None
     if dequantize is not None:
-        images, offset, log_q = _dequantize(images, dequantize, dequantization, generator)
+        images, offset, log_q = _dequantize(images, dequantize, dequantization, float(schedule.sigma_min), generator)
     dtype = torch.float32 if images.dtype in (torch.float16, torch.bfloat16) else images.dtype
     device = images.device
     xbar0 = images.to(dtype).reshape(batch, dim)
