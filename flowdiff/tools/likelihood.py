@@ -531,12 +531,15 @@ def log_likelihood(
         out = []
         for b0 in range(0, batch, piece):
             rows = slice(b0, min(batch, b0 + piece))
-            eps, apply = jac.linearize(sigma, y[rows, :dim])
+            eps, apply = jac.linearize(sigma, y[rows, :dim].to(dtype))
             div = estimator(apply, rows, eps.shape[0], eps)
-            out.append(torch.cat([eps.detach(), div.detach().to(y.dtype)], 1))
+            out.append(torch.cat([eps.detach(), div.detach()], 1).to(y.dtype))
         return torch.cat(out).mul_(sigma + c)
 
-    y0 = torch.cat([xbar0, xbar0.new_zeros(batch, k)], 1)
+    # the augmented state in float64 (where the device has it), the model in the images' precision: the
+    # log-density column reaches hundreds of nats, whose float32 rounding (~1e-5) would be the tolerance itself
+    state_dtype = torch.float32 if device.type == "mps" else torch.float64
+    y0 = torch.cat([xbar0, xbar0.new_zeros(batch, k)], 1).to(state_dtype)
 
     def integrate(scale: float) -> tuple[Tensor, Stats]:
         """One solve at ``scale`` × the tolerances (adaptive) or 1/``scale`` × the steps (fixed grid)."""
