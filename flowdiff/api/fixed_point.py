@@ -29,7 +29,11 @@ the image. Three root finders (``method=``):
 Neither can promise a root: the decode step need not be onto (an image outside the model's
 reach has no preimage) nor one-to-one (the residual can have local minima). A sample that
 misses ``tol`` is an error naming the step, σ and residual; with ``on_failure="keep"`` it
-keeps its best iterate and is listed in ``stats.extra["unconverged"]`` instead.
+keeps its least-residual iterate and is listed in ``stats.extra["unconverged"]`` instead, with
+every sample's largest residual in ``stats.extra["sample_residuals"]``. On the shipped digits
+model the misses look like images outside the last step's range: for held-out digits that miss at
+10 steps, a Levenberg–Marquardt search with the exact Jacobian stalls where the Jacobian's
+smallest singular value is ~1e-9, and continuation from σ₁ ≈ 0 meets that fold at σ₁ ≈ 0.01–0.02.
 """
 
 from __future__ import annotations
