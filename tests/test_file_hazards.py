@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _digit_files import write_digits
 from PIL import Image
 
 import flowdiff
@@ -34,15 +35,6 @@ def run(capsys, *argv):
     code = main([os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def write_digits(folder: Path, names, start: int = 0) -> None:
-    images = flowdiff.digits_data("test").images[start:start + len(names)]
-    for name, image in zip(names, images):
-        path = folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pixels = ((image[0].numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
-        Image.fromarray(pixels, mode="L").save(path)
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
