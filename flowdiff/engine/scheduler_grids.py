@@ -11,6 +11,9 @@ the scheduler's loop to float rounding.
   ``steps_offset``, ``trailing``, ``linspace``), each step going to t − T//steps. The last step
   goes to σ = 0 when ``set_alpha_to_one`` and to the first trained level σ_min otherwise
   (diffusers' ``final_alpha_cumprod = alphas_cumprod[0]``), so the grid ends at σ_min there.
+  With ``set_alpha_to_one=False`` and a last timestep of 0 (``steps_offset=0``) that last step
+  goes from σ_min to σ_min: diffusers spends a model evaluation on it and leaves the sample
+  unchanged; the grid leaves it out (``steps`` values, one evaluation fewer, the same result).
   A loop whose step does not land on its next timestep (``trailing`` when T is not a multiple
   of ``steps``, ``linspace`` mostly) is no single grid and is refused, as are ``clip_sample``
   and ``thresholding`` (they change x̂₀ at each step: not an ODE).
@@ -172,7 +175,53 @@ def _ddim_sigmas(config: Mapping[str, Any], steps: int, source: str) -> np.ndarr
         end = schedule.sigmas[last]
     else:
         end = 0.0 if config.get("set_alpha_to_one", True) else schedule.sigmas[0]
-    return np.append(schedule.sigmas[ts], end)
+    grid = np.append(schedule.sigmas[ts], end)
+    if grid[-1] == grid[-2]:  # the last timestep is 0 and the step goes to ᾱ_0 again: a zero-length step
+        grid = grid[:-1]
+    return grid
+
+
+def ddim_inverse_sigmas(scheduler: object, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """The increasing σ grid of ``DDIMInverseScheduler.set_timesteps(steps)``'s loop, and its timesteps.
+
+    Its step i goes from the level ``timesteps[i] − T//steps`` (below 0: ᾱ = 1, σ = 0, with
+    ``set_alpha_to_one``, else the first trained level σ_min) to ``timesteps[i]``, where the model is
+    evaluated. The grid starts at that first source level — 0, or σ_min for configs such as Stable
+    Diffusion's (``steps_offset=1``, ``set_alpha_to_one=False``) — and a loop whose step does not
+    start where the previous one ended is refused, as for DDIM.
+    """
+    config, source = config_of(scheduler)
+    steps = _check_steps(steps)
+    for key in ("clip_sample", "thresholding"):
+        if config.get(key, key == "clip_sample"):
+            raise ValueError(f"{source}: {key}=True changes x̂₀ at every step, so that loop is not the ODE any solver "
+                             f"here solves; the grid is that of the same config with {key}=False")
+    schedule, _ = schedule_from_config(config, source)
+    T = schedule.num_train_timesteps
+    spacing = config.get("timestep_spacing", "leading")
+    if steps > T:
+        raise ValueError(f"{source}: steps={steps} exceeds num_train_timesteps={T}")
+    if spacing == "leading":
+        ts = np.arange(steps, dtype=np.int64) * (T // steps) + int(config.get("steps_offset", 0))
+    elif spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / steps)[::-1]).astype(np.int64) - 1
+    else:
+        raise ValueError(f"{source}: DDIMInverseScheduler's timestep_spacing is 'leading' or 'trailing', got "
+                         f"{spacing!r}")
+    if ts[-1] > T - 1:
+        raise ValueError(f"{source}: steps_offset={config.get('steps_offset')} puts the last timestep at {ts[-1]}, "
+                         f"past the last trained one ({T - 1})")
+    sources = np.minimum(ts - T // steps, T - 1)
+    if not np.array_equal(sources[1:], ts[:-1]):
+        i = int(np.argmax(sources[1:] != ts[:-1])) + 1
+        raise ValueError(f"{source}: with timestep_spacing={spacing!r} and steps={steps}, DDIMInverse's step to "
+                         f"timestep {ts[i]} starts from {sources[i]} while the previous step ended at {ts[i - 1]}: "
+                         "no single σ grid; use steps dividing num_train_timesteps")
+    if sources[0] >= 0:
+        start = schedule.sigmas[sources[0]]
+    else:
+        start = 0.0 if config.get("set_alpha_to_one", True) else schedule.sigmas[0]
+    return np.concatenate([[start], schedule.sigmas[ts]]), ts.copy()
 
 
 def _flow_matching_sigmas(config: Mapping[str, Any], steps: int, mu: float | None, base: Any,

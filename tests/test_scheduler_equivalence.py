@@ -1,0 +1,68 @@
+"""flowdiff reproduces a diffusers scheduler's loop, or refuses it by name: an equivalence suite.
+
+Every case builds one diffusers scheduler, runs diffusers' own loop (``set_timesteps``,
+``scale_model_input``, ``step``) on a fixed random float64 network, and runs flowdiff's documented
+route on the same network and noise: :func:`flowdiff.sample_like` for samplers,
+``flowdiff.encode(..., solver="ddim_inverse")`` for ``DDIMInverseScheduler``. The outcome must be
+the one the case names: ``equal`` (max relative difference ≤ 1e-5 in float32; ≤ 1e-10 in float64
+where diffusers' step keeps the caller's dtype, DDIM and DDIMInverse on the same ᾱ table — Euler,
+DPM-Solver and flow matching compute their step in float32 whatever the sample's dtype), or
+``refused`` with a ``ValueError`` naming the option (or class) and why. The table of outcomes is
+:data:`CASES`; ``benchmarks/bench_scheduler_suite.py`` writes it with the measured differences.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flowdiff
+from flowdiff.tools.scheduler_suite import CASES, Case, run_case
+
+REL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def _ids(case: Case) -> str:
+    return case.name
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.expect == "equal"], ids=_ids)
+def test_equal_to_diffusers(case: Case) -> None:
+    for dtype in case.dtypes:
+        got, ref, nfe, calls = run_case(case, dtype)
+        assert nfe == calls - case.skipped, f"{case.name}: flowdiff evaluated the model {nfe} times, diffusers {calls}"
+        rel = float((got - ref).abs().max() / ref.abs().max())
+        assert rel <= REL[dtype], f"{case.name} {dtype}: relative difference {rel:.3g}"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.expect != "equal"], ids=_ids)
+def test_refused_by_name(case: Case) -> None:
+    with pytest.raises(ValueError) as info:
+        run_case(case, torch.float32)
+    message = str(info.value)
+    assert case.expect in message, f"{case.name}: the refusal does not name {case.expect!r}: {message}"
+    assert any(w in message for w in ("not", "accepted", "reproduced")), message
+
+
+def test_the_suite_distinguishes_timesteps() -> None:
+    """The network depends on its timestep enough that feeding t(σ) instead of the scheduler's
+    integer timesteps is caught: the Karras DPM-Solver case differs by far more than the tolerance."""
+    case = next(c for c in CASES if c.name == "dpm2m-karras")
+    got, ref, _, _ = run_case(case, torch.float32, feed_scheduler_timesteps=False)
+    assert float((got - ref).abs().max() / ref.abs().max()) > 100 * REL[torch.float32]
+
+
+def test_flow_timesteps_option_is_checked() -> None:
+    model = lambda x, t: x  # noqa: E731
+    schedule = flowdiff.Schedule.linear()
+    with pytest.raises(TypeError, match="timesteps must be a mapping"):
+        flowdiff.ProbabilityFlow(model, schedule, timesteps=[1.0])
+    with pytest.raises(ValueError, match="timesteps must map"):
+        flowdiff.ProbabilityFlow(model, schedule, timesteps={-1.0: 3})
+    flow = flowdiff.ProbabilityFlow(model, schedule)
+    fed = flow.with_timesteps({float(schedule.sigmas[10]): 999.0})
+    seen = []
+    fed.model = lambda x, t: (seen.append(float(t[0])), x)[1]
+    fed.eps(torch.ones(1, 2, dtype=torch.float64), float(schedule.sigmas[10]))
+    fed.eps(torch.ones(1, 2, dtype=torch.float64), float(schedule.sigmas[20]))
+    assert seen == [999.0, 20.0] and flow.timesteps == {}
