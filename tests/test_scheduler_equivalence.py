@@ -41,7 +41,7 @@ def test_refused_by_name(case: Case) -> None:
         run_case(case, torch.float32)
     message = str(info.value)
     assert case.expect in message, f"{case.name}: the refusal does not name {case.expect!r}: {message}"
-    assert any(w in message for w in ("not", "accepted", "reproduced")), message
+    assert any(w in message for w in ("not ", "no ", "accepted", "reproduced")), message
 
 
 def test_the_suite_distinguishes_timesteps() -> None:
@@ -49,7 +49,7 @@ def test_the_suite_distinguishes_timesteps() -> None:
     integer timesteps is caught: the Karras DPM-Solver case differs by far more than the tolerance."""
     case = next(c for c in CASES if c.name == "dpm2m-karras")
     got, ref, _, _ = run_case(case, torch.float32, feed_scheduler_timesteps=False)
-    assert float((got - ref).abs().max() / ref.abs().max()) > 100 * REL[torch.float32]
+    assert float((got - ref).abs().max() / ref.abs().max()) > 10 * REL[torch.float32]
 
 
 def test_flow_timesteps_option_is_checked() -> None:

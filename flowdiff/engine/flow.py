@@ -196,7 +196,6 @@ class ProbabilityFlow:
                                  "use a grid that does not evaluate the model at σ = 0")
             return (xbar - out) / sigma
 
-        f.prediction_type = prediction_type  # type: ignore[attr-defined]  # for DDIMInverse's source-level ε
         return f
 
     def _native_field(self, kwargs: dict[str, Any], model_dtype: torch.dtype | None) -> Callable[..., Tensor]:

@@ -345,8 +345,11 @@ def _from_diffusers_scheduler(name: str, config: Mapping[str, Any], steps: int) 
 
 
 def _read_plan(name: str, scheduler: Any, solver: str, options: dict[str, Any], state: str) -> SchedulerPlan:
-    sig = scheduler.sigmas.double().numpy().copy()
     ts = scheduler.timesteps.double().numpy()
+    # the loop runs len(timesteps) steps: Euler's interpolation_type="log_linear" keeps one σ more, never reached
+    sig = scheduler.sigmas.double().numpy()[: len(ts) + 1].copy()
+    if len(sig) > 2 and sig[-1] == sig[-2]:  # a last step from σ_min to σ_min (final_sigmas_type="sigma_min"
+        sig = sig[:-1]                       # on a grid ending at timestep 0): it leaves the sample as it is
     if np.any(np.diff(sig) >= 0):
         raise ValueError(f"{name}: its σ grid {np.array2string(sig, precision=4)} is not strictly decreasing")
     return SchedulerPlan(name, sig, dict(zip(sig[:-1].tolist(), ts.tolist())), solver, options, state,
@@ -370,7 +373,9 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
       ``lower_order_final`` below 15 steps); Karras, exponential, beta and ``use_lu_lambdas`` grids.
 
     The grids of Euler and DPM-Solver are read off diffusers' own scheduler (``set_timesteps``),
-    float32 as diffusers keeps them. Other schedulers and options are refused by name, saying why
+    float32 as diffusers keeps them. A last step of zero length (σ_min to σ_min, where the grid's
+    last timestep is 0 and the final σ is σ_min) is left out: diffusers spends one model
+    evaluation on it and leaves its sample unchanged. Other schedulers and options are refused by name, saying why
     (``clip_sample`` and ``thresholding`` change x̂₀ at every step: not the ODE).
     """
     config, source = config_of(scheduler)
@@ -503,9 +508,15 @@ def encode_like(flow: ProbabilityFlow, images: Tensor, scheduler: object = None,
         raise ValueError(f"{source}: encode_like reproduces DDIMInverseScheduler (or a DDIMScheduler config read as "
                          f"one); got {name!r}")
     grid, ts = ddim_inverse_sigmas(config, steps)
-    run_flow = flow if flow.sigma_field is not None else flow.with_timesteps(dict(zip(grid[1:].tolist(),
-                                                                                     ts.astype(float).tolist())))
     start = float(grid[0])
+    if flow.sigma_field is not None:
+        raise ValueError("encode_like feeds the model DDIMInverse's timesteps; a σ-native field has none")
+    if flow.prediction_type == "sample" and start == 0:
+        raise ValueError(f"{source}: DDIMInverseScheduler with prediction_type='sample' and set_alpha_to_one=True "
+                         "divides by √(1−ᾱ) = 0 at its first step (ε = (x − √ᾱ·x̂₀)/√(1−ᾱ)); not reproduced")
+    # DDIMInverse's step n: the model at the sample (level σ_n) and timestep ts[n] (level σ_{n+1}), its
+    # prediction read as ε at σ_n — Euler from σ_n with the model fed ts[n] there.
+    run_flow = flow.with_timesteps(dict(zip(grid[:-1].tolist(), ts.astype(float).tolist())))
     xbar0 = images * math.sqrt(1.0 + start * start) if start else images
-    return encode(run_flow, xbar0, solver="ddim_inverse", sigmas=grid[::-1].copy(), model_kwargs=model_kwargs,
+    return encode(run_flow, xbar0, solver="euler", sigmas=grid[::-1].copy(), model_kwargs=model_kwargs,
                   **encode_kwargs)

@@ -75,11 +75,11 @@ def _noise(dtype: torch.dtype) -> Tensor:
 def _diffusers_generate(sched: Any, model: Any, noise: Tensor, case: Case) -> tuple[Tensor, int]:
     kwargs = {"mu": case.mu} if case.mu is not None else {}
     sched.set_timesteps(case.steps, **kwargs)
-    x = noise * sched.init_noise_sigma
+    x = noise * getattr(sched, "init_noise_sigma", 1.0)  # flow matching has none: 1
     calls = 0
     for t in sched.timesteps:
         calls += 1
-        out = model(sched.scale_model_input(x, t), t)
+        out = model(sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x, t)
         x = sched.step(out, t, x, return_dict=False)[0]
     return x, calls
 
@@ -195,7 +195,9 @@ def _cases() -> list[Case]:
                                                        "beta_end": 0.012, "steps_offset": 1,
                                                        "timestep_spacing": "leading"}, steps=10))
     add(Case("euler-v", "EulerDiscreteScheduler", {"prediction_type": "v_prediction"}))
-    add(Case("euler-sigma-min", "EulerDiscreteScheduler", {"final_sigmas_type": "sigma_min"}))
+    add(Case("euler-sigma-min", "EulerDiscreteScheduler", {"final_sigmas_type": "sigma_min"}, skipped=1))
+    add(Case("euler-sigma-min-trailing", "EulerDiscreteScheduler", {"final_sigmas_type": "sigma_min",
+                                                                     "timestep_spacing": "trailing"}))
     add(Case("euler-log-linear", "EulerDiscreteScheduler", {"interpolation_type": "log_linear"}))
     add(Case("euler-zero-snr", "EulerDiscreteScheduler", {"rescale_betas_zero_snr": True,
                                                            "timestep_spacing": "trailing",
