@@ -13,10 +13,13 @@ DPM-Solver and flow matching compute their step in float32 whatever the sample's
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 import flowdiff
+from flowdiff.engine.scheduler_grids import class_name
+from flowdiff.models.pipelines import scheduler_plan
 from flowdiff.tools.scheduler_suite import CASES, Case, run_case
 
 REL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -66,3 +69,31 @@ def test_flow_timesteps_option_is_checked() -> None:
     fed.eps(torch.ones(1, 2, dtype=torch.float64), float(schedule.sigmas[10]))
     fed.eps(torch.ones(1, 2, dtype=torch.float64), float(schedule.sigmas[20]))
     assert seen == [999.0, 20.0] and flow.timesteps == {}
+
+
+@pytest.mark.parametrize("cls", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
+                                 "FlowMatchEulerDiscreteScheduler", "PNDMScheduler"])
+def test_config_without_class_name_is_recognised_by_its_keys(cls):
+    """A full config without ``_class_name`` (a live ``scheduler.config`` as a dict) is the class whose
+    parameters are exactly its keys: SDXL's Euler config is not read as DDIM, PNDM's is refused as PNDM."""
+    import diffusers
+
+    config = dict(getattr(diffusers, cls)().config)
+    config.pop("_class_name", None)
+    assert class_name(config) == cls
+    if cls == "PNDMScheduler":
+        with pytest.raises(ValueError, match="PNDMScheduler is not reproduced"):
+            scheduler_plan(config, 5)
+    else:
+        named = scheduler_plan({**config, "_class_name": cls, "clip_sample": False}, 5)
+        plan = scheduler_plan({**config, "clip_sample": False} if cls == "DDIMScheduler" else config, 5)
+        assert plan.scheduler == cls and np.array_equal(plan.sigmas, named.sigmas)
+
+
+def test_config_whose_keys_fit_several_schedulers_is_refused():
+    config = {"beta_schedule": "scaled_linear", "set_alpha_to_one": False, "steps_offset": 1}
+    assert class_name(config) is None
+    with pytest.raises(ValueError, match="no _class_name.*DDIMScheduler.*add _class_name"):
+        scheduler_plan(config, 5)
+    with pytest.raises(ValueError, match="no _class_name"):
+        flowdiff.scheduler_sigmas(config, 5)

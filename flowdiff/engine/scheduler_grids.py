@@ -25,6 +25,7 @@ the scheduler's loop to float rounding.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Mapping
@@ -76,18 +77,56 @@ def config_of(scheduler: object) -> tuple[dict[str, Any], str]:
                     f"got {type(scheduler).__name__}")
 
 
+#: the scheduler classes a config without ``_class_name`` is told apart among, by its keys
+KNOWN_SCHEDULERS = (*FLOW_MATCHING_SCHEDULERS, *VP_SCHEDULERS, "DPMSolverMultistepInverseScheduler",
+                    "DEISMultistepScheduler", "KDPM2DiscreteScheduler", "DPMSolverSinglestepScheduler")
+
+
+def _parameters(name: str) -> frozenset[str] | None:
+    """The config keys (``__init__`` parameters) of diffusers' scheduler ``name``, or None without diffusers."""
+    try:
+        import diffusers
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        return None
+    return frozenset(p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs"))
+
+
+def candidates(config: Mapping[str, Any]) -> list[str]:
+    """The known scheduler classes whose parameters include every key of ``config`` (underscored keys aside)."""
+    keys = {k for k in config if not k.startswith("_")}
+    found = []
+    for name in KNOWN_SCHEDULERS:
+        params = _parameters(name)
+        if params is not None and keys <= params:
+            found.append(name)
+    return found
+
+
 def class_name(config: Mapping[str, Any]) -> str | None:
-    """The scheduler class a config is for: its ``_class_name`` (written by save_pretrained), or for a
-    live ``scheduler.config`` (which lacks it) the class its keys identify: flow matching's
-    ``shift``/``use_dynamic_shifting`` without betas, DDIM's ``set_alpha_to_one``."""
+    """The scheduler class a config is for: its ``_class_name`` (written by save_pretrained), or, for a
+    dict without one (a live ``scheduler.config``, a hand-written dict), the one known diffusers
+    scheduler whose parameters are exactly its keys, else the only one whose parameters include them
+    all. None when the keys fit no class or several (never a guess): callers refuse it by name."""
     name = config.get("_class_name")
     if name is not None:
         return name
-    if ("use_dynamic_shifting" in config or "shift" in config) and "beta_schedule" not in config:
-        return "FlowMatchEulerDiscreteScheduler"
-    if "set_alpha_to_one" in config:
-        return "DDIMScheduler"
-    return None
+    keys = {k for k in config if not k.startswith("_")}
+    found = candidates(config)
+    exact = [n for n in found if _parameters(n) == keys]
+    if len(exact) == 1:
+        return exact[0]
+    return found[0] if len(found) == 1 else None
+
+
+def unidentified(config: Mapping[str, Any], source: str) -> ValueError:
+    """The error for a config without ``_class_name`` whose keys do not identify one scheduler."""
+    found = candidates(config)
+    which = (f"they fit {', '.join(found)}" if found else "they fit none of " + ", ".join(KNOWN_SCHEDULERS))
+    return ValueError(f"{source}: no _class_name, and its keys ({', '.join(sorted(config)) or 'none'}) do not identify "
+                      f"one scheduler ({which}); add _class_name")
 
 
 def _is_flow_matching(config: Mapping[str, Any]) -> bool:
@@ -177,6 +216,10 @@ def _ddim_sigmas(config: Mapping[str, Any], steps: int, source: str) -> np.ndarr
         end = 0.0 if config.get("set_alpha_to_one", True) else schedule.sigmas[0]
     grid = np.append(schedule.sigmas[ts], end)
     if grid[-1] == grid[-2]:  # the last timestep is 0 and the step goes to ᾱ_0 again: a zero-length step
+        if len(grid) == 2:
+            raise ValueError(f"{source}: steps=1 with set_alpha_to_one=False and steps_offset=0 is one step of zero "
+                             "length (σ_min to σ_min): that loop returns its input; use steps >= 2 or "
+                             "set_alpha_to_one=True")
         grid = grid[:-1]
     return grid
 
@@ -288,6 +331,8 @@ def scheduler_sigmas(scheduler: object, steps: int, *, mu: float | None = None, 
         return _ddim_sigmas(config, steps, source)
     if name in FLOW_MATCHING_SCHEDULERS:
         return _flow_matching_sigmas(config, steps, mu, sigmas, source)
+    if name is None:
+        raise unidentified(config, source)
     raise ValueError(f"{source}: scheduler_sigmas knows the grids of {', '.join(GRID_SCHEDULERS)}; got "
                      f"_class_name={name!r} (for another scheduler pass its sigmas to generate(sigmas=...) directly, "
                      "or load its config into a DDIMScheduler)")

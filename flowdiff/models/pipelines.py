@@ -26,7 +26,14 @@ from torch import Tensor, nn
 
 from ..api.sampling import Result, encode, generate
 from ..engine.flow import ProbabilityFlow
-from ..engine.scheduler_grids import class_name, config_of, ddim_inverse_sigmas, ddim_timesteps, scheduler_sigmas
+from ..engine.scheduler_grids import (
+    class_name,
+    config_of,
+    ddim_inverse_sigmas,
+    ddim_timesteps,
+    scheduler_sigmas,
+    unidentified,
+)
 
 
 class Autoencoder:
@@ -381,8 +388,7 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
     config, source = config_of(scheduler)
     name = class_name(config)
     if name is None:
-        raise ValueError(f"{source}: no _class_name, and its keys ({', '.join(sorted(config)) or 'none'}) do not "
-                         f"identify a scheduler; add _class_name (one of {', '.join(PLANNED_SCHEDULERS)})")
+        raise unidentified(config, source)
     if name in _NOT_EQUAL:
         raise ValueError(f"{source}: {name} is not reproduced: {_NOT_EQUAL[name]}; reproduced: "
                          f"{', '.join(PLANNED_SCHEDULERS)}")
@@ -504,6 +510,8 @@ def encode_like(flow: ProbabilityFlow, images: Tensor, scheduler: object = None,
                              "its config or its directory)")
     config, source = config_of(scheduler)
     name = class_name(config)
+    if name is None:
+        raise unidentified(config, source)
     if name not in ("DDIMInverseScheduler", "DDIMScheduler"):
         raise ValueError(f"{source}: encode_like reproduces DDIMInverseScheduler (or a DDIMScheduler config read as "
                          f"one); got {name!r}")

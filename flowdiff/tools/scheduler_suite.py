@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..engine.flow import ProbabilityFlow
 from ..engine.scheduler_grids import schedule_from_config
-from ..models.pipelines import scheduler_plan, sample_like
+from ..models.pipelines import sample_like, scheduler_plan
 
 SHAPE = (2, 6)
 BOTH = (torch.float32, torch.float64)
