@@ -97,3 +97,31 @@ def test_config_whose_keys_fit_several_schedulers_is_refused():
         scheduler_plan(config, 5)
     with pytest.raises(ValueError, match="no _class_name"):
         flowdiff.scheduler_sigmas(config, 5)
+
+
+def test_lower_order_final_is_what_makes_few_step_dpm_solver_equal():
+    """Below 15 steps diffusers' DPM-Solver++(2M) to σ_min takes its last step at first order: dpmpp_2m
+    without ``lower_order_final`` differs by far more than the tolerance, with it equals diffusers."""
+    import diffusers
+
+    from flowdiff.tools.scheduler_suite import network
+
+    config = {"_class_name": "DPMSolverMultistepScheduler", "final_sigmas_type": "sigma_min"}
+    model = network(torch.float32)
+    noise = torch.randn(2, 6, generator=torch.Generator().manual_seed(1))
+    sched = diffusers.DPMSolverMultistepScheduler.from_config(config)
+    sched.set_timesteps(8)
+    x = noise.clone()
+    for t in sched.timesteps:
+        x = sched.step(model(x, t), t, x, return_dict=False)[0]
+    schedule, _ = flowdiff.models.diffusers_io.schedule_from_config(config)
+    flow = flowdiff.ProbabilityFlow(model, schedule)
+
+    def rel(**kwargs):
+        y = flowdiff.sample_like(flow, noise, config, 8, solver="dpmpp_2m", **kwargs).x
+        return float((y - x).abs().max() / x.abs().max())
+
+    assert rel(solver_options={"lower_order_final": True}) <= REL[torch.float32]
+    assert rel() > 10 * REL[torch.float32]
+    with pytest.raises(TypeError, match="lower_order_final must be True or False"):
+        rel(solver_options={"lower_order_final": 1})

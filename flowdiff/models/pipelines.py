@@ -292,16 +292,13 @@ def flux_grid_arguments(scheduler: object, tokens: int, steps: int) -> tuple[flo
 
 #: the diffusers schedulers whose deterministic loop flowdiff reproduces (:func:`scheduler_plan`)
 PLANNED_SCHEDULERS = ("DDIMScheduler", "FlowMatchEulerDiscreteScheduler", "EulerDiscreteScheduler",
-                      "DPMSolverMultistepScheduler")
+                      "HeunDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler")
 #: schedulers refused by name, and why (their nearest flowdiff solver is named in the message)
 _NOT_EQUAL = {
     "PNDMScheduler": "its Runge–Kutta warm-up and linear multistep run on the DDIM-scaled state (close to "
                      "solver='ipndm', not equal: about 4e-3 apart)",
     "UniPCMultistepScheduler": "its bh1/bh2 predictor–corrector coefficients are not those of solver='unipc'",
     "DEISMultistepScheduler": "its exponential-integrator weights are not those of solver='deis'",
-    "HeunDiscreteScheduler": "it feeds the model fractional timesteps at the step's end that its own table does "
-                             "not hold (use solver='heun' on scheduler_plan's grid for the same method)",
-    "LMSDiscreteScheduler": "its coefficients are integrated in σ by scipy quadrature (close to solver='lms')",
     "DPMSolverMultistepInverseScheduler": "its inverse grid and step are not flowdiff's encode (use "
                                           "flowdiff.encode with solver='dpmpp_2m')",
     "EulerAncestralDiscreteScheduler": "it adds fresh noise at every step (a stochastic sampler, not the ODE)",
@@ -409,6 +406,13 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
         _refuse(source, config, (("prediction_type", ("epsilon", "v_prediction", "sample", "original_sample"),
                                   "a VP prediction"),))
         return _read_plan(name, _from_diffusers_scheduler(name, config, steps), "euler", {}, "sigma")
+    if name == "HeunDiscreteScheduler":  # its σ and timesteps repeat each inner level: [σ0, σ1, σ1, σ2, σ2, …, 0]
+        sched = _from_diffusers_scheduler(name, config, steps)
+        sched.sigmas = torch.cat([sched.sigmas[0::2], sched.sigmas[-1:]])
+        sched.timesteps = sched.timesteps[0::2]
+        return _read_plan(name, sched, "heun", {}, "sigma")
+    if name == "LMSDiscreteScheduler":
+        return _read_plan(name, _from_diffusers_scheduler(name, config, steps), "lms", {"order": 4}, "sigma")
     # DPMSolverMultistepScheduler
     _refuse(source, config, (
         ("algorithm_type", ("dpmsolver++",), "the other algorithms are other methods: dpmsolver takes ε steps, "

@@ -263,11 +263,54 @@ def _cases() -> list[Case]:
     add(Case("ddim-inverse-sample-from-zero", "DDIMInverseScheduler", {**inv, "prediction_type": "sample"},
              steps=10, expect="sample"))
     # -- schedulers refused by name ---------------------------------------------------------------------------
-    for cls in ("PNDMScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler", "HeunDiscreteScheduler",
-                "LMSDiscreteScheduler", "DPMSolverMultistepInverseScheduler", "EulerAncestralDiscreteScheduler",
+    add(Case("heun", "HeunDiscreteScheduler", {}, steps=6))
+    add(Case("heun-karras-v", "HeunDiscreteScheduler", {"use_karras_sigmas": True, "prediction_type": "v_prediction"},
+             steps=6))
+    add(Case("lms", "LMSDiscreteScheduler", {}))
+    add(Case("lms-karras", "LMSDiscreteScheduler", {"use_karras_sigmas": True}))
+    for cls in ("PNDMScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+                "DPMSolverMultistepInverseScheduler", "EulerAncestralDiscreteScheduler",
                 "DDPMScheduler"):
         add(Case(cls.removesuffix("Scheduler").lower(), cls, {}, expect=cls))
     return cases
 
 
 CASES: list[Case] = _cases()
+
+
+def route(case: Case) -> str:
+    """What flowdiff does with ``case``'s config: the route and solver, or the refusal's reason."""
+    config = {"_class_name": case.cls, **case.config}
+    try:
+        if case.cls == "DDIMInverseScheduler":
+            from ..engine.scheduler_grids import ddim_inverse_sigmas
+
+            ddim_inverse_sigmas(config, case.steps)
+            if config.get("prediction_type") == "sample" and config.get("set_alpha_to_one", True):
+                raise ValueError("prediction_type='sample' from ᾱ = 1 divides by 0 (diffusers' too)")
+            return "`encode_like`: Euler, model fed the next timestep"
+        plan = scheduler_plan(config, case.steps, mu=case.mu)
+    except ValueError as e:
+        message = str(e).split(": ", 1)[-1] if str(e).startswith(("scheduler config", case.cls)) else str(e)
+        return "refused: " + message.replace("|", "\\|").split("; ")[0]
+    options = ", ".join(f"{k}={v}" for k, v in plan.solver_options.items())
+    return f"`sample_like`: {plan.solver}" + (f" ({options})" if options else "")
+
+
+def _config_text(case: Case) -> str:
+    items = [f"{k}={v!r}" for k, v in case.config.items() if k != "trained_betas"]
+    if "trained_betas" in case.config:
+        items.append("trained_betas=[…]")
+    if case.mu is not None:
+        items.append(f"mu={case.mu}")
+    return ", ".join(items).replace("|", "\\|") or "defaults"
+
+
+def outcome_table(cases: list[Case] | None = None) -> str:
+    """The markdown table of every case's expected outcome and route (README's scheduler table)."""
+    rows = ["| diffusers scheduler | config | steps | outcome | flowdiff |", "|---|---|---:|---|---|"]
+    for case in cases or CASES:
+        outcome = "equal" if case.expect == "equal" else "refused"
+        rows.append(f"| {case.cls.removesuffix('Scheduler')} | {_config_text(case)} | {case.steps} | {outcome} | "
+                    f"{route(case)} |")
+    return "\n".join(rows) + "\n"
