@@ -125,3 +125,17 @@ def test_lower_order_final_is_what_makes_few_step_dpm_solver_equal():
     assert rel() > 10 * REL[torch.float32]
     with pytest.raises(TypeError, match="lower_order_final must be True or False"):
         rel(solver_options={"lower_order_final": 1})
+
+
+def test_readme_table_is_the_suites():
+    """README's scheduler table is generated from :data:`CASES` (``readme_table``); it must be current."""
+    from pathlib import Path
+
+    from flowdiff.tools.scheduler_suite import readme_table
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- scheduler-suite-start -->\n", "<!-- scheduler-suite-end -->"
+    assert start in text and end in text
+    committed = text.split(start, 1)[1].split(end, 1)[0]
+    assert committed == readme_table(), ("README's scheduler table is stale: paste "
+                                         "flowdiff.tools.scheduler_suite.readme_table() between its markers")

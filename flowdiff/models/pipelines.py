@@ -295,12 +295,12 @@ PLANNED_SCHEDULERS = ("DDIMScheduler", "FlowMatchEulerDiscreteScheduler", "Euler
                       "HeunDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler")
 #: schedulers refused by name, and why (their nearest flowdiff solver is named in the message)
 _NOT_EQUAL = {
-    "PNDMScheduler": "its Runge–Kutta warm-up and linear multistep run on the DDIM-scaled state (close to "
-                     "solver='ipndm', not equal: about 4e-3 apart)",
-    "UniPCMultistepScheduler": "its bh1/bh2 predictor–corrector coefficients are not those of solver='unipc'",
-    "DEISMultistepScheduler": "its exponential-integrator weights are not those of solver='deis'",
-    "DPMSolverMultistepInverseScheduler": "its inverse grid and step are not flowdiff's encode (use "
-                                          "flowdiff.encode with solver='dpmpp_2m')",
+    "PNDMScheduler": "its Runge–Kutta warm-up (PRK) and pseudo linear multistep (PLMS) steps are none of "
+                     "flowdiff's solvers (the nearest: solver='ipndm')",
+    "UniPCMultistepScheduler": "its bh1/bh2 predictor–corrector is not flowdiff's solver='unipc' (the nearest)",
+    "DEISMultistepScheduler": "its multistep weights are not checked equal to solver='deis' (the nearest)",
+    "DPMSolverMultistepInverseScheduler": "its inverse grid and steps are not checked equal to flowdiff's "
+                                          "encode (the nearest: flowdiff.encode with solver='dpmpp_2m')",
     "EulerAncestralDiscreteScheduler": "it adds fresh noise at every step (a stochastic sampler, not the ODE)",
     "DDPMScheduler": "it adds fresh noise at every step (a stochastic sampler, not the ODE)",
     "DDIMInverseScheduler": "it encodes: use flowdiff.encode(flow, images, solver='ddim_inverse', "

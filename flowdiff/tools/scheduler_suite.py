@@ -314,3 +314,34 @@ def outcome_table(cases: list[Case] | None = None) -> str:
         rows.append(f"| {case.cls.removesuffix('Scheduler')} | {_config_text(case)} | {case.steps} | {outcome} | "
                     f"{route(case)} |")
     return "\n".join(rows) + "\n"
+
+
+def readme_table(cases: list[Case] | None = None) -> str:
+    """README's summary of the suite: per scheduler class, flowdiff's route, the options its equal
+    cases exercise, and what is refused (the option and value, or the class)."""
+    cases = cases or CASES
+    order = list(dict.fromkeys(c.cls for c in cases))
+    rows = ["| diffusers scheduler | flowdiff | equal (configs; options varied) | refused |", "|---|---|---|---|"]
+    skip = {"clip_sample", "beta_start", "beta_end"}
+    for cls in order:
+        mine = [c for c in cases if c.cls == cls]
+        equal = [c for c in mine if c.expect == "equal"]
+        refused = [c for c in mine if c.expect != "equal"]
+        routes = sorted({route(c).removeprefix("`sample_like`: ").removeprefix("`encode_like`: ") for c in equal})
+        how = ("`encode_like`: " if cls == "DDIMInverseScheduler" else "`sample_like`: ") + "; ".join(routes) \
+            if equal else "—"
+        keys = sorted({k for c in equal for k in c.config if k not in skip} | ({"mu"} if any(c.mu for c in equal)
+                                                                                else set()))
+        eq = f"{len(equal)}; {', '.join(f'`{k}`' for k in keys) or 'defaults'}" if equal else "—"
+        ref = []
+        for c in refused:
+            if c.expect == cls:
+                ref.append(route(c).split("not reproduced: ", 1)[-1])
+            elif c.expect in c.config:
+                ref.append(f"`{c.expect}={c.config[c.expect]!r}`")
+            elif c.expect in c.config.values():
+                ref.append(" with ".join(f"`{k}={v!r}`" for k, v in c.config.items() if v == c.expect))
+            else:
+                ref.append(f"`{c.expect}` (its default)")
+        rows.append(f"| {cls} | {how.replace('|', '/')} | {eq} | {', '.join(ref) or '—'} |")
+    return "\n".join(rows) + "\n"
