@@ -353,7 +353,8 @@ def _read_plan(name: str, scheduler: Any, solver: str, options: dict[str, Any], 
     # the loop runs len(timesteps) steps: Euler's interpolation_type="log_linear" keeps one σ more, never reached
     sig = scheduler.sigmas.double().numpy()[: len(ts) + 1].copy()
     if len(sig) > 2 and sig[-1] == sig[-2]:  # a last step from σ_min to σ_min (final_sigmas_type="sigma_min"
-        sig = sig[:-1]                       # on a grid ending at timestep 0): it leaves the sample as it is
+        sig = sig[:-1]                       # on a grid ending at σ_min): it leaves the sample as it is
+        options = {k: v for k, v in options.items() if k != "lower_order_final"}  # that step was the first-order one
     if np.any(np.diff(sig) >= 0):
         raise ValueError(f"{name}: its σ grid {np.array2string(sig, precision=4)} is not strictly decreasing")
     return SchedulerPlan(name, sig, dict(zip(sig[:-1].tolist(), ts.tolist())), solver, options, state,

@@ -218,6 +218,9 @@ def _cases() -> list[Case]:
     for kind in ("karras", "exponential", "beta", "lu_lambdas"):
         add(Case(f"dpm2m-{kind}", "DPMSolverMultistepScheduler", {f"use_{kind}" if kind == "lu_lambdas"
                                                                    else f"use_{kind}_sigmas": True}))
+    add(Case("dpm2m-karras-sigma-min", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True,
+                                                                        "final_sigmas_type": "sigma_min"},
+             skipped=1))
     add(Case("dpm2m-v", "DPMSolverMultistepScheduler", {"prediction_type": "v_prediction"}))
     add(Case("dpm2m-sample", "DPMSolverMultistepScheduler", {"prediction_type": "sample"}))
     add(Case("dpm2m-trailing", "DPMSolverMultistepScheduler", {"timestep_spacing": "trailing"}))
