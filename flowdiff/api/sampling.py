@@ -52,6 +52,7 @@ from . import ddim_inverse as _ddim_inverse  # noqa: F401  (registers the 'ddim_
 from .adaptive import solve_adaptive_flow
 from .fixed_point import encode_fixed_point as _fixed_point  # noqa: F401  (registers 'fixed_point')
 from .inversion import EXACT_QUANTUM, decode_reversible
+from .pndm import PNDM as _pndm  # noqa: F401  (registers the 'pndm' plug-in)
 from .stochastic import generate_stochastic as _stochastic  # noqa: F401  (registers 'eta')
 
 __all__ = ["Result", "StepState", "decode", "encode", "generate"]

@@ -17,6 +17,7 @@ the scheduler's loop to float rounding.
   A loop whose step does not land on its next timestep (``trailing`` when T is not a multiple
   of ``steps``, ``linspace`` mostly) is no single grid and is refused, as are ``clip_sample``
   and ``thresholding`` (they change x̂₀ at each step: not an ODE).
+* ``PNDMScheduler``: the same timesteps and steps to t − T//steps as DDIM (no ``clip_sample``).
 * ``FlowMatchEulerDiscreteScheduler``: its σ_FM = t values (the static ``shift`` or the
   resolution-dependent ``mu``), with float32 rounding where diffusers rounds, mapped to
   σ = t/(1−t). Its first t is 1, σ = ∞ (pure noise): the grid starts with ``inf``, which
@@ -42,7 +43,7 @@ FLOW_MATCHING_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 VP_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "DDIMInverseScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
                  "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LMSDiscreteScheduler",
                  "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler")
-GRID_SCHEDULERS = ("DDIMScheduler", "FlowMatchEulerDiscreteScheduler")
+GRID_SCHEDULERS = ("DDIMScheduler", "PNDMScheduler", "FlowMatchEulerDiscreteScheduler")
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
@@ -121,6 +122,23 @@ def class_name(config: Mapping[str, Any]) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
+def with_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with each missing parameter at its class's own default (diffusers' ``__init__``): a
+    hand-written ``{"skip_prk_steps": True}`` for PNDM means ``set_alpha_to_one=False``, as in diffusers,
+    not DDIM's True. Unchanged without diffusers or for an unknown class."""
+    name = class_name(config)
+    try:
+        import diffusers
+    except ImportError:  # pragma: no cover - depends on the environment
+        return dict(config)
+    cls = getattr(diffusers, name, None) if name else None
+    if cls is None:
+        return dict(config)
+    defaults = {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
+                if p.name not in ("self", "kwargs") and p.default is not inspect.Parameter.empty}
+    return {**defaults, **config, "_class_name": name}
+
+
 def unidentified(config: Mapping[str, Any], source: str) -> ValueError:
     """The error for a config without ``_class_name`` whose keys do not identify one scheduler."""
     found = candidates(config)
@@ -194,8 +212,9 @@ def ddim_timesteps(config: Mapping[str, Any], steps: int, source: str = "schedul
 
 
 def _ddim_sigmas(config: Mapping[str, Any], steps: int, source: str) -> np.ndarray:
+    clips = class_name(config) != "PNDMScheduler"  # DDIMScheduler's default clip_sample is True; PNDM has none
     for key in ("clip_sample", "thresholding"):
-        if config.get(key, key == "clip_sample"):  # DDIMScheduler's default clip_sample is True
+        if config.get(key, clips and key == "clip_sample"):
             raise ValueError(f"{source}: {key}=True changes x̂₀ at every step, so that loop is not the ODE any solver "
                              f"here solves; the grid is that of the same config with {key}=False")
     schedule, _ = schedule_from_config(config, source)
@@ -235,6 +254,7 @@ def ddim_inverse_sigmas(scheduler: object, steps: int) -> tuple[np.ndarray, np.n
     """
     config, source = config_of(scheduler)
     steps = _check_steps(steps)
+    config = with_defaults(config)
     for key in ("clip_sample", "thresholding"):
         if config.get(key, key == "clip_sample"):
             raise ValueError(f"{source}: {key}=True changes x̂₀ at every step, so that loop is not the ODE any solver "
@@ -325,9 +345,14 @@ def scheduler_sigmas(scheduler: object, steps: int, *, mu: float | None = None, 
     config, source = config_of(scheduler)
     steps = _check_steps(steps)
     name = class_name(config)
-    if name == "DDIMScheduler":
+    config = with_defaults(config)
+    if name == "PNDMScheduler" and not config.get("skip_prk_steps"):
+        raise ValueError(f"{source}: PNDMScheduler with skip_prk_steps=False runs Runge–Kutta steps through half "
+                         f"levels first; scheduler_sigmas knows the grids of {', '.join(GRID_SCHEDULERS)} (PNDM with "
+                         "skip_prk_steps=True, as Stable Diffusion's configs)")
+    if name in ("DDIMScheduler", "PNDMScheduler"):
         if mu is not None or sigmas is not None:
-            raise ValueError("mu= and sigmas= apply to flow-matching schedulers, not DDIMScheduler")
+            raise ValueError(f"mu= and sigmas= apply to flow-matching schedulers, not {name}")
         return _ddim_sigmas(config, steps, source)
     if name in FLOW_MATCHING_SCHEDULERS:
         return _flow_matching_sigmas(config, steps, mu, sigmas, source)

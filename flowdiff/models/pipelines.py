@@ -33,6 +33,7 @@ from ..engine.scheduler_grids import (
     ddim_timesteps,
     scheduler_sigmas,
     unidentified,
+    with_defaults,
 )
 
 
@@ -291,12 +292,10 @@ def flux_grid_arguments(scheduler: object, tokens: int, steps: int) -> tuple[flo
 
 
 #: the diffusers schedulers whose deterministic loop flowdiff reproduces (:func:`scheduler_plan`)
-PLANNED_SCHEDULERS = ("DDIMScheduler", "FlowMatchEulerDiscreteScheduler", "EulerDiscreteScheduler",
+PLANNED_SCHEDULERS = ("DDIMScheduler", "PNDMScheduler", "FlowMatchEulerDiscreteScheduler", "EulerDiscreteScheduler",
                       "HeunDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler")
 #: schedulers refused by name, and why (their nearest flowdiff solver is named in the message)
 _NOT_EQUAL = {
-    "PNDMScheduler": "its Runge–Kutta warm-up (PRK) and pseudo linear multistep (PLMS) steps are none of "
-                     "flowdiff's solvers (the nearest: solver='ipndm')",
     "UniPCMultistepScheduler": "its bh1/bh2 predictor–corrector is not flowdiff's solver='unipc' (the nearest)",
     "DEISMultistepScheduler": "its multistep weights are not checked equal to solver='deis' (the nearest)",
     "DPMSolverMultistepInverseScheduler": "its inverse grid and steps are not checked equal to flowdiff's "
@@ -369,7 +368,8 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
     rounding, by :func:`sample_like`:
 
     * ``DDIMScheduler`` (η = 0) and ``FlowMatchEulerDiscreteScheduler``: Euler on
-      :func:`flowdiff.scheduler_sigmas`;
+      :func:`flowdiff.scheduler_sigmas`; ``PNDMScheduler`` with ``skip_prk_steps`` (Stable Diffusion 1.x's
+      own scheduler) and ε prediction: ``pndm`` (a Heun first step, then iPNDM) on the same grid;
     * ``EulerDiscreteScheduler`` (``s_churn = 0``): Euler on its σ grid, whatever the spacing,
       ``interpolation_type``, Karras/exponential/beta σ, ``final_sigmas_type`` or zero-SNR σ_max;
     * ``DPMSolverMultistepScheduler`` with ``algorithm_type="dpmsolver++"`` and the ``midpoint``
@@ -392,15 +392,27 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
                          f"{', '.join(PLANNED_SCHEDULERS)}")
     if name not in PLANNED_SCHEDULERS:
         raise ValueError(f"{source}: unknown scheduler {name!r}; reproduced: {', '.join(PLANNED_SCHEDULERS)}")
-    if name in ("DDIMScheduler", "FlowMatchEulerDiscreteScheduler"):
+    config = with_defaults(config)
+    solver = "euler"
+    if name == "PNDMScheduler":
+        _refuse(source, config, (
+            ("skip_prk_steps", (True,), "its Runge–Kutta warm-up (PRK) steps at half levels are none of flowdiff's "
+                                        "solvers; Stable Diffusion's configs skip them"),
+            ("prediction_type", ("epsilon",), "PNDM turns v into ε at the level of the step's start, also for "
+                                              "its first step's end evaluation: not the ODE's field"),
+        ))
+        if steps < 2:
+            raise ValueError(f"{source}: PNDMScheduler's loop of steps={steps} is not a PNDM step; use steps >= 2")
+        solver = "pndm"
+    if name in ("DDIMScheduler", "PNDMScheduler", "FlowMatchEulerDiscreteScheduler"):
         grid = scheduler_sigmas(config, steps, mu=mu, sigmas=sigmas)
-        if name == "DDIMScheduler":
+        if name != "FlowMatchEulerDiscreteScheduler":
             ts = ddim_timesteps(config, steps, source)[: len(grid) - 1].astype(np.float64)
         else:  # FlowMatchEuler feeds sigma·T in float32 (the times of the grid, t = σ/(1+σ))
             with np.errstate(invalid="ignore"):
                 t = np.where(np.isinf(grid[:-1]), 1.0, grid[:-1] / (1.0 + grid[:-1])).astype(np.float32)
             ts = (t * np.float32(config.get("num_train_timesteps", 1000))).astype(np.float64)
-        return SchedulerPlan(name, grid, dict(zip(grid[:-1].tolist(), ts.tolist())), "euler", {}, "model", 1.0)
+        return SchedulerPlan(name, grid, dict(zip(grid[:-1].tolist(), ts.tolist())), solver, {}, "model", 1.0)
     if mu is not None or sigmas is not None:
         raise ValueError(f"mu= and sigmas= apply to flow-matching schedulers, not {name}")
     if name == "EulerDiscreteScheduler":

@@ -114,7 +114,7 @@ def run_case(case: Case, dtype: torch.dtype, *, feed_scheduler_timesteps: bool =
     schedule, prediction_type = schedule_from_config(config)
     flow = ProbabilityFlow(model, schedule, prediction_type=prediction_type)
     sched = _scheduler(case)
-    if case.cls == "DDIMScheduler":
+    if case.cls in ("DDIMScheduler", "PNDMScheduler"):
         _same_table(sched, flow, dtype)
     ref, calls = _diffusers_generate(sched, model, noise, case)
     if not feed_scheduler_timesteps:
@@ -271,7 +271,17 @@ def _cases() -> list[Case]:
              steps=6))
     add(Case("lms", "LMSDiscreteScheduler", {}))
     add(Case("lms-karras", "LMSDiscreteScheduler", {"use_karras_sigmas": True}))
-    for cls in ("PNDMScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+    add(Case("pndm-sd15", "PNDMScheduler", {"skip_prk_steps": True, "steps_offset": 1, "beta_schedule":
+                                            "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}, steps=10,
+             dtypes=BOTH))
+    add(Case("pndm", "PNDMScheduler", {"skip_prk_steps": True}, skipped=1, dtypes=BOTH))
+    add(Case("pndm-trailing", "PNDMScheduler", {"skip_prk_steps": True, "timestep_spacing": "trailing"}, steps=10,
+             dtypes=BOTH))
+    add(Case("pndm-alpha1", "PNDMScheduler", {"skip_prk_steps": True, "set_alpha_to_one": True}, dtypes=BOTH))
+    add(Case("pndm-prk", "PNDMScheduler", {"skip_prk_steps": False}, expect="skip_prk_steps"))
+    add(Case("pndm-v", "PNDMScheduler", {"skip_prk_steps": True, "prediction_type": "v_prediction"},
+             expect="prediction_type"))
+    for cls in ("UniPCMultistepScheduler", "DEISMultistepScheduler",
                 "DPMSolverMultistepInverseScheduler", "EulerAncestralDiscreteScheduler",
                 "DDPMScheduler"):
         add(Case(cls.removesuffix("Scheduler").lower(), cls, {}, expect=cls))
