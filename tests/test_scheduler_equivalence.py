@@ -140,3 +140,36 @@ def test_readme_table_is_the_suites():
     committed = text.split(start, 1)[1].split(end, 1)[0]
     assert committed == readme_table(), ("README's scheduler table is stale: paste "
                                          "flowdiff.tools.scheduler_suite.readme_table() between its markers")
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_a_diffusers_flow_reads_grid_names_through_its_scheduler_config(spacing):
+    """A flow that carries its scheduler config (from_diffusers) resolves ``grid="leading"``/``"trailing"``
+    through it: SD 1.5's ``steps_offset=1`` and ``set_alpha_to_one=False`` give diffusers' DDIM loop with
+    plain ``generate``; a plain flow's generic grid ignores them and differs."""
+    import diffusers
+
+    from flowdiff.models.pipelines import DiffusersFlow
+    from flowdiff.tools.scheduler_suite import network
+
+    config = {"_class_name": "DDIMScheduler", "clip_sample": False, "beta_schedule": "scaled_linear",
+              "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1, "set_alpha_to_one": False,
+              "timestep_spacing": spacing}
+    model = network(torch.float64)
+    schedule, _ = flowdiff.models.diffusers_io.schedule_from_config(config)
+    sched = diffusers.DDIMScheduler.from_config(config)
+    sched.set_timesteps(10)
+    sched.alphas_cumprod = torch.tensor(schedule.alphas_cumprod)
+    sched.final_alpha_cumprod = sched.alphas_cumprod[0]
+    noise = torch.randn(2, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = noise.clone()
+    for t in sched.timesteps:
+        x = sched.step(model(x, t), t, x).prev_sample
+    flow = DiffusersFlow(model, schedule)
+    flow.scheduler_config = config
+    res = flowdiff.generate(flow, noise, solver="euler", steps=10, grid=spacing)
+    assert res.sigmas[-1] == schedule.sigma_min and res.stats.nfe == 10
+    ours = res.x * schedule.alpha(schedule.sigma_min)  # diffusers' latents at ᾱ_0
+    assert float((ours - x).abs().max() / x.abs().max()) <= REL[torch.float64]
+    plain = flowdiff.generate(flowdiff.ProbabilityFlow(model, schedule), noise, solver="euler", steps=10, grid=spacing)
+    assert float((plain.x - x).abs().max() / x.abs().max()) > 1e-4

@@ -148,6 +148,11 @@ class Grid:
         steps = self.steps
         if self.nfe is not None:
             steps = solvers.steps_for_nfe(solver, self.nfe, eval_end=not final)
+        named = getattr(flow, "named_grid", None)  # a flow that carries its scheduler's config (DiffusersFlow)
+        if named is not None and self.sigmas is None and self.timesteps is None and not self.options:
+            grid = named(self.name, steps)
+            if grid is not None:
+                return grid
         return make_sigmas(flow.schedule, self.name, steps, sigmas=self.sigmas, timesteps=self.timesteps,
                            **self.options)
 

@@ -28,6 +28,7 @@ from ..api.sampling import Result, encode, generate
 from ..engine.flow import ProbabilityFlow
 from ..engine.scheduler_grids import (
     class_name,
+    config_grid,
     config_of,
     ddim_inverse_sigmas,
     ddim_timesteps,
@@ -258,6 +259,14 @@ class DiffusersFlow(ProbabilityFlow):
         dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None) \
             if isinstance(self.model, nn.Module) else None
         return {k: v.to(dtype) if dtype is not None else v for k, v in kwargs.items()}  # the denoiser's dtype now
+
+    def named_grid(self, name: str, steps: int) -> np.ndarray | None:
+        """The grid ``grid=name`` means for this model: ``leading``/``trailing`` are its scheduler config's own
+        timesteps and final level (:func:`flowdiff.engine.scheduler_grids.config_grid`: ``steps_offset``,
+        σ_min at the end for ``set_alpha_to_one=False``); None (the generic grid) for other names, for
+        flow-matching configs, or without a ``scheduler_config``."""
+        config = getattr(self, "scheduler_config", None)
+        return None if config is None else config_grid(config, name, steps)
 
     def scheduler_sigmas(self, steps: int, *, mu: float | None = None, sigmas: Any = None) -> np.ndarray:
         """The σ grid its own scheduler runs for ``steps`` steps (:func:`flowdiff.scheduler_sigmas`)."""
