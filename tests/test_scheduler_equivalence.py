@@ -173,3 +173,28 @@ def test_a_diffusers_flow_reads_grid_names_through_its_scheduler_config(spacing)
     assert float((ours - x).abs().max() / x.abs().max()) <= REL[torch.float64]
     plain = flowdiff.generate(flowdiff.ProbabilityFlow(model, schedule), noise, solver="euler", steps=10, grid=spacing)
     assert float((plain.x - x).abs().max() / x.abs().max()) > 1e-4
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_encode_with_ddim_inverse_is_diffusers_for_every_prediction_type(prediction_type):
+    """``encode(solver="ddim_inverse")`` itself (not only ``encode_like``) reads the prediction at the
+    sample's level, as DDIMInverseScheduler does: v-prediction models were 0.3 relative off."""
+    import diffusers
+
+    from flowdiff.tools.scheduler_suite import network
+
+    config = {"clip_sample": False, "timestep_spacing": "trailing", "prediction_type": prediction_type}
+    model = network(torch.float64)
+    schedule, _ = flowdiff.models.diffusers_io.schedule_from_config(config)
+    sched = diffusers.DDIMInverseScheduler.from_config(config)
+    sched.set_timesteps(10)
+    sched.alphas_cumprod = torch.tensor(schedule.alphas_cumprod)
+    sched.initial_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
+    images = torch.randn(2, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    z = images.clone()
+    for t in sched.timesteps:
+        z = sched.step(model(z, t), t, z).prev_sample
+    flow = flowdiff.ProbabilityFlow(model, schedule, prediction_type=prediction_type)
+    enc = flowdiff.encode(flow, images, solver="ddim_inverse", steps=10, grid="trailing")
+    assert enc.stats.nfe == 10 and enc.latent.solver == "ddim_inverse"
+    assert float((enc.x - z).abs().max() / z.abs().max()) <= REL[torch.float64]

@@ -307,7 +307,9 @@ def encode(
     sig = grid_spec.generation_sigmas(flow, solver_obj, final_euler=False)[::-1].copy()
     refuse_encode_to_infinity(sig)  # zero terminal SNR: see flowdiff.engine.terminal
     form = formulation_for(solver_obj, "encode")
-    sol = solve_grid(flow.field(request.model_kwargs, model_dtype), form, sig.tolist(), solver_obj,
+    flow_for = getattr(solver_obj, "flow_for", None)  # a method that feeds the model its own way (ddim_inverse)
+    run_flow = flow if flow_for is None else flow_for(flow, sig.tolist())
+    sol = solve_grid(run_flow.field(request.model_kwargs, model_dtype), form, sig.tolist(), solver_obj,
                      xbar0=images.to(dtype), callback=request.callback, check_finite=check_finite,
                      bound=divergence_limit(divergence, images))
     x_T = sol.xbar / math.sqrt(1.0 + sig[-1] ** 2)

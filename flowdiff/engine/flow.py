@@ -77,7 +77,19 @@ class ProbabilityFlow:
             self.schedule.velocity_coefficients(self.schedule.sigma_min)  # raises for schedules without one
         self.prediction_type = prediction_type
         self.sigma_field: Callable[..., Tensor] | None = None
-        self.timesteps = _timestep_table(timesteps)
+        self._fed = _timestep_table(timesteps)
+
+    @property
+    def timesteps(self) -> dict[float, float]:
+        """The ``timesteps`` option: σ → the model's time there (empty: t(σ) everywhere). Read-only: a
+        flow's timestep tensors are cached, so another table is another flow (:meth:`with_timesteps`)."""
+        return self._fed
+
+    def field_timestep(self, sigma: float) -> float:
+        """The time the model is fed at σ: the ``timesteps`` option's where it has σ, else t(σ)."""
+        if self._fed:
+            return _table_lookup(self._fed, self.schedule.timestep)(float(sigma))
+        return self.schedule.timestep(float(sigma))
 
     def with_timesteps(self, timesteps: Mapping[float, float] | None) -> ProbabilityFlow:
         """A copy of this flow (sharing its model and schedule) that feeds the model ``timesteps[σ]`` at those σ.
@@ -86,7 +98,7 @@ class ProbabilityFlow:
         own grid (:func:`flowdiff.models.pipelines.scheduler_plan`), ``None`` for t(σ) everywhere.
         """
         flow = copy.copy(self)
-        flow.timesteps = _timestep_table(timesteps)
+        flow._fed = _timestep_table(timesteps)
         flow._timesteps_of = None  # its own cache of timestep tensors
         return flow
 

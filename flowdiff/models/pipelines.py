@@ -548,9 +548,9 @@ def encode_like(flow: ProbabilityFlow, images: Tensor, scheduler: object = None,
     if flow.prediction_type == "sample" and start == 0:
         raise ValueError(f"{source}: DDIMInverseScheduler with prediction_type='sample' and set_alpha_to_one=True "
                          "divides by √(1−ᾱ) = 0 at its first step (ε = (x − √ᾱ·x̂₀)/√(1−ᾱ)); not reproduced")
-    # DDIMInverse's step n: the model at the sample (level σ_n) and timestep ts[n] (level σ_{n+1}), its
-    # prediction read as ε at σ_n — Euler from σ_n with the model fed ts[n] there.
-    run_flow = flow.with_timesteps(dict(zip(grid[:-1].tolist(), ts.astype(float).tolist())))
+    # DDIMInverse feeds its own integer timesteps at the grid's levels; the ddim_inverse method feeds each
+    # step's target timestep at its source level (flowdiff.api.ddim_inverse)
+    run_flow = flow.with_timesteps(dict(zip(grid[1:].tolist(), ts.astype(float).tolist())))
     xbar0 = images * math.sqrt(1.0 + start * start) if start else images
-    return encode(run_flow, xbar0, solver="euler", sigmas=grid[::-1].copy(), model_kwargs=model_kwargs,
+    return encode(run_flow, xbar0, solver="ddim_inverse", sigmas=grid[::-1].copy(), model_kwargs=model_kwargs,
                   **encode_kwargs)
