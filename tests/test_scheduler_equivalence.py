@@ -198,3 +198,22 @@ def test_encode_with_ddim_inverse_is_diffusers_for_every_prediction_type(predict
     enc = flowdiff.encode(flow, images, solver="ddim_inverse", steps=10, grid="trailing")
     assert enc.stats.nfe == 10 and enc.latent.solver == "ddim_inverse"
     assert float((enc.x - z).abs().max() / z.abs().max()) <= REL[torch.float64]
+
+
+def test_a_stable_diffusion_1_5_folder_with_its_pndm_scheduler_is_the_pipeline(tmp_path):
+    """SD 1.5's folders ship ``PNDMScheduler(skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)``:
+    ``sample_like`` on such a folder is ``StableDiffusionPipeline``'s loop, guidance and prompts included."""
+    from flowdiff.models import tiny_pipelines
+
+    pipe, path = tiny_pipelines.stable_diffusion(tmp_path, scheduler="PNDMScheduler", skip_prk_steps=True,
+                                                 steps_offset=1, set_alpha_to_one=False)
+    flow = flowdiff.from_diffusers(path)
+    prompts, negative = ["a cat", "dog"], ["bad", ""]
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = pipe(prompts, num_inference_steps=5, guidance_scale=7.5, output_type="latent", latents=noise.clone(),
+                   height=16, width=16, negative_prompt=negative).images
+    guided = flowdiff.classifier_free_guidance(flow, 7.5, unconditional_kwargs=flow.encode_prompt(negative))
+    ours = flowdiff.sample_like(guided, noise, steps=5, model_kwargs=flow.encode_prompt(prompts))
+    assert ours.solver == "pndm" and ours.stats.nfe == 6  # PNDM's first step evaluates twice
+    torch.testing.assert_close(ours.x, ref, rtol=2e-5, atol=2e-5)

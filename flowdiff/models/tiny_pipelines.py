@@ -57,8 +57,10 @@ def _eval(*modules: torch.nn.Module) -> None:
         m.eval()
 
 
-def stable_diffusion(root: Path, seed: int = 0, **scheduler_config: Any) -> tuple[Any, Path]:
-    """A Stable-Diffusion-style pipeline: 2-block ``UNet2DConditionModel``, ``AutoencoderKL``, 2-layer CLIP."""
+def stable_diffusion(root: Path, seed: int = 0, scheduler: str = "DDIMScheduler",
+                     **scheduler_config: Any) -> tuple[Any, Path]:
+    """A Stable-Diffusion-style pipeline: 2-block ``UNet2DConditionModel``, ``AutoencoderKL``, 2-layer CLIP;
+    its ``scheduler`` (a diffusers class name, default DDIM without ``clip_sample``) on SD's betas."""
     import transformers
 
     d = _diffusers()
@@ -73,10 +75,11 @@ def stable_diffusion(root: Path, seed: int = 0, **scheduler_config: Any) -> tupl
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16, norm_num_groups=4, attention_head_dim=2)
-    scheduler = d.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                                **scheduler_config)
+    extra = {"clip_sample": False} if scheduler == "DDIMScheduler" else {}
+    sched = getattr(d, scheduler)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                  **extra, **scheduler_config)
     pipe = d.StableDiffusionPipeline(vae=vae(), text_encoder=transformers.CLIPTextModel(text_config),
-                                     tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None,
+                                     tokenizer=tokenizer, unet=unet, scheduler=sched, safety_checker=None,
                                      feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(root / "sd")
     _eval(pipe.unet, pipe.vae, pipe.text_encoder)
