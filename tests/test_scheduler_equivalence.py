@@ -5,8 +5,9 @@ Every case builds one diffusers scheduler, runs diffusers' own loop (``set_times
 route on the same network and noise: :func:`flowdiff.sample_like` for samplers,
 ``flowdiff.encode(..., solver="ddim_inverse")`` for ``DDIMInverseScheduler``. The outcome must be
 the one the case names: ``equal`` (max relative difference ≤ 1e-5 in float32; ≤ 1e-10 in float64
-where diffusers' step keeps the caller's dtype, DDIM and DDIMInverse on the same ᾱ table — Euler,
-DPM-Solver and flow matching compute their step in float32 whatever the sample's dtype), or
+where diffusers' step keeps the caller's dtype, DDIM, DDIMInverse and PNDM on the same ᾱ table —
+Euler, Heun, LMS, DPM-Solver and flow matching compute their step in float32 whatever the sample's
+dtype), with diffusers' number of network calls (less its zero-length σ_min → σ_min steps), or
 ``refused`` with a ``ValueError`` naming the option (or class) and why. The table of outcomes is
 :data:`CASES`; ``benchmarks/bench_scheduler_suite.py`` writes it with the measured differences.
 """

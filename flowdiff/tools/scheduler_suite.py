@@ -87,7 +87,7 @@ def _diffusers_generate(sched: Any, model: Any, noise: Tensor, case: Case) -> tu
 def _same_table(sched: Any, flow: ProbabilityFlow, dtype: torch.dtype) -> None:
     """DDIM's loop on flowdiff's float64 ᾱ table (in float64), so that both solve one ODE."""
     if dtype != torch.float64:
-        return
+        return  # (DDIM, DDIMInverse and PNDM keep the caller's dtype in their step)
     acp = torch.tensor(flow.schedule.alphas_cumprod, dtype=torch.float64)
     sched.alphas_cumprod = acp
     if hasattr(sched, "final_alpha_cumprod"):
@@ -301,7 +301,7 @@ def route(case: Case) -> str:
             ddim_inverse_sigmas(config, case.steps)
             if config.get("prediction_type") == "sample" and config.get("set_alpha_to_one", True):
                 raise ValueError("prediction_type='sample' from ᾱ = 1 divides by 0 (diffusers' too)")
-            return "`encode_like`: Euler, model fed the next timestep"
+            return "`encode_like`: ddim_inverse"
         plan = scheduler_plan(config, case.steps, mu=case.mu)
     except ValueError as e:
         message = str(e).split(": ", 1)[-1] if str(e).startswith(("scheduler config", case.cls)) else str(e)
