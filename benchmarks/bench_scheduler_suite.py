@@ -23,7 +23,8 @@ from flowdiff.tools.scheduler_suite import CASES, _config_text, route, run_case
 
 
 def measure() -> tuple[list[str], dict[str, int]]:
-    rows = ["| scheduler | config | steps | flowdiff | rel. diff float32 | rel. diff float64 | NFE flowdiff / diffusers |",
+    rows = ["| scheduler | config | steps | flowdiff | rel. diff float32 | rel. diff float64 "
+            "| NFE flowdiff / diffusers |",
             "|---|---|---:|---|---:|---:|---|"]
     counts = {"equal": 0, "refused": 0, "different": 0}
     for case in CASES:
