@@ -218,3 +218,27 @@ def test_a_stable_diffusion_1_5_folder_with_its_pndm_scheduler_is_the_pipeline(t
     ours = flowdiff.sample_like(guided, noise, steps=5, model_kwargs=flow.encode_prompt(prompts))
     assert ours.solver == "pndm" and ours.stats.nfe == 6  # PNDM's first step evaluates twice
     torch.testing.assert_close(ours.x, ref, rtol=2e-5, atol=2e-5)
+
+
+def test_an_sdxl_folder_with_its_prompts_and_euler_scheduler_is_the_pipeline(tmp_path):
+    """An SDXL folder loads its two text encoders: ``encode_prompt`` gives the concatenated hidden states,
+    the pooled embedding and the size ids, and ``sample_like`` with guidance is ``StableDiffusionXLPipeline``."""
+    from flowdiff.models import tiny_pipelines
+
+    pipe, path = tiny_pipelines.stable_diffusion_xl(tmp_path)
+    flow = flowdiff.from_diffusers(path)
+    assert flow.default_guidance == 5.0
+    prompts, negative = ["a cat", "dog"], ["bad", "ugly"]
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = pipe(prompts, num_inference_steps=5, guidance_scale=5.0, output_type="latent", latents=noise.clone(),
+                   height=16, width=16, negative_prompt=negative).images
+    cond = flow.encode_prompt(prompts)
+    assert set(cond) == {"encoder_hidden_states", "text_embeds", "time_ids"}
+    assert cond["time_ids"].tolist() == [[16, 16, 0, 0, 16, 16]] * 2
+    guided = flowdiff.classifier_free_guidance(flow, 5.0, unconditional_kwargs=flow.encode_prompt(negative))
+    ours = flowdiff.sample_like(guided, noise, steps=5, model_kwargs=cond)
+    assert ours.stats.nfe == 5
+    torch.testing.assert_close(ours.x, ref, rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="text_embeds and time_ids"):
+        flowdiff.sample_like(flow, noise, steps=2, model_kwargs={"encoder_hidden_states": cond["encoder_hidden_states"]})

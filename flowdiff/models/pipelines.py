@@ -174,7 +174,10 @@ class PipelinePromptEncoder:
     ``encode_prompt``.
 
     ``pipeline`` is the diffusers pipeline holding only its tokenizers and text encoders (no
-    denoiser, VAE or scheduler). Stable Diffusion 3 (Esser et al. 2024): two CLIP encoders with
+    denoiser, VAE or scheduler). SDXL (Podell et al. 2023): two CLIP encoders, their penultimate hidden
+    states side by side as ``encoder_hidden_states``, the second's pooled projection as ``text_embeds``
+    and the size conditioning ``time_ids`` (:meth:`time_ids`; the UNet gets both as
+    ``added_cond_kwargs``). Stable Diffusion 3 (Esser et al. 2024): two CLIP encoders with
     projection and T5; its ``encoder_hidden_states`` are the CLIP embeddings (zero-padded to T5's
     width) followed by T5's, its ``pooled_projections`` the two pooled CLIP outputs side by side.
     Flux: T5's ``encoder_hidden_states`` and the CLIP pooled output; for a guidance-distilled Flux
@@ -183,8 +186,8 @@ class PipelinePromptEncoder:
     length (the pipelines' defaults: SD3 256, Flux 512).
     """
 
-    #: the pipeline class name → its ``__call__``'s default ``max_sequence_length``
-    MAX_SEQUENCE_LENGTH = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512}
+    #: the pipeline class name → its ``__call__``'s default ``max_sequence_length`` (None: CLIP only)
+    MAX_SEQUENCE_LENGTH = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512, "StableDiffusionXLPipeline": None}
 
     def __init__(self, pipeline: Any, dtype: torch.dtype, *, guidance_embeds: bool = False) -> None:
         name = type(pipeline).__name__
@@ -196,6 +199,16 @@ class PipelinePromptEncoder:
         self.max_sequence_length = self.MAX_SEQUENCE_LENGTH[name]
         self.guidance_embeds = guidance_embeds
         self.embedded_guidance = 3.5
+        #: SDXL: the (H, W) of its images, for the size ids (from_diffusers sets it from the UNet and VAE)
+        self.image_size: tuple[int, int] | None = None
+
+    def time_ids(self, n: int, device: torch.device) -> Tensor:
+        """SDXL's size conditioning for ``n`` prompts: (original H, W, crop top, left, target H, W), the
+        pipeline's defaults — original = target = its default image size, no crop."""
+        if self.image_size is None:
+            raise ValueError("SDXL's time_ids need the image size: set PipelinePromptEncoder.image_size")
+        h, w = self.image_size
+        return torch.tensor([[h, w, 0, 0, h, w]], dtype=self.dtype, device=device).expand(n, 6)
 
     @property
     def text_encoders(self) -> list[nn.Module]:
@@ -206,6 +219,11 @@ class PipelinePromptEncoder:
     def __call__(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         _check_prompts(prompts)
         device = next(self.text_encoders[0].parameters()).device
+        if self.kind == "StableDiffusionXLPipeline":
+            embeds, _, pooled, _ = self.pipeline.encode_prompt(list(prompts), device=device,
+                                                               do_classifier_free_guidance=False)
+            return {"encoder_hidden_states": embeds.to(self.dtype), "text_embeds": pooled.to(self.dtype),
+                    "time_ids": self.time_ids(len(prompts), device)}
         if self.kind == "StableDiffusion3Pipeline":
             embeds, _, pooled, _ = self.pipeline.encode_prompt(
                 list(prompts), None, None, device=device, do_classifier_free_guidance=False,
