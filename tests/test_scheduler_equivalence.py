@@ -241,4 +241,5 @@ def test_an_sdxl_folder_with_its_prompts_and_euler_scheduler_is_the_pipeline(tmp
     assert ours.stats.nfe == 5
     torch.testing.assert_close(ours.x, ref, rtol=2e-5, atol=2e-5)
     with pytest.raises(ValueError, match="text_embeds and time_ids"):
-        flowdiff.sample_like(flow, noise, steps=2, model_kwargs={"encoder_hidden_states": cond["encoder_hidden_states"]})
+        text_only = {"encoder_hidden_states": cond["encoder_hidden_states"]}
+        flowdiff.sample_like(flow, noise, steps=2, model_kwargs=text_only)
