@@ -392,5 +392,5 @@ def scheduler_sigmas(scheduler: object, steps: int, *, mu: float | None = None, 
     if name is None:
         raise unidentified(config, source)
     raise ValueError(f"{source}: scheduler_sigmas knows the grids of {', '.join(GRID_SCHEDULERS)}; got "
-                     f"_class_name={name!r} (for another scheduler pass its sigmas to generate(sigmas=...) directly, "
-                     "or load its config into a DDIMScheduler)")
+                     f"_class_name={name!r} (flowdiff.scheduler_plan(scheduler, steps).sigmas reads the grids of "
+                     "Euler, Heun, LMS and DPM-Solver off diffusers' own scheduler)")

@@ -287,8 +287,9 @@ class DiffusersFlow(ProbabilityFlow):
         return None if config is None else config_grid(config, name, steps)
 
     def scheduler_sigmas(self, steps: int, *, mu: float | None = None, sigmas: Any = None) -> np.ndarray:
-        """The σ grid its own scheduler runs for ``steps`` steps (:func:`flowdiff.scheduler_sigmas`)."""
-        return scheduler_sigmas(self.scheduler_config, steps, mu=mu, sigmas=sigmas)
+        """The σ grid its own scheduler runs for ``steps`` steps (:func:`scheduler_plan`: for DDIM, PNDM and
+        flow matching :func:`flowdiff.scheduler_sigmas`; Euler, Heun, LMS and DPM-Solver read off diffusers)."""
+        return scheduler_plan(self.scheduler_config, steps, mu=mu, sigmas=sigmas).sigmas
 
 
 def _check_tensor(x: object, name: str) -> Tensor:
