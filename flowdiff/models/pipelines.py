@@ -330,8 +330,7 @@ _NOT_EQUAL = {
                                           "encode (the nearest: flowdiff.encode with solver='dpmpp_2m')",
     "EulerAncestralDiscreteScheduler": "it adds fresh noise at every step (a stochastic sampler, not the ODE)",
     "DDPMScheduler": "it adds fresh noise at every step (a stochastic sampler, not the ODE)",
-    "DDIMInverseScheduler": "it encodes: use flowdiff.encode(flow, images, solver='ddim_inverse', "
-                            "sigmas=scheduler_sigmas(...)[::-1]) for its loop",
+    "DDIMInverseScheduler": "it encodes: flowdiff.encode_like(flow, images, scheduler, steps) is its loop",
 }
 
 
@@ -400,16 +399,18 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
       own scheduler) and ε prediction: ``pndm`` (a Heun first step, then iPNDM) on the same grid;
     * ``EulerDiscreteScheduler`` (``s_churn = 0``): Euler on its σ grid, whatever the spacing,
       ``interpolation_type``, Karras/exponential/beta σ, ``final_sigmas_type`` or zero-SNR σ_max;
+      ``HeunDiscreteScheduler``: ``heun`` (its last step, into σ = 0, Euler); ``LMSDiscreteScheduler``:
+      ``lms`` of order 4;
     * ``DPMSolverMultistepScheduler`` with ``algorithm_type="dpmsolver++"`` and the ``midpoint``
       solver: ``solver_order=1`` is Euler (DPM-Solver++(1) is DDIM), ``2`` is ``dpmpp_2m`` with its
       ``lower_order_final`` option where diffusers' last step is first order (``euler_at_final``, or
       ``lower_order_final`` below 15 steps); Karras, exponential, beta and ``use_lu_lambdas`` grids.
 
-    The grids of Euler and DPM-Solver are read off diffusers' own scheduler (``set_timesteps``),
+    The grids of Euler, Heun, LMS and DPM-Solver are read off diffusers' own scheduler (``set_timesteps``),
     float32 as diffusers keeps them. A last step of zero length (σ_min to σ_min, where the grid's
     last timestep is 0 and the final σ is σ_min) is left out: diffusers spends one model
-    evaluation on it and leaves its sample unchanged. Other schedulers and options are refused by name, saying why
-    (``clip_sample`` and ``thresholding`` change x̂₀ at every step: not the ODE).
+    evaluation on it and leaves its sample unchanged. Other schedulers and options are refused by
+    name, saying why (``clip_sample`` and ``thresholding`` change x̂₀ at every step: not the ODE).
     """
     config, source = config_of(scheduler)
     name = class_name(config)
@@ -458,7 +459,8 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
     _refuse(source, config, (
         ("algorithm_type", ("dpmsolver++",), "the other algorithms are other methods: dpmsolver takes ε steps, "
                                              "the SDE variants add noise"),
-        ("solver_order", (2, 1), "DPM-Solver++(3M) is solver='dpmpp_3m' on the same grid, not equal"),
+        ("solver_order", (2, 1), "DPM-Solver++(3M)'s step is not checked equal to solver='dpmpp_3m' (the "
+                                 "nearest)"),
         ("solver_type", ("midpoint",), "the 'heun' variant's second-order weights are not dpmpp_2m's"),
         ("thresholding", (False,), "thresholding changes x̂₀ at every step: not the ODE"),
         ("prediction_type", ("epsilon", "v_prediction", "sample"), "a VP prediction"),
