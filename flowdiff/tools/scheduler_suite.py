@@ -246,6 +246,10 @@ def _cases() -> list[Case]:
              expect="use_karras_sigmas"))
     add(Case("flowmatch-stochastic", "FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True},
              expect="stochastic_sampling"))
+    add(Case("flowmatch-invert", "FlowMatchEulerDiscreteScheduler", {"invert_sigmas": True},
+             expect="invert_sigmas"))
+    add(Case("flowmatch-exponential", "FlowMatchEulerDiscreteScheduler", {"use_exponential_sigmas": True},
+             expect="use_exponential_sigmas"))
     add(Case("flowmatch-shift-terminal", "FlowMatchEulerDiscreteScheduler", {"shift_terminal": 0.1},
              expect="shift_terminal"))
     # -- DDIMInverse (encoding) -------------------------------------------------------------------------------
@@ -266,7 +270,23 @@ def _cases() -> list[Case]:
     add(Case("ddim-inverse-sample-from-zero", "DDIMInverseScheduler", {**inv, "prediction_type": "sample"},
              steps=10, expect="sample"))
     # -- schedulers refused by name ---------------------------------------------------------------------------
+    add(Case("euler-karras-sigma-min", "EulerDiscreteScheduler", {"use_karras_sigmas": True,
+                                                                   "final_sigmas_type": "sigma_min"}, skipped=1))
+    add(Case("euler-trained-betas", "EulerDiscreteScheduler", {"num_train_timesteps": 100, "trained_betas":
+                                                                [0.0001 + 0.0002 * i for i in range(100)]}, steps=5))
+    add(Case("euler-sample", "EulerDiscreteScheduler", {"prediction_type": "sample"}))
+    add(Case("dpm2m-exponential-sigma-min", "DPMSolverMultistepScheduler", {"use_exponential_sigmas": True,
+                                                                             "final_sigmas_type": "sigma_min"},
+             skipped=1))
+    add(Case("dpm2m-leading-offset", "DPMSolverMultistepScheduler", {"timestep_spacing": "leading", "steps_offset": 1,
+                                                                      "beta_schedule": "scaled_linear",
+                                                                      "beta_start": 0.00085, "beta_end": 0.012},
+             steps=10))
     add(Case("heun", "HeunDiscreteScheduler", {}, steps=6))
+    add(Case("heun-trailing-v", "HeunDiscreteScheduler", {"timestep_spacing": "trailing",
+                                                          "prediction_type": "v_prediction"}, steps=6))
+    add(Case("lms-v-trailing", "LMSDiscreteScheduler", {"prediction_type": "v_prediction",
+                                                        "timestep_spacing": "trailing"}))
     add(Case("heun-karras-v", "HeunDiscreteScheduler", {"use_karras_sigmas": True, "prediction_type": "v_prediction"},
              steps=6))
     add(Case("lms", "LMSDiscreteScheduler", {}))
@@ -283,7 +303,7 @@ def _cases() -> list[Case]:
              expect="prediction_type"))
     for cls in ("UniPCMultistepScheduler", "DEISMultistepScheduler",
                 "DPMSolverMultistepInverseScheduler", "EulerAncestralDiscreteScheduler",
-                "DDPMScheduler"):
+                "DDPMScheduler", "KDPM2DiscreteScheduler", "DPMSolverSinglestepScheduler", "LCMScheduler"):
         add(Case(cls.removesuffix("Scheduler").lower(), cls, {}, expect=cls))
     return cases
 
