@@ -459,8 +459,8 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
     _refuse(source, config, (
         ("algorithm_type", ("dpmsolver++",), "the other algorithms are other methods: dpmsolver takes ε steps, "
                                              "the SDE variants add noise"),
-        ("solver_order", (2, 1), "DPM-Solver++(3M)'s step is not checked equal to solver='dpmpp_3m' (the "
-                                 "nearest)"),
+        ("solver_order", (2, 1), "DPM-Solver++(3M)'s multistep weights differ from solver='dpmpp_3m', the "
+                                 "nearest"),
         ("solver_type", ("midpoint",), "the 'heun' variant's second-order weights are not dpmpp_2m's"),
         ("thresholding", (False,), "thresholding changes x̂₀ at every step: not the ODE"),
         ("prediction_type", ("epsilon", "v_prediction", "sample"), "a VP prediction"),
