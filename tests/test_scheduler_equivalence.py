@@ -146,22 +146,22 @@ def test_readme_table_is_the_suites():
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 def test_a_diffusers_flow_reads_grid_names_through_its_scheduler_config(spacing):
     """A flow that carries its scheduler config (from_diffusers) resolves ``grid="leading"``/``"trailing"``
-    through it: SD 1.5's ``steps_offset=1`` and ``set_alpha_to_one=False`` give diffusers' DDIM loop with
-    plain ``generate``; a plain flow's generic grid ignores them and differs."""
+    through it: with ``steps_offset=1`` plain ``generate`` is diffusers' DDIM loop; a plain flow's generic
+    grid ignores the offset and differs. With ``set_alpha_to_one=False`` the named grid still ends at the
+    image (σ = 0), one step past diffusers' σ_min, whose loop is ``sample_like``'s."""
     import diffusers
 
     from flowdiff.models.pipelines import DiffusersFlow
     from flowdiff.tools.scheduler_suite import network
 
     config = {"_class_name": "DDIMScheduler", "clip_sample": False, "beta_schedule": "scaled_linear",
-              "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1, "set_alpha_to_one": False,
-              "timestep_spacing": spacing}
+              "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1, "timestep_spacing": spacing}
     model = network(torch.float64)
     schedule, _ = flowdiff.models.diffusers_io.schedule_from_config(config)
     sched = diffusers.DDIMScheduler.from_config(config)
     sched.set_timesteps(10)
     sched.alphas_cumprod = torch.tensor(schedule.alphas_cumprod)
-    sched.final_alpha_cumprod = sched.alphas_cumprod[0]
+    sched.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
     noise = torch.randn(2, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     x = noise.clone()
     for t in sched.timesteps:
@@ -169,11 +169,15 @@ def test_a_diffusers_flow_reads_grid_names_through_its_scheduler_config(spacing)
     flow = DiffusersFlow(model, schedule)
     flow.scheduler_config = config
     res = flowdiff.generate(flow, noise, solver="euler", steps=10, grid=spacing)
-    assert res.sigmas[-1] == schedule.sigma_min and res.stats.nfe == 10
-    ours = res.x * schedule.alpha(schedule.sigma_min)  # diffusers' latents at ᾱ_0
-    assert float((ours - x).abs().max() / x.abs().max()) <= REL[torch.float64]
+    assert res.stats.nfe == 10 and res.sigmas[-1] == 0
+    assert float((res.x - x).abs().max() / x.abs().max()) <= REL[torch.float64]
     plain = flowdiff.generate(flowdiff.ProbabilityFlow(model, schedule), noise, solver="euler", steps=10, grid=spacing)
-    assert float((plain.x - x).abs().max() / x.abs().max()) > 1e-4
+    if spacing == "leading":  # diffusers' trailing ignores steps_offset: there the generic grid is the same
+        assert float((plain.x - x).abs().max() / x.abs().max()) > 1e-4
+    flow.scheduler_config = {**config, "set_alpha_to_one": False}
+    short = flowdiff.sample_like(flow, noise, steps=10)
+    assert short.sigmas[-1] == schedule.sigma_min
+    assert np.array_equal(short.sigmas[:-1], flowdiff.generate(flow, noise, steps=10, grid=spacing).sigmas[:-1])
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

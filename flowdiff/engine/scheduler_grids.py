@@ -289,17 +289,17 @@ def ddim_inverse_sigmas(scheduler: object, steps: int) -> tuple[np.ndarray, np.n
 
 #: the grid names a flow that carries its scheduler config resolves through it (:func:`config_grid`)
 CONFIG_GRIDS = ("leading", "trailing")
-#: the schedulers whose last step goes to ᾱ_0 (σ_min) rather than to the image with set_alpha_to_one=False
-_ALPHA_TO_ONE = ("DDIMScheduler", "DDIMInverseScheduler", "PNDMScheduler")
 
 
 def config_grid(scheduler: object, spacing: str, steps: int) -> np.ndarray | None:
     """The σ grid of a VP scheduler config's own ``spacing`` timesteps (``leading`` with its
-    ``steps_offset``, ``trailing``), ending where its loop ends: σ_min for DDIM/PNDM configs with
-    ``set_alpha_to_one=False`` and for ``final_sigmas_type="sigma_min"``, else 0 (a zero-length
-    σ_min → σ_min last step left out). None for flow-matching configs and other names, whose
-    generic grid is used. This is how a :class:`~flowdiff.models.pipelines.DiffusersFlow` reads
-    ``grid="leading"``/``"trailing"``: diffusers' timesteps, fed to the model as the integers they are.
+    ``steps_offset``, ``trailing``), then σ = 0: the image, as every named grid ends. None for
+    flow-matching configs and other names, whose generic grid is used. This is how a
+    :class:`~flowdiff.models.pipelines.DiffusersFlow` reads ``grid="leading"``/``"trailing"``:
+    diffusers' timesteps, fed to the model as the integers they are. A loop that stops short of the
+    image (``set_alpha_to_one=False``: at σ_min) is :func:`flowdiff.models.pipelines.sample_like`'s;
+    here the last step goes on to σ = 0, so that every tool that compares against the image
+    (``compare``, ``tune``) reads these grids as it reads the generic ones.
     """
     config, source = config_of(scheduler)
     if spacing not in CONFIG_GRIDS or _is_flow_matching(config):
@@ -308,16 +308,7 @@ def config_grid(scheduler: object, spacing: str, steps: int) -> np.ndarray | Non
     config = with_defaults(config)
     schedule, _ = schedule_from_config(config, source)
     ts = ddim_timesteps({**config, "timestep_spacing": spacing}, steps, source)
-    name = class_name(config)
-    to_min = (name in _ALPHA_TO_ONE and not config.get("set_alpha_to_one", True)) \
-        or config.get("final_sigmas_type") == "sigma_min"
-    grid = np.append(schedule.sigmas[ts], schedule.sigmas[0] if to_min else 0.0)
-    if grid[-1] == grid[-2]:
-        if len(grid) == 2:
-            raise ValueError(f"{source}: steps=1 on its {spacing!r} grid is one step of zero length (σ_min to σ_min, "
-                             "set_alpha_to_one=False); use steps >= 2")
-        grid = grid[:-1]
-    return grid
+    return np.append(schedule.sigmas[ts], 0.0)
 
 
 def _flow_matching_sigmas(config: Mapping[str, Any], steps: int, mu: float | None, base: Any,

@@ -280,9 +280,9 @@ class DiffusersFlow(ProbabilityFlow):
 
     def named_grid(self, name: str, steps: int) -> np.ndarray | None:
         """The grid ``grid=name`` means for this model: ``leading``/``trailing`` are its scheduler config's own
-        timesteps and final level (:func:`flowdiff.engine.scheduler_grids.config_grid`: ``steps_offset``,
-        σ_min at the end for ``set_alpha_to_one=False``); None (the generic grid) for other names, for
-        flow-matching configs, or without a ``scheduler_config``."""
+        timesteps (:func:`flowdiff.engine.scheduler_grids.config_grid`: ``steps_offset``), then σ = 0;
+        None (the generic grid) for other names, for flow-matching configs, or without a
+        ``scheduler_config``."""
         config = getattr(self, "scheduler_config", None)
         return None if config is None else config_grid(config, name, steps)
 
