@@ -55,6 +55,7 @@ from . import ddim_inverse as _ddim_inverse  # noqa: F401  (registers the 'ddim_
 from .adaptive import solve_adaptive_flow
 from .fixed_point import encode_fixed_point as _fixed_point  # noqa: F401  (registers 'fixed_point')
 from .inversion import EXACT_QUANTUM, decode_reversible
+from .pndm import PNDM as _pndm  # noqa: F401  (registers the 'pndm' plug-in)
 from .stochastic import generate_stochastic as _stochastic  # noqa: F401  (registers 'eta')
 
 __all__ = ["Result", "StepState", "decode", "encode", "generate"]
@@ -123,6 +124,9 @@ def _solve_fixed(request: Request, start: Tensor, sig: np.ndarray, direction: st
     ``start`` is the VP-scaled state at ``sig[0]`` (noise, images at σ = 0, a latent's x_T), taken to
     x̄ here; a grid from σ = ∞ starts from the noise itself with its boundary step (engine.terminal)."""
     flow, solver = request.flow, request.solver
+    flow_for = getattr(solver, "flow_for", None)  # a method that feeds the model its own way (ddim_inverse)
+    if flow_for is not None:
+        flow = flow_for(flow, sig.tolist())
     eps = flow.field(request.model_kwargs, model_dtype)
     if isinstance(request.callback, Saver):  # a σ to save that the grid does not step to: refused before the solve
         request.callback.check(sig)
