@@ -288,9 +288,11 @@ def test_fixed_point_keep_lists_the_unconverged_samples(mixture):
     images[1] = 2.5
     with pytest.raises(solvers.SolveError, match=r"sample\(s\) \[1\]"):
         fd.encode(saturating, images, sigmas=[1.0, 0.0], inversion="fixed_point")
+    # the kept iterate of sample 1 has no preimage to converge to and grows past the encode's divergence guard
+    # (now applied to fixed-point encodes too), so the guard is turned off to look at it
     with pytest.warns(RuntimeWarning, match="1 of 3 sample"):
         enc = fd.encode(saturating, images, sigmas=[1.0, 0.0], inversion="fixed_point",
-                        inversion_options={"on_failure": "keep"})
+                        inversion_options={"on_failure": "keep"}, divergence=None)
     assert enc.stats.extra["unconverged"] == [1]
     ok = [0, 2]
     assert (enc.x[ok] * math.sqrt(2.0) - torch.atanh(images[ok])).abs().max().item() <= 1e-12  # x̄ = x_T·√(1+σ²)

@@ -49,7 +49,7 @@ from torch import Tensor
 import solvers
 from solvers import Derivative, Solver, StepFailure, StepResult
 
-from ..engine.formulations import Sigma
+from ..engine.formulations import Sigma, formulation_for
 from ..engine.latent import Latent
 from ..engine.loop import solve_grid
 from ..engine.options import Inversion, Request, compute_dtype
@@ -235,6 +235,10 @@ def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Res
                          "its latent decodes exactly by the algebraic inverse")
     if solver_obj.multistep:
         raise ValueError(f"fixed-point inversion needs a one-step solver; {solver_obj.name!r} is multistep")
+    form = formulation_for(solver_obj, "decode")  # the variables of the decode this encode inverts
+    if not isinstance(form, Sigma):
+        raise ValueError(f"fixed-point inversion inverts a decode in (σ, x̄); {solver_obj.name!r} decodes in "
+                         f"{type(form).__name__} variables: encode with it directly, or invert 'euler' or 'heun'")
     if max_iter is None:
         max_iter = 100 if method == "anderson" else 50
     dtype = compute_dtype(images)
@@ -248,8 +252,9 @@ def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Res
                                 max_iter=max_iter, anderson=anderson, krylov_dim=krylov_dim, on_failure=on_failure,
                                 check_finite=request.check_finite,
                                 eps_floor=max(torch.finfo(dtype).eps, torch.finfo(images.dtype).eps))
-    sol = solve_grid(request.flow.field(request.model_kwargs, model_dtype), Sigma(), enc.tolist(), inverse,
-                     xbar0=images.to(dtype), callback=request.callback, check_finite=request.check_finite)
+    sol = solve_grid(request.flow.field(request.model_kwargs, model_dtype), form, enc.tolist(), inverse,
+                     xbar0=images.to(dtype), callback=request.callback, check_finite=request.check_finite,
+                     bound=request.bound)
     stats = sol.stats
     iters, residuals, unconverged = inverse.iterations, inverse.residuals, sorted(inverse.unconverged)
     sample_residuals = [] if inverse.sample_residuals is None else inverse.sample_residuals.cpu().tolist()

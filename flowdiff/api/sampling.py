@@ -387,7 +387,8 @@ def encode(
                              "(use solver='euler' to invert DDIM decoding)")
         spec = _inversion_final_euler(spec, grid_spec)
         solver_obj, name, options = _resolve_solver(solver, solver_options, "encode")
-        request = _request(flow, solver_obj, name, options, grid_spec, None, model_kwargs, callback, check_finite)
+        request = _request(flow, solver_obj, name, options, grid_spec, None, model_kwargs, callback, check_finite,
+                           bound=divergence_limit(divergence, images))
         res = plugin.run(request, images, spec)
         res.latent.set_origin(flow, model_kwargs)  # the latent records its model
         return _kept(saver, res)
