@@ -1,26 +1,26 @@
-"""Log-likelihood through the probability-flow ODE: error against an exact log-density, flowdiff vs k-diffusion.
+"""Log-likelihood at the defaults against dimension: error and time of flowdiff and k-diffusion, one run.
 
-The model is a closed-form Gaussian mixture (``flowdiff.models.analytic.Mixture``, bandwidth 0.1) on
-200 of scikit-learn's digit images upsampled to 16×16 (D = 256) in [−1, 1], DDPM linear
-schedule (σ_max ≈ 157): its log-density at σ = 0 is a log-sum-exp, known exactly. Points are
-drawn from the mixture itself (``--samples``, seeded). Side by side in one process:
+The models are closed-form Gaussian mixtures (``flowdiff.models.analytic.Mixture``, bandwidth
+0.1) on 100 of scikit-learn's digit images upsampled to D = 64 (8×8), 256 (16×16), 625 (25×25),
+1024 (32×32) and 3072 (3×32×32, the digit in three channels scaled by 1, 0.8 and 0.6), DDPM
+linear schedule (σ_max ≈ 157): the log-density at σ = 0 is a log-sum-exp, known exactly. Points are
+drawn from each mixture (``--samples``, seeded). Side by side in one process, per dimension:
 
-* flowdiff ``log_likelihood`` with ``divergence="exact"``, ``"hutchinson"`` and ``"hutch++"``
-  (dopri5 in log(σ + c), tolerances swept; the prior N(mean, (var + σ_max²)I) with the
-  mixture's per-pixel mean and variance);
-* k-diffusion's ``k_diffusion.sampling.log_likelihood`` (torchdiffeq dopri5 in σ from the
-  schedule's σ_min to σ_max, one Rademacher probe through a vector–Jacobian product, prior
-  N(0, σ_max²)), tolerances swept. It integrates from σ_min, so its error is measured against the
-  exact log p_{σ_min} of the same points (the target it estimates; against log p_0 it would be off
-  by another ~1.3 nats here).
+* flowdiff ``log_likelihood`` at its defaults (``divergence="auto"``: exact up to D = 256, Hutch++
+  beyond; dopri5 at 1e-5; the check solve), with the prior stated as the mixture's per-pixel mean
+  and variance (``data_mean``/``data_var``; the default VP prior is not this model's);
+* k-diffusion's ``k_diffusion.sampling.log_likelihood`` at its defaults (torchdiffeq dopri5 at
+  atol = rtol = 1e-5 in σ from the schedule's σ_min to σ_max, one Rademacher probe, prior
+  N(0, σ_max²)). It integrates from σ_min, so its error is given both against the exact
+  log p_{σ_min} of the same points (the value it estimates) and against log p_0.
 
-Per setting: mean and max |error| (nats per sample), the mean of z² = (error / std error)² and the
-fraction of samples with |error| ≤ 2 std errors (stochastic estimators with ≥ 2 probes), model
-evaluations (every JVP/VJP counted), and wall time. ``--digits`` also measures the shipped model's
-bits/dim on its held-out split (slow on a CPU; see benchmarks/results/likelihood.md).
+Per dimension and library: max and mean |error| (nats per sample), flowdiff's mean error bar and
+the fraction of samples within it, model evaluations (flowdiff: field evaluations of both solves
+and the estimator's vector–Jacobian products; k-diffusion: denoiser calls, each with one VJP),
+and wall time. ``--digits`` also measures the shipped model's bits/dim on its held-out split.
 
-Usage: python benchmarks/bench_likelihood.py [--samples 16] [--out benchmarks/results/likelihood.md]
-       [--digits] [--digits-steps 20] [--digits-probes 2]
+Usage: python benchmarks/bench_likelihood.py [--samples 4] [--dims 64,256,625,1024,3072]
+       [--out benchmarks/results/likelihood.md] [--digits] [--digits-steps 20] [--digits-probes 2]
 """
 
 from __future__ import annotations
@@ -37,102 +37,59 @@ from _kdiffusion import CountingDenoiser, load_kdiffusion_sampling
 import flowdiff
 from flowdiff.models.analytic import Mixture
 
-FLOWDIFF = [
-    ("exact", {}, [1e-3, 1e-4, 1e-5]),
-    ("hutchinson", {"probes": 1}, [1e-3, 1e-4]),
-    ("hutchinson", {"probes": 16}, [1e-4]),
-    ("hutch++", {"probes": 2, "sketch": 2}, [1e-3]),
-    ("hutch++", {"probes": 4, "sketch": 4}, [1e-2, 1e-3]),
-    ("hutch++", {"probes": 4, "sketch": 8}, [1e-3]),
-    ("hutch++", {"probes": 8, "sketch": 8}, [1e-3, 1e-4]),
-    ("hutch++", {"probes": 8, "sketch": 16}, [1e-4]),
-]
-KD_TOLS = [1e-3, 1e-4, 1e-5]
+SIDES = {64: (1, 8), 256: (1, 16), 625: (1, 25), 1024: (1, 32), 3072: (3, 32)}
 
 
-def mixture() -> Mixture:
+def mixture(dim: int) -> Mixture:
     from sklearn.datasets import load_digits
 
-    images = torch.tensor(load_digits().images[:200] / 16.0 * 2 - 1).reshape(200, 1, 8, 8)
-    up = torch.nn.functional.interpolate(images, size=(16, 16), mode="bilinear", align_corners=False)
+    channels, side = SIDES[dim]
+    images = torch.tensor(load_digits().images[:100] / 16.0 * 2 - 1).reshape(100, 1, 8, 8)
+    up = torch.nn.functional.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
+    if channels == 3:
+        up = torch.cat([up, 0.8 * up, 0.6 * up], 1)
     return Mixture(up, bandwidth=0.1)
 
 
-def summarize(err: torch.Tensor, se: torch.Tensor | None) -> dict:
-    row = dict(mean_abs=float(err.abs().mean()), max_abs=float(err.abs().max()), rms=float(err.pow(2).mean().sqrt()))
-    if se is not None:
-        z = err / se
-        row.update(z2=float(z.pow(2).mean()), cover2=float((z.abs() <= 2).double().mean()),
-                   se=float(se.mean()))
-    return row
-
-
-def run_flowdiff(mix: Mixture, x: torch.Tensor, exact: torch.Tensor) -> list[dict]:
-    flow = mix.flow()
+def run_flowdiff(mix: Mixture, x: torch.Tensor, exact: torch.Tensor) -> dict:
     prior = dict(data_mean=mix.centers.mean(0).reshape(mix.shape),
                  data_var=(mix.centers.var(0, unbiased=False) + mix.bandwidth**2).reshape(mix.shape))
-    rows = []
-    for divergence, options, tols in FLOWDIFF:
-        label = divergence + "".join(f" {k}={v}" for k, v in options.items())
-        for tol in tols:
-            start = time.perf_counter()
-            r = flowdiff.log_likelihood(flow, x, divergence=divergence, rtol=tol, atol=tol,
-                                        generator=torch.Generator().manual_seed(1), **prior, **options)
-            wall = time.perf_counter() - start
-            row = dict(lib="flowdiff", method=label, tol=tol, nfe=r.stats.nfe, wall=wall,
-                       **summarize(r.log_prob - exact, r.std_error))
-            print(f"  flowdiff {label} tol={tol:g}: mean |err| {row['mean_abs']:.3f}, {r.stats.nfe} NFE, "
-                  f"{wall:.1f} s", file=sys.stderr, flush=True)
-            rows.append(row)
-    return rows
+    start = time.perf_counter()
+    r = flowdiff.log_likelihood(mix.flow(), x, generator=torch.Generator().manual_seed(1), **prior)
+    wall = time.perf_counter() - start
+    err = (r.log_prob - exact).abs()
+    check = r.stats.extra["check"]
+    return dict(lib="flowdiff", method=f"defaults ({r.divergence})", max_abs=float(err.max()),
+                mean_abs=float(err.mean()), bar=float(r.error.mean()), covered=float((err <= r.error).double().mean()),
+                nfe=f"{r.stats.nfe} + {check.nfe} / {r.stats.extra['vjps'] + check.extra['vjps']} VJPs", wall=wall)
 
 
-def run_kdiffusion(mix: Mixture, x: torch.Tensor) -> list[dict]:
+def run_kdiffusion(mix: Mixture, x: torch.Tensor, exact: torch.Tensor) -> dict:
     K = load_kdiffusion_sampling()
     flow = mix.flow()
     s_min, s_max = flow.schedule.sigma_min, flow.schedule.sigma_max
-    exact_min = mix.log_prob(x, s_min)
-    rows = []
-    for tol in KD_TOLS:
-        torch.manual_seed(1)   # k-diffusion draws its probe from the global generator
-        model = CountingDenoiser(flow)
-        start = time.perf_counter()
-        ll, _ = K.log_likelihood(model, x, s_min, s_max, atol=tol, rtol=tol)
-        wall = time.perf_counter() - start
-        row = dict(lib="k-diffusion", method="log_likelihood (1 probe)", tol=tol, nfe=model.nfe, wall=wall,
-                   **summarize(ll.double() - exact_min, None))
-        print(f"  k-diffusion tol={tol:g}: mean |err| {row['mean_abs']:.3f}, {model.nfe} NFE, {wall:.1f} s",
-              file=sys.stderr, flush=True)
-        rows.append(row)
-    return rows
+    torch.manual_seed(1)   # k-diffusion draws its probe from the global generator
+    model = CountingDenoiser(flow)
+    start = time.perf_counter()
+    ll, _ = K.log_likelihood(model, x, s_min, s_max)
+    wall = time.perf_counter() - start
+    err_min = (ll.double() - mix.log_prob(x, s_min)).abs()
+    err = (ll.double() - exact).abs()
+    return dict(lib="k-diffusion", method="defaults (1 probe)", max_abs=float(err.max()), mean_abs=float(err.mean()),
+                max_abs_min=float(err_min.max()), bar=None, covered=None, nfe=f"{model.nfe} / {model.nfe} VJPs",
+                wall=wall)
 
 
 def table(rows: list[dict]) -> list[str]:
-    lines = ["| library | estimator | tol | NFE | wall (s) | mean \\|err\\| | max \\|err\\| | mean std err | mean z² | "
-             "\\|err\\| ≤ 2 se |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| D | library | estimator | max \\|err\\| | mean \\|err\\| | mean error bar | within bar | "
+             "evaluations | wall (s) |", "|---:|---|---|---:|---:|---:|---:|---|---:|"]
     for r in rows:
-        extra = (f"{r['se']:.3f} | {r['z2']:.2f} | {r['cover2']:.0%}" if "z2" in r else "– | – | –")
-        lines.append(f"| {r['lib']} | {r['method']} | {r['tol']:g} | {r['nfe']} | {r['wall']:.1f} | "
-                     f"{r['mean_abs']:.3f} | {r['max_abs']:.3f} | {extra} |")
+        mx = f"{r['max_abs']:.3f}" + (f" ({r['max_abs_min']:.3f} vs p_σmin)" if "max_abs_min" in r else "")
+        bar = "–" if r["bar"] is None else f"{r['bar']:.3f}"
+        cov = "–" if r["covered"] is None else f"{r['covered']:.0%}"
+        lines.append(f"| {r['dim']} | {r['lib']} | {r['method']} | {mx} | {r['mean_abs']:.3f} | {bar} | {cov} | "
+                     f"{r['nfe']} | {r['wall']:.1f} |")
     return lines
-
-
-def equal_time(rows: list[dict], factor: float = 1.0) -> list[str]:
-    """For each k-diffusion run: flowdiff's most accurate run that took at most ``factor`` × as long."""
-    out = []
-    ours = [r for r in rows if r["lib"] == "flowdiff"]
-    for kd in (r for r in rows if r["lib"] == "k-diffusion"):
-        within = [r for r in ours if r["wall"] <= factor * kd["wall"]]
-        if not within:
-            out.append(f"- k-diffusion tol {kd['tol']:g} ({kd['wall']:.1f} s, mean |err| {kd['mean_abs']:.3f}): no "
-                       f"flowdiff run within {factor:g}× its time")
-            continue
-        best = min(within, key=lambda r: r["mean_abs"])
-        out.append(f"- k-diffusion tol {kd['tol']:g}: {kd['wall']:.1f} s, mean |err| {kd['mean_abs']:.3f} nats; "
-                   f"flowdiff {best['method']} tol {best['tol']:g}: {best['wall']:.1f} s, mean |err| "
-                   f"{best['mean_abs']:.3f} — **{best['mean_abs'] / kd['mean_abs']:.2f}×**")
-    return out
 
 
 def digits(steps: int, probes: int) -> list[str]:
@@ -163,7 +120,8 @@ def digits(steps: int, probes: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--dims", default="64,256,625,1024,3072", help=f"comma-separated, of {sorted(SIDES)}")
     parser.add_argument("--out", default=None)
     parser.add_argument("--digits", action="store_true", help="also the shipped model's bits/dim (slow)")
     parser.add_argument("--digits-steps", type=int, default=20)
@@ -171,9 +129,6 @@ def main() -> None:
     parser.add_argument("--no-mixture", action="store_true", help="skip the mixture comparison (with --digits)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    mix = mixture()
-    x = mix.sample(args.samples, torch.Generator().manual_seed(0))
-    exact = mix.log_prob(x, 0.0)
     start = time.perf_counter()
     if args.no_mixture:
         lines = ["# Likelihood of the shipped model (`bench_likelihood.py --digits --no-mixture`)", "",
@@ -182,16 +137,25 @@ def main() -> None:
         if args.out:
             Path(args.out).write_text("\n".join(lines) + "\n")
         return
-    rows = run_flowdiff(mix, x, exact) + run_kdiffusion(mix, x)
-    lines = [f"# Likelihood: error against the exact log-density (`python benchmarks/bench_likelihood.py "
-             f"--samples {args.samples}{' --digits' if args.digits else ''}`)", "",
-             f"Mixture of {mix.centers.shape[0]} digit images upsampled to 16×16 (D = {mix.dim}), bandwidth "
-             f"{mix.bandwidth}, {args.samples} points drawn from it; float64; exact log p_0 from "
-             f"{float(exact.min()):.1f} to {float(exact.max()):.1f} nats (mean {float(exact.mean()):.1f}). "
-             f"{platform.machine()}, torch {torch.__version__}, one thread, {time.strftime('%Y-%m-%d')}.", "",
-             *table(rows), "", "At equal wall time (flowdiff's most accurate run no slower than each k-diffusion run):",
-             "", *equal_time(rows), "", "Within twice the wall time:", "", *equal_time(rows, 2.0), "",
-             "Within three times the wall time:", "", *equal_time(rows, 3.0)]
+    rows = []
+    for dim in (int(d) for d in args.dims.split(",")):
+        if dim not in SIDES:
+            raise SystemExit(f"--dims: {dim} is not one of {sorted(SIDES)}")
+        mix = mixture(dim)
+        x = mix.sample(args.samples, torch.Generator().manual_seed(0))
+        exact = mix.log_prob(x, 0.0)
+        for run in (run_flowdiff, run_kdiffusion):
+            row = dict(dim=dim, **run(mix, x, exact))
+            print(f"  D={dim} {row['lib']}: max |err| {row['max_abs']:.3f}, {row['wall']:.1f} s", file=sys.stderr,
+                  flush=True)
+            rows.append(row)
+    lines = [f"# Likelihood at the defaults against dimension (`python benchmarks/bench_likelihood.py --samples "
+             f"{args.samples}{' --digits' if args.digits else ''}`)", "",
+             f"Mixtures of 100 digit images (bandwidth 0.1), {args.samples} points drawn from each; float64; "
+             f"{platform.machine()}, torch {torch.__version__}, one thread, {time.strftime('%Y-%m-%d')}. "
+             "max/mean |err| against the exact log p_0 (k-diffusion: also against log p_σmin, what it estimates).",
+             "",
+             *table(rows)]
     if args.digits:
         lines += ["", *digits(args.digits_steps, args.digits_probes)]
     lines += ["", f"Total {time.perf_counter() - start:.0f} s."]

@@ -19,7 +19,7 @@ from .engine.schedules import FlowMatchingSchedule, Schedule, VESchedule
 from .models.diffusers_io import from_diffusers
 from .models.guidance import classifier_free_guidance
 from .models.kdiffusion import from_denoiser, to_denoiser
-from .models.pipelines import DiffusersFlow, sample_like
+from .models.pipelines import DiffusersFlow, SchedulerPlan, encode_like, sample_like, scheduler_plan
 from .models.pretrained import digits_data, pretrained
 from .tools import metrics
 from .tools.compare import Comparison, Reference, compare, reference_solution
@@ -71,6 +71,9 @@ __all__ = [
     "reconstruction",
     "reference_solution",
     "sample_like",
+    "encode_like",
+    "scheduler_plan",
+    "SchedulerPlan",
     "sample_quality",
     "scheduler_sigmas",
     "to_denoiser",

@@ -26,8 +26,12 @@ __all__ = ["FINAL_EULER", "check_grid", "nfe_for_steps", "solve", "steps_for_nfe
 
 
 def final_step_methods(solver: Solver, steps: int, eval_end: bool) -> dict[int, Solver]:
-    """The per-step methods of a fixed grid: the last step is Euler when ``f`` must not be evaluated at the end."""
-    return {steps - 1: FINAL_EULER} if (not eval_end and solver.evaluates_end) else {}
+    """The per-step methods of a fixed grid: the last step is Euler when ``f`` must not be evaluated at the end,
+    else the solver's own ``final_method`` where it has one (a multistep method's lower-order last step)."""
+    if not eval_end and solver.evaluates_end:
+        return {steps - 1: FINAL_EULER}
+    final = getattr(solver, "final_method", None)
+    return {steps - 1: final} if final is not None else {}
 
 
 def solve(

@@ -196,10 +196,20 @@ class DPMSolverPP2M(Adams):
     A second-order two-step method whose extrapolation is linear in λ but, unlike the exact
     log-time Adams weights, integrated with the midpoint rule. This is k-diffusion's
     ``sample_dpmpp_2m`` in the variables y = x̄/σ, ρ = 1/σ.
+
+    ``lower_order_final`` (default False): the last step of a fixed grid is first order
+    (``final_method``, the one-derivative step: DPM-Solver++(1), i.e. DDIM), as diffusers'
+    ``DPMSolverMultistepScheduler`` takes it with ``lower_order_final`` below 15 steps or
+    ``euler_at_final``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, lower_order_final: bool = False) -> None:
+        if not isinstance(lower_order_final, bool):
+            raise TypeError(f"solver 'dpmpp_2m': lower_order_final must be True or False, got {lower_order_final!r}")
         super().__init__("dpmpp_2m", 2, log_time=True)
+        self.lower_order_final = lower_order_final
+        #: the method of a fixed grid's last step, or None for this method's own
+        self.final_method: Solver | None = Adams("dpmpp_2m", 1, log_time=True) if lower_order_final else None
 
     def _predict_weights(self, ts: list[float], t0: float, t1: float) -> list[float]:
         if len(ts) < 2 or not _log_defined((*ts, t1)):

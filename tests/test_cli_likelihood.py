@@ -14,7 +14,7 @@ from flowdiff.cli import load_model, read_images, save_images
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--model", "analytic-mixture", "--divergence", "hutchinson", "--probes", "2", "--solver", "rk4",
-       "--steps", "3", "--dequantize", "256", "--seed", "5"]
+       "--steps", "3", "--seed", "5"]   # 8-bit files: dequantized to 256 levels by default
 
 
 def flowdiff_cli(*argv):
@@ -42,14 +42,29 @@ def test_cli_prints_the_per_image_and_mean_bits_per_dim_of_log_likelihood(pngs, 
     loaded = load_model("analytic-mixture", dtype=torch.float32)
     images = read_images(paths, loaded.shape).float()
     r = flowdiff.log_likelihood(loaded.flow, images, divergence="hutchinson", probes=2, solver="rk4", steps=3,
-                                dequantize=256, generator=torch.Generator().manual_seed(5))
+                                dequantize=256, dequantization="uniform", generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(printed, r.bits_per_dim, atol=2e-5, rtol=0)
     mean = float(re.search(r"mean bits/dim: ([-0-9.]+) ± ([0-9.]+)", out.stdout).group(1))
     assert mean == pytest.approx(float(r.bits_per_dim.mean()), abs=2e-5)
-    assert "offset 6.9944 bits" in out.stdout and re.search(r"NFE \d+ \(model evaluations", out.stdout)
-    # --data DIR reads the same files (in-process)
+    assert "uniform dequantization to 256 levels" in out.stdout and "offset 6.9944 bits" in out.stdout
+    assert re.search(r"NFE \d+ \(field evaluations\) and \d+ vector-Jacobian products", out.stdout)
+    # the error bar printed is the probes' and the check solve's together
+    printed_error = torch.tensor([float(r[4]) for r in rows], dtype=torch.float64)
+    torch.testing.assert_close(printed_error, r.bits_per_dim_error, atol=2e-5, rtol=0)
+    # truncated-normal noise, and the continuous density's bits/dim on request (in-process)
     from flowdiff.cli import main
 
+    for how, offset in [("truncated_normal", "offset 6.9944 bits"), ("none", "continuous density")]:
+        capsys.readouterr()
+        assert main(["likelihood", *paths, *RUN, "--dequantization", how]) == 0
+        text = capsys.readouterr().out
+        assert offset in text and (how == "none" or f"{how} dequantization" in text), text
+        bpd = torch.tensor([float(line.split()[2]) for line in text.splitlines() if line.startswith("d")])
+        kw = {} if how == "none" else {"dequantize": 256, "dequantization": how}
+        ref = flowdiff.log_likelihood(loaded.flow, images, divergence="hutchinson", probes=2, solver="rk4", steps=3,
+                                      generator=torch.Generator().manual_seed(5), **kw)
+        torch.testing.assert_close(bpd, ref.bits_per_dim.float(), atol=2e-5, rtol=0)
+    # --data DIR reads the same files (in-process)
     capsys.readouterr()
     assert main(["likelihood", "--data", str(directory), *RUN]) == 0
     assert capsys.readouterr().out.splitlines()[1:4] == out.stdout.splitlines()[1:4]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from _digit_files import write_digits as _write_digits
 
 import flowdiff
 from flowdiff.cli import main
@@ -41,12 +41,7 @@ def run(capsys, *argv):
 
 
 def write_digits(folder: Path, names=NAMES, start: int = 0) -> None:
-    images = flowdiff.digits_data("test").images[start:start + len(names)]
-    for name, image in zip(names, images):
-        path = folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pixels = ((image[0].numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
-        Image.fromarray(pixels, mode="L").save(path)
+    _write_digits(folder, names, start)
 
 
 @pytest.fixture(scope="module")

@@ -185,8 +185,15 @@ def test_dit_round_trip_is_exact(dit, dtype):
 def test_ddim_grid_is_the_schedulers(config, steps):
     scheduler = diffusers.DDIMScheduler(clip_sample=False, **config)
     scheduler.set_timesteps(steps)
-    grid = scheduler_sigmas(scheduler, steps)
     schedule = flowdiff.models.diffusers_io.schedule_from_config(scheduler.config)[0]
+    if not scheduler.config.set_alpha_to_one and scheduler.timesteps[-1] == 0:  # a last step σ_min → σ_min
+        if steps == 1:
+            with pytest.raises(ValueError, match="steps=1 with set_alpha_to_one=False"):
+                scheduler_sigmas(scheduler, steps)
+            return
+        assert np.array_equal(scheduler_sigmas(scheduler, steps), schedule.sigmas[scheduler.timesteps.numpy()])
+        return
+    grid = scheduler_sigmas(scheduler, steps)
     assert np.array_equal(grid[:-1], schedule.sigmas[scheduler.timesteps.numpy()])
     acp_end = float(scheduler.final_alpha_cumprod)  # float32: 1 − ᾱ₀ ≈ 1e-4 keeps ~3 digits there
     assert grid[-1] == pytest.approx(np.sqrt((1 - acp_end) / acp_end), rel=1e-3, abs=0)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _digit_files import write_digits
 from PIL import Image
 
 import flowdiff
@@ -34,15 +35,6 @@ def run(capsys, *argv):
     code = main([os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def write_digits(folder: Path, names, start: int = 0) -> None:
-    images = flowdiff.digits_data("test").images[start:start + len(names)]
-    for name, image in zip(names, images):
-        path = folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pixels = ((image[0].numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
-        Image.fromarray(pixels, mode="L").save(path)
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
@@ -91,7 +83,7 @@ def test_a_decompression_bomb_is_refused_by_its_declared_size_before_it_is_infla
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
-def test_only_regular_files_are_read_and_a_fifo_is_skipped_with_the_reason(tmp_path):
+def test_only_regular_files_are_read_and_a_fifo_is_skipped_with_the_reason(tmp_path, capsys):
     os.mkfifo(tmp_path / "x.png")
     write_digits(tmp_path, ["a.png"])
 
@@ -107,11 +99,13 @@ def test_only_regular_files_are_read_and_a_fifo_is_skipped_with_the_reason(tmp_p
             flowdiff.Latent.load(tmp_path / "x.png")
         folder = datasets.scan(tmp_path)
         man = datasets.manifest("encode", {}, folder)  # hashes every input: would block on the FIFO
+        assert main(["decode", str(tmp_path / "x.png"), "--out", str(tmp_path / "out")]) == 1  # the CLI says so too
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
     assert folder.files == ("a.png",) and [p for p, _ in man["inputs"]] == ["a.png"]
     assert folder.skipped == (("x.png", "a FIFO (named pipe), not a regular file; not read"),)
+    assert "latents" in (err := capsys.readouterr().err) and "a FIFO (named pipe), not a regular file" in err
 
 
 def test_multi_frame_images_are_refused_with_their_frame_count_never_cut_to_one(tmp_path):

@@ -70,7 +70,9 @@ def test_gaussian_full_covariance_fixed_grid_converges_at_the_solvers_order():
     for n in steps:
         r = log_likelihood(g.flow(), x, solver="rk4", steps=n, data_mean=g.mean, data_var=float(g.evals.mean()))
         errors.append(float((r.log_prob - exact).abs().max()))
-        assert r.stats.extra["field_evals"] == 4 * n and r.stats.nfe == 3 * 4 * n
+        # the loop's own count of field evaluations; the D = 3 products each, and the check solve, apart
+        assert r.stats.nfe == 4 * n and r.stats.extra["vjps"] == 3 * 4 * n
+        assert r.stats.extra["check"].nfe == 4 * (n // 2)
     assert -slope(steps, errors) > 3.3, errors
 
 
@@ -79,8 +81,12 @@ def test_mixture_exact_divergence_matches_the_kernel_density_at_default_settings
     x = m.sample(6, torch.Generator().manual_seed(4))
     r = log_likelihood(m.flow(), x, **mixture_prior(m))
     err = (r.log_prob - m.log_prob(x, 0.0)).abs()
+    assert r.divergence == "exact"   # "auto" at D = 16
     assert float(err.max()) < 0.02, err
     assert r.std_error is None and r.per_probe is None
+    # the error bar is the solve's (a check solve at 10× the tolerances), and it covers the error
+    torch.testing.assert_close(r.error, r.solve_error)
+    assert bool((err <= r.error).all()), (err, r.error)
     # the prior term is exactly the Gaussian's log-density at the latent
     s2 = m.schedule.sigma_max**2
     xbar = r.latent.reshape(6, -1) * math.sqrt(1 + s2)
@@ -115,7 +121,8 @@ def test_hutch_plus_plus_has_smaller_error_bars_than_hutchinson_at_equal_cost():
                            generator=torch.Generator().manual_seed(8), **kw)
     hpp = log_likelihood(m.flow(), x, divergence="hutch++", probes=4, sketch=4,
                          generator=torch.Generator().manual_seed(8), **kw)
-    assert hpp.stats.nfe == hutch.stats.nfe   # 2·4 + 4 = 12 products per field evaluation, same steps
+    for r in (hpp, hutch):   # 2·4 + 4 = 12 products per field evaluation for both
+        assert r.stats.extra["vjps"] == 12 * r.stats.nfe
     assert float(hpp.std_error.mean()) < 0.5 * float(hutch.std_error.mean()), (hpp.std_error, hutch.std_error)
     z = (hpp.log_prob - m.log_prob(x, 0.0)) / hpp.std_error
     assert float(z.abs().max()) < 3, z
@@ -128,6 +135,7 @@ def test_one_probe_gives_no_standard_error_and_rademacher_is_exact_on_a_diagonal
     one = log_likelihood(g.flow(), x, divergence="hutchinson", probes=1, generator=torch.Generator().manual_seed(0),
                          **gaussian_prior(g))
     assert one.std_error is None and one.bits_per_dim_std_error is None
+    torch.testing.assert_close(one.error, one.solve_error)
     torch.testing.assert_close(one.log_prob, exact.log_prob, atol=1e-9, rtol=0)
 
 
@@ -153,19 +161,21 @@ def test_nfe_counts_every_vector_jacobian_product(divergence, options, cost):
     x = m.sample(5, torch.Generator().manual_seed(9))
     # rk4: 4 field evaluations a step; each is one forward pass and `cost` VJPs on the batch
     run = dict(divergence=divergence, solver="rk4", steps=3, **options)
-    r = log_likelihood(flow, x, chunk=5, generator=torch.Generator().manual_seed(1), **run)
-    assert counter.calls == r.stats.extra["model_calls"] == r.stats.extra["field_evals"] == 12
-    assert r.stats.nfe == cost * 12
-    # larger chunks: the same numbers and NFE
-    big = log_likelihood(flow, x, chunk=4096, generator=torch.Generator().manual_seed(1), **run)
-    assert big.stats.nfe == r.stats.nfe
+    r = log_likelihood(flow, x, chunk=5, generator=torch.Generator().manual_seed(1), solve_check=False, **run)
+    assert counter.calls == r.stats.extra["model_calls"] == r.stats.nfe == 12
+    assert r.stats.extra["vjps"] == cost * 12 and "check" not in r.stats.extra and r.solve_error is None
+    # larger chunks: the same numbers and counts
+    big = log_likelihood(flow, x, chunk=4096, generator=torch.Generator().manual_seed(1), solve_check=False, **run)
+    assert big.stats.extra["vjps"] == r.stats.extra["vjps"]
     torch.testing.assert_close(big.log_prob, r.log_prob, atol=1e-9, rtol=0)
-    # adaptive: the solver's evaluations (its first-step estimate included) times the products per evaluation
+    # adaptive, with the check solve: each solve's evaluations (first-step estimate included) are its own
     counter.calls = 0
     a = log_likelihood(flow, x, divergence=divergence, generator=torch.Generator().manual_seed(1),
                        rtol=1e-2, atol=1e-2, **options)
-    assert a.stats.nfe == cost * a.stats.extra["field_evals"]
-    assert counter.calls == a.stats.extra["model_calls"] == a.stats.extra["field_evals"]
+    check = a.stats.extra["check"]
+    for st in (a.stats, check):
+        assert st.extra["vjps"] == cost * st.nfe and st.extra["model_calls"] == st.nfe
+    assert counter.calls == a.stats.nfe + check.nfe
 
 
 def test_batch_larger_than_chunk_is_split_with_the_same_result():
@@ -176,7 +186,7 @@ def test_batch_larger_than_chunk_is_split_with_the_same_result():
     b = log_likelihood(m.flow(), x, generator=torch.Generator().manual_seed(0), chunk=3, **run)
     torch.testing.assert_close(a.log_prob, b.log_prob, atol=1e-9, rtol=0)
     # 7 samples in pieces of 3, 3 and 1: three forward passes per field evaluation
-    assert a.stats.nfe == b.stats.nfe == 2 * 16 and b.stats.extra["model_calls"] == 3 * 16
+    assert a.stats.extra["vjps"] == b.stats.extra["vjps"] == 2 * 16 and b.stats.extra["model_calls"] == 3 * 16
 
 
 def test_float32_agrees_with_float64_and_a_network_runs_through_jvp():
@@ -231,8 +241,9 @@ def test_max_nfe_stops_the_solve_with_partial_statistics():
     m = mixture()
     x = m.sample(2, torch.Generator().manual_seed(0))
     with pytest.raises(solvers.SolveError, match="max_nfe") as info:
-        log_likelihood(m.flow(), x, max_nfe=16 * 20)
-    assert 0 < info.value.stats.nfe <= 16 * 20 + 16 * 7
+        log_likelihood(m.flow(), x, max_nfe=20)   # field evaluations, as the solver counts them
+    assert 0 < info.value.stats.nfe <= 20 + 7
+    assert info.value.stats.extra["vjps"] == 16 * info.value.stats.nfe
     with pytest.raises(ValueError, match="max_nfe=10"):
         log_likelihood(m.flow(), x, solver="rk4", steps=10, max_nfe=10)
 
@@ -240,7 +251,9 @@ def test_max_nfe_stops_the_solve_with_partial_statistics():
 # -- bad input ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,exc,match", [
-    ({"divergence": "trace"}, ValueError, "divergence 'trace'.*exact, hutchinson, hutch\\+\\+"),
+    ({"divergence": "trace"}, ValueError, "divergence 'trace'.*auto, exact, hutchinson, hutch\\+\\+"),
+    ({"dequantize": 256, "dequantization": "gamma"}, ValueError, "dequantization 'gamma'.*uniform, truncated_normal"),
+    ({"solve_check": 1}, TypeError, "solve_check must be a bool, got int"),
     ({"divergence": "hutchinson", "probes": 0}, ValueError, "probes must be an int >= 1, got 0"),
     ({"divergence": "hutchinson", "probes": 2.0}, ValueError, "probes"),
     ({"probes": 4}, ValueError, "probes= and sketch= apply to the stochastic"),
@@ -250,7 +263,7 @@ def test_max_nfe_stops_the_solve_with_partial_statistics():
     ({"rtol": -1.0}, ValueError, "rtol must be a finite number >= 0, got -1.0"),
     ({"atol": float("nan")}, ValueError, "atol must be a finite number"),
     ({"rtol": "1e-3"}, ValueError, "rtol"),
-    ({"rtol": 0.0, "atol": 0.0}, ValueError, "rtol and atol cannot both be 0"),
+    ({"atol": 0.0}, ValueError, "atol must be > 0: it is also the log-density column's tolerance"),
     ({"steps": 10, "solver": "rk4", "rtol": 1e-3}, ValueError, "give one of them"),
     ({"steps": 0, "solver": "rk4"}, ValueError, "steps must be an int >= 1, got 0"),
     ({"solver": "rk4"}, ValueError, "'rk4' has no error estimate: give steps=N"),
@@ -295,3 +308,74 @@ def test_bad_images_and_models_are_reported():
 
     with pytest.raises(solvers.SolveError, match=r"step \d+ \(log\(σ\+c\)"):
         log_likelihood(flowdiff.ProbabilityFlow.from_sigma_field(nan_after, m.schedule), x)
+
+
+# -- the error bar, the default estimator, dequantization ---------------------------------------------
+
+def test_error_bar_covers_the_exact_value_at_about_its_stated_rate():
+    """Over 8 seeds × 6 points, log_prob at the default tolerances with 16 Hutchinson probes lies within 2 error
+    bars (probes' standard error and the check solve's difference together) about 95% of the time (t with 15
+    degrees of freedom: 94%), and the bar is not so wide that it always holds within one."""
+    m = mixture(dim=32, n=6, bandwidth=0.2)
+    z = []
+    for seed in range(8):
+        x = m.sample(6, torch.Generator().manual_seed(100 + seed))
+        r = log_likelihood(m.flow(), x, divergence="hutchinson", probes=16,
+                           generator=torch.Generator().manual_seed(seed), **mixture_prior(m))
+        torch.testing.assert_close(r.error, (r.std_error**2 + r.solve_error**2).sqrt())
+        z.append((r.log_prob - m.log_prob(x, 0.0)) / r.error)
+    z = torch.cat(z).abs()
+    within2, within1 = float((z <= 2).double().mean()), float((z <= 1).double().mean())
+    assert 0.85 <= within2 and within1 < 0.9, (within1, within2, z)
+
+
+def test_auto_takes_hutch_plus_plus_beyond_256_dimensions_at_a_cost_that_does_not_grow():
+    m = mixture(dim=300, n=4, bandwidth=0.3)
+    x = m.sample(3, torch.Generator().manual_seed(1))
+    r = log_likelihood(m.flow(), x, generator=torch.Generator().manual_seed(0), **mixture_prior(m))
+    assert r.divergence == "hutch++" and r.per_probe.shape == (3, 16)
+    assert r.stats.extra["vjps"] == (2 * 32 + 16) * r.stats.nfe   # not D = 300 per evaluation
+    err = (r.log_prob - m.log_prob(x, 0.0)).abs()
+    assert bool((err <= 3 * r.error).all()) and float(err.max()) < 0.1, (err, r.error)
+
+
+@pytest.mark.parametrize("dequantization", ["uniform", "truncated_normal"])
+def test_dequantized_bits_per_dim_bound_the_discrete_datas_on_integer_images(dequantization):
+    """A diagonal Gaussian quantized to 17 levels: the discrete probability of each lattice point is a product of
+    normal-CDF differences. The dequantized bits/dim, averaged over the dequantization noise, is an upper bound on
+    the discrete data's (by Jensen); with uniform noise close to it (the density is nearly flat across a cell),
+    with the truncated normal of σ_min = 0.01 (0.08 lattice spacings) looser."""
+    from scipy.stats import norm, truncnorm
+
+    g = gaussian()
+    levels, reps = 17, 48
+    delta = 2 / (levels - 1)
+    k = torch.tensor([[9, 7, 8, 8], [10, 6, 8, 7]])
+    images = (k.double() * delta - 1).repeat_interleave(reps, 0)
+    r = log_likelihood(g.flow(), images, dequantize=levels, dequantization=dequantization,
+                       generator=torch.Generator().manual_seed(0), **gaussian_prior(g))
+    assert r.dequantization == dequantization and r.offset_bits == pytest.approx(-math.log2(delta))
+    torch.testing.assert_close(r.bits_per_dim, -(r.log_prob - r.log_q) / (4 * math.log(2)) + r.offset_bits)
+    # the noise and its log-density, against scipy's truncated normal (or uniform: log q = 0)
+    u = torch.rand(images.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    if dequantization == "uniform":
+        centred = u - 0.5
+        assert bool((r.log_q == 0).all())
+    else:
+        s = g.schedule.sigma_min / delta
+        centred = torch.tensor(truncnorm.ppf(u.numpy(), -0.5 / s, 0.5 / s, scale=s))
+        log_q = torch.tensor(truncnorm.logpdf(centred.numpy(), -0.5 / s, 0.5 / s, scale=s)).sum(1)
+        torch.testing.assert_close(r.log_q, log_q, atol=1e-6, rtol=0)
+    moved = log_likelihood(g.flow(), images + delta * centred, **gaussian_prior(g))
+    torch.testing.assert_close(moved.log_prob, r.log_prob, atol=1e-6, rtol=0)
+    # the bound, image by image
+    sd = g.evals.sqrt()
+    for i in range(2):
+        y = images[i * reps]
+        cell = norm.cdf(((y + delta / 2 - g.mean) / sd).numpy()) - norm.cdf(((y - delta / 2 - g.mean) / sd).numpy())
+        discrete = float(-torch.tensor(cell).log2().sum() / 4)
+        est = r.bits_per_dim[i * reps:(i + 1) * reps]
+        mean, se = float(est.mean()), float(est.std() / math.sqrt(reps))
+        assert discrete - 3 * se <= mean, (dequantization, mean, se, discrete)
+        if dequantization == "uniform":
+            assert mean <= discrete + 0.05, (mean, discrete)

@@ -330,3 +330,15 @@ def test_an_nfe_budget_counts_the_step_out_of_infinity_as_one_evaluation(solver)
         assert res.sigmas[0] == math.inf and res.stats.nfe <= budget
         more = flowdiff.generate(flow, noise, solver=solver, steps=res.stats.steps + 1)
         assert more.stats.nfe > budget  # the largest step count that fits
+
+
+def test_the_divergence_guard_applies_to_a_fixed_point_encode():
+    # the fixed-point plug-in ran its solve without the request's bound (divergence= was ignored there)
+    flow, _, gauss = _gauss()
+    images = gauss.sample(2, generator=torch.Generator().manual_seed(0))
+    assert flowdiff.encode(flow, images, steps=4, solver=flowdiff.Inversion("fixed_point"),
+                           checks=flowdiff.Checks(growth=None)).x.isfinite().all()
+    with pytest.raises(solvers.SolveError, match="diverged") as err:
+        flowdiff.encode(flow, images, steps=4, solver=flowdiff.Inversion("fixed_point"),
+                        checks=flowdiff.Checks(growth=1e-3))
+    assert err.value.value > 1e-3

@@ -7,32 +7,53 @@ first order in the step; they differ by O(h) per step in where ε is sampled, an
 decodes back exactly with DDIM. ``encode(..., solver="ddim_inverse")`` reproduces diffusers
 to float rounding so that results obtained with it can be compared like for like.
 
-In the field ``f(σ, x̄) = ε(x̄/√(1+σ²), t(σ))`` that model input is ``f(σ_{n+1}, x̄'_n)`` with
-x̄'_n = x̄_n·√(1+σ_{n+1}²)/√(1+σ_n²): the sample read at the target level, so the step stays
-a plain ``f(t, y)`` method.
+diffusers turns the prediction into ε at the *source* level σ_n, where the sample is, so the step
+is Euler from σ_n with the model fed the *target* timestep t(σ_{n+1}) there: :meth:`DDIMInverse.flow_for`
+gives ``encode`` that flow (the flow's ``timesteps`` option), for every prediction type (a
+``v_prediction`` or ``sample`` prediction converted at σ_{n+1} instead is 0.3 relative off on
+SD 2.1-like configs). :func:`flowdiff.models.pipelines.encode_like` adds DDIMInverseScheduler's own
+grid and timesteps (configs that start at σ_min).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
 
 from solvers import Solver, StepResult
 
+from ..engine.flow import ProbabilityFlow
 from ..engine.plugins import Plugin, register_plugin
 
 
 class DDIMInverse(Solver):
-    """One DDIMInverse step: Euler with the model's timestep taken at the step's end."""
+    """One DDIMInverse step: Euler from σ_n, on the flow that :meth:`flow_for` gives for the grid."""
 
     name = "ddim_inverse"
     order = 1
 
     def step(self, f: Any, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
-        eps = f(t1, y0 * math.sqrt((1.0 + t1 * t1) / (1.0 + t0 * t0)))
-        return StepResult(y0.add(eps, alpha=t1 - t0), None)
+        return StepResult(y0.add(f(t0, y0), alpha=t1 - t0), None)
+
+    @staticmethod
+    def flow_for(flow: ProbabilityFlow, sigmas: Sequence[float]) -> ProbabilityFlow:
+        """The flow this method's steps run on across the increasing grid ``sigmas``: the model fed, at
+        each σ_n, the timestep of σ_{n+1} (from the flow's own ``timesteps`` where it has them); a σ-native
+        field evaluated at (x̄_n·√(1+σ_{n+1}²)/√(1+σ_n²), σ_{n+1}), the sample read at the target level."""
+        pairs = list(zip(sigmas[:-1], sigmas[1:]))
+        if flow.sigma_field is None:
+            t_of = flow.field_timestep
+            return flow.with_timesteps({float(s0): t_of(float(s1)) for s0, s1 in pairs})
+        eps, next_of = flow.sigma_field, {float(s0): float(s1) for s0, s1 in pairs}
+
+        def lagged(xbar: Tensor, sigma: float, **model_kwargs: Any) -> Tensor:
+            s1 = next_of.get(sigma, sigma)
+            return eps(xbar * math.sqrt((1.0 + s1 * s1) / (1.0 + sigma * sigma)), s1, **model_kwargs)
+
+        return ProbabilityFlow.from_sigma_field(lagged, flow.schedule)
 
 
 def _make(options: dict[str, Any]) -> DDIMInverse:

@@ -59,6 +59,7 @@ from . import ddim_inverse as _ddim_inverse  # noqa: F401  (registers the 'ddim_
 from .adaptive import solve_adaptive_flow
 from .fixed_point import encode_fixed_point as _fixed_point  # noqa: F401  (registers 'fixed_point')
 from .inversion import EXACT_QUANTUM, decode_reversible
+from .pndm import PNDM as _pndm  # noqa: F401  (registers the 'pndm' plug-in)
 from .stochastic import generate_stochastic as _stochastic  # noqa: F401  (registers 'eta')
 
 __all__ = ["REMOVED", "Result", "StepState", "decode", "encode", "generate"]
@@ -159,6 +160,9 @@ def _solve_fixed(request: Request, start: Tensor, sig: np.ndarray, direction: st
     ``start`` is the VP-scaled state at ``sig[0]`` (noise, images at σ = 0, a latent's x_T), taken to
     x̄ here; a grid from σ = ∞ starts from the noise itself with its boundary step (engine.terminal)."""
     flow, solver = request.flow, request.solver
+    flow_for = getattr(solver, "flow_for", None)  # a method that feeds the model its own way (ddim_inverse)
+    if flow_for is not None:
+        flow = flow_for(flow, sig.tolist())
     eps = flow.field(request.model_kwargs, model_dtype)
     if isinstance(request.callback, Saver):  # a σ to save that the grid does not step to: refused before the solve
         request.callback.check(sig)
@@ -359,7 +363,8 @@ def encode(
                              "is an encode method (use solver='euler' to invert DDIM decoding)")
         spec = _inversion_final_euler(spec, grid_spec)
         solver_obj, name, options = _resolve_solver(spec.solver, "encode")
-        request = _request(flow, solver_obj, name, options, grid_spec, None, model_kwargs, callback, checks.finite)
+        request = _request(flow, solver_obj, name, options, grid_spec, None, model_kwargs, callback, checks.finite,
+                           bound=divergence_limit(checks.bound(DIVERGENCE_ENCODE), images))
         res = plugin.run(request, images, spec)
         res.latent.set_origin(flow, model_kwargs)  # the latent records its model
         return _kept(saver, res)

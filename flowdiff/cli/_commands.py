@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..engine._files import atomic_path
+from ..engine._files import atomic_path, regular_file
 from ..engine.fingerprint import flow_fingerprint
 from ..engine.flow import ProbabilityFlow
 from ..engine.latent import Latent
@@ -377,8 +377,10 @@ def cmd_decode(args: argparse.Namespace) -> int:
     from ..engine.options import Checks
 
     path = Path(args.latents)
-    if not path.is_file():
-        raise CommandError(f"latents {args.latents!r}: no such file")
+    try:  # a FIFO or a folder is named as what it is (and a FIFO is not read: that would wait for a writer)
+        regular_file(path, "latents")
+    except (OSError, ValueError) as err:
+        raise CommandError(one_line(err)) from None
     out = output_dir(args.out)
     try:
         latent = Latent.load(path)

@@ -1,12 +1,15 @@
 """``flowdiff likelihood``: log-density and bits/dim of image files through the probability-flow ODE.
 
-    flowdiff likelihood a.png b.png                       # exact divergence, dopri5, the digits model
-    flowdiff likelihood --data images/ --model DIR --divergence hutch++ --probes 8 --dequantize 256
+    flowdiff likelihood a.png b.png                       # the digits model, 8-bit data's bits/dim
+    flowdiff likelihood --data images/ --model DIR --divergence hutch++ --dequantization truncated_normal
 
-Prints one row per image (nats, bits/dim and, for stochastic divergences, the standard error
-from the probes) and the mean bits/dim with its standard error over the images. The images
-are read as the model's data, in [−1, 1] (8-bit files: k/127.5 − 1); ``--dequantize 256`` adds
-uniform dequantization noise and the offset log₂ 127.5 = 6.994 bits of 8-bit data (see
+Prints one row per image (nats, bits/dim and its error bar: the probes' standard error and the
+solve's error from a check solve) and the mean bits/dim with its standard error over the
+images. The images are read as the model's data, in [−1, 1] (8-bit files: k/127.5 − 1). Image
+files hold integers, so by default they are dequantized (uniform noise on the 256-level lattice,
+``--dequantize LEVELS`` for others) and bits/dim is the discrete data's, as the literature reports
+it, with the offset log₂ 127.5 = 6.994 bits; ``--dequantization truncated_normal`` takes i-DODE's
+noise instead, ``--dequantization none`` the continuous density's bits/dim (see
 :mod:`flowdiff.tools.likelihood`). The command's model loading and image reading are the main CLI's
 (``flowdiff.cli``), handed in by :func:`add_parser` so that this module does not import it back.
 """
@@ -23,7 +26,7 @@ import torch
 
 import solvers as _solvers
 
-from ..tools.likelihood import DEFAULT_RTOL, DIVERGENCES, PROBE_NOISES, log_likelihood
+from ..tools.likelihood import DEFAULT_RTOL, DEQUANTIZATIONS, DIVERGENCES, PROBE_NOISES, log_likelihood
 from ._argtypes import available_device, device_name, seed
 from ._argtypes import positive_int as _positive_int
 from ._argtypes import positive_number as _tolerance
@@ -60,16 +63,19 @@ def add_parser(subparsers: Any, *, load_model: Callable[..., Any],
     group.add_argument("--threads", type=_positive_int, default=None,
                        help="CPU threads for torch (default: 1 for the built-in models, torch's choice otherwise)")
     group = p.add_argument_group("estimator")
-    group.add_argument("--divergence", default="exact", choices=list(DIVERGENCES),
-                       help="exact (D Jacobian-vector products per evaluation), hutchinson, or hutch++ (default: "
-                            "exact)")
+    group.add_argument("--divergence", default="auto", choices=list(DIVERGENCES),
+                       help="auto (default: exact up to 256 dimensions, hutch++ beyond), exact (D vector-Jacobian "
+                            "products per evaluation), hutchinson, or hutch++")
     group.add_argument("--probes", type=_positive_int, default=None,
-                       help="probes of a stochastic divergence (default: 8); >= 2 gives a standard error")
-    group.add_argument("--sketch", type=_positive_int, default=None, help="Hutch++'s sketch size (default: --probes)")
+                       help="probes of a stochastic divergence (default: 16); >= 2 gives a standard error")
+    group.add_argument("--sketch", type=_positive_int, default=None, help="Hutch++'s sketch size (default: 32)")
     group.add_argument("--noise", default="rademacher", choices=list(PROBE_NOISES), help="probe distribution")
-    group.add_argument("--dequantize", type=_positive_int, default=None, metavar="LEVELS",
-                       help="uniformly dequantize data quantized to LEVELS values over [-1, 1] (256 for 8-bit files "
-                            "read at their own size) and add its offset -log2(2/(LEVELS-1)) to bits/dim")
+    group.add_argument("--dequantization", default="uniform", choices=[*DEQUANTIZATIONS, "none"],
+                       help="noise that dequantizes the integer pixel values, for the discrete data's bits/dim "
+                            "(default: uniform; truncated_normal as in i-DODE); none: the continuous density's")
+    group.add_argument("--dequantize", type=_positive_int, default=256, metavar="LEVELS",
+                       help="quantization levels over [-1, 1] of the images (default: 256, 8-bit files read at their "
+                            "own size); bits/dim gets the offset -log2(2/(LEVELS-1))")
     group = p.add_argument_group("solver")
     group.add_argument("--solver", default="dopri5", help="a σ-variable solver: adaptive pairs (dopri5, bosh3, "
                                                           "dopri8, ...) or with --steps any of rk4, heun, ...")
@@ -107,34 +113,42 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, dtype=dtype, device=device)
     images = read_images(paths, loaded.shape).to(device=device, dtype=dtype)
     options: dict[str, Any] = {}
-    if args.divergence != "exact":
+    if args.dequantization != "none":
+        options.update(dequantize=args.dequantize, dequantization=args.dequantization)
+    if args.divergence not in ("exact", "auto"):
         options.update(probes=args.probes, sketch=args.sketch, noise=args.noise)
     elif args.probes is not None or args.sketch is not None:
-        raise ValueError("--probes/--sketch apply to --divergence hutchinson or hutch++")
+        raise ValueError("--probes/--sketch apply to --divergence hutchinson or hutch++ (not exact or auto)")
     if args.steps is not None:
         options["steps"] = args.steps
     else:
         options.update(rtol=args.rtol, atol=args.atol)
     start = time.perf_counter()
     result = log_likelihood(loaded.flow, images, solver=args.solver, divergence=args.divergence,
-                            generator=torch.Generator().manual_seed(args.seed), dequantize=args.dequantize,
+                            generator=torch.Generator().manual_seed(args.seed),
                             model_kwargs=loaded.model_kwargs or None, **options)
     wall = time.perf_counter() - start
-    offset = (f"dequantized to {args.dequantize} levels, offset {result.offset_bits:.4f} bits"
-              if args.dequantize else "continuous density, no dequantization offset")
-    print(f"log-likelihood of {len(paths)} image(s) under {loaded.name}: {args.divergence} divergence, "
-          f"{args.solver}, {result.dim} dimensions; bits/dim = -log p/(D ln 2) + offset ({offset})")
-    se = result.bits_per_dim_std_error
+    if result.dequantization is None:
+        how = "continuous density: bits/dim = -log p/(D ln 2), no dequantization"
+    else:
+        how = (f"discrete data: {result.dequantization} dequantization to {args.dequantize} levels, bits/dim = "
+               f"-(log p - log q)/(D ln 2) + offset {result.offset_bits:.4f} bits")
+    print(f"log-likelihood of {len(paths)} image(s) under {loaded.name}: {result.divergence} divergence, "
+          f"{args.solver}, {result.dim} dimensions; {how}")
+    se = result.bits_per_dim_error
     width = max(5, *(len(Path(p).name) for p in paths))
-    print(f"{'image':<{width}}  {'log p (nats)':>14}  {'bits/dim':>10}" + ("  ± std error" if se is not None else ""))
+    print(f"{'image':<{width}}  {'log p (nats)':>14}  {'bits/dim':>10}"
+          + ("  ± error (probes and solve)" if se is not None else ""))
     for i, path in enumerate(paths):
         row = f"{Path(path).name:<{width}}  {float(result.log_prob[i]):>14.4f}  {float(result.bits_per_dim[i]):>10.5f}"
         print(row + (f"  ± {float(se[i]):.5f}" if se is not None else ""))
     mean, err = result.mean_bits_per_dim()
     spread = f" ± {err:.5f} (standard error over {len(paths)} images)" if err is not None else ""
     print(f"mean bits/dim: {mean:.5f}{spread}")
-    print(f"NFE {result.stats.nfe} (model evaluations, Jacobian-vector products included), "
-          f"{result.stats.extra['field_evals']} field evaluations, {result.stats.accepted} steps, {wall:.1f} s")
+    check = result.stats.extra.get("check")
+    checked = f"; the check solve {check.nfe} and {check.extra['vjps']}" if check else ""
+    print(f"NFE {result.stats.nfe} (field evaluations) and {result.stats.extra['vjps']} vector-Jacobian products in "
+          f"{result.stats.accepted} steps{checked}; {wall:.1f} s")
     return 0
 
 

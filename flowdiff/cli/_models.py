@@ -63,6 +63,12 @@ def _diffusers_dir(path: Path, dtype: torch.dtype, device: torch.device) -> Load
     from ..models.diffusers_io import from_diffusers
 
     flow = from_diffusers(path, device=device)
+    net = flow.model.net
+    if getattr(net.config, "num_embeds_ada_norm", None) and type(net).__name__ == "DiTTransformer2DModel":
+        raise CommandError(f"--model {str(path)!r}: a class-conditional {type(net).__name__} "
+                           f"({net.config.num_embeds_ada_norm} classes) needs class labels, which the command line "
+                           "does not pass; use it from Python: flowdiff.generate(flow, noise, "
+                           "model_kwargs={'class_labels': labels})")
     if flow.model.sample_shape is None:
         raise CommandError(f"--model {str(path)!r}: a {type(flow.model.net).__name__} without its pipeline's VAE takes "
                            "packed latents of a length the caller chooses; give the pipeline folder (with vae/), or "

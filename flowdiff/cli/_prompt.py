@@ -2,11 +2,12 @@
 
 ``flowdiff sample|encode|decode|roundtrip|compare --model DIR --prompt "a cat" [--negative-prompt
 "blurry"] [--guidance 7.5]``: the prompt becomes the denoiser's ``model_kwargs`` through the
-pipeline's own text encoder(s) (Stable Diffusion's CLIP; SD3's two CLIP and T5; Flux's CLIP and
-T5), guidance is :func:`flowdiff.classifier_free_guidance` with the negative (default: empty)
-prompt as the unconditional branch (default scale: the pipeline's own, ``flow.default_guidance``),
-and a pipeline with an autoencoder takes and writes images while the flow runs on its latents
-(Flux's packed ones included). Without ``--prompt`` a text-to-image model is conditioned on the
+pipeline's own text encoder(s) (Stable Diffusion's CLIP; SDXL's two CLIP, with its pooled embedding
+and size ids; SD3's two CLIP and T5; Flux's CLIP and T5), guidance is
+:func:`flowdiff.classifier_free_guidance` with the negative (default: empty) prompt as the
+unconditional branch (default scale: the pipeline's own, ``flow.default_guidance``), and a pipeline
+with an autoencoder takes and writes images while the flow runs on its latents (Flux's packed ones
+included). Without ``--prompt`` a text-to-image model is conditioned on the
 empty prompt, unguided. A latents file records, in its
 ``info`` (``info["prompt"]``), the prompt, the guidance and the fingerprint of the conditioned
 model, so that ``decode`` reuses the prompt and refuses a different one.
@@ -42,7 +43,7 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--guidance", type=float, default=None, metavar="W",
                        help=f"classifier-free guidance scale w, ε_u + w·(ε_c − ε_u) as diffusers' guidance_scale "
                             f"(Flux: true_cfg_scale; default with --prompt: the pipeline's own, {DEFAULT_GUIDANCE} for "
-                            "Stable Diffusion, 7 for SD3, 1 for Flux; 1: no guidance)")
+                            "Stable Diffusion, 5 for SDXL, 7 for SD3, 1 for Flux; 1: no guidance)")
     group.add_argument("--embedded-guidance", type=float, default=None, metavar="G",
                        help="a guidance-distilled Flux model's embedded guidance (FluxPipeline's guidance_scale; "
                             "default 3.5)")
@@ -75,7 +76,7 @@ def condition(loaded: Any, args: argparse.Namespace, record: dict[str, Any] | No
     flow = loaded.flow
     if getattr(flow, "prompt_encoder", None) is None:
         raise ValueError(f"--prompt: model {loaded.name!r} has no text encoder flowdiff can use (a Stable Diffusion, "
-                         "SD3 or Flux pipeline folder with its tokenizers and text encoders)")
+                         "SDXL, SD3 or Flux pipeline folder with its tokenizers and text encoders)")
     if embedded is not None:
         if not getattr(flow.prompt_encoder, "guidance_embeds", False):
             raise ValueError(f"--embedded-guidance: model {loaded.name!r} has no guidance embedding (a guidance-"

@@ -16,6 +16,8 @@ its prediction to ε, all of which the schedule supplies.
 
 from __future__ import annotations
 
+import bisect
+import copy
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -53,10 +55,18 @@ class ProbabilityFlow:
         ε = a(σ)·x̄ + b(σ)·v, (a, b) = schedule.velocity_coefficients(σ)   (velocity)
 
     States may have any shape (batch, ...).
+
+    ``timesteps`` (a mapping σ → t, default None): the model's time at those σ instead of the
+    schedule's t(σ) (σ matched to a relative 1e-12). A diffusers scheduler feeds its network the
+    timesteps of its own table — integers (DDIM, DPM-Solver, also on Karras or exponential σ grids),
+    float32 values (Euler), t = 999 at a zero-terminal-SNR start — where t(σ) is fractional;
+    :func:`flowdiff.models.pipelines.sample_like` runs the scheduler's grid with them, so that the
+    network sees what the scheduler would feed it. Off for plain callables and for every σ not
+    in the table (another solver's intermediate σ get t(σ)).
     """
 
     def __init__(self, model: Model, alphas_cumprod: Schedule | ArrayLike | None = None, *,
-                 prediction_type: str = "epsilon") -> None:
+                 prediction_type: str = "epsilon", timesteps: Mapping[float, float] | None = None) -> None:
         if not callable(model):
             raise TypeError(f"model must be callable as model(x_t, t, **kwargs), got {type(model).__name__}")
         if prediction_type not in PREDICTION_TYPES:
@@ -68,6 +78,30 @@ class ProbabilityFlow:
             self.schedule.velocity_coefficients(self.schedule.sigma_min)  # raises for schedules without one
         self.prediction_type = prediction_type
         self.sigma_field: Callable[..., Tensor] | None = None
+        self._fed = _timestep_table(timesteps)
+
+    @property
+    def timesteps(self) -> dict[float, float]:
+        """The ``timesteps`` option: σ → the model's time there (empty: t(σ) everywhere). Read-only: a
+        flow's timestep tensors are cached, so another table is another flow (:meth:`with_timesteps`)."""
+        return self._fed
+
+    def field_timestep(self, sigma: float) -> float:
+        """The time the model is fed at σ: the ``timesteps`` option's where it has σ, else t(σ)."""
+        if self._fed:
+            return _table_lookup(self._fed, self.schedule.timestep)(float(sigma))
+        return self.schedule.timestep(float(sigma))
+
+    def with_timesteps(self, timesteps: Mapping[float, float] | None) -> ProbabilityFlow:
+        """A copy of this flow (sharing its model and schedule) that feeds the model ``timesteps[σ]`` at those σ.
+
+        See the ``timesteps`` option of the class: the timesteps a diffusers scheduler feeds on its
+        own grid (:func:`flowdiff.models.pipelines.scheduler_plan`), ``None`` for t(σ) everywhere.
+        """
+        flow = copy.copy(self)
+        flow._fed = _timestep_table(timesteps)
+        flow._timesteps_of = None  # its own cache of timestep tensors
+        return flow
 
     @classmethod
     def from_sigma_field(cls, eps: Callable[..., Tensor], alphas_cumprod: Schedule | ArrayLike) -> ProbabilityFlow:
@@ -99,7 +133,8 @@ class ProbabilityFlow:
         kwargs = dict(model_kwargs or {})
         if self.sigma_field is not None:
             return self._native_field(kwargs, model_dtype)
-        timestep = self.schedule.timestep
+        timestep = self.schedule.timestep if not self.timesteps else _table_lookup(self.timesteps,
+                                                                                   self.schedule.timestep)
         alpha = self.schedule.alpha
         velocity_coefficients = self.schedule.velocity_coefficients
         model = self.model
@@ -223,7 +258,7 @@ class ProbabilityFlow:
         if self.prediction_type == "velocity" and self.schedule.kind != "flow_matching":
             raise ValueError(f"step_from_noise for 'velocity' models is defined for flow-matching schedules, "
                              f"got {self.schedule!r}")
-        t_max = self.schedule.timestep(math.inf)
+        t_max = self.timesteps.get(math.inf, self.schedule.timestep(math.inf))
         t_dtype = torch.float64 if (model_dtype or noise.dtype) == torch.float64 else torch.float32
         t = torch.full((noise.shape[0],), t_max, dtype=t_dtype, device=noise.device)
         x = noise if model_dtype is None else noise.to(model_dtype)
@@ -247,3 +282,33 @@ class ProbabilityFlow:
     def denoised(self, xbar: Tensor, sigma: float, **model_kwargs: Any) -> Tensor:
         """The model's estimate of the clean image, x̂₀ = x̄ − σ·ε(x̄, σ)."""
         return xbar - float(sigma) * self.eps(xbar, sigma, **model_kwargs)
+
+
+def _timestep_table(timesteps: Mapping[float, float] | None) -> dict[float, float]:
+    """``timesteps`` checked: σ ≥ 0 (or ∞) → a finite t."""
+    if timesteps is None:
+        return {}
+    if not isinstance(timesteps, Mapping):
+        raise TypeError(f"timesteps must be a mapping σ -> t (or None), got {type(timesteps).__name__}")
+    table = {}
+    for sigma, t in timesteps.items():
+        sigma, t = float(sigma), float(t)
+        if not sigma >= 0 or not math.isfinite(t):
+            raise ValueError(f"timesteps must map σ >= 0 to finite times, got {sigma!r} -> {t!r}")
+        table[sigma] = t
+    return table
+
+
+def _table_lookup(table: dict[float, float], timestep: Callable[[float], float]) -> Callable[[float], float]:
+    """t(σ) that answers ``table[σ]`` for σ within a relative 1e-12 of a key (a change of variables, e.g.
+    σ = 1/(1/σ), may round the grid's σ by an ulp), ``timestep(σ)`` elsewhere."""
+    keys = sorted(table)
+
+    def t_of(sigma: float) -> float:
+        i = bisect.bisect_left(keys, sigma)
+        for j in (i - 1, i):
+            if 0 <= j < len(keys) and abs(keys[j] - sigma) <= 1e-12 * keys[j]:
+                return table[keys[j]]
+        return timestep(sigma)
+
+    return t_of

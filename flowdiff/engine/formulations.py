@@ -342,6 +342,8 @@ class Data(Formulation):
             methods[0] = OutOfZero(float(sigmas[1]))
         if sigmas[-1] == 0.0:
             methods[len(ts) - 2] = IntoZero(extrapolate)
+        elif getattr(solver, "final_method", None) is not None:  # e.g. dpmpp_2m's lower_order_final
+            methods[len(ts) - 2] = solver.final_method
         limited = getattr(solver, "limited", None)
         if self.reach is not None and limited is not None:
             encode_end = len(ts) - 2 if sigmas[-1] > sigmas[0] else None

@@ -92,8 +92,9 @@ class Latent:
         s = np.asarray(self.sigmas, dtype=np.float64)
         if s.ndim != 1 or s.size < 2:
             raise ValueError(f"Latent.sigmas must be 1-D with at least 2 values (an encode grid), got shape {s.shape}")
-        if not np.all(np.isfinite(s)) or s[0] != 0.0 or np.any(np.diff(s) <= 0):
-            raise ValueError("Latent.sigmas must be the encode grid: strictly increasing, finite, starting at 0")
+        if not np.all(np.isfinite(s)) or s[0] < 0.0 or np.any(np.diff(s) <= 0):
+            # it starts at 0, or at the first trained level for DDIMInverse configs with set_alpha_to_one=False
+            raise ValueError("Latent.sigmas must be the encode grid: strictly increasing, finite, starting at σ >= 0")
         self.sigmas = s
         if not isinstance(self.solver, str) or not self.solver:
             raise TypeError(f"Latent.solver must be a registered solver name (str), got {self.solver!r}")

@@ -154,16 +154,24 @@ class Grid:
             raise ValueError("give one of steps=, nfe=, grid=<σ values> or grid=Grid(sigmas=/timesteps=) (or "
                              "adaptive=flowdiff.Adaptive(...) for an adaptive solve)")
         final = self.euler_into_zero if final_euler is None else final_euler
-        if self.nfe is None:
-            return make_sigmas(flow.schedule, self.name, self.steps, sigmas=self.sigmas, timesteps=self.timesteps,
-                               **self.options)
-        steps = check_budget(solver.name, self.nfe, solvers.steps_for_nfe(solver, self.nfe, eval_end=not final))
-        sig = make_sigmas(flow.schedule, self.name, steps, **self.options)
-        if sig[0] == math.inf:  # the step out of σ = ∞ costs one evaluation; the rest is a fresh solve
+        steps = self.steps
+        if self.nfe is not None:
+            steps = check_budget(solver.name, self.nfe, solvers.steps_for_nfe(solver, self.nfe, eval_end=not final))
+        sig = self._sigmas(flow, steps)
+        if self.nfe is not None and sig[0] == math.inf:  # the step out of σ = ∞ costs one evaluation
             fits = self.nfe > solvers.nfe_for_steps(solver, 1, eval_end=not final)
             steps = 1 + (solvers.steps_for_nfe(solver, self.nfe - 1, eval_end=not final) if fits else 0)
-            sig = make_sigmas(flow.schedule, self.name, steps, **self.options)
+            sig = self._sigmas(flow, steps)
         return sig
+
+    def _sigmas(self, flow: ProbabilityFlow, steps: int | None) -> np.ndarray:
+        named = getattr(flow, "named_grid", None)  # a flow that carries its scheduler's config (DiffusersFlow)
+        if named is not None and self.sigmas is None and self.timesteps is None and not self.options:
+            grid = named(self.name, steps)
+            if grid is not None:
+                return grid
+        return make_sigmas(flow.schedule, self.name, steps, sigmas=self.sigmas, timesteps=self.timesteps,
+                           **self.options)
 
     def solve_sigmas(self, flow: ProbabilityFlow, solver: Solver, direction: str) -> np.ndarray:
         """The σ grid in the order the solve runs it: the one place a grid is reversed.

@@ -11,9 +11,13 @@ the scheduler's loop to float rounding.
   ``steps_offset``, ``trailing``, ``linspace``), each step going to t − T//steps. The last step
   goes to σ = 0 when ``set_alpha_to_one`` and to the first trained level σ_min otherwise
   (diffusers' ``final_alpha_cumprod = alphas_cumprod[0]``), so the grid ends at σ_min there.
+  With ``set_alpha_to_one=False`` and a last timestep of 0 (``steps_offset=0``) that last step
+  goes from σ_min to σ_min: diffusers spends a model evaluation on it and leaves the sample
+  unchanged; the grid leaves it out (``steps`` values, one evaluation fewer, the same result).
   A loop whose step does not land on its next timestep (``trailing`` when T is not a multiple
   of ``steps``, ``linspace`` mostly) is no single grid and is refused, as are ``clip_sample``
   and ``thresholding`` (they change x̂₀ at each step: not an ODE).
+* ``PNDMScheduler``: the same timesteps and steps to t − T//steps as DDIM (no ``clip_sample``).
 * ``FlowMatchEulerDiscreteScheduler``: its σ_FM = t values (the static ``shift`` or the
   resolution-dependent ``mu``), with float32 rounding where diffusers rounds, mapped to
   σ = t/(1−t). Its first t is 1, σ = ∞ (pure noise): the grid starts with ``inf``, which
@@ -22,6 +26,7 @@ the scheduler's loop to float rounding.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Mapping
@@ -38,7 +43,7 @@ FLOW_MATCHING_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 VP_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "DDIMInverseScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
                  "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LMSDiscreteScheduler",
                  "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler")
-GRID_SCHEDULERS = ("DDIMScheduler", "FlowMatchEulerDiscreteScheduler")
+GRID_SCHEDULERS = ("DDIMScheduler", "PNDMScheduler", "FlowMatchEulerDiscreteScheduler")
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
@@ -73,18 +78,73 @@ def config_of(scheduler: object) -> tuple[dict[str, Any], str]:
                     f"got {type(scheduler).__name__}")
 
 
+#: the scheduler classes a config without ``_class_name`` is told apart among, by its keys
+KNOWN_SCHEDULERS = (*FLOW_MATCHING_SCHEDULERS, *VP_SCHEDULERS, "DPMSolverMultistepInverseScheduler",
+                    "DEISMultistepScheduler", "KDPM2DiscreteScheduler", "DPMSolverSinglestepScheduler")
+
+
+def _parameters(name: str) -> frozenset[str] | None:
+    """The config keys (``__init__`` parameters) of diffusers' scheduler ``name``, or None without diffusers."""
+    try:
+        import diffusers
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        return None
+    return frozenset(p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs"))
+
+
+def candidates(config: Mapping[str, Any]) -> list[str]:
+    """The known scheduler classes whose parameters include every key of ``config`` (underscored keys aside)."""
+    keys = {k for k in config if not k.startswith("_")}
+    found = []
+    for name in KNOWN_SCHEDULERS:
+        params = _parameters(name)
+        if params is not None and keys <= params:
+            found.append(name)
+    return found
+
+
 def class_name(config: Mapping[str, Any]) -> str | None:
-    """The scheduler class a config is for: its ``_class_name`` (written by save_pretrained), or for a
-    live ``scheduler.config`` (which lacks it) the class its keys identify: flow matching's
-    ``shift``/``use_dynamic_shifting`` without betas, DDIM's ``set_alpha_to_one``."""
+    """The scheduler class a config is for: its ``_class_name`` (written by save_pretrained), or, for a
+    dict without one (a live ``scheduler.config``, a hand-written dict), the one known diffusers
+    scheduler whose parameters are exactly its keys, else the only one whose parameters include them
+    all. None when the keys fit no class or several (never a guess): callers refuse it by name."""
     name = config.get("_class_name")
     if name is not None:
         return name
-    if ("use_dynamic_shifting" in config or "shift" in config) and "beta_schedule" not in config:
-        return "FlowMatchEulerDiscreteScheduler"
-    if "set_alpha_to_one" in config:
-        return "DDIMScheduler"
-    return None
+    keys = {k for k in config if not k.startswith("_")}
+    found = candidates(config)
+    exact = [n for n in found if _parameters(n) == keys]
+    if len(exact) == 1:
+        return exact[0]
+    return found[0] if len(found) == 1 else None
+
+
+def with_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with each missing parameter at its class's own default (diffusers' ``__init__``): a
+    hand-written ``{"skip_prk_steps": True}`` for PNDM means ``set_alpha_to_one=False``, as in diffusers,
+    not DDIM's True. Unchanged without diffusers or for an unknown class."""
+    name = class_name(config)
+    try:
+        import diffusers
+    except ImportError:  # pragma: no cover - depends on the environment
+        return dict(config)
+    cls = getattr(diffusers, name, None) if name else None
+    if cls is None:
+        return dict(config)
+    defaults = {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
+                if p.name not in ("self", "kwargs") and p.default is not inspect.Parameter.empty}
+    return {**defaults, **config, "_class_name": name}
+
+
+def unidentified(config: Mapping[str, Any], source: str) -> ValueError:
+    """The error for a config without ``_class_name`` whose keys do not identify one scheduler."""
+    found = candidates(config)
+    which = (f"they fit {', '.join(found)}" if found else "they fit none of " + ", ".join(KNOWN_SCHEDULERS))
+    return ValueError(f"{source}: no _class_name, and its keys ({', '.join(sorted(config)) or 'none'}) do not identify "
+                      f"one scheduler ({which}); add _class_name")
 
 
 def _is_flow_matching(config: Mapping[str, Any]) -> bool:
@@ -152,8 +212,9 @@ def ddim_timesteps(config: Mapping[str, Any], steps: int, source: str = "schedul
 
 
 def _ddim_sigmas(config: Mapping[str, Any], steps: int, source: str) -> np.ndarray:
+    clips = class_name(config) != "PNDMScheduler"  # DDIMScheduler's default clip_sample is True; PNDM has none
     for key in ("clip_sample", "thresholding"):
-        if config.get(key, key == "clip_sample"):  # DDIMScheduler's default clip_sample is True
+        if config.get(key, clips and key == "clip_sample"):
             raise ValueError(f"{source}: {key}=True changes x̂₀ at every step, so that loop is not the ODE any solver "
                              f"here solves; the grid is that of the same config with {key}=False")
     schedule, _ = schedule_from_config(config, source)
@@ -172,7 +233,82 @@ def _ddim_sigmas(config: Mapping[str, Any], steps: int, source: str) -> np.ndarr
         end = schedule.sigmas[last]
     else:
         end = 0.0 if config.get("set_alpha_to_one", True) else schedule.sigmas[0]
-    return np.append(schedule.sigmas[ts], end)
+    grid = np.append(schedule.sigmas[ts], end)
+    if grid[-1] == grid[-2]:  # the last timestep is 0 and the step goes to ᾱ_0 again: a zero-length step
+        if len(grid) == 2:
+            raise ValueError(f"{source}: steps=1 with set_alpha_to_one=False and steps_offset=0 is one step of zero "
+                             "length (σ_min to σ_min): that loop returns its input; use steps >= 2 or "
+                             "set_alpha_to_one=True")
+        grid = grid[:-1]
+    return grid
+
+
+def ddim_inverse_sigmas(scheduler: object, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """The increasing σ grid of ``DDIMInverseScheduler.set_timesteps(steps)``'s loop, and its timesteps.
+
+    Its step i goes from the level ``timesteps[i] − T//steps`` (below 0: ᾱ = 1, σ = 0, with
+    ``set_alpha_to_one``, else the first trained level σ_min) to ``timesteps[i]``, where the model is
+    evaluated. The grid starts at that first source level — 0, or σ_min for configs such as Stable
+    Diffusion's (``steps_offset=1``, ``set_alpha_to_one=False``) — and a loop whose step does not
+    start where the previous one ended is refused, as for DDIM.
+    """
+    config, source = config_of(scheduler)
+    steps = _check_steps(steps)
+    config = with_defaults(config)
+    for key in ("clip_sample", "thresholding"):
+        if config.get(key, key == "clip_sample"):
+            raise ValueError(f"{source}: {key}=True changes x̂₀ at every step, so that loop is not the ODE any solver "
+                             f"here solves; the grid is that of the same config with {key}=False")
+    schedule, _ = schedule_from_config(config, source)
+    T = schedule.num_train_timesteps
+    spacing = config.get("timestep_spacing", "leading")
+    if steps > T:
+        raise ValueError(f"{source}: steps={steps} exceeds num_train_timesteps={T}")
+    if spacing == "leading":
+        ts = np.arange(steps, dtype=np.int64) * (T // steps) + int(config.get("steps_offset", 0))
+    elif spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / steps)[::-1]).astype(np.int64) - 1
+    else:
+        raise ValueError(f"{source}: DDIMInverseScheduler's timestep_spacing is 'leading' or 'trailing', got "
+                         f"{spacing!r}")
+    if ts[-1] > T - 1:
+        raise ValueError(f"{source}: steps_offset={config.get('steps_offset')} puts the last timestep at {ts[-1]}, "
+                         f"past the last trained one ({T - 1})")
+    sources = np.minimum(ts - T // steps, T - 1)
+    if not np.array_equal(sources[1:], ts[:-1]):
+        i = int(np.argmax(sources[1:] != ts[:-1])) + 1
+        raise ValueError(f"{source}: with timestep_spacing={spacing!r} and steps={steps}, DDIMInverse's step to "
+                         f"timestep {ts[i]} starts from {sources[i]} while the previous step ended at {ts[i - 1]}: "
+                         "no single σ grid; use steps dividing num_train_timesteps")
+    if sources[0] >= 0:
+        start = schedule.sigmas[sources[0]]
+    else:
+        start = 0.0 if config.get("set_alpha_to_one", True) else schedule.sigmas[0]
+    return np.concatenate([[start], schedule.sigmas[ts]]), ts.copy()
+
+
+#: the grid names a flow that carries its scheduler config resolves through it (:func:`config_grid`)
+CONFIG_GRIDS = ("leading", "trailing")
+
+
+def config_grid(scheduler: object, spacing: str, steps: int) -> np.ndarray | None:
+    """The σ grid of a VP scheduler config's own ``spacing`` timesteps (``leading`` with its
+    ``steps_offset``, ``trailing``), then σ = 0: the image, as every named grid ends. None for
+    flow-matching configs and other names, whose generic grid is used. This is how a
+    :class:`~flowdiff.models.pipelines.DiffusersFlow` reads ``grid="leading"``/``"trailing"``:
+    diffusers' timesteps, fed to the model as the integers they are. A loop that stops short of the
+    image (``set_alpha_to_one=False``: at σ_min) is :func:`flowdiff.models.pipelines.sample_like`'s;
+    here the last step goes on to σ = 0, so that every tool that compares against the image
+    (``compare``, ``tune``) reads these grids as it reads the generic ones.
+    """
+    config, source = config_of(scheduler)
+    if spacing not in CONFIG_GRIDS or _is_flow_matching(config):
+        return None
+    steps = _check_steps(steps)
+    config = with_defaults(config)
+    schedule, _ = schedule_from_config(config, source)
+    ts = ddim_timesteps({**config, "timestep_spacing": spacing}, steps, source)
+    return np.append(schedule.sigmas[ts], 0.0)
 
 
 def _flow_matching_sigmas(config: Mapping[str, Any], steps: int, mu: float | None, base: Any,
@@ -233,12 +369,19 @@ def scheduler_sigmas(scheduler: object, steps: int, *, mu: float | None = None, 
     config, source = config_of(scheduler)
     steps = _check_steps(steps)
     name = class_name(config)
-    if name == "DDIMScheduler":
+    config = with_defaults(config)
+    if name == "PNDMScheduler" and not config.get("skip_prk_steps"):
+        raise ValueError(f"{source}: PNDMScheduler with skip_prk_steps=False runs Runge–Kutta steps through half "
+                         f"levels first; scheduler_sigmas knows the grids of {', '.join(GRID_SCHEDULERS)} (PNDM with "
+                         "skip_prk_steps=True, as Stable Diffusion's configs)")
+    if name in ("DDIMScheduler", "PNDMScheduler"):
         if mu is not None or sigmas is not None:
-            raise ValueError("mu= and sigmas= apply to flow-matching schedulers, not DDIMScheduler")
+            raise ValueError(f"mu= and sigmas= apply to flow-matching schedulers, not {name}")
         return _ddim_sigmas(config, steps, source)
     if name in FLOW_MATCHING_SCHEDULERS:
         return _flow_matching_sigmas(config, steps, mu, sigmas, source)
+    if name is None:
+        raise unidentified(config, source)
     raise ValueError(f"{source}: scheduler_sigmas knows the grids of {', '.join(GRID_SCHEDULERS)}; got "
-                     f"_class_name={name!r} (for another scheduler pass its sigmas to generate(grid=...) directly, "
-                     "or load its config into a DDIMScheduler)")
+                     f"_class_name={name!r} (flowdiff.scheduler_plan(scheduler, steps).sigmas reads the grids of "
+                     "Euler, Heun, LMS and DPM-Solver off diffusers' own scheduler)")

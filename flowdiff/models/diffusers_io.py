@@ -8,7 +8,7 @@
   and ``tokenizer/`` + ``text_encoder/`` (a :class:`~flowdiff.models.pipelines.PromptEncoder`, for CLIP text
   encoders as in Stable Diffusion 1/2; for SD3's two CLIP + T5 and Flux's CLIP + T5, with their
   tokenizers, a :class:`~flowdiff.models.pipelines.PipelinePromptEncoder` running the pipeline's own
-  ``encode_prompt``);
+  ``encode_prompt``; for SDXL's two CLIP encoders also the pooled embedding and size ids);
 * a model directory (``config.json`` of a supported denoiser and its weights), whose scheduler
   config is ``scheduler_config.json`` beside it, in ``../scheduler/``, or given as ``scheduler=``.
 
@@ -52,9 +52,10 @@ _WEIGHT_PREFIXES = ("diffusion_pytorch_model", "model")
 _TEXT_ENCODERS = ("CLIPTextModel",)
 _TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
 #: pipelines whose text encoders are loaded and run through the pipeline's own encode_prompt → their suffixes
-_TEXT_PIPELINES = {"StableDiffusion3Pipeline": ("", "_2", "_3"), "FluxPipeline": ("", "_2")}
+_TEXT_PIPELINES = {"StableDiffusion3Pipeline": ("", "_2", "_3"), "FluxPipeline": ("", "_2"),
+                   "StableDiffusionXLPipeline": ("", "_2")}
 #: the guidance scale each pipeline uses by default (FluxPipeline's true_cfg_scale: no guidance)
-_DEFAULT_GUIDANCE = {"StableDiffusion3Pipeline": 7.0, "FluxPipeline": 1.0}
+_DEFAULT_GUIDANCE = {"StableDiffusion3Pipeline": 7.0, "FluxPipeline": 1.0, "StableDiffusionXLPipeline": 5.0}
 
 
 class DiffusersModel(nn.Module):
@@ -83,6 +84,8 @@ class DiffusersModel(nn.Module):
         cfg = net.config
         size = getattr(cfg, "sample_size", None)
         self.packed = type(net).__name__ == "FluxTransformer2DModel"
+        #: SDXL's UNet: pooled text embeddings and size ids as ``added_cond_kwargs``
+        self.text_time = getattr(cfg, "addition_embed_type", None) == "text_time"
         self.token_grid: Any = None
         self._ids: dict[tuple, Tensor] = {}
         if size is None:  # Flux works on packed (batch, tokens, channels) latents whose length the caller picks
@@ -134,6 +137,12 @@ class DiffusersModel(nn.Module):
             model_kwargs[key] = value
         if self.packed:
             self._position_ids(x_t, model_kwargs)
+        if self.text_time:
+            missing = [k for k in ("text_embeds", "time_ids") if k not in model_kwargs]
+            if missing:
+                raise ValueError(f"an SDXL-style UNet (addition_embed_type='text_time') needs {' and '.join(missing)} "
+                                 "in model_kwargs besides encoder_hidden_states (flow.encode_prompt gives all three)")
+            model_kwargs["added_cond_kwargs"] = {k: model_kwargs.pop(k) for k in ("text_embeds", "time_ids")}
         out = self.net(x_t.to(self.net.dtype), timestep=timestep, return_dict=False, **model_kwargs)[0]
         if out.ndim == x_t.ndim and out.shape[1] == 2 * x_t.shape[1] and out.shape[2:] == x_t.shape[2:]:
             out = out[:, : x_t.shape[1]]  # learned variance: [ε, v]
@@ -254,7 +263,7 @@ def _prompt_encoder(root: Path, index: Mapping[str, Any], dtype: torch.dtype | N
         text_encoder = _load(getattr(transformers, enc), root / "text_encoder", "text encoder", dtype)
         return PromptEncoder(tokenizer, text_encoder, model_dtype)
     # SD3 / Flux: the pipeline's own encode_prompt over its tokenizers and text encoders, nothing else loaded
-    components: dict[str, Any] = {k: None for k in index if not k.startswith("_")}
+    components: dict[str, Any] = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
     suffixes = _TEXT_PIPELINES[pipeline_class]
     if any(_entry(index, "tokenizer" + x) is None or _entry(index, "text_encoder" + x) is None for x in suffixes):
         return None  # e.g. SD3 saved without T5: the caller passes the embeddings as model_kwargs
@@ -266,8 +275,11 @@ def _prompt_encoder(root: Path, index: Mapping[str, Any], dtype: torch.dtype | N
         components["tokenizer" + suffix] = _load_tokenizer(transformers, tok, root / ("tokenizer" + suffix))
         components["text_encoder" + suffix] = _load(getattr(transformers, enc), root / ("text_encoder" + suffix),
                                                      "text encoder", dtype)
+    if pipeline_class == "StableDiffusionXLPipeline":
+        components["add_watermarker"] = False
     pipeline = getattr(_diffusers(), pipeline_class)(**components)
-    config = read_json(root / "transformer" / "config.json", "model config")
+    denoiser = "unet" if pipeline_class == "StableDiffusionXLPipeline" else "transformer"
+    config = read_json(root / denoiser / "config.json", "model config")
     return PipelinePromptEncoder(pipeline, model_dtype, guidance_embeds=bool(config.get("guidance_embeds", False)))
 
 
@@ -334,6 +346,9 @@ def from_diffusers(path: str | Path, *, scheduler: object = None, device: str | 
         if prompt_encoder is not None and device is not None:
             for encoder in getattr(prompt_encoder, "text_encoders", None) or [prompt_encoder.text_encoder]:
                 encoder.to(device)
+        if isinstance(prompt_encoder, PipelinePromptEncoder) and model.text_time and flow.autoencoder is not None:
+            factor = 2 ** (len(flow.autoencoder.vae.config.block_out_channels) - 1)  # SDXL's default image size
+            prompt_encoder.image_size = (model.sample_shape[1] * factor, model.sample_shape[2] * factor)
         flow.prompt_encoder = prompt_encoder
         flow.default_guidance = _DEFAULT_GUIDANCE.get(index.get("_class_name"), 7.5)
     return flow

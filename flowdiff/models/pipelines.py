@@ -24,9 +24,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..api.sampling import Result, generate
+import solvers
+
+from ..api.sampling import Result, encode, generate
 from ..engine.flow import ProbabilityFlow
-from ..engine.scheduler_grids import config_of, scheduler_sigmas
+from ..engine.scheduler_grids import (
+    class_name,
+    config_grid,
+    config_of,
+    ddim_inverse_sigmas,
+    ddim_timesteps,
+    scheduler_sigmas,
+    unidentified,
+    with_defaults,
+)
 
 
 class Autoencoder:
@@ -165,7 +176,10 @@ class PipelinePromptEncoder:
     ``encode_prompt``.
 
     ``pipeline`` is the diffusers pipeline holding only its tokenizers and text encoders (no
-    denoiser, VAE or scheduler). Stable Diffusion 3 (Esser et al. 2024): two CLIP encoders with
+    denoiser, VAE or scheduler). SDXL (Podell et al. 2023): two CLIP encoders, their penultimate hidden
+    states side by side as ``encoder_hidden_states``, the second's pooled projection as ``text_embeds``
+    and the size conditioning ``time_ids`` (:meth:`time_ids`; the UNet gets both as
+    ``added_cond_kwargs``). Stable Diffusion 3 (Esser et al. 2024): two CLIP encoders with
     projection and T5; its ``encoder_hidden_states`` are the CLIP embeddings (zero-padded to T5's
     width) followed by T5's, its ``pooled_projections`` the two pooled CLIP outputs side by side.
     Flux: T5's ``encoder_hidden_states`` and the CLIP pooled output; for a guidance-distilled Flux
@@ -174,8 +188,8 @@ class PipelinePromptEncoder:
     length (the pipelines' defaults: SD3 256, Flux 512).
     """
 
-    #: the pipeline class name → its ``__call__``'s default ``max_sequence_length``
-    MAX_SEQUENCE_LENGTH = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512}
+    #: the pipeline class name → its ``__call__``'s default ``max_sequence_length`` (None: CLIP only)
+    MAX_SEQUENCE_LENGTH = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512, "StableDiffusionXLPipeline": None}
 
     def __init__(self, pipeline: Any, dtype: torch.dtype, *, guidance_embeds: bool = False) -> None:
         name = type(pipeline).__name__
@@ -187,6 +201,16 @@ class PipelinePromptEncoder:
         self.max_sequence_length = self.MAX_SEQUENCE_LENGTH[name]
         self.guidance_embeds = guidance_embeds
         self.embedded_guidance = 3.5
+        #: SDXL: the (H, W) of its images, for the size ids (from_diffusers sets it from the UNet and VAE)
+        self.image_size: tuple[int, int] | None = None
+
+    def time_ids(self, n: int, device: torch.device) -> Tensor:
+        """SDXL's size conditioning for ``n`` prompts: (original H, W, crop top, left, target H, W), the
+        pipeline's defaults — original = target = its default image size, no crop."""
+        if self.image_size is None:
+            raise ValueError("SDXL's time_ids need the image size: set PipelinePromptEncoder.image_size")
+        h, w = self.image_size
+        return torch.tensor([[h, w, 0, 0, h, w]], dtype=self.dtype, device=device).expand(n, 6)
 
     @property
     def text_encoders(self) -> list[nn.Module]:
@@ -197,6 +221,11 @@ class PipelinePromptEncoder:
     def __call__(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         _check_prompts(prompts)
         device = next(self.text_encoders[0].parameters()).device
+        if self.kind == "StableDiffusionXLPipeline":
+            embeds, _, pooled, _ = self.pipeline.encode_prompt(list(prompts), device=device,
+                                                               do_classifier_free_guidance=False)
+            return {"encoder_hidden_states": embeds.to(self.dtype), "text_embeds": pooled.to(self.dtype),
+                    "time_ids": self.time_ids(len(prompts), device)}
         if self.kind == "StableDiffusion3Pipeline":
             embeds, _, pooled, _ = self.pipeline.encode_prompt(
                 list(prompts), None, None, device=device, do_classifier_free_guidance=False,
@@ -251,9 +280,18 @@ class DiffusersFlow(ProbabilityFlow):
             if isinstance(self.model, nn.Module) else None
         return {k: v.to(dtype) if dtype is not None else v for k, v in kwargs.items()}  # the denoiser's dtype now
 
+    def named_grid(self, name: str, steps: int) -> np.ndarray | None:
+        """The grid ``grid=name`` means for this model: ``leading``/``trailing`` are its scheduler config's own
+        timesteps (:func:`flowdiff.engine.scheduler_grids.config_grid`: ``steps_offset``), then σ = 0;
+        None (the generic grid) for other names, for flow-matching configs, or without a
+        ``scheduler_config``."""
+        config = getattr(self, "scheduler_config", None)
+        return None if config is None else config_grid(config, name, steps)
+
     def scheduler_sigmas(self, steps: int, *, mu: float | None = None, sigmas: Any = None) -> np.ndarray:
-        """The σ grid its own scheduler runs for ``steps`` steps (:func:`flowdiff.scheduler_sigmas`)."""
-        return scheduler_sigmas(self.scheduler_config, steps, mu=mu, sigmas=sigmas)
+        """The σ grid its own scheduler runs for ``steps`` steps (:func:`scheduler_plan`: for DDIM, PNDM and
+        flow matching :func:`flowdiff.scheduler_sigmas`; Euler, Heun, LMS and DPM-Solver read off diffusers)."""
+        return scheduler_plan(self.scheduler_config, steps, mu=mu, sigmas=sigmas).sigmas
 
 
 def _check_tensor(x: object, name: str) -> Tensor:
@@ -283,24 +321,184 @@ def flux_grid_arguments(scheduler: object, tokens: int, steps: int) -> tuple[flo
     return float(mu), base
 
 
+#: the diffusers schedulers whose deterministic loop flowdiff reproduces (:func:`scheduler_plan`)
+PLANNED_SCHEDULERS = ("DDIMScheduler", "PNDMScheduler", "FlowMatchEulerDiscreteScheduler", "EulerDiscreteScheduler",
+                      "HeunDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler")
+#: schedulers refused by name, and why (their nearest flowdiff solver is named in the message)
+_NOT_EQUAL = {
+    "UniPCMultistepScheduler": "its bh1/bh2 predictor–corrector is not flowdiff's solver='unipc' (the nearest)",
+    "DEISMultistepScheduler": "its multistep weights are not checked equal to solver='deis' (the nearest)",
+    "DPMSolverMultistepInverseScheduler": "its inverse grid and steps are not checked equal to flowdiff's "
+                                          "encode (the nearest: flowdiff.encode with solver='dpmpp_2m')",
+    "EulerAncestralDiscreteScheduler": "it adds fresh noise at every step (a stochastic sampler, not the ODE)",
+    "DDPMScheduler": "it adds fresh noise at every step (a stochastic sampler, not the ODE)",
+    "DDIMInverseScheduler": "it encodes: flowdiff.encode_like(flow, images, scheduler, steps) is its loop",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerPlan:
+    """How flowdiff runs a diffusers scheduler's deterministic loop (:func:`scheduler_plan`).
+
+    ``sigmas``: the σ grid (float64, decreasing; ``inf`` first for a start from pure noise);
+    ``timesteps``: σ → the time the scheduler feeds the model there (before a pipeline's own
+    scaling, e.g. Flux's 1/1000); ``solver`` and ``solver_options``: the flowdiff method whose
+    steps are the scheduler's; ``state``: what the scheduler's sample is — ``"model"`` (x = α·x̄:
+    DDIM, DPM-Solver, flow matching) or ``"sigma"`` (x̄ itself: Euler, k-diffusion's scale);
+    ``init_noise_sigma``: the factor of the pipeline's initial latents (``randn·init_noise_sigma``).
+    """
+
+    scheduler: str
+    sigmas: np.ndarray
+    timesteps: dict[float, float]
+    solver: str
+    solver_options: dict[str, Any]
+    state: str
+    init_noise_sigma: float
+
+
+def _refuse(source: str, config: Mapping[str, Any], checks: Sequence[tuple[str, Any, str]]) -> None:
+    """ValueError naming the first option whose value leaves the ODE or a method flowdiff has."""
+    for key, accepted, why in checks:
+        value = config.get(key, accepted[0])
+        if value not in accepted:
+            raise ValueError(f"{source}: {key}={value!r} is not reproduced ({why}); accepted: "
+                             f"{', '.join(repr(a) for a in accepted)}")
+
+
+def _from_diffusers_scheduler(name: str, config: Mapping[str, Any], steps: int) -> Any:
+    try:
+        import diffusers
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError(f"the grid of {name} is read from diffusers' own scheduler: pip install diffusers") from None
+    scheduler = getattr(diffusers, name).from_config(dict(config))
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def _read_plan(name: str, scheduler: Any, solver: str, options: dict[str, Any], state: str) -> SchedulerPlan:
+    ts = scheduler.timesteps.double().numpy()
+    # the loop runs len(timesteps) steps: Euler's interpolation_type="log_linear" keeps one σ more, never reached
+    sig = scheduler.sigmas.double().numpy()[: len(ts) + 1].copy()
+    if len(sig) > 2 and sig[-1] == sig[-2]:  # a last step from σ_min to σ_min (final_sigmas_type="sigma_min"
+        sig = sig[:-1]                       # on a grid ending at σ_min): it leaves the sample as it is
+        options = {k: v for k, v in options.items() if k != "lower_order_final"}  # that step was the first-order one
+    if np.any(np.diff(sig) >= 0):
+        raise ValueError(f"{name}: its σ grid {np.array2string(sig, precision=4)} is not strictly decreasing")
+    return SchedulerPlan(name, sig, dict(zip(sig[:-1].tolist(), ts.tolist())), solver, options, state,
+                         float(scheduler.init_noise_sigma))
+
+
+def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, sigmas: Any = None) -> SchedulerPlan:
+    """The grid, the fed timesteps and the solver that reproduce ``scheduler``'s loop of ``steps`` steps.
+
+    ``scheduler``: a diffusers scheduler, its config dict, a directory or a ``scheduler_config.json``
+    (a dict without ``_class_name`` is recognised by its keys, or refused). Reproduced, to float
+    rounding, by :func:`sample_like`:
+
+    * ``DDIMScheduler`` (η = 0) and ``FlowMatchEulerDiscreteScheduler``: Euler on
+      :func:`flowdiff.scheduler_sigmas`; ``PNDMScheduler`` with ``skip_prk_steps`` (Stable Diffusion 1.x's
+      own scheduler) and ε prediction: ``pndm`` (a Heun first step, then iPNDM) on the same grid;
+    * ``EulerDiscreteScheduler`` (``s_churn = 0``): Euler on its σ grid, whatever the spacing,
+      ``interpolation_type``, Karras/exponential/beta σ, ``final_sigmas_type`` or zero-SNR σ_max;
+      ``HeunDiscreteScheduler``: ``heun`` (its last step, into σ = 0, Euler); ``LMSDiscreteScheduler``:
+      ``lms`` of order 4;
+    * ``DPMSolverMultistepScheduler`` with ``algorithm_type="dpmsolver++"`` and the ``midpoint``
+      solver: ``solver_order=1`` is Euler (DPM-Solver++(1) is DDIM), ``2`` is ``dpmpp_2m`` with its
+      ``lower_order_final`` option where diffusers' last step is first order (``euler_at_final``, or
+      ``lower_order_final`` below 15 steps); Karras, exponential, beta and ``use_lu_lambdas`` grids.
+
+    The grids of Euler, Heun, LMS and DPM-Solver are read off diffusers' own scheduler (``set_timesteps``),
+    float32 as diffusers keeps them. A last step of zero length (σ_min to σ_min, where the grid's
+    last timestep is 0 and the final σ is σ_min) is left out: diffusers spends one model
+    evaluation on it and leaves its sample unchanged. Other schedulers and options are refused by
+    name, saying why (``clip_sample`` and ``thresholding`` change x̂₀ at every step: not the ODE).
+    """
+    config, source = config_of(scheduler)
+    name = class_name(config)
+    if name is None:
+        raise unidentified(config, source)
+    if name in _NOT_EQUAL:
+        raise ValueError(f"{source}: {name} is not reproduced: {_NOT_EQUAL[name]}; reproduced: "
+                         f"{', '.join(PLANNED_SCHEDULERS)}")
+    if name not in PLANNED_SCHEDULERS:
+        raise ValueError(f"{source}: unknown scheduler {name!r}; reproduced: {', '.join(PLANNED_SCHEDULERS)}")
+    config = with_defaults(config)
+    solver = "euler"
+    if name == "PNDMScheduler":
+        _refuse(source, config, (
+            ("skip_prk_steps", (True,), "its Runge–Kutta warm-up (PRK) steps at half levels are none of flowdiff's "
+                                        "solvers; Stable Diffusion's configs skip them"),
+            ("prediction_type", ("epsilon",), "PNDM turns v into ε at the level of the step's start, also for "
+                                              "its first step's end evaluation: not the ODE's field"),
+        ))
+        if steps < 2:
+            raise ValueError(f"{source}: PNDMScheduler's loop of steps={steps} is not a PNDM step; use steps >= 2")
+        solver = "pndm"
+    if name in ("DDIMScheduler", "PNDMScheduler", "FlowMatchEulerDiscreteScheduler"):
+        grid = scheduler_sigmas(config, steps, mu=mu, sigmas=sigmas)
+        if name != "FlowMatchEulerDiscreteScheduler":
+            ts = ddim_timesteps(config, steps, source)[: len(grid) - 1].astype(np.float64)
+        else:  # FlowMatchEuler feeds sigma·T in float32 (the times of the grid, t = σ/(1+σ))
+            with np.errstate(invalid="ignore"):
+                t = np.where(np.isinf(grid[:-1]), 1.0, grid[:-1] / (1.0 + grid[:-1])).astype(np.float32)
+            ts = (t * np.float32(config.get("num_train_timesteps", 1000))).astype(np.float64)
+        return SchedulerPlan(name, grid, dict(zip(grid[:-1].tolist(), ts.tolist())), solver, {}, "model", 1.0)
+    if mu is not None or sigmas is not None:
+        raise ValueError(f"mu= and sigmas= apply to flow-matching schedulers, not {name}")
+    if name == "EulerDiscreteScheduler":
+        _refuse(source, config, (("prediction_type", ("epsilon", "v_prediction", "sample", "original_sample"),
+                                  "a VP prediction"),))
+        return _read_plan(name, _from_diffusers_scheduler(name, config, steps), "euler", {}, "sigma")
+    if name == "HeunDiscreteScheduler":  # its σ and timesteps repeat each inner level: [σ0, σ1, σ1, σ2, σ2, …, 0]
+        sched = _from_diffusers_scheduler(name, config, steps)
+        sched.sigmas = torch.cat([sched.sigmas[0::2], sched.sigmas[-1:]])
+        sched.timesteps = sched.timesteps[0::2]
+        return _read_plan(name, sched, "heun", {}, "sigma")
+    if name == "LMSDiscreteScheduler":
+        return _read_plan(name, _from_diffusers_scheduler(name, config, steps), "lms", {"order": 4}, "sigma")
+    # DPMSolverMultistepScheduler
+    _refuse(source, config, (
+        ("algorithm_type", ("dpmsolver++",), "the other algorithms are other methods: dpmsolver takes ε steps, "
+                                             "the SDE variants add noise"),
+        ("solver_order", (2, 1), "DPM-Solver++(3M)'s multistep weights differ from solver='dpmpp_3m', the "
+                                 "nearest"),
+        ("solver_type", ("midpoint",), "the 'heun' variant's second-order weights are not dpmpp_2m's"),
+        ("thresholding", (False,), "thresholding changes x̂₀ at every step: not the ODE"),
+        ("prediction_type", ("epsilon", "v_prediction", "sample"), "a VP prediction"),
+        ("variance_type", (None,), "a learned variance is not read by this loop"),
+        ("use_flow_sigmas", (False,), "flow-matching σ in a VP scheduler"),
+    ))
+    sched = _from_diffusers_scheduler(name, config, steps)
+    order = int(config.get("solver_order", 2))
+    if order == 1:
+        return _read_plan(name, sched, "euler", {}, "model")
+    n = len(sched.timesteps)
+    final_first_order = bool(config.get("euler_at_final", False)) or (
+        bool(config.get("lower_order_final", True)) and n < 15)
+    options = {"lower_order_final": True} if final_first_order else {}
+    return _read_plan(name, sched, "dpmpp_2m", options, "model")
+
+
 def sample_like(flow: ProbabilityFlow, noise: Tensor, scheduler: object = None, steps: int | None = None, *,
-                solver: str = "euler", mu: float | None = None, sigmas: Any = None,
+                solver: str | None = None, mu: float | None = None, sigmas: Any = None,
                 model_kwargs: Mapping[str, Any] | None = None,
                 **generate_kwargs: Any) -> Result:
-    """What a diffusers pipeline's loop with ``scheduler`` returns from ``noise``, by ``solver``.
+    """What a diffusers pipeline's loop with ``scheduler`` returns from ``noise``: a call to
+    :func:`flowdiff.generate` with the scheduler's own grid, timesteps and method (:func:`scheduler_plan`).
 
-    ``noise`` is the pipeline's initial latents in the model's own scale (``randn`` for DDIM and
-    flow matching, whose ``init_noise_sigma`` is 1); the result's ``x`` is the final latents as
-    the pipeline returns them (``output_type="latent"``), i.e. α(σ_end)·x̄ — σ_end is σ_min for
-    DDIM with ``set_alpha_to_one=False``. The grid is :func:`flowdiff.scheduler_sigmas`
-    (``scheduler`` defaults to the flow's own ``scheduler_config``). With ``solver="euler"`` this
-    is the scheduler's loop: DDIM's step and flow matching's x + (t' − t)·v are both Euler on
-    dx̄/dσ = ε. ``mu`` and ``sigmas`` are those a flow-matching pipeline passes to
-    ``set_timesteps`` (Flux: its resolution-dependent shift and ``linspace(1, 1/steps, steps)``,
-    which a Flux flow gets by default from :func:`flux_grid_arguments`, as FluxPipeline computes them).
-    A grid starting at σ = ∞ (flow matching, zero terminal SNR) takes its first step with
-    :meth:`~flowdiff.ProbabilityFlow.step_from_noise`, as :func:`flowdiff.generate` does
-    (:mod:`flowdiff.engine.terminal`; counted in ``stats.nfe``). Further keywords go to :func:`flowdiff.generate`.
+    ``noise`` is the pipeline's ``randn`` latents before ``init_noise_sigma`` (the pipeline multiplies
+    them by it); the result's ``x`` is the final latents as the pipeline returns them
+    (``output_type="latent"``) — at σ_end, in the scheduler's own scale (α·x̄ for DDIM and DPM-Solver,
+    x̄ for Euler), which is the image itself when σ_end = 0. ``scheduler`` defaults to the flow's
+    own ``scheduler_config``. ``solver=None`` is the scheduler's own method; another solver name runs
+    that solver on the same grid and timesteps (a solver object: ``solvers.get(name, **options)``).
+    ``mu`` and ``sigmas`` are those a flow-matching pipeline passes to ``set_timesteps`` (Flux: its
+    resolution-dependent shift and ``linspace(1, 1/steps, steps)``, which a Flux flow gets by default
+    from :func:`flux_grid_arguments`). A grid starting at σ = ∞ (flow matching, zero terminal SNR)
+    takes its first step with :meth:`~flowdiff.ProbabilityFlow.step_from_noise`. The model sees the
+    timesteps the scheduler feeds (the flow's ``timesteps`` option). Further keywords go to
+    :func:`flowdiff.generate`.
     """
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
@@ -314,10 +512,65 @@ def sample_like(flow: ProbabilityFlow, noise: Tensor, scheduler: object = None, 
                              "its config or its directory)")
     if mu is None and sigmas is None and getattr(flow, "packed", False):
         mu, sigmas = flux_grid_arguments(scheduler, noise.shape[1], steps)
-    grid = scheduler_sigmas(scheduler, steps, mu=mu, sigmas=sigmas)
+    plan = scheduler_plan(scheduler, steps, mu=mu, sigmas=sigmas)
+    if solver is None:  # the scheduler's own method, its options with it
+        solver = solvers.get(plan.solver, **plan.solver_options) if plan.solver_options else plan.solver
+    grid = plan.sigmas
     schedule = flow.schedule
-    # at σ = ∞ the model's input is the noise itself (α = 0, s = 1), which is also DDIM's x_T there
-    x_T = noise if math.isinf(grid[0]) else noise / _model_per_ddim(schedule, float(grid[0]))
-    res = generate(flow, x_T, solver=solver, grid=grid, model_kwargs=model_kwargs, **generate_kwargs)
-    end = float(grid[-1])
-    return dataclasses.replace(res, x=res.x if end == 0 else res.x * schedule.alpha(end))
+    run_flow = flow if flow.sigma_field is not None else flow.with_timesteps(plan.timesteps)
+    sigma0, end = float(grid[0]), float(grid[-1])
+    if math.isinf(sigma0):  # the model's input is the noise itself (α = 0, s = 1), also DDIM's x_T there
+        x_T = noise
+    elif plan.state == "sigma":  # the scheduler's sample is x̄ = noise·init_noise_sigma; generate takes x̄/√(1+σ²)
+        x_T = noise * (plan.init_noise_sigma / math.sqrt(1.0 + sigma0 * sigma0))
+    else:
+        x_T = noise / _model_per_ddim(schedule, sigma0)
+    res = generate(run_flow, x_T, solver=solver, grid=grid, model_kwargs=model_kwargs, **generate_kwargs)
+    if end == 0 or plan.state == "sigma":
+        return res
+    return dataclasses.replace(res, x=res.x * schedule.alpha(end))
+
+
+def encode_like(flow: ProbabilityFlow, images: Tensor, scheduler: object = None, steps: int | None = None, *,
+                model_kwargs: Mapping[str, Any] | None = None, **encode_kwargs: Any) -> Result:
+    """What diffusers' ``DDIMInverseScheduler`` loop returns from ``images`` (the latents it is given):
+    :func:`flowdiff.encode` with ``solver="ddim_inverse"`` on its grid (:func:`flowdiff.engine.scheduler_grids.
+    ddim_inverse_sigmas`) and timesteps.
+
+    ``images`` are the scheduler's input sample at its first level — σ = 0, or σ_min for
+    ``set_alpha_to_one=False`` (Stable Diffusion's configs), where it stands for x̄ = x·√(1+σ_min²) —
+    and the result's ``x`` is its final sample x_T = α(σ_max)·x̄ (the encode's own x_T).
+    ``scheduler`` (default the flow's ``scheduler_config``) must be a DDIMInverse, DDIM or PNDM-style
+    VP config: its ``timestep_spacing``, ``steps_offset`` and ``set_alpha_to_one`` are read as
+    DDIMInverseScheduler reads them. Further keywords go to :func:`flowdiff.encode`.
+    """
+    if not isinstance(flow, ProbabilityFlow):
+        raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
+    _check_tensor(images, "images")
+    if steps is None:
+        raise TypeError("encode_like needs steps= (the inversion's num_inference_steps)")
+    if scheduler is None:
+        scheduler = getattr(flow, "scheduler_config", None)
+        if scheduler is None:
+            raise ValueError("this flow carries no scheduler_config; pass scheduler= (a diffusers scheduler, "
+                             "its config or its directory)")
+    config, source = config_of(scheduler)
+    name = class_name(config)
+    if name is None:
+        raise unidentified(config, source)
+    if name not in ("DDIMInverseScheduler", "DDIMScheduler"):
+        raise ValueError(f"{source}: encode_like reproduces DDIMInverseScheduler (or a DDIMScheduler config read as "
+                         f"one); got {name!r}")
+    grid, ts = ddim_inverse_sigmas(config, steps)
+    start = float(grid[0])
+    if flow.sigma_field is not None:
+        raise ValueError("encode_like feeds the model DDIMInverse's timesteps; a σ-native field has none")
+    if flow.prediction_type == "sample" and start == 0:
+        raise ValueError(f"{source}: DDIMInverseScheduler with prediction_type='sample' and set_alpha_to_one=True "
+                         "divides by √(1−ᾱ) = 0 at its first step (ε = (x − √ᾱ·x̂₀)/√(1−ᾱ)); not reproduced")
+    # DDIMInverse feeds its own integer timesteps at the grid's levels; the ddim_inverse method feeds each
+    # step's target timestep at its source level (flowdiff.api.ddim_inverse)
+    run_flow = flow.with_timesteps(dict(zip(grid[1:].tolist(), ts.astype(float).tolist())))
+    # encode takes its input as the VP-scaled sample at the grid's first level (x̄ = x·√(1+σ_min²))
+    return encode(run_flow, images, solver="ddim_inverse", grid=grid[::-1].copy(), model_kwargs=model_kwargs,
+                  **encode_kwargs)

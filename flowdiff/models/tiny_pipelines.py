@@ -57,8 +57,10 @@ def _eval(*modules: torch.nn.Module) -> None:
         m.eval()
 
 
-def stable_diffusion(root: Path, seed: int = 0, **scheduler_config: Any) -> tuple[Any, Path]:
-    """A Stable-Diffusion-style pipeline: 2-block ``UNet2DConditionModel``, ``AutoencoderKL``, 2-layer CLIP."""
+def stable_diffusion(root: Path, seed: int = 0, scheduler: str = "DDIMScheduler",
+                     **scheduler_config: Any) -> tuple[Any, Path]:
+    """A Stable-Diffusion-style pipeline: 2-block ``UNet2DConditionModel``, ``AutoencoderKL``, 2-layer CLIP;
+    its ``scheduler`` (a diffusers class name, default DDIM without ``clip_sample``) on SD's betas."""
     import transformers
 
     d = _diffusers()
@@ -73,14 +75,41 @@ def stable_diffusion(root: Path, seed: int = 0, **scheduler_config: Any) -> tupl
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16, norm_num_groups=4, attention_head_dim=2)
-    scheduler = d.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                                **scheduler_config)
+    extra = {"clip_sample": False} if scheduler == "DDIMScheduler" else {}
+    sched = getattr(d, scheduler)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                  **extra, **scheduler_config)
     pipe = d.StableDiffusionPipeline(vae=vae(), text_encoder=transformers.CLIPTextModel(text_config),
-                                     tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None,
+                                     tokenizer=tokenizer, unet=unet, scheduler=sched, safety_checker=None,
                                      feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(root / "sd")
     _eval(pipe.unet, pipe.vae, pipe.text_encoder)
     return pipe, root / "sd"
+
+
+def stable_diffusion_xl(root: Path, seed: int = 6) -> tuple[Any, Path]:
+    """An SDXL-style pipeline: a ``UNet2DConditionModel`` with SDXL's ``text_time`` added conditioning, two CLIP
+    text encoders (the second with projection: the pooled embedding), ``AutoencoderKL``, Euler."""
+    import transformers
+
+    d = _diffusers()
+    root = Path(root)
+    torch.manual_seed(seed)
+    tokenizer, vocab = clip_tokenizer(root / "_vocab")
+    text_config = _clip_config(vocab, 16)
+    unet = d.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=4, attention_head_dim=2, addition_embed_type="text_time",
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 16)
+    scheduler = d.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                         steps_offset=1, timestep_spacing="leading")
+    pipe = d.StableDiffusionXLPipeline(
+        vae=vae(), text_encoder=transformers.CLIPTextModel(text_config), tokenizer=tokenizer,
+        text_encoder_2=transformers.CLIPTextModelWithProjection(_clip_config(vocab, 16, projection_dim=16)),
+        tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, add_watermarker=False)
+    pipe.save_pretrained(root / "sdxl")
+    _eval(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)
+    return pipe, root / "sdxl"
 
 
 def dit(root: Path, seed: int = 2) -> tuple[Any, Path]:

@@ -56,7 +56,7 @@ from ..engine.formulations import (
 )
 from ..engine.grids import make_sigmas
 from .compare import reference_solution
-from .tuning import TunedGrid, _Warp, stored_grid
+from .tuning import TunedGrid, _Warp, read_record, stored_grid
 
 __all__ = ["LearnedSolver", "learn_solver", "tune_roundtrip"]
 
@@ -152,14 +152,7 @@ class LearnedSolver:
              model_kwargs: Mapping[str, Any] | None = None) -> LearnedSolver:
         """Read a file written by :meth:`save` and check that it belongs to ``flow`` (see :meth:`check`)."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: not a readable learned-solver JSON file ({err})") from None
-        if not isinstance(data, dict) or data.get("format") != _FORMAT:
-            found = data.get("format") if isinstance(data, dict) else None
-            raise ValueError(f"{path} is not a flowdiff learned solver (format {found!r}, expected {_FORMAT!r})")
-        data.pop("format")
+        data = read_record(path, _FORMAT, "learned solver")
         try:
             data["sigmas"] = np.array([float.fromhex(s) for s in data["sigmas"]], dtype=np.float64)
             data["coefficients"] = tuple(tuple(float.fromhex(c) for c in cs) for cs in data["coefficients"])

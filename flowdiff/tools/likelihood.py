@@ -30,7 +30,9 @@ by about −μ·z/σ_max + Σᵢ(vᵢ − 1)/(2σ_max²) nats per sample (μ the
 a spread of |μ|/σ_max = 0.033 nats for the digits. That difference is a statement about the model's
 prior, not the solve.
 
-**Divergences** (``divergence=``): ``"exact"`` is the trace of the Jacobian from D
+**Divergences** (``divergence=``): ``"auto"`` (default) is ``"exact"`` up to
+D = 256 and ``"hutch++"`` (sketch 32, probes 16: 80 products per evaluation, whatever D) beyond,
+so that the cost stays bounded as the dimension grows. ``"exact"`` is the trace of the Jacobian from D
 vector–Jacobian products (``torch.func.vjp``, one forward pass shared by all of them,
 vectorised with ``torch.func.vmap`` in chunks of ``chunk`` rows; tr J = tr Jᵀ);
 ``"hutchinson"`` is vᵀ(∂ε/∂x̄)v with ``probes`` Rademacher or Gaussian vectors v fixed along
@@ -43,18 +45,34 @@ low-rank part). The trajectory x̄(σ) does not depend on the probes, so each pr
 own unbiased ODE term ℓⱼ; ``log_prob`` uses their mean and ``std_error`` is their standard
 deviation over √probes (for Hutch++ conditional on the sketch, under which it is unbiased).
 
-**Counting.** ``stats.nfe`` counts model evaluations on the batch, each vector–Jacobian
-product one (as k-diffusion counts its one VJP a step; the forward pass they need is shared):
-per field evaluation D for ``"exact"``, ``probes`` for ``"hutchinson"``, 2·``sketch`` +
-``probes`` for ``"hutch++"``. ``stats.extra`` has ``field_evals`` (the solver's count of
-augmented-field evaluations) and ``model_calls`` (forward passes: one per field evaluation and
-piece of ``chunk`` samples).
+**Counting.** ``stats`` are the solve's own: ``stats.nfe`` counts evaluations of the
+augmented field (each one forward pass of the model on the batch, and the estimator's products
+with it). ``stats.extra["vjps"]`` counts the estimator's vector–Jacobian products per sample
+(D a field evaluation for ``"exact"``, ``probes`` for ``"hutchinson"``, 2·``sketch`` + ``probes``
+for ``"hutch++"``), ``model_calls`` forward passes (one per field evaluation and piece of
+``chunk`` samples), and ``check`` the check solve's statistics.
 
-**Bits per dimension.** ``bits_per_dim = −log_prob/(D ln 2) + offset``. For data quantized to
-``dequantize = K`` levels over the model's range [−1, 1] (lattice spacing Δ = 2/(K − 1)), the
-images are first dequantized uniformly, ỹ = y + Δ·(u − ½) with u ~ U[0, 1)^D, and
-offset = −log₂ Δ: then bits/dim bounds the discrete data's code length (Theis et al., "A note
-on the evaluation of generative models", 2016; Ho et al., "DDPM", 2020). For 8-bit images
+**The error bar.** Two errors: the estimator's (its variance over the probes, ``std_error``)
+and the solve's. A second solve with the same probes at 10× the tolerances (a fixed grid: half
+the steps) differs from the first by about the looser solve's error, which, where the error
+falls with the tolerance, bounds the tighter one's; ``solve_error`` is that difference and
+``error`` = √(std_error² + solve_error²). The check solve costs less than the first (~0.6× on
+the closed-form mixtures).
+
+**Bits per dimension.** ``bits_per_dim = −log_prob/(D ln 2) + offset`` for a continuous density.
+Data quantized to ``dequantize = K`` levels over the model's range [−1, 1] (lattice spacing
+Δ = 2/(K − 1)) have a discrete probability P(y) = ∫_cell p, and for any noise density q on
+the cell, in lattice units, log P(y) ≥ D log Δ + E_q[log p(y + Δ(u − ½)) − log q(u)] (Theis et
+al., "A note on the evaluation of generative models", 2016; Ho et al., "DDPM", 2020, with
+uniform q; Zheng et al., "Improved Techniques for Maximum Likelihood Estimation for Diffusion
+ODEs" (i-DODE), 2023, with a truncated normal). One draw of u per image gives the bound's
+unbiased estimate, bits/dim = −(log p(ỹ) − log q(u))/(D ln 2) + offset, offset = −log₂ Δ: the
+discrete data's code length, the figure the literature reports. ``dequantization="uniform"``
+(q = 1) or ``"truncated_normal"``: u − ½ ~ N(0, (σ_min/Δ)²) truncated to the cell, i.e. noise of
+the schedule's smallest level σ_min, the least the model was trained at — i-DODE's training-free
+choice, there to start the ODE at σ_min; here it is the dequantization noise and the ODE starts at
+σ = 0. It helps a model that is not resolved below σ_min; for a density that is flat across a
+cell uniform noise is the better q (the tighter bound). For 8-bit images
 (K = 256, y = k/127.5 − 1) the offset is log₂ 127.5 = 6.994 bits; the convention of Song et
 al.'s code, which maps (k + u)/256 to [−1, 1), adds 7. Without ``dequantize`` the offset is 0
 and bits/dim is the continuous density's (it can be negative).
@@ -79,13 +97,19 @@ from ..engine.flow import ProbabilityFlow
 from ..engine.formulations import variables_of
 from ..engine.grids import MAX_STEPS
 
-DIVERGENCES = ("exact", "hutchinson", "hutch++")
+DIVERGENCES = ("auto", "exact", "hutchinson", "hutch++")
 PROBE_NOISES = ("rademacher", "gaussian")
+DEQUANTIZATIONS = ("uniform", "truncated_normal")
 
 #: Defaults of the adaptive solve (image-scale tolerances; the log-density column in nats).
 DEFAULT_RTOL = 1e-5
 DEFAULT_ATOL = 1e-5
-DEFAULT_PROBES = {"hutchinson": 8, "hutch++": 8}
+DEFAULT_PROBES = {"hutchinson": 16, "hutch++": 16}
+DEFAULT_SKETCH = 32
+#: ``divergence="auto"`` takes the exact trace (D products) up to this dimension, Hutch++ (2·32 + 16 = 80) beyond.
+AUTO_EXACT_MAX_DIM = 256
+#: The check solve's tolerances are this many times the solve's (a fixed grid: half the steps).
+CHECK_FACTOR = 10.0
 #: Steps of at most 1 in log(σ + c) (σ + c grows by at most e per step), as flowdiff's adaptive generate.
 CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=10.0, max_step=1.0)
 
@@ -97,9 +121,13 @@ class Likelihood:
     ``log_prob = prior + delta``: ``prior`` is log N(x̄(σ_max); m, (v + σ_max²)I) and ``delta``
     the ODE term ∫₀^{σ_max} div ε dσ (mean over probes). ``std_error`` (stochastic divergences
     with ≥ 2 probes, else ``None``) is the standard error of ``log_prob`` from the probes;
-    ``per_probe`` the ODE term of each probe, shape (batch, probes). ``offset_bits`` is what
-    dequantization added to ``bits_per_dim``. ``latent`` is x̄(σ_max) in DDIM's scale
-    (x̄/√(1 + σ_max²)), in the images' dtype.
+    ``solve_error`` (with ``solve_check``) the difference from the check solve; ``error`` the
+    error bar √(std_error² + solve_error²) of what is there (``None`` if neither is).
+    ``per_probe`` is the ODE term of each probe, shape (batch, probes). With dequantization,
+    ``log_prob`` is the continuous density at the dequantized images, ``log_q`` the log-density
+    of their dequantization noise (in lattice units; 0 for uniform) and ``offset_bits`` =
+    −log₂ Δ; ``bits_per_dim`` = −(log_prob − log_q)/(D ln 2) + offset_bits. ``latent`` is
+    x̄(σ_max) in DDIM's scale (x̄/√(1 + σ_max²)), in the images' dtype.
     """
 
     log_prob: Tensor
@@ -113,11 +141,20 @@ class Likelihood:
     divergence: str
     latent: Tensor
     stats: Stats = field(default_factory=Stats)
+    solve_error: Tensor | None = None
+    error: Tensor | None = None
+    dequantization: str | None = None
+    log_q: Tensor | None = None
 
     @property
     def bits_per_dim_std_error(self) -> Tensor | None:
-        """The standard error of ``bits_per_dim`` (``std_error`` / (D ln 2))."""
+        """The standard error of ``bits_per_dim`` from the probes (``std_error`` / (D ln 2))."""
         return None if self.std_error is None else self.std_error / (self.dim * math.log(2))
+
+    @property
+    def bits_per_dim_error(self) -> Tensor | None:
+        """The error bar of ``bits_per_dim`` (``error`` / (D ln 2)): the probes' and the solve's."""
+        return None if self.error is None else self.error / (self.dim * math.log(2))
 
     def mean_bits_per_dim(self) -> tuple[float, float | None]:
         """The batch's mean bits/dim and its standard error over the batch and the probes together.
@@ -290,8 +327,15 @@ def _per_pixel(name: str, value: object, shape: tuple[int, ...], *, positive: bo
     return t
 
 
-def _dequantize(images: Tensor, levels: object, generator: torch.Generator | None) -> tuple[Tensor, float]:
-    """Uniform dequantization on the lattice of ``levels`` values over [−1, 1]; returns ỹ and −log₂ Δ."""
+def _dequantize(images: Tensor, levels: object, kind: str, sigma_min: float,
+                generator: torch.Generator | None) -> tuple[Tensor, float, Tensor]:
+    """Dequantization on the lattice of ``levels`` values over [−1, 1]: ỹ = y + Δ(u − ½).
+
+    ``kind="uniform"``: u ~ U[0, 1)^D, log q(u) = 0. ``"truncated_normal"``: u − ½ ~ N(0, s²)
+    truncated to [−½, ½] per pixel, s = σ_min/Δ (the schedule's smallest noise level in lattice
+    units), drawn by inverting the normal CDF, with its log-density log q(u) summed over pixels.
+    Returns ỹ, −log₂ Δ and log q.
+    """
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
         raise ValueError(f"dequantize must be None or the number of quantization levels over [-1, 1] "
                          f"(an int >= 2; 256 for 8-bit images), got {levels!r}")
@@ -302,8 +346,20 @@ def _dequantize(images: Tensor, levels: object, generator: torch.Generator | Non
         raise ValueError(f"dequantize={levels}: the images are not on the {levels}-level lattice of [-1, 1] "
                          f"(spacing {delta:.6g}; largest distance {float(off) * delta:.3g}); pass the images as "
                          "quantized, or dequantize=None for the continuous density")
-    u = torch.rand(images.shape, dtype=torch.float64, generator=generator).to(images.device)
-    return (images.double() + delta * (u - 0.5)).to(images.dtype), -math.log2(delta)
+    u = torch.rand(images.shape, dtype=torch.float64, generator=generator)
+    batch = images.shape[0]
+    if kind == "uniform":
+        centred = u - 0.5
+        log_q = torch.zeros(batch, dtype=torch.float64)
+    else:
+        std = sigma_min / delta
+        normal = torch.distributions.Normal(0.0, 1.0)
+        lo, hi = normal.cdf(torch.tensor(-0.5 / std)), normal.cdf(torch.tensor(0.5 / std))
+        z = normal.icdf(lo + u * (hi - lo)).clamp(-0.5 / std, 0.5 / std)
+        centred = z * std
+        log_q = (normal.log_prob(z) - math.log(std) - torch.log(hi - lo)).reshape(batch, -1).sum(1)
+    moved = (images.double() + delta * centred.to(images.device)).to(images.dtype)
+    return moved, -math.log2(delta), log_q.to(images.device)
 
 
 def _draw(noise: str, n: int, batch: int, dim: int, generator: torch.Generator | None) -> Tensor:
@@ -314,6 +370,14 @@ def _draw(noise: str, n: int, batch: int, dim: int, generator: torch.Generator |
 
 # -- the solve -----------------------------------------------------------------------------------
 
+def _choose_divergence(divergence: str, dim: int) -> str:
+    """``"auto"``: the exact trace up to :data:`AUTO_EXACT_MAX_DIM` dimensions (no estimator variance, at most
+    256 products an evaluation), Hutch++ beyond (80 products an evaluation, whatever D)."""
+    if divergence != "auto":
+        return divergence
+    return "exact" if dim <= AUTO_EXACT_MAX_DIM else "hutch++"
+
+
 def log_likelihood(
     flow: ProbabilityFlow,
     images: Tensor,
@@ -322,7 +386,7 @@ def log_likelihood(
     rtol: float | None = None,
     atol: float | None = None,
     steps: int | None = None,
-    divergence: str = "exact",
+    divergence: str = "auto",
     probes: int | None = None,
     sketch: int | None = None,
     noise: str = "rademacher",
@@ -330,14 +394,16 @@ def log_likelihood(
     model_kwargs: Mapping[str, Any] | None = None,
     model_dtype: torch.dtype | None = None,
     dequantize: int | None = None,
+    dequantization: str = "uniform",
     data_mean: float | Tensor = 0.0,
     data_var: float | Tensor = 1.0,
     sigma_c: float | None = None,
     chunk: int = 4096,
     max_nfe: int | None = None,
+    solve_check: bool = True,
     check_finite: bool = True,
 ) -> Likelihood:
-    """The log-density (nats) of each image under the flow's distribution at σ = 0, and its bits/dim.
+    """The log-density (nats) of each image under the flow's distribution at σ = 0, its bits/dim and error bar.
 
     ``images`` (batch, ...) are in the model's data scale (the image x̄ at σ = 0). The augmented
     ODE d[x̄, ℓ]/dσ = [ε, div ε] runs from σ = 0 to σ_max (see the module docstring for the
@@ -346,21 +412,33 @@ def log_likelihood(
     * adaptive (default): ``solver`` any embedded pair (``solvers.available(adaptive=True)``), in
       τ = log(σ + c); a step is accepted when, for every sample, the RMS over pixels of the
       state's error on the image scale x = x̄/√(1+σ²) is ≤ ``atol + rtol·|x|``, and each
-      log-density column's error (nats) is ≤ ``atol + rtol·|ℓ|``. The defaults (1e-5) came
-      within 0.027 nats at worst of the exact log-density of a 256-dimensional closed-form
-      mixture (mean 0.010; ``benchmarks/results/likelihood.md``); 1e-4 within 0.05 on average
-      but up to 0.5 at worst.
+      log-density column's error is ≤ ``atol`` nats (absolute: its errors add up in nats whatever
+      the size of ℓ, which grows with D); defaults 1e-5.
     * ``steps=N``: a fixed grid of N steps uniform in τ with any σ-variable solver (``rk4``,
       ``heun``, ``ipndm``, ...).
 
-    ``divergence``: ``"exact"``, ``"hutchinson"`` or ``"hutch++"``; ``probes`` (default 8) the
-    stochastic estimators' probes, drawn once from ``generator`` (``noise``: ``"rademacher"`` or
-    ``"gaussian"``); ``sketch`` Hutch++'s sketch size (default ``probes``). ``chunk`` bounds the
-    rows (samples × vectors) of one batched vector–Jacobian product (memory). ``dequantize=K``
-    (levels over [−1, 1]; 256 for 8-bit images) adds uniform dequantization noise from
-    ``generator`` and its offset −log₂(2/(K−1)) to bits/dim. ``data_mean``/``data_var`` (scalars
-    or per-pixel tensors) set the prior N(m, (v + σ_max²)I); the defaults are the VP prior that
-    :func:`flowdiff.generate` samples. ``max_nfe`` bounds model evaluations (VJPs included).
+    **Error bar.** With ``solve_check`` (default) a second solve at 10× the tolerances (or half
+    the steps, at least one), with the same probes, measures the solve's error: ``solve_error``
+    is |ℓ − ℓ_check| per sample, an overestimate of the reported solve's own error wherever the
+    error falls with the tolerance. ``error`` = √(``std_error``² + ``solve_error``²) covers
+    both the estimator's variance and the solve.
+
+    ``divergence``: ``"auto"`` (default: ``"exact"`` up to D = :data:`AUTO_EXACT_MAX_DIM`, beyond
+    it ``"hutch++"`` with ``sketch`` 32 and ``probes`` 16, whose 80 products per evaluation do
+    not grow with D), ``"exact"``, ``"hutchinson"`` or ``"hutch++"``; ``probes`` the stochastic
+    estimators' probes, drawn once from ``generator`` (``noise``: ``"rademacher"`` or
+    ``"gaussian"``); ``sketch`` Hutch++'s sketch size. ``chunk`` bounds the rows (samples ×
+    vectors) of one batched vector–Jacobian product (memory).
+
+    ``dequantize=K`` (levels over [−1, 1]; 256 for 8-bit images) dequantizes the images with noise
+    from ``generator`` — ``dequantization="uniform"`` or ``"truncated_normal"`` — and reports
+    the discrete data's bits/dim (see the module docstring). ``data_mean``/``data_var``
+    (scalars or per-pixel tensors) set the prior N(m, (v + σ_max²)I); the defaults are the VP
+    prior that :func:`flowdiff.generate` samples. ``max_nfe`` bounds each solve's field
+    evaluations. ``stats`` are the solve's own (``stats.nfe`` its field evaluations);
+    ``stats.extra`` adds ``vjps`` (the estimator's vector–Jacobian products, per sample),
+    ``model_calls`` (forward passes, one per field evaluation and piece of ``chunk`` samples)
+    and ``check`` (the check solve's statistics).
     """
     start = time.perf_counter()
     if not isinstance(flow, ProbabilityFlow):
@@ -370,11 +448,16 @@ def log_likelihood(
         raise ValueError(f"unknown divergence {divergence!r}; accepted: {', '.join(DIVERGENCES)}")
     if noise not in PROBE_NOISES:
         raise ValueError(f"unknown noise {noise!r} for the probes; accepted: {', '.join(PROBE_NOISES)}")
+    if dequantization not in DEQUANTIZATIONS:
+        raise ValueError(f"unknown dequantization {dequantization!r}; accepted: {', '.join(DEQUANTIZATIONS)}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if not isinstance(solve_check, bool):
+        raise TypeError(f"solve_check must be a bool, got {type(solve_check).__name__}")
     chunk = _check_int("chunk", chunk, 1)
     shape = tuple(images.shape[1:])
     batch, dim = images.shape[0], images[0].numel()
+    divergence = _choose_divergence(divergence, dim)
     if divergence == "exact":
         if probes is not None or sketch is not None:
             raise ValueError(f"probes= and sketch= apply to the stochastic divergences (hutchinson, hutch++), "
@@ -384,7 +467,7 @@ def log_likelihood(
         if divergence == "hutchinson" and sketch is not None:
             raise ValueError(f"sketch= applies to divergence='hutch++' only, got sketch={sketch!r}")
         if divergence == "hutch++":
-            sketch = _check_int("sketch", probes if sketch is None else sketch, 1)
+            sketch = _check_int("sketch", min(DEFAULT_SKETCH, dim) if sketch is None else sketch, 1)
             if sketch > dim:
                 raise ValueError(f"sketch must be <= the dimension D={dim}, got {sketch}")
     solver_obj = solvers.get(solver)
@@ -398,8 +481,9 @@ def log_likelihood(
                              f"an adaptive solver ({', '.join(solvers.available(adaptive=True))})")
         rtol = _check_tol("rtol", DEFAULT_RTOL if rtol is None else rtol)
         atol = _check_tol("atol", DEFAULT_ATOL if atol is None else atol)
-        if rtol == 0 and atol == 0:
-            raise ValueError("rtol and atol cannot both be 0")
+        if atol == 0:
+            raise ValueError("atol must be > 0: it is also the log-density column's tolerance, in nats per step "
+                             "(rtol does not apply to that column), got 0.0")
     else:
         steps = _check_int("steps", steps, 1)
         if steps > MAX_STEPS:
@@ -408,6 +492,10 @@ def log_likelihood(
             raise ValueError(f"rtol=/atol= set an adaptive solve; steps={steps} sets a fixed grid: give one of them")
     if max_nfe is not None:
         max_nfe = _check_int("max_nfe", max_nfe, 1)
+        if steps is not None and solvers.nfe_for_steps(solver_obj, steps) > max_nfe:
+            raise ValueError(f"max_nfe={max_nfe}: {steps} steps of {solver_obj.name} cost "
+                             f"{solvers.nfe_for_steps(solver_obj, steps)} field evaluations; raise max_nfe or use "
+                             "fewer steps")
     schedule = flow.schedule
     s_max = float(schedule.sigma_max)
     c = float(schedule.sigma_min) if sigma_c is None else sigma_c
@@ -417,9 +505,9 @@ def log_likelihood(
     mean = _per_pixel("data_mean", data_mean, shape, positive=False)
     var = _per_pixel("data_var", data_var, shape, positive=True)
 
-    offset = 0.0
+    offset, log_q = 0.0, None
     if dequantize is not None:
-        images, offset = _dequantize(images, dequantize, generator)
+        images, offset, log_q = _dequantize(images, dequantize, dequantization, float(schedule.sigma_min), generator)
     dtype = torch.float32 if images.dtype in (torch.float16, torch.bfloat16) else images.dtype
     device = images.device
     xbar0 = images.to(dtype).reshape(batch, dim)
@@ -446,59 +534,76 @@ def log_likelihood(
         out = []
         for b0 in range(0, batch, piece):
             rows = slice(b0, min(batch, b0 + piece))
-            eps, apply = jac.linearize(sigma, y[rows, :dim])
+            eps, apply = jac.linearize(sigma, y[rows, :dim].to(dtype))
             div = estimator(apply, rows, eps.shape[0], eps)
-            out.append(torch.cat([eps.detach(), div.detach().to(y.dtype)], 1))
+            out.append(torch.cat([eps.detach(), div.detach()], 1).to(y.dtype))
         return torch.cat(out).mul_(sigma + c)
 
-    def norm(error: Tensor, y0: Tensor, y1: Tensor, tau: float) -> Tensor:
-        s = sigma_of(tau)
-        a = 1.0 / math.sqrt(1.0 + s * s)
-        img = (error[:, :dim] * a).abs() / (y1[:, :dim].abs() * (rtol * a) + atol)
-        img = img.pow(2).mean(1).sqrt()
-        lp = error[:, dim:].abs() / (y1[:, dim:].abs() * rtol + atol)
-        return torch.maximum(img, lp.amax(1)).max()
+    # the augmented state in float64 (where the device has it), the model in the images' precision: the
+    # log-density column reaches hundreds of nats, whose float32 rounding (~1e-5) would be the tolerance itself
+    state_dtype = torch.float32 if device.type == "mps" else torch.float64
+    y0 = torch.cat([xbar0, xbar0.new_zeros(batch, k)], 1).to(state_dtype)
 
-    y0 = torch.cat([xbar0, xbar0.new_zeros(batch, k)], 1)
-    with torch.no_grad():
+    def integrate(scale: float) -> tuple[Tensor, Stats]:
+        """One solve at ``scale`` × the tolerances (adaptive) or 1/``scale`` × the steps (fixed grid)."""
+        rows0, calls0 = jac.rows, jac.calls
+        def norm(error: Tensor, y0: Tensor, y1: Tensor, tau: float) -> Tensor:
+            s = sigma_of(tau)
+            a = 1.0 / math.sqrt(1.0 + s * s)
+            img = (error[:, :dim] * a).abs() / (y1[:, :dim].abs() * (rtol * scale * a) + atol * scale)
+            img = img.pow(2).mean(1).sqrt()
+            lp = error[:, dim:].abs() / (atol * scale)   # nats, whatever the size of ℓ
+            return torch.maximum(img, lp.amax(1)).max()
+
         try:
-            if steps is None:
-                budget = None if max_nfe is None else max(1, max_nfe // estimator.cost)
-                sol = solvers.solve_adaptive(augmented, y0, tau_zero, tau_max, solver_obj, rtol=rtol, atol=atol,
-                                             norm=norm, controller=CONTROLLER, max_nfe=budget,
-                                             check_finite=check_finite, time_name="log(σ+c)")
-            else:
-                cost = solvers.nfe_for_steps(solver_obj, steps) * estimator.cost
-                if max_nfe is not None and cost > max_nfe:
-                    raise ValueError(f"max_nfe={max_nfe}: {steps} steps of {solver_obj.name} cost {cost} model "
-                                     f"evaluations ({estimator.cost} per field evaluation); raise max_nfe or "
-                                     "use fewer steps")
-                ts = np.linspace(tau_zero, tau_max, steps + 1)
-                sol = solvers.solve(augmented, y0, ts, solver_obj, check_finite=check_finite, time_name="log(σ+c)")
+            with torch.no_grad():
+                if steps is None:
+                    sol = solvers.solve_adaptive(augmented, y0, tau_zero, tau_max, solver_obj, rtol=rtol * scale,
+                                                 atol=atol * scale, norm=norm, controller=CONTROLLER, max_nfe=max_nfe,
+                                                 check_finite=check_finite, time_name="log(σ+c)")
+                else:
+                    n = max(1, round(steps / scale))
+                    ts = np.linspace(tau_zero, tau_max, n + 1)
+                    sol = solvers.solve(augmented, y0, ts, solver_obj, check_finite=check_finite,
+                                        time_name="log(σ+c)")
         except SolveError as err:
             if err.stats is not None:
-                err.stats.extra.update(field_evals=err.stats.nfe, model_calls=jac.calls, vjp=jac.mode)
-                err.stats.nfe = jac.rows // batch
+                err.stats.extra.update(vjps=(jac.rows - rows0) // batch, model_calls=jac.calls - calls0,
+                                       vjp=jac.mode)
             raise
-    y = sol.y
-    xbar_max = y[:, :dim].double()
+        sol.stats.extra.update(vjps=(jac.rows - rows0) // batch, model_calls=jac.calls - calls0, vjp=jac.mode)
+        return sol.y, sol.stats
+
     total_var = var.to(device) + s_max * s_max
-    prior = -0.5 * (((xbar_max - mean.to(device)) ** 2 / total_var).sum(1)
-                    + torch.log(2 * math.pi * total_var).sum())
-    per_probe = y[:, dim:].double()
+
+    def log_density(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """prior (log N(x̄(σ_max); m, (v + σ_max²)I)), the ODE term of each probe, and their sum (mean over probes)."""
+        xbar_max = y[:, :dim].double()
+        prior = -0.5 * (((xbar_max - mean.to(device)) ** 2 / total_var).sum(1)
+                        + torch.log(2 * math.pi * total_var).sum())
+        per_probe = y[:, dim:].double()
+        return prior, per_probe, prior + per_probe.mean(1)
+
+    y, stats = integrate(1.0)
+    prior, per_probe, log_prob = log_density(y)
     delta = per_probe.mean(1)
-    log_prob = prior + delta
+    solve_error = None
+    if solve_check:
+        y_check, check_stats = integrate(CHECK_FACTOR if steps is None else 2.0)
+        stats.extra["check"] = check_stats
+        solve_error = (log_density(y_check)[2] - log_prob).abs()
     std_error = None
     if divergence != "exact" and k > 1:
         std_error = per_probe.std(1) / math.sqrt(k)
-    bpd = -log_prob / (dim * math.log(2)) + offset
-    stats = sol.stats
-    stats.extra.update(field_evals=stats.nfe, model_calls=jac.calls, vjp=jac.mode)
-    stats.nfe = jac.rows // batch
+    parts = [e for e in (std_error, solve_error) if e is not None]
+    error = torch.stack(parts).pow(2).sum(0).sqrt() if parts else None
+    q = 0.0 if log_q is None else log_q
+    bpd = -(log_prob - q) / (dim * math.log(2)) + offset
     stats.wall_time = time.perf_counter() - start
     latent = (y[:, :dim] / math.sqrt(1.0 + s_max * s_max)).reshape(batch, *shape).to(images.dtype)
     return Likelihood(log_prob, prior, delta, bpd, std_error, None if divergence == "exact" else per_probe,
-                      dim, offset, divergence, latent, stats)
+                      dim, offset, divergence, latent, stats, solve_error=solve_error, error=error,
+                      dequantization=None if dequantize is None else dequantization, log_q=log_q)
 
 
 __all__ = ["DIVERGENCES", "Likelihood", "log_likelihood"]

@@ -120,14 +120,7 @@ class TunedGrid:
              ) -> TunedGrid:
         """Read a grid written by :meth:`save` and check that it belongs to ``flow`` (see :meth:`check`)."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: not a readable tuned-grid JSON file ({err})") from None
-        if not isinstance(data, dict) or data.get("format") != _FORMAT:
-            found = data.get("format") if isinstance(data, dict) else None
-            raise ValueError(f"{path} is not a flowdiff tuned grid (format {found!r}, expected {_FORMAT!r})")
-        data.pop("format")
+        data = read_record(path, _FORMAT, "tuned grid")
         try:
             data["sigmas"] = np.array([float.fromhex(s) for s in data["sigmas"]], dtype=np.float64)
             grid = cls(**data)
@@ -135,6 +128,20 @@ class TunedGrid:
             raise ValueError(f"{path}: malformed tuned grid ({err})") from None
         grid.check(flow, model_kwargs)
         return grid
+
+
+def read_record(path: Path, format: str, what: str) -> dict[str, Any]:
+    """The fields of a JSON file whose ``"format"`` is ``format`` (a tuned grid, a learned solver), without
+    it; an unreadable file or another format is a ValueError naming the file and ``what`` was expected."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable {what} JSON file ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != format:
+        found = data.get("format") if isinstance(data, dict) else None
+        raise ValueError(f"{path} is not a flowdiff {what} (format {found!r}, expected {format!r})")
+    data.pop("format")
+    return data
 
 
 def _json_default(value: object) -> object:

@@ -1,0 +1,52 @@
+"""diffusers' PNDMScheduler with ``skip_prk_steps`` (Stable Diffusion 1.x's own scheduler) as a generate method.
+
+PNDM's pseudo linear multistep (Liu et al., "Pseudo Numerical Methods for Diffusion Models on
+Manifolds", ICLR 2022), as diffusers runs it without its Runge–Kutta warm-up: the first step by
+Heun's trapezoidal rule (its end evaluation is used once and not kept), then iPNDM's
+Adams–Bashforth with equal-step coefficients over the derivatives at the grid points, up to order
+4 — one evaluation a step, two on the first. Its transfer ``_get_prev_sample`` is DDIM's step,
+i.e. Euler on dx̄/dσ = ε, so on the scheduler's grid and timesteps
+(:func:`flowdiff.models.pipelines.scheduler_plan`) this is diffusers' loop to float rounding.
+
+A generate-only plug-in, not a registered ODE solver: self-started its order depends on the grid
+(3 on uniform grids, where the Heun start is third order, 2 on smooth non-uniform ones, where the
+equal-step coefficients ignore the step ratios), and its encode would extrapolate over growing steps
+(``ipndm`` is refused there for the same reason).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from solvers import IPNDM, Derivative, History, StepResult
+
+from ..engine.plugins import Plugin, register_plugin
+
+
+class PNDM(IPNDM):
+    """PLMS with a Heun first step (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__(4)
+        self.name = "pndm"  # type: ignore[misc]
+
+    def step(self, f: Any, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
+        if isinstance(state, History):
+            return super().step(f, t0, t1, y0, state)
+        k0 = state.k if isinstance(state, Derivative) and state.t == t0 else f(t0, y0)
+        h = t1 - t0
+        k1 = f(t1, y0.add(k0, alpha=h))
+        return StepResult(y0.add(k0.add(k1), alpha=0.5 * h), History.of(t0, k0, ()), None)
+
+
+def _make(options: dict[str, Any]) -> PNDM:
+    if options:
+        raise TypeError(f"solver 'pndm' takes no options, got {sorted(options)}")
+    return PNDM()
+
+
+register_plugin(Plugin("pndm", "generate", "solver", "diffusers' PNDMScheduler(skip_prk_steps=True): a Heun first "
+                       "step, then iPNDM's equal-step Adams–Bashforth (order 4); 1 evaluation a step, 2 on the first",
+                       make=_make, decodes_with="euler"))

@@ -1,0 +1,383 @@
+"""diffusers' scheduler loops against flowdiff's routes: the configuration table and the runner.
+
+One :class:`Case` is a diffusers scheduler class, its config, a step count and the expected
+outcome: ``"equal"`` (flowdiff's route gives diffusers' result to float rounding) or the name of
+the option (or class) whose refusal message flowdiff must give. :func:`run_case` runs both on the
+same fixed random network and noise. ``tests/test_scheduler_equivalence.py`` asserts the table;
+``benchmarks/bench_scheduler_suite.py`` writes it with the measured differences.
+
+The network is a fixed random function of (x, t) that changes with t by about 1e-3 per unit: a
+route that fed fractional t(σ) where the scheduler feeds integer timesteps would differ by far
+more than the tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import solvers as _solvers
+
+from ..engine.flow import ProbabilityFlow
+from ..engine.scheduler_grids import schedule_from_config
+from ..models.pipelines import sample_like, scheduler_plan
+
+SHAPE = (2, 6)
+BOTH = (torch.float32, torch.float64)
+F32 = (torch.float32,)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One configuration: ``cls`` (a diffusers scheduler class name), ``config``, ``steps``,
+    ``expect`` (``"equal"`` or the word the refusal must name), ``dtypes`` compared, and for flow
+    matching's dynamic shifting the ``mu`` given to ``set_timesteps``; ``skipped``: diffusers' steps of zero
+    length that flowdiff leaves out (each costs diffusers one model evaluation)."""
+
+    name: str
+    cls: str
+    config: Mapping[str, Any]
+    steps: int = 8
+    expect: str = "equal"
+    dtypes: tuple[torch.dtype, ...] = F32
+    mu: float | None = None
+    skipped: int = 0
+
+
+def network(dtype: torch.dtype, T: int = 1000) -> Any:
+    """``model(x, t)``: a fixed random nonlinear map of x whose output changes with t."""
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(SHAPE[1], SHAPE[1], generator=g, dtype=torch.float64) * 0.4).to(dtype)
+    b = torch.randn(SHAPE[1], generator=g, dtype=torch.float64).to(dtype)
+
+    def model(x: Tensor, t: Tensor | float) -> Tensor:
+        t = torch.as_tensor(t).to(x.dtype).reshape(-1)
+        t = t.expand(x.shape[0]) if t.numel() == 1 else t
+        s = (t / T).view(-1, 1)
+        return torch.tanh(x @ w + b * s) * (1 + s) + 0.3 * torch.sin(3 * s) * x
+
+    return model
+
+
+def _scheduler(case: Case) -> Any:
+    import diffusers
+
+    return getattr(diffusers, case.cls).from_config(dict(case.config))
+
+
+def _noise(dtype: torch.dtype) -> Tensor:
+    return torch.randn(*SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+
+
+def _diffusers_generate(sched: Any, model: Any, noise: Tensor, case: Case) -> tuple[Tensor, int]:
+    kwargs = {"mu": case.mu} if case.mu is not None else {}
+    sched.set_timesteps(case.steps, **kwargs)
+    x = noise * getattr(sched, "init_noise_sigma", 1.0)  # flow matching has none: 1
+    calls = 0
+    for t in sched.timesteps:
+        calls += 1
+        out = model(sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x, t)
+        x = sched.step(out, t, x, return_dict=False)[0]
+    return x, calls
+
+
+def _same_table(sched: Any, flow: ProbabilityFlow, dtype: torch.dtype) -> None:
+    """DDIM's loop on flowdiff's float64 ᾱ table (in float64), so that both solve one ODE."""
+    if dtype != torch.float64:
+        return  # (DDIM, DDIMInverse and PNDM keep the caller's dtype in their step)
+    acp = torch.tensor(flow.schedule.alphas_cumprod, dtype=torch.float64)
+    sched.alphas_cumprod = acp
+    if hasattr(sched, "final_alpha_cumprod"):
+        sched.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64) if sched.config.set_alpha_to_one \
+            else acp[0]
+    if hasattr(sched, "initial_alpha_cumprod"):
+        sched.initial_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64) if sched.config.set_alpha_to_one \
+            else acp[0]
+
+
+def run_case(case: Case, dtype: torch.dtype, *, feed_scheduler_timesteps: bool = True) -> tuple[Tensor, Tensor, int,
+                                                                                                   int]:
+    """(flowdiff's result, diffusers' result, flowdiff's NFE, diffusers' model calls) for ``case`` in ``dtype``.
+
+    flowdiff's refusals propagate (ValueError). ``feed_scheduler_timesteps=False`` runs the same
+    grid feeding t(σ) instead of the scheduler's timesteps (to show the suite tells them apart).
+    """
+    config = {"_class_name": case.cls, **case.config}
+    model = network(dtype, int(config.get("num_train_timesteps", 1000)))
+    noise = _noise(dtype)
+    if case.cls == "DDIMInverseScheduler":
+        return _run_inverse(case, config, model, noise, dtype)
+    plan = scheduler_plan(config, case.steps, mu=case.mu)  # refusals come from here, before diffusers runs
+    schedule, prediction_type = schedule_from_config(config)
+    flow = ProbabilityFlow(model, schedule, prediction_type=prediction_type)
+    sched = _scheduler(case)
+    if case.cls in ("DDIMScheduler", "PNDMScheduler"):
+        _same_table(sched, flow, dtype)
+    ref, calls = _diffusers_generate(sched, model, noise, case)
+    if not feed_scheduler_timesteps:
+        res = _sample_continuous(flow, noise, plan)
+    else:
+        res = sample_like(flow, noise, config, case.steps, mu=case.mu)
+    return res.x, ref, res.stats.nfe, calls
+
+
+def _sample_continuous(flow: ProbabilityFlow, noise: Tensor, plan: Any) -> Any:
+    from ..api.sampling import generate
+
+    sigma0 = float(plan.sigmas[0])
+    x_T = noise if plan.state == "model" else noise * plan.init_noise_sigma / math.sqrt(1 + sigma0 ** 2)
+    solver = _solvers.get(plan.solver, **plan.solver_options) if plan.solver_options else plan.solver
+    res = generate(flow, x_T, solver=solver, grid=plan.sigmas)
+    end = float(plan.sigmas[-1])
+    if end and plan.state == "model":
+        res.x.mul_(flow.schedule.alpha(end))
+    return res
+
+
+def _run_inverse(case: Case, config: dict[str, Any], model: Any, images: Tensor,
+                 dtype: torch.dtype) -> tuple[Tensor, Tensor, int, int]:
+    from ..models.pipelines import encode_like
+
+    schedule, prediction_type = schedule_from_config(config)
+    flow = ProbabilityFlow(model, schedule, prediction_type=prediction_type)
+    res = encode_like(flow, images, config, case.steps)  # refusals first
+    sched = _scheduler(case)
+    sched.set_timesteps(case.steps)
+    _same_table(sched, flow, dtype)
+    z, calls = images.clone(), 0
+    for t in sched.timesteps:
+        calls += 1
+        z = sched.step(model(z, t), t, z, return_dict=False)[0]
+    return res.x, z, res.stats.nfe, calls
+
+
+def _cases() -> list[Case]:
+    cases: list[Case] = []
+    add = cases.append
+    # -- DDIM: spacings, offsets, the final ᾱ, predictions, beta schedules, zero SNR ---------------------------
+    base = {"clip_sample": False, "beta_schedule": "linear"}
+    for spacing in ("leading", "trailing"):
+        for offset in (0, 1):
+            for one in (True, False):
+                zero_step = spacing == "leading" and offset == 0 and not one  # σ_min → σ_min
+                add(Case(f"ddim-{spacing}-offset{offset}-alpha1{one}", "DDIMScheduler",
+                         {**base, "timestep_spacing": spacing, "steps_offset": offset, "set_alpha_to_one": one},
+                         steps=10, dtypes=BOTH, skipped=int(zero_step)))
+    for pred in ("v_prediction", "sample"):
+        add(Case(f"ddim-{pred}", "DDIMScheduler", {**base, "prediction_type": pred}, dtypes=BOTH))
+    add(Case("ddim-sd15", "DDIMScheduler", {**base, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                                            "beta_end": 0.012, "steps_offset": 1, "set_alpha_to_one": False},
+             steps=10, dtypes=BOTH))
+    add(Case("ddim-sd21-v", "DDIMScheduler", {**base, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                                              "beta_end": 0.012, "steps_offset": 1, "set_alpha_to_one": False,
+                                              "prediction_type": "v_prediction"}, steps=10, dtypes=BOTH))
+    add(Case("ddim-cosine", "DDIMScheduler", {**base, "beta_schedule": "squaredcos_cap_v2"}, dtypes=BOTH))
+    add(Case("ddim-trained-betas", "DDIMScheduler", {**base, "num_train_timesteps": 100,
+                                                     "trained_betas": [0.0001 + 0.0002 * i for i in range(100)]},
+             steps=5, dtypes=BOTH))
+    add(Case("ddim-zero-snr-v", "DDIMScheduler", {**base, "rescale_betas_zero_snr": True,
+                                                  "timestep_spacing": "trailing",
+                                                  "prediction_type": "v_prediction"}, dtypes=BOTH))
+
+    add(Case("ddim-linspace", "DDIMScheduler", {**base, "timestep_spacing": "linspace"}, steps=7,
+             expect="timestep_spacing"))
+    add(Case("ddim-clip-sample", "DDIMScheduler", {"clip_sample": True}, expect="clip_sample"))
+    add(Case("ddim-default-clip", "DDIMScheduler", {}, expect="clip_sample"))
+    add(Case("ddim-thresholding", "DDIMScheduler", {**base, "thresholding": True}, expect="thresholding"))
+    # -- Euler ------------------------------------------------------------------------------------------------
+    for spacing in ("leading", "trailing", "linspace"):
+        add(Case(f"euler-{spacing}", "EulerDiscreteScheduler", {"timestep_spacing": spacing, "steps_offset": 1}))
+    for kind in ("karras", "exponential", "beta"):
+        add(Case(f"euler-{kind}", "EulerDiscreteScheduler", {f"use_{kind}_sigmas": True}))
+    add(Case("euler-sdxl", "EulerDiscreteScheduler", {"beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                                                       "beta_end": 0.012, "steps_offset": 1,
+                                                       "timestep_spacing": "leading"}, steps=10))
+    add(Case("euler-v", "EulerDiscreteScheduler", {"prediction_type": "v_prediction"}))
+    add(Case("euler-sigma-min", "EulerDiscreteScheduler", {"final_sigmas_type": "sigma_min"}, skipped=1))
+    add(Case("euler-sigma-min-trailing", "EulerDiscreteScheduler", {"final_sigmas_type": "sigma_min",
+                                                                     "timestep_spacing": "trailing"}))
+    add(Case("euler-log-linear", "EulerDiscreteScheduler", {"interpolation_type": "log_linear"}))
+    add(Case("euler-zero-snr", "EulerDiscreteScheduler", {"rescale_betas_zero_snr": True,
+                                                           "timestep_spacing": "trailing",
+                                                           "prediction_type": "v_prediction"}))
+    add(Case("euler-continuous-v", "EulerDiscreteScheduler", {"timestep_type": "continuous",
+                                                               "prediction_type": "v_prediction"}))
+    # -- DPM-Solver++ -----------------------------------------------------------------------------------------
+    add(Case("dpm2m", "DPMSolverMultistepScheduler", {}))
+    add(Case("dpm2m-16steps", "DPMSolverMultistepScheduler", {}, steps=16))
+    add(Case("dpm1", "DPMSolverMultistepScheduler", {"solver_order": 1}))
+    add(Case("dpm2m-sigma-min", "DPMSolverMultistepScheduler", {"final_sigmas_type": "sigma_min"}))
+    add(Case("dpm2m-sigma-min-16steps", "DPMSolverMultistepScheduler", {"final_sigmas_type": "sigma_min"},
+             steps=16))
+    add(Case("dpm2m-sigma-min-no-lof", "DPMSolverMultistepScheduler", {"final_sigmas_type": "sigma_min",
+                                                                        "lower_order_final": False}))
+    add(Case("dpm2m-euler-at-final", "DPMSolverMultistepScheduler", {"final_sigmas_type": "sigma_min",
+                                                                      "euler_at_final": True}, steps=16))
+    for kind in ("karras", "exponential", "beta", "lu_lambdas"):
+        add(Case(f"dpm2m-{kind}", "DPMSolverMultistepScheduler", {f"use_{kind}" if kind == "lu_lambdas"
+                                                                   else f"use_{kind}_sigmas": True}))
+    add(Case("dpm2m-karras-sigma-min", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True,
+                                                                        "final_sigmas_type": "sigma_min"},
+             skipped=1))
+    add(Case("dpm2m-v", "DPMSolverMultistepScheduler", {"prediction_type": "v_prediction"}))
+    add(Case("dpm2m-sample", "DPMSolverMultistepScheduler", {"prediction_type": "sample"}))
+    add(Case("dpm2m-trailing", "DPMSolverMultistepScheduler", {"timestep_spacing": "trailing"}))
+    add(Case("dpm2m-zero-snr", "DPMSolverMultistepScheduler", {"rescale_betas_zero_snr": True,
+                                                                "prediction_type": "v_prediction",
+                                                                "timestep_spacing": "trailing"}))
+    add(Case("dpm3m", "DPMSolverMultistepScheduler", {"solver_order": 3}, expect="solver_order"))
+    add(Case("dpm2m-heun", "DPMSolverMultistepScheduler", {"solver_type": "heun"}, expect="solver_type"))
+    add(Case("dpm-dpmsolver", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver",
+                                                               "final_sigmas_type": "sigma_min"},
+             expect="algorithm_type"))
+    add(Case("dpm-sde", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"},
+             expect="algorithm_type"))
+    add(Case("dpm-thresholding", "DPMSolverMultistepScheduler", {"thresholding": True}, expect="thresholding"))
+    # -- flow matching ----------------------------------------------------------------------------------------
+    add(Case("flowmatch", "FlowMatchEulerDiscreteScheduler", {}))
+    add(Case("flowmatch-sd3-shift3", "FlowMatchEulerDiscreteScheduler", {"shift": 3.0}))
+    add(Case("flowmatch-flux-dynamic", "FlowMatchEulerDiscreteScheduler",
+             {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15}, mu=0.8))
+    add(Case("flowmatch-linear-shift", "FlowMatchEulerDiscreteScheduler",
+             {"use_dynamic_shifting": True, "time_shift_type": "linear"}, mu=1.3))
+    add(Case("flowmatch-karras", "FlowMatchEulerDiscreteScheduler", {"use_karras_sigmas": True},
+             expect="use_karras_sigmas"))
+    add(Case("flowmatch-stochastic", "FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True},
+             expect="stochastic_sampling"))
+    add(Case("flowmatch-invert", "FlowMatchEulerDiscreteScheduler", {"invert_sigmas": True},
+             expect="invert_sigmas"))
+    add(Case("flowmatch-exponential", "FlowMatchEulerDiscreteScheduler", {"use_exponential_sigmas": True},
+             expect="use_exponential_sigmas"))
+    add(Case("flowmatch-shift-terminal", "FlowMatchEulerDiscreteScheduler", {"shift_terminal": 0.1},
+             expect="shift_terminal"))
+    # -- DDIMInverse (encoding) -------------------------------------------------------------------------------
+    inv = {"clip_sample": False}
+    for spacing in ("leading", "trailing"):
+        for pred in ("epsilon", "v_prediction"):
+            add(Case(f"ddim-inverse-{spacing}-{pred}", "DDIMInverseScheduler",
+                     {**inv, "timestep_spacing": spacing, "prediction_type": pred}, steps=10, dtypes=BOTH))
+    add(Case("ddim-inverse-sd15", "DDIMInverseScheduler", {**inv, "beta_schedule": "scaled_linear",
+                                                           "beta_start": 0.00085, "beta_end": 0.012,
+                                                           "steps_offset": 1, "set_alpha_to_one": False},
+             steps=10, dtypes=BOTH))
+    add(Case("ddim-inverse-sd21-v", "DDIMInverseScheduler", {**inv, "beta_schedule": "scaled_linear",
+                                                             "beta_start": 0.00085, "beta_end": 0.012,
+                                                             "steps_offset": 1, "set_alpha_to_one": False,
+                                                             "prediction_type": "v_prediction"},
+             steps=10, dtypes=BOTH))
+    add(Case("ddim-inverse-sample-from-zero", "DDIMInverseScheduler", {**inv, "prediction_type": "sample"},
+             steps=10, expect="sample"))
+    # -- schedulers refused by name ---------------------------------------------------------------------------
+    add(Case("euler-karras-sigma-min", "EulerDiscreteScheduler", {"use_karras_sigmas": True,
+                                                                   "final_sigmas_type": "sigma_min"}, skipped=1))
+    add(Case("euler-trained-betas", "EulerDiscreteScheduler", {"num_train_timesteps": 100, "trained_betas":
+                                                                [0.0001 + 0.0002 * i for i in range(100)]}, steps=5))
+    add(Case("euler-sample", "EulerDiscreteScheduler", {"prediction_type": "sample"}))
+    add(Case("dpm2m-exponential-sigma-min", "DPMSolverMultistepScheduler", {"use_exponential_sigmas": True,
+                                                                             "final_sigmas_type": "sigma_min"},
+             skipped=1))
+    add(Case("dpm2m-leading-offset", "DPMSolverMultistepScheduler", {"timestep_spacing": "leading", "steps_offset": 1,
+                                                                      "beta_schedule": "scaled_linear",
+                                                                      "beta_start": 0.00085, "beta_end": 0.012},
+             steps=10))
+    add(Case("heun", "HeunDiscreteScheduler", {}, steps=6))
+    add(Case("heun-trailing-v", "HeunDiscreteScheduler", {"timestep_spacing": "trailing",
+                                                          "prediction_type": "v_prediction"}, steps=6))
+    add(Case("lms-v-trailing", "LMSDiscreteScheduler", {"prediction_type": "v_prediction",
+                                                        "timestep_spacing": "trailing"}))
+    add(Case("heun-karras-v", "HeunDiscreteScheduler", {"use_karras_sigmas": True, "prediction_type": "v_prediction"},
+             steps=6))
+    add(Case("lms", "LMSDiscreteScheduler", {}))
+    add(Case("lms-karras", "LMSDiscreteScheduler", {"use_karras_sigmas": True}))
+    add(Case("pndm-sd15", "PNDMScheduler", {"skip_prk_steps": True, "steps_offset": 1, "beta_schedule":
+                                            "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}, steps=10,
+             dtypes=BOTH))
+    add(Case("pndm", "PNDMScheduler", {"skip_prk_steps": True}, skipped=1, dtypes=BOTH))
+    add(Case("pndm-trailing", "PNDMScheduler", {"skip_prk_steps": True, "timestep_spacing": "trailing"}, steps=10,
+             dtypes=BOTH))
+    add(Case("pndm-alpha1", "PNDMScheduler", {"skip_prk_steps": True, "set_alpha_to_one": True}, dtypes=BOTH))
+    add(Case("pndm-prk", "PNDMScheduler", {"skip_prk_steps": False}, expect="skip_prk_steps"))
+    add(Case("pndm-v", "PNDMScheduler", {"skip_prk_steps": True, "prediction_type": "v_prediction"},
+             expect="prediction_type"))
+    for cls in ("UniPCMultistepScheduler", "DEISMultistepScheduler",
+                "DPMSolverMultistepInverseScheduler", "EulerAncestralDiscreteScheduler",
+                "DDPMScheduler", "KDPM2DiscreteScheduler", "DPMSolverSinglestepScheduler", "LCMScheduler"):
+        add(Case(cls.removesuffix("Scheduler").lower(), cls, {}, expect=cls))
+    return cases
+
+
+CASES: list[Case] = _cases()
+
+
+def route(case: Case) -> str:
+    """What flowdiff does with ``case``'s config: the route and solver, or the refusal's reason."""
+    config = {"_class_name": case.cls, **case.config}
+    try:
+        if case.cls == "DDIMInverseScheduler":
+            from ..engine.scheduler_grids import ddim_inverse_sigmas
+
+            ddim_inverse_sigmas(config, case.steps)
+            if config.get("prediction_type") == "sample" and config.get("set_alpha_to_one", True):
+                raise ValueError("prediction_type='sample' from ᾱ = 1 divides by 0 (diffusers' too)")
+            return "`encode_like`: ddim_inverse"
+        plan = scheduler_plan(config, case.steps, mu=case.mu)
+    except ValueError as e:
+        message = str(e).split(": ", 1)[-1] if str(e).startswith(("scheduler config", case.cls)) else str(e)
+        return "refused: " + message.replace("|", "\\|").split("; ")[0]
+    options = ", ".join(f"{k}={v}" for k, v in plan.solver_options.items())
+    return f"`sample_like`: {plan.solver}" + (f" ({options})" if options else "")
+
+
+def _config_text(case: Case) -> str:
+    items = [f"{k}={v!r}" for k, v in case.config.items() if k != "trained_betas"]
+    if "trained_betas" in case.config:
+        items.append("trained_betas=[…]")
+    if case.mu is not None:
+        items.append(f"mu={case.mu}")
+    return ", ".join(items).replace("|", "\\|") or "defaults"
+
+
+def outcome_table(cases: list[Case] | None = None) -> str:
+    """The markdown table of every case's expected outcome and route (README's scheduler table)."""
+    rows = ["| diffusers scheduler | config | steps | outcome | flowdiff |", "|---|---|---:|---|---|"]
+    for case in cases or CASES:
+        outcome = "equal" if case.expect == "equal" else "refused"
+        rows.append(f"| {case.cls.removesuffix('Scheduler')} | {_config_text(case)} | {case.steps} | {outcome} | "
+                    f"{route(case)} |")
+    return "\n".join(rows) + "\n"
+
+
+def readme_table(cases: list[Case] | None = None) -> str:
+    """README's summary of the suite: per scheduler class, flowdiff's route, the options its equal
+    cases exercise, and what is refused (the option and value, or the class)."""
+    cases = cases or CASES
+    order = list(dict.fromkeys(c.cls for c in cases))
+    rows = ["| diffusers scheduler | flowdiff | equal (configs; options varied) | refused |", "|---|---|---|---|"]
+    skip = {"clip_sample", "beta_start", "beta_end"}
+    for cls in order:
+        mine = [c for c in cases if c.cls == cls]
+        equal = [c for c in mine if c.expect == "equal"]
+        refused = [c for c in mine if c.expect != "equal"]
+        routes = sorted({route(c).removeprefix("`sample_like`: ").removeprefix("`encode_like`: ") for c in equal})
+        how = ("`encode_like`: " if cls == "DDIMInverseScheduler" else "`sample_like`: ") + "; ".join(routes) \
+            if equal else "—"
+        keys = sorted({k for c in equal for k in c.config if k not in skip} | ({"mu"} if any(c.mu for c in equal)
+                                                                                else set()))
+        eq = f"{len(equal)}; {', '.join(f'`{k}`' for k in keys) or 'defaults'}" if equal else "—"
+        ref = []
+        for c in refused:
+            if c.expect == cls:
+                ref.append(route(c).split("not reproduced: ", 1)[-1])
+            elif c.expect in c.config:
+                ref.append(f"`{c.expect}={c.config[c.expect]!r}`")
+            elif c.expect in c.config.values():
+                ref.append(" with ".join(f"`{k}={v!r}`" for k, v in c.config.items() if v == c.expect))
+            else:
+                ref.append(f"`{c.expect}` (its default)")
+        rows.append(f"| {cls} | {how.replace('|', '/')} | {eq} | {', '.join(ref) or '—'} |")
+    return "\n".join(rows) + "\n"
