@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import flowdiff
+import solvers
 from flowdiff.engine.scheduler_grids import class_name
 from flowdiff.models.pipelines import scheduler_plan
 from flowdiff.tools.scheduler_suite import CASES, Case, run_case
@@ -119,14 +120,14 @@ def test_lower_order_final_is_what_makes_few_step_dpm_solver_equal():
     schedule, _ = flowdiff.models.diffusers_io.schedule_from_config(config)
     flow = flowdiff.ProbabilityFlow(model, schedule)
 
-    def rel(**kwargs):
-        y = flowdiff.sample_like(flow, noise, config, 8, solver="dpmpp_2m", **kwargs).x
+    def rel(**options):
+        y = flowdiff.sample_like(flow, noise, config, 8, solver=solvers.get("dpmpp_2m", **options)).x
         return float((y - x).abs().max() / x.abs().max())
 
-    assert rel(solver_options={"lower_order_final": True}) <= REL[torch.float32]
+    assert rel(lower_order_final=True) <= REL[torch.float32]
     assert rel() > 10 * REL[torch.float32]
     with pytest.raises(TypeError, match="lower_order_final must be True or False"):
-        rel(solver_options={"lower_order_final": 1})
+        rel(lower_order_final=1)
 
 
 def test_readme_table_is_the_suites():
