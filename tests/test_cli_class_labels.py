@@ -122,6 +122,12 @@ def test_encode_records_the_label_and_decode_follows_it(digit_files, tmp_path, c
         err = capsys.readouterr().err
         assert "encoded with --class-label 7 (guidance 2.0)" in err and other[1] in err
     assert not (tmp_path / "no").exists() or not any((tmp_path / "no").iterdir())
+    # a record that holds no class index is refused by name, not fed to the network
+    latent.info["class_label"] = {"class_label": "7", "guidance": 2.0}
+    latent.save(tmp_path / "bad.safetensors")
+    assert cli.main(["decode", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "bad"),
+                     "--device", "cpu"]) == 1
+    assert "class-label record" in capsys.readouterr().err
 
 
 def test_roundtrip_and_unlabelled_latents_keep_their_record(digit_files, dit_dir, tmp_path, capsys):

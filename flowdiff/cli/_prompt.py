@@ -51,7 +51,8 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--guidance", type=float, default=None, metavar="W",
                        help=f"classifier-free guidance scale w, ε_u + w·(ε_c − ε_u) as diffusers' guidance_scale "
                             f"(Flux: true_cfg_scale; default with --prompt: the pipeline's own, {DEFAULT_GUIDANCE} for "
-                            "Stable Diffusion, 5 for SDXL, 7 for SD3, 1 for Flux; 1: no guidance)")
+                            "Stable Diffusion, 5 for SDXL, 7 for SD3, 1 for Flux; with --class-label: against the null "
+                            "class, default 1; 1: no guidance)")
     group.add_argument("--embedded-guidance", type=float, default=None, metavar="G",
                        help="a guidance-distilled Flux model's embedded guidance (FluxPipeline's guidance_scale; "
                             "default 3.5)")
@@ -152,6 +153,9 @@ def _condition_on_class(loaded: Any, args: argparse.Namespace, record: dict[str,
     if label is None and w is None and isinstance(record, dict):  # decode: the label the latents were made with
         label = record.get("class_label")
         w = record.get("guidance") if label is not None else None
+        if not (label is None or type(label) is int) or not (w is None or type(w) in (int, float)):
+            raise ValueError(f"the latents' class-label record {record!r} is not a class index and a guidance "
+                             "scale; pass --class-label N (and --guidance W) to decode them")
     if label is not None and not 0 <= label < labels.classes:
         raise ValueError(f"--class-label {label}: model {loaded.name!r} has {labels.classes} classes; accepted: "
                          f"0 … {labels.classes - 1}")
