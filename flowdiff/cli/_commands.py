@@ -37,9 +37,10 @@ REFERENCE_RTOL = 1e-5
 
 
 def _setup(args: argparse.Namespace, *, convert: bool = True, dtype: str | None = None,
-           record: dict | None = None) -> tuple[LoadedModel, torch.dtype, torch.device]:
+           info: dict | None = None, batch: int | None = None) -> tuple[LoadedModel, torch.dtype, torch.device]:
     """The model on the device (its network in ``--dtype`` unless ``convert=False``), conditioned on
-    ``--prompt`` (or on the prompt ``record`` of a decode's latents), the dtype and the device."""
+    ``--prompt`` or ``--class-label`` (or on the records in a decode's latents' ``info``) for ``batch`` samples,
+    the dtype and the device."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     elif args.model in BUILTIN_MODELS:
@@ -48,7 +49,9 @@ def _setup(args: argparse.Namespace, *, convert: bool = True, dtype: str | None 
     torch_dtype = DTYPES[dtype or args.dtype]
     loaded = load_model(args.model, dtype=torch_dtype if convert else None, device=device)
     try:
-        loaded = _prompt.condition(loaded, args, record)
+        info = info if isinstance(info, dict) else {}
+        loaded = _prompt.condition(loaded, args, info.get("prompt"), label_record=info.get("class_label"),
+                                   batch=batch)
     except ValueError as err:
         raise CommandError(one_line(err)) from None
     return loaded, torch_dtype, device
@@ -123,7 +126,7 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
     plan([(out / name, "--out") for name in names], overwrite=args.overwrite)
     ref_path = out / "reference.safetensors"
     # the reference is solved from the network as saved (copied to float64), the runs in --dtype
-    loaded, dtype, device = _setup(args, convert=False)
+    loaded, dtype, device = _setup(args, convert=False, batch=args.batch)
     run_flow = in_dtype(loaded.flow, dtype)
     if args.task == "roundtrip":  # held-out digits (the shipped models' data) encoded and decoded back
         if args.peers:
@@ -292,7 +295,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     (path,) = plan([(Path(args.out), "--out")], overwrite=args.overwrite)
     _check_image_suffix(path, "--out")
-    loaded, dtype, device = _setup(args)
+    loaded, dtype, device = _setup(args, batch=args.num)
     noise = _noise(args, args.num, loaded.shape, dtype, device)
     result = generate(loaded.flow, noise, solver=args.solver, model_kwargs=loaded.model_kwargs or None,
                       **_grid(args, loaded))
@@ -341,7 +344,7 @@ def _encode(args: argparse.Namespace, loaded: LoadedModel, dtype: torch.dtype, d
 
 def cmd_encode(args: argparse.Namespace) -> int:
     (path,) = plan([(Path(args.out), "--out")], inputs=args.images, overwrite=args.overwrite)
-    loaded, dtype, device = _setup(args)
+    loaded, dtype, device = _setup(args, batch=len(args.images))
     _, _, result = _encode(args, loaded, dtype, device)
     _save_latent(result.latent, path)
     print(f"encoded {len(args.images)} image(s) with {result.solver} on the {args.grid} grid: "
@@ -400,14 +403,14 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if args.dtype is not None and args.dtype != own and latent.exact:
         raise CommandError(f"latents {args.latents!r} decode exactly in {own}; --dtype {args.dtype} would lose that "
                            "exactness: omit --dtype")
-    record = latent.info.get("prompt") if isinstance(latent.info, dict) else None
-    loaded, dtype, device = _setup(args, dtype=args.dtype or own, record=record)
+    loaded, dtype, device = _setup(args, dtype=args.dtype or own, info=latent.info, batch=latent.x.shape[0])
     if tuple(latent.x.shape[1:]) != tuple(loaded.shape):
         raise CommandError(f"latents {args.latents!r} have images of shape {tuple(latent.x.shape[1:])}; the model "
                            f"{loaded.name!r} makes {tuple(loaded.shape)}")
     if not args.ignore_fingerprint:
         try:  # latents made under a prompt name it when another is given
             _prompt.check_record(loaded, latent, args.latents)
+            _prompt.check_label_record(loaded, latent, args.latents)
         except ValueError as err:
             raise CommandError(one_line(err)) from None
         try:  # the fingerprint of the model in the latent's precision (the one it was encoded with)
@@ -439,7 +442,7 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
         out = output_dir(args.out)
         outputs += [(out / n, f"the reconstruction of {img!r}") for n, img in zip(names, args.images)]
     paths = plan(outputs, inputs=args.images, overwrite=args.overwrite)
-    loaded, dtype, device = _setup(args)
+    loaded, dtype, device = _setup(args, batch=len(args.images))
     images, formats, enc = _encode(args, loaded, dtype, device)
     dec = decode(loaded.flow, enc.latent, model_kwargs=loaded.model_kwargs or None)
     dec.x = _prompt.to_images(loaded, dec.x)

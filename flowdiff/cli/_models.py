@@ -17,14 +17,26 @@ BUILTIN_MODELS = ("digits", "analytic-mixture")
 MIXTURE_BANDWIDTH = 0.1
 
 
+@dataclass(frozen=True)
+class ClassLabels:
+    """What a class-conditional network takes as ``class_labels``: the classes 0 … ``classes`` − 1, and ``null``,
+    the label of no class (a DiT's index ``classes``), or None where the network's own default, no
+    ``class_labels`` at all, is its unconditional model (the shipped digits model, trained with label dropout)."""
+
+    classes: int
+    null: int | None
+
+
 @dataclass
 class LoadedModel:
-    """A flow and the image shape (C, H, W) its samples have, in the model's data range [−1, 1]."""
+    """A flow and the image shape (C, H, W) its samples have, in the model's data range [−1, 1]; ``labels``
+    where its network takes class labels (``--class-label``)."""
 
     name: str
     flow: ProbabilityFlow
     shape: tuple[int, int, int]
     model_kwargs: dict[str, Any]
+    labels: ClassLabels | None = None
 
 
 def _mixture_digits(dtype: torch.dtype, device: torch.device) -> LoadedModel:
@@ -56,7 +68,8 @@ def _pretrained_digits(dtype: torch.dtype, device: torch.device) -> LoadedModel:
     from ..models.pretrained import pretrained
 
     flow = pretrained("digits", device=device)
-    return LoadedModel("digits", _to(flow, dtype, device), (1, 8, 8), {})
+    labels = ClassLabels(int(flow.model.num_classes), None)  # no class_labels: its own null class
+    return LoadedModel("digits", _to(flow, dtype, device), (1, 8, 8), {}, labels)
 
 
 def _diffusers_dir(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
@@ -64,16 +77,15 @@ def _diffusers_dir(path: Path, dtype: torch.dtype, device: torch.device) -> Load
 
     flow = from_diffusers(path, device=device)
     net = flow.model.net
+    labels = None
     if getattr(net.config, "num_embeds_ada_norm", None) and type(net).__name__ == "DiTTransformer2DModel":
-        raise CommandError(f"--model {str(path)!r}: a class-conditional {type(net).__name__} "
-                           f"({net.config.num_embeds_ada_norm} classes) needs class labels, which the command line "
-                           "does not pass; use it from Python: flowdiff.generate(flow, noise, "
-                           "model_kwargs={'class_labels': labels})")
+        classes = int(net.config.num_embeds_ada_norm)  # trained with label dropout: index `classes` is no class
+        labels = ClassLabels(classes, classes)
     if flow.model.sample_shape is None:
         raise CommandError(f"--model {str(path)!r}: a {type(flow.model.net).__name__} without its pipeline's VAE takes "
                            "packed latents of a length the caller chooses; give the pipeline folder (with vae/), or "
                            "use it from Python (flowdiff.from_diffusers)")
-    return LoadedModel(path.name, _to(flow, dtype, device), tuple(flow.model.sample_shape), {})
+    return LoadedModel(path.name, _to(flow, dtype, device), tuple(flow.model.sample_shape), {}, labels)
 
 
 def _to(flow: ProbabilityFlow, dtype: torch.dtype | None, device: torch.device) -> ProbabilityFlow:

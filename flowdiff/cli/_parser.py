@@ -20,8 +20,8 @@ from ._commands import DTYPES, REFERENCE_RTOL, cmd_compare, cmd_decode, cmd_enco
 from ._dataset import add_data_options, with_data
 from ._errors import one_line
 from ._images import read_images
-from ._models import load_model
-from ._prompt import add_prompt_options
+from ._models import LoadedModel, load_model
+from ._prompt import add_class_label_option, add_prompt_options
 
 
 class _Parser(argparse.ArgumentParser):
@@ -145,8 +145,20 @@ def _encode_inputs(parser: argparse.ArgumentParser) -> None:
     _common(parser, dtype="float32")
     parser.add_argument("images", nargs="*", metavar="IMAGE",
                         help="image files (PNG, TIFF, …) of the model's size and channels (or --data DIR)")
+    add_class_label_option(parser)
     _solve_options(parser, solver="euler", nfe=None, steps=50)
     _fixed_point_option(parser)
+
+
+def _unlabelled_model(spec: str, **options: object) -> LoadedModel:
+    """:func:`load_model` for ``flowdiff likelihood``, which takes no class labels: a model that needs one per
+    image (a DiT, whose unconditional model is its null class) is refused by name."""
+    loaded = load_model(spec, **options)
+    if loaded.labels is not None and loaded.labels.null is not None:
+        raise ValueError(f"--model {spec!r}: a class-conditional DiT ({loaded.labels.classes} classes) takes a class "
+                         "label per image, which 'flowdiff likelihood' does not pass; use "
+                         "flowdiff.log_likelihood(flow, images, model_kwargs={'class_labels': labels}) from Python")
+    return loaded
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate images and write them as one PNG grid",
                        description="Generate images from seeded noise and write them as one PNG grid.")
     _common(p, dtype="float32")
+    add_class_label_option(p)
     _solve_options(p, solver="euler", nfe=20, steps=None)
     p.add_argument("--num", type=image_count, default=16, help="number of images (default: 16)")
     p.add_argument("--out", default="samples.png", metavar="PNG", help="output PNG (default: samples.png)")
@@ -224,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Decode a latents file written by 'flowdiff encode' back to images, with the "
                                    "grid and solver it was encoded with.")
     _common(p, dtype=None)
+    add_class_label_option(p)
     p.add_argument("latents", metavar="FILE", help="latents file from 'flowdiff encode'")
     p.add_argument("--out", default="decoded", metavar="DIR",
                    help="output folder (default: decoded); each image keeps the name and format (depth, mode) its "
@@ -246,6 +260,6 @@ def build_parser() -> argparse.ArgumentParser:
     _overwrite_option(p)
     p.set_defaults(func=with_data("roundtrip", cmd_roundtrip))
 
-    _likelihood.add_parser(sub, load_model=load_model, read_images=read_images)
+    _likelihood.add_parser(sub, load_model=_unlabelled_model, read_images=read_images)
     return parser
 

@@ -12,6 +12,13 @@ empty prompt, unguided. A latents file records, in its
 ``info`` (``info["prompt"]``), the prompt, the guidance and the fingerprint of the conditioned
 model, so that ``decode`` reuses the prompt and refuses a different one.
 
+``--class-label N`` conditions a class-conditional model (the shipped digits model, a DiT folder) on
+class N: ``model_kwargs={"class_labels": labels}`` with one label per sample, and ``--guidance W``
+with it is :func:`flowdiff.classifier_free_guidance` with the null class as the unconditional branch
+(a DiT's index ``num_embeds_ada_norm``; the digits model's own default, no ``class_labels``). Without
+it such a model runs unconditionally (a DiT on its null class). A latents file records the label and
+the guidance in ``info["class_label"]``; ``decode`` follows that record and refuses another label.
+
 These are the functions the CLI calls; the CLI itself adds a line per hook.
 """
 
@@ -22,6 +29,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..engine.fingerprint import flow_fingerprint
@@ -43,19 +51,50 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--guidance", type=float, default=None, metavar="W",
                        help=f"classifier-free guidance scale w, ε_u + w·(ε_c − ε_u) as diffusers' guidance_scale "
                             f"(Flux: true_cfg_scale; default with --prompt: the pipeline's own, {DEFAULT_GUIDANCE} for "
-                            "Stable Diffusion, 5 for SDXL, 7 for SD3, 1 for Flux; 1: no guidance)")
+                            "Stable Diffusion, 5 for SDXL, 7 for SD3, 1 for Flux; with --class-label: against the null "
+                            "class, default 1; 1: no guidance)")
     group.add_argument("--embedded-guidance", type=float, default=None, metavar="G",
                        help="a guidance-distilled Flux model's embedded guidance (FluxPipeline's guidance_scale; "
                             "default 3.5)")
 
 
-def condition(loaded: Any, args: argparse.Namespace, record: dict[str, Any] | None = None) -> Any:
-    """``loaded`` with its flow conditioned on ``--prompt`` (and guided), or unchanged without one.
+def class_label(text: str) -> int:
+    """``--class-label``'s type: a class index, an integer ≥ 0 (the model's range is checked once it is loaded)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a class index, an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a class index, an integer >= 0, got {value}")
+    return value
+
+
+def add_class_label_option(parser: argparse.ArgumentParser) -> None:
+    """--class-label for a subcommand (its --guidance is the prompt group's)."""
+    parser.add_argument("--class-label", type=class_label, default=None, metavar="N",
+                        help="condition a class-conditional model (--model digits: 0 … 9; a DiT folder: 0 … "
+                             "num_embeds_ada_norm − 1) on class N, one label per image; with --guidance W, "
+                             "classifier-free guidance against the null class (default: unconditional, unguided)")
+
+
+def condition(loaded: Any, args: argparse.Namespace, record: dict[str, Any] | None = None, *,
+              label_record: dict[str, Any] | None = None, batch: int | None = None) -> Any:
+    """``loaded`` with its flow conditioned on ``--prompt`` or ``--class-label`` (and guided), or unchanged
+    without one.
 
     ``loaded`` is the CLI's LoadedModel (``flow``, ``model_kwargs``); it gets the prompt's
     ``model_kwargs`` and, for w ≠ 1, the guided flow, plus ``prompt_record`` for latents files.
-    ``record`` (a decode's latents' ``info["prompt"]``) supplies the prompt when none is given.
+    ``record`` (a decode's latents' ``info["prompt"]``) supplies the prompt when none is given, and
+    ``label_record`` (``info["class_label"]``) the class label; ``batch`` is the number of samples
+    (one class label each), None where it varies (``--data``).
     """
+    loaded.label_record = None
+    label = getattr(args, "class_label", None)
+    if label is not None and args.prompt is not None:
+        raise ValueError(f"--class-label {label} and --prompt {args.prompt!r}: a model is conditioned on a class or "
+                         "on a prompt, not both; give one")
+    if args.prompt is None and (label is not None or getattr(loaded, "labels", None) is not None):
+        return _condition_on_class(loaded, args, label_record, batch)
     prompt, negative, w = args.prompt, args.negative_prompt, args.guidance
     embedded = getattr(args, "embedded_guidance", None)
     if prompt is None:
@@ -98,11 +137,85 @@ def condition(loaded: Any, args: argparse.Namespace, record: dict[str, Any] | No
     return loaded
 
 
+def _condition_on_class(loaded: Any, args: argparse.Namespace, record: dict[str, Any] | None,
+                        batch: int | None) -> Any:
+    """:func:`condition` for a class-conditional model (or a ``--class-label`` given to another)."""
+    labels = getattr(loaded, "labels", None)
+    label, w = getattr(args, "class_label", None), args.guidance
+    if labels is None:
+        raise ValueError(f"--class-label {label}: model {loaded.name!r} takes no class labels; accepted for "
+                         "--model digits and class-conditional DiT folders (DiTTransformer2DModel)")
+    for option, value in (("--negative-prompt", args.negative_prompt),
+                          ("--embedded-guidance", getattr(args, "embedded_guidance", None))):
+        if value is not None:
+            raise ValueError(f"{option} {value!r}: model {loaded.name!r} is class-conditional and has no text "
+                             "encoder; give --class-label N (and --guidance W)")
+    if label is None and w is None and isinstance(record, dict):  # decode: the label the latents were made with
+        label = record.get("class_label")
+        w = record.get("guidance") if label is not None else None
+        if not (label is None or type(label) is int) or not (w is None or type(w) in (int, float)):
+            raise ValueError(f"the latents' class-label record {record!r} is not a class index and a guidance "
+                             "scale; pass --class-label N (and --guidance W) to decode them")
+    if label is not None and not 0 <= label < labels.classes:
+        raise ValueError(f"--class-label {label}: model {loaded.name!r} has {labels.classes} classes; accepted: "
+                         f"0 … {labels.classes - 1}")
+    if w is not None and label is None:
+        raise ValueError(f"--guidance {w}: guiding model {loaded.name!r} needs --class-label N (the class to guide "
+                         "towards)")
+    if w is not None and not math.isfinite(w):
+        raise ValueError(f"--guidance must be a finite number, got {w}")
+    if batch is None and (label is not None or labels.null is not None):
+        raise ValueError(f"--data: model {loaded.name!r} takes one class label per image, and a --data run's "
+                         "batches differ in size; give the image files one by one" +
+                         (f" with --class-label {label}" if label is not None else ""))
+    device = _device_of(loaded.flow)
+    if label is not None:
+        loaded.model_kwargs = {"class_labels": torch.full((batch,), label, dtype=torch.long, device=device)}
+    elif labels.null is not None:  # unconditional: the null class
+        loaded.model_kwargs = {"class_labels": torch.full((batch,), labels.null, dtype=torch.long, device=device)}
+    if w is not None and w != 1:
+        null = None if labels.null is None else {
+            "class_labels": torch.full((batch,), labels.null, dtype=torch.long, device=device)}
+        loaded.flow = classifier_free_guidance(loaded.flow, w, unconditional_kwargs=null)
+    loaded.prompt_record = None
+    loaded.label_record = {"class_label": label, "guidance": 1.0 if w is None else float(w)}
+    return loaded
+
+
+def _device_of(flow: Any) -> torch.device:
+    model = flow.model
+    if isinstance(model, torch.nn.Module):
+        for tensor in (*model.parameters(), *model.buffers()):
+            return tensor.device
+    return torch.device("cpu")
+
+
 def write_record(loaded: Any, latent: Latent) -> None:
-    """Record the prompt (if any) in the latent's ``info``, which its file keeps."""
+    """Record the prompt or class label (if any) in the latent's ``info``, which its file keeps."""
     record = getattr(loaded, "prompt_record", None)
     if record is not None:
         latent.info = {**(latent.info or {}), "prompt": record}
+    label_record = getattr(loaded, "label_record", None)
+    if label_record is not None:
+        latent.info = {**(latent.info or {}), "class_label": label_record}
+
+
+def check_label_record(loaded: Any, latent: Latent, latents_path: str | Path) -> None:
+    """Refuse to decode latents made with another class label or guidance than the one given now."""
+    recorded = (latent.info or {}).get("class_label")
+    if not isinstance(recorded, dict):
+        return
+    now = getattr(loaded, "label_record", None)
+    if now != recorded:
+        def said(record: dict | None) -> str:
+            if record is None:
+                return "no class label"
+            label = record.get("class_label")
+            return (f"--class-label {label}" if label is not None else "no --class-label") + \
+                f" (guidance {record.get('guidance')})"
+
+        raise ValueError(f"latents {str(latents_path)!r} were encoded with {said(recorded)}, not with "
+                         f"{said(now)}; omit --class-label and --guidance to follow the latents' record")
 
 
 def check_record(loaded: Any, latent: Latent, latents_path: str | Path) -> None:
