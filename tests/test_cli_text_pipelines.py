@@ -1,4 +1,4 @@
-"""The CLI on SD3 and Flux pipeline folders: prompts through their own text encoders, Flux's packed latents
+"""The CLI on SD3, Flux and SDXL pipeline folders: prompts through their own text encoders, Flux's packed latents
 through its VAE, for sample, encode, decode and roundtrip (tiny random pipelines saved here, no network)."""
 
 import numpy as np
@@ -13,12 +13,14 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 from flowdiff.models import tiny_pipelines  # noqa: E402
 
+BUILDERS = {"flux": tiny_pipelines.flux, "sd3": tiny_pipelines.stable_diffusion_3,
+            "sdxl": tiny_pipelines.stable_diffusion_xl}
 
-@pytest.fixture(scope="module", params=["flux", "sd3"])
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
 def pipeline_dir(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"cli_{request.param}")
-    build = tiny_pipelines.flux if request.param == "flux" else tiny_pipelines.stable_diffusion_3
-    return request.param, str(build(root)[1])
+    return request.param, str(BUILDERS[request.param](root)[1])
 
 
 @pytest.fixture(scope="module")
