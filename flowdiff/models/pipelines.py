@@ -480,6 +480,23 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
     return _read_plan(name, sched, "dpmpp_2m", options, "model")
 
 
+def _like_arguments(function: str, flow: object, x: object, name: str, scheduler: object, steps: int | None,
+                    steps_are: str) -> object:
+    """The checks shared by :func:`sample_like` and :func:`encode_like`; the scheduler to follow (the flow's
+    own ``scheduler_config`` when none is given)."""
+    if not isinstance(flow, ProbabilityFlow):
+        raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
+    _check_tensor(x, name)
+    if steps is None:
+        raise TypeError(f"{function} needs steps= ({steps_are})")
+    if scheduler is None:
+        scheduler = getattr(flow, "scheduler_config", None)
+        if scheduler is None:
+            raise ValueError("this flow carries no scheduler_config; pass scheduler= (a diffusers scheduler, "
+                             "its config or its directory)")
+    return scheduler
+
+
 def sample_like(flow: ProbabilityFlow, noise: Tensor, scheduler: object = None, steps: int | None = None, *,
                 solver: str | None = None, mu: float | None = None, sigmas: Any = None,
                 model_kwargs: Mapping[str, Any] | None = None,
@@ -500,16 +517,8 @@ def sample_like(flow: ProbabilityFlow, noise: Tensor, scheduler: object = None, 
     timesteps the scheduler feeds (the flow's ``timesteps`` option). Further keywords go to
     :func:`flowdiff.generate`.
     """
-    if not isinstance(flow, ProbabilityFlow):
-        raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
-    _check_tensor(noise, "noise")
-    if steps is None:
-        raise TypeError("sample_like needs steps= (the pipeline's num_inference_steps)")
-    if scheduler is None:
-        scheduler = getattr(flow, "scheduler_config", None)
-        if scheduler is None:
-            raise ValueError("this flow carries no scheduler_config; pass scheduler= (a diffusers scheduler, "
-                             "its config or its directory)")
+    scheduler = _like_arguments("sample_like", flow, noise, "noise", scheduler, steps,
+                                "the pipeline's num_inference_steps")
     if mu is None and sigmas is None and getattr(flow, "packed", False):
         mu, sigmas = flux_grid_arguments(scheduler, noise.shape[1], steps)
     plan = scheduler_plan(scheduler, steps, mu=mu, sigmas=sigmas)
@@ -544,16 +553,8 @@ def encode_like(flow: ProbabilityFlow, images: Tensor, scheduler: object = None,
     VP config: its ``timestep_spacing``, ``steps_offset`` and ``set_alpha_to_one`` are read as
     DDIMInverseScheduler reads them. Further keywords go to :func:`flowdiff.encode`.
     """
-    if not isinstance(flow, ProbabilityFlow):
-        raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
-    _check_tensor(images, "images")
-    if steps is None:
-        raise TypeError("encode_like needs steps= (the inversion's num_inference_steps)")
-    if scheduler is None:
-        scheduler = getattr(flow, "scheduler_config", None)
-        if scheduler is None:
-            raise ValueError("this flow carries no scheduler_config; pass scheduler= (a diffusers scheduler, "
-                             "its config or its directory)")
+    scheduler = _like_arguments("encode_like", flow, images, "images", scheduler, steps,
+                                "the inversion's num_inference_steps")
     config, source = config_of(scheduler)
     name = class_name(config)
     if name is None:
