@@ -11,7 +11,11 @@ more evaluation). Every model call is counted. The error is the RMS difference o
 Reported: the fewest NFE with RMSE ≤ 1e-3 for each method (and the settings that gave it),
 and the precision–work points (error against NFE) of every run; ``--plot`` writes a log-log PNG.
 
-Usage: python benchmarks/bench_adaptive.py [--batch 16] [--out benchmarks/results/adaptive.md]
+``--quick`` (about 2 minutes on one CPU thread with the references cached, 4 without) sweeps only
+the two ``unipc`` pairs over the tolerances from 2e-2 to 5e-5 and k-diffusion over rtol from 1e-2
+to 5e-5 with atol 7.8e-3 or 1e-3, on the same models.
+
+Usage: python benchmarks/bench_adaptive.py [--batch 16] [--seed 0] [--quick] [--out benchmarks/results/adaptive.md]
        [--plot benchmarks/results/adaptive.png]
 """
 
@@ -41,13 +45,17 @@ FLOWDIFF = [("unipc", {"order": 2}), ("unipc", {"order": 3}), ("abm", {}), ("dop
             ("dopri8", {})]
 KD_RTOLS = [0.1, 0.05, 0.02, 0.01, 5e-3, 2e-3, 1e-3, 5e-4, 2e-4, 1e-4]
 KD_ATOLS = [0.0078, 1e-3, 1e-4]
+QUICK_TOLS = [2e-2, 1e-2, 5e-3, 3e-3, 2e-3, 1e-3, 5e-4, 3e-4, 2e-4, 1e-4, 5e-5]
+QUICK_FLOWDIFF = [("unipc", {"order": 2}), ("unipc", {"order": 3})]
+QUICK_KD_RTOLS = [1e-2, 5e-3, 2e-3, 1e-3, 5e-4, 2e-4, 1e-4, 5e-5]
+QUICK_KD_ATOLS = [0.0078, 1e-3]
 
 
-def run_flowdiff(flow, noise, ref) -> list[dict]:
+def run_flowdiff(flow, noise, ref, methods=FLOWDIFF, tols=TOLS) -> list[dict]:
     rows = []
-    for solver, options in FLOWDIFF:
+    for solver, options in methods:
         label = solver + ("" if not options else "(" + ",".join(f"{k}={v}" for k, v in options.items()) + ")")
-        for tol in TOLS:
+        for tol in tols:
             start = time.perf_counter()
             with torch.no_grad():
                 r = flowdiff.generate(flow, noise, solver=solvers.get(solver, **options),
@@ -58,13 +66,13 @@ def run_flowdiff(flow, noise, ref) -> list[dict]:
     return rows
 
 
-def run_kdiffusion(K, flow, noise, ref) -> list[dict]:
+def run_kdiffusion(K, flow, noise, ref, rtols=KD_RTOLS, atols=KD_ATOLS) -> list[dict]:
     rows = []
     lo, hi = flow.schedule.sigma_min, flow.schedule.sigma_max
     x0 = noise * (1 + hi**2) ** 0.5
     for end in (lo, lo / 10):
-        for rtol in KD_RTOLS:
-            for atol in KD_ATOLS:
+        for rtol in rtols:
+            for atol in atols:
                 model = CountingDenoiser(flow)
                 start = time.perf_counter()
                 with torch.no_grad():
@@ -91,23 +99,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="fewer methods and settings (about 2 minutes)")
     parser.add_argument("--out", default=None, help="write the markdown section here")
     parser.add_argument("--plot", default=None, help="write a log-log precision-work PNG here")
     args = parser.parse_args()
+    fd_methods, tols = (QUICK_FLOWDIFF, QUICK_TOLS) if args.quick else (FLOWDIFF, TOLS)
+    kd_rtols, kd_atols = (QUICK_KD_RTOLS, QUICK_KD_ATOLS) if args.quick else (KD_RTOLS, KD_ATOLS)
     torch.set_num_threads(1)
     K = load_kdiffusion_sampling()
     models = [("closed-form mixture (200 digit images, bandwidth 0.1)", mixture_flow(), "mixture")]
     trained = trained_flow()
     if trained is not None:
         models.append(("shipped trained model pretrained('digits')", trained, "digits"))
+    quick = " --quick" if args.quick else ""
     lines = ["## Adaptive solves: fewest evaluations to RMSE ≤ 1e-3", "",
-             f"`python benchmarks/bench_adaptive.py --batch {args.batch} --seed {args.seed}` — "
+             f"`python benchmarks/bench_adaptive.py --batch {args.batch} --seed {args.seed}{quick}` — "
              f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, float64. "
              "RMSE of the image against a float64 reference (closed-form model: dopri8 at rtol = atol = 1e-10; "
              "trained model: RK4 with 2 substeps between each pair of its 1000 trained σ's, where its field is "
              "smooth); all model calls counted. flowdiff: rtol = atol = tol swept over "
-             f"{', '.join(f'{t:g}' for t in TOLS)}. k-diffusion `sample_dpm_adaptive`: rtol ∈ "
-             f"{{{', '.join(f'{t:g}' for t in KD_RTOLS)}}} × atol ∈ {{{', '.join(f'{t:g}' for t in KD_ATOLS)}}}, "
+             f"{', '.join(f'{t:g}' for t in tols)}. k-diffusion `sample_dpm_adaptive`: rtol ∈ "
+             f"{{{', '.join(f'{t:g}' for t in kd_rtols)}}} × atol ∈ {{{', '.join(f'{t:g}' for t in kd_atols)}}}, "
              "ending at σ_min or σ_min/10, with or without a final denoise (+1 NFE).", ""]
     if trained is None:
         lines += ["*The shipped trained model's weights were not present when this ran: mixture only.*", ""]
@@ -116,8 +128,8 @@ def main() -> None:
         gen = torch.Generator().manual_seed(args.seed)
         noise = torch.randn(args.batch, 1, 8, 8, dtype=torch.float64, generator=gen)
         ref, ref_err, ref_nfe = reference(flow, noise, cache_key=key)
-        fd = run_flowdiff(flow, noise, ref)
-        kd = run_kdiffusion(K, flow, noise, ref)
+        fd = run_flowdiff(flow, noise, ref, fd_methods, tols)
+        kd = run_kdiffusion(K, flow, noise, ref, kd_rtols, kd_atols)
         check = f"Reference: {ref_nfe} NFE; its self-check (RMS change against the 100× looser, or 2× coarser, solve)"
         lines += [f"### {title}", "", f"{check}: {ref_err:.1e}.", "",
                   "| method | fewest NFE with RMSE ≤ 1e-3 | RMSE there | setting |",

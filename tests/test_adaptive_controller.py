@@ -1,0 +1,78 @@
+"""The adaptive loop's bookkeeping: every evaluation counted (accepted, rejected, the first step's
+estimate), ``max_nfe`` a hard bound, and the controller's knobs changing the steps it takes."""
+
+import pytest
+import torch
+
+import flowdiff
+from flowdiff.models.analytic import Gaussian
+from solvers import SolveError, StepController
+
+
+def _setup():
+    g = torch.Generator().manual_seed(1)
+    mean = torch.randn(16, dtype=torch.float64, generator=g) * 0.5
+    var = torch.rand(16, dtype=torch.float64, generator=g) * 0.3 + 0.02
+    gauss = Gaussian(mean, var)
+    return gauss, torch.randn(3, 16, dtype=torch.float64, generator=g)
+
+
+def _counting_flow(gauss):
+    calls = []
+
+    def eps(xbar, sigma):
+        calls.append(sigma)
+        return gauss.eps(xbar, sigma)
+
+    return flowdiff.ProbabilityFlow.from_sigma_field(eps, gauss.schedule), calls
+
+
+@pytest.mark.parametrize("name", ["unipc", "dopri5", "bosh3"])
+def test_rejected_steps_are_counted_and_paid_for(name):
+    """A controller that grows steps tenfold with no safety margin gets steps rejected; the NFE is still
+    every call of the model, and the steps are the accepted plus the rejected ones."""
+    gauss, noise = _setup()
+    flow, calls = _counting_flow(gauss)
+    greedy = StepController(safety=1.0, factor_min=0.2, factor_max=10.0)
+    r = flowdiff.generate(flow, noise, solver=name, adaptive=flowdiff.Adaptive(rtol=1e-5, atol=1e-5,
+                                                                                controller=greedy))
+    assert r.stats.rejected > 0
+    assert r.stats.nfe == len(calls)
+    assert r.stats.steps == r.stats.accepted + r.stats.rejected
+    assert r.stats.accepted == len(r.sigmas) - 1
+
+
+@pytest.mark.parametrize("name", ["unipc", "dopri5"])
+def test_max_nfe_is_a_hard_bound_at_every_budget(name):
+    """The solve that needs N evaluations finishes with max_nfe=N; below N it stops with at most the
+    budget spent, never one evaluation more."""
+    gauss, noise = _setup()
+    adaptive = flowdiff.Adaptive(rtol=1e-4, atol=1e-4)
+    need = flowdiff.generate(gauss.flow(), noise, solver=name, adaptive=adaptive).stats.nfe
+    done = flowdiff.generate(gauss.flow(), noise, solver=name, adaptive=flowdiff.Adaptive(
+        rtol=1e-4, atol=1e-4, max_nfe=need))
+    assert done.stats.nfe == need
+    for budget in sorted({1, 2, 5, need // 2, need - 1}):
+        flow, calls = _counting_flow(gauss)
+        with pytest.raises(SolveError, match=f"max_nfe={budget} reached") as info:
+            flowdiff.generate(flow, noise, solver=name, adaptive=flowdiff.Adaptive(rtol=1e-4, atol=1e-4,
+                                                                                   max_nfe=budget))
+        assert len(calls) == info.value.stats.nfe <= budget
+
+
+def test_first_step_saves_the_estimate_evaluation():
+    """Without ``first_step`` the loop spends one evaluation on Hairer's starting-step estimate; given
+    one, a solve that takes the same accepted and rejected steps costs that evaluation less."""
+    gauss, noise = _setup()
+    flow, calls = _counting_flow(gauss)
+    tol = 1e-3
+    auto = flowdiff.generate(flow, noise, solver="dopri5", adaptive=flowdiff.Adaptive(rtol=tol, atol=tol))
+    n_auto = len(calls)
+    first = auto.sigmas[0], auto.sigmas[1]
+    c = gauss.schedule.sigma_min
+    h = float(torch.log(torch.tensor((first[0] + c) / (first[1] + c))))
+    calls.clear()
+    given = flowdiff.generate(flow, noise, solver="dopri5",
+                              adaptive=flowdiff.Adaptive(rtol=tol, atol=tol, first_step=h))
+    assert (given.stats.accepted, given.stats.rejected) == (auto.stats.accepted, auto.stats.rejected)
+    assert len(calls) == given.stats.nfe == n_auto - 1
