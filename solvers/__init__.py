@@ -10,7 +10,6 @@ the statistics, callbacks and failure reports. :func:`solve`, :func:`solve_adapt
 
 from . import _deis, _methods  # noqa: F401  (register DEIS and the Runge–Kutta methods)
 from ._adaptive import solve_adaptive
-from ._anderson import AndersonResult, anderson
 from ._base import Derivative, Solver, StepResult, VectorField
 from ._checks import check_state
 from ._driver import FINAL_EULER, final_step_methods, nfe_for_steps, solve, steps_for_nfe, unsolve
@@ -30,10 +29,11 @@ from ._integrate import (
     rms_norm,
 )
 from ._multistep import IPNDM, Adams, CorrectedAdams, DPMSolverPP2M, History, adams_weights
-from ._newton import RootResult, newton_krylov
 from ._registry import available, describe, get, options_of, register
 from ._reversible import Reversible, ReversibleHeun, ReversibleState
 from ._rk import ExplicitRK, lincomb
+from ._roots.anderson import AndersonResult, anderson
+from ._roots.newton import RootResult, newton_krylov
 from ._stats import Stats
 from ._tableau import ButcherTableau
 
