@@ -24,7 +24,7 @@ from .models.pretrained import digits_data, pretrained
 from .tools import metrics
 from .tools.compare import Comparison, Reference, compare, reference_solution
 from .tools.learned import LearnedSolver, learn_solver, tune_roundtrip
-from .tools.likelihood import Likelihood, log_likelihood
+from .tools.likelihood import Likelihood, Trace, log_likelihood
 from .tools.metrics import Reconstruction, reconstruction
 from .tools.quality import sample_quality
 from .tools.tuning import TunedGrid, load_grids, save_grids, stored_grid, tune, tune_grid
@@ -47,6 +47,7 @@ __all__ = [
     "Latent",
     "LearnedSolver",
     "Likelihood",
+    "Trace",
     "Reconstruction",
     "ProbabilityFlow",
     "Result",

@@ -8,6 +8,7 @@ import torch
 
 import flowdiff
 import solvers
+from flowdiff import Adaptive, Checks, Trace
 from flowdiff.models.analytic import Gaussian, Mixture
 from flowdiff.tools.likelihood import Likelihood, log_likelihood
 
@@ -45,7 +46,7 @@ def test_gaussian_log_prob_is_exact_and_error_shrinks_with_tolerance(device):
     tols = [1e-5, 1e-6, 1e-7]
     errors = []
     for tol in tols:
-        r = log_likelihood(g.flow(), x, rtol=tol, atol=tol, **gaussian_prior(g))
+        r = log_likelihood(g.flow(), x, adaptive=Adaptive(rtol=tol, atol=tol), **gaussian_prior(g))
         assert isinstance(r, Likelihood) and r.log_prob.dtype == torch.float64 and r.log_prob.shape == (6,)
         assert r.log_prob.device == r.latent.device == x.device
         errors.append(float((r.log_prob - exact).abs().max()))
@@ -97,14 +98,14 @@ def test_mixture_exact_divergence_matches_the_kernel_density_at_default_settings
 
 
 @pytest.mark.parametrize("divergence,options", [("hutchinson", {"probes": 16}),
-                                                ("hutchinson", {"probes": 16, "noise": "gaussian"}),
+                                                ("hutchinson", {"probes": 16, "probes_from": "gaussian"}),
                                                 ("hutch++", {"probes": 8, "sketch": 4})])
 def test_stochastic_estimates_lie_within_three_standard_errors(divergence, options):
     m = mixture()
     x = m.sample(8, torch.Generator().manual_seed(5))
     exact = m.log_prob(x, 0.0)
-    r = log_likelihood(m.flow(), x, divergence=divergence, generator=torch.Generator().manual_seed(6),
-                       rtol=1e-4, atol=1e-4, **mixture_prior(m), **options)
+    r = log_likelihood(m.flow(), x, estimator=Trace(divergence, **options), generator=torch.Generator().manual_seed(6),
+                       adaptive=Adaptive(rtol=1e-4, atol=1e-4), **mixture_prior(m))
     assert r.std_error is not None and r.per_probe.shape == (8, options["probes"])
     assert bool((r.std_error > 0).all())
     z = (r.log_prob - exact) / r.std_error
@@ -116,10 +117,10 @@ def test_stochastic_estimates_lie_within_three_standard_errors(divergence, optio
 def test_hutch_plus_plus_has_smaller_error_bars_than_hutchinson_at_equal_cost():
     m = mixture(dim=32, n=4, bandwidth=0.2)   # ∂ε/∂x̄ = α(I − low-rank posterior covariance)
     x = m.sample(6, torch.Generator().manual_seed(7))
-    kw = dict(rtol=1e-4, atol=1e-4, **mixture_prior(m))
-    hutch = log_likelihood(m.flow(), x, divergence="hutchinson", probes=12,
+    kw = dict(adaptive=Adaptive(rtol=1e-4, atol=1e-4), **mixture_prior(m))
+    hutch = log_likelihood(m.flow(), x, estimator=Trace("hutchinson", probes=12),
                            generator=torch.Generator().manual_seed(8), **kw)
-    hpp = log_likelihood(m.flow(), x, divergence="hutch++", probes=4, sketch=4,
+    hpp = log_likelihood(m.flow(), x, estimator=Trace("hutch++", probes=4, sketch=4),
                          generator=torch.Generator().manual_seed(8), **kw)
     for r in (hpp, hutch):   # 2·4 + 4 = 12 products per field evaluation for both
         assert r.stats.extra["vjps"] == 12 * r.stats.nfe
@@ -132,8 +133,8 @@ def test_one_probe_gives_no_standard_error_and_rademacher_is_exact_on_a_diagonal
     g = gaussian()   # diagonal covariance: ∂ε/∂x̄ is diagonal, and vᵀJv = tr J for v ∈ {±1}^D
     x = g.sample(3, torch.Generator().manual_seed(0))
     exact = log_likelihood(g.flow(), x, **gaussian_prior(g))
-    one = log_likelihood(g.flow(), x, divergence="hutchinson", probes=1, generator=torch.Generator().manual_seed(0),
-                         **gaussian_prior(g))
+    one = log_likelihood(g.flow(), x, estimator=Trace("hutchinson", probes=1),
+                         generator=torch.Generator().manual_seed(0), **gaussian_prior(g))
     assert one.std_error is None and one.bits_per_dim_std_error is None
     torch.testing.assert_close(one.error, one.solve_error)
     torch.testing.assert_close(one.log_prob, exact.log_prob, atol=1e-9, rtol=0)
@@ -160,18 +161,20 @@ def test_nfe_counts_every_vector_jacobian_product(divergence, options, cost):
     flow = flowdiff.ProbabilityFlow.from_sigma_field(counter, m.schedule)
     x = m.sample(5, torch.Generator().manual_seed(9))
     # rk4: 4 field evaluations a step; each is one forward pass and `cost` VJPs on the batch
-    run = dict(divergence=divergence, solver="rk4", steps=3, **options)
-    r = log_likelihood(flow, x, chunk=5, generator=torch.Generator().manual_seed(1), solve_check=False, **run)
+    run = dict(solver="rk4", steps=3)
+    r = log_likelihood(flow, x, estimator=Trace(divergence, chunk=5, **options),
+                       generator=torch.Generator().manual_seed(1), solve_check=False, **run)
     assert counter.calls == r.stats.extra["model_calls"] == r.stats.nfe == 12
     assert r.stats.extra["vjps"] == cost * 12 and "check" not in r.stats.extra and r.solve_error is None
     # larger chunks: the same numbers and counts
-    big = log_likelihood(flow, x, chunk=4096, generator=torch.Generator().manual_seed(1), solve_check=False, **run)
+    big = log_likelihood(flow, x, estimator=Trace(divergence, chunk=4096, **options),
+                         generator=torch.Generator().manual_seed(1), solve_check=False, **run)
     assert big.stats.extra["vjps"] == r.stats.extra["vjps"]
     torch.testing.assert_close(big.log_prob, r.log_prob, atol=1e-9, rtol=0)
     # adaptive, with the check solve: each solve's evaluations (first-step estimate included) are its own
     counter.calls = 0
-    a = log_likelihood(flow, x, divergence=divergence, generator=torch.Generator().manual_seed(1),
-                       rtol=1e-2, atol=1e-2, **options)
+    a = log_likelihood(flow, x, estimator=Trace(divergence, **options), generator=torch.Generator().manual_seed(1),
+                       adaptive=Adaptive(rtol=1e-2, atol=1e-2))
     check = a.stats.extra["check"]
     for st in (a.stats, check):
         assert st.extra["vjps"] == cost * st.nfe and st.extra["model_calls"] == st.nfe
@@ -181,9 +184,11 @@ def test_nfe_counts_every_vector_jacobian_product(divergence, options, cost):
 def test_batch_larger_than_chunk_is_split_with_the_same_result():
     m = mixture()
     x = m.sample(7, torch.Generator().manual_seed(10))
-    run = dict(divergence="hutchinson", probes=2, solver="rk4", steps=4)
-    a = log_likelihood(m.flow(), x, generator=torch.Generator().manual_seed(0), **run)
-    b = log_likelihood(m.flow(), x, generator=torch.Generator().manual_seed(0), chunk=3, **run)
+    run = dict(solver="rk4", steps=4)
+    a = log_likelihood(m.flow(), x, estimator=Trace("hutchinson", probes=2), generator=torch.Generator().manual_seed(0),
+                       **run)
+    b = log_likelihood(m.flow(), x, estimator=Trace("hutchinson", probes=2, chunk=3),
+                       generator=torch.Generator().manual_seed(0), **run)
     torch.testing.assert_close(a.log_prob, b.log_prob, atol=1e-9, rtol=0)
     # 7 samples in pieces of 3, 3 and 1: three forward passes per field evaluation
     assert a.stats.extra["vjps"] == b.stats.extra["vjps"] == 2 * 16 and b.stats.extra["model_calls"] == 3 * 16
@@ -192,8 +197,8 @@ def test_batch_larger_than_chunk_is_split_with_the_same_result():
 def test_float32_agrees_with_float64_and_a_network_runs_through_jvp():
     m = mixture()
     x = m.sample(4, torch.Generator().manual_seed(11))
-    r64 = log_likelihood(m.flow(), x, rtol=1e-4, atol=1e-4)
-    r32 = log_likelihood(m.flow(), x.float(), rtol=1e-4, atol=1e-4)
+    r64 = log_likelihood(m.flow(), x, adaptive=Adaptive(rtol=1e-4, atol=1e-4))
+    r32 = log_likelihood(m.flow(), x.float(), adaptive=Adaptive(rtol=1e-4, atol=1e-4))
     assert r32.log_prob.dtype == torch.float64 and r32.latent.dtype == torch.float32
     torch.testing.assert_close(r32.log_prob, r64.log_prob, atol=0.05, rtol=0)
 
@@ -211,7 +216,7 @@ def test_float32_agrees_with_float64_and_a_network_runs_through_jvp():
     net64.model.double()
     exact64 = log_likelihood(net64, images.double(), solver="heun", steps=6)
     torch.testing.assert_close(exact32.log_prob, exact64.log_prob, atol=0.05, rtol=1e-5)
-    hutch = log_likelihood(net64, images.double(), solver="heun", steps=6, divergence="hutchinson", probes=32,
+    hutch = log_likelihood(net64, images.double(), solver="heun", steps=6, estimator=Trace("hutchinson", probes=32),
                            generator=torch.Generator().manual_seed(0))
     assert float(((hutch.log_prob - exact64.log_prob) / hutch.std_error).abs().max()) < 4
 
@@ -221,16 +226,16 @@ def test_bits_per_dim_and_dequantization_offset():
     levels = 17
     k = torch.randint(0, levels, (3, 1, 16), generator=torch.Generator().manual_seed(0))
     images = (k.double() / (levels - 1)) * 2 - 1
-    r = log_likelihood(m.flow(), images, rtol=1e-3, atol=1e-3, dequantize=levels,
+    r = log_likelihood(m.flow(), images, adaptive=Adaptive(rtol=1e-3, atol=1e-3), dequantize=levels,
                        generator=torch.Generator().manual_seed(1))
     assert r.offset_bits == pytest.approx(math.log2(8))
     torch.testing.assert_close(r.bits_per_dim, -r.log_prob / (16 * math.log(2)) + 3.0)
-    plain = log_likelihood(m.flow(), images, rtol=1e-3, atol=1e-3)
+    plain = log_likelihood(m.flow(), images, adaptive=Adaptive(rtol=1e-3, atol=1e-3))
     assert plain.offset_bits == 0.0
     torch.testing.assert_close(plain.bits_per_dim, -plain.log_prob / (16 * math.log(2)))
     # the dequantized images are the lattice points moved by Δ(u − ½) drawn from the generator
     u = torch.rand(images.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    moved = log_likelihood(m.flow(), images + (2 / (levels - 1)) * (u - 0.5), rtol=1e-3, atol=1e-3)
+    moved = log_likelihood(m.flow(), images + (2 / (levels - 1)) * (u - 0.5), adaptive=Adaptive(rtol=1e-3, atol=1e-3))
     torch.testing.assert_close(moved.log_prob, r.log_prob)
     mean, err = r.mean_bits_per_dim()
     assert mean == pytest.approx(float(r.bits_per_dim.mean())) and err > 0
@@ -241,30 +246,28 @@ def test_max_nfe_stops_the_solve_with_partial_statistics():
     m = mixture()
     x = m.sample(2, torch.Generator().manual_seed(0))
     with pytest.raises(solvers.SolveError, match="max_nfe") as info:
-        log_likelihood(m.flow(), x, max_nfe=20)   # field evaluations, as the solver counts them
+        # max_nfe counts field evaluations, as the solver counts them
+        log_likelihood(m.flow(), x, adaptive=Adaptive(rtol=1e-5, atol=1e-5, max_nfe=20))
     assert 0 < info.value.stats.nfe <= 20 + 7
     assert info.value.stats.extra["vjps"] == 16 * info.value.stats.nfe
-    with pytest.raises(ValueError, match="max_nfe=10"):
-        log_likelihood(m.flow(), x, solver="rk4", steps=10, max_nfe=10)
 
 
 # -- bad input ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,exc,match", [
-    ({"divergence": "trace"}, ValueError, "divergence 'trace'.*auto, exact, hutchinson, hutch\\+\\+"),
+    ({"estimator": "hutchinson"}, TypeError, "estimator must be a flowdiff.Trace or None, got str"),
+    ({"dequantization": "truncated_normal"}, ValueError, "dequantization='truncated_normal'.*give dequantize=K"),
     ({"dequantize": 256, "dequantization": "gamma"}, ValueError, "dequantization 'gamma'.*uniform, truncated_normal"),
     ({"solve_check": 1}, TypeError, "solve_check must be a bool, got int"),
-    ({"divergence": "hutchinson", "probes": 0}, ValueError, "probes must be an int >= 1, got 0"),
-    ({"divergence": "hutchinson", "probes": 2.0}, ValueError, "probes"),
-    ({"probes": 4}, ValueError, "probes= and sketch= apply to the stochastic"),
-    ({"divergence": "hutchinson", "sketch": 2}, ValueError, "sketch= applies to divergence='hutch\\+\\+'"),
-    ({"divergence": "hutch++", "sketch": 99}, ValueError, "sketch must be <= the dimension D=16"),
-    ({"divergence": "hutchinson", "noise": "uniform"}, ValueError, "noise 'uniform'.*rademacher, gaussian"),
-    ({"rtol": -1.0}, ValueError, "rtol must be a finite number >= 0, got -1.0"),
-    ({"atol": float("nan")}, ValueError, "atol must be a finite number"),
-    ({"rtol": "1e-3"}, ValueError, "rtol"),
-    ({"atol": 0.0}, ValueError, "atol must be > 0: it is also the log-density column's tolerance"),
-    ({"steps": 10, "solver": "rk4", "rtol": 1e-3}, ValueError, "give one of them"),
+    ({"estimator": Trace(probes=4)}, ValueError, "Trace.probes and Trace.sketch apply to the stochastic.*'auto'"),
+    ({"estimator": Trace("hutch++", sketch=99)}, ValueError, "Trace.sketch must be <= the dimension D=16"),
+    ({"adaptive": Adaptive(rtol=1e-3, atol=0.0)}, ValueError, "Adaptive.atol must be > 0 here: it is also the "),
+    ({"adaptive": Adaptive(first_step=0.1, sigma_end=0.5)}, ValueError, "first_step=0.1, sigma_end=0.5"),
+    ({"adaptive": {"rtol": 1e-3}}, TypeError, "adaptive must be a flowdiff.Adaptive or None, got dict"),
+    ({"steps": 10, "solver": "rk4", "adaptive": Adaptive()}, ValueError, "adaptive=Adaptive.*steps=10.*give one"),
+    ({"checks": Checks(growth=10.0)}, ValueError, "Checks\\(growth=10.0\\).*Checks\\(finite=...\\) only"),
+    ({"checks": Checks(model=False)}, ValueError, "Checks\\(model=False\\)"),
+    ({"checks": True}, TypeError, "checks must be a flowdiff.Checks or None, got bool"),
     ({"steps": 0, "solver": "rk4"}, ValueError, "steps must be an int >= 1, got 0"),
     ({"solver": "rk4"}, ValueError, "'rk4' has no error estimate: give steps=N"),
     ({"solver": "dpmpp_2m", "steps": 10}, ValueError, "'dpmpp_2m' runs in the flow's 'data' variables"),
@@ -273,10 +276,8 @@ def test_max_nfe_stops_the_solve_with_partial_statistics():
     ({"dequantize": 256}, ValueError, "not on the 256-level lattice"),
     ({"data_var": -1.0}, ValueError, "data_var must be finite and >= 0"),
     ({"data_mean": torch.zeros(5)}, ValueError, "data_mean must be a number or a tensor broadcastable"),
-    ({"chunk": 0}, ValueError, "chunk must be an int >= 1, got 0"),
     ({"generator": 3}, TypeError, "generator must be a torch.Generator"),
-    ({"sigma_c": 0.0}, ValueError, "sigma_c must be a number in"),
-    ({"max_nfe": 0}, ValueError, "max_nfe must be an int >= 1"),
+    ({"adaptive": Adaptive(sigma_c=1e9)}, ValueError, "Adaptive.sigma_c must be a number in"),
 ])
 def test_bad_arguments_name_themselves(kwargs, exc, match):
     m = mixture()
@@ -320,7 +321,7 @@ def test_error_bar_covers_the_exact_value_at_about_its_stated_rate():
     z = []
     for seed in range(8):
         x = m.sample(6, torch.Generator().manual_seed(100 + seed))
-        r = log_likelihood(m.flow(), x, divergence="hutchinson", probes=16,
+        r = log_likelihood(m.flow(), x, estimator=Trace("hutchinson", probes=16),
                            generator=torch.Generator().manual_seed(seed), **mixture_prior(m))
         torch.testing.assert_close(r.error, (r.std_error**2 + r.solve_error**2).sqrt())
         z.append((r.log_prob - m.log_prob(x, 0.0)) / r.error)

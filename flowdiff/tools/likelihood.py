@@ -30,7 +30,7 @@ by about −μ·z/σ_max + Σᵢ(vᵢ − 1)/(2σ_max²) nats per sample (μ the
 a spread of |μ|/σ_max = 0.033 nats for the digits. That difference is a statement about the model's
 prior, not the solve.
 
-**Divergences** (``divergence=``): ``"auto"`` (default) is ``"exact"`` up to
+**Divergences** (``estimator=flowdiff.Trace(method=...)``): ``"auto"`` (default) is ``"exact"`` up to
 D = 256 and ``"hutch++"`` (sketch 32, probes 16: 80 products per evaluation, whatever D) beyond,
 so that the cost stays bounded as the dimension grows. ``"exact"`` is the trace of the Jacobian from D
 vector–Jacobian products (``torch.func.vjp``, one forward pass shared by all of them,
@@ -96,6 +96,7 @@ from solvers import SolveError, Solver, Stats, StepController
 from ..engine.flow import ProbabilityFlow
 from ..engine.formulations import variables_of
 from ..engine.grids import MAX_STEPS
+from ..engine.options import Adaptive, Checks
 
 DIVERGENCES = ("auto", "exact", "hutchinson", "hutch++")
 PROBE_NOISES = ("rademacher", "gaussian")
@@ -112,6 +113,58 @@ AUTO_EXACT_MAX_DIM = 256
 CHECK_FACTOR = 10.0
 #: Steps of at most 1 in log(σ + c) (σ + c grows by at most e per step), as flowdiff's adaptive generate.
 CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=10.0, max_step=1.0)
+
+
+@dataclass(frozen=True, eq=False)
+class Trace:
+    """How :func:`log_likelihood` estimates the divergence tr(∂ε/∂x̄) (see the module docstring).
+
+    ``method``: ``"auto"`` (``"exact"`` up to D = :data:`AUTO_EXACT_MAX_DIM`, ``"hutch++"`` beyond),
+    ``"exact"``, ``"hutchinson"`` or ``"hutch++"``. ``probes``: the stochastic estimators' probe
+    vectors (default 16), drawn once from ``probes_from`` (``"rademacher"`` or ``"gaussian"``) with
+    :func:`log_likelihood`'s ``generator``; ``sketch``: Hutch++'s sketch size (default min(32, D)).
+    ``chunk`` bounds the rows (samples × vectors) of one batched vector–Jacobian product (memory).
+    """
+
+    method: str = "auto"
+    probes: int | None = None
+    sketch: int | None = None
+    probes_from: str = "rademacher"
+    chunk: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.method not in DIVERGENCES:
+            raise ValueError(f"Trace.method {self.method!r} is unknown; accepted: {', '.join(DIVERGENCES)}")
+        if self.probes_from not in PROBE_NOISES:
+            raise ValueError(f"Trace.probes_from {self.probes_from!r} is unknown; accepted: {', '.join(PROBE_NOISES)}")
+        _check_int("Trace.chunk", self.chunk, 1)
+        if self.probes is not None:
+            _check_int("Trace.probes", self.probes, 1)
+        if self.sketch is not None:
+            _check_int("Trace.sketch", self.sketch, 1)
+        if self.method == "exact" and (self.probes is not None or self.sketch is not None):
+            raise ValueError(f"Trace.probes and Trace.sketch apply to the stochastic methods (hutchinson, hutch++), "
+                             f"not method='exact'; got probes={self.probes!r}, sketch={self.sketch!r}")
+        if self.method == "hutchinson" and self.sketch is not None:
+            raise ValueError(f"Trace.sketch applies to method='hutch++' only, got sketch={self.sketch!r}")
+
+
+#: The keywords removed from log_likelihood in 0.x, each with what says it now.
+REMOVED = {
+    "rtol": "adaptive=flowdiff.Adaptive(rtol=..., atol=...)",
+    "atol": "adaptive=flowdiff.Adaptive(rtol=..., atol=...)",
+    "max_nfe": "adaptive=flowdiff.Adaptive(..., max_nfe=...)",
+    "sigma_c": "adaptive=flowdiff.Adaptive(..., sigma_c=...)",
+    "divergence": "estimator=flowdiff.Trace(method=...)",
+    "probes": "estimator=flowdiff.Trace(method=..., probes=...)",
+    "sketch": "estimator=flowdiff.Trace(method='hutch++', sketch=...)",
+    "noise": "estimator=flowdiff.Trace(..., probes_from='rademacher' or 'gaussian')",
+    "chunk": "estimator=flowdiff.Trace(..., chunk=...)",
+    "check_finite": "checks=flowdiff.Checks(finite=...)",
+}
+
+#: The Adaptive fields log_likelihood has no use for (its controller and σ range are its own).
+_UNUSED_ADAPTIVE = ("controller", "first_step", "sigma_end", "sigma_start")
 
 
 @dataclass
@@ -299,6 +352,32 @@ def _check_tol(name: str, value: object) -> float:
     return float(value)
 
 
+def _refuse_removed(removed: Mapping[str, Any]) -> None:
+    """A keyword log_likelihood no longer takes: TypeError naming its replacement."""
+    if not removed:
+        return
+    name = next(iter(removed))
+    if name in REMOVED:
+        raise TypeError(f"log_likelihood() got an unexpected keyword argument {name!r}: removed in flowdiff 0.x; use "
+                        f"{REMOVED[name]}")
+    raise TypeError(f"log_likelihood() got an unexpected keyword argument {name!r}")
+
+
+def _check_checks(checks: object) -> bool:
+    """``Checks(finite=...)``; the fields log_likelihood does not use are refused unless at their defaults."""
+    if checks is None:
+        return True
+    if not isinstance(checks, Checks):
+        raise TypeError(f"checks must be a flowdiff.Checks or None, got {type(checks).__name__}")
+    if checks.growth != "auto":
+        raise ValueError(f"checks=Checks(growth={checks.growth!r}): log_likelihood has no divergence guard (its solve "
+                         "runs to σ_max by design); it uses Checks(finite=...) only")
+    if checks.model is not True:
+        raise ValueError("checks=Checks(model=False): log_likelihood has no model check to turn off (that is "
+                         "decode's Latent check); it uses Checks(finite=...) only")
+    return checks.finite
+
+
 def _check_images(images: object) -> Tensor:
     if not isinstance(images, Tensor):
         raise TypeError(f"images must be a torch.Tensor of shape (batch, ...), got {type(images).__name__}")
@@ -383,13 +462,9 @@ def log_likelihood(
     images: Tensor,
     *,
     solver: str | Solver = "dopri5",
-    rtol: float | None = None,
-    atol: float | None = None,
     steps: int | None = None,
-    divergence: str = "auto",
-    probes: int | None = None,
-    sketch: int | None = None,
-    noise: str = "rademacher",
+    adaptive: Adaptive | None = None,
+    estimator: Trace | None = None,
     generator: torch.Generator | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     model_dtype: torch.dtype | None = None,
@@ -397,11 +472,9 @@ def log_likelihood(
     dequantization: str = "uniform",
     data_mean: float | Tensor = 0.0,
     data_var: float | Tensor = 1.0,
-    sigma_c: float | None = None,
-    chunk: int = 4096,
-    max_nfe: int | None = None,
     solve_check: bool = True,
-    check_finite: bool = True,
+    checks: Checks | None = None,
+    **removed: Any,
 ) -> Likelihood:
     """The log-density (nats) of each image under the flow's distribution at σ = 0, its bits/dim and error bar.
 
@@ -413,9 +486,12 @@ def log_likelihood(
       τ = log(σ + c); a step is accepted when, for every sample, the RMS over pixels of the
       state's error on the image scale x = x̄/√(1+σ²) is ≤ ``atol + rtol·|x|``, and each
       log-density column's error is ≤ ``atol`` nats (absolute: its errors add up in nats whatever
-      the size of ℓ, which grows with D); defaults 1e-5.
+      the size of ℓ, which grows with D). ``adaptive=flowdiff.Adaptive(rtol=, atol=, max_nfe=,
+      sigma_c=)`` sets them (``max_nfe`` bounds each solve's field evaluations, ``sigma_c`` the c
+      of τ); without it rtol = atol = 1e-5 (:data:`DEFAULT_RTOL`, :data:`DEFAULT_ATOL`) and c =
+      σ_min. Adaptive's ``controller``, ``first_step``, ``sigma_end`` and ``sigma_start`` are refused.
     * ``steps=N``: a fixed grid of N steps uniform in τ with any σ-variable solver (``rk4``,
-      ``heun``, ``ipndm``, ...).
+      ``heun``, ``ipndm``, ...); refused beside ``adaptive=``.
 
     **Error bar.** With ``solve_check`` (default) a second solve at 10× the tolerances (or half
     the steps, at least one), with the same probes, measures the solve's error: ``solve_error``
@@ -423,84 +499,94 @@ def log_likelihood(
     error falls with the tolerance. ``error`` = √(``std_error``² + ``solve_error``²) covers
     both the estimator's variance and the solve.
 
-    ``divergence``: ``"auto"`` (default: ``"exact"`` up to D = :data:`AUTO_EXACT_MAX_DIM`, beyond
-    it ``"hutch++"`` with ``sketch`` 32 and ``probes`` 16, whose 80 products per evaluation do
-    not grow with D), ``"exact"``, ``"hutchinson"`` or ``"hutch++"``; ``probes`` the stochastic
-    estimators' probes, drawn once from ``generator`` (``noise``: ``"rademacher"`` or
-    ``"gaussian"``); ``sketch`` Hutch++'s sketch size. ``chunk`` bounds the rows (samples ×
-    vectors) of one batched vector–Jacobian product (memory).
+    ``estimator``: a :class:`Trace` (default ``Trace()``: method ``"auto"``, ``"exact"`` up to D =
+    :data:`AUTO_EXACT_MAX_DIM`, beyond it ``"hutch++"`` with sketch 32 and probes 16, whose 80
+    products per evaluation do not grow with D). Its probes are drawn once from ``generator``,
+    which also draws the dequantization noise (first). ``checks=flowdiff.Checks(finite=...)``:
+    stop with a :class:`solvers.SolveError` when the state turns NaN/inf (default on); its
+    ``growth`` and ``model`` fields do not apply here and are refused unless left at their defaults.
 
     ``dequantize=K`` (levels over [−1, 1]; 256 for 8-bit images) dequantizes the images with noise
     from ``generator`` — ``dequantization="uniform"`` or ``"truncated_normal"`` — and reports
     the discrete data's bits/dim (see the module docstring). ``data_mean``/``data_var``
     (scalars or per-pixel tensors) set the prior N(m, (v + σ_max²)I); the defaults are the VP
-    prior that :func:`flowdiff.generate` samples. ``max_nfe`` bounds each solve's field
-    evaluations. ``stats`` are the solve's own (``stats.nfe`` its field evaluations);
+    prior that :func:`flowdiff.generate` samples. ``stats`` are the solve's own (``stats.nfe`` its field evaluations);
     ``stats.extra`` adds ``vjps`` (the estimator's vector–Jacobian products, per sample),
     ``model_calls`` (forward passes, one per field evaluation and piece of ``chunk`` samples)
     and ``check`` (the check solve's statistics).
     """
     start = time.perf_counter()
+    _refuse_removed(removed)
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
     images = _check_images(images)
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; accepted: {', '.join(DIVERGENCES)}")
-    if noise not in PROBE_NOISES:
-        raise ValueError(f"unknown noise {noise!r} for the probes; accepted: {', '.join(PROBE_NOISES)}")
+    if estimator is None:
+        estimator = Trace()
+    elif not isinstance(estimator, Trace):
+        raise TypeError(f"estimator must be a flowdiff.Trace or None, got {type(estimator).__name__}")
     if dequantization not in DEQUANTIZATIONS:
         raise ValueError(f"unknown dequantization {dequantization!r}; accepted: {', '.join(DEQUANTIZATIONS)}")
+    if dequantize is None and dequantization != "uniform":
+        raise ValueError(f"dequantization={dequantization!r} chooses the noise of dequantize=K levels, which is "
+                         "None (the continuous density): give dequantize=K, or leave dequantization out")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if not isinstance(solve_check, bool):
         raise TypeError(f"solve_check must be a bool, got {type(solve_check).__name__}")
-    chunk = _check_int("chunk", chunk, 1)
+    check_finite = _check_checks(checks)
+    chunk, probes, sketch, noise = estimator.chunk, estimator.probes, estimator.sketch, estimator.probes_from
     shape = tuple(images.shape[1:])
     batch, dim = images.shape[0], images[0].numel()
-    divergence = _choose_divergence(divergence, dim)
+    divergence = _choose_divergence(estimator.method, dim)
     if divergence == "exact":
         if probes is not None or sketch is not None:
-            raise ValueError(f"probes= and sketch= apply to the stochastic divergences (hutchinson, hutch++), "
-                             f"not divergence='exact'; got probes={probes!r}, sketch={sketch!r}")
+            raise ValueError(f"Trace.probes and Trace.sketch apply to the stochastic methods (hutchinson, hutch++), "
+                             f"not 'exact' (which method='auto' takes at D={dim} <= {AUTO_EXACT_MAX_DIM}); got "
+                             f"probes={probes!r}, sketch={sketch!r}")
     else:
-        probes = _check_int("probes", DEFAULT_PROBES[divergence] if probes is None else probes, 1)
-        if divergence == "hutchinson" and sketch is not None:
-            raise ValueError(f"sketch= applies to divergence='hutch++' only, got sketch={sketch!r}")
+        probes = DEFAULT_PROBES[divergence] if probes is None else probes
         if divergence == "hutch++":
-            sketch = _check_int("sketch", min(DEFAULT_SKETCH, dim) if sketch is None else sketch, 1)
+            sketch = min(DEFAULT_SKETCH, dim) if sketch is None else sketch
             if sketch > dim:
-                raise ValueError(f"sketch must be <= the dimension D={dim}, got {sketch}")
+                raise ValueError(f"Trace.sketch must be <= the dimension D={dim}, got {sketch}")
     solver_obj = solvers.get(solver)
     if variables_of(solver_obj) != "sigma":
         raise ValueError(f"solver {solver_obj.name!r} runs in the flow's {variables_of(solver_obj)!r} variables, "
                          "which carry no log-density; use a σ-variable solver, e.g. dopri5, bosh3, rk4, heun, "
                          "ipndm")
+    if adaptive is not None and not isinstance(adaptive, Adaptive):
+        raise TypeError(f"adaptive must be a flowdiff.Adaptive or None, got {type(adaptive).__name__}")
+    if adaptive is not None:
+        unused = [f"{name}={getattr(adaptive, name)!r}" for name in _UNUSED_ADAPTIVE
+                  if getattr(adaptive, name) is not None]
+        if unused:
+            raise ValueError(f"adaptive=Adaptive({', '.join(unused)}): log_likelihood has its own step controller "
+                             "and runs from σ = 0 to σ_max; it takes Adaptive(rtol=, atol=, max_nfe=, sigma_c=) only")
+    rtol = atol = max_nfe = sigma_c = None
     if steps is None:
         if not solver_obj.adaptive:
             raise ValueError(f"solver {solver_obj.name!r} has no error estimate: give steps=N for a fixed grid, or "
                              f"an adaptive solver ({', '.join(solvers.available(adaptive=True))})")
-        rtol = _check_tol("rtol", DEFAULT_RTOL if rtol is None else rtol)
-        atol = _check_tol("atol", DEFAULT_ATOL if atol is None else atol)
+        if adaptive is None:
+            rtol, atol = DEFAULT_RTOL, DEFAULT_ATOL
+        else:
+            rtol, atol = float(adaptive.rtol), float(adaptive.atol)
+            max_nfe, sigma_c = adaptive.max_nfe, adaptive.sigma_c
         if atol == 0:
-            raise ValueError("atol must be > 0: it is also the log-density column's tolerance, in nats per step "
-                             "(rtol does not apply to that column), got 0.0")
+            raise ValueError("Adaptive.atol must be > 0 here: it is also the log-density column's tolerance, in nats "
+                             "per step (rtol does not apply to that column), got 0.0")
     else:
         steps = _check_int("steps", steps, 1)
         if steps > MAX_STEPS:
             raise ValueError(f"steps must be at most {MAX_STEPS:,} (flowdiff.engine.grids.MAX_STEPS), got {steps:,}")
-        if rtol is not None or atol is not None:
-            raise ValueError(f"rtol=/atol= set an adaptive solve; steps={steps} sets a fixed grid: give one of them")
-    if max_nfe is not None:
-        max_nfe = _check_int("max_nfe", max_nfe, 1)
-        if steps is not None and solvers.nfe_for_steps(solver_obj, steps) > max_nfe:
-            raise ValueError(f"max_nfe={max_nfe}: {steps} steps of {solver_obj.name} cost "
-                             f"{solvers.nfe_for_steps(solver_obj, steps)} field evaluations; raise max_nfe or use "
-                             "fewer steps")
+        if adaptive is not None:
+            raise ValueError(f"adaptive=Adaptive(...) sets an error-controlled solve; steps={steps} sets a fixed "
+                             "grid: give one of them")
     schedule = flow.schedule
     s_max = float(schedule.sigma_max)
     c = float(schedule.sigma_min) if sigma_c is None else sigma_c
-    if isinstance(c, bool) or not isinstance(c, (int, float)) or not (math.isfinite(c) and 0 < c < s_max):
-        raise ValueError(f"sigma_c must be a number in (0, σ_max={s_max:.6g}), got {sigma_c!r}")
+    if not (math.isfinite(c) and 0 < c < s_max):
+        raise ValueError(f"Adaptive.sigma_c must be a number in (0, σ_max={s_max:.6g}), got {sigma_c!r}")
     c = float(c)
     mean = _per_pixel("data_mean", data_mean, shape, positive=False)
     var = _per_pixel("data_var", data_var, shape, positive=True)
@@ -606,4 +692,4 @@ def log_likelihood(
                       dequantization=None if dequantize is None else dequantization, log_q=log_q)
 
 
-__all__ = ["DIVERGENCES", "Likelihood", "log_likelihood"]
+__all__ = ["DIVERGENCES", "REMOVED", "Likelihood", "Trace", "log_likelihood"]
