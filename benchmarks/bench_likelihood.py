@@ -6,7 +6,7 @@ The models are closed-form Gaussian mixtures (``flowdiff.models.analytic.Mixture
 linear schedule (σ_max ≈ 157): the log-density at σ = 0 is a log-sum-exp, known exactly. Points are
 drawn from each mixture (``--samples``, seeded). Side by side in one process, per dimension:
 
-* flowdiff ``log_likelihood`` at its defaults (``divergence="auto"``: exact up to D = 256, Hutch++
+* flowdiff ``log_likelihood`` at its defaults (``estimator=Trace("auto")``: exact up to D = 256, Hutch++
   beyond; dopri5 at 1e-5; the check solve), with the prior stated as the mixture's per-pixel mean
   and variance (``data_mean``/``data_var``; the default VP prior is not this model's);
 * k-diffusion's ``k_diffusion.sampling.log_likelihood`` at its defaults (torchdiffeq dopri5 at
@@ -104,8 +104,9 @@ def digits(steps: int, probes: int) -> list[str]:
             ("hutchinson", {"probes": probes}, test, 17)]
     for divergence, options, images, levels in runs:
         start = time.perf_counter()
-        r = flowdiff.log_likelihood(flow, images, solver="rk4", steps=steps, divergence=divergence,
-                                    dequantize=levels, generator=torch.Generator().manual_seed(0), **options)
+        r = flowdiff.log_likelihood(flow, images, solver="rk4", steps=steps,
+                                    estimator=flowdiff.Trace(divergence, **options), dequantize=levels,
+                                    generator=torch.Generator().manual_seed(0))
         wall = time.perf_counter() - start
         mean, err = r.mean_bits_per_dim()
         se = r.bits_per_dim_std_error

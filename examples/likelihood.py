@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
              "| images | bits/dim | ± std. error | NFE |", "|---|---:|---:|---:|"]
     means, errors = {}, {}
     for name, images in image_sets(args.batch, args.seed).items():
-        result = flowdiff.log_likelihood(flow, images, divergence="hutchinson", probes=args.probes,
+        result = flowdiff.log_likelihood(flow, images, estimator=flowdiff.Trace("hutchinson", probes=args.probes),
                                          dequantize=LEVELS, generator=torch.Generator().manual_seed(args.seed),
                                          **grid)
         mean, se = result.mean_bits_per_dim()

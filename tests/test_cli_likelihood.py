@@ -41,8 +41,9 @@ def test_cli_prints_the_per_image_and_mean_bits_per_dim_of_log_likelihood(pngs, 
     torch.set_num_threads(1)
     loaded = load_model("analytic-mixture", dtype=torch.float32)
     images = read_images(paths, loaded.shape).float()
-    r = flowdiff.log_likelihood(loaded.flow, images, divergence="hutchinson", probes=2, solver="rk4", steps=3,
-                                dequantize=256, dequantization="uniform", generator=torch.Generator().manual_seed(5))
+    r = flowdiff.log_likelihood(loaded.flow, images, estimator=flowdiff.Trace("hutchinson", probes=2), solver="rk4",
+                                steps=3, dequantize=256, dequantization="uniform",
+                                generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(printed, r.bits_per_dim, atol=2e-5, rtol=0)
     mean = float(re.search(r"mean bits/dim: ([-0-9.]+) ± ([0-9.]+)", out.stdout).group(1))
     assert mean == pytest.approx(float(r.bits_per_dim.mean()), abs=2e-5)
@@ -61,8 +62,8 @@ def test_cli_prints_the_per_image_and_mean_bits_per_dim_of_log_likelihood(pngs, 
         assert offset in text and (how == "none" or f"{how} dequantization" in text), text
         bpd = torch.tensor([float(line.split()[2]) for line in text.splitlines() if line.startswith("d")])
         kw = {} if how == "none" else {"dequantize": 256, "dequantization": how}
-        ref = flowdiff.log_likelihood(loaded.flow, images, divergence="hutchinson", probes=2, solver="rk4", steps=3,
-                                      generator=torch.Generator().manual_seed(5), **kw)
+        ref = flowdiff.log_likelihood(loaded.flow, images, estimator=flowdiff.Trace("hutchinson", probes=2),
+                                      solver="rk4", steps=3, generator=torch.Generator().manual_seed(5), **kw)
         torch.testing.assert_close(bpd, ref.bits_per_dim.float(), atol=2e-5, rtol=0)
     # --data DIR reads the same files (in-process)
     capsys.readouterr()
@@ -79,6 +80,8 @@ def test_cli_errors_are_one_line(pngs, tmp_path, capsys):
                              ([paths[0], "--model", "analytic-mixture", "--probes", "3"], 1, "--probes/--sketch"),
                              ([paths[0], "--model", "analytic-mixture", "--solver", "nope"], 1, "unknown"),
                              ([paths[0], "--model", "analytic-mixture", "--solver", "rk4"], 1, "give steps=N"),
+                             ([paths[0], "--model", "analytic-mixture", "--solver", "rk4", "--steps", "3",
+                               "--rtol", "1e-3"], 1, "--rtol/--atol set an adaptive solve"),
                              ([paths[0], "--data", tmp_path], 2, "not allowed"),
                              ([], 2, "required")]:
         assert main(["likelihood", *map(str, argv)]) == code, argv

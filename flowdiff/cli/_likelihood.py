@@ -26,7 +26,16 @@ import torch
 
 import solvers as _solvers
 
-from ..tools.likelihood import DEFAULT_RTOL, DEQUANTIZATIONS, DIVERGENCES, PROBE_NOISES, log_likelihood
+from ..engine.options import Adaptive
+from ..tools.likelihood import (
+    DEFAULT_ATOL,
+    DEFAULT_RTOL,
+    DEQUANTIZATIONS,
+    DIVERGENCES,
+    PROBE_NOISES,
+    Trace,
+    log_likelihood,
+)
 from ._argtypes import available_device, device_name, seed
 from ._argtypes import positive_int as _positive_int
 from ._argtypes import positive_number as _tolerance
@@ -69,7 +78,8 @@ def add_parser(subparsers: Any, *, load_model: Callable[..., Any],
     group.add_argument("--probes", type=_positive_int, default=None,
                        help="probes of a stochastic divergence (default: 16); >= 2 gives a standard error")
     group.add_argument("--sketch", type=_positive_int, default=None, help="Hutch++'s sketch size (default: 32)")
-    group.add_argument("--noise", default="rademacher", choices=list(PROBE_NOISES), help="probe distribution")
+    group.add_argument("--probes-from", default="rademacher", choices=list(PROBE_NOISES),
+                       help="the probes' distribution (default: rademacher)")
     group.add_argument("--dequantization", default="uniform", choices=[*DEQUANTIZATIONS, "none"],
                        help="noise that dequantizes the integer pixel values, for the discrete data's bits/dim "
                             "(default: uniform; truncated_normal as in i-DODE); none: the continuous density's")
@@ -80,7 +90,7 @@ def add_parser(subparsers: Any, *, load_model: Callable[..., Any],
     group.add_argument("--solver", default="dopri5", help="a σ-variable solver: adaptive pairs (dopri5, bosh3, "
                                                           "dopri8, ...) or with --steps any of rk4, heun, ...")
     group.add_argument("--rtol", type=_tolerance, default=None, help=f"adaptive rtol (default: {DEFAULT_RTOL:g})")
-    group.add_argument("--atol", type=_tolerance, default=None, help=f"adaptive atol (default: {DEFAULT_RTOL:g})")
+    group.add_argument("--atol", type=_tolerance, default=None, help=f"adaptive atol (default: {DEFAULT_ATOL:g})")
     group.add_argument("--steps", type=_positive_int, default=None, help="fixed grid of N steps in log(σ + c) instead")
     p.set_defaults(func=run, likelihood_helpers=(load_model, read_images))
     return p
@@ -116,15 +126,21 @@ def run(args: argparse.Namespace) -> int:
     if args.dequantization != "none":
         options.update(dequantize=args.dequantize, dequantization=args.dequantization)
     if args.divergence not in ("exact", "auto"):
-        options.update(probes=args.probes, sketch=args.sketch, noise=args.noise)
+        estimator = Trace(args.divergence, probes=args.probes, sketch=args.sketch, probes_from=args.probes_from)
     elif args.probes is not None or args.sketch is not None:
         raise ValueError("--probes/--sketch apply to --divergence hutchinson or hutch++ (not exact or auto)")
-    if args.steps is not None:
-        options["steps"] = args.steps
     else:
-        options.update(rtol=args.rtol, atol=args.atol)
+        estimator = Trace(args.divergence)
+    if args.steps is not None:
+        if args.rtol is not None or args.atol is not None:
+            raise ValueError(f"--rtol/--atol set an adaptive solve; --steps {args.steps} a fixed grid: give one of "
+                             "them")
+        options["steps"] = args.steps
+    elif args.rtol is not None or args.atol is not None:
+        options["adaptive"] = Adaptive(rtol=DEFAULT_RTOL if args.rtol is None else args.rtol,
+                                       atol=DEFAULT_ATOL if args.atol is None else args.atol)
     start = time.perf_counter()
-    result = log_likelihood(loaded.flow, images, solver=args.solver, divergence=args.divergence,
+    result = log_likelihood(loaded.flow, images, solver=args.solver, estimator=estimator,
                             generator=torch.Generator().manual_seed(args.seed),
                             model_kwargs=loaded.model_kwargs or None, **options)
     wall = time.perf_counter() - start
