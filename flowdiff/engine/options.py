@@ -315,9 +315,10 @@ class Checks:
     the VP-scaled end state may reach ``growth × max(1, max|start|)`` and no further; ``None``
     turns it off, ``"auto"`` (the default) is the direction's own factor (1000 for generate and
     decode, 50 for encode). (Not called ``divergence``: that word is the trace of ∂ε/∂x̄ in
-    :func:`flowdiff.log_likelihood`'s estimator, :class:`flowdiff.Trace`.) ``model``: a :class:`flowdiff.Latent` that records its model refuses another
-    flow or other ``model_kwargs`` in :func:`flowdiff.decode` (generate and encode have no such
-    check, so ``model=False`` there is refused rather than ignored).
+    :func:`flowdiff.log_likelihood`'s estimator, :class:`flowdiff.Trace`.) ``model``: a
+    :class:`flowdiff.Latent` that records its model refuses another flow or other
+    ``model_kwargs`` in :func:`flowdiff.decode` (generate and encode have no such check, so
+    ``model=False`` there is refused rather than ignored).
     """
 
     finite: bool = True

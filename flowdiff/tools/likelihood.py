@@ -107,7 +107,7 @@ DEFAULT_RTOL = 1e-5
 DEFAULT_ATOL = 1e-5
 DEFAULT_PROBES = {"hutchinson": 16, "hutch++": 16}
 DEFAULT_SKETCH = 32
-#: ``divergence="auto"`` takes the exact trace (D products) up to this dimension, Hutch++ (2·32 + 16 = 80) beyond.
+#: ``Trace(method="auto")`` takes the exact trace (D products) up to this dimension, Hutch++ (2·32 + 16 = 80) beyond.
 AUTO_EXACT_MAX_DIM = 256
 #: The check solve's tolerances are this many times the solve's (a fixed grid: half the steps).
 CHECK_FACTOR = 10.0
