@@ -126,17 +126,6 @@ REMOVED = {
 }
 
 
-def _refuse_removed(function: str, removed: Mapping[str, Any]) -> None:
-    """A keyword that generate/encode/decode no longer take: TypeError naming its replacement."""
-    if not removed:
-        return
-    name = next(iter(removed))
-    if name in REMOVED:
-        raise TypeError(f"{function}() got an unexpected keyword argument {name!r}: removed in flowdiff 0.x; use "
-                        f"{REMOVED[name]}")
-    raise TypeError(f"{function}() got an unexpected keyword argument {name!r}")
-
-
 def _saver(save: object, callback: object, adaptive: bool) -> Saver | None:
     """The callback keeping what ``save`` asks for (None without ``save``)."""
     if save is None:
@@ -264,7 +253,7 @@ def generate(
     (default), ``"checkpoint"`` (step-boundary states kept, each step recomputed backwards) or
     ``"reversible"`` (reversible solvers: nothing kept per step). Fixed grids only.
     """
-    _refuse_removed("generate", removed)
+    _checks.refuse_removed("generate", removed, REMOVED)
     flow = check_flow(flow)
     noise = check_state(noise, "noise")
     checks = check_checks(checks)
@@ -337,7 +326,7 @@ def encode(
     ``adjoint``: how the encode is differentiated, as for :func:`generate` (the latent's
     solver state, when it keeps one, is differentiable too).
     """
-    _refuse_removed("encode", removed)
+    _checks.refuse_removed("encode", removed, REMOVED)
     flow = check_flow(flow)
     images = check_state(images, "images")
     checks = check_checks(checks)
@@ -425,7 +414,7 @@ def decode(
     with a ValueError naming both, unless ``checks=Checks(model=False)``.
     ``adjoint``: how the decode is differentiated, as for :func:`generate`.
     """
-    _refuse_removed("decode", removed)
+    _checks.refuse_removed("decode", removed, REMOVED)
     flow = check_flow(flow)
     checks = check_checks(checks)
     _checks.check_model_kwargs(model_kwargs)

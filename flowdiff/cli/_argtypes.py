@@ -16,14 +16,19 @@ from ._errors import CommandError
 MAX_IMAGES = 100_000
 
 
-def positive_int(text: str) -> int:
+def int_at_least(text: str, low: int, what: str) -> int:
+    """An integer option's value, ``low`` or more; otherwise an argparse error saying ``what`` is expected."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return int_at_least(text, 1, "a positive integer")
 
 
 def image_count(text: str) -> int:

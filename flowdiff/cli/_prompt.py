@@ -35,6 +35,7 @@ from torch import Tensor
 from ..engine.fingerprint import flow_fingerprint
 from ..engine.latent import Latent
 from ..models.guidance import classifier_free_guidance
+from ._argtypes import int_at_least
 
 #: diffusers' Stable Diffusion default guidance scale, used when --prompt is given without --guidance (and the flow
 #: names no ``default_guidance`` of its own)
@@ -60,13 +61,7 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
 
 def class_label(text: str) -> int:
     """``--class-label``'s type: a class index, an integer ≥ 0 (the model's range is checked once it is loaded)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a class index, an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a class index, an integer >= 0, got {value}")
-    return value
+    return int_at_least(text, 0, "a class index, an integer >= 0")
 
 
 def add_class_label_option(parser: argparse.ArgumentParser) -> None:

@@ -71,3 +71,15 @@ def check_data_range(x: Tensor, name: str = "images", data_range: tuple[float, f
     if xmin < lo - RANGE_SLACK * width or xmax > hi + RANGE_SLACK * width:
         warnings.warn(f"{name} span [{xmin:.4g}, {xmax:.4g}], far outside the model's data range [{lo:g}, {hi:g}]; "
                       f"rescale them (8-bit pixels v: v / 127.5 - 1)", UserWarning, stacklevel=3)
+
+
+def refuse_removed(function: str, removed: Mapping[str, Any], replacements: Mapping[str, str]) -> None:
+    """A keyword ``function`` no longer takes (caught by its ``**removed``): a TypeError naming its replacement
+    when ``replacements`` has one (flowdiff 0.x removes a second spelling instead of deprecating it)."""
+    if not removed:
+        return
+    name = next(iter(removed))
+    if name in replacements:
+        raise TypeError(f"{function}() got an unexpected keyword argument {name!r}: removed in flowdiff 0.x; use "
+                        f"{replacements[name]}")
+    raise TypeError(f"{function}() got an unexpected keyword argument {name!r}")

@@ -93,6 +93,7 @@ from torch import Tensor
 import solvers
 from solvers import SolveError, Solver, Stats, StepController
 
+from ..engine._checks import refuse_removed
 from ..engine.flow import ProbabilityFlow
 from ..engine.formulations import variables_of
 from ..engine.grids import MAX_STEPS
@@ -352,17 +353,6 @@ def _check_tol(name: str, value: object) -> float:
     return float(value)
 
 
-def _refuse_removed(removed: Mapping[str, Any]) -> None:
-    """A keyword log_likelihood no longer takes: TypeError naming its replacement."""
-    if not removed:
-        return
-    name = next(iter(removed))
-    if name in REMOVED:
-        raise TypeError(f"log_likelihood() got an unexpected keyword argument {name!r}: removed in flowdiff 0.x; use "
-                        f"{REMOVED[name]}")
-    raise TypeError(f"log_likelihood() got an unexpected keyword argument {name!r}")
-
-
 def _check_checks(checks: object) -> bool:
     """``Checks(finite=...)``; the fields log_likelihood does not use are refused unless at their defaults."""
     if checks is None:
@@ -516,7 +506,7 @@ def log_likelihood(
     and ``check`` (the check solve's statistics).
     """
     start = time.perf_counter()
-    _refuse_removed(removed)
+    refuse_removed("log_likelihood", removed, REMOVED)
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
     images = _check_images(images)
