@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -79,3 +80,83 @@ class Solver(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, order={self.order})"
+
+
+class Shifted(Solver):
+    """``base`` with the field evaluated at times shifted off the step's own, by a multiple of the step.
+
+    In the step ``(t₀, t₁)`` every evaluation ``f(t, y)`` the base method makes is taken at
+
+        t + δ·(t₁ − t₀),   δ = ``shifts[(t₀, t₁)]``,
+
+    while the result is used as the derivative *at t* (a multistep method stores it under t).
+    Decoupling the time the field is evaluated at from the time its state belongs to is what
+    LD3 (Tong et al., "Learning to Discretize Denoising Diffusion ODEs", ICLR 2025) learns
+    beside the grid, and what the time-shift and AMED samplers correct: at a few steps the
+    state lags or leads the trajectory its time stands for. ``δ = 0`` everywhere is ``base``
+    bit for bit; any δ ≠ 0 is a consistent first-order perturbation (the evaluation point
+    moves by O(h)), so the method is meant for the fixed grid and budget its shifts were
+    fitted on, not for convergence.
+
+    ``shifts`` maps each step taken with this method to its δ; a step not in the map (another
+    grid, or the same grid the other way) is an error, since shifts belong to one grid and one
+    direction. A step whose method is replaced by a lower order one (``limited``, a
+    ``final_method``) keeps its shift.
+    """
+
+    def __init__(self, base: Solver, shifts: dict[tuple[float, float], float], *, name: str | None = None) -> None:
+        if not isinstance(base, Solver) or isinstance(base, Shifted):
+            raise TypeError(f"base must be a solvers.Solver that is not itself Shifted, got {type(base).__name__}")
+        if base.reversible:
+            raise ValueError(f"solver {base.name!r} is reversible: shifted evaluations would break its exact inverse")
+        if not isinstance(shifts, dict):
+            raise TypeError(f"shifts must be a dict of step (t0, t1) -> shift, got {type(shifts).__name__}")
+        table: dict[tuple[float, float], float] = {}
+        for key, delta in shifts.items():
+            if not (isinstance(key, tuple) and len(key) == 2):
+                raise TypeError(f"shifts must be keyed by steps (t0, t1), got the key {key!r}")
+            if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta):
+                raise ValueError(f"the shift of the step {key!r} must be a finite number, got {delta!r}")
+            table[(float(key[0]), float(key[1]))] = float(delta)
+        self.base = base
+        self.shifts = table
+        self.name = name or f"{base.name}+shifted"  # type: ignore[misc]
+        for attr in ("order", "adaptive", "multistep", "evaluates_end"):
+            setattr(self, attr, getattr(base, attr))
+        for attr in ("steps_order", "fixed_grid_order", "error_order"):
+            if hasattr(base, attr):
+                setattr(self, attr, getattr(base, attr))
+        final = getattr(base, "final_method", None)
+        self.final_method = None if final is None else Shifted(final, table, name=self.name)
+        if hasattr(base, "limited"):  # only where the base has a lower-order form (callers ask with getattr)
+            self.limited = self._limited
+
+    def _wrap(self, other: Solver) -> Solver:
+        return self if other is self.base else Shifted(other, self.shifts, name=self.name)
+
+    def _limited(self, *args: Any, **kwargs: Any) -> Solver:
+        """The base's lower-order form for one step (``limited``), with the same shifts."""
+        return self._wrap(self.base.limited(*args, **kwargs))  # type: ignore[attr-defined]
+
+    def on_interval(self, t0: float, t1: float) -> Solver:
+        return self._wrap(self.base.on_interval(t0, t1))
+
+    def init(self, f: VectorField, t0: float, y0: Tensor) -> Any:
+        return self.base.init(f, t0, y0)
+
+    def step_cost(self, t0: float, state: Any) -> int | None:
+        return self.base.step_cost(t0, state)
+
+    def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
+        delta = self.shifts.get((t0, t1))
+        if delta is None:
+            raise ValueError(f"solver {self.name!r} has no shift for the step {t0!r} -> {t1!r}: its shifts belong "
+                             f"to the grid and direction they were fitted on (steps {sorted(self.shifts)})")
+        if delta == 0.0:
+            return self.base.step(f, t0, t1, y0, state)
+        offset = delta * (t1 - t0)
+
+        def shifted(t: float, y: Tensor) -> Tensor:
+            return f(t + offset, y)
+
+        return self.base.step(shifted, t0, t1, y0, state)
