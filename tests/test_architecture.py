@@ -7,6 +7,7 @@ closes a circle still makes the modules depend on each other (and breaks when mo
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,73 @@ def test_no_folder_holds_more_than_15_modules():
                for folder in [ROOT / package, *(p for p in (ROOT / package).rglob("*") if p.is_dir())]
                if (n := len([f for f in folder.glob("*.py") if f.name != "__init__.py"])) > 15}
     assert not crowded, f"folders with more than 15 modules: {crowded}"
+
+
+# One place turns a σ grid around: flowdiff.engine.grids.reversed_grid (used by Grid.solve_sigmas and by every
+# decode of a stored grid). Above the engine, a reversal ([::-1], flip, reversed()) of anything named like a
+# σ grid is a second place, and the floors above the engine are scanned for one.
+_GRID_NAME = re.compile(r"sigma|grid|^(sig|enc|gen|ts|times|timesteps|levels)$", re.IGNORECASE)
+_FLIPS = {"flip", "flipud", "fliplr"}
+
+
+def _reversed_operand(node: ast.AST) -> ast.AST | None:
+    """The expression ``node`` reverses, or None: ``e[::-1]``, ``np.flip(e)``/``e.flip(...)``, ``reversed(e)``."""
+    if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Slice):
+        s = node.slice
+        step = s.step
+        if (s.lower is None and s.upper is None and isinstance(step, ast.UnaryOp) and isinstance(step.op, ast.USub)
+                and isinstance(step.operand, ast.Constant) and step.operand.value == 1):
+            return node.value
+    if isinstance(node, ast.Call):
+        fn = node.func
+        if isinstance(fn, ast.Name) and fn.id == "reversed" and node.args:
+            return node.args[0]
+        if isinstance(fn, ast.Attribute) and fn.attr in _FLIPS:
+            is_module = isinstance(fn.value, ast.Name) and fn.value.id in ("np", "numpy", "torch")
+            return (node.args[0] if node.args else None) if is_module else fn.value
+    return None
+
+
+def _grid_reversals(source: str) -> list[tuple[int, str]]:
+    """(line, expression) of each reversal of something named like a σ grid (a name or attribute matching
+    :data:`_GRID_NAME` inside the reversed expression)."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        operand = _reversed_operand(node)
+        if operand is None:
+            continue
+        names = [n.id for n in ast.walk(operand) if isinstance(n, ast.Name)]
+        names += [n.attr for n in ast.walk(operand) if isinstance(n, ast.Attribute)]
+        if any(_GRID_NAME.search(name) for name in names):
+            out.append((node.lineno, ast.unparse(node)))
+    return sorted(out)
+
+
+def test_only_the_engine_reverses_a_sigma_grid():
+    found = {str(path.relative_to(ROOT)): hits for layer in LAYERS[1:]
+             for path in sorted((ROOT / "flowdiff" / layer).rglob("*.py"))
+             if (hits := _grid_reversals(path.read_text(encoding="utf-8")))}
+    assert not found, ("σ grids reversed outside the engine (use flowdiff.engine.grids.reversed_grid, or "
+                       f"Grid.solve_sigmas): {found}")
+
+
+def test_the_reversal_checker_sees_a_planted_reversal_and_nothing_else():
+    planted = """
+sig = np.asarray(latent.sigmas, dtype=np.float64)[::-1].copy()
+enc = gen[::-1].copy()
+out = encode(flow, x, grid=grid[::-1].copy())
+back = np.flip(request.sigmas)
+again = list(reversed(ts))
+flipped = sigmas.flip(0)
+"""
+    assert [line for line, _ in _grid_reversals(planted)] == [2, 3, 4, 5, 6, 7]
+    unrelated = """
+path = np.array(path[::-1])
+image = images.flip(-1)
+files = sorted(folders, key=len, reverse=True)
+tail = sigmas[1:]
+every_other = sigmas[::2]
+grid = reversed_grid(latent.sigmas)
+same = np.array_equal(given, latent.sigmas)
+"""
+    assert _grid_reversals(unrelated) == []

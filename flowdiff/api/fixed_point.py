@@ -50,6 +50,7 @@ import solvers
 from solvers import Derivative, Solver, StepFailure, StepResult
 
 from ..engine.formulations import Sigma, formulation_for
+from ..engine.grids import reversed_grid
 from ..engine.latent import Latent
 from ..engine.loop import solve_grid
 from ..engine.options import Inversion, Request, compute_dtype
@@ -245,7 +246,7 @@ def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Res
     model_dtype = images.dtype if images.dtype != dtype else None
     tol = _default_tol(dtype, images.dtype) if tol is None else float(tol)
     gen = request.grid.generation_sigmas(request.flow, solver_obj, final_euler=final_euler)
-    enc = gen[::-1].copy()
+    enc = reversed_grid(gen)
     refuse_encode_to_infinity(enc)  # zero terminal SNR (flowdiff.engine.terminal)
     last_euler = final_euler and solver_obj.evaluates_end and enc[0] == 0.0
     inverse = FixedPointInverse(solver_obj, last_euler_at=0.0 if last_euler else None, method=method, tol=tol,

@@ -33,6 +33,7 @@ from torch import Tensor
 from solvers import FixedGrid, ReversibleState, Solver
 
 from ..engine.formulations import formulation_for
+from ..engine.grids import reversed_grid
 from ..engine.latent import Latent
 from ..engine.loop import solve_flow
 from ..engine.options import Request, compute_dtype
@@ -70,5 +71,5 @@ def decode_reversible(request: Request, latent: Latent, *, adjoint: str = "autog
                      sigma0=float(enc[-1]), y0=x.to(**cast), state=state, callback=request.callback,
                      check_finite=request.check_finite, bound=request.bound,
                      adjoint=adjoint, params=params)
-    return Result(sol.xbar.to(latent.dtype), sol.stats, enc[::-1].copy(), solver.name)
+    return Result(sol.xbar.to(latent.dtype), sol.stats, reversed_grid(enc), solver.name)
 

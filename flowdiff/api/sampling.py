@@ -31,6 +31,7 @@ from ..engine import _checks
 from ..engine.adjoint import adjoint_for, refuse_adjoint
 from ..engine.flow import ProbabilityFlow
 from ..engine.formulations import encode_evaluates_end, formulation_for
+from ..engine.grids import reversed_grid
 from ..engine.latent import Latent
 from ..engine.loop import DIVERGENCE_ENCODE, DIVERGENCE_GENERATE, FlowSolution, divergence_limit, solve_grid
 from ..engine.options import (
@@ -450,7 +451,7 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
             if given is not None and given != options:
                 raise ValueError(f"this latent was encoded with solver options {options}; got "
                                  f"solvers.get({name!r}, **{given})")
-    sig = np.asarray(latent.sigmas, dtype=np.float64)[::-1].copy()
+    sig = reversed_grid(latent.sigmas)  # the encode's grid, run back (the engine's one reversal)
     grid = None if grid is None else as_grid(grid)
     final_euler = None
     if isinstance(grid, Grid):
@@ -459,7 +460,7 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
             grid = None  # Grid(final_euler=...) alone says how the decode ends, nothing about the grid
     if isinstance(grid, Grid) and grid.sigmas is not None:
         given = np.asarray(grid.sigmas, dtype=np.float64)
-        if not (np.array_equal(given, sig) or np.array_equal(given, sig[::-1])):
+        if not (np.array_equal(given, sig) or np.array_equal(given, latent.sigmas)):
             raise ValueError(f"grid= {np.array2string(given, precision=4)} differs from the grid this latent "
                              f"was encoded on, {np.array2string(sig, precision=4)} (either order is accepted)")
         if steps is not None or nfe is not None:

@@ -6,8 +6,15 @@ a :class:`Formulation` here: its time t ↔ σ, its state y ↔ x̄, its field `
 the factor from y to the VP-scaled image x = x̄/√(1+σ²) (for error norms), the denoised image
 from a carried derivative, and the fixed grid in its own time (with the steps its end points
 need). :func:`formulation_for` picks one for a solver, a direction and a kind of solve (fixed grid,
-adaptive, the η process, a reversible decode all ask it; the fixed-point inversion and the
-tools' reference and likelihood solves still name their variables directly).
+adaptive, the η process, a reversible decode, the fixed-point inversion and the likelihood's
+augmented solve all ask it).
+
+An *augmented* solve carries extra columns q beside the state, each with its own σ-derivative
+dq/dσ (the likelihood's log-density, dℓ/dσ = div ε). In variables whose state is x̄ itself
+(:class:`Sigma`, :class:`LogSigma`) the whole augmented state changes time alone,
+d[x̄, q]/dt = dσ/dt · [ε, dq/dσ] (:meth:`Formulation.augmented_field`); that is what
+``formulation_for(..., augmented=True)`` picks. The extra columns are the caller's: an
+augmented state is not a change of variables of the diffusion.
 
 * :class:`Sigma` — t = σ, y = x̄, f = ε. DDIM is Euler here; k-diffusion's lms is Adams here.
 * :class:`Data` — t = ρ = 1/σ, y = x̄/σ, f = D = x̄ − σ·ε (the model's denoised image):
@@ -48,6 +55,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 from torch import Tensor
 
 from solvers import Derivative, FixedGrid, ReversibleState, Solver, StepResult, VectorField, final_step_methods
@@ -90,6 +98,10 @@ class Formulation(abc.ABC):
     """One change of variables (t, y) of the flow ``dx̄/dσ = ε``."""
 
     name: str = ""
+    #: How a solve's messages name this time (e.g. ``"log(σ+c)"``).
+    time_name: str = ""
+    #: Whether the state is x̄ itself (y = x̄): then an augmented state changes time alone (:meth:`augmented_field`).
+    state_is_xbar: bool = False
 
     def __init__(self) -> None:
         self._exact: dict[float, float] = {}
@@ -115,6 +127,10 @@ class Formulation(abc.ABC):
         self._exact.update(zip(ts, (float(s) for s in sigmas)))
         return ts
 
+    @abc.abstractmethod
+    def dsigma_dt(self, t: float) -> float:
+        """dσ/dt at time ``t`` (at :meth:`sigma`'s σ): the factor by which a σ-derivative becomes a t-derivative."""
+
     # state <-> x̄
     @abc.abstractmethod
     def to_state(self, xbar: Tensor, sigma: float) -> Tensor: ...
@@ -139,6 +155,37 @@ class Formulation(abc.ABC):
         ts = self.times(sigmas)
         return self._fixed(sigmas, ts, final_step_methods(solver, len(ts) - 1, eval_end))
 
+    def uniform_grid(self, sigma_from: float, sigma_to: float, steps: int, solver: Solver) -> FixedGrid:
+        """``steps`` steps of equal length in this formulation's time from σ = ``sigma_from`` to ``sigma_to``
+        (either direction); the ends map back to their own σ exactly. Both ends must lie at finite times."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        t0, t1 = self.times([sigma_from, sigma_to])
+        if not (math.isfinite(t0) and math.isfinite(t1)):
+            raise ValueError(f"a grid uniform in {self.name!r} time needs both ends at finite times; σ = "
+                             f"{sigma_from!r} -> {sigma_to!r} is {self.time_name} = {t0!r} -> {t1!r}")
+        ts = np.linspace(t0, t1, steps + 1).tolist()
+        return FixedGrid(ts, final_step_methods(solver, steps, True))
+
+    def augmented_field(self, sigma_field: Callable[[float, Tensor], Tensor]) -> VectorField:
+        """The field in this time of an augmented state whose σ-field is ``sigma_field(σ, [x̄, q]) -> [ε, dq/dσ]``.
+
+        The state's columns hold x̄ and extra quantities q integrated beside it (the likelihood's
+        log-density); in variables whose state is x̄ itself (:attr:`state_is_xbar`) the augmented
+        ODE changes time alone: ``f(t, [x̄, q]) = sigma_field(σ(t), [x̄, q]) · dσ/dt``. Variables that
+        rescale the state (:class:`Data`, :class:`VP`) would have to rescale x̄'s columns and not
+        q's, and are refused (:func:`formulation_for` with ``augmented=True`` never picks them).
+        """
+        if not self.state_is_xbar:
+            raise ValueError(f"an augmented solve needs variables whose state is x̄ itself ('sigma', 'logsigma'); "
+                             f"the {self.name!r} variables rescale it")
+        sigma_of, rate = self.sigma, self.dsigma_dt
+
+        def f(t: float, y: Tensor) -> Tensor:
+            return sigma_field(sigma_of(t), y) * rate(t)
+
+        return f
+
     def _fixed(self, sigmas: Sequence[float], ts: list[float], methods: dict[int, Solver]) -> FixedGrid:
         """The fixed grid ``ts`` with ``methods``; a first σ = ∞ gets the boundary step out of pure noise."""
         if sigmas[0] == math.inf:
@@ -157,9 +204,14 @@ class Sigma(Formulation):
     """t = σ, y = x̄, f = ε."""
 
     name = "sigma"
+    time_name = "σ"
+    state_is_xbar = True
 
     def times(self, sigmas: Sequence[float]) -> list[float]:
         return [float(v) for v in sigmas]  # the time is σ itself: nothing to look up
+
+    def dsigma_dt(self, t: float) -> float:
+        return 1.0
 
     def _time(self, sigma: float) -> float:
         return sigma
@@ -302,6 +354,7 @@ class Data(Formulation):
     """
 
     name = "data"
+    time_name = "1/σ"
 
     def __init__(self, reach: float | None = None) -> None:
         super().__init__()
@@ -314,6 +367,10 @@ class Data(Formulation):
 
     def _sigma(self, t: float) -> float:
         return 0.0 if t == math.inf else math.inf if t == 0.0 else 1.0 / t
+
+    def dsigma_dt(self, t: float) -> float:
+        s = self.sigma(t)
+        return -s * s  # σ = 1/ρ
 
     def to_state(self, xbar: Tensor, sigma: float) -> Tensor:
         return xbar if sigma == 0.0 else xbar / sigma
@@ -389,6 +446,8 @@ class LogSigma(Formulation):
     """t = τ = log(σ + c), y = x̄, f = (σ + c)·ε; σ = 0 is τ = log c (τ = −∞ when c = 0)."""
 
     name = "logsigma"
+    time_name = "log(σ+c)"
+    state_is_xbar = True
 
     def __init__(self, c: float) -> None:
         super().__init__()
@@ -402,6 +461,9 @@ class LogSigma(Formulation):
 
     def _sigma(self, t: float) -> float:
         return 0.0 if t <= self.tau_zero else max(math.exp(t) - self.c, 0.0)
+
+    def dsigma_dt(self, t: float) -> float:
+        return self.sigma(t) + self.c  # σ + c = e^τ
 
     def to_state(self, xbar: Tensor, sigma: float) -> Tensor:
         return xbar
@@ -443,12 +505,16 @@ class VP(Formulation):
     """
 
     name = "vp"
+    time_name = "log(1+σ)"
 
     def _time(self, sigma: float) -> float:
         return math.log1p(sigma)
 
     def _sigma(self, t: float) -> float:
         return max(math.expm1(t), 0.0)
+
+    def dsigma_dt(self, t: float) -> float:
+        return 1.0 + self.sigma(t)  # 1 + σ = e^τ
 
     def to_state(self, xbar: Tensor, sigma: float) -> Tensor:
         return xbar / math.sqrt(1.0 + sigma * sigma)
@@ -503,9 +569,15 @@ ENCODE_REACH = 3.0
 
 
 def formulation_for(solver: Solver, direction: str, *, adaptive: bool = False,
-                    sigma_c: float | None = None) -> Formulation:
+                    sigma_c: float | None = None, augmented: bool = False) -> Formulation:
     """The variables ``solver`` runs in for a ``direction`` (``"generate"``/``"encode"``/``"decode"``).
 
+    An augmented solve (``augmented=True``: extra columns beside x̄, such as the likelihood's
+    log-density, :meth:`Formulation.augmented_field`), adaptive or on a fixed grid:
+    :class:`LogSigma` with ``sigma_c``, whose state is x̄ itself and whose time makes steps relative
+    where σ ≫ c and reaches σ = 0 at the finite τ = log c (a fixed grid there is uniform in τ,
+    :meth:`Formulation.uniform_grid`, so the encode's σ-step-ratio concerns below do not arise). A
+    method built for the data variables is refused: their state x̄/σ carries no extra column.
     Reversible solvers: :class:`VP` (their exact inverse keeps rounding at the state's scale).
     Encoding on a fixed grid, every multistep method: :class:`Data` with ``reach``
     (:data:`ENCODE_REACH`); a latent's decode with a data-variables method too (``generate``
@@ -521,6 +593,14 @@ def formulation_for(solver: Solver, direction: str, *, adaptive: bool = False,
     """
     if direction not in ("generate", "encode", "decode"):
         raise ValueError(f"direction must be 'generate', 'encode' or 'decode', got {direction!r}")
+    if augmented:
+        if variables_of(solver) != "sigma":
+            raise ValueError(f"solver {solver.name!r} runs in the flow's {variables_of(solver)!r} variables, which "
+                             "carry no column beside x̄ (such as the likelihood's log-density); use a σ-variable "
+                             "solver, e.g. dopri5, bosh3, rk4, heun, ipndm")
+        if sigma_c is None:
+            raise ValueError("an augmented solve in log(σ + c) needs sigma_c")
+        return LogSigma(sigma_c)
     if solver.reversible:
         return VP()
     if direction in ("encode", "decode") and not adaptive:

@@ -1,7 +1,9 @@
 """Time grids (sampling trajectories) as σ values, float64 on the host.
 
 A generation grid is strictly decreasing and ends at σ = 0; encoding uses the same grid
-reversed, so that a decode retraces the encode. ``trailing`` and ``leading`` are
+reversed, so that a decode retraces the encode. :func:`reversed_grid` is the one place a σ grid
+is turned around (an encode's grid from its generation grid, a decode's from a latent's stored
+grid); ``tests/test_architecture.py`` fails on another. ``trailing`` and ``leading`` are
 diffusers' definitions, ``linear`` and ``quadratic`` the DDIM paper's (App. D.2),
 ``karras`` EDM's (ρ = 7 by default) and ``logsnr`` uniform in log σ.
 """
@@ -19,6 +21,19 @@ GRIDS = ("trailing", "leading", "linear", "quadratic", "karras", "logsnr")
 GRID_OPTIONS: dict[str, tuple[str, ...]] = {"karras": ("rho", "sigma_min", "sigma_max"),
                                             "logsnr": ("power", "sigma_min", "sigma_max")}
 _DEFAULTS = {"rho": 7.0, "power": 1.0}
+
+
+def reversed_grid(sigmas: ArrayLike) -> np.ndarray:
+    """The σ grid ``sigmas`` run the other way, as a new float64 array.
+
+    A generation grid (σ_max down to 0) becomes the encode grid that retraces it, and an
+    encode's stored grid (``Latent.sigmas``, 0 up to σ_max) the grid of its decode: both
+    directions visit the same σ values, so a decode evaluates the model where its encode did.
+    """
+    grid = np.asarray(sigmas, dtype=np.float64)
+    if grid.ndim != 1:
+        raise ValueError(f"sigmas must be a 1-D σ grid, got shape {grid.shape}")
+    return grid[::-1].copy()
 
 
 def check_grid_options(grid: object, options: dict[str, object], *, explicit: str | None = None) -> dict[str, float]:

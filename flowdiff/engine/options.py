@@ -31,7 +31,7 @@ from solvers import Solver, StepController
 
 from .flow import ProbabilityFlow
 from .formulations import encode_evaluates_end
-from .grids import GRIDS, check_budget, make_sigmas
+from .grids import GRIDS, check_budget, make_sigmas, reversed_grid
 from .schedules import ArrayLike
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -174,7 +174,8 @@ class Grid:
                            **self.options)
 
     def solve_sigmas(self, flow: ProbabilityFlow, solver: Solver, direction: str) -> np.ndarray:
-        """The σ grid in the order the solve runs it: the one place a grid is reversed.
+        """The σ grid in the order the solve runs it, built once here (reversed by :func:`~flowdiff.engine.grids.
+        reversed_grid`, the one place a σ grid is turned around; a latent's decode turns its stored grid with it).
 
         ``"generate"`` (and a plain decode): the generation grid, decreasing to 0, its last step
         Euler per ``final_euler``. ``"encode"``: the same grid reversed (0 up to σ_max), built as a
@@ -184,7 +185,7 @@ class Grid:
             return self.generation_sigmas(flow, solver)
         if direction == "encode":
             # unipc and abm end an encode with the predictor alone (formulations.encode_evaluates_end)
-            return self.generation_sigmas(flow, solver, final_euler=not encode_evaluates_end(solver))[::-1].copy()
+            return reversed_grid(self.generation_sigmas(flow, solver, final_euler=not encode_evaluates_end(solver)))
         raise ValueError(f"direction must be 'generate' or 'encode', got {direction!r}")
 
     @property

@@ -28,6 +28,7 @@ import solvers
 
 from ..api.sampling import Result, encode, generate
 from ..engine.flow import ProbabilityFlow
+from ..engine.grids import reversed_grid
 from ..engine.scheduler_grids import (
     class_name,
     config_grid,
@@ -573,5 +574,5 @@ def encode_like(flow: ProbabilityFlow, images: Tensor, scheduler: object = None,
     # step's target timestep at its source level (flowdiff.api.ddim_inverse)
     run_flow = flow.with_timesteps(dict(zip(grid[1:].tolist(), ts.astype(float).tolist())))
     # encode takes its input as the VP-scaled sample at the grid's first level (x̄ = x·√(1+σ_min²))
-    return encode(run_flow, images, solver="ddim_inverse", grid=grid[::-1].copy(), model_kwargs=model_kwargs,
+    return encode(run_flow, images, solver="ddim_inverse", grid=reversed_grid(grid), model_kwargs=model_kwargs,
                   **encode_kwargs)

@@ -11,9 +11,12 @@ so the image's log-density is a prior term plus an ODE term,
 
     log p_0(x̄(0)) = log p_{σ_max}(x̄(σ_max)) + ∫₀^{σ_max} div_x̄ ε(x̄(σ), σ) dσ.
 
-The augmented state [x̄, ∫div] is integrated from σ = 0 to σ_max, in the time variable
-τ = log(σ + c) (relative steps where σ ≫ c; σ = 0 is the finite point log c, reached with no
-division by σ), with the field (σ + c)·[ε, div ε].
+The augmented state [x̄, ∫div] is integrated from σ = 0 to σ_max in the variables the engine
+picks for it (``formulation_for(solver, "encode", augmented=True, sigma_c=c)``: the time
+τ = log(σ + c), relative steps where σ ≫ c, σ = 0 the finite point log c reached with no
+division by σ), with the field (σ + c)·[ε, div ε] that its ``augmented_field`` makes of the
+σ-field [ε, div ε]; its ``uniform_grid`` places the steps of ``steps=N`` and its ``x_factor``
+gives the error norm's image scale. The log-density column is this module's own.
 
 **The prior.** p_{σ_max} = p_data ∗ N(0, σ_max²I). flowdiff's generator starts from DDIM's
 x_T ~ N(0, I), i.e. x̄ ~ N(0, (1 + σ_max²)I): with the defaults ``data_mean=0``,
@@ -86,7 +89,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -95,7 +97,7 @@ from solvers import SolveError, Solver, Stats, StepController
 
 from ..engine._checks import refuse_removed
 from ..engine.flow import ProbabilityFlow
-from ..engine.formulations import variables_of
+from ..engine.formulations import formulation_for
 from ..engine.grids import MAX_STEPS
 from ..engine.options import Adaptive, Checks
 
@@ -540,19 +542,24 @@ def log_likelihood(
             if sketch > dim:
                 raise ValueError(f"Trace.sketch must be <= the dimension D={dim}, got {sketch}")
     solver_obj = solvers.get(solver)
-    if variables_of(solver_obj) != "sigma":
-        raise ValueError(f"solver {solver_obj.name!r} runs in the flow's {variables_of(solver_obj)!r} variables, "
-                         "which carry no log-density; use a σ-variable solver, e.g. dopri5, bosh3, rk4, heun, "
-                         "ipndm")
     if adaptive is not None and not isinstance(adaptive, Adaptive):
         raise TypeError(f"adaptive must be a flowdiff.Adaptive or None, got {type(adaptive).__name__}")
+    schedule = flow.schedule
+    s_max = float(schedule.sigma_max)
+    sigma_c = None if adaptive is None else adaptive.sigma_c
+    c = float(schedule.sigma_min) if sigma_c is None else sigma_c
+    if not (math.isfinite(c) and 0 < c < s_max):
+        raise ValueError(f"Adaptive.sigma_c must be a number in (0, σ_max={s_max:.6g}), got {sigma_c!r}")
+    # the engine picks the variables (LogSigma(c): the state is x̄, the time τ = log(σ + c)); it refuses a solver
+    # built for the data variables, whose state carries no log-density
+    form = formulation_for(solver_obj, "encode", adaptive=steps is None, sigma_c=float(c), augmented=True)
     if adaptive is not None:
         unused = [f"{name}={getattr(adaptive, name)!r}" for name in _UNUSED_ADAPTIVE
                   if getattr(adaptive, name) is not None]
         if unused:
             raise ValueError(f"adaptive=Adaptive({', '.join(unused)}): log_likelihood has its own step controller "
                              "and runs from σ = 0 to σ_max; it takes Adaptive(rtol=, atol=, max_nfe=, sigma_c=) only")
-    rtol = atol = max_nfe = sigma_c = None
+    rtol = atol = max_nfe = None
     if steps is None:
         if not solver_obj.adaptive:
             raise ValueError(f"solver {solver_obj.name!r} has no error estimate: give steps=N for a fixed grid, or "
@@ -561,7 +568,7 @@ def log_likelihood(
             rtol, atol = DEFAULT_RTOL, DEFAULT_ATOL
         else:
             rtol, atol = float(adaptive.rtol), float(adaptive.atol)
-            max_nfe, sigma_c = adaptive.max_nfe, adaptive.sigma_c
+            max_nfe = adaptive.max_nfe
         if atol == 0:
             raise ValueError("Adaptive.atol must be > 0 here: it is also the log-density column's tolerance, in nats "
                              "per step (rtol does not apply to that column), got 0.0")
@@ -572,12 +579,6 @@ def log_likelihood(
         if adaptive is not None:
             raise ValueError(f"adaptive=Adaptive(...) sets an error-controlled solve; steps={steps} sets a fixed "
                              "grid: give one of them")
-    schedule = flow.schedule
-    s_max = float(schedule.sigma_max)
-    c = float(schedule.sigma_min) if sigma_c is None else sigma_c
-    if not (math.isfinite(c) and 0 < c < s_max):
-        raise ValueError(f"Adaptive.sigma_c must be a number in (0, σ_max={s_max:.6g}), got {sigma_c!r}")
-    c = float(c)
     mean = _per_pixel("data_mean", data_mean, shape, positive=False)
     var = _per_pixel("data_var", data_var, shape, positive=True)
 
@@ -598,34 +599,31 @@ def log_likelihood(
         estimator = _HutchPlusPlus(s, _draw(noise, probes, batch, dim, generator).to(device, dtype))
     k = estimator.columns
 
-    tau_zero, tau_max = math.log(c), math.log(s_max + c)
-
-    def sigma_of(tau: float) -> float:
-        return 0.0 if tau <= tau_zero else max(math.exp(tau) - c, 0.0)
-
+    # the engine's time (τ = log(σ + c) from the chooser above), its ends mapping back to σ = 0 and σ_max exactly
+    t_zero, t_max = form.times([0.0, s_max])
     piece = min(batch, chunk)
 
-    def augmented(tau: float, y: Tensor) -> Tensor:
-        sigma = sigma_of(tau)
+    def sigma_field(sigma: float, y: Tensor) -> Tensor:
+        """d[x̄, ℓ]/dσ = [ε, div ε] (ℓ: one column per probe), the batch in pieces of ``chunk``."""
         out = []
         for b0 in range(0, batch, piece):
             rows = slice(b0, min(batch, b0 + piece))
             eps, apply = jac.linearize(sigma, y[rows, :dim].to(dtype))
             div = estimator(apply, rows, eps.shape[0], eps)
             out.append(torch.cat([eps.detach(), div.detach()], 1).to(y.dtype))
-        return torch.cat(out).mul_(sigma + c)
+        return torch.cat(out)
 
+    augmented = form.augmented_field(sigma_field)
     # the augmented state in float64 (where the device has it), the model in the images' precision: the
     # log-density column reaches hundreds of nats, whose float32 rounding (~1e-5) would be the tolerance itself
     state_dtype = torch.float32 if device.type == "mps" else torch.float64
-    y0 = torch.cat([xbar0, xbar0.new_zeros(batch, k)], 1).to(state_dtype)
+    y0 = torch.cat([form.to_state(xbar0, 0.0), xbar0.new_zeros(batch, k)], 1).to(state_dtype)
 
     def integrate(scale: float) -> tuple[Tensor, Stats]:
         """One solve at ``scale`` × the tolerances (adaptive) or 1/``scale`` × the steps (fixed grid)."""
         rows0, calls0 = jac.rows, jac.calls
-        def norm(error: Tensor, y0: Tensor, y1: Tensor, tau: float) -> Tensor:
-            s = sigma_of(tau)
-            a = 1.0 / math.sqrt(1.0 + s * s)
+        def norm(error: Tensor, y0: Tensor, y1: Tensor, t: float) -> Tensor:
+            a = form.x_factor(t)  # the image's scale x = x̄/√(1+σ²)
             img = (error[:, :dim] * a).abs() / (y1[:, :dim].abs() * (rtol * scale * a) + atol * scale)
             img = img.pow(2).mean(1).sqrt()
             lp = error[:, dim:].abs() / (atol * scale)   # nats, whatever the size of ℓ
@@ -634,14 +632,13 @@ def log_likelihood(
         try:
             with torch.no_grad():
                 if steps is None:
-                    sol = solvers.solve_adaptive(augmented, y0, tau_zero, tau_max, solver_obj, rtol=rtol * scale,
+                    sol = solvers.solve_adaptive(augmented, y0, t_zero, t_max, solver_obj, rtol=rtol * scale,
                                                  atol=atol * scale, norm=norm, controller=CONTROLLER, max_nfe=max_nfe,
-                                                 check_finite=check_finite, time_name="log(σ+c)")
+                                                 check_finite=check_finite, time_name=form.time_name)
                 else:
-                    n = max(1, round(steps / scale))
-                    ts = np.linspace(tau_zero, tau_max, n + 1)
-                    sol = solvers.solve(augmented, y0, ts, solver_obj, check_finite=check_finite,
-                                        time_name="log(σ+c)")
+                    grid = form.uniform_grid(0.0, s_max, max(1, round(steps / scale)), solver_obj)
+                    sol = solvers.integrate(augmented, y0, solver_obj, grid, check_finite=check_finite,
+                                            time_name=form.time_name)
         except SolveError as err:
             if err.stats is not None:
                 err.stats.extra.update(vjps=(jac.rows - rows0) // batch, model_calls=jac.calls - calls0,
@@ -654,7 +651,7 @@ def log_likelihood(
 
     def log_density(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """prior (log N(x̄(σ_max); m, (v + σ_max²)I)), the ODE term of each probe, and their sum (mean over probes)."""
-        xbar_max = y[:, :dim].double()
+        xbar_max = form.to_xbar(y[:, :dim], t_max).double()
         prior = -0.5 * (((xbar_max - mean.to(device)) ** 2 / total_var).sum(1)
                         + torch.log(2 * math.pi * total_var).sum())
         per_probe = y[:, dim:].double()
@@ -676,7 +673,8 @@ def log_likelihood(
     q = 0.0 if log_q is None else log_q
     bpd = -(log_prob - q) / (dim * math.log(2)) + offset
     stats.wall_time = time.perf_counter() - start
-    latent = (y[:, :dim] / math.sqrt(1.0 + s_max * s_max)).reshape(batch, *shape).to(images.dtype)
+    latent = (form.to_xbar(y[:, :dim], t_max) / math.sqrt(1.0 + s_max * s_max)).reshape(batch, *shape)
+    latent = latent.to(images.dtype)  # DDIM's x_T = x̄(σ_max)/√(1+σ_max²), as encode's
     return Likelihood(log_prob, prior, delta, bpd, std_error, None if divergence == "exact" else per_probe,
                       dim, offset, divergence, latent, stats, solve_error=solve_error, error=error,
                       dequantization=None if dequantize is None else dequantization, log_q=log_q)
