@@ -171,8 +171,8 @@ def _counting(flow):
 def test_shifts_lower_the_fitted_error_spend_the_base_nfe_and_are_kept_only_if_held_out_agrees(name):
     flow = mixture()
     cal = noise(1, n=16)
-    learned = learn_solver(flow, cal, solver=name, nfe=6)  # shifts are the default
-    assert learned.learn == ("shifts",) and learned.coefficients == ()
+    learned = learn_solver(flow, cal, solver=name, nfe=6, learn="shifts")
+    assert learned.learn == ("shifts",) and learned.coefficients == () and learned.base_sigmas is None
     assert len(learned.shifts) == len(learned.sigmas) - 1
     assert learned.calibration_error < learned.base_calibration_error
     assert learned.kept == (learned.validation_error < learned.base_validation_error)
@@ -196,7 +196,7 @@ def test_shifts_lower_the_fitted_error_spend_the_base_nfe_and_are_kept_only_if_h
 
 def test_bad_shifts_are_rejected_on_held_out_noise_and_leave_the_base_method():
     flow = mixture()
-    learned = learn_solver(flow, noise(1, n=8), solver="unipc", nfe=6, iterations=1)
+    learned = learn_solver(flow, noise(1, n=8), solver="unipc", nfe=6, iterations=1, learn="shifts")
     bad = LearnedSolver(**{**learned.__dict__, "kept": True, "shifts": tuple(0.5 for _ in learned.shifts)})
     other = noise(2, n=8)
     ref = flowdiff.reference_solution(flow, other, sigma_end=0.0, rtol=1e-7, atol=1e-7).x
@@ -255,7 +255,7 @@ def test_shifts_and_coefficients_together_save_load_bit_for_bit_and_old_files_st
         LearnedSolver.load(path, mixture(seed=4))
     # a file of format 1 (coefficients only, written before shifts) loads as coefficients alone
     data = json.loads(path.read_text())
-    del data["shifts"], data["learn"]
+    del data["shifts"], data["learn"], data["base_sigmas"]
     data["format"] = "flowdiff.LearnedSolver/1"
     (tmp_path / "old.json").write_text(json.dumps(data))
     old = LearnedSolver.load(tmp_path / "old.json", flow)
@@ -272,11 +272,38 @@ def test_shifts_and_coefficients_together_save_load_bit_for_bit_and_old_files_st
         LearnedSolver.load(tmp_path / "future.json", flow)
 
 
+def test_the_default_fits_shifts_and_grid_together_keeps_the_step_count_and_falls_back_to_the_start_grid(tmp_path):
+    flow = mixture()
+    cal = noise(1, n=16)
+    learned = learn_solver(flow, cal, solver="dpmpp_3m", nfe=6)
+    assert learned.learn == ("shifts", "grid")
+    start = learned.base_grid()
+    assert np.array_equal(start, flowdiff.make_sigmas(flow.schedule, "logsnr", 6))  # no stored grid: logsnr
+    assert learned.calibration_error < learned.base_calibration_error
+    forced = LearnedSolver(**{**learned.__dict__, "kept": True})
+    if not learned.kept:  # a rejected fit leaves the start grid; refit to see the fitted one
+        forced = learn_solver(flow, cal, solver="dpmpp_3m", nfe=6, iterations=3)
+        forced = LearnedSolver(**{**forced.__dict__, "kept": True})
+    grid = forced.sigmas
+    assert len(grid) == len(start) and grid[0] == start[0] and grid[-1] == start[-1] == 0.0
+    assert np.all(np.diff(grid) < 0) and not np.array_equal(grid, start)
+    counting, calls = _counting(flow)
+    out = flowdiff.generate(counting, cal, solver=forced.as_solver(), grid=grid)
+    assert out.stats.nfe == len(calls) == flowdiff.generate(flow, cal, solver="dpmpp_3m", grid=start).stats.nfe
+    back = LearnedSolver.load(forced.save(tmp_path / "grid.learned.json"), flow)
+    assert np.array_equal(back.sigmas, grid) and np.array_equal(back.base_sigmas, start)
+    assert torch.equal(flowdiff.generate(flow, cal, solver=back.as_solver(), grid=back.sigmas).x, out.x)
+    # judged on noise where it loses, it is the base method on the start grid
+    rejected = forced._decided(1.0, 0.5)
+    assert not rejected.kept and np.array_equal(rejected.sigmas, start) and rejected.as_solver().name == "dpmpp_3m"
+
+
 def test_bad_learn_arguments_name_what_is_accepted():
     flow = mixture()
     x = noise(1, n=4)
-    with pytest.raises(ValueError, match=r"learn must name each of 'shifts', 'coefficients' at most once, got 'grid'"):
-        learn_solver(flow, x, solver="unipc", nfe=6, learn="grid")
+    with pytest.raises(ValueError, match=r"learn must name each of 'shifts', 'coefficients', 'grid' at most once, "
+                                         r"got 'steps'"):
+        learn_solver(flow, x, solver="unipc", nfe=6, learn="steps")
     with pytest.raises(ValueError, match="at most once"):
         learn_solver(flow, x, solver="unipc", nfe=6, learn=("shifts", "shifts"))
     with pytest.raises(TypeError, match="learn must be one of"):

@@ -1,8 +1,8 @@
 """Learned low-NFE solvers: evaluation times and multistep coefficients fitted to one model on teacher trajectories.
 
 At 4–10 evaluations a tuned grid (:mod:`flowdiff.tools.tuning`) leaves an error that a better
-grid alone no longer removes. Two things can take the model's shape beside the grid, each
-fitted per step to a few hundred teacher trajectories (``learn=``):
+grid alone no longer removes. Three things can take the model's shape, each fitted per step to a
+few hundred teacher trajectories (``learn=``; the default, shifts and grid together, is LD3's):
 
 * ``"shifts"`` — **evaluation times** (LD3, Tong et al., "Learning to Discretize Denoising
   Diffusion ODEs", ICLR 2025; the time-shift sampler, Li et al., ICLR 2024; AMED, Zhou et al.,
@@ -18,10 +18,13 @@ fitted per step to a few hundred teacher trajectories (``learn=``):
   y₁ = y₁^{base} + Σ_m c_{i,m}·T_{i,m} with T_{i,m} = O(h^{n+m+1}), so any bounded ``c`` keeps
   the base method's order (S4S, Frankel et al., ICML 2025; DC-Solver's compensation, Zhao et
   al., ECCV 2024). It acts only from the third or fourth step on.
+* ``"grid"`` — the grid's σ themselves, refined from the grid the fit starts at (LD3 learns
+  them jointly with the shifts): every σ but the first and the last moves in log σ by at most
+  0.45 of its gap to the nearer neighbour, so the grid stays ordered and keeps its step count.
 
 Both are fitted together by bounded least squares on the image error against the teacher,
 
-    min_{δ,c}  Σ_samples |generate(noise_fit; δ, c) − x_ref|²,   |c_{i,m}| ≤ bound,  |δ_i| ≤ shift_bound,
+    min_{δ,c,σ}  Σ_samples |generate(noise_fit; δ, c, σ) − x_ref|²,   |c_{i,m}| ≤ bound,  |δ_i| ≤ shift_bound,
 
 with ``x_ref`` = :func:`flowdiff.reference_solution` on the grid the solver would use anyway
 (the shipped tuned grid of that model, solver and budget when there is one, else ``logsnr``),
@@ -29,8 +32,9 @@ the Jacobian by forward differences (one candidate solve per parameter). A shift
 bounded so that every evaluation stays between σ = 0 and the schedule's σ_max (the model has
 no time outside; the first step out of σ_max can only move its evaluation down). The noise is
 split: the even-indexed half is fitted, the odd-indexed half decides — the learned solver is
-kept only if its RMS error on the held-out half is below the base method's on the same grid;
-otherwise the result is the base method (``kept=False``).
+kept only if its RMS error on the held-out half is below the base method's on the starting
+grid; otherwise the result is the base method on that grid (``kept=False``). Where more than
+one kind is learned, each is first fitted alone and the fit of all starts from the best of them.
 
 A :class:`LearnedSolver` records the flow's fingerprint, the grid, the shifts and coefficients,
 its errors and its cost in model evaluations (``fitting_nfe``: the teacher's and every
@@ -76,17 +80,19 @@ _FORMAT = "flowdiff.LearnedSolver/2"
 _FORMAT_1 = "flowdiff.LearnedSolver/1"
 
 #: what :func:`learn_solver` can fit (``learn=``)
-LEARNABLE = ("shifts", "coefficients")
+LEARNABLE = ("shifts", "coefficients", "grid")
 
 
 @dataclass(frozen=True)
 class LearnedSolver:
     """A ``solver`` with per-step evaluation shifts and/or coefficients fitted at budget ``nfe`` on one flow.
 
-    ``learn`` says what was fitted (``"shifts"``, ``"coefficients"``). ``sigmas`` is the
-    generation grid they belong to, ``shifts[i]`` the evaluation shift δ of step ``i`` (empty
-    unless shifts were learned), ``coefficients[i]`` the correction multiples of step ``i``
-    (empty where a step takes none, or unless coefficients were learned). ``kept`` says whether
+    ``learn`` says what was fitted (``"shifts"``, ``"coefficients"``, ``"grid"``). ``sigmas`` is
+    the generation grid they belong to (fitted too with ``"grid"``: then ``base_sigmas`` is the
+    grid the fit started from and the base method is judged on), ``shifts[i]`` the evaluation
+    shift δ of step ``i`` (empty unless shifts were learned), ``coefficients[i]`` the correction
+    multiples of step ``i`` (empty where a step takes none, or unless coefficients were
+    learned). ``kept`` says whether
     the held-out half preferred the learned solver to the base method; when not, shifts and
     coefficients are zero and :meth:`as_solver` is the base method itself.
     ``calibration_error`` / ``base_calibration_error`` are the RMS image errors of the learned
@@ -118,6 +124,12 @@ class LearnedSolver:
     source: str = ""
     shifts: tuple[float, ...] = ()
     learn: tuple[str, ...] = ("coefficients",)  # what a format-1 file holds
+    base_sigmas: np.ndarray | None = None
+
+    def base_grid(self) -> np.ndarray:
+        """The grid the base method is judged on: the grid the fit started from (:attr:`sigmas` unless the grid
+        itself was learned)."""
+        return self.sigmas if self.base_sigmas is None else self.base_sigmas
 
     def base(self) -> _solvers.Solver:
         """The base method (registry name and options)."""
@@ -142,13 +154,14 @@ class LearnedSolver:
     def validated(self, flow: ProbabilityFlow, noise: Tensor, *,
                   model_kwargs: Mapping[str, Any] | None = None) -> LearnedSolver:
         """This solver judged on ``noise`` (held out from its fit): kept only if its RMS error against the
-        reference is below the base method's on the same grid; otherwise the base method (``kept=False``)."""
+        reference is below the base method's on its grid (:meth:`base_grid`); otherwise the base method on
+        that grid (``kept=False``)."""
         self.check(flow, model_kwargs)
         _check_noise(noise)
         target = _reference(flow, noise, model_kwargs, float(self.options.get("reference_tol", 1e-7)))[0]
         learned = _rms(generate(flow, noise, solver=self._fitted(), grid=self.sigmas, model_kwargs=model_kwargs).x,
                        target)
-        base = _rms(generate(flow, noise, solver=self.base(), grid=self.sigmas, model_kwargs=model_kwargs).x,
+        base = _rms(generate(flow, noise, solver=self.base(), grid=self.base_grid(), model_kwargs=model_kwargs).x,
                     target)
         return self._decided(learned, base)
 
@@ -157,6 +170,7 @@ class LearnedSolver:
         coefficients = self.coefficients if kept else tuple(tuple(0.0 for _ in c) for c in self.coefficients)
         shifts = self.shifts if kept else tuple(0.0 for _ in self.shifts)
         return replace(self, kept=kept, coefficients=coefficients, shifts=shifts,
+                       sigmas=self.sigmas if kept else self.base_grid().copy(),
                        validation_error=learned if kept else base, base_validation_error=base)
 
     def save(self, path: str | Path) -> Path:
@@ -167,6 +181,7 @@ class LearnedSolver:
         data["coefficients"] = [[float(c).hex() for c in cs] for cs in self.coefficients]
         data["shifts"] = [float(d).hex() for d in self.shifts]
         data["learn"] = list(self.learn)
+        data["base_sigmas"] = None if self.base_sigmas is None else [float(s).hex() for s in self.base_sigmas]
         data.pop("source")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,13 +201,16 @@ class LearnedSolver:
                 data = read_record(path, _FORMAT_1, "learned solver")
             except ValueError:
                 raise err from None
-            if "shifts" in data or "learn" in data:
+            if "shifts" in data or "learn" in data or "base_sigmas" in data:
                 raise ValueError(f"{path}: malformed learned solver (format {_FORMAT_1!r} holds no shifts)") from None
         try:
             data["sigmas"] = np.array([float.fromhex(s) for s in data["sigmas"]], dtype=np.float64)
             data["coefficients"] = tuple(tuple(float.fromhex(c) for c in cs) for cs in data["coefficients"])
             data["shifts"] = tuple(float.fromhex(d) for d in data.get("shifts", ()))
             data["learn"] = _check_learn(tuple(data.get("learn", ("coefficients",))))
+            base_sigmas = data.get("base_sigmas")
+            data["base_sigmas"] = None if base_sigmas is None else np.array(
+                [float.fromhex(s) for s in base_sigmas], dtype=np.float64)
             learned = cls(**data, source=str(path))
             learned.base()
         except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -305,6 +323,14 @@ def _evaluated(base: _solvers.Solver, sigmas: list[float], schedule: Schedule) -
     return seen[: len(sigmas) - 1]
 
 
+def _grid_moves(sigmas: np.ndarray) -> list[tuple[int, float]]:
+    """The grid's movable σ (all but the first and the last) and how far each may move in log σ: 0.45 of the
+    log gap to its nearer neighbour (to the one above only, next to σ = 0), so that the grid stays ordered."""
+    logs = [math.log(s) if s > 0 else -math.inf for s in sigmas]
+    return [(j, 0.45 * min(logs[j - 1] - logs[j], logs[j] - logs[j + 1])) for j in range(1, len(sigmas) - 1)
+            if math.isfinite(logs[j])]
+
+
 def _check_noise(noise: Tensor) -> None:
     if not isinstance(noise, Tensor) or not noise.is_floating_point():
         raise TypeError(f"noise must be a floating-point torch.Tensor, got {type(noise).__name__}")
@@ -334,7 +360,7 @@ def learn_solver(
     *,
     solver: str = "unipc",
     nfe: int,
-    learn: str | tuple[str, ...] = ("shifts",),
+    learn: str | tuple[str, ...] = ("shifts", "grid"),
     solver_options: Mapping[str, Any] | None = None,
     sigmas: np.ndarray | None = None,
     terms: int = 2,
@@ -345,23 +371,25 @@ def learn_solver(
     model_kwargs: Mapping[str, Any] | None = None,
     reference_tol: float = 1e-7,
 ) -> LearnedSolver:
-    """Fit ``solver``'s per-step evaluation shifts and/or correction coefficients at ``nfe`` evaluations on
-    calibration ``noise``.
+    """Fit ``solver``'s per-step evaluation shifts, grid and/or correction coefficients at ``nfe`` evaluations
+    on calibration ``noise``.
 
     ``learn`` names what is fitted: ``"shifts"`` (one evaluation-time shift per step, any solver
-    that is not reversible), ``"coefficients"`` (a variable-step Adams method's order-keeping
-    correction: ``unipc``, ``dpmpp_3m``, ``dpmpp_2m``, ``lms``, ``abm``), or both, fitted
-    together (see the module docstring). ``noise`` (DDIM scale, at least 2 samples; a few hundred
-    for a model whose samples disagree, such as a near-memorising density) is split: the
-    even-indexed half is fitted, the odd-indexed half decides whether the fit is kept. The grid
-    is ``sigmas`` when given (it must cost at most ``nfe``), else the stored tuned grid of this
-    flow, solver and budget (:func:`flowdiff.stored_grid`), else ``logsnr``. ``terms`` (1–3)
-    correction terms per step, each coefficient in ``[−bound, bound]``; each shift in
-    ``[−shift_bound, shift_bound]`` (in units of its step); ``iterations`` caps the
-    least-squares iterations (each costs one candidate solve per parameter plus one); ``ridge``
-    adds ``ridge·|r₀|²·|c|²/dim(c)`` to the fitted sum of squares (``r₀`` the base method's
-    residual), pulling the coefficients towards the base method. Measure the result on other
-    noise (:meth:`LearnedSolver.validated`).
+    that is not reversible), ``"grid"`` (the grid's σ, from the starting grid),
+    ``"coefficients"`` (a variable-step Adams method's order-keeping correction: ``unipc``,
+    ``dpmpp_3m``, ``dpmpp_2m``, ``lms``, ``abm``), or several, fitted together (see the module
+    docstring). The default, shifts and grid, is LD3's pair; it was chosen by the held-out
+    errors recorded in ``benchmarks/RESULTS.md``. ``noise`` (DDIM scale, at least 2 samples; a
+    few hundred for a model whose samples disagree, such as a near-memorising density) is split:
+    the even-indexed half is fitted, the odd-indexed half decides whether the fit is kept. The
+    starting grid is ``sigmas`` when given (it must cost at most ``nfe``), else the stored tuned
+    grid of this flow, solver and budget (:func:`flowdiff.stored_grid`), else ``logsnr``.
+    ``terms`` (1–3) correction terms per step, each coefficient in ``[−bound, bound]``; each shift
+    in ``[−shift_bound, shift_bound]`` (in units of its step); ``iterations`` caps the
+    least-squares iterations of each fit (each costs one candidate solve per parameter plus
+    one); ``ridge`` adds ``ridge·|r₀|²·|c|²/dim(c)`` to the fitted sum of squares (``r₀`` the base
+    method's residual), pulling the coefficients towards the base method. Measure the result on
+    other noise (:meth:`LearnedSolver.validated`).
     """
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
@@ -402,8 +430,11 @@ def learn_solver(
     # the fitted parameters: ("c", step, term) in [−bound, bound], then ("s", step) within the step's interval
     slots = [("c", i, m) for i, n in enumerate(counts) for m in range(n)]
     slots += [("s", i, 0) for i, (lo, hi) in enumerate(intervals) if lo < hi]
-    lower = np.array([-bound if k == "c" else intervals[i][0] for k, i, _ in slots])
-    upper = np.array([bound if k == "c" else intervals[i][1] for k, i, _ in slots])
+    moves = _grid_moves(sigmas) if "grid" in learn else []
+    slots += [("g", j, 0) for j, _ in moves]
+    reach = dict(moves)
+    lower = np.array([-bound if k == "c" else -reach[i] if k == "g" else intervals[i][0] for k, i, _ in slots])
+    upper = np.array([bound if k == "c" else reach[i] if k == "g" else intervals[i][1] for k, i, _ in slots])
     fit, held = noise[0::2], noise[1::2]
     target, ref_nfe = _reference(flow, noise, model_kwargs, float(reference_tol))
     spent = {"nfe": ref_nfe, "solves": 0}
@@ -414,15 +445,30 @@ def learn_solver(
         for (kind, i, m), value in zip(slots, v):
             if kind == "c":
                 coefficients[i][m] = float(value)
-            else:
+            elif kind == "s":
                 shifts[i] = float(value)
         return (tuple(tuple(c) for c in coefficients) if "coefficients" in learn else None,
                 tuple(shifts) if "shifts" in learn else None)
 
+    def grid_of(v: np.ndarray) -> np.ndarray:
+        out = sigmas.copy()
+        for (kind, j, _), value in zip(slots, v):
+            if kind == "g":
+                out[j] = sigmas[j] * math.exp(value)
+        return out
+
+    def solver_of(v: np.ndarray) -> tuple[_solvers.Solver, np.ndarray]:
+        grid = grid_of(v)
+        coefficients, shifts = unpacked(v)
+        if shifts is not None and moves:  # the moved grid's own shift intervals
+            _, bounds = _layout(base, grid, terms, ("shifts",), flow.schedule, shift_bound)
+            shifts = tuple(min(max(d, lo), hi) for d, (lo, hi) in zip(shifts, bounds))
+        return _composed(base, grid, coefficients, shifts), grid
+
     def images(v: np.ndarray, part: Tensor) -> Tensor:
+        solver_v, grid = solver_of(v)
         with torch.no_grad():
-            res = generate(flow, part, solver=_composed(base, sigmas, *unpacked(v)), grid=sigmas,
-                           model_kwargs=model_kwargs)
+            res = generate(flow, part, solver=solver_v, grid=grid, model_kwargs=model_kwargs)
         if res.stats.nfe > nfe:
             raise ValueError(f"the grid spends {res.stats.nfe} evaluations with solver {solver!r}, over nfe={nfe}")
         spent["nfe"] += res.stats.nfe
@@ -443,7 +489,7 @@ def learn_solver(
         objective = _Objective(residual, r0, math.sqrt(ridge * float(np.dot(r0, r0)) / max(int(penalised.sum()), 1))
                                * penalised)
         kinds = np.array([k for k, _, _ in slots])
-        groups = [kinds == k for k in ("s", "c") if np.any(kinds == k)]
+        groups = [kinds == k for k in ("s", "c", "g") if np.any(kinds == k)]
         if len(groups) > 1:  # each alone from the base method, then both from the better (a joint start from
             # zero settles in the shifts' nearest minimum, which the coefficients alone often beat)
             v = min((_fit(objective, zero, lower, upper, g, iterations) for g in groups), key=objective.cost)
@@ -453,8 +499,13 @@ def learn_solver(
     learned_val = _rms(images(v, held), held_target)
     base_val = _rms(images(zero, held), held_target)
     coefficients, shifts = unpacked(v)
-    out = LearnedSolver(solver, options, nfe, sigmas.copy(), coefficients or (), flow_fingerprint(flow, model_kwargs),
+    fitted, fitted_grid = solver_of(v)
+    if shifts is not None:
+        shifts = tuple(fitted.shifts.values())  # clipped to the fitted grid's intervals (in step order)
+    out = LearnedSolver(solver, options, nfe, fitted_grid.copy(), coefficients or (),
+                        flow_fingerprint(flow, model_kwargs),
                         True, calib, base_calib, math.nan, math.nan, grid_name, shifts=shifts or (), learn=learn,
+                        base_sigmas=sigmas.copy() if moves else None,
                         options={"learn": list(learn), "terms": terms, "bound": bound, "shift_bound": shift_bound,
                                  "iterations": iterations, "ridge": float(ridge),
                                  "reference_tol": float(reference_tol), "calibration_batch": int(noise.shape[0])})
