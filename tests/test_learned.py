@@ -290,6 +290,7 @@ def test_the_default_fits_shifts_and_grid_together_keeps_the_step_count_and_fall
     counting, calls = _counting(flow)
     out = flowdiff.generate(counting, cal, solver=forced.as_solver(), grid=grid)
     assert out.stats.nfe == len(calls) == flowdiff.generate(flow, cal, solver="dpmpp_3m", grid=start).stats.nfe
+    assert all(0.0 <= s <= flow.schedule.sigma_max for s in calls)  # the moved grid's own shift bounds held
     back = LearnedSolver.load(forced.save(tmp_path / "grid.learned.json"), flow)
     assert np.array_equal(back.sigmas, grid) and np.array_equal(back.base_sigmas, start)
     assert torch.equal(flowdiff.generate(flow, cal, solver=back.as_solver(), grid=back.sigmas).x, out.x)
