@@ -1,4 +1,4 @@
-"""Learned low-NFE solvers: evaluation times and multistep coefficients fitted to one model on teacher trajectories.
+"""Learned low-NFE solvers: evaluation times, grids and multistep coefficients fitted to one model's teacher.
 
 At 4–10 evaluations a tuned grid (:mod:`flowdiff.tools.tuning`) leaves an error that a better
 grid alone no longer removes. Three things can take the model's shape, each fitted per step to a
@@ -22,7 +22,7 @@ few hundred teacher trajectories (``learn=``; the default, shifts and grid toget
   them jointly with the shifts): every σ but the first and the last moves in log σ by at most
   0.45 of its gap to the nearer neighbour, so the grid stays ordered and keeps its step count.
 
-Both are fitted together by bounded least squares on the image error against the teacher,
+What ``learn`` names is fitted together by bounded least squares on the image error against the teacher,
 
     min_{δ,c,σ}  Σ_samples |generate(noise_fit; δ, c, σ) − x_ref|²,   |c_{i,m}| ≤ bound,  |δ_i| ≤ shift_bound,
 
@@ -85,16 +85,16 @@ LEARNABLE = ("shifts", "coefficients", "grid")
 
 @dataclass(frozen=True)
 class LearnedSolver:
-    """A ``solver`` with per-step evaluation shifts and/or coefficients fitted at budget ``nfe`` on one flow.
+    """A ``solver`` with per-step evaluation shifts, grid and/or coefficients fitted at budget ``nfe`` on one flow.
 
     ``learn`` says what was fitted (``"shifts"``, ``"coefficients"``, ``"grid"``). ``sigmas`` is
     the generation grid they belong to (fitted too with ``"grid"``: then ``base_sigmas`` is the
     grid the fit started from and the base method is judged on), ``shifts[i]`` the evaluation
     shift δ of step ``i`` (empty unless shifts were learned), ``coefficients[i]`` the correction
     multiples of step ``i`` (empty where a step takes none, or unless coefficients were
-    learned). ``kept`` says whether
-    the held-out half preferred the learned solver to the base method; when not, shifts and
-    coefficients are zero and :meth:`as_solver` is the base method itself.
+    learned). ``kept`` says whether the held-out half preferred the learned solver to the base
+    method; when not, shifts and coefficients are zero, :attr:`sigmas` is the starting grid and
+    :meth:`as_solver` is the base method itself.
     ``calibration_error`` / ``base_calibration_error`` are the RMS image errors of the learned
     and the base method on the fitted half, ``validation_error`` / ``base_validation_error`` on
     the held-out half. ``fitting_nfe`` counts every model evaluation the fit spent (teacher
