@@ -4,12 +4,14 @@ Frontier (NFE 4–20): for each model (the closed-form mixture of ``bench_fronti
 bandwidth 0.1, and the shipped trained ``digits`` model), float64, the RMS image error against a float64
 reference from the same noise:
 
-* flowdiff, tuned grid: ``flowdiff.tune`` (dp+search) for each solver of ``SOLVERS`` on calibration noise
+* flowdiff, tuned grid: ``flowdiff.tune`` (dp+search) for each solver of ``--solvers`` on calibration noise
   (seed + 1), measured on the evaluation noise (seed); the entry is the solver best on the calibration noise.
-* flowdiff, learned: ``flowdiff.learn_solver`` on the same calibration noise and on that tuned grid (its
-  coefficients kept only where the held-out half of the calibration batch agrees), measured on the
-  evaluation noise; the entry is the candidate (learned or tuned-only, any solver) best on the
-  calibration batch. Nothing of the evaluation noise is used to choose it.
+* flowdiff, learned: ``flowdiff.learn_solver`` on the same calibration noise, started from that tuned grid,
+  once for each of ``LEARN`` (evaluation shifts and the grid — the default —, shifts alone, shifts and the
+  Adams coefficients, the coefficients alone), each kept only where the held-out half of the calibration
+  batch agrees, measured on the evaluation noise; the entry is the candidate (learned or tuned-only, any
+  solver) best on the whole calibration batch. Nothing of the evaluation noise is used to choose it. A
+  second table gives every fit's error on the held-out half, which is what chose ``learn_solver``'s default.
 * diffusers (55 scheduler configurations) and k-diffusion: ``bench_frontier.py``'s runners, best chosen on the
   evaluation noise itself, which favours them.
 
@@ -19,8 +21,8 @@ digits, not the images measured), against diffusers' inverse schedulers (``bench
 held-out test digits (shipped model) and on the mixture of ``bench_roundtrip.py`` (64 training digits,
 bandwidth 0.3).
 
-Usage: python benchmarks/bench_learned.py [--models mixture,digits] [--nfe 4,5,6,8,10,20]
-[--out benchmarks/results/learned.md]
+Usage: python benchmarks/bench_learned.py [--models mixture,digits] [--nfe 4,5,6,8,10,20] [--digits-nfe 5,10]
+[--parts frontier,roundtrips] [--out benchmarks/results/learned.md]
 """
 
 from __future__ import annotations
@@ -39,40 +41,54 @@ from bench_lownfe import run_kdiffusion
 from bench_roundtrip import diffusers_roundtrip
 
 import flowdiff
+import solvers
 from flowdiff.models.analytic import Mixture
 
-SOLVERS = ("unipc", "dpmpp_3m")
+SOLVERS = "unipc,dpmpp_3m,ipndm"
+#: what ``learn_solver`` fits, each tried on every solver's tuned grid (coefficients: Adams methods only)
+LEARN = {"shifts+grid": ("shifts", "grid"), "shifts": ("shifts",), "shifts+coefficients": ("shifts", "coefficients"),
+         "coefficients": ("coefficients",)}
 ROUNDTRIP_SOLVERS = ("euler", "lms", "dpmpp_2m", "dpmpp_3m", "unipc", "abm")
 ROUNDTRIP_GRIDS = ("trailing", "leading", "karras", "logsnr")
 #: solvers whose grid is tuned on the round-trip error of calibration images (``flowdiff.tune_roundtrip``)
 TUNED_ROUNDTRIP = ("dpmpp_2m", "dpmpp_3m", "unipc")
 
 
-def flowdiff_candidates(flow, calibration, noise, ref, budget, max_evals, tol) -> list[dict]:
+def flowdiff_candidates(flow, calibration, noise, ref, budget, max_evals, tol, names) -> list[dict]:
+    """Per solver: its tuned grid, then ``learn_solver`` on that grid for each of ``LEARN`` (coefficients only for
+    the Adams methods); every row with its error on the evaluation noise and, for the fits, on both halves of
+    the calibration batch."""
     rows = []
-    for solver in SOLVERS:
+    for solver in names:
         tuned = flowdiff.tune(flow, calibration, solver=solver, nfe=budget, progress=False, max_evals=max_evals,
                               reference_tol=tol)
         with torch.no_grad():
             x_tuned = flowdiff.generate(flow, noise, solver=solver, grid=tuned.sigmas)
-        learned = flowdiff.learn_solver(flow, calibration, solver=solver, nfe=budget, sigmas=tuned.sigmas,
-                                        reference_tol=tol)
-        with torch.no_grad():
-            x_learned = flowdiff.generate(flow, noise, solver=learned.as_solver(), grid=learned.sigmas)
-        assert x_tuned.stats.nfe <= budget and x_learned.stats.nfe <= budget
-        # on the calibration batch: the learned solver's error over both halves (equal sizes) vs the tuned grid's
-        learned_cal = math.sqrt((learned.calibration_error ** 2 + learned.validation_error ** 2) / 2)
-        rows.append(dict(solver=solver, kind="tuned grid", rmse=rmse(x_tuned.x, ref), cal=tuned.calibration_error,
-                         nfe=x_tuned.stats.nfe, cost=tuned.tuning_nfe))
-        rows.append(dict(solver=solver, kind="learned" if learned.kept else "learned (rejected: tuned grid)",
-                         rmse=rmse(x_learned.x, ref), cal=learned_cal if learned.kept else tuned.calibration_error,
-                         nfe=x_learned.stats.nfe, cost=tuned.tuning_nfe + learned.fitting_nfe - learned.reference_nfe,
-                         base_cal=learned.base_calibration_error, fit_cal=learned.calibration_error,
-                         val=learned.validation_error, base_val=learned.base_validation_error))
+        assert x_tuned.stats.nfe <= budget
+        rows.append(dict(solver=solver, kind="tuned grid", learn="", rmse=rmse(x_tuned.x, ref),
+                         cal=tuned.calibration_error, nfe=x_tuned.stats.nfe, cost=tuned.tuning_nfe))
+        adams = isinstance(solvers.get(solver), solvers.Adams)
+        for label, learn in LEARN.items():
+            if "coefficients" in learn and not adams:
+                continue
+            learned = flowdiff.learn_solver(flow, calibration, solver=solver, nfe=budget, sigmas=tuned.sigmas,
+                                            reference_tol=tol, learn=learn)
+            with torch.no_grad():
+                x_learned = flowdiff.generate(flow, noise, solver=learned.as_solver(), grid=learned.sigmas)
+            assert x_learned.stats.nfe <= budget
+            # on the calibration batch: the learned solver's error over both halves (equal sizes) vs the tuned grid's
+            learned_cal = math.sqrt((learned.calibration_error ** 2 + learned.validation_error ** 2) / 2)
+            rows.append(dict(solver=solver, kind=f"learned {label}" + ("" if learned.kept else " (rejected)"),
+                             learn=label, kept=learned.kept, rmse=rmse(x_learned.x, ref),
+                             cal=learned_cal if learned.kept else tuned.calibration_error, nfe=x_learned.stats.nfe,
+                             cost=learned.fitting_nfe - learned.reference_nfe, solves=learned.solves,
+                             base_cal=learned.base_calibration_error, fit_cal=learned.calibration_error,
+                             val=learned.validation_error, base_val=learned.base_validation_error,
+                             shifts=learned.shifts, seconds=learned.fitting_seconds))
     return rows
 
 
-def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, tol) -> list[str]:
+def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, tol, names) -> list[str]:
     noise = torch.randn(batch, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     calibration = torch.randn(cal_batch, 1, 8, 8, dtype=torch.float64,
                               generator=torch.Generator().manual_seed(seed + 1))
@@ -81,12 +97,16 @@ def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, to
              f"{tol:g} ({ref.nfe} NFE).", "",
              "| NFE | flowdiff learned (chosen on calibration) | RMSE | tuned grid only (chosen on calibration) | "
              "RMSE | best diffusers | RMSE | best k-diffusion | RMSE | learned / best peer | tuned / best peer | "
-             "fitting cost (NFE, all solvers) |",
+             "fitting cost of the pick (NFE, candidate solves) |",
              "|---:|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|"]
+    held = ["", "Held-out half of the calibration batch (what `kept` is decided on): RMSE of the base method on "
+            "the tuned grid, and of each fit (* kept); the last column is the best on the evaluation noise.", "",
+            "| NFE | solver | base (tuned grid) | " + " | ".join(LEARN) + " | on the evaluation noise |",
+            "|---:|---|---:|" + "---:|" * len(LEARN) + "---|"]
     details = []
     for budget in budgets:
         started = time.perf_counter()
-        ours = flowdiff_candidates(flow, calibration, noise, ref.x, budget, max_evals, tol)
+        ours = flowdiff_candidates(flow, calibration, noise, ref.x, budget, max_evals, tol, names)
         dif = [r for r in run_diffusers(flow, noise, ref.x, budget) if math.isfinite(r["rmse"])]
         kd = run_kdiffusion(K, flow, noise, ref.x, budget)
         assert all(r["nfe"] <= budget for r in dif + kd)
@@ -94,19 +114,27 @@ def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, to
         tuned_pick = min((r for r in ours if r["kind"] == "tuned grid"), key=lambda r: r["cal"])
         best_dif, best_kd = min(dif, key=lambda r: r["rmse"]), min(kd, key=lambda r: r["rmse"])
         peer = min(best_dif["rmse"], best_kd["rmse"])
-        cost = sum(r["cost"] for r in ours if r["kind"] != "tuned grid")
+        cost = f"{pick['cost']}, {pick['solves']}" if "solves" in pick else "0 (tuning only)"
         lines.append(f"| {budget} | {pick['solver']}, {pick['kind']} | {pick['rmse']:.3e} | {tuned_pick['solver']} | "
                      f"{tuned_pick['rmse']:.3e} | {best_dif['solver']} | {best_dif['rmse']:.3e} | "
                      f"{best_kd['solver']} on {best_kd['grid']} | {best_kd['rmse']:.3e} | {pick['rmse'] / peer:.2f}× | "
                      f"{tuned_pick['rmse'] / peer:.2f}× | {cost} |")
+        for solver in names:
+            fits = {r["learn"]: r for r in ours if r["solver"] == solver and r["learn"]}
+            base_val = next(iter(fits.values()))["base_val"]
+            cells = [f"{fits[k]['val']:.3e}{'*' if fits[k]['kept'] else ''}" if k in fits else "—" for k in LEARN]
+            best = min((r for r in ours if r["solver"] == solver), key=lambda r: r["rmse"])
+            held.append(f"| {budget} | {solver} | {base_val:.3e} | " + " | ".join(cells) +
+                        f" | {best['kind']} {best['rmse']:.3e} |")
         details += [f"- NFE {budget}: " + "; ".join(
             f"{r['solver']} {r['kind']} {r['rmse']:.3e}" + (
                 f" (fit half {r['fit_cal']:.3e} vs base {r['base_cal']:.3e}, held-out half {r['val']:.3e} vs "
-                f"{r['base_val']:.3e})" if "base_cal" in r else "") for r in ours)]
+                f"{r['base_val']:.3e}; {r['cost']} NFE in {r['solves']} solves, {r['seconds']:.1f} s; shifts "
+                f"{', '.join(f'{d:.2f}' for d in r['shifts'])})" if "base_cal" in r else "") for r in ours)]
         print(f"{key} NFE {budget}: learned pick {pick['solver']} {pick['kind']} {pick['rmse']:.3e}, tuned "
               f"{tuned_pick['rmse']:.3e}, peer {peer:.3e} [{time.perf_counter() - started:.0f} s]", flush=True)
-    return lines + ["", "Every flowdiff candidate on the evaluation noise (and the learned fits' halves):", "",
-                    *details, ""]
+    return lines + held + ["", "Every flowdiff candidate on the evaluation noise (and the learned fits' halves):", "",
+                           *details, ""]
 
 
 def roundtrips(title, flow, images, calibration, nfe) -> list[str]:
@@ -160,13 +188,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="mixture,digits")
     parser.add_argument("--nfe", default="4,5,6,8,10,20")
-    parser.add_argument("--digits-nfe", default="5,10,20", help="budgets of the trained model (slower)")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--calibration", type=int, default=32)
+    parser.add_argument("--digits-nfe", default="5,10", help="budgets of the trained model (slower)")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--calibration", type=int, default=256)
+    parser.add_argument("--solvers", default=SOLVERS, help="flowdiff solvers tuned and fitted (mixture)")
+    parser.add_argument("--digits-solvers", default="unipc,dpmpp_3m", help="the same for the trained model")
     parser.add_argument("--digits-batch", type=int, default=8)
-    parser.add_argument("--digits-calibration", type=int, default=8)
+    parser.add_argument("--digits-calibration", type=int, default=16)
     parser.add_argument("--max-evals", type=int, default=60, help="candidate solves per tuned grid")
     parser.add_argument("--roundtrip-images", type=int, default=2)
+    parser.add_argument("--parts", default="frontier,roundtrips", help="frontier, roundtrips or both")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -179,21 +210,24 @@ def main() -> None:
              f"`python benchmarks/bench_learned.py --models {args.models} --nfe {args.nfe} --digits-nfe "
              f"{args.digits_nfe} --batch {args.batch} --calibration {args.calibration} --digits-batch "
              f"{args.digits_batch} --digits-calibration {args.digits_calibration} --max-evals {args.max_evals} "
-             f"--seed {args.seed}` — {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-             "1 thread, float64.", ""]
-    if "mixture" in wanted:
+             f"--solvers {args.solvers} --digits-solvers {args.digits_solvers} "
+             f"--seed {args.seed} --parts {args.parts}` — {platform.processor() or platform.machine()}, torch "
+             f"{torch.__version__}, 1 thread, float64.", ""]
+    parts = args.parts.split(",")
+    if "mixture" in wanted and "frontier" in parts:
         lines += frontier(K, "closed-form mixture (200 digit images, bandwidth 0.1)", mixture_flow(), "mixture",
                           args.batch, args.calibration, [int(b) for b in args.nfe.split(",")], args.max_evals,
-                          args.seed, 1e-8)
+                          args.seed, 1e-8, args.solvers.split(","))
     trained = trained_flow() if "digits" in wanted else None
-    if trained is not None:
+    if trained is not None and "frontier" in parts:
         lines += frontier(K, "shipped trained model pretrained('digits')", trained, "digits", args.digits_batch,
                           args.digits_calibration, [int(b) for b in args.digits_nfe.split(",")], args.max_evals,
-                          args.seed, 1e-6)
+                          args.seed, 1e-6, args.digits_solvers.split(","))
+    if trained is not None and "roundtrips" in parts:
         images = flowdiff.digits_data("test").images[: args.roundtrip_images].double()
         calibration = flowdiff.digits_data("train").images[100:104].double()
         lines += roundtrips("shipped digits model, held-out test digits", trained, images, calibration, 10)
-    if "mixture" in wanted:
+    if "mixture" in wanted and "roundtrips" in parts:
         train = flowdiff.digits_data("train").images[:64].double()
         mix = Mixture(train, 0.3, schedule=flowdiff.Schedule.linear()).flow()
         images = flowdiff.digits_data("test").images[: args.roundtrip_images].double()

@@ -58,7 +58,7 @@ def test_corrections_at_the_bound_keep_the_base_order_on_the_gaussian(name, opti
 def test_fit_lowers_the_calibration_error_spends_exactly_the_budget_and_is_kept_only_if_held_out_agrees():
     flow = mixture()
     cal = noise(1, n=16)
-    learned = learn_solver(flow, cal, solver="dpmpp_3m", nfe=6)
+    learned = learn_solver(flow, cal, solver="dpmpp_3m", nfe=6, learn="coefficients")
     assert learned.calibration_error < learned.base_calibration_error
     assert learned.kept == (learned.validation_error < learned.base_validation_error)
     assert learned.fitting_nfe > learned.reference_nfe > 0 and learned.solves > 0
@@ -81,7 +81,7 @@ def test_fit_lowers_the_calibration_error_spends_exactly_the_budget_and_is_kept_
 
 def test_a_bad_fit_is_rejected_on_held_out_noise():
     flow = mixture()
-    learned = learn_solver(flow, noise(1, n=8), solver="dpmpp_2m", nfe=6, iterations=2)
+    learned = learn_solver(flow, noise(1, n=8), solver="dpmpp_2m", nfe=6, iterations=2, learn="coefficients")
     bad = LearnedSolver(**{**learned.__dict__, "kept": True,
                            "coefficients": tuple(tuple(4.0 for _ in c) for c in learned.coefficients)})
     assert any(c for cs in bad.coefficients for c in cs)
@@ -101,8 +101,8 @@ def test_ridge_pulls_the_coefficients_towards_the_base_method():
     def norm(learned):
         return math.sqrt(sum(c * c for cs in learned.coefficients for c in cs))
 
-    free = learn_solver(flow, cal, solver="dpmpp_3m", nfe=6, iterations=3)
-    pulled = learn_solver(flow, cal, solver="dpmpp_3m", nfe=6, iterations=3, ridge=10.0)
+    free = learn_solver(flow, cal, solver="dpmpp_3m", nfe=6, iterations=3, learn="coefficients")
+    pulled = learn_solver(flow, cal, solver="dpmpp_3m", nfe=6, iterations=3, ridge=10.0, learn="coefficients")
     forced = [LearnedSolver(**{**x.__dict__, "kept": True}) for x in (free, pulled)]
     assert 0 < norm(pulled) < norm(free) or (not pulled.kept and norm(pulled) == 0 < norm(free))
     assert forced[1].calibration_error >= forced[0].calibration_error - 1e-12
@@ -111,7 +111,7 @@ def test_ridge_pulls_the_coefficients_towards_the_base_method():
 def test_save_load_round_trip_and_refusal_for_another_model(tmp_path):
     flow = mixture()
     cal = noise(1, n=8)
-    learned = learn_solver(flow, cal, solver="unipc", nfe=6, iterations=2)
+    learned = learn_solver(flow, cal, solver="unipc", nfe=6, iterations=2, learn="coefficients")
     path = learned.save(tmp_path / "digits.learned.json")
     back = LearnedSolver.load(path, flow)
     assert np.array_equal(back.sigmas, learned.sigmas) and back.coefficients == learned.coefficients
@@ -128,7 +128,7 @@ def test_save_load_round_trip_and_refusal_for_another_model(tmp_path):
 
 def test_learned_coefficients_belong_to_their_grid_and_direction():
     flow = mixture()
-    learned = learn_solver(flow, noise(1, n=8), solver="dpmpp_3m", nfe=8, iterations=1)
+    learned = learn_solver(flow, noise(1, n=8), solver="dpmpp_3m", nfe=8, iterations=1, learn="coefficients")
     corrected = learned.base() if not learned.kept else learned.as_solver()
     if not learned.kept:  # build the corrected solver anyway: the refusal is the solver's
         corrected = LearnedSolver(**{**learned.__dict__, "kept": True}).as_solver()
@@ -141,7 +141,7 @@ def test_learned_coefficients_belong_to_their_grid_and_direction():
 def test_bad_arguments_name_what_is_accepted():
     flow = mixture()
     with pytest.raises(ValueError, match="variable-step Adams method .* accepted: .*unipc"):
-        learn_solver(flow, noise(1, n=4), solver="heun", nfe=6)
+        learn_solver(flow, noise(1, n=4), solver="heun", nfe=6, learn="coefficients")
     with pytest.raises(ValueError, match="at least 2 samples"):
         learn_solver(flow, noise(1, n=1), solver="unipc", nfe=6)
     with pytest.raises(ValueError, match="terms must be an int in 1..3, got 0"):
@@ -152,6 +152,169 @@ def test_bad_arguments_name_what_is_accepted():
         learn_solver(flow, noise(1, n=4), solver="unipc", nfe=6, bound=-1.0)
     with pytest.raises(TypeError, match="coefficients must be keyed by steps"):
         solvers.CorrectedAdams(solvers.get("unipc"), {1.0: (0.5,)})
+
+
+# -- learned evaluation times (shifts, LD3-style) ------------------------------------------------------------
+
+
+def _counting(flow):
+    calls = []
+
+    def counted(xbar, sigma):
+        calls.append(sigma)
+        return flow.sigma_field(xbar, sigma)
+
+    return flowdiff.ProbabilityFlow.from_sigma_field(counted, flow.schedule), calls
+
+
+@pytest.mark.parametrize("name", ["unipc", "heun"])
+def test_shifts_lower_the_fitted_error_spend_the_base_nfe_and_are_kept_only_if_held_out_agrees(name):
+    flow = mixture()
+    cal = noise(1, n=16)
+    learned = learn_solver(flow, cal, solver=name, nfe=6, learn="shifts")
+    assert learned.learn == ("shifts",) and learned.coefficients == () and learned.base_sigmas is None
+    assert len(learned.shifts) == len(learned.sigmas) - 1
+    assert learned.calibration_error < learned.base_calibration_error
+    assert learned.kept == (learned.validation_error < learned.base_validation_error)
+    ref = flowdiff.reference_solution(flow, cal, sigma_end=0.0, rtol=1e-7, atol=1e-7).x[1::2]
+    base_x = flowdiff.generate(flow, cal[1::2], solver=name, grid=learned.sigmas).x
+    assert _rms(base_x, ref) == pytest.approx(learned.base_validation_error, rel=1e-9)
+    forced = LearnedSolver(**{**learned.__dict__, "kept": True})
+    held_x = flowdiff.generate(flow, cal[1::2], solver=forced.as_solver(), grid=learned.sigmas).x
+    if learned.kept:  # the held-out half decided on the learned solver's own error there
+        assert _rms(held_x, ref) == pytest.approx(learned.validation_error, rel=1e-9)
+        assert learned.validation_error < learned.base_validation_error
+    else:
+        assert _rms(held_x, ref) >= learned.base_validation_error
+    # exact NFE: the base method's, each evaluation counted once; the fit's cost is the teacher plus its solves
+    counting, calls = _counting(flow)
+    out = flowdiff.generate(counting, cal, solver=forced.as_solver(), grid=learned.sigmas)
+    base_nfe = flowdiff.generate(flow, cal, solver=name, grid=learned.sigmas).stats.nfe
+    assert out.stats.nfe == len(calls) == base_nfe <= 6
+    assert learned.fitting_nfe == learned.reference_nfe + learned.solves * base_nfe
+
+
+def test_bad_shifts_are_rejected_on_held_out_noise_and_leave_the_base_method():
+    flow = mixture()
+    learned = learn_solver(flow, noise(1, n=8), solver="unipc", nfe=6, iterations=1, learn="shifts")
+    bad = LearnedSolver(**{**learned.__dict__, "kept": True, "shifts": tuple(0.5 for _ in learned.shifts)})
+    other = noise(2, n=8)
+    ref = flowdiff.reference_solution(flow, other, sigma_end=0.0, rtol=1e-7, atol=1e-7).x
+    assert _rms(flowdiff.generate(flow, other, solver=bad.as_solver(), grid=bad.sigmas).x, ref) > _rms(
+        flowdiff.generate(flow, other, solver="unipc", grid=bad.sigmas).x, ref)
+    judged = bad.validated(flow, other)
+    assert not judged.kept and set(judged.shifts) == {0.0}
+    assert judged.as_solver().name == "unipc"
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "lms", "ipndm", "dpmpp_3m", "unipc"])
+def test_zero_shifts_are_the_base_method_bit_for_bit_through_generate(name):
+    flow = mixture()
+    x = noise(4, n=4)
+    sig = flowdiff.make_sigmas(flow.schedule, "logsnr", 5)
+    zero = LearnedSolver(name, {}, 10, sig, (), flowdiff.flow_fingerprint(flow), True, shifts=(0.0,) * 5,
+                         learn=("shifts",))
+    a = flowdiff.generate(flow, x, solver=name, grid=sig)
+    b = flowdiff.generate(flow, x, solver=zero.as_solver(), grid=sig)
+    assert torch.equal(a.x, b.x) and a.stats.nfe == b.stats.nfe
+
+
+@pytest.mark.parametrize("name", ["heun", "unipc", "dpmpp_2m"])
+def test_shifts_at_their_bounds_keep_every_evaluation_between_zero_and_sigma_max(name):
+    from flowdiff.tools.learned import _layout
+
+    flow = mixture()
+    sig = flowdiff.make_sigmas(flow.schedule, "logsnr", 4)
+    _, intervals = _layout(solvers.get(name), sig, 2, ("shifts",), flow.schedule, 5.0)
+    assert intervals[0][0] == 0.0  # the first step out of σ_max cannot evaluate above it
+    for pick in (0, 1):
+        shifts = tuple(iv[pick] for iv in intervals)
+        counting, calls = _counting(flow)
+        learned = LearnedSolver(name, {}, 10, sig, (), flowdiff.flow_fingerprint(flow), True, shifts=shifts,
+                                learn=("shifts",))
+        flowdiff.generate(counting, noise(4, n=2), solver=learned.as_solver(), grid=sig)
+        assert calls and all(0.0 <= s <= flow.schedule.sigma_max for s in calls), (pick, calls)
+    assert any(iv[1] > 0 for iv in intervals) and any(iv[0] < 0 for iv in intervals)  # both ways were tried
+
+
+def test_shifts_and_coefficients_together_save_load_bit_for_bit_and_old_files_still_load(tmp_path):
+    import json
+
+    flow = mixture()
+    cal = noise(1, n=8)
+    learned = learn_solver(flow, cal, solver="dpmpp_3m", nfe=6, iterations=2, learn=("coefficients", "shifts"))
+    assert learned.learn == ("shifts", "coefficients") and learned.calibration_error < learned.base_calibration_error
+    forced = LearnedSolver(**{**learned.__dict__, "kept": True})
+    path = forced.save(tmp_path / "both.learned.json")
+    back = LearnedSolver.load(path, flow)
+    assert back.shifts == forced.shifts and back.coefficients == forced.coefficients and back.learn == forced.learn
+    a = flowdiff.generate(flow, cal, solver=forced.as_solver(), grid=forced.sigmas).x
+    assert torch.equal(a, flowdiff.generate(flow, cal, solver=back.as_solver(), grid=back.sigmas).x)
+    assert not torch.equal(a, flowdiff.generate(flow, cal, solver="dpmpp_3m", grid=forced.sigmas).x)
+    with pytest.raises(ValueError, match="fingerprint"):
+        LearnedSolver.load(path, mixture(seed=4))
+    # a file of format 1 (coefficients only, written before shifts) loads as coefficients alone
+    data = json.loads(path.read_text())
+    del data["shifts"], data["learn"], data["base_sigmas"]
+    data["format"] = "flowdiff.LearnedSolver/1"
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    old = LearnedSolver.load(tmp_path / "old.json", flow)
+    assert old.learn == ("coefficients",) and old.shifts == () and old.coefficients == forced.coefficients
+    only_coefficients = LearnedSolver(**{**forced.__dict__, "learn": ("coefficients",), "shifts": ()})
+    assert torch.equal(flowdiff.generate(flow, cal, solver=old.as_solver(), grid=old.sigmas).x,
+                       flowdiff.generate(flow, cal, solver=only_coefficients.as_solver(), grid=old.sigmas).x)
+    data["shifts"] = []
+    (tmp_path / "bad1.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="malformed learned solver .*holds no shifts"):
+        LearnedSolver.load(tmp_path / "bad1.json", flow)
+    (tmp_path / "future.json").write_text(json.dumps({**data, "format": "flowdiff.LearnedSolver/3"}))
+    with pytest.raises(ValueError, match="LearnedSolver/3.*expected 'flowdiff.LearnedSolver/2'"):
+        LearnedSolver.load(tmp_path / "future.json", flow)
+
+
+def test_the_default_fits_shifts_and_grid_together_keeps_the_step_count_and_falls_back_to_the_start_grid(tmp_path):
+    flow = mixture()
+    cal = noise(1, n=16)
+    learned = learn_solver(flow, cal, solver="dpmpp_3m", nfe=6)
+    assert learned.learn == ("shifts", "grid")
+    start = learned.base_grid()
+    assert np.array_equal(start, flowdiff.make_sigmas(flow.schedule, "logsnr", 6))  # no stored grid: logsnr
+    assert learned.calibration_error < learned.base_calibration_error
+    forced = LearnedSolver(**{**learned.__dict__, "kept": True})
+    if not learned.kept:  # a rejected fit leaves the start grid; refit to see the fitted one
+        forced = learn_solver(flow, cal, solver="dpmpp_3m", nfe=6, iterations=3)
+        forced = LearnedSolver(**{**forced.__dict__, "kept": True})
+    grid = forced.sigmas
+    assert len(grid) == len(start) and grid[0] == start[0] and grid[-1] == start[-1] == 0.0
+    assert np.all(np.diff(grid) < 0) and not np.array_equal(grid, start)
+    counting, calls = _counting(flow)
+    out = flowdiff.generate(counting, cal, solver=forced.as_solver(), grid=grid)
+    assert out.stats.nfe == len(calls) == flowdiff.generate(flow, cal, solver="dpmpp_3m", grid=start).stats.nfe
+    assert all(0.0 <= s <= flow.schedule.sigma_max for s in calls)  # the moved grid's own shift bounds held
+    back = LearnedSolver.load(forced.save(tmp_path / "grid.learned.json"), flow)
+    assert np.array_equal(back.sigmas, grid) and np.array_equal(back.base_sigmas, start)
+    assert torch.equal(flowdiff.generate(flow, cal, solver=back.as_solver(), grid=back.sigmas).x, out.x)
+    # judged on noise where it loses, it is the base method on the start grid
+    rejected = forced._decided(1.0, 0.5)
+    assert not rejected.kept and np.array_equal(rejected.sigmas, start) and rejected.as_solver().name == "dpmpp_3m"
+
+
+def test_bad_learn_arguments_name_what_is_accepted():
+    flow = mixture()
+    x = noise(1, n=4)
+    with pytest.raises(ValueError, match=r"learn must name each of 'shifts', 'coefficients', 'grid' at most once, "
+                                         r"got 'steps'"):
+        learn_solver(flow, x, solver="unipc", nfe=6, learn="steps")
+    with pytest.raises(ValueError, match="at most once"):
+        learn_solver(flow, x, solver="unipc", nfe=6, learn=("shifts", "shifts"))
+    with pytest.raises(TypeError, match="learn must be one of"):
+        learn_solver(flow, x, solver="unipc", nfe=6, learn=())
+    with pytest.raises(ValueError, match="shift_bound must be a positive finite number .*got 0"):
+        learn_solver(flow, x, solver="unipc", nfe=6, shift_bound=0)
+    with pytest.raises(ValueError, match="solver 'reversible_heun' is reversible"):
+        learn_solver(flow, x, solver="reversible_heun", nfe=6)
+    with pytest.raises(ValueError, match=r"accepted: .*unipc.* \(any solver that is not reversible with learn"):
+        learn_solver(flow, x, solver="heun", nfe=6, learn=("shifts", "coefficients"))
 
 
 # -- encoding at the solver's order, with steps=N and nfe=N costing N both ways --------------------------

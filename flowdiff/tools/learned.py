@@ -1,31 +1,45 @@
-"""Learned low-NFE solvers: a multistep method's coefficients fitted to one model on teacher trajectories.
+"""Learned low-NFE solvers: evaluation times, grids and multistep coefficients fitted to one model's teacher.
 
-At 5–10 evaluations a tuned grid (:mod:`flowdiff.tools.tuning`) leaves an error that a better
-grid alone no longer removes; the method's own coefficients can take the model's shape too.
-S4S (Frankel et al., "S4S: Solving for a Diffusion Model Solver", ICML 2025) and LD3 (Tong et
-al., "Learning to Discretize Denoising Diffusion ODEs", ICLR 2025) fit them to a few dozen
-teacher trajectories in minutes. Here the fitted part is an order-keeping correction
-(:class:`solvers.CorrectedAdams`): at every step whose history holds more derivatives than the
-base method uses, ``terms`` multiples ``c`` of the next-order Adams terms are added,
+At 4–10 evaluations a tuned grid (:mod:`flowdiff.tools.tuning`) leaves an error that a better
+grid alone no longer removes. Three things can take the model's shape, each fitted per step to a
+few hundred teacher trajectories (``learn=``; the default, shifts and grid together, is LD3's):
 
-    y₁ = y₁^{base} + Σ_m c_{i,m}·T_{i,m},   T_{i,m} = O(h^{n+m+1}),
+* ``"shifts"`` — **evaluation times** (LD3, Tong et al., "Learning to Discretize Denoising
+  Diffusion ODEs", ICLR 2025; the time-shift sampler, Li et al., ICLR 2024; AMED, Zhou et al.,
+  CVPR 2024): in the step (t₀, t₁) the model is evaluated at t + δ_i·(t₁ − t₀) while its result
+  is used as the derivative at t (:class:`solvers.Shifted`, t the solve's own time variable).
+  One δ per step, the first included, for any solver that is not reversible (Runge–Kutta or
+  multistep). At a few steps the state lags or leads the trajectory its time stands for; the
+  shift lets the model see the noise level the state actually has. δ = 0 is the base method bit
+  for bit; δ ≠ 0 is a first-order perturbation, meant for the grid and budget it was fitted on.
+* ``"coefficients"`` — an order-keeping correction of a variable-step Adams method
+  (:class:`solvers.CorrectedAdams`): at every step whose history holds more derivatives than
+  the method uses, ``terms`` multiples ``c`` of the next-order Adams terms are added,
+  y₁ = y₁^{base} + Σ_m c_{i,m}·T_{i,m} with T_{i,m} = O(h^{n+m+1}), so any bounded ``c`` keeps
+  the base method's order (S4S, Frankel et al., ICML 2025; DC-Solver's compensation, Zhao et
+  al., ECCV 2024). It acts only from the third or fourth step on.
+* ``"grid"`` — the grid's σ themselves, refined from the grid the fit starts at (LD3 learns
+  them jointly with the shifts): every σ but the first and the last moves in log σ by at most
+  0.45 of its gap to the nearer neighbour, so the grid stays ordered and keeps its step count.
 
-so the solver keeps the base method's convergence order for any bounded ``c`` (the
-compensation of DC-Solver, Zhao et al., ECCV 2024, is of this kind), and ``c`` is fitted by
-least squares on the image error against the teacher:
+What ``learn`` names is fitted together by bounded least squares on the image error against the teacher,
 
-    min_c  Σ_samples |generate(noise_fit, c) − x_ref|²,   |c_{i,m}| ≤ bound,
+    min_{δ,c,σ}  Σ_samples |generate(noise_fit; δ, c, σ) − x_ref|²,   |c_{i,m}| ≤ bound,  |δ_i| ≤ shift_bound,
 
-with ``x_ref`` = :func:`flowdiff.reference_solution` (the teacher) on the grid the solver
-would use anyway (the shipped tuned grid of that model, solver and budget when there is one,
-else ``logsnr``), the Jacobian by forward differences (one candidate solve per coefficient).
-The noise is split: the even-indexed half is fitted, the odd-indexed half decides — the
-learned coefficients are kept only if their RMS error on the held-out half is below the base
-method's on the same grid; otherwise the result is the base method (``kept=False``).
+with ``x_ref`` = :func:`flowdiff.reference_solution` on the grid the solver would use anyway
+(the shipped tuned grid of that model, solver and budget when there is one, else ``logsnr``),
+the Jacobian by forward differences (one candidate solve per parameter). A shift is further
+bounded so that every evaluation stays between σ = 0 and the schedule's σ_max (the model has
+no time outside; the first step out of σ_max can only move its evaluation down). The noise is
+split: the even-indexed half is fitted, the odd-indexed half decides — the learned solver is
+kept only if its RMS error on the held-out half is below the base method's on the starting
+grid; otherwise the result is the base method on that grid (``kept=False``). Where more than
+one kind is learned, each is first fitted alone and the fit of all starts from the best of them.
 
-A :class:`LearnedSolver` records the flow's fingerprint, the grid, the coefficients, its errors
-and its cost in model evaluations (``fitting_nfe``: the teacher's and every candidate solve's),
-saves to JSON and loads only for the flow it was fitted on, like a :class:`~flowdiff.TunedGrid`.
+A :class:`LearnedSolver` records the flow's fingerprint, the grid, the shifts and coefficients,
+its errors and its cost in model evaluations (``fitting_nfe``: the teacher's and every
+candidate solve's), saves to JSON and loads only for the flow it was fitted on, like a
+:class:`~flowdiff.TunedGrid`.
 """
 
 from __future__ import annotations
@@ -33,7 +47,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -55,26 +69,37 @@ from ..engine.formulations import (
     variables_of,
 )
 from ..engine.grids import make_sigmas
+from ..engine.schedules import Schedule
 from .compare import reference_solution
 from .tuning import TunedGrid, _Warp, read_record, stored_grid
 
 __all__ = ["LearnedSolver", "learn_solver", "tune_roundtrip"]
 
-_FORMAT = "flowdiff.LearnedSolver/1"
+_FORMAT = "flowdiff.LearnedSolver/2"
+#: files written before shifts existed: coefficients only (``learn=("coefficients",)``); still read
+_FORMAT_1 = "flowdiff.LearnedSolver/1"
+
+#: what :func:`learn_solver` can fit (``learn=``)
+LEARNABLE = ("shifts", "coefficients", "grid")
 
 
 @dataclass(frozen=True)
 class LearnedSolver:
-    """A multistep ``solver`` with coefficients fitted at budget ``nfe`` on the flow of ``fingerprint``.
+    """A ``solver`` with per-step evaluation shifts, grid and/or coefficients fitted at budget ``nfe`` on one flow.
 
-    ``sigmas`` is the generation grid the coefficients belong to, ``coefficients[i]`` the
-    correction multiples of step ``i`` (empty where a step takes none). ``kept`` says whether
-    the held-out half preferred them to the base method; when not, the coefficients are zero
-    and :meth:`as_solver` is the base method itself. ``calibration_error`` /
-    ``base_calibration_error`` are the RMS image errors of the learned and the base method on
-    the fitted half, ``validation_error`` / ``base_validation_error`` on the held-out half.
-    ``fitting_nfe`` counts every model evaluation the fit spent (teacher included:
-    ``reference_nfe``), ``solves`` the candidate solves. ``source`` is the file it was read from.
+    ``learn`` says what was fitted (``"shifts"``, ``"coefficients"``, ``"grid"``). ``sigmas`` is
+    the generation grid they belong to (fitted too with ``"grid"``: then ``base_sigmas`` is the
+    grid the fit started from and the base method is judged on), ``shifts[i]`` the evaluation
+    shift δ of step ``i`` (empty unless shifts were learned), ``coefficients[i]`` the correction
+    multiples of step ``i`` (empty where a step takes none, or unless coefficients were
+    learned). ``kept`` says whether the held-out half preferred the learned solver to the base
+    method; when not, shifts and coefficients are zero, :attr:`sigmas` is the starting grid and
+    :meth:`as_solver` is the base method itself.
+    ``calibration_error`` / ``base_calibration_error`` are the RMS image errors of the learned
+    and the base method on the fitted half, ``validation_error`` / ``base_validation_error`` on
+    the held-out half. ``fitting_nfe`` counts every model evaluation the fit spent (teacher
+    included: ``reference_nfe``), ``solves`` the candidate solves. ``source`` is the file it was
+    read from.
 
     Use: ``generate(flow, noise, solver=learned.as_solver(), grid=learned.sigmas)``.
     """
@@ -97,17 +122,26 @@ class LearnedSolver:
     fitting_seconds: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    shifts: tuple[float, ...] = ()
+    learn: tuple[str, ...] = ("coefficients",)  # what a format-1 file holds
+    base_sigmas: np.ndarray | None = None
 
-    def base(self) -> _solvers.Adams:
-        """The base multistep method (registry name and options)."""
-        return _base_solver(self.solver, self.solver_options)
+    def base_grid(self) -> np.ndarray:
+        """The grid the base method is judged on: the grid the fit started from (:attr:`sigmas` unless the grid
+        itself was learned)."""
+        return self.sigmas if self.base_sigmas is None else self.base_sigmas
+
+    def base(self) -> _solvers.Solver:
+        """The base method (registry name and options)."""
+        return _base_solver(self.solver, self.solver_options, self.learn)
 
     def as_solver(self) -> _solvers.Solver:
-        """The solver to generate with on :attr:`sigmas`: the corrected method, or the base one if not kept."""
-        base = self.base()
-        if not self.kept:
-            return base
-        return _corrected(base, self.sigmas, self.coefficients)
+        """The solver to generate with on :attr:`sigmas`: the learned method, or the base one if not kept."""
+        return self._fitted() if self.kept else self.base()
+
+    def _fitted(self) -> _solvers.Solver:
+        return _composed(self.base(), self.sigmas, self.coefficients if "coefficients" in self.learn else None,
+                         self.shifts if "shifts" in self.learn else None)
 
     def check(self, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> None:
         """Raise ``ValueError`` unless this solver was fitted on ``flow`` (with ``model_kwargs``)."""
@@ -120,27 +154,34 @@ class LearnedSolver:
     def validated(self, flow: ProbabilityFlow, noise: Tensor, *,
                   model_kwargs: Mapping[str, Any] | None = None) -> LearnedSolver:
         """This solver judged on ``noise`` (held out from its fit): kept only if its RMS error against the
-        reference is below the base method's on the same grid; otherwise the base method (``kept=False``)."""
+        reference is below the base method's on its grid (:meth:`base_grid`); otherwise the base method on
+        that grid (``kept=False``)."""
         self.check(flow, model_kwargs)
         _check_noise(noise)
         target = _reference(flow, noise, model_kwargs, float(self.options.get("reference_tol", 1e-7)))[0]
-        learned = _rms(generate(flow, noise, solver=_corrected(self.base(), self.sigmas, self.coefficients),
-                                grid=self.sigmas, model_kwargs=model_kwargs).x, target)
-        base = _rms(generate(flow, noise, solver=self.base(), grid=self.sigmas, model_kwargs=model_kwargs).x,
+        learned = _rms(generate(flow, noise, solver=self._fitted(), grid=self.sigmas, model_kwargs=model_kwargs).x,
+                       target)
+        base = _rms(generate(flow, noise, solver=self.base(), grid=self.base_grid(), model_kwargs=model_kwargs).x,
                     target)
         return self._decided(learned, base)
 
     def _decided(self, learned: float, base: float) -> LearnedSolver:
         kept = learned < base
         coefficients = self.coefficients if kept else tuple(tuple(0.0 for _ in c) for c in self.coefficients)
-        return replace(self, kept=kept, coefficients=coefficients, validation_error=learned if kept else base,
-                       base_validation_error=base)
+        shifts = self.shifts if kept else tuple(0.0 for _ in self.shifts)
+        return replace(self, kept=kept, coefficients=coefficients, shifts=shifts,
+                       sigmas=self.sigmas if kept else self.base_grid().copy(),
+                       validation_error=learned if kept else base, base_validation_error=base)
 
     def save(self, path: str | Path) -> Path:
-        """Write the solver (σ and coefficients as exact float hex strings) and what it was fitted for as JSON."""
+        """Write the solver (σ, shifts and coefficients as exact float hex strings) and what it was fitted for
+        as JSON (format ``flowdiff.LearnedSolver/2``)."""
         data = asdict(self)
         data["sigmas"] = [float(s).hex() for s in self.sigmas]
         data["coefficients"] = [[float(c).hex() for c in cs] for cs in self.coefficients]
+        data["shifts"] = [float(d).hex() for d in self.shifts]
+        data["learn"] = list(self.learn)
+        data["base_sigmas"] = None if self.base_sigmas is None else [float(s).hex() for s in self.base_sigmas]
         data.pop("source")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,12 +191,26 @@ class LearnedSolver:
     @classmethod
     def load(cls, path: str | Path, flow: ProbabilityFlow,
              model_kwargs: Mapping[str, Any] | None = None) -> LearnedSolver:
-        """Read a file written by :meth:`save` and check that it belongs to ``flow`` (see :meth:`check`)."""
+        """Read a file written by :meth:`save` (or a format-1 file: coefficients only) and check that it belongs
+        to ``flow`` (see :meth:`check`)."""
         path = Path(path)
-        data = read_record(path, _FORMAT, "learned solver")
+        try:
+            data = read_record(path, _FORMAT, "learned solver")
+        except ValueError as err:
+            try:
+                data = read_record(path, _FORMAT_1, "learned solver")
+            except ValueError:
+                raise err from None
+            if "shifts" in data or "learn" in data or "base_sigmas" in data:
+                raise ValueError(f"{path}: malformed learned solver (format {_FORMAT_1!r} holds no shifts)") from None
         try:
             data["sigmas"] = np.array([float.fromhex(s) for s in data["sigmas"]], dtype=np.float64)
             data["coefficients"] = tuple(tuple(float.fromhex(c) for c in cs) for cs in data["coefficients"])
+            data["shifts"] = tuple(float.fromhex(d) for d in data.get("shifts", ()))
+            data["learn"] = _check_learn(tuple(data.get("learn", ("coefficients",))))
+            base_sigmas = data.get("base_sigmas")
+            data["base_sigmas"] = None if base_sigmas is None else np.array(
+                [float.fromhex(s) for s in base_sigmas], dtype=np.float64)
             learned = cls(**data, source=str(path))
             learned.base()
         except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -172,33 +227,108 @@ def _json_default(value: object) -> object:
     raise TypeError(f"cannot store {type(value).__name__} in a learned solver's options")
 
 
-def _base_solver(name: str, options: Mapping[str, Any]) -> _solvers.Adams:
+def _check_learn(learn: object) -> tuple[str, ...]:
+    """``learn`` as a tuple of distinct names from :data:`LEARNABLE`, in that order."""
+    names = (learn,) if isinstance(learn, str) else learn
+    if not isinstance(names, (tuple, list)) or not names or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"learn must be one of {LEARNABLE} or a tuple of them, got {learn!r}")
+    unknown = [n for n in names if n not in LEARNABLE]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(f"learn must name each of {', '.join(map(repr, LEARNABLE))} at most once, got {learn!r}")
+    return tuple(n for n in LEARNABLE if n in names)
+
+
+def _base_solver(name: str, options: Mapping[str, Any], learn: Sequence[str]) -> _solvers.Solver:
+    """The registered solver ``name``: one that is not reversible for shifts, a variable-step Adams method for
+    coefficients."""
     obj = _solvers.get(name, **dict(options))
-    if not isinstance(obj, _solvers.Adams) or isinstance(obj, _solvers.CorrectedAdams):
+    if "coefficients" in learn and (not isinstance(obj, _solvers.Adams) or isinstance(obj, _solvers.CorrectedAdams)):
         multistep = [n for n in _solvers.available(multistep=True)
                      if isinstance(_solvers.get(n), _solvers.Adams)]
         raise ValueError(f"solver must be a variable-step Adams method to learn coefficients for, got {name!r}; "
-                         f"accepted: {', '.join(multistep)}")
+                         f"accepted: {', '.join(multistep)} (any solver that is not reversible with "
+                         "learn=('shifts',))")
+    if obj.reversible or isinstance(obj, _solvers.Shifted):
+        raise ValueError(f"solver {name!r} is reversible: shifted evaluations would break its exact inverse; "
+                         "learn shifts for a solver that is not (e.g. 'heun', 'unipc', 'dpmpp_3m')")
     return obj
 
 
-def _corrected(base: _solvers.Adams, sigmas: np.ndarray, coefficients) -> _solvers.CorrectedAdams:
-    """The corrected solver, its coefficients keyed by the start times of ``sigmas`` in ``base``'s variables."""
+def _composed(base: _solvers.Solver, sigmas: np.ndarray, coefficients: Sequence[Sequence[float]] | None,
+              shifts: Sequence[float] | None) -> _solvers.Solver:
+    """``base`` with ``coefficients`` (:class:`solvers.CorrectedAdams`) and then ``shifts``
+    (:class:`solvers.Shifted`), both keyed by the steps of ``sigmas`` in ``base``'s generation variables."""
     name = f"{base.name}+learned"
     if variables_of(base) == "data":
         prefer_variables(name, "data")  # the same change of variables as its base
     times = formulation_for(base, "generate").times(sigmas)
-    table = {(t0, t1): tuple(c) for t0, t1, c in zip(times[:-1], times[1:], coefficients)}
-    return _solvers.CorrectedAdams(base, table, name=name)
+    steps = list(zip(times[:-1], times[1:]))
+    solver = base
+    if coefficients is not None:
+        solver = _solvers.CorrectedAdams(base, {s: tuple(c) for s, c in zip(steps, coefficients)}, name=name)
+    if shifts is not None:
+        solver = _solvers.Shifted(solver, {s: float(d) for s, d in zip(steps, shifts)}, name=name)
+    return solver
 
 
-def _layout(base: _solvers.Adams, sigmas: np.ndarray, terms: int) -> list[int]:
-    """The number of coefficients each generation step takes: none where the formulation gives the step its own
-    method (into σ = 0), else as many terms as its history allows (step i holds i + 1 derivatives)."""
+def _layout(base: _solvers.Solver, sigmas: np.ndarray, terms: int, learn: Sequence[str], schedule: Schedule,
+            shift_bound: float) -> tuple[list[int], list[tuple[float, float]]]:
+    """What each generation step can take: its number of coefficients (none where the formulation gives the step
+    its own method, e.g. into σ = 0, else as many terms as its history allows: step i holds i + 1 derivatives),
+    and the interval of its shift: (0, 0) where the step evaluates nothing or is replaced by a method that
+    evaluates unshifted, else within ±``shift_bound`` such that each of the step's evaluations stays between
+    σ = 0 and the schedule's σ_max (or the grid's own range where it reaches further)."""
     form = formulation_for(base, "generate")
-    replaced = form.grid(list(map(float, sigmas)), base, eval_end=sigmas[-1] != 0.0).methods
-    probe = _solvers.CorrectedAdams(base, {(1.0, 0.0): (0.0,) * terms})
-    return [0 if i in replaced else probe.available_terms(i + 1) for i in range(len(sigmas) - 1)]
+    grid = list(map(float, sigmas))
+    eval_end = grid[-1] != 0.0
+    n = len(grid) - 1
+    counts = [0] * n
+    if "coefficients" in learn:
+        replaced = form.grid(grid, base, eval_end=eval_end).methods
+        probe = _solvers.CorrectedAdams(base, {(1.0, 0.0): (0.0,) * terms})
+        counts = [0 if i in replaced else probe.available_terms(i + 1) for i in range(n)]
+    intervals = [(0.0, 0.0)] * n
+    if "shifts" in learn:
+        replaced = form.grid(grid, _solvers.Shifted(base, {}), eval_end=eval_end).methods
+        times = form.times(grid)
+        ends = [form.time(float(schedule.sigma_max)), form.time(0.0), *times]
+        lo_end, hi_end = min(ends), max(ends)
+        for i, (t0, t1, seen) in enumerate(zip(times[:-1], times[1:], _evaluated(base, grid, schedule))):
+            if (i in replaced and not isinstance(replaced[i], _solvers.Shifted)) or t0 == t1 or not seen:
+                continue
+            lo, hi = -shift_bound, shift_bound
+            h = t1 - t0
+            for t in map(form.time, seen):
+                if math.isfinite(t):
+                    a, b = sorted(((lo_end - t) / h, (hi_end - t) / h))
+                    lo, hi = max(lo, a), min(hi, b)
+            margin = 1e-9 * (hi - lo)  # off the ends, where rounding in the time variable could cross them
+            lo, hi = (lo + margin if lo else lo), (hi - margin if hi else hi)
+            intervals[i] = (lo, hi) if lo < hi else (0.0, 0.0)
+    return counts, intervals
+
+
+def _evaluated(base: _solvers.Solver, sigmas: list[float], schedule: Schedule) -> list[list[float]]:
+    """The σ at which each step of a generation with ``base`` on ``sigmas`` evaluates the model: a fixed grid's
+    evaluation points do not depend on the field, so a dry run with ε = 0 finds them."""
+    seen: list[list[float]] = [[]]
+
+    def eps(xbar: Tensor, sigma: float) -> Tensor:
+        seen[-1].append(float(sigma))
+        return torch.zeros_like(xbar)
+
+    dry = ProbabilityFlow.from_sigma_field(eps, schedule)
+    generate(dry, torch.zeros(1, 1, dtype=torch.float64), solver=base, grid=np.asarray(sigmas),
+             callback=lambda _: seen.append([]))
+    return seen[: len(sigmas) - 1]
+
+
+def _grid_moves(sigmas: np.ndarray) -> list[tuple[int, float]]:
+    """The grid's movable σ (all but the first and the last) and how far each may move in log σ: 0.45 of the
+    log gap to its nearer neighbour (to the one above only, next to σ = 0), so that the grid stays ordered."""
+    logs = [math.log(s) if s > 0 else -math.inf for s in sigmas]
+    return [(j, 0.45 * min(logs[j - 1] - logs[j], logs[j] - logs[j + 1])) for j in range(1, len(sigmas) - 1)
+            if math.isfinite(logs[j])]
 
 
 def _check_noise(noise: Tensor) -> None:
@@ -217,33 +347,49 @@ def _rms(x: Tensor, target: Tensor) -> float:
     return value if math.isfinite(value) else math.inf
 
 
+def _positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+        raise ValueError(f"{name} must be a positive finite number (the largest |{name.split('_')[0]}|), "
+                         f"got {value!r}")
+    return float(value)
+
+
 def learn_solver(
     flow: ProbabilityFlow,
     noise: Tensor,
     *,
     solver: str = "unipc",
     nfe: int,
+    learn: str | tuple[str, ...] = ("shifts", "grid"),
     solver_options: Mapping[str, Any] | None = None,
     sigmas: np.ndarray | None = None,
     terms: int = 2,
     bound: float = 4.0,
+    shift_bound: float = 0.5,
     iterations: int = 8,
     ridge: float = 0.0,
     model_kwargs: Mapping[str, Any] | None = None,
     reference_tol: float = 1e-7,
 ) -> LearnedSolver:
-    """Fit the correction coefficients of the multistep ``solver`` at ``nfe`` evaluations on calibration ``noise``.
+    """Fit ``solver``'s per-step evaluation shifts, grid and/or correction coefficients at ``nfe`` evaluations
+    on calibration ``noise``.
 
-    ``noise`` (DDIM scale, at least 2 samples) is split: the even-indexed half is fitted, the
-    odd-indexed half decides whether the fit is kept (see the module docstring). The grid is
-    ``sigmas`` when given (it must cost at most ``nfe``), else the stored tuned grid of this
-    flow, solver and budget (:func:`flowdiff.stored_grid`), else ``logsnr``. ``terms`` (1–3)
-    correction terms per step, each coefficient in ``[−bound, bound]``; ``iterations`` caps
-    the least-squares iterations (each costs one candidate solve per coefficient plus one); ``ridge`` adds
-    ``ridge·|r₀|²·|c|²/dim(c)`` to the fitted sum of squares (``r₀`` the base method's residual), pulling the
-    coefficients towards the base method where the calibration batch is small.
-    ``solver`` is a variable-step Adams method (``unipc``, ``dpmpp_3m``, ``dpmpp_2m``, ``lms``,
-    ``abm``). Measure the result on other noise (:meth:`LearnedSolver.validated`).
+    ``learn`` names what is fitted: ``"shifts"`` (one evaluation-time shift per step, any solver
+    that is not reversible), ``"grid"`` (the grid's σ, from the starting grid),
+    ``"coefficients"`` (a variable-step Adams method's order-keeping correction: ``unipc``,
+    ``dpmpp_3m``, ``dpmpp_2m``, ``lms``, ``abm``), or several, fitted together (see the module
+    docstring). The default, shifts and grid, is LD3's pair; it was chosen by the held-out
+    errors recorded in ``benchmarks/RESULTS.md``. ``noise`` (DDIM scale, at least 2 samples; a
+    few hundred for a model whose samples disagree, such as a near-memorising density) is split:
+    the even-indexed half is fitted, the odd-indexed half decides whether the fit is kept. The
+    starting grid is ``sigmas`` when given (it must cost at most ``nfe``), else the stored tuned
+    grid of this flow, solver and budget (:func:`flowdiff.stored_grid`), else ``logsnr``.
+    ``terms`` (1–3) correction terms per step, each coefficient in ``[−bound, bound]``; each shift
+    in ``[−shift_bound, shift_bound]`` (in units of its step); ``iterations`` caps the
+    least-squares iterations of each fit (each costs one candidate solve per parameter plus
+    one); ``ridge`` adds ``ridge·|r₀|²·|c|²/dim(c)`` to the fitted sum of squares (``r₀`` the base
+    method's residual), pulling the coefficients towards the base method. Measure the result on
+    other noise (:meth:`LearnedSolver.validated`).
     """
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
@@ -254,8 +400,9 @@ def learn_solver(
         raise TypeError(f"solver must be a registered solver name (str), got {type(solver).__name__}")
     if solver_options is not None and not isinstance(solver_options, Mapping):
         raise TypeError(f"solver_options must be a mapping, got {type(solver_options).__name__}")
+    learn = _check_learn(learn)
     options = dict(solver_options or {})
-    base = _base_solver(solver, options)
+    base = _base_solver(solver, options, learn)
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"nfe must be an int >= 1, got {nfe!r}")
     for name, value, lo, hi in (("terms", terms, 1, 3), ("iterations", iterations, 0, 1000)):
@@ -263,8 +410,7 @@ def learn_solver(
             raise ValueError(f"{name} must be an int in {lo}..{hi}, got {value!r}")
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not (0 <= ridge < math.inf):
         raise ValueError(f"ridge must be a finite number >= 0 (the weight of |c|² in the fit), got {ridge!r}")
-    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not (0 < bound < math.inf):
-        raise ValueError(f"bound must be a positive finite number (the largest |coefficient|), got {bound!r}")
+    bound, shift_bound = _positive("bound", bound), _positive("shift_bound", shift_bound)
     if isinstance(reference_tol, bool) or not isinstance(reference_tol, (int, float)) or not 0 < reference_tol <= 1e-3:
         raise ValueError(f"reference_tol must be a number in (0, 1e-3], got {reference_tol!r}")
     start = time.perf_counter()
@@ -280,22 +426,49 @@ def learn_solver(
             sigmas = make_sigmas(flow.schedule, "logsnr", _solvers.steps_for_nfe(base, nfe, eval_end=False))
     if not math.isfinite(sigmas[0]):
         raise ValueError("sigmas must start at a finite σ (a grid from σ = ∞ has its own first step)")
-    layout = _layout(base, sigmas, terms)
-    slots = [(i, m) for i, n in enumerate(layout) for m in range(n)]
+    counts, intervals = _layout(base, sigmas, terms, learn, flow.schedule, shift_bound)
+    # the fitted parameters: ("c", step, term) in [−bound, bound], then ("s", step) within the step's interval
+    slots = [("c", i, m) for i, n in enumerate(counts) for m in range(n)]
+    slots += [("s", i, 0) for i, (lo, hi) in enumerate(intervals) if lo < hi]
+    moves = _grid_moves(sigmas) if "grid" in learn else []
+    slots += [("g", j, 0) for j, _ in moves]
+    reach = dict(moves)
+    lower = np.array([-bound if k == "c" else -reach[i] if k == "g" else intervals[i][0] for k, i, _ in slots])
+    upper = np.array([bound if k == "c" else reach[i] if k == "g" else intervals[i][1] for k, i, _ in slots])
     fit, held = noise[0::2], noise[1::2]
     target, ref_nfe = _reference(flow, noise, model_kwargs, float(reference_tol))
     spent = {"nfe": ref_nfe, "solves": 0}
 
-    def coefficients_of(v: np.ndarray) -> tuple[tuple[float, ...], ...]:
-        out = [[0.0] * n for n in layout]
-        for (i, m), c in zip(slots, v):
-            out[i][m] = float(c)
-        return tuple(tuple(c) for c in out)
+    def unpacked(v: np.ndarray) -> tuple[tuple[tuple[float, ...], ...] | None, tuple[float, ...] | None]:
+        coefficients = [[0.0] * n for n in counts]
+        shifts = [0.0] * len(counts)
+        for (kind, i, m), value in zip(slots, v):
+            if kind == "c":
+                coefficients[i][m] = float(value)
+            elif kind == "s":
+                shifts[i] = float(value)
+        return (tuple(tuple(c) for c in coefficients) if "coefficients" in learn else None,
+                tuple(shifts) if "shifts" in learn else None)
+
+    def grid_of(v: np.ndarray) -> np.ndarray:
+        out = sigmas.copy()
+        for (kind, j, _), value in zip(slots, v):
+            if kind == "g":
+                out[j] = sigmas[j] * math.exp(value)
+        return out
+
+    def solver_of(v: np.ndarray) -> tuple[_solvers.Solver, np.ndarray]:
+        grid = grid_of(v)
+        coefficients, shifts = unpacked(v)
+        if shifts is not None and moves:  # the moved grid's own shift intervals
+            _, bounds = _layout(base, grid, terms, ("shifts",), flow.schedule, shift_bound)
+            shifts = tuple(min(max(d, lo), hi) for d, (lo, hi) in zip(shifts, bounds))
+        return _composed(base, grid, coefficients, shifts), grid
 
     def images(v: np.ndarray, part: Tensor) -> Tensor:
+        solver_v, grid = solver_of(v)
         with torch.no_grad():
-            res = generate(flow, part, solver=_corrected(base, sigmas, coefficients_of(v)), grid=sigmas,
-                           model_kwargs=model_kwargs)
+            res = generate(flow, part, solver=solver_v, grid=grid, model_kwargs=model_kwargs)
         if res.stats.nfe > nfe:
             raise ValueError(f"the grid spends {res.stats.nfe} evaluations with solver {solver!r}, over nfe={nfe}")
         spent["nfe"] += res.stats.nfe
@@ -312,47 +485,86 @@ def learn_solver(
     r0 = residual(zero)
     v = zero
     if slots and iterations > 0:
-        v = _fit(residual, r0, len(slots), float(bound), iterations, float(ridge))
+        penalised = np.array([k == "c" for k, _, _ in slots])
+        objective = _Objective(residual, r0, math.sqrt(ridge * float(np.dot(r0, r0)) / max(int(penalised.sum()), 1))
+                               * penalised)
+        kinds = np.array([k for k, _, _ in slots])
+        groups = [kinds == k for k in ("s", "c", "g") if np.any(kinds == k)]
+        if len(groups) > 1:  # each alone from the base method, then both from the better (a joint start from
+            # zero settles in the shifts' nearest minimum, which the coefficients alone often beat)
+            v = min((_fit(objective, zero, lower, upper, g, iterations) for g in groups), key=objective.cost)
+        v = _fit(objective, v, lower, upper, np.ones(len(slots), dtype=bool), iterations)
     r = residual(v) if slots else r0
     calib, base_calib = float(np.sqrt(np.mean(r * r))), float(np.sqrt(np.mean(r0 * r0)))
     learned_val = _rms(images(v, held), held_target)
     base_val = _rms(images(zero, held), held_target)
-    out = LearnedSolver(solver, options, nfe, sigmas.copy(), coefficients_of(v), flow_fingerprint(flow, model_kwargs),
-                        True, calib, base_calib, math.nan, math.nan, grid_name,
-                        options={"terms": terms, "bound": float(bound), "iterations": iterations,
+    coefficients, shifts = unpacked(v)
+    fitted, fitted_grid = solver_of(v)
+    if shifts is not None:
+        shifts = tuple(fitted.shifts.values())  # clipped to the fitted grid's intervals (in step order)
+    out = LearnedSolver(solver, options, nfe, fitted_grid.copy(), coefficients or (),
+                        flow_fingerprint(flow, model_kwargs),
+                        True, calib, base_calib, math.nan, math.nan, grid_name, shifts=shifts or (), learn=learn,
+                        base_sigmas=sigmas.copy() if moves else None,
+                        options={"learn": list(learn), "terms": terms, "bound": bound, "shift_bound": shift_bound,
+                                 "iterations": iterations, "ridge": float(ridge),
                                  "reference_tol": float(reference_tol), "calibration_batch": int(noise.shape[0])})
     out = out._decided(learned_val, base_val)
     return replace(out, fitting_nfe=spent["nfe"], reference_nfe=ref_nfe, solves=spent["solves"],
                    fitting_seconds=time.perf_counter() - start)
 
 
-def _fit(residual, r0: np.ndarray, dim: int, bound: float, iterations: int, ridge: float) -> np.ndarray:
-    """Box-bounded Levenberg–Marquardt (scipy's trust-region reflective least squares), forward-difference
-    Jacobian: one candidate solve per coefficient and iteration."""
+class _Objective:
+    """The fitted residual of parameters ``v``: the image error (``residual``) and ``weight·v`` (the ridge),
+    each candidate solved once."""
+
+    def __init__(self, residual, r0: np.ndarray, weight: np.ndarray) -> None:
+        self.residual, self.weight = residual, weight
+        self.cache: dict[bytes, np.ndarray] = {np.zeros(len(weight)).tobytes(): np.concatenate([r0, 0.0 * weight])}
+
+    def __call__(self, v: np.ndarray) -> np.ndarray:
+        key = v.tobytes()
+        if key not in self.cache:
+            self.cache[key] = np.concatenate([self.residual(v), self.weight * v])
+        return self.cache[key]
+
+    def cost(self, v: np.ndarray) -> float:
+        r = self(v)
+        return float(np.dot(r, r))
+
+
+def _fit(objective: _Objective, start: np.ndarray, lower: np.ndarray, upper: np.ndarray, free: np.ndarray,
+         iterations: int) -> np.ndarray:
+    """The ``free`` parameters fitted from ``start`` (the others kept) by box-bounded least squares (scipy's
+    dogbox method: the start may lie on a bound, as the first step's shift does, without shrinking the first
+    trust region to nothing), forward-difference Jacobian: one candidate solve per free parameter and
+    iteration."""
     from scipy.optimize import least_squares
 
-    step = 1e-3 * bound
-    weight = math.sqrt(ridge * float(np.dot(r0, r0)) / dim)  # ridge·|r₀|² for |c|² = dim
-    cache: dict[bytes, np.ndarray] = {np.zeros(dim).tobytes(): np.concatenate([r0, np.zeros(dim)])}
+    lo, hi = lower[free], upper[free]
+    steps = 1e-3 * (hi - lo) / 2
 
-    def fun(v: np.ndarray) -> np.ndarray:
-        key = v.tobytes()
-        if key not in cache:
-            cache[key] = np.concatenate([residual(v), weight * v])
-        return cache[key]
+    def full(u: np.ndarray) -> np.ndarray:
+        v = start.copy()
+        v[free] = u
+        return v
 
-    def jac(v: np.ndarray) -> np.ndarray:
-        base = fun(v)
+    def fun(u: np.ndarray) -> np.ndarray:
+        return objective(full(u))
+
+    def jac(u: np.ndarray) -> np.ndarray:
+        base = fun(u)
         cols = []
-        for j in range(dim):
-            w = v.copy()
-            w[j] += step if w[j] + step <= bound else -step
-            cols.append((fun(w) - base) / (w[j] - v[j]))
+        for j in range(len(u)):
+            w = u.copy()
+            w[j] += steps[j] if w[j] + steps[j] <= hi[j] else -steps[j]
+            cols.append((fun(w) - base) / (w[j] - u[j]))
         return np.stack(cols, axis=1)
 
-    result = least_squares(fun, np.zeros(dim), jac=jac, bounds=(-bound, bound), method="trf",
+    result = least_squares(fun, np.clip(start[free], lo, hi), jac=jac, bounds=(lo, hi), method="dogbox",
                            max_nfev=iterations, x_scale=1.0)
-    return np.clip(result.x, -bound, bound)
+    best = full(np.clip(result.x, lo, hi))
+    return best if objective.cost(best) <= objective.cost(start) else start
 
 
 # ---------------------------------------------------------------------------------------------- round-trip grids
