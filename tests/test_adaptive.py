@@ -227,6 +227,17 @@ def test_limit_is_known_asks_for_three_values_below_the_gate_that_agree():
     assert not stop(rhos[0], None, bent)  # the σ⁴ term moves the two-point limit by more than the tolerance
 
 
+def test_the_limit_step_needs_three_denoised_values_ending_where_it_starts():
+    from flowdiff.api.adaptive import LimitFromHistory
+    from solvers import History
+
+    k = torch.zeros(1, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="needs the last three denoised values, newest at ρ = 50.0"):
+        LimitFromHistory().step(None, 50.0, math.inf, k, History.of(50.0, k, ((25.0, k),)))
+    with pytest.raises(ValueError, match=r"the state holds \[40.0, 25.0, 10.0\]"):
+        LimitFromHistory().step(None, 50.0, math.inf, k, History.of(40.0, k, ((25.0, k), (10.0, k))))
+
+
 @pytest.mark.parametrize("tol", [1e-3, 1e-5])
 def test_generate_finishes_below_sigma_min_within_its_tolerance(tol):
     """A data-variables generate ends its steps between the schedule's smallest σ and sigma_end once the
