@@ -325,6 +325,11 @@ class ErrorControl(Stepping):
     ``log_steps`` measures step sizes in ``log|t|`` (t₀ and t₁ non-zero, of one sign): a step
     is ``t → t·e^{±h}`` and ``min_step``/``max_step``/``first_step`` are in that unit. Without
     ``first_step`` the first step is Hairer, Nørsett & Wanner's estimate (one extra evaluation).
+
+    ``stop(t, y, state)``, when given, is asked after each accepted step short of ``t1``; when it
+    returns True the controlled steps end there, at ``t`` (in a :class:`Chain` the next part then
+    starts at ``t``: give it as a function of that time). A caller that can finish the rest of the
+    interval more cheaply than by stepping (a limit known to its tolerance) says so here.
     """
 
     t0: float
@@ -335,6 +340,7 @@ class ErrorControl(Stepping):
     controller: StepController | None = None
     first_step: float | None = None
     log_steps: bool = False
+    stop: Callable[[float, Tensor, Any], bool] | None = None
 
     def __post_init__(self) -> None:
         rtol, atol = _check_tol("rtol", self.rtol), _check_tol("atol", self.atol)
@@ -352,6 +358,9 @@ class ErrorControl(Stepping):
             raise ValueError(f"first_step must be a positive number, got {self.first_step!r}")
         if self.controller is not None and not isinstance(self.controller, StepController):
             raise TypeError(f"controller must be a solvers.StepController, got {type(self.controller).__name__}")
+        if self.stop is not None and not callable(self.stop):
+            raise TypeError(f"stop must be callable as stop(t, y, state) -> bool, or None; got "
+                            f"{type(self.stop).__name__}")
 
     def interval(self) -> tuple[float, float]:
         return float(self.t0), float(self.t1)
@@ -428,6 +437,8 @@ class _ErrorRun(_Run):
         if accepted:
             self.t = t1
             self.prev_ratio = max(ratio, 1e-10)
+            if self.spec.stop is not None and t1 != self.t_end and self.spec.stop(t1, result.y, result.state):
+                self.t_end = t1  # the caller finishes from here (done() is now true)
         else:
             factor = min(factor, 1.0)
         self.h = min(max(self.h_used * factor, self.controller.min_step), self.controller.max_step)
@@ -457,33 +468,53 @@ def _initial_step(f: VectorField, t0: float, y0: Tensor, k0: Tensor, direction: 
     return min(100 * h0, h1, span)
 
 
+#: A :class:`Chain` part: a stepping, or a function of the time the previous part ended at that builds one.
+ChainPart = Stepping | Callable[[float], Stepping]
+
+
 @dataclass(frozen=True)
 class Chain(Stepping):
-    """Several steppings in one solve, each starting where the previous one ended."""
+    """Several steppings in one solve, each starting where the previous one ended.
 
-    parts: Sequence[Stepping]
+    A part after the first may be a function ``part(t) -> Stepping`` of the time ``t`` where the
+    previous part ended, built when it is reached: the next part after one that can end early
+    (:class:`ErrorControl` with ``stop``)."""
+
+    parts: Sequence[ChainPart]
 
     def interval(self) -> tuple[float, float] | None:
+        if any(not isinstance(part, Stepping) for part in self.parts):
+            return None  # a part's span is known only when it is reached
         ends = [part.interval() for part in self.parts]
         return None if not ends or None in ends else (ends[0][0], ends[-1][1])
 
     def begin(self, solver: Solver, f: VectorField, y: Tensor, state: Any) -> _Run:
         if not self.parts:
             raise ValueError("Chain needs at least one stepping")
+        for i, part in enumerate(self.parts):
+            if not isinstance(part, Stepping) and (i == 0 or not callable(part)):
+                alt = "" if i == 0 else " or a function of the time the previous part ended at"
+                raise TypeError(f"Chain part {i} must be a solvers.Stepping{alt}, got {type(part).__name__}")
         return _ChainRun(list(self.parts), solver, f, y, state)
 
 
 class _ChainRun(_Run):
-    def __init__(self, parts: list[Stepping], solver: Solver, f: VectorField, y: Tensor, state: Any) -> None:
+    def __init__(self, parts: list[ChainPart], solver: Solver, f: VectorField, y: Tensor, state: Any) -> None:
         self.parts, self.solver, self.f = parts, solver, f
         self.index = 0
-        self.run = parts[0].begin(solver, f, y, state)
+        self.run = parts[0].begin(solver, f, y, state)  # type: ignore[union-attr]  (checked by Chain.begin)
         self.t = self.run.t
 
     def _advance(self, y: Tensor, state: Any) -> None:
         while self.run.done() and self.index + 1 < len(self.parts):
             self.index += 1
-            self.run = self.parts[self.index].begin(self.solver, self.f, y, state)
+            part = self.parts[self.index]
+            if not isinstance(part, Stepping):
+                part = part(self.t)
+                if not isinstance(part, Stepping):
+                    raise TypeError(f"Chain part {self.index} (a function) must return a solvers.Stepping, got "
+                                    f"{type(part).__name__}")
+            self.run = part.begin(self.solver, self.f, y, state)
             if self.run.t != self.t:
                 raise ValueError(f"Chain: part {self.index} starts at t={self.run.t!r}, the previous one ended "
                                  f"at t={self.t!r}")

@@ -193,3 +193,62 @@ def test_sigma_start_and_float32():
     assert r32.x.dtype == torch.float32
     s_max = flow.schedule.sigma_max
     assert _rms(r32.x.double(), gauss.solution(noise * math.sqrt(1 + s_max**2), s_max, 0.0)) < 3e-3
+
+
+def test_limit_in_sigma_squared_is_exact_for_polynomials_in_sigma_squared():
+    """Through two denoised values the limit is exact for a + b·σ², through three for a + b·σ² + c·σ⁴."""
+    from flowdiff.api.adaptive import limit_in_sigma_squared
+
+    g = torch.Generator().manual_seed(3)
+    a, b, c = (torch.randn(2, 5, dtype=torch.float64, generator=g) for _ in range(3))
+    rhos = [4.0, 2.5, 1.1]
+
+    def pairs(f):
+        return [(rho, f(1.0 / rho**2)) for rho in rhos]
+
+    assert torch.allclose(limit_in_sigma_squared(pairs(lambda s2: a + b * s2)[:2]), a, atol=1e-12)
+    assert torch.allclose(limit_in_sigma_squared(pairs(lambda s2: a + b * s2 + c * s2**2)), a, atol=1e-12)
+    assert not torch.allclose(limit_in_sigma_squared(pairs(lambda s2: a + b * s2 + c * s2**2)[:2]), a, atol=1e-6)
+
+
+def test_limit_is_known_asks_for_three_values_below_the_gate_that_agree():
+    from flowdiff.api.adaptive import limit_is_known
+    from solvers import History
+
+    a, b = torch.zeros(2, 4, dtype=torch.float64), torch.ones(2, 4, dtype=torch.float64)
+    rhos = [200.0, 100.0, 50.0]
+    smooth = History.of(rhos[0], a + b / rhos[0] ** 2, tuple((r, a + b / r**2) for r in rhos[1:]))
+    stop = limit_is_known(1e-3, 1e-3, rho_from=100.0)
+    assert stop(rhos[0], None, smooth)
+    assert not limit_is_known(1e-3, 1e-3, rho_from=300.0)(rhos[0], None, smooth)  # above the gate's σ
+    assert not stop(rhos[0], None, History.of(rhos[0], smooth.k, smooth.past[:1]))  # two values only
+    bent = History.of(rhos[0], a + b / rhos[0] ** 2 + 1e7 * b / rhos[0] ** 4,
+                      tuple((r, a + b / r**2 + 1e7 * b / r**4) for r in rhos[1:]))
+    assert not stop(rhos[0], None, bent)  # the σ⁴ term moves the two-point limit by more than the tolerance
+
+
+def test_the_limit_step_needs_three_denoised_values_ending_where_it_starts():
+    from flowdiff.api.adaptive import LimitFromHistory
+    from solvers import History
+
+    k = torch.zeros(1, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="needs the last three denoised values, newest at ρ = 50.0"):
+        LimitFromHistory().step(None, 50.0, math.inf, k, History.of(50.0, k, ((25.0, k),)))
+    with pytest.raises(ValueError, match=r"the state holds \[40.0, 25.0, 10.0\]"):
+        LimitFromHistory().step(None, 50.0, math.inf, k, History.of(40.0, k, ((25.0, k), (10.0, k))))
+
+
+@pytest.mark.parametrize("tol", [1e-3, 1e-5])
+def test_generate_finishes_below_sigma_min_within_its_tolerance(tol):
+    """A data-variables generate ends its steps between the schedule's smallest σ and sigma_end once the
+    limit is known, and its image stays within the tolerance's stated factor of the exact flow."""
+    gauss, noise, _ = _setup()
+    flow = gauss.flow()
+    s_max, s_min = flow.schedule.sigma_max, flow.schedule.sigma_min
+    exact = gauss.solution(noise * math.sqrt(1 + s_max**2), s_max, 0.0)
+    r = flowdiff.generate(flow, noise, solver="unipc", adaptive=flowdiff.Adaptive(rtol=tol, atol=tol))
+    assert r.sigmas[-1] == 0.0 and s_min / 10 < r.sigmas[-2] <= s_min
+    assert tol / LOW < _rms(r.x, exact) < HIGH["unipc"] * tol
+    late = flowdiff.generate(flow, noise, solver="unipc", adaptive=flowdiff.Adaptive(rtol=tol, atol=tol,
+                                                                                   sigma_end=s_min))
+    assert late.sigmas[-2] == pytest.approx(s_min)  # a sigma_end at the gate: nothing left to save

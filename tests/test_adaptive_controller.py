@@ -76,3 +76,46 @@ def test_first_step_saves_the_estimate_evaluation():
                               adaptive=flowdiff.Adaptive(rtol=tol, atol=tol, first_step=h))
     assert (given.stats.accepted, given.stats.rejected) == (auto.stats.accepted, auto.stats.rejected)
     assert len(calls) == given.stats.nfe == n_auto - 1
+
+
+def _decay(t, y):
+    return -y
+
+
+def test_stop_ends_the_controlled_steps_and_the_next_part_starts_there():
+    """ErrorControl(stop=...) is asked after each accepted step; when it says so, the controlled part ends
+    at that time and a Chain part given as a function of time starts there, in the same solve."""
+    from solvers import Chain, ErrorControl, FixedGrid, integrate
+
+    asked, built = [], []
+
+    def stop(t, y, state):
+        asked.append(t)
+        return t >= 0.5
+
+    def rest(t):
+        built.append(t)
+        return FixedGrid([t, 1.0])
+
+    y0 = torch.ones(3, dtype=torch.float64)
+    sol = integrate(_decay, y0, "bosh3", Chain([ErrorControl(0.0, 1.0, rtol=1e-6, atol=1e-6, stop=stop), rest]))
+    assert built == [asked[-1]] and 0.5 <= built[0] < 1.0
+    assert sol.ts[-2:] == [built[0], 1.0]
+    assert asked == sol.ts[1:-1]  # once per accepted step of the controlled part, never for a rejected one
+    assert sol.stats.accepted == len(sol.ts) - 1
+    plain = integrate(_decay, y0, "bosh3", ErrorControl(0.0, 1.0, rtol=1e-6, atol=1e-6))
+    assert plain.ts[: len(asked) + 1] == sol.ts[:-1]  # the same steps up to the stop
+
+
+def test_stop_and_chain_parts_of_the_wrong_kind_are_refused():
+    from solvers import Chain, ErrorControl, FixedGrid, integrate
+
+    with pytest.raises(TypeError, match="stop must be callable"):
+        ErrorControl(0.0, 1.0, stop=0.5)
+    y0 = torch.ones(2, dtype=torch.float64)
+    with pytest.raises(TypeError, match="Chain part 0 must be a solvers.Stepping, got function"):
+        integrate(_decay, y0, "euler", Chain([lambda t: FixedGrid([t, 1.0])]))
+    with pytest.raises(TypeError, match="Chain part 1 must be a solvers.Stepping or a function"):
+        integrate(_decay, y0, "euler", Chain([FixedGrid([0.0, 0.5]), 3]))
+    with pytest.raises(Exception, match="Chain part 1 \\(a function\\) must return a solvers.Stepping, got list"):
+        integrate(_decay, y0, "euler", Chain([FixedGrid([0.0, 0.5]), lambda t: [t, 1.0]]))
