@@ -181,43 +181,6 @@ def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, to
     return report()
 
 
-def objectives(title, flow, key, batch, cal_batch, budgets, max_evals, seed, tol, specs, balls,
-               written=lambda lines: None) -> list[str]:
-    """``learn_solver``'s relaxed objective (``ball=``) against plain least squares (``ball=0``): for each solver's
-    tuned grid, the default fit (shifts and grid) at every radius, its error on the held-out half of the
-    calibration batch (what ``kept`` is decided on) and on the evaluation noise."""
-    noise = torch.randn(batch, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    calibration = torch.randn(cal_batch, 1, 8, 8, dtype=torch.float64,
-                              generator=torch.Generator().manual_seed(seed + 1))
-    ref = evaluation_reference(flow, noise, key, tol)
-    lines = [f"### The relaxed objective (`ball=`): {title}", "",
-             f"Evaluation batch {batch}, calibration batch {cal_batch} (halves of {cal_batch // 2}); default fit "
-             "(shifts and grid) from each solver's tuned grid. Each cell: held-out half RMSE (* kept) / evaluation "
-             "RMSE; base = the tuned grid alone.", "",
-             "| NFE | solver | base | " + " | ".join(f"ball {b:g}" for b in balls) + " |",
-             "|---:|---|---|" + "---|" * len(balls)]
-    for budget in budgets:
-        started = time.perf_counter()
-        for label, name, options in specs:
-            tuned = flowdiff.tune(flow, calibration, solver=name, solver_options=options, nfe=budget, progress=False,
-                                  max_evals=max_evals, reference_tol=tol)
-            cells, base = [], None
-            for ball in balls:
-                learned = flowdiff.learn_solver(flow, calibration, solver=name, solver_options=options, nfe=budget,
-                                                sigmas=tuned.sigmas, reference_tol=tol, ball=ball)
-                with torch.no_grad():
-                    x = flowdiff.generate(flow, noise, solver=learned.as_solver(), grid=learned.sigmas)
-                    if base is None:
-                        x_base = flowdiff.generate(flow, noise, solver=learned.base(), grid=learned.base_grid())
-                        base = f"{learned.base_validation_error:.3e} / {rmse(x_base.x, ref.x):.3e}"
-                assert x.stats.nfe <= budget
-                cells.append(f"{learned.validation_error:.3e}{'*' if learned.kept else ''} / {rmse(x.x, ref.x):.3e}")
-            lines.append(f"| {budget} | {label} | {base} | " + " | ".join(cells) + " |")
-        print(f"{key} objectives NFE {budget} [{time.perf_counter() - started:.0f} s]", flush=True)
-        written(lines + [""])
-    return lines + [""]
-
-
 def roundtrips(title, flow, images, calibration, nfe) -> list[str]:
     model = EpsNetwork(flow)
     rows = []
@@ -282,9 +245,7 @@ def main() -> None:
     parser.add_argument("--digits-calibration", type=int, default=16)
     parser.add_argument("--max-evals", type=int, default=60, help="candidate solves per tuned grid")
     parser.add_argument("--roundtrip-images", type=int, default=2)
-    parser.add_argument("--parts", default="frontier,roundtrips",
-                        help="frontier, roundtrips, objectives (the mixture's relaxed objective), comma-separated")
-    parser.add_argument("--balls", default="0,0.25,0.5,0.75", help="radii of the relaxed objective (objectives)")
+    parser.add_argument("--parts", default="frontier,roundtrips", help="frontier, roundtrips or both")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -301,8 +262,8 @@ def main() -> None:
              f"{args.digits_batch} --digits-calibration {args.digits_calibration} --max-evals {args.max_evals} "
              f"--solvers '{args.solvers}' --digits-solvers '{args.digits_solvers}' --learn {args.learn} "
              f"--digits-learn {args.digits_learn} "
-             f"--balls {args.balls} --seed {args.seed} --parts {args.parts}` — "
-             f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, float64.", ""]
+             f"--seed {args.seed} --parts {args.parts}` — {platform.processor() or platform.machine()}, torch "
+             f"{torch.__version__}, 1 thread, float64.", ""]
     parts = args.parts.split(",")
 
     def write(done: list[str]) -> None:
@@ -315,11 +276,6 @@ def main() -> None:
         lines += frontier(K, "closed-form mixture (200 digit images, bandwidth 0.1)", mixture_flow(), "mixture",
                           args.batch, args.calibration, [int(b) for b in args.nfe.split(",")], args.max_evals,
                           args.seed, 1e-8, specs, learns, lambda part: write(lines + part))
-    if "mixture" in wanted and "objectives" in parts:
-        lines += objectives("closed-form mixture (200 digit images, bandwidth 0.1)", mixture_flow(), "mixture",
-                            args.batch, args.calibration, [int(b) for b in args.nfe.split(",")], args.max_evals,
-                            args.seed, 1e-8, specs, [float(b) for b in args.balls.split(",")],
-                            lambda part: write(lines + part))
     trained = trained_flow() if "digits" in wanted else None
     if trained is not None and "frontier" in parts:
         lines += frontier(K, "shipped trained model pretrained('digits')", trained, "digits", args.digits_batch,

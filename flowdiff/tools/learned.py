@@ -36,18 +36,6 @@ kept only if its RMS error on the held-out half is below the base method's on th
 grid; otherwise the result is the base method on that grid (``kept=False``). Where more than
 one kind is learned, each is first fitted alone and the fit of all starts from the best of them.
 
-``ball=ρ > 0`` relaxes the objective in the spirit of LD3's soft teacher (the student need only
-land near the teacher): each fitted sample counts only by how far its image lies outside a ball
-of radius ρ·e₀ around the teacher's, e₀ the base method's per-sample RMS over the fitted half
-(in the image's norm, ``√dim`` times that RMS),
-
-    min  Σ_samples max(0, |generate(noise_j) − x_ref,j| − ρ·e₀·√dim)².
-
-LD3 itself places the ball around the *noise* (the student may start from any x′_T with
-|x′_T − x_T| ≤ r·σ_T), which needs a gradient in the noise; this is the same relaxation moved
-to the image, where a derivative-free fit can take it. The decision on the held-out half and
-every reported error stay plain RMS.
-
 A :class:`LearnedSolver` records the flow's fingerprint, the grid, the shifts and coefficients,
 its errors and its cost in model evaluations (``fitting_nfe``: the teacher's and every
 candidate solve's), saves to JSON and loads only for the flow it was fitted on, like a
@@ -380,7 +368,6 @@ def learn_solver(
     shift_bound: float = 0.5,
     iterations: int = 8,
     ridge: float = 0.0,
-    ball: float = 0.0,
     model_kwargs: Mapping[str, Any] | None = None,
     reference_tol: float = 1e-7,
 ) -> LearnedSolver:
@@ -401,10 +388,8 @@ def learn_solver(
     in ``[−shift_bound, shift_bound]`` (in units of its step); ``iterations`` caps the
     least-squares iterations of each fit (each costs one candidate solve per parameter plus
     one); ``ridge`` adds ``ridge·|r₀|²·|c|²/dim(c)`` to the fitted sum of squares (``r₀`` the base
-    method's residual), pulling the coefficients towards the base method. ``ball`` (≥ 0, below 1) is
-    the relaxed objective's radius as a fraction of the base method's RMS error on the fitted half
-    (module docstring); 0, the default, is plain least squares. Measure the result on other
-    noise (:meth:`LearnedSolver.validated`).
+    method's residual), pulling the coefficients towards the base method. Measure the result on
+    other noise (:meth:`LearnedSolver.validated`).
     """
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
@@ -425,9 +410,6 @@ def learn_solver(
             raise ValueError(f"{name} must be an int in {lo}..{hi}, got {value!r}")
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not (0 <= ridge < math.inf):
         raise ValueError(f"ridge must be a finite number >= 0 (the weight of |c|² in the fit), got {ridge!r}")
-    if isinstance(ball, bool) or not isinstance(ball, (int, float)) or not (0 <= ball < 1):
-        raise ValueError(f"ball must be a number in [0, 1) (the relaxed objective's radius as a fraction of the base "
-                         f"method's RMS error; 0: plain least squares), got {ball!r}")
     bound, shift_bound = _positive("bound", bound), _positive("shift_bound", shift_bound)
     if isinstance(reference_tol, bool) or not isinstance(reference_tol, (int, float)) or not 0 < reference_tol <= 1e-3:
         raise ValueError(f"reference_tol must be a number in (0, 1e-3], got {reference_tol!r}")
@@ -495,27 +477,12 @@ def learn_solver(
 
     fit_target, held_target = target[0::2], target[1::2]
 
-    def raw(v: np.ndarray) -> np.ndarray:
-        """The fitted half's image error, a row per sample."""
-        r = (images(v, fit) - fit_target).reshape(fit.shape[0], -1).cpu().numpy()
+    def residual(v: np.ndarray) -> np.ndarray:
+        r = (images(v, fit) - fit_target).reshape(-1).cpu().numpy()
         return r if np.all(np.isfinite(r)) else np.full_like(r, 1e6)
 
     zero = np.zeros(len(slots))
-    raw0 = raw(zero)
-    radius = float(ball) * float(np.sqrt(np.mean(raw0 * raw0) * raw0.shape[1]))
-
-    def relaxed(r: np.ndarray) -> np.ndarray:
-        """Each sample's error shortened by ``radius`` (to zero inside the ball): the relaxed objective."""
-        if radius == 0.0:
-            return r.reshape(-1)
-        norms = np.linalg.norm(r, axis=1, keepdims=True)
-        scale = np.maximum(norms - radius, 0.0) / np.where(norms > 0, norms, 1.0)
-        return (r * scale).reshape(-1)
-
-    def residual(v: np.ndarray) -> np.ndarray:
-        return relaxed(raw(v))
-
-    r0 = relaxed(raw0)
+    r0 = residual(zero)
     v = zero
     if slots and iterations > 0:
         penalised = np.array([k == "c" for k, _, _ in slots])
@@ -527,8 +494,8 @@ def learn_solver(
             # zero settles in the shifts' nearest minimum, which the coefficients alone often beat)
             v = min((_fit(objective, zero, lower, upper, g, iterations) for g in groups), key=objective.cost)
         v = _fit(objective, v, lower, upper, np.ones(len(slots), dtype=bool), iterations)
-    r = raw(v) if slots else raw0
-    calib, base_calib = float(np.sqrt(np.mean(r * r))), float(np.sqrt(np.mean(raw0 * raw0)))
+    r = residual(v) if slots else r0
+    calib, base_calib = float(np.sqrt(np.mean(r * r))), float(np.sqrt(np.mean(r0 * r0)))
     learned_val = _rms(images(v, held), held_target)
     base_val = _rms(images(zero, held), held_target)
     coefficients, shifts = unpacked(v)
@@ -540,7 +507,7 @@ def learn_solver(
                         True, calib, base_calib, math.nan, math.nan, grid_name, shifts=shifts or (), learn=learn,
                         base_sigmas=sigmas.copy() if moves else None,
                         options={"learn": list(learn), "terms": terms, "bound": bound, "shift_bound": shift_bound,
-                                 "iterations": iterations, "ridge": float(ridge), "ball": float(ball),
+                                 "iterations": iterations, "ridge": float(ridge),
                                  "reference_tol": float(reference_tol), "calibration_batch": int(noise.shape[0])})
     out = out._decided(learned_val, base_val)
     return replace(out, fitting_nfe=spent["nfe"], reference_nfe=ref_nfe, solves=spent["solves"],
