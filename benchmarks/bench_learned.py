@@ -4,11 +4,13 @@ Frontier (NFE 4–20): for each model (the closed-form mixture of ``bench_fronti
 bandwidth 0.1, and the shipped trained ``digits`` model), float64, the RMS image error against a float64
 reference from the same noise:
 
-* flowdiff, tuned grid: ``flowdiff.tune`` (dp+search) for each solver of ``--solvers`` on calibration noise
+* flowdiff, tuned grid: ``flowdiff.tune`` (dp+search) for each solver of ``--solvers`` (``--digits-solvers`` for the
+  trained model; options in brackets, e.g. ``ipndm(order=3)``, passed as ``solver_options``) on calibration noise
   (seed + 1), measured on the evaluation noise (seed); the entry is the solver best on the calibration noise.
 * flowdiff, learned: ``flowdiff.learn_solver`` on the same calibration noise, started from that tuned grid,
   once for each of ``LEARN`` (evaluation shifts and the grid — the default —, shifts alone, shifts and the
-  Adams coefficients, the coefficients alone), each kept only where the held-out half of the calibration
+  Adams coefficients, the coefficients alone; ``--learn``, and ``--digits-learn`` for the trained model, whose
+  solves cost more: shifts and grid, coefficients), each kept only where the held-out half of the calibration
   batch agrees, measured on the evaluation noise; the entry is the candidate (learned or tuned-only, any
   solver) best on the whole calibration batch. Nothing of the evaluation noise is used to choose it. A
   second table gives every fit's error on the held-out half, which is what chose ``learn_solver``'s default.
@@ -21,8 +23,12 @@ digits, not the images measured), against diffusers' inverse schedulers (``bench
 held-out test digits (shipped model) and on the mixture of ``bench_roundtrip.py`` (64 training digits,
 bandwidth 0.3).
 
+The report is written to ``--out`` after every budget, so a run that is stopped keeps what it measured.
+
 Usage: python benchmarks/bench_learned.py [--models mixture,digits] [--nfe 4,5,6,8,10,20] [--digits-nfe 5,10]
-[--parts frontier,roundtrips] [--out benchmarks/results/learned.md]
+[--solvers unipc,dpmpp_3m,ipndm] [--digits-solvers 'unipc,dpmpp_3m,ipndm(order=3),unipc(order=3)']
+[--learn ...] [--digits-learn shifts+grid,coefficients] [--parts frontier,roundtrips]
+[--out benchmarks/results/learned.md]
 """
 
 from __future__ import annotations
