@@ -4,11 +4,13 @@ Frontier (NFE 4–20): for each model (the closed-form mixture of ``bench_fronti
 bandwidth 0.1, and the shipped trained ``digits`` model), float64, the RMS image error against a float64
 reference from the same noise:
 
-* flowdiff, tuned grid: ``flowdiff.tune`` (dp+search) for each solver of ``--solvers`` on calibration noise
+* flowdiff, tuned grid: ``flowdiff.tune`` (dp+search) for each solver of ``--solvers`` (``--digits-solvers`` for the
+  trained model; options in brackets, e.g. ``ipndm(order=3)``, passed as ``solver_options``) on calibration noise
   (seed + 1), measured on the evaluation noise (seed); the entry is the solver best on the calibration noise.
 * flowdiff, learned: ``flowdiff.learn_solver`` on the same calibration noise, started from that tuned grid,
   once for each of ``LEARN`` (evaluation shifts and the grid — the default —, shifts alone, shifts and the
-  Adams coefficients, the coefficients alone), each kept only where the held-out half of the calibration
+  Adams coefficients, the coefficients alone; ``--learn``, and ``--digits-learn`` for the trained model, whose
+  solves cost more: shifts and grid, coefficients), each kept only where the held-out half of the calibration
   batch agrees, measured on the evaluation noise; the entry is the candidate (learned or tuned-only, any
   solver) best on the whole calibration batch. Nothing of the evaluation noise is used to choose it. A
   second table gives every fit's error on the held-out half, which is what chose ``learn_solver``'s default.
@@ -21,15 +23,21 @@ digits, not the images measured), against diffusers' inverse schedulers (``bench
 held-out test digits (shipped model) and on the mixture of ``bench_roundtrip.py`` (64 training digits,
 bandwidth 0.3).
 
+The report is written to ``--out`` after every budget, so a run that is stopped keeps what it measured.
+
 Usage: python benchmarks/bench_learned.py [--models mixture,digits] [--nfe 4,5,6,8,10,20] [--digits-nfe 5,10]
-[--parts frontier,roundtrips] [--out benchmarks/results/learned.md]
+[--solvers unipc,dpmpp_3m,ipndm] [--digits-solvers 'unipc,dpmpp_3m,ipndm(order=3),unipc(order=3)']
+[--learn ...] [--digits-learn shifts+grid,coefficients] [--parts frontier,roundtrips]
+[--out benchmarks/results/learned.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import platform
+import re
 import time
 import warnings
 from pathlib import Path
@@ -45,6 +53,10 @@ import solvers
 from flowdiff.models.analytic import Mixture
 
 SOLVERS = "unipc,dpmpp_3m,ipndm"
+#: the trained model's candidates: ``unipc`` (order 2 by default) and ``dpmpp_3m`` as before, with ``ipndm(order=3)``
+#: (its tuned grid measured 0.49× the best peer at NFE 20 in ``bench_frontier.py``) and ``unipc(order=3)`` (the best
+#: named-grid solver at NFE 20 in ``bench_lownfe.py``)
+DIGITS_SOLVERS = "unipc,dpmpp_3m,ipndm(order=3),unipc(order=3)"
 #: what ``learn_solver`` fits, each tried on every solver's tuned grid (coefficients: Adams methods only)
 LEARN = {"shifts+grid": ("shifts", "grid"), "shifts": ("shifts",), "shifts+coefficients": ("shifts", "coefficients"),
          "coefficients": ("coefficients",)}
@@ -54,25 +66,55 @@ ROUNDTRIP_GRIDS = ("trailing", "leading", "karras", "logsnr")
 TUNED_ROUNDTRIP = ("dpmpp_2m", "dpmpp_3m", "unipc")
 
 
-def flowdiff_candidates(flow, calibration, noise, ref, budget, max_evals, tol, names) -> list[dict]:
-    """Per solver: its tuned grid, then ``learn_solver`` on that grid for each of ``LEARN`` (coefficients only for
+def solver_specs(text: str) -> list[tuple[str, str, dict]]:
+    """``"unipc,ipndm(order=3)"`` as ``[(label, name, options), ...]``: a registered name, optionally with keyword
+    options in brackets (Python literals), passed on as ``solver_options``."""
+    specs = []
+    for item in re.findall(r"[^,()]+(?:\([^)]*\))?", text):
+        item = item.strip()
+        match = re.fullmatch(r"(\w+)(?:\((.*)\))?", item)
+        if match is None:
+            raise ValueError(f"solver {item!r}: expected a name or name(key=value, ...)")
+        name, inner = match.groups()
+        options = {}
+        for pair in filter(None, (p.strip() for p in (inner or "").split(","))):
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise ValueError(f"solver {item!r}: option {pair!r} is not key=value")
+            options[key.strip()] = ast.literal_eval(value.strip())
+        solvers.get(name, **options)  # unknown names and options fail here, before any solve
+        specs.append((item, name, options))
+    return specs
+
+
+def learn_kinds(text: str) -> dict[str, tuple[str, ...]]:
+    """``"shifts+grid,coefficients"`` as the matching entries of ``LEARN``."""
+    labels = text.split(",")
+    unknown = [k for k in labels if k not in LEARN]
+    if unknown:
+        raise ValueError(f"--learn: unknown fit(s) {unknown}; accepted: {', '.join(LEARN)}")
+    return {k: LEARN[k] for k in labels}
+
+
+def flowdiff_candidates(flow, calibration, noise, ref, budget, max_evals, tol, specs, learns) -> list[dict]:
+    """Per solver: its tuned grid, then ``learn_solver`` on that grid for each of ``learns`` (coefficients only for
     the Adams methods); every row with its error on the evaluation noise and, for the fits, on both halves of
     the calibration batch."""
     rows = []
-    for solver in names:
-        tuned = flowdiff.tune(flow, calibration, solver=solver, nfe=budget, progress=False, max_evals=max_evals,
-                              reference_tol=tol)
+    for solver, name, options in specs:
+        tuned = flowdiff.tune(flow, calibration, solver=name, solver_options=options, nfe=budget, progress=False,
+                              max_evals=max_evals, reference_tol=tol)
         with torch.no_grad():
-            x_tuned = flowdiff.generate(flow, noise, solver=solver, grid=tuned.sigmas)
+            x_tuned = flowdiff.generate(flow, noise, solver=solvers.get(name, **options), grid=tuned.sigmas)
         assert x_tuned.stats.nfe <= budget
         rows.append(dict(solver=solver, kind="tuned grid", learn="", rmse=rmse(x_tuned.x, ref),
                          cal=tuned.calibration_error, nfe=x_tuned.stats.nfe, cost=tuned.tuning_nfe))
-        adams = isinstance(solvers.get(solver), solvers.Adams)
-        for label, learn in LEARN.items():
+        adams = isinstance(solvers.get(name, **options), solvers.Adams)
+        for label, learn in learns.items():
             if "coefficients" in learn and not adams:
                 continue
-            learned = flowdiff.learn_solver(flow, calibration, solver=solver, nfe=budget, sigmas=tuned.sigmas,
-                                            reference_tol=tol, learn=learn)
+            learned = flowdiff.learn_solver(flow, calibration, solver=name, solver_options=options, nfe=budget,
+                                            sigmas=tuned.sigmas, reference_tol=tol, learn=learn)
             with torch.no_grad():
                 x_learned = flowdiff.generate(flow, noise, solver=learned.as_solver(), grid=learned.sigmas)
             assert x_learned.stats.nfe <= budget
@@ -88,7 +130,8 @@ def flowdiff_candidates(flow, calibration, noise, ref, budget, max_evals, tol, n
     return rows
 
 
-def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, tol, names) -> list[str]:
+def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, tol, specs, learns,
+             written=lambda lines: None) -> list[str]:
     noise = torch.randn(batch, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     calibration = torch.randn(cal_batch, 1, 8, 8, dtype=torch.float64,
                               generator=torch.Generator().manual_seed(seed + 1))
@@ -101,12 +144,17 @@ def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, to
              "|---:|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|"]
     held = ["", "Held-out half of the calibration batch (what `kept` is decided on): RMSE of the base method on "
             "the tuned grid, and of each fit (* kept); the last column is the best on the evaluation noise.", "",
-            "| NFE | solver | base (tuned grid) | " + " | ".join(LEARN) + " | on the evaluation noise |",
-            "|---:|---|---:|" + "---:|" * len(LEARN) + "---|"]
+            "| NFE | solver | base (tuned grid) | " + " | ".join(learns) + " | on the evaluation noise |",
+            "|---:|---|---:|" + "---:|" * len(learns) + "---|"]
     details = []
+
+    def report() -> list[str]:
+        return lines + held + ["", "Every flowdiff candidate on the evaluation noise (and the learned fits' halves):",
+                               "", *details, ""]
+
     for budget in budgets:
         started = time.perf_counter()
-        ours = flowdiff_candidates(flow, calibration, noise, ref.x, budget, max_evals, tol, names)
+        ours = flowdiff_candidates(flow, calibration, noise, ref.x, budget, max_evals, tol, specs, learns)
         dif = [r for r in run_diffusers(flow, noise, ref.x, budget) if math.isfinite(r["rmse"])]
         kd = run_kdiffusion(K, flow, noise, ref.x, budget)
         assert all(r["nfe"] <= budget for r in dif + kd)
@@ -119,10 +167,12 @@ def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, to
                      f"{tuned_pick['rmse']:.3e} | {best_dif['solver']} | {best_dif['rmse']:.3e} | "
                      f"{best_kd['solver']} on {best_kd['grid']} | {best_kd['rmse']:.3e} | {pick['rmse'] / peer:.2f}× | "
                      f"{tuned_pick['rmse'] / peer:.2f}× | {cost} |")
-        for solver in names:
+        for solver, _, _ in specs:
             fits = {r["learn"]: r for r in ours if r["solver"] == solver and r["learn"]}
+            if not fits:
+                continue
             base_val = next(iter(fits.values()))["base_val"]
-            cells = [f"{fits[k]['val']:.3e}{'*' if fits[k]['kept'] else ''}" if k in fits else "—" for k in LEARN]
+            cells = [f"{fits[k]['val']:.3e}{'*' if fits[k]['kept'] else ''}" if k in fits else "—" for k in learns]
             best = min((r for r in ours if r["solver"] == solver), key=lambda r: r["rmse"])
             held.append(f"| {budget} | {solver} | {base_val:.3e} | " + " | ".join(cells) +
                         f" | {best['kind']} {best['rmse']:.3e} |")
@@ -133,8 +183,8 @@ def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, to
                 f"{', '.join(f'{d:.2f}' for d in r['shifts'])})" if "base_cal" in r else "") for r in ours)]
         print(f"{key} NFE {budget}: learned pick {pick['solver']} {pick['kind']} {pick['rmse']:.3e}, tuned "
               f"{tuned_pick['rmse']:.3e}, peer {peer:.3e} [{time.perf_counter() - started:.0f} s]", flush=True)
-    return lines + held + ["", "Every flowdiff candidate on the evaluation noise (and the learned fits' halves):", "",
-                           *details, ""]
+        written(report())
+    return report()
 
 
 def roundtrips(title, flow, images, calibration, nfe) -> list[str]:
@@ -191,8 +241,12 @@ def main() -> None:
     parser.add_argument("--digits-nfe", default="5,10", help="budgets of the trained model (slower)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--calibration", type=int, default=256)
-    parser.add_argument("--solvers", default=SOLVERS, help="flowdiff solvers tuned and fitted (mixture)")
-    parser.add_argument("--digits-solvers", default="unipc,dpmpp_3m", help="the same for the trained model")
+    parser.add_argument("--solvers", default=SOLVERS, help="flowdiff solvers tuned and fitted (mixture); options "
+                        "in brackets, e.g. ipndm(order=3)")
+    parser.add_argument("--digits-solvers", default=DIGITS_SOLVERS, help="the same for the trained model")
+    parser.add_argument("--learn", default=",".join(LEARN), help="the fits tried on every tuned grid (mixture)")
+    parser.add_argument("--digits-learn", default="shifts+grid,coefficients",
+                        help="the same for the trained model (fewer: its solves cost 20–100× the mixture's)")
     parser.add_argument("--digits-batch", type=int, default=8)
     parser.add_argument("--digits-calibration", type=int, default=16)
     parser.add_argument("--max-evals", type=int, default=60, help="candidate solves per tuned grid")
@@ -201,6 +255,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    specs, digits_specs = solver_specs(args.solvers), solver_specs(args.digits_solvers)
+    learns, digits_learns = learn_kinds(args.learn), learn_kinds(args.digits_learn)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     K = load_kdiffusion_sampling()
@@ -210,19 +266,27 @@ def main() -> None:
              f"`python benchmarks/bench_learned.py --models {args.models} --nfe {args.nfe} --digits-nfe "
              f"{args.digits_nfe} --batch {args.batch} --calibration {args.calibration} --digits-batch "
              f"{args.digits_batch} --digits-calibration {args.digits_calibration} --max-evals {args.max_evals} "
-             f"--solvers {args.solvers} --digits-solvers {args.digits_solvers} "
+             f"--solvers '{args.solvers}' --digits-solvers '{args.digits_solvers}' --learn {args.learn} "
+             f"--digits-learn {args.digits_learn} "
              f"--seed {args.seed} --parts {args.parts}` — {platform.processor() or platform.machine()}, torch "
              f"{torch.__version__}, 1 thread, float64.", ""]
     parts = args.parts.split(",")
+
+    def write(done: list[str]) -> None:
+        """The report so far (after every budget: a long run that is stopped keeps what it measured)."""
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text("\n".join(done) + "\n")
+
     if "mixture" in wanted and "frontier" in parts:
         lines += frontier(K, "closed-form mixture (200 digit images, bandwidth 0.1)", mixture_flow(), "mixture",
                           args.batch, args.calibration, [int(b) for b in args.nfe.split(",")], args.max_evals,
-                          args.seed, 1e-8, args.solvers.split(","))
+                          args.seed, 1e-8, specs, learns, lambda part: write(lines + part))
     trained = trained_flow() if "digits" in wanted else None
     if trained is not None and "frontier" in parts:
         lines += frontier(K, "shipped trained model pretrained('digits')", trained, "digits", args.digits_batch,
                           args.digits_calibration, [int(b) for b in args.digits_nfe.split(",")], args.max_evals,
-                          args.seed, 1e-6, args.digits_solvers.split(","))
+                          args.seed, 1e-6, digits_specs, digits_learns, lambda part: write(lines + part))
     if trained is not None and "roundtrips" in parts:
         images = flowdiff.digits_data("test").images[: args.roundtrip_images].double()
         calibration = flowdiff.digits_data("train").images[100:104].double()
@@ -235,11 +299,8 @@ def main() -> None:
         lines += roundtrips("mixture of 64 training digits (bandwidth 0.3), held-out test digits", mix, images,
                             calibration, 10)
     lines.append(f"Total wall time {time.perf_counter() - started:.0f} s.")
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    print(text)
+    write(lines)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
