@@ -70,7 +70,9 @@ def _resolve_solver(solver: str | Solver, direction: str,
     """The solver object, its name and options (as a latent records them) for ``direction``.
 
     ``solver`` is a registered name or a :class:`solvers.Solver`, whose options travel with it
-    (:func:`solvers.options_of`: the options ``solvers.get`` built it with)."""
+    (:func:`solvers.options_of`: the options ``solvers.get`` built it with). A :class:`solvers.Shifted`
+    method is recorded as its base: shifted evaluations belong to one grid and one direction, and an
+    encode with them (:func:`flowdiff.learn_encoder`) is made to be undone by the plain base decode."""
     if not isinstance(solver, (str, Solver)):
         raise TypeError(f"solver must be a registered name, a solvers.Solver, flowdiff.Stochastic (generate) or "
                         f"flowdiff.Inversion (encode), got {type(solver).__name__}")
@@ -81,13 +83,14 @@ def _resolve_solver(solver: str | Solver, direction: str,
             raise ValueError(f"solver {plugin.name!r} is {what} method only; use it with flowdiff.{plugin.direction}")
         return plugin.make({}), plugin.name, {}
     obj = solvers.get(solver)
-    options = {} if isinstance(solver, str) else (solvers.options_of(obj) or {})
+    recorded = obj.base if isinstance(obj, solvers.Shifted) else obj
+    options = {} if isinstance(solver, str) else (solvers.options_of(recorded) or {})
     if (state_dtype == torch.float64 and isinstance(obj, ReversibleHeun) and obj.quantum is None
             and "quantum" not in options):
         # float32 (or lower) images with a float64 state: states on 2⁻⁴⁰ℤ make the inverse bit-exact
         options["quantum"] = EXACT_QUANTUM
         obj = ReversibleHeun(quantum=EXACT_QUANTUM)
-    return obj, obj.name, options
+    return obj, recorded.name, options
 
 
 def _inversion_final_euler(spec: Inversion, grid: Grid) -> Inversion:
