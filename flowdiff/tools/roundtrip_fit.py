@@ -333,7 +333,9 @@ def learn_encoder(
             shifts = [0.0] * n
             for i, d in zip(slots, v[:len(slots)]):
                 shifts[i] = float(d)
-            return (warp.grid(v[len(slots):]) if grid_size else sig0), tuple(shifts)  # type: ignore[union-attr]
+            g = v[len(slots):]
+            moved = grid_size and not np.array_equal(g, warp.start)  # type: ignore[union-attr]
+            return (warp.grid(g) if moved else sig0), tuple(shifts)  # type: ignore[union-attr]
 
         def residual(v: np.ndarray) -> np.ndarray:
             sig, shifts = unpack(v)
