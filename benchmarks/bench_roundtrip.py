@@ -30,7 +30,6 @@ import platform
 import time
 import warnings
 
-import numpy as np
 import torch
 
 import flowdiff
@@ -121,17 +120,8 @@ def run_model(name: str, flow, model, images, steps_list, solver_names) -> tuple
     return "\n".join(lines), summary
 
 
-def split_steps(sigmas: np.ndarray) -> np.ndarray:
-    """The generation grid with every step cut in two at its geometric middle (the step into 0 at σ₁/2):
-    a start for a fit at twice the budget from the fit at this one."""
-    up = np.asarray(sigmas[:-1][::-1], dtype=np.float64)
-    lower = np.concatenate([[up[0] * 0.25], up[:-1]])
-    points = np.ravel(np.column_stack([np.sqrt(lower * up), up]))
-    return np.concatenate([points[::-1], [0.0]])
-
-
 def learned_section(label: str, flow, model, calibration, images, steps_list, solver_names, weights, fit_grid,
-                    iterations) -> list[str]:
+                    iterations, fit_decode=(True,)) -> list[str]:
     """``flowdiff.learn_encoder`` on ``calibration`` (never the images measured) against the plain encodes and
     diffusers' inverse schedulers, all on ``images``: round-trip MSE, the latent's RMS error against the flow's
     own latent (an adaptive float64 encode), NFE, fitting cost."""
@@ -145,7 +135,6 @@ def learned_section(label: str, flow, model, calibration, images, steps_list, so
              "| S | encoder | MSE | latent error | NFE | ratio to diffusers' best | fit cost |",
              "|---:|---|---:|---:|---:|---:|---|"]
     summary = []
-    previous: dict[tuple[str, float], np.ndarray] = {}
     for s in steps_list:
         rows = []
         peers = []
@@ -160,9 +149,9 @@ def learned_section(label: str, flow, model, calibration, images, steps_list, so
                         continue
         peer = min(peers)
 
-        def measure(solver, sigmas, what, cost=""):
+        def measure(encoder, what, cost=""):
             with torch.no_grad():
-                enc = flowdiff.encode(flow, images, solver=solver, grid=sigmas)
+                enc = encoder(images)
                 dec = flowdiff.decode(flow, enc.latent)
             mse = float((dec.x - images).pow(2).mean())
             lat = float((enc.latent.x - exact.x).pow(2).mean().sqrt())
@@ -172,25 +161,24 @@ def learned_section(label: str, flow, model, calibration, images, steps_list, so
             base = solvers.get(solver)
             steps = solvers.steps_for_nfe(base, s, eval_end=encode_evaluates_end(base))
             for grid in ("logsnr", "karras", "trailing"):
-                rows.append(measure(solver, flowdiff.make_sigmas(flow.schedule, grid, steps),
+                sig = flowdiff.make_sigmas(flow.schedule, grid, steps)
+                rows.append(measure(lambda x, solver=solver, sig=sig: flowdiff.encode(flow, x, solver=solver, grid=sig),
                                     f"{solver} / {grid} (plain)"))
             tuned = flowdiff.tune_roundtrip(flow, calibration, solver=solver, nfe=s)
-            rows.append(measure(solver, tuned.sigmas, f"{solver} / round-trip grid, tune_roundtrip (plain)",
-                                f"{tuned.tuning_nfe} NFE"))
+            rows.append(measure(lambda x, solver=solver, sig=tuned.sigmas: flowdiff.encode(flow, x, solver=solver,
+                                                                                            grid=sig),
+                                f"{solver} / round-trip grid, tune_roundtrip (plain)", f"{tuned.tuning_nfe} NFE"))
             for w in weights:
-                started = time.perf_counter()
-                start = previous.get((solver, w))
-                learned = flowdiff.learn_encoder(flow, calibration, solver=solver, nfe=s, latent_weight=w,
-                                                 fit_grid=fit_grid, iterations=iterations,
-                                                 sigmas=None if start is None else split_steps(start))
-                if learned.kept:
-                    previous[(solver, w)] = learned.sigmas
-                what = (f"{solver} learned (latent_weight {w}, from "
-                        f"{'the fit at S/2, steps split' if start is not None else learned.initial_grid})"
-                        + ("" if learned.kept else ": refused by the held-out half, the plain encode on its grid"))
-                rows.append(measure(learned.as_solver(), learned.sigmas, what,
-                                    f"{learned.fitting_nfe} NFE, {time.perf_counter() - started:.0f} s")
-                            + (learned.validation_error, learned.kept))
+                for with_decode in fit_decode:
+                    started = time.perf_counter()
+                    learned = flowdiff.learn_encoder(flow, calibration, solver=solver, nfe=s, latent_weight=w,
+                                                     fit_grid=fit_grid, fit_decode=with_decode, iterations=iterations)
+                    what = (f"{solver} learned {'encode + decode' if with_decode else 'encode'} shifts"
+                            f"{' and grid' if fit_grid else ''} (latent_weight {w}, from {learned.initial_grid})"
+                            + ("" if learned.kept else ": refused by the held-out half, the plain encode on its grid"))
+                    rows.append(measure(lambda x, learned=learned: learned.encode(flow, x), what,
+                                        f"{learned.fitting_nfe} NFE, {time.perf_counter() - started:.0f} s")
+                                + (learned.validation_error, learned.kept))
         for mse, what, lat, nfe, cost, *_ in sorted(rows):
             lines.append(f"| {s} | flowdiff {what} | {mse:.2e} | {lat:.3f} | {nfe} | {mse / peer[0]:.2f}× | {cost} |")
         for mse, what in sorted(peers)[:3]:
@@ -217,6 +205,7 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=256, help="training digits to fit on (mixture)")
     parser.add_argument("--digits-calibration", type=int, default=8, help="training digits to fit on (shipped)")
     parser.add_argument("--learned-steps", type=int, nargs="+", default=[10, 20])
+    parser.add_argument("--digits-iterations", type=int, default=6, help="least-squares iterations (shipped)")
     args = parser.parse_args()
     if args.learned:
         return learned_main(args)
@@ -255,18 +244,20 @@ def learned_main(args) -> None:
     mixture = Mixture(train[:64], 0.3, schedule=flowdiff.Schedule.linear())
     parts = [f"# Learned encoders against diffusers' inverse schedulers\n\n`python benchmarks/bench_roundtrip.py "
              f"--learned --held-out {args.held_out} --calibration {args.calibration} --digits-calibration "
-             f"{args.digits_calibration} --learned-steps {' '.join(map(str, args.learned_steps))}` on "
+             f"{args.digits_calibration} --digits-iterations {args.digits_iterations} --learned-steps "
+             f"{' '.join(map(str, args.learned_steps))}` on "
              f"{platform.processor() or platform.machine()}, torch {torch.__version__}, one thread, float64. "
              "Calibration images are training digits 100 onwards (the mixture's centres are digits 0–63).\n"]
     parts += learned_section("closed-form mixture (64 training digits, bandwidth 0.3)", mixture.flow(), mixture,
                              train[100:100 + args.calibration], images, args.learned_steps,
-                             ("euler", "heun", "dpmpp_2m"), (1.0, 0.3), True, 40)
+                             ("euler", "heun", "dpmpp_2m"), (1.0, 0.3), True, 40, (True, False))
     print("\n".join(parts[-1:]), flush=True)
     flow = flowdiff.pretrained("digits")
     flow.model.double()
-    parts += learned_section("shipped digits model (shifts only, on the round-trip grid)", flow, flow.model,
+    parts += learned_section("shipped digits model (encode and decode shifts only, on the round-trip grid)", flow,
+                             flow.model,
                              train[100:100 + args.digits_calibration], images, args.learned_steps, ("unipc",),
-                             (1.0,), False, 10)
+                             (1.0,), False, args.digits_iterations)
     parts.append(f"Total wall time {time.perf_counter() - start:.0f} s.\n")
     text = "\n".join(parts)
     with open(args.out, "w") as fh:

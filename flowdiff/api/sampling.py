@@ -491,6 +491,10 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
         final_euler = latent.final_euler
     final_euler = final_euler is not False
     solver_obj = solvers.get(own, **options)
+    if latent.decode_shifts is not None:  # a learned encoder's latent: the decode it was fitted with
+        times = formulation_for(solver_obj, "decode").times(sig.tolist())
+        solver_obj = solvers.Shifted(solver_obj, dict(zip(zip(times[:-1], times[1:]), latent.decode_shifts)),
+                                     name=solver_obj.name)
     request = _request(flow, solver_obj, own, options, Grid(sigmas=sig), None, model_kwargs, callback, checks.finite,
                        bound=divergence_limit(checks.bound(DIVERGENCE_GENERATE), x))
     if latent.solver_state is not None:

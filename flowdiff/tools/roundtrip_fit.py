@@ -32,6 +32,7 @@ flow, like a :class:`~flowdiff.TunedGrid` or a :class:`~flowdiff.LearnedSolver`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -52,6 +53,7 @@ from ..engine.flow import ProbabilityFlow
 from ..engine.formulations import encode_refusal, formulation_for
 from ..engine.grids import make_sigmas
 from ..engine.options import Adaptive
+from ..engine.results import Result
 from .learned import tune_roundtrip
 from .tuning import read_record
 
@@ -70,17 +72,18 @@ class LearnedEncoder:
 
     ``sigmas`` is the generation grid (decreasing to 0) the encode runs backwards and its latents
     decode on; ``shifts[i]`` the δ of the encode's step i (from σ = 0 up; 0 where the step has a
-    method of its own, such as the data variables' step out of σ = 0). ``kept`` says whether the
+    method of its own, such as the data variables' step out of σ = 0), ``decode_shifts[i]`` the δ
+    of the decode's step i (from σ_max down), all zero unless fitted. ``kept`` says whether the
     held-out half preferred the learned encode; when not, ``sigmas`` is the starting grid, the
-    shifts are zero and :meth:`as_solver` is the base solver. Errors (RMS per element):
+    shifts are zero and :meth:`encode` is the plain encode. Errors (RMS per element):
     ``calibration_error`` / ``base_calibration_error`` the round trip on the fitted half,
     ``validation_error`` / ``base_validation_error`` on the held-out half, ``latent_error`` /
     ``base_latent_error`` the held-out latents against the flow's own. ``initial_grid`` names the
     starting grid; ``fitting_nfe`` counts every model evaluation of the fit (the reference encode's,
     the starting grid's tuning and every candidate round trip), ``solves`` the candidate round trips.
 
-    Use: ``encode(flow, x, solver=enc.as_solver(), grid=enc.sigmas)``; its latent decodes with
-    ``decode(flow, latent)``, the plain base solver on the same grid.
+    Use: ``learned.encode(flow, x)``: N evaluations; its latent decodes with ``decode(flow, latent)``
+    (the base solver on the same grid, with the decode's shifts, which the latent records), N evaluations.
     """
 
     solver: str
@@ -88,6 +91,7 @@ class LearnedEncoder:
     nfe: int
     sigmas: np.ndarray
     shifts: tuple[float, ...]
+    decode_shifts: tuple[float, ...]
     fingerprint: str
     kept: bool
     calibration_error: float = math.nan
@@ -108,8 +112,16 @@ class LearnedEncoder:
         """The plain solver (registry name and options) that encodes without shifts and decodes the latents."""
         return _base_solver(self.solver, self.solver_options)
 
-    def as_solver(self) -> _solvers.Solver:
-        """The solver to encode with on :attr:`sigmas`: the shifted base, or the base itself if not kept."""
+    def encode(self, flow: ProbabilityFlow, images: Tensor, *,
+               model_kwargs: Mapping[str, Any] | None = None) -> Result:
+        """Encode ``images`` with the learned steps on :attr:`sigmas` (the plain encode if not kept); the latent
+        records the decode's shifts (when fitted), so that ``decode(flow, result.latent)`` is the decode it was
+        fitted with. Refuses a flow other than the one it was fitted on (:meth:`check`)."""
+        self.check(flow, model_kwargs)
+        res = encode(flow, images, solver=self._encode_solver(), grid=self.sigmas, model_kwargs=model_kwargs)
+        return _with_decode_shifts(res, self.decode_shifts if self.kept else ())
+
+    def _encode_solver(self) -> _solvers.Solver:
         base = self.base()
         if not self.kept:
             return base
@@ -128,6 +140,7 @@ class LearnedEncoder:
         data = asdict(self)
         data["sigmas"] = [float(s).hex() for s in self.sigmas]
         data["shifts"] = [float(d).hex() for d in self.shifts]
+        data["decode_shifts"] = [float(d).hex() for d in self.decode_shifts]
         data.pop("source")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,10 +156,12 @@ class LearnedEncoder:
         try:
             data["sigmas"] = np.array([float.fromhex(s) for s in data["sigmas"]], dtype=np.float64)
             data["shifts"] = tuple(float.fromhex(d) for d in data["shifts"])
+            data["decode_shifts"] = tuple(float.fromhex(d) for d in data["decode_shifts"])
             learned = cls(**data, source=str(path))
-            if len(learned.shifts) != len(learned.sigmas) - 1:
-                raise ValueError(f"{len(learned.shifts)} shifts for {len(learned.sigmas) - 1} steps")
-            learned.as_solver()
+            for what in ("shifts", "decode_shifts"):
+                if len(getattr(learned, what)) != len(learned.sigmas) - 1:
+                    raise ValueError(f"{len(getattr(learned, what))} {what} for {len(learned.sigmas) - 1} steps")
+            learned._encode_solver()
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"{path}: malformed learned encoder ({err})") from None
         learned.check(flow, model_kwargs)
@@ -179,19 +194,31 @@ def _encode_sigmas(sigmas: np.ndarray) -> np.ndarray:
 
 def _encode_times(base: _solvers.Solver, sigmas: np.ndarray) -> list[float]:
     """The encode's grid in the time variable its (shifted) solve runs in: the keys of the shifts."""
-    probe = _solvers.Shifted(base, {})
+    probe = _solvers.Shifted(base, {}, name=base.name)
     return formulation_for(probe, "encode").times(_encode_sigmas(sigmas).tolist())
 
 
 def _shifted(base: _solvers.Solver, times: list[float], shifts) -> _solvers.Shifted:
-    return _solvers.Shifted(base, {(t0, t1): float(d) for t0, t1, d in zip(times[:-1], times[1:], shifts)})
+    """``base`` shifted step by step, under the base's own name (so the engine picks the base's variables)."""
+    table = {(t0, t1): float(d) for t0, t1, d in zip(times[:-1], times[1:], shifts)}
+    return _solvers.Shifted(base, table, name=base.name)
 
 
-def _shiftable(base: _solvers.Solver, sigmas: np.ndarray) -> list[int]:
-    """The encode steps whose evaluations a shift moves: those the solver itself (or its lower-order form)
-    takes; a step the formulation gives a method of its own (out of σ = 0 in the data variables) is not."""
-    probe = _solvers.Shifted(base, {})
-    methods = formulation_for(probe, "encode").grid(_encode_sigmas(sigmas).tolist(), probe, eval_end=True).methods
+def _with_decode_shifts(res: Result, shifts: tuple[float, ...]) -> Result:
+    """The encode's result with its latent recording the decode's shifts (none when all are zero)."""
+    if not any(shifts):
+        return res
+    return dataclasses.replace(res, latent=dataclasses.replace(res.latent, decode_shifts=tuple(shifts)))
+
+
+def _shiftable(base: _solvers.Solver, sigmas: np.ndarray, direction: str = "encode") -> list[int]:
+    """The steps (in the solve's order) whose evaluations a shift moves: those the solver itself (or its
+    lower-order form) takes; a step the formulation gives a method of its own (out of or into σ = 0 in the
+    data variables) is not."""
+    probe = _solvers.Shifted(base, {}, name=base.name)
+    grid = _encode_sigmas(sigmas) if direction == "encode" else np.asarray(sigmas, dtype=np.float64)
+    eval_end = direction == "encode" or base.name == "euler"
+    methods = formulation_for(probe, direction).grid(grid.tolist(), probe, eval_end=eval_end).methods
     return [i for i in range(len(sigmas) - 1) if i not in methods or isinstance(methods[i], _solvers.Shifted)]
 
 
@@ -244,6 +271,7 @@ def learn_encoder(
     solver_options: Mapping[str, Any] | None = None,
     sigmas: np.ndarray | None = None,
     fit_grid: bool = True,
+    fit_decode: bool = True,
     latent_weight: float = 1.0,
     bound: float = 1.5,
     iterations: int = 40,
@@ -256,7 +284,9 @@ def learn_encoder(
     The starting grid is ``sigmas`` when given (a generation grid, decreasing to 0, that costs at most ``nfe``
     each way), else :func:`flowdiff.tune_roundtrip`'s grid for ``solver`` and ``nfe`` on the same images (its
     cost is counted). ``fit_grid=True`` fits the grid's σ (σ_max and 0 kept) jointly with the shifts;
-    ``False`` keeps the starting grid. ``latent_weight`` (> 0) weighs the distance of the latents to the
+    ``False`` keeps the starting grid. ``fit_decode=True`` fits a shift per decode step too, which the
+    latents record (:attr:`flowdiff.Latent.decode_shifts`), so ``decode(flow, latent)`` applies them;
+    ``False`` leaves the decode plain. ``latent_weight`` (> 0) weighs the distance of the latents to the
     flow's own (see the module docstring); each shift lies in ``[−bound, bound]``; ``iterations`` caps the
     least-squares iterations. The even-indexed images are fitted, the odd-indexed ones decide (see
     :class:`LearnedEncoder`). Non-reversible solvers that encode (``euler`` gains most: every one of its
@@ -273,8 +303,9 @@ def learn_encoder(
     base = _base_solver(solver, options)
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"nfe must be an int >= 1 (evaluations per direction), got {nfe!r}")
-    if not isinstance(fit_grid, bool):
-        raise TypeError(f"fit_grid must be True or False, got {fit_grid!r}")
+    for name, flag in (("fit_grid", fit_grid), ("fit_decode", fit_decode)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or not 0 <= iterations <= 1000:
         raise ValueError(f"iterations must be an int in 0..1000, got {iterations!r}")
     for name, value in (("latent_weight", latent_weight), ("bound", bound)):
@@ -304,11 +335,12 @@ def learn_encoder(
     ref_fit, ref_held = ref.x[0::2], ref.x[1::2]
     weight = float(latent_weight)
 
-    def roundtrip(sig: np.ndarray, shifts: tuple[float, ...], part: Tensor) -> tuple[Tensor, Tensor]:
+    def roundtrip(sig: np.ndarray, shifts: tuple[tuple[float, ...], tuple[float, ...]],
+                  part: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
-            enc = encode(flow, part, solver=_shifted(base, _encode_times(base, sig), shifts), grid=sig,
+            enc = encode(flow, part, solver=_shifted(base, _encode_times(base, sig), shifts[0]), grid=sig,
                          model_kwargs=model_kwargs)
-            dec = decode(flow, enc.latent, model_kwargs=model_kwargs)
+            dec = decode(flow, _with_decode_shifts(enc, shifts[1]).latent, model_kwargs=model_kwargs)
         if enc.stats.nfe > nfe or dec.stats.nfe > nfe:
             raise ValueError(f"the grid spends {enc.stats.nfe} + {dec.stats.nfe} evaluations with solver "
                              f"{solver!r}, over nfe={nfe} each way")
@@ -323,19 +355,21 @@ def learn_encoder(
             return math.inf, math.inf
         return _rms(x - part.to(torch.float64)), _rms(z - target)
 
-    def fitted(sig0: np.ndarray) -> tuple[float, np.ndarray, tuple[float, ...]]:
-        """The fit from the grid ``sig0``: (objective on the fitted half, grid, shifts)."""
-        slots = _shiftable(base, sig0)
+    def fitted(sig0: np.ndarray) -> tuple[float, np.ndarray, tuple[tuple[float, ...], tuple[float, ...]]]:
+        """The fit from the grid ``sig0``: (objective on the fitted half, grid, (encode shifts, decode shifts))."""
+        slots = [(0, i) for i in _shiftable(base, sig0)]
+        if fit_decode:
+            slots += [(1, i) for i in _shiftable(base, sig0, "decode")]
         warp = _GridWarp(sig0) if fit_grid else None
         grid_size = 0 if warp is None else warp.size
 
-        def unpack(v: np.ndarray) -> tuple[np.ndarray, tuple[float, ...]]:
-            shifts = [0.0] * n
-            for i, d in zip(slots, v[:len(slots)]):
-                shifts[i] = float(d)
+        def unpack(v: np.ndarray) -> tuple[np.ndarray, tuple[tuple[float, ...], tuple[float, ...]]]:
+            shifts = [[0.0] * n, [0.0] * n]
+            for (k, i), d in zip(slots, v[:len(slots)]):
+                shifts[k][i] = float(d)
             g = v[len(slots):]
             moved = grid_size and not np.array_equal(g, warp.start)  # type: ignore[union-attr]
-            return (warp.grid(g) if moved else sig0), tuple(shifts)  # type: ignore[union-attr]
+            return (warp.grid(g) if moved else sig0), (tuple(shifts[0]), tuple(shifts[1]))  # type: ignore
 
         def residual(v: np.ndarray) -> np.ndarray:
             sig, shifts = unpack(v)
@@ -364,17 +398,19 @@ def learn_encoder(
         return float(np.dot(r, r)), *unpack(v)
 
     _, learned_sig, learned_shifts = min((fitted(s0) for _, s0 in starts), key=lambda c: c[0])
+    plain = ((0.0,) * n, (0.0,) * n)
     calib, _ = errors(learned_sig, learned_shifts, fit, ref_fit)
-    base_calib, _ = errors(sigmas, (0.0,) * n, fit, ref_fit)
+    base_calib, _ = errors(sigmas, plain, fit, ref_fit)
     val, lat = errors(learned_sig, learned_shifts, held, ref_held)
-    base_val, base_lat = errors(sigmas, (0.0,) * n, held, ref_held)
+    base_val, base_lat = errors(sigmas, plain, held, ref_held)
     kept = val < base_val and lat <= base_lat
+    encode_shifts, decode_shifts = learned_shifts if kept else plain
     return LearnedEncoder(
-        solver, options, nfe, (learned_sig if kept else sigmas).copy(), learned_shifts if kept else (0.0,) * n,
+        solver, options, nfe, (learned_sig if kept else sigmas).copy(), encode_shifts, decode_shifts,
         flow_fingerprint(flow, model_kwargs), kept, calib, base_calib, val, base_val, lat, base_lat, initial_name,
         spent["nfe"], ref.stats.nfe, spent["solves"], time.perf_counter() - start,
-        {"fit_grid": fit_grid, "latent_weight": weight, "bound": float(bound), "iterations": iterations,
-         "reference_tol": float(reference_tol), "calibration_batch": int(images.shape[0])})
+        {"fit_grid": fit_grid, "fit_decode": fit_decode, "latent_weight": weight, "bound": float(bound),
+         "iterations": iterations, "reference_tol": float(reference_tol), "calibration_batch": int(images.shape[0])})
 
 
 def _rms(diff: Tensor) -> float:
