@@ -1,25 +1,26 @@
-"""Learned encoders: evaluation times of an encode fitted so that the plain decode undoes it.
+"""Learned encoders: the evaluation times of an encode and of its decode fitted for each other.
 
 A fixed-grid encode is not the inverse of the decode on the same grid. Euler's encode step
 σ_i → σ_{i+1} evaluates ε at its start, x̄_{i+1} = x̄_i + h·ε(x̄_i, σ_i), while the decode step it
 must undo evaluates at the other end, x̄_i = x̄_{i+1} − h·ε(x̄_{i+1}, σ_{i+1}); at 10 steps the
-difference is the whole round-trip error. Here each encode step evaluates at a shifted time
-(:class:`solvers.Shifted`: t + δ_i·(t_{i+1} − t_i) in the solve's time variable, the state left
-as it is), one δ per step, and the shifts are fitted — optionally with the σ grid itself — by
-least squares on the round trip of calibration images:
+difference is the whole round-trip error. Here each encode step, and with ``fit_decode`` each
+decode step, evaluates at a shifted time (:class:`solvers.Shifted`: t + δ_i·(t_{i+1} − t_i) in the
+solve's time variable, the state left as it is), one δ per step, and the shifts are fitted —
+optionally with the σ grid itself — by least squares on the round trip of calibration images:
 
-    min_{δ, grid}  Σ |decode(encode_δ(x)) − x|² + w²·Σ |encode_δ(x) − x_T(x)|²,   |δ_i| ≤ bound,
+    min_{δ, δ', grid}  Σ |decode_δ'(encode_δ(x)) − x|² + w²·Σ |encode_δ(x) − x_T(x)|²,   |δ|, |δ'| ≤ bound,
 
 with ``x_T(x)`` the flow's own latent of ``x`` (an adaptive float64 encode at ``reference_tol``)
 and w = ``latent_weight``. The second term is what keeps the fit honest: without it a fitted
 grid can make one long Euler jump through the middle σ range over which the decode is nearly
 linear, so that the "latent" is a rescaled image that decodes back well but is nowhere near the
 flow's x_T (measured on the mixture of ``benchmarks/bench_roundtrip.py``: round trip 0.004× the
-plain encode's, latent error 8× larger). The decode stays the plain base solver on the same grid:
-a latent of a learned encode records the base solver (``flowdiff.decode(flow, latent)`` needs
-nothing else), and decoding costs what it did. This is LD3's idea (Tong et al., "Learning to
-Discretize Denoising Diffusion ODEs", ICLR 2025: evaluation times decoupled from the grid, fitted
-on the solver's own output) applied to inversion, with the plain decode as the teacher.
+plain encode's, latent error 8× larger). Both directions cost what the base solver's do (N + N).
+A latent of a learned encode records the base solver, the grid and the decode's shifts
+(:attr:`flowdiff.Latent.decode_shifts`), so ``flowdiff.decode(flow, latent)`` needs nothing else.
+This is LD3's idea (Tong et al., "Learning to Discretize Denoising Diffusion ODEs", ICLR 2025:
+evaluation times decoupled from the grid, fitted on the solver's own output) applied to inversion,
+with the round trip as the teacher.
 
 The calibration images are split: the even-indexed half is fitted (scipy's trust-region
 reflective least squares, forward-difference Jacobian: one candidate round trip per parameter and
@@ -278,19 +279,22 @@ def learn_encoder(
     model_kwargs: Mapping[str, Any] | None = None,
     reference_tol: float = 1e-7,
 ) -> LearnedEncoder:
-    """Fit the evaluation shifts of an encode with ``solver`` at ``nfe`` evaluations (and, with ``fit_grid``, its
-    σ grid) so that the plain decode undoes it, on calibration ``images`` (model data scale, at least 2).
+    """Fit the evaluation shifts of an encode and its decode with ``solver`` at ``nfe`` evaluations each way (and,
+    with ``fit_grid``, their σ grid) so that the decode undoes the encode, on calibration ``images`` (model data
+    scale, at least 2).
 
     The starting grid is ``sigmas`` when given (a generation grid, decreasing to 0, that costs at most ``nfe``
     each way), else :func:`flowdiff.tune_roundtrip`'s grid for ``solver`` and ``nfe`` on the same images (its
-    cost is counted). ``fit_grid=True`` fits the grid's σ (σ_max and 0 kept) jointly with the shifts;
-    ``False`` keeps the starting grid. ``fit_decode=True`` fits a shift per decode step too, which the
-    latents record (:attr:`flowdiff.Latent.decode_shifts`), so ``decode(flow, latent)`` applies them;
-    ``False`` leaves the decode plain. ``latent_weight`` (> 0) weighs the distance of the latents to the
-    flow's own (see the module docstring); each shift lies in ``[−bound, bound]``; ``iterations`` caps the
-    least-squares iterations. The even-indexed images are fitted, the odd-indexed ones decide (see
-    :class:`LearnedEncoder`). Non-reversible solvers that encode (``euler`` gains most: every one of its
-    steps can be shifted; the multistep methods' step out of σ = 0 is not).
+    cost is counted) and the named grids of :data:`START_GRIDS` with σ_max equal to it: one fit from each,
+    the best on the fitted half kept (the fit finds local minima). ``fit_grid=True`` fits the grid's σ (σ_max
+    and 0 kept) jointly with the shifts; ``False`` keeps the starting grid. ``fit_decode=True`` fits a shift
+    per decode step too, which the latents record (:attr:`flowdiff.Latent.decode_shifts`), so that
+    ``decode(flow, latent)`` applies them; ``False`` leaves the decode plain. ``latent_weight`` (> 0) weighs
+    the distance of the latents to the flow's own (see the module docstring); each shift lies in
+    ``[−bound, bound]``; ``iterations`` caps the least-squares iterations. The even-indexed images are
+    fitted, the odd-indexed ones decide (see :class:`LearnedEncoder`). Any non-reversible solver that
+    encodes (``euler`` gains most: every one of its steps can be shifted; the multistep methods' steps out
+    of and into σ = 0 are not). Use the result as ``learned.encode(flow, x)``.
     """
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
