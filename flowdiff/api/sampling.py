@@ -72,7 +72,8 @@ def _resolve_solver(solver: str | Solver, direction: str,
     ``solver`` is a registered name or a :class:`solvers.Solver`, whose options travel with it
     (:func:`solvers.options_of`: the options ``solvers.get`` built it with). A :class:`solvers.Shifted`
     method is recorded as its base: shifted evaluations belong to one grid and one direction, and an
-    encode with them (:func:`flowdiff.learn_encoder`) is made to be undone by the plain base decode."""
+    encode with them (:func:`flowdiff.learn_encoder`) is undone by the base decode (with the decode's own
+    shifts when the latent records them, :attr:`Latent.decode_shifts`)."""
     if not isinstance(solver, (str, Solver)):
         raise TypeError(f"solver must be a registered name, a solvers.Solver, flowdiff.Stochastic (generate) or "
                         f"flowdiff.Inversion (encode), got {type(solver).__name__}")
@@ -414,7 +415,8 @@ def decode(
     plain tensor decodes like :func:`generate` with the grid arguments given (defaults: Euler on
     the trailing grid). ``checks``: the checks of :func:`generate`; besides, a latent that
     records its model (``latent.fingerprint``) refuses another flow or other ``model_kwargs``
-    with a ValueError naming both, unless ``checks=Checks(model=False)``.
+    with a ValueError naming both, unless ``checks=Checks(model=False)``. A latent that records
+    ``decode_shifts`` (a :class:`flowdiff.LearnedEncoder`'s) decodes with its steps evaluated at them.
     ``adjoint``: how the decode is differentiated, as for :func:`generate`.
     """
     _checks.refuse_removed("decode", removed, REMOVED)
