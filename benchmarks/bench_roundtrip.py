@@ -25,6 +25,7 @@ Usage: python benchmarks/bench_roundtrip.py [--n 2] [--steps 10 20 50] [--all]
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import time
 import warnings
@@ -33,7 +34,7 @@ import torch
 
 import flowdiff
 import solvers
-from flowdiff.engine.formulations import encode_refusal
+from flowdiff.engine.formulations import encode_evaluates_end, encode_refusal
 from flowdiff.models.analytic import Mixture
 
 GRIDS = ("trailing", "leading", "karras", "logsnr")
@@ -119,13 +120,95 @@ def run_model(name: str, flow, model, images, steps_list, solver_names) -> tuple
     return "\n".join(lines), summary
 
 
+def learned_section(label: str, flow, model, calibration, images, steps_list, solver_names, weights, fit_grid,
+                    iterations, fit_decode=(True,)) -> list[str]:
+    """``flowdiff.learn_encoder`` on ``calibration`` (never the images measured) against the plain encodes and
+    diffusers' inverse schedulers, all on ``images``: round-trip MSE, the latent's RMS error against the flow's
+    own latent (an adaptive float64 encode), NFE, fitting cost."""
+    with torch.no_grad():
+        exact = flowdiff.encode(flow, images, solver="dopri5", adaptive=flowdiff.Adaptive(rtol=1e-8, atol=1e-8))
+    lines = [f"### Learned encoders: {label}", "",
+             f"{calibration.shape[0]} calibration images (half fitted, half deciding), {images.shape[0]} held-out "
+             "images measured. MSE: per-pixel MSE of decode(encode(x)) − x; latent error: RMS of the latent "
+             "against the flow's own (adaptive dopri5, 1e-8); cost: the fit's model evaluations (calibration "
+             "batch included) and seconds.", "",
+             "| S | encoder | MSE | latent error | NFE | ratio to diffusers' best | fit cost |",
+             "|---:|---|---:|---:|---:|---:|---|"]
+    summary = []
+    for s in steps_list:
+        rows = []
+        peers = []
+        for kind, orders in (("ddim", (1,)), ("dpm++", (1, 2, 3))):
+            for order in orders:
+                for spacing in SPACINGS:
+                    name = "DDIMInverse+DDIM" if kind == "ddim" else f"DPM++ inverse order {order}"
+                    try:
+                        peers.append((diffusers_roundtrip(model, images, s, kind, order, spacing),
+                                      f"diffusers {name} / {spacing}"))
+                    except ValueError:  # a spacing this inverse scheduler refuses
+                        continue
+        peer = min(peers)
+
+        def measure(encoder, what, cost=""):
+            with torch.no_grad():
+                enc = encoder(images)
+                dec = flowdiff.decode(flow, enc.latent)
+            mse = float((dec.x - images).pow(2).mean())
+            lat = float((enc.latent.x - exact.x).pow(2).mean().sqrt())
+            return mse, what, lat, f"{enc.stats.nfe}+{dec.stats.nfe}", cost
+
+        for solver in solver_names:
+            base = solvers.get(solver)
+            steps = solvers.steps_for_nfe(base, s, eval_end=encode_evaluates_end(base))
+            for grid in ("logsnr", "karras", "trailing"):
+                sig = flowdiff.make_sigmas(flow.schedule, grid, steps)
+                rows.append(measure(lambda x, solver=solver, sig=sig: flowdiff.encode(flow, x, solver=solver, grid=sig),
+                                    f"{solver} / {grid} (plain)"))
+            tuned = flowdiff.tune_roundtrip(flow, calibration, solver=solver, nfe=s)
+            rows.append(measure(lambda x, solver=solver, sig=tuned.sigmas: flowdiff.encode(flow, x, solver=solver,
+                                                                                            grid=sig),
+                                f"{solver} / round-trip grid, tune_roundtrip (plain)", f"{tuned.tuning_nfe} NFE"))
+            for w in weights:
+                for with_decode in fit_decode:
+                    started = time.perf_counter()
+                    learned = flowdiff.learn_encoder(flow, calibration, solver=solver, nfe=s, latent_weight=w,
+                                                     fit_grid=fit_grid, fit_decode=with_decode, iterations=iterations)
+                    what = (f"{solver} learned {'encode + decode' if with_decode else 'encode'} shifts"
+                            f"{' and grid' if fit_grid else ''} (latent_weight {w}, from {learned.initial_grid})"
+                            + ("" if learned.kept else ": refused by the held-out half, the plain encode on its grid"))
+                    rows.append(measure(lambda x, learned=learned: learned.encode(flow, x), what,
+                                        f"{learned.fitting_nfe} NFE, {time.perf_counter() - started:.0f} s")
+                                + (learned.validation_error, learned.kept))
+        for mse, what, lat, nfe, cost, *_ in sorted(rows):
+            lines.append(f"| {s} | flowdiff {what} | {mse:.2e} | {lat:.3f} | {nfe} | {mse / peer[0]:.2f}× | {cost} |")
+        for mse, what in sorted(peers)[:3]:
+            lines.append(f"| {s} | {what} | {mse:.2e} | — | {s}+{s} | {mse / peer[0]:.2f}× | |")
+        plain = min(r for r in rows if len(r) == 5)
+        learned_rows = [r for r in rows if len(r) > 5 and r[6]]
+        pick = min(learned_rows, key=lambda r: r[5]) if learned_rows else plain  # chosen on calibration
+        summary.append(f"- S = {s}: diffusers' best {peer[1]} {peer[0]:.2e}; flowdiff plain best {plain[1]} "
+                       f"{plain[0]:.2e} ({plain[0] / peer[0]:.2f}×); learned, chosen on the calibration half: "
+                       f"{pick[1]} {pick[0]:.2e} (**{pick[0] / peer[0]:.2f}×**, latent error {pick[2]:.3f}); best "
+                       f"learned on these images {min(learned_rows)[0] if learned_rows else math.nan:.2e}.")
+        print(summary[-1], flush=True)
+    return lines + [""] + summary + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=2, help="held-out digits (default 2)")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50])
     parser.add_argument("--all", action="store_true", help="every registered solver that encodes")
     parser.add_argument("--out", default="benchmarks/results/roundtrip.md")
+    parser.add_argument("--learned", action="store_true", help="only the learned encoders (flowdiff.learn_encoder)")
+    parser.add_argument("--held-out", type=int, default=16, help="held-out test digits of the learned section")
+    parser.add_argument("--calibration", type=int, default=256, help="training digits to fit on (mixture)")
+    parser.add_argument("--digits-calibration", type=int, default=8, help="training digits to fit on (shipped)")
+    parser.add_argument("--learned-steps", type=int, nargs="+", default=[10, 20])
+    parser.add_argument("--digits-iterations", type=int, default=6, help="least-squares iterations (shipped)")
     args = parser.parse_args()
+    if args.learned:
+        return learned_main(args)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     names = ([n for n in solvers.available() if encode_refusal(n) is None and n != "reversible"] if args.all
@@ -150,6 +233,36 @@ def main() -> None:
     with open(args.out, "w") as fh:
         fh.write("\n".join(parts))
     print(f"wrote {args.out}")
+
+
+def learned_main(args) -> None:
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    start = time.perf_counter()
+    train = flowdiff.digits_data("train").images.double()
+    images = flowdiff.digits_data("test").images[: args.held_out].double()
+    mixture = Mixture(train[:64], 0.3, schedule=flowdiff.Schedule.linear())
+    parts = [f"# Learned encoders against diffusers' inverse schedulers\n\n`python benchmarks/bench_roundtrip.py "
+             f"--learned --held-out {args.held_out} --calibration {args.calibration} --digits-calibration "
+             f"{args.digits_calibration} --digits-iterations {args.digits_iterations} --learned-steps "
+             f"{' '.join(map(str, args.learned_steps))}` on "
+             f"{platform.processor() or platform.machine()}, torch {torch.__version__}, one thread, float64. "
+             "Calibration images are training digits 100 onwards (the mixture's centres are digits 0–63).\n"]
+    parts += learned_section("closed-form mixture (64 training digits, bandwidth 0.3)", mixture.flow(), mixture,
+                             train[100:100 + args.calibration], images, args.learned_steps,
+                             ("euler", "heun", "dpmpp_2m"), (1.0, 0.3), True, 40, (True, False))
+    print("\n".join(parts[-1:]), flush=True)
+    flow = flowdiff.pretrained("digits")
+    flow.model.double()
+    parts += learned_section("shipped digits model (encode and decode shifts only, on the round-trip grid)", flow,
+                             flow.model,
+                             train[100:100 + args.digits_calibration], images, args.learned_steps, ("unipc",),
+                             (1.0,), False, args.digits_iterations)
+    parts.append(f"Total wall time {time.perf_counter() - start:.0f} s.\n")
+    text = "\n".join(parts)
+    with open(args.out, "w") as fh:
+        fh.write(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from .tools.learned import LearnedSolver, learn_solver, tune_roundtrip
 from .tools.likelihood import Likelihood, Trace, log_likelihood
 from .tools.metrics import Reconstruction, reconstruction
 from .tools.quality import sample_quality
+from .tools.roundtrip_fit import LearnedEncoder, learn_encoder
 from .tools.tuning import TunedGrid, load_grids, save_grids, stored_grid, tune, tune_grid
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "PREDICTION_TYPES",
     "Reference",
     "Latent",
+    "LearnedEncoder",
     "LearnedSolver",
     "Likelihood",
     "Trace",
@@ -63,6 +65,7 @@ __all__ = [
     "from_diffusers",
     "generate",
     "grid_timesteps",
+    "learn_encoder",
     "learn_solver",
     "log_likelihood",
     "make_sigmas",

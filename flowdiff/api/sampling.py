@@ -71,7 +71,10 @@ def _resolve_solver(solver: str | Solver, direction: str,
     """The solver object, its name and options (as a latent records them) for ``direction``.
 
     ``solver`` is a registered name or a :class:`solvers.Solver`, whose options travel with it
-    (:func:`solvers.options_of`: the options ``solvers.get`` built it with)."""
+    (:func:`solvers.options_of`: the options ``solvers.get`` built it with). A :class:`solvers.Shifted`
+    method is recorded as its base: shifted evaluations belong to one grid and one direction, and an
+    encode with them (:func:`flowdiff.learn_encoder`) is undone by the base decode (with the decode's own
+    shifts when the latent records them, :attr:`Latent.decode_shifts`)."""
     if not isinstance(solver, (str, Solver)):
         raise TypeError(f"solver must be a registered name, a solvers.Solver, flowdiff.Stochastic (generate) or "
                         f"flowdiff.Inversion (encode), got {type(solver).__name__}")
@@ -82,13 +85,14 @@ def _resolve_solver(solver: str | Solver, direction: str,
             raise ValueError(f"solver {plugin.name!r} is {what} method only; use it with flowdiff.{plugin.direction}")
         return plugin.make({}), plugin.name, {}
     obj = solvers.get(solver)
-    options = {} if isinstance(solver, str) else (solvers.options_of(obj) or {})
+    recorded = obj.base if isinstance(obj, solvers.Shifted) else obj
+    options = {} if isinstance(solver, str) else (solvers.options_of(recorded) or {})
     if (state_dtype == torch.float64 and isinstance(obj, ReversibleHeun) and obj.quantum is None
             and "quantum" not in options):
         # float32 (or lower) images with a float64 state: states on 2⁻⁴⁰ℤ make the inverse bit-exact
         options["quantum"] = EXACT_QUANTUM
         obj = ReversibleHeun(quantum=EXACT_QUANTUM)
-    return obj, obj.name, options
+    return obj, recorded.name, options
 
 
 def _inversion_final_euler(spec: Inversion, grid: Grid) -> Inversion:
@@ -412,7 +416,8 @@ def decode(
     plain tensor decodes like :func:`generate` with the grid arguments given (defaults: Euler on
     the trailing grid). ``checks``: the checks of :func:`generate`; besides, a latent that
     records its model (``latent.fingerprint``) refuses another flow or other ``model_kwargs``
-    with a ValueError naming both, unless ``checks=Checks(model=False)``.
+    with a ValueError naming both, unless ``checks=Checks(model=False)``. A latent that records
+    ``decode_shifts`` (a :class:`flowdiff.LearnedEncoder`'s) decodes with its steps evaluated at them.
     ``adjoint``: how the decode is differentiated, as for :func:`generate`.
     """
     _checks.refuse_removed("decode", removed, REMOVED)
@@ -489,6 +494,10 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
         final_euler = latent.final_euler
     final_euler = final_euler is not False
     solver_obj = solvers.get(own, **options)
+    if latent.decode_shifts is not None:  # a learned encoder's latent: the decode it was fitted with
+        times = formulation_for(solver_obj, "decode").times(sig.tolist())
+        solver_obj = solvers.Shifted(solver_obj, dict(zip(zip(times[:-1], times[1:]), latent.decode_shifts)),
+                                     name=solver_obj.name)
     request = _request(flow, solver_obj, own, options, Grid(sigmas=sig), None, model_kwargs, callback, checks.finite,
                        bound=divergence_limit(checks.bound(DIVERGENCE_GENERATE), x))
     if latent.solver_state is not None:

@@ -57,6 +57,10 @@ class Latent:
     ``fingerprint`` is the digest of the flow and ``model_kwargs`` that encoded it (``None``:
     unknown, not checked); ``info`` free JSON-serialisable notes kept in the file (the
     ``flowdiff`` command keeps the images' names and formats there).
+
+    ``decode_shifts`` (one per decode step, from σ_max down; ``None``: none) makes the decode
+    evaluate each step at t + δ·(t₁ − t₀) (:class:`solvers.Shifted`), as a learned encoder's
+    latents require (:class:`flowdiff.LearnedEncoder`, fitted with its decode).
     """
 
     x: Tensor
@@ -69,6 +73,7 @@ class Latent:
     dtype: torch.dtype | None = None
     fingerprint: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    decode_shifts: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.x, Tensor):
@@ -96,6 +101,17 @@ class Latent:
             # it starts at 0, or at the first trained level for DDIMInverse configs with set_alpha_to_one=False
             raise ValueError("Latent.sigmas must be the encode grid: strictly increasing, finite, starting at σ >= 0")
         self.sigmas = s
+        if self.decode_shifts is not None:
+            shifts = self.decode_shifts
+            if (not isinstance(shifts, (tuple, list)) or len(shifts) != s.size - 1
+                    or not all(isinstance(d, (int, float)) and not isinstance(d, bool) and math.isfinite(d)
+                               for d in shifts)):
+                raise ValueError(f"Latent.decode_shifts must be {s.size - 1} finite numbers (one per decode step) "
+                                 f"or None, got {shifts!r:.200}")
+            if self.solver_state is not None:
+                raise ValueError("Latent.decode_shifts with a reversible solver's state: its exact inverse decode "
+                                 "takes no shifts")
+            self.decode_shifts = tuple(float(d) for d in shifts)
         if not isinstance(self.solver, str) or not self.solver:
             raise TypeError(f"Latent.solver must be a registered solver name (str), got {self.solver!r}")
         if not isinstance(self.solver_options, dict):
@@ -125,7 +141,8 @@ class Latent:
         if st is not None:
             st = ReversibleState(st.t, st.z.to(device), None if st.k is None else st.k.to(device))
         return Latent(self.x.to(device), self.sigmas.copy(), self.solver, dict(self.solver_options), st,
-                      self.inversion, self.final_euler, self.dtype, self.fingerprint, dict(self.info))
+                      self.inversion, self.final_euler, self.dtype, self.fingerprint, dict(self.info),
+                      self.decode_shifts)
 
     def set_origin(self, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> Latent:
         """Record the fingerprint of the flow and conditioning that made this latent (left ``None`` for a model that
@@ -185,7 +202,9 @@ class Latent:
                    "sigmas": torch.from_numpy(np.ascontiguousarray(self.sigmas))}
         meta: dict[str, Any] = {"format": _FORMAT, "solver": self.solver, "inversion": self.inversion,
                                 "final_euler": self.final_euler, "dtype": str(self.dtype).removeprefix("torch."),
-                                "fingerprint": self.fingerprint}
+                                "fingerprint": self.fingerprint,
+                                "decode_shifts": None if self.decode_shifts is None
+                                else [d.hex() for d in self.decode_shifts]}
         for name in ("solver_options", "info"):
             try:
                 meta[name] = json.dumps(getattr(self, name), allow_nan=False)
@@ -272,13 +291,20 @@ class Latent:
                 raise ValueError(f"latent file {name!r}: the reversible state's time state_t is missing or not a "
                                  f"hex float: {meta.get('state_t')!r}") from None
             state = ReversibleState(t, tensors["state.z"].to(target), _get(tensors, "state.k", target))
+        shifts = meta.get("decode_shifts")
+        if shifts is not None:
+            try:
+                shifts = tuple(float.fromhex(d) for d in shifts)
+            except (TypeError, ValueError):
+                raise ValueError(f"latent file {name!r}: decode_shifts is not a list of hex floats: "
+                                 f"{meta.get('decode_shifts')!r:.80}") from None
         sigmas = tensors["sigmas"]
         if not sigmas.is_floating_point() or sigmas.ndim != 1:
             raise ValueError(f"latent file {name!r}: sigmas must be a 1-D float tensor, got {sigmas.dtype} of shape "
                              f"{tuple(sigmas.shape)}")
         try:
             return cls(tensors["x"].to(target), sigmas.double().numpy(), meta["solver"], options, state,
-                       meta.get("inversion"), meta.get("final_euler"), dtype, meta.get("fingerprint"), info)
+                       meta.get("inversion"), meta.get("final_euler"), dtype, meta.get("fingerprint"), info, shifts)
         except (TypeError, ValueError) as err:
             raise type(err)(f"latent file {name!r}: {err}") from None
 

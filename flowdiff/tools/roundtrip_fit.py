@@ -1,0 +1,423 @@
+"""Learned encoders: the evaluation times of an encode and of its decode fitted for each other.
+
+A fixed-grid encode is not the inverse of the decode on the same grid. Euler's encode step
+σ_i → σ_{i+1} evaluates ε at its start, x̄_{i+1} = x̄_i + h·ε(x̄_i, σ_i), while the decode step it
+must undo evaluates at the other end, x̄_i = x̄_{i+1} − h·ε(x̄_{i+1}, σ_{i+1}); at 10 steps the
+difference is the whole round-trip error. Here each encode step, and with ``fit_decode`` each
+decode step, evaluates at a shifted time (:class:`solvers.Shifted`: t + δ_i·(t_{i+1} − t_i) in the
+solve's time variable, the state left as it is), one δ per step, and the shifts are fitted —
+optionally with the σ grid itself — by least squares on the round trip of calibration images:
+
+    min_{δ, δ', grid}  Σ |decode_δ'(encode_δ(x)) − x|² + w²·Σ |encode_δ(x) − x_T(x)|²,   |δ|, |δ'| ≤ bound,
+
+with ``x_T(x)`` the flow's own latent of ``x`` (an adaptive float64 encode at ``reference_tol``)
+and w = ``latent_weight``. The second term is what keeps the fit honest: without it a fitted
+grid can make one long Euler jump through the middle σ range over which the decode is nearly
+linear, so that the "latent" is a rescaled image that decodes back well but is nowhere near the
+flow's x_T (measured on the mixture of ``benchmarks/bench_roundtrip.py``: round trip 0.004× the
+plain encode's, latent error 8× larger). Both directions cost what the base solver's do (N + N).
+A latent of a learned encode records the base solver, the grid and the decode's shifts
+(:attr:`flowdiff.Latent.decode_shifts`), so ``flowdiff.decode(flow, latent)`` needs nothing else.
+This is LD3's idea (Tong et al., "Learning to Discretize Denoising Diffusion ODEs", ICLR 2025:
+evaluation times decoupled from the grid, fitted on the solver's own output) applied to inversion,
+with the round trip as the teacher.
+
+The calibration images are split: the even-indexed half is fitted (scipy's trust-region
+reflective least squares, forward-difference Jacobian: one candidate round trip per parameter and
+iteration), the odd-indexed half decides — the learned encode is kept only if its round trip
+there is better than the plain encode's on the starting grid *and* its latent no farther from the
+flow's; otherwise the result is the plain encode on that grid (``kept=False``, shifts zero).
+A :class:`LearnedEncoder` records the flow's fingerprint, saves to JSON and loads only for that
+flow, like a :class:`~flowdiff.TunedGrid` or a :class:`~flowdiff.LearnedSolver`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import solvers as _solvers
+
+from ..api.sampling import decode, encode
+from ..engine.fingerprint import flow_fingerprint
+from ..engine.flow import ProbabilityFlow
+from ..engine.formulations import encode_refusal, formulation_for
+from ..engine.grids import make_sigmas
+from ..engine.options import Adaptive
+from ..engine.results import Result
+from .learned import tune_roundtrip
+from .tuning import read_record
+
+__all__ = ["LearnedEncoder", "learn_encoder"]
+
+_FORMAT = "flowdiff.LearnedEncoder/1"
+
+#: Named grids the fit also starts from when no grid is given (besides the round-trip grid): the fit finds
+#: local minima, and on the mixture of ``bench_roundtrip.py`` which one depended on the start.
+START_GRIDS = ("logsnr", "karras", "trailing")
+
+
+@dataclass(frozen=True)
+class LearnedEncoder:
+    """An encode with ``solver`` at ``nfe`` evaluations whose steps evaluate at fitted shifted times.
+
+    ``sigmas`` is the generation grid (decreasing to 0) the encode runs backwards and its latents
+    decode on; ``shifts[i]`` the δ of the encode's step i (from σ = 0 up; 0 where the step has a
+    method of its own, such as the data variables' step out of σ = 0), ``decode_shifts[i]`` the δ
+    of the decode's step i (from σ_max down), all zero unless fitted. ``kept`` says whether the
+    held-out half preferred the learned encode; when not, ``sigmas`` is the starting grid, the
+    shifts are zero and :meth:`encode` is the plain encode. Errors (RMS per element):
+    ``calibration_error`` / ``base_calibration_error`` the round trip on the fitted half,
+    ``validation_error`` / ``base_validation_error`` on the held-out half, ``latent_error`` /
+    ``base_latent_error`` the held-out latents against the flow's own. ``initial_grid`` names the
+    starting grid; ``fitting_nfe`` counts every model evaluation of the fit (the reference encode's,
+    the starting grid's tuning and every candidate round trip), ``solves`` the candidate round trips.
+
+    Use: ``learned.encode(flow, x)``: N evaluations; its latent decodes with ``decode(flow, latent)``
+    (the base solver on the same grid, with the decode's shifts, which the latent records), N evaluations.
+    """
+
+    solver: str
+    solver_options: dict[str, Any]
+    nfe: int
+    sigmas: np.ndarray
+    shifts: tuple[float, ...]
+    decode_shifts: tuple[float, ...]
+    fingerprint: str
+    kept: bool
+    calibration_error: float = math.nan
+    base_calibration_error: float = math.nan
+    validation_error: float = math.nan
+    base_validation_error: float = math.nan
+    latent_error: float = math.nan
+    base_latent_error: float = math.nan
+    initial_grid: str = ""
+    fitting_nfe: int = 0
+    reference_nfe: int = 0
+    solves: int = 0
+    fitting_seconds: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def base(self) -> _solvers.Solver:
+        """The plain solver (registry name and options) that encodes without shifts and decodes the latents."""
+        return _base_solver(self.solver, self.solver_options)
+
+    def encode(self, flow: ProbabilityFlow, images: Tensor, *,
+               model_kwargs: Mapping[str, Any] | None = None) -> Result:
+        """Encode ``images`` with the learned steps on :attr:`sigmas` (the plain encode if not kept); the latent
+        records the decode's shifts (when fitted), so that ``decode(flow, result.latent)`` is the decode it was
+        fitted with. Refuses a flow other than the one it was fitted on (:meth:`check`)."""
+        self.check(flow, model_kwargs)
+        res = encode(flow, images, solver=self._encode_solver(), grid=self.sigmas, model_kwargs=model_kwargs)
+        return _with_decode_shifts(res, self.decode_shifts if self.kept else ())
+
+    def _encode_solver(self) -> _solvers.Solver:
+        base = self.base()
+        if not self.kept:
+            return base
+        return _shifted(base, _encode_times(base, self.sigmas), self.shifts)
+
+    def check(self, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> None:
+        """Raise ``ValueError`` unless this encoder was fitted on ``flow`` (with ``model_kwargs``)."""
+        other = flow_fingerprint(flow, model_kwargs)
+        if other != self.fingerprint:
+            raise ValueError(f"this learned encoder was fitted on the flow with fingerprint {self.fingerprint}; the "
+                             f"flow given has fingerprint {other} (another model, schedule or conditioning): fit "
+                             "it again with flowdiff.learn_encoder")
+
+    def save(self, path: str | Path) -> Path:
+        """Write the encoder (σ and shifts as exact float hex strings) and what it was fitted for as JSON."""
+        data = asdict(self)
+        data["sigmas"] = [float(s).hex() for s in self.sigmas]
+        data["shifts"] = [float(d).hex() for d in self.shifts]
+        data["decode_shifts"] = [float(d).hex() for d in self.decode_shifts]
+        data.pop("source")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"format": _FORMAT, **data}, indent=1, default=_json_default) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, flow: ProbabilityFlow,
+             model_kwargs: Mapping[str, Any] | None = None) -> LearnedEncoder:
+        """Read a file written by :meth:`save` and check that it belongs to ``flow`` (see :meth:`check`)."""
+        path = Path(path)
+        data = read_record(path, _FORMAT, "learned encoder")
+        try:
+            data["sigmas"] = np.array([float.fromhex(s) for s in data["sigmas"]], dtype=np.float64)
+            data["shifts"] = tuple(float.fromhex(d) for d in data["shifts"])
+            data["decode_shifts"] = tuple(float.fromhex(d) for d in data["decode_shifts"])
+            learned = cls(**data, source=str(path))
+            for what in ("shifts", "decode_shifts"):
+                if len(getattr(learned, what)) != len(learned.sigmas) - 1:
+                    raise ValueError(f"{len(getattr(learned, what))} {what} for {len(learned.sigmas) - 1} steps")
+            learned._encode_solver()
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"{path}: malformed learned encoder ({err})") from None
+        learned.check(flow, model_kwargs)
+        return learned
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise TypeError(f"cannot store {type(value).__name__} in a learned encoder's options")
+
+
+def _base_solver(name: str, options: Mapping[str, Any]) -> _solvers.Solver:
+    obj = _solvers.get(name, **dict(options))
+    refusal = encode_refusal(name)
+    if refusal is not None:
+        raise ValueError(f"solver {name!r} cannot encode: {refusal}")
+    if obj.reversible:
+        raise ValueError(f"solver {name!r} is reversible: its round trip is exact on any grid; nothing to learn")
+    return obj
+
+
+def _encode_sigmas(sigmas: np.ndarray) -> np.ndarray:
+    """The encode's σ (0 up to σ_max): explicit σ values are run backwards as given (``Grid.solve_sigmas``;
+    a mismatch would not pass silently: a shifted step without its shift is an error)."""
+    return np.asarray(sigmas, dtype=np.float64)[::-1].copy()
+
+
+def _encode_times(base: _solvers.Solver, sigmas: np.ndarray) -> list[float]:
+    """The encode's grid in the time variable its (shifted) solve runs in: the keys of the shifts."""
+    probe = _solvers.Shifted(base, {}, name=base.name)
+    return formulation_for(probe, "encode").times(_encode_sigmas(sigmas).tolist())
+
+
+def _shifted(base: _solvers.Solver, times: list[float], shifts) -> _solvers.Shifted:
+    """``base`` shifted step by step, under the base's own name (so the engine picks the base's variables)."""
+    table = {(t0, t1): float(d) for t0, t1, d in zip(times[:-1], times[1:], shifts)}
+    return _solvers.Shifted(base, table, name=base.name)
+
+
+def _with_decode_shifts(res: Result, shifts: tuple[float, ...]) -> Result:
+    """The encode's result with its latent recording the decode's shifts (none when all are zero)."""
+    if not any(shifts):
+        return res
+    return dataclasses.replace(res, latent=dataclasses.replace(res.latent, decode_shifts=tuple(shifts)))
+
+
+def _shiftable(base: _solvers.Solver, sigmas: np.ndarray, direction: str = "encode") -> list[int]:
+    """The steps (in the solve's order) whose evaluations a shift moves: those the solver itself (or its
+    lower-order form) takes; a step the formulation gives a method of its own (out of or into σ = 0 in the
+    data variables) is not."""
+    probe = _solvers.Shifted(base, {}, name=base.name)
+    grid = _encode_sigmas(sigmas) if direction == "encode" else np.asarray(sigmas, dtype=np.float64)
+    eval_end = direction == "encode" or base.name == "euler"
+    methods = formulation_for(probe, direction).grid(grid.tolist(), probe, eval_end=eval_end).methods
+    return [i for i in range(len(sigmas) - 1) if i not in methods or isinstance(methods[i], _solvers.Shifted)]
+
+
+class _GridWarp:
+    """The generation grids of n steps that keep σ_max and 0: log σ_1 (the first positive σ) and the split of
+    log σ_max − log σ_1 into n − 1 positive gaps (softmax weights), so every parameter vector is a valid grid."""
+
+    def __init__(self, sigmas: np.ndarray) -> None:
+        up = np.asarray(sigmas[:-1][::-1], dtype=np.float64)  # σ_1 < … < σ_n = σ_max
+        self.top = float(up[-1])
+        log = np.log(up)
+        self.start = np.concatenate([[log[0]], np.log(np.diff(log) / (log[-1] - log[0]))])
+        self.size = len(self.start) if len(up) >= 2 else 0
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.start - 6.0, self.start + 6.0
+        lo[0], hi[0] = self.start[0] - 4.0, min(self.start[0] + 4.0, math.log(self.top) - 1e-3)
+        return lo, hi
+
+    def grid(self, v: np.ndarray) -> np.ndarray:
+        first, weights = float(v[0]), np.exp(v[1:] - np.max(v[1:]))
+        cuts = np.concatenate([[0.0], np.cumsum(weights)]) / np.sum(weights)
+        up = np.exp(first + (math.log(self.top) - first) * cuts)
+        up[-1] = self.top
+        return np.concatenate([up[::-1], [0.0]])
+
+
+def _check_images(images: Tensor) -> None:
+    if not isinstance(images, Tensor) or not images.is_floating_point():
+        raise TypeError(f"images must be a floating-point torch.Tensor, got {type(images).__name__}")
+    if images.ndim < 2 or images.shape[0] < 2:
+        raise ValueError(f"images must hold at least 2 samples (one to fit, one held out), got shape "
+                         f"{tuple(images.shape)}")
+
+
+def _check_grid(sigmas: object) -> np.ndarray:
+    s = np.asarray(sigmas, dtype=np.float64)
+    if (s.ndim != 1 or s.size < 2 or not np.all(np.isfinite(s)) or s[-1] != 0.0 or np.any(np.diff(s) >= 0)):
+        raise ValueError(f"sigmas must be a generation grid: 1-D, finite, strictly decreasing and ending at 0, got "
+                         f"{np.array2string(s, precision=4)}")
+    return s
+
+
+def learn_encoder(
+    flow: ProbabilityFlow,
+    images: Tensor,
+    *,
+    solver: str = "euler",
+    nfe: int,
+    solver_options: Mapping[str, Any] | None = None,
+    sigmas: np.ndarray | None = None,
+    fit_grid: bool = True,
+    fit_decode: bool = True,
+    latent_weight: float = 1.0,
+    bound: float = 1.5,
+    iterations: int = 40,
+    model_kwargs: Mapping[str, Any] | None = None,
+    reference_tol: float = 1e-7,
+) -> LearnedEncoder:
+    """Fit the evaluation shifts of an encode and its decode with ``solver`` at ``nfe`` evaluations each way (and,
+    with ``fit_grid``, their σ grid) so that the decode undoes the encode, on calibration ``images`` (model data
+    scale, at least 2).
+
+    The starting grid is ``sigmas`` when given (a generation grid, decreasing to 0, that costs at most ``nfe``
+    each way), else :func:`flowdiff.tune_roundtrip`'s grid for ``solver`` and ``nfe`` on the same images (its
+    cost is counted) and the named grids of :data:`START_GRIDS` with σ_max equal to it: one fit from each,
+    the best on the fitted half kept (the fit finds local minima). ``fit_grid=True`` fits the grid's σ (σ_max
+    and 0 kept) jointly with the shifts; ``False`` keeps the starting grid. ``fit_decode=True`` fits a shift
+    per decode step too, which the latents record (:attr:`flowdiff.Latent.decode_shifts`), so that
+    ``decode(flow, latent)`` applies them; ``False`` leaves the decode plain. ``latent_weight`` (> 0) weighs
+    the distance of the latents to the flow's own (see the module docstring); each shift lies in
+    ``[−bound, bound]``; ``iterations`` caps the least-squares iterations. The even-indexed images are
+    fitted, the odd-indexed ones decide (see :class:`LearnedEncoder`). Any non-reversible solver that
+    encodes (``euler`` gains most: every one of its steps can be shifted; the multistep methods' steps out
+    of and into σ = 0 are not). Use the result as ``learned.encode(flow, x)``.
+    """
+    if not isinstance(flow, ProbabilityFlow):
+        raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
+    _check_images(images)
+    if not isinstance(solver, str):
+        raise TypeError(f"solver must be a registered solver name (str), got {type(solver).__name__}")
+    if solver_options is not None and not isinstance(solver_options, Mapping):
+        raise TypeError(f"solver_options must be a mapping, got {type(solver_options).__name__}")
+    options = dict(solver_options or {})
+    base = _base_solver(solver, options)
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"nfe must be an int >= 1 (evaluations per direction), got {nfe!r}")
+    for name, flag in (("fit_grid", fit_grid), ("fit_decode", fit_decode)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or not 0 <= iterations <= 1000:
+        raise ValueError(f"iterations must be an int in 0..1000, got {iterations!r}")
+    for name, value in (("latent_weight", latent_weight), ("bound", bound)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    if isinstance(reference_tol, bool) or not isinstance(reference_tol, (int, float)) or not 0 < reference_tol <= 1e-3:
+        raise ValueError(f"reference_tol must be a number in (0, 1e-3], got {reference_tol!r}")
+    start = time.perf_counter()
+    spent = {"nfe": 0, "solves": 0}
+    if sigmas is None:
+        tuned = tune_roundtrip(flow, images, solver=solver, nfe=nfe, solver_options=options, model_kwargs=model_kwargs)
+        sigmas = np.asarray(tuned.sigmas, dtype=np.float64)
+        initial_name = f"round-trip grid (from {tuned.initial_grid})"
+        spent["nfe"] += tuned.tuning_nfe
+        starts = [(initial_name, sigmas)] + [
+            (g, s) for g in START_GRIDS
+            if len(s := make_sigmas(flow.schedule, g, len(sigmas) - 1)) == len(sigmas) and s[0] == sigmas[0]]
+    else:
+        sigmas, initial_name = _check_grid(sigmas), "given"
+        starts = [(initial_name, sigmas)]
+    n = len(sigmas) - 1
+    fit, held = images[0::2], images[1::2]
+    with torch.no_grad():
+        ref = encode(flow, images.to(torch.float64), solver="dopri5", model_kwargs=model_kwargs,
+                     adaptive=Adaptive(rtol=reference_tol, atol=reference_tol, sigma_start=float(sigmas[0])))
+    spent["nfe"] += ref.stats.nfe
+    ref_fit, ref_held = ref.x[0::2], ref.x[1::2]
+    weight = float(latent_weight)
+
+    def roundtrip(sig: np.ndarray, shifts: tuple[tuple[float, ...], tuple[float, ...]],
+                  part: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            enc = encode(flow, part, solver=_shifted(base, _encode_times(base, sig), shifts[0]), grid=sig,
+                         model_kwargs=model_kwargs)
+            dec = decode(flow, _with_decode_shifts(enc, shifts[1]).latent, model_kwargs=model_kwargs)
+        if enc.stats.nfe > nfe or dec.stats.nfe > nfe:
+            raise ValueError(f"the grid spends {enc.stats.nfe} + {dec.stats.nfe} evaluations with solver "
+                             f"{solver!r}, over nfe={nfe} each way")
+        spent["nfe"] += enc.stats.nfe + dec.stats.nfe
+        spent["solves"] += 1
+        return dec.x.to(torch.float64), enc.latent.x.to(torch.float64)
+
+    def errors(sig, shifts, part, target) -> tuple[float, float]:
+        try:
+            x, z = roundtrip(sig, shifts, part)
+        except _solvers.SolveError:
+            return math.inf, math.inf
+        return _rms(x - part.to(torch.float64)), _rms(z - target)
+
+    def fitted(sig0: np.ndarray) -> tuple[float, np.ndarray, tuple[tuple[float, ...], tuple[float, ...]]]:
+        """The fit from the grid ``sig0``: (objective on the fitted half, grid, (encode shifts, decode shifts))."""
+        slots = [(0, i) for i in _shiftable(base, sig0)]
+        if fit_decode:
+            slots += [(1, i) for i in _shiftable(base, sig0, "decode")]
+        warp = _GridWarp(sig0) if fit_grid else None
+        grid_size = 0 if warp is None else warp.size
+
+        def unpack(v: np.ndarray) -> tuple[np.ndarray, tuple[tuple[float, ...], tuple[float, ...]]]:
+            shifts = [[0.0] * n, [0.0] * n]
+            for (k, i), d in zip(slots, v[:len(slots)]):
+                shifts[k][i] = float(d)
+            g = v[len(slots):]
+            moved = grid_size and not np.array_equal(g, warp.start)  # type: ignore[union-attr]
+            return (warp.grid(g) if moved else sig0), (tuple(shifts[0]), tuple(shifts[1]))  # type: ignore
+
+        def residual(v: np.ndarray) -> np.ndarray:
+            sig, shifts = unpack(v)
+            size = fit.numel() + ref_fit.numel()
+            try:
+                x, z = roundtrip(sig, shifts, fit)
+            except _solvers.SolveError:
+                return np.full(size, 1e3)
+            r = torch.cat([(x - fit.to(torch.float64)).reshape(-1), weight * (z - ref_fit).reshape(-1)])
+            r = r.cpu().numpy()
+            return r if np.all(np.isfinite(r)) else np.full(size, 1e3)
+
+        v = np.zeros(len(slots))
+        if grid_size:
+            v = np.concatenate([v, warp.start])  # type: ignore[union-attr]
+        if len(v) and iterations > 0:
+            from scipy.optimize import least_squares
+
+            lo, hi = np.full(len(slots), -float(bound)), np.full(len(slots), float(bound))
+            if grid_size:
+                glo, ghi = warp.bounds()  # type: ignore[union-attr]
+                lo, hi = np.concatenate([lo, glo]), np.concatenate([hi, ghi])
+            v = least_squares(residual, v, bounds=(lo, hi), method="trf", jac="2-point", diff_step=1e-3,
+                              max_nfev=iterations, x_scale=1.0).x
+        r = residual(v)
+        return float(np.dot(r, r)), *unpack(v)
+
+    _, learned_sig, learned_shifts = min((fitted(s0) for _, s0 in starts), key=lambda c: c[0])
+    plain = ((0.0,) * n, (0.0,) * n)
+    calib, _ = errors(learned_sig, learned_shifts, fit, ref_fit)
+    base_calib, _ = errors(sigmas, plain, fit, ref_fit)
+    val, lat = errors(learned_sig, learned_shifts, held, ref_held)
+    base_val, base_lat = errors(sigmas, plain, held, ref_held)
+    kept = val < base_val and lat <= base_lat
+    encode_shifts, decode_shifts = learned_shifts if kept else plain
+    return LearnedEncoder(
+        solver, options, nfe, (learned_sig if kept else sigmas).copy(), encode_shifts, decode_shifts,
+        flow_fingerprint(flow, model_kwargs), kept, calib, base_calib, val, base_val, lat, base_lat, initial_name,
+        spent["nfe"], ref.stats.nfe, spent["solves"], time.perf_counter() - start,
+        {"fit_grid": fit_grid, "fit_decode": fit_decode, "latent_weight": weight, "bound": float(bound),
+         "iterations": iterations, "reference_tol": float(reference_tol), "calibration_batch": int(images.shape[0])})
+
+
+def _rms(diff: Tensor) -> float:
+    value = float(diff.pow(2).mean().sqrt())
+    return value if math.isfinite(value) else math.inf
+

@@ -1,0 +1,189 @@
+"""flowdiff.learn_encoder: encode (and decode) shifts and the grid fitted so that the decode undoes the encode."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+import flowdiff
+import solvers
+from flowdiff.models.analytic import Mixture
+
+
+@functools.cache
+def _mixture() -> Mixture:
+    """A closed-form kernel density whose ε turns sharply between its centres (the round trip is hard)."""
+    centres = torch.rand(12, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    return Mixture(centres, 0.3)
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    """Images that are not the centres: another draw of the same kind of points."""
+    return (torch.rand(n, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2 - 1) * 0.9
+
+
+@functools.cache
+def _learned(fit_decode: bool = True) -> flowdiff.LearnedEncoder:
+    flow = _mixture().flow()
+    return flowdiff.learn_encoder(flow, _images(48, 1), solver="euler", nfe=6, fit_decode=fit_decode,
+                                  sigmas=flowdiff.make_sigmas(flow.schedule, "logsnr", 6), iterations=15)
+
+
+def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).pow(2).mean())
+
+
+@pytest.mark.parametrize("fit_decode", [False, True])
+def test_learned_encode_beats_the_plain_encode_on_other_images_with_n_plus_n_evaluations(fit_decode):
+    flow, learned = _mixture().flow(), _learned(fit_decode)
+    assert learned.kept and learned.validation_error < learned.base_validation_error
+    assert learned.latent_error <= learned.base_latent_error
+    assert any(learned.decode_shifts) == fit_decode
+    other = _images(32, 2)  # neither fitted nor used to decide
+    start = flowdiff.make_sigmas(flow.schedule, "logsnr", 6)
+    penc = flowdiff.encode(flow, other, solver="euler", grid=start)
+    pdec = flowdiff.decode(flow, penc.latent)
+    enc = learned.encode(flow, other)
+    dec = flowdiff.decode(flow, enc.latent)
+    assert _mse(dec.x, other) < 0.5 * _mse(pdec.x, other)
+    assert enc.stats.nfe == dec.stats.nfe == penc.stats.nfe == pdec.stats.nfe == 6
+    # the fit's cost: the reference encode and every candidate round trip (6 + 6 each)
+    assert learned.fitting_nfe == learned.reference_nfe + 12 * learned.solves and learned.solves > 10
+
+
+def test_decode_shifts_win_over_the_encode_alone():
+    flow, other = _mixture().flow(), _images(32, 2)
+    both, alone = _learned(True), _learned(False)
+    assert _mse(flowdiff.decode(flow, both.encode(flow, other).latent).x, other) < \
+        _mse(flowdiff.decode(flow, alone.encode(flow, other).latent).x, other)
+
+
+def test_its_latent_records_the_base_solver_and_its_decode_shifts():
+    flow = _mixture().flow()
+    x = _images(4, 3)
+    for learned in (_learned(False), _learned(True)):
+        enc = learned.encode(flow, x)
+        assert enc.latent.solver == "euler" and enc.latent.solver_options == {} and not enc.latent.exact
+        assert np.array_equal(enc.latent.sigmas, learned.sigmas[::-1])
+        dec = flowdiff.decode(flow, enc.latent)
+        if any(learned.decode_shifts):
+            assert enc.latent.decode_shifts == learned.decode_shifts
+            # the decode is Euler with its steps evaluated at the recorded shifts, nothing else
+            ts = [float(s) for s in learned.sigmas]
+            table = {(a, b): d for a, b, d in zip(ts[:-1], ts[1:], learned.decode_shifts)}
+            same = flowdiff.generate(flow, enc.latent.x, solver=solvers.Shifted(solvers.get("euler"), table),
+                                     grid=learned.sigmas)
+        else:
+            assert enc.latent.decode_shifts is None  # the plain decode
+            same = flowdiff.generate(flow, enc.latent.x, solver="euler", grid=learned.sigmas)
+        assert torch.equal(dec.x, same.x) and dec.stats.nfe == 6
+
+
+def test_latent_with_decode_shifts_saves_loads_and_refuses_bad_shifts(tmp_path):
+    flow, learned = _mixture().flow(), _learned(True)
+    x = _images(3, 7)
+    enc = learned.encode(flow, x)
+    enc.latent.save(tmp_path / "z.safetensors")
+    back = flowdiff.Latent.load(tmp_path / "z.safetensors")
+    assert back.decode_shifts == enc.latent.decode_shifts
+    assert torch.equal(flowdiff.decode(flow, back).x, flowdiff.decode(flow, enc.latent).x)
+    with pytest.raises(ValueError, match="decode_shifts must be 6 finite numbers"):
+        dataclasses.replace(enc.latent, decode_shifts=(0.1,) * 5)
+    with pytest.raises(ValueError, match="decode_shifts must be 6 finite numbers"):
+        dataclasses.replace(enc.latent, decode_shifts=(float("nan"),) * 6)
+
+
+def test_zero_shifts_are_the_plain_encode_and_decode_bit_for_bit():
+    flow, learned = _mixture().flow(), _learned(True)
+    zero = dataclasses.replace(learned, shifts=(0.0,) * 6, decode_shifts=(0.0,) * 6)
+    x = _images(4, 4)
+    a = zero.encode(flow, x)
+    b = flowdiff.encode(flow, x, solver="euler", grid=zero.sigmas)
+    assert isinstance(zero._encode_solver(), solvers.Shifted) and a.latent.decode_shifts is None
+    assert torch.equal(a.latent.x, b.latent.x) and a.stats.nfe == b.stats.nfe
+    assert torch.equal(flowdiff.decode(flow, a.latent).x, flowdiff.decode(flow, b.latent).x)
+
+
+def test_kept_only_when_the_held_out_half_prefers_it():
+    flow = _mixture().flow()
+    start = flowdiff.make_sigmas(flow.schedule, "logsnr", 6)
+    # no iterations: the "fit" is its start, which does not beat itself, so the plain encode is returned
+    same = flowdiff.learn_encoder(flow, _images(8, 1), nfe=6, sigmas=start, iterations=0)
+    assert not same.kept and same.shifts == (0.0,) * 6 and np.array_equal(same.sigmas, start)
+    assert same.validation_error == same.base_validation_error
+    assert not isinstance(same._encode_solver(), solvers.Shifted) and same.decode_shifts == (0.0,) * 6
+    x = _images(3, 5)
+    assert torch.equal(same.encode(flow, x).latent.x, flowdiff.encode(flow, x, solver="euler", grid=start).latent.x)
+
+
+def test_save_load_bit_for_bit_and_another_flow_refused(tmp_path):
+    flow, learned = _mixture().flow(), _learned()
+    path = learned.save(tmp_path / "enc.json")
+    back = flowdiff.LearnedEncoder.load(path, flow)
+    assert np.array_equal(back.sigmas, learned.sigmas) and back.shifts == learned.shifts
+    assert back.decode_shifts == learned.decode_shifts
+    assert dataclasses.replace(back, source="") == dataclasses.replace(learned, sigmas=back.sigmas)
+    x = _images(3, 5)
+    a, b = learned.encode(flow, x).latent, back.encode(flow, x).latent
+    assert torch.equal(a.x, b.x) and a.decode_shifts == b.decode_shifts
+    other = Mixture(_mixture().centers[:6], 0.3).flow()
+    with pytest.raises(ValueError, match="fingerprint"):
+        flowdiff.LearnedEncoder.load(path, other)
+    with pytest.raises(ValueError, match="fingerprint"):
+        learned.encode(other, x)
+    bad = tmp_path / "bad.json"
+    bad.write_text(path.read_text().replace('"shifts": [', '"shifts": ["0x1p+0", '))
+    with pytest.raises(ValueError, match="bad.json: malformed learned encoder"):
+        flowdiff.LearnedEncoder.load(bad, flow)
+
+
+def test_multistep_base_keeps_its_options_budget_and_unshiftable_steps_at_zero():
+    flow = _mixture().flow()
+    sigmas = flowdiff.make_sigmas(flow.schedule, "logsnr", 6)
+    learned = flowdiff.learn_encoder(flow, _images(8, 1), solver="dpmpp_2m", nfe=6, sigmas=sigmas,
+                                     solver_options={"lower_order_final": False}, fit_grid=False, iterations=3)
+    # the data variables' steps out of and into σ = 0 have methods of their own: no shift there
+    assert learned.shifts[0] == 0.0 and learned.decode_shifts[-1] == 0.0
+    shifted = dataclasses.replace(learned, kept=True, shifts=(0.0,) + (0.2,) * 5,
+                                  decode_shifts=(0.1,) * 5 + (0.0,))
+    x = _images(3, 6)
+    enc = shifted.encode(flow, x)
+    dec = flowdiff.decode(flow, enc.latent)
+    assert enc.latent.solver == "dpmpp_2m" and enc.latent.solver_options == {"lower_order_final": False}
+    assert enc.stats.nfe == dec.stats.nfe == 6
+    assert not torch.equal(dec.x, flowdiff.decode(flow, dataclasses.replace(enc.latent, decode_shifts=None)).x)
+    plain = flowdiff.encode(flow, x, solver=solvers.get("dpmpp_2m", lower_order_final=False), grid=sigmas)
+    assert not torch.equal(enc.latent.x, plain.latent.x)  # the shifts reach the solve
+
+
+def test_bad_arguments_are_named():
+    flow = _mixture().flow()
+    x = _images(4, 1)
+    sig = flowdiff.make_sigmas(flow.schedule, "logsnr", 4)
+    cases = [
+        (dict(nfe=0), ValueError, "nfe must be an int >= 1"),
+        (dict(nfe=4, solver="ipndm"), ValueError, "solver 'ipndm' cannot encode"),
+        (dict(nfe=4, solver="reversible_heun"), ValueError, "reversible"),
+        (dict(nfe=4, solver=solvers.get("euler")), TypeError, "solver must be a registered solver name"),
+        (dict(nfe=4, latent_weight=0.0), ValueError, "latent_weight must be a positive finite number, got 0.0"),
+        (dict(nfe=4, bound=-1), ValueError, "bound must be a positive finite number, got -1"),
+        (dict(nfe=4, iterations=-1), ValueError, "iterations must be an int in 0..1000, got -1"),
+        (dict(nfe=4, fit_grid="yes"), TypeError, "fit_grid must be True or False, got 'yes'"),
+        (dict(nfe=4, fit_decode=1), TypeError, "fit_decode must be True or False, got 1"),
+        (dict(nfe=4, reference_tol=0.1), ValueError, "reference_tol must be a number in"),
+        (dict(nfe=4, sigmas=sig[::-1]), ValueError, "sigmas must be a generation grid"),
+        (dict(nfe=2, sigmas=sig, iterations=0), ValueError, "over nfe=2 each way"),
+    ]
+    for kwargs, err, msg in cases:
+        with pytest.raises(err, match=msg):
+            flowdiff.learn_encoder(flow, x, **kwargs)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        flowdiff.learn_encoder(flow, x[:1], nfe=4)
+    with pytest.raises(TypeError, match="images must be a floating-point torch.Tensor"):
+        flowdiff.learn_encoder(flow, x.numpy(), nfe=4)
+    with pytest.raises(TypeError, match="flow must be a flowdiff.ProbabilityFlow"):
+        flowdiff.learn_encoder(_mixture(), x, nfe=4)
