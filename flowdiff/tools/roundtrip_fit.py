@@ -52,7 +52,7 @@ from ..api.sampling import decode, encode
 from ..engine.fingerprint import flow_fingerprint
 from ..engine.flow import ProbabilityFlow
 from ..engine.formulations import encode_refusal, formulation_for
-from ..engine.grids import make_sigmas
+from ..engine.grids import make_sigmas, reversed_grid
 from ..engine.options import Adaptive
 from ..engine.results import Result
 from .learned import tune_roundtrip
@@ -190,7 +190,7 @@ def _base_solver(name: str, options: Mapping[str, Any]) -> _solvers.Solver:
 def _encode_sigmas(sigmas: np.ndarray) -> np.ndarray:
     """The encode's σ (0 up to σ_max): explicit σ values are run backwards as given (``Grid.solve_sigmas``;
     a mismatch would not pass silently: a shifted step without its shift is an error)."""
-    return np.asarray(sigmas, dtype=np.float64)[::-1].copy()
+    return reversed_grid(sigmas)
 
 
 def _encode_times(base: _solvers.Solver, sigmas: np.ndarray) -> list[float]:
@@ -228,7 +228,7 @@ class _GridWarp:
     log σ_max − log σ_1 into n − 1 positive gaps (softmax weights), so every parameter vector is a valid grid."""
 
     def __init__(self, sigmas: np.ndarray) -> None:
-        up = np.asarray(sigmas[:-1][::-1], dtype=np.float64)  # σ_1 < … < σ_n = σ_max
+        up = reversed_grid(np.asarray(sigmas, dtype=np.float64)[:-1])  # σ_1 < … < σ_n = σ_max
         self.top = float(up[-1])
         log = np.log(up)
         self.start = np.concatenate([[log[0]], np.log(np.diff(log) / (log[-1] - log[0]))])
