@@ -315,6 +315,26 @@ def test_bad_learn_arguments_name_what_is_accepted():
         learn_solver(flow, x, solver="reversible_heun", nfe=6)
     with pytest.raises(ValueError, match=r"accepted: .*unipc.* \(any solver that is not reversible with learn"):
         learn_solver(flow, x, solver="heun", nfe=6, learn=("shifts", "coefficients"))
+    with pytest.raises(ValueError, match=r"bound must be a positive finite number \(the largest \|coefficient\|\)"):
+        learn_solver(flow, x, solver="unipc", nfe=6, bound=-1)
+    with pytest.raises(ValueError, match=r"shift_bound must .*\(the largest \|shift\|\)"):
+        learn_solver(flow, x, solver="unipc", nfe=6, shift_bound=math.inf)
+
+
+def test_a_grid_over_the_budget_is_refused_naming_sigmas_before_any_model_evaluation():
+    base = mixture()
+    calls = []
+
+    def eps(xbar, sigma, **kwargs):
+        calls.append(sigma)
+        return base.sigma_field(xbar, sigma, **kwargs)
+
+    flow = flowdiff.ProbabilityFlow.from_sigma_field(eps, base.schedule)
+    sig = flowdiff.make_sigmas(flow.schedule, "logsnr", 8)
+    with pytest.raises(ValueError,
+                       match=r"sigmas= \(8 steps\) costs 1[56] evaluations with solver 'heun', over nfe=6: give"):
+        learn_solver(flow, noise(1, n=4), solver="heun", nfe=6, sigmas=sig)
+    assert calls == []
 
 
 # -- encoding at the solver's order, with steps=N and nfe=N costing N both ways --------------------------

@@ -95,3 +95,59 @@ def test_lower_order_forms_keep_their_shifts():
     assert not hasattr(solvers.Shifted(solvers.get("heun"), _steps(ts, 0.2)), "limited")
     final = solvers.Shifted(solvers.get("dpmpp_2m", lower_order_final=True), _steps(ts, 0.2)).final_method
     assert isinstance(final, solvers.Shifted)
+
+
+# -- through the engine: a shifted solver runs in its base method's variables --------------------------------------
+
+@pytest.mark.parametrize("name", ["unipc", "dpmpp_2m", "dpmpp_3m", "heun", "lms"])
+def test_zero_shifts_through_generate_encode_and_decode_are_the_base_bit_for_bit(name):
+    """Whatever the wrapper is called, the engine picks the base method's variables (data variables for the
+    exponential integrators), so the shifts are keyed by the base's own times and δ = 0 changes nothing."""
+    from _closed_form import mixture, noise
+
+    import flowdiff
+    from flowdiff.engine.formulations import formulation_for, variables_of
+
+    flow = mixture()
+    base = solvers.get(name)
+    sig = flowdiff.make_sigmas(flow.schedule, "logsnr", 6)
+    shifted = solvers.Shifted(base, _steps(formulation_for(base, "generate").times(list(sig)), 0.0))
+    assert shifted.name == f"{name}+shifted" and variables_of(shifted) == variables_of(base)
+    x = noise(2, n=3)
+    a = flowdiff.generate(flow, x, solver=base, grid=sig)
+    b = flowdiff.generate(flow, x, solver=shifted, grid=sig)
+    assert torch.equal(a.x, b.x) and a.stats.nfe == b.stats.nfe
+    enc_times = formulation_for(base, "encode").times(list(sig[::-1]))
+    a = flowdiff.encode(flow, x, solver=base, grid=sig)
+    b = flowdiff.encode(flow, x, solver=solvers.Shifted(base, _steps(enc_times, 0.0)), grid=sig)
+    assert torch.equal(a.x, b.x) and b.latent.solver == name
+    assert torch.equal(flowdiff.decode(flow, a.latent).x, flowdiff.decode(flow, b.latent).x)
+
+
+def test_a_shifted_encoder_that_cannot_encode_is_refused_by_its_base_name():
+    from _closed_form import mixture, noise
+
+    import flowdiff
+
+    flow = mixture()
+    with pytest.raises(ValueError, match="cannot encode: its equal-step Adams"):
+        flowdiff.encode(flow, noise(2, n=2), solver=solvers.Shifted(solvers.get("ipndm"), {}), steps=4)
+
+
+def test_latent_decode_shifts_take_a_float_array_and_refuse_other_types_by_name():
+    import dataclasses
+
+    import numpy as np
+    from _closed_form import mixture, noise
+
+    import flowdiff
+
+    flow = mixture()
+    latent = flowdiff.encode(flow, noise(2, n=2), solver="euler", steps=5).latent
+    shifts = np.linspace(-0.1, 0.1, 5)
+    a = dataclasses.replace(latent, decode_shifts=shifts)
+    b = dataclasses.replace(latent, decode_shifts=tuple(shifts.tolist()))
+    assert a.decode_shifts == b.decode_shifts
+    assert torch.equal(flowdiff.decode(flow, a).x, flowdiff.decode(flow, b).x)
+    with pytest.raises(TypeError, match="Latent.decode_shifts must be a tuple, list or 1-D float array .* got str"):
+        dataclasses.replace(latent, decode_shifts="abc")

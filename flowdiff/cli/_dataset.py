@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -312,8 +313,9 @@ def _one(latent: Latent, i: int, info: dict[str, Any]) -> Latent:
     st = latent.solver_state
     if st is not None:
         st = type(st)(st.t, st.z[i:i + 1], None if st.k is None else st.k[i:i + 1])
-    return Latent(latent.x[i:i + 1], latent.sigmas.copy(), latent.solver, dict(latent.solver_options), st,
-                  latent.inversion, latent.final_euler, latent.dtype, latent.fingerprint, info)
+    # every other field (grid, solver, options, decode shifts, ...) as the batch's: replace, not a field-by-field copy
+    return dataclasses.replace(latent, x=latent.x[i:i + 1], sigmas=latent.sigmas.copy(),
+                               solver_options=dict(latent.solver_options), solver_state=st, info=info)
 
 
 def _batch(args: argparse.Namespace, command: str, loaded: Any, dtype: torch.dtype, device: torch.device,

@@ -77,9 +77,23 @@ def prefer_variables(solver_name: str, variables: str) -> None:
     _PREFERRED[solver_name] = variables
 
 
+def method_of(solver: Solver) -> Solver:
+    """The method a wrapper modifies (``solvers.Shifted``, ``solvers.CorrectedAdams``: their ``base``), down to
+    the registered method itself: what the engine asks about variables and encoding."""
+    while isinstance(getattr(solver, "base", None), Solver):
+        solver = solver.base  # type: ignore[attr-defined]
+    return solver
+
+
 def variables_of(solver: Solver) -> str:
-    """The variables a solver is meant to run in: ``"data"`` for the exponential integrators, else ``"sigma"``."""
-    return _PREFERRED.get(solver.name, "sigma")
+    """The variables a solver is meant to run in: ``"data"`` for the exponential integrators, else ``"sigma"``.
+
+    A name declared with :func:`prefer_variables` decides; otherwise a wrapper (shifted evaluations, corrected
+    coefficients) runs in its base method's variables, so that zero shifts are the base method bit for bit."""
+    if solver.name in _PREFERRED:
+        return _PREFERRED[solver.name]
+    base = method_of(solver)
+    return _PREFERRED.get(base.name, "sigma")
 
 
 def grid_order(solver: Solver) -> int:
@@ -604,8 +618,9 @@ def formulation_for(solver: Solver, direction: str, *, adaptive: bool = False,
     if solver.reversible:
         return VP()
     if direction in ("encode", "decode") and not adaptive:
-        if direction == "encode" and solver.name in _NO_ENCODE:
-            raise ValueError(f"solver {solver.name!r} cannot encode: {_NO_ENCODE[solver.name]}")
+        refusal = _NO_ENCODE.get(method_of(solver).name) if direction == "encode" else None
+        if refusal is not None:
+            raise ValueError(f"solver {solver.name!r} cannot encode: {refusal}")
         if solver.multistep and (direction == "encode" or variables_of(solver) == "data"):
             return Data(reach=ENCODE_REACH)
     if variables_of(solver) == "data":

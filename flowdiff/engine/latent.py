@@ -103,7 +103,12 @@ class Latent:
         self.sigmas = s
         if self.decode_shifts is not None:
             shifts = self.decode_shifts
-            if (not isinstance(shifts, (tuple, list)) or len(shifts) != s.size - 1
+            if isinstance(shifts, np.ndarray) and shifts.ndim == 1 and shifts.dtype.kind == "f":
+                shifts = shifts.tolist()
+            if not isinstance(shifts, (tuple, list)):
+                raise TypeError(f"Latent.decode_shifts must be a tuple, list or 1-D float array of {s.size - 1} "
+                                f"numbers (one per decode step) or None, got {type(shifts).__name__}")
+            if (len(shifts) != s.size - 1
                     or not all(isinstance(d, (int, float)) and not isinstance(d, bool) and math.isfinite(d)
                                for d in shifts)):
                 raise ValueError(f"Latent.decode_shifts must be {s.size - 1} finite numbers (one per decode step) "

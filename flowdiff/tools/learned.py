@@ -65,8 +65,6 @@ from ..engine.formulations import (
     encode_evaluates_end,
     encode_refusal,
     formulation_for,
-    prefer_variables,
-    variables_of,
 )
 from ..engine.grids import make_sigmas
 from ..engine.schedules import Schedule
@@ -248,9 +246,10 @@ def _base_solver(name: str, options: Mapping[str, Any], learn: Sequence[str]) ->
         raise ValueError(f"solver must be a variable-step Adams method to learn coefficients for, got {name!r}; "
                          f"accepted: {', '.join(multistep)} (any solver that is not reversible with "
                          "learn=('shifts',))")
-    if obj.reversible or isinstance(obj, _solvers.Shifted):
-        raise ValueError(f"solver {name!r} is reversible: shifted evaluations would break its exact inverse; "
-                         "learn shifts for a solver that is not (e.g. 'heun', 'unipc', 'dpmpp_3m')")
+    if obj.reversible:
+        raise ValueError(f"solver {name!r} is reversible: learn_solver fits solvers that are not (shifted "
+                         "evaluations and corrections would break its exact inverse, and a grid alone is tuned by "
+                         "flowdiff.tune); e.g. 'heun', 'unipc', 'dpmpp_3m'")
     return obj
 
 
@@ -258,9 +257,7 @@ def _composed(base: _solvers.Solver, sigmas: np.ndarray, coefficients: Sequence[
               shifts: Sequence[float] | None) -> _solvers.Solver:
     """``base`` with ``coefficients`` (:class:`solvers.CorrectedAdams`) and then ``shifts``
     (:class:`solvers.Shifted`), both keyed by the steps of ``sigmas`` in ``base``'s generation variables."""
-    name = f"{base.name}+learned"
-    if variables_of(base) == "data":
-        prefer_variables(name, "data")  # the same change of variables as its base
+    name = f"{base.name}+learned"  # runs in its base method's variables (formulations.variables_of)
     times = formulation_for(base, "generate").times(sigmas)
     steps = list(zip(times[:-1], times[1:]))
     solver = base
@@ -347,10 +344,9 @@ def _rms(x: Tensor, target: Tensor) -> float:
     return value if math.isfinite(value) else math.inf
 
 
-def _positive(name: str, value: object) -> float:
+def _positive(name: str, value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
-        raise ValueError(f"{name} must be a positive finite number (the largest |{name.split('_')[0]}|), "
-                         f"got {value!r}")
+        raise ValueError(f"{name} must be a positive finite number (the largest |{what}|), got {value!r}")
     return float(value)
 
 
@@ -410,7 +406,7 @@ def learn_solver(
             raise ValueError(f"{name} must be an int in {lo}..{hi}, got {value!r}")
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not (0 <= ridge < math.inf):
         raise ValueError(f"ridge must be a finite number >= 0 (the weight of |c|² in the fit), got {ridge!r}")
-    bound, shift_bound = _positive("bound", bound), _positive("shift_bound", shift_bound)
+    bound, shift_bound = _positive("bound", bound, "coefficient"), _positive("shift_bound", shift_bound, "shift")
     if isinstance(reference_tol, bool) or not isinstance(reference_tol, (int, float)) or not 0 < reference_tol <= 1e-3:
         raise ValueError(f"reference_tol must be a number in (0, 1e-3], got {reference_tol!r}")
     start = time.perf_counter()
@@ -426,6 +422,11 @@ def learn_solver(
             sigmas = make_sigmas(flow.schedule, "logsnr", _solvers.steps_for_nfe(base, nfe, eval_end=False))
     if not math.isfinite(sigmas[0]):
         raise ValueError("sigmas must start at a finite σ (a grid from σ = ∞ has its own first step)")
+    cost = sum(map(len, _evaluated(base, list(map(float, sigmas)), flow.schedule)))  # before the teacher's cost
+    if cost > nfe:
+        shown = "sigmas=" if grid_name == "given" else f"the {grid_name} grid"
+        raise ValueError(f"{shown} ({len(sigmas) - 1} steps) costs {cost} evaluations with solver {solver!r}, over "
+                         f"nfe={nfe}: give a grid of fewer steps or a larger nfe")
     counts, intervals = _layout(base, sigmas, terms, learn, flow.schedule, shift_bound)
     # the fitted parameters: ("c", step, term) in [−bound, bound], then ("s", step) within the step's interval
     slots = [("c", i, m) for i, n in enumerate(counts) for m in range(n)]
