@@ -119,7 +119,7 @@ SAMPLE_IMAGES = 4
 
 
 def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
-    from ..tools.compare import Reference, reference_solution, run_peers
+    from ..tools.compare import Reference, reference_solution
 
     out = output_dir(args.out)
     names = [*REPORT_FILES.values()] + ([ROUNDTRIP_FIGURE] if args.task == "roundtrip" else [])
@@ -161,16 +161,15 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
     ref, kept = ranks.main_first(kept_or_solved)  # solved once, by rank 0, and read from its file by the others
     calibration = None if args.calibration_seed is None else torch.randn(
         noise.shape, generator=torch.Generator().manual_seed(args.calibration_seed), dtype=noise.dtype).to(device)
+    # peers run once, on rank 0, after the ranks' runs (same noise, budgets and reference); rank 0 receives the
+    # images the report's sample grid shows, flowdiff's rows from whichever rank ran them
     result = distributed.compare(run_flow, noise, ranks=ranks, solvers=args.solver, grids=args.grid, nfe=args.nfe,
                                  model_kwargs=loaded.model_kwargs or None, reference=ref,
                                  progress=not args.no_progress, calibration_noise=calibration,
-                                 tune_options={"progress": not args.no_progress}, keep_images=SAMPLE_IMAGES)
+                                 tune_options={"progress": not args.no_progress}, peers=args.peers or None,
+                                 keep_images=SAMPLE_IMAGES)
     if not ranks.is_main:
         return 0
-    if args.peers:  # once, on rank 0, after the ranks' runs: the same noise, budgets and reference
-        run_peers(result, run_flow, noise, args.peers, result.budgets, model_kwargs=loaded.model_kwargs or None,
-                  keep_images=SAMPLE_IMAGES,
-                  on_run=None if args.no_progress else (lambda text: print(text, file=sys.stderr, flush=True)))
     ref = result.reference
     header = (f"model {loaded.name}, {args.batch} samples of shape {loaded.shape}, {args.dtype}, seed {args.seed}; "
               f"reference: {ref.solver} rtol=atol={ref.rtol:g} from σ={ref.sigma_start:.4g} to {ref.sigma_end:.4g} "

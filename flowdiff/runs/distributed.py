@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import torch
@@ -33,8 +33,11 @@ from ..tools.compare import (
     default_grids,
     default_solvers,
     reference_solution,
+    run_peers,
 )
 from ..tools.compare import compare as _compare_one
+from ..tools.peers import check_peers
+from ..tools.report import shown_images
 
 T = TypeVar("T")
 
@@ -75,6 +78,16 @@ class Ranks:
 
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
+        return out
+
+    def gather(self, obj: T) -> list[T] | None:
+        """Every rank's ``obj`` (picklable), in rank order, on rank 0; None on the others."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
         return out
 
     def broadcast(self, obj: T | None) -> T:
@@ -161,21 +174,28 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
             solvers: Iterable[str] | str | None = None, grids: Iterable[str] | str | None = None,
             nfe: Iterable[int] | int = DEFAULT_NFE, model_kwargs: Mapping[str, Any] | None = None,
             reference: Reference | None = None, progress: bool | Callable[[str], None] = False,
-            task: str = "generate", images: Tensor | None = None, **options: Any) -> Comparison:
+            task: str = "generate", images: Tensor | None = None, peers: Iterable[str] | str | None = None,
+            keep_images: int = 0, **options: Any) -> Comparison:
     """:func:`flowdiff.compare` with its runs split over the ranks and the table gathered on every rank.
 
     The runs are the product solvers × grids × budgets in :func:`flowdiff.compare`'s order; rank r
     runs those at positions ≡ r (mod N), each on the whole batch, against one reference: ``reference``
     if given, else solved on rank 0 and sent to the others. Each run is the computation a single
     process makes, so the gathered rows equal a one-process table value for value (wall times aside).
+    ``peers`` run once, on rank 0, after the ranks' runs (their rows are sent to every rank).
     ``ranks`` defaults to :func:`process_group`; with one process this is :func:`flowdiff.compare`.
     Other keywords (``rtol``, ``calibration_noise``, …) pass through.
+
+    ``keep_images=k``: each rank keeps the first ``k`` images of its own runs, and rank 0 receives only those
+    the report's sample grid draws (:func:`flowdiff.tools.report.shown_images`, ``SAMPLE_ROWS`` rows) —
+    the same tensors a single process keeps for those rows — so that what travels is a few rows of
+    images, not every run's. Rank 0's ``images`` hold those; the other ranks' are empty.
     """
     ranks = process_group() if ranks is None else ranks
     kwargs = dict(model_kwargs=model_kwargs, task=task, images=images, **options)
     if not ranks.distributed:
         return _compare_one(flow, noise, solvers=solvers, grids=grids, nfe=nfe, reference=reference,
-                                progress=progress, **kwargs)
+                            progress=progress, peers=peers, keep_images=keep_images, **kwargs)
     default = encoders() if task == "roundtrip" else default_solvers()
     names = _listed(default if solvers is None else solvers)
     if grids is None:  # the defaults of flowdiff.compare for this task (with stored tuned grids where they cover it)
@@ -191,23 +211,60 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
     if isinstance(progress, bool):  # True: each rank names its runs on stderr as it starts them
         rank = ranks.rank
         progress = (lambda text: print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)) if progress else None
-    mine = []
+    if peers is not None:  # checked on every rank before any run: rank 0 alone runs them
+        if task == "roundtrip":
+            raise ValueError("peers= does not apply to task='roundtrip': the peers' samplers do not encode; "
+                             "drop peers=")
+        check_peers(peers)
+    kwargs["keep_images"] = keep_images  # checked by each run (the round trip refuses it as compare() does)
+    mine, own = [], {}
     for index in ranks.share(range(len(jobs))):
         solver, grid, budget = jobs[index]
         if progress is not None:
             progress(f"{solver}/{grid}/NFE {budget}")
         part = _compare_one(flow, noise, solvers=[solver], grids=[grid], nfe=[budget], reference=reference,
-                                **kwargs)
-        mine.append((index, part))
+                            **kwargs)
+        own.update(part.images)  # kept here; only the keys travel now, the images the report draws later
+        mine.append((index, replace(part, images={}), list(part.images)))
     parts = sorted((item for gathered in ranks.all_gather(mine) for item in gathered), key=lambda item: item[0])
-    if [index for index, _ in parts] != list(range(len(jobs))):
-        raise RuntimeError(f"the ranks returned runs {[i for i, _ in parts]} of {len(jobs)}; expected each once")
+    if [index for index, _, _ in parts] != list(range(len(jobs))):
+        raise RuntimeError(f"the ranks returned runs {[i for i, _, _ in parts]} of {len(jobs)}; expected each once")
     result = Comparison([], reference=parts[0][1].reference if parts else reference, task=task)
-    for _, part in parts:
+    kept = []
+    for _, part, keys in parts:
         result.runs += part.runs
         result.skipped += part.skipped
         result.provided.update(part.provided)
+        kept += keys
+    if peers is not None:
+        _peers_on_main(result, ranks, flow, noise, peers, model_kwargs, keep_images, progress)
+        kept += list(result.images)  # rank 0's: the peers' images (empty on the others)
+        kept = ranks.broadcast(kept)
+    if keep_images:
+        shown = shown_images(result, kept)
+        mine_shown = {key: own[key] for key in shown if key in own}
+        gathered = ranks.gather(mine_shown)
+        if ranks.is_main:
+            received = {**result.images, **{key: x for part in gathered for key, x in part.items()}}
+            missing = [key for key in shown if key not in received]
+            if missing:
+                raise RuntimeError(f"the ranks sent no images for {missing}, which the report shows")
+            result.images = {key: received[key] for key in shown}
+        else:
+            result.images = {}
     return result
+
+
+def _peers_on_main(result: Comparison, ranks: Ranks, flow: ProbabilityFlow, noise: Tensor | None,
+                   peers: Iterable[str] | str, model_kwargs: Mapping[str, Any] | None, keep_images: int,
+                   progress: Callable[[str], None] | None) -> None:
+    """The peers' rows, run once on rank 0 after the ranks' runs (as :func:`flowdiff.compare` runs them after its
+    own), and sent to the other ranks so that every rank holds one table; their images stay on rank 0."""
+    if ranks.is_main:
+        run_peers(result, flow, noise, peers, result.budgets, model_kwargs=model_kwargs, keep_images=keep_images,
+                  on_run=progress)
+    added = ranks.broadcast((result.runs, result.skipped, result.unavailable) if ranks.is_main else None)
+    result.runs, result.skipped, result.unavailable = list(added[0]), list(added[1]), dict(added[2])
 
 
 def _listed(values: Iterable[str] | str) -> list[str]:

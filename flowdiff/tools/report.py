@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -30,6 +30,8 @@ from .peers import version
 #: Where each file of a report goes, by role.
 FILES = {"report": "compare.md", "csv": "compare.csv", "frontier": "frontier.png", "detail": "compare.png",
          "samples": "samples.png"}
+#: Rows (methods) of the sample grid, ``samples.png``.
+SAMPLE_ROWS = 4
 #: The round-trip task's figure (:func:`roundtrip_figure`), beside the report.
 ROUNDTRIP_FIGURE = "roundtrip.png"
 
@@ -101,23 +103,44 @@ def frontier_plot(result: Comparison, path: str | Path, title: str | None = None
     return _save(fig, plt, path)
 
 
-def sample_grid(result: Comparison, path: str | Path, *, rows: int = 4,
+def sample_methods(result: Comparison, kept: Iterable[tuple[str, str, str, int]] | None = None,
+                   rows: int = SAMPLE_ROWS) -> list[tuple[str, str, str]]:
+    """The methods (source, solver, grid) :func:`sample_grid` shows, top to bottom: of those with kept images
+    (the keys ``kept``, default those of ``result.images``), the best of each source (flowdiff on named grids,
+    flowdiff on tuned grids, each peer), then the next best of :func:`ranked_methods`, ``rows`` in all.
+
+    ``kept`` lets a process choose the rows before it holds the images (the ranks of
+    :func:`flowdiff.runs.distributed.compare` send rank 0 only these)."""
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"rows must be a positive int, got {rows!r}")
+    kept = set(result.images if kept is None else kept)
+    shown = [m for m in ranked_methods(result) if any((*m, b) in kept for b in result.budgets)]
+    lead: dict[str, tuple[str, str, str]] = {}  # the best method of each source first, then the next best
+    for m in shown:
+        lead.setdefault(m[0] if m[0] != "flowdiff" or m[2] != "tuned" else "tuned", m)
+    return list(dict.fromkeys([*sorted(lead.values(), key=shown.index), *shown]))[:rows]
+
+
+def shown_images(result: Comparison, kept: Iterable[tuple[str, str, str, int]] | None = None,
+                 rows: int = SAMPLE_ROWS) -> list[tuple[str, str, str, int]]:
+    """The keys (source, solver, grid, budget) of the images :func:`sample_grid` draws, in the order of ``kept``
+    (default ``result.images``): the kept images of :func:`sample_methods`."""
+    kept = list(result.images if kept is None else kept)
+    methods = set(sample_methods(result, kept, rows))
+    return [key for key in kept if key[:3] in methods]
+
+
+def sample_grid(result: Comparison, path: str | Path, *, rows: int = SAMPLE_ROWS,
                 to_images: Callable[[Tensor], Tensor] | None = None) -> Path:
-    """Write the kept images (``compare(keep_images=k)``) as a PNG: a row per method (the best of each source,
-    then the next best of :func:`ranked_methods`, ``rows`` in all), the reference in the first column, then a
+    """Write the kept images (``compare(keep_images=k)``) as a PNG: a row per method of :func:`sample_methods`
+    (the best of each source, then the next best, ``rows`` in all), the reference in the first column, then a
     column per budget.
 
     ``to_images`` maps a batch the flow made to images in [0, 1] (default: data in [−1, 1])."""
     if not result.images:
         raise ValueError("the comparison kept no images: run compare(..., keep_images=k) with k >= 1")
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-        raise ValueError(f"rows must be a positive int, got {rows!r}")
     convert = to_images or _unit_range
-    shown = [m for m in ranked_methods(result) if any((*m, b) in result.images for b in result.budgets)]
-    lead: dict[str, tuple[str, str, str]] = {}  # the best method of each source first, then the next best
-    for m in shown:
-        lead.setdefault(m[0] if m[0] != "flowdiff" or m[2] != "tuned" else "tuned", m)
-    methods = list(dict.fromkeys([*sorted(lead.values(), key=shown.index), *shown]))[:rows]
+    methods = sample_methods(result, rows=rows)
     budgets = result.budgets
     k = next(iter(result.images.values())).shape[0]
     plt = _pyplot()

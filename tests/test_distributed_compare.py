@@ -1,0 +1,98 @@
+"""``compare`` split over processes keeps the images its report shows: two ranks (gloo, CPU) give rank 0 the same
+images, bit for bit, as one process, for every row of the sample grid, and only those.
+
+The API test runs :func:`flowdiff.runs.distributed.compare` in two spawned processes on an analytic Gaussian flow
+(float64); the command-line test runs ``torchrun --nproc_per_node 2 -m flowdiff compare`` on the shipped digits model
+beside the one-process run and compares the written sample grids byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import flowdiff
+from flowdiff.cli import main
+from flowdiff.models.analytic import Gaussian
+from flowdiff.tools import report
+from flowdiff.tools.compare import compare
+
+ROOT = Path(__file__).resolve().parent.parent
+SOLVERS, GRIDS, NFE, KEEP = ["euler", "heun", "dpmpp_2m"], ["trailing", "karras"], [3, 5], 2
+
+
+def _problem() -> tuple[flowdiff.ProbabilityFlow, torch.Tensor]:
+    flow = Gaussian(torch.zeros(1, 4, 4), torch.linspace(0.05, 1.0, 16)).flow()
+    noise = torch.randn(3, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    return flow, noise
+
+
+def _rank_main(rank: int, world: int, port: int, reference: flowdiff.Reference, out: str) -> None:
+    """One spawned rank: join the group as torchrun's environment would let it, compare, rank 0 saves its images."""
+    from flowdiff.runs import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    ranks = distributed.process_group()
+    try:
+        flow, noise = _problem()
+        result = distributed.compare(flow, noise, ranks=ranks, solvers=SOLVERS, grids=GRIDS, nfe=NFE,
+                                     reference=reference, keep_images=KEEP)
+        if ranks.is_main:
+            torch.save({"images": result.images, "runs": [(r.source, r.solver, r.grid, r.budget) for r in result.runs]},
+                       out)
+        else:
+            assert not result.images  # the images go to rank 0, which writes the report
+    finally:
+        distributed.close(ranks)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_give_rank_0_the_images_the_report_shows_bit_for_bit(tmp_path):
+    flow, noise = _problem()
+    reference = flowdiff.reference_solution(flow, noise, rtol=1e-6, atol=1e-6)
+    one = compare(flow, noise, solvers=SOLVERS, grids=GRIDS, nfe=NFE, reference=reference, keep_images=KEEP)
+    out = tmp_path / "rank0.pt"
+    torch.multiprocessing.spawn(_rank_main, args=(2, _free_port(), reference, str(out)), nprocs=2)
+    two = torch.load(out)
+    assert two["runs"] == [(r.source, r.solver, r.grid, r.budget) for r in one.runs]
+    shown = report.shown_images(one)  # what the one-process report's sample grid draws
+    assert len(shown) == report.SAMPLE_ROWS * len(NFE) < len(one.images)  # a selection, not every run
+    assert list(two["images"]) == shown
+    for key in shown:
+        assert two["images"][key].dtype == torch.float64
+        assert torch.equal(two["images"][key], one.images[key]), key
+
+
+HAS_DIGITS = (Path(flowdiff.__file__).parent / "weights" / "digits.safetensors").is_file()
+COMPARE = ["compare", "--solver", "euler,heun,dpmpp_2m", "--nfe", "3,5", "--grid", "trailing,karras", "--batch", "2",
+           "--dtype", "float64", "--rtol", "1e-3", "--no-progress"]
+
+
+@pytest.mark.skipif(not HAS_DIGITS, reason="the shipped digits weights are not installed")
+def test_torchrun_report_shows_the_one_process_sample_grid_flowdiff_rows_beside_the_peers(tmp_path, capsys):
+    """The case that showed only diffusers' rows: flowdiff's runs, split over the ranks, are in the grid again."""
+    pytest.importorskip("diffusers")
+    argv = [*COMPARE, "--peers", "diffusers"]
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    (tmp_path / "two").mkdir()  # the reference rank 0 would solve, kept from the one-process run: read, not solved
+    shutil.copy(tmp_path / "one" / "reference.safetensors", tmp_path / "two" / "reference.safetensors")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "flowdiff", *argv, "--out", str(tmp_path / "two")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "two" / "samples.png").read_bytes() == (tmp_path / "one" / "samples.png").read_bytes()
