@@ -21,6 +21,8 @@ import torch
 import flowdiff
 from flowdiff.cli import main
 from flowdiff.models.analytic import Gaussian
+from flowdiff.runs import distributed
+from flowdiff.runs.distributed import Ranks
 from flowdiff.tools import report
 from flowdiff.tools.compare import compare
 
@@ -36,8 +38,6 @@ def _problem() -> tuple[flowdiff.ProbabilityFlow, torch.Tensor]:
 
 def _rank_main(rank: int, world: int, port: int, reference: flowdiff.Reference, out: str) -> None:
     """One spawned rank: join the group as torchrun's environment would let it, compare, rank 0 saves its images."""
-    from flowdiff.runs import distributed
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     ranks = distributed.process_group()
@@ -96,3 +96,48 @@ def test_torchrun_report_shows_the_one_process_sample_grid_flowdiff_rows_beside_
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "two" / "samples.png").read_bytes() == (tmp_path / "one" / "samples.png").read_bytes()
+
+
+class _AllWorkRank0(Ranks):
+    """Rank 0 of 2 that does every run itself: the distributed code path of ``distributed.compare`` in one process."""
+
+    def share(self, items):
+        return list(items)
+
+    def all_gather(self, obj):
+        return [obj, []]
+
+    def broadcast(self, obj):
+        return obj
+
+    def gather(self, obj):
+        return [obj, {}]
+
+
+def test_peers_run_once_and_the_grid_keeps_the_best_of_each_source():
+    pytest.importorskip("diffusers")
+    flow, noise = _problem()
+    reference = flowdiff.reference_solution(flow, noise, rtol=1e-6, atol=1e-6)
+    kwargs = dict(solvers=SOLVERS, grids=GRIDS, nfe=NFE, reference=reference, peers=["diffusers"], keep_images=KEEP)
+    one = compare(flow, noise, **kwargs)
+    split = distributed.compare(flow, noise, ranks=_AllWorkRank0(rank=0, world_size=2), **kwargs)
+    assert [(r.source, r.solver, r.grid, r.budget, r.rms_error) for r in split.runs] == \
+        [(r.source, r.solver, r.grid, r.budget, r.rms_error) for r in one.runs]  # each peer row once
+    shown = report.shown_images(one)
+    assert {key[0] for key in shown} == {"flowdiff", "diffusers"}
+    assert list(split.images) == shown and all(torch.equal(split.images[k], one.images[k]) for k in shown)
+
+
+@pytest.mark.parametrize(("given", "error", "match"), [
+    ({"peers": "torchdiffeq"}, ValueError, "unknown peer 'torchdiffeq'.*accepted: diffusers, k-diffusion"),
+    ({"peers": ["diffusers"], "task": "roundtrip", "images": torch.zeros(1, 1, 4, 4, dtype=torch.float64)},
+     ValueError, "^peers= does not apply to task='roundtrip'"),
+    ({"keep_images": -1}, ValueError, "keep_images"),
+])
+def test_bad_peers_and_keep_images_are_refused_on_the_split_path(given, error, match):
+    flow, noise = _problem()
+    if given.get("task") == "roundtrip":
+        noise = None
+    with pytest.raises(error, match=match):
+        distributed.compare(flow, noise, ranks=_AllWorkRank0(rank=0, world_size=2), solvers=["euler"],
+                            grids=["trailing"], nfe=[2], **given)
