@@ -9,7 +9,8 @@ r + 2N, … of one deterministic list), so a split changes who computes an item,
 
 :func:`compare` is :func:`flowdiff.compare` with its runs (solver × grid × NFE) split this way and the
 table gathered on every rank: the same rows, in the same order, with the same numbers as one process
-(only the measured wall times differ).
+(only the measured wall times differ). The images kept for the report's sample grid stay on the rank that made
+them until the whole table is known; then rank 0 receives those the grid shows, and only those.
 """
 
 from __future__ import annotations
