@@ -68,7 +68,7 @@ from ..engine.formulations import (
     prefer_variables,
     variables_of,
 )
-from ..engine.grids import make_sigmas
+from ..engine.grids import make_sigmas, reversed_grid
 from ..engine.schedules import Schedule
 from .compare import reference_solution
 from .tuning import TunedGrid, _Warp, read_record, stored_grid
@@ -297,7 +297,7 @@ def shift_intervals(base: _solvers.Solver, sigmas: np.ndarray, schedule: Schedul
     reaches further): the model has no time outside, and may not say so."""
     form = formulation_for(base, direction)
     gen = list(map(float, sigmas))
-    grid = gen[::-1] if direction == "encode" else gen
+    grid = reversed_grid(gen).tolist() if direction == "encode" else gen
     # whether the last step evaluates at its end, as the entry points decide it (a generation or a non-Euler
     # decode into σ = 0 takes a final Euler step; an encode always evaluates at its end)
     eval_end = direction == "encode" or gen[-1] != 0.0 or (direction == "decode" and base.name == "euler")
