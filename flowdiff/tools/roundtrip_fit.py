@@ -408,6 +408,11 @@ def learn_encoder(
             if grid_size:
                 glo, ghi = warp.bounds()  # type: ignore[union-attr]
                 lo, hi = np.concatenate([lo, glo]), np.concatenate([hi, ghi])
+            # trust-region reflective scales each step by the distance to the bounds (Coleman–Li): a shift that starts
+            # on one (a step out of σ_max or out of 0 can move its evaluation one way only) barely moves, and on the
+            # shipped model the whole fit stopped at its start; so every shift starts 1e-3 of its interval inside
+            k, inside = len(slots), 1e-3 * (hi[:len(slots)] - lo[:len(slots)])
+            v[:k] = np.clip(v[:k], lo[:k] + inside, hi[:k] - inside)
             v = least_squares(residual, v, bounds=(lo, hi), method="trf", jac="2-point", diff_step=1e-3,
                               max_nfev=iterations, x_scale=1.0).x
         r = residual(v)
