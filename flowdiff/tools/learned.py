@@ -294,7 +294,7 @@ def shift_intervals(base: _solvers.Solver, sigmas: np.ndarray, schedule: Schedul
     steps counted from σ = 0 up; ``"decode"``: a latent's decode on ``sigmas``): (0, 0) where the step evaluates
     nothing or is replaced by a method that evaluates unshifted, else within ±``shift_bound`` such that each of
     the step's evaluations stays between σ = 0 and the schedule's σ_max (or the grid's own range where it
-    reaches further): the model has no time outside, and may not say so."""
+    reaches further): the model has no time outside, and may accept one without a word."""
     form = formulation_for(base, direction)
     gen = list(map(float, sigmas))
     grid = reversed_grid(gen).tolist() if direction == "encode" else gen
