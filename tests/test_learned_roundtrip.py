@@ -12,6 +12,7 @@ import torch
 import flowdiff
 import solvers
 from flowdiff.models.analytic import Mixture
+from flowdiff.tools.learned import shift_intervals
 
 
 @functools.cache
@@ -31,6 +32,31 @@ def _learned(fit_decode: bool = True) -> flowdiff.LearnedEncoder:
     flow = _mixture().flow()
     return flowdiff.learn_encoder(flow, _images(48, 1), solver="euler", nfe=6, fit_decode=fit_decode,
                                   sigmas=flowdiff.make_sigmas(flow.schedule, "logsnr", 6), iterations=15)
+
+
+class _Recorder:
+    """The mixture's field behind a wrapper that records the σ of every evaluation (its centres are what the
+    flow's fingerprint reads); ``dry``: ε = 0 (a fixed grid's evaluation σ do not depend on the field)."""
+
+    def __init__(self, dry: bool = False) -> None:
+        self.dry = dry
+        self.centers = _mixture().centers
+        self.field = _mixture().flow().field(None, None)
+        self.seen: list[float] = []
+
+    def eps(self, xbar: torch.Tensor, sigma: float) -> torch.Tensor:
+        self.seen.append(float(sigma))
+        return torch.zeros_like(xbar) if self.dry else self.field(sigma, xbar)
+
+
+def _recording(flow: flowdiff.ProbabilityFlow, dry: bool = False) -> tuple[flowdiff.ProbabilityFlow, list[float]]:
+    """The mixture's flow counted: the flow and the list of σ it is evaluated at."""
+    recorder = _Recorder(dry)
+    return flowdiff.ProbabilityFlow.from_sigma_field(recorder.eps, flow.schedule), recorder.seen
+
+
+def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).pow(2).mean().sqrt())
 
 
 def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -176,7 +202,9 @@ def test_bad_arguments_are_named():
         (dict(nfe=4, fit_decode=1), TypeError, "fit_decode must be True or False, got 1"),
         (dict(nfe=4, reference_tol=0.1), ValueError, "reference_tol must be a number in"),
         (dict(nfe=4, sigmas=sig[::-1]), ValueError, "sigmas must be a generation grid"),
-        (dict(nfe=2, sigmas=sig, iterations=0), ValueError, "over nfe=2 each way"),
+        (dict(nfe=2, sigmas=sig, iterations=0), ValueError, r"sigmas= has 4 steps, more than nfe=2 buys each way "
+         r"with solver 'euler' \(2 steps\)"),
+        (dict(nfe=5, solver="heun", sigmas=sig), ValueError, r"sigmas= has 4 steps, more than nfe=5 buys"),
     ]
     for kwargs, err, msg in cases:
         with pytest.raises(err, match=msg):
@@ -187,3 +215,75 @@ def test_bad_arguments_are_named():
         flowdiff.learn_encoder(flow, x.numpy(), nfe=4)
     with pytest.raises(TypeError, match="flow must be a flowdiff.ProbabilityFlow"):
         flowdiff.learn_encoder(_mixture(), x, nfe=4)
+
+
+@pytest.mark.parametrize("fit_decode", [False, True])
+def test_every_evaluation_of_the_fitted_encode_and_decode_lies_in_zero_to_sigma_max(fit_decode):
+    flow, learned = _mixture().flow(), _learned(fit_decode)
+    counted, seen = _recording(flow)
+    mine = dataclasses.replace(learned, fingerprint=flowdiff.flow_fingerprint(counted))
+    enc = mine.encode(counted, _images(4, 2))
+    assert enc.stats.nfe == len(seen) == 6 and all(0.0 <= s <= flow.schedule.sigma_max for s in seen), seen
+    seen.clear()
+    dec = flowdiff.decode(counted, enc.latent)
+    assert dec.stats.nfe == len(seen) == 6 and all(0.0 <= s <= flow.schedule.sigma_max for s in seen), seen
+    # the decode's first step starts at σ_max: its shift can only move the evaluation down
+    assert learned.decode_shifts[0] >= 0.0
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "dpmpp_2m"])
+def test_shifts_at_the_ends_of_their_intervals_evaluate_within_and_reach_zero_to_sigma_max(solver):
+    flow = _mixture().flow()
+    counted, seen = _recording(flow, dry=True)  # shifts this large need not be stable on the mixture
+    sigmas = flowdiff.make_sigmas(flow.schedule, "logsnr", 4)
+    top = flow.schedule.sigma_max
+    enc_limits, dec_limits = (shift_intervals(solvers.get(solver), sigmas, flow.schedule, 3.0, d)
+                              for d in ("encode", "decode"))
+    assert all(lo <= 0.0 <= hi for lo, hi in enc_limits + dec_limits)
+    reached = []
+    for end in (0, 1):
+        encoder = flowdiff.LearnedEncoder(solver, {}, 8, sigmas, tuple(r[end] for r in enc_limits),
+                                          tuple(r[end] for r in dec_limits), flowdiff.flow_fingerprint(counted), True)
+        seen.clear()
+        enc = encoder.encode(counted, torch.zeros(2, 16, dtype=torch.float64))  # ε = 0 keeps it at 0
+        flowdiff.decode(counted, enc.latent)
+        assert all(0.0 <= s <= top for s in seen), (end, seen)
+        reached += seen
+    # the intervals are no narrower than [0, σ_max] demands (3.0 steps would reach far outside): both ends are met
+    assert min(reached) < 1e-6 * sigmas[-2] and max(reached) > top * (1 - 1e-6)
+
+
+def test_a_rejected_fit_reports_the_errors_of_the_plain_encode_it_returns():
+    flow = _mixture().flow()
+    # fitted on the points the mixture is made of and judged on others: the fit overfits its half (the round trip
+    # of the centres themselves), and the held-out half refuses it
+    images = torch.empty(16, 16, dtype=torch.float64)
+    images[0::2], images[1::2] = _mixture().centers[:8], _images(8, 2)
+    start = flowdiff.make_sigmas(flow.schedule, "logsnr", 6)
+    learned = flowdiff.learn_encoder(flow, images, nfe=6, sigmas=start, iterations=15)
+    assert not learned.kept and learned.solves > 1
+    assert learned.calibration_error < learned.base_calibration_error  # the candidate's fit, as LearnedSolver's
+    held = images[1::2]
+    enc = learned.encode(flow, held)
+    reference = flowdiff.encode(flow, images, solver="dopri5",
+                                adaptive=flowdiff.Adaptive(rtol=1e-7, atol=1e-7, sigma_start=float(start[0])))
+    # the held-out errors are those of what learned.encode does: the plain encode on the starting grid
+    assert learned.validation_error == pytest.approx(_rms(flowdiff.decode(flow, enc.latent).x, held), rel=1e-12)
+    assert learned.latent_error == pytest.approx(_rms(enc.latent.x, reference.x[1::2]), rel=1e-12)
+    assert learned.validation_error == learned.base_validation_error
+    assert learned.latent_error == learned.base_latent_error
+
+
+def test_a_grid_over_the_budget_is_refused_before_any_evaluation():
+    flow = _mixture().flow()
+    counted, seen = _recording(flow)
+    sigmas = flowdiff.make_sigmas(flow.schedule, "logsnr", 7)
+    with pytest.raises(ValueError, match=r"sigmas= has 7 steps, more than nfe=6 buys each way with solver 'euler' "
+                                         r"\(6 steps\)"):
+        flowdiff.learn_encoder(counted, _images(8, 1), nfe=6, sigmas=sigmas)
+    with pytest.raises(ValueError, match=r"sigmas= has 7 steps, more than nfe=13 buys each way with solver 'heun'"):
+        flowdiff.learn_encoder(counted, _images(8, 1), solver="heun", nfe=13, sigmas=sigmas)
+    assert seen == []
+    # the grid at the budget is accepted: its solves cost what nfe says
+    fitted = flowdiff.learn_encoder(counted, _images(8, 1), solver="heun", nfe=14, sigmas=sigmas, iterations=0)
+    assert fitted.fitting_nfe == len(seen) and fitted.solves > 0

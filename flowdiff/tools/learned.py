@@ -66,7 +66,7 @@ from ..engine.formulations import (
     encode_refusal,
     formulation_for,
 )
-from ..engine.grids import make_sigmas
+from ..engine.grids import make_sigmas, reversed_grid
 from ..engine.schedules import Schedule
 from .compare import reference_solution
 from .tuning import TunedGrid, _Warp, read_record, stored_grid
@@ -272,51 +272,80 @@ def _layout(base: _solvers.Solver, sigmas: np.ndarray, terms: int, learn: Sequen
             shift_bound: float) -> tuple[list[int], list[tuple[float, float]]]:
     """What each generation step can take: its number of coefficients (none where the formulation gives the step
     its own method, e.g. into σ = 0, else as many terms as its history allows: step i holds i + 1 derivatives),
-    and the interval of its shift: (0, 0) where the step evaluates nothing or is replaced by a method that
-    evaluates unshifted, else within ±``shift_bound`` such that each of the step's evaluations stays between
-    σ = 0 and the schedule's σ_max (or the grid's own range where it reaches further)."""
-    form = formulation_for(base, "generate")
+    and the interval of its shift (:func:`shift_intervals`; all (0, 0) unless shifts are learned)."""
     grid = list(map(float, sigmas))
-    eval_end = grid[-1] != 0.0
     n = len(grid) - 1
     counts = [0] * n
     if "coefficients" in learn:
-        replaced = form.grid(grid, base, eval_end=eval_end).methods
+        replaced = formulation_for(base, "generate").grid(grid, base, eval_end=grid[-1] != 0.0).methods
         probe = _solvers.CorrectedAdams(base, {(1.0, 0.0): (0.0,) * terms})
         counts = [0 if i in replaced else probe.available_terms(i + 1) for i in range(n)]
-    intervals = [(0.0, 0.0)] * n
-    if "shifts" in learn:
-        replaced = form.grid(grid, _solvers.Shifted(base, {}), eval_end=eval_end).methods
-        times = form.times(grid)
-        ends = [form.time(float(schedule.sigma_max)), form.time(0.0), *times]
-        lo_end, hi_end = min(ends), max(ends)
-        for i, (t0, t1, seen) in enumerate(zip(times[:-1], times[1:], _evaluated(base, grid, schedule))):
-            if (i in replaced and not isinstance(replaced[i], _solvers.Shifted)) or t0 == t1 or not seen:
-                continue
-            lo, hi = -shift_bound, shift_bound
-            h = t1 - t0
-            for t in map(form.time, seen):
-                if math.isfinite(t):
-                    a, b = sorted(((lo_end - t) / h, (hi_end - t) / h))
-                    lo, hi = max(lo, a), min(hi, b)
-            margin = 1e-9 * (hi - lo)  # off the ends, where rounding in the time variable could cross them
-            lo, hi = (lo + margin if lo else lo), (hi - margin if hi else hi)
-            intervals[i] = (lo, hi) if lo < hi else (0.0, 0.0)
+    intervals = shift_intervals(base, sigmas, schedule, shift_bound) if "shifts" in learn else [(0.0, 0.0)] * n
     return counts, intervals
 
 
-def _evaluated(base: _solvers.Solver, sigmas: list[float], schedule: Schedule) -> list[list[float]]:
-    """The σ at which each step of a generation with ``base`` on ``sigmas`` evaluates the model: a fixed grid's
-    evaluation points do not depend on the field, so a dry run with ε = 0 finds them."""
+def shift_intervals(base: _solvers.Solver, sigmas: np.ndarray, schedule: Schedule, shift_bound: float,
+                    direction: str = "generate") -> list[tuple[float, float]]:
+    """The interval of each step's evaluation shift δ (:class:`solvers.Shifted`) when ``base`` solves in
+    ``direction`` (``"generate"``; ``"encode"``: the encode that runs the generation grid ``sigmas`` backwards,
+    steps counted from σ = 0 up; ``"decode"``: a latent's decode on ``sigmas``): (0, 0) where the step evaluates
+    nothing or is replaced by a method that evaluates unshifted, else within ±``shift_bound`` such that each of
+    the step's evaluations stays between σ = 0 and the schedule's σ_max (or the grid's own range where it
+    reaches further): the model has no time outside, and may accept one without a word."""
+    form = formulation_for(base, direction)
+    gen = list(map(float, sigmas))
+    grid = reversed_grid(gen).tolist() if direction == "encode" else gen
+    # whether the last step evaluates at its end, as the entry points decide it (a generation or a non-Euler
+    # decode into σ = 0 takes a final Euler step; an encode always evaluates at its end)
+    eval_end = direction == "encode" or gen[-1] != 0.0 or (direction == "decode" and base.name == "euler")
+    replaced = form.grid(grid, _solvers.Shifted(base, {}, name=base.name), eval_end=eval_end).methods
+    times = form.times(grid)
+    ends = [form.time(float(schedule.sigma_max)), form.time(0.0), *times]
+    lo_end, hi_end = min(ends), max(ends)
+    intervals = [(0.0, 0.0)] * (len(grid) - 1)
+    for i, (t0, t1, seen) in enumerate(zip(times[:-1], times[1:], _evaluated(base, gen, schedule, direction))):
+        if (i in replaced and not isinstance(replaced[i], _solvers.Shifted)) or t0 == t1 or not seen:
+            continue
+        lo, hi = -shift_bound, shift_bound
+        h = t1 - t0
+        for t in map(form.time, seen):
+            if math.isfinite(t):
+                a, b = sorted(((lo_end - t) / h, (hi_end - t) / h))
+                lo, hi = max(lo, a), min(hi, b)
+        margin = 1e-9 * (hi - lo)  # off the ends, where rounding in the time variable could cross them
+        lo, hi = (lo + margin if lo else lo), (hi - margin if hi else hi)
+        intervals[i] = (lo, hi) if lo < hi else (0.0, 0.0)
+    return intervals
+
+
+def _evaluated(base: _solvers.Solver, sigmas: list[float], schedule: Schedule,
+               direction: str = "generate") -> list[list[float]]:
+    """The σ at which each step of a solve with ``base`` in ``direction`` (see :func:`shift_intervals`) on the
+    generation grid ``sigmas`` evaluates the model: a fixed grid's evaluation points do not depend on the field,
+    so a dry run with ε = 0 through the entry point itself finds them."""
     seen: list[list[float]] = [[]]
+    recording = [direction != "decode"]
 
     def eps(xbar: Tensor, sigma: float) -> Tensor:
-        seen[-1].append(float(sigma))
+        if recording[0]:
+            seen[-1].append(float(sigma))
         return torch.zeros_like(xbar)
 
+    def stepped(_) -> None:
+        seen.append([])
+
     dry = ProbabilityFlow.from_sigma_field(eps, schedule)
-    generate(dry, torch.zeros(1, 1, dtype=torch.float64), solver=base, grid=np.asarray(sigmas),
-             callback=lambda _: seen.append([]))
+    zeros, grid = torch.zeros(1, 1, dtype=torch.float64), np.asarray(sigmas)
+    if direction == "generate":
+        generate(dry, zeros, solver=base, grid=grid, callback=stepped)
+    elif direction == "encode":
+        encode(dry, zeros, solver=base, grid=grid, callback=stepped)
+    elif direction == "decode":
+        latent = encode(dry, zeros, solver=base, grid=grid).latent
+        recording[0] = True
+        decode(dry, latent, callback=stepped)
+    else:
+        raise ValueError(f"direction must be 'generate', 'encode' or 'decode', got {direction!r}")
     return seen[: len(sigmas) - 1]
 
 

@@ -10,6 +10,10 @@ optionally with the σ grid itself — by least squares on the round trip of cal
 
     min_{δ, δ', grid}  Σ |decode_δ'(encode_δ(x)) − x|² + w²·Σ |encode_δ(x) − x_T(x)|²,   |δ|, |δ'| ≤ bound,
 
+each shift further bounded, as :func:`flowdiff.learn_solver`'s are, so that every evaluation of its
+step stays between σ = 0 and the schedule's σ_max (the model has no time outside, and need not say
+so: the decode's first step, out of σ_max, can only move its evaluation down),
+
 with ``x_T(x)`` the flow's own latent of ``x`` (an adaptive float64 encode at ``reference_tol``)
 and w = ``latent_weight``. The second term is what keeps the fit honest: without it a fitted
 grid can make one long Euler jump through the middle σ range over which the decode is nearly
@@ -51,11 +55,11 @@ import solvers as _solvers
 from ..api.sampling import decode, encode
 from ..engine.fingerprint import flow_fingerprint
 from ..engine.flow import ProbabilityFlow
-from ..engine.formulations import encode_refusal, formulation_for
-from ..engine.grids import make_sigmas, reversed_grid
+from ..engine.formulations import encode_evaluates_end, encode_refusal, formulation_for
+from ..engine.grids import check_budget, make_sigmas, reversed_grid
 from ..engine.options import Adaptive
 from ..engine.results import Result
-from .learned import tune_roundtrip
+from .learned import shift_intervals, tune_roundtrip
 from .tuning import read_record
 
 __all__ = ["LearnedEncoder", "learn_encoder"]
@@ -76,12 +80,15 @@ class LearnedEncoder:
     method of its own, such as the data variables' step out of σ = 0), ``decode_shifts[i]`` the δ
     of the decode's step i (from σ_max down), all zero unless fitted. ``kept`` says whether the
     held-out half preferred the learned encode; when not, ``sigmas`` is the starting grid, the
-    shifts are zero and :meth:`encode` is the plain encode. Errors (RMS per element):
-    ``calibration_error`` / ``base_calibration_error`` the round trip on the fitted half,
-    ``validation_error`` / ``base_validation_error`` on the held-out half, ``latent_error`` /
-    ``base_latent_error`` the held-out latents against the flow's own. ``initial_grid`` names the
-    starting grid; ``fitting_nfe`` counts every model evaluation of the fit (the reference encode's,
-    the starting grid's tuning and every candidate round trip), ``solves`` the candidate round trips.
+    shifts are zero and :meth:`encode` is the plain encode. Errors (RMS per element), as a
+    :class:`~flowdiff.LearnedSolver`'s: ``calibration_error`` / ``base_calibration_error`` the
+    round trip of the fitted candidate and of the plain encode on the fitted half;
+    ``validation_error`` / ``base_validation_error`` on the held-out half and ``latent_error`` /
+    ``base_latent_error`` the held-out latents against the flow's own, the first of each pair
+    that of what :meth:`encode` does (the plain encode's, equal to the base's, when not kept).
+    ``initial_grid`` names the starting grid; ``fitting_nfe`` counts every model evaluation of the
+    fit (the reference encode's, the starting grid's tuning and every candidate round trip),
+    ``solves`` the candidate round trips.
 
     Use: ``learned.encode(flow, x)``: N evaluations; its latent decodes with ``decode(flow, latent)``
     (the base solver on the same grid, with the decode's shifts, which the latent records), N evaluations.
@@ -212,17 +219,6 @@ def _with_decode_shifts(res: Result, shifts: tuple[float, ...]) -> Result:
     return dataclasses.replace(res, latent=dataclasses.replace(res.latent, decode_shifts=tuple(shifts)))
 
 
-def _shiftable(base: _solvers.Solver, sigmas: np.ndarray, direction: str = "encode") -> list[int]:
-    """The steps (in the solve's order) whose evaluations a shift moves: those the solver itself (or its
-    lower-order form) takes; a step the formulation gives a method of its own (out of or into σ = 0 in the
-    data variables) is not."""
-    probe = _solvers.Shifted(base, {}, name=base.name)
-    grid = _encode_sigmas(sigmas) if direction == "encode" else np.asarray(sigmas, dtype=np.float64)
-    eval_end = direction == "encode" or base.name == "euler"
-    methods = formulation_for(probe, direction).grid(grid.tolist(), probe, eval_end=eval_end).methods
-    return [i for i in range(len(sigmas) - 1) if i not in methods or isinstance(methods[i], _solvers.Shifted)]
-
-
 class _GridWarp:
     """The generation grids of n steps that keep σ_max and 0: log σ_1 (the first positive σ) and the split of
     log σ_max − log σ_1 into n − 1 positive gaps (softmax weights), so every parameter vector is a valid grid."""
@@ -244,7 +240,7 @@ class _GridWarp:
         cuts = np.concatenate([[0.0], np.cumsum(weights)]) / np.sum(weights)
         up = np.exp(first + (math.log(self.top) - first) * cuts)
         up[-1] = self.top
-        return np.concatenate([up[::-1], [0.0]])
+        return reversed_grid(np.concatenate([[0.0], up]))
 
 
 def _check_images(images: Tensor) -> None:
@@ -283,16 +279,17 @@ def learn_encoder(
     with ``fit_grid``, their σ grid) so that the decode undoes the encode, on calibration ``images`` (model data
     scale, at least 2).
 
-    The starting grid is ``sigmas`` when given (a generation grid, decreasing to 0, that costs at most ``nfe``
-    each way), else :func:`flowdiff.tune_roundtrip`'s grid for ``solver`` and ``nfe`` on the same images (its
-    cost is counted) and the named grids of :data:`START_GRIDS` with σ_max equal to it: one fit from each,
-    the best on the fitted half kept (the fit finds local minima). ``fit_grid=True`` fits the grid's σ (σ_max
-    and 0 kept) jointly with the shifts; ``False`` keeps the starting grid. ``fit_decode=True`` fits a shift
-    per decode step too, which the latents record (:attr:`flowdiff.Latent.decode_shifts`), so that
-    ``decode(flow, latent)`` applies them; ``False`` leaves the decode plain. ``latent_weight`` (> 0) weighs
-    the distance of the latents to the flow's own (see the module docstring); each shift lies in
-    ``[−bound, bound]``; ``iterations`` caps the least-squares iterations. The even-indexed images are
-    fitted, the odd-indexed ones decide (see :class:`LearnedEncoder`). Any non-reversible solver that
+    The starting grid is ``sigmas`` when given (a generation grid, decreasing to 0, of at most the steps
+    ``nfe`` buys each way: checked before any evaluation), else :func:`flowdiff.tune_roundtrip`'s grid for
+    ``solver`` and ``nfe`` on the same images (its cost is counted) and the named grids of
+    :data:`START_GRIDS` with σ_max equal to it: one fit from each, the best on the fitted half kept (the fit
+    finds local minima). ``fit_grid=True`` fits the grid's σ (σ_max and 0 kept) jointly with the shifts;
+    ``False`` keeps the starting grid. ``fit_decode=True`` fits a shift per decode step too, which the
+    latents record (:attr:`flowdiff.Latent.decode_shifts`), so that ``decode(flow, latent)`` applies them;
+    ``False`` leaves the decode plain. ``latent_weight`` (> 0) weighs the distance of the latents to the
+    flow's own (see the module docstring); each shift lies in ``[−bound, bound]`` and keeps its step's
+    evaluations within [0, σ_max]; ``iterations`` caps the least-squares iterations. The even-indexed images
+    are fitted, the odd-indexed ones decide (see :class:`LearnedEncoder`). Any non-reversible solver that
     encodes (``euler`` gains most: every one of its steps can be shifted; the multistep methods' steps out
     of and into σ = 0 are not). Use the result as ``learned.encode(flow, x)``.
     """
@@ -317,6 +314,14 @@ def learn_encoder(
             raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     if isinstance(reference_tol, bool) or not isinstance(reference_tol, (int, float)) or not 0 < reference_tol <= 1e-3:
         raise ValueError(f"reference_tol must be a number in (0, 1e-3], got {reference_tol!r}")
+    # the budget before any evaluation: the steps ``nfe`` buys each way (the encode's count; its decode costs no more)
+    affordable = check_budget(solver, nfe, _solvers.steps_for_nfe(base, nfe, eval_end=encode_evaluates_end(base)))
+    if sigmas is not None:
+        sigmas = _check_grid(sigmas)
+        if len(sigmas) - 1 > affordable:
+            raise ValueError(f"sigmas= has {len(sigmas) - 1} steps, more than nfe={nfe} buys each way with solver "
+                             f"{solver!r} ({affordable} steps): give a grid of at most {affordable} steps or a "
+                             "larger nfe")
     start = time.perf_counter()
     spent = {"nfe": 0, "solves": 0}
     if sigmas is None:
@@ -328,7 +333,7 @@ def learn_encoder(
             (g, s) for g in START_GRIDS
             if len(s := make_sigmas(flow.schedule, g, len(sigmas) - 1)) == len(sigmas) and s[0] == sigmas[0]]
     else:
-        sigmas, initial_name = _check_grid(sigmas), "given"
+        initial_name = "given"
         starts = [(initial_name, sigmas)]
     n = len(sigmas) - 1
     fit, held = images[0::2], images[1::2]
@@ -359,21 +364,28 @@ def learn_encoder(
             return math.inf, math.inf
         return _rms(x - part.to(torch.float64)), _rms(z - target)
 
+    def intervals(sig: np.ndarray, directions: tuple[str, ...]) -> list[list[tuple[float, float]]]:
+        """Each step's shift interval per direction: within ±bound, every evaluation in [0, σ_max]."""
+        return [shift_intervals(base, sig, flow.schedule, float(bound), d) for d in directions]
+
     def fitted(sig0: np.ndarray) -> tuple[float, np.ndarray, tuple[tuple[float, ...], tuple[float, ...]]]:
         """The fit from the grid ``sig0``: (objective on the fitted half, grid, (encode shifts, decode shifts))."""
-        slots = [(0, i) for i in _shiftable(base, sig0)]
-        if fit_decode:
-            slots += [(1, i) for i in _shiftable(base, sig0, "decode")]
+        directions = ("encode", "decode") if fit_decode else ("encode",)
+        limits = intervals(sig0, directions)
+        slots = [(k, i) for k in range(len(directions)) for i, (lo, hi) in enumerate(limits[k]) if lo < hi]
         warp = _GridWarp(sig0) if fit_grid else None
         grid_size = 0 if warp is None else warp.size
 
         def unpack(v: np.ndarray) -> tuple[np.ndarray, tuple[tuple[float, ...], tuple[float, ...]]]:
-            shifts = [[0.0] * n, [0.0] * n]
-            for (k, i), d in zip(slots, v[:len(slots)]):
-                shifts[k][i] = float(d)
             g = v[len(slots):]
             moved = grid_size and not np.array_equal(g, warp.start)  # type: ignore[union-attr]
-            return (warp.grid(g) if moved else sig0), (tuple(shifts[0]), tuple(shifts[1]))  # type: ignore
+            sig = warp.grid(g) if moved else sig0  # type: ignore[union-attr]
+            within = intervals(sig, directions) if moved else limits  # the moved grid's own intervals
+            shifts = [[0.0] * n, [0.0] * n]
+            for (k, i), d in zip(slots, v[:len(slots)]):
+                lo, hi = within[k][i]
+                shifts[k][i] = min(max(float(d), lo), hi)
+            return sig, (tuple(shifts[0]), tuple(shifts[1]))
 
         def residual(v: np.ndarray) -> np.ndarray:
             sig, shifts = unpack(v)
@@ -392,10 +404,15 @@ def learn_encoder(
         if len(v) and iterations > 0:
             from scipy.optimize import least_squares
 
-            lo, hi = np.full(len(slots), -float(bound)), np.full(len(slots), float(bound))
+            lo, hi = np.array([limits[k][i][0] for k, i in slots]), np.array([limits[k][i][1] for k, i in slots])
             if grid_size:
                 glo, ghi = warp.bounds()  # type: ignore[union-attr]
                 lo, hi = np.concatenate([lo, glo]), np.concatenate([hi, ghi])
+            # trust-region reflective scales each step by the distance to the bounds (Coleman–Li): a shift that starts
+            # on one (a step out of σ_max or out of 0 can move its evaluation one way only) barely moves, and on the
+            # shipped model the whole fit stopped at its start; so every shift starts 1e-3 of its interval inside
+            k, inside = len(slots), 1e-3 * (hi[:len(slots)] - lo[:len(slots)])
+            v[:k] = np.clip(v[:k], lo[:k] + inside, hi[:k] - inside)
             v = least_squares(residual, v, bounds=(lo, hi), method="trf", jac="2-point", diff_step=1e-3,
                               max_nfev=iterations, x_scale=1.0).x
         r = residual(v)
@@ -409,6 +426,8 @@ def learn_encoder(
     base_val, base_lat = errors(sigmas, plain, held, ref_held)
     kept = val < base_val and lat <= base_lat
     encode_shifts, decode_shifts = learned_shifts if kept else plain
+    if not kept:  # the held-out errors are those of what the result encodes with: the plain encode
+        val, lat = base_val, base_lat
     return LearnedEncoder(
         solver, options, nfe, (learned_sig if kept else sigmas).copy(), encode_shifts, decode_shifts,
         flow_fingerprint(flow, model_kwargs), kept, calib, base_calib, val, base_val, lat, base_lat, initial_name,
