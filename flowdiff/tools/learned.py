@@ -44,7 +44,6 @@ candidate solve's), saves to JSON and loads only for the flow it was fitted on, 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -69,7 +68,7 @@ from ..engine.formulations import (
 from ..engine.grids import make_sigmas, reversed_grid
 from ..engine.schedules import Schedule
 from .compare import reference_solution
-from .tuning import TunedGrid, _Warp, read_record, stored_grid
+from .tuning import TunedGrid, _Warp, check_fingerprint, read_record, stored_grid, write_record
 
 __all__ = ["LearnedSolver", "learn_solver", "tune_roundtrip"]
 
@@ -143,11 +142,8 @@ class LearnedSolver:
 
     def check(self, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> None:
         """Raise ``ValueError`` unless this solver was fitted on ``flow`` (with ``model_kwargs``)."""
-        other = flow_fingerprint(flow, model_kwargs)
-        if other != self.fingerprint:
-            raise ValueError(f"this learned solver was fitted on the flow with fingerprint {self.fingerprint}; the "
-                             f"flow given has fingerprint {other} (another model, schedule or conditioning): fit "
-                             "it again with flowdiff.learn_solver")
+        check_fingerprint(self.fingerprint, flow, model_kwargs, "this learned solver was fitted",
+                          "fit it again with flowdiff.learn_solver")
 
     def validated(self, flow: ProbabilityFlow, noise: Tensor, *,
                   model_kwargs: Mapping[str, Any] | None = None) -> LearnedSolver:
@@ -181,10 +177,7 @@ class LearnedSolver:
         data["learn"] = list(self.learn)
         data["base_sigmas"] = None if self.base_sigmas is None else [float(s).hex() for s in self.base_sigmas]
         data.pop("source")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"format": _FORMAT, **data}, indent=1, default=_json_default) + "\n")
-        return path
+        return write_record(path, _FORMAT, data, "learned solver")
 
     @classmethod
     def load(cls, path: str | Path, flow: ProbabilityFlow,
@@ -215,14 +208,6 @@ class LearnedSolver:
             raise ValueError(f"{path}: malformed learned solver ({err})") from None
         learned.check(flow, model_kwargs)
         return learned
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    raise TypeError(f"cannot store {type(value).__name__} in a learned solver's options")
 
 
 def _check_learn(learn: object) -> tuple[str, ...]:

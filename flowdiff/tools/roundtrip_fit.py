@@ -38,7 +38,6 @@ flow, like a :class:`~flowdiff.TunedGrid` or a :class:`~flowdiff.LearnedSolver`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Mapping
@@ -60,7 +59,7 @@ from ..engine.grids import check_budget, make_sigmas, reversed_grid
 from ..engine.options import Adaptive
 from ..engine.results import Result
 from .learned import shift_intervals, tune_roundtrip
-from .tuning import read_record
+from .tuning import check_fingerprint, read_record, write_record
 
 __all__ = ["LearnedEncoder", "learn_encoder"]
 
@@ -137,11 +136,8 @@ class LearnedEncoder:
 
     def check(self, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> None:
         """Raise ``ValueError`` unless this encoder was fitted on ``flow`` (with ``model_kwargs``)."""
-        other = flow_fingerprint(flow, model_kwargs)
-        if other != self.fingerprint:
-            raise ValueError(f"this learned encoder was fitted on the flow with fingerprint {self.fingerprint}; the "
-                             f"flow given has fingerprint {other} (another model, schedule or conditioning): fit "
-                             "it again with flowdiff.learn_encoder")
+        check_fingerprint(self.fingerprint, flow, model_kwargs, "this learned encoder was fitted",
+                          "fit it again with flowdiff.learn_encoder")
 
     def save(self, path: str | Path) -> Path:
         """Write the encoder (σ and shifts as exact float hex strings) and what it was fitted for as JSON."""
@@ -150,10 +146,7 @@ class LearnedEncoder:
         data["shifts"] = [float(d).hex() for d in self.shifts]
         data["decode_shifts"] = [float(d).hex() for d in self.decode_shifts]
         data.pop("source")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"format": _FORMAT, **data}, indent=1, default=_json_default) + "\n")
-        return path
+        return write_record(path, _FORMAT, data, "learned encoder")
 
     @classmethod
     def load(cls, path: str | Path, flow: ProbabilityFlow,
@@ -174,14 +167,6 @@ class LearnedEncoder:
             raise ValueError(f"{path}: malformed learned encoder ({err})") from None
         learned.check(flow, model_kwargs)
         return learned
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    raise TypeError(f"cannot store {type(value).__name__} in a learned encoder's options")
 
 
 def _base_solver(name: str, options: Mapping[str, Any]) -> _solvers.Solver:

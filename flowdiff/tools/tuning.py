@@ -100,20 +100,13 @@ class TunedGrid:
 
     def check(self, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> None:
         """Raise ``ValueError`` unless this grid was tuned on ``flow`` (with ``model_kwargs``)."""
-        other = flow_fingerprint(flow, model_kwargs)
-        if other != self.fingerprint:
-            raise ValueError(f"this grid was tuned on the flow with fingerprint {self.fingerprint}; the flow given "
-                             f"has fingerprint {other} (another model, schedule or conditioning): tune it again")
+        check_fingerprint(self.fingerprint, flow, model_kwargs, "this grid was tuned", "tune it again")
 
     def save(self, path: str | Path) -> Path:
         """Write the grid (σ as exact float hex strings) and everything it was tuned for as JSON."""
         data = asdict(self)
         data["sigmas"] = [float(s).hex() for s in self.sigmas]
-        data = {"format": _FORMAT, **data}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=1, sort_keys=False, default=_json_default) + "\n")
-        return path
+        return write_record(path, _FORMAT, data, "tuned grid")
 
     @classmethod
     def load(cls, path: str | Path, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None
@@ -144,12 +137,31 @@ def read_record(path: Path, format: str, what: str) -> dict[str, Any]:
     return data
 
 
-def _json_default(value: object) -> object:
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    raise TypeError(f"cannot store {type(value).__name__} in a tuned grid's options")
+def write_record(path: str | Path, format: str, data: dict[str, Any], what: str) -> Path:
+    """Write ``data`` as the JSON file of a ``format`` record (a tuned grid, a learned solver or encoder); numpy
+    numbers and tuples in its options are stored as JSON numbers and lists, anything else is a TypeError."""
+
+    def plain(value: object) -> object:
+        if isinstance(value, (np.integer, np.floating)):
+            return value.item()
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise TypeError(f"cannot store {type(value).__name__} in a {what}'s options")
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"format": format, **data}, indent=1, default=plain) + "\n")
+    return path
+
+
+def check_fingerprint(fingerprint: str, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None, what: str,
+                      again: str) -> None:
+    """Raise ``ValueError`` unless ``flow`` (with ``model_kwargs``) has ``fingerprint``: the flow a record
+    (``what``: "this grid was tuned", …) belongs to; ``again`` says how to make one for the flow given."""
+    other = flow_fingerprint(flow, model_kwargs)
+    if other != fingerprint:
+        raise ValueError(f"{what} on the flow with fingerprint {fingerprint}; the flow given has fingerprint {other} "
+                         f"(another model, schedule or conditioning): {again}")
 
 
 class _Knots:
@@ -534,10 +546,7 @@ def save_grids(grids: list[TunedGrid], path: str | Path) -> Path:
         data = asdict(grid)
         data["sigmas"] = [float(s).hex() for s in grid.sigmas]
         items.append(data)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"format": _SET_FORMAT, "grids": items}, indent=1, default=_json_default) + "\n")
-    return path
+    return write_record(path, _SET_FORMAT, {"grids": items}, "tuned grid")
 
 
 def load_grids(path: str | Path) -> list[TunedGrid]:
