@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from _digit_files import write_digits as _write_digits
+from _ranks import AllWorkRank0
 
 import flowdiff
 from flowdiff.cli import main
@@ -299,19 +300,6 @@ def test_a_killed_run_resumes_to_the_same_table(data, one_process, tmp_path, cap
     assert (out / "results.csv").read_bytes() == (one_process / "results.csv").read_bytes()
 
 
-class _AllWorkRank0(Ranks):
-    """Rank 0 of 2 that does every run itself: the distributed code path of ``distributed.compare`` in one process."""
-
-    def share(self, items):
-        return list(items)
-
-    def all_gather(self, obj):
-        return [obj, []]
-
-    def broadcast(self, obj):
-        return obj
-
-
 def test_distributed_compare_takes_flowdiffs_default_grids_when_none_are_given():
     from flowdiff.models.analytic import Mixture
     from flowdiff.runs import distributed
@@ -323,7 +311,7 @@ def test_distributed_compare_takes_flowdiffs_default_grids_when_none_are_given()
     ref = flowdiff.reference_solution(flow, noise)
     one = flowdiff.compare(flow, noise, solvers=["euler"], nfe=[4], reference=ref)
     # grids=None is what the CLI passes without --grid
-    split = distributed.compare(flow, noise, ranks=_AllWorkRank0(rank=0, world_size=2), solvers=["euler"],
+    split = distributed.compare(flow, noise, ranks=AllWorkRank0(rank=0, world_size=2), solvers=["euler"],
                                 grids=None, nfe=[4], reference=ref)
     assert [(r.solver, r.grid, r.budget, r.rms_error) for r in split.runs] == \
         [(r.solver, r.grid, r.budget, r.rms_error) for r in one.runs]

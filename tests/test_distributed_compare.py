@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _ranks import AllWorkRank0
 
 import flowdiff
 from flowdiff.cli import main
 from flowdiff.models.analytic import Gaussian
 from flowdiff.runs import distributed
-from flowdiff.runs.distributed import Ranks
 from flowdiff.tools import report
 from flowdiff.tools.compare import compare
 
@@ -98,29 +98,13 @@ def test_torchrun_report_shows_the_one_process_sample_grid_flowdiff_rows_beside_
     assert (tmp_path / "two" / "samples.png").read_bytes() == (tmp_path / "one" / "samples.png").read_bytes()
 
 
-class _AllWorkRank0(Ranks):
-    """Rank 0 of 2 that does every run itself: the distributed code path of ``distributed.compare`` in one process."""
-
-    def share(self, items):
-        return list(items)
-
-    def all_gather(self, obj):
-        return [obj, []]
-
-    def broadcast(self, obj):
-        return obj
-
-    def gather(self, obj):
-        return [obj, {}]
-
-
 def test_peers_run_once_and_the_grid_keeps_the_best_of_each_source():
     pytest.importorskip("diffusers")
     flow, noise = _problem()
     reference = flowdiff.reference_solution(flow, noise, rtol=1e-6, atol=1e-6)
     kwargs = dict(solvers=SOLVERS, grids=GRIDS, nfe=NFE, reference=reference, peers=["diffusers"], keep_images=KEEP)
     one = compare(flow, noise, **kwargs)
-    split = distributed.compare(flow, noise, ranks=_AllWorkRank0(rank=0, world_size=2), **kwargs)
+    split = distributed.compare(flow, noise, ranks=AllWorkRank0(rank=0, world_size=2), **kwargs)
     assert [(r.source, r.solver, r.grid, r.budget, r.rms_error) for r in split.runs] == \
         [(r.source, r.solver, r.grid, r.budget, r.rms_error) for r in one.runs]  # each peer row once
     shown = report.shown_images(one)
@@ -139,5 +123,5 @@ def test_bad_peers_and_keep_images_are_refused_on_the_split_path(given, error, m
     if given.get("task") == "roundtrip":
         noise = None
     with pytest.raises(error, match=match):
-        distributed.compare(flow, noise, ranks=_AllWorkRank0(rank=0, world_size=2), solvers=["euler"],
+        distributed.compare(flow, noise, ranks=AllWorkRank0(rank=0, world_size=2), solvers=["euler"],
                             grids=["trailing"], nfe=[2], **given)
