@@ -27,8 +27,11 @@ The report is written to ``--out`` after every budget, so a run that is stopped 
 
 Usage: python benchmarks/bench_learned.py [--models mixture,digits] [--nfe 4,5,6,8,10,20] [--digits-nfe 5,10]
 [--solvers unipc,dpmpp_3m,ipndm] [--digits-solvers 'unipc,dpmpp_3m,ipndm(order=3),unipc(order=3)']
-[--learn ...] [--digits-learn shifts+grid,coefficients] [--parts frontier,roundtrips]
+[--learn ...] [--digits-learn shifts+grid,coefficients] [--iterations 8] [--parts frontier,roundtrips]
 [--out benchmarks/results/learned.md]
+
+Both float64 references (the evaluation batch's and the calibration batch's) are kept on disk under
+``/tmp/flowdiff_bench_cache`` and solved only when missing: on the trained model they are most of a short run.
 """
 
 from __future__ import annotations
