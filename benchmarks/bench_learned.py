@@ -27,8 +27,11 @@ The report is written to ``--out`` after every budget, so a run that is stopped 
 
 Usage: python benchmarks/bench_learned.py [--models mixture,digits] [--nfe 4,5,6,8,10,20] [--digits-nfe 5,10]
 [--solvers unipc,dpmpp_3m,ipndm] [--digits-solvers 'unipc,dpmpp_3m,ipndm(order=3),unipc(order=3)']
-[--learn ...] [--digits-learn shifts+grid,coefficients] [--parts frontier,roundtrips]
+[--learn ...] [--digits-learn shifts+grid,coefficients] [--iterations 8] [--parts frontier,roundtrips]
 [--out benchmarks/results/learned.md]
+
+Both float64 references (the evaluation batch's and the calibration batch's) are kept on disk under
+``/tmp/flowdiff_bench_cache`` and solved only when missing: on the trained model they are most of a short run.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from bench_roundtrip import diffusers_roundtrip
 import flowdiff
 import solvers
 from flowdiff.models.analytic import Mixture
+from flowdiff.tools import reference as _reference
 
 SOLVERS = "unipc,dpmpp_3m,ipndm"
 #: the trained model's candidates: ``unipc`` (order 2 by default) and ``dpmpp_3m`` as before, with ``ipndm(order=3)``
@@ -59,7 +63,9 @@ SOLVERS = "unipc,dpmpp_3m,ipndm"
 DIGITS_SOLVERS = "unipc,dpmpp_3m,ipndm(order=3),unipc(order=3)"
 #: what ``learn_solver`` fits, each tried on every solver's tuned grid (coefficients: Adams methods only)
 LEARN = {"shifts+grid": ("shifts", "grid"), "shifts": ("shifts",), "shifts+coefficients": ("shifts", "coefficients"),
-         "coefficients": ("coefficients",)}
+         "coefficients": ("coefficients",), "shifts+grid+coefficients": ("shifts", "grid", "coefficients")}
+#: the mixture's fits by default (the three-kind fit is tried on the trained model only: ``--learn`` adds it)
+MIXTURE_LEARN = "shifts+grid,shifts,shifts+coefficients,coefficients"
 ROUNDTRIP_SOLVERS = ("euler", "lms", "dpmpp_2m", "dpmpp_3m", "unipc", "abm")
 ROUNDTRIP_GRIDS = ("trailing", "leading", "karras", "logsnr")
 #: solvers whose grid is tuned on the round-trip error of calibration images (``flowdiff.tune_roundtrip``)
@@ -96,7 +102,8 @@ def learn_kinds(text: str) -> dict[str, tuple[str, ...]]:
     return {k: LEARN[k] for k in labels}
 
 
-def flowdiff_candidates(flow, calibration, noise, ref, budget, max_evals, tol, specs, learns) -> list[dict]:
+def flowdiff_candidates(flow, calibration, noise, ref, budget, max_evals, tol, specs, learns,
+                        iterations) -> list[dict]:
     """Per solver: its tuned grid, then ``learn_solver`` on that grid for each of ``learns`` (coefficients only for
     the Adams methods); every row with its error on the evaluation noise and, for the fits, on both halves of
     the calibration batch."""
@@ -114,7 +121,8 @@ def flowdiff_candidates(flow, calibration, noise, ref, budget, max_evals, tol, s
             if "coefficients" in learn and not adams:
                 continue
             learned = flowdiff.learn_solver(flow, calibration, solver=name, solver_options=options, nfe=budget,
-                                            sigmas=tuned.sigmas, reference_tol=tol, learn=learn)
+                                            sigmas=tuned.sigmas, reference_tol=tol, learn=learn,
+                                            iterations=iterations)
             with torch.no_grad():
                 x_learned = flowdiff.generate(flow, noise, solver=learned.as_solver(), grid=learned.sigmas)
             assert x_learned.stats.nfe <= budget
@@ -130,12 +138,24 @@ def flowdiff_candidates(flow, calibration, noise, ref, budget, max_evals, tol, s
     return rows
 
 
-def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, tol, specs, learns,
+def calibration_reference(flow, calibration, key: str, tol: float) -> None:
+    """The calibration batch's float64 reference from the disk cache of ``evaluation_reference`` (solved and stored
+    there on the first run), handed to flowdiff's in-process reference cache under the key ``tune`` and
+    ``learn_solver`` look up: on the trained model 64 samples cost 2,811 NFE and about 270 s, which every run
+    would otherwise pay again. A batch whose first samples are a smaller cached batch (the same seed) is not
+    reused: the key is the whole batch."""
+    ref = evaluation_reference(flow, calibration, f"{key}-cal", tol)
+    key = (*_reference._noise_key(calibration), ref.sigma_start, ref.sigma_end, ref.solver, ref.rtol, ref.atol)
+    _reference._CACHE.setdefault(flow, {})[key] = ref
+
+
+def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, tol, specs, learns, iterations,
              written=lambda lines: None) -> list[str]:
     noise = torch.randn(batch, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     calibration = torch.randn(cal_batch, 1, 8, 8, dtype=torch.float64,
                               generator=torch.Generator().manual_seed(seed + 1))
     ref = evaluation_reference(flow, noise, key, tol)
+    calibration_reference(flow, calibration, key, tol)
     lines = [f"### {title}", "", f"Evaluation batch {batch}, calibration batch {cal_batch}, reference tolerance "
              f"{tol:g} ({ref.nfe} NFE).", "",
              "| NFE | flowdiff learned (chosen on calibration) | RMSE | tuned grid only (chosen on calibration) | "
@@ -154,7 +174,8 @@ def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, to
 
     for budget in budgets:
         started = time.perf_counter()
-        ours = flowdiff_candidates(flow, calibration, noise, ref.x, budget, max_evals, tol, specs, learns)
+        ours = flowdiff_candidates(flow, calibration, noise, ref.x, budget, max_evals, tol, specs, learns,
+                                   iterations)
         dif = [r for r in run_diffusers(flow, noise, ref.x, budget) if math.isfinite(r["rmse"])]
         kd = run_kdiffusion(K, flow, noise, ref.x, budget)
         assert all(r["nfe"] <= budget for r in dif + kd)
@@ -244,12 +265,14 @@ def main() -> None:
     parser.add_argument("--solvers", default=SOLVERS, help="flowdiff solvers tuned and fitted (mixture); options "
                         "in brackets, e.g. ipndm(order=3)")
     parser.add_argument("--digits-solvers", default=DIGITS_SOLVERS, help="the same for the trained model")
-    parser.add_argument("--learn", default=",".join(LEARN), help="the fits tried on every tuned grid (mixture)")
+    parser.add_argument("--learn", default=MIXTURE_LEARN, help="the fits tried on every tuned grid (mixture)")
     parser.add_argument("--digits-learn", default="shifts+grid,coefficients",
                         help="the same for the trained model (fewer: its solves cost 20–100× the mixture's)")
     parser.add_argument("--digits-batch", type=int, default=8)
     parser.add_argument("--digits-calibration", type=int, default=16)
     parser.add_argument("--max-evals", type=int, default=60, help="candidate solves per tuned grid")
+    parser.add_argument("--iterations", type=int, default=8, help="least-squares iterations of every learn_solver "
+                        "fit (its iterations=)")
     parser.add_argument("--roundtrip-images", type=int, default=2)
     parser.add_argument("--parts", default="frontier,roundtrips", help="frontier, roundtrips or both")
     parser.add_argument("--seed", type=int, default=0)
@@ -267,7 +290,7 @@ def main() -> None:
              f"{args.digits_nfe} --batch {args.batch} --calibration {args.calibration} --digits-batch "
              f"{args.digits_batch} --digits-calibration {args.digits_calibration} --max-evals {args.max_evals} "
              f"--solvers '{args.solvers}' --digits-solvers '{args.digits_solvers}' --learn {args.learn} "
-             f"--digits-learn {args.digits_learn} "
+             f"--digits-learn {args.digits_learn} --iterations {args.iterations} "
              f"--seed {args.seed} --parts {args.parts}` — {platform.processor() or platform.machine()}, torch "
              f"{torch.__version__}, 1 thread, float64.", ""]
     parts = args.parts.split(",")
@@ -281,12 +304,13 @@ def main() -> None:
     if "mixture" in wanted and "frontier" in parts:
         lines += frontier(K, "closed-form mixture (200 digit images, bandwidth 0.1)", mixture_flow(), "mixture",
                           args.batch, args.calibration, [int(b) for b in args.nfe.split(",")], args.max_evals,
-                          args.seed, 1e-8, specs, learns, lambda part: write(lines + part))
+                          args.seed, 1e-8, specs, learns, args.iterations, lambda part: write(lines + part))
     trained = trained_flow() if "digits" in wanted else None
     if trained is not None and "frontier" in parts:
         lines += frontier(K, "shipped trained model pretrained('digits')", trained, "digits", args.digits_batch,
                           args.digits_calibration, [int(b) for b in args.digits_nfe.split(",")], args.max_evals,
-                          args.seed, 1e-6, digits_specs, digits_learns, lambda part: write(lines + part))
+                          args.seed, 1e-6, digits_specs, digits_learns, args.iterations,
+                          lambda part: write(lines + part))
     if trained is not None and "roundtrips" in parts:
         images = flowdiff.digits_data("test").images[: args.roundtrip_images].double()
         calibration = flowdiff.digits_data("train").images[100:104].double()
