@@ -23,3 +23,15 @@ def rmse(flow, noise, **kwargs):
     """RMSE of ``generate(flow, noise, **kwargs)`` against a float64 reference solve at tolerance 1e-9."""
     ref = flowdiff.reference_solution(flow, noise, sigma_end=0.0, rtol=1e-9, atol=1e-9)
     return float((flowdiff.generate(flow, noise, **kwargs).x - ref.x).pow(2).mean().sqrt())
+
+
+def counting(flow):
+    """``flow`` with every model evaluation's σ recorded: ``(counted_flow, calls)``, for exact-NFE checks."""
+    calls = []
+    field = flow.sigma_field
+
+    def counted(xbar, sigma, **kwargs):
+        calls.append(sigma)
+        return field(xbar, sigma, **kwargs)
+
+    return flowdiff.ProbabilityFlow.from_sigma_field(counted, flow.schedule), calls

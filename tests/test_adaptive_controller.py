@@ -3,6 +3,7 @@ estimate), ``max_nfe`` a hard bound, and the controller's knobs changing the ste
 
 import pytest
 import torch
+from _closed_form import counting
 
 import flowdiff
 from flowdiff.models.analytic import Gaussian
@@ -17,22 +18,12 @@ def _setup():
     return gauss, torch.randn(3, 16, dtype=torch.float64, generator=g)
 
 
-def _counting_flow(gauss):
-    calls = []
-
-    def eps(xbar, sigma):
-        calls.append(sigma)
-        return gauss.eps(xbar, sigma)
-
-    return flowdiff.ProbabilityFlow.from_sigma_field(eps, gauss.schedule), calls
-
-
 @pytest.mark.parametrize("name", ["unipc", "dopri5", "bosh3"])
 def test_rejected_steps_are_counted_and_paid_for(name):
     """A controller that grows steps tenfold with no safety margin gets steps rejected; the NFE is still
     every call of the model, and the steps are the accepted plus the rejected ones."""
     gauss, noise = _setup()
-    flow, calls = _counting_flow(gauss)
+    flow, calls = counting(gauss.flow())
     greedy = StepController(safety=1.0, factor_min=0.2, factor_max=10.0)
     r = flowdiff.generate(flow, noise, solver=name, adaptive=flowdiff.Adaptive(rtol=1e-5, atol=1e-5,
                                                                                 controller=greedy))
@@ -53,7 +44,7 @@ def test_max_nfe_is_a_hard_bound_at_every_budget(name):
         rtol=1e-4, atol=1e-4, max_nfe=need))
     assert done.stats.nfe == need
     for budget in sorted({1, 2, 5, need // 2, need - 1}):
-        flow, calls = _counting_flow(gauss)
+        flow, calls = counting(gauss.flow())
         with pytest.raises(SolveError, match=f"max_nfe={budget} reached") as info:
             flowdiff.generate(flow, noise, solver=name, adaptive=flowdiff.Adaptive(rtol=1e-4, atol=1e-4,
                                                                                    max_nfe=budget))
@@ -64,7 +55,7 @@ def test_first_step_saves_the_estimate_evaluation():
     """Without ``first_step`` the loop spends one evaluation on Hairer's starting-step estimate; given
     one, a solve that takes the same accepted and rejected steps costs that evaluation less."""
     gauss, noise = _setup()
-    flow, calls = _counting_flow(gauss)
+    flow, calls = counting(gauss.flow())
     tol = 1e-3
     auto = flowdiff.generate(flow, noise, solver="dopri5", adaptive=flowdiff.Adaptive(rtol=tol, atol=tol))
     n_auto = len(calls)

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from _closed_form import mixture, noise
+from _closed_form import counting, mixture, noise
 
 import flowdiff
 import solvers
@@ -67,15 +67,8 @@ def test_fit_lowers_the_calibration_error_spends_exactly_the_budget_and_is_kept_
     base_x = flowdiff.generate(flow, cal[1::2], solver="dpmpp_3m", grid=learned.sigmas).x
     assert _rms(base_x, ref) == pytest.approx(learned.base_validation_error, rel=1e-9)
     # exact NFE: one evaluation a step, as its base
-    calls = []
-    gauss_field = flow.sigma_field
-
-    def counted(xbar, sigma):
-        calls.append(sigma)
-        return gauss_field(xbar, sigma)
-
-    counting = flowdiff.ProbabilityFlow.from_sigma_field(counted, flow.schedule)
-    out = flowdiff.generate(counting, cal, solver=learned.as_solver(), grid=learned.sigmas)
+    counted, calls = counting(flow)
+    out = flowdiff.generate(counted, cal, solver=learned.as_solver(), grid=learned.sigmas)
     assert out.stats.nfe == len(calls) == 6
 
 
@@ -157,16 +150,6 @@ def test_bad_arguments_name_what_is_accepted():
 # -- learned evaluation times (shifts, LD3-style) ------------------------------------------------------------
 
 
-def _counting(flow):
-    calls = []
-
-    def counted(xbar, sigma):
-        calls.append(sigma)
-        return flow.sigma_field(xbar, sigma)
-
-    return flowdiff.ProbabilityFlow.from_sigma_field(counted, flow.schedule), calls
-
-
 @pytest.mark.parametrize("name", ["unipc", "heun"])
 def test_shifts_lower_the_fitted_error_spend_the_base_nfe_and_are_kept_only_if_held_out_agrees(name):
     flow = mixture()
@@ -187,8 +170,8 @@ def test_shifts_lower_the_fitted_error_spend_the_base_nfe_and_are_kept_only_if_h
     else:
         assert _rms(held_x, ref) >= learned.base_validation_error
     # exact NFE: the base method's, each evaluation counted once; the fit's cost is the teacher plus its solves
-    counting, calls = _counting(flow)
-    out = flowdiff.generate(counting, cal, solver=forced.as_solver(), grid=learned.sigmas)
+    counted, calls = counting(flow)
+    out = flowdiff.generate(counted, cal, solver=forced.as_solver(), grid=learned.sigmas)
     base_nfe = flowdiff.generate(flow, cal, solver=name, grid=learned.sigmas).stats.nfe
     assert out.stats.nfe == len(calls) == base_nfe <= 6
     assert learned.fitting_nfe == learned.reference_nfe + learned.solves * base_nfe
@@ -229,10 +212,10 @@ def test_shifts_at_their_bounds_keep_every_evaluation_between_zero_and_sigma_max
     assert intervals[0][0] == 0.0  # the first step out of σ_max cannot evaluate above it
     for pick in (0, 1):
         shifts = tuple(iv[pick] for iv in intervals)
-        counting, calls = _counting(flow)
+        counted, calls = counting(flow)
         learned = LearnedSolver(name, {}, 10, sig, (), flowdiff.flow_fingerprint(flow), True, shifts=shifts,
                                 learn=("shifts",))
-        flowdiff.generate(counting, noise(4, n=2), solver=learned.as_solver(), grid=sig)
+        flowdiff.generate(counted, noise(4, n=2), solver=learned.as_solver(), grid=sig)
         assert calls and all(0.0 <= s <= flow.schedule.sigma_max for s in calls), (pick, calls)
     assert any(iv[1] > 0 for iv in intervals) and any(iv[0] < 0 for iv in intervals)  # both ways were tried
 
@@ -287,8 +270,8 @@ def test_the_default_fits_shifts_and_grid_together_keeps_the_step_count_and_fall
     grid = forced.sigmas
     assert len(grid) == len(start) and grid[0] == start[0] and grid[-1] == start[-1] == 0.0
     assert np.all(np.diff(grid) < 0) and not np.array_equal(grid, start)
-    counting, calls = _counting(flow)
-    out = flowdiff.generate(counting, cal, solver=forced.as_solver(), grid=grid)
+    counted, calls = counting(flow)
+    out = flowdiff.generate(counted, cal, solver=forced.as_solver(), grid=grid)
     assert out.stats.nfe == len(calls) == flowdiff.generate(flow, cal, solver="dpmpp_3m", grid=start).stats.nfe
     assert all(0.0 <= s <= flow.schedule.sigma_max for s in calls)  # the moved grid's own shift bounds held
     back = LearnedSolver.load(forced.save(tmp_path / "grid.learned.json"), flow)
@@ -322,14 +305,7 @@ def test_bad_learn_arguments_name_what_is_accepted():
 
 
 def test_a_grid_over_the_budget_is_refused_naming_sigmas_before_any_model_evaluation():
-    base = mixture()
-    calls = []
-
-    def eps(xbar, sigma, **kwargs):
-        calls.append(sigma)
-        return base.sigma_field(xbar, sigma, **kwargs)
-
-    flow = flowdiff.ProbabilityFlow.from_sigma_field(eps, base.schedule)
+    flow, calls = counting(mixture())
     sig = flowdiff.make_sigmas(flow.schedule, "logsnr", 8)
     with pytest.raises(ValueError,
                        match=r"sigmas= \(8 steps\) costs 1[56] evaluations with solver 'heun', over nfe=6: give"):
@@ -368,13 +344,7 @@ def test_multistep_encode_and_decode_converge_at_the_fixed_grid_order(name):
 @pytest.mark.parametrize("n", [4, 10])
 def test_steps_and_nfe_say_what_a_multistep_encode_and_decode_cost(name, n):
     gauss, g = _gaussian()
-    calls = []
-
-    def counted(xbar, sigma):
-        calls.append(sigma)
-        return gauss.eps(xbar, sigma)
-
-    flow = flowdiff.ProbabilityFlow.from_sigma_field(counted, gauss.schedule)
+    flow, calls = counting(gauss.flow())
     images = gauss.sample(2, generator=g)
     for kw in ({"steps": n}, {"nfe": n}):
         calls.clear()
