@@ -174,7 +174,10 @@ def pooled_row(budget: int, ours: list[dict], peers: list[dict], ref: torch.Tens
     if centres is not None:
         target = nearest(ref, centres)
         ours_off, peer_off = nearest(pick["x"], centres) != target, nearest(peer["x"], centres) != target
-        elsewhere = f"{int(ours_off.sum())} / {int(peer_off.sum())}"
+        fewest = min(int((nearest(r["x"], centres) != target).sum()) for r in peers)
+        which = ours_off.nonzero().flatten().tolist()
+        elsewhere = (f"{len(which)} / {int(peer_off.sum())} (fewest of any peer {fewest})"
+                     + (f"; pick's: {', '.join(map(str, which))}" if len(which) <= 8 else ""))
         without = f"{ratio_without(pick['per_sample'], errors, ~(ours_off | peer_off)):.2f}×"
     else:
         elsewhere = without = "—"
@@ -218,7 +221,8 @@ def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, to
     pooled = ["", f"The {batch} evaluation samples: each ratio with a 95 % bootstrap interval (2,000 resamples of the "
               "samples, the best peer chosen again on each); how many samples are more than "
               f"{CAP:g} off (per-sample RMS) and how many land on another training image than the reference's "
-              "(mixture), for flowdiff's pick and the best peer; the ratio with every per-sample error capped at "
+              "(mixture), for flowdiff's pick and the best peer (and the fewest of any peer configuration; the "
+              "pick's sample indices when few); the ratio with every per-sample error capped at "
               f"{CAP:g}, and without the samples that either lands on another image (extra columns: the ratio "
               "is the first); the candidate the held-out half alone picks; the best flowdiff candidate chosen on "
               "the evaluation noise itself, as the peers' is (for scale, not an entry).", "",
