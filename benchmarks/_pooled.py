@@ -75,21 +75,3 @@ def ratio_without(ours: Tensor, peers: Tensor, keep: Tensor) -> float:
 def nearest(x: Tensor, centres: Tensor) -> Tensor:
     """The index of the centre nearest to each sample of ``x`` (the training image a mixture sample lands on)."""
     return torch.cdist(x.double().reshape(x.shape[0], -1), centres.double().reshape(centres.shape[0], -1)).argmin(1)
-
-
-def bootstrap_check() -> None:
-    """Self-check (run by ``python _pooled.py``): a peer identical to ours gives 1 with a degenerate interval; a
-    peer twice as far off everywhere gives 0.5, also capped above every error and on a subset."""
-    gen = torch.Generator().manual_seed(1)
-    e = torch.rand(256, generator=gen, dtype=torch.float64)
-    r = ratio(e, e[None])
-    assert abs(r.ratio - 1) < 1e-12 and abs(r.low - 1) < 1e-12 and abs(r.high - 1) < 1e-12, r
-    r = ratio(e, torch.stack([2 * e, 3 * e]))
-    assert abs(r.ratio - 0.5) < 1e-12 and r.peer_index == 0 and abs(r.low - 0.5) < 1e-12, r
-    assert abs(capped_ratio(e, (2 * e)[None], cap=10.0) - 0.5) < 1e-12
-    assert abs(ratio_without(e, (2 * e)[None], e < 0.5) - 0.5) < 1e-12
-
-
-if __name__ == "__main__":
-    bootstrap_check()
-    print("ok")
