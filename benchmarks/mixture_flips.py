@@ -11,7 +11,7 @@ evaluation samples (seed ``--seed``, the noise of ``bench_learned.py --batch``):
 
    * the **decision σ** of the reference trajectory: the smallest σ at which the mixture's posterior over its
      components at x̄(σ) (x̄ | j ~ N(c_j, (h² + σ²) I)) still prefers another component than the one it lands on —
-     below it the reference is committed;
+     below it the reference is committed (0 where it prefers that one all along);
    * the **lost step**: the first node σ_k of the solver's grid from which the exact continuation of the solver's
      own state (a tight solve to σ = 0) lands on the wrong image, the solver's error there (RMS of x = x̄/√(1+σ²)
      against the reference trajectory), and the **critical error**: the smallest multiple α of that error
