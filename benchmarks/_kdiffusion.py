@@ -46,15 +46,20 @@ class CountingDenoiser(torch.nn.Module):
         return x - s0 * self.eps(s0, x)
 
 
-def mixture_flow(n_centers: int = 200, bandwidth: float = 0.1) -> flowdiff.ProbabilityFlow:
-    """A closed-form Gaussian mixture centred on scikit-learn's 8×8 digit images in [−1, 1]
-    (DDPM linear schedule, T = 1000): exact ε at every σ ≥ 0."""
+def mixture_centres(n_centers: int = 200) -> Tensor:
+    """The mixture's centres: the first ``n_centers`` of scikit-learn's 8×8 digit images in [−1, 1], float64."""
     from sklearn.datasets import load_digits
 
+    images = load_digits().images[:n_centers] / 16.0 * 2 - 1
+    return torch.tensor(images, dtype=torch.float64).reshape(n_centers, 1, 8, 8)
+
+
+def mixture_flow(n_centers: int = 200, bandwidth: float = 0.1) -> flowdiff.ProbabilityFlow:
+    """A closed-form Gaussian mixture centred on :func:`mixture_centres` (DDPM linear schedule, T = 1000): exact ε
+    at every σ ≥ 0."""
     from flowdiff.models.analytic import Mixture
 
-    images = load_digits().images[:n_centers] / 16.0 * 2 - 1
-    return Mixture(torch.tensor(images).reshape(n_centers, 1, 8, 8), bandwidth=bandwidth).flow()
+    return Mixture(mixture_centres(n_centers), bandwidth=bandwidth).flow()
 
 
 def trained_flow() -> flowdiff.ProbabilityFlow | None:
@@ -115,6 +120,11 @@ def rmse(x: Tensor, ref: Tensor) -> float:
     return float((x - ref).pow(2).mean().sqrt())
 
 
+def per_sample_error(x: Tensor, ref: Tensor) -> Tensor:
+    """Each sample's RMS error over its pixels (float64, on the host): ``rmse`` is the RMS of these."""
+    return (x.double() - ref.double()).reshape(x.shape[0], -1).pow(2).mean(dim=1).sqrt().cpu()
+
+
 def model_grid(flow: flowdiff.ProbabilityFlow, n: int) -> Tensor:
     """k-diffusion's DiscreteSchedule.get_sigmas(n): timesteps linspace(T−1, 0, n), then 0."""
     T = flow.schedule.num_train_timesteps
@@ -127,5 +137,5 @@ def sigma_range(flow: flowdiff.ProbabilityFlow) -> tuple[float, float]:
     return flow.schedule.sigma_min, flow.schedule.sigma_max
 
 
-__all__ = ["CountingDenoiser", "load_kdiffusion_sampling", "mixture_flow", "model_grid", "reference",
-           "rmse", "sigma_range", "trained_flow"]
+__all__ = ["CountingDenoiser", "load_kdiffusion_sampling", "mixture_centres", "mixture_flow", "model_grid",
+           "per_sample_error", "reference", "rmse", "sigma_range", "trained_flow"]

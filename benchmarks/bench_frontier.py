@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from _kdiffusion import mixture_flow, rmse, trained_flow
+from _kdiffusion import mixture_flow, per_sample_error, rmse, trained_flow
 from bench_lownfe import run_kdiffusion
 
 import flowdiff
@@ -70,8 +70,11 @@ def run_diffusers(flow, noise: torch.Tensor, ref: torch.Tensor, budget: int) -> 
         except (ValueError, ImportError) as err:  # an option this version or schedule does not take
             rows.append(dict(lib="diffusers", solver=label, grid="", nfe=0, rmse=math.inf, wall=0.0, note=str(err)))
             continue
-        err = rmse(run.x, ref) if bool(torch.isfinite(run.x).all()) else math.inf
-        rows.append(dict(lib="diffusers", solver=label, grid="", nfe=run.nfe, rmse=err, wall=run.wall_time))
+        if not bool(torch.isfinite(run.x).all()):
+            rows.append(dict(lib="diffusers", solver=label, grid="", nfe=run.nfe, rmse=math.inf, wall=run.wall_time))
+            continue
+        rows.append(dict(lib="diffusers", solver=label, grid="", nfe=run.nfe, rmse=rmse(run.x, ref),
+                         wall=run.wall_time, per_sample=per_sample_error(run.x, ref), x=run.x))
     return rows
 
 

@@ -27,6 +27,7 @@ from _kdiffusion import (
     load_kdiffusion_sampling,
     mixture_flow,
     model_grid,
+    per_sample_error,
     reference,
     rmse,
     trained_flow,
@@ -65,7 +66,7 @@ def run_kdiffusion(K, flow, noise: torch.Tensor, ref: torch.Tensor, budget: int)
             with torch.no_grad():
                 x = fn(model, x0.clone(), kd_grid(K, flow, grid, steps), disable=True)
             rows.append(dict(lib="k-diffusion", solver=name, grid=grid, nfe=model.nfe, rmse=rmse(x, ref),
-                             wall=time.perf_counter() - start))
+                             wall=time.perf_counter() - start, per_sample=per_sample_error(x, ref), x=x))
     lo = flow.schedule.sigma_min
     for denoise in (False, True):
         model = CountingDenoiser(flow)
@@ -75,7 +76,8 @@ def run_kdiffusion(K, flow, noise: torch.Tensor, ref: torch.Tensor, budget: int)
             if denoise:
                 x = model(x, torch.full((x.shape[0],), lo, dtype=x.dtype))
         rows.append(dict(lib="k-diffusion", solver="dpm_fast" + ("+denoise" if denoise else ""), grid="own",
-                         nfe=model.nfe, rmse=rmse(x, ref), wall=time.perf_counter() - start))
+                         nfe=model.nfe, rmse=rmse(x, ref), wall=time.perf_counter() - start,
+                         per_sample=per_sample_error(x, ref), x=x))
     return rows
 
 
