@@ -18,6 +18,14 @@ Two design decisions make ``rtol``/``atol`` mean what a user expects:
   + b·σ⁴ + …, and there the steps left to σ_end would only confirm it (on the closed-form digits
   mixture, 4 evaluations of 28 at tol 1e-2). Encoding runs the same machinery backwards
   (a data-variables encode leaves σ = 0 by one Euler step to σ_end/1000).
+* **The tail of a generation (σ ≤ 1, ``SIGMA_TAIL``).** There the denoised image along a trajectory
+  is D = x̄(0) + a·σ² + O(σ⁴), nearly linear in u = 1/√(1+σ²), not in log ρ: the multistep pair
+  interpolates its denoised values in u (:func:`signal_scale`, :meth:`solvers.Adams.warped`), and
+  its Milne estimate — the predictor's error, of which the corrector passes on a share of order
+  (ρ₁ − ρ₀)/ρ₁ where ∂D/∂x̄ ≈ I — is weighted by √(1 − ρ₀/ρ₁) (:func:`corrector_share`). Above
+  σ = 1 neither is done: on the trained digits model the error made there is not what a local
+  estimate sees (its field has a kink at every trained σ), and a weighted estimate there cost it
+  accuracy (``benchmarks/RESULTS.md``, issue 26 item 3, third session).
 * **The error norm.** The local error of a step is measured on the VP-scaled state
   x = x̄/√(1+σ²) — the scale of the image at σ = 0 and of unit noise at σ_max — as the RMS
   over each sample of ``error / (atol + rtol·|x|)``, the worst sample deciding. Measured on
