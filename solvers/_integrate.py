@@ -330,6 +330,11 @@ class ErrorControl(Stepping):
     returns True the controlled steps end there, at ``t`` (in a :class:`Chain` the next part then
     starts at ``t``: give it as a function of that time). A caller that can finish the rest of the
     interval more cheaply than by stepping (a limit known to its tolerance) says so here.
+
+    ``step_weight(t0, t1)``, when given, multiplies the norm of the step from ``t0`` to ``t1``: the
+    share of the estimated error that reaches the accepted solution, where the caller knows it is
+    below 1 (a predictor–corrector's estimate measures the predictor; the corrector passes on only part
+    of it). It must return a finite number > 0.
     """
 
     t0: float
@@ -341,6 +346,7 @@ class ErrorControl(Stepping):
     first_step: float | None = None
     log_steps: bool = False
     stop: Callable[[float, Tensor, Any], bool] | None = None
+    step_weight: Callable[[float, float], float] | None = None
 
     def __post_init__(self) -> None:
         rtol, atol = _check_tol("rtol", self.rtol), _check_tol("atol", self.atol)
@@ -361,6 +367,9 @@ class ErrorControl(Stepping):
         if self.stop is not None and not callable(self.stop):
             raise TypeError(f"stop must be callable as stop(t, y, state) -> bool, or None; got "
                             f"{type(self.stop).__name__}")
+        if self.step_weight is not None and not callable(self.step_weight):
+            raise TypeError(f"step_weight must be callable as step_weight(t0, t1) -> float, or None; got "
+                            f"{type(self.step_weight).__name__}")
 
     def interval(self) -> tuple[float, float]:
         return float(self.t0), float(self.t1)
@@ -431,6 +440,12 @@ class _ErrorRun(_Run):
             raise _Stop("the error estimate is not finite; the vector field (the model) returned NaN or inf")
         # (an infinite ratio of a finite error: a zero scale, atol=0 where the state is 0; the step is rejected)
         t = self.t
+        if self.spec.step_weight is not None:
+            weight = self.spec.step_weight(t, t1)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
+                    math.isfinite(weight) and weight > 0):
+                raise ValueError(f"step_weight({t!r}, {t1!r}) must be a finite number > 0, got {weight!r}")
+            ratio *= weight
         self.h_used = abs(math.log(t1 / t)) if self.log else abs(t1 - t)
         factor = self.controller.factor(ratio, self.prev_ratio, self.k)
         accepted = ratio <= 1.0 or self.h_used <= self.controller.min_step

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -39,14 +39,27 @@ _GL_X = 0.5 * (_GL_X + 1.0)
 _GL_W = 0.5 * _GL_W
 
 
-def adams_weights(nodes: Sequence[float], t0: float, t1: float, *, log_time: bool = False) -> list[float]:
+def adams_weights(nodes: Sequence[float], t0: float, t1: float, *, log_time: bool = False,
+                  warp: Callable[[np.ndarray], np.ndarray] | None = None) -> list[float]:
     """``w_j = ∫_{t₀}^{t₁} ℓ_j(u(t)) dt`` for the Lagrange basis ``ℓ_j`` on ``nodes`` in ``u``.
 
     ``u = t``, or ``u = log|t|`` with ``log_time`` (all times then share one sign and are
-    non-zero). ``y₀ + Σ w_j k_j`` is the Adams step through the derivatives ``k_j`` at
-    ``nodes``. Computed in float64 by 20-point Gauss–Legendre quadrature. Where ``log|t|``
-    is undefined (a time is 0, or the times change sign) the polynomial is taken in ``t``.
+    non-zero), or ``u = warp(t)`` with ``warp`` (a strictly monotone function applied to float64
+    arrays; all times positive). ``y₀ + Σ w_j k_j`` is the Adams step through the derivatives
+    ``k_j`` at ``nodes``. Computed in float64 by 20-point Gauss–Legendre quadrature (in log t
+    for a warp). Where ``log|t|`` is undefined (a time is 0, or the times change sign) the
+    polynomial is taken in ``t``.
     """
+    if warp is not None:
+        if not all(t > 0 for t in (*nodes, t0, t1)):
+            raise ValueError(f"adams_weights: a warp needs positive times, got nodes {list(nodes)}, "
+                             f"t0={t0!r}, t1={t1!r}")
+        la, lb = math.log(t0), math.log(t1)
+        tq = np.exp(la + _GL_X * (lb - la))
+        uq = np.asarray(warp(tq), dtype=np.float64)
+        u_nodes = np.asarray(warp(np.asarray(nodes, dtype=np.float64)), dtype=np.float64)
+        dq = _GL_W * (lb - la) * tq  # dt = t d(log t)
+        return _lagrange_integrals(u_nodes, uq, dq)
     if log_time and not _log_defined((*nodes, t0, t1)):
         log_time = False
     if log_time:
@@ -59,6 +72,11 @@ def adams_weights(nodes: Sequence[float], t0: float, t1: float, *, log_time: boo
         u_nodes = np.asarray(nodes, dtype=np.float64)
         uq = t0 + _GL_X * (t1 - t0)
         dq = _GL_W * (t1 - t0)
+    return _lagrange_integrals(u_nodes, uq, dq)
+
+
+def _lagrange_integrals(u_nodes: np.ndarray, uq: np.ndarray, dq: np.ndarray) -> list[float]:
+    """Σ_q ℓ_j(u_q)·dq_q for each Lagrange basis polynomial ℓ_j on ``u_nodes``: the quadrature of the weights."""
     weights = []
     for j in range(len(u_nodes)):
         basis = np.ones_like(uq)
@@ -150,9 +168,30 @@ class Adams(Solver):
         self.evaluates_end = corrector  # type: ignore[misc]
         self.error_order = order
         self.fixed_grid_order = min(self.order, 3 if corrector else 2)
+        #: ``(warp, t_from)`` of :meth:`warped`, or None
+        self.warp: tuple[Callable[[np.ndarray], np.ndarray], float] | None = None
+
+    def warped(self, warp: Callable[[np.ndarray], np.ndarray], t_from: float) -> Adams:
+        """The same method with its derivatives interpolated in ``u = warp(t)`` (see :func:`adams_weights`)
+        on the steps whose nodes and ends all lie at ``t ≥ t_from > 0``; elsewhere as before. A caller that
+        knows along which variable its derivative is nearly polynomial there says so here (flowdiff: the
+        denoised image near σ = 0, see ``flowdiff.api.adaptive``). Same order and cost."""
+        if not callable(warp):
+            raise TypeError(f"solver {self.name!r}: warp must be a function of t, got {type(warp).__name__}")
+        if isinstance(t_from, bool) or not isinstance(t_from, (int, float)) or not (
+                math.isfinite(t_from) and t_from > 0):
+            raise ValueError(f"solver {self.name!r}: t_from must be a finite number > 0, got {t_from!r}")
+        out = copy.copy(self)
+        out.warp = (warp, float(t_from))
+        return out
+
+    def _warp_for(self, times: Sequence[float]) -> Callable[[np.ndarray], np.ndarray] | None:
+        if self.warp is None or min(times) < self.warp[1]:
+            return None
+        return self.warp[0]
 
     def _predict_weights(self, ts: list[float], t0: float, t1: float) -> list[float]:
-        return adams_weights(ts, t0, t1, log_time=self.log_time)
+        return adams_weights(ts, t0, t1, log_time=self.log_time, warp=self._warp_for((*ts, t0, t1)))
 
     def limited(self, derivatives: int, *, corrector: bool | None = None) -> Adams:
         """The same method through at most ``derivatives`` past derivatives (a lower order for
@@ -161,7 +200,9 @@ class Adams(Solver):
         corrector = self.corrector if corrector is None else corrector and self.corrector
         if derivatives >= self.steps_order and corrector == self.corrector:
             return self
-        return Adams(self.name, min(derivatives, self.steps_order), log_time=self.log_time, corrector=corrector)
+        out = Adams(self.name, min(derivatives, self.steps_order), log_time=self.log_time, corrector=corrector)
+        out.warp = self.warp
+        return out
 
     def on_interval(self, t0: float, t1: float) -> Adams:
         """Log-time weights only on an interval away from t = 0. On one that crosses or touches 0, steps next to
@@ -184,7 +225,9 @@ class Adams(Solver):
         if not self.corrector:
             return StepResult(y_pred, hist, None)
         k1 = f(t1, y_pred)
-        y1 = _combine(y0, adams_weights([t1, *ts], t0, t1, log_time=self.log_time), [k1, *ks])
+        nodes = [t1, *ts]
+        y1 = _combine(y0, adams_weights(nodes, t0, t1, log_time=self.log_time, warp=self._warp_for((*nodes, t0))),
+                      [k1, *ks])
         return StepResult(y1, History.of(t1, k1, tuple(zip(ts, ks))), y1 - y_pred)
 
 
@@ -270,6 +313,9 @@ class CorrectedAdams(Solver):
                  name: str | None = None) -> None:
         if not isinstance(base, Adams) or isinstance(base, CorrectedAdams):
             raise TypeError(f"base must be a solvers.Adams multistep method, got {type(base).__name__}")
+        if base.warp is not None:
+            raise ValueError(f"base {base.name!r} is warped (Adams.warped): its correction terms would be taken "
+                             "in another variable than its steps; pass the method without the warp")
         if not isinstance(coefficients, dict):
             raise TypeError(f"coefficients must be a dict of step (t0, t1) -> coefficients, "
                             f"got {type(coefficients).__name__}")

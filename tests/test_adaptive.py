@@ -252,3 +252,71 @@ def test_generate_finishes_below_sigma_min_within_its_tolerance(tol):
     late = flowdiff.generate(flow, noise, solver="unipc", adaptive=flowdiff.Adaptive(rtol=tol, atol=tol,
                                                                                    sigma_end=s_min))
     assert late.sigmas[-2] == pytest.approx(s_min)  # a sigma_end at the gate: nothing left to save
+
+
+def _linear_in_signal_scale(t, y):
+    """dy/dt = 1 + 3·u(t) with u = t/√(1+t²): the derivative is linear in the tail's variable."""
+    return torch.full_like(y, 1.0) + 3.0 * t / math.sqrt(1.0 + t * t)
+
+
+def _exact(t0, t1, y0):
+    return y0 + (t1 - t0) + 3.0 * (math.sqrt(1.0 + t1 * t1) - math.sqrt(1.0 + t0 * t0))
+
+
+def test_adams_weights_in_a_warp_are_exact_for_polynomials_in_it():
+    from flowdiff.api.adaptive import signal_scale
+    from solvers import adams_weights
+
+    nodes, t0, t1 = [2.0, 1.5, 1.1], 2.0, 5.0
+    u = signal_scale(np.asarray(nodes))
+    ts = np.linspace(t0, t1, 200001)
+    for coeffs in ([1.0, 0.0, 0.0], [0.5, -2.0, 0.0], [0.3, 1.0, -4.0]):  # degree ≤ 2 in u through 3 nodes
+        def f(t, c=coeffs):
+            v = signal_scale(np.asarray(t, dtype=np.float64))
+            return c[0] + c[1] * v + c[2] * v * v
+
+        exact = np.trapezoid(f(ts), ts)
+        got = np.dot(adams_weights(nodes, t0, t1, warp=signal_scale), f(np.asarray(nodes)))
+        assert got == pytest.approx(exact, rel=1e-9, abs=1e-9)
+    log_weights = adams_weights(nodes, t0, t1, log_time=True)  # a polynomial in log t does not fit it
+    assert abs(np.dot(log_weights, u * u) - np.trapezoid(signal_scale(ts) ** 2, ts)) > 1e-6
+
+
+@pytest.mark.parametrize("t_from, exact", [(1.0, True), (10.0, False)])
+def test_warped_unipc_is_exact_where_its_warp_applies(t_from, exact):
+    """unipc warped to u = t/√(1+t²) integrates a derivative linear in u exactly, on any grid, on the steps
+    at t ≥ t_from; below t_from it is the log-time method, which does not."""
+    from flowdiff.api.adaptive import signal_scale
+    from solvers import FixedGrid, integrate
+
+    y0 = torch.zeros(2, dtype=torch.float64)
+    grid = [2.0, 2.7, 4.0, 7.5, 12.0, 30.0]
+    warped = solvers.get("unipc", order=3).warped(signal_scale, t_from)
+    err = abs(float(integrate(_linear_in_signal_scale, y0, warped, FixedGrid(grid)).y[0]) - _exact(2.0, 30.0, 0.0))
+    plain = integrate(_linear_in_signal_scale, y0, solvers.get("unipc", order=3), FixedGrid(grid))
+    plain_err = abs(float(plain.y[0]) - _exact(2.0, 30.0, 0.0))
+    assert plain_err > 1e-6
+    assert (err < 1e-10) if exact else (err > 1e-8)
+
+
+def test_warped_refuses_bad_arguments_and_corrected_adams_refuses_a_warped_base():
+    from flowdiff.api.adaptive import signal_scale
+    from solvers import CorrectedAdams
+
+    unipc = solvers.get("unipc", order=3)
+    with pytest.raises(TypeError, match="warp must be a function of t, got float"):
+        unipc.warped(1.0, 1.0)
+    with pytest.raises(ValueError, match="t_from must be a finite number > 0, got -1.0"):
+        unipc.warped(signal_scale, -1.0)
+    with pytest.raises(ValueError, match="base 'unipc' is warped"):
+        CorrectedAdams(unipc.warped(signal_scale, 1.0), {(1.0, 2.0): [0.5]})
+    assert unipc.warp is None  # warped() returns a copy
+
+
+def test_corrector_share_weights_only_the_tail():
+    from flowdiff.api.adaptive import corrector_share
+
+    share = corrector_share(rho_from=1.0)
+    assert share(0.5, 0.9) == 1.0  # σ > 1: the estimate as it is
+    assert share(2.0, 8.0) == pytest.approx(math.sqrt(0.75))
+    assert 0 < share(50.0, 50.5) < share(50.0, 60.0) < 1.0

@@ -110,3 +110,35 @@ def test_stop_and_chain_parts_of_the_wrong_kind_are_refused():
         integrate(_decay, y0, "euler", Chain([FixedGrid([0.0, 0.5]), 3]))
     with pytest.raises(Exception, match="Chain part 1 \\(a function\\) must return a solvers.Stepping, got list"):
         integrate(_decay, y0, "euler", Chain([FixedGrid([0.0, 0.5]), lambda t: [t, 1.0]]))
+
+
+def test_step_weight_multiplies_each_steps_norm():
+    """ErrorControl(step_weight=w) takes the steps the norm times w(t0, t1) would take, and w is asked with
+    the ends of every step tried (accepted or rejected)."""
+    from solvers import ErrorControl, integrate, rms_norm
+
+    y0 = torch.ones(3, dtype=torch.float64)
+    norm = rms_norm(1e-6, 1e-6)
+    asked = []
+
+    def weight(t0, t1):
+        asked.append((t0, t1))
+        return 0.1 + t0  # a share that depends on the step
+
+    weighted = integrate(_decay, y0, "bosh3", ErrorControl(0.0, 2.0, rtol=1e-6, atol=1e-6, norm=norm,
+                                                           step_weight=weight))
+    plain = integrate(_decay, y0, "bosh3", ErrorControl(0.0, 2.0, rtol=1e-6, atol=1e-6, norm=norm))
+    assert weighted.stats.nfe < plain.stats.nfe  # a share below 1 early on: longer steps there
+    assert len(asked) == weighted.stats.steps
+    accepted = list(zip(weighted.ts, weighted.ts[1:]))
+    assert [a for a in asked if a in accepted] == accepted
+
+
+def test_step_weight_of_the_wrong_kind_is_refused():
+    from solvers import ErrorControl, integrate
+
+    with pytest.raises(TypeError, match="step_weight must be callable"):
+        ErrorControl(0.0, 1.0, step_weight=0.5)
+    y0 = torch.ones(2, dtype=torch.float64)
+    with pytest.raises(SolveError, match=r"step_weight\(0.0, .*\) must be a finite number > 0, got -1.0"):
+        integrate(_decay, y0, "bosh3", ErrorControl(0.0, 1.0, step_weight=lambda t0, t1: -1.0))

@@ -18,6 +18,14 @@ Two design decisions make ``rtol``/``atol`` mean what a user expects:
   + b·σ⁴ + …, and there the steps left to σ_end would only confirm it (on the closed-form digits
   mixture, 4 evaluations of 28 at tol 1e-2). Encoding runs the same machinery backwards
   (a data-variables encode leaves σ = 0 by one Euler step to σ_end/1000).
+* **The tail of a generation (σ ≤ 1, ``SIGMA_TAIL``).** There the denoised image along a trajectory
+  is D = x̄(0) + a·σ² + O(σ⁴), nearly linear in u = 1/√(1+σ²), not in log ρ: the multistep pair
+  interpolates its denoised values in u (:func:`signal_scale`, :meth:`solvers.Adams.warped`), and
+  its Milne estimate — the predictor's error, of which the corrector passes on a share of order
+  (ρ₁ − ρ₀)/ρ₁ where ∂D/∂x̄ ≈ I — is weighted by √(1 − ρ₀/ρ₁) (:func:`corrector_share`). Above
+  σ = 1 neither is done: on the trained digits model the error made there is not what a local
+  estimate sees (its field has a kink at every trained σ), and a weighted estimate there cost it
+  accuracy (``benchmarks/RESULTS.md``, issue 26 item 3, third session).
 * **The error norm.** The local error of a step is measured on the VP-scaled state
   x = x̄/√(1+σ²) — the scale of the image at σ = 0 and of unit noise at σ_max — as the RMS
   over each sample of ``error / (atol + rtol·|x|)``, the worst sample deciding. Measured on
@@ -37,6 +45,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -50,9 +59,9 @@ from ..engine.options import Adaptive, Request, compute_dtype
 from ..engine.results import AdaptiveStep, Result
 from ..engine.terminal import refuse_infinite_start
 
-__all__ = ["MULTISTEP_CONTROLLER", "MULTISTEP_ENCODE_CONTROLLER", "RK_CONTROLLER", "RK_MAX_STEP", "AdaptiveStep",
-           "LimitFromHistory", "image_norm", "limit_in_sigma_squared", "limit_is_known", "solve_adaptive_flow",
-           "to_zero_in_log_sigma"]
+__all__ = ["MULTISTEP_CONTROLLER", "MULTISTEP_ENCODE_CONTROLLER", "RK_CONTROLLER", "RK_MAX_STEP", "SIGMA_TAIL",
+           "AdaptiveStep", "LimitFromHistory", "corrector_share", "image_norm", "limit_in_sigma_squared",
+           "limit_is_known", "signal_scale", "solve_adaptive_flow", "to_zero_in_log_sigma"]
 
 #: Controller defaults. Runge–Kutta pairs: an I-controller with steps of at most 1 in log(σ + c)
 #: (σ + c changes by at most e per step; 2 for dopri8, ``RK_MAX_STEP``). Near σ_min a trained
@@ -64,6 +73,35 @@ RK_CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=10.0, max_
 RK_MAX_STEP = {"dopri8": 2.0}
 MULTISTEP_CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=2.5)
 MULTISTEP_ENCODE_CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=2.5, max_step=1.0)
+
+
+#: Where a generation's tail begins: σ ≤ 1 (signal-to-noise ratio ≥ 1). There the denoised image is
+#: nearly polynomial in 1/√(1+σ²) (:func:`signal_scale`) and the multistep pair's estimate is measured
+#: as the corrector's (:func:`corrector_share`); above it neither is done (see the module docstring).
+SIGMA_TAIL = 1.0
+
+
+def signal_scale(rho: np.ndarray) -> np.ndarray:
+    """u = 1/√(1+σ²) = ρ/√(1+ρ²) (the VP signal scale √ᾱ) at ρ = 1/σ: the variable in which a generation's
+    tail interpolates the denoised values. Along a trajectory D = x̄(0) + a·σ² + O(σ⁴) near σ = 0, and
+    1/√(1+σ²) = 1 − σ²/2 + O(σ⁴): D is nearly linear in u there, which a polynomial in log ρ is not."""
+    return rho / np.sqrt(1.0 + rho * rho)
+
+
+def corrector_share(rho_from: float) -> Callable[[float, float], float]:
+    """``step_weight(ρ₀, ρ₁)`` for :class:`solvers.ErrorControl`: √(1 − ρ₀/ρ₁) on steps that start at
+    ρ₀ ≥ ``rho_from``, else 1.
+
+    The predictor–corrector's estimate ỹ₁ − y₁ is the predictor's error. The corrector sees it only
+    through its newest derivative, whose weight is a fraction of order (ρ₁ − ρ₀)/ρ₁ of the step; where
+    the denoiser is close to the identity (σ small, ∂D/∂x̄ ≈ I) that is the share passed on. The square
+    root keeps half of that margin for the corrector's own truncation error (the full share, 1 − ρ₀/ρ₁,
+    measured worse at RMSE 1e-4 on the closed-form mixture; ``benchmarks/RESULTS.md``)."""
+
+    def weight(rho0: float, rho1: float) -> float:
+        return math.sqrt(1.0 - rho0 / rho1) if rho0 >= rho_from else 1.0
+
+    return weight
 
 
 def image_norm(rtol: float, atol: float, to_x: Callable[[float], float]) -> solvers.ErrorNorm:
@@ -176,6 +214,10 @@ def solve_adaptive_flow(request: Request, x: Tensor, *, direction: str, model_dt
         if generating:  # ρ additive to σ_end (or until the limit is known), then the denoised image's limit
             t0, t1 = form.times([s_max, s_end])
             stop = limit_is_known(spec.rtol, spec.atol, form.time(min(schedule.sigma_min, s_max)))
+            weight = None
+            if isinstance(solver, solvers.Adams) and solver.corrector and solver.log_time:  # the tail (SIGMA_TAIL)
+                solver = solver.warped(signal_scale, form.time(SIGMA_TAIL))
+                weight = corrector_share(form.time(SIGMA_TAIL))
 
             def into_zero(t: float) -> FixedGrid:
                 finish = IntoZero(extrapolate=True) if t == t1 else LimitFromHistory()
@@ -183,7 +225,7 @@ def solve_adaptive_flow(request: Request, x: Tensor, *, direction: str, model_dt
 
             stepping = Chain([ErrorControl(t0, t1, spec.rtol, spec.atol, image_norm(spec.rtol, spec.atol,
                                                                                      form.x_factor),
-                                           controller, spec.first_step, stop=stop), into_zero])
+                                           controller, spec.first_step, stop=stop, step_weight=weight), into_zero])
         else:  # leave σ = 0 by one Euler (DDIM) step to σ_end/1000 (local error O(σ_end²·1e-6)), then log ρ steps
             s_first = s_end * 1e-3
             t0, t1 = form.times([s_first, s_max])
