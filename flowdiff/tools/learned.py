@@ -1,7 +1,7 @@
 """Learned low-NFE solvers: evaluation times, grids and multistep coefficients fitted to one model's teacher.
 
 At 4–10 evaluations a tuned grid (:mod:`flowdiff.tools.tuning`) leaves an error that a better
-grid alone no longer removes. Three things can take the model's shape, each fitted per step to a
+grid alone no longer removes. Four things can take the model's shape, each fitted per step to a
 few hundred teacher trajectories (``learn=``; the default, shifts and grid together, is LD3's):
 
 * ``"shifts"`` — **evaluation times** (LD3, Tong et al., "Learning to Discretize Denoising
@@ -21,13 +21,19 @@ few hundred teacher trajectories (``learn=``; the default, shifts and grid toget
 * ``"grid"`` — the grid's σ themselves, refined from the grid the fit starts at (LD3 learns
   them jointly with the shifts): every σ but the first and the last moves in log σ by at most
   0.45 of its gap to the nearer neighbour, so the grid stays ordered and keeps its step count.
+* ``"start"`` — the grid's first σ, where the solve takes the noise as its state (x̄ = noise·√(1+σ²),
+  as DDIM's and diffusers' ``leading`` spacings do, which start below σ_max): it moves in log σ
+  up to σ_max and down by at most 0.9 of its log gap to the second σ (0.45 with ``"grid"``, whose
+  move of the second σ is at most the other 0.45), so σ_start ∈ (σ_1, σ_max]. The teacher still
+  starts at σ_max: what the solve skips above σ_start is part of the error it is fitted on, so
+  the start drops only where the steps it frees gain more than the skipped interval costs.
 
 What ``learn`` names is fitted together by bounded least squares on the image error against the teacher,
 
     min_{δ,c,σ}  Σ_samples |generate(noise_fit; δ, c, σ) − x_ref|²,   |c_{i,m}| ≤ bound,  |δ_i| ≤ shift_bound,
 
-with ``x_ref`` = :func:`flowdiff.reference_solution` on the grid the solver would use anyway
-(the shipped tuned grid of that model, solver and budget when there is one, else ``logsnr``),
+with ``x_ref`` = :func:`flowdiff.reference_solution` from σ_max (the student's grid is the one it
+would use anyway: the shipped tuned grid of that model, solver and budget when there is one, else ``logsnr``),
 the Jacobian by forward differences (one candidate solve per parameter). A shift is further
 bounded so that every evaluation stays between σ = 0 and the schedule's σ_max (the model has
 no time outside; the first step out of σ_max can only move its evaluation down). The noise is
@@ -77,26 +83,26 @@ _FORMAT = "flowdiff.LearnedSolver/2"
 _FORMAT_1 = "flowdiff.LearnedSolver/1"
 
 #: what :func:`learn_solver` can fit (``learn=``)
-LEARNABLE = ("shifts", "coefficients", "grid")
+LEARNABLE = ("shifts", "coefficients", "grid", "start")
 
 
 @dataclass(frozen=True)
 class LearnedSolver:
     """A ``solver`` with per-step evaluation shifts, grid and/or coefficients fitted at budget ``nfe`` on one flow.
 
-    ``learn`` says what was fitted (``"shifts"``, ``"coefficients"``, ``"grid"``). ``sigmas`` is
-    the generation grid they belong to (fitted too with ``"grid"``: then ``base_sigmas`` is the
-    grid the fit started from and the base method is judged on), ``shifts[i]`` the evaluation
-    shift δ of step ``i`` (empty unless shifts were learned), ``coefficients[i]`` the correction
-    multiples of step ``i`` (empty where a step takes none, or unless coefficients were
-    learned). ``kept`` says whether the held-out half preferred the learned solver to the base
-    method; when not, shifts and coefficients are zero, :attr:`sigmas` is the starting grid and
-    :meth:`as_solver` is the base method itself.
-    ``calibration_error`` / ``base_calibration_error`` are the RMS image errors of the learned
-    and the base method on the fitted half, ``validation_error`` / ``base_validation_error`` on
-    the held-out half. ``fitting_nfe`` counts every model evaluation the fit spent (teacher
-    included: ``reference_nfe``), ``solves`` the candidate solves. ``source`` is the file it was
-    read from.
+    ``learn`` says what was fitted (``"shifts"``, ``"coefficients"``, ``"grid"``, ``"start"``).
+    ``sigmas`` is the generation grid they belong to (fitted too with ``"grid"`` or ``"start"``: then
+    ``base_sigmas`` is the grid the fit started from and the base method is judged on; a learned start
+    below σ_max is where :func:`flowdiff.generate` takes the noise as its state), ``shifts[i]`` the
+    evaluation shift δ of step ``i`` (empty unless shifts were learned), ``coefficients[i]`` the
+    correction multiples of step ``i`` (empty where a step takes none, or unless coefficients were
+    learned). ``kept`` says whether the held-out half preferred the learned solver to the base method;
+    when not, shifts and coefficients are zero, :attr:`sigmas` is the starting grid and
+    :meth:`as_solver` is the base method itself. ``calibration_error`` / ``base_calibration_error`` are
+    the RMS image errors of the learned and the base method on the fitted half, ``validation_error`` /
+    ``base_validation_error`` on the held-out half. ``fitting_nfe`` counts every model evaluation the
+    fit spent (teacher included: ``reference_nfe``), ``solves`` the candidate solves. ``source`` is the
+    file it was read from.
 
     Use: ``generate(flow, noise, solver=learned.as_solver(), grid=learned.sigmas)``.
     """
@@ -342,6 +348,14 @@ def _grid_moves(sigmas: np.ndarray) -> list[tuple[int, float]]:
             if math.isfinite(logs[j])]
 
 
+def _start_move(sigmas: np.ndarray, schedule: Schedule, with_grid: bool) -> tuple[float, float]:
+    """How far the first σ may move in log σ: down by 0.9 of its log gap to the second σ (0.45 when the grid's
+    interior moves too: the second σ then moves up by at most the other 0.45 of it), up to the schedule's σ_max
+    (not at all where the grid starts there or above)."""
+    gap = math.log(sigmas[0]) - math.log(sigmas[1])
+    return -(0.45 if with_grid else 0.9) * gap, max(0.0, math.log(float(schedule.sigma_max) / sigmas[0]))
+
+
 def _check_noise(noise: Tensor) -> None:
     if not isinstance(noise, Tensor) or not noise.is_floating_point():
         raise TypeError(f"noise must be a floating-point torch.Tensor, got {type(noise).__name__}")
@@ -384,22 +398,22 @@ def learn_solver(
     """Fit ``solver``'s per-step evaluation shifts, grid and/or correction coefficients at ``nfe`` evaluations
     on calibration ``noise``.
 
-    ``learn`` names what is fitted: ``"shifts"`` (one evaluation-time shift per step, any solver
-    that is not reversible), ``"grid"`` (the grid's σ, from the starting grid),
-    ``"coefficients"`` (a variable-step Adams method's order-keeping correction: ``unipc``,
-    ``dpmpp_3m``, ``dpmpp_2m``, ``lms``, ``abm``), or several, fitted together (see the module
-    docstring). The default, shifts and grid, is LD3's pair; it was chosen by the held-out
-    errors recorded in ``benchmarks/RESULTS.md``. ``noise`` (DDIM scale, at least 2 samples; a
-    few hundred for a model whose samples disagree, such as a near-memorising density) is split:
-    the even-indexed half is fitted, the odd-indexed half decides whether the fit is kept. The
-    starting grid is ``sigmas`` when given (it must cost at most ``nfe``), else the stored tuned
-    grid of this flow, solver and budget (:func:`flowdiff.stored_grid`), else ``logsnr``.
-    ``terms`` (1–3) correction terms per step, each coefficient in ``[−bound, bound]``; each shift
-    in ``[−shift_bound, shift_bound]`` (in units of its step); ``iterations`` caps the
-    least-squares iterations of each fit (each costs one candidate solve per parameter plus
-    one); ``ridge`` adds ``ridge·|r₀|²·|c|²/dim(c)`` to the fitted sum of squares (``r₀`` the base
-    method's residual), pulling the coefficients towards the base method. Measure the result on
-    other noise (:meth:`LearnedSolver.validated`).
+    ``learn`` names what is fitted: ``"shifts"`` (one evaluation-time shift per step, any solver that is
+    not reversible), ``"grid"`` (the grid's σ but the first and the last, from the starting grid),
+    ``"start"`` (the first σ, within (σ_1, σ_max]: the noise is taken as the state there, the teacher
+    still starts at σ_max), ``"coefficients"`` (a variable-step Adams method's order-keeping correction:
+    ``unipc``, ``dpmpp_3m``, ``dpmpp_2m``, ``lms``, ``abm``), or several, fitted together (see the
+    module docstring). The default, shifts and grid, is LD3's pair; it was chosen by the held-out errors
+    recorded in ``benchmarks/RESULTS.md``. ``noise`` (DDIM scale, at least 2 samples; a few hundred for
+    a model whose samples disagree, such as a near-memorising density) is split: the even-indexed half
+    is fitted, the odd-indexed half decides whether the fit is kept. The starting grid is ``sigmas``
+    when given (it must cost at most ``nfe``), else the stored tuned grid of this flow, solver and
+    budget (:func:`flowdiff.stored_grid`), else ``logsnr``. ``terms`` (1–3) correction terms per step,
+    each coefficient in ``[−bound, bound]``; each shift in ``[−shift_bound, shift_bound]`` (in units of
+    its step); ``iterations`` caps the least-squares iterations of each fit (each costs one candidate
+    solve per parameter plus one); ``ridge`` adds ``ridge·|r₀|²·|c|²/dim(c)`` to the fitted sum of
+    squares (``r₀`` the base method's residual), pulling the coefficients towards the base method.
+    Measure the result on other noise (:meth:`LearnedSolver.validated`).
     """
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
@@ -436,6 +450,11 @@ def learn_solver(
             sigmas = make_sigmas(flow.schedule, "logsnr", _solvers.steps_for_nfe(base, nfe, eval_end=False))
     if not math.isfinite(sigmas[0]):
         raise ValueError("sigmas must start at a finite σ (a grid from σ = ∞ has its own first step)")
+    if "start" in learn and not (len(sigmas) >= 3 and sigmas[1] > 0):
+        shown = "sigmas=" if grid_name == "given" else f"the {grid_name} grid"
+        raise ValueError(f"learn={learn!r} moves the first σ within (σ_1, σ_max], but {shown} "
+                         f"({len(sigmas) - 1} step(s), σ_1 = {float(sigmas[1]) if len(sigmas) > 1 else None!r}) has "
+                         "no σ_1 > 0 below it: give a grid of at least 2 steps")
     cost = sum(map(len, _evaluated(base, list(map(float, sigmas)), flow.schedule)))  # before the teacher's cost
     if cost > nfe:
         shown = "sigmas=" if grid_name == "given" else f"the {grid_name} grid"
@@ -447,9 +466,13 @@ def learn_solver(
     slots += [("s", i, 0) for i, (lo, hi) in enumerate(intervals) if lo < hi]
     moves = _grid_moves(sigmas) if "grid" in learn else []
     slots += [("g", j, 0) for j, _ in moves]
-    reach = dict(moves)
-    lower = np.array([-bound if k == "c" else -reach[i] if k == "g" else intervals[i][0] for k, i, _ in slots])
-    upper = np.array([bound if k == "c" else reach[i] if k == "g" else intervals[i][1] for k, i, _ in slots])
+    reach = {("g", j): (-r, r) for j, r in moves}
+    if "start" in learn:
+        slots.append(("t", 0, 0))
+        reach["t", 0] = _start_move(sigmas, flow.schedule, bool(moves))
+    lower = np.array([-bound if k == "c" else intervals[i][0] if k == "s" else reach[k, i][0] for k, i, _ in slots])
+    upper = np.array([bound if k == "c" else intervals[i][1] if k == "s" else reach[k, i][1] for k, i, _ in slots])
+    moved = bool(moves) or "start" in learn  # the grid itself is fitted
     fit, held = noise[0::2], noise[1::2]
     target, ref_nfe = _reference(flow, noise, model_kwargs, float(reference_tol))
     spent = {"nfe": ref_nfe, "solves": 0}
@@ -468,14 +491,14 @@ def learn_solver(
     def grid_of(v: np.ndarray) -> np.ndarray:
         out = sigmas.copy()
         for (kind, j, _), value in zip(slots, v):
-            if kind == "g":
+            if kind in ("g", "t"):
                 out[j] = sigmas[j] * math.exp(value)
         return out
 
     def solver_of(v: np.ndarray) -> tuple[_solvers.Solver, np.ndarray]:
         grid = grid_of(v)
         coefficients, shifts = unpacked(v)
-        if shifts is not None and moves:  # the moved grid's own shift intervals
+        if shifts is not None and moved:  # the moved grid's own shift intervals
             _, bounds = _layout(base, grid, terms, ("shifts",), flow.schedule, shift_bound)
             shifts = tuple(min(max(d, lo), hi) for d, (lo, hi) in zip(shifts, bounds))
         return _composed(base, grid, coefficients, shifts), grid
@@ -504,11 +527,18 @@ def learn_solver(
         objective = _Objective(residual, r0, math.sqrt(ridge * float(np.dot(r0, r0)) / max(int(penalised.sum()), 1))
                                * penalised)
         kinds = np.array([k for k, _, _ in slots])
+        others = kinds != "t"
         groups = [kinds == k for k in ("s", "c", "g") if np.any(kinds == k)]
         if len(groups) > 1:  # each alone from the base method, then both from the better (a joint start from
             # zero settles in the shifts' nearest minimum, which the coefficients alone often beat)
             v = min((_fit(objective, zero, lower, upper, g, iterations) for g in groups), key=objective.cost)
-        v = _fit(objective, v, lower, upper, np.ones(len(slots), dtype=bool), iterations)
+        if np.any(others):
+            v = _fit(objective, v, lower, upper, others, iterations)
+        if not np.all(others):  # the start last, alone and then with the rest, from what the others reached: the
+            # fitted half ends no worse than without it
+            v = _fit(objective, v, lower, upper, ~others, iterations)
+            if np.any(others):
+                v = _fit(objective, v, lower, upper, np.ones(len(slots), dtype=bool), iterations)
     r = residual(v) if slots else r0
     calib, base_calib = float(np.sqrt(np.mean(r * r))), float(np.sqrt(np.mean(r0 * r0)))
     learned_val = _rms(images(v, held), held_target)
@@ -520,7 +550,7 @@ def learn_solver(
     out = LearnedSolver(solver, options, nfe, fitted_grid.copy(), coefficients or (),
                         flow_fingerprint(flow, model_kwargs),
                         True, calib, base_calib, math.nan, math.nan, grid_name, shifts=shifts or (), learn=learn,
-                        base_sigmas=sigmas.copy() if moves else None,
+                        base_sigmas=sigmas.copy() if moved else None,
                         options={"learn": list(learn), "terms": terms, "bound": bound, "shift_bound": shift_bound,
                                  "iterations": iterations, "ridge": float(ridge),
                                  "reference_tol": float(reference_tol), "calibration_batch": int(noise.shape[0])})
