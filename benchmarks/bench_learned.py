@@ -63,7 +63,8 @@ SOLVERS = "unipc,dpmpp_3m,ipndm"
 DIGITS_SOLVERS = "unipc,dpmpp_3m,ipndm(order=3),unipc(order=3)"
 #: what ``learn_solver`` fits, each tried on every solver's tuned grid (coefficients: Adams methods only)
 LEARN = {"shifts+grid": ("shifts", "grid"), "shifts": ("shifts",), "shifts+coefficients": ("shifts", "coefficients"),
-         "coefficients": ("coefficients",), "shifts+grid+coefficients": ("shifts", "grid", "coefficients")}
+         "coefficients": ("coefficients",), "shifts+grid+coefficients": ("shifts", "grid", "coefficients"),
+         "shifts+grid+start": ("shifts", "grid", "start"), "grid+start": ("grid", "start")}
 #: the mixture's fits by default (the three-kind fit is tried on the trained model only: ``--learn`` adds it)
 MIXTURE_LEARN = "shifts+grid,shifts,shifts+coefficients,coefficients"
 ROUNDTRIP_SOLVERS = ("euler", "lms", "dpmpp_2m", "dpmpp_3m", "unipc", "abm")
@@ -183,7 +184,8 @@ def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, to
     details = []
     spread = ["", f"Spread over the {batch} evaluation samples (2,000 bootstrap resamples, the peers' best chosen "
               "again on each): 5 % / median / 95 % of the ratio.", "",
-              "| NFE | learned / best peer | tuned / best peer |", "|---:|---|---|"]
+              "| NFE | learned / best peer | tuned / best peer | pick on the held-out half instead: candidate, RMSE, "
+              "ratio (bootstrap) |", "|---:|---|---|---|"]
     grids = ["", "Grids (σ) of the picks:", ""]
 
     def report() -> list[str]:
@@ -207,9 +209,16 @@ def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, to
                      f"{best_kd['solver']} on {best_kd['grid']} | {best_kd['rmse']:.3e} | {pick['rmse'] / peer:.2f}× | "
                      f"{tuned_pick['rmse'] / peer:.2f}× | {cost} |")
         peer_errors = [r["per_sample"] for r in dif + kd if "per_sample" in r and math.isfinite(r["rmse"])]
+        # the same choice made on the held-out half alone (the fits' own held-out errors, the tuned grid's that of
+        # its base method there; the tuned grid itself was tuned on the whole batch)
+        held_out = {r["solver"]: r["base_val"] for r in ours if "base_val" in r}
+        held_pick = min((r for r in ours if r["solver"] in held_out),
+                        key=lambda r: r["val"] if "val" in r else held_out[r["solver"]], default=pick)
         spread.append(f"| {budget} | " + " | ".join(
             "{:.2f} / {:.2f} / {:.2f}".format(*bootstrap_ratio(r["per_sample"], peer_errors))
-            for r in (pick, tuned_pick)) + " |")
+            for r in (pick, tuned_pick)) + f" | {held_pick['solver']}, {held_pick['kind']}, {held_pick['rmse']:.3e}, "
+            f"{held_pick['rmse'] / peer:.2f}× (" + "{:.2f} / {:.2f} / {:.2f}".format(
+                *bootstrap_ratio(held_pick["per_sample"], peer_errors)) + ") |")
         grids += [f"- NFE {budget}, {r['solver']} {r['kind']}: " + ", ".join(f"{s:.4g}" for s in r["sigmas"]) +
                   (f"; shifts {', '.join(f'{d:.3f}' for d in r['shifts'])}" if r.get("shifts") else "")
                   for r in ((pick, tuned_pick) if pick is not tuned_pick else (pick,))]
