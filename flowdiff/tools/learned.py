@@ -82,6 +82,9 @@ _FORMAT = "flowdiff.LearnedSolver/2"
 #: files written before shifts existed: coefficients only (``learn=("coefficients",)``); still read
 _FORMAT_1 = "flowdiff.LearnedSolver/1"
 
+#: candidate starts tried across the start's interval (evenly in log σ) before its least-squares fit
+_START_SCAN = 8
+
 #: what :func:`learn_solver` can fit (``learn=``)
 LEARNABLE = ("shifts", "coefficients", "grid", "start")
 
@@ -535,8 +538,12 @@ def learn_solver(
         if np.any(others):
             v = _fit(objective, v, lower, upper, others, iterations)
         if not np.all(others):  # the start last, alone and then with the rest, from what the others reached: the
-            # fitted half ends no worse than without it
-            v = _fit(objective, v, lower, upper, ~others, iterations)
+            # fitted half ends no worse than without it. Its error is not convex in it (on the trained digits model
+            # a start of 15–60 beat 157 and 100 by 5 % where the local fit from σ_max stayed put): it is fitted
+            # from the best of a coarse scan of its interval
+            t = int(np.flatnonzero(~others)[0])
+            scan = [v] + [np.where(np.arange(len(v)) == t, u, v) for u in np.linspace(lower[t], upper[t], _START_SCAN)]
+            v = _fit(objective, min(scan, key=objective.cost), lower, upper, ~others, iterations)
             if np.any(others):
                 v = _fit(objective, v, lower, upper, np.ones(len(slots), dtype=bool), iterations)
     r = residual(v) if slots else r0
