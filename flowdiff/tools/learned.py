@@ -26,7 +26,9 @@ few hundred teacher trajectories (``learn=``; the default, shifts and grid toget
   up to σ_max and down by at most 0.9 of its log gap to the second σ (0.45 with ``"grid"``, whose
   move of the second σ is at most the other 0.45), so σ_start ∈ (σ_1, σ_max]. The teacher still
   starts at σ_max: what the solve skips above σ_start is part of the error it is fitted on, so
-  the start drops only where the steps it frees gain more than the skipped interval costs.
+  the start drops only where the steps it frees gain more than the skipped interval costs. It is
+  fitted last, from the best of an 8-point scan of its interval (its error is not convex in it),
+  alone and then with the other kinds named, so the fitted half ends no worse than without it.
 
 What ``learn`` names is fitted together by bounded least squares on the image error against the teacher,
 
