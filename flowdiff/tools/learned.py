@@ -22,9 +22,9 @@ few hundred teacher trajectories (``learn=``; the default, shifts and grid toget
   them jointly with the shifts): every σ but the first and the last moves in log σ by at most
   0.45 of its gap to the nearer neighbour, so the grid stays ordered and keeps its step count.
 * ``"start"`` — the grid's first σ, where the solve takes the noise as its state (x̄ = noise·√(1+σ²),
-  as DDIM's and diffusers' ``leading`` spacings do, which start below σ_max): it moves in log σ
-  up to σ_max and down by at most 0.9 of its log gap to the second σ (0.45 with ``"grid"``, whose
-  move of the second σ is at most the other 0.45), so σ_start ∈ (σ_1, σ_max]. The teacher still
+  as DDIM's and diffusers' ``leading`` spacings do, which start below σ_max): its log σ lies at
+  a fraction f ∈ [0.1, 1] of the way from the second σ (as fitted) to log σ_max, so σ_start ∈
+  (σ_1, σ_max] and the grid stays ordered whatever σ_1 does. The teacher still
   starts at σ_max: what the solve skips above σ_start is part of the error it is fitted on, so
   the start drops only where the steps it frees gain more than the skipped interval costs. It is
   fitted last, from the best of an 8-point scan of its interval (its error is not convex in it),
@@ -353,12 +353,26 @@ def _grid_moves(sigmas: np.ndarray) -> list[tuple[int, float]]:
             if math.isfinite(logs[j])]
 
 
-def _start_move(sigmas: np.ndarray, schedule: Schedule, with_grid: bool) -> tuple[float, float]:
-    """How far the first σ may move in log σ: down by 0.9 of its log gap to the second σ (0.45 when the grid's
-    interior moves too: the second σ then moves up by at most the other 0.45 of it), up to the schedule's σ_max
-    (not at all where the grid starts there or above)."""
-    gap = math.log(sigmas[0]) - math.log(sigmas[1])
-    return -(0.45 if with_grid else 0.9) * gap, max(0.0, math.log(float(schedule.sigma_max) / sigmas[0]))
+class _Start:
+    """The first σ as the fraction ``f`` of the log-σ way from the second σ (as fitted) to σ_max:
+    log σ_start = log σ_1 + f·(log σ_max − log σ_1), ``f`` in [0.1, 1], so the grid stays ordered whatever
+    σ_1 does and the whole of (σ_1, σ_max] is in reach. The fitted parameter is ``f − f₀``, f₀ the starting
+    grid's own fraction (1 where it starts at σ_max), so zero is the starting grid."""
+
+    LOWEST = 0.1
+
+    def __init__(self, sigmas: np.ndarray, schedule: Schedule) -> None:
+        self.sigma_0, self.sigma_1 = float(sigmas[0]), float(sigmas[1])
+        self.top = max(float(schedule.sigma_max), self.sigma_0)
+        self.log_max = math.log(float(schedule.sigma_max))
+        self.f0 = (math.log(self.sigma_0) - math.log(self.sigma_1)) / (self.log_max - math.log(self.sigma_1))
+        self.bounds = (self.LOWEST - self.f0, max(1.0, self.f0) - self.f0)
+
+    def sigma(self, u: float, sigma_1: float) -> float:
+        if u == 0.0 and sigma_1 == self.sigma_1:
+            return self.sigma_0  # the starting grid's own, bit for bit
+        # never above σ_max (or a starting grid's higher σ_0) by the rounding of exp(log σ_max)
+        return min(math.exp(math.log(sigma_1) + (self.f0 + u) * (self.log_max - math.log(sigma_1))), self.top)
 
 
 def _check_noise(noise: Tensor) -> None:
@@ -474,7 +488,8 @@ def learn_solver(
     reach = {("g", j): (-r, r) for j, r in moves}
     if "start" in learn:
         slots.append(("t", 0, 0))
-        reach["t", 0] = _start_move(sigmas, flow.schedule, bool(moves))
+        start_of = _Start(sigmas, flow.schedule)
+        reach["t", 0] = start_of.bounds
     lower = np.array([-bound if k == "c" else intervals[i][0] if k == "s" else reach[k, i][0] for k, i, _ in slots])
     upper = np.array([bound if k == "c" else intervals[i][1] if k == "s" else reach[k, i][1] for k, i, _ in slots])
     moved = bool(moves) or "start" in learn  # the grid itself is fitted
@@ -496,8 +511,11 @@ def learn_solver(
     def grid_of(v: np.ndarray) -> np.ndarray:
         out = sigmas.copy()
         for (kind, j, _), value in zip(slots, v):
-            if kind in ("g", "t"):
+            if kind == "g":
                 out[j] = sigmas[j] * math.exp(value)
+        for (kind, _, _), value in zip(slots, v):
+            if kind == "t":  # after the interior: the start is placed relative to the σ_1 it moved to
+                out[0] = start_of.sigma(float(value), float(out[1]))
         return out
 
     def solver_of(v: np.ndarray) -> tuple[_solvers.Solver, np.ndarray]:
@@ -541,7 +559,7 @@ def learn_solver(
             v = _fit(objective, v, lower, upper, others, iterations)
         if not np.all(others):  # the start last, alone and then with the rest, from what the others reached: the
             # fitted half ends no worse than without it. Its error is not convex in it (on the trained digits model
-            # a start of 15–60 beat 157 and 100 by 5 % where the local fit from σ_max stayed put): it is fitted
+            # a start of 15–60 beat 157 and 100 by 5 % where a local fit from σ_max stayed put): it is fitted
             # from the best of a coarse scan of its interval
             t = int(np.flatnonzero(~others)[0])
             scan = [v] + [np.where(np.arange(len(v)) == t, u, v) for u in np.linspace(lower[t], upper[t], _START_SCAN)]
