@@ -26,9 +26,10 @@ few hundred teacher trajectories (``learn=``; the default, shifts and grid toget
   a fraction f ∈ [0.1, 1] of the way from the second σ (as fitted) to log σ_max, so σ_start ∈
   (σ_1, σ_max] and the grid stays ordered whatever σ_1 does. The teacher still
   starts at σ_max: what the solve skips above σ_start is part of the error it is fitted on, so
-  the start drops only where the steps it frees gain more than the skipped interval costs. It is
-  fitted last, from the best of an 8-point scan of its interval (its error is not convex in it),
-  alone and then with the other kinds named, so the fitted half ends no worse than without it.
+  the start drops only where the steps it frees gain more than the skipped interval costs. Its
+  error is not convex in it, so it is fitted from the best of an 8-point scan of f, twice: after
+  the other kinds named (so the fitted half ends no worse than without it) and before them (so
+  the grid fits itself to a low start); each route ends with a joint fit, the better is kept.
 
 What ``learn`` names is fitted together by bounded least squares on the image error against the teacher,
 
@@ -551,21 +552,30 @@ def learn_solver(
                                * penalised)
         kinds = np.array([k for k, _, _ in slots])
         others = kinds != "t"
-        groups = [kinds == k for k in ("s", "c", "g") if np.any(kinds == k)]
-        if len(groups) > 1:  # each alone from the base method, then both from the better (a joint start from
-            # zero settles in the shifts' nearest minimum, which the coefficients alone often beat)
-            v = min((_fit(objective, zero, lower, upper, g, iterations) for g in groups), key=objective.cost)
-        if np.any(others):
-            v = _fit(objective, v, lower, upper, others, iterations)
-        if not np.all(others):  # the start last, alone and then with the rest, from what the others reached: the
-            # fitted half ends no worse than without it. Its error is not convex in it (on the trained digits model
-            # a start of 15–60 beat 157 and 100 by 5 % where a local fit from σ_max stayed put): it is fitted
-            # from the best of a coarse scan of its interval
+        every = np.ones(len(slots), dtype=bool)
+
+        def fitted_others(v: np.ndarray) -> np.ndarray:
+            """Shifts, coefficients and grid from ``v``: each alone, then together from the best (a joint start
+            from zero settles in the shifts' nearest minimum, which the coefficients alone often beat)."""
+            groups = [kinds == k for k in ("s", "c", "g") if np.any(kinds == k)]
+            if len(groups) > 1:
+                v = min((_fit(objective, v, lower, upper, g, iterations) for g in groups), key=objective.cost)
+            return _fit(objective, v, lower, upper, others, iterations) if np.any(others) else v
+
+        def fitted_start(v: np.ndarray) -> np.ndarray:
+            """The start from ``v``, from the best of a coarse scan of its interval: its error is not convex in it
+            (on the trained digits model a start of 15–60 beat 157 and 100 by 5 %, where a local fit from σ_max
+            stayed put)."""
             t = int(np.flatnonzero(~others)[0])
             scan = [v] + [np.where(np.arange(len(v)) == t, u, v) for u in np.linspace(lower[t], upper[t], _START_SCAN)]
-            v = _fit(objective, min(scan, key=objective.cost), lower, upper, ~others, iterations)
-            if np.any(others):
-                v = _fit(objective, v, lower, upper, np.ones(len(slots), dtype=bool), iterations)
+            return _fit(objective, min(scan, key=objective.cost), lower, upper, ~others, iterations)
+
+        v = fitted_others(zero)
+        if not np.all(others):  # the start both last (after the others: the fitted half ends no worse than without
+            # it) and first (the others then fit the grid to it), each then with the rest; the better of the two
+            routes = [fitted_start(v), fitted_others(fitted_start(zero))] if np.any(others) else [fitted_start(v)]
+            v = min((_fit(objective, w, lower, upper, every, iterations) if np.any(others) else w for w in routes),
+                    key=objective.cost)
     r = residual(v) if slots else r0
     calib, base_calib = float(np.sqrt(np.mean(r * r))), float(np.sqrt(np.mean(r0 * r0)))
     learned_val = _rms(images(v, held), held_target)
