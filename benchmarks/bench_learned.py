@@ -23,7 +23,10 @@ digits, not the images measured), against diffusers' inverse schedulers (``bench
 held-out test digits (shipped model) and on the mixture of ``bench_roundtrip.py`` (64 training digits,
 bandwidth 0.3).
 
-The report is written to ``--out`` after every budget, so a run that is stopped keeps what it measured.
+The report is written to ``--out`` after every budget, so a run that is stopped keeps what it measured. Per budget
+it also gives the spread of the learned / peer ratio over the evaluation samples (a bootstrap that chooses the
+peers' best again on each resample, ``bootstrap_ratio``), the picks' grids, and the candidate that the held-out
+half alone would pick (on the trained model the 8-sample evaluation batch once used was far from the 64-sample one).
 
 Usage: python benchmarks/bench_learned.py [--models mixture,digits] [--nfe 4,5,6,8,10,20] [--digits-nfe 5,10]
 [--solvers unipc,dpmpp_3m,ipndm] [--digits-solvers 'unipc,dpmpp_3m,ipndm(order=3),unipc(order=3)']
