@@ -30,7 +30,10 @@ digits, not the images measured), against diffusers' inverse schedulers (``bench
 held-out test digits (shipped model) and on the mixture of ``bench_roundtrip.py`` (64 training digits,
 bandwidth 0.3).
 
-The report is written to ``--out`` after every budget, so a run that is stopped keeps what it measured.
+The report is written to ``--out`` after every budget, so a run that is stopped keeps what it measured. Per budget
+it also gives the spread of the learned / peer ratio over the evaluation samples (a bootstrap that chooses the
+peers' best again on each resample, ``_pooled.ratio``), the picks' grids, and the candidate that the held-out
+half alone would pick (on the trained model the 8-sample evaluation batch once used was far from the 64-sample one).
 
 Usage: python benchmarks/bench_learned.py [--models mixture,digits] [--nfe 4,5,6,8,10,20] [--digits-nfe 5,10]
 [--solvers unipc,dpmpp_3m,ipndm] [--digits-solvers 'unipc,dpmpp_3m,ipndm(order=3),unipc(order=3)']
@@ -71,7 +74,8 @@ SOLVERS = "unipc,dpmpp_3m,ipndm"
 DIGITS_SOLVERS = "unipc,dpmpp_3m,ipndm(order=3),unipc(order=3)"
 #: what ``learn_solver`` fits, each tried on every solver's tuned grid (coefficients: Adams methods only)
 LEARN = {"shifts+grid": ("shifts", "grid"), "shifts": ("shifts",), "shifts+coefficients": ("shifts", "coefficients"),
-         "coefficients": ("coefficients",), "shifts+grid+coefficients": ("shifts", "grid", "coefficients")}
+         "coefficients": ("coefficients",), "shifts+grid+coefficients": ("shifts", "grid", "coefficients"),
+         "shifts+grid+start": ("shifts", "grid", "start"), "grid+start": ("grid", "start")}
 #: the mixture's fits by default (the three-kind fit is tried on the trained model only: ``--learn`` adds it)
 MIXTURE_LEARN = "shifts+grid,shifts,shifts+coefficients,coefficients"
 ROUNDTRIP_SOLVERS = ("euler", "lms", "dpmpp_2m", "dpmpp_3m", "unipc", "abm")
@@ -124,7 +128,7 @@ def flowdiff_candidates(flow, calibration, noise, ref, budget, max_evals, tol, s
         assert x_tuned.stats.nfe <= budget
         rows.append(dict(solver=solver, kind="tuned grid", learn="", rmse=rmse(x_tuned.x, ref),
                          cal=tuned.calibration_error, nfe=x_tuned.stats.nfe, cost=tuned.tuning_nfe,
-                         per_sample=per_sample_error(x_tuned.x, ref), x=x_tuned.x))
+                         per_sample=per_sample_error(x_tuned.x, ref), x=x_tuned.x, sigmas=tuned.sigmas))
         adams = isinstance(solvers.get(name, **options), solvers.Adams)
         for label, learn in learns.items():
             if "coefficients" in learn and not adams:
@@ -143,7 +147,7 @@ def flowdiff_candidates(flow, calibration, noise, ref, budget, max_evals, tol, s
                              cost=learned.fitting_nfe - learned.reference_nfe, solves=learned.solves,
                              base_cal=learned.base_calibration_error, fit_cal=learned.calibration_error,
                              val=learned.validation_error, base_val=learned.base_validation_error,
-                             shifts=learned.shifts, seconds=learned.fitting_seconds,
+                             shifts=learned.shifts, seconds=learned.fitting_seconds, sigmas=learned.sigmas,
                              per_sample=per_sample_error(x_learned.x, ref), x=x_learned.x))
     return rows
 
@@ -233,9 +237,11 @@ def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, to
               "noise: ratio |",
               "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
 
+    grids = ["", "Grids (σ) of the picks:", ""]
+
     def report() -> list[str]:
-        return lines + pooled + held + ["", "Every flowdiff candidate on the evaluation noise (and the learned fits' "
-                                        "halves):", "", *details, ""]
+        return lines + pooled + grids + held + [
+            "", "Every flowdiff candidate on the evaluation noise (and the learned fits' halves):", "", *details, ""]
 
     for budget in budgets:
         started = time.perf_counter()
@@ -254,6 +260,9 @@ def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, to
                      f"{tuned_pick['rmse']:.3e} | {best_dif['solver']} | {best_dif['rmse']:.3e} | "
                      f"{best_kd['solver']} on {best_kd['grid']} | {best_kd['rmse']:.3e} | {pick['rmse'] / peer:.2f}× | "
                      f"{tuned_pick['rmse'] / peer:.2f}× | {cost} |")
+        grids += [f"- NFE {budget}, {r['solver']} {r['kind']}: " + ", ".join(f"{s:.4g}" for s in r["sigmas"]) +
+                  (f"; shifts {', '.join(f'{d:.3f}' for d in r['shifts'])}" if r.get("shifts") else "")
+                  for r in ((pick, tuned_pick) if pick is not tuned_pick else (pick,))]
         for solver, _, _ in specs:
             fits = {r["learn"]: r for r in ours if r["solver"] == solver and r["learn"]}
             if not fits:

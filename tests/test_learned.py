@@ -285,8 +285,8 @@ def test_the_default_fits_shifts_and_grid_together_keeps_the_step_count_and_fall
 def test_bad_learn_arguments_name_what_is_accepted():
     flow = mixture()
     x = noise(1, n=4)
-    with pytest.raises(ValueError, match=r"learn must name each of 'shifts', 'coefficients', 'grid' at most once, "
-                                         r"got 'steps'"):
+    with pytest.raises(ValueError, match=r"learn must name each of 'shifts', 'coefficients', 'grid', 'start' at most "
+                                         r"once, got 'steps'"):
         learn_solver(flow, x, solver="unipc", nfe=6, learn="steps")
     with pytest.raises(ValueError, match="at most once"):
         learn_solver(flow, x, solver="unipc", nfe=6, learn=("shifts", "shifts"))
@@ -302,6 +302,90 @@ def test_bad_learn_arguments_name_what_is_accepted():
         learn_solver(flow, x, solver="unipc", nfe=6, bound=-1)
     with pytest.raises(ValueError, match=r"shift_bound must .*\(the largest \|shift\|\)"):
         learn_solver(flow, x, solver="unipc", nfe=6, shift_bound=math.inf)
+
+
+# -- a learned first σ (the start, below σ_max) ------------------------------------------------------------------
+
+
+def test_a_learned_start_lowers_the_error_keeps_the_nfe_and_is_judged_against_the_teacher_from_sigma_max():
+    """At 3 evaluations Euler from σ_max wastes its first step on σ where the mixture's state barely moves; taking
+    the noise as the state at a lower σ frees it. The teacher still starts at σ_max: the held-out errors are those
+    of the learned grid's solve against the reference from σ_max, measured again here."""
+    flow = mixture()
+    cal = noise(1, n=16)
+    learned = learn_solver(flow, cal, solver="euler", nfe=3, learn="start")
+    start = learned.base_grid()
+    assert learned.learn == ("start",) and start[0] == flow.schedule.sigma_max
+    assert learned.kept and learned.validation_error < learned.base_validation_error  # held out agrees
+    assert learned.calibration_error < learned.base_calibration_error
+    grid = learned.sigmas
+    assert start[1] < grid[0] < start[0] and np.array_equal(grid[1:], start[1:])  # only the first σ moved, down
+    ref = flowdiff.reference_solution(flow, cal, sigma_end=0.0, rtol=1e-7, atol=1e-7)
+    assert ref.sigma_start == flow.schedule.sigma_max
+    held = flowdiff.generate(flow, cal[1::2], solver="euler", grid=grid).x
+    assert _rms(held, ref.x[1::2]) == pytest.approx(learned.validation_error, rel=1e-9)
+    base = flowdiff.generate(flow, cal[1::2], solver="euler", grid=start).x
+    assert _rms(base, ref.x[1::2]) == pytest.approx(learned.base_validation_error, rel=1e-9)
+    # the solve starts from the noise as the state at the learned σ: its first evaluation is there, at x̄ = x√(1+σ²)
+    seen = []
+
+    def first(xbar, sigma):
+        seen.append((sigma, xbar.clone()))
+        return flow.sigma_field(xbar, sigma)
+
+    counted = flowdiff.ProbabilityFlow.from_sigma_field(first, flow.schedule)
+    out = flowdiff.generate(counted, cal, solver=learned.as_solver(), grid=grid)
+    assert seen[0][0] == grid[0] and torch.equal(seen[0][1], cal * math.sqrt(1 + grid[0] ** 2))
+    assert out.stats.nfe == len(seen) == 3 and all(s <= grid[0] for s, _ in seen)
+    # with the grid: the start is fitted after the interior, so the fitted half is no worse than the grid's alone
+    both = learn_solver(flow, cal, solver="euler", nfe=3, learn=("grid", "start"), iterations=4)
+    alone = learn_solver(flow, cal, solver="euler", nfe=3, learn="grid", iterations=4)
+    assert both.calibration_error <= alone.calibration_error < alone.base_calibration_error
+    fitted = LearnedSolver(**{**both.__dict__, "kept": True}).sigmas
+    assert fitted[1] < fitted[0] <= flow.schedule.sigma_max and np.all(np.diff(fitted) < 0)
+
+
+def test_a_bad_start_is_rejected_on_held_out_noise_and_leaves_the_start_grid():
+    flow = mixture()
+    given = np.array([flow.schedule.sigma_max, 1.5, 0.5, 0.1, 0.01, 0.0])
+    learned = learn_solver(flow, noise(1, n=8), solver="unipc", nfe=5, sigmas=given, iterations=1, learn="start")
+    start = learned.base_grid()
+    assert np.array_equal(start, given)
+    low = start.copy()
+    low[0] = start[1] * 1.01  # the noise taken as the state at σ = 1.5, where the data's own scale is not small
+    bad = LearnedSolver(**{**learned.__dict__, "kept": True, "sigmas": low})
+    other = noise(2, n=8)
+    ref = flowdiff.reference_solution(flow, other, sigma_end=0.0, rtol=1e-7, atol=1e-7).x
+    assert _rms(flowdiff.generate(flow, other, solver=bad.as_solver(), grid=low).x, ref) > _rms(
+        flowdiff.generate(flow, other, solver="unipc", grid=start).x, ref)
+    judged = bad.validated(flow, other)
+    assert not judged.kept and np.array_equal(judged.sigmas, start) and judged.as_solver().name == "unipc"
+
+
+def test_shifts_grid_and_start_save_load_bit_for_bit_and_keep_every_evaluation_in_range(tmp_path):
+    flow = mixture()
+    cal = noise(1, n=8)
+    learned = learn_solver(flow, cal, solver="dpmpp_3m", nfe=5, iterations=2, learn=("start", "shifts", "grid"))
+    assert learned.learn == ("shifts", "grid", "start")
+    forced = LearnedSolver(**{**learned.__dict__, "kept": True})
+    back = LearnedSolver.load(forced.save(tmp_path / "start.learned.json"), flow)
+    assert back.learn == forced.learn and back.shifts == forced.shifts
+    assert np.array_equal(back.sigmas, forced.sigmas) and np.array_equal(back.base_sigmas, forced.base_sigmas)
+    counted, calls = counting(flow)
+    a = flowdiff.generate(counted, cal, solver=forced.as_solver(), grid=forced.sigmas)
+    assert torch.equal(a.x, flowdiff.generate(flow, cal, solver=back.as_solver(), grid=back.sigmas).x)
+    base_nfe = flowdiff.generate(flow, cal, solver="dpmpp_3m", grid=forced.base_sigmas).stats.nfe
+    assert a.stats.nfe == len(calls) == base_nfe
+    assert all(0.0 <= s <= flow.schedule.sigma_max for s in calls)
+
+
+def test_a_start_needs_a_second_sigma_above_zero():
+    flow, calls = counting(mixture())
+    one_step = np.array([flow.schedule.sigma_max, 0.0])
+    with pytest.raises(ValueError, match=r"learn=\('start',\) moves the first σ within \(σ_1, σ_max\], but sigmas= "
+                                         r"\(1 step\(s\), σ_1 = 0.0\) has no σ_1 > 0 below it"):
+        learn_solver(flow, noise(1, n=4), solver="euler", nfe=1, sigmas=one_step, learn="start")
+    assert calls == []
 
 
 def test_a_grid_over_the_budget_is_refused_naming_sigmas_before_any_model_evaluation():

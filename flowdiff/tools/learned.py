@@ -1,7 +1,7 @@
 """Learned low-NFE solvers: evaluation times, grids and multistep coefficients fitted to one model's teacher.
 
 At 4–10 evaluations a tuned grid (:mod:`flowdiff.tools.tuning`) leaves an error that a better
-grid alone no longer removes. Three things can take the model's shape, each fitted per step to a
+grid alone no longer removes. Four things can take the model's shape, each fitted per step to a
 few hundred teacher trajectories (``learn=``; the default, shifts and grid together, is LD3's):
 
 * ``"shifts"`` — **evaluation times** (LD3, Tong et al., "Learning to Discretize Denoising
@@ -21,13 +21,22 @@ few hundred teacher trajectories (``learn=``; the default, shifts and grid toget
 * ``"grid"`` — the grid's σ themselves, refined from the grid the fit starts at (LD3 learns
   them jointly with the shifts): every σ but the first and the last moves in log σ by at most
   0.45 of its gap to the nearer neighbour, so the grid stays ordered and keeps its step count.
+* ``"start"`` — the grid's first σ, where the solve takes the noise as its state (x̄ = noise·√(1+σ²),
+  as DDIM's and diffusers' ``leading`` spacings do, which start below σ_max): its log σ lies at
+  a fraction f ∈ [0.1, 1] of the way from the second σ (as fitted) to log σ_max, so σ_start ∈
+  (σ_1, σ_max] and the grid stays ordered whatever σ_1 does. The teacher still
+  starts at σ_max: what the solve skips above σ_start is part of the error it is fitted on, so
+  the start drops only where the steps it frees gain more than the skipped interval costs. Its
+  error is not convex in it, so it is fitted from the best of an 8-point scan of f, twice: after
+  the other kinds named (so the fitted half ends no worse than without it) and before them (so
+  the grid fits itself to a low start); each route ends with a joint fit, the better is kept.
 
 What ``learn`` names is fitted together by bounded least squares on the image error against the teacher,
 
     min_{δ,c,σ}  Σ_samples |generate(noise_fit; δ, c, σ) − x_ref|²,   |c_{i,m}| ≤ bound,  |δ_i| ≤ shift_bound,
 
-with ``x_ref`` = :func:`flowdiff.reference_solution` on the grid the solver would use anyway
-(the shipped tuned grid of that model, solver and budget when there is one, else ``logsnr``),
+with ``x_ref`` = :func:`flowdiff.reference_solution` from σ_max (the student's grid is the one it
+would use anyway: the shipped tuned grid of that model, solver and budget when there is one, else ``logsnr``),
 the Jacobian by forward differences (one candidate solve per parameter). A shift is further
 bounded so that every evaluation stays between σ = 0 and the schedule's σ_max (the model has
 no time outside; the first step out of σ_max can only move its evaluation down). The noise is
@@ -76,27 +85,30 @@ _FORMAT = "flowdiff.LearnedSolver/2"
 #: files written before shifts existed: coefficients only (``learn=("coefficients",)``); still read
 _FORMAT_1 = "flowdiff.LearnedSolver/1"
 
+#: candidate starts tried across the start's interval (evenly in log σ) before its least-squares fit
+_START_SCAN = 8
+
 #: what :func:`learn_solver` can fit (``learn=``)
-LEARNABLE = ("shifts", "coefficients", "grid")
+LEARNABLE = ("shifts", "coefficients", "grid", "start")
 
 
 @dataclass(frozen=True)
 class LearnedSolver:
     """A ``solver`` with per-step evaluation shifts, grid and/or coefficients fitted at budget ``nfe`` on one flow.
 
-    ``learn`` says what was fitted (``"shifts"``, ``"coefficients"``, ``"grid"``). ``sigmas`` is
-    the generation grid they belong to (fitted too with ``"grid"``: then ``base_sigmas`` is the
-    grid the fit started from and the base method is judged on), ``shifts[i]`` the evaluation
-    shift δ of step ``i`` (empty unless shifts were learned), ``coefficients[i]`` the correction
-    multiples of step ``i`` (empty where a step takes none, or unless coefficients were
-    learned). ``kept`` says whether the held-out half preferred the learned solver to the base
-    method; when not, shifts and coefficients are zero, :attr:`sigmas` is the starting grid and
-    :meth:`as_solver` is the base method itself.
-    ``calibration_error`` / ``base_calibration_error`` are the RMS image errors of the learned
-    and the base method on the fitted half, ``validation_error`` / ``base_validation_error`` on
-    the held-out half. ``fitting_nfe`` counts every model evaluation the fit spent (teacher
-    included: ``reference_nfe``), ``solves`` the candidate solves. ``source`` is the file it was
-    read from.
+    ``learn`` says what was fitted (``"shifts"``, ``"coefficients"``, ``"grid"``, ``"start"``).
+    ``sigmas`` is the generation grid they belong to (fitted too with ``"grid"`` or ``"start"``: then
+    ``base_sigmas`` is the grid the fit started from and the base method is judged on; a learned start
+    below σ_max is where :func:`flowdiff.generate` takes the noise as its state), ``shifts[i]`` the
+    evaluation shift δ of step ``i`` (empty unless shifts were learned), ``coefficients[i]`` the
+    correction multiples of step ``i`` (empty where a step takes none, or unless coefficients were
+    learned). ``kept`` says whether the held-out half preferred the learned solver to the base method;
+    when not, shifts and coefficients are zero, :attr:`sigmas` is the starting grid and
+    :meth:`as_solver` is the base method itself. ``calibration_error`` / ``base_calibration_error`` are
+    the RMS image errors of the learned and the base method on the fitted half, ``validation_error`` /
+    ``base_validation_error`` on the held-out half. ``fitting_nfe`` counts every model evaluation the
+    fit spent (teacher included: ``reference_nfe``), ``solves`` the candidate solves. ``source`` is the
+    file it was read from.
 
     Use: ``generate(flow, noise, solver=learned.as_solver(), grid=learned.sigmas)``.
     """
@@ -342,6 +354,28 @@ def _grid_moves(sigmas: np.ndarray) -> list[tuple[int, float]]:
             if math.isfinite(logs[j])]
 
 
+class _Start:
+    """The first σ as the fraction ``f`` of the log-σ way from the second σ (as fitted) to σ_max:
+    log σ_start = log σ_1 + f·(log σ_max − log σ_1), ``f`` in [0.1, 1], so the grid stays ordered whatever
+    σ_1 does and the whole of (σ_1, σ_max] is in reach. The fitted parameter is ``f − f₀``, f₀ the starting
+    grid's own fraction (1 where it starts at σ_max), so zero is the starting grid."""
+
+    LOWEST = 0.1
+
+    def __init__(self, sigmas: np.ndarray, schedule: Schedule) -> None:
+        self.sigma_0, self.sigma_1 = float(sigmas[0]), float(sigmas[1])
+        self.top = max(float(schedule.sigma_max), self.sigma_0)
+        self.log_max = math.log(float(schedule.sigma_max))
+        self.f0 = (math.log(self.sigma_0) - math.log(self.sigma_1)) / (self.log_max - math.log(self.sigma_1))
+        self.bounds = (self.LOWEST - self.f0, max(1.0, self.f0) - self.f0)
+
+    def sigma(self, u: float, sigma_1: float) -> float:
+        if u == 0.0 and sigma_1 == self.sigma_1:
+            return self.sigma_0  # the starting grid's own, bit for bit
+        # never above σ_max (or a starting grid's higher σ_0) by the rounding of exp(log σ_max)
+        return min(math.exp(math.log(sigma_1) + (self.f0 + u) * (self.log_max - math.log(sigma_1))), self.top)
+
+
 def _check_noise(noise: Tensor) -> None:
     if not isinstance(noise, Tensor) or not noise.is_floating_point():
         raise TypeError(f"noise must be a floating-point torch.Tensor, got {type(noise).__name__}")
@@ -384,22 +418,22 @@ def learn_solver(
     """Fit ``solver``'s per-step evaluation shifts, grid and/or correction coefficients at ``nfe`` evaluations
     on calibration ``noise``.
 
-    ``learn`` names what is fitted: ``"shifts"`` (one evaluation-time shift per step, any solver
-    that is not reversible), ``"grid"`` (the grid's σ, from the starting grid),
-    ``"coefficients"`` (a variable-step Adams method's order-keeping correction: ``unipc``,
-    ``dpmpp_3m``, ``dpmpp_2m``, ``lms``, ``abm``), or several, fitted together (see the module
-    docstring). The default, shifts and grid, is LD3's pair; it was chosen by the held-out
-    errors recorded in ``benchmarks/RESULTS.md``. ``noise`` (DDIM scale, at least 2 samples; a
-    few hundred for a model whose samples disagree, such as a near-memorising density) is split:
-    the even-indexed half is fitted, the odd-indexed half decides whether the fit is kept. The
-    starting grid is ``sigmas`` when given (it must cost at most ``nfe``), else the stored tuned
-    grid of this flow, solver and budget (:func:`flowdiff.stored_grid`), else ``logsnr``.
-    ``terms`` (1–3) correction terms per step, each coefficient in ``[−bound, bound]``; each shift
-    in ``[−shift_bound, shift_bound]`` (in units of its step); ``iterations`` caps the
-    least-squares iterations of each fit (each costs one candidate solve per parameter plus
-    one); ``ridge`` adds ``ridge·|r₀|²·|c|²/dim(c)`` to the fitted sum of squares (``r₀`` the base
-    method's residual), pulling the coefficients towards the base method. Measure the result on
-    other noise (:meth:`LearnedSolver.validated`).
+    ``learn`` names what is fitted: ``"shifts"`` (one evaluation-time shift per step, any solver that is
+    not reversible), ``"grid"`` (the grid's σ but the first and the last, from the starting grid),
+    ``"start"`` (the first σ, within (σ_1, σ_max]: the noise is taken as the state there, the teacher
+    still starts at σ_max), ``"coefficients"`` (a variable-step Adams method's order-keeping correction:
+    ``unipc``, ``dpmpp_3m``, ``dpmpp_2m``, ``lms``, ``abm``), or several, fitted together (see the
+    module docstring). The default, shifts and grid, is LD3's pair; it was chosen by the held-out errors
+    recorded in ``benchmarks/RESULTS.md``. ``noise`` (DDIM scale, at least 2 samples; a few hundred for
+    a model whose samples disagree, such as a near-memorising density) is split: the even-indexed half
+    is fitted, the odd-indexed half decides whether the fit is kept. The starting grid is ``sigmas``
+    when given (it must cost at most ``nfe``), else the stored tuned grid of this flow, solver and
+    budget (:func:`flowdiff.stored_grid`), else ``logsnr``. ``terms`` (1–3) correction terms per step,
+    each coefficient in ``[−bound, bound]``; each shift in ``[−shift_bound, shift_bound]`` (in units of
+    its step); ``iterations`` caps the least-squares iterations of each fit (each costs one candidate
+    solve per parameter plus one); ``ridge`` adds ``ridge·|r₀|²·|c|²/dim(c)`` to the fitted sum of
+    squares (``r₀`` the base method's residual), pulling the coefficients towards the base method.
+    Measure the result on other noise (:meth:`LearnedSolver.validated`).
     """
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
@@ -436,6 +470,11 @@ def learn_solver(
             sigmas = make_sigmas(flow.schedule, "logsnr", _solvers.steps_for_nfe(base, nfe, eval_end=False))
     if not math.isfinite(sigmas[0]):
         raise ValueError("sigmas must start at a finite σ (a grid from σ = ∞ has its own first step)")
+    if "start" in learn and not (len(sigmas) >= 3 and sigmas[1] > 0):
+        shown = "sigmas=" if grid_name == "given" else f"the {grid_name} grid"
+        raise ValueError(f"learn={learn!r} moves the first σ within (σ_1, σ_max], but {shown} "
+                         f"({len(sigmas) - 1} step(s), σ_1 = {float(sigmas[1]) if len(sigmas) > 1 else None!r}) has "
+                         "no σ_1 > 0 below it: give a grid of at least 2 steps")
     cost = sum(map(len, _evaluated(base, list(map(float, sigmas)), flow.schedule)))  # before the teacher's cost
     if cost > nfe:
         shown = "sigmas=" if grid_name == "given" else f"the {grid_name} grid"
@@ -447,9 +486,14 @@ def learn_solver(
     slots += [("s", i, 0) for i, (lo, hi) in enumerate(intervals) if lo < hi]
     moves = _grid_moves(sigmas) if "grid" in learn else []
     slots += [("g", j, 0) for j, _ in moves]
-    reach = dict(moves)
-    lower = np.array([-bound if k == "c" else -reach[i] if k == "g" else intervals[i][0] for k, i, _ in slots])
-    upper = np.array([bound if k == "c" else reach[i] if k == "g" else intervals[i][1] for k, i, _ in slots])
+    reach = {("g", j): (-r, r) for j, r in moves}
+    if "start" in learn:
+        slots.append(("t", 0, 0))
+        start_of = _Start(sigmas, flow.schedule)
+        reach["t", 0] = start_of.bounds
+    lower = np.array([-bound if k == "c" else intervals[i][0] if k == "s" else reach[k, i][0] for k, i, _ in slots])
+    upper = np.array([bound if k == "c" else intervals[i][1] if k == "s" else reach[k, i][1] for k, i, _ in slots])
+    moved = bool(moves) or "start" in learn  # the grid itself is fitted
     fit, held = noise[0::2], noise[1::2]
     target, ref_nfe = _reference(flow, noise, model_kwargs, float(reference_tol))
     spent = {"nfe": ref_nfe, "solves": 0}
@@ -470,12 +514,15 @@ def learn_solver(
         for (kind, j, _), value in zip(slots, v):
             if kind == "g":
                 out[j] = sigmas[j] * math.exp(value)
+        for (kind, _, _), value in zip(slots, v):
+            if kind == "t":  # after the interior: the start is placed relative to the σ_1 it moved to
+                out[0] = start_of.sigma(float(value), float(out[1]))
         return out
 
     def solver_of(v: np.ndarray) -> tuple[_solvers.Solver, np.ndarray]:
         grid = grid_of(v)
         coefficients, shifts = unpacked(v)
-        if shifts is not None and moves:  # the moved grid's own shift intervals
+        if shifts is not None and moved:  # the moved grid's own shift intervals
             _, bounds = _layout(base, grid, terms, ("shifts",), flow.schedule, shift_bound)
             shifts = tuple(min(max(d, lo), hi) for d, (lo, hi) in zip(shifts, bounds))
         return _composed(base, grid, coefficients, shifts), grid
@@ -504,11 +551,31 @@ def learn_solver(
         objective = _Objective(residual, r0, math.sqrt(ridge * float(np.dot(r0, r0)) / max(int(penalised.sum()), 1))
                                * penalised)
         kinds = np.array([k for k, _, _ in slots])
-        groups = [kinds == k for k in ("s", "c", "g") if np.any(kinds == k)]
-        if len(groups) > 1:  # each alone from the base method, then both from the better (a joint start from
-            # zero settles in the shifts' nearest minimum, which the coefficients alone often beat)
-            v = min((_fit(objective, zero, lower, upper, g, iterations) for g in groups), key=objective.cost)
-        v = _fit(objective, v, lower, upper, np.ones(len(slots), dtype=bool), iterations)
+        others = kinds != "t"
+        every = np.ones(len(slots), dtype=bool)
+
+        def fitted_others(v: np.ndarray) -> np.ndarray:
+            """Shifts, coefficients and grid from ``v``: each alone, then together from the best (a joint start
+            from zero settles in the shifts' nearest minimum, which the coefficients alone often beat)."""
+            groups = [kinds == k for k in ("s", "c", "g") if np.any(kinds == k)]
+            if len(groups) > 1:
+                v = min((_fit(objective, v, lower, upper, g, iterations) for g in groups), key=objective.cost)
+            return _fit(objective, v, lower, upper, others, iterations) if np.any(others) else v
+
+        def fitted_start(v: np.ndarray) -> np.ndarray:
+            """The start from ``v``, from the best of a coarse scan of its interval: its error is not convex in it
+            (on the trained digits model a start of 15–60 beat 157 and 100 by 5 %, where a local fit from σ_max
+            stayed put)."""
+            t = int(np.flatnonzero(~others)[0])
+            scan = [v] + [np.where(np.arange(len(v)) == t, u, v) for u in np.linspace(lower[t], upper[t], _START_SCAN)]
+            return _fit(objective, min(scan, key=objective.cost), lower, upper, ~others, iterations)
+
+        v = fitted_others(zero)
+        if not np.all(others):  # the start both last (after the others: the fitted half ends no worse than without
+            # it) and first (the others then fit the grid to it), each then with the rest; the better of the two
+            routes = [fitted_start(v), fitted_others(fitted_start(zero))] if np.any(others) else [fitted_start(v)]
+            v = min((_fit(objective, w, lower, upper, every, iterations) if np.any(others) else w for w in routes),
+                    key=objective.cost)
     r = residual(v) if slots else r0
     calib, base_calib = float(np.sqrt(np.mean(r * r))), float(np.sqrt(np.mean(r0 * r0)))
     learned_val = _rms(images(v, held), held_target)
@@ -520,7 +587,7 @@ def learn_solver(
     out = LearnedSolver(solver, options, nfe, fitted_grid.copy(), coefficients or (),
                         flow_fingerprint(flow, model_kwargs),
                         True, calib, base_calib, math.nan, math.nan, grid_name, shifts=shifts or (), learn=learn,
-                        base_sigmas=sigmas.copy() if moves else None,
+                        base_sigmas=sigmas.copy() if moved else None,
                         options={"learn": list(learn), "terms": terms, "bound": bound, "shift_bound": shift_bound,
                                  "iterations": iterations, "ridge": float(ridge),
                                  "reference_tol": float(reference_tol), "calibration_batch": int(noise.shape[0])})
