@@ -320,3 +320,21 @@ def test_corrector_share_weights_only_the_tail():
     assert share(0.5, 0.9) == 1.0  # σ > 1: the estimate as it is
     assert share(2.0, 8.0) == pytest.approx(math.sqrt(0.75))
     assert 0 < share(50.0, 50.5) < share(50.0, 60.0) < 1.0
+
+
+def test_adaptive_generate_keeps_a_callers_own_warp():
+    """A unipc the caller warped (Adams.warped) is solved with that warp, not silently re-warped to the tail's."""
+    from flowdiff.api.adaptive import signal_scale
+
+    gauss, noise, _ = _setup()
+    asked = []
+
+    def warp(rho):
+        asked.append(float(np.min(rho)))
+        return signal_scale(rho)
+
+    adaptive = flowdiff.Adaptive(rtol=1e-3, atol=1e-3)
+    own = flowdiff.generate(gauss.flow(), noise, solver=solvers.get("unipc").warped(warp, 1.0), adaptive=adaptive)
+    assert asked and min(asked) >= 1.0  # asked only on the steps at ρ ≥ t_from
+    default = flowdiff.generate(gauss.flow(), noise, solver="unipc", adaptive=adaptive)
+    assert torch.equal(own.x, default.x)  # the same warp and t_from as the tail's: the same solve

@@ -216,7 +216,8 @@ def solve_adaptive_flow(request: Request, x: Tensor, *, direction: str, model_dt
             stop = limit_is_known(spec.rtol, spec.atol, form.time(min(schedule.sigma_min, s_max)))
             weight = None
             if isinstance(solver, solvers.Adams) and solver.corrector and solver.log_time:  # the tail (SIGMA_TAIL)
-                solver = solver.warped(signal_scale, form.time(SIGMA_TAIL))
+                if solver.warp is None:  # a caller's own warp (Adams.warped) is kept
+                    solver = solver.warped(signal_scale, form.time(SIGMA_TAIL))
                 weight = corrector_share(form.time(SIGMA_TAIL))
 
             def into_zero(t: float) -> FixedGrid:
