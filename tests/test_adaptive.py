@@ -10,7 +10,7 @@ import flowdiff
 import solvers
 from flowdiff.api.adaptive import AdaptiveStep
 from flowdiff.models.analytic import Gaussian
-from solvers import SolveError
+from solvers import FixedGrid, SolveError, integrate
 
 TOLS = [1e-2, 1e-3, 1e-4, 1e-5]
 #: The stated factor: the RMS error of the image is within [tol/LOW, HIGH·tol] over a tolerance
@@ -338,3 +338,16 @@ def test_adaptive_generate_keeps_a_callers_own_warp():
     assert asked and min(asked) >= 1.0  # asked only on the steps at ρ ≥ t_from
     default = flowdiff.generate(gauss.flow(), noise, solver="unipc", adaptive=adaptive)
     assert torch.equal(own.x, default.x)  # the same warp and t_from as the tail's: the same solve
+
+
+def test_dpmpp_2m_refuses_a_warp_it_would_ignore():
+    """dpmpp_2m's step is the midpoint formula, not Adams weights: a warp would leave it unchanged."""
+    from flowdiff.api.adaptive import signal_scale
+
+    with pytest.raises(TypeError, match="solver 'dpmpp_2m' takes DPM-Solver\\+\\+\\(2M\\)'s midpoint step"):
+        solvers.DPMSolverPP2M().warped(signal_scale, 1.0)
+    y0 = torch.zeros(2, dtype=torch.float64)
+    grid = FixedGrid([2.0, 2.7, 4.0, 7.5])
+    adams = solvers.Adams("dpmpp_2m", 2, log_time=True)  # the Adams form it names takes the warp
+    assert not torch.equal(integrate(_linear_in_signal_scale, y0, adams.warped(signal_scale, 1.0), grid).y,
+                           integrate(_linear_in_signal_scale, y0, adams, grid).y)
