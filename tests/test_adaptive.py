@@ -320,6 +320,11 @@ def test_corrector_share_weights_only_the_tail():
     assert share(0.5, 0.9) == 1.0  # σ > 1: the estimate as it is
     assert share(2.0, 8.0) == pytest.approx(math.sqrt(0.75))
     assert 0 < share(50.0, 50.5) < share(50.0, 60.0) < 1.0
+    with pytest.raises(ValueError, match=r"run to larger ρ = 1/σ; got the step rho0=4.0 -> rho1=2.0"):
+        share(4.0, 2.0)  # an encode's step (ρ falling) in the tail: refused, not a math domain error
+    with pytest.raises(ValueError, match=r"rho0=4.0 -> rho1=4.0"):
+        share(4.0, 4.0)
+    assert share(0.5, 0.25) == 1.0  # above the tail the direction is not the weight's business
 
 
 def test_adaptive_generate_keeps_a_callers_own_warp():
