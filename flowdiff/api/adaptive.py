@@ -99,7 +99,7 @@ def corrector_share(rho_from: float) -> Callable[[float, float], float]:
     measured worse at RMSE 1e-4 on the closed-form mixture; ``benchmarks/RESULTS.md``). Where ∂D/∂x̄ is
     far from I — ∂D/∂x̄ = Cov[x₀ | x̄]/σ², large on a trajectory between two modes — the corrector passes on
     more than this weight assumes: on closed-form mixtures the worst sample's error at tol 1e-5 is up to
-    ~19·tol with the weight against ~6–9·tol without it (``benchmarks/adaptive_tail_weight.py``)."""
+    ~19·tol with the weight against at most ~9·tol without it (``benchmarks/adaptive_tail_weight.py``)."""
 
     def weight(rho0: float, rho1: float) -> float:
         if rho0 < rho_from:
