@@ -36,15 +36,17 @@ def batch(seed: int, n: int) -> torch.Tensor:
     return torch.randn(n, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
 
-def weighted(cal: torch.Tensor, extra: torch.Tensor, w: int) -> torch.Tensor:
-    """``cal`` with ``w`` copies of each of ``extra``, every copy of a sample in the same half (even / odd index)."""
+def weighted(cal: torch.Tensor, extra: torch.Tensor, w: int) -> tuple[torch.Tensor, int]:
+    """``cal`` with ``w`` copies of each of ``extra``, every copy of a sample in the same half (even / odd index),
+    and how many of ``extra`` it holds: the halves are interleaved pairwise, so of an odd number the last is left
+    out."""
     a, b = extra[0::2], extra[1::2]
     m = min(len(a), len(b))
     fit = torch.cat([cal[0::2]] + [a[:m]] * w)
     held = torch.cat([cal[1::2]] + [b[:m]] * w)
     out = torch.empty(2 * len(fit), *cal.shape[1:], dtype=cal.dtype)
     out[0::2], out[1::2] = fit, held
-    return out
+    return out, 2 * m
 
 
 def main() -> None:
@@ -77,8 +79,8 @@ def main() -> None:
              f"{args.weights}` — {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, "
              "float64. Held-out batch: seed 5, 1,024 samples; RMSE, how many land on another training image, and the "
              "RMSE of the others.", "",
-             "| NFE | near-boundary samples added (of 3,072) | solver | weight | calibration batch | tuned: RMSE | "
-             "elsewhere | RMSE of the rest | learned shifts+grid: RMSE | elsewhere | RMSE of the rest |",
+             "| NFE | near-boundary samples added, of those found (in 3,072) | solver | weight | calibration batch | "
+             "tuned: RMSE | elsewhere | RMSE of the rest | learned shifts+grid: RMSE | elsewhere | RMSE of the rest |",
              "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for nfe in map(int, args.nfe.split(",")):
         with torch.no_grad():
@@ -88,13 +90,13 @@ def main() -> None:
         extra = pool[hard]
         for solver in args.solvers.split(","):
             for w in map(int, args.weights.split(",")):
-                noise = weighted(cal, extra, w)
+                noise, used = weighted(cal, extra, w)
                 tuned = flowdiff.tune(flow, noise, solver=solver, nfe=nfe, progress=False, max_evals=60,
                                       reference_tol=1e-8)
                 learned = flowdiff.learn_solver(flow, noise, solver=solver, nfe=nfe, sigmas=tuned.sigmas,
                                                 reference_tol=1e-8)
                 fit = measure(learned.as_solver(), learned.sigmas) if learned.kept else "rejected | | "
-                lines.append(f"| {nfe} | {len(extra)} | {solver} | {w} | {len(noise)} | "
+                lines.append(f"| {nfe} | {used} of {len(extra)} | {solver} | {w} | {len(noise)} | "
                              f"{measure(solvers.get(solver), tuned.sigmas)} | {fit} |")
                 print(lines[-1], flush=True)
     lines += ["", f"Total wall time {time.perf_counter() - started:.0f} s.", ""]

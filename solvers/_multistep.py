@@ -254,6 +254,13 @@ class DPMSolverPP2M(Adams):
         #: the method of a fixed grid's last step, or None for this method's own
         self.final_method: Solver | None = Adams("dpmpp_2m", 1, log_time=True) if lower_order_final else None
 
+    def warped(self, warp: Callable[[np.ndarray], np.ndarray], t_from: float) -> Adams:
+        """Refused: this method's step is its own midpoint formula, not Adams weights through its nodes, so a
+        warp would change nothing."""
+        raise TypeError("solver 'dpmpp_2m' takes DPM-Solver++(2M)'s midpoint step, not Adams weights: a warp would "
+                        "be ignored; warp an Adams method (solvers.Adams('dpmpp_2m', 2, log_time=True), "
+                        "'dpmpp_3m', 'deis', 'unipc', 'lms', 'abm')")
+
     def _predict_weights(self, ts: list[float], t0: float, t1: float) -> list[float]:
         if len(ts) < 2 or not _log_defined((*ts, t1)):
             return adams_weights(ts, t0, t1, log_time=False)

@@ -10,7 +10,7 @@ import flowdiff
 import solvers
 from flowdiff.api.adaptive import AdaptiveStep
 from flowdiff.models.analytic import Gaussian
-from solvers import SolveError
+from solvers import FixedGrid, SolveError, integrate
 
 TOLS = [1e-2, 1e-3, 1e-4, 1e-5]
 #: The stated factor: the RMS error of the image is within [tol/LOW, HIGH·tol] over a tolerance
@@ -320,3 +320,39 @@ def test_corrector_share_weights_only_the_tail():
     assert share(0.5, 0.9) == 1.0  # σ > 1: the estimate as it is
     assert share(2.0, 8.0) == pytest.approx(math.sqrt(0.75))
     assert 0 < share(50.0, 50.5) < share(50.0, 60.0) < 1.0
+    with pytest.raises(ValueError, match=r"run to larger ρ = 1/σ; got the step rho0=4.0 -> rho1=2.0"):
+        share(4.0, 2.0)  # an encode's step (ρ falling) in the tail: refused, not a math domain error
+    with pytest.raises(ValueError, match=r"rho0=4.0 -> rho1=4.0"):
+        share(4.0, 4.0)
+    assert share(0.5, 0.25) == 1.0  # above the tail the direction is not the weight's business
+
+
+def test_adaptive_generate_keeps_a_callers_own_warp():
+    """A unipc the caller warped (Adams.warped) is solved with that warp, not silently re-warped to the tail's."""
+    from flowdiff.api.adaptive import signal_scale
+
+    gauss, noise, _ = _setup()
+    asked = []
+
+    def warp(rho):
+        asked.append(float(np.min(rho)))
+        return signal_scale(rho)
+
+    adaptive = flowdiff.Adaptive(rtol=1e-3, atol=1e-3)
+    own = flowdiff.generate(gauss.flow(), noise, solver=solvers.get("unipc").warped(warp, 1.0), adaptive=adaptive)
+    assert asked and min(asked) >= 1.0  # asked only on the steps at ρ ≥ t_from
+    default = flowdiff.generate(gauss.flow(), noise, solver="unipc", adaptive=adaptive)
+    assert torch.equal(own.x, default.x)  # the same warp and t_from as the tail's: the same solve
+
+
+def test_dpmpp_2m_refuses_a_warp_it_would_ignore():
+    """dpmpp_2m's step is the midpoint formula, not Adams weights: a warp would leave it unchanged."""
+    from flowdiff.api.adaptive import signal_scale
+
+    with pytest.raises(TypeError, match="solver 'dpmpp_2m' takes DPM-Solver\\+\\+\\(2M\\)'s midpoint step"):
+        solvers.DPMSolverPP2M().warped(signal_scale, 1.0)
+    y0 = torch.zeros(2, dtype=torch.float64)
+    grid = FixedGrid([2.0, 2.7, 4.0, 7.5])
+    adams = solvers.Adams("dpmpp_2m", 2, log_time=True)  # the Adams form it names takes the warp
+    assert not torch.equal(integrate(_linear_in_signal_scale, y0, adams.warped(signal_scale, 1.0), grid).y,
+                           integrate(_linear_in_signal_scale, y0, adams, grid).y)

@@ -75,3 +75,23 @@ def test_nearest_centre(pooled):
     centres = torch.eye(4, dtype=torch.float64).reshape(4, 1, 2, 2)
     x = centres[[2, 0, 3]] + 0.1
     assert pooled.nearest(x, centres).tolist() == [2, 0, 3]
+
+
+def test_weighted_calibration_says_how_many_samples_it_holds():
+    """mixture_weighting.weighted keeps each copy in its half (even fitted, odd held out) and pairs the halves, so of
+    an odd number of near-boundary samples one is left out: the count it reports is the one it holds."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("_bench_mixture_weighting", bench / "mixture_weighting.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(bench))
+    cal = torch.arange(8, dtype=torch.float64).reshape(8, 1)
+    extra = 100 + torch.arange(5, dtype=torch.float64).reshape(5, 1)
+    for w in (0, 1, 3):
+        noise, used = module.weighted(cal, extra, w)
+        assert len(noise) == len(cal) + w * used and used == 4  # 5 found, 4 held
+        assert noise[0::2, 0].tolist() == [0, 2, 4, 6] + [100, 102] * w  # the fitted half: even cal, a's copies
+        assert noise[1::2, 0].tolist() == [1, 3, 5, 7] + [101, 103] * w
