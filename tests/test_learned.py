@@ -388,6 +388,19 @@ def test_a_start_needs_a_second_sigma_above_zero():
     assert calls == []
 
 
+def test_a_start_is_refused_for_a_grid_that_starts_above_sigma_max():
+    """(σ_1, σ_max] is empty when σ_1 is σ_max (this was a bare ZeroDivisionError), and a σ_1 moved up by "grid"
+    could pass σ_max and put the start below it: a starting grid above σ_max is refused before any evaluation."""
+    flow, calls = counting(mixture())
+    top = flow.schedule.sigma_max
+    for above in ([top * 1.5, top, 1.0, 0.0], [top * 1.5, top * 0.9, 1.0, 0.0]):
+        for learn in ("start", ("grid", "start")):
+            with pytest.raises(ValueError, match=r"moves the first σ within \(σ_1, σ_max\], but sigmas= starts at "
+                                                 rf"σ = {above[0]!r}, above the schedule's σ_max = {top!r}"):
+                learn_solver(flow, noise(1, n=4), solver="euler", nfe=3, sigmas=np.array(above), learn=learn)
+    assert calls == []
+
+
 def test_a_grid_over_the_budget_is_refused_naming_sigmas_before_any_model_evaluation():
     flow, calls = counting(mixture())
     sig = flowdiff.make_sigmas(flow.schedule, "logsnr", 8)

@@ -364,15 +364,15 @@ class _Start:
 
     def __init__(self, sigmas: np.ndarray, schedule: Schedule) -> None:
         self.sigma_0, self.sigma_1 = float(sigmas[0]), float(sigmas[1])
-        self.top = max(float(schedule.sigma_max), self.sigma_0)
+        self.top = float(schedule.sigma_max)  # learn_solver refuses a starting grid above it
         self.log_max = math.log(float(schedule.sigma_max))
         self.f0 = (math.log(self.sigma_0) - math.log(self.sigma_1)) / (self.log_max - math.log(self.sigma_1))
-        self.bounds = (self.LOWEST - self.f0, max(1.0, self.f0) - self.f0)
+        self.bounds = (self.LOWEST - self.f0, 1.0 - self.f0)
 
     def sigma(self, u: float, sigma_1: float) -> float:
         if u == 0.0 and sigma_1 == self.sigma_1:
             return self.sigma_0  # the starting grid's own, bit for bit
-        # never above σ_max (or a starting grid's higher σ_0) by the rounding of exp(log σ_max)
+        # never above σ_max by the rounding of exp(log σ_max)
         return min(math.exp(math.log(sigma_1) + (self.f0 + u) * (self.log_max - math.log(sigma_1))), self.top)
 
 
@@ -475,6 +475,12 @@ def learn_solver(
         raise ValueError(f"learn={learn!r} moves the first σ within (σ_1, σ_max], but {shown} "
                          f"({len(sigmas) - 1} step(s), σ_1 = {float(sigmas[1]) if len(sigmas) > 1 else None!r}) has "
                          "no σ_1 > 0 below it: give a grid of at least 2 steps")
+    if "start" in learn and not sigmas[0] <= flow.schedule.sigma_max:
+        # (σ_1, σ_max] would be empty, or a σ_1 moved by "grid" could pass σ_max and put the start below it
+        shown = "sigmas=" if grid_name == "given" else f"the {grid_name} grid"
+        raise ValueError(f"learn={learn!r} moves the first σ within (σ_1, σ_max], but {shown} starts at "
+                         f"σ = {float(sigmas[0])!r}, above the schedule's σ_max = {float(flow.schedule.sigma_max)!r}: "
+                         "give a grid that starts at or below σ_max")
     cost = sum(map(len, _evaluated(base, list(map(float, sigmas)), flow.schedule)))  # before the teacher's cost
     if cost > nfe:
         shown = "sigmas=" if grid_name == "given" else f"the {grid_name} grid"
