@@ -401,6 +401,17 @@ def test_a_start_is_refused_for_a_grid_that_starts_above_sigma_max():
     assert calls == []
 
 
+def test_a_start_stays_above_a_sigma_1_next_to_sigma_max():
+    """With σ_1 one float below σ_max the start's log-σ span rounds away: the start stays strictly between σ_1
+    and σ_max inclusive instead of landing on σ_1 (which made the fit's own solve refuse an unordered grid)."""
+    flow = mixture()
+    top = flow.schedule.sigma_max
+    given = np.array([top, math.nextafter(top, 0.0), 1.0, 0.0])
+    learned = learn_solver(flow, noise(1, n=4), solver="euler", nfe=3, sigmas=given, learn="start", iterations=1)
+    for grid in (learned.sigmas, learned.base_grid()):
+        assert given[1] < grid[0] <= top and np.array_equal(grid[1:], given[1:])
+
+
 def test_a_grid_over_the_budget_is_refused_naming_sigmas_before_any_model_evaluation():
     flow, calls = counting(mixture())
     sig = flowdiff.make_sigmas(flow.schedule, "logsnr", 8)

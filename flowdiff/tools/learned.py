@@ -372,8 +372,9 @@ class _Start:
     def sigma(self, u: float, sigma_1: float) -> float:
         if u == 0.0 and sigma_1 == self.sigma_1:
             return self.sigma_0  # the starting grid's own, bit for bit
-        # never above σ_max by the rounding of exp(log σ_max)
-        return min(math.exp(math.log(sigma_1) + (self.f0 + u) * (self.log_max - math.log(sigma_1))), self.top)
+        # never above σ_max by the rounding of exp(log σ_max), nor down to σ_1 by the rounding of a short span
+        sigma = math.exp(math.log(sigma_1) + (self.f0 + u) * (self.log_max - math.log(sigma_1)))
+        return min(max(sigma, math.nextafter(sigma_1, math.inf)), self.top)
 
 
 def _check_noise(noise: Tensor) -> None:
