@@ -412,6 +412,21 @@ def test_a_start_stays_above_a_sigma_1_next_to_sigma_max():
         assert given[1] < grid[0] <= top and np.array_equal(grid[1:], given[1:])
 
 
+def test_a_zero_terminal_snr_flow_is_refused_naming_the_flow_before_any_model_evaluation():
+    """The teacher starts at σ_max: with σ_max = ∞ the refusal names learn_solver's flow, not another function's
+    options (the logsnr grid's grid_options=, the reference's sigma_start=), whatever sigmas= says."""
+    schedule = flowdiff.Schedule.from_betas(np.linspace(1e-4, 0.02, 1000), rescale_zero_snr=True)
+    assert schedule.sigma_max == math.inf
+    data = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5, schedule)
+    flow, calls = counting(data.flow())
+    for given in (None, np.array([50.0, 2.0, 0.5, 0.0])):
+        for learn in ("start", "shifts"):
+            with pytest.raises(ValueError, match=r"flow's schedule has σ_max = inf \(zero terminal SNR\): learn_solver "
+                                                 r".*accepted: a flow whose schedule has a finite σ_max"):
+                learn_solver(flow, noise(1, n=4, dim=4), solver="euler", nfe=3, sigmas=given, learn=learn)
+    assert calls == []
+
+
 def test_a_grid_over_the_budget_is_refused_naming_sigmas_before_any_model_evaluation():
     flow, calls = counting(mixture())
     sig = flowdiff.make_sigmas(flow.schedule, "logsnr", 8)

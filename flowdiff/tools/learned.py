@@ -438,6 +438,10 @@ def learn_solver(
     """
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
+    if not math.isfinite(flow.schedule.sigma_max):
+        raise ValueError(f"flow's schedule has σ_max = {flow.schedule.sigma_max!r} (zero terminal SNR): learn_solver "
+                         "judges every fit against a teacher solved from σ_max, which cannot start at σ = ∞; "
+                         "accepted: a flow whose schedule has a finite σ_max")
     _check_noise(noise)
     if noise.shape[0] < 2:
         raise ValueError(f"noise must hold at least 2 samples (one to fit, one held out), got {noise.shape[0]}")
