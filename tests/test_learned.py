@@ -385,6 +385,10 @@ def test_a_start_needs_a_second_sigma_above_zero():
     with pytest.raises(ValueError, match=r"learn=\('start',\) moves the first σ within \(σ_1, σ_max\], but sigmas= "
                                          r"\(1 step\(s\), σ_1 = 0.0\) has no σ_1 > 0 below it"):
         learn_solver(flow, noise(1, n=4), solver="euler", nfe=1, sigmas=one_step, learn="start")
+    # the 1-step grid chosen for nfe=1 is not the caller's: the message says how to get another
+    with pytest.raises(ValueError, match=r"but the logsnr grid \(1 step\(s\), σ_1 = 0.0\) has no σ_1 > 0 below it: "
+                                         r"give a grid of at least 2 steps \(sigmas=, or an nfe above 1\)$"):
+        learn_solver(flow, noise(1, n=4), solver="euler", nfe=1, learn="start")
     assert calls == []
 
 

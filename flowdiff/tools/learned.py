@@ -479,7 +479,8 @@ def learn_solver(
         shown = "sigmas=" if grid_name == "given" else f"the {grid_name} grid"
         raise ValueError(f"learn={learn!r} moves the first σ within (σ_1, σ_max], but {shown} "
                          f"({len(sigmas) - 1} step(s), σ_1 = {float(sigmas[1]) if len(sigmas) > 1 else None!r}) has "
-                         "no σ_1 > 0 below it: give a grid of at least 2 steps")
+                         "no σ_1 > 0 below it: give a grid of at least 2 steps"
+                         + ("" if grid_name == "given" else f" (sigmas=, or an nfe above {nfe})"))
     if "start" in learn and not sigmas[0] <= flow.schedule.sigma_max:
         # (σ_1, σ_max] would be empty, or a σ_1 moved by "grid" could pass σ_max and put the start below it
         shown = "sigmas=" if grid_name == "given" else f"the {grid_name} grid"
