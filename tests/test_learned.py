@@ -1,6 +1,7 @@
 """Learned low-NFE solvers (order kept, held-out decision, files tied to their model) and multistep encodes at
 their order with exact NFE in both directions."""
 
+import json
 import math
 
 import numpy as np
@@ -221,7 +222,6 @@ def test_shifts_at_their_bounds_keep_every_evaluation_between_zero_and_sigma_max
 
 
 def test_shifts_and_coefficients_together_save_load_bit_for_bit_and_old_files_still_load(tmp_path):
-    import json
 
     flow = mixture()
     cal = noise(1, n=8)
@@ -377,6 +377,16 @@ def test_shifts_grid_and_start_save_load_bit_for_bit_and_keep_every_evaluation_i
     base_nfe = flowdiff.generate(flow, cal, solver="dpmpp_3m", grid=forced.base_sigmas).stats.nfe
     assert a.stats.nfe == len(calls) == base_nfe
     assert all(0.0 <= s <= flow.schedule.sigma_max for s in calls)
+    # a file whose base grid is missing or of another length would judge the base method on the learned start
+    data = json.loads((tmp_path / "start.learned.json").read_text())
+    for base_sigmas in (None, data["base_sigmas"][1:]):
+        (tmp_path / "bad.json").write_text(json.dumps({**data, "base_sigmas": base_sigmas}))
+        with pytest.raises(ValueError, match=r"bad.json: malformed learned solver \(learn=\['shifts', 'grid', "
+                                             r"'start'\] needs base_sigmas as long as sigmas"):
+            LearnedSolver.load(tmp_path / "bad.json", flow)
+    (tmp_path / "bad.json").write_text(json.dumps({**data, "learn": ["shifts"]}))
+    with pytest.raises(ValueError, match=r"malformed learned solver \(learn=\['shifts'\] needs base_sigmas null"):
+        LearnedSolver.load(tmp_path / "bad.json", flow)
 
 
 def test_a_start_needs_a_second_sigma_above_zero():
@@ -406,8 +416,8 @@ def test_a_start_is_refused_for_a_grid_that_starts_above_sigma_max():
 
 
 def test_a_start_stays_above_a_sigma_1_next_to_sigma_max():
-    """With σ_1 one float below σ_max the start's log-σ span rounds away: the start stays strictly between σ_1
-    and σ_max inclusive instead of landing on σ_1 (which made the fit's own solve refuse an unordered grid)."""
+    """With σ_1 one float below σ_max the start's log-σ span rounds away: the start stays above σ_1 and
+    at most σ_max instead of landing on σ_1 (which made the fit's own solve refuse an unordered grid)."""
     flow = mixture()
     top = flow.schedule.sigma_max
     given = np.array([top, math.nextafter(top, 0.0), 1.0, 0.0])

@@ -216,6 +216,12 @@ class LearnedSolver:
                 [float.fromhex(s) for s in base_sigmas], dtype=np.float64)
             learned = cls(**data, source=str(path))
             learned.base()
+            moved = "grid" in learned.learn or "start" in learned.learn
+            if moved != (learned.base_sigmas is not None) or (moved and learned.base_sigmas.shape
+                                                               != learned.sigmas.shape):
+                raise ValueError(f"learn={list(learned.learn)} needs base_sigmas "
+                                 f"{'as long as sigmas' if moved else 'null'} (the grid the base method is judged "
+                                 f"on), got {base_sigmas!r}")
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"{path}: malformed learned solver ({err})") from None
         learned.check(flow, model_kwargs)
