@@ -222,7 +222,6 @@ def test_shifts_at_their_bounds_keep_every_evaluation_between_zero_and_sigma_max
 
 
 def test_shifts_and_coefficients_together_save_load_bit_for_bit_and_old_files_still_load(tmp_path):
-
     flow = mixture()
     cal = noise(1, n=8)
     learned = learn_solver(flow, cal, solver="dpmpp_3m", nfe=6, iterations=2, learn=("coefficients", "shifts"))
