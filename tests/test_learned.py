@@ -1,6 +1,7 @@
 """Learned low-NFE solvers (order kept, held-out decision, files tied to their model) and multistep encodes at
 their order with exact NFE in both directions."""
 
+import json
 import math
 
 import numpy as np
@@ -221,8 +222,6 @@ def test_shifts_at_their_bounds_keep_every_evaluation_between_zero_and_sigma_max
 
 
 def test_shifts_and_coefficients_together_save_load_bit_for_bit_and_old_files_still_load(tmp_path):
-    import json
-
     flow = mixture()
     cal = noise(1, n=8)
     learned = learn_solver(flow, cal, solver="dpmpp_3m", nfe=6, iterations=2, learn=("coefficients", "shifts"))
@@ -377,6 +376,16 @@ def test_shifts_grid_and_start_save_load_bit_for_bit_and_keep_every_evaluation_i
     base_nfe = flowdiff.generate(flow, cal, solver="dpmpp_3m", grid=forced.base_sigmas).stats.nfe
     assert a.stats.nfe == len(calls) == base_nfe
     assert all(0.0 <= s <= flow.schedule.sigma_max for s in calls)
+    # a file whose base grid is missing or of another length would judge the base method on the learned start
+    data = json.loads((tmp_path / "start.learned.json").read_text())
+    for base_sigmas in (None, data["base_sigmas"][1:]):
+        (tmp_path / "bad.json").write_text(json.dumps({**data, "base_sigmas": base_sigmas}))
+        with pytest.raises(ValueError, match=r"bad.json: malformed learned solver \(learn=\['shifts', 'grid', "
+                                             r"'start'\] needs base_sigmas as long as sigmas"):
+            LearnedSolver.load(tmp_path / "bad.json", flow)
+    (tmp_path / "bad.json").write_text(json.dumps({**data, "learn": ["shifts"]}))
+    with pytest.raises(ValueError, match=r"malformed learned solver \(learn=\['shifts'\] needs base_sigmas null"):
+        LearnedSolver.load(tmp_path / "bad.json", flow)
 
 
 def test_a_start_needs_a_second_sigma_above_zero():
@@ -385,6 +394,49 @@ def test_a_start_needs_a_second_sigma_above_zero():
     with pytest.raises(ValueError, match=r"learn=\('start',\) moves the first σ within \(σ_1, σ_max\], but sigmas= "
                                          r"\(1 step\(s\), σ_1 = 0.0\) has no σ_1 > 0 below it"):
         learn_solver(flow, noise(1, n=4), solver="euler", nfe=1, sigmas=one_step, learn="start")
+    # the 1-step grid chosen for nfe=1 is not the caller's: the message says how to get another
+    with pytest.raises(ValueError, match=r"but the logsnr grid \(1 step\(s\), σ_1 = 0.0\) has no σ_1 > 0 below it: "
+                                         r"give a grid of at least 2 steps \(sigmas=, or an nfe above 1\)$"):
+        learn_solver(flow, noise(1, n=4), solver="euler", nfe=1, learn="start")
+    assert calls == []
+
+
+def test_a_start_is_refused_for_a_grid_that_starts_above_sigma_max():
+    """(σ_1, σ_max] is empty when σ_1 is σ_max (this was a bare ZeroDivisionError), and a σ_1 moved up by "grid"
+    could pass σ_max and put the start below it: a starting grid above σ_max is refused before any evaluation."""
+    flow, calls = counting(mixture())
+    top = flow.schedule.sigma_max
+    for above in ([top * 1.5, top, 1.0, 0.0], [top * 1.5, top * 0.9, 1.0, 0.0]):
+        for learn in ("start", ("grid", "start")):
+            with pytest.raises(ValueError, match=r"moves the first σ within \(σ_1, σ_max\], but sigmas= starts at "
+                                                 rf"σ = {above[0]!r}, above the schedule's σ_max = {top!r}"):
+                learn_solver(flow, noise(1, n=4), solver="euler", nfe=3, sigmas=np.array(above), learn=learn)
+    assert calls == []
+
+
+def test_a_start_stays_above_a_sigma_1_next_to_sigma_max():
+    """With σ_1 one float below σ_max the start's log-σ span rounds away: the start stays above σ_1 and
+    at most σ_max instead of landing on σ_1 (which made the fit's own solve refuse an unordered grid)."""
+    flow = mixture()
+    top = flow.schedule.sigma_max
+    given = np.array([top, math.nextafter(top, 0.0), 1.0, 0.0])
+    learned = learn_solver(flow, noise(1, n=4), solver="euler", nfe=3, sigmas=given, learn="start", iterations=1)
+    for grid in (learned.sigmas, learned.base_grid()):
+        assert given[1] < grid[0] <= top and np.array_equal(grid[1:], given[1:])
+
+
+def test_a_zero_terminal_snr_flow_is_refused_naming_the_flow_before_any_model_evaluation():
+    """The teacher starts at σ_max: with σ_max = ∞ the refusal names learn_solver's flow, not another function's
+    options (the logsnr grid's grid_options=, the reference's sigma_start=), whatever sigmas= says."""
+    schedule = flowdiff.Schedule.from_betas(np.linspace(1e-4, 0.02, 1000), rescale_zero_snr=True)
+    assert schedule.sigma_max == math.inf
+    data = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5, schedule)
+    flow, calls = counting(data.flow())
+    for given in (None, np.array([50.0, 2.0, 0.5, 0.0])):
+        for learn in ("start", "shifts"):
+            with pytest.raises(ValueError, match=r"flow's schedule has σ_max = inf \(zero terminal SNR\): learn_solver "
+                                                 r".*accepted: a flow whose schedule has a finite σ_max"):
+                learn_solver(flow, noise(1, n=4, dim=4), solver="euler", nfe=3, sigmas=given, learn=learn)
     assert calls == []
 
 

@@ -216,6 +216,12 @@ class LearnedSolver:
                 [float.fromhex(s) for s in base_sigmas], dtype=np.float64)
             learned = cls(**data, source=str(path))
             learned.base()
+            moved = "grid" in learned.learn or "start" in learned.learn
+            if moved != (learned.base_sigmas is not None) or (moved and learned.base_sigmas.shape
+                                                               != learned.sigmas.shape):
+                raise ValueError(f"learn={list(learned.learn)} needs base_sigmas "
+                                 f"{'as long as sigmas' if moved else 'null'} (the grid the base method is judged "
+                                 f"on), got {base_sigmas!r}")
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"{path}: malformed learned solver ({err})") from None
         learned.check(flow, model_kwargs)
@@ -364,16 +370,17 @@ class _Start:
 
     def __init__(self, sigmas: np.ndarray, schedule: Schedule) -> None:
         self.sigma_0, self.sigma_1 = float(sigmas[0]), float(sigmas[1])
-        self.top = max(float(schedule.sigma_max), self.sigma_0)
+        self.top = float(schedule.sigma_max)  # learn_solver refuses a starting grid above it
         self.log_max = math.log(float(schedule.sigma_max))
         self.f0 = (math.log(self.sigma_0) - math.log(self.sigma_1)) / (self.log_max - math.log(self.sigma_1))
-        self.bounds = (self.LOWEST - self.f0, max(1.0, self.f0) - self.f0)
+        self.bounds = (self.LOWEST - self.f0, 1.0 - self.f0)
 
     def sigma(self, u: float, sigma_1: float) -> float:
         if u == 0.0 and sigma_1 == self.sigma_1:
             return self.sigma_0  # the starting grid's own, bit for bit
-        # never above σ_max (or a starting grid's higher σ_0) by the rounding of exp(log σ_max)
-        return min(math.exp(math.log(sigma_1) + (self.f0 + u) * (self.log_max - math.log(sigma_1))), self.top)
+        # never above σ_max by the rounding of exp(log σ_max), nor down to σ_1 by the rounding of a short span
+        sigma = math.exp(math.log(sigma_1) + (self.f0 + u) * (self.log_max - math.log(sigma_1)))
+        return min(max(sigma, math.nextafter(sigma_1, math.inf)), self.top)
 
 
 def _check_noise(noise: Tensor) -> None:
@@ -437,6 +444,10 @@ def learn_solver(
     """
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
+    if not math.isfinite(flow.schedule.sigma_max):
+        raise ValueError(f"flow's schedule has σ_max = {flow.schedule.sigma_max!r} (zero terminal SNR): learn_solver "
+                         "judges every fit against a teacher solved from σ_max, which cannot start at σ = ∞; "
+                         "accepted: a flow whose schedule has a finite σ_max")
     _check_noise(noise)
     if noise.shape[0] < 2:
         raise ValueError(f"noise must hold at least 2 samples (one to fit, one held out), got {noise.shape[0]}")
@@ -474,7 +485,14 @@ def learn_solver(
         shown = "sigmas=" if grid_name == "given" else f"the {grid_name} grid"
         raise ValueError(f"learn={learn!r} moves the first σ within (σ_1, σ_max], but {shown} "
                          f"({len(sigmas) - 1} step(s), σ_1 = {float(sigmas[1]) if len(sigmas) > 1 else None!r}) has "
-                         "no σ_1 > 0 below it: give a grid of at least 2 steps")
+                         "no σ_1 > 0 below it: give a grid of at least 2 steps"
+                         + ("" if grid_name == "given" else f" (sigmas=, or an nfe above {nfe})"))
+    if "start" in learn and not sigmas[0] <= flow.schedule.sigma_max:
+        # (σ_1, σ_max] would be empty, or a σ_1 moved by "grid" could pass σ_max and put the start below it
+        shown = "sigmas=" if grid_name == "given" else f"the {grid_name} grid"
+        raise ValueError(f"learn={learn!r} moves the first σ within (σ_1, σ_max], but {shown} starts at "
+                         f"σ = {float(sigmas[0])!r}, above the schedule's σ_max = {float(flow.schedule.sigma_max)!r}: "
+                         "give a grid that starts at or below σ_max")
     cost = sum(map(len, _evaluated(base, list(map(float, sigmas)), flow.schedule)))  # before the teacher's cost
     if cost > nfe:
         shown = "sigmas=" if grid_name == "given" else f"the {grid_name} grid"
