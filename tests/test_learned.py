@@ -254,17 +254,17 @@ def test_shifts_and_coefficients_together_save_load_bit_for_bit_and_old_files_st
         LearnedSolver.load(tmp_path / "future.json", flow)
 
 
-def test_the_default_fits_shifts_and_grid_together_keeps_the_step_count_and_falls_back_to_the_start_grid(tmp_path):
+def test_shifts_and_grid_together_keep_the_step_count_and_fall_back_to_the_start_grid(tmp_path):
     flow = mixture()
     cal = noise(1, n=16)
-    learned = learn_solver(flow, cal, solver="dpmpp_3m", nfe=6)
+    learned = learn_solver(flow, cal, solver="dpmpp_3m", nfe=6, learn=("shifts", "grid"))
     assert learned.learn == ("shifts", "grid")
     start = learned.base_grid()
     assert np.array_equal(start, flowdiff.make_sigmas(flow.schedule, "logsnr", 6))  # no stored grid: logsnr
     assert learned.calibration_error < learned.base_calibration_error
     forced = LearnedSolver(**{**learned.__dict__, "kept": True})
     if not learned.kept:  # a rejected fit leaves the start grid; refit to see the fitted one
-        forced = learn_solver(flow, cal, solver="dpmpp_3m", nfe=6, iterations=3)
+        forced = learn_solver(flow, cal, solver="dpmpp_3m", nfe=6, iterations=3, learn=("shifts", "grid"))
         forced = LearnedSolver(**{**forced.__dict__, "kept": True})
     grid = forced.sigmas
     assert len(grid) == len(start) and grid[0] == start[0] and grid[-1] == start[-1] == 0.0
@@ -279,6 +279,19 @@ def test_the_default_fits_shifts_and_grid_together_keeps_the_step_count_and_fall
     # judged on noise where it loses, it is the base method on the start grid
     rejected = forced._decided(1.0, 0.5)
     assert not rejected.kept and np.array_equal(rejected.sigmas, start) and rejected.as_solver().name == "dpmpp_3m"
+
+
+def test_the_default_fits_shifts_grid_and_start_and_spends_the_budget_from_its_learned_start():
+    flow = mixture()
+    cal = noise(1, n=16)
+    learned = learn_solver(flow, cal, solver="unipc", nfe=5)
+    assert learned.learn == ("shifts", "grid", "start")
+    grid = learned.sigmas
+    assert grid[1] < grid[0] <= flow.schedule.sigma_max and np.all(np.diff(grid) < 0)
+    counted, calls = counting(flow)
+    out = flowdiff.generate(counted, cal, solver=learned.as_solver(), grid=grid)
+    assert out.stats.nfe == len(calls) <= 5
+    assert all(0.0 <= s <= flow.schedule.sigma_max for s in calls)
 
 
 def test_bad_learn_arguments_name_what_is_accepted():

@@ -2,7 +2,8 @@
 
 At 4–10 evaluations a tuned grid (:mod:`flowdiff.tools.tuning`) leaves an error that a better
 grid alone no longer removes. Four things can take the model's shape, each fitted per step to a
-few hundred teacher trajectories (``learn=``; the default, shifts and grid together, is LD3's):
+few hundred teacher trajectories (``learn=``; the default fits shifts, grid and start together — LD3's pair and
+the first σ):
 
 * ``"shifts"`` — **evaluation times** (LD3, Tong et al., "Learning to Discretize Denoising
   Diffusion ODEs", ICLR 2025; the time-shift sampler, Li et al., ICLR 2024; AMED, Zhou et al.,
@@ -411,7 +412,7 @@ def learn_solver(
     *,
     solver: str = "unipc",
     nfe: int,
-    learn: str | tuple[str, ...] = ("shifts", "grid"),
+    learn: str | tuple[str, ...] = ("shifts", "grid", "start"),
     solver_options: Mapping[str, Any] | None = None,
     sigmas: np.ndarray | None = None,
     terms: int = 2,
@@ -430,8 +431,8 @@ def learn_solver(
     ``"start"`` (the first σ, within (σ_1, σ_max]: the noise is taken as the state there, the teacher
     still starts at σ_max), ``"coefficients"`` (a variable-step Adams method's order-keeping correction:
     ``unipc``, ``dpmpp_3m``, ``dpmpp_2m``, ``lms``, ``abm``), or several, fitted together (see the
-    module docstring). The default, shifts and grid, is LD3's pair; it was chosen by the held-out errors
-    recorded in ``benchmarks/RESULTS.md``. ``noise`` (DDIM scale, at least 2 samples; a few hundred for
+    module docstring). The default, shifts, grid and start, is LD3's pair with the first σ; it was
+    chosen by the held-out and evaluation errors recorded in ``benchmarks/RESULTS.md``. ``noise`` (DDIM scale, at least 2 samples; a few hundred for
     a model whose samples disagree, such as a near-memorising density) is split: the even-indexed half
     is fitted, the odd-indexed half decides whether the fit is kept. The starting grid is ``sigmas``
     when given (it must cost at most ``nfe``), else the stored tuned grid of this flow, solver and
