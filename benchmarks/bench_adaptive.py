@@ -34,6 +34,8 @@ from _kdiffusion import (
     CountingDenoiser,
     load_kdiffusion_sampling,
     mixture_flow,
+    noise_shape,
+    patch_flow,
     reference,
     rmse,
     trained_flow,
@@ -116,21 +118,27 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer methods and settings (about 3 minutes a seed)")
     parser.add_argument("--out", default=None, help="write the markdown section here")
     parser.add_argument("--plot", default=None, help="write a log-log precision-work PNG here (the first seed)")
+    parser.add_argument("--models", default="mixture,digits", help="of mixture, patches, digits")
     args = parser.parse_args()
     seeds = args.seed or [0]
     fd_methods, tols = (QUICK_FLOWDIFF, QUICK_TOLS) if args.quick else (FLOWDIFF, TOLS)
     kd_rtols, kd_atols = (QUICK_KD_RTOLS, QUICK_KD_ATOLS) if args.quick else (KD_RTOLS, KD_ATOLS)
     torch.set_num_threads(1)
     K = load_kdiffusion_sampling()
+    wanted = args.models.split(",")
     models = [("closed-form mixture (200 digit images, bandwidth 0.1)", mixture_flow(), "mixture")]
-    trained = trained_flow()
+    models = models if "mixture" in wanted else []
+    if "patches" in wanted:
+        models.append(("closed-form kernel density over 200 grey 16×16 photo patches (bandwidth 0.1)", patch_flow(),
+                       "patches"))
+    trained = trained_flow() if "digits" in wanted else None
     if trained is not None:
         models.append(("shipped trained model pretrained('digits')", trained, "digits"))
     quick = " --quick" if args.quick else ""
     seed_args = " ".join(f"--seed {s}" for s in seeds)
     targets = " and ".join(f"{t:g}" for t in TARGETS)
     lines = [f"## Adaptive solves: fewest evaluations to RMSE ≤ {targets}", "",
-             f"`python benchmarks/bench_adaptive.py --batch {args.batch} {seed_args}{quick}` — "
+             f"`python benchmarks/bench_adaptive.py --batch {args.batch} {seed_args}{quick} --models {args.models}` — "
              f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, float64. "
              "RMSE of the image against a float64 reference (closed-form model: dopri8 at rtol = atol = 1e-10; "
              "trained model: RK4 with 2 substeps between each pair of its 1000 trained σ's, where its field is "
@@ -142,14 +150,14 @@ def main() -> None:
              "| seed | model | target | flowdiff (best) | NFE | k-diffusion (best) | NFE | ratio |",
              "|---:|---|---:|---|---:|---|---:|---:|"]
     ratio_at = len(lines)
-    if trained is None:
+    if trained is None and "digits" in wanted:
         lines += ["*The shipped trained model's weights were not present when this ran: mixture only.*", ""]
     curves = {}
     ratios = []
     for seed in seeds:
         for title, flow, key in models:
             gen = torch.Generator().manual_seed(seed)
-            noise = torch.randn(args.batch, 1, 8, 8, dtype=torch.float64, generator=gen)
+            noise = torch.randn(args.batch, *noise_shape(key), dtype=torch.float64, generator=gen)
             ref, ref_err, ref_nfe = reference(flow, noise, cache_key=key)
             fd = run_flowdiff(flow, noise, ref, fd_methods, tols)
             kd = run_kdiffusion(K, flow, noise, ref, kd_rtols, kd_atols)

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from _kdiffusion import mixture_flow, per_sample_error, rmse, trained_flow
+from _kdiffusion import mixture_flow, noise_shape, patch_flow, per_sample_error, rmse, trained_flow
 from bench_lownfe import run_kdiffusion
 
 import flowdiff
@@ -48,6 +48,7 @@ BUDGETS = (4, 5, 6, 8, 10, 20)
 #: solvers whose grids are tuned, per model (the trained model is slow on one CPU thread: fewer)
 TUNED = {"mixture": [("ipndm", {"order": 3}), ("dpmpp_3m", {}), ("unipc", {"order": 2}), ("deis", {})],
          "digits": [("ipndm", {"order": 3}), ("unipc", {"order": 2})]}
+TUNED["patches"] = TUNED["mixture"]
 UNTUNED = [("euler", {}), ("lms", {}), ("ipndm", {"order": 3}), ("ipndm", {}), ("deis", {}), ("deis", {"order": 2}),
            ("dpmpp_2m", {}), ("dpmpp_3m", {}), ("unipc", {"order": 1}), ("unipc", {"order": 2})]
 UNTUNED_GRIDS = [("trailing", {}), ("karras", {}), ("logsnr", {}), ("logsnr", {"power": 0.7})]
@@ -181,7 +182,7 @@ def main() -> None:
                         help="flowdiff.tune's method (default dp+search: the DP grid among the search's starts)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nfe", default=",".join(map(str, BUDGETS)))
-    parser.add_argument("--models", default="mixture,digits")
+    parser.add_argument("--models", default="mixture,digits", help="of mixture, patches, digits")
     parser.add_argument("--out", default=None, help="write the markdown here (and the plot next to it, .png)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -192,6 +193,9 @@ def main() -> None:
     if "mixture" in wanted:
         models.append(("closed-form mixture (200 digit images, bandwidth 0.1)", mixture_flow(), "mixture",
                        args.batch, args.calibration, args.max_evals))
+    if "patches" in wanted:  # the mixture's settings, on 200 grey 16×16 photo patches
+        models.append(("closed-form kernel density over 200 grey 16×16 photo patches (bandwidth 0.1)", patch_flow(),
+                       "patches", args.batch, args.calibration, args.max_evals))
     trained = trained_flow() if "digits" in wanted else None
     if trained is not None:
         models.append(("shipped trained model pretrained('digits')", trained, "digits", args.digits_batch,
@@ -211,10 +215,11 @@ def main() -> None:
              "noise. The peers' best configuration is chosen on the evaluation noise itself.", ""]
     results = {}
     for title, flow, key, batch, cal_batch, max_evals in models:
-        noise = torch.randn(batch, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(args.seed))
-        calibration = torch.randn(cal_batch, 1, 8, 8, dtype=torch.float64,
+        noise = torch.randn(batch, *noise_shape(key), dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(args.seed))
+        calibration = torch.randn(cal_batch, *noise_shape(key), dtype=torch.float64,
                                   generator=torch.Generator().manual_seed(args.seed + 1))
-        ref = evaluation_reference(flow, noise, key, 1e-8 if key == "mixture" else 1e-7)
+        ref = evaluation_reference(flow, noise, key, 1e-7 if key == "digits" else 1e-8)
         lines += [f"### {title}", "", f"Evaluation batch {batch}, calibration batch {cal_batch}. Reference: "
                   f"{ref.nfe} NFE, estimated error {ref.error:.1e}.", "",
                   "| NFE | flowdiff tuned (chosen on calibration) | RMSE | tuning cost | best diffusers | RMSE | "

@@ -56,7 +56,17 @@ import warnings
 from pathlib import Path
 
 import torch
-from _kdiffusion import load_kdiffusion_sampling, mixture_centres, mixture_flow, per_sample_error, rmse, trained_flow
+from _kdiffusion import (
+    load_kdiffusion_sampling,
+    mixture_centres,
+    mixture_flow,
+    noise_shape,
+    patch_centres,
+    patch_flow,
+    per_sample_error,
+    rmse,
+    trained_flow,
+)
 from _pooled import CAP, capped_ratio, nearest, ratio, ratio_without
 from bench_frontier import evaluation_reference, run_diffusers
 from bench_lownfe import run_kdiffusion
@@ -206,8 +216,8 @@ def pooled_row(budget: int, ours: list[dict], peers: list[dict], ref: torch.Tens
 
 def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, tol, specs, learns, iterations,
              written=lambda lines: None, centres=None) -> list[str]:
-    noise = torch.randn(batch, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    calibration = torch.randn(cal_batch, 1, 8, 8, dtype=torch.float64,
+    noise = torch.randn(batch, *noise_shape(key), dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    calibration = torch.randn(cal_batch, *noise_shape(key), dtype=torch.float64,
                               generator=torch.Generator().manual_seed(seed + 1))
     ref = evaluation_reference(flow, noise, key, tol)
     calibration_reference(flow, calibration, key, tol)
@@ -332,7 +342,7 @@ class EpsNetwork:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="mixture,digits")
+    parser.add_argument("--models", default="mixture,digits", help="of mixture, patches, digits")
     parser.add_argument("--nfe", default="4,5,6,8,10,20")
     parser.add_argument("--digits-nfe", default="5,10", help="budgets of the trained model (slower)")
     parser.add_argument("--batch", type=int, default=128)
@@ -381,6 +391,11 @@ def main() -> None:
                           args.batch, args.calibration, [int(b) for b in args.nfe.split(",")], args.max_evals,
                           args.seed, 1e-8, specs, learns, args.iterations, lambda part: write(lines + part),
                           centres=mixture_centres())
+    if "patches" in wanted and "frontier" in parts:  # the mixture's settings, on 200 grey 16×16 photo patches
+        lines += frontier(K, "closed-form kernel density over 200 grey 16×16 photo patches (bandwidth 0.1)",
+                          patch_flow(), "patches", args.batch, args.calibration, [int(b) for b in args.nfe.split(",")],
+                          args.max_evals, args.seed, 1e-8, specs, learns, args.iterations,
+                          lambda part: write(lines + part), centres=patch_centres())
     trained = trained_flow() if "digits" in wanted else None
     if trained is not None and "frontier" in parts:
         lines += frontier(K, "shipped trained model pretrained('digits')", trained, "digits", args.digits_batch,
