@@ -413,6 +413,9 @@ def main() -> None:
         calibration = flowdiff.digits_data("train").images[100:104].double()  # not among the mixture's centres
         lines += roundtrips("mixture of 64 training digits (bandwidth 0.3), held-out test digits", mix, images,
                             calibration, 10)
+    if "patches" in wanted and "roundtrips" in parts:  # held-out patches: other corners (seed 1), calibration seed 2
+        lines += roundtrips("photo-patch density (200 patches, bandwidth 0.1), held-out patches", patch_flow(),
+                            patch_centres(args.roundtrip_images, seed=1), patch_centres(4, seed=2), 10)
     lines.append(f"Total wall time {time.perf_counter() - started:.0f} s.")
     write(lines)
     print("\n".join(lines))
