@@ -126,6 +126,9 @@ def main() -> None:
     torch.set_num_threads(1)
     K = load_kdiffusion_sampling()
     wanted = args.models.split(",")
+    if set(wanted) - {"mixture", "patches", "digits"}:
+        parser.error(f"--models: unknown {sorted(set(wanted) - {'mixture', 'patches', 'digits'})}; accepted: "
+                     "mixture, patches, digits")
     models = [("closed-form mixture (200 digit images, bandwidth 0.1)", mixture_flow(), "mixture")]
     models = models if "mixture" in wanted else []
     if "patches" in wanted:

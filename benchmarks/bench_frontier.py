@@ -190,6 +190,9 @@ def main() -> None:
     K = peers.load_kdiffusion()
     models = []
     wanted = args.models.split(",")
+    if set(wanted) - {"mixture", "patches", "digits"}:
+        parser.error(f"--models: unknown {sorted(set(wanted) - {'mixture', 'patches', 'digits'})}; accepted: "
+                     "mixture, patches, digits")
     if "mixture" in wanted:
         models.append(("closed-form mixture (200 digit images, bandwidth 0.1)", mixture_flow(), "mixture",
                        args.batch, args.calibration, args.max_evals))

@@ -370,6 +370,9 @@ def main() -> None:
     K = load_kdiffusion_sampling()
     started = time.perf_counter()
     wanted = args.models.split(",")
+    if set(wanted) - {"mixture", "patches", "digits"}:
+        parser.error(f"--models: unknown {sorted(set(wanted) - {'mixture', 'patches', 'digits'})}; accepted: "
+                     "mixture, patches, digits")
     lines = ["## Learned low-NFE solvers and round trips (`bench_learned.py`)", "",
              f"`python benchmarks/bench_learned.py --models {args.models} --nfe {args.nfe} --digits-nfe "
              f"{args.digits_nfe} --batch {args.batch} --calibration {args.calibration} --digits-batch "
