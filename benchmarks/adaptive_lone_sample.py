@@ -77,7 +77,7 @@ def record_solve(flow, noise, tol):
         with torch.no_grad():
             r = flowdiff.generate(flow, noise, solver=solvers.get("unipc", order=3),
                                   adaptive=flowdiff.Adaptive(rtol=tol, atol=tol),
-                                  callback=lambda s: states.append((s.sigma, s.x.clone())))
+                                  callback=lambda s: states.append((s.sigma, s.x.clone(), s.xbar.clone(), s.denoised)))
     finally:
         adaptive.image_norm, adaptive.corrector_share = real_norm, real_share
     return r, tried, states
@@ -99,12 +99,12 @@ def continuations(flow, states, ref, key):
     """Per accepted state, each sample's image error when solved on exactly from it (NaN where not computed)."""
     tol = EXACT_TOL[key]
     if key == "mixture":
-        return [per_sample_error(solve_on(flow, s, x, tol), ref) for s, x in states]
-    sigmas = [s for s, _ in states]
+        return [per_sample_error(solve_on(flow, s, x, tol), ref) for s, x, *_ in states]
+    sigmas = [s for s, *_ in states]
     near = {min(range(len(sigmas)), key=lambda i: abs(math.log(max(sigmas[i], 1e-9) / c))) for c in CHECKPOINTS}
     picks = [LONE, CONTRAST]
     out = []
-    for i, (s, x) in enumerate(states):
+    for i, (s, x, *_) in enumerate(states):
         e = torch.full((x.shape[0],), float("nan"), dtype=torch.float64)
         if i in near:
             e[picks] = per_sample_error(solve_on(flow, s, x[picks], tol), ref[picks])
@@ -128,6 +128,20 @@ def kd_run(flow, noise, key):
     return x, model.nfe, steps, (rtol, atol, lo * end)
 
 
+def gains(states):
+    """Per accepted state, each sample's gain of the denoiser along its trajectory, ‖D_k − D_{k−1}‖ / ‖x̄_k − x̄_{k−1}‖
+    (the denoised values as the callback gives them; for a Gaussian this is ∂D/∂x̄ exactly, as dD = J·dx̄ along a
+    trajectory; the tail's corrector share assumes it is about 1)."""
+    out = [None]
+    for (_, _, xb0, d0), (_, _, xb1, d1) in zip(states, states[1:]):
+        if d0 is None or d1 is None:
+            out.append(None)
+            continue
+        n = xb1.shape[0]
+        out.append((d1 - d0).reshape(n, -1).norm(dim=1) / (xb1 - xb0).reshape(n, -1).norm(dim=1).clamp_min(1e-300))
+    return out
+
+
 def fmt(v):
     return f"{v:.2e}"
 
@@ -146,9 +160,10 @@ def study(key, flow, lines):
                   f"{fmt(float(err[CONTRAST]))}, worst other {fmt(others)}", ""]
         # the error of each accepted state, solved on exactly (the image's error if no further error were made)
         on = continuations(flow, states, ref, key)
+        q = gains(states)
         lines += ["| step | σ₀ → σ₁ | Δρ | weight | est. worst sample (which) | est. sample 8 | est. sample 0 | "
-                  "accepted | solved on: sample 8 | sample 0 | jump 8 / (est·tol) |",
-                  "|---:|---|---:|---:|---|---:|---:|---|---:|---:|---:|"]
+                  "accepted | solved on: sample 8 | sample 0 | jump 8 / (est·tol) | gain q: sample 8 / median |",
+                  "|---:|---|---:|---:|---|---:|---:|---|---:|---:|---:|---|"]
         acc_i, prev8 = 0, 0.0
         sigma0 = flow.schedule.sigma_max
         for n, t in enumerate(tried):
@@ -166,10 +181,12 @@ def study(key, flow, lines):
                     jump = abs(e8 - prev8) / max(float(per[LONE]) * w * tol, 1e-30)
                     row += f" {fmt(e8)} | {fmt(e0)} | " + (f"{jump:.1f} |" if key == "mixture" else "|")
                     prev8 = e8
+                g = q[acc_i]
+                row += " |" if g is None else f" {float(g[LONE]):.2g} / {float(g.median()):.2g} |"
                 sigma0 = states[acc_i][0]
                 acc_i += 1
             else:
-                row += " | | |"
+                row += " | | | |"
             lines.append(row)
         lines += ["", f"(accepted states recorded: {len(states)}; {time.perf_counter() - started:.0f} s)", ""]
     x, nfe, steps, (rtol, atol, end) = kd_run(flow, noise, key)
