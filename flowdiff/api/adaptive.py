@@ -99,7 +99,11 @@ def corrector_share(rho_from: float) -> Callable[[float, float], float]:
     measured worse at RMSE 1e-4 on the closed-form mixture; ``benchmarks/RESULTS.md``). Where ∂D/∂x̄ is
     far from I — ∂D/∂x̄ = Cov[x₀ | x̄]/σ², large on a trajectory between two modes — the corrector passes on
     more than this weight assumes: on closed-form mixtures the worst sample's error at tol 1e-5 is up to
-    ~19·tol with the weight against at most ~9·tol without it (``benchmarks/adaptive_tail_weight.py``)."""
+    ~19·tol with the weight against at most ~9·tol without it (``benchmarks/adaptive_tail_weight.py``). On the
+    benchmark's seed 3 one sample of 16 makes half (closed-form mixture) to two thirds (trained model) of its final
+    error on σ ∈ [0.5, 1], on steps this weight accepted at its unweighted estimate of up to 1.8 (mixture) and 3.6
+    (trained); on the mixture its ‖ΔD‖/‖Δx̄‖ between accepted steps is 1.3–2.1 there, the batch's median 0.03–0.1
+    (``benchmarks/adaptive_lone_sample.py``)."""
 
     def weight(rho0: float, rho1: float) -> float:
         if rho0 < rho_from:
