@@ -281,11 +281,11 @@ def test_shifts_and_grid_together_keep_the_step_count_and_fall_back_to_the_start
     assert not rejected.kept and np.array_equal(rejected.sigmas, start) and rejected.as_solver().name == "dpmpp_3m"
 
 
-def test_the_default_fits_shifts_grid_and_start_and_spends_the_budget_from_its_learned_start():
+def test_the_default_fits_shifts_grid_start_and_scales_and_spends_the_budget_from_its_learned_start():
     flow = mixture()
     cal = noise(1, n=16)
     learned = learn_solver(flow, cal, solver="unipc", nfe=5)
-    assert learned.learn == ("shifts", "grid", "start")
+    assert learned.learn == ("shifts", "grid", "start", "scales")
     grid = learned.sigmas
     assert grid[1] < grid[0] <= flow.schedule.sigma_max and np.all(np.diff(grid) < 0)
     counted, calls = counting(flow)
@@ -650,18 +650,18 @@ def test_learned_scales_lower_the_error_against_the_teacher_on_other_noise_at_th
     assert learned.fitting_nfe == learned.reference_nfe + learned.solves * base.stats.nfe
 
 
-def test_scales_on_top_of_the_default_fit_are_fitted_last_and_rejected_on_bad_held_out_noise():
+def test_scales_on_top_of_shifts_grid_and_start_are_fitted_last_and_rejected_on_bad_held_out_noise():
     flow = mixture()
     cal = noise(1, n=16)
-    default = learn_solver(flow, cal, solver="unipc", nfe=5)
-    both = learn_solver(flow, cal, solver="unipc", nfe=5, learn=("shifts", "grid", "start", "scales"))
+    unscaled = learn_solver(flow, cal, solver="unipc", nfe=5, learn=("shifts", "grid", "start"))
+    both = learn_solver(flow, cal, solver="unipc", nfe=5)
     assert both.learn == ("shifts", "grid", "start", "scales")
     # the other kinds are fitted as without scales; the scales then only lower the fitted half's error
-    assert np.array_equal(both.sigmas, default.sigmas) and both.shifts == default.shifts
-    assert both.calibration_error <= default.calibration_error
+    assert np.array_equal(both.sigmas, unscaled.sigmas) and both.shifts == unscaled.shifts
+    assert both.calibration_error <= unscaled.calibration_error
     # and stay only where the held-out half prefers them to the same fit without them
-    assert both.validation_error <= default.validation_error
-    assert any(both.scales) == (both.validation_error < default.validation_error)
+    assert both.validation_error <= unscaled.validation_error
+    assert any(both.scales) == (both.validation_error < unscaled.validation_error)
     bad = LearnedSolver(**{**both.__dict__, "kept": True, "scales": tuple(0.5 for _ in both.scales)})
     other = noise(2, n=8)
     judged = bad.validated(flow, other)

@@ -4,7 +4,7 @@ teacher.
 At 4–10 evaluations a tuned grid (:mod:`flowdiff.tools.tuning`) leaves an error that a better
 grid alone no longer removes. Five things can take the model's shape, each fitted per step to a
 few hundred teacher trajectories (``learn=``; the default fits shifts, grid and start together — LD3's pair and
-the first σ):
+the first σ — and then the output scales):
 
 * ``"shifts"`` — **evaluation times** (LD3, Tong et al., "Learning to Discretize Denoising
   Diffusion ODEs", ICLR 2025; the time-shift sampler, Li et al., ICLR 2024; AMED, Zhou et al.,
@@ -465,7 +465,7 @@ def learn_solver(
     *,
     solver: str = "unipc",
     nfe: int,
-    learn: str | tuple[str, ...] = ("shifts", "grid", "start"),
+    learn: str | tuple[str, ...] = ("shifts", "grid", "start", "scales"),
     solver_options: Mapping[str, Any] | None = None,
     sigmas: np.ndarray | None = None,
     terms: int = 2,
@@ -485,8 +485,8 @@ def learn_solver(
     still starts at σ_max), ``"coefficients"`` (a variable-step Adams method's order-keeping correction:
     ``unipc``, ``dpmpp_3m``, ``dpmpp_2m``, ``lms``, ``abm``), ``"scales"`` (the model's ε scaled by
     1 + s per step, |s| ≤ 0.5, fitted last and kept only where the held-out half prefers it), or several,
-    fitted together (see the module docstring). The default, shifts, grid and start, is LD3's pair with
-    the first σ; it was chosen by the held-out and evaluation errors recorded in
+    fitted together (see the module docstring). The default, shifts, grid and start (LD3's pair with
+    the first σ) and then scales, was chosen by the held-out and evaluation errors recorded in
     ``benchmarks/RESULTS.md``. ``noise`` (DDIM scale, at least 2 samples; a few hundred for
     a model whose samples disagree, such as a near-memorising density) is split: the even-indexed half
     is fitted, the odd-indexed half decides whether the fit is kept. The starting grid is ``sigmas``
