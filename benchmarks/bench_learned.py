@@ -85,7 +85,8 @@ DIGITS_SOLVERS = "unipc,dpmpp_3m,ipndm(order=3),unipc(order=3)"
 #: what ``learn_solver`` fits, each tried on every solver's tuned grid (coefficients: Adams methods only)
 LEARN = {"shifts+grid": ("shifts", "grid"), "shifts": ("shifts",), "shifts+coefficients": ("shifts", "coefficients"),
          "coefficients": ("coefficients",), "shifts+grid+coefficients": ("shifts", "grid", "coefficients"),
-         "shifts+grid+start": ("shifts", "grid", "start"), "grid+start": ("grid", "start")}
+         "shifts+grid+start": ("shifts", "grid", "start"), "grid+start": ("grid", "start"),
+         "shifts+grid+start+scales": ("shifts", "grid", "start", "scales")}
 #: the mixture's fits by default (the three-kind fit is tried on the trained model only: ``--learn`` adds it)
 MIXTURE_LEARN = "shifts+grid,shifts,shifts+coefficients,coefficients"
 ROUNDTRIP_SOLVERS = ("euler", "lms", "dpmpp_2m", "dpmpp_3m", "unipc", "abm")

@@ -160,3 +160,93 @@ class Shifted(Solver):
             return f(t + offset, y)
 
         return self.base.step(shifted, t0, t1, y0, state)
+
+
+class Scaled(Solver):
+    """``base`` with the field scaled about an anchor, by a factor per step.
+
+    In the step ``(t₀, t₁)`` every evaluation the base method makes returns
+
+        f_s(t, y) = a(t, y) + (1 + s)·(f(t, y) − a(t, y)),   s = ``scales[(t₀, t₁)]``,
+
+    ``a`` the ``anchor`` (``None``: zero, i.e. f scaled by 1 + s). The scaled value is what the
+    base uses and, for a multistep method, stores. It changes the magnitude of the field, which
+    neither the step's times nor its coefficients can: the learned form of epsilon scaling
+    (Ning et al., "Elucidating the Exposure Bias in Diffusion Models", ICLR 2024), where a
+    network's output is systematically too large or small at a few steps. The caller chooses
+    the anchor, e.g. the field a zero network output would give in its variables. ``s = 0``
+    everywhere is ``base`` bit for bit (the step is not wrapped); any s ≠ 0 is a first-order
+    perturbation, meant for the grid and budget it was fitted on.
+
+    ``scales`` maps each step taken with this method to its s; a step not in the map is an
+    error, since the scales belong to one grid and one direction. A step whose method is
+    replaced by a lower order one (``limited``, a ``final_method``) keeps its scale. A
+    :class:`Shifted` method goes outside (``Shifted(Scaled(...))``), so that the anchor is
+    taken at the time the state belongs to, not at the shifted one.
+    """
+
+    def __init__(self, base: Solver, scales: dict[tuple[float, float], float], *,
+                 anchor: VectorField | None = None, name: str | None = None) -> None:
+        if not isinstance(base, Solver) or isinstance(base, (Scaled, Shifted)):
+            raise TypeError(f"base must be a solvers.Solver that is neither Scaled nor Shifted (a Shifted method "
+                            f"wraps the Scaled one), got {type(base).__name__}")
+        if base.reversible:
+            raise ValueError(f"solver {base.name!r} is reversible: a scaled field would break its exact inverse")
+        if not isinstance(scales, dict):
+            raise TypeError(f"scales must be a dict of step (t0, t1) -> scale, got {type(scales).__name__}")
+        if anchor is not None and not callable(anchor):
+            raise TypeError(f"anchor must be None or a callable (t, y) -> tensor, got {type(anchor).__name__}")
+        table: dict[tuple[float, float], float] = {}
+        for key, s in scales.items():
+            if not (isinstance(key, tuple) and len(key) == 2):
+                raise TypeError(f"scales must be keyed by steps (t0, t1), got the key {key!r}")
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+                raise ValueError(f"the scale of the step {key!r} must be a finite number, got {s!r}")
+            table[(float(key[0]), float(key[1]))] = float(s)
+        self.base = base
+        self.scales = table
+        self.anchor = anchor
+        self.name = name or f"{base.name}+scaled"  # type: ignore[misc]
+        for attr in ("order", "adaptive", "multistep", "evaluates_end"):
+            setattr(self, attr, getattr(base, attr))
+        for attr in ("steps_order", "fixed_grid_order", "error_order"):
+            if hasattr(base, attr):
+                setattr(self, attr, getattr(base, attr))
+        final = getattr(base, "final_method", None)
+        self.final_method = None if final is None else Scaled(final, table, anchor=anchor, name=self.name)
+        if hasattr(base, "limited"):  # only where the base has a lower-order form (callers ask with getattr)
+            self.limited = self._limited
+
+    def _wrap(self, other: Solver) -> Solver:
+        return self if other is self.base else Scaled(other, self.scales, anchor=self.anchor, name=self.name)
+
+    def _limited(self, *args: Any, **kwargs: Any) -> Solver:
+        """The base's lower-order form for one step (``limited``), with the same scales."""
+        return self._wrap(self.base.limited(*args, **kwargs))  # type: ignore[attr-defined]
+
+    def on_interval(self, t0: float, t1: float) -> Solver:
+        return self._wrap(self.base.on_interval(t0, t1))
+
+    def init(self, f: VectorField, t0: float, y0: Tensor) -> Any:
+        return self.base.init(f, t0, y0)
+
+    def step_cost(self, t0: float, state: Any) -> int | None:
+        return self.base.step_cost(t0, state)
+
+    def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
+        s = self.scales.get((t0, t1))
+        if s is None:
+            raise ValueError(f"solver {self.name!r} has no scale for the step {t0!r} -> {t1!r}: its scales belong "
+                             f"to the grid and direction they were fitted on (steps {sorted(self.scales)})")
+        if s == 0.0:
+            return self.base.step(f, t0, t1, y0, state)
+        anchor = self.anchor
+
+        def scaled(t: float, y: Tensor) -> Tensor:
+            k = f(t, y)
+            if anchor is None:
+                return (1.0 + s) * k
+            a = anchor(t, y)
+            return a + (1.0 + s) * (k - a)
+
+        return self.base.step(scaled, t0, t1, y0, state)

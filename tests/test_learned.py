@@ -237,7 +237,7 @@ def test_shifts_and_coefficients_together_save_load_bit_for_bit_and_old_files_st
         LearnedSolver.load(path, mixture(seed=4))
     # a file of format 1 (coefficients only, written before shifts) loads as coefficients alone
     data = json.loads(path.read_text())
-    del data["shifts"], data["learn"], data["base_sigmas"]
+    del data["shifts"], data["learn"], data["base_sigmas"], data["scales"]
     data["format"] = "flowdiff.LearnedSolver/1"
     (tmp_path / "old.json").write_text(json.dumps(data))
     old = LearnedSolver.load(tmp_path / "old.json", flow)
@@ -249,8 +249,8 @@ def test_shifts_and_coefficients_together_save_load_bit_for_bit_and_old_files_st
     (tmp_path / "bad1.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="malformed learned solver .*holds no shifts"):
         LearnedSolver.load(tmp_path / "bad1.json", flow)
-    (tmp_path / "future.json").write_text(json.dumps({**data, "format": "flowdiff.LearnedSolver/3"}))
-    with pytest.raises(ValueError, match="LearnedSolver/3.*expected 'flowdiff.LearnedSolver/2'"):
+    (tmp_path / "future.json").write_text(json.dumps({**data, "format": "flowdiff.LearnedSolver/4"}))
+    with pytest.raises(ValueError, match="LearnedSolver/4.*expected 'flowdiff.LearnedSolver/3'"):
         LearnedSolver.load(tmp_path / "future.json", flow)
 
 
@@ -281,11 +281,11 @@ def test_shifts_and_grid_together_keep_the_step_count_and_fall_back_to_the_start
     assert not rejected.kept and np.array_equal(rejected.sigmas, start) and rejected.as_solver().name == "dpmpp_3m"
 
 
-def test_the_default_fits_shifts_grid_and_start_and_spends_the_budget_from_its_learned_start():
+def test_the_default_fits_shifts_grid_start_and_scales_and_spends_the_budget_from_its_learned_start():
     flow = mixture()
     cal = noise(1, n=16)
     learned = learn_solver(flow, cal, solver="unipc", nfe=5)
-    assert learned.learn == ("shifts", "grid", "start")
+    assert learned.learn == ("shifts", "grid", "start", "scales")
     grid = learned.sigmas
     assert grid[1] < grid[0] <= flow.schedule.sigma_max and np.all(np.diff(grid) < 0)
     counted, calls = counting(flow)
@@ -297,8 +297,8 @@ def test_the_default_fits_shifts_grid_and_start_and_spends_the_budget_from_its_l
 def test_bad_learn_arguments_name_what_is_accepted():
     flow = mixture()
     x = noise(1, n=4)
-    with pytest.raises(ValueError, match=r"learn must name each of 'shifts', 'coefficients', 'grid', 'start' at most "
-                                         r"once, got 'steps'"):
+    with pytest.raises(ValueError, match=r"learn must name each of 'shifts', 'coefficients', 'grid', 'start', "
+                                         r"'scales' at most once, got 'steps'"):
         learn_solver(flow, x, solver="unipc", nfe=6, learn="steps")
     with pytest.raises(ValueError, match="at most once"):
         learn_solver(flow, x, solver="unipc", nfe=6, learn=("shifts", "shifts"))
@@ -540,3 +540,158 @@ def test_roundtrip_tuning_refuses_what_it_cannot_tune():
         flowdiff.tune_roundtrip(flow, x[:1], solver="unipc", nfe=8)
     with pytest.raises(ValueError, match="max_evals must be an int >= 1"):
         flowdiff.tune_roundtrip(flow, x, solver="unipc", nfe=8, max_evals=0)
+
+
+# -- learned output scales (the field's magnitude per step) -------------------------------------------------------
+
+
+def _linear_field(t, y):
+    return -2.0 * y + torch.sin(torch.as_tensor(t, dtype=y.dtype)) * torch.ones_like(y)
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "ipndm", "unipc", "dpmpp_2m"])
+def test_a_scaled_solver_is_its_base_on_the_scaled_field_and_zero_is_the_base_bit_for_bit(name):
+    """solvers.Scaled with one s on every step is the base method solving a + (1 + s)(f − a) (the same floating-point
+    operations: equal bit for bit), and s = 0 is the base itself."""
+    y0 = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64).reshape(2, 3)
+    ts = [0.0, 0.3, 0.5, 0.9, 1.2, 1.3]
+    steps = list(zip(ts[:-1], ts[1:]))
+    base = solvers.get(name)
+
+    def anchor(t, y):
+        return 0.5 * y
+
+    def scaled_field(t, y):
+        a = anchor(t, y)
+        return a + 1.25 * (_linear_field(t, y) - a)
+
+    got = solvers.solve(_linear_field, y0, ts, solvers.Scaled(base, {s: 0.25 for s in steps}, anchor=anchor))
+    want = solvers.solve(scaled_field, y0, ts, base)
+    assert torch.equal(got.y, want.y) and got.stats.nfe == want.stats.nfe
+    plain = solvers.solve(_linear_field, y0, ts, solvers.Scaled(base, {s: 0.5 for s in steps}))
+    assert torch.equal(plain.y, solvers.solve(lambda t, y: 1.5 * _linear_field(t, y), y0, ts, base).y)
+    zero = solvers.solve(_linear_field, y0, ts, solvers.Scaled(base, {s: 0.0 for s in steps}, anchor=anchor))
+    assert torch.equal(zero.y, solvers.solve(_linear_field, y0, ts, base).y)
+
+
+def test_a_scaled_solver_refuses_what_it_cannot_scale():
+    steps = {(0.0, 1.0): 0.1}
+    with pytest.raises(ValueError, match=r"no scale for the step 1.0 -> 2.0: its scales belong to the grid"):
+        solvers.solve(_linear_field, torch.ones(2, dtype=torch.float64), [0.0, 1.0, 2.0],
+                      solvers.Scaled(solvers.get("euler"), steps))
+    with pytest.raises(ValueError, match=r"the scale of the step \(0.0, 1.0\) must be a finite number, got nan"):
+        solvers.Scaled(solvers.get("euler"), {(0.0, 1.0): math.nan})
+    with pytest.raises(TypeError, match="scales must be keyed by steps"):
+        solvers.Scaled(solvers.get("euler"), {0.0: 0.1})
+    with pytest.raises(ValueError, match="solver 'reversible_heun' is reversible"):
+        solvers.Scaled(solvers.get("reversible_heun"), {})
+    with pytest.raises(TypeError, match="neither Scaled nor Shifted"):
+        solvers.Scaled(solvers.Shifted(solvers.get("euler"), steps), {})
+    with pytest.raises(TypeError, match="anchor must be None or a callable"):
+        solvers.Scaled(solvers.get("euler"), steps, anchor=1.0)
+
+
+@pytest.mark.parametrize("name", ["euler", "ipndm", "lms", "unipc"])
+def test_learned_scales_are_epsilon_scaling_per_step(name):
+    """A scale s on every step of a generation is the model's ε scaled by 1 + s (epsilon scaling, Ning et al.),
+    in the σ variables and in the data variables alike (D_s = (1 + s)·D − s·x̄), at the base method's NFE; zero
+    scales are the base method bit for bit."""
+    flow = mixture()
+    x = noise(4, n=4)
+    sig = flowdiff.make_sigmas(flow.schedule, "logsnr", 5)
+    fp = flowdiff.flow_fingerprint(flow)
+    field = flow.sigma_field
+    louder = flowdiff.ProbabilityFlow.from_sigma_field(lambda xbar, sigma: 1.2 * field(xbar, sigma), flow.schedule)
+    scaled = LearnedSolver(name, {}, 10, sig, (), fp, True, scales=(0.2,) * 5, learn=("scales",))
+    counted, calls = counting(flow)
+    got = flowdiff.generate(counted, x, solver=scaled.as_solver(), grid=sig)
+    want = flowdiff.generate(louder, x, solver=name, grid=sig)
+    torch.testing.assert_close(got.x, want.x, rtol=1e-12, atol=1e-12)
+    assert got.stats.nfe == want.stats.nfe == len(calls)
+    assert not torch.allclose(got.x, flowdiff.generate(flow, x, solver=name, grid=sig).x)
+    zero = LearnedSolver(name, {}, 10, sig, (), fp, True, scales=(0.0,) * 5, learn=("scales",))
+    assert torch.equal(flowdiff.generate(flow, x, solver=zero.as_solver(), grid=sig).x,
+                       flowdiff.generate(flow, x, solver=name, grid=sig).x)
+
+
+def test_a_scale_is_fitted_only_where_it_acts():
+    """A step the entry point gives a method of its own takes no scale (Heun's final Euler step into σ = 0; the data
+    variables' limit into σ = 0, which evaluates nothing after UniPC's corrector and evaluates the model itself
+    after DPM-Solver++(3M)); learn_solver fixes it at zero."""
+    from flowdiff.tools.learned import _scaled_steps
+
+    flow = mixture()
+    sig = flowdiff.make_sigmas(flow.schedule, "logsnr", 4)
+    assert _scaled_steps(solvers.get("heun"), sig, flow.schedule) == [True, True, True, False]
+    assert _scaled_steps(solvers.get("unipc"), sig, flow.schedule) == [True, True, True, False]
+    assert _scaled_steps(solvers.get("dpmpp_3m"), sig, flow.schedule) == [True, True, True, False]
+    assert _scaled_steps(solvers.get("ipndm"), sig, flow.schedule) == [True] * 4
+    learned = learn_solver(flow, noise(1, n=8), solver="heun", nfe=7, iterations=1, learn="scales", sigmas=sig)
+    assert learned.scales[-1] == 0.0
+
+
+def test_learned_scales_lower_the_error_against_the_teacher_on_other_noise_at_the_base_nfe():
+    flow = mixture()
+    cal = noise(1, n=32)
+    learned = learn_solver(flow, cal, solver="unipc", nfe=4, learn="scales")
+    assert learned.learn == ("scales",) and learned.shifts == () and learned.base_sigmas is None
+    assert len(learned.scales) == len(learned.sigmas) - 1
+    assert all(abs(s) <= 0.5 for s in learned.scales) and any(learned.scales)
+    assert learned.calibration_error < learned.base_calibration_error
+    assert learned.kept and learned.validation_error < learned.base_validation_error
+    # on noise the fit never saw, against the teacher solved here
+    other = noise(7, n=32)
+    ref = flowdiff.reference_solution(flow, other, sigma_end=0.0, rtol=1e-9, atol=1e-9).x
+    counted, calls = counting(flow)
+    out = flowdiff.generate(counted, other, solver=learned.as_solver(), grid=learned.sigmas)
+    base = flowdiff.generate(flow, other, solver="unipc", grid=learned.sigmas)
+    assert _rms(out.x, ref) < _rms(base.x, ref)
+    assert out.stats.nfe == len(calls) == base.stats.nfe <= 4
+    assert learned.fitting_nfe == learned.reference_nfe + learned.solves * base.stats.nfe
+
+
+def test_scales_on_top_of_shifts_grid_and_start_are_fitted_last_and_rejected_on_bad_held_out_noise():
+    flow = mixture()
+    cal = noise(1, n=16)
+    unscaled = learn_solver(flow, cal, solver="unipc", nfe=5, learn=("shifts", "grid", "start"))
+    both = learn_solver(flow, cal, solver="unipc", nfe=5)
+    assert both.learn == ("shifts", "grid", "start", "scales")
+    # the other kinds are fitted as without scales; the scales then only lower the fitted half's error
+    assert np.array_equal(both.sigmas, unscaled.sigmas) and both.shifts == unscaled.shifts
+    assert both.calibration_error <= unscaled.calibration_error
+    # and stay only where the held-out half prefers them to the same fit without them
+    assert both.validation_error <= unscaled.validation_error
+    assert any(both.scales) == (both.validation_error < unscaled.validation_error)
+    bad = LearnedSolver(**{**both.__dict__, "kept": True, "scales": tuple(0.5 for _ in both.scales)})
+    other = noise(2, n=8)
+    judged = bad.validated(flow, other)
+    assert not judged.kept and set(judged.scales) == {0.0} and set(judged.shifts) == {0.0}
+    assert judged.as_solver().name == "unipc" and np.array_equal(judged.sigmas, both.base_grid())
+
+
+def test_scales_save_load_bit_for_bit_and_format_2_files_still_load(tmp_path):
+    flow = mixture()
+    cal = noise(1, n=8)
+    learned = learn_solver(flow, cal, solver="ipndm", nfe=5, iterations=2, learn=("shifts", "scales"))
+    forced = LearnedSolver(**{**learned.__dict__, "kept": True})
+    assert any(forced.scales) and any(forced.shifts)
+    path = forced.save(tmp_path / "scaled.learned.json")
+    assert json.loads(path.read_text())["format"] == "flowdiff.LearnedSolver/3"
+    back = LearnedSolver.load(path, flow)
+    assert back.scales == forced.scales and back.shifts == forced.shifts and back.learn == forced.learn
+    a = flowdiff.generate(flow, cal, solver=forced.as_solver(), grid=forced.sigmas).x
+    assert torch.equal(a, flowdiff.generate(flow, cal, solver=back.as_solver(), grid=back.sigmas).x)
+    shifted_only = LearnedSolver(**{**forced.__dict__, "scales": (), "learn": ("shifts",)})
+    assert not torch.equal(a, flowdiff.generate(flow, cal, solver=shifted_only.as_solver(), grid=forced.sigmas).x)
+    # a format-2 file (written before scales) loads as it was; one that holds scales is refused
+    data = json.loads(shifted_only.save(tmp_path / "shifts.json").read_text())
+    del data["scales"]
+    data["format"] = "flowdiff.LearnedSolver/2"
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    old = LearnedSolver.load(tmp_path / "old.json", flow)
+    assert old.scales == () and old.shifts == forced.shifts
+    assert torch.equal(flowdiff.generate(flow, cal, solver=old.as_solver(), grid=old.sigmas).x,
+                       flowdiff.generate(flow, cal, solver=shifted_only.as_solver(), grid=old.sigmas).x)
+    (tmp_path / "bad2.json").write_text(json.dumps({**data, "scales": []}))
+    with pytest.raises(ValueError, match="malformed learned solver .*LearnedSolver/2.* holds no scales"):
+        LearnedSolver.load(tmp_path / "bad2.json", flow)

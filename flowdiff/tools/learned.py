@@ -1,9 +1,10 @@
-"""Learned low-NFE solvers: evaluation times, grids and multistep coefficients fitted to one model's teacher.
+"""Learned low-NFE solvers: evaluation times, grids, multistep coefficients and output scales fitted to one model's
+teacher.
 
 At 4–10 evaluations a tuned grid (:mod:`flowdiff.tools.tuning`) leaves an error that a better
-grid alone no longer removes. Four things can take the model's shape, each fitted per step to a
+grid alone no longer removes. Five things can take the model's shape, each fitted per step to a
 few hundred teacher trajectories (``learn=``; the default fits shifts, grid and start together — LD3's pair and
-the first σ):
+the first σ — and then the output scales):
 
 * ``"shifts"`` — **evaluation times** (LD3, Tong et al., "Learning to Discretize Denoising
   Diffusion ODEs", ICLR 2025; the time-shift sampler, Li et al., ICLR 2024; AMED, Zhou et al.,
@@ -31,6 +32,17 @@ the first σ):
   error is not convex in it, so it is fitted from the best of an 8-point scan of f, twice: after
   the other kinds named (so the fitted half ends no worse than without it) and before them (so
   the grid fits itself to a low start); each route ends with a joint fit, the better is kept.
+* ``"scales"`` — the **magnitude of the model's output** at each step, which no time, grid or
+  coefficient changes: the step's ε is taken as (1 + s_i)·ε, in data-prediction terms
+  D' = (1 + s_i)·D − s_i·x̄ (:class:`solvers.Scaled`, about the field a zero ε gives in the
+  solver's variables: 0 in σ, x̄ in the data variables), |s_i| ≤ :data:`SCALE_BOUND`. This is
+  epsilon scaling (Ning et al., "Elucidating the Exposure Bias in Diffusion Models", ICLR 2024)
+  with one learned factor per step, the one-dimensional case of PAS's correction of the sampling
+  direction (Wang et al., "Diffusion Sampling Correction via Approximately 10 Parameters", ICML
+  2025). s = 0 is the method without it bit for bit; a step the entry point gives a method of its
+  own (into σ = 0: Heun's final Euler step, the data variables' limit) takes none. The scales are
+  fitted last, alone, on top of what the other kinds named reached, and stay only if the held-out
+  half prefers them to that fit without them.
 
 What ``learn`` names is fitted together by bounded least squares on the image error against the teacher,
 
@@ -82,29 +94,35 @@ from .tuning import TunedGrid, _Warp, check_fingerprint, read_record, stored_gri
 
 __all__ = ["LearnedSolver", "learn_solver", "tune_roundtrip"]
 
-_FORMAT = "flowdiff.LearnedSolver/2"
+_FORMAT = "flowdiff.LearnedSolver/3"
+#: files written before scales existed (no ``scales``); still read
+_FORMAT_2 = "flowdiff.LearnedSolver/2"
 #: files written before shifts existed: coefficients only (``learn=("coefficients",)``); still read
 _FORMAT_1 = "flowdiff.LearnedSolver/1"
+
+#: the largest |s| of a learned output scale (``learn="scales"``): the field is scaled by 1 + s ∈ [0.5, 1.5]
+SCALE_BOUND = 0.5
 
 #: candidate starts tried across the start's interval (evenly in log σ) before its least-squares fit
 _START_SCAN = 8
 
 #: what :func:`learn_solver` can fit (``learn=``)
-LEARNABLE = ("shifts", "coefficients", "grid", "start")
+LEARNABLE = ("shifts", "coefficients", "grid", "start", "scales")
 
 
 @dataclass(frozen=True)
 class LearnedSolver:
     """A ``solver`` with per-step evaluation shifts, grid and/or coefficients fitted at budget ``nfe`` on one flow.
 
-    ``learn`` says what was fitted (``"shifts"``, ``"coefficients"``, ``"grid"``, ``"start"``).
+    ``learn`` says what was fitted (``"shifts"``, ``"coefficients"``, ``"grid"``, ``"start"``, ``"scales"``).
     ``sigmas`` is the generation grid they belong to (fitted too with ``"grid"`` or ``"start"``: then
     ``base_sigmas`` is the grid the fit started from and the base method is judged on; a learned start
     below σ_max is where :func:`flowdiff.generate` takes the noise as its state), ``shifts[i]`` the
     evaluation shift δ of step ``i`` (empty unless shifts were learned), ``coefficients[i]`` the
     correction multiples of step ``i`` (empty where a step takes none, or unless coefficients were
-    learned). ``kept`` says whether the held-out half preferred the learned solver to the base method;
-    when not, shifts and coefficients are zero, :attr:`sigmas` is the starting grid and
+    learned), ``scales[i]`` the output scale s of step ``i`` (its ε taken as (1 + s)·ε; empty unless
+    scales were learned). ``kept`` says whether the held-out half preferred the learned solver to the base method;
+    when not, shifts, scales and coefficients are zero, :attr:`sigmas` is the starting grid and
     :meth:`as_solver` is the base method itself. ``calibration_error`` / ``base_calibration_error`` are
     the RMS image errors of the learned and the base method on the fitted half, ``validation_error`` /
     ``base_validation_error`` on the held-out half. ``fitting_nfe`` counts every model evaluation the
@@ -135,6 +153,7 @@ class LearnedSolver:
     shifts: tuple[float, ...] = ()
     learn: tuple[str, ...] = ("coefficients",)  # what a format-1 file holds
     base_sigmas: np.ndarray | None = None
+    scales: tuple[float, ...] = ()
 
     def base_grid(self) -> np.ndarray:
         """The grid the base method is judged on: the grid the fit started from (:attr:`sigmas` unless the grid
@@ -151,7 +170,8 @@ class LearnedSolver:
 
     def _fitted(self) -> _solvers.Solver:
         return _composed(self.base(), self.sigmas, self.coefficients if "coefficients" in self.learn else None,
-                         self.shifts if "shifts" in self.learn else None)
+                         self.shifts if "shifts" in self.learn else None,
+                         self.scales if "scales" in self.learn else None)
 
     def check(self, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> None:
         """Raise ``ValueError`` unless this solver was fitted on ``flow`` (with ``model_kwargs``)."""
@@ -176,17 +196,19 @@ class LearnedSolver:
         kept = learned < base
         coefficients = self.coefficients if kept else tuple(tuple(0.0 for _ in c) for c in self.coefficients)
         shifts = self.shifts if kept else tuple(0.0 for _ in self.shifts)
-        return replace(self, kept=kept, coefficients=coefficients, shifts=shifts,
+        scales = self.scales if kept else tuple(0.0 for _ in self.scales)
+        return replace(self, kept=kept, coefficients=coefficients, shifts=shifts, scales=scales,
                        sigmas=self.sigmas if kept else self.base_grid().copy(),
                        validation_error=learned if kept else base, base_validation_error=base)
 
     def save(self, path: str | Path) -> Path:
-        """Write the solver (σ, shifts and coefficients as exact float hex strings) and what it was fitted for
-        as JSON (format ``flowdiff.LearnedSolver/2``)."""
+        """Write the solver (σ, shifts, scales and coefficients as exact float hex strings) and what it was fitted
+        for as JSON (format ``flowdiff.LearnedSolver/3``)."""
         data = asdict(self)
         data["sigmas"] = [float(s).hex() for s in self.sigmas]
         data["coefficients"] = [[float(c).hex() for c in cs] for cs in self.coefficients]
         data["shifts"] = [float(d).hex() for d in self.shifts]
+        data["scales"] = [float(d).hex() for d in self.scales]
         data["learn"] = list(self.learn)
         data["base_sigmas"] = None if self.base_sigmas is None else [float(s).hex() for s in self.base_sigmas]
         data.pop("source")
@@ -195,22 +217,30 @@ class LearnedSolver:
     @classmethod
     def load(cls, path: str | Path, flow: ProbabilityFlow,
              model_kwargs: Mapping[str, Any] | None = None) -> LearnedSolver:
-        """Read a file written by :meth:`save` (or a format-1 file: coefficients only) and check that it belongs
-        to ``flow`` (see :meth:`check`)."""
+        """Read a file written by :meth:`save` (or by an older version: format 2, without scales; format 1,
+        coefficients only) and check that it belongs to ``flow`` (see :meth:`check`)."""
         path = Path(path)
+        fmt = _FORMAT
         try:
             data = read_record(path, _FORMAT, "learned solver")
         except ValueError as err:
-            try:
-                data = read_record(path, _FORMAT_1, "learned solver")
-            except ValueError:
+            for fmt in (_FORMAT_2, _FORMAT_1):
+                try:
+                    data = read_record(path, fmt, "learned solver")
+                    break
+                except ValueError:
+                    continue
+            else:
                 raise err from None
-            if "shifts" in data or "learn" in data or "base_sigmas" in data:
-                raise ValueError(f"{path}: malformed learned solver (format {_FORMAT_1!r} holds no shifts)") from None
+        lacks = {_FORMAT: (), _FORMAT_2: ("scales",), _FORMAT_1: ("scales", "shifts", "learn", "base_sigmas")}[fmt]
+        extra = [k for k in lacks if k in data]
+        if extra:
+            raise ValueError(f"{path}: malformed learned solver (format {fmt!r} holds no {', '.join(extra)})")
         try:
             data["sigmas"] = np.array([float.fromhex(s) for s in data["sigmas"]], dtype=np.float64)
             data["coefficients"] = tuple(tuple(float.fromhex(c) for c in cs) for cs in data["coefficients"])
             data["shifts"] = tuple(float.fromhex(d) for d in data.get("shifts", ()))
+            data["scales"] = tuple(float.fromhex(d) for d in data.get("scales", ()))
             data["learn"] = _check_learn(tuple(data.get("learn", ("coefficients",))))
             base_sigmas = data.get("base_sigmas")
             data["base_sigmas"] = None if base_sigmas is None else np.array(
@@ -258,18 +288,41 @@ def _base_solver(name: str, options: Mapping[str, Any], learn: Sequence[str]) ->
 
 
 def _composed(base: _solvers.Solver, sigmas: np.ndarray, coefficients: Sequence[Sequence[float]] | None,
-              shifts: Sequence[float] | None) -> _solvers.Solver:
-    """``base`` with ``coefficients`` (:class:`solvers.CorrectedAdams`) and then ``shifts``
-    (:class:`solvers.Shifted`), both keyed by the steps of ``sigmas`` in ``base``'s generation variables."""
+              shifts: Sequence[float] | None, scales: Sequence[float] | None = None) -> _solvers.Solver:
+    """``base`` with ``coefficients`` (:class:`solvers.CorrectedAdams`), then ``scales`` (:class:`solvers.Scaled`,
+    about the field of a zero ε: :func:`_scale_anchor`) and then ``shifts`` (:class:`solvers.Shifted`), all keyed
+    by the steps of ``sigmas`` in ``base``'s generation variables."""
     name = f"{base.name}+learned"  # runs in its base method's variables (formulations.variables_of)
-    times = formulation_for(base, "generate").times(sigmas)
+    form = formulation_for(base, "generate")
+    times = form.times(sigmas)
     steps = list(zip(times[:-1], times[1:]))
     solver = base
     if coefficients is not None:
         solver = _solvers.CorrectedAdams(base, {s: tuple(c) for s, c in zip(steps, coefficients)}, name=name)
+    if scales is not None:
+        solver = _solvers.Scaled(solver, {s: float(k) for s, k in zip(steps, scales)}, anchor=_scale_anchor(form),
+                                 name=name)
     if shifts is not None:
         solver = _solvers.Shifted(solver, {s: float(d) for s, d in zip(steps, shifts)}, name=name)
     return solver
+
+
+def _scale_anchor(form) -> _solvers.VectorField:
+    """The field a zero ε gives in ``form``'s variables (0 in σ, x̄ in the data variables, where f = D = x̄ − σε):
+    scaling the field about it scales ε, f_s = a + (1 + s)(f − a), i.e. D_s = (1 + s)·D − s·x̄."""
+    return form.field(lambda sigma, xbar: torch.zeros_like(xbar))
+
+
+def _scaled_steps(base: _solvers.Solver, sigmas: np.ndarray, schedule: Schedule) -> list[bool]:
+    """Which generation steps an output scale acts in: those that evaluate the model with ``base`` (or a
+    lower-order form of it), not those the formulation gives a method of its own (into σ = 0 in the data
+    variables: the limit is read off the last denoised values, already scaled)."""
+    form = formulation_for(base, "generate")
+    grid = list(map(float, sigmas))
+    probe = _solvers.Scaled(base, {}, name=base.name)
+    replaced = form.grid(grid, probe, eval_end=grid[-1] != 0.0).methods
+    return [bool(seen) and not (i in replaced and not isinstance(replaced[i], _solvers.Scaled))
+            for i, seen in enumerate(_evaluated(base, grid, schedule))]
 
 
 def _layout(base: _solvers.Solver, sigmas: np.ndarray, terms: int, learn: Sequence[str], schedule: Schedule,
@@ -412,7 +465,7 @@ def learn_solver(
     *,
     solver: str = "unipc",
     nfe: int,
-    learn: str | tuple[str, ...] = ("shifts", "grid", "start"),
+    learn: str | tuple[str, ...] = ("shifts", "grid", "start", "scales"),
     solver_options: Mapping[str, Any] | None = None,
     sigmas: np.ndarray | None = None,
     terms: int = 2,
@@ -430,9 +483,11 @@ def learn_solver(
     not reversible), ``"grid"`` (the grid's σ but the first and the last, from the starting grid),
     ``"start"`` (the first σ, within (σ_1, σ_max]: the noise is taken as the state there, the teacher
     still starts at σ_max), ``"coefficients"`` (a variable-step Adams method's order-keeping correction:
-    ``unipc``, ``dpmpp_3m``, ``dpmpp_2m``, ``lms``, ``abm``), or several, fitted together (see the
-    module docstring). The default, shifts, grid and start, is LD3's pair with the first σ; it was
-    chosen by the held-out and evaluation errors recorded in ``benchmarks/RESULTS.md``. ``noise`` (DDIM scale, at least 2 samples; a few hundred for
+    ``unipc``, ``dpmpp_3m``, ``dpmpp_2m``, ``lms``, ``abm``), ``"scales"`` (the model's ε scaled by
+    1 + s per step, |s| ≤ 0.5, fitted last and kept only where the held-out half prefers it), or several,
+    fitted together (see the module docstring). The default, shifts, grid and start (LD3's pair with
+    the first σ) and then scales, was chosen by the held-out and evaluation errors recorded in
+    ``benchmarks/RESULTS.md``. ``noise`` (DDIM scale, at least 2 samples; a few hundred for
     a model whose samples disagree, such as a near-memorising density) is split: the even-indexed half
     is fitted, the odd-indexed half decides whether the fit is kept. The starting grid is ``sigmas``
     when given (it must cost at most ``nfe``), else the stored tuned grid of this flow, solver and
@@ -500,7 +555,8 @@ def learn_solver(
         raise ValueError(f"{shown} ({len(sigmas) - 1} steps) costs {cost} evaluations with solver {solver!r}, over "
                          f"nfe={nfe}: give a grid of fewer steps or a larger nfe")
     counts, intervals = _layout(base, sigmas, terms, learn, flow.schedule, shift_bound)
-    # the fitted parameters: ("c", step, term) in [−bound, bound], then ("s", step) within the step's interval
+    # the fitted parameters: ("c", step, term) in [−bound, bound], then ("s", step) within the step's interval,
+    # ("g", σ index) and ("t", 0) for the grid and its start, ("k", step) in [−SCALE_BOUND, SCALE_BOUND]
     slots = [("c", i, m) for i, n in enumerate(counts) for m in range(n)]
     slots += [("s", i, 0) for i, (lo, hi) in enumerate(intervals) if lo < hi]
     moves = _grid_moves(sigmas) if "grid" in learn else []
@@ -510,6 +566,10 @@ def learn_solver(
         slots.append(("t", 0, 0))
         start_of = _Start(sigmas, flow.schedule)
         reach["t", 0] = start_of.bounds
+    if "scales" in learn:
+        scaled = [("k", i, 0) for i, acts in enumerate(_scaled_steps(base, sigmas, flow.schedule)) if acts]
+        slots += scaled
+        reach.update({(k, i): (-SCALE_BOUND, SCALE_BOUND) for k, i, _ in scaled})
     lower = np.array([-bound if k == "c" else intervals[i][0] if k == "s" else reach[k, i][0] for k, i, _ in slots])
     upper = np.array([bound if k == "c" else intervals[i][1] if k == "s" else reach[k, i][1] for k, i, _ in slots])
     moved = bool(moves) or "start" in learn  # the grid itself is fitted
@@ -517,16 +577,19 @@ def learn_solver(
     target, ref_nfe = _reference(flow, noise, model_kwargs, float(reference_tol))
     spent = {"nfe": ref_nfe, "solves": 0}
 
-    def unpacked(v: np.ndarray) -> tuple[tuple[tuple[float, ...], ...] | None, tuple[float, ...] | None]:
+    def unpacked(v: np.ndarray) -> tuple[tuple[tuple[float, ...], ...] | None, tuple[float, ...] | None,
+                                         tuple[float, ...] | None]:
         coefficients = [[0.0] * n for n in counts]
-        shifts = [0.0] * len(counts)
+        shifts, scales = [0.0] * len(counts), [0.0] * len(counts)
         for (kind, i, m), value in zip(slots, v):
             if kind == "c":
                 coefficients[i][m] = float(value)
             elif kind == "s":
                 shifts[i] = float(value)
+            elif kind == "k":
+                scales[i] = float(value)
         return (tuple(tuple(c) for c in coefficients) if "coefficients" in learn else None,
-                tuple(shifts) if "shifts" in learn else None)
+                tuple(shifts) if "shifts" in learn else None, tuple(scales) if "scales" in learn else None)
 
     def grid_of(v: np.ndarray) -> np.ndarray:
         out = sigmas.copy()
@@ -540,11 +603,11 @@ def learn_solver(
 
     def solver_of(v: np.ndarray) -> tuple[_solvers.Solver, np.ndarray]:
         grid = grid_of(v)
-        coefficients, shifts = unpacked(v)
+        coefficients, shifts, scales = unpacked(v)
         if shifts is not None and moved:  # the moved grid's own shift intervals
             _, bounds = _layout(base, grid, terms, ("shifts",), flow.schedule, shift_bound)
             shifts = tuple(min(max(d, lo), hi) for d, (lo, hi) in zip(shifts, bounds))
-        return _composed(base, grid, coefficients, shifts), grid
+        return _composed(base, grid, coefficients, shifts, scales), grid
 
     def images(v: np.ndarray, part: Tensor) -> Tensor:
         solver_v, grid = solver_of(v)
@@ -570,8 +633,8 @@ def learn_solver(
         objective = _Objective(residual, r0, math.sqrt(ridge * float(np.dot(r0, r0)) / max(int(penalised.sum()), 1))
                                * penalised)
         kinds = np.array([k for k, _, _ in slots])
-        others = kinds != "t"
-        every = np.ones(len(slots), dtype=bool)
+        others = (kinds != "t") & (kinds != "k")
+        every = kinds != "k"
 
         def fitted_others(v: np.ndarray) -> np.ndarray:
             """Shifts, coefficients and grid from ``v``: each alone, then together from the best (a joint start
@@ -585,28 +648,36 @@ def learn_solver(
             """The start from ``v``, from the best of a coarse scan of its interval: its error is not convex in it
             (on the trained digits model a start of 15–60 beat 157 and 100 by 5 %, where a local fit from σ_max
             stayed put)."""
-            t = int(np.flatnonzero(~others)[0])
+            t = int(np.flatnonzero(kinds == "t")[0])
             scan = [v] + [np.where(np.arange(len(v)) == t, u, v) for u in np.linspace(lower[t], upper[t], _START_SCAN)]
-            return _fit(objective, min(scan, key=objective.cost), lower, upper, ~others, iterations)
+            return _fit(objective, min(scan, key=objective.cost), lower, upper, kinds == "t", iterations)
 
         v = fitted_others(zero)
-        if not np.all(others):  # the start both last (after the others: the fitted half ends no worse than without
+        if np.any(kinds == "t"):  # the start both last (after the others: the fitted half ends no worse than without
             # it) and first (the others then fit the grid to it), each then with the rest; the better of the two
             routes = [fitted_start(v), fitted_others(fitted_start(zero))] if np.any(others) else [fitted_start(v)]
             v = min((_fit(objective, w, lower, upper, every, iterations) if np.any(others) else w for w in routes),
                     key=objective.cost)
+        if np.any(kinds == "k"):  # the output scales last, on top of what the other kinds reached
+            v = _fit(objective, v, lower, upper, kinds == "k", iterations)
+    learned_val = _rms(images(v, held), held_target)
+    scaled = np.array([k == "k" for k, _, _ in slots], dtype=bool)
+    if np.any(v[scaled] != 0.0):  # the scales stay only where the held-out half prefers them to the fit without
+        unscaled = np.where(scaled, 0.0, v)
+        unscaled_val = _rms(images(unscaled, held), held_target)
+        if unscaled_val <= learned_val:
+            v, learned_val = unscaled, unscaled_val
     r = residual(v) if slots else r0
     calib, base_calib = float(np.sqrt(np.mean(r * r))), float(np.sqrt(np.mean(r0 * r0)))
-    learned_val = _rms(images(v, held), held_target)
     base_val = _rms(images(zero, held), held_target)
-    coefficients, shifts = unpacked(v)
+    coefficients, shifts, scales = unpacked(v)
     fitted, fitted_grid = solver_of(v)
     if shifts is not None:
         shifts = tuple(fitted.shifts.values())  # clipped to the fitted grid's intervals (in step order)
     out = LearnedSolver(solver, options, nfe, fitted_grid.copy(), coefficients or (),
                         flow_fingerprint(flow, model_kwargs),
                         True, calib, base_calib, math.nan, math.nan, grid_name, shifts=shifts or (), learn=learn,
-                        base_sigmas=sigmas.copy() if moved else None,
+                        base_sigmas=sigmas.copy() if moved else None, scales=scales or (),
                         options={"learn": list(learn), "terms": terms, "bound": bound, "shift_bound": shift_bound,
                                  "iterations": iterations, "ridge": float(ridge),
                                  "reference_tol": float(reference_tol), "calibration_batch": int(noise.shape[0])})
