@@ -53,6 +53,9 @@ def check_state(x: object, name: str) -> Tensor:
         raise TypeError(f"{name} must be a floating-point tensor (float64, float32, float16, bfloat16), got {x.dtype}")
     if x.ndim < 1 or x.shape[0] < 1:
         raise ValueError(f"{name} must have a batch dimension first, shape (batch, ...), got {tuple(x.shape)}")
+    if x.is_meta:
+        raise ValueError(f"{name} is on the device 'meta', which holds shapes but no values; give a tensor on the "
+                         "CPU or a GPU")
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or inf")
     return x

@@ -1,0 +1,67 @@
+"""What a researcher new to flowdiff ran, varying the README's calls, and got wrong or unclear.
+
+Each test here failed before its fix: a bare torch error from deep inside a solve, a file the command line
+wrote and then refused to read, an error that named the wrong cause, an input silently accepted.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import flowdiff
+from flowdiff.cli import main
+from flowdiff.models.analytic import Gaussian
+from flowdiff.runs.imageio import ImageFormat, write_image
+
+GREY8 = ImageFormat("L", 8)
+
+
+def run(capsys, argv, cwd):
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        code = main([str(a) for a in argv])
+    finally:
+        os.chdir(old)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err):
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def write_digits(folder: Path, n: int) -> list[Path]:
+    images = flowdiff.digits_data("test").images[:n]
+    paths = []
+    for i, x in enumerate(images):
+        pixels = np.round((x.double().numpy().transpose(1, 2, 0) + 1) / 2 * 255).astype(np.uint8)
+        paths.append(folder / f"d{i}.png")
+        write_image(paths[-1], pixels, GREY8)
+    return paths
+
+
+# -- tensors on the 'meta' device ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("entry", ["generate", "encode"])
+def test_meta_tensors_are_refused_by_name(entry):
+    """A 'meta' tensor has a shape and no values: the NaN check's host read was a bare torch RuntimeError."""
+    flow = Gaussian(torch.zeros(4), 0.5).flow()
+    x = torch.zeros(2, 4, device="meta")
+    call = getattr(flowdiff, entry)
+    with pytest.raises(ValueError, match=r"(noise|images).*'meta'.*no values"):
+        call(flow, x, solver="euler", steps=3)
+
+
+def test_cli_device_meta_is_a_usage_error(capsys, tmp_path):
+    code, _, err = run(capsys, ["sample", "--model", "analytic-mixture", "--num", "1", "--steps", "2",
+                                "--device", "meta", "--out", "x.png"], tmp_path)
+    line = one_line(err)
+    assert code == 2 and "--device" in line and "meta" in line, line
+    assert not (tmp_path / "x.png").exists()
