@@ -17,6 +17,7 @@ from flowdiff.models.analytic import Gaussian
 from flowdiff.runs.imageio import ImageFormat, write_image
 
 GREY8 = ImageFormat("L", 8)
+MIX8 = ["--model", "analytic-mixture"]
 
 
 def run(capsys, argv, cwd):
@@ -65,3 +66,30 @@ def test_cli_device_meta_is_a_usage_error(capsys, tmp_path):
     line = one_line(err)
     assert code == 2 and "--device" in line and "meta" in line, line
     assert not (tmp_path / "x.png").exists()
+
+
+# -- `flowdiff encode` wrote latents that `flowdiff decode` then refused ---------------------------------
+
+@pytest.mark.parametrize("second", ["d0.png", "./d0.png", "d0.jpg"])
+def test_encode_refuses_inputs_that_decode_to_one_name(capsys, tmp_path, second):
+    """`encode d0.png d0.png` wrote a latents file that `decode` then refused with status 2: two of its images
+    would be written to one name. So did `d0.png d0.jpg` (a lossy input is decoded to .png)."""
+    write_digits(tmp_path, 1)
+    if second == "d0.jpg":
+        from PIL import Image
+        Image.open(tmp_path / "d0.png").save(tmp_path / "d0.jpg", quality=100)
+    code, _, err = run(capsys, ["encode", "d0.png", second, *MIX8, "--steps", "2", "--out", "l.safetensors"],
+                       tmp_path)
+    line = one_line(err)
+    assert code == 2 and "d0.png" in line and "would both" in line, line
+    assert not (tmp_path / "l.safetensors").exists()
+
+
+def test_encode_then_decode_of_distinct_names_still_works(capsys, tmp_path):
+    write_digits(tmp_path, 2)
+    code, _, err = run(capsys, ["encode", "d0.png", "d1.png", *MIX8, "--steps", "2", "--out", "l.safetensors"],
+                       tmp_path)
+    assert code == 0, err
+    code, _, err = run(capsys, ["decode", "l.safetensors", "--model", "analytic-mixture", "--out", "dec"], tmp_path)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == ["d0.png", "d1.png"]

@@ -26,7 +26,7 @@ from ..tools.report import FILES as REPORT_FILES
 from ..tools.report import ROUNDTRIP_FIGURE
 from . import _prompt
 from ._argtypes import available_device
-from ._errors import CommandError, one_line
+from ._errors import CommandError, UsageError, one_line
 from ._images import as_written, default_format, load_images, save_grid, write_images
 from ._models import BUILTIN_MODELS, LoadedModel, in_dtype, load_model
 from ._outputs import image_output_name, output_dir, plan, relative_names
@@ -342,6 +342,13 @@ def _encode(args: argparse.Namespace, loaded: LoadedModel, dtype: torch.dtype, d
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
+    decoded: dict[Path, str] = {}  # `flowdiff decode` writes each image under this name: refuse what it would refuse
+    for name, image in zip((image_output_name(n) for n in relative_names(args.images)), args.images):
+        if name in decoded:
+            raise UsageError(f"the images {decoded[name]!r} and {image!r} would both be decoded to {name.as_posix()!r} "
+                             "(decode writes each image under its input's relative path, lossy types as .png); give "
+                             "each image once, under distinct names")
+        decoded[name] = image
     (path,) = plan([(Path(args.out), "--out")], inputs=args.images, overwrite=args.overwrite)
     loaded, dtype, device = _setup(args, batch=len(args.images))
     _, _, result = _encode(args, loaded, dtype, device)
