@@ -93,3 +93,22 @@ def test_encode_then_decode_of_distinct_names_still_works(capsys, tmp_path):
     code, _, err = run(capsys, ["decode", "l.safetensors", "--model", "analytic-mixture", "--out", "dec"], tmp_path)
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == ["d0.png", "d1.png"]
+
+
+# -- decoding with another model named a class label as the cause ---------------------------------------
+
+def test_decode_with_another_model_names_the_model_not_a_class_label(capsys, tmp_path):
+    """Latents of `--model digits` decoded with `--model analytic-mixture` said they were encoded 'with no
+    --class-label (guidance 1.0), not with no class label' and told the user to omit --class-label, which they
+    had not given; the model is what differs."""
+    write_digits(tmp_path, 1)
+    code, _, err = run(capsys, ["encode", "d0.png", "--steps", "2", "--out", "l.safetensors"], tmp_path)
+    assert code == 0, err
+    code, _, err = run(capsys, ["decode", "l.safetensors", *MIX8, "--out", "dec"], tmp_path)
+    line = one_line(err)
+    assert code == 1 and "'digits'" in line and "--model 'analytic-mixture'" in line, line
+    assert "class" not in line, line
+    # the label check itself still speaks where the model is the same
+    code, _, err = run(capsys, ["decode", "l.safetensors", "--class-label", "3", "--out", "dec"], tmp_path)
+    line = one_line(err)
+    assert code == 1 and "--class-label 3" in line, line
