@@ -112,3 +112,24 @@ def test_decode_with_another_model_names_the_model_not_a_class_label(capsys, tmp
     code, _, err = run(capsys, ["decode", "l.safetensors", "--class-label", "3", "--out", "dec"], tmp_path)
     line = one_line(err)
     assert code == 1 and "--class-label 3" in line, line
+
+
+# -- sample_quality scored accuracy against labels that are no digit --------------------------------------
+
+@pytest.mark.parametrize("labels", [torch.tensor([0, 1, 2, 11]), torch.tensor([-1, 1, 2, 3]),
+                                    torch.tensor([[0, 1], [2, 3]]), torch.tensor([True, False, True, False])])
+def test_sample_quality_refuses_labels_that_are_not_one_digit_per_image(labels):
+    """Label 11 or −1 was scored as a wrong answer (accuracy 0.25 here), a (2, 2) array was flattened and a bool
+    array read as 0/1, all silently."""
+    images = flowdiff.digits_data("test").images[:4]
+    with pytest.raises(ValueError, match=r"labels must be 4 integers 0 … 9"):
+        flowdiff.sample_quality(images, labels=labels)
+
+
+def test_sample_quality_accuracy_is_the_classifiers_agreement_with_the_labels():
+    data = flowdiff.digits_data("test")
+    images, labels = data.images[:20], data.labels[:20]
+    right = flowdiff.sample_quality(images, labels=labels)["accuracy"]
+    wrong = flowdiff.sample_quality(images, labels=(labels + 1) % 10)["accuracy"]
+    assert right >= 0.8 and right + wrong <= 1.0
+    assert flowdiff.sample_quality(images, labels=labels.tolist())["accuracy"] == right
