@@ -133,3 +133,25 @@ def test_sample_quality_accuracy_is_the_classifiers_agreement_with_the_labels():
     wrong = flowdiff.sample_quality(images, labels=(labels + 1) % 10)["accuracy"]
     assert right >= 0.8 and right + wrong <= 1.0
     assert flowdiff.sample_quality(images, labels=labels.tolist())["accuracy"] == right
+
+
+# -- log_likelihood: an error bar of 0 on a one-step solve ---------------------------------------------------
+
+def test_log_likelihood_one_step_has_no_check_solve_to_measure_it():
+    """steps=1 with the default solve_check compared the solve with itself (half of one step is one step): error
+    bar 0.0 for a log-density off by several nats."""
+    g = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5)
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.5
+    with pytest.raises(ValueError, match=r"steps=1.*solve_check"):
+        flowdiff.log_likelihood(g.flow(), x, steps=1, solver="rk4")
+    r = flowdiff.log_likelihood(g.flow(), x, steps=1, solver="rk4", solve_check=False)  # asked for: no error bar
+    assert r.error is None and r.solve_error is None
+    two = flowdiff.log_likelihood(g.flow(), x, steps=2, solver="rk4")  # the check solve takes 1 step
+    assert two.stats.extra["check"].nfe == 4 and bool((two.error > 0).all())
+
+
+def test_cli_likelihood_one_step_is_refused_by_name(capsys, tmp_path):
+    write_digits(tmp_path, 1)
+    code, _, err = run(capsys, ["likelihood", "d0.png", *MIX8, "--steps", "1", "--solver", "rk4"], tmp_path)
+    line = one_line(err)
+    assert code != 0 and "--steps 1" in line, line

@@ -486,10 +486,10 @@ def log_likelihood(
       ``heun``, ``ipndm``, ...); refused beside ``adaptive=``.
 
     **Error bar.** With ``solve_check`` (default) a second solve at 10× the tolerances (or half
-    the steps, at least one), with the same probes, measures the solve's error: ``solve_error``
-    is |ℓ − ℓ_check| per sample, an overestimate of the reported solve's own error wherever the
-    error falls with the tolerance. ``error`` = √(``std_error``² + ``solve_error``²) covers
-    both the estimator's variance and the solve.
+    the steps, at least one: so ``steps=1`` needs ``solve_check=False``), with the same probes,
+    measures the solve's error: ``solve_error`` is |ℓ − ℓ_check| per sample, an overestimate of
+    the reported solve's own error wherever the error falls with the tolerance. ``error`` =
+    √(``std_error``² + ``solve_error``²) covers both the estimator's variance and the solve.
 
     ``estimator``: a :class:`Trace` (default ``Trace()``: method ``"auto"``, ``"exact"`` up to D =
     :data:`AUTO_EXACT_MAX_DIM`, beyond it ``"hutch++"`` with sketch 32 and probes 16, whose 80
@@ -579,6 +579,10 @@ def log_likelihood(
         if adaptive is not None:
             raise ValueError(f"adaptive=Adaptive(...) sets an error-controlled solve; steps={steps} sets a fixed "
                              "grid: give one of them")
+        if steps == 1 and solve_check:
+            raise ValueError("steps=1 with solve_check=True: the check solve takes half the steps, and half of one "
+                             "step is the same step, so its error bar would be 0 whatever the error; give steps >= 2, "
+                             "or solve_check=False (no error bar for the solve)")
     mean = _per_pixel("data_mean", data_mean, shape, positive=False)
     var = _per_pixel("data_var", data_var, shape, positive=True)
 
