@@ -60,6 +60,21 @@ def test_meta_tensors_are_refused_by_name(entry):
         call(flow, x, solver="euler", steps=3)
 
 
+@pytest.mark.parametrize("entry", ["compare", "tune", "reference_solution", "log_likelihood", "reconstruction"])
+def test_meta_tensors_are_refused_by_the_tools(entry):
+    """The same bare RuntimeError (or 'Cannot copy out of meta tensor') from compare, tune, the reference and
+    the likelihood; reconstruction's finiteness check too."""
+    flow = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5).flow()
+    x = torch.zeros(4, 4, dtype=torch.float64, device="meta")
+    calls = {"compare": lambda: flowdiff.compare(flow, x, solvers=["euler"], grids=["logsnr"], nfe=[4]),
+             "tune": lambda: flowdiff.tune(flow, x, solver="euler", nfe=4, max_evals=3, progress=False),
+             "reference_solution": lambda: flowdiff.reference_solution(flow, x),
+             "log_likelihood": lambda: flowdiff.log_likelihood(flow, x, steps=2),
+             "reconstruction": lambda: flowdiff.reconstruction(x, x)}
+    with pytest.raises(ValueError, match=r"(noise|images|original) is on the device 'meta'"):
+        calls[entry]()
+
+
 def test_cli_device_meta_is_a_usage_error(capsys, tmp_path):
     code, _, err = run(capsys, ["sample", "--model", "analytic-mixture", "--num", "1", "--steps", "2",
                                 "--device", "meta", "--out", "x.png"], tmp_path)

@@ -44,6 +44,7 @@ import solvers as _solvers
 
 from ..api import roundtrip as _roundtrip
 from ..api.sampling import generate
+from ..engine._checks import check_has_values
 from ..engine.flow import ProbabilityFlow
 from ..engine.grids import GRIDS, make_sigmas
 from ..engine.options import Grid
@@ -309,6 +310,7 @@ def _check_noise(noise: Tensor) -> None:
     if noise.ndim < 1 or noise.shape[0] < 1 or noise[0].numel() < 1:
         raise ValueError(f"noise must be a non-empty batch (batch, ...) with batch >= 1, got shape "
                          f"{tuple(noise.shape)}")
+    check_has_values(noise, "noise")
     if not bool(torch.isfinite(noise).all()):
         raise ValueError("noise contains NaN or inf; compare needs finite noise, e.g. torch.randn(batch, *shape)")
 

@@ -95,7 +95,7 @@ from torch import Tensor
 import solvers
 from solvers import SolveError, Solver, Stats, StepController
 
-from ..engine._checks import refuse_removed
+from ..engine._checks import check_has_values, refuse_removed
 from ..engine.flow import ProbabilityFlow
 from ..engine.formulations import formulation_for
 from ..engine.grids import MAX_STEPS
@@ -378,6 +378,7 @@ def _check_images(images: object) -> Tensor:
                          f"sample, got {tuple(images.shape)}")
     if not images.is_floating_point():
         raise TypeError(f"images must be a floating-point tensor (the model's data scale), got {images.dtype}")
+    check_has_values(images, "images")
     finite = torch.isfinite(images.reshape(images.shape[0], -1)).all(1)
     if not bool(finite.all()):
         bad = torch.nonzero(~finite).reshape(-1).tolist()
