@@ -170,3 +170,25 @@ def test_cli_likelihood_one_step_is_refused_by_name(capsys, tmp_path):
     code, _, err = run(capsys, ["likelihood", "d0.png", *MIX8, "--steps", "1", "--solver", "rk4"], tmp_path)
     line = one_line(err)
     assert code != 0 and "--steps 1" in line, line
+
+
+# -- sample_like / scheduler_plan: steps=0 for the schedulers read off diffusers ----------------------------
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
+                                  "DPMSolverMultistepScheduler"])
+def test_scheduler_plan_checks_steps_for_every_scheduler(name):
+    """steps=0 was checked on the DDIM and flow-matching routes only: Euler, LMS and DPM-Solver said 'sigmas must
+    be 1-D with at least 2 values, got shape (1,)', Heun a bare "object of type 'NoneType' has no len()"."""
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = getattr(diffusers, name)()
+    with pytest.raises(ValueError, match=r"steps must be >= 1, got 0"):
+        flowdiff.scheduler_plan(scheduler, 0)
+    with pytest.raises(TypeError, match=r"steps must be an int, got str"):
+        flowdiff.scheduler_plan(scheduler, "4")
+    assert len(flowdiff.scheduler_plan(scheduler, 4).sigmas) == 5
+
+
+def test_pndm_steps_of_the_wrong_type_are_named():
+    diffusers = pytest.importorskip("diffusers")
+    with pytest.raises(TypeError, match=r"steps must be an int, got str"):  # was: '<' not supported between ...
+        flowdiff.scheduler_plan(diffusers.PNDMScheduler(skip_prk_steps=True), "4")
