@@ -192,3 +192,58 @@ def test_pndm_steps_of_the_wrong_type_are_named():
     diffusers = pytest.importorskip("diffusers")
     with pytest.raises(TypeError, match=r"steps must be an int, got str"):  # was: '<' not supported between ...
         flowdiff.scheduler_plan(diffusers.PNDMScheduler(skip_prk_steps=True), "4")
+
+
+# -- tuned-grid files: read without a look at what they hold ---------------------------------------------------
+
+def _tuned_file(tmp_path):
+    flow = flowdiff.pretrained("digits")
+    grid = flowdiff.stored_grid(flow, "unipc", 10)
+    return flow, grid, Path(grid.save(tmp_path / "g.json"))
+
+
+def test_tuned_grid_load_of_a_binary_file_names_the_file(tmp_path):
+    """A latents file given to TunedGrid.load was a bare UnicodeDecodeError."""
+    flow, _, _ = _tuned_file(tmp_path)
+    (tmp_path / "x.safetensors").write_bytes(bytes([0x88, 0xFF, 0x00, 0x10]) * 8)
+    with pytest.raises(ValueError, match=r"x\.safetensors.*not a readable tuned grid"):
+        flowdiff.TunedGrid.load(tmp_path / "x.safetensors", flow)
+    with pytest.raises(ValueError, match=r"x\.safetensors.*not a readable tuned-grids"):
+        flowdiff.load_grids(tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize("edit", ["reversed", "negative", "nfe"])
+def test_tuned_grid_load_refuses_a_grid_it_could_not_be(tmp_path, edit):
+    """An edited file loaded silently: an increasing σ list (which generate then refused without naming the file),
+    a negative σ, or nfe=3 beside a 10-step grid (a budget no solver spends on 10 steps)."""
+    import json
+    flow, grid, path = _tuned_file(tmp_path)
+    data = json.loads(path.read_text())
+    if edit == "reversed":
+        data["sigmas"] = data["sigmas"][::-1]
+    elif edit == "negative":
+        data["sigmas"][-1] = (-0.5).hex()
+    else:
+        data["nfe"] = 3
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"g\.json.*(sigmas|nfe)"):
+        flowdiff.TunedGrid.load(path, flow)
+    flowdiff.save_grids([grid], tmp_path / "set.json")
+    data = json.loads((tmp_path / "set.json").read_text())
+    data["grids"][0].update({k: v for k, v in json.loads(path.read_text()).items() if k in ("sigmas", "nfe")})
+    (tmp_path / "set.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"set\.json: grid 0.*(sigmas|nfe)"):
+        flowdiff.load_grids(tmp_path / "set.json")
+
+
+def test_stored_grid_refuses_a_misspelt_solver_or_budget():
+    """stored_grid(flow, 'unpic', 10) said None, as for a solver with no shipped grid; so did nfe='10' and 0."""
+    flow = flowdiff.pretrained("digits")
+    assert flowdiff.stored_grid(flow, "unipc", 10) is not None
+    assert flowdiff.stored_grid(flow, "rk4", 10) is None  # a real solver without a shipped grid
+    with pytest.raises(ValueError, match=r"unknown solver 'unpic'"):
+        flowdiff.stored_grid(flow, "unpic", 10)
+    with pytest.raises(TypeError, match=r"nfe must be an int"):
+        flowdiff.stored_grid(flow, "unipc", "10")
+    with pytest.raises(ValueError, match=r"nfe must be >= 1"):
+        flowdiff.stored_grid(flow, "unipc", 0)
