@@ -247,3 +247,34 @@ def test_stored_grid_refuses_a_misspelt_solver_or_budget():
         flowdiff.stored_grid(flow, "unipc", "10")
     with pytest.raises(ValueError, match=r"nfe must be >= 1"):
         flowdiff.stored_grid(flow, "unipc", 0)
+
+
+# -- classifier_free_guidance: a NumPy or tensor scale ------------------------------------------------------
+
+def test_guidance_scale_may_be_a_numpy_number_or_a_tensor_with_a_gradient():
+    """np.float32(2.0) was refused as 'scale must be a finite number, got 2.0'; a 0-dim tensor too, although the
+    README offers gradients 'with respect to a guidance scale given as a tensor' (docs: set guided.model.scale)."""
+    import numpy as np
+    flow = flowdiff.pretrained("digits")
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = {"class_labels": torch.tensor([3, 7])}
+    plain = flowdiff.generate(flowdiff.classifier_free_guidance(flow, 2.0), noise, steps=3, model_kwargs=labels).x
+    numpy = flowdiff.generate(flowdiff.classifier_free_guidance(flow, np.float32(2.0)), noise, steps=3,
+                              model_kwargs=labels).x
+    assert torch.equal(plain, numpy)
+
+    def grad(route):
+        w = torch.tensor(2.0, requires_grad=True)
+        if route == "argument":
+            guided = flowdiff.classifier_free_guidance(flow, w)
+        else:  # the documented route (docs/gradients.md)
+            guided = flowdiff.classifier_free_guidance(flow, 2.0)
+            guided.model.scale = w
+        x = flowdiff.generate(guided, noise, steps=3, model_kwargs=labels).x
+        return x, torch.autograd.grad(x.sum(), w)[0]
+
+    (x_a, g_a), (x_b, g_b) = grad("argument"), grad("attribute")
+    assert torch.equal(x_a, plain) and torch.equal(x_a, x_b) and torch.equal(g_a, g_b) and g_a != 0
+    for bad in (torch.tensor([2.0, 3.0]), torch.tensor(float("nan")), torch.tensor(2)):
+        with pytest.raises(TypeError, match="scale must be"):
+            flowdiff.classifier_free_guidance(flow, bad)
