@@ -278,3 +278,33 @@ def test_guidance_scale_may_be_a_numpy_number_or_a_tensor_with_a_gradient():
     for bad in (torch.tensor([2.0, 3.0]), torch.tensor(float("nan")), torch.tensor(2)):
         with pytest.raises(TypeError, match="scale must be"):
             flowdiff.classifier_free_guidance(flow, bad)
+
+
+# -- the closed-form models: a negative σ read as |σ| -----------------------------------------------------------
+
+@pytest.mark.parametrize("call", ["solution0", "solution1", "gaussian_log_prob", "mixture_log_prob"])
+@pytest.mark.parametrize("sigma", [-1.0, float("nan"), float("inf")])
+def test_closed_form_models_refuse_a_sigma_that_is_no_noise_level(call, sigma):
+    """Gaussian.solution(x, -1.0, 0.0) returned the solution from σ = +1 and log_prob(x, -1.0) the density at
+    σ = +1 (the formulas square σ), silently."""
+    from flowdiff.models.analytic import Mixture
+    g = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5)
+    m = Mixture(torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), 0.3)
+    x = torch.zeros(2, 4, dtype=torch.float64)
+    calls = {"solution0": lambda: g.solution(x, sigma, 0.0), "solution1": lambda: g.solution(x, 1.0, sigma),
+             "gaussian_log_prob": lambda: g.log_prob(x, sigma), "mixture_log_prob": lambda: m.log_prob(x, sigma)}
+    with pytest.raises(ValueError, match=r"sigma.* must be a finite number >= 0"):
+        calls[call]()
+
+
+def test_closed_form_sample_counts():
+    """sample(-1) was a bare torch RuntimeError (negative dimension)."""
+    from flowdiff.models.analytic import Mixture
+    g = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5)
+    m = Mixture(torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), 0.3)
+    for model in (g, m):
+        assert model.sample(2).shape == (2, 4)
+        with pytest.raises(ValueError, match=r"n must be an int >= 1 \(the number of samples\), got -1"):
+            model.sample(-1)
+        with pytest.raises(ValueError, match=r"n must be an int >= 1"):
+            model.sample(2.5)
