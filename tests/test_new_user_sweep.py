@@ -308,3 +308,20 @@ def test_closed_form_sample_counts():
             model.sample(-1)
         with pytest.raises(ValueError, match=r"n must be an int >= 1"):
             model.sample(2.5)
+
+
+# -- a negative steps_offset wrapped around the ᾱ table -----------------------------------------------------------
+
+@pytest.mark.parametrize("offset", [-5, 1.5, "1"])
+def test_a_steps_offset_that_is_not_a_count_is_refused(offset):
+    """steps_offset=-5 gave DDIM's last timestep −5, which indexed the ᾱ table from its end: scheduler_sigmas
+    returned [9.17, 1.43, 151.2, 0] (not decreasing) without a word; 1.5 was truncated to 1."""
+    config = {"_class_name": "DDIMScheduler", "clip_sample": False, "steps_offset": offset}
+    with pytest.raises(ValueError, match=r"steps_offset must be an int >= 0"):
+        flowdiff.scheduler_sigmas(config, 3)
+    flow = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5).flow()
+    with pytest.raises(ValueError, match=r"steps_offset must be an int >= 0"):
+        flowdiff.encode_like(flow, torch.zeros(2, 4, dtype=torch.float64),
+                             {**config, "_class_name": "DDIMInverseScheduler"}, 3)
+    grid = flowdiff.scheduler_sigmas({**config, "steps_offset": 1}, 3)
+    assert np.all(np.diff(grid) < 0)
