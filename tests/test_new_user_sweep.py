@@ -325,3 +325,20 @@ def test_a_steps_offset_that_is_not_a_count_is_refused(offset):
                              {**config, "_class_name": "DDIMInverseScheduler"}, 3)
     grid = flowdiff.scheduler_sigmas({**config, "steps_offset": 1}, 3)
     assert np.all(np.diff(grid) < 0)
+
+
+# -- a diffusers UNet given noise with other channels -------------------------------------------------------------
+
+def test_diffusers_model_names_a_channel_mismatch():
+    """Noise of 3 channels for a 1-channel UNet was torch's 'Given groups=1, weight of size [8, 1, 3, 3], expected
+    input[2, 3, 8, 8] to have 1 channels', with no step or σ."""
+    diffusers = pytest.importorskip("diffusers")
+    from flowdiff.models.diffusers_io import DiffusersModel
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
+                                 up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
+    flow = flowdiff.ProbabilityFlow(DiffusersModel(unet), flowdiff.Schedule.linear())
+    assert flowdiff.generate(flow, torch.randn(2, 1, 8, 8), steps=2).x.shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"step 0 .*1 channel.*\(2, 3, 8, 8\)"):
+        flowdiff.generate(flow, torch.randn(2, 3, 8, 8), steps=2)
