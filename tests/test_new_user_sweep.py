@@ -342,3 +342,20 @@ def test_diffusers_model_names_a_channel_mismatch():
     assert flowdiff.generate(flow, torch.randn(2, 1, 8, 8), steps=2).x.shape == (2, 1, 8, 8)
     with pytest.raises(ValueError, match=r"step 0 .*1 channel.*\(2, 3, 8, 8\)"):
         flowdiff.generate(flow, torch.randn(2, 3, 8, 8), steps=2)
+
+
+# -- image formats that no file holds -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [("L", 12), ("CMYK", 8), ("RGB", 32, "float"), ("L", 8, "int"), ("L", True)])
+def test_image_format_refuses_what_it_cannot_read_or_write(args):
+    """ImageFormat('L', 12) was accepted and written as a 16-bit PNG holding 12-bit values (a dark image read back at
+    4095/65535); 'CMYK' and the rest were accepted too."""
+    with pytest.raises(ValueError, match=r"ImageFormat\(mode="):
+        ImageFormat(*args)
+
+
+def test_from_data_names_a_numpy_array():
+    from flowdiff.runs.imageio import from_data
+    with pytest.raises(TypeError, match=r"from_data: x must be a torch.Tensor"):  # was: AttributeError 'detach'
+        from_data(np.zeros((1, 8, 8)), GREY8)
+    assert from_data(torch.zeros(1, 8, 8, dtype=torch.float64), GREY8).dtype == np.uint8
