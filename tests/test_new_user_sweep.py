@@ -359,3 +359,29 @@ def test_from_data_names_a_numpy_array():
     with pytest.raises(TypeError, match=r"from_data: x must be a torch.Tensor"):  # was: AttributeError 'detach'
         from_data(np.zeros((1, 8, 8)), GREY8)
     assert from_data(torch.zeros(1, 8, 8, dtype=torch.float64), GREY8).dtype == np.uint8
+
+
+# -- `flowdiff compare --task roundtrip` ----------------------------------------------------------------------------
+
+def test_compare_roundtrip_refuses_more_images_than_the_held_out_digits(capsys, tmp_path):
+    """--batch 1000 ran on the 364 held-out digits and the report said 'the first 1000 held-out digits'."""
+    held_out = len(flowdiff.digits_data("test").images)
+    code, _, err = run(capsys, ["compare", "--task", "roundtrip", "--solver", "euler", "--grid", "logsnr", "--nfe",
+                                "3", "--batch", held_out + 1, "--out", "c"], tmp_path)
+    line = one_line(err)
+    assert code == 2 and f"--batch {held_out + 1}" in line and str(held_out) in line, line
+
+
+def test_compare_roundtrip_report_has_no_sample_command_and_names_skipped_runs(capsys, tmp_path):
+    """The round-trip report offered `flowdiff sample ...` as 'the best flowdiff row, reproduced' (a sample is no
+    round trip); with only solvers that cannot encode (ipndm) the command failed with 'reconstructions must name at
+    least one method'."""
+    code, out, err = run(capsys, ["compare", "--task", "roundtrip", "--solver", "euler", "--grid", "logsnr", "--nfe",
+                                  "3", "--batch", "2", "--out", "c"], tmp_path)
+    assert code == 0, err
+    report = (tmp_path / "c" / "compare.md").read_text()
+    assert "flowdiff sample" not in report and "flowdiff sample" not in out
+    code, _, err = run(capsys, ["compare", "--task", "roundtrip", "--solver", "ipndm", "--grid", "logsnr", "--nfe",
+                                "3", "--batch", "2", "--out", "d"], tmp_path)
+    line = one_line(err)
+    assert code == 1 and "no run could encode: ipndm" in line and "use 'lms'" in line, line

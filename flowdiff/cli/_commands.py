@@ -121,6 +121,13 @@ SAMPLE_IMAGES = 4
 def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
     from ..tools.compare import Reference, reference_solution
 
+    if args.task == "roundtrip":
+        from ..models.pretrained import digits_data
+
+        held_out = len(digits_data("test").images)
+        if args.batch > held_out:  # it was cut to them, and the report said --batch
+            raise UsageError(f"--batch {args.batch}: --task roundtrip encodes the held-out digits, of which there are "
+                             f"{held_out}; give --batch {held_out} or fewer")
     out = output_dir(args.out)
     names = [*REPORT_FILES.values()] + ([ROUNDTRIP_FIGURE] if args.task == "roundtrip" else [])
     plan([(out / name, "--out") for name in names], overwrite=args.overwrite)
@@ -241,7 +248,10 @@ def _reproduce(args: argparse.Namespace, run, provided: dict) -> str:  # noqa: A
 
 
 def _write_report(result, out: Path, args: argparse.Namespace, loaded: LoadedModel,  # noqa: ANN001
-                  facts: dict[str, str], title: str, figures: dict | None = None) -> dict[str, Path]:
+                  facts: dict[str, str], title: str, figures: dict | None = None, reproduce: bool = True
+                  ) -> dict[str, Path]:
+    """The report; ``reproduce``: with the `flowdiff sample` command of the best row (a generation's, not a round
+    trip's: no command reproduces a round trip of the held-out digits)."""
     from ..tools.report import write_report
 
     def to_images(x: Tensor) -> Tensor:  # the flow's data (latents of a latent pipeline) → images in [0, 1]
@@ -249,7 +259,8 @@ def _write_report(result, out: Path, args: argparse.Namespace, loaded: LoadedMod
             images = _prompt.to_images(loaded, x.to(device=result.reference.x.device, dtype=DTYPES[args.dtype]))
         return ((images.detach().cpu().float().clamp(-1, 1) + 1) / 2)
 
-    return write_report(result, out, facts=facts, reproduce=lambda run: _reproduce(args, run, result.provided),
+    return write_report(result, out, facts=facts,
+                        reproduce=(lambda run: _reproduce(args, run, result.provided)) if reproduce else None,
                         title=title, to_images=to_images, figures=figures)
 
 
@@ -269,6 +280,9 @@ def _compare_roundtrip(args: argparse.Namespace, loaded: LoadedModel, run_flow: 
                                  grids=args.grid, nfe=args.nfe, model_kwargs=loaded.model_kwargs or None)
     if not ranks.is_main:
         return 0
+    if not result.runs:  # nothing encoded: say why rather than fail on an empty figure
+        raise CommandError("no run could encode: " + "; ".join(
+            f"{s.solver} on {s.grid} at NFE {s.budget}: {s.reason}" for s in result.skipped[:5]))
     top = max(result.budgets)
     shown = images[:SAMPLE_IMAGES]
     recon = {}
@@ -282,7 +296,7 @@ def _compare_roundtrip(args: argparse.Namespace, loaded: LoadedModel, run_flow: 
     facts = _report_facts(args, loaded, device)
     facts["images"] = f"the first {args.batch} held-out digits, {args.dtype}; error against them (no reference solve)"
     paths = _write_report(result, out, args, loaded, facts, "round trip: decode(encode(x))",
-                          figures={"Inputs, reconstructions and error maps": figure})
+                          figures={"Inputs, reconstructions and error maps": figure}, reproduce=False)
     print(result.to_markdown(args.layout))
     print(f"wrote the report {paths['report']} with {', '.join(p.name for k, p in paths.items() if k != 'report')}, "
           f"{figure.name}")
