@@ -385,3 +385,18 @@ def test_compare_roundtrip_report_has_no_sample_command_and_names_skipped_runs(c
                                 "3", "--batch", "2", "--out", "d"], tmp_path)
     line = one_line(err)
     assert code == 1 and "no run could encode: ipndm" in line and "use 'lms'" in line, line
+
+
+# -- log_likelihood of images on the wrong scale ----------------------------------------------------------------
+
+def test_log_likelihood_warns_for_images_far_outside_the_data_range():
+    """encode warns for [0, 255] images (README: a UserWarning naming the values' span); log_likelihood took them
+    silently and returned a bits/dim of pixels the model never saw."""
+    g = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5)
+    x = torch.rand(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=r"images span \[.*\], far outside the model's data range"):
+        flowdiff.log_likelihood(g.flow(), x * 255, steps=2, solver="rk4")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flowdiff.log_likelihood(g.flow(), x * 2 - 1, steps=2, solver="rk4")

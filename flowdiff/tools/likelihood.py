@@ -95,7 +95,7 @@ from torch import Tensor
 import solvers
 from solvers import SolveError, Solver, Stats, StepController
 
-from ..engine._checks import check_has_values, refuse_removed
+from ..engine._checks import check_data_range, check_has_values, refuse_removed
 from ..engine.flow import ProbabilityFlow
 from ..engine.formulations import formulation_for
 from ..engine.grids import MAX_STEPS
@@ -383,6 +383,7 @@ def _check_images(images: object) -> Tensor:
     if not bool(finite.all()):
         bad = torch.nonzero(~finite).reshape(-1).tolist()
         raise ValueError(f"images must be finite; sample(s) {bad[:10]} hold NaN or inf")
+    check_data_range(images, "images")  # warns, as encode does, for images on another scale ([0, 255], say)
     return images
 
 
