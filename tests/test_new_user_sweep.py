@@ -400,3 +400,21 @@ def test_log_likelihood_warns_for_images_far_outside_the_data_range():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         flowdiff.log_likelihood(g.flow(), x * 2 - 1, steps=2, solver="rk4")
+
+
+# -- write_report of a comparison whose states are not images ---------------------------------------------------
+
+def test_write_report_of_vector_states_leaves_out_the_sample_grid(tmp_path):
+    """compare(keep_images=2) on a closed-form Gaussian (states of shape (batch, 4)) then write_report: a bare
+    'not enough values to unpack (expected 4, got 2)' from the sample grid."""
+    from flowdiff.tools.report import sample_grid, write_report
+    flow = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5).flow()
+    noise = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    table = flowdiff.compare(flow, noise, solvers=["euler"], grids=["logsnr"], nfe=[4], rtol=1e-4, atol=1e-4,
+                             keep_images=2)
+    paths = write_report(table, tmp_path / "rep", facts={"model": "a Gaussian"})
+    assert "samples" not in paths and not (tmp_path / "rep" / "samples.png").exists()
+    report = paths["report"].read_text()
+    assert "(3, 4)" in report and "not images" in report
+    with pytest.raises(ValueError, match=r"sample_grid draws images.*\(2, 4\)"):
+        sample_grid(table, tmp_path / "s.png")
