@@ -418,3 +418,13 @@ def test_write_report_of_vector_states_leaves_out_the_sample_grid(tmp_path):
     assert "(3, 4)" in report and "not images" in report
     with pytest.raises(ValueError, match=r"sample_grid draws images.*\(2, 4\)"):
         sample_grid(table, tmp_path / "s.png")
+
+
+def test_comparison_best_names_a_budget_of_the_wrong_type():
+    """table.best('10') said 'no run at budget 10; budgets run: [10]'."""
+    flow = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5).flow()
+    noise = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    table = flowdiff.compare(flow, noise, solvers=["euler"], grids=["logsnr"], nfe=[4], rtol=1e-4, atol=1e-4)
+    assert table.best(4).budget == 4
+    with pytest.raises(TypeError, match=r"budget must be an int .*got str '4'"):
+        table.best("4")

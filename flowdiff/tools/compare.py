@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import numbers
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -151,6 +152,9 @@ class Comparison:
 
     def best(self, budget: int) -> Run:
         """The run with the lowest RMS error at ``budget``."""
+        if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
+            raise TypeError(f"budget must be an int (an NFE budget), got {type(budget).__name__} {budget!r}; "
+                            f"budgets run: {self.budgets}")
         rows = [r for r in self.runs if r.budget == budget]
         if not rows:
             raise ValueError(f"no run at budget {budget}; budgets run: {self.budgets}")
