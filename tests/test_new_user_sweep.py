@@ -428,3 +428,16 @@ def test_comparison_best_names_a_budget_of_the_wrong_type():
     assert table.best(4).budget == 4
     with pytest.raises(TypeError, match=r"budget must be an int .*got str '4'"):
         table.best("4")
+
+
+# -- log_likelihood under a zero-terminal-SNR schedule -----------------------------------------------------------
+
+@pytest.mark.parametrize("how", [{"steps": 4, "solver": "rk4"}, {}])
+def test_log_likelihood_names_a_zero_terminal_snr_schedule(how):
+    """σ_max = ∞: the fixed grid said "a grid uniform in 'logsigma' time needs both ends at finite times; σ = 0.0
+    -> inf is log(σ+c) = -4.6 -> inf", naming neither the schedule nor a way out."""
+    alphas = torch.cat([torch.linspace(0.999, 0.01, 9, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    flow = flowdiff.ProbabilityFlow(lambda x, t: torch.tanh(x), alphas, prediction_type="v_prediction")
+    assert flow.schedule.sigma_max == float("inf")
+    with pytest.raises(ValueError, match=r"zero terminal SNR"):
+        flowdiff.log_likelihood(flow, torch.zeros(2, 4, dtype=torch.float64), **how)

@@ -548,6 +548,10 @@ def log_likelihood(
         raise TypeError(f"adaptive must be a flowdiff.Adaptive or None, got {type(adaptive).__name__}")
     schedule = flow.schedule
     s_max = float(schedule.sigma_max)
+    if not math.isfinite(s_max):
+        raise ValueError("log_likelihood integrates from σ = 0 to the schedule's σ_max, which is ∞ here (zero terminal "
+                         "SNR: ᾱ = 0 at the last timestep), where x̄ is infinite and the prior has no density; the "
+                         "likelihood is defined for schedules with a finite σ_max")
     sigma_c = None if adaptive is None else adaptive.sigma_c
     c = float(schedule.sigma_min) if sigma_c is None else sigma_c
     if not (math.isfinite(c) and 0 < c < s_max):
