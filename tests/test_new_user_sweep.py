@@ -441,3 +441,28 @@ def test_log_likelihood_names_a_zero_terminal_snr_schedule(how):
     assert flow.schedule.sigma_max == float("inf")
     with pytest.raises(ValueError, match=r"zero terminal SNR"):
         flowdiff.log_likelihood(flow, torch.zeros(2, 4, dtype=torch.float64), **how)
+
+
+# -- `flowdiff likelihood a/x.png b/x.png` printed two rows named x.png ----------------------------------------------
+
+def test_cli_likelihood_rows_name_each_image_apart(capsys, tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        write_digits(tmp_path / folder, 1)
+    code, out, err = run(capsys, ["likelihood", "a/d0.png", "b/d0.png", *MIX8, "--steps", "2", "--solver", "rk4"],
+                         tmp_path)
+    assert code == 0, err
+    rows = [line.split()[0] for line in out.splitlines() if line.endswith(tuple("0123456789")) and "d0.png" in line]
+    assert rows == ["a/d0.png", "b/d0.png"], out
+
+
+def test_cli_likelihood_error_column_says_what_it_holds(capsys, tmp_path):
+    """The header said '± error (probes and solve)' for the exact divergence (no probes) and for one probe (no
+    spread to measure): the column held the solve's error alone."""
+    write_digits(tmp_path, 1)
+    base = ["likelihood", "d0.png", *MIX8, "--steps", "2", "--solver", "rk4"]
+    for extra, header in (([], "± error (solve)"), (["--divergence", "hutchinson", "--probes", "1"], "± error (solve)"),
+                          (["--divergence", "hutchinson", "--probes", "2"], "± error (probes and solve)")):
+        code, out, err = run(capsys, [*base, *extra], tmp_path)
+        assert code == 0, err
+        assert header in out and (header == "± error (probes and solve)" or "probes" not in out.split("±")[1]), out
