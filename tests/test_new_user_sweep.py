@@ -466,3 +466,22 @@ def test_cli_likelihood_error_column_says_what_it_holds(capsys, tmp_path):
         code, out, err = run(capsys, [*base, *extra], tmp_path)
         assert code == 0, err
         assert header in out and (header == "± error (probes and solve)" or "probes" not in out.split("±")[1]), out
+
+
+# -- a command that fails leaves no empty folders behind -------------------------------------------------------------
+
+def test_a_failed_command_removes_the_empty_folders_its_plan_made(capsys, tmp_path):
+    """`flowdiff decode l.safetensors --model <another> --out dec/a` failed (after the output plan had made the
+    folders) and left dec/ and dec/a/ behind, empty; so did `roundtrip missing.png --out r`."""
+    write_digits(tmp_path, 1)
+    code, _, err = run(capsys, ["encode", "d0.png", "--steps", "2", "--out", "l.safetensors"], tmp_path)
+    assert code == 0, err
+    code, _, err = run(capsys, ["decode", "l.safetensors", *MIX8, "--out", "dec/a"], tmp_path)
+    assert code == 1 and not (tmp_path / "dec").exists(), err
+    code, _, err = run(capsys, ["roundtrip", "missing.png", "--steps", "2", "--out", "r"], tmp_path)
+    assert code == 1 and not (tmp_path / "r").exists(), err
+    (tmp_path / "mine").mkdir()  # a folder the user made stays, and so does one that holds files
+    code, _, err = run(capsys, ["decode", "l.safetensors", *MIX8, "--out", "mine/sub"], tmp_path)
+    assert code == 1 and (tmp_path / "mine").is_dir() and not (tmp_path / "mine" / "sub").exists(), err
+    code, _, err = run(capsys, ["decode", "l.safetensors", "--out", "ok"], tmp_path)  # success keeps its folder
+    assert code == 0 and (tmp_path / "ok" / "d0.png").is_file(), err
