@@ -485,3 +485,21 @@ def test_a_failed_command_removes_the_empty_folders_its_plan_made(capsys, tmp_pa
     assert code == 1 and (tmp_path / "mine").is_dir() and not (tmp_path / "mine" / "sub").exists(), err
     code, _, err = run(capsys, ["decode", "l.safetensors", "--out", "ok"], tmp_path)  # success keeps its folder
     assert code == 0 and (tmp_path / "ok" / "d0.png").is_file(), err
+
+
+# -- Schedule.timestep(nan), make_sigmas of something that is no schedule ----------------------------------------------
+
+def test_schedule_timestep_refuses_nan():
+    """timestep(nan) (and timesteps([1.0, nan])) was a bare IndexError: NaN fails every comparison."""
+    s = flowdiff.Schedule.linear()
+    assert s.timestep(0.0) == 0.0 and s.timestep(float("inf")) == 999.0
+    with pytest.raises(ValueError, match=r"sigma must be >= 0, got nan"):
+        s.timestep(float("nan"))
+    with pytest.raises(ValueError, match=r"sigma must be >= 0, got nan"):
+        s.timesteps([1.0, float("nan")])
+
+
+def test_make_sigmas_names_a_schedule_of_the_wrong_type():
+    with pytest.raises(TypeError, match=r"schedule must be a flowdiff.Schedule.*got str"):  # was: AttributeError
+        flowdiff.make_sigmas("linear", "trailing", 3)
+    assert len(flowdiff.make_sigmas(flowdiff.Schedule.linear(), "trailing", 3)) == 4
