@@ -503,3 +503,19 @@ def test_make_sigmas_names_a_schedule_of_the_wrong_type():
     with pytest.raises(TypeError, match=r"schedule must be a flowdiff.Schedule.*got str"):  # was: AttributeError
         flowdiff.make_sigmas("linear", "trailing", 3)
     assert len(flowdiff.make_sigmas(flowdiff.Schedule.linear(), "trailing", 3)) == 4
+
+
+# -- Latent.to(dtype) -----------------------------------------------------------------------------------------------
+
+def test_latent_to_moves_between_devices_only():
+    """Latent.to(torch.float16) was accepted (Tensor.to takes a dtype too): x and a reversible latent's state were
+    cast, so the exact decode was no longer exact, and the decode still returned the recorded dtype; to('foo') was
+    torch's RuntimeError listing device types."""
+    g = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5)
+    x = g.sample(2, generator=torch.Generator().manual_seed(0)).float()
+    enc = flowdiff.encode(g.flow(), x, steps=3, solver="reversible_heun")
+    assert torch.equal(flowdiff.decode(g.flow(), enc.latent.to("cpu")).x, x)
+    with pytest.raises(TypeError, match=r"Latent.to\(device\).*torch.float16"):
+        enc.latent.to(torch.float16)
+    with pytest.raises(ValueError, match=r"Latent.to: 'foo' is not a torch device"):
+        enc.latent.to("foo")
