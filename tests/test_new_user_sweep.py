@@ -519,3 +519,20 @@ def test_latent_to_moves_between_devices_only():
         enc.latent.to(torch.float16)
     with pytest.raises(ValueError, match=r"Latent.to: 'foo' is not a torch device"):
         enc.latent.to("foo")
+
+
+def test_decode_with_the_default_model_names_the_encoding_model(capsys, tmp_path):
+    """Latents of an RGB model decoded without --model said only that 'digits' makes (1, 8, 8)."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
+                                 up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
+    diffusers.DDPMPipeline(unet, diffusers.DDIMScheduler(clip_sample=False)).save_pretrained(tmp_path / "rgbnet")
+    write_image(tmp_path / "c.png", np.zeros((8, 8, 3), np.uint8), ImageFormat("RGB", 8))
+    code, _, err = run(capsys, ["encode", "c.png", "--model", "rgbnet", "--steps", "2", "--out", "l.safetensors"],
+                       tmp_path)
+    assert code == 0, err
+    code, _, err = run(capsys, ["decode", "l.safetensors", "--out", "dec"], tmp_path)
+    line = one_line(err)
+    assert code == 1 and "'rgbnet'" in line and "(1, 8, 8)" in line, line

@@ -425,8 +425,10 @@ def cmd_decode(args: argparse.Namespace) -> int:
                            "exactness: omit --dtype")
     loaded, dtype, device = _setup(args, dtype=args.dtype or own, info=latent.info, batch=latent.x.shape[0])
     if tuple(latent.x.shape[1:]) != tuple(loaded.shape):
+        made_by = latent.info.get("model") if isinstance(latent.info, dict) else None
         raise CommandError(f"latents {args.latents!r} have images of shape {tuple(latent.x.shape[1:])}; the model "
-                           f"{loaded.name!r} makes {tuple(loaded.shape)}")
+                           f"{loaded.name!r} makes {tuple(loaded.shape)}"
+                           + (f" (they were encoded with {made_by!r}: decode with that --model)" if made_by else ""))
     if not args.ignore_fingerprint:
         try:  # latents made under a prompt name it when another is given
             _prompt.check_record(loaded, latent, args.latents)
