@@ -536,3 +536,16 @@ def test_decode_with_the_default_model_names_the_encoding_model(capsys, tmp_path
     code, _, err = run(capsys, ["decode", "l.safetensors", "--out", "dec"], tmp_path)
     line = one_line(err)
     assert code == 1 and "'rgbnet'" in line and "(1, 8, 8)" in line, line
+
+
+# -- flowdiff.tools.testing: a tolerance no error can meet -------------------------------------------------------------
+
+@pytest.mark.parametrize("atol", [-1.0, float("nan"), "1e-6"])
+def test_assert_round_trip_refuses_a_tolerance_that_is_no_bound(atol):
+    """atol=-1 or NaN made every round trip 'fail' ('round trip error 0 > atol nan'), an exact one included."""
+    from flowdiff.tools import testing as ft
+    g = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5)
+    x = g.sample(2, generator=torch.Generator().manual_seed(0))
+    ft.assert_round_trip(g.flow(), x, solver="reversible_heun", steps=3, atol=1e-10)
+    with pytest.raises(ValueError, match=r"atol must be a finite number >= 0"):
+        ft.assert_round_trip(g.flow(), x, solver="reversible_heun", steps=3, atol=atol)
