@@ -549,3 +549,13 @@ def test_assert_round_trip_refuses_a_tolerance_that_is_no_bound(atol):
     ft.assert_round_trip(g.flow(), x, solver="reversible_heun", steps=3, atol=1e-10)
     with pytest.raises(ValueError, match=r"atol must be a finite number >= 0"):
         ft.assert_round_trip(g.flow(), x, solver="reversible_heun", steps=3, atol=atol)
+
+
+def test_cli_likelihood_data_says_it_reads_no_subfolders(capsys, tmp_path):
+    """`roundtrip --data` walks subfolders; `likelihood --data DIR` with images only in DIR/0/ said 'no image files
+    in it', which a user who just ran roundtrip on the same folder could not square."""
+    (tmp_path / "digits" / "0").mkdir(parents=True)
+    write_digits(tmp_path / "digits" / "0", 2)
+    code, _, err = run(capsys, ["likelihood", "--data", "digits", *MIX8, "--steps", "2", "--solver", "rk4"], tmp_path)
+    line = one_line(err)
+    assert code == 1 and "not its subfolders, which hold 2" in line, line

@@ -105,7 +105,10 @@ def _image_paths(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"--data {args.data!r}: no such directory")
     paths = sorted(str(p) for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not paths:
-        raise ValueError(f"--data {args.data!r}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it")
+        below = sum(1 for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        raise ValueError(f"--data {args.data!r}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it"
+                         + (f"; likelihood --data reads the folder's own files, not its subfolders, which hold {below} "
+                            "(give those folders, or the files)" if below else ""))
     return paths
 
 
