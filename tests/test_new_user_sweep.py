@@ -559,3 +559,18 @@ def test_cli_likelihood_data_says_it_reads_no_subfolders(capsys, tmp_path):
     code, _, err = run(capsys, ["likelihood", "--data", "digits", *MIX8, "--steps", "2", "--solver", "rk4"], tmp_path)
     line = one_line(err)
     assert code == 1 and "not its subfolders, which hold 2" in line, line
+
+
+def test_likelihood_example_gives_no_error_bar_for_one_image(tmp_path):
+    """examples/likelihood.py --batch 1 wrote '± std. error 0.000': mean_bits_per_dim() has none for one image."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, str(root / "examples" / "likelihood.py"), "--batch", "1", "--steps", "2",
+                           "--probes", "1", "--out", str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split("|")[3].strip() for line in (tmp_path / "likelihood.md").read_text().splitlines()
+            if line.startswith("| ") and "bits/dim" not in line]
+    assert rows and all(cell == "—" for cell in rows), rows
