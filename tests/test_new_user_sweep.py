@@ -595,3 +595,22 @@ def test_saved_denoised_is_the_models_at_the_saved_state(solver, entry):
             assert torch.allclose(st.denoised, exact, rtol=0, atol=1e-12), (st.step, st.sigma)
             checked += 1
     assert checked >= 1
+
+
+# -- `flowdiff sample`: a grid too large to write ---------------------------------------------------------------------
+
+def test_sample_refuses_a_grid_larger_than_an_image_flowdiff_reads_before_the_work(capsys, tmp_path, monkeypatch):
+    """--num 100000 --scale 64 asked for a grid of 33 gigapixels, found out only after all the samples were made;
+    the default scale (up to 64 pixels a side) made a 22832×22832 grid for --num 100000, which flowdiff's own
+    reader refuses (8192×8192). The pixel limit (FLOWDIFF_MAX_PIXELS) is lowered here to keep the test small."""
+    monkeypatch.setenv("FLOWDIFF_MAX_PIXELS", str(100 * 100))
+    code, _, err = run(capsys, ["sample", *MIX8, "--num", "16", "--steps", "1", "--scale", "8", "--out", "a.png"],
+                       tmp_path)
+    line = one_line(err)
+    assert code == 2 and "--scale 8" in line and "--num 16" in line and "10000" in line.replace(",", ""), line
+    assert not (tmp_path / "a.png").exists()
+    code, _, err = run(capsys, ["sample", *MIX8, "--num", "16", "--steps", "1", "--out", "b.png"], tmp_path)
+    assert code == 0, err  # the default scale shrinks to fit
+    from PIL import Image
+    width, height = Image.open(tmp_path / "b.png").size
+    assert width * height <= 100 * 100 and width >= 4 * 8

@@ -7,6 +7,7 @@ Every command plans its outputs first (:mod:`._outputs`: names that cannot colli
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -309,14 +310,36 @@ def cmd_sample(args: argparse.Namespace) -> int:
     (path,) = plan([(Path(args.out), "--out")], overwrite=args.overwrite)
     _check_image_suffix(path, "--out")
     loaded, dtype, device = _setup(args, batch=args.num)
+    scale = _grid_scale(args, _prompt.image_shape(loaded))  # checked before the work
     noise = _noise(args, args.num, loaded.shape, dtype, device)
     result = generate(loaded.flow, noise, solver=args.solver, model_kwargs=loaded.model_kwargs or None,
                       **_grid(args, loaded))
-    scale = args.scale or max(1, 64 // max(loaded.shape[1:]))
     path = save_grid(_prompt.to_images(loaded, result.x), path, scale=scale)
     print(f"{args.num} samples with {result.solver} on the {args.grid} grid: {result.stats.nfe} NFE, "
           f"{len(result.sigmas) - 1} steps, {result.stats.wall_time:.2f} s; wrote {path}")
     return 0
+
+
+def _grid_scale(args: argparse.Namespace, image_shape: tuple[int, ...]) -> int:
+    """The magnification of `sample`'s grid: ``--scale``, else up to 64 pixels a side; either way within the pixels
+    an image flowdiff reads may have (:func:`flowdiff.runs.imageio.pixel_limit`), or refused before the work."""
+    from ..runs.imageio import pixel_limit
+
+    h, w = image_shape[-2:]
+    cols = math.ceil(math.sqrt(args.num))
+    rows = math.ceil(args.num / cols)
+    pixels = (rows * (h + 1) + 1) * (cols * (w + 1) + 1)  # the grid at scale 1 (see save_grid)
+    limit = pixel_limit()
+    if args.scale is None:
+        scale = max(1, 64 // max(h, w))
+        while scale > 1 and pixels * scale * scale > limit:
+            scale -= 1
+        return scale
+    if pixels * args.scale**2 > limit:
+        raise UsageError(f"--num {args.num} --scale {args.scale}: the grid would have {pixels * args.scale**2:,} "
+                         f"pixels, more than an image flowdiff reads may have ({limit:,}, FLOWDIFF_MAX_PIXELS); give "
+                         "a smaller --scale or fewer --num")
+    return args.scale
 
 
 def _check_image_suffix(path: Path, option: str) -> None:
