@@ -614,3 +614,19 @@ def test_sample_refuses_a_grid_larger_than_an_image_flowdiff_reads_before_the_wo
     from PIL import Image
     width, height = Image.open(tmp_path / "b.png").size
     assert width * height <= 100 * 100 and width >= 4 * 8
+
+
+# -- a --data run refused on its arguments left a run.json that blocked the corrected command --------------------------
+
+def test_data_run_with_a_bad_grid_leaves_no_run_behind(capsys, tmp_path):
+    """`roundtrip --data D --out R --steps 2 --grid tuned` failed ('needs --nfe') after writing R/run.json; the
+    corrected `--nfe 10 --solver unipc --grid tuned` was then refused: 'R holds a run with other arguments'."""
+    (tmp_path / "d").mkdir()
+    write_digits(tmp_path / "d", 2)
+    code, _, err = run(capsys, ["roundtrip", "--data", "d", "--out", "r", "--steps", "2", "--grid", "tuned"], tmp_path)
+    assert code == 1 and "--grid tuned needs --nfe" in one_line(err), err
+    assert not (tmp_path / "r" / "run.json").exists()
+    code, _, err = run(capsys, ["roundtrip", "--data", "d", "--out", "r", "--nfe", "10", "--solver", "unipc", "--grid",
+                                "tuned"], tmp_path)
+    assert code == 0, err
+    assert (tmp_path / "r" / "results.csv").is_file()

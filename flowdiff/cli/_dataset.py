@@ -224,6 +224,7 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
     args.device = str(rank_device(args.device, ranks))
     device_given = args.device
     loaded, dtype, device = _commands._setup(args)
+    _commands._grid(args, loaded)  # --grid tuned without --nfe, or with none stored: refused before run.json is written
     args.device = torch.device(device_given).type  # the manifest keeps the kind of device, not each rank's index
     arguments = _arguments(args, _commands.fingerprint(loaded))
     # rank 0 hashes the inputs and sends the manifest: N ranks would otherwise read the whole dataset N times
