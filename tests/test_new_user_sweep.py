@@ -630,3 +630,16 @@ def test_data_run_with_a_bad_grid_leaves_no_run_behind(capsys, tmp_path):
                                 "tuned"], tmp_path)
     assert code == 0, err
     assert (tmp_path / "r" / "results.csv").is_file()
+
+
+@pytest.mark.parametrize("bad", [["--solver", "ipndm", "--steps", "2"], ["--steps", "2000"]])
+def test_data_run_refused_in_its_first_batch_leaves_no_run_behind(capsys, tmp_path, bad):
+    """Arguments only the solve refuses (a solver that cannot encode, more steps than the schedule has) failed in the
+    first batch, after run.json was written: the corrected command was refused as 'a run with other arguments'."""
+    (tmp_path / "d").mkdir()
+    write_digits(tmp_path / "d", 2)
+    code, _, err = run(capsys, ["roundtrip", "--data", "d", "--out", "r", *bad], tmp_path)
+    assert code == 1, err
+    assert not (tmp_path / "r" / "run.json").exists()
+    code, _, err = run(capsys, ["roundtrip", "--data", "d", "--out", "r", "--steps", "2"], tmp_path)
+    assert code == 0, err
