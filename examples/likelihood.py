@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                                          dequantize=LEVELS, generator=torch.Generator().manual_seed(args.seed),
                                          **grid)
         mean, se = result.mean_bits_per_dim()
-        means[name], errors[name] = mean, (se or 0.0)
-        lines.append(f"| {name} | {mean:.3f} | {errors[name]:.3f} | {result.stats.nfe} |")
+        means[name], errors[name] = mean, (0.0 if se is None else se)  # no error bar from one image
+        lines.append(f"| {name} | {mean:.3f} | {'—' if se is None else f'{se:.3f}'} | {result.stats.nfe} |")
     table = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "likelihood.md").write_text(table, encoding="utf-8")

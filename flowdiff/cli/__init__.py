@@ -36,6 +36,7 @@ import solvers as _solvers
 from ._errors import CommandError, UsageError, one_line
 from ._images import read_images, save_grid, save_images
 from ._models import LoadedModel, in_dtype, load_model
+from ._outputs import forget_planned_folders, remove_planned_folders
 from ._parser import build_parser
 
 __all__ = ["CommandError", "UsageError", "LoadedModel", "build_parser", "in_dtype", "load_model", "main", "read_images",
@@ -60,10 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    forget_planned_folders()
+    code = 1
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning(args.command)
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+            return code
     except KeyboardInterrupt:
         print(f"flowdiff {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -78,3 +82,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"flowdiff {args.command}: internal error: {type(err).__name__}: {one_line(err)} "
               "(set FLOWDIFF_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if code != 0:  # the output plan made folders before the work that failed: those left empty go
+            remove_planned_folders()

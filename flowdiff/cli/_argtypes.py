@@ -63,9 +63,12 @@ def device_name(text: str) -> str:
     if text == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        torch.device(text)
+        device = torch.device(text)
     except (RuntimeError, ValueError):
         raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:0, mps)") from None
+    if device.type == "meta":
+        raise argparse.ArgumentTypeError(f"{text!r} holds shapes but no values, so nothing can run on it; give a "
+                                         "device with memory (e.g. cpu, cuda, cuda:0, mps)")
     return text
 
 

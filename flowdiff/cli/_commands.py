@@ -7,6 +7,7 @@ Every command plans its outputs first (:mod:`._outputs`: names that cannot colli
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -26,7 +27,7 @@ from ..tools.report import FILES as REPORT_FILES
 from ..tools.report import ROUNDTRIP_FIGURE
 from . import _prompt
 from ._argtypes import available_device
-from ._errors import CommandError, one_line
+from ._errors import CommandError, UsageError, one_line
 from ._images import as_written, default_format, load_images, save_grid, write_images
 from ._models import BUILTIN_MODELS, LoadedModel, in_dtype, load_model
 from ._outputs import image_output_name, output_dir, plan, relative_names
@@ -121,6 +122,13 @@ SAMPLE_IMAGES = 4
 def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
     from ..tools.compare import Reference, reference_solution
 
+    if args.task == "roundtrip":
+        from ..models.pretrained import digits_data
+
+        held_out = len(digits_data("test").images)
+        if args.batch > held_out:  # it was cut to them, and the report said --batch
+            raise UsageError(f"--batch {args.batch}: --task roundtrip encodes the held-out digits, of which there are "
+                             f"{held_out}; give --batch {held_out} or fewer")
     out = output_dir(args.out)
     names = [*REPORT_FILES.values()] + ([ROUNDTRIP_FIGURE] if args.task == "roundtrip" else [])
     plan([(out / name, "--out") for name in names], overwrite=args.overwrite)
@@ -241,7 +249,10 @@ def _reproduce(args: argparse.Namespace, run, provided: dict) -> str:  # noqa: A
 
 
 def _write_report(result, out: Path, args: argparse.Namespace, loaded: LoadedModel,  # noqa: ANN001
-                  facts: dict[str, str], title: str, figures: dict | None = None) -> dict[str, Path]:
+                  facts: dict[str, str], title: str, figures: dict | None = None, reproduce: bool = True
+                  ) -> dict[str, Path]:
+    """The report; ``reproduce``: with the `flowdiff sample` command of the best row (a generation's, not a round
+    trip's: no command reproduces a round trip of the held-out digits)."""
     from ..tools.report import write_report
 
     def to_images(x: Tensor) -> Tensor:  # the flow's data (latents of a latent pipeline) → images in [0, 1]
@@ -249,7 +260,8 @@ def _write_report(result, out: Path, args: argparse.Namespace, loaded: LoadedMod
             images = _prompt.to_images(loaded, x.to(device=result.reference.x.device, dtype=DTYPES[args.dtype]))
         return ((images.detach().cpu().float().clamp(-1, 1) + 1) / 2)
 
-    return write_report(result, out, facts=facts, reproduce=lambda run: _reproduce(args, run, result.provided),
+    return write_report(result, out, facts=facts,
+                        reproduce=(lambda run: _reproduce(args, run, result.provided)) if reproduce else None,
                         title=title, to_images=to_images, figures=figures)
 
 
@@ -269,6 +281,9 @@ def _compare_roundtrip(args: argparse.Namespace, loaded: LoadedModel, run_flow: 
                                  grids=args.grid, nfe=args.nfe, model_kwargs=loaded.model_kwargs or None)
     if not ranks.is_main:
         return 0
+    if not result.runs:  # nothing encoded: say why rather than fail on an empty figure
+        raise CommandError("no run could encode: " + "; ".join(
+            f"{s.solver} on {s.grid} at NFE {s.budget}: {s.reason}" for s in result.skipped[:5]))
     top = max(result.budgets)
     shown = images[:SAMPLE_IMAGES]
     recon = {}
@@ -282,7 +297,7 @@ def _compare_roundtrip(args: argparse.Namespace, loaded: LoadedModel, run_flow: 
     facts = _report_facts(args, loaded, device)
     facts["images"] = f"the first {args.batch} held-out digits, {args.dtype}; error against them (no reference solve)"
     paths = _write_report(result, out, args, loaded, facts, "round trip: decode(encode(x))",
-                          figures={"Inputs, reconstructions and error maps": figure})
+                          figures={"Inputs, reconstructions and error maps": figure}, reproduce=False)
     print(result.to_markdown(args.layout))
     print(f"wrote the report {paths['report']} with {', '.join(p.name for k, p in paths.items() if k != 'report')}, "
           f"{figure.name}")
@@ -295,14 +310,36 @@ def cmd_sample(args: argparse.Namespace) -> int:
     (path,) = plan([(Path(args.out), "--out")], overwrite=args.overwrite)
     _check_image_suffix(path, "--out")
     loaded, dtype, device = _setup(args, batch=args.num)
+    scale = _grid_scale(args, _prompt.image_shape(loaded))  # checked before the work
     noise = _noise(args, args.num, loaded.shape, dtype, device)
     result = generate(loaded.flow, noise, solver=args.solver, model_kwargs=loaded.model_kwargs or None,
                       **_grid(args, loaded))
-    scale = args.scale or max(1, 64 // max(loaded.shape[1:]))
     path = save_grid(_prompt.to_images(loaded, result.x), path, scale=scale)
     print(f"{args.num} samples with {result.solver} on the {args.grid} grid: {result.stats.nfe} NFE, "
           f"{len(result.sigmas) - 1} steps, {result.stats.wall_time:.2f} s; wrote {path}")
     return 0
+
+
+def _grid_scale(args: argparse.Namespace, image_shape: tuple[int, ...]) -> int:
+    """The magnification of `sample`'s grid: ``--scale``, else up to 64 pixels a side; either way within the pixels
+    an image flowdiff reads may have (:func:`flowdiff.runs.imageio.pixel_limit`), or refused before the work."""
+    from ..runs.imageio import pixel_limit
+
+    h, w = image_shape[-2:]
+    cols = math.ceil(math.sqrt(args.num))
+    rows = math.ceil(args.num / cols)
+    pixels = (rows * (h + 1) + 1) * (cols * (w + 1) + 1)  # the grid at scale 1 (see save_grid)
+    limit = pixel_limit()
+    if args.scale is None:
+        scale = max(1, 64 // max(h, w))
+        while scale > 1 and pixels * scale * scale > limit:
+            scale -= 1
+        return scale
+    if pixels * args.scale**2 > limit:
+        raise UsageError(f"--num {args.num} --scale {args.scale}: the grid would have {pixels * args.scale**2:,} "
+                         f"pixels, more than an image flowdiff reads may have ({limit:,}, FLOWDIFF_MAX_PIXELS); give "
+                         "a smaller --scale or fewer --num")
+    return args.scale
 
 
 def _check_image_suffix(path: Path, option: str) -> None:
@@ -342,6 +379,13 @@ def _encode(args: argparse.Namespace, loaded: LoadedModel, dtype: torch.dtype, d
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
+    decoded: dict[Path, str] = {}  # `flowdiff decode` writes each image under this name: refuse what it would refuse
+    for name, image in zip((image_output_name(n) for n in relative_names(args.images)), args.images):
+        if name in decoded:
+            raise UsageError(f"the images {decoded[name]!r} and {image!r} would both be decoded to {name.as_posix()!r} "
+                             "(decode writes each image under its input's relative path, lossy types as .png); give "
+                             "each image once, under distinct names")
+        decoded[name] = image
     (path,) = plan([(Path(args.out), "--out")], inputs=args.images, overwrite=args.overwrite)
     loaded, dtype, device = _setup(args, batch=len(args.images))
     _, _, result = _encode(args, loaded, dtype, device)
@@ -404,8 +448,10 @@ def cmd_decode(args: argparse.Namespace) -> int:
                            "exactness: omit --dtype")
     loaded, dtype, device = _setup(args, dtype=args.dtype or own, info=latent.info, batch=latent.x.shape[0])
     if tuple(latent.x.shape[1:]) != tuple(loaded.shape):
+        made_by = latent.info.get("model") if isinstance(latent.info, dict) else None
         raise CommandError(f"latents {args.latents!r} have images of shape {tuple(latent.x.shape[1:])}; the model "
-                           f"{loaded.name!r} makes {tuple(loaded.shape)}")
+                           f"{loaded.name!r} makes {tuple(loaded.shape)}"
+                           + (f" (they were encoded with {made_by!r}: decode with that --model)" if made_by else ""))
     if not args.ignore_fingerprint:
         try:  # latents made under a prompt name it when another is given
             _prompt.check_record(loaded, latent, args.latents)

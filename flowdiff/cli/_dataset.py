@@ -224,6 +224,7 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
     args.device = str(rank_device(args.device, ranks))
     device_given = args.device
     loaded, dtype, device = _commands._setup(args)
+    _commands._grid(args, loaded)  # --grid tuned without --nfe, or with none stored: refused before run.json is written
     args.device = torch.device(device_given).type  # the manifest keeps the kind of device, not each rank's index
     arguments = _arguments(args, _commands.fingerprint(loaded))
     # rank 0 hashes the inputs and sends the manifest: N ranks would otherwise read the whole dataset N times
@@ -280,7 +281,12 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
     progress = sys.stderr.isatty()  # a line per batch on a terminal; nothing in logs and pipes
     for k, b in enumerate(todo):
         rels = [folder.files[i] for i in groups[b]]
-        rows = _batch(args, command, loaded, dtype, device, folder, rels, out)
+        try:
+            rows = _batch(args, command, loaded, dtype, device, folder, rels, out)
+        except BaseException:
+            if ranks.is_main and not resume and finished == 0:
+                _forget_unstarted(out, manifest_path)
+            raise
         finished += len(rels)
         if stop is not None and finished >= stop:
             raise Stopped(f"stopped after {finished} image(s) as FLOWDIFF_STOP_AFTER={stop} asks, like a kill: batch "
@@ -293,6 +299,14 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
     if not ranks.is_main:
         return 0
     return _merge(command, folder, out, run, groups)
+
+
+def _forget_unstarted(out: Path, manifest_path: Path) -> None:
+    """After a new run failed in its first batch (an argument only the solve refuses, e.g. a solver that cannot
+    encode): remove its manifest if nothing else was written, so that the corrected command starts afresh rather
+    than being refused as "a run with other arguments"."""
+    if not any(p.is_file() and p != manifest_path and p.name != _ds.LOCK for p in out.rglob("*")):
+        manifest_path.unlink(missing_ok=True)
 
 
 def _stop_after() -> int | None:

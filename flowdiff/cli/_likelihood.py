@@ -39,6 +39,7 @@ from ..tools.likelihood import (
 from ._argtypes import available_device, device_name, seed
 from ._argtypes import positive_int as _positive_int
 from ._argtypes import positive_number as _tolerance
+from ._outputs import relative_names
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -104,7 +105,10 @@ def _image_paths(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"--data {args.data!r}: no such directory")
     paths = sorted(str(p) for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not paths:
-        raise ValueError(f"--data {args.data!r}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it")
+        below = sum(1 for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        raise ValueError(f"--data {args.data!r}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it"
+                         + (f"; likelihood --data reads the folder's own files, not its subfolders, which hold {below} "
+                            "(give those folders, or the files)" if below else ""))
     return paths
 
 
@@ -135,6 +139,9 @@ def run(args: argparse.Namespace) -> int:
         if args.rtol is not None or args.atol is not None:
             raise ValueError(f"--rtol/--atol set an adaptive solve; --steps {args.steps} a fixed grid: give one of "
                              "them")
+        if args.steps == 1:
+            raise ValueError("--steps 1: the error bar's check solve takes half the steps, and half of one step is "
+                             "the same step, which would measure no error; give --steps 2 or more")
         options["steps"] = args.steps
     elif args.rtol is not None or args.atol is not None:
         options["adaptive"] = Adaptive(rtol=DEFAULT_RTOL if args.rtol is None else args.rtol,
@@ -152,11 +159,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"log-likelihood of {len(paths)} image(s) under {loaded.name}: {result.divergence} divergence, "
           f"{args.solver}, {result.dim} dimensions; {how}")
     se = result.bits_per_dim_error
-    width = max(5, *(len(Path(p).name) for p in paths))
+    names = [n.as_posix() for n in relative_names(paths)]  # a/x.png and b/x.png stay apart
+    width = max(5, *(len(n) for n in names))
+    parts = [what for what, e in (("probes", result.std_error), ("solve", result.solve_error)) if e is not None]
     print(f"{'image':<{width}}  {'log p (nats)':>14}  {'bits/dim':>10}"
-          + ("  ± error (probes and solve)" if se is not None else ""))
-    for i, path in enumerate(paths):
-        row = f"{Path(path).name:<{width}}  {float(result.log_prob[i]):>14.4f}  {float(result.bits_per_dim[i]):>10.5f}"
+          + (f"  ± error ({' and '.join(parts)})" if se is not None else ""))
+    for i, name in enumerate(names):
+        row = f"{name:<{width}}  {float(result.log_prob[i]):>14.4f}  {float(result.bits_per_dim[i]):>10.5f}"
         print(row + (f"  ± {float(se[i]):.5f}" if se is not None else ""))
     mean, err = result.mean_bits_per_dim()
     spread = f" ± {err:.5f} (standard error over {len(paths)} images)" if err is not None else ""

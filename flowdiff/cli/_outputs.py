@@ -17,6 +17,35 @@ from ..engine._files import name_max
 from ..runs.imageio import LOSSLESS_SUFFIXES
 from ._errors import CommandError, UsageError
 
+#: Folders :func:`plan` made in this command, outermost first: a command that then fails removes those it left
+#: empty (:func:`remove_planned_folders`), so that a typo in an input leaves no empty ``--out`` behind.
+_MADE: list[Path] = []
+
+
+def forget_planned_folders() -> None:
+    """Start a command: no folder made yet (and those of a finished command are its own)."""
+    _MADE.clear()
+
+
+def remove_planned_folders() -> None:
+    """After a failed command: remove the folders :func:`plan` made that are still empty, innermost first."""
+    while _MADE:
+        folder = _MADE.pop()
+        try:
+            folder.rmdir()  # only an empty folder goes; anything written into it keeps it
+        except OSError:
+            pass
+
+
+def _make_folder(folder: Path) -> None:
+    missing = []
+    probe = folder
+    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    _MADE.extend(reversed(missing))
+
 
 def relative_names(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     """Each input's path relative to the folder all inputs share, so that outputs keep the inputs' layout:
@@ -64,7 +93,7 @@ def plan(outputs: Sequence[tuple[Path, str]], *, inputs: Sequence[str | os.PathL
     for path, what in outputs:
         folder = path.parent
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            _make_folder(folder)
         except FileExistsError:
             raise CommandError(f"{what} {os.fspath(path)!r}: {os.fspath(folder)!r} is a file, not a folder") from None
         except OSError as err:

@@ -201,10 +201,10 @@ def check_label_record(loaded: Any, latent: Latent, latents_path: str | Path) ->
     if not isinstance(recorded, dict):
         return
     now = getattr(loaded, "label_record", None)
+    if now is None:  # the model loaded now takes no class labels: another model, which the fingerprint check names
+        return
     if now != recorded:
-        def said(record: dict | None) -> str:
-            if record is None:
-                return "no class label"
+        def said(record: dict) -> str:
             label = record.get("class_label")
             return (f"--class-label {label}" if label is not None else "no --class-label") + \
                 f" (guidance {record.get('guidance')})"

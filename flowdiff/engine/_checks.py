@@ -20,6 +20,14 @@ from torch import Tensor
 RANGE_SLACK = 1.0
 
 
+def check_has_values(x: Tensor, name: str) -> None:
+    """Refuse a tensor on the ``meta`` device: it has a shape and no values, so the first check that reads one
+    (NaN/inf) would fail inside torch ("Tensor.item() cannot be called on meta tensors")."""
+    if x.is_meta:
+        raise ValueError(f"{name} is on the device 'meta', which holds shapes but no values; give a tensor on the "
+                         "CPU or a GPU")
+
+
 def check_flags(**flags: object) -> None:
     """``TypeError`` for any flag that is not a bool: ``final_euler="False"`` would otherwise count as True."""
     for name, value in flags.items():

@@ -129,6 +129,9 @@ def make_sigmas(
     bounds: the schedule's trained range, outside which the model's timestep would be clamped).
     Any other option, or one that the grid does not take, is a ``TypeError``.
     """
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a flowdiff.Schedule (e.g. flow.schedule, Schedule.linear()), got "
+                        f"{type(schedule).__name__}")
     given = [name for name, v in (("steps", steps), ("sigmas", sigmas), ("timesteps", timesteps)) if v is not None]
     if len(given) != 1:
         raise ValueError(f"give exactly one of steps, sigmas or timesteps; got {given or 'none'}")

@@ -141,7 +141,16 @@ class Latent:
         return self.solver_state is not None or self.inversion is not None
 
     def to(self, device: torch.device | str) -> Latent:
-        """This latent with every tensor moved to ``device``."""
+        """This latent with every tensor moved to ``device`` (a device only: the state keeps the precision its decode
+        needs, float64 for an exact latent; the images' dtype is :attr:`dtype`)."""
+        if isinstance(device, torch.dtype):
+            raise TypeError(f"Latent.to(device) moves a latent to another device; got the dtype {device}: a latent's "
+                            "state keeps the precision its decode needs (float64 for an exact one), and the images' "
+                            "dtype the decode returns is Latent.dtype")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise ValueError(f"Latent.to: {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
         st = self.solver_state
         if st is not None:
             st = ReversibleState(st.t, st.z.to(device), None if st.k is None else st.k.to(device))

@@ -190,13 +190,21 @@ def schedule_from_config(config: Mapping[str, Any], source: str = "scheduler con
     return schedule, prediction_type
 
 
+def _steps_offset(config: Mapping[str, Any], source: str) -> int:
+    """The config's ``steps_offset``: an int >= 0 (a negative timestep would index the ᾱ table from its end)."""
+    offset = config.get("steps_offset", 0)
+    if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
+        raise ValueError(f"{source}: steps_offset must be an int >= 0 (added to every timestep), got {offset!r}")
+    return int(offset)
+
+
 def ddim_timesteps(config: Mapping[str, Any], steps: int, source: str = "scheduler config") -> np.ndarray:
     """The integer timesteps of ``DDIMScheduler.set_timesteps(steps)`` for this config, decreasing."""
     T = int(config.get("num_train_timesteps", 1000))
     if steps > T:
         raise ValueError(f"{source}: steps={steps} exceeds num_train_timesteps={T}")
     spacing = config.get("timestep_spacing", "leading")
-    offset = int(config.get("steps_offset", 0))
+    offset = _steps_offset(config, source)
     if spacing == "leading":
         ts = np.arange(steps, dtype=np.int64)[::-1] * (T // steps) + offset
     elif spacing == "trailing":
@@ -265,7 +273,7 @@ def ddim_inverse_sigmas(scheduler: object, steps: int) -> tuple[np.ndarray, np.n
     if steps > T:
         raise ValueError(f"{source}: steps={steps} exceeds num_train_timesteps={T}")
     if spacing == "leading":
-        ts = np.arange(steps, dtype=np.int64) * (T // steps) + int(config.get("steps_offset", 0))
+        ts = np.arange(steps, dtype=np.int64) * (T // steps) + _steps_offset(config, source)
     elif spacing == "trailing":
         ts = np.round(np.arange(T, 0, -T / steps)[::-1]).astype(np.int64) - 1
     else:

@@ -208,8 +208,10 @@ class Schedule:
         a zero-terminal-SNR schedule (where log σ has no finite end) it is linear in the signal
         scale α = 1/√(1+σ²), which falls to 0 there.
         """
+        if sigma != sigma:  # NaN fails every comparison below
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
         if sigma <= self._sigma_list[0]:
-            if sigma < 0 or sigma != sigma:
+            if sigma < 0:
                 raise ValueError(f"sigma must be >= 0, got {sigma}")
             return 0.0
         if sigma >= self._sigma_list[-1]:

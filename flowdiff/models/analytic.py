@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,6 +31,20 @@ def _flat(x: Tensor, dim: int, name: str) -> Tensor:
     if x.ndim < 2 or x[0].numel() != dim:
         raise ValueError(f"{name} must have shape (batch, ...) with {dim} values per sample, got {tuple(x.shape)}")
     return x.reshape(x.shape[0], dim)
+
+
+def _sigma(value: object, name: str) -> float:
+    """A noise level σ ≥ 0 (the formulas square σ, so a negative one would silently read as |σ|)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (a noise level σ), got {value!r}")
+    return float(value)
+
+
+def _count(n: object) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be an int >= 1 (the number of samples), got {n!r}")
+    return int(n)
 
 
 class _ClosedForm:
@@ -118,6 +133,7 @@ class Gaussian(_ClosedForm):
 
     def solution(self, xbar0: Tensor, sigma0: float, sigma1: float) -> Tensor:
         """The exact ODE solution at σ₁ from x̄(σ₀) = xbar0 (either direction)."""
+        sigma0, sigma1 = _sigma(sigma0, "sigma0"), _sigma(sigma1, "sigma1")
         mean, evals = self._on(xbar0.device, self.mean, self.evals)
         v = _flat(xbar0, self.dim, "xbar0").double() - mean
         g = torch.sqrt((evals + sigma1**2) / (evals + sigma0**2))
@@ -125,11 +141,13 @@ class Gaussian(_ClosedForm):
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n samples of the data, shape (n, *mean.shape), float64."""
+        n = _count(n)
         z = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
         return (self._apply(z, self.evals.sqrt()) + self.mean).reshape(n, *self.shape)
 
     def log_prob(self, xbar: Tensor, sigma: float) -> Tensor:
         """log p_σ(x̄) (float64), for checking ε = −σ ∇ log p_σ."""
+        sigma = _sigma(sigma, "sigma")
         mean, evals = self._on(xbar.device, self.mean, self.evals)
         v = _flat(xbar, self.dim, "xbar").double() - mean
         var = evals + sigma * sigma
@@ -190,12 +208,14 @@ class Mixture(_ClosedForm):
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n samples of the data (float64)."""
+        n = _count(n)
         idx = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
         return (self.centers[idx] + self.bandwidth * z).reshape(n, *self.shape)
 
     def log_prob(self, xbar: Tensor, sigma: float) -> Tensor:
         """log p_σ(x̄) (float64)."""
+        sigma = _sigma(sigma, "sigma")
         v = _flat(xbar, self.dim, "xbar").double()
         var = self.bandwidth**2 + sigma * sigma
         centers, log_weights = self._on(v.device, self.centers, self.log_weights)

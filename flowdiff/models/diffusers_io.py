@@ -125,6 +125,10 @@ class DiffusersModel(nn.Module):
         return self.net
 
     def forward(self, x_t: Tensor, t: Tensor, **model_kwargs: Any) -> Tensor:
+        channels = None if self.packed or self.sample_shape is None else self.sample_shape[0]  # Flux: (tokens, C)
+        if channels is not None and (x_t.ndim != 4 or x_t.shape[1] != channels):
+            raise ValueError(f"x_t must have shape (batch, {channels}, height, width): the network takes {channels} "
+                             f"channel{'s' if channels != 1 else ''} (its in_channels); got {tuple(x_t.shape)}")
         timestep = t if self.time_scale == 1.0 else t * self.time_scale
         n, dtype = x_t.shape[0], self.net.dtype
         for key, value in model_kwargs.items():

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -49,7 +50,7 @@ class GuidedModel(nn.Module):
     move them all and :func:`flowdiff.flow_fingerprint` covers weights, w and the negative prompt.
     """
 
-    def __init__(self, model: Callable[..., Tensor], scale: float,
+    def __init__(self, model: Callable[..., Tensor], scale: float | Tensor,
                  unconditional_kwargs: Mapping[str, Any] | None = None, *, batch: bool = True) -> None:
         super().__init__()
         self.model = model
@@ -63,8 +64,9 @@ class GuidedModel(nn.Module):
                 self._tensor_keys.append(key)
             else:
                 self._plain[key] = value
-        # w as a buffer only so that the fingerprint (a state dict) sees it; the arithmetic uses the float
-        self.register_buffer("guidance_scale", torch.tensor([float(scale)], dtype=torch.float64))
+        # w as a buffer only so that the fingerprint (a state dict) sees it; the arithmetic uses ``scale``
+        w = float(scale.detach()) if isinstance(scale, Tensor) else float(scale)
+        self.register_buffer("guidance_scale", torch.tensor([w], dtype=torch.float64))
 
     @property
     def unconditional_kwargs(self) -> dict[str, Any]:
@@ -112,7 +114,7 @@ def batched_kwargs(first: Mapping[str, Any], second: Mapping[str, Any], batch: i
     return joint
 
 
-def classifier_free_guidance(flow: ProbabilityFlow, scale: float, *,
+def classifier_free_guidance(flow: ProbabilityFlow, scale: float | Tensor, *,
                              unconditional_kwargs: Mapping[str, Any] | None = None,
                              batch: bool = True) -> ProbabilityFlow:
     """The guided flow ε_u + w·(ε_c − ε_u) of a conditional flow, with w = ``scale``.
@@ -124,20 +126,29 @@ def classifier_free_guidance(flow: ProbabilityFlow, scale: float, *,
     ``flow.encode_prompt([""] * n)`` / negative prompts). ``batch``: run both branches as one
     model call where their keywords pair (see :class:`GuidedModel`).
 
+    ``scale``: a number, or a 0-dim floating-point tensor, which the guided model keeps as it is (a
+    solve is then differentiable with respect to it).
+
     The result is a copy of ``flow`` (of its class, with its autoencoder and other attributes)
     whose model is the guided one.
     """
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if isinstance(scale, Tensor):  # kept as it is: a solve is differentiable with respect to it
+        if scale.ndim != 0 or not scale.is_floating_point() or not bool(torch.isfinite(scale.detach())):
+            raise TypeError(f"scale must be a finite number or a 0-dim finite floating-point tensor (the guidance "
+                            f"weight w; 1 = conditional), got {scale!r}")
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite number (the guidance weight w; 1 = conditional), got {scale!r}")
+    else:
+        scale = float(scale)
     if unconditional_kwargs is not None and not isinstance(unconditional_kwargs, Mapping):
         raise TypeError(f"unconditional_kwargs must be a mapping of model keyword arguments, "
                         f"got {type(unconditional_kwargs).__name__}")
     guided = copy.copy(flow)
     if flow.sigma_field is not None:
-        guided.sigma_field = guided.model = GuidedModel(flow.sigma_field, float(scale), unconditional_kwargs,
+        guided.sigma_field = guided.model = GuidedModel(flow.sigma_field, scale, unconditional_kwargs,
                                                         batch=batch)
     else:
-        guided.model = GuidedModel(flow.model, float(scale), unconditional_kwargs, batch=batch)
+        guided.model = GuidedModel(flow.model, scale, unconditional_kwargs, batch=batch)
     return guided

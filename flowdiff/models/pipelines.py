@@ -28,7 +28,7 @@ import solvers
 
 from ..api.sampling import Result, encode, generate
 from ..engine.flow import ProbabilityFlow
-from ..engine.grids import reversed_grid
+from ..engine.grids import _check_steps, reversed_grid
 from ..engine.scheduler_grids import (
     class_name,
     config_grid,
@@ -416,6 +416,7 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
     name, saying why (``clip_sample`` and ``thresholding`` change x̂₀ at every step: not the ODE).
     """
     config, source = config_of(scheduler)
+    steps = _check_steps(steps)  # every route: the ones read off diffusers' own scheduler did not check it
     name = class_name(config)
     if name is None:
         raise unidentified(config, source)

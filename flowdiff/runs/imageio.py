@@ -68,6 +68,17 @@ class ImageFormat:
     bits: int
     kind: str = "uint"
 
+    def __post_init__(self) -> None:
+        depths = {"uint": (8, 16), "float": (32,)}
+        if self.mode not in ("L", "LA", "RGB", "RGBA") or self.kind not in depths \
+                or isinstance(self.bits, bool) or self.bits not in depths[self.kind]:
+            raise ValueError(f"ImageFormat(mode={self.mode!r}, bits={self.bits!r}, kind={self.kind!r}) is not a format "
+                             "flowdiff reads or writes; accepted: mode L, LA, RGB or RGBA with bits 8 or 16 (kind "
+                             "'uint'), or mode L with bits 32 (kind 'float')")
+        if self.kind == "float" and self.mode != "L":
+            raise ValueError(f"ImageFormat(mode={self.mode!r}, bits=32, kind='float'): float images are grey (mode "
+                             "'L') only")
+
     @property
     def channels(self) -> int:
         return len(self.mode)
@@ -345,6 +356,8 @@ def from_data(x: Tensor, fmt: ImageFormat, *, data_range: tuple[float, float] = 
     """A tensor (C, H, W) in the data range → pixels (H, W, C) in ``fmt``: integers rounded and clipped to
     their range (what the file type can hold), floats kept as they are."""
     lo, hi = _range(data_range)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"from_data: x must be a torch.Tensor (C, H, W) in the data range, got {type(x).__name__}")
     if x.ndim != 3 or x.shape[0] != fmt.channels:
         raise ValueError(f"from_data: need a tensor (C, H, W) with C = {fmt.channels} for {fmt}, got shape "
                          f"{tuple(x.shape)}")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import numbers
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ import solvers as _solvers
 
 from ..api import roundtrip as _roundtrip
 from ..api.sampling import generate
+from ..engine._checks import check_has_values
 from ..engine.flow import ProbabilityFlow
 from ..engine.grids import GRIDS, make_sigmas
 from ..engine.options import Grid
@@ -150,6 +152,9 @@ class Comparison:
 
     def best(self, budget: int) -> Run:
         """The run with the lowest RMS error at ``budget``."""
+        if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
+            raise TypeError(f"budget must be an int (an NFE budget), got {type(budget).__name__} {budget!r}; "
+                            f"budgets run: {self.budgets}")
         rows = [r for r in self.runs if r.budget == budget]
         if not rows:
             raise ValueError(f"no run at budget {budget}; budgets run: {self.budgets}")
@@ -309,6 +314,7 @@ def _check_noise(noise: Tensor) -> None:
     if noise.ndim < 1 or noise.shape[0] < 1 or noise[0].numel() < 1:
         raise ValueError(f"noise must be a non-empty batch (batch, ...) with batch >= 1, got shape "
                          f"{tuple(noise.shape)}")
+    check_has_values(noise, "noise")
     if not bool(torch.isfinite(noise).all()):
         raise ValueError("noise contains NaN or inf; compare needs finite noise, e.g. torch.randn(batch, *shape)")
 

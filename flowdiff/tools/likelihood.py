@@ -95,7 +95,7 @@ from torch import Tensor
 import solvers
 from solvers import SolveError, Solver, Stats, StepController
 
-from ..engine._checks import refuse_removed
+from ..engine._checks import check_data_range, check_has_values, refuse_removed
 from ..engine.flow import ProbabilityFlow
 from ..engine.formulations import formulation_for
 from ..engine.grids import MAX_STEPS
@@ -378,10 +378,12 @@ def _check_images(images: object) -> Tensor:
                          f"sample, got {tuple(images.shape)}")
     if not images.is_floating_point():
         raise TypeError(f"images must be a floating-point tensor (the model's data scale), got {images.dtype}")
+    check_has_values(images, "images")
     finite = torch.isfinite(images.reshape(images.shape[0], -1)).all(1)
     if not bool(finite.all()):
         bad = torch.nonzero(~finite).reshape(-1).tolist()
         raise ValueError(f"images must be finite; sample(s) {bad[:10]} hold NaN or inf")
+    check_data_range(images, "images")  # warns, as encode does, for images on another scale ([0, 255], say)
     return images
 
 
@@ -486,10 +488,10 @@ def log_likelihood(
       ``heun``, ``ipndm``, ...); refused beside ``adaptive=``.
 
     **Error bar.** With ``solve_check`` (default) a second solve at 10× the tolerances (or half
-    the steps, at least one), with the same probes, measures the solve's error: ``solve_error``
-    is |ℓ − ℓ_check| per sample, an overestimate of the reported solve's own error wherever the
-    error falls with the tolerance. ``error`` = √(``std_error``² + ``solve_error``²) covers
-    both the estimator's variance and the solve.
+    the steps, at least one: so ``steps=1`` needs ``solve_check=False``), with the same probes,
+    measures the solve's error: ``solve_error`` is |ℓ − ℓ_check| per sample, an overestimate of
+    the reported solve's own error wherever the error falls with the tolerance. ``error`` =
+    √(``std_error``² + ``solve_error``²) covers both the estimator's variance and the solve.
 
     ``estimator``: a :class:`Trace` (default ``Trace()``: method ``"auto"``, ``"exact"`` up to D =
     :data:`AUTO_EXACT_MAX_DIM`, beyond it ``"hutch++"`` with sketch 32 and probes 16, whose 80
@@ -546,6 +548,10 @@ def log_likelihood(
         raise TypeError(f"adaptive must be a flowdiff.Adaptive or None, got {type(adaptive).__name__}")
     schedule = flow.schedule
     s_max = float(schedule.sigma_max)
+    if not math.isfinite(s_max):
+        raise ValueError("log_likelihood integrates from σ = 0 to the schedule's σ_max, which is ∞ here (zero terminal "
+                         "SNR: ᾱ = 0 at the last timestep), where x̄ is infinite and the prior has no density; the "
+                         "likelihood is defined for schedules with a finite σ_max")
     sigma_c = None if adaptive is None else adaptive.sigma_c
     c = float(schedule.sigma_min) if sigma_c is None else sigma_c
     if not (math.isfinite(c) and 0 < c < s_max):
@@ -579,6 +585,10 @@ def log_likelihood(
         if adaptive is not None:
             raise ValueError(f"adaptive=Adaptive(...) sets an error-controlled solve; steps={steps} sets a fixed "
                              "grid: give one of them")
+        if steps == 1 and solve_check:
+            raise ValueError("steps=1 with solve_check=True: the check solve takes half the steps, and half of one "
+                             "step is the same step, so its error bar would be 0 whatever the error; give steps >= 2, "
+                             "or solve_check=False (no error bar for the solve)")
     mean = _per_pixel("data_mean", data_mean, shape, positive=False)
     var = _per_pixel("data_var", data_var, shape, positive=True)
 

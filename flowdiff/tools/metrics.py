@@ -17,6 +17,8 @@ from torch import Tensor
 
 from solvers import Stats
 
+from ..engine._checks import check_has_values
+
 
 def _pair(original: Tensor, reconstruction: Tensor, data_range: tuple[float, float]) -> tuple[Tensor, float]:
     for name, x in (("original", original), ("reconstruction", reconstruction)):
@@ -35,6 +37,7 @@ def _pair(original: Tensor, reconstruction: Tensor, data_range: tuple[float, flo
     if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
         raise ValueError(f"data_range must be a finite pair with hi > lo, got {data_range!r}")
     for name, x in (("original", original), ("reconstruction", reconstruction)):
+        check_has_values(x, name)
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} contains NaN or inf; reconstruction metrics need finite images")
     diff = (reconstruction.double() - original.double()).reshape(original.shape[0], -1)

@@ -69,6 +69,13 @@ def sample_quality(images: Tensor, labels: Tensor | None = None) -> dict[str, fl
     if not bool(torch.isfinite(x).all()):
         raise ValueError("images contain NaN or inf")
     x = x.clamp(-1.0, 1.0).numpy()
+    if labels is not None:  # checked before the instruments are fitted
+        y = torch.as_tensor(labels).detach().cpu()
+        if y.shape != (x.shape[0],) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool \
+                or bool(((y < 0) | (y > 9)).any()):
+            raise ValueError(f"labels must be {x.shape[0]} integers 0 … 9 (one digit per image), got {y.dtype} of "
+                             f"shape {tuple(y.shape)}" + (f" with values {y.min().item()} … {y.max().item()}"
+                                                          if y.numel() and y.dtype != torch.bool else ""))
     clf, x_train, ref = _instruments()
     proba = clf.predict_proba(x)
     marginal = proba.mean(0)
@@ -77,8 +84,5 @@ def sample_quality(images: Tensor, labels: Tensor | None = None) -> dict[str, fl
     out = {"n": float(x.shape[0]), "confidence": float(proba.max(1).mean()), "digit_score": float(np.exp(kl.mean())),
            "nn_distance": nn, "nn_distance_test": ref, "nn_ratio": nn / ref}
     if labels is not None:
-        y = torch.as_tensor(labels).detach().cpu().reshape(-1)
-        if y.shape[0] != x.shape[0] or y.is_floating_point():
-            raise ValueError(f"labels must be {x.shape[0]} integers (one per image), got {y.dtype} {tuple(y.shape)}")
         out["accuracy"] = float((clf.classes_[proba.argmax(1)] == y.numpy()).mean())
     return out

@@ -26,6 +26,7 @@ import solvers as _solvers
 
 from ..api.adaptive import RK_CONTROLLER, to_zero_in_log_sigma
 from ..api.sampling import generate
+from ..engine._checks import check_has_values
 from ..engine.flow import ProbabilityFlow
 from ..engine.loop import solve_flow
 from ..engine.options import Adaptive
@@ -160,6 +161,7 @@ def reference_solution(
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
     if not isinstance(noise, Tensor) or not noise.is_floating_point():
         raise TypeError(f"noise must be a floating-point torch.Tensor, got {type(noise).__name__}")
+    check_has_values(noise, "noise")
     rtol, atol = check_tolerance("rtol", rtol), check_tolerance("atol", atol)
     if not _solvers.get(solver).adaptive:
         raise ValueError(f"the reference needs an adaptive solver; got {solver!r}, adaptive solvers: "

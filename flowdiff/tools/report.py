@@ -140,6 +140,10 @@ def sample_grid(result: Comparison, path: str | Path, *, rows: int = SAMPLE_ROWS
     if not result.images:
         raise ValueError("the comparison kept no images: run compare(..., keep_images=k) with k >= 1")
     convert = to_images or _unit_range
+    kept = next(iter(result.images.values()))
+    if to_images is None and kept.ndim not in (3, 4):
+        raise ValueError(f"sample_grid draws images, (N, C, H, W) or (N, H, W); the kept states have shape "
+                         f"{tuple(kept.shape)} (pass to_images= to turn them into images)")
     methods = sample_methods(result, rows=rows)
     budgets = result.budgets
     k = next(iter(result.images.values())).shape[0]
@@ -221,7 +225,9 @@ def write_report(result: Comparison, out: str | Path, *, facts: Mapping[str, str
         frontier_plot(result, tmp, title=f"{title}: the frontier")
     with atomic_path(paths["detail"]) as tmp:
         result.plot(tmp, title=f"{title}: every solver × grid")
-    if result.images:
+    shape = tuple(result.reference.x.shape)
+    drawable = to_images is not None or len(shape) in (3, 4)  # a batch of images (N, H, W) or (N, C, H, W)
+    if result.images and drawable:
         with atomic_path(paths["samples"]) as tmp:
             sample_grid(result, tmp, to_images=to_images)
     else:
@@ -243,6 +249,8 @@ def write_report(result: Comparison, out: str | Path, *, facts: Mapping[str, str
     md += ["", "## The frontier", "", f"![frontier]({FILES['frontier']})", ""]
     if "samples" in paths:
         md += ["## Samples", "", f"![samples]({FILES['samples']})", ""]
+    elif result.images:
+        md += [f"No sample grid: the states, of shape {shape}, are not images.", ""]
     for caption, path in (figures or {}).items():
         md += [f"## {caption}", "", f"![{caption}]({Path(path).name})", ""]
     md += ["## Best per solver (its best grid)", "", result.to_markdown("best"),

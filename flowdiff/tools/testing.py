@@ -186,8 +186,17 @@ def round_trip_error(flow: ProbabilityFlow, images: Tensor, **encode_kwargs: Any
     return RoundTrip(enc, dec, float((dec.x.double() - images.double()).abs().max()))
 
 
+def _check_tolerance(name: str, value: object) -> float:
+    """A tolerance: a finite number >= 0 (a negative or NaN one would fail every check, and say so as a failure)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+            or not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def assert_round_trip(flow: ProbabilityFlow, images: Tensor, *, atol: float, **encode_kwargs: Any) -> RoundTrip:
     """Assert ``max |decode(encode(x)) − x| ≤ atol``; the failure names the settings, worst sample/element and NFE."""
+    _check_tolerance("atol", atol)
     rt = round_trip_error(flow, images, **encode_kwargs)
     if not rt.max_abs <= atol:
         err = (rt.decoded.x.double() - images.double()).abs()
@@ -211,7 +220,7 @@ def assert_fixed_point_converged(result: Result, tol: float | None = None) -> No
     extra = result.stats.extra
     if "residuals" not in extra:
         raise ValueError("this result is not a fixed-point inversion (no stats.extra['residuals'])")
-    tol = extra["tol"] if tol is None else tol
+    tol = extra["tol"] if tol is None else _check_tolerance("tol", tol)
     bad = [(i, r) for i, r in enumerate(extra["residuals"]) if not r <= tol]
     if bad:
         raise AssertionError(f"fixed-point inversion missed tol {tol:.3g} at step(s) "

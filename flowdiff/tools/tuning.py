@@ -116,11 +116,23 @@ class TunedGrid:
         data = read_record(path, _FORMAT, "tuned grid")
         try:
             data["sigmas"] = np.array([float.fromhex(s) for s in data["sigmas"]], dtype=np.float64)
-            grid = cls(**data)
+            grid = _consistent(cls(**data))
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path}: malformed tuned grid ({err})") from None
         grid.check(flow, model_kwargs)
         return grid
+
+
+def _consistent(grid: TunedGrid) -> TunedGrid:
+    """``grid`` as read from a file, if it can be what :func:`tune` writes: a generation grid (finite σ ≥ 0, strictly
+    decreasing) of at most ``nfe`` steps (every solver spends at least one evaluation a step)."""
+    s = grid.sigmas
+    if s.ndim != 1 or s.size < 2 or not np.all(np.isfinite(s)) or np.any(s < 0) or np.any(np.diff(s) >= 0):
+        raise ValueError(f"sigmas must be a strictly decreasing list of at least 2 finite σ >= 0 (a generation grid), "
+                         f"got {s.tolist()}")
+    if isinstance(grid.nfe, bool) or not isinstance(grid.nfe, int) or grid.nfe < s.size - 1:
+        raise ValueError(f"nfe must be an int no smaller than the grid's {s.size - 1} steps, got {grid.nfe!r}")
+    return grid
 
 
 def read_record(path: Path, format: str, what: str) -> dict[str, Any]:
@@ -128,7 +140,7 @@ def read_record(path: Path, format: str, what: str) -> dict[str, Any]:
     it; an unreadable file or another format is a ValueError naming the file and ``what`` was expected."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:  # a binary file is not UTF-8
         raise ValueError(f"{path}: not a readable {what} JSON file ({err})") from None
     if not isinstance(data, dict) or data.get("format") != format:
         found = data.get("format") if isinstance(data, dict) else None
@@ -554,7 +566,7 @@ def load_grids(path: str | Path) -> list[TunedGrid]:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:  # a binary file is not UTF-8
         raise ValueError(f"{path}: not a readable tuned-grids JSON file ({err})") from None
     if not isinstance(data, dict) or data.get("format") != _SET_FORMAT or not isinstance(data.get("grids"), list):
         found = data.get("format") if isinstance(data, dict) else None
@@ -564,7 +576,7 @@ def load_grids(path: str | Path) -> list[TunedGrid]:
         try:
             item = dict(item)
             item["sigmas"] = np.array([float.fromhex(s) for s in item["sigmas"]], dtype=np.float64)
-            out.append(TunedGrid(**item))
+            out.append(_consistent(TunedGrid(**item)))
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"{path}: grid {k} is malformed ({err})") from None
     return out
@@ -581,6 +593,12 @@ def stored_grid(flow: ProbabilityFlow, solver: str, nfe: int, solver_options: Ma
     Looks in ``directory`` (default :data:`STORED_DIR`) at every ``*.tuned.json``. A flow whose
     network, schedule or conditioning differs in any bit has another fingerprint and finds none.
     """
+    if solver not in _solvers.available():  # a misspelt name is not a solver without a stored grid
+        raise ValueError(f"unknown solver {solver!r}; available: {', '.join(_solvers.available())}")
+    if isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)):
+        raise TypeError(f"nfe must be an int, got {type(nfe).__name__}")
+    if nfe < 1:
+        raise ValueError(f"nfe must be >= 1, got {nfe}")
     folder = STORED_DIR if directory is None else Path(directory)
     files = sorted(folder.glob("*.tuned.json"))
     if not files:
