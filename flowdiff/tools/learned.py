@@ -1,8 +1,8 @@
-"""Learned low-NFE solvers: evaluation times, grids, multistep coefficients and output scales fitted to one model's
-teacher.
+"""Learned low-NFE solvers: evaluation times, grids, multistep coefficients, output scales and x_T directions
+fitted to one model's teacher.
 
 At 4–10 evaluations a tuned grid (:mod:`flowdiff.tools.tuning`) leaves an error that a better
-grid alone no longer removes. Five things can take the model's shape, each fitted per step to a
+grid alone no longer removes. Six things can take the model's shape, each fitted per step to a
 few hundred teacher trajectories (``learn=``; the default fits shifts, grid and start together — LD3's pair and
 the first σ — and then the output scales):
 
@@ -43,6 +43,13 @@ the first σ — and then the output scales):
   own (into σ = 0: Heun's final Euler step, the data variables' limit) takes none. The scales are
   fitted last, alone, on top of what the other kinds named reached, and stay only if the held-out
   half prefers them to that fit without them.
+* ``"directions"`` — the **direction** of the model's output per step, within the plane of the
+  solve's initial state x_T and the step's own direction d = f − a (a the field of a zero ε): step i
+  adds w_i·|d|·û, û the unit part of x_T perpendicular to d (per sample), |w_i| ≤
+  :data:`DIRECTION_BOUND` (:class:`solvers.Scaled` ``directions=``, which records x_T when the solve
+  starts). This is the two-direction core of PAS (Wang et al., ICML 2025, above). w = 0 is the
+  method without it bit for bit; the steps that take scales take directions. They are fitted after
+  the scales, alone, and stay only if the held-out half prefers them to the fit without them.
 
 What ``learn`` names is fitted together by bounded least squares on the image error against the teacher,
 
@@ -119,15 +126,17 @@ LEARNABLE = ("shifts", "coefficients", "grid", "start", "scales", "directions")
 class LearnedSolver:
     """A ``solver`` with per-step evaluation shifts, grid and/or coefficients fitted at budget ``nfe`` on one flow.
 
-    ``learn`` says what was fitted (``"shifts"``, ``"coefficients"``, ``"grid"``, ``"start"``, ``"scales"``).
+    ``learn`` says what was fitted (``"shifts"``, ``"coefficients"``, ``"grid"``, ``"start"``, ``"scales"``,
+    ``"directions"``).
     ``sigmas`` is the generation grid they belong to (fitted too with ``"grid"`` or ``"start"``: then
     ``base_sigmas`` is the grid the fit started from and the base method is judged on; a learned start
     below σ_max is where :func:`flowdiff.generate` takes the noise as its state), ``shifts[i]`` the
     evaluation shift δ of step ``i`` (empty unless shifts were learned), ``coefficients[i]`` the
     correction multiples of step ``i`` (empty where a step takes none, or unless coefficients were
     learned), ``scales[i]`` the output scale s of step ``i`` (its ε taken as (1 + s)·ε; empty unless
-    scales were learned). ``kept`` says whether the held-out half preferred the learned solver to the base method;
-    when not, shifts, scales and coefficients are zero, :attr:`sigmas` is the starting grid and
+    scales were learned), ``directions[i]`` its x_T direction weight w (empty unless directions were
+    learned). ``kept`` says whether the held-out half preferred the learned solver to the base method;
+    when not, shifts, scales, directions and coefficients are zero, :attr:`sigmas` is the starting grid and
     :meth:`as_solver` is the base method itself. ``calibration_error`` / ``base_calibration_error`` are
     the RMS image errors of the learned and the base method on the fitted half, ``validation_error`` /
     ``base_validation_error`` on the held-out half. ``fitting_nfe`` counts every model evaluation the
@@ -498,7 +507,9 @@ def learn_solver(
     ``"start"`` (the first σ, within (σ_1, σ_max]: the noise is taken as the state there, the teacher
     still starts at σ_max), ``"coefficients"`` (a variable-step Adams method's order-keeping correction:
     ``unipc``, ``dpmpp_3m``, ``dpmpp_2m``, ``lms``, ``abm``), ``"scales"`` (the model's ε scaled by
-    1 + s per step, |s| ≤ 0.5, fitted last and kept only where the held-out half prefers it), or several,
+    1 + s per step, |s| ≤ 0.5, fitted last and kept only where the held-out half prefers it), ``"directions"``
+    (w·|d|·û added per step, û the solve's initial state perpendicular to the step's direction d, |w| ≤ 0.5,
+    fitted after the scales and kept likewise), or several,
     fitted together (see the module docstring). The default, shifts, grid and start (LD3's pair with
     the first σ) and then scales, was chosen by the held-out and evaluation errors recorded in
     ``benchmarks/RESULTS.md``. ``noise`` (DDIM scale, at least 2 samples; a few hundred for
