@@ -237,7 +237,7 @@ def test_shifts_and_coefficients_together_save_load_bit_for_bit_and_old_files_st
         LearnedSolver.load(path, mixture(seed=4))
     # a file of format 1 (coefficients only, written before shifts) loads as coefficients alone
     data = json.loads(path.read_text())
-    del data["shifts"], data["learn"], data["base_sigmas"], data["scales"]
+    del data["shifts"], data["learn"], data["base_sigmas"], data["scales"], data["directions"]
     data["format"] = "flowdiff.LearnedSolver/1"
     (tmp_path / "old.json").write_text(json.dumps(data))
     old = LearnedSolver.load(tmp_path / "old.json", flow)
@@ -249,8 +249,8 @@ def test_shifts_and_coefficients_together_save_load_bit_for_bit_and_old_files_st
     (tmp_path / "bad1.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="malformed learned solver .*holds no shifts"):
         LearnedSolver.load(tmp_path / "bad1.json", flow)
-    (tmp_path / "future.json").write_text(json.dumps({**data, "format": "flowdiff.LearnedSolver/4"}))
-    with pytest.raises(ValueError, match="LearnedSolver/4.*expected 'flowdiff.LearnedSolver/3'"):
+    (tmp_path / "future.json").write_text(json.dumps({**data, "format": "flowdiff.LearnedSolver/5"}))
+    with pytest.raises(ValueError, match="LearnedSolver/5.*expected 'flowdiff.LearnedSolver/4'"):
         LearnedSolver.load(tmp_path / "future.json", flow)
 
 
@@ -298,7 +298,7 @@ def test_bad_learn_arguments_name_what_is_accepted():
     flow = mixture()
     x = noise(1, n=4)
     with pytest.raises(ValueError, match=r"learn must name each of 'shifts', 'coefficients', 'grid', 'start', "
-                                         r"'scales' at most once, got 'steps'"):
+                                         r"'scales', 'directions' at most once, got 'steps'"):
         learn_solver(flow, x, solver="unipc", nfe=6, learn="steps")
     with pytest.raises(ValueError, match="at most once"):
         learn_solver(flow, x, solver="unipc", nfe=6, learn=("shifts", "shifts"))
