@@ -281,11 +281,11 @@ def test_shifts_and_grid_together_keep_the_step_count_and_fall_back_to_the_start
     assert not rejected.kept and np.array_equal(rejected.sigmas, start) and rejected.as_solver().name == "dpmpp_3m"
 
 
-def test_the_default_fits_shifts_grid_start_and_scales_and_spends_the_budget_from_its_learned_start():
+def test_the_default_fits_shifts_grid_start_scales_and_directions_and_spends_the_budget_from_its_learned_start():
     flow = mixture()
     cal = noise(1, n=16)
     learned = learn_solver(flow, cal, solver="unipc", nfe=5)
-    assert learned.learn == ("shifts", "grid", "start", "scales")
+    assert learned.learn == ("shifts", "grid", "start", "scales", "directions")
     grid = learned.sigmas
     assert grid[1] < grid[0] <= flow.schedule.sigma_max and np.all(np.diff(grid) < 0)
     counted, calls = counting(flow)
@@ -654,7 +654,7 @@ def test_scales_on_top_of_shifts_grid_and_start_are_fitted_last_and_rejected_on_
     flow = mixture()
     cal = noise(1, n=16)
     unscaled = learn_solver(flow, cal, solver="unipc", nfe=5, learn=("shifts", "grid", "start"))
-    both = learn_solver(flow, cal, solver="unipc", nfe=5)
+    both = learn_solver(flow, cal, solver="unipc", nfe=5, learn=("shifts", "grid", "start", "scales"))
     assert both.learn == ("shifts", "grid", "start", "scales")
     # the other kinds are fitted as without scales; the scales then only lower the fitted half's error
     assert np.array_equal(both.sigmas, unscaled.sigmas) and both.shifts == unscaled.shifts

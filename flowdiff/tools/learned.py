@@ -4,7 +4,7 @@ fitted to one model's teacher.
 At 4–10 evaluations a tuned grid (:mod:`flowdiff.tools.tuning`) leaves an error that a better
 grid alone no longer removes. Six things can take the model's shape, each fitted per step to a
 few hundred teacher trajectories (``learn=``; the default fits shifts, grid and start together — LD3's pair and
-the first σ — and then the output scales):
+the first σ — and then the output scales and then the x_T directions):
 
 * ``"shifts"`` — **evaluation times** (LD3, Tong et al., "Learning to Discretize Denoising
   Diffusion ODEs", ICLR 2025; the time-shift sampler, Li et al., ICLR 2024; AMED, Zhou et al.,
@@ -488,7 +488,7 @@ def learn_solver(
     *,
     solver: str = "unipc",
     nfe: int,
-    learn: str | tuple[str, ...] = ("shifts", "grid", "start", "scales"),
+    learn: str | tuple[str, ...] = ("shifts", "grid", "start", "scales", "directions"),
     solver_options: Mapping[str, Any] | None = None,
     sigmas: np.ndarray | None = None,
     terms: int = 2,
@@ -511,7 +511,7 @@ def learn_solver(
     (w·|d|·û added per step, û the solve's initial state perpendicular to the step's direction d, |w| ≤ 0.5,
     fitted after the scales and kept likewise), or several,
     fitted together (see the module docstring). The default, shifts, grid and start (LD3's pair with
-    the first σ) and then scales, was chosen by the held-out and evaluation errors recorded in
+    the first σ), then scales, then directions, was chosen by the held-out and evaluation errors recorded in
     ``benchmarks/RESULTS.md``. ``noise`` (DDIM scale, at least 2 samples; a few hundred for
     a model whose samples disagree, such as a near-memorising density) is split: the even-indexed half
     is fitted, the odd-indexed half decides whether the fit is kept. The starting grid is ``sigmas``
