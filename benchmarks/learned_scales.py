@@ -18,6 +18,13 @@ bounded least squares (``learned._fit``), and judged on the odd half:
 * ``scale+y`` — the same with the current state y in place of x_T (it lies in the same span: x_T plus the past
   steps), which a solver wrapper can see without carrying the initial state through the solve.
 
+``--directions`` measures the productised x_T term instead (``learn="directions"``, engineer U): per solver and
+budget, ``flowdiff.tune`` as above, then one ``flowdiff.learn_solver`` with the default plus ``"directions"`` from the
+tuned grid. The directions are fitted last, so the same fit without them is the default's fit: the held-out half's
+errors of the candidates ``learn_solver`` judges (with directions as fitted, without them, without scales too) are
+read as it computes them, and the default's result is the better of the last two (on a tie, without scales), as it
+decides.
+
 The references come from the benchmark cache (``/tmp/flowdiff_bench_cache``, ``bench_learned.calibration_reference``).
 
 Usage: python benchmarks/learned_scales.py --model digits --nfe 4,5,6 --solvers 'unipc,unipc(order=3)'
@@ -157,6 +164,44 @@ def one(flow, calibration, target, name, options, nfe, tol, variants, bound, ite
     return row
 
 
+def directions_row(flow, calibration, name, options, nfe, tol) -> dict:
+    """One cell of ``--directions``: the default's held-out error and the default + directions' (as fitted, and
+    after the held-out decision)."""
+    started = time.perf_counter()
+    tuned = flowdiff.tune(flow, calibration, solver=name, solver_options=options, nfe=nfe, progress=False,
+                          max_evals=60, reference_tol=tol)
+    judged = []
+    rms = _learned._rms
+
+    def spy(x, target):  # learn_solver's held-out errors, in the order it judges them
+        judged.append(rms(x, target))
+        return judged[-1]
+
+    _learned._rms = spy
+    try:
+        fit = flowdiff.learn_solver(flow, calibration, solver=name, solver_options=options, nfe=nfe,
+                                    sigmas=tuned.sigmas, reference_tol=tol,
+                                    learn=("shifts", "grid", "start", "scales", "directions"))
+    finally:
+        _learned._rms = rms
+    # judged: [with directions, (without them), (without scales too), base]: the middle ones where there was
+    # something to drop
+    full, middle, base = judged[0], judged[1:-1], judged[-1]
+    assert base == fit.base_validation_error, (judged, fit)
+    if len(middle) == 2:
+        unscaled, plain = middle
+        default = plain if plain <= unscaled else unscaled
+    elif len(middle) == 1:  # either the directions or the scales are all zero: the default's is the other
+        default = middle[0] if any(fit.directions) or not any(fit.scales) and middle[0] <= full else full
+    else:
+        default = full
+    default = default if default < base else base  # the default's own keep-or-not decision
+    return dict(solver=name + (f"({', '.join(f'{k}={v}' for k, v in options.items())})" if options else ""),
+                nfe=nfe, kept=fit.kept, base=base, default=default, full=full, chosen=fit.validation_error,
+                directions=[round(w, 4) for w in fit.directions], scales=[round(w, 4) for w in fit.scales],
+                judged=judged, seconds=time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="digits", choices=("digits", "mixture"))
@@ -167,6 +212,7 @@ def main() -> None:
     parser.add_argument("--bound", type=float, default=0.5)
     parser.add_argument("--iterations", type=int, default=8)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--directions", action="store_true", help="measure learn_solver's 'directions' kind")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -176,6 +222,22 @@ def main() -> None:
                               generator=torch.Generator().manual_seed(1))
     calibration_reference(flow, calibration, args.model, tol)
     target = _learned._reference(flow, calibration, None, tol)[0]
+    if args.directions:
+        lines = [f"`python benchmarks/learned_scales.py --model {args.model} --nfe {args.nfe} --solvers "
+                 f"'{args.solvers}' --calibration {args.calibration} --directions`", "",
+                 "| NFE | solver | tuned grid | default (shifts+grid+start+scales) | + directions as fitted | change | "
+                 "+ directions after the held-out decision | change | direction weights |",
+                 "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+        for nfe in map(int, args.nfe.split(",")):
+            for label, name, options in solver_specs(args.solvers):
+                r = directions_row(flow, calibration, name, options, nfe, tol)
+                lines.append(f"| {nfe} | {label} | {r['base']:.3e} | {r['default']:.3e} | {r['full']:.3e} | "
+                             f"{100 * (r['full'] / r['default'] - 1):+.1f} % | {r['chosen']:.3e} | "
+                             f"{100 * (r['chosen'] / r['default'] - 1):+.1f} % | {r['directions']} |")
+                print(lines[-1], f"[{r['seconds']:.0f} s; judged {r['judged']}]", flush=True)
+                if args.out:
+                    Path(args.out).write_text("\n".join(lines) + "\n")
+        return
     variants = args.variants.split(",")
     lines = [f"`python benchmarks/learned_scales.py --model {args.model} --nfe {args.nfe} --solvers '{args.solvers}' "
              f"--calibration {args.calibration} --variants {args.variants} --bound {args.bound} --iterations "

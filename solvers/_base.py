@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
+import torch
 from torch import Tensor
 
 #: The right-hand side of ``dy/dt = f(t, y)``: ``t`` is a Python float (float64 on the host).
@@ -183,10 +184,25 @@ class Scaled(Solver):
     replaced by a lower order one (``limited``, a ``final_method``) keeps its scale. A
     :class:`Shifted` method goes outside (``Shifted(Scaled(...))``), so that the anchor is
     taken at the time the state belongs to, not at the shifted one.
+
+    ``directions`` (optional, keyed like ``scales``) adds a second learned term per step: a multiple of
+    the solve's initial state ``y_T`` (the ``y0`` of :meth:`init`), taken perpendicular to the step's own
+    direction ``d = f − a`` and at its length,
+
+        f_s = a + (1 + s)·d + w·|d|·û,   û = unit(y_T − ⟨y_T, d⟩/|d|²·d),   w = ``directions[(t₀, t₁)]``,
+
+    per sample (the norms over all but the first axis). The trajectory of an ODE solve stays close to the
+    plane of its start and its direction; correcting the direction within that plane with weights shared
+    across samples is the two-direction core of PAS (Wang et al., "Diffusion Sampling Correction via
+    Approximately 10 Parameters", ICML 2025). ``w = 0`` (with ``s = 0``) is the base bit for bit; where
+    ``d`` or ``û`` vanishes the term is zero. The initial state is recorded by :meth:`init` and shared by
+    this method's lower-order and final forms: a solve that starts from a carried state (no :meth:`init`)
+    continues with the ``y0`` of the last one, and one such object runs one solve at a time.
     """
 
     def __init__(self, base: Solver, scales: dict[tuple[float, float], float], *,
-                 anchor: VectorField | None = None, name: str | None = None) -> None:
+                 anchor: VectorField | None = None, name: str | None = None,
+                 directions: dict[tuple[float, float], float] | None = None) -> None:
         if not isinstance(base, Solver) or isinstance(base, (Scaled, Shifted)):
             raise TypeError(f"base must be a solvers.Solver that is neither Scaled nor Shifted (a Shifted method "
                             f"wraps the Scaled one), got {type(base).__name__}")
@@ -196,16 +212,20 @@ class Scaled(Solver):
             raise TypeError(f"scales must be a dict of step (t0, t1) -> scale, got {type(scales).__name__}")
         if anchor is not None and not callable(anchor):
             raise TypeError(f"anchor must be None or a callable (t, y) -> tensor, got {type(anchor).__name__}")
-        table: dict[tuple[float, float], float] = {}
-        for key, s in scales.items():
-            if not (isinstance(key, tuple) and len(key) == 2):
-                raise TypeError(f"scales must be keyed by steps (t0, t1), got the key {key!r}")
-            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-                raise ValueError(f"the scale of the step {key!r} must be a finite number, got {s!r}")
-            table[(float(key[0]), float(key[1]))] = float(s)
+        if directions is not None and not isinstance(directions, dict):
+            raise TypeError(f"directions must be None or a dict of step (t0, t1) -> weight, got "
+                            f"{type(directions).__name__}")
+        table = _step_table("scales", "scale", scales)
+        weights = _step_table("directions", "direction weight", directions or {})
+        extra = sorted(set(weights) - set(table))
+        if extra:
+            raise ValueError(f"directions has weights for steps without a scale {extra}: give each step of "
+                             f"directions a scale too (0.0 for none); steps with scales: {sorted(table)}")
         self.base = base
         self.scales = table
+        self.directions = weights
         self.anchor = anchor
+        self._start: list[Tensor | None] = [None]  # the solve's initial state, shared with the wrapped forms
         self.name = name or f"{base.name}+scaled"  # type: ignore[misc]
         for attr in ("order", "adaptive", "multistep", "evaluates_end"):
             setattr(self, attr, getattr(base, attr))
@@ -213,12 +233,16 @@ class Scaled(Solver):
             if hasattr(base, attr):
                 setattr(self, attr, getattr(base, attr))
         final = getattr(base, "final_method", None)
-        self.final_method = None if final is None else Scaled(final, table, anchor=anchor, name=self.name)
+        self.final_method = None if final is None else self._wrap(final)
         if hasattr(base, "limited"):  # only where the base has a lower-order form (callers ask with getattr)
             self.limited = self._limited
 
     def _wrap(self, other: Solver) -> Solver:
-        return self if other is self.base else Scaled(other, self.scales, anchor=self.anchor, name=self.name)
+        if other is self.base:
+            return self
+        out = Scaled(other, self.scales, anchor=self.anchor, name=self.name, directions=self.directions)
+        out._start = self._start
+        return out
 
     def _limited(self, *args: Any, **kwargs: Any) -> Solver:
         """The base's lower-order form for one step (``limited``), with the same scales."""
@@ -228,6 +252,7 @@ class Scaled(Solver):
         return self._wrap(self.base.on_interval(t0, t1))
 
     def init(self, f: VectorField, t0: float, y0: Tensor) -> Any:
+        self._start[0] = y0 if self.directions else None
         return self.base.init(f, t0, y0)
 
     def step_cost(self, t0: float, state: Any) -> int | None:
@@ -238,15 +263,44 @@ class Scaled(Solver):
         if s is None:
             raise ValueError(f"solver {self.name!r} has no scale for the step {t0!r} -> {t1!r}: its scales belong "
                              f"to the grid and direction they were fitted on (steps {sorted(self.scales)})")
-        if s == 0.0:
+        w = self.directions.get((t0, t1), 0.0)
+        if s == 0.0 and w == 0.0:
             return self.base.step(f, t0, t1, y0, state)
+        y_T = self._start[0]
+        if w != 0.0 and y_T is None:
+            raise ValueError(f"solver {self.name!r} has a direction weight for the step {t0!r} -> {t1!r} but no "
+                             "initial state: the term needs the solve's y0, which init() records (a solve "
+                             "started from a carried state skips init)")
         anchor = self.anchor
 
         def scaled(t: float, y: Tensor) -> Tensor:
             k = f(t, y)
-            if anchor is None:
-                return (1.0 + s) * k
-            a = anchor(t, y)
-            return a + (1.0 + s) * (k - a)
+            a = None if anchor is None else anchor(t, y)
+            d = k if a is None else k - a
+            out = (1.0 + s) * d if a is None else a + (1.0 + s) * d
+            return out if w == 0.0 else out + w * _perpendicular(y_T, d)
 
         return self.base.step(scaled, t0, t1, y0, state)
+
+
+def _perpendicular(z: Tensor, d: Tensor) -> Tensor:
+    """Per sample (first axis), the part of ``z`` perpendicular to ``d``, rescaled to the length of ``d``: zero
+    where ``d`` or that part vanishes."""
+    dims = tuple(range(1, d.dim()))
+    dd = d.pow(2).sum(dims, keepdim=True)
+    zd = (z * d).sum(dims, keepdim=True)
+    u = z - torch.where(dd > 0, zd / torch.where(dd > 0, dd, 1.0), 0.0) * d
+    uu = u.pow(2).sum(dims, keepdim=True)
+    return torch.where(uu > 0, dd.sqrt() / torch.where(uu > 0, uu, 1.0).sqrt(), 0.0) * u
+
+
+def _step_table(argument: str, what: str, values: dict) -> dict[tuple[float, float], float]:
+    """``values`` keyed by steps (t0, t1) as floats, each a finite number."""
+    table: dict[tuple[float, float], float] = {}
+    for key, value in values.items():
+        if not (isinstance(key, tuple) and len(key) == 2):
+            raise TypeError(f"{argument} must be keyed by steps (t0, t1), got the key {key!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"the {what} of the step {key!r} must be a finite number, got {value!r}")
+        table[(float(key[0]), float(key[1]))] = float(value)
+    return table

@@ -237,7 +237,7 @@ def test_shifts_and_coefficients_together_save_load_bit_for_bit_and_old_files_st
         LearnedSolver.load(path, mixture(seed=4))
     # a file of format 1 (coefficients only, written before shifts) loads as coefficients alone
     data = json.loads(path.read_text())
-    del data["shifts"], data["learn"], data["base_sigmas"], data["scales"]
+    del data["shifts"], data["learn"], data["base_sigmas"], data["scales"], data["directions"]
     data["format"] = "flowdiff.LearnedSolver/1"
     (tmp_path / "old.json").write_text(json.dumps(data))
     old = LearnedSolver.load(tmp_path / "old.json", flow)
@@ -249,8 +249,8 @@ def test_shifts_and_coefficients_together_save_load_bit_for_bit_and_old_files_st
     (tmp_path / "bad1.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="malformed learned solver .*holds no shifts"):
         LearnedSolver.load(tmp_path / "bad1.json", flow)
-    (tmp_path / "future.json").write_text(json.dumps({**data, "format": "flowdiff.LearnedSolver/4"}))
-    with pytest.raises(ValueError, match="LearnedSolver/4.*expected 'flowdiff.LearnedSolver/3'"):
+    (tmp_path / "future.json").write_text(json.dumps({**data, "format": "flowdiff.LearnedSolver/5"}))
+    with pytest.raises(ValueError, match="LearnedSolver/5.*expected 'flowdiff.LearnedSolver/4'"):
         LearnedSolver.load(tmp_path / "future.json", flow)
 
 
@@ -281,11 +281,11 @@ def test_shifts_and_grid_together_keep_the_step_count_and_fall_back_to_the_start
     assert not rejected.kept and np.array_equal(rejected.sigmas, start) and rejected.as_solver().name == "dpmpp_3m"
 
 
-def test_the_default_fits_shifts_grid_start_and_scales_and_spends_the_budget_from_its_learned_start():
+def test_the_default_fits_shifts_grid_start_scales_and_directions_and_spends_the_budget_from_its_learned_start():
     flow = mixture()
     cal = noise(1, n=16)
     learned = learn_solver(flow, cal, solver="unipc", nfe=5)
-    assert learned.learn == ("shifts", "grid", "start", "scales")
+    assert learned.learn == ("shifts", "grid", "start", "scales", "directions")
     grid = learned.sigmas
     assert grid[1] < grid[0] <= flow.schedule.sigma_max and np.all(np.diff(grid) < 0)
     counted, calls = counting(flow)
@@ -298,7 +298,7 @@ def test_bad_learn_arguments_name_what_is_accepted():
     flow = mixture()
     x = noise(1, n=4)
     with pytest.raises(ValueError, match=r"learn must name each of 'shifts', 'coefficients', 'grid', 'start', "
-                                         r"'scales' at most once, got 'steps'"):
+                                         r"'scales', 'directions' at most once, got 'steps'"):
         learn_solver(flow, x, solver="unipc", nfe=6, learn="steps")
     with pytest.raises(ValueError, match="at most once"):
         learn_solver(flow, x, solver="unipc", nfe=6, learn=("shifts", "shifts"))
@@ -654,7 +654,7 @@ def test_scales_on_top_of_shifts_grid_and_start_are_fitted_last_and_rejected_on_
     flow = mixture()
     cal = noise(1, n=16)
     unscaled = learn_solver(flow, cal, solver="unipc", nfe=5, learn=("shifts", "grid", "start"))
-    both = learn_solver(flow, cal, solver="unipc", nfe=5)
+    both = learn_solver(flow, cal, solver="unipc", nfe=5, learn=("shifts", "grid", "start", "scales"))
     assert both.learn == ("shifts", "grid", "start", "scales")
     # the other kinds are fitted as without scales; the scales then only lower the fitted half's error
     assert np.array_equal(both.sigmas, unscaled.sigmas) and both.shifts == unscaled.shifts
@@ -676,7 +676,7 @@ def test_scales_save_load_bit_for_bit_and_format_2_files_still_load(tmp_path):
     forced = LearnedSolver(**{**learned.__dict__, "kept": True})
     assert any(forced.scales) and any(forced.shifts)
     path = forced.save(tmp_path / "scaled.learned.json")
-    assert json.loads(path.read_text())["format"] == "flowdiff.LearnedSolver/3"
+    assert json.loads(path.read_text())["format"] == "flowdiff.LearnedSolver/4"
     back = LearnedSolver.load(path, flow)
     assert back.scales == forced.scales and back.shifts == forced.shifts and back.learn == forced.learn
     a = flowdiff.generate(flow, cal, solver=forced.as_solver(), grid=forced.sigmas).x
@@ -685,7 +685,7 @@ def test_scales_save_load_bit_for_bit_and_format_2_files_still_load(tmp_path):
     assert not torch.equal(a, flowdiff.generate(flow, cal, solver=shifted_only.as_solver(), grid=forced.sigmas).x)
     # a format-2 file (written before scales) loads as it was; one that holds scales is refused
     data = json.loads(shifted_only.save(tmp_path / "shifts.json").read_text())
-    del data["scales"]
+    del data["scales"], data["directions"]
     data["format"] = "flowdiff.LearnedSolver/2"
     (tmp_path / "old.json").write_text(json.dumps(data))
     old = LearnedSolver.load(tmp_path / "old.json", flow)
@@ -695,3 +695,136 @@ def test_scales_save_load_bit_for_bit_and_format_2_files_still_load(tmp_path):
     (tmp_path / "bad2.json").write_text(json.dumps({**data, "scales": []}))
     with pytest.raises(ValueError, match="malformed learned solver .*LearnedSolver/2.* holds no scales"):
         LearnedSolver.load(tmp_path / "bad2.json", flow)
+
+
+# -- learned x_T directions (PAS's second direction per step) ------------------------------------------------------
+
+
+def _directed_euler_by_hand(y0, ts, scales, weights, anchor):
+    """Euler on _linear_field with f' = a + (1 + s)·d + w·|d|·û, û the unit part of y0 (the solve's start)
+    perpendicular to d = f − a, written out sample by sample."""
+    y = y0.clone()
+    for (t0, t1), s, w in zip(zip(ts[:-1], ts[1:]), scales, weights):
+        rows = []
+        for z, yi in zip(y0, y):
+            a = anchor(t0, yi)
+            d = _linear_field(t0, yi) - a
+            u = z - (z @ d) / (d @ d) * d
+            rows.append(yi + (t1 - t0) * (a + (1 + s) * d + w * d.norm() / u.norm() * u))
+        y = torch.stack(rows)
+    return y
+
+
+def test_a_directed_step_is_the_hand_computed_pas_step_and_zero_weights_are_the_base_bit_for_bit():
+    """solvers.Scaled with directions: each step of Euler moves along a + (1 + s)·d + w·|d|·û, û taken from the
+    solve's initial state (not the current one) perpendicular to d; w = 0 with s = 0 is Euler bit for bit, w = 0
+    with s ≠ 0 the scales alone bit for bit; the NFE is the base's."""
+    y0 = torch.tensor([[1.0, -0.5, 0.25], [0.3, 0.8, -1.1]], dtype=torch.float64)
+    ts = [0.2, 0.3, 0.5, 0.9]  # off t = 0, where d = −2.5·y0 lies along the start and the term is zero
+    steps = list(zip(ts[:-1], ts[1:]))
+    base = solvers.get("euler")
+
+    def anchor(t, y):
+        return 0.5 * y
+
+    scales, weights = [0.1, -0.2, 0.0], [0.3, -0.25, 0.4]
+    directed = solvers.Scaled(base, dict(zip(steps, scales)), anchor=anchor, directions=dict(zip(steps, weights)))
+    got = solvers.solve(_linear_field, y0, ts, directed)
+    torch.testing.assert_close(got.y, _directed_euler_by_hand(y0, ts, scales, weights, anchor), rtol=1e-13,
+                               atol=1e-13)
+    assert got.stats.nfe == solvers.solve(_linear_field, y0, ts, base).stats.nfe == 3
+    for name in ("euler", "heun", "unipc"):
+        plain = solvers.get(name)
+        zero = solvers.Scaled(plain, {s: 0.0 for s in steps}, anchor=anchor, directions={s: 0.0 for s in steps})
+        assert torch.equal(solvers.solve(_linear_field, y0, ts, zero).y, solvers.solve(_linear_field, y0, ts, plain).y)
+        only = solvers.Scaled(plain, dict(zip(steps, scales)), anchor=anchor, directions={s: 0.0 for s in steps})
+        assert torch.equal(solvers.solve(_linear_field, y0, ts, only).y,
+                           solvers.solve(_linear_field, y0, ts, solvers.Scaled(plain, dict(zip(steps, scales)),
+                                                                               anchor=anchor)).y)
+    # where the start lies along d, or d vanishes, the term is zero (not NaN)
+    along = solvers.Scaled(base, {steps[0]: 0.0}, directions={steps[0]: 0.5})
+    flat = solvers.solve(lambda t, y: 2.0 * y, y0, ts[:2], along)
+    assert torch.equal(flat.y, solvers.solve(lambda t, y: 2.0 * y, y0, ts[:2], base).y)
+    still = solvers.solve(lambda t, y: torch.zeros_like(y), y0, ts[:2], along)
+    assert torch.equal(still.y, y0)
+
+
+def test_a_directed_solver_refuses_what_it_cannot_take():
+    euler = solvers.get("euler")
+    with pytest.raises(TypeError, match="directions must be None or a dict of step"):
+        solvers.Scaled(euler, {(0.0, 1.0): 0.0}, directions=[0.1])
+    with pytest.raises(ValueError, match=r"the direction weight of the step \(0.0, 1.0\) must be a finite number, "
+                                         "got inf"):
+        solvers.Scaled(euler, {(0.0, 1.0): 0.0}, directions={(0.0, 1.0): math.inf})
+    with pytest.raises(ValueError, match=r"directions has weights for steps without a scale \[\(1.0, 2.0\)\]"):
+        solvers.Scaled(euler, {(0.0, 1.0): 0.0}, directions={(1.0, 2.0): 0.1})
+    fresh = solvers.Scaled(euler, {(0.0, 1.0): 0.0}, directions={(0.0, 1.0): 0.1})
+    with pytest.raises(ValueError, match="has a direction weight for the step 0.0 -> 1.0 but no initial state"):
+        fresh.step(_linear_field, 0.0, 1.0, torch.ones(1, 2, dtype=torch.float64), None)
+
+
+def test_learned_directions_lower_the_error_against_the_teacher_on_other_noise_at_the_base_nfe():
+    """On the closed-form mixture, directions fitted on top of the scales lower the error against the teacher on
+    noise the fit never saw, at the base method's NFE; the scales are fitted as without them, and a step the
+    formulation gives its own method (UniPC's last, into σ = 0) takes none."""
+    flow = mixture()
+    cal = noise(1, n=32)
+    scaled = learn_solver(flow, cal, solver="unipc", nfe=4, learn="scales")
+    both = learn_solver(flow, cal, solver="unipc", nfe=4, learn=("scales", "directions"))
+    assert both.learn == ("scales", "directions") and both.scales == scaled.scales
+    assert len(both.directions) == len(both.sigmas) - 1 and both.directions[-1] == 0.0
+    assert all(abs(w) <= 0.5 for w in both.directions) and any(both.directions)
+    assert both.calibration_error < scaled.calibration_error
+    assert both.kept and both.validation_error < scaled.validation_error
+    other = noise(7, n=32)
+    ref = flowdiff.reference_solution(flow, other, sigma_end=0.0, rtol=1e-9, atol=1e-9).x
+    counted, calls = counting(flow)
+    out = flowdiff.generate(counted, other, solver=both.as_solver(), grid=both.sigmas)
+    alone = flowdiff.generate(flow, other, solver=scaled.as_solver(), grid=scaled.sigmas)
+    assert _rms(out.x, ref) < _rms(alone.x, ref)
+    assert out.stats.nfe == len(calls) == alone.stats.nfe <= 4
+    # the directions alone, without scales, are a learned kind of their own
+    only = learn_solver(flow, cal, solver="unipc", nfe=4, learn="directions", iterations=2)
+    assert only.scales == () and len(only.directions) == len(only.sigmas) - 1
+
+
+def test_directions_stay_only_where_the_held_out_half_prefers_them():
+    flow = mixture()
+    cal = noise(1, n=16)
+    scaled = learn_solver(flow, cal, solver="ipndm", nfe=5, learn=("shifts", "scales"))
+    both = learn_solver(flow, cal, solver="ipndm", nfe=5, learn=("shifts", "scales", "directions"))
+    assert both.shifts == scaled.shifts and both.calibration_error <= scaled.calibration_error
+    assert both.validation_error <= scaled.validation_error
+    assert any(both.directions) == (both.validation_error < scaled.validation_error)
+    bad = LearnedSolver(**{**both.__dict__, "kept": True, "directions": tuple(0.5 for _ in both.directions)})
+    judged = bad.validated(flow, noise(2, n=8))
+    assert not judged.kept and set(judged.directions) == {0.0} and set(judged.scales) == {0.0}
+    assert judged.as_solver().name == "ipndm"
+
+
+def test_directions_save_load_bit_for_bit_and_format_3_files_still_load(tmp_path):
+    flow = mixture()
+    cal = noise(1, n=8)
+    learned = learn_solver(flow, cal, solver="ipndm", nfe=5, iterations=2, learn=("scales", "directions"))
+    forced = LearnedSolver(**{**learned.__dict__, "kept": True,
+                              "directions": tuple(0.1 * (i + 1) for i in range(len(learned.directions)))})
+    path = forced.save(tmp_path / "directed.learned.json")
+    assert json.loads(path.read_text())["format"] == "flowdiff.LearnedSolver/4"
+    back = LearnedSolver.load(path, flow)
+    assert back.directions == forced.directions and back.scales == forced.scales and back.learn == forced.learn
+    a = flowdiff.generate(flow, cal, solver=forced.as_solver(), grid=forced.sigmas).x
+    assert torch.equal(a, flowdiff.generate(flow, cal, solver=back.as_solver(), grid=back.sigmas).x)
+    scales_only = LearnedSolver(**{**forced.__dict__, "directions": (), "learn": ("scales",)})
+    assert not torch.equal(a, flowdiff.generate(flow, cal, solver=scales_only.as_solver(), grid=forced.sigmas).x)
+    # a format-3 file (written before directions) loads as it was; one that holds directions is refused
+    data = json.loads(scales_only.save(tmp_path / "scales.json").read_text())
+    del data["directions"]
+    data["format"] = "flowdiff.LearnedSolver/3"
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    old = LearnedSolver.load(tmp_path / "old.json", flow)
+    assert old.directions == () and old.scales == forced.scales
+    assert torch.equal(flowdiff.generate(flow, cal, solver=old.as_solver(), grid=old.sigmas).x,
+                       flowdiff.generate(flow, cal, solver=scales_only.as_solver(), grid=old.sigmas).x)
+    (tmp_path / "bad3.json").write_text(json.dumps({**data, "directions": []}))
+    with pytest.raises(ValueError, match="malformed learned solver .*LearnedSolver/3.* holds no directions"):
+        LearnedSolver.load(tmp_path / "bad3.json", flow)

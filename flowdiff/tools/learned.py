@@ -1,10 +1,10 @@
-"""Learned low-NFE solvers: evaluation times, grids, multistep coefficients and output scales fitted to one model's
-teacher.
+"""Learned low-NFE solvers: evaluation times, grids, multistep coefficients, output scales and x_T directions
+fitted to one model's teacher.
 
 At 4–10 evaluations a tuned grid (:mod:`flowdiff.tools.tuning`) leaves an error that a better
-grid alone no longer removes. Five things can take the model's shape, each fitted per step to a
+grid alone no longer removes. Six things can take the model's shape, each fitted per step to a
 few hundred teacher trajectories (``learn=``; the default fits shifts, grid and start together — LD3's pair and
-the first σ — and then the output scales):
+the first σ — and then the output scales and then the x_T directions):
 
 * ``"shifts"`` — **evaluation times** (LD3, Tong et al., "Learning to Discretize Denoising
   Diffusion ODEs", ICLR 2025; the time-shift sampler, Li et al., ICLR 2024; AMED, Zhou et al.,
@@ -43,6 +43,13 @@ the first σ — and then the output scales):
   own (into σ = 0: Heun's final Euler step, the data variables' limit) takes none. The scales are
   fitted last, alone, on top of what the other kinds named reached, and stay only if the held-out
   half prefers them to that fit without them.
+* ``"directions"`` — the **direction** of the model's output per step, within the plane of the
+  solve's initial state x_T and the step's own direction d = f − a (a the field of a zero ε): step i
+  adds w_i·|d|·û, û the unit part of x_T perpendicular to d (per sample), |w_i| ≤
+  :data:`DIRECTION_BOUND` (:class:`solvers.Scaled` ``directions=``, which records x_T when the solve
+  starts). This is the two-direction core of PAS (Wang et al., ICML 2025, above). w = 0 is the
+  method without it bit for bit; the steps that take scales take directions. They are fitted after
+  the scales, alone, and stay only if the held-out half prefers them to the fit without them.
 
 What ``learn`` names is fitted together by bounded least squares on the image error against the teacher,
 
@@ -94,7 +101,9 @@ from .tuning import TunedGrid, _Warp, check_fingerprint, read_record, stored_gri
 
 __all__ = ["LearnedSolver", "learn_solver", "tune_roundtrip"]
 
-_FORMAT = "flowdiff.LearnedSolver/3"
+_FORMAT = "flowdiff.LearnedSolver/4"
+#: files written before directions existed (no ``directions``); still read
+_FORMAT_3 = "flowdiff.LearnedSolver/3"
 #: files written before scales existed (no ``scales``); still read
 _FORMAT_2 = "flowdiff.LearnedSolver/2"
 #: files written before shifts existed: coefficients only (``learn=("coefficients",)``); still read
@@ -103,26 +112,31 @@ _FORMAT_1 = "flowdiff.LearnedSolver/1"
 #: the largest |s| of a learned output scale (``learn="scales"``): the field is scaled by 1 + s ∈ [0.5, 1.5]
 SCALE_BOUND = 0.5
 
+#: the largest |w| of a learned x_T direction weight (``learn="directions"``), in units of the step's own |d|
+DIRECTION_BOUND = 0.5
+
 #: candidate starts tried across the start's interval (evenly in log σ) before its least-squares fit
 _START_SCAN = 8
 
 #: what :func:`learn_solver` can fit (``learn=``)
-LEARNABLE = ("shifts", "coefficients", "grid", "start", "scales")
+LEARNABLE = ("shifts", "coefficients", "grid", "start", "scales", "directions")
 
 
 @dataclass(frozen=True)
 class LearnedSolver:
     """A ``solver`` with per-step evaluation shifts, grid and/or coefficients fitted at budget ``nfe`` on one flow.
 
-    ``learn`` says what was fitted (``"shifts"``, ``"coefficients"``, ``"grid"``, ``"start"``, ``"scales"``).
+    ``learn`` says what was fitted (``"shifts"``, ``"coefficients"``, ``"grid"``, ``"start"``, ``"scales"``,
+    ``"directions"``).
     ``sigmas`` is the generation grid they belong to (fitted too with ``"grid"`` or ``"start"``: then
     ``base_sigmas`` is the grid the fit started from and the base method is judged on; a learned start
     below σ_max is where :func:`flowdiff.generate` takes the noise as its state), ``shifts[i]`` the
     evaluation shift δ of step ``i`` (empty unless shifts were learned), ``coefficients[i]`` the
     correction multiples of step ``i`` (empty where a step takes none, or unless coefficients were
     learned), ``scales[i]`` the output scale s of step ``i`` (its ε taken as (1 + s)·ε; empty unless
-    scales were learned). ``kept`` says whether the held-out half preferred the learned solver to the base method;
-    when not, shifts, scales and coefficients are zero, :attr:`sigmas` is the starting grid and
+    scales were learned), ``directions[i]`` its x_T direction weight w (empty unless directions were
+    learned). ``kept`` says whether the held-out half preferred the learned solver to the base method;
+    when not, shifts, scales, directions and coefficients are zero, :attr:`sigmas` is the starting grid and
     :meth:`as_solver` is the base method itself. ``calibration_error`` / ``base_calibration_error`` are
     the RMS image errors of the learned and the base method on the fitted half, ``validation_error`` /
     ``base_validation_error`` on the held-out half. ``fitting_nfe`` counts every model evaluation the
@@ -154,6 +168,7 @@ class LearnedSolver:
     learn: tuple[str, ...] = ("coefficients",)  # what a format-1 file holds
     base_sigmas: np.ndarray | None = None
     scales: tuple[float, ...] = ()
+    directions: tuple[float, ...] = ()
 
     def base_grid(self) -> np.ndarray:
         """The grid the base method is judged on: the grid the fit started from (:attr:`sigmas` unless the grid
@@ -171,7 +186,8 @@ class LearnedSolver:
     def _fitted(self) -> _solvers.Solver:
         return _composed(self.base(), self.sigmas, self.coefficients if "coefficients" in self.learn else None,
                          self.shifts if "shifts" in self.learn else None,
-                         self.scales if "scales" in self.learn else None)
+                         self.scales if "scales" in self.learn else None,
+                         self.directions if "directions" in self.learn else None)
 
     def check(self, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> None:
         """Raise ``ValueError`` unless this solver was fitted on ``flow`` (with ``model_kwargs``)."""
@@ -197,18 +213,20 @@ class LearnedSolver:
         coefficients = self.coefficients if kept else tuple(tuple(0.0 for _ in c) for c in self.coefficients)
         shifts = self.shifts if kept else tuple(0.0 for _ in self.shifts)
         scales = self.scales if kept else tuple(0.0 for _ in self.scales)
-        return replace(self, kept=kept, coefficients=coefficients, shifts=shifts, scales=scales,
+        directions = self.directions if kept else tuple(0.0 for _ in self.directions)
+        return replace(self, kept=kept, coefficients=coefficients, shifts=shifts, scales=scales, directions=directions,
                        sigmas=self.sigmas if kept else self.base_grid().copy(),
                        validation_error=learned if kept else base, base_validation_error=base)
 
     def save(self, path: str | Path) -> Path:
-        """Write the solver (σ, shifts, scales and coefficients as exact float hex strings) and what it was fitted
-        for as JSON (format ``flowdiff.LearnedSolver/3``)."""
+        """Write the solver (σ, shifts, scales, directions and coefficients as exact float hex strings) and what it
+        was fitted for as JSON (format ``flowdiff.LearnedSolver/4``)."""
         data = asdict(self)
         data["sigmas"] = [float(s).hex() for s in self.sigmas]
         data["coefficients"] = [[float(c).hex() for c in cs] for cs in self.coefficients]
         data["shifts"] = [float(d).hex() for d in self.shifts]
         data["scales"] = [float(d).hex() for d in self.scales]
+        data["directions"] = [float(d).hex() for d in self.directions]
         data["learn"] = list(self.learn)
         data["base_sigmas"] = None if self.base_sigmas is None else [float(s).hex() for s in self.base_sigmas]
         data.pop("source")
@@ -217,14 +235,14 @@ class LearnedSolver:
     @classmethod
     def load(cls, path: str | Path, flow: ProbabilityFlow,
              model_kwargs: Mapping[str, Any] | None = None) -> LearnedSolver:
-        """Read a file written by :meth:`save` (or by an older version: format 2, without scales; format 1,
-        coefficients only) and check that it belongs to ``flow`` (see :meth:`check`)."""
+        """Read a file written by :meth:`save` (or by an older version: format 3, without directions; format 2,
+        without scales; format 1, coefficients only) and check that it belongs to ``flow`` (see :meth:`check`)."""
         path = Path(path)
         fmt = _FORMAT
         try:
             data = read_record(path, _FORMAT, "learned solver")
         except ValueError as err:
-            for fmt in (_FORMAT_2, _FORMAT_1):
+            for fmt in (_FORMAT_3, _FORMAT_2, _FORMAT_1):
                 try:
                     data = read_record(path, fmt, "learned solver")
                     break
@@ -232,7 +250,8 @@ class LearnedSolver:
                     continue
             else:
                 raise err from None
-        lacks = {_FORMAT: (), _FORMAT_2: ("scales",), _FORMAT_1: ("scales", "shifts", "learn", "base_sigmas")}[fmt]
+        lacks = {_FORMAT: (), _FORMAT_3: ("directions",), _FORMAT_2: ("directions", "scales"),
+                 _FORMAT_1: ("directions", "scales", "shifts", "learn", "base_sigmas")}[fmt]
         extra = [k for k in lacks if k in data]
         if extra:
             raise ValueError(f"{path}: malformed learned solver (format {fmt!r} holds no {', '.join(extra)})")
@@ -241,6 +260,7 @@ class LearnedSolver:
             data["coefficients"] = tuple(tuple(float.fromhex(c) for c in cs) for cs in data["coefficients"])
             data["shifts"] = tuple(float.fromhex(d) for d in data.get("shifts", ()))
             data["scales"] = tuple(float.fromhex(d) for d in data.get("scales", ()))
+            data["directions"] = tuple(float.fromhex(d) for d in data.get("directions", ()))
             data["learn"] = _check_learn(tuple(data.get("learn", ("coefficients",))))
             base_sigmas = data.get("base_sigmas")
             data["base_sigmas"] = None if base_sigmas is None else np.array(
@@ -288,10 +308,12 @@ def _base_solver(name: str, options: Mapping[str, Any], learn: Sequence[str]) ->
 
 
 def _composed(base: _solvers.Solver, sigmas: np.ndarray, coefficients: Sequence[Sequence[float]] | None,
-              shifts: Sequence[float] | None, scales: Sequence[float] | None = None) -> _solvers.Solver:
-    """``base`` with ``coefficients`` (:class:`solvers.CorrectedAdams`), then ``scales`` (:class:`solvers.Scaled`,
-    about the field of a zero ε: :func:`_scale_anchor`) and then ``shifts`` (:class:`solvers.Shifted`), all keyed
-    by the steps of ``sigmas`` in ``base``'s generation variables."""
+              shifts: Sequence[float] | None, scales: Sequence[float] | None = None,
+              directions: Sequence[float] | None = None) -> _solvers.Solver:
+    """``base`` with ``coefficients`` (:class:`solvers.CorrectedAdams`), then ``scales`` and ``directions``
+    (:class:`solvers.Scaled`, about the field of a zero ε: :func:`_scale_anchor`; the x_T direction weights, the
+    scales zero where only directions are given) and then ``shifts`` (:class:`solvers.Shifted`), all keyed by the
+    steps of ``sigmas`` in ``base``'s generation variables."""
     name = f"{base.name}+learned"  # runs in its base method's variables (formulations.variables_of)
     form = formulation_for(base, "generate")
     times = form.times(sigmas)
@@ -299,9 +321,10 @@ def _composed(base: _solvers.Solver, sigmas: np.ndarray, coefficients: Sequence[
     solver = base
     if coefficients is not None:
         solver = _solvers.CorrectedAdams(base, {s: tuple(c) for s, c in zip(steps, coefficients)}, name=name)
-    if scales is not None:
-        solver = _solvers.Scaled(solver, {s: float(k) for s, k in zip(steps, scales)}, anchor=_scale_anchor(form),
-                                 name=name)
+    if scales is not None or directions is not None:
+        weights = None if directions is None else {s: float(w) for s, w in zip(steps, directions)}
+        solver = _solvers.Scaled(solver, {s: float(k) for s, k in zip(steps, scales or [0.0] * len(steps))},
+                                 anchor=_scale_anchor(form), name=name, directions=weights)
     if shifts is not None:
         solver = _solvers.Shifted(solver, {s: float(d) for s, d in zip(steps, shifts)}, name=name)
     return solver
@@ -465,7 +488,7 @@ def learn_solver(
     *,
     solver: str = "unipc",
     nfe: int,
-    learn: str | tuple[str, ...] = ("shifts", "grid", "start", "scales"),
+    learn: str | tuple[str, ...] = ("shifts", "grid", "start", "scales", "directions"),
     solver_options: Mapping[str, Any] | None = None,
     sigmas: np.ndarray | None = None,
     terms: int = 2,
@@ -484,9 +507,11 @@ def learn_solver(
     ``"start"`` (the first σ, within (σ_1, σ_max]: the noise is taken as the state there, the teacher
     still starts at σ_max), ``"coefficients"`` (a variable-step Adams method's order-keeping correction:
     ``unipc``, ``dpmpp_3m``, ``dpmpp_2m``, ``lms``, ``abm``), ``"scales"`` (the model's ε scaled by
-    1 + s per step, |s| ≤ 0.5, fitted last and kept only where the held-out half prefers it), or several,
+    1 + s per step, |s| ≤ 0.5, fitted last and kept only where the held-out half prefers it), ``"directions"``
+    (w·|d|·û added per step, û the solve's initial state perpendicular to the step's direction d, |w| ≤ 0.5,
+    fitted after the scales and kept likewise), or several,
     fitted together (see the module docstring). The default, shifts, grid and start (LD3's pair with
-    the first σ) and then scales, was chosen by the held-out and evaluation errors recorded in
+    the first σ), then scales, then directions, was chosen by the held-out and evaluation errors recorded in
     ``benchmarks/RESULTS.md``. ``noise`` (DDIM scale, at least 2 samples; a few hundred for
     a model whose samples disagree, such as a near-memorising density) is split: the even-indexed half
     is fitted, the odd-indexed half decides whether the fit is kept. The starting grid is ``sigmas``
@@ -566,10 +591,15 @@ def learn_solver(
         slots.append(("t", 0, 0))
         start_of = _Start(sigmas, flow.schedule)
         reach["t", 0] = start_of.bounds
+    acting = _scaled_steps(base, sigmas, flow.schedule) if "scales" in learn or "directions" in learn else []
     if "scales" in learn:
-        scaled = [("k", i, 0) for i, acts in enumerate(_scaled_steps(base, sigmas, flow.schedule)) if acts]
+        scaled = [("k", i, 0) for i, acts in enumerate(acting) if acts]
         slots += scaled
         reach.update({(k, i): (-SCALE_BOUND, SCALE_BOUND) for k, i, _ in scaled})
+    if "directions" in learn:
+        directed = [("w", i, 0) for i, acts in enumerate(acting) if acts]
+        slots += directed
+        reach.update({(k, i): (-DIRECTION_BOUND, DIRECTION_BOUND) for k, i, _ in directed})
     lower = np.array([-bound if k == "c" else intervals[i][0] if k == "s" else reach[k, i][0] for k, i, _ in slots])
     upper = np.array([bound if k == "c" else intervals[i][1] if k == "s" else reach[k, i][1] for k, i, _ in slots])
     moved = bool(moves) or "start" in learn  # the grid itself is fitted
@@ -578,9 +608,9 @@ def learn_solver(
     spent = {"nfe": ref_nfe, "solves": 0}
 
     def unpacked(v: np.ndarray) -> tuple[tuple[tuple[float, ...], ...] | None, tuple[float, ...] | None,
-                                         tuple[float, ...] | None]:
+                                         tuple[float, ...] | None, tuple[float, ...] | None]:
         coefficients = [[0.0] * n for n in counts]
-        shifts, scales = [0.0] * len(counts), [0.0] * len(counts)
+        shifts, scales, directions = [0.0] * len(counts), [0.0] * len(counts), [0.0] * len(counts)
         for (kind, i, m), value in zip(slots, v):
             if kind == "c":
                 coefficients[i][m] = float(value)
@@ -588,8 +618,11 @@ def learn_solver(
                 shifts[i] = float(value)
             elif kind == "k":
                 scales[i] = float(value)
+            elif kind == "w":
+                directions[i] = float(value)
         return (tuple(tuple(c) for c in coefficients) if "coefficients" in learn else None,
-                tuple(shifts) if "shifts" in learn else None, tuple(scales) if "scales" in learn else None)
+                tuple(shifts) if "shifts" in learn else None, tuple(scales) if "scales" in learn else None,
+                tuple(directions) if "directions" in learn else None)
 
     def grid_of(v: np.ndarray) -> np.ndarray:
         out = sigmas.copy()
@@ -603,11 +636,11 @@ def learn_solver(
 
     def solver_of(v: np.ndarray) -> tuple[_solvers.Solver, np.ndarray]:
         grid = grid_of(v)
-        coefficients, shifts, scales = unpacked(v)
+        coefficients, shifts, scales, directions = unpacked(v)
         if shifts is not None and moved:  # the moved grid's own shift intervals
             _, bounds = _layout(base, grid, terms, ("shifts",), flow.schedule, shift_bound)
             shifts = tuple(min(max(d, lo), hi) for d, (lo, hi) in zip(shifts, bounds))
-        return _composed(base, grid, coefficients, shifts, scales), grid
+        return _composed(base, grid, coefficients, shifts, scales, directions), grid
 
     def images(v: np.ndarray, part: Tensor) -> Tensor:
         solver_v, grid = solver_of(v)
@@ -633,8 +666,8 @@ def learn_solver(
         objective = _Objective(residual, r0, math.sqrt(ridge * float(np.dot(r0, r0)) / max(int(penalised.sum()), 1))
                                * penalised)
         kinds = np.array([k for k, _, _ in slots])
-        others = (kinds != "t") & (kinds != "k")
-        every = kinds != "k"
+        others = (kinds != "t") & (kinds != "k") & (kinds != "w")
+        every = (kinds != "k") & (kinds != "w")
 
         def fitted_others(v: np.ndarray) -> np.ndarray:
             """Shifts, coefficients and grid from ``v``: each alone, then together from the best (a joint start
@@ -660,17 +693,22 @@ def learn_solver(
                     key=objective.cost)
         if np.any(kinds == "k"):  # the output scales last, on top of what the other kinds reached
             v = _fit(objective, v, lower, upper, kinds == "k", iterations)
+        if np.any(kinds == "w"):  # then the x_T directions, alone, on top of the scales
+            v = _fit(objective, v, lower, upper, kinds == "w", iterations)
     learned_val = _rms(images(v, held), held_target)
-    scaled = np.array([k == "k" for k, _, _ in slots], dtype=bool)
-    if np.any(v[scaled] != 0.0):  # the scales stay only where the held-out half prefers them to the fit without
-        unscaled = np.where(scaled, 0.0, v)
-        unscaled_val = _rms(images(unscaled, held), held_target)
-        if unscaled_val <= learned_val:
-            v, learned_val = unscaled, unscaled_val
+    kinds_of = np.array([k for k, _, _ in slots], dtype=str)
+    # the directions, then the scales (fitted on top of the rest, in that order) stay only where the held-out half
+    # prefers them to the fit without them (on a tie, without)
+    for dropped in (kinds_of == "w", (kinds_of == "w") | (kinds_of == "k")):
+        if np.any(v[dropped] != 0.0):
+            without = np.where(dropped, 0.0, v)
+            without_val = _rms(images(without, held), held_target)
+            if without_val <= learned_val:
+                v, learned_val = without, without_val
     r = residual(v) if slots else r0
     calib, base_calib = float(np.sqrt(np.mean(r * r))), float(np.sqrt(np.mean(r0 * r0)))
     base_val = _rms(images(zero, held), held_target)
-    coefficients, shifts, scales = unpacked(v)
+    coefficients, shifts, scales, directions = unpacked(v)
     fitted, fitted_grid = solver_of(v)
     if shifts is not None:
         shifts = tuple(fitted.shifts.values())  # clipped to the fitted grid's intervals (in step order)
@@ -678,6 +716,7 @@ def learn_solver(
                         flow_fingerprint(flow, model_kwargs),
                         True, calib, base_calib, math.nan, math.nan, grid_name, shifts=shifts or (), learn=learn,
                         base_sigmas=sigmas.copy() if moved else None, scales=scales or (),
+                        directions=directions or (),
                         options={"learn": list(learn), "terms": terms, "bound": bound, "shift_bound": shift_bound,
                                  "iterations": iterations, "ridge": float(ridge),
                                  "reference_tol": float(reference_tol), "calibration_batch": int(noise.shape[0])})
