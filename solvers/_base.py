@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import abc
 import math
+import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -45,7 +47,8 @@ class Solver(abc.ABC):
     Capabilities are class attributes that can be queried: ``order``, ``adaptive``
     (has an embedded error estimate), ``multistep`` (carries past derivatives),
     ``reversible`` (each step has an exact algebraic inverse, :meth:`unstep`),
-    ``evaluates_end`` (a step evaluates ``f`` at ``t1``).
+    ``evaluates_end`` (a step evaluates ``f`` at ``t1``), ``uses_initial_state`` (a step reads the
+    ``y0`` its solve's :meth:`init` was given, so a step cannot be recomputed apart from its solve).
     """
 
     name: ClassVar[str] = ""
@@ -54,6 +57,7 @@ class Solver(abc.ABC):
     multistep: ClassVar[bool] = False
     reversible: ClassVar[bool] = False
     evaluates_end: ClassVar[bool] = False
+    uses_initial_state: ClassVar[bool] = False
 
     def init(self, f: VectorField, t0: float, y0: Tensor) -> Any:
         """The carried state before the first step (``None`` unless a solver needs one)."""
@@ -122,7 +126,7 @@ class Shifted(Solver):
         self.base = base
         self.shifts = table
         self.name = name or f"{base.name}+shifted"  # type: ignore[misc]
-        for attr in ("order", "adaptive", "multistep", "evaluates_end"):
+        for attr in ("order", "adaptive", "multistep", "evaluates_end", "uses_initial_state"):
             setattr(self, attr, getattr(base, attr))
         for attr in ("steps_order", "fixed_grid_order", "error_order"):
             if hasattr(base, attr):
@@ -160,6 +164,7 @@ class Shifted(Solver):
         def shifted(t: float, y: Tensor) -> Tensor:
             return f(t + offset, y)
 
+        shifted.__wrapped__ = f  # type: ignore[attr-defined]  # the solve's own field (Scaled keys its start by it)
         return self.base.step(shifted, t0, t1, y0, state)
 
 
@@ -172,10 +177,9 @@ class Scaled(Solver):
 
     ``a`` the ``anchor`` (``None``: zero, i.e. f scaled by 1 + s). The scaled value is what the
     base uses and, for a multistep method, stores. It changes the magnitude of the field, which
-    neither the step's times nor its coefficients can: the learned form of epsilon scaling
-    (Ning et al., "Elucidating the Exposure Bias in Diffusion Models", ICLR 2024), where a
-    network's output is systematically too large or small at a few steps. The caller chooses
-    the anchor, e.g. the field a zero network output would give in its variables. ``s = 0``
+    neither the step's times nor its coefficients can (the learned form of epsilon scaling: Ning
+    et al., "Elucidating the Exposure Bias in Diffusion Models", ICLR 2024). The caller chooses
+    the anchor: the value about which the field's magnitude is wrong. ``s = 0``
     everywhere is ``base`` bit for bit (the step is not wrapped); any s ≠ 0 is a first-order
     perturbation, meant for the grid and budget it was fitted on.
 
@@ -195,9 +199,14 @@ class Scaled(Solver):
     plane of its start and its direction; correcting the direction within that plane with weights shared
     across samples is the two-direction core of PAS (Wang et al., "Diffusion Sampling Correction via
     Approximately 10 Parameters", ICML 2025). ``w = 0`` (with ``s = 0``) is the base bit for bit; where
-    ``d`` or ``û`` vanishes the term is zero. The initial state is recorded by :meth:`init` and shared by
-    this method's lower-order and final forms: a solve that starts from a carried state (no :meth:`init`)
-    continues with the ``y0`` of the last one, and one such object runs one solve at a time.
+    ``d`` or ``û`` vanishes the term is zero (the norms are taken in at least float32, of ``y_T`` scaled by
+    a power of 2 to its largest entry, so that half precision and a huge ``y_T`` do not overflow them).
+    The initial state is recorded by :meth:`init` for the solve's vector field ``f`` (the one its steps
+    are given, or that a :class:`Shifted` wrapper's field wraps as ``__wrapped__``), shared by this
+    method's lower-order and final forms: solves in a row or in several threads each find their own
+    ``y_T``, and a step whose solve did not call :meth:`init` (one continued from a carried state, or one
+    step recomputed apart from its solve) is refused rather than given another solve's.
+    Such a method says ``uses_initial_state``.
     """
 
     def __init__(self, base: Solver, scales: dict[tuple[float, float], float], *,
@@ -225,7 +234,8 @@ class Scaled(Solver):
         self.scales = table
         self.directions = weights
         self.anchor = anchor
-        self._start: list[Tensor | None] = [None]  # the solve's initial state, shared with the wrapped forms
+        self._starts = _Starts()  # each solve's initial state, shared with the wrapped forms
+        self.uses_initial_state = any(w != 0.0 for w in weights.values())  # type: ignore[misc]
         self.name = name or f"{base.name}+scaled"  # type: ignore[misc]
         for attr in ("order", "adaptive", "multistep", "evaluates_end"):
             setattr(self, attr, getattr(base, attr))
@@ -241,7 +251,7 @@ class Scaled(Solver):
         if other is self.base:
             return self
         out = Scaled(other, self.scales, anchor=self.anchor, name=self.name, directions=self.directions)
-        out._start = self._start
+        out._starts = self._starts
         return out
 
     def _limited(self, *args: Any, **kwargs: Any) -> Solver:
@@ -252,7 +262,8 @@ class Scaled(Solver):
         return self._wrap(self.base.on_interval(t0, t1))
 
     def init(self, f: VectorField, t0: float, y0: Tensor) -> Any:
-        self._start[0] = y0 if self.directions else None
+        if self.uses_initial_state:
+            self._starts.record(f, y0)
         return self.base.init(f, t0, y0)
 
     def step_cost(self, t0: float, state: Any) -> int | None:
@@ -266,11 +277,12 @@ class Scaled(Solver):
         w = self.directions.get((t0, t1), 0.0)
         if s == 0.0 and w == 0.0:
             return self.base.step(f, t0, t1, y0, state)
-        y_T = self._start[0]
+        y_T = self._starts.of(f) if w != 0.0 else None
         if w != 0.0 and y_T is None:
             raise ValueError(f"solver {self.name!r} has a direction weight for the step {t0!r} -> {t1!r} but no "
-                             "initial state: the term needs the solve's y0, which init() records (a solve "
-                             "started from a carried state skips init)")
+                             "initial state recorded for this solve: the term needs the solve's y0, which init() "
+                             "records for the solve's vector field (a solve continued from a carried state, or a "
+                             "step recomputed apart from its solve, skips init; another solve's y0 is not used)")
         anchor = self.anchor
 
         def scaled(t: float, y: Tensor) -> Tensor:
@@ -285,13 +297,52 @@ class Scaled(Solver):
 
 def _perpendicular(z: Tensor, d: Tensor) -> Tensor:
     """Per sample (first axis), the part of ``z`` perpendicular to ``d``, rescaled to the length of ``d``: zero
-    where ``d`` or that part vanishes."""
+    where ``d`` or that part vanishes. Computed in at least float32 with ``z`` divided by the power of 2 above its
+    largest entry (only its direction counts; exact), returned in ``d``'s dtype: a float16 |d|² over a large
+    state passes 65504."""
     dims = tuple(range(1, d.dim()))
-    dd = d.pow(2).sum(dims, keepdim=True)
-    zd = (z * d).sum(dims, keepdim=True)
-    u = z - torch.where(dd > 0, zd / torch.where(dd > 0, dd, 1.0), 0.0) * d
+    wide = torch.promote_types(torch.promote_types(z.dtype, d.dtype), torch.float32)
+    z, d_w = z.to(wide), d.to(wide)
+    top = z.abs().amax(dims, keepdim=True)
+    z = torch.ldexp(z, -torch.frexp(torch.where(top > 0, top, 1.0)).exponent)  # by a power of 2: exact
+    dd = d_w.pow(2).sum(dims, keepdim=True)
+    zd = (z * d_w).sum(dims, keepdim=True)
+    u = z - torch.where(dd > 0, zd / torch.where(dd > 0, dd, 1.0), 0.0) * d_w
     uu = u.pow(2).sum(dims, keepdim=True)
-    return torch.where(uu > 0, dd.sqrt() / torch.where(uu > 0, uu, 1.0).sqrt(), 0.0) * u
+    return (torch.where(uu > 0, dd.sqrt() / torch.where(uu > 0, uu, 1.0).sqrt(), 0.0) * u).to(d.dtype)
+
+
+class _Starts:
+    """The initial state of each solve of a :class:`Scaled` method, keyed by the solve's vector field (weakly: an
+    entry goes with its solve), safe to share between threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._weak: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._strong: dict[int, tuple[Any, Tensor]] = {}  # fields that cannot be weakly referenced (kept alive)
+
+    @staticmethod
+    def _field(f: Any) -> Any:
+        while hasattr(f, "__wrapped__"):
+            f = f.__wrapped__
+        return f
+
+    def record(self, f: Any, y0: Tensor) -> None:
+        f = self._field(f)
+        with self._lock:
+            try:
+                self._weak[f] = y0
+            except TypeError:
+                self._strong[id(f)] = (f, y0)
+
+    def of(self, f: Any) -> Tensor | None:
+        f = self._field(f)
+        with self._lock:
+            try:
+                return self._weak.get(f)
+            except TypeError:
+                held = self._strong.get(id(f))
+                return held[1] if held is not None and held[0] is f else None
 
 
 def _step_table(argument: str, what: str, values: dict) -> dict[tuple[float, float], float]:

@@ -68,6 +68,10 @@ def check_adjoint(adjoint: object, solver: Solver) -> str:
         raise ValueError(f"adjoint='reversible' rebuilds each step from the next by the solver's exact inverse and "
                          f"needs a reversible solver ({names}); got solver {solver.name!r} (adjoint='checkpoint' "
                          "works with any fixed-grid solver)")
+    if adjoint != "autograd" and getattr(solver, "uses_initial_state", False):
+        raise ValueError(f"adjoint={adjoint!r} recomputes each step apart from its solve, but solver {solver.name!r} "
+                         "reads the solve's initial state in every step (learned x_T directions), a path to the "
+                         "noise's gradient that step-by-step recomputation cannot follow: use adjoint='autograd'")
     return adjoint
 
 
