@@ -267,6 +267,14 @@ class LearnedSolver:
                 [float.fromhex(s) for s in base_sigmas], dtype=np.float64)
             learned = cls(**data, source=str(path))
             learned.base()
+            for kind in ("shifts", "scales", "directions"):  # one value a step, or none (not zipped short)
+                values = getattr(learned, kind)
+                if kind not in learned.learn and values:
+                    raise ValueError(f"{kind} must be empty unless learn names {kind!r}, got {len(values)} values "
+                                     f"with learn={list(learned.learn)}")
+                if kind in learned.learn and len(values) != len(learned.sigmas) - 1:
+                    raise ValueError(f"{kind} must hold one value per step of sigmas ({len(learned.sigmas) - 1}), "
+                                     f"got {len(values)}")
             moved = "grid" in learned.learn or "start" in learned.learn
             if moved != (learned.base_sigmas is not None) or (moved and learned.base_sigmas.shape
                                                                != learned.sigmas.shape):
