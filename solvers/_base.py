@@ -319,7 +319,7 @@ class _Starts:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._weak: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._strong: dict[int, tuple[Any, Tensor]] = {}  # fields that cannot be weakly referenced (kept alive)
+        self._strong: dict[int, tuple[Any, Tensor]] = {}  # a field that cannot be weakly referenced: the last one
 
     @staticmethod
     def _field(f: Any) -> Any:
@@ -333,7 +333,7 @@ class _Starts:
             try:
                 self._weak[f] = y0
             except TypeError:
-                self._strong[id(f)] = (f, y0)
+                self._strong = {id(f): (f, y0)}
 
     def of(self, f: Any) -> Tensor | None:
         f = self._field(f)

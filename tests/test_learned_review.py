@@ -150,3 +150,28 @@ def test_a_file_whose_per_step_list_does_not_match_its_grid_or_learn_is_refused(
     (tmp_path / "unlearned.json").write_text(json.dumps({**data, "learn": other}))
     with pytest.raises(ValueError, match=f"{kind} must be empty unless learn names {kind!r}"):
         LearnedSolver.load(tmp_path / "unlearned.json", flow)
+
+
+def test_the_recorded_start_does_not_outlive_its_solve():
+    """The solver object held the last solve's y0 (and, under autograd, its graph) until the next solve."""
+    import gc
+    import weakref
+
+    directed = _directed()
+    y1, _ = _starts()
+    gone = weakref.ref(y1)
+    _solve(y1, directed)
+    del y1
+    gc.collect()
+    assert gone() is None
+
+
+def test_a_learned_directed_solver_treats_each_sample_alone():
+    """Weights shared across samples, û per sample: a batch gives each row what a batch of one gives it."""
+    flow = mixture()
+    learned = _forced(flow)
+    xs = noise(3, n=4)
+    together = flowdiff.generate(flow, xs, solver=learned.as_solver(), grid=learned.sigmas).x
+    alone = torch.cat([flowdiff.generate(flow, xs[i:i + 1], solver=learned.as_solver(), grid=learned.sigmas).x
+                       for i in range(len(xs))])
+    torch.testing.assert_close(together, alone, rtol=1e-12, atol=1e-12)
