@@ -304,7 +304,7 @@ def _perpendicular(z: Tensor, d: Tensor) -> Tensor:
     wide = torch.promote_types(torch.promote_types(z.dtype, d.dtype), torch.float32)
     z, d_w = z.to(wide), d.to(wide)
     top = z.abs().amax(dims, keepdim=True)
-    z = torch.ldexp(z, -torch.frexp(torch.where(top > 0, top, 1.0)).exponent)  # by a power of 2: exact
+    z = z / torch.exp2(torch.frexp(torch.where(top > 0, top, 1.0)).exponent.to(wide))  # by a power of 2: exact
     dd = d_w.pow(2).sum(dims, keepdim=True)
     zd = (z * d_w).sum(dims, keepdim=True)
     u = z - torch.where(dd > 0, zd / torch.where(dd > 0, dd, 1.0), 0.0) * d_w

@@ -175,3 +175,12 @@ def test_a_learned_directed_solver_treats_each_sample_alone():
     alone = torch.cat([flowdiff.generate(flow, xs[i:i + 1], solver=learned.as_solver(), grid=learned.sigmas).x
                        for i in range(len(xs))])
     torch.testing.assert_close(together, alone, rtol=1e-12, atol=1e-12)
+
+
+def test_the_direction_term_has_the_gradient_finite_differences_give():
+    """Under autograd (gradients through the sampler), in the start and in d: scaling the start for its norms must
+    not cut its gradient."""
+    g = torch.Generator().manual_seed(4)
+    z = (3.0 * torch.randn(3, 5, dtype=torch.float64, generator=g)).requires_grad_(True)
+    d = torch.randn(3, 5, dtype=torch.float64, generator=g).requires_grad_(True)
+    assert torch.autograd.gradcheck(_perpendicular, (z, d))
