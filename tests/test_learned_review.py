@@ -184,3 +184,11 @@ def test_the_direction_term_has_the_gradient_finite_differences_give():
     z = (3.0 * torch.randn(3, 5, dtype=torch.float64, generator=g)).requires_grad_(True)
     d = torch.randn(3, 5, dtype=torch.float64, generator=g).requires_grad_(True)
     assert torch.autograd.gradcheck(_perpendicular, (z, d))
+
+
+def test_a_learned_solver_built_with_a_short_directions_list_is_refused_when_used():
+    flow = mixture()
+    learned = _forced(flow)
+    short = LearnedSolver(**{**learned.__dict__, "directions": learned.directions[:-1]})
+    with pytest.raises(ValueError, match="directions must hold one value per step of sigmas"):
+        short.as_solver()

@@ -183,7 +183,20 @@ class LearnedSolver:
         """The solver to generate with on :attr:`sigmas`: the learned method, or the base one if not kept."""
         return self._fitted() if self.kept else self.base()
 
+    def _check_steps(self) -> None:
+        """Shifts, scales and directions hold one value per step of :attr:`sigmas` where :attr:`learn` names them,
+        none where not (a short list would be zipped with the steps and its last values dropped)."""
+        for kind in ("shifts", "scales", "directions"):
+            values = getattr(self, kind)
+            if kind not in self.learn and values:
+                raise ValueError(f"{kind} must be empty unless learn names {kind!r}, got {len(values)} values "
+                                 f"with learn={list(self.learn)}")
+            if kind in self.learn and len(values) != len(self.sigmas) - 1:
+                raise ValueError(f"{kind} must hold one value per step of sigmas ({len(self.sigmas) - 1}), "
+                                 f"got {len(values)}")
+
     def _fitted(self) -> _solvers.Solver:
+        self._check_steps()
         return _composed(self.base(), self.sigmas, self.coefficients if "coefficients" in self.learn else None,
                          self.shifts if "shifts" in self.learn else None,
                          self.scales if "scales" in self.learn else None,
@@ -267,14 +280,7 @@ class LearnedSolver:
                 [float.fromhex(s) for s in base_sigmas], dtype=np.float64)
             learned = cls(**data, source=str(path))
             learned.base()
-            for kind in ("shifts", "scales", "directions"):  # one value a step, or none (not zipped short)
-                values = getattr(learned, kind)
-                if kind not in learned.learn and values:
-                    raise ValueError(f"{kind} must be empty unless learn names {kind!r}, got {len(values)} values "
-                                     f"with learn={list(learned.learn)}")
-                if kind in learned.learn and len(values) != len(learned.sigmas) - 1:
-                    raise ValueError(f"{kind} must hold one value per step of sigmas ({len(learned.sigmas) - 1}), "
-                                     f"got {len(values)}")
+            learned._check_steps()
             moved = "grid" in learned.learn or "start" in learned.learn
             if moved != (learned.base_sigmas is not None) or (moved and learned.base_sigmas.shape
                                                                != learned.sigmas.shape):
