@@ -206,7 +206,12 @@ def main() -> None:
     parser.add_argument("--digits-calibration", type=int, default=8, help="training digits to fit on (shipped)")
     parser.add_argument("--learned-steps", type=int, nargs="+", default=[10, 20])
     parser.add_argument("--digits-iterations", type=int, default=6, help="least-squares iterations (shipped)")
+    parser.add_argument("--learned-models", default="mixture,digits",
+                        help="models of the learned section, of mixture, digits, patches (benchmarks/_kdiffusion.py)")
     args = parser.parse_args()
+    unknown = set(args.learned_models.split(",")) - {"mixture", "digits", "patches"}
+    if unknown:
+        parser.error(f"--learned-models: unknown {sorted(unknown)}; accepted: mixture, digits, patches")
     if args.learned:
         return learned_main(args)
     torch.set_num_threads(1)
@@ -245,19 +250,33 @@ def learned_main(args) -> None:
     parts = [f"# Learned encoders against diffusers' inverse schedulers\n\n`python benchmarks/bench_roundtrip.py "
              f"--learned --held-out {args.held_out} --calibration {args.calibration} --digits-calibration "
              f"{args.digits_calibration} --digits-iterations {args.digits_iterations} --learned-steps "
-             f"{' '.join(map(str, args.learned_steps))}` on "
+             f"{' '.join(map(str, args.learned_steps))} --learned-models {args.learned_models}` on "
              f"{platform.processor() or platform.machine()}, torch {torch.__version__}, one thread, float64. "
              "Calibration images are training digits 100 onwards (the mixture's centres are digits 0–63).\n"]
-    parts += learned_section("closed-form mixture (64 training digits, bandwidth 0.3)", mixture.flow(), mixture,
-                             train[100:100 + args.calibration], images, args.learned_steps,
-                             ("euler", "heun", "dpmpp_2m"), (1.0, 0.3), True, 40, (True, False))
-    print("\n".join(parts[-1:]), flush=True)
-    flow = flowdiff.pretrained("digits")
-    flow.model.double()
-    parts += learned_section("shipped digits model (encode and decode shifts only, on the round-trip grid)", flow,
-                             flow.model,
-                             train[100:100 + args.digits_calibration], images, args.learned_steps, ("unipc",),
-                             (1.0,), False, args.digits_iterations)
+    models = args.learned_models.split(",")
+    if "mixture" in models:
+        parts += learned_section("closed-form mixture (64 training digits, bandwidth 0.3)", mixture.flow(), mixture,
+                                 train[100:100 + args.calibration], images, args.learned_steps,
+                                 ("euler", "heun", "dpmpp_2m"), (1.0, 0.3), True, 40, (True, False))
+        print("\n".join(parts[-1:]), flush=True)
+    if "patches" in models:  # patch_flow()'s density; held-out patches at other corners (seed 1), calibration seed 2;
+        # a smaller latent_weight too: here a plain encode's latent is ~1 RMS from the flow's own, and at 0.3 that
+        # term outweighs the round trip (benchmarks/RESULTS.md, engineer T)
+        from _kdiffusion import patch_centres
+
+        patches = Mixture(patch_centres(), 0.1, schedule=flowdiff.Schedule.linear())
+        parts += learned_section("closed-form density over 200 grey 16×16 photo patches (bandwidth 0.1)",
+                                 patches.flow(), patches, patch_centres(args.calibration, seed=2),
+                                 patch_centres(args.held_out, seed=1), args.learned_steps,
+                                 ("euler", "heun", "dpmpp_2m"), (1.0, 0.3, 0.05), True, 40)
+        print("\n".join(parts[-1:]), flush=True)
+    if "digits" in models:
+        flow = flowdiff.pretrained("digits")
+        flow.model.double()
+        parts += learned_section("shipped digits model (encode and decode shifts only, on the round-trip grid)", flow,
+                                 flow.model,
+                                 train[100:100 + args.digits_calibration], images, args.learned_steps, ("unipc",),
+                                 (1.0,), False, args.digits_iterations)
     parts.append(f"Total wall time {time.perf_counter() - start:.0f} s.\n")
     text = "\n".join(parts)
     with open(args.out, "w") as fh:
