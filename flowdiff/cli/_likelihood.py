@@ -84,7 +84,7 @@ def add_parser(subparsers: Any, *, load_model: Callable[..., Any],
     group.add_argument("--dequantization", default="uniform", choices=[*DEQUANTIZATIONS, "none"],
                        help="noise that dequantizes the integer pixel values, for the discrete data's bits/dim "
                             "(default: uniform; truncated_normal as in i-DODE); none: the continuous density's")
-    group.add_argument("--dequantize", type=_positive_int, default=256, metavar="LEVELS",
+    group.add_argument("--dequantize", type=_positive_int, default=None, metavar="LEVELS",
                        help="quantization levels over [-1, 1] of the images (default: 256, 8-bit files read at their "
                             "own size); bits/dim gets the offset -log2(2/(LEVELS-1))")
     group = p.add_argument_group("solver")
@@ -127,8 +127,13 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, dtype=dtype, device=device)
     images = read_images(paths, loaded.shape).to(device=device, dtype=dtype)
     options: dict[str, Any] = {}
+    if args.dequantization == "none" and args.dequantize is not None:
+        raise ValueError(f"--dequantize {args.dequantize} sets the levels that --dequantization noise fills; "
+                         "--dequantization none adds no noise: give --dequantization uniform or truncated_normal, or "
+                         "leave out --dequantize")
+    levels = 256 if args.dequantize is None else args.dequantize
     if args.dequantization != "none":
-        options.update(dequantize=args.dequantize, dequantization=args.dequantization)
+        options.update(dequantize=levels, dequantization=args.dequantization)
     if args.divergence not in ("exact", "auto"):
         estimator = Trace(args.divergence, probes=args.probes, sketch=args.sketch, probes_from=args.probes_from)
     elif args.probes is not None or args.sketch is not None:
@@ -154,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     if result.dequantization is None:
         how = "continuous density: bits/dim = -log p/(D ln 2), no dequantization"
     else:
-        how = (f"discrete data: {result.dequantization} dequantization to {args.dequantize} levels, bits/dim = "
+        how = (f"discrete data: {result.dequantization} dequantization to {levels} levels, bits/dim = "
                f"-(log p - log q)/(D ln 2) + offset {result.offset_bits:.4f} bits")
     print(f"log-likelihood of {len(paths)} image(s) under {loaded.name}: {result.divergence} divergence, "
           f"{args.solver}, {result.dim} dimensions; {how}")
