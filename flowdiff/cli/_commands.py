@@ -350,6 +350,16 @@ def _check_image_suffix(path: Path, option: str) -> None:
                            ".tif, .bmp)")
 
 
+def _check_latents_suffix(path: Path, option: str) -> None:
+    """A latents file is safetensors: a name with an image suffix would hold no image (``--out x.png``)."""
+    from PIL import Image
+
+    if path.suffix.lower() in Image.registered_extensions():
+        raise UsageError(f"{option} {os.fspath(path)!r}: an image file name, but {option} takes the latents (a "
+                         "safetensors file, not an image); give a name ending in .safetensors (the images of a "
+                         "latents file are written by 'flowdiff decode')")
+
+
 def _encode(args: argparse.Namespace, loaded: LoadedModel, dtype: torch.dtype, device: torch.device) -> tuple:
     from ..api.sampling import encode
     from ..engine.options import Inversion
@@ -386,6 +396,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
                              "(decode writes each image under its input's relative path, lossy types as .png); give "
                              "each image once, under distinct names")
         decoded[name] = image
+    _check_latents_suffix(Path(args.out), "--out")
     (path,) = plan([(Path(args.out), "--out")], inputs=args.images, overwrite=args.overwrite)
     loaded, dtype, device = _setup(args, batch=len(args.images))
     _, _, result = _encode(args, loaded, dtype, device)
@@ -481,6 +492,7 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
 
     outputs: list[tuple[Path, str]] = []
     if args.latents is not None:
+        _check_latents_suffix(Path(args.latents), "--latents")
         outputs.append((Path(args.latents), "--latents"))
     names = [image_output_name(n) for n in relative_names(args.images)]
     if args.out is not None:
