@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import shlex
 import sys
 import warnings
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+import solvers as _solvers
 
 from ..engine._files import atomic_path, regular_file
 from ..engine.fingerprint import flow_fingerprint
@@ -77,6 +80,7 @@ def _grid(args: argparse.Namespace, loaded: LoadedModel) -> dict:
     ``--grid tuned`` the tuned grid stored for this model, ``--solver`` and ``--nfe`` (refused where none is)."""
     budget = _budget(args)
     if args.grid != "tuned":
+        _check_budget(args, loaded, budget)
         return {"grid": args.grid, **budget}
     from ..engine.options import Grid
     from ..tools.tuning import STORED_DIR, load_grids, stored_grid
@@ -95,6 +99,27 @@ def _grid(args: argparse.Namespace, loaded: LoadedModel) -> dict:
                            f"{args.solver} at --nfe {budget['nfe']} (stored for this model: {stored}); pick one of "
                            "those, or another --grid, or tune one with flowdiff.tune and flowdiff.save_grids")
     return {"grid": Grid(sigmas=made.sigmas)}
+
+
+def _check_budget(args: argparse.Namespace, loaded: LoadedModel, budget: dict[str, int]) -> None:
+    """Build the command's σ grid before the work, so that a budget it cannot have is refused naming the flag the
+    user typed (``--nfe 2000``), not the keyword of the Python call it became (``steps=2000``)."""
+    from ..engine.options import Grid
+
+    if args.solver not in _solvers.available():
+        return
+    (key, value), = budget.items()
+    direction = "generate" if args.command == "sample" else "encode"
+    try:
+        Grid(args.grid, **budget).solve_sigmas(loaded.flow, _solvers.get(args.solver), direction)
+    except ValueError as err:
+        said = {key: f"--{key} {value}"}  # the flag given; a step count it bought is said as a count
+        text = re.sub(r"\b(steps|nfe)=(\d[\d,]*)", lambda m: said.get(m[1], f"{m[2]} {m[1]}"), one_line(err))
+        default = "" if args.nfe is not None or args.steps is not None else "; the default budget"
+        where = f"--solver {args.solver} on --grid {args.grid}"
+        if said[key] in text:
+            raise UsageError(f"{text} ({where}{default})") from None
+        raise UsageError(f"{said[key]}{default} with {where}: {text}") from None
 
 
 def fingerprint(loaded: LoadedModel) -> str:

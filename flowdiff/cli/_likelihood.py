@@ -17,6 +17,7 @@ noise instead, ``--dequantization none`` the continuous density's bits/dim (see
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,7 @@ from ..tools.likelihood import (
 from ._argtypes import available_device, device_name, seed
 from ._argtypes import positive_int as _positive_int
 from ._argtypes import positive_number as _tolerance
+from ._errors import one_line
 from ._outputs import relative_names
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -97,6 +99,18 @@ def add_parser(subparsers: Any, *, load_model: Callable[..., Any],
     return p
 
 
+#: log_likelihood's keywords as the flags that set them: an error names what the user typed
+_FLAGS = ((re.compile(r"\bdequantize=None\b"), "--dequantization none"),
+          (re.compile(r"\bdequantization='?(\w+)'?"), r"--dequantization \1"),
+          (re.compile(r"\b(dequantize|steps)=(\w+)"), r"--\1 \2"))
+
+
+def _as_flags(message: str) -> str:
+    for pattern, flag in _FLAGS:
+        message = pattern.sub(flag, message)
+    return message
+
+
 def _image_paths(args: argparse.Namespace) -> list[str]:
     if args.data is None:
         return list(args.images)
@@ -152,9 +166,12 @@ def run(args: argparse.Namespace) -> int:
         options["adaptive"] = Adaptive(rtol=DEFAULT_RTOL if args.rtol is None else args.rtol,
                                        atol=DEFAULT_ATOL if args.atol is None else args.atol)
     start = time.perf_counter()
-    result = log_likelihood(loaded.flow, images, solver=args.solver, estimator=estimator,
-                            generator=torch.Generator().manual_seed(args.seed),
-                            model_kwargs=loaded.model_kwargs or None, **options)
+    try:
+        result = log_likelihood(loaded.flow, images, solver=args.solver, estimator=estimator,
+                                generator=torch.Generator().manual_seed(args.seed),
+                                model_kwargs=loaded.model_kwargs or None, **options)
+    except ValueError as err:
+        raise ValueError(_as_flags(one_line(err))) from None
     wall = time.perf_counter() - start
     if result.dequantization is None:
         how = "continuous density: bits/dim = -log p/(D ln 2), no dequantization"
