@@ -5,12 +5,15 @@ kind, an error naming a Python keyword where the user typed a flag, a model outp
 """
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import flowdiff
+import solvers
 from flowdiff.cli import main
 from flowdiff.runs.imageio import ImageFormat, write_image
 
@@ -75,3 +78,49 @@ def test_latents_output_with_an_image_name_is_refused(tmp_path, capsys, argv):
     line = one_line(err)
     assert f"{argv[1]} '{argv[2]}'" in line and ".safetensors" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d0.png"]
+
+
+# -- CLI errors name the flags, not the Python keywords they become ----------------------------------------
+
+@pytest.mark.parametrize("argv, flag", [
+    (["sample", "--nfe", "2000", "--out", "s.png"], "--nfe 2000"),
+    (["sample", "--steps", "2000", "--out", "s.png"], "--steps 2000"),
+    (["encode", "{png}", "--steps", "2000", "--out", "l.safetensors"], "--steps 2000"),
+    (["roundtrip", "{png}", "--solver", "heun", "--nfe", "1"], "--nfe 1"),
+    (["likelihood", "{png}", "--solver", "heun"], "--steps N"),
+    (["likelihood", "{png}", "--dequantize", "3"], "--dequantize 3"),
+])
+def test_cli_errors_name_the_flag_not_the_keyword(tmp_path, capsys, argv, flag):
+    """`sample --nfe 2000` said "steps=2000 exceeds ...", `likelihood --dequantize 3` "dequantize=3: ..."."""
+    (png,) = write_digits(tmp_path, 1)
+    code, out, err = run(capsys, [str(png) if a == "{png}" else a for a in argv], tmp_path)
+    assert code != 0 and out == ""
+    line = one_line(err)
+    assert flag in line
+    assert not re.search(r"\b(steps|nfe|dequantize|dequantization)=", line), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d0.png"]
+
+
+# -- a model whose output is no floating-point tensor ----------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+@pytest.mark.parametrize("kind", ["model", "sigma_field"])
+def test_a_model_returning_integers_is_refused_naming_the_dtype(kind, dtype):
+    """A model returning an int64 (a rounded ε) or bool tensor was silently cast to the state's float dtype."""
+    def out(x):
+        return torch.round(x).to(dtype)
+
+    if kind == "model":
+        flow = flowdiff.ProbabilityFlow(lambda x, t: out(x), flowdiff.Schedule.linear())
+    else:
+        flow = flowdiff.ProbabilityFlow.from_sigma_field(lambda x, sigma: out(x), flowdiff.Schedule.linear())
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(solvers.SolveError, match=rf"step 0 .*returned a tensor of dtype {name} at σ=.*floating-point"):
+        flowdiff.generate(flow, torch.randn(2, 3), solver="euler", steps=2)
+
+
+def test_a_model_returning_integers_at_infinite_sigma_is_refused():
+    flow = flowdiff.ProbabilityFlow(lambda x, t: torch.zeros_like(x, dtype=torch.int32), flowdiff.Schedule.linear(),
+                                    prediction_type="v_prediction")
+    with pytest.raises(TypeError, match="dtype int32 at σ = ∞"):
+        flow.step_from_noise(torch.randn(2, 3), 10.0)
