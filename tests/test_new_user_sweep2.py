@@ -6,6 +6,7 @@ kind, an error naming a Python keyword where the user typed a flag, a model outp
 
 import os
 import re
+import runpy
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 import flowdiff
 import solvers
 from flowdiff.cli import main
+from flowdiff.models.analytic import Gaussian
 from flowdiff.runs.imageio import ImageFormat, write_image
 
 GREY8 = ImageFormat("L", 8)
@@ -124,3 +126,32 @@ def test_a_model_returning_integers_at_infinite_sigma_is_refused():
                                     prediction_type="v_prediction")
     with pytest.raises(TypeError, match="dtype int32 at σ = ∞"):
         flow.step_from_noise(torch.randn(2, 3), 10.0)
+
+
+# -- flow_fingerprint of model_kwargs holding an arbitrary object ------------------------------------------
+
+class _Conditioning:
+    pass
+
+
+def test_fingerprint_refuses_model_kwargs_whose_digest_is_an_address():
+    """repr() of a plain object names its address: the fingerprint changed between runs, so a tuned grid saved with
+    such kwargs never matched again. Refused, naming the key and the accepted types."""
+    flow = Gaussian(torch.zeros(3), 0.5).flow()
+    with pytest.raises(TypeError, match=r"model_kwargs\['extra'\]\['hook'\] is a _Conditioning.*tensors, numbers"):
+        flowdiff.flow_fingerprint(flow, {"extra": {"hook": _Conditioning()}})
+    kwargs = {"scale": 0.5, "labels": torch.arange(2), "mode": "x", "n": np.int64(3), "opts": [None, True]}
+    assert flowdiff.flow_fingerprint(flow, kwargs) == flowdiff.flow_fingerprint(flow, dict(kwargs))
+    assert flowdiff.flow_fingerprint(flow, kwargs) != flowdiff.flow_fingerprint(flow, {**kwargs, "scale": 0.25})
+
+
+# -- examples/reconstruction.py --images nodir ----------------------------------------------------------
+
+def test_reconstruction_example_refuses_a_missing_folder_in_one_line(tmp_path, capsys):
+    """It ended in a FileNotFoundError traceback from Path.iterdir."""
+    example = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "reconstruction.py"))
+    with pytest.raises(SystemExit) as exit_:
+        example["main"](["--images", str(tmp_path / "nodir"), "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--images" in err and "nodir" in err and "no such folder" in err and "Traceback" not in err
