@@ -118,8 +118,8 @@ def _check_budget(args: argparse.Namespace, loaded: LoadedModel, budget: dict[st
         default = "" if args.nfe is not None or args.steps is not None else "; the default budget"
         where = f"--solver {args.solver} on --grid {args.grid}"
         if said[key] in text:
-            raise UsageError(f"{text} ({where}{default})") from None
-        raise UsageError(f"{said[key]}{default} with {where}: {text}") from None
+            raise CommandError(f"{text} ({where}{default})") from None
+        raise CommandError(f"{said[key]}{default} with {where}: {text}") from None
 
 
 def fingerprint(loaded: LoadedModel) -> str:
