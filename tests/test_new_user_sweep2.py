@@ -155,3 +155,25 @@ def test_reconstruction_example_refuses_a_missing_folder_in_one_line(tmp_path, c
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "--images" in err and "nodir" in err and "no such folder" in err and "Traceback" not in err
+
+
+# -- file names with a newline or an escape in folder runs ---------------------------------------------------
+
+@pytest.mark.parametrize("command", ["roundtrip", "encode"])
+def test_folder_runs_print_control_characters_in_names_escaped(tmp_path, capsys, command):
+    """A file named "a\\nb.png" broke the printed lines in two ("worst: a" / "b.png (mse ...)"), and an escape
+    character in a name reached the terminal. The lines print them escaped (\\n, \\x1b); the files keep the names."""
+    (tmp_path / "d").mkdir()
+    paths = write_digits(tmp_path / "d", 2)
+    paths[0].rename(tmp_path / "d" / "a\nb.png")
+    paths[1].rename(tmp_path / "d" / "e\x1bf.png")
+    (tmp_path / "d" / "n\not.txt").write_text("not an image")
+    code, out, err = run(capsys, [command, "--data", "d", "--out", "r", "--steps", "2"], tmp_path)
+    assert code == 0, err
+    assert "\x1b" not in out
+    lines = out.splitlines()
+    assert any(r"n\not.txt" in line for line in lines)
+    named = r"a\nb.png" if command == "roundtrip" else r"e\x1bf.png"
+    assert not any(line.startswith(("b.png", "f.png", "ot.txt")) for line in lines), out
+    assert any(named in line for line in lines) or command == "encode", out
+    assert (tmp_path / "r" / "results.csv").is_file()
