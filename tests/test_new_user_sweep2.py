@@ -173,7 +173,7 @@ def test_folder_runs_print_control_characters_in_names_escaped(tmp_path, capsys,
     assert "\x1b" not in out
     lines = out.splitlines()
     assert any(r"n\not.txt" in line for line in lines)
-    named = r"a\nb.png" if command == "roundtrip" else r"e\x1bf.png"
     assert not any(line.startswith(("b.png", "f.png", "ot.txt")) for line in lines), out
-    assert any(named in line for line in lines) or command == "encode", out
+    # the worst round trip, or the latent with the largest std, is one of the two images, named escaped
+    assert any(r"a\nb.png" in line or r"e\x1bf.png" in line for line in lines), out
     assert (tmp_path / "r" / "results.csv").is_file()
