@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("FLOWDIFF_OUT", "out")),
                         help="output folder (default: $FLOWDIFF_OUT or ./out)")
     args = parser.parse_args(argv)
+    if args.images is not None and not args.images.is_dir():
+        parser.error(f"--images {str(args.images)!r}: no such folder (give a folder of image files)")
 
     flow = flowdiff.pretrained("digits") if args.model == "digits" else flowdiff.from_diffusers(args.model)
     shape = (1, 8, 8) if args.model == "digits" else tuple(flow.model.sample_shape)

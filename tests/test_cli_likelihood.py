@@ -79,7 +79,7 @@ def test_cli_errors_are_one_line(pngs, tmp_path, capsys):
                              (["--data", tmp_path], 1, "no image files"),
                              ([paths[0], "--model", "analytic-mixture", "--probes", "3"], 1, "--probes/--sketch"),
                              ([paths[0], "--model", "analytic-mixture", "--solver", "nope"], 1, "unknown"),
-                             ([paths[0], "--model", "analytic-mixture", "--solver", "rk4"], 1, "give steps=N"),
+                             ([paths[0], "--model", "analytic-mixture", "--solver", "rk4"], 1, "give --steps N"),
                              ([paths[0], "--model", "analytic-mixture", "--solver", "rk4", "--steps", "3",
                                "--rtol", "1e-3"], 1, "--rtol/--atol set an adaptive solve"),
                              ([paths[0], "--data", tmp_path], 2, "not allowed"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import shlex
 import sys
 import warnings
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+import solvers as _solvers
 
 from ..engine._files import atomic_path, regular_file
 from ..engine.fingerprint import flow_fingerprint
@@ -77,6 +80,7 @@ def _grid(args: argparse.Namespace, loaded: LoadedModel) -> dict:
     ``--grid tuned`` the tuned grid stored for this model, ``--solver`` and ``--nfe`` (refused where none is)."""
     budget = _budget(args)
     if args.grid != "tuned":
+        _check_budget(args, loaded, budget)
         return {"grid": args.grid, **budget}
     from ..engine.options import Grid
     from ..tools.tuning import STORED_DIR, load_grids, stored_grid
@@ -95,6 +99,27 @@ def _grid(args: argparse.Namespace, loaded: LoadedModel) -> dict:
                            f"{args.solver} at --nfe {budget['nfe']} (stored for this model: {stored}); pick one of "
                            "those, or another --grid, or tune one with flowdiff.tune and flowdiff.save_grids")
     return {"grid": Grid(sigmas=made.sigmas)}
+
+
+def _check_budget(args: argparse.Namespace, loaded: LoadedModel, budget: dict[str, int]) -> None:
+    """Build the command's σ grid before the work, so that a budget it cannot have is refused naming the flag the
+    user typed (``--nfe 2000``), not the keyword of the Python call it became (``steps=2000``)."""
+    from ..engine.options import Grid
+
+    if args.solver not in _solvers.available():
+        return
+    (key, value), = budget.items()
+    direction = "generate" if args.command == "sample" else "encode"
+    try:
+        Grid(args.grid, **budget).solve_sigmas(loaded.flow, _solvers.get(args.solver), direction)
+    except ValueError as err:
+        said = {key: f"--{key} {value}"}  # the flag given; a step count it bought is said as a count
+        text = re.sub(r"\b(steps|nfe)=(\d[\d,]*)", lambda m: said.get(m[1], f"{m[2]} {m[1]}"), one_line(err))
+        default = "" if args.nfe is not None or args.steps is not None else "; the default budget"
+        where = f"--solver {args.solver} on --grid {args.grid}"
+        if said[key] in text:
+            raise CommandError(f"{text} ({where}{default})") from None
+        raise CommandError(f"{said[key]}{default} with {where}: {text}") from None
 
 
 def fingerprint(loaded: LoadedModel) -> str:
@@ -350,6 +375,16 @@ def _check_image_suffix(path: Path, option: str) -> None:
                            ".tif, .bmp)")
 
 
+def _check_latents_suffix(path: Path, option: str) -> None:
+    """A latents file is safetensors: a name with an image suffix would hold no image (``--out x.png``)."""
+    from PIL import Image
+
+    if path.suffix.lower() in Image.registered_extensions():
+        raise UsageError(f"{option} {os.fspath(path)!r}: an image file name, but {option} takes the latents (a "
+                         "safetensors file, not an image); give a name ending in .safetensors (the images of a "
+                         "latents file are written by 'flowdiff decode')")
+
+
 def _encode(args: argparse.Namespace, loaded: LoadedModel, dtype: torch.dtype, device: torch.device) -> tuple:
     from ..api.sampling import encode
     from ..engine.options import Inversion
@@ -386,6 +421,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
                              "(decode writes each image under its input's relative path, lossy types as .png); give "
                              "each image once, under distinct names")
         decoded[name] = image
+    _check_latents_suffix(Path(args.out), "--out")
     (path,) = plan([(Path(args.out), "--out")], inputs=args.images, overwrite=args.overwrite)
     loaded, dtype, device = _setup(args, batch=len(args.images))
     _, _, result = _encode(args, loaded, dtype, device)
@@ -481,6 +517,7 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
 
     outputs: list[tuple[Path, str]] = []
     if args.latents is not None:
+        _check_latents_suffix(Path(args.latents), "--latents")
         outputs.append((Path(args.latents), "--latents"))
     names = [image_output_name(n) for n in relative_names(args.images)]
     if args.out is not None:

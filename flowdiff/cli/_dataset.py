@@ -132,7 +132,7 @@ def run_dataset(args: argparse.Namespace, command: str) -> int:
                          "inputs; write elsewhere")
     folder = _ds.scan(data)
     if not folder.files:
-        seen = ", ".join(p for p, _ in folder.skipped[:3])
+        seen = ", ".join(_ds.printable(_ds.escaped_name(p)) for p, _ in folder.skipped[:3])
         raise CommandError(f"--data {args.data!r}: no image files" + (f" (skipped: {seen}, …)" if seen else ""))
     ranks = process_group(args.device)
     lock = _ds.FolderLock(out)
@@ -262,7 +262,7 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
         done = _ds.completed(out, run, groups, folder.files)
         missing = _missing(out, command, args.save_latents, folder, groups, done)
         if missing:
-            names = [_ds.escaped_name(n) for b in missing for n in missing[b]]
+            names = [_ds.printable(_ds.escaped_name(n)) for b in missing for n in missing[b]]
             print(f"{len(names)} file(s) listed by the completion records are missing ({', '.join(names[:3])}"
                   f"{', …' if len(names) > 3 else ''}): running their {len(missing)} batch(es) again")
             done -= set(missing)
@@ -273,7 +273,7 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
         start = f"resuming: {len(done)} of {len(groups)} batches done, " if resume else ""
         print(f"{start}{len(folder.files)} images in {len(groups)} batches of up to {groups[0].stop}{where}"
               + (f"; skipped {len(folder.skipped)} other file(s): "
-                 f"{', '.join(_ds.escaped_name(p) for p, _ in folder.skipped[:3])}"
+                 f"{', '.join(_ds.printable(_ds.escaped_name(p)) for p, _ in folder.skipped[:3])}"
                  f"{', …' if len(folder.skipped) > 3 else ''}"
                  if folder.skipped else ""))
     stop = _stop_after()
@@ -389,7 +389,7 @@ def _merge(command: str, folder: _ds.ImageFolder, out: Path, run: str, groups: l
         s = summary["latent_std"]
         print(f"encoded {summary['images']} image(s), {_nfe(summary['nfe_encode'])} NFE each; per-image std of x_T: "
               f"mean {s['mean']:.4f}, p50 {s['p50']:.4f}, p90 {s['p90']:.4f}, p99 {s['p99']:.4f}, largest "
-              f"{s['worst']:.4f} ({summary['worst']['path']})")
+              f"{s['worst']:.4f} ({_ds.printable(summary['worst']['path'])})")
     else:
         _ds.write_csv(out / "results.csv", rows, ROUNDTRIP_COLUMNS)
         summary = _ds.summarize(rows, {"mse": True, "max_abs": True, "psnr": False, "mse_written": True,
@@ -407,7 +407,8 @@ def _merge(command: str, folder: _ds.ImageFolder, out: Path, run: str, groups: l
             print(f"  mse:     mean {m['mean']:.3e}, p50 {m['p50']:.3e}, p90 {m['p90']:.3e}, p99 {m['p99']:.3e}")
             print(f"  max_abs: mean {a['mean']:.3e}, p50 {a['p50']:.3e}, p90 {a['p90']:.3e}, p99 {a['p99']:.3e}")
             print(f"  psnr_db: mean {p['mean']:.2f}, p50 {p['p50']:.2f}, p10 {p['p10']:.2f}, p1 {p['p1']:.2f}")
-        print(f"  worst: {w['path']} (mse {w['mse']:.3e}, max_abs {w['max_abs']:.3e}, psnr {w['psnr']:.2f} dB)")
+        print(f"  worst: {_ds.printable(w['path'])} (mse {w['mse']:.3e}, max_abs {w['max_abs']:.3e}, "
+              f"psnr {w['psnr']:.2f} dB)")
         print(f"  NFE per image: encode {_nfe(summary['nfe_encode'])}, decode {_nfe(summary['nfe_decode'])}")
     if folder.skipped:
         print(f"skipped {len(folder.skipped)} file(s) that are not images (listed in summary.json)")

@@ -17,6 +17,7 @@ noise instead, ``--dequantization none`` the continuous density's bits/dim (see
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,7 @@ from ..tools.likelihood import (
 from ._argtypes import available_device, device_name, seed
 from ._argtypes import positive_int as _positive_int
 from ._argtypes import positive_number as _tolerance
+from ._errors import one_line
 from ._outputs import relative_names
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -84,7 +86,7 @@ def add_parser(subparsers: Any, *, load_model: Callable[..., Any],
     group.add_argument("--dequantization", default="uniform", choices=[*DEQUANTIZATIONS, "none"],
                        help="noise that dequantizes the integer pixel values, for the discrete data's bits/dim "
                             "(default: uniform; truncated_normal as in i-DODE); none: the continuous density's")
-    group.add_argument("--dequantize", type=_positive_int, default=256, metavar="LEVELS",
+    group.add_argument("--dequantize", type=_positive_int, default=None, metavar="LEVELS",
                        help="quantization levels over [-1, 1] of the images (default: 256, 8-bit files read at their "
                             "own size); bits/dim gets the offset -log2(2/(LEVELS-1))")
     group = p.add_argument_group("solver")
@@ -95,6 +97,18 @@ def add_parser(subparsers: Any, *, load_model: Callable[..., Any],
     group.add_argument("--steps", type=_positive_int, default=None, help="fixed grid of N steps in log(σ + c) instead")
     p.set_defaults(func=run, likelihood_helpers=(load_model, read_images))
     return p
+
+
+#: log_likelihood's keywords as the flags that set them: an error names what the user typed
+_FLAGS = ((re.compile(r"\bdequantize=None\b"), "--dequantization none"),
+          (re.compile(r"\bdequantization='?(\w+)'?"), r"--dequantization \1"),
+          (re.compile(r"\b(dequantize|steps)=(\w+)"), r"--\1 \2"))
+
+
+def _as_flags(message: str) -> str:
+    for pattern, flag in _FLAGS:
+        message = pattern.sub(flag, message)
+    return message
 
 
 def _image_paths(args: argparse.Namespace) -> list[str]:
@@ -127,8 +141,13 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, dtype=dtype, device=device)
     images = read_images(paths, loaded.shape).to(device=device, dtype=dtype)
     options: dict[str, Any] = {}
+    if args.dequantization == "none" and args.dequantize is not None:
+        raise ValueError(f"--dequantize {args.dequantize} sets the levels that --dequantization noise fills; "
+                         "--dequantization none adds no noise: give --dequantization uniform or truncated_normal, or "
+                         "leave out --dequantize")
+    levels = 256 if args.dequantize is None else args.dequantize
     if args.dequantization != "none":
-        options.update(dequantize=args.dequantize, dequantization=args.dequantization)
+        options.update(dequantize=levels, dequantization=args.dequantization)
     if args.divergence not in ("exact", "auto"):
         estimator = Trace(args.divergence, probes=args.probes, sketch=args.sketch, probes_from=args.probes_from)
     elif args.probes is not None or args.sketch is not None:
@@ -147,14 +166,17 @@ def run(args: argparse.Namespace) -> int:
         options["adaptive"] = Adaptive(rtol=DEFAULT_RTOL if args.rtol is None else args.rtol,
                                        atol=DEFAULT_ATOL if args.atol is None else args.atol)
     start = time.perf_counter()
-    result = log_likelihood(loaded.flow, images, solver=args.solver, estimator=estimator,
-                            generator=torch.Generator().manual_seed(args.seed),
-                            model_kwargs=loaded.model_kwargs or None, **options)
+    try:
+        result = log_likelihood(loaded.flow, images, solver=args.solver, estimator=estimator,
+                                generator=torch.Generator().manual_seed(args.seed),
+                                model_kwargs=loaded.model_kwargs or None, **options)
+    except ValueError as err:
+        raise ValueError(_as_flags(one_line(err))) from None
     wall = time.perf_counter() - start
     if result.dequantization is None:
         how = "continuous density: bits/dim = -log p/(D ln 2), no dequantization"
     else:
-        how = (f"discrete data: {result.dequantization} dequantization to {args.dequantize} levels, bits/dim = "
+        how = (f"discrete data: {result.dequantization} dequantization to {levels} levels, bits/dim = "
                f"-(log p - log q)/(D ln 2) + offset {result.offset_bits:.4f} bits")
     print(f"log-likelihood of {len(paths)} image(s) under {loaded.name}: {result.divergence} divergence, "
           f"{args.solver}, {result.dim} dimensions; {how}")

@@ -12,6 +12,7 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -32,6 +33,27 @@ def _update(h: Any, value: object) -> None:
             _update(h, item)
     else:
         h.update(repr(value).encode())
+
+
+#: values whose digest is their repr, the same in every run (numpy scalars print as ``np.float32(2.0)``)
+_STABLE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, np.generic)
+
+
+def _check_stable(value: object, name: str) -> None:
+    """Refuse a ``model_kwargs`` value whose digest would change between runs: any other object's repr is its
+    address (``<Foo object at 0x7f…>``), so a tuned grid or learned solver saved with it never loads again."""
+    if isinstance(value, Tensor) or isinstance(value, _STABLE):
+        return
+    if isinstance(value, Mapping):
+        for key in value:
+            _check_stable(value[key], f"{name}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_stable(item, f"{name}[{i}]")
+    else:
+        raise TypeError(f"{name} is a {type(value).__name__}, which flow_fingerprint cannot digest the same way in "
+                        "every run (its repr names its address); model_kwargs to fingerprint may hold tensors, "
+                        "numbers, strings, bools, None, dtypes, devices, and lists, tuples and dicts of those")
 
 
 #: module -> (what its tensors are now, the digest of their values): hashing a large network's weights costs
@@ -77,6 +99,8 @@ def flow_fingerprint(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | No
     h.update(flow.schedule.alphas_cumprod.tobytes())
     h.update(f"{type(owner).__name__}|{flow.prediction_type}".encode())
     if model_kwargs:
+        for key, value in dict(model_kwargs).items():
+            _check_stable(value, f"model_kwargs[{key!r}]")
         h.update(b"|kwargs")
         _update(h, dict(model_kwargs))
     return h.hexdigest()

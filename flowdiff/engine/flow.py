@@ -42,6 +42,14 @@ _EXACT_SCALARS = (torch.float32, torch.float64)
 Model = Callable[..., Tensor]
 
 
+
+def _check_output_dtype(out: Tensor, who: str, where: str) -> None:
+    """A model's output is cast to the state's dtype only between floating-point types: an integer or bool output
+    (a rounded or thresholded ε) or a complex one would be silently converted into another prediction."""
+    if not out.is_floating_point():
+        raise TypeError(f"{who} returned a tensor of dtype {str(out.dtype).removeprefix('torch.')} at {where}; it "
+                        "must return real floating-point values (float16, bfloat16, float32 or float64)")
+
 class ProbabilityFlow:
     """The vector field ``dx̄/dσ = ε(x̄, σ)`` of a model and its schedule.
 
@@ -198,9 +206,7 @@ class ProbabilityFlow:
                                      f"at σ={sigma:.6g} (t={t[0].item() if t.device.type == 'cpu' else '?'}); "
                                      "it must return the input's shape")
                 if out.dtype != xbar.dtype:
-                    if out.is_complex():
-                        raise TypeError(f"model returned a complex tensor at σ={sigma:.6g}; it must return real "
-                                        "values")
+                    _check_output_dtype(out, "model", f"σ={sigma:.6g}")
                     out = out.to(xbar.dtype)
             if prediction_type == "epsilon":
                 return out
@@ -230,7 +236,10 @@ class ProbabilityFlow:
                 got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                 raise ValueError(f"eps returned {got} for input shape {tuple(xbar.shape)} at σ={sigma:.6g}; "
                                  "it must return a tensor of the input's shape")
-            return out if out.dtype == xbar.dtype else out.to(xbar.dtype)
+            if out.dtype != xbar.dtype:
+                _check_output_dtype(out, "eps", f"σ={sigma:.6g}")
+                out = out.to(xbar.dtype)
+            return out
 
         return f
 
@@ -266,6 +275,7 @@ class ProbabilityFlow:
         if not isinstance(out, Tensor) or out.shape != noise.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"model returned {got} for input shape {tuple(noise.shape)} at σ = ∞")
+        _check_output_dtype(out, "model", "σ = ∞")
         out = out.to(noise.dtype)
         if self.prediction_type == "sample":
             x0 = out

@@ -325,6 +325,20 @@ def escaped_name(name: str) -> str:
     return os.fsencode(name).replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
 
 
+_CONTROLS = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: str) -> str:
+    """``text`` (an :func:`escaped_name`, its backslashes doubled) for one printed line: each character that is not
+    printable (a newline, an escape ``\\x1b``, a line separator) written as ``\\n``, ``\\xNN`` or ``\\uNNNN``, so
+    that a file name cannot break a line or drive the terminal. Files keep the escaped name; only the terminal's lines
+    are escaped further."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _CONTROLS.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 256
+                                                                    else f"\\u{ord(c):04x}") for c in text)
+
+
 def unescaped_name(text: str) -> str:
     """The file name (``os.fsdecode`` form) that :func:`escaped_name` wrote as ``text``."""
     def byte(match: re.Match[str]) -> str:
