@@ -14,23 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _cli_runs import run_in as run_main
 
-from flowdiff.cli import main
 from flowdiff.runs.imageio import ImageFormat, read_image, write_image
 
 ROOT = Path(__file__).resolve().parents[1]
 MIX = ["--model", "analytic-mixture"]
-
-
-def run_main(capsys, argv, cwd):
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        code = main([str(a) for a in argv])
-    finally:
-        os.chdir(old)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def run_subprocess(argv, cwd):

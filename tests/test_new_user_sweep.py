@@ -10,42 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _cli_runs import GREY8, one_line, write_digits
+from _cli_runs import run_in as run
 
 import flowdiff
-from flowdiff.cli import main
 from flowdiff.models.analytic import Gaussian
 from flowdiff.runs.imageio import ImageFormat, write_image
 
-GREY8 = ImageFormat("L", 8)
 MIX8 = ["--model", "analytic-mixture"]
-
-
-def run(capsys, argv, cwd):
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        code = main([str(a) for a in argv])
-    finally:
-        os.chdir(old)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err):
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-def write_digits(folder: Path, n: int) -> list[Path]:
-    images = flowdiff.digits_data("test").images[:n]
-    paths = []
-    for i, x in enumerate(images):
-        pixels = np.round((x.double().numpy().transpose(1, 2, 0) + 1) / 2 * 255).astype(np.uint8)
-        paths.append(folder / f"d{i}.png")
-        write_image(paths[-1], pixels, GREY8)
-    return paths
 
 
 # -- tensors on the 'meta' device ---------------------------------------------------------------------

@@ -4,7 +4,6 @@ Each test here failed before its fix: an option silently ignored, a file written
 kind, an error naming a Python keyword where the user typed a flag, a model output silently converted.
 """
 
-import os
 import re
 import runpy
 from pathlib import Path
@@ -12,43 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _cli_runs import one_line, write_digits
+from _cli_runs import run_in as run
 
 import flowdiff
 import solvers
-from flowdiff.cli import main
 from flowdiff.models.analytic import Gaussian
-from flowdiff.runs.imageio import ImageFormat, write_image
-
-GREY8 = ImageFormat("L", 8)
-
-
-def run(capsys, argv, cwd):
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        code = main([str(a) for a in argv])
-    finally:
-        os.chdir(old)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err):
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-def write_digits(folder: Path, n: int) -> list[Path]:
-    images = flowdiff.digits_data("test").images[:n]
-    paths = []
-    for i, x in enumerate(images):
-        pixels = np.round((x.double().numpy().transpose(1, 2, 0) + 1) / 2 * 255).astype(np.uint8)
-        paths.append(folder / f"d{i}.png")
-        write_image(paths[-1], pixels, GREY8)
-    return paths
-
 
 # -- likelihood --dequantization none --dequantize K -----------------------------------------------------
 
