@@ -668,6 +668,17 @@ def test_scales_on_top_of_shifts_grid_and_start_are_fitted_last_and_rejected_on_
     assert not judged.kept and set(judged.scales) == {0.0} and set(judged.shifts) == {0.0}
     assert judged.as_solver().name == "unipc" and np.array_equal(judged.sigmas, both.base_grid())
 
+def _saved_and_loaded(forced, flow, cal, path):
+    """``forced`` saved to ``path`` (format 4) and loaded back, and its samples of ``cal``, which the loaded solver
+    reproduces bit for bit."""
+    path = forced.save(path)
+    assert json.loads(path.read_text())["format"] == "flowdiff.LearnedSolver/4"
+    back = LearnedSolver.load(path, flow)
+    a = flowdiff.generate(flow, cal, solver=forced.as_solver(), grid=forced.sigmas).x
+    assert torch.equal(a, flowdiff.generate(flow, cal, solver=back.as_solver(), grid=back.sigmas).x)
+    return back, a
+
+
 
 def test_scales_save_load_bit_for_bit_and_format_2_files_still_load(tmp_path):
     flow = mixture()
@@ -675,12 +686,8 @@ def test_scales_save_load_bit_for_bit_and_format_2_files_still_load(tmp_path):
     learned = learn_solver(flow, cal, solver="ipndm", nfe=5, iterations=2, learn=("shifts", "scales"))
     forced = LearnedSolver(**{**learned.__dict__, "kept": True})
     assert any(forced.scales) and any(forced.shifts)
-    path = forced.save(tmp_path / "scaled.learned.json")
-    assert json.loads(path.read_text())["format"] == "flowdiff.LearnedSolver/4"
-    back = LearnedSolver.load(path, flow)
+    back, a = _saved_and_loaded(forced, flow, cal, tmp_path / "scaled.learned.json")
     assert back.scales == forced.scales and back.shifts == forced.shifts and back.learn == forced.learn
-    a = flowdiff.generate(flow, cal, solver=forced.as_solver(), grid=forced.sigmas).x
-    assert torch.equal(a, flowdiff.generate(flow, cal, solver=back.as_solver(), grid=back.sigmas).x)
     shifted_only = LearnedSolver(**{**forced.__dict__, "scales": (), "learn": ("shifts",)})
     assert not torch.equal(a, flowdiff.generate(flow, cal, solver=shifted_only.as_solver(), grid=forced.sigmas).x)
     # a format-2 file (written before scales) loads as it was; one that holds scales is refused
@@ -808,12 +815,8 @@ def test_directions_save_load_bit_for_bit_and_format_3_files_still_load(tmp_path
     learned = learn_solver(flow, cal, solver="ipndm", nfe=5, iterations=2, learn=("scales", "directions"))
     forced = LearnedSolver(**{**learned.__dict__, "kept": True,
                               "directions": tuple(0.1 * (i + 1) for i in range(len(learned.directions)))})
-    path = forced.save(tmp_path / "directed.learned.json")
-    assert json.loads(path.read_text())["format"] == "flowdiff.LearnedSolver/4"
-    back = LearnedSolver.load(path, flow)
+    back, a = _saved_and_loaded(forced, flow, cal, tmp_path / "directed.learned.json")
     assert back.directions == forced.directions and back.scales == forced.scales and back.learn == forced.learn
-    a = flowdiff.generate(flow, cal, solver=forced.as_solver(), grid=forced.sigmas).x
-    assert torch.equal(a, flowdiff.generate(flow, cal, solver=back.as_solver(), grid=back.sigmas).x)
     scales_only = LearnedSolver(**{**forced.__dict__, "directions": (), "learn": ("scales",)})
     assert not torch.equal(a, flowdiff.generate(flow, cal, solver=scales_only.as_solver(), grid=forced.sigmas).x)
     # a format-3 file (written before directions) loads as it was; one that holds directions is refused
