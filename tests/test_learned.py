@@ -668,6 +668,7 @@ def test_scales_on_top_of_shifts_grid_and_start_are_fitted_last_and_rejected_on_
     assert not judged.kept and set(judged.scales) == {0.0} and set(judged.shifts) == {0.0}
     assert judged.as_solver().name == "unipc" and np.array_equal(judged.sigmas, both.base_grid())
 
+
 def _saved_and_loaded(forced, flow, cal, path):
     """``forced`` saved to ``path`` (format 4) and loaded back, and its samples of ``cal``, which the loaded solver
     reproduces bit for bit."""
