@@ -17,6 +17,30 @@ Each variant is patched in at run time (nothing in the library changes; the patc
   denoised value), not the method's.
 * ``first_cap=C`` — the starting step estimate capped at C·ρ₀ (C = 1: the first step at most halves σ).
 
+A global error view (issue 26 item 3, engineer X): each step's estimate weighed by how its error reaches the image,
+predicted by a linear transport of the local error from the step's end σ₁ to σ = 0 along the trajectory:
+
+* ``transport=F`` — on the tail's steps (σ ≤ 1) each sample's estimate is weighed by the share times A = √(1+σ₁²)·a(q),
+  clipped to [F, 1/share]: q is the sample's gain (as in ``gain=``), taken as its ∂D/∂x̄; a perturbation δx̄ obeys
+  dδx̄/dσ = (I − J)·δx̄/σ, which for a locally Gaussian sample (J = s²/(s²+σ²) with s fixed, so s² = qσ²/(1 − q))
+  carries δx̄ at σ₁ to s/√(s²+σ₁²)·δx̄ = √q·δx̄ at σ = 0, and an error in x = x̄/√(1+σ²) to √(1+σ₁²)·√q times
+  itself; where q ≥ 1 the flow expands (no Gaussian fits) and a(q) = q, at least what the constant-J transport gives
+  over one e-fold of σ.
+* ``amp_first=K`` — the first step's estimate weighed by K: its error is carried to the image by a factor that
+  no quantity at σ_max shows (the seed-3 sample's was 3.6–9×, the well-behaved sample's 0.08×; the basin it
+  falls into is decided near σ ≈ 2–3), so the global view's worst case over the batch is applied to it.
+* ``global=G`` — the transport run along the solve for each sample: E ← T·E + w·e over accepted steps (e the
+  sample's estimate, w the step's weight, T the transport of an x-error over the step, (σ₁/σ₀)^(1−q)·√(1+σ₀²)/
+  √(1+σ₁²), exact for constant J along the step), beside the plain sum S ← S + w·e; every later step's estimate of
+  that sample is weighed by max(1, E/S)^G, the amplification of its own past errors so far (tightening only).
+* ``first_shrink=K`` — the starting step estimate divided by K (a shorter first step without the rejections a
+  weight K costs).
+* ``probe_node`` — the starting step estimate's probe evaluation, D at ρ₀ + h₀ on the Euler line (ρ₀ = 1/σ_max,
+  h₀ = 0.01·d₀/d₁ in Hairer–Nørsett–Wanner's estimate), kept as a second node of the first step's history: where
+  ∂D/∂x̄ ≪ 1 (σ ≫ the data's scale) D there is D on the trajectory, so the first step — whose error the measured
+  trajectory carries unchanged to σ ≈ 1 (``adaptive_lone_sample_global.py``) — is of second order at no cost.
+* ``a+b`` — two variants at once (e.g. ``amp_first=4+transport=0.5``).
+
 Usage: cd benchmarks; PYTHONPATH=.. python adaptive_lone_sample_variants.py [--models mixture,digits] [--seeds 1,2,3]
        [--variants base,share_from=0.5,...]
 """
@@ -25,11 +49,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import platform
 import time
 
 import torch
-from _kdiffusion import mixture_flow, reference, rmse, trained_flow
+from _kdiffusion import mixture_flow, noise_shape, patch_flow, reference, rmse, trained_flow
 from bench_adaptive import QUICK_TOLS, TARGETS
 
 import flowdiff
@@ -41,13 +66,23 @@ DEFAULT_VARIANTS = ("base,share_from=0.7,share_from=0.5,share_from=0.35,no_share
                     "first_step=0.01,first_step=0.02,first_order1,first_cap=1,first_cap=3")
 
 
-def _gain_patch(floor: float):
-    """``image_norm`` and ``corrector_share`` replaced by a pair that weighs each sample by its measured gain."""
-    share, memory = adaptive.corrector_share, {}
+def _gain(states: dict, rho0: float, rho1: float, y0, y1):
+    """Each sample's gain q (``gain=``'s) for the step ρ₀ → ρ₁ from the accepted state before ρ₀, or None."""
+    before = [r for r in states if r < rho0]
+    if not before:
+        return None
+    rp = max(before)
+    yp, n = states[rp], y0.shape[0]
+    slope_now, slope_before = (y1 - y0) / (rho1 - rho0), (y0 - yp) / (rho0 - rp)
+    moved = (y1 / rho1 - yp / rp) / 2
+    return ((slope_now - slope_before).reshape(n, -1).norm(dim=1)
+            / moved.reshape(n, -1).norm(dim=1).clamp_min(1e-300))
+
+
+def _per_sample_norm(memory: dict):
+    """``image_norm`` that also records each sample's value (and the step's states) in ``memory["last"]``."""
 
     def image_norm(rtol, atol, to_x):
-        memory.clear()
-
         def norm(error, y0, y1, t1):
             a = to_x(t1)
             ratio = (error * a).abs() / (y1.abs() * (rtol * a) + atol)
@@ -56,31 +91,70 @@ def _gain_patch(floor: float):
             return per.max()
         return norm
 
+    return image_norm
+
+
+def _gain_patch(floor: float):
+    """``image_norm`` and ``corrector_share`` replaced by a pair that weighs each sample by its measured gain."""
+    share, memory = adaptive.corrector_share, {}
+
     def corrector_share(rho_from):
-        inner = share(rho_from)
+        inner, states = share(rho_from), {}
 
         def weight(rho0, rho1):
             per, y0, y1 = memory["last"]
-            states = memory.setdefault("states", {})
             states[rho0] = y0  # a step starts from an accepted state
             if rho0 < rho_from:
                 return 1.0
             w = inner(rho0, rho1)
-            before = [r for r in states if r < rho0]
-            if not before:
+            q = _gain(states, rho0, rho1, y0, y1)
+            if q is None:
                 return w
-            rp = max(before)
-            yp = states[rp]
-            n = y0.shape[0]
-            slope_now, slope_before = (y1 - y0) / (rho1 - rho0), (y0 - yp) / (rho0 - rp)
-            moved = (y1 / rho1 - yp / rp) / 2
-            q = ((slope_now - slope_before).reshape(n, -1).norm(dim=1)
-                 / moved.reshape(n, -1).norm(dim=1).clamp_min(1e-300))
             g = q.clamp(min=floor, max=1.0 / w)
             return float((per * g).max() * w / per.max().clamp_min(1e-300))
         return weight
 
-    return image_norm, corrector_share
+    return _per_sample_norm(memory), corrector_share
+
+
+def _global_patch(kind: str, value: float):
+    """``corrector_share`` (and ``image_norm``) for the global-error variants ``transport``, ``amp_first``, ``global``
+    (the module docstring); each wraps the ``corrector_share`` in force, so that variants compose."""
+    share, memory = adaptive.corrector_share, {}
+
+    def corrector_share(rho_from):
+        inner, states, start, acc, pending = share(rho_from), {}, [], {}, {}
+
+        def weight(rho0, rho1):
+            w = inner(rho0, rho1)
+            if kind == "amp_first":
+                start.append(rho0) if not start else None
+                return w * value if rho0 == start[0] else w
+            per, y0, y1 = memory["last"]
+            states[rho0] = y0
+            q = _gain(states, rho0, rho1, y0, y1)
+            top = per.max().clamp_min(1e-300)
+            if kind == "transport":
+                if rho0 < rho_from or q is None:
+                    return w
+                a = torch.where(q < 1, q.sqrt(), q) * math.sqrt(1.0 + 1.0 / rho1**2)
+                return float((per * a.clamp(min=value, max=1.0 / w)).max() * w / top)
+            # global: the transported sum of the sample's weighted estimates against their plain sum
+            if rho0 in pending:  # the step that ended at ρ₀ was accepted
+                acc["E"], acc["S"] = pending[rho0]
+            pending.clear()
+            factor = torch.ones_like(per)
+            if "E" in acc and q is not None:
+                carry = (rho0 / rho1) ** (1.0 - q) * math.sqrt((1.0 + rho0**-2) / (1.0 + rho1**-2))
+                moved = acc["E"] * carry
+                factor = (moved / acc["S"].clamp_min(1e-300)).clamp(min=1.0) ** value
+            else:
+                moved = acc.get("E", torch.zeros_like(per))
+            pending[rho1] = (moved + per * w, acc.get("S", torch.zeros_like(per)) + per * w)
+            return float((per * factor).max() * w / top)
+        return weight
+
+    return _per_sample_norm(memory), corrector_share
 
 
 @contextlib.contextmanager
@@ -110,6 +184,28 @@ def patched(variant: str):
                 self.h = min(self.h, cap * abs(self.t))
                 return state
             integrate._ErrorRun._first = capped
+        elif name == "first_shrink":
+            shrink = float(value)
+            integrate._initial_step = lambda *a: initial(*a) / shrink
+        elif name == "probe_node":
+            stash = {}
+
+            def probing(f, t0, y0, k0, d, order, norm, span):
+                def keep(t, y):
+                    stash["probe"] = (t, f(t, y))
+                    return stash["probe"][1]
+                return initial(keep, t0, y0, k0, d, order, norm, span)
+
+            def first_with_probe(self, y, state):
+                stash.clear()
+                state = first(self, y, state)
+                if "probe" in stash and isinstance(state, solvers.Derivative):
+                    from solvers._multistep import History
+                    state = History.of(state.t, state.k, (stash["probe"],))
+                return state
+            integrate._initial_step, integrate._ErrorRun._first = probing, first_with_probe
+        elif name in ("transport", "amp_first", "global"):
+            adaptive.image_norm, adaptive.corrector_share = _global_patch(name, float(value))
         elif name != "base":
             raise ValueError(f"unknown variant {variant!r}")
         yield options
@@ -120,7 +216,10 @@ def patched(variant: str):
 def sweep(flow, noise, ref, variant):
     """(fewest NFE per target or None, the precision–work points) over ``QUICK_TOLS``, loose to tight."""
     best, points = dict.fromkeys(TARGETS), []
-    with patched(variant) as options:
+    with contextlib.ExitStack() as stack:
+        options = {}
+        for part in variant.split("+"):
+            options.update(stack.enter_context(patched(part)))
         for tol in QUICK_TOLS:
             with torch.no_grad():
                 r = flowdiff.generate(flow, noise, solver=solvers.get("unipc", order=3),
@@ -150,9 +249,10 @@ def main() -> None:
              "--quick tolerances.", "", "| model | seed | variant | 1e-3 | 1e-4 | tol: NFE, RMSE |",
              "|---|---:|---|---:|---:|---|"]
     for key in args.models.split(","):
-        flow = mixture_flow() if key == "mixture" else trained_flow()
+        flow = {"mixture": mixture_flow, "patches": patch_flow, "digits": trained_flow}[key]()
         for seed in (int(s) for s in args.seeds.split(",")):
-            noise = torch.randn(16, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+            gen = torch.Generator().manual_seed(seed)
+            noise = torch.randn(16, *noise_shape(key), dtype=torch.float64, generator=gen)
             ref, _, _ = reference(flow, noise, cache_key=key)
             for variant in args.variants.split(","):
                 best, points = sweep(flow, noise, ref, variant)
