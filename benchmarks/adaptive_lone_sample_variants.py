@@ -42,7 +42,7 @@ predicted by a linear transport of the local error from the step's end σ₁ to 
 * ``a+b`` — two variants at once (e.g. ``amp_first=4+transport=0.5``).
 
 Usage: cd benchmarks; PYTHONPATH=.. python adaptive_lone_sample_variants.py [--models mixture,digits] [--seeds 1,2,3]
-       [--variants base,share_from=0.5,...]
+       [--variants base,share_from=0.5,...] [--tols 3e-4,2.85e-4,...]
 """
 
 from __future__ import annotations
@@ -213,14 +213,14 @@ def patched(variant: str):
         (adaptive.corrector_share, adaptive.image_norm, integrate._initial_step, integrate._ErrorRun._first) = saved
 
 
-def sweep(flow, noise, ref, variant):
-    """(fewest NFE per target or None, the precision–work points) over ``QUICK_TOLS``, loose to tight."""
+def sweep(flow, noise, ref, variant, tols=QUICK_TOLS):
+    """(fewest NFE per target or None, the precision–work points) over ``tols`` (``QUICK_TOLS``), loose to tight."""
     best, points = dict.fromkeys(TARGETS), []
     with contextlib.ExitStack() as stack:
         options = {}
         for part in variant.split("+"):
             options.update(stack.enter_context(patched(part)))
-        for tol in QUICK_TOLS:
+        for tol in tols:
             with torch.no_grad():
                 r = flowdiff.generate(flow, noise, solver=solvers.get("unipc", order=3),
                                       adaptive=flowdiff.Adaptive(rtol=tol, atol=tol, **options))
@@ -239,15 +239,18 @@ def main() -> None:
     parser.add_argument("--models", default="mixture")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS)
+    parser.add_argument("--tols", default=None, help="comma-separated tolerances (default: bench_adaptive's --quick)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    tols = QUICK_TOLS if args.tols is None else sorted((float(t) for t in args.tols.split(",")), reverse=True)
     torch.set_num_threads(1)
     started = time.perf_counter()
+    given = "" if args.tols is None else f" --tols {args.tols}"
+    swept = "bench_adaptive's --quick tolerances" if args.tols is None else "the tolerances given"
     lines = [f"`cd benchmarks; PYTHONPATH=.. python adaptive_lone_sample_variants.py --models {args.models} --seeds "
-             f"{args.seeds} --variants {args.variants}` — {platform.machine()}, torch {torch.__version__}, 1 thread, "
-             "float64; fewest NFE of adaptive unipc(order=3) to batch RMSE ≤ 1e-3 / ≤ 1e-4 over bench_adaptive's "
-             "--quick tolerances.", "", "| model | seed | variant | 1e-3 | 1e-4 | tol: NFE, RMSE |",
-             "|---|---:|---|---:|---:|---|"]
+             f"{args.seeds} --variants {args.variants}{given}` — {platform.machine()}, torch {torch.__version__}, "
+             f"1 thread, float64; fewest NFE of adaptive unipc(order=3) to batch RMSE ≤ 1e-3 / ≤ 1e-4 over {swept}.",
+             "", "| model | seed | variant | 1e-3 | 1e-4 | tol: NFE, RMSE |", "|---|---:|---|---:|---:|---|"]
     for key in args.models.split(","):
         flow = {"mixture": mixture_flow, "patches": patch_flow, "digits": trained_flow}[key]()
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -255,7 +258,7 @@ def main() -> None:
             noise = torch.randn(16, *noise_shape(key), dtype=torch.float64, generator=gen)
             ref, _, _ = reference(flow, noise, cache_key=key)
             for variant in args.variants.split(","):
-                best, points = sweep(flow, noise, ref, variant)
+                best, points = sweep(flow, noise, ref, variant, tols)
                 cells = " | ".join("not reached" if best[t] is None else str(best[t]) for t in TARGETS)
                 lines.append(f"| {key} | {seed} | {variant} | {cells} | {'; '.join(points)} |")
                 print(lines[-1], flush=True)
