@@ -129,7 +129,8 @@ def _global_patch(kind: str, value: float):
         def weight(rho0, rho1):
             w = inner(rho0, rho1)
             if kind == "amp_first":
-                start.append(rho0) if not start else None
+                if not start:  # the first call of a solve is its first step
+                    start.append(rho0)
                 return w * value if rho0 == start[0] else w
             per, y0, y1 = memory["last"]
             states[rho0] = y0
