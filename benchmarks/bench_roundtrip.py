@@ -206,10 +206,12 @@ def learned_section(label: str, flow, model, calibration, images, steps_list, so
                         for tw, tv, tl in learned.weight_trials)
                         + f"; plain base {learned.base_validation_error:.4f}, latent {learned.base_latent_error:.3f}"
                         + f", picked latent error {learned.latent_error:.3f}")
+        first = len(lines)
         for mse, what, lat, nfe, cost, *_ in sorted(rows):
             lines.append(f"| {s} | flowdiff {what} | {mse:.2e} | {lat:.3f} | {nfe} | {mse / peer[0]:.2f}× | {cost} |")
         for mse, what in sorted(peers)[:3]:
             lines.append(f"| {s} | {what} | {mse:.2e} | — | {s}+{s} | {mse / peer[0]:.2f}× | |")
+        print("\n".join(lines[first:]), flush=True)  # each budget's rows as it ends (a long run's log keeps them)
         plain = min(r for r in rows if len(r) == 5)
         learned_rows = [r for r in rows if len(r) > 5 and r[6]]
         figure, pick = min(candidates, key=lambda c: c[0])  # the held-out calibration half only
