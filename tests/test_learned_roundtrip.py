@@ -304,8 +304,12 @@ def test_the_held_out_half_chooses_the_latent_weight_and_can_choose_either_end(c
     assert [t[0] for t in trials] == list(candidates) and chosen.latent_weight == candidates[end]
     assert chosen.kept and chosen.options["latent_weight"] == list(candidates)
     # each trial is its weight's own fit judged on the held-out half, and the result is the chosen weight's fit
+    flow, held = _mixture().flow(), _images(16, 1)[1::2]
     for trial, single in zip(trials, alone):
         assert single.weight_trials == (trial,) and single.latent_weight == trial[0]
+        if single.kept:  # measured here: the round trip of the odd-indexed calibration images
+            back = flowdiff.decode(flow, single.encode(flow, held).latent).x
+            assert trial[1] == pytest.approx(_rms(back, held), rel=1e-12)
     same = alone[end]
     assert np.array_equal(chosen.sigmas, same.sigmas) and chosen.shifts == same.shifts
     assert chosen.decode_shifts == same.decode_shifts and chosen.validation_error == same.validation_error
