@@ -351,19 +351,14 @@ def learn_encoder(
             raise ValueError(f"sigmas= has {len(sigmas) - 1} steps, more than nfe={nfe} buys each way with solver "
                              f"{solver!r} ({affordable} steps): give a grid of at most {affordable} steps or a "
                              "larger nfe")
-    check_data_range(images, "images")  # once here; the many encodes below see parts of the same images
-    with data_range_checked():
-        return _fit(flow, images, base, solver, options, nfe, sigmas, fit_grid, fit_decode, weights, float(bound),
-                    iterations, model_kwargs, reference_tol)
-
-
-def _fit(flow, images, base, solver, options, nfe, sigmas, fit_grid, fit_decode, weights, bound, iterations,
-         model_kwargs, reference_tol) -> LearnedEncoder:
-    """:func:`learn_encoder` after its checks."""
+    check_data_range(images, "images")  # once here; the many encodes below (data_range_checked) see parts of them
+    bound = float(bound)
     start = time.perf_counter()
     spent = {"nfe": 0, "solves": 0}
     if sigmas is None:
-        tuned = tune_roundtrip(flow, images, solver=solver, nfe=nfe, solver_options=options, model_kwargs=model_kwargs)
+        with data_range_checked():
+            tuned = tune_roundtrip(flow, images, solver=solver, nfe=nfe, solver_options=options,
+                                   model_kwargs=model_kwargs)
         sigmas = np.asarray(tuned.sigmas, dtype=np.float64)
         initial_name = f"round-trip grid (from {tuned.initial_grid})"
         spent["nfe"] += tuned.tuning_nfe
@@ -375,7 +370,7 @@ def _fit(flow, images, base, solver, options, nfe, sigmas, fit_grid, fit_decode,
         starts = [(initial_name, sigmas)]
     n = len(sigmas) - 1
     fit, held = images[0::2], images[1::2]
-    with torch.no_grad():
+    with torch.no_grad(), data_range_checked():
         ref = encode(flow, images.to(torch.float64), solver="dopri5", model_kwargs=model_kwargs,
                      adaptive=Adaptive(rtol=reference_tol, atol=reference_tol, sigma_start=float(sigmas[0])))
     spent["nfe"] += ref.stats.nfe
@@ -383,7 +378,7 @@ def _fit(flow, images, base, solver, options, nfe, sigmas, fit_grid, fit_decode,
 
     def roundtrip(sig: np.ndarray, shifts: tuple[tuple[float, ...], tuple[float, ...]],
                   part: Tensor) -> tuple[Tensor, Tensor]:
-        with torch.no_grad():
+        with torch.no_grad(), data_range_checked():
             enc = encode(flow, part, solver=_shifted(base, _encode_times(base, sig), shifts[0]), grid=sig,
                          model_kwargs=model_kwargs)
             dec = decode(flow, _with_decode_shifts(enc, shifts[1]).latent, model_kwargs=model_kwargs)
