@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import numpy as np
 import pytest
@@ -195,7 +196,7 @@ def test_bad_arguments_are_named():
         (dict(nfe=4, solver="ipndm"), ValueError, "solver 'ipndm' cannot encode"),
         (dict(nfe=4, solver="reversible_heun"), ValueError, "reversible"),
         (dict(nfe=4, solver=solvers.get("euler")), TypeError, "solver must be a registered solver name"),
-        (dict(nfe=4, latent_weight=0.0), ValueError, "latent_weight must be a positive finite number, got 0.0"),
+        (dict(nfe=4, latent_weight=0.0), ValueError, "latent_weight must be a positive finite number or a tuple"),
         (dict(nfe=4, bound=-1), ValueError, "bound must be a positive finite number, got -1"),
         (dict(nfe=4, iterations=-1), ValueError, "iterations must be an int in 0..1000, got -1"),
         (dict(nfe=4, fit_grid="yes"), TypeError, "fit_grid must be True or False, got 'yes'"),
@@ -287,3 +288,81 @@ def test_a_grid_over_the_budget_is_refused_before_any_evaluation():
     # the grid at the budget is accepted: its solves cost what nfe says
     fitted = flowdiff.learn_encoder(counted, _images(8, 1), solver="heun", nfe=14, sigmas=sigmas, iterations=0)
     assert fitted.fitting_nfe == len(seen) and fitted.solves > 0
+
+
+def _weighted(latent_weight) -> flowdiff.LearnedEncoder:
+    flow = _mixture().flow()
+    return flowdiff.learn_encoder(flow, _images(16, 1), nfe=6, sigmas=flowdiff.make_sigmas(flow.schedule, "logsnr", 6),
+                                  iterations=15, latent_weight=latent_weight)
+
+
+@pytest.mark.parametrize("candidates, end", [((1e-3, 1.0), 1), ((1.0, 100.0), 0)])
+def test_the_held_out_half_chooses_the_latent_weight_and_can_choose_either_end(candidates, end):
+    chosen = _weighted(candidates)
+    alone = [_weighted(w) for w in candidates]
+    trials = chosen.weight_trials
+    assert [t[0] for t in trials] == list(candidates) and chosen.latent_weight == candidates[end]
+    assert chosen.kept and chosen.options["latent_weight"] == list(candidates)
+    # each trial is its weight's own fit judged on the held-out half, and the result is the chosen weight's fit
+    flow, held = _mixture().flow(), _images(16, 1)[1::2]
+    for trial, single in zip(trials, alone):
+        assert single.weight_trials == (trial,) and single.latent_weight == trial[0]
+        if single.kept:  # measured here: the round trip of the odd-indexed calibration images
+            back = flowdiff.decode(flow, single.encode(flow, held).latent).x
+            assert trial[1] == pytest.approx(_rms(back, held), rel=1e-12)
+    same = alone[end]
+    assert np.array_equal(chosen.sigmas, same.sigmas) and chosen.shifts == same.shifts
+    assert chosen.decode_shifts == same.decode_shifts and chosen.validation_error == same.validation_error
+    assert chosen.fitting_nfe == chosen.reference_nfe + 12 * chosen.solves
+    other = trials[1 - end]
+    if end == 1:  # the small weight's round trip is the lower, but its latent is farther than the plain encode's
+        assert other[1] < trials[end][1] and other[2] > chosen.base_latent_error >= trials[end][2]
+    else:  # both keep the latent no farther than the plain encode's; the lower held-out round trip wins
+        assert trials[end][1] < other[1] and max(other[2], trials[end][2]) <= chosen.base_latent_error
+
+
+def test_a_chosen_weight_saves_and_loads_with_its_trials(tmp_path):
+    flow, learned = _mixture().flow(), _weighted((1.0, 100.0))
+    back = flowdiff.LearnedEncoder.load(learned.save(tmp_path / "enc.json"), flow)
+    assert back.weight_trials == learned.weight_trials and back.latent_weight == learned.latent_weight
+    assert dataclasses.replace(back, source="") == dataclasses.replace(learned, sigmas=back.sigmas)
+    bad = tmp_path / "bad.json"
+    bad.write_text((tmp_path / "enc.json").read_text().replace('"weight_trials": [\n  [', '"weight_trials": [\n  ['
+                                                                '"0x1p+0", '))
+    with pytest.raises(ValueError, match="bad.json: malformed learned encoder .*a weight trial holds 3 numbers"):
+        flowdiff.LearnedEncoder.load(bad, flow)
+
+
+def test_bad_latent_weights_are_named():
+    flow, x = _mixture().flow(), _images(4, 1)
+    cases = [
+        (0.0, ValueError, r"latent_weight must be a positive finite number or a tuple of them, got 0.0"),
+        ((0.3, -1.0), ValueError, r"latent_weight must be a positive finite number or a tuple of them, got "
+                                  r"\(0.3, -1.0\)"),
+        ((0.3, True), ValueError, r"got \(0.3, True\)"),
+        ((0.3, float("inf")), ValueError, r"got \(0.3, inf\)"),
+        ((0.3,), ValueError, r"latent_weight as a tuple holds at least 2 distinct candidate weights \(one weight is a "
+                             r"number\), got \(0.3,\)"),
+        ((0.3, 0.3), ValueError, r"at least 2 distinct candidate weights .*got \(0.3, 0.3\)"),
+        ([0.3, 1.0], TypeError, r"latent_weight takes candidate weights as a tuple, got a list \[0.3, 1.0\]"),
+        ("1.0", ValueError, r"latent_weight must be a positive finite number or a tuple of them, got '1.0'"),
+    ]
+    for weight, err, msg in cases:
+        with pytest.raises(err, match=msg):
+            flowdiff.learn_encoder(flow, x, nfe=4, latent_weight=weight)
+
+
+def test_images_out_of_range_are_warned_about_once_per_call():
+    flow = _mixture().flow()
+    far = _images(8, 1) * 4  # beyond [-1, 1] by more than one width
+    sigmas = flowdiff.make_sigmas(flow.schedule, "logsnr", 4)
+    calls = [lambda: flowdiff.tune_roundtrip(flow, far, solver="euler", nfe=4, max_evals=4),
+             lambda: flowdiff.learn_encoder(flow, far, nfe=4, iterations=1),
+             lambda: flowdiff.learn_encoder(flow, far, nfe=4, sigmas=sigmas, iterations=2, latent_weight=(0.3, 1.0))]
+    for call in calls:
+        with pytest.warns(UserWarning, match="images span .* far outside the model's data range") as caught:
+            call()
+        assert len(caught) == 1 and caught[0].filename == __file__, [str(w.message) for w in caught]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # images in range: no warning
+        flowdiff.learn_encoder(flow, _images(8, 1), nfe=4, sigmas=sigmas, iterations=1)

@@ -5,9 +5,10 @@ Each names the argument, the value and what is accepted (see ../shared/STYLE.md,
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,9 @@ from torch import Tensor
 #: for a [−1, 1] model given in [0, 255] are caught, while
 #: the overshoot of resampling or of a decoded image is not.
 RANGE_SLACK = 1.0
+
+#: The words of :func:`check_data_range`'s warning that :func:`data_range_checked` matches.
+_FAR_OUTSIDE = "far outside the model's data range"
 
 
 def check_has_values(x: Tensor, name: str) -> None:
@@ -77,8 +81,17 @@ def check_data_range(x: Tensor, name: str = "images", data_range: tuple[float, f
     if not (math.isfinite(xmin) and math.isfinite(xmax)):
         return  # non-finite values are reported by the state checks
     if xmin < lo - RANGE_SLACK * width or xmax > hi + RANGE_SLACK * width:
-        warnings.warn(f"{name} span [{xmin:.4g}, {xmax:.4g}], far outside the model's data range [{lo:g}, {hi:g}]; "
+        warnings.warn(f"{name} span [{xmin:.4g}, {xmax:.4g}], {_FAR_OUTSIDE} [{lo:g}, {hi:g}]; "
                       f"rescale them (8-bit pixels v: v / 127.5 - 1)", UserWarning, stacklevel=3)
+
+
+@contextlib.contextmanager
+def data_range_checked() -> Iterator[None]:
+    """Silence :func:`check_data_range`'s warning inside the block, for a function that checked its whole input
+    once itself and then encodes parts of it many times (a grid or encoder fit): one call, one warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=f".*{_FAR_OUTSIDE}", category=UserWarning)
+        yield
 
 
 def refuse_removed(function: str, removed: Mapping[str, Any], replacements: Mapping[str, str]) -> None:

@@ -87,6 +87,7 @@ from torch import Tensor
 import solvers as _solvers
 
 from ..api.sampling import decode, encode, generate
+from ..engine._checks import check_data_range, data_range_checked
 from ..engine.fingerprint import flow_fingerprint
 from ..engine.flow import ProbabilityFlow
 from ..engine.formulations import (
@@ -841,13 +842,14 @@ def tune_roundtrip(
     if isinstance(nfe, bool) or not isinstance(nfe, int):
         raise TypeError(f"nfe must be an int, got {type(nfe).__name__}")
     steps = _solvers.steps_for_nfe(solver_obj, nfe, eval_end=encode_evaluates_end(solver_obj))
+    check_data_range(images, "images")  # once here, not once per candidate round trip
     start = time.perf_counter()
     fit, held = images[0::2], images[1::2]
     spent = {"nfe": 0, "evals": 0}
 
     def error(sigmas: np.ndarray, part: Tensor) -> float:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), data_range_checked():
                 enc = encode(flow, part, solver=solver_obj, grid=sigmas, model_kwargs=model_kwargs)
                 dec = decode(flow, enc.latent, model_kwargs=model_kwargs)
         except _solvers.SolveError:
