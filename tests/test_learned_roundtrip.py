@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import warnings
 
 import numpy as np
@@ -366,3 +367,67 @@ def test_images_out_of_range_are_warned_about_once_per_call():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # images in range: no warning
         flowdiff.learn_encoder(flow, _images(8, 1), nfe=4, sigmas=sigmas, iterations=1)
+
+
+class _Pausing:
+    """The mixture's field, pausing its first evaluation in the thread ``owner`` until ``go`` is set (``inside``
+    says it got there): a fit held in the middle of its silenced encodes."""
+
+    def __init__(self) -> None:
+        self.centers = _mixture().centers
+        self.field = _mixture().flow().field(None, None)
+        self.owner: threading.Thread | None = None
+        self.inside, self.go = threading.Event(), threading.Event()
+
+    def eps(self, xbar: torch.Tensor, sigma: float) -> torch.Tensor:
+        if threading.current_thread() is self.owner and not self.inside.is_set():
+            self.inside.set()
+            self.go.wait(60)
+        return self.field(sigma, xbar)
+
+
+def test_the_range_silencer_leaves_other_threads_warnings_and_filters_alone():
+    """While one thread's fit encodes the parts of its (checked) images, another thread's encode of far images
+    still warns, and a filter that thread adds meanwhile survives the fit's end (a process-wide warnings filter
+    did neither)."""
+    flow = _mixture().flow()
+    pausing = _Pausing()
+    paused = flowdiff.ProbabilityFlow.from_sigma_field(pausing.eps, flow.schedule)
+    sigmas = flowdiff.make_sigmas(flow.schedule, "logsnr", 2)
+    failed = []
+
+    def fit() -> None:
+        try:
+            flowdiff.learn_encoder(paused, _images(4, 1), nfe=2, sigmas=sigmas, iterations=0)
+        except Exception as err:  # noqa: BLE001  (reported by the main thread)
+            failed.append(err)
+
+    pausing.owner = threading.Thread(target=fit)
+    pausing.owner.start()
+    try:
+        assert pausing.inside.wait(60), "the fit never reached its first evaluation"
+        with warnings.catch_warnings(record=True) as caught:  # the filters as they are now, unchanged
+            flowdiff.encode(flow, _images(4, 3) * 4, solver="euler", grid=sigmas)
+        warnings.filterwarnings("ignore", message="a filter added while another thread fits")
+    finally:
+        pausing.go.set()
+        pausing.owner.join(60)
+    assert not failed and not pausing.owner.is_alive()
+    assert [str(w.message) for w in caught if "far outside the model's data range" in str(w.message)], caught
+    added = "a filter added while another thread fits"
+    assert any(f[1] is not None and f[1].pattern == added for f in warnings.filters)
+
+
+def test_the_range_silencer_nests_and_ends_with_its_block():
+    from flowdiff.engine._checks import check_data_range, data_range_checked
+
+    far = _images(4, 3) * 4
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with data_range_checked():
+            with data_range_checked():
+                check_data_range(far)
+            check_data_range(far)  # still inside the outer block
+            warnings.warn("a user's own warning inside the block", UserWarning, stacklevel=1)
+        check_data_range(far)  # after it
+    assert [str(w.message)[:11] for w in caught] == ["a user's ow", "images span"]

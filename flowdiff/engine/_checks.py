@@ -6,6 +6,7 @@ Each names the argument, the value and what is accepted (see ../shared/STYLE.md,
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import warnings
 from collections.abc import Iterator, Mapping
@@ -20,8 +21,10 @@ from torch import Tensor
 #: the overshoot of resampling or of a decoded image is not.
 RANGE_SLACK = 1.0
 
-#: The words of :func:`check_data_range`'s warning that :func:`data_range_checked` matches.
-_FAR_OUTSIDE = "far outside the model's data range"
+#: Set inside :func:`data_range_checked`: this context's caller has checked the images these are parts of. A
+#: context variable, not a warnings filter: a filter is process-wide, so it would also swallow another thread's
+#: warning for its own images, and restoring the filter list on exit would drop filters other threads added.
+_RANGE_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("flowdiff_range_checked", default=False)
 
 
 def check_has_values(x: Tensor, name: str) -> None:
@@ -74,24 +77,28 @@ def check_data_range(x: Tensor, name: str = "images", data_range: tuple[float, f
     N(0, I) and decode to something else, so they should not pass unnoticed. One host sync.
     """
     lo, hi = (float(v) for v in data_range)
-    if x.numel() == 0:
+    if x.numel() == 0 or _RANGE_CHECKED.get():
         return
     xmin, xmax = (float(v) for v in torch.aminmax(x.detach().reshape(-1).to(torch.float64)))
     width = hi - lo
     if not (math.isfinite(xmin) and math.isfinite(xmax)):
         return  # non-finite values are reported by the state checks
     if xmin < lo - RANGE_SLACK * width or xmax > hi + RANGE_SLACK * width:
-        warnings.warn(f"{name} span [{xmin:.4g}, {xmax:.4g}], {_FAR_OUTSIDE} [{lo:g}, {hi:g}]; "
+        warnings.warn(f"{name} span [{xmin:.4g}, {xmax:.4g}], far outside the model's data range [{lo:g}, {hi:g}]; "
                       f"rescale them (8-bit pixels v: v / 127.5 - 1)", UserWarning, stacklevel=3)
 
 
 @contextlib.contextmanager
 def data_range_checked() -> Iterator[None]:
-    """Silence :func:`check_data_range`'s warning inside the block, for a function that checked its whole input
-    once itself and then encodes parts of it many times (a grid or encoder fit): one call, one warning."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=f".*{_FAR_OUTSIDE}", category=UserWarning)
+    """Skip :func:`check_data_range` inside the block, for a function that checked its whole input once itself
+    and then encodes parts of it many times (a grid or encoder fit): one call, one warning. Only this thread's
+    (this context's) checks are skipped, and no other warning is touched: a part lies within the range of the
+    whole already checked, so no warning it could raise is lost."""
+    token = _RANGE_CHECKED.set(True)
+    try:
         yield
+    finally:
+        _RANGE_CHECKED.reset(token)
 
 
 def refuse_removed(function: str, removed: Mapping[str, Any], replacements: Mapping[str, str]) -> None:
