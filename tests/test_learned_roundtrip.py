@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import threading
 import warnings
 
@@ -291,6 +292,7 @@ def test_a_grid_over_the_budget_is_refused_before_any_evaluation():
     assert fitted.fitting_nfe == len(seen) and fitted.solves > 0
 
 
+@functools.cache
 def _weighted(latent_weight) -> flowdiff.LearnedEncoder:
     flow = _mixture().flow()
     return flowdiff.learn_encoder(flow, _images(16, 1), nfe=6, sigmas=flowdiff.make_sigmas(flow.schedule, "logsnr", 6),
@@ -431,3 +433,49 @@ def test_the_range_silencer_nests_and_ends_with_its_block():
             warnings.warn("a user's own warning inside the block", UserWarning, stacklevel=1)
         check_data_range(far)  # after it
     assert [str(w.message)[:11] for w in caught] == ["a user's ow", "images span"]
+
+
+def test_a_file_from_before_the_weight_trials_loads_with_its_one_weight(tmp_path):
+    flow, learned = _mixture().flow(), _learned()
+    record = json.loads(learned.save(tmp_path / "enc.json").read_text())
+    del record["latent_weight"], record["weight_trials"]  # what a LearnedEncoder file held before them
+    (tmp_path / "old.json").write_text(json.dumps(record))
+    back = flowdiff.LearnedEncoder.load(tmp_path / "old.json", flow)
+    assert back.latent_weight == learned.latent_weight == record["options"]["latent_weight"]
+    assert back.weight_trials == () and learned.weight_trials[0][0] == back.latent_weight
+    assert dataclasses.replace(back, source="", weight_trials=learned.weight_trials) == dataclasses.replace(
+        learned, sigmas=back.sigmas)
+
+
+def test_a_file_whose_weight_trials_contradict_it_is_refused_naming_the_file(tmp_path):
+    flow, learned = _mixture().flow(), _weighted((1.0, 100.0))
+    record = json.loads(learned.save(tmp_path / "enc.json").read_text())
+    assert learned.kept and learned.latent_weight == 1.0  # the first candidate chosen: its trial is [0]
+
+    def trial(i: int, **values: str):
+        return lambda d: d["weight_trials"].__setitem__(i, [values.get(k, v) for k, v in zip("wvl", d[
+            "weight_trials"][i])])
+
+    cases = [
+        ("string", lambda d: d["weight_trials"].__setitem__(0, "abc"),
+         "a weight trial holds 3 numbers as float hex strings, got 'abc'"),
+        ("numbers", lambda d: d["weight_trials"].__setitem__(0, [1.0, 0.1, 0.1]), "as float hex strings"),
+        ("negative", trial(1, w=(-100.0).hex()), r"a positive finite weight and two errors >= 0, got \(-100.0"),
+        ("nan", trial(1, v="nan"), r"two errors >= 0, got \(100.0, nan"),
+        ("stranger", lambda d: d.__setitem__("latent_weight", 0.5),
+         r"latent_weight 0.5 is not among the weight trials' weights \[1.0, 100.0\]"),
+        ("text", lambda d: d.__setitem__("latent_weight", "1.0"),
+         "latent_weight must be a positive finite number, got '1.0'"),
+        ("options", lambda d: d["options"].__setitem__("latent_weight", [1.0, 10.0]),
+         r"the weight trials' weights \[1.0, 100.0\] are not options\['latent_weight'\] \[1.0, 10.0\]"),
+        ("figures", trial(0, v=(learned.validation_error / 2).hex()),
+         r"the kept fit's held-out errors .* are not its weight trial's"),
+        ("none", lambda d: d.__setitem__("weight_trials", []),
+         r"latent_weight 1.0 without weight trials must be options\['latent_weight'\] \(one weight\), got \[1.0, "),
+    ]
+    for name, change, message in cases:
+        data = json.loads(json.dumps(record))
+        change(data)
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=f"{name}.json: malformed learned encoder .*{message}"):
+            flowdiff.LearnedEncoder.load(tmp_path / f"{name}.json", flow)

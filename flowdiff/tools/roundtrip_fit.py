@@ -168,11 +168,14 @@ class LearnedEncoder:
             data["sigmas"] = np.array([float.fromhex(s) for s in data["sigmas"]], dtype=np.float64)
             data["shifts"] = tuple(float.fromhex(d) for d in data["shifts"])
             data["decode_shifts"] = tuple(float.fromhex(d) for d in data["decode_shifts"])
+            # a file from before the weight trials: its one weight is in its options, its trial unrecorded
+            data.setdefault("latent_weight", data["options"]["latent_weight"])
             data["weight_trials"] = tuple(_trial(t) for t in data.get("weight_trials", ()))
             learned = cls(**data, source=str(path))
             for what in ("shifts", "decode_shifts"):
                 if len(getattr(learned, what)) != len(learned.sigmas) - 1:
                     raise ValueError(f"{len(getattr(learned, what))} {what} for {len(learned.sigmas) - 1} steps")
+            _check_choice(learned)
             learned._encode_solver()
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"{path}: malformed learned encoder ({err})") from None
@@ -180,12 +183,39 @@ class LearnedEncoder:
         return learned
 
 
-def _trial(values: list[str]) -> tuple[float, float, float]:
-    """One stored ``(weight, held-out round trip, held-out latent error)``."""
-    if len(values) != 3:
-        raise ValueError(f"a weight trial holds 3 numbers, got {len(values)}")
+def _trial(values: object) -> tuple[float, float, float]:
+    """One stored ``(weight, held-out round trip, held-out latent error)``: a list of 3 float hex strings, the
+    weight positive and finite, the errors at least 0 (``inf`` for a solve that failed)."""
+    if not isinstance(values, list) or len(values) != 3 or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"a weight trial holds 3 numbers as float hex strings, got {values!r}")
     weight, validation, latent = (float.fromhex(v) for v in values)
+    if not 0 < weight < math.inf or not validation >= 0 or not latent >= 0:
+        raise ValueError(f"a weight trial holds a positive finite weight and two errors >= 0, got "
+                         f"{(weight, validation, latent)!r}")
     return weight, validation, latent
+
+
+def _check_choice(learned: LearnedEncoder) -> None:
+    """A loaded encoder's weight, its trials and its options agree, as :func:`learn_encoder` writes them: the
+    trials' weights are the candidates of ``options["latent_weight"]`` in order, the chosen weight is one of them,
+    and a kept fit's held-out figures are its trial's."""
+    weight, given = learned.latent_weight, learned.options.get("latent_weight")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+        raise ValueError(f"latent_weight must be a positive finite number, got {weight!r}")
+    if not learned.weight_trials:
+        if isinstance(given, list) or weight != given:
+            raise ValueError(f"latent_weight {weight!r} without weight trials must be options['latent_weight'] "
+                             f"(one weight), got {given!r}")
+        return
+    weights = [w for w, _, _ in learned.weight_trials]
+    if weights != (given if isinstance(given, list) else [given]):
+        raise ValueError(f"the weight trials' weights {weights} are not options['latent_weight'] {given!r}")
+    if weight not in weights:
+        raise ValueError(f"latent_weight {weight!r} is not among the weight trials' weights {weights}")
+    _, validation, latent = learned.weight_trials[weights.index(weight)]
+    if learned.kept and (validation, latent) != (learned.validation_error, learned.latent_error):
+        raise ValueError(f"the kept fit's held-out errors ({learned.validation_error!r}, {learned.latent_error!r}) "
+                         f"are not its weight trial's ({validation!r}, {latent!r})")
 
 
 def _check_latent_weight(latent_weight: object) -> tuple[float, ...]:
