@@ -479,3 +479,59 @@ def test_a_file_whose_weight_trials_contradict_it_is_refused_naming_the_file(tmp
         (tmp_path / f"{name}.json").write_text(json.dumps(data))
         with pytest.raises(ValueError, match=f"{name}.json: malformed learned encoder .*{message}"):
             flowdiff.LearnedEncoder.load(tmp_path / f"{name}.json", flow)
+
+
+def _overfitting_images() -> torch.Tensor:
+    """The mixture's own centres in the fitted half and other points in the held-out one: a fit overfits its half
+    (the round trip of the centres themselves), and the held-out half refuses it."""
+    images = torch.empty(16, 16, dtype=torch.float64)
+    images[0::2], images[1::2] = _mixture().centers[:8], _images(8, 2)
+    return images
+
+
+def test_when_every_weight_is_refused_the_plain_encode_returns_with_every_solve_counted():
+    flow, weights = _mixture().flow(), (1.0, 0.1)
+    start = flowdiff.make_sigmas(flow.schedule, "logsnr", 6)
+    counted, seen = _recording(flow)
+    learned = flowdiff.learn_encoder(counted, _overfitting_images(), nfe=6, sigmas=start, iterations=15,
+                                     latent_weight=weights)
+    alone = [flowdiff.learn_encoder(_recording(flow)[0], _overfitting_images(), nfe=6, sigmas=start, iterations=15,
+                                    latent_weight=w) for w in weights]
+    assert not learned.kept and not any(a.kept for a in alone)
+    # what it encodes with, and the held-out figures, are the plain encode's on the starting grid
+    assert np.array_equal(learned.sigmas, start) and not any(learned.shifts) and not any(learned.decode_shifts)
+    assert (learned.validation_error, learned.latent_error) == (learned.base_validation_error,
+                                                                learned.base_latent_error)
+    # each weight's fit is the one it makes alone, judged on the same held-out half
+    assert learned.weight_trials == tuple(a.weight_trials[0] for a in alone)
+    assert all(a.base_validation_error == learned.base_validation_error for a in alone)
+    # the weight reported is the refused fit nearest to being kept, whose fitted-half round trip is reported
+    nearest = min(range(len(weights)), key=lambda i: (learned.weight_trials[i][1], i))
+    assert learned.latent_weight == weights[nearest]
+    assert learned.calibration_error == alone[nearest].calibration_error
+    assert learned.base_calibration_error == alone[0].base_calibration_error
+    # every weight's solves counted: the shared ones (reference, plain base, the returned pair's two) once
+    assert learned.fitting_nfe == len(seen) == learned.reference_nfe + 12 * learned.solves
+    assert learned.solves == sum(a.solves for a in alone) - 3 * (len(weights) - 1)
+
+
+def test_the_choice_is_the_same_bit_for_bit_for_the_same_candidates_in_any_order():
+    chosen = _weighted((1.0, 100.0))
+    again, swapped = _weighted.__wrapped__((1.0, 100.0)), _weighted((100.0, 1.0))
+    for other in (again, swapped):
+        assert other.latent_weight == chosen.latent_weight and other.kept == chosen.kept
+        assert np.array_equal(other.sigmas, chosen.sigmas) and other.shifts == chosen.shifts
+        assert other.decode_shifts == chosen.decode_shifts and other.fitting_nfe == chosen.fitting_nfe
+        figures = ("calibration_error", "validation_error", "latent_error", "base_validation_error")
+        assert [getattr(other, f) for f in figures] == [getattr(chosen, f) for f in figures]
+    assert again.weight_trials == chosen.weight_trials and swapped.weight_trials == chosen.weight_trials[::-1]
+
+
+def test_weights_whose_fits_tie_go_to_the_earlier_candidate():
+    flow = _mixture().flow()
+    start = flowdiff.make_sigmas(flow.schedule, "logsnr", 6)
+    for weights in ((1.0, 0.1), (0.1, 1.0)):  # no iterations: every weight's fit is its start, the same
+        learned = flowdiff.learn_encoder(flow, _images(8, 1), nfe=6, sigmas=start, iterations=0,
+                                         latent_weight=weights)
+        assert learned.weight_trials[0][1:] == learned.weight_trials[1][1:]
+        assert learned.latent_weight == weights[0] and not learned.kept

@@ -92,9 +92,11 @@ class LearnedEncoder:
     that of what :meth:`encode` does (the plain encode's, equal to the base's, when not kept).
     ``initial_grid`` names the starting grid; ``fitting_nfe`` counts every model evaluation of the
     fit (the reference encode's, the starting grid's tuning and every candidate round trip),
-    ``solves`` the candidate round trips. ``latent_weight`` is the weight of the fit the held-out half chose
-    and ``weight_trials`` holds, per candidate weight given, ``(weight, held-out round trip, held-out latent
-    error)`` of its fit (one entry when one weight was given; see :func:`learn_encoder`).
+    ``solves`` the candidate round trips, every candidate weight's. ``latent_weight`` is the weight of the fit
+    the held-out half chose (when it kept none: of the refused fit nearest to being kept, the lowest held-out
+    round trip, whose fitted-half round trip ``calibration_error`` reports) and ``weight_trials`` holds, per
+    candidate weight given, ``(weight, held-out round trip, held-out latent error)`` of its fit (one entry when
+    one weight was given, none in a file written before the trials; see :func:`learn_encoder`).
 
     Use: ``learned.encode(flow, x)``: N evaluations; its latent decodes with ``decode(flow, latent)``
     (the base solver on the same grid, with the decode's shifts, which the latent records), N evaluations.
@@ -341,15 +343,15 @@ def learn_encoder(
     ``False`` keeps the starting grid. ``fit_decode=True`` fits a shift per decode step too, which the
     latents record (:attr:`flowdiff.Latent.decode_shifts`), so that ``decode(flow, latent)`` applies them;
     ``False`` leaves the decode plain. ``latent_weight`` (> 0) weighs the distance of the latents to the
-    flow's own (see the module docstring); a tuple of candidate weights (at least 2, distinct) fits once per
-    weight and lets the held-out half choose, blind to any other images: the fit with the lowest held-out round
-    trip among those that beat the plain encode there with a latent no farther from the flow's (else the plain
-    encode), the fitted-half objectives of different weights being incomparable; each candidate's held-out
-    figures are kept in :attr:`LearnedEncoder.weight_trials`, their cost in ``fitting_nfe``. Each shift lies
-    in ``[−bound, bound]`` and keeps its step's evaluations within [0, σ_max]; ``iterations`` caps the
-    least-squares iterations. The even-indexed images are fitted, the odd-indexed ones decide (see
-    :class:`LearnedEncoder`). Any non-reversible solver that encodes (``euler`` gains most: every one of its
-    steps can be shifted; the multistep methods' steps out of and into σ = 0 are not). Use the result as
+    flow's own (see the module docstring); a tuple of candidate weights (at least 2, distinct) fits once per weight
+    and lets the held-out half choose, blind to any other images: the fit with the lowest held-out round trip among
+    those that beat the plain encode there with a latent no farther from the flow's, an exact tie to the earlier
+    candidate (else the plain encode), the fitted-half objectives of different weights being incomparable; each
+    candidate's held-out figures are kept in :attr:`LearnedEncoder.weight_trials`, their cost in ``fitting_nfe``.
+    Each shift lies in ``[−bound, bound]`` and keeps its step's evaluations within [0, σ_max]; ``iterations`` caps
+    the least-squares iterations. The even-indexed images are fitted, the odd-indexed ones decide (see
+    :class:`LearnedEncoder`). Any non-reversible solver that encodes (``euler`` gains most: every one of its steps
+    can be shifted; the multistep methods' steps out of and into σ = 0 are not). Use the result as
     ``learned.encode(flow, x)``. Images beyond the model's data range are warned about once per call.
     """
     if not isinstance(flow, ProbabilityFlow):
