@@ -535,3 +535,15 @@ def test_weights_whose_fits_tie_go_to_the_earlier_candidate():
                                          latent_weight=weights)
         assert learned.weight_trials[0][1:] == learned.weight_trials[1][1:]
         assert learned.latent_weight == weights[0] and not learned.kept
+
+
+def test_a_part_far_out_of_range_is_warned_about_when_the_first_part_is_not():
+    """The one check covers every image before any part is encoded: far images only in the held-out half (which
+    the fit encodes after the fitted half) are still warned about, once."""
+    flow = _mixture().flow()
+    images = _images(8, 1)
+    images[1::2] *= 4
+    sigmas = flowdiff.make_sigmas(flow.schedule, "logsnr", 4)
+    with pytest.warns(UserWarning, match="images span .* far outside the model's data range") as caught:
+        flowdiff.learn_encoder(flow, images, nfe=4, sigmas=sigmas, iterations=1, latent_weight=(0.3, 1.0))
+    assert len(caught) == 1, [str(w.message) for w in caught]
