@@ -525,6 +525,10 @@ def test_the_choice_is_the_same_bit_for_bit_for_the_same_candidates_in_any_order
         figures = ("calibration_error", "validation_error", "latent_error", "base_validation_error")
         assert [getattr(other, f) for f in figures] == [getattr(chosen, f) for f in figures]
     assert again.weight_trials == chosen.weight_trials and swapped.weight_trials == chosen.weight_trials[::-1]
+    # the figures are those of the encoder returned: its round trip of the fitted (even-indexed) half
+    flow, fitted = _mixture().flow(), _images(16, 1)[0::2]
+    back = flowdiff.decode(flow, chosen.encode(flow, fitted).latent).x
+    assert chosen.kept and chosen.calibration_error == pytest.approx(_rms(back, fitted), rel=1e-12)
 
 
 def test_weights_whose_fits_tie_go_to_the_earlier_candidate():
