@@ -551,3 +551,21 @@ def test_a_part_far_out_of_range_is_warned_about_when_the_first_part_is_not():
     with pytest.warns(UserWarning, match="images span .* far outside the model's data range") as caught:
         flowdiff.learn_encoder(flow, images, nfe=4, sigmas=sigmas, iterations=1, latent_weight=(0.3, 1.0))
     assert len(caught) == 1, [str(w.message) for w in caught]
+
+
+def test_an_encoder_built_by_hand_without_a_weight_saves_and_loads(tmp_path):
+    flow = _mixture().flow()
+    sigmas = flowdiff.make_sigmas(flow.schedule, "logsnr", 4)
+    built = flowdiff.LearnedEncoder("euler", {}, 4, sigmas, (0.1, 0.0, -0.1, 0.0), (0.0,) * 4,
+                                    flowdiff.flow_fingerprint(flow), True)
+    back = flowdiff.LearnedEncoder.load(built.save(tmp_path / "built.json"), flow)
+    assert np.isnan(back.latent_weight) and back.weight_trials == () and back.shifts == built.shifts
+    assert np.array_equal(back.sigmas, built.sigmas)
+    x = _images(3, 5)
+    assert torch.equal(back.encode(flow, x).latent.x, built.encode(flow, x).latent.x)
+    record = json.loads((tmp_path / "built.json").read_text())
+    record["latent_weight"] = 0.5  # a weight without options or trials to say where it came from
+    (tmp_path / "weighed.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"weighed.json: malformed .*latent_weight 0.5 without weight trials must be "
+                                         r"options\['latent_weight'\] \(one weight\), got None"):
+        flowdiff.LearnedEncoder.load(tmp_path / "weighed.json", flow)

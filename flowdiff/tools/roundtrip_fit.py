@@ -170,8 +170,9 @@ class LearnedEncoder:
             data["sigmas"] = np.array([float.fromhex(s) for s in data["sigmas"]], dtype=np.float64)
             data["shifts"] = tuple(float.fromhex(d) for d in data["shifts"])
             data["decode_shifts"] = tuple(float.fromhex(d) for d in data["decode_shifts"])
-            # a file from before the weight trials: its one weight is in its options, its trial unrecorded
-            data.setdefault("latent_weight", data["options"]["latent_weight"])
+            # a file from before the weight trials: its one weight is in its options, its trial unrecorded (an
+            # encoder built by hand, not fitted, has neither: NaN)
+            data.setdefault("latent_weight", data["options"].get("latent_weight", math.nan))
             data["weight_trials"] = tuple(_trial(t) for t in data.get("weight_trials", ()))
             learned = cls(**data, source=str(path))
             for what in ("shifts", "decode_shifts"):
@@ -200,8 +201,11 @@ def _trial(values: object) -> tuple[float, float, float]:
 def _check_choice(learned: LearnedEncoder) -> None:
     """A loaded encoder's weight, its trials and its options agree, as :func:`learn_encoder` writes them: the
     trials' weights are the candidates of ``options["latent_weight"]`` in order, the chosen weight is one of them,
-    and a kept fit's held-out figures are its trial's."""
+    and a kept fit's held-out figures are its trial's (an encoder built by hand has no weight, trials or options
+    weight: NaN, ``()``, none)."""
     weight, given = learned.latent_weight, learned.options.get("latent_weight")
+    if given is None and not learned.weight_trials and isinstance(weight, float) and math.isnan(weight):
+        return  # built by hand, not fitted: no weight to check
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
         raise ValueError(f"latent_weight must be a positive finite number, got {weight!r}")
     if not learned.weight_trials:
