@@ -114,7 +114,8 @@ def _check_budget(args: argparse.Namespace, loaded: LoadedModel, budget: dict[st
         Grid(args.grid, **budget).solve_sigmas(loaded.flow, _solvers.get(args.solver), direction)
     except ValueError as err:
         said = {key: f"--{key} {value}"}  # the flag given; a step count it bought is said as a count
-        text = re.sub(r"\b(steps|nfe)=(\d[\d,]*)", lambda m: said.get(m[1], f"{m[2]} {m[1]}"), one_line(err))
+        text = re.sub(r"\b(steps|nfe) >= (\d[\d,]*)", r"--\1 \2 or more", one_line(err))  # what it accepts
+        text = re.sub(r"\b(steps|nfe)=(\d[\d,]*)", lambda m: said.get(m[1], f"{m[2]} {m[1]}"), text)
         default = "" if args.nfe is not None or args.steps is not None else "; the default budget"
         where = f"--solver {args.solver} on --grid {args.grid}"
         if said[key] in text:

@@ -1,0 +1,50 @@
+"""The third new-user sweep: what the first two left, then the README's promises tried with unusual inputs.
+
+Each test here failed before its fix.
+"""
+
+import pytest
+import torch
+from _cli_runs import one_line, write_digits
+from _cli_runs import run_in as run
+
+import flowdiff
+from flowdiff.models.analytic import Gaussian
+
+# -- --solver heun --nfe 1: sample runs it, encode and roundtrip refuse it -----------------------------------
+
+@pytest.mark.parametrize("command", ["encode", "roundtrip"])
+def test_an_encode_budget_below_one_step_names_the_budgets_it_accepts(tmp_path, capsys, command):
+    """`sample --solver heun --nfe 1` runs (its one step, into σ = 0, is Euler) and `roundtrip` refused "below the
+    cost of one step (2 evaluations)" without saying why sample differs or which --nfe it takes."""
+    (png,) = write_digits(tmp_path, 1)
+    code, out, err = run(capsys, [command, png, "--solver", "heun", "--nfe", "1"], tmp_path)
+    assert code != 0 and out == ""
+    line = one_line(err)
+    assert "--nfe 1 " in line and "an encode's first step" in line and "--nfe 2 or more" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d0.png"]
+
+
+def test_heun_at_nfe_1_generates_one_euler_step_in_the_api_and_the_cli(tmp_path, capsys):
+    """The engine's nfe → steps: the most steps whose counted NFE fits, the step into σ = 0 Euler by default."""
+    flow = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5).flow()
+    noise = torch.randn(3, 4, dtype=torch.float64)
+    one = flowdiff.generate(flow, noise, solver="heun", nfe=1)
+    assert (one.stats.nfe, one.stats.steps) == (1, 1)
+    assert torch.equal(one.x, flowdiff.generate(flow, noise, solver="euler", steps=1).x)
+    code, out, err = run(capsys, ["sample", "--solver", "heun", "--nfe", "1", "--num", "1", "--out", "s.png"],
+                         tmp_path)
+    assert code == 0 and "1 NFE, 1 steps" in out, err
+
+
+@pytest.mark.parametrize("call", ["encode", "generate"])
+def test_the_api_names_the_nfe_a_solver_accepts(call):
+    flow = Gaussian(torch.zeros(4), 0.5).flow()
+    x = 0.5 * torch.randn(2, 4)
+    if call == "encode":
+        with pytest.raises(ValueError, match=r"nfe=1 .*'heun'.*encode's first step.*encode with 'heun' give nfe >= 2"):
+            flowdiff.encode(flow, x, solver="heun", nfe=1)
+    else:
+        with pytest.raises(ValueError, match=r"nfe=2 .*final_euler=False.*give nfe >= 4"):
+            flowdiff.generate(flow, x, solver="rk4", grid=flowdiff.Grid(nfe=2, final_euler=False))
+    assert flowdiff.encode(flow, x, solver="heun", nfe=2).stats.nfe == 2
