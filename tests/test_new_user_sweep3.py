@@ -3,6 +3,9 @@
 Each test here failed before its fix.
 """
 
+import warnings
+
+import numpy as np
 import pytest
 import torch
 from _cli_runs import one_line, write_digits
@@ -48,3 +51,31 @@ def test_the_api_names_the_nfe_a_solver_accepts(call):
         with pytest.raises(ValueError, match=r"nfe=2 .*final_euler=False.*give nfe >= 4"):
             flowdiff.generate(flow, x, solver="rk4", grid=flowdiff.Grid(nfe=2, final_euler=False))
     assert flowdiff.encode(flow, x, solver="heun", nfe=2).stats.nfe == 2
+
+
+# -- tune on a batch of one sample ---------------------------------------------------------------------------
+
+def test_tune_on_one_sample_says_it_is_not_validated():
+    """`flowdiff.tune` on a batch of 1 silently fitted the whole batch: the held-out half it promises was empty."""
+    flow = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5).flow()
+    noise = torch.randn(1, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"no held-out validation: noise holds 1 sample.*at least 2.*validate=False"):
+        tuned = flowdiff.tune(flow, noise, solver="euler", nfe=3, max_evals=6, progress=False)
+    assert tuned.options["validate"] is False and tuned.options["calibration_batch"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = flowdiff.tune(flow, noise, solver="euler", nfe=3, max_evals=6, progress=False, validate=False)
+        flowdiff.tune(flow, torch.randn(2, 4, dtype=torch.float64), solver="euler", nfe=3, max_evals=6,
+                      progress=False)
+    np.testing.assert_array_equal(quiet.sigmas, tuned.sigmas)
+
+
+def test_compare_tuned_on_batch_1_warns_in_the_flags_words(tmp_path, capsys):
+    code, out, err = run(capsys, ["compare", "--model", "analytic-mixture", "--grid", "tuned", "--batch", "1",
+                                  "--nfe", "2", "--solver", "euler", "--calibration-seed", "1", "--no-progress",
+                                  "--out", "c"], tmp_path)
+    assert code == 0, err
+    assert "tuned grid of euler at NFE 2: tuning cost" in out and "no held-out validation" in out
+    line = one_line(err)
+    assert line.startswith("flowdiff compare: warning: --batch 1") and "--batch 2 or more" in line
+    assert "validate=" not in line

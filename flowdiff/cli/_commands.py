@@ -197,11 +197,15 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
         noise.shape, generator=torch.Generator().manual_seed(args.calibration_seed), dtype=noise.dtype).to(device)
     # peers run once, on rank 0, after the ranks' runs (same noise, budgets and reference); rank 0 receives the
     # images the report's sample grid shows, flowdiff's rows from whichever rank ran them
-    result = distributed.compare(run_flow, noise, ranks=ranks, solvers=args.solver, grids=args.grid, nfe=args.nfe,
-                                 model_kwargs=loaded.model_kwargs or None, reference=ref,
-                                 progress=not args.no_progress, calibration_noise=calibration,
-                                 tune_options={"progress": not args.no_progress}, peers=args.peers or None,
-                                 keep_images=SAMPLE_IMAGES)
+    from ..tools.tuning import NO_VALIDATION
+
+    with warnings.catch_warnings():  # said below in the flags' words, once, for the grids tuned here
+        warnings.filterwarnings("ignore", message=NO_VALIDATION, category=UserWarning)
+        result = distributed.compare(run_flow, noise, ranks=ranks, solvers=args.solver, grids=args.grid,
+                                     nfe=args.nfe, model_kwargs=loaded.model_kwargs or None, reference=ref,
+                                     progress=not args.no_progress, calibration_noise=calibration,
+                                     tune_options={"progress": not args.no_progress}, peers=args.peers or None,
+                                     keep_images=SAMPLE_IMAGES)
     if not ranks.is_main:
         return 0
     ref = result.reference
@@ -237,8 +241,12 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
         if source:
             shipped.setdefault(source, []).append(made)
         else:
+            unchecked = "" if made.options.get("validate", True) else ", no held-out validation"
             print(f"{grid} grid of {solver} at NFE {budget}: tuning cost {made.tuning_nfe} NFE, "
-                  f"{made.tuning_seconds:.1f} s")
+                  f"{made.tuning_seconds:.1f} s{unchecked}")
+    if any(not made.options.get("validate", True) for made in result.provided.values() if not made.source):
+        print(f"flowdiff compare: warning: --batch {args.batch}: the grids tuned here were fitted to their one "
+              "calibration sample without the held-out validation, which needs --batch 2 or more", file=sys.stderr)
     for source, made in shipped.items():
         batches = "/".join(str(b) for b in sorted({m.options.get("calibration_batch", 0) for m in made}))
         print(f"tuned grids: {len(made)} shipped ones from {source}, tuned once on other noise ({batches} "

@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -63,6 +64,8 @@ _FORMAT = "flowdiff.TunedGrid/1"
 DEFAULT_INIT = ("logsnr", ("logsnr", {"power": 0.7}), "karras", "trailing")
 _OPTIONS = ("model_kwargs", "seed", "max_evals", "restarts", "init", "sigma_floor", "reference_tol", "objective",
             "validate", "select", "free_start", "progress", "method", "candidates", "dp_orders")
+#: How :func:`tune`'s warning that a batch of one sample is fitted without held-out validation begins.
+NO_VALIDATION = "tune: no held-out validation"
 #: What :func:`tune` does: the direct search from named grids, the GITS-style DP grid alone, or the search
 #: started from the best of the named and the DP grids.
 METHODS = ("search", "dp", "dp+search")
@@ -310,6 +313,11 @@ def tune(
     if not isinstance(opts.get("free_start", False), bool):
         raise TypeError(f"free_start must be a bool, got {type(opts['free_start']).__name__}")
     validate = opts.get("validate", True) and noise.shape[0] >= 2
+    if opts.get("validate", True) and not validate:
+        warnings.warn(f"{NO_VALIDATION}: noise holds {noise.shape[0]} sample, and the held-out validation needs at "
+                      "least 2 (every other sample is held out), so the grid is fitted to it without validation "
+                      "(recorded as validate=False in the result's options); give 2 or more samples, or "
+                      "validate=False to ask for this", UserWarning, stacklevel=2)
     start = time.perf_counter()
     ref = reference_solution(flow, noise, rtol=tol, atol=tol, model_kwargs=model_kwargs,
                              sigma_end=0.0 if flow.sigma_field is not None else None,
@@ -528,7 +536,8 @@ def tune_grid(
     karras, trailing: the best on the calibration noise starts the search), ``sigma_floor``
     (the smallest σ a knot may take, default the schedule's σ_min), ``reference_tol`` (rtol =
     atol of the reference, default 1e-7), ``objective`` (``"rms"``, the RMS image error, or
-    ``"geomean"``, the geometric mean of the per-sample errors), ``validate`` (default True),
+    ``"geomean"``, the geometric mean of the per-sample errors), ``validate`` (default True; a batch of
+    one sample has no half to hold out: it is fitted whole, with a ``UserWarning``, and ``validate=False`` recorded),
     ``select`` (which improving grid is kept: ``"validation"``, the best on the held-out half,
     default; ``"pooled"``, the best on the whole batch),
     ``free_start`` (let the first σ move below σ_max too, default False), ``progress`` (tqdm
