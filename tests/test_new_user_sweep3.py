@@ -79,3 +79,23 @@ def test_compare_tuned_on_batch_1_warns_in_the_flags_words(tmp_path, capsys):
     line = one_line(err)
     assert line.startswith("flowdiff compare: warning: --batch 1") and "--batch 2 or more" in line
     assert "validate=" not in line
+
+
+# -- likelihood --steps 1000000: minutes with nothing said -------------------------------------------------------
+
+def test_likelihood_shows_each_solves_progress_unless_told_not_to(tmp_path, capsys):
+    """`flowdiff likelihood --steps 1000000` ran for hours without a word; compare shows its reference's progress."""
+    (png,) = write_digits(tmp_path, 1)
+    argv = ["likelihood", png, "--model", "analytic-mixture", "--solver", "rk4", "--steps", "4"]
+    code, out, err = run(capsys, argv, tmp_path)
+    assert code == 0, err
+    assert "likelihood solve" in err and "check solve" in err and "of 4" in err and "of 2" in err, err
+    code, quiet, err = run(capsys, [*argv, "--no-progress"], tmp_path)
+    assert code == 0 and err == "", err
+    assert quiet.splitlines()[:-1] == out.splitlines()[:-1]  # the same figures; the last line has the wall time
+
+
+def test_log_likelihood_progress_is_a_bool():
+    flow = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5).flow()
+    with pytest.raises(TypeError, match="progress must be a bool, got str"):
+        flowdiff.log_likelihood(flow, torch.zeros(1, 4, dtype=torch.float64), steps=2, progress="yes")

@@ -74,6 +74,8 @@ def add_parser(subparsers: Any, *, load_model: Callable[..., Any],
                        help="seed of the probes and the dequantization, 0 … 2**64 - 1 (default: 0)")
     group.add_argument("--threads", type=_positive_int, default=None,
                        help="CPU threads for torch (default: 1 for the built-in models, torch's choice otherwise)")
+    group.add_argument("--no-progress", action="store_true",
+                       help="no progress bar (default: a bar on stderr of the σ each solve has reached)")
     group = p.add_argument_group("estimator")
     group.add_argument("--divergence", default="auto", choices=list(DIVERGENCES),
                        help="auto (default: exact up to 256 dimensions, hutch++ beyond), exact (D vector-Jacobian "
@@ -169,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = log_likelihood(loaded.flow, images, solver=args.solver, estimator=estimator,
                                 generator=torch.Generator().manual_seed(args.seed),
-                                model_kwargs=loaded.model_kwargs or None, **options)
+                                model_kwargs=loaded.model_kwargs or None, progress=not args.no_progress, **options)
     except ValueError as err:
         raise ValueError(_as_flags(one_line(err))) from None
     wall = time.perf_counter() - start
