@@ -99,3 +99,28 @@ def test_log_likelihood_progress_is_a_bool():
     flow = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5).flow()
     with pytest.raises(TypeError, match="progress must be a bool, got str"):
         flowdiff.log_likelihood(flow, torch.zeros(1, 4, dtype=torch.float64), steps=2, progress="yes")
+
+
+# -- σ values and timesteps that are no numbers ------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [
+    lambda: dict(grid=["2", "0"]),
+    lambda: dict(grid=np.array([True, False])),
+    lambda: dict(grid=flowdiff.Grid(sigmas=np.array([2 + 0j, 0]))),
+    lambda: dict(grid=flowdiff.Grid(timesteps=["500", "10"])),
+    lambda: dict(grid=torch.tensor([True, False])),
+])
+def test_grid_values_that_are_no_real_numbers_are_refused(make):
+    """`grid=["2", "0"]` ran a grid from σ = 2, `[True, False]` one from σ = 1, and complex σ lost their imaginary
+    part with a NumPy ComplexWarning."""
+    flow = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5).flow()
+    with pytest.raises(TypeError, match=r"(sigmas|timesteps) must be real numbers .*got \[.*of dtype"):
+        flowdiff.generate(flow, torch.randn(2, 4, dtype=torch.float64), solver="euler", **make())
+
+
+def test_integer_and_float_grid_values_still_run_alike():
+    flow = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5).flow()
+    noise = torch.randn(2, 4, dtype=torch.float64)
+    runs = [flowdiff.generate(flow, noise, solver="euler", grid=g).x
+            for g in ([2, 1, 0], [2.0, 1.0, 0.0], torch.tensor([2, 1, 0]), np.array([2, 1, 0], dtype=np.uint8))]
+    assert all(torch.equal(runs[0], x) for x in runs[1:])
