@@ -124,3 +124,14 @@ def test_integer_and_float_grid_values_still_run_alike():
     runs = [flowdiff.generate(flow, noise, solver="euler", grid=g).x
             for g in ([2, 1, 0], [2.0, 1.0, 0.0], torch.tensor([2, 1, 0]), np.array([2, 1, 0], dtype=np.uint8))]
     assert all(torch.equal(runs[0], x) for x in runs[1:])
+
+
+@pytest.mark.parametrize("explicit", [dict(sigmas=[2.0, 1.0, 0.0]), dict(timesteps=[900, 100])])
+def test_a_grid_name_beside_explicit_values_is_refused(explicit):
+    """`Grid("karras", sigmas=[...])` ran the explicit σ and dropped the name without a word."""
+    (key,) = explicit
+    with pytest.raises(ValueError, match=rf"Grid\('karras', {key}=...\).*name 'karras' would go unused"):
+        flowdiff.Grid("karras", **explicit)
+    flow = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5).flow()
+    noise = torch.randn(2, 4, dtype=torch.float64)
+    assert flowdiff.generate(flow, noise, solver="euler", grid=flowdiff.Grid(**explicit)).stats.nfe == 2

@@ -137,6 +137,11 @@ class Grid:
         object.__setattr__(self, "options", _mapping(self.options, "Grid.options"))
         if self.final_euler is not None:
             object.__setattr__(self, "final_euler", _flag(self.final_euler, "final_euler"))
+        explicit = "sigmas" if self.sigmas is not None else "timesteps" if self.timesteps is not None else None
+        if explicit is not None and self.name != "trailing":  # the default name: nothing else to tell it from
+            raise ValueError(f"Grid({self.name!r}, {explicit}=...): explicit {explicit} are the whole grid, so the "
+                             f"name {self.name!r} would go unused; give the name with steps=/nfe=, or the {explicit} "
+                             "alone")
         if self.nfe is not None:
             if self.steps is not None:
                 raise ValueError("give steps or nfe, not both")
