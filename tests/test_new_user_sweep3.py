@@ -135,3 +135,20 @@ def test_a_grid_name_beside_explicit_values_is_refused(explicit):
     flow = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5).flow()
     noise = torch.randn(2, 4, dtype=torch.float64)
     assert flowdiff.generate(flow, noise, solver="euler", grid=flowdiff.Grid(**explicit)).stats.nfe == 2
+
+
+# -- guidance without a condition ---------------------------------------------------------------------------
+
+def test_guidance_without_any_condition_is_refused():
+    """`generate(classifier_free_guidance(flow, 2.0), noise)` without model_kwargs ran both branches with no
+    keywords: the unconditional samples, at two network calls per evaluation, w silently without effect."""
+    flow = flowdiff.pretrained("digits")
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    guided = flowdiff.classifier_free_guidance(flow, 2.0)
+    with pytest.raises(ValueError, match=r"step 0 .*guidance \(w = 2\) got no model_kwargs.*model_kwargs"):
+        flowdiff.generate(guided, noise, solver="euler", steps=2)
+    labels = {"class_labels": torch.tensor([3, 7])}
+    unguided = flowdiff.generate(flow, noise, solver="euler", steps=2, model_kwargs=labels).x
+    at_one = flowdiff.generate(flowdiff.classifier_free_guidance(flow, 1.0), noise, solver="euler", steps=2,
+                               model_kwargs=labels).x
+    assert torch.equal(at_one, unguided)
