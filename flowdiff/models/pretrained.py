@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..engine._checks import check_device
 from ..engine.flow import ProbabilityFlow
 from ..engine.schedules import Schedule
 from .nets import DigitsNet
@@ -116,6 +117,8 @@ def _load(name: str, directory: str | Path | None,
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if device is not None:
+        device = check_device(device)  # before the weights are read, and in words, not torch's AssertionError
     config = load_config(name, directory)
     path = (Path(directory) if directory is not None else _weights_dir()) / f"{name}.safetensors"
     if not path.is_file():
