@@ -166,3 +166,23 @@ def test_loading_onto_a_device_that_is_not_here_names_it(tmp_path, device, says,
             "from_diffusers": lambda: flowdiff.from_diffusers(tmp_path, device=device)}[load]
     with pytest.raises(ValueError, match=says):
         call()
+
+
+# -- model_kwargs that are no mapping, given to the tools ---------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [3, "class_labels", [("class_labels", 1)]])
+@pytest.mark.parametrize("tool", ["compare", "reference_solution", "log_likelihood", "tune", "flow_fingerprint"])
+def test_the_tools_name_model_kwargs_that_are_no_mapping(tool, bad):
+    """generate named it; compare and reference_solution said "'int' object is not iterable", the fingerprint took a
+    list of pairs as a dict, and a string gave "dictionary update sequence element #0 has length 1"."""
+    flow = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5).flow()
+    noise = torch.randn(3, 4, dtype=torch.float64)
+    calls = {"compare": lambda: flowdiff.compare(flow, noise, solvers=["euler"], grids=["logsnr"], nfe=[4],
+                                                 model_kwargs=bad),
+             "reference_solution": lambda: flowdiff.reference_solution(flow, noise, model_kwargs=bad),
+             "log_likelihood": lambda: flowdiff.log_likelihood(flow, noise, steps=2, model_kwargs=bad),
+             "tune": lambda: flowdiff.tune(flow, noise, solver="euler", nfe=3, max_evals=3, progress=False,
+                                           model_kwargs=bad),
+             "flow_fingerprint": lambda: flowdiff.flow_fingerprint(flow, bad)}
+    with pytest.raises(TypeError, match=rf"model_kwargs must be a mapping .*got {type(bad).__name__}"):
+        calls[tool]()
