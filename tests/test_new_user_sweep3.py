@@ -186,3 +186,17 @@ def test_the_tools_name_model_kwargs_that_are_no_mapping(tool, bad):
              "flow_fingerprint": lambda: flowdiff.flow_fingerprint(flow, bad)}
     with pytest.raises(TypeError, match=rf"model_kwargs must be a mapping .*got {type(bad).__name__}"):
         calls[tool]()
+
+
+# -- --seed on the commands that draw no noise -------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["encode", "roundtrip", "decode"])
+def test_seed_is_refused_where_no_noise_is_drawn(tmp_path, capsys, command):
+    """`flowdiff roundtrip x.png --seed 3` was taken and did nothing: encode, decode and roundtrip draw no noise (a
+    folder run even left the seed out of what defines it)."""
+    (png,) = write_digits(tmp_path, 1)
+    argv = [command, "l.safetensors" if command == "decode" else png, "--seed", "3"]
+    code, out, err = run(capsys, argv, tmp_path)
+    assert code == 2 and out == ""
+    assert "unrecognized arguments: --seed 3" in one_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d0.png"]
