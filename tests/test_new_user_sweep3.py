@@ -231,3 +231,27 @@ def test_examples_refuse_counts_they_cannot_run_in_one_line(tmp_path, capsys, sc
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+# -- likelihood --probes-from beside the exact trace ------------------------------------------------------------
+
+def test_probes_from_beside_the_exact_trace_is_refused(tmp_path, capsys):
+    """`flowdiff likelihood x.png --probes-from gaussian` (the exact trace at D = 64) ran and drew no probe at all,
+    where --probes and --sketch beside it were refused; Trace("exact", probes_from="gaussian") the same."""
+    (png,) = write_digits(tmp_path, 1)
+    code, out, err = run(capsys, ["likelihood", png, "--model", "analytic-mixture", "--steps", "2", "--probes-from",
+                                  "gaussian"], tmp_path)
+    assert code != 0 and out == ""
+    assert "--probes-from apply to --divergence hutchinson or hutch++" in one_line(err)
+    with pytest.raises(ValueError, match=r"as does Trace.probes_from, not method='exact'.*probes_from='gaussian'"):
+        flowdiff.Trace("exact", probes_from="gaussian")
+    flow = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5).flow()
+    x = 0.5 * torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"not 'exact' \(which method='auto' takes at D=4.*probes_from='gaussian'"):
+        flowdiff.log_likelihood(flow, x, steps=2, estimator=flowdiff.Trace(probes_from="gaussian"))
+    gen = torch.Generator().manual_seed(0)  # unsaid, the probes are Rademacher's, as before
+    plain = flowdiff.log_likelihood(flow, x, steps=2, estimator=flowdiff.Trace("hutchinson", probes=3), generator=gen)
+    gen = torch.Generator().manual_seed(0)
+    said = flowdiff.log_likelihood(flow, x, steps=2, generator=gen,
+                                   estimator=flowdiff.Trace("hutchinson", probes=3, probes_from="rademacher"))
+    assert torch.equal(plain.log_prob, said.log_prob)

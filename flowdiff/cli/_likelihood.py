@@ -83,7 +83,7 @@ def add_parser(subparsers: Any, *, load_model: Callable[..., Any],
     group.add_argument("--probes", type=_positive_int, default=None,
                        help="probes of a stochastic divergence (default: 16); >= 2 gives a standard error")
     group.add_argument("--sketch", type=_positive_int, default=None, help="Hutch++'s sketch size (default: 32)")
-    group.add_argument("--probes-from", default="rademacher", choices=list(PROBE_NOISES),
+    group.add_argument("--probes-from", default=None, choices=list(PROBE_NOISES),
                        help="the probes' distribution (default: rademacher)")
     group.add_argument("--dequantization", default="uniform", choices=[*DEQUANTIZATIONS, "none"],
                        help="noise that dequantizes the integer pixel values, for the discrete data's bits/dim "
@@ -152,8 +152,9 @@ def run(args: argparse.Namespace) -> int:
         options.update(dequantize=levels, dequantization=args.dequantization)
     if args.divergence not in ("exact", "auto"):
         estimator = Trace(args.divergence, probes=args.probes, sketch=args.sketch, probes_from=args.probes_from)
-    elif args.probes is not None or args.sketch is not None:
-        raise ValueError("--probes/--sketch apply to --divergence hutchinson or hutch++ (not exact or auto)")
+    elif args.probes is not None or args.sketch is not None or args.probes_from is not None:
+        raise ValueError("--probes/--sketch/--probes-from apply to --divergence hutchinson or hutch++ (not exact or "
+                         "auto)")
     else:
         estimator = Trace(args.divergence)
     if args.steps is not None:

@@ -124,7 +124,7 @@ class Trace:
 
     ``method``: ``"auto"`` (``"exact"`` up to D = :data:`AUTO_EXACT_MAX_DIM`, ``"hutch++"`` beyond),
     ``"exact"``, ``"hutchinson"`` or ``"hutch++"``. ``probes``: the stochastic estimators' probe
-    vectors (default 16), drawn once from ``probes_from`` (``"rademacher"`` or ``"gaussian"``) with
+    vectors (default 16), drawn once from ``probes_from`` (``"rademacher"``, the default, or ``"gaussian"``) with
     :func:`log_likelihood`'s ``generator``; ``sketch``: Hutch++'s sketch size (default min(32, D)).
     ``chunk`` bounds the rows (samples × vectors) of one batched vector–Jacobian product (memory).
     """
@@ -132,22 +132,23 @@ class Trace:
     method: str = "auto"
     probes: int | None = None
     sketch: int | None = None
-    probes_from: str = "rademacher"
+    probes_from: str | None = None  # rademacher unless given: given beside the exact trace, it is refused
     chunk: int = 4096
 
     def __post_init__(self) -> None:
         if self.method not in DIVERGENCES:
             raise ValueError(f"Trace.method {self.method!r} is unknown; accepted: {', '.join(DIVERGENCES)}")
-        if self.probes_from not in PROBE_NOISES:
+        if self.probes_from is not None and self.probes_from not in PROBE_NOISES:
             raise ValueError(f"Trace.probes_from {self.probes_from!r} is unknown; accepted: {', '.join(PROBE_NOISES)}")
         _check_int("Trace.chunk", self.chunk, 1)
         if self.probes is not None:
             _check_int("Trace.probes", self.probes, 1)
         if self.sketch is not None:
             _check_int("Trace.sketch", self.sketch, 1)
-        if self.method == "exact" and (self.probes is not None or self.sketch is not None):
+        if self.method == "exact" and not self.probes == self.sketch == self.probes_from is None:
             raise ValueError(f"Trace.probes and Trace.sketch apply to the stochastic methods (hutchinson, hutch++), "
-                             f"not method='exact'; got probes={self.probes!r}, sketch={self.sketch!r}")
+                             f"as does Trace.probes_from, not method='exact'; got probes={self.probes!r}, "
+                             f"sketch={self.sketch!r}, probes_from={self.probes_from!r}")
         if self.method == "hutchinson" and self.sketch is not None:
             raise ValueError(f"Trace.sketch applies to method='hutch++' only, got sketch={self.sketch!r}")
 
@@ -564,11 +565,12 @@ def log_likelihood(
     batch, dim = images.shape[0], images[0].numel()
     divergence = _choose_divergence(estimator.method, dim)
     if divergence == "exact":
-        if probes is not None or sketch is not None:
+        if not probes == sketch == noise is None:
             raise ValueError(f"Trace.probes and Trace.sketch apply to the stochastic methods (hutchinson, hutch++), "
-                             f"not 'exact' (which method='auto' takes at D={dim} <= {AUTO_EXACT_MAX_DIM}); got "
-                             f"probes={probes!r}, sketch={sketch!r}")
+                             f"as does Trace.probes_from, not 'exact' (which method='auto' takes at D={dim} <= "
+                             f"{AUTO_EXACT_MAX_DIM}); got probes={probes!r}, sketch={sketch!r}, probes_from={noise!r}")
     else:
+        noise = "rademacher" if noise is None else noise
         probes = DEFAULT_PROBES[divergence] if probes is None else probes
         if divergence == "hutch++":
             sketch = min(DEFAULT_SKETCH, dim) if sketch is None else sketch
