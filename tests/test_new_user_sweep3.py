@@ -255,3 +255,21 @@ def test_probes_from_beside_the_exact_trace_is_refused(tmp_path, capsys):
     said = flowdiff.log_likelihood(flow, x, steps=2, generator=gen,
                                    estimator=flowdiff.Trace("hutchinson", probes=3, probes_from="rademacher"))
     assert torch.equal(plain.log_prob, said.log_prob)
+
+
+# -- compare flags that change nothing in the run asked for --------------------------------------------------------
+
+@pytest.mark.parametrize("argv, says", [
+    (["--task", "roundtrip", "--seed", "3"], "--seed applies to --task generate"),
+    (["--task", "roundtrip", "--rtol", "1e-4", "--fresh-reference"], "--rtol, --fresh-reference apply to --task"),
+    (["--task", "roundtrip", "--calibration-seed", "2"], "--calibration-seed applies to --task generate"),
+    (["--grid", "logsnr", "--calibration-seed", "2"], "--calibration-seed 2 seeds the noise --grid tuned is tuned on"),
+])
+def test_compare_refuses_flags_its_run_would_not_use(tmp_path, capsys, argv, says):
+    """`compare --task roundtrip --seed 3` (or --rtol, --fresh-reference, --calibration-seed) ran the same round
+    trips as without; `--grid logsnr --calibration-seed 2` tuned nothing. Each flag was taken without a word."""
+    code, out, err = run(capsys, ["compare", "--model", "analytic-mixture", "--solver", "euler", "--nfe", "4",
+                                  "--batch", "2", "--no-progress", "--out", "c", *argv], tmp_path)
+    assert code == 2 and out == ""
+    assert says in one_line(err)
+    assert not (tmp_path / "c").exists()

@@ -145,9 +145,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
 SAMPLE_IMAGES = 4
 
 
+def _unused_compare_flags(args: argparse.Namespace) -> None:
+    """Refuse the flags that would change nothing in this run: the noise and reference flags beside --task roundtrip
+    (it encodes held-out digits against themselves), --calibration-seed beside grids none of which is tuned. Each was
+    taken without a word. (A flag given at its default value cannot be told from its absence, and changes nothing.)"""
+    if args.task == "roundtrip":
+        given = [flag for flag, value, default in (("--seed", args.seed, 0), ("--rtol", args.rtol, REFERENCE_RTOL),
+                                                   ("--fresh-reference", args.fresh_reference, False),
+                                                   ("--calibration-seed", args.calibration_seed, None))
+                 if value != default]
+        if given:
+            raise UsageError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --task generate (its noise, reference and tuning); --task "
+                             "roundtrip encodes the held-out digits and measures against them: leave "
+                             f"{'it' if len(given) == 1 else 'them'} out")
+    elif args.calibration_seed is not None and args.grid is not None and "tuned" not in args.grid:
+        raise UsageError(f"--calibration-seed {args.calibration_seed} seeds the noise --grid tuned is tuned on, and "
+                         f"--grid {','.join(args.grid)} has no tuned grid: add tuned to --grid, or leave it out")
+
+
 def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
     from ..tools.compare import Reference, reference_solution
 
+    _unused_compare_flags(args)
     if args.task == "roundtrip":
         from ..models.pretrained import digits_data
 
