@@ -155,9 +155,10 @@ def _unused_compare_flags(args: argparse.Namespace) -> None:
                                                    ("--calibration-seed", args.calibration_seed, None))
                  if value != default]
         if given:
-            raise UsageError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --task generate (its noise, reference and tuning); --task "
-                             "roundtrip encodes the held-out digits and measures against them: leave "
-                             f"{'it' if len(given) == 1 else 'them'} out")
+            one = len(given) == 1
+            raise UsageError(f"{', '.join(given)} {'applies' if one else 'apply'} to --task generate (its noise, "
+                             "reference and tuning); --task roundtrip encodes the held-out digits and measures "
+                             f"against them: leave {'it' if one else 'them'} out")
     elif args.calibration_seed is not None and args.grid is not None and "tuned" not in args.grid:
         raise UsageError(f"--calibration-seed {args.calibration_seed} seeds the noise --grid tuned is tuned on, and "
                          f"--grid {','.join(args.grid)} has no tuned grid: add tuned to --grid, or leave it out")
