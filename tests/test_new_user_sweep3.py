@@ -273,3 +273,18 @@ def test_compare_refuses_flags_its_run_would_not_use(tmp_path, capsys, argv, say
     assert code == 2 and out == ""
     assert says in one_line(err)
     assert not (tmp_path / "c").exists()
+
+
+# -- a diffusers folder whose scheduler has no betas ---------------------------------------------------------------
+
+@pytest.mark.parametrize("scheduler", ["EDMEulerScheduler", "ScoreSdeVeScheduler", "CMStochasticIterativeScheduler"])
+def test_a_scheduler_without_betas_is_refused_by_name(scheduler):
+    """`from_diffusers(unet_dir, scheduler=EDMEulerScheduler())` (or such a scheduler_config.json) loaded as DDPM's
+    linear betas (σ_max 157.4, not the config's 80): a silently wrong ODE for an EDM or variance-exploding model."""
+    diffusers = pytest.importorskip("diffusers")
+    config = dict(getattr(diffusers, scheduler)().config)
+    with pytest.raises(ValueError, match=rf"the {scheduler} config defines no betas .*σ_max = "):
+        flowdiff.models.diffusers_io.schedule_from_config({**config, "_class_name": scheduler})
+    for name in ("DDIMScheduler", "LCMScheduler", "DEISMultistepScheduler"):  # betas schedulers still load
+        schedule, _ = flowdiff.models.diffusers_io.schedule_from_config(dict(getattr(diffusers, name)().config))
+        assert schedule.num_train_timesteps == 1000
