@@ -288,3 +288,21 @@ def test_a_scheduler_without_betas_is_refused_by_name(scheduler):
     for name in ("DDIMScheduler", "LCMScheduler", "DEISMultistepScheduler"):  # betas schedulers still load
         schedule, _ = flowdiff.models.diffusers_io.schedule_from_config(dict(getattr(diffusers, name)().config))
         assert schedule.num_train_timesteps == 1000
+
+
+# -- sample_like / encode_like with a scheduler of another prediction type --------------------------------------
+
+@pytest.mark.parametrize("function", ["sample_like", "encode_like"])
+def test_like_refuses_a_scheduler_of_another_prediction_type(function):
+    """`sample_like(flow, noise, DDIMScheduler(prediction_type="v_prediction"), 8)` on an ε flow ran and returned
+    something 200 away from diffusers' loop with that scheduler, without a word."""
+    diffusers = pytest.importorskip("diffusers")
+    w = torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.4
+    flow = flowdiff.ProbabilityFlow(lambda x, t: torch.tanh(x @ w), flowdiff.Schedule.linear())
+    x = 0.5 * torch.randn(2, 6, dtype=torch.float64)
+    kind = diffusers.DDIMScheduler if function == "sample_like" else diffusers.DDIMInverseScheduler
+    call = getattr(flowdiff, function)
+    with pytest.raises(ValueError, match=rf"{function}: .*reads the model's output as 'v_prediction', the flow as "
+                                         r"'epsilon'"):
+        call(flow, x, kind(clip_sample=False, prediction_type="v_prediction"), 8)
+    assert call(flow, x, kind(clip_sample=False), 8).stats.nfe == 8  # the same prediction type runs
