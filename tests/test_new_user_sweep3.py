@@ -306,3 +306,16 @@ def test_like_refuses_a_scheduler_of_another_prediction_type(function):
                                          r"'epsilon'"):
         call(flow, x, kind(clip_sample=False, prediction_type="v_prediction"), 8)
     assert call(flow, x, kind(clip_sample=False), 8).stats.nfe == 8  # the same prediction type runs
+
+
+# -- sample_quality of 8-bit pixel values; reconstruction's stats ------------------------------------------------
+
+def test_sample_quality_refuses_images_on_the_pixel_scale():
+    """`sample_quality(images * 127.5 + 127.5)` clipped every pixel to 1 and scored the blanks (confidence 0.74,
+    nn_ratio 3.4) as if they were the samples."""
+    digits = flowdiff.digits_data("test").images[:8]
+    with pytest.raises(ValueError, match=r"images span \[0, 255\], far outside .*\[-1, 1\].*v / 127.5 - 1"):
+        flowdiff.sample_quality(digits * 127.5 + 127.5)
+    overshoot = flowdiff.sample_quality(digits * 1.2)  # a sample's overshoot is still clipped and scored
+    assert overshoot["n"] == 8
+
