@@ -319,3 +319,9 @@ def test_sample_quality_refuses_images_on_the_pixel_scale():
     overshoot = flowdiff.sample_quality(digits * 1.2)  # a sample's overshoot is still clipped and scored
     assert overshoot["n"] == 8
 
+
+def test_reconstruction_names_stats_of_the_wrong_type():
+    x = flowdiff.digits_data("test").images[:2]
+    with pytest.raises(TypeError, match="decode_stats must be a solvers.Stats .*got Result"):
+        flowdiff.reconstruction(x, x, decode_stats=flowdiff.generate(Gaussian(torch.zeros(64), 0.5).flow(),
+                                                                     torch.randn(2, 64), steps=1))
