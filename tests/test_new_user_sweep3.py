@@ -325,3 +325,13 @@ def test_reconstruction_names_stats_of_the_wrong_type():
     with pytest.raises(TypeError, match="decode_stats must be a solvers.Stats .*got Result"):
         flowdiff.reconstruction(x, x, decode_stats=flowdiff.generate(Gaussian(torch.zeros(64), 0.5).flow(),
                                                                      torch.randn(2, 64), steps=1))
+
+
+# -- tune(seed=-1) ----------------------------------------------------------------------------------------------
+
+def test_tune_names_a_negative_seed():
+    """`flowdiff.tune(..., seed=-1)` ended in NumPy's "expected non-negative integer", naming no argument."""
+    flow = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5).flow()
+    noise = torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"seed must be an int seed in \[0, 2\*\*64 - 1\], got -1"):
+        flowdiff.tune(flow, noise, solver="euler", nfe=3, max_evals=4, progress=False, seed=-1)

@@ -53,6 +53,7 @@ from torch import Tensor
 import solvers as _solvers
 
 from ..api.sampling import generate
+from ..engine._checks import check_seed
 from ..engine.fingerprint import flow_fingerprint
 from ..engine.flow import ProbabilityFlow
 from ..engine.grids import GRIDS, make_sigmas
@@ -223,9 +224,7 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
             v = out[name]
             if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "max_evals" else 0):
                 raise ValueError(f"{name} must be an int >= {1 if name == 'max_evals' else 0}, got {v!r}")
-    seed = out.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    check_seed(out.get("seed", 0))  # numpy's error for -1 ("expected non-negative integer") named no argument
     init = out.get("init", DEFAULT_INIT)
     single = isinstance(init, str) or (isinstance(init, tuple) and len(init) == 2 and isinstance(init[1], Mapping))
     init = [init] if single else list(init)
