@@ -335,3 +335,12 @@ def test_tune_names_a_negative_seed():
     noise = torch.randn(2, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"seed must be an int seed in \[0, 2\*\*64 - 1\], got -1"):
         flowdiff.tune(flow, noise, solver="euler", nfe=3, max_evals=4, progress=False, seed=-1)
+
+
+@pytest.mark.parametrize("make", [lambda: flowdiff.ProbabilityFlow(lambda x, t: x, ["0.9", "0.5", "0.1"]),
+                                  lambda: flowdiff.Schedule.from_betas(np.array([True, True])),
+                                  lambda: flowdiff.Schedule.from_betas(["0.1", "0.2"])])
+def test_schedules_of_values_that_are_no_numbers_are_refused(make):
+    """`ProbabilityFlow(model, ["0.9", "0.5", "0.1"])` (ᾱ read from a text file) built a schedule from the strings."""
+    with pytest.raises(TypeError, match=r"(alphas_cumprod|betas) must be real numbers .*of dtype"):
+        make()

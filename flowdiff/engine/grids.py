@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .schedules import ArrayLike, Schedule
+from .schedules import ArrayLike, Schedule, real_values
 
 GRIDS = ("trailing", "leading", "linear", "quadratic", "karras", "logsnr")
 #: The options each grid takes (``Grid(options=...)``); the timestep grids and explicit sigmas/timesteps take none.
@@ -106,24 +106,6 @@ def grid_timesteps(schedule: Schedule, grid: str, steps: int) -> np.ndarray | No
     return ts.copy()
 
 
-def _real_values(values: object, name: str) -> np.ndarray:
-    """``values`` (a list, array or tensor of real numbers) as float64; strings, bools, complex numbers and other
-    objects are refused rather than converted (``["2", "0"]`` became a grid, ``1+2j`` lost its imaginary part)."""
-    if hasattr(values, "detach"):  # a tensor
-        values = values.detach().cpu()
-        dtype = str(values.dtype).removeprefix("torch.")
-        kind = "f" if values.is_floating_point() else "c" if values.is_complex() else "b" if dtype == "bool" else "i"
-        values = values.double() if kind in "fi" else values
-    else:
-        values = np.asarray(values)
-        kind, dtype = values.dtype.kind, str(values.dtype)
-    if kind not in "fiu":
-        shown = repr(values.tolist())
-        shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        raise TypeError(f"{name} must be real numbers (ints or floats), got {shown} of dtype {dtype}")
-    return np.asarray(values, dtype=np.float64)
-
-
 def make_sigmas(
     schedule: Schedule,
     grid: str = "trailing",
@@ -155,7 +137,7 @@ def make_sigmas(
         raise ValueError(f"give exactly one of steps, sigmas or timesteps; got {given or 'none'}")
     options = check_grid_options(grid, grid_options, explicit=given[0] if given[0] != "steps" else None)
     if sigmas is not None:
-        s = _real_values(sigmas, "sigmas")
+        s = real_values(sigmas, "sigmas")
         if s.ndim != 1 or s.size < 2:
             raise ValueError(f"sigmas must be 1-D with at least 2 values, got shape {s.shape}")
         if not np.all(np.isfinite(s[1:])) or np.isnan(s[0]) or np.any(s < 0):
@@ -167,7 +149,7 @@ def make_sigmas(
         # (see flowdiff.engine.scheduler_grids); the result is then x̄ at that σ.
         return s
     if timesteps is not None:
-        t = _real_values(timesteps, "timesteps")
+        t = real_values(timesteps, "timesteps")
         T = schedule.num_train_timesteps
         if t.ndim != 1 or t.size < 1:
             raise ValueError(f"timesteps must be 1-D and non-empty, got shape {t.shape}")
