@@ -344,3 +344,13 @@ def test_schedules_of_values_that_are_no_numbers_are_refused(make):
     """`ProbabilityFlow(model, ["0.9", "0.5", "0.1"])` (ᾱ read from a text file) built a schedule from the strings."""
     with pytest.raises(TypeError, match=r"(alphas_cumprod|betas) must be real numbers .*of dtype"):
         make()
+
+
+def test_compare_roundtrip_says_why_a_run_is_missing(tmp_path, capsys):
+    """`compare --task roundtrip --solver heun --nfe 1,2` printed "—" for heun at NFE 1 and no reason (the generate
+    task prints its skipped runs); the reason now also names the budgets heun encodes with."""
+    code, out, err = run(capsys, ["compare", "--model", "analytic-mixture", "--task", "roundtrip", "--solver", "heun",
+                                  "--grid", "logsnr", "--nfe", "1,2", "--batch", "2", "--no-progress", "--out", "c"],
+                         tmp_path)
+    assert code == 0, err
+    assert "skipped heun on logsnr at NFE 1: heun encodes from NFE 2" in out, out

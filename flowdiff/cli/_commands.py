@@ -353,6 +353,8 @@ def _compare_roundtrip(args: argparse.Namespace, loaded: LoadedModel, run_flow: 
     paths = _write_report(result, out, args, loaded, facts, "round trip: decode(encode(x))",
                           figures={"Inputs, reconstructions and error maps": figure}, reproduce=False)
     print(result.to_markdown(args.layout))
+    for skip in result.skipped:  # as the generate task says them: a "—" in the table alone says nothing
+        print(f"skipped {skip.solver} on {skip.grid} at NFE {skip.budget}: {skip.reason}")
     print(f"wrote the report {paths['report']} with {', '.join(p.name for k, p in paths.items() if k != 'report')}, "
           f"{figure.name}")
     return 0
