@@ -159,14 +159,14 @@ def test_guidance_without_any_condition_is_refused():
 
 # -- a device that does not exist here ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device, says", [("cuda:99", r"device 'cuda:99': (CUDA is not available|this machine has)"),
+@pytest.mark.parametrize("where, says", [("cuda:99", r"device 'cuda:99': (CUDA is not available|this machine has)"),
                                           ("gpu", r"device 'gpu' is not a torch device")])
 @pytest.mark.parametrize("load", ["pretrained", "from_diffusers"])
-def test_loading_onto_a_device_that_is_not_here_names_it(tmp_path, device, says, load):
+def test_loading_onto_a_device_that_is_not_here_names_it(tmp_path, where, says, load):
     """`pretrained("digits", device="cuda:7")` on a CPU machine ended in torch's "AssertionError: Torch not compiled
     with CUDA enabled" (after reading the weights), `device="gpu"` in a RuntimeError listing torch's device types."""
-    call = {"pretrained": lambda: flowdiff.pretrained("digits", device=device),
-            "from_diffusers": lambda: flowdiff.from_diffusers(tmp_path, device=device)}[load]
+    call = {"pretrained": lambda: flowdiff.pretrained("digits", device=where),
+            "from_diffusers": lambda: flowdiff.from_diffusers(tmp_path, device=where)}[load]
     with pytest.raises(ValueError, match=says):
         call()
 
