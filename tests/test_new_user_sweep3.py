@@ -354,3 +354,26 @@ def test_compare_roundtrip_says_why_a_run_is_missing(tmp_path, capsys):
                          tmp_path)
     assert code == 0, err
     assert "skipped heun on logsnr at NFE 1: heun encodes from NFE 2" in out, out
+
+
+# -- pretrained(directory=) -------------------------------------------------------------------------------------
+
+def test_pretrained_directory_errors_name_the_users_folder(tmp_path):
+    """`pretrained("digits", directory="nope")` said "the package is incomplete"; directory=3 was torch's bare
+    TypeError; a retrained copy's config with a bad prediction_type named no file."""
+    with pytest.raises(FileNotFoundError, match=r"directory '.*nope': no such folder"):
+        flowdiff.pretrained("digits", directory=tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=r"directory '.*' has no digits.json"):
+        flowdiff.pretrained("digits", directory=tmp_path)
+    with pytest.raises(TypeError, match="directory must be a folder path .*got int"):
+        flowdiff.pretrained("digits", directory=3)
+    import json
+    import shutil
+    weights = Path(flowdiff.__file__).parent / "weights"
+    shutil.copy(weights / "digits.safetensors", tmp_path)
+    config = json.loads((weights / "digits.json").read_text())
+    (tmp_path / "digits.json").write_text(json.dumps({**config, "prediction_type": "eps"}))
+    with pytest.raises(ValueError, match=r"model config .*digits.json: unknown prediction_type 'eps'"):
+        flowdiff.pretrained("digits", directory=tmp_path)
+    (tmp_path / "digits.json").write_text(json.dumps(config))
+    assert flowdiff.pretrained("digits", directory=tmp_path).prediction_type == "epsilon"
