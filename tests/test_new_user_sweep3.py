@@ -377,3 +377,20 @@ def test_pretrained_directory_errors_name_the_users_folder(tmp_path):
         flowdiff.pretrained("digits", directory=tmp_path)
     (tmp_path / "digits.json").write_text(json.dumps(config))
     assert flowdiff.pretrained("digits", directory=tmp_path).prediction_type == "epsilon"
+
+
+# -- likelihood errors in the flags' words ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, said", [
+    (["--divergence", "hutchinson", "--sketch", "4", "--steps", "2"], "--sketch applies to --divergence hutch++ only"),
+    (["--divergence", "hutch++", "--sketch", "100", "--steps", "2"], "--sketch must be <= the dimension D=64"),
+    (["--solver", "rk4", "--rtol", "1e-3"], "--solver rk4 has no error estimate"),
+])
+def test_likelihood_errors_name_the_flags(tmp_path, capsys, argv, said):
+    """`likelihood --divergence hutchinson --sketch 4` said "Trace.sketch applies to method='hutch++' only, got
+    sketch=4" (a traceback-free line, but in the Python call's words), `--solver rk4 --rtol 1e-3` "solver 'rk4'"."""
+    (png,) = write_digits(tmp_path, 1)
+    code, out, err = run(capsys, ["likelihood", png, "--model", "analytic-mixture", "--no-progress", *argv], tmp_path)
+    assert code != 0 and out == ""
+    line = one_line(err)
+    assert said in line and "Trace." not in line and "method=" not in line, line

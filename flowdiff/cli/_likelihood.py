@@ -104,7 +104,11 @@ def add_parser(subparsers: Any, *, load_model: Callable[..., Any],
 #: log_likelihood's keywords as the flags that set them: an error names what the user typed
 _FLAGS = ((re.compile(r"\bdequantize=None\b"), "--dequantization none"),
           (re.compile(r"\bdequantization='?(\w+)'?"), r"--dequantization \1"),
-          (re.compile(r"\b(dequantize|steps)=(\w+)"), r"--\1 \2"))
+          (re.compile(r"\b(dequantize|steps)=(\w+)"), r"--\1 \2"),
+          (re.compile(r"\bTrace\.(sketch|probes)\b"), r"--\1"),
+          (re.compile(r"\b(sketch|probes)=(\d+)"), r"--\1 \2"),
+          (re.compile(r"\bmethod='([\w+]+)'"), r"--divergence \1"),
+          (re.compile(r"\bsolver '([\w+]+)'"), r"--solver \1"))
 
 
 def _as_flags(message: str) -> str:
@@ -151,7 +155,10 @@ def run(args: argparse.Namespace) -> int:
     if args.dequantization != "none":
         options.update(dequantize=levels, dequantization=args.dequantization)
     if args.divergence not in ("exact", "auto"):
-        estimator = Trace(args.divergence, probes=args.probes, sketch=args.sketch, probes_from=args.probes_from)
+        try:
+            estimator = Trace(args.divergence, probes=args.probes, sketch=args.sketch, probes_from=args.probes_from)
+        except ValueError as err:
+            raise ValueError(_as_flags(one_line(err))) from None
     elif args.probes is not None or args.sketch is not None or args.probes_from is not None:
         raise ValueError("--probes/--sketch/--probes-from apply to --divergence hutchinson or hutch++ (not exact or "
                          "auto)")
