@@ -264,7 +264,8 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
             unchecked = "" if made.options.get("validate", True) else ", no held-out validation"
             print(f"{grid} grid of {solver} at NFE {budget}: tuning cost {made.tuning_nfe} NFE, "
                   f"{made.tuning_seconds:.1f} s{unchecked}")
-    if any(not made.options.get("validate", True) for made in result.provided.values() if not made.source):
+    if any(not getattr(made, "options", {}).get("validate", True) for made in result.provided.values()
+           if not getattr(made, "source", "")):
         print(f"flowdiff compare: warning: --batch {args.batch}: the grids tuned here were fitted to their one "
               "calibration sample without the held-out validation, which needs --batch 2 or more", file=sys.stderr)
     for source, made in shipped.items():
