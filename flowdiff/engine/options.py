@@ -209,10 +209,12 @@ class Grid:
         if direction == "encode":
             why = (f"an encode's first step, out of σ = 0, is a whole {solver.name} step, where a generation's last "
                    "step into σ = 0 is Euler")
-        else:
+            then = f"to encode with {solver.name!r} give"
+        else:  # a generation, or the decode an Inversion inverts, told final_euler=False
             why = f"with final_euler=False the step into σ = 0 is a whole {solver.name} step, not Euler"
+            then = f"with final_euler=False, {solver.name!r} takes"
         raise ValueError(f"nfe={self.nfe} is below the cost of one step of solver {solver.name!r} "
-                         f"({one} evaluations: {why}); to {direction} with {solver.name!r} give nfe >= {one}")
+                         f"({one} evaluations: {why}); {then} nfe >= {one}")
 
     @property
     def euler_into_zero(self) -> bool:
