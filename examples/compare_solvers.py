@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch < 1 or args.seed < 0:  # torch wraps a negative seed round silently
         parser.error(f"--batch must be at least 1 and --seed at least 0, got --batch {args.batch} and --seed "
                      f"{args.seed}")
+    if args.model != "digits" and not Path(args.model).is_dir():
+        parser.error(f"--model {args.model!r}: no such folder (give 'digits' or a diffusers model directory)")
     try:
         budgets = [int(n) for n in args.nfe.split(",")]
     except ValueError:

@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.model != "digits" and not Path(args.model).is_dir():
+        parser.error(f"--model {args.model!r}: no such folder (give 'digits' or a diffusers model directory)")
     if args.images is not None and not args.images.is_dir():
         parser.error(f"--images {str(args.images)!r}: no such folder (give a folder of image files)")
 

@@ -219,6 +219,9 @@ def test_seed_is_refused_where_no_noise_is_drawn(tmp_path, capsys, command):
     ("diffusers_pipeline.py", ["--steps", "0"], "--steps must be at least 1, got 0"),
     ("property_test_model.py", ["--examples", "0"], "--examples must be at least 1, got 0"),
     ("reconstruction.py", ["--steps", "0"], "--steps must be at least 1, got 0"),
+    ("reconstruction.py", ["--model", "nodir"], "--model 'nodir': no such folder"),
+    ("compare_solvers.py", ["--model", "nodir"], "--model 'nodir': no such folder"),
+    ("diffusers_pipeline.py", ["--pipeline", "nodir"], "--pipeline 'nodir': no such folder"),
 ])
 def test_examples_refuse_counts_they_cannot_run_in_one_line(tmp_path, capsys, script, argv, says):
     """`noise_optimisation.py --iterations 0` ended in an UnboundLocalError, `likelihood.py --batch 400` headed its
