@@ -35,12 +35,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("FLOWDIFF_OUT", "out")),
                         help="output folder (default: $FLOWDIFF_OUT or ./out)")
     args = parser.parse_args(argv)
+    if args.batch < 1 or args.seed < 0:  # torch wraps a negative seed round silently
+        parser.error(f"--batch must be at least 1 and --seed at least 0, got --batch {args.batch} and --seed "
+                     f"{args.seed}")
+    if args.model != "digits" and not Path(args.model).is_dir():
+        parser.error(f"--model {args.model!r}: no such folder (give 'digits' or a diffusers model directory)")
+    try:
+        budgets = [int(n) for n in args.nfe.split(",")]
+    except ValueError:
+        parser.error(f"--nfe must be comma-separated whole numbers, got {args.nfe!r}")
 
     flow = flowdiff.pretrained("digits") if args.model == "digits" else flowdiff.from_diffusers(args.model)
     shape = (1, 8, 8) if args.model == "digits" else tuple(flow.model.sample_shape)
     noise = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(args.seed))
     table = flowdiff.compare(flow, noise, solvers=args.solvers.split(","), grids=args.grids.split(","),
-                             nfe=[int(n) for n in args.nfe.split(",")], rtol=args.rtol, atol=args.rtol)
+                             nfe=budgets, rtol=args.rtol, atol=args.rtol)
 
     args.out.mkdir(parents=True, exist_ok=True)
     markdown = table.to_markdown()

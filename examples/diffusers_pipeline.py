@@ -75,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("FLOWDIFF_OUT", "out")),
                         help="output folder (default: $FLOWDIFF_OUT or ./out)")
     args = parser.parse_args(argv)
+    for name, low in (("steps", 1), ("batch", 1), ("seed", 0)):  # torch wraps a negative seed round silently
+        if getattr(args, name) < low:
+            parser.error(f"--{name} must be at least {low}, got {getattr(args, name)}")
+    if args.pipeline is not None and not args.pipeline.is_dir():
+        parser.error(f"--pipeline {str(args.pipeline)!r}: no such folder (give a diffusers pipeline directory, or "
+                     "leave it out to build a tiny one)")
     args.out.mkdir(parents=True, exist_ok=True)
     directory = args.pipeline or build_tiny_pipeline(args.out / "tiny-ddim-pipeline", args.seed)
 

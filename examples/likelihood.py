@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("FLOWDIFF_OUT", "out")),
                         help="output folder (default: $FLOWDIFF_OUT or ./out)")
     args = parser.parse_args(argv)
+    held_out = len(flowdiff.digits_data("test").images)
+    if not 1 <= args.batch <= held_out:  # a set is cut from the held-out digits: more would silently be fewer
+        parser.error(f"--batch must be between 1 and {held_out} (the held-out digits), got {args.batch}")
+    for name, low in (("steps", 0), ("probes", 1), ("seed", 0)):  # --steps 0: adaptive
+        if getattr(args, name) < low:
+            parser.error(f"--{name} must be at least {low}, got {getattr(args, name)}")
     if not hasattr(flowdiff, "log_likelihood"):
         print("this flowdiff has no flowdiff.log_likelihood yet; this example needs a version with it")
         return 2

@@ -38,6 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("FLOWDIFF_OUT", "out")),
                         help="output folder (default: $FLOWDIFF_OUT or ./out)")
     args = parser.parse_args(argv)
+    held_out = len(flowdiff.digits_data("test").images)
+    if not 1 <= args.batch <= held_out:  # cut from the held-out digits: more would silently be fewer
+        parser.error(f"--batch must be between 1 and {held_out} (the held-out digits), got {args.batch}")
+    for name in ("steps", "iterations"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not 0 < args.lr < float("inf"):
+        parser.error(f"--lr must be a number > 0, got {args.lr}")
 
     flow = flowdiff.pretrained("digits")
     images = flowdiff.digits_data("test").images[:args.batch]

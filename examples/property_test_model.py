@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("FLOWDIFF_OUT", "out")),
                         help="output folder (default: $FLOWDIFF_OUT or ./out)")
     args = parser.parse_args(argv)
+    if args.examples < 1:
+        parser.error(f"--examples must be at least 1, got {args.examples}")
     lines = ["| property | examples | result |", "|---|---:|---|"]
     failed = 0
     for prop in PROPERTIES:

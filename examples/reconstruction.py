@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("FLOWDIFF_OUT", "out")),
                         help="output folder (default: $FLOWDIFF_OUT or ./out)")
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.model != "digits" and not Path(args.model).is_dir():
+        parser.error(f"--model {args.model!r}: no such folder (give 'digits' or a diffusers model directory)")
     if args.images is not None and not args.images.is_dir():
         parser.error(f"--images {str(args.images)!r}: no such folder (give a folder of image files)")
 

@@ -60,8 +60,9 @@ def cannot_encode(flow: ProbabilityFlow, solver: str, grid: str, budget: int) ->
         return refusal
     base = "euler" if solver_plugin(solver) is not None else solver
     one_step = _solvers.nfe_for_steps(base, 1)
-    if budget < one_step:
-        return f"one step costs {one_step} evaluations"
+    if budget < one_step:  # as Grid's refusal says it (flowdiff.engine.options.Grid._check_one_step)
+        return (f"{solver} encodes from NFE {one_step}: an encode's first step, out of σ = 0, is a whole step "
+                f"({one_step} evaluations)")
     try:
         make_sigmas(flow.schedule, grid, _solvers.steps_for_nfe(base, budget))
     except ValueError as err:

@@ -114,7 +114,8 @@ def _check_budget(args: argparse.Namespace, loaded: LoadedModel, budget: dict[st
         Grid(args.grid, **budget).solve_sigmas(loaded.flow, _solvers.get(args.solver), direction)
     except ValueError as err:
         said = {key: f"--{key} {value}"}  # the flag given; a step count it bought is said as a count
-        text = re.sub(r"\b(steps|nfe)=(\d[\d,]*)", lambda m: said.get(m[1], f"{m[2]} {m[1]}"), one_line(err))
+        text = re.sub(r"\b(steps|nfe) >= (\d[\d,]*)", r"--\1 \2 or more", one_line(err))  # what it accepts
+        text = re.sub(r"\b(steps|nfe)=(\d[\d,]*)", lambda m: said.get(m[1], f"{m[2]} {m[1]}"), text)
         default = "" if args.nfe is not None or args.steps is not None else "; the default budget"
         where = f"--solver {args.solver} on --grid {args.grid}"
         if said[key] in text:
@@ -144,9 +145,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
 SAMPLE_IMAGES = 4
 
 
+def _unused_compare_flags(args: argparse.Namespace) -> None:
+    """Refuse the flags that would change nothing in this run: the noise and reference flags beside --task roundtrip
+    (it encodes held-out digits against themselves), --calibration-seed beside grids none of which is tuned. Each was
+    taken without a word. (A flag given at its default value cannot be told from its absence, and changes nothing.)"""
+    if args.task == "roundtrip":
+        given = [flag for flag, value, default in (("--seed", args.seed, 0), ("--rtol", args.rtol, REFERENCE_RTOL),
+                                                   ("--fresh-reference", args.fresh_reference, False),
+                                                   ("--calibration-seed", args.calibration_seed, None))
+                 if value != default]
+        if given:
+            one = len(given) == 1
+            raise UsageError(f"{', '.join(given)} {'applies' if one else 'apply'} to --task generate (its noise, "
+                             "reference and tuning); --task roundtrip encodes the held-out digits and measures "
+                             f"against them: leave {'it' if one else 'them'} out")
+    elif args.calibration_seed is not None and args.grid is not None and "tuned" not in args.grid:
+        raise UsageError(f"--calibration-seed {args.calibration_seed} seeds the noise --grid tuned is tuned on, and "
+                         f"--grid {','.join(args.grid)} has no tuned grid: add tuned to --grid, or leave it out")
+
+
 def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
     from ..tools.compare import Reference, reference_solution
 
+    _unused_compare_flags(args)
     if args.task == "roundtrip":
         from ..models.pretrained import digits_data
 
@@ -196,11 +217,15 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
         noise.shape, generator=torch.Generator().manual_seed(args.calibration_seed), dtype=noise.dtype).to(device)
     # peers run once, on rank 0, after the ranks' runs (same noise, budgets and reference); rank 0 receives the
     # images the report's sample grid shows, flowdiff's rows from whichever rank ran them
-    result = distributed.compare(run_flow, noise, ranks=ranks, solvers=args.solver, grids=args.grid, nfe=args.nfe,
-                                 model_kwargs=loaded.model_kwargs or None, reference=ref,
-                                 progress=not args.no_progress, calibration_noise=calibration,
-                                 tune_options={"progress": not args.no_progress}, peers=args.peers or None,
-                                 keep_images=SAMPLE_IMAGES)
+    from ..tools.tuning import NO_VALIDATION
+
+    with warnings.catch_warnings():  # said below in the flags' words, once, for the grids tuned here
+        warnings.filterwarnings("ignore", message=NO_VALIDATION, category=UserWarning)
+        result = distributed.compare(run_flow, noise, ranks=ranks, solvers=args.solver, grids=args.grid,
+                                     nfe=args.nfe, model_kwargs=loaded.model_kwargs or None, reference=ref,
+                                     progress=not args.no_progress, calibration_noise=calibration,
+                                     tune_options={"progress": not args.no_progress}, peers=args.peers or None,
+                                     keep_images=SAMPLE_IMAGES)
     if not ranks.is_main:
         return 0
     ref = result.reference
@@ -236,8 +261,13 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
         if source:
             shipped.setdefault(source, []).append(made)
         else:
+            unchecked = "" if made.options.get("validate", True) else ", no held-out validation"
             print(f"{grid} grid of {solver} at NFE {budget}: tuning cost {made.tuning_nfe} NFE, "
-                  f"{made.tuning_seconds:.1f} s")
+                  f"{made.tuning_seconds:.1f} s{unchecked}")
+    if any(not getattr(made, "options", {}).get("validate", True) for made in result.provided.values()
+           if not getattr(made, "source", "")):
+        print(f"flowdiff compare: warning: --batch {args.batch}: the grids tuned here were fitted to their one "
+              "calibration sample without the held-out validation, which needs --batch 2 or more", file=sys.stderr)
     for source, made in shipped.items():
         batches = "/".join(str(b) for b in sorted({m.options.get("calibration_batch", 0) for m in made}))
         print(f"tuned grids: {len(made)} shipped ones from {source}, tuned once on other noise ({batches} "
@@ -324,6 +354,8 @@ def _compare_roundtrip(args: argparse.Namespace, loaded: LoadedModel, run_flow: 
     paths = _write_report(result, out, args, loaded, facts, "round trip: decode(encode(x))",
                           figures={"Inputs, reconstructions and error maps": figure}, reproduce=False)
     print(result.to_markdown(args.layout))
+    for skip in result.skipped:  # as the generate task says them: a "—" in the table alone says nothing
+        print(f"skipped {skip.solver} on {skip.grid} at NFE {skip.budget}: {skip.reason}")
     print(f"wrote the report {paths['report']} with {', '.join(p.name for k, p in paths.items() if k != 'report')}, "
           f"{figure.name}")
     return 0

@@ -50,7 +50,7 @@ ROUNDTRIP_COLUMNS = ("path", "mse", "max_abs", "psnr", "mse_written", "max_abs_w
                      "nfe_encode", "nfe_decode")
 ENCODE_COLUMNS = ("path", "latent", "nfe_encode", "latent_mean", "latent_std")
 #: Options that do not change a run's numbers (where it is written, how fast, whether to start over).
-_NOT_DEFINING = {"func", "command", "data", "images", "out", "overwrite", "threads", "latents", "no_progress", "seed"}
+_NOT_DEFINING = {"func", "command", "data", "images", "out", "overwrite", "threads", "latents", "no_progress"}
 
 
 class Stopped(CommandError):

@@ -74,6 +74,8 @@ def add_parser(subparsers: Any, *, load_model: Callable[..., Any],
                        help="seed of the probes and the dequantization, 0 … 2**64 - 1 (default: 0)")
     group.add_argument("--threads", type=_positive_int, default=None,
                        help="CPU threads for torch (default: 1 for the built-in models, torch's choice otherwise)")
+    group.add_argument("--no-progress", action="store_true",
+                       help="no progress bar (default: a bar on stderr of the σ each solve has reached)")
     group = p.add_argument_group("estimator")
     group.add_argument("--divergence", default="auto", choices=list(DIVERGENCES),
                        help="auto (default: exact up to 256 dimensions, hutch++ beyond), exact (D vector-Jacobian "
@@ -81,7 +83,7 @@ def add_parser(subparsers: Any, *, load_model: Callable[..., Any],
     group.add_argument("--probes", type=_positive_int, default=None,
                        help="probes of a stochastic divergence (default: 16); >= 2 gives a standard error")
     group.add_argument("--sketch", type=_positive_int, default=None, help="Hutch++'s sketch size (default: 32)")
-    group.add_argument("--probes-from", default="rademacher", choices=list(PROBE_NOISES),
+    group.add_argument("--probes-from", default=None, choices=list(PROBE_NOISES),
                        help="the probes' distribution (default: rademacher)")
     group.add_argument("--dequantization", default="uniform", choices=[*DEQUANTIZATIONS, "none"],
                        help="noise that dequantizes the integer pixel values, for the discrete data's bits/dim "
@@ -102,7 +104,11 @@ def add_parser(subparsers: Any, *, load_model: Callable[..., Any],
 #: log_likelihood's keywords as the flags that set them: an error names what the user typed
 _FLAGS = ((re.compile(r"\bdequantize=None\b"), "--dequantization none"),
           (re.compile(r"\bdequantization='?(\w+)'?"), r"--dequantization \1"),
-          (re.compile(r"\b(dequantize|steps)=(\w+)"), r"--\1 \2"))
+          (re.compile(r"\b(dequantize|steps)=(\w+)"), r"--\1 \2"),
+          (re.compile(r"\bTrace\.(sketch|probes)\b"), r"--\1"),
+          (re.compile(r"\b(sketch|probes)=(\d+)"), r"--\1 \2"),
+          (re.compile(r"\bmethod='([\w+]+)'"), r"--divergence \1"),
+          (re.compile(r"\bsolver '([\w+]+)'"), r"--solver \1"))
 
 
 def _as_flags(message: str) -> str:
@@ -149,9 +155,13 @@ def run(args: argparse.Namespace) -> int:
     if args.dequantization != "none":
         options.update(dequantize=levels, dequantization=args.dequantization)
     if args.divergence not in ("exact", "auto"):
-        estimator = Trace(args.divergence, probes=args.probes, sketch=args.sketch, probes_from=args.probes_from)
-    elif args.probes is not None or args.sketch is not None:
-        raise ValueError("--probes/--sketch apply to --divergence hutchinson or hutch++ (not exact or auto)")
+        try:
+            estimator = Trace(args.divergence, probes=args.probes, sketch=args.sketch, probes_from=args.probes_from)
+        except ValueError as err:
+            raise ValueError(_as_flags(one_line(err))) from None
+    elif args.probes is not None or args.sketch is not None or args.probes_from is not None:
+        raise ValueError("--probes/--sketch/--probes-from apply to --divergence hutchinson or hutch++ (not exact or "
+                         "auto)")
     else:
         estimator = Trace(args.divergence)
     if args.steps is not None:
@@ -169,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = log_likelihood(loaded.flow, images, solver=args.solver, estimator=estimator,
                                 generator=torch.Generator().manual_seed(args.seed),
-                                model_kwargs=loaded.model_kwargs or None, **options)
+                                model_kwargs=loaded.model_kwargs or None, progress=not args.no_progress, **options)
     except ValueError as err:
         raise ValueError(_as_flags(one_line(err))) from None
     wall = time.perf_counter() - start

@@ -99,7 +99,9 @@ def _empty(text: str) -> NoReturn:
     raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
 
 
-def _common(parser: argparse.ArgumentParser, *, dtype: str | None) -> None:
+def _common(parser: argparse.ArgumentParser, *, dtype: str | None, seed: bool = False) -> None:
+    """The model and device options; ``seed``: the command draws noise (sample, compare), so ``--seed`` means
+    something (encode, decode and roundtrip draw none: a ``--seed`` there would be taken and do nothing)."""
     group = parser.add_argument_group("model and device")
     group.add_argument("--model", default="digits", metavar="NAME|DIR",
                        help="'digits' (default: the small trained 8×8 digits model shipped with flowdiff), "
@@ -111,7 +113,8 @@ def _common(parser: argparse.ArgumentParser, *, dtype: str | None) -> None:
     group.add_argument("--dtype", default=dtype, choices=list(DTYPES),
                        help=f"precision of the state and the network (default: {dtype or 'that of the latents'}); "
                             "float16/bfloat16 run the network in that precision with a float32 state")
-    group.add_argument("--seed", type=_seed, default=0, help="seed of the noise, 0 … 2**64 - 1 (default: 0)")
+    if seed:
+        group.add_argument("--seed", type=_seed, default=0, help="seed of the noise, 0 … 2**64 - 1 (default: 0)")
     group.add_argument("--threads", type=_positive_int, default=None,
                        help="CPU threads for torch (default: 1 for the small built-in models, for which one "
                             "thread is fastest; torch's choice for --model DIR)")
@@ -174,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "same noise, print the best grid per solver and write a report: compare.md (the "
                                    "run's facts, the best per budget, the command that reproduces it), the frontier "
                                    "and sample figures, every solver × grid, and every run as CSV.")
-    _common(p, dtype="float32")
+    _common(p, dtype="float32", seed=True)
     p.add_argument("--solver", type=_name_list(_solvers.available, "solver"), default=None, metavar="LIST",
                    help="comma-separated solver names (default: "
                         f"{','.join(default_solvers())}); available: {', '.join(_solvers.available())}")
@@ -212,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate images and write them as one PNG grid",
                        description="Generate images from seeded noise and write them as one PNG grid.")
-    _common(p, dtype="float32")
+    _common(p, dtype="float32", seed=True)
     add_class_label_option(p)
     _solve_options(p, solver="euler", nfe=20, steps=None)
     p.add_argument("--num", type=image_count, default=16, help="number of images (default: 16)")

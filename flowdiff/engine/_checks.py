@@ -27,6 +27,23 @@ RANGE_SLACK = 1.0
 _RANGE_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("flowdiff_range_checked", default=False)
 
 
+def check_device(device: object, name: str = "device") -> torch.device:
+    """``device`` as a torch.device, refused with a ValueError naming it when it is no device or does not exist on
+    this machine (torch says "Torch not compiled with CUDA enabled" in an AssertionError, or names its internals)."""
+    try:
+        target = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:0')") from None
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} {device!r}: CUDA is not available in this torch build or on this machine")
+        if target.index is not None and target.index >= torch.cuda.device_count():
+            raise ValueError(f"{name} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif target.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name} {device!r}: MPS is not available on this machine")
+    return target
+
+
 def check_has_values(x: Tensor, name: str) -> None:
     """Refuse a tensor on the ``meta`` device: it has a shape and no values, so the first check that reads one
     (NaN/inf) would fail inside torch ("Tensor.item() cannot be called on meta tensors")."""

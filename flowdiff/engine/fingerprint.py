@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._checks import check_model_kwargs
 from .flow import ProbabilityFlow
 
 
@@ -98,7 +99,7 @@ def flow_fingerprint(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | No
                         "torch.nn.Module nor an object holding its tensors as attributes")
     h.update(flow.schedule.alphas_cumprod.tobytes())
     h.update(f"{type(owner).__name__}|{flow.prediction_type}".encode())
-    if model_kwargs:
+    if check_model_kwargs(model_kwargs):
         for key, value in dict(model_kwargs).items():
             _check_stable(value, f"model_kwargs[{key!r}]")
         h.update(b"|kwargs")

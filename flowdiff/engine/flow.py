@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._checks import check_model_kwargs
 from .schedules import ArrayLike, Schedule, as_schedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "velocity")
@@ -138,7 +139,7 @@ class ProbabilityFlow:
         visited are kept on the flow (a bounded cache), so that repeated solves on one grid
         build no tensor inside the step loop.
         """
-        kwargs = dict(model_kwargs or {})
+        kwargs = dict(check_model_kwargs(model_kwargs) or {})  # every tool's solve comes here: compare, tune, ...
         if self.sigma_field is not None:
             return self._native_field(kwargs, model_dtype)
         timestep = self.schedule.timestep if not self.timesteps else _table_lookup(self.timesteps,

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .schedules import ArrayLike, Schedule
+from .schedules import ArrayLike, Schedule, real_values
 
 GRIDS = ("trailing", "leading", "linear", "quadratic", "karras", "logsnr")
 #: The options each grid takes (``Grid(options=...)``); the timestep grids and explicit sigmas/timesteps take none.
@@ -137,7 +137,7 @@ def make_sigmas(
         raise ValueError(f"give exactly one of steps, sigmas or timesteps; got {given or 'none'}")
     options = check_grid_options(grid, grid_options, explicit=given[0] if given[0] != "steps" else None)
     if sigmas is not None:
-        s = np.asarray(sigmas.detach().cpu().double() if hasattr(sigmas, "detach") else sigmas, dtype=np.float64)
+        s = real_values(sigmas, "sigmas")
         if s.ndim != 1 or s.size < 2:
             raise ValueError(f"sigmas must be 1-D with at least 2 values, got shape {s.shape}")
         if not np.all(np.isfinite(s[1:])) or np.isnan(s[0]) or np.any(s < 0):
@@ -149,8 +149,7 @@ def make_sigmas(
         # (see flowdiff.engine.scheduler_grids); the result is then x̄ at that σ.
         return s
     if timesteps is not None:
-        t = np.asarray(timesteps.detach().cpu().double() if hasattr(timesteps, "detach") else timesteps,
-                       dtype=np.float64)
+        t = real_values(timesteps, "timesteps")
         T = schedule.num_train_timesteps
         if t.ndim != 1 or t.size < 1:
             raise ValueError(f"timesteps must be 1-D and non-empty, got shape {t.shape}")

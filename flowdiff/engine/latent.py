@@ -30,6 +30,7 @@ from torch import Tensor
 import solvers
 from solvers import ReversibleState
 
+from ._checks import check_device
 from ._files import atomic_write, check_folder, regular_file
 from .fingerprint import flow_fingerprint
 from .flow import ProbabilityFlow
@@ -248,7 +249,7 @@ class Latent:
         path = _check_path(path)
         name = os.fspath(path)
         try:
-            target = _check_device(device)
+            target = check_device(device)
         except ValueError as err:
             raise ValueError(f"latent file {name!r}: cannot load onto {err}") from None
         regular_file(path, "latent file")  # missing, or a FIFO/device/folder: named, never waited on
@@ -345,22 +346,6 @@ def _check_path(path: object) -> Path:
     if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     return Path(path)
-
-
-def _check_device(device: object) -> torch.device:
-    """``device`` as a torch.device, refused with a ValueError naming it when it does not exist on this machine."""
-    try:
-        target = torch.device(device)  # type: ignore[arg-type]
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:0')") from None
-    if target.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: CUDA is not available in this torch build or on this machine")
-        if target.index is not None and target.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif target.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {device!r}: MPS is not available on this machine")
-    return target
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:

@@ -137,6 +137,11 @@ class Grid:
         object.__setattr__(self, "options", _mapping(self.options, "Grid.options"))
         if self.final_euler is not None:
             object.__setattr__(self, "final_euler", _flag(self.final_euler, "final_euler"))
+        explicit = "sigmas" if self.sigmas is not None else "timesteps" if self.timesteps is not None else None
+        if explicit is not None and self.name != "trailing":  # the default name: nothing else to tell it from
+            raise ValueError(f"Grid({self.name!r}, {explicit}=...): explicit {explicit} are the whole grid, so the "
+                             f"name {self.name!r} would go unused; give the name with steps=/nfe=, or the {explicit} "
+                             "alone")
         if self.nfe is not None:
             if self.steps is not None:
                 raise ValueError("give steps or nfe, not both")
@@ -152,12 +157,16 @@ class Grid:
     def generation_sigmas(self, flow: ProbabilityFlow, solver: Solver, *,
                           final_euler: bool | None = None) -> np.ndarray:
         """The generation grid (decreasing to 0), with ``nfe=`` turned into a step count exactly."""
+        return self._generation_sigmas(flow, solver, self.euler_into_zero if final_euler is None else final_euler,
+                                       "generate")
+
+    def _generation_sigmas(self, flow: ProbabilityFlow, solver: Solver, final: bool, direction: str) -> np.ndarray:
         if not self.given:
             raise ValueError("give one of steps=, nfe=, grid=<σ values> or grid=Grid(sigmas=/timesteps=) (or "
                              "adaptive=flowdiff.Adaptive(...) for an adaptive solve)")
-        final = self.euler_into_zero if final_euler is None else final_euler
         steps = self.steps
         if self.nfe is not None:
+            self._check_one_step(solver, final, direction)
             steps = check_budget(solver.name, self.nfe, solvers.steps_for_nfe(solver, self.nfe, eval_end=not final))
         sig = self._sigmas(flow, steps)
         if self.nfe is not None and sig[0] == math.inf:  # the step out of σ = ∞ costs one evaluation
@@ -187,8 +196,25 @@ class Grid:
             return self.generation_sigmas(flow, solver)
         if direction == "encode":
             # unipc and abm end an encode with the predictor alone (formulations.encode_evaluates_end)
-            return reversed_grid(self.generation_sigmas(flow, solver, final_euler=not encode_evaluates_end(solver)))
+            return reversed_grid(self._generation_sigmas(flow, solver, not encode_evaluates_end(solver), "encode"))
         raise ValueError(f"direction must be 'generate' or 'encode', got {direction!r}")
+
+    def _check_one_step(self, solver: Solver, final: bool, direction: str) -> None:
+        """Refuse an ``nfe`` below the cost of one step, saying which budgets this solver and direction accept: a
+        generation's step into σ = 0 is Euler (one evaluation, ``final_euler``), an encode's first step out of
+        σ = 0 is a whole step of the method, so ``heun`` generates at ``nfe=1`` and encodes from ``nfe=2``."""
+        one = solvers.nfe_for_steps(solver, 1, eval_end=not final)
+        if self.nfe >= one:
+            return
+        if direction == "encode":
+            why = (f"an encode's first step, out of σ = 0, is a whole {solver.name} step, where a generation's last "
+                   "step into σ = 0 is Euler")
+            then = f"to encode with {solver.name!r} give"
+        else:  # a generation, or the decode an Inversion inverts, told final_euler=False
+            why = f"with final_euler=False the step into σ = 0 is a whole {solver.name} step, not Euler"
+            then = f"with final_euler=False, {solver.name!r} takes"
+        raise ValueError(f"nfe={self.nfe} is below the cost of one step of solver {solver.name!r} "
+                         f"({one} evaluations: {why}); {then} nfe >= {one}")
 
     @property
     def euler_into_zero(self) -> bool:

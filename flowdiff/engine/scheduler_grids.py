@@ -169,6 +169,15 @@ def schedule_from_config(config: Mapping[str, Any], source: str = "scheduler con
         except (TypeError, ValueError) as e:
             raise ValueError(f"{source}: {e}") from None
         return schedule, "velocity"
+    name = class_name(config)
+    params = _parameters(name) if name else None
+    if params is not None and not {"beta_schedule", "trained_betas"} & params:  # EDM, score-SDE VE, consistency
+        vp = ", ".join(VP_SCHEDULERS[:3])
+        raise ValueError(f"{source}: the {name} config defines no betas (its schedule is σ_min = "
+                         f"{config.get('sigma_min')!r}, σ_max = {config.get('sigma_max')!r}), and flowdiff reads a "
+                         f"variance-preserving schedule from a betas scheduler ({vp}, ...) or rectified flow from "
+                         f"{', '.join(FLOW_MATCHING_SCHEDULERS)}: pass scheduler= one of those, or build the flow "
+                         "with flowdiff.ProbabilityFlow and flowdiff.VESchedule")
     prediction_type = config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES or prediction_type == "velocity":
         raise ValueError(f"{source}: unsupported prediction_type {prediction_type!r}; "

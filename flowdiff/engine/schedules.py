@@ -29,12 +29,30 @@ ArrayLike = Sequence[float] | np.ndarray | torch.Tensor
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine")
 
 
+def real_values(values: object, name: str) -> np.ndarray:
+    """``values`` (a list, array or tensor of real numbers) as float64; strings, bools, complex numbers and other
+    objects are refused rather than converted (``["2", "0"]`` became a grid, ``1+2j`` lost its imaginary part)."""
+    if hasattr(values, "detach"):  # a tensor
+        values = values.detach().cpu()
+        dtype = str(values.dtype).removeprefix("torch.")
+        kind = "f" if values.is_floating_point() else "c" if values.is_complex() else "b" if dtype == "bool" else "i"
+        values = values.double() if kind in "fi" else values
+    else:
+        values = np.asarray(values)
+        kind, dtype = values.dtype.kind, str(values.dtype)
+    if kind not in "fiu":
+        shown = repr(values.tolist())
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise TypeError(f"{name} must be real numbers (ints or floats), got {shown} of dtype {dtype}")
+    return np.asarray(values, dtype=np.float64)
+
+
 def _as_float64(values: ArrayLike, name: str) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().double().numpy()
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{name} must be a 1-D sequence of numbers, got {type(values).__name__}")
     try:
-        arr = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError):
+        arr = real_values(values, name)
+    except ValueError:  # ragged lists
         raise TypeError(f"{name} must be a 1-D sequence of numbers, got {type(values).__name__}") from None
     if arr.ndim != 1 or arr.size < 2:
         raise ValueError(f"{name} must be 1-D with at least 2 entries, got shape {arr.shape}")

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..engine._checks import check_device
 from ..engine.scheduler_grids import config_of, read_json, schedule_from_config
 from .pipelines import Autoencoder, DiffusersFlow, PackedAutoencoder, PipelinePromptEncoder, PromptEncoder
 
@@ -304,6 +305,8 @@ def from_diffusers(path: str | Path, *, scheduler: object = None, device: str | 
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype (float16, bfloat16, float32, float64), "
                         f"got {dtype!r}")
+    if device is not None:
+        device = check_device(device)  # before any weights are read
     root = Path(path)
     model_dir, index = _components(root)
     config_path = model_dir / "config.json"

@@ -74,6 +74,11 @@ class GuidedModel(nn.Module):
 
     def forward(self, x: Tensor, t: Any, **model_kwargs: Any) -> Tensor:
         uncond = self.unconditional_kwargs
+        if not model_kwargs and not uncond:  # both branches the same call: w would change nothing, at twice the cost
+            raise ValueError(f"classifier-free guidance (w = {float(self.guidance_scale):g}) got no model_kwargs, "
+                             "and its unconditional branch takes none either, so both branches are the same call "
+                             "and the result the unconditional model's at twice the cost; pass the condition as "
+                             "model_kwargs (e.g. {'class_labels': labels}), or sample the unguided flow")
         joint = batched_kwargs(uncond, model_kwargs, x.shape[0]) if self.batch else None
         if joint is not None:
             tt = torch.cat([t, t]) if isinstance(t, Tensor) and t.ndim == 1 and t.shape[0] == x.shape[0] else t

@@ -35,6 +35,7 @@ from ..engine.scheduler_grids import (
     config_of,
     ddim_inverse_sigmas,
     ddim_timesteps,
+    schedule_from_config,
     scheduler_sigmas,
     unidentified,
     with_defaults,
@@ -496,7 +497,26 @@ def _like_arguments(function: str, flow: object, x: object, name: str, scheduler
         if scheduler is None:
             raise ValueError("this flow carries no scheduler_config; pass scheduler= (a diffusers scheduler, "
                              "its config or its directory)")
+    _check_same_model(function, flow, scheduler)
     return scheduler
+
+
+def _check_same_model(function: str, flow: ProbabilityFlow, scheduler: object) -> None:
+    """Refuse a scheduler that reads the model's output as another prediction type than the flow does: the loop would
+    not be the scheduler's (its grid and timesteps make it so whatever the flow's ᾱ table, not its reading of the
+    output)."""
+    config, source = config_of(scheduler)
+    if class_name(config) is None:
+        return  # refused by name where the plan is made
+    try:
+        _, prediction_type = schedule_from_config(with_defaults(config), source)
+    except ValueError:
+        return  # a config flowdiff reads no schedule from (Euler's 'original_sample'): the plan decides
+    if prediction_type != flow.prediction_type:
+        raise ValueError(f"{function}: {source} reads the model's output as {prediction_type!r}, the flow as "
+                         f"{flow.prediction_type!r}, so the loop run would not be the scheduler's; give both the "
+                         "model's own prediction type (ProbabilityFlow(..., prediction_type=) or the scheduler's "
+                         "prediction_type)")
 
 
 def sample_like(flow: ProbabilityFlow, noise: Tensor, scheduler: object = None, steps: int | None = None, *,

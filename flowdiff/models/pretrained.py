@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..engine._checks import check_device
 from ..engine.flow import ProbabilityFlow
 from ..engine.schedules import Schedule
 from .nets import DigitsNet
@@ -90,6 +92,19 @@ def _weights_dir() -> Path:
     return Path(str(resources.files("flowdiff") / "weights"))
 
 
+def _folder(directory: object) -> Path:
+    """The folder a model is read from: the package's weights, or ``directory`` (a retrained copy), checked."""
+    if directory is None:
+        return _weights_dir()
+    if isinstance(directory, bool) or not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a folder path (str or os.PathLike) or None, got "
+                        f"{type(directory).__name__}")
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"directory {str(directory)!r}: no such folder (give the folder holding a retrained "
+                                "copy's config and weights, or leave directory out for the shipped model)")
+    return Path(directory)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -101,8 +116,11 @@ def _sha256(path: Path) -> str:
 def load_config(name: str, directory: str | Path | None = None) -> dict[str, Any]:
     """The JSON config shipped next to a model's weights (architecture, schedule, training record)."""
     _check_name(name)
-    path = (Path(directory) if directory is not None else _weights_dir()) / f"{name}.json"
+    path = _folder(directory) / f"{name}.json"
     if not path.is_file():
+        if directory is not None:  # the user's folder, not the package, lacks it
+            raise FileNotFoundError(f"directory {str(directory)!r} has no {name}.json: a retrained copy is the "
+                                    f"{name}.json and {name}.safetensors that training/train_{name}.py writes")
         raise FileNotFoundError(f"model config {path} is missing; the package is incomplete "
                                 f"(retrain with training/train_{name}.py)")
     try:
@@ -116,8 +134,10 @@ def _load(name: str, directory: str | Path | None,
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if device is not None:
+        device = check_device(device)  # before the weights are read, and in words, not torch's AssertionError
     config = load_config(name, directory)
-    path = (Path(directory) if directory is not None else _weights_dir()) / f"{name}.safetensors"
+    path = _folder(directory) / f"{name}.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} is missing (retrain with training/train_{name}.py)")
     expected = config.get("sha256")
@@ -160,8 +180,11 @@ def pretrained(name: str = "digits", *, directory: str | Path | None = None,
     loads a retrained copy from elsewhere.
     """
     net, config = _load(name, directory, device)
-    return ProbabilityFlow(net, Schedule.from_config(**config["schedule"]),
-                           prediction_type=config["prediction_type"])
+    try:
+        return ProbabilityFlow(net, Schedule.from_config(**config["schedule"]),
+                               prediction_type=config["prediction_type"])
+    except (KeyError, TypeError, ValueError) as err:  # the file's fault: say which file
+        raise ValueError(f"model config {_folder(directory) / f'{name}.json'}: {err}") from None
 
 
 pretrained.digits_data = digits_data  # type: ignore[attr-defined]  # flowdiff.models.pretrained.digits_data(...)

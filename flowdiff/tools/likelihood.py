@@ -124,7 +124,7 @@ class Trace:
 
     ``method``: ``"auto"`` (``"exact"`` up to D = :data:`AUTO_EXACT_MAX_DIM`, ``"hutch++"`` beyond),
     ``"exact"``, ``"hutchinson"`` or ``"hutch++"``. ``probes``: the stochastic estimators' probe
-    vectors (default 16), drawn once from ``probes_from`` (``"rademacher"`` or ``"gaussian"``) with
+    vectors (default 16), drawn once from ``probes_from`` (``"rademacher"``, the default, or ``"gaussian"``) with
     :func:`log_likelihood`'s ``generator``; ``sketch``: Hutch++'s sketch size (default min(32, D)).
     ``chunk`` bounds the rows (samples × vectors) of one batched vector–Jacobian product (memory).
     """
@@ -132,22 +132,23 @@ class Trace:
     method: str = "auto"
     probes: int | None = None
     sketch: int | None = None
-    probes_from: str = "rademacher"
+    probes_from: str | None = None  # rademacher unless given: given beside the exact trace, it is refused
     chunk: int = 4096
 
     def __post_init__(self) -> None:
         if self.method not in DIVERGENCES:
             raise ValueError(f"Trace.method {self.method!r} is unknown; accepted: {', '.join(DIVERGENCES)}")
-        if self.probes_from not in PROBE_NOISES:
+        if self.probes_from is not None and self.probes_from not in PROBE_NOISES:
             raise ValueError(f"Trace.probes_from {self.probes_from!r} is unknown; accepted: {', '.join(PROBE_NOISES)}")
         _check_int("Trace.chunk", self.chunk, 1)
         if self.probes is not None:
             _check_int("Trace.probes", self.probes, 1)
         if self.sketch is not None:
             _check_int("Trace.sketch", self.sketch, 1)
-        if self.method == "exact" and (self.probes is not None or self.sketch is not None):
+        if self.method == "exact" and not self.probes == self.sketch == self.probes_from is None:
             raise ValueError(f"Trace.probes and Trace.sketch apply to the stochastic methods (hutchinson, hutch++), "
-                             f"not method='exact'; got probes={self.probes!r}, sketch={self.sketch!r}")
+                             f"as does Trace.probes_from, not method='exact'; got probes={self.probes!r}, "
+                             f"sketch={self.sketch!r}, probes_from={self.probes_from!r}")
         if self.method == "hutchinson" and self.sketch is not None:
             raise ValueError(f"Trace.sketch applies to method='hutch++' only, got sketch={self.sketch!r}")
 
@@ -451,6 +452,32 @@ def _choose_divergence(divergence: str, dim: int) -> str:
     return "exact" if dim <= AUTO_EXACT_MAX_DIM else "hutch++"
 
 
+class _TimeBar:
+    """A tqdm bar (stderr) of a solve from σ = 0 to σ_max: its steps of a fixed grid (with the time left), or the
+    share of its time τ an adaptive solve has reached; σ and the step beside it."""
+
+    def __init__(self, stage: str, form: Any, t_zero: float, t_max: float, steps: int | None) -> None:
+        from tqdm.auto import tqdm
+
+        self.form, self.t_zero, self.span, self.steps = form, t_zero, t_max - t_zero, steps
+        self.of = "" if steps is None else f" of {steps:,}"
+        left = "" if steps is None else "<{remaining}"  # an adaptive solve's pace in τ says little of its end
+        self.bar = tqdm(total=1000 if steps is None else steps, desc=stage, leave=False,
+                        postfix=f"σ=0, step 0{self.of}",
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}" + left + "{postfix}")
+
+    def update(self, info: solvers.StepInfo) -> None:
+        if self.steps is None:
+            done = min(1000, round(1000 * (info.t1 - self.t_zero) / self.span))
+        else:
+            done = info.step + 1
+        self.bar.set_postfix_str(f"σ={self.form.sigma(info.t1):.3g}, step {info.step + 1:,}{self.of}", refresh=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def log_likelihood(
     flow: ProbabilityFlow,
     images: Tensor,
@@ -468,6 +495,7 @@ def log_likelihood(
     data_var: float | Tensor = 1.0,
     solve_check: bool = True,
     checks: Checks | None = None,
+    progress: bool = False,
     **removed: Any,
 ) -> Likelihood:
     """The log-density (nats) of each image under the flow's distribution at σ = 0, its bits/dim and error bar.
@@ -499,6 +527,8 @@ def log_likelihood(
     which also draws the dequantization noise (first). ``checks=flowdiff.Checks(finite=...)``:
     stop with a :class:`solvers.SolveError` when the state turns NaN/inf (default on); its
     ``growth`` and ``model`` fields do not apply here and are refused unless left at their defaults.
+    ``progress=True`` shows a tqdm bar on stderr of the time each solve has reached, its σ and step (of ``steps=N``
+    on a fixed grid), first for the solve, then for the check solve.
 
     ``dequantize=K`` (levels over [−1, 1]; 256 for 8-bit images) dequantizes the images with noise
     from ``generator`` — ``dequantization="uniform"`` or ``"truncated_normal"`` — and reports
@@ -528,16 +558,19 @@ def log_likelihood(
     if not isinstance(solve_check, bool):
         raise TypeError(f"solve_check must be a bool, got {type(solve_check).__name__}")
     check_finite = _check_checks(checks)
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
     chunk, probes, sketch, noise = estimator.chunk, estimator.probes, estimator.sketch, estimator.probes_from
     shape = tuple(images.shape[1:])
     batch, dim = images.shape[0], images[0].numel()
     divergence = _choose_divergence(estimator.method, dim)
     if divergence == "exact":
-        if probes is not None or sketch is not None:
+        if not probes == sketch == noise is None:
             raise ValueError(f"Trace.probes and Trace.sketch apply to the stochastic methods (hutchinson, hutch++), "
-                             f"not 'exact' (which method='auto' takes at D={dim} <= {AUTO_EXACT_MAX_DIM}); got "
-                             f"probes={probes!r}, sketch={sketch!r}")
+                             f"as does Trace.probes_from, not 'exact' (which method='auto' takes at D={dim} <= "
+                             f"{AUTO_EXACT_MAX_DIM}); got probes={probes!r}, sketch={sketch!r}, probes_from={noise!r}")
     else:
+        noise = "rademacher" if noise is None else noise
         probes = DEFAULT_PROBES[divergence] if probes is None else probes
         if divergence == "hutch++":
             sketch = min(DEFAULT_SKETCH, dim) if sketch is None else sketch
@@ -629,9 +662,11 @@ def log_likelihood(
     state_dtype = torch.float32 if device.type == "mps" else torch.float64
     y0 = torch.cat([form.to_state(xbar0, 0.0), xbar0.new_zeros(batch, k)], 1).to(state_dtype)
 
-    def integrate(scale: float) -> tuple[Tensor, Stats]:
+    def integrate(scale: float, stage: str) -> tuple[Tensor, Stats]:
         """One solve at ``scale`` × the tolerances (adaptive) or 1/``scale`` × the steps (fixed grid)."""
         rows0, calls0 = jac.rows, jac.calls
+        count = None if steps is None else max(1, round(steps / scale))
+        bar = _TimeBar(stage, form, t_zero, t_max, count) if progress else None
         def norm(error: Tensor, y0: Tensor, y1: Tensor, t: float) -> Tensor:
             a = form.x_factor(t)  # the image's scale x = x̄/√(1+σ²)
             img = (error[:, :dim] * a).abs() / (y1[:, :dim].abs() * (rtol * scale * a) + atol * scale)
@@ -639,21 +674,26 @@ def log_likelihood(
             lp = error[:, dim:].abs() / (atol * scale)   # nats, whatever the size of ℓ
             return torch.maximum(img, lp.amax(1)).max()
 
+        callback = None if bar is None else bar.update
         try:
             with torch.no_grad():
                 if steps is None:
                     sol = solvers.solve_adaptive(augmented, y0, t_zero, t_max, solver_obj, rtol=rtol * scale,
                                                  atol=atol * scale, norm=norm, controller=CONTROLLER, max_nfe=max_nfe,
-                                                 check_finite=check_finite, time_name=form.time_name)
+                                                 callback=callback, check_finite=check_finite,
+                                                 time_name=form.time_name)
                 else:
-                    grid = form.uniform_grid(0.0, s_max, max(1, round(steps / scale)), solver_obj)
-                    sol = solvers.integrate(augmented, y0, solver_obj, grid, check_finite=check_finite,
-                                            time_name=form.time_name)
+                    grid = form.uniform_grid(0.0, s_max, count, solver_obj)
+                    sol = solvers.integrate(augmented, y0, solver_obj, grid, callback=callback,
+                                            check_finite=check_finite, time_name=form.time_name)
         except SolveError as err:
             if err.stats is not None:
                 err.stats.extra.update(vjps=(jac.rows - rows0) // batch, model_calls=jac.calls - calls0,
                                        vjp=jac.mode)
             raise
+        finally:
+            if bar is not None:
+                bar.close()
         sol.stats.extra.update(vjps=(jac.rows - rows0) // batch, model_calls=jac.calls - calls0, vjp=jac.mode)
         return sol.y, sol.stats
 
@@ -667,12 +707,12 @@ def log_likelihood(
         per_probe = y[:, dim:].double()
         return prior, per_probe, prior + per_probe.mean(1)
 
-    y, stats = integrate(1.0)
+    y, stats = integrate(1.0, "likelihood solve")
     prior, per_probe, log_prob = log_density(y)
     delta = per_probe.mean(1)
     solve_error = None
     if solve_check:
-        y_check, check_stats = integrate(CHECK_FACTOR if steps is None else 2.0)
+        y_check, check_stats = integrate(CHECK_FACTOR if steps is None else 2.0, "check solve")
         stats.extra["check"] = check_stats
         solve_error = (log_density(y_check)[2] - log_prob).abs()
     std_error = None

@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -52,6 +53,7 @@ from torch import Tensor
 import solvers as _solvers
 
 from ..api.sampling import generate
+from ..engine._checks import check_seed
 from ..engine.fingerprint import flow_fingerprint
 from ..engine.flow import ProbabilityFlow
 from ..engine.grids import GRIDS, make_sigmas
@@ -63,6 +65,8 @@ _FORMAT = "flowdiff.TunedGrid/1"
 DEFAULT_INIT = ("logsnr", ("logsnr", {"power": 0.7}), "karras", "trailing")
 _OPTIONS = ("model_kwargs", "seed", "max_evals", "restarts", "init", "sigma_floor", "reference_tol", "objective",
             "validate", "select", "free_start", "progress", "method", "candidates", "dp_orders")
+#: How :func:`tune`'s warning that a batch of one sample is fitted without held-out validation begins.
+NO_VALIDATION = "tune: no held-out validation"
 #: What :func:`tune` does: the direct search from named grids, the GITS-style DP grid alone, or the search
 #: started from the best of the named and the DP grids.
 METHODS = ("search", "dp", "dp+search")
@@ -220,9 +224,7 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
             v = out[name]
             if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "max_evals" else 0):
                 raise ValueError(f"{name} must be an int >= {1 if name == 'max_evals' else 0}, got {v!r}")
-    seed = out.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    check_seed(out.get("seed", 0))  # numpy's error for -1 ("expected non-negative integer") named no argument
     init = out.get("init", DEFAULT_INIT)
     single = isinstance(init, str) or (isinstance(init, tuple) and len(init) == 2 and isinstance(init[1], Mapping))
     init = [init] if single else list(init)
@@ -310,6 +312,11 @@ def tune(
     if not isinstance(opts.get("free_start", False), bool):
         raise TypeError(f"free_start must be a bool, got {type(opts['free_start']).__name__}")
     validate = opts.get("validate", True) and noise.shape[0] >= 2
+    if opts.get("validate", True) and not validate:
+        warnings.warn(f"{NO_VALIDATION}: noise holds {noise.shape[0]} sample, and the held-out validation needs at "
+                      "least 2 (every other sample is held out), so the grid is fitted to it without validation "
+                      "(recorded as validate=False in the result's options); give 2 or more samples, or "
+                      "validate=False to ask for this", UserWarning, stacklevel=2)
     start = time.perf_counter()
     ref = reference_solution(flow, noise, rtol=tol, atol=tol, model_kwargs=model_kwargs,
                              sigma_end=0.0 if flow.sigma_field is not None else None,
@@ -528,7 +535,8 @@ def tune_grid(
     karras, trailing: the best on the calibration noise starts the search), ``sigma_floor``
     (the smallest σ a knot may take, default the schedule's σ_min), ``reference_tol`` (rtol =
     atol of the reference, default 1e-7), ``objective`` (``"rms"``, the RMS image error, or
-    ``"geomean"``, the geometric mean of the per-sample errors), ``validate`` (default True),
+    ``"geomean"``, the geometric mean of the per-sample errors), ``validate`` (default True; a batch of
+    one sample has no half to hold out: it is fitted whole, with a ``UserWarning``, and ``validate=False`` recorded),
     ``select`` (which improving grid is kept: ``"validation"``, the best on the held-out half,
     default; ``"pooled"``, the best on the whole batch),
     ``free_start`` (let the first σ move below σ_max too, default False), ``progress`` (tqdm
