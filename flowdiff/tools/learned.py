@@ -185,7 +185,9 @@ class LearnedSolver:
 
     def _check_steps(self) -> None:
         """Shifts, scales and directions hold one value per step of :attr:`sigmas` where :attr:`learn` names them,
-        none where not (a short list would be zipped with the steps and its last values dropped)."""
+        none where not (a short list would be zipped with the steps and its last values dropped); every shift and
+        coefficient is finite, every scale and direction weight within the bound :func:`learn_solver` fits it in
+        (a hand-edited file could hold a scale of 3 or NaN, which the solve would take as it is)."""
         for kind in ("shifts", "scales", "directions"):
             values = getattr(self, kind)
             if kind not in self.learn and values:
@@ -194,9 +196,24 @@ class LearnedSolver:
             if kind in self.learn and len(values) != len(self.sigmas) - 1:
                 raise ValueError(f"{kind} must hold one value per step of sigmas ({len(self.sigmas) - 1}), "
                                  f"got {len(values)}")
+        for kind, name, bound in (("scales", "SCALE_BOUND", SCALE_BOUND),
+                                  ("directions", "DIRECTION_BOUND", DIRECTION_BOUND)):
+            for i, value in enumerate(getattr(self, kind)):
+                if not (math.isfinite(value) and abs(value) <= bound):
+                    raise ValueError(f"{kind}[{i}] = {value!r} is outside [-{bound}, {bound}]: learn_solver fits "
+                                     f"each of {kind} within ±flowdiff.tools.learned.{name} = {bound}; accepted: "
+                                     "a finite value of at most that size")
+        entries = [(f"shifts[{i}]", d) for i, d in enumerate(self.shifts)]
+        entries += [(f"coefficients[{i}][{m}]", c) for i, cs in enumerate(self.coefficients) for m, c in enumerate(cs)]
+        for where, value in entries:
+            if not math.isfinite(value):
+                raise ValueError(f"{where} = {value!r} is not finite; accepted: a finite number")
 
     def _fitted(self) -> _solvers.Solver:
-        self._check_steps()
+        try:
+            self._check_steps()
+        except ValueError as err:  # name the file a hand-edited solver came from
+            raise ValueError(f"{self.source}: {err}" if self.source else str(err)) from None
         return _composed(self.base(), self.sigmas, self.coefficients if "coefficients" in self.learn else None,
                          self.shifts if "shifts" in self.learn else None,
                          self.scales if "scales" in self.learn else None,
