@@ -18,17 +18,17 @@ bounded least squares (``learned._fit``), and judged on the odd half:
 * ``scale+y`` — the same with the current state y in place of x_T (it lies in the same span: x_T plus the past
   steps), which a solver wrapper can see without carrying the initial state through the solve.
 
-``--directions`` measures the productised x_T term instead (``learn="directions"``, engineer U): per solver and
-budget, ``flowdiff.tune`` as above, then one ``flowdiff.learn_solver`` with the default plus ``"directions"`` from the
-tuned grid. The directions are fitted last, so the same fit without them is the default's fit: the held-out half's
-errors of the candidates ``learn_solver`` judges (with directions as fitted, without them, without scales too) are
-read as it computes them, and the default's result is the better of the last two (on a tie, without scales), as it
-decides.
+``--joint`` (engineer V) compares ways of fitting the scales and the x_T directions (``learn="scales"`` and
+``"directions"``) on top of one ``flowdiff.learn_solver`` fit of shifts+grid+start from the tuned grid: one after the
+other (the route ``learn_solver`` took before), jointly from zero, jointly from the scales alone, and jointly from the
+sequential fit (the route it takes now), each judged on the held-out half as ``learn_solver`` judges (see
+``joint_row``). Its ``sequential`` column reproduces engineer U's ``--directions`` figures (``RESULTS.md``), which
+this script measured before that mode was replaced by this one.
 
 The references come from the benchmark cache (``/tmp/flowdiff_bench_cache``, ``bench_learned.calibration_reference``).
 
 Usage: python benchmarks/learned_scales.py --model digits --nfe 4,5,6 --solvers 'unipc,unipc(order=3)'
---calibration 64 [--variants scale,scale+xT] [--bound 0.5] [--out benchmarks/results/learned_scales_digits.md]
+--calibration 64 [--variants scale,scale+xT] [--bound 0.5] [--joint] [--out benchmarks/results/learned_scales_digits.md]
 """
 
 from __future__ import annotations
@@ -164,42 +164,90 @@ def one(flow, calibration, target, name, options, nfe, tol, variants, bound, ite
     return row
 
 
-def directions_row(flow, calibration, name, options, nfe, tol) -> dict:
-    """One cell of ``--directions``: the default's held-out error and the default + directions' (as fitted, and
-    after the held-out decision)."""
+def joint_row(flow, calibration, target, name, options, nfe, tol, iterations) -> dict:
+    """One cell of ``--joint``: from one shifts+grid+start fit (``learn_solver``), the output scales and x_T directions
+    fitted on its even half three ways, each judged on the odd half as ``learn_solver`` judges what it keeps:
+
+    * ``sequential`` — the scales alone, then the directions alone on top (``learn_solver``'s default); the held-out
+      half drops the directions, then the scales too, where that is no worse;
+    * ``joint`` — both vectors in one bounded least-squares fit from zero; the held-out half picks the lowest of
+      the joint fit, the scales alone (fitted alone, as the sequential route's first fit) and neither (on a tie,
+      the simpler);
+    * ``joint from scales`` — the same joint fit started from the scales-alone fit, judged the same way;
+    * ``sequential, then joint`` — the same joint fit started from the sequential fit, judged the same way.
+
+    The sequential route's decision is the same pick among its fit, the scales alone and neither.
+    """
     started = time.perf_counter()
     tuned = flowdiff.tune(flow, calibration, solver=name, solver_options=options, nfe=nfe, progress=False,
                           max_evals=60, reference_tol=tol)
-    judged = []
-    rms = _learned._rms
+    fit = flowdiff.learn_solver(flow, calibration, solver=name, solver_options=options, nfe=nfe,
+                                sigmas=tuned.sigmas, reference_tol=tol, learn=("shifts", "grid", "start"))
+    base = fit.base()
+    n = len(fit.sigmas) - 1
+    acting = np.array(_learned._scaled_steps(base, fit.sigmas, flow.schedule))
+    kmask = np.concatenate([acting, np.zeros(n, bool)])
+    wmask = np.concatenate([np.zeros(n, bool), acting])
+    lower = np.concatenate([np.where(acting, -_learned.SCALE_BOUND, 0.0), np.where(acting, -_learned.DIRECTION_BOUND,
+                                                                                     0.0)])
+    upper = -lower
+    zero = np.zeros(2 * n)
+    shifts = fit.shifts or None
+    solves = [0]
 
-    def spy(x, target):  # learn_solver's held-out errors, in the order it judges them
-        judged.append(rms(x, target))
-        return judged[-1]
+    def images(v, part):
+        solver = _learned._composed(base, fit.sigmas, None, shifts, tuple(map(float, v[:n])),
+                                    tuple(map(float, v[n:])))
+        with torch.no_grad():
+            res = flowdiff.generate(flow, part, solver=solver, grid=fit.sigmas)
+        assert res.stats.nfe <= nfe, res.stats.nfe
+        return res.x.to(torch.float64)
 
-    _learned._rms = spy
-    try:
-        fit = flowdiff.learn_solver(flow, calibration, solver=name, solver_options=options, nfe=nfe,
-                                    sigmas=tuned.sigmas, reference_tol=tol,
-                                    learn=("shifts", "grid", "start", "scales", "directions"))
-    finally:
-        _learned._rms = rms
-    # judged: [with directions, (without them), (without scales too), base]: the middle ones where there was
-    # something to drop
-    full, middle, base = judged[0], judged[1:-1], judged[-1]
-    assert base == fit.base_validation_error, (judged, fit)
-    if len(middle) == 2:
-        unscaled, plain = middle
-        default = plain if plain <= unscaled else unscaled
-    elif len(middle) == 1:  # either the directions or the scales are all zero: the default's is the other
-        default = middle[0] if any(fit.directions) or not any(fit.scales) and middle[0] <= full else full
-    else:
-        default = full
-    default = default if default < base else base  # the default's own keep-or-not decision
-    return dict(solver=name + (f"({', '.join(f'{k}={v}' for k, v in options.items())})" if options else ""),
-                nfe=nfe, kept=fit.kept, base=base, default=default, full=full, chosen=fit.validation_error,
-                directions=[round(w, 4) for w in fit.directions], scales=[round(w, 4) for w in fit.scales],
-                judged=judged, seconds=time.perf_counter() - started)
+    def residual(v):
+        solves[0] += 1
+        r = (images(v, calibration[0::2]) - target[0::2]).reshape(-1).numpy()
+        return r if np.all(np.isfinite(r)) else np.full_like(r, 1e6)
+
+    held_cache = {}
+
+    def held(v):
+        key = v.tobytes()
+        if key not in held_cache:
+            held_cache[key] = _learned._rms(images(v, calibration[1::2]), target[1::2])
+        return held_cache[key]
+
+    def fitted(start, free):
+        """A fit from ``start`` with its own objective (its own solve count)."""
+        before = solves[0]
+        objective = _learned._Objective(residual, residual(zero), np.zeros(2 * n))
+        v = _learned._fit(objective, start, lower, upper, free, iterations)
+        return v, solves[0] - before, float(np.sqrt(objective.cost(v) / target[0::2].numel()))
+
+    none_held = held(zero)
+    assert math.isclose(none_held, fit.validation_error, rel_tol=1e-9) or not fit.kept, (none_held, fit)
+    vk, cost_k, fit_k = fitted(zero, kmask)
+    vkw, cost_w, fit_seq = fitted(vk, wmask)
+    # sequential, as learn_solver decides: directions dropped where no worse, then the scales too
+    seq, seq_val = vkw, held(vkw)
+    for dropped in (wmask, wmask | kmask):
+        if np.any(seq[dropped] != 0.0):
+            without = np.where(dropped, 0.0, seq)
+            if held(without) <= seq_val:
+                seq, seq_val = without, held(without)
+    row = dict(solver=name + (f"({', '.join(f'{k}={v}' for k, v in options.items())})" if options else ""),
+               nfe=nfe, kept=fit.kept, tuned_held=fit.base_validation_error, none=none_held, scales=held(vk),
+               sequential=dict(held=seq_val, as_fitted=held(vkw), fit=fit_seq, solves=cost_k + cost_w,
+                                              params=vkw, chosen=seq))
+    for label, start, before in (("joint", zero, cost_k), ("joint from scales", vk, cost_k),
+                                 ("sequential, then joint", vkw, cost_k + cost_w)):
+        vj, cost_j, fit_j = fitted(start, kmask | wmask)
+        # the held-out half picks among the joint fit, the scales alone and neither (the simpler on a tie)
+        candidates = [(none_held, 0, zero), (held(vk), 1, vk), (held(vj), 2, vj)]
+        best = min(candidates, key=lambda c: (c[0], c[1]))
+        row[label] = dict(held=best[0], as_fitted=held(vj), fit=fit_j, solves=before + cost_j,
+                          params=vj, chosen=best[2])
+    row["seconds"] = time.perf_counter() - started
+    return row
 
 
 def main() -> None:
@@ -212,7 +260,8 @@ def main() -> None:
     parser.add_argument("--bound", type=float, default=0.5)
     parser.add_argument("--iterations", type=int, default=8)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--directions", action="store_true", help="measure learn_solver's 'directions' kind")
+    parser.add_argument("--joint", action="store_true",
+                        help="scales and directions fitted jointly against one after the other")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -222,21 +271,36 @@ def main() -> None:
                               generator=torch.Generator().manual_seed(1))
     calibration_reference(flow, calibration, args.model, tol)
     target = _learned._reference(flow, calibration, None, tol)[0]
-    if args.directions:
+    if args.joint:
+        variants = ("sequential", "joint", "joint from scales", "sequential, then joint")
         lines = [f"`python benchmarks/learned_scales.py --model {args.model} --nfe {args.nfe} --solvers "
-                 f"'{args.solvers}' --calibration {args.calibration} --directions`", "",
-                 "| NFE | solver | tuned grid | default (shifts+grid+start+scales) | + directions as fitted | change | "
-                 "+ directions after the held-out decision | change | direction weights |",
-                 "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+                 f"'{args.solvers}' --calibration {args.calibration} --iterations {args.iterations} --joint`", "",
+                 "Held-out half RMSE (after the held-out decisions, and the final one against the tuned grid); "
+                 "in brackets as fitted, before any decision; candidate solves of the scale/direction fits.", "",
+                 "| NFE | solver | tuned grid | shifts+grid+start | + scales alone | "
+                 + " | ".join(f"{v} (as fitted) | solves" for v in variants) + " | joint vs sequential |",
+                 "|---:|---|---:|---:|---:|" + "---:|---:|" * len(variants) + "---:|"]
+        details = []
         for nfe in map(int, args.nfe.split(",")):
             for label, name, options in solver_specs(args.solvers):
-                r = directions_row(flow, calibration, name, options, nfe, tol)
-                lines.append(f"| {nfe} | {label} | {r['base']:.3e} | {r['default']:.3e} | {r['full']:.3e} | "
-                             f"{100 * (r['full'] / r['default'] - 1):+.1f} % | {r['chosen']:.3e} | "
-                             f"{100 * (r['chosen'] / r['default'] - 1):+.1f} % | {r['directions']} |")
-                print(lines[-1], f"[{r['seconds']:.0f} s; judged {r['judged']}]", flush=True)
+                r = joint_row(flow, calibration, target, name, options, nfe, tol, args.iterations)
+
+                def final(x, r=r):  # learn_solver's last decision: kept only if below the tuned grid
+                    return x if x < r["tuned_held"] else r["tuned_held"]
+
+                cells = [f"{final(r[v]['held']):.3e} ({r[v]['as_fitted']:.3e}) | {r[v]['solves']}" for v in variants]
+                change = 100 * (final(r["joint"]["held"]) / final(r["sequential"]["held"]) - 1)
+                lines.append(f"| {nfe} | {label}{'' if r['kept'] else ' (fit not kept)'} | {r['tuned_held']:.3e} | "
+                             f"{final(r['none']):.3e} | {final(r['scales']):.3e} | " + " | ".join(cells)
+                             + f" | {change:+.1f} % |")
+                for v in variants:
+                    details.append(f"- NFE {nfe} {label} {v}: fitted half RMS {r[v]['fit']:.3e}; fitted "
+                                   f"{[round(float(x), 4) for x in r[v]['params']]}; kept "
+                                   f"{[round(float(x), 4) for x in r[v]['chosen']]}")
+                print(lines[-1], f"[{r['seconds']:.0f} s]", flush=True)
                 if args.out:
-                    Path(args.out).write_text("\n".join(lines) + "\n")
+                    Path(args.out).write_text("\n".join(lines + ["", "Scales, then directions, per step:", ""]
+                                                         + details) + "\n")
         return
     variants = args.variants.split(",")
     lines = [f"`python benchmarks/learned_scales.py --model {args.model} --nfe {args.nfe} --solvers '{args.solvers}' "

@@ -772,18 +772,26 @@ def test_a_directed_solver_refuses_what_it_cannot_take():
 
 
 def test_learned_directions_lower_the_error_against_the_teacher_on_other_noise_at_the_base_nfe():
-    """On the closed-form mixture, directions fitted on top of the scales lower the error against the teacher on
-    noise the fit never saw, at the base method's NFE; the scales are fitted as without them, and a step the
-    formulation gives its own method (UniPC's last, into σ = 0) takes none."""
+    """On the closed-form mixture, directions fitted on top of the scales, then jointly with them, lower the error
+    against the teacher on noise the fit never saw, at the base method's NFE; a step the formulation gives its own
+    method (UniPC's last, into σ = 0) takes none."""
     flow = mixture()
     cal = noise(1, n=32)
     scaled = learn_solver(flow, cal, solver="unipc", nfe=4, learn="scales")
     both = learn_solver(flow, cal, solver="unipc", nfe=4, learn=("scales", "directions"))
-    assert both.learn == ("scales", "directions") and both.scales == scaled.scales
+    assert both.learn == ("scales", "directions") and scaled.kept
     assert len(both.directions) == len(both.sigmas) - 1 and both.directions[-1] == 0.0
     assert all(abs(w) <= 0.5 for w in both.directions) and any(both.directions)
+    assert all(abs(s) <= 0.5 for s in both.scales) and both.scales[-1] == 0.0
+    # the scales were fitted again together with the directions (one after the other, they stayed as fitted alone)
+    assert both.scales != scaled.scales
     assert both.calibration_error < scaled.calibration_error
     assert both.kept and both.validation_error < scaled.validation_error
+    # the held-out half chose the joint fit over the scales alone and neither, by its own error there
+    ref = flowdiff.reference_solution(flow, cal, sigma_end=0.0, rtol=1e-7, atol=1e-7).x[1::2]
+    held_x = flowdiff.generate(flow, cal[1::2], solver=both.as_solver(), grid=both.sigmas).x
+    assert _rms(held_x, ref) == pytest.approx(both.validation_error, rel=1e-9)
+    assert both.validation_error < min(scaled.validation_error, scaled.base_validation_error)
     other = noise(7, n=32)
     ref = flowdiff.reference_solution(flow, other, sigma_end=0.0, rtol=1e-9, atol=1e-9).x
     counted, calls = counting(flow)

@@ -192,3 +192,52 @@ def test_a_learned_solver_built_with_a_short_directions_list_is_refused_when_use
     short = LearnedSolver(**{**learned.__dict__, "directions": learned.directions[:-1]})
     with pytest.raises(ValueError, match="directions must hold one value per step of sigmas"):
         short.as_solver()
+
+
+@pytest.mark.parametrize("kind", ["scales", "directions"])
+@pytest.mark.parametrize("excess", [0.25, -0.25, float("nan"), float("inf")])
+def test_a_file_whose_scale_or_direction_exceeds_its_bound_is_refused_naming_it(tmp_path, kind, excess):
+    """A hand-edited file with a scale of 0.75 (or a NaN direction) loaded silently and solved with it: the fit never
+    leaves ±SCALE_BOUND / ±DIRECTION_BOUND, so such a value is no learned solver. At the bound itself it loads."""
+    import json
+    import math
+    import re
+
+    from flowdiff.tools.learned import DIRECTION_BOUND, SCALE_BOUND
+
+    flow = mixture()
+    learned = _forced(flow)
+    bound = SCALE_BOUND if kind == "scales" else DIRECTION_BOUND
+    bad = math.copysign(bound, excess) + excess if math.isfinite(excess) else excess
+    data = json.loads(learned.save(tmp_path / "good.json").read_text())
+    edge = [float(-bound).hex()] + data[kind][1:]
+    (tmp_path / "edge.json").write_text(json.dumps({**data, kind: edge}))
+    assert LearnedSolver.load(tmp_path / "edge.json", flow).as_solver() is not None
+    (tmp_path / "edited.json").write_text(json.dumps({**data, kind: [data[kind][0], bad.hex(), *data[kind][2:]]}))
+    expected = re.escape(f"{tmp_path / 'edited.json'}") + f".*{kind}\\[1\\] = {re.escape(repr(bad))} .*{bound}"
+    with pytest.raises(ValueError, match=expected):
+        LearnedSolver.load(tmp_path / "edited.json", flow)
+    # built in memory, or a loaded solver edited afterwards: refused where it would be used
+    values = list(getattr(learned, kind))
+    values[1] = bad
+    edited = LearnedSolver(**{**learned.__dict__, kind: tuple(values)})
+    with pytest.raises(ValueError, match=f"{kind}\\[1\\] = {re.escape(repr(bad))} .*{bound}"):
+        edited.as_solver()
+    with pytest.raises(ValueError, match=f"{kind}\\[1\\] = {re.escape(repr(bad))}"):
+        edited.validated(flow, noise(5, n=2))
+    loaded = LearnedSolver(**{**LearnedSolver.load(tmp_path / "good.json", flow).__dict__, kind: tuple(values)})
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "good.json")) + f": {kind}\\[1\\]"):
+        loaded.as_solver()
+
+
+@pytest.mark.parametrize("kind", ["shifts", "coefficients"])
+def test_a_learned_solver_with_a_non_finite_shift_or_coefficient_is_refused(kind):
+    flow = mixture()
+    learned = _forced(flow)
+    steps = len(learned.sigmas) - 1
+    values = (0.0, float("nan"), *([0.0] * (steps - 2))) if kind == "shifts" else \
+        ((), (0.0, float("-inf")), *([()] * (steps - 2)))
+    edited = LearnedSolver(**{**learned.__dict__, kind: values, "learn": (kind, "scales", "directions")})
+    where = "shifts\\[1\\] = nan" if kind == "shifts" else "coefficients\\[1\\]\\[1\\] = -inf"
+    with pytest.raises(ValueError, match=f"{where} is not finite"):
+        edited.as_solver()

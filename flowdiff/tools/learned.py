@@ -4,7 +4,7 @@ fitted to one model's teacher.
 At 4–10 evaluations a tuned grid (:mod:`flowdiff.tools.tuning`) leaves an error that a better
 grid alone no longer removes. Six things can take the model's shape, each fitted per step to a
 few hundred teacher trajectories (``learn=``; the default fits shifts, grid and start together — LD3's pair and
-the first σ — and then the output scales and then the x_T directions):
+the first σ — and then the output scales, then the x_T directions, then those two together):
 
 * ``"shifts"`` — **evaluation times** (LD3, Tong et al., "Learning to Discretize Denoising
   Diffusion ODEs", ICLR 2025; the time-shift sampler, Li et al., ICLR 2024; AMED, Zhou et al.,
@@ -41,15 +41,17 @@ the first σ — and then the output scales and then the x_T directions):
   direction (Wang et al., "Diffusion Sampling Correction via Approximately 10 Parameters", ICML
   2025). s = 0 is the method without it bit for bit; a step the entry point gives a method of its
   own (into σ = 0: Heun's final Euler step, the data variables' limit) takes none. The scales are
-  fitted last, alone, on top of what the other kinds named reached, and stay only if the held-out
-  half prefers them to that fit without them.
+  fitted last, alone at first, on top of what the other kinds named reached, and stay only if the
+  held-out half prefers them to that fit without them.
 * ``"directions"`` — the **direction** of the model's output per step, within the plane of the
   solve's initial state x_T and the step's own direction d = f − a (a the field of a zero ε): step i
   adds w_i·|d|·û, û the unit part of x_T perpendicular to d (per sample), |w_i| ≤
   :data:`DIRECTION_BOUND` (:class:`solvers.Scaled` ``directions=``, which records x_T when the solve
   starts). This is the two-direction core of PAS (Wang et al., ICML 2025, above). w = 0 is the
   method without it bit for bit; the steps that take scales take directions. They are fitted after
-  the scales, alone, and stay only if the held-out half prefers them to the fit without them.
+  the scales, alone, and then together with them (one fit of both vectors from there: a direction
+  changes the best scale); the held-out half chooses among that joint fit, the scales alone (as
+  fitted alone) and neither, on a tie the simpler.
 
 What ``learn`` names is fitted together by bounded least squares on the image error against the teacher,
 
@@ -186,7 +188,9 @@ class LearnedSolver:
 
     def _check_steps(self) -> None:
         """Shifts, scales and directions hold one value per step of :attr:`sigmas` where :attr:`learn` names them,
-        none where not (a short list would be zipped with the steps and its last values dropped)."""
+        none where not (a short list would be zipped with the steps and its last values dropped); every shift and
+        coefficient is finite, every scale and direction weight within the bound :func:`learn_solver` fits it in
+        (a hand-edited file could hold a scale of 3 or NaN, which the solve would take as it is)."""
         for kind in ("shifts", "scales", "directions"):
             values = getattr(self, kind)
             if kind not in self.learn and values:
@@ -195,9 +199,24 @@ class LearnedSolver:
             if kind in self.learn and len(values) != len(self.sigmas) - 1:
                 raise ValueError(f"{kind} must hold one value per step of sigmas ({len(self.sigmas) - 1}), "
                                  f"got {len(values)}")
+        for kind, name, bound in (("scales", "SCALE_BOUND", SCALE_BOUND),
+                                  ("directions", "DIRECTION_BOUND", DIRECTION_BOUND)):
+            for i, value in enumerate(getattr(self, kind)):
+                if not (math.isfinite(value) and abs(value) <= bound):
+                    raise ValueError(f"{kind}[{i}] = {value!r} is outside [-{bound}, {bound}]: learn_solver fits "
+                                     f"each of {kind} within ±flowdiff.tools.learned.{name} = {bound}; accepted: "
+                                     "a finite value of at most that size")
+        entries = [(f"shifts[{i}]", d) for i, d in enumerate(self.shifts)]
+        entries += [(f"coefficients[{i}][{m}]", c) for i, cs in enumerate(self.coefficients) for m, c in enumerate(cs)]
+        for where, value in entries:
+            if not math.isfinite(value):
+                raise ValueError(f"{where} = {value!r} is not finite; accepted: a finite number")
 
     def _fitted(self) -> _solvers.Solver:
-        self._check_steps()
+        try:
+            self._check_steps()
+        except ValueError as err:  # name the file a hand-edited solver came from
+            raise ValueError(f"{self.source}: {err}" if self.source else str(err)) from None
         return _composed(self.base(), self.sigmas, self.coefficients if "coefficients" in self.learn else None,
                          self.shifts if "shifts" in self.learn else None,
                          self.scales if "scales" in self.learn else None,
@@ -524,9 +543,10 @@ def learn_solver(
     ``unipc``, ``dpmpp_3m``, ``dpmpp_2m``, ``lms``, ``abm``), ``"scales"`` (the model's ε scaled by
     1 + s per step, |s| ≤ 0.5, fitted last and kept only where the held-out half prefers it), ``"directions"``
     (w·|d|·û added per step, û the solve's initial state perpendicular to the step's direction d, |w| ≤ 0.5,
-    fitted after the scales and kept likewise), or several,
+    fitted after the scales, then jointly with them; the held-out half chooses among both, the scales alone
+    and neither), or several,
     fitted together (see the module docstring). The default, shifts, grid and start (LD3's pair with
-    the first σ), then scales, then directions, was chosen by the held-out and evaluation errors recorded in
+    the first σ), then scales, then directions, then both, was chosen by the held-out and evaluation errors recorded in
     ``benchmarks/RESULTS.md``. ``noise`` (DDIM scale, at least 2 samples; a few hundred for
     a model whose samples disagree, such as a near-memorising density) is split: the even-indexed half
     is fitted, the odd-indexed half decides whether the fit is kept. The starting grid is ``sigmas``
@@ -675,7 +695,7 @@ def learn_solver(
 
     zero = np.zeros(len(slots))
     r0 = residual(zero)
-    v = zero
+    v = plain = scales_only = zero
     if slots and iterations > 0:
         penalised = np.array([k == "c" for k, _, _ in slots])
         objective = _Objective(residual, r0, math.sqrt(ridge * float(np.dot(r0, r0)) / max(int(penalised.sum()), 1))
@@ -706,20 +726,23 @@ def learn_solver(
             routes = [fitted_start(v), fitted_others(fitted_start(zero))] if np.any(others) else [fitted_start(v)]
             v = min((_fit(objective, w, lower, upper, every, iterations) if np.any(others) else w for w in routes),
                     key=objective.cost)
+        plain = scales_only = v
         if np.any(kinds == "k"):  # the output scales last, on top of what the other kinds reached
-            v = _fit(objective, v, lower, upper, kinds == "k", iterations)
+            v = scales_only = _fit(objective, v, lower, upper, kinds == "k", iterations)
         if np.any(kinds == "w"):  # then the x_T directions, alone, on top of the scales
             v = _fit(objective, v, lower, upper, kinds == "w", iterations)
-    learned_val = _rms(images(v, held), held_target)
-    kinds_of = np.array([k for k, _, _ in slots], dtype=str)
-    # the directions, then the scales (fitted on top of the rest, in that order) stay only where the held-out half
-    # prefers them to the fit without them (on a tie, without)
-    for dropped in (kinds_of == "w", (kinds_of == "w") | (kinds_of == "k")):
-        if np.any(v[dropped] != 0.0):
-            without = np.where(dropped, 0.0, v)
-            without_val = _rms(images(without, held), held_target)
-            if without_val <= learned_val:
-                v, learned_val = without, without_val
+            if np.any(kinds == "k"):  # then both together from there (the directions move the scales' optimum)
+                v = _fit(objective, v, lower, upper, (kinds == "k") | (kinds == "w"), iterations)
+    # the held-out half chooses among the fit without scales and directions, with the scales alone and with both
+    # (fitted on top of the rest, in that order; on a tie, the simpler)
+    judged = {plain.tobytes(): _rms(images(plain, held), held_target)}
+    chosen, learned_val = plain, judged[plain.tobytes()]
+    for candidate in (scales_only, v):
+        if candidate.tobytes() not in judged:
+            judged[candidate.tobytes()] = value = _rms(images(candidate, held), held_target)
+            if value < learned_val:
+                chosen, learned_val = candidate, value
+    v = chosen
     r = residual(v) if slots else r0
     calib, base_calib = float(np.sqrt(np.mean(r * r))), float(np.sqrt(np.mean(r0 * r0)))
     base_val = _rms(images(zero, held), held_target)
