@@ -449,3 +449,26 @@ def test_an_unused_default_is_not_range_checked():
     assert out.sigmas[0] == start and out.sigmas[-1] == 0 and torch.isfinite(out.x).all()
     with pytest.raises(ValueError, match="sigma_c must lie in"):  # dopri5 does use it: still checked
         flowdiff.generate(flow, noise, solver="dopri5", adaptive=flowdiff.Adaptive(rtol=1e-4, sigma_start=start))
+
+
+# -- tune(method="dp"): the search's options are refused, not ignored ----------------------------------------------
+
+@pytest.mark.parametrize("given,shown", [({"max_evals": 500}, "max_evals=500"), ({"restarts": 3}, "restarts=3"),
+                                         ({"init": "karras"}, "init='karras'"), ({"seed": 7}, "seed=7"),
+                                         ({"max_evals": 9, "restarts": 0}, "max_evals=9, restarts=0")])
+def test_tune_dp_refuses_the_search_options(given, shown):
+    """`tune(method="dp", max_evals=500)` (or restarts=, init=, seed=) returned the same grid as without them."""
+    flow, noise = _gaussian_flow_and_noise()
+    with pytest.raises(ValueError, match=rf"^{shown} configure the search .* method='dp' does not run.*"
+                                         r"method='dp\+search'.*candidates=.*dp_orders="):
+        flowdiff.tune(flow, noise, solver="euler", nfe=4, method="dp", progress=False, **given)
+
+
+def test_tune_dp_takes_the_search_options_at_their_defaults():
+    """A caller that spells the defaults out (one options dict for several methods) is not refused, and gets the
+    grid of the call without them."""
+    flow, noise = _gaussian_flow_and_noise()
+    plain = flowdiff.tune(flow, noise, solver="euler", nfe=4, method="dp", progress=False, reference_tol=1e-6)
+    spelt = flowdiff.tune(flow, noise, solver="euler", nfe=4, method="dp", progress=False, reference_tol=1e-6,
+                          max_evals=None, restarts=1, seed=0, init=list(flowdiff.tools.tuning.DEFAULT_INIT))
+    assert np.array_equal(plain.sigmas, spelt.sigmas)
