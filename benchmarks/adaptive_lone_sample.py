@@ -88,7 +88,7 @@ def solve_on(flow, sigma, x, tol):
     if sigma <= 0:
         return x
     low = flow.schedule.sigma_min
-    ends = {} if sigma > low else {"sigma_c": sigma / 2, "sigma_end": sigma / 10}
+    ends = {} if sigma > low else {"sigma_end": sigma / 10}  # unipc runs in ρ = 1/σ: no sigma_c
     with torch.no_grad():
         return flowdiff.generate(flow, x, solver=solvers.get("unipc", order=3),
                                  adaptive=flowdiff.Adaptive(rtol=tol, atol=tol, sigma_start=sigma,

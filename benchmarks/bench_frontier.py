@@ -101,7 +101,8 @@ def run_tuned(flow, calibration, noise, ref, budget: int, key: str, max_evals: i
     rows = []
     for solver, options in TUNED[key]:
         tuned = flowdiff.tune(flow, calibration, solver=solver, nfe=budget, solver_options=options,
-                              progress=False, max_evals=max_evals, reference_tol=1e-6, select=select, method=method)
+                              progress=False, reference_tol=1e-6, select=select, method=method,
+                              **({} if method == "dp" else {"max_evals": max_evals}))  # dp runs no search
         with torch.no_grad():
             r = flowdiff.generate(flow, noise, solver=solvers.get(solver, **options), grid=tuned.sigmas)
         rows.append(dict(lib="flowdiff", solver=label(solver, options), grid="tuned", nfe=r.stats.nfe,

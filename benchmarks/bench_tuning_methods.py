@@ -56,8 +56,8 @@ def main() -> None:
             for method in args.methods.split(","):
                 start = time.perf_counter()
                 tuned = flowdiff.tune(flow, calibration, solver=solver, nfe=nfe, solver_options=options,
-                                      progress=False, max_evals=args.max_evals, reference_tol=1e-6, method=method,
-                                      **extra)
+                                      progress=False, reference_tol=1e-6, method=method, **extra,
+                                      **({} if method == "dp" else {"max_evals": args.max_evals}))  # dp: no search
                 out = flowdiff.generate(flow, noise, solver=solvers.get(solver, **options), grid=tuned.sigmas)
                 print(f"NFE {nfe} {solver}{options or ''} {method}: calibration {tuned.calibration_error:.3e}, "
                       f"evaluation {rmse(out.x, ref.x):.3e} (start {tuned.initial_grid}, "

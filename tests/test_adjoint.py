@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 import flowdiff
 import solvers
-from flowdiff.engine.adjoint import NFE_BACKWARD, differentiable_inputs
+from flowdiff.engine.adjoint import NFE_BACKWARD, NO_RECORD_GRADIENT, differentiable_inputs
 from flowdiff.models.analytic import Gaussian
 from flowdiff.models.guidance import classifier_free_guidance
 
@@ -228,8 +230,46 @@ def test_without_gradients_it_is_the_plain_solve():
     assert torch.equal(res.x, plain.x) and NFE_BACKWARD not in res.stats.extra and len(seen) == 4
     x.requires_grad_()
     seen.clear()
-    res = flowdiff.generate(_flow(net), x, solver="heun", steps=4, adjoint="checkpoint", callback=seen.append)
+    with pytest.warns(UserWarning, match=NO_RECORD_GRADIENT):  # its states carry no gradient, and it says so
+        res = flowdiff.generate(_flow(net), x, solver="heun", steps=4, adjoint="checkpoint", callback=seen.append)
     assert torch.equal(res.x, plain.x) and len(seen) == 4  # the callback still sees every step
+
+
+@pytest.mark.parametrize("solver,mode", [("heun", "checkpoint"), ("reversible_heun", "reversible"),
+                                         ("dpmpp_2m", "checkpoint")])
+@pytest.mark.parametrize("records", ["save", "callback"])
+def test_saved_and_called_back_states_say_they_carry_no_gradient(solver, mode, records):
+    """With adjoint='checkpoint'/'reversible', `Save` states and callback records came back without a gradient and
+    nothing said so: a loss on them silently lost their part. Now the differentiated solve warns, naming the
+    adjoint, from the user's own line; the end's gradient is autograd's, and autograd's saved states keep theirs."""
+    net = Net()
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    seen = []
+    kw = {"save": flowdiff.Save(steps=True)} if records == "save" else {"callback": seen.append}
+    with pytest.warns(UserWarning, match=rf"{NO_RECORD_GRADIENT} with adjoint='{mode}'.*adjoint='autograd'") as w:
+        res = flowdiff.generate(_flow(net), x, solver=solver, steps=STEPS, adjoint=mode, **kw)
+    assert [r.filename for r in w] == [__file__]  # pointed at the caller, not inside flowdiff
+    states = res.saved if records == "save" else seen
+    assert len(states) == STEPS and not any(s.x.requires_grad for s in states)
+    plain = flowdiff.generate(_flow(net), x, solver=solver, steps=STEPS, **kw)  # autograd: no warning (see below)
+    (g_mode,) = torch.autograd.grad(res.x.sum(), [x])
+    (g_plain,) = torch.autograd.grad(plain.x.sum(), [x], retain_graph=True)
+    assert torch.allclose(g_mode, g_plain, rtol=1e-10, atol=1e-12)
+    autograd_states = plain.saved if records == "save" else seen[STEPS:]
+    assert all(s.x.requires_grad for s in autograd_states[:-1])
+    with torch.no_grad():  # no gradient asked for: nothing to warn about
+        flowdiff.generate(_flow(net), x, solver=solver, steps=STEPS, adjoint=mode, **kw)
+
+
+def test_autograd_and_undifferentiated_solves_do_not_warn():
+    net = Net()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flowdiff.generate(_flow(net), x.requires_grad_(), solver="heun", steps=3, save=flowdiff.Save(steps=True))
+        net.requires_grad_(False)  # nothing the solve depends on requires a gradient: no gradient is lost
+        flowdiff.generate(_flow(net), x.detach(), solver="heun", steps=3, adjoint="checkpoint",
+                          save=flowdiff.Save(steps=True))
 
 
 def test_differentiable_inputs_finds_parameters_attributes_and_kwargs():

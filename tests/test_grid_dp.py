@@ -18,6 +18,8 @@ from flowdiff.models.analytic import Gaussian
 from flowdiff.tools import grid_dp
 
 FLOW = _mixture()
+#: QUICK without the search's options, which method="dp" refuses (it runs no search).
+DP_QUICK = {k: v for k, v in QUICK.items() if k not in ("max_evals", "restarts")}
 
 
 def test_dp_path_is_the_least_cost_path_of_exactly_that_many_steps():
@@ -59,7 +61,8 @@ def test_teacher_follows_the_reference_and_euler_cost_is_its_local_error():
 def test_dp_grid_is_a_generation_grid_within_the_budget(name, method):
     nfe = solvers.nfe_for_steps(name, 3, eval_end=False) + 1
     steps = solvers.steps_for_nfe(name, nfe, eval_end=False)
-    tuned = flowdiff.tune(FLOW, _noise(1), solver=name, nfe=nfe, method=method, candidates=16, **QUICK)
+    quick = DP_QUICK if method == "dp" else QUICK
+    tuned = flowdiff.tune(FLOW, _noise(1), solver=name, nfe=nfe, method=method, candidates=16, **quick)
     s = tuned.sigmas
     assert s[0] == FLOW.schedule.sigma_max and s[-1] == 0.0 and np.all(np.diff(s) < 0) and len(s) == steps + 1
     calls = []
@@ -90,8 +93,9 @@ def test_dp_grid_beats_the_default_grids_on_held_out_noise(solver, options, meth
     flow = _mixture(seed=5, bandwidth=0.5)
     calibration, held_out = _noise(11, n=64), _noise(12, n=64)
     nfe = 5
+    search = {} if method == "dp" else {"max_evals": 100}  # the search's budget: dp runs no search
     tuned = flowdiff.tune(flow, calibration, solver=solver, nfe=nfe, solver_options=options, progress=False,
-                          max_evals=100, method=method)
+                          method=method, **search)
     tuned_err = _rmse(flow, held_out, solver=solvers.get(solver, **options), grid=tuned.sigmas)
     defaults = {g: _rmse(flow, held_out, solver=solvers.get(solver, **options), nfe=nfe, grid=g)
                 for g in ("trailing", "karras", "logsnr")}
@@ -112,8 +116,8 @@ def test_dp_options_are_checked():
 
 
 def test_stored_grids_round_trip_and_are_found_only_for_their_model(tmp_path):
-    a = flowdiff.tune(FLOW, _noise(1), solver="euler", nfe=4, method="dp", **QUICK)
-    b = flowdiff.tune(FLOW, _noise(1), solver="ipndm", nfe=5, method="dp", **QUICK)
+    a = flowdiff.tune(FLOW, _noise(1), solver="euler", nfe=4, method="dp", **DP_QUICK)
+    b = flowdiff.tune(FLOW, _noise(1), solver="ipndm", nfe=5, method="dp", **DP_QUICK)
     path = flowdiff.save_grids([a, b], tmp_path / "m.tuned.json")
     back = flowdiff.load_grids(path)
     assert [np.array_equal(x.sigmas, y.sigmas) for x, y in zip(back, [a, b])] == [True, True]
@@ -133,7 +137,7 @@ def test_compare_uses_stored_grids_by_default_and_tunes_afresh_on_given_calibrat
     import flowdiff.tools.tuning as tuning
     from flowdiff.tools.compare import default_grids
 
-    made = flowdiff.tune(FLOW, _noise(1), solver="ipndm", nfe=4, method="dp", **QUICK)
+    made = flowdiff.tune(FLOW, _noise(1), solver="ipndm", nfe=4, method="dp", **DP_QUICK)
     flowdiff.save_grids([made], tmp_path / "m.tuned.json")
     monkeypatch.setattr(tuning, "STORED_DIR", tmp_path)
     noise = _noise(21)

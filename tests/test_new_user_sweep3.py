@@ -4,6 +4,7 @@ Each bug's test failed before its fix (its docstring says what a user saw); a fe
 keeps working.
 """
 
+import dataclasses
 import runpy
 import warnings
 from pathlib import Path
@@ -397,3 +398,77 @@ def test_likelihood_errors_name_the_flags(tmp_path, capsys, argv, said):
     assert code != 0 and out == ""
     line = one_line(err)
     assert said in line and "Trace." not in line and "method=" not in line, line
+
+
+# -- Adaptive(sigma_c=, sigma_end=): each applies to the solvers whose variables use it, and is refused elsewhere --
+
+def _gaussian_flow_and_noise():
+    flow = Gaussian(torch.linspace(-1.0, 1.0, 6, dtype=torch.float64), 0.5).flow()
+    return flow, torch.randn(3, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("solver", ["dopri5", "bosh3", "abm"])
+@pytest.mark.parametrize("call", ["generate", "encode"])
+def test_sigma_end_is_refused_by_a_solve_in_log_sigma(solver, call):
+    """`Adaptive(sigma_end=...)` with dopri5 (or any solver running in log(σ + c)) ran to σ = 0 as if it were unset."""
+    flow, noise = _gaussian_flow_and_noise()
+    with pytest.raises(ValueError, match=rf"Adaptive\(sigma_end=0\.005\) does not apply to solver '{solver}'.*"
+                                         r"reaches σ = 0 exactly.*unipc.*sigma_c="):
+        getattr(flowdiff, call)(flow, noise, solver=solver, adaptive=flowdiff.Adaptive(rtol=1e-3, sigma_end=0.005))
+
+
+@pytest.mark.parametrize("call", ["generate", "encode"])
+def test_sigma_c_is_refused_by_a_data_variables_solve(call):
+    """`Adaptive(sigma_c=...)` with unipc (which runs in ρ = 1/σ) gave the same result as without it."""
+    flow, noise = _gaussian_flow_and_noise()
+    with pytest.raises(ValueError, match=r"Adaptive\(sigma_c=0\.05\) does not apply to solver 'unipc'.*ρ = 1/σ.*"
+                                         r"dopri5.*sigma_end="):
+        getattr(flowdiff, call)(flow, noise, solver="unipc", adaptive=flowdiff.Adaptive(rtol=1e-3, sigma_c=0.05))
+
+
+def test_each_knob_changes_the_solve_that_uses_it():
+    """What the refusals keep: sigma_c moves dopri5's steps, sigma_end moves unipc's hand-over point."""
+    flow, noise = _gaussian_flow_and_noise()
+    s_min = float(flow.schedule.sigma_min)
+    plain = flowdiff.generate(flow, noise, solver="dopri5", adaptive=flowdiff.Adaptive(rtol=1e-3))
+    other_c = flowdiff.generate(flow, noise, solver="dopri5", adaptive=flowdiff.Adaptive(rtol=1e-3, sigma_c=10 * s_min))
+    assert not np.array_equal(plain.sigmas, other_c.sigmas)
+    assert torch.allclose(plain.x, other_c.x, atol=2e-2)  # both solve the same flow to σ = 0
+    tight = flowdiff.Adaptive(rtol=1e-6, atol=1e-6)
+    late = flowdiff.generate(flow, noise, solver="unipc", adaptive=dataclasses.replace(tight, sigma_end=s_min))
+    assert late.sigmas[-2] >= s_min > flowdiff.generate(flow, noise, solver="unipc", adaptive=tight).sigmas[-2]
+
+
+def test_an_unused_default_is_not_range_checked():
+    """A unipc solve started below the schedule's smallest σ was refused for `sigma_c` (the default c = σ_min, which
+    unipc never uses) must lie in (0, σ_start) although the user had not set it."""
+    flow, noise = _gaussian_flow_and_noise()
+    start = float(flow.schedule.sigma_min) / 2
+    out = flowdiff.generate(flow, noise, solver="unipc", adaptive=flowdiff.Adaptive(rtol=1e-4, atol=1e-4,
+                                                                                      sigma_start=start))
+    assert out.sigmas[0] == start and out.sigmas[-1] == 0 and torch.isfinite(out.x).all()
+    with pytest.raises(ValueError, match="sigma_c must lie in"):  # dopri5 does use it: still checked
+        flowdiff.generate(flow, noise, solver="dopri5", adaptive=flowdiff.Adaptive(rtol=1e-4, sigma_start=start))
+
+
+# -- tune(method="dp"): the search's options are refused, not ignored ----------------------------------------------
+
+@pytest.mark.parametrize("given,shown", [({"max_evals": 500}, "max_evals=500"), ({"restarts": 3}, "restarts=3"),
+                                         ({"init": "karras"}, "init='karras'"), ({"seed": 7}, "seed=7"),
+                                         ({"max_evals": 9, "restarts": 0}, "max_evals=9, restarts=0")])
+def test_tune_dp_refuses_the_search_options(given, shown):
+    """`tune(method="dp", max_evals=500)` (or restarts=, init=, seed=) returned the same grid as without them."""
+    flow, noise = _gaussian_flow_and_noise()
+    with pytest.raises(ValueError, match=rf"^{shown} configure the search .* method='dp' does not run.*"
+                                         r"method='dp\+search'.*candidates=.*dp_orders="):
+        flowdiff.tune(flow, noise, solver="euler", nfe=4, method="dp", progress=False, **given)
+
+
+def test_tune_dp_takes_the_search_options_at_their_defaults():
+    """A caller that spells the defaults out (one options dict for several methods) is not refused, and gets the
+    grid of the call without them."""
+    flow, noise = _gaussian_flow_and_noise()
+    plain = flowdiff.tune(flow, noise, solver="euler", nfe=4, method="dp", progress=False, reference_tol=1e-6)
+    spelt = flowdiff.tune(flow, noise, solver="euler", nfe=4, method="dp", progress=False, reference_tol=1e-6,
+                          max_evals=None, restarts=1, seed=0, init=list(flowdiff.tools.tuning.DEFAULT_INIT))
+    assert np.array_equal(plain.sigmas, spelt.sigmas)

@@ -52,7 +52,7 @@ from torch import Tensor
 import solvers
 from solvers import Chain, Derivative, ErrorControl, FixedGrid, Solver, StepController, StepResult, VectorField
 
-from ..engine.formulations import Data, EulerToZero, IntoZero, LogSigma, OutOfZero, formulation_for
+from ..engine.formulations import Data, EulerToZero, IntoZero, LogSigma, OutOfZero, formulation_for, variables_of
 from ..engine.latent import Latent
 from ..engine.loop import solve_flow
 from ..engine.options import Adaptive, Request, compute_dtype
@@ -195,6 +195,31 @@ def _controller(spec: Adaptive, solver: solvers.Solver, generating: bool) -> Ste
     return MULTISTEP_CONTROLLER if generating else MULTISTEP_ENCODE_CONTROLLER
 
 
+def _refuse_unused_knobs(spec: Adaptive, solver_name: str, form: object) -> None:
+    """Refuse an ``Adaptive`` field the solver's variables have no use for (the user set it; defaults are None).
+
+    ``sigma_c`` is the c of τ = log(σ + c), the time of the σ-variable solvers (dopri5, bosh3, abm, …);
+    the data-variables solvers (unipc) run in ρ = 1/σ and never see it. ``sigma_end`` is where a
+    data-variables solve hands over to the denoised image's limit; a solve in log(σ + c) reaches σ = 0
+    exactly and has no such point.
+    """
+    if isinstance(form, Data) and spec.sigma_c is not None:
+        raise ValueError(f"Adaptive(sigma_c={spec.sigma_c!r}) does not apply to solver {solver_name!r}: it runs in the "
+                         "data variables ρ = 1/σ, not in log(σ + c); sigma_c shapes the σ-variable solvers "
+                         f"({', '.join(_sigma_adaptive())}). For {solver_name!r} use sigma_end= (where it hands over "
+                         "to the denoised image) or drop sigma_c")
+    if isinstance(form, LogSigma) and spec.sigma_end is not None:
+        raise ValueError(f"Adaptive(sigma_end={spec.sigma_end!r}) does not apply to solver {solver_name!r}: it runs in "
+                         "log(σ + c) and reaches σ = 0 exactly, with no hand-over point; sigma_end shapes the "
+                         "data-variables solvers (unipc). For "
+                         f"{solver_name!r} use sigma_c= (the c of log(σ + c)) or drop sigma_end")
+
+
+def _sigma_adaptive() -> list[str]:
+    """The registered adaptive solvers that run in the σ variables (log(σ + c) when adaptive)."""
+    return [name for name in solvers.available(adaptive=True) if variables_of(solvers.get(name)) == "sigma"]
+
+
 def solve_adaptive_flow(request: Request, x: Tensor, *, direction: str, model_dtype: torch.dtype | None) -> Result:
     """An adaptive generate (σ_start → 0) or encode (0 → σ_max) of DDIM-scale noise or images.
 
@@ -213,15 +238,16 @@ def solve_adaptive_flow(request: Request, x: Tensor, *, direction: str, model_dt
     refuse_infinite_start(s_max, "an adaptive solve")  # zero terminal SNR (flowdiff.engine.terminal)
     c = schedule.sigma_min if spec.sigma_c is None else spec.sigma_c
     s_end = schedule.sigma_min / 10 if spec.sigma_end is None else spec.sigma_end
-    for name, value in (("sigma_c", c), ("sigma_end", s_end)):
-        if not 0 < value < s_max:
-            raise ValueError(f"{name} must lie in (0, σ_start={s_max:.6g}), got {value!r}")
+    form = formulation_for(solver, direction, adaptive=True, sigma_c=c)  # the one chooser (engine.formulations)
+    _refuse_unused_knobs(spec, solver.name, form)
+    name, value = ("sigma_end", s_end) if isinstance(form, Data) else ("sigma_c", c)  # the one it uses
+    if not 0 < value < s_max:
+        raise ValueError(f"{name} must lie in (0, σ_start={s_max:.6g}), got {value!r}")
     generating = direction == "generate"
     ends = (s_max, 0.0) if generating else (0.0, s_max)  # the interval in the solve's own order
     eps = flow.field(request.model_kwargs, model_dtype)
     xbar0 = x.to(compute_dtype(x)) * (math.sqrt(1.0 + s_max**2) if generating else 1.0)
     controller = _controller(spec, solver, generating)
-    form = formulation_for(solver, direction, adaptive=True, sigma_c=c)  # the one chooser (engine.formulations)
     if isinstance(form, Data):
         if generating:  # ρ additive to σ_end (or until the limit is known), then the denoised image's limit
             t0, t1 = form.times([s_max, s_end])

@@ -36,10 +36,19 @@ of a bound method's object, and the tensors in ``model_kwargs``). A tensor the b
 meets that is none of these would lose its gradient: the backward pass refuses it, naming it.
 The backward pass's model evaluations are counted in ``stats.extra["nfe_backward"]`` (``stats.nfe``
 counts the forward's); it makes no host sync per step.
+
+The node's outputs are the end state and the end's carried state only: the states a ``callback``
+sees and a :class:`flowdiff.Save` keeps are computed inside its forward pass, without a graph, and
+carry no gradient (under ``"autograd"`` they do). A differentiated solve with either warns
+(:data:`NO_RECORD_GRADIENT`) rather than let a loss on them lose that part of its gradient unseen;
+making them outputs of the node would mean keeping every saved state's adjoint path, which is what
+``"checkpoint"``/``"reversible"`` exist to avoid holding in memory.
 """
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +64,8 @@ ADJOINTS = ("autograd", "checkpoint", "reversible")
 
 #: The key of the backward pass's model evaluations in ``stats.extra``.
 NFE_BACKWARD = "nfe_backward"
+#: How the warning that a differentiated solve's recorded states carry no gradient begins.
+NO_RECORD_GRADIENT = "adjoint: the states passed to callback= and kept by save= carry no gradient"
 
 
 def check_adjoint(adjoint: object, solver: Solver) -> str:
@@ -403,12 +414,26 @@ def integrate_adjoint(f: Callable[[float, Tensor], Tensor], y0: Tensor, solver: 
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (y0, *state_leaves, *params))
     if not wants_grad:
         return solvers.integrate(f, y0, solver, stepping, state=state, **integrate_options)
+    if integrate_options.get("callback") is not None:
+        warnings.warn(f"{NO_RECORD_GRADIENT} with adjoint={adjoint!r}: they are computed inside the solve's one "
+                      "autograd node, whose outputs are only its end (whose gradient is unaffected). A loss on them "
+                      "would lose their part of its gradient; use adjoint='autograd' to differentiate them",
+                      UserWarning, stacklevel=_caller_level())
     plan = _Plan(f, solver, stepping, adjoint, tuple(params), dict(integrate_options),
                  state_rebuild=state_rebuild, n_state=len(state_leaves))
     outputs = _SolveFunction.apply(plan, y0, *state_leaves, *params)
     sol = plan.solution
     end_state = _flatten(sol.state)[1](iter(outputs[1:]))
     return Solution(outputs[0], sol.stats, end_state, sol.ts)
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside flowdiff and solvers: the user's call."""
+    package = __name__.split(".")[0]
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in (package, "solvers"):
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 def adjoint_for(adjoint: object, solver: Solver, model: object, model_kwargs: Mapping[str, Any] | None

@@ -236,9 +236,11 @@ class Adaptive:
     state x = x̄/√(1+σ²), per sample, the worst sample deciding. ``max_nfe`` stops a solve
     that would need more evaluations with a :class:`solvers.SolveError`. ``controller`` (a
     :class:`solvers.StepController`), ``first_step`` (in the solve's time variable),
-    ``sigma_c`` (the c of τ = log(σ + c); default the schedule's smallest σ), ``sigma_end``
-    (where a data-variables solve hands over to the denoised image; default σ_min/10) and
-    ``sigma_start`` (default the schedule's σ_max) shape it.
+    ``sigma_c`` (the c of τ = log(σ + c), the time of the σ-variable solvers such as dopri5;
+    default the schedule's smallest σ), ``sigma_end`` (where a data-variables solve, unipc, hands
+    over to the denoised image; default σ_min/10) and ``sigma_start`` (default the schedule's
+    σ_max) shape it. ``sigma_c`` with a data-variables solver, or ``sigma_end`` with a σ-variable
+    one, is refused by the solve (neither would change it).
     """
 
     rtol: float = 1e-3

@@ -28,7 +28,8 @@ Where it starts matters at few knots and many local minima, so the default (``me
 (:mod:`flowdiff.tools.grid_dp`: the least total local error over a fine candidate grid against teacher
 trajectories of the fitted half, for Euler's and the trapezoidal rule's local errors); the best of
 all on the fitted half starts the search. ``method="dp"`` returns the better DP grid as it is (no
-search: only the teacher's cost), ``method="search"`` starts from the named grids alone.
+search: only the teacher's cost; the search's ``max_evals``, ``restarts``, ``init`` and ``seed`` are refused
+unless left at their defaults), ``method="search"`` starts from the named grids alone.
 
 The search sees only the calibration noise: measure a tuned grid on other noise (``compare``'s
 ``grids=["tuned"]`` does). Its cost, in model evaluations and seconds, is recorded with the
@@ -214,18 +215,8 @@ class _Knots:
         return np.log(gaps[1:] / gaps[0])
 
 
-def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(_OPTIONS))
-    if unknown:
-        raise TypeError(f"tune_grid got unknown option(s) {unknown}; accepted: {', '.join(_OPTIONS)}")
-    out = dict(options)
-    for name in ("max_evals", "restarts"):
-        if name in out and out[name] is not None:
-            v = out[name]
-            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "max_evals" else 0):
-                raise ValueError(f"{name} must be an int >= {1 if name == 'max_evals' else 0}, got {v!r}")
-    check_seed(out.get("seed", 0))  # numpy's error for -1 ("expected non-negative integer") named no argument
-    init = out.get("init", DEFAULT_INIT)
+def _parse_init(init: Any) -> list[tuple[str, dict[str, Any]]]:
+    """``init`` as a list of ``(grid name, grid_options)``: one name, one ``(name, options)`` or a sequence of them."""
     single = isinstance(init, str) or (isinstance(init, tuple) and len(init) == 2 and isinstance(init[1], Mapping))
     init = [init] if single else list(init)
     parsed = []
@@ -237,7 +228,34 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
         parsed.append((name, dict(grid_options)))
     if not parsed:
         raise ValueError(f"init must name at least one grid to start from; accepted: {', '.join(GRIDS)}")
-    out["init"] = parsed
+    return parsed
+
+
+def _refuse_search_options(out: Mapping[str, Any]) -> None:
+    """``method="dp"`` runs no search: the search's options set to anything but their defaults are refused."""
+    defaults = {"max_evals": None, "restarts": 1, "init": _parse_init(DEFAULT_INIT), "seed": 0}
+    given = {"init": _parse_init(out["init"])} if "init" in out else {}
+    unused = [f"{name}={out[name]!r}" for name in defaults
+              if name in out and given.get(name, out[name]) != defaults[name]]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} configure the search (its evaluations, restarts, starting grids and "
+                         "the restarts' seed), which method='dp' does not run: it returns the better DP grid as it is; "
+                         f"drop {'them' if len(unused) > 1 else 'it'} or use method='dp+search'. The DP takes "
+                         "candidates= (candidate σ) and dp_orders= (its local-error rules) instead")
+
+
+def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise TypeError(f"tune_grid got unknown option(s) {unknown}; accepted: {', '.join(_OPTIONS)}")
+    out = dict(options)
+    for name in ("max_evals", "restarts"):
+        if name in out and out[name] is not None:
+            v = out[name]
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "max_evals" else 0):
+                raise ValueError(f"{name} must be an int >= {1 if name == 'max_evals' else 0}, got {v!r}")
+    check_seed(out.get("seed", 0))  # numpy's error for -1 ("expected non-negative integer") named no argument
+    out["init"] = _parse_init(out.get("init", DEFAULT_INIT))
     if out.get("select", "validation") not in ("validation", "pooled"):
         raise ValueError(f"select must be 'validation' or 'pooled', got {out['select']!r}")
     if not isinstance(out.get("validate", True), bool):
@@ -251,6 +269,8 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
         raise TypeError(f"progress must be a bool, got {type(out['progress']).__name__}")
     if out.get("method", "dp+search") not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {out['method']!r}")
+    if out.get("method") == "dp":
+        _refuse_search_options(options)  # the user's own values, in their words
     if out.get("method", "dp+search") == "search":
         unused = [k for k in ("candidates", "dp_orders") if k in out]
         if unused:
@@ -541,7 +561,8 @@ def tune_grid(
     default; ``"pooled"``, the best on the whole batch),
     ``free_start`` (let the first σ move below σ_max too, default False), ``progress`` (tqdm
     bars of the reference and the search, default True), ``method`` (``"dp+search"``, default:
-    the GITS-style DP grids join the starting grids; ``"dp"``: the better DP grid, no search;
+    the GITS-style DP grids join the starting grids; ``"dp"``: the better DP grid, no search, and
+    ``max_evals``, ``restarts``, ``init``, ``seed`` other than their defaults refused;
     ``"search"``: the named grids start), ``candidates`` (candidate σ of the DP, uniform in log σ,
     default 64 or twice the steps if more) and ``dp_orders`` (the local-error rules whose DP grids are tried: 1,
     Euler's, 2, the trapezoidal rule's; default both).
