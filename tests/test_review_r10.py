@@ -1,0 +1,81 @@
+"""Review of the new-user sweep (Y) and the joint learned fit (V): refusals that turned away legitimate uses, and
+the likelihood command's progress bar in logs."""
+
+import sys
+
+import pytest
+from _cli_runs import run_in as run
+from _cli_runs import write_digits
+
+import flowdiff
+from flowdiff.engine.scheduler_grids import schedule_from_config
+
+# -- schedulers flowdiff reads betas from, whose class diffusers cannot import here ------------------------------
+
+#: A DPMSolverSDEScheduler config as Stable Diffusion pipelines ship it ("DPM++ SDE Karras"): a betas scheduler.
+#: Without torchsde, diffusers.DPMSolverSDEScheduler is a placeholder whose __init__ takes (*args, **kwargs).
+_SDE = {"_class_name": "DPMSolverSDEScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+        "beta_end": 0.012, "beta_schedule": "scaled_linear", "trained_betas": None, "prediction_type": "epsilon",
+        "use_karras_sigmas": True, "noise_sampler_seed": None, "timestep_spacing": "linspace", "steps_offset": 1}
+
+
+def test_a_betas_scheduler_whose_class_is_a_placeholder_here_still_gives_its_schedule():
+    """The sweep's "no betas" refusal read the class's __init__ parameters; a placeholder's are (*args, **kwargs),
+    so an SD pipeline with DPMSolverSDEScheduler was refused as "defines no betas (σ_min = None, σ_max = None)"."""
+    schedule, prediction_type = schedule_from_config(_SDE, "scheduler_config.json")
+    ddim = {**_SDE, "_class_name": "DDIMScheduler"}
+    del ddim["use_karras_sigmas"], ddim["noise_sampler_seed"]
+    same, _ = schedule_from_config(ddim)
+    assert prediction_type == "epsilon"
+    assert (schedule.alphas_cumprod == same.alphas_cumprod).all()
+
+
+@pytest.mark.parametrize("config", [
+    # an EDM-type scheduler that is a placeholder without torchsde: its σ range and no betas say what it is
+    {"_class_name": "CosineDPMSolverMultistepScheduler", "sigma_min": 0.3, "sigma_max": 500.0, "sigma_data": 1.0,
+     "num_train_timesteps": 1000, "prediction_type": "v_prediction"},
+    {"_class_name": "EDMEulerScheduler", "sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5},
+])
+def test_a_scheduler_without_betas_is_still_refused_with_its_sigma_range(config):
+    with pytest.raises(ValueError, match=rf"{config['_class_name']} config defines no betas .*σ_max = "
+                                         rf"{config['sigma_max']}"):
+        schedule_from_config(config, "scheduler_config.json")
+
+
+def test_the_no_betas_refusal_says_no_sigma_range_the_config_does_not_have():
+    """Wuerstchen's scheduler has neither betas nor σ_min/σ_max: the message said "σ_min = None, σ_max = None"."""
+    with pytest.raises(ValueError, match="DDPMWuerstchenScheduler config defines no betas") as err:
+        schedule_from_config({"_class_name": "DDPMWuerstchenScheduler", "scaler": 1.0, "s": 0.008})
+    assert "None" not in str(err.value)
+
+
+# -- sample_quality of samples that overshoot ---------------------------------------------------------------------
+
+def test_sample_quality_scores_samples_that_overshoot_far_on_both_sides():
+    """The pixel-scale refusal (beyond [-3, 3]) also refused real samples: at NFE 2–6 many solvers overshoot the
+    digits model's range by hundreds (abm at NFE 2 on a logsnr grid reaches ~1000), and compare-style scoring of
+    every solver and budget stopped at the first. Such samples are clipped and scored, as before; images with no
+    value below 0 past the range are the pixel scale."""
+    digits = flowdiff.digits_data("test").images[:8]
+    far = digits * 50.0  # the background at -50, the strokes at +50
+    assert float(far.min()) < -3 and float(far.max()) > 3
+    assert flowdiff.sample_quality(far) == flowdiff.sample_quality(digits.sign())
+    with pytest.raises(ValueError, match=r"images span \[0, 255\]"):
+        flowdiff.sample_quality(digits * 127.5 + 127.5)
+
+
+# -- the likelihood command's progress bar in a log ---------------------------------------------------------------
+
+def test_likelihood_draws_its_progress_bar_on_a_terminal_only(tmp_path, capsys, monkeypatch):
+    """In a log or a pipe (stderr no terminal) the bar wrote a carriage-return update every 0.1 s: 130 kB of them
+    into `2> file` for a two-minute `--steps 20000` run. Folder runs already draw theirs on a terminal only."""
+    (png,) = write_digits(tmp_path, 1)
+    argv = ["likelihood", png, "--model", "analytic-mixture", "--solver", "rk4", "--steps", "4"]
+    code, out, err = run(capsys, argv, tmp_path)
+    assert code == 0 and err == "", err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    code, shown, err = run(capsys, argv, tmp_path)
+    assert code == 0 and "likelihood solve" in err and "check solve" in err, err
+    assert shown.splitlines()[:-1] == out.splitlines()[:-1]  # the same figures; the last line has the wall time
+    code, _, err = run(capsys, [*argv, "--no-progress"], tmp_path)
+    assert code == 0 and err == "", err
