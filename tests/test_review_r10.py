@@ -79,3 +79,47 @@ def test_likelihood_draws_its_progress_bar_on_a_terminal_only(tmp_path, capsys, 
     assert shown.splitlines()[:-1] == out.splitlines()[:-1]  # the same figures; the last line has the wall time
     code, _, err = run(capsys, [*argv, "--no-progress"], tmp_path)
     assert code == 0 and err == "", err
+
+
+# -- the learned fit's solves: none repeated ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("learn", [("directions",), ("scales",), ("scales", "directions")])
+def test_a_fit_with_nothing_to_fit_solves_each_half_once(learn):
+    """With iterations=0 nothing moves from the method itself: one solve of each half decides. The fit solved each
+    twice (the held-out half as the 'neither' candidate and again as the base; the fitted half for the loss and again
+    for the calibration error), and fitting_nfe counted the repeats."""
+    from _closed_form import mixture, noise
+
+    from flowdiff.tools.learned import learn_solver
+
+    flow, calibration = mixture(), noise(1, n=8)
+    learned = learn_solver(flow, calibration, solver="unipc", nfe=4, learn=learn, iterations=0)
+    one = flowdiff.generate(flow, calibration[0::2], solver=learned.as_solver(), grid=learned.sigmas).stats.nfe
+    assert learned.solves == 2
+    assert learned.fitting_nfe == learned.reference_nfe + 2 * one
+    assert learned.validation_error == learned.base_validation_error and not learned.kept
+
+
+def test_the_joint_fit_solves_no_candidate_twice(monkeypatch):
+    """Every solve the fit pays for is of a new (parameters, half) pair: the calibration error of the chosen fit and
+    the base's held-out error are the ones already solved."""
+    from _closed_form import mixture, noise
+
+    from flowdiff.tools import learned as learned_module
+
+    seen, repeats = set(), []
+    generate, model = learned_module.generate, mixture()
+
+    def recorded(flow, part, *, solver, grid, **kwargs):
+        result = generate(flow, part, solver=solver, grid=grid, **kwargs)
+        if flow is model:  # not the dry runs of a zero field that lay out the steps
+            key = (part.data_ptr(), result.x.double().numpy().tobytes())
+            if key in seen:
+                repeats.append(key)
+            seen.add(key)
+        return result
+
+    monkeypatch.setattr(learned_module, "generate", recorded)
+    fit = learned_module.learn_solver(model, noise(1, n=8), solver="unipc", nfe=4, learn=("scales", "directions"),
+                                      iterations=2)
+    assert fit.solves == len(seen) + len(repeats) and repeats == []
