@@ -2,13 +2,18 @@
 the likelihood command's progress bar in logs."""
 
 import sys
+from decimal import Decimal
+from fractions import Fraction
 
+import numpy as np
 import pytest
+import torch
 from _cli_runs import run_in as run
 from _cli_runs import write_digits
 
 import flowdiff
 from flowdiff.engine.scheduler_grids import schedule_from_config
+from flowdiff.models.analytic import Gaussian
 
 # -- schedulers flowdiff reads betas from, whose class diffusers cannot import here ------------------------------
 
@@ -123,3 +128,25 @@ def test_the_joint_fit_solves_no_candidate_twice(monkeypatch):
     fit = learned_module.learn_solver(model, noise(1, n=8), solver="unipc", nfe=4, learn=("scales", "directions"),
                                       iterations=2)
     assert fit.solves == len(seen) + len(repeats) and repeats == []
+
+
+# -- σ values in a list: each item a real number ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("values", [[True, 0.0], [2.0, False, 0.0], [np.bool_(True), 0.0], [2.0, torch.tensor(True)],
+                                    [2.0, 1 + 0j], [2.0, None]])
+def test_a_list_with_one_bool_or_non_number_is_refused_naming_the_item(values):
+    """The sweep refused bools and complex numbers by the array's dtype, but NumPy makes [True, 0.0] a float64 array:
+    it ran a grid from σ = 1 without a word."""
+    flow = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5).flow()
+    with pytest.raises(TypeError, match=r"sigmas must be real numbers .*got \[.*of dtype \w+ \(item \d\)"):
+        flowdiff.generate(flow, torch.randn(2, 4, dtype=torch.float64), solver="euler", grid=values)
+
+
+@pytest.mark.parametrize("exact", [[Fraction(2), Fraction(1, 2), 0], [Decimal("2"), Decimal("0.5"), 0],
+                                   [np.float32(2), torch.tensor(0.5, dtype=torch.float64), np.int64(0)]])
+def test_real_numbers_of_any_kind_make_the_grid_their_floats_make(exact):
+    """Fractions and Decimals are real numbers: the sweep refused them as 'dtype object'."""
+    flow = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5).flow()
+    noise = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ran = flowdiff.generate(flow, noise, solver="euler", grid=exact).x
+    assert torch.equal(ran, flowdiff.generate(flow, noise, solver="euler", grid=[float(v) for v in exact]).x)
