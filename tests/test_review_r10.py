@@ -150,3 +150,19 @@ def test_real_numbers_of_any_kind_make_the_grid_their_floats_make(exact):
     noise = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     ran = flowdiff.generate(flow, noise, solver="euler", grid=exact).x
     assert torch.equal(ran, flowdiff.generate(flow, noise, solver="euler", grid=[float(v) for v in exact]).x)
+
+
+# -- compare --calibration-seed where no grid is tuned -------------------------------------------------------------
+
+def test_compare_refuses_a_calibration_seed_when_its_default_grids_tune_nothing(tmp_path, capsys):
+    """The sweep refused `--calibration-seed` beside a --grid list without tuned, but not beside the default grids of
+    a model for which flowdiff ships no tuned grid (they are trailing, karras, logsnr alone): it was taken and did
+    nothing."""
+    from _cli_runs import one_line
+
+    code, out, err = run(capsys, ["compare", "--model", "analytic-mixture", "--solver", "euler", "--nfe", "4",
+                                  "--batch", "2", "--no-progress", "--out", "c", "--calibration-seed", "2"], tmp_path)
+    assert code == 2 and out == ""
+    line = one_line(err)
+    assert "--calibration-seed 2" in line and "the default grids (trailing" in line and "tuned" in line
+    assert not (tmp_path / "c").exists()
