@@ -6,6 +6,7 @@ keeps working.
 
 import dataclasses
 import runpy
+import sys
 import warnings
 from pathlib import Path
 
@@ -87,8 +88,9 @@ def test_compare_tuned_on_batch_1_warns_in_the_flags_words(tmp_path, capsys):
 
 # -- likelihood --steps 1000000: minutes with nothing said -------------------------------------------------------
 
-def test_likelihood_shows_each_solves_progress_unless_told_not_to(tmp_path, capsys):
+def test_likelihood_shows_each_solves_progress_unless_told_not_to(tmp_path, capsys, monkeypatch):
     """`flowdiff likelihood --steps 1000000` ran for hours without a word; compare shows its reference's progress."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # a terminal: the bar is drawn
     (png,) = write_digits(tmp_path, 1)
     argv = ["likelihood", png, "--model", "analytic-mixture", "--solver", "rk4", "--steps", "4"]
     code, out, err = run(capsys, argv, tmp_path)

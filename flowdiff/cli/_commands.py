@@ -164,6 +164,22 @@ def _unused_compare_flags(args: argparse.Namespace) -> None:
                          f"--grid {','.join(args.grid)} has no tuned grid: add tuned to --grid, or leave it out")
 
 
+def _untuned_calibration_seed(args: argparse.Namespace, loaded: LoadedModel) -> None:
+    """Refuse ``--calibration-seed`` beside the default grids where they hold no tuned grid (a model flowdiff ships
+    none for, at these solvers and budgets): it would seed noise no grid is tuned on. (A --grid list without tuned
+    is refused before the model is loaded, by :func:`_unused_compare_flags`.)"""
+    if args.task != "generate" or args.calibration_seed is None or args.grid is not None:
+        return
+    from ..tools.compare import TUNED_GRIDS, default_grids, default_solvers
+
+    grids = default_grids(loaded.flow, args.solver or default_solvers(), args.nfe, loaded.model_kwargs or None)
+    if not set(grids) & set(TUNED_GRIDS):
+        raise UsageError(f"--calibration-seed {args.calibration_seed} seeds the noise --grid tuned is tuned on, and "
+                         f"the default grids ({', '.join(grids)}) have no tuned grid: flowdiff ships none for this "
+                         "model at these solvers and budgets; add --grid " + ",".join((*grids, "tuned")) + " to tune "
+                         "one, or leave --calibration-seed out")
+
+
 def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
     from ..tools.compare import Reference, reference_solution
 
@@ -175,12 +191,13 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
         if args.batch > held_out:  # it was cut to them, and the report said --batch
             raise UsageError(f"--batch {args.batch}: --task roundtrip encodes the held-out digits, of which there are "
                              f"{held_out}; give --batch {held_out} or fewer")
+    # the reference is solved from the network as saved (copied to float64), the runs in --dtype
+    loaded, dtype, device = _setup(args, convert=False, batch=args.batch)
+    _untuned_calibration_seed(args, loaded)  # before --out is made: a refusal leaves nothing behind
     out = output_dir(args.out)
     names = [*REPORT_FILES.values()] + ([ROUNDTRIP_FIGURE] if args.task == "roundtrip" else [])
     plan([(out / name, "--out") for name in names], overwrite=args.overwrite)
     ref_path = out / "reference.safetensors"
-    # the reference is solved from the network as saved (copied to float64), the runs in --dtype
-    loaded, dtype, device = _setup(args, convert=False, batch=args.batch)
     run_flow = in_dtype(loaded.flow, dtype)
     if args.task == "roundtrip":  # held-out digits (the shipped models' data) encoded and decoded back
         if args.peers:

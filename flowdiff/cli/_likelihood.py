@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -75,7 +76,7 @@ def add_parser(subparsers: Any, *, load_model: Callable[..., Any],
     group.add_argument("--threads", type=_positive_int, default=None,
                        help="CPU threads for torch (default: 1 for the built-in models, torch's choice otherwise)")
     group.add_argument("--no-progress", action="store_true",
-                       help="no progress bar (default: a bar on stderr of the σ each solve has reached)")
+                       help="no progress bar (default: on a terminal, a bar on stderr of the σ each solve has reached)")
     group = p.add_argument_group("estimator")
     group.add_argument("--divergence", default="auto", choices=list(DIVERGENCES),
                        help="auto (default: exact up to 256 dimensions, hutch++ beyond), exact (D vector-Jacobian "
@@ -109,6 +110,12 @@ _FLAGS = ((re.compile(r"\bdequantize=None\b"), "--dequantization none"),
           (re.compile(r"\b(sketch|probes)=(\d+)"), r"--\1 \2"),
           (re.compile(r"\bmethod='([\w+]+)'"), r"--divergence \1"),
           (re.compile(r"\bsolver '([\w+]+)'"), r"--solver \1"))
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """The bar is drawn on a terminal: in a log or a pipe its carriage-return updates pile up into one long line (as
+    the folder runs, which draw theirs on a terminal only)."""
+    return not args.no_progress and sys.stderr.isatty()
 
 
 def _as_flags(message: str) -> str:
@@ -179,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = log_likelihood(loaded.flow, images, solver=args.solver, estimator=estimator,
                                 generator=torch.Generator().manual_seed(args.seed),
-                                model_kwargs=loaded.model_kwargs or None, progress=not args.no_progress, **options)
+                                model_kwargs=loaded.model_kwargs or None, progress=_progress(args), **options)
     except ValueError as err:
         raise ValueError(_as_flags(one_line(err))) from None
     wall = time.perf_counter() - start

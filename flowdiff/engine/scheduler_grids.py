@@ -92,7 +92,10 @@ def _parameters(name: str) -> frozenset[str] | None:
     cls = getattr(diffusers, name, None)
     if cls is None:
         return None
-    return frozenset(p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs"))
+    parameters = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters.values()):
+        return None  # a placeholder for a class whose extra is missing (DPMSolverSDEScheduler without torchsde)
+    return frozenset(p for p in parameters if p not in ("self", "kwargs"))
 
 
 def candidates(config: Mapping[str, Any]) -> list[str]:
@@ -171,10 +174,17 @@ def schedule_from_config(config: Mapping[str, Any], source: str = "scheduler con
         return schedule, "velocity"
     name = class_name(config)
     params = _parameters(name) if name else None
-    if params is not None and not {"beta_schedule", "trained_betas"} & params:  # EDM, score-SDE VE, consistency
+    betas = {"beta_schedule", "trained_betas"}
+    if params is None:  # a class diffusers cannot inspect here: its config says it, EDM-type ones by their σ range
+        no_betas = bool(name) and not (betas | {"beta_start", "beta_end"}) & set(config) and "sigma_max" in config
+    else:
+        no_betas = not betas & params  # EDM, score-SDE VE, consistency, Wuerstchen
+    if no_betas:
         vp = ", ".join(VP_SCHEDULERS[:3])
-        raise ValueError(f"{source}: the {name} config defines no betas (its schedule is σ_min = "
-                         f"{config.get('sigma_min')!r}, σ_max = {config.get('sigma_max')!r}), and flowdiff reads a "
+        known = "sigma_min" in config or "sigma_max" in config
+        schedule = (f" (its schedule is σ_min = {config.get('sigma_min')!r}, σ_max = {config.get('sigma_max')!r})"
+                    if known else "")
+        raise ValueError(f"{source}: the {name} config defines no betas{schedule}, and flowdiff reads a "
                          f"variance-preserving schedule from a betas scheduler ({vp}, ...) or rectified flow from "
                          f"{', '.join(FLOW_MATCHING_SCHEDULERS)}: pass scheduler= one of those, or build the flow "
                          "with flowdiff.ProbabilityFlow and flowdiff.VESchedule")

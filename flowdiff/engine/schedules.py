@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import bisect
 import math
+import numbers
 from collections.abc import Sequence
+from decimal import Decimal
 
 import numpy as np
 import torch
@@ -37,14 +39,35 @@ def real_values(values: object, name: str) -> np.ndarray:
         dtype = str(values.dtype).removeprefix("torch.")
         kind = "f" if values.is_floating_point() else "c" if values.is_complex() else "b" if dtype == "bool" else "i"
         values = values.double() if kind in "fi" else values
+    elif isinstance(values, (list, tuple)):  # item by item: NumPy makes [True, 0.0] floats, [Fraction(1, 2)] objects
+        kind, dtype = "f", ""
+        for i, item in enumerate(values):
+            if not _real_item(item):
+                of = str(getattr(item, "dtype", type(item).__name__)).removeprefix("torch.")
+                kind, dtype = "item", f"{of} (item {i})"
+                break
     else:
         values = np.asarray(values)
         kind, dtype = values.dtype.kind, str(values.dtype)
     if kind not in "fiu":
-        shown = repr(values.tolist())
+        shown = repr(values.tolist() if hasattr(values, "tolist") else values)
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
         raise TypeError(f"{name} must be real numbers (ints or floats), got {shown} of dtype {dtype}")
     return np.asarray(values, dtype=np.float64)
+
+
+def _real_item(item: object) -> bool:
+    """Whether a list's item is a real number (not a bool: a Python, NumPy or ``decimal`` number, a fraction), a real
+    tensor or array, or a nested list (whose shape the caller checks)."""
+    if isinstance(item, (list, tuple)):
+        return True
+    if isinstance(item, torch.Tensor):
+        return not (item.is_complex() or item.dtype == torch.bool)
+    if isinstance(item, np.ndarray):
+        return item.dtype.kind in "fiu"
+    if isinstance(item, (bool, np.bool_)):
+        return False
+    return isinstance(item, (numbers.Real, Decimal))
 
 
 def _as_float64(values: ArrayLike, name: str) -> np.ndarray:

@@ -696,6 +696,7 @@ def learn_solver(
     zero = np.zeros(len(slots))
     r0 = residual(zero)
     v = plain = scales_only = zero
+    objective = None
     if slots and iterations > 0:
         penalised = np.array([k == "c" for k, _, _ in slots])
         objective = _Objective(residual, r0, math.sqrt(ridge * float(np.dot(r0, r0)) / max(int(penalised.sum()), 1))
@@ -743,9 +744,11 @@ def learn_solver(
             if value < learned_val:
                 chosen, learned_val = candidate, value
     v = chosen
-    r = residual(v) if slots else r0
+    # the chosen fit's residual and the base's held-out error, from the solves made above where they were (the
+    # objective keeps each candidate's residual; the held-out half judged the base when nothing else was fitted)
+    r = objective(v)[:r0.size] if objective is not None else r0
     calib, base_calib = float(np.sqrt(np.mean(r * r))), float(np.sqrt(np.mean(r0 * r0)))
-    base_val = _rms(images(zero, held), held_target)
+    base_val = judged[zero.tobytes()] if zero.tobytes() in judged else _rms(images(zero, held), held_target)
     coefficients, shifts, scales, directions = unpacked(v)
     fitted, fitted_grid = solver_of(v)
     if shifts is not None:

@@ -58,10 +58,11 @@ def sample_quality(images: Tensor, labels: Tensor | None = None) -> dict[str, fl
     """Quality figures of 8×8 digit images in the model's data scale [−1, 1] (see the module docstring).
 
     ``images``: shape (N, 1, 8, 8) or (N, 64), N ≥ 2; values are clipped to [−1, 1] first (the
-    data range: a sample's overshoot), and images reaching more than ``RANGE_SLACK`` widths beyond it (pixels
-    in [0, 255]) are refused rather than clipped to a blank. ``labels`` (optional, N integers 0–9): the classes
-    the samples were conditioned on, adding ``accuracy``. Returns ``n``, ``confidence``, ``digit_score``,
-    ``nn_distance``, ``nn_distance_test``, ``nn_ratio`` (and ``accuracy``), all floats.
+    data range: a sample's overshoot, however far), and images with no value below 0 that reach more than
+    ``RANGE_SLACK`` widths above it (pixels in [0, 255]) are refused rather than clipped to a blank.
+    ``labels`` (optional, N integers 0–9): the classes the samples were conditioned on, adding ``accuracy``.
+    Returns ``n``, ``confidence``, ``digit_score``, ``nn_distance``, ``nn_distance_test``, ``nn_ratio`` (and
+    ``accuracy``), all floats.
     The instruments are fitted once per process (about a second; needs scikit-learn).
     """
     if not isinstance(images, Tensor):
@@ -72,7 +73,9 @@ def sample_quality(images: Tensor, labels: Tensor | None = None) -> dict[str, fl
     if not bool(torch.isfinite(x).all()):
         raise ValueError("images contain NaN or inf")
     low, high = float(x.min()), float(x.max())
-    if low < -1.0 - 2.0 * RANGE_SLACK or high > 1.0 + 2.0 * RANGE_SLACK:  # the range [−1, 1] is 2 wide
+    # the range [−1, 1] is 2 wide; a sample's overshoot reaches past it on both sides (a digit's background is −1,
+    # and samples at a few evaluations overshoot by hundreds), pixels on [0, 255] on one side only
+    if low >= 0.0 and high > 1.0 + 2.0 * RANGE_SLACK:
         raise ValueError(f"images span [{low:.4g}, {high:.4g}], far outside the digits' data range [-1, 1], which "
                          "they would be clipped to; rescale them (8-bit pixels v: v / 127.5 - 1)")
     x = x.clamp(-1.0, 1.0).numpy()
