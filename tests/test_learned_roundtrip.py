@@ -569,3 +569,31 @@ def test_an_encoder_built_by_hand_without_a_weight_saves_and_loads(tmp_path):
     with pytest.raises(ValueError, match=r"weighed.json: malformed .*latent_weight 0.5 without weight trials must be "
                                          r"options\['latent_weight'\] \(one weight\), got None"):
         flowdiff.LearnedEncoder.load(tmp_path / "weighed.json", flow)
+
+
+def test_benchmark_calibration_halves_hold_both_photos():
+    """``bench_roundtrip.py``'s photo patches alternate their two photos; learn_encoder fits the even-indexed half and
+    decides on the odd one, so the benchmark reorders them: a permutation (of any count) after which, for a count
+    that is a multiple of 4 (the benchmark's 64 and 128), each half holds as many patches of one photo as of the
+    other."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(root))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_roundtrip", root / "bench_roundtrip.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        from _kdiffusion import patch_positions
+    finally:
+        sys.path.remove(str(root))
+    for n in (2, 7, 64, 128):
+        order = bench.both_photos_in_each_half(torch.arange(n))
+        assert sorted(order.tolist()) == list(range(n))
+        photo = torch.tensor([p for p, _, _ in patch_positions(n, seed=2)])
+        assert photo[0::2].tolist() == [0] * len(photo[0::2])  # the benchmark's halves without the reorder
+        if n % 4 == 0:
+            for half in (photo[order][0::2], photo[order][1::2]):
+                assert int((half == 0).sum()) == int((half == 1).sum()) == n // 4, (n, half.tolist())

@@ -355,9 +355,11 @@ def learn_encoder(
     candidate's held-out figures are kept in :attr:`LearnedEncoder.weight_trials`, their cost in ``fitting_nfe``.
     Each shift lies in ``[−bound, bound]`` and keeps its step's evaluations within [0, σ_max]; ``iterations`` caps
     the least-squares iterations. The even-indexed images are fitted, the odd-indexed ones decide (see
-    :class:`LearnedEncoder`). Any non-reversible solver that encodes (``euler`` gains most: every one of its steps
-    can be shifted; the multistep methods' steps out of and into σ = 0 are not). Use the result as
-    ``learned.encode(flow, x)``. Images beyond the model's data range are warned about once per call.
+    :class:`LearnedEncoder`): shuffle or interleave images whose order has a pattern (sources taken in turn), or
+    each half is one kind and a fit on one is judged on the other. Any non-reversible solver that encodes
+    (``euler`` gains most: every one of its steps can be shifted; the multistep methods' steps out of and into
+    σ = 0 are not). Use the result as ``learned.encode(flow, x)``. Images beyond the model's data range are
+    warned about once per call.
     """
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
