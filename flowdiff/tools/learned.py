@@ -839,7 +839,9 @@ def tune_roundtrip(
     of the log-σ grid that :func:`flowdiff.tune` starts with (log σ_i = log σ_max + (i/(n−1))^p·(log σ_{n−1} −
     log σ_max): the exponent p and the last positive σ), started from the best named grid (logsnr, karras,
     trailing) on that half. The odd-indexed half decides: the tuned grid is returned only if its round trip
-    there beats the starting grid's, otherwise the starting grid (``initial_grid`` says which). An encode's
+    there beats the starting grid's, otherwise the starting grid (``initial_grid`` says which); images whose
+    order has a pattern (cut from a few sources in turn) should be shuffled or interleaved first, so that both
+    halves hold every source (see :func:`flowdiff.learn_encoder`). An encode's
     error is made at its first steps out of σ = 0, where a generation grid's last, smallest steps lie; how
     small they should be depends on the model, which the named grids cannot know.
 
