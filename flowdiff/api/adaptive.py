@@ -240,9 +240,13 @@ def solve_adaptive_flow(request: Request, x: Tensor, *, direction: str, model_dt
     s_end = schedule.sigma_min / 10 if spec.sigma_end is None else spec.sigma_end
     form = formulation_for(solver, direction, adaptive=True, sigma_c=c)  # the one chooser (engine.formulations)
     _refuse_unused_knobs(spec, solver.name, form)
-    name, value = ("sigma_end", s_end) if isinstance(form, Data) else ("sigma_c", c)  # the one it uses
-    if not 0 < value < s_max:
-        raise ValueError(f"{name} must lie in (0, σ_start={s_max:.6g}), got {value!r}")
+    # the knob the solve uses, range-checked when the user set it; the default c = σ_min suits any start (τ =
+    # log(σ + c) is defined for every c > 0), whereas the default σ_end = σ_min/10 must still lie below the start
+    name, value, given = (("sigma_end", s_end, spec.sigma_end) if isinstance(form, Data)
+                          else ("sigma_c", c, spec.sigma_c))
+    if (given is not None or name == "sigma_end") and not 0 < value < s_max:
+        default = "" if given is not None else " (the default, σ_min/10: set sigma_end= below σ_start)"
+        raise ValueError(f"{name} must lie in (0, σ_start={s_max:.6g}), got {value!r}{default}")
     generating = direction == "generate"
     ends = (s_max, 0.0) if generating else (0.0, s_max)  # the interval in the solve's own order
     eps = flow.field(request.model_kwargs, model_dtype)
