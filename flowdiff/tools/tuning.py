@@ -28,8 +28,8 @@ Where it starts matters at few knots and many local minima, so the default (``me
 (:mod:`flowdiff.tools.grid_dp`: the least total local error over a fine candidate grid against teacher
 trajectories of the fitted half, for Euler's and the trapezoidal rule's local errors); the best of
 all on the fitted half starts the search. ``method="dp"`` returns the better DP grid as it is (no
-search: only the teacher's cost; the search's ``max_evals``, ``restarts``, ``init`` and ``seed`` are refused
-unless left at their defaults), ``method="search"`` starts from the named grids alone.
+search: only the teacher's cost; the search's ``max_evals``, ``restarts``, ``init``, ``seed`` and
+``free_start`` are refused unless left at their defaults), ``method="search"`` starts from the named grids alone.
 
 The search sees only the calibration noise: measure a tuned grid on other noise (``compare``'s
 ``grids=["tuned"]`` does). Its cost, in model evaluations and seconds, is recorded with the
@@ -233,13 +233,14 @@ def _parse_init(init: Any) -> list[tuple[str, dict[str, Any]]]:
 
 def _refuse_search_options(out: Mapping[str, Any]) -> None:
     """``method="dp"`` runs no search: the search's options set to anything but their defaults are refused."""
-    defaults = {"max_evals": None, "restarts": 1, "init": _parse_init(DEFAULT_INIT), "seed": 0}
+    defaults = {"max_evals": None, "restarts": 1, "init": _parse_init(DEFAULT_INIT), "seed": 0, "free_start": False}
     given = {"init": _parse_init(out["init"])} if "init" in out else {}
     unused = [f"{name}={out[name]!r}" for name in defaults
               if name in out and given.get(name, out[name]) != defaults[name]]
     if unused:
-        raise ValueError(f"{', '.join(unused)} configure the search (its evaluations, restarts, starting grids and "
-                         "the restarts' seed), which method='dp' does not run: it returns the better DP grid as it is; "
+        raise ValueError(f"{', '.join(unused)} configure the search (its evaluations, restarts, starting grids, "
+                         "the restarts' seed and whether it may move the first σ), which method='dp' does not run: "
+                         "it returns the better DP grid as it is; "
                          f"drop {'them' if len(unused) > 1 else 'it'} or use method='dp+search'. The DP takes "
                          "candidates= (candidate σ) and dp_orders= (its local-error rules) instead")
 
@@ -269,6 +270,8 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
         raise TypeError(f"progress must be a bool, got {type(out['progress']).__name__}")
     if out.get("method", "dp+search") not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {out['method']!r}")
+    if not isinstance(out.get("free_start", False), bool):
+        raise TypeError(f"free_start must be a bool, got {type(out['free_start']).__name__}")
     if out.get("method") == "dp":
         _refuse_search_options(options)  # the user's own values, in their words
     if out.get("method", "dp+search") == "search":
@@ -329,8 +332,6 @@ def tune(
     max_evals = opts.get("max_evals") or (40 + 40 * dim)
     tol = float(opts.get("reference_tol", 1e-7))
     objective = opts.get("objective", "rms")
-    if not isinstance(opts.get("free_start", False), bool):
-        raise TypeError(f"free_start must be a bool, got {type(opts['free_start']).__name__}")
     validate = opts.get("validate", True) and noise.shape[0] >= 2
     if opts.get("validate", True) and not validate:
         warnings.warn(f"{NO_VALIDATION}: noise holds {noise.shape[0]} sample, and the held-out validation needs at "
@@ -562,7 +563,7 @@ def tune_grid(
     ``free_start`` (let the first σ move below σ_max too, default False), ``progress`` (tqdm
     bars of the reference and the search, default True), ``method`` (``"dp+search"``, default:
     the GITS-style DP grids join the starting grids; ``"dp"``: the better DP grid, no search, and
-    ``max_evals``, ``restarts``, ``init``, ``seed`` other than their defaults refused;
+    ``max_evals``, ``restarts``, ``init``, ``seed``, ``free_start`` other than their defaults refused;
     ``"search"``: the named grids start), ``candidates`` (candidate σ of the DP, uniform in log σ,
     default 64 or twice the steps if more) and ``dp_orders`` (the local-error rules whose DP grids are tried: 1,
     Euler's, 2, the trapezoidal rule's; default both).
