@@ -1,6 +1,7 @@
 """Review of the refusals of unused knobs (Adaptive's sigma_c/sigma_end, tune(method='dp')'s search options)."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from _closed_form import mixture as _mixture
 from _closed_form import noise as _noise
 
 import flowdiff
+from flowdiff.engine.adjoint import NO_RECORD_GRADIENT
 from flowdiff.models.analytic import Gaussian
 
 DP_QUICK = {k: v for k, v in QUICK.items() if k not in ("max_evals", "restarts")}
@@ -53,3 +55,31 @@ def test_dp_refuses_free_start_which_only_the_search_uses():
         flowdiff.tune(flow, _noise(1), solver="euler", nfe=4, method="dp", free_start="yes", **DP_QUICK)
     tuned = flowdiff.tune(flow, _noise(1), solver="euler", nfe=4, method="dp", free_start=False, **DP_QUICK)
     assert tuned.sigmas[0] == flow.schedule.sigma_max
+
+
+class _Net(torch.nn.Module):
+    """A field with parameters that require a gradient (as an unfrozen network's do in a script)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 4, dtype=torch.float64)
+
+    def forward(self, x, t):
+        return torch.tanh(self.lin(x)) * (1.0 + t.to(x.dtype)[:, None] / 1000.0)
+
+
+def test_the_record_warning_is_silent_under_inference_mode_and_once_per_solve():
+    """Under torch.inference_mode nothing is differentiated (no warning); a differentiated solve warns once, not
+    once per step or per saved state, from the caller's line."""
+    flow = flowdiff.ProbabilityFlow(_Net(), flowdiff.Schedule.linear())
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.inference_mode():
+            flowdiff.generate(flow, x, solver="heun", steps=4, adjoint="checkpoint", save=flowdiff.Save(steps=True))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        res = flowdiff.generate(flow, x, solver="heun", steps=4, adjoint="checkpoint", save=flowdiff.Save(steps=True))
+    assert [r.filename for r in w if NO_RECORD_GRADIENT in str(r.message)] == [__file__]
+    assert res.x.requires_grad and len(res.saved) == 4  # differentiated through the parameters, records all kept
