@@ -200,14 +200,16 @@ def _refuse_unused_knobs(spec: Adaptive, solver_name: str, form: object) -> None
 
     ``sigma_c`` is the c of τ = log(σ + c), the time of the σ-variable solvers (dopri5, bosh3, abm, …);
     the data-variables solvers (unipc) run in ρ = 1/σ and never see it. ``sigma_end`` is where a
-    data-variables solve hands over to the denoised image's limit; a solve in log(σ + c) reaches σ = 0
-    exactly and has no such point.
+    data-variables solve meets σ = 0: a generation hands over to the denoised image's limit there, an encode
+    leaves σ = 0 by one Euler step to σ_end/1000; a solve in log(σ + c) reaches σ = 0 exactly and has no
+    such point.
     """
     if isinstance(form, Data) and spec.sigma_c is not None:
         raise ValueError(f"Adaptive(sigma_c={spec.sigma_c!r}) does not apply to solver {solver_name!r}: it runs in the "
                          "data variables ρ = 1/σ, not in log(σ + c); sigma_c shapes the σ-variable solvers "
-                         f"({', '.join(_sigma_adaptive())}). For {solver_name!r} use sigma_end= (where it hands over "
-                         "to the denoised image) or drop sigma_c")
+                         f"({', '.join(_sigma_adaptive())}). For {solver_name!r} use sigma_end= (where it meets σ = 0: "
+                         "a generation hands over to the denoised image there, an encode starts from σ_end/1000) or "
+                         "drop sigma_c")
     if isinstance(form, LogSigma) and spec.sigma_end is not None:
         raise ValueError(f"Adaptive(sigma_end={spec.sigma_end!r}) does not apply to solver {solver_name!r}: it runs in "
                          "log(σ + c) and reaches σ = 0 exactly, with no hand-over point; sigma_end shapes the "

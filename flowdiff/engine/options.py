@@ -237,9 +237,10 @@ class Adaptive:
     that would need more evaluations with a :class:`solvers.SolveError`. ``controller`` (a
     :class:`solvers.StepController`), ``first_step`` (in the solve's time variable),
     ``sigma_c`` (the c of τ = log(σ + c), the time of the σ-variable solvers such as dopri5;
-    default the schedule's smallest σ), ``sigma_end`` (where a data-variables solve, unipc, hands
-    over to the denoised image; default σ_min/10) and ``sigma_start`` (default the schedule's
-    σ_max) shape it. ``sigma_c`` with a data-variables solver, or ``sigma_end`` with a σ-variable
+    default the schedule's smallest σ), ``sigma_end`` (where a data-variables solve, unipc, meets
+    σ = 0: a generation hands over to the denoised image there, an encode starts from σ_end/1000;
+    default σ_min/10) and ``sigma_start`` (default the schedule's σ_max) shape it.
+    ``sigma_c`` with a data-variables solver, or ``sigma_end`` with a σ-variable
     one, is refused by the solve (neither would change it).
     """
 
