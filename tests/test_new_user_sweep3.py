@@ -449,8 +449,13 @@ def test_an_unused_default_is_not_range_checked():
     out = flowdiff.generate(flow, noise, solver="unipc", adaptive=flowdiff.Adaptive(rtol=1e-4, atol=1e-4,
                                                                                       sigma_start=start))
     assert out.sigmas[0] == start and out.sigmas[-1] == 0 and torch.isfinite(out.x).all()
-    with pytest.raises(ValueError, match="sigma_c must lie in"):  # dopri5 does use it: still checked
-        flowdiff.generate(flow, noise, solver="dopri5", adaptive=flowdiff.Adaptive(rtol=1e-4, sigma_start=start))
+    # dopri5 uses c, and its default (σ_min) suits any start (log(σ + c) is defined for every c > 0; review R11);
+    # a c the user sets is still range-checked
+    out = flowdiff.generate(flow, noise, solver="dopri5", adaptive=flowdiff.Adaptive(rtol=1e-4, sigma_start=start))
+    assert out.sigmas[0] == start and out.sigmas[-1] == 0 and torch.isfinite(out.x).all()
+    with pytest.raises(ValueError, match="sigma_c must lie in"):
+        flowdiff.generate(flow, noise, solver="dopri5",
+                          adaptive=flowdiff.Adaptive(rtol=1e-4, sigma_start=start, sigma_c=2 * start))
 
 
 # -- tune(method="dp"): the search's options are refused, not ignored ----------------------------------------------
