@@ -197,6 +197,16 @@ def sigma_range(flow: flowdiff.ProbabilityFlow) -> tuple[float, float]:
     return flow.schedule.sigma_min, flow.schedule.sigma_max
 
 
+def write_report(lines: list[str], out: str | None) -> None:
+    """A benchmark's closing step: its report's ``lines`` joined, written to ``out`` (when given) and printed."""
+    text = "\n".join(lines) + "\n"
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text)
+    print(text)
+
+
 __all__ = ["CountingDenoiser", "load_kdiffusion_sampling", "mixture_centres", "mixture_flow", "model_grid",
            "noise_shape", "patch_centres", "patch_flow", "patch_positions", "per_sample_error", "reference", "rmse",
-           "sigma_range", "trained_flow"]
+           "sigma_range", "trained_flow", "write_report"]
+

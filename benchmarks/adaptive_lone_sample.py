@@ -31,6 +31,7 @@ from _kdiffusion import (
     per_sample_error,
     reference,
     trained_flow,
+    write_report,
 )
 
 import flowdiff
@@ -229,11 +230,7 @@ def main() -> None:
         flow = mixture_flow() if key == "mixture" else trained_flow()
         study(key, flow, lines)
     lines.append(f"({time.perf_counter() - started:.0f} s in all)")
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
-    print(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 import torch
-from _kdiffusion import mixture_flow, per_sample_error, reference, trained_flow
+from _kdiffusion import mixture_flow, per_sample_error, reference, trained_flow, write_report
 
 import flowdiff
 import solvers
@@ -113,11 +113,7 @@ def main() -> None:
         lines.append(f"| {sigma:.4g} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     lines += ["", f"({time.perf_counter() - started:.0f} s)"]
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
-    print(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ import platform
 import time
 
 import torch
-from _kdiffusion import mixture_flow, noise_shape, patch_flow, reference, rmse, trained_flow
+from _kdiffusion import mixture_flow, noise_shape, patch_flow, reference, rmse, trained_flow, write_report
 from bench_adaptive import QUICK_TOLS, TARGETS
 
 import flowdiff
@@ -265,11 +265,7 @@ def main() -> None:
                 lines.append(f"| {key} | {seed} | {variant} | {cells} | {'; '.join(points)} |")
                 print(lines[-1], flush=True)
     lines += ["", f"({time.perf_counter() - started:.0f} s)"]
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
-    print(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

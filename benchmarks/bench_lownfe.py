@@ -31,6 +31,7 @@ from _kdiffusion import (
     reference,
     rmse,
     trained_flow,
+    write_report,
 )
 
 import flowdiff
@@ -143,11 +144,7 @@ def main() -> None:
             print(f"{title} NFE {budget}: flowdiff {bf['solver']}/{bf['grid']} {bf['rmse']:.3e}  "
                   f"k-diffusion {bk['solver']}/{bk['grid']} {bk['rmse']:.3e}", flush=True)
         lines += summary + [""] + details
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
-    print(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":
