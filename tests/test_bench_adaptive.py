@@ -1,0 +1,86 @@
+"""The sweeps of ``benchmarks/bench_adaptive.py``: flowdiff's sweep is built as the peer's is, and each column stops
+at its first run that meets the tightest target."""
+
+import itertools
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import flowdiff
+import solvers
+from flowdiff.models.analytic import Gaussian
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))  # the script imports its sibling helpers (_kdiffusion) by name
+    try:
+        import bench_adaptive
+
+        yield bench_adaptive
+    finally:
+        sys.path.remove(str(BENCH))
+        for name in ("bench_adaptive", "_kdiffusion"):
+            sys.modules.pop(name, None)
+
+
+def test_equal_sweep_has_the_peers_size_and_every_combination(bench):
+    sigma_min = 0.0064
+    columns = bench.equal_sweep(sigma_min)
+    knobs = [options for column in columns for _, options in column]
+    # k-diffusion's quick sweep: rtol × atol × end σ, each run read with and without the final denoise
+    peer = len(bench.QUICK_KD_RTOLS) * len(bench.QUICK_KD_ATOLS) * 2 * 2
+    assert len(knobs) == peer
+    expected = set()
+    for rtol, ratio, end, first in itertools.product(bench.EQUAL_RTOLS, bench.EQUAL_ATOL_PER_RTOL,
+                                                     bench.EQUAL_END_PER_SIGMA_MIN, bench.EQUAL_FIRST_STEPS):
+        expected.add((rtol, rtol * ratio, sigma_min * end, first))
+    assert {(o["rtol"], o["atol"], o["sigma_end"], o.get("first_step")) for o in knobs} == expected
+    for column in columns:  # one column per (atol/rtol, σ_end, first step), rtol loose to tight
+        rtols = [options["rtol"] for _, options in column]
+        assert rtols == sorted(bench.EQUAL_RTOLS, reverse=True)
+        assert len({(o["atol"] / o["rtol"], o["sigma_end"], o.get("first_step")) for _, o in column}) == 1
+        for setting, options in column:
+            flowdiff.Adaptive(**options)  # every setting is a valid, documented Adaptive
+            assert f"rtol={options['rtol']:g}" in setting
+    # the one-knob line rtol = atol, default σ_end and first step, is one of the columns' subsets
+    one = [o for o in knobs if o["atol"] == o["rtol"] and math.isclose(o["sigma_end"], sigma_min / 10)
+           and "first_step" not in o]
+    assert sorted(o["rtol"] for o in one) == sorted(bench.EQUAL_RTOLS)
+    assert {o["rtol"] for o in one} <= set(bench.QUICK_TOLS)
+
+
+def test_one_knob_sweep_is_rtol_equal_atol_loose_to_tight(bench):
+    (column,) = bench.one_knob_sweep([1e-3, 1e-2, 1e-4])
+    assert [o for _, o in column] == [dict(rtol=t, atol=t) for t in (1e-2, 1e-3, 1e-4)]
+
+
+def test_each_column_stops_at_its_first_run_that_meets_the_tightest_target(bench):
+    g = torch.Generator().manual_seed(0)
+    gauss = Gaussian(torch.randn(8, dtype=torch.float64, generator=g) * 0.5,
+                     torch.rand(8, dtype=torch.float64, generator=g) * 0.3 + 0.05)
+    flow = gauss.flow()
+    noise = torch.randn(2, 8, dtype=torch.float64, generator=g)
+    s_max = flow.schedule.sigma_max
+    ref = gauss.solution(noise * math.sqrt(1 + s_max**2), s_max, 0.0)
+    columns = [[(f"tol={t:g}", dict(rtol=t, atol=t)) for t in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)],
+               [(f"rtol={t:g}", dict(rtol=t, atol=t / 10)) for t in (1e-1, 1e-3, 1e-5)]]
+    target = 1e-3
+    rows = bench.run_flowdiff(flow, noise, ref, [("unipc", {"order": 3})], columns, targets=(1e-2, target))
+    by_column = [[r for r in rows if r["setting"] in {s for s, _ in column}] for column in columns]
+    assert len(rows) == sum(len(c) for c in by_column)
+    for column, ran in zip(columns, by_column):
+        assert [r["setting"] for r in ran] == [s for s, _ in column][:len(ran)]  # in order, from the loosest
+        assert all(r["rmse"] > target for r in ran[:-1])
+        assert ran[-1]["rmse"] <= target or len(ran) == len(column)
+        for r, (_, options) in zip(ran, column):  # each row is the solve its setting asks for
+            again = flowdiff.generate(flow, noise, solver=solvers.get("unipc", order=3),
+                                      adaptive=flowdiff.Adaptive(**options))
+            assert r["nfe"] == again.stats.nfe
+            assert math.isclose(r["rmse"], float((again.x - ref).pow(2).mean().sqrt()), rel_tol=1e-12)
+    assert any(len(ran) < len(column) for column, ran in zip(columns, by_column))  # the stop was exercised
