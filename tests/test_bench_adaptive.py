@@ -25,7 +25,7 @@ def bench():
         yield bench_adaptive
     finally:
         sys.path.remove(str(BENCH))
-        for name in ("bench_adaptive", "_kdiffusion"):
+        for name in ("bench_adaptive", "_kdiffusion", "adaptive_sweep_columns"):
             sys.modules.pop(name, None)
 
 
@@ -84,3 +84,28 @@ def test_each_column_stops_at_its_first_run_that_meets_the_tightest_target(bench
             assert r["nfe"] == again.stats.nfe
             assert math.isclose(r["rmse"], float((again.x - ref).pow(2).mean().sqrt()), rel_tol=1e-12)
     assert any(len(ran) < len(column) for column, ran in zip(columns, by_column))  # the stop was exercised
+
+
+def test_sweep_columns_reads_the_fewest_nfe_per_column_and_target(bench, tmp_path):
+    import adaptive_sweep_columns
+
+    def row(rtol, column, nfe, error):
+        return f"| flowdiff | unipc(order=3) equal sweep | rtol={rtol:g}, {column} | {nfe} | 0 | {error:.2e} | 0.1 |"
+
+    a, b = "atol=1·rtol, σ_end=0.1·σ_min, first step HNW", "atol=10·rtol, σ_end=1·σ_min, first step 0.02 in ρ"
+    report = tmp_path / "report.md"
+    report.write_text("\n".join([
+        "## Adaptive solves: fewest evaluations to RMSE ≤ 0.001 and 0.0001", "",
+        "### closed-form kernel density over 200 grey 16×16 photo patches (bandwidth 0.1), seed 2", "",
+        row(1e-2, a, 20, 2e-3), row(5e-3, a, 25, 9e-4), row(1e-3, a, 40, 5e-5),
+        row(1e-2, b, 18, 8e-4), row(5e-3, b, 30, 7e-4),
+        "| flowdiff | unipc(order=3) | tol=0.01 | 5 | 0 | 1.00e-09 | 0.1 |",  # the one-knob sweep: not a column
+        "### shipped trained model pretrained('digits'), seed 3", "", row(1e-2, a, 300, 2e-4)]))
+    keys, best = adaptive_sweep_columns.columns([str(report)])
+    assert keys == [("patches", 2, 1e-3), ("patches", 2, 1e-4), ("digits (trained)", 3, 1e-3),
+                    ("digits (trained)", 3, 1e-4)]
+    assert best == {a: {("patches", 2, 1e-3): 25, ("patches", 2, 1e-4): 40, ("digits (trained)", 3, 1e-3): 300},
+                    b: {("patches", 2, 1e-3): 18}}
+    (tmp_path / "other.md").write_text("# something else\n")
+    with pytest.raises(ValueError, match="other.md"):
+        adaptive_sweep_columns.columns([str(tmp_path / "other.md")])
