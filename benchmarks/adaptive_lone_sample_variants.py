@@ -47,8 +47,8 @@ predicted by a linear transport of the local error from the step's end σ₁ to 
   agree to the tolerance) still decides where to stop (engineer B2).
 * ``first_reject_k=K`` — a rejected first step is retried with the controller's exponent 1/K (shipped: 1/(order + 1)
   = 1/4 for ``unipc(order=3)``), the later steps as shipped: the first step has one denoised value behind it, and
-  on the photo patches it is rejected 2–3 times at factors 0.78–0.86 (``adaptive_lone_sample_global.py --model
-  patches``) (engineer B2).
+  on the photo patches it is rejected 2–3 times, the step shrinking by 0.62–0.87 each time
+  (``adaptive_lone_sample_global.py --model patches``) (engineer B2).
 * ``a+b`` — two variants at once (e.g. ``amp_first=4+transport=0.5``).
 
 Usage: cd benchmarks; PYTHONPATH=.. python adaptive_lone_sample_variants.py [--models mixture,digits] [--seeds 1,2,3]
