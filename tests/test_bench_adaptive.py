@@ -25,7 +25,7 @@ def bench():
         yield bench_adaptive
     finally:
         sys.path.remove(str(BENCH))
-        for name in ("bench_adaptive", "_kdiffusion", "adaptive_sweep_columns"):
+        for name in ("bench_adaptive", "_kdiffusion", "adaptive_sweep_columns", "adaptive_heldout"):
             sys.modules.pop(name, None)
 
 
@@ -109,3 +109,22 @@ def test_sweep_columns_reads_the_fewest_nfe_per_column_and_target(bench, tmp_pat
     (tmp_path / "other.md").write_text("# something else\n")
     with pytest.raises(ValueError, match="other.md"):
         adaptive_sweep_columns.columns([str(tmp_path / "other.md")])
+
+
+def test_heldout_choice_meets_the_target_on_every_development_seed_with_the_fewest_on_the_worst(bench):
+    import adaptive_heldout
+
+    def row(lib, method, setting, nfe, error):
+        return dict(lib=lib, method=method, setting=setting, nfe=nfe, rmse=error)
+
+    eq = "unipc(order=3) equal sweep"
+    runs = {1: [row("flowdiff", eq, "a", 20, 9e-4), row("flowdiff", eq, "b", 30, 5e-4),
+                row("flowdiff", eq, "c", 25, 8e-4), row("flowdiff", "unipc(order=3)", "tol=0.01", 10, 1e-4),
+                row("k-diffusion", "dpm_adaptive", "x", 5, 0.0)],
+            2: [row("flowdiff", eq, "a", 22, 2e-3), row("flowdiff", eq, "b", 31, 6e-4),
+                row("flowdiff", eq, "c", 33, 9e-4)]}
+    # "a" misses on seed 2; "c" is cheaper than "b" on seed 1 but dearer on the worst seed (33 > 31); the one-knob and
+    # k-diffusion rows belong to other sides, and a setting missing on a seed (k-diffusion's "x") cannot be chosen
+    assert adaptive_heldout.choose(runs, "flowdiff equal sweep", 1e-3) == (eq, "b")
+    assert adaptive_heldout.choose(runs, "flowdiff equal sweep", 1e-4) is None
+    assert adaptive_heldout.choose(runs, "k-diffusion", 1e-3) is None
