@@ -16,8 +16,14 @@ batch's median:
 * ``q`` — the gain along the motion, ‖D_k − D_{k−1}‖ / ‖x̄_k − x̄_{k−1}‖ (free: from the accepted states, what the
   ``transport`` and ``global`` variants of ``adaptive_lone_sample_variants.py`` use as J).
 
-Usage: cd benchmarks; PYTHONPATH=.. python adaptive_lone_sample_global.py [--model mixture|digits] [--tol 2e-3]
-       [--seed 3] [--out FILE]
+Where the evaluations go (issue 26 item 3, engineer B2; also on the photo patches, ``--model patches``): every
+step the controller tried is recorded (as ``adaptive_lone_sample.py`` records it) and the solve's evaluations are
+split into the start (f at σ_max and the first step's probe), the first step's rejections, accepted and rejected
+steps above σ = 1 and in the tail σ ≤ 1, beside the batch's trajectory error at σ ≈ 1 and at the end, and the same
+split of k-diffusion's ``sample_dpm_adaptive`` (three evaluations a step tried) with ``--kd RTOL,ATOL,END``.
+
+Usage: cd benchmarks; PYTHONPATH=.. python adaptive_lone_sample_global.py [--model mixture|digits|patches]
+       [--tol 2e-3] [--seed 3] [--kd 1e-3,7.8e-3,1] [--out FILE]
 """
 
 from __future__ import annotations
@@ -29,31 +35,91 @@ import time
 
 import numpy as np
 import torch
-from _kdiffusion import mixture_flow, per_sample_error, reference, trained_flow, write_report
+from _kdiffusion import (
+    CountingDenoiser,
+    load_kdiffusion_sampling,
+    mixture_flow,
+    noise_shape,
+    patch_flow,
+    per_sample_error,
+    reference,
+    trained_flow,
+    write_report,
+)
+from adaptive_lone_sample import record_solve
 
-import flowdiff
 import solvers
 
 LONE, CONTRAST = 8, 0
+
+
+def budget(flow, tried: list[dict], states: list, nfe: int) -> list[str]:
+    """Where a unipc solve's evaluations went: one per step tried, the rest at the start (f at σ_max and the first
+    step's probe); by region (above σ = 1, the tail σ ≤ 1), accepted or rejected, and the first step's rejections."""
+    s_max = flow.schedule.sigma_max
+    rho_acc = 1.0 / s_max
+    first_rejections = 0
+    counts = {("above", True): 0, ("above", False): 0, ("tail", True): 0, ("tail", False): 0}
+    rows = []
+    # the starting step estimate (Hairer–Nørsett–Wanner) calls the norm three times at ρ₀ itself: not steps
+    steps = [t for t in tried if not math.isclose(t["rho1"], rho_acc, rel_tol=1e-12)]
+    for t in steps:
+        rho0 = t.get("rho0", rho_acc)
+        ok = float(t["per"].max()) * t["weight"] <= 1.0
+        region = "tail" if 1.0 / rho0 <= 1.0 else "above"
+        counts[(region, ok)] += 1
+        if not ok and rho_acc == 1.0 / s_max:
+            first_rejections += 1
+        rows.append(f"{1 / rho0:.3g}→{1 / t['rho1']:.3g}{'' if ok else ' ✗'}")
+        if ok:
+            rho_acc = t["rho1"]
+    start = nfe - len(steps)
+    return [f"evaluations: {nfe} = start {start} (f at σ_max, the first step's probe) + first step's rejections "
+            f"{first_rejections} + above σ = 1 accepted {counts[('above', True)]}, rejected "
+            f"{counts[('above', False)] - first_rejections} + tail σ ≤ 1 accepted {counts[('tail', True)]}, rejected "
+            f"{counts[('tail', False)]}; accepted states recorded {len(states)}.", "",
+            "steps tried (σ₀→σ₁, ✗ rejected): " + ", ".join(rows), ""]
+
+
+def kd_budget(flow, noise, ref, rtol: float, atol: float, end: float) -> list[str]:
+    """k-diffusion's sample_dpm_adaptive at one setting (``end`` a multiple of σ_min, with its final denoise):
+    its evaluations, accepted and rejected steps (three evaluations a step tried), and its error."""
+    K = load_kdiffusion_sampling()
+    lo, hi = flow.schedule.sigma_min, flow.schedule.sigma_max
+    model = CountingDenoiser(flow)
+    seen = []
+    with torch.no_grad():
+        x, info = K.sample_dpm_adaptive(model, noise * (1 + hi**2) ** 0.5, lo * end, hi, rtol=rtol, atol=atol,
+                                        disable=True, return_info=True,
+                                        callback=lambda d: seen.append((float(d["sigma"]), int(d["n_accept"]))))
+        x = model(x, torch.full((x.shape[0],), lo * end, dtype=x.dtype))
+    err = per_sample_error(x, ref)
+    reached = [s for j, (s, n) in enumerate(seen) if n > (seen[j - 1][1] if j else 0)]  # after each accepted step
+    tail = sum(1 for s in reached[:-1] if s <= 1.0)  # accepted steps that start at σ ≤ 1
+    return [f"k-diffusion dpm_adaptive rtol {rtol:g}, atol {atol:g}, σ_end {lo * end:.3g} + denoise: {model.nfe} "
+            f"NFE, {info['n_accept']} accepted and {info['n_reject']} rejected steps ({tail} of the accepted start at "
+            f"σ ≤ 1), batch RMSE {float(err.pow(2).mean().sqrt()):.2e}, median sample "
+            f"{float(err.median()):.2e}, worst {float(err.max()):.2e}; its accepted steps reach σ = "
+            f"{', '.join(f'{s:.3g}' for s in reached)}.", ""]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tol", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=3)
-    parser.add_argument("--model", default="mixture", choices=("mixture", "digits"))
+    parser.add_argument("--model", default="mixture", choices=("mixture", "digits", "patches"))
+    parser.add_argument("--kd", default=None, help="RTOL,ATOL,END: also split k-diffusion's evaluations at this "
+                                                   "setting (END a multiple of σ_min)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
-    flow = mixture_flow() if args.model == "mixture" else trained_flow()
-    noise = torch.randn(16, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(args.seed))
+    flow = {"mixture": mixture_flow, "digits": trained_flow, "patches": patch_flow}[args.model]()
+    noise = torch.randn(16, *noise_shape(args.model), dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(args.seed))
     ref, _, _ = reference(flow, noise, cache_key=args.model)
-    states = []
-    with torch.no_grad():
-        r = flowdiff.generate(flow, noise, solver=solvers.get("unipc", order=3),
-                              adaptive=flowdiff.Adaptive(rtol=args.tol, atol=args.tol),
-                              callback=lambda s: states.append((float(s.sigma), s.xbar.clone(), s.denoised.clone())))
+    r, tried, recorded = record_solve(flow, noise, args.tol)
+    states = [(float(s), xbar, den) for s, _, xbar, den in recorded]
     final = per_sample_error(r.x, ref)
     eps = flow.field()
     s_max = flow.schedule.sigma_max
@@ -79,10 +145,13 @@ def main() -> None:
 
     command = (f"cd benchmarks; PYTHONPATH=.. python adaptive_lone_sample_global.py --model {args.model} "
                f"--tol {args.tol:g} "
-               f"--seed {args.seed}")
+               f"--seed {args.seed}" + ("" if args.kd is None else f" --kd {args.kd}"))
     lines = [f"`{command}` — {platform.machine()}, torch {torch.__version__}, 1 thread, float64. Model {args.model}, "
              f"seed {args.seed}, adaptive unipc(order=3) at tol {args.tol:g}: {r.stats.nfe} NFE; final error sample "
-             f"{LONE} {final[LONE]:.2e}, sample {CONTRAST} {final[CONTRAST]:.2e}, median {final.median():.2e}.", "",
+             f"{LONE} {final[LONE]:.2e}, sample {CONTRAST} {final[CONTRAST]:.2e}, median {final.median():.2e}, batch "
+             f"RMSE {float(final.pow(2).mean().sqrt()):.2e}, worst sample {float(final.max()):.2e} "
+             f"({int(final.argmax())}).", "", *budget(flow, tried, states, r.stats.nfe),
+             *([] if args.kd is None else kd_budget(flow, noise, ref, *map(float, args.kd.split(",")))),
              f"| σ_k | \\|δ\\| s{LONE} | s{CONTRAST} | median | J along δ s{LONE} | s{CONTRAST} | median | "
              f"q s{LONE} | s{CONTRAST} | median |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     exact, s_prev = noise * math.sqrt(1.0 + s_max**2), s_max

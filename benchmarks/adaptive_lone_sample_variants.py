@@ -40,6 +40,15 @@ predicted by a linear transport of the local error from the step's end σ₁ to 
   h₀ = 0.01·d₀/d₁ in Hairer–Nørsett–Wanner's estimate), kept as a second node of the first step's history: where
   ∂D/∂x̄ ≪ 1 (σ ≫ the data's scale) D there is D on the trajectory, so the first step — whose error the measured
   trajectory carries nearly unchanged to σ ≈ 1.6 (``adaptive_lone_sample_global.py``) — is of second order at no cost.
+* ``limit_from=K`` — a generation may finish by the denoised values' limit (``flowdiff.api.adaptive.limit_is_known``)
+  from σ ≤ K·σ_min on (shipped: σ ≤ σ_min): on the photo patches the tail's last two accepted steps go from about
+  2.5·σ_min to below σ_min (seed 0, tol 5e-3: σ 0.025 → 0.0125 → 0.0055, ``adaptive_lone_sample_global.py --model
+  patches``), where the trajectory's error no longer changes much; the check itself (the two- and three-point limits
+  agree to the tolerance) still decides where to stop (engineer B2).
+* ``first_reject_k=K`` — a rejected first step is retried with the controller's exponent 1/K (shipped: 1/(order + 1)
+  = 1/4 for ``unipc(order=3)``), the later steps as shipped: the first step has one denoised value behind it, and
+  on the photo patches it is rejected 2–3 times, the step shrinking by 0.62–0.87 each time
+  (``adaptive_lone_sample_global.py --model patches``) (engineer B2).
 * ``a+b`` — two variants at once (e.g. ``amp_first=4+transport=0.5``).
 
 Usage: cd benchmarks; PYTHONPATH=.. python adaptive_lone_sample_variants.py [--models mixture,digits] [--seeds 1,2,3]
@@ -161,8 +170,9 @@ def _global_patch(kind: str, value: float):
 
 @contextlib.contextmanager
 def patched(variant: str):
-    saved = (adaptive.corrector_share, adaptive.image_norm, integrate._initial_step, integrate._ErrorRun._first)
-    share, initial, first = saved[0], saved[2], saved[3]
+    saved = (adaptive.corrector_share, adaptive.image_norm, integrate._initial_step, integrate._ErrorRun._first,
+             adaptive.limit_is_known, integrate._ErrorRun.judge)
+    share, initial, first, known = saved[0], saved[2], saved[3], saved[4]
     name, _, value = variant.partition("=")
     options = {}
     try:
@@ -206,13 +216,36 @@ def patched(variant: str):
                     state = History.of(state.t, state.k, (stash["probe"],))
                 return state
             integrate._initial_step, integrate._ErrorRun._first = probing, first_with_probe
+        elif name == "limit_from":
+            times = float(value)
+            # rho_from is ρ(σ_min) = 1/σ_min (or 1/σ_start below it): from ρ(K·σ_min) = rho_from/K instead
+            adaptive.limit_is_known = lambda rtol, atol, rho_from: known(rtol, atol, rho_from / times)
+        elif name == "first_reject_k":
+            k_first, judge = int(value), saved[5]
+
+            def judge_first(self, result, y0, t1):
+                if self.t != self.spec.t0:  # an accepted step has been taken: as shipped
+                    return judge(self, result, y0, t1)
+                k, self.k = self.k, k_first
+                try:
+                    accepted = judge(self, result, y0, t1)
+                finally:
+                    self.k = k
+                if accepted:  # the next step's size as shipped (the ratio judged, weighted as judged)
+                    weight = 1.0 if self.spec.step_weight is None else self.spec.step_weight(self.spec.t0, t1)
+                    ratio = float(self.norm(result.error, y0, result.y, t1)) * weight
+                    factor = self.controller.factor(ratio, 1.0, self.k)
+                    self.h = min(max(self.h_used * factor, self.controller.min_step), self.controller.max_step)
+                return accepted
+            integrate._ErrorRun.judge = judge_first
         elif name in ("transport", "amp_first", "global"):
             adaptive.image_norm, adaptive.corrector_share = _global_patch(name, float(value))
         elif name != "base":
             raise ValueError(f"unknown variant {variant!r}")
         yield options
     finally:
-        (adaptive.corrector_share, adaptive.image_norm, integrate._initial_step, integrate._ErrorRun._first) = saved
+        (adaptive.corrector_share, adaptive.image_norm, integrate._initial_step, integrate._ErrorRun._first,
+         adaptive.limit_is_known, integrate._ErrorRun.judge) = saved
 
 
 def sweep(flow, noise, ref, variant, tols=QUICK_TOLS):
