@@ -29,6 +29,7 @@ import torch
 import solvers as _solvers
 
 from ..engine.options import Adaptive
+from ..runs.datasets import escaped_name, printable
 from ..tools.likelihood import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
@@ -124,25 +125,30 @@ def _as_flags(message: str) -> str:
     return message
 
 
-def _image_paths(args: argparse.Namespace) -> list[str]:
+def _image_paths(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The image files to read, and the hidden ones of ``--data`` left out (macOS's ``._x.png`` resource forks are
+    no images whatever their suffix; folder runs skip them by the same rule, :func:`flowdiff.runs.datasets.scan`)."""
     if args.data is None:
-        return list(args.images)
+        return list(args.images), []
     directory = Path(args.data)
     if not directory.is_dir():
         raise ValueError(f"--data {args.data!r}: no such directory")
-    paths = sorted(str(p) for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    found = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    hidden = [p.name for p in found if p.name.startswith(".")]
+    paths = [str(p) for p in found if not p.name.startswith(".")]
     if not paths:
         below = sum(1 for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         raise ValueError(f"--data {args.data!r}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it"
                          + (f"; likelihood --data reads the folder's own files, not its subfolders, which hold {below} "
-                            "(give those folders, or the files)" if below else ""))
-    return paths
+                            "(give those folders, or the files)" if below else "")
+                         + (f"; hidden files are not read: {', '.join(hidden)}" if hidden else ""))
+    return paths, hidden
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``flowdiff likelihood``; errors are ``ValueError``/``TypeError`` for the main CLI to print."""
     load_model, read_images = args.likelihood_helpers
-    paths = _image_paths(args)
+    paths, hidden = _image_paths(args)
     if args.solver not in _solvers.available():
         raise ValueError(f"--solver {args.solver!r}: unknown; accepted: {', '.join(_solvers.available())}")
     if args.threads is not None:
@@ -198,7 +204,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"log-likelihood of {len(paths)} image(s) under {loaded.name}: {result.divergence} divergence, "
           f"{args.solver}, {result.dim} dimensions; {how}")
     se = result.bits_per_dim_error
-    names = [n.as_posix() for n in relative_names(paths)]  # a/x.png and b/x.png stay apart
+    # a/x.png and b/x.png stay apart; a name is one printed line, escaped as folder runs print it
+    names = [printable(escaped_name(n.as_posix())) for n in relative_names(paths)]
     width = max(5, *(len(n) for n in names))
     parts = [what for what, e in (("probes", result.std_error), ("solve", result.solve_error)) if e is not None]
     print(f"{'image':<{width}}  {'log p (nats)':>14}  {'bits/dim':>10}"
@@ -213,6 +220,9 @@ def run(args: argparse.Namespace) -> int:
     checked = f"; the check solve {check.nfe} and {check.extra['vjps']}" if check else ""
     print(f"NFE {result.stats.nfe} (field evaluations) and {result.stats.extra['vjps']} vector-Jacobian products in "
           f"{result.stats.accepted} steps{checked}; {wall:.1f} s")
+    if hidden:
+        shown = ", ".join(printable(escaped_name(n)) for n in hidden)
+        print(f"skipped {len(hidden)} hidden file(s) in --data: {shown}")
     return 0
 
 
