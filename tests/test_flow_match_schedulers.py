@@ -158,3 +158,18 @@ def test_heun_config_file_loads_and_names_its_class(sd3):
     saved = json.loads((heun_dir / "scheduler_config.json").read_text())
     assert saved["_class_name"] == "FlowMatchHeunDiscreteScheduler"
     assert scheduler_plan(heun_dir, 3).scheduler == "FlowMatchHeunDiscreteScheduler"
+
+
+def test_flowmatch_heun_saved_denoised_is_the_models_at_the_saved_state():
+    """FlowMatching.denoised reads x̂₀ = x − t·v off the carried velocity: it must be the model's own x̂₀ there."""
+    from flowdiff.models.analytic import Gaussian
+
+    g = Gaussian(torch.linspace(-0.5, 0.5, 4, dtype=torch.float64), 0.5)
+    noise = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    r = flowdiff.generate(g.flow(), noise, steps=5, solver="flowmatch_heun",
+                          save=flowdiff.Save(steps=True, denoised=True))
+    checked = [st for st in r.saved if st.denoised is not None]
+    for st in checked:
+        exact = st.xbar - st.sigma * g.eps(st.xbar, st.sigma)
+        assert torch.allclose(st.denoised, exact, rtol=0, atol=1e-12), (st.step, st.sigma)
+    assert len(checked) >= 4
