@@ -89,3 +89,42 @@ def test_a_bare_sd3_transformer_is_refused_naming_the_conditioning_it_lacks(caps
     assert code == 1 and "internal error" not in err
     assert "SD3Transformer2DModel runs on a text conditioning (encoder_hidden_states and pooled_projections)" in line
     assert "give the pipeline folder" in line and not (tmp_path / "s.png").exists()
+
+
+# -- likelihood of 16-bit and float files ----------------------------------------------------------------------------
+
+def _write(folder, name, fmt, index=0):
+    import flowdiff
+    from flowdiff.runs.imageio import from_data, write_image
+
+    path = folder / name
+    write_image(path, from_data(flowdiff.digits_data("test").images[index], fmt), fmt)
+    return path
+
+
+def test_likelihood_of_16_bit_files_dequantizes_on_their_own_levels(capsys, tmp_path):
+    """The README reads 16-bit PNGs at their depth, but `flowdiff likelihood g16.png` stopped with "--dequantize 256:
+    the images are not on the 256-level lattice", a flag the user never gave: the default assumed 8-bit files."""
+    from flowdiff.runs.imageio import ImageFormat
+
+    _write(tmp_path, "g16.png", ImageFormat("L", 16))
+    code, out, err = run(capsys, ["likelihood", "g16.png", *MIX, "--steps", "2", "--solver", "rk4"], tmp_path)
+    assert code == 0, err
+    assert "uniform dequantization to 65536 levels" in out and "offset 15.0000 bits" in out
+
+
+def test_likelihood_refuses_files_with_no_one_lattice(capsys, tmp_path):
+    from flowdiff.runs.imageio import ImageFormat
+
+    _write(tmp_path, "g16.png", ImageFormat("L", 16))
+    _write(tmp_path, "g8.png", ImageFormat("L", 8), 1)
+    _write(tmp_path, "f.tif", ImageFormat("L", 32, "float"), 2)
+    code, _, err = run(capsys, ["likelihood", "g16.png", "g8.png", *MIX, "--steps", "2"], tmp_path)
+    line = one_line(err)
+    assert code == 1 and "several depths (8-bit 'g8.png', 16-bit 'g16.png')" in line and "--dequantize" in line
+    code, _, err = run(capsys, ["likelihood", "f.tif", *MIX, "--steps", "2"], tmp_path)
+    line = one_line(err)
+    assert code == 1 and "'f.tif' holds 32-bit floats" in line and "--dequantization none" in line
+    code, out, err = run(capsys, ["likelihood", "f.tif", *MIX, "--steps", "2", "--solver", "rk4",
+                                  "--dequantization", "none"], tmp_path)
+    assert code == 0 and "continuous density" in out, err

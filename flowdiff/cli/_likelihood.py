@@ -50,11 +50,12 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 def add_parser(subparsers: Any, *, load_model: Callable[..., Any],
-               read_images: Callable[..., torch.Tensor]) -> argparse.ArgumentParser:
+               read_images: Callable[..., tuple[torch.Tensor, list[Any]]]) -> argparse.ArgumentParser:
     """Add the ``likelihood`` command to the main parser's ``subparsers``.
 
     ``load_model(spec, dtype=, device=)`` (→ an object with ``name``, ``flow``, ``shape``,
-    ``model_kwargs``) and ``read_images(paths, shape)`` (→ a float64 batch in [−1, 1]) are the
+    ``model_kwargs``) and ``read_images(paths, shape)`` (→ a float64 batch in [−1, 1] and each file's
+    :class:`~flowdiff.runs.imageio.ImageFormat`, whose depth sets the default ``--dequantize``) are the
     main CLI's helpers.
     """
     p = subparsers.add_parser(
@@ -91,8 +92,8 @@ def add_parser(subparsers: Any, *, load_model: Callable[..., Any],
                        help="noise that dequantizes the integer pixel values, for the discrete data's bits/dim "
                             "(default: uniform; truncated_normal as in i-DODE); none: the continuous density's")
     group.add_argument("--dequantize", type=_positive_int, default=None, metavar="LEVELS",
-                       help="quantization levels over [-1, 1] of the images (default: 256, 8-bit files read at their "
-                            "own size); bits/dim gets the offset -log2(2/(LEVELS-1))")
+                       help="quantization levels over [-1, 1] of the images (default: the files' own, 2^bits: 256 "
+                            "for 8-bit files, 65536 for 16-bit); bits/dim gets the offset -log2(2/(LEVELS-1))")
     group = p.add_argument_group("solver")
     group.add_argument("--solver", default="dopri5", help="a σ-variable solver: adaptive pairs (dopri5, bosh3, "
                                                           "dopri8, ...) or with --steps any of rk4, heun, ...")
@@ -145,6 +146,23 @@ def _image_paths(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     return paths, hidden
 
 
+def _file_levels(paths: list[str], formats: list[Any]) -> int:
+    """The quantization levels the files' own depth gives (2⁸ for 8-bit files, 2¹⁶ for 16-bit): the default of
+    ``--dequantize``. Files of several depths, or of floats, hold no one lattice: refused, naming them."""
+    for path, fmt in zip(paths, formats):
+        if fmt.kind != "uint":
+            raise ValueError(f"image {path!r} holds {fmt.bits}-bit floats, no integer levels to dequantize: give "
+                             "--dequantization none (the continuous density), or --dequantize LEVELS if its values "
+                             "are quantized")
+    depths = sorted({fmt.bits for fmt in formats})
+    if len(depths) > 1:
+        first = {bits: path for path, fmt in zip(paths, formats) for bits in [fmt.bits]}
+        said = ", ".join(f"{bits}-bit {first[bits]!r}" for bits in depths)
+        raise ValueError(f"the images are of several depths ({said}), so their discrete data lie on different "
+                         "lattices: give --dequantize LEVELS, or files of one depth")
+    return 2 ** depths[0]
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``flowdiff likelihood``; errors are ``ValueError``/``TypeError`` for the main CLI to print."""
     load_model, read_images = args.likelihood_helpers
@@ -158,13 +176,16 @@ def run(args: argparse.Namespace) -> int:
     device = available_device(args.device)
     dtype = DTYPES[args.dtype]
     loaded = load_model(args.model, dtype=dtype, device=device)
-    images = read_images(paths, loaded.shape).to(device=device, dtype=dtype)
+    images, formats = read_images(paths, loaded.shape)
+    images = images.to(device=device, dtype=dtype)
     options: dict[str, Any] = {}
     if args.dequantization == "none" and args.dequantize is not None:
         raise ValueError(f"--dequantize {args.dequantize} sets the levels that --dequantization noise fills; "
                          "--dequantization none adds no noise: give --dequantization uniform or truncated_normal, or "
                          "leave out --dequantize")
-    levels = 256 if args.dequantize is None else args.dequantize
+    levels = args.dequantize
+    if levels is None and args.dequantization != "none":
+        levels = _file_levels(paths, formats)
     if args.dequantization != "none":
         options.update(dequantize=levels, dequantization=args.dequantization)
     if args.divergence not in ("exact", "auto"):

@@ -19,7 +19,7 @@ from ._argtypes import seed as _seed
 from ._commands import DTYPES, REFERENCE_RTOL, cmd_compare, cmd_decode, cmd_encode, cmd_roundtrip, cmd_sample
 from ._dataset import add_data_options, with_data
 from ._errors import one_line
-from ._images import read_images
+from ._images import load_images
 from ._models import LoadedModel, load_model
 from ._prompt import add_class_label_option, add_prompt_options
 
@@ -263,6 +263,6 @@ def build_parser() -> argparse.ArgumentParser:
     _overwrite_option(p)
     p.set_defaults(func=with_data("roundtrip", cmd_roundtrip))
 
-    _likelihood.add_parser(sub, load_model=_unlabelled_model, read_images=read_images)
+    _likelihood.add_parser(sub, load_model=_unlabelled_model, read_images=load_images)
     return parser
 
