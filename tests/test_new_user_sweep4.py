@@ -128,3 +128,20 @@ def test_likelihood_refuses_files_with_no_one_lattice(capsys, tmp_path):
     code, out, err = run(capsys, ["likelihood", "f.tif", *MIX, "--steps", "2", "--solver", "rk4",
                                   "--dequantization", "none"], tmp_path)
     assert code == 0 and "continuous density" in out, err
+
+
+# -- an option the command does not take ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, command", [(["decode", "l.safetensors", "--data", "latents"], "decode"),
+                                           (["sample", "--num", "1", "extra"], "sample"),
+                                           (["--bogus"], None)])
+def test_an_option_the_command_does_not_take_is_that_commands_error(capsys, tmp_path, argv, command):
+    """After `encode --data DIR --out lat` a user tried `flowdiff decode --data lat`: "flowdiff: error: unrecognized
+    arguments: --data (see flowdiff --help)", the main parser's error, pointing to the main help, which does not
+    list decode's options."""
+    code, out, err = run(capsys, argv, tmp_path)
+    prog = "flowdiff" + (f" {command}" if command else "")
+    assert code == 2 and out == ""
+    line = one_line(err)
+    assert line.startswith(f"{prog}: error: unrecognized arguments: {argv[-1] if command != 'decode' else '--data'}")
+    assert line.endswith(f"(see {prog} --help)"), line
