@@ -145,3 +145,26 @@ def test_an_option_the_command_does_not_take_is_that_commands_error(capsys, tmp_
     line = one_line(err)
     assert line.startswith(f"{prog}: error: unrecognized arguments: {argv[-1] if command != 'decode' else '--data'}")
     assert line.endswith(f"(see {prog} --help)"), line
+
+
+# -- a grey image saved as a palette PNG ------------------------------------------------------------------------------
+
+def test_a_palette_png_of_greys_is_a_grey_image(capsys, tmp_path):
+    """Tools that quantize or index images save greys as palette PNGs; flowdiff expanded every palette to RGB and the
+    grey digits model refused the file: "image 'pal.png' is 8-bit RGB (3 channels)", which it is not. A palette of
+    greys expands to grey without loss; a palette with colours still expands to RGB."""
+    import numpy as np
+    from PIL import Image
+
+    from flowdiff.runs.imageio import ImageFormat, read_image
+
+    (png,) = write_digits(tmp_path, 1)
+    grey = np.asarray(Image.open(png))
+    Image.open(png).convert("P").save(tmp_path / "pal.png")
+    pixels, fmt = read_image(tmp_path / "pal.png")
+    assert fmt == ImageFormat("L", 8) and np.array_equal(pixels[..., 0], grey)
+    code, out, err = run(capsys, ["likelihood", "pal.png", *MIX, "--steps", "2", "--solver", "rk4"], tmp_path)
+    assert code == 0, err
+    colour = np.stack([grey, grey, 255 - grey], -1)
+    Image.fromarray(colour).convert("P", palette=Image.ADAPTIVE).save(tmp_path / "palc.png")
+    assert read_image(tmp_path / "palc.png")[1] == ImageFormat("RGB", 8)
