@@ -411,6 +411,6 @@ def _merge(command: str, folder: _ds.ImageFolder, out: Path, run: str, groups: l
               f"psnr {w['psnr']:.2f} dB)")
         print(f"  NFE per image: encode {_nfe(summary['nfe_encode'])}, decode {_nfe(summary['nfe_decode'])}")
     if folder.skipped:
-        print(f"skipped {len(folder.skipped)} file(s) that are not images (listed in summary.json)")
+        print(f"skipped {len(folder.skipped)} file(s) flowdiff does not read (listed with the reason in summary.json)")
     print(f"wrote {out / 'results.csv'}, {out / 'summary.json'}")
     return 0

@@ -29,6 +29,7 @@ import torch
 import solvers as _solvers
 
 from ..engine.options import Adaptive
+from ..runs.datasets import escaped_name, printable
 from ..tools.likelihood import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
@@ -49,11 +50,12 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 def add_parser(subparsers: Any, *, load_model: Callable[..., Any],
-               read_images: Callable[..., torch.Tensor]) -> argparse.ArgumentParser:
+               read_images: Callable[..., tuple[torch.Tensor, list[Any]]]) -> argparse.ArgumentParser:
     """Add the ``likelihood`` command to the main parser's ``subparsers``.
 
     ``load_model(spec, dtype=, device=)`` (→ an object with ``name``, ``flow``, ``shape``,
-    ``model_kwargs``) and ``read_images(paths, shape)`` (→ a float64 batch in [−1, 1]) are the
+    ``model_kwargs``) and ``read_images(paths, shape)`` (→ a float64 batch in [−1, 1] and each file's
+    :class:`~flowdiff.runs.imageio.ImageFormat`, whose depth sets the default ``--dequantize``) are the
     main CLI's helpers.
     """
     p = subparsers.add_parser(
@@ -90,8 +92,8 @@ def add_parser(subparsers: Any, *, load_model: Callable[..., Any],
                        help="noise that dequantizes the integer pixel values, for the discrete data's bits/dim "
                             "(default: uniform; truncated_normal as in i-DODE); none: the continuous density's")
     group.add_argument("--dequantize", type=_positive_int, default=None, metavar="LEVELS",
-                       help="quantization levels over [-1, 1] of the images (default: 256, 8-bit files read at their "
-                            "own size); bits/dim gets the offset -log2(2/(LEVELS-1))")
+                       help="quantization levels over [-1, 1] of the images (default: the files' own, 2^bits: 256 "
+                            "for 8-bit files, 65536 for 16-bit); bits/dim gets the offset -log2(2/(LEVELS-1))")
     group = p.add_argument_group("solver")
     group.add_argument("--solver", default="dopri5", help="a σ-variable solver: adaptive pairs (dopri5, bosh3, "
                                                           "dopri8, ...) or with --steps any of rk4, heun, ...")
@@ -124,25 +126,47 @@ def _as_flags(message: str) -> str:
     return message
 
 
-def _image_paths(args: argparse.Namespace) -> list[str]:
+def _image_paths(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The image files to read, and the hidden ones of ``--data`` left out (macOS's ``._x.png`` resource forks are
+    no images whatever their suffix; folder runs skip them by the same rule, :func:`flowdiff.runs.datasets.scan`)."""
     if args.data is None:
-        return list(args.images)
+        return list(args.images), []
     directory = Path(args.data)
     if not directory.is_dir():
         raise ValueError(f"--data {args.data!r}: no such directory")
-    paths = sorted(str(p) for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    found = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    hidden = [p.name for p in found if p.name.startswith(".")]
+    paths = [str(p) for p in found if not p.name.startswith(".")]
     if not paths:
         below = sum(1 for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         raise ValueError(f"--data {args.data!r}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it"
                          + (f"; likelihood --data reads the folder's own files, not its subfolders, which hold {below} "
-                            "(give those folders, or the files)" if below else ""))
-    return paths
+                            "(give those folders, or the files)" if below else "")
+                         + (f"; hidden files are not read: {', '.join(hidden)}" if hidden else ""))
+    return paths, hidden
+
+
+def _file_levels(paths: list[str], formats: list[Any]) -> int:
+    """The quantization levels the files' own depth gives (2⁸ for 8-bit files, 2¹⁶ for 16-bit): the default of
+    ``--dequantize``. Files of several depths, or of floats, hold no one lattice: refused, naming them."""
+    for path, fmt in zip(paths, formats):
+        if fmt.kind != "uint":
+            raise ValueError(f"image {path!r} holds {fmt.bits}-bit floats, no integer levels to dequantize: give "
+                             "--dequantization none (the continuous density), or --dequantize LEVELS if its values "
+                             "are quantized")
+    depths = sorted({fmt.bits for fmt in formats})
+    if len(depths) > 1:
+        first = {bits: path for path, fmt in zip(paths, formats) for bits in [fmt.bits]}
+        said = ", ".join(f"{bits}-bit {first[bits]!r}" for bits in depths)
+        raise ValueError(f"the images are of several depths ({said}), so their discrete data lie on different "
+                         "lattices: give --dequantize LEVELS, or files of one depth")
+    return 2 ** depths[0]
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``flowdiff likelihood``; errors are ``ValueError``/``TypeError`` for the main CLI to print."""
     load_model, read_images = args.likelihood_helpers
-    paths = _image_paths(args)
+    paths, hidden = _image_paths(args)
     if args.solver not in _solvers.available():
         raise ValueError(f"--solver {args.solver!r}: unknown; accepted: {', '.join(_solvers.available())}")
     if args.threads is not None:
@@ -152,13 +176,16 @@ def run(args: argparse.Namespace) -> int:
     device = available_device(args.device)
     dtype = DTYPES[args.dtype]
     loaded = load_model(args.model, dtype=dtype, device=device)
-    images = read_images(paths, loaded.shape).to(device=device, dtype=dtype)
+    images, formats = read_images(paths, loaded.shape)
+    images = images.to(device=device, dtype=dtype)
     options: dict[str, Any] = {}
     if args.dequantization == "none" and args.dequantize is not None:
         raise ValueError(f"--dequantize {args.dequantize} sets the levels that --dequantization noise fills; "
                          "--dequantization none adds no noise: give --dequantization uniform or truncated_normal, or "
                          "leave out --dequantize")
-    levels = 256 if args.dequantize is None else args.dequantize
+    levels = args.dequantize
+    if levels is None and args.dequantization != "none":
+        levels = _file_levels(paths, formats)
     if args.dequantization != "none":
         options.update(dequantize=levels, dequantization=args.dequantization)
     if args.divergence not in ("exact", "auto"):
@@ -198,7 +225,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"log-likelihood of {len(paths)} image(s) under {loaded.name}: {result.divergence} divergence, "
           f"{args.solver}, {result.dim} dimensions; {how}")
     se = result.bits_per_dim_error
-    names = [n.as_posix() for n in relative_names(paths)]  # a/x.png and b/x.png stay apart
+    # a/x.png and b/x.png stay apart; a name is one printed line, escaped as folder runs print it
+    names = [printable(escaped_name(n.as_posix())) for n in relative_names(paths)]
     width = max(5, *(len(n) for n in names))
     parts = [what for what, e in (("probes", result.std_error), ("solve", result.solve_error)) if e is not None]
     print(f"{'image':<{width}}  {'log p (nats)':>14}  {'bits/dim':>10}"
@@ -213,6 +241,9 @@ def run(args: argparse.Namespace) -> int:
     checked = f"; the check solve {check.nfe} and {check.extra['vjps']}" if check else ""
     print(f"NFE {result.stats.nfe} (field evaluations) and {result.stats.extra['vjps']} vector-Jacobian products in "
           f"{result.stats.accepted} steps{checked}; {wall:.1f} s")
+    if hidden:
+        shown = ", ".join(printable(escaped_name(n)) for n in hidden)
+        print(f"skipped {len(hidden)} hidden file(s) in --data: {shown}")
     return 0
 
 

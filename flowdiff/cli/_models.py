@@ -15,6 +15,10 @@ from ._errors import CommandError
 BUILTIN_MODELS = ("digits", "analytic-mixture")
 #: Kernel bandwidth of ``--model analytic-mixture`` in the image scale [−1, 1] (pixel steps are 1/8).
 MIXTURE_BANDWIDTH = 0.1
+#: denoisers that run only on a text conditioning (what their pipeline's text encoders make of a prompt)
+TEXT_CONDITIONED = {"UNet2DConditionModel": "encoder_hidden_states",
+                    "SD3Transformer2DModel": "encoder_hidden_states and pooled_projections",
+                    "FluxTransformer2DModel": "encoder_hidden_states and pooled_projections"}
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,12 @@ def _diffusers_dir(path: Path, dtype: torch.dtype, device: torch.device) -> Load
         raise CommandError(f"--model {str(path)!r}: a {type(flow.model.net).__name__} without its pipeline's VAE takes "
                            "packed latents of a length the caller chooses; give the pipeline folder (with vae/), or "
                            "use it from Python (flowdiff.from_diffusers)")
+    needs = TEXT_CONDITIONED.get(type(net).__name__)
+    if needs is not None and getattr(flow, "prompt_encoder", None) is None:
+        raise CommandError(f"--model {str(path)!r}: a {type(net).__name__} runs on a text conditioning ({needs}), "
+                           "which the command line makes from --prompt with the pipeline's own tokenizers and text "
+                           "encoders, and this folder has none; give the pipeline folder (with model_index.json), or "
+                           "use the model from Python with model_kwargs= (flowdiff.from_diffusers)")
     return LoadedModel(path.name, _to(flow, dtype, device), tuple(flow.model.sample_shape), {}, labels)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import solvers as _solvers
 
@@ -19,7 +19,7 @@ from ._argtypes import seed as _seed
 from ._commands import DTYPES, REFERENCE_RTOL, cmd_compare, cmd_decode, cmd_encode, cmd_roundtrip, cmd_sample
 from ._dataset import add_data_options, with_data
 from ._errors import one_line
-from ._images import read_images
+from ._images import load_images
 from ._models import LoadedModel, load_model
 from ._prompt import add_class_label_option, add_prompt_options
 
@@ -29,6 +29,15 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        """As argparse's, but an argument the command does not take is that command's error (``flowdiff decode:
+        error: unrecognized arguments: --data (see flowdiff decode --help)``), not the main parser's."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            commands = next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
+            (commands.get(getattr(parsed, "command", None)) or self).error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
 
 
 
@@ -263,6 +272,6 @@ def build_parser() -> argparse.ArgumentParser:
     _overwrite_option(p)
     p.set_defaults(func=with_data("roundtrip", cmd_roundtrip))
 
-    _likelihood.add_parser(sub, load_model=_unlabelled_model, read_images=read_images)
+    _likelihood.add_parser(sub, load_model=_unlabelled_model, read_images=load_images)
     return parser
 

@@ -34,6 +34,10 @@ augmented state is not a change of variables of the diffusion.
 * :class:`VP` — t = τ = log(1 + σ), y = x = x̄/√(1+σ²), for reversible solvers: |x| = O(1)
   at every σ and the field is nearly zero at large σ, so the rounding an exact inverse
   amplifies stays at the state's own precision (see :mod:`flowdiff.api.inversion`).
+* :class:`FlowMatching` — t = σ/(1+σ), y = x̄/(1+σ), f = the velocity v = (1+σ)·(ε − y):
+  rectified flow's own time and sample (x = (1−t)·x̂₀ + t·ε̂), for the flow-matching schedulers'
+  Runge–Kutta loops (diffusers' FlowMatchHeunDiscreteScheduler is Heun here, not in σ). σ = ∞ is
+  the finite t = 1, where y is the noise and v = y − x̂₀.
 
 Time values at the grid's points map back to the grid's own σ exactly (looked up, not
 recomputed through exp/log), so that an encode and its decode evaluate the model at
@@ -63,7 +67,7 @@ from solvers import Derivative, FixedGrid, ReversibleState, Solver, StepResult, 
 #: ``eps_field(σ, x̄) -> ε`` as built by :meth:`flowdiff.ProbabilityFlow.field`.
 EpsField = Callable[[float, Tensor], Tensor]
 
-VARIABLES = ("sigma", "data", "logsigma", "vp")
+VARIABLES = ("sigma", "data", "logsigma", "vp", "flow_matching")
 
 #: Solvers built for the data-prediction variables (registry name → variables). Diffusion
 #: knowledge, so it lives here and not in :mod:`solvers`; :func:`prefer_variables` adds to it.
@@ -71,9 +75,10 @@ _PREFERRED: dict[str, str] = {"dpmpp_2m": "data", "dpmpp_3m": "data", "unipc": "
 
 
 def prefer_variables(solver_name: str, variables: str) -> None:
-    """Declare that the solver registered as ``solver_name`` runs in ``variables`` (``"sigma"`` or ``"data"``)."""
-    if variables not in ("sigma", "data"):
-        raise ValueError(f"variables must be 'sigma' or 'data', got {variables!r}")
+    """Declare that the solver registered as ``solver_name`` runs in ``variables`` (``"sigma"``, ``"data"`` or
+    ``"flow_matching"``)."""
+    if variables not in ("sigma", "data", "flow_matching"):
+        raise ValueError(f"variables must be 'sigma', 'data' or 'flow_matching', got {variables!r}")
     _PREFERRED[solver_name] = variables
 
 
@@ -553,6 +558,62 @@ class VP(Formulation):
         return f
 
 
+class FlowMatching(Formulation):
+    """t = σ/(1+σ), y = x̄/(1+σ) = x, f = dy/dt = (1+σ)·(ε(x̄, σ) − y): rectified flow's time, sample and
+    velocity v = ε − x̂₀ (x = (1−t)·x̂₀ + t·ε̂). Since dy/dσ = (ε − y)/(1+σ) and dt/dσ = 1/(1+σ)².
+
+    σ = ∞ is t = 1, a finite time: there y is the noise and v = y − x̂₀ with x̂₀ read off the model
+    (the field extended to σ = ∞, :mod:`flowdiff.engine.terminal`), so a Runge–Kutta step leaves
+    pure noise with its own stages (diffusers' flow-matching Heun does), not by a boundary step.
+    """
+
+    name = "flow_matching"
+    time_name = "t"
+
+    def _time(self, sigma: float) -> float:
+        return 1.0 if sigma == math.inf else sigma / (1.0 + sigma)
+
+    def _sigma(self, t: float) -> float:
+        return math.inf if t >= 1.0 else t / (1.0 - t)
+
+    def dsigma_dt(self, t: float) -> float:
+        return (1.0 + self.sigma(t)) ** 2
+
+    def to_state(self, xbar: Tensor, sigma: float) -> Tensor:
+        if sigma == math.inf:
+            raise ValueError("at σ = ∞ (t = 1) the flow-matching state is the noise itself, not x̄/(1+σ)")
+        return xbar / (1.0 + sigma)
+
+    def to_xbar(self, y: Tensor, t: float) -> Tensor:
+        return y * (1.0 + self.sigma(t))
+
+    def x_factor(self, t: float) -> float:
+        s = self.sigma(t)
+        return 1.0 if s == math.inf else (1.0 + s) / math.sqrt(1.0 + s * s)
+
+    def field(self, eps: EpsField) -> VectorField:
+        sigma_of = self.sigma
+
+        def f(t: float, y: Tensor) -> Tensor:
+            s = sigma_of(t)
+            if s == math.inf:  # pure noise: eps(∞, noise) is x̂₀ there
+                return y - eps(s, y)
+            c = 1.0 + s
+            return (eps(s, y * c) - y) * c
+
+        return f
+
+    def denoised(self, t: float, y: Tensor, state: Any) -> Tensor | None:
+        if isinstance(state, Derivative) and state.t == t:
+            return y - state.k * t  # x̂₀ = x − t·v
+        return None
+
+    def grid(self, sigmas: Sequence[float], solver: Solver, *, eval_end: bool = True) -> FixedGrid:
+        """The grid's times are finite (σ = ∞ is t = 1): every step, the first included, is the solver's."""
+        ts = self.times(sigmas)
+        return FixedGrid(ts, final_step_methods(solver, len(ts) - 1, eval_end))
+
+
 #: Solvers refused for encoding (registry name → why, and what to use instead).
 _NO_ENCODE: dict[str, str] = {
     "ipndm": "its equal-step Adams coefficients ignore the step ratios, and an encode's steps grow "
@@ -601,6 +662,8 @@ def formulation_for(solver: Solver, direction: str, *, adaptive: bool = False,
     generation's do in σ, and the field (the denoised image) stays bounded. A solver that
     cannot encode at its order (iPNDM, whose equal-step coefficients ignore step ratios) is
     refused with a ValueError saying what to use instead.
+    Methods declared for rectified flow's variables (:func:`prefer_variables` with
+    ``"flow_matching"``): :class:`FlowMatching`, on fixed grids only.
     Methods built for the data-prediction ODE (:func:`variables_of`): :class:`Data`. Other
     adaptive solves: :class:`LogSigma` with ``sigma_c`` (relative steps, σ = 0 at a finite
     time). Everything else: :class:`Sigma`.
@@ -617,6 +680,11 @@ def formulation_for(solver: Solver, direction: str, *, adaptive: bool = False,
         return LogSigma(sigma_c)
     if solver.reversible:
         return VP()
+    if variables_of(solver) == "flow_matching":
+        if adaptive:
+            raise ValueError(f"solver {solver.name!r} runs in flow-matching variables on a fixed grid (a "
+                             "scheduler's loop); an adaptive solve runs in log(σ + c): use e.g. 'heun' or 'dopri5'")
+        return FlowMatching()
     if direction in ("encode", "decode") and not adaptive:
         refusal = _NO_ENCODE.get(method_of(solver).name) if direction == "encode" else None
         if refusal is not None:

@@ -20,8 +20,11 @@ the scheduler's loop to float rounding.
 * ``PNDMScheduler``: the same timesteps and steps to t − T//steps as DDIM (no ``clip_sample``).
 * ``FlowMatchEulerDiscreteScheduler``: its σ_FM = t values (the static ``shift`` or the
   resolution-dependent ``mu``), with float32 rounding where diffusers rounds, mapped to
-  σ = t/(1−t). Its first t is 1, σ = ∞ (pure noise): the grid starts with ``inf``, which
-  :func:`flowdiff.models.pipelines.sample_like` takes as one step from noise.
+  σ = t/(1−t). ``FlowMatchHeunDiscreteScheduler`` (``shift`` alone) and ``FlowMatchLCMScheduler``
+  compute the same t values (Heun visits each inner one twice: the grid lists it once). The first
+  t is 1, σ = ∞ (pure noise): the grid starts with ``inf``, which
+  :func:`flowdiff.models.pipelines.sample_like` takes as one step from noise (Euler's) or, for
+  Heun, in rectified flow's own variables where t = 1 is a finite time.
 """
 
 from __future__ import annotations
@@ -39,11 +42,13 @@ from .flow import PREDICTION_TYPES
 from .grids import _check_steps
 from .schedules import BETA_SCHEDULES, FlowMatchingSchedule, Schedule
 
-FLOW_MATCHING_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+#: rectified-flow schedulers: one training definition (``num_train_timesteps``, ``shift``) and one grid rule
+FLOW_MATCHING_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler",
+                            "FlowMatchLCMScheduler")
 VP_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "DDIMInverseScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
                  "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LMSDiscreteScheduler",
                  "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler")
-GRID_SCHEDULERS = ("DDIMScheduler", "PNDMScheduler", "FlowMatchEulerDiscreteScheduler")
+GRID_SCHEDULERS = ("DDIMScheduler", "PNDMScheduler", *FLOW_MATCHING_SCHEDULERS)
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
@@ -151,13 +156,20 @@ def unidentified(config: Mapping[str, Any], source: str) -> ValueError:
 
 
 def _is_flow_matching(config: Mapping[str, Any]) -> bool:
-    return class_name(config) in FLOW_MATCHING_SCHEDULERS
+    """A flow-matching config: its class, or, for a dict without one whose keys fit several classes, every
+    candidate (a hand-written ``{"shift": 3.0}``: all of them define the same schedule and grid from it)."""
+    name = class_name(config)
+    if name is not None:
+        return name in FLOW_MATCHING_SCHEDULERS
+    found = candidates(config)
+    return bool(found) and all(n in FLOW_MATCHING_SCHEDULERS for n in found)
 
 
 def schedule_from_config(config: Mapping[str, Any], source: str = "scheduler config") -> tuple[Schedule, str]:
     """The :class:`Schedule` and prediction type that a diffusers scheduler config defines.
 
-    A ``FlowMatchEulerDiscreteScheduler`` config is rectified flow with prediction type
+    A flow-matching config (``FlowMatchEulerDiscreteScheduler``, ``FlowMatchHeunDiscreteScheduler``,
+    ``FlowMatchLCMScheduler``: the same training definition) is rectified flow with prediction type
     ``velocity`` (:class:`~flowdiff.engine.schedules.FlowMatchingSchedule` with its ``shift``; with
     ``use_dynamic_shifting`` the shift depends on the image size and belongs to the grid, so
     the table is unshifted); any other is a VP schedule of betas, rescaled to zero terminal SNR
@@ -384,7 +396,7 @@ def scheduler_sigmas(scheduler: object, steps: int, *, mu: float | None = None, 
     """The σ grid that diffusers' ``scheduler.set_timesteps(steps)`` loop runs, float64, decreasing.
 
     ``scheduler``: a diffusers scheduler, its config dict, a directory or a
-    ``scheduler_config.json`` path (``DDIMScheduler`` or ``FlowMatchEulerDiscreteScheduler``).
+    ``scheduler_config.json`` path (``DDIMScheduler``, ``PNDMScheduler`` or a flow-matching one).
     The grid has ``steps + 1`` values: it ends at 0, or at σ_min for DDIM with
     ``set_alpha_to_one=False``; a flow-matching grid starts at ``inf`` (t = 1). Pass it to
     ``generate(..., grid=grid)`` (or, for ``inf``-started grids and model-scale latents, to
@@ -405,7 +417,9 @@ def scheduler_sigmas(scheduler: object, steps: int, *, mu: float | None = None, 
         if mu is not None or sigmas is not None:
             raise ValueError(f"mu= and sigmas= apply to flow-matching schedulers, not {name}")
         return _ddim_sigmas(config, steps, source)
-    if name in FLOW_MATCHING_SCHEDULERS:
+    if name in FLOW_MATCHING_SCHEDULERS or (name is None and _is_flow_matching(config)):
+        if name == "FlowMatchHeunDiscreteScheduler" and (mu is not None or sigmas is not None):
+            raise ValueError(f"mu= and sigmas= are not arguments of {name}.set_timesteps; its grid is its shift's")
         return _flow_matching_sigmas(config, steps, mu, sigmas, source)
     if name is None:
         raise unidentified(config, source)

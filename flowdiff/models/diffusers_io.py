@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine._checks import check_device
-from ..engine.scheduler_grids import config_of, read_json, schedule_from_config
+from ..engine.scheduler_grids import FLOW_MATCHING_SCHEDULERS, config_of, read_json, schedule_from_config
 from .pipelines import Autoencoder, DiffusersFlow, PackedAutoencoder, PipelinePromptEncoder, PromptEncoder
 
 __all__ = ["DiffusersModel", "DiffusersUNet", "SUPPORTED_MODELS", "from_diffusers", "schedule_from_config"]
@@ -319,8 +319,8 @@ def from_diffusers(path: str | Path, *, scheduler: object = None, device: str | 
     schedule, prediction_type = schedule_from_config(sched_config, source)
     flow_matching = prediction_type == "velocity"
     if class_name in ("SD3Transformer2DModel", "FluxTransformer2DModel") and not flow_matching:
-        raise ValueError(f"{source}: a {class_name} is a flow-matching model; its scheduler config must be a "
-                         f"FlowMatchEulerDiscreteScheduler, got {sched_config.get('_class_name')!r}")
+        raise ValueError(f"{source}: a {class_name} is a flow-matching model; its scheduler config must be one of "
+                         f"{', '.join(FLOW_MATCHING_SCHEDULERS)}, got {sched_config.get('_class_name')!r}")
 
     diffusers = _diffusers()
     net = _load(getattr(diffusers, class_name), model_dir, class_name, dtype)

@@ -28,7 +28,9 @@ import solvers
 
 from ..api.sampling import Result, encode, generate
 from ..engine.flow import ProbabilityFlow
+from ..engine.formulations import prefer_variables
 from ..engine.grids import _check_steps, reversed_grid
+from ..engine.plugins import Plugin, register_plugin
 from ..engine.scheduler_grids import (
     class_name,
     config_grid,
@@ -323,9 +325,28 @@ def flux_grid_arguments(scheduler: object, tokens: int, steps: int) -> tuple[flo
     return float(mu), base
 
 
+#: diffusers' FlowMatchHeunDiscreteScheduler's method: Heun's trapezoidal rule in rectified flow's own time
+#: t = σ/(1+σ) and sample x = x̄/(1+σ), with the velocity as the field
+#: (:class:`flowdiff.engine.formulations.FlowMatching`). The time-dependent scaling of the state makes it
+#: another method than ``heun`` in σ; Euler is the same in both (DDIM).
+FLOWMATCH_HEUN = "flowmatch_heun"
+
+
+def _flowmatch_heun(options: dict[str, Any]) -> solvers.Solver:
+    if options:
+        raise TypeError(f"solver {FLOWMATCH_HEUN!r} takes no options, got {sorted(options)}")
+    return solvers.ExplicitRK(FLOWMATCH_HEUN, solvers.get("heun").tableau, 2)
+
+
+prefer_variables(FLOWMATCH_HEUN, "flow_matching")
+register_plugin(Plugin(FLOWMATCH_HEUN, "generate", "solver", "diffusers' FlowMatchHeunDiscreteScheduler: Heun in "
+                       "rectified flow's t and x = x̄/(1+σ) (velocity field); 2 evaluations a step, the last into "
+                       "σ = 0 Euler", make=_flowmatch_heun, decodes_with="euler"))
+
 #: the diffusers schedulers whose deterministic loop flowdiff reproduces (:func:`scheduler_plan`)
-PLANNED_SCHEDULERS = ("DDIMScheduler", "PNDMScheduler", "FlowMatchEulerDiscreteScheduler", "EulerDiscreteScheduler",
-                      "HeunDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler")
+PLANNED_SCHEDULERS = ("DDIMScheduler", "PNDMScheduler", "FlowMatchEulerDiscreteScheduler",
+                      "FlowMatchHeunDiscreteScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler",
+                      "LMSDiscreteScheduler", "DPMSolverMultistepScheduler")
 #: schedulers refused by name, and why (their nearest flowdiff solver is named in the message)
 _NOT_EQUAL = {
     "UniPCMultistepScheduler": "its bh1/bh2 predictor–corrector is not flowdiff's solver='unipc' (the nearest)",
@@ -334,6 +355,8 @@ _NOT_EQUAL = {
                                           "encode (the nearest: flowdiff.encode with solver='dpmpp_2m')",
     "EulerAncestralDiscreteScheduler": "it adds fresh noise at every step (a stochastic sampler, not the ODE)",
     "DDPMScheduler": "it adds fresh noise at every step (a stochastic sampler, not the ODE)",
+    "FlowMatchLCMScheduler": "its step jumps to the model's x̂₀ and re-noises it with fresh noise at the next level "
+                             "(a consistency sampler, not the ODE); its σ levels are flowdiff.scheduler_sigmas",
     "DDIMInverseScheduler": "it encodes: flowdiff.encode_like(flow, images, scheduler, steps) is its loop",
 }
 
@@ -438,11 +461,15 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
         if steps < 2:
             raise ValueError(f"{source}: PNDMScheduler's loop of steps={steps} is not a PNDM step; use steps >= 2")
         solver = "pndm"
-    if name in ("DDIMScheduler", "PNDMScheduler", "FlowMatchEulerDiscreteScheduler"):
+    if name == "FlowMatchHeunDiscreteScheduler":
+        if mu is not None or sigmas is not None:  # its set_timesteps takes neither
+            raise ValueError(f"mu= and sigmas= are not arguments of {name}.set_timesteps; its grid is its shift's")
+        solver = FLOWMATCH_HEUN
+    if name in ("DDIMScheduler", "PNDMScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"):
         grid = scheduler_sigmas(config, steps, mu=mu, sigmas=sigmas)
-        if name != "FlowMatchEulerDiscreteScheduler":
+        if not name.startswith("FlowMatch"):
             ts = ddim_timesteps(config, steps, source)[: len(grid) - 1].astype(np.float64)
-        else:  # FlowMatchEuler feeds sigma·T in float32 (the times of the grid, t = σ/(1+σ))
+        else:  # flow matching feeds sigma·T in float32 (the times of the grid, t = σ/(1+σ))
             with np.errstate(invalid="ignore"):
                 t = np.where(np.isinf(grid[:-1]), 1.0, grid[:-1] / (1.0 + grid[:-1])).astype(np.float32)
             ts = (t * np.float32(config.get("num_train_timesteps", 1000))).astype(np.float64)

@@ -13,7 +13,7 @@ float64; float pixels exactly when |v| ≥ 2⁻²⁹ or v = 0). Supported: 8- an
 alpha, RGB and RGBA PNG (16-bit colour PNGs are decoded here, since Pillow reads them at 8
 bits), 8- and 16-bit grey and 8-bit colour TIFF, 32-bit float grey TIFF, and the 8-bit modes
 Pillow opens (JPEG, BMP, …; palette and 1-bit images are expanded to 8-bit grey/RGB(A),
-which loses nothing). Anything else is a ``ValueError`` naming the file.
+which loses nothing: a palette of greys to grey). Anything else is a ``ValueError`` naming the file.
 
 Reading checks before it decodes: only regular files are opened (a FIFO named ``x.png`` would block
 the reader for ever); the width × height the file declares is checked against a limit
@@ -196,10 +196,21 @@ def _from_pillow(img, name: str) -> tuple[np.ndarray, ImageFormat]:
         return arr.reshape(img.height, img.width, 1).copy(), ImageFormat("L", 32, "float")
     if mode in ("1", "P", "PA"):  # expanded without loss: 1-bit to 0/255 grey, a palette to its colours
         has_alpha = mode == "PA" or (mode == "P" and "transparency" in img.info)
-        target = "L" if mode == "1" else ("RGBA" if has_alpha else "RGB")
+        target = "L" if mode == "1" or (mode == "P" and not has_alpha and _grey_palette(img)) else \
+            ("RGBA" if has_alpha else "RGB")
         return _from_pillow(img.convert(target), name)
     raise ValueError(f"image {name!r}: mode {mode!r} is not supported without conversion; accepted: 8/16-bit grey "
                      "(L), grey + alpha (LA), RGB and RGBA, and 32-bit float grey TIFF")
+
+
+def _grey_palette(img) -> bool:  # noqa: ANN001 (a PIL image, as _from_pillow takes)
+    """Whether every colour a palette image uses is a grey (r = g = b): then its grey expansion loses nothing, and a
+    grey model reads it (tools that save greys as palette PNGs are common)."""
+    palette = np.asarray(img.getpalette("RGB") or [], dtype=np.uint8)
+    if palette.size == 0:
+        return False
+    colours = palette.reshape(-1, 3)[np.unique(np.asarray(img))]
+    return bool((colours == colours[:, :1]).all())
 
 
 def _read_png16(path: Path) -> tuple[np.ndarray, ImageFormat]:

@@ -30,6 +30,11 @@ from torch import Tensor
 
 from ..engine._checks import RANGE_SLACK
 
+#: A set of digits in the data range [−1, 1] has some value below this: a digit's background is −1 (every held-out
+#: digit has one), and samples keep it at any budget — the shipped model at NFE 2–10, every fixed-grid solver and
+#: named grid, measured by ``benchmarks/bench_quality_range.py``. Images in [0, 1] have none below 0: refused.
+QUALITY_BACKGROUND_MARGIN = -0.5
+
 
 @functools.lru_cache(maxsize=1)
 def _instruments() -> tuple[Any, np.ndarray, float]:
@@ -58,8 +63,10 @@ def sample_quality(images: Tensor, labels: Tensor | None = None) -> dict[str, fl
     """Quality figures of 8×8 digit images in the model's data scale [−1, 1] (see the module docstring).
 
     ``images``: shape (N, 1, 8, 8) or (N, 64), N ≥ 2; values are clipped to [−1, 1] first (the
-    data range: a sample's overshoot, however far), and images with no value below 0 that reach more than
-    ``RANGE_SLACK`` widths above it (pixels in [0, 255]) are refused rather than clipped to a blank.
+    data range: a sample's overshoot, however far). Images with no value below
+    :data:`QUALITY_BACKGROUND_MARGIN` (−0.5) have no digit background (−1) and are refused rather than
+    scored as wrong digits: images in [0, 1] (rescale: ``images * 2 - 1``) or pixels in [0, 255]
+    (``images / 127.5 - 1``).
     ``labels`` (optional, N integers 0–9): the classes the samples were conditioned on, adding ``accuracy``.
     Returns ``n``, ``confidence``, ``digit_score``, ``nn_distance``, ``nn_distance_test``, ``nn_ratio`` (and
     ``accuracy``), all floats.
@@ -72,13 +79,6 @@ def sample_quality(images: Tensor, labels: Tensor | None = None) -> dict[str, fl
     x = images.detach().cpu().double().reshape(-1, 64)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("images contain NaN or inf")
-    low, high = float(x.min()), float(x.max())
-    # the range [−1, 1] is 2 wide; a sample's overshoot reaches past it on both sides (a digit's background is −1,
-    # and samples at a few evaluations overshoot by hundreds), pixels on [0, 255] on one side only
-    if low >= 0.0 and high > 1.0 + 2.0 * RANGE_SLACK:
-        raise ValueError(f"images span [{low:.4g}, {high:.4g}], far outside the digits' data range [-1, 1], which "
-                         "they would be clipped to; rescale them (8-bit pixels v: v / 127.5 - 1)")
-    x = x.clamp(-1.0, 1.0).numpy()
     if labels is not None:  # checked before the instruments are fitted
         y = torch.as_tensor(labels).detach().cpu()
         if y.shape != (x.shape[0],) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool \
@@ -86,6 +86,17 @@ def sample_quality(images: Tensor, labels: Tensor | None = None) -> dict[str, fl
             raise ValueError(f"labels must be {x.shape[0]} integers 0 … 9 (one digit per image), got {y.dtype} of "
                              f"shape {tuple(y.shape)}" + (f" with values {y.min().item()} … {y.max().item()}"
                                                           if y.numel() and y.dtype != torch.bool else ""))
+    low, high = float(x.min()), float(x.max())
+    # a sample's overshoot reaches past [−1, 1] on both sides (samples at a few evaluations by hundreds) and keeps
+    # the digits' background at −1; images on another scale ([0, 1], [0, 255]) have no value near it
+    if low >= QUALITY_BACKGROUND_MARGIN:
+        if high > 1.0 + 2.0 * RANGE_SLACK:
+            raise ValueError(f"images span [{low:.4g}, {high:.4g}], far outside the digits' data range [-1, 1], "
+                             "which they would be clipped to; rescale them (8-bit pixels v: v / 127.5 - 1)")
+        raise ValueError(f"images span [{low:.4g}, {high:.4g}] with no value below {QUALITY_BACKGROUND_MARGIN}, "
+                         "while a digit's background is -1 in the data range [-1, 1] they are scored in: images in "
+                         "[0, 1] would score as faint wrong digits; rescale them (images * 2 - 1)")
+    x = x.clamp(-1.0, 1.0).numpy()
     clf, x_train, ref = _instruments()
     proba = clf.predict_proba(x)
     marginal = proba.mean(0)

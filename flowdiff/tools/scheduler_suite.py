@@ -255,6 +255,9 @@ def _cases() -> list[Case]:
              expect="use_exponential_sigmas"))
     add(Case("flowmatch-shift-terminal", "FlowMatchEulerDiscreteScheduler", {"shift_terminal": 0.1},
              expect="shift_terminal"))
+    add(Case("flowmatch-heun", "FlowMatchHeunDiscreteScheduler", {}))
+    add(Case("flowmatch-heun-shift3", "FlowMatchHeunDiscreteScheduler", {"shift": 3.0}, steps=5))
+    add(Case("flowmatch-lcm", "FlowMatchLCMScheduler", {}, expect="FlowMatchLCMScheduler"))
     # -- DDIMInverse (encoding) -------------------------------------------------------------------------------
     inv = {"clip_sample": False}
     for spacing in ("leading", "trailing"):
