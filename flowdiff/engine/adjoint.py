@@ -64,8 +64,10 @@ ADJOINTS = ("autograd", "checkpoint", "reversible")
 
 #: The key of the backward pass's model evaluations in ``stats.extra``.
 NFE_BACKWARD = "nfe_backward"
-#: How the warning that a differentiated solve's recorded states carry no gradient begins.
-NO_RECORD_GRADIENT = "adjoint: the states passed to callback= and kept by save= carry no gradient"
+#: How the warning that a differentiated solve's callback states carry no gradient begins.
+NO_RECORD_GRADIENT = "adjoint: the states passed to callback= carry no gradient"
+#: How the warning that a differentiated solve's saved x̂₀ (``Save(denoised=True)``) carry no gradient begins.
+NO_DENOISED_GRADIENT = "adjoint: the denoised images kept by Save(denoised=True) carry no gradient"
 
 
 def check_adjoint(adjoint: object, solver: Solver) -> str:
@@ -185,7 +187,9 @@ class _Plan:
     inverse: bool = False
     state_rebuild: Callable[[Iterator[Tensor]], Any] | None = None
     n_state: int = 0
+    save_at: Callable[[solvers.StepInfo], bool] | None = None
     solution: Solution | None = None
+    saved: dict[int, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         ts = self.stepping.times()
@@ -232,6 +236,7 @@ class _SolveFunction(torch.autograd.Function):
     def forward(ctx: Any, plan: _Plan, y0: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
         state0 = plan.state_rebuild(iter(inputs[:plan.n_state])) if plan.state_rebuild is not None else None
         kept: dict[int, tuple[Tensor, list[Tensor], Callable]] = {}
+        saved_y: dict[int, Tensor] = {}  # the ends of the steps that save_at picks, by step index
         user_callback = plan.integrate_options.pop("callback", None)
         n = len(plan.steps)
 
@@ -242,15 +247,23 @@ class _SolveFunction(torch.autograd.Function):
                 kept[i] = (info.y, leaves, rebuild)
             if user_callback is not None:
                 user_callback(info)
+            if plan.save_at is not None and plan.save_at(info):
+                saved_y[info.step] = info.y
 
         sol = solvers.integrate(plan.f, y0, plan.solver, plan.stepping, state=state0, callback=keep,
                                 **plan.integrate_options)
         sol.stats.extra.setdefault(NFE_BACKWARD, 0)
         plan.solution = sol
         end_leaves, end_rebuild = _flatten(sol.state)
-        given = {id(t) for t in (y0, *inputs)}
-        outputs = [t.clone() if id(t) in given else t for t in (sol.y, *end_leaves)]
+        seen = {id(t) for t in (y0, *inputs)}  # an output that is an input, or another output, is a copy of it
+        outputs = []
+        for t in (sol.y, *end_leaves, *saved_y.values()):
+            outputs.append(t.clone() if id(t) in seen else t)
+            seen.add(id(t))
+        plan.saved = dict(zip(saved_y, outputs[1 + len(end_leaves):]))
         ctx.plan = plan
+        ctx.set_materialize_grads(False)  # a saved state without a loss on it adds nothing (None, not zeros)
+        ctx.saved_steps = list(saved_y)
         ctx.end_rebuild = end_rebuild
         ctx.kept_index = sorted(kept)
         ctx.kept_rebuild = [kept[i][2] for i in ctx.kept_index]
@@ -258,9 +271,9 @@ class _SolveFunction(torch.autograd.Function):
         tensors = [y0, *inputs[:plan.n_state]]
         for i in ctx.kept_index:
             tensors += [kept[i][0], *kept[i][1]]
-        ctx.n_outputs = len(outputs)
+        ctx.n_outputs = 1 + len(end_leaves)
         if plan.mode == "reversible":  # the end, from which the steps are rebuilt backwards
-            tensors += outputs
+            tensors += outputs[:ctx.n_outputs]
         ctx.save_for_backward(*tensors)
         return tuple(outputs)
 
@@ -300,7 +313,10 @@ class _SolveFunction(torch.autograd.Function):
             hit = replayed.pop(t, None)
             return field_counted(t, y) if hit is None else _Replay.apply(hit, y, *params)
 
-        adj = list(grads)  # the adjoint of the current step's outputs: y and the carried state's tensors
+        # the adjoint of the current step's outputs: y and the carried state's tensors (None: no loss on it)
+        adj: list[Tensor | None] = list(grads[:ctx.n_outputs])
+        # a loss on the end of step i (a saved state) enters the adjoint where the sweep reaches that boundary
+        into = {i: g for i, g in zip(ctx.saved_steps, grads[ctx.n_outputs:]) if g is not None}
         out_rebuild = ctx.end_rebuild
         if plan.mode == "reversible":
             ends = saved[pos:pos + ctx.n_outputs]
@@ -308,6 +324,8 @@ class _SolveFunction(torch.autograd.Function):
         adj_params: list[Tensor | None] = [None] * len(params)
         checked = False
         for i in range(len(plan.steps) - 1, -1, -1):
+            if i in into:
+                adj[0] = into[i] if adj[0] is None else adj[0] + into[i]
             # the start of step i: the input, a kept state, or rebuilt from the step's end by the exact inverse
             if i == 0:
                 y_in = y0
@@ -398,33 +416,73 @@ def _refuse_hidden_leaves(outputs: list[Tensor], inputs: list[Tensor]) -> None:
                          "pass them in model_kwargs, or use adjoint='autograd'")
 
 
+@dataclass
+class AdjointSolution(Solution):
+    """A differentiated solve's :class:`solvers.Solution`, and the ends of the steps ``save_at`` picked (by step
+    index), each an output of the solve's node: a loss on them is differentiated like a loss on the end."""
+
+    saved: dict[int, Tensor] = field(default_factory=dict)
+
+
+def differentiated(y0: Tensor, state: Any, params: Sequence[Tensor]) -> bool:
+    """Whether a solve from ``y0`` and ``state`` of a field depending on ``params`` is differentiated (grad mode on,
+    and something requires a gradient); otherwise :func:`integrate_adjoint` is the plain solve."""
+    leaves = _flatten(state)[0] if state is not None else []
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (y0, *leaves, *params))
+
+
 def integrate_adjoint(f: Callable[[float, Tensor], Tensor], y0: Tensor, solver: Solver, stepping: Stepping, *,
                       adjoint: str, params: tuple[Tensor, ...], state: Any = None,
-                      **integrate_options: Any) -> Solution:
+                      save_at: Callable[[solvers.StepInfo], bool] | None = None,
+                      **integrate_options: Any) -> AdjointSolution:
     """:func:`solvers.integrate` over a fixed grid, differentiated by ``adjoint`` (``"checkpoint"`` or
     ``"reversible"``) with respect to ``y0``, the tensors of ``state`` and ``params``.
 
     ``params`` are the tensors requiring grad that ``f`` depends on besides ``y0`` and ``state``.
+    ``save_at(info)``, asked after each step (after ``callback``), says whether that step's end ``y`` is kept as
+    an output of the solve (``AdjointSolution.saved``, by step index): its gradient is added to the adjoint when
+    the backward sweep reaches it. The states a ``callback`` sees carry no gradient.
     Without any input that requires a gradient (or with grad mode off) this is plain
-    :func:`solvers.integrate`.
+    :func:`solvers.integrate`, and ``saved`` holds the ends ``save_at`` picked as they are.
     """
     if not isinstance(stepping, FixedGrid):
         raise ValueError(f"adjoint={adjoint!r} needs a fixed grid (solvers.FixedGrid), got {type(stepping).__name__}")
     state_leaves, state_rebuild = _flatten(state) if state is not None else ([], None)
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (y0, *state_leaves, *params))
-    if not wants_grad:
-        return solvers.integrate(f, y0, solver, stepping, state=state, **integrate_options)
-    if integrate_options.get("callback") is not None:
-        warnings.warn(f"{NO_RECORD_GRADIENT} with adjoint={adjoint!r}: they are computed inside the solve's one "
-                      "autograd node, whose outputs are only its end (whose gradient is unaffected). A loss on them "
-                      "would lose their part of its gradient; use adjoint='autograd' to differentiate them",
-                      UserWarning, stacklevel=_caller_level())
+    if not differentiated(y0, state, params):
+        saved: dict[int, Tensor] = {}
+        callback = integrate_options.pop("callback", None)
+
+        def record(info: solvers.StepInfo) -> None:
+            if callback is not None:
+                callback(info)
+            if save_at(info):
+                saved[info.step] = info.y
+
+        sol = solvers.integrate(f, y0, solver, stepping, state=state,
+                                callback=callback if save_at is None else record, **integrate_options)
+        return AdjointSolution(sol.y, sol.stats, sol.state, sol.ts, saved)
     plan = _Plan(f, solver, stepping, adjoint, tuple(params), dict(integrate_options),
-                 state_rebuild=state_rebuild, n_state=len(state_leaves))
+                 state_rebuild=state_rebuild, n_state=len(state_leaves), save_at=save_at)
     outputs = _SolveFunction.apply(plan, y0, *state_leaves, *params)
     sol = plan.solution
-    end_state = _flatten(sol.state)[1](iter(outputs[1:]))
-    return Solution(outputs[0], sol.stats, end_state, sol.ts)
+    n_end = len(outputs) - len(plan.saved)
+    end_state = _flatten(sol.state)[1](iter(outputs[1:n_end]))
+    return AdjointSolution(outputs[0], sol.stats, end_state, sol.ts, plan.saved)
+
+
+def warn_unrecorded(adjoint: str, what: str = "callback") -> None:
+    """Warn that a differentiated solve's ``callback`` states (:data:`NO_RECORD_GRADIENT`) or saved denoised
+    images (``what="denoised"``, :data:`NO_DENOISED_GRADIENT`) carry no gradient."""
+    if what == "denoised":
+        warnings.warn(f"{NO_DENOISED_GRADIENT} with adjoint={adjoint!r}: they are read off model evaluations made "
+                      "inside the solve's one autograd node (the saved states x and xbar, and the end, are "
+                      "differentiated). A loss on them would lose their part of its gradient; use "
+                      "adjoint='autograd' to differentiate them", UserWarning, stacklevel=_caller_level())
+        return
+    warnings.warn(f"{NO_RECORD_GRADIENT} with adjoint={adjoint!r}: a callback is a side effect of the solve's one "
+                  "autograd node (the end's gradient is unaffected). A loss on them would lose their part of its "
+                  "gradient; keep them with save=flowdiff.Save(...) (whose states are differentiated), or use "
+                  "adjoint='autograd'", UserWarning, stacklevel=_caller_level())
 
 
 def _caller_level() -> int:

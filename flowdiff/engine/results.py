@@ -61,10 +61,14 @@ class Saver:
         self._pending: tuple[Tensor, float] | None = None
         self._saved: tuple[Tensor, float] | None = None  # the loop's state behind the last saved record
 
+    def keeps(self, sigma: float) -> bool:
+        """Whether the state the solve reaches at ``sigma`` is saved."""
+        return self.save.steps or sigma in self.wanted
+
     def __call__(self, state: StepState) -> None:
         if self.callback is not None:
             self.callback(state)
-        if self.save.steps or state.sigma in self.wanted:
+        if self.keeps(state.sigma):
             self.records.append(state if self.save.denoised else state._replace(denoised=None))
             self._saved = self._pending
 
@@ -91,6 +95,15 @@ class Saver:
             return k
 
         return f
+
+    def differentiable(self, step: int, x: Tensor, xbar: Tensor) -> None:
+        """Put the differentiable ``x`` and ``xbar`` (equal values, with a graph) in the record of ``step``: the
+        states of a solve differentiated as one autograd node (``adjoint="checkpoint"``) are its outputs."""
+        for j, record in enumerate(self.records):
+            if record.step == step:
+                self.records[j] = record._replace(x=x, xbar=xbar)
+                return
+        raise RuntimeError(f"Saver: no saved record of step {step} to differentiate")
 
     def check(self, sigmas: np.ndarray, reached: set[float] | None = None) -> None:
         """Refuse requested σ that the grid ``sigmas`` (in the solve's order) does not step to (before a
