@@ -78,7 +78,7 @@ def _solve_adjoint(field: Callable[[float, Tensor], Tensor], form: Formulation, 
     if saver is not None and grads:
         for step, y in sol.saved.items():
             saver.differentiable(step, *_scaled(form, y, sol.ts[step + 1]))
-        if any(r.denoised is not None for r in saver.records):
+        if any(r.denoised is not None and not r.denoised.requires_grad for r in saver.records):
             warn_unrecorded(adjoint, "denoised")
     return sol
 

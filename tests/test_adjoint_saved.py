@@ -1,0 +1,137 @@
+"""Gradients through the states a `flowdiff.Save` keeps under adjoint='checkpoint'/'reversible'.
+
+The saved states are outputs of the solve's autograd node; the backward sweep adds each one's gradient to the
+adjoint when it comes back to that step boundary. A loss on them (besides the end) is differentiated as autograd
+differentiates it, with the same backward evaluations and no more memory held for backward.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+import torch
+from test_adjoint import STEPS, Net, _flow, _relative, _saved_bytes
+
+import flowdiff
+from flowdiff.engine.adjoint import NFE_BACKWARD, NO_DENOISED_GRADIENT
+from flowdiff.models.analytic import Gaussian
+
+#: Euler (DDIM), Runge–Kutta, two multistep methods, the reversible ones by their inverse and by checkpoints
+CASES = [("euler", "checkpoint"), ("heun", "checkpoint"), ("dpmpp_2m", "checkpoint"), ("unipc", "checkpoint"),
+         ("reversible_heun", "reversible"), ("reversible", "reversible"), ("reversible_heun", "checkpoint")]
+
+
+def _start(direction: str) -> torch.Tensor:
+    x = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return x.clamp(-1, 1) if direction == "encode" else x
+
+
+def _solve(direction: str, solver: str, adjoint: str, net: Net, x: torch.Tensor, c: torch.Tensor, **kw):
+    fn = flowdiff.generate if direction == "generate" else flowdiff.encode
+    return fn(_flow(net), x, solver=solver, steps=STEPS, model_kwargs={"c": c}, adjoint=adjoint, **kw)
+
+
+def _save_some(direction: str, solver: str, net: Net) -> flowdiff.Save:
+    """Save at the first, third and last σ the solve steps to (the last is the end itself)."""
+    c = torch.zeros(2, 4, dtype=torch.float64)
+    with torch.no_grad():
+        sig = _solve(direction, solver, "autograd", net, _start(direction), c).sigmas
+    return flowdiff.Save(sigmas=[sig[1], sig[3], sig[-1]])
+
+
+def _loss(res: flowdiff.Result) -> torch.Tensor:
+    """The end and each saved state, weighted differently, through x and x̄ both."""
+    w = torch.linspace(-1.0, 2.0, res.x[0].numel(), dtype=res.x.dtype).reshape(res.x[0].shape)
+    loss = (res.x * w).sum() + res.x.pow(2).sum()
+    for j, s in enumerate(res.saved):
+        loss = loss + (j + 1.5) * (s.x * w).sin().sum() + 0.1 * s.xbar.pow(2).sum()
+    return loss
+
+
+@pytest.mark.parametrize("direction", ["generate", "encode"])
+@pytest.mark.parametrize("solver, mode", CASES)
+@pytest.mark.parametrize("which", ["sigmas", "steps"])
+def test_a_loss_on_saved_states_has_autograds_gradient(solver, mode, direction, which):
+    net = Net()
+    save = _save_some(direction, solver, net) if which == "sigmas" else flowdiff.Save(steps=True)
+    c = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    grads, results = {}, {}
+    for adjoint in ("autograd", mode):
+        x = _start(direction).requires_grad_()
+        res = _solve(direction, solver, adjoint, net, x, c, save=save)
+        grads[adjoint] = torch.autograd.grad(_loss(res), [x, c, *net.parameters()])
+        results[adjoint] = res
+    assert len(results[mode].saved) == (3 if which == "sigmas" else STEPS)
+    for mine, ref in zip(results[mode].saved, results["autograd"].saved):
+        assert mine.step == ref.step and torch.equal(mine.x, ref.x) and torch.equal(mine.xbar, ref.xbar)
+    for name, g, r in zip(["input", "c", *(n for n, _ in net.named_parameters())], grads[mode], grads["autograd"]):
+        assert _relative(g, r) <= 1e-10, (name, _relative(g, r))
+
+
+@pytest.mark.parametrize("solver, mode", CASES)
+def test_saving_costs_no_backward_evaluation_and_an_end_loss_is_bit_identical(solver, mode):
+    """The saved states' gradients ride on the sweep the end's takes: the backward evaluations are those without
+    Save, and a loss on the end alone gives the same bits with or without saved states beside it."""
+    net = Net()
+    c = torch.zeros(2, 4, dtype=torch.float64, requires_grad=True)
+    save = _save_some("generate", solver, net)
+    out = {}
+    for kw in ({}, {"save": save}):
+        x = _start("generate").requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # Save's states carry gradients: nothing to warn about
+            res = _solve("generate", solver, mode, net, x, c, **kw)
+        assert all(s.x.requires_grad and s.xbar.requires_grad for s in res.saved or ())
+        net.calls = 0
+        grads = torch.autograd.grad(res.x.pow(2).sum(), [x, c, *net.parameters()])
+        assert res.stats.extra[NFE_BACKWARD] == net.calls
+        out[bool(kw)] = (grads, net.calls)
+    assert out[True][1] == out[False][1]
+    assert all(torch.equal(a, b) for a, b in zip(out[True][0], out[False][0]))
+
+
+@pytest.mark.parametrize("solver, mode", [("euler", "checkpoint"), ("reversible_heun", "reversible")])
+def test_saved_states_add_nothing_to_what_is_held_for_backward(solver, mode):
+    """Memory: what autograd keeps for backward is the same with every step saved as without (the saved states
+    themselves are the caller's, held by Save as before)."""
+    net = Net(dim=16, hidden=64)
+    x = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+    kept = []
+
+    def solve(**kw):
+        kept.append(flowdiff.generate(_flow(net), x, solver=solver, steps=8, adjoint=mode, **kw))
+
+    assert _saved_bytes(lambda: solve(save=flowdiff.Save(steps=True))) == _saved_bytes(solve)
+    assert all(s.x.requires_grad for s in kept[0].saved)
+
+
+def test_gradcheck_of_saved_states_on_the_closed_form_gaussian():
+    """The saved states' backward against finite differences of the forward (reversible Heun, by its inverse)."""
+    sigmas = [3.0, 1.5, 0.7, 0.2, 0.0]
+
+    def solve(noise, mean):
+        flow = Gaussian(mean, torch.tensor([0.5, 2.0], dtype=torch.float64)).flow()
+        res = flowdiff.generate(flow, noise, solver="reversible_heun", grid=sigmas, adjoint="reversible",
+                                save=flowdiff.Save(sigmas=[1.5, 0.2]))
+        return res.x, res.saved[0].x, res.saved[1].xbar
+
+    noise = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    mean = torch.tensor([0.3, -1.0], dtype=torch.float64, requires_grad=True)
+    assert all(out.requires_grad for out in solve(noise, mean))  # else gradcheck would pass them over
+    assert torch.autograd.gradcheck(solve, (noise, mean))
+
+
+@pytest.mark.parametrize("solver", ["euler", "unipc"])
+def test_saved_denoised_images_say_they_carry_no_gradient(solver):
+    """Save(denoised=True)'s x̂₀ are read off model evaluations inside the node: they carry no gradient and the
+    solve says so (naming them), while the saved x and x̄ are differentiated."""
+    net = Net()
+    x = _start("generate").requires_grad_()
+    with pytest.warns(UserWarning, match=re.escape(NO_DENOISED_GRADIENT) + " with adjoint='checkpoint'") as w:
+        res = flowdiff.generate(_flow(net), x, solver=solver, steps=STEPS, adjoint="checkpoint",
+                                save=flowdiff.Save(steps=True, denoised=True))
+    assert [r.filename for r in w] == [__file__]
+    assert all(s.x.requires_grad for s in res.saved)
+    assert any(s.denoised is not None and not s.denoised.requires_grad for s in res.saved)
