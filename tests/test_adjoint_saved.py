@@ -7,7 +7,6 @@ differentiates it, with the same backward evaluations and no more memory held fo
 
 from __future__ import annotations
 
-import re
 import warnings
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 from test_adjoint import STEPS, Net, _flow, _relative, _saved_bytes
 
 import flowdiff
-from flowdiff.engine.adjoint import NFE_BACKWARD, NO_DENOISED_GRADIENT
+from flowdiff.engine.adjoint import NFE_BACKWARD
 from flowdiff.models.analytic import Gaussian
 
 #: Euler (DDIM), Runge–Kutta, two multistep methods, the reversible ones by their inverse and by checkpoints
@@ -42,20 +41,25 @@ def _save_some(direction: str, solver: str, net: Net) -> flowdiff.Save:
 
 
 def _loss(res: flowdiff.Result) -> torch.Tensor:
-    """The end and each saved state, weighted differently, through x and x̄ both."""
+    """The end and each saved state, weighted differently, through x, x̄ and the denoised image where kept."""
     w = torch.linspace(-1.0, 2.0, res.x[0].numel(), dtype=res.x.dtype).reshape(res.x[0].shape)
     loss = (res.x * w).sum() + res.x.pow(2).sum()
     for j, s in enumerate(res.saved):
         loss = loss + (j + 1.5) * (s.x * w).sin().sum() + 0.1 * s.xbar.pow(2).sum()
+        if s.denoised is not None:
+            loss = loss + 0.3 * (s.denoised * w).cos().sum()
     return loss
 
 
 @pytest.mark.parametrize("direction", ["generate", "encode"])
 @pytest.mark.parametrize("solver, mode", CASES)
-@pytest.mark.parametrize("which", ["sigmas", "steps"])
+@pytest.mark.parametrize("which", ["sigmas", "steps", "denoised"])
 def test_a_loss_on_saved_states_has_autograds_gradient(solver, mode, direction, which):
+    """The end, saved x and x̄, and the saved denoised images x̂₀ (read off the carried state, or off the next
+    step's evaluation at the saved state: Euler, Heun)."""
     net = Net()
-    save = _save_some(direction, solver, net) if which == "sigmas" else flowdiff.Save(steps=True)
+    save = {"sigmas": lambda: _save_some(direction, solver, net), "steps": lambda: flowdiff.Save(steps=True),
+            "denoised": lambda: flowdiff.Save(steps=True, denoised=True)}[which]()
     c = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
     grads, results = {}, {}
     for adjoint in ("autograd", mode):
@@ -66,6 +70,8 @@ def test_a_loss_on_saved_states_has_autograds_gradient(solver, mode, direction, 
     assert len(results[mode].saved) == (3 if which == "sigmas" else STEPS)
     for mine, ref in zip(results[mode].saved, results["autograd"].saved):
         assert mine.step == ref.step and torch.equal(mine.x, ref.x) and torch.equal(mine.xbar, ref.xbar)
+        assert (mine.denoised is None) == (ref.denoised is None)
+        assert mine.denoised is None or (torch.equal(mine.denoised, ref.denoised) and mine.denoised.requires_grad)
     for name, g, r in zip(["input", "c", *(n for n, _ in net.named_parameters())], grads[mode], grads["autograd"]):
         assert _relative(g, r) <= 1e-10, (name, _relative(g, r))
 
@@ -76,7 +82,7 @@ def test_saving_costs_no_backward_evaluation_and_an_end_loss_is_bit_identical(so
     Save, and a loss on the end alone gives the same bits with or without saved states beside it."""
     net = Net()
     c = torch.zeros(2, 4, dtype=torch.float64, requires_grad=True)
-    save = _save_some("generate", solver, net)
+    save = flowdiff.Save(steps=True, denoised=True)
     out = {}
     for kw in ({}, {"save": save}):
         x = _start("generate").requires_grad_()
@@ -84,6 +90,7 @@ def test_saving_costs_no_backward_evaluation_and_an_end_loss_is_bit_identical(so
             warnings.simplefilter("error")  # Save's states carry gradients: nothing to warn about
             res = _solve("generate", solver, mode, net, x, c, **kw)
         assert all(s.x.requires_grad and s.xbar.requires_grad for s in res.saved or ())
+        assert all(s.denoised.requires_grad for s in res.saved or () if s.denoised is not None)
         net.calls = 0
         grads = torch.autograd.grad(res.x.pow(2).sum(), [x, c, *net.parameters()])
         assert res.stats.extra[NFE_BACKWARD] == net.calls
@@ -103,35 +110,25 @@ def test_saved_states_add_nothing_to_what_is_held_for_backward(solver, mode):
     def solve(**kw):
         kept.append(flowdiff.generate(_flow(net), x, solver=solver, steps=8, adjoint=mode, **kw))
 
-    assert _saved_bytes(lambda: solve(save=flowdiff.Save(steps=True))) == _saved_bytes(solve)
+    assert _saved_bytes(lambda: solve(save=flowdiff.Save(steps=True, denoised=True))) == _saved_bytes(solve)
     assert all(s.x.requires_grad for s in kept[0].saved)
 
 
-def test_gradcheck_of_saved_states_on_the_closed_form_gaussian():
-    """The saved states' backward against finite differences of the forward (reversible Heun, by its inverse)."""
+@pytest.mark.parametrize("solver, mode", [("reversible_heun", "reversible"), ("euler", "checkpoint")])
+def test_gradcheck_of_saved_states_on_the_closed_form_gaussian(solver, mode):
+    """The saved states' backward against finite differences of the forward (reversible Heun by its inverse;
+    Euler with the denoised images read off its evaluations)."""
     sigmas = [3.0, 1.5, 0.7, 0.2, 0.0]
 
     def solve(noise, mean):
         flow = Gaussian(mean, torch.tensor([0.5, 2.0], dtype=torch.float64)).flow()
-        res = flowdiff.generate(flow, noise, solver="reversible_heun", grid=sigmas, adjoint="reversible",
-                                save=flowdiff.Save(sigmas=[1.5, 0.2]))
-        return res.x, res.saved[0].x, res.saved[1].xbar
+        res = flowdiff.generate(flow, noise, solver=solver, grid=sigmas, adjoint=mode,
+                                save=flowdiff.Save(sigmas=[1.5, 0.2], denoised=True))
+        return res.x, res.saved[0].x, res.saved[1].xbar, *(s.denoised for s in res.saved if s.denoised is not None)
 
     noise = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
     mean = torch.tensor([0.3, -1.0], dtype=torch.float64, requires_grad=True)
-    assert all(out.requires_grad for out in solve(noise, mean))  # else gradcheck would pass them over
+    outputs = solve(noise, mean)
+    assert len(outputs) == (5 if solver == "euler" else 3)
+    assert all(out.requires_grad for out in outputs)  # else gradcheck would pass them over
     assert torch.autograd.gradcheck(solve, (noise, mean))
-
-
-@pytest.mark.parametrize("solver", ["euler", "unipc"])
-def test_saved_denoised_images_say_they_carry_no_gradient(solver):
-    """Save(denoised=True)'s x̂₀ are read off model evaluations inside the node: they carry no gradient and the
-    solve says so (naming them), while the saved x and x̄ are differentiated."""
-    net = Net()
-    x = _start("generate").requires_grad_()
-    with pytest.warns(UserWarning, match=re.escape(NO_DENOISED_GRADIENT) + " with adjoint='checkpoint'") as w:
-        res = flowdiff.generate(_flow(net), x, solver=solver, steps=STEPS, adjoint="checkpoint",
-                                save=flowdiff.Save(steps=True, denoised=True))
-    assert [r.filename for r in w] == [__file__]
-    assert all(s.x.requires_grad for s in res.saved)
-    assert any(s.denoised is not None and not s.denoised.requires_grad for s in res.saved)

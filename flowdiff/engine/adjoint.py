@@ -51,7 +51,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -66,8 +66,6 @@ ADJOINTS = ("autograd", "checkpoint", "reversible")
 NFE_BACKWARD = "nfe_backward"
 #: How the warning that a differentiated solve's callback states carry no gradient begins.
 NO_RECORD_GRADIENT = "adjoint: the states passed to callback= carry no gradient"
-#: How the warning that a differentiated solve's saved x̂₀ (``Save(denoised=True)``) carry no gradient begins.
-NO_DENOISED_GRADIENT = "adjoint: the denoised images kept by Save(denoised=True) carry no gradient"
 
 
 def check_adjoint(adjoint: object, solver: Solver) -> str:
@@ -171,6 +169,17 @@ def _leaves_like(leaves: Sequence[Tensor]) -> list[Tensor]:
     return [t.detach().requires_grad_(t.is_floating_point() or t.is_complex()) for t in leaves]
 
 
+class Saved(NamedTuple):
+    """The end of a step that ``save_at`` picked, as outputs of the solve's node: the time ``t``, the state ``y``,
+    and with ``save_state`` the solver's carried state there and ``f(t, y)`` where the next step evaluated it first
+    (else None)."""
+
+    t: float
+    y: Tensor
+    state: Any = None
+    f: Tensor | None = None
+
+
 # -- the plan of a fixed-grid solve -------------------------------------------------------------
 
 @dataclass
@@ -188,8 +197,9 @@ class _Plan:
     state_rebuild: Callable[[Iterator[Tensor]], Any] | None = None
     n_state: int = 0
     save_at: Callable[[solvers.StepInfo], bool] | None = None
+    save_state: bool = False
     solution: Solution | None = None
-    saved: dict[int, Tensor] = field(default_factory=dict)
+    saved: dict[int, Saved] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         ts = self.stepping.times()
@@ -230,15 +240,26 @@ class _Plan:
 
 class _SolveFunction(torch.autograd.Function):
     """The solve as one autograd node: inputs (y₀, the given carried state's tensors, params); outputs
-    (y_N, the end state's tensors)."""
+    (y_N, the end state's tensors, then for each step ``save_at`` picks: its end y, and with ``save_state`` the
+    carried state's tensors there and f at it where the next step evaluates it first)."""
 
     @staticmethod
     def forward(ctx: Any, plan: _Plan, y0: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
         state0 = plan.state_rebuild(iter(inputs[:plan.n_state])) if plan.state_rebuild is not None else None
         kept: dict[int, tuple[Tensor, list[Tensor], Callable]] = {}
-        saved_y: dict[int, Tensor] = {}  # the ends of the steps that save_at picks, by step index
+        saved_at: dict[int, tuple[float, Tensor, Any]] = {}  # the ends of the steps save_at picks, by step index
+        taps: dict[int, Tensor] = {}  # f(t, y) at a saved end, where the next step evaluates it there first
+        pending: list[tuple[int, float, Tensor]] = []
         user_callback = plan.integrate_options.pop("callback", None)
         n = len(plan.steps)
+
+        def tapping(t: float, y: Tensor) -> Tensor:
+            k = plan.f(t, y)
+            if pending:
+                step, t_saved, y_saved = pending.pop()
+                if t == t_saved and y is y_saved:
+                    taps[step] = k
+            return k
 
         def keep(info: solvers.StepInfo) -> None:
             i = info.step + 1  # the start of step i is the end of step i - 1
@@ -248,22 +269,37 @@ class _SolveFunction(torch.autograd.Function):
             if user_callback is not None:
                 user_callback(info)
             if plan.save_at is not None and plan.save_at(info):
-                saved_y[info.step] = info.y
+                saved_at[info.step] = (info.t1, info.y, info.state if plan.save_state else None)
+                if plan.save_state:
+                    pending[:] = [(info.step, info.t1, info.y)]
 
-        sol = solvers.integrate(plan.f, y0, plan.solver, plan.stepping, state=state0, callback=keep,
+        sol = solvers.integrate(tapping, y0, plan.solver, plan.stepping, state=state0, callback=keep,
                                 **plan.integrate_options)
         sol.stats.extra.setdefault(NFE_BACKWARD, 0)
         plan.solution = sol
         end_leaves, end_rebuild = _flatten(sol.state)
         seen = {id(t) for t in (y0, *inputs)}  # an output that is an input, or another output, is a copy of it
-        outputs = []
-        for t in (sol.y, *end_leaves, *saved_y.values()):
-            outputs.append(t.clone() if id(t) in seen else t)
-            seen.add(id(t))
-        plan.saved = dict(zip(saved_y, outputs[1 + len(end_leaves):]))
+        outputs: list[Tensor] = []
+
+        def output(tensors: Sequence[Tensor]) -> list[Tensor]:
+            for t in tensors:
+                outputs.append(t.clone() if id(t) in seen else t)
+                seen.add(id(t))
+            return outputs[len(outputs) - len(tensors):]
+
+        output([sol.y, *end_leaves])
+        ctx.n_outputs = len(outputs)
+        ctx.saved_layout = []  # (step, number of the state's tensors, whether f there is an output)
+        for step, (t1, y, state) in saved_at.items():
+            leaves, rebuild = _flatten(state)
+            k = taps.get(step)
+            y_out, *rest = output([y, *leaves, *([] if k is None else [k])])
+            state_out = rebuild(iter(rest[:len(leaves)]))
+            plan.saved[step] = Saved(t1, y_out, state_out, rest[len(leaves)] if k is not None else None)
+            ctx.saved_layout.append((step, len(leaves), k is not None))
+        ctx.tap_times = {step + 1: saved_at[step][0] for step in taps}
         ctx.plan = plan
         ctx.set_materialize_grads(False)  # a saved state without a loss on it adds nothing (None, not zeros)
-        ctx.saved_steps = list(saved_y)
         ctx.end_rebuild = end_rebuild
         ctx.kept_index = sorted(kept)
         ctx.kept_rebuild = [kept[i][2] for i in ctx.kept_index]
@@ -271,7 +307,6 @@ class _SolveFunction(torch.autograd.Function):
         tensors = [y0, *inputs[:plan.n_state]]
         for i in ctx.kept_index:
             tensors += [kept[i][0], *kept[i][1]]
-        ctx.n_outputs = 1 + len(end_leaves)
         if plan.mode == "reversible":  # the end, from which the steps are rebuilt backwards
             tensors += outputs[:ctx.n_outputs]
         ctx.save_for_backward(*tensors)
@@ -315,8 +350,16 @@ class _SolveFunction(torch.autograd.Function):
 
         # the adjoint of the current step's outputs: y and the carried state's tensors (None: no loss on it)
         adj: list[Tensor | None] = list(grads[:ctx.n_outputs])
-        # a loss on the end of step i (a saved state) enters the adjoint where the sweep reaches that boundary
-        into = {i: g for i, g in zip(ctx.saved_steps, grads[ctx.n_outputs:]) if g is not None}
+        # a loss on the end of step i (a saved state: y and its carried state) enters the adjoint where the sweep
+        # reaches that boundary; one on f(t, y) there, through the next step's evaluation at it (where it recomputes)
+        into: dict[int, list[Tensor | None]] = {}
+        into_f: dict[int, Tensor] = {}
+        at = ctx.n_outputs
+        for step, size, has_f in ctx.saved_layout:
+            into[step] = list(grads[at:at + 1 + size])
+            if has_f and grads[at + 1 + size] is not None:
+                into_f[step + 1] = grads[at + 1 + size]
+            at += 1 + size + has_f
         out_rebuild = ctx.end_rebuild
         if plan.mode == "reversible":
             ends = saved[pos:pos + ctx.n_outputs]
@@ -324,8 +367,9 @@ class _SolveFunction(torch.autograd.Function):
         adj_params: list[Tensor | None] = [None] * len(params)
         checked = False
         for i in range(len(plan.steps) - 1, -1, -1):
-            if i in into:
-                adj[0] = into[i] if adj[0] is None else adj[0] + into[i]
+            for j, g in enumerate(into.get(i, ())):
+                if g is not None:
+                    adj[j] = g if adj[j] is None else adj[j] + g
             # the start of step i: the input, a kept state, or rebuilt from the step's end by the exact inverse
             if i == 0:
                 y_in = y0
@@ -345,12 +389,20 @@ class _SolveFunction(torch.autograd.Function):
                     state = plan.solver.init(field_counted, plan.steps[0][0], y_var)
                 else:
                     state = rebuild_in(iter(vars_in))
-                y_out, state_out = plan.forward_step(field_replay, i, y_var, state)
+                tapped: list[Tensor] = []
+                y_out, state_out = plan.forward_step(_first_call(field_replay, tapped) if i in into_f else field_replay,
+                                                     i, y_var, state)
                 outs = [y_out, *_flatten(state_out)[0]]
                 if len(outs) != len(adj):
                     raise RuntimeError(f"adjoint: step {i} recomputed {len(outs)} tensors where the solve "
                                        f"produced {len(adj)}; the solver's carried state is not reproducible")
                 pairs = [(o, a) for o, a in zip(outs, adj) if o.requires_grad and a is not None]
+                if i in into_f:  # the saved state's f(t, y): the recomputed step's first evaluation, as in the forward
+                    t_tap, k = tapped[0] if tapped else (None, None)
+                    if t_tap != ctx.tap_times[i] or k is None or not k.requires_grad:
+                        raise RuntimeError(f"adjoint: step {i} did not start by evaluating f at its start as the "
+                                           "forward pass did; the solver's evaluations are not reproducible")
+                    pairs.append((k, into_f[i]))
                 wrt = [y_var, *vars_in, *params]
                 if not checked:
                     _refuse_hidden_leaves([o for o, _ in pairs], wrt)
@@ -373,6 +425,19 @@ class _SolveFunction(torch.autograd.Function):
         plan.solution.stats.extra[NFE_BACKWARD] = plan.solution.stats.extra.get(NFE_BACKWARD, 0) + counter[0]
         grad_state0 = adj[1:1 + plan.n_state] if plan.state_rebuild is not None else []
         return (None, adj[0], *grad_state0, *adj_params)
+
+
+def _first_call(f: Callable[[float, Tensor], Tensor], into: list[tuple[float, Tensor]]
+                ) -> Callable[[float, Tensor], Tensor]:
+    """``f``, its first call's time and value appended to ``into``."""
+
+    def first(t: float, y: Tensor) -> Tensor:
+        k = f(t, y)
+        if not into:
+            into.append((t, k))
+        return k
+
+    return first
 
 
 class _Replay(torch.autograd.Function):
@@ -421,7 +486,7 @@ class AdjointSolution(Solution):
     """A differentiated solve's :class:`solvers.Solution`, and the ends of the steps ``save_at`` picked (by step
     index), each an output of the solve's node: a loss on them is differentiated like a loss on the end."""
 
-    saved: dict[int, Tensor] = field(default_factory=dict)
+    saved: dict[int, Saved] = field(default_factory=dict)
 
 
 def differentiated(y0: Tensor, state: Any, params: Sequence[Tensor]) -> bool:
@@ -433,52 +498,38 @@ def differentiated(y0: Tensor, state: Any, params: Sequence[Tensor]) -> bool:
 
 def integrate_adjoint(f: Callable[[float, Tensor], Tensor], y0: Tensor, solver: Solver, stepping: Stepping, *,
                       adjoint: str, params: tuple[Tensor, ...], state: Any = None,
-                      save_at: Callable[[solvers.StepInfo], bool] | None = None,
+                      save_at: Callable[[solvers.StepInfo], bool] | None = None, save_state: bool = False,
                       **integrate_options: Any) -> AdjointSolution:
     """:func:`solvers.integrate` over a fixed grid, differentiated by ``adjoint`` (``"checkpoint"`` or
     ``"reversible"``) with respect to ``y0``, the tensors of ``state`` and ``params``.
 
     ``params`` are the tensors requiring grad that ``f`` depends on besides ``y0`` and ``state``.
     ``save_at(info)``, asked after each step (after ``callback``), says whether that step's end ``y`` is kept as
-    an output of the solve (``AdjointSolution.saved``, by step index): its gradient is added to the adjoint when
-    the backward sweep reaches it. The states a ``callback`` sees carry no gradient.
-    Without any input that requires a gradient (or with grad mode off) this is plain
-    :func:`solvers.integrate`, and ``saved`` holds the ends ``save_at`` picked as they are.
+    an output of the solve (``AdjointSolution.saved``, by step index, a :class:`Saved`); with ``save_state`` its
+    carried state and the next step's first evaluation ``f(t, y)`` there too (what a denoised image is read
+    off). A loss on them is differentiated: each one's gradient is added to the adjoint when the backward sweep
+    reaches its step boundary (the evaluation's, through the recomputation of the step that made it). The states
+    a ``callback`` sees carry no gradient. Without any input that requires a gradient (or with grad mode off)
+    this is plain :func:`solvers.integrate`, and ``saved`` is empty.
     """
     if not isinstance(stepping, FixedGrid):
         raise ValueError(f"adjoint={adjoint!r} needs a fixed grid (solvers.FixedGrid), got {type(stepping).__name__}")
     state_leaves, state_rebuild = _flatten(state) if state is not None else ([], None)
     if not differentiated(y0, state, params):
-        saved: dict[int, Tensor] = {}
-        callback = integrate_options.pop("callback", None)
-
-        def record(info: solvers.StepInfo) -> None:
-            if callback is not None:
-                callback(info)
-            if save_at(info):
-                saved[info.step] = info.y
-
-        sol = solvers.integrate(f, y0, solver, stepping, state=state,
-                                callback=callback if save_at is None else record, **integrate_options)
-        return AdjointSolution(sol.y, sol.stats, sol.state, sol.ts, saved)
+        sol = solvers.integrate(f, y0, solver, stepping, state=state, **integrate_options)
+        return AdjointSolution(sol.y, sol.stats, sol.state, sol.ts)
     plan = _Plan(f, solver, stepping, adjoint, tuple(params), dict(integrate_options),
-                 state_rebuild=state_rebuild, n_state=len(state_leaves), save_at=save_at)
+                 state_rebuild=state_rebuild, n_state=len(state_leaves), save_at=save_at, save_state=save_state)
     outputs = _SolveFunction.apply(plan, y0, *state_leaves, *params)
     sol = plan.solution
-    n_end = len(outputs) - len(plan.saved)
-    end_state = _flatten(sol.state)[1](iter(outputs[1:n_end]))
-    return AdjointSolution(outputs[0], sol.stats, end_state, sol.ts, plan.saved)
+    saved, plan.saved = plan.saved, {}  # the node keeps no reference to them: they are the caller's
+    end_leaves, end_rebuild = _flatten(sol.state)
+    end_state = end_rebuild(iter(outputs[1:1 + len(end_leaves)]))
+    return AdjointSolution(outputs[0], sol.stats, end_state, sol.ts, saved)
 
 
-def warn_unrecorded(adjoint: str, what: str = "callback") -> None:
-    """Warn that a differentiated solve's ``callback`` states (:data:`NO_RECORD_GRADIENT`) or saved denoised
-    images (``what="denoised"``, :data:`NO_DENOISED_GRADIENT`) carry no gradient."""
-    if what == "denoised":
-        warnings.warn(f"{NO_DENOISED_GRADIENT} with adjoint={adjoint!r}: they are read off model evaluations made "
-                      "inside the solve's one autograd node (the saved states x and xbar, and the end, are "
-                      "differentiated). A loss on them would lose their part of its gradient; use "
-                      "adjoint='autograd' to differentiate them", UserWarning, stacklevel=_caller_level())
-        return
+def warn_unrecorded(adjoint: str) -> None:
+    """Warn (:data:`NO_RECORD_GRADIENT`) that a differentiated solve's ``callback`` states carry no gradient."""
     warnings.warn(f"{NO_RECORD_GRADIENT} with adjoint={adjoint!r}: a callback is a side effect of the solve's one "
                   "autograd node (the end's gradient is unaffected). A loss on them would lose their part of its "
                   "gradient; keep them with save=flowdiff.Save(...) (whose states are differentiated), or use "

@@ -74,12 +74,12 @@ def _solve_adjoint(field: Callable[[float, Tensor], Tensor], form: Formulation, 
         warn_unrecorded(adjoint)
     save_at = None if saver is None else (lambda info: saver.keeps(form.sigma(info.t1)))
     sol = integrate_adjoint(field, start, solver, stepping, adjoint=adjoint, params=params, state=state,
-                            save_at=save_at, **options)
-    if saver is not None and grads:
-        for step, y in sol.saved.items():
-            saver.differentiable(step, *_scaled(form, y, sol.ts[step + 1]))
-        if any(r.denoised is not None and not r.denoised.requires_grad for r in saver.records):
-            warn_unrecorded(adjoint, "denoised")
+                            save_at=save_at, save_state=saver is not None and saver.save.denoised, **options)
+    for step, saved in sol.saved.items():  # the records again, from the node's outputs: the same values, with a graph
+        denoised = form.denoised(saved.t, saved.y, saved.state)
+        if denoised is None and saved.f is not None:  # as Saver.tap reads it off the next step's evaluation
+            denoised = form.denoised(saved.t, saved.y, solvers.Derivative(saved.t, saved.f))
+        saver.differentiable(step, *_scaled(form, saved.y, saved.t), denoised)
     return sol
 
 

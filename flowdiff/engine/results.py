@@ -96,12 +96,14 @@ class Saver:
 
         return f
 
-    def differentiable(self, step: int, x: Tensor, xbar: Tensor) -> None:
-        """Put the differentiable ``x`` and ``xbar`` (equal values, with a graph) in the record of ``step``: the
-        states of a solve differentiated as one autograd node (``adjoint="checkpoint"``) are its outputs."""
+    def differentiable(self, step: int, x: Tensor, xbar: Tensor, denoised: Tensor | None) -> None:
+        """Put ``x``, ``xbar`` and ``denoised`` (the values the record of ``step`` holds, now with a graph) in that
+        record: the saved states of a solve differentiated as one autograd node (``adjoint="checkpoint"``) are
+        its outputs. ``denoised`` replaces only a kept one (the record says where the solve evaluated the model)."""
         for j, record in enumerate(self.records):
             if record.step == step:
-                self.records[j] = record._replace(x=x, xbar=xbar)
+                kept = denoised if record.denoised is not None else None
+                self.records[j] = record._replace(x=x, xbar=xbar, denoised=kept)
                 return
         raise RuntimeError(f"Saver: no saved record of step {step} to differentiate")
 
