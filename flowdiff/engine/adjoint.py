@@ -37,12 +37,18 @@ meets that is none of these would lose its gradient: the backward pass refuses i
 The backward pass's model evaluations are counted in ``stats.extra["nfe_backward"]`` (``stats.nfe``
 counts the forward's); it makes no host sync per step.
 
-The node's outputs are the end state and the end's carried state only: the states a ``callback``
-sees and a :class:`flowdiff.Save` keeps are computed inside its forward pass, without a graph, and
-carry no gradient (under ``"autograd"`` they do). A differentiated solve with either warns
-(:data:`NO_RECORD_GRADIENT`) rather than let a loss on them lose that part of its gradient unseen;
-making them outputs of the node would mean keeping every saved state's adjoint path, which is what
-``"checkpoint"``/``"reversible"`` exist to avoid holding in memory.
+The node's outputs are the end state, the end's carried state, and the states a :class:`flowdiff.Save`
+keeps (``save_at`` of :func:`integrate_adjoint`): a loss on several times of the solve is differentiated
+as torchdiffeq's adjoint and diffrax's ``SaveAt(ts=...)`` with a checkpointed or backsolve adjoint do it,
+by adding each saved state's gradient into the running adjoint when the backward sweep comes back to
+that step boundary, before it continues to earlier steps. That costs no model evaluation and holds
+nothing for the backward pass beyond what it held before (the saved states themselves are the caller's).
+``Save(denoised=True)``'s x̂₀ is read off the carried state (a multistep history, an FSAL derivative) or
+off the next step's first evaluation at the saved state: the carried state there and that evaluation
+are outputs too, and the evaluation's gradient enters in the recomputation of the step that made it.
+The states a ``callback`` sees are a side effect computed inside the forward pass without a graph; a
+differentiated solve with a callback warns (:data:`NO_RECORD_GRADIENT`) rather than let a loss on them
+lose that part of its gradient unseen (under ``"autograd"`` they are differentiated).
 """
 
 from __future__ import annotations
