@@ -199,6 +199,7 @@ class _Plan:
     params: tuple[Tensor, ...]
     integrate_options: dict[str, Any]
     steps: list[tuple[float, float, Solver]] = field(default_factory=list)
+    stepped: Solver | None = None
     inverse: bool = False
     state_rebuild: Callable[[Iterator[Tensor]], Any] | None = None
     n_state: int = 0
@@ -213,7 +214,11 @@ class _Plan:
         self.inverse = bool(self.stepping.inverse)
         visit = ts[::-1] if self.inverse else ts
         methods = dict(self.stepping.methods)
-        self.steps = [(visit[i], visit[i + 1], methods.get(n - 1 - i if self.inverse else i, self.solver))
+        # the method the loop steps with: a solver may change on its solve's interval (log-time weights only away
+        # from t = 0, Adams.on_interval), and the recomputed steps must be the steps taken
+        interval = self.stepping.interval()
+        self.stepped = self.solver.on_interval(*interval) if interval is not None else self.solver
+        self.steps = [(visit[i], visit[i + 1], methods.get(n - 1 - i if self.inverse else i, self.stepped))
                       for i in range(n)]
 
     def forward_step(self, f: Callable, i: int, y: Tensor, state: Any) -> tuple[Tensor, Any]:
@@ -254,20 +259,19 @@ class _SolveFunction(torch.autograd.Function):
         state0 = plan.state_rebuild(iter(inputs[:plan.n_state])) if plan.state_rebuild is not None else None
         kept: dict[int, tuple[Tensor, list[Tensor], Callable]] = {}
         saved_at: dict[int, tuple[float, Tensor, Any]] = {}  # the ends of the steps save_at picks, by step index
-        taps: dict[int, Tensor] = {}  # f(t, y) at a saved end, where the next step evaluates it there first
-        pending: list[tuple[int, float, Tensor]] = []
+        taps: dict[int, Tensor] = {}  # f(t, y) at a saved end (t, y), where the next step evaluates it there
+        pending: list[tuple[int, float, Tensor]] = []  # the saved end awaiting that evaluation
         user_callback = plan.integrate_options.pop("callback", None)
         n = len(plan.steps)
 
         def tapping(t: float, y: Tensor) -> Tensor:
             k = plan.f(t, y)
-            if pending:
-                step, t_saved, y_saved = pending.pop()
-                if t == t_saved and y is y_saved:
-                    taps[step] = k
+            if pending and t == pending[0][1] and y is pending[0][2]:  # the state itself, as Saver.tap finds it
+                taps[pending.pop()[0]] = k
             return k
 
         def keep(info: solvers.StepInfo) -> None:
+            pending.clear()
             i = info.step + 1  # the start of step i is the end of step i - 1
             if i < n and plan.keeps(i):
                 leaves, rebuild = _flatten(info.state)
@@ -392,23 +396,22 @@ class _SolveFunction(torch.autograd.Function):
                 y_var = y_in.detach().requires_grad_(True)
                 vars_in = _leaves_like(leaves_in)
                 if rebuild_in is None:  # step 0 of a solve that starts without a state: the init is part of it
-                    state = plan.solver.init(field_counted, plan.steps[0][0], y_var)
+                    state = plan.stepped.init(field_counted, plan.steps[0][0], y_var)
                 else:
                     state = rebuild_in(iter(vars_in))
                 tapped: list[Tensor] = []
-                y_out, state_out = plan.forward_step(_first_call(field_replay, tapped) if i in into_f else field_replay,
-                                                     i, y_var, state)
+                step_field = field_replay if i not in into_f else _tap(field_replay, ctx.tap_times[i], y_var, tapped)
+                y_out, state_out = plan.forward_step(step_field, i, y_var, state)
                 outs = [y_out, *_flatten(state_out)[0]]
                 if len(outs) != len(adj):
                     raise RuntimeError(f"adjoint: step {i} recomputed {len(outs)} tensors where the solve "
                                        f"produced {len(adj)}; the solver's carried state is not reproducible")
                 pairs = [(o, a) for o, a in zip(outs, adj) if o.requires_grad and a is not None]
-                if i in into_f:  # the saved state's f(t, y): the recomputed step's first evaluation, as in the forward
-                    t_tap, k = tapped[0] if tapped else (None, None)
-                    if t_tap != ctx.tap_times[i] or k is None or not k.requires_grad:
-                        raise RuntimeError(f"adjoint: step {i} did not start by evaluating f at its start as the "
-                                           "forward pass did; the solver's evaluations are not reproducible")
-                    pairs.append((k, into_f[i]))
+                if i in into_f:  # the saved state's f(t, y), evaluated by this step as in the forward pass
+                    if not tapped or not tapped[0].requires_grad:
+                        raise RuntimeError(f"adjoint: step {i} did not evaluate f at its start as the forward pass "
+                                           "did; the solver's evaluations are not reproducible")
+                    pairs.append((tapped[0], into_f[i]))
                 wrt = [y_var, *vars_in, *params]
                 if not checked:
                     _refuse_hidden_leaves([o for o, _ in pairs], wrt)
@@ -433,17 +436,17 @@ class _SolveFunction(torch.autograd.Function):
         return (None, adj[0], *grad_state0, *adj_params)
 
 
-def _first_call(f: Callable[[float, Tensor], Tensor], into: list[tuple[float, Tensor]]
-                ) -> Callable[[float, Tensor], Tensor]:
-    """``f``, its first call's time and value appended to ``into``."""
+def _tap(f: Callable[[float, Tensor], Tensor], t_at: float, y_at: Tensor, into: list[Tensor]
+         ) -> Callable[[float, Tensor], Tensor]:
+    """``f``, its first value at time ``t_at`` and the tensor ``y_at`` itself appended to ``into``."""
 
-    def first(t: float, y: Tensor) -> Tensor:
+    def tapped(t: float, y: Tensor) -> Tensor:
         k = f(t, y)
-        if not into:
-            into.append((t, k))
+        if not into and t == t_at and y is y_at:
+            into.append(k)
         return k
 
-    return first
+    return tapped
 
 
 class _Replay(torch.autograd.Function):

@@ -102,6 +102,9 @@ class Saver:
         its outputs. ``denoised`` replaces only a kept one (the record says where the solve evaluated the model)."""
         for j, record in enumerate(self.records):
             if record.step == step:
+                if record.denoised is not None and denoised is None:
+                    raise RuntimeError(f"Saver: the denoised image of step {step} was not found again among the "
+                                       "differentiated solve's outputs")
                 kept = denoised if record.denoised is not None else None
                 self.records[j] = record._replace(x=x, xbar=xbar, denoised=kept)
                 return
