@@ -158,3 +158,31 @@ def test_gradcheck_of_saved_states_on_the_closed_form_gaussian(solver, mode):
     assert len(outputs) == (5 if solver == "euler" else 3)
     assert all(out.requires_grad for out in outputs)  # else gradcheck would pass them over
     assert torch.autograd.gradcheck(solve, (noise, mean))
+
+
+@pytest.mark.parametrize("solver, mode", [("euler", "checkpoint"), ("reversible_heun", "reversible")])
+def test_decode_with_saved_states(solver, mode):
+    """decode of an encode's latent: a loss on the saved states differentiated w.r.t. the condition and the
+    parameters as autograd does (for reversible Heun the decode runs the solver's inverse steps)."""
+    net = Net()
+    x = _start("encode")
+    grads = {}
+    for adjoint in ("autograd", mode):
+        c = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        latent = flowdiff.encode(_flow(net), x, solver=solver, steps=STEPS, model_kwargs={"c": c}).latent
+        res = flowdiff.decode(_flow(net), latent, model_kwargs={"c": c}, adjoint=adjoint,
+                              save=flowdiff.Save(steps=True, denoised=True))
+        grads[adjoint] = torch.autograd.grad(_loss(res), [c, *net.parameters()])
+    assert all(_relative(g, r) <= 1e-10 for g, r in zip(grads[mode], grads["autograd"]))
+
+
+def test_a_callback_beside_save_warns_for_its_own_states_only():
+    """The callback's records (the same values) carry no gradient and the solve says so; Save's carry theirs."""
+    net = Net()
+    x = _start("generate").requires_grad_()
+    seen = []
+    with pytest.warns(UserWarning, match="callback= carry no gradient") as w:
+        res = flowdiff.generate(_flow(net), x, solver="heun", steps=STEPS, adjoint="checkpoint",
+                                callback=seen.append, save=flowdiff.Save(steps=True, denoised=True))
+    assert len(w) == 1 and len(seen) == STEPS and not any(s.x.requires_grad for s in seen)
+    assert all(torch.equal(a.x, b.x) and a.x.requires_grad for a, b in zip(res.saved, seen, strict=True))
