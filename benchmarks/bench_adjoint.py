@@ -22,7 +22,14 @@ diffusers UNet2DModel with attention on 4×32×32 latents (SD's latent channels,
 would take minutes on this CPU). Also writes the objective of a short noise-recovery optimisation
 (examples/noise_optimisation.py's, 2 digits, 10 steps) for the figure.
 
-Usage: python benchmarks/bench_adjoint.py [--out benchmarks/results/adjoint.md]
+With ``--saved``, instead: a loss on the states ``save=flowdiff.Save(steps=True)`` keeps besides the end,
+L = Σ w·x_end + Σ_i w·x_i (every step's saved x), by ``"autograd"`` beside ``"checkpoint"`` (Euler) and
+``"reversible"`` (reversible Heun), each also without ``save=`` and a loss on the end alone (what those modes held
+before saved states carried gradients): bytes saved for backward, the bytes of the saved states themselves (held
+by ``Result.saved``, the same with any adjoint), time, NFE and the gradient's error against autograd's, on the
+digits model at S = 10, 50, 200 (writes benchmarks/results/adjoint_saved.md by default).
+
+Usage: python benchmarks/bench_adjoint.py [--out benchmarks/results/adjoint.md] [--saved]
 """
 
 from __future__ import annotations
@@ -70,6 +77,58 @@ def flowdiff_gradient(flow, noise, weights, steps, mode, solver):
     (res.x * weights).sum().backward()
     seconds = (middle - start, time.perf_counter() - middle)
     return x.grad, seconds, saved.bytes, res.stats.nfe, res.stats.extra.get("nfe_backward", 0)  # autograd: none
+
+
+def saved_states_gradient(flow, noise, weights, steps, mode, solver, save):
+    """d/d(noise) of Σ w·x_end (+ Σ_i w·x_i over the states Save keeps, with ``save``): the gradient, seconds
+    (forward, backward), bytes saved for backward, bytes of the saved states, NFE forward and backward."""
+    x = noise.clone().requires_grad_()
+    start = time.perf_counter()
+    with Saved() as saved:
+        res = flowdiff.generate(flow, x, solver=solver, steps=steps, adjoint=mode,
+                                save=flowdiff.Save(steps=True) if save else None)
+    middle = time.perf_counter()
+    loss = (res.x * weights).sum()
+    for state in res.saved or ():
+        loss = loss + (state.x * weights).sum()
+    loss.backward()
+    seconds = (middle - start, time.perf_counter() - middle)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for state in res.saved or () for t in (state.x, state.xbar)}
+    return (x.grad, seconds, saved.bytes, sum(storages.values()), res.stats.nfe,
+            res.stats.extra.get("nfe_backward", 0))
+
+
+def saved_states_table(out: Path) -> None:
+    """The ``--saved`` comparison (see the module docstring)."""
+    flow = flowdiff.pretrained("digits")
+    gen = torch.Generator().manual_seed(0)
+    noise, weights = torch.randn((1, 1, 8, 8), generator=gen), torch.randn((1, 1, 8, 8), generator=gen)
+    for mode, solver in MODES:  # warm up
+        saved_states_gradient(flow, noise, weights, 2, mode, solver, True)
+    begin = time.perf_counter()
+    lines = ["| steps | method | loss on | saved for backward | saved states held | forward s | backward s | "
+             "NFE fwd | NFE bwd | gradient error vs autograd |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for steps in (10, 50, 200):
+        for mode, solver in MODES:
+            reference = {}
+            for save in (True, False):
+                if mode != "autograd":
+                    reference.setdefault(save, saved_states_gradient(flow, noise, weights, steps, "autograd",
+                                                                     solver, save)[0])
+                grad, (f_s, b_s), kept, held, nfe, nfe_b = saved_states_gradient(flow, noise, weights, steps, mode,
+                                                                                 solver, save)
+                err = relative(grad, reference[save]) if mode != "autograd" else 0.0
+                what = "end + every saved state" if save else "end only (no Save)"
+                lines.append(f"| {steps} | {mode} ({solver}) | {what} | {kept / 2**20:.3f} MiB | {held / 2**10:.1f} KiB"
+                             f" | {f_s:.3f} | {b_s:.3f} | {nfe} | {nfe_b} | {err:.1e} |")
+    total = time.perf_counter() - begin
+    lines = [f"One gradient d/d(noise) with a loss on Save(steps=True)'s states, digits model (1×8×8), torch "
+             f"{torch.__version__}, {platform.machine()}, 1 thread, float32, one run each; total {total:.0f} s", "",
+             *lines]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
 
 
 def forward_time(flow, noise, steps, solver):
@@ -168,9 +227,14 @@ def plot(series, curves, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/adjoint.md"))
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--saved", action="store_true", help="the loss-on-saved-states comparison only")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.saved:
+        saved_states_table(args.out or Path("benchmarks/results/adjoint_saved.md"))
+        return
+    args.out = args.out or Path("benchmarks/results/adjoint.md")
     models = {"digits (1×8×8)": (flowdiff.pretrained("digits"), (1, 1, 8, 8), (10, 50, 200, 1000)),
               "random UNet (4×32×32)": (random_unet(), (1, 4, 32, 32), (10, 25))}
     rows, series = [], {}

@@ -108,6 +108,17 @@ def test_backward_evaluations_are_counted(solver, evals_per_inverse, direction):
         assert backward == expected, (mode, backward, expected)
 
 
+def test_a_solver_that_changes_on_its_interval_is_recomputed_as_it_stepped():
+    """DEIS steps in log t away from t = 0 and in t on an interval that reaches it (Adams.on_interval): the loop
+    generated with the latter, and the backward pass recomputed the steps with the former (a gradient 4% off)."""
+    net = Net()
+    x = torch.rand(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    c = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    reference, _ = _gradients("generate", "deis", "autograd", net, x, c)
+    grads, _ = _gradients("generate", "deis", "checkpoint", net, x, c)
+    assert all(_relative(g, r) <= 1e-10 for g, r in zip(grads, reference))
+
+
 def test_quantised_reversible_heun_rebuilds_the_forward_bit_for_bit():
     """float32 images encode in float64 on the grid 2⁻⁴⁰: the states rebuilt backwards are the forward's, so
     'reversible' returns exactly 'checkpoint''s bits (and autograd's gradient, the rounding straight through)."""
@@ -237,28 +248,26 @@ def test_without_gradients_it_is_the_plain_solve():
 
 @pytest.mark.parametrize("solver,mode", [("heun", "checkpoint"), ("reversible_heun", "reversible"),
                                          ("dpmpp_2m", "checkpoint")])
-@pytest.mark.parametrize("records", ["save", "callback"])
-def test_saved_and_called_back_states_say_they_carry_no_gradient(solver, mode, records):
-    """With adjoint='checkpoint'/'reversible', `Save` states and callback records came back without a gradient and
-    nothing said so: a loss on them silently lost their part. Now the differentiated solve warns, naming the
-    adjoint, from the user's own line; the end's gradient is autograd's, and autograd's saved states keep theirs."""
+def test_called_back_states_say_they_carry_no_gradient(solver, mode):
+    """With adjoint='checkpoint'/'reversible', callback records come back without a gradient (a callback is a side
+    effect of the solve's node): the differentiated solve warns, naming the adjoint and pointing to Save, from the
+    user's own line; the end's gradient is autograd's, and autograd's records keep theirs. (Save's states are
+    differentiated: tests/test_adjoint_saved.py.)"""
     net = Net()
     x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
     seen = []
-    kw = {"save": flowdiff.Save(steps=True)} if records == "save" else {"callback": seen.append}
-    with pytest.warns(UserWarning, match=rf"{NO_RECORD_GRADIENT} with adjoint='{mode}'.*adjoint='autograd'") as w:
-        res = flowdiff.generate(_flow(net), x, solver=solver, steps=STEPS, adjoint=mode, **kw)
+    with pytest.warns(UserWarning, match=rf"{NO_RECORD_GRADIENT} with adjoint='{mode}'.*Save.*adjoint='autograd'") \
+            as w:
+        res = flowdiff.generate(_flow(net), x, solver=solver, steps=STEPS, adjoint=mode, callback=seen.append)
     assert [r.filename for r in w] == [__file__]  # pointed at the caller, not inside flowdiff
-    states = res.saved if records == "save" else seen
-    assert len(states) == STEPS and not any(s.x.requires_grad for s in states)
-    plain = flowdiff.generate(_flow(net), x, solver=solver, steps=STEPS, **kw)  # autograd: no warning (see below)
+    assert len(seen) == STEPS and not any(s.x.requires_grad for s in seen)
+    plain = flowdiff.generate(_flow(net), x, solver=solver, steps=STEPS, callback=seen.append)  # autograd: no warning
     (g_mode,) = torch.autograd.grad(res.x.sum(), [x])
     (g_plain,) = torch.autograd.grad(plain.x.sum(), [x], retain_graph=True)
     assert torch.allclose(g_mode, g_plain, rtol=1e-10, atol=1e-12)
-    autograd_states = plain.saved if records == "save" else seen[STEPS:]
-    assert all(s.x.requires_grad for s in autograd_states[:-1])
+    assert all(s.x.requires_grad for s in seen[STEPS:-1])
     with torch.no_grad():  # no gradient asked for: nothing to warn about
-        flowdiff.generate(_flow(net), x, solver=solver, steps=STEPS, adjoint=mode, **kw)
+        flowdiff.generate(_flow(net), x, solver=solver, steps=STEPS, adjoint=mode, callback=seen.append)
 
 
 def test_autograd_and_undifferentiated_solves_do_not_warn():

@@ -37,12 +37,18 @@ meets that is none of these would lose its gradient: the backward pass refuses i
 The backward pass's model evaluations are counted in ``stats.extra["nfe_backward"]`` (``stats.nfe``
 counts the forward's); it makes no host sync per step.
 
-The node's outputs are the end state and the end's carried state only: the states a ``callback``
-sees and a :class:`flowdiff.Save` keeps are computed inside its forward pass, without a graph, and
-carry no gradient (under ``"autograd"`` they do). A differentiated solve with either warns
-(:data:`NO_RECORD_GRADIENT`) rather than let a loss on them lose that part of its gradient unseen;
-making them outputs of the node would mean keeping every saved state's adjoint path, which is what
-``"checkpoint"``/``"reversible"`` exist to avoid holding in memory.
+The node's outputs are the end state, the end's carried state, and the states a :class:`flowdiff.Save`
+keeps (``save_at`` of :func:`integrate_adjoint`): a loss on several times of the solve is differentiated
+as torchdiffeq's adjoint and diffrax's ``SaveAt(ts=...)`` with a checkpointed or backsolve adjoint do it,
+by adding each saved state's gradient into the running adjoint when the backward sweep comes back to
+that step boundary, before it continues to earlier steps. That costs no model evaluation and holds
+nothing for the backward pass beyond what it held before (the saved states themselves are the caller's).
+``Save(denoised=True)``'s x̂₀ is read off the carried state (a multistep history, an FSAL derivative) or
+off the next step's first evaluation at the saved state: the carried state there and that evaluation
+are outputs too, and the evaluation's gradient enters in the recomputation of the step that made it.
+The states a ``callback`` sees are a side effect computed inside the forward pass without a graph; a
+differentiated solve with a callback warns (:data:`NO_RECORD_GRADIENT`) rather than let a loss on them
+lose that part of its gradient unseen (under ``"autograd"`` they are differentiated).
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -64,8 +70,8 @@ ADJOINTS = ("autograd", "checkpoint", "reversible")
 
 #: The key of the backward pass's model evaluations in ``stats.extra``.
 NFE_BACKWARD = "nfe_backward"
-#: How the warning that a differentiated solve's recorded states carry no gradient begins.
-NO_RECORD_GRADIENT = "adjoint: the states passed to callback= and kept by save= carry no gradient"
+#: How the warning that a differentiated solve's callback states carry no gradient begins.
+NO_RECORD_GRADIENT = "adjoint: the states passed to callback= carry no gradient"
 
 
 def check_adjoint(adjoint: object, solver: Solver) -> str:
@@ -169,6 +175,17 @@ def _leaves_like(leaves: Sequence[Tensor]) -> list[Tensor]:
     return [t.detach().requires_grad_(t.is_floating_point() or t.is_complex()) for t in leaves]
 
 
+class Saved(NamedTuple):
+    """The end of a step that ``save_at`` picked, as outputs of the solve's node: the time ``t``, the state ``y``,
+    and with ``save_state`` the solver's carried state there and ``f(t, y)`` where the next step evaluated it first
+    (else None)."""
+
+    t: float
+    y: Tensor
+    state: Any = None
+    f: Tensor | None = None
+
+
 # -- the plan of a fixed-grid solve -------------------------------------------------------------
 
 @dataclass
@@ -182,10 +199,14 @@ class _Plan:
     params: tuple[Tensor, ...]
     integrate_options: dict[str, Any]
     steps: list[tuple[float, float, Solver]] = field(default_factory=list)
+    stepped: Solver | None = None
     inverse: bool = False
     state_rebuild: Callable[[Iterator[Tensor]], Any] | None = None
     n_state: int = 0
+    save_at: Callable[[solvers.StepInfo], bool] | None = None
+    save_state: bool = False
     solution: Solution | None = None
+    saved: dict[int, Saved] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         ts = self.stepping.times()
@@ -193,7 +214,11 @@ class _Plan:
         self.inverse = bool(self.stepping.inverse)
         visit = ts[::-1] if self.inverse else ts
         methods = dict(self.stepping.methods)
-        self.steps = [(visit[i], visit[i + 1], methods.get(n - 1 - i if self.inverse else i, self.solver))
+        # the method the loop steps with: a solver may change on its solve's interval (log-time weights only away
+        # from t = 0, Adams.on_interval), and the recomputed steps must be the steps taken
+        interval = self.stepping.interval()
+        self.stepped = self.solver.on_interval(*interval) if interval is not None else self.solver
+        self.steps = [(visit[i], visit[i + 1], methods.get(n - 1 - i if self.inverse else i, self.stepped))
                       for i in range(n)]
 
     def forward_step(self, f: Callable, i: int, y: Tensor, state: Any) -> tuple[Tensor, Any]:
@@ -226,31 +251,65 @@ class _Plan:
 
 class _SolveFunction(torch.autograd.Function):
     """The solve as one autograd node: inputs (y₀, the given carried state's tensors, params); outputs
-    (y_N, the end state's tensors)."""
+    (y_N, the end state's tensors, then for each step ``save_at`` picks: its end y, and with ``save_state`` the
+    carried state's tensors there and f at it where the next step evaluates it first)."""
 
     @staticmethod
     def forward(ctx: Any, plan: _Plan, y0: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
         state0 = plan.state_rebuild(iter(inputs[:plan.n_state])) if plan.state_rebuild is not None else None
         kept: dict[int, tuple[Tensor, list[Tensor], Callable]] = {}
+        saved_at: dict[int, tuple[float, Tensor, Any]] = {}  # the ends of the steps save_at picks, by step index
+        taps: dict[int, Tensor] = {}  # f(t, y) at a saved end (t, y), where the next step evaluates it there
+        pending: list[tuple[int, float, Tensor]] = []  # the saved end awaiting that evaluation
         user_callback = plan.integrate_options.pop("callback", None)
         n = len(plan.steps)
 
+        def tapping(t: float, y: Tensor) -> Tensor:
+            k = plan.f(t, y)
+            if pending and t == pending[0][1] and y is pending[0][2]:  # the state itself, as Saver.tap finds it
+                taps[pending.pop()[0]] = k
+            return k
+
         def keep(info: solvers.StepInfo) -> None:
+            pending.clear()
             i = info.step + 1  # the start of step i is the end of step i - 1
             if i < n and plan.keeps(i):
                 leaves, rebuild = _flatten(info.state)
                 kept[i] = (info.y, leaves, rebuild)
             if user_callback is not None:
                 user_callback(info)
+            if plan.save_at is not None and plan.save_at(info):
+                saved_at[info.step] = (info.t1, info.y, info.state if plan.save_state else None)
+                if plan.save_state:
+                    pending[:] = [(info.step, info.t1, info.y)]
 
-        sol = solvers.integrate(plan.f, y0, plan.solver, plan.stepping, state=state0, callback=keep,
+        sol = solvers.integrate(tapping, y0, plan.solver, plan.stepping, state=state0, callback=keep,
                                 **plan.integrate_options)
         sol.stats.extra.setdefault(NFE_BACKWARD, 0)
         plan.solution = sol
         end_leaves, end_rebuild = _flatten(sol.state)
-        given = {id(t) for t in (y0, *inputs)}
-        outputs = [t.clone() if id(t) in given else t for t in (sol.y, *end_leaves)]
+        seen = {id(t) for t in (y0, *inputs)}  # an output that is an input, or another output, is a copy of it
+        outputs: list[Tensor] = []
+
+        def output(tensors: Sequence[Tensor]) -> list[Tensor]:
+            for t in tensors:
+                outputs.append(t.clone() if id(t) in seen else t)
+                seen.add(id(t))
+            return outputs[len(outputs) - len(tensors):]
+
+        output([sol.y, *end_leaves])
+        ctx.n_outputs = len(outputs)
+        ctx.saved_layout = []  # (step, number of the state's tensors, whether f there is an output)
+        for step, (t1, y, state) in saved_at.items():
+            leaves, rebuild = _flatten(state)
+            k = taps.get(step)
+            y_out, *rest = output([y, *leaves, *([] if k is None else [k])])
+            state_out = rebuild(iter(rest[:len(leaves)]))
+            plan.saved[step] = Saved(t1, y_out, state_out, rest[len(leaves)] if k is not None else None)
+            ctx.saved_layout.append((step, len(leaves), k is not None))
+        ctx.tap_times = {step + 1: saved_at[step][0] for step in taps}
         ctx.plan = plan
+        ctx.set_materialize_grads(False)  # a saved state without a loss on it adds nothing (None, not zeros)
         ctx.end_rebuild = end_rebuild
         ctx.kept_index = sorted(kept)
         ctx.kept_rebuild = [kept[i][2] for i in ctx.kept_index]
@@ -258,9 +317,8 @@ class _SolveFunction(torch.autograd.Function):
         tensors = [y0, *inputs[:plan.n_state]]
         for i in ctx.kept_index:
             tensors += [kept[i][0], *kept[i][1]]
-        ctx.n_outputs = len(outputs)
         if plan.mode == "reversible":  # the end, from which the steps are rebuilt backwards
-            tensors += outputs
+            tensors += outputs[:ctx.n_outputs]
         ctx.save_for_backward(*tensors)
         return tuple(outputs)
 
@@ -300,7 +358,18 @@ class _SolveFunction(torch.autograd.Function):
             hit = replayed.pop(t, None)
             return field_counted(t, y) if hit is None else _Replay.apply(hit, y, *params)
 
-        adj = list(grads)  # the adjoint of the current step's outputs: y and the carried state's tensors
+        # the adjoint of the current step's outputs: y and the carried state's tensors (None: no loss on it)
+        adj: list[Tensor | None] = list(grads[:ctx.n_outputs])
+        # a loss on the end of step i (a saved state: y and its carried state) enters the adjoint where the sweep
+        # reaches that boundary; one on f(t, y) there, through the next step's evaluation at it (where it recomputes)
+        into: dict[int, list[Tensor | None]] = {}
+        into_f: dict[int, Tensor] = {}
+        at = ctx.n_outputs
+        for step, size, has_f in ctx.saved_layout:
+            into[step] = list(grads[at:at + 1 + size])
+            if has_f and grads[at + 1 + size] is not None:
+                into_f[step + 1] = grads[at + 1 + size]
+            at += 1 + size + has_f
         out_rebuild = ctx.end_rebuild
         if plan.mode == "reversible":
             ends = saved[pos:pos + ctx.n_outputs]
@@ -308,6 +377,9 @@ class _SolveFunction(torch.autograd.Function):
         adj_params: list[Tensor | None] = [None] * len(params)
         checked = False
         for i in range(len(plan.steps) - 1, -1, -1):
+            for j, g in enumerate(into.get(i, ())):
+                if g is not None:
+                    adj[j] = g if adj[j] is None else adj[j] + g
             # the start of step i: the input, a kept state, or rebuilt from the step's end by the exact inverse
             if i == 0:
                 y_in = y0
@@ -324,15 +396,22 @@ class _SolveFunction(torch.autograd.Function):
                 y_var = y_in.detach().requires_grad_(True)
                 vars_in = _leaves_like(leaves_in)
                 if rebuild_in is None:  # step 0 of a solve that starts without a state: the init is part of it
-                    state = plan.solver.init(field_counted, plan.steps[0][0], y_var)
+                    state = plan.stepped.init(field_counted, plan.steps[0][0], y_var)
                 else:
                     state = rebuild_in(iter(vars_in))
-                y_out, state_out = plan.forward_step(field_replay, i, y_var, state)
+                tapped: list[Tensor] = []
+                step_field = field_replay if i not in into_f else _tap(field_replay, ctx.tap_times[i], y_var, tapped)
+                y_out, state_out = plan.forward_step(step_field, i, y_var, state)
                 outs = [y_out, *_flatten(state_out)[0]]
                 if len(outs) != len(adj):
                     raise RuntimeError(f"adjoint: step {i} recomputed {len(outs)} tensors where the solve "
                                        f"produced {len(adj)}; the solver's carried state is not reproducible")
                 pairs = [(o, a) for o, a in zip(outs, adj) if o.requires_grad and a is not None]
+                if i in into_f:  # the saved state's f(t, y), evaluated by this step as in the forward pass
+                    if not tapped or not tapped[0].requires_grad:
+                        raise RuntimeError(f"adjoint: step {i} did not evaluate f at its start as the forward pass "
+                                           "did; the solver's evaluations are not reproducible")
+                    pairs.append((tapped[0], into_f[i]))
                 wrt = [y_var, *vars_in, *params]
                 if not checked:
                     _refuse_hidden_leaves([o for o, _ in pairs], wrt)
@@ -355,6 +434,19 @@ class _SolveFunction(torch.autograd.Function):
         plan.solution.stats.extra[NFE_BACKWARD] = plan.solution.stats.extra.get(NFE_BACKWARD, 0) + counter[0]
         grad_state0 = adj[1:1 + plan.n_state] if plan.state_rebuild is not None else []
         return (None, adj[0], *grad_state0, *adj_params)
+
+
+def _tap(f: Callable[[float, Tensor], Tensor], t_at: float, y_at: Tensor, into: list[Tensor]
+         ) -> Callable[[float, Tensor], Tensor]:
+    """``f``, its first value at time ``t_at`` and the tensor ``y_at`` itself appended to ``into``."""
+
+    def tapped(t: float, y: Tensor) -> Tensor:
+        k = f(t, y)
+        if not into and t == t_at and y is y_at:
+            into.append(k)
+        return k
+
+    return tapped
 
 
 class _Replay(torch.autograd.Function):
@@ -398,33 +490,59 @@ def _refuse_hidden_leaves(outputs: list[Tensor], inputs: list[Tensor]) -> None:
                          "pass them in model_kwargs, or use adjoint='autograd'")
 
 
+@dataclass
+class AdjointSolution(Solution):
+    """A differentiated solve's :class:`solvers.Solution`, and the ends of the steps ``save_at`` picked (by step
+    index), each an output of the solve's node: a loss on them is differentiated like a loss on the end."""
+
+    saved: dict[int, Saved] = field(default_factory=dict)
+
+
+def differentiated(y0: Tensor, state: Any, params: Sequence[Tensor]) -> bool:
+    """Whether a solve from ``y0`` and ``state`` of a field depending on ``params`` is differentiated (grad mode on,
+    and something requires a gradient); otherwise :func:`integrate_adjoint` is the plain solve."""
+    leaves = _flatten(state)[0] if state is not None else []
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (y0, *leaves, *params))
+
+
 def integrate_adjoint(f: Callable[[float, Tensor], Tensor], y0: Tensor, solver: Solver, stepping: Stepping, *,
                       adjoint: str, params: tuple[Tensor, ...], state: Any = None,
-                      **integrate_options: Any) -> Solution:
+                      save_at: Callable[[solvers.StepInfo], bool] | None = None, save_state: bool = False,
+                      **integrate_options: Any) -> AdjointSolution:
     """:func:`solvers.integrate` over a fixed grid, differentiated by ``adjoint`` (``"checkpoint"`` or
     ``"reversible"``) with respect to ``y0``, the tensors of ``state`` and ``params``.
 
     ``params`` are the tensors requiring grad that ``f`` depends on besides ``y0`` and ``state``.
-    Without any input that requires a gradient (or with grad mode off) this is plain
-    :func:`solvers.integrate`.
+    ``save_at(info)``, asked after each step (after ``callback``), says whether that step's end ``y`` is kept as
+    an output of the solve (``AdjointSolution.saved``, by step index, a :class:`Saved`); with ``save_state`` its
+    carried state and the next step's first evaluation ``f(t, y)`` there too (what a denoised image is read
+    off). A loss on them is differentiated: each one's gradient is added to the adjoint when the backward sweep
+    reaches its step boundary (the evaluation's, through the recomputation of the step that made it). The states
+    a ``callback`` sees carry no gradient. Without any input that requires a gradient (or with grad mode off)
+    this is plain :func:`solvers.integrate`, and ``saved`` is empty.
     """
     if not isinstance(stepping, FixedGrid):
         raise ValueError(f"adjoint={adjoint!r} needs a fixed grid (solvers.FixedGrid), got {type(stepping).__name__}")
     state_leaves, state_rebuild = _flatten(state) if state is not None else ([], None)
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (y0, *state_leaves, *params))
-    if not wants_grad:
-        return solvers.integrate(f, y0, solver, stepping, state=state, **integrate_options)
-    if integrate_options.get("callback") is not None:
-        warnings.warn(f"{NO_RECORD_GRADIENT} with adjoint={adjoint!r}: they are computed inside the solve's one "
-                      "autograd node, whose outputs are only its end (whose gradient is unaffected). A loss on them "
-                      "would lose their part of its gradient; use adjoint='autograd' to differentiate them",
-                      UserWarning, stacklevel=_caller_level())
+    if not differentiated(y0, state, params):
+        sol = solvers.integrate(f, y0, solver, stepping, state=state, **integrate_options)
+        return AdjointSolution(sol.y, sol.stats, sol.state, sol.ts)
     plan = _Plan(f, solver, stepping, adjoint, tuple(params), dict(integrate_options),
-                 state_rebuild=state_rebuild, n_state=len(state_leaves))
+                 state_rebuild=state_rebuild, n_state=len(state_leaves), save_at=save_at, save_state=save_state)
     outputs = _SolveFunction.apply(plan, y0, *state_leaves, *params)
     sol = plan.solution
-    end_state = _flatten(sol.state)[1](iter(outputs[1:]))
-    return Solution(outputs[0], sol.stats, end_state, sol.ts)
+    saved, plan.saved = plan.saved, {}  # the node keeps no reference to them: they are the caller's
+    end_leaves, end_rebuild = _flatten(sol.state)
+    end_state = end_rebuild(iter(outputs[1:1 + len(end_leaves)]))
+    return AdjointSolution(outputs[0], sol.stats, end_state, sol.ts, saved)
+
+
+def warn_unrecorded(adjoint: str) -> None:
+    """Warn (:data:`NO_RECORD_GRADIENT`) that a differentiated solve's ``callback`` states carry no gradient."""
+    warnings.warn(f"{NO_RECORD_GRADIENT} with adjoint={adjoint!r}: a callback is a side effect of the solve's one "
+                  "autograd node (the end's gradient is unaffected). A loss on them would lose their part of its "
+                  "gradient; keep them with save=flowdiff.Save(...) (whose states are differentiated), or use "
+                  "adjoint='autograd'", UserWarning, stacklevel=_caller_level())
 
 
 def _caller_level() -> int:

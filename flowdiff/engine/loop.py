@@ -20,7 +20,7 @@ from torch import Tensor
 import solvers
 from solvers import Solver, Stats, Stepping
 
-from .adjoint import integrate_adjoint
+from .adjoint import differentiated, integrate_adjoint, warn_unrecorded
 from .formulations import EpsField, Formulation
 from .results import Saver, StepState
 
@@ -45,6 +45,11 @@ class FlowSolution:
         return np.array([self.form.sigma(t) for t in self.times], dtype=np.float64)
 
 
+def _scaled(form: Formulation, y: Tensor, t: float) -> tuple[Tensor, Tensor]:
+    """The VP-scaled state x and x̄ of the formulation's state ``y`` at time ``t`` (what a record holds)."""
+    return y * form.x_factor(t), form.to_xbar(y, t)
+
+
 def _records(form: Formulation, callback: Callable[[StepState], None]) -> Callable[[solvers.StepInfo], None]:
     saver = callback if isinstance(callback, Saver) else None
 
@@ -52,10 +57,30 @@ def _records(form: Formulation, callback: Callable[[StepState], None]) -> Callab
         t = info.t1
         if saver is not None:
             saver.at_state(info.y, t)
-        callback(StepState(info.step, form.sigma(t), info.y * form.x_factor(t), form.to_xbar(info.y, t),
-                           form.denoised(t, info.y, info.state)))
+        callback(StepState(info.step, form.sigma(t), *_scaled(form, info.y, t), form.denoised(t, info.y, info.state)))
 
     return record
+
+
+def _solve_adjoint(field: Callable[[float, Tensor], Tensor], form: Formulation, start: Tensor, solver: Solver,
+                   stepping: Stepping, state: Any, callback: Callable[[StepState], None] | None, adjoint: str,
+                   params: tuple[Tensor, ...], options: dict[str, Any]) -> solvers.Solution:
+    """The solve differentiated by ``adjoint``: the states a :class:`Saver` keeps are outputs of the solve's node
+    (their x and x̄ differentiated from them here); a user's callback's states carry no gradient, and it warns."""
+    saver = callback if isinstance(callback, Saver) else None
+    user = saver.callback if saver is not None else callback
+    grads = differentiated(start, state, params)
+    if grads and user is not None:
+        warn_unrecorded(adjoint)
+    save_at = None if saver is None else (lambda info: saver.keeps(form.sigma(info.t1)))
+    sol = integrate_adjoint(field, start, solver, stepping, adjoint=adjoint, params=params, state=state,
+                            save_at=save_at, save_state=saver is not None and saver.save.denoised, **options)
+    for step, saved in sol.saved.items():  # the records again, from the node's outputs: the same values, with a graph
+        denoised = form.denoised(saved.t, saved.y, saved.state)
+        if denoised is None and saved.f is not None:  # as Saver.tap reads it off the next step's evaluation
+            denoised = form.denoised(saved.t, saved.y, solvers.Derivative(saved.t, saved.f))
+        saver.differentiable(step, *_scaled(form, saved.y, saved.t), denoised)
+    return sol
 
 
 #: The divergence guard's defaults: a solve fails when the VP-scaled state at its end,
@@ -123,8 +148,8 @@ def solve_flow(
         sol = solvers.integrate(field, start, solver, stepping, state=form.state_in(state), max_nfe=max_nfe,
                                 **options)
     else:
-        sol = integrate_adjoint(field, start, solver, stepping, adjoint=adjoint, params=params,
-                                state=form.state_in(state), **options)
+        sol = _solve_adjoint(field, form, start, solver, stepping, form.state_in(state), callback, adjoint, params,
+                             options)
     t_end = sol.ts[-1]
     return FlowSolution(form.to_xbar(sol.y, t_end), sol.y, sol.stats, form.state_out(sol.state), sol.ts, form)
 

@@ -61,10 +61,14 @@ class Saver:
         self._pending: tuple[Tensor, float] | None = None
         self._saved: tuple[Tensor, float] | None = None  # the loop's state behind the last saved record
 
+    def keeps(self, sigma: float) -> bool:
+        """Whether the state the solve reaches at ``sigma`` is saved."""
+        return self.save.steps or sigma in self.wanted
+
     def __call__(self, state: StepState) -> None:
         if self.callback is not None:
             self.callback(state)
-        if self.save.steps or state.sigma in self.wanted:
+        if self.keeps(state.sigma):
             self.records.append(state if self.save.denoised else state._replace(denoised=None))
             self._saved = self._pending
 
@@ -91,6 +95,20 @@ class Saver:
             return k
 
         return f
+
+    def differentiable(self, step: int, x: Tensor, xbar: Tensor, denoised: Tensor | None) -> None:
+        """Put ``x``, ``xbar`` and ``denoised`` (the values the record of ``step`` holds, now with a graph) in that
+        record: the saved states of a solve differentiated as one autograd node (``adjoint="checkpoint"``) are
+        its outputs. ``denoised`` replaces only a kept one (the record says where the solve evaluated the model)."""
+        for j, record in enumerate(self.records):
+            if record.step == step:
+                if record.denoised is not None and denoised is None:
+                    raise RuntimeError(f"Saver: the denoised image of step {step} was not found again among the "
+                                       "differentiated solve's outputs")
+                kept = denoised if record.denoised is not None else None
+                self.records[j] = record._replace(x=x, xbar=xbar, denoised=kept)
+                return
+        raise RuntimeError(f"Saver: no saved record of step {step} to differentiate")
 
     def check(self, sigmas: np.ndarray, reached: set[float] | None = None) -> None:
         """Refuse requested σ that the grid ``sigmas`` (in the solve's order) does not step to (before a
