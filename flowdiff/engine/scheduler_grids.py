@@ -277,7 +277,9 @@ def ddim_inverse_sigmas(scheduler: object, steps: int) -> tuple[np.ndarray, np.n
     ``set_alpha_to_one``, else the first trained level σ_min) to ``timesteps[i]``, where the model is
     evaluated. The grid starts at that first source level — 0, or σ_min for configs such as Stable
     Diffusion's (``steps_offset=1``, ``set_alpha_to_one=False``) — and a loop whose step does not
-    start where the previous one ended is refused, as for DDIM.
+    start where the previous one ended is refused, as for DDIM. A first step of zero length (σ_min to
+    σ_min: timestep 0 with ``set_alpha_to_one=False``; diffusers spends a model evaluation on it and
+    returns its sample unchanged) is left out, as :func:`scheduler_sigmas` leaves out DDIM's last.
     """
     config, source = config_of(scheduler)
     steps = _check_steps(steps)
@@ -311,7 +313,14 @@ def ddim_inverse_sigmas(scheduler: object, steps: int) -> tuple[np.ndarray, np.n
         start = schedule.sigmas[sources[0]]
     else:
         start = 0.0 if config.get("set_alpha_to_one", True) else schedule.sigmas[0]
-    return np.concatenate([[start], schedule.sigmas[ts]]), ts.copy()
+    grid = np.concatenate([[start], schedule.sigmas[ts]])
+    if grid[0] == grid[1]:  # the first timestep is 0 and the step starts at ᾱ_0 already: a zero-length step
+        if len(grid) == 2:
+            raise ValueError(f"{source}: steps=1 with set_alpha_to_one=False and steps_offset=0 is one step of zero "
+                             "length (σ_min to σ_min): that loop returns its input; use steps >= 2 or "
+                             "set_alpha_to_one=True")
+        return grid[1:], ts[1:].copy()
+    return grid, ts.copy()
 
 
 #: the grid names a flow that carries its scheduler config resolves through it (:func:`config_grid`)

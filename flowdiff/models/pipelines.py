@@ -454,6 +454,7 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
                                   "a VP prediction"),))
         return _read_plan(name, _from_diffusers_scheduler(name, config, steps), "euler", {}, "sigma")
     if name == "HeunDiscreteScheduler":  # its σ and timesteps repeat each inner level: [σ0, σ1, σ1, σ2, σ2, …, 0]
+        _refuse(source, config, (("clip_sample", (False,), "clipping x̂₀ at every step is not the ODE"),))
         sched = _from_diffusers_scheduler(name, config, steps)
         sched.sigmas = torch.cat([sched.sigmas[0::2], sched.sigmas[-1:]])
         sched.timesteps = sched.timesteps[0::2]
@@ -585,6 +586,13 @@ def encode_like(flow: ProbabilityFlow, images: Tensor, scheduler: object = None,
         raise ValueError(f"{source}: encode_like reproduces DDIMInverseScheduler (or a DDIMScheduler config read as "
                          f"one); got {name!r}")
     grid, ts = ddim_inverse_sigmas(config, steps)
+    if math.isinf(grid[-1]):
+        spacing = config.get("timestep_spacing", "leading")
+        raise ValueError(f"{source}: rescale_betas_zero_snr=True with timestep_spacing={spacing!r} ends the "
+                         f"inversion at timestep {ts[-1]}, where "
+                         "ᾱ = 0 (σ = ∞) and its last step returns the model's ε alone: not an encode (no decode "
+                         "retraces it); not reproduced. Use steps that stop short of the last timestep ('leading' "
+                         "spacing)")
     start = float(grid[0])
     if flow.sigma_field is not None:
         raise ValueError("encode_like feeds the model DDIMInverse's timesteps; a σ-native field has none")

@@ -100,18 +100,19 @@ def _same_table(sched: Any, flow: ProbabilityFlow, dtype: torch.dtype) -> None:
             else acp[0]
 
 
-def run_case(case: Case, dtype: torch.dtype, *, feed_scheduler_timesteps: bool = True) -> tuple[Tensor, Tensor, int,
-                                                                                                   int]:
+def run_case(case: Case, dtype: torch.dtype, *, feed_scheduler_timesteps: bool = True,
+             **like_kwargs: Any) -> tuple[Tensor, Tensor, int, int]:
     """(flowdiff's result, diffusers' result, flowdiff's NFE, diffusers' model calls) for ``case`` in ``dtype``.
 
     flowdiff's refusals propagate (ValueError). ``feed_scheduler_timesteps=False`` runs the same
     grid feeding t(σ) instead of the scheduler's timesteps (to show the suite tells them apart).
+    ``like_kwargs`` go to :func:`sample_like` / :func:`encode_like` (e.g. ``checks=``).
     """
     config = {"_class_name": case.cls, **case.config}
     model = network(dtype, int(config.get("num_train_timesteps", 1000)))
     noise = _noise(dtype)
     if case.cls == "DDIMInverseScheduler":
-        return _run_inverse(case, config, model, noise, dtype)
+        return _run_inverse(case, config, model, noise, dtype, like_kwargs)
     plan = scheduler_plan(config, case.steps, mu=case.mu)  # refusals come from here, before diffusers runs
     schedule, prediction_type = schedule_from_config(config)
     flow = ProbabilityFlow(model, schedule, prediction_type=prediction_type)
@@ -122,7 +123,7 @@ def run_case(case: Case, dtype: torch.dtype, *, feed_scheduler_timesteps: bool =
     if not feed_scheduler_timesteps:
         res = _sample_continuous(flow, noise, plan)
     else:
-        res = sample_like(flow, noise, config, case.steps, mu=case.mu)
+        res = sample_like(flow, noise, config, case.steps, mu=case.mu, **like_kwargs)
     return res.x, ref, res.stats.nfe, calls
 
 
@@ -139,13 +140,13 @@ def _sample_continuous(flow: ProbabilityFlow, noise: Tensor, plan: Any) -> Any:
     return res
 
 
-def _run_inverse(case: Case, config: dict[str, Any], model: Any, images: Tensor,
-                 dtype: torch.dtype) -> tuple[Tensor, Tensor, int, int]:
+def _run_inverse(case: Case, config: dict[str, Any], model: Any, images: Tensor, dtype: torch.dtype,
+                 like_kwargs: Mapping[str, Any]) -> tuple[Tensor, Tensor, int, int]:
     from ..models.pipelines import encode_like
 
     schedule, prediction_type = schedule_from_config(config)
     flow = ProbabilityFlow(model, schedule, prediction_type=prediction_type)
-    res = encode_like(flow, images, config, case.steps)  # refusals first
+    res = encode_like(flow, images, config, case.steps, **like_kwargs)  # refusals first
     sched = _scheduler(case)
     sched.set_timesteps(case.steps)
     _same_table(sched, flow, dtype)

@@ -1,0 +1,251 @@
+"""Review D2: diffusers' samplers off their default configurations are reproduced or refused by name.
+
+A hostile reviewer's property: for every scheduler class that :func:`flowdiff.sample_like` or
+:func:`flowdiff.encode_like` claims (``PLANNED_SCHEDULERS``, and ``DDIMInverseScheduler``), and for
+configurations drawn across the fields users report trouble with (``timestep_spacing`` ×
+``steps_offset`` × ``set_alpha_to_one`` × ``rescale_betas_zero_snr`` × ``prediction_type`` ×
+``clip_sample``/``thresholding``, Karras/exponential/beta σ, ``final_sigmas_type``,
+``lower_order_final``/``euler_at_final``, step counts up to ``num_train_timesteps``), flowdiff
+either gives diffusers' own loop result — run in the test on the suite's random network and noise,
+to the suite's float32 tolerance, with diffusers' number of network calls less its zero-length
+steps — or raises a ``ValueError`` naming the field and its value (or the class, or ``steps``).
+Never a silent mismatch. Where diffusers' own loop fails or gives non-finite latents, flowdiff must
+refuse too. More examples: ``pytest --slow``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flowdiff import Checks
+from flowdiff.models.pipelines import PLANNED_SCHEDULERS
+from flowdiff.tools.scheduler_suite import Case, _noise, network, run_case
+
+REL = 1e-5  # the equivalence suite's float32 tolerance (tests/test_scheduler_equivalence.py) relative to the result
+#: ... or a few float32 rounding units of the loop's initial latents, whichever is larger: a loop that starts at
+#: σ_max ≈ 2e4 (cosine betas, 'trailing') and lands near the data cancels 2e4-sized terms in float32 in diffusers'
+#: own step, so its result is that much less precise than the result's own size (measured: 8e-4 relative, 0.3 units).
+#: A float32 difference beyond that is looked at again in float64, diffusers' σ tables made float64 too (LMS with
+#: v_prediction on a 97-step Karras grid of a 100-step schedule: 6.8e-5 apart in float32, 8e-5 on float64 samples with
+#: diffusers' float32 σ — its σ²+1 rounded, divided by σ_min = 0.01 — and 1.3e-13 with its σ in float64)
+ULPS, EPS32 = 4, float(torch.finfo(torch.float32).eps)
+DTYPE = torch.float32
+#: the schedulers whose float64 run in the suite (run_case) already uses flowdiff's float64 ᾱ table
+SAME_TABLE = ("DDIMScheduler", "PNDMScheduler", "DDIMInverseScheduler")
+SIGMA_KINDS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+#: the divergence guard off: the random network is no denoiser, so one step from σ_max ≈ 2e4 (cosine betas) lands
+#: far from the data in both libraries; the property is about reproducing diffusers' loop, whatever it gives
+NO_GUARD = Checks(growth=None)
+SD_BETAS = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+
+common = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# -- strategies -----------------------------------------------------------------------------------------------------
+
+@st.composite
+def _training(draw: Any) -> dict[str, Any]:
+    """The training fields every VP scheduler shares: T, betas, zero SNR, prediction type."""
+    config: dict[str, Any] = {"num_train_timesteps": draw(st.sampled_from([1000, 100]))}
+    betas = draw(st.sampled_from(["linear", "sd", "squaredcos_cap_v2"]))
+    config.update(SD_BETAS if betas == "sd" else {"beta_schedule": betas})
+    config["rescale_betas_zero_snr"] = draw(st.booleans())
+    config["prediction_type"] = draw(st.sampled_from(["epsilon", "v_prediction", "sample"]))
+    return config
+
+
+@st.composite
+def _spacing(draw: Any, spacings: tuple[str, ...] = ("leading", "trailing", "linspace")) -> dict[str, Any]:
+    return {"timestep_spacing": draw(st.sampled_from(spacings)), "steps_offset": draw(st.sampled_from([0, 1, 2]))}
+
+
+def _steps(draw: Any, config: dict[str, Any]) -> int:
+    """A step count: few, or (on a 100-step training schedule) up to num_train_timesteps."""
+    T = config["num_train_timesteps"]
+    return draw(st.integers(1, 12) | st.integers(T - 3, T)) if T <= 100 else draw(st.integers(1, 12))
+
+
+def _sigma_kind(draw: Any) -> dict[str, Any]:
+    """At most one of Karras/exponential/beta σ, or (rarely) two, which diffusers itself refuses."""
+    kinds = draw(st.lists(st.sampled_from(SIGMA_KINDS), max_size=2, unique=True))
+    return {k: True for k in kinds}
+
+
+@st.composite
+def ddim_cases(draw: Any, cls: str = "DDIMScheduler") -> Case:
+    config = {**draw(_training()), **draw(_spacing()), "set_alpha_to_one": draw(st.booleans()),
+              "clip_sample": draw(st.booleans())}
+    if cls == "DDIMScheduler":
+        config["thresholding"] = draw(st.booleans())
+    return Case("drawn", cls, config, steps=_steps(draw, config))
+
+
+@st.composite
+def pndm_cases(draw: Any) -> Case:
+    config = {**draw(_training()), **draw(_spacing()), "set_alpha_to_one": draw(st.booleans()),
+              "skip_prk_steps": draw(st.booleans())}
+    return Case("drawn", "PNDMScheduler", config, steps=_steps(draw, config))
+
+
+@st.composite
+def euler_cases(draw: Any) -> Case:
+    config = {**draw(_training()), **draw(_spacing()), **_sigma_kind(draw),
+              "interpolation_type": draw(st.sampled_from(["linear", "log_linear"])),
+              "final_sigmas_type": draw(st.sampled_from(["zero", "sigma_min"])),
+              "timestep_type": draw(st.sampled_from(["discrete", "continuous"]))}
+    return Case("drawn", "EulerDiscreteScheduler", config, steps=_steps(draw, config))
+
+
+@st.composite
+def heun_cases(draw: Any) -> Case:
+    config = {**draw(_training()), **draw(_spacing()), **_sigma_kind(draw), "clip_sample": draw(st.booleans())}
+    config.pop("rescale_betas_zero_snr")  # not a Heun field
+    return Case("drawn", "HeunDiscreteScheduler", config, steps=_steps(draw, config))
+
+
+@st.composite
+def lms_cases(draw: Any) -> Case:
+    config = {**draw(_training()), **draw(_spacing()), **_sigma_kind(draw)}
+    config.pop("rescale_betas_zero_snr")  # not an LMS field
+    return Case("drawn", "LMSDiscreteScheduler", config, steps=_steps(draw, config))
+
+
+@st.composite
+def dpm_cases(draw: Any) -> Case:
+    config = {**draw(_training()), **draw(_spacing()), **_sigma_kind(draw),
+              "solver_order": draw(st.sampled_from([1, 2, 3])),
+              "algorithm_type": draw(st.sampled_from(["dpmsolver++", "dpmsolver++", "dpmsolver", "sde-dpmsolver++"])),
+              "solver_type": draw(st.sampled_from(["midpoint", "midpoint", "heun"])),
+              "lower_order_final": draw(st.booleans()), "euler_at_final": draw(st.booleans()),
+              "use_lu_lambdas": draw(st.booleans()),
+              "final_sigmas_type": draw(st.sampled_from(["zero", "sigma_min"])),
+              "thresholding": draw(st.booleans()),
+              "lambda_min_clipped": draw(st.sampled_from([-math.inf, -5.1]))}
+    return Case("drawn", "DPMSolverMultistepScheduler", config, steps=_steps(draw, config))
+
+
+STRATEGIES = {
+    "DDIMScheduler": ddim_cases(),
+    "DDIMInverseScheduler": ddim_cases("DDIMInverseScheduler"),
+    "PNDMScheduler": pndm_cases(),
+    "EulerDiscreteScheduler": euler_cases(),
+    "HeunDiscreteScheduler": heun_cases(),
+    "LMSDiscreteScheduler": lms_cases(),
+    "DPMSolverMultistepScheduler": dpm_cases(),
+}
+
+
+# -- the property ---------------------------------------------------------------------------------------------------
+
+def _diffusers_loop(case: Case) -> tuple[Any, Exception | None]:
+    """diffusers' scheduler after ``set_timesteps`` and its loop's latents, or the error its loop raised."""
+    import diffusers
+
+    config = dict(case.config)
+    model = network(DTYPE, int(config.get("num_train_timesteps", 1000)))
+    try:
+        sched = getattr(diffusers, case.cls).from_config(config)
+        sched.set_timesteps(case.steps)
+        x = _noise(DTYPE) * getattr(sched, "init_noise_sigma", 1.0)
+        for t in sched.timesteps:
+            inp = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
+            x = sched.step(model(inp, t), t, x, return_dict=False)[0]
+    except Exception as e:  # noqa: BLE001 - any failure of diffusers' own loop is what flowdiff must refuse
+        return None, e
+    return sched, None if torch.isfinite(x).all() else FloatingPointError("non-finite latents")
+
+
+def _diffusers_float64(case: Case) -> torch.Tensor:
+    """diffusers' loop on float64 samples with its float tables (σ, ᾱ, λ, …) made float64 after
+    ``set_timesteps``: its own arithmetic without float32 rounding (Euler and DPM-Solver still step in float32)."""
+    import diffusers
+
+    sched = getattr(diffusers, case.cls).from_config(dict(case.config))
+    sched.set_timesteps(case.steps)
+    for name, value in list(vars(sched).items()):
+        if name != "timesteps" and isinstance(value, torch.Tensor) and value.is_floating_point():
+            setattr(sched, name, value.double())
+    model = network(torch.float64, int(case.config.get("num_train_timesteps", 1000)))
+    x = _noise(torch.float64) * float(sched.init_noise_sigma)
+    for t in sched.timesteps:
+        x = sched.step(model(sched.scale_model_input(x, t), t), t, x, return_dict=False)[0]
+    return x
+
+
+def _zero_length_steps(sched: Any, case: Case) -> int:
+    """diffusers' loop steps that go from a level to the same level (one model call, sample unchanged)."""
+    if hasattr(sched, "sigmas") and case.cls not in ("DDIMScheduler", "PNDMScheduler", "DDIMInverseScheduler"):
+        sig = sched.sigmas.double().numpy()
+        if case.cls == "HeunDiscreteScheduler":
+            sig = np.append(sig[0::2], sig[-1])
+        sig = sig[: len(sched.timesteps) // (2 if case.cls == "HeunDiscreteScheduler" else 1) + 1]
+        return int(np.sum(np.diff(sig) == 0))
+    acp = sched.alphas_cumprod.double().numpy()
+    ts = sched.timesteps.numpy().astype(np.int64)
+    ratio = case.config.get("num_train_timesteps", 1000) // case.steps
+    if case.cls == "DDIMInverseScheduler":
+        start = ts[0] - ratio
+        return int(start < 0 and not case.config["set_alpha_to_one"] and ts[0] == 0)
+    last = ts[-1] - ratio
+    end = acp[last] if last >= 0 else (1.0 if case.config.get("set_alpha_to_one") else acp[0])
+    return int(end == acp[ts[-1]])
+
+
+def _names_what_it_refuses(message: str, case: Case, failure: Exception | None) -> bool:
+    """The refusal names a field with its value, or the class, or the step count; or it is diffusers' own
+    refusal of the config (``from_config``/``set_timesteps`` raising), passed through."""
+    if failure is not None and str(failure) == message:
+        return True
+    if case.cls in message or f"steps={case.steps}" in message:
+        return True
+    for key, value in case.config.items():
+        if key in message and (repr(value) in message or str(value) in message):
+            return True
+    return False
+
+
+def _difference(got: torch.Tensor, ref: torch.Tensor, sched: Any) -> tuple[float, float]:
+    """The largest difference of the two results, and the float rounding allowed for it."""
+    start = float(_noise(DTYPE).abs().max()) * float(getattr(sched, "init_noise_sigma", 1.0))
+    return float((got - ref).abs().max()), max(REL * float(ref.abs().max()), ULPS * EPS32 * start)
+
+
+def check_reproduced_or_refused(case: Case) -> None:
+    """The property: diffusers' result to float rounding with its NFE, or a ValueError naming the field and value."""
+    sched, failure = _diffusers_loop(case)
+    try:
+        got, ref, nfe, calls = run_case(case, DTYPE, checks=NO_GUARD)
+    except ValueError as e:
+        assert _names_what_it_refuses(str(e), case, failure), f"{case}: the refusal names no field and value: {e}"
+        return
+    assert failure is None, f"{case}: flowdiff returned a result where diffusers' own loop failed ({failure!r})"
+    assert torch.isfinite(got).all(), f"{case}: flowdiff returned non-finite latents"
+    diff, allowed = _difference(got, ref, sched)
+    if diff > allowed:  # diffusers' float32 σ arithmetic may lose more than flowdiff's: both again in float64
+        got64, ref64, _, _ = run_case(case, torch.float64, checks=NO_GUARD)
+        if case.cls not in SAME_TABLE:
+            ref64 = _diffusers_float64(case)
+        diff64, allowed64 = _difference(got64, ref64, sched)
+        assert diff64 <= allowed64, (f"{case}: silent mismatch, max difference {diff:.3g} in float32 "
+                                     f"(> {allowed:.3g}), {diff64:.3g} in float64 (> {allowed64:.3g})")
+    skipped = _zero_length_steps(sched, case)
+    assert nfe == calls - skipped, f"{case}: flowdiff {nfe} network calls, diffusers {calls} ({skipped} zero-length)"
+
+
+@pytest.mark.parametrize("cls", list(STRATEGIES))
+@common
+@given(data=st.data())
+def test_reproduced_or_refused_by_name(cls: str, data: Any) -> None:
+    check_reproduced_or_refused(data.draw(STRATEGIES[cls], label="case"))
+
+
+def test_the_drawn_classes_are_every_class_flowdiff_claims() -> None:
+    """Every scheduler sample_like reproduces (less flow matching, drawn in its own tests) and DDIMInverse."""
+    assert set(STRATEGIES) == (set(PLANNED_SCHEDULERS) - {"FlowMatchEulerDiscreteScheduler"}) | {"DDIMInverseScheduler"}
