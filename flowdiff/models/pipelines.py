@@ -380,6 +380,11 @@ def _from_diffusers_scheduler(name: str, config: Mapping[str, Any], steps: int) 
 
 def _read_plan(name: str, scheduler: Any, solver: str, options: dict[str, Any], state: str) -> SchedulerPlan:
     ts = scheduler.timesteps.double().numpy()
+    if len(ts) > 1 and np.sum(ts == ts[0]) > 1:  # e.g. use_lu_lambdas or Karras σ on a zero-terminal-SNR table
+        raise ValueError(f"{name}: its timesteps {np.array2string(ts[:4], precision=3)}... repeat the first one, "
+                         f"{ts[0]:g}; diffusers' step finds its place by timestep, takes the repeat for the first "
+                         "step and runs past its σ table (IndexError), so this loop is not reproduced; use fewer "
+                         "steps, or another σ spacing")
     # the loop runs len(timesteps) steps: Euler's interpolation_type="log_linear" keeps one σ more, never reached
     sig = scheduler.sigmas.double().numpy()[: len(ts) + 1].copy()
     if len(sig) > 2 and sig[-1] == sig[-2]:  # a last step from σ_min to σ_min (final_sigmas_type="sigma_min"

@@ -36,7 +36,8 @@ F32 = (torch.float32,)
 class Case:
     """One configuration: ``cls`` (a diffusers scheduler class name), ``config``, ``steps``,
     ``expect`` (``"equal"`` or the word the refusal must name), ``dtypes`` compared, and for flow
-    matching's dynamic shifting the ``mu`` given to ``set_timesteps``; ``skipped``: diffusers' steps of zero
+    matching's dynamic shifting the ``mu`` given to ``set_timesteps`` and its custom ``sigmas`` (the unshifted
+    times a pipeline passes, e.g. Flux's); ``skipped``: diffusers' steps of zero
     length that flowdiff leaves out (each costs diffusers one model evaluation)."""
 
     name: str
@@ -46,6 +47,7 @@ class Case:
     expect: str = "equal"
     dtypes: tuple[torch.dtype, ...] = F32
     mu: float | None = None
+    sigmas: tuple[float, ...] | None = None
     skipped: int = 0
 
 
@@ -75,7 +77,7 @@ def _noise(dtype: torch.dtype) -> Tensor:
 
 
 def _diffusers_generate(sched: Any, model: Any, noise: Tensor, case: Case) -> tuple[Tensor, int]:
-    kwargs = {"mu": case.mu} if case.mu is not None else {}
+    kwargs = {k: v for k, v in (("mu", case.mu), ("sigmas", case.sigmas)) if v is not None}
     sched.set_timesteps(case.steps, **kwargs)
     x = noise * getattr(sched, "init_noise_sigma", 1.0)  # flow matching has none: 1
     calls = 0
@@ -113,7 +115,7 @@ def run_case(case: Case, dtype: torch.dtype, *, feed_scheduler_timesteps: bool =
     noise = _noise(dtype)
     if case.cls == "DDIMInverseScheduler":
         return _run_inverse(case, config, model, noise, dtype, like_kwargs)
-    plan = scheduler_plan(config, case.steps, mu=case.mu)  # refusals come from here, before diffusers runs
+    plan = scheduler_plan(config, case.steps, mu=case.mu, sigmas=case.sigmas)  # refusals first, before diffusers
     schedule, prediction_type = schedule_from_config(config)
     flow = ProbabilityFlow(model, schedule, prediction_type=prediction_type)
     sched = _scheduler(case)
@@ -123,7 +125,7 @@ def run_case(case: Case, dtype: torch.dtype, *, feed_scheduler_timesteps: bool =
     if not feed_scheduler_timesteps:
         res = _sample_continuous(flow, noise, plan)
     else:
-        res = sample_like(flow, noise, config, case.steps, mu=case.mu, **like_kwargs)
+        res = sample_like(flow, noise, config, case.steps, mu=case.mu, sigmas=case.sigmas, **like_kwargs)
     return res.x, ref, res.stats.nfe, calls
 
 
@@ -326,7 +328,7 @@ def route(case: Case) -> str:
             if config.get("prediction_type") == "sample" and config.get("set_alpha_to_one", True):
                 raise ValueError("prediction_type='sample' from ᾱ = 1 divides by 0 (diffusers' too)")
             return "`encode_like`: ddim_inverse"
-        plan = scheduler_plan(config, case.steps, mu=case.mu)
+        plan = scheduler_plan(config, case.steps, mu=case.mu, sigmas=case.sigmas)
     except ValueError as e:
         message = str(e).split(": ", 1)[-1] if str(e).startswith(("scheduler config", case.cls)) else str(e)
         return "refused: " + message.replace("|", "\\|").split("; ")[0]
@@ -340,6 +342,8 @@ def _config_text(case: Case) -> str:
         items.append("trained_betas=[…]")
     if case.mu is not None:
         items.append(f"mu={case.mu}")
+    if case.sigmas is not None:
+        items.append(f"sigmas={list(case.sigmas)}")
     return ", ".join(items).replace("|", "\\|") or "defaults"
 
 
