@@ -15,13 +15,14 @@ refuse too. More examples: ``pytest --slow``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
 from flowdiff import Checks
@@ -267,6 +268,12 @@ def _difference(got: torch.Tensor, ref: torch.Tensor, sched: Any) -> tuple[float
     return float((got - ref).abs().max()), max(REL * float(ref.abs().max()), ULPS * EPS32 * start)
 
 
+def _event(text: str) -> None:
+    """An outcome for ``--hypothesis-show-statistics`` (how many draws were compared, how many refused and why)."""
+    if currently_in_test_context():
+        event(text)
+
+
 def check_reproduced_or_refused(case: Case) -> None:
     """The property: diffusers' result to float rounding with its NFE, or a ValueError naming the field and value."""
     sched, failure = _diffusers_loop(case)
@@ -277,9 +284,9 @@ def check_reproduced_or_refused(case: Case) -> None:
         got, ref, nfe, calls = run_case(case, DTYPE, checks=NO_GUARD)
     except ValueError as e:
         assert _names_what_it_refuses(str(e), case, failure), f"{case}: the refusal names no field and value: {e}"
-        event(f"refused: {str(e)[:60]}")
+        _event(f"refused: {str(e)[:60]}")
         return
-    event("reproduced")
+    _event("reproduced")
     assert torch.isfinite(got).all(), f"{case}: flowdiff returned non-finite latents"
     diff, allowed = _difference(got, ref, sched)
     if diff > allowed:  # diffusers' float32 σ arithmetic may lose more than flowdiff's: both again in float64
@@ -303,3 +310,55 @@ def test_reproduced_or_refused_by_name(cls: str, data: Any) -> None:
 def test_the_drawn_classes_are_every_class_flowdiff_claims() -> None:
     """Every scheduler sample_like reproduces, and DDIMInverse (encode_like)."""
     assert set(STRATEGIES) == set(PLANNED_SCHEDULERS) | {"DDIMInverseScheduler"}
+
+
+# -- the counter-examples the property found, minimised, as regression tests ---------------------------------------
+
+def test_heun_clip_sample_is_refused_by_name() -> None:
+    """HeunDiscreteScheduler(clip_sample=True) clips x̂₀ at every step: sample_like ran the plain ODE and differed
+    from diffusers by 0.54 relative, silently (1 step, default betas); now refused, naming the option."""
+    case = Case("heun-clip", "HeunDiscreteScheduler", {"clip_sample": True}, steps=1)
+    with pytest.raises(ValueError, match=r"clip_sample=True is not reproduced"):
+        run_case(case, DTYPE)
+    check_reproduced_or_refused(case)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_ddim_inverse_zero_length_first_step_is_left_out(spacing: str) -> None:
+    """DDIMInverseScheduler(set_alpha_to_one=False, steps_offset=0) starts with a step from ᾱ_0 to timestep 0:
+    zero length. encode_like failed with 'sigmas must be strictly decreasing' (no field named); it now leaves
+    that step out (diffusers spends one call on it and returns its sample unchanged) and equals diffusers."""
+    steps = 10 if spacing == "leading" else 100
+    config = {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 0, "timestep_spacing": spacing,
+              "num_train_timesteps": 100 if spacing == "trailing" else 1000}
+    case = Case("inverse-zero-length", "DDIMInverseScheduler", config, steps=steps)
+    for dtype in (torch.float32, torch.float64):
+        got, ref, nfe, calls = run_case(case, dtype)
+        assert nfe == calls - 1
+        assert float((got - ref).abs().max() / ref.abs().max()) <= (REL if dtype == DTYPE else 1e-10)
+    if spacing == "leading":  # one step, of zero length: nothing left to run
+        with pytest.raises(ValueError, match=r"steps=1 with set_alpha_to_one=False and steps_offset=0"):
+            run_case(dataclasses.replace(case, steps=1), DTYPE)
+
+
+def test_ddim_inverse_into_zero_terminal_snr_is_refused_by_name() -> None:
+    """A zero-SNR DDIMInverse with 'trailing' spacing ends at ᾱ = 0, where its last step returns ε̂ alone:
+    encode refused it with a message naming no option; now the refusal names rescale_betas_zero_snr."""
+    case = Case("inverse-zero-snr", "DDIMInverseScheduler", {"clip_sample": False, "rescale_betas_zero_snr": True,
+                                                              "timestep_spacing": "trailing"}, steps=1)
+    with pytest.raises(ValueError, match=r"rescale_betas_zero_snr=True with timestep_spacing='trailing'"):
+        run_case(case, DTYPE)
+    check_reproduced_or_refused(case)
+
+
+def test_a_repeated_first_timestep_is_refused_where_diffusers_loop_crashes() -> None:
+    """DPMSolverMultistep(use_lu_lambdas=True) on a zero-SNR 100-step table gives timesteps 99, 99, …: diffusers'
+    step finds its first place by timestep, takes the repeat and runs past its σ table (IndexError); sample_like
+    returned a result for that loop. Now refused, naming the class and the repeated timestep."""
+    config = {"num_train_timesteps": 100, "rescale_betas_zero_snr": True, "use_lu_lambdas": True,
+              "solver_order": 1}
+    case = Case("dpm-lu-zero-snr", "DPMSolverMultistepScheduler", config, steps=8)
+    _, failure = _diffusers_loop(case)
+    assert isinstance(failure, IndexError)
+    with pytest.raises(ValueError, match=r"DPMSolverMultistepScheduler: its timesteps .* repeat the first one, 99"):
+        _flowdiff_route(case)
