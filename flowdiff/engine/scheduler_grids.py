@@ -277,7 +277,8 @@ def ddim_inverse_sigmas(scheduler: object, steps: int) -> tuple[np.ndarray, np.n
     ``set_alpha_to_one``, else the first trained level σ_min) to ``timesteps[i]``, where the model is
     evaluated. The grid starts at that first source level — 0, or σ_min for configs such as Stable
     Diffusion's (``steps_offset=1``, ``set_alpha_to_one=False``) — and a loop whose step does not
-    start where the previous one ended is refused, as for DDIM. A first step of zero length (σ_min to
+    start where the previous one ended is refused, as for DDIM, and so is a zero-terminal-SNR loop that ends at
+    ᾱ = 0 (σ = ∞: its last step returns ε̂, no encode). A first step of zero length (σ_min to
     σ_min: timestep 0 with ``set_alpha_to_one=False``; diffusers spends a model evaluation on it and
     returns its sample unchanged) is left out, as :func:`scheduler_sigmas` leaves out DDIM's last.
     """
@@ -309,6 +310,11 @@ def ddim_inverse_sigmas(scheduler: object, steps: int) -> tuple[np.ndarray, np.n
         raise ValueError(f"{source}: with timestep_spacing={spacing!r} and steps={steps}, DDIMInverse's step to "
                          f"timestep {ts[i]} starts from {sources[i]} while the previous step ended at {ts[i - 1]}: "
                          "no single σ grid; use steps dividing num_train_timesteps")
+    if np.isinf(schedule.sigmas[ts[-1]]):
+        raise ValueError(f"{source}: rescale_betas_zero_snr=True with timestep_spacing={spacing!r} ends the "
+                         f"inversion at timestep {ts[-1]}, where ᾱ = 0 (σ = ∞) and its last step returns the model's "
+                         "ε alone: not an encode (no decode retraces it); not reproduced. Use 'leading' spacing, "
+                         "whose last timestep stops short of it")
     if sources[0] >= 0:
         start = schedule.sigmas[sources[0]]
     else:
@@ -354,7 +360,8 @@ def _flow_matching_sigmas(config: Mapping[str, Any], steps: int, mu: float | Non
         if config.get(key):
             raise ValueError(f"{source}: {key}=True is not supported by scheduler_sigmas")
     if config.get("shift_terminal"):
-        raise ValueError(f"{source}: shift_terminal is not supported by scheduler_sigmas")
+        raise ValueError(f"{source}: shift_terminal={config['shift_terminal']!r} is not supported by scheduler_sigmas "
+                         "(it stretches the shifted times to end there); accepted: None")
     T = int(config.get("num_train_timesteps", 1000))
     shift = float(config.get("shift", 1.0))
     dynamic = bool(config.get("use_dynamic_shifting", False))

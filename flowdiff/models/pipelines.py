@@ -591,13 +591,6 @@ def encode_like(flow: ProbabilityFlow, images: Tensor, scheduler: object = None,
         raise ValueError(f"{source}: encode_like reproduces DDIMInverseScheduler (or a DDIMScheduler config read as "
                          f"one); got {name!r}")
     grid, ts = ddim_inverse_sigmas(config, steps)
-    if math.isinf(grid[-1]):
-        spacing = config.get("timestep_spacing", "leading")
-        raise ValueError(f"{source}: rescale_betas_zero_snr=True with timestep_spacing={spacing!r} ends the "
-                         f"inversion at timestep {ts[-1]}, where "
-                         "ᾱ = 0 (σ = ∞) and its last step returns the model's ε alone: not an encode (no decode "
-                         "retraces it); not reproduced. Use steps that stop short of the last timestep ('leading' "
-                         "spacing)")
     start = float(grid[0])
     if flow.sigma_field is not None:
         raise ValueError("encode_like feeds the model DDIMInverse's timesteps; a σ-native field has none")

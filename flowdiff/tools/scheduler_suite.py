@@ -275,6 +275,13 @@ def _cases() -> list[Case]:
              steps=10, dtypes=BOTH))
     add(Case("ddim-inverse-sample-from-zero", "DDIMInverseScheduler", {**inv, "prediction_type": "sample"},
              steps=10, expect="sample"))
+    add(Case("ddim-inverse-offset0-alpha1False", "DDIMInverseScheduler", {**inv, "steps_offset": 0,
+                                                                          "set_alpha_to_one": False},
+             steps=10, dtypes=BOTH, skipped=1))  # its first step, ᾱ_0 → timestep 0, has zero length
+    add(Case("ddim-inverse-zero-snr-trailing", "DDIMInverseScheduler", {**inv, "rescale_betas_zero_snr": True,
+                                                                        "timestep_spacing": "trailing",
+                                                                        "prediction_type": "v_prediction"},
+             steps=10, expect="rescale_betas_zero_snr"))
     # -- schedulers refused by name ---------------------------------------------------------------------------
     add(Case("euler-karras-sigma-min", "EulerDiscreteScheduler", {"use_karras_sigmas": True,
                                                                    "final_sigmas_type": "sigma_min"}, skipped=1))
@@ -293,6 +300,7 @@ def _cases() -> list[Case]:
                                                           "prediction_type": "v_prediction"}, steps=6))
     add(Case("lms-v-trailing", "LMSDiscreteScheduler", {"prediction_type": "v_prediction",
                                                         "timestep_spacing": "trailing"}))
+    add(Case("heun-clip-sample", "HeunDiscreteScheduler", {"clip_sample": True}, steps=6, expect="clip_sample"))
     add(Case("heun-karras-v", "HeunDiscreteScheduler", {"use_karras_sigmas": True, "prediction_type": "v_prediction"},
              steps=6))
     add(Case("lms", "LMSDiscreteScheduler", {}))
