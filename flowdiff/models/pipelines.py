@@ -525,6 +525,32 @@ def _check_same_model(function: str, flow: ProbabilityFlow, scheduler: object) -
                          "prediction_type)")
 
 
+def _check_live_timesteps(scheduler: object, steps: int, mu: float | None, sigmas: Any) -> None:
+    """Refuse a live diffusers scheduler whose ``set_timesteps`` was given its own ``timesteps=``/``sigmas=`` (a
+    pipeline called with them): sample_like follows its config's ``set_timesteps(steps)``, so that loop would not be
+    the one the scheduler holds. Checked where it holds ``steps`` timesteps, against a fresh copy set to ``steps``."""
+    held = getattr(scheduler, "timesteps", None)
+    if not isinstance(held, Tensor) or getattr(scheduler, "num_inference_steps", None) != steps \
+            or not hasattr(scheduler, "config"):
+        return
+    kwargs = {k: v for k, v in (("mu", mu), ("sigmas", sigmas)) if v is not None}
+    try:
+        fresh = type(scheduler).from_config(dict(scheduler.config))
+        fresh.set_timesteps(steps, **kwargs)
+    except (TypeError, ValueError):  # a loop scheduler_plan accepted but this copy cannot rebuild: nothing to compare
+        return
+    for name in ("timesteps", "sigmas"):
+        mine, theirs = getattr(scheduler, name, None), getattr(fresh, name, None)
+        if isinstance(mine, Tensor) and isinstance(theirs, Tensor) and not (
+                mine.shape == theirs.shape and torch.equal(mine.cpu().double(), theirs.cpu().double())):
+            raise ValueError(f"scheduler {type(scheduler).__name__} holds {name} "
+                             f"{np.array2string(mine.cpu().double().numpy()[:5], precision=4)}... that its "
+                             f"set_timesteps({steps}) does not give (custom timesteps=/sigmas= passed to "
+                             "set_timesteps, or a pipeline called with them); sample_like runs set_timesteps(steps)'s "
+                             "loop, so it would not be this one: not reproduced (for flow matching, give sample_like "
+                             "the same sigmas=)")
+
+
 def sample_like(flow: ProbabilityFlow, noise: Tensor, scheduler: object = None, steps: int | None = None, *,
                 solver: str | None = None, mu: float | None = None, sigmas: Any = None,
                 model_kwargs: Mapping[str, Any] | None = None,
@@ -550,6 +576,7 @@ def sample_like(flow: ProbabilityFlow, noise: Tensor, scheduler: object = None, 
     if mu is None and sigmas is None and getattr(flow, "packed", False):
         mu, sigmas = flux_grid_arguments(scheduler, noise.shape[1], steps)
     plan = scheduler_plan(scheduler, steps, mu=mu, sigmas=sigmas)
+    _check_live_timesteps(scheduler, steps, mu, sigmas)
     if solver is None:  # the scheduler's own method, its options with it
         solver = solvers.get(plan.solver, **plan.solver_options) if plan.solver_options else plan.solver
     grid = plan.sigmas
