@@ -57,8 +57,12 @@ common = settings(max_examples=max(40, settings.default.max_examples), deadline=
 def _training(draw: Any, predictions: tuple[str, ...] = ("epsilon", "v_prediction", "sample")) -> dict[str, Any]:
     """The training fields every VP scheduler shares: T, betas, zero SNR, prediction type (from ``predictions``)."""
     config: dict[str, Any] = {"num_train_timesteps": draw(st.sampled_from([1000, 100]))}
-    betas = draw(st.sampled_from(["linear", "sd", "squaredcos_cap_v2"]))
-    config.update(SD_BETAS if betas == "sd" else {"beta_schedule": betas})
+    betas = draw(st.sampled_from(["linear", "sd", "squaredcos_cap_v2", "trained"]))
+    if betas == "trained":  # a table of the config's own, linear in sqrt(β) and rounded as JSON keeps it
+        T = config["num_train_timesteps"]
+        config["trained_betas"] = [round((0.03 + 0.11 * i / (T - 1)) ** 2, 8) for i in range(T)]
+    else:
+        config.update(SD_BETAS if betas == "sd" else {"beta_schedule": betas})
     config["rescale_betas_zero_snr"] = draw(st.booleans())
     config["prediction_type"] = draw(st.sampled_from(predictions))
     return config
@@ -318,6 +322,22 @@ def test_a_ddim_config_given_to_encode_like_is_ddim_inverse_or_refused(case: Cas
     ``DDIMInverseScheduler.from_config(config)`` reads it: that loop, or a refusal by name."""
     config = {**case.config, "_class_name": "DDIMScheduler"}  # run_case gives this name to flowdiff
     check_reproduced_or_refused(dataclasses.replace(case, cls="DDIMInverseScheduler", config=config))
+
+
+REFUSED_CLASSES = ("UniPCMultistepScheduler", "DEISMultistepScheduler", "DPMSolverSinglestepScheduler",
+                   "DPMSolverMultistepInverseScheduler", "EulerAncestralDiscreteScheduler", "DDPMScheduler",
+                   "KDPM2DiscreteScheduler", "LCMScheduler")
+
+
+@common
+@given(cls=st.sampled_from(REFUSED_CLASSES), training=_training(), spacing=_spacing(), steps=st.integers(1, 12))
+def test_the_other_schedulers_are_refused_by_class_whatever_their_config(cls: str, training: dict[str, Any],
+                                                                         spacing: dict[str, Any], steps: int) -> None:
+    """The schedulers flowdiff does not reproduce (UniPC, DEIS, DPM-Solver singlestep, the ancestral ones, …) are
+    refused naming the class for any config (not only their defaults), before any config field is read."""
+    case = Case("drawn", cls, {**training, **spacing}, steps=steps)
+    with pytest.raises(ValueError, match=cls):
+        _flowdiff_route(case)
 
 
 def test_the_drawn_classes_are_every_class_flowdiff_claims() -> None:
