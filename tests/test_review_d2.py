@@ -251,9 +251,9 @@ def _zero_length_steps(sched: Any, case: Case) -> int:
     ratio = case.config.get("num_train_timesteps", 1000) // case.steps
     if case.cls == "DDIMInverseScheduler":
         start = ts[0] - ratio
-        return int(start < 0 and not case.config["set_alpha_to_one"] and ts[0] == 0)
+        return int(start < 0 and not sched.config.set_alpha_to_one and ts[0] == 0)
     last = ts[-1] - ratio
-    end = acp[last] if last >= 0 else (1.0 if case.config.get("set_alpha_to_one") else acp[0])
+    end = acp[last] if last >= 0 else (1.0 if sched.config.set_alpha_to_one else acp[0])
     return int(end == acp[ts[-1]])
 
 
@@ -322,6 +322,38 @@ def test_a_ddim_config_given_to_encode_like_is_ddim_inverse_or_refused(case: Cas
     ``DDIMInverseScheduler.from_config(config)`` reads it: that loop, or a refusal by name."""
     config = {**case.config, "_class_name": "DDIMScheduler"}  # run_case gives this name to flowdiff
     check_reproduced_or_refused(dataclasses.replace(case, cls="DDIMInverseScheduler", config=config))
+
+
+@common
+@given(case=pndm_cases(), clip_sample=RARELY)
+def test_a_pndm_config_given_to_encode_like_is_ddim_inverse_or_refused(case: Case, clip_sample: bool) -> None:
+    """A PNDMScheduler config (Stable Diffusion 1.x's own, a flow's default ``scheduler_config``) given to
+    encode_like is read as ``DDIMInverseScheduler.from_config(config)`` reads it, inversion pipelines' way: that
+    loop, or a refusal by name. encode_like refused every PNDM config though its docstring accepted them."""
+    config = {**case.config, "clip_sample": clip_sample, "_class_name": "PNDMScheduler"}
+    check_reproduced_or_refused(dataclasses.replace(case, cls="DDIMInverseScheduler", config=config))
+
+
+def test_stable_diffusion_15s_pndm_config_inverts_as_diffusers_inverse_scheduler_from_it() -> None:
+    """SD 1.5's scheduler_config.json (PNDM, with its stray ``clip_sample: false``) given to encode_like is
+    ``DDIMInverseScheduler.from_config`` of it, in both dtypes; without ``clip_sample`` diffusers' inverse clips
+    x̂₀ (its default ``clip_sample=True``) and encode_like refuses it, naming the option; a hand-written PNDM
+    config without ``set_alpha_to_one`` is read with DDIMInverse's default (True: from σ = 0), not PNDM's."""
+    sd15 = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False,
+            "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+    case = Case("sd15-pndm-inverse", "DDIMInverseScheduler", sd15, steps=10)
+    for dtype in (torch.float32, torch.float64):
+        got, ref, nfe, calls = run_case(case, dtype)
+        assert nfe == calls and float((got - ref).abs().max() / ref.abs().max()) <= (REL if dtype == DTYPE else 1e-10)
+    no_clip_key = {k: v for k, v in sd15.items() if k != "clip_sample"}
+    with pytest.raises(ValueError, match="clip_sample=True"):
+        run_case(dataclasses.replace(case, config=no_clip_key), DTYPE)
+    from flowdiff.engine.scheduler_grids import ddim_inverse_sigmas
+
+    hand = {"_class_name": "PNDMScheduler", "clip_sample": False, "steps_offset": 1}
+    assert ddim_inverse_sigmas(hand, 10)[0][0] == 0.0
+    check_reproduced_or_refused(dataclasses.replace(case, config=hand))
 
 
 REFUSED_CLASSES = ("UniPCMultistepScheduler", "DEISMultistepScheduler", "DPMSolverSinglestepScheduler",

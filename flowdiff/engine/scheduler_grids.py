@@ -273,6 +273,9 @@ def _ddim_sigmas(config: Mapping[str, Any], steps: int, source: str) -> np.ndarr
 def ddim_inverse_sigmas(scheduler: object, steps: int) -> tuple[np.ndarray, np.ndarray]:
     """The increasing σ grid of ``DDIMInverseScheduler.set_timesteps(steps)``'s loop, and its timesteps.
 
+    ``scheduler`` is read as ``DDIMInverseScheduler.from_config`` reads it, with that class's defaults for
+    the fields it lacks (a DDIM or PNDM config, as inversion pipelines build their inverse scheduler).
+
     Its step i goes from the level ``timesteps[i] − T//steps`` (below 0: ᾱ = 1, σ = 0, with
     ``set_alpha_to_one``, else the first trained level σ_min) to ``timesteps[i]``, where the model is
     evaluated. The grid starts at that first source level — 0, or σ_min for configs such as Stable
@@ -284,7 +287,9 @@ def ddim_inverse_sigmas(scheduler: object, steps: int) -> tuple[np.ndarray, np.n
     """
     config, source = config_of(scheduler)
     steps = _check_steps(steps)
-    config = with_defaults(config)
+    # read as DDIMInverseScheduler.from_config(config) reads it: its defaults, not those of the config's class
+    # (a PNDM config lacking set_alpha_to_one is True here, as in diffusers' inverse, not PNDM's False)
+    config = {**with_defaults({"_class_name": "DDIMInverseScheduler"}), **config}
     for key in ("clip_sample", "thresholding"):
         if config.get(key, key == "clip_sample"):
             raise ValueError(f"{source}: {key}=True changes x̂₀ at every step, so that loop is not the ODE any solver "

@@ -323,6 +323,8 @@ def flux_grid_arguments(scheduler: object, tokens: int, steps: int) -> tuple[flo
     return float(mu), base
 
 
+#: the scheduler configs :func:`encode_like` reads as ``DDIMInverseScheduler.from_config(config)`` does
+INVERTED_SCHEDULERS = ("DDIMInverseScheduler", "DDIMScheduler", "PNDMScheduler")
 #: the diffusers schedulers whose deterministic loop flowdiff reproduces (:func:`scheduler_plan`)
 PLANNED_SCHEDULERS = ("DDIMScheduler", "PNDMScheduler", "FlowMatchEulerDiscreteScheduler", "EulerDiscreteScheduler",
                       "HeunDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler")
@@ -604,9 +606,12 @@ def encode_like(flow: ProbabilityFlow, images: Tensor, scheduler: object = None,
     ``images`` are the scheduler's input sample at its first level — σ = 0, or σ_min for
     ``set_alpha_to_one=False`` (Stable Diffusion's configs), where it stands for x̄ = x·√(1+σ_min²) —
     and the result's ``x`` is its final sample x_T = α(σ_max)·x̄ (the encode's own x_T).
-    ``scheduler`` (default the flow's ``scheduler_config``) must be a DDIMInverse, DDIM or PNDM-style
-    VP config: its ``timestep_spacing``, ``steps_offset`` and ``set_alpha_to_one`` are read as
-    DDIMInverseScheduler reads them. Further keywords go to :func:`flowdiff.encode`.
+    ``scheduler`` (default the flow's ``scheduler_config``) must be a DDIMInverse, DDIM or PNDM
+    config (Stable Diffusion 1.x's own), read as ``DDIMInverseScheduler.from_config(config)`` reads
+    it: its ``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one`` and ``clip_sample``, and
+    DDIMInverseScheduler's defaults for those it lacks (``clip_sample=True``, refused; a PNDM config's
+    own default ``set_alpha_to_one=False`` is not DDIMInverse's). Further keywords go to
+    :func:`flowdiff.encode`.
     """
     scheduler = _like_arguments("encode_like", flow, images, "images", scheduler, steps,
                                 "the inversion's num_inference_steps")
@@ -614,9 +619,9 @@ def encode_like(flow: ProbabilityFlow, images: Tensor, scheduler: object = None,
     name = class_name(config)
     if name is None:
         raise unidentified(config, source)
-    if name not in ("DDIMInverseScheduler", "DDIMScheduler"):
-        raise ValueError(f"{source}: encode_like reproduces DDIMInverseScheduler (or a DDIMScheduler config read as "
-                         f"one); got {name!r}")
+    if name not in INVERTED_SCHEDULERS:
+        raise ValueError(f"{source}: encode_like reproduces DDIMInverseScheduler (or a DDIMScheduler or PNDMScheduler "
+                         f"config read as one, DDIMInverseScheduler.from_config(config)); got {name!r}")
     grid, ts = ddim_inverse_sigmas(config, steps)
     start = float(grid[0])
     if flow.sigma_field is not None:
