@@ -248,9 +248,10 @@ def _zero_length_steps(sched: Any, case: Case) -> int:
     """diffusers' loop steps that go from a level to the same level (one model call, sample unchanged)."""
     if hasattr(sched, "sigmas") and case.cls not in ("DDIMScheduler", "PNDMScheduler", "DDIMInverseScheduler"):
         sig = sched.sigmas.double().numpy()
-        if case.cls == "HeunDiscreteScheduler":
-            sig = np.append(sig[0::2], sig[-1])
-        sig = sig[: len(sched.timesteps) // (2 if case.cls == "HeunDiscreteScheduler" else 1) + 1]
+        if case.cls == "HeunDiscreteScheduler":  # its levels; a step costs it two calls, its last (into 0) one
+            sig = np.append(sig[0::2], sig[-1])[: len(sched.timesteps) // 2 + 2]
+            return int(sum(2 if end > 0 else 1 for start, end in zip(sig[:-1], sig[1:]) if start == end))
+        sig = sig[: len(sched.timesteps) + 1]
         return int(np.sum(np.diff(sig) == 0))
     acp = sched.alphas_cumprod.double().numpy()
     ts = sched.timesteps.numpy().astype(np.int64)
@@ -433,6 +434,18 @@ def test_a_repeated_first_timestep_is_refused_where_diffusers_loop_crashes() -> 
     assert isinstance(failure, IndexError)
     with pytest.raises(ValueError, match=r"DPMSolverMultistepScheduler: its timesteps .* repeat the first one, 99"):
         _flowdiff_route(case)
+
+
+@pytest.mark.parametrize("cls, skipped", [("EulerDiscreteScheduler", 1), ("HeunDiscreteScheduler", 2)])
+def test_euler_and_heun_zero_length_steps_are_left_out(cls: str, skipped: int) -> None:
+    """'leading' with steps_offset=1 and steps = T puts the first timestep at T (past the table): diffusers reads
+    its σ at the table's last level, so its first step has zero length (one call for Euler, two for Heun, the
+    sample unchanged). sample_like refused it ('σ grid is not strictly decreasing'); it now leaves the step out."""
+    case = Case("zero-length", cls, {"num_train_timesteps": 100, "steps_offset": 1, "timestep_spacing": "leading"},
+                steps=100)
+    got, ref, nfe, calls = run_case(case, DTYPE)
+    assert nfe == calls - skipped and float((got - ref).abs().max() / ref.abs().max()) <= REL
+    check_reproduced_or_refused(case)
 
 
 @pytest.mark.parametrize("cls, custom", [("EulerDiscreteScheduler", {"timesteps": [999, 700, 400, 100]}),

@@ -392,6 +392,10 @@ def _read_plan(name: str, scheduler: Any, solver: str, options: dict[str, Any], 
     if len(sig) > 2 and sig[-1] == sig[-2]:  # a last step from σ_min to σ_min (final_sigmas_type="sigma_min"
         sig = sig[:-1]                       # on a grid ending at σ_min): it leaves the sample as it is
         options = {k: v for k, v in options.items() if k != "lower_order_final"}  # that step was the first-order one
+    if solver in ("euler", "heun"):  # one-step methods: a step of zero length anywhere (a timestep past the table,
+        moves = np.diff(sig) != 0      # clamped to its last σ; 'leading' with steps near T) leaves the sample as it is
+        if not moves.all() and moves.any():
+            sig, ts = np.append(sig[:-1][moves], sig[-1]), ts[: len(moves)][moves]
     if np.any(np.diff(sig) >= 0):
         raise ValueError(f"{name}: its σ grid {np.array2string(sig, precision=4)} is not strictly decreasing")
     return SchedulerPlan(name, sig, dict(zip(sig[:-1].tolist(), ts.tolist())), solver, options, state,
@@ -420,7 +424,9 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
     The grids of Euler, Heun, LMS and DPM-Solver are read off diffusers' own scheduler (``set_timesteps``),
     float32 as diffusers keeps them. A last step of zero length (σ_min to σ_min, where the grid's
     last timestep is 0 and the final σ is σ_min) is left out: diffusers spends one model
-    evaluation on it and leaves its sample unchanged. Other schedulers and options are refused by
+    evaluation on it and leaves its sample unchanged; so is any zero-length step of Euler and Heun
+    (a 'leading' timestep past the table, read at its last σ: ``steps_offset`` with steps near T).
+    A loop whose first timestep repeats (diffusers' own crashes) is refused. Other schedulers and options are refused by
     name, saying why (``clip_sample`` and ``thresholding`` change x̂₀ at every step: not the ODE).
     """
     config, source = config_of(scheduler)
