@@ -205,6 +205,9 @@ def _cases() -> list[Case]:
     add(Case("euler-sigma-min-trailing", "EulerDiscreteScheduler", {"final_sigmas_type": "sigma_min",
                                                                      "timestep_spacing": "trailing"}))
     add(Case("euler-log-linear", "EulerDiscreteScheduler", {"interpolation_type": "log_linear"}))
+    add(Case("euler-leading-offset-steps-T", "EulerDiscreteScheduler",  # a first timestep past the table: a step
+             {"num_train_timesteps": 100, "timestep_spacing": "leading", "steps_offset": 1},  # of zero length
+             steps=100, skipped=1))
     add(Case("euler-zero-snr", "EulerDiscreteScheduler", {"rescale_betas_zero_snr": True,
                                                            "timestep_spacing": "trailing",
                                                            "prediction_type": "v_prediction"}))
