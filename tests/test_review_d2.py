@@ -448,6 +448,19 @@ def test_euler_and_heun_zero_length_steps_are_left_out(cls: str, skipped: int) -
     check_reproduced_or_refused(case)
 
 
+def test_a_heun_zero_length_step_between_two_timesteps_stays_refused() -> None:
+    """'trailing' with 97 steps of a 100-step table ends with timesteps 1, 0, −1 (σ(−1) read as σ(0)): Heun's
+    step into σ(0) evaluates there at timestep 0 and its last step at −1, which one σ → timestep map cannot feed
+    (leaving the zero-length step out was 7.8e-5 off in float32 and in float64, caught by the property); refused."""
+    case = Case("heun-trailing-97", "HeunDiscreteScheduler", {"num_train_timesteps": 100,
+                                                              "timestep_spacing": "trailing"}, steps=97)
+    with pytest.raises(ValueError, match="HeunDiscreteScheduler: its σ grid .* is not strictly decreasing"):
+        run_case(case, DTYPE)
+    check_reproduced_or_refused(case)
+    got, ref, nfe, calls = run_case(dataclasses.replace(case, cls="EulerDiscreteScheduler"), DTYPE)  # Euler: exact
+    assert nfe == calls - 1 and float((got - ref).abs().max() / ref.abs().max()) <= REL
+
+
 @pytest.mark.parametrize("cls, custom", [("EulerDiscreteScheduler", {"timesteps": [999, 700, 400, 100]}),
                                          ("EulerDiscreteScheduler", {"sigmas": [14.0, 5.0, 1.0, 0.2, 0.0]}),
                                          ("DPMSolverMultistepScheduler", {"timesteps": [999, 700, 400, 100]}),

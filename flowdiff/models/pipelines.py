@@ -380,6 +380,22 @@ def _from_diffusers_scheduler(name: str, config: Mapping[str, Any], steps: int) 
     return scheduler
 
 
+def _without_zero_length_steps(sig: np.ndarray, ts: np.ndarray, solver: str) -> tuple[np.ndarray, np.ndarray]:
+    """The grid and timesteps less the steps of zero length that can be left out exactly: every one for Euler (one
+    evaluation a step, at its start); for Heun the first, or one whose timestep is the next step's (Heun's step into
+    that level evaluates there with the level's own timestep, which the next step's would replace). Zero-length
+    steps that remain are refused by the caller."""
+    n = len(sig) - 1
+    drop = np.diff(sig) == 0
+    if solver == "heun":
+        same_next = np.array([i + 1 < len(ts) and ts[i] == ts[i + 1] for i in range(n)], dtype=bool)
+        drop &= (np.arange(n) == 0) | same_next
+    if not drop.any() or drop.all():
+        return sig, ts
+    keep = ~drop
+    return np.append(sig[:-1][keep], sig[-1]), ts[:n][keep]
+
+
 def _read_plan(name: str, scheduler: Any, solver: str, options: dict[str, Any], state: str) -> SchedulerPlan:
     ts = scheduler.timesteps.double().numpy()
     if len(ts) > 1 and np.sum(ts == ts[0]) > 1:  # e.g. use_lu_lambdas or Karras σ on a zero-terminal-SNR table
@@ -392,12 +408,11 @@ def _read_plan(name: str, scheduler: Any, solver: str, options: dict[str, Any], 
     if len(sig) > 2 and sig[-1] == sig[-2]:  # a last step from σ_min to σ_min (final_sigmas_type="sigma_min"
         sig = sig[:-1]                       # on a grid ending at σ_min): it leaves the sample as it is
         options = {k: v for k, v in options.items() if k != "lower_order_final"}  # that step was the first-order one
-    if solver in ("euler", "heun"):  # one-step methods: a step of zero length anywhere (a timestep past the table,
-        moves = np.diff(sig) != 0      # clamped to its last σ; 'leading' with steps near T) leaves the sample as it is
-        if not moves.all() and moves.any():
-            sig, ts = np.append(sig[:-1][moves], sig[-1]), ts[: len(moves)][moves]
+    if solver in ("euler", "heun"):  # one-step methods: a step of zero length (a timestep past the table, clamped
+        sig, ts = _without_zero_length_steps(sig, ts, solver)  # to its last σ) leaves the sample as it is
     if np.any(np.diff(sig) >= 0):
-        raise ValueError(f"{name}: its σ grid {np.array2string(sig, precision=4)} is not strictly decreasing")
+        raise ValueError(f"{name}: its σ grid {np.array2string(sig, precision=4, max_line_width=10**6)} is not "
+                         "strictly decreasing")
     return SchedulerPlan(name, sig, dict(zip(sig[:-1].tolist(), ts.tolist())), solver, options, state,
                          float(scheduler.init_noise_sigma))
 
