@@ -285,15 +285,23 @@ def _ddim_sigmas(config: Mapping[str, Any], steps: int, source: str) -> np.ndarr
 def ddim_inverse_sigmas(scheduler: object, steps: int) -> tuple[np.ndarray, np.ndarray]:
     """The increasing σ grid of ``DDIMInverseScheduler.set_timesteps(steps)``'s loop, and its timesteps.
 
+    ``scheduler`` is read as ``DDIMInverseScheduler.from_config`` reads it, with that class's defaults for
+    the fields it lacks (a DDIM or PNDM config, as inversion pipelines build their inverse scheduler).
+
     Its step i goes from the level ``timesteps[i] − T//steps`` (below 0: ᾱ = 1, σ = 0, with
     ``set_alpha_to_one``, else the first trained level σ_min) to ``timesteps[i]``, where the model is
     evaluated. The grid starts at that first source level — 0, or σ_min for configs such as Stable
     Diffusion's (``steps_offset=1``, ``set_alpha_to_one=False``) — and a loop whose step does not
-    start where the previous one ended is refused, as for DDIM.
+    start where the previous one ended is refused, as for DDIM, and so is a zero-terminal-SNR loop that ends at
+    ᾱ = 0 (σ = ∞: its last step returns ε̂, no encode). A first step of zero length (σ_min to
+    σ_min: timestep 0 with ``set_alpha_to_one=False``; diffusers spends a model evaluation on it and
+    returns its sample unchanged) is left out, as :func:`scheduler_sigmas` leaves out DDIM's last.
     """
     config, source = config_of(scheduler)
     steps = _check_steps(steps)
-    config = with_defaults(config)
+    # read as DDIMInverseScheduler.from_config(config) reads it: its defaults, not those of the config's class
+    # (a PNDM config lacking set_alpha_to_one is True here, as in diffusers' inverse, not PNDM's False)
+    config = {**with_defaults({"_class_name": "DDIMInverseScheduler"}), **config}
     for key in ("clip_sample", "thresholding"):
         if config.get(key, key == "clip_sample"):
             raise ValueError(f"{source}: {key}=True changes x̂₀ at every step, so that loop is not the ODE any solver "
@@ -319,11 +327,23 @@ def ddim_inverse_sigmas(scheduler: object, steps: int) -> tuple[np.ndarray, np.n
         raise ValueError(f"{source}: with timestep_spacing={spacing!r} and steps={steps}, DDIMInverse's step to "
                          f"timestep {ts[i]} starts from {sources[i]} while the previous step ended at {ts[i - 1]}: "
                          "no single σ grid; use steps dividing num_train_timesteps")
+    if np.isinf(schedule.sigmas[ts[-1]]):
+        raise ValueError(f"{source}: rescale_betas_zero_snr=True with timestep_spacing={spacing!r} ends the "
+                         f"inversion at timestep {ts[-1]}, where ᾱ = 0 (σ = ∞) and its last step returns the model's "
+                         "ε alone: not an encode (no decode retraces it); not reproduced. Use 'leading' spacing, "
+                         "whose last timestep stops short of it")
     if sources[0] >= 0:
         start = schedule.sigmas[sources[0]]
     else:
         start = 0.0 if config.get("set_alpha_to_one", True) else schedule.sigmas[0]
-    return np.concatenate([[start], schedule.sigmas[ts]]), ts.copy()
+    grid = np.concatenate([[start], schedule.sigmas[ts]])
+    if grid[0] == grid[1]:  # the first timestep is 0 and the step starts at ᾱ_0 already: a zero-length step
+        if len(grid) == 2:
+            raise ValueError(f"{source}: steps=1 with set_alpha_to_one=False and steps_offset=0 is one step of zero "
+                             "length (σ_min to σ_min): that loop returns its input; use steps >= 2 or "
+                             "set_alpha_to_one=True")
+        return grid[1:], ts[1:].copy()
+    return grid, ts.copy()
 
 
 #: the grid names a flow that carries its scheduler config resolves through it (:func:`config_grid`)
@@ -357,7 +377,8 @@ def _flow_matching_sigmas(config: Mapping[str, Any], steps: int, mu: float | Non
         if config.get(key):
             raise ValueError(f"{source}: {key}=True is not supported by scheduler_sigmas")
     if config.get("shift_terminal"):
-        raise ValueError(f"{source}: shift_terminal is not supported by scheduler_sigmas")
+        raise ValueError(f"{source}: shift_terminal={config['shift_terminal']!r} is not supported by scheduler_sigmas "
+                         "(it stretches the shifted times to end there); accepted: None")
     T = int(config.get("num_train_timesteps", 1000))
     shift = float(config.get("shift", 1.0))
     dynamic = bool(config.get("use_dynamic_shifting", False))

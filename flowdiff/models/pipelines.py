@@ -343,6 +343,8 @@ register_plugin(Plugin(FLOWMATCH_HEUN, "generate", "solver", "diffusers' FlowMat
                        "rectified flow's t and x = x̄/(1+σ) (velocity field); 2 evaluations a step, the last into "
                        "σ = 0 Euler", make=_flowmatch_heun, decodes_with="euler"))
 
+#: the scheduler configs :func:`encode_like` reads as ``DDIMInverseScheduler.from_config(config)`` does
+INVERTED_SCHEDULERS = ("DDIMInverseScheduler", "DDIMScheduler", "PNDMScheduler")
 #: the diffusers schedulers whose deterministic loop flowdiff reproduces (:func:`scheduler_plan`)
 PLANNED_SCHEDULERS = ("DDIMScheduler", "PNDMScheduler", "FlowMatchEulerDiscreteScheduler",
                       "FlowMatchHeunDiscreteScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler",
@@ -401,15 +403,39 @@ def _from_diffusers_scheduler(name: str, config: Mapping[str, Any], steps: int) 
     return scheduler
 
 
+def _without_zero_length_steps(sig: np.ndarray, ts: np.ndarray, solver: str) -> tuple[np.ndarray, np.ndarray]:
+    """The grid and timesteps less the steps of zero length that can be left out exactly: every one for Euler (one
+    evaluation a step, at its start); for Heun the first, or one whose timestep is the next step's (Heun's step into
+    that level evaluates there with the level's own timestep, which the next step's would replace). Zero-length
+    steps that remain are refused by the caller."""
+    n = len(sig) - 1
+    drop = np.diff(sig) == 0
+    if solver == "heun":
+        same_next = np.array([i + 1 < len(ts) and ts[i] == ts[i + 1] for i in range(n)], dtype=bool)
+        drop &= (np.arange(n) == 0) | same_next
+    if not drop.any() or drop.all():
+        return sig, ts
+    keep = ~drop
+    return np.append(sig[:-1][keep], sig[-1]), ts[:n][keep]
+
+
 def _read_plan(name: str, scheduler: Any, solver: str, options: dict[str, Any], state: str) -> SchedulerPlan:
     ts = scheduler.timesteps.double().numpy()
+    if len(ts) > 1 and np.sum(ts == ts[0]) > 1:  # e.g. use_lu_lambdas or Karras σ on a zero-terminal-SNR table
+        raise ValueError(f"{name}: its timesteps {np.array2string(ts[:4], precision=3)}... repeat the first one, "
+                         f"{ts[0]:g}; diffusers' step finds its place by timestep, takes the repeat for the first "
+                         "step and runs past its σ table (IndexError), so this loop is not reproduced; use fewer "
+                         "steps, or another σ spacing")
     # the loop runs len(timesteps) steps: Euler's interpolation_type="log_linear" keeps one σ more, never reached
     sig = scheduler.sigmas.double().numpy()[: len(ts) + 1].copy()
     if len(sig) > 2 and sig[-1] == sig[-2]:  # a last step from σ_min to σ_min (final_sigmas_type="sigma_min"
         sig = sig[:-1]                       # on a grid ending at σ_min): it leaves the sample as it is
         options = {k: v for k, v in options.items() if k != "lower_order_final"}  # that step was the first-order one
+    if solver in ("euler", "heun"):  # one-step methods: a step of zero length (a timestep past the table, clamped
+        sig, ts = _without_zero_length_steps(sig, ts, solver)  # to its last σ) leaves the sample as it is
     if np.any(np.diff(sig) >= 0):
-        raise ValueError(f"{name}: its σ grid {np.array2string(sig, precision=4)} is not strictly decreasing")
+        raise ValueError(f"{name}: its σ grid {np.array2string(sig, precision=4, max_line_width=10**6)} is not "
+                         "strictly decreasing")
     return SchedulerPlan(name, sig, dict(zip(sig[:-1].tolist(), ts.tolist())), solver, options, state,
                          float(scheduler.init_noise_sigma))
 
@@ -436,7 +462,9 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
     The grids of Euler, Heun, LMS and DPM-Solver are read off diffusers' own scheduler (``set_timesteps``),
     float32 as diffusers keeps them. A last step of zero length (σ_min to σ_min, where the grid's
     last timestep is 0 and the final σ is σ_min) is left out: diffusers spends one model
-    evaluation on it and leaves its sample unchanged. Other schedulers and options are refused by
+    evaluation on it and leaves its sample unchanged; so is any zero-length step of Euler and Heun
+    (a 'leading' timestep past the table, read at its last σ: ``steps_offset`` with steps near T).
+    A loop whose first timestep repeats (diffusers' own crashes) is refused. Other schedulers and options are refused by
     name, saying why (``clip_sample`` and ``thresholding`` change x̂₀ at every step: not the ODE).
     """
     config, source = config_of(scheduler)
@@ -481,6 +509,7 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
                                   "a VP prediction"),))
         return _read_plan(name, _from_diffusers_scheduler(name, config, steps), "euler", {}, "sigma")
     if name == "HeunDiscreteScheduler":  # its σ and timesteps repeat each inner level: [σ0, σ1, σ1, σ2, σ2, …, 0]
+        _refuse(source, config, (("clip_sample", (False,), "clipping x̂₀ at every step is not the ODE"),))
         sched = _from_diffusers_scheduler(name, config, steps)
         sched.sigmas = torch.cat([sched.sigmas[0::2], sched.sigmas[-1:]])
         sched.timesteps = sched.timesteps[0::2]
@@ -546,6 +575,32 @@ def _check_same_model(function: str, flow: ProbabilityFlow, scheduler: object) -
                          "prediction_type)")
 
 
+def _check_live_timesteps(scheduler: object, steps: int, mu: float | None, sigmas: Any) -> None:
+    """Refuse a live diffusers scheduler whose ``set_timesteps`` was given its own ``timesteps=``/``sigmas=`` (a
+    pipeline called with them): sample_like follows its config's ``set_timesteps(steps)``, so that loop would not be
+    the one the scheduler holds. Checked where it holds ``steps`` timesteps, against a fresh copy set to ``steps``."""
+    held = getattr(scheduler, "timesteps", None)
+    if not isinstance(held, Tensor) or getattr(scheduler, "num_inference_steps", None) != steps \
+            or not hasattr(scheduler, "config"):
+        return
+    kwargs = {k: v for k, v in (("mu", mu), ("sigmas", sigmas)) if v is not None}
+    try:
+        fresh = type(scheduler).from_config(dict(scheduler.config))
+        fresh.set_timesteps(steps, **kwargs)
+    except (TypeError, ValueError):  # a loop scheduler_plan accepted but this copy cannot rebuild: nothing to compare
+        return
+    for name in ("timesteps", "sigmas"):
+        mine, theirs = getattr(scheduler, name, None), getattr(fresh, name, None)
+        if isinstance(mine, Tensor) and isinstance(theirs, Tensor) and not (
+                mine.shape == theirs.shape and torch.equal(mine.cpu().double(), theirs.cpu().double())):
+            raise ValueError(f"scheduler {type(scheduler).__name__} holds {name} "
+                             f"{np.array2string(mine.cpu().double().numpy()[:5], precision=4)}... that its "
+                             f"set_timesteps({steps}) does not give (custom timesteps=/sigmas= passed to "
+                             "set_timesteps, or a pipeline called with them); sample_like runs set_timesteps(steps)'s "
+                             "loop, so it would not be this one: not reproduced (for flow matching, give sample_like "
+                             "the same sigmas=)")
+
+
 def sample_like(flow: ProbabilityFlow, noise: Tensor, scheduler: object = None, steps: int | None = None, *,
                 solver: str | None = None, mu: float | None = None, sigmas: Any = None,
                 model_kwargs: Mapping[str, Any] | None = None,
@@ -571,6 +626,7 @@ def sample_like(flow: ProbabilityFlow, noise: Tensor, scheduler: object = None, 
     if mu is None and sigmas is None and getattr(flow, "packed", False):
         mu, sigmas = flux_grid_arguments(scheduler, noise.shape[1], steps)
     plan = scheduler_plan(scheduler, steps, mu=mu, sigmas=sigmas)
+    _check_live_timesteps(scheduler, steps, mu, sigmas)
     if solver is None:  # the scheduler's own method, its options with it
         solver = solvers.get(plan.solver, **plan.solver_options) if plan.solver_options else plan.solver
     grid = plan.sigmas
@@ -598,9 +654,12 @@ def encode_like(flow: ProbabilityFlow, images: Tensor, scheduler: object = None,
     ``images`` are the scheduler's input sample at its first level — σ = 0, or σ_min for
     ``set_alpha_to_one=False`` (Stable Diffusion's configs), where it stands for x̄ = x·√(1+σ_min²) —
     and the result's ``x`` is its final sample x_T = α(σ_max)·x̄ (the encode's own x_T).
-    ``scheduler`` (default the flow's ``scheduler_config``) must be a DDIMInverse, DDIM or PNDM-style
-    VP config: its ``timestep_spacing``, ``steps_offset`` and ``set_alpha_to_one`` are read as
-    DDIMInverseScheduler reads them. Further keywords go to :func:`flowdiff.encode`.
+    ``scheduler`` (default the flow's ``scheduler_config``) must be a DDIMInverse, DDIM or PNDM
+    config (Stable Diffusion 1.x's own), read as ``DDIMInverseScheduler.from_config(config)`` reads
+    it: its ``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one`` and ``clip_sample``, and
+    DDIMInverseScheduler's defaults for those it lacks (``clip_sample=True``, refused; a PNDM config's
+    own default ``set_alpha_to_one=False`` is not DDIMInverse's). Further keywords go to
+    :func:`flowdiff.encode`.
     """
     scheduler = _like_arguments("encode_like", flow, images, "images", scheduler, steps,
                                 "the inversion's num_inference_steps")
@@ -608,9 +667,9 @@ def encode_like(flow: ProbabilityFlow, images: Tensor, scheduler: object = None,
     name = class_name(config)
     if name is None:
         raise unidentified(config, source)
-    if name not in ("DDIMInverseScheduler", "DDIMScheduler"):
-        raise ValueError(f"{source}: encode_like reproduces DDIMInverseScheduler (or a DDIMScheduler config read as "
-                         f"one); got {name!r}")
+    if name not in INVERTED_SCHEDULERS:
+        raise ValueError(f"{source}: encode_like reproduces DDIMInverseScheduler (or a DDIMScheduler or PNDMScheduler "
+                         f"config read as one, DDIMInverseScheduler.from_config(config)); got {name!r}")
     grid, ts = ddim_inverse_sigmas(config, steps)
     start = float(grid[0])
     if flow.sigma_field is not None:

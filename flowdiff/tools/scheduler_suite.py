@@ -36,7 +36,8 @@ F32 = (torch.float32,)
 class Case:
     """One configuration: ``cls`` (a diffusers scheduler class name), ``config``, ``steps``,
     ``expect`` (``"equal"`` or the word the refusal must name), ``dtypes`` compared, and for flow
-    matching's dynamic shifting the ``mu`` given to ``set_timesteps``; ``skipped``: diffusers' steps of zero
+    matching's dynamic shifting the ``mu`` given to ``set_timesteps`` and its custom ``sigmas`` (the unshifted
+    times a pipeline passes, e.g. Flux's); ``skipped``: diffusers' steps of zero
     length that flowdiff leaves out (each costs diffusers one model evaluation)."""
 
     name: str
@@ -46,6 +47,7 @@ class Case:
     expect: str = "equal"
     dtypes: tuple[torch.dtype, ...] = F32
     mu: float | None = None
+    sigmas: tuple[float, ...] | None = None
     skipped: int = 0
 
 
@@ -75,7 +77,7 @@ def _noise(dtype: torch.dtype) -> Tensor:
 
 
 def _diffusers_generate(sched: Any, model: Any, noise: Tensor, case: Case) -> tuple[Tensor, int]:
-    kwargs = {"mu": case.mu} if case.mu is not None else {}
+    kwargs = {k: v for k, v in (("mu", case.mu), ("sigmas", case.sigmas)) if v is not None}
     sched.set_timesteps(case.steps, **kwargs)
     x = noise * getattr(sched, "init_noise_sigma", 1.0)  # flow matching has none: 1
     calls = 0
@@ -100,19 +102,20 @@ def _same_table(sched: Any, flow: ProbabilityFlow, dtype: torch.dtype) -> None:
             else acp[0]
 
 
-def run_case(case: Case, dtype: torch.dtype, *, feed_scheduler_timesteps: bool = True) -> tuple[Tensor, Tensor, int,
-                                                                                                   int]:
+def run_case(case: Case, dtype: torch.dtype, *, feed_scheduler_timesteps: bool = True,
+             **like_kwargs: Any) -> tuple[Tensor, Tensor, int, int]:
     """(flowdiff's result, diffusers' result, flowdiff's NFE, diffusers' model calls) for ``case`` in ``dtype``.
 
     flowdiff's refusals propagate (ValueError). ``feed_scheduler_timesteps=False`` runs the same
     grid feeding t(σ) instead of the scheduler's timesteps (to show the suite tells them apart).
+    ``like_kwargs`` go to :func:`sample_like` / :func:`encode_like` (e.g. ``checks=``).
     """
     config = {"_class_name": case.cls, **case.config}
     model = network(dtype, int(config.get("num_train_timesteps", 1000)))
     noise = _noise(dtype)
     if case.cls == "DDIMInverseScheduler":
-        return _run_inverse(case, config, model, noise, dtype)
-    plan = scheduler_plan(config, case.steps, mu=case.mu)  # refusals come from here, before diffusers runs
+        return _run_inverse(case, config, model, noise, dtype, like_kwargs)
+    plan = scheduler_plan(config, case.steps, mu=case.mu, sigmas=case.sigmas)  # refusals first, before diffusers
     schedule, prediction_type = schedule_from_config(config)
     flow = ProbabilityFlow(model, schedule, prediction_type=prediction_type)
     sched = _scheduler(case)
@@ -122,7 +125,7 @@ def run_case(case: Case, dtype: torch.dtype, *, feed_scheduler_timesteps: bool =
     if not feed_scheduler_timesteps:
         res = _sample_continuous(flow, noise, plan)
     else:
-        res = sample_like(flow, noise, config, case.steps, mu=case.mu)
+        res = sample_like(flow, noise, config, case.steps, mu=case.mu, sigmas=case.sigmas, **like_kwargs)
     return res.x, ref, res.stats.nfe, calls
 
 
@@ -139,13 +142,13 @@ def _sample_continuous(flow: ProbabilityFlow, noise: Tensor, plan: Any) -> Any:
     return res
 
 
-def _run_inverse(case: Case, config: dict[str, Any], model: Any, images: Tensor,
-                 dtype: torch.dtype) -> tuple[Tensor, Tensor, int, int]:
+def _run_inverse(case: Case, config: dict[str, Any], model: Any, images: Tensor, dtype: torch.dtype,
+                 like_kwargs: Mapping[str, Any]) -> tuple[Tensor, Tensor, int, int]:
     from ..models.pipelines import encode_like
 
     schedule, prediction_type = schedule_from_config(config)
     flow = ProbabilityFlow(model, schedule, prediction_type=prediction_type)
-    res = encode_like(flow, images, config, case.steps)  # refusals first
+    res = encode_like(flow, images, config, case.steps, **like_kwargs)  # refusals first
     sched = _scheduler(case)
     sched.set_timesteps(case.steps)
     _same_table(sched, flow, dtype)
@@ -202,6 +205,9 @@ def _cases() -> list[Case]:
     add(Case("euler-sigma-min-trailing", "EulerDiscreteScheduler", {"final_sigmas_type": "sigma_min",
                                                                      "timestep_spacing": "trailing"}))
     add(Case("euler-log-linear", "EulerDiscreteScheduler", {"interpolation_type": "log_linear"}))
+    add(Case("euler-leading-offset-steps-T", "EulerDiscreteScheduler",  # a first timestep past the table: a step
+             {"num_train_timesteps": 100, "timestep_spacing": "leading", "steps_offset": 1},  # of zero length
+             steps=100, skipped=1))
     add(Case("euler-zero-snr", "EulerDiscreteScheduler", {"rescale_betas_zero_snr": True,
                                                            "timestep_spacing": "trailing",
                                                            "prediction_type": "v_prediction"}))
@@ -275,6 +281,13 @@ def _cases() -> list[Case]:
              steps=10, dtypes=BOTH))
     add(Case("ddim-inverse-sample-from-zero", "DDIMInverseScheduler", {**inv, "prediction_type": "sample"},
              steps=10, expect="sample"))
+    add(Case("ddim-inverse-offset0-alpha1False", "DDIMInverseScheduler", {**inv, "steps_offset": 0,
+                                                                          "set_alpha_to_one": False},
+             steps=10, dtypes=BOTH, skipped=1))  # its first step, ᾱ_0 → timestep 0, has zero length
+    add(Case("ddim-inverse-zero-snr-trailing", "DDIMInverseScheduler", {**inv, "rescale_betas_zero_snr": True,
+                                                                        "timestep_spacing": "trailing",
+                                                                        "prediction_type": "v_prediction"},
+             steps=10, expect="rescale_betas_zero_snr"))
     # -- schedulers refused by name ---------------------------------------------------------------------------
     add(Case("euler-karras-sigma-min", "EulerDiscreteScheduler", {"use_karras_sigmas": True,
                                                                    "final_sigmas_type": "sigma_min"}, skipped=1))
@@ -293,6 +306,7 @@ def _cases() -> list[Case]:
                                                           "prediction_type": "v_prediction"}, steps=6))
     add(Case("lms-v-trailing", "LMSDiscreteScheduler", {"prediction_type": "v_prediction",
                                                         "timestep_spacing": "trailing"}))
+    add(Case("heun-clip-sample", "HeunDiscreteScheduler", {"clip_sample": True}, steps=6, expect="clip_sample"))
     add(Case("heun-karras-v", "HeunDiscreteScheduler", {"use_karras_sigmas": True, "prediction_type": "v_prediction"},
              steps=6))
     add(Case("lms", "LMSDiscreteScheduler", {}))
@@ -328,7 +342,7 @@ def route(case: Case) -> str:
             if config.get("prediction_type") == "sample" and config.get("set_alpha_to_one", True):
                 raise ValueError("prediction_type='sample' from ᾱ = 1 divides by 0 (diffusers' too)")
             return "`encode_like`: ddim_inverse"
-        plan = scheduler_plan(config, case.steps, mu=case.mu)
+        plan = scheduler_plan(config, case.steps, mu=case.mu, sigmas=case.sigmas)
     except ValueError as e:
         message = str(e).split(": ", 1)[-1] if str(e).startswith(("scheduler config", case.cls)) else str(e)
         return "refused: " + message.replace("|", "\\|").split("; ")[0]
@@ -342,6 +356,8 @@ def _config_text(case: Case) -> str:
         items.append("trained_betas=[…]")
     if case.mu is not None:
         items.append(f"mu={case.mu}")
+    if case.sigmas is not None:
+        items.append(f"sigmas={list(case.sigmas)}")
     return ", ".join(items).replace("|", "\\|") or "defaults"
 
 
