@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._base import Derivative, Solver, StepResult, VectorField
+from ._base import Derivative, Solver, StepResult, VectorField, check_fitted
 from ._checks import check_derivative, check_flags, check_state
 from ._errors import SolveError, StepFailure
 from ._registry import available, get
@@ -670,6 +670,9 @@ def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state:
     if inverse and state is None:
         raise ValueError("an inverse run needs the solver's carried state at the grid's end (Solution.state of "
                          "the forward solve); without it the inverse is not defined")
+    plan = getattr(run, "plan", None)
+    if plan is not None and not inverse:  # a method fitted to other steps is refused before the first
+        check_fitted(plan, time_name, display)
     if state is None and not inverse:
         state = solver.init(field, run.t, y0)
     y = y0
