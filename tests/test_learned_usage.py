@@ -143,6 +143,9 @@ def test_compare_puts_a_learned_solver_in_the_table_with_the_error_of_its_own_ge
     assert counted == sum(euler) + row.nfe  # every model call of compare is one of a row's
     assert [(s.solver, s.grid, s.budget) for s in result.skipped] == [("learned(unipc)", "fitted", 4)]
     assert "| learned(unipc) | fitted | — |" in result.to_markdown()
+    alone = flowdiff.compare(flow, x, solvers=learned, nfe=STEPS, reference=ref)  # a learned solver on its own
+    assert [(r.solver, r.grid, r.nfe, r.rms_error) for r in alone.runs] == [(row.solver, row.grid, row.nfe,
+                                                                               row.rms_error)]
     # the learned values act: the base method on the same grid is another row's number
     base = flowdiff.generate(flow, x, solver=learned.base(), grid=learned.sigmas).x
     assert not torch.equal(base, direct.x)
@@ -163,7 +166,7 @@ def test_compare_refuses_a_learned_solver_of_another_flow_or_budget_by_name():
     with pytest.raises(ValueError, match=r"solvers\[0\] and solvers\[1\] are both learned\(unipc\) at nfe=6"):
         flowdiff.compare(flow, x, solvers=[learned, _learned(flow, "scales")], grids="logsnr", nfe=STEPS)
     with pytest.raises(TypeError, match=r"must be encoder names \(str\), got a LearnedSolver \(unipc\)"):
-        flowdiff.compare(flow, task="roundtrip", images=x.clamp(-1, 1), solvers=[learned], grids="logsnr", nfe=4)
+        flowdiff.compare(flow, task="roundtrip", images=x.clamp(-1, 1), solvers=learned, grids="logsnr", nfe=4)
 
 
 @pytest.mark.parametrize("grids", [lambda s: s, lambda s: [s], lambda s: list(map(float, s)),

@@ -292,7 +292,7 @@ def _cannot_run(flow: ProbabilityFlow, solver: str, grid: str, budget: int) -> s
 
 
 def _check_names(values: Iterable[str] | str, name: str, accepted: Sequence[str]) -> list[str]:
-    if isinstance(values, str):
+    if isinstance(values, (str, LearnedSolver)):
         values = [values]
     if name == "grids" and _is_explicit_grid(values):
         raise TypeError(f"grids must be grid names ({', '.join(accepted)}), got an explicit σ grid "
