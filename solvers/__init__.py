@@ -10,7 +10,7 @@ the statistics, callbacks and failure reports. :func:`solve`, :func:`solve_adapt
 
 from . import _deis, _methods  # noqa: F401  (register DEIS and the Runge–Kutta methods)
 from ._adaptive import solve_adaptive
-from ._base import Derivative, Scaled, Shifted, Solver, StepResult, VectorField
+from ._base import Derivative, GridMismatch, Scaled, Shifted, Solver, StepResult, VectorField
 from ._checks import check_state
 from ._driver import FINAL_EULER, final_step_methods, nfe_for_steps, solve, steps_for_nfe, unsolve
 from ._errors import SolveError, StepFailure
@@ -47,6 +47,7 @@ __all__ = [
     "ErrorControl",
     "FINAL_EULER",
     "FixedGrid",
+    "GridMismatch",
     "Stepping",
     "check_state",
     "final_step_methods",

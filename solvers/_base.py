@@ -6,7 +6,7 @@ import abc
 import math
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -77,6 +77,17 @@ class Solver(abc.ABC):
         """How many evaluations of ``f`` the next :meth:`step` from ``t0`` with ``state`` makes, when the
         solver knows (``None`` otherwise): the loop refuses a step that would pass ``max_nfe``
         before taking it."""
+        return None
+
+    def fitted_steps(self) -> frozenset[tuple[float, float]] | None:
+        """The only steps ``(t0, t1)`` this method can take, where its per-step values belong to one grid and one
+        direction (:class:`Shifted`, :class:`Scaled`, :class:`~solvers.CorrectedAdams`); ``None``: any step. A
+        fixed-grid solve checks its steps against them before the first one (:class:`GridMismatch`)."""
+        return None
+
+    def lacks(self, t0: float, t1: float) -> tuple[str, str] | None:
+        """What this method has no value for at the step ``(t0, t1)``, as (singular, plural) nouns (``("shift",
+        "shifts")``), or ``None`` where it can take the step (see :meth:`fitted_steps`)."""
         return None
 
     def unstep(self, f: VectorField, t0: float, t1: float, y1: Tensor, state1: Any) -> tuple[Tensor, Any]:
@@ -151,6 +162,12 @@ class Shifted(Solver):
 
     def step_cost(self, t0: float, state: Any) -> int | None:
         return self.base.step_cost(t0, state)
+
+    def fitted_steps(self) -> frozenset[tuple[float, float]]:
+        return _within(frozenset(self.shifts), self.base)
+
+    def lacks(self, t0: float, t1: float) -> tuple[str, str] | None:
+        return ("shift", "shifts") if (t0, t1) not in self.shifts else self.base.lacks(t0, t1)
 
     def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
         delta = self.shifts.get((t0, t1))
@@ -269,6 +286,12 @@ class Scaled(Solver):
     def step_cost(self, t0: float, state: Any) -> int | None:
         return self.base.step_cost(t0, state)
 
+    def fitted_steps(self) -> frozenset[tuple[float, float]]:
+        return _within(frozenset(self.scales), self.base)
+
+    def lacks(self, t0: float, t1: float) -> tuple[str, str] | None:
+        return ("scale", "scales") if (t0, t1) not in self.scales else self.base.lacks(t0, t1)
+
     def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
         s = self.scales.get((t0, t1))
         if s is None:
@@ -293,6 +316,67 @@ class Scaled(Solver):
             return out if w == 0.0 else out + w * _perpendicular(y_T, d)
 
         return self.base.step(scaled, t0, t1, y0, state)
+
+
+def _within(steps: frozenset[tuple[float, float]], base: Solver) -> frozenset[tuple[float, float]]:
+    """``steps``, less those the wrapped ``base`` cannot take itself."""
+    inner = base.fitted_steps()
+    return steps if inner is None else steps & inner
+
+
+class GridMismatch(ValueError):
+    """A fixed grid with a step that its method cannot take (:meth:`Solver.fitted_steps`), refused before the
+    first step. ``solver`` is the method's name, ``step`` the index of the first such step and ``t0``, ``t1`` its
+    times, ``grid`` the grid's times in the order solved, ``fitted`` the method's steps as a grid where they chain
+    into one (``chained``; else in sorted order, as ``[t0, t1, t0', t1', ...]``), ``what`` the values it lacks
+    (:meth:`Solver.lacks`): a caller that changed variables words it in its own."""
+
+    def __init__(self, message: str, *, solver: str, step: int, t0: float, t1: float, grid: list[float],
+                 fitted: list[float], chained: bool, what: tuple[str, str]) -> None:
+        super().__init__(message)
+        self.what = what
+        self.solver, self.step, self.t0, self.t1 = solver, step, t0, t1
+        self.grid, self.fitted, self.chained = grid, fitted, chained
+
+
+def fitted_grid(steps: frozenset[tuple[float, float]]) -> list[float] | None:
+    """The grid ``[t0, t1, ...]`` whose steps are exactly ``steps`` (one chain), or ``None`` where they form none."""
+    following = dict(steps)
+    if len(following) != len(steps):
+        return None
+    firsts = set(following) - set(following.values())
+    if len(firsts) != 1:
+        return None
+    grid = [firsts.pop()]
+    while grid[-1] in following and len(grid) <= len(steps):
+        grid.append(following[grid[-1]])
+    return grid if len(grid) == len(steps) + 1 else None
+
+
+def check_fitted(plan: Sequence[tuple[float, float, Solver]], time_name: str = "t",
+                 display: Callable[[float], float] | None = None) -> None:
+    """Refuse, before the first step, a plan ``(t0, t1, method)`` with a step its method has no values for
+    (:meth:`Solver.fitted_steps`): a :class:`GridMismatch` that names the first such step and the grid the
+    method's steps make, its times shown as ``display(t)`` under ``time_name``."""
+    for i, (t0, t1, method) in enumerate(plan):
+        what = method.lacks(t0, t1)
+        if what is None:
+            continue
+        fitted = method.fitted_steps() or frozenset()
+        grid = [plan[0][0]] + [t for _, t, _ in plan]
+        own = fitted_grid(fitted)
+        times = own if own is not None else [t for step in sorted(fitted) for t in step]
+
+        def shown(ts: list[float]) -> str:
+            return "[" + ", ".join(f"{display(t) if display is not None else t:.6g}" for t in ts) + "]"
+
+        step = f"{t0!r} -> {t1!r}" if display is None else f"{display(t0):.6g} -> {display(t1):.6g}"
+        fits = (f"the grid {time_name} {shown(own)} (in that order)" if own is not None else
+                f"the steps {time_name} {shown(times)} (pairs from, to)")
+        raise GridMismatch(f"solver {method.name!r} has no {what[0]} for the step {step}: its {what[1]} belong to "
+                           f"{fits}, not to step {i} of the grid {time_name} {shown(grid)}; solve on that grid",
+                           solver=method.name, step=i, t0=t0, t1=t1, grid=grid, fitted=times,
+                           chained=own is not None, what=what)
 
 
 def _perpendicular(z: Tensor, d: Tensor) -> Tensor:

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._base import Derivative, Solver, StepResult, VectorField
+from ._base import Derivative, Solver, StepResult, VectorField, check_fitted
 from ._checks import check_derivative, check_flags, check_state
 from ._errors import SolveError, StepFailure
 from ._registry import available, get
@@ -171,12 +171,14 @@ class _Run(abc.ABC):
     """The controller of one solve: proposes the next step and judges its result.
 
     ``always_accepts``: every proposed step is taken (a fixed grid), so :meth:`propose` moves
-    ``t`` itself and :meth:`judge` is not asked.
+    ``t`` itself and :meth:`judge` is not asked. ``plan``: every step ``(t0, t1, method)`` in the order taken,
+    where known before the first (a fixed grid), else None; the loop checks it against the methods' fitted steps.
     """
 
     t: float
     inverse: bool = False
     always_accepts: bool = False
+    plan: list[tuple[float, float, Solver]] | None = None
 
     @abc.abstractmethod
     def done(self) -> bool:
@@ -670,6 +672,8 @@ def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state:
     if inverse and state is None:
         raise ValueError("an inverse run needs the solver's carried state at the grid's end (Solution.state of "
                          "the forward solve); without it the inverse is not defined")
+    if run.plan is not None and not inverse:  # a method fitted to other steps is refused before the first
+        check_fitted(run.plan, time_name, display)
     if state is None and not inverse:
         state = solver.init(field, run.t, y0)
     y = y0

@@ -343,6 +343,12 @@ class CorrectedAdams(Solver):
         self.evaluates_end = base.evaluates_end  # type: ignore[misc]
         self.steps_order = base.steps_order
 
+    def fitted_steps(self) -> frozenset[tuple[float, float]]:
+        return frozenset(self.coefficients)
+
+    def lacks(self, t0: float, t1: float) -> tuple[str, str] | None:
+        return ("coefficients", "coefficients") if (t0, t1) not in self.coefficients else None
+
     def available_terms(self, history: int) -> int:
         """How many correction terms a step whose history holds ``history`` derivatives can take."""
         kept = min(history, self.base.steps_order + self.terms)

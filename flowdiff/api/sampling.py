@@ -170,6 +170,44 @@ def _solve_fixed(request: Request, start: Tensor, sig: np.ndarray, direction: st
                       callback=request.callback, check_finite=request.check_finite, bound=request.bound, **grads)
 
 
+def _given(grid: object, steps: int | None, nfe: int | None) -> str:
+    """How the call asked for its grid, as its arguments read."""
+    if isinstance(grid, str):
+        shown = f"grid={grid!r}"
+    else:
+        shown = "grid=Grid(...)" if isinstance(grid, Grid) else "grid=<explicit σ>"
+    return shown + (f", steps={_shown(steps)}" if steps is not None else "") + (
+        f", nfe={_shown(nfe)}" if nfe is not None else "")
+
+
+def _unfitted(err: solvers.GridMismatch, solver: Solver, direction: str, given: str,
+              sig: np.ndarray | None) -> ValueError:
+    """The refusal of a grid that a fitted solver (per-step values for one grid and direction: a
+    :class:`~flowdiff.LearnedSolver`'s) has no values for, in σ, naming the grid it needs."""
+    sigma = formulation_for(solver, direction).sigma
+
+    def shown(ts: list[float]) -> str:
+        return "[" + ", ".join(f"{sigma(t):.6g}" for t in ts) + "]"
+
+    fitted, chained, (one, many) = err.fitted, err.chained, err.what
+    need = f"the σ grid {shown(fitted)} (in that order)" if chained else f"the steps σ {shown(fitted)} (pairs from, to)"
+    if sig is None:  # refused while counting the steps of a grid of the call's own choosing
+        message = (f"{given} asks for a grid of its own: solver {solver.name!r} has {many} only for the steps of "
+                   f"{need}. ")
+    else:
+        message = (f"{given} gives the σ grid [{', '.join(f'{float(s):.6g}' for s in sig)}]: solver {solver.name!r} "
+                   f"has no {one} for the step σ {sigma(err.t0):.6g} -> {sigma(err.t1):.6g} (step {err.step}): its "
+                   f"{many} (and any other per-step values) belong to {need}, and to no other step. ")
+    downward = chained and len(fitted) > 1 and sigma(fitted[0]) > sigma(fitted[-1])
+    if direction == "encode" and downward:
+        message += ("An encode runs its grid upward from σ = 0, so a solver fitted for generation has no step of "
+                    "it: encode with its base method (LearnedSolver.base()), the same grid= and no learned values")
+    else:
+        message += ("Accepted: that grid as grid= (a LearnedSolver's grid=learned.sigmas), without steps=/nfe=; "
+                    "a learned solver runs on the grid and budget it was fitted for")
+    return ValueError(message)
+
+
 def _request(flow: ProbabilityFlow, solver: Solver, name: str, options: dict[str, Any], grid: Grid,
              adaptive: Adaptive | None, model_kwargs: Mapping[str, Any] | None, callback: object,
              check_finite: bool, *, bound: float | None = None) -> Request:
@@ -288,9 +326,13 @@ def generate(
     if adaptive_spec is not None:
         refuse_adjoint(adjoint, "an adaptive solve (adaptive=)")
         return _kept(saver, solve_adaptive_flow(request, noise, direction="generate", model_dtype=model_dtype))
-    sig = grid_spec.solve_sigmas(flow, solver_obj, "generate")
-    sol = _solve_fixed(request, noise, sig, "generate", dtype=dtype, model_dtype=model_dtype,
-                       eval_end=not (grid_spec.euler_into_zero and sig[-1] == 0.0), adjoint=adjoint)
+    sig = None
+    try:  # a solver fitted to one grid (a LearnedSolver's) is refused before the solve on another
+        sig = grid_spec.solve_sigmas(flow, solver_obj, "generate")
+        sol = _solve_fixed(request, noise, sig, "generate", dtype=dtype, model_dtype=model_dtype,
+                           eval_end=not (grid_spec.euler_into_zero and sig[-1] == 0.0), adjoint=adjoint)
+    except solvers.GridMismatch as err:
+        raise _unfitted(err, solver_obj, "generate", _given(grid, steps, nfe), sig) from None
     return _kept(saver, Result(sol.xbar.to(noise.dtype), sol.stats, sig, solver_obj.name))
 
 
@@ -377,10 +419,14 @@ def encode(
         res = solve_adaptive_flow(request, images, direction="encode", model_dtype=model_dtype)
         res.latent.set_origin(flow, model_kwargs)
         return _kept(saver, res)
-    sig = grid_spec.solve_sigmas(flow, solver_obj, "encode")
-    refuse_encode_to_infinity(sig)  # zero terminal SNR: see flowdiff.engine.terminal
-    sol = _solve_fixed(request, images, sig, "encode", dtype=dtype, model_dtype=model_dtype, eval_end=True,
-                       adjoint=adjoint)
+    sig = None
+    try:  # a solver fitted to one grid and direction (a LearnedSolver's) is refused before the solve
+        sig = grid_spec.solve_sigmas(flow, solver_obj, "encode")
+        refuse_encode_to_infinity(sig)  # zero terminal SNR: see flowdiff.engine.terminal
+        sol = _solve_fixed(request, images, sig, "encode", dtype=dtype, model_dtype=model_dtype, eval_end=True,
+                           adjoint=adjoint)
+    except solvers.GridMismatch as err:
+        raise _unfitted(err, solver_obj, "encode", _given(grid, steps, nfe), sig) from None
     x_T = sol.xbar / math.sqrt(1.0 + sig[-1] ** 2)
     if solver_obj.reversible:  # the latent keeps the exact state; the result's x_T is at the images' precision
         latent = Latent(x_T, sig, name, options, sol.state, dtype=images.dtype)

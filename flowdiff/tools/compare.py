@@ -22,6 +22,9 @@ with its Euler step into σ = 0 spends an odd count ≤ N). Wall time is recorde
 asserted. :class:`Comparison` renders the table as markdown or CSV and draws the log-log
 error-vs-NFE plot; :mod:`flowdiff.tools.report` makes the report of it (frontier, samples, facts).
 
+A :class:`~flowdiff.LearnedSolver` in ``solvers=`` joins the table as ``learned(<base>)`` on the grid
+``fitted`` (its own, ``learned.sigmas``) at the one budget it was fitted for (``learned.nfe``).
+
 ``peers=`` adds the samplers of diffusers and k-diffusion (:mod:`flowdiff.tools.peers`) as rows of
 the same table: same flow, noise, budgets and reference, their model calls counted the same way.
 """
@@ -38,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -51,10 +55,11 @@ from ..engine.grids import GRIDS, make_sigmas
 from ..engine.options import Grid
 from . import peers as _peers
 from . import tuning as _tuning
+from .learned import LearnedSolver
 from .reference import Reference, check_tolerance, clear_reference_cache, reference_solution
 
 __all__ = ["CALIBRATION_SEED", "CSV_COLUMNS", "DEFAULT_GRIDS", "DEFAULT_NFE", "TUNED_GRIDS", "Comparison", "Reference",
-           "Run", "Skipped", "clear_reference_cache", "compare", "default_grids", "default_solvers",
+           "LEARNED_GRID", "Run", "Skipped", "clear_reference_cache", "compare", "default_grids", "default_solvers",
            "reference_solution", "run_peers"]
 
 #: Grids of the default comparison: diffusers' trailing timesteps, EDM's, uniform in log σ.
@@ -69,6 +74,8 @@ BASE_SOLVERS = ("euler", "heun")
 #: by :func:`flowdiff.tools.tuning.compare_grid` (the stored grid for this model, solver and budget, or
 #: one tuned now). It sees only the calibration noise, never the noise the runs are measured on.
 TUNED_GRIDS = ("tuned",)
+#: The grid column of a learned solver's row: it runs on the grid it was fitted on (``LearnedSolver.sigmas``).
+LEARNED_GRID = "fitted"
 #: Seed of the calibration noise drawn when ``compare(calibration_noise=None)`` needs one.
 CALIBRATION_SEED = 20241
 
@@ -285,18 +292,77 @@ def _cannot_run(flow: ProbabilityFlow, solver: str, grid: str, budget: int) -> s
 
 
 def _check_names(values: Iterable[str] | str, name: str, accepted: Sequence[str]) -> list[str]:
-    if isinstance(values, str):
+    if isinstance(values, (str, LearnedSolver)):
         values = [values]
+    if name == "grids" and _is_explicit_grid(values):
+        raise TypeError(f"grids must be grid names ({', '.join(accepted)}), got an explicit σ grid "
+                        f"({_shown_grid(values)}): an explicit grid fixes its own step count, so it has no run per "
+                        "NFE budget of the table. Measure it on its own: flowdiff.generate(flow, noise, solver=..., "
+                        "grid=sigmas) against the comparison's reference (Comparison.reference.x); a "
+                        "flowdiff.LearnedSolver in solvers= brings its own grid (learned.sigmas) into the table")
     out = list(values)
     if not out:
         raise ValueError(f"{name} must name at least one; accepted: {', '.join(accepted)}")
     for v in out:
+        if isinstance(v, LearnedSolver) and name == "solvers":
+            raise TypeError(f"{name} of a round-trip comparison (task='roundtrip') must be encoder names (str), got "
+                            f"a LearnedSolver ({v.solver}): a learned solver is fitted for generation on its own "
+                            "grid; compare it with task='generate'")
         if not isinstance(v, str):
             raise TypeError(f"{name} must be names (str), got {type(v).__name__}")
         if v not in accepted:
             raise ValueError(f"unknown {name[:-1] if name.endswith('s') else name} {v!r} in {name}; "
                              f"accepted: {', '.join(accepted)}")
     return list(dict.fromkeys(out))
+
+
+def _is_explicit_grid(values: object) -> bool:
+    """Whether ``grids=`` holds σ values (an array, a tensor, or a sequence of numbers) rather than names."""
+    if isinstance(values, (Tensor, np.ndarray)):
+        return True
+    if not isinstance(values, (list, tuple)) or not values:
+        return False
+    return (any(isinstance(v, (Tensor, np.ndarray)) for v in values)
+            or all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values))
+
+
+def _shown_grid(values: Any) -> str:
+    """An explicit ``grids=`` value as the refusal names it: its type and length (or its arrays')."""
+    if isinstance(values, (list, tuple)) and any(isinstance(v, (Tensor, np.ndarray)) for v in values):
+        inner = next(v for v in values if isinstance(v, (Tensor, np.ndarray)))
+        return f"a {type(values).__name__} holding a {type(inner).__name__} of {len(inner)} values"
+    return f"a {type(values).__name__} of {len(values)} values"
+
+
+def _learned_label(learned: LearnedSolver) -> str:
+    return f"learned({learned.solver})"
+
+
+def _split_solvers(values: object, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None,
+                   budgets: list[int]) -> tuple[list[str], list[LearnedSolver]]:
+    """``solvers=`` as registered names and learned solvers; a learned solver must belong to ``flow`` and be
+    fitted at one of ``budgets``, and no two may share a row and budget."""
+    entries = [values] if isinstance(values, (str, LearnedSolver)) else list(values)  # type: ignore[arg-type]
+    learned = [(i, v) for i, v in enumerate(entries) if isinstance(v, LearnedSolver)]
+    names = [v for v in entries if not isinstance(v, LearnedSolver)]
+    seen: dict[tuple[str, int], int] = {}
+    for i, v in learned:
+        label = _learned_label(v)
+        try:
+            v.check(flow, model_kwargs)
+        except ValueError as err:
+            raise ValueError(f"solvers[{i}] ({label}, fitted at nfe={v.nfe}): {err}") from None
+        if v.nfe not in budgets:
+            raise ValueError(f"solvers[{i}] ({label}) was fitted at nfe={v.nfe} and runs only there, on its own "
+                             f"grid (learned.sigmas); the budgets compared are nfe={budgets}: add {v.nfe} to nfe=, "
+                             "or fit a learned solver at one of them (flowdiff.learn_solver(..., nfe=...))")
+        if (label, v.nfe) in seen:
+            raise ValueError(f"solvers[{seen[label, v.nfe]}] and solvers[{i}] are both {label} at nfe={v.nfe}: they "
+                             "would share one cell of the table; compare them in two calls")
+        seen[label, v.nfe] = i
+    if names or not learned:
+        names = _check_names(names, "solvers", _solvers.available())
+    return names, [v for _, v in learned]
 
 
 def _check_budgets(nfe: Iterable[int] | int) -> list[int]:
@@ -337,7 +403,7 @@ def compare(
     flow: ProbabilityFlow,
     noise: Tensor | None = None,
     *,
-    solvers: Iterable[str] | str | None = None,
+    solvers: Iterable[str | LearnedSolver] | str | LearnedSolver | None = None,
     grids: Iterable[str] | str | None = None,
     nfe: Iterable[int] | int = DEFAULT_NFE,
     model_kwargs: Mapping[str, Any] | None = None,
@@ -355,7 +421,11 @@ def compare(
 ) -> Comparison:
     """Run every solver × grid × NFE budget from ``noise`` and measure it against the reference.
 
-    ``solvers`` are registered names (default :func:`default_solvers`), ``grids`` named
+    ``solvers`` are registered names (default :func:`default_solvers`) and learned solvers
+    (:class:`~flowdiff.LearnedSolver`, each run once: ``learned.as_solver()`` on its own grid
+    ``learned.sigmas``, labelled ``learned(<base>)`` on the grid ``fitted``, at the budget it was fitted
+    for, which must be among ``nfe``; one fitted on another flow is refused, as is one at a budget not
+    compared; the other budgets are listed in ``skipped``), ``grids`` named
     grids of :func:`flowdiff.make_sigmas` (default :func:`default_grids`: trailing, karras,
     logsnr, and ``"tuned"`` where stored tuned grids cover every run), ``nfe`` the budgets (each run spends the largest
     NFE ≤ the budget that its solver's steps allow). Runs use ``noise``'s dtype (float64
@@ -411,8 +481,8 @@ def compare(
         raise TypeError(f"noise must be a floating-point torch.Tensor, got "
                         f"{noise.dtype if isinstance(noise, Tensor) else type(noise).__name__}")
     _check_noise(noise)  # issue 13
-    names = _check_names(default_solvers() if solvers is None else solvers, "solvers", _solvers.available())
     budgets = _check_budgets(nfe)
+    names, learned = _split_solvers(default_solvers() if solvers is None else solvers, flow, model_kwargs, budgets)
     if grids is None:
         grids = default_grids(flow, names, budgets, model_kwargs)
     grid_names = _check_names(grids, "grids", (*GRIDS, *TUNED_GRIDS))
@@ -436,8 +506,8 @@ def compare(
         from tqdm.auto import tqdm
 
         runnable = [p for p in peer_names if _peers.unavailable(p) is None]
-        bar = tqdm(total=len(jobs) + len(_peers.default_samplers(runnable)) * len(budgets) + (reference is None),
-                   desc="compare", unit="run", leave=False)
+        runs = len(jobs) + len(learned) + len(_peers.default_samplers(runnable)) * len(budgets)
+        bar = tqdm(total=runs + (reference is None), desc="compare", unit="run", leave=False)
     try:
         ref = reference
         if ref is None:
@@ -479,6 +549,17 @@ def compare(
                     result.images[("flowdiff", solver, grid, budget)] = out.x[:keep_images].detach().cpu()
             if bar is not None:
                 bar.update(1)
+        for fitted in learned:
+            label = _learned_label(fitted)
+            if bar is not None:
+                bar.set_postfix_str(f"{label}/NFE {fitted.nfe}", refresh=False)
+            elif callable(progress):
+                progress(f"{label}/NFE {fitted.nfe}")
+            _run_learned(result, flow, noise, fitted, model_kwargs, keep_images)
+            result.skipped.extend(Skipped(label, LEARNED_GRID, b, f"fitted at nfe={fitted.nfe} only")
+                                  for b in budgets if b != fitted.nfe)
+            if bar is not None:
+                bar.update(1)
 
         def announce(label: str) -> None:
             if bar is not None:
@@ -494,6 +575,21 @@ def compare(
         if bar is not None:
             bar.close()
     return result
+
+
+def _run_learned(result: Comparison, flow: ProbabilityFlow, noise: Tensor, learned: LearnedSolver,
+                 model_kwargs: Mapping[str, Any] | None, keep_images: int) -> None:
+    """Add the row of ``learned``: its solver on its own grid, measured against ``result.reference``."""
+    label = _learned_label(learned)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = generate(flow, noise, solver=learned.as_solver(), grid=learned.sigmas, model_kwargs=model_kwargs)
+    wall = time.perf_counter() - start
+    diff = out.x.detach().to(torch.float64) - result.reference.x.to(out.x.device)
+    result.runs.append(Run(label, LEARNED_GRID, learned.nfe, out.stats.nfe, out.stats.steps,
+                           float(diff.pow(2).mean().sqrt()), float(diff.abs().max()), wall, float(out.sigmas[0])))
+    if keep_images:
+        result.images[("flowdiff", label, LEARNED_GRID, learned.nfe)] = out.x[:keep_images].detach().cpu()
 
 
 def run_peers(result: Comparison, flow: ProbabilityFlow, noise: Tensor, peers: Iterable[str] | str,

@@ -99,7 +99,7 @@ from ..engine.formulations import (
 )
 from ..engine.grids import make_sigmas, reversed_grid
 from ..engine.schedules import Schedule
-from .compare import reference_solution
+from .reference import reference_solution
 from .tuning import TunedGrid, _Warp, check_fingerprint, read_record, stored_grid, write_record
 
 __all__ = ["LearnedSolver", "learn_solver", "tune_roundtrip"]
