@@ -20,8 +20,8 @@
   evaluations as its forward (the wrapper's inverse costs two base evaluations a step more).
 
 Adaptive solves, the stochastic η process and fixed-point inversion are refused (they take
-``"autograd"``). The backward pass is once differentiable: a second derivative through it is an
-error from autograd.
+``"autograd"``). The backward pass is once differentiable: a backward pass that would build a graph
+(``create_graph=True``, for a second derivative) is refused with a ValueError.
 
 All three give the gradient of the *discrete* solve (not the continuous adjoint ODE of
 ``torchdiffeq.odeint_adjoint``): equal to autograd's to rounding. With the quantised reversible
@@ -148,26 +148,32 @@ def _flatten(obj: Any) -> tuple[list[Tensor], Callable[[Iterator[Tensor]], Any]]
     :class:`solvers.History`'s ``past``, lists, dicts) and a function rebuilding it from new tensors."""
     if isinstance(obj, Tensor):
         return [obj], lambda it: next(it)
+    # the rebuilds hold the state's type and keys, not the state: its tensors may be the solve node's outputs, and
+    # the node keeps rebuilds (a loop through autograd's graph that would never be freed)
     if isinstance(obj, (tuple, list)):
         parts = [_flatten(v) for v in obj]
         extra = dict(vars(obj)) if isinstance(obj, tuple) and hasattr(obj, "__dict__") else {}
         extra_parts = {k: _flatten(v) for k, v in extra.items()}
         leaves = [t for p in parts for t in p[0]] + [t for p in extra_parts.values() for t in p[0]]
+        rebuilds = [p[1] for p in parts]
+        extra_rebuilds = {k: p[1] for k, p in extra_parts.items()}
+        kind, named = type(obj), hasattr(obj, "_fields")
 
         def rebuild(it: Iterator[Tensor]) -> Any:
-            items = [p[1](it) for p in parts]
-            if isinstance(obj, list):
+            items = [r(it) for r in rebuilds]
+            if issubclass(kind, list):
                 return items
-            new = type(obj)._make(items) if hasattr(obj, "_fields") else type(obj)(items)
-            for k, p in extra_parts.items():
-                setattr(new, k, p[1](it))
+            new = kind._make(items) if named else kind(items)
+            for k, r in extra_rebuilds.items():
+                setattr(new, k, r(it))
             return new
 
         return leaves, rebuild
     if isinstance(obj, dict):
         keys = list(obj)
         parts = [_flatten(obj[k]) for k in keys]
-        return [t for p in parts for t in p[0]], lambda it: {k: p[1](it) for k, p in zip(keys, parts)}
+        rebuilds = [p[1] for p in parts]
+        return [t for p in parts for t in p[0]], lambda it: {k: r(it) for k, r in zip(keys, rebuilds)}
     return [], lambda it: obj
 
 
@@ -285,6 +291,9 @@ class _SolveFunction(torch.autograd.Function):
 
         sol = solvers.integrate(tapping, y0, plan.solver, plan.stepping, state=state0, callback=keep,
                                 **plan.integrate_options)
+        # forward-only: the caller's save_at holds its records, which hold this node's outputs, and the node holds
+        # the plan: kept, that loop through autograd's graph is never collected (the saved states leak)
+        plan.save_at = None
         sol.stats.extra.setdefault(NFE_BACKWARD, 0)
         plan.solution = sol
         end_leaves, end_rebuild = _flatten(sol.state)
@@ -309,6 +318,7 @@ class _SolveFunction(torch.autograd.Function):
             ctx.saved_layout.append((step, len(leaves), k is not None))
         ctx.tap_times = {step + 1: saved_at[step][0] for step in taps}
         ctx.plan = plan
+        ctx.stats = sol.stats  # the caller's statistics, where the backward pass adds its evaluations
         ctx.set_materialize_grads(False)  # a saved state without a loss on it adds nothing (None, not zeros)
         ctx.end_rebuild = end_rebuild
         ctx.kept_index = sorted(kept)
@@ -323,8 +333,20 @@ class _SolveFunction(torch.autograd.Function):
         return tuple(outputs)
 
     @staticmethod
-    @once_differentiable  # a second derivative through it is refused by autograd, not returned wrong
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        # Autograd runs a backward pass in grad mode exactly when it builds a graph of it (create_graph=True: a
+        # second derivative). once_differentiable alone does not refuse that: its error node hangs off detached
+        # copies of the incoming gradients, so torch.autograd.grad(g, x) finds x unreached ("not used in the
+        # graph", or None with allow_unused=True: a second derivative silently zero).
+        if torch.is_grad_enabled():
+            raise ValueError(f"adjoint={ctx.plan.mode!r}: the gradient of a solve differentiated step by step is "
+                             "not itself differentiable (create_graph=True, a second derivative or a Hessian); "
+                             "use adjoint='autograd', or create_graph=False")
+        return _SolveFunction._backward(ctx, *grads)
+
+    @staticmethod
+    @once_differentiable
+    def _backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         plan: _Plan = ctx.plan
         saved = list(ctx.saved_tensors)
         y0, state0_leaves = saved[0], saved[1:1 + plan.n_state]
@@ -431,7 +453,7 @@ class _SolveFunction(torch.autograd.Function):
             replayed.pop(plan.steps[i][1], None)  # the evaluation kept for this step's recomputation, if unused
             if plan.mode == "reversible" and i > 0:
                 y_cur, state_cur = y_in, (rebuild_in(iter(leaves_in)) if rebuild_in is not None else None)
-        plan.solution.stats.extra[NFE_BACKWARD] = plan.solution.stats.extra.get(NFE_BACKWARD, 0) + counter[0]
+        ctx.stats.extra[NFE_BACKWARD] = ctx.stats.extra.get(NFE_BACKWARD, 0) + counter[0]
         grad_state0 = adj[1:1 + plan.n_state] if plan.state_rebuild is not None else []
         return (None, adj[0], *grad_state0, *adj_params)
 
@@ -530,7 +552,9 @@ def integrate_adjoint(f: Callable[[float, Tensor], Tensor], y0: Tensor, solver: 
     plan = _Plan(f, solver, stepping, adjoint, tuple(params), dict(integrate_options),
                  state_rebuild=state_rebuild, n_state=len(state_leaves), save_at=save_at, save_state=save_state)
     outputs = _SolveFunction.apply(plan, y0, *state_leaves, *params)
-    sol = plan.solution
+    # the caller's, not the node's: the forward's solution holds the node's outputs (its end state), which hold the
+    # node, which holds the plan; kept there, that loop through autograd's graph would never be freed
+    sol, plan.solution = plan.solution, None
     saved, plan.saved = plan.saved, {}  # the node keeps no reference to them: they are the caller's
     end_leaves, end_rebuild = _flatten(sol.state)
     end_state = end_rebuild(iter(outputs[1:1 + len(end_leaves)]))

@@ -1,0 +1,57 @@
+"""Review R12 of two merged branches: flow-matching Heun (C2) and gradients through saved states (E2).
+
+Each test failed on the main it was written against and names what went wrong.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from test_adjoint import Net, _flow
+
+import flowdiff
+
+NOISE = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("solver, adjoint", [("euler", "checkpoint"), ("heun", "checkpoint"),
+                                             ("dpmpp_2m", "checkpoint"), ("reversible_heun", "reversible")])
+@pytest.mark.parametrize("denoised", [False, True])
+@pytest.mark.parametrize("backward", [False, True])
+def test_saved_states_of_a_differentiated_solve_are_freed(solver, adjoint, denoised, backward):
+    """The saved states are outputs of the solve's autograd node, and the node held the caller's Saver (through
+    save_at and the tapped field) and the forward's solution (the end's state): a reference loop through autograd's
+    graph that gc never collects. Every generate with Save under checkpoint/reversible leaked its states."""
+    x = NOISE.clone().requires_grad_()
+    res = flowdiff.generate(_flow(Net()), x, solver=solver, steps=5, adjoint=adjoint,
+                            save=flowdiff.Save(steps=True, denoised=denoised))
+    held = [res.x, *(s.x for s in res.saved), *(s.denoised for s in res.saved if s.denoised is not None)]
+    refs = [weakref.ref(t) for t in held]
+    if backward:
+        (res.x.sum() + sum(s.x.pow(2).sum() for s in res.saved)).backward()
+    del res, held
+    gc.collect()
+    assert [r() is None for r in refs] == [True] * len(refs)
+
+
+@pytest.mark.parametrize("loss_on", ["end", "saved"])
+@pytest.mark.parametrize("adjoint", ["checkpoint", "reversible"])
+def test_a_second_derivative_through_the_node_is_refused(adjoint, loss_on):
+    """once_differentiable's error node hangs off detached copies of the incoming gradients: a second derivative
+    by torch.autograd.grad(g, x) said 'appears to not have been used in the graph', and with allow_unused=True
+    returned None (zero) where autograd's is not."""
+    solver = "reversible_heun" if adjoint == "reversible" else "euler"
+    x = NOISE.clone().requires_grad_()
+    res = flowdiff.generate(_flow(Net()), x, solver=solver, steps=5, adjoint=adjoint, save=flowdiff.Save(steps=True))
+    loss = res.x.pow(2).sum() if loss_on == "end" else sum(s.x.pow(2).sum() for s in res.saved)
+    with pytest.raises(ValueError, match=f"adjoint='{adjoint}'.*create_graph=True.*adjoint='autograd'"):
+        g, = torch.autograd.grad(loss, x, create_graph=True)
+        torch.autograd.grad(g.sum(), x, allow_unused=True)
+    # without create_graph the same backward pass runs, and autograd's second derivative is not zero
+    ref = flowdiff.generate(_flow(Net()), x, solver=solver, steps=5, save=flowdiff.Save(steps=True))
+    loss = ref.x.pow(2).sum() if loss_on == "end" else sum(s.x.pow(2).sum() for s in ref.saved)
+    g, = torch.autograd.grad(loss, x, create_graph=True)
+    assert torch.autograd.grad(g.sum(), x)[0].abs().max() > 0
