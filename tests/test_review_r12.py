@@ -55,3 +55,27 @@ def test_a_second_derivative_through_the_node_is_refused(adjoint, loss_on):
     loss = ref.x.pow(2).sum() if loss_on == "end" else sum(s.x.pow(2).sum() for s in ref.saved)
     g, = torch.autograd.grad(loss, x, create_graph=True)
     assert torch.autograd.grad(g.sum(), x)[0].abs().max() > 0
+
+
+@pytest.mark.parametrize("adjoint", ["checkpoint", "reversible"])
+@pytest.mark.parametrize("loss_on", ["end", "first saved", "first denoised"])
+def test_a_tensor_the_solve_cannot_see_is_refused_whatever_the_loss_is_on(adjoint, loss_on):
+    """The check for tensors requiring grad that the node cannot see ran on the last step only, whose adjoint is
+    empty when the loss is on earlier saved states: the model's weights (held by a closure) got no gradient, silently
+    (autograd gives them one)."""
+    net = Net()
+    weight = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    flow = flowdiff.ProbabilityFlow(lambda x, t: net(x, t) * weight, flowdiff.Schedule.linear())
+    solver = "reversible_heun" if adjoint == "reversible" else "heun"
+
+    def loss(res: flowdiff.Result) -> torch.Tensor:
+        first = res.saved[0]
+        return {"end": res.x.pow(2).sum(), "first saved": first.x.pow(2).sum(),
+                "first denoised": (first.denoised if first.denoised is not None else first.x).pow(2).sum()}[loss_on]
+
+    save = flowdiff.Save(steps=True, denoised=True)
+    res = flowdiff.generate(flow, NOISE, solver=solver, steps=5, save=save)
+    assert torch.autograd.grad(loss(res), weight)[0] != 0  # autograd's
+    res = flowdiff.generate(flow, NOISE.clone().requires_grad_(), solver=solver, steps=5, adjoint=adjoint, save=save)
+    with pytest.raises(ValueError, match="tensor.* requiring grad that the solve cannot see"):
+        loss(res).backward()

@@ -435,7 +435,8 @@ class _SolveFunction(torch.autograd.Function):
                                            "did; the solver's evaluations are not reproducible")
                     pairs.append((tapped[0], into_f[i]))
                 wrt = [y_var, *vars_in, *params]
-                if not checked:
+                if not checked and pairs:  # the first step a loss reaches (the last with a loss on the end, an
+                    # earlier one with a loss on saved states only: the steps after it have no adjoint to check with)
                     _refuse_hidden_leaves([o for o, _ in pairs], wrt)
                     checked = True
                 live = [j for j, v in enumerate(wrt) if v.requires_grad]  # e.g. not an integer state tensor
