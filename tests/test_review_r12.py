@@ -37,6 +37,21 @@ def test_saved_states_of_a_differentiated_solve_are_freed(solver, adjoint, denoi
     assert [r() is None for r in refs] == [True] * len(refs)
 
 
+@pytest.mark.parametrize("solver, adjoint", [("dpmpp_2m", "checkpoint"), ("reversible_heun", "reversible")])
+def test_an_encode_and_its_decode_with_saved_states_are_freed(solver, adjoint):
+    """The same loop through the encode's node (its latent's carried state among the node's outputs) and the
+    decode's."""
+    images = NOISE.clamp(-1, 1).requires_grad_()
+    save = flowdiff.Save(steps=True, denoised=True)
+    enc = flowdiff.encode(_flow(Net()), images, solver=solver, steps=5, adjoint=adjoint, save=save)
+    dec = flowdiff.decode(_flow(Net()), enc.latent, adjoint=adjoint, save=save)
+    refs = [weakref.ref(t) for t in (enc.x, dec.x, *(s.x for s in enc.saved + dec.saved))]
+    (dec.x.sum() + sum(s.xbar.sum() for s in enc.saved)).backward()
+    del enc, dec
+    gc.collect()
+    assert [r() is None for r in refs] == [True] * len(refs)
+
+
 @pytest.mark.parametrize("loss_on", ["end", "saved"])
 @pytest.mark.parametrize("adjoint", ["checkpoint", "reversible"])
 def test_a_second_derivative_through_the_node_is_refused(adjoint, loss_on):
