@@ -20,8 +20,12 @@
   evaluations as its forward (the wrapper's inverse costs two base evaluations a step more).
 
 Adaptive solves, the stochastic η process and fixed-point inversion are refused (they take
-``"autograd"``). The backward pass is once differentiable: a backward pass that would build a graph
-(``create_graph=True``, for a second derivative) is refused with a ValueError.
+``"autograd"``). A model that draws random numbers (dropout in training mode) draws the same ones in
+``"checkpoint"``'s recomputation: the CPU generator's state, and the CUDA device's, are kept at each step
+boundary where the forward pass drew any, and restored for that step (the caller's states are left as they
+were); ``"reversible"``, whose inverse steps evaluate the model elsewhere, refuses such a model. The
+backward pass is once differentiable: a backward pass that would build a graph (``create_graph=True``,
+for a second derivative) is refused with a ValueError.
 
 All three give the gradient of the *discrete* solve (not the continuous adjoint ODE of
 ``torchdiffeq.odeint_adjoint``): equal to autograd's to rounding. With the quantised reversible
@@ -53,6 +57,7 @@ lose that part of its gradient unseen (under ``"autograd"`` they are differentia
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -213,6 +218,9 @@ class _Plan:
     save_state: bool = False
     solution: Solution | None = None
     saved: dict[int, Saved] = field(default_factory=dict)
+    #: the random number generators' states at the start of each step, where the model drew from them (dropout in
+    #: training mode): the backward pass redraws the same numbers in its recomputation. None when it drew none.
+    rng: list[tuple[Tensor, Tensor | None]] | None = None
 
     def __post_init__(self) -> None:
         ts = self.stepping.times()
@@ -288,9 +296,19 @@ class _SolveFunction(torch.autograd.Function):
                 saved_at[info.step] = (info.t1, info.y, info.state if plan.save_state else None)
                 if plan.save_state:
                     pending[:] = [(info.step, info.t1, info.y)]
+            rng.append(_rng_state(y0.device))  # the start of the next step, after anything the callback drew
 
+        rng = [_rng_state(y0.device)]  # before the solver's init, which the recomputation of step 0 repeats
         sol = solvers.integrate(tapping, y0, plan.solver, plan.stepping, state=state0, callback=keep,
                                 **plan.integrate_options)
+        if not _same_rng(rng[0], rng[-1]):  # the model drew random numbers (a generator's state only advances)
+            if plan.mode == "reversible":
+                raise ValueError("adjoint='reversible': the model drew random numbers during the solve (dropout or "
+                                 "another random layer in training mode), which the solver's inverse steps, evaluating "
+                                 "the model again elsewhere, cannot draw again: the rebuilt states and the gradient "
+                                 "would be wrong. Put the model in eval mode, or use adjoint='checkpoint' (which "
+                                 "redraws them step by step) or 'autograd'")
+            plan.rng = rng
         # forward-only: the caller's save_at holds its records, which hold this node's outputs, and the node holds
         # the plan: kept, that loop through autograd's graph is never collected (the saved states leak)
         plan.save_at = None
@@ -414,7 +432,7 @@ class _SolveFunction(torch.autograd.Function):
                     y_in, state_in = plan.inverse_step(field_kept if plan.replays(i) else field_counted, i,
                                                        y_cur, state_cur)
                 leaves_in, rebuild_in = _flatten(state_in)
-            with torch.enable_grad():
+            with torch.enable_grad(), _rng_replayed(None if plan.rng is None else plan.rng[i], y_in.device):
                 y_var = y_in.detach().requires_grad_(True)
                 vars_in = _leaves_like(leaves_in)
                 if rebuild_in is None:  # step 0 of a solve that starts without a state: the init is part of it
@@ -457,6 +475,30 @@ class _SolveFunction(torch.autograd.Function):
         ctx.stats.extra[NFE_BACKWARD] = ctx.stats.extra.get(NFE_BACKWARD, 0) + counter[0]
         grad_state0 = adj[1:1 + plan.n_state] if plan.state_rebuild is not None else []
         return (None, adj[0], *grad_state0, *adj_params)
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The CPU generator's state, and ``device``'s where it is a CUDA device (host-side copies: no sync)."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _same_rng(a: tuple[Tensor, Tensor | None], b: tuple[Tensor, Tensor | None]) -> bool:
+    return torch.equal(a[0], b[0]) and (a[1] is None or torch.equal(a[1], b[1]))
+
+
+@contextlib.contextmanager
+def _rng_replayed(state: tuple[Tensor, Tensor | None] | None, device: torch.device) -> Iterator[None]:
+    """Run the block with the generators in ``state`` (what a step of the forward pass drew from), the caller's
+    states restored after it (as :func:`torch.utils.checkpoint.checkpoint` does for one segment); nothing when
+    ``state`` is None."""
+    if state is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if state[1] is not None else []):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
 
 
 def _tap(f: Callable[[float, Tensor], Tensor], t_at: float, y_at: Tensor, into: list[Tensor]
