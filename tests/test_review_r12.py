@@ -139,3 +139,15 @@ def test_reversible_refuses_a_model_that_draws_random_numbers():
     got, _ = _dropout_gradients(net, "generate", "reversible_heun", "reversible", None)
     ref, _ = _dropout_gradients(net, "generate", "reversible_heun", "autograd", None)
     assert all(float((g - r).abs().max()) <= 1e-10 * float(r.abs().max()) for g, r in zip(got, ref))
+
+
+def test_a_callback_that_draws_random_numbers_is_not_the_models_draw():
+    """Only the steps' own evaluations count: a callback drawing from the generator leaves 'reversible' usable."""
+    net = Net()
+    x = NOISE.clone().requires_grad_()
+    with pytest.warns(UserWarning, match="callback= carry no gradient"):
+        res = flowdiff.generate(_flow(net), x, solver="reversible_heun", steps=5, adjoint="reversible",
+                                callback=lambda state: torch.rand(1))
+    got = torch.autograd.grad(res.x.pow(2).sum(), x)[0]
+    ref = torch.autograd.grad(flowdiff.generate(_flow(net), x, solver="reversible_heun", steps=5).x.pow(2).sum(), x)[0]
+    assert float((got - ref).abs().max()) <= 1e-10 * float(ref.abs().max())

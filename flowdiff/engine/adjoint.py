@@ -285,6 +285,8 @@ class _SolveFunction(torch.autograd.Function):
             return k
 
         def keep(info: solvers.StepInfo) -> None:
+            if not drew and not _same_rng(rng[-1], _rng_state(y0.device)):  # the step's evaluations drew
+                drew.append(info.step)
             pending.clear()
             i = info.step + 1  # the start of step i is the end of step i - 1
             if i < n and plan.keeps(i):
@@ -299,9 +301,10 @@ class _SolveFunction(torch.autograd.Function):
             rng.append(_rng_state(y0.device))  # the start of the next step, after anything the callback drew
 
         rng = [_rng_state(y0.device)]  # before the solver's init, which the recomputation of step 0 repeats
+        drew: list[int] = []  # the first step whose evaluations drew random numbers (not the callback's draws)
         sol = solvers.integrate(tapping, y0, plan.solver, plan.stepping, state=state0, callback=keep,
                                 **plan.integrate_options)
-        if not _same_rng(rng[0], rng[-1]):  # the model drew random numbers (a generator's state only advances)
+        if drew:
             if plan.mode == "reversible":
                 raise ValueError("adjoint='reversible': the model drew random numbers during the solve (dropout or "
                                  "another random layer in training mode), which the solver's inverse steps, evaluating "
