@@ -151,3 +151,28 @@ def test_a_callback_that_draws_random_numbers_is_not_the_models_draw():
     got = torch.autograd.grad(res.x.pow(2).sum(), x)[0]
     ref = torch.autograd.grad(flowdiff.generate(_flow(net), x, solver="reversible_heun", steps=5).x.pow(2).sum(), x)[0]
     assert float((got - ref).abs().max()) <= 1e-10 * float(ref.abs().max())
+
+
+class _HiddenAtHighNoise(torch.nn.Module):
+    """Net, times a weight the solve cannot see (a global, not an attribute) at high noise only."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.net, self._weight = Net(), [weight]
+
+    def forward(self, x, t):
+        out = self.net(x, t)
+        return out * self._weight[0] if float(t.flatten()[0]) > 500 else out
+
+
+@pytest.mark.parametrize("solver, adjoint", [("euler", "checkpoint"), ("reversible_heun", "reversible")])
+def test_a_tensor_the_solve_cannot_see_at_some_steps_only_is_refused(solver, adjoint):
+    """The check ran on one step (the last a loss reaches); a tensor the model uses at other σ only lost its gradient
+    silently (autograd's is not zero)."""
+    weight = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    flow = flowdiff.ProbabilityFlow(_HiddenAtHighNoise(weight), flowdiff.Schedule.linear())
+    x = NOISE.clone().requires_grad_()
+    assert torch.autograd.grad(flowdiff.generate(flow, x, solver=solver, steps=5).x.sum(), weight)[0] != 0
+    res = flowdiff.generate(flow, x, solver=solver, steps=5, adjoint=adjoint)
+    with pytest.raises(ValueError, match=r"1 tensor\(s\) requiring grad that the solve cannot see"):
+        res.x.sum().backward()

@@ -418,7 +418,6 @@ class _SolveFunction(torch.autograd.Function):
             ends = saved[pos:pos + ctx.n_outputs]
             y_cur, state_cur = ends[0], out_rebuild(iter(ends[1:]))
         adj_params: list[Tensor | None] = [None] * len(params)
-        checked = False
         for i in range(len(plan.steps) - 1, -1, -1):
             for j, g in enumerate(into.get(i, ())):
                 if g is not None:
@@ -456,10 +455,9 @@ class _SolveFunction(torch.autograd.Function):
                                            "did; the solver's evaluations are not reproducible")
                     pairs.append((tapped[0], into_f[i]))
                 wrt = [y_var, *vars_in, *params]
-                if not checked and pairs:  # the first step a loss reaches (the last with a loss on the end, an
-                    # earlier one with a loss on saved states only: the steps after it have no adjoint to check with)
+                if pairs:  # every step a loss reaches: a model may use a tensor at some σ only (or the loss be on
+                    # saved states only, leaving the last steps without an adjoint to check with)
                     _refuse_hidden_leaves([o for o, _ in pairs], wrt)
-                    checked = True
                 live = [j for j, v in enumerate(wrt) if v.requires_grad]  # e.g. not an integer state tensor
                 got: list[Tensor | None] = [None] * len(wrt)
                 if pairs and live:
