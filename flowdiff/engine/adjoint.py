@@ -20,8 +20,12 @@
   evaluations as its forward (the wrapper's inverse costs two base evaluations a step more).
 
 Adaptive solves, the stochastic η process and fixed-point inversion are refused (they take
-``"autograd"``). The backward pass is once differentiable: a second derivative through it is an
-error from autograd.
+``"autograd"``). A model that draws random numbers (dropout in training mode) draws the same ones in
+``"checkpoint"``'s recomputation: the CPU generator's state, and the CUDA device's, are kept at each step
+boundary where the forward pass drew any, and restored for that step (the caller's states are left as they
+were); ``"reversible"``, whose inverse steps evaluate the model elsewhere, refuses such a model. The
+backward pass is once differentiable: a backward pass that would build a graph (``create_graph=True``,
+for a second derivative) is refused with a ValueError.
 
 All three give the gradient of the *discrete* solve (not the continuous adjoint ODE of
 ``torchdiffeq.odeint_adjoint``): equal to autograd's to rounding. With the quantised reversible
@@ -53,6 +57,7 @@ lose that part of its gradient unseen (under ``"autograd"`` they are differentia
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -148,26 +153,32 @@ def _flatten(obj: Any) -> tuple[list[Tensor], Callable[[Iterator[Tensor]], Any]]
     :class:`solvers.History`'s ``past``, lists, dicts) and a function rebuilding it from new tensors."""
     if isinstance(obj, Tensor):
         return [obj], lambda it: next(it)
+    # the rebuilds hold the state's type and keys, not the state: its tensors may be the solve node's outputs, and
+    # the node keeps rebuilds (a loop through autograd's graph that would never be freed)
     if isinstance(obj, (tuple, list)):
         parts = [_flatten(v) for v in obj]
         extra = dict(vars(obj)) if isinstance(obj, tuple) and hasattr(obj, "__dict__") else {}
         extra_parts = {k: _flatten(v) for k, v in extra.items()}
         leaves = [t for p in parts for t in p[0]] + [t for p in extra_parts.values() for t in p[0]]
+        rebuilds = [p[1] for p in parts]
+        extra_rebuilds = {k: p[1] for k, p in extra_parts.items()}
+        kind, named = type(obj), hasattr(obj, "_fields")
 
         def rebuild(it: Iterator[Tensor]) -> Any:
-            items = [p[1](it) for p in parts]
-            if isinstance(obj, list):
+            items = [r(it) for r in rebuilds]
+            if issubclass(kind, list):
                 return items
-            new = type(obj)._make(items) if hasattr(obj, "_fields") else type(obj)(items)
-            for k, p in extra_parts.items():
-                setattr(new, k, p[1](it))
+            new = kind._make(items) if named else kind(items)
+            for k, r in extra_rebuilds.items():
+                setattr(new, k, r(it))
             return new
 
         return leaves, rebuild
     if isinstance(obj, dict):
         keys = list(obj)
         parts = [_flatten(obj[k]) for k in keys]
-        return [t for p in parts for t in p[0]], lambda it: {k: p[1](it) for k, p in zip(keys, parts)}
+        rebuilds = [p[1] for p in parts]
+        return [t for p in parts for t in p[0]], lambda it: {k: r(it) for k, r in zip(keys, rebuilds)}
     return [], lambda it: obj
 
 
@@ -207,6 +218,9 @@ class _Plan:
     save_state: bool = False
     solution: Solution | None = None
     saved: dict[int, Saved] = field(default_factory=dict)
+    #: the random number generators' states at the start of each step, where the model drew from them (dropout in
+    #: training mode): the backward pass redraws the same numbers in its recomputation. None when it drew none.
+    rng: list[tuple[Tensor, Tensor | None]] | None = None
 
     def __post_init__(self) -> None:
         ts = self.stepping.times()
@@ -271,6 +285,8 @@ class _SolveFunction(torch.autograd.Function):
             return k
 
         def keep(info: solvers.StepInfo) -> None:
+            if not drew and not _same_rng(rng[-1], _rng_state(y0.device)):  # the step's evaluations drew
+                drew.append(info.step)
             pending.clear()
             i = info.step + 1  # the start of step i is the end of step i - 1
             if i < n and plan.keeps(i):
@@ -282,9 +298,23 @@ class _SolveFunction(torch.autograd.Function):
                 saved_at[info.step] = (info.t1, info.y, info.state if plan.save_state else None)
                 if plan.save_state:
                     pending[:] = [(info.step, info.t1, info.y)]
+            rng.append(_rng_state(y0.device))  # the start of the next step, after anything the callback drew
 
+        rng = [_rng_state(y0.device)]  # before the solver's init, which the recomputation of step 0 repeats
+        drew: list[int] = []  # the first step whose evaluations drew random numbers (not the callback's draws)
         sol = solvers.integrate(tapping, y0, plan.solver, plan.stepping, state=state0, callback=keep,
                                 **plan.integrate_options)
+        if drew:
+            if plan.mode == "reversible":
+                raise ValueError("adjoint='reversible': the model drew random numbers during the solve (dropout or "
+                                 "another random layer in training mode), which the solver's inverse steps, evaluating "
+                                 "the model again elsewhere, cannot draw again: the rebuilt states and the gradient "
+                                 "would be wrong. Put the model in eval mode, or use adjoint='checkpoint' (which "
+                                 "redraws them step by step) or 'autograd'")
+            plan.rng = rng
+        # forward-only: the caller's save_at holds its records, which hold this node's outputs, and the node holds
+        # the plan: kept, that loop through autograd's graph is never collected (the saved states leak)
+        plan.save_at = None
         sol.stats.extra.setdefault(NFE_BACKWARD, 0)
         plan.solution = sol
         end_leaves, end_rebuild = _flatten(sol.state)
@@ -309,6 +339,7 @@ class _SolveFunction(torch.autograd.Function):
             ctx.saved_layout.append((step, len(leaves), k is not None))
         ctx.tap_times = {step + 1: saved_at[step][0] for step in taps}
         ctx.plan = plan
+        ctx.stats = sol.stats  # the caller's statistics, where the backward pass adds its evaluations
         ctx.set_materialize_grads(False)  # a saved state without a loss on it adds nothing (None, not zeros)
         ctx.end_rebuild = end_rebuild
         ctx.kept_index = sorted(kept)
@@ -323,8 +354,20 @@ class _SolveFunction(torch.autograd.Function):
         return tuple(outputs)
 
     @staticmethod
-    @once_differentiable  # a second derivative through it is refused by autograd, not returned wrong
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        # Autograd runs a backward pass in grad mode exactly when it builds a graph of it (create_graph=True: a
+        # second derivative). once_differentiable alone does not refuse that: its error node hangs off detached
+        # copies of the incoming gradients, so torch.autograd.grad(g, x) finds x unreached ("not used in the
+        # graph", or None with allow_unused=True: a second derivative silently zero).
+        if torch.is_grad_enabled():
+            raise ValueError(f"adjoint={ctx.plan.mode!r}: the gradient of a solve differentiated step by step is "
+                             "not itself differentiable (create_graph=True, a second derivative or a Hessian); "
+                             "use adjoint='autograd', or create_graph=False")
+        return _SolveFunction._backward(ctx, *grads)
+
+    @staticmethod
+    @once_differentiable
+    def _backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         plan: _Plan = ctx.plan
         saved = list(ctx.saved_tensors)
         y0, state0_leaves = saved[0], saved[1:1 + plan.n_state]
@@ -375,7 +418,6 @@ class _SolveFunction(torch.autograd.Function):
             ends = saved[pos:pos + ctx.n_outputs]
             y_cur, state_cur = ends[0], out_rebuild(iter(ends[1:]))
         adj_params: list[Tensor | None] = [None] * len(params)
-        checked = False
         for i in range(len(plan.steps) - 1, -1, -1):
             for j, g in enumerate(into.get(i, ())):
                 if g is not None:
@@ -392,7 +434,7 @@ class _SolveFunction(torch.autograd.Function):
                     y_in, state_in = plan.inverse_step(field_kept if plan.replays(i) else field_counted, i,
                                                        y_cur, state_cur)
                 leaves_in, rebuild_in = _flatten(state_in)
-            with torch.enable_grad():
+            with torch.enable_grad(), _rng_replayed(None if plan.rng is None else plan.rng[i], y_in.device):
                 y_var = y_in.detach().requires_grad_(True)
                 vars_in = _leaves_like(leaves_in)
                 if rebuild_in is None:  # step 0 of a solve that starts without a state: the init is part of it
@@ -413,9 +455,9 @@ class _SolveFunction(torch.autograd.Function):
                                            "did; the solver's evaluations are not reproducible")
                     pairs.append((tapped[0], into_f[i]))
                 wrt = [y_var, *vars_in, *params]
-                if not checked:
+                if pairs:  # every step a loss reaches: a model may use a tensor at some σ only (or the loss be on
+                    # saved states only, leaving the last steps without an adjoint to check with)
                     _refuse_hidden_leaves([o for o, _ in pairs], wrt)
-                    checked = True
                 live = [j for j, v in enumerate(wrt) if v.requires_grad]  # e.g. not an integer state tensor
                 got: list[Tensor | None] = [None] * len(wrt)
                 if pairs and live:
@@ -431,9 +473,33 @@ class _SolveFunction(torch.autograd.Function):
             replayed.pop(plan.steps[i][1], None)  # the evaluation kept for this step's recomputation, if unused
             if plan.mode == "reversible" and i > 0:
                 y_cur, state_cur = y_in, (rebuild_in(iter(leaves_in)) if rebuild_in is not None else None)
-        plan.solution.stats.extra[NFE_BACKWARD] = plan.solution.stats.extra.get(NFE_BACKWARD, 0) + counter[0]
+        ctx.stats.extra[NFE_BACKWARD] = ctx.stats.extra.get(NFE_BACKWARD, 0) + counter[0]
         grad_state0 = adj[1:1 + plan.n_state] if plan.state_rebuild is not None else []
         return (None, adj[0], *grad_state0, *adj_params)
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The CPU generator's state, and ``device``'s where it is a CUDA device (host-side copies: no sync)."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _same_rng(a: tuple[Tensor, Tensor | None], b: tuple[Tensor, Tensor | None]) -> bool:
+    return torch.equal(a[0], b[0]) and (a[1] is None or torch.equal(a[1], b[1]))
+
+
+@contextlib.contextmanager
+def _rng_replayed(state: tuple[Tensor, Tensor | None] | None, device: torch.device) -> Iterator[None]:
+    """Run the block with the generators in ``state`` (what a step of the forward pass drew from), the caller's
+    states restored after it (as :func:`torch.utils.checkpoint.checkpoint` does for one segment); nothing when
+    ``state`` is None."""
+    if state is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if state[1] is not None else []):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
 
 
 def _tap(f: Callable[[float, Tensor], Tensor], t_at: float, y_at: Tensor, into: list[Tensor]
@@ -530,7 +596,9 @@ def integrate_adjoint(f: Callable[[float, Tensor], Tensor], y0: Tensor, solver: 
     plan = _Plan(f, solver, stepping, adjoint, tuple(params), dict(integrate_options),
                  state_rebuild=state_rebuild, n_state=len(state_leaves), save_at=save_at, save_state=save_state)
     outputs = _SolveFunction.apply(plan, y0, *state_leaves, *params)
-    sol = plan.solution
+    # the caller's, not the node's: the forward's solution holds the node's outputs (its end state), which hold the
+    # node, which holds the plan; kept there, that loop through autograd's graph would never be freed
+    sol, plan.solution = plan.solution, None
     saved, plan.saved = plan.saved, {}  # the node keeps no reference to them: they are the caller's
     end_leaves, end_rebuild = _flatten(sol.state)
     end_state = end_rebuild(iter(outputs[1:1 + len(end_leaves)]))

@@ -91,7 +91,8 @@ def method_of(solver: Solver) -> Solver:
 
 
 def variables_of(solver: Solver) -> str:
-    """The variables a solver is meant to run in: ``"data"`` for the exponential integrators, else ``"sigma"``.
+    """The variables a solver is meant to run in: ``"data"`` for the exponential integrators, ``"flow_matching"`` for
+    the methods declared so (``flowmatch_heun``), else ``"sigma"``.
 
     A name declared with :func:`prefer_variables` decides; otherwise a wrapper (shifted evaluations, corrected
     coefficients) runs in its base method's variables, so that zero shifts are the base method bit for bit."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -85,10 +86,16 @@ class Saver:
         record that no evaluation reaches (the solve's end) keeps ``None``."""
         if not self.save.denoised:
             return field
-        records = self.records
+        # weakly: a differentiated solve's node keeps this field for its backward pass, and the records hold that
+        # node's outputs (adjoint="checkpoint"); a strong reference would make a loop autograd's graph never frees
+        saver = weakref.ref(self)
 
         def f(t: float, y: Tensor) -> Tensor:
             k = field(t, y)
+            self = saver()
+            if self is None:
+                return k
+            records = self.records
             if records and self._saved is not None and y is self._saved[0] and t == self._saved[1] \
                     and records[-1].denoised is None:
                 records[-1] = records[-1]._replace(denoised=denoised(t, y, Derivative(t, k)))

@@ -63,10 +63,11 @@ def sample_quality(images: Tensor, labels: Tensor | None = None) -> dict[str, fl
     """Quality figures of 8×8 digit images in the model's data scale [−1, 1] (see the module docstring).
 
     ``images``: shape (N, 1, 8, 8) or (N, 64), N ≥ 2; values are clipped to [−1, 1] first (the
-    data range: a sample's overshoot, however far). Images with no value below
-    :data:`QUALITY_BACKGROUND_MARGIN` (−0.5) have no digit background (−1) and are refused rather than
+    data range: a sample's overshoot, however far). A set with no value below
+    :data:`QUALITY_BACKGROUND_MARGIN` (−0.5) has no digit background (−1) and is refused rather than
     scored as wrong digits: images in [0, 1] (rescale: ``images * 2 - 1``) or pixels in [0, 255]
-    (``images / 127.5 - 1``).
+    (``images / 127.5 - 1``). The rule reads the set's scale, not each image: one image of another scale
+    among digits in [−1, 1] is clipped and scored.
     ``labels`` (optional, N integers 0–9): the classes the samples were conditioned on, adding ``accuracy``.
     Returns ``n``, ``confidence``, ``digit_score``, ``nn_distance``, ``nn_distance_test``, ``nn_ratio`` (and
     ``accuracy``), all floats.
