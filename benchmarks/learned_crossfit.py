@@ -12,6 +12,11 @@ solves. Per budget: the pick across solvers (and their tuned grids) on the calib
 makes it: with the half-fit, each candidate's RMS over the whole batch (fitted and held-out halves); with the refit,
 its RMS over the whole batch, on which it was fitted.
 
+``--two-fold`` adds the 2-fold variant: the same fit with the halves swapped (fitted on the odd half, judged on
+the even one), then the two folds' parameters averaged (shifts, scales and directions arithmetically, the grid's σ
+geometrically, the shifts then clipped to the averaged grid's intervals; a fold that was not kept drops out, none
+kept leaves the tuned grid), both for the two half-fits and for the two refits.
+
 References come from (and go to) ``/tmp/flowdiff_bench_cache``, as ``bench_learned.py``'s.
 
 Usage: cd benchmarks; PYTHONPATH=.. python learned_crossfit.py --models mixture --nfe 5,6,8,10
@@ -21,6 +26,7 @@ Usage: cd benchmarks; PYTHONPATH=.. python learned_crossfit.py --models mixture 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import platform
 import time
@@ -35,7 +41,7 @@ from bench_learned import LEARN, calibration_reference, solver_specs
 
 import flowdiff
 import solvers
-from flowdiff.tools.learned import _learn_both
+from flowdiff.tools.learned import _learn_both, _reference, shift_intervals
 
 MODELS = {"mixture": (mixture_flow, 1e-8), "patches": (patch_flow, 1e-8)}
 
@@ -45,7 +51,28 @@ def whole(half_or_refit, part_error: float) -> float:
     return math.sqrt((half_or_refit.calibration_error ** 2 + part_error ** 2) / 2)
 
 
-def cell(flow, key, calibration, noise, ref, budget, spec, learn, iterations, max_evals, tol) -> dict:
+def averaged(flow, fits):
+    """The kept ``fits`` (same solver, budget and starting grid) averaged: shifts, scales and directions
+    arithmetically, each σ of the grid geometrically (σ = 0 stays), the shifts clipped to the averaged grid's
+    intervals; ``None`` when none was kept."""
+    kept = [f for f in fits if f.kept]
+    if not kept:
+        return None
+    first = kept[0]
+    sigmas = first.sigmas.copy()
+    for i, s in enumerate(first.sigmas):
+        if s > 0:
+            sigmas[i] = math.exp(sum(math.log(f.sigmas[i]) for f in kept) / len(kept))
+    mean = {kind: tuple(sum(vals) / len(kept) for vals in zip(*(getattr(f, kind) for f in kept)))
+            for kind in ("shifts", "scales", "directions")}
+    if mean["shifts"]:
+        bounds = shift_intervals(first.base(), sigmas, flow.schedule, first.options["shift_bound"])
+        mean["shifts"] = tuple(min(max(d, lo), hi) for d, (lo, hi) in zip(mean["shifts"], bounds))
+    return dataclasses.replace(first, sigmas=sigmas, **mean)
+
+
+def cell(flow, key, calibration, noise, ref, budget, spec, learn, iterations, max_evals, tol,
+         two_fold=False) -> dict:
     label, name, options = spec
     tuned = flowdiff.tune(flow, calibration, solver=name, solver_options=options, nfe=budget, progress=False,
                           max_evals=max_evals, reference_tol=tol)
@@ -79,6 +106,26 @@ def cell(flow, key, calibration, noise, ref, budget, spec, learn, iterations, ma
         row["refit_cal"] = row["refit_fit"] = refit.calibration_error
         # the refit's error on all the calibration noise is no worse than the half-fit's there (its start)
         assert refit.calibration_error <= whole(half, half.validation_error) * (1 + 1e-9)
+    if two_fold:  # the halves swapped: fitted on the odd half, judged on the even one
+        swapped = torch.empty_like(calibration)
+        swapped[0::2], swapped[1::2] = calibration[1::2], calibration[0::2]
+        other, other_refit = _learn_both(flow, swapped, solver=name, solver_options=options, nfe=budget,
+                                         sigmas=tuned.sigmas, reference_tol=tol, learn=learn, iterations=iterations)
+        row["other_kept"] = other.kept
+        row["other_ps"] = evaluated(other)
+        row["solves_2fold"] = row["solves"] + (other_refit or other).solves
+        cal_ref = _reference(flow, calibration, None, tol)[0]  # the cached calibration reference
+        for label, fits in (("avg_half", (half, other)), ("avg_refit", (refit or half, other_refit or other))):
+            mean = averaged(flow, fits)
+            row[label + "_ps"] = evaluated(mean) if mean is not None else per_sample_error(tuned_x, ref)
+            if mean is not None:  # its error on the whole calibration batch, for the pick
+                with torch.no_grad():
+                    out = flowdiff.generate(flow, calibration, solver=mean.as_solver(), grid=mean.sigmas).x
+                row[label + "_cal"] = rmse(out, cal_ref)
+            else:
+                row[label + "_cal"] = tuned.calibration_error
+        for label in ("other", "avg_half", "avg_refit"):
+            row[label] = float(row[label + "_ps"].pow(2).mean().sqrt())
     return row
 
 
@@ -96,6 +143,7 @@ def main() -> None:
     parser.add_argument("--patch-max-evals", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0, help="evaluation noise seed; calibration seed + 1")
     parser.add_argument("--cal-seed", type=int, default=None, help="the calibration seed (default: seed + 1)")
+    parser.add_argument("--two-fold", action="store_true", help="add the 2-fold variant (twice the fits)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -107,7 +155,8 @@ def main() -> None:
              f"`python benchmarks/learned_crossfit.py --models {args.models} --nfe {args.nfe} --solvers "
              f"'{args.solvers}' --patch-solvers '{args.patch_solvers}' --learn {args.learn} --iterations "
              f"{args.iterations} --batch {args.batch} --calibration {args.calibration} --max-evals {args.max_evals} "
-             f"--patch-max-evals {args.patch_max_evals} --seed {args.seed} --cal-seed {cal_seed}` — "
+             f"--patch-max-evals {args.patch_max_evals} --seed {args.seed} --cal-seed {cal_seed}"
+             f"{' --two-fold' if args.two_fold else ''}` — "
              f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, float64.", ""]
     started = time.perf_counter()
 
@@ -133,10 +182,20 @@ def main() -> None:
         picks = ["", f"Picks on the calibration batch ({key}):", "",
                  "| NFE | pick with half-fits | evaluation RMSE | pick with refits | evaluation RMSE | change |",
                  "|---:|---|---:|---|---:|---:|"]
+        folds = ["", f"2-fold ({key}): evaluation RMSE of the even-half fit (today's half-fit) and its refit, the "
+                 "odd-half fit (judged on the even half), the average of the two half-fits and of the two refits "
+                 "(kept folds only).", "",
+                 "| NFE | solver | even half | its refit (shipped) | odd half | average of the half-fits | "
+                 "average of the refits | candidate solves: half → refit → both folds with refits |",
+                 "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        folds_picks = ["", f"Picks on the calibration batch ({key}), refits against the 2-fold average of the refits:",
+                       "", "| NFE | pick with refits | evaluation RMSE | pick with 2-fold averages | evaluation RMSE | "
+                       "change |", "|---:|---|---:|---|---:|---:|"]
         for budget in (int(b) for b in args.nfe.split(",")):
             rows = []
             for spec in specs:
-                row = cell(flow, key, calibration, noise, ref, budget, spec, learn, args.iterations, evals, tol)
+                row = cell(flow, key, calibration, noise, ref, budget, spec, learn, args.iterations, evals, tol,
+                           args.two_fold)
                 rows.append(row)
                 change = ratio(row["refit_ps"], row["half_ps"].unsqueeze(0))
                 lines.append(f"| {budget} | `{row['solver']}` | {row['tuned']:.3e} | {row['held']:.3e} vs "
@@ -144,6 +203,12 @@ def main() -> None:
                              f"{change.ratio:.3f} [{change.low:.3f}, {change.high:.3f}] | {row['half_solves']} → "
                              f"{row['solves']} |")
                 print(lines[-1], f"[{row['seconds']:.0f} s]", flush=True)
+                if args.two_fold:
+                    folds.append(f"| {budget} | `{row['solver']}` | {row['half']:.3e} | {row['refit']:.3e} | "
+                                 f"{row['other']:.3e}{'' if row['other_kept'] else ' (not kept)'} | "
+                                 f"{row['avg_half']:.3e} | {row['avg_refit']:.3e} | {row['half_solves']} → "
+                                 f"{row['solves']} → {row['solves_2fold']} |")
+                    print(folds[-1], flush=True)
                 write()
             # a tuned grid alone is a candidate too (bench_learned.py's rows), on its calibration error
             cands = [(r["tuned_cal"], r["tuned"], f"`{r['solver']}` tuned grid") for r in rows]
@@ -152,7 +217,12 @@ def main() -> None:
                                       if r["kept"]])
             picks.append(f"| {budget} | {half_pick[2]} | {half_pick[1]:.3e} | {refit_pick[2]} | {refit_pick[1]:.3e} | "
                          f"{100 * (refit_pick[1] / half_pick[1] - 1):+.1f} % |")
-        lines += picks + [""]
+            if args.two_fold:  # the average of the two folds' refits, on its whole-batch error
+                fold_pick = min(cands + [(r["avg_refit_cal"], r["avg_refit"], f"`{r['solver']}` 2-fold average")
+                                         for r in rows if r["kept"] or r["other_kept"]])
+                folds_picks.append(f"| {budget} | {refit_pick[2]} | {refit_pick[1]:.3e} | {fold_pick[2]} | "
+                                   f"{fold_pick[1]:.3e} | {100 * (fold_pick[1] / refit_pick[1] - 1):+.1f} % |")
+        lines += picks + (folds + folds_picks if args.two_fold else []) + [""]
         write()
     lines.append(f"Total wall time {time.perf_counter() - started:.0f} s.")
     write()

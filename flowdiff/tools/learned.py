@@ -69,9 +69,9 @@ one kind is learned, each is first fitted alone and the fit of all starts from t
 A kept fit is then **cross-fitted**: the variant the held-out half chose is fitted again on all the
 noise, from the half's fit (the same parameters free, the same bounds and ``iterations``; what that
 variant left at zero stays zero), so that the half the decision was made on shapes the result too
-(on the held-out halves of the benchmark models the gap between the fitted and the held-out half
-was most of the error). Its held-out error is the half-fit's: the refit has no noise left to be
-judged on, and that figure is the only honest one.
+(measured against the half-fit on evaluation noise in ``benchmarks/learned_crossfit.py``). Its held-out
+error is the half-fit's: the refit has no noise left to be judged on, and that figure is the only
+honest one.
 
 A :class:`LearnedSolver` records the flow's fingerprint, the grid, the shifts and coefficients,
 its errors and its cost in model evaluations (``fitting_nfe``: the teacher's and every
