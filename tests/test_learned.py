@@ -14,7 +14,7 @@ import solvers
 from flowdiff.engine.formulations import Data
 from flowdiff.engine.loop import solve_grid
 from flowdiff.models.analytic import Gaussian
-from flowdiff.tools.learned import LearnedSolver, learn_solver
+from flowdiff.tools.learned import LearnedSolver, _learn_both, learn_solver
 
 
 def _gaussian():
@@ -155,7 +155,8 @@ def test_bad_arguments_name_what_is_accepted():
 def test_shifts_lower_the_fitted_error_spend_the_base_nfe_and_are_kept_only_if_held_out_agrees(name):
     flow = mixture()
     cal = noise(1, n=16)
-    learned = learn_solver(flow, cal, solver=name, nfe=6, learn="shifts")
+    half, refit = _learn_both(flow, cal, solver=name, nfe=6, learn="shifts")
+    learned = half if refit is None else refit  # what learn_solver returns
     assert learned.learn == ("shifts",) and learned.coefficients == () and learned.base_sigmas is None
     assert len(learned.shifts) == len(learned.sigmas) - 1
     assert learned.calibration_error < learned.base_calibration_error
@@ -164,8 +165,10 @@ def test_shifts_lower_the_fitted_error_spend_the_base_nfe_and_are_kept_only_if_h
     base_x = flowdiff.generate(flow, cal[1::2], solver=name, grid=learned.sigmas).x
     assert _rms(base_x, ref) == pytest.approx(learned.base_validation_error, rel=1e-9)
     forced = LearnedSolver(**{**learned.__dict__, "kept": True})
-    held_x = flowdiff.generate(flow, cal[1::2], solver=forced.as_solver(), grid=learned.sigmas).x
-    if learned.kept:  # the held-out half decided on the learned solver's own error there
+    # the held-out half decided on the half-fit's own error there (the refit's is not held out)
+    held_x = flowdiff.generate(flow, cal[1::2], solver=LearnedSolver(**{**half.__dict__, "kept": True}).as_solver(),
+                               grid=half.sigmas).x
+    if learned.kept:
         assert _rms(held_x, ref) == pytest.approx(learned.validation_error, rel=1e-9)
         assert learned.validation_error < learned.base_validation_error
     else:
@@ -325,7 +328,7 @@ def test_a_learned_start_lowers_the_error_keeps_the_nfe_and_is_judged_against_th
     of the learned grid's solve against the reference from σ_max, measured again here."""
     flow = mixture()
     cal = noise(1, n=16)
-    learned = learn_solver(flow, cal, solver="euler", nfe=3, learn="start")
+    half, learned = _learn_both(flow, cal, solver="euler", nfe=3, learn="start")
     start = learned.base_grid()
     assert learned.learn == ("start",) and start[0] == flow.schedule.sigma_max
     assert learned.kept and learned.validation_error < learned.base_validation_error  # held out agrees
@@ -334,7 +337,7 @@ def test_a_learned_start_lowers_the_error_keeps_the_nfe_and_is_judged_against_th
     assert start[1] < grid[0] < start[0] and np.array_equal(grid[1:], start[1:])  # only the first σ moved, down
     ref = flowdiff.reference_solution(flow, cal, sigma_end=0.0, rtol=1e-7, atol=1e-7)
     assert ref.sigma_start == flow.schedule.sigma_max
-    held = flowdiff.generate(flow, cal[1::2], solver="euler", grid=grid).x
+    held = flowdiff.generate(flow, cal[1::2], solver="euler", grid=half.sigmas).x  # the half-fit's, held out
     assert _rms(held, ref.x[1::2]) == pytest.approx(learned.validation_error, rel=1e-9)
     base = flowdiff.generate(flow, cal[1::2], solver="euler", grid=start).x
     assert _rms(base, ref.x[1::2]) == pytest.approx(learned.base_validation_error, rel=1e-9)
@@ -778,7 +781,7 @@ def test_learned_directions_lower_the_error_against_the_teacher_on_other_noise_a
     flow = mixture()
     cal = noise(1, n=32)
     scaled = learn_solver(flow, cal, solver="unipc", nfe=4, learn="scales")
-    both = learn_solver(flow, cal, solver="unipc", nfe=4, learn=("scales", "directions"))
+    half, both = _learn_both(flow, cal, solver="unipc", nfe=4, learn=("scales", "directions"))
     assert both.learn == ("scales", "directions") and scaled.kept
     assert len(both.directions) == len(both.sigmas) - 1 and both.directions[-1] == 0.0
     assert all(abs(w) <= 0.5 for w in both.directions) and any(both.directions)
@@ -787,9 +790,9 @@ def test_learned_directions_lower_the_error_against_the_teacher_on_other_noise_a
     assert both.scales != scaled.scales
     assert both.calibration_error < scaled.calibration_error
     assert both.kept and both.validation_error < scaled.validation_error
-    # the held-out half chose the joint fit over the scales alone and neither, by its own error there
+    # the held-out half chose the joint fit over the scales alone and neither, by its own (half-fit's) error there
     ref = flowdiff.reference_solution(flow, cal, sigma_end=0.0, rtol=1e-7, atol=1e-7).x[1::2]
-    held_x = flowdiff.generate(flow, cal[1::2], solver=both.as_solver(), grid=both.sigmas).x
+    held_x = flowdiff.generate(flow, cal[1::2], solver=half.as_solver(), grid=half.sigmas).x
     assert _rms(held_x, ref) == pytest.approx(both.validation_error, rel=1e-9)
     assert both.validation_error < min(scaled.validation_error, scaled.base_validation_error)
     other = noise(7, n=32)
@@ -840,3 +843,123 @@ def test_directions_save_load_bit_for_bit_and_format_3_files_still_load(tmp_path
     (tmp_path / "bad3.json").write_text(json.dumps({**data, "directions": []}))
     with pytest.raises(ValueError, match="malformed learned solver .*LearnedSolver/3.* holds no directions"):
         LearnedSolver.load(tmp_path / "bad3.json", flow)
+
+
+# -- cross-fitting: the chosen variant refitted on all the calibration noise ---------------------------------------
+
+
+class _Counted:
+    """A flow's field that records the σ of every model evaluation and can be fingerprinted (learn_solver records
+    the flow's fingerprint; ``counting``'s plain function cannot be)."""
+
+    def __init__(self, flow):
+        self.inner, self.calls, self.tag = flow.sigma_field, [], torch.zeros(1)
+
+    def field(self, xbar, sigma, **kwargs):
+        self.calls.append(sigma)
+        return self.inner(xbar, sigma, **kwargs)
+
+
+def _counted(flow):
+    counted = _Counted(flow)
+    return flowdiff.ProbabilityFlow.from_sigma_field(counted.field, flow.schedule), counted.calls
+
+
+def _teacher(flow, cal):
+    """The teacher learn_solver asks for, solved (and cached) now: the calls counted after it are the fit's own
+    (``reference_nfe`` counts the teacher's solve, not the looser solve reference_solution checks its error with)."""
+    flowdiff.reference_solution(flow, cal, sigma_end=0.0, rtol=1e-7, atol=1e-7)
+    del _counted_calls(flow)[:]
+
+
+def _counted_calls(flow):
+    return flow.sigma_field.__self__.calls
+
+
+def _half_fit(fit):
+    """A half-fit as the solver it would be (``_learn_both``'s first result)."""
+    return fit.as_solver(), fit.sigmas
+
+
+def test_a_kept_fit_is_refitted_on_all_the_noise_from_the_half_fit_and_keeps_the_half_fits_held_out_error():
+    flow = mixture()
+    cal = noise(1, n=16)
+    half, refit = _learn_both(flow, cal, solver="unipc", nfe=5)
+    learned = learn_solver(flow, cal, solver="unipc", nfe=5)
+    assert half.kept and refit is not None and learned.kept
+    # learn_solver returns the refit, not the half-fit
+    assert learned.shifts == refit.shifts and learned.scales == refit.scales and np.array_equal(learned.sigmas,
+                                                                                                refit.sigmas)
+    assert (learned.shifts, learned.scales, learned.directions, tuple(learned.sigmas)) != (
+        half.shifts, half.scales, half.directions, tuple(half.sigmas))
+    assert (learned.options["fitted_on"], half.options["fitted_on"]) == ("all", "even half")
+    # on all the calibration noise the refit is no worse than the half-fit it started from, and its figures are there
+    ref = flowdiff.reference_solution(flow, cal, sigma_end=0.0, rtol=1e-7, atol=1e-7).x
+    errors = {}
+    for key, (solver, grid) in {"refit": _half_fit(learned), "half": _half_fit(half),
+                                "base": (half.base(), half.base_grid())}.items():
+        out = flowdiff.generate(flow, cal, solver=solver, grid=grid)
+        assert out.stats.nfe <= 5
+        errors[key] = _rms(out.x, ref)
+    assert errors["refit"] < errors["half"]
+    assert learned.calibration_error == pytest.approx(errors["refit"], rel=1e-9)
+    assert learned.base_calibration_error == pytest.approx(errors["base"], rel=1e-9)
+    # the held-out figures are the half-fit's (the refit saw the held-out half): measured again on that half
+    assert (learned.validation_error, learned.base_validation_error) == (half.validation_error,
+                                                                         half.base_validation_error)
+    held = flowdiff.generate(flow, cal[1::2], solver=half.as_solver(), grid=half.sigmas).x
+    assert _rms(held, ref[1::2]) == pytest.approx(learned.validation_error, rel=1e-9)
+    # a kind the held-out half left at zero stays at zero in the refit
+    for kind in ("scales", "directions"):
+        if not any(getattr(half, kind)):
+            assert not any(getattr(learned, kind))
+
+
+def test_the_refit_keeps_the_variant_the_held_out_half_chose():
+    """Where the held-out half takes the scales alone over the joint fit, the refit fits no directions."""
+    flow = mixture()
+    cal = noise(1, n=16)
+    half, refit = _learn_both(flow, cal, solver="ipndm", nfe=5, learn=("shifts", "scales", "directions"))
+    assert half.kept and any(half.scales) and not any(half.directions)  # this noise takes the scales alone
+    assert refit.learn == half.learn and set(refit.directions) == {0.0} and refit.scales != half.scales
+
+
+def test_fitting_nfe_counts_the_refit_exactly():
+    flow = mixture()
+    cal = noise(1, n=16)
+    counted, calls = _counted(flow)
+    _teacher(counted, cal)
+    learned = learn_solver(counted, cal, solver="unipc", nfe=5, iterations=2)
+    assert learned.kept and learned.options["fitted_on"] == "all"
+    assert learned.fitting_nfe - learned.reference_nfe == len(calls)  # every candidate solve: half-fit and refit
+    half, _ = _learn_both(flow, cal, solver="unipc", nfe=5, iterations=2)
+    per_solve = flowdiff.generate(flow, cal, solver=learned.as_solver(), grid=learned.sigmas).stats.nfe
+    assert learned.solves > half.solves  # the refit's candidate solves (all the noise in one solve each)
+    assert learned.fitting_nfe - half.fitting_nfe == (learned.solves - half.solves) * per_solve
+
+
+def test_a_fit_the_held_out_half_rejects_is_not_refitted():
+    flow = mixture()
+    cal = noise(4, n=4)
+    counted, calls = _counted(flow)
+    _teacher(counted, cal)
+    learned = learn_solver(counted, cal, solver="ipndm", nfe=6, learn=("shifts", "scales"), iterations=3)
+    half, refit = _learn_both(flow, cal, solver="ipndm", nfe=6, learn=("shifts", "scales"), iterations=3)
+    assert not half.kept and refit is None and not learned.kept
+    assert learned.options["fitted_on"] == "even half" and learned.fitting_nfe == half.fitting_nfe
+    assert learned.fitting_nfe - learned.reference_nfe == len(calls)
+    assert learned.solves == half.solves and set(learned.shifts) == set(learned.scales) == {0.0}
+
+
+def test_a_refitted_solver_saves_and_loads_bit_for_bit(tmp_path):
+    flow = mixture()
+    cal = noise(1, n=8)
+    learned = learn_solver(flow, cal, solver="unipc", nfe=5, iterations=2)
+    assert learned.kept and learned.options["fitted_on"] == "all"
+    back = LearnedSolver.load(learned.save(tmp_path / "refit.learned.json"), flow)
+    assert back.options == learned.options and back.shifts == learned.shifts and back.scales == learned.scales
+    assert back.directions == learned.directions and np.array_equal(back.sigmas, learned.sigmas)
+    assert (back.validation_error, back.calibration_error, back.fitting_nfe, back.solves) == (
+        learned.validation_error, learned.calibration_error, learned.fitting_nfe, learned.solves)
+    assert torch.equal(flowdiff.generate(flow, cal, solver=learned.as_solver(), grid=learned.sigmas).x,
+                       flowdiff.generate(flow, cal, solver=back.as_solver(), grid=back.sigmas).x)
