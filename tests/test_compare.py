@@ -115,7 +115,8 @@ def test_a_given_reference_is_used_and_survives_a_file_round_trip(tmp_path):
     path = ref.save(tmp_path / "ref.safetensors", key="gaussian|seed 0")
     loaded = Reference.load(path, key="gaussian|seed 0")
     assert loaded == Reference(loaded.x, ref.sigma_start, ref.sigma_end, ref.solver, ref.rtol, ref.atol, ref.nfe,
-                               ref.wall_time, ref.error)
+                               ref.wall_time, ref.error, ref.error_nfe)
+    assert ref.error_nfe > 0  # the looser solve that checks the reference is counted
     assert torch.equal(loaded.x, ref.x)
     assert Reference.load(path, key="another model") is None
     result = compare(flow, noise, solvers=["euler"], grids=["trailing"], nfe=[5], reference=loaded)
@@ -129,6 +130,15 @@ def test_a_given_reference_is_used_and_survives_a_file_round_trip(tmp_path):
     save_file({"x": torch.zeros(1)}, str(other))
     with pytest.raises(ValueError, match="not a flowdiff reference"):
         Reference.load(other)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:  # a file written before error_nfe was recorded still reads
+        meta = {k: v for k, v in fh.metadata().items() if k != "error_nfe"}
+    old = tmp_path / "old.safetensors"
+    save_file({"x": ref.x.contiguous()}, str(old), metadata={**meta, "format": "flowdiff.Reference/2"})
+    read = Reference.load(old)
+    assert read == Reference(read.x, ref.sigma_start, ref.sigma_end, ref.solver, ref.rtol, ref.atol, ref.nfe,
+                             ref.wall_time, ref.error, 0) and torch.equal(read.x, ref.x)
 
 
 def test_a_float32_network_is_solved_in_float64_for_the_reference():

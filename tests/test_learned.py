@@ -15,6 +15,7 @@ from flowdiff.engine.formulations import Data
 from flowdiff.engine.loop import solve_grid
 from flowdiff.models.analytic import Gaussian
 from flowdiff.tools.learned import LearnedSolver, _learn_both, learn_solver
+from flowdiff.tools.reference import clear_reference_cache
 
 
 def _gaussian():
@@ -867,7 +868,7 @@ def _counted(flow):
 
 def _teacher(flow, cal):
     """The teacher learn_solver asks for, solved (and cached) now: the calls counted after it are the fit's own
-    (``reference_nfe`` counts the teacher's solve, not the looser solve reference_solution checks its error with)."""
+    (``reference_nfe`` counts both the teacher's solve and the looser solve reference_solution checks it with)."""
     flowdiff.reference_solution(flow, cal, sigma_end=0.0, rtol=1e-7, atol=1e-7)
     del _counted_calls(flow)[:]
 
@@ -963,3 +964,22 @@ def test_a_refitted_solver_saves_and_loads_bit_for_bit(tmp_path):
         learned.validation_error, learned.calibration_error, learned.fitting_nfe, learned.solves)
     assert torch.equal(flowdiff.generate(flow, cal, solver=learned.as_solver(), grid=learned.sigmas).x,
                        flowdiff.generate(flow, cal, solver=back.as_solver(), grid=back.sigmas).x)
+
+
+def test_fitting_nfe_counts_the_teacher_and_its_error_check_exactly():
+    """``reference_nfe`` is every evaluation the teacher cost: its solve and the looser solve that checks its error
+    (it counted the first alone: 288 of 511 on the mixture); with nothing cached, ``fitting_nfe`` is every call."""
+    clear_reference_cache()
+    flow = mixture()
+    cal = noise(2, n=8)
+    counted, calls = _counted(flow)
+    flowdiff.reference_solution(counted, cal, sigma_end=0.0, rtol=1e-7, atol=1e-7)
+    teacher = len(calls)
+    clear_reference_cache()
+    del calls[:]
+    learned = learn_solver(counted, cal, solver="unipc", nfe=5, iterations=1)
+    assert learned.reference_nfe == teacher and learned.fitting_nfe == len(calls)
+    clear_reference_cache()
+    del calls[:]
+    tuned = flowdiff.tune(counted, cal, solver="unipc", nfe=5, max_evals=6)
+    assert tuned.reference_nfe == teacher and tuned.tuning_nfe == len(calls)

@@ -152,7 +152,8 @@ class LearnedSolver:
     was fitted on (all of it, or the even half), ``validation_error`` / ``base_validation_error`` those of
     the half-fit and the base method on the held-out half: the refit's own is not known (it saw that half),
     so the half-fit's is the figure to trust. ``fitting_nfe`` counts every model evaluation the fit spent
-    (teacher and refit included: ``reference_nfe``), ``solves`` the candidate solves. ``source`` is the
+    (the refit included, and the teacher with the looser solve that checks it: ``reference_nfe``), ``solves`` the
+    candidate solves. ``source`` is the
     file it was read from.
 
     Use: ``generate(flow, noise, solver=learned.as_solver(), grid=learned.sigmas)``.
@@ -511,7 +512,7 @@ def _check_noise(noise: Tensor) -> None:
 def _reference(flow: ProbabilityFlow, noise: Tensor, model_kwargs, tol: float) -> tuple[Tensor, int]:
     ref = reference_solution(flow, noise, rtol=tol, atol=tol, model_kwargs=model_kwargs,
                              sigma_end=0.0 if flow.sigma_field is not None else None)
-    return ref.x.to(device=noise.device, dtype=torch.float64), ref.nfe
+    return ref.x.to(device=noise.device, dtype=torch.float64), ref.nfe + ref.error_nfe  # the teacher and its check
 
 
 def _rms(x: Tensor, target: Tensor) -> float:

@@ -37,7 +37,9 @@ from ..engine.terminal import refuse_infinite_start
 class Reference:
     """The float64 reference image ``x`` from noise started at ``sigma_start``, solved to ``sigma_end``.
 
-    ``nfe`` and ``wall_time`` are the reference solve's own cost. ``error`` estimates its
+    ``nfe`` and ``wall_time`` are the reference solve's own cost, ``error_nfe`` the cost of the second solve
+    that checks it (the whole reference costs ``nfe + error_nfe``; files written before it was recorded, format
+    ``flowdiff.Reference/2``, read it as 0). ``error`` estimates its
     RMS error from a second solve at 100× looser tolerances, assuming tolerance
     proportionality (global error ∝ tolerance, Hairer, Nørsett & Wanner, "Solving Ordinary
     Differential Equations I", §II.4): with e_tight = c·tol and e_loose = 100·c·tol,
@@ -53,6 +55,7 @@ class Reference:
     nfe: int
     wall_time: float
     error: float
+    error_nfe: int = 0
 
     def save(self, path: str | Path, key: str = "") -> Path:
         """Write this reference to a safetensors file, with ``key`` saying what it belongs to."""
@@ -61,7 +64,8 @@ class Reference:
         meta = {"format": _REFERENCE_FORMAT, "key": key, "sigma_start": self.sigma_start.hex(),
                 "sigma_end": self.sigma_end.hex(), "solver": self.solver,
                 "rtol": self.rtol.hex(), "atol": self.atol.hex(), "nfe": str(self.nfe),
-                "wall_time": repr(self.wall_time), "error": repr(self.error)}
+                "wall_time": repr(self.wall_time), "error": repr(self.error),
+                "error_nfe": str(self.error_nfe)}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"x": self.x.detach().to("cpu", torch.float64).contiguous()}, str(path), metadata=meta)
@@ -74,17 +78,20 @@ class Reference:
 
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-            if meta.get("format") != _REFERENCE_FORMAT:
+            if meta.get("format") not in (_REFERENCE_FORMAT, _REFERENCE_FORMAT_2):
                 raise ValueError(f"{path} is not a flowdiff reference file (format {meta.get('format')!r})")
             if key is not None and meta.get("key") != key:
                 return None
             x = fh.get_tensor("x")
         return cls(x, float.fromhex(meta["sigma_start"]), float.fromhex(meta["sigma_end"]), meta["solver"],
                    float.fromhex(meta["rtol"]),
-                   float.fromhex(meta["atol"]), int(meta["nfe"]), float(meta["wall_time"]), float(meta["error"]))
+                   float.fromhex(meta["atol"]), int(meta["nfe"]), float(meta["wall_time"]), float(meta["error"]),
+                   int(meta.get("error_nfe", "0")))
 
 
-_REFERENCE_FORMAT = "flowdiff.Reference/2"
+_REFERENCE_FORMAT = "flowdiff.Reference/3"
+#: files written before ``error_nfe`` was recorded; still read (``error_nfe`` = 0)
+_REFERENCE_FORMAT_2 = "flowdiff.Reference/2"
 
 _CACHE: weakref.WeakKeyDictionary[ProbabilityFlow, dict[tuple, Reference]] = weakref.WeakKeyDictionary()
 
@@ -188,10 +195,10 @@ def reference_solution(
         tight, nfe = _solve_reference(flow64, noise64, s0, s_end, solver, rtol, atol, model_kwargs, bar.callback)
         wall = time.perf_counter() - start
         bar.stage = "its error check"
-        loose, _ = _solve_reference(flow64, noise64, s0, s_end, solver, _LOOSER * rtol, _LOOSER * atol,
+        loose, error_nfe = _solve_reference(flow64, noise64, s0, s_end, solver, _LOOSER * rtol, _LOOSER * atol,
                                     model_kwargs, bar.callback)
     error = float((loose - tight).pow(2).mean().sqrt()) / (_LOOSER - 1)
-    ref = Reference(tight, s0, s_end, solver, rtol, atol, nfe, wall, error)
+    ref = Reference(tight, s0, s_end, solver, rtol, atol, nfe, wall, error, error_nfe)
     if use_cache:
         _CACHE.setdefault(flow, {})[key] = ref
     return ref

@@ -81,7 +81,8 @@ class TunedGrid:
     RMS image error on the calibration noise, ``initial_error`` that of the named grid the
     search started from (``initial_grid``); ``tuning_nfe`` and ``tuning_seconds`` are the
     search's cost (model evaluations of the candidate solves, plus the reference's
-    ``reference_nfe``, and the DP's teacher, ``teacher_nfe``). ``options`` are the tuning options
+    ``reference_nfe`` — its solve and the looser solve that checks it — and the DP's teacher, ``teacher_nfe``).
+    ``options`` are the tuning options
     used (seed, evaluations, ...), ``method`` the :data:`METHODS` entry. ``source`` is the file a
     stored grid was read from by :func:`stored_grid` (empty for a grid tuned in this process).
     """
@@ -342,6 +343,7 @@ def tune(
     ref = reference_solution(flow, noise, rtol=tol, atol=tol, model_kwargs=model_kwargs,
                              sigma_end=0.0 if flow.sigma_field is not None else None,
                              progress=opts.get("progress", True))
+    ref_cost = ref.nfe + ref.error_nfe  # the teacher and the looser solve that checks it
     target = ref.x.to(device=noise.device, dtype=torch.float64)
     halves = (slice(0, None, 2), slice(1, None, 2)) if validate else (slice(None), None)
     spent = {"nfe": 0, "evals": 0}
@@ -426,7 +428,7 @@ def tune(
     if initial_err < best_err:  # the held-out choice may not undo the start: never worse on the whole batch
         best_sigmas, best_err = initial[2], initial_err
     return TunedGrid(best_sigmas.copy(), solver, solver_options, nfe, flow_fingerprint(flow, model_kwargs), stored,
-                     best_err, initial[1], initial_err, spent["evals"], spent["nfe"] + ref.nfe + teacher_nfe, ref.nfe,
+                     best_err, initial[1], initial_err, spent["evals"], spent["nfe"] + ref_cost + teacher_nfe, ref_cost,
                      elapsed, method, teacher_nfe)
 
 
