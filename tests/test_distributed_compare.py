@@ -125,3 +125,46 @@ def test_bad_peers_and_keep_images_are_refused_on_the_split_path(given, error, m
     with pytest.raises(error, match=match):
         distributed.compare(flow, noise, ranks=AllWorkRank0(rank=0, world_size=2), solvers=["euler"],
                             grids=["trailing"], nfe=[2], **given)
+
+
+def _learned_on(flow, nfe: int, base: str = "unipc"):
+    """A LearnedSolver fitted on ``flow`` at ``nfe`` (small shifts on each step of a logsnr grid of ``nfe`` steps): the
+    split is judged on the table, which does not depend on the values a fit finds."""
+    from flowdiff.engine.fingerprint import flow_fingerprint
+    from flowdiff.engine.grids import make_sigmas
+
+    sigmas = make_sigmas(flow.schedule, "logsnr", nfe)
+    return flowdiff.LearnedSolver(solver=base, solver_options={}, nfe=nfe, sigmas=sigmas, coefficients=(),
+                                  fingerprint=flow_fingerprint(flow), kept=True, learn=("shifts",),
+                                  shifts=tuple(0.03 * (-1) ** i for i in range(nfe)))
+
+
+def _rows(result):
+    return [(r.source, r.solver, r.grid, r.budget, r.nfe, r.rms_error, r.max_error) for r in result.runs]
+
+
+def test_a_learned_solver_is_one_job_at_its_own_budget_and_grid_giving_the_one_process_table():
+    flow, noise = _problem()
+    reference = flowdiff.reference_solution(flow, noise, rtol=1e-6, atol=1e-6)
+    learned = [_learned_on(flow, NFE[1]), _learned_on(flow, NFE[0], base="dpmpp_2m")]
+    kwargs = dict(solvers=["euler", *learned, "heun"], nfe=NFE, reference=reference, keep_images=KEEP)
+    one = compare(flow, noise, **kwargs)
+    started = []
+    split = distributed.compare(flow, noise, ranks=AllWorkRank0(rank=0, world_size=2), progress=started.append,
+                                **kwargs)
+    assert _rows(split) == _rows(one)  # each learned row once, at its own budget, on its own grid
+    assert [(s.solver, s.grid, s.budget, s.reason) for s in split.skipped] == \
+        [(s.solver, s.grid, s.budget, s.reason) for s in one.skipped]
+    assert [label for label in started if label.startswith("learned")] == \
+        [f"learned(unipc)/NFE {NFE[1]}", f"learned(dpmpp_2m)/NFE {NFE[0]}"]  # one job each, not one per grid × budget
+    shown = report.shown_images(one)
+    assert list(split.images) == shown and all(torch.equal(split.images[k], one.images[k]) for k in shown)
+
+
+def test_a_learned_solver_at_a_budget_not_compared_is_refused_on_every_rank_before_any_run():
+    flow, noise = _problem()
+    started = []
+    with pytest.raises(ValueError, match=r"solvers\[1\] \(learned\(unipc\)\) was fitted at nfe=4 .* add 4 to nfe="):
+        distributed.compare(flow, noise, ranks=AllWorkRank0(rank=0, world_size=2), progress=started.append,
+                            solvers=["euler", _learned_on(flow, 4)], nfe=NFE)
+    assert started == []
