@@ -102,7 +102,9 @@ def test_compare_with_learned_files_gives_the_python_table_and_reproduces_a_lear
     (["sample", "--learned", "{unipc5}", "--grid", "karras", "--nfe", "5"], 2,
      r"--grid karras, --nfe 5 beside --learned '.*unipc5\.json'.*leave them out"),
     (["sample", "--learned", "{unipc5}", "--steps", "5"], 2, r"--steps 5 beside --learned"),
-    (["sample", "--learned", "{missing}"], 1, r"--learned '.*missing\.json': .*no such file"),
+    (["sample", "--learned", "{missing}"], 1, r"^flowdiff sample: error: --learned '.*missing\.json': no such file$"),
+    (["sample", "--learned", "{missing}", "--model", "{missing}"], 1, r"--learned '.*missing\.json': no such file"),
+    (["compare", "--learned", "{missing}", "--model", "{missing}"], 1, r"--learned '.*missing\.json': no such file"),
     (["sample", "--learned", "{folder}"], 1, r"--learned '.*': .*a folder, not a regular file"),
     (["sample", "--learned", "{malformed}"], 1, r"--learned '.*malformed\.json': .*malformed\.json is not a flowdiff "
                                                 r"learned solver"),

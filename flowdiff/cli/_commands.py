@@ -184,7 +184,7 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
     from ..tools.compare import Reference, reference_solution
 
     _unused_compare_flags(args)
-    _learned.refuse_roundtrip(args)
+    _learned.compare_flags(args)
     if args.task == "roundtrip":
         from ..models.pretrained import digits_data
 

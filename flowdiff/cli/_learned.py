@@ -61,6 +61,14 @@ def add_refused_option(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--learned", type=_refuse_learned(command), default=None, help=argparse.SUPPRESS)
 
 
+def _check_file(path: str) -> None:
+    """A missing file, a folder or a FIFO named by ``--learned`` is refused before the model is loaded."""
+    try:
+        regular_file(path, "--learned")
+    except (OSError, ValueError) as err:
+        raise CommandError(one_line(err)) from None
+
+
 def sample_flags(args: argparse.Namespace) -> None:
     """Before any work: with ``--learned``, refuse the solve options it fixes; without, restore their defaults."""
     if args.learned is None:
@@ -73,13 +81,14 @@ def sample_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"{', '.join(given)} beside --learned {args.learned!r}: the learned solver runs its own "
                          "solver on the grid and at the NFE budget it was fitted for; leave "
                          f"{'it' if len(given) == 1 else 'them'} out (or drop --learned)")
+    _check_file(args.learned)
 
 
 def load(path: str, flow: ProbabilityFlow, model_kwargs: dict[str, Any] | None) -> LearnedSolver:
     """The learned solver in ``path``, read by its own loader and checked to belong to ``flow``; any failure is a
     one-line :class:`CommandError` naming ``--learned`` and the file."""
+    _check_file(path)
     try:
-        regular_file(path, "learned solver")
         return LearnedSolver.load(path, flow, model_kwargs or None)
     except (OSError, ValueError, TypeError) as err:
         raise CommandError(f"--learned {path!r}: {one_line(err)}") from None
@@ -120,10 +129,13 @@ def compare_solvers(args: argparse.Namespace, flow: ProbabilityFlow, model_kwarg
     return entries
 
 
-def refuse_roundtrip(args: argparse.Namespace) -> None:
+def compare_flags(args: argparse.Namespace) -> None:
+    """Before any work: ``--learned`` beside ``--task roundtrip`` is refused, and each file must be there."""
     if args.task == "roundtrip" and args.learned:
         raise UsageError(f"--learned {args.learned[0]!r} beside --task roundtrip: a learned solver is fitted for "
                          "generation only and does not encode; compare it with --task generate")
+    for path in args.learned or ():
+        _check_file(path)
 
 
 def reproduce(args: argparse.Namespace, run: Any) -> str | None:  # noqa: ANN401 - a flowdiff.tools.compare.Run
@@ -134,5 +146,5 @@ def reproduce(args: argparse.Namespace, run: Any) -> str | None:  # noqa: ANN401
     return None if path is None else f"--learned {shlex.quote(path)}"
 
 
-__all__ = ["add_compare_option", "add_refused_option", "add_sample_option", "compare_solvers", "load",
-           "refuse_roundtrip", "reproduce", "sample_flags", "sample_solve"]
+__all__ = ["add_compare_option", "add_refused_option", "add_sample_option", "compare_flags", "compare_solvers",
+           "load", "reproduce", "sample_flags", "sample_solve"]
