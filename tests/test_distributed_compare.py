@@ -127,7 +127,7 @@ def test_bad_peers_and_keep_images_are_refused_on_the_split_path(given, error, m
                             grids=["trailing"], nfe=[2], **given)
 
 
-def _learned_on(flow, nfe: int, base: str = "unipc"):
+def _learned_on(flow, nfe: int, base: str = "unipc", size: float = 0.03):
     """A LearnedSolver fitted on ``flow`` at ``nfe`` (small shifts on each step of a logsnr grid of ``nfe`` steps): the
     split is judged on the table, which does not depend on the values a fit finds."""
     from flowdiff.engine.fingerprint import flow_fingerprint
@@ -136,7 +136,7 @@ def _learned_on(flow, nfe: int, base: str = "unipc"):
     sigmas = make_sigmas(flow.schedule, "logsnr", nfe)
     return flowdiff.LearnedSolver(solver=base, solver_options={}, nfe=nfe, sigmas=sigmas, coefficients=(),
                                   fingerprint=flow_fingerprint(flow), kept=True, learn=("shifts",),
-                                  shifts=tuple(0.03 * (-1) ** i for i in range(nfe)))
+                                  shifts=tuple(size * (-1) ** i for i in range(nfe)))
 
 
 def _rows(result):
@@ -168,3 +168,38 @@ def test_a_learned_solver_at_a_budget_not_compared_is_refused_on_every_rank_befo
         distributed.compare(flow, noise, ranks=AllWorkRank0(rank=0, world_size=2), progress=started.append,
                             solvers=["euler", _learned_on(flow, 4)], nfe=NFE)
     assert started == []
+
+
+class _TwoRanksHere(AllWorkRank0):
+    """Rank 0 of 2 that does every run (AllWorkRank0) and has no other rank to wait for: the command's split path
+    (its reference kept on disk by rank 0 first, then read) in one process."""
+
+    def barrier(self):
+        pass
+
+
+@pytest.mark.skipif(not HAS_DIGITS, reason="the shipped digits weights are not installed")
+def test_compare_command_with_learned_files_writes_the_one_process_table_on_the_split_path(tmp_path, capsys,
+                                                                                           monkeypatch):
+    import csv
+    import io
+
+    from flowdiff.cli import _commands
+
+    digits = flowdiff.pretrained("digits")
+    files = [_learned_on(digits, 5).save(tmp_path / "unipc5.json"),
+             _learned_on(digits, 3, base="dpmpp_2m", size=0.0).save(tmp_path / "dpm3.json")]
+    argv = [*COMPARE, "--dtype", "float32", "--learned", str(files[0]), "--learned", str(files[1])]
+
+    def table(out):
+        rows = csv.DictReader(io.StringIO((tmp_path / out / "compare.csv").read_text()))
+        return [{k: v for k, v in row.items() if k != "wall_time"} for row in rows]
+
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    monkeypatch.setattr(_commands.distributed, "process_group", lambda device: _TwoRanksHere(rank=0, world_size=2))
+    (tmp_path / "two").mkdir()
+    shutil.copy(tmp_path / "one" / "reference.safetensors", tmp_path / "two" / "reference.safetensors")
+    assert main([*argv, "--out", str(tmp_path / "two")]) == 0, capsys.readouterr().err
+    one = table("one")
+    assert [row["solver"] for row in one if row["grid"] == "fitted"] == ["learned(unipc)", "learned(dpmpp_2m)"]
+    assert table("two") == one
