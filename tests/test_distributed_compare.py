@@ -203,3 +203,14 @@ def test_compare_command_with_learned_files_writes_the_one_process_table_on_the_
     one = table("one")
     assert [row["solver"] for row in one if row["grid"] == "fitted"] == ["learned(unipc)", "learned(dpmpp_2m)"]
     assert table("two") == one
+
+
+def test_a_learned_solver_in_a_split_round_trip_is_refused_by_name_on_every_rank_before_any_run():
+    flow, _ = _problem()
+    images = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
+    started = []
+    with pytest.raises(TypeError, match=r"got a LearnedSolver \(unipc\): a learned solver is fitted for generation"):
+        distributed.compare(flow, ranks=AllWorkRank0(rank=0, world_size=2), task="roundtrip", images=images,
+                            solvers=["euler", _learned_on(flow, 3)], grids=["trailing"], nfe=[4],
+                            progress=started.append)
+    assert started == []

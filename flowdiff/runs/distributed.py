@@ -31,6 +31,7 @@ from ..tools.compare import (
     DEFAULT_NFE,
     Comparison,
     Reference,
+    _check_names,
     _learned_label,
     _split_solvers,
     default_grids,
@@ -285,9 +286,14 @@ def _named_and_learned(solvers: Iterable[str | LearnedSolver] | str | LearnedSol
                        nfe: Iterable[int] | int) -> tuple[list[str], list[LearnedSolver]]:
     """``solvers=`` as named solvers (a job per grid × budget) and learned ones (a job each, at its own budget and
     grid), each learned solver checked on every rank before any run as :func:`flowdiff.compare` checks it (fitted on
-    this flow, at one of the budgets). A round trip's are names, which its runs check."""
+    this flow, at one of the budgets). A round trip's are names, which its runs check; a learned solver there is
+    refused before any run."""
     if task == "roundtrip":
-        return _listed(solvers), []  # type: ignore[arg-type]
+        listed = [solvers] if isinstance(solvers, (str, LearnedSolver)) else list(solvers)
+        learned = [entry for entry in listed if isinstance(entry, LearnedSolver)]
+        if learned:  # refused here, on every rank, with flowdiff.compare's words (it does not encode)
+            _check_names(learned, "solvers", ())
+        return listed, []  # type: ignore[return-value]
     return _split_solvers(solvers, flow, model_kwargs, _budgets(nfe))
 
 
