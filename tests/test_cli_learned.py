@@ -102,6 +102,8 @@ def test_compare_with_learned_files_gives_the_python_table_and_reproduces_a_lear
     (["sample", "--learned", "{unipc5}", "--grid", "karras", "--nfe", "5"], 2,
      r"--grid karras, --nfe 5 beside --learned '.*unipc5\.json'.*leave them out"),
     (["sample", "--learned", "{unipc5}", "--steps", "5"], 2, r"--steps 5 beside --learned"),
+    (["sample", "--learned", "{unipc5}", "--learned", "{unipc5b}"], 2,
+     r"--learned given 2 times \('.*unipc5\.json', '.*unipc5b\.json'\): sample generates with one learned solver"),
     (["sample", "--learned", "{missing}"], 1, r"^flowdiff sample: error: --learned '.*missing\.json': no such file$"),
     (["sample", "--learned", "{missing}", "--model", "{missing}"], 1, r"--learned '.*missing\.json': no such file"),
     (["compare", "--learned", "{missing}", "--model", "{missing}"], 1, r"--learned '.*missing\.json': no such file"),

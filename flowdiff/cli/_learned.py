@@ -32,7 +32,7 @@ FIXED = {"solver": "--solver", "grid": "--grid", "nfe": "--nfe", "steps": "--ste
 def add_sample_option(parser: argparse.ArgumentParser) -> None:
     """``sample``'s ``--learned FILE``. ``--solver`` and ``--grid`` default to None here so that one given beside
     ``--learned`` can be told from its absence; :func:`sample_flags` puts their defaults back without it."""
-    parser.add_argument("--learned", default=None, metavar="FILE",
+    parser.add_argument("--learned", action="append", default=None, metavar="FILE",
                         help="generate with a learned solver saved from Python (flowdiff.learn_solver(...).save(FILE))"
                              ", on the grid and at the budget it was fitted for (so no --solver, --grid, --nfe or "
                              "--steps beside it); a file fitted for another model or --dtype is refused")
@@ -76,6 +76,10 @@ def sample_flags(args: argparse.Namespace) -> None:
             if getattr(args, name) is None:
                 setattr(args, name, value)
         return
+    if len(args.learned) > 1:  # one would be dropped
+        raise UsageError(f"--learned given {len(args.learned)} times ({', '.join(map(repr, args.learned))}): sample "
+                         "generates with one learned solver; give one (flowdiff compare takes several)")
+    args.learned = args.learned[0]
     given = [f"{flag} {getattr(args, name)}" for name, flag in FIXED.items() if getattr(args, name) is not None]
     if given:
         raise UsageError(f"{', '.join(given)} beside --learned {args.learned!r}: the learned solver runs its own "
