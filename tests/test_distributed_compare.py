@@ -125,3 +125,92 @@ def test_bad_peers_and_keep_images_are_refused_on_the_split_path(given, error, m
     with pytest.raises(error, match=match):
         distributed.compare(flow, noise, ranks=AllWorkRank0(rank=0, world_size=2), solvers=["euler"],
                             grids=["trailing"], nfe=[2], **given)
+
+
+def _learned_on(flow, nfe: int, base: str = "unipc", size: float = 0.03):
+    """A LearnedSolver fitted on ``flow`` at ``nfe`` (small shifts on each step of a logsnr grid of ``nfe`` steps): the
+    split is judged on the table, which does not depend on the values a fit finds."""
+    from flowdiff.engine.fingerprint import flow_fingerprint
+    from flowdiff.engine.grids import make_sigmas
+
+    sigmas = make_sigmas(flow.schedule, "logsnr", nfe)
+    return flowdiff.LearnedSolver(solver=base, solver_options={}, nfe=nfe, sigmas=sigmas, coefficients=(),
+                                  fingerprint=flow_fingerprint(flow), kept=True, learn=("shifts",),
+                                  shifts=tuple(size * (-1) ** i for i in range(nfe)))
+
+
+def _rows(result):
+    return [(r.source, r.solver, r.grid, r.budget, r.nfe, r.rms_error, r.max_error) for r in result.runs]
+
+
+def test_a_learned_solver_is_one_job_at_its_own_budget_and_grid_giving_the_one_process_table():
+    flow, noise = _problem()
+    reference = flowdiff.reference_solution(flow, noise, rtol=1e-6, atol=1e-6)
+    learned = [_learned_on(flow, NFE[1]), _learned_on(flow, NFE[0], base="dpmpp_2m")]
+    kwargs = dict(solvers=["euler", *learned, "heun"], nfe=NFE, reference=reference, keep_images=KEEP)
+    one = compare(flow, noise, **kwargs)
+    started = []
+    split = distributed.compare(flow, noise, ranks=AllWorkRank0(rank=0, world_size=2), progress=started.append,
+                                **kwargs)
+    assert _rows(split) == _rows(one)  # each learned row once, at its own budget, on its own grid
+    assert [(s.solver, s.grid, s.budget, s.reason) for s in split.skipped] == \
+        [(s.solver, s.grid, s.budget, s.reason) for s in one.skipped]
+    assert [label for label in started if label.startswith("learned")] == \
+        [f"learned(unipc)/NFE {NFE[1]}", f"learned(dpmpp_2m)/NFE {NFE[0]}"]  # one job each, not one per grid × budget
+    shown = report.shown_images(one)
+    assert list(split.images) == shown and all(torch.equal(split.images[k], one.images[k]) for k in shown)
+
+
+def test_a_learned_solver_at_a_budget_not_compared_is_refused_on_every_rank_before_any_run():
+    flow, noise = _problem()
+    started = []
+    with pytest.raises(ValueError, match=r"solvers\[1\] \(learned\(unipc\)\) was fitted at nfe=4 .* add 4 to nfe="):
+        distributed.compare(flow, noise, ranks=AllWorkRank0(rank=0, world_size=2), progress=started.append,
+                            solvers=["euler", _learned_on(flow, 4)], nfe=NFE)
+    assert started == []
+
+
+class _TwoRanksHere(AllWorkRank0):
+    """Rank 0 of 2 that does every run (AllWorkRank0) and has no other rank to wait for: the command's split path
+    (its reference kept on disk by rank 0 first, then read) in one process."""
+
+    def barrier(self):
+        pass
+
+
+@pytest.mark.skipif(not HAS_DIGITS, reason="the shipped digits weights are not installed")
+def test_compare_command_with_learned_files_writes_the_one_process_table_on_the_split_path(tmp_path, capsys,
+                                                                                           monkeypatch):
+    import csv
+    import io
+
+    from flowdiff.cli import _commands
+
+    digits = flowdiff.pretrained("digits")
+    files = [_learned_on(digits, 5).save(tmp_path / "unipc5.json"),
+             _learned_on(digits, 3, base="dpmpp_2m", size=0.0).save(tmp_path / "dpm3.json")]
+    argv = [*COMPARE, "--dtype", "float32", "--learned", str(files[0]), "--learned", str(files[1])]
+
+    def table(out):
+        rows = csv.DictReader(io.StringIO((tmp_path / out / "compare.csv").read_text()))
+        return [{k: v for k, v in row.items() if k != "wall_time"} for row in rows]
+
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    monkeypatch.setattr(_commands.distributed, "process_group", lambda device: _TwoRanksHere(rank=0, world_size=2))
+    (tmp_path / "two").mkdir()
+    shutil.copy(tmp_path / "one" / "reference.safetensors", tmp_path / "two" / "reference.safetensors")
+    assert main([*argv, "--out", str(tmp_path / "two")]) == 0, capsys.readouterr().err
+    one = table("one")
+    assert [row["solver"] for row in one if row["grid"] == "fitted"] == ["learned(unipc)", "learned(dpmpp_2m)"]
+    assert table("two") == one
+
+
+def test_a_learned_solver_in_a_split_round_trip_is_refused_by_name_on_every_rank_before_any_run():
+    flow, _ = _problem()
+    images = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
+    started = []
+    with pytest.raises(TypeError, match=r"got a LearnedSolver \(unipc\): a learned solver is fitted for generation"):
+        distributed.compare(flow, ranks=AllWorkRank0(rank=0, world_size=2), task="roundtrip", images=images,
+                            solvers=["euler", _learned_on(flow, 3)], grids=["trailing"], nfe=[4],
+                            progress=started.append)
+    assert started == []

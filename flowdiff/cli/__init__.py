@@ -2,6 +2,7 @@
 
     flowdiff compare                      # solvers × grids × NFE on the embedded digits model
     flowdiff sample --solver heun --nfe 19 --out samples.png
+    flowdiff sample --learned unipc-nfe6.learned.json     # a learned solver saved from Python, on its own grid
     flowdiff encode a.png b.png --out latents.safetensors
     flowdiff decode latents.safetensors --out decoded/
     flowdiff roundtrip a.png b.png --solver euler --steps 50
@@ -21,7 +22,7 @@ that cannot work, 1: a failure at run time); set ``FLOWDIFF_DEBUG=1`` to see the
 
 The package: ``_parser`` (options), ``_models`` (``--model``), ``_images`` (image files),
 ``_outputs`` (the output plan), ``_commands`` (one function per command), ``_dataset`` (``--data DIR`` runs),
-``_errors``.
+``_learned`` (``--learned FILE``: a learned solver saved from Python), ``_errors``.
 """
 
 from __future__ import annotations

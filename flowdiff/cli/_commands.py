@@ -28,7 +28,7 @@ from ..runs import distributed
 from ..runs.imageio import ImageFormat
 from ..tools.report import FILES as REPORT_FILES
 from ..tools.report import ROUNDTRIP_FIGURE
-from . import _prompt
+from . import _learned, _prompt
 from ._argtypes import available_device
 from ._errors import CommandError, UsageError, one_line
 from ._images import as_written, default_format, load_images, save_grid, write_images
@@ -184,6 +184,7 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
     from ..tools.compare import Reference, reference_solution
 
     _unused_compare_flags(args)
+    _learned.compare_flags(args)
     if args.task == "roundtrip":
         from ..models.pretrained import digits_data
 
@@ -194,11 +195,12 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
     # the reference is solved from the network as saved (copied to float64), the runs in --dtype
     loaded, dtype, device = _setup(args, convert=False, batch=args.batch)
     _untuned_calibration_seed(args, loaded)  # before --out is made: a refusal leaves nothing behind
+    run_flow = in_dtype(loaded.flow, dtype)
+    solvers = _learned.compare_solvers(args, run_flow, loaded.model_kwargs)  # each --learned file, read and checked
     out = output_dir(args.out)
     names = [*REPORT_FILES.values()] + ([ROUNDTRIP_FIGURE] if args.task == "roundtrip" else [])
     plan([(out / name, "--out") for name in names], overwrite=args.overwrite)
     ref_path = out / "reference.safetensors"
-    run_flow = in_dtype(loaded.flow, dtype)
     if args.task == "roundtrip":  # held-out digits (the shipped models' data) encoded and decoded back
         if args.peers:
             raise CommandError("--peers applies to --task generate: the peers' samplers do not encode")
@@ -238,7 +240,7 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
 
     with warnings.catch_warnings():  # said below in the flags' words, once, for the grids tuned here
         warnings.filterwarnings("ignore", message=NO_VALIDATION, category=UserWarning)
-        result = distributed.compare(run_flow, noise, ranks=ranks, solvers=args.solver, grids=args.grid,
+        result = distributed.compare(run_flow, noise, ranks=ranks, solvers=solvers, grids=args.grid,
                                      nfe=args.nfe, model_kwargs=loaded.model_kwargs or None, reference=ref,
                                      progress=not args.no_progress, calibration_noise=calibration,
                                      tune_options={"progress": not args.no_progress}, peers=args.peers or None,
@@ -308,6 +310,7 @@ def _report_facts(args: argparse.Namespace, loaded: LoadedModel, device: torch.d
 def _reproduce(args: argparse.Namespace, run, provided: dict) -> str:  # noqa: ANN001 - a flowdiff.tools.compare.Run
     """The ``flowdiff sample`` command that makes ``run``'s images (the same seeded noise, solver, grid, budget)."""
     model = "" if args.model == "digits" else f" --model {shlex.quote(args.model)}"
+    solve = _learned.reproduce(args, run) or f"--solver {run.solver} --grid {run.grid} --nfe {run.budget}"
     note = ""
     if run.grid == "tuned":
         stored = getattr(provided.get((run.solver, run.grid, run.budget)), "source", "")
@@ -316,7 +319,7 @@ def _reproduce(args: argparse.Namespace, run, provided: dict) -> str:  # noqa: A
     conditioning = "".join(f" --{name.replace('_', '-')} {shlex.quote(str(value))}"
                            for name in ("prompt", "negative_prompt", "guidance", "embedded_guidance")
                            if (value := getattr(args, name, None)) is not None)
-    return (f"flowdiff sample{model} --solver {run.solver} --grid {run.grid} --nfe {run.budget} --seed {args.seed} "
+    return (f"flowdiff sample{model} {solve} --seed {args.seed} "
             f"--num {args.batch} --dtype {args.dtype}{conditioning}{note}")
 
 
@@ -381,15 +384,18 @@ def _compare_roundtrip(args: argparse.Namespace, loaded: LoadedModel, run_flow: 
 def cmd_sample(args: argparse.Namespace) -> int:
     from ..api.sampling import generate
 
+    _learned.sample_flags(args)  # --learned fixes the solver, grid and budget: refused beside it, before any work
     (path,) = plan([(Path(args.out), "--out")], overwrite=args.overwrite)
     _check_image_suffix(path, "--out")
     loaded, dtype, device = _setup(args, batch=args.num)
     scale = _grid_scale(args, _prompt.image_shape(loaded))  # checked before the work
+    solve, how = _learned.sample_solve(args, loaded.flow, loaded.model_kwargs)
+    if args.learned is None:
+        solve.update(_grid(args, loaded))
     noise = _noise(args, args.num, loaded.shape, dtype, device)
-    result = generate(loaded.flow, noise, solver=args.solver, model_kwargs=loaded.model_kwargs or None,
-                      **_grid(args, loaded))
+    result = generate(loaded.flow, noise, model_kwargs=loaded.model_kwargs or None, **solve)
     path = save_grid(_prompt.to_images(loaded, result.x), path, scale=scale)
-    print(f"{args.num} samples with {result.solver} on the {args.grid} grid: {result.stats.nfe} NFE, "
+    print(f"{args.num} samples with {result.solver} {how}: {result.stats.nfe} NFE, "
           f"{len(result.sigmas) - 1} steps, {result.stats.wall_time:.2f} s; wrote {path}")
     return 0
 

@@ -11,7 +11,7 @@ import solvers as _solvers
 from ..engine.grids import GRIDS
 from ..tools.compare import DEFAULT_GRIDS, DEFAULT_NFE, default_solvers
 from ..tools.peers import PEERS
-from . import _likelihood
+from . import _learned, _likelihood
 from ._argtypes import device_name as _device_name
 from ._argtypes import image_count
 from ._argtypes import positive_int as _positive_int
@@ -219,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=("generate", "roundtrip"), default="generate",
                    help="roundtrip: compare encoders by decode(encode(x)) on --batch held-out digits (no --peers: "
                         "they do not encode)")
+    _learned.add_compare_option(p)
     _overwrite_option(p)
     p.set_defaults(func=cmd_compare)
 
@@ -227,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, dtype="float32", seed=True)
     add_class_label_option(p)
     _solve_options(p, solver="euler", nfe=20, steps=None)
+    _learned.add_sample_option(p)
     p.add_argument("--num", type=image_count, default=16, help="number of images (default: 16)")
     p.add_argument("--out", default="samples.png", metavar="PNG", help="output PNG (default: samples.png)")
     p.add_argument("--scale", type=_scale, default=None,
@@ -242,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="FILE|DIR",
                    help="output latents file (default: latents.safetensors); with --data, the output folder")
     add_data_options(p, "encode")
+    _learned.add_refused_option(p, "encode")
     _overwrite_option(p)
     p.set_defaults(func=with_data("encode", cmd_encode))
 
@@ -269,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the reconstructions here, each under its input's relative path and format; "
                         "with --data, the output folder (required)")
     add_data_options(p, "roundtrip")
+    _learned.add_refused_option(p, "roundtrip")
     _overwrite_option(p)
     p.set_defaults(func=with_data("roundtrip", cmd_roundtrip))
 

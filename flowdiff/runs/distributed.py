@@ -31,12 +31,16 @@ from ..tools.compare import (
     DEFAULT_NFE,
     Comparison,
     Reference,
+    _check_names,
+    _learned_label,
+    _split_solvers,
     default_grids,
     default_solvers,
     reference_solution,
     run_peers,
 )
 from ..tools.compare import compare as _compare_one
+from ..tools.learned import LearnedSolver
 from ..tools.peers import check_peers
 from ..tools.report import shown_images
 
@@ -179,7 +183,8 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
             keep_images: int = 0, **options: Any) -> Comparison:
     """:func:`flowdiff.compare` with its runs split over the ranks and the table gathered on every rank.
 
-    The runs are the product solvers × grids × budgets in :func:`flowdiff.compare`'s order; rank r
+    The runs are the product solvers × grids × budgets in :func:`flowdiff.compare`'s order, then one run per
+    :class:`~flowdiff.LearnedSolver` in ``solvers`` (at its own budget, on its own grid); rank r
     runs those at positions ≡ r (mod N), each on the whole batch, against one reference: ``reference``
     if given, else solved on rank 0 and sent to the others. Each run is the computation a single
     process makes, so the gathered rows equal a one-process table value for value (wall times aside).
@@ -198,10 +203,11 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
         return _compare_one(flow, noise, solvers=solvers, grids=grids, nfe=nfe, reference=reference,
                             progress=progress, peers=peers, keep_images=keep_images, **kwargs)
     default = encoders() if task == "roundtrip" else default_solvers()
-    names = _listed(default if solvers is None else solvers)
+    names, learned = _named_and_learned(default if solvers is None else solvers, task, flow, model_kwargs, nfe)
     if grids is None:  # the defaults of flowdiff.compare for this task (with stored tuned grids where they cover it)
         grids = DEFAULT_GRIDS if task == "roundtrip" else default_grids(flow, names, _budgets(nfe), model_kwargs)
-    jobs = [(s, g, b) for s in names for g in _listed(grids) for b in _budgets(nfe)]
+    jobs: list[tuple[Any, ...]] = [(s, g, b) for s in names for g in _listed(grids) for b in _budgets(nfe)]
+    jobs += [(fitted,) for fitted in learned]  # one job each, after the named runs as in flowdiff.compare's table
     if task != "roundtrip" and reference is None:
         if ranks.is_main:
             ref_options = {k: options[k] for k in ("reference_solver", "rtol", "atol") if k in options}
@@ -220,11 +226,18 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
     kwargs["keep_images"] = keep_images  # checked by each run (the round trip refuses it as compare() does)
     mine, own = [], {}
     for index in ranks.share(range(len(jobs))):
-        solver, grid, budget = jobs[index]
-        if progress is not None:
-            progress(f"{solver}/{grid}/NFE {budget}")
-        part = _compare_one(flow, noise, solvers=[solver], grids=[grid], nfe=[budget], reference=reference,
-                            **kwargs)
+        if len(jobs[index]) == 1:  # a learned solver: its one run on its own grid, the other budgets listed as skipped
+            (fitted,) = jobs[index]
+            if progress is not None:
+                progress(f"{_learned_label(fitted)}/NFE {fitted.nfe}")
+            part = _compare_one(flow, noise, solvers=[fitted], grids=_listed(grids), nfe=_budgets(nfe),
+                                reference=reference, **kwargs)
+        else:
+            solver, grid, budget = jobs[index]
+            if progress is not None:
+                progress(f"{solver}/{grid}/NFE {budget}")
+            part = _compare_one(flow, noise, solvers=[solver], grids=[grid], nfe=[budget], reference=reference,
+                                **kwargs)
         own.update(part.images)  # kept here; only the keys travel now, the images the report draws later
         mine.append((index, replace(part, images={}), list(part.images)))
     parts = sorted((item for gathered in ranks.all_gather(mine) for item in gathered), key=lambda item: item[0])
@@ -266,6 +279,22 @@ def _peers_on_main(result: Comparison, ranks: Ranks, flow: ProbabilityFlow, nois
                   on_run=progress)
     added = ranks.broadcast((result.runs, result.skipped, result.unavailable) if ranks.is_main else None)
     result.runs, result.skipped, result.unavailable = list(added[0]), list(added[1]), dict(added[2])
+
+
+def _named_and_learned(solvers: Iterable[str | LearnedSolver] | str | LearnedSolver, task: str,
+                       flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None,
+                       nfe: Iterable[int] | int) -> tuple[list[str], list[LearnedSolver]]:
+    """``solvers=`` as named solvers (a job per grid × budget) and learned ones (a job each, at its own budget and
+    grid), each learned solver checked on every rank before any run as :func:`flowdiff.compare` checks it (fitted on
+    this flow, at one of the budgets). A round trip's are names, which its runs check; a learned solver there is
+    refused before any run."""
+    if task == "roundtrip":
+        listed = [solvers] if isinstance(solvers, (str, LearnedSolver)) else list(solvers)
+        learned = [entry for entry in listed if isinstance(entry, LearnedSolver)]
+        if learned:  # refused here, on every rank, with flowdiff.compare's words (it does not encode)
+            _check_names(learned, "solvers", ())
+        return listed, []  # type: ignore[return-value]
+    return _split_solvers(solvers, flow, model_kwargs, _budgets(nfe))
 
 
 def _listed(values: Iterable[str] | str) -> list[str]:
