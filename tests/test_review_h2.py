@@ -107,3 +107,42 @@ def test_every_module_level_name_of_formulations_is_used():
             elif isinstance(n, ast.ImportFrom):
                 used |= {a.name for a in n.names}
     assert bound and not bound - used, f"bound in formulations.py and never read: {sorted(bound - used)}"
+
+
+@pytest.mark.parametrize("solver", ["reversible_heun", "reversible"])
+@pytest.mark.parametrize("route", ["generate", "encode", "decode"])
+def test_reversible_solver_with_save_denoised_is_refused_before_the_solve(solver, route):
+    """Reversible solvers evaluate at their second variable, never at a saved state: Save(denoised=True) returned
+    None for every x̂₀, silently. Now refused by name, before any model evaluation; Save(denoised=False) works."""
+    import _closed_form
+
+    import flowdiff
+
+    flow, calls = _closed_form.counting(_closed_form.mixture())
+    x = 0.3 * _closed_form.noise(0)  # images in the data range
+    latent = flowdiff.encode(flow, x, solver=solver, steps=3).latent if route == "decode" else None
+    calls.clear()
+    run = {"generate": lambda save: flowdiff.generate(flow, 10 * x, solver=solver, steps=3, save=save),
+           "encode": lambda save: flowdiff.encode(flow, x, solver=solver, steps=3, save=save),
+           "decode": lambda save: flowdiff.decode(flow, latent, save=save)}[route]
+    with pytest.raises(ValueError, match=rf"Save\(denoised=True\) with the reversible solver '{solver}'.*accepted"):
+        run(flowdiff.Save(steps=True, denoised=True))
+    assert calls == []
+    saved = run(flowdiff.Save(steps=True)).saved
+    assert len(saved) == 3 and all(r.denoised is None for r in saved)
+
+
+def test_save_denoised_with_a_solver_that_is_not_reversible_keeps_x0():
+    """The refusal is the reversible solvers' alone: Heun keeps x̂₀ at every saved state but the end, equal to the
+    flow's own denoised image there."""
+    import _closed_form
+
+    import flowdiff
+
+    flow = _closed_form.mixture()
+    result = flowdiff.generate(flow, 10 * _closed_form.noise(0), solver="heun", steps=3,
+                               save=flowdiff.Save(steps=True, denoised=True))
+    *inner, end = result.saved
+    assert end.denoised is None and len(inner) == 2
+    for record in inner:
+        torch.testing.assert_close(record.denoised, flow.denoised(record.xbar, record.sigma))
