@@ -178,10 +178,18 @@ def flow_matching_cases(draw: Any) -> Case:
 
 @st.composite
 def flow_matching_heun_cases(draw: Any) -> Case:
-    """FlowMatchHeun: its two fields (``shift``, ``num_train_timesteps``), and now and then a pipeline's own
-    ``sigmas``/``mu``, which its ``set_timesteps`` does not take (diffusers raises; flowdiff must refuse)."""
+    """FlowMatchHeun: its two fields (``shift``, ``num_train_timesteps``), now and then FlowMatchEuler's keys that
+    Heun does not have (``use_dynamic_shifting``, karras σ, ...: diffusers' ``from_config`` ignores them; a Heun
+    config with ``use_dynamic_shifting`` had no way through flowdiff, and its shift was read as 1), and a pipeline's
+    own ``sigmas``/``mu``, which its ``set_timesteps`` does not take (diffusers raises; flowdiff must refuse)."""
     config: dict[str, Any] = {"num_train_timesteps": draw(st.sampled_from([1000, 100])),
                               "shift": draw(st.sampled_from([1.0, 3.0, 0.5]))}
+    others = {"use_dynamic_shifting": st.booleans(), "base_shift": st.sampled_from([0.5, 0.3]),
+              "max_shift": st.sampled_from([1.15, 2.0]), "time_shift_type": st.sampled_from(["exponential", "linear"]),
+              "shift_terminal": st.sampled_from([None, 0.1]), "invert_sigmas": st.booleans(),
+              "stochastic_sampling": st.booleans(), **{kind: st.booleans() for kind in SIGMA_KINDS}}
+    for key in draw(st.lists(st.sampled_from(sorted(others)), max_size=3, unique=True)):
+        config[key] = draw(others[key])
     steps = _steps(draw, config)
     extra = draw(st.sampled_from([None] * 6 + ["mu", "sigmas"]))
     mu = 0.8 if extra == "mu" else None

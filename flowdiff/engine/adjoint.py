@@ -23,7 +23,10 @@ Adaptive solves, the stochastic η process and fixed-point inversion are refused
 ``"autograd"``). A model that draws random numbers (dropout in training mode) draws the same ones in
 ``"checkpoint"``'s recomputation: the CPU generator's state, and the CUDA device's, are kept at each step
 boundary where the forward pass drew any, and restored for that step (the caller's states are left as they
-were); ``"reversible"``, whose inverse steps evaluate the model elsewhere, refuses such a model. The
+were); ``"reversible"``, whose inverse steps evaluate the model elsewhere, refuses such a model. Buffers a
+model updates in place in training mode (BatchNorm's running statistics) are updated by the forward pass
+alone, as under ``"autograd"``: the backward pass puts back each module's buffers after its recomputations
+and inverse steps. The
 backward pass is once differentiable: a backward pass that would build a graph (``create_graph=True``,
 for a second derivative) is refused with a ValueError.
 
@@ -363,7 +366,8 @@ class _SolveFunction(torch.autograd.Function):
             raise ValueError(f"adjoint={ctx.plan.mode!r}: the gradient of a solve differentiated step by step is "
                              "not itself differentiable (create_graph=True, a second derivative or a Hessian); "
                              "use adjoint='autograd', or create_graph=False")
-        return _SolveFunction._backward(ctx, *grads)
+        with _buffers_restored():  # its recomputations and inverse steps leave BatchNorm's statistics as they were
+            return _SolveFunction._backward(ctx, *grads)
 
     @staticmethod
     @once_differentiable
@@ -485,6 +489,31 @@ def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
 
 def _same_rng(a: tuple[Tensor, Tensor | None], b: tuple[Tensor, Tensor | None]) -> bool:
     return torch.equal(a[0], b[0]) and (a[1] is None or torch.equal(a[1], b[1]))
+
+
+@contextlib.contextmanager
+def _buffers_restored() -> Iterator[None]:
+    """Run the block with the buffers of every module evaluated in it put back, after it, to their values when the
+    module's forward first ran there. A model in training mode updates buffers in place at each evaluation
+    (BatchNorm's running mean and variance and its batch count); the forward pass evaluated it once per evaluation of
+    the solve, as autograd's does, and the backward pass's recomputations and inverse steps, which autograd does
+    not make, would update them again. (Its output does not depend on them in training mode: batch statistics.)
+    Every module is seen, the model's or one a closure calls, by a global forward pre-hook held for the block."""
+    kept: dict[int, tuple[torch.nn.Module, list[tuple[str, Tensor]]]] = {}
+
+    def snapshot(module: torch.nn.Module, _args: Any) -> None:
+        if id(module) not in kept:
+            kept[id(module)] = (module, [(k, b.clone()) for k, b in module._buffers.items() if b is not None])
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(snapshot)
+    try:
+        yield
+    finally:
+        handle.remove()
+        with torch.no_grad():
+            for module, buffers in kept.values():
+                for name, value in buffers:
+                    module._buffers[name].copy_(value)
 
 
 @contextlib.contextmanager

@@ -67,8 +67,6 @@ from solvers import Derivative, FixedGrid, ReversibleState, Solver, StepResult, 
 #: ``eps_field(σ, x̄) -> ε`` as built by :meth:`flowdiff.ProbabilityFlow.field`.
 EpsField = Callable[[float, Tensor], Tensor]
 
-VARIABLES = ("sigma", "data", "logsigma", "vp", "flow_matching")
-
 #: Solvers built for the data-prediction variables (registry name → variables). Diffusion
 #: knowledge, so it lives here and not in :mod:`solvers`; :func:`prefer_variables` adds to it.
 _PREFERRED: dict[str, str] = {"dpmpp_2m": "data", "dpmpp_3m": "data", "unipc": "data"}

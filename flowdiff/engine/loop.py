@@ -140,7 +140,7 @@ def solve_flow(
     start = form.to_state(xbar0, sigma0) if y0 is None else y0
     field = form.field(eps)
     if isinstance(callback, Saver):  # x̂₀ of the saved states, read off the steps' own evaluations
-        field = callback.tap(field, form.denoised)
+        field = callback.tap(field, form.denoised, solver)
     options = dict(callback=None if callback is None else _records(form, callback), check_finite=check_finite,
                    time_name="σ", display=form.sigma,
                    bound=None if bound is None else solvers.Bound(bound, form.x_factor, _BOUND_NAME))

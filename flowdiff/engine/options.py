@@ -317,7 +317,8 @@ class Save:
     receives there (step index, σ, x, x̄). ``denoised=True`` keeps the model's denoised image x̂₀
     there wherever the solve evaluated the model at that state (the callback's record has it, or
     the next step starts by evaluating there: Euler/DDIM, Runge–Kutta, the η process); no
-    evaluation is added, and ``None`` is kept where none was made (the end state). By default
+    evaluation is added, and ``None`` is kept where none was made (the end state). A reversible
+    solver never evaluates at a state it saves, so ``denoised=True`` is refused with it. By default
     ``denoised`` is dropped.
     """
 

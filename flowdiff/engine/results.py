@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from torch import Tensor
 
-from solvers import Derivative, Stats
+from solvers import Derivative, Solver, Stats
 
 from .latent import Latent
 
@@ -77,15 +77,23 @@ class Saver:
         """The loop's own state (in the formulation's variables) behind the record about to be passed."""
         self._pending = (y, t)
 
-    def tap(self, field: Callable[[float, Tensor], Tensor], denoised: Callable[[float, Tensor, Any], Any]
-            ) -> Callable[[float, Tensor], Tensor]:
+    def tap(self, field: Callable[[float, Tensor], Tensor], denoised: Callable[[float, Tensor, Any], Any],
+            solver: Solver) -> Callable[[float, Tensor], Tensor]:
         """The formulation's ``field(t, y)`` that also fills the last saved record's ``denoised``
         (with ``Save(denoised=True)``): the step after a saved state usually starts by evaluating the
         model at that very state (the same tensor, at the same time); x̂₀ is read off that value by
         ``denoised(t, y, Derivative(t, k))`` (the formulation's own map). No evaluation is added; a
-        record that no evaluation reaches (the solve's end) keeps ``None``."""
+        record that no evaluation reaches (the solve's end) keeps ``None``. A reversible ``solver``
+        is refused before the solve: it evaluates the model at its second variable, never at a state
+        it saves, so every record would keep ``None``."""
         if not self.save.denoised:
             return field
+        if solver.reversible:
+            raise ValueError(f"save=Save(denoised=True) with the reversible solver {solver.name!r}: it evaluates the "
+                             "model at its second variable, never at the states it saves, so it has no x̂₀ there "
+                             "without an extra evaluation; accepted: Save(denoised=False) and flow.denoised(record."
+                             "xbar, record.sigma) for the records you need (one evaluation each), or a solver that is "
+                             "not reversible")
         # weakly: a differentiated solve's node keeps this field for its backward pass, and the records hold that
         # node's outputs (adjoint="checkpoint"); a strong reference would make a loop autograd's graph never frees
         saver = weakref.ref(self)

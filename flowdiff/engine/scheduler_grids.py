@@ -165,6 +165,19 @@ def _is_flow_matching(config: Mapping[str, Any]) -> bool:
     return bool(found) and all(n in FLOW_MATCHING_SCHEDULERS for n in found)
 
 
+def _as_read_by_class(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A flow-matching ``config`` as diffusers' ``from_config`` of its class reads it: without the keys that
+    class does not have. ``FlowMatchHeunDiscreteScheduler`` has ``num_train_timesteps`` and ``shift`` alone, so
+    diffusers ignores (with a warning) a ``use_dynamic_shifting``, ``base_shift``, karras σ, ... beside them and
+    shifts by ``shift``; ``FlowMatchLCMScheduler`` has no ``stochastic_sampling``. Reading those keys here
+    would make a schedule or grid that diffusers' own scheduler does not run."""
+    name = class_name(config)
+    params = _parameters(name) if name in FLOW_MATCHING_SCHEDULERS else None
+    if params is None:
+        return dict(config)
+    return {k: v for k, v in config.items() if k.startswith("_") or k in params}
+
+
 def schedule_from_config(config: Mapping[str, Any], source: str = "scheduler config") -> tuple[Schedule, str]:
     """The :class:`Schedule` and prediction type that a diffusers scheduler config defines.
 
@@ -172,12 +185,15 @@ def schedule_from_config(config: Mapping[str, Any], source: str = "scheduler con
     ``FlowMatchLCMScheduler``: the same training definition) is rectified flow with prediction type
     ``velocity`` (:class:`~flowdiff.engine.schedules.FlowMatchingSchedule` with its ``shift``; with
     ``use_dynamic_shifting`` the shift depends on the image size and belongs to the grid, so
-    the table is unshifted); any other is a VP schedule of betas, rescaled to zero terminal SNR
-    with ``rescale_betas_zero_snr`` (ᾱ_{T−1} = 0: the schedule's last σ is ∞, where a
-    ``v_prediction`` or ``sample`` model's step starts from pure noise; an ``epsilon`` model
-    defines no clean image there and is refused when a solve starts at σ = ∞).
+    the table is unshifted; a key its class does not have is ignored, as diffusers' ``from_config``
+    ignores it: Heun's ``shift`` holds with ``use_dynamic_shifting`` beside it); any other is a VP
+    schedule of betas, rescaled to zero terminal SNR with ``rescale_betas_zero_snr``
+    (ᾱ_{T−1} = 0: the schedule's last σ is ∞, where a ``v_prediction`` or ``sample``
+    model's step starts from pure noise; an ``epsilon`` model defines no clean image there and is
+    refused when a solve starts at σ = ∞).
     """
     if _is_flow_matching(config):
+        config = _as_read_by_class(config)
         shift = 1.0 if config.get("use_dynamic_shifting") else config.get("shift", 1.0)
         try:
             schedule = FlowMatchingSchedule(int(config.get("num_train_timesteps", 1000)), float(shift))
@@ -439,8 +455,13 @@ def scheduler_sigmas(scheduler: object, steps: int, *, mu: float | None = None, 
             raise ValueError(f"mu= and sigmas= apply to flow-matching schedulers, not {name}")
         return _ddim_sigmas(config, steps, source)
     if name in FLOW_MATCHING_SCHEDULERS or (name is None and _is_flow_matching(config)):
+        config = _as_read_by_class(config)
         if name == "FlowMatchHeunDiscreteScheduler" and (mu is not None or sigmas is not None):
-            raise ValueError(f"mu= and sigmas= are not arguments of {name}.set_timesteps; its grid is its shift's")
+            given = ", ".join(f"{k}={v!r}" for k, v in (("mu", mu), ("sigmas", sigmas)) if v is not None)
+            shift = config.get("shift", 1.0)
+            raise ValueError(f"{source}: mu= and sigmas= are not arguments of {name}.set_timesteps (got {given}); "
+                             f"it takes the step count alone and its grid is that of its shift={shift!r}: pass "
+                             "neither (a dynamic shift is FlowMatchEulerDiscreteScheduler's)")
         return _flow_matching_sigmas(config, steps, mu, sigmas, source)
     if name is None:
         raise unidentified(config, source)

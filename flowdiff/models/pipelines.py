@@ -489,9 +489,7 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
         if steps < 2:
             raise ValueError(f"{source}: PNDMScheduler's loop of steps={steps} is not a PNDM step; use steps >= 2")
         solver = "pndm"
-    if name == "FlowMatchHeunDiscreteScheduler":
-        if mu is not None or sigmas is not None:  # its set_timesteps takes neither
-            raise ValueError(f"mu= and sigmas= are not arguments of {name}.set_timesteps; its grid is its shift's")
+    if name == "FlowMatchHeunDiscreteScheduler":  # scheduler_sigmas refuses mu= and sigmas= for it
         solver = FLOWMATCH_HEUN
     if name in ("DDIMScheduler", "PNDMScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"):
         grid = scheduler_sigmas(config, steps, mu=mu, sigmas=sigmas)
