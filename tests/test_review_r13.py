@@ -1,0 +1,64 @@
+"""Review R13 of this session's learned-solver changes (A2 cross-fitting, F2 pre-solve grid refusal, G2 --learned,
+the teacher's error check in the fitting cost): each test failed on the main it reviewed."""
+
+import numpy as np
+import pytest
+import torch
+from _closed_form import counting, mixture, noise
+
+import flowdiff
+import solvers
+from flowdiff.tools.learned import learn_solver
+from flowdiff.tools.report import family, frontier, frontier_plot
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """A kept learned solver (shifts, grid and start moved) on the mixture at NFE 5, and its flow."""
+    flow = mixture()
+    learned = learn_solver(flow, noise(1, n=8), solver="unipc", nfe=5, learn=("shifts", "grid", "start"),
+                           iterations=2)
+    assert learned.kept  # the tests below need per-step values
+    return flow, learned
+
+
+@pytest.mark.parametrize("direction", ["generate", "encode"])
+def test_a_learned_solver_with_adaptive_is_refused_before_the_solve_naming_adaptive(fitted, direction):
+    """An adaptive solve chooses its own steps, which a learned solver has no values for: it ran the model and
+    failed inside step 0 with a SolveError in solver time; now a ValueError naming adaptive= before any evaluation."""
+    flow, learned = fitted
+    counted, calls = counting(flow)
+    run = flowdiff.generate if direction == "generate" else flowdiff.encode
+    with pytest.raises(ValueError, match=r"adaptive=.*grid=learned\.sigmas") as err:
+        run(counted, noise(2, n=2), solver=learned.as_solver(), adaptive=flowdiff.Adaptive())
+    assert not isinstance(err.value, solvers.SolveError)
+    assert calls == []
+    # the base method is what the message offers, and it runs adaptively
+    assert run(flow, noise(2, n=2), solver=learned.base(), adaptive=flowdiff.Adaptive()).stats.nfe > 0
+
+
+def test_a_learned_row_is_a_frontier_line_of_its_own_not_a_named_grid(fitted, tmp_path):
+    """compare's learned(<base>) row on the grid 'fitted' was counted in the frontier line 'flowdiff, named
+    grids' (best_table and frontier.png credited the named grids with the learned solver's error)."""
+    flow, learned = fitted
+    result = flowdiff.compare(flow, noise(7, n=4), solvers=["euler", learned], grids=["logsnr"], nfe=[4, 5],
+                              progress=False)
+    (row,) = [r for r in result.runs if r.solver.startswith("learned(")]
+    assert family(row) == "flowdiff, learned"
+    lines = frontier(result)
+    assert {b: r.grid for b, r in lines["flowdiff, named grids"].items()} == {4: "logsnr", 5: "logsnr"}
+    assert lines["flowdiff, learned"] == {5: row}
+    assert frontier_plot(result, tmp_path / "frontier.png").stat().st_size > 0
+
+
+def test_generate_on_a_rounded_copy_of_the_fitted_grid_is_refused_with_grids_that_read_apart(fitted):
+    """A float32 copy of learned.sigmas (torch.tensor(list) is float32) is refused, rightly, but the message
+    showed both grids at 6 digits, identical: 'σ 74.4004 -> 21.9118 ... belong to [74.4004, 21.9118, ...]'."""
+    flow, learned = fitted
+    rounded = torch.tensor(learned.sigmas.tolist())  # float32
+    assert not np.array_equal(rounded.double().numpy(), learned.sigmas)
+    with pytest.raises(ValueError) as err:
+        flowdiff.generate(flow, noise(2, n=2), solver=learned.as_solver(), grid=rounded)
+    message = str(err.value)
+    assert "rounded" in message
+    assert repr(float(learned.sigmas[0])) in message and repr(float(rounded[0].double())) in message
