@@ -62,3 +62,19 @@ def test_generate_on_a_rounded_copy_of_the_fitted_grid_is_refused_with_grids_tha
     message = str(err.value)
     assert "rounded" in message
     assert repr(float(learned.sigmas[0])) in message and repr(float(rounded[0].double())) in message
+
+
+def test_a_file_saved_before_cross_fitting_reads_as_fitted_on_the_even_half(fitted, tmp_path):
+    """README: options["fitted_on"] is "all" or "even half". A /4 file written before A2 has no such key (and
+    its calibration_error is the even half's): it loaded without one, and options["fitted_on"] raised KeyError."""
+    import json
+
+    flow, learned = fitted
+    path = learned.save(tmp_path / "new.json")
+    data = json.loads(path.read_text())
+    del data["options"]["fitted_on"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    old = flowdiff.LearnedSolver.load(tmp_path / "old.json", flow)
+    assert old.options["fitted_on"] == "even half"
+    assert flowdiff.LearnedSolver.load(path, flow).options["fitted_on"] == "all"
+    assert old.sigmas.tolist() == learned.sigmas.tolist() and old.shifts == learned.shifts

@@ -279,7 +279,8 @@ class LearnedSolver:
     def load(cls, path: str | Path, flow: ProbabilityFlow,
              model_kwargs: Mapping[str, Any] | None = None) -> LearnedSolver:
         """Read a file written by :meth:`save` (or by an older version: format 3, without directions; format 2,
-        without scales; format 1, coefficients only) and check that it belongs to ``flow`` (see :meth:`check`)."""
+        without scales; format 1, coefficients only) and check that it belongs to ``flow`` (see :meth:`check`). A file
+        written before cross-fitting (no ``options["fitted_on"]``) was fitted on the even half: it reads so."""
         path = Path(path)
         fmt = _FORMAT
         try:
@@ -308,6 +309,9 @@ class LearnedSolver:
             base_sigmas = data.get("base_sigmas")
             data["base_sigmas"] = None if base_sigmas is None else np.array(
                 [float.fromhex(s) for s in base_sigmas], dtype=np.float64)
+            if isinstance(data.get("options"), dict) and "fitted_on" not in data["options"]:
+                # written before cross-fitting, when every fit (and its calibration_error) was the even half's
+                data["options"] = {**data["options"], "fitted_on": "even half"}
             learned = cls(**data, source=str(path))
             learned.base()
             learned._check_steps()
