@@ -1,6 +1,8 @@
 """Review R13 of this session's learned-solver changes (A2 cross-fitting, F2 pre-solve grid refusal, G2 --learned,
 the teacher's error check in the fitting cost): each test failed on the main it reviewed."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,8 @@ import flowdiff
 import solvers
 from flowdiff.tools.learned import learn_solver
 from flowdiff.tools.report import family, frontier, frontier_plot
+
+HAS_DIGITS = (Path(flowdiff.__file__).parent / "weights" / "digits.safetensors").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +82,41 @@ def test_a_file_saved_before_cross_fitting_reads_as_fitted_on_the_even_half(fitt
     assert old.options["fitted_on"] == "even half"
     assert flowdiff.LearnedSolver.load(path, flow).options["fitted_on"] == "all"
     assert old.sigmas.tolist() == learned.sigmas.tolist() and old.shifts == learned.shifts
+
+
+def _conditional_file(folder, batch, label):
+    """A learned solver for the digits model conditioned on ``label``, fitted (as learn_solver records it) on a
+    calibration batch of ``batch``: its fingerprint holds the label repeated ``batch`` times."""
+    from flowdiff.engine.fingerprint import flow_fingerprint
+    from flowdiff.engine.grids import make_sigmas
+
+    flow = flowdiff.pretrained("digits")
+    labels = {"class_labels": torch.full((batch,), label, dtype=torch.long)}
+    learned = flowdiff.LearnedSolver(solver="unipc", solver_options={}, nfe=5,
+                                     sigmas=make_sigmas(flow.schedule, "logsnr", 5), coefficients=(),
+                                     fingerprint=flow_fingerprint(flow, labels), kept=True, learn=("shifts",),
+                                     shifts=tuple(0.01 * (-1) ** i for i in range(5)),
+                                     options={"calibration_batch": batch})
+    return flow, learned.save(folder / "class3.json")
+
+
+@pytest.mark.skipif(not HAS_DIGITS, reason="the shipped digits weights are not installed")
+def test_a_class_conditional_learned_file_runs_at_another_batch_size_of_the_same_class(tmp_path, capsys):
+    """sample --class-label N gives one label per sample, so the conditioning's fingerprint held the batch size: a
+    file fitted on 8 samples of class 3 was refused as 'another model ... or conditioning' for --num 4 of class 3
+    (and by compare at any other batch). The same class at another batch now runs; another class is still refused."""
+    from _cli_runs import run_in
+
+    flow, path = _conditional_file(tmp_path, 8, 3)
+    code, out, err = run_in(capsys, ["sample", "--learned", path, "--class-label", 3, "--num", 4, "--out", "a.png"],
+                            tmp_path)
+    assert code == 0, err
+    assert "5 NFE" in out
+    code, out, err = run_in(capsys, ["sample", "--learned", path, "--class-label", 4, "--num", 4, "--out", "b.png"],
+                            tmp_path)
+    assert code != 0 and "--learned" in err and "fingerprint" in err
+    three = {"class_labels": torch.full((4,), 3, dtype=torch.long)}
+    flowdiff.LearnedSolver.load(path, flow, three)
+    mixed = {"class_labels": torch.tensor([3, 3, 3, 4])}  # conditioning of its own per sample: not the fit's
+    with pytest.raises(ValueError, match="fingerprint"):
+        flowdiff.LearnedSolver.load(path, flow, mixed)
