@@ -120,3 +120,23 @@ def test_a_class_conditional_learned_file_runs_at_another_batch_size_of_the_same
     mixed = {"class_labels": torch.tensor([3, 3, 3, 4])}  # conditioning of its own per sample: not the fit's
     with pytest.raises(ValueError, match="fingerprint"):
         flowdiff.LearnedSolver.load(path, flow, mixed)
+
+
+def test_a_learned_solver_whose_last_step_was_fitted_as_euler_refuses_final_euler_false():
+    """learn_solver solves on grid=learned.sigmas, where a method that evaluates σ = 0 (Heun) takes its last step as
+    Euler. Grid(sigmas=learned.sigmas, final_euler=False) passed the pre-solve check (the same steps) and ran the
+    fitted values with Heun's last step: NFE 8 for a solver fitted at 7, without a word."""
+    flow = mixture()
+    learned = learn_solver(flow, noise(3, n=8), solver="heun", nfe=7, learn="shifts", iterations=2)
+    assert learned.kept and learned.as_solver().evaluates_end
+    x = noise(4, n=2)
+    assert flowdiff.generate(flow, x, solver=learned.as_solver(), grid=learned.sigmas).stats.nfe == learned.nfe
+    counted, calls = counting(flow)
+    with pytest.raises(ValueError, match=r"final_euler=False.*fitted with the last step into σ = 0 taken as Euler"):
+        flowdiff.generate(counted, x, solver=learned.as_solver(),
+                          grid=flowdiff.Grid(sigmas=learned.sigmas, final_euler=False))
+    assert calls == []
+    # the base method takes final_euler=False as before
+    base = flowdiff.generate(flow, x, solver=learned.base(), grid=flowdiff.Grid(sigmas=learned.sigmas,
+                                                                                 final_euler=False))
+    assert base.stats.nfe == learned.nfe + 1

@@ -348,6 +348,14 @@ def generate(
     sig = None
     try:  # a solver fitted to one grid (a LearnedSolver's) is refused before the solve on another
         sig = grid_spec.solve_sigmas(flow, solver_obj, "generate")
+        if (solver_obj.fitted_steps() is not None and solver_obj.evaluates_end and not grid_spec.euler_into_zero
+                and sig[-1] == 0.0):
+            raise ValueError(f"grid=Grid(..., final_euler=False) beside solver {solver_obj.name!r}: its per-step "
+                             "values (a LearnedSolver's) were fitted with the last step into σ = 0 taken as Euler (the "
+                             "default, as learn_solver solves); final_euler=False would take it with the fitted "
+                             "method, evaluating the model at σ = 0 once more than the budget it was fitted for. "
+                             "Accepted: final_euler=True (grid=learned.sigmas), or the base method "
+                             "(LearnedSolver.base()) with final_euler=False")
         sol = _solve_fixed(request, noise, sig, "generate", dtype=dtype, model_dtype=model_dtype,
                            eval_end=not (grid_spec.euler_into_zero and sig[-1] == 0.0), adjoint=adjoint)
     except solvers.GridMismatch as err:
