@@ -140,3 +140,30 @@ def test_a_learned_solver_whose_last_step_was_fitted_as_euler_refuses_final_eule
     base = flowdiff.generate(flow, x, solver=learned.base(), grid=flowdiff.Grid(sigmas=learned.sigmas,
                                                                                  final_euler=False))
     assert base.stats.nfe == learned.nfe + 1
+
+
+@pytest.mark.parametrize("name", ["deis", "dpmpp_2m", "unipc", "lms"])
+def test_zero_coefficients_are_the_base_method_bit_for_bit(name):
+    """CorrectedAdams did not pass on_interval to its base: DEIS generating (an interval that touches t = 0) steps with
+    polynomial weights in t, but DEIS under zero coefficients kept its log-time weights, 0.29 apart on the mixture.
+    learn_solver's 'base' (the zero point, base_validation_error) was then another method than the base it returns."""
+    from flowdiff.engine.grids import make_sigmas
+    from flowdiff.tools.learned import _base_solver, _composed, _layout
+
+    flow = mixture()
+    base = _base_solver(name, {}, ("coefficients",))
+    sigmas = make_sigmas(flow.schedule, "logsnr", 6)
+    counts, _ = _layout(base, sigmas, 2, ("coefficients",), flow.schedule, 0.5)
+    zero = _composed(base, sigmas, [[0.0] * n for n in counts], None)
+    x = noise(5, n=3)
+    assert torch.equal(flowdiff.generate(flow, x, solver=zero, grid=sigmas).x,
+                       flowdiff.generate(flow, x, solver=base, grid=sigmas).x)
+
+
+def test_a_learned_deis_records_the_base_methods_own_held_out_error():
+    flow = mixture()
+    cal = noise(1, n=8)
+    learned = learn_solver(flow, cal, solver="deis", nfe=6, learn="coefficients", iterations=1)
+    target = flowdiff.reference_solution(flow, cal, sigma_end=0.0, rtol=1e-7, atol=1e-7).x[1::2]
+    own = flowdiff.generate(flow, cal[1::2], solver=learned.base(), grid=learned.base_grid()).x
+    assert learned.base_validation_error == pytest.approx(float((own - target).pow(2).mean().sqrt()), rel=1e-12)
