@@ -343,6 +343,16 @@ class CorrectedAdams(Solver):
         self.evaluates_end = base.evaluates_end  # type: ignore[misc]
         self.steps_order = base.steps_order
 
+    def on_interval(self, t0: float, t1: float) -> CorrectedAdams:
+        """The base method's choice for the interval (:meth:`Adams.on_interval`: polynomial weights in t where the
+        interval touches t = 0), with these coefficients on top: zero coefficients are the base method itself."""
+        inner = self.base.on_interval(t0, t1)
+        if inner is self.base:
+            return self
+        out = copy.copy(self)
+        out.base = inner
+        return out
+
     def fitted_steps(self) -> frozenset[tuple[float, float]]:
         return frozenset(self.coefficients)
 

@@ -199,6 +199,13 @@ def _unfitted(err: solvers.GridMismatch, solver: Solver, direction: str, given: 
                    f"has no {one} for the step σ {sigma(err.t0):.6g} -> {sigma(err.t1):.6g} (step {err.step}): its "
                    f"{many} (and any other per-step values) belong to {need}, and to no other step. ")
     downward = chained and len(fitted) > 1 and sigma(fitted[0]) > sigma(fitted[-1])
+    if sig is not None and chained and len(sig) == len(fitted) and np.allclose(
+            np.asarray(sig, dtype=np.float64), [sigma(t) for t in fitted], rtol=1e-5, atol=0.0):
+        # the two read alike at 6 digits: name the first σ that differs in full, and what makes such a copy
+        i = next((j for j, t in enumerate(fitted) if float(sig[j]) != sigma(t)), 0)
+        message += (f"The given grid is a rounded copy of that one (σ[{i}] = {float(sig[i])!r} where the fitted "
+                    f"σ[{i}] = {sigma(fitted[i])!r}: a float32 array or torch.tensor of the list rounds it); the steps "
+                    "must be those exact float64 values. ")
     if direction == "encode" and downward:
         message += ("An encode runs its grid upward from σ = 0, so a solver fitted for generation has no step of "
                     "it: encode with its base method (LearnedSolver.base()), the same grid= and no learned values")
@@ -206,6 +213,17 @@ def _unfitted(err: solvers.GridMismatch, solver: Solver, direction: str, given: 
         message += ("Accepted: that grid as grid= (a LearnedSolver's grid=learned.sigmas), without steps=/nfe=; "
                     "a learned solver runs on the grid and budget it was fitted for")
     return ValueError(message)
+
+
+def _refuse_fitted_adaptive(solver: Solver, direction: str) -> None:
+    """A fitted solver (per-step values for one grid: a :class:`~flowdiff.LearnedSolver`'s) has no values for the
+    steps an adaptive solve chooses: refused before the solve, naming ``adaptive=``."""
+    if solver.fitted_steps() is not None:
+        raise ValueError(f"adaptive=flowdiff.Adaptive(...) beside solver {solver.name!r} ({direction}): its "
+                         "per-step values (a LearnedSolver's shifts, scales, directions or coefficients) belong to the "
+                         "fixed grid it was fitted on, and an adaptive solve chooses steps of its own; accepted: "
+                         "that grid as grid= (grid=learned.sigmas) without adaptive=, or adaptive= with the base "
+                         "method (LearnedSolver.base())")
 
 
 def _request(flow: ProbabilityFlow, solver: Solver, name: str, options: dict[str, Any], grid: Grid,
@@ -325,10 +343,19 @@ def generate(
     model_dtype = noise.dtype if noise.dtype != dtype else None
     if adaptive_spec is not None:
         refuse_adjoint(adjoint, "an adaptive solve (adaptive=)")
+        _refuse_fitted_adaptive(solver_obj, "generate")
         return _kept(saver, solve_adaptive_flow(request, noise, direction="generate", model_dtype=model_dtype))
     sig = None
     try:  # a solver fitted to one grid (a LearnedSolver's) is refused before the solve on another
         sig = grid_spec.solve_sigmas(flow, solver_obj, "generate")
+        if (solver_obj.fitted_steps() is not None and solver_obj.evaluates_end and not grid_spec.euler_into_zero
+                and sig[-1] == 0.0):
+            raise ValueError(f"grid=Grid(..., final_euler=False) beside solver {solver_obj.name!r}: its per-step "
+                             "values (a LearnedSolver's) were fitted with the last step into σ = 0 taken as Euler (the "
+                             "default, as learn_solver solves); final_euler=False would take it with the fitted "
+                             "method, evaluating the model at σ = 0 once more than the budget it was fitted for. "
+                             "Accepted: final_euler=True (grid=learned.sigmas), or the base method "
+                             "(LearnedSolver.base()) with final_euler=False")
         sol = _solve_fixed(request, noise, sig, "generate", dtype=dtype, model_dtype=model_dtype,
                            eval_end=not (grid_spec.euler_into_zero and sig[-1] == 0.0), adjoint=adjoint)
     except solvers.GridMismatch as err:
@@ -416,6 +443,7 @@ def encode(
                        checks.finite, bound=divergence_limit(checks.bound(DIVERGENCE_ENCODE), images))
     if adaptive_spec is not None:
         refuse_adjoint(adjoint, "an adaptive solve (adaptive=)")
+        _refuse_fitted_adaptive(solver_obj, "encode")
         res = solve_adaptive_flow(request, images, direction="encode", model_dtype=model_dtype)
         res.latent.set_origin(flow, model_kwargs)
         return _kept(saver, res)

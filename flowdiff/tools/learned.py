@@ -233,9 +233,16 @@ class LearnedSolver:
                          self.directions if "directions" in self.learn else None)
 
     def check(self, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> None:
-        """Raise ``ValueError`` unless this solver was fitted on ``flow`` (with ``model_kwargs``)."""
-        check_fingerprint(self.fingerprint, flow, model_kwargs, "this learned solver was fitted",
-                          "fit it again with flowdiff.learn_solver")
+        """Raise ``ValueError`` unless this solver was fitted on ``flow`` (with ``model_kwargs``). Conditioning that
+        is one value repeated per sample (a class label, ``flowdiff sample --class-label``'s) is the same
+        conditioning at any batch size: it matches a fit made with it repeated over the calibration batch."""
+        try:
+            check_fingerprint(self.fingerprint, flow, model_kwargs, "this learned solver was fitted",
+                              "fit it again with flowdiff.learn_solver")
+        except ValueError:
+            at_fit = _repeated_over(model_kwargs, self.options.get("calibration_batch"))
+            if at_fit is None or flow_fingerprint(flow, at_fit) != self.fingerprint:
+                raise
 
     def validated(self, flow: ProbabilityFlow, noise: Tensor, *,
                   model_kwargs: Mapping[str, Any] | None = None) -> LearnedSolver:
@@ -279,7 +286,8 @@ class LearnedSolver:
     def load(cls, path: str | Path, flow: ProbabilityFlow,
              model_kwargs: Mapping[str, Any] | None = None) -> LearnedSolver:
         """Read a file written by :meth:`save` (or by an older version: format 3, without directions; format 2,
-        without scales; format 1, coefficients only) and check that it belongs to ``flow`` (see :meth:`check`)."""
+        without scales; format 1, coefficients only) and check that it belongs to ``flow`` (see :meth:`check`). A file
+        written before cross-fitting (no ``options["fitted_on"]``) was fitted on the even half: it reads so."""
         path = Path(path)
         fmt = _FORMAT
         try:
@@ -308,6 +316,9 @@ class LearnedSolver:
             base_sigmas = data.get("base_sigmas")
             data["base_sigmas"] = None if base_sigmas is None else np.array(
                 [float.fromhex(s) for s in base_sigmas], dtype=np.float64)
+            if isinstance(data.get("options"), dict) and "fitted_on" not in data["options"]:
+                # written before cross-fitting, when every fit (and its calibration_error) was the even half's
+                data["options"] = {**data["options"], "fitted_on": "even half"}
             learned = cls(**data, source=str(path))
             learned.base()
             learned._check_steps()
@@ -321,6 +332,20 @@ class LearnedSolver:
             raise ValueError(f"{path}: malformed learned solver ({err})") from None
         learned.check(flow, model_kwargs)
         return learned
+
+
+def _repeated_over(model_kwargs: Mapping[str, Any] | None, batch: object) -> dict[str, Any] | None:
+    """``model_kwargs`` with each per-sample tensor (one value repeated along its first axis) repeated ``batch``
+    times instead, or None where there is none or a tensor's samples differ (conditioning of its own per sample)."""
+    if not model_kwargs or isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        return None
+    out, changed = dict(model_kwargs), False
+    for key, value in model_kwargs.items():
+        if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] != batch:
+            if value.shape[0] == 0 or not bool((value == value[:1]).all()):
+                return None
+            out[key], changed = value[:1].expand(batch, *value.shape[1:]), True
+    return out if changed else None
 
 
 def _check_learn(learn: object) -> tuple[str, ...]:

@@ -3,8 +3,9 @@
 :func:`write_report` turns a :class:`flowdiff.Comparison` into, in one folder,
 
 * ``frontier.png`` — the frontier: for each source (flowdiff on named grids, flowdiff on tuned grids,
-  each peer) the lowest RMS error at each NFE budget, log-log, each point named by the method that
-  reached it. One line per source reads at a glance where the solver × grid detail does not.
+  learned solvers on their fitted grids, each peer) the lowest RMS error at each NFE budget, log-log, each
+  point named by the method that reached it. One line per source reads at a glance where the solver × grid
+  detail does not.
 * ``compare.png`` — that detail: a line per solver × grid (:meth:`Comparison.plot`).
 * ``samples.png`` — the images (with ``compare(keep_images=k)``): a row per method, best first, a
   column per budget, the reference image in the first column; for the round-trip task
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..engine._files import atomic_path
-from .compare import Comparison, Run
+from .compare import LEARNED_GRID, Comparison, Run
 from .peers import version
 
 #: Where each file of a report goes, by role.
@@ -44,9 +45,12 @@ def versions(peers: Sequence[str] = ()) -> dict[str, str]:
 
 
 def family(run: Run) -> str:
-    """The frontier line a run belongs to: its peer, or flowdiff on named or on tuned grids."""
+    """The frontier line a run belongs to: its peer, or flowdiff on named or on tuned grids, or a learned solver on
+    its fitted grid (a line of its own: it is neither a named grid nor a tuned one)."""
     if run.source != "flowdiff":
         return run.source
+    if run.grid == LEARNED_GRID:
+        return "flowdiff, learned"
     return "flowdiff, tuned grid" if run.grid == "tuned" else "flowdiff, named grids"
 
 
@@ -75,7 +79,8 @@ def frontier_plot(result: Comparison, path: str | Path, title: str | None = None
     plt = _pyplot()
     lines = frontier(result)
     fig, ax = plt.subplots(figsize=(8.0, 5.0), dpi=120)
-    markers = {"flowdiff, named grids": "o-", "flowdiff, tuned grid": "D-", "diffusers": "^--", "k-diffusion": "v--"}
+    markers = {"flowdiff, named grids": "o-", "flowdiff, tuned grid": "D-", "flowdiff, learned": "P-",
+               "diffusers": "^--", "k-diffusion": "v--"}
     # each line's labels on their own side of its points, so that lines that meet keep readable names
     offsets = [((5, 4), "left"), ((5, -10), "left"), ((-5, -10), "right"), ((-5, 4), "right")]
     for i, (name, per_budget) in enumerate(lines.items()):
