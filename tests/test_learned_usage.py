@@ -151,6 +151,23 @@ def test_compare_puts_a_learned_solver_in_the_table_with_the_error_of_its_own_ge
     assert not torch.equal(base, direct.x)
 
 
+def test_a_learned_solver_the_held_out_half_rejected_is_labelled_so_in_compare():
+    """A not-kept fit is the base method on its starting grid: its row says so (it read ``learned(unipc)``, the same
+    label as a kept fit, with the base's error), and a kept and a rejected fit of one base are two rows."""
+    from dataclasses import replace
+
+    flow = mixture()
+    x = noise(2, n=2)
+    ref = flowdiff.reference_solution(flow, x)
+    kept = _learned(flow, "shifts")
+    rejected = replace(kept, kept=False, shifts=(0.0,) * STEPS)
+    result = flowdiff.compare(flow, x, solvers=[kept, rejected], grids="logsnr", nfe=STEPS, reference=ref)
+    rows = {r.solver: r for r in result.runs}
+    assert set(rows) == {"learned(unipc)", "learned(unipc, not kept)"}
+    base = flowdiff.generate(flow, x, solver="unipc", grid=kept.sigmas).x
+    assert rows["learned(unipc, not kept)"].rms_error == float((base - ref.x).pow(2).mean().sqrt())
+
+
 def test_compare_refuses_a_learned_solver_of_another_flow_or_budget_by_name():
     flow = mixture()
     x = noise(2, n=2)

@@ -115,7 +115,7 @@ def compare_solvers(args: argparse.Namespace, flow: ProbabilityFlow, model_kwarg
     args.learned_files = {}
     if not args.learned:
         return args.solver
-    from ..tools.compare import default_solvers
+    from ..tools.compare import _learned_label, default_solvers
 
     entries: list[Any] = list(args.solver or default_solvers())
     for path in args.learned:
@@ -123,7 +123,7 @@ def compare_solvers(args: argparse.Namespace, flow: ProbabilityFlow, model_kwarg
         if learned.nfe not in args.nfe:
             raise UsageError(f"--learned {path!r} was fitted at NFE {learned.nfe} and runs only there; --nfe "
                              f"{','.join(map(str, args.nfe))} does not list it: add {learned.nfe} to --nfe")
-        row = (f"learned({learned.solver})", learned.nfe)
+        row = (_learned_label(learned), learned.nfe)
         if row in args.learned_files:
             raise UsageError(f"--learned {args.learned_files[row]!r} and --learned {path!r} are both "
                              f"{row[0]} at NFE {row[1]}: they would share one row of the table; compare them in two "

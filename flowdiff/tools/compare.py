@@ -335,7 +335,9 @@ def _shown_grid(values: Any) -> str:
 
 
 def _learned_label(learned: LearnedSolver) -> str:
-    return f"learned({learned.solver})"
+    """A learned solver's row: ``learned(<base>)``, or ``learned(<base>, not kept)`` where the held-out half rejected
+    the fit (it is then the base method on the grid it started from, and its row says so)."""
+    return f"learned({learned.solver})" if learned.kept else f"learned({learned.solver}, not kept)"
 
 
 def _split_solvers(values: object, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None,

@@ -152,8 +152,9 @@ class LearnedSolver:
     was fitted on (all of it, or the even half), ``validation_error`` / ``base_validation_error`` those of
     the half-fit and the base method on the held-out half: the refit's own is not known (it saw that half),
     so the half-fit's is the figure to trust. ``fitting_nfe`` counts every model evaluation the fit spent
-    (the refit included, and the teacher with the looser solve that checks it: ``reference_nfe``), ``solves`` the
-    candidate solves. ``source`` is the
+    (the refit included, and the teacher with the looser solve that checks it: ``reference_nfe``, counted even
+    when :func:`flowdiff.reference_solution`'s cache supplied it, so the figure is the fit's cost from nothing),
+    ``solves`` the candidate solves. ``source`` is the
     file it was read from.
 
     Use: ``generate(flow, noise, solver=learned.as_solver(), grid=learned.sigmas)``.

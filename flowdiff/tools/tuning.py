@@ -81,7 +81,8 @@ class TunedGrid:
     RMS image error on the calibration noise, ``initial_error`` that of the named grid the
     search started from (``initial_grid``); ``tuning_nfe`` and ``tuning_seconds`` are the
     search's cost (model evaluations of the candidate solves, plus the reference's
-    ``reference_nfe`` — its solve and the looser solve that checks it — and the DP's teacher, ``teacher_nfe``).
+    ``reference_nfe`` — its solve and the looser solve that checks it, counted even when the reference cache
+    supplied it — and the DP's teacher, ``teacher_nfe``).
     ``options`` are the tuning options
     used (seed, evaluations, ...), ``method`` the :data:`METHODS` entry. ``source`` is the file a
     stored grid was read from by :func:`stored_grid` (empty for a grid tuned in this process).
