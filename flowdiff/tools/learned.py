@@ -81,6 +81,7 @@ candidate solve's), saves to JSON and loads only for the flow it was fitted on, 
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -598,30 +599,22 @@ def learn_solver(
     squares (``r₀`` the base method's residual), pulling the coefficients towards the base method.
     Measure the result on other noise (:meth:`LearnedSolver.validated`).
     """
-    half, refit = _learn_both(flow, noise, solver=solver, nfe=nfe, learn=learn, solver_options=solver_options,
-                              sigmas=sigmas, terms=terms, bound=bound, shift_bound=shift_bound,
-                              iterations=iterations, ridge=ridge, model_kwargs=model_kwargs,
-                              reference_tol=reference_tol)
+    half, refit = _half_and_refit(**locals())  # every argument, as given
     return half if refit is None else refit
 
 
-def _learn_both(
-    flow: ProbabilityFlow,
-    noise: Tensor,
-    *,
-    solver: str = "unipc",
-    nfe: int,
-    learn: str | tuple[str, ...] = ("shifts", "grid", "start", "scales", "directions"),
-    solver_options: Mapping[str, Any] | None = None,
-    sigmas: np.ndarray | None = None,
-    terms: int = 2,
-    bound: float = 4.0,
-    shift_bound: float = 0.5,
-    iterations: int = 8,
-    ridge: float = 0.0,
-    model_kwargs: Mapping[str, Any] | None = None,
-    reference_tol: float = 1e-7,
-) -> tuple[LearnedSolver, LearnedSolver | None]:
+def _learn_both(flow: ProbabilityFlow, noise: Tensor, **options: Any) -> tuple[LearnedSolver, LearnedSolver | None]:
+    """:func:`learn_solver`'s fit, with its arguments and defaults, returning both fits (see :func:`_half_and_refit`):
+    for the benchmarks and tests that compare them."""
+    arguments = inspect.signature(learn_solver).bind(flow, noise, **options)
+    arguments.apply_defaults()
+    return _half_and_refit(**arguments.arguments)
+
+
+def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int, learn: str | tuple[str, ...],
+                    solver_options: Mapping[str, Any] | None, sigmas: np.ndarray | None, terms: int, bound: float,
+                    shift_bound: float, iterations: int, ridge: float, model_kwargs: Mapping[str, Any] | None,
+                    reference_tol: float) -> tuple[LearnedSolver, LearnedSolver | None]:
     """:func:`learn_solver`'s fit: the half-fit (fitted on the even half, judged on the odd half; the base method if
     not kept) and, where it is kept, the chosen variant refitted on all the noise from there (else ``None``)."""
     if not isinstance(flow, ProbabilityFlow):
