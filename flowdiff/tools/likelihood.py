@@ -84,6 +84,7 @@ and bits/dim is the continuous density's (it can be negative).
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -345,9 +346,10 @@ class _HutchPlusPlus:
 # -- validation -----------------------------------------------------------------------------------
 
 def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    """An int (a NumPy integer too, as ``generate``'s ``steps`` takes it) >= ``low``, returned as int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
+    return int(value)
 
 
 def _check_tol(name: str, value: object) -> float:
@@ -410,9 +412,10 @@ def _dequantize(images: Tensor, levels: object, kind: str, sigma_min: float,
     units), drawn by inverting the normal CDF, with its log-density log q(u) summed over pixels.
     Returns ỹ, −log₂ Δ and log q.
     """
-    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+    if isinstance(levels, bool) or not isinstance(levels, numbers.Integral) or levels < 2:
         raise ValueError(f"dequantize must be None or the number of quantization levels over [-1, 1] "
                          f"(an int >= 2; 256 for 8-bit images), got {levels!r}")
+    levels = int(levels)
     delta = 2.0 / (levels - 1)
     k = (images.double() + 1.0) / delta
     off = (k - k.round()).abs().max()
@@ -558,6 +561,9 @@ def log_likelihood(
     if not isinstance(solve_check, bool):
         raise TypeError(f"solve_check must be a bool, got {type(solve_check).__name__}")
     check_finite = _check_checks(checks)
+    if model_dtype is not None and (not isinstance(model_dtype, torch.dtype) or not model_dtype.is_floating_point):
+        raise TypeError(f"model_dtype must be a floating-point torch.dtype (torch.float16, torch.bfloat16, "
+                        f"torch.float32 or torch.float64) or None (the images' dtype), got {model_dtype!r}")
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
     chunk, probes, sketch, noise = estimator.chunk, estimator.probes, estimator.sketch, estimator.probes_from

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -370,13 +371,15 @@ def learn_encoder(
         raise TypeError(f"solver_options must be a mapping, got {type(solver_options).__name__}")
     options = dict(solver_options or {})
     base = _base_solver(solver, options)
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+    if isinstance(nfe, bool) or not isinstance(nfe, numbers.Integral) or nfe < 1:
         raise ValueError(f"nfe must be an int >= 1 (evaluations per direction), got {nfe!r}")
+    nfe = int(nfe)  # a NumPy integer too, as generate's nfe takes it
     for name, flag in (("fit_grid", fit_grid), ("fit_decode", fit_decode)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or not 0 <= iterations <= 1000:
+    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or not 0 <= iterations <= 1000:
         raise ValueError(f"iterations must be an int in 0..1000, got {iterations!r}")
+    iterations = int(iterations)
     weights = _check_latent_weight(latent_weight)
     if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound < math.inf:
         raise ValueError(f"bound must be a positive finite number, got {bound!r}")
