@@ -115,3 +115,18 @@ def test_learn_encoder_takes_numpy_nfe_and_iterations():
     numpy = fd.learn_encoder(flow, calibration, nfe=np.int64(4), sigmas=start, iterations=np.int64(2))
     assert plain.shifts == numpy.shifts and plain.decode_shifts == numpy.decode_shifts
     assert plain.nfe == numpy.nfe == 4 and type(numpy.nfe) is int
+
+
+# -- pretrained: a retrained copy's config that is no JSON object --------------------------------------------------
+
+@pytest.mark.parametrize("text", ["[]", "3", '"digits"'])
+def test_pretrained_config_that_is_no_object_names_the_file(tmp_path, text):
+    """A `digits.json` holding valid JSON that is no object (`[]`) stopped `pretrained("digits", directory=...)` with
+    "AttributeError: 'list' object has no attribute 'get'", naming neither the file nor what it should hold."""
+    from flowdiff.models.pretrained import load_config, pretrained
+
+    (tmp_path / "digits.json").write_text(text)
+    with pytest.raises(ValueError, match=r"model config .*digits\.json must hold a JSON object"):
+        pretrained("digits", directory=tmp_path)
+    with pytest.raises(ValueError, match=r"digits\.json must hold a JSON object"):
+        load_config("digits", tmp_path)
