@@ -91,6 +91,42 @@ def test_log_likelihood_model_dtype_still_casts_the_model_input(gaussian):
     assert seen and set(seen) == {torch.float32}
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_log_likelihood_dequantizes_half_precision_8bit_images(gaussian, dtype):
+    """8-bit images held in float16 (`images.half()`) were refused by `dequantize=256`: "the images are not on the
+    256-level lattice of [-1, 1] (... largest distance 0.000243)", which is float16's own rounding of the lattice
+    points; and a dequantized batch was cast back to float16/bfloat16, which rounds the noise (bfloat16 resolves half
+    a cell at 256 levels). Snapped to the lattice and held in float32, the result is the float32 images'."""
+    flow, _ = gaussian
+    x = (torch.randint(0, 256, (3, 4), generator=torch.Generator().manual_seed(4)).double() / 255) * 2 - 1
+
+    def run(images):
+        return fd.log_likelihood(flow, images, steps=4, dequantize=256, generator=torch.Generator().manual_seed(5),
+                                 solve_check=False)
+
+    half, single = run(x.to(dtype)), run(x.float())
+    assert torch.equal(half.log_prob, single.log_prob) and torch.equal(half.bits_per_dim, single.bits_per_dim)
+    assert half.latent.dtype == dtype and single.latent.dtype == torch.float32
+    off = x.to(dtype).float() + 0.3 * 2 / 255  # a third of a cell off the lattice: still refused
+    with pytest.raises(ValueError, match="not on the 256-level lattice"):
+        run(off.to(dtype))
+
+
+def test_log_likelihood_takes_an_int_seed_as_stochastic_does(gaussian):
+    """`log_likelihood(..., generator=0)` was "TypeError: generator must be a torch.Generator or None, got int",
+    while `flowdiff.Stochastic(eta, generator=0)` takes a seed; the seed means a CPU generator seeded with it."""
+    flow, images = gaussian
+    trace = fd.Trace("hutchinson", probes=4)
+    seeded = fd.log_likelihood(flow, images, steps=2, estimator=trace, generator=7, solve_check=False)
+    given = fd.log_likelihood(flow, images, steps=2, estimator=trace, generator=torch.Generator().manual_seed(7),
+                              solve_check=False)
+    assert torch.equal(seeded.per_probe, given.per_probe) and torch.equal(seeded.log_prob, given.log_prob)
+    for bad, err in [(-1, ValueError), (True, TypeError), ("7", TypeError)]:
+        with pytest.raises(err, match="generator"):
+            fd.log_likelihood(flow, images, steps=2, estimator=trace, generator=bad, solve_check=False)
+
+
 # -- guidance: a flag that is no bool ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("batch", ["no", None, 0])

@@ -96,7 +96,7 @@ from torch import Tensor
 import solvers
 from solvers import SolveError, Solver, Stats, StepController
 
-from ..engine._checks import check_data_range, check_has_values, refuse_removed
+from ..engine._checks import check_data_range, check_has_values, check_seed, refuse_removed
 from ..engine.flow import ProbabilityFlow
 from ..engine.formulations import formulation_for
 from ..engine.grids import MAX_STEPS
@@ -410,6 +410,9 @@ def _dequantize(images: Tensor, levels: object, kind: str, sigma_min: float,
     ``kind="uniform"``: u ~ U[0, 1)^D, log q(u) = 0. ``"truncated_normal"``: u − ½ ~ N(0, s²)
     truncated to [−½, ½] per pixel, s = σ_min/Δ (the schedule's smallest noise level in lattice
     units), drawn by inverting the normal CDF, with its log-density log q(u) summed over pixels.
+    The images may carry their dtype's rounding (float16, bfloat16: up to a quarter ulp of 1, eps/4, off the
+    lattice): each is snapped to its lattice point y in float64, and ỹ is returned in float32 or the images'
+    wider dtype, since a half-precision ỹ would round the noise away (bfloat16 resolves half a cell at 256 levels).
     Returns ỹ, −log₂ Δ and log q.
     """
     if isinstance(levels, bool) or not isinstance(levels, numbers.Integral) or levels < 2:
@@ -419,7 +422,9 @@ def _dequantize(images: Tensor, levels: object, kind: str, sigma_min: float,
     delta = 2.0 / (levels - 1)
     k = (images.double() + 1.0) / delta
     off = (k - k.round()).abs().max()
-    if float(off) > 1e-3 or float(k.min()) < -1e-3 or float(k.max()) > levels - 1 + 1e-3:
+    # in lattice units: 1e-3, plus the images' own rounding of a lattice point in [-1, 1] (a quarter ulp of 1)
+    slack = 1e-3 + torch.finfo(images.dtype).eps / (4.0 * delta)
+    if float(off) > slack or float(k.min()) < -slack or float(k.max()) > levels - 1 + slack:
         raise ValueError(f"dequantize={levels}: the images are not on the {levels}-level lattice of [-1, 1] "
                          f"(spacing {delta:.6g}; largest distance {float(off) * delta:.3g}); pass the images as "
                          "quantized, or dequantize=None for the continuous density")
@@ -435,7 +440,9 @@ def _dequantize(images: Tensor, levels: object, kind: str, sigma_min: float,
         z = normal.icdf(lo + u * (hi - lo)).clamp(-0.5 / std, 0.5 / std)
         centred = z * std
         log_q = (normal.log_prob(z) - math.log(std) - torch.log(hi - lo)).reshape(batch, -1).sum(1)
-    moved = (images.double() + delta * centred.to(images.device)).to(images.dtype)
+    lattice = k.round() * delta - 1.0
+    out_dtype = torch.float32 if images.dtype in (torch.float16, torch.bfloat16) else images.dtype
+    moved = (lattice + delta * centred.to(images.device)).to(out_dtype)
     return moved, -math.log2(delta), log_q.to(images.device)
 
 
@@ -489,7 +496,7 @@ def log_likelihood(
     steps: int | None = None,
     adaptive: Adaptive | None = None,
     estimator: Trace | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     model_dtype: torch.dtype | None = None,
     dequantize: int | None = None,
@@ -526,8 +533,9 @@ def log_likelihood(
 
     ``estimator``: a :class:`Trace` (default ``Trace()``: method ``"auto"``, ``"exact"`` up to D =
     :data:`AUTO_EXACT_MAX_DIM`, beyond it ``"hutch++"`` with sketch 32 and probes 16, whose 80
-    products per evaluation do not grow with D). Its probes are drawn once from ``generator``,
-    which also draws the dequantization noise (first). ``checks=flowdiff.Checks(finite=...)``:
+    products per evaluation do not grow with D). Its probes are drawn once from ``generator`` (a CPU
+    ``torch.Generator`` or an int seed; draws are made on the CPU whatever the images' device), which also
+    draws the dequantization noise (first). ``checks=flowdiff.Checks(finite=...)``:
     stop with a :class:`solvers.SolveError` when the state turns NaN/inf (default on); its
     ``growth`` and ``model`` fields do not apply here and are refused unless left at their defaults.
     ``progress=True`` shows a tqdm bar on stderr of the time each solve has reached, its σ and step (of ``steps=N``
@@ -535,7 +543,8 @@ def log_likelihood(
 
     ``dequantize=K`` (levels over [−1, 1]; 256 for 8-bit images) dequantizes the images with noise
     from ``generator`` — ``dequantization="uniform"`` or ``"truncated_normal"`` — and reports
-    the discrete data's bits/dim (see the module docstring). ``data_mean``/``data_var``
+    the discrete data's bits/dim (see the module docstring); float16/bfloat16 images on the lattice are
+    snapped to it, and dequantized in float32. ``data_mean``/``data_var``
     (scalars or per-pixel tensors) set the prior N(m, (v + σ_max²)I); the defaults are the VP
     prior that :func:`flowdiff.generate` samples. ``stats`` are the solve's own (``stats.nfe`` its field evaluations);
     ``stats.extra`` adds ``vjps`` (the estimator's vector–Jacobian products, per sample),
@@ -556,8 +565,14 @@ def log_likelihood(
     if dequantize is None and dequantization != "uniform":
         raise ValueError(f"dequantization={dequantization!r} chooses the noise of dequantize=K levels, which is "
                          "None (the continuous density): give dequantize=K, or leave dequantization out")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):  # a seed, as Stochastic's
+        generator = torch.Generator().manual_seed(check_seed(generator, "generator"))
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a CPU torch.Generator, an int seed or None, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"generator is on {generator.device}; log_likelihood draws its probes and dequantization "
+                         "noise on the CPU (the same numbers whatever the images' device): give a CPU "
+                         "torch.Generator or an int seed")
     if not isinstance(solve_check, bool):
         raise TypeError(f"solve_check must be a bool, got {type(solve_check).__name__}")
     check_finite = _check_checks(checks)
@@ -632,6 +647,7 @@ def log_likelihood(
     var = _per_pixel("data_var", data_var, shape, positive=True)
 
     offset, log_q = 0.0, None
+    images_dtype = images.dtype  # the latent's; a dequantized half-precision batch is held in float32
     if dequantize is not None:
         images, offset, log_q = _dequantize(images, dequantize, dequantization, float(schedule.sigma_min), generator)
     dtype = torch.float32 if images.dtype in (torch.float16, torch.bfloat16) else images.dtype
@@ -730,7 +746,7 @@ def log_likelihood(
     bpd = -(log_prob - q) / (dim * math.log(2)) + offset
     stats.wall_time = time.perf_counter() - start
     latent = (form.to_xbar(y[:, :dim], t_max) / math.sqrt(1.0 + s_max * s_max)).reshape(batch, *shape)
-    latent = latent.to(images.dtype)  # DDIM's x_T = x̄(σ_max)/√(1+σ_max²), as encode's
+    latent = latent.to(images_dtype)  # DDIM's x_T = x̄(σ_max)/√(1+σ_max²), as encode's
     return Likelihood(log_prob, prior, delta, bpd, std_error, None if divergence == "exact" else per_probe,
                       dim, offset, divergence, latent, stats, solve_error=solve_error, error=error,
                       dequantization=None if dequantize is None else dequantization, log_q=log_q)
