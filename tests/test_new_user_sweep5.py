@@ -166,3 +166,23 @@ def test_pretrained_config_that_is_no_object_names_the_file(tmp_path, text):
         pretrained("digits", directory=tmp_path)
     with pytest.raises(ValueError, match=r"digits\.json must hold a JSON object"):
         load_config("digits", tmp_path)
+
+
+def test_numpy_float32_tolerances_are_numbers():
+    """`tol=np.float32(1e-9)` (a figure read from a float32 array) was refused as "tol must be a finite number > 0,
+    got np.float32(1e-09)" by fixed-point inversion, as were learn_encoder's `bound`, `reference_tol` and
+    `latent_weight`: a NumPy float64 passed (it subclasses float), a float32 did not."""
+    model = Mixture(torch.rand(6, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1, 0.3)
+    flow = model.flow()
+    x = torch.rand(6, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 1.8 - 0.9
+    spec = {"method": "anderson", "tol": 1e-9}
+    plain = fd.encode(flow, x[:2], solver=fd.Inversion("fixed_point", spec), steps=3)
+    f32 = fd.encode(flow, x[:2], solver=fd.Inversion("fixed_point", {**spec, "tol": np.float32(1e-9)}), steps=3)
+    assert f32.stats.extra["tol"] == float(np.float32(1e-9)) and f32.stats.extra["unconverged"] == []
+    torch.testing.assert_close(f32.x, plain.x, rtol=0, atol=1e-8)
+    start = fd.make_sigmas(flow.schedule, "logsnr", 4)
+    kw = {"nfe": 4, "sigmas": start, "iterations": 2}
+    a = fd.learn_encoder(flow, x, bound=1.5, reference_tol=2.0**-24, latent_weight=(0.5, 2.0), **kw)
+    b = fd.learn_encoder(flow, x, bound=np.float32(1.5), reference_tol=np.float32(2.0**-24),
+                         latent_weight=(np.float32(0.5), np.float32(2.0)), **kw)
+    assert a.weight_trials == b.weight_trials and type(b.options["reference_tol"]) is float

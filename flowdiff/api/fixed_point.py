@@ -98,7 +98,7 @@ def _check_int(name: str, value: object, low: int, what: str = "") -> int:
 
 def _check_options(tol: float | None, max_iter: int | None, method: str, anderson: int, krylov_dim: int,
                    final_euler: bool, on_failure: str) -> None:
-    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0
                             or not math.isfinite(tol)):
         raise ValueError(f"tol must be a finite number > 0 (the residual per element, relative to 1 + |x̄|), "
                          f"got {tol!r}")

@@ -352,12 +352,6 @@ def _check_int(name: str, value: object, low: int) -> int:
     return int(value)
 
 
-def _check_tol(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
 def _check_checks(checks: object) -> bool:
     """``Checks(finite=...)``; the fields log_likelihood does not use are refused unless at their defaults."""
     if checks is None:

@@ -229,7 +229,7 @@ def _check_choice(learned: LearnedEncoder) -> None:
 def _check_latent_weight(latent_weight: object) -> tuple[float, ...]:
     """``latent_weight`` as its candidates: one positive finite number, or a tuple of at least 2 distinct ones."""
     def weight(value: object) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
             raise ValueError(f"latent_weight must be a positive finite number or a tuple of them, got "
                              f"{latent_weight!r}")
         return float(value)
@@ -381,10 +381,12 @@ def learn_encoder(
         raise ValueError(f"iterations must be an int in 0..1000, got {iterations!r}")
     iterations = int(iterations)
     weights = _check_latent_weight(latent_weight)
-    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound < math.inf:
+    if isinstance(bound, bool) or not isinstance(bound, numbers.Real) or not 0 < bound < math.inf:
         raise ValueError(f"bound must be a positive finite number, got {bound!r}")
-    if isinstance(reference_tol, bool) or not isinstance(reference_tol, (int, float)) or not 0 < reference_tol <= 1e-3:
+    if (isinstance(reference_tol, bool) or not isinstance(reference_tol, numbers.Real)
+            or not 0 < reference_tol <= 1e-3):
         raise ValueError(f"reference_tol must be a number in (0, 1e-3], got {reference_tol!r}")
+    reference_tol = float(reference_tol)
     # the budget before any evaluation: the steps ``nfe`` buys each way (the encode's count; its decode costs no more)
     affordable = check_budget(solver, nfe, _solvers.steps_for_nfe(base, nfe, eval_end=encode_evaluates_end(base)))
     if sigmas is not None:
