@@ -186,3 +186,21 @@ def test_numpy_float32_tolerances_are_numbers():
     b = fd.learn_encoder(flow, x, bound=np.float32(1.5), reference_tol=np.float32(2.0**-24),
                          latent_weight=(np.float32(0.5), np.float32(2.0)), **kw)
     assert a.weight_trials == b.weight_trials and type(b.options["reference_tol"]) is float
+
+
+def test_fixed_point_unconverged_warning_points_at_the_callers_encode(gaussian):
+    """The RuntimeWarning of `on_failure="keep"` was attributed one frame above the `encode(...)` call: to the line
+    that called the user's function, and to "sys:1" when `encode` ran at a script's top level, so the printed
+    location and the `warnings` filters keyed on it missed the user's own line."""
+    import inspect
+    import warnings
+
+    flow, images = gaussian
+    spec = fd.Inversion("fixed_point", {"on_failure": "keep", "method": "anderson", "max_iter": 1})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        enc = fd.encode(flow, images, solver=spec, steps=3)
+    (warning,) = [w for w in caught if "fixed-point inversion" in str(w.message)]
+    assert enc.stats.extra["unconverged"] == [0, 1, 2]
+    assert (warning.filename, warning.lineno) == (__file__, line)

@@ -280,7 +280,7 @@ def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Res
         warnings.warn(f"fixed-point inversion: {len(unconverged)} of {images.shape[0]} sample(s) missed tol "
                       f"{tol:.3g}, kept at their least-residual iterate: sample (residual) {listed}"
                       f"{', ...' if len(unconverged) > 8 else ''}; their plain decode will not reproduce them exactly "
-                      "(stats.extra['unconverged'] and ['sample_residuals'] list them)", RuntimeWarning, stacklevel=4)
+                      "(stats.extra['unconverged'] and ['sample_residuals'] list them)", RuntimeWarning, stacklevel=3)
     x_T = (sol.xbar / math.sqrt(1.0 + enc[-1] ** 2)).to(images.dtype)
     latent = Latent(x_T, enc, request.solver_name, dict(request.solver_options), None, "fixed_point", final_euler)
     return Result(x_T, stats, enc, solver_obj.name, latent)
