@@ -204,3 +204,19 @@ def test_fixed_point_unconverged_warning_points_at_the_callers_encode(gaussian):
     (warning,) = [w for w in caught if "fixed-point inversion" in str(w.message)]
     assert enc.stats.extra["unconverged"] == [0, 1, 2]
     assert (warning.filename, warning.lineno) == (__file__, line)
+
+
+def test_log_likelihood_range_warning_points_at_the_callers_line(gaussian):
+    """`log_likelihood` of images in [0, 255] warned "images span ..., far outside the model's data range" from
+    `flowdiff/tools/likelihood.py` itself (one frame short), where `encode`, `learn_encoder` and `tune_roundtrip`
+    point at the user's call; Python's default filter then showed it once per process whatever the caller."""
+    import inspect
+    import warnings
+
+    flow, images = gaussian
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        fd.log_likelihood(flow, images * 200, steps=2, solve_check=False)
+    (warning,) = [w for w in caught if "far outside the model's data range" in str(w.message)]
+    assert (warning.filename, warning.lineno) == (__file__, line)

@@ -380,7 +380,6 @@ def _check_images(images: object) -> Tensor:
     if not bool(finite.all()):
         bad = torch.nonzero(~finite).reshape(-1).tolist()
         raise ValueError(f"images must be finite; sample(s) {bad[:10]} hold NaN or inf")
-    check_data_range(images, "images")  # warns, as encode does, for images on another scale ([0, 255], say)
     return images
 
 
@@ -550,6 +549,9 @@ def log_likelihood(
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
     images = _check_images(images)
+    # warns, as encode does, for images on another scale ([0, 255], say); called here, not in _check_images, so
+    # that the warning's stacklevel lands on the caller's line
+    check_data_range(images, "images")
     if estimator is None:
         estimator = Trace()
     elif not isinstance(estimator, Trace):
