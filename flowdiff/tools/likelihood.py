@@ -96,7 +96,7 @@ from torch import Tensor
 import solvers
 from solvers import SolveError, Solver, Stats, StepController
 
-from ..engine._checks import check_data_range, check_has_values, check_seed, refuse_removed
+from ..engine._checks import check_data_range, check_has_values, check_model_kwargs, check_seed, refuse_removed
 from ..engine.flow import ProbabilityFlow
 from ..engine.formulations import formulation_for
 from ..engine.grids import MAX_STEPS
@@ -127,7 +127,8 @@ class Trace:
     ``"exact"``, ``"hutchinson"`` or ``"hutch++"``. ``probes``: the stochastic estimators' probe
     vectors (default 16), drawn once from ``probes_from`` (``"rademacher"``, the default, or ``"gaussian"``) with
     :func:`log_likelihood`'s ``generator``; ``sketch``: Hutch++'s sketch size (default min(32, D)).
-    ``chunk`` bounds the rows (samples × vectors) of one batched vector–Jacobian product (memory).
+    ``chunk`` bounds the rows (samples × vectors) of one batched vector–Jacobian product (memory); a batch larger
+    than ``chunk`` runs in pieces, each with its rows of the per-sample model keywords (tensors of leading size batch).
     """
 
     method: str = "auto"
@@ -240,19 +241,20 @@ class _Jacobian:
     passes of the model.
     """
 
-    def __init__(self, eps: Callable[..., Tensor], shape: tuple[int, ...], chunk: int) -> None:
-        self.eps = eps
+    def __init__(self, shape: tuple[int, ...], chunk: int) -> None:
         self.shape = shape
         self.chunk = chunk
         self.rows = 0
         self.calls = 0
         self.mode = "vmap"
 
-    def linearize(self, sigma: float, xbar: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-        """ε at the rows ``xbar`` (b, D) and ``apply(v)``: (m, b, D) vectors → (∂ε/∂x̄)ᵀ·v, (m, b, D)."""
+    def linearize(self, eps: Callable[[float, Tensor], Tensor], sigma: float,
+                  xbar: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """``eps`` (the field of these rows' model keywords) at the rows ``xbar`` (b, D) and ``apply(v)``: (m, b, D)
+        vectors → (∂ε/∂x̄)ᵀ·v, (m, b, D)."""
         b, dim = xbar.shape
         with torch.enable_grad():
-            out, pullback = torch.func.vjp(lambda inp: self.eps(sigma, inp), xbar.reshape(b, *self.shape))
+            out, pullback = torch.func.vjp(lambda inp: eps(sigma, inp), xbar.reshape(b, *self.shape))
         self.calls += 1
         per = max(1, self.chunk // b)
 
@@ -437,6 +439,13 @@ def _dequantize(images: Tensor, levels: object, kind: str, sigma_min: float,
     out_dtype = torch.float32 if images.dtype in (torch.float16, torch.bfloat16) else images.dtype
     moved = (lattice + delta * centred.to(images.device)).to(out_dtype)
     return moved, -math.log2(delta), log_q.to(images.device)
+
+
+def _kwargs_rows(model_kwargs: Mapping[str, Any] | None, batch: int, rows: slice) -> dict[str, Any]:
+    """The model keywords of the batch's ``rows``: a tensor whose leading size is the batch is sliced to them;
+    anything else (a scalar, a tensor of leading size 1 broadcast over the batch, a flag) is the same for every row."""
+    return {key: value[rows] if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == batch else value
+            for key, value in (check_model_kwargs(model_kwargs) or {}).items()}
 
 
 def _draw(noise: str, n: int, batch: int, dim: int, generator: torch.Generator | None) -> Tensor:
@@ -650,7 +659,7 @@ def log_likelihood(
     device = images.device
     xbar0 = images.to(dtype).reshape(batch, dim)
 
-    jac = _Jacobian(flow.field(model_kwargs, model_dtype), shape, chunk)
+    jac = _Jacobian(shape, chunk)
     if divergence == "exact":
         estimator: Any = _Exact(dim, chunk)
     elif divergence == "hutchinson":
@@ -663,13 +672,16 @@ def log_likelihood(
     # the engine's time (τ = log(σ + c) from the chooser above), its ends mapping back to σ = 0 and σ_max exactly
     t_zero, t_max = form.times([0.0, s_max])
     piece = min(batch, chunk)
+    pieces = [slice(b0, min(batch, b0 + piece)) for b0 in range(0, batch, piece)]
+    # each piece's field sees its own rows of the per-sample model keywords (class labels, prompt embeddings)
+    fields = [flow.field(model_kwargs if len(pieces) == 1 else _kwargs_rows(model_kwargs, batch, rows), model_dtype)
+              for rows in pieces]
 
     def sigma_field(sigma: float, y: Tensor) -> Tensor:
         """d[x̄, ℓ]/dσ = [ε, div ε] (ℓ: one column per probe), the batch in pieces of ``chunk``."""
         out = []
-        for b0 in range(0, batch, piece):
-            rows = slice(b0, min(batch, b0 + piece))
-            eps, apply = jac.linearize(sigma, y[rows, :dim].to(dtype))
+        for rows, eps_field in zip(pieces, fields):
+            eps, apply = jac.linearize(eps_field, sigma, y[rows, :dim].to(dtype))
             div = estimator(apply, rows, eps.shape[0], eps)
             out.append(torch.cat([eps.detach(), div.detach()], 1).to(y.dtype))
         return torch.cat(out)
