@@ -250,3 +250,23 @@ def test_log_likelihood_range_warning_points_at_the_callers_line(gaussian):
         fd.log_likelihood(flow, images * 200, steps=2, solve_check=False)
     (warning,) = [w for w in caught if "far outside the model's data range" in str(w.message)]
     assert (warning.filename, warning.lineno) == (__file__, line)
+
+
+
+def test_learn_encoder_splits_per_sample_model_kwargs_with_its_halves():
+    """`learn_encoder(flow, images, model_kwargs={"class_labels": labels}, sigmas=...)` stopped with "RuntimeError: The
+    size of tensor a (3) must match the size of tensor b (6)": the fitted and held-out halves (even and odd rows)
+    were encoded with the whole batch's labels. One conditioning said per sample or once gives the same fit."""
+    base = Gaussian(torch.linspace(-0.3, 0.3, 4), 0.5).flow()
+
+    def model(x, t, scale):  # ε = scale·x_t, scale per sample or one for all
+        return x * scale.to(x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+
+    flow = fd.ProbabilityFlow(model, base.schedule)
+    x = torch.rand(6, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 1.8 - 0.9
+    start = fd.make_sigmas(flow.schedule, "logsnr", 4)
+    kw = {"nfe": 4, "sigmas": start, "iterations": 2}
+    once = fd.learn_encoder(flow, x, model_kwargs={"scale": torch.tensor(0.3)}, **kw)
+    each = fd.learn_encoder(flow, x, model_kwargs={"scale": torch.full((6,), 0.3)}, **kw)
+    assert each.shifts == once.shifts and each.decode_shifts == once.decode_shifts
+    assert (each.calibration_error, each.validation_error) == (once.calibration_error, once.validation_error)

@@ -441,9 +441,10 @@ def _dequantize(images: Tensor, levels: object, kind: str, sigma_min: float,
     return moved, -math.log2(delta), log_q.to(images.device)
 
 
-def _kwargs_rows(model_kwargs: Mapping[str, Any] | None, batch: int, rows: slice) -> dict[str, Any]:
-    """The model keywords of the batch's ``rows``: a tensor whose leading size is the batch is sliced to them;
-    anything else (a scalar, a tensor of leading size 1 broadcast over the batch, a flag) is the same for every row."""
+def model_kwargs_rows(model_kwargs: Mapping[str, Any] | None, batch: int, rows: slice) -> dict[str, Any]:
+    """The model keywords of the batch's ``rows`` (a slice): a tensor whose leading size is the batch is sliced to
+    them; anything else (a scalar, a tensor of leading size 1 broadcast over the batch, a flag) is the same for every
+    row. (Also :func:`flowdiff.learn_encoder`'s, whose fitted and held-out halves are the batch's even and odd rows.)"""
     return {key: value[rows] if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == batch else value
             for key, value in (check_model_kwargs(model_kwargs) or {}).items()}
 
@@ -674,8 +675,8 @@ def log_likelihood(
     piece = min(batch, chunk)
     pieces = [slice(b0, min(batch, b0 + piece)) for b0 in range(0, batch, piece)]
     # each piece's field sees its own rows of the per-sample model keywords (class labels, prompt embeddings)
-    fields = [flow.field(model_kwargs if len(pieces) == 1 else _kwargs_rows(model_kwargs, batch, rows), model_dtype)
-              for rows in pieces]
+    fields = [flow.field(model_kwargs if len(pieces) == 1 else model_kwargs_rows(model_kwargs, batch, rows),
+                         model_dtype) for rows in pieces]
 
     def sigma_field(sigma: float, y: Tensor) -> Tensor:
         """d[x̄, ℓ]/dσ = [ε, div ε] (ℓ: one column per probe), the batch in pieces of ``chunk``."""
