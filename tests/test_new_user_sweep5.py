@@ -270,3 +270,18 @@ def test_learn_encoder_splits_per_sample_model_kwargs_with_its_halves():
     each = fd.learn_encoder(flow, x, model_kwargs={"scale": torch.full((6,), 0.3)}, **kw)
     assert each.shifts == once.shifts and each.decode_shifts == once.decode_shifts
     assert (each.calibration_error, each.validation_error) == (once.calibration_error, once.validation_error)
+
+
+def test_fixed_point_of_images_that_need_grad_raises_no_torch_warning(gaussian):
+    """Encoding images with `requires_grad=True` by fixed-point inversion printed torch's "UserWarning: Converting a
+    tensor with requires_grad=True to a scalar may lead to unexpected behavior" from flowdiff/api/fixed_point.py,
+    once per step under `simplefilter("always")`: the residuals (diagnostics) were read as floats undetached."""
+    import warnings
+
+    flow, images = gaussian
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        enc = fd.encode(flow, images.clone().requires_grad_(), solver=fd.Inversion("fixed_point"), steps=3)
+    assert [str(w.message) for w in caught] == []
+    assert enc.x.requires_grad and enc.stats.extra["unconverged"] == []
+    assert all(isinstance(r, float) for r in enc.stats.extra["residuals"] + enc.stats.extra["sample_residuals"])

@@ -174,6 +174,7 @@ class FixedPointInverse(Solver):
             x, res, it, k_b = root.y, root.residual, it + root.iterations, None
             exhausted = root.iterations >= max_iter
             self.restarts += root.restarts
+        res = res.detach()  # a diagnostic: read as floats below (torch warns doing that to a tensor needing grad)
         if self.check_finite and not bool(torch.isfinite(res).all()):
             raise StepFailure("fixed-point inversion, {where}: the residual is not finite (the model returned NaN/inf "
                               "or the iteration diverged)")
