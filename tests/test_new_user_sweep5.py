@@ -285,3 +285,26 @@ def test_fixed_point_of_images_that_need_grad_raises_no_torch_warning(gaussian):
     assert [str(w.message) for w in caught] == []
     assert enc.x.requires_grad and enc.stats.extra["unconverged"] == []
     assert all(isinstance(r, float) for r in enc.stats.extra["residuals"] + enc.stats.extra["sample_residuals"])
+
+
+def test_log_likelihood_refuses_images_that_need_grad(gaussian):
+    """`log_likelihood(flow, images.requires_grad_())` returned a `log_prob` with no gradient (the solve runs without
+    autograd), so `log_prob.sum().backward()` failed far from the cause, and with `dequantize=` it also printed torch's
+    requires_grad-to-scalar warning; it is refused in words now."""
+    flow, images = gaussian
+    with pytest.raises(ValueError, match=r"images require grad, but log_likelihood is not differentiable.*detach"):
+        fd.log_likelihood(flow, images.clone().requires_grad_(), steps=2)
+    plain = fd.log_likelihood(flow, images, steps=2)
+    assert not plain.log_prob.requires_grad
+
+
+def test_learn_encoder_takes_images_that_need_grad():
+    """`learn_encoder` of images with `requires_grad=True` stopped inside its least-squares fit: "RuntimeError: Can't
+    call numpy() on Tensor that requires grad". Its result is numbers (σ and shifts), so the images are detached."""
+    model = Mixture(torch.rand(6, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1, 0.3)
+    flow = model.flow()
+    x = torch.rand(6, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 1.8 - 0.9
+    kw = {"nfe": 4, "sigmas": fd.make_sigmas(flow.schedule, "logsnr", 4), "iterations": 2}
+    plain = fd.learn_encoder(flow, x, **kw)
+    grad = fd.learn_encoder(flow, x.clone().requires_grad_(), **kw)
+    assert grad.shifts == plain.shifts and grad.calibration_error == plain.calibration_error

@@ -377,6 +377,9 @@ def _check_images(images: object) -> Tensor:
                          f"sample, got {tuple(images.shape)}")
     if not images.is_floating_point():
         raise TypeError(f"images must be a floating-point tensor (the model's data scale), got {images.dtype}")
+    if images.requires_grad:  # the solve runs under no_grad: log_prob would silently carry no gradient
+        raise ValueError("images require grad, but log_likelihood is not differentiable (its solves run without "
+                         "autograd, and log_prob would carry no gradient); pass images.detach()")
     check_has_values(images, "images")
     finite = torch.isfinite(images.reshape(images.shape[0], -1)).all(1)
     if not bool(finite.all()):

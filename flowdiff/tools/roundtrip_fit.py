@@ -397,6 +397,7 @@ def learn_encoder(
                              f"{solver!r} ({affordable} steps): give a grid of at most {affordable} steps or a "
                              "larger nfe")
     check_data_range(images, "images")  # once here; the many encodes below (data_range_checked) see parts of them
+    images = images.detach()  # the fit's result is numbers (σ, shifts), not a function of the images autograd could use
     bound = float(bound)
     start = time.perf_counter()
     spent = {"nfe": 0, "solves": 0}
