@@ -276,7 +276,7 @@ def test_max_nfe_stops_the_solve_with_partial_statistics():
     ({"dequantize": 256}, ValueError, "not on the 256-level lattice"),
     ({"data_var": -1.0}, ValueError, "data_var must be finite and >= 0"),
     ({"data_mean": torch.zeros(5)}, ValueError, "data_mean must be a number or a tensor broadcastable"),
-    ({"generator": 3}, TypeError, "generator must be a torch.Generator"),
+    ({"generator": "3"}, TypeError, "generator must be a CPU torch.Generator, an int seed or None"),
     ({"adaptive": Adaptive(sigma_c=1e9)}, ValueError, "Adaptive.sigma_c must be a number in"),
 ])
 def test_bad_arguments_name_themselves(kwargs, exc, match):

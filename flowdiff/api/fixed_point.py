@@ -39,6 +39,7 @@ smallest singular value is ~1e-9, and continuation from σ₁ ≈ 0 meets that f
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -62,6 +63,9 @@ METHODS = ("hybrid", "newton", "anderson")
 #: Anderson iterations a step before ``method="hybrid"`` hands the samples still off tol to Newton–Krylov
 HYBRID_ANDERSON_ITER = 20
 ON_FAILURE = ("raise", "keep")
+#: The option each single method has no use for, and why (``"hybrid"`` uses both).
+UNUSED_BY = {"newton": ("anderson", "Newton–Krylov runs no Anderson mixing"),
+             "anderson": ("krylov_dim", "Anderson mixing runs no GMRES")}
 
 
 class _Watch:
@@ -86,14 +90,15 @@ def _default_tol(state_dtype: torch.dtype, model_dtype: torch.dtype) -> float:
     return max(32.0 * torch.finfo(state_dtype).eps, 4.0 * torch.finfo(model_dtype).eps)
 
 
-def _check_int(name: str, value: object, low: int, what: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+def _check_int(name: str, value: object, low: int, what: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an int >= {low}{what}, got {value!r}")
+    return int(value)
 
 
 def _check_options(tol: float | None, max_iter: int | None, method: str, anderson: int, krylov_dim: int,
                    final_euler: bool, on_failure: str) -> None:
-    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0
                             or not math.isfinite(tol)):
         raise ValueError(f"tol must be a finite number > 0 (the residual per element, relative to 1 + |x̄|), "
                          f"got {tol!r}")
@@ -169,6 +174,7 @@ class FixedPointInverse(Solver):
             x, res, it, k_b = root.y, root.residual, it + root.iterations, None
             exhausted = root.iterations >= max_iter
             self.restarts += root.restarts
+        res = res.detach()  # a diagnostic: read as floats below (torch warns doing that to a tensor needing grad)
         if self.check_finite and not bool(torch.isfinite(res).all()):
             raise StepFailure("fixed-point inversion, {where}: the residual is not finite (the model returned NaN/inf "
                               "or the iteration diverged)")
@@ -207,8 +213,9 @@ def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Res
     (Anderson mixing of depth ``anderson``, 0 for plain fixed-point iteration, at most
     ``max_iter`` iterations a step, default 100) or ``"hybrid"`` (default: Anderson for up to
     20 iterations, then Newton with ``max_iter`` for what is left); ``tol``; ``final_euler``;
-    ``on_failure``. The first guess is the explicit Euler encode step; Newton restarts a stuck
-    sample from the Euler guess and from x̄_a itself.
+    ``on_failure``. ``anderson`` beside ``method="newton"`` and ``krylov_dim`` beside
+    ``method="anderson"`` are refused (that method would not use them). The first guess is the
+    explicit Euler encode step; Newton restarts a stuck sample from the Euler guess and from x̄_a itself.
 
     A sample that misses ``tol`` raises :class:`solvers.SolveError` naming the step, σ and
     residual; ``on_failure="keep"`` instead keeps its best iterate, warns, and lists it in
@@ -230,6 +237,11 @@ def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Res
     anderson, krylov_dim = options.get("anderson", 3), options.get("krylov_dim", 40)
     final_euler, on_failure = options.get("final_euler", True), options.get("on_failure", "raise")
     _check_options(tol, max_iter, method, anderson, krylov_dim, final_euler, on_failure)
+    unused = UNUSED_BY.get(method)
+    if unused is not None and unused[0] in options:
+        raise ValueError(f"inversion option {unused[0]}={options[unused[0]]!r} does not apply to method={method!r}: "
+                         f"{unused[1]}; leave it out, or use method='hybrid', which runs both")
+    max_iter, anderson, krylov_dim = (None if max_iter is None else int(max_iter)), int(anderson), int(krylov_dim)
     solver_obj = request.solver
     if solver_obj.reversible:
         raise ValueError(f"solver {solver_obj.name!r} is reversible: encode with it directly (no Inversion) and "
@@ -269,7 +281,7 @@ def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Res
         warnings.warn(f"fixed-point inversion: {len(unconverged)} of {images.shape[0]} sample(s) missed tol "
                       f"{tol:.3g}, kept at their least-residual iterate: sample (residual) {listed}"
                       f"{', ...' if len(unconverged) > 8 else ''}; their plain decode will not reproduce them exactly "
-                      "(stats.extra['unconverged'] and ['sample_residuals'] list them)", RuntimeWarning, stacklevel=4)
+                      "(stats.extra['unconverged'] and ['sample_residuals'] list them)", RuntimeWarning, stacklevel=3)
     x_T = (sol.xbar / math.sqrt(1.0 + enc[-1] ** 2)).to(images.dtype)
     latent = Latent(x_T, enc, request.solver_name, dict(request.solver_options), None, "fixed_point", final_euler)
     return Result(x_T, stats, enc, solver_obj.name, latent)

@@ -147,6 +147,9 @@ def classifier_free_guidance(flow: ProbabilityFlow, scale: float | Tensor, *,
         raise TypeError(f"scale must be a finite number (the guidance weight w; 1 = conditional), got {scale!r}")
     else:
         scale = float(scale)
+    if not isinstance(batch, bool):  # batch="no" would batch (a truthy string), batch=None would not
+        raise TypeError(f"batch must be True (both branches as one model call where their keywords pair) or False "
+                        f"(two calls), got {batch!r}")
     if unconditional_kwargs is not None and not isinstance(unconditional_kwargs, Mapping):
         raise TypeError(f"unconditional_kwargs must be a mapping of model keyword arguments, "
                         f"got {type(unconditional_kwargs).__name__}")

@@ -124,9 +124,13 @@ def load_config(name: str, directory: str | Path | None = None) -> dict[str, Any
         raise FileNotFoundError(f"model config {path} is missing; the package is incomplete "
                                 f"(retrain with training/train_{name}.py)")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"model config {path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):  # read on with .get and [key]: a list or a number stopped with AttributeError
+        raise ValueError(f"model config {path} must hold a JSON object (net, schedule, prediction_type, ...), "
+                         f"got a JSON {type(config).__name__}")
+    return config
 
 
 def _load(name: str, directory: str | Path | None,

@@ -84,6 +84,7 @@ and bits/dim is the continuous density's (it can be negative).
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -95,7 +96,7 @@ from torch import Tensor
 import solvers
 from solvers import SolveError, Solver, Stats, StepController
 
-from ..engine._checks import check_data_range, check_has_values, refuse_removed
+from ..engine._checks import check_data_range, check_has_values, check_model_kwargs, check_seed, refuse_removed
 from ..engine.flow import ProbabilityFlow
 from ..engine.formulations import formulation_for
 from ..engine.grids import MAX_STEPS
@@ -126,7 +127,8 @@ class Trace:
     ``"exact"``, ``"hutchinson"`` or ``"hutch++"``. ``probes``: the stochastic estimators' probe
     vectors (default 16), drawn once from ``probes_from`` (``"rademacher"``, the default, or ``"gaussian"``) with
     :func:`log_likelihood`'s ``generator``; ``sketch``: Hutch++'s sketch size (default min(32, D)).
-    ``chunk`` bounds the rows (samples × vectors) of one batched vector–Jacobian product (memory).
+    ``chunk`` bounds the rows (samples × vectors) of one batched vector–Jacobian product (memory); a batch larger
+    than ``chunk`` runs in pieces, each with its rows of the per-sample model keywords (tensors of leading size batch).
     """
 
     method: str = "auto"
@@ -239,19 +241,20 @@ class _Jacobian:
     passes of the model.
     """
 
-    def __init__(self, eps: Callable[..., Tensor], shape: tuple[int, ...], chunk: int) -> None:
-        self.eps = eps
+    def __init__(self, shape: tuple[int, ...], chunk: int) -> None:
         self.shape = shape
         self.chunk = chunk
         self.rows = 0
         self.calls = 0
         self.mode = "vmap"
 
-    def linearize(self, sigma: float, xbar: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-        """ε at the rows ``xbar`` (b, D) and ``apply(v)``: (m, b, D) vectors → (∂ε/∂x̄)ᵀ·v, (m, b, D)."""
+    def linearize(self, eps: Callable[[float, Tensor], Tensor], sigma: float,
+                  xbar: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """``eps`` (the field of these rows' model keywords) at the rows ``xbar`` (b, D) and ``apply(v)``: (m, b, D)
+        vectors → (∂ε/∂x̄)ᵀ·v, (m, b, D)."""
         b, dim = xbar.shape
         with torch.enable_grad():
-            out, pullback = torch.func.vjp(lambda inp: self.eps(sigma, inp), xbar.reshape(b, *self.shape))
+            out, pullback = torch.func.vjp(lambda inp: eps(sigma, inp), xbar.reshape(b, *self.shape))
         self.calls += 1
         per = max(1, self.chunk // b)
 
@@ -345,15 +348,10 @@ class _HutchPlusPlus:
 # -- validation -----------------------------------------------------------------------------------
 
 def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    """An int (a NumPy integer too, as ``generate``'s ``steps`` takes it) >= ``low``, returned as int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
-
-
-def _check_tol(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return int(value)
 
 
 def _check_checks(checks: object) -> bool:
@@ -379,12 +377,14 @@ def _check_images(images: object) -> Tensor:
                          f"sample, got {tuple(images.shape)}")
     if not images.is_floating_point():
         raise TypeError(f"images must be a floating-point tensor (the model's data scale), got {images.dtype}")
+    if images.requires_grad:  # the solve runs under no_grad: log_prob would silently carry no gradient
+        raise ValueError("images require grad, but log_likelihood is not differentiable (its solves run without "
+                         "autograd, and log_prob would carry no gradient); pass images.detach()")
     check_has_values(images, "images")
     finite = torch.isfinite(images.reshape(images.shape[0], -1)).all(1)
     if not bool(finite.all()):
         bad = torch.nonzero(~finite).reshape(-1).tolist()
         raise ValueError(f"images must be finite; sample(s) {bad[:10]} hold NaN or inf")
-    check_data_range(images, "images")  # warns, as encode does, for images on another scale ([0, 255], say)
     return images
 
 
@@ -408,15 +408,21 @@ def _dequantize(images: Tensor, levels: object, kind: str, sigma_min: float,
     ``kind="uniform"``: u ~ U[0, 1)^D, log q(u) = 0. ``"truncated_normal"``: u − ½ ~ N(0, s²)
     truncated to [−½, ½] per pixel, s = σ_min/Δ (the schedule's smallest noise level in lattice
     units), drawn by inverting the normal CDF, with its log-density log q(u) summed over pixels.
+    The images may carry their dtype's rounding (float16, bfloat16: up to a quarter ulp of 1, eps/4, off the
+    lattice): each is snapped to its lattice point y in float64, and ỹ is returned in float32 or the images'
+    wider dtype, since a half-precision ỹ would round the noise away (bfloat16 resolves half a cell at 256 levels).
     Returns ỹ, −log₂ Δ and log q.
     """
-    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+    if isinstance(levels, bool) or not isinstance(levels, numbers.Integral) or levels < 2:
         raise ValueError(f"dequantize must be None or the number of quantization levels over [-1, 1] "
                          f"(an int >= 2; 256 for 8-bit images), got {levels!r}")
+    levels = int(levels)
     delta = 2.0 / (levels - 1)
     k = (images.double() + 1.0) / delta
     off = (k - k.round()).abs().max()
-    if float(off) > 1e-3 or float(k.min()) < -1e-3 or float(k.max()) > levels - 1 + 1e-3:
+    # in lattice units: 1e-3, plus the images' own rounding of a lattice point in [-1, 1] (a quarter ulp of 1)
+    slack = 1e-3 + torch.finfo(images.dtype).eps / (4.0 * delta)
+    if float(off) > slack or float(k.min()) < -slack or float(k.max()) > levels - 1 + slack:
         raise ValueError(f"dequantize={levels}: the images are not on the {levels}-level lattice of [-1, 1] "
                          f"(spacing {delta:.6g}; largest distance {float(off) * delta:.3g}); pass the images as "
                          "quantized, or dequantize=None for the continuous density")
@@ -432,8 +438,18 @@ def _dequantize(images: Tensor, levels: object, kind: str, sigma_min: float,
         z = normal.icdf(lo + u * (hi - lo)).clamp(-0.5 / std, 0.5 / std)
         centred = z * std
         log_q = (normal.log_prob(z) - math.log(std) - torch.log(hi - lo)).reshape(batch, -1).sum(1)
-    moved = (images.double() + delta * centred.to(images.device)).to(images.dtype)
+    lattice = k.round() * delta - 1.0
+    out_dtype = torch.float32 if images.dtype in (torch.float16, torch.bfloat16) else images.dtype
+    moved = (lattice + delta * centred.to(images.device)).to(out_dtype)
     return moved, -math.log2(delta), log_q.to(images.device)
+
+
+def model_kwargs_rows(model_kwargs: Mapping[str, Any] | None, batch: int, rows: slice) -> dict[str, Any]:
+    """The model keywords of the batch's ``rows`` (a slice): a tensor whose leading size is the batch is sliced to
+    them; anything else (a scalar, a tensor of leading size 1 broadcast over the batch, a flag) is the same for every
+    row. (Also :func:`flowdiff.learn_encoder`'s, whose fitted and held-out halves are the batch's even and odd rows.)"""
+    return {key: value[rows] if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == batch else value
+            for key, value in (check_model_kwargs(model_kwargs) or {}).items()}
 
 
 def _draw(noise: str, n: int, batch: int, dim: int, generator: torch.Generator | None) -> Tensor:
@@ -486,7 +502,7 @@ def log_likelihood(
     steps: int | None = None,
     adaptive: Adaptive | None = None,
     estimator: Trace | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     model_dtype: torch.dtype | None = None,
     dequantize: int | None = None,
@@ -523,8 +539,9 @@ def log_likelihood(
 
     ``estimator``: a :class:`Trace` (default ``Trace()``: method ``"auto"``, ``"exact"`` up to D =
     :data:`AUTO_EXACT_MAX_DIM`, beyond it ``"hutch++"`` with sketch 32 and probes 16, whose 80
-    products per evaluation do not grow with D). Its probes are drawn once from ``generator``,
-    which also draws the dequantization noise (first). ``checks=flowdiff.Checks(finite=...)``:
+    products per evaluation do not grow with D). Its probes are drawn once from ``generator`` (a CPU
+    ``torch.Generator`` or an int seed; draws are made on the CPU whatever the images' device), which also
+    draws the dequantization noise (first). ``checks=flowdiff.Checks(finite=...)``:
     stop with a :class:`solvers.SolveError` when the state turns NaN/inf (default on); its
     ``growth`` and ``model`` fields do not apply here and are refused unless left at their defaults.
     ``progress=True`` shows a tqdm bar on stderr of the time each solve has reached, its σ and step (of ``steps=N``
@@ -532,7 +549,8 @@ def log_likelihood(
 
     ``dequantize=K`` (levels over [−1, 1]; 256 for 8-bit images) dequantizes the images with noise
     from ``generator`` — ``dequantization="uniform"`` or ``"truncated_normal"`` — and reports
-    the discrete data's bits/dim (see the module docstring). ``data_mean``/``data_var``
+    the discrete data's bits/dim (see the module docstring); float16/bfloat16 images on the lattice are
+    snapped to it, and dequantized in float32. ``data_mean``/``data_var``
     (scalars or per-pixel tensors) set the prior N(m, (v + σ_max²)I); the defaults are the VP
     prior that :func:`flowdiff.generate` samples. ``stats`` are the solve's own (``stats.nfe`` its field evaluations);
     ``stats.extra`` adds ``vjps`` (the estimator's vector–Jacobian products, per sample),
@@ -544,6 +562,9 @@ def log_likelihood(
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
     images = _check_images(images)
+    # warns, as encode does, for images on another scale ([0, 255], say); called here, not in _check_images, so
+    # that the warning's stacklevel lands on the caller's line
+    check_data_range(images, "images")
     if estimator is None:
         estimator = Trace()
     elif not isinstance(estimator, Trace):
@@ -553,11 +574,20 @@ def log_likelihood(
     if dequantize is None and dequantization != "uniform":
         raise ValueError(f"dequantization={dequantization!r} chooses the noise of dequantize=K levels, which is "
                          "None (the continuous density): give dequantize=K, or leave dequantization out")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):  # a seed, as Stochastic's
+        generator = torch.Generator().manual_seed(check_seed(generator, "generator"))
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a CPU torch.Generator, an int seed or None, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"generator is on {generator.device}; log_likelihood draws its probes and dequantization "
+                         "noise on the CPU (the same numbers whatever the images' device): give a CPU "
+                         "torch.Generator or an int seed")
     if not isinstance(solve_check, bool):
         raise TypeError(f"solve_check must be a bool, got {type(solve_check).__name__}")
     check_finite = _check_checks(checks)
+    if model_dtype is not None and (not isinstance(model_dtype, torch.dtype) or not model_dtype.is_floating_point):
+        raise TypeError(f"model_dtype must be a floating-point torch.dtype (torch.float16, torch.bfloat16, "
+                        f"torch.float32 or torch.float64) or None (the images' dtype), got {model_dtype!r}")
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
     chunk, probes, sketch, noise = estimator.chunk, estimator.probes, estimator.sketch, estimator.probes_from
@@ -626,13 +656,14 @@ def log_likelihood(
     var = _per_pixel("data_var", data_var, shape, positive=True)
 
     offset, log_q = 0.0, None
+    images_dtype = images.dtype  # the latent's; a dequantized half-precision batch is held in float32
     if dequantize is not None:
         images, offset, log_q = _dequantize(images, dequantize, dequantization, float(schedule.sigma_min), generator)
     dtype = torch.float32 if images.dtype in (torch.float16, torch.bfloat16) else images.dtype
     device = images.device
     xbar0 = images.to(dtype).reshape(batch, dim)
 
-    jac = _Jacobian(flow.field(model_kwargs, model_dtype), shape, chunk)
+    jac = _Jacobian(shape, chunk)
     if divergence == "exact":
         estimator: Any = _Exact(dim, chunk)
     elif divergence == "hutchinson":
@@ -645,13 +676,16 @@ def log_likelihood(
     # the engine's time (τ = log(σ + c) from the chooser above), its ends mapping back to σ = 0 and σ_max exactly
     t_zero, t_max = form.times([0.0, s_max])
     piece = min(batch, chunk)
+    pieces = [slice(b0, min(batch, b0 + piece)) for b0 in range(0, batch, piece)]
+    # each piece's field sees its own rows of the per-sample model keywords (class labels, prompt embeddings)
+    fields = [flow.field(model_kwargs if len(pieces) == 1 else model_kwargs_rows(model_kwargs, batch, rows),
+                         model_dtype) for rows in pieces]
 
     def sigma_field(sigma: float, y: Tensor) -> Tensor:
         """d[x̄, ℓ]/dσ = [ε, div ε] (ℓ: one column per probe), the batch in pieces of ``chunk``."""
         out = []
-        for b0 in range(0, batch, piece):
-            rows = slice(b0, min(batch, b0 + piece))
-            eps, apply = jac.linearize(sigma, y[rows, :dim].to(dtype))
+        for rows, eps_field in zip(pieces, fields):
+            eps, apply = jac.linearize(eps_field, sigma, y[rows, :dim].to(dtype))
             div = estimator(apply, rows, eps.shape[0], eps)
             out.append(torch.cat([eps.detach(), div.detach()], 1).to(y.dtype))
         return torch.cat(out)
@@ -724,7 +758,7 @@ def log_likelihood(
     bpd = -(log_prob - q) / (dim * math.log(2)) + offset
     stats.wall_time = time.perf_counter() - start
     latent = (form.to_xbar(y[:, :dim], t_max) / math.sqrt(1.0 + s_max * s_max)).reshape(batch, *shape)
-    latent = latent.to(images.dtype)  # DDIM's x_T = x̄(σ_max)/√(1+σ_max²), as encode's
+    latent = latent.to(images_dtype)  # DDIM's x_T = x̄(σ_max)/√(1+σ_max²), as encode's
     return Likelihood(log_prob, prior, delta, bpd, std_error, None if divergence == "exact" else per_probe,
                       dim, offset, divergence, latent, stats, solve_error=solve_error, error=error,
                       dequantization=None if dequantize is None else dequantization, log_q=log_q)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -65,6 +66,7 @@ from ..engine.grids import check_budget, make_sigmas, reversed_grid
 from ..engine.options import Adaptive
 from ..engine.results import Result
 from .learned import shift_intervals, tune_roundtrip
+from .likelihood import model_kwargs_rows
 from .tuning import check_fingerprint, read_record, write_record
 
 __all__ = ["LearnedEncoder", "learn_encoder"]
@@ -228,7 +230,7 @@ def _check_choice(learned: LearnedEncoder) -> None:
 def _check_latent_weight(latent_weight: object) -> tuple[float, ...]:
     """``latent_weight`` as its candidates: one positive finite number, or a tuple of at least 2 distinct ones."""
     def weight(value: object) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
             raise ValueError(f"latent_weight must be a positive finite number or a tuple of them, got "
                              f"{latent_weight!r}")
         return float(value)
@@ -370,18 +372,22 @@ def learn_encoder(
         raise TypeError(f"solver_options must be a mapping, got {type(solver_options).__name__}")
     options = dict(solver_options or {})
     base = _base_solver(solver, options)
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+    if isinstance(nfe, bool) or not isinstance(nfe, numbers.Integral) or nfe < 1:
         raise ValueError(f"nfe must be an int >= 1 (evaluations per direction), got {nfe!r}")
+    nfe = int(nfe)  # a NumPy integer too, as generate's nfe takes it
     for name, flag in (("fit_grid", fit_grid), ("fit_decode", fit_decode)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or not 0 <= iterations <= 1000:
+    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or not 0 <= iterations <= 1000:
         raise ValueError(f"iterations must be an int in 0..1000, got {iterations!r}")
+    iterations = int(iterations)
     weights = _check_latent_weight(latent_weight)
-    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound < math.inf:
+    if isinstance(bound, bool) or not isinstance(bound, numbers.Real) or not 0 < bound < math.inf:
         raise ValueError(f"bound must be a positive finite number, got {bound!r}")
-    if isinstance(reference_tol, bool) or not isinstance(reference_tol, (int, float)) or not 0 < reference_tol <= 1e-3:
+    if (isinstance(reference_tol, bool) or not isinstance(reference_tol, numbers.Real)
+            or not 0 < reference_tol <= 1e-3):
         raise ValueError(f"reference_tol must be a number in (0, 1e-3], got {reference_tol!r}")
+    reference_tol = float(reference_tol)
     # the budget before any evaluation: the steps ``nfe`` buys each way (the encode's count; its decode costs no more)
     affordable = check_budget(solver, nfe, _solvers.steps_for_nfe(base, nfe, eval_end=encode_evaluates_end(base)))
     if sigmas is not None:
@@ -391,6 +397,7 @@ def learn_encoder(
                              f"{solver!r} ({affordable} steps): give a grid of at most {affordable} steps or a "
                              "larger nfe")
     check_data_range(images, "images")  # once here; the many encodes below (data_range_checked) see parts of them
+    images = images.detach()  # the fit's result is numbers (σ, shifts), not a function of the images autograd could use
     bound = float(bound)
     start = time.perf_counter()
     spent = {"nfe": 0, "solves": 0}
@@ -409,6 +416,8 @@ def learn_encoder(
         starts = [(initial_name, sigmas)]
     n = len(sigmas) - 1
     fit, held = images[0::2], images[1::2]
+    # each half with its rows of the per-sample model keywords (class labels); shared ones are passed whole
+    fit_kw, held_kw = (model_kwargs_rows(model_kwargs, images.shape[0], slice(i, None, 2)) for i in (0, 1))
     with torch.no_grad(), data_range_checked():
         ref = encode(flow, images.to(torch.float64), solver="dopri5", model_kwargs=model_kwargs,
                      adaptive=Adaptive(rtol=reference_tol, atol=reference_tol, sigma_start=float(sigmas[0])))
@@ -416,11 +425,11 @@ def learn_encoder(
     ref_fit, ref_held = ref.x[0::2], ref.x[1::2]
 
     def roundtrip(sig: np.ndarray, shifts: tuple[tuple[float, ...], tuple[float, ...]],
-                  part: Tensor) -> tuple[Tensor, Tensor]:
+                  part: Tensor, part_kw: dict[str, Any]) -> tuple[Tensor, Tensor]:
         with torch.no_grad(), data_range_checked():
             enc = encode(flow, part, solver=_shifted(base, _encode_times(base, sig), shifts[0]), grid=sig,
-                         model_kwargs=model_kwargs)
-            dec = decode(flow, _with_decode_shifts(enc, shifts[1]).latent, model_kwargs=model_kwargs)
+                         model_kwargs=part_kw)
+            dec = decode(flow, _with_decode_shifts(enc, shifts[1]).latent, model_kwargs=part_kw)
         if enc.stats.nfe > nfe or dec.stats.nfe > nfe:
             raise ValueError(f"the grid spends {enc.stats.nfe} + {dec.stats.nfe} evaluations with solver "
                              f"{solver!r}, over nfe={nfe} each way")
@@ -428,9 +437,9 @@ def learn_encoder(
         spent["solves"] += 1
         return dec.x.to(torch.float64), enc.latent.x.to(torch.float64)
 
-    def errors(sig, shifts, part, target) -> tuple[float, float]:
+    def errors(sig, shifts, part, target, part_kw) -> tuple[float, float]:
         try:
-            x, z = roundtrip(sig, shifts, part)
+            x, z = roundtrip(sig, shifts, part, part_kw)
         except _solvers.SolveError:
             return math.inf, math.inf
         return _rms(x - part.to(torch.float64)), _rms(z - target)
@@ -465,7 +474,7 @@ def learn_encoder(
             sig, shifts = unpack(v)
             size = fit.numel() + ref_fit.numel()
             try:
-                x, z = roundtrip(sig, shifts, fit)
+                x, z = roundtrip(sig, shifts, fit, fit_kw)
             except _solvers.SolveError:
                 return np.full(size, 1e3)
             r = torch.cat([(x - fit.to(torch.float64)).reshape(-1), weight * (z - ref_fit).reshape(-1)])
@@ -493,11 +502,11 @@ def learn_encoder(
         return float(np.dot(r, r)), *unpack(v)
 
     plain = ((0.0,) * n, (0.0,) * n)
-    base_val, base_lat = errors(sigmas, plain, held, ref_held)
+    base_val, base_lat = errors(sigmas, plain, held, ref_held, held_kw)
     trials = []  # per candidate weight: (held-out round trip, held-out latent error, grid, shifts)
     for weight in weights:  # each weight's best start on the fitted half, which its own weight scores
         _, sig_w, shifts_w = min((fitted(s0, weight) for _, s0 in starts), key=lambda c: c[0])
-        trials.append((*errors(sig_w, shifts_w, held, ref_held), sig_w, shifts_w))
+        trials.append((*errors(sig_w, shifts_w, held, ref_held, held_kw), sig_w, shifts_w))
 
     def beats_plain(i: int) -> bool:
         return trials[i][0] < base_val and trials[i][1] <= base_lat
@@ -506,8 +515,8 @@ def learn_encoder(
     chosen = min(range(len(weights)), key=lambda i: (not beats_plain(i), trials[i][0], i))
     val, lat, learned_sig, learned_shifts = trials[chosen]
     kept = beats_plain(chosen)
-    calib, _ = errors(learned_sig, learned_shifts, fit, ref_fit)
-    base_calib, _ = errors(sigmas, plain, fit, ref_fit)
+    calib, _ = errors(learned_sig, learned_shifts, fit, ref_fit, fit_kw)
+    base_calib, _ = errors(sigmas, plain, fit, ref_fit, fit_kw)
     encode_shifts, decode_shifts = learned_shifts if kept else plain
     if not kept:  # the held-out errors are those of what the result encodes with: the plain encode
         val, lat = base_val, base_lat
