@@ -52,28 +52,10 @@ from solvers import Solver, StepResult
 from ..engine._checks import check_seed
 from ..engine.formulations import formulation_for
 from ..engine.loop import solve_grid
-from ..engine.options import Request, Stochastic, compute_dtype
+from ..engine.options import SIGMA_HAT, Request, Stochastic, check_eta, compute_dtype
 from ..engine.plugins import Plugin, register_plugin
 from ..engine.results import Result
 from ..engine.terminal import refuse_infinite_start
-
-#: The named member of the family besides numeric η: DDPM's larger variance σ̂² = 1 − ᾱ_t/ᾱ_s.
-SIGMA_HAT = "sigma_hat"
-
-
-def check_eta(eta: object) -> float | str:
-    """Validate ``eta``: a real number in [0, 1], or ``"sigma_hat"``; returned as float or that string."""
-    if isinstance(eta, str):
-        if eta != SIGMA_HAT:
-            raise ValueError(f"unknown eta {eta!r}; accepted: a number in [0, 1] or {SIGMA_HAT!r}")
-        return eta
-    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)):
-        raise TypeError(f"eta must be a number in [0, 1] or {SIGMA_HAT!r}, got {type(eta).__name__}")
-    value = float(eta)
-    if not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise ValueError(f"eta must lie in [0, 1] (0: the ODE/DDIM, 1: DDPM's posterior variance) "
-                         f"or be {SIGMA_HAT!r}, got {eta!r}")
-    return value
 
 
 def noise_levels(sigma: float, sigma_next: float, eta: float | str) -> tuple[float, float]:
@@ -210,10 +192,7 @@ def generate_stochastic(request: Request, noise: Tensor, spec: Stochastic) -> Re
     At η = 0 no noise is drawn or used. ``stats.extra`` records ``eta`` and ``noise_draws``.
     """
     eta = check_eta(spec.eta)
-    gen = _check_generator(spec.generator, noise)
-    if gen is not None and spec.step_noise is not None:
-        raise ValueError("Stochastic: give generator= or step_noise=, not both: step_noise fixes every step's "
-                         "noise itself")
+    gen = _check_generator(spec.generator, noise)  # given with step_noise: refused by Stochastic itself
     euler = solvers.get("euler")
     sig = request.grid.solve_sigmas(request.flow, euler, "generate")  # Euler never evaluates σ = 0
     refuse_infinite_start(float(sig[0]), "the stochastic (eta) process")  # zero terminal SNR (flowdiff.engine.terminal)

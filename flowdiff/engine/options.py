@@ -29,7 +29,7 @@ from torch import Tensor
 import solvers
 from solvers import Solver, StepController
 
-from ._checks import check_has_values
+from ._checks import check_has_values, check_seed
 from .flow import ProbabilityFlow
 from .formulations import encode_evaluates_end
 from .grids import GRIDS, check_budget, make_sigmas, reversed_grid
@@ -271,6 +271,25 @@ class Adaptive:
                 raise ValueError(f"{name} must lie in (0, σ_start) (a finite number > 0), got {value!r}")
 
 
+#: The named member of the family besides numeric η: DDPM's larger variance σ̂² = 1 − ᾱ_t/ᾱ_s.
+SIGMA_HAT = "sigma_hat"
+
+
+def check_eta(eta: object) -> float | str:
+    """Validate ``eta``: a real number in [0, 1], or ``"sigma_hat"``; returned as float or that string."""
+    if isinstance(eta, str):
+        if eta != SIGMA_HAT:
+            raise ValueError(f"unknown eta {eta!r}; accepted: a number in [0, 1] or {SIGMA_HAT!r}")
+        return eta
+    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)):
+        raise TypeError(f"eta must be a number in [0, 1] or {SIGMA_HAT!r}, got {type(eta).__name__}")
+    value = float(eta)
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(f"eta must lie in [0, 1] (0: the ODE/DDIM, 1: DDPM's posterior variance) "
+                         f"or be {SIGMA_HAT!r}, got {eta!r}")
+    return value
+
+
 @dataclass(frozen=True, eq=False)
 class Stochastic:
     """The DDIM paper's generalized generative process (see :mod:`flowdiff.api.stochastic`).
@@ -282,6 +301,17 @@ class Stochastic:
     eta: float | str = 0.0
     generator: torch.Generator | int | None = None
     step_noise: Tensor | None = None
+
+    def __post_init__(self) -> None:  # what needs no noise is checked here; its device, in the solve
+        object.__setattr__(self, "eta", check_eta(self.eta))
+        g = self.generator
+        if isinstance(g, bool) or not (g is None or isinstance(g, (int, np.integer, torch.Generator))):
+            raise TypeError(f"Stochastic.generator must be a torch.Generator or an int seed, got {type(g).__name__}")
+        if isinstance(g, (int, np.integer)):
+            check_seed(g, "Stochastic.generator")
+        if g is not None and self.step_noise is not None:
+            raise ValueError("Stochastic: give generator= or step_noise=, not both: step_noise fixes every step's "
+                             "noise itself")
 
 
 @dataclass(frozen=True, eq=False)
@@ -330,7 +360,13 @@ class Save:
         _flag(self.steps, "Save.steps")
         _flag(self.denoised, "Save.denoised")
         if self.sigmas is not None:
-            s = np.asarray(self.sigmas, dtype=np.float64)
+            if isinstance(self.sigmas, (str, bytes)):
+                raise TypeError(f"Save.sigmas must be a list of σ values, got the string {self.sigmas!r}"
+                                + (": to keep every step, give Save(steps=True)" if self.sigmas == "steps" else ""))
+            try:
+                s = np.asarray(self.sigmas, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise TypeError(f"Save.sigmas must be a list of σ values (numbers), got {self.sigmas!r}") from None
             if s.ndim != 1 or s.size == 0 or np.isnan(s).any() or (s < 0).any():
                 raise ValueError(f"Save.sigmas must be a non-empty 1-D list of σ >= 0 (points of the solve's grid), "
                                  f"got {self.sigmas!r}")
