@@ -128,3 +128,12 @@ def refuse_removed(function: str, removed: Mapping[str, Any], replacements: Mapp
         raise TypeError(f"{function}() got an unexpected keyword argument {name!r}: removed in flowdiff 0.x; use "
                         f"{replacements[name]}")
     raise TypeError(f"{function}() got an unexpected keyword argument {name!r}")
+
+
+def model_kwargs_rows(model_kwargs: Mapping[str, Any] | None, batch: int, rows: slice) -> dict[str, Any]:
+    """The model keywords of the batch's ``rows`` (a slice): a tensor whose leading size is the batch is sliced to
+    them; anything else (a scalar, a tensor of leading size 1 broadcast over the batch, a flag) is the same for every
+    row. (The calibration halves of :func:`flowdiff.tune`, :func:`flowdiff.learn_solver`, :func:`flowdiff.learn_encoder`
+    and :func:`flowdiff.tune_roundtrip` are the batch's even and odd rows; the likelihood's chunks are slices.)"""
+    return {key: value[rows] if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == batch else value
+            for key, value in (check_model_kwargs(model_kwargs) or {}).items()}

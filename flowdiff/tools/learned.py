@@ -96,7 +96,7 @@ from torch import Tensor
 import solvers as _solvers
 
 from ..api.sampling import decode, encode, generate
-from ..engine._checks import check_data_range, data_range_checked
+from ..engine._checks import check_data_range, data_range_checked, model_kwargs_rows
 from ..engine.fingerprint import flow_fingerprint
 from ..engine.flow import ProbabilityFlow
 from ..engine.formulations import (
@@ -697,7 +697,7 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
     lower = np.array([-bound if k == "c" else intervals[i][0] if k == "s" else reach[k, i][0] for k, i, _ in slots])
     upper = np.array([bound if k == "c" else intervals[i][1] if k == "s" else reach[k, i][1] for k, i, _ in slots])
     moved = bool(moves) or "start" in learn  # the grid itself is fitted
-    fit, held = noise[0::2], noise[1::2]
+    fit, held, whole = slice(0, None, 2), slice(1, None, 2), slice(None)  # the batch's rows
     target, ref_nfe = _reference(flow, noise, model_kwargs, float(reference_tol))
     spent = {"nfe": ref_nfe, "solves": 0}
 
@@ -736,10 +736,11 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
             shifts = tuple(min(max(d, lo), hi) for d, (lo, hi) in zip(shifts, bounds))
         return _composed(base, grid, coefficients, shifts, scales, directions), grid
 
-    def images(v: np.ndarray, part: Tensor) -> Tensor:
+    def images(v: np.ndarray, rows: slice) -> Tensor:
         solver_v, grid = solver_of(v)
-        with torch.no_grad():
-            res = generate(flow, part, solver=solver_v, grid=grid, model_kwargs=model_kwargs)
+        with torch.no_grad():  # per-sample conditioning goes with its rows of the noise
+            res = generate(flow, noise[rows], solver=solver_v, grid=grid,
+                           model_kwargs=model_kwargs_rows(model_kwargs, noise.shape[0], rows) or None)
         if res.stats.nfe > nfe:
             raise ValueError(f"the grid spends {res.stats.nfe} evaluations with solver {solver!r}, over nfe={nfe}")
         spent["nfe"] += res.stats.nfe
@@ -835,7 +836,7 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
                 if np.array_equal(w, v))
 
     def residual_all(w: np.ndarray) -> np.ndarray:
-        r = (images(w, noise) - target).reshape(-1).cpu().numpy()
+        r = (images(w, whole) - target).reshape(-1).cpu().numpy()
         return r if np.all(np.isfinite(r)) else np.full_like(r, 1e6)
 
     r0_all = residual_all(zero)
@@ -956,14 +957,15 @@ def tune_roundtrip(
     steps = _solvers.steps_for_nfe(solver_obj, nfe, eval_end=encode_evaluates_end(solver_obj))
     check_data_range(images, "images")  # once here, not once per candidate round trip
     start = time.perf_counter()
-    fit, held = images[0::2], images[1::2]
+    fit, held = slice(0, None, 2), slice(1, None, 2)  # the batch's rows
     spent = {"nfe": 0, "evals": 0}
 
-    def error(sigmas: np.ndarray, part: Tensor) -> float:
+    def error(sigmas: np.ndarray, rows: slice) -> float:
+        part, kwargs = images[rows], model_kwargs_rows(model_kwargs, images.shape[0], rows) or None
         try:
             with torch.no_grad(), data_range_checked():
-                enc = encode(flow, part, solver=solver_obj, grid=sigmas, model_kwargs=model_kwargs)
-                dec = decode(flow, enc.latent, model_kwargs=model_kwargs)
+                enc = encode(flow, part, solver=solver_obj, grid=sigmas, model_kwargs=kwargs)
+                dec = decode(flow, enc.latent, model_kwargs=kwargs)
         except _solvers.SolveError:
             return math.inf
         spent["nfe"] += enc.stats.nfe + dec.stats.nfe

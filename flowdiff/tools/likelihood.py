@@ -96,7 +96,13 @@ from torch import Tensor
 import solvers
 from solvers import SolveError, Solver, Stats, StepController
 
-from ..engine._checks import check_data_range, check_has_values, check_model_kwargs, check_seed, refuse_removed
+from ..engine._checks import (
+    check_data_range,
+    check_has_values,
+    check_seed,
+    model_kwargs_rows,
+    refuse_removed,
+)
 from ..engine.flow import ProbabilityFlow
 from ..engine.formulations import formulation_for
 from ..engine.grids import MAX_STEPS
@@ -442,14 +448,6 @@ def _dequantize(images: Tensor, levels: object, kind: str, sigma_min: float,
     out_dtype = torch.float32 if images.dtype in (torch.float16, torch.bfloat16) else images.dtype
     moved = (lattice + delta * centred.to(images.device)).to(out_dtype)
     return moved, -math.log2(delta), log_q.to(images.device)
-
-
-def model_kwargs_rows(model_kwargs: Mapping[str, Any] | None, batch: int, rows: slice) -> dict[str, Any]:
-    """The model keywords of the batch's ``rows`` (a slice): a tensor whose leading size is the batch is sliced to
-    them; anything else (a scalar, a tensor of leading size 1 broadcast over the batch, a flag) is the same for every
-    row. (Also :func:`flowdiff.learn_encoder`'s, whose fitted and held-out halves are the batch's even and odd rows.)"""
-    return {key: value[rows] if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == batch else value
-            for key, value in (check_model_kwargs(model_kwargs) or {}).items()}
 
 
 def _draw(noise: str, n: int, batch: int, dim: int, generator: torch.Generator | None) -> Tensor:

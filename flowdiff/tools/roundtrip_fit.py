@@ -58,7 +58,7 @@ from torch import Tensor
 import solvers as _solvers
 
 from ..api.sampling import decode, encode
-from ..engine._checks import check_data_range, data_range_checked
+from ..engine._checks import check_data_range, data_range_checked, model_kwargs_rows
 from ..engine.fingerprint import flow_fingerprint
 from ..engine.flow import ProbabilityFlow
 from ..engine.formulations import encode_evaluates_end, encode_refusal, formulation_for
@@ -66,7 +66,6 @@ from ..engine.grids import check_budget, make_sigmas, reversed_grid
 from ..engine.options import Adaptive
 from ..engine.results import Result
 from .learned import shift_intervals, tune_roundtrip
-from .likelihood import model_kwargs_rows
 from .tuning import check_fingerprint, read_record, write_record
 
 __all__ = ["LearnedEncoder", "learn_encoder"]

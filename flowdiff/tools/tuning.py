@@ -54,7 +54,7 @@ from torch import Tensor
 import solvers as _solvers
 
 from ..api.sampling import generate
-from ..engine._checks import check_seed
+from ..engine._checks import check_seed, model_kwargs_rows
 from ..engine.fingerprint import flow_fingerprint
 from ..engine.flow import ProbabilityFlow
 from ..engine.grids import GRIDS, make_sigmas
@@ -353,7 +353,8 @@ def tune(
         """The RMS image error of the grid on ``noise[part]`` (inf where the solve fails)."""
         try:
             with torch.no_grad():
-                out = generate(flow, noise[part], solver=solver_obj, grid=sigmas, model_kwargs=model_kwargs)
+                out = generate(flow, noise[part], solver=solver_obj, grid=sigmas,  # conditioning: the part's rows
+                               model_kwargs=model_kwargs_rows(model_kwargs, noise.shape[0], part) or None)
         except _solvers.SolveError:
             return math.inf
         spent["nfe"] += out.stats.nfe
@@ -377,7 +378,8 @@ def tune(
         if steps > len(candidates) - 1:
             raise ValueError(f"{steps} steps need at least {steps} candidate σ for the DP; got candidates="
                              f"{len(candidates) - 1}")
-        teacher = _dp.teacher_trajectory(flow, noise[halves[0]], candidates, model_kwargs=model_kwargs)
+        rows_kw = model_kwargs_rows(model_kwargs, noise.shape[0], halves[0]) or None  # the fitted half's conditioning
+        teacher = _dp.teacher_trajectory(flow, noise[halves[0]], candidates, model_kwargs=rows_kw)
         teacher_nfe = teacher.nfe
         starts += [(f"dp order {order}", _dp.dp_sigmas(teacher, steps, order)) for order in opts["dp_orders"]]
     initial = None
