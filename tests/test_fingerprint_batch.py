@@ -194,3 +194,48 @@ def test_a_latent_encoded_with_a_repeated_label_decodes_under_the_old_and_the_ne
     latent.check_model(flow, repeated(3, 2))
     with pytest.raises(ValueError, match="fingerprint"):
         latent.check_model(flow, repeated(4, 2))
+
+
+def test_the_old_rule_is_the_old_code(flow):
+    """accepted_fingerprints' second digest is the one the code before this change computed."""
+    from flowdiff.engine.fingerprint import _digest
+
+    for kwargs in (repeated(3, 8), labels(*range(8)), {"class_labels": torch.tensor(3)}):
+        assert _digest(flow, kwargs, repeated=False) == old_fingerprint(flow, kwargs)
+        assert accepted_fingerprints(flow, kwargs)[-1] == old_fingerprint(flow, kwargs)
+
+
+def test_prompt_latents_written_under_the_old_rule_still_decode(tmp_path, capsys):
+    """A prompt's embeddings (batch 1) are one sample repeated: their fingerprint changed, and latents whose record
+    holds the old one decode as before; a record of another conditioning is still refused."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from flowdiff import cli
+    from flowdiff.engine.fingerprint import _digest
+    from flowdiff.engine.latent import Latent
+    from flowdiff.models.tiny_pipelines import stable_diffusion as build_sd
+    from PIL import Image
+
+    sd_dir = str(build_sd(tmp_path / "sd")[1])
+    image = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(image)
+    latents = str(tmp_path / "a.latent")
+    common = ["--model", sd_dir, "--solver", "reversible_heun", "--steps", "2"]
+    assert cli.main(["encode", str(image), *common, "--prompt", "a cat", "--guidance", "3", "--out", latents]) == 0
+    capsys.readouterr()
+    latent = Latent.load(latents)
+    loaded = cli.load_model(sd_dir)
+    flow = loaded.flow
+    cond = flow.encode_prompt(["a cat"])
+    kwargs = {"cond": cond, "guidance": 3.0, "uncond": flow.encode_prompt([""])}
+    assert latent.info["prompt"]["fingerprint"] == flow_fingerprint(flow, kwargs)
+    old = _digest(flow, kwargs, repeated=False)
+    assert old != flow_fingerprint(flow, kwargs)
+    latent.info["prompt"]["fingerprint"] = old
+    latent.save(latents)
+    assert cli.main(["decode", latents, "--model", sd_dir, "--out", str(tmp_path / "dec")]) == 0, \
+        capsys.readouterr().err
+    latent.info["prompt"]["fingerprint"] = _digest(flow, {**kwargs, "guidance": 2.0}, repeated=False)
+    latent.save(latents)
+    assert cli.main(["decode", latents, "--model", sd_dir, "--out", str(tmp_path / "dec2")]) == 1
+    assert "another model or conditioning" in capsys.readouterr().err
