@@ -210,11 +210,12 @@ def test_prompt_latents_written_under_the_old_rule_still_decode(tmp_path, capsys
     holds the old one decode as before; a record of another conditioning is still refused."""
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
+    from PIL import Image
+
     from flowdiff import cli
     from flowdiff.engine.fingerprint import _digest
     from flowdiff.engine.latent import Latent
     from flowdiff.models.tiny_pipelines import stable_diffusion as build_sd
-    from PIL import Image
 
     sd_dir = str(build_sd(tmp_path / "sd")[1])
     image = tmp_path / "a.png"
