@@ -132,6 +132,10 @@ def test_a_grid_and_a_solver_fitted_on_a_scalar_label_serve_the_clis_label_per_s
     scalar = {"class_labels": torch.tensor(3)}
     grid = flowdiff.tune(flow, noise, solver="euler", nfe=6, max_evals=4, model_kwargs=scalar, method="search",
                          progress=False, reference_tol=1e-4)
+    # the label repeated per sample is the same conditioning: the same grid (tune's held-out halves slice it)
+    per_sample = flowdiff.tune(flow, noise, solver="euler", nfe=6, max_evals=4, model_kwargs=repeated(3, 4),
+                               method="search", progress=False, reference_tol=1e-4)
+    assert np.array_equal(per_sample.sigmas, grid.sigmas) and per_sample.fingerprint == grid.fingerprint
     flowdiff.save_grids([grid], tmp_path / "stored" / "c.tuned.json")
     monkeypatch.setattr(tuning, "STORED_DIR", tmp_path / "stored")
     code, out, err = run_in(capsys, ["sample", "--grid", "tuned", "--solver", "euler", "--nfe", 6, "--num", 3,
@@ -240,3 +244,15 @@ def test_prompt_latents_written_under_the_old_rule_still_decode(tmp_path, capsys
     latent.save(latents)
     assert cli.main(["decode", latents, "--model", sd_dir, "--out", str(tmp_path / "dec2")]) == 1
     assert "another model or conditioning" in capsys.readouterr().err
+
+
+def test_tune_holds_out_half_of_a_batch_with_its_own_labels(flow):
+    """tune's held-out halves ran with the whole batch's per-sample labels (a shape error, reported as every
+    candidate failing); each half now runs with its own samples' labels, and the grid is for those labels."""
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    grid = flowdiff.tune(flow, noise, solver="euler", nfe=5, max_evals=3, model_kwargs=labels(0, 1, 2, 3),
+                         method="search", progress=False, reference_tol=1e-4)
+    assert grid.options["validate"] is True and np.isfinite(grid.calibration_error)
+    grid.check(flow, labels(0, 1, 2, 3))
+    with pytest.raises(ValueError, match="fingerprint"):
+        grid.check(flow, labels(0, 2))

@@ -185,6 +185,16 @@ def check_fingerprint(fingerprint: str, flow: ProbabilityFlow, model_kwargs: Map
                          f"{accepted[0]} (another model, schedule or conditioning{older}): {again}")
 
 
+def _kwargs_part(model_kwargs: Mapping[str, Any] | None, batch: int, part: slice) -> Mapping[str, Any] | None:
+    """``model_kwargs`` for ``noise[part]`` of a batch of ``batch``: each tensor with one entry per sample (its first
+    axis of length ``batch``, as ``class_labels`` of shape (batch,)) sliced with the noise, the rest (a 0-d label, one
+    prompt's embeddings) as given: the held-out halves run with their own samples' conditioning."""
+    if not model_kwargs or part == slice(None):
+        return model_kwargs
+    return {k: v[part] if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == batch else v
+            for k, v in model_kwargs.items()}
+
+
 class _Knots:
     """The map from search parameters ``v`` to a grid of n steps from σ_max (or below) to 0.
 
@@ -355,7 +365,8 @@ def tune(
         """The RMS image error of the grid on ``noise[part]`` (inf where the solve fails)."""
         try:
             with torch.no_grad():
-                out = generate(flow, noise[part], solver=solver_obj, grid=sigmas, model_kwargs=model_kwargs)
+                out = generate(flow, noise[part], solver=solver_obj, grid=sigmas,
+                               model_kwargs=_kwargs_part(model_kwargs, noise.shape[0], part))
         except _solvers.SolveError:
             return math.inf
         spent["nfe"] += out.stats.nfe
@@ -379,7 +390,8 @@ def tune(
         if steps > len(candidates) - 1:
             raise ValueError(f"{steps} steps need at least {steps} candidate σ for the DP; got candidates="
                              f"{len(candidates) - 1}")
-        teacher = _dp.teacher_trajectory(flow, noise[halves[0]], candidates, model_kwargs=model_kwargs)
+        teacher = _dp.teacher_trajectory(flow, noise[halves[0]], candidates,
+                                         model_kwargs=_kwargs_part(model_kwargs, noise.shape[0], halves[0]))
         teacher_nfe = teacher.nfe
         starts += [(f"dp order {order}", _dp.dp_sigmas(teacher, steps, order)) for order in opts["dp_orders"]]
     initial = None
