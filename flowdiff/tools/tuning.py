@@ -566,7 +566,8 @@ def tune_grid(
     model whose samples can jump between modes at low NFE needs more (the error is then
     dominated by the samples that jump).
 
-    Options: ``model_kwargs`` (conditioning), ``seed`` (of the random restarts, default 0;
+    Options: ``model_kwargs`` (conditioning; a tensor with one entry per sample, first axis of the noise's
+    length, is split into the halves with the noise), ``seed`` (of the random restarts, default 0;
     the result is reproducible for a seed), ``max_evals`` (candidate solves, named starting
     grids included, default 40 + 40·(steps − 1)), ``restarts`` (default 1), ``init`` (grids
     to start from: names or ``(name, grid_options)``, default logsnr, logsnr with power 0.7,
