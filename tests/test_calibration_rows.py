@@ -22,7 +22,7 @@ def _conditional():
 
 
 def _noise():
-    return torch.randn(BATCH, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64) 
+    return torch.randn(BATCH, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
 
 def _images():

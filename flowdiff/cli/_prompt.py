@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..engine.fingerprint import flow_fingerprint
+from ..engine.fingerprint import accepted_fingerprints
 from ..engine.latent import Latent
 from ..models.guidance import classifier_free_guidance
 from ._argtypes import int_at_least
@@ -125,8 +125,9 @@ def condition(loaded: Any, args: argparse.Namespace, record: dict[str, Any] | No
         kwargs["uncond"] = uncond
         loaded.flow = classifier_free_guidance(flow, w, unconditional_kwargs=uncond)
     loaded.model_kwargs = dict(cond)
+    loaded.prompt_fingerprints = accepted_fingerprints(flow, kwargs)  # latents from before the repeated-sample rule
     loaded.prompt_record = {"prompt": prompt, "negative_prompt": negative, "guidance": w,
-                            "fingerprint": flow_fingerprint(flow, kwargs)}
+                            "fingerprint": loaded.prompt_fingerprints[0]}
     if embedded is not None:
         loaded.prompt_record["embedded_guidance"] = float(embedded)
     return loaded
@@ -219,7 +220,7 @@ def check_record(loaded: Any, latent: Latent, latents_path: str | Path) -> None:
     if not isinstance(recorded, dict):  # latents without a record: decoded with whatever prompt is given
         return
     now = getattr(loaded, "prompt_record", None)
-    if now is None or now["fingerprint"] != recorded["fingerprint"]:
+    if now is None or recorded["fingerprint"] not in loaded.prompt_fingerprints:
         raise ValueError(f"latents {str(latents_path)!r} were encoded with prompt {recorded['prompt']!r} "
                          f"(guidance {recorded['guidance']}) on another model or conditioning than this one "
                          f"(fingerprint {recorded['fingerprint'][:12]} vs "

@@ -3,6 +3,14 @@
 The reference kept by ``flowdiff compare``, tuned grids and latent files all record it: the
 network's weights (or a closed-form model's tensors), the schedule, the prediction type and,
 where given, the conditioning passed as ``model_kwargs``.
+
+Conditioning is digested per sample along each tensor's first axis, except that a tensor whose samples are all
+equal (a class label repeated over the batch, one prompt's embeddings) is digested as one sample repeated, and so
+is a 0-d tensor (a scalar label, broadcast to every sample): the same conditioning at any batch size has one
+fingerprint, so a grid tuned or a solver fitted on 8 samples of class 3
+serves 4 samples of class 3. Conditioning that differs between samples (labels 0..7) keeps its batch, and is
+another conditioning than any one label repeated. Files written before this rule digested every tensor sample by
+sample (:func:`accepted_fingerprints` still knows that digest at the batch it was made for).
 """
 
 from __future__ import annotations
@@ -20,18 +28,31 @@ from ._checks import check_model_kwargs
 from .flow import ProbabilityFlow
 
 
-def _update(h: Any, value: object) -> None:
-    if isinstance(value, Tensor):
+def _bytes(value: Tensor) -> np.ndarray:
+    """The tensor's bytes, one row per sample along its first axis (a 0-d tensor is one row)."""
+    flat = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+    return flat.reshape(value.shape[0] if value.dim() else 1, -1)
+
+
+def _update(h: Any, value: object, *, repeated: bool = False) -> None:
+    """Feed ``value`` to ``h``; with ``repeated``, a tensor whose samples (along its first axis) are bit for bit
+    equal is fed as its first sample, marked repeated, so its batch size leaves no trace, and a 0-d tensor (one
+    value for every sample, as a scalar class label is broadcast) is fed as that sample repeated."""
+    rows = _bytes(value) if repeated and isinstance(value, Tensor) and (value.dim() == 0 or value.shape[0]) else None
+    if rows is not None and bool((rows == rows[:1]).all()):
+        h.update(str((value.dtype, "repeated", tuple(value.shape[1:]))).encode())
+        h.update(rows[0].tobytes())
+    elif isinstance(value, Tensor):
         h.update(str((value.dtype, tuple(value.shape))).encode())
         h.update(value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     elif isinstance(value, Mapping):
         for key in sorted(value, key=str):
             h.update(str(key).encode())
-            _update(h, value[key])
+            _update(h, value[key], repeated=repeated)
     elif isinstance(value, (list, tuple)):
         h.update(f"{type(value).__name__}{len(value)}".encode())
         for item in value:
-            _update(h, item)
+            _update(h, item, repeated=repeated)
     else:
         h.update(repr(value).encode())
 
@@ -78,12 +99,7 @@ def _module_digest(module: torch.nn.Module) -> bytes:
     return digest
 
 
-def flow_fingerprint(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> str:
-    """A 32-hex-digit digest of ``flow`` (weights, schedule, prediction type) and of ``model_kwargs``.
-
-    Raises ``TypeError`` for a model whose parameters cannot be read (a plain function that is
-    neither a ``torch.nn.Module`` nor an object holding its tensors as attributes).
-    """
+def _digest(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None, *, repeated: bool) -> str:
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
     h = hashlib.blake2b(digest_size=16)
@@ -103,5 +119,28 @@ def flow_fingerprint(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | No
         for key, value in dict(model_kwargs).items():
             _check_stable(value, f"model_kwargs[{key!r}]")
         h.update(b"|kwargs")
-        _update(h, dict(model_kwargs))
+        _update(h, dict(model_kwargs), repeated=repeated)
     return h.hexdigest()
+
+
+def flow_fingerprint(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> str:
+    """A 32-hex-digit digest of ``flow`` (weights, schedule, prediction type) and of ``model_kwargs``.
+
+    A ``model_kwargs`` tensor whose samples (along its first axis) are all equal counts as one sample repeated:
+    a class label repeated over 8 samples, over 4, or given as a 0-d tensor has one fingerprint; labels that
+    differ between samples are digested sample by sample. ``model_kwargs=None`` (or empty) digests the flow alone.
+
+    Raises ``TypeError`` for a model whose parameters cannot be read (a plain function that is
+    neither a ``torch.nn.Module`` nor an object holding its tensors as attributes).
+    """
+    return _digest(flow, model_kwargs, repeated=True)
+
+
+def accepted_fingerprints(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """The fingerprints a file made for ``flow`` with exactly ``model_kwargs`` may record: :func:`flow_fingerprint`
+    first, then, where it differs, the digest files written before the repeated-sample rule recorded (every
+    ``model_kwargs`` tensor sample by sample, its batch size included). An older file made with one label
+    repeated over another batch size matches neither: it was digested with that batch, and is fitted again."""
+    now = _digest(flow, model_kwargs, repeated=True)
+    before = _digest(flow, model_kwargs, repeated=False) if check_model_kwargs(model_kwargs) else now
+    return (now,) if before == now else (now, before)

@@ -32,7 +32,7 @@ from solvers import ReversibleState
 
 from ._checks import check_device
 from ._files import atomic_write, check_folder, regular_file
-from .fingerprint import flow_fingerprint
+from .fingerprint import accepted_fingerprints, flow_fingerprint
 from .flow import ProbabilityFlow
 from .plugins import decodes_with
 
@@ -177,14 +177,14 @@ class Latent:
         if self.fingerprint is None:
             return
         try:
-            got = flow_fingerprint(flow, model_kwargs)
+            accepted = accepted_fingerprints(flow, model_kwargs)  # a file from before the repeated-sample rule too
         except TypeError as err:
             raise ValueError(f"this latent was encoded with the model fingerprinted {self.fingerprint}, and this "
                              f"flow cannot be fingerprinted to check it ({err}); pass "
                              "checks=flowdiff.Checks(model=False) to decode anyway") from None
-        if got != self.fingerprint:
+        if self.fingerprint not in accepted:
             raise ValueError(f"this latent was encoded with another model, schedule or conditioning: its fingerprint "
-                             f"is {self.fingerprint}, this flow and model_kwargs give {got}; decode with the "
+                             f"is {self.fingerprint}, this flow and model_kwargs give {accepted[0]}; decode with the "
                              "encoding model and model_kwargs, or pass checks=flowdiff.Checks(model=False) to decode "
                              "anyway")
 

@@ -236,15 +236,10 @@ class LearnedSolver:
 
     def check(self, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> None:
         """Raise ``ValueError`` unless this solver was fitted on ``flow`` (with ``model_kwargs``). Conditioning that
-        is one value repeated per sample (a class label, ``flowdiff sample --class-label``'s) is the same
-        conditioning at any batch size: it matches a fit made with it repeated over the calibration batch."""
-        try:
-            check_fingerprint(self.fingerprint, flow, model_kwargs, "this learned solver was fitted",
-                              "fit it again with flowdiff.learn_solver")
-        except ValueError:
-            at_fit = _repeated_over(model_kwargs, self.options.get("calibration_batch"))
-            if at_fit is None or flow_fingerprint(flow, at_fit) != self.fingerprint:
-                raise
+        is one value repeated per sample (a class label, ``flowdiff sample --class-label``'s) has one fingerprint at
+        any batch size (:func:`flowdiff.flow_fingerprint`), so it matches a fit made on another batch."""
+        check_fingerprint(self.fingerprint, flow, model_kwargs, "this learned solver was fitted",
+                          "fit it again with flowdiff.learn_solver")
 
     def validated(self, flow: ProbabilityFlow, noise: Tensor, *,
                   model_kwargs: Mapping[str, Any] | None = None) -> LearnedSolver:
@@ -334,20 +329,6 @@ class LearnedSolver:
             raise ValueError(f"{path}: malformed learned solver ({err})") from None
         learned.check(flow, model_kwargs)
         return learned
-
-
-def _repeated_over(model_kwargs: Mapping[str, Any] | None, batch: object) -> dict[str, Any] | None:
-    """``model_kwargs`` with each per-sample tensor (one value repeated along its first axis) repeated ``batch``
-    times instead, or None where there is none or a tensor's samples differ (conditioning of its own per sample)."""
-    if not model_kwargs or isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        return None
-    out, changed = dict(model_kwargs), False
-    for key, value in model_kwargs.items():
-        if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] != batch:
-            if value.shape[0] == 0 or not bool((value == value[:1]).all()):
-                return None
-            out[key], changed = value[:1].expand(batch, *value.shape[1:]), True
-    return out if changed else None
 
 
 def _check_learn(learn: object) -> tuple[str, ...]:

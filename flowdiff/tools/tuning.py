@@ -55,7 +55,7 @@ import solvers as _solvers
 
 from ..api.sampling import generate
 from ..engine._checks import check_seed, model_kwargs_rows
-from ..engine.fingerprint import flow_fingerprint
+from ..engine.fingerprint import accepted_fingerprints, flow_fingerprint
 from ..engine.flow import ProbabilityFlow
 from ..engine.grids import GRIDS, make_sigmas
 from . import grid_dp as _dp
@@ -177,10 +177,12 @@ def check_fingerprint(fingerprint: str, flow: ProbabilityFlow, model_kwargs: Map
                       again: str) -> None:
     """Raise ``ValueError`` unless ``flow`` (with ``model_kwargs``) has ``fingerprint``: the flow a record
     (``what``: "this grid was tuned", …) belongs to; ``again`` says how to make one for the flow given."""
-    other = flow_fingerprint(flow, model_kwargs)
-    if other != fingerprint:
-        raise ValueError(f"{what} on the flow with fingerprint {fingerprint}; the flow given has fingerprint {other} "
-                         f"(another model, schedule or conditioning): {again}")
+    accepted = accepted_fingerprints(flow, model_kwargs)
+    if fingerprint not in accepted:
+        older = ("; a file saved before flowdiff fingerprinted conditioning repeated per sample independently of the "
+                 "batch size matches only at the batch it was made with") if len(accepted) > 1 else ""
+        raise ValueError(f"{what} on the flow with fingerprint {fingerprint}; the flow given has fingerprint "
+                         f"{accepted[0]} (another model, schedule or conditioning{older}): {again}")
 
 
 class _Knots:
@@ -554,7 +556,8 @@ def tune_grid(
     model whose samples can jump between modes at low NFE needs more (the error is then
     dominated by the samples that jump).
 
-    Options: ``model_kwargs`` (conditioning), ``seed`` (of the random restarts, default 0;
+    Options: ``model_kwargs`` (conditioning; a tensor with one entry per sample, first axis of the noise's
+    length, is split into the halves with the noise), ``seed`` (of the random restarts, default 0;
     the result is reproducible for a seed), ``max_evals`` (candidate solves, named starting
     grids included, default 40 + 40·(steps − 1)), ``restarts`` (default 1), ``init`` (grids
     to start from: names or ``(name, grid_options)``, default logsnr, logsnr with power 0.7,
@@ -639,7 +642,7 @@ def stored_grid(flow: ProbabilityFlow, solver: str, nfe: int, solver_options: Ma
     if not files:
         return None
     try:
-        fingerprint = flow_fingerprint(flow, model_kwargs)
+        fingerprints = accepted_fingerprints(flow, model_kwargs)
     except TypeError:  # conditioning that cannot be fingerprinted has no stored grid
         return None
     options = dict(solver_options or {})
@@ -649,7 +652,8 @@ def stored_grid(flow: ProbabilityFlow, solver: str, nfe: int, solver_options: Ma
         if cached is None or cached[0] != mtime:
             cached = _STORED[path] = (mtime, load_grids(path))
         for grid in cached[1]:
-            if (grid.fingerprint, grid.solver, grid.nfe, grid.solver_options) == (fingerprint, solver, nfe, options):
+            if grid.fingerprint in fingerprints and (grid.solver, grid.nfe, grid.solver_options) == \
+                    (solver, nfe, options):
                 return replace(grid, source=str(path))
     return None
 
