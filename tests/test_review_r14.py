@@ -1,0 +1,122 @@
+"""Review R14: the diffusers-config merges (D2, H2) and the buffer restore of the adjoint backward pass.
+Each test failed on main before its fix (the inversion one guards the fix of the first)."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import flowdiff
+from flowdiff.cli import main
+from flowdiff.engine.plugins import plugins
+from flowdiff.engine.scheduler_grids import ddim_inverse_sigmas, schedule_from_config, scheduler_sigmas
+
+diffusers = pytest.importorskip("diffusers")
+
+SD_BETAS = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+#: betas schedulers of diffusers without ``rescale_betas_zero_snr``: their from_config ignores the key
+NO_RESCALE = ("PNDMScheduler", "LMSDiscreteScheduler", "HeunDiscreteScheduler")
+
+
+def _from_config(cls: str, config: dict) -> object:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # diffusers' "were passed ... will be ignored"
+        return getattr(diffusers, cls).from_config(config)
+
+
+def _keys(cls: str) -> set[str]:
+    return set(inspect.signature(getattr(diffusers, cls).__init__).parameters)
+
+
+@pytest.mark.parametrize("cls", NO_RESCALE)
+def test_rescale_betas_zero_snr_does_nothing_where_the_class_lacks_it(cls):
+    """A PNDM (LMS, Heun) config with rescale_betas_zero_snr=True: diffusers' class has no such key, ignores it, and
+    runs its betas unrescaled (last σ ≈ 14.6); flowdiff rescaled them (last σ = ∞), another schedule, silently."""
+    assert "rescale_betas_zero_snr" not in _keys(cls)  # the premise, in the installed diffusers
+    config = {"_class_name": cls, **SD_BETAS, "skip_prk_steps": True, "rescale_betas_zero_snr": True}
+    ours, _ = schedule_from_config(config)
+    acp = _from_config(cls, config).alphas_cumprod.double().numpy()
+    np.testing.assert_allclose(ours.sigmas, np.sqrt((1 - acp) / acp), rtol=1e-4)  # diffusers: float32
+    assert np.isfinite(ours.sigmas[-1])
+
+
+def test_a_pndm_config_with_clip_sample_is_pndms_grid():
+    """PNDMScheduler has no clip_sample (diffusers ignores one in its config); scheduler_sigmas refused such a config
+    as if the loop clipped x̂₀. Its grid is that of the config without the key, and is diffusers' own."""
+    assert "clip_sample" not in _keys("PNDMScheduler")
+    config = {"_class_name": "PNDMScheduler", **SD_BETAS, "skip_prk_steps": True, "set_alpha_to_one": False,
+              "steps_offset": 1}
+    plain = scheduler_sigmas(config, 10)
+    np.testing.assert_array_equal(scheduler_sigmas({**config, "clip_sample": True}, 10), plain)
+    np.testing.assert_array_equal(flowdiff.scheduler_plan({**config, "clip_sample": True}, 10).sigmas,
+                                  flowdiff.scheduler_plan(config, 10).sigmas)
+
+
+def test_a_pndm_config_inverted_is_read_by_ddim_inverse():
+    """encode_like reads a PNDM config as DDIMInverseScheduler.from_config does, and that class has
+    rescale_betas_zero_snr: the key keeps acting there (the schedule read by the config's own class would drop it)."""
+    assert "rescale_betas_zero_snr" in _keys("DDIMInverseScheduler")
+    config = {"_class_name": "PNDMScheduler", **SD_BETAS, "skip_prk_steps": True, "rescale_betas_zero_snr": True,
+              "clip_sample": False}  # read by DDIMInverseScheduler, whose default clips
+    grid, ts = ddim_inverse_sigmas(config, 10)
+    inverse = _from_config("DDIMInverseScheduler", config)
+    acp = inverse.alphas_cumprod.double().numpy()
+    inverse.set_timesteps(10)
+    np.testing.assert_array_equal(ts, inverse.timesteps.numpy())
+    np.testing.assert_allclose(grid[1:], np.sqrt((1 - acp[ts]) / acp[ts]), rtol=1e-4)
+
+
+class _Cache(torch.nn.Module):
+    """A field that keeps a history of its inputs' means in a buffer it assigns anew at each call (a growing cache);
+    its output does not read it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 4, bias=False, dtype=torch.float64)  # a bias before BatchNorm: no gradient
+        self.norm = torch.nn.BatchNorm1d(4, dtype=torch.float64)  # in training mode: updated in place
+        self.register_buffer("history", torch.zeros(0, dtype=torch.float64))
+
+    def forward(self, x, t):
+        self.history = torch.cat([self.history, x.detach().mean().reshape(1)])
+        return self.norm(self.lin(x)) * (1.0 + t.to(x.dtype)[:, None] / 1000.0)
+
+
+@pytest.mark.parametrize(("solver", "adjoint"), [("euler", "checkpoint"), ("reversible_heun", "reversible")])
+def test_a_buffer_assigned_anew_is_put_back(solver, adjoint):
+    """The restore copied the kept values into whatever tensor the buffer name held after the backward pass: a buffer
+    the model assigns anew (a cache that grows) made the backward pass fail with an unnamed shape error. The buffers
+    now end as autograd's, and an in-place one (BatchNorm's) is still the same tensor object."""
+    start = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for mode in ("autograd", adjoint):
+        net = copy.deepcopy(_Cache())
+        mean = net.norm.running_mean
+        x = start.clone().requires_grad_()
+        res = flowdiff.generate(flowdiff.ProbabilityFlow(net, flowdiff.Schedule.linear()), x, solver=solver,
+                                steps=4, adjoint=mode)
+        grads = torch.autograd.grad(res.x.pow(2).sum(), [x, *net.parameters()])
+        assert net.norm.running_mean is mean
+        out[mode] = grads, {k: b.clone() for k, b in net.named_buffers()}
+    assert len(out["autograd"][1]["history"]) > 0
+    for g, r in zip(out[adjoint][0], out["autograd"][0], strict=True):
+        assert float((g - r).norm()) <= 1e-10 * float(r.norm())
+    for name, value in out["autograd"][1].items():
+        assert torch.equal(out[adjoint][1][name], value), name
+
+
+@pytest.mark.parametrize("name", sorted(plugins("solver", "generate")))
+def test_sample_takes_each_solver_generate_takes(capsys, tmp_path, name):
+    """R12: 'flowdiff sample --solver flowmatch_heun' said "unknown solver" though generate(solver='flowmatch_heun')
+    runs it (the CLI accepted the solvers package's names only, not the generate-only solver plug-ins)."""
+    path = tmp_path / "s.png"
+    code = main(["sample", "--model", "analytic-mixture", "--num", "2", "--steps", "3", "--solver", name,
+                 "--out", str(path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"with {name} " in out and "3 steps" in out and path.is_file()
