@@ -120,3 +120,47 @@ def test_sample_takes_each_solver_generate_takes(capsys, tmp_path, name):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert f"with {name} " in out and "3 steps" in out and path.is_file()
+
+
+class _Handing(torch.nn.Module):
+    """A field that, once ``armed``, lets another thread run its own module at its next evaluation and waits for it
+    (the backward pass's recomputation, here)."""
+
+    def __init__(self, go, done) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 4, dtype=torch.float64)
+        self.go, self.done, self.armed = go, done, False
+
+    def forward(self, x, t):
+        if self.armed and not self.go.is_set():
+            self.go.set()
+            assert self.done.wait(timeout=60)
+        return self.lin(x)
+
+
+def test_the_restore_leaves_other_threads_modules_alone():
+    """The forward pre-hook that keeps buffers is global: a BatchNorm another thread trained while a backward pass
+    ran was put back to its state at its first call in that time, its updates lost without a word."""
+    import threading
+
+    other = torch.nn.BatchNorm1d(4, dtype=torch.float64)
+    go, done = threading.Event(), threading.Event()
+
+    def train_other() -> None:
+        go.wait(timeout=60)
+        for _ in range(3):
+            other(torch.randn(8, 4, dtype=torch.float64) + 3.0)
+        done.set()
+
+    net = _Handing(go, done)
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    res = flowdiff.generate(flowdiff.ProbabilityFlow(net, flowdiff.Schedule.linear()), x, solver="euler", steps=3,
+                            adjoint="checkpoint")
+    worker = threading.Thread(target=train_other)
+    worker.start()
+    net.armed = True
+    res.x.sum().backward()
+    worker.join(timeout=60)
+    assert go.is_set() and done.is_set()  # the other thread ran inside the backward pass
+    assert int(other.num_batches_tracked) == 3 and float(other.running_mean.min()) > 0
