@@ -1,5 +1,6 @@
 """Review R14: the diffusers-config merges (D2, H2) and the buffer restore of the adjoint backward pass.
-Each test failed on main before its fix (the inversion one guards the fix of the first)."""
+Each test failed on main before its fix, but two that guard a fix: the inversion one (the first fix must not reach
+DDIMInverseScheduler's reading) and the one of threads a model starts (the thread fix must not leave them out)."""
 
 from __future__ import annotations
 
@@ -164,3 +165,45 @@ def test_the_restore_leaves_other_threads_modules_alone():
     worker.join(timeout=60)
     assert go.is_set() and done.is_set()  # the other thread ran inside the backward pass
     assert int(other.num_batches_tracked) == 3 and float(other.running_mean.min()) > 0
+
+
+class _InThread(torch.nn.Module):
+    """A field that runs its BatchNorm (training mode) in a thread it starts at each call, as ``nn.DataParallel``
+    runs its replicas."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 4, bias=False, dtype=torch.float64)
+        self.norm = torch.nn.BatchNorm1d(4, dtype=torch.float64)
+
+    def forward(self, x, t):
+        import threading
+
+        out, grad_mode = [], torch.is_grad_enabled()
+
+        def run() -> None:
+            with torch.set_grad_enabled(grad_mode):
+                out.append(self.norm(self.lin(x)))
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        worker.join()
+        return out[0] * (1.0 + t.to(x.dtype)[:, None] / 1000.0)
+
+
+def test_a_model_that_runs_modules_in_its_own_threads_has_its_buffers_put_back():
+    """The restore leaves other threads' modules alone, but not those of threads the model starts during the backward
+    pass (nn.DataParallel's replicas): their BatchNorm statistics end as autograd's."""
+    start = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for mode in ("autograd", "checkpoint"):
+        net = _InThread()
+        x = start.clone().requires_grad_()
+        res = flowdiff.generate(flowdiff.ProbabilityFlow(net, flowdiff.Schedule.linear()), x, solver="heun", steps=3,
+                                adjoint=mode)
+        res.x.pow(2).sum().backward()
+        out[mode] = {k: b.clone() for k, b in net.named_buffers()}
+    assert int(out["autograd"]["norm.num_batches_tracked"]) > 0
+    for name, value in out["autograd"].items():
+        assert torch.equal(out["checkpoint"][name], value), name

@@ -500,15 +500,16 @@ def _buffers_restored() -> Iterator[None]:
     the solve, as autograd's does, and the backward pass's recomputations and inverse steps, which autograd does
     not make, would update them again. (Its output does not depend on them in training mode: batch statistics.)
     Every module is seen, the model's or one a closure calls, by a global forward pre-hook held for the block, in
-    the thread that runs the block (modules other threads run meanwhile are theirs: left alone)."""
+    the thread that runs the block or one started during it (``nn.DataParallel`` runs its replicas so); modules that
+    threads already running run meanwhile are theirs, left alone."""
     kept: dict[int, tuple[torch.nn.Module, dict[str, Tensor | None], list[tuple[Tensor, Tensor]]]] = {}
-
-    thread = threading.get_ident()  # the hook is global: a module another thread runs meanwhile is not ours
+    # the hook is global: a module a thread running before the block runs meanwhile is not ours
+    others = {t.ident for t in threading.enumerate()} - {threading.get_ident()}
 
     def snapshot(module: torch.nn.Module, _args: Any) -> None:
         # the tensors themselves and a copy of their values: a model may update a buffer in place (BatchNorm) or
         # assign it another tensor (a cache that grows), which is put back
-        if threading.get_ident() == thread and id(module) not in kept:
+        if threading.get_ident() not in others and id(module) not in kept:
             kept[id(module)] = (module, dict(module._buffers),
                                 [(b, b.clone()) for b in module._buffers.values() if b is not None])
 
