@@ -207,3 +207,13 @@ def test_a_model_that_runs_modules_in_its_own_threads_has_its_buffers_put_back()
     assert int(out["autograd"]["norm.num_batches_tracked"]) > 0
     for name, value in out["autograd"].items():
         assert torch.equal(out["checkpoint"][name], value), name
+
+
+def test_sample_grid_tuned_with_a_plugin_solver_says_none_is_stored(capsys, tmp_path):
+    """With --solver flowmatch_heun taken, '--grid tuned' answered "unknown solver 'flowmatch_heun'" (the tuned-grid
+    store knows the solvers package's names only): it is the one-line 'no tuned grid is stored' refusal."""
+    code = main(["sample", "--model", "analytic-mixture", "--solver", "flowmatch_heun", "--grid", "tuned",
+                 "--nfe", "10", "--out", str(tmp_path / "s.png")])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "no tuned grid is stored" in err and "--solver flowmatch_heun" in err and "unknown solver" not in err

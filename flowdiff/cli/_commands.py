@@ -89,7 +89,9 @@ def _grid(args: argparse.Namespace, loaded: LoadedModel) -> dict:
         raise CommandError(f"--grid tuned needs --nfe N (got --steps {budget['steps']}): tuned grids are stored per "
                            "NFE budget")
     model_kwargs = loaded.model_kwargs or None
-    made = stored_grid(loaded.flow, args.solver, budget["nfe"], model_kwargs=model_kwargs)
+    # tuned grids are stored for the solvers package's methods; a generate-only plug-in (flowmatch_heun) has none
+    made = (stored_grid(loaded.flow, args.solver, budget["nfe"], model_kwargs=model_kwargs)
+            if args.solver in _solvers.available() else None)
     if made is None:
         mine = fingerprint(loaded)
         have = sorted({(g.solver, g.nfe) for path in sorted(STORED_DIR.glob("*.tuned.json"))
