@@ -16,6 +16,7 @@ import flowdiff
 from flowdiff.cli import main
 from flowdiff.engine.plugins import plugins
 from flowdiff.engine.scheduler_grids import ddim_inverse_sigmas, schedule_from_config, scheduler_sigmas
+from flowdiff.tools.scheduler_suite import Case, run_case
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -44,6 +45,19 @@ def test_rescale_betas_zero_snr_does_nothing_where_the_class_lacks_it(cls):
     acp = _from_config(cls, config).alphas_cumprod.double().numpy()
     np.testing.assert_allclose(ours.sigmas, np.sqrt((1 - acp) / acp), rtol=1e-4)  # diffusers: float32
     assert np.isfinite(ours.sigmas[-1])
+
+
+def test_pndm_loop_with_an_ignored_rescale_is_diffusers_own():
+    """End to end: sample_like of a PNDM config with rescale_betas_zero_snr=True equals diffusers' own loop of it (the
+    suite's random network); it ran the rescaled table's levels. (LMS and Heun read their grid and timesteps off
+    diffusers' scheduler, so their loop matched; their flow's schedule did not, as above.)"""
+    config = {**SD_BETAS, "skip_prk_steps": True, "steps_offset": 1, "rescale_betas_zero_snr": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got, ref, nfe, calls = run_case(Case("r14", "PNDMScheduler", config, steps=6), torch.float32,
+                                        checks=flowdiff.Checks(growth=None))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert nfe == calls
 
 
 def test_a_pndm_config_with_clip_sample_is_pndms_grid():
