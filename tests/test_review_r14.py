@@ -231,3 +231,14 @@ def test_sample_grid_tuned_with_a_plugin_solver_says_none_is_stored(capsys, tmp_
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "no tuned grid is stored" in err and "--solver flowmatch_heun" in err and "unknown solver" not in err
+
+
+@pytest.mark.parametrize("name", sorted(plugins("solver", "generate")))
+def test_sample_budget_refusal_names_the_flag_for_plugin_solvers(capsys, tmp_path, name):
+    """The budget is checked before the work for a plug-in solver too, so that its refusal names the flag typed
+    ('--nfe 5000'), as for the solvers package's names; it named the Python keyword it became ('steps=2500')."""
+    code = main(["sample", "--model", "analytic-mixture", "--solver", name, "--nfe", "5000",
+                 "--out", str(tmp_path / "s.png")])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "--nfe 5000" in err and f"--solver {name}" in err and "steps=" not in err
