@@ -24,6 +24,7 @@ from ..engine._files import atomic_path, regular_file
 from ..engine.fingerprint import flow_fingerprint
 from ..engine.flow import ProbabilityFlow
 from ..engine.latent import Latent
+from ..engine.plugins import solver_plugin
 from ..runs import distributed
 from ..runs.imageio import ImageFormat
 from ..tools.report import FILES as REPORT_FILES
@@ -89,7 +90,9 @@ def _grid(args: argparse.Namespace, loaded: LoadedModel) -> dict:
         raise CommandError(f"--grid tuned needs --nfe N (got --steps {budget['steps']}): tuned grids are stored per "
                            "NFE budget")
     model_kwargs = loaded.model_kwargs or None
-    made = stored_grid(loaded.flow, args.solver, budget["nfe"], model_kwargs=model_kwargs)
+    # tuned grids are stored for the solvers package's methods; a generate-only plug-in (flowmatch_heun) has none
+    made = (stored_grid(loaded.flow, args.solver, budget["nfe"], model_kwargs=model_kwargs)
+            if args.solver in _solvers.available() else None)
     if made is None:
         mine = fingerprint(loaded)
         have = sorted({(g.solver, g.nfe) for path in sorted(STORED_DIR.glob("*.tuned.json"))
@@ -106,12 +109,14 @@ def _check_budget(args: argparse.Namespace, loaded: LoadedModel, budget: dict[st
     user typed (``--nfe 2000``), not the keyword of the Python call it became (``steps=2000``)."""
     from ..engine.options import Grid
 
-    if args.solver not in _solvers.available():
-        return
-    (key, value), = budget.items()
     direction = "generate" if args.command == "sample" else "encode"
+    plugin = solver_plugin(args.solver)  # a generate-only method sample --solver takes (flowmatch_heun)
+    if args.solver not in _solvers.available() and (plugin is None or plugin.direction != direction):
+        return
+    solver = _solvers.get(args.solver) if plugin is None else plugin.make({})
+    (key, value), = budget.items()
     try:
-        Grid(args.grid, **budget).solve_sigmas(loaded.flow, _solvers.get(args.solver), direction)
+        Grid(args.grid, **budget).solve_sigmas(loaded.flow, solver, direction)
     except ValueError as err:
         said = {key: f"--{key} {value}"}  # the flag given; a step count it bought is said as a count
         text = re.sub(r"\b(steps|nfe) >= (\d[\d,]*)", r"--\1 \2 or more", one_line(err))  # what it accepts

@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 import solvers as _solvers
 
 from ..engine.grids import GRIDS
+from ..engine.plugins import plugins
 from ..tools.compare import DEFAULT_GRIDS, DEFAULT_NFE, default_solvers
 from ..tools.peers import PEERS
 from . import _learned, _likelihood
@@ -136,10 +137,19 @@ def _fixed_point_option(parser: argparse.ArgumentParser) -> None:
                              "the plain decode with --solver reproduces the images (not for reversible solvers)")
 
 
-def _solve_options(parser: argparse.ArgumentParser, *, solver: str, nfe: int | None, steps: int | None) -> None:
+def _generate_solvers() -> list[str]:
+    """What ``generate(solver=...)`` accepts by name: the registered solvers and the generate-only solver plug-ins
+    (``flowmatch_heun``)."""
+    return [*_solvers.available(), *plugins("solver", "generate")]
+
+
+def _solve_options(parser: argparse.ArgumentParser, *, solver: str, nfe: int | None, steps: int | None,
+                   accepted: Callable[[], Sequence[str]] = _solvers.available) -> None:
     group = parser.add_argument_group("solver")
-    group.add_argument("--solver", default=solver, type=_one_name(_solvers.available, "solver"),
-                       help=f"registered solver name (default: {solver}); 'flowdiff compare --help' lists them")
+    more = [n for n in accepted() if n not in _solvers.available()]
+    group.add_argument("--solver", default=solver, type=_one_name(accepted, "solver"),
+                       help=f"registered solver name (default: {solver}); 'flowdiff compare --help' lists them"
+                            + (f"; also {', '.join(more)}" if more else ""))
     budget = group.add_mutually_exclusive_group()
     default = f"--nfe {nfe}" if nfe is not None else f"--steps {steps}"
     budget.add_argument("--nfe", type=_positive_int, default=None,
@@ -227,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate images from seeded noise and write them as one PNG grid.")
     _common(p, dtype="float32", seed=True)
     add_class_label_option(p)
-    _solve_options(p, solver="euler", nfe=20, steps=None)
+    _solve_options(p, solver="euler", nfe=20, steps=None, accepted=_generate_solvers)
     _learned.add_sample_option(p)
     p.add_argument("--num", type=image_count, default=16, help="number of images (default: 16)")
     p.add_argument("--out", default="samples.png", metavar="PNG", help="output PNG (default: samples.png)")

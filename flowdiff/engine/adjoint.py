@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -498,12 +499,19 @@ def _buffers_restored() -> Iterator[None]:
     (BatchNorm's running mean and variance and its batch count); the forward pass evaluated it once per evaluation of
     the solve, as autograd's does, and the backward pass's recomputations and inverse steps, which autograd does
     not make, would update them again. (Its output does not depend on them in training mode: batch statistics.)
-    Every module is seen, the model's or one a closure calls, by a global forward pre-hook held for the block."""
-    kept: dict[int, tuple[torch.nn.Module, list[tuple[str, Tensor]]]] = {}
+    Every module is seen, the model's or one a closure calls, by a global forward pre-hook held for the block, in
+    the thread that runs the block or one started during it (``nn.DataParallel`` runs its replicas so); modules that
+    threads already running run meanwhile are theirs, left alone."""
+    kept: dict[int, tuple[torch.nn.Module, dict[str, Tensor | None], list[tuple[Tensor, Tensor]]]] = {}
+    # the hook is global: a module a thread running before the block runs meanwhile is not ours
+    others = {t.ident for t in threading.enumerate()} - {threading.get_ident()}
 
     def snapshot(module: torch.nn.Module, _args: Any) -> None:
-        if id(module) not in kept:
-            kept[id(module)] = (module, [(k, b.clone()) for k, b in module._buffers.items() if b is not None])
+        # the tensors themselves and a copy of their values: a model may update a buffer in place (BatchNorm) or
+        # assign it another tensor (a cache that grows), which is put back
+        if threading.get_ident() not in others and id(module) not in kept:
+            kept[id(module)] = (module, dict(module._buffers),
+                                [(b, b.clone()) for b in module._buffers.values() if b is not None])
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(snapshot)
     try:
@@ -511,9 +519,11 @@ def _buffers_restored() -> Iterator[None]:
     finally:
         handle.remove()
         with torch.no_grad():
-            for module, buffers in kept.values():
-                for name, value in buffers:
-                    module._buffers[name].copy_(value)
+            for module, buffers, values in kept.values():
+                module._buffers.clear()
+                module._buffers.update(buffers)
+                for tensor, value in values:
+                    tensor.copy_(value)
 
 
 @contextlib.contextmanager

@@ -166,13 +166,15 @@ def _is_flow_matching(config: Mapping[str, Any]) -> bool:
 
 
 def _as_read_by_class(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A flow-matching ``config`` as diffusers' ``from_config`` of its class reads it: without the keys that
-    class does not have. ``FlowMatchHeunDiscreteScheduler`` has ``num_train_timesteps`` and ``shift`` alone, so
-    diffusers ignores (with a warning) a ``use_dynamic_shifting``, ``base_shift``, karras σ, ... beside them and
-    shifts by ``shift``; ``FlowMatchLCMScheduler`` has no ``stochastic_sampling``. Reading those keys here
-    would make a schedule or grid that diffusers' own scheduler does not run."""
+    """``config`` as diffusers' ``from_config`` of its class reads it: without the keys that class does not have
+    (diffusers ignores them, with a warning). ``FlowMatchHeunDiscreteScheduler`` has ``num_train_timesteps`` and
+    ``shift`` alone, so a ``use_dynamic_shifting``, ``base_shift``, karras σ, ... beside them do nothing and it
+    shifts by ``shift``; ``FlowMatchLCMScheduler`` has no ``stochastic_sampling``; ``PNDMScheduler``,
+    ``LMSDiscreteScheduler`` and ``HeunDiscreteScheduler`` have no ``rescale_betas_zero_snr`` (their betas are
+    not rescaled) and PNDM no ``clip_sample``. Reading those keys here would make a schedule or grid that
+    diffusers' own scheduler does not run. Unchanged for a class diffusers cannot inspect here."""
     name = class_name(config)
-    params = _parameters(name) if name in FLOW_MATCHING_SCHEDULERS else None
+    params = _parameters(name) if name in KNOWN_SCHEDULERS else None
     if params is None:
         return dict(config)
     return {k: v for k, v in config.items() if k.startswith("_") or k in params}
@@ -192,8 +194,8 @@ def schedule_from_config(config: Mapping[str, Any], source: str = "scheduler con
     model's step starts from pure noise; an ``epsilon`` model defines no clean image there and is
     refused when a solve starts at σ = ∞).
     """
+    config = _as_read_by_class(config)
     if _is_flow_matching(config):
-        config = _as_read_by_class(config)
         shift = 1.0 if config.get("use_dynamic_shifting") else config.get("shift", 1.0)
         try:
             schedule = FlowMatchingSchedule(int(config.get("num_train_timesteps", 1000)), float(shift))
@@ -267,6 +269,7 @@ def ddim_timesteps(config: Mapping[str, Any], steps: int, source: str = "schedul
 
 
 def _ddim_sigmas(config: Mapping[str, Any], steps: int, source: str) -> np.ndarray:
+    config = _as_read_by_class(config)  # PNDM has no clip_sample: diffusers ignores one in its config
     clips = class_name(config) != "PNDMScheduler"  # DDIMScheduler's default clip_sample is True; PNDM has none
     for key in ("clip_sample", "thresholding"):
         if config.get(key, clips and key == "clip_sample"):
@@ -322,7 +325,8 @@ def ddim_inverse_sigmas(scheduler: object, steps: int) -> tuple[np.ndarray, np.n
         if config.get(key, key == "clip_sample"):
             raise ValueError(f"{source}: {key}=True changes x̂₀ at every step, so that loop is not the ODE any solver "
                              f"here solves; the grid is that of the same config with {key}=False")
-    schedule, _ = schedule_from_config(config, source)
+    # DDIMInverseScheduler's betas: it has rescale_betas_zero_snr, which a PNDM config's own class ignores
+    schedule, _ = schedule_from_config({**config, "_class_name": "DDIMInverseScheduler"}, source)
     T = schedule.num_train_timesteps
     spacing = config.get("timestep_spacing", "leading")
     if steps > T:
