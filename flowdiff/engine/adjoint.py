@@ -26,7 +26,14 @@ boundary where the forward pass drew any, and restored for that step (the caller
 were); ``"reversible"``, whose inverse steps evaluate the model elsewhere, refuses such a model. Buffers a
 model updates in place in training mode (BatchNorm's running statistics) are updated by the forward pass
 alone, as under ``"autograd"``: the backward pass puts back each module's buffers after its recomputations
-and inverse steps. The
+and inverse steps. A model
+whose output reads a buffer it changes as it runs (an eval-mode call counter, an EMA, a cache) gets under
+``"checkpoint"`` each recomputed step run with the buffers that step saw: the buffers' version counters and
+identities are compared at each step boundary (no copy, no sync), and only where a step changed one are the
+changed buffers copied there (:class:`_BufferWatch`); ``"reversible"``, whose inverse steps evaluate the model at
+points and in an order the forward pass did not, refuses such a model by buffer name when two evaluations at the
+solve's end, with the buffers as the solve began and as it ended, differ (a model that only writes them, a cache
+or BatchNorm's statistics, is left to it). The
 backward pass is once differentiable: a backward pass that would build a graph (``create_graph=True``,
 for a second derivative) is refused with a ValueError.
 
