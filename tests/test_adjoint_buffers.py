@@ -41,6 +41,21 @@ class _Ema(torch.nn.Module):
         return torch.tanh(self.lin(x) + 4.0 * self.average)
 
 
+class _LazyCache(torch.nn.Module):
+    """Registers its buffer at its first call, then scales its output by it and doubles it at each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 4, dtype=torch.float64)
+
+    def forward(self, x, t):
+        if "scale" not in self._buffers:
+            self.register_buffer("scale", torch.full((), 0.5, dtype=torch.float64))
+        self.scale *= 1.5
+        return torch.tanh(self.lin(x) * self.scale.clone())  # a copy: the next call changes the buffer in place
+
+
 class _Constant(torch.nn.Module):
     """Reads a buffer it never changes (``as_buffer``), or the same values as a plain attribute."""
 
@@ -73,7 +88,15 @@ _START = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manu
 @pytest.mark.parametrize("solver", ["euler", "heun", "dpmpp_2m"])
 @pytest.mark.parametrize("direction", ["generate", "encode"])
 def test_checkpoint_replays_each_steps_buffers(model, solver, direction):
-    base = model().eval()
+    _check_replayed(model().eval(), solver, direction)
+
+
+def test_checkpoint_replays_a_buffer_registered_during_the_solve():
+    """Steps before the buffer existed are recomputed without it, and the module ends with it, as autograd's."""
+    _check_replayed(_LazyCache().eval(), "heun", "generate")
+
+
+def _check_replayed(base, solver, direction):
     out = {}
     for mode in ("autograd", "checkpoint"):
         net = copy.deepcopy(base)
@@ -83,15 +106,41 @@ def test_checkpoint_replays_each_steps_buffers(model, solver, direction):
         assert not torch.equal(out["autograd"][1][name], value), name  # the buffers did move
     for g, r in zip(out["checkpoint"][0], out["autograd"][0], strict=True):
         assert float((g - r).norm()) <= 1e-10 * float(r.norm())
+    assert out["checkpoint"][1].keys() == out["autograd"][1].keys() != set()
     for name, value in out["autograd"][1].items():
         assert torch.equal(out["checkpoint"][1][name], value), name
 
 
 @pytest.mark.parametrize("model", [_Counter, _Ema])
 def test_reversible_refuses_a_model_that_reads_the_buffers_it_changes(model):
+    """Its inverse steps evaluate the model where the forward pass did not; the check's own evaluations leave the
+    buffers as the forward pass left them (as autograd's forward does)."""
+    reference = model().eval()
+    _solve(reference, "generate", "reversible_heun", "autograd", _START)
     net = model().eval()
     with pytest.raises(ValueError, match=rf"adjoint='reversible'.*{model.__name__}\.(calls|average).*'checkpoint'"):
         _solve(net, "generate", "reversible_heun", "reversible", _START)
+    for (name, value), (_, expected) in zip(net.named_buffers(), reference.named_buffers(), strict=True):
+        assert torch.equal(value, expected), name
+
+
+class _Tally(_Counter):
+    """Counts its calls in a buffer its output does not read."""
+
+    def forward(self, x, t):
+        self.calls += 1
+        return torch.tanh(self.lin(x))
+
+
+def test_reversible_takes_a_model_that_changes_buffers_it_does_not_read():
+    base = _Tally().eval()
+    out = {}
+    for mode in ("autograd", "reversible"):
+        net = copy.deepcopy(base)
+        out[mode] = _solve(net, "generate", "reversible_heun", mode, _START), net.calls.clone()
+    for g, r in zip(out["reversible"][0], out["autograd"][0], strict=True):
+        assert float((g - r).norm()) <= 1e-10 * float(r.norm())
+    assert torch.equal(out["reversible"][1], out["autograd"][1]) and float(out["autograd"][1]) > 0
 
 
 def _saved_bytes(fn) -> int:

@@ -611,8 +611,8 @@ class _BufferWatch:
             self.current.clear()  # the copies are needed only where a step changed a buffer
 
     def _see(self, module: nn.Module, _args: Any) -> None:
-        if (id(module) in self.signatures or not module._buffers or _reads_none(module)
-                or threading.get_ident() in self._others):
+        # a module without buffers yet is watched too: one may register a buffer as it runs (a cache made lazily)
+        if id(module) in self.signatures or _reads_none(module) or threading.get_ident() in self._others:
             return
         self.signatures[id(module)] = _signature(module)
         values = _BufferValues.of(module)  # as at every boundary so far: nothing ran the module before
