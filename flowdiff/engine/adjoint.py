@@ -26,7 +26,14 @@ boundary where the forward pass drew any, and restored for that step (the caller
 were); ``"reversible"``, whose inverse steps evaluate the model elsewhere, refuses such a model. Buffers a
 model updates in place in training mode (BatchNorm's running statistics) are updated by the forward pass
 alone, as under ``"autograd"``: the backward pass puts back each module's buffers after its recomputations
-and inverse steps. The
+and inverse steps. A model
+whose output reads a buffer it changes as it runs (an eval-mode call counter, an EMA, a cache) gets under
+``"checkpoint"`` each recomputed step run with the buffers that step saw: the buffers' version counters and
+identities are compared at each step boundary (no copy, no sync), and only where a step changed one are the
+changed buffers copied there (:class:`_BufferWatch`); ``"reversible"``, whose inverse steps evaluate the model at
+points and in an order the forward pass did not, refuses such a model by buffer name when two evaluations at the
+solve's end, with the buffers as the solve began and as it ended, differ (a model that only writes them, a cache
+or BatchNorm's statistics, is left to it). The
 backward pass is once differentiable: a backward pass that would build a graph (``create_graph=True``,
 for a second derivative) is refused with a ValueError.
 
@@ -225,6 +232,10 @@ class _Plan:
     #: the random number generators' states at the start of each step, where the model drew from them (dropout in
     #: training mode): the backward pass redraws the same numbers in its recomputation. None when it drew none.
     rng: list[tuple[Tensor, Tensor | None]] | None = None
+    #: the model's buffers at the start of each step, where a step of the forward pass changed any that its output may
+    #: read (a call counter, an EMA, a cache): the backward pass puts them back before recomputing the step. None when
+    #: no step changed one (BatchNorm's running statistics in training mode are not read, and not kept).
+    buffers: list[dict[int, _BufferValues]] | None = None
 
     def __post_init__(self) -> None:
         ts = self.stepping.times()
@@ -303,11 +314,13 @@ class _SolveFunction(torch.autograd.Function):
                 if plan.save_state:
                     pending[:] = [(info.step, info.t1, info.y)]
             rng.append(_rng_state(y0.device))  # the start of the next step, after anything the callback drew
+            watch.boundary()  # the buffers there, after anything the callback changed
 
         rng = [_rng_state(y0.device)]  # before the solver's init, which the recomputation of step 0 repeats
         drew: list[int] = []  # the first step whose evaluations drew random numbers (not the callback's draws)
-        sol = solvers.integrate(tapping, y0, plan.solver, plan.stepping, state=state0, callback=keep,
-                                **plan.integrate_options)
+        with _BufferWatch() as watch:
+            sol = solvers.integrate(tapping, y0, plan.solver, plan.stepping, state=state0, callback=keep,
+                                    **plan.integrate_options)
         if drew:
             if plan.mode == "reversible":
                 raise ValueError("adjoint='reversible': the model drew random numbers during the solve (dropout or "
@@ -316,6 +329,15 @@ class _SolveFunction(torch.autograd.Function):
                                  "would be wrong. Put the model in eval mode, or use adjoint='checkpoint' (which "
                                  "redraws them step by step) or 'autograd'")
             plan.rng = rng
+        if watch.changed and plan.mode == "checkpoint":
+            plan.buffers = watch.starts
+        elif watch.changed and watch.read(lambda: plan.f(sol.ts[-1], sol.y)):
+            raise ValueError(f"adjoint='reversible': the model changed its buffers {watch.names()} during the solve "
+                             "(a call counter, an average or a cache it updates as it runs) and its output reads them, "
+                             "but the solver's inverse steps evaluate the model at points and in an order the forward "
+                             "pass did not, so they cannot see the values it saw there: the rebuilt states and the "
+                             "gradient would be wrong. Use adjoint='checkpoint' (which gives each recomputed step the "
+                             "buffers it had) or 'autograd'")
         # forward-only: the caller's save_at holds its records, which hold this node's outputs, and the node holds
         # the plan: kept, that loop through autograd's graph is never collected (the saved states leak)
         plan.save_at = None
@@ -367,7 +389,9 @@ class _SolveFunction(torch.autograd.Function):
             raise ValueError(f"adjoint={ctx.plan.mode!r}: the gradient of a solve differentiated step by step is "
                              "not itself differentiable (create_graph=True, a second derivative or a Hessian); "
                              "use adjoint='autograd', or create_graph=False")
-        with _buffers_restored():  # its recomputations and inverse steps leave BatchNorm's statistics as they were
+        # its recomputations and inverse steps leave BatchNorm's statistics as they were, and the buffers each step
+        # was given back (a counter, an EMA) as they were at its start
+        with _buffers_kept(ctx.plan.buffers), _buffers_restored():
             return _SolveFunction._backward(ctx, *grads)
 
     @staticmethod
@@ -439,6 +463,9 @@ class _SolveFunction(torch.autograd.Function):
                     y_in, state_in = plan.inverse_step(field_kept if plan.replays(i) else field_counted, i,
                                                        y_cur, state_cur)
                 leaves_in, rebuild_in = _flatten(state_in)
+            if plan.buffers is not None:  # the buffers the step saw in the forward pass (checkpoint: no inverse)
+                for values in plan.buffers[i].values():
+                    values.put_back()
             with torch.enable_grad(), _rng_replayed(None if plan.rng is None else plan.rng[i], y_in.device):
                 y_var = y_in.detach().requires_grad_(True)
                 vars_in = _leaves_like(leaves_in)
@@ -524,6 +551,122 @@ def _buffers_restored() -> Iterator[None]:
                 module._buffers.update(buffers)
                 for tensor, value in values:
                     tensor.copy_(value)
+
+
+class _BufferValues(NamedTuple):
+    """A module's buffers at one time: the tensors by name (a model may assign a buffer anew) and copies of their
+    values (it may update one in place)."""
+
+    module: nn.Module
+    tensors: dict[str, Tensor | None]
+    values: list[tuple[Tensor, Tensor]]
+
+    @staticmethod
+    def of(module: nn.Module) -> _BufferValues:
+        return _BufferValues(module, dict(module._buffers),
+                             [(b, b.detach().clone()) for b in module._buffers.values() if b is not None])
+
+    def put_back(self) -> None:
+        with torch.no_grad():
+            self.module._buffers.clear()
+            self.module._buffers.update(self.tensors)
+            for tensor, value in self.values:
+                tensor.copy_(value)
+
+
+def _signature(module: nn.Module) -> tuple:
+    """Which tensors a module's buffers are and their in-place version counters: equal before and after a step
+    exactly when the step neither assigned nor modified one (no copy, no sync)."""
+    return tuple((name, id(b), None if b is None or b.is_inference() else b._version)
+                 for name, b in module._buffers.items())
+
+
+def _reads_none(module: nn.Module) -> bool:
+    """A module whose output reads none of the buffers it updates: batch and instance normalisation in training mode
+    (the running statistics are updated from the batch, not read)."""
+    return module.training and isinstance(module, nn.modules.batchnorm._NormBase)
+
+
+class _BufferWatch:
+    """Held around the forward pass's solve: which modules the model runs (a global forward pre-hook, in the thread
+    that holds it or one started meanwhile, as :func:`_buffers_restored`), and, at each step boundary, whether a step
+    changed one of their buffers (:func:`_signature`). ``starts[i]`` is every watched module's buffers at the start of
+    step i, copied only where a step changed them: a model whose buffers do not change costs one copy of them during
+    the forward pass, nothing kept after it (``changed`` is False)."""
+
+    def __init__(self) -> None:
+        self.signatures: dict[int, tuple] = {}
+        self.current: dict[int, _BufferValues] = {}
+        self.starts: list[dict[int, _BufferValues]] = [self.current]
+        self.changed: list[_BufferValues] = []
+        self._others = {t.ident for t in threading.enumerate()} - {threading.get_ident()}
+
+    def __enter__(self) -> _BufferWatch:
+        self._handle = torch.nn.modules.module.register_module_forward_pre_hook(self._see)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+        if not self.changed:
+            self.current.clear()  # the copies are needed only where a step changed a buffer
+
+    def _see(self, module: nn.Module, _args: Any) -> None:
+        # a module without buffers yet is watched too: one may register a buffer as it runs (a cache made lazily)
+        if id(module) in self.signatures or _reads_none(module) or threading.get_ident() in self._others:
+            return
+        self.signatures[id(module)] = _signature(module)
+        values = _BufferValues.of(module)  # as at every boundary so far: nothing ran the module before
+        for start in {id(s): s for s in self.starts}.values():
+            start[id(module)] = values
+
+    def boundary(self) -> None:
+        """The end of a step (the start of the next): keep the buffers the step changed."""
+        moved = [key for key, values in self.current.items() if _signature(values.module) != self.signatures[key]]
+        if moved:
+            self.current = dict(self.current)
+            for key in moved:
+                module = self.current[key].module
+                self.current[key] = _BufferValues.of(module)
+                self.signatures[key] = _signature(module)
+                self.changed.append(self.current[key])
+        self.starts.append(self.current)
+
+    def names(self) -> str:
+        """The changed buffers, by module class and name."""
+        seen = {(type(v.module).__name__, name) for v in self.changed for name in v.tensors}
+        return ", ".join(f"{cls}.{name}" for cls, name in sorted(seen))
+
+    def read(self, evaluate: Callable[[], Tensor]) -> bool:
+        """Whether the model's output reads its changed buffers: ``evaluate()`` once with the buffers as the solve
+        began and once as it ended differ (two evaluations, one host sync); the buffers are put back after."""
+        now = [_BufferValues.of(v.module) for v in self.current.values()]
+        try:
+            with torch.no_grad(), _buffers_restored():  # BatchNorm's statistics too
+                for values in self.starts[0].values():
+                    values.put_back()
+                first = evaluate()
+                for values in now:
+                    values.put_back()
+                last = evaluate()
+        finally:
+            for values in now:
+                values.put_back()
+        return not torch.equal(first, last)
+
+
+@contextlib.contextmanager
+def _buffers_kept(starts: list[dict[int, _BufferValues]] | None) -> Iterator[None]:
+    """Run the block (the backward pass, which puts back each step's buffers) with the modules in ``starts`` given
+    their buffers as at its start after it; nothing when ``starts`` is None."""
+    if starts is None:
+        yield
+        return
+    now = [_BufferValues.of(v.module) for v in starts[-1].values()]
+    try:
+        yield
+    finally:
+        for values in now:
+            values.put_back()
 
 
 @contextlib.contextmanager
