@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from test_adjoint import _saved_bytes
 
 import flowdiff
 
@@ -141,18 +142,6 @@ def test_reversible_takes_a_model_that_changes_buffers_it_does_not_read():
     for g, r in zip(out["reversible"][0], out["autograd"][0], strict=True):
         assert float((g - r).norm()) <= 1e-10 * float(r.norm())
     assert torch.equal(out["reversible"][1], out["autograd"][1]) and float(out["autograd"][1]) > 0
-
-
-def _saved_bytes(fn) -> int:
-    total = [0]
-
-    def pack(t):
-        total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total[0]
 
 
 @pytest.mark.parametrize("solver", ["euler", "dpmpp_2m"])
