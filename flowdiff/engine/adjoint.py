@@ -31,9 +31,9 @@ whose output reads a buffer it changes as it runs (an eval-mode call counter, an
 ``"checkpoint"`` each recomputed step run with the buffers that step saw: the buffers' version counters and
 identities are compared at each step boundary (no copy, no sync), and only where a step changed one are the
 changed buffers copied there (:class:`_BufferWatch`); ``"reversible"``, whose inverse steps evaluate the model at
-points and in an order the forward pass did not, refuses such a model by buffer name when two evaluations at the
-solve's end, with the buffers as the solve began and as it ended, differ (a model that only writes them, a cache
-or BatchNorm's statistics, is left to it). The
+points and in an order the forward pass did not, refuses by buffer name a model that changed any buffer during the
+solve (whether its output reads them cannot be probed at one point: it may read them at some σ only); BatchNorm's
+running statistics in training mode, updated but not read, are left to it. The
 backward pass is once differentiable: a backward pass that would build a graph (``create_graph=True``,
 for a second derivative) is refused with a ValueError.
 
@@ -331,13 +331,14 @@ class _SolveFunction(torch.autograd.Function):
             plan.rng = rng
         if watch.changed and plan.mode == "checkpoint":
             plan.buffers = watch.starts
-        elif watch.changed and watch.read(lambda: plan.f(sol.ts[-1], sol.y)):
+        elif watch.changed:  # whether the output reads them cannot be probed at one point: a model may read them
+            # at some σ only (an expert switched on t), so a probe at the end passed one whose gradient was 61% off
             raise ValueError(f"adjoint='reversible': the model changed its buffers {watch.names()} during the solve "
-                             "(a call counter, an average or a cache it updates as it runs) and its output reads them, "
-                             "but the solver's inverse steps evaluate the model at points and in an order the forward "
-                             "pass did not, so they cannot see the values it saw there: the rebuilt states and the "
-                             "gradient would be wrong. Use adjoint='checkpoint' (which gives each recomputed step the "
-                             "buffers it had) or 'autograd'")
+                             "(a call counter, an average or a cache it updates as it runs), but the solver's inverse "
+                             "steps evaluate the model at points and in an order the forward pass did not, so they "
+                             "cannot see the values it saw there: where its output reads them the rebuilt states and "
+                             "the gradient would be wrong. Use adjoint='checkpoint' (which gives each recomputed step "
+                             "the buffers it had) or 'autograd'")
         # forward-only: the caller's save_at holds its records, which hold this node's outputs, and the node holds
         # the plan: kept, that loop through autograd's graph is never collected (the saved states leak)
         plan.save_at = None
@@ -635,23 +636,6 @@ class _BufferWatch:
         """The changed buffers, by module class and name."""
         seen = {(type(v.module).__name__, name) for v in self.changed for name in v.tensors}
         return ", ".join(f"{cls}.{name}" for cls, name in sorted(seen))
-
-    def read(self, evaluate: Callable[[], Tensor]) -> bool:
-        """Whether the model's output reads its changed buffers: ``evaluate()`` once with the buffers as the solve
-        began and once as it ended differ (two evaluations, one host sync); the buffers are put back after."""
-        now = [_BufferValues.of(v.module) for v in self.current.values()]
-        try:
-            with torch.no_grad(), _buffers_restored():  # BatchNorm's statistics too
-                for values in self.starts[0].values():
-                    values.put_back()
-                first = evaluate()
-                for values in now:
-                    values.put_back()
-                last = evaluate()
-        finally:
-            for values in now:
-                values.put_back()
-        return not torch.equal(first, last)
 
 
 @contextlib.contextmanager

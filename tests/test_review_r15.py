@@ -1,0 +1,77 @@
+"""R15's review of the buffer replay (U2) and the calibration rows: regressions for what it found."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.modules.module as torch_module
+from test_adjoint_buffers import _START, _Counter, _solve
+
+import flowdiff
+
+
+class _Gated(torch.nn.Module):
+    """An average it updates at every call but reads only at high t (an expert switched on the time): at the
+    solve's end (low t) its output does not depend on the buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 4, dtype=torch.float64)
+        self.register_buffer("average", torch.zeros(4, dtype=torch.float64))
+
+    def forward(self, x, t):
+        self.average = 0.5 * self.average + 0.5 * x.detach().mean(0)
+        gate = (t.to(x.dtype) > 300)[:, None].to(x.dtype)
+        return torch.tanh(self.lin(x) + 4.0 * gate * self.average)
+
+
+def test_reversible_refuses_or_matches_autograd_for_a_model_reading_its_buffers_at_some_times_only():
+    """main probed the read at the solve's end only, passed this model, and returned a gradient 61% off."""
+    base = _Gated().eval()
+    reference = _solve(copy.deepcopy(base), "generate", "reversible_heun", "autograd", _START)
+    try:
+        got = _solve(copy.deepcopy(base), "generate", "reversible_heun", "reversible", _START)
+    except ValueError as err:
+        assert "_Gated.average" in str(err) and "'checkpoint'" in str(err)
+    else:
+        for g, r in zip(got, reference, strict=True):
+            assert float((g - r).norm()) <= 1e-10 * float(r.norm())
+    checkpoint = _solve(copy.deepcopy(base), "generate", "reversible_heun", "checkpoint", _START)
+    for g, r in zip(checkpoint, reference, strict=True):
+        assert float((g - r).norm()) <= 1e-10 * float(r.norm())
+
+
+def test_no_watch_hook_on_an_undifferentiated_solve(monkeypatch):
+    """A plain generate (the default adjoint; nothing requires a gradient; grad mode off) installs no global module
+    hook: the watch's cost is only the differentiated solve's."""
+    installed = []
+    register = torch_module.register_module_forward_pre_hook
+    monkeypatch.setattr(torch_module, "register_module_forward_pre_hook",
+                        lambda hook: installed.append(hook) or register(hook))
+    flow = flowdiff.ProbabilityFlow(_Counter().eval(), flowdiff.Schedule.linear())
+    flowdiff.generate(flow, _START.clone(), solver="euler", steps=4)
+    with torch.no_grad():
+        flowdiff.generate(flow, _START.clone().requires_grad_(), solver="euler", steps=4, adjoint="checkpoint")
+    frozen = flowdiff.ProbabilityFlow(_Counter().eval().requires_grad_(False), flowdiff.Schedule.linear())
+    flowdiff.generate(frozen, _START.clone(), solver="euler", steps=4, adjoint="checkpoint")
+    assert installed == []
+    flowdiff.generate(flow, _START.clone().requires_grad_(), solver="euler", steps=4, adjoint="checkpoint")
+    assert len(installed) == 1  # the spy sees the differentiated solve's watch
+
+
+class _Fails(_Counter):
+    def forward(self, x, t):
+        self.calls += 1
+        if self.calls > 2:
+            raise RuntimeError("the model failed")
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("adjoint", ["checkpoint", "reversible"])
+def test_a_model_failing_mid_solve_leaves_no_global_hook(adjoint):
+    before = dict(torch_module._global_forward_pre_hooks)
+    flow = flowdiff.ProbabilityFlow(_Fails().eval(), flowdiff.Schedule.linear())
+    with pytest.raises(RuntimeError, match="the model failed"):
+        flowdiff.generate(flow, _START.clone().requires_grad_(), solver="reversible_heun", steps=4, adjoint=adjoint)
+    assert dict(torch_module._global_forward_pre_hooks) == before
