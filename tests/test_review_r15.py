@@ -75,3 +75,24 @@ def test_a_model_failing_mid_solve_leaves_no_global_hook(adjoint):
     with pytest.raises(RuntimeError, match="the model failed"):
         flowdiff.generate(flow, _START.clone().requires_grad_(), solver="reversible_heun", steps=4, adjoint=adjoint)
     assert dict(torch_module._global_forward_pre_hooks) == before
+
+
+def _table_flow():
+    """ε = table[label]·x_t: a lookup table whose number of rows equals the calibration batch by accident."""
+    from test_calibration_rows import _conditional
+
+    def model(x, t, labels, table):
+        return x * table[labels].to(x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+
+    return flowdiff.ProbabilityFlow(model, _conditional().schedule)
+
+
+@pytest.mark.parametrize("labels", [[5, 4, 3, 2, 1, 0], [0, 1, 2, 0, 1, 2]], ids=["crash", "silent"])
+def test_tune_names_a_table_cut_as_if_it_were_per_sample(labels):
+    """main cut the table to each half's rows: an unnamed IndexError, or (labels < 3) the wrong table, silently."""
+    from test_calibration_rows import BATCH, _noise
+    kw = {"labels": torch.tensor(labels), "table": torch.linspace(0.2, 0.4, BATCH)}
+    flow = _table_flow()
+    flowdiff.generate(flow, _noise(), solver="unipc", steps=4, model_kwargs=kw)  # the plain solve takes it
+    with pytest.raises(ValueError, match=r"model_kwargs .*table: \(6,\).*leading size 6"):
+        flowdiff.tune(flow, _noise(), solver="unipc", nfe=4, max_evals=4, model_kwargs=kw)
