@@ -8,6 +8,7 @@ import torch.nn.modules.module as torch_module
 from test_adjoint_buffers import _START, _Counter, _solve
 
 import flowdiff
+from flowdiff.tools.learned import tune_roundtrip
 
 
 class _Gated(torch.nn.Module):
@@ -87,12 +88,25 @@ def _table_flow():
     return flowdiff.ProbabilityFlow(model, _conditional().schedule)
 
 
+_FITS = {
+    "tune": lambda flow, noise, images, kw: flowdiff.tune(flow, noise, solver="unipc", nfe=4, max_evals=4,
+                                                          model_kwargs=kw),
+    "learn_solver": lambda flow, noise, images, kw: flowdiff.learn_solver(
+        flow, noise, solver="unipc", nfe=4, learn="shifts", iterations=1, model_kwargs=kw),
+    "tune_roundtrip": lambda flow, noise, images, kw: tune_roundtrip(flow, images, solver="euler", nfe=4, max_evals=3,
+                                                                      model_kwargs=kw),
+    "learn_encoder": lambda flow, noise, images, kw: flowdiff.learn_encoder(flow, images, nfe=4, iterations=1,
+                                                                            model_kwargs=kw),
+}
+
+
+@pytest.mark.parametrize("fit", sorted(_FITS))
 @pytest.mark.parametrize("labels", [[5, 4, 3, 2, 1, 0], [0, 1, 2, 0, 1, 2]], ids=["crash", "silent"])
-def test_tune_names_a_table_cut_as_if_it_were_per_sample(labels):
+def test_calibration_names_a_table_cut_as_if_it_were_per_sample(fit, labels):
     """main cut the table to each half's rows: an unnamed IndexError, or (labels < 3) the wrong table, silently."""
-    from test_calibration_rows import BATCH, _noise
+    from test_calibration_rows import BATCH, _images, _noise
     kw = {"labels": torch.tensor(labels), "table": torch.linspace(0.2, 0.4, BATCH)}
     flow = _table_flow()
     flowdiff.generate(flow, _noise(), solver="unipc", steps=4, model_kwargs=kw)  # the plain solve takes it
     with pytest.raises(ValueError, match=r"model_kwargs .*table: \(6,\).*leading size 6"):
-        flowdiff.tune(flow, _noise(), solver="unipc", nfe=4, max_evals=4, model_kwargs=kw)
+        _FITS[fit](flow, _noise(), _images(), kw)

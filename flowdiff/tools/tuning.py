@@ -470,7 +470,7 @@ def check_rows_split(flow: ProbabilityFlow, xbar: Tensor, model_kwargs: Mapping[
     cut = sorted(key for key, value in (model_kwargs or {}).items()
                  if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == batch)
     parts = [rows for rows in halves if rows is not None and rows != slice(None)]
-    if not cut or not parts:
+    if not cut or not parts or batch < 2:  # a batch of one has no held-out half (nothing to cut it against)
         return
     shapes = ", ".join(f"{key}: {tuple(model_kwargs[key].shape)}" for key in cut)
     problem = (f"model_kwargs {shapes} have the calibration batch's leading size {batch}, so each calibration half "
