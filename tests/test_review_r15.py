@@ -110,3 +110,75 @@ def test_calibration_names_a_table_cut_as_if_it_were_per_sample(fit, labels):
     flowdiff.generate(flow, _noise(), solver="unipc", steps=4, model_kwargs=kw)  # the plain solve takes it
     with pytest.raises(ValueError, match=r"model_kwargs .*table: \(6,\).*leading size 6"):
         _FITS[fit](flow, _noise(), _images(), kw)
+
+
+class _Paced(_Counter):
+    """The counter, calling ``pace()`` after each increment (to order two threads' calls)."""
+
+    pace = None
+
+    def forward(self, x, t):
+        self.calls += 1
+        if self.pace is not None:
+            self.pace()
+        return self.lin(x) * (1 + 0.1 * self.calls)
+
+
+def test_a_solve_in_a_thread_started_meanwhile_keeps_its_own_buffers():
+    """Thread A differentiates a counter model with adjoint='checkpoint'; thread B, started after A's solve began,
+    solves its own copy. main watched B's module from A (B was not running when A began) and put back B's buffers
+    with A's steps: B's call made during A's backward saw A's step 0 value of B's counter, and B's result was wrong."""
+    import threading
+
+    base = _Paced().eval()
+    reference_net = copy.deepcopy(base)
+    reference = flowdiff.generate(flowdiff.ProbabilityFlow(reference_net, flowdiff.Schedule.linear()), _START.clone(),
+                                  solver="heun", steps=4)
+    nfe = reference.stats.nfe
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    a_began, b_called, b_go, b_stepped = (threading.Event() for _ in range(4))
+    timeout = 30
+
+    made = {"a": 0, "b": 0}  # the calls each thread made (the buffer goes back and forth in a backward pass)
+
+    def pace_a():
+        made["a"] += 1
+        if made["a"] == 1:  # A's solve (and its watch) has begun: start B, and wait for its first call
+            a_began.set()
+            assert b_called.wait(timeout)
+        if made["a"] == 2 * nfe:  # the last recomputation of A's backward pass: let B make its next call
+            b_go.set()
+            assert b_stepped.wait(timeout)
+
+    def pace_b():
+        made["b"] += 1
+        if made["b"] == 1:
+            b_called.set()
+            assert b_go.wait(timeout)
+        if made["b"] == 2:
+            b_stepped.set()
+
+    a.pace, b.pace = pace_a, pace_b
+    out = {}
+
+    def run_a():
+        x = _START.clone().requires_grad_()
+        res = flowdiff.generate(flowdiff.ProbabilityFlow(a, flowdiff.Schedule.linear()), x, solver="heun", steps=4,
+                                adjoint="checkpoint")
+        out["a"] = torch.autograd.grad(res.x.pow(2).sum(), [x])
+
+    def run_b():
+        with torch.no_grad():
+            out["b"] = flowdiff.generate(flowdiff.ProbabilityFlow(b, flowdiff.Schedule.linear()), _START.clone(),
+                                         solver="heun", steps=4).x
+
+    thread_a = threading.Thread(target=run_a)
+    thread_a.start()
+    assert a_began.wait(timeout)
+    thread_b = threading.Thread(target=run_b)
+    thread_b.start()
+    thread_a.join(timeout)
+    thread_b.join(timeout)
+    assert made["a"] == 2 * nfe and made["b"] == nfe  # the order the test meant
+    assert torch.equal(out["b"], reference.x)
+    assert float(b.calls) == float(reference_net.calls) == nfe
