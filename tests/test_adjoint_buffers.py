@@ -133,15 +133,12 @@ class _Tally(_Counter):
         return torch.tanh(self.lin(x))
 
 
-def test_reversible_takes_a_model_that_changes_buffers_it_does_not_read():
-    base = _Tally().eval()
-    out = {}
-    for mode in ("autograd", "reversible"):
-        net = copy.deepcopy(base)
-        out[mode] = _solve(net, "generate", "reversible_heun", mode, _START), net.calls.clone()
-    for g, r in zip(out["reversible"][0], out["autograd"][0], strict=True):
-        assert float((g - r).norm()) <= 1e-10 * float(r.norm())
-    assert torch.equal(out["reversible"][1], out["autograd"][1]) and float(out["autograd"][1]) > 0
+def test_reversible_refuses_a_model_that_changes_buffers_it_does_not_read():
+    """Whether the output reads them cannot be probed at one point (a model may read them at some σ only:
+    tests/test_review_r15.py), so a changed buffer is refused even where, as here, it is only written."""
+    net = _Tally().eval()
+    with pytest.raises(ValueError, match=r"adjoint='reversible'.*_Tally\.calls.*'checkpoint'"):
+        _solve(net, "generate", "reversible_heun", "reversible", _START)
 
 
 @pytest.mark.parametrize("solver", ["euler", "dpmpp_2m"])

@@ -31,9 +31,9 @@ whose output reads a buffer it changes as it runs (an eval-mode call counter, an
 ``"checkpoint"`` each recomputed step run with the buffers that step saw: the buffers' version counters and
 identities are compared at each step boundary (no copy, no sync), and only where a step changed one are the
 changed buffers copied there (:class:`_BufferWatch`); ``"reversible"``, whose inverse steps evaluate the model at
-points and in an order the forward pass did not, refuses such a model by buffer name when two evaluations at the
-solve's end, with the buffers as the solve began and as it ended, differ (a model that only writes them, a cache
-or BatchNorm's statistics, is left to it). The
+points and in an order the forward pass did not, refuses by buffer name a model that changed any buffer during the
+solve (whether its output reads them cannot be probed at one point: it may read them at some σ only); BatchNorm's
+running statistics in training mode, updated but not read, are left to it. The
 backward pass is once differentiable: a backward pass that would build a graph (``create_graph=True``,
 for a second derivative) is refused with a ValueError.
 
@@ -331,13 +331,14 @@ class _SolveFunction(torch.autograd.Function):
             plan.rng = rng
         if watch.changed and plan.mode == "checkpoint":
             plan.buffers = watch.starts
-        elif watch.changed and watch.read(lambda: plan.f(sol.ts[-1], sol.y)):
+        elif watch.changed:  # whether the output reads them cannot be probed at one point: a model may read them
+            # at some σ only (an expert switched on t), so a probe at the end passed one whose gradient was 61% off
             raise ValueError(f"adjoint='reversible': the model changed its buffers {watch.names()} during the solve "
-                             "(a call counter, an average or a cache it updates as it runs) and its output reads them, "
-                             "but the solver's inverse steps evaluate the model at points and in an order the forward "
-                             "pass did not, so they cannot see the values it saw there: the rebuilt states and the "
-                             "gradient would be wrong. Use adjoint='checkpoint' (which gives each recomputed step the "
-                             "buffers it had) or 'autograd'")
+                             "(a call counter, an average or a cache it updates as it runs), but the solver's inverse "
+                             "steps evaluate the model at points and in an order the forward pass did not, so they "
+                             "cannot see the values it saw there: where its output reads them the rebuilt states and "
+                             "the gradient would be wrong. Use adjoint='checkpoint' (which gives each recomputed step "
+                             "the buffers it had) or 'autograd'")
         # forward-only: the caller's save_at holds its records, which hold this node's outputs, and the node holds
         # the plan: kept, that loop through autograd's graph is never collected (the saved states leak)
         plan.save_at = None
@@ -519,6 +520,21 @@ def _same_rng(a: tuple[Tensor, Tensor | None], b: tuple[Tensor, Tensor | None]) 
     return torch.equal(a[0], b[0]) and (a[1] is None or torch.equal(a[1], b[1]))
 
 
+def _threads_now() -> tuple[int, set[int]]:
+    """The calling thread and the others running now, for :func:`_ours`."""
+    holder = threading.get_ident()
+    return holder, {t.ident for t in threading.enumerate()} - {holder}
+
+
+def _ours(module: nn.Module, holder: int, others: set[int]) -> bool:
+    """Whether a module call a global hook sees belongs to the block that ``holder`` runs: any in that thread; in a
+    thread started since (``others`` were running before), only a replica ``nn.DataParallel`` runs there. Another
+    thread's solve started meanwhile (a server's next request) runs its own modules, which are not ours: taken, its
+    buffers were put back under it and its steps' buffers replayed here (a gradient 41% off, silently)."""
+    thread = threading.get_ident()
+    return thread == holder or (thread not in others and getattr(module, "_is_replica", False))
+
+
 @contextlib.contextmanager
 def _buffers_restored() -> Iterator[None]:
     """Run the block with the buffers of every module evaluated in it put back, after it, to their values when the
@@ -527,16 +543,15 @@ def _buffers_restored() -> Iterator[None]:
     the solve, as autograd's does, and the backward pass's recomputations and inverse steps, which autograd does
     not make, would update them again. (Its output does not depend on them in training mode: batch statistics.)
     Every module is seen, the model's or one a closure calls, by a global forward pre-hook held for the block, in
-    the thread that runs the block or one started during it (``nn.DataParallel`` runs its replicas so); modules that
-    threads already running run meanwhile are theirs, left alone."""
+    the thread that runs the block, or as a replica ``nn.DataParallel`` runs in a thread started during it
+    (:func:`_ours`); modules that other threads run meanwhile are theirs, left alone."""
     kept: dict[int, tuple[torch.nn.Module, dict[str, Tensor | None], list[tuple[Tensor, Tensor]]]] = {}
-    # the hook is global: a module a thread running before the block runs meanwhile is not ours
-    others = {t.ident for t in threading.enumerate()} - {threading.get_ident()}
+    holder, others = _threads_now()  # the hook is global: another thread's modules are not ours
 
     def snapshot(module: torch.nn.Module, _args: Any) -> None:
         # the tensors themselves and a copy of their values: a model may update a buffer in place (BatchNorm) or
         # assign it another tensor (a cache that grows), which is put back
-        if threading.get_ident() not in others and id(module) not in kept:
+        if id(module) not in kept and _ours(module, holder, others):
             kept[id(module)] = (module, dict(module._buffers),
                                 [(b, b.clone()) for b in module._buffers.values() if b is not None])
 
@@ -588,18 +603,18 @@ def _reads_none(module: nn.Module) -> bool:
 
 
 class _BufferWatch:
-    """Held around the forward pass's solve: which modules the model runs (a global forward pre-hook, in the thread
-    that holds it or one started meanwhile, as :func:`_buffers_restored`), and, at each step boundary, whether a step
-    changed one of their buffers (:func:`_signature`). ``starts[i]`` is every watched module's buffers at the start of
-    step i, copied only where a step changed them: a model whose buffers do not change costs one copy of them during
-    the forward pass, nothing kept after it (``changed`` is False)."""
+    """Held around the forward pass's solve: which modules the model runs (a global forward pre-hook, those
+    :func:`_ours` says, as :func:`_buffers_restored`), and, at each step boundary, whether a step changed one of their
+    buffers (:func:`_signature`). ``starts[i]`` is every watched module's buffers at the start of step i, copied only
+    where a step changed them: a model whose buffers do not change costs one copy of them during the forward pass,
+    nothing kept after it (``changed`` is False)."""
 
     def __init__(self) -> None:
         self.signatures: dict[int, tuple] = {}
         self.current: dict[int, _BufferValues] = {}
         self.starts: list[dict[int, _BufferValues]] = [self.current]
         self.changed: list[_BufferValues] = []
-        self._others = {t.ident for t in threading.enumerate()} - {threading.get_ident()}
+        self._holder, self._others = _threads_now()
 
     def __enter__(self) -> _BufferWatch:
         self._handle = torch.nn.modules.module.register_module_forward_pre_hook(self._see)
@@ -612,7 +627,7 @@ class _BufferWatch:
 
     def _see(self, module: nn.Module, _args: Any) -> None:
         # a module without buffers yet is watched too: one may register a buffer as it runs (a cache made lazily)
-        if id(module) in self.signatures or _reads_none(module) or threading.get_ident() in self._others:
+        if id(module) in self.signatures or _reads_none(module) or not _ours(module, self._holder, self._others):
             return
         self.signatures[id(module)] = _signature(module)
         values = _BufferValues.of(module)  # as at every boundary so far: nothing ran the module before
@@ -635,23 +650,6 @@ class _BufferWatch:
         """The changed buffers, by module class and name."""
         seen = {(type(v.module).__name__, name) for v in self.changed for name in v.tensors}
         return ", ".join(f"{cls}.{name}" for cls, name in sorted(seen))
-
-    def read(self, evaluate: Callable[[], Tensor]) -> bool:
-        """Whether the model's output reads its changed buffers: ``evaluate()`` once with the buffers as the solve
-        began and once as it ended differ (two evaluations, one host sync); the buffers are put back after."""
-        now = [_BufferValues.of(v.module) for v in self.current.values()]
-        try:
-            with torch.no_grad(), _buffers_restored():  # BatchNorm's statistics too
-                for values in self.starts[0].values():
-                    values.put_back()
-                first = evaluate()
-                for values in now:
-                    values.put_back()
-                last = evaluate()
-        finally:
-            for values in now:
-                values.put_back()
-        return not torch.equal(first, last)
 
 
 @contextlib.contextmanager

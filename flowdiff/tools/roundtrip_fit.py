@@ -66,7 +66,7 @@ from ..engine.grids import check_budget, make_sigmas, reversed_grid
 from ..engine.options import Adaptive
 from ..engine.results import Result
 from .learned import shift_intervals, tune_roundtrip
-from .tuning import check_fingerprint, read_record, write_record
+from .tuning import check_fingerprint, check_rows_split, read_record, write_record
 
 __all__ = ["LearnedEncoder", "learn_encoder"]
 
@@ -415,6 +415,7 @@ def learn_encoder(
         starts = [(initial_name, sigmas)]
     n = len(sigmas) - 1
     fit, held = images[0::2], images[1::2]
+    check_rows_split(flow, images, model_kwargs, (slice(0, None, 2), slice(1, None, 2)))
     # each half with its rows of the per-sample model keywords (class labels); shared ones are passed whole
     fit_kw, held_kw = (model_kwargs_rows(model_kwargs, images.shape[0], slice(i, None, 2)) for i in (0, 1))
     with torch.no_grad(), data_range_checked():

@@ -42,7 +42,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -349,6 +349,7 @@ def tune(
     ref_cost = ref.nfe + ref.error_nfe  # the teacher and the looser solve that checks it
     target = ref.x.to(device=noise.device, dtype=torch.float64)
     halves = (slice(0, None, 2), slice(1, None, 2)) if validate else (slice(None), None)
+    check_rows_split(flow, noise, model_kwargs, halves)
     spent = {"nfe": 0, "evals": 0}
 
     def error(sigmas: np.ndarray, part: slice) -> float:
@@ -454,6 +455,42 @@ class _Warp:
         ramp = (np.arange(1, self.steps) / (self.steps - 1)) ** power
         inner = np.exp(self.hi + ramp * (last - self.hi))
         return np.concatenate([[self.sigma_max], inner, [0.0]])
+
+
+def check_rows_split(flow: ProbabilityFlow, xbar: Tensor, model_kwargs: Mapping[str, Any] | None,
+                     halves: Sequence[slice | None]) -> None:
+    """Check that the calibration halves' rows of ``model_kwargs`` are what the model sees per sample.
+
+    :func:`flowdiff.engine._checks.model_kwargs_rows` takes a tensor whose leading size is the batch as one row per
+    sample; one of that size by accident (a lookup table with as many rows as the batch) would be cut, and each half
+    solved with the wrong table, silently or with an unnamed IndexError. Where a tensor is cut, the field of each half
+    with its rows must equal the whole batch's at those rows: one evaluation of the batch and one of each half, at
+    σ_max; nothing where no tensor is cut."""
+    batch = xbar.shape[0]
+    cut = sorted(key for key, value in (model_kwargs or {}).items()
+                 if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == batch)
+    parts = [rows for rows in halves if rows is not None and rows != slice(None)]
+    if not cut or not parts or batch < 2:  # a batch of one has no held-out half (nothing to cut it against)
+        return
+    shapes = ", ".join(f"{key}: {tuple(model_kwargs[key].shape)}" for key in cut)
+    problem = (f"model_kwargs {shapes} have the calibration batch's leading size {batch}, so each calibration half "
+               "(the even and the odd samples) is given its rows of them; ")
+    advice = ("a tensor that is not one row per sample (a lookup table of as many rows as the batch) must not have "
+              "the batch's leading size: give one more or fewer calibration samples, or make it the model's attribute")
+    sigma = flow.schedule.sigma_max
+    with torch.no_grad():
+        whole = flow.eps(xbar, sigma, **model_kwargs)
+        tol = 1e3 * torch.finfo(whole.dtype).eps if whole.is_floating_point() else 0.0
+        for rows in parts:
+            try:
+                part = flow.eps(xbar[rows], sigma, **model_kwargs_rows(model_kwargs, batch, rows))
+            except (IndexError, RuntimeError, ValueError) as err:
+                failed = f"the model failed on them ({type(err).__name__}: {err}); "
+                raise ValueError(problem + failed + advice) from err
+            if part.shape != whole[rows].shape or not torch.allclose(
+                    part, whole[rows], rtol=tol, atol=tol * float(whole.abs().max())):
+                raise ValueError(problem + "the model's output on a half differs from the whole batch's at those "
+                                 "rows; " + advice)
 
 
 class _Search:
