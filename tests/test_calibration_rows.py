@@ -55,3 +55,24 @@ def test_learn_solvers_held_out_half_is_judged_with_its_own_rows():
     ref = fd.reference_solution(flow, noise, rtol=1e-7, atol=1e-7, model_kwargs=VARIED).x[1::2]
     base = fd.generate(flow, noise[1::2], solver="unipc", grid=learned.base_grid(), model_kwargs=odd).x
     assert learned.base_validation_error == float((base - ref).pow(2).mean().sqrt())
+
+
+def test_the_halves_check_is_counted_in_the_cost():
+    """With per-sample conditioning the tools check each half's rows against the whole batch (R15: a table of as many
+    rows as the batch would be cut); those model evaluations count in fitting_nfe / tuning_nfe like every other."""
+    from flowdiff.tools.reference import clear_reference_cache
+
+    calls = []
+
+    def model(x, t, scale):
+        calls.append(x.shape[0])
+        return x * scale.to(x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+
+    flow = fd.ProbabilityFlow(model, _conditional().schedule)
+    clear_reference_cache()
+    learned = fd.learn_solver(flow, _noise(), solver="unipc", nfe=4, learn="shifts", iterations=1, model_kwargs=VARIED)
+    assert learned.fitting_nfe == len(calls)
+    clear_reference_cache()
+    del calls[:]
+    tuned = fd.tune(flow, _noise(), solver="unipc", nfe=4, max_evals=4, model_kwargs=VARIED)
+    assert tuned.tuning_nfe == len(calls)

@@ -679,9 +679,9 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
     upper = np.array([bound if k == "c" else intervals[i][1] if k == "s" else reach[k, i][1] for k, i, _ in slots])
     moved = bool(moves) or "start" in learn  # the grid itself is fitted
     fit, held, whole = slice(0, None, 2), slice(1, None, 2), slice(None)  # the batch's rows
-    check_rows_split(flow, noise, model_kwargs, (fit, held))
+    checked = check_rows_split(flow, noise, model_kwargs, (fit, held))
     target, ref_nfe = _reference(flow, noise, model_kwargs, float(reference_tol))
-    spent = {"nfe": ref_nfe, "solves": 0}
+    spent = {"nfe": ref_nfe + checked, "solves": 0}
 
     def unpacked(v: np.ndarray) -> tuple[tuple[tuple[float, ...], ...] | None, tuple[float, ...] | None,
                                          tuple[float, ...] | None, tuple[float, ...] | None]:
@@ -940,8 +940,7 @@ def tune_roundtrip(
     check_data_range(images, "images")  # once here, not once per candidate round trip
     start = time.perf_counter()
     fit, held = slice(0, None, 2), slice(1, None, 2)  # the batch's rows
-    check_rows_split(flow, images, model_kwargs, (fit, held))
-    spent = {"nfe": 0, "evals": 0}
+    spent = {"nfe": check_rows_split(flow, images, model_kwargs, (fit, held)), "evals": 0}
 
     def error(sigmas: np.ndarray, rows: slice) -> float:
         part, kwargs = images[rows], model_kwargs_rows(model_kwargs, images.shape[0], rows) or None

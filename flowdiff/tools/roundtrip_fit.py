@@ -415,7 +415,7 @@ def learn_encoder(
         starts = [(initial_name, sigmas)]
     n = len(sigmas) - 1
     fit, held = images[0::2], images[1::2]
-    check_rows_split(flow, images, model_kwargs, (slice(0, None, 2), slice(1, None, 2)))
+    spent["nfe"] += check_rows_split(flow, images, model_kwargs, (slice(0, None, 2), slice(1, None, 2)))
     # each half with its rows of the per-sample model keywords (class labels); shared ones are passed whole
     fit_kw, held_kw = (model_kwargs_rows(model_kwargs, images.shape[0], slice(i, None, 2)) for i in (0, 1))
     with torch.no_grad(), data_range_checked():

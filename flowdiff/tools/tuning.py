@@ -349,8 +349,7 @@ def tune(
     ref_cost = ref.nfe + ref.error_nfe  # the teacher and the looser solve that checks it
     target = ref.x.to(device=noise.device, dtype=torch.float64)
     halves = (slice(0, None, 2), slice(1, None, 2)) if validate else (slice(None), None)
-    check_rows_split(flow, noise, model_kwargs, halves)
-    spent = {"nfe": 0, "evals": 0}
+    spent = {"nfe": check_rows_split(flow, noise, model_kwargs, halves), "evals": 0}
 
     def error(sigmas: np.ndarray, part: slice) -> float:
         """The RMS image error of the grid on ``noise[part]`` (inf where the solve fails)."""
@@ -458,20 +457,21 @@ class _Warp:
 
 
 def check_rows_split(flow: ProbabilityFlow, xbar: Tensor, model_kwargs: Mapping[str, Any] | None,
-                     halves: Sequence[slice | None]) -> None:
+                     halves: Sequence[slice | None]) -> int:
     """Check that the calibration halves' rows of ``model_kwargs`` are what the model sees per sample.
 
     :func:`flowdiff.engine._checks.model_kwargs_rows` takes a tensor whose leading size is the batch as one row per
     sample; one of that size by accident (a lookup table with as many rows as the batch) would be cut, and each half
     solved with the wrong table, silently or with an unnamed IndexError. Where a tensor is cut, the field of each half
     with its rows must equal the whole batch's at those rows: one evaluation of the batch and one of each half, at
-    σ_max; nothing where no tensor is cut."""
+    σ_max; nothing where no tensor is cut. Returns the model evaluations it made (0, or 1 + the halves), which
+    the caller counts in its cost."""
     batch = xbar.shape[0]
     cut = sorted(key for key, value in (model_kwargs or {}).items()
                  if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == batch)
     parts = [rows for rows in halves if rows is not None and rows != slice(None)]
     if not cut or not parts or batch < 2:  # a batch of one has no held-out half (nothing to cut it against)
-        return
+        return 0
     shapes = ", ".join(f"{key}: {tuple(model_kwargs[key].shape)}" for key in cut)
     problem = (f"model_kwargs {shapes} have the calibration batch's leading size {batch}, so each calibration half "
                "(the even and the odd samples) is given its rows of them; ")
@@ -491,6 +491,7 @@ def check_rows_split(flow: ProbabilityFlow, xbar: Tensor, model_kwargs: Mapping[
                     part, whole[rows], rtol=tol, atol=tol * float(whole.abs().max())):
                 raise ValueError(problem + "the model's output on a half differs from the whole batch's at those "
                                  "rows; " + advice)
+    return 1 + len(parts)
 
 
 class _Search:
