@@ -102,7 +102,7 @@ class _Cache(torch.nn.Module):
         return self.norm(self.lin(x)) * (1.0 + t.to(x.dtype)[:, None] / 1000.0)
 
 
-@pytest.mark.parametrize(("solver", "adjoint"), [("euler", "checkpoint"), ("reversible_heun", "reversible")])
+@pytest.mark.parametrize(("solver", "adjoint"), [("euler", "checkpoint"), ("reversible_heun", "checkpoint")])
 def test_a_buffer_assigned_anew_is_put_back(solver, adjoint):
     """The restore copied the kept values into whatever tensor the buffer name held after the backward pass: a buffer
     the model assigns anew (a cache that grows) made the backward pass fail with an unnamed shape error. The buffers
@@ -181,6 +181,15 @@ def test_the_restore_leaves_other_threads_modules_alone():
     assert int(other.num_batches_tracked) == 3 and float(other.running_mean.min()) > 0
 
 
+def test_reversible_refuses_a_model_that_assigns_a_buffer_anew():
+    """Since R15, adjoint='reversible' refuses any model that changes a buffer during the solve (its inverse steps
+    cannot see the values the forward pass saw), naming the buffer; 'checkpoint' replays them (above)."""
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    flow = flowdiff.ProbabilityFlow(copy.deepcopy(_Cache()), flowdiff.Schedule.linear())
+    with pytest.raises(ValueError, match=r"adjoint='reversible': the model changed its buffers _Cache\.history"):
+        flowdiff.generate(flow, x, solver="reversible_heun", steps=4, adjoint="reversible")
+
+
 class _InThread(torch.nn.Module):
     """A field that runs its BatchNorm (training mode) in a thread it starts at each call, as ``nn.DataParallel``
     runs its replicas."""
@@ -190,6 +199,7 @@ class _InThread(torch.nn.Module):
         torch.manual_seed(0)
         self.lin = torch.nn.Linear(4, 4, bias=False, dtype=torch.float64)
         self.norm = torch.nn.BatchNorm1d(4, dtype=torch.float64)
+        self.norm._is_replica = True  # as nn.DataParallel marks the copies it runs in its threads (adjoint._ours)
 
     def forward(self, x, t):
         import threading
@@ -207,8 +217,9 @@ class _InThread(torch.nn.Module):
 
 
 def test_a_model_that_runs_modules_in_its_own_threads_has_its_buffers_put_back():
-    """The restore leaves other threads' modules alone, but not those of threads the model starts during the backward
-    pass (nn.DataParallel's replicas): their BatchNorm statistics end as autograd's."""
+    """The restore leaves other threads' modules alone, but not the replicas a model runs in threads it starts during
+    the backward pass (nn.DataParallel's, marked ``_is_replica``; R15 narrowed it to those, so that another request's
+    solve in a thread started meanwhile keeps its own buffers): their BatchNorm statistics end as autograd's."""
     start = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     out = {}
     for mode in ("autograd", "checkpoint"):
