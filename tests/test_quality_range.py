@@ -47,3 +47,17 @@ def test_low_nfe_samples_of_the_shipped_model_are_scored(solver, grid):
     for nfe in (2, 3, 5, 10):
         x = flowdiff.generate(flow, noise, solver=solver, grid=grid, nfe=nfe).x
         assert flowdiff.sample_quality(x)["n"] == 8, (solver, grid, nfe)
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 8), (4, 1, 8, 8, 1), (4, 2, 32), (4, 8, 8, 1)])
+def test_sample_quality_takes_only_its_two_shapes(shape):
+    """(N, 8, 8), (N, 1, 8, 8, 1) and other shapes of 64 values per image were scored as if flattened (S5); the
+    docstring accepts (N, 1, 8, 8) and (N, 64) only."""
+    with pytest.raises(ValueError, match=r"images must have shape \(N, 1, 8, 8\) or \(N, 64\)"):
+        flowdiff.sample_quality(torch.zeros(shape) - 1)
+
+
+def test_sample_quality_refuses_integer_images():
+    """An integer tensor (8-bit pixels, or −1/0/1 masks) was cast and scored; it names its dtype and the rescale."""
+    with pytest.raises(TypeError, match=r"images must be floating point .* got torch\.uint8 .*v / 127\.5 - 1"):
+        flowdiff.sample_quality(torch.zeros(4, 64, dtype=torch.uint8))

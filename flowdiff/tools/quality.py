@@ -75,8 +75,11 @@ def sample_quality(images: Tensor, labels: Tensor | None = None) -> dict[str, fl
     """
     if not isinstance(images, Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
-    if images.ndim < 2 or images.shape[0] < 2 or images[0].numel() != 64:
+    if images.ndim not in (2, 4) or tuple(images.shape[1:]) not in ((1, 8, 8), (64,)) or images.shape[0] < 2:
         raise ValueError(f"images must have shape (N, 1, 8, 8) or (N, 64) with N >= 2, got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise TypeError(f"images must be floating point in the model's data scale [-1, 1], got {images.dtype} "
+                        "(8-bit pixels v: v / 127.5 - 1)")
     x = images.detach().cpu().double().reshape(-1, 64)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("images contain NaN or inf")
