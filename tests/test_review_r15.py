@@ -5,21 +5,15 @@ import copy
 import pytest
 import torch
 import torch.nn.modules.module as torch_module
-from test_adjoint_buffers import _START, _Counter, _solve
+from test_adjoint_buffers import _START, _Counter, _Ema, _solve
 
 import flowdiff
 from flowdiff.tools.learned import tune_roundtrip
 
 
-class _Gated(torch.nn.Module):
-    """An average it updates at every call but reads only at high t (an expert switched on the time): at the
+class _Gated(_Ema):
+    """The moving average, updated at every call but read only at high t (an expert switched on the time): at the
     solve's end (low t) its output does not depend on the buffer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = torch.nn.Linear(4, 4, dtype=torch.float64)
-        self.register_buffer("average", torch.zeros(4, dtype=torch.float64))
 
     def forward(self, x, t):
         self.average = 0.5 * self.average + 0.5 * x.detach().mean(0)
