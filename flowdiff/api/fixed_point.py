@@ -128,9 +128,11 @@ class FixedPointInverse(Solver):
     order = 1
 
     def __init__(self, decode: Solver, *, last_euler_at: float | None, method: str, tol: float, max_iter: int,
-                 anderson: int, krylov_dim: int, on_failure: str, check_finite: bool, eps_floor: float) -> None:
+                 anderson: int, krylov_dim: int, on_failure: str, check_finite: bool, eps_floor: float,
+                 rounding_tol: float, tol_given: bool) -> None:
         self.decode, self.last_euler_at = decode, last_euler_at
         self.method, self.tol, self.max_iter = method, tol, max_iter
+        self.rounding_tol, self.tol_given = rounding_tol, tol_given
         self.anderson, self.krylov_dim, self.on_failure = anderson, krylov_dim, on_failure
         self.check_finite, self.eps_floor = check_finite, eps_floor
         self.iterations: list[int] = []
@@ -178,15 +180,34 @@ class FixedPointInverse(Solver):
         if self.check_finite and not bool(torch.isfinite(res).all()):
             raise StepFailure("fixed-point inversion, {where}: the residual is not finite (the model returned NaN/inf "
                               "or the iteration diverged)")
+        # The residual is relative to 1 + |x̄_a|, but it is computed from x̄_b and Ψ(x̄_b), whose rounding scales
+        # with the state: where the preimage is much larger than the image (one step from σ = 0 to σ_max) that
+        # rounding alone exceeds tol. `floor` is the default tolerance measured at the state's scale instead,
+        # max|x̄_b| / max(1 + |x̄_a|) times it: what rounding allows this sample.
+        ratio = (x.detach().abs().flatten(1).amax(1).double() / scale.flatten(1).amax(1).double()).clamp_min(1.0)
+        floor = self.rounding_tol * ratio
+        at_floor = ~(res <= tol) & (res <= floor)
+        if not self.tol_given and bool(at_floor.any()):  # the default tol is met at the state's scale:
+            res = torch.where(at_floor, res / ratio, res)  # report it in that measure (≤ tol, like the others)
         missed_mask = ~(res <= tol)  # NaN counts as missed
         missed = missed_mask.nonzero().flatten().tolist()
         worst = float(torch.where(missed_mask, res, torch.zeros_like(res)).amax()) if missed else float(res.amax())
         if missed and self.on_failure == "raise":
             extra = {"method": method, "iterations": sum(self.iterations) + it, "tol": tol, "restarts": self.restarts}
-            why = (f"the budget max_iter={max_iter} ran out; use a larger max_iter or tol, or more steps"
-                   if exhausted else
-                   f"Newton's line search failed from every initial guess (max_iter={max_iter} was not reached): "
-                   "this decode step has no preimage of the image near them, or none at all")
+            limit = float(floor[missed_mask].amax())
+            if bool(at_floor[missed_mask].all()):  # only an explicit tol below the rounding floor gets here
+                why = (f"that is as close as {x.dtype} rounding gets at this step's scale (the state reaches "
+                       f"max|x̄| = {float(x.detach().abs().amax()):.3g}, so the residual cannot be resolved below about "
+                       f"{limit:.3g}): tol={tol:.3g} is below it; give inversion option tol >= {limit:.3g}, leave tol "
+                       "out (the default is measured at the state's scale), or use more steps")
+            else:
+                fact = f"{x.dtype} rounding at this step's scale allows about {limit:.3g}, so the miss is not rounding"
+                why = (f"the budget max_iter={max_iter} ran out ({fact}); use a larger max_iter or tol, or more steps"
+                       if exhausted else
+                       f"Newton's line search failed from every initial guess (max_iter={max_iter} was not reached; "
+                       f"{fact}): this decode step has no preimage of the image near them, or none at all, or "
+                       "Newton cannot find it; more steps make each step's preimage nearer"
+                       + (", or try method='hybrid'" if method == "newton" else ""))
             raise StepFailure(f"fixed-point inversion did not converge at {{where}}: residual {worst:.3g} > tol "
                               f"{tol:.3g} for sample(s) {missed[:8]} after {it} {method} iteration(s); {why}. "
                               "on_failure='keep' keeps the best iterate instead", extra)
@@ -207,7 +228,12 @@ def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Res
     decode step's increment; with ``final_euler`` the decode's last step into σ = 0 is Euler,
     as :func:`flowdiff.decode` takes it by default), until every element's residual
     |x̄_b + Ψ(x̄_b) − x̄_a| ≤ ``tol``·(1 + |x̄_a|) (default 32 machine epsilons of the state's
-    dtype, and at least 4 of the images' dtype for float16/bfloat16). Options
+    dtype, and at least 4 of the images' dtype for float16/bfloat16). The residual's rounding
+    grows with the state, not with x̄_a: where the preimage is much larger than the image (one
+    step from σ = 0 to σ_max) the default is out of reach, so it is also met by a residual within
+    the default measured at the state's scale, max|x̄_b| / max(1 + |x̄_a|) times larger (and
+    reported in that measure). An explicit ``tol`` is held as given; missing it only by rounding
+    is an error that says so and names the smallest ``tol`` that rounding allows. Options
     (``spec.options``): ``method`` — ``"newton"`` (Newton–Krylov, at most ``max_iter`` Newton
     iterations a step, default 50, with up to ``krylov_dim`` GMRES vectors each), ``"anderson"``
     (Anderson mixing of depth ``anderson``, 0 for plain fixed-point iteration, at most
@@ -256,7 +282,8 @@ def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Res
         max_iter = 100 if method == "anderson" else 50
     dtype = compute_dtype(images)
     model_dtype = images.dtype if images.dtype != dtype else None
-    tol = _default_tol(dtype, images.dtype) if tol is None else float(tol)
+    rounding_tol, tol_given = _default_tol(dtype, images.dtype), tol is not None
+    tol = rounding_tol if tol is None else float(tol)
     gen = request.grid.generation_sigmas(request.flow, solver_obj, final_euler=final_euler)
     enc = reversed_grid(gen)
     refuse_encode_to_infinity(enc)  # zero terminal SNR (flowdiff.engine.terminal)
@@ -264,7 +291,8 @@ def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Res
     inverse = FixedPointInverse(solver_obj, last_euler_at=0.0 if last_euler else None, method=method, tol=tol,
                                 max_iter=max_iter, anderson=anderson, krylov_dim=krylov_dim, on_failure=on_failure,
                                 check_finite=request.check_finite,
-                                eps_floor=max(torch.finfo(dtype).eps, torch.finfo(images.dtype).eps))
+                                eps_floor=max(torch.finfo(dtype).eps, torch.finfo(images.dtype).eps),
+                                rounding_tol=rounding_tol, tol_given=tol_given)
     sol = solve_grid(request.flow.field(request.model_kwargs, model_dtype), form, enc.tolist(), inverse,
                      xbar0=images.to(dtype), callback=request.callback, check_finite=request.check_finite,
                      bound=request.bound)
