@@ -64,3 +64,41 @@ def test_one_step_real_miss_says_it_is_not_rounding():
     message = str(info.value)
     assert "step 0 (σ 0 -> 157.407)" in message and "max_iter=3" in message
     assert "so the miss is not rounding" in message and "more steps" in message
+
+
+# -- 2. a wrong image shape is refused up front, naming the argument -------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 16, 16), (2, 3, 8, 8), (2, 64)])
+def test_digits_model_refuses_a_wrong_shape_before_any_solve(shape):
+    flow = fd.pretrained("digits")
+    calls = []
+    flow.model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    x = torch.rand(shape) * 2 - 1
+    expected = re.escape(f"has shape {shape}; the model (DigitsNet) takes (batch, 1, 8, 8)")
+    with pytest.raises(ValueError, match="^noise " + expected):
+        fd.generate(flow, x, steps=2)
+    with pytest.raises(ValueError, match="^images " + expected):
+        fd.encode(flow, x, steps=2)
+    with pytest.raises(ValueError, match="^images " + expected):
+        fd.encode(flow, x, steps=2, solver=fd.Inversion("fixed_point"))
+    assert calls == []  # refused before the model ran
+    assert fd.generate(flow, torch.randn(2, 1, 8, 8), steps=2).x.shape == (2, 1, 8, 8)  # the shape it takes
+    assert len(calls) == 2
+
+
+def test_diffusers_unet_refuses_other_channels_but_takes_other_sizes():
+    diffusers = pytest.importorskip("diffusers")
+    from flowdiff.models.diffusers_io import DiffusersModel
+    from flowdiff.models.pipelines import DiffusersFlow
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    flow = DiffusersFlow(DiffusersModel(unet), fd.Schedule.linear())
+    with pytest.raises(ValueError, match=re.escape("noise has shape (2, 3, 8, 8); the model (DiffusersModel) takes "
+                                                   "(batch, 1, any, any)")):
+        fd.generate(flow, torch.randn(2, 3, 8, 8), steps=2)
+    # sample_size is no limit for a UNet: another size still runs
+    assert fd.generate(flow, torch.randn(2, 1, 16, 16), steps=2).x.shape == (2, 1, 16, 16)

@@ -317,6 +317,7 @@ def generate(
     _checks.refuse_removed("generate", removed, REMOVED)
     flow = check_flow(flow)
     noise = check_state(noise, "noise")
+    flow.check_input(noise, "noise")
     checks = check_checks(checks)
     _refuse_model_check(checks, "generate")
     _checks.check_model_kwargs(model_kwargs)
@@ -403,6 +404,7 @@ def encode(
     _checks.refuse_removed("encode", removed, REMOVED)
     flow = check_flow(flow)
     images = check_state(images, "images")
+    flow.check_input(images, "images")
     checks = check_checks(checks)
     _refuse_model_check(checks, "encode")
     _checks.check_model_kwargs(model_kwargs)
@@ -518,6 +520,7 @@ def decode(
 def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe, grid, model_kwargs, callback,
                    checks: Checks, adjoint) -> Result:
     x = check_state(latent.x, "latent.x")
+    flow.check_input(x, "latent.x")
     own = decodes_with(latent.solver)
     options = dict(latent.solver_options)
     if solver is not None:

@@ -130,6 +130,23 @@ class ProbabilityFlow:
         return (f"ProbabilityFlow(model={type(self.model).__name__}, {self.schedule!r}, "
                 f"prediction_type={self.prediction_type!r})")
 
+    def check_input(self, x: Tensor, name: str) -> None:
+        """Refuse, before any solve, a state of a shape the model declares it does not take.
+
+        A model declares one sample's shape as ``model.input_shape``, None where any size goes
+        (a UNet's height and width): :class:`~flowdiff.models.nets.DigitsNet` takes (1, 8, 8), a
+        diffusers network its ``in_channels``. Undeclared, every shape goes to the model. Checked
+        once at the entry point, not per evaluation; ``name`` is the argument (``noise``, ``images``).
+        """
+        expected = getattr(self.model, "input_shape", None)
+        if expected is None:
+            return
+        shape = tuple(x.shape[1:])
+        if len(shape) != len(expected) or any(e is not None and s != e for s, e in zip(shape, expected)):
+            takes = ", ".join("any" if e is None else str(e) for e in expected)
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; the model ({type(self.model).__name__}) takes "
+                             f"(batch, {takes})")
+
     def field(self, model_kwargs: Mapping[str, Any] | None = None,
               model_dtype: torch.dtype | None = None) -> Callable[[float, Tensor], Tensor]:
         """The right-hand side ``f(σ, x̄) -> ε`` for the solvers, with conditioning bound.

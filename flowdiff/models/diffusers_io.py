@@ -94,6 +94,9 @@ class DiffusersModel(nn.Module):
         else:
             h, w = (size, size) if isinstance(size, int) else tuple(size)
             self.sample_shape = (int(cfg.in_channels), int(h), int(w))
+        channels = getattr(cfg, "in_channels", None)
+        #: checked by the entry points before a solve (ProbabilityFlow.check_input): the channels, any height and width
+        self.input_shape = None if self.packed or channels is None else (int(channels), None, None)
 
     def _position_ids(self, x_t: Tensor, model_kwargs: dict[str, Any]) -> None:
         """Flux's img_ids and txt_ids, where the caller gave none (see the class docstring)."""

@@ -84,6 +84,12 @@ class DigitsNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """One sample's shape, (in_channels, 8, 8): checked by the entry points before a solve
+        (:meth:`flowdiff.ProbabilityFlow.check_input`)."""
+        return (self.in_channels, 8, 8)
+
+    @property
     def null_class(self) -> int:
         """The label that means "no class": the unconditional model."""
         return self.num_classes
