@@ -102,3 +102,57 @@ def test_diffusers_unet_refuses_other_channels_but_takes_other_sizes():
         fd.generate(flow, torch.randn(2, 3, 8, 8), steps=2)
     # sample_size is no limit for a UNet: another size still runs
     assert fd.generate(flow, torch.randn(2, 1, 16, 16), steps=2).x.shape == (2, 1, 16, 16)
+
+
+# -- 3. the calibration halves' check and a model that draws random numbers ------------------------------------------
+
+HALVES = (slice(0, None, 2), slice(1, None, 2))
+
+
+class _Stochastic(torch.nn.Module):
+    """ε = scale·x_t through dropout (training mode) or times 1 + fresh noise (a stochastic layer), counting its calls;
+    ``table`` (optional) is a lookup table indexed by ``labels``, of as many rows as the batch by accident."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.calls = kind, 0
+        self.dropout = torch.nn.Dropout(0.3)
+
+    def forward(self, x, t, scale=None, labels=None, table=None):
+        self.calls += 1
+        factor = scale if table is None else table[labels]
+        out = x * factor.to(x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+        return self.dropout(out) if self.kind == "dropout" else out * (1 + 1e-3 * torch.randn_like(out))
+
+
+def _calibration():
+    from test_calibration_rows import VARIED, _conditional, _noise
+
+    return _conditional().schedule, _noise(), VARIED
+
+
+@pytest.mark.parametrize("kind", ["dropout", "noise"])
+def test_rows_check_takes_a_model_that_draws_random_numbers(kind):
+    from flowdiff.tools.tuning import check_rows_split
+
+    schedule, noise, varied = _calibration()
+    model = _Stochastic(kind).train()
+    flow = fd.ProbabilityFlow(model, schedule)
+    torch.manual_seed(0)
+    spent = check_rows_split(flow, noise, varied, HALVES)
+    assert spent == model.calls == 4  # the batch, each half, and the batch once more for the model's own spread
+    # a deterministic model is checked with the batch and the halves only
+    deterministic = fd.ProbabilityFlow(lambda x, t, scale: x * scale.reshape(-1, 1), schedule)
+    assert check_rows_split(deterministic, noise, varied, HALVES) == 3
+
+
+def test_rows_check_still_names_a_cut_table_of_a_model_that_draws_random_numbers():
+    from flowdiff.tools.tuning import check_rows_split
+
+    schedule, noise, _ = _calibration()
+    model = _Stochastic("noise")
+    flow = fd.ProbabilityFlow(model, schedule)
+    kw = {"labels": torch.tensor([0, 1, 2, 0, 1, 2]), "table": torch.linspace(0.2, 0.4, 6)}
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"model_kwargs .*table: \(6,\).* more than 4 times the model's own spread"):
+        check_rows_split(flow, noise, kw, HALVES)

@@ -456,6 +456,11 @@ class _Warp:
         return np.concatenate([[self.sigma_max], inner, [0.0]])
 
 
+#: How many times the model's own spread (two evaluations of one batch) a half's field may differ from the batch's
+#: before :func:`check_rows_split` takes a model that draws random numbers for a table cut by accident
+ROWS_SPREAD = 4.0
+
+
 def check_rows_split(flow: ProbabilityFlow, xbar: Tensor, model_kwargs: Mapping[str, Any] | None,
                      halves: Sequence[slice | None]) -> int:
     """Check that the calibration halves' rows of ``model_kwargs`` are what the model sees per sample.
@@ -464,8 +469,12 @@ def check_rows_split(flow: ProbabilityFlow, xbar: Tensor, model_kwargs: Mapping[
     sample; one of that size by accident (a lookup table with as many rows as the batch) would be cut, and each half
     solved with the wrong table, silently or with an unnamed IndexError. Where a tensor is cut, the field of each half
     with its rows must equal the whole batch's at those rows: one evaluation of the batch and one of each half, at
-    σ_max; nothing where no tensor is cut. Returns the model evaluations it made (0, or 1 + the halves), which
-    the caller counts in its cost."""
+    σ_max; nothing where no tensor is cut. A model that draws random numbers (dropout in training mode, a stochastic
+    layer) differs from itself between calls, and the halves draw tensors of other sizes, so no seed makes their draws
+    the whole batch's: on a first difference the batch is evaluated once more, and a half is refused only where it
+    differs from the batch by more than :data:`ROWS_SPREAD` times the model's own spread between those two (0 for a
+    deterministic model). Returns the model evaluations it made (0, 1 + the halves, or one more where the batch was
+    evaluated again), which the caller counts in its cost."""
     batch = xbar.shape[0]
     cut = sorted(key for key, value in (model_kwargs or {}).items()
                  if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == batch)
@@ -478,6 +487,8 @@ def check_rows_split(flow: ProbabilityFlow, xbar: Tensor, model_kwargs: Mapping[
     advice = ("a tensor that is not one row per sample (a lookup table of as many rows as the batch) must not have "
               "the batch's leading size: give one more or fewer calibration samples, or make it the model's attribute")
     sigma = flow.schedule.sigma_max
+    evaluations = 1 + len(parts)
+    spread: float | None = None  # max|ε − ε'| between two evaluations of the batch, measured on a first difference
     with torch.no_grad():
         whole = flow.eps(xbar, sigma, **model_kwargs)
         tol = 1e3 * torch.finfo(whole.dtype).eps if whole.is_floating_point() else 0.0
@@ -487,11 +498,21 @@ def check_rows_split(flow: ProbabilityFlow, xbar: Tensor, model_kwargs: Mapping[
             except (IndexError, RuntimeError, ValueError) as err:
                 failed = f"the model failed on them ({type(err).__name__}: {err}); "
                 raise ValueError(problem + failed + advice) from err
-            if part.shape != whole[rows].shape or not torch.allclose(
-                    part, whole[rows], rtol=tol, atol=tol * float(whole.abs().max())):
-                raise ValueError(problem + "the model's output on a half differs from the whole batch's at those "
-                                 "rows; " + advice)
-    return 1 + len(parts)
+            if part.shape != whole[rows].shape:
+                raise ValueError(problem + f"the model's output on a half has shape {tuple(part.shape)}, the whole "
+                                 f"batch's at those rows {tuple(whole[rows].shape)}; " + advice)
+            if torch.allclose(part, whole[rows], rtol=tol, atol=tol * float(whole.abs().max())):
+                continue
+            if spread is None:  # the model's own randomness, measured once: the batch again
+                spread = float((flow.eps(xbar, sigma, **model_kwargs) - whole).abs().max())
+                evaluations += 1
+            gap = float((part - whole[rows]).abs().max())
+            if not gap <= ROWS_SPREAD * spread:
+                own = (f", more than {ROWS_SPREAD:g} times the model's own spread between two evaluations of the batch "
+                       f"({spread:.3g})" if spread > 0 else " (the model gives the batch the same output every call)")
+                raise ValueError(problem + f"the model's output on a half differs from the whole batch's at those "
+                                 f"rows by {gap:.3g}{own}; " + advice)
+    return evaluations
 
 
 class _Search:
