@@ -156,3 +156,63 @@ def test_rows_check_still_names_a_cut_table_of_a_model_that_draws_random_numbers
     torch.manual_seed(0)
     with pytest.raises(ValueError, match=r"model_kwargs .*table: \(6,\).* more than 4 times the model's own spread"):
         check_rows_split(flow, noise, kw, HALVES)
+
+
+# -- 4. adjoint="checkpoint" and modules a model runs in threads it starts -------------------------------------------
+
+
+class _Counting(torch.nn.Module):
+    """Eval mode: its output is scaled by 1 + 0.1·calls, a buffer incremented in place at each call (the output reads a
+    buffer it changes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        self.calls += 1
+        return x * (1 + 0.1 * self.calls)
+
+
+class _OwnThreads(torch.nn.Module):
+    """A field that runs its ordinary submodules (a BatchNorm in training mode, a call counter) in a thread it starts
+    at each call: no nn.DataParallel replica, nothing marked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 4, bias=False, dtype=torch.float64)
+        self.norm = torch.nn.BatchNorm1d(4, dtype=torch.float64)
+        self.count = _Counting().eval()
+
+    def forward(self, x, t):
+        import threading
+
+        out, grad_mode = [], torch.is_grad_enabled()
+
+        def run() -> None:
+            with torch.set_grad_enabled(grad_mode):
+                out.append(self.count(self.norm(self.lin(x))))
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        worker.join()
+        return out[0] * (1.0 + t.to(x.dtype)[:, None] / 1000.0)
+
+
+def test_checkpoint_puts_back_the_buffers_of_modules_a_model_runs_in_its_own_threads():
+    """The model's own submodules are its, in whatever thread they run: the BatchNorm statistics end as autograd's (the
+    recomputation updated them again) and each recomputed step reads the counter the forward step read (the gradient
+    is autograd's)."""
+    start = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    buffers, grads = {}, {}
+    for mode in ("autograd", "checkpoint"):
+        net = _OwnThreads()
+        x = start.clone().requires_grad_()
+        res = fd.generate(fd.ProbabilityFlow(net, fd.Schedule.linear()), x, solver="heun", steps=3, adjoint=mode)
+        (grads[mode],) = torch.autograd.grad(res.x.pow(2).sum(), [x])
+        buffers[mode] = {k: b.clone() for k, b in net.named_buffers()}
+    assert int(buffers["autograd"]["norm.num_batches_tracked"]) > 0
+    for name, value in buffers["autograd"].items():
+        assert torch.equal(buffers["checkpoint"][name], value), name
+    torch.testing.assert_close(grads["checkpoint"], grads["autograd"], rtol=1e-10, atol=0)

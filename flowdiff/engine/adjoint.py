@@ -520,19 +520,27 @@ def _same_rng(a: tuple[Tensor, Tensor | None], b: tuple[Tensor, Tensor | None]) 
     return torch.equal(a[0], b[0]) and (a[1] is None or torch.equal(a[1], b[1]))
 
 
-def _threads_now() -> tuple[int, set[int]]:
-    """The calling thread and the others running now, for :func:`_ours`."""
-    holder = threading.get_ident()
-    return holder, {t.ident for t in threading.enumerate()} - {holder}
+class _Owner:
+    """Which module calls a global forward hook sees belong to the block the calling thread runs (a differentiated
+    solve): any made in that thread; and, in any thread, those of the submodules of a module that thread ran (a model
+    that runs its own layers in threads it starts, or in a pool) and of the replicas ``nn.DataParallel`` runs in a
+    thread started meanwhile. Another thread's solve (a server's next request) runs its own model, not a submodule of
+    ours, and keeps its buffers: taken, they were put back under it and our steps' values replayed there (a gradient
+    41% off, silently). A model shared by solves that run at once in several threads is everyone's: its buffers are
+    not replayed per solve."""
 
+    def __init__(self) -> None:
+        self.holder = threading.get_ident()
+        self.others = {t.ident for t in threading.enumerate()} - {self.holder}
+        self.owned: set[int] = set()  # ids of the submodules of the modules run in the holder's thread
 
-def _ours(module: nn.Module, holder: int, others: set[int]) -> bool:
-    """Whether a module call a global hook sees belongs to the block that ``holder`` runs: any in that thread; in a
-    thread started since (``others`` were running before), only a replica ``nn.DataParallel`` runs there. Another
-    thread's solve started meanwhile (a server's next request) runs its own modules, which are not ours: taken, its
-    buffers were put back under it and its steps' buffers replayed here (a gradient 41% off, silently)."""
-    thread = threading.get_ident()
-    return thread == holder or (thread not in others and getattr(module, "_is_replica", False))
+    def __call__(self, module: nn.Module) -> bool:
+        thread = threading.get_ident()
+        if thread == self.holder:
+            if id(module) not in self.owned:  # its submodules are ours wherever they run (once per module)
+                self.owned.update(id(m) for m in module.modules())
+            return True
+        return id(module) in self.owned or (thread not in self.others and getattr(module, "_is_replica", False))
 
 
 @contextlib.contextmanager
@@ -543,15 +551,15 @@ def _buffers_restored() -> Iterator[None]:
     the solve, as autograd's does, and the backward pass's recomputations and inverse steps, which autograd does
     not make, would update them again. (Its output does not depend on them in training mode: batch statistics.)
     Every module is seen, the model's or one a closure calls, by a global forward pre-hook held for the block, in
-    the thread that runs the block, or as a replica ``nn.DataParallel`` runs in a thread started during it
-    (:func:`_ours`); modules that other threads run meanwhile are theirs, left alone."""
+    the thread that runs the block, or in another as a submodule of one run there or a replica ``nn.DataParallel``
+    runs (:class:`_Owner`); modules that other threads run meanwhile are theirs, left alone."""
     kept: dict[int, tuple[torch.nn.Module, dict[str, Tensor | None], list[tuple[Tensor, Tensor]]]] = {}
-    holder, others = _threads_now()  # the hook is global: another thread's modules are not ours
+    ours = _Owner()  # the hook is global: another thread's modules are not ours
 
     def snapshot(module: torch.nn.Module, _args: Any) -> None:
         # the tensors themselves and a copy of their values: a model may update a buffer in place (BatchNorm) or
         # assign it another tensor (a cache that grows), which is put back
-        if id(module) not in kept and _ours(module, holder, others):
+        if ours(module) and id(module) not in kept:
             kept[id(module)] = (module, dict(module._buffers),
                                 [(b, b.clone()) for b in module._buffers.values() if b is not None])
 
@@ -604,7 +612,7 @@ def _reads_none(module: nn.Module) -> bool:
 
 class _BufferWatch:
     """Held around the forward pass's solve: which modules the model runs (a global forward pre-hook, those
-    :func:`_ours` says, as :func:`_buffers_restored`), and, at each step boundary, whether a step changed one of their
+    :class:`_Owner` says, as :func:`_buffers_restored`), and, at each step boundary, whether a step changed one of their
     buffers (:func:`_signature`). ``starts[i]`` is every watched module's buffers at the start of step i, copied only
     where a step changed them: a model whose buffers do not change costs one copy of them during the forward pass,
     nothing kept after it (``changed`` is False)."""
@@ -614,7 +622,7 @@ class _BufferWatch:
         self.current: dict[int, _BufferValues] = {}
         self.starts: list[dict[int, _BufferValues]] = [self.current]
         self.changed: list[_BufferValues] = []
-        self._holder, self._others = _threads_now()
+        self._ours = _Owner()
 
     def __enter__(self) -> _BufferWatch:
         self._handle = torch.nn.modules.module.register_module_forward_pre_hook(self._see)
@@ -627,7 +635,7 @@ class _BufferWatch:
 
     def _see(self, module: nn.Module, _args: Any) -> None:
         # a module without buffers yet is watched too: one may register a buffer as it runs (a cache made lazily)
-        if id(module) in self.signatures or _reads_none(module) or not _ours(module, self._holder, self._others):
+        if not self._ours(module) or id(module) in self.signatures or _reads_none(module):
             return
         self.signatures[id(module)] = _signature(module)
         values = _BufferValues.of(module)  # as at every boundary so far: nothing ran the module before
