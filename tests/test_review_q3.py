@@ -216,3 +216,31 @@ def test_checkpoint_puts_back_the_buffers_of_modules_a_model_runs_in_its_own_thr
     for name, value in buffers["autograd"].items():
         assert torch.equal(buffers["checkpoint"][name], value), name
     torch.testing.assert_close(grads["checkpoint"], grads["autograd"], rtol=1e-10, atol=0)
+
+
+# -- 5. a learned encoder fitted with per-sample labels says why it refuses others -----------------------------------
+
+
+def test_learned_encoder_fitted_per_sample_says_it_holds_those_rows():
+    from test_calibration_rows import BATCH, VARIED, _conditional, _images
+
+    flow, images = _conditional(), _images()
+    learned = fd.learn_encoder(flow, images, nfe=4, iterations=1, model_kwargs=VARIED)
+    learned.encode(flow, images, model_kwargs=VARIED)  # the rows it was fitted with
+    others = {"scale": torch.linspace(0.25, 0.45, BATCH)}
+    for images_given, kw in ((images, others), (images[:2], {"scale": VARIED["scale"][:2]})):
+        with pytest.raises(ValueError, match=r"this learned encoder was fitted on the flow .*holds those rows, in that "
+                                             r"order, and takes no others \(the model_kwargs given hold rows: scale: "
+                                             rf"\({images_given.shape[0]},\)\).*learn_encoder\(flow, images, "
+                                             r"model_kwargs=\.\.\.\).*label given once"):
+            learned.encode(flow, images_given, model_kwargs=kw)
+    # what the message offers: one fitted with the conditioning given once takes any number of images with it
+    once = fd.learn_encoder(flow, images, nfe=4, iterations=1, model_kwargs={"scale": torch.tensor(0.3)})
+    once.encode(flow, images[:2], model_kwargs={"scale": torch.full((2,), 0.3)})
+    once.encode(flow, images[:5], model_kwargs={"scale": torch.tensor(0.3)})
+    # fitted unconditionally: the message says so
+    plain_flow = Gaussian(torch.linspace(-0.3, 0.3, 4), 0.5).flow()
+    plain = fd.learn_encoder(plain_flow, images, nfe=4, iterations=1)
+    with pytest.raises(ValueError, match=r"fitted on this flow without model_kwargs \(unconditionally\): encode "
+                                         "without them"):
+        plain.encode(plain_flow, images, model_kwargs={"class_labels": torch.arange(BATCH)})

@@ -150,7 +150,22 @@ class LearnedEncoder:
     def check(self, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> None:
         """Raise ``ValueError`` unless this encoder was fitted on ``flow`` (with ``model_kwargs``)."""
         check_fingerprint(self.fingerprint, flow, model_kwargs, "this learned encoder was fitted",
-                          "fit it again with flowdiff.learn_encoder")
+                          self._refit_advice(flow, model_kwargs))
+
+    def _refit_advice(self, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None) -> str:
+        """What to do when :meth:`check` refuses: the fingerprint covers the conditioning's values, so an encoder
+        fitted with per-sample ``model_kwargs`` (class labels, one per image) holds those rows."""
+        if model_kwargs and flow_fingerprint(flow, None) == self.fingerprint:
+            return ("it was fitted on this flow without model_kwargs (unconditionally): encode without them, or fit "
+                    "one with them with flowdiff.learn_encoder")
+        rows = [f"{key}: {tuple(value.shape)}" for key, value in (model_kwargs or {}).items()
+                if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] > 1]
+        given = f" (the model_kwargs given hold rows: {', '.join(rows)})" if rows else ""
+        return ("fit it again with flowdiff.learn_encoder on this flow. The fingerprint covers model_kwargs' values: "
+                "an encoder fitted with per-sample conditioning (class labels, one per image) holds those rows, in "
+                f"that order, and takes no others{given}; to encode other images or labels, fit one on them "
+                "(learn_encoder(flow, images, model_kwargs=...)), or one per class with its label given once (a 0-d "
+                "tensor), which takes any number of that class's images")
 
     def save(self, path: str | Path) -> Path:
         """Write the encoder (σ and shifts as exact float hex strings) and what it was fitted for as JSON."""
