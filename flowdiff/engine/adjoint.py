@@ -526,8 +526,8 @@ class _Owner:
     that runs its own layers in threads it starts, or in a pool) and of the replicas ``nn.DataParallel`` runs in a
     thread started meanwhile. Another thread's solve (a server's next request) runs its own model, not a submodule of
     ours, and keeps its buffers: taken, they were put back under it and our steps' values replayed there (a gradient
-    41% off, silently). A model shared by solves that run at once in several threads is everyone's: its buffers are
-    not replayed per solve."""
+    41% off, silently). A model shared by differentiated solves running at once in several threads is counted as each
+    one's (its calls cannot be told apart): give each thread its own copy where the model changes its buffers."""
 
     def __init__(self) -> None:
         self.holder = threading.get_ident()
