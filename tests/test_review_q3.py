@@ -29,6 +29,8 @@ def test_one_step_to_sigma_max_converges_at_the_states_rounding(unit_gaussian, m
     assert enc.sigmas[-1] == flow.schedule.sigma_max and enc.sigmas[0] == 0.0
     assert_fixed_point_converged(enc)
     assert enc.stats.extra["unconverged"] == []
+    if method == "hybrid":  # Anderson's iterate meets the tolerance at the state's scale: no Newton after it
+        assert enc.stats.nfe == 1 + enc.stats.extra["iterations"] and enc.stats.extra["restarts"] == 0
     smax = flow.schedule.sigma_max
     xbar = enc.x * (1 + smax**2) ** 0.5
     # the exact preimage (to rounding times its condition number 1 + σ² ≈ 2.5·10⁴), and the plain one-step decode

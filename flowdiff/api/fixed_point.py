@@ -142,6 +142,18 @@ class FixedPointInverse(Solver):
         self.sample_residuals: Tensor | None = None
         self.restarts = 0
 
+    @staticmethod
+    def _ratio(x: Tensor, scale: Tensor) -> Tensor:
+        """Per sample, max|x̄_b| / max(1 + |x̄_a|), at least 1. The residual is relative to 1 + |x̄_a| but computed
+        from x̄_b and Ψ(x̄_b), whose rounding grows with the state: where the preimage is much larger than the image
+        (one step from σ = 0 to σ_max) that rounding alone exceeds the default tol, which this ratio times it
+        (the same count of machine epsilons at the state's scale) does not."""
+        return (x.detach().abs().flatten(1).amax(1).double() / scale.flatten(1).amax(1).double()).clamp_min(1.0)
+
+    def _limit(self, x: Tensor, scale: Tensor) -> Tensor | float:
+        """The residual a sample at ``x`` must reach: ``tol``, or with the default one, ``tol`` at the state's scale."""
+        return self.tol if self.tol_given else self.tol * self._ratio(x, scale)
+
     def step(self, f: Any, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
         s_a, s_b, x_a = t0, t1, y0
         field = _Watch(f)
@@ -169,7 +181,7 @@ class FixedPointInverse(Solver):
             x, res, it = mixed.y, mixed.residual, mixed.iterations
             k_b = field.seen if mixed.last_is_best else None
             exhausted = method == "anderson" and it >= max_iter
-        if method == "newton" or (method == "hybrid" and not bool((res <= tol).all())):
+        if method == "newton" or (method == "hybrid" and not bool((res <= self._limit(x, scale)).all())):
             guesses = [guess, x_a] if method == "newton" else [x, guess, x_a]
             root = solvers.newton_krylov(lambda y: step(y) - x_a, guesses, scale=scale, tol=tol, max_iter=max_iter,
                                          krylov_dim=self.krylov_dim, eps=self.eps_floor)
@@ -180,11 +192,7 @@ class FixedPointInverse(Solver):
         if self.check_finite and not bool(torch.isfinite(res).all()):
             raise StepFailure("fixed-point inversion, {where}: the residual is not finite (the model returned NaN/inf "
                               "or the iteration diverged)")
-        # The residual is relative to 1 + |x̄_a|, but it is computed from x̄_b and Ψ(x̄_b), whose rounding scales
-        # with the state: where the preimage is much larger than the image (one step from σ = 0 to σ_max) that
-        # rounding alone exceeds tol. `floor` is the default tolerance measured at the state's scale instead,
-        # max|x̄_b| / max(1 + |x̄_a|) times it: what rounding allows this sample.
-        ratio = (x.detach().abs().flatten(1).amax(1).double() / scale.flatten(1).amax(1).double()).clamp_min(1.0)
+        ratio = self._ratio(x, scale)
         floor = self.rounding_tol * ratio
         at_floor = ~(res <= tol) & (res <= floor)
         if not self.tol_given and bool(at_floor.any()):  # the default tol is met at the state's scale:
