@@ -209,6 +209,7 @@ def test_startup_order_keeps_the_tolerance_and_counts_every_evaluation(name):
 
     gauss, noise = _setup()
     ramped = dataclasses.replace(MULTISTEP_CONTROLLER, startup_order=True)
+    assert ramped == StepController(factor_max=2.5, startup_order=True)  # as README spells it
     s_max = gauss.schedule.sigma_max
     exact = gauss.solution(noise * (1 + s_max**2) ** 0.5, s_max, 0.0)
     tols, errs = [1e-3, 1e-4, 1e-5, 1e-6], []
