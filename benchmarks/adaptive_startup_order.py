@@ -13,12 +13,16 @@ tightest target), on the same noise and references:
 * ``--tols a,b,…``: every tolerance given, no stop (NFE and RMSE per run: the trained model's scatter);
 * ``--heldout``: ``adaptive_heldout.py`` (each side's setting chosen on seeds 1–3, run on 4–6) with ``startup_order``
   in flowdiff's multistep controller, i.e. in both of its sweeps (the k-diffusion side is unchanged);
-* ``--bench ARGS``: ``bench_adaptive.py ARGS`` (e.g. ``--quick --models digits --seed 3 --targets 1e-3``) likewise.
+* ``--bench ARGS``: ``bench_adaptive.py ARGS`` (e.g. ``--quick --models digits --seed 3 --targets 1e-3``) likewise;
+* ``--trace MODEL,SEED,TOL``: the first steps tried by one solve of each controller — σ₀ → σ₁, the step h in ρ = 1/σ,
+  the error ratio r (the image norm times the step's weight; accepted when ≤ 1) and, between two tries of one step,
+  the growth exponent log(r₁/r₂)/log(h₁/h₂) the controller would need to know.
 
 Usage: cd benchmarks; PYTHONPATH=.. python adaptive_startup_order.py [--models mixture,patches] [--seeds 0,1,2,3]
        [--targets 1e-3,1e-4] [--tols …] [--out FILE]
        PYTHONPATH=.. python adaptive_startup_order.py --heldout [adaptive_heldout.py's arguments]
        PYTHONPATH=.. python adaptive_startup_order.py --bench [bench_adaptive.py's arguments]
+       PYTHONPATH=.. python adaptive_startup_order.py --trace patches,0,5e-3 [--out FILE]
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import platform
 import sys
 import time
@@ -72,6 +77,40 @@ def sweep(flow, noise, ref, controller, tols, targets, stop=True) -> tuple[dict,
     return best, rejected, points
 
 
+def trace(key: str, seed: int, tol: float, controller, steps: int = 8) -> list[str]:
+    """The first ``steps`` steps tried by one solve: rows of σ₀, σ₁, h, r, accepted, and the measured exponent."""
+    import solvers._integrate as integrate
+
+    flow = {"mixture": mixture_flow, "patches": patch_flow, "digits": trained_flow}[key]()
+    noise = torch.randn(16, *noise_shape(key), dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    judge, tried = integrate._ErrorRun.judge, []
+
+    def recording(self, result, y0, t1):
+        t = self.t
+        ratio = float(self.norm(result.error, y0, result.y, t1))
+        if self.spec.step_weight is not None:
+            ratio *= self.spec.step_weight(t, t1)
+        accepted = judge(self, result, y0, t1)
+        tried.append((t, t1, self.h_used, ratio, accepted))
+        return accepted
+
+    integrate._ErrorRun.judge = recording
+    try:
+        with torch.no_grad():
+            r = flowdiff.generate(flow, noise, solver=solvers.get("unipc", order=3),
+                                  adaptive=flowdiff.Adaptive(rtol=tol, atol=tol, controller=controller))
+    finally:
+        integrate._ErrorRun.judge = judge
+    rows = [f"NFE {r.stats.nfe}, rejected {r.stats.rejected}", "", "| σ₀ → σ₁ | h (in ρ) | r | | exponent |",
+            "|---|---:|---:|---|---:|"]
+    for i, (t0, t1, h, ratio, accepted) in enumerate(tried[:steps]):
+        grow = ""
+        if i and tried[i - 1][0] == t0 and not tried[i - 1][4]:  # a retry of the step before
+            grow = f"{math.log(tried[i - 1][3] / ratio) / math.log(tried[i - 1][2] / h):.2f}"
+        rows.append(f"| {1 / t0:.4g} → {1 / t1:.4g} | {h:.4g} | {ratio:.3g} | {'ok' if accepted else '✗'} | {grow} |")
+    return rows
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in ("--heldout", "--bench"):
         import adaptive_heldout
@@ -90,6 +129,14 @@ def main() -> None:
                 fh.write("With `StepController(startup_order=True)` as flowdiff's multistep controller: `cd "
                          f"benchmarks; PYTHONPATH=.. python adaptive_startup_order.py {' '.join(given)}`, which ran:"
                          f"\n\n{text}")
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--trace":
+        key, seed, tol = sys.argv[2].split(",")
+        lines = [f"`cd benchmarks; PYTHONPATH=.. python adaptive_startup_order.py --trace {sys.argv[2]}` — adaptive "
+                 f"unipc(order=3), tol {tol}, {key} seed {seed}, float64, batch 16: the first steps tried.", ""]
+        for name, controller in CONTROLLERS.items():
+            lines += [f"**{name}**: ", *trace(key, int(seed), float(tol), controller), ""]
+        write_report(lines, sys.argv[4] if sys.argv[3:4] == ["--out"] else None)
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="mixture,patches")
