@@ -19,7 +19,7 @@ tightest target), on the same noise and references:
   the growth exponent log(r₁/r₂)/log(h₁/h₂) the controller would need to know.
 
 Usage: cd benchmarks; PYTHONPATH=.. python adaptive_startup_order.py [--models mixture,patches] [--seeds 0,1,2,3]
-       [--targets 1e-3,1e-4] [--tols …] [--out FILE]
+       [--targets 1e-3,1e-4] [--tols …] [--controllers shipped,startup_order,pi,pi+startup_order] [--out FILE]
        PYTHONPATH=.. python adaptive_startup_order.py --heldout [adaptive_heldout.py's arguments]
        PYTHONPATH=.. python adaptive_startup_order.py --bench [bench_adaptive.py's arguments]
        PYTHONPATH=.. python adaptive_startup_order.py --trace patches,0,5e-3 [--out FILE]
@@ -43,8 +43,13 @@ import flowdiff
 import flowdiff.api.adaptive as adaptive
 import solvers
 
+#: ``pi``: Hairer's PI controller (exponents 0.7/k on the newest ratio, 0.4/k on the previous one; Gustafsson's
+#: form), for comparison, with and without the field.
 CONTROLLERS = {"shipped": adaptive.MULTISTEP_CONTROLLER,
-               "startup_order": dataclasses.replace(adaptive.MULTISTEP_CONTROLLER, startup_order=True)}
+               "startup_order": dataclasses.replace(adaptive.MULTISTEP_CONTROLLER, startup_order=True),
+               "pi": dataclasses.replace(adaptive.MULTISTEP_CONTROLLER, icoeff=0.7, pcoeff=0.4),
+               "pi+startup_order": dataclasses.replace(adaptive.MULTISTEP_CONTROLLER, icoeff=0.7, pcoeff=0.4,
+                                                       startup_order=True)}
 
 
 @contextlib.contextmanager
@@ -143,13 +148,18 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--targets", default="1e-3,1e-4")
     parser.add_argument("--tols", default=None, help="comma-separated tolerances, each run (no stop)")
+    parser.add_argument("--controllers", default="shipped,startup_order", help=f"of {', '.join(CONTROLLERS)}")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     targets = tuple(sorted((float(t) for t in args.targets.split(",")), reverse=True))
     tols = QUICK_TOLS if args.tols is None else sorted((float(t) for t in args.tols.split(",")), reverse=True)
     torch.set_num_threads(1)
     started = time.perf_counter()
-    given = "" if args.tols is None else f" --tols {args.tols}"
+    unknown = set(args.controllers.split(",")) - set(CONTROLLERS)
+    if unknown:
+        parser.error(f"--controllers: unknown {sorted(unknown)}; accepted: {', '.join(CONTROLLERS)}")
+    given = ("" if args.tols is None else f" --tols {args.tols}") + (
+        "" if args.controllers == "shipped,startup_order" else f" --controllers {args.controllers}")
     lines = [f"`cd benchmarks; PYTHONPATH=.. python adaptive_startup_order.py --models {args.models} --seeds "
              f"{args.seeds} --targets {args.targets}{given}` — {platform.machine()}, torch {torch.__version__}, 1 "
              "thread, float64, batch 16; adaptive unipc(order=3), rtol = atol = tol over "
@@ -164,7 +174,8 @@ def main() -> None:
             noise = torch.randn(16, *noise_shape(key), dtype=torch.float64,
                                 generator=torch.Generator().manual_seed(seed))
             ref = reference(flow, noise, cache_key=key)[0]
-            for name, controller in CONTROLLERS.items():
+            for name in args.controllers.split(","):
+                controller = CONTROLLERS[name]
                 best, rejected, points = sweep(flow, noise, ref, controller, tols, targets, stop=args.tols is None)
                 cells = " | ".join("not reached" if best[t] is None else str(best[t]) for t in targets)
                 lines.append(f"| {key} | {seed} | {name} | {cells} | {rejected} | {'; '.join(points)} |")
