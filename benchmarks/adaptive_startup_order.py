@@ -64,22 +64,22 @@ def startup_order_by_default():
         adaptive.MULTISTEP_CONTROLLER = saved
 
 
-def sweep(flow, noise, ref, controller, tols, targets, stop=True) -> tuple[dict, int, list[str]]:
-    """(fewest NFE per target or None, rejected steps over the runs, 'tol: NFE, rejected, RMSE' of each run)."""
-    best, rejected, points = dict.fromkeys(targets), 0, []
+def sweep(flow, noise, ref, controller, tols, targets, stop=True) -> tuple[dict, int, list[tuple]]:
+    """(fewest NFE per target or None, rejected steps over the runs, (tol, NFE, rejected, RMSE) of each run)."""
+    best, rejected, runs = dict.fromkeys(targets), 0, []
     for tol in tols:
         with torch.no_grad():
             r = flowdiff.generate(flow, noise, solver=solvers.get("unipc", order=3),
                                   adaptive=flowdiff.Adaptive(rtol=tol, atol=tol, controller=controller))
         e = rmse(r.x, ref)
         rejected += r.stats.rejected
-        points.append(f"{tol:g}: {r.stats.nfe}, {r.stats.rejected}, {e:.1e}")
+        runs.append((tol, r.stats.nfe, r.stats.rejected, e))
         for t in targets:
             if e <= t and (best[t] is None or r.stats.nfe < best[t]):
                 best[t] = r.stats.nfe
         if stop and e <= min(targets):
             break
-    return best, rejected, points
+    return best, rejected, runs
 
 
 def trace(key: str, seed: int, tol: float, controller, steps: int = 8) -> list[str]:
@@ -176,7 +176,8 @@ def main() -> None:
             ref = reference(flow, noise, cache_key=key)[0]
             for name in args.controllers.split(","):
                 controller = CONTROLLERS[name]
-                best, rejected, points = sweep(flow, noise, ref, controller, tols, targets, stop=args.tols is None)
+                best, rejected, runs = sweep(flow, noise, ref, controller, tols, targets, stop=args.tols is None)
+                points = [f"{tol:g}: {nfe}, {rej}, {e:.1e}" for tol, nfe, rej, e in runs]
                 cells = " | ".join("not reached" if best[t] is None else str(best[t]) for t in targets)
                 lines.append(f"| {key} | {seed} | {name} | {cells} | {rejected} | {'; '.join(points)} |")
                 print(lines[-1], flush=True)
