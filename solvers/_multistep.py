@@ -220,7 +220,8 @@ class Adams(Solver):
 
     def error_order_at(self, t0: float, state: Any) -> int:
         """The order of the predictor of the step from ``t0`` with carried ``state``: the number of derivatives
-        it is built on, ``order`` once the history holds that many (1 for the first step, 2 for the second, …).
+        it is built on (1 for the first step, 2 for the second, …), up to ``steps_order`` (the order the method
+        was made with; in PEC mode ``order`` is one more).
         Milne's estimate of that step is the predictor's local error, O(hⁿ⁺¹). No evaluation; a
         :class:`solvers.StepController` with ``startup_order=True`` asks it before each step."""
         if isinstance(state, History):
