@@ -260,6 +260,15 @@ class StepController:
     The new step is ``h * safety * r**(-icoeff/k) * r_prev**(pcoeff/k)`` with ``k`` the
     error estimate's order + 1 and ``r`` the scaled error, clipped to ``[factor_min, factor_max]``
     and to ``[min_step, max_step]`` in magnitude.
+
+    ``startup_order`` takes ``k`` from the order of the estimate each step actually had, where the
+    solver says it (``error_order_at``: a multistep method's first steps have fewer derivatives behind
+    them — Milne's estimate of a predictor through n of them is O(hⁿ⁺¹), n = 1, 2, … up to its order),
+    instead of the method's full order. A rejected first step is then retried at the step its estimate's
+    own growth calls for (the ratio r shrinks like h², not h⁴, for ``unipc(order=3)``), instead of being
+    shrunk too little and rejected again. Off by default (see ``benchmarks/RESULTS.md``, issue 26 item 3,
+    engineer K3: fewer rejections and evaluations on the closed-form models, while the trained digits
+    model's met cells are redrawn).
     """
 
     safety: float = 0.9
@@ -269,8 +278,11 @@ class StepController:
     factor_max: float = 10.0
     min_step: float = 0.0
     max_step: float = math.inf
+    startup_order: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.startup_order, bool):
+            raise TypeError(f"startup_order must be True or False, got {self.startup_order!r}")
         if not 0 < self.safety <= 1:
             raise ValueError(f"safety must be in (0, 1], got {self.safety}")
         if not 0 < self.factor_min < 1 < self.factor_max:
@@ -390,6 +402,9 @@ class _ErrorRun(_Run):
         self.norm = spec.norm if spec.norm is not None else rms_norm(spec.rtol, spec.atol)
         self.controller = spec.controller if spec.controller is not None else StepController()
         self.k = min(solver.order, getattr(solver, "error_order", solver.order - 1)) + 1
+        # the order of each step's own estimate, where the controller asks for it and the solver knows it
+        self.order_at = getattr(solver, "error_order_at", None) if self.controller.startup_order else None
+        self.k_step = self.k
         t0, t1 = float(spec.t0), float(spec.t1)
         self.t, self.t_end = t0, t1
         self.direction = 1.0 if t1 > t0 else -1.0
@@ -431,6 +446,8 @@ class _ErrorRun(_Run):
                 err.what = "the first step's size estimate"
                 raise
         t, h = self.t, self.h
+        if self.order_at is not None:
+            self.k_step = min(self.order_at(t, state), self.k - 1) + 1
         t_next = t * math.exp(self.log_dir * h) if self.log else t + self.direction * h
         if self.direction * (t_next - self.t_end) >= 0 or abs(self.t_end - t_next) < 1e-12 * self.span:
             t_next = self.t_end
@@ -449,7 +466,7 @@ class _ErrorRun(_Run):
                 raise ValueError(f"step_weight({t!r}, {t1!r}) must be a finite number > 0, got {weight!r}")
             ratio *= weight
         self.h_used = abs(math.log(t1 / t)) if self.log else abs(t1 - t)
-        factor = self.controller.factor(ratio, self.prev_ratio, self.k)
+        factor = self.controller.factor(ratio, self.prev_ratio, self.k_step)
         accepted = ratio <= 1.0 or self.h_used <= self.controller.min_step
         if accepted:
             self.t = t1

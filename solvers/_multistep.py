@@ -218,6 +218,20 @@ class Adams(Solver):
         """``f(t₀, y₀)`` unless the state holds it, plus the corrector's evaluation at the predicted point."""
         return (0 if isinstance(state, Derivative) and state.t == t0 else 1) + (1 if self.corrector else 0)
 
+    def error_order_at(self, t0: float, state: Any) -> int:
+        """The order of the predictor of the step from ``t0`` with carried ``state``: the number of derivatives
+        it is built on (1 for the first step, 2 for the second, …), up to ``steps_order`` (the order the method
+        was made with; in PEC mode ``order`` is one more).
+        Milne's estimate of that step is the predictor's local error, O(hⁿ⁺¹). No evaluation; a
+        :class:`solvers.StepController` with ``startup_order=True`` asks it before each step."""
+        if isinstance(state, History):
+            held = 1 + len(state.past) + (0 if state.t == t0 else 1)  # f(t₀, y₀) is added when not held
+        elif isinstance(state, Derivative):
+            held = 1 if state.t == t0 else 2
+        else:
+            held = 1
+        return min(held, self.steps_order)
+
     def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
         hist = _history_at(f, t0, y0, state, self.steps_order)
         ts, ks = hist.newest(self.steps_order)

@@ -142,3 +142,88 @@ def test_step_weight_of_the_wrong_kind_is_refused():
     y0 = torch.ones(2, dtype=torch.float64)
     with pytest.raises(SolveError, match=r"step_weight\(0.0, .*\) must be a finite number > 0, got -1.0"):
         integrate(_decay, y0, "bosh3", ErrorControl(0.0, 1.0, step_weight=lambda t0, t1: -1.0))
+
+
+def _ramp(t, y):
+    return torch.full_like(y, t)
+
+
+@pytest.mark.parametrize("startup_order", [False, True])
+def test_startup_order_retries_a_rejected_first_step_where_its_estimate_says(startup_order):
+    """y' = t from y(0) = 0 with ``abm``: the first step's predictor is Euler, its corrector the trapezoid (exact
+    here), so Milne's estimate is h²/2 exactly and, with a pure absolute tolerance, the ratio is r = h²/(2·atol).
+    A first step at r = 16 is retried at h·0.9·16^(-1/k): with ``startup_order`` k = 2 (the first step's estimate
+    is of order 1), which lands at r = 0.81 and is accepted after one rejection; with the method's k = 4 it is
+    shrunk too little and rejected again. Every evaluation is counted either way."""
+    from solvers import ErrorControl, integrate
+
+    h0, calls = 0.5, []
+    atol = h0**2 / 32  # r(h0) = 16
+
+    def f(t, y):
+        calls.append(t)
+        return _ramp(t, y)
+
+    controller = StepController(startup_order=startup_order)
+    sol = integrate(f, torch.zeros(3, dtype=torch.float64), "abm",
+                    ErrorControl(0.0, 4.0, rtol=0.0, atol=atol, first_step=h0, controller=controller))
+    assert sol.stats.nfe == len(calls)
+    assert sol.stats.steps == sol.stats.accepted + sol.stats.rejected
+    first = sol.ts[1]
+    if startup_order:
+        assert first == pytest.approx(h0 * 0.9 / 4, rel=1e-12)  # safety · 16^(-1/2)
+        assert (first**2 / (2 * atol)) == pytest.approx(0.81, rel=1e-12)
+    rejected_first = sol.stats.rejected  # later steps: AB2 is exact for y' = t, no rejection
+    assert rejected_first == (1 if startup_order else 3)
+    assert torch.allclose(sol.y, torch.full((3,), 8.0, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_startup_order_is_the_history_a_step_is_built_on():
+    """``Adams.error_order_at(t0, state)``: the derivatives the step from t0 will use (f(t0, y0) counted once,
+    whether the state holds it or the step evaluates it), capped at the method's order."""
+    import solvers
+    from solvers import Derivative
+    from solvers._multistep import History
+
+    unipc = solvers.get("unipc", order=3)
+    k = torch.zeros(2)
+    assert unipc.error_order_at(0.0, None) == 1
+    assert unipc.error_order_at(0.0, Derivative(0.0, k)) == 1
+    assert unipc.error_order_at(1.0, Derivative(0.0, k)) == 2
+    assert unipc.error_order_at(1.0, History.of(1.0, k, ((0.0, k),))) == 2
+    assert unipc.error_order_at(2.0, History.of(1.0, k, ((0.0, k),))) == 3
+    assert unipc.error_order_at(3.0, History.of(2.0, k, ((1.0, k), (0.0, k)))) == 3
+    assert solvers.get("unipc", order=2).error_order_at(3.0, History.of(2.0, k, ((1.0, k), (0.0, k)))) == 2
+
+
+@pytest.mark.parametrize("name", ["unipc", "abm"])
+def test_startup_order_keeps_the_tolerance_and_counts_every_evaluation(name):
+    """With ``startup_order`` the image still tracks the tolerance (within the factor ``tests/test_adaptive.py``
+    states for these methods, slope > 0.5 over three decades) and every evaluation, rejected steps' included, is
+    counted."""
+    import dataclasses
+
+    import numpy as np
+
+    from flowdiff.api.adaptive import MULTISTEP_CONTROLLER
+
+    gauss, noise = _setup()
+    ramped = dataclasses.replace(MULTISTEP_CONTROLLER, startup_order=True)
+    assert ramped == StepController(factor_max=2.5, startup_order=True)  # as README spells it
+    s_max = gauss.schedule.sigma_max
+    exact = gauss.solution(noise * (1 + s_max**2) ** 0.5, s_max, 0.0)
+    tols, errs = [1e-3, 1e-4, 1e-5, 1e-6], []
+    for tol in tols:
+        flow, calls = counting(gauss.flow())
+        r = flowdiff.generate(flow, noise, solver=name, adaptive=flowdiff.Adaptive(rtol=tol, atol=tol,
+                                                                                 controller=ramped))
+        assert r.stats.nfe == len(calls)
+        assert r.stats.steps == r.stats.accepted + r.stats.rejected
+        errs.append(float((r.x - exact).pow(2).mean().sqrt()))
+        assert tol / 100 < errs[-1] < 5 * tol, (name, tol, errs[-1])
+    assert np.polyfit(np.log(tols), np.log(errs), 1)[0] > 0.5, errs
+
+
+def test_startup_order_must_be_a_bool():
+    with pytest.raises(TypeError, match="startup_order must be True or False, got 1"):
+        StepController(startup_order=1)
