@@ -11,9 +11,13 @@ import numpy as np
 import pytest
 import torch
 from _cli_runs import one_line, run_in, write_digits
+from _ranks import AllWorkRank0
 from hypothesis import given, settings
 
+import flowdiff as fd
 from flowdiff.models.analytic import Gaussian
+from flowdiff.runs import distributed
+from flowdiff.runs.distributed import Ranks
 from flowdiff.tools import metrics
 from flowdiff.tools import testing as ft
 
@@ -135,3 +139,62 @@ def test_a_float_tiff_with_nan_pixels_is_refused_naming_the_file(capsys, tmp_pat
     code, _, err = run_in(capsys, argv, tmp_path)
     line = one_line(err)
     assert code == 1 and "bad.tif" in line and "NaN or infinite" in line, line
+
+
+# -- compare: budgets as NumPy gives them, and the split over processes ------------------------------------------
+
+def _gaussian_problem():
+    flow = Gaussian(torch.zeros(1, 2, 2), torch.linspace(0.05, 1.0, 4)).flow()
+    noise = torch.randn(2, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    return flow, noise, fd.reference_solution(flow, noise, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("nfe", [np.arange(3, 7, 3), np.int64(3)])
+def test_compare_takes_numpy_budgets(nfe):
+    """`compare(..., nfe=np.arange(5, 30, 5))` was refused as "nfe budgets must be positive ints, got np.int64(5)"
+    and `nfe=np.int64(10)` was "TypeError: 'numpy.int64' object is not iterable", while `generate(nfe=np.int64(10))`
+    runs; `keep_images=np.int64(2)` was refused too."""
+    flow, noise, ref = _gaussian_problem()
+    got = fd.compare(flow, noise, solvers="euler", grids="logsnr", nfe=nfe, reference=ref, keep_images=np.int64(1))
+    want = fd.compare(flow, noise, solvers="euler", grids="logsnr", nfe=[int(b) for b in np.atleast_1d(nfe)],
+                      reference=ref, keep_images=1)
+    assert [(r.budget, r.nfe, r.rms_error) for r in got.runs] == [(r.budget, r.nfe, r.rms_error) for r in want.runs]
+    assert all(type(r.budget) is int for r in got.runs) and list(got.images) == list(want.images)
+
+
+@pytest.mark.parametrize("nfe", ["10", 2.0])
+def test_compare_names_a_budget_that_is_no_int(nfe):
+    flow, noise, ref = _gaussian_problem()
+    with pytest.raises((TypeError, ValueError), match="nfe"):
+        fd.compare(flow, noise, solvers="euler", grids="logsnr", nfe=nfe, reference=ref)
+
+
+def test_distributed_compare_has_the_one_process_table_for_repeated_and_unsorted_lists():
+    """`distributed.compare(..., grids=["logsnr", "logsnr"], nfe=[6, 3, 6])` ran every repeat: 12 rows where
+    `flowdiff.compare` has 4 (it keeps each grid and budget once, budgets sorted), in another order — the "same rows,
+    in the same order" its docstring promises were not."""
+    flow, noise, ref = _gaussian_problem()
+    kwargs = dict(solvers=["euler", "heun", "euler"], grids=["logsnr", "logsnr"], nfe=[6, 3, 6], reference=ref)
+    one = fd.compare(flow, noise, **kwargs)
+    split = distributed.compare(flow, noise, ranks=AllWorkRank0(0, 2), **kwargs)
+    assert [(r.solver, r.grid, r.budget, r.rms_error) for r in split.runs] == \
+        [(r.solver, r.grid, r.budget, r.rms_error) for r in one.runs]
+    assert len(one.runs) == 4
+
+
+@pytest.mark.parametrize("bad, says", [({"rtol": -1.0}, "rtol"), ({"keep_images": -1}, "keep_images"),
+                                       ({"nfe": [0]}, "nfe")])
+def test_distributed_compare_refuses_on_every_rank_before_any_exchange(bad, says):
+    """`rtol=-1` (or keep_images=-1) was refused by rank 0 alone, inside its reference solve (or its runs), while
+    the other ranks waited in the broadcast: under torchrun they ended with gloo's "Connection closed by peer"."""
+    flow, noise, _ = _gaussian_problem()
+
+    class Rank1(Ranks):
+        def broadcast(self, obj):
+            raise AssertionError("rank 1 reached an exchange before refusing the arguments")
+
+        all_gather = gather = broadcast
+
+    kwargs = {"solvers": "euler", "grids": "logsnr", "nfe": [3], **bad}
+    with pytest.raises(ValueError, match=says):
+        distributed.compare(flow, noise, ranks=Rank1(1, 2), **kwargs)

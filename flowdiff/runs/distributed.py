@@ -24,14 +24,21 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from solvers import available
+
 from ..api.roundtrip import encoders
 from ..engine.flow import ProbabilityFlow
+from ..engine.grids import GRIDS
 from ..tools.compare import (
     DEFAULT_GRIDS,
     DEFAULT_NFE,
+    TUNED_GRIDS,
     Comparison,
     Reference,
+    _check_budgets,
+    _check_keep,
     _check_names,
+    _check_noise,
     _learned_label,
     _split_solvers,
     default_grids,
@@ -42,6 +49,7 @@ from ..tools.compare import (
 from ..tools.compare import compare as _compare_one
 from ..tools.learned import LearnedSolver
 from ..tools.peers import check_peers
+from ..tools.reference import check_tolerance
 from ..tools.report import shown_images
 
 T = TypeVar("T")
@@ -202,11 +210,24 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
     if not ranks.distributed:
         return _compare_one(flow, noise, solvers=solvers, grids=grids, nfe=nfe, reference=reference,
                             progress=progress, peers=peers, keep_images=keep_images, **kwargs)
+    # flowdiff.compare's checks, on every rank before any exchange: its table's budgets (sorted, each once), grids and
+    # solvers (each once), so that the jobs are its runs in its order; a refusal is raised by every rank alike
+    budgets = _check_budgets(nfe)
     default = encoders() if task == "roundtrip" else default_solvers()
-    names, learned = _named_and_learned(default if solvers is None else solvers, task, flow, model_kwargs, nfe)
+    names, learned = _named_and_learned(default if solvers is None else solvers, task, flow, model_kwargs, budgets)
     if grids is None:  # the defaults of flowdiff.compare for this task (with stored tuned grids where they cover it)
-        grids = DEFAULT_GRIDS if task == "roundtrip" else default_grids(flow, names, _budgets(nfe), model_kwargs)
-    jobs: list[tuple[Any, ...]] = [(s, g, b) for s in names for g in _listed(grids) for b in _budgets(nfe)]
+        grids = DEFAULT_GRIDS if task == "roundtrip" else default_grids(flow, names, budgets, model_kwargs)
+    grids = _check_names(grids, "grids", GRIDS if task == "roundtrip" else (*GRIDS, *TUNED_GRIDS))
+    keep_images = _check_keep(keep_images)
+    if task != "roundtrip":
+        if not isinstance(noise, Tensor) or not noise.is_floating_point():
+            raise TypeError(f"noise must be a floating-point torch.Tensor, got "
+                            f"{noise.dtype if isinstance(noise, Tensor) else type(noise).__name__}")
+        _check_noise(noise)
+        for name in ("rtol", "atol"):
+            if name in options:
+                check_tolerance(name, options[name])
+    jobs: list[tuple[Any, ...]] = [(s, g, b) for s in names for g in grids for b in budgets]
     jobs += [(fitted,) for fitted in learned]  # one job each, after the named runs as in flowdiff.compare's table
     if task != "roundtrip" and reference is None:
         if ranks.is_main:
@@ -230,7 +251,7 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
             (fitted,) = jobs[index]
             if progress is not None:
                 progress(f"{_learned_label(fitted)}/NFE {fitted.nfe}")
-            part = _compare_one(flow, noise, solvers=[fitted], grids=_listed(grids), nfe=_budgets(nfe),
+            part = _compare_one(flow, noise, solvers=[fitted], grids=grids, nfe=budgets,
                                 reference=reference, **kwargs)
         else:
             solver, grid, budget = jobs[index]
@@ -283,7 +304,7 @@ def _peers_on_main(result: Comparison, ranks: Ranks, flow: ProbabilityFlow, nois
 
 def _named_and_learned(solvers: Iterable[str | LearnedSolver] | str | LearnedSolver, task: str,
                        flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None,
-                       nfe: Iterable[int] | int) -> tuple[list[str], list[LearnedSolver]]:
+                       budgets: list[int]) -> tuple[list[str], list[LearnedSolver]]:
     """``solvers=`` as named solvers (a job per grid × budget) and learned ones (a job each, at its own budget and
     grid), each learned solver checked on every rank before any run as :func:`flowdiff.compare` checks it (fitted on
     this flow, at one of the budgets). A round trip's are names, which its runs check; a learned solver there is
@@ -293,13 +314,5 @@ def _named_and_learned(solvers: Iterable[str | LearnedSolver] | str | LearnedSol
         learned = [entry for entry in listed if isinstance(entry, LearnedSolver)]
         if learned:  # refused here, on every rank, with flowdiff.compare's words (it does not encode)
             _check_names(learned, "solvers", ())
-        return listed, []  # type: ignore[return-value]
-    return _split_solvers(solvers, flow, model_kwargs, _budgets(nfe))
-
-
-def _listed(values: Iterable[str] | str) -> list[str]:
-    return [values] if isinstance(values, str) else list(values)
-
-
-def _budgets(nfe: Iterable[int] | int) -> list[int]:
-    return [nfe] if isinstance(nfe, int) else list(nfe)
+        return _check_names(listed, "solvers", [*available(), "ddim_inverse"]), []  # type: ignore[arg-type]
+    return _split_solvers(solvers, flow, model_kwargs, budgets)

@@ -368,13 +368,19 @@ def _split_solvers(values: object, flow: ProbabilityFlow, model_kwargs: Mapping[
 
 
 def _check_budgets(nfe: Iterable[int] | int) -> list[int]:
-    values = [nfe] if isinstance(nfe, int) else list(nfe)
+    """The budgets as the table's columns: sorted, each once; NumPy integers (``np.arange(5, 30, 5)``) are ints."""
+    if isinstance(nfe, numbers.Integral) and not isinstance(nfe, bool):
+        values = [nfe]
+    elif isinstance(nfe, (str, bytes)) or not isinstance(nfe, Iterable):
+        raise TypeError(f"nfe must be an int or a list of ints (NFE budgets), got {type(nfe).__name__} {nfe!r}")
+    else:
+        values = list(nfe)
     if not values:
         raise ValueError("nfe must hold at least one budget")
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"nfe budgets must be positive ints, got {v!r}")
-    return sorted(set(values))
+    return sorted({int(v) for v in values})
 
 
 def _check_noise(noise: Tensor) -> None:
@@ -489,7 +495,7 @@ def compare(
         grids = default_grids(flow, names, budgets, model_kwargs)
     grid_names = _check_names(grids, "grids", (*GRIDS, *TUNED_GRIDS))
     peer_names = [] if peers is None else _peers.check_peers(peers)
-    _check_keep(keep_images)
+    keep_images = _check_keep(keep_images)
     calibration = _calibration(noise, calibration_noise) if set(grid_names) & set(TUNED_GRIDS) else None
     check_tolerance("rtol", rtol)
     check_tolerance("atol", atol)
@@ -625,9 +631,10 @@ def run_peers(result: Comparison, flow: ProbabilityFlow, noise: Tensor, peers: I
     return result
 
 
-def _check_keep(keep_images: object) -> None:
-    if isinstance(keep_images, bool) or not isinstance(keep_images, int) or keep_images < 0:
+def _check_keep(keep_images: object) -> int:
+    if isinstance(keep_images, bool) or not isinstance(keep_images, numbers.Integral) or keep_images < 0:
         raise ValueError(f"keep_images must be an int >= 0 (images of each run to keep), got {keep_images!r}")
+    return int(keep_images)
 
 
 def _compare_roundtrip(flow: ProbabilityFlow, images: Tensor | None, solvers: Iterable[str] | str | None,
