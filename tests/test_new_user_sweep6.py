@@ -18,7 +18,7 @@ import flowdiff as fd
 from flowdiff.models.analytic import Gaussian
 from flowdiff.runs import distributed
 from flowdiff.runs.distributed import Ranks
-from flowdiff.tools import metrics
+from flowdiff.tools import metrics, report
 from flowdiff.tools import testing as ft
 
 
@@ -198,3 +198,41 @@ def test_distributed_compare_refuses_on_every_rank_before_any_exchange(bad, says
     kwargs = {"solvers": "euler", "grids": "logsnr", "nfe": [3], **bad}
     with pytest.raises(ValueError, match=says):
         distributed.compare(flow, noise, ranks=Rank1(1, 2), **kwargs)
+
+
+# -- the report -----------------------------------------------------------------------------------------------
+
+def test_report_of_grey_and_alpha_states_draws_the_sample_grid(tmp_path):
+    """States of 2 channels (a grey + alpha model) stopped `write_report` inside matplotlib: "TypeError: Invalid
+    shape (3, 7, 2) for image data", after the CSV and the plots were written."""
+    flow = Gaussian(torch.zeros(2, 3, 3), torch.linspace(0.05, 1.0, 18)).flow()
+    noise = torch.randn(2, 2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    result = fd.compare(flow, noise, solvers="euler", grids="logsnr", nfe=3, keep_images=2,
+                        reference=fd.reference_solution(flow, noise, rtol=1e-6, atol=1e-6))
+    paths = report.write_report(result, tmp_path, facts={})
+    assert paths["samples"].is_file() and "![samples](samples.png)" in paths["report"].read_text()
+
+
+def test_report_of_states_of_many_channels_has_no_sample_grid(tmp_path):
+    """Eight channels were drawn as an RGB picture of the first three, without a word."""
+    flow = Gaussian(torch.zeros(8, 2, 2), torch.linspace(0.05, 1.0, 32)).flow()
+    noise = torch.randn(1, 8, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    result = fd.compare(flow, noise, solvers="euler", grids="logsnr", nfe=3, keep_images=1,
+                        reference=fd.reference_solution(flow, noise, rtol=1e-6, atol=1e-6))
+    paths = report.write_report(result, tmp_path, facts={})
+    assert "samples" not in paths and "are not images" in paths["report"].read_text()
+    with pytest.raises(ValueError, match="C = 1 to 4"):
+        report.sample_grid(result, tmp_path / "s.png")
+
+
+def test_report_where_every_run_was_skipped_says_so(tmp_path):
+    """`quadratic` at 990 steps (repeated timesteps) skipped every run: the report's "best per budget" was a table with
+    a header of one empty column, and matplotlib warned twice "No artists with labels found to put in legend"."""
+    flow, noise, ref = _gaussian_problem()
+    result = fd.compare(flow, noise, solvers="euler", grids="quadratic", nfe=990, reference=ref)
+    assert not result.runs and result.skipped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = report.write_report(result, tmp_path, facts={})
+    text = paths["report"].read_text()
+    assert "No run: every solver × grid × budget was skipped" in text and "repeats timesteps" in text

@@ -268,8 +268,9 @@ class Comparison:
         ax.set_ylabel("RMS error vs reference (image scale)")
         ax.set_title(title or "error vs NFE", fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                  ncol=2 if len(names) * len(grids) > 24 else 1)
+        if ax.get_legend_handles_labels()[0]:  # an empty legend (every run skipped) is matplotlib's warning
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                      ncol=2 if len(names) * len(grids) > 24 else 1)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
