@@ -12,9 +12,10 @@ import pytest
 import torch
 from _cli_runs import one_line, run_in, write_digits
 from _ranks import AllWorkRank0
-from hypothesis import given, settings
+from hypothesis import find, given, settings
 
 import flowdiff as fd
+from flowdiff.engine.grids import GRIDS
 from flowdiff.models.analytic import Gaussian
 from flowdiff.runs import distributed
 from flowdiff.runs.distributed import Ranks
@@ -66,6 +67,39 @@ def test_round_trip_cases_still_draw_the_options_given():
 
     collect()
     assert seen == {"euler", "heun"}
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda: ft.grid_names(exclude=["karas"]), "karas"),       # excluded nothing, silently
+    (lambda: ft.grid_names(exclude=list(GRIDS)), "leaves no grid"),
+    (lambda: ft.schedules(kinds="linear"), None),              # was the letters of 'linear', all refused
+    (lambda: ft.closed_form_models((4,), kinds=["gausian"]), "gausian"),
+    (lambda: ft.closed_form_models((4,), min_bandwidth=0.8), "min_bandwidth"),
+    (lambda: ft.round_trip_cases(kinds=["mixtures"]), "mixtures"),
+    (lambda: ft.step_counts(0, 5), "min_value"),
+])
+def test_strategies_check_their_arguments_when_built(make, says):
+    """`grid_names(exclude=["karas"])` drew karras too; `closed_form_models(kinds="gaussian")` drew the letters
+    'g', 'a', … and failed in the first example with "unknown closed-form model kind 'g'" (as a misspelt kind and a
+    min_bandwidth above 0.5 did, inside hypothesis); `step_counts(0, 5)` drew 0 steps, which every encode refuses."""
+    if says is None:
+        assert type(find(make(), lambda schedule: True)).__name__ == "Schedule"
+        return
+    with pytest.raises(ValueError, match=says):
+        make()
+
+
+def test_closed_form_models_take_one_kind_as_a_string():
+    seen = set()
+
+    @settings(max_examples=5, deadline=None, database=None)
+    @given(ft.closed_form_models((2,), kinds="gaussian"), ft.grid_names(exclude="quadratic"))
+    def collect(model, grid):
+        seen.add(type(model).__name__)
+        assert grid != "quadratic"
+
+    collect()
+    assert seen == {"Gaussian"}
 
 
 @pytest.mark.parametrize("step_list", [[4, 4], [0, 4], [2.5, 4]])

@@ -68,25 +68,40 @@ __all__ = [
 
 # -- strategies ------------------------------------------------------------------------------
 
-def schedules(*, kinds: Sequence[str] = ("linear", "scaled_linear", "cosine"),
+def _names(values: Sequence[str] | str, argument: str, accepted: Sequence[str], *, empty: bool = False) -> list[str]:
+    """``values`` as a list of names of ``accepted`` (one name may be given as a string), checked when the strategy
+    is built: a misspelt name is an error naming it, not one drawn (or, in an exclusion, one never excluded)."""
+    names = [values] if isinstance(values, str) else list(values)
+    unknown = [v for v in names if not isinstance(v, str) or v not in accepted]
+    if unknown:
+        raise ValueError(f"{argument}: unknown name(s) {unknown}; accepted: {', '.join(accepted)}")
+    if not names and not empty:
+        raise ValueError(f"{argument} must name at least one of {', '.join(accepted)}")
+    return names
+
+
+def schedules(*, kinds: Sequence[str] | str = ("linear", "scaled_linear", "cosine"),
               num_train_timesteps: Sequence[int] = (1000,)) -> st.SearchStrategy[Schedule]:
     """Noise schedules by diffusers' names (``linear``, ``scaled_linear``, ``cosine``) and training lengths."""
     makers = {"linear": Schedule.linear, "scaled_linear": Schedule.scaled_linear, "cosine": Schedule.cosine}
-    unknown = sorted(set(kinds) - set(makers))
-    if unknown:
-        raise ValueError(f"unknown schedule kind(s) {unknown}; accepted: {', '.join(makers)}")
-    return st.builds(lambda k, T: makers[k](T), st.sampled_from(list(kinds)),
-                     st.sampled_from(list(num_train_timesteps)))
+    kinds = _names(kinds, "kinds", list(makers))
+    return st.builds(lambda k, T: makers[k](T), st.sampled_from(kinds), st.sampled_from(list(num_train_timesteps)))
 
 
-def grid_names(*, exclude: Sequence[str] = ("quadratic",)) -> st.SearchStrategy[str]:
+def grid_names(*, exclude: Sequence[str] | str = ("quadratic",)) -> st.SearchStrategy[str]:
     """Named σ grids of :func:`flowdiff.make_sigmas` (``quadratic`` excluded by default: it repeats timesteps at
     large step counts)."""
-    return st.sampled_from([g for g in GRIDS if g not in exclude])
+    exclude = _names(exclude, "exclude", GRIDS, empty=True)
+    left = [g for g in GRIDS if g not in exclude]
+    if not left:
+        raise ValueError(f"exclude={exclude} leaves no grid to draw")
+    return st.sampled_from(left)
 
 
 def step_counts(min_value: int = 1, max_value: int = 50) -> st.SearchStrategy[int]:
-    """Step counts in [min_value, max_value]."""
+    """Step counts in [min_value, max_value], min_value >= 1."""
+    if isinstance(min_value, bool) or not isinstance(min_value, (int, np.integer)) or min_value < 1:
+        raise ValueError(f"min_value must be an int >= 1 (a solve takes at least one step), got {min_value!r}")
     return st.integers(min_value=min_value, max_value=max_value)
 
 
@@ -102,18 +117,27 @@ def dtypes(*, include: Sequence[torch.dtype] = (torch.float64, torch.float32)) -
     return st.sampled_from(list(include))
 
 
-@st.composite
-def closed_form_models(draw: st.DrawFn, sample_shape: tuple[int, ...], *,
-                       schedule: st.SearchStrategy[Schedule] | None = None,
-                       kinds: Sequence[str] = ("gaussian", "mixture"),
-                       min_bandwidth: float = 0.2) -> Gaussian | Mixture:
+def closed_form_models(sample_shape: tuple[int, ...], *, schedule: st.SearchStrategy[Schedule] | None = None,
+                       kinds: Sequence[str] | str = ("gaussian", "mixture"),
+                       min_bandwidth: float = 0.2) -> st.SearchStrategy[Gaussian | Mixture]:
     """A closed-form model on samples of ``sample_shape`` (without the batch dimension).
 
     ``gaussian``: N(μ, diag(v)) with μ in [−0.5, 0.5] and variances in [0.01, 0.5];
     ``mixture``: 2–8 centres in [−1, 1] with bandwidth in [min_bandwidth, 0.5]. Parameters
     are drawn from a seed so that a failing case shrinks to a small, reproducible one.
     """
-    kind = draw(st.sampled_from(list(kinds)))
+    kinds = _names(kinds, "kinds", ("gaussian", "mixture"))
+    if isinstance(min_bandwidth, bool) or not isinstance(min_bandwidth, (int, float, np.floating)) \
+            or not 0 < min_bandwidth <= 0.5:
+        raise ValueError(f"min_bandwidth must be a number in (0, 0.5] (bandwidths are drawn up to 0.5), got "
+                         f"{min_bandwidth!r}")
+    return _closed_form_models(tuple(sample_shape), schedule, kinds, float(min_bandwidth))
+
+
+@st.composite
+def _closed_form_models(draw: st.DrawFn, sample_shape: tuple[int, ...], schedule: st.SearchStrategy[Schedule] | None,
+                        kinds: list[str], min_bandwidth: float) -> Gaussian | Mixture:
+    kind = draw(st.sampled_from(kinds))
     sched = draw(schedule if schedule is not None else st.just(Schedule.linear()))
     seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
@@ -159,6 +183,7 @@ def round_trip_cases(*, solvers: Sequence[str] | str = ("reversible_heun",),
     solver does not take are a ``ValueError``/``TypeError`` naming them, not a case drawn and never run.
     """
     names, options = _check_case_solvers(solvers, solver_options)
+    kinds = _names(kinds, "kinds", ("gaussian", "mixture"))
     return _round_trip_cases(names, options, steps, grids, dtype, shapes, schedule, kinds)
 
 
