@@ -270,3 +270,36 @@ def test_report_where_every_run_was_skipped_says_so(tmp_path):
         paths = report.write_report(result, tmp_path, facts={})
     text = paths["report"].read_text()
     assert "No run: every solver × grid × budget was skipped" in text and "repeats timesteps" in text
+
+
+# -- a folder run over two processes, one of which fails -----------------------------------------------------------
+
+def test_a_rank_that_fails_is_named_by_the_others_and_their_batches_are_kept(tmp_path):
+    """`torchrun --nproc_per_node 2 -m flowdiff roundtrip --data D ...` with a bad file in rank 1's batch: rank 1 said
+    why and exited, removing the output folders its plan had made as empty; rank 0, still writing its own batch into
+    them, ended with "cannot write the image 'out/images/a.png': the folder 'out/images' does not exist" (or gloo's
+    "Connection closed by peer"), and nothing it had done was recorded. Rank 0 now finishes its batches, records
+    them and names rank 1's failure."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = tmp_path / "d"
+    data.mkdir()
+    a, c = write_digits(data, 2)
+    a.rename(data / "a.png")
+    c.rename(data / "c.png")
+    _float_tiff(data / "b.tif", np.nan)  # batch 1 of 3 (sorted: a, b, c): rank 1's
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "flowdiff",
+            "roundtrip", "--data", str(data), "--out", str(tmp_path / "out"), "--steps", "2", "--batch-size", "1"]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    said = [line for line in done.stderr.splitlines() if line.startswith("flowdiff roundtrip: error:")]
+    assert done.returncode != 0 and len(said) == 2, done.stderr[-3000:]
+    assert all("b.tif" in line and "NaN or infinite" in line for line in said), said
+    assert any("rank 1 of 2 failed" in line for line in said), said
+    records = sorted(p.name for p in (tmp_path / "out" / ".flowdiff-run").glob("batch-*.json"))
+    assert records == ["batch-000000.json", "batch-000002.json"]  # rank 0's two batches, finished and kept
+    assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == ["a.png", "c.png"]

@@ -279,14 +279,18 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
     stop = _stop_after()
     finished = 0
     progress = sys.stderr.isatty()  # a line per batch on a terminal; nothing in logs and pipes
+    failure: Exception | None = None
     for k, b in enumerate(todo):
         rels = [folder.files[i] for i in groups[b]]
         try:
             rows = _batch(args, command, loaded, dtype, device, folder, rels, out)
-        except BaseException:
-            if ranks.is_main and not resume and finished == 0:
-                _forget_unstarted(out, manifest_path)
-            raise
+        except Exception as err:
+            if not ranks.distributed:
+                if not resume and finished == 0:
+                    _forget_unstarted(out, manifest_path)
+                raise
+            failure = err  # said to the other ranks below, once every rank has stopped writing
+            break
         finished += len(rels)
         if stop is not None and finished >= stop:
             raise Stopped(f"stopped after {finished} image(s) as FLOWDIFF_STOP_AFTER={stop} asks, like a kill: batch "
@@ -295,10 +299,29 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
         if progress:
             who = f"rank {ranks.rank}: " if ranks.distributed else ""
             print(f"{who}batch {b} done ({k + 1} of {len(todo)} to do here)", file=sys.stderr, flush=True)
-    ranks.barrier()
+    if ranks.distributed:  # every rank learns whether another failed, after all have stopped writing
+        _exchange_failures(ranks, failure, lambda: not resume and _forget_unstarted(out, manifest_path))
     if not ranks.is_main:
         return 0
     return _merge(command, folder, out, run, groups)
+
+
+def _exchange_failures(ranks: Ranks, failure: Exception | None, forget: Callable[[], object]) -> None:
+    """After the batches of every rank: raise ``failure`` on the rank it happened on and, on the others, a
+    ``CommandError`` saying which rank failed and why. A failing rank used to end at once, and the others then met a
+    closed connection (gloo's "Connection closed by peer"), or wrote into the folders its exit had just removed as
+    empty ("the folder ... does not exist"), reporting that instead of the cause. The batches recorded stay
+    recorded: a rerun resumes. ``forget`` (rank 0, a new run) removes the manifest if no batch wrote anything."""
+    said = ranks.all_gather(None if failure is None else one_line(failure))
+    failed = [(rank, text) for rank, text in enumerate(said) if text is not None]
+    if not failed:
+        return
+    if ranks.is_main:
+        forget()
+    if failure is not None:
+        raise failure
+    rank, text = failed[0]
+    raise CommandError(f"rank {rank} of {ranks.world_size} failed: {text}")
 
 
 def _forget_unstarted(out: Path, manifest_path: Path) -> None:
