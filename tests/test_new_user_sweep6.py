@@ -303,3 +303,19 @@ def test_a_rank_that_fails_is_named_by_the_others_and_their_batches_are_kept(tmp
     records = sorted(p.name for p in (tmp_path / "out" / ".flowdiff-run").glob("batch-*.json"))
     assert records == ["batch-000000.json", "batch-000002.json"]  # rank 0's two batches, finished and kept
     assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == ["a.png", "c.png"]
+
+
+def test_compare_with_k_diffusion_in_bfloat16_runs_its_samplers():
+    """`flowdiff compare --dtype bfloat16 --peers k-diffusion` (or `compare(..., noise.bfloat16(), peers=...)`) stopped
+    after every other run with "TypeError: Got unsupported ScalarType BFloat16": the peer's σ grid was made in the
+    noise's dtype, and k-diffusion's sample_lms reads it through NumPy."""
+    flow, noise, ref = _gaussian_problem()
+    kwargs = dict(solvers="euler", grids="karras", nfe=[4], peers="k-diffusion", reference=ref, keep_images=2)
+    half = fd.compare(flow, noise.bfloat16(), **kwargs)
+    full = fd.compare(flow, noise.float(), **kwargs)
+    rows = {r.solver: r for r in half.runs if r.source == "k-diffusion"}
+    assert sorted(rows) == ["dpmpp_2m", "euler", "heun", "lms"] and not half.unavailable
+    assert all(np.isfinite(r.rms_error) for r in rows.values())
+    for name in ("euler", "lms"):  # the same samplers (whose state k-diffusion promotes to the σ grid's float32)
+        key = ("k-diffusion", name, "karras", 4)
+        assert (half.images[key].double() - full.images[key].double()).abs().max() < 0.05, name
