@@ -319,3 +319,24 @@ def test_compare_with_k_diffusion_in_bfloat16_runs_its_samplers():
     for name in ("euler", "lms"):  # the same samplers (whose state k-diffusion promotes to the σ grid's float32)
         key = ("k-diffusion", name, "karras", 4)
         assert (half.images[key].double() - full.images[key].double()).abs().max() < 0.05, name
+
+
+def test_compare_roundtrip_of_images_on_another_scale_warns_once_at_the_callers_line():
+    """`compare(flow, task="roundtrip", images=x * 127.5 + 127.5, ...)` warned "images span [0, 255], far outside the
+    model's data range" once per encode — every solver × grid × budget — from inside flowdiff."""
+    flow, _, _ = _gaussian_problem()
+    images = torch.linspace(-1, 1, 8, dtype=torch.float64).reshape(2, 1, 2, 2) * 127.5 + 127.5
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fd.compare(flow, task="roundtrip", images=images, solvers=["euler", "heun"],
+                            grids=["logsnr", "karras"], nfe=[4, 6])
+    assert len(result.runs) == 8
+    said = [w for w in caught if "far outside" in str(w.message)]
+    assert len(said) == 1 and said[0].filename == __file__, [(str(w.message), w.filename) for w in caught]
+
+
+def test_compare_roundtrip_names_the_dtype_of_integer_images():
+    flow, _, _ = _gaussian_problem()
+    with pytest.raises(TypeError, match="torch.int64"):
+        fd.compare(flow, task="roundtrip", images=torch.zeros(2, 1, 2, 2, dtype=torch.int64), solvers="euler",
+                   grids="logsnr", nfe=4)

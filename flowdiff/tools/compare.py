@@ -49,7 +49,7 @@ import solvers as _solvers
 
 from ..api import roundtrip as _roundtrip
 from ..api.sampling import generate
-from ..engine._checks import check_has_values
+from ..engine._checks import check_data_range, check_has_values, data_range_checked
 from ..engine.flow import ProbabilityFlow
 from ..engine.grids import GRIDS, make_sigmas
 from ..engine.options import Grid
@@ -479,6 +479,8 @@ def compare(
                 raise ValueError(f"{name}= does not apply to task='roundtrip': a round trip starts from images= and "
                                  "is measured against them (no noise, no reference solve, no tuned grid, no "
                                  f"peer encoders); drop {name}=")
+        if isinstance(images, Tensor) and images.is_floating_point():
+            check_data_range(images, "images")  # one warning, at the caller's line, for images on another scale
         return _compare_roundtrip(flow, images, solvers, grids, nfe, model_kwargs, progress)
     if task != "generate":
         raise ValueError(f"task must be 'generate' or 'roundtrip', got {task!r}")
@@ -646,13 +648,14 @@ def _compare_roundtrip(flow: ProbabilityFlow, images: Tensor | None, solvers: It
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
     if not isinstance(images, Tensor) or not images.is_floating_point():
         raise TypeError("task='roundtrip' needs images= as a floating-point torch.Tensor (the images to encode), "
-                        f"got {type(images).__name__}")
+                        f"got {images.dtype if isinstance(images, Tensor) else type(images).__name__}")
     names = _check_names(_roundtrip.encoders() if solvers is None else solvers, "solvers",
                          [*_solvers.available(), "ddim_inverse"])
     grids = DEFAULT_GRIDS if grids is None else grids
     jobs = [(s, g, b) for s in names for g in _check_names(grids, "grids", GRIDS) for b in _check_budgets(nfe)]
     on_job = (lambda s, g, b: progress(f"{s}/{g}/NFE {b}")) if callable(progress) else None
-    runs, skipped = _roundtrip.roundtrip_runs(flow, images, jobs, model_kwargs=model_kwargs, on_job=on_job)
+    with data_range_checked():  # checked once by compare(), not once per encode
+        runs, skipped = _roundtrip.roundtrip_runs(flow, images, jobs, model_kwargs=model_kwargs, on_job=on_job)
     ref = Reference(images.detach().to(torch.float64), 0.0, 0.0, "images", 0.0, 0.0, 0, 0.0, 0.0)
     return Comparison([Run(r.solver, r.grid, r.budget, r.encode_nfe + r.decode_nfe, r.steps, r.rms_error,
                            r.max_error, r.wall_time, r.sigma_end, r.encode_nfe, r.decode_nfe) for r in runs],
