@@ -340,3 +340,37 @@ def test_compare_roundtrip_names_the_dtype_of_integer_images():
     with pytest.raises(TypeError, match="torch.int64"):
         fd.compare(flow, task="roundtrip", images=torch.zeros(2, 1, 2, 2, dtype=torch.int64), solvers="euler",
                    grids="logsnr", nfe=4)
+
+
+class _Rank1Told(Ranks):
+    """Rank 1 of 2, to which rank 0 broadcasts ``said`` (what it failed with) first, then its objects."""
+
+    def __init__(self, said):
+        super().__init__(1, 2)
+        object.__setattr__(self, "said", [said])
+
+    def broadcast(self, obj):
+        return self.said.pop(0) if self.said else obj
+
+
+def test_main_first_tells_the_other_ranks_that_rank_0_failed():
+    """`flowdiff compare` under torchrun solves the reference on rank 0 first (`Ranks.main_first`): where that
+    failed, the other ranks waited at a barrier and ended with gloo's "Connection closed by peer"."""
+    calls = []
+    with pytest.raises(RuntimeError, match="rank 0 of 2 failed: the reference solve ran out of memory"):
+        _Rank1Told("the reference solve ran out of memory").main_first(lambda: calls.append(1))
+    assert not calls  # rank 1 does not read a file rank 0 never wrote
+    assert _Rank1Told(None).main_first(lambda: "read") == "read"
+
+    class Rank0(Ranks):
+        def broadcast(self, obj):
+            return obj
+
+    with pytest.raises(ValueError, match="boom"):  # rank 0 raises its own error
+        Rank0(0, 2).main_first(lambda: (_ for _ in ()).throw(ValueError("boom")))
+
+
+def test_distributed_compare_tells_the_other_ranks_that_the_reference_failed():
+    flow, noise, _ = _gaussian_problem()
+    with pytest.raises(RuntimeError, match="rank 0 of 2 failed: dopri5 gave up"):
+        distributed.compare(flow, noise, ranks=_Rank1Told("dopri5 gave up"), solvers="euler", grids="logsnr", nfe=3)

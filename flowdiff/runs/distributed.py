@@ -115,15 +115,29 @@ class Ranks:
 
     def main_first(self, fn: Callable[[], T]) -> T:
         """``fn()`` on rank 0, then on the other ranks: for work that rank 0 leaves on disk for the others
-        (a reference solve kept in a file is solved once and read by the rest)."""
+        (a reference solve kept in a file is solved once and read by the rest). Where rank 0's ``fn`` raises, it
+        raises there, and the others a ``RuntimeError`` that says so (not a closed connection)."""
         if not self.distributed:
             return fn()
         if self.is_main:
-            out = fn()
-            self.barrier()
-            return out
-        self.barrier()
+            return self._main_only(fn)  # type: ignore[return-value]
+        self._main_only(fn)
         return fn()
+
+    def _main_only(self, fn: Callable[[], T]) -> T | None:
+        """``fn()`` on rank 0 and ``None`` on the others, once rank 0 is done; its failure is raised on every rank."""
+        out, failure = None, None
+        if self.is_main:
+            try:
+                out = fn()
+            except Exception as err:
+                failure = err
+        said = self.broadcast(None if failure is None else " ".join(str(failure).split()) or type(failure).__name__)
+        if failure is not None:
+            raise failure
+        if said is not None:
+            raise RuntimeError(f"rank 0 of {self.world_size} failed: {said}")
+        return out
 
 
 def _env_int(name: str, default: int) -> int:
@@ -230,12 +244,11 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
     jobs: list[tuple[Any, ...]] = [(s, g, b) for s in names for g in grids for b in budgets]
     jobs += [(fitted,) for fitted in learned]  # one job each, after the named runs as in flowdiff.compare's table
     if task != "roundtrip" and reference is None:
-        if ranks.is_main:
-            ref_options = {k: options[k] for k in ("reference_solver", "rtol", "atol") if k in options}
-            if "reference_solver" in ref_options:
-                ref_options["solver"] = ref_options.pop("reference_solver")
-            reference = reference_solution(flow, noise, model_kwargs=model_kwargs, **ref_options)
-        reference = ranks.broadcast(reference)
+        ref_options = {k: options[k] for k in ("reference_solver", "rtol", "atol") if k in options}
+        if "reference_solver" in ref_options:
+            ref_options["solver"] = ref_options.pop("reference_solver")
+        solved = ranks._main_only(lambda: reference_solution(flow, noise, model_kwargs=model_kwargs, **ref_options))
+        reference = ranks.broadcast(solved)
     if isinstance(progress, bool):  # True: each rank names its runs on stderr as it starts them
         rank = ranks.rank
         progress = (lambda text: print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)) if progress else None
