@@ -258,22 +258,26 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
                              "drop peers=")
         check_peers(peers)
     kwargs["keep_images"] = keep_images  # checked by each run (the round trip refuses it as compare() does)
-    mine, own = [], {}
-    for index in ranks.share(range(len(jobs))):
-        if len(jobs[index]) == 1:  # a learned solver: its one run on its own grid, the other budgets listed as skipped
-            (fitted,) = jobs[index]
-            if progress is not None:
-                progress(f"{_learned_label(fitted)}/NFE {fitted.nfe}")
-            part = _compare_one(flow, noise, solvers=[fitted], grids=grids, nfe=budgets,
-                                reference=reference, **kwargs)
-        else:
-            solver, grid, budget = jobs[index]
-            if progress is not None:
-                progress(f"{solver}/{grid}/NFE {budget}")
-            part = _compare_one(flow, noise, solvers=[solver], grids=[grid], nfe=[budget], reference=reference,
-                                **kwargs)
-        own.update(part.images)  # kept here; only the keys travel now, the images the report draws later
-        mine.append((index, replace(part, images={}), list(part.images)))
+    mine, own, failure = [], {}, None
+    try:
+        for index in ranks.share(range(len(jobs))):
+            if len(jobs[index]) == 1:  # a learned solver: its one run on its grid, the other budgets listed as skipped
+                (fitted,) = jobs[index]
+                if progress is not None:
+                    progress(f"{_learned_label(fitted)}/NFE {fitted.nfe}")
+                part = _compare_one(flow, noise, solvers=[fitted], grids=grids, nfe=budgets,
+                                    reference=reference, **kwargs)
+            else:
+                solver, grid, budget = jobs[index]
+                if progress is not None:
+                    progress(f"{solver}/{grid}/NFE {budget}")
+                part = _compare_one(flow, noise, solvers=[solver], grids=[grid], nfe=[budget], reference=reference,
+                                    **kwargs)
+            own.update(part.images)  # kept here; only the keys travel now, the images the report draws later
+            mine.append((index, replace(part, images={}), list(part.images)))
+    except Exception as err:  # said to the other ranks, which would otherwise meet a closed connection
+        failure = err
+    _raise_failures(ranks, failure)
     parts = sorted((item for gathered in ranks.all_gather(mine) for item in gathered), key=lambda item: item[0])
     if [index for index, _, _ in parts] != list(range(len(jobs))):
         raise RuntimeError(f"the ranks returned runs {[i for i, _, _ in parts]} of {len(jobs)}; expected each once")
@@ -301,6 +305,18 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
         else:
             result.images = {}
     return result
+
+
+def _raise_failures(ranks: Ranks, failure: Exception | None) -> None:
+    """Every rank's ``failure`` (or None) exchanged: the failing rank raises its own, the others a ``RuntimeError``
+    naming the first rank that failed and why."""
+    said = ranks.all_gather(None if failure is None else " ".join(str(failure).split()) or type(failure).__name__)
+    failed = [(rank, text) for rank, text in enumerate(said) if text]
+    if failure is not None:
+        raise failure
+    if failed:
+        rank, text = failed[0]
+        raise RuntimeError(f"rank {rank} of {ranks.world_size} failed: {text}")
 
 
 def _peers_on_main(result: Comparison, ranks: Ranks, flow: ProbabilityFlow, noise: Tensor | None,
