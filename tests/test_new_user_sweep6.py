@@ -390,3 +390,13 @@ def test_distributed_compare_tells_a_rank_without_runs_why_the_others_stopped():
     with pytest.raises(RuntimeError, match="rank 0 of 2 failed: keep_images= does not apply"):
         distributed.compare(flow, task="roundtrip", images=images, ranks=Rank1(1, 2), solvers="euler",
                             grids="logsnr", nfe=4, keep_images=2)
+
+
+def test_assert_fixed_point_converged_names_a_result_of_the_wrong_type(gaussian):
+    """`assert_fixed_point_converged(enc.latent)` (the latent, not the result) was "AttributeError: 'Latent' object
+    has no attribute 'stats'"."""
+    model, x = gaussian
+    enc = fd.encode(model.flow(), x, solver=fd.Inversion("fixed_point"), steps=3)
+    with pytest.raises(TypeError, match="got Latent"):
+        ft.assert_fixed_point_converged(enc.latent)
+    ft.assert_fixed_point_converged(enc)

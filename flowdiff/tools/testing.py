@@ -291,6 +291,9 @@ def assert_round_trip(flow: ProbabilityFlow, images: Tensor, *, atol: float, **e
 
 def assert_fixed_point_converged(result: Result, tol: float | None = None) -> None:
     """Assert that a fixed-point encode reached its tolerance at every step (``stats.extra['residuals']``)."""
+    if not isinstance(result, Result):
+        raise TypeError(f"result must be the Result of a fixed-point encode (flowdiff.encode(..., solver="
+                        f"flowdiff.Inversion('fixed_point'))), got {type(result).__name__}")
     extra = result.stats.extra
     if "residuals" not in extra:
         raise ValueError("this result is not a fixed-point inversion (no stats.extra['residuals'])")
