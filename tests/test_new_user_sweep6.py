@@ -19,6 +19,7 @@ from flowdiff.engine.grids import GRIDS
 from flowdiff.models.analytic import Gaussian
 from flowdiff.runs import distributed
 from flowdiff.runs.distributed import Ranks
+from flowdiff.runs.imageio import read_image, to_data
 from flowdiff.tools import metrics, report
 from flowdiff.tools import testing as ft
 
@@ -400,3 +401,37 @@ def test_assert_fixed_point_converged_names_a_result_of_the_wrong_type(gaussian)
     with pytest.raises(TypeError, match="got Latent"):
         ft.assert_fixed_point_converged(enc.latent)
     ft.assert_fixed_point_converged(enc)
+
+
+# -- the command line: the encode-only solver ------------------------------------------------------------------
+
+def test_the_command_line_encodes_with_ddim_inverse_as_the_api_does(capsys, tmp_path):
+    """`flowdiff compare --task roundtrip` prints a `ddim_inverse` row by default, and `encode(..., solver=
+    "ddim_inverse")` is the README's DDIMInverseScheduler; but `flowdiff encode|roundtrip --solver ddim_inverse` and
+    `compare --task roundtrip --solver euler,ddim_inverse` were refused: "unknown solver 'ddim_inverse'"."""
+    (tmp_path / "d").mkdir()
+    paths = write_digits(tmp_path / "d", 2)
+    code, out, err = run_in(capsys, ["encode", *paths, "--solver", "ddim_inverse", "--steps", "4", "--out",
+                                     "l.safetensors"], tmp_path)
+    assert code == 0 and "with ddim_inverse" in out, err
+    latent = fd.Latent.load(tmp_path / "l.safetensors")
+    images = torch.stack([to_data(*read_image(p)) for p in paths]).float()
+    want = fd.encode(fd.pretrained("digits"), images, solver="ddim_inverse", steps=4)
+    assert torch.equal(latent.x, want.latent.x)  # the API's encode, bit for bit
+    code, out, err = run_in(capsys, ["decode", "l.safetensors", "--out", "dec"], tmp_path)
+    assert code == 0 and "with euler" in out, err
+    code, out, err = run_in(capsys, ["compare", "--task", "roundtrip", "--solver", "euler,ddim_inverse", "--grid",
+                                     "logsnr", "--nfe", "4", "--batch", "2", "--out", "c", "--no-progress"], tmp_path)
+    assert code == 0 and "| ddim_inverse |" in out, err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["compare", "--solver", "euler,ddim_inverse", "--nfe", "4", "--batch", "1"], "--task roundtrip"),
+    (["roundtrip", "IMG", "--solver", "ddim_inverse", "--fixed-point", "--steps", "4"], "--solver euler --fixed-point"),
+])
+def test_the_encode_only_solver_is_refused_by_flag_where_it_cannot_run(capsys, tmp_path, argv, says):
+    (tmp_path / "d").mkdir()
+    (path,) = write_digits(tmp_path / "d", 1)
+    code, _, err = run_in(capsys, [path if a == "IMG" else a for a in argv], tmp_path)
+    line = one_line(err)
+    assert code == 2 and says in line, line

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ..engine.latent import Latent
+from ..engine.plugins import decodes_with, solver_plugin
 from ..runs import datasets as _ds
 from ..runs.distributed import Ranks, close, process_group, rank_device
 from ..tools.metrics import max_abs_error, mse, psnr
@@ -81,6 +82,10 @@ def add_data_options(parser: argparse.ArgumentParser, command: str) -> None:
 def with_data(command: str, plain: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """The command function: ``plain`` for image files on the command line, the dataset run for ``--data DIR``."""
     def run(args: argparse.Namespace) -> int:
+        if args.fixed_point and solver_plugin(args.solver) is not None:
+            raise UsageError(f"--fixed-point inverts the decode of --solver, and --solver {args.solver} only encodes "
+                             f"(its latents decode with {decodes_with(args.solver)}): give --solver "
+                             f"{decodes_with(args.solver)} --fixed-point, or leave --fixed-point out")
         if args.data is None:
             for option in ("batch_size", "save_latents"):
                 if getattr(args, option, None):
