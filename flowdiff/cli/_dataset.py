@@ -289,9 +289,9 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
         rels = [folder.files[i] for i in groups[b]]
         try:
             rows = _batch(args, command, loaded, dtype, device, folder, rels, out)
-        except Exception as err:
-            if not ranks.distributed:
-                if not resume and finished == 0:
+        except BaseException as err:
+            if not ranks.distributed or not isinstance(err, Exception):  # one process, or an interrupt
+                if ranks.is_main and not resume and finished == 0:
                     _forget_unstarted(out, manifest_path)
                 raise
             failure = err  # said to the other ranks below, once every rank has stopped writing
