@@ -435,3 +435,29 @@ def test_the_encode_only_solver_is_refused_by_flag_where_it_cannot_run(capsys, t
     code, _, err = run_in(capsys, [path if a == "IMG" else a for a in argv], tmp_path)
     line = one_line(err)
     assert code == 2 and says in line, line
+
+
+# -- folder runs: what defines the numbers ---------------------------------------------------------------------
+
+def test_a_folder_run_records_its_cpu_thread_count(capsys, tmp_path, monkeypatch):
+    """Measured: `roundtrip --data D --steps 10` of 40 digits with `--threads 1` and with `--threads 2` gave
+    results.csv files that differ in 8 rows (relative 3e-6: CPU kernels block a batch by thread count), but the
+    manifest did not record the count: a run stopped with one count and resumed with another mixed the two, and the
+    table was no longer the one-run table "bit for bit". (Under torchrun each process has OMP_NUM_THREADS=1; a
+    one-process run of a --model DIR takes torch's own count.) The resume is now refused, naming --threads."""
+    (tmp_path / "d").mkdir()
+    write_digits(tmp_path / "d", 4)
+    argv = ["roundtrip", "--data", "d", "--out", "o", "--steps", "2", "--batch-size", "2"]
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("FLOWDIFF_STOP_AFTER", "3")  # batch 0 recorded, batch 1 cut off
+        code, _, _ = run_in(capsys, [*argv, "--threads", "1"], tmp_path)
+        assert code == 3
+        monkeypatch.delenv("FLOWDIFF_STOP_AFTER")
+        code, _, err = run_in(capsys, [*argv, "--threads", "2"], tmp_path)
+        line = one_line(err)
+        assert code == 2 and "--threads: 1 in the folder's run, 2 now" in line, line
+        code, out, err = run_in(capsys, [*argv, "--threads", "1"], tmp_path)
+        assert code == 0 and "resuming: 1 of 2 batches done" in out, err
+    finally:
+        torch.set_num_threads(before)

@@ -119,6 +119,8 @@ def _arguments(args: argparse.Namespace, fingerprint: str) -> dict[str, Any]:
               if k not in _NOT_DEFINING and k not in ("nfe", "steps", "default_nfe", "default_steps")}
     values.update(_commands._budget(args))  # the budget in force: --nfe N or --steps N, given or default
     values["batch_size"] = args.batch_size or DEFAULT_BATCH
+    if args.device == "cpu":  # CPU kernels block a batch by thread count: another count rounds other bits
+        values["threads"] = torch.get_num_threads()  # in force: --threads, 1 for the built-in models, or torch's
     values["model fingerprint"] = fingerprint
     return {k: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v) for k, v in values.items()}
 
