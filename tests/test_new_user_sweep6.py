@@ -78,6 +78,9 @@ def test_round_trip_cases_still_draw_the_options_given():
     (lambda: ft.closed_form_models((4,), min_bandwidth=0.8), "min_bandwidth"),
     (lambda: ft.round_trip_cases(kinds=["mixtures"]), "mixtures"),
     (lambda: ft.step_counts(0, 5), "min_value"),
+    (lambda: ft.dtypes(include=(torch.int64,)), "include"),   # drawn, then refused by every encode
+    (lambda: ft.dtypes(include="float32"), "include"),        # torch's "Expected one of cpu, cuda, ... device type"
+    (lambda: ft.dtypes(include=()), "include"),               # hypothesis' "Cannot sample from a length-zero sequence"
 ])
 def test_strategies_check_their_arguments_when_built(make, says):
     """`grid_names(exclude=["karas"])` drew karras too; `closed_form_models(kinds="gaussian")` drew the letters
@@ -94,10 +97,11 @@ def test_closed_form_models_take_one_kind_as_a_string():
     seen = set()
 
     @settings(max_examples=5, deadline=None, database=None)
-    @given(ft.closed_form_models((2,), kinds="gaussian"), ft.grid_names(exclude="quadratic"))
-    def collect(model, grid):
+    @given(ft.closed_form_models((2,), kinds="gaussian"), ft.grid_names(exclude="quadratic"),
+           ft.dtypes(include=torch.bfloat16))
+    def collect(model, grid, dtype):
         seen.add(type(model).__name__)
-        assert grid != "quadratic"
+        assert grid != "quadratic" and dtype == torch.bfloat16
 
     collect()
     assert seen == {"Gaussian"}

@@ -52,6 +52,7 @@ from ..models.analytic import Gaussian, Mixture
 __all__ = [
     "RoundTrip",
     "RoundTripCase",
+    "STATE_DTYPES",
     "assert_fixed_point_converged",
     "assert_round_trip",
     "batch_shapes",
@@ -112,9 +113,18 @@ def batch_shapes(*, max_batch: int = 3, max_side: int = 4, channels: Sequence[in
                      st.integers(1, max_side))
 
 
-def dtypes(*, include: Sequence[torch.dtype] = (torch.float64, torch.float32)) -> st.SearchStrategy[torch.dtype]:
-    """State dtypes (float64 and float32 by default)."""
-    return st.sampled_from(list(include))
+#: The state dtypes :func:`dtypes` draws from: those ``generate``/``encode`` take.
+STATE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def dtypes(*, include: Sequence[torch.dtype] | torch.dtype = (torch.float64, torch.float32)
+           ) -> st.SearchStrategy[torch.dtype]:
+    """State dtypes (float64 and float32 by default; any of :data:`STATE_DTYPES`, one may be given alone)."""
+    values = [include] if isinstance(include, (torch.dtype, str)) else list(include)
+    bad = [v for v in values if v not in STATE_DTYPES]
+    if bad or not values:
+        raise ValueError(f"include must list torch dtypes of {', '.join(map(str, STATE_DTYPES))}, got {include!r}")
+    return st.sampled_from(values)
 
 
 def closed_form_models(sample_shape: tuple[int, ...], *, schedule: st.SearchStrategy[Schedule] | None = None,
