@@ -296,7 +296,7 @@ def test_a_rank_that_fails_is_named_by_the_others_and_their_batches_are_kept(tmp
     a.rename(data / "a.png")
     c.rename(data / "c.png")
     _float_tiff(data / "b.tif", np.nan)  # batch 1 of 3 (sorted: a, b, c): rank 1's
-    root = Path(__file__).resolve().parent.parent
+    root = Path(fd.__file__).resolve().parent.parent  # the flowdiff under test, in the launched processes too
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "flowdiff",
             "roundtrip", "--data", str(data), "--out", str(tmp_path / "out"), "--steps", "2", "--batch-size", "1"]
