@@ -24,7 +24,7 @@ from ..engine._files import atomic_path, regular_file
 from ..engine.fingerprint import flow_fingerprint
 from ..engine.flow import ProbabilityFlow
 from ..engine.latent import Latent
-from ..engine.plugins import solver_plugin
+from ..engine.plugins import plugins, solver_plugin
 from ..runs import distributed
 from ..runs.imageio import ImageFormat
 from ..tools.report import FILES as REPORT_FILES
@@ -164,6 +164,9 @@ def _unused_compare_flags(args: argparse.Namespace) -> None:
             raise UsageError(f"{', '.join(given)} {'applies' if one else 'apply'} to --task generate (its noise, "
                              "reference and tuning); --task roundtrip encodes the held-out digits and measures "
                              f"against them: leave {'it' if one else 'them'} out")
+    elif args.solver and (encode_only := [s for s in args.solver if s in plugins("solver", "encode")]):
+        raise UsageError(f"--solver {','.join(encode_only)}: an encoder only; compare encoders with --task roundtrip "
+                         "(a generation has no such solver)")
     elif args.calibration_seed is not None and args.grid is not None and "tuned" not in args.grid:
         raise UsageError(f"--calibration-seed {args.calibration_seed} seeds the noise --grid tuned is tuned on, and "
                          f"--grid {','.join(args.grid)} has no tuned grid: add tuned to --grid, or leave it out")

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ..engine.latent import Latent
+from ..engine.plugins import decodes_with, solver_plugin
 from ..runs import datasets as _ds
 from ..runs.distributed import Ranks, close, process_group, rank_device
 from ..tools.metrics import max_abs_error, mse, psnr
@@ -81,6 +82,10 @@ def add_data_options(parser: argparse.ArgumentParser, command: str) -> None:
 def with_data(command: str, plain: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """The command function: ``plain`` for image files on the command line, the dataset run for ``--data DIR``."""
     def run(args: argparse.Namespace) -> int:
+        if args.fixed_point and solver_plugin(args.solver) is not None:
+            raise UsageError(f"--fixed-point inverts the decode of --solver, and --solver {args.solver} only encodes "
+                             f"(its latents decode with {decodes_with(args.solver)}): give --solver "
+                             f"{decodes_with(args.solver)} --fixed-point, or leave --fixed-point out")
         if args.data is None:
             for option in ("batch_size", "save_latents"):
                 if getattr(args, option, None):
@@ -114,6 +119,8 @@ def _arguments(args: argparse.Namespace, fingerprint: str) -> dict[str, Any]:
               if k not in _NOT_DEFINING and k not in ("nfe", "steps", "default_nfe", "default_steps")}
     values.update(_commands._budget(args))  # the budget in force: --nfe N or --steps N, given or default
     values["batch_size"] = args.batch_size or DEFAULT_BATCH
+    if args.device == "cpu":  # CPU kernels block a batch by thread count: another count rounds other bits
+        values["threads"] = torch.get_num_threads()  # in force: --threads, 1 for the built-in models, or torch's
     values["model fingerprint"] = fingerprint
     return {k: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v) for k, v in values.items()}
 
@@ -279,14 +286,18 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
     stop = _stop_after()
     finished = 0
     progress = sys.stderr.isatty()  # a line per batch on a terminal; nothing in logs and pipes
+    failure: Exception | None = None
     for k, b in enumerate(todo):
         rels = [folder.files[i] for i in groups[b]]
         try:
             rows = _batch(args, command, loaded, dtype, device, folder, rels, out)
-        except BaseException:
-            if ranks.is_main and not resume and finished == 0:
-                _forget_unstarted(out, manifest_path)
-            raise
+        except BaseException as err:
+            if not ranks.distributed or not isinstance(err, Exception):  # one process, or an interrupt
+                if ranks.is_main and not resume and finished == 0:
+                    _forget_unstarted(out, manifest_path)
+                raise
+            failure = err  # said to the other ranks below, once every rank has stopped writing
+            break
         finished += len(rels)
         if stop is not None and finished >= stop:
             raise Stopped(f"stopped after {finished} image(s) as FLOWDIFF_STOP_AFTER={stop} asks, like a kill: batch "
@@ -295,10 +306,29 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
         if progress:
             who = f"rank {ranks.rank}: " if ranks.distributed else ""
             print(f"{who}batch {b} done ({k + 1} of {len(todo)} to do here)", file=sys.stderr, flush=True)
-    ranks.barrier()
+    if ranks.distributed:  # every rank learns whether another failed, after all have stopped writing
+        _exchange_failures(ranks, failure, lambda: not resume and _forget_unstarted(out, manifest_path))
     if not ranks.is_main:
         return 0
     return _merge(command, folder, out, run, groups)
+
+
+def _exchange_failures(ranks: Ranks, failure: Exception | None, forget: Callable[[], object]) -> None:
+    """After the batches of every rank: raise ``failure`` on the rank it happened on and, on the others, a
+    ``CommandError`` saying which rank failed and why. A failing rank used to end at once, and the others then met a
+    closed connection (gloo's "Connection closed by peer"), or wrote into the folders its exit had just removed as
+    empty ("the folder ... does not exist"), reporting that instead of the cause. The batches recorded stay
+    recorded: a rerun resumes. ``forget`` (rank 0, a new run) removes the manifest if no batch wrote anything."""
+    said = ranks.all_gather(None if failure is None else one_line(failure))
+    failed = [(rank, text) for rank, text in enumerate(said) if text is not None]
+    if not failed:
+        return
+    if ranks.is_main:
+        forget()
+    if failure is not None:
+        raise failure
+    rank, text = failed[0]
+    raise CommandError(f"rank {rank} of {ranks.world_size} failed: {text}")
 
 
 def _forget_unstarted(out: Path, manifest_path: Path) -> None:

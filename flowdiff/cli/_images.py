@@ -40,6 +40,10 @@ def load_images(paths: Sequence[str], shape: tuple[int, int, int]) -> tuple[Tens
             raise CommandError(f"image {name!r} is {pixels.shape[1]}×{pixels.shape[0]} pixels; this model takes "
                                f"{width}×{height}: resize it yourself, flowdiff does not resample")
         x = to_data(pixels, fmt)
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:  # only a float TIFF can hold them; the solve would stop on them, naming no file
+            raise CommandError(f"image {name!r} holds {bad} NaN or infinite pixel value{'s' * (bad > 1)} ({fmt}); "
+                               "the model takes finite pixels: fill or drop them first")
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)
             try:

@@ -143,6 +143,12 @@ def _generate_solvers() -> list[str]:
     return [*_solvers.available(), *plugins("solver", "generate")]
 
 
+def _encode_solvers() -> list[str]:
+    """What ``encode(solver=...)`` accepts by name: the registered solvers and the encode-only solver plug-ins
+    (``ddim_inverse``, which ``compare --task roundtrip`` runs by default)."""
+    return [*_solvers.available(), *plugins("solver", "encode")]
+
+
 def _solve_options(parser: argparse.ArgumentParser, *, solver: str, nfe: int | None, steps: int | None,
                    accepted: Callable[[], Sequence[str]] = _solvers.available) -> None:
     group = parser.add_argument_group("solver")
@@ -168,7 +174,7 @@ def _encode_inputs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="*", metavar="IMAGE",
                         help="image files (PNG, TIFF, …) of the model's size and channels (or --data DIR)")
     add_class_label_option(parser)
-    _solve_options(parser, solver="euler", nfe=None, steps=50)
+    _solve_options(parser, solver="euler", nfe=None, steps=50, accepted=_encode_solvers)
     _fixed_point_option(parser)
 
 
@@ -197,9 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "run's facts, the best per budget, the command that reproduces it), the frontier "
                                    "and sample figures, every solver × grid, and every run as CSV.")
     _common(p, dtype="float32", seed=True)
-    p.add_argument("--solver", type=_name_list(_solvers.available, "solver"), default=None, metavar="LIST",
+    p.add_argument("--solver", type=_name_list(_encode_solvers, "solver"), default=None, metavar="LIST",
                    help="comma-separated solver names (default: "
-                        f"{','.join(default_solvers())}); available: {', '.join(_solvers.available())}")
+                        f"{','.join(default_solvers())}); available: {', '.join(_solvers.available())}; with --task "
+                        f"roundtrip also {', '.join(plugins('solver', 'encode'))} (its default encoders)")
     p.add_argument("--nfe", type=_int_list, default=list(DEFAULT_NFE), metavar="LIST",
                    help=f"comma-separated NFE budgets (default: {','.join(map(str, DEFAULT_NFE))})")
     p.add_argument("--grid", type=_name_list(lambda: (*GRIDS, "tuned"), "grid"), default=None,

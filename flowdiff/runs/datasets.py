@@ -15,7 +15,7 @@ all independent of how many processes share it:
   on the process count: rank r of N takes batches r, r + N, … whole, and every number is the number
   a single process computes, bit for bit.
 - **the manifest** ``OUT/run.json`` (:func:`manifest`): the arguments that define the numbers (the
-  model's fingerprint, solver, grid, budget, dtype, batch size, …) and each input's SHA-256.
+  model's fingerprint, solver, grid, budget, dtype, batch size, the CPU thread count, …) and each input's SHA-256.
 
 Each batch, once its images (and latents) are written, gets a completion record
 ``OUT/.flowdiff-run/batch-NNNNNN.json`` written atomically by the rank that ran it: the rank's part of

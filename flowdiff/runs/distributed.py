@@ -24,14 +24,21 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from solvers import available
+
 from ..api.roundtrip import encoders
 from ..engine.flow import ProbabilityFlow
+from ..engine.grids import GRIDS
 from ..tools.compare import (
     DEFAULT_GRIDS,
     DEFAULT_NFE,
+    TUNED_GRIDS,
     Comparison,
     Reference,
+    _check_budgets,
+    _check_keep,
     _check_names,
+    _check_noise,
     _learned_label,
     _split_solvers,
     default_grids,
@@ -42,6 +49,7 @@ from ..tools.compare import (
 from ..tools.compare import compare as _compare_one
 from ..tools.learned import LearnedSolver
 from ..tools.peers import check_peers
+from ..tools.reference import check_tolerance
 from ..tools.report import shown_images
 
 T = TypeVar("T")
@@ -107,15 +115,29 @@ class Ranks:
 
     def main_first(self, fn: Callable[[], T]) -> T:
         """``fn()`` on rank 0, then on the other ranks: for work that rank 0 leaves on disk for the others
-        (a reference solve kept in a file is solved once and read by the rest)."""
+        (a reference solve kept in a file is solved once and read by the rest). Where rank 0's ``fn`` raises, it
+        raises there, and the others a ``RuntimeError`` that says so (not a closed connection)."""
         if not self.distributed:
             return fn()
         if self.is_main:
-            out = fn()
-            self.barrier()
-            return out
-        self.barrier()
+            return self._main_only(fn)  # type: ignore[return-value]
+        self._main_only(fn)
         return fn()
+
+    def _main_only(self, fn: Callable[[], T]) -> T | None:
+        """``fn()`` on rank 0 and ``None`` on the others, once rank 0 is done; its failure is raised on every rank."""
+        out, failure = None, None
+        if self.is_main:
+            try:
+                out = fn()
+            except Exception as err:
+                failure = err
+        said = self.broadcast(None if failure is None else " ".join(str(failure).split()) or type(failure).__name__)
+        if failure is not None:
+            raise failure
+        if said is not None:
+            raise RuntimeError(f"rank 0 of {self.world_size} failed: {said}")
+        return out
 
 
 def _env_int(name: str, default: int) -> int:
@@ -202,19 +224,31 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
     if not ranks.distributed:
         return _compare_one(flow, noise, solvers=solvers, grids=grids, nfe=nfe, reference=reference,
                             progress=progress, peers=peers, keep_images=keep_images, **kwargs)
+    # flowdiff.compare's checks, on every rank before any exchange: its table's budgets (sorted, each once), grids and
+    # solvers (each once), so that the jobs are its runs in its order; a refusal is raised by every rank alike
+    budgets = _check_budgets(nfe)
     default = encoders() if task == "roundtrip" else default_solvers()
-    names, learned = _named_and_learned(default if solvers is None else solvers, task, flow, model_kwargs, nfe)
+    names, learned = _named_and_learned(default if solvers is None else solvers, task, flow, model_kwargs, budgets)
     if grids is None:  # the defaults of flowdiff.compare for this task (with stored tuned grids where they cover it)
-        grids = DEFAULT_GRIDS if task == "roundtrip" else default_grids(flow, names, _budgets(nfe), model_kwargs)
-    jobs: list[tuple[Any, ...]] = [(s, g, b) for s in names for g in _listed(grids) for b in _budgets(nfe)]
+        grids = DEFAULT_GRIDS if task == "roundtrip" else default_grids(flow, names, budgets, model_kwargs)
+    grids = _check_names(grids, "grids", GRIDS if task == "roundtrip" else (*GRIDS, *TUNED_GRIDS))
+    keep_images = _check_keep(keep_images)
+    if task != "roundtrip":
+        if not isinstance(noise, Tensor) or not noise.is_floating_point():
+            raise TypeError(f"noise must be a floating-point torch.Tensor, got "
+                            f"{noise.dtype if isinstance(noise, Tensor) else type(noise).__name__}")
+        _check_noise(noise)
+        for name in ("rtol", "atol"):
+            if name in options:
+                check_tolerance(name, options[name])
+    jobs: list[tuple[Any, ...]] = [(s, g, b) for s in names for g in grids for b in budgets]
     jobs += [(fitted,) for fitted in learned]  # one job each, after the named runs as in flowdiff.compare's table
     if task != "roundtrip" and reference is None:
-        if ranks.is_main:
-            ref_options = {k: options[k] for k in ("reference_solver", "rtol", "atol") if k in options}
-            if "reference_solver" in ref_options:
-                ref_options["solver"] = ref_options.pop("reference_solver")
-            reference = reference_solution(flow, noise, model_kwargs=model_kwargs, **ref_options)
-        reference = ranks.broadcast(reference)
+        ref_options = {k: options[k] for k in ("reference_solver", "rtol", "atol") if k in options}
+        if "reference_solver" in ref_options:
+            ref_options["solver"] = ref_options.pop("reference_solver")
+        solved = ranks._main_only(lambda: reference_solution(flow, noise, model_kwargs=model_kwargs, **ref_options))
+        reference = ranks.broadcast(solved)
     if isinstance(progress, bool):  # True: each rank names its runs on stderr as it starts them
         rank = ranks.rank
         progress = (lambda text: print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)) if progress else None
@@ -224,22 +258,26 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
                              "drop peers=")
         check_peers(peers)
     kwargs["keep_images"] = keep_images  # checked by each run (the round trip refuses it as compare() does)
-    mine, own = [], {}
-    for index in ranks.share(range(len(jobs))):
-        if len(jobs[index]) == 1:  # a learned solver: its one run on its own grid, the other budgets listed as skipped
-            (fitted,) = jobs[index]
-            if progress is not None:
-                progress(f"{_learned_label(fitted)}/NFE {fitted.nfe}")
-            part = _compare_one(flow, noise, solvers=[fitted], grids=_listed(grids), nfe=_budgets(nfe),
-                                reference=reference, **kwargs)
-        else:
-            solver, grid, budget = jobs[index]
-            if progress is not None:
-                progress(f"{solver}/{grid}/NFE {budget}")
-            part = _compare_one(flow, noise, solvers=[solver], grids=[grid], nfe=[budget], reference=reference,
-                                **kwargs)
-        own.update(part.images)  # kept here; only the keys travel now, the images the report draws later
-        mine.append((index, replace(part, images={}), list(part.images)))
+    mine, own, failure = [], {}, None
+    try:
+        for index in ranks.share(range(len(jobs))):
+            if len(jobs[index]) == 1:  # a learned solver: its one run on its grid, the other budgets listed as skipped
+                (fitted,) = jobs[index]
+                if progress is not None:
+                    progress(f"{_learned_label(fitted)}/NFE {fitted.nfe}")
+                part = _compare_one(flow, noise, solvers=[fitted], grids=grids, nfe=budgets,
+                                    reference=reference, **kwargs)
+            else:
+                solver, grid, budget = jobs[index]
+                if progress is not None:
+                    progress(f"{solver}/{grid}/NFE {budget}")
+                part = _compare_one(flow, noise, solvers=[solver], grids=[grid], nfe=[budget], reference=reference,
+                                    **kwargs)
+            own.update(part.images)  # kept here; only the keys travel now, the images the report draws later
+            mine.append((index, replace(part, images={}), list(part.images)))
+    except Exception as err:  # said to the other ranks, which would otherwise meet a closed connection
+        failure = err
+    _raise_failures(ranks, failure)
     parts = sorted((item for gathered in ranks.all_gather(mine) for item in gathered), key=lambda item: item[0])
     if [index for index, _, _ in parts] != list(range(len(jobs))):
         raise RuntimeError(f"the ranks returned runs {[i for i, _, _ in parts]} of {len(jobs)}; expected each once")
@@ -269,6 +307,18 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
     return result
 
 
+def _raise_failures(ranks: Ranks, failure: Exception | None) -> None:
+    """Every rank's ``failure`` (or None) exchanged: the failing rank raises its own, the others a ``RuntimeError``
+    naming the first rank that failed and why."""
+    said = ranks.all_gather(None if failure is None else " ".join(str(failure).split()) or type(failure).__name__)
+    failed = [(rank, text) for rank, text in enumerate(said) if text]
+    if failure is not None:
+        raise failure
+    if failed:
+        rank, text = failed[0]
+        raise RuntimeError(f"rank {rank} of {ranks.world_size} failed: {text}")
+
+
 def _peers_on_main(result: Comparison, ranks: Ranks, flow: ProbabilityFlow, noise: Tensor | None,
                    peers: Iterable[str] | str, model_kwargs: Mapping[str, Any] | None, keep_images: int,
                    progress: Callable[[str], None] | None) -> None:
@@ -283,7 +333,7 @@ def _peers_on_main(result: Comparison, ranks: Ranks, flow: ProbabilityFlow, nois
 
 def _named_and_learned(solvers: Iterable[str | LearnedSolver] | str | LearnedSolver, task: str,
                        flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None,
-                       nfe: Iterable[int] | int) -> tuple[list[str], list[LearnedSolver]]:
+                       budgets: list[int]) -> tuple[list[str], list[LearnedSolver]]:
     """``solvers=`` as named solvers (a job per grid × budget) and learned ones (a job each, at its own budget and
     grid), each learned solver checked on every rank before any run as :func:`flowdiff.compare` checks it (fitted on
     this flow, at one of the budgets). A round trip's are names, which its runs check; a learned solver there is
@@ -293,13 +343,5 @@ def _named_and_learned(solvers: Iterable[str | LearnedSolver] | str | LearnedSol
         learned = [entry for entry in listed if isinstance(entry, LearnedSolver)]
         if learned:  # refused here, on every rank, with flowdiff.compare's words (it does not encode)
             _check_names(learned, "solvers", ())
-        return listed, []  # type: ignore[return-value]
-    return _split_solvers(solvers, flow, model_kwargs, _budgets(nfe))
-
-
-def _listed(values: Iterable[str] | str) -> list[str]:
-    return [values] if isinstance(values, str) else list(values)
-
-
-def _budgets(nfe: Iterable[int] | int) -> list[int]:
-    return [nfe] if isinstance(nfe, int) else list(nfe)
+        return _check_names(listed, "solvers", [*available(), "ddim_inverse"]), []  # type: ignore[arg-type]
+    return _split_solvers(solvers, flow, model_kwargs, budgets)

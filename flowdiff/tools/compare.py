@@ -49,7 +49,7 @@ import solvers as _solvers
 
 from ..api import roundtrip as _roundtrip
 from ..api.sampling import generate
-from ..engine._checks import check_has_values
+from ..engine._checks import check_data_range, check_has_values, data_range_checked
 from ..engine.flow import ProbabilityFlow
 from ..engine.grids import GRIDS, make_sigmas
 from ..engine.options import Grid
@@ -268,8 +268,9 @@ class Comparison:
         ax.set_ylabel("RMS error vs reference (image scale)")
         ax.set_title(title or "error vs NFE", fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                  ncol=2 if len(names) * len(grids) > 24 else 1)
+        if ax.get_legend_handles_labels()[0]:  # an empty legend (every run skipped) is matplotlib's warning
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                      ncol=2 if len(names) * len(grids) > 24 else 1)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
@@ -368,13 +369,19 @@ def _split_solvers(values: object, flow: ProbabilityFlow, model_kwargs: Mapping[
 
 
 def _check_budgets(nfe: Iterable[int] | int) -> list[int]:
-    values = [nfe] if isinstance(nfe, int) else list(nfe)
+    """The budgets as the table's columns: sorted, each once; NumPy integers (``np.arange(5, 30, 5)``) are ints."""
+    if isinstance(nfe, numbers.Integral) and not isinstance(nfe, bool):
+        values = [nfe]
+    elif isinstance(nfe, (str, bytes)) or not isinstance(nfe, Iterable):
+        raise TypeError(f"nfe must be an int or a list of ints (NFE budgets), got {type(nfe).__name__} {nfe!r}")
+    else:
+        values = list(nfe)
     if not values:
         raise ValueError("nfe must hold at least one budget")
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"nfe budgets must be positive ints, got {v!r}")
-    return sorted(set(values))
+    return sorted({int(v) for v in values})
 
 
 def _check_noise(noise: Tensor) -> None:
@@ -472,6 +479,8 @@ def compare(
                 raise ValueError(f"{name}= does not apply to task='roundtrip': a round trip starts from images= and "
                                  "is measured against them (no noise, no reference solve, no tuned grid, no "
                                  f"peer encoders); drop {name}=")
+        if isinstance(images, Tensor) and images.is_floating_point():
+            check_data_range(images, "images")  # one warning, at the caller's line, for images on another scale
         return _compare_roundtrip(flow, images, solvers, grids, nfe, model_kwargs, progress)
     if task != "generate":
         raise ValueError(f"task must be 'generate' or 'roundtrip', got {task!r}")
@@ -489,7 +498,7 @@ def compare(
         grids = default_grids(flow, names, budgets, model_kwargs)
     grid_names = _check_names(grids, "grids", (*GRIDS, *TUNED_GRIDS))
     peer_names = [] if peers is None else _peers.check_peers(peers)
-    _check_keep(keep_images)
+    keep_images = _check_keep(keep_images)
     calibration = _calibration(noise, calibration_noise) if set(grid_names) & set(TUNED_GRIDS) else None
     check_tolerance("rtol", rtol)
     check_tolerance("atol", atol)
@@ -625,9 +634,10 @@ def run_peers(result: Comparison, flow: ProbabilityFlow, noise: Tensor, peers: I
     return result
 
 
-def _check_keep(keep_images: object) -> None:
-    if isinstance(keep_images, bool) or not isinstance(keep_images, int) or keep_images < 0:
+def _check_keep(keep_images: object) -> int:
+    if isinstance(keep_images, bool) or not isinstance(keep_images, numbers.Integral) or keep_images < 0:
         raise ValueError(f"keep_images must be an int >= 0 (images of each run to keep), got {keep_images!r}")
+    return int(keep_images)
 
 
 def _compare_roundtrip(flow: ProbabilityFlow, images: Tensor | None, solvers: Iterable[str] | str | None,
@@ -638,13 +648,14 @@ def _compare_roundtrip(flow: ProbabilityFlow, images: Tensor | None, solvers: It
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
     if not isinstance(images, Tensor) or not images.is_floating_point():
         raise TypeError("task='roundtrip' needs images= as a floating-point torch.Tensor (the images to encode), "
-                        f"got {type(images).__name__}")
+                        f"got {images.dtype if isinstance(images, Tensor) else type(images).__name__}")
     names = _check_names(_roundtrip.encoders() if solvers is None else solvers, "solvers",
                          [*_solvers.available(), "ddim_inverse"])
     grids = DEFAULT_GRIDS if grids is None else grids
     jobs = [(s, g, b) for s in names for g in _check_names(grids, "grids", GRIDS) for b in _check_budgets(nfe)]
     on_job = (lambda s, g, b: progress(f"{s}/{g}/NFE {b}")) if callable(progress) else None
-    runs, skipped = _roundtrip.roundtrip_runs(flow, images, jobs, model_kwargs=model_kwargs, on_job=on_job)
+    with data_range_checked():  # checked once by compare(), not once per encode
+        runs, skipped = _roundtrip.roundtrip_runs(flow, images, jobs, model_kwargs=model_kwargs, on_job=on_job)
     ref = Reference(images.detach().to(torch.float64), 0.0, 0.0, "images", 0.0, 0.0, 0, 0.0, 0.0)
     return Comparison([Run(r.solver, r.grid, r.budget, r.encode_nfe + r.decode_nfe, r.steps, r.rms_error,
                            r.max_error, r.wall_time, r.sigma_end, r.encode_nfe, r.decode_nfe) for r in runs],

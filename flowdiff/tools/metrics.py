@@ -93,10 +93,16 @@ class Reconstruction:
 
 def reconstruction(original: Tensor, reconstruction: Tensor, *, data_range: tuple[float, float] = (-1.0, 1.0),
                    encode_stats: Stats | None = None, decode_stats: Stats | None = None) -> Reconstruction:
-    """All reconstruction metrics of a batch at once, with the NFE of each direction when the stats are given."""
+    """All reconstruction metrics of a batch at once, with the NFE of each direction when the stats are given.
+
+    Figures, not a loss: inputs that require a gradient (a reconstruction being optimised) are read detached, as
+    :func:`mse` and the others are not (their tensors carry the gradient).
+    """
     for name, stats in (("encode_stats", encode_stats), ("decode_stats", decode_stats)):
         if stats is not None and not isinstance(stats, Stats):
             raise TypeError(f"{name} must be a solvers.Stats (a result's .stats) or None, got {type(stats).__name__}")
+    if isinstance(original, Tensor) and isinstance(reconstruction, Tensor):
+        original, reconstruction = original.detach(), reconstruction.detach()
     return Reconstruction(
         float(mse(original, reconstruction, data_range=data_range)),
         float(max_abs_error(original, reconstruction, data_range=data_range)),

@@ -262,7 +262,9 @@ def _run_kdiffusion(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, 
                     model_kwargs: Mapping[str, Any] | None) -> PeerRun:
     K = load_kdiffusion()
     steps = _steps(sampler, budget)
-    sigmas = kdiffusion_sigmas(flow, steps, noise.dtype, noise.device)
+    # its σ grid as its users hold it, in float32 (get_sigmas_karras' own dtype) beside a half-precision state:
+    # sample_lms reads it through NumPy, which has no bfloat16 (a bfloat16 comparison stopped there)
+    sigmas = kdiffusion_sigmas(flow, steps, torch.promote_types(noise.dtype, torch.float32), noise.device)
     model = _CountingDenoiser(flow)
     start = time.perf_counter()
     with torch.no_grad():

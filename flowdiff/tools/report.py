@@ -104,7 +104,8 @@ def frontier_plot(result: Comparison, path: str | Path, title: str | None = None
     ax.set_ylabel("lowest RMS error vs reference")
     ax.set_title(title or "the frontier: best per source", fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
+    if lines:  # an empty legend is matplotlib's warning
+        ax.legend(fontsize=8)
     return _save(fig, plt, path)
 
 
@@ -146,9 +147,9 @@ def sample_grid(result: Comparison, path: str | Path, *, rows: int = SAMPLE_ROWS
         raise ValueError("the comparison kept no images: run compare(..., keep_images=k) with k >= 1")
     convert = to_images or _unit_range
     kept = next(iter(result.images.values()))
-    if to_images is None and kept.ndim not in (3, 4):
-        raise ValueError(f"sample_grid draws images, (N, C, H, W) or (N, H, W); the kept states have shape "
-                         f"{tuple(kept.shape)} (pass to_images= to turn them into images)")
+    if to_images is None and not _drawable(tuple(kept.shape)):
+        raise ValueError(f"sample_grid draws images, (N, C, H, W) with C = 1 to 4 or (N, H, W); the kept states have "
+                         f"shape {tuple(kept.shape)} (pass to_images= to turn them into images)")
     methods = sample_methods(result, rows=rows)
     budgets = result.budgets
     k = next(iter(result.images.values())).shape[0]
@@ -200,6 +201,8 @@ def best_table(result: Comparison) -> str:
     """Per budget: the best row overall, the best of each source (markdown)."""
     lines = frontier(result)
     names = list(lines)
+    if not names:
+        return "No run: every solver × grid × budget was skipped (the reasons are listed below the tables).\n"
     out = ["| NFE | " + " | ".join(names) + " |", "|---:|" + "---|" * len(names)]
     for budget in result.budgets:
         cells = []
@@ -231,7 +234,7 @@ def write_report(result: Comparison, out: str | Path, *, facts: Mapping[str, str
     with atomic_path(paths["detail"]) as tmp:
         result.plot(tmp, title=f"{title}: every solver × grid")
     shape = tuple(result.reference.x.shape)
-    drawable = to_images is not None or len(shape) in (3, 4)  # a batch of images (N, H, W) or (N, C, H, W)
+    drawable = to_images is not None or _drawable(shape)
     if result.images and drawable:
         with atomic_path(paths["samples"]) as tmp:
             sample_grid(result, tmp, to_images=to_images)
@@ -273,14 +276,20 @@ def _unit_range(x: Tensor) -> Tensor:
     return ((x.clamp(-1, 1) + 1) / 2).float()
 
 
+def _drawable(shape: tuple[int, ...]) -> bool:
+    """Whether states of ``shape`` are a batch of images: (N, H, W), or (N, C, H, W) of grey (+ alpha) or RGB(A)."""
+    return len(shape) == 3 or (len(shape) == 4 and 1 <= shape[1] <= 4)
+
+
 def _strip(x: Tensor) -> Tensor:
-    """A batch (N, C, H, W) as one image (H, N·(W + 1)) or (H, N·(W + 1), 3), one pixel apart."""
+    """A batch (N, C, H, W) as one image (H, N·(W + 1)) or (H, N·(W + 1), 3), one pixel apart: grey for C = 1 and
+    grey + alpha, RGB for RGB and RGBA (an alpha channel is not drawn)."""
     if x.ndim == 3:
         x = x.unsqueeze(1)
     n, c, h, w = x.shape
     x = torch.nn.functional.pad(x, (0, 1))
     strip = x.permute(2, 0, 3, 1).reshape(h, n * (w + 1), c)[:, :-1]
-    return (strip[..., 0] if c == 1 else strip[..., :3]).clamp(0, 1).numpy()
+    return (strip[..., 0] if c <= 2 else strip[..., :3]).clamp(0, 1).numpy()
 
 
 def _pyplot():  # noqa: ANN202 - matplotlib's module

@@ -26,6 +26,7 @@ without it raises ImportError naming it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,11 +35,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+import solvers as _solvers
+
 try:
     from hypothesis import strategies as st
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("flowdiff.tools.testing needs hypothesis (pip install 'flowdiff[test]')") from err
 
+from ..api.roundtrip import encoders
 from ..api.sampling import Result, decode, encode
 from ..engine.flow import ProbabilityFlow
 from ..engine.grids import GRIDS
@@ -48,6 +52,7 @@ from ..models.analytic import Gaussian, Mixture
 __all__ = [
     "RoundTrip",
     "RoundTripCase",
+    "STATE_DTYPES",
     "assert_fixed_point_converged",
     "assert_round_trip",
     "batch_shapes",
@@ -64,25 +69,40 @@ __all__ = [
 
 # -- strategies ------------------------------------------------------------------------------
 
-def schedules(*, kinds: Sequence[str] = ("linear", "scaled_linear", "cosine"),
+def _names(values: Sequence[str] | str, argument: str, accepted: Sequence[str], *, empty: bool = False) -> list[str]:
+    """``values`` as a list of names of ``accepted`` (one name may be given as a string), checked when the strategy
+    is built: a misspelt name is an error naming it, not one drawn (or, in an exclusion, one never excluded)."""
+    names = [values] if isinstance(values, str) else list(values)
+    unknown = [v for v in names if not isinstance(v, str) or v not in accepted]
+    if unknown:
+        raise ValueError(f"{argument}: unknown name(s) {unknown}; accepted: {', '.join(accepted)}")
+    if not names and not empty:
+        raise ValueError(f"{argument} must name at least one of {', '.join(accepted)}")
+    return names
+
+
+def schedules(*, kinds: Sequence[str] | str = ("linear", "scaled_linear", "cosine"),
               num_train_timesteps: Sequence[int] = (1000,)) -> st.SearchStrategy[Schedule]:
     """Noise schedules by diffusers' names (``linear``, ``scaled_linear``, ``cosine``) and training lengths."""
     makers = {"linear": Schedule.linear, "scaled_linear": Schedule.scaled_linear, "cosine": Schedule.cosine}
-    unknown = sorted(set(kinds) - set(makers))
-    if unknown:
-        raise ValueError(f"unknown schedule kind(s) {unknown}; accepted: {', '.join(makers)}")
-    return st.builds(lambda k, T: makers[k](T), st.sampled_from(list(kinds)),
-                     st.sampled_from(list(num_train_timesteps)))
+    kinds = _names(kinds, "kinds", list(makers))
+    return st.builds(lambda k, T: makers[k](T), st.sampled_from(kinds), st.sampled_from(list(num_train_timesteps)))
 
 
-def grid_names(*, exclude: Sequence[str] = ("quadratic",)) -> st.SearchStrategy[str]:
+def grid_names(*, exclude: Sequence[str] | str = ("quadratic",)) -> st.SearchStrategy[str]:
     """Named σ grids of :func:`flowdiff.make_sigmas` (``quadratic`` excluded by default: it repeats timesteps at
     large step counts)."""
-    return st.sampled_from([g for g in GRIDS if g not in exclude])
+    exclude = _names(exclude, "exclude", GRIDS, empty=True)
+    left = [g for g in GRIDS if g not in exclude]
+    if not left:
+        raise ValueError(f"exclude={exclude} leaves no grid to draw")
+    return st.sampled_from(left)
 
 
 def step_counts(min_value: int = 1, max_value: int = 50) -> st.SearchStrategy[int]:
-    """Step counts in [min_value, max_value]."""
+    """Step counts in [min_value, max_value], min_value >= 1."""
+    if isinstance(min_value, bool) or not isinstance(min_value, (int, np.integer)) or min_value < 1:
+        raise ValueError(f"min_value must be an int >= 1 (a solve takes at least one step), got {min_value!r}")
     return st.integers(min_value=min_value, max_value=max_value)
 
 
@@ -93,23 +113,41 @@ def batch_shapes(*, max_batch: int = 3, max_side: int = 4, channels: Sequence[in
                      st.integers(1, max_side))
 
 
-def dtypes(*, include: Sequence[torch.dtype] = (torch.float64, torch.float32)) -> st.SearchStrategy[torch.dtype]:
-    """State dtypes (float64 and float32 by default)."""
-    return st.sampled_from(list(include))
+#: The state dtypes :func:`dtypes` draws from: those ``generate``/``encode`` take.
+STATE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
-@st.composite
-def closed_form_models(draw: st.DrawFn, sample_shape: tuple[int, ...], *,
-                       schedule: st.SearchStrategy[Schedule] | None = None,
-                       kinds: Sequence[str] = ("gaussian", "mixture"),
-                       min_bandwidth: float = 0.2) -> Gaussian | Mixture:
+def dtypes(*, include: Sequence[torch.dtype] | torch.dtype = (torch.float64, torch.float32)
+           ) -> st.SearchStrategy[torch.dtype]:
+    """State dtypes (float64 and float32 by default; any of :data:`STATE_DTYPES`, one may be given alone)."""
+    values = [include] if isinstance(include, (torch.dtype, str)) else list(include)
+    bad = [v for v in values if v not in STATE_DTYPES]
+    if bad or not values:
+        raise ValueError(f"include must list torch dtypes of {', '.join(map(str, STATE_DTYPES))}, got {include!r}")
+    return st.sampled_from(values)
+
+
+def closed_form_models(sample_shape: tuple[int, ...], *, schedule: st.SearchStrategy[Schedule] | None = None,
+                       kinds: Sequence[str] | str = ("gaussian", "mixture"),
+                       min_bandwidth: float = 0.2) -> st.SearchStrategy[Gaussian | Mixture]:
     """A closed-form model on samples of ``sample_shape`` (without the batch dimension).
 
     ``gaussian``: N(μ, diag(v)) with μ in [−0.5, 0.5] and variances in [0.01, 0.5];
     ``mixture``: 2–8 centres in [−1, 1] with bandwidth in [min_bandwidth, 0.5]. Parameters
     are drawn from a seed so that a failing case shrinks to a small, reproducible one.
     """
-    kind = draw(st.sampled_from(list(kinds)))
+    kinds = _names(kinds, "kinds", ("gaussian", "mixture"))
+    if isinstance(min_bandwidth, bool) or not isinstance(min_bandwidth, (int, float, np.floating)) \
+            or not 0 < min_bandwidth <= 0.5:
+        raise ValueError(f"min_bandwidth must be a number in (0, 0.5] (bandwidths are drawn up to 0.5), got "
+                         f"{min_bandwidth!r}")
+    return _closed_form_models(tuple(sample_shape), schedule, kinds, float(min_bandwidth))
+
+
+@st.composite
+def _closed_form_models(draw: st.DrawFn, sample_shape: tuple[int, ...], schedule: st.SearchStrategy[Schedule] | None,
+                        kinds: list[str], min_bandwidth: float) -> Gaussian | Mixture:
+    kind = draw(st.sampled_from(kinds))
     sched = draw(schedule if schedule is not None else st.just(Schedule.linear()))
     seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
@@ -139,23 +177,69 @@ class RoundTripCase:
     grid: str
 
 
-@st.composite
-def round_trip_cases(draw: st.DrawFn, *, solvers: Sequence[str] = ("reversible_heun",),
+def round_trip_cases(*, solvers: Sequence[str] | str = ("reversible_heun",),
                      solver_options: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
                      steps: st.SearchStrategy[int] | None = None, grids: st.SearchStrategy[str] | None = None,
                      dtype: st.SearchStrategy[torch.dtype] | None = None,
                      shapes: st.SearchStrategy[tuple[int, ...]] | None = None,
                      schedule: st.SearchStrategy[Schedule] | None = None,
-                     kinds: Sequence[str] = ("gaussian", "mixture")) -> RoundTripCase:
+                     kinds: Sequence[str] = ("gaussian", "mixture")) -> st.SearchStrategy[RoundTripCase]:
     """A closed-form model, a batch of its data (clipped to [−1, 1]) and encode settings drawn together.
 
-    ``solver_options`` maps a solver name to the option sets to draw from (e.g.
-    ``{"reversible": [{"base": "euler"}, {"base": "heun"}]}``).
+    ``solvers`` are names of solvers that encode (a single name may be given as a string); ``solver_options``
+    maps some of them to the option sets to draw from (e.g. ``{"reversible": [{"base": "euler"}, {"base":
+    "heun"}]}``; pass them as ``solvers.get(case.solver, **case.solver_options)``). Both are checked when the
+    strategy is built: an unknown or non-encoding solver, options for a solver not in ``solvers`` and options a
+    solver does not take are a ``ValueError``/``TypeError`` naming them, not a case drawn and never run.
     """
+    names, options = _check_case_solvers(solvers, solver_options)
+    kinds = _names(kinds, "kinds", ("gaussian", "mixture"))
+    return _round_trip_cases(names, options, steps, grids, dtype, shapes, schedule, kinds)
+
+
+def _check_case_solvers(solvers: Sequence[str] | str, solver_options: Mapping[str, Sequence[Mapping[str, Any]]] | None
+                        ) -> tuple[list[str], dict[str, list[dict[str, Any]]]]:
+    """``round_trip_cases``' solvers and option sets, checked once, before any case is drawn."""
+    names = [solvers] if isinstance(solvers, str) else list(solvers)
+    accepted = [*encoders(), "reversible"]
+    if not names:
+        raise ValueError(f"solvers must name at least one solver that encodes, got {solvers!r}; accepted: "
+                         f"{', '.join(sorted(accepted))}")
+    for name in names:
+        if not isinstance(name, str) or name not in accepted:
+            raise ValueError(f"solvers: {name!r} is not a solver that encodes; accepted: {', '.join(sorted(accepted))}")
+    if solver_options is None:
+        return names, {}
+    if not isinstance(solver_options, Mapping):
+        raise TypeError(f"solver_options must map solver names to lists of option dicts, got "
+                        f"{type(solver_options).__name__}")
+    options: dict[str, list[dict[str, Any]]] = {}
+    for name, sets in solver_options.items():
+        if name not in names:
+            raise ValueError(f"solver_options names {name!r}, which is not among solvers {names}: its options would "
+                             "never be drawn")
+        if isinstance(sets, Mapping) or isinstance(sets, str) or not isinstance(sets, Sequence) or not sets \
+                or not all(isinstance(o, Mapping) for o in sets):
+            raise TypeError(f"solver_options[{name!r}] must be a non-empty list of option dicts (one per set to draw "
+                            f"from), got {sets!r}")
+        for opts in sets:
+            if name in _solvers.available():
+                _solvers.get(name, **opts)  # an option the solver does not take: its TypeError names it
+            elif opts:
+                raise TypeError(f"solver_options[{name!r}]: {name} takes no options, got {dict(opts)!r}")
+        options[name] = [dict(o) for o in sets]
+    return names, options
+
+
+@st.composite
+def _round_trip_cases(draw: st.DrawFn, names: list[str], options: dict[str, list[dict[str, Any]]],
+                      steps: st.SearchStrategy[int] | None, grids: st.SearchStrategy[str] | None,
+                      dtype: st.SearchStrategy[torch.dtype] | None, shapes: st.SearchStrategy[tuple[int, ...]] | None,
+                      schedule: st.SearchStrategy[Schedule] | None, kinds: Sequence[str]) -> RoundTripCase:
     shape = draw(shapes if shapes is not None else batch_shapes())
     model = draw(closed_form_models(shape[1:], schedule=schedule, kinds=kinds))
-    name = draw(st.sampled_from(list(solvers)))
-    choices = list((solver_options or {}).get(name, [{}]))
+    name = draw(st.sampled_from(names))
+    choices = options.get(name, [{}])
     opts = dict(draw(st.sampled_from(choices)))
     n = draw(steps if steps is not None else step_counts(1, 30))
     grid = draw(grids if grids is not None else grid_names())
@@ -217,6 +301,9 @@ def assert_round_trip(flow: ProbabilityFlow, images: Tensor, *, atol: float, **e
 
 def assert_fixed_point_converged(result: Result, tol: float | None = None) -> None:
     """Assert that a fixed-point encode reached its tolerance at every step (``stats.extra['residuals']``)."""
+    if not isinstance(result, Result):
+        raise TypeError(f"result must be the Result of a fixed-point encode (flowdiff.encode(..., solver="
+                        f"flowdiff.Inversion('fixed_point'))), got {type(result).__name__}")
     extra = result.stats.extra
     if "residuals" not in extra:
         raise ValueError("this result is not a fixed-point inversion (no stats.extra['residuals'])")
@@ -235,14 +322,25 @@ def round_trip_order(flow: ProbabilityFlow, images: Tensor, step_list: Sequence[
     schedule's Karras grid reaching σ = 0 smoothly, σ_i = σ_max (1 − i/N)^7, so that every
     step shrinks as N grows).
     """
-    if len(step_list) < 2:
-        raise ValueError(f"step_list needs at least 2 step counts, got {list(step_list)}")
+    counts = list(step_list)
+    if len(counts) < 2:
+        raise ValueError(f"step_list needs at least 2 step counts, got {counts}")
+    if any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 for n in counts) \
+            or len(set(counts)) != len(counts):
+        raise ValueError(f"step_list must hold distinct step counts (ints >= 1) to fit a slope over, got {counts}")
+    given = sorted(k for k in ("grid", "steps", "nfe") if k in encode_kwargs)
+    if given:
+        raise TypeError(f"round_trip_order makes each solve's grid from step_list (by sigmas_for), so it takes no "
+                        f"{', '.join(k + '=' for k in given)}; give the grid family as sigmas_for(steps) -> σ values")
     if sigmas_for is None:
         smax = flow.schedule.sigma_max
 
         def sigmas_for(n: int) -> np.ndarray:
             return smax * (1.0 - np.arange(n + 1) / n) ** 7
 
-    errors = [round_trip_error(flow, images, grid=sigmas_for(n), **encode_kwargs).max_abs for n in step_list]
-    slope = -float(np.polyfit(np.log(step_list), np.log(errors), 1)[0])
+    errors = [round_trip_error(flow, images, grid=sigmas_for(int(n)), **encode_kwargs).max_abs for n in counts]
+    if not all(math.isfinite(e) and e > 0 for e in errors):
+        raise ValueError(f"round-trip errors {errors} at steps {counts}: an order is the slope of log error against "
+                         "log steps, and a zero error (an exact round trip) or a non-finite one has no logarithm")
+    slope = -float(np.polyfit(np.log(counts), np.log(errors), 1)[0])
     return slope, errors
