@@ -340,3 +340,24 @@ def test_backward_does_no_host_sync_per_step(device, solver, mode):
         assert counted.per_step is None  # a CPU has no queue to wait for: checked where CUDA is
         return
     assert counted.per_step == 0, counted
+
+
+@pytest.mark.parametrize("mode", ["checkpoint", "reversible"])
+def test_torch_func_transforms_are_refused_by_name_and_autograd_runs_under_them(mode):
+    """torch.func.grad over a checkpoint/reversible solve stopped in torch with 'autograd.Function ... must override
+    the setup_context staticmethod' (sweep 6): refused naming adjoint=; adjoint='autograd' is torch.func's, and its
+    gradient equals torch.autograd's with the refused mode."""
+    f64 = torch.float64
+    flow = Gaussian(torch.tensor([0.3, -1.0], dtype=f64), torch.tensor([0.5, 2.0], dtype=f64)).flow()
+    sigmas = [3.0, 1.5, 0.7, 0.2, 0.0]
+    noise = torch.randn(2, 2, dtype=torch.float64)
+
+    def loss(n, adjoint):
+        return flowdiff.generate(flow, n, solver="reversible_heun", grid=sigmas, adjoint=adjoint).x.square().sum()
+
+    with pytest.raises(ValueError, match=rf"adjoint='{mode}' cannot run under a torch.func transform.*'autograd'"):
+        torch.func.grad(lambda n: loss(n, mode))(noise)
+    by_func = torch.func.grad(lambda n: loss(n, "autograd"))(noise)
+    leaf = noise.clone().requires_grad_()
+    (by_mode,) = torch.autograd.grad(loss(leaf, mode), leaf)
+    torch.testing.assert_close(by_func, by_mode, rtol=1e-10, atol=1e-12)

@@ -752,6 +752,12 @@ class AdjointSolution(Solution):
     saved: dict[int, Saved] = field(default_factory=dict)
 
 
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, vmap, ...) is running around the caller."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
+
+
 def differentiated(y0: Tensor, state: Any, params: Sequence[Tensor]) -> bool:
     """Whether a solve from ``y0`` and ``state`` of a field depending on ``params`` is differentiated (grad mode on,
     and something requires a gradient); otherwise :func:`integrate_adjoint` is the plain solve."""
@@ -781,6 +787,11 @@ def integrate_adjoint(f: Callable[[float, Tensor], Tensor], y0: Tensor, solver: 
     if not differentiated(y0, state, params):
         sol = solvers.integrate(f, y0, solver, stepping, state=state, **integrate_options)
         return AdjointSolution(sol.y, sol.stats, sol.state, sol.ts)
+    if _functorch_active():
+        raise ValueError(f"adjoint={adjoint!r} cannot run under a torch.func transform (grad, vjp, jacrev, jvp, vmap): "
+                         "its backward pass is its own autograd.Function, which torch.func does not trace; use "
+                         "adjoint='autograd' under torch.func, or torch.autograd.grad / loss.backward() with "
+                         f"adjoint={adjoint!r}")
     plan = _Plan(f, solver, stepping, adjoint, tuple(params), dict(integrate_options),
                  state_rebuild=state_rebuild, n_state=len(state_leaves), save_at=save_at, save_state=save_state)
     outputs = _SolveFunction.apply(plan, y0, *state_leaves, *params)
