@@ -231,13 +231,18 @@ def check_reference(reference: object, flow: ProbabilityFlow, noise: Tensor,
     else:
         unchecked.extend(_check_conditioning(reference, flow, model_kwargs, again))
     if unchecked:
-        why = (" (a file written before flowdiff recorded them, format flowdiff.Reference/3 or older, or a Reference "
-               "built by hand)" if not (reference.noise_keys or reference.flow_keys) else
-               f" (the flow given cannot be fingerprinted: {unfingerprintable})" if unfingerprintable else
-               " (its flow or conditioning could not be fingerprinted when it was solved)")
-        warnings.warn(f"reference records nothing to check {' or '.join(unchecked)} against{why}; it is checked on "
-                      "its shape only there. Solve it again with flowdiff.reference_solution (flowdiff compare "
-                      "--fresh-reference) to have it checked", UserWarning, stacklevel=3)
+        if not (reference.noise_keys or reference.flow_keys):
+            why = ("it records neither (a file written before flowdiff recorded them, format flowdiff.Reference/3 or "
+                   "older, or a Reference built by hand); solve it again with flowdiff.reference_solution (flowdiff "
+                   "compare --fresh-reference) to have it checked")
+        elif unfingerprintable:
+            why = (f"the flow given cannot be fingerprinted ({unfingerprintable}); a wrapper around a model hides "
+                   "it: give the model's own flow to have it checked")
+        else:
+            why = ("its flow or conditioning could not be fingerprinted when it was solved (see "
+                   "flowdiff.flow_fingerprint)")
+        warnings.warn(f"reference: {' and '.join(unchecked)} cannot be checked against what it was solved for, only "
+                      f"its shape{' and noise' if reference.noise_keys else ''}: {why}", UserWarning, stacklevel=3)
     return reference
 
 
