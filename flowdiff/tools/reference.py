@@ -187,6 +187,7 @@ def _flow_keys(flow: ProbabilityFlow,
                     conditioned.append(flow_fingerprint(each, model_kwargs) if model_kwargs else alone[-1])
                 except TypeError:  # conditioning that cannot be digested the same way in every run
                     conditioned = None
+            del each  # one copy of the network at a time
     except TypeError:
         return (), ()
     conditioned = conditioned or []
