@@ -162,7 +162,8 @@ def _noise_keys(noise: Tensor) -> tuple[str, ...]:
 
 
 def _in_precisions(flow: ProbabilityFlow) -> Iterator[ProbabilityFlow]:
-    """``flow``, then, for a torch network, a copy of it in each other floating precision (one at a time)."""
+    """``flow``, then, for a torch network, a copy of it in each other floating precision (one at a time; none
+    where it cannot be copied, so that a run in another precision of it is refused as another flow)."""
     yield flow
     model = flow.model
     if flow.sigma_field is not None or not isinstance(model, torch.nn.Module):
@@ -170,7 +171,12 @@ def _in_precisions(flow: ProbabilityFlow) -> Iterator[ProbabilityFlow]:
     own = {p.dtype for p in model.parameters() if p.is_floating_point()}
     for dtype in _PRECISIONS:
         if own != {dtype}:
-            yield ProbabilityFlow(copy.deepcopy(model).to(dtype), flow.schedule, prediction_type=flow.prediction_type)
+            try:
+                copied = copy.deepcopy(model).to(dtype)
+            except (TypeError, RuntimeError, copy.Error):  # a network that cannot be copied: its own precision only
+                continue
+            yield ProbabilityFlow(copied, flow.schedule, prediction_type=flow.prediction_type)
+            del copied
 
 
 def _flow_keys(flow: ProbabilityFlow,
