@@ -218,53 +218,51 @@ def check_reference(reference: object, flow: ProbabilityFlow, noise: Tensor,
                          "a reference belongs to one batch of noise")
     again = ("solve the reference for these with flowdiff.reference_solution(flow, noise, model_kwargs=...) (or "
              "leave reference= out: compare solves it)")
-    unchecked = []
+    never = ("it records nothing to check it against (a file written before flowdiff recorded it, format "
+             "flowdiff.Reference/3 or older, or a Reference built by hand); solve it again with "
+             "flowdiff.reference_solution (flowdiff compare --fresh-reference) to have it checked")
+    unchecked: dict[str, str] = {}  # what cannot be checked: why
     if not reference.noise_keys:
-        unchecked.append("the noise")
+        unchecked["the noise"] = never
     elif _values_key(noise) not in reference.noise_keys:
         raise ValueError(f"reference was solved from other noise than the noise given (same shape "
                          f"{tuple(noise.shape)}, other values, also rounded to {noise.dtype}): pass the noise it was "
                          f"solved from, or {again}")
-    unfingerprintable = ""
     try:
         alone = flow_fingerprint(flow, None)
     except TypeError as err:
-        alone, unfingerprintable = None, str(err)
-    if not reference.flow_keys or alone is None:
-        unchecked.append("the flow")
-    elif alone not in reference.flow_keys:
-        raise ValueError(f"reference was solved with another flow (fingerprint {reference.flow_keys[0]}; the flow "
-                         f"given has {alone}: another network, weights, schedule or prediction type): {again}")
+        unchecked["the flow"] = (f"the flow given cannot be fingerprinted ({err}); a wrapper around a model hides it: "
+                                 "give the model's own flow to have it checked")
     else:
-        unchecked.extend(_check_conditioning(reference, flow, model_kwargs, again))
-    if unchecked:
-        if not (reference.noise_keys or reference.flow_keys):
-            why = ("it records neither (a file written before flowdiff recorded them, format flowdiff.Reference/3 or "
-                   "older, or a Reference built by hand); solve it again with flowdiff.reference_solution (flowdiff "
-                   "compare --fresh-reference) to have it checked")
-        elif unfingerprintable:
-            why = (f"the flow given cannot be fingerprinted ({unfingerprintable}); a wrapper around a model hides "
-                   "it: give the model's own flow to have it checked")
+        if not reference.flow_keys:
+            unchecked["the flow"] = never if not reference.noise_keys else (
+                "its flow could not be fingerprinted when it was solved (see flowdiff.flow_fingerprint)")
+        elif alone not in reference.flow_keys:
+            raise ValueError(f"reference was solved with another flow (fingerprint {reference.flow_keys[0]}; the flow "
+                             f"given has {alone}: another network, weights, schedule or prediction type): {again}")
         else:
-            why = ("its flow or conditioning could not be fingerprinted when it was solved (see "
-                   "flowdiff.flow_fingerprint)")
+            unchecked.update(_check_conditioning(reference, flow, model_kwargs, again))
+    if unchecked:
+        reasons = list(dict.fromkeys(unchecked.values()))
         warnings.warn(f"reference: {' and '.join(unchecked)} cannot be checked against what it was solved for, only "
-                      f"its shape{' and noise' if reference.noise_keys else ''}: {why}", UserWarning, stacklevel=3)
+                      f"its shape{'' if 'the noise' in unchecked else ' and noise'}: {'; '.join(reasons)}",
+                      UserWarning, stacklevel=3)
     return reference
 
 
 def _check_conditioning(reference: Reference, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None,
-                        again: str) -> list[str]:
-    """Refuse other conditioning than the reference's; the part that cannot be checked, if any."""
+                        again: str) -> dict[str, str]:
+    """Refuse other conditioning than the reference's; what cannot be checked, and why, if anything."""
     if not reference.conditioning_keys:
-        return ["the conditioning (model_kwargs)"]
+        return {"the conditioning (model_kwargs)": "its model_kwargs could not be fingerprinted when it was solved "
+                                                   "(see flowdiff.flow_fingerprint)"}
     had = set(reference.conditioning_keys) != set(reference.flow_keys)
     try:
         given = flow_fingerprint(flow, model_kwargs)
-    except TypeError:
-        return ["the conditioning (model_kwargs)"]
+    except TypeError as err:
+        return {"the conditioning (model_kwargs)": f"the model_kwargs given cannot be fingerprinted ({err})"}
     if given in reference.conditioning_keys:
-        return []
+        return {}
     if not model_kwargs:
         what = "with model_kwargs (conditioning such as class labels), and none are given: pass them"
     elif not had:
