@@ -6,6 +6,8 @@ Each test failed before its fix (its docstring says what a user saw).
 
 import dataclasses
 import math
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -217,3 +219,24 @@ def test_final_euler_false_still_changes_other_solvers():
     euler_end = fd.generate(flow, noise, solver="heun", grid=fd.Grid("trailing", steps=4))
     heun_end = fd.generate(flow, noise, solver="heun", grid=fd.Grid("trailing", steps=4, final_euler=False))
     assert heun_end.stats.nfe == euler_end.stats.nfe + 1
+
+
+HAS_DIGITS = (Path(fd.__file__).parent / "weights" / "digits.safetensors").is_file()
+
+
+@pytest.mark.skipif(not HAS_DIGITS, reason="the shipped digits weights are not installed")
+def test_the_command_line_reuses_its_reference_at_every_precision_without_a_warning(capsys, tmp_path):
+    """flowdiff compare solves its reference from the network as saved and float64 noise and runs in --dtype: the
+    kept reference is the float16 run's own (its noise rounded, its network copied), so it is checked, not
+    refused, and nothing is said."""
+    from _cli_runs import run_in
+
+    args = ["compare", "--batch", 2, "--nfe", 4, "--solver", "euler", "--grid", "trailing", "--rtol", "1e-3",
+            "--out", "out", "--no-progress", "--overwrite"]
+    for dtype in ("float32", "float16", "float64"):
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            code, out, err = run_in(capsys, [*args, "--dtype", dtype], tmp_path)
+        assert code == 0, err
+        assert ("kept in" in out.splitlines()[0]) == (dtype != "float32")
+        assert not [w for w in said if str(w.message).startswith("reference")]
