@@ -11,7 +11,8 @@ i.e. Euler on dx̄/dσ = ε, so on the scheduler's grid and timesteps
 A generate-only plug-in, not a registered ODE solver: self-started its order depends on the grid
 (3 on uniform grids, where the Heun start is third order, 2 on smooth non-uniform ones, where the
 equal-step coefficients ignore the step ratios), and its encode would extrapolate over growing steps
-(``ipndm`` is refused there for the same reason).
+(``ipndm`` is refused there for the same reason). ``Grid(final_euler=False)`` is refused beside it: its
+last step is never Euler to begin with (see :attr:`PNDM.final_euler_refused`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ from ..engine.plugins import Plugin, register_plugin
 
 class PNDM(IPNDM):
     """PLMS with a Heun first step (see the module docstring)."""
+
+    #: Why :func:`flowdiff.generate` refuses ``Grid(final_euler=False)`` beside it: that flag turns the last step
+    #: of a method that evaluates the model at σ = 0 from Euler into the method's own step, and PNDM's last step
+    #: is its own already, whatever the flag says.
+    final_euler_refused = ("pndm ends as diffusers' PNDMScheduler does, with its Adams–Bashforth step over the "
+                           "derivatives already evaluated (with one step, its Heun start), never an Euler step put "
+                           "in its place, so final_euler=False would change nothing (the same images and NFE as "
+                           "without it)")
 
     def __init__(self) -> None:
         super().__init__(4)

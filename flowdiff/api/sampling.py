@@ -338,6 +338,9 @@ def generate(
         raise ValueError(f"solver=flowdiff.Inversion({solver.method!r}, ...) is an encoding method; use it with "
                          "flowdiff.encode")
     solver_obj, name, options = _resolve_solver(solver, "generate")
+    if grid_spec.final_euler is False and getattr(solver_obj, "final_euler_refused", None):  # a plug-in's own end
+        raise ValueError(f"grid=Grid(..., final_euler=False) beside solver {name!r}: "
+                         f"{solver_obj.final_euler_refused}; leave final_euler out")
     request = _request(flow, solver_obj, name, options, grid_spec, adaptive_spec, model_kwargs, callback,
                        checks.finite, bound=bound)
     dtype = compute_dtype(noise)

@@ -56,7 +56,7 @@ from ..engine.options import Grid
 from . import peers as _peers
 from . import tuning as _tuning
 from .learned import LearnedSolver
-from .reference import Reference, check_tolerance, clear_reference_cache, reference_solution
+from .reference import Reference, check_reference, check_tolerance, clear_reference_cache, reference_solution
 
 __all__ = ["CALIBRATION_SEED", "CSV_COLUMNS", "DEFAULT_GRIDS", "DEFAULT_NFE", "TUNED_GRIDS", "Comparison", "Reference",
            "LEARNED_GRID", "Run", "Skipped", "clear_reference_cache", "compare", "default_grids", "default_solvers",
@@ -445,8 +445,8 @@ def compare(
     a smaller σ) carry the error of that late start, as their users get it.
     ``progress=True`` shows a tqdm bar on stderr; a callable receives a short description
     before each run instead. ``reference`` supplies the reference instead of solving it
-    (e.g. one kept on disk from an earlier run of the same model and noise); its shape must
-    match the noise.
+    (e.g. one kept on disk from an earlier run of the same model and noise); one solved for another
+    flow, other ``model_kwargs`` or other noise is refused (:func:`flowdiff.tools.reference.check_reference`).
 
     ``grids`` may also name ``"tuned"`` (:data:`TUNED_GRIDS`), which tunes a grid
     per (solver, budget) with :func:`flowdiff.tune` (options ``tune_options``) on
@@ -505,11 +505,7 @@ def compare(
     if not (isinstance(progress, bool) or callable(progress)):
         raise TypeError(f"progress must be a bool or a callable, got {type(progress).__name__}")
     if reference is not None:
-        if not isinstance(reference, Reference):
-            raise TypeError(f"reference must be a flowdiff.Reference or None, got {type(reference).__name__}")
-        if tuple(reference.x.shape) != tuple(noise.shape):
-            raise ValueError(f"reference has shape {tuple(reference.x.shape)}, the noise {tuple(noise.shape)}; "
-                             "a reference belongs to one batch of noise")
+        check_reference(reference, flow, noise, model_kwargs)
 
     jobs = [(s, g, b) for s in names for g in grid_names for b in budgets]
     bar = None

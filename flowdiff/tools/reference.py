@@ -3,6 +3,8 @@
 :func:`reference_solution` solves the probability-flow ODE from one batch of noise to high accuracy
 (adaptive, float64) and estimates its own error; :class:`Reference` holds the image and its cost and
 saves it to safetensors, so that a comparison, a tuning run or a command line keeps it across runs.
+A reference records what it belongs to (the flow's fingerprint with its conditioning, and a digest of the
+noise), and :func:`check_reference` refuses it beside another flow, other conditioning or other noise.
 It lives apart from :mod:`flowdiff.tools.compare` so that :mod:`flowdiff.tools.tuning` uses it
 without importing the comparison that imports tuning.
 """
@@ -13,12 +15,14 @@ import copy
 import hashlib
 import math
 import time
+import warnings
 import weakref
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,6 +31,7 @@ import solvers as _solvers
 from ..api.adaptive import RK_CONTROLLER, to_zero_in_log_sigma
 from ..api.sampling import generate
 from ..engine._checks import check_has_values
+from ..engine.fingerprint import flow_fingerprint
 from ..engine.flow import ProbabilityFlow
 from ..engine.loop import solve_flow
 from ..engine.options import Adaptive
@@ -44,6 +49,16 @@ class Reference:
     proportionality (global error ∝ tolerance, Hairer, Nørsett & Wanner, "Solving Ordinary
     Differential Equations I", §II.4): with e_tight = c·tol and e_loose = 100·c·tol,
     ‖x_loose − x_tight‖ ≈ 99·e_tight, so ``error`` = ‖x_loose − x_tight‖_RMS / 99.
+
+    What it belongs to, checked by :func:`check_reference` wherever a reference is passed in (``compare(reference=)``):
+    ``flow_keys``, the :func:`flowdiff.flow_fingerprint` of the flow it was solved from without conditioning,
+    ``conditioning_keys``, the same with its ``model_kwargs`` (class labels repeated over the batch count as one
+    label, as for tuned grids and learned solvers), each for the network as given and for a copy of it in every
+    other floating precision (a run in float16 of the network the reference solved in float64 is measured against
+    it), and ``noise_keys``, digests of the noise's values and of them rounded to each lower precision. A file
+    written before they were recorded (format ``flowdiff.Reference/3`` or older) and a reference built by hand
+    hold none: :func:`check_reference` can check only their shape and says so in a warning. They are not part of
+    a reference's value (``==`` compares the image and its solve).
     """
 
     x: Tensor
@@ -56,6 +71,9 @@ class Reference:
     wall_time: float
     error: float
     error_nfe: int = 0
+    flow_keys: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    conditioning_keys: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    noise_keys: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def save(self, path: str | Path, key: str = "") -> Path:
         """Write this reference to a safetensors file, with ``key`` saying what it belongs to."""
@@ -65,7 +83,8 @@ class Reference:
                 "sigma_end": self.sigma_end.hex(), "solver": self.solver,
                 "rtol": self.rtol.hex(), "atol": self.atol.hex(), "nfe": str(self.nfe),
                 "wall_time": repr(self.wall_time), "error": repr(self.error),
-                "error_nfe": str(self.error_nfe)}
+                "error_nfe": str(self.error_nfe), "flow_keys": ",".join(self.flow_keys),
+                "conditioning_keys": ",".join(self.conditioning_keys), "noise_keys": ",".join(self.noise_keys)}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"x": self.x.detach().to("cpu", torch.float64).contiguous()}, str(path), metadata=meta)
@@ -78,7 +97,7 @@ class Reference:
 
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-            if meta.get("format") not in (_REFERENCE_FORMAT, _REFERENCE_FORMAT_2):
+            if meta.get("format") not in (_REFERENCE_FORMAT, *_OLDER_FORMATS):
                 raise ValueError(f"{path} is not a flowdiff reference file (format {meta.get('format')!r})")
             if key is not None and meta.get("key") != key:
                 return None
@@ -86,12 +105,19 @@ class Reference:
         return cls(x, float.fromhex(meta["sigma_start"]), float.fromhex(meta["sigma_end"]), meta["solver"],
                    float.fromhex(meta["rtol"]),
                    float.fromhex(meta["atol"]), int(meta["nfe"]), float(meta["wall_time"]), float(meta["error"]),
-                   int(meta.get("error_nfe", "0")))
+                   int(meta.get("error_nfe", "0")), *(_keys(meta.get(name, "")) for name in _KEY_FIELDS))
 
 
-_REFERENCE_FORMAT = "flowdiff.Reference/3"
-#: files written before ``error_nfe`` was recorded; still read (``error_nfe`` = 0)
-_REFERENCE_FORMAT_2 = "flowdiff.Reference/2"
+def _keys(text: str) -> tuple[str, ...]:
+    return tuple(text.split(",")) if text else ()
+
+
+_KEY_FIELDS = ("flow_keys", "conditioning_keys", "noise_keys")
+_REFERENCE_FORMAT = "flowdiff.Reference/4"
+#: still read: ``/3`` recorded no keys (checked on its shape only), ``/2`` nor ``error_nfe`` (read as 0)
+_OLDER_FORMATS = ("flowdiff.Reference/3", "flowdiff.Reference/2")
+#: the floating precisions a run may use, in which a reference's flow and noise are also recorded
+_PRECISIONS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 _CACHE: weakref.WeakKeyDictionary[ProbabilityFlow, dict[tuple, Reference]] = weakref.WeakKeyDictionary()
 
@@ -122,11 +148,139 @@ def _noise_key(noise: Tensor) -> tuple:
     return hashlib.blake2b(data, digest_size=16).hexdigest(), tuple(noise.shape), str(noise.device)
 
 
+def _values_key(x: Tensor) -> str:
+    """A digest of the values and shape of ``x``, whatever its dtype or device (its values read as float64)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(tuple(x.shape)).encode())
+    h.update(x.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _noise_keys(noise: Tensor) -> tuple[str, ...]:
+    """The digests the noise may be given with: its own values, and them rounded to each other precision."""
+    return tuple(dict.fromkeys(_values_key(noise.detach().to(dtype)) for dtype in (noise.dtype, *_PRECISIONS)))
+
+
+def _in_precisions(flow: ProbabilityFlow) -> Iterator[ProbabilityFlow]:
+    """``flow``, then, for a torch network, a copy of it in each other floating precision (one at a time; none
+    where it cannot be copied, so that a run in another precision of it is refused as another flow)."""
+    yield flow
+    model = flow.model
+    if flow.sigma_field is not None or not isinstance(model, torch.nn.Module):
+        return
+    own = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    for dtype in _PRECISIONS:
+        if own != {dtype}:
+            try:
+                copied = copy.deepcopy(model).to(dtype)
+            except (TypeError, RuntimeError, copy.Error):  # a network that cannot be copied: its own precision only
+                continue
+            yield ProbabilityFlow(copied, flow.schedule, prediction_type=flow.prediction_type)
+            del copied
+
+
+def _flow_keys(flow: ProbabilityFlow,
+               model_kwargs: Mapping[str, Any] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The fingerprints of ``flow`` alone and with ``model_kwargs``, in each precision; ``()`` for what cannot be
+    fingerprinted (a plain function as the model, conditioning whose digest would change between runs)."""
+    alone: list[str] = []
+    conditioned: list[str] | None = []
+    try:
+        for each in _in_precisions(flow):
+            alone.append(flow_fingerprint(each, None))
+            if conditioned is not None:
+                try:
+                    conditioned.append(flow_fingerprint(each, model_kwargs) if model_kwargs else alone[-1])
+                except TypeError:  # conditioning that cannot be digested the same way in every run
+                    conditioned = None
+            del each  # one copy of the network at a time
+    except TypeError:
+        return (), ()
+    conditioned = conditioned or []
+    return tuple(dict.fromkeys(alone)), tuple(dict.fromkeys(conditioned))
+
+
+def check_reference(reference: object, flow: ProbabilityFlow, noise: Tensor,
+                    model_kwargs: Mapping[str, Any] | None = None) -> Reference:
+    """``reference`` if it belongs to ``flow`` with ``model_kwargs`` and to ``noise``, else an error naming it.
+
+    The one check of every ``reference=`` argument: ``TypeError`` for a non-:class:`Reference`, ``ValueError`` for
+    another shape, other noise (its values differ, also rounded to the noise's precision), another flow (network,
+    weights, schedule or prediction type) or other conditioning (``model_kwargs``: class labels missing, added or
+    different), each saying what to do. What the reference does not record (a file of format
+    ``flowdiff.Reference/3`` or older, a reference built by hand, a flow or conditioning that cannot be
+    fingerprinted) is not checked, and a ``UserWarning`` says so.
+    """
+    if not isinstance(reference, Reference):
+        raise TypeError(f"reference must be a flowdiff.Reference or None, got {type(reference).__name__}")
+    if tuple(reference.x.shape) != tuple(noise.shape):
+        raise ValueError(f"reference has shape {tuple(reference.x.shape)}, the noise {tuple(noise.shape)}; "
+                         "a reference belongs to one batch of noise")
+    again = ("solve the reference for these with flowdiff.reference_solution(flow, noise, model_kwargs=...) (or "
+             "leave reference= out: compare solves it)")
+    never = ("it records nothing to check it against (a file written before flowdiff recorded it, format "
+             "flowdiff.Reference/3 or older, or a Reference built by hand); solve it again with "
+             "flowdiff.reference_solution (flowdiff compare --fresh-reference) to have it checked")
+    unchecked: dict[str, str] = {}  # what cannot be checked: why
+    if not reference.noise_keys:
+        unchecked["the noise"] = never
+    elif _values_key(noise) not in reference.noise_keys:
+        raise ValueError(f"reference was solved from other noise than the noise given (same shape "
+                         f"{tuple(noise.shape)}, other values, also rounded to {noise.dtype}): pass the noise it was "
+                         f"solved from, or {again}")
+    try:
+        alone = flow_fingerprint(flow, None)
+    except TypeError as err:
+        unchecked["the flow"] = (f"the flow given cannot be fingerprinted ({err}); a wrapper around a model hides it: "
+                                 "give the model's own flow to have it checked")
+    else:
+        if not reference.flow_keys:
+            unchecked["the flow"] = never if not reference.noise_keys else (
+                "its flow could not be fingerprinted when it was solved (see flowdiff.flow_fingerprint)")
+        elif alone not in reference.flow_keys:
+            raise ValueError(f"reference was solved with another flow (fingerprint {reference.flow_keys[0]}; the flow "
+                             f"given has {alone}: another network, weights, schedule or prediction type): {again}")
+        else:
+            unchecked.update(_check_conditioning(reference, flow, model_kwargs, again))
+    if unchecked:
+        reasons = list(dict.fromkeys(unchecked.values()))
+        warnings.warn(f"reference: {' and '.join(unchecked)} cannot be checked against what it was solved for, only "
+                      f"its shape{'' if 'the noise' in unchecked else ' and noise'}: {'; '.join(reasons)}",
+                      UserWarning, stacklevel=3)
+    return reference
+
+
+def _check_conditioning(reference: Reference, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None,
+                        again: str) -> dict[str, str]:
+    """Refuse other conditioning than the reference's; what cannot be checked, and why, if anything."""
+    if not reference.conditioning_keys:
+        return {"the conditioning (model_kwargs)": "its model_kwargs could not be fingerprinted when it was solved "
+                                                   "(see flowdiff.flow_fingerprint)"}
+    had = set(reference.conditioning_keys) != set(reference.flow_keys)
+    try:
+        given = flow_fingerprint(flow, model_kwargs)
+    except TypeError as err:
+        return {"the conditioning (model_kwargs)": f"the model_kwargs given cannot be fingerprinted ({err})"}
+    if given in reference.conditioning_keys:
+        return {}
+    if not model_kwargs:
+        what = "with model_kwargs (conditioning such as class labels), and none are given: pass them"
+    elif not had:
+        what = f"without model_kwargs, and model_kwargs {sorted(model_kwargs)} are given: leave them out"
+    else:
+        what = (f"with other model_kwargs than the {sorted(model_kwargs)} given (other values, such as other class "
+                "labels): pass the ones it was solved with")
+    raise ValueError(f"reference was solved {what}, or {again}")
+
+
 _LOOSER = 100.0
 
 
 def check_tolerance(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1e-3):
+    """A reference tolerance as a float: any real number (int, float, NumPy scalar) in (0, 1e-3]; bools, NaN and
+    numbers outside are refused naming ``name``."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
+            or not (0 < value <= 1e-3)):
         raise ValueError(f"{name} must be a number in (0, 1e-3] (a reference is a tight solve), got {value!r}")
     return float(value)
 
@@ -198,7 +352,8 @@ def reference_solution(
         loose, error_nfe = _solve_reference(flow64, noise64, s0, s_end, solver, _LOOSER * rtol, _LOOSER * atol,
                                     model_kwargs, bar.callback)
     error = float((loose - tight).pow(2).mean().sqrt()) / (_LOOSER - 1)
-    ref = Reference(tight, s0, s_end, solver, rtol, atol, nfe, wall, error, error_nfe)
+    ref = Reference(tight, s0, s_end, solver, rtol, atol, nfe, wall, error, error_nfe,
+                    *_flow_keys(flow, model_kwargs), _noise_keys(noise))
     if use_cache:
         _CACHE.setdefault(flow, {})[key] = ref
     return ref
