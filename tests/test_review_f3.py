@@ -240,3 +240,27 @@ def test_the_command_line_reuses_its_reference_at_every_precision_without_a_warn
         assert code == 0, err
         assert ("kept in" in out.splitlines()[0]) == (dtype != "float32")
         assert not [w for w in said if str(w.message).startswith("reference")]
+
+
+def test_precision_fingerprints_equal_the_cast_networks_own_without_copying_it(monkeypatch):
+    """A reference records its network in every precision by casting one tensor at a time: the keys equal the
+    fingerprints of the network cast as a whole (model.to(dtype)), and no copy of the network is made (F3 had
+    deep-copied it once per precision: 4 copies, one of them float64, of an SD-size network per reference)."""
+    import copy
+
+    from flowdiff.engine.fingerprint import flow_fingerprint, precision_fingerprints
+    from flowdiff.tools import reference as reference_module
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    net[1].running_mean.uniform_()
+    flow = ProbabilityFlow(net, fd.Schedule.linear())
+    dtypes = (torch.float64, torch.float16, torch.bfloat16)
+    expected = [flow_fingerprint(flow)]
+    for dtype in dtypes:
+        cast = copy.deepcopy(flow.model).to(dtype)
+        expected.append(flow_fingerprint(ProbabilityFlow(cast, flow.schedule)))
+    copies = []
+    monkeypatch.setattr(copy, "deepcopy", lambda *a, **k: copies.append(a) or pytest.fail("network copied"))
+    assert precision_fingerprints(flow, None, dtypes) == tuple(dict.fromkeys(expected))
+    alone, conditioned = reference_module._flow_keys(flow, None)
+    assert set(expected) <= set(alone) and not copies

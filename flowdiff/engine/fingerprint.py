@@ -80,32 +80,39 @@ def _check_stable(value: object, name: str) -> None:
 
 #: module -> (what its tensors are now, the digest of their values): hashing a large network's weights costs
 #: seconds, and encode and decode both ask; the key changes whenever a tensor is replaced or modified in place
-_MODULE_DIGESTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, bytes]] = weakref.WeakKeyDictionary()
+_MODULE_DIGESTS: weakref.WeakKeyDictionary[torch.nn.Module, dict[torch.dtype | None, tuple[tuple, bytes]]] = \
+    weakref.WeakKeyDictionary()
 
 
-def _module_digest(module: torch.nn.Module) -> bytes:
+def _module_digest(module: torch.nn.Module, cast: torch.dtype | None = None) -> bytes:
+    """The digest of the module's state; with ``cast``, of its floating tensors cast to it as ``module.to(cast)``
+    casts them, one tensor at a time (no copy of the network)."""
     items = sorted(module.state_dict().items())
-    key = tuple((name, v.data_ptr(), v._version, v.dtype, tuple(v.shape), str(v.device)) if isinstance(v, Tensor)
-                else (name, repr(v)) for name, v in items)
-    hit = _MODULE_DIGESTS.get(module)
+    key = (cast, *((name, v.data_ptr(), v._version, v.dtype, tuple(v.shape), str(v.device))
+                   if isinstance(v, Tensor) else (name, repr(v)) for name, v in items))
+    digests = _MODULE_DIGESTS.setdefault(module, {})
+    hit = digests.get(cast)
     if hit is not None and hit[0] == key:
         return hit[1]
     h = hashlib.blake2b(digest_size=16)
     for name, value in items:
         h.update(name.encode())
+        if cast is not None and isinstance(value, Tensor) and value.is_floating_point():
+            value = value.detach().to(cast)
         _update(h, value)
     digest = h.digest()
-    _MODULE_DIGESTS[module] = (key, digest)
+    digests[cast] = (key, digest)
     return digest
 
 
-def _digest(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None, *, repeated: bool) -> str:
+def _digest(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None, *, repeated: bool,
+            cast: torch.dtype | None = None) -> str:
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
     h = hashlib.blake2b(digest_size=16)
     owner = getattr(flow.sigma_field, "__self__", None) if flow.sigma_field is not None else flow.model
     if isinstance(owner, torch.nn.Module):
-        h.update(_module_digest(owner))
+        h.update(_module_digest(owner, cast))
     elif owner is not None and hasattr(owner, "__dict__"):
         for name, value in sorted((k, v) for k, v in vars(owner).items() if isinstance(v, (Tensor, int, float, str))):
             h.update(name.encode())
@@ -144,3 +151,16 @@ def accepted_fingerprints(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any]
     now = _digest(flow, model_kwargs, repeated=True)
     before = _digest(flow, model_kwargs, repeated=False) if check_model_kwargs(model_kwargs) else now
     return (now,) if before == now else (now, before)
+
+
+def precision_fingerprints(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None,
+                           dtypes: tuple[torch.dtype, ...] = ()) -> tuple[str, ...]:
+    """:func:`flow_fingerprint` of ``flow`` as given, then of its network cast to each of ``dtypes`` (as
+    ``model.to(dtype)`` casts it: the floating parameters and buffers), read one tensor at a time without copying
+    the network; distinct values, in that order. A model that is not a ``torch.nn.Module`` has its own only.
+    What records a flow solved in one precision (a reference) matches the same network run in another."""
+    keys = [_digest(flow, model_kwargs, repeated=True)]
+    owner = getattr(flow.sigma_field, "__self__", None) if flow.sigma_field is not None else flow.model
+    if isinstance(owner, torch.nn.Module):
+        keys += [_digest(flow, model_kwargs, repeated=True, cast=dtype) for dtype in dtypes]
+    return tuple(dict.fromkeys(keys))

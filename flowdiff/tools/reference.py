@@ -17,7 +17,7 @@ import math
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ import solvers as _solvers
 from ..api.adaptive import RK_CONTROLLER, to_zero_in_log_sigma
 from ..api.sampling import generate
 from ..engine._checks import check_has_values
-from ..engine.fingerprint import flow_fingerprint
+from ..engine.fingerprint import flow_fingerprint, precision_fingerprints
 from ..engine.flow import ProbabilityFlow
 from ..engine.loop import solve_flow
 from ..engine.options import Adaptive
@@ -161,43 +161,22 @@ def _noise_keys(noise: Tensor) -> tuple[str, ...]:
     return tuple(dict.fromkeys(_values_key(noise.detach().to(dtype)) for dtype in (noise.dtype, *_PRECISIONS)))
 
 
-def _in_precisions(flow: ProbabilityFlow) -> Iterator[ProbabilityFlow]:
-    """``flow``, then, for a torch network, a copy of it in each other floating precision (one at a time; none
-    where it cannot be copied, so that a run in another precision of it is refused as another flow)."""
-    yield flow
-    model = flow.model
-    if flow.sigma_field is not None or not isinstance(model, torch.nn.Module):
-        return
-    own = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    for dtype in _PRECISIONS:
-        if own != {dtype}:
-            try:
-                copied = copy.deepcopy(model).to(dtype)
-            except (TypeError, RuntimeError, copy.Error):  # a network that cannot be copied: its own precision only
-                continue
-            yield ProbabilityFlow(copied, flow.schedule, prediction_type=flow.prediction_type)
-            del copied
-
-
 def _flow_keys(flow: ProbabilityFlow,
                model_kwargs: Mapping[str, Any] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The fingerprints of ``flow`` alone and with ``model_kwargs``, in each precision; ``()`` for what cannot be
-    fingerprinted (a plain function as the model, conditioning whose digest would change between runs)."""
-    alone: list[str] = []
-    conditioned: list[str] | None = []
+    """The fingerprints of ``flow`` alone and with ``model_kwargs``, for its network as given and cast to each
+    precision (:func:`~flowdiff.engine.fingerprint.precision_fingerprints`, one tensor at a time: no copy of the
+    network); ``()`` for what cannot be fingerprinted (a plain function as the model, conditioning whose digest
+    would change between runs)."""
     try:
-        for each in _in_precisions(flow):
-            alone.append(flow_fingerprint(each, None))
-            if conditioned is not None:
-                try:
-                    conditioned.append(flow_fingerprint(each, model_kwargs) if model_kwargs else alone[-1])
-                except TypeError:  # conditioning that cannot be digested the same way in every run
-                    conditioned = None
-            del each  # one copy of the network at a time
+        alone = precision_fingerprints(flow, None, _PRECISIONS)
     except TypeError:
         return (), ()
-    conditioned = conditioned or []
-    return tuple(dict.fromkeys(alone)), tuple(dict.fromkeys(conditioned))
+    if not model_kwargs:
+        return alone, alone
+    try:
+        return alone, precision_fingerprints(flow, model_kwargs, _PRECISIONS)
+    except TypeError:  # conditioning that cannot be digested the same way in every run
+        return alone, ()
 
 
 def check_reference(reference: object, flow: ProbabilityFlow, noise: Tensor,
