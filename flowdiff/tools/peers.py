@@ -242,7 +242,7 @@ def _why_left_out(template: PeerSampler, config: Mapping[str, Any], kwargs: Mapp
     if template.target.startswith("FlowMatch"):
         for key, why in (("stochastic_sampling", "re-noises at every step (not the ODE)"),
                          ("invert_sigmas", "runs t from 0 to 1 (not a generation)")):
-            if config.get(key):
+            if kwargs.get(key):  # FlowMatchHeun has neither option: it ignores them, as its from_config does
                 return f"the flow's config has {key}=True, whose loop {why}"
         if flow.sigma_field is not None:
             return ("it starts at t = 1 (σ = ∞), where a σ-native field has no value; the flow needs a "
@@ -322,7 +322,10 @@ def run(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, budget: int,
     if sampler.left_out is not None:
         raise ValueError(f"{sampler.source} {sampler.name} on {sampler.grid} is left out on this flow: "
                          f"{sampler.left_out}")
-    if sampler.source == "diffusers" and sampler.target in _FLOW_MATCHING_TARGETS:
+    if sampler.source == "diffusers" and _on_flow_matching(sampler):
+        if not is_flow_matching(flow):
+            raise ValueError(f"{sampler.name} on {sampler.grid} is a flow-matching scheduler; the flow's schedule is "
+                             f"{flow.schedule!r} (its diffusers peers: default_samplers(['diffusers'], flow))")
         return _run_flow_matching(sampler, flow, noise, budget, model_kwargs)
     if sampler.source == "diffusers":
         return _run_diffusers(sampler, flow, noise, budget, model_kwargs)
@@ -337,6 +340,9 @@ def fits(sampler: PeerSampler, budget: int) -> str | None:
         return f"left out: {sampler.left_out}"
     if _steps(sampler, budget) < 1:
         return f"one step costs more than {budget} evaluations"
+    if sampler.options.get("shift_terminal") and _steps(sampler, budget) == 1:
+        return ("shift_terminal with one step: diffusers stretches the times to end at it by dividing 1 − t_last = 0 "
+                "by itself (its timestep is NaN)")
     return None
 
 
@@ -564,6 +570,10 @@ def _load_diffusers() -> types.ModuleType:
     return importlib.import_module("diffusers")
 
 
-_FLOW_MATCHING_TARGETS = {s.target for s in FLOW_MATCHING_DEFAULT}
+def _on_flow_matching(sampler: PeerSampler) -> bool:
+    """Whether a diffusers sampler runs rectified flow (a FlowMatch scheduler, or a multistep one on flow σ)."""
+    return sampler.target.startswith("FlowMatch") or bool(sampler.options.get("use_flow_sigmas"))
+
+
 _LOADERS: dict[str, Callable[[], types.ModuleType]] = {"diffusers": _load_diffusers, "k-diffusion": load_kdiffusion}
 _INSTALL = {"diffusers": "pip install diffusers", "k-diffusion": "pip install --no-deps k-diffusion"}
