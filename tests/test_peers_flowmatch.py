@@ -149,6 +149,7 @@ def test_multistep_flow_sigma_peers_run_on_the_velocity(sd3, target):
     first = float(own.sigmas[0])  # rectified flow's t, below 1
     assert out.nfe == out.steps == 6 and out.sigma_start == first / (1 - first) < math.inf
     assert torch.isfinite(out.x).all()
+    assert peers.fits(sampler, 300) is None and "repeat" in peers.fits(sampler, 500)  # integer timesteps, T = 1000
     first_order = {"solver_order": 1}
     if target.startswith("UniPC"):
         first_order["disable_corrector"] = [0, 1, 2]

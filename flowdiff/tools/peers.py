@@ -340,10 +340,31 @@ def fits(sampler: PeerSampler, budget: int) -> str | None:
         return f"left out: {sampler.left_out}"
     if _steps(sampler, budget) < 1:
         return f"one step costs more than {budget} evaluations"
+    repeat = _repeated_timestep(sampler, _steps(sampler, budget))
+    if repeat is not None:
+        return (f"at {_steps(sampler, budget)} steps its integer timesteps repeat ({repeat} twice, T = "
+                f"{sampler.options.get('num_train_timesteps', 1000)}): diffusers' own loop looks its step up by "
+                "timestep and fails or re-reads a level")
     if sampler.options.get("shift_terminal") and _steps(sampler, budget) == 1:
         return ("shift_terminal with one step: diffusers stretches the times to end at it by dividing 1 − t_last = 0 "
                 "by itself (its timestep is NaN)")
     return None
+
+
+def _repeated_timestep(sampler: PeerSampler, steps: int) -> int | None:
+    """A timestep that a multistep scheduler on flow σ lists twice at ``steps`` steps (it rounds them to integers),
+    or None; not checked with dynamic shifting, whose ``mu`` comes with the noise."""
+    if sampler.source != "diffusers" or not sampler.options.get("use_flow_sigmas") \
+            or sampler.options.get("use_dynamic_shifting") or sampler.left_out is not None:
+        return None
+    import diffusers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scheduler = getattr(diffusers, sampler.target)(**dict(sampler.options))
+        scheduler.set_timesteps(steps)
+    values, counts = torch.unique(scheduler.timesteps, return_counts=True)
+    return int(values[counts > 1][0]) if bool((counts > 1).any()) else None
 
 
 def _steps(sampler: PeerSampler, budget: int) -> int:
