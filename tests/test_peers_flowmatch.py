@@ -252,3 +252,18 @@ def test_run_peers_and_report_say_which_peer_set_ran(tmp_path):
     assert {r.solver for r in vp_result.runs} == {s.name for s in peers.DIFFUSERS_DEFAULT}
     assert report.peer_sets(vp_result) == {"diffusers": peers.VP_SET}
     assert {report.family(r) for r in vp_result.runs} == {"diffusers"}
+
+
+def test_an_option_the_installed_diffusers_lacks_is_left_out(monkeypatch):
+    real = peers._parameters
+
+    def without_beta(target):
+        params = real(target)
+        return params - {"use_beta_sigmas"} if target == "FlowMatchEulerDiscreteScheduler" else params
+
+    monkeypatch.setattr(peers, "_parameters", without_beta)
+    flow = _velocity_flow(shift=2.0)
+    beta = _sampler(flow, "FlowMatch Euler", "beta")
+    assert beta.left_out == ("the installed diffusers' FlowMatchEulerDiscreteScheduler has no use_beta_sigmas "
+                             "(this configuration is it)")
+    assert _sampler(flow, "FlowMatch Euler", "karras").left_out is None

@@ -226,8 +226,8 @@ def _why_left_out(template: PeerSampler, config: Mapping[str, Any], kwargs: Mapp
         return f"the installed diffusers ({version('diffusers')}) has no {template.target}"
     missing = sorted(k for k in kwargs if k not in params)
     if missing:
-        return (f"the installed diffusers' {template.target} has no {', '.join(missing)} (the flow's config "
-                f"{'asks for' if any(k in config for k in missing) else 'needs'} it)")
+        why = "the flow's config asks for it" if any(k in config for k in missing) else "this configuration is it"
+        return f"the installed diffusers' {template.target} has no {', '.join(missing)} ({why})"
     dynamic = bool(config.get("use_dynamic_shifting"))
     if template.target == "FlowMatchHeunDiscreteScheduler":
         for key in ("use_dynamic_shifting", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
