@@ -11,6 +11,7 @@ and ``sigmas`` too. VP flows keep their VP peers; configurations the flow cannot
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -267,3 +268,28 @@ def test_an_option_the_installed_diffusers_lacks_is_left_out(monkeypatch):
     assert beta.left_out == ("the installed diffusers' FlowMatchEulerDiscreteScheduler has no use_beta_sigmas "
                              "(this configuration is it)")
     assert _sampler(flow, "FlowMatch Euler", "karras").left_out is None
+
+
+def _constant_velocity_end(target: str, **options) -> tuple[float, float]:
+    """A scheduler's loop on flow σ from x = 0 with the velocity v = 1 everywhere, whose ODE solution moves x by −t₀
+    exactly (every consistent method integrates a constant field exactly): where it ends, and −t₀."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DEIS's notes on its options
+        scheduler = getattr(diffusers, target)(**options)
+        scheduler.set_timesteps(6)
+        x = torch.zeros(1, 2, dtype=torch.float64)
+        for t in scheduler.timesteps:
+            x = scheduler.step(torch.ones(1, 2, dtype=torch.float64), t, x).prev_sample
+    return float(x[0, 0]), -float(scheduler.sigmas[0])
+
+
+def test_the_multistep_peers_solve_the_ode_and_deis_does_not():
+    for sampler in peers.flow_matching_samplers(_velocity_flow(shift=3.0)):
+        if sampler.options.get("use_flow_sigmas"):
+            end, exact = _constant_velocity_end(sampler.target, **sampler.options)
+            assert end == pytest.approx(exact, abs=1e-6), sampler
+    end, exact = _constant_velocity_end("DEISMultistepScheduler", use_flow_sigmas=True, flow_shift=3.0,
+                                        prediction_type="flow_prediction")
+    assert abs(end - exact) > 0.1, "DEIS now solves the ODE on flow σ: make it a peer (NOT_FLOW_MATCHING_PEERS)"
+    assert "DEISMultistepScheduler" in peers.NOT_FLOW_MATCHING_PEERS
+    assert not {s.target for s in peers.FLOW_MATCHING_DEFAULT} & set(peers.NOT_FLOW_MATCHING_PEERS)

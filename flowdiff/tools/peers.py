@@ -18,7 +18,8 @@ as one NFE. Each peer runs through its own code, not a reimplementation:
   ``x = noise`` (t = 1) on the flow's model output, the velocity, fed the scheduler's own timesteps as the
   pipelines feed them. A configuration the flow cannot express (a dynamic shift that Heun has no option for,
   a start at t = 1 for a σ-native field, an option the installed diffusers lacks, ...) is left out and
-  the reason is reported (:func:`fits`), never run wrong.
+  the reason is reported (:func:`fits`), never run wrong; schedulers that take flow-matching configs but do not
+  solve the ODE are no peers (:data:`NOT_FLOW_MATCHING_PEERS`: DEIS, SA-Solver).
 * k-diffusion: its ``sample_*`` functions on :func:`flowdiff.models.kdiffusion.to_denoiser` of the
   flow (D(x̄, σ) = x̄ − σ·ε), on k-diffusion's own Karras grid between the schedule's σ_min and
   σ_max, started at x̄ = noise·√(1+σ_max²). Heun spends two evaluations a step but one on the last
@@ -145,6 +146,13 @@ FLOW_MATCHING_DEFAULT = (
     PeerSampler("diffusers", "UniPC flow", "flow sigmas", "UniPCMultistepScheduler",
                 {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
 )
+#: diffusers schedulers that take a flow-matching config (``use_flow_sigmas``, ``flow_prediction``) in diffusers 0.42
+#: but are not peers, and why (``tests/test_peers_flowmatch.py`` checks the first against the installed version)
+NOT_FLOW_MATCHING_PEERS = {
+    "DEISMultistepScheduler": "its loop on flow σ does not solve the flow's ODE: on a constant velocity v = 1 it moves "
+                              "x by about −0.62 where the ODE moves it by −t₀ ≈ −1 (6 steps, shift 3; at order 1 too)",
+    "SASolverScheduler": "it adds fresh noise at every step (a stochastic sampler, not the ODE)",
+}
 #: the sets of diffusers peers, said in reports: on a flow-matching flow, and on any other
 FLOW_MATCHING_SET = "flow-matching schedulers (FlowMatchEuler, FlowMatchHeun, DPM++/UniPC on flow σ) on its velocity"
 VP_SET = "VP schedulers built from the flow's ᾱ table (trained_betas) on its ε"
