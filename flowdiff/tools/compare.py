@@ -513,7 +513,7 @@ def compare(
         from tqdm.auto import tqdm
 
         runnable = [p for p in peer_names if _peers.unavailable(p) is None]
-        runs = len(jobs) + len(learned) + len(_peers.default_samplers(runnable)) * len(budgets)
+        runs = len(jobs) + len(learned) + len(_peers.default_samplers(runnable, flow)) * len(budgets)
         bar = tqdm(total=runs + (reference is None), desc="compare", unit="run", leave=False)
     try:
         ref = reference
@@ -608,7 +608,7 @@ def run_peers(result: Comparison, flow: ProbabilityFlow, noise: Tensor, peers: I
     names = _peers.check_peers(peers)
     result.unavailable.update({peer: why for peer in names if (why := _peers.unavailable(peer)) is not None})
     ref = result.reference
-    for sampler in _peers.default_samplers([p for p in names if p not in result.unavailable]):
+    for sampler in _peers.default_samplers([p for p in names if p not in result.unavailable], flow):
         for budget in budgets:
             if on_run is not None:
                 on_run(f"{sampler.source}: {sampler.name}/{sampler.grid}/NFE {budget}")

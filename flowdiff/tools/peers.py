@@ -11,6 +11,15 @@ as one NFE. Each peer runs through its own code, not a reimplementation:
   budget (one evaluation a step). :data:`DIFFUSERS_DEFAULT` is the default set;
   :func:`diffusers_configs` every scheduler × order × spacing or σ option
   (``benchmarks/bench_frontier.py`` runs them all).
+* diffusers on a flow-matching flow (rectified flow: SD3, Flux): the flow-matching schedulers an SD3/Flux
+  user runs instead (:data:`FLOW_MATCHING_DEFAULT`, configured by :func:`flow_matching_samplers` from the
+  flow's own scheduler config: its ``shift`` or dynamic shifting, with ``mu`` as the SD3/Flux pipelines
+  compute it for the noise's size), each through its own ``set_timesteps`` / ``step`` loop from
+  ``x = noise`` (t = 1) on the flow's model output, the velocity, fed the scheduler's own timesteps as the
+  pipelines feed them. A configuration the flow cannot express (a dynamic shift that Heun has no option for,
+  a start at t = 1 for a σ-native field, an option the installed diffusers lacks, ...) is left out and
+  the reason is reported (:func:`fits`), never run wrong; schedulers that take flow-matching configs but do not
+  solve the ODE are no peers (:data:`NOT_FLOW_MATCHING_PEERS`: DEIS, SA-Solver).
 * k-diffusion: its ``sample_*`` functions on :func:`flowdiff.models.kdiffusion.to_denoiser` of the
   flow (D(x̄, σ) = x̄ − σ·ε), on k-diffusion's own Karras grid between the schedule's σ_min and
   σ_max, started at x̄ = noise·√(1+σ_max²). Heun spends two evaluations a step but one on the last
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 import sys
 import time
@@ -40,6 +50,7 @@ import torch
 from torch import Tensor
 
 from ..engine.flow import ProbabilityFlow
+from ..engine.scheduler_grids import FLOW_MATCHING_SCHEDULERS, class_name
 from ..engine.schedules import Schedule
 from ..models.kdiffusion import to_denoiser
 
@@ -57,6 +68,8 @@ class PeerSampler:
     grid: str
     target: str
     options: Mapping[str, Any] = field(default_factory=dict)
+    #: why this configuration is not run on the flow it was made for (:func:`flow_matching_samplers`), or None
+    left_out: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,10 +129,162 @@ def diffusers_configs() -> list[PeerSampler]:
     return configs
 
 
-def default_samplers(peers: tuple[str, ...] | list[str]) -> list[PeerSampler]:
-    """The default samplers of each named peer."""
-    table = {"diffusers": DIFFUSERS_DEFAULT, "k-diffusion": KDIFFUSION_DEFAULT}
+#: diffusers' flow-matching schedulers in the default comparison on a flow-matching flow, as templates that
+#: :func:`flow_matching_samplers` configures from the flow: FlowMatchEuler on its own spacing (uniform in
+#: t, shifted) and on Karras, exponential and beta σ, FlowMatchHeun, and the multistep schedulers that take
+#: rectified flow's σ (``use_flow_sigmas``) and velocity (``prediction_type="flow_prediction"``).
+FLOW_MATCHING_DEFAULT = (
+    PeerSampler("diffusers", "FlowMatch Euler", "linspace", "FlowMatchEulerDiscreteScheduler"),
+    PeerSampler("diffusers", "FlowMatch Euler", "karras", "FlowMatchEulerDiscreteScheduler",
+                {"use_karras_sigmas": True}),
+    PeerSampler("diffusers", "FlowMatch Euler", "exponential", "FlowMatchEulerDiscreteScheduler",
+                {"use_exponential_sigmas": True}),
+    PeerSampler("diffusers", "FlowMatch Euler", "beta", "FlowMatchEulerDiscreteScheduler", {"use_beta_sigmas": True}),
+    PeerSampler("diffusers", "FlowMatch Heun", "linspace", "FlowMatchHeunDiscreteScheduler"),
+    PeerSampler("diffusers", "DPM++ 2M flow", "flow sigmas", "DPMSolverMultistepScheduler",
+                {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+    PeerSampler("diffusers", "UniPC flow", "flow sigmas", "UniPCMultistepScheduler",
+                {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+)
+#: diffusers schedulers that take a flow-matching config (``use_flow_sigmas``, ``flow_prediction``) in diffusers 0.42
+#: but are not peers, and why (``tests/test_peers_flowmatch.py`` checks the first against the installed version)
+NOT_FLOW_MATCHING_PEERS = {
+    "DEISMultistepScheduler": "its loop on flow σ does not solve the flow's ODE: on a constant velocity v = 1 it moves "
+                              "x by about −0.62 where the ODE moves it by −t₀ ≈ −1 (6 steps, shift 3; at order 1 too)",
+    "SASolverScheduler": "it adds fresh noise at every step (a stochastic sampler, not the ODE)",
+}
+#: the sets of diffusers peers, said in reports: on a flow-matching flow, and on any other
+FLOW_MATCHING_SET = "flow-matching schedulers (FlowMatchEuler, FlowMatchHeun, DPM++/UniPC on flow σ) on its velocity"
+VP_SET = "VP schedulers built from the flow's ᾱ table (trained_betas) on its ε"
+#: each set by the sampler names its rows carry (:func:`peer_set`)
+PEER_SETS = {FLOW_MATCHING_SET: {s.name for s in FLOW_MATCHING_DEFAULT}, VP_SET: {s.name for s in DIFFUSERS_DEFAULT}}
+
+
+def peer_set(source: str, solver: str) -> str | None:
+    """Which set of a peer's samplers a row of ``source``'s sampler ``solver`` belongs to (the diffusers peers on a
+    flow-matching flow are its flow-matching schedulers, elsewhere VP schedulers), or None (k-diffusion, flowdiff)."""
+    if source != "diffusers":
+        return None
+    return next((name for name, solvers in PEER_SETS.items() if solver in solvers), None)
+
+
+def is_flow_matching(flow: ProbabilityFlow) -> bool:
+    """Whether ``flow`` is rectified flow (SD3, Flux): its diffusers peers are then the flow-matching schedulers."""
+    return getattr(flow.schedule, "kind", None) == "flow_matching"
+
+
+def default_samplers(peers: tuple[str, ...] | list[str], flow: ProbabilityFlow | None = None) -> list[PeerSampler]:
+    """The default samplers of each named peer; on a flow-matching ``flow`` the diffusers ones are its
+    flow-matching schedulers (:func:`flow_matching_samplers`), some perhaps left out with the reason."""
+    fm = flow is not None and is_flow_matching(flow)
+    table = {"diffusers": flow_matching_samplers(flow) if fm and "diffusers" in peers else DIFFUSERS_DEFAULT,
+             "k-diffusion": KDIFFUSION_DEFAULT}
     return [s for peer in peers for s in table[peer]]
+
+
+def flow_matching_config(flow: ProbabilityFlow) -> dict[str, Any]:
+    """The flow-matching scheduler config of ``flow``: the one it was loaded with (``scheduler_config`` of a
+    FlowMatch scheduler: its shift, dynamic shifting and spacing options), else its schedule's training definition
+    (``num_train_timesteps``, ``shift``)."""
+    if not is_flow_matching(flow):
+        raise ValueError(f"flow must have a flow-matching schedule (rectified flow), got {flow.schedule!r}")
+    config = getattr(flow, "scheduler_config", None)
+    if isinstance(config, Mapping) and class_name(config) in FLOW_MATCHING_SCHEDULERS:
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+    return {"num_train_timesteps": flow.schedule.train_steps, "shift": flow.schedule.shift}
+
+
+def _parameters(target: str) -> frozenset[str] | None:
+    import diffusers
+
+    cls = getattr(diffusers, target, None)
+    if cls is None:
+        return None
+    return frozenset(p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs"))
+
+
+def _patch_size(flow: ProbabilityFlow) -> int | None:
+    """The patch size of the flow's diffusers transformer (SD3's pipeline counts the sequence length in patches)."""
+    config = getattr(getattr(flow.model, "net", None), "config", None)
+    patch = getattr(config, "patch_size", None)
+    return patch if isinstance(patch, int) and patch > 0 else None
+
+
+def _flow_matching_kwargs(template: PeerSampler, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The scheduler's keyword arguments for ``template`` on a flow of scheduler config ``config``."""
+    if template.target.startswith("FlowMatch"):
+        # the flow's own config as the class's from_config reads it (Heun: num_train_timesteps and shift alone),
+        # the spacing as the template says
+        spacing = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+        params = _parameters(template.target) or frozenset()
+        kwargs = {k: v for k, v in config.items() if k in params and k not in spacing}
+    else:  # the multistep schedulers: rectified flow's σ shifted by flow_shift (exp(mu) with dynamic shifting)
+        kwargs = {"num_train_timesteps": config.get("num_train_timesteps", 1000),
+                  "flow_shift": config.get("shift", 1.0)}
+        kwargs.update({k: config[k] for k in ("use_dynamic_shifting", "time_shift_type", "shift_terminal")
+                       if config.get(k)})
+    return {**kwargs, **dict(template.options)}
+
+
+def _why_left_out(template: PeerSampler, config: Mapping[str, Any], kwargs: Mapping[str, Any],
+                  flow: ProbabilityFlow) -> str | None:
+    """Why ``template`` cannot run as configured on ``flow`` (see :func:`flow_matching_samplers`), or None."""
+    params = _parameters(template.target)
+    if params is None:
+        return f"the installed diffusers ({version('diffusers')}) has no {template.target}"
+    missing = sorted(k for k in kwargs if k not in params)
+    if missing:
+        why = "the flow's config asks for it" if any(k in config for k in missing) else "this configuration is it"
+        return f"the installed diffusers' {template.target} has no {', '.join(missing)} ({why})"
+    dynamic = bool(config.get("use_dynamic_shifting"))
+    if template.target == "FlowMatchHeunDiscreteScheduler":
+        for key in ("use_dynamic_shifting", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
+                    "use_beta_sigmas"):
+            if config.get(key):
+                return (f"FlowMatchHeunDiscreteScheduler has no {key}: from the flow's config it would run the static "
+                        f"shift={config.get('shift', 1.0)!r} grid, not the one the config asks for")
+    if template.target == "DPMSolverMultistepScheduler" and dynamic \
+            and config.get("time_shift_type", "exponential") != "exponential":
+        return (f"DPMSolverMultistepScheduler's dynamic shift is exponential alone; the flow's config has "
+                f"time_shift_type={config.get('time_shift_type')!r}")
+    if template.target.startswith("FlowMatch"):
+        for key, why in (("stochastic_sampling", "re-noises at every step (not the ODE)"),
+                         ("invert_sigmas", "runs t from 0 to 1 (not a generation)")):
+            if kwargs.get(key):  # FlowMatchHeun has neither option: it ignores them, as its from_config does
+                return f"the flow's config has {key}=True, whose loop {why}"
+        if flow.sigma_field is not None:
+            return ("it starts at t = 1 (σ = ∞), where a σ-native field has no value; the flow needs a "
+                    "model(x_t, t)")
+        if flow.prediction_type == "epsilon":
+            return "it starts at t = 1 (σ = ∞), where an epsilon model defines no clean image"
+    if dynamic and not getattr(flow, "packed", False) and _patch_size(flow) is None:
+        return ("the flow's config shifts by the image's sequence length (use_dynamic_shifting), which flowdiff "
+                "reads off a diffusers transformer's patch_size or a Flux flow's packed tokens; this flow has neither")
+    return None
+
+
+def flow_matching_samplers(flow: ProbabilityFlow) -> list[PeerSampler]:
+    """:data:`FLOW_MATCHING_DEFAULT` configured for the flow-matching ``flow``, as its users run them.
+
+    Each takes the flow's config (:func:`flow_matching_config`): FlowMatchEuler all of it (the template's
+    spacing replacing the config's own), FlowMatchHeun its ``num_train_timesteps`` and ``shift`` (its only
+    options), the multistep schedulers ``flow_shift`` = ``shift`` and the dynamic shifting. With
+    ``use_dynamic_shifting`` each is given the ``mu`` that the pipeline computes for the noise's size
+    (Flux: :func:`flowdiff.models.pipelines.flux_grid_arguments`, with its ``sigmas``; SD3: the sequence
+    length in patches). A configuration that cannot run as the config says carries ``left_out``, the reason,
+    which :func:`fits` reports for each budget. The grid label says the spacing and the shift."""
+    config = flow_matching_config(flow)
+    dynamic = bool(config.get("use_dynamic_shifting"))
+    out = []
+    for template in FLOW_MATCHING_DEFAULT:
+        kwargs = _flow_matching_kwargs(template, config)
+        heun = template.target == "FlowMatchHeunDiscreteScheduler"
+        shift = "mu" if dynamic and not heun else f"shift {float(config.get('shift', 1.0)):g}"
+        if dynamic and getattr(flow, "packed", False) and template.target == "FlowMatchEulerDiscreteScheduler":
+            shift = "Flux sigmas, mu"
+        out.append(PeerSampler(template.source, template.name, f"{template.grid}, {shift}", template.target,
+                               kwargs, _why_left_out(template, config, kwargs, flow)))
+    return out
 
 
 def check_peers(peers: Any) -> list[str]:
@@ -162,6 +327,14 @@ def version(peer: str) -> str:
 def run(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, budget: int,
         model_kwargs: Mapping[str, Any] | None = None) -> PeerRun:
     """``sampler`` on ``flow`` from ``noise`` (DDIM scale, x_T ~ N(0, I)) within ``budget`` evaluations."""
+    if sampler.left_out is not None:
+        raise ValueError(f"{sampler.source} {sampler.name} on {sampler.grid} is left out on this flow: "
+                         f"{sampler.left_out}")
+    if sampler.source == "diffusers" and _on_flow_matching(sampler):
+        if not is_flow_matching(flow):
+            raise ValueError(f"{sampler.name} on {sampler.grid} is a flow-matching scheduler; the flow's schedule is "
+                             f"{flow.schedule!r} (its diffusers peers: default_samplers(['diffusers'], flow))")
+        return _run_flow_matching(sampler, flow, noise, budget, model_kwargs)
     if sampler.source == "diffusers":
         return _run_diffusers(sampler, flow, noise, budget, model_kwargs)
     if sampler.source == "k-diffusion":
@@ -170,15 +343,41 @@ def run(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, budget: int,
 
 
 def fits(sampler: PeerSampler, budget: int) -> str | None:
-    """Why ``sampler`` cannot spend ``budget`` evaluations, or ``None``."""
+    """Why ``sampler`` cannot spend ``budget`` evaluations, or cannot run on the flow it was made for, or ``None``."""
+    if sampler.left_out is not None:
+        return f"left out: {sampler.left_out}"
     if _steps(sampler, budget) < 1:
         return f"one step costs more than {budget} evaluations"
+    repeat = _repeated_timestep(sampler, _steps(sampler, budget))
+    if repeat is not None:
+        return (f"at {_steps(sampler, budget)} steps its integer timesteps repeat ({repeat} twice, T = "
+                f"{sampler.options.get('num_train_timesteps', 1000)}): diffusers' own loop looks its step up by "
+                "timestep and fails or re-reads a level")
+    if sampler.options.get("shift_terminal") and _steps(sampler, budget) == 1:
+        return ("shift_terminal with one step: diffusers stretches the times to end at it by dividing 1 − t_last = 0 "
+                "by itself (its timestep is NaN)")
     return None
 
 
+def _repeated_timestep(sampler: PeerSampler, steps: int) -> int | None:
+    """A timestep that a multistep scheduler on flow σ lists twice at ``steps`` steps (it rounds them to integers),
+    or None; not checked with dynamic shifting, whose ``mu`` comes with the noise."""
+    if sampler.source != "diffusers" or not sampler.options.get("use_flow_sigmas") \
+            or sampler.options.get("use_dynamic_shifting") or sampler.left_out is not None:
+        return None
+    import diffusers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scheduler = getattr(diffusers, sampler.target)(**dict(sampler.options))
+        scheduler.set_timesteps(steps)
+    values, counts = torch.unique(scheduler.timesteps, return_counts=True)
+    return int(values[counts > 1][0]) if bool((counts > 1).any()) else None
+
+
 def _steps(sampler: PeerSampler, budget: int) -> int:
-    # k-diffusion's Heun: 2 evaluations a step, 1 on the last (its Euler step into σ = 0)
-    return (budget + 1) // 2 if sampler.target == "sample_heun" else budget
+    # k-diffusion's and FlowMatchHeun's Heun: 2 evaluations a step, 1 on the last (its Euler step into σ = 0)
+    return (budget + 1) // 2 if sampler.target in ("sample_heun", "FlowMatchHeunDiscreteScheduler") else budget
 
 
 # ---------------------------------------------------------------------------------------------- diffusers
@@ -233,6 +432,87 @@ def _run_diffusers(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, b
     wall = time.perf_counter() - start
     first = table_sigma(flow, scheduler.timesteps[0])
     return PeerRun(x, model.nfe, len(scheduler.timesteps), wall, first)
+
+
+# ---------------------------------------------------------------------------------------------- flow matching
+
+
+class DiffusersVelocity:
+    """The flow's velocity as a flow-matching pipeline's ``model(x, timestep)`` (x = x̄/(1+σ), t = timestep / T).
+
+    A velocity model (``model(x_t, t)``, ``prediction_type="velocity"``) is called as the SD3/Flux pipelines call
+    their transformer: on the scheduler's sample and its own timestep (the multistep schedulers round it to an
+    integer), its output returned as it is. Other flows give v = (1+σ)·(ε(x̄, σ) − x) at the σ = t/(1−t) of that
+    timestep, t = timestep / T; at t = 1 (σ = ∞) v = x − x̂₀ with x̂₀ from
+    :meth:`~flowdiff.ProbabilityFlow.step_from_noise`. Counts its calls (``nfe``)."""
+
+    def __init__(self, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> None:
+        self.flow = flow
+        self.kwargs = dict(model_kwargs or {})
+        self.direct = flow.sigma_field is None and flow.prediction_type == "velocity"
+        self.field = None if self.direct else flow.field(model_kwargs)
+        self.T = float(flow.schedule.train_steps)
+        self.nfe = 0
+
+    def __call__(self, x: Tensor, timestep: Tensor | float) -> Tensor:
+        self.nfe += 1
+        if self.direct:
+            t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            t = torch.full((x.shape[0],), float(timestep), dtype=t_dtype, device=x.device)
+            out = self.flow.model(x, t, **self.kwargs)
+            if not isinstance(out, Tensor) or out.shape != x.shape:
+                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(f"model returned {got} for input shape {tuple(x.shape)} at timestep {float(timestep)}")
+            return out.to(x.dtype)
+        t_fm = float(timestep) / self.T
+        if t_fm >= 1.0:
+            return x - self.flow.step_from_noise(x, 0.0, self.kwargs)
+        sigma = t_fm / (1.0 - t_fm)
+        return (self.field(sigma, x * (1.0 + sigma)) - x) * (1.0 + sigma)
+
+
+def flow_matching_scheduler(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, steps: int) -> Any:
+    """``sampler``'s diffusers scheduler with ``set_timesteps`` called as the SD3/Flux pipelines call it for
+    ``noise`` and ``steps``: with ``mu`` (and Flux's ``sigmas``) where its config shifts dynamically."""
+    import diffusers
+
+    from ..models.pipelines import flux_grid_arguments
+
+    options = dict(sampler.options)
+    scheduler = getattr(diffusers, sampler.target)(**options)
+    config = flow_matching_config(flow)  # its base_shift, max_shift, ... give mu for every scheduler
+    kwargs: dict[str, Any] = {}
+    if options.get("use_dynamic_shifting"):
+        if getattr(flow, "packed", False):  # FluxPipeline: its mu and linspace(1, 1/N, N) times for FlowMatchEuler
+            mu, base = flux_grid_arguments(config, noise.shape[1], steps)
+            kwargs = {"mu": mu, "sigmas": base} if sampler.target == "FlowMatchEulerDiscreteScheduler" else {"mu": mu}
+        else:  # StableDiffusion3Pipeline: the latents' sequence length in patches
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            patch = _patch_size(flow)
+            seq = (noise.shape[-2] // patch) * (noise.shape[-1] // patch)
+            kwargs = {"mu": calculate_shift(seq, config.get("base_image_seq_len", 256),
+                                            config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                            config.get("max_shift", 1.16))}
+    scheduler.set_timesteps(steps, device=noise.device, **kwargs)
+    return scheduler
+
+
+def _run_flow_matching(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, budget: int,
+                       model_kwargs: Mapping[str, Any] | None) -> PeerRun:
+    steps = _steps(sampler, budget)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scheduler = flow_matching_scheduler(sampler, flow, noise, steps)
+    model = DiffusersVelocity(flow, model_kwargs)
+    start = time.perf_counter()
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # the FlowMatch schedulers start from the noise itself
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(model(x, t), t, x).prev_sample
+    wall = time.perf_counter() - start
+    t0 = float(scheduler.sigmas[0])  # rectified flow's time t of its first sample (its timestep may be rounded)
+    return PeerRun(x, model.nfe, steps, wall, math.inf if t0 >= 1 else t0 / (1.0 - t0))
 
 
 # ---------------------------------------------------------------------------------------------- k-diffusion
@@ -317,6 +597,11 @@ def load_kdiffusion() -> types.ModuleType:
 
 def _load_diffusers() -> types.ModuleType:
     return importlib.import_module("diffusers")
+
+
+def _on_flow_matching(sampler: PeerSampler) -> bool:
+    """Whether a diffusers sampler runs rectified flow (a FlowMatch scheduler, or a multistep one on flow σ)."""
+    return sampler.target.startswith("FlowMatch") or bool(sampler.options.get("use_flow_sigmas"))
 
 
 _LOADERS: dict[str, Callable[[], types.ModuleType]] = {"diffusers": _load_diffusers, "k-diffusion": load_kdiffusion}

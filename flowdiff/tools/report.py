@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..engine._files import atomic_path
 from .compare import LEARNED_GRID, Comparison, Run
-from .peers import version
+from .peers import FLOW_MATCHING_SET, peer_set, version
 
 #: Where each file of a report goes, by role.
 FILES = {"report": "compare.md", "csv": "compare.csv", "frontier": "frontier.png", "detail": "compare.png",
@@ -44,11 +44,27 @@ def versions(peers: Sequence[str] = ()) -> dict[str, str]:
     return out
 
 
+#: the frontier line of the diffusers peers on a flow-matching flow (on other flows their line is "diffusers")
+_SET_LABELS = {FLOW_MATCHING_SET: "flow matching"}
+
+
+def peer_sets(result: Comparison) -> dict[str, str]:
+    """Per peer, which of its sets of samplers ran (or was left out) in ``result``: the diffusers peers are
+    flow-matching schedulers on a flow-matching flow, VP schedulers built from the ᾱ table elsewhere."""
+    out: dict[str, str] = {}
+    for item in [*result.runs, *result.skipped]:
+        which = peer_set(item.source, item.solver)
+        if which is not None:
+            out.setdefault(item.source, which)
+    return out
+
+
 def family(run: Run) -> str:
     """The frontier line a run belongs to: its peer, or flowdiff on named or on tuned grids, or a learned solver on
     its fitted grid (a line of its own: it is neither a named grid nor a tuned one)."""
     if run.source != "flowdiff":
-        return run.source
+        which = peer_set(run.source, run.solver)
+        return f"{run.source}, {_SET_LABELS[which]}" if which in _SET_LABELS else run.source
     if run.grid == LEARNED_GRID:
         return "flowdiff, learned"
     return "flowdiff, tuned grid" if run.grid == "tuned" else "flowdiff, named grids"
@@ -80,7 +96,7 @@ def frontier_plot(result: Comparison, path: str | Path, title: str | None = None
     lines = frontier(result)
     fig, ax = plt.subplots(figsize=(8.0, 5.0), dpi=120)
     markers = {"flowdiff, named grids": "o-", "flowdiff, tuned grid": "D-", "flowdiff, learned": "P-",
-               "diffusers": "^--", "k-diffusion": "v--"}
+               "diffusers": "^--", "diffusers, flow matching": "^--", "k-diffusion": "v--"}
     # each line's labels on their own side of its points, so that lines that meet keep readable names
     offsets = [((5, 4), "left"), ((5, -10), "left"), ((-5, -10), "right"), ((-5, 4), "right")]
     for i, (name, per_budget) in enumerate(lines.items()):
@@ -242,6 +258,7 @@ def write_report(result: Comparison, out: str | Path, *, facts: Mapping[str, str
         del paths["samples"]
     md = [f"# {title}", ""]
     md += [f"- **{key}**: {value}" for key, value in facts.items()]
+    md += [f"- **{peer} peers**: {which}" for peer, which in peer_sets(result).items()]
     md += [f"- **{peer} not run**: {why}" for peer, why in result.unavailable.items()]
     md += ["", "## Best per budget", "", best_table(result)]
     if result.runs:
