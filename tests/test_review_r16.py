@@ -52,3 +52,24 @@ def test_calibration_entry_points_refuse_the_whole_batchs_shape_before_any_evalu
     finally:
         handle.remove()
     assert calls == []
+
+
+def test_classifier_free_guidance_takes_the_shape_its_model_takes(digits):
+    """The guided flow's model is a wrapper that declared no ``input_shape``: a wrong shape was a SolveError at step 0
+    naming ``x_t`` (README: the digits model's noise or images of another shape are a ValueError naming the
+    argument)."""
+    guided = fd.classifier_free_guidance(digits, 2.0)
+    labels = {"class_labels": torch.tensor([1, 2])}
+    calls, handle = _count_calls(digits)
+    try:
+        with pytest.raises(ValueError, match="^" + re.escape("noise has shape (2, 1, 16, 16); the model (GuidedModel) "
+                                                             "takes (batch, 1, 8, 8)")):
+            fd.generate(guided, torch.randn(2, 1, 16, 16), steps=2, model_kwargs=labels)
+        assert calls == []
+        assert fd.generate(guided, torch.randn(2, 1, 8, 8), steps=2, model_kwargs=labels).x.shape == (2, 1, 8, 8)
+    finally:
+        handle.remove()
+    # a guided model that declares nothing still takes any shape
+    plain = fd.classifier_free_guidance(fd.ProbabilityFlow(lambda x, t, c=0.0: (0.1 + c) * x, fd.Schedule.linear()),
+                                        2.0)
+    assert fd.generate(plain, torch.randn(2, 3, 5), steps=2, model_kwargs={"c": 0.2}).x.shape == (2, 3, 5)
