@@ -513,6 +513,10 @@ def decode(
         return _kept(saver, _decode_latent(flow, latent, solver=solver, steps=steps, nfe=nfe, grid=grid,
                                            model_kwargs=model_kwargs, callback=saver or callback, checks=checks,
                                            adjoint=adjoint))
+    if not isinstance(latent, Tensor):
+        raise TypeError(f"latent must be a flowdiff.Latent (from encode) or a torch.Tensor, got "
+                        f"{type(latent).__name__}")
+    flow.check_input(check_state(latent, "latent"), "latent")  # named as the caller gave it, not generate's noise
     if not checks.model:
         checks = Checks(checks.finite, checks.growth)  # a plain tensor records no model: nothing to skip
     return generate(flow, latent, solver="euler" if solver is None else solver, steps=steps, nfe=nfe,

@@ -72,6 +72,12 @@ class GuidedModel(nn.Module):
     def unconditional_kwargs(self) -> dict[str, Any]:
         return {**self._plain, **{k: getattr(self, f"uncond_{k}") for k in self._tensor_keys}}
 
+    @property
+    def input_shape(self) -> tuple[int | None, ...] | None:
+        """The wrapped model's one-sample shape (:meth:`flowdiff.ProbabilityFlow.check_input`): guidance takes the
+        states its model takes; None where the model declares none."""
+        return getattr(self.model, "input_shape", None)
+
     def forward(self, x: Tensor, t: Any, **model_kwargs: Any) -> Tensor:
         uncond = self.unconditional_kwargs
         if not model_kwargs and not uncond:  # both branches the same call: w would change nothing, at twice the cost

@@ -607,6 +607,7 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
     _check_noise(noise)
     if noise.shape[0] < 2:
         raise ValueError(f"noise must hold at least 2 samples (one to fit, one held out), got {noise.shape[0]}")
+    flow.check_input(noise, "noise")  # the whole batch, before the reference solve and the halves
     if not isinstance(solver, str):
         raise TypeError(f"solver must be a registered solver name (str), got {type(solver).__name__}")
     if solver_options is not None and not isinstance(solver_options, Mapping):
@@ -923,6 +924,7 @@ def tune_roundtrip(
         raise TypeError(f"images must be a floating-point torch.Tensor, got {type(images).__name__}")
     if images.shape[0] < 2:
         raise ValueError(f"images must hold at least 2 samples (one to fit, one held out), got {images.shape[0]}")
+    flow.check_input(images, "images")  # the whole batch: the round trips see halves of it
     if not isinstance(solver, str):
         raise TypeError(f"solver must be a registered solver name (str), got {type(solver).__name__}")
     refusal = encode_refusal(solver)

@@ -380,6 +380,7 @@ def learn_encoder(
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
     _check_images(images)
+    flow.check_input(images, "images")  # the whole batch: the fit's encodes see halves of it
     if not isinstance(solver, str):
         raise TypeError(f"solver must be a registered solver name (str), got {type(solver).__name__}")
     if solver_options is not None and not isinstance(solver_options, Mapping):

@@ -315,6 +315,7 @@ def tune(
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
     if not isinstance(noise, Tensor) or not noise.is_floating_point():
         raise TypeError(f"noise must be a floating-point torch.Tensor, got {type(noise).__name__}")
+    flow.check_input(noise, "noise")  # the whole batch, before the reference solve and the halves
     if not isinstance(solver, str):
         raise TypeError(f"solver must be a registered solver name (str), got {type(solver).__name__}")
     if solver_options is not None and not isinstance(solver_options, Mapping):
