@@ -7,7 +7,9 @@ For each model (``--models``: the digit mixture and/or the photo patches of ``be
 returns the half-fit and its refit): the default kinds, and the default kinds with ``"trajectory"``. Per fit: the
 held-out half's error (the half-fit's, which chose the variant), the variant kept, the evaluation RMSE of the
 returned solver (the refit where one was kept) and the fitting cost (``fitting_nfe`` less the teacher's, and the
-candidate solves). Per budget: the pick on the calibration batch as ``bench_learned.py`` makes it (each candidate's
+candidate solves), and, from the half-fit's ``options["variants"]``, the trajectory variant's RMS on the fitted and on
+the held-out half against the variant without it (the scales and directions fitted jointly), whichever was kept.
+Per budget: the pick on the calibration batch as ``bench_learned.py`` makes it (each candidate's
 RMS over the whole calibration batch: a tuned grid's from ``tune``, a kept fit's refit's own), over the tuned grids
 and the default fits (today) and over those and the trajectory fits (with the new kind a candidate too), each
 against the best peer (55 diffusers configurations and k-diffusion, chosen on the evaluation noise itself, again
@@ -57,6 +59,13 @@ def variant(fit) -> str:
     return " + ".join(kept) if kept else "neither"
 
 
+def moved(variants: dict, which: int) -> str:
+    """The trajectory variant's RMS on the fitted (``which`` 0) or held-out (1) half against the directions
+    variant's, from ``options["variants"]``."""
+    old, new = variants["directions"][which], variants["trajectory"][which]
+    return f"{old:.3e} → {new:.3e} ({100 * (new / old - 1):+.1f} %)"
+
+
 def fitted(flow, calibration, noise, ref, budget, name, options, sigmas, learn, iterations, tol) -> dict:
     started = time.perf_counter()
     half, refit = _learned._learn_both(flow, calibration, solver=name, solver_options=options, nfe=budget,
@@ -71,7 +80,7 @@ def fitted(flow, calibration, noise, ref, budget, name, options, sigmas, learn, 
     return dict(kept=half.kept, variant=variant(half), held=half.validation_error, base_held=half.base_validation_error,
                 per_sample=per_sample_error(out.x, ref), rmse=rmse(out.x, ref), cal=cal,
                 cost=fit.fitting_nfe - fit.reference_nfe, solves=fit.solves, seconds=seconds,
-                trajectory=fit.trajectory)
+                trajectory=fit.trajectory, variants=half.options["variants"])
 
 
 def main() -> None:
@@ -123,7 +132,8 @@ def main() -> None:
         calibration_reference(flow, calibration, key, tol)
         lines += [f"### {key}", "", "| NFE | solver | tuned grid | default: held-out half (base) | kept | evaluation "
                   "RMSE | fitting NFE (solves) | + trajectory: held-out half | kept | evaluation RMSE | fitting NFE "
-                  "(solves) | change |", "|---:|---|---:|---|---|---:|---:|---:|---|---:|---:|---:|"]
+                  "(solves) | change | trajectory variant against the directions variant: fitted half | held-out "
+                  "half |", "|---:|---|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
         picks = ["", f"Picks on the calibration batch ({key}), against the best peer (chosen on the evaluation noise):",
                  "", "| NFE | pick today | RMSE | ratio [95 %] | pick with the trajectory kind | RMSE | ratio [95 %] | "
                  "best peer | RMSE |", "|---:|---|---:|---:|---|---:|---:|---|---:|"]
@@ -153,7 +163,8 @@ def main() -> None:
                 lines.append(f"| {budget} | `{label}` | {row['rmse']:.3e} | {a['held']:.3e} ({a['base_held']:.3e}) | "
                              f"{a['variant']} | {a['rmse']:.3e} | {a['cost']} ({a['solves']}) | {b['held']:.3e} | "
                              f"{b['variant']} | {b['rmse']:.3e} | {b['cost']} ({b['solves']}) | "
-                             f"{100 * (b['rmse'] / a['rmse'] - 1):+.1f} % |")
+                             f"{100 * (b['rmse'] / a['rmse'] - 1):+.1f} % | {moved(b['variants'], 0)} | "
+                             f"{moved(b['variants'], 1)} |")
                 print(lines[-1], f"[{a['seconds']:.0f} + {b['seconds']:.0f} s]; trajectory {b['trajectory']}",
                       flush=True)
                 write()

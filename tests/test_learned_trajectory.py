@@ -165,6 +165,15 @@ def test_with_the_default_the_held_out_half_chooses_among_the_variants_and_the_r
     assert half.validation_error <= default_half.validation_error
     took = any(c for cs in half.trajectory for c in cs)
     assert took == (half.validation_error < default_half.validation_error)
+    # the variants it judged, each [fitted half, held-out half]: the same fits as the default's up to the directions,
+    # the trajectory fitted on top no worse on the fitted half, and the held-out half took the best of them
+    variants = half.options["variants"]
+    assert list(variants) == ["others", "scales", "directions", "trajectory"]
+    assert {k: variants[k] for k in ("others", "scales", "directions")} == default_half.options["variants"]
+    assert variants["trajectory"][0] <= variants["directions"][0]
+    assert half.validation_error == min(held for _, held in variants.values())
+    assert took == (variants["trajectory"][1] < min(held for k, (_, held) in variants.items() if k != "trajectory"))
+    assert refit.options["variants"] == variants
     if not took:
         assert {c for cs in refit.trajectory for c in cs} == {0.0}
         assert refit.scales == default.scales and refit.directions == default.directions

@@ -561,6 +561,10 @@ def _reference(flow: ProbabilityFlow, noise: Tensor, model_kwargs, tol: float) -
     return ref.x.to(device=noise.device, dtype=torch.float64), ref.nfe + ref.error_nfe  # the teacher and its check
 
 
+def _rms_of(residual: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(residual * residual)))
+
+
 def _rms(x: Tensor, target: Tensor) -> float:
     value = float((x.to(torch.float64) - target).pow(2).mean().sqrt())
     return value if math.isfinite(value) else math.inf
@@ -844,6 +848,11 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
             judged[candidate.tobytes()] = value = _rms(images(candidate, held), held_target)
             if value < learned_val:
                 chosen, learned_val = candidate, value
+    # each variant the held-out half judged, [its RMS on the fitted half, on the held-out half] (from the solves
+    # above): "others" the kinds but scales, directions and trajectory; then each of those added, in that order
+    named = [("others", plain), ("scales", scales_only), ("directions", directed), ("trajectory", v)]
+    variants = {name: [_rms_of(objective(w)[:r0.size] if objective is not None else r0), judged[w.tobytes()]]
+                for name, w in named if name == "others" or name in learn}
     v = chosen
     # the chosen fit's residual and the base's held-out error, from the solves made above where they were (the
     # objective keeps each candidate's residual; the held-out half judged the base when nothing else was fitted)
@@ -867,6 +876,7 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
                              options={**settings, "fitted_on": fitted_on})
 
     half = replace(result(v, calib, base_calib, "even half")._decided(learned_val, base_val),
+                   options={**settings, "fitted_on": "even half", "variants": variants},
                    fitting_nfe=spent["nfe"], reference_nfe=ref_nfe, solves=spent["solves"],
                    fitting_seconds=time.perf_counter() - start)
     if not half.kept:  # the base method: nothing to refit
@@ -888,6 +898,7 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
     r_all = every_sample(w)[:r0_all.size]
     refit = result(w, float(np.sqrt(np.mean(r_all * r_all))), float(np.sqrt(np.mean(r0_all * r0_all))), "all")
     refit = replace(refit, validation_error=learned_val, base_validation_error=base_val,
+                    options={**refit.options, "variants": variants},
                     fitting_nfe=spent["nfe"], reference_nfe=ref_nfe, solves=spent["solves"],
                     fitting_seconds=time.perf_counter() - start)
     return half, refit
