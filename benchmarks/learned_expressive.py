@@ -8,7 +8,7 @@ returns the half-fit and its refit): the default kinds, and the default kinds wi
 held-out half's error (the half-fit's, which chose the variant), the variant kept, the evaluation RMSE of the
 returned solver (the refit where one was kept) and the fitting cost (``fitting_nfe`` less the teacher's, and the
 candidate solves), and, from the half-fit's ``options["variants"]``, the trajectory variant's RMS on the fitted and on
-the held-out half against the variant without it (the scales and directions fitted jointly), whichever was kept.
+the held-out half against the variant before it (the scales and directions fitted jointly), whichever was kept.
 Per budget: the pick on the calibration batch as ``bench_learned.py`` makes it (each candidate's
 RMS over the whole calibration batch: a tuned grid's from ``tune``, a kept fit's refit's own), over the tuned grids
 and the default fits (today) and over those and the trajectory fits (with the new kind a candidate too), each
@@ -22,7 +22,7 @@ References come from (and go to) ``/tmp/flowdiff_bench_cache``, as ``bench_learn
 
 Usage: cd benchmarks; PYTHONPATH=.. python learned_expressive.py --models mixture --nfe 6,8,10
 [--solvers unipc,ipndm] [--patch-solvers 'unipc,ipndm(order=3)'] [--batch 1024] [--calibration 1024]
-[--depth 2] [--bound 1.0] [--no-peers] [--out results/x.md]
+[--depth 1] [--bound 1.0] [--no-peers] [--out results/x.md]
 """
 
 from __future__ import annotations
@@ -105,12 +105,13 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     _learned.TRAJECTORY_DEPTH, _learned.TRAJECTORY_BOUND = args.depth, args.bound
     K = None if args.no_peers else load_kdiffusion_sampling()
-    lines = ["## The default against the default with the trajectory kind (`learned_expressive.py`)", "",
+    lines = ["## The default against a fit with the trajectory kind (`learned_expressive.py`)", "",
              f"`python benchmarks/learned_expressive.py --models {args.models} --nfe {args.nfe} --patch-nfe "
              f"{args.patch_nfe} --solvers '{args.solvers}' --patch-solvers '{args.patch_solvers}' --iterations "
              f"{args.iterations} --batch {args.batch} --calibration {args.calibration} --max-evals {args.max_evals} "
-             f"--patch-max-evals {args.patch_max_evals} --depth {args.depth} --bound {args.bound:g} --seed "
-             f"{args.seed}{' --no-peers' if args.no_peers else ''}` — {platform.processor() or platform.machine()}, "
+             f"--patch-max-evals {args.patch_max_evals} --depth {args.depth} --bound "
+             f"{args.bound:g} --seed {args.seed}{' --no-peers' if args.no_peers else ''}` — "
+             f"{platform.processor() or platform.machine()}, "
              f"torch {torch.__version__}, 1 thread, float64.", ""]
     started = time.perf_counter()
 
@@ -132,7 +133,7 @@ def main() -> None:
         calibration_reference(flow, calibration, key, tol)
         lines += [f"### {key}", "", "| NFE | solver | tuned grid | default: held-out half (base) | kept | evaluation "
                   "RMSE | fitting NFE (solves) | + trajectory: held-out half | kept | evaluation RMSE | fitting NFE "
-                  "(solves) | change | trajectory variant against the directions variant: fitted half | held-out "
+                  "(solves) | change | trajectory variant against the one before it: fitted half | held-out "
                   "half |", "|---:|---|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
         picks = ["", f"Picks on the calibration batch ({key}), against the best peer (chosen on the evaluation noise):",
                  "", "| NFE | pick today | RMSE | ratio [95 %] | pick with the trajectory kind | RMSE | ratio [95 %] | "

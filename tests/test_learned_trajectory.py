@@ -132,7 +132,7 @@ def test_learned_trajectory_weights_are_fitted_within_their_bound_and_kept_only_
     assert half.kept and refit is not None and refit.learn == ("trajectory",)
     depth = learned_module.TRAJECTORY_DEPTH
     assert len(refit.trajectory) == len(refit.sigmas) - 1 and all(len(c) == depth for c in refit.trajectory)
-    assert set(refit.trajectory[0]) == {0.0} and set(refit.trajectory[1][1:]) == {0.0}
+    assert set(refit.trajectory[0]) == {0.0} and all(c == 0.0 for c in refit.trajectory[1][1:])
     assert set(refit.trajectory[-1]) == {0.0} and any(c for cs in refit.trajectory for c in cs)
     assert all(abs(c) <= learned_module.TRAJECTORY_BOUND for cs in refit.trajectory for c in cs)
     assert half.validation_error < half.base_validation_error
@@ -148,7 +148,7 @@ def test_learned_trajectory_weights_are_fitted_within_their_bound_and_kept_only_
     assert out.stats.nfe == base.stats.nfe <= 5
     # forced to the bound everywhere, the held-out noise rejects it and the base method is left
     bound = learned_module.TRAJECTORY_BOUND
-    bad = LearnedSolver(**{**refit.__dict__, "trajectory": tuple((bound, -bound) for _ in refit.trajectory)})
+    bad = LearnedSolver(**{**refit.__dict__, "trajectory": tuple((bound,) * depth for _ in refit.trajectory)})
     judged = bad.validated(flow, noise(2, n=8))
     assert not judged.kept and {c for cs in judged.trajectory for c in cs} == {0.0}
     assert judged.as_solver().name == "unipc"

@@ -138,8 +138,9 @@ DIRECTION_BOUND = 0.5
 #: the largest |c| of a learned trajectory weight (``learn="trajectory"``), in units of the step's own |d|
 TRAJECTORY_BOUND = 1.0
 
-#: how many previous steps' directions a step's trajectory weights reach back (``learn="trajectory"``)
-TRAJECTORY_DEPTH = 2
+#: how many previous steps' directions a step's trajectory weights reach back (``learn="trajectory"``): one, the
+#: previous step's (two measured higher on the evaluation noise: RESULTS.md, engineer L3)
+TRAJECTORY_DEPTH = 1
 
 #: candidate starts tried across the start's interval (evenly in log σ) before its least-squares fit
 _START_SCAN = 8
@@ -604,9 +605,8 @@ def learn_solver(
     1 + s per step, |s| ≤ 0.5, fitted last and kept only where the held-out half prefers it), ``"directions"``
     (w·|d|·û added per step, û the solve's initial state perpendicular to the step's direction d, |w| ≤ 0.5,
     fitted after the scales, then jointly with them; the held-out half chooses among both, the scales alone
-    and neither), ``"trajectory"`` (weights |c| ≤ 1 on the previous two steps' directions, their parts
-    perpendicular to d, x_T and each other, fitted last; the held-out half chooses it only where it beats the
-    rest), or several,
+    and neither), ``"trajectory"`` (a weight |c| ≤ 1 per step on the previous step's direction, its part
+    perpendicular to d and x_T, fitted last; the held-out half chooses it only where it beats the rest), or several,
     fitted together (see the module docstring). The default, shifts, grid and start (LD3's pair with
     the first σ), then scales, then directions, then both, was chosen by the held-out and evaluation errors recorded in
     ``benchmarks/RESULTS.md``. ``noise`` (DDIM scale, at least 2 samples; a few hundred for
