@@ -227,3 +227,28 @@ def test_trajectory_weights_save_load_bit_for_bit_and_format_4_files_still_load(
     with pytest.raises(ValueError, match=rf"edited.json.*trajectory\[1\]\[0\] = {2 * bound} is outside "
                                          rf"\[-{bound}, {bound}\]"):
         LearnedSolver.load(tmp_path / "edited.json", flow)
+
+
+def test_the_noise_gradient_follows_the_previous_directions_and_the_checkpoint_adjoint_is_refused():
+    """Each step reads the directions of the steps before it: autograd's gradient of the noise follows that path
+    (checked against a central difference); the checkpoint adjoint, which recomputes each step apart from its solve,
+    would miss it and is refused, as for the x_T direction."""
+    flow = mixture()
+    learned = learn_solver(flow, noise(1, n=8), solver="unipc", nfe=4, learn=("scales", "trajectory"), iterations=1)
+    weights = tuple((0.0,) if i == 0 else (0.8,) for i in range(len(learned.sigmas) - 1))
+    forced = LearnedSolver(**{**learned.__dict__, "kept": True, "trajectory": weights})
+    x = noise(2, n=3)
+    direction = noise(5, n=3)
+
+    def loss(z):
+        return flowdiff.generate(flow, z, solver=forced.as_solver(), grid=forced.sigmas).x.pow(2).sum()
+
+    z = x.clone().requires_grad_(True)
+    loss(z).backward()
+    h = 1e-6
+    with torch.no_grad():
+        numeric = (loss(x + h * direction) - loss(x - h * direction)) / (2 * h)
+    assert float((z.grad * direction).sum()) == pytest.approx(float(numeric), rel=1e-5)
+    with pytest.raises(ValueError, match="adjoint='checkpoint'.*initial state"):
+        flowdiff.generate(flow, x.clone().requires_grad_(True), solver=forced.as_solver(), grid=forced.sigmas,
+                          adjoint="checkpoint")
