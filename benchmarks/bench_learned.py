@@ -88,7 +88,9 @@ LEARN = {"shifts+grid": ("shifts", "grid"), "shifts": ("shifts",), "shifts+coeff
          "coefficients": ("coefficients",), "shifts+grid+coefficients": ("shifts", "grid", "coefficients"),
          "shifts+grid+start": ("shifts", "grid", "start"), "grid+start": ("grid", "start"),
          "shifts+grid+start+scales": ("shifts", "grid", "start", "scales"),
-         "shifts+grid+start+scales+directions": ("shifts", "grid", "start", "scales", "directions")}
+         "shifts+grid+start+scales+directions": ("shifts", "grid", "start", "scales", "directions"),
+         "shifts+grid+start+scales+directions+trajectory": ("shifts", "grid", "start", "scales", "directions",
+                                                            "trajectory")}
 #: the mixture's fits by default (the three-kind fit is tried on the trained model only: ``--learn`` adds it)
 MIXTURE_LEARN = "shifts+grid,shifts,shifts+coefficients,coefficients"
 ROUNDTRIP_SOLVERS = ("euler", "lms", "dpmpp_2m", "dpmpp_3m", "unipc", "abm")

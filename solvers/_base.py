@@ -224,11 +224,30 @@ class Scaled(Solver):
     ``y_T``, and a step whose solve did not call :meth:`init` (one continued from a carried state, or one
     step recomputed apart from its solve) is refused rather than given another solve's.
     Such a method says ``uses_initial_state``.
+
+    ``trajectory`` (optional, keyed like ``scales``, each value a tuple of weights ``c_1, c_2, ...``) adds
+    coordinates along the solve's **previous steps' directions**, the rest of PAS's trajectory basis: with
+    ``d_{-j}`` the direction ``f − a`` of the first evaluation ``j`` steps back (as the field returned it, before
+    any term of this method), Gram–Schmidt per sample on ``d, y_T, d_{-1}, d_{-2}, ...`` gives the part
+    ``r_j`` of the unit vector ``d_{-j}/|d_{-j}|`` perpendicular to ``d``, ``y_T`` and ``d_{-1} … d_{-j+1}``,
+    and the step adds
+
+        Σ_j c_j·|d|·r_j        (r_j *not* renormalised: |r_j| = sin of the angle it makes with that span).
+
+    A smooth field turns its direction by O(h) per step, so |r_j| = O(h) and any bounded ``c`` is an O(h)
+    change of the field: the method stays consistent (it converges, at first order at least), where the
+    scales and the x_T direction change it by O(1). At the few large steps it is fitted for, the directions
+    turn by tens of degrees and the term can move the step within the plane of its last directions, as a
+    learned multistep extrapolation does along them. ``c = 0`` everywhere is the method without it bit for
+    bit; a step with fewer previous directions than weights (the first steps) uses those it has. A method
+    with a nonzero trajectory weight records the first direction of every step of its solve (keyed like the
+    initial state) and says ``uses_initial_state``.
     """
 
     def __init__(self, base: Solver, scales: dict[tuple[float, float], float], *,
                  anchor: VectorField | None = None, name: str | None = None,
-                 directions: dict[tuple[float, float], float] | None = None) -> None:
+                 directions: dict[tuple[float, float], float] | None = None,
+                 trajectory: dict[tuple[float, float], tuple[float, ...]] | None = None) -> None:
         if not isinstance(base, Solver) or isinstance(base, (Scaled, Shifted)):
             raise TypeError(f"base must be a solvers.Solver that is neither Scaled nor Shifted (a Shifted method "
                             f"wraps the Scaled one), got {type(base).__name__}")
@@ -241,18 +260,26 @@ class Scaled(Solver):
         if directions is not None and not isinstance(directions, dict):
             raise TypeError(f"directions must be None or a dict of step (t0, t1) -> weight, got "
                             f"{type(directions).__name__}")
+        if trajectory is not None and not isinstance(trajectory, dict):
+            raise TypeError(f"trajectory must be None or a dict of step (t0, t1) -> tuple of weights, got "
+                            f"{type(trajectory).__name__}")
         table = _step_table("scales", "scale", scales)
         weights = _step_table("directions", "direction weight", directions or {})
-        extra = sorted(set(weights) - set(table))
-        if extra:
-            raise ValueError(f"directions has weights for steps without a scale {extra}: give each step of "
-                             f"directions a scale too (0.0 for none); steps with scales: {sorted(table)}")
+        past = _step_tuples("trajectory", "trajectory weights", trajectory or {})
+        for argument, keyed in (("directions", weights), ("trajectory", past)):
+            extra = sorted(set(keyed) - set(table))
+            if extra:
+                raise ValueError(f"{argument} has weights for steps without a scale {extra}: give each step of "
+                                 f"{argument} a scale too (0.0 for none); steps with scales: {sorted(table)}")
         self.base = base
         self.scales = table
         self.directions = weights
+        self.trajectory = past
         self.anchor = anchor
-        self._starts = _Starts()  # each solve's initial state, shared with the wrapped forms
-        self.uses_initial_state = any(w != 0.0 for w in weights.values())  # type: ignore[misc]
+        self._starts = _Starts()  # each solve's initial state (and past directions), shared with the wrapped forms
+        #: how many previous directions a step may use (0: none recorded)
+        self.depth = max((len(c) for c in past.values() if any(x != 0.0 for x in c)), default=0)
+        self.uses_initial_state = any(w != 0.0 for w in weights.values()) or self.depth > 0  # type: ignore[misc]
         self.name = name or f"{base.name}+scaled"  # type: ignore[misc]
         for attr in ("order", "adaptive", "multistep", "evaluates_end"):
             setattr(self, attr, getattr(base, attr))
@@ -267,7 +294,8 @@ class Scaled(Solver):
     def _wrap(self, other: Solver) -> Solver:
         if other is self.base:
             return self
-        out = Scaled(other, self.scales, anchor=self.anchor, name=self.name, directions=self.directions)
+        out = Scaled(other, self.scales, anchor=self.anchor, name=self.name, directions=self.directions,
+                     trajectory=self.trajectory)
         out._starts = self._starts
         return out
 
@@ -298,24 +326,38 @@ class Scaled(Solver):
             raise ValueError(f"solver {self.name!r} has no scale for the step {t0!r} -> {t1!r}: its scales belong "
                              f"to the grid and direction they were fitted on (steps {sorted(self.scales)})")
         w = self.directions.get((t0, t1), 0.0)
-        if s == 0.0 and w == 0.0:
+        c = self.trajectory.get((t0, t1), ())
+        c = c if any(x != 0.0 for x in c) else ()
+        if s == 0.0 and w == 0.0 and self.depth == 0:
             return self.base.step(f, t0, t1, y0, state)
-        y_T = self._starts.of(f) if w != 0.0 else None
-        if w != 0.0 and y_T is None:
-            raise ValueError(f"solver {self.name!r} has a direction weight for the step {t0!r} -> {t1!r} but no "
+        solve = self._starts.of(f) if w != 0.0 or self.depth else None
+        if (w != 0.0 or self.depth) and solve is None:
+            what = "a direction weight" if w != 0.0 else "trajectory weights"
+            raise ValueError(f"solver {self.name!r} has {what} for the step {t0!r} -> {t1!r} but no "
                              "initial state recorded for this solve: the term needs the solve's y0, which init() "
                              "records for the solve's vector field (a solve continued from a carried state, or a "
                              "step recomputed apart from its solve, skips init; another solve's y0 is not used)")
+        y_T, past = (solve.y0, solve.past[:len(c)]) if solve is not None else (None, [])
         anchor = self.anchor
+        first: list[Tensor] = []
 
         def scaled(t: float, y: Tensor) -> Tensor:
             k = f(t, y)
             a = None if anchor is None else anchor(t, y)
             d = k if a is None else k - a
+            if not first and self.depth:
+                first.append(d)
+            if s == 0.0 and w == 0.0 and not (c and past):  # only recording this step's direction
+                return k
             out = (1.0 + s) * d if a is None else a + (1.0 + s) * d
-            return out if w == 0.0 else out + w * _perpendicular(y_T, d)
+            if w != 0.0:
+                out = out + w * _perpendicular(y_T, d)
+            return out if not (c and past) else out + _along_trajectory(d, y_T, past, c)
 
-        return self.base.step(scaled, t0, t1, y0, state)
+        result = self.base.step(scaled, t0, t1, y0, state)
+        if first:
+            solve.passed(first[0], self.depth)
+        return result
 
 
 def _within(steps: frozenset[tuple[float, float]], base: Solver) -> frozenset[tuple[float, float]]:
@@ -396,14 +438,60 @@ def _perpendicular(z: Tensor, d: Tensor) -> Tensor:
     return (torch.where(uu > 0, dd.sqrt() / torch.where(uu > 0, uu, 1.0).sqrt(), 0.0) * u).to(d.dtype)
 
 
+class _Solve:
+    """What a :class:`Scaled` method keeps of one solve: its initial state ``y0`` and the first direction of each
+    step taken so far, the latest first (at most the method's depth)."""
+
+    def __init__(self, y0: Tensor) -> None:
+        self.y0 = y0
+        self.past: list[Tensor] = []
+
+    def passed(self, d: Tensor, depth: int) -> None:
+        self.past = [d, *self.past][:depth]
+
+
+def _along_trajectory(d: Tensor, y_T: Tensor, past: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """Σ_j weights[j]·|d|·r_j per sample (first axis): r_j the part of the unit vector along ``past[j]``
+    perpendicular to ``d``, ``y_T`` and ``past[:j]`` (Gram–Schmidt in that order, not renormalised); zero where a
+    vector vanishes or lies in the span before it. In at least float32 (each vector divided by the power of 2 above
+    its largest entry first: exact, and no overflow of a half-precision norm), returned in ``d``'s dtype."""
+    dims = tuple(range(1, d.dim()))
+    wide = torch.promote_types(torch.promote_types(y_T.dtype, d.dtype), torch.float32)
+
+    def unit(v: Tensor) -> Tensor:
+        v = v.to(wide)
+        top = v.abs().amax(dims, keepdim=True)
+        v = v / torch.exp2(torch.frexp(torch.where(top > 0, top, 1.0)).exponent.to(wide))
+        n = v.pow(2).sum(dims, keepdim=True).sqrt()
+        return torch.where(n > 0, v / torch.where(n > 0, n, 1.0), 0.0)
+
+    def rest(v: Tensor, basis: list[Tensor]) -> Tensor:
+        for q in basis:
+            v = v - (v * q).sum(dims, keepdim=True) * q
+        return v
+
+    d_hat = unit(d)
+    basis = [d_hat]
+    basis.append(unit(rest(unit(y_T), basis)))
+    total = torch.zeros_like(d_hat)
+    for c, v in zip(weights, past):
+        r = rest(unit(v), basis)
+        if c != 0.0:
+            total = total + c * r
+        basis.append(unit(r))
+    length = d.to(wide).pow(2).sum(dims, keepdim=True).sqrt()
+    return (length * total).to(d.dtype)
+
+
 class _Starts:
-    """The initial state of each solve of a :class:`Scaled` method, keyed by the solve's vector field (weakly: an
-    entry goes with its solve), safe to share between threads."""
+    """The initial state of each solve of a :class:`Scaled` method (a :class:`_Solve`, with the directions its steps
+    have taken), keyed by the solve's vector field (weakly: an entry goes with its solve), safe to share between
+    threads."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._weak: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._strong: dict[int, tuple[Any, Tensor]] = {}  # a field that cannot be weakly referenced: the last one
+        self._strong: dict[int, tuple[Any, _Solve]] = {}  # a field that cannot be weakly referenced: the last one
 
     @staticmethod
     def _field(f: Any) -> Any:
@@ -415,11 +503,11 @@ class _Starts:
         f = self._field(f)
         with self._lock:
             try:
-                self._weak[f] = y0
+                self._weak[f] = _Solve(y0)
             except TypeError:
-                self._strong = {id(f): (f, y0)}
+                self._strong = {id(f): (f, _Solve(y0))}
 
-    def of(self, f: Any) -> Tensor | None:
+    def of(self, f: Any) -> _Solve | None:
         f = self._field(f)
         with self._lock:
             try:
@@ -427,6 +515,20 @@ class _Starts:
             except TypeError:
                 held = self._strong.get(id(f))
                 return held[1] if held is not None and held[0] is f else None
+
+
+def _step_tuples(argument: str, what: str, values: dict) -> dict[tuple[float, float], tuple[float, ...]]:
+    """``values`` keyed by steps (t0, t1) as floats, each a tuple (or list) of finite numbers."""
+    table: dict[tuple[float, float], tuple[float, ...]] = {}
+    for key, value in values.items():
+        if not (isinstance(key, tuple) and len(key) == 2):
+            raise TypeError(f"{argument} must be keyed by steps (t0, t1), got the key {key!r}")
+        if not isinstance(value, (tuple, list)) or not all(
+                not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) for x in value):
+            raise ValueError(f"the {what} of the step {key!r} must be a tuple of finite numbers (the weights of the "
+                             f"previous steps' directions, the latest first), got {value!r}")
+        table[(float(key[0]), float(key[1]))] = tuple(float(x) for x in value)
+    return table
 
 
 def _step_table(argument: str, what: str, values: dict) -> dict[tuple[float, float], float]:

@@ -241,7 +241,7 @@ def test_shifts_and_coefficients_together_save_load_bit_for_bit_and_old_files_st
         LearnedSolver.load(path, mixture(seed=4))
     # a file of format 1 (coefficients only, written before shifts) loads as coefficients alone
     data = json.loads(path.read_text())
-    del data["shifts"], data["learn"], data["base_sigmas"], data["scales"], data["directions"]
+    del data["shifts"], data["learn"], data["base_sigmas"], data["scales"], data["directions"], data["trajectory"]
     data["format"] = "flowdiff.LearnedSolver/1"
     (tmp_path / "old.json").write_text(json.dumps(data))
     old = LearnedSolver.load(tmp_path / "old.json", flow)
@@ -253,8 +253,8 @@ def test_shifts_and_coefficients_together_save_load_bit_for_bit_and_old_files_st
     (tmp_path / "bad1.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="malformed learned solver .*holds no shifts"):
         LearnedSolver.load(tmp_path / "bad1.json", flow)
-    (tmp_path / "future.json").write_text(json.dumps({**data, "format": "flowdiff.LearnedSolver/5"}))
-    with pytest.raises(ValueError, match="LearnedSolver/5.*expected 'flowdiff.LearnedSolver/4'"):
+    (tmp_path / "future.json").write_text(json.dumps({**data, "format": "flowdiff.LearnedSolver/6"}))
+    with pytest.raises(ValueError, match="LearnedSolver/6.*expected 'flowdiff.LearnedSolver/5'"):
         LearnedSolver.load(tmp_path / "future.json", flow)
 
 
@@ -302,7 +302,7 @@ def test_bad_learn_arguments_name_what_is_accepted():
     flow = mixture()
     x = noise(1, n=4)
     with pytest.raises(ValueError, match=r"learn must name each of 'shifts', 'coefficients', 'grid', 'start', "
-                                         r"'scales', 'directions' at most once, got 'steps'"):
+                                         r"'scales', 'directions', 'trajectory' at most once, got 'steps'"):
         learn_solver(flow, x, solver="unipc", nfe=6, learn="steps")
     with pytest.raises(ValueError, match="at most once"):
         learn_solver(flow, x, solver="unipc", nfe=6, learn=("shifts", "shifts"))
@@ -677,7 +677,7 @@ def _saved_and_loaded(forced, flow, cal, path):
     """``forced`` saved to ``path`` (format 4) and loaded back, and its samples of ``cal``, which the loaded solver
     reproduces bit for bit."""
     path = forced.save(path)
-    assert json.loads(path.read_text())["format"] == "flowdiff.LearnedSolver/4"
+    assert json.loads(path.read_text())["format"] == "flowdiff.LearnedSolver/5"
     back = LearnedSolver.load(path, flow)
     a = flowdiff.generate(flow, cal, solver=forced.as_solver(), grid=forced.sigmas).x
     assert torch.equal(a, flowdiff.generate(flow, cal, solver=back.as_solver(), grid=back.sigmas).x)
@@ -697,7 +697,7 @@ def test_scales_save_load_bit_for_bit_and_format_2_files_still_load(tmp_path):
     assert not torch.equal(a, flowdiff.generate(flow, cal, solver=shifted_only.as_solver(), grid=forced.sigmas).x)
     # a format-2 file (written before scales) loads as it was; one that holds scales is refused
     data = json.loads(shifted_only.save(tmp_path / "shifts.json").read_text())
-    del data["scales"], data["directions"]
+    del data["scales"], data["directions"], data["trajectory"]
     data["format"] = "flowdiff.LearnedSolver/2"
     (tmp_path / "old.json").write_text(json.dumps(data))
     old = LearnedSolver.load(tmp_path / "old.json", flow)
@@ -834,7 +834,7 @@ def test_directions_save_load_bit_for_bit_and_format_3_files_still_load(tmp_path
     assert not torch.equal(a, flowdiff.generate(flow, cal, solver=scales_only.as_solver(), grid=forced.sigmas).x)
     # a format-3 file (written before directions) loads as it was; one that holds directions is refused
     data = json.loads(scales_only.save(tmp_path / "scales.json").read_text())
-    del data["directions"]
+    del data["directions"], data["trajectory"]
     data["format"] = "flowdiff.LearnedSolver/3"
     (tmp_path / "old.json").write_text(json.dumps(data))
     old = LearnedSolver.load(tmp_path / "old.json", flow)

@@ -1,8 +1,8 @@
-"""Learned low-NFE solvers: evaluation times, grids, multistep coefficients, output scales and x_T directions
-fitted to one model's teacher.
+"""Learned low-NFE solvers: evaluation times, grids, multistep coefficients, output scales, x_T directions and
+the previous steps' directions fitted to one model's teacher.
 
 At 4–10 evaluations a tuned grid (:mod:`flowdiff.tools.tuning`) leaves an error that a better
-grid alone no longer removes. Six things can take the model's shape, each fitted per step to a
+grid alone no longer removes. Seven things can take the model's shape, each fitted per step to a
 few hundred teacher trajectories (``learn=``; the default fits shifts, grid and start together — LD3's pair and
 the first σ — and then the output scales, then the x_T directions, then those two together):
 
@@ -52,6 +52,14 @@ the first σ — and then the output scales, then the x_T directions, then those
   the scales, alone, and then together with them (one fit of both vectors from there: a direction
   changes the best scale); the held-out half chooses among that joint fit, the scales alone (as
   fitted alone) and neither, on a tie the simpler.
+* ``"trajectory"`` — the rest of PAS's basis: per step, weights c_{i,j} (|c| ≤ :data:`TRAJECTORY_BOUND`) on the
+  directions of the :data:`TRAJECTORY_DEPTH` steps before it, each taken as a unit vector less its parts along d,
+  x_T and the nearer previous directions (Gram–Schmidt, per sample; :class:`solvers.Scaled` ``trajectory=``): step
+  i adds Σ_j c_{i,j}·|d|·r_{i,j}. The parts r are not renormalised: a direction that turned little leaves a small
+  one, so the term is O(h) and the solve stays consistent where the scales and the x_T direction change the field
+  by O(1). Not in the default (``benchmarks/RESULTS.md``, "Issue 26 item 1: the trajectory basis (engineer L3)").
+  Fitted last, alone on top of everything else and then jointly with the scales and directions; the held-out
+  half chooses among that fit and the three variants above.
 
 What ``learn`` names is fitted together by bounded least squares on the image error against the teacher,
 
@@ -111,7 +119,9 @@ from .tuning import TunedGrid, _Warp, check_fingerprint, check_rows_split, read_
 
 __all__ = ["LearnedSolver", "learn_solver", "tune_roundtrip"]
 
-_FORMAT = "flowdiff.LearnedSolver/4"
+_FORMAT = "flowdiff.LearnedSolver/5"
+#: files written before the trajectory kind existed (no ``trajectory``); still read
+_FORMAT_4 = "flowdiff.LearnedSolver/4"
 #: files written before directions existed (no ``directions``); still read
 _FORMAT_3 = "flowdiff.LearnedSolver/3"
 #: files written before scales existed (no ``scales``); still read
@@ -125,11 +135,18 @@ SCALE_BOUND = 0.5
 #: the largest |w| of a learned x_T direction weight (``learn="directions"``), in units of the step's own |d|
 DIRECTION_BOUND = 0.5
 
+#: the largest |c| of a learned trajectory weight (``learn="trajectory"``), in units of the step's own |d|
+TRAJECTORY_BOUND = 1.0
+
+#: how many previous steps' directions a step's trajectory weights reach back (``learn="trajectory"``): one, the
+#: previous step's (two measured higher on the evaluation noise: RESULTS.md, engineer L3)
+TRAJECTORY_DEPTH = 1
+
 #: candidate starts tried across the start's interval (evenly in log σ) before its least-squares fit
 _START_SCAN = 8
 
 #: what :func:`learn_solver` can fit (``learn=``)
-LEARNABLE = ("shifts", "coefficients", "grid", "start", "scales", "directions")
+LEARNABLE = ("shifts", "coefficients", "grid", "start", "scales", "directions", "trajectory")
 
 
 @dataclass(frozen=True)
@@ -145,14 +162,15 @@ class LearnedSolver:
     correction multiples of step ``i`` (empty where a step takes none, or unless coefficients were
     learned), ``scales[i]`` the output scale s of step ``i`` (its ε taken as (1 + s)·ε; empty unless
     scales were learned), ``directions[i]`` its x_T direction weight w (empty unless directions were
-    learned). ``kept`` says whether the held-out half preferred the learned solver to the base method;
-    when not, shifts, scales, directions and coefficients are zero, :attr:`sigmas` is the starting grid and
-    :meth:`as_solver` is the base method itself. A kept solver is the refit on all the calibration noise
-    (``options["fitted_on"] == "all"``; ``"even half"`` where nothing was refitted). ``calibration_error`` /
-    ``base_calibration_error`` are the RMS image errors of the learned and the base method on the noise it
-    was fitted on (all of it, or the even half), ``validation_error`` / ``base_validation_error`` those of
-    the half-fit and the base method on the held-out half: the refit's own is not known (it saw that half),
-    so the half-fit's is the figure to trust. ``fitting_nfe`` counts every model evaluation the fit spent
+    learned), ``trajectory[i]`` its weights on the previous steps' directions (the latest first; empty unless the
+    trajectory was learned). ``kept`` says whether the held-out half preferred the learned solver to the base method;
+    when not, shifts, scales, directions, trajectory weights and coefficients are zero, :attr:`sigmas` is the
+    starting grid and :meth:`as_solver` is the base method itself. A kept solver is the refit on all the
+    calibration noise (``options["fitted_on"] == "all"``; ``"even half"`` where nothing was refitted).
+    ``calibration_error`` / ``base_calibration_error`` are the RMS image errors of the learned and the base method
+    on the noise it was fitted on (all of it, or the even half), ``validation_error`` / ``base_validation_error``
+    those of the half-fit and the base method on the held-out half: the refit's own is not known (it saw that
+    half), so the half-fit's is the figure to trust. ``fitting_nfe`` counts every model evaluation the fit spent
     (the refit included, and the teacher with the looser solve that checks it: ``reference_nfe``, counted even
     when :func:`flowdiff.reference_solution`'s cache supplied it, so the figure is the fit's cost from nothing),
     ``solves`` the candidate solves. ``source`` is the
@@ -184,6 +202,7 @@ class LearnedSolver:
     base_sigmas: np.ndarray | None = None
     scales: tuple[float, ...] = ()
     directions: tuple[float, ...] = ()
+    trajectory: tuple[tuple[float, ...], ...] = ()
 
     def base_grid(self) -> np.ndarray:
         """The grid the base method is judged on: the grid the fit started from (:attr:`sigmas` unless the grid
@@ -211,13 +230,24 @@ class LearnedSolver:
             if kind in self.learn and len(values) != len(self.sigmas) - 1:
                 raise ValueError(f"{kind} must hold one value per step of sigmas ({len(self.sigmas) - 1}), "
                                  f"got {len(values)}")
-        for kind, name, bound in (("scales", "SCALE_BOUND", SCALE_BOUND),
-                                  ("directions", "DIRECTION_BOUND", DIRECTION_BOUND)):
-            for i, value in enumerate(getattr(self, kind)):
-                if not (math.isfinite(value) and abs(value) <= bound):
-                    raise ValueError(f"{kind}[{i}] = {value!r} is outside [-{bound}, {bound}]: learn_solver fits "
-                                     f"each of {kind} within ±flowdiff.tools.learned.{name} = {bound}; accepted: "
-                                     "a finite value of at most that size")
+        if "trajectory" not in self.learn and self.trajectory:
+            raise ValueError(f"trajectory must be empty unless learn names 'trajectory', got "
+                             f"{len(self.trajectory)} values with learn={list(self.learn)}")
+        if "trajectory" in self.learn and len(self.trajectory) != len(self.sigmas) - 1:
+            raise ValueError(f"trajectory must hold one tuple of weights per step of sigmas ({len(self.sigmas) - 1}), "
+                             f"got {len(self.trajectory)}")
+        entries_bounded = [(f"{kind}[{i}]", value, name, bound)
+                           for kind, name, bound in (("scales", "SCALE_BOUND", SCALE_BOUND),
+                                                     ("directions", "DIRECTION_BOUND", DIRECTION_BOUND))
+                           for i, value in enumerate(getattr(self, kind))]
+        entries_bounded += [(f"trajectory[{i}][{j}]", value, "TRAJECTORY_BOUND", TRAJECTORY_BOUND)
+                            for i, cs in enumerate(self.trajectory) for j, value in enumerate(cs)]
+        for where, value, name, bound in entries_bounded:
+            if not (math.isfinite(value) and abs(value) <= bound):
+                kind = where.split("[")[0]
+                raise ValueError(f"{where} = {value!r} is outside [-{bound}, {bound}]: learn_solver fits "
+                                 f"each of {kind} within ±flowdiff.tools.learned.{name} = {bound}; accepted: "
+                                 "a finite value of at most that size")
         entries = [(f"shifts[{i}]", d) for i, d in enumerate(self.shifts)]
         entries += [(f"coefficients[{i}][{m}]", c) for i, cs in enumerate(self.coefficients) for m, c in enumerate(cs)]
         for where, value in entries:
@@ -232,7 +262,8 @@ class LearnedSolver:
         return _composed(self.base(), self.sigmas, self.coefficients if "coefficients" in self.learn else None,
                          self.shifts if "shifts" in self.learn else None,
                          self.scales if "scales" in self.learn else None,
-                         self.directions if "directions" in self.learn else None)
+                         self.directions if "directions" in self.learn else None,
+                         self.trajectory if "trajectory" in self.learn else None)
 
     def check(self, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> None:
         """Raise ``ValueError`` unless this solver was fitted on ``flow`` (with ``model_kwargs``). Conditioning that
@@ -261,19 +292,22 @@ class LearnedSolver:
         shifts = self.shifts if kept else tuple(0.0 for _ in self.shifts)
         scales = self.scales if kept else tuple(0.0 for _ in self.scales)
         directions = self.directions if kept else tuple(0.0 for _ in self.directions)
+        trajectory = self.trajectory if kept else tuple(tuple(0.0 for _ in c) for c in self.trajectory)
         return replace(self, kept=kept, coefficients=coefficients, shifts=shifts, scales=scales, directions=directions,
+                       trajectory=trajectory,
                        sigmas=self.sigmas if kept else self.base_grid().copy(),
                        validation_error=learned if kept else base, base_validation_error=base)
 
     def save(self, path: str | Path) -> Path:
-        """Write the solver (σ, shifts, scales, directions and coefficients as exact float hex strings) and what it
-        was fitted for as JSON (format ``flowdiff.LearnedSolver/4``)."""
+        """Write the solver (σ, shifts, scales, directions, trajectory weights and coefficients as exact float hex
+        strings) and what it was fitted for as JSON (format ``flowdiff.LearnedSolver/5``)."""
         data = asdict(self)
         data["sigmas"] = [float(s).hex() for s in self.sigmas]
         data["coefficients"] = [[float(c).hex() for c in cs] for cs in self.coefficients]
         data["shifts"] = [float(d).hex() for d in self.shifts]
         data["scales"] = [float(d).hex() for d in self.scales]
         data["directions"] = [float(d).hex() for d in self.directions]
+        data["trajectory"] = [[float(c).hex() for c in cs] for cs in self.trajectory]
         data["learn"] = list(self.learn)
         data["base_sigmas"] = None if self.base_sigmas is None else [float(s).hex() for s in self.base_sigmas]
         data.pop("source")
@@ -282,7 +316,8 @@ class LearnedSolver:
     @classmethod
     def load(cls, path: str | Path, flow: ProbabilityFlow,
              model_kwargs: Mapping[str, Any] | None = None) -> LearnedSolver:
-        """Read a file written by :meth:`save` (or by an older version: format 3, without directions; format 2,
+        """Read a file written by :meth:`save` (or by an older version: format 4, without trajectory weights;
+        format 3, without directions; format 2,
         without scales; format 1, coefficients only) and check that it belongs to ``flow`` (see :meth:`check`). A file
         written before cross-fitting (no ``options["fitted_on"]``) was fitted on the even half: it reads so."""
         path = Path(path)
@@ -290,7 +325,7 @@ class LearnedSolver:
         try:
             data = read_record(path, _FORMAT, "learned solver")
         except ValueError as err:
-            for fmt in (_FORMAT_3, _FORMAT_2, _FORMAT_1):
+            for fmt in (_FORMAT_4, _FORMAT_3, _FORMAT_2, _FORMAT_1):
                 try:
                     data = read_record(path, fmt, "learned solver")
                     break
@@ -298,8 +333,9 @@ class LearnedSolver:
                     continue
             else:
                 raise err from None
-        lacks = {_FORMAT: (), _FORMAT_3: ("directions",), _FORMAT_2: ("directions", "scales"),
-                 _FORMAT_1: ("directions", "scales", "shifts", "learn", "base_sigmas")}[fmt]
+        lacks = {_FORMAT: (), _FORMAT_4: ("trajectory",), _FORMAT_3: ("trajectory", "directions"),
+                 _FORMAT_2: ("trajectory", "directions", "scales"),
+                 _FORMAT_1: ("trajectory", "directions", "scales", "shifts", "learn", "base_sigmas")}[fmt]
         extra = [k for k in lacks if k in data]
         if extra:
             raise ValueError(f"{path}: malformed learned solver (format {fmt!r} holds no {', '.join(extra)})")
@@ -309,6 +345,7 @@ class LearnedSolver:
             data["shifts"] = tuple(float.fromhex(d) for d in data.get("shifts", ()))
             data["scales"] = tuple(float.fromhex(d) for d in data.get("scales", ()))
             data["directions"] = tuple(float.fromhex(d) for d in data.get("directions", ()))
+            data["trajectory"] = tuple(tuple(float.fromhex(c) for c in cs) for cs in data.get("trajectory", ()))
             data["learn"] = _check_learn(tuple(data.get("learn", ("coefficients",))))
             base_sigmas = data.get("base_sigmas")
             data["base_sigmas"] = None if base_sigmas is None else np.array(
@@ -361,11 +398,12 @@ def _base_solver(name: str, options: Mapping[str, Any], learn: Sequence[str]) ->
 
 def _composed(base: _solvers.Solver, sigmas: np.ndarray, coefficients: Sequence[Sequence[float]] | None,
               shifts: Sequence[float] | None, scales: Sequence[float] | None = None,
-              directions: Sequence[float] | None = None) -> _solvers.Solver:
-    """``base`` with ``coefficients`` (:class:`solvers.CorrectedAdams`), then ``scales`` and ``directions``
-    (:class:`solvers.Scaled`, about the field of a zero ε: :func:`_scale_anchor`; the x_T direction weights, the
-    scales zero where only directions are given) and then ``shifts`` (:class:`solvers.Shifted`), all keyed by the
-    steps of ``sigmas`` in ``base``'s generation variables."""
+              directions: Sequence[float] | None = None,
+              trajectory: Sequence[Sequence[float]] | None = None) -> _solvers.Solver:
+    """``base`` with ``coefficients`` (:class:`solvers.CorrectedAdams`), then ``scales``, ``directions`` and
+    ``trajectory`` (:class:`solvers.Scaled`, about the field of a zero ε: :func:`_scale_anchor`; the x_T direction
+    weights and the previous directions' weights, the scales zero where only those are given) and then ``shifts``
+    (:class:`solvers.Shifted`), all keyed by the steps of ``sigmas`` in ``base``'s generation variables."""
     name = f"{base.name}+learned"  # runs in its base method's variables (formulations.variables_of)
     form = formulation_for(base, "generate")
     times = form.times(sigmas)
@@ -373,10 +411,11 @@ def _composed(base: _solvers.Solver, sigmas: np.ndarray, coefficients: Sequence[
     solver = base
     if coefficients is not None:
         solver = _solvers.CorrectedAdams(base, {s: tuple(c) for s, c in zip(steps, coefficients)}, name=name)
-    if scales is not None or directions is not None:
+    if scales is not None or directions is not None or trajectory is not None:
         weights = None if directions is None else {s: float(w) for s, w in zip(steps, directions)}
+        past = None if trajectory is None else {s: tuple(map(float, c)) for s, c in zip(steps, trajectory)}
         solver = _solvers.Scaled(solver, {s: float(k) for s, k in zip(steps, scales or [0.0] * len(steps))},
-                                 anchor=_scale_anchor(form), name=name, directions=weights)
+                                 anchor=_scale_anchor(form), name=name, directions=weights, trajectory=past)
     if shifts is not None:
         solver = _solvers.Shifted(solver, {s: float(d) for s, d in zip(steps, shifts)}, name=name)
     return solver
@@ -523,6 +562,10 @@ def _reference(flow: ProbabilityFlow, noise: Tensor, model_kwargs, tol: float) -
     return ref.x.to(device=noise.device, dtype=torch.float64), ref.nfe + ref.error_nfe  # the teacher and its check
 
 
+def _rms_of(residual: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(residual * residual)))
+
+
 def _rms(x: Tensor, target: Tensor) -> float:
     value = float((x.to(torch.float64) - target).pow(2).mean().sqrt())
     return value if math.isfinite(value) else math.inf
@@ -562,7 +605,8 @@ def learn_solver(
     1 + s per step, |s| ≤ 0.5, fitted last and kept only where the held-out half prefers it), ``"directions"``
     (w·|d|·û added per step, û the solve's initial state perpendicular to the step's direction d, |w| ≤ 0.5,
     fitted after the scales, then jointly with them; the held-out half chooses among both, the scales alone
-    and neither), or several,
+    and neither), ``"trajectory"`` (a weight |c| ≤ 1 per step on the previous step's direction, its part
+    perpendicular to d and x_T, fitted last; the held-out half chooses it only where it beats the rest), or several,
     fitted together (see the module docstring). The default, shifts, grid and start (LD3's pair with
     the first σ), then scales, then directions, then both, was chosen by the held-out and evaluation errors recorded in
     ``benchmarks/RESULTS.md``. ``noise`` (DDIM scale, at least 2 samples; a few hundred for
@@ -667,7 +711,8 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
         slots.append(("t", 0, 0))
         start_of = _Start(sigmas, flow.schedule)
         reach["t", 0] = start_of.bounds
-    acting = _scaled_steps(base, sigmas, flow.schedule) if "scales" in learn or "directions" in learn else []
+    acting = (_scaled_steps(base, sigmas, flow.schedule) if {"scales", "directions", "trajectory"} & set(learn)
+              else [])
     if "scales" in learn:
         scaled = [("k", i, 0) for i, acts in enumerate(acting) if acts]
         slots += scaled
@@ -676,8 +721,15 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
         directed = [("w", i, 0) for i, acts in enumerate(acting) if acts]
         slots += directed
         reach.update({(k, i): (-DIRECTION_BOUND, DIRECTION_BOUND) for k, i, _ in directed})
-    lower = np.array([-bound if k == "c" else intervals[i][0] if k == "s" else reach[k, i][0] for k, i, _ in slots])
-    upper = np.array([bound if k == "c" else intervals[i][1] if k == "s" else reach[k, i][1] for k, i, _ in slots])
+    if "trajectory" in learn:  # step i's weights on the directions of the (at most TRAJECTORY_DEPTH) steps before it
+        past = [("h", i, j) for i, acts in enumerate(acting) if acts
+                for j in range(min(TRAJECTORY_DEPTH, sum(acting[:i])))]  # the steps before it that record one
+        slots += past
+        reach.update({(k, i, j): (-TRAJECTORY_BOUND, TRAJECTORY_BOUND) for k, i, j in past})
+    lower = np.array([-bound if k == "c" else intervals[i][0] if k == "s" else reach[k, i, j][0] if k == "h" else
+                      reach[k, i][0] for k, i, j in slots])
+    upper = np.array([bound if k == "c" else intervals[i][1] if k == "s" else reach[k, i, j][1] if k == "h" else
+                      reach[k, i][1] for k, i, j in slots])
     moved = bool(moves) or "start" in learn  # the grid itself is fitted
     fit, held, whole = slice(0, None, 2), slice(1, None, 2), slice(None)  # the batch's rows
     checked = check_rows_split(flow, noise, model_kwargs, (fit, held))
@@ -685,10 +737,14 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
     spent = {"nfe": ref_nfe + checked, "solves": 0}
 
     def unpacked(v: np.ndarray) -> tuple[tuple[tuple[float, ...], ...] | None, tuple[float, ...] | None,
-                                         tuple[float, ...] | None, tuple[float, ...] | None]:
+                                         tuple[float, ...] | None, tuple[float, ...] | None,
+                                         tuple[tuple[float, ...], ...] | None]:
         coefficients = [[0.0] * n for n in counts]
         shifts, scales, directions = [0.0] * len(counts), [0.0] * len(counts), [0.0] * len(counts)
+        trajectory = [[0.0] * TRAJECTORY_DEPTH for _ in counts]
         for (kind, i, m), value in zip(slots, v):
+            if kind == "h":
+                trajectory[i][m] = float(value)
             if kind == "c":
                 coefficients[i][m] = float(value)
             elif kind == "s":
@@ -699,7 +755,8 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
                 directions[i] = float(value)
         return (tuple(tuple(c) for c in coefficients) if "coefficients" in learn else None,
                 tuple(shifts) if "shifts" in learn else None, tuple(scales) if "scales" in learn else None,
-                tuple(directions) if "directions" in learn else None)
+                tuple(directions) if "directions" in learn else None,
+                tuple(tuple(c) for c in trajectory) if "trajectory" in learn else None)
 
     def grid_of(v: np.ndarray) -> np.ndarray:
         out = sigmas.copy()
@@ -713,11 +770,11 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
 
     def solver_of(v: np.ndarray) -> tuple[_solvers.Solver, np.ndarray]:
         grid = grid_of(v)
-        coefficients, shifts, scales, directions = unpacked(v)
+        coefficients, shifts, scales, directions, trajectory = unpacked(v)
         if shifts is not None and moved:  # the moved grid's own shift intervals
             _, bounds = _layout(base, grid, terms, ("shifts",), flow.schedule, shift_bound)
             shifts = tuple(min(max(d, lo), hi) for d, (lo, hi) in zip(shifts, bounds))
-        return _composed(base, grid, coefficients, shifts, scales, directions), grid
+        return _composed(base, grid, coefficients, shifts, scales, directions, trajectory), grid
 
     def images(v: np.ndarray, rows: slice) -> Tensor:
         solver_v, grid = solver_of(v)
@@ -738,15 +795,16 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
 
     zero = np.zeros(len(slots))
     r0 = residual(zero)
-    v = plain = scales_only = zero
+    v = plain = scales_only = directed = zero
     objective = None
     if slots and iterations > 0:
         penalised = np.array([k == "c" for k, _, _ in slots])
         objective = _Objective(residual, r0, math.sqrt(ridge * float(np.dot(r0, r0)) / max(int(penalised.sum()), 1))
                                * penalised)
         kinds = np.array([k for k, _, _ in slots])
-        others = (kinds != "t") & (kinds != "k") & (kinds != "w")
-        every = (kinds != "k") & (kinds != "w")
+        last = (kinds == "k") | (kinds == "w") | (kinds == "h")  # fitted on top of the rest
+        others = (kinds != "t") & ~last
+        every = ~last
 
         def fitted_others(v: np.ndarray) -> np.ndarray:
             """Shifts, coefficients and grid from ``v``: each alone, then together from the best (a joint start
@@ -777,15 +835,25 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
             v = _fit(objective, v, lower, upper, kinds == "w", iterations)
             if np.any(kinds == "k"):  # then both together from there (the directions move the scales' optimum)
                 v = _fit(objective, v, lower, upper, (kinds == "k") | (kinds == "w"), iterations)
-    # the held-out half chooses among the fit without scales and directions, with the scales alone and with both
-    # (fitted on top of the rest, in that order; on a tie, the simpler)
+        directed = v
+        if np.any(kinds == "h"):  # then the previous directions' weights, alone, on top of all that
+            v = _fit(objective, v, lower, upper, kinds == "h", iterations)
+            if np.any((kinds == "k") | (kinds == "w")):  # and all three together from there
+                v = _fit(objective, v, lower, upper, last, iterations)
+    # the held-out half chooses among the fit without scales and directions, with the scales alone, with both and
+    # with the trajectory weights too (fitted on top of the rest, in that order; on a tie, the simpler)
     judged = {plain.tobytes(): _rms(images(plain, held), held_target)}
     chosen, learned_val = plain, judged[plain.tobytes()]
-    for candidate in (scales_only, v):
+    for candidate in (scales_only, directed, v):
         if candidate.tobytes() not in judged:
             judged[candidate.tobytes()] = value = _rms(images(candidate, held), held_target)
             if value < learned_val:
                 chosen, learned_val = candidate, value
+    # each variant the held-out half judged, [its RMS on the fitted half, on the held-out half] (from the solves
+    # above): "others" the kinds but scales, directions and trajectory; then each of those added, in that order
+    named = [("others", plain), ("scales", scales_only), ("directions", directed), ("trajectory", v)]
+    variants = {name: [_rms_of(objective(w)[:r0.size] if objective is not None else r0), judged[w.tobytes()]]
+                for name, w in named if name == "others" or name in learn}
     v = chosen
     # the chosen fit's residual and the base's held-out error, from the solves made above where they were (the
     # objective keeps each candidate's residual; the held-out half judged the base when nothing else was fitted)
@@ -797,7 +865,7 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
                 "calibration_batch": int(noise.shape[0])}
 
     def result(w: np.ndarray, calib: float, base_calib: float, fitted_on: str) -> LearnedSolver:
-        coefficients, shifts, scales, directions = unpacked(w)
+        coefficients, shifts, scales, directions, trajectory = unpacked(w)
         fitted, fitted_grid = solver_of(w)
         if shifts is not None:
             shifts = tuple(fitted.shifts.values())  # clipped to the fitted grid's intervals (in step order)
@@ -805,18 +873,20 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
                              flow_fingerprint(flow, model_kwargs),
                              True, calib, base_calib, math.nan, math.nan, grid_name, shifts=shifts or (), learn=learn,
                              base_sigmas=sigmas.copy() if moved else None, scales=scales or (),
-                             directions=directions or (), options={**settings, "fitted_on": fitted_on})
+                             directions=directions or (), trajectory=trajectory or (),
+                             options={**settings, "fitted_on": fitted_on})
 
     half = replace(result(v, calib, base_calib, "even half")._decided(learned_val, base_val),
+                   options={**settings, "fitted_on": "even half", "variants": variants},
                    fitting_nfe=spent["nfe"], reference_nfe=ref_nfe, solves=spent["solves"],
                    fitting_seconds=time.perf_counter() - start)
     if not half.kept:  # the base method: nothing to refit
         return half, None
     # cross-fitting: the variant the held-out half chose, refitted on all the calibration noise from the half's fit
     # (same slots, bounds and iterations; the kinds that variant left at zero stay there)
-    # (the first of the three that equals the chosen one: the held-out half took the simplest on a tie)
-    mask = next(m for w, m in ((plain, every), (scales_only, kinds != "w"), (v, np.ones(len(v), bool)))
-                if np.array_equal(w, v))
+    # (the first of the four that equals the chosen one: the held-out half took the simplest on a tie)
+    mask = next(m for w, m in ((plain, every), (scales_only, every | (kinds == "k")), (directed, kinds != "h"),
+                               (v, np.ones(len(v), bool))) if np.array_equal(w, v))
 
     def residual_all(w: np.ndarray) -> np.ndarray:
         r = (images(w, whole) - target).reshape(-1).cpu().numpy()
@@ -829,6 +899,7 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
     r_all = every_sample(w)[:r0_all.size]
     refit = result(w, float(np.sqrt(np.mean(r_all * r_all))), float(np.sqrt(np.mean(r0_all * r0_all))), "all")
     refit = replace(refit, validation_error=learned_val, base_validation_error=base_val,
+                    options={**refit.options, "variants": variants},
                     fitting_nfe=spent["nfe"], reference_nfe=ref_nfe, solves=spent["solves"],
                     fitting_seconds=time.perf_counter() - start)
     return half, refit
