@@ -103,8 +103,9 @@ def check_adjoint(adjoint: object, solver: Solver) -> str:
                          "works with any fixed-grid solver)")
     if adjoint != "autograd" and getattr(solver, "uses_initial_state", False):
         raise ValueError(f"adjoint={adjoint!r} recomputes each step apart from its solve, but solver {solver.name!r} "
-                         "reads the solve's initial state in every step (learned x_T directions), a path to the "
-                         "noise's gradient that step-by-step recomputation cannot follow: use adjoint='autograd'")
+                         "reads the solve's initial state in every step (learned x_T or previous steps' directions), "
+                         "a path to the noise's gradient that step-by-step recomputation cannot follow: use "
+                         "adjoint='autograd'")
     return adjoint
 
 
