@@ -1,6 +1,9 @@
 """Review R17 (sweep 6 S6, reference provenance F3, flow-matching peers P3): what a user met, each test failing
 before its fix (its docstring says what a user saw)."""
 
+import warnings
+
+import pytest
 import torch
 from _cli_runs import one_line, run_in, write_digits
 
@@ -36,3 +39,26 @@ def test_a_folder_run_written_before_threads_were_recorded_still_resumes(capsys,
         assert "thread count" in err
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_command_lines_run_flow_in_another_dtype_keeps_what_the_peers_are_configured_from(tmp_path):
+    """`flowdiff compare --model FLUX_DIR --peers diffusers` in a --dtype other than the folder's ran its runs on a
+    plain ProbabilityFlow copy (in_dtype), which dropped the DiffusersFlow's scheduler_config and packed tokens: the
+    flow-matching peers fell back to the schedule's static shift ('linspace, shift 1') instead of the Flux pipeline's
+    dynamic shift ('linspace, Flux sigmas, mu'), and the report said so as if it were the users' configuration."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    import flowdiff
+    from flowdiff.cli import in_dtype
+    from flowdiff.models import tiny_pipelines
+    from flowdiff.tools import peers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, path = tiny_pipelines.flux(tmp_path)
+        flow = flowdiff.from_diffusers(path)
+    cast = in_dtype(flow, torch.float64)
+    assert next(cast.model.parameters()).dtype == torch.float64 and next(flow.model.parameters()).dtype != torch.float64
+    assert type(cast) is type(flow) and cast.scheduler_config == flow.scheduler_config and cast.packed
+    want = [(s.name, s.grid, s.options, s.left_out) for s in peers.default_samplers(["diffusers"], flow)]
+    assert [(s.name, s.grid, s.options, s.left_out) for s in peers.default_samplers(["diffusers"], cast)] == want
