@@ -62,3 +62,23 @@ def test_the_command_lines_run_flow_in_another_dtype_keeps_what_the_peers_are_co
     assert type(cast) is type(flow) and cast.scheduler_config == flow.scheduler_config and cast.packed
     want = [(s.name, s.grid, s.options, s.left_out) for s in peers.default_samplers(["diffusers"], flow)]
     assert [(s.name, s.grid, s.options, s.left_out) for s in peers.default_samplers(["diffusers"], cast)] == want
+
+
+@pytest.mark.parametrize("bad", [dict(peers="diffuser"), dict(progress="yes")])
+def test_distributed_compare_refuses_its_arguments_before_the_reference_solve(monkeypatch, bad):
+    """distributed.compare checked peers= (and never progress=) after rank 0 had solved the float64 reference, the
+    slowest part of a comparison: a misspelt peer cost a whole reference solve before its refusal, where
+    flowdiff.compare refuses it first. Now refused, by every rank, before the reference."""
+    from _ranks import AllWorkRank0
+
+    from flowdiff.models.analytic import Gaussian
+    from flowdiff.runs import distributed
+
+    solved = []
+    monkeypatch.setattr(distributed, "reference_solution", lambda *a, **k: solved.append(1))
+    flow = Gaussian(torch.zeros(1, 2, 2), torch.linspace(0.1, 1.0, 4)).flow()
+    noise = torch.randn(2, 1, 2, 2, dtype=torch.float64)
+    with pytest.raises((ValueError, TypeError), match="peers|progress"):
+        distributed.compare(flow, noise, ranks=AllWorkRank0(rank=0, world_size=2), solvers=["euler"],
+                            grids=["logsnr"], nfe=[4], **bad)
+    assert not solved
