@@ -1,6 +1,7 @@
 """Review R17 (sweep 6 S6, reference provenance F3, flow-matching peers P3): what a user met, each test failing
 before its fix (its docstring says what a user saw)."""
 
+import copy
 import warnings
 
 import pytest
@@ -82,3 +83,26 @@ def test_distributed_compare_refuses_its_arguments_before_the_reference_solve(mo
         distributed.compare(flow, noise, ranks=AllWorkRank0(rank=0, world_size=2), solvers=["euler"],
                             grids=["logsnr"], nfe=[4], **bad)
     assert not solved
+
+
+def test_a_cached_reference_is_not_returned_for_weights_changed_in_place():
+    """reference_solution cached its answer per flow object: after an in-place change of the network's weights (a
+    training step) it returned the reference of the old weights, which compare(flow, noise) then measured every row
+    against, silently, and which check_reference (compare(reference=)) refused for this very flow as 'another
+    flow'. Now the changed network is solved again."""
+    import flowdiff as fd
+    from flowdiff.tools.reference import check_reference, clear_reference_cache
+
+    clear_reference_cache()
+    shipped = fd.pretrained("digits")
+    flow = fd.ProbabilityFlow(copy.deepcopy(shipped.model), shipped.schedule, prediction_type=shipped.prediction_type)
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    before = fd.reference_solution(flow, noise, rtol=1e-5, atol=1e-5)
+    assert fd.reference_solution(flow, noise, rtol=1e-5, atol=1e-5) is before  # the cache still serves
+    with torch.no_grad():
+        next(flow.model.parameters()).mul_(1.5)
+    after = fd.reference_solution(flow, noise, rtol=1e-5, atol=1e-5)
+    assert after is not before and not torch.equal(after.x, before.x)
+    assert torch.equal(after.x, fd.reference_solution(flow, noise, rtol=1e-5, atol=1e-5, cache=False).x)
+    check_reference(after, flow, noise)
+    clear_reference_cache()

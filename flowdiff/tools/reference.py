@@ -293,7 +293,8 @@ def reference_solution(
     (:func:`flowdiff.api.adaptive.image_norm`); with ``sigma_end=0`` it is
     ``generate(..., adaptive=Adaptive(rtol, atol))``. A torch network in another precision is copied to
     float64 for it. Cached per (flow, noise values, σ_start, σ_end, solver, tolerances)
-    unless ``cache=False`` or ``model_kwargs`` are given (conditioning is not hashed).
+    unless ``cache=False`` or ``model_kwargs`` are given (conditioning is not hashed); a network whose weights
+    changed in place since is solved again.
     ``error`` is estimated from the same solve at 100× looser tolerances (see
     :class:`Reference`). ``progress=True`` shows a tqdm bar of the σ reached on stderr.
     """
@@ -318,7 +319,7 @@ def reference_solution(
     key = (*_noise_key(noise), s0, s_end, solver, rtol, atol)
     if use_cache:
         hit = _CACHE.get(flow, {}).get(key)
-        if hit is not None:
+        if hit is not None and _still_its_flow(hit, flow):
             return hit
     flow64 = _float64_flow(flow)
     noise64 = noise.detach().to(torch.float64)
@@ -336,6 +337,17 @@ def reference_solution(
     if use_cache:
         _CACHE.setdefault(flow, {})[key] = ref
     return ref
+
+
+def _still_its_flow(ref: Reference, flow: ProbabilityFlow) -> bool:
+    """Whether a cached ``ref`` still belongs to ``flow``: a network whose weights were changed in place since (a
+    training step) is another flow, which :func:`check_reference` would refuse the cached reference for."""
+    if not ref.flow_keys:
+        return True  # nothing recorded to tell
+    try:
+        return flow_fingerprint(flow, None) in ref.flow_keys
+    except TypeError:
+        return True
 
 
 def _solve_reference(flow: ProbabilityFlow, noise: Tensor, s0: float, s_end: float, solver: str, rtol: float,
