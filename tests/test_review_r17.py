@@ -106,3 +106,42 @@ def test_a_cached_reference_is_not_returned_for_weights_changed_in_place():
     assert torch.equal(after.x, fd.reference_solution(flow, noise, rtol=1e-5, atol=1e-5, cache=False).x)
     check_reference(after, flow, noise)
     clear_reference_cache()
+
+
+class _Embedded(torch.nn.Module):
+    """An ε conditioned on a floating embedding (as a prompt's): the Gaussian's ε scaled by w·(1 + 0.1·emb)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(1.0))
+        from flowdiff.models.analytic import Gaussian
+
+        self.gaussian = Gaussian(torch.zeros(1, 2, 2), torch.linspace(0.1, 1.0, 4))
+
+    def forward(self, x_t, t, emb):
+        scale = self.w.to(x_t.dtype) * (1 + 0.1 * emb.to(x_t.dtype).reshape(-1, 1, 1, 1))
+        return self.gaussian(x_t, t) * scale
+
+
+def test_a_reference_accepts_its_conditioning_in_the_precision_of_the_run(tmp_path):
+    """check_reference took the network of a float32 reference in bfloat16 but not its conditioning: a run in
+    bfloat16 given the same prompt embeddings in bfloat16 (as DiffusersFlow.encode_prompt casts them to the network's
+    dtype) was refused as 'solved with other model_kwargs'. Other values are still refused, in any precision."""
+    from flowdiff import ProbabilityFlow, Reference, reference_solution
+    from flowdiff.tools.reference import check_reference
+
+    net = _Embedded()
+    flow = ProbabilityFlow(net, net.gaussian.schedule)
+    noise = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    emb = torch.tensor([0.3, 0.7])
+    ref = reference_solution(flow, noise, model_kwargs={"emb": emb}, rtol=1e-6, atol=1e-6)
+    ref = Reference.load(ref.save(tmp_path / "r.safetensors"))
+    run = ProbabilityFlow(copy.deepcopy(net).to(torch.bfloat16), net.gaussian.schedule)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            check_reference(ref, run, noise.to(dtype), {"emb": emb.to(dtype)})
+            check_reference(ref, flow, noise, {"emb": emb.to(dtype)})
+    for other in (emb * 2, (emb * 2).to(torch.bfloat16), emb[[1, 0]].to(torch.float16)):
+        with pytest.raises(ValueError, match="other model_kwargs"):
+            check_reference(ref, run, noise, {"emb": other})

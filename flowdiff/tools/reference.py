@@ -55,7 +55,8 @@ class Reference:
     ``conditioning_keys``, the same with its ``model_kwargs`` (class labels repeated over the batch count as one
     label, as for tuned grids and learned solvers), each for the network as given and for a copy of it in every
     other floating precision (a run in float16 of the network the reference solved in float64 is measured against
-    it), and ``noise_keys``, digests of the noise's values and of them rounded to each lower precision. A file
+    it), the conditioning's floating tensors likewise (float16 prompt embeddings beside a float16 network), and
+    ``noise_keys``, digests of the noise's values and of them rounded to each lower precision. A file
     written before they were recorded (format ``flowdiff.Reference/3`` or older) and a reference built by hand
     hold none: :func:`check_reference` can check only their shape and says so in a warning. They are not part of
     a reference's value (``==`` compares the image and its solve).
@@ -173,10 +174,36 @@ def _flow_keys(flow: ProbabilityFlow,
         return (), ()
     if not model_kwargs:
         return alone, alone
-    try:
-        return alone, precision_fingerprints(flow, model_kwargs, _PRECISIONS)
+    try:  # the conditioning's floating tensors in each precision too (prompt embeddings beside a float16 network)
+        keys = [key for kwargs in _kwargs_in_precisions(model_kwargs)
+                for key in precision_fingerprints(flow, kwargs, _PRECISIONS)]
     except TypeError:  # conditioning that cannot be digested the same way in every run
         return alone, ()
+    return alone, tuple(dict.fromkeys(keys))
+
+
+def _kwargs_in_precisions(model_kwargs: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """``model_kwargs`` as given, then with every floating tensor in it cast to each of the precisions (where it
+    holds any): the same conditioning a run in another precision is given."""
+    def cast(value: Any, dtype: torch.dtype) -> Any:
+        if isinstance(value, Tensor):
+            return value.detach().to(dtype) if value.is_floating_point() else value
+        if isinstance(value, Mapping):
+            return {k: cast(v, dtype) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(cast(v, dtype) for v in value)
+        return value
+
+    def floating(value: Any) -> bool:
+        if isinstance(value, Tensor):
+            return value.is_floating_point()
+        if isinstance(value, Mapping):
+            return any(floating(v) for v in value.values())
+        return isinstance(value, (list, tuple)) and any(floating(v) for v in value)
+
+    if not floating(model_kwargs):
+        return [model_kwargs]
+    return [model_kwargs, *(cast(dict(model_kwargs), dtype) for dtype in _PRECISIONS)]
 
 
 def check_reference(reference: object, flow: ProbabilityFlow, noise: Tensor,
