@@ -145,3 +145,23 @@ def test_a_reference_accepts_its_conditioning_in_the_precision_of_the_run(tmp_pa
     for other in (emb * 2, (emb * 2).to(torch.bfloat16), emb[[1, 0]].to(torch.float16)):
         with pytest.raises(ValueError, match="other model_kwargs"):
             check_reference(ref, run, noise, {"emb": other})
+
+
+@pytest.mark.parametrize("kwargs", [dict(channels="3"), dict(channels=["3"]), dict(channels=[0]), dict(channels=[]),
+                                    dict(channels=[True]), dict(max_batch=0), dict(max_side=2.5)])
+def test_batch_shapes_checks_its_arguments_when_built(kwargs):
+    """batch_shapes(channels="3") drew shapes such as (1, '3', 1, 1) (a string's letters as channel counts), the
+    mistake sweep 6 fixed in the other strategies; now a ValueError naming the argument when built."""
+    from flowdiff.tools import testing as ft
+
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        ft.batch_shapes(**kwargs)
+
+
+def test_batch_shapes_takes_one_channel_count_alone():
+    from hypothesis import find
+
+    from flowdiff.tools import testing as ft
+
+    assert find(ft.batch_shapes(channels=3), lambda shape: True)[1] == 3
+    assert find(ft.batch_shapes(channels=(2,)), lambda shape: True)[1] == 2
