@@ -245,6 +245,16 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
         except ValueError as err:
             raise CommandError(f"{one_line(err)}; pass --overwrite to start a new run there, or write elsewhere") \
                 from None
+        if "threads" not in old.get("arguments", {}) and "threads" in man["arguments"]:
+            # written before the thread count was recorded: resumed on its other arguments, as it was, under its
+            # own manifest (its batches' records carry that run's id)
+            unrecorded = {**man, "arguments": {k: v for k, v in man["arguments"].items() if k != "threads"}}
+            if _ds.difference(old, unrecorded) is None:
+                if ranks.is_main:
+                    print(f"note: --out {args.out!r} holds a run written before flowdiff recorded the CPU thread "
+                          f"count; it resumes with {man['arguments']['threads']} thread(s), and a batch it ran with "
+                          "another count may differ in its last bits", file=sys.stderr)
+                man, run = unrecorded, _ds.run_id(unrecorded)
         diff = _ds.difference(old, man)
         if diff is not None:
             raise UsageError(f"--out {args.out!r} holds a run with other arguments ({diff}); rerun with the same "

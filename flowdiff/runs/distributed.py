@@ -241,6 +241,13 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
         for name in ("rtol", "atol"):
             if name in options:
                 check_tolerance(name, options[name])
+    if peers is not None:  # checked on every rank before the reference and any run: rank 0 alone runs them
+        if task == "roundtrip":
+            raise ValueError("peers= does not apply to task='roundtrip': the peers' samplers do not encode; "
+                             "drop peers=")
+        check_peers(peers)
+    if not (isinstance(progress, bool) or callable(progress)):
+        raise TypeError(f"progress must be a bool or a callable, got {type(progress).__name__}")
     jobs: list[tuple[Any, ...]] = [(s, g, b) for s in names for g in grids for b in budgets]
     jobs += [(fitted,) for fitted in learned]  # one job each, after the named runs as in flowdiff.compare's table
     if task != "roundtrip" and reference is None:
@@ -252,11 +259,6 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
     if isinstance(progress, bool):  # True: each rank names its runs on stderr as it starts them
         rank = ranks.rank
         progress = (lambda text: print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)) if progress else None
-    if peers is not None:  # checked on every rank before any run: rank 0 alone runs them
-        if task == "roundtrip":
-            raise ValueError("peers= does not apply to task='roundtrip': the peers' samplers do not encode; "
-                             "drop peers=")
-        check_peers(peers)
     kwargs["keep_images"] = keep_images  # checked by each run (the round trip refuses it as compare() does)
     mine, own, failure = [], {}, None
     try:

@@ -55,7 +55,8 @@ class Reference:
     ``conditioning_keys``, the same with its ``model_kwargs`` (class labels repeated over the batch count as one
     label, as for tuned grids and learned solvers), each for the network as given and for a copy of it in every
     other floating precision (a run in float16 of the network the reference solved in float64 is measured against
-    it), and ``noise_keys``, digests of the noise's values and of them rounded to each lower precision. A file
+    it), the conditioning's floating tensors likewise (float16 prompt embeddings beside a float16 network), and
+    ``noise_keys``, digests of the noise's values and of them rounded to each lower precision. A file
     written before they were recorded (format ``flowdiff.Reference/3`` or older) and a reference built by hand
     hold none: :func:`check_reference` can check only their shape and says so in a warning. They are not part of
     a reference's value (``==`` compares the image and its solve).
@@ -173,10 +174,36 @@ def _flow_keys(flow: ProbabilityFlow,
         return (), ()
     if not model_kwargs:
         return alone, alone
-    try:
-        return alone, precision_fingerprints(flow, model_kwargs, _PRECISIONS)
+    try:  # the conditioning's floating tensors in each precision too (prompt embeddings beside a float16 network)
+        keys = [key for kwargs in _kwargs_in_precisions(model_kwargs)
+                for key in precision_fingerprints(flow, kwargs, _PRECISIONS)]
     except TypeError:  # conditioning that cannot be digested the same way in every run
         return alone, ()
+    return alone, tuple(dict.fromkeys(keys))
+
+
+def _kwargs_in_precisions(model_kwargs: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """``model_kwargs`` as given, then with every floating tensor in it cast to each of the precisions (where it
+    holds any): the same conditioning a run in another precision is given."""
+    def cast(value: Any, dtype: torch.dtype) -> Any:
+        if isinstance(value, Tensor):
+            return value.detach().to(dtype) if value.is_floating_point() else value
+        if isinstance(value, Mapping):
+            return {k: cast(v, dtype) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(cast(v, dtype) for v in value)
+        return value
+
+    def floating(value: Any) -> bool:
+        if isinstance(value, Tensor):
+            return value.is_floating_point()
+        if isinstance(value, Mapping):
+            return any(floating(v) for v in value.values())
+        return isinstance(value, (list, tuple)) and any(floating(v) for v in value)
+
+    if not floating(model_kwargs):
+        return [model_kwargs]
+    return [model_kwargs, *(cast(dict(model_kwargs), dtype) for dtype in _PRECISIONS)]
 
 
 def check_reference(reference: object, flow: ProbabilityFlow, noise: Tensor,
@@ -293,7 +320,8 @@ def reference_solution(
     (:func:`flowdiff.api.adaptive.image_norm`); with ``sigma_end=0`` it is
     ``generate(..., adaptive=Adaptive(rtol, atol))``. A torch network in another precision is copied to
     float64 for it. Cached per (flow, noise values, σ_start, σ_end, solver, tolerances)
-    unless ``cache=False`` or ``model_kwargs`` are given (conditioning is not hashed).
+    unless ``cache=False`` or ``model_kwargs`` are given (conditioning is not hashed); a network whose weights
+    changed in place since is solved again.
     ``error`` is estimated from the same solve at 100× looser tolerances (see
     :class:`Reference`). ``progress=True`` shows a tqdm bar of the σ reached on stderr.
     """
@@ -318,7 +346,7 @@ def reference_solution(
     key = (*_noise_key(noise), s0, s_end, solver, rtol, atol)
     if use_cache:
         hit = _CACHE.get(flow, {}).get(key)
-        if hit is not None:
+        if hit is not None and _still_its_flow(hit, flow):
             return hit
     flow64 = _float64_flow(flow)
     noise64 = noise.detach().to(torch.float64)
@@ -336,6 +364,17 @@ def reference_solution(
     if use_cache:
         _CACHE.setdefault(flow, {})[key] = ref
     return ref
+
+
+def _still_its_flow(ref: Reference, flow: ProbabilityFlow) -> bool:
+    """Whether a cached ``ref`` still belongs to ``flow``: a network whose weights were changed in place since (a
+    training step) is another flow, which :func:`check_reference` would refuse the cached reference for."""
+    if not ref.flow_keys:
+        return True  # nothing recorded to tell
+    try:
+        return flow_fingerprint(flow, None) in ref.flow_keys
+    except TypeError:
+        return True
 
 
 def _solve_reference(flow: ProbabilityFlow, noise: Tensor, s0: float, s_end: float, solver: str, rtol: float,

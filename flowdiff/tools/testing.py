@@ -106,11 +106,22 @@ def step_counts(min_value: int = 1, max_value: int = 50) -> st.SearchStrategy[in
     return st.integers(min_value=min_value, max_value=max_value)
 
 
-def batch_shapes(*, max_batch: int = 3, max_side: int = 4, channels: Sequence[int] = (1, 3)
+def batch_shapes(*, max_batch: int = 3, max_side: int = 4, channels: Sequence[int] | int = (1, 3)
                  ) -> st.SearchStrategy[tuple[int, ...]]:
-    """Image-like shapes (batch, channels, height, width), small enough for closed-form models."""
-    return st.tuples(st.integers(1, max_batch), st.sampled_from(list(channels)), st.integers(1, max_side),
-                     st.integers(1, max_side))
+    """Image-like shapes (batch, channels, height, width), small enough for closed-form models; ``channels`` are
+    ints >= 1 (one may be given alone), ``max_batch`` and ``max_side`` ints >= 1, checked when built."""
+    def count(value: object) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
+
+    values = [channels] if count(channels) else list(channels) if isinstance(channels, Sequence) and \
+        not isinstance(channels, str) else None
+    if not values or not all(count(c) for c in values):
+        raise ValueError(f"channels must be channel counts (ints >= 1), got {channels!r}")
+    for name, value in (("max_batch", max_batch), ("max_side", max_side)):
+        if not count(value):
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return st.tuples(st.integers(1, int(max_batch)), st.sampled_from([int(c) for c in values]),
+                     st.integers(1, int(max_side)), st.integers(1, int(max_side)))
 
 
 #: The state dtypes :func:`dtypes` draws from: those ``generate``/``encode`` take.
