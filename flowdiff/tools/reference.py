@@ -302,6 +302,7 @@ def reference_solution(
     if not isinstance(noise, Tensor) or not noise.is_floating_point():
         raise TypeError(f"noise must be a floating-point torch.Tensor, got {type(noise).__name__}")
     check_has_values(noise, "noise")
+    flow.check_input(noise, "noise")
     rtol, atol = check_tolerance("rtol", rtol), check_tolerance("atol", atol)
     if not _solvers.get(solver).adaptive:
         raise ValueError(f"the reference needs an adaptive solver; got {solver!r}, adaptive solvers: "
