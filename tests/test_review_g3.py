@@ -32,3 +32,89 @@ def test_tools_refuse_a_wrong_shape_naming_the_argument_before_any_evaluation(di
     finally:
         handle.remove()
     assert calls == []
+
+
+# -- 1. the fixed-point default tol is raised only where rounding requires it ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixture_float32():
+    from flowdiff.models.analytic import Mixture
+
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.rand(8, 1, 4, 4, dtype=torch.float64, generator=gen) * 2 - 1
+    model = Mixture(centers, 0.3)
+    return model.flow(), model.sample(3, generator=gen).clamp(-1, 1).float()
+
+
+def _encode(flow, images, options=None, steps=2):
+    """A fixed-point encode (Euler) and its trajectory x̄_0 = images, x̄_1, ... at its σ."""
+    traj = [images]
+    enc = fd.encode(flow, images, solver=fd.Inversion("fixed_point", options or {}), steps=steps,
+                    callback=lambda s: traj.append(s.xbar))
+    return enc, traj
+
+
+def _residuals(flow, sigmas, traj, dtype):
+    """Each step's residual max|x̄_b + Ψ(x̄_b) − x̄_a| / (1 + |x̄_a|) recomputed in ``dtype`` from the trajectory."""
+    import solvers
+
+    f = flow.field()
+    out = []
+    for n in range(len(sigmas) - 1):
+        x_a, x_b = traj[n].to(dtype), traj[n + 1].to(dtype)
+        landed = solvers.get("euler").step(f, float(sigmas[n + 1]), float(sigmas[n]), x_b, None).y
+        out.append(float(((landed - x_a).abs() / (1 + x_a.abs())).max()))
+    return out
+
+
+def test_two_step_float32_mixture_keeps_the_default_tol_where_rounding_reaches_it(mixture_float32):
+    """R16: two steps of the 8-centre mixture in float32. The default tol (32 epsilons) was met "at the state's scale"
+    at every step whose preimage outgrew its image (max|x̄_b| / max(1 + |x̄_a|) ≈ 40 here), so each step accepted a
+    residual ~40 times the default and reported it divided by that ratio; the round trip lost accuracy. Here the
+    rounding floor (a float64 root cast to float32, its residual computed in float32) is below the default tol at both
+    steps: the default must do what b7f45da did, hold tol as if given explicitly, and report the true residual."""
+    flow, images = mixture_float32
+    enc, traj = _encode(flow, images)
+    extra = enc.stats.extra
+    tol = extra["tol"]
+    assert tol == 32 * torch.finfo(torch.float32).eps
+    # the rounding floor at each step, from the float64 roots
+    _, traj64 = _encode(flow, images.double())
+    floors = _residuals(flow, enc.sigmas, [t.float() for t in traj64], torch.float32)
+    assert all(floor < tol for floor in floors), floors
+    # reported residuals are the true ones, and each meets tol itself
+    true = _residuals(flow, enc.sigmas, traj, torch.float32)
+    assert extra["residuals"] == pytest.approx(true, rel=1e-3)
+    assert all(r <= tol for r in true), (true, tol)
+    # the b7f45da behaviour, computed here: the default held as an explicit tol at every step
+    explicit = fd.encode(flow, images, solver=fd.Inversion("fixed_point", {"tol": tol}), steps=2)
+    assert torch.equal(enc.x, explicit.x) and enc.stats.nfe == explicit.stats.nfe
+    back, back_explicit = fd.decode(flow, enc.latent).x, fd.decode(flow, explicit.latent).x
+    assert (back - images).abs().max() == (back_explicit - images).abs().max()
+
+
+def test_default_tol_is_raised_only_to_the_rounding_floor(mixture_float32):
+    """Each step's tolerance is max(tol, ROUNDING_EPS·eps·max|x̄_b| / max(1 + |x̄_a|)): the default on a 10-step
+    grid (every ratio below 32), the floor on one step from σ = 0 to σ_max, and the residual in stats is the true
+    one, not one divided by the ratio."""
+    from flowdiff.api.fixed_point import ROUNDING_EPS
+    from flowdiff.models.analytic import Gaussian
+    from flowdiff.tools.testing import assert_fixed_point_converged
+
+    flow, images = mixture_float32
+    enc, _ = _encode(flow, images, steps=10)
+    assert enc.stats.extra["tolerances"] == [enc.stats.extra["tol"]] * 10
+    # one step to σ_max (Q3's case): the preimage is ~2·10⁴ times the image
+    model = Gaussian(torch.zeros(1, 4, 4, dtype=torch.float64), 1.0)
+    gflow = model.flow()
+    x = (0.1 * model.sample(3, generator=torch.Generator().manual_seed(0))).float()
+    enc, traj = _encode(gflow, x, steps=1)
+    assert_fixed_point_converged(enc)
+    extra = enc.stats.extra
+    ratio = (traj[1].abs().flatten(1).amax(1).double() / (1 + x.abs()).flatten(1).amax(1).double()).clamp_min(1)
+    floor = ROUNDING_EPS * torch.finfo(torch.float32).eps * float(ratio.max())
+    assert floor > extra["tol"] and extra["tolerances"] == pytest.approx([floor], rel=1e-12)
+    (true,) = _residuals(gflow, enc.sigmas, traj, torch.float32)  # at the floor: recomputed to within its rounding
+    assert extra["residuals"] == pytest.approx([true], rel=0.1)  # (the old report was ~4600 times smaller)
+    assert extra["tol"] < true <= floor
