@@ -249,10 +249,11 @@ def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Res
     |x̄_b + Ψ(x̄_b) − x̄_a| ≤ ``tol``·(1 + |x̄_a|) (default 32 machine epsilons of the state's
     dtype, and at least 4 of the images' dtype for float16/bfloat16). The residual's rounding
     grows with the state, not with x̄_a: where the preimage is much larger than the image (one
-    step from σ = 0 to σ_max) the default is out of reach, so it is also met by a residual within
-    the default measured at the state's scale, max|x̄_b| / max(1 + |x̄_a|) times larger (and
-    reported in that measure). An explicit ``tol`` is held as given; missing it only by rounding
-    is an error that says so and names the smallest ``tol`` that rounding allows. Options
+    step from σ = 0 to σ_max) the default is out of reach, so at that step it is raised to the
+    rounding floor, :data:`ROUNDING_EPS` epsilons of max|x̄_b| / max(1 + |x̄_a|); on a normal
+    grid (that ratio below 32) every step keeps the default exactly. An explicit ``tol`` is held
+    as given; missing it only by rounding is an error that says so and names the smallest
+    ``tol`` that rounding allows. Options
     (``spec.options``): ``method`` — ``"newton"`` (Newton–Krylov, at most ``max_iter`` Newton
     iterations a step, default 50, with up to ``krylov_dim`` GMRES vectors each), ``"anderson"``
     (Anderson mixing of depth ``anderson``, 0 for plain fixed-point iteration, at most
@@ -269,7 +270,8 @@ def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Res
     included); ``stats.extra`` holds ``method``, ``iterations`` (total),
     ``iterations_per_step``, ``evaluations_per_step`` (model evaluations), ``residuals`` (per
     step, the achieved max over samples), ``sample_residuals`` (per sample, its largest residual
-    over the steps), ``tol``, ``unconverged`` and, for Newton,
+    over the steps), ``tol``, ``tolerances`` (per step, the tolerance it was held to: ``tol``,
+    or the default raised to the rounding floor), ``unconverged`` and, for Newton,
     ``restarts``.
     """
     options = dict(spec.options)
