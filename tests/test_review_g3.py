@@ -118,3 +118,66 @@ def test_default_tol_is_raised_only_to_the_rounding_floor(mixture_float32):
     (true,) = _residuals(gflow, enc.sigmas, traj, torch.float32)  # at the floor: recomputed to within its rounding
     assert extra["residuals"] == pytest.approx([true], rel=0.1)  # (the old report was ~4600 times smaller)
     assert extra["tol"] < true <= floor
+
+
+# -- 2. a reference solve of a model that draws random numbers is refused, not run without end ------------------------
+
+
+class _Net(torch.nn.Module):
+    """A small float64 network; ``kind``: "dropout" (dropout, in training mode unless put in eval mode), "draws"
+    (draws a random number it does not use: one input, one output) or "plain"; counts its calls."""
+
+    def __init__(self, kind):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind, self.calls = kind, 0
+        self.lin = torch.nn.Linear(16, 16, dtype=torch.float64)
+        self.drop = torch.nn.Dropout(0.1)
+
+    def forward(self, x, t):
+        self.calls += 1
+        h = self.lin(x.flatten(1))
+        if self.kind == "dropout":
+            h = self.drop(h)
+        elif self.kind == "draws":
+            torch.rand(())
+        return 0.1 * torch.tanh(h).reshape(x.shape)
+
+
+@pytest.fixture(scope="module")
+def noise():
+    return torch.randn(2, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("entry", ["reference_solution", "tune"])
+def test_a_model_with_dropout_in_training_mode_is_refused_by_name(noise, entry):
+    """R16: a training-mode model with dropout made the tol-1e-7 reference solve run 6.5 min and 7.3 GB (the flow's
+    per-σ timestep cache grew with every stage σ of steps that shrank without end). After the first accepted step drew
+    random numbers, two evaluations of one input differ: a ValueError naming the model and model.eval()."""
+    model = _Net("dropout").train()
+    flow = fd.ProbabilityFlow(model, fd.Schedule.linear())
+    call = {"reference_solution": lambda: fd.reference_solution(flow, noise, rtol=1e-7, atol=1e-7, cache=False),
+            "tune": lambda: fd.tune(flow, noise, solver="euler", nfe=2)}[entry]
+    with pytest.raises(ValueError, match=r"^flow: its model \(_Net\) draws random numbers: two evaluations of one input "
+                                         r"at σ=.* differ by .*put the model in eval mode \(model\.eval\(\)"):
+        call()
+    # what the message offers: in eval mode the same network solves, and draws nothing
+    model.eval()
+    before = torch.get_rng_state()
+    ref = fd.reference_solution(flow, noise, rtol=1e-7, atol=1e-7, cache=False)
+    assert torch.equal(torch.get_rng_state(), before) and torch.isfinite(ref.x).all()
+
+
+def test_the_check_of_a_model_that_draws_is_counted_in_the_references_cost(noise):
+    """A model that draws random numbers but gives one input one output is solved; the two evaluations that checked it
+    are counted in Reference.nfe (and so in tune's and learn_solver's costs): the nfe of the same network that draws
+    nothing, plus 2, and each equal to the model's calls. A model that draws nothing pays nothing."""
+    refs, calls = {}, {}
+    for kind in ("plain", "draws"):
+        model = _Net(kind)
+        refs[kind] = fd.reference_solution(fd.ProbabilityFlow(model, fd.Schedule.linear()), noise, cache=False)
+        calls[kind] = model.calls
+    assert torch.equal(refs["draws"].x, refs["plain"].x)
+    assert refs["plain"].nfe + refs["plain"].error_nfe == calls["plain"]
+    assert refs["draws"].nfe + refs["draws"].error_nfe == calls["draws"]
+    assert refs["draws"].nfe == refs["plain"].nfe + 2 and refs["draws"].error_nfe == refs["plain"].error_nfe
