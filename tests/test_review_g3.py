@@ -158,8 +158,8 @@ def test_a_model_with_dropout_in_training_mode_is_refused_by_name(noise, entry):
     flow = fd.ProbabilityFlow(model, fd.Schedule.linear())
     call = {"reference_solution": lambda: fd.reference_solution(flow, noise, rtol=1e-7, atol=1e-7, cache=False),
             "tune": lambda: fd.tune(flow, noise, solver="euler", nfe=2)}[entry]
-    with pytest.raises(ValueError, match=r"^flow: its model \(_Net\) draws random numbers: two evaluations of one input "
-                                         r"at σ=.* differ by .*put the model in eval mode \(model\.eval\(\)"):
+    with pytest.raises(ValueError, match=r"^flow: its model \(_Net\) draws random numbers: two evaluations of one "
+                                         r"input at σ=.* differ by .*put the model in eval mode \(model\.eval\(\)"):
         call()
     # what the message offers: in eval mode the same network solves, and draws nothing
     model.eval()
@@ -181,3 +181,32 @@ def test_the_check_of_a_model_that_draws_is_counted_in_the_references_cost(noise
     assert refs["plain"].nfe + refs["plain"].error_nfe == calls["plain"]
     assert refs["draws"].nfe + refs["draws"].error_nfe == calls["draws"]
     assert refs["draws"].nfe == refs["plain"].nfe + 2 and refs["draws"].error_nfe == refs["plain"].error_nfe
+
+
+# -- 4. Newton alone in float32 from σ_max: the message says why it may miss, and what to use -------------------------
+
+
+def test_newton_alone_in_float32_from_sigma_max_says_its_jacobian_is_unresolved():
+    """R16: one step σ 0 → σ_max of N(0, I) data in float32 with method="newton" stops far above rounding: the step's
+    Jacobian 1/(1 + σ²) is below what forward differences resolve in float32. The message says so and offers
+    method="hybrid", which converges on the same images at the default."""
+    import solvers
+    from flowdiff.models.analytic import Gaussian
+    from flowdiff.tools.testing import assert_fixed_point_converged
+
+    model = Gaussian(torch.zeros(1, 4, 4, dtype=torch.float64), 1.0)
+    flow = model.flow()
+    x = (0.1 * model.sample(3, generator=torch.Generator().manual_seed(0))).float()
+    smax = flow.schedule.sigma_max
+    with pytest.raises(solvers.SolveError) as info:
+        fd.encode(flow, x, solver=fd.Inversion("fixed_point", {"method": "newton"}), steps=1)
+    message = str(info.value)
+    shrink, resolved = 1 / (1 + smax**2), torch.finfo(torch.float32).eps ** 0.5
+    assert shrink < resolved
+    assert (f"the decode step's Jacobian can be as small as 1/(1 + σ²) = {shrink:.2g}, below the about "
+            f"√eps = {resolved:.2g} that Newton's forward-difference Jacobian–vector products resolve") in message
+    assert "try method='hybrid'" in message
+    assert_fixed_point_converged(fd.encode(flow, x, solver=fd.Inversion("fixed_point"), steps=1))
+    # in float64 forward differences resolve it (√eps ≈ 1.5e-8 < 4e-5): Newton alone converges, nothing to say
+    assert_fixed_point_converged(fd.encode(flow, x.double(), solver=fd.Inversion("fixed_point", {"method": "newton"}),
+                                           steps=1))

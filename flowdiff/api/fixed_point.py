@@ -165,6 +165,19 @@ class FixedPointInverse(Solver):
         floor = self._floor(x, scale)
         return torch.full_like(floor, self.tol) if self.tol_given else floor.clamp_min(self.tol)
 
+    def _unresolved(self, s_b: float) -> str:
+        """The advice to try ``method='hybrid'`` after Newton alone failed, with why where Newton may miss a root that
+        exists: its Jacobian–vector products are forward differences, which resolve a Jacobian only to about √eps,
+        while from a large σ_b the decode step's is ~1/(1 + σ_b²) (the denoiser there barely depends on x̄; exactly
+        that for N(0, I) data into σ = 0)."""
+        shrink, resolved = 1.0 / (1.0 + s_b * s_b), math.sqrt(self.eps_floor)
+        if shrink >= resolved:
+            return ", or try method='hybrid'"
+        return (f"; from σ={s_b:.6g} the decode step's Jacobian can be as small as 1/(1 + σ²) = {shrink:.2g}, "
+                f"below the about √eps = {resolved:.2g} that Newton's forward-difference Jacobian–vector products "
+                "resolve in this precision, so Newton may miss a root that exists: try method='hybrid' (Anderson "
+                "first, which needs no Jacobian)")
+
     def step(self, f: Any, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
         s_a, s_b, x_a = t0, t1, y0
         field = _Watch(f)
@@ -223,7 +236,7 @@ class FixedPointInverse(Solver):
                        f"Newton's line search failed from every initial guess (max_iter={max_iter} was not reached; "
                        f"{fact}): this decode step has no preimage of the image near them, or none at all, or "
                        "Newton cannot find it; more steps make each step's preimage nearer"
-                       + (", or try method='hybrid'" if method == "newton" else ""))
+                       + (self._unresolved(s_b) if method == "newton" else ""))
             need = float(limit_of[missed_mask].amax())
             raised = f" (the default tol {tol:.3g} raised to this step's rounding floor)" if need > tol else ""
             raise StepFailure(f"fixed-point inversion did not converge at {{where}}: residual {worst:.3g} > tol "
