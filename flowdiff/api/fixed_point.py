@@ -151,7 +151,8 @@ class FixedPointInverse(Solver):
     @staticmethod
     def _ratio(x: Tensor, scale: Tensor) -> Tensor:
         """Per sample, max|x̄_b| / max(1 + |x̄_a|), at least 1: the state's scale in units of the residual's."""
-        return (x.detach().abs().flatten(1).amax(1).double() / scale.flatten(1).amax(1).double()).clamp_min(1.0)
+        state, image = x.detach().abs().flatten(1).amax(1), scale.detach().flatten(1).amax(1)  # no grad: read as floats
+        return (state.double() / image.double()).clamp_min(1.0)
 
     def _floor(self, x: Tensor, scale: Tensor) -> Tensor:
         """Per sample, the residual's rounding floor relative to 1 + |x̄_a|: :data:`ROUNDING_EPS` epsilons of max|x̄_b|.
