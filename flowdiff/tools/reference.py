@@ -381,7 +381,7 @@ class _RandomDraws:
 
     def __init__(self, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None, device: torch.device,
                  then: Callable[[Any], None] | None) -> None:
-        self.flow, self.model_kwargs, self.device, self.then = flow, dict(model_kwargs or {}), device, then
+        self.flow, self.model_kwargs, self.device, self.then = flow, model_kwargs, device, then
         self.start: tuple[Tensor, Tensor | None] | None = _rng_state(device)
         self.evaluations = 0
         self.refusal: ValueError | None = None
@@ -395,8 +395,8 @@ class _RandomDraws:
             self.then(state)
 
     def _check(self, xbar: Tensor, sigma: float) -> None:
-        first = self.flow.eps(xbar, sigma, **self.model_kwargs)
-        second = self.flow.eps(xbar, sigma, **self.model_kwargs)
+        field = self.flow.field(self.model_kwargs)  # as the solve evaluates it (model_kwargs checked there)
+        first, second = field(sigma, xbar), field(sigma, xbar)
         self.evaluations = 2
         size = float(first.abs().max())
         gap = float((second - first).abs().max())
