@@ -65,8 +65,8 @@ HYBRID_ANDERSON_ITER = 20
 ON_FAILURE = ("raise", "keep")
 #: The residual's rounding floor in machine epsilons at the state's scale: x̄_b + Δσ·ε(x̄_b) − x̄_a rounds twice at
 #: the size of x̄_b (the product and the sum, half an ulp each). Measured (a float64 root cast to float32, the residual
-#: then computed in float32, Euler steps of the 8-centre mixture at 2-10 steps and of N(0, I) in one step to σ_max):
-#: 0.26-0.66 epsilons of max|x̄_b|.
+#: then computed in float32, Euler steps of the 8-centre mixture at 2-10 steps and of N(0, I) in one step to σ_max;
+#: benchmarks/fixed_point_rounding_floor.py): 0.28-0.66 epsilons of max|x̄_b|.
 ROUNDING_EPS = 1.0
 #: The option each single method has no use for, and why (``"hybrid"`` uses both).
 UNUSED_BY = {"newton": ("anderson", "Newton–Krylov runs no Anderson mixing"),
