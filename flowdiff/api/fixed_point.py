@@ -63,6 +63,11 @@ METHODS = ("hybrid", "newton", "anderson")
 #: Anderson iterations a step before ``method="hybrid"`` hands the samples still off tol to Newton–Krylov
 HYBRID_ANDERSON_ITER = 20
 ON_FAILURE = ("raise", "keep")
+#: The residual's rounding floor in machine epsilons at the state's scale: x̄_b + Δσ·ε(x̄_b) − x̄_a rounds twice at
+#: the size of x̄_b (the product and the sum, half an ulp each). Measured (a float64 root cast to float32, the residual
+#: then computed in float32, Euler steps of the 8-centre mixture at 2-10 steps and of N(0, I) in one step to σ_max;
+#: benchmarks/fixed_point_rounding_floor.py): 0.28-0.66 epsilons of max|x̄_b|.
+ROUNDING_EPS = 1.0
 #: The option each single method has no use for, and why (``"hybrid"`` uses both).
 UNUSED_BY = {"newton": ("anderson", "Newton–Krylov runs no Anderson mixing"),
              "anderson": ("krylov_dim", "Anderson mixing runs no GMRES")}
@@ -129,14 +134,15 @@ class FixedPointInverse(Solver):
 
     def __init__(self, decode: Solver, *, last_euler_at: float | None, method: str, tol: float, max_iter: int,
                  anderson: int, krylov_dim: int, on_failure: str, check_finite: bool, eps_floor: float,
-                 rounding_tol: float, tol_given: bool) -> None:
+                 tol_given: bool) -> None:
         self.decode, self.last_euler_at = decode, last_euler_at
         self.method, self.tol, self.max_iter = method, tol, max_iter
-        self.rounding_tol, self.tol_given = rounding_tol, tol_given
+        self.tol_given = tol_given
         self.anderson, self.krylov_dim, self.on_failure = anderson, krylov_dim, on_failure
         self.check_finite, self.eps_floor = check_finite, eps_floor
         self.iterations: list[int] = []
         self.residuals: list[float] = []
+        self.tolerances: list[float] = []
         self.evaluations: list[int] = []
         self.unconverged: set[int] = set()
         self.sample_residuals: Tensor | None = None
@@ -144,15 +150,34 @@ class FixedPointInverse(Solver):
 
     @staticmethod
     def _ratio(x: Tensor, scale: Tensor) -> Tensor:
-        """Per sample, max|x̄_b| / max(1 + |x̄_a|), at least 1. The residual is relative to 1 + |x̄_a| but computed
-        from x̄_b and Ψ(x̄_b), whose rounding grows with the state: where the preimage is much larger than the image
-        (one step from σ = 0 to σ_max) that rounding alone exceeds the default tol, which this ratio times it
-        (the same count of machine epsilons at the state's scale) does not."""
-        return (x.detach().abs().flatten(1).amax(1).double() / scale.flatten(1).amax(1).double()).clamp_min(1.0)
+        """Per sample, max|x̄_b| / max(1 + |x̄_a|), at least 1: the state's scale in units of the residual's."""
+        state, image = x.detach().abs().flatten(1).amax(1), scale.detach().flatten(1).amax(1)  # no grad: read as floats
+        return (state.double() / image.double()).clamp_min(1.0)
 
-    def _limit(self, x: Tensor, scale: Tensor) -> Tensor | float:
-        """The residual a sample at ``x`` must reach: ``tol``, or with the default one, ``tol`` at the state's scale."""
-        return self.tol if self.tol_given else self.tol * self._ratio(x, scale)
+    def _floor(self, x: Tensor, scale: Tensor) -> Tensor:
+        """Per sample, the residual's rounding floor relative to 1 + |x̄_a|: :data:`ROUNDING_EPS` epsilons of max|x̄_b|.
+        The residual is computed from x̄_b and Ψ(x̄_b), whose rounding grows with the state, not with x̄_a: where the
+        preimage is much larger than the image (one step from σ = 0 to σ_max) it alone exceeds the default tol."""
+        return ROUNDING_EPS * self.eps_floor * self._ratio(x, scale)
+
+    def _limit(self, x: Tensor, scale: Tensor) -> Tensor:
+        """Per sample, the residual it must reach: ``tol`` as given, or the default tol raised to the rounding floor
+        where that floor exceeds it (a step of a normal grid keeps the default exactly)."""
+        floor = self._floor(x, scale)
+        return torch.full_like(floor, self.tol) if self.tol_given else floor.clamp_min(self.tol)
+
+    def _unresolved(self, s_b: float) -> str:
+        """The advice to try ``method='hybrid'`` after Newton alone failed, with why where Newton may miss a root that
+        exists: its Jacobian–vector products are forward differences, which resolve a Jacobian only to about √eps,
+        while from a large σ_b the decode step's is ~1/(1 + σ_b²) (the denoiser there barely depends on x̄; exactly
+        that for N(0, I) data into σ = 0)."""
+        shrink, resolved = 1.0 / (1.0 + s_b * s_b), math.sqrt(self.eps_floor)
+        if shrink >= resolved:
+            return ", or try method='hybrid'"
+        return (f"; from σ={s_b:.6g} the decode step's Jacobian can be as small as 1/(1 + σ²) = {shrink:.2g}, "
+                f"below the about √eps = {resolved:.2g} that Newton's forward-difference Jacobian–vector products "
+                "resolve in this precision, so Newton may miss a root that exists: try method='hybrid' (Anderson "
+                "first, which needs no Jacobian)")
 
     def step(self, f: Any, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
         s_a, s_b, x_a = t0, t1, y0
@@ -192,12 +217,9 @@ class FixedPointInverse(Solver):
         if self.check_finite and not bool(torch.isfinite(res).all()):
             raise StepFailure("fixed-point inversion, {where}: the residual is not finite (the model returned NaN/inf "
                               "or the iteration diverged)")
-        ratio = self._ratio(x, scale)
-        floor = self.rounding_tol * ratio
+        floor, limit_of = self._floor(x, scale), self._limit(x, scale)
         at_floor = ~(res <= tol) & (res <= floor)
-        if not self.tol_given and bool(at_floor.any()):  # the default tol is met at the state's scale:
-            res = torch.where(at_floor, res / ratio, res)  # report it in that measure (≤ tol, like the others)
-        missed_mask = ~(res <= tol)  # NaN counts as missed
+        missed_mask = ~(res <= limit_of)  # NaN counts as missed
         missed = missed_mask.nonzero().flatten().tolist()
         worst = float(torch.where(missed_mask, res, torch.zeros_like(res)).amax()) if missed else float(res.amax())
         if missed and self.on_failure == "raise":
@@ -207,7 +229,7 @@ class FixedPointInverse(Solver):
                 why = (f"that is as close as {x.dtype} rounding gets at this step's scale (the state reaches "
                        f"max|x̄| = {float(x.detach().abs().amax()):.3g}, so the residual cannot be resolved below about "
                        f"{limit:.3g}): tol={tol:.3g} is below it; give inversion option tol >= {limit:.3g}, leave tol "
-                       "out (the default is measured at the state's scale), or use more steps")
+                       "out (the default is raised to that floor where rounding requires), or use more steps")
             else:
                 fact = f"{x.dtype} rounding at this step's scale allows about {limit:.3g}, so the miss is not rounding"
                 why = (f"the budget max_iter={max_iter} ran out ({fact}); use a larger max_iter or tol, or more steps"
@@ -215,9 +237,11 @@ class FixedPointInverse(Solver):
                        f"Newton's line search failed from every initial guess (max_iter={max_iter} was not reached; "
                        f"{fact}): this decode step has no preimage of the image near them, or none at all, or "
                        "Newton cannot find it; more steps make each step's preimage nearer"
-                       + (", or try method='hybrid'" if method == "newton" else ""))
+                       + (self._unresolved(s_b) if method == "newton" else ""))
+            need = float(limit_of[missed_mask].amax())
+            raised = f" (the default tol {tol:.3g} raised to this step's rounding floor)" if need > tol else ""
             raise StepFailure(f"fixed-point inversion did not converge at {{where}}: residual {worst:.3g} > tol "
-                              f"{tol:.3g} for sample(s) {missed[:8]} after {it} {method} iteration(s); {why}. "
+                              f"{need:.3g}{raised} for sample(s) {missed[:8]} after {it} {method} iteration(s); {why}. "
                               "on_failure='keep' keeps the best iterate instead", extra)
         self.unconverged.update(missed)
         per_sample = torch.nan_to_num(res.detach().double(), nan=math.inf)
@@ -225,6 +249,7 @@ class FixedPointInverse(Solver):
                                  else torch.maximum(self.sample_residuals, per_sample))
         self.iterations.append(it)
         self.residuals.append(worst)
+        self.tolerances.append(float(limit_of.amax()))
         self.evaluations.append(field.calls)
         return StepResult(x, None if k_b is None else Derivative(s_b, k_b))
 
@@ -238,10 +263,11 @@ def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Res
     |x̄_b + Ψ(x̄_b) − x̄_a| ≤ ``tol``·(1 + |x̄_a|) (default 32 machine epsilons of the state's
     dtype, and at least 4 of the images' dtype for float16/bfloat16). The residual's rounding
     grows with the state, not with x̄_a: where the preimage is much larger than the image (one
-    step from σ = 0 to σ_max) the default is out of reach, so it is also met by a residual within
-    the default measured at the state's scale, max|x̄_b| / max(1 + |x̄_a|) times larger (and
-    reported in that measure). An explicit ``tol`` is held as given; missing it only by rounding
-    is an error that says so and names the smallest ``tol`` that rounding allows. Options
+    step from σ = 0 to σ_max) the default is out of reach, so at that step it is raised to the
+    rounding floor, :data:`ROUNDING_EPS` epsilons of max|x̄_b| / max(1 + |x̄_a|); on a normal
+    grid (that ratio below 32) every step keeps the default exactly. An explicit ``tol`` is held
+    as given; missing it only by rounding is an error that says so and names the smallest
+    ``tol`` that rounding allows. Options
     (``spec.options``): ``method`` — ``"newton"`` (Newton–Krylov, at most ``max_iter`` Newton
     iterations a step, default 50, with up to ``krylov_dim`` GMRES vectors each), ``"anderson"``
     (Anderson mixing of depth ``anderson``, 0 for plain fixed-point iteration, at most
@@ -258,7 +284,8 @@ def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Res
     included); ``stats.extra`` holds ``method``, ``iterations`` (total),
     ``iterations_per_step``, ``evaluations_per_step`` (model evaluations), ``residuals`` (per
     step, the achieved max over samples), ``sample_residuals`` (per sample, its largest residual
-    over the steps), ``tol``, ``unconverged`` and, for Newton,
+    over the steps), ``tol``, ``tolerances`` (per step, the tolerance it was held to: ``tol``,
+    or the default raised to the rounding floor), ``unconverged`` and, for Newton,
     ``restarts``.
     """
     options = dict(spec.options)
@@ -290,8 +317,8 @@ def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Res
         max_iter = 100 if method == "anderson" else 50
     dtype = compute_dtype(images)
     model_dtype = images.dtype if images.dtype != dtype else None
-    rounding_tol, tol_given = _default_tol(dtype, images.dtype), tol is not None
-    tol = rounding_tol if tol is None else float(tol)
+    tol_given = tol is not None
+    tol = _default_tol(dtype, images.dtype) if tol is None else float(tol)
     gen = request.grid.generation_sigmas(request.flow, solver_obj, final_euler=final_euler)
     enc = reversed_grid(gen)
     refuse_encode_to_infinity(enc)  # zero terminal SNR (flowdiff.engine.terminal)
@@ -300,7 +327,7 @@ def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Res
                                 max_iter=max_iter, anderson=anderson, krylov_dim=krylov_dim, on_failure=on_failure,
                                 check_finite=request.check_finite,
                                 eps_floor=max(torch.finfo(dtype).eps, torch.finfo(images.dtype).eps),
-                                rounding_tol=rounding_tol, tol_given=tol_given)
+                                tol_given=tol_given)
     sol = solve_grid(request.flow.field(request.model_kwargs, model_dtype), form, enc.tolist(), inverse,
                      xbar0=images.to(dtype), callback=request.callback, check_finite=request.check_finite,
                      bound=request.bound)
@@ -309,6 +336,7 @@ def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Res
     sample_residuals = [] if inverse.sample_residuals is None else inverse.sample_residuals.cpu().tolist()
     stats.extra.update(method=method, iterations=sum(iters), iterations_per_step=iters,
                        evaluations_per_step=inverse.evaluations, residuals=residuals, tol=tol,
+                       tolerances=inverse.tolerances,
                        unconverged=unconverged, sample_residuals=sample_residuals)
     if method != "anderson":
         stats.extra["restarts"] = inverse.restarts

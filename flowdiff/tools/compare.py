@@ -492,6 +492,7 @@ def compare(
         raise TypeError(f"noise must be a floating-point torch.Tensor, got "
                         f"{noise.dtype if isinstance(noise, Tensor) else type(noise).__name__}")
     _check_noise(noise)  # issue 13
+    flow.check_input(noise, "noise")
     budgets = _check_budgets(nfe)
     names, learned = _split_solvers(default_solvers() if solvers is None else solvers, flow, model_kwargs, budgets)
     if grids is None:

@@ -560,6 +560,7 @@ def log_likelihood(
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
     images = _check_images(images)
+    flow.check_input(images, "images")
     # warns, as encode does, for images on another scale ([0, 255], say); called here, not in _check_images, so
     # that the warning's stacklevel lands on the caller's line
     check_data_range(images, "images")

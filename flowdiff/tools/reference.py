@@ -324,12 +324,19 @@ def reference_solution(
     changed in place since is solved again.
     ``error`` is estimated from the same solve at 100× looser tolerances (see
     :class:`Reference`). ``progress=True`` shows a tqdm bar of the σ reached on stderr.
+
+    A model that draws random numbers (dropout in training mode) gives the solve another field at
+    every call: the adaptive steps shrink without end. Where the first accepted step drew from
+    torch's generator, the model is evaluated twice more at the state it reached (counted in
+    ``nfe``); outputs that differ beyond rounding are a ValueError naming the model, before
+    the solve goes on.
     """
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
     if not isinstance(noise, Tensor) or not noise.is_floating_point():
         raise TypeError(f"noise must be a floating-point torch.Tensor, got {type(noise).__name__}")
     check_has_values(noise, "noise")
+    flow.check_input(noise, "noise")
     rtol, atol = check_tolerance("rtol", rtol), check_tolerance("atol", atol)
     if not _solvers.get(solver).adaptive:
         raise ValueError(f"the reference needs an adaptive solver; got {solver!r}, adaptive solvers: "
@@ -353,7 +360,14 @@ def reference_solution(
     with torch.no_grad(), _SigmaBar(s0, progress) as bar:
         start = time.perf_counter()
         bar.stage = "reference"
-        tight, nfe = _solve_reference(flow64, noise64, s0, s_end, solver, rtol, atol, model_kwargs, bar.callback)
+        draws = _RandomDraws(flow64, model_kwargs, noise64.device, bar.callback)
+        try:
+            tight, nfe = _solve_reference(flow64, noise64, s0, s_end, solver, rtol, atol, model_kwargs, draws)
+        except _solvers.SolveError:
+            if draws.refusal is not None:  # the loop located it at its step; it is the caller's model, not the solve
+                raise draws.refusal from None
+            raise
+        nfe += draws.evaluations
         wall = time.perf_counter() - start
         bar.stage = "its error check"
         loose, error_nfe = _solve_reference(flow64, noise64, s0, s_end, solver, _LOOSER * rtol, _LOOSER * atol,
@@ -391,6 +405,48 @@ def _solve_reference(flow: ProbabilityFlow, noise: Tensor, s0: float, s_end: flo
     sol = solve_flow(flow.field(model_kwargs), form, stepping, _solvers.get(solver), sigma0=s0, xbar0=xbar0,
                      callback=callback)
     return sol.xbar, sol.stats.nfe
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """torch's CPU generator state, and ``device``'s where it is a CUDA device."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+class _RandomDraws:
+    """The reference solve's callback: after its first accepted step, where the model drew from torch's generator
+    (dropout in training mode, a noise layer), evaluates it twice at the state reached and refuses it if the two
+    differ beyond rounding: an adaptive solve of a field that changes at every call shrinks its steps without end
+    (R16: 6.5 min and 7.3 GB before it was killed). ``evaluations`` is what the check spent (0 or 2)."""
+
+    def __init__(self, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None, device: torch.device,
+                 then: Callable[[Any], None] | None) -> None:
+        self.flow, self.model_kwargs, self.device, self.then = flow, model_kwargs, device, then
+        self.start: tuple[Tensor, Tensor | None] | None = _rng_state(device)
+        self.evaluations = 0
+        self.refusal: ValueError | None = None
+
+    def __call__(self, state: Any) -> None:
+        if self.start is not None:
+            now, start, self.start = _rng_state(self.device), self.start, None
+            if not (torch.equal(now[0], start[0]) and (now[1] is None or torch.equal(now[1], start[1]))):
+                self._check(state.xbar, state.sigma)
+        if self.then is not None:
+            self.then(state)
+
+    def _check(self, xbar: Tensor, sigma: float) -> None:
+        field = self.flow.field(self.model_kwargs)  # as the solve evaluates it (model_kwargs checked there)
+        first, second = field(sigma, xbar), field(sigma, xbar)
+        self.evaluations = 2
+        size = float(first.abs().max())
+        gap = float((second - first).abs().max())
+        if not gap <= 1e3 * torch.finfo(first.dtype).eps * max(size, 1.0):
+            model = self.flow.model
+            self.refusal = ValueError(
+                f"flow: its model ({type(model).__name__}) draws random numbers: two evaluations of one input at "
+                f"σ={sigma:.6g} differ by {gap:.3g} (max|ε| = {size:.3g}), and an adaptive reference solve of a field "
+                "that changes at every call shrinks its steps without end; put the model in eval mode (model.eval(), "
+                "which turns dropout off) or pass a deterministic model")
+            raise self.refusal
 
 
 class _SigmaBar:
