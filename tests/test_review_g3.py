@@ -210,3 +210,25 @@ def test_newton_alone_in_float32_from_sigma_max_says_its_jacobian_is_unresolved(
     # in float64 forward differences resolve it (√eps ≈ 1.5e-8 < 4e-5): Newton alone converges, nothing to say
     assert_fixed_point_converged(fd.encode(flow, x.double(), solver=fd.Inversion("fixed_point", {"method": "newton"}),
                                            steps=1))
+
+
+def test_the_flows_sigma_tables_are_bounded():
+    """The per-σ table of timestep tensors in ProbabilityFlow.field grew by one entry for every σ ever evaluated and
+    lived as long as the flow (G3: 660k entries, 1.67 GB in one long solve); it now starts again when full, and the
+    field's values are unchanged by the restart."""
+    from flowdiff.engine import flow as flow_module
+
+    class Eps(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.sin(x) * (t[:, None] / 1000)
+
+    flow = fd.ProbabilityFlow(Eps(), fd.Schedule.linear())
+    f = flow.field()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    sigmas = [0.5 + k * 1e-3 for k in range(flow_module._SIGMA_CACHE + 10)]
+    first = [f(s, x) for s in sigmas[:3]]
+    for s in sigmas:
+        f(s, x)
+    assert all(len(table) <= flow_module._SIGMA_CACHE for table in flow._timesteps.values())
+    for s, before in zip(sigmas[:3], first):
+        torch.testing.assert_close(f(s, x), before, rtol=0, atol=0)

@@ -34,6 +34,10 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "velocity")
 #: argument in place (seen by the tensor's version counter, a host-side integer: no copy, no sync) keeps that
 #: tensor: the table forgets it and the next call at that σ gets a new one, so later calls see the right t.
 _TIMESTEP_CACHE = 64
+#: σ kept per (batch, device, dtype) table: a fixed grid uses a few dozen; an adaptive solve meets a new σ at every
+#: step it tries, and the tables live as long as the flow, so without a bound they grew by one entry per σ ever tried
+#: (660k entries, 1.67 GB in one long solve): a full table starts again
+_SIGMA_CACHE = 4096
 
 #: State dtypes whose product with a 0-dim tensor equals the product with a Python float, bit for bit.
 _EXACT_SCALARS = (torch.float32, torch.float64)
@@ -201,6 +205,8 @@ class ProbabilityFlow:
                 hit = (torch.full((combo[0],), timestep(sigma), dtype=t_dtype, device=combo[1]),
                        torch.full((), scale, dtype=combo[2], device=combo[1]) if combo[2] in _EXACT_SCALARS else scale,
                        scale)
+                if len(by_sigma) >= _SIGMA_CACHE:
+                    by_sigma.clear()
                 by_sigma[sigma] = hit
             t, scale_t, inv_scale = hit
             x = xbar * scale_t
