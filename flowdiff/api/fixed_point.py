@@ -249,7 +249,9 @@ class FixedPointInverse(Solver):
                                  else torch.maximum(self.sample_residuals, per_sample))
         self.iterations.append(it)
         self.residuals.append(worst)
-        self.tolerances.append(float(limit_of.amax()))
+        # the step's tolerance beside its residual: where samples missed, the largest of *their* limits (the residual
+        # is the worst of theirs, above each), not another sample's raised floor that hid the miss
+        self.tolerances.append(float(limit_of[missed_mask].amax() if missed else limit_of.amax()))
         self.evaluations.append(field.calls)
         return StepResult(x, None if k_b is None else Derivative(s_b, k_b))
 
@@ -283,9 +285,11 @@ def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Res
     that budget. The statistics count every model evaluation (Jacobian–vector products
     included); ``stats.extra`` holds ``method``, ``iterations`` (total),
     ``iterations_per_step``, ``evaluations_per_step`` (model evaluations), ``residuals`` (per
-    step, the achieved max over samples), ``sample_residuals`` (per sample, its largest residual
-    over the steps), ``tol``, ``tolerances`` (per step, the tolerance it was held to: ``tol``,
-    or the default raised to the rounding floor), ``unconverged`` and, for Newton,
+    step, the achieved max over samples, or over those that missed their tolerance where any
+    did), ``sample_residuals`` (per sample, its largest residual over the steps), ``tol``,
+    ``tolerances`` (per step, the largest tolerance those samples were held to: ``tol``, or the
+    default raised to a sample's rounding floor; a step missed exactly where its residual
+    exceeds it), ``unconverged`` and, for Newton,
     ``restarts``.
     """
     options = dict(spec.options)

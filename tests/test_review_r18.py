@@ -1,0 +1,36 @@
+"""Reviewer R18's finds in G3's fixed-point tolerances, L3's trajectory kind and the lead's last commits."""
+
+import warnings
+
+import pytest
+import torch
+
+import flowdiff as fd
+
+# -- 1. a step's reported tolerance is the one its missed samples were held to -------------------------------------
+
+
+def test_a_sample_that_missed_is_not_hidden_by_another_samples_raised_floor(monkeypatch):
+    """Each sample has its own limit (the default tol, or its rounding floor where that is larger). stats.extra
+    reported per step the worst missed residual beside the largest limit of *any* sample, so with on_failure='keep'
+    a sample that missed its own (the default) was hidden by another's raised floor: the step read residual < tol
+    and assert_fixed_point_converged passed an encode whose stats listed the sample as unconverged. The per-sample
+    floors are set apart here (one tiny, one huge) to reach that case in a few evaluations."""
+    from flowdiff.api import fixed_point
+    from flowdiff.models.analytic import Gaussian
+    from flowdiff.tools.testing import assert_fixed_point_converged
+
+    floors = torch.tensor([1e-12, 1e3], dtype=torch.float64)
+    monkeypatch.setattr(fixed_point.FixedPointInverse, "_floor", lambda self, x, scale: floors)
+    model = Gaussian(torch.zeros(1, 4, 4, dtype=torch.float64), 1.0)
+    x = (0.1 * model.sample(2, generator=torch.Generator().manual_seed(0))).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the unconverged-samples warning, expected
+        enc = fd.encode(model.flow(), x, solver=fd.Inversion("fixed_point", {"max_iter": 1, "on_failure": "keep"}),
+                        steps=3)
+    extra = enc.stats.extra
+    assert extra["unconverged"] == [0]  # sample 0 missed the default tol; sample 1 met its (huge) floor
+    assert extra["tolerances"] == [extra["tol"]] * 3  # sample 0's limit, not sample 1's 1e3
+    assert all(r > t for r, t in zip(extra["residuals"], extra["tolerances"]))
+    with pytest.raises(AssertionError, match="missed its tolerance at step"):
+        assert_fixed_point_converged(enc)
