@@ -34,3 +34,29 @@ def test_a_sample_that_missed_is_not_hidden_by_another_samples_raised_floor(monk
     assert all(r > t for r, t in zip(extra["residuals"], extra["tolerances"]))
     with pytest.raises(AssertionError, match="missed its tolerance at step"):
         assert_fixed_point_converged(enc)
+
+
+# -- 2. the torch.func refusal: reverse mode only; jvp runs every adjoint ----------------------------------------------
+
+
+def test_torch_func_refusal_is_reverse_mode_only_and_jvp_runs_every_adjoint():
+    """The refusal said jvp and vmap too, and the CHANGELOG that adjoint='autograd' runs under vmap. Under jvp nothing
+    requires a gradient: adjoint='checkpoint' is the plain solve forward mode differentiates, its tangent equal to
+    autograd's; jacrev (reverse mode) is refused naming adjoint= and the reverse-mode transforms."""
+    import torch.func as tf
+
+    from flowdiff.models.analytic import Gaussian
+
+    flow = Gaussian(torch.zeros(1, 2, 2, dtype=torch.float64), 0.5).flow()
+    noise = torch.randn(2, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    tangent = torch.randn(noise.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def run(adjoint):
+        return lambda n: fd.generate(flow, n, solver="heun", steps=4, adjoint=adjoint).x
+
+    tangents = {adj: tf.jvp(run(adj), (noise,), (tangent,))[1] for adj in ("autograd", "checkpoint")}
+    torch.testing.assert_close(tangents["checkpoint"], tangents["autograd"], rtol=0, atol=0)
+    assert not torch.equal(tangents["autograd"], torch.zeros_like(tangent))
+    with pytest.raises(ValueError, match=r"^adjoint='checkpoint' cannot run under a torch\.func transform of "
+                                         r"reverse mode \(grad, vjp, jacrev, hessian\)"):
+        tf.jacrev(lambda n: run("checkpoint")(n).sum(0).flatten())(noise)

@@ -754,7 +754,9 @@ class AdjointSolution(Solution):
 
 
 def _functorch_active() -> bool:
-    """Whether a torch.func transform (grad, vjp, vmap, ...) is running around the caller."""
+    """Whether a torch.func transform is running around the caller. Only reverse mode (grad, vjp, jacrev) reaches the
+    check with a differentiated solve: under jvp alone nothing requires a gradient, so the solve is a plain one that
+    forward mode differentiates, whatever ``adjoint``; vmap stops at the entry point's value checks."""
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
     return bool(active()) if active is not None else False
 
@@ -789,10 +791,10 @@ def integrate_adjoint(f: Callable[[float, Tensor], Tensor], y0: Tensor, solver: 
         sol = solvers.integrate(f, y0, solver, stepping, state=state, **integrate_options)
         return AdjointSolution(sol.y, sol.stats, sol.state, sol.ts)
     if _functorch_active():
-        raise ValueError(f"adjoint={adjoint!r} cannot run under a torch.func transform (grad, vjp, jacrev, jvp, vmap): "
-                         "its backward pass is its own autograd.Function, which torch.func does not trace; use "
-                         "adjoint='autograd' under torch.func, or torch.autograd.grad / loss.backward() with "
-                         f"adjoint={adjoint!r}")
+        raise ValueError(f"adjoint={adjoint!r} cannot run under a torch.func transform of reverse mode (grad, vjp, "
+                         "jacrev, hessian): its backward pass is its own autograd.Function, which torch.func does not "
+                         "trace; use adjoint='autograd' under torch.func, or torch.autograd.grad / loss.backward() "
+                         f"with adjoint={adjoint!r}")
     plan = _Plan(f, solver, stepping, adjoint, tuple(params), dict(integrate_options),
                  state_rebuild=state_rebuild, n_state=len(state_leaves), save_at=save_at, save_state=save_state)
     outputs = _SolveFunction.apply(plan, y0, *state_leaves, *params)
