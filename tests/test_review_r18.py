@@ -60,3 +60,28 @@ def test_torch_func_refusal_is_reverse_mode_only_and_jvp_runs_every_adjoint():
     with pytest.raises(ValueError, match=r"^adjoint='checkpoint' cannot run under a torch\.func transform of "
                                          r"reverse mode \(grad, vjp, jacrev, hessian\)"):
         tf.jacrev(lambda n: run("checkpoint")(n).sum(0).flatten())(noise)
+
+
+# -- 3. the rounding a fixed-point failure blames is the precision that sets the floor ---------------------------------
+
+
+def test_a_half_precision_encodes_failure_names_the_rounding_that_sets_its_floor():
+    """bfloat16 images are encoded with the state in float32 and the model evaluated in bfloat16, so the residual's
+    floor is bfloat16's epsilon at the state's scale. The failure said "torch.float32 rounding at this step's scale
+    allows about 0.12", a figure about 6·10⁴ times what float32 rounding allows there. It names bfloat16 now, and the
+    figure is bfloat16's epsilon times the state's scale."""
+    import re
+
+    import solvers
+    from flowdiff.models.analytic import Mixture
+
+    gen = torch.Generator().manual_seed(0)
+    model = Mixture(torch.rand(8, 1, 4, 4, dtype=torch.float64, generator=gen) * 2 - 1, 0.3)
+    images = model.sample(3, generator=gen).clamp(-1, 1).to(torch.bfloat16)
+    with pytest.raises(solvers.SolveError) as info:
+        fd.encode(model.flow(), images, solver=fd.Inversion("fixed_point"), steps=2)
+    message = str(info.value)
+    found = re.search(r"(\S+) rounding at this step's scale allows about ([0-9.e+-]+)", message)
+    assert found is not None, message
+    assert found.group(1) == "torch.bfloat16" and "torch.float32 rounding" not in message
+    assert float(found.group(2)) > 32 * torch.finfo(torch.float32).eps * 1e3  # not a float32 figure

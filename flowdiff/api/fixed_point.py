@@ -166,6 +166,14 @@ class FixedPointInverse(Solver):
         floor = self._floor(x, scale)
         return torch.full_like(floor, self.tol) if self.tol_given else floor.clamp_min(self.tol)
 
+    def _rounding(self, state: torch.dtype) -> str:
+        """The precision whose rounding sets the floor (``eps_floor``): the state's, or where the images are in half
+        precision (the model evaluated in it, the state in float32), the model's evaluations'."""
+        if torch.finfo(state).eps >= self.eps_floor:
+            return str(state)
+        half = next((d for d in (torch.bfloat16, torch.float16) if torch.finfo(d).eps == self.eps_floor), None)
+        return str(half if half is not None else state)
+
     def _unresolved(self, s_b: float) -> str:
         """The advice to try ``method='hybrid'`` after Newton alone failed, with why where Newton may miss a root that
         exists: its Jacobian–vector products are forward differences, which resolve a Jacobian only to about √eps,
@@ -225,13 +233,14 @@ class FixedPointInverse(Solver):
         if missed and self.on_failure == "raise":
             extra = {"method": method, "iterations": sum(self.iterations) + it, "tol": tol, "restarts": self.restarts}
             limit = float(floor[missed_mask].amax())
+            rounding = self._rounding(x.dtype)
             if bool(at_floor[missed_mask].all()):  # only an explicit tol below the rounding floor gets here
-                why = (f"that is as close as {x.dtype} rounding gets at this step's scale (the state reaches "
+                why = (f"that is as close as {rounding} rounding gets at this step's scale (the state reaches "
                        f"max|x̄| = {float(x.detach().abs().amax()):.3g}, so the residual cannot be resolved below about "
                        f"{limit:.3g}): tol={tol:.3g} is below it; give inversion option tol >= {limit:.3g}, leave tol "
                        "out (the default is raised to that floor where rounding requires), or use more steps")
             else:
-                fact = f"{x.dtype} rounding at this step's scale allows about {limit:.3g}, so the miss is not rounding"
+                fact = f"{rounding} rounding at this step's scale allows about {limit:.3g}, so the miss is not rounding"
                 why = (f"the budget max_iter={max_iter} ran out ({fact}); use a larger max_iter or tol, or more steps"
                        if exhausted else
                        f"Newton's line search failed from every initial guess (max_iter={max_iter} was not reached; "
