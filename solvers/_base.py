@@ -193,10 +193,14 @@ class Scaled(Solver):
         f_s(t, y) = a(t, y) + (1 + s)·(f(t, y) − a(t, y)),   s = ``scales[(t₀, t₁)]``,
 
     ``a`` the ``anchor`` (``None``: zero, i.e. f scaled by 1 + s). The scaled value is what the
-    base uses and, for a multistep method, stores. It changes the magnitude of the field, which
-    neither the step's times nor its coefficients can (the learned form of epsilon scaling: Ning
-    et al., "Elucidating the Exposure Bias in Diffusion Models", ICLR 2024). The caller chooses
-    the anchor: the value about which the field's magnitude is wrong. ``s = 0``
+    base uses and, for a multistep method, stores. A value carried from an earlier step keeps that
+    step's scale: a multistep history, and an FSAL pair's (``bosh3``, ``dopri5``) first stage, which is
+    the previous step's last; so ``Scaled(bosh3)`` with scales that differ between steps is not
+    ``bosh3`` on a field scaled per step, as it is for a method that evaluates every stage afresh
+    (``heun``). Fitted and used the same way, the learned values account for it.
+    It changes the magnitude of the field, which neither the step's times nor its coefficients can
+    (the learned form of epsilon scaling: Ning et al., "Elucidating the Exposure Bias in Diffusion
+    Models", ICLR 2024). The caller chooses the anchor: the value about which the field's magnitude is wrong. ``s = 0``
     everywhere is ``base`` bit for bit (the step is not wrapped); any s ≠ 0 is a first-order
     perturbation, meant for the grid and budget it was fitted on.
 
