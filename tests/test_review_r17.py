@@ -8,6 +8,7 @@ import pytest
 import torch
 from _cli_runs import one_line, run_in, write_digits
 
+import flowdiff
 from flowdiff.cli import _dataset
 
 
@@ -165,3 +166,34 @@ def test_batch_shapes_takes_one_channel_count_alone():
 
     assert find(ft.batch_shapes(channels=3), lambda shape: True)[1] == 3
     assert find(ft.batch_shapes(channels=(2,)), lambda shape: True)[1] == 2
+
+
+def test_a_float64_reference_keeps_the_flows_timesteps_table():
+    """reference_solution of a flow whose network is float32 solves a float64 copy; the copy was a new
+    ProbabilityFlow, which dropped the flow's timesteps table (and a DiffusersFlow's attributes): the reference fed
+    the model t(σ) where the flow feeds the table's time, silently (R17's find, fixed by the lead)."""
+    from flowdiff.tools.reference import _float64_flow
+
+    class Eps(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(0.3))
+
+        def forward(self, x, t):
+            return self.w * torch.tanh(x) * (1 + t[:, None] / 100)
+
+    class Subclassed(flowdiff.ProbabilityFlow):  # as a DiffusersFlow is, with attributes of its own
+        pass
+
+    flow = Subclassed(Eps(), flowdiff.Schedule.linear())
+    sigma = float(flow.schedule.sigma_max)
+    flow = flow.with_timesteps({sigma: 500.0})
+    flow.extra = "kept"
+    solved = _float64_flow(flow)
+    assert solved.model.w.dtype == torch.float64 and flow.model.w.dtype == torch.float32
+    assert type(solved) is Subclassed and solved.extra == "kept" and solved.timesteps == {sigma: 500.0}
+    x = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    by_table = solved.field()(sigma, x)
+    torch.testing.assert_close(by_table, flow.field()(sigma, x.float()).double(), rtol=1e-6, atol=1e-7)
+    untabled = flowdiff.ProbabilityFlow(solved.model, flow.schedule).field()(sigma, x)
+    assert (by_table - untabled).abs().max() > 1e-2  # the table changes the field there
