@@ -197,3 +197,21 @@ def test_a_float64_reference_keeps_the_flows_timesteps_table():
     torch.testing.assert_close(by_table, flow.field()(sigma, x.float()).double(), rtol=1e-6, atol=1e-7)
     untabled = flowdiff.ProbabilityFlow(solved.model, flow.schedule).field()(sigma, x)
     assert (by_table - untabled).abs().max() > 1e-2  # the table changes the field there
+
+
+def test_a_0d_budget_and_a_bare_sample_shape_are_named():
+    """R17: compare(nfe=np.array(5)) said 'iteration over a 0-d array' and testing.closed_form_models(4) said
+    "'int' object is not iterable", naming nothing. A 0-d array or tensor is one budget (as np.int64(5) is);
+    a sample shape that is not a tuple of positive ints is refused naming sample_shape."""
+    import numpy as np
+
+    from flowdiff.tools import testing
+    from flowdiff.tools.compare import _check_budgets
+    assert _check_budgets(np.array(5)) == _check_budgets(torch.tensor(5)) == _check_budgets(5) == [5]
+    with pytest.raises(TypeError, match=r"nfe must be an int or a list of ints .*got float 2\.5"):
+        _check_budgets(np.array(2.5))
+    for bad in (4, (), (0, 8), ("8",), "8x8"):
+        with pytest.raises(ValueError, match=r"sample_shape must be a non-empty tuple of positive ints"):
+            testing.closed_form_models(bad)
+    testing.closed_form_models((1, 8, 8))
+    testing.closed_form_models(torch.Size([4]))

@@ -370,6 +370,8 @@ def _split_solvers(values: object, flow: ProbabilityFlow, model_kwargs: Mapping[
 
 def _check_budgets(nfe: Iterable[int] | int) -> list[int]:
     """The budgets as the table's columns: sorted, each once; NumPy integers (``np.arange(5, 30, 5)``) are ints."""
+    if isinstance(nfe, (np.ndarray, Tensor)) and nfe.ndim == 0:  # a 0-d array or tensor: one budget
+        nfe = nfe.item()
     if isinstance(nfe, numbers.Integral) and not isinstance(nfe, bool):
         values = [nfe]
     elif isinstance(nfe, (str, bytes)) or not isinstance(nfe, Iterable):

@@ -27,6 +27,7 @@ without it raises ImportError naming it.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -147,6 +148,10 @@ def closed_form_models(sample_shape: tuple[int, ...], *, schedule: st.SearchStra
     ``mixture``: 2–8 centres in [−1, 1] with bandwidth in [min_bandwidth, 0.5]. Parameters
     are drawn from a seed so that a failing case shrinks to a small, reproducible one.
     """
+    if isinstance(sample_shape, (str, bytes)) or not isinstance(sample_shape, Sequence) or not sample_shape or any(
+            isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in sample_shape):
+        raise ValueError(f"sample_shape must be a non-empty tuple of positive ints (one sample's shape, without the "
+                         f"batch), got {sample_shape!r}")
     kinds = _names(kinds, "kinds", ("gaussian", "mixture"))
     if isinstance(min_bandwidth, bool) or not isinstance(min_bandwidth, (int, float, np.floating)) \
             or not 0 < min_bandwidth <= 0.5:
