@@ -117,12 +117,9 @@ def in_dtype(flow: ProbabilityFlow, dtype: torch.dtype) -> ProbabilityFlow:
         return flow
     if all(p.dtype == dtype for p in model.parameters() if p.is_floating_point()):
         return flow
-    # a copy of the flow itself (of its class, as classifier_free_guidance copies it): a DiffusersFlow keeps its
+    # a copy of the flow itself (ProbabilityFlow.with_model): a DiffusersFlow keeps its
     # scheduler_config, packed tokens and autoencoder, which compare's flow-matching peers are configured from
-    cast = copy.copy(flow)
-    cast.model = copy.deepcopy(model).to(dtype)
-    cast._timesteps_of = None  # its own cache of timestep tensors
-    return cast
+    return flow.with_model(copy.deepcopy(model).to(dtype))
 
 
 def load_model(spec: str, *, dtype: torch.dtype | None = torch.float32,

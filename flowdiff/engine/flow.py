@@ -116,6 +116,14 @@ class ProbabilityFlow:
         flow._timesteps_of = None  # its own cache of timestep tensors
         return flow
 
+    def with_model(self, model: Model) -> ProbabilityFlow:
+        """A copy of this flow (its class, schedule, options and attributes) with ``model`` in place of its model:
+        the same network in another precision (a float64 reference, the CLI's ``--dtype``), or a wrapper of it."""
+        flow = copy.copy(self)
+        flow.model = model
+        flow._timesteps_of = None  # its own cache of timestep tensors
+        return flow
+
     @classmethod
     def from_sigma_field(cls, eps: Callable[..., Tensor], alphas_cumprod: Schedule | ArrayLike) -> ProbabilityFlow:
         """A flow from ``eps(xbar, sigma, **model_kwargs) -> ε`` given directly in σ (σ a Python float).

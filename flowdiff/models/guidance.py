@@ -24,7 +24,6 @@ conditional], the order of diffusers' Stable Diffusion pipeline).
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -159,10 +158,8 @@ def classifier_free_guidance(flow: ProbabilityFlow, scale: float | Tensor, *,
     if unconditional_kwargs is not None and not isinstance(unconditional_kwargs, Mapping):
         raise TypeError(f"unconditional_kwargs must be a mapping of model keyword arguments, "
                         f"got {type(unconditional_kwargs).__name__}")
-    guided = copy.copy(flow)
     if flow.sigma_field is not None:
-        guided.sigma_field = guided.model = GuidedModel(flow.sigma_field, scale, unconditional_kwargs,
-                                                        batch=batch)
-    else:
-        guided.model = GuidedModel(flow.model, scale, unconditional_kwargs, batch=batch)
-    return guided
+        guided = flow.with_model(GuidedModel(flow.sigma_field, scale, unconditional_kwargs, batch=batch))
+        guided.sigma_field = guided.model
+        return guided
+    return flow.with_model(GuidedModel(flow.model, scale, unconditional_kwargs, batch=batch))

@@ -140,13 +140,9 @@ def _float64_flow(flow: ProbabilityFlow) -> ProbabilityFlow:
     params = [p for p in model.parameters() if p.is_floating_point()]
     if all(p.dtype == torch.float64 for p in params):
         return flow
-    # a copy of the flow itself (its class and options, as the CLI's in_dtype and classifier_free_guidance copy it):
-    # a new ProbabilityFlow dropped the timesteps table (the reference then fed the model t(σ) where the flow feeds
-    # the table's time) and a DiffusersFlow's own attributes
-    flow64 = copy.copy(flow)
-    flow64.model = copy.deepcopy(model).double()
-    flow64._timesteps_of = None  # its own cache of timestep tensors
-    return flow64
+    # a copy of the flow itself: a new ProbabilityFlow dropped the timesteps table (the reference then fed the model
+    # t(σ) where the flow feeds the table's time) and a DiffusersFlow's own attributes
+    return flow.with_model(copy.deepcopy(model).double())
 
 
 def _noise_key(noise: Tensor) -> tuple:
