@@ -16,7 +16,7 @@ The rows of each (model, seed) are kept as JSON under ``--cache`` (default /tmp/
 run with other margins only reads them.
 
 Usage: cd benchmarks; PYTHONPATH=.. python adaptive_calibration.py [--models patches,mixture] [--seeds 1,2,3,4,5,6]
-       [--margins 1,1.5,2,3] [--targets 1e-3,1e-4] [--startup-order] [--cache DIR] [--out FILE]
+       [--margins 1,1.5,2,3] [--targets 1e-3,1e-4] [--startup-order] [--variant V] [--cache DIR] [--out FILE]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import time
 import torch
 from _kdiffusion import load_kdiffusion_sampling, mixture_flow, patch_flow, write_report
 from adaptive_heldout import SIDES, noise_ref, side_of
+from adaptive_lone_sample_variants import patched
 from adaptive_startup_order import startup_order_by_default
 from bench_adaptive import (
     QUICK_FLOWDIFF,
@@ -46,17 +47,22 @@ from bench_adaptive import (
 )
 
 
-def all_rows(K, flow, key: str, seed: int, cache: str | None, startup_order: bool = False) -> list[dict]:
+def all_rows(K, flow, key: str, seed: int, cache: str | None, startup_order: bool = False,
+             variant: str = "base") -> list[dict]:
     """Every setting of every side on ``seed``'s noise, without early stops (cached as JSON when ``cache`` is set);
-    with ``startup_order``, flowdiff's multistep controller has ``StepController(startup_order=True)`` (k-diffusion's
-    rows are then the same as without)."""
-    tag = "_startup_order" if startup_order else ""
+    with ``startup_order``, flowdiff's multistep controller has ``StepController(startup_order=True)``, and
+    ``variant`` is one of ``adaptive_lone_sample_variants.py``'s run-time patches (those that set no ``Adaptive``
+    field) applied to flowdiff's runs (k-diffusion's rows are the same either way)."""
+    tag = ("_startup_order" if startup_order else "") + ("" if variant == "base" else f"_{variant}")
     path = None if cache is None else os.path.join(cache, f"k4_adaptive_rows_{key}_{seed}{tag}.json")
     if path is not None and os.path.exists(path):
         with open(path) as fh:
             return json.load(fh)
     noise, ref = noise_ref(flow, key, seed)
-    with startup_order_by_default() if startup_order else contextlib.nullcontext():
+    with startup_order_by_default() if startup_order else contextlib.nullcontext(), patched(variant) as options:
+        if options:
+            raise ValueError(f"variant {variant!r} sets Adaptive fields {sorted(options)}, which the sweeps set "
+                             "themselves; accepted: the variants that patch the library only")
         rows = (run_flowdiff(flow, noise, ref, QUICK_FLOWDIFF, one_knob_sweep(QUICK_TOLS), targets=(0.0,))
                 + run_flowdiff(flow, noise, ref, QUICK_FLOWDIFF, equal_sweep(flow.schedule.sigma_min), targets=(0.0,),
                                label_suffix=" equal sweep"))
@@ -110,6 +116,8 @@ def main() -> None:
     parser.add_argument("--targets", default=",".join(f"{t:g}" for t in TARGETS))
     parser.add_argument("--startup-order", action="store_true",
                         help="flowdiff's multistep controller with StepController(startup_order=True) (the opt-in)")
+    parser.add_argument("--variant", default="base",
+                        help="one of adaptive_lone_sample_variants.py's run-time patches for flowdiff's runs")
     parser.add_argument("--cache", default="/tmp/flowdiff_bench_cache")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -126,7 +134,9 @@ def main() -> None:
     n_splits = len(list(itertools.combinations(seeds, len(seeds) // 2)))
     lines = [f"`cd benchmarks; PYTHONPATH=.. python adaptive_calibration.py --models {args.models} "
              f"--seeds {args.seeds} --margins {args.margins} --targets {args.targets}"
-             f"{' --startup-order' if args.startup_order else ''}` — {platform.machine()}, torch {torch.__version__}, "
+             f"{' --startup-order' if args.startup_order else ''}"
+             f"{'' if args.variant == 'base' else f' --variant {args.variant}'}` — {platform.machine()}, "
+             f"torch {torch.__version__}, "
              f"1 thread, float64, batch 16. Every setting of each side's `bench_adaptive.py --quick` sweep run once on "
              f"each seed; on each of the {n_splits} splits into {len(seeds) // 2} development and "
              f"{len(seeds) - len(seeds) // 2} held-out seeds each side chooses the setting with RMSE ≤ target/margin "
@@ -146,7 +156,7 @@ def main() -> None:
               "|---|---:|" + "---:|" * len(seeds) + "---:|"]
     for key in args.models.split(","):
         flow = {"mixture": mixture_flow, "patches": patch_flow}[key]()
-        rows = {s: all_rows(K, flow, key, s, args.cache, args.startup_order) for s in seeds}
+        rows = {s: all_rows(K, flow, key, s, args.cache, args.startup_order, args.variant) for s in seeds}
         tables = {side: table_of(rows, side) for side in SIDES}
         for target in targets:
             for margin in margins:

@@ -49,6 +49,12 @@ predicted by a linear transport of the local error from the step's end σ₁ to 
   = 1/4 for ``unipc(order=3)``), the later steps as shipped: the first step has one denoised value behind it, and
   on the photo patches it is rejected 2–3 times, the step shrinking by 0.62–0.87 each time
   (``adaptive_lone_sample_global.py --model patches``) (engineer B2).
+* ``above=W`` — each step that starts above the tail (σ₀ > 1, ``SIGMA_TAIL``) judged by W times its estimate (the
+  tail's steps as shipped): measured against the exact flow from the same state, the pair's estimate there is 3–15×
+  the step's true local error, against about 3× in σ ∈ (0.1, 1] and 1× below (``adaptive_ideal_steps.py``), so
+  W < 1 moves the tolerance's share toward the tail and W > 1 away from it (engineer K4).
+* ``batch_rms`` — the image norm's RMS taken over the whole batch instead of each sample's, the worst deciding
+  (k-diffusion's norm is over the batch too): looser for a batch whose worst sample's estimate stands out (engineer K4).
 * ``a+b`` — two variants at once (e.g. ``amp_first=4+transport=0.5``).
 
 Usage: cd benchmarks; PYTHONPATH=.. python adaptive_lone_sample_variants.py [--models mixture,digits] [--seeds 1,2,3]
@@ -238,6 +244,20 @@ def patched(variant: str):
                     self.h = min(max(self.h_used * factor, self.controller.min_step), self.controller.max_step)
                 return accepted
             integrate._ErrorRun.judge = judge_first
+        elif name == "above":
+            w_above = float(value)
+
+            def above_share(rho_from):
+                inner = share(rho_from)
+                return lambda rho0, rho1: inner(rho0, rho1) if rho0 >= rho_from else w_above
+            adaptive.corrector_share = above_share
+        elif name == "batch_rms":
+            def batch_norm(rtol, atol, to_x):
+                def norm(error, y0, y1, t1):
+                    a = to_x(t1)
+                    return ((error * a).abs() / (y1.abs() * (rtol * a) + atol)).pow(2).mean().sqrt()
+                return norm
+            adaptive.image_norm = batch_norm
         elif name in ("transport", "amp_first", "global"):
             adaptive.image_norm, adaptive.corrector_share = _global_patch(name, float(value))
         elif name != "base":
