@@ -88,3 +88,26 @@ def test_the_step_record_holds_the_solves_rejections_and_accepted_states(scripts
         assert s1 < s0 and (r_est <= 1.0) == ok
         assert math.isclose(nxt[0], s1 if ok else s0, rel_tol=1e-9)
     assert _same(r, _solve(flow, noise, tol))  # recording changes nothing
+
+
+def test_retry_fit_acts_only_on_a_step_rejected_twice_at_one_start(scripts):
+    from adaptive_lone_sample import record_solve
+
+    variants, ideal = scripts
+    flow, noise = _flow_and_noise()
+    judge = variants.integrate._ErrorRun.judge
+    seen = {"twice": 0, "never": 0}
+    for tol in (3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5):
+        shipped, tried, _ = record_solve(flow, noise, tol)
+        steps = ideal.judged(tried, flow.schedule.sigma_max)
+        twice = any(not a[3] and not b[3] and a[0] == b[0] for a, b in zip(steps, steps[1:]))
+        with variants.patched("retry_fit"):
+            fitted = _solve(flow, noise, tol)
+        if twice:
+            seen["twice"] += 1
+            assert not _same(fitted, shipped)
+        else:
+            seen["never"] += 1
+            assert _same(fitted, shipped)
+    assert seen["twice"] and seen["never"]  # both cases met
+    assert variants.integrate._ErrorRun.judge is judge
