@@ -9,11 +9,15 @@ development half and a held-out half (20 splits of 6 seeds), with the rule of ``
 a **margin** m: a setting qualifies when its RMSE is ≤ target/m on every development seed (m = 1 is
 ``adaptive_heldout.py``'s rule). The same rule and margin are applied to each side. Reported per (model, target, side,
 margin), over the splits' held-out (split, seed) pairs: the share that meets the target, the mean NFE, and the ratio of
-flowdiff's mean NFE to k-diffusion's at the same margin; and, for the one knob, each seed's error against tol (how far
-the tolerance → error ratio moves from seed to seed).
+flowdiff's mean NFE to k-diffusion's at the same margin. Also: the one split first half → second half
+(``adaptive_heldout.py``'s, which it reproduces); each side's fewest NFE seed by seed and the one setting that meets the
+target on every seed (a calibration on all of them); and, for the one knob, each seed's error against tol (how far the
+tolerance → error ratio moves from seed to seed).
 
-The rows of each (model, seed) are kept as JSON under ``--cache`` (default /tmp/flowdiff_bench_cache), so a second
-run with other margins only reads them.
+``--startup-order`` runs flowdiff with ``StepController(startup_order=True)``, ``--variant`` with one of
+``adaptive_lone_sample_variants.py``'s run-time patches (those that set no ``Adaptive`` field). The rows of each
+(model, seed, controller) are kept as JSON under ``--cache`` (default /tmp/flowdiff_bench_cache), so a second run with
+other margins only reads them.
 
 Usage: cd benchmarks; PYTHONPATH=.. python adaptive_calibration.py [--models patches,mixture] [--seeds 1,2,3,4,5,6]
        [--margins 1,1.5,2,3] [--targets 1e-3,1e-4] [--startup-order] [--variant V] [--cache DIR] [--out FILE]
