@@ -34,8 +34,7 @@ class PNDM(IPNDM):
     #: is its own already, whatever the flag says.
     final_euler_refused = ("pndm ends as diffusers' PNDMScheduler does, with its Adams–Bashforth step over the "
                            "derivatives already evaluated (with one step, its Heun start), never an Euler step put "
-                           "in its place, so final_euler=False would change nothing (the same images and NFE as "
-                           "without it)")
+                           "in its place")
 
     def __init__(self) -> None:
         super().__init__(4)

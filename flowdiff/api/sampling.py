@@ -51,6 +51,7 @@ from ..engine.options import (
     check_state,
     compute_dtype,
     exact_dtype,
+    idle_final_euler,
 )
 from ..engine.plugins import decodes_with, procedure, solver_plugin
 from ..engine.results import Result, Saver, StepState
@@ -93,6 +94,15 @@ def _resolve_solver(solver: str | Solver, direction: str,
         options["quantum"] = EXACT_QUANTUM
         obj = ReversibleHeun(quantum=EXACT_QUANTUM)
     return obj, recorded.name, options
+
+
+def _refuse_idle_final_euler(solver: Solver, sig: np.ndarray, direction: str, beside: str) -> None:
+    """``grid=Grid(..., final_euler=False)`` where it changes nothing (:func:`idle_final_euler`) is refused, saying
+    why: the same images and NFE come out without it."""
+    why = idle_final_euler(solver, sig, direction)
+    if why is not None:
+        raise ValueError(f"grid=Grid(..., final_euler=False) beside {beside}: {why}, so final_euler=False would "
+                         "change nothing (the same images and NFE as without it); leave final_euler out")
 
 
 def _inversion_final_euler(spec: Inversion, grid: Grid) -> Inversion:
@@ -328,6 +338,11 @@ def generate(
     bound = divergence_limit(checks.bound(DIVERGENCE_GENERATE), noise)
     if isinstance(solver, Stochastic):
         refuse_adjoint(adjoint, "stochastic generation (solver=flowdiff.Stochastic)")
+        if grid_spec.final_euler is False:
+            raise ValueError("grid=Grid(..., final_euler=False) beside solver=flowdiff.Stochastic(...): its steps "
+                             "are DDIM's (Euler's with fresh noise), none of which evaluates the model at its end, "
+                             "so final_euler=False would change nothing (the same images and NFE as without it); "
+                             "leave final_euler out")
         if adaptive_spec is not None:
             raise ValueError("solver=flowdiff.Stochastic(...) (stochastic generation) takes a fixed grid, not "
                              "adaptive=flowdiff.Adaptive(...)")
@@ -338,9 +353,6 @@ def generate(
         raise ValueError(f"solver=flowdiff.Inversion({solver.method!r}, ...) is an encoding method; use it with "
                          "flowdiff.encode")
     solver_obj, name, options = _resolve_solver(solver, "generate")
-    if grid_spec.final_euler is False and getattr(solver_obj, "final_euler_refused", None):  # a plug-in's own end
-        raise ValueError(f"grid=Grid(..., final_euler=False) beside solver {name!r}: "
-                         f"{solver_obj.final_euler_refused}; leave final_euler out")
     request = _request(flow, solver_obj, name, options, grid_spec, adaptive_spec, model_kwargs, callback,
                        checks.finite, bound=bound)
     dtype = compute_dtype(noise)
@@ -352,6 +364,8 @@ def generate(
     sig = None
     try:  # a solver fitted to one grid (a LearnedSolver's) is refused before the solve on another
         sig = grid_spec.solve_sigmas(flow, solver_obj, "generate")
+        if grid_spec.final_euler is False:
+            _refuse_idle_final_euler(solver_obj, sig, "generate", f"solver {name!r}")
         if (solver_obj.fitted_steps() is not None and solver_obj.evaluates_end and not grid_spec.euler_into_zero
                 and sig[-1] == 0.0):
             raise ValueError(f"grid=Grid(..., final_euler=False) beside solver {solver_obj.name!r}: its per-step "
@@ -576,8 +590,10 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
             raise ValueError(f"this latent inverts a decode with final_euler={latent.final_euler} "
                              f"(Latent.final_euler); got grid=Grid(..., final_euler={final_euler})")
         final_euler = latent.final_euler
-    final_euler = final_euler is not False
     solver_obj = solvers.get(own, **options)
+    if final_euler is False and latent.final_euler is None:  # said here, not recorded by the latent
+        _refuse_idle_final_euler(solver_obj, sig, "decode", f"this latent's decode with solver {own!r}")
+    final_euler = final_euler is not False
     if latent.decode_shifts is not None:  # a learned encoder's latent: the decode it was fitted with
         times = formulation_for(solver_obj, "decode").times(sig.tolist())
         solver_obj = solvers.Shifted(solver_obj, dict(zip(zip(times[:-1], times[1:]), latent.decode_shifts)),
