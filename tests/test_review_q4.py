@@ -3,6 +3,10 @@
 1. ``Grid(final_euler=False)`` was accepted and changed nothing beside solvers whose step into σ = 0 is already their
    own (euler, ipndm, dpmpp_2m, unipc …), on grids that end above 0, and beside ``Stochastic``; beside unipc with an
    ``nfe=`` budget it silently spent one evaluation less than the budget allowed.
+2. ``torch.func.vmap`` over ``generate`` stopped inside torch at the noise's NaN check ("data-dependent control
+   flow"), whatever the checks. It runs now with the checks that read states on the host turned off, equal to the loop
+   of un-mapped calls; with them on (and for what cannot run: adaptive, Stochastic, encode) it is refused up front,
+   naming the batch dimension.
 """
 
 import numpy as np
@@ -12,7 +16,7 @@ import torch
 import flowdiff as fd
 import solvers
 from flowdiff import Latent
-from flowdiff.models.analytic import Gaussian
+from flowdiff.models.analytic import Gaussian, Mixture
 
 GAUSSIAN = Gaussian(torch.zeros(1, 2, 2), torch.linspace(0.1, 1.0, 4))
 
@@ -135,3 +139,85 @@ def test_the_idle_reason_is_a_function_of_solver_and_grid():
     assert "never evaluates" in idle_final_euler(solvers.get("euler"), sig)
     assert "'data' variables" in idle_final_euler(solvers.get("unipc"), sig)
     assert "above 0" in idle_final_euler(solvers.get("heun"), sig[:-1])
+
+
+# -- 2. torch.func.vmap over generate ---------------------------------------------------------------------------------
+
+MIXTURE = Mixture(torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)), 0.4)
+OFF = fd.Checks(finite=False, growth=None)
+
+
+def _mapped_noise(seed: int = 0) -> torch.Tensor:
+    return torch.randn(5, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(("name", "adjoint"), [("euler", "autograd"), ("heun", "checkpoint"), ("dpmpp_2m", "autograd"),
+                                               ("unipc", "autograd"), ("reversible_heun", "reversible"),
+                                               ("pndm", "autograd")])
+def test_vmap_over_generate_equals_the_loop_of_calls(name, adjoint):
+    flow, noise = MIXTURE.flow(), _mapped_noise()
+
+    def run(x):
+        return fd.generate(flow, x, solver=name, steps=4, checks=OFF, adjoint=adjoint).x
+
+    assert torch.equal(torch.func.vmap(run)(noise), torch.stack([run(x) for x in noise]))
+
+
+def test_per_sample_gradients_by_vmap_of_grad_equal_the_loop():
+    flow, noise = MIXTURE.flow(), _mapped_noise()
+
+    def loss(x):
+        return fd.generate(flow, x, solver="heun", steps=4, checks=OFF).x.pow(2).sum()
+
+    mapped = torch.func.vmap(torch.func.grad(loss))(noise)
+    assert torch.allclose(mapped, torch.stack([torch.func.grad(loss)(x) for x in noise]), rtol=1e-12, atol=0)
+
+
+def test_vmap_still_refuses_a_non_finite_noise_anywhere_in_the_mapped_batch():
+    flow, noise = MIXTURE.flow(), _mapped_noise()
+    noise[3, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match="noise contains NaN or inf"):
+        torch.func.vmap(lambda x: fd.generate(flow, x, steps=4, checks=OFF).x)(noise)
+
+
+@pytest.mark.parametrize(("kwargs", "said"), [
+    (dict(steps=4), r"checks=Checks\(finite=True, growth='auto'\)"),
+    (dict(steps=4, checks=fd.Checks(finite=False)), r"checks=Checks\(growth='auto'\)"),
+    (dict(steps=4, checks=fd.Checks(growth=None)), r"checks=Checks\(finite=True\)"),
+])
+def test_vmap_with_checks_that_read_the_host_is_refused_naming_them_and_the_batch_dimension(kwargs, said):
+    flow, calls = _counting(MIXTURE.flow())
+    with pytest.raises(ValueError, match=rf"generate under torch.func.vmap \(noise is mapped over\) with {said}.*"
+                                         r"first dimension of noise.*Checks\(finite=False, growth=None\)"):
+        torch.func.vmap(lambda x: fd.generate(flow, x, **kwargs).x)(_mapped_noise())
+    assert calls == []
+
+
+def test_vmap_of_what_reads_values_inside_the_solve_is_refused_up_front():
+    flow, calls = _counting(MIXTURE.flow())
+    noise = _mapped_noise()
+    with pytest.raises(ValueError, match=r"adaptive=.*torch.func.vmap.*step control.*first dimension of noise"):
+        torch.func.vmap(lambda x: fd.generate(flow, x, solver="dopri5", adaptive=fd.Adaptive(), checks=OFF).x)(noise)
+    with pytest.raises(ValueError, match=r"Stochastic.*torch.func.vmap.*first dimension of noise"):
+        torch.func.vmap(lambda x: fd.generate(flow, x, solver=fd.Stochastic(0.5), steps=4, checks=OFF).x)(noise)
+    with pytest.raises(ValueError, match=r"encode does not run under torch.func.vmap.*first dimension of images"):
+        torch.func.vmap(lambda x: fd.encode(flow, x, steps=4, checks=OFF).x)(noise)
+    assert calls == []
+
+
+def test_vmap_over_class_labels_alone_is_seen_too():
+    """A mapped model_kwargs tensor makes the solve's states mapped after the first evaluation: refused up front."""
+    flow, noise = MIXTURE.flow(), _mapped_noise()[0]
+
+    def labelled(xbar, sigma, labels=None):
+        return MIXTURE.eps(xbar, sigma) * (1 + 0.1 * labels.reshape(-1, 1))
+
+    cond = fd.ProbabilityFlow.from_sigma_field(labelled, flow.schedule)
+    labels = torch.arange(15, dtype=torch.float64).reshape(5, 3)
+    with pytest.raises(ValueError, match=r"generate under torch.func.vmap.*checks=Checks"):
+        torch.func.vmap(lambda lab: fd.generate(cond, noise, steps=4, model_kwargs={"labels": lab}).x)(labels)
+    mapped = torch.func.vmap(lambda lab: fd.generate(cond, noise, steps=4, model_kwargs={"labels": lab},
+                                                      checks=OFF).x)(labels)
+    loop = torch.stack([fd.generate(cond, noise, steps=4, model_kwargs={"labels": lab}, checks=OFF).x
+                        for lab in labels])
+    assert torch.equal(mapped, loop)

@@ -267,6 +267,37 @@ def _adaptive_or_none(adaptive: object, grid: object, steps: int | None, nfe: in
     return adaptive
 
 
+def _vmapped(x: Tensor, model_kwargs: Mapping[str, Any] | None) -> bool:
+    """Whether ``x`` or a tensor in ``model_kwargs`` is mapped over by ``torch.func.vmap``."""
+    given = [x, *(v for v in (model_kwargs or {}).values() if isinstance(v, Tensor))]
+    return any(_checks.functorch_levels(v)[1] for v in given)
+
+
+def _refuse_vmap(function: str, name: str, checks: Checks, adaptive: Adaptive | None, solver: object) -> None:
+    """What ``torch.func.vmap`` cannot run, refused before any evaluation (``function`` runs under vmap with
+    ``name`` mapped): each of these reads values on the host inside the solve, which vmap calls data-dependent
+    control flow. A fixed-grid generation with ``Checks(finite=False, growth=None)`` runs, equal to the loop of
+    un-mapped calls (``name`` is still checked for NaN/inf, once over the whole mapped batch)."""
+    instead = (f"{function} already solves a batch along the first dimension of {name}: call it once on the mapped "
+               f"inputs stacked along it (x.flatten(0, 1) for two batch dimensions)")
+    if function != "generate":
+        raise ValueError(f"{function} does not run under torch.func.vmap ({name} is mapped over): its checks "
+                         f"read the values on the host; {instead}")
+    if adaptive is not None:
+        raise ValueError(f"generate(adaptive=...) does not run under torch.func.vmap ({name} is mapped over): its "
+                         f"step control reads each step's error on the host; {instead}")
+    if isinstance(solver, Stochastic):
+        raise ValueError(f"generate(solver=flowdiff.Stochastic(...)) does not run under torch.func.vmap ({name} is "
+                         f"mapped over): it draws its step noise from its generator call by call; {instead}")
+    reading = (("finite", checks.finite, False), ("growth", checks.growth, None))
+    on = [f"{what}={value!r}" for what, value, off in reading if value is not off]
+    if on:
+        raise ValueError(f"generate under torch.func.vmap ({name} is mapped over) with checks=Checks({', '.join(on)}):"
+                         " these checks read the solve's states on the host (non-finite states, the divergence "
+                         f"guard), which vmap cannot; {instead}, or give checks=flowdiff.Checks(finite=False, "
+                         "growth=None) to run under vmap")
+
+
 def _refuse_model_check(checks: Checks, function: str) -> None:
     if not checks.model:
         raise ValueError(f"checks=Checks(model=False) given to {function}: the model check is decode's (a latent "
@@ -331,6 +362,8 @@ def generate(
     checks = check_checks(checks)
     _refuse_model_check(checks, "generate")
     _checks.check_model_kwargs(model_kwargs)
+    if _vmapped(noise, model_kwargs):
+        _refuse_vmap("generate", "noise", checks, adaptive, solver)
     adaptive_spec = _adaptive_or_none(adaptive, grid, steps, nfe)
     saver = _saver(save, callback, adaptive_spec is not None)
     callback = saver or callback
@@ -425,6 +458,8 @@ def encode(
     checks = check_checks(checks)
     _refuse_model_check(checks, "encode")
     _checks.check_model_kwargs(model_kwargs)
+    if _vmapped(images, model_kwargs):
+        _refuse_vmap("encode", "images", checks, adaptive, solver)
     _checks.check_data_range(images, "images")
     if isinstance(solver, Stochastic):
         raise ValueError(f"encode takes no solver=flowdiff.Stochastic(eta={solver.eta!r}, ...): the stochastic "

@@ -29,7 +29,7 @@ from torch import Tensor
 import solvers
 from solvers import Solver, StepController
 
-from ._checks import check_has_values, check_seed
+from ._checks import check_has_values, check_seed, functorch_levels
 from .flow import ProbabilityFlow
 from .formulations import encode_evaluates_end, formulation_for
 from .grids import GRIDS, check_budget, make_sigmas, reversed_grid
@@ -54,8 +54,9 @@ def check_state(x: object, name: str) -> Tensor:
         raise TypeError(f"{name} must be a floating-point tensor (float64, float32, float16, bfloat16), got {x.dtype}")
     if x.ndim < 1 or x.shape[0] < 1:
         raise ValueError(f"{name} must have a batch dimension first, shape (batch, ...), got {tuple(x.shape)}")
-    check_has_values(x, name)
-    if not bool(torch.isfinite(x).all()):
+    values, _ = functorch_levels(x)  # under torch.func.vmap: the whole mapped batch, checked once
+    check_has_values(values, name)
+    if not bool(torch.isfinite(values).all()):
         raise ValueError(f"{name} contains NaN or inf")
     return x
 
