@@ -7,6 +7,8 @@
    flow"), whatever the checks. It runs now with the checks that read states on the host turned off, equal to the loop
    of un-mapped calls; with them on (and for what cannot run: adaptive, Stochastic, encode) it is refused up front,
    naming the batch dimension.
+3. ``flowdiff.runs.distributed.compare`` checked its reference once per job (two flow fingerprints, a pass over every
+   weight, each time); it is checked once per call, on every rank before any job, with the same refusals.
 """
 
 import numpy as np
@@ -221,3 +223,93 @@ def test_vmap_over_class_labels_alone_is_seen_too():
     loop = torch.stack([fd.generate(cond, noise, steps=4, model_kwargs={"labels": lab}, checks=OFF).x
                         for lab in labels])
     assert torch.equal(mapped, loop)
+
+
+# -- 3. distributed.compare checks its reference once ----------------------------------------------------------------
+
+def _counted_fingerprints(monkeypatch) -> list[object]:
+    import flowdiff.tools.reference as reference_module
+
+    seen: list[object] = []
+    real = reference_module.flow_fingerprint
+
+    def counted(flow, model_kwargs=None):
+        seen.append(model_kwargs)
+        return real(flow, model_kwargs)
+
+    monkeypatch.setattr(reference_module, "flow_fingerprint", counted)
+    return seen
+
+
+def _split_problem():
+    flow = Gaussian(torch.zeros(1, 2, 2), torch.linspace(0.05, 1.0, 4)).flow()
+    noise = _noise(5)
+    return flow, noise, fd.reference_solution(flow, noise, rtol=1e-6, atol=1e-6)
+
+
+RUNS = dict(solvers=["euler", "heun"], grids=["trailing", "karras"], nfe=[3, 5])
+
+
+def test_distributed_compare_checks_a_given_reference_once_per_call_not_per_job(monkeypatch):
+    from _ranks import AllWorkRank0
+
+    from flowdiff.runs import distributed
+    from flowdiff.tools.reference import check_reference
+
+    flow, noise, reference = _split_problem()
+    seen = _counted_fingerprints(monkeypatch)
+    check_reference(reference, flow, noise)
+    one = len(seen)
+    assert one > 0
+    seen.clear()
+    split = distributed.compare(flow, noise, ranks=AllWorkRank0(rank=0, world_size=2), reference=reference, **RUNS)
+    assert len(split.runs) + len(split.skipped) == 8  # eight jobs
+    assert len(seen) == one  # was 8 × one
+    # the table is the one-process table
+    whole = fd.compare(flow, noise, reference=reference, **RUNS)
+    assert [(r.solver, r.grid, r.budget, r.nfe, r.rms_error) for r in split.runs] == [
+        (r.solver, r.grid, r.budget, r.nfe, r.rms_error) for r in whole.runs]
+
+
+def test_distributed_compare_checks_the_reference_it_solved_once_too(monkeypatch):
+    """The reference rank 0 solves and sends is checked on every rank once, whatever the number of jobs."""
+    from _ranks import AllWorkRank0
+
+    from flowdiff.runs import distributed
+
+    flow, noise, _ = _split_problem()
+    seen = _counted_fingerprints(monkeypatch)
+    counts = []
+    for runs in (RUNS, dict(solvers=["euler"], grids=["trailing"], nfe=[3])):
+        fd.tools.reference.clear_reference_cache()
+        seen.clear()
+        distributed.compare(flow, noise, ranks=AllWorkRank0(rank=0, world_size=2), rtol=1e-6, atol=1e-6, **runs)
+        counts.append(len(seen))
+    assert counts[0] == counts[1]  # 8 jobs and 1 job: the same fingerprints (was 2 more per job)
+
+
+def test_a_rank_without_jobs_checks_the_reference_too_and_refusals_come_before_any_job(monkeypatch):
+    from _ranks import AllWorkRank0
+
+    from flowdiff.runs import distributed
+
+    flow, noise, reference = _split_problem()
+
+    class Idle(AllWorkRank0):  # rank 1 of 2 with no job of its own
+        def share(self, items):
+            return []
+
+    seen = _counted_fingerprints(monkeypatch)
+    with pytest.raises(RuntimeError, match=r"returned runs \[\] of 8"):  # this stand-in's rank 0 has no rows either
+        distributed.compare(flow, noise, ranks=Idle(rank=1, world_size=2), reference=reference, **RUNS)
+    assert len(seen) == 2  # the flow alone and with its conditioning: one check, before the (empty) jobs
+    ran = []
+    other = _noise(6)
+    with pytest.raises(ValueError, match="^reference was solved from other noise than the noise given"):
+        distributed.compare(flow, other, ranks=AllWorkRank0(rank=0, world_size=2), reference=reference,
+                            progress=ran.append, **RUNS)
+    assert ran == []  # refused before the first job (it was refused inside the first job)
+    with pytest.raises(TypeError, match="^reference must be a flowdiff.Reference or None, got Tensor"):
+        distributed.compare(flow, noise, ranks=AllWorkRank0(rank=0, world_size=2), reference=reference.x,
+                            progress=ran.append, **RUNS)
+    assert ran == []
