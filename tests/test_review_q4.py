@@ -313,3 +313,88 @@ def test_a_rank_without_jobs_checks_the_reference_too_and_refusals_come_before_a
         distributed.compare(flow, noise, ranks=AllWorkRank0(rank=0, world_size=2), reference=reference.x,
                             progress=ran.append, **RUNS)
     assert ran == []
+
+
+# -- 4. PNDM at one step: diffusers' loop evaluates once -------------------------------------------------------------
+
+SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+PNDM_CONFIGS = {
+    "sd15": {**SD_BETAS, "skip_prk_steps": True, "steps_offset": 1, "set_alpha_to_one": False},
+    "alpha_one": {**SD_BETAS, "skip_prk_steps": True, "steps_offset": 1, "set_alpha_to_one": True},
+}
+
+
+def _pndm_network():
+    """A fixed random nonlinear ε(x, t) whose output changes with t (float64)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 6, generator=g, dtype=torch.float64) * 0.4
+    b = torch.randn(6, generator=g, dtype=torch.float64)
+    calls: list[float] = []
+
+    def model(x, t):
+        t = torch.as_tensor(t, dtype=x.dtype).reshape(-1)
+        calls.append(float(t[0]))
+        return torch.tanh(x @ w + b * (t.reshape(-1, 1) / 1000.0)) + 0.1 * x
+
+    return model, calls
+
+
+def _diffusers_pndm(config: dict, steps: int, noise: torch.Tensor, table: np.ndarray):
+    """diffusers' own PNDMScheduler loop on flowdiff's float64 ᾱ table: (image, model calls)."""
+    from diffusers import PNDMScheduler
+
+    model, calls = _pndm_network()
+    sched = PNDMScheduler.from_config(config)
+    sched.set_timesteps(steps)
+    sched.alphas_cumprod = torch.tensor(table, dtype=torch.float64)
+    sched.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64) if config["set_alpha_to_one"] \
+        else sched.alphas_cumprod[0]
+    x = noise.clone()
+    for t in sched.timesteps:
+        x = sched.step(model(x, t), t, x, return_dict=False)[0]
+    return x, len(calls)
+
+
+@pytest.mark.parametrize("config", sorted(PNDM_CONFIGS))
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 6])
+def test_pndm_reproduces_diffusers_loop_and_its_model_calls_at_every_step_count(config, steps):
+    """diffusers' PLMS loop of one step lists its timestep once: one evaluation, DDIM's step. flowdiff's pndm took its
+    Heun start there (2 evaluations, another image), and sample_like refused steps=1."""
+    from flowdiff.models.pipelines import schedule_from_config
+
+    cfg = PNDM_CONFIGS[config]
+    schedule, prediction_type = schedule_from_config({"_class_name": "PNDMScheduler", **cfg})
+    noise = torch.randn(2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref, diffusers_calls = _diffusers_pndm(cfg, steps, noise, schedule.alphas_cumprod)
+    model, calls = _pndm_network()
+    flow = fd.ProbabilityFlow(model, schedule, prediction_type=prediction_type)
+    ours = fd.sample_like(flow, noise, {"_class_name": "PNDMScheduler", **cfg}, steps)
+    torch.testing.assert_close(ours.x, ref, rtol=1e-12, atol=1e-12)
+    assert len(calls) == ours.stats.nfe == diffusers_calls == steps + (steps > 1)
+
+
+def test_pndm_of_one_step_is_ddims_step_and_its_budget_one_evaluation():
+    flow, noise = GAUSSIAN.flow(), _noise()
+    one = fd.generate(flow, noise, solver="pndm", steps=1)
+    assert torch.equal(one.x, fd.generate(flow, noise, solver="euler", steps=1).x) and one.stats.nfe == 1
+    assert fd.generate(flow, noise, solver="pndm", nfe=1).stats.nfe == 1  # refused before: one step cost 2
+    assert [fd.generate(flow, noise, solver="pndm", steps=n).stats.nfe for n in (2, 3, 4)] == [3, 4, 5]
+
+
+def test_a_pndm_loop_whose_second_step_has_zero_length_is_the_heun_start_alone():
+    """PNDMScheduler(steps_offset=0, set_alpha_to_one=False) at 2 steps: its last step runs σ_min to σ_min (one
+    evaluation that changes nothing, left out), so what is left is one step of the grid: the Heun start, not the
+    DDIM step of a one-step loop."""
+    from flowdiff.models.pipelines import schedule_from_config
+
+    cfg = {**SD_BETAS, "skip_prk_steps": True, "steps_offset": 0, "set_alpha_to_one": False}
+    plan = fd.scheduler_plan({"_class_name": "PNDMScheduler", **cfg}, 2)
+    assert len(plan.sigmas) == 2 and plan.solver == "heun"
+    schedule, prediction_type = schedule_from_config({"_class_name": "PNDMScheduler", **cfg})
+    noise = torch.randn(2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref, diffusers_calls = _diffusers_pndm(cfg, 2, noise, schedule.alphas_cumprod)
+    model, calls = _pndm_network()
+    ours = fd.sample_like(fd.ProbabilityFlow(model, schedule, prediction_type=prediction_type), noise,
+                          {"_class_name": "PNDMScheduler", **cfg}, 2)
+    torch.testing.assert_close(ours.x, ref, rtol=1e-12, atol=1e-12)
+    assert len(calls) == ours.stats.nfe == diffusers_calls - 1 == 2
