@@ -111,6 +111,12 @@ def test_a_decode_refuses_final_euler_false_where_it_changes_nothing_and_keeps_i
             fd.decode(flow, latent, grid=fd.Grid(final_euler=False))
     latent = fd.encode(flow, images, solver="heun", steps=5).latent
     assert fd.decode(flow, latent, grid=fd.Grid(final_euler=False)).stats.nfe == fd.decode(flow, latent).stats.nfe + 1
+    # a reversible latent decodes by the exact inverse of its encode's steps: no Euler step to switch off
+    for name in ("reversible_heun", "reversible"):
+        latent = fd.encode(flow, images, solver=name, steps=5).latent
+        with pytest.raises(ValueError, match=rf"final_euler=False\) beside this latent of the reversible solver "
+                                             rf"'{name}'"):
+            fd.decode(flow, latent, grid=fd.Grid(final_euler=False))
 
 
 def test_a_fixed_point_encode_refuses_final_euler_false_beside_euler(tmp_path):

@@ -267,10 +267,16 @@ def _adaptive_or_none(adaptive: object, grid: object, steps: int | None, nfe: in
     return adaptive
 
 
-def _vmapped(x: Tensor, model_kwargs: Mapping[str, Any] | None) -> bool:
-    """Whether ``x`` or a tensor in ``model_kwargs`` is mapped over by ``torch.func.vmap``."""
-    given = [x, *(v for v in (model_kwargs or {}).values() if isinstance(v, Tensor))]
-    return any(_checks.functorch_levels(v)[1] for v in given)
+def _vmapped(x: object) -> bool:
+    """Whether ``x`` (a tensor, or ``model_kwargs`` with nested mappings, lists and tuples, as SDXL's
+    ``added_cond_kwargs``) is or holds a tensor mapped over by ``torch.func.vmap``."""
+    if isinstance(x, Tensor):
+        return _checks.functorch_levels(x)[1]
+    if isinstance(x, Mapping):
+        return any(_vmapped(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return any(_vmapped(v) for v in x)
+    return False
 
 
 def _refuse_vmap(function: str, name: str, checks: Checks, adaptive: Adaptive | None, solver: object) -> None:
@@ -362,7 +368,7 @@ def generate(
     checks = check_checks(checks)
     _refuse_model_check(checks, "generate")
     _checks.check_model_kwargs(model_kwargs)
-    if _vmapped(noise, model_kwargs):
+    if _vmapped(noise) or _vmapped(model_kwargs):
         _refuse_vmap("generate", "noise", checks, adaptive, solver)
     adaptive_spec = _adaptive_or_none(adaptive, grid, steps, nfe)
     saver = _saver(save, callback, adaptive_spec is not None)
@@ -458,7 +464,7 @@ def encode(
     checks = check_checks(checks)
     _refuse_model_check(checks, "encode")
     _checks.check_model_kwargs(model_kwargs)
-    if _vmapped(images, model_kwargs):
+    if _vmapped(images) or _vmapped(model_kwargs):
         _refuse_vmap("encode", "images", checks, adaptive, solver)
     _checks.check_data_range(images, "images")
     if isinstance(solver, Stochastic):
@@ -626,6 +632,11 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
                              f"(Latent.final_euler); got grid=Grid(..., final_euler={final_euler})")
         final_euler = latent.final_euler
     solver_obj = solvers.get(own, **options)
+    if final_euler is False and latent.solver_state is not None:
+        raise ValueError(f"grid=Grid(..., final_euler=False) beside this latent of the reversible solver {own!r}: it "
+                         "decodes by the exact inverse of each step of its encode, the one into σ = 0 included, never "
+                         "an Euler step, so final_euler=False would change nothing (the same images and NFE as "
+                         "without it); leave final_euler out")
     if final_euler is False and latent.final_euler is None:  # said here, not recorded by the latent
         _refuse_idle_final_euler(solver_obj, sig, "decode", f"this latent's decode with solver {own!r}")
     final_euler = final_euler is not False
