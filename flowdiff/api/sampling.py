@@ -343,7 +343,8 @@ def generate(
     required; ``steps``/``nfe``/``grid`` are refused beside it).
 
     ``Grid(final_euler=...)`` (default True): a solver that would evaluate the model at σ = 0
-    takes its last step as Euler instead, as EDM and k-diffusion do. The state keeps the
+    takes its last step as Euler instead, as EDM and k-diffusion do; ``False`` is refused where no
+    such step exists (:func:`flowdiff.engine.options.idle_final_euler`). The state keeps the
     noise's dtype; float16/bfloat16 noise is integrated in float32 with the model fed in the
     noise's dtype, and the image returned in it.
 
@@ -360,6 +361,11 @@ def generate(
     ``adjoint`` is how the solve is differentiated (:mod:`flowdiff.engine.adjoint`): ``"autograd"``
     (default), ``"checkpoint"`` (step-boundary states kept, each step recomputed backwards) or
     ``"reversible"`` (reversible solvers: nothing kept per step). Fixed grids only.
+
+    Under ``torch.func.vmap`` (noise or a ``model_kwargs`` tensor mapped over) a fixed-grid solve runs with
+    ``checks=Checks(finite=False, growth=None)``, equal to the loop of un-mapped calls; the checks that read the
+    solve's states on the host, adaptive solves and ``Stochastic`` are refused up front (the noise's NaN/inf
+    check reads the whole mapped batch once).
     """
     _checks.refuse_removed("generate", removed, REMOVED)
     flow = check_flow(flow)

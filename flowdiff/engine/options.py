@@ -118,7 +118,9 @@ class Grid:
     (``rho``, ``power``, ``sigma_min``, ``sigma_max``). ``final_euler``: a solver that would
     evaluate the model at σ = 0 takes its last step as Euler instead (as EDM does); ``None``
     (the default) means True unless said elsewhere once (a fixed-point latent, the
-    :class:`Inversion`'s options): two different values are refused, naming both.
+    :class:`Inversion`'s options): two different values are refused, naming both. ``False`` is refused
+    where it would change nothing (:func:`idle_final_euler`: a solver that never evaluates a step's end, a
+    grid that ends above 0, …).
     """
 
     name: str = "trailing"
