@@ -54,7 +54,7 @@ from ..engine.formulations import Sigma, formulation_for
 from ..engine.grids import reversed_grid
 from ..engine.latent import Latent
 from ..engine.loop import solve_grid
-from ..engine.options import Inversion, Request, compute_dtype
+from ..engine.options import Inversion, Request, compute_dtype, idle_final_euler
 from ..engine.plugins import Plugin, register_plugin
 from ..engine.results import Result
 from ..engine.terminal import refuse_encode_to_infinity
@@ -333,6 +333,11 @@ def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Res
     tol_given = tol is not None
     tol = _default_tol(dtype, images.dtype) if tol is None else float(tol)
     gen = request.grid.generation_sigmas(request.flow, solver_obj, final_euler=final_euler)
+    idle = None if final_euler else idle_final_euler(solver_obj, gen, "decode")
+    if idle is not None:  # the decode it inverts would be the same without it (and so would the latent)
+        raise ValueError(f"final_euler=False (the Inversion's options or the Grid's) beside Inversion solver "
+                         f"{solver_obj.name!r}: {idle}, so it would change nothing (the same latent, decode and NFE "
+                         "as without it); leave final_euler out")
     enc = reversed_grid(gen)
     refuse_encode_to_infinity(enc)  # zero terminal SNR (flowdiff.engine.terminal)
     last_euler = final_euler and solver_obj.evaluates_end and enc[0] == 0.0

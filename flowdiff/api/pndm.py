@@ -4,7 +4,10 @@ PNDM's pseudo linear multistep (Liu et al., "Pseudo Numerical Methods for Diffus
 Manifolds", ICLR 2022), as diffusers runs it without its Runge–Kutta warm-up: the first step by
 Heun's trapezoidal rule (its end evaluation is used once and not kept), then iPNDM's
 Adams–Bashforth with equal-step coefficients over the derivatives at the grid points, up to order
-4 — one evaluation a step, two on the first. Its transfer ``_get_prev_sample`` is DDIM's step,
+4 — one evaluation a step, two on the first. A loop of one step is DDIM's step, one evaluation: diffusers'
+``set_timesteps(1)`` lists the one timestep once, so its PLMS loop never reaches the Heun start's second
+evaluation (:attr:`PNDM.final_method`, the last step: the Adams–Bashforth step over the history, which with
+none is Euler). Its transfer ``_get_prev_sample`` is DDIM's step,
 i.e. Euler on dx̄/dσ = ε, so on the scheduler's grid and timesteps
 (:func:`flowdiff.models.pipelines.scheduler_plan`) this is diffusers' loop to float rounding.
 
@@ -33,13 +36,17 @@ class PNDM(IPNDM):
     #: of a method that evaluates the model at σ = 0 from Euler into the method's own step, and PNDM's last step
     #: is its own already, whatever the flag says.
     final_euler_refused = ("pndm ends as diffusers' PNDMScheduler does, with its Adams–Bashforth step over the "
-                           "derivatives already evaluated (with one step, its Heun start), never an Euler step put "
-                           "in its place, so final_euler=False would change nothing (the same images and NFE as "
-                           "without it)")
+                           "derivatives already evaluated (with one step in all, DDIM's step from the one "
+                           "evaluation), never an Euler step put in its place")
 
     def __init__(self) -> None:
         super().__init__(4)
         self.name = "pndm"  # type: ignore[misc]
+        #: The last step (the driver's per-step method there): iPNDM's Adams–Bashforth over the history, as every
+        #: step after the first; where the last step is also the first (one step in all), the history is empty and
+        #: that step is Euler (DDIM's), one evaluation, as diffusers' loop of one step takes, not the Heun start.
+        self.final_method = IPNDM(4)
+        self.final_method.name = "pndm"  # type: ignore[misc]
 
     def step(self, f: Any, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
         if isinstance(state, History):
@@ -57,5 +64,6 @@ def _make(options: dict[str, Any]) -> PNDM:
 
 
 register_plugin(Plugin("pndm", "generate", "solver", "diffusers' PNDMScheduler(skip_prk_steps=True): a Heun first "
-                       "step, then iPNDM's equal-step Adams–Bashforth (order 4); 1 evaluation a step, 2 on the first",
+                       "step, then iPNDM's equal-step Adams–Bashforth (order 4); 1 evaluation a step, 2 on the first "
+                       "(one step in all is DDIM's, 1 evaluation, as diffusers' loop)",
                        make=_make, decodes_with="euler"))

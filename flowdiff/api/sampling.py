@@ -51,6 +51,7 @@ from ..engine.options import (
     check_state,
     compute_dtype,
     exact_dtype,
+    idle_final_euler,
 )
 from ..engine.plugins import decodes_with, procedure, solver_plugin
 from ..engine.results import Result, Saver, StepState
@@ -93,6 +94,15 @@ def _resolve_solver(solver: str | Solver, direction: str,
         options["quantum"] = EXACT_QUANTUM
         obj = ReversibleHeun(quantum=EXACT_QUANTUM)
     return obj, recorded.name, options
+
+
+def _refuse_idle_final_euler(solver: Solver, sig: np.ndarray, direction: str, beside: str) -> None:
+    """``grid=Grid(..., final_euler=False)`` where it changes nothing (:func:`idle_final_euler`) is refused, saying
+    why: the same images and NFE come out without it."""
+    why = idle_final_euler(solver, sig, direction)
+    if why is not None:
+        raise ValueError(f"grid=Grid(..., final_euler=False) beside {beside}: {why}, so final_euler=False would "
+                         "change nothing (the same images and NFE as without it); leave final_euler out")
 
 
 def _inversion_final_euler(spec: Inversion, grid: Grid) -> Inversion:
@@ -257,6 +267,43 @@ def _adaptive_or_none(adaptive: object, grid: object, steps: int | None, nfe: in
     return adaptive
 
 
+def _vmapped(x: object) -> bool:
+    """Whether ``x`` (a tensor, or ``model_kwargs`` with nested mappings, lists and tuples, as SDXL's
+    ``added_cond_kwargs``) is or holds a tensor mapped over by ``torch.func.vmap``."""
+    if isinstance(x, Tensor):
+        return _checks.functorch_levels(x)[1]
+    if isinstance(x, Mapping):
+        return any(_vmapped(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return any(_vmapped(v) for v in x)
+    return False
+
+
+def _refuse_vmap(function: str, name: str, checks: Checks, adaptive: Adaptive | None, solver: object) -> None:
+    """What ``torch.func.vmap`` cannot run, refused before any evaluation (``function`` runs under vmap with
+    ``name`` mapped): each of these reads values on the host inside the solve, which vmap calls data-dependent
+    control flow. A fixed-grid generation with ``Checks(finite=False, growth=None)`` runs, equal to the loop of
+    un-mapped calls (``name`` is still checked for NaN/inf, once over the whole mapped batch)."""
+    instead = (f"{function} already solves a batch along the first dimension of {name}: call it once on the mapped "
+               f"inputs stacked along it (x.flatten(0, 1) for two batch dimensions)")
+    if function != "generate":
+        raise ValueError(f"{function} does not run under torch.func.vmap ({name} is mapped over): its checks "
+                         f"read the values on the host; {instead}")
+    if adaptive is not None:
+        raise ValueError(f"generate(adaptive=...) does not run under torch.func.vmap ({name} is mapped over): its "
+                         f"step control reads each step's error on the host; {instead}")
+    if isinstance(solver, Stochastic):
+        raise ValueError(f"generate(solver=flowdiff.Stochastic(...)) does not run under torch.func.vmap ({name} is "
+                         f"mapped over): it draws its step noise from its generator call by call; {instead}")
+    reading = (("finite", checks.finite, False), ("growth", checks.growth, None))
+    on = [f"{what}={value!r}" for what, value, off in reading if value is not off]
+    if on:
+        raise ValueError(f"generate under torch.func.vmap ({name} is mapped over) with checks=Checks({', '.join(on)}):"
+                         " these checks read the solve's states on the host (non-finite states, the divergence "
+                         f"guard), which vmap cannot; {instead}, or give checks=flowdiff.Checks(finite=False, "
+                         "growth=None) to run under vmap")
+
+
 def _refuse_model_check(checks: Checks, function: str) -> None:
     if not checks.model:
         raise ValueError(f"checks=Checks(model=False) given to {function}: the model check is decode's (a latent "
@@ -296,7 +343,8 @@ def generate(
     required; ``steps``/``nfe``/``grid`` are refused beside it).
 
     ``Grid(final_euler=...)`` (default True): a solver that would evaluate the model at σ = 0
-    takes its last step as Euler instead, as EDM and k-diffusion do. The state keeps the
+    takes its last step as Euler instead, as EDM and k-diffusion do; ``False`` is refused where no
+    such step exists (:func:`flowdiff.engine.options.idle_final_euler`). The state keeps the
     noise's dtype; float16/bfloat16 noise is integrated in float32 with the model fed in the
     noise's dtype, and the image returned in it.
 
@@ -313,6 +361,11 @@ def generate(
     ``adjoint`` is how the solve is differentiated (:mod:`flowdiff.engine.adjoint`): ``"autograd"``
     (default), ``"checkpoint"`` (step-boundary states kept, each step recomputed backwards) or
     ``"reversible"`` (reversible solvers: nothing kept per step). Fixed grids only.
+
+    Under ``torch.func.vmap`` (noise or a ``model_kwargs`` tensor mapped over) a fixed-grid solve runs with
+    ``checks=Checks(finite=False, growth=None)``, equal to the loop of un-mapped calls; the checks that read the
+    solve's states on the host, adaptive solves and ``Stochastic`` are refused up front (the noise's NaN/inf
+    check reads the whole mapped batch once).
     """
     _checks.refuse_removed("generate", removed, REMOVED)
     flow = check_flow(flow)
@@ -321,6 +374,8 @@ def generate(
     checks = check_checks(checks)
     _refuse_model_check(checks, "generate")
     _checks.check_model_kwargs(model_kwargs)
+    if _vmapped(noise) or _vmapped(model_kwargs):
+        _refuse_vmap("generate", "noise", checks, adaptive, solver)
     adaptive_spec = _adaptive_or_none(adaptive, grid, steps, nfe)
     saver = _saver(save, callback, adaptive_spec is not None)
     callback = saver or callback
@@ -328,6 +383,11 @@ def generate(
     bound = divergence_limit(checks.bound(DIVERGENCE_GENERATE), noise)
     if isinstance(solver, Stochastic):
         refuse_adjoint(adjoint, "stochastic generation (solver=flowdiff.Stochastic)")
+        if grid_spec.final_euler is False:
+            raise ValueError("grid=Grid(..., final_euler=False) beside solver=flowdiff.Stochastic(...): its steps "
+                             "are DDIM's (Euler's with fresh noise), none of which evaluates the model at its end, "
+                             "so final_euler=False would change nothing (the same images and NFE as without it); "
+                             "leave final_euler out")
         if adaptive_spec is not None:
             raise ValueError("solver=flowdiff.Stochastic(...) (stochastic generation) takes a fixed grid, not "
                              "adaptive=flowdiff.Adaptive(...)")
@@ -338,9 +398,6 @@ def generate(
         raise ValueError(f"solver=flowdiff.Inversion({solver.method!r}, ...) is an encoding method; use it with "
                          "flowdiff.encode")
     solver_obj, name, options = _resolve_solver(solver, "generate")
-    if grid_spec.final_euler is False and getattr(solver_obj, "final_euler_refused", None):  # a plug-in's own end
-        raise ValueError(f"grid=Grid(..., final_euler=False) beside solver {name!r}: "
-                         f"{solver_obj.final_euler_refused}; leave final_euler out")
     request = _request(flow, solver_obj, name, options, grid_spec, adaptive_spec, model_kwargs, callback,
                        checks.finite, bound=bound)
     dtype = compute_dtype(noise)
@@ -352,6 +409,8 @@ def generate(
     sig = None
     try:  # a solver fitted to one grid (a LearnedSolver's) is refused before the solve on another
         sig = grid_spec.solve_sigmas(flow, solver_obj, "generate")
+        if grid_spec.final_euler is False:
+            _refuse_idle_final_euler(solver_obj, sig, "generate", f"solver {name!r}")
         if (solver_obj.fitted_steps() is not None and solver_obj.evaluates_end and not grid_spec.euler_into_zero
                 and sig[-1] == 0.0):
             raise ValueError(f"grid=Grid(..., final_euler=False) beside solver {solver_obj.name!r}: its per-step "
@@ -411,6 +470,8 @@ def encode(
     checks = check_checks(checks)
     _refuse_model_check(checks, "encode")
     _checks.check_model_kwargs(model_kwargs)
+    if _vmapped(images) or _vmapped(model_kwargs):
+        _refuse_vmap("encode", "images", checks, adaptive, solver)
     _checks.check_data_range(images, "images")
     if isinstance(solver, Stochastic):
         raise ValueError(f"encode takes no solver=flowdiff.Stochastic(eta={solver.eta!r}, ...): the stochastic "
@@ -576,8 +637,15 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
             raise ValueError(f"this latent inverts a decode with final_euler={latent.final_euler} "
                              f"(Latent.final_euler); got grid=Grid(..., final_euler={final_euler})")
         final_euler = latent.final_euler
-    final_euler = final_euler is not False
     solver_obj = solvers.get(own, **options)
+    if final_euler is False and latent.solver_state is not None:
+        raise ValueError(f"grid=Grid(..., final_euler=False) beside this latent of the reversible solver {own!r}: it "
+                         "decodes by the exact inverse of each step of its encode, the one into σ = 0 included, never "
+                         "an Euler step, so final_euler=False would change nothing (the same images and NFE as "
+                         "without it); leave final_euler out")
+    if final_euler is False and latent.final_euler is None:  # said here, not recorded by the latent
+        _refuse_idle_final_euler(solver_obj, sig, "decode", f"this latent's decode with solver {own!r}")
+    final_euler = final_euler is not False
     if latent.decode_shifts is not None:  # a learned encoder's latent: the decode it was fitted with
         times = formulation_for(solver_obj, "decode").times(sig.tolist())
         solver_obj = solvers.Shifted(solver_obj, dict(zip(zip(times[:-1], times[1:]), latent.decode_shifts)),

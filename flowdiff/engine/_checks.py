@@ -52,6 +52,22 @@ def check_has_values(x: Tensor, name: str) -> None:
                          "CPU or a GPU")
 
 
+def functorch_levels(x: Tensor) -> tuple[Tensor, bool]:
+    """``(values, vmapped)``: the tensor under every ``torch.func`` level around ``x`` (under ``vmap``, the whole
+    batch that the transform maps over) and whether one of those levels is a ``vmap``.
+
+    Checks that read values on the host (NaN/inf) run on those values: once over the whole mapped batch, which
+    ``vmap`` allows, where a Python branch on the mapped tensor is "data-dependent control flow" to it. Other
+    transforms (``jvp``, ``grad``) wrap the same values without a batch."""
+    from torch._C import _functorch  # torch.func's own wrappers: no public test for them
+
+    vmapped = False
+    while _functorch.is_functorch_wrapped_tensor(x):
+        vmapped = vmapped or _functorch.is_batchedtensor(x)
+        x = _functorch.get_unwrapped(x)
+    return x, vmapped
+
+
 def check_flags(**flags: object) -> None:
     """``TypeError`` for any flag that is not a bool: ``final_euler="False"`` would otherwise count as True."""
     for name, value in flags.items():

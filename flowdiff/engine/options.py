@@ -29,9 +29,9 @@ from torch import Tensor
 import solvers
 from solvers import Solver, StepController
 
-from ._checks import check_has_values, check_seed
+from ._checks import check_has_values, check_seed, functorch_levels
 from .flow import ProbabilityFlow
-from .formulations import encode_evaluates_end
+from .formulations import encode_evaluates_end, formulation_for
 from .grids import GRIDS, check_budget, make_sigmas, reversed_grid
 from .schedules import ArrayLike
 
@@ -54,8 +54,9 @@ def check_state(x: object, name: str) -> Tensor:
         raise TypeError(f"{name} must be a floating-point tensor (float64, float32, float16, bfloat16), got {x.dtype}")
     if x.ndim < 1 or x.shape[0] < 1:
         raise ValueError(f"{name} must have a batch dimension first, shape (batch, ...), got {tuple(x.shape)}")
-    check_has_values(x, name)
-    if not bool(torch.isfinite(x).all()):
+    values, _ = functorch_levels(x)  # under torch.func.vmap: the whole mapped batch, checked once
+    check_has_values(values, name)
+    if not bool(torch.isfinite(values).all()):
         raise ValueError(f"{name} contains NaN or inf")
     return x
 
@@ -117,7 +118,9 @@ class Grid:
     (``rho``, ``power``, ``sigma_min``, ``sigma_max``). ``final_euler``: a solver that would
     evaluate the model at σ = 0 takes its last step as Euler instead (as EDM does); ``None``
     (the default) means True unless said elsewhere once (a fixed-point latent, the
-    :class:`Inversion`'s options): two different values are refused, naming both.
+    :class:`Inversion`'s options): two different values are refused, naming both. ``False`` is refused
+    where it would change nothing (:func:`idle_final_euler`: a solver that never evaluates a step's end, a
+    grid that ends above 0, …).
     """
 
     name: str = "trailing"
@@ -226,6 +229,32 @@ class Grid:
                                                  "final_euler")}
         values.update(changes)
         return Grid(**values)
+
+
+def idle_final_euler(solver: Solver, sigmas: ArrayLike, direction: str = "generate") -> str | None:
+    """Why ``final_euler=False`` would change nothing in a fixed-grid solve of ``solver`` over ``sigmas``
+    (decreasing, as a generation or a decode runs), or None where it changes the last step.
+
+    The flag decides one thing: whether a last step into σ = 0 that would evaluate the model there is taken
+    as Euler (:data:`solvers.FINAL_EULER`) instead. Where the grid ends above 0, where the solver never
+    evaluates a step's end (euler, ipndm, dpmpp_2m …), or where its variables reach σ = 0 with a step of
+    their own that evaluates nothing there (the data variables' ρ = ∞), no such step exists, and the same
+    images and NFE come out either way: the flag is refused there (nothing silently ignored). A plug-in that
+    ends in its own way says why in ``final_euler_refused`` (:class:`flowdiff.api.pndm.PNDM`)."""
+    own = getattr(solver, "final_euler_refused", None)
+    if own:
+        return own
+    sig = np.asarray(sigmas, dtype=np.float64)
+    if sig[-1] != 0.0:
+        return f"the grid ends at σ = {sig[-1]:.6g}, above 0: there is no step into σ = 0 for it to change"
+    if not solver.evaluates_end:
+        return f"{solver.name!r} never evaluates the model at a step's end: its step into σ = 0 is already its own"
+    form = formulation_for(solver, direction)
+    stepping = form.grid(sig.tolist(), solver, eval_end=False)
+    if not any(method is solvers.FINAL_EULER for method in stepping.methods.values()):
+        return (f"{solver.name!r} runs in the {form.name!r} variables ({form.time_name}), whose own step into "
+                "σ = 0 evaluates nothing there")
+    return None
 
 
 @dataclass(frozen=True, eq=False)

@@ -486,13 +486,13 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
             ("prediction_type", ("epsilon",), "PNDM turns v into ε at the level of the step's start, also for "
                                               "its first step's end evaluation: not the ODE's field"),
         ))
-        if steps < 2:
-            raise ValueError(f"{source}: PNDMScheduler's loop of steps={steps} is not a PNDM step; use steps >= 2")
         solver = "pndm"
     if name == "FlowMatchHeunDiscreteScheduler":  # scheduler_sigmas refuses mu= and sigmas= for it
         solver = FLOWMATCH_HEUN
     if name in ("DDIMScheduler", "PNDMScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"):
         grid = scheduler_sigmas(config, steps, mu=mu, sigmas=sigmas)
+        if solver == "pndm" and steps >= 2 and len(grid) == 2:  # its second step, of zero length, left out (below)
+            solver = "heun"  # what is left is PNDM's Heun start alone (pndm's one step in all is DDIM's, as diffusers')
         if not name.startswith("FlowMatch"):
             ts = ddim_timesteps(config, steps, source)[: len(grid) - 1].astype(np.float64)
         else:  # flow matching feeds sigma·T in float32 (the times of the grid, t = σ/(1+σ))

@@ -15,6 +15,7 @@ them until the whole table is known; then rank 0 receives those the grid shows, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -49,7 +50,7 @@ from ..tools.compare import (
 from ..tools.compare import compare as _compare_one
 from ..tools.learned import LearnedSolver
 from ..tools.peers import check_peers
-from ..tools.reference import check_tolerance
+from ..tools.reference import check_tolerance, checked_reference
 from ..tools.report import shown_images
 
 T = TypeVar("T")
@@ -261,22 +262,27 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
         progress = (lambda text: print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)) if progress else None
     kwargs["keep_images"] = keep_images  # checked by each run (the round trip refuses it as compare() does)
     mine, own, failure = [], {}, None
+    # the reference is checked once, on every rank before any job (its check computes the flow's fingerprints); the
+    # jobs' own checks of it return at once. A refusal is raised on every rank, as a job's failure is
+    once = (contextlib.nullcontext() if task == "roundtrip" or reference is None
+            else checked_reference(reference, flow, noise, model_kwargs))
     try:
-        for index in ranks.share(range(len(jobs))):
-            if len(jobs[index]) == 1:  # a learned solver: its one run on its grid, the other budgets listed as skipped
-                (fitted,) = jobs[index]
-                if progress is not None:
-                    progress(f"{_learned_label(fitted)}/NFE {fitted.nfe}")
-                part = _compare_one(flow, noise, solvers=[fitted], grids=grids, nfe=budgets,
-                                    reference=reference, **kwargs)
-            else:
-                solver, grid, budget = jobs[index]
-                if progress is not None:
-                    progress(f"{solver}/{grid}/NFE {budget}")
-                part = _compare_one(flow, noise, solvers=[solver], grids=[grid], nfe=[budget], reference=reference,
-                                    **kwargs)
-            own.update(part.images)  # kept here; only the keys travel now, the images the report draws later
-            mine.append((index, replace(part, images={}), list(part.images)))
+        with once:
+            for index in ranks.share(range(len(jobs))):
+                if len(jobs[index]) == 1:  # a learned solver: one run on its grid, other budgets skipped
+                    (fitted,) = jobs[index]
+                    if progress is not None:
+                        progress(f"{_learned_label(fitted)}/NFE {fitted.nfe}")
+                    part = _compare_one(flow, noise, solvers=[fitted], grids=grids, nfe=budgets,
+                                        reference=reference, **kwargs)
+                else:
+                    solver, grid, budget = jobs[index]
+                    if progress is not None:
+                        progress(f"{solver}/{grid}/NFE {budget}")
+                    part = _compare_one(flow, noise, solvers=[solver], grids=[grid], nfe=[budget], reference=reference,
+                                        **kwargs)
+                own.update(part.images)  # kept here; only the keys travel now, the images the report draws later
+                mine.append((index, replace(part, images={}), list(part.images)))
     except Exception as err:  # said to the other ranks, which would otherwise meet a closed connection
         failure = err
     _raise_failures(ranks, failure)

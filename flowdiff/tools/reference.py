@@ -11,13 +11,15 @@ without importing the comparison that imports tuning.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import hashlib
 import math
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,6 +209,26 @@ def _kwargs_in_precisions(model_kwargs: Mapping[str, Any]) -> list[Mapping[str, 
     return [model_kwargs, *(cast(dict(model_kwargs), dtype) for dtype in _PRECISIONS)]
 
 
+#: The (reference, flow, noise, model_kwargs) that :func:`checked_reference` has checked, while its block runs.
+_CHECKED: contextvars.ContextVar[tuple[object, ...] | None] = contextvars.ContextVar("checked_reference",
+                                                                                     default=None)
+
+
+@contextlib.contextmanager
+def checked_reference(reference: object, flow: ProbabilityFlow, noise: Tensor,
+                      model_kwargs: Mapping[str, Any] | None = None) -> Iterator[Reference]:
+    """:func:`check_reference` once, on entering; inside the block, a check of these very objects (the same
+    reference, flow, noise and ``model_kwargs``, by identity) returns at once. For a caller that runs
+    :func:`flowdiff.compare` many times against one reference (:func:`flowdiff.runs.distributed.compare`, once per
+    job): the check computes the flow's fingerprints, a pass over every weight."""
+    checked = check_reference(reference, flow, noise, model_kwargs)
+    token = _CHECKED.set((reference, flow, noise, model_kwargs))
+    try:
+        yield checked
+    finally:
+        _CHECKED.reset(token)
+
+
 def check_reference(reference: object, flow: ProbabilityFlow, noise: Tensor,
                     model_kwargs: Mapping[str, Any] | None = None) -> Reference:
     """``reference`` if it belongs to ``flow`` with ``model_kwargs`` and to ``noise``, else an error naming it.
@@ -220,6 +242,9 @@ def check_reference(reference: object, flow: ProbabilityFlow, noise: Tensor,
     """
     if not isinstance(reference, Reference):
         raise TypeError(f"reference must be a flowdiff.Reference or None, got {type(reference).__name__}")
+    held = _CHECKED.get()
+    if held is not None and all(a is b for a, b in zip(held, (reference, flow, noise, model_kwargs))):
+        return reference  # checked on entering checked_reference's block
     if tuple(reference.x.shape) != tuple(noise.shape):
         raise ValueError(f"reference has shape {tuple(reference.x.shape)}, the noise {tuple(noise.shape)}; "
                          "a reference belongs to one batch of noise")
