@@ -11,6 +11,8 @@ per distributed compare, PNDM at one step). Each test failed before the fix it n
    access data pointer"). A refusal with only ``model_kwargs`` mapped said the noise was.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -87,3 +89,67 @@ def test_reverse_mode_is_still_refused_as_reverse_mode():
         torch.func.vmap(torch.func.grad(
             lambda x: fd.generate(flow, x, solver="heun", steps=4, checks=OFF, adjoint="checkpoint").x.sum()))(
             _mapped())
+
+
+# -- 2. decode under vmap ---------------------------------------------------------------------------------------------
+
+def _latent(flow: fd.ProbabilityFlow, model_kwargs=None) -> fd.Latent:
+    with torch.no_grad():
+        return fd.encode(flow, 0.3 * _mapped(2)[0], solver="heun", steps=4, model_kwargs=model_kwargs).latent
+
+
+def test_a_latents_decode_under_vmap_is_refused_up_front_with_the_checks_on_and_equals_the_loop_without():
+    flow, net = _flow()
+    latent = _latent(flow)
+    xs = _mapped()
+
+    def run(checks):
+        return lambda x: fd.decode(flow, dataclasses.replace(latent, x=x), checks=checks).x
+
+    net.calls = 0
+    with pytest.raises(ValueError, match=r"^decode under torch\.func\.vmap \(latent\.x is mapped over\) with "
+                                         r"checks=Checks\(finite=True, growth='auto'\).*first dimension of latent\.x"
+                                         r".*Checks\(finite=False, growth=None\)"):
+        torch.func.vmap(run(None))(xs)
+    assert net.calls == 0
+    with torch.no_grad():
+        assert torch.equal(torch.func.vmap(run(OFF))(xs), torch.stack([run(OFF)(x) for x in xs]))
+
+
+def test_a_tensors_decode_under_vmap_names_the_latent_not_generates_noise():
+    flow, _ = _flow()
+    with pytest.raises(ValueError, match=r"^decode under torch\.func\.vmap \(latent is mapped over\)"):
+        torch.func.vmap(lambda x: fd.decode(flow, x, steps=3).x)(_mapped())
+
+
+def test_mapped_model_kwargs_beside_a_latent_that_records_its_model():
+    """The model check fingerprints model_kwargs' values: refused up front naming it; model=False runs as the loop."""
+    flow, net = _flow()
+    one = torch.tensor(1.0, dtype=torch.float64)
+    latent = _latent(flow, {"labels": one})
+    assert latent.fingerprint is not None
+    labels = torch.tensor([1.0, 1.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+
+    def run(checks):
+        return lambda lab: fd.decode(flow, latent, model_kwargs={"labels": lab}, checks=checks).x
+
+    net.calls = 0
+    with pytest.raises(ValueError, match=r"^decode under torch\.func\.vmap \(model_kwargs are mapped over\) with "
+                                         r"checks=Checks\(finite=True"):
+        torch.func.vmap(run(None))(labels)
+    with pytest.raises(ValueError, match=r"^decode under torch\.func\.vmap \(model_kwargs are mapped over\) with "
+                                         r"checks=Checks\(model=True\).*model=False"):
+        torch.func.vmap(run(OFF))(labels)
+    assert net.calls == 0
+    unchecked = fd.Checks(finite=False, growth=None, model=False)
+    with torch.no_grad():
+        mapped = torch.func.vmap(run(unchecked))(labels)
+        assert torch.equal(mapped, torch.stack([run(unchecked)(lab) for lab in labels]))
+
+
+def test_generate_with_only_model_kwargs_mapped_says_so():
+    flow, _ = _flow()
+    noise = _mapped()[0]
+    with pytest.raises(ValueError, match=r"^generate under torch\.func\.vmap \(model_kwargs are mapped over\)"):
+        torch.func.vmap(lambda lab: fd.generate(flow, noise, steps=3, model_kwargs={"labels": lab}).x)(
+            torch.arange(5, dtype=torch.float64))
