@@ -9,6 +9,10 @@ per distributed compare, PNDM at one step). Each test failed before the fix it n
    not refused up front as ``generate`` is; a plain tensor's decode was refused naming ``noise`` (generate's
    argument); mapped ``model_kwargs`` beside a latent that records its model stopped in the fingerprint ("Cannot
    access data pointer"). A refusal with only ``model_kwargs`` mapped said the noise was.
+3. ``tools.reference.checked_reference`` skipped a check of the same objects by identity alone: noise refilled in
+   place, a label replaced in the same dict or weights trained in place inside the block passed unchecked, and compare
+   measured its runs against a reference of other noise. (Q4's tests also passed with a skip keyed on the reference
+   alone, or a block that left its state behind; the guards here fail on both.)
 """
 
 import dataclasses
@@ -153,3 +157,82 @@ def test_generate_with_only_model_kwargs_mapped_says_so():
     with pytest.raises(ValueError, match=r"^generate under torch\.func\.vmap \(model_kwargs are mapped over\)"):
         torch.func.vmap(lambda lab: fd.generate(flow, noise, steps=3, model_kwargs={"labels": lab}).x)(
             torch.arange(5, dtype=torch.float64))
+
+
+# -- 3. checked_reference: a check stands only for the very objects it read, unwritten -------------------------------
+
+def _reference_problem():
+    flow, net = _flow()
+    noise = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    labels = {"labels": torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64).reshape(3, 1)}
+    with torch.no_grad():
+        reference = fd.reference_solution(flow, noise, model_kwargs=labels, rtol=1e-6, atol=1e-6)
+    return flow, net, noise, labels, reference
+
+
+def test_noise_refilled_in_place_inside_the_block_is_checked_again():
+    """Identity alone let a noise buffer refilled in place pass: compare then measured every run against the
+    reference of the old noise, without an error."""
+    from flowdiff.tools.reference import check_reference, checked_reference
+
+    flow, _, noise, labels, reference = _reference_problem()
+    with checked_reference(reference, flow, noise, labels):
+        assert check_reference(reference, flow, noise, labels) is reference
+        noise.mul_(2.0)
+        with pytest.raises(ValueError, match="^reference was solved from other noise than the noise given"):
+            check_reference(reference, flow, noise, labels)
+        with pytest.raises(ValueError, match="^reference was solved from other noise"):
+            fd.compare(flow, noise, solvers=["euler"], grids=["trailing"], nfe=[3], model_kwargs=labels,
+                       reference=reference)
+
+
+def test_weights_or_labels_changed_inside_the_block_are_checked_again():
+    from flowdiff.tools.reference import check_reference, checked_reference
+
+    flow, net, noise, labels, reference = _reference_problem()
+    with checked_reference(reference, flow, noise, labels):
+        labels["labels"] = labels["labels"] + 1.0  # the same dict, another label
+        with pytest.raises(ValueError, match="conditioning|model_kwargs"):
+            check_reference(reference, flow, noise, labels)
+        labels["labels"] = labels["labels"] - 1.0
+        assert check_reference(reference, flow, noise, labels) is reference  # equal again: checked, and passes
+        with torch.no_grad():
+            net.lin.bias.add_(0.5)  # trained in place inside the block
+        with pytest.raises(ValueError, match="another flow|other flow|network|weights"):
+            check_reference(reference, flow, noise, labels)
+
+
+def test_the_check_is_skipped_for_those_objects_alone_in_that_block_and_that_thread(monkeypatch):
+    """Guards for what Q4's tests let pass when mutated: a skip keyed on the reference alone, or a block that left
+    its state behind, passed every one of them."""
+    import threading
+
+    import flowdiff.tools.reference as reference_module
+    from flowdiff.tools.reference import check_reference, checked_reference
+
+    flow, _, noise, labels, reference = _reference_problem()
+    other_flow, _ = _flow()
+    with torch.no_grad():
+        other_flow.model.lin.bias.add_(1.0)
+    seen = []
+    real = reference_module.flow_fingerprint
+    monkeypatch.setattr(reference_module, "flow_fingerprint", lambda f, mk=None: seen.append(1) or real(f, mk))
+    with checked_reference(reference, flow, noise, labels):
+        seen.clear()
+        check_reference(reference, flow, noise, labels)
+        assert seen == []  # skipped
+        with pytest.raises(ValueError, match="other noise"):
+            check_reference(reference, flow, noise.clone() + 1.0, labels)
+        with pytest.raises(ValueError):
+            check_reference(reference, other_flow, noise, labels)
+        with pytest.raises(ValueError):
+            check_reference(reference, flow, noise, None)
+        in_thread = []
+        worker = threading.Thread(target=lambda: in_thread.append(check_reference(reference, flow, noise, labels)))
+        seen.clear()
+        worker.start()
+        worker.join()
+        assert in_thread == [reference] and seen  # another thread checks for itself
+    seen.clear()
+    check_reference(reference, flow, noise, labels)
+    assert seen  # after the block, checked again
