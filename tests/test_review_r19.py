@@ -253,3 +253,59 @@ def test_a_mapped_tensor_nested_in_model_kwargs_is_seen():
     with pytest.raises(ValueError, match=r"^generate under torch\.func\.vmap \(model_kwargs are mapped over\)"):
         torch.func.vmap(run(None))(labels)
     assert torch.equal(torch.func.vmap(run(OFF))(labels), torch.stack([run(OFF)(lab) for lab in labels]))
+
+
+# -- 4. PNDM at 1–6 steps off diffusers' default spacing and offset (guard) -----------------------------------------
+
+_SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+       "skip_prk_steps": True}
+
+
+def _pndm_model():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 6, generator=g, dtype=torch.float64) * 0.4
+    b = torch.randn(6, generator=g, dtype=torch.float64)
+    calls: list[int] = []
+
+    def model(x, t):
+        t = torch.as_tensor(t, dtype=x.dtype).reshape(-1)
+        calls.append(int(t[0]))
+        return torch.tanh(x @ w + b * (t.reshape(-1, 1) / 1000.0)) + 0.1 * x
+
+    return model, calls
+
+
+@pytest.mark.parametrize(("spacing", "offset", "alpha_one"), [
+    ("leading", 0, True), ("leading", 0, False), ("leading", 3, False), ("trailing", 0, True), ("trailing", 2, False)])
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 6])
+def test_pndm_equals_diffusers_loop_off_the_default_spacing_and_offset(spacing, offset, alpha_one, steps):
+    """sample_like of a PNDM config equals diffusers' own loop on the same ᾱ table, or refuses the config naming it
+    (a one-step loop of zero length; a trailing loop whose DDIM step lands off the next timestep). Its counted NFE
+    is diffusers' calls, less the one evaluation of a last step of zero length (σ_min to σ_min), which changes
+    nothing."""
+    from diffusers import PNDMScheduler
+
+    from flowdiff.models.pipelines import schedule_from_config
+
+    cfg = {**_SD, "timestep_spacing": spacing, "steps_offset": offset, "set_alpha_to_one": alpha_one}
+    schedule, prediction_type = schedule_from_config({"_class_name": "PNDMScheduler", **cfg})
+    noise = torch.randn(2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    model, theirs = _pndm_model()
+    sched = PNDMScheduler.from_config(cfg)
+    sched.set_timesteps(steps)
+    sched.alphas_cumprod = torch.tensor(schedule.alphas_cumprod, dtype=torch.float64)
+    sched.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64) if alpha_one else sched.alphas_cumprod[0]
+    x = noise.clone()
+    for t in sched.timesteps:
+        x = sched.step(model(x, t), t, x, return_dict=False)[0]
+    model, ours_calls = _pndm_model()
+    flow = fd.ProbabilityFlow(model, schedule, prediction_type=prediction_type)
+    try:
+        ours = fd.sample_like(flow, noise, {"_class_name": "PNDMScheduler", **cfg}, steps)
+    except ValueError as err:
+        assert str(err).startswith("scheduler config: ") and ours_calls == []
+        assert "zero length" in str(err) or "lands on" in str(err)
+        return
+    torch.testing.assert_close(ours.x, x, rtol=1e-12, atol=1e-12)
+    zero_length_end = not alpha_one and int(sched.timesteps[-1]) == 0
+    assert ours.stats.nfe == len(ours_calls) == len(theirs) - zero_length_end
