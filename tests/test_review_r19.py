@@ -159,6 +159,47 @@ def test_generate_with_only_model_kwargs_mapped_says_so():
             torch.arange(5, dtype=torch.float64))
 
 
+
+def test_vmap_over_an_ensembles_stacked_weights_is_refused_up_front_and_runs_as_the_loop_with_the_checks_off():
+    """torch.func's ensembling (stack_module_state + functional_call): neither the noise nor model_kwargs is mapped,
+    the states become mapped at the first evaluation, and the default checks stopped inside torch ("data-dependent
+    control flow") after it."""
+    nets = [_Net() for _ in range(3)]
+    for k, net in enumerate(nets):
+        torch.nn.init.normal_(net.lin.weight, std=0.4, generator=torch.Generator().manual_seed(k))
+    params, buffers = torch.func.stack_module_state(nets)
+    shell = _Net()
+    noise = _mapped()[0]
+
+    def run(checks):
+        def one(p, b):
+            flow = fd.ProbabilityFlow(lambda x, t: torch.func.functional_call(shell, (p, b), (x, t)),
+                                      fd.Schedule.linear())
+            return fd.generate(flow, noise, solver="heun", steps=3, checks=checks).x
+        return one
+
+    shell.calls = 0
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"^generate under torch\.func\.vmap \(called inside it with noise and "
+                                             r"model_kwargs unmapped.*\) with checks=Checks\(finite=True"):
+            torch.func.vmap(run(None))(params, buffers)
+        assert shell.calls == 0
+        mapped = torch.func.vmap(run(OFF))(params, buffers)
+        loop = torch.stack([fd.generate(fd.ProbabilityFlow(net, fd.Schedule.linear()), noise, solver="heun", steps=3,
+                                        checks=OFF).x for net in nets])
+    torch.testing.assert_close(mapped, loop, rtol=1e-12, atol=1e-12)
+
+
+
+@pytest.mark.parametrize("transform", [torch.func.jacfwd, torch.func.jacrev])
+def test_jacobians_keep_running_with_the_default_checks(transform):
+    """vmap maps their tangents or cotangents alone, which no check reads: not refused as an ensemble's vmap is."""
+    flow, _ = _flow()
+    noise = _mapped()[0][:2]
+    jac = transform(lambda n: fd.generate(flow, n, solver="heun", steps=3).x.sum(0))(noise)
+    assert jac.shape == (4, 2, 4) and bool(torch.isfinite(jac).all())
+
+
 # -- 3. checked_reference: a check stands only for the very objects it read, unwritten -------------------------------
 
 def _reference_problem():

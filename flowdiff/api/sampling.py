@@ -282,13 +282,20 @@ def _vmapped(x: object) -> bool:
 def _refuse_vmap(function: str, name: str, x: object, model_kwargs: object, checks: Checks, adaptive: Adaptive | None,
                  solver: object) -> None:
     """What ``torch.func.vmap`` cannot run, refused before any evaluation, where ``function`` runs under vmap (its
-    input ``x``, called ``name``, or a ``model_kwargs`` tensor mapped over; nothing is refused where neither is):
+    input ``x``, called ``name``, or a ``model_kwargs`` tensor mapped over, or neither, where the model closes over
+    mapped tensors: an ensemble's weights stacked by ``torch.func.stack_module_state``; nothing outside vmap):
     each of these reads values on the host inside the solve, which vmap calls data-dependent control flow. A
     fixed-grid generation or decode with ``Checks(finite=False, growth=None)`` runs, equal to the loop of un-mapped
     calls (``name`` is still checked for NaN/inf, once over the whole mapped batch)."""
-    if not (_vmapped(x) or _vmapped(model_kwargs)):
+    if _vmapped(x):
+        mapped = f"{name} is mapped over"
+    elif _vmapped(model_kwargs):
+        mapped = "model_kwargs are mapped over"
+    elif _checks.functorch_transforms()[-1:] == ["Vmap"]:  # an ensemble's stacked weights, closed over by the model
+        # (innermost: under jacfwd or jacrev vmap maps the tangents alone, which no check reads)
+        mapped = f"called inside it with {name} and model_kwargs unmapped: what the model closes over may be mapped"
+    else:
         return
-    mapped = f"{name} is mapped over" if _vmapped(x) else "model_kwargs are mapped over"
     instead = (f"{function} already solves a batch along the first dimension of {name}: call it once on the mapped "
                f"inputs stacked along it (x.flatten(0, 1) for two batch dimensions)")
     if function == "encode":

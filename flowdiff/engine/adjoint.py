@@ -82,6 +82,8 @@ from torch.autograd.function import once_differentiable
 import solvers
 from solvers import FixedGrid, ReversibleHeun, Solution, Solver, Stepping
 
+from ._checks import functorch_transforms
+
 ADJOINTS = ("autograd", "checkpoint", "reversible")
 
 #: The key of the backward pass's model evaluations in ``stats.extra``.
@@ -753,18 +755,6 @@ class AdjointSolution(Solution):
     saved: dict[int, Saved] = field(default_factory=dict)
 
 
-def _functorch_transforms() -> list[str]:
-    """The torch.func transforms running around the caller, outermost first, by torch's names (``"Vmap"``, ``"Grad"``
-    for every reverse mode: grad, vjp, jacrev; ``"Jvp"`` for forward mode: jvp, jacfwd); empty outside them."""
-    from torch._C import _functorch  # torch.func's own interpreter stack: no public reader for it
-
-    stack = getattr(_functorch, "get_interpreter_stack", None)
-    if stack is None:  # an older torch: whether any transform runs, not which
-        active = getattr(torch._C, "_are_functorch_transforms_active", None)
-        return ["Grad"] if active is not None and active() else []
-    return [interpreter.key().name for interpreter in stack() or ()]
-
-
 def differentiated(y0: Tensor, state: Any, params: Sequence[Tensor]) -> bool:
     """Whether a solve from ``y0`` and ``state`` of a field depending on ``params`` is differentiated (grad mode on,
     and something requires a gradient); otherwise :func:`integrate_adjoint` is the plain solve."""
@@ -794,7 +784,7 @@ def integrate_adjoint(f: Callable[[float, Tensor], Tensor], y0: Tensor, solver: 
     if not differentiated(y0, state, params):
         sol = solvers.integrate(f, y0, solver, stepping, state=state, **integrate_options)
         return AdjointSolution(sol.y, sol.stats, sol.state, sol.ts)
-    transforms = _functorch_transforms()
+    transforms = functorch_transforms()
     if "Grad" in transforms:
         raise ValueError(f"adjoint={adjoint!r} cannot run under a torch.func transform of reverse mode (grad, vjp, "
                          "jacrev, hessian): its backward pass is its own autograd.Function, which torch.func does not "
