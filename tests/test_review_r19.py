@@ -13,6 +13,11 @@ per distributed compare, PNDM at one step). Each test failed before the fix it n
    place, a label replaced in the same dict or weights trained in place inside the block passed unchecked, and compare
    measured its runs against a reference of other noise. (Q4's tests also passed with a skip keyed on the reference
    alone, or a block that left its state behind; the guards here fail on both.)
+4. (Guard.) PNDM at 1–6 steps against diffusers' own loop off the default spacing and offset: Q4's test covered
+   ``steps_offset=1`` with leading spacing alone; these pass, and fail with PNDM's one-step DDIM step taken out.
+5. ``Grid(final_euler=False)`` on a one-step grid from σ = ∞ (zero terminal SNR) was refused saying that heun "runs
+   in the 'sigma' variables, whose own step into σ = 0 evaluates nothing there", which is not why: that one step is
+   the boundary step out of pure noise (flow matching's heun, whose first step is its own, keeps the flag).
 """
 
 import dataclasses
@@ -350,3 +355,26 @@ def test_pndm_equals_diffusers_loop_off_the_default_spacing_and_offset(spacing, 
     torch.testing.assert_close(ours.x, x, rtol=1e-12, atol=1e-12)
     zero_length_end = not alpha_one and int(sched.timesteps[-1]) == 0
     assert ours.stats.nfe == len(ours_calls) == len(theirs) - zero_length_end
+
+
+
+# -- 5. final_euler=False on a one-step grid out of σ = ∞ -------------------------------------------------------------
+
+def test_a_one_step_grid_from_infinity_says_its_step_is_the_boundary_step():
+    import numpy as np
+
+    net = _Net()
+    schedule = fd.Schedule.from_betas(np.linspace(1e-4, 0.02, 1000), rescale_zero_snr=True)
+    flow = fd.ProbabilityFlow(net, schedule, prediction_type="v_prediction")
+    noise = _mapped()[0]
+    with torch.no_grad():
+        for name in ("heun", "rk4", "reversible_heun"):
+            assert fd.generate(flow, noise, solver=name, steps=1).sigmas[0] == float("inf")
+            net.calls = 0
+            with pytest.raises(ValueError, match=rf"final_euler=False\) beside solver '{name}': the grid's one step "
+                                                 r"runs from σ = ∞ straight to 0: the boundary step out of pure noise"):
+                fd.generate(flow, noise, solver=name, grid=fd.Grid(steps=1, final_euler=False))
+            assert net.calls == 0
+        plain = fd.generate(flow, noise, solver="flowmatch_heun", steps=1)  # its first step from t = 1 is its own
+        said = fd.generate(flow, noise, solver="flowmatch_heun", grid=fd.Grid(steps=1, final_euler=False))
+    assert said.stats.nfe == plain.stats.nfe + 1 and not torch.equal(said.x, plain.x)
