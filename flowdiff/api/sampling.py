@@ -279,26 +279,38 @@ def _vmapped(x: object) -> bool:
     return False
 
 
-def _refuse_vmap(function: str, name: str, checks: Checks, adaptive: Adaptive | None, solver: object) -> None:
-    """What ``torch.func.vmap`` cannot run, refused before any evaluation (``function`` runs under vmap with
-    ``name`` mapped): each of these reads values on the host inside the solve, which vmap calls data-dependent
-    control flow. A fixed-grid generation with ``Checks(finite=False, growth=None)`` runs, equal to the loop of
-    un-mapped calls (``name`` is still checked for NaN/inf, once over the whole mapped batch)."""
+def _refuse_vmap(function: str, name: str, x: object, model_kwargs: object, checks: Checks, adaptive: Adaptive | None,
+                 solver: object) -> None:
+    """What ``torch.func.vmap`` cannot run, refused before any evaluation, where ``function`` runs under vmap (its
+    input ``x``, called ``name``, or a ``model_kwargs`` tensor mapped over, or neither, where the model closes over
+    mapped tensors: an ensemble's weights stacked by ``torch.func.stack_module_state``; nothing outside vmap):
+    each of these reads values on the host inside the solve, which vmap calls data-dependent control flow. A
+    fixed-grid generation or decode with ``Checks(finite=False, growth=None)`` runs, equal to the loop of un-mapped
+    calls (``name`` is still checked for NaN/inf, once over the whole mapped batch)."""
+    if _vmapped(x):
+        mapped = f"{name} is mapped over"
+    elif _vmapped(model_kwargs):
+        mapped = "model_kwargs are mapped over"
+    elif _checks.functorch_transforms()[-1:] == ["Vmap"]:  # an ensemble's stacked weights, closed over by the model
+        # (innermost: under jacfwd or jacrev vmap maps the tangents alone, which no check reads)
+        mapped = f"called inside it with {name} and model_kwargs unmapped: what the model closes over may be mapped"
+    else:
+        return
     instead = (f"{function} already solves a batch along the first dimension of {name}: call it once on the mapped "
                f"inputs stacked along it (x.flatten(0, 1) for two batch dimensions)")
-    if function != "generate":
-        raise ValueError(f"{function} does not run under torch.func.vmap ({name} is mapped over): its checks "
+    if function == "encode":
+        raise ValueError(f"{function} does not run under torch.func.vmap ({mapped}): its checks "
                          f"read the values on the host; {instead}")
     if adaptive is not None:
-        raise ValueError(f"generate(adaptive=...) does not run under torch.func.vmap ({name} is mapped over): its "
+        raise ValueError(f"generate(adaptive=...) does not run under torch.func.vmap ({mapped}): its "
                          f"step control reads each step's error on the host; {instead}")
     if isinstance(solver, Stochastic):
-        raise ValueError(f"generate(solver=flowdiff.Stochastic(...)) does not run under torch.func.vmap ({name} is "
-                         f"mapped over): it draws its step noise from its generator call by call; {instead}")
+        raise ValueError(f"generate(solver=flowdiff.Stochastic(...)) does not run under torch.func.vmap ({mapped}): "
+                         f"it draws its step noise from its generator call by call; {instead}")
     reading = (("finite", checks.finite, False), ("growth", checks.growth, None))
     on = [f"{what}={value!r}" for what, value, off in reading if value is not off]
     if on:
-        raise ValueError(f"generate under torch.func.vmap ({name} is mapped over) with checks=Checks({', '.join(on)}):"
+        raise ValueError(f"{function} under torch.func.vmap ({mapped}) with checks=Checks({', '.join(on)}):"
                          " these checks read the solve's states on the host (non-finite states, the divergence "
                          f"guard), which vmap cannot; {instead}, or give checks=flowdiff.Checks(finite=False, "
                          "growth=None) to run under vmap")
@@ -374,8 +386,7 @@ def generate(
     checks = check_checks(checks)
     _refuse_model_check(checks, "generate")
     _checks.check_model_kwargs(model_kwargs)
-    if _vmapped(noise) or _vmapped(model_kwargs):
-        _refuse_vmap("generate", "noise", checks, adaptive, solver)
+    _refuse_vmap("generate", "noise", noise, model_kwargs, checks, adaptive, solver)
     adaptive_spec = _adaptive_or_none(adaptive, grid, steps, nfe)
     saver = _saver(save, callback, adaptive_spec is not None)
     callback = saver or callback
@@ -470,8 +481,7 @@ def encode(
     checks = check_checks(checks)
     _refuse_model_check(checks, "encode")
     _checks.check_model_kwargs(model_kwargs)
-    if _vmapped(images) or _vmapped(model_kwargs):
-        _refuse_vmap("encode", "images", checks, adaptive, solver)
+    _refuse_vmap("encode", "images", images, model_kwargs, checks, adaptive, solver)
     _checks.check_data_range(images, "images")
     if isinstance(solver, Stochastic):
         raise ValueError(f"encode takes no solver=flowdiff.Stochastic(eta={solver.eta!r}, ...): the stochastic "
@@ -558,7 +568,9 @@ def decode(
     records its model (``latent.fingerprint``) refuses another flow or other ``model_kwargs``
     with a ValueError naming both, unless ``checks=Checks(model=False)``. A latent that records
     ``decode_shifts`` (a :class:`flowdiff.LearnedEncoder`'s) decodes with its steps evaluated at them.
-    ``adjoint``: how the decode is differentiated, as for :func:`generate`.
+    ``adjoint``: how the decode is differentiated, as for :func:`generate`. Under ``torch.func.vmap`` it runs as
+    :func:`generate` does, with ``checks=Checks(finite=False, growth=None)`` (and ``model=False`` where mapped
+    ``model_kwargs`` meet a latent that records its model), equal to the loop of un-mapped calls.
     """
     _checks.refuse_removed("decode", removed, REMOVED)
     flow = check_flow(flow)
@@ -567,6 +579,14 @@ def decode(
     if isinstance(solver, (Stochastic, Inversion)):
         raise ValueError(f"decode takes a solver name or a solvers.Solver, got flowdiff.{type(solver).__name__}: "
                          "a latent decodes with the solver that encoded it")
+    _refuse_vmap("decode", "latent.x" if isinstance(latent, Latent) else "latent",
+                 latent.x if isinstance(latent, Latent) else latent, model_kwargs, checks, None, solver)
+    if isinstance(latent, Latent) and checks.model and latent.fingerprint is not None and _vmapped(model_kwargs):
+        raise ValueError("decode under torch.func.vmap (model_kwargs are mapped over) with checks=Checks(model=True): "
+                         "this latent's model check fingerprints model_kwargs' values on the host, which vmap cannot; "
+                         "decode already solves a batch along the first dimension of latent.x: call it once on the "
+                         "mapped inputs stacked along it, or give checks=flowdiff.Checks(finite=False, growth=None, "
+                         "model=False) to run under vmap without the model check")
     if isinstance(latent, Latent):
         if checks.model:  # a latent decodes only with the model that encoded it
             latent.check_model(flow, model_kwargs)

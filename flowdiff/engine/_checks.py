@@ -68,6 +68,18 @@ def functorch_levels(x: Tensor) -> tuple[Tensor, bool]:
     return x, vmapped
 
 
+def functorch_transforms() -> list[str]:
+    """The torch.func transforms running around the caller, outermost first, by torch's names (``"Vmap"``, ``"Grad"``
+    for every reverse mode: grad, vjp, jacrev; ``"Jvp"`` for forward mode: jvp, jacfwd); empty outside them."""
+    from torch._C import _functorch  # torch.func's own interpreter stack: no public reader for it
+
+    stack = getattr(_functorch, "get_interpreter_stack", None)
+    if stack is None:  # an older torch: whether any transform runs, not which
+        active = getattr(torch._C, "_are_functorch_transforms_active", None)
+        return ["Grad"] if active is not None and active() else []
+    return [interpreter.key().name for interpreter in stack() or ()]
+
+
 def check_flags(**flags: object) -> None:
     """``TypeError`` for any flag that is not a bool: ``final_euler="False"`` would otherwise count as True."""
     for name, value in flags.items():

@@ -82,6 +82,8 @@ from torch.autograd.function import once_differentiable
 import solvers
 from solvers import FixedGrid, ReversibleHeun, Solution, Solver, Stepping
 
+from ._checks import functorch_transforms
+
 ADJOINTS = ("autograd", "checkpoint", "reversible")
 
 #: The key of the backward pass's model evaluations in ``stats.extra``.
@@ -753,14 +755,6 @@ class AdjointSolution(Solution):
     saved: dict[int, Saved] = field(default_factory=dict)
 
 
-def _functorch_active() -> bool:
-    """Whether a torch.func transform is running around the caller. Only reverse mode (grad, vjp, jacrev) reaches the
-    check with a differentiated solve: under jvp alone nothing requires a gradient, so the solve is a plain one that
-    forward mode differentiates, whatever ``adjoint``; vmap stops at the entry point's value checks."""
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(active()) if active is not None else False
-
-
 def differentiated(y0: Tensor, state: Any, params: Sequence[Tensor]) -> bool:
     """Whether a solve from ``y0`` and ``state`` of a field depending on ``params`` is differentiated (grad mode on,
     and something requires a gradient); otherwise :func:`integrate_adjoint` is the plain solve."""
@@ -790,11 +784,18 @@ def integrate_adjoint(f: Callable[[float, Tensor], Tensor], y0: Tensor, solver: 
     if not differentiated(y0, state, params):
         sol = solvers.integrate(f, y0, solver, stepping, state=state, **integrate_options)
         return AdjointSolution(sol.y, sol.stats, sol.state, sol.ts)
-    if _functorch_active():
+    transforms = functorch_transforms()
+    if "Grad" in transforms:
         raise ValueError(f"adjoint={adjoint!r} cannot run under a torch.func transform of reverse mode (grad, vjp, "
                          "jacrev, hessian): its backward pass is its own autograd.Function, which torch.func does not "
                          "trace; use adjoint='autograd' under torch.func, or torch.autograd.grad / loss.backward() "
                          f"with adjoint={adjoint!r}")
+    if transforms:  # vmap or jvp alone, around a solve that something requiring grad (a module's parameters) reaches
+        names = " and ".join(dict.fromkeys(f"torch.func.{name.lower()}" for name in transforms))
+        raise ValueError(f"adjoint={adjoint!r} cannot run under {names} while the solve is differentiated (grad mode "
+                         "on and a tensor it depends on requires grad, as a model's parameters do): its backward pass "
+                         f"is its own autograd.Function, which {names} cannot run; under torch.no_grad() the solve is "
+                         f"the plain one, which {names} runs with any adjoint, or use adjoint='autograd'")
     plan = _Plan(f, solver, stepping, adjoint, tuple(params), dict(integrate_options),
                  state_rebuild=state_rebuild, n_state=len(state_leaves), save_at=save_at, save_state=save_state)
     outputs = _SolveFunction.apply(plan, y0, *state_leaves, *params)

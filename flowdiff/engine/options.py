@@ -252,6 +252,9 @@ def idle_final_euler(solver: Solver, sigmas: ArrayLike, direction: str = "genera
     form = formulation_for(solver, direction)
     stepping = form.grid(sig.tolist(), solver, eval_end=False)
     if not any(method is solvers.FINAL_EULER for method in stepping.methods.values()):
+        if len(sig) == 2 and sig[0] == math.inf:  # its one step is the boundary step out of noise (engine.terminal)
+            return ("the grid's one step runs from σ = ∞ straight to 0: the boundary step out of pure noise, never "
+                    f"{solver.name!r}'s own")
         return (f"{solver.name!r} runs in the {form.name!r} variables ({form.time_name}), whose own step into "
                 "σ = 0 evaluates nothing there")
     return None

@@ -209,20 +209,47 @@ def _kwargs_in_precisions(model_kwargs: Mapping[str, Any]) -> list[Mapping[str, 
     return [model_kwargs, *(cast(dict(model_kwargs), dtype) for dtype in _PRECISIONS)]
 
 
-#: The (reference, flow, noise, model_kwargs) that :func:`checked_reference` has checked, while its block runs.
-_CHECKED: contextvars.ContextVar[tuple[object, ...] | None] = contextvars.ContextVar("checked_reference",
-                                                                                     default=None)
+#: What :func:`checked_reference` has checked, while its block runs: :func:`_held` of its arguments.
+_CHECKED: contextvars.ContextVar[list[tuple[object, int | None]] | None] = contextvars.ContextVar(
+    "checked_reference", default=None)
+
+
+def _leaves(value: object) -> list[tuple[object, int | None]]:
+    """``value``'s leaves through mappings (keys too), lists and tuples, each with its version counter where it is a
+    tensor (a write in place counts it up): what must be the very same objects, unwritten, for a check to stand."""
+    if isinstance(value, Tensor):
+        return [(value, value._version)]
+    if isinstance(value, Mapping):
+        return [leaf for key, item in value.items() for leaf in [(key, None), *_leaves(item)]]
+    if isinstance(value, (list, tuple)):
+        return [leaf for item in value for leaf in _leaves(item)]
+    return [(value, None)]
+
+
+def _held(reference: object, flow: ProbabilityFlow, noise: Tensor,
+          model_kwargs: object) -> list[tuple[object, int | None]]:
+    """The objects a check of ``reference`` read, by identity and tensor version: the four arguments, the noise's
+    and ``model_kwargs``' tensors, and the network's parameters and buffers (or the model object's attributes), so
+    that noise refilled in place, a label replaced or weights trained inside the block are checked again."""
+    field = getattr(flow, "sigma_field", None)
+    owner = getattr(field, "__self__", None) if field is not None else getattr(flow, "model", None)
+    if isinstance(owner, torch.nn.Module):
+        weights: object = owner.state_dict(keep_vars=True)
+    else:
+        weights = dict(vars(owner)) if hasattr(owner, "__dict__") else None
+    return _leaves((reference, flow, noise, model_kwargs, weights))
 
 
 @contextlib.contextmanager
 def checked_reference(reference: object, flow: ProbabilityFlow, noise: Tensor,
                       model_kwargs: Mapping[str, Any] | None = None) -> Iterator[Reference]:
     """:func:`check_reference` once, on entering; inside the block, a check of these very objects (the same
-    reference, flow, noise and ``model_kwargs``, by identity) returns at once. For a caller that runs
-    :func:`flowdiff.compare` many times against one reference (:func:`flowdiff.runs.distributed.compare`, once per
-    job): the check computes the flow's fingerprints, a pass over every weight."""
+    reference, flow, noise and ``model_kwargs``, by identity, none of their tensors or the network's weights
+    written in place since) returns at once. For a caller that runs :func:`flowdiff.compare` many times against one
+    reference (:func:`flowdiff.runs.distributed.compare`, once per job): the check computes the flow's
+    fingerprints, a pass over every weight."""
     checked = check_reference(reference, flow, noise, model_kwargs)
-    token = _CHECKED.set((reference, flow, noise, model_kwargs))
+    token = _CHECKED.set(_held(reference, flow, noise, model_kwargs))
     try:
         yield checked
     finally:
@@ -243,8 +270,11 @@ def check_reference(reference: object, flow: ProbabilityFlow, noise: Tensor,
     if not isinstance(reference, Reference):
         raise TypeError(f"reference must be a flowdiff.Reference or None, got {type(reference).__name__}")
     held = _CHECKED.get()
-    if held is not None and all(a is b for a, b in zip(held, (reference, flow, noise, model_kwargs))):
-        return reference  # checked on entering checked_reference's block
+    if held is not None:
+        now = _held(reference, flow, noise, model_kwargs)
+        if len(now) == len(held) and all((a is b or isinstance(a, str) and a == b) and u == v  # keys: equal text
+                                         for (a, u), (b, v) in zip(now, held)):
+            return reference  # checked on entering checked_reference's block, and nothing written since
     if tuple(reference.x.shape) != tuple(noise.shape):
         raise ValueError(f"reference has shape {tuple(reference.x.shape)}, the noise {tuple(noise.shape)}; "
                          "a reference belongs to one batch of noise")
