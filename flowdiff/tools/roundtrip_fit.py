@@ -66,7 +66,7 @@ from ..engine.grids import check_budget, make_sigmas, reversed_grid
 from ..engine.options import Adaptive
 from ..engine.results import Result
 from .learned import shift_intervals, tune_roundtrip
-from .tuning import check_fingerprint, check_rows_split, read_record, write_record
+from .tuning import check_fingerprint, check_rows_split, read_record, record_fingerprint, write_record
 
 __all__ = ["LearnedEncoder", "learn_encoder"]
 
@@ -403,6 +403,7 @@ def learn_encoder(
             or not 0 < reference_tol <= 1e-3):
         raise ValueError(f"reference_tol must be a number in (0, 1e-3], got {reference_tol!r}")
     reference_tol = float(reference_tol)
+    fingerprint = record_fingerprint(flow, model_kwargs, "learn_encoder")
     # the budget before any evaluation: the steps ``nfe`` buys each way (the encode's count; its decode costs no more)
     affordable = check_budget(solver, nfe, _solvers.steps_for_nfe(base, nfe, eval_end=encode_evaluates_end(base)))
     if sigmas is not None:
@@ -538,7 +539,7 @@ def learn_encoder(
         val, lat = base_val, base_lat
     return LearnedEncoder(
         solver, options, nfe, (learned_sig if kept else sigmas).copy(), encode_shifts, decode_shifts,
-        flow_fingerprint(flow, model_kwargs), kept, calib, base_calib, val, base_val, lat, base_lat, initial_name,
+        fingerprint, kept, calib, base_calib, val, base_val, lat, base_lat, initial_name,
         spent["nfe"], ref.stats.nfe, spent["solves"], time.perf_counter() - start,
         {"fit_grid": fit_grid, "fit_decode": fit_decode,
          "latent_weight": weights[0] if len(weights) == 1 else list(weights), "bound": bound,

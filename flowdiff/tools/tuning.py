@@ -185,6 +185,17 @@ def check_fingerprint(fingerprint: str, flow: ProbabilityFlow, model_kwargs: Map
                          f"{accepted[0]} (another model, schedule or conditioning{older}): {again}")
 
 
+def record_fingerprint(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None, what: str) -> str:
+    """The fingerprint a fitted record (``what``: "tune", "learn_solver", …) saves, taken before any evaluation:
+    a flow that cannot be fingerprinted (a plain function's field) is refused before the fit, not after it."""
+    try:
+        return flow_fingerprint(flow, model_kwargs)
+    except TypeError as err:
+        raise TypeError(f"{what} records the fingerprint of the flow and its model_kwargs (flowdiff.flow_fingerprint) "
+                        f"so that its result loads only for this model and conditioning, and it cannot be taken here, "
+                        f"before any evaluation: {err}") from None
+
+
 class _Knots:
     """The map from search parameters ``v`` to a grid of n steps from σ_max (or below) to 0.
 
@@ -311,6 +322,13 @@ def tune(
     :func:`tune_grid` for the options. ``generate(flow, other_noise,
     solver=solvers.get(solver, **solver_options), grid=tuned.sigmas)`` spends at most ``nfe`` evaluations.
     """
+    return _tuned(flow, noise, solver=solver, nfe=nfe, solver_options=solver_options, record=True, **options)
+
+
+def _tuned(flow: ProbabilityFlow, noise: Tensor, *, solver: str, nfe: int, solver_options: Mapping[str, Any] | None,
+           record: bool, **options: Any) -> TunedGrid:
+    """:func:`tune`; ``record=False`` (:func:`tune_grid`, whose caller gets the grid alone) takes no fingerprint, so
+    a flow that cannot be fingerprinted is tuned too (its result's ``fingerprint`` is empty)."""
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
     if not isinstance(noise, Tensor) or not noise.is_floating_point():
@@ -327,6 +345,7 @@ def tune(
     steps = _solvers.steps_for_nfe(solver_obj, nfe, eval_end=False)  # ValueError when one step costs more
     opts = _check_options(options)
     model_kwargs = opts.get("model_kwargs")
+    fingerprint = record_fingerprint(flow, model_kwargs, "tune") if record else ""
     seed = opts.get("seed", 0)
     restarts = opts.get("restarts", 1)
     floor = flow.schedule.sigma_min if opts.get("sigma_floor") is None else float(opts["sigma_floor"])
@@ -433,7 +452,7 @@ def tune(
     initial_err = search.full_error(initial[2])
     if initial_err < best_err:  # the held-out choice may not undo the start: never worse on the whole batch
         best_sigmas, best_err = initial[2], initial_err
-    return TunedGrid(best_sigmas.copy(), solver, solver_options, nfe, flow_fingerprint(flow, model_kwargs), stored,
+    return TunedGrid(best_sigmas.copy(), solver, solver_options, nfe, fingerprint, stored,
                      best_err, initial[1], initial_err, spent["evals"], spent["nfe"] + ref_cost + teacher_nfe, ref_cost,
                      elapsed, method, teacher_nfe)
 
@@ -636,7 +655,7 @@ def tune_grid(
     default 64 or twice the steps if more) and ``dp_orders`` (the local-error rules whose DP grids are tried: 1,
     Euler's, 2, the trapezoidal rule's; default both).
     """
-    return tune(flow, noise, solver=solver, nfe=nfe, solver_options=solver_options, **options).sigmas
+    return _tuned(flow, noise, solver=solver, nfe=nfe, solver_options=solver_options, record=False, **options).sigmas
 
 
 # ---------------------------------------------------------------------------------------------- stored grids
