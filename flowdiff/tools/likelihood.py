@@ -86,8 +86,10 @@ from __future__ import annotations
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import reduce
 from typing import Any
 
 import torch
@@ -408,12 +410,13 @@ def _per_pixel(name: str, value: object, shape: tuple[int, ...], *, positive: bo
 
 
 def _dequantize(images: Tensor, levels: object, kind: str, sigma_min: float,
-                generator: torch.Generator | None) -> tuple[Tensor, float, Tensor]:
+                u: Tensor) -> tuple[Tensor, float, Tensor]:
     """Dequantization on the lattice of ``levels`` values over [−1, 1]: ỹ = y + Δ(u − ½).
 
     ``kind="uniform"``: u ~ U[0, 1)^D, log q(u) = 0. ``"truncated_normal"``: u − ½ ~ N(0, s²)
     truncated to [−½, ½] per pixel, s = σ_min/Δ (the schedule's smallest noise level in lattice
-    units), drawn by inverting the normal CDF, with its log-density log q(u) summed over pixels.
+    units), drawn by inverting the normal CDF of ``u`` (U[0, 1) draws of the images' shape, float64), with its
+    log-density log q(u) summed over pixels.
     The images may carry their dtype's rounding (float16, bfloat16: up to a quarter ulp of 1, eps/4, off the
     lattice): each is snapped to its lattice point y in float64, and ỹ is returned in float32 or the images'
     wider dtype, since a half-precision ỹ would round the noise away (bfloat16 resolves half a cell at 256 levels).
@@ -428,11 +431,17 @@ def _dequantize(images: Tensor, levels: object, kind: str, sigma_min: float,
     off = (k - k.round()).abs().max()
     # in lattice units: 1e-3, plus the images' own rounding of a lattice point in [-1, 1] (a quarter ulp of 1)
     slack = 1e-3 + torch.finfo(images.dtype).eps / (4.0 * delta)
-    if float(off) > slack or float(k.min()) < -slack or float(k.max()) > levels - 1 + slack:
+    if float(off) > slack:
         raise ValueError(f"dequantize={levels}: the images are not on the {levels}-level lattice of [-1, 1] "
                          f"(spacing {delta:.6g}; largest distance {float(off) * delta:.3g}); pass the images as "
                          "quantized, or dequantize=None for the continuous density")
-    u = torch.rand(images.shape, dtype=torch.float64, generator=generator)
+    if float(k.min()) < -slack or float(k.max()) > levels - 1 + slack:
+        low, high = float(images.min()), float(images.max())
+        raise ValueError(f"dequantize={levels}: the images span [{low:.6g}, {high:.6g}], "
+                         f"outside the lattice's range [-1, 1] (its {levels} levels, spacing {delta:.6g}, end there); "
+                         "pass pixels in [-1, 1] (8-bit values v as v / 127.5 - 1), or dequantize=None for the "
+                         "continuous density")
+    _warn_if_coarser(k.round().long(), levels)
     batch = images.shape[0]
     if kind == "uniform":
         centred = u - 0.5
@@ -450,10 +459,47 @@ def _dequantize(images: Tensor, levels: object, kind: str, sigma_min: float,
     return moved, -math.log2(delta), log_q.to(images.device)
 
 
-def _draw(noise: str, n: int, batch: int, dim: int, generator: torch.Generator | None) -> Tensor:
-    if noise == "rademacher":
-        return torch.randint(0, 2, (n, batch, dim), generator=generator).double() * 2 - 1
-    return torch.randn(n, batch, dim, dtype=torch.float64, generator=generator)
+def _warn_if_coarser(indices: Tensor, levels: int) -> None:
+    """Warn when the images' lattice indices all lie on a coarser sublattice of the ``levels`` given.
+
+    Pixels that use only every g-th level (g | levels − 1; 8-bit data in a 16-bit file: g = 257; binary images
+    read as 8-bit: g = 255) are data on (levels − 1)/g + 1 levels, and the bits/dim against ``levels`` is larger
+    by about log₂ g — a statement about the levels asked for, not about the data. One distinct value says nothing.
+    """
+    values = indices.unique().tolist()
+    if len(values) < 2:
+        return
+    g = reduce(math.gcd, values, levels - 1)
+    if g > 1:
+        coarse = (levels - 1) // g + 1
+        warnings.warn(f"dequantize={levels}: every pixel of the images lies on the coarser {coarse}-level lattice "
+                      f"(they use one level in {g} of the {levels}); bits/dim is measured on the {levels}-level "
+                      f"lattice, about log2({g}) = {math.log2(g):.3g} bits/dim more than on theirs: give "
+                      f"dequantize={coarse} if the data are {coarse}-level (8-bit pixels in a 16-bit file, say)",
+                      UserWarning, stacklevel=4)
+
+
+def _draw_per_image(generator: torch.Generator | None, shape: tuple[int, ...], batch: int, dequantize: bool,
+                    noise: str | None, counts: list[int]) -> tuple[Tensor | None, list[Tensor]]:
+    """The random numbers of each image, drawn image after image: its dequantization's U[0, 1) draws (if
+    ``dequantize``), then ``counts[j]`` probe vectors for each j (Hutch++: the sketch, then the probes).
+
+    Image i's numbers depend on the seed and on i only, not on the batch after it: the first images of a batch give
+    the same numbers alone (on a fixed grid, the same values). Returns u (batch, *shape) or ``None``, and each draw
+    as (counts[j], batch, D), float64.
+    """
+    dim = math.prod(shape)
+    us: list[Tensor] = []
+    draws: list[list[Tensor]] = [[] for _ in counts]
+    for _ in range(batch):
+        if dequantize:
+            us.append(torch.rand(shape, dtype=torch.float64, generator=generator))
+        for j, n in enumerate(counts):
+            if noise == "rademacher":
+                draws[j].append(torch.randint(0, 2, (n, dim), generator=generator).double() * 2 - 1)
+            else:
+                draws[j].append(torch.randn(n, dim, dtype=torch.float64, generator=generator))
+    return (torch.stack(us) if dequantize else None), [torch.stack(d, 1) for d in draws]
 
 
 # -- the solve -----------------------------------------------------------------------------------
@@ -656,8 +702,10 @@ def log_likelihood(
 
     offset, log_q = 0.0, None
     images_dtype = images.dtype  # the latent's; a dequantized half-precision batch is held in float32
+    counts = {"exact": [], "hutchinson": [probes], "hutch++": [sketch, probes]}[divergence]
+    u, draws = _draw_per_image(generator, shape, batch, dequantize is not None, noise, counts)
     if dequantize is not None:
-        images, offset, log_q = _dequantize(images, dequantize, dequantization, float(schedule.sigma_min), generator)
+        images, offset, log_q = _dequantize(images, dequantize, dequantization, float(schedule.sigma_min), u)
     dtype = torch.float32 if images.dtype in (torch.float16, torch.bfloat16) else images.dtype
     device = images.device
     xbar0 = images.to(dtype).reshape(batch, dim)
@@ -666,10 +714,9 @@ def log_likelihood(
     if divergence == "exact":
         estimator: Any = _Exact(dim, chunk)
     elif divergence == "hutchinson":
-        estimator = _Hutchinson(_draw(noise, probes, batch, dim, generator).to(device, dtype))
+        estimator = _Hutchinson(draws[0].to(device, dtype))
     else:
-        s = _draw(noise, sketch, batch, dim, generator).to(device, dtype)
-        estimator = _HutchPlusPlus(s, _draw(noise, probes, batch, dim, generator).to(device, dtype))
+        estimator = _HutchPlusPlus(draws[0].to(device, dtype), draws[1].to(device, dtype))
     k = estimator.columns
 
     # the engine's time (τ = log(σ + c) from the chooser above), its ends mapping back to σ = 0 and σ_max exactly
