@@ -331,6 +331,11 @@ class _HutchPlusPlus:
     g̃ⱼ = (I − QQᵀ)gⱼ see little but the rest. tr(J) = αD + tr(J − αI) for every α; α and Q
     depend on the sketch only, so each column is unbiased given the sketch. (Run on Jᵀ, whose
     trace is J's: the products are vector–Jacobian products.)
+
+    Q spans only the directions of (J − αI)·S that stand above its rounding (:func:`_range_basis`): where the
+    sketch is rank-deficient (two Rademacher vectors ±equal, likely in few dimensions) or J − αI vanishes below
+    the precision (σ = 0; large σ in float32), a plain QR would fill Q with rounding noise that changes at every
+    evaluation, and the adaptive solve, fed a rough field, took 260× the steps for the whole batch.
     """
 
     def __init__(self, sketch: Tensor, probes: Tensor) -> None:
@@ -343,14 +348,38 @@ class _HutchPlusPlus:
         k, dim = s.shape[0], s.shape[2]
         js = apply(s)
         alpha = ((s * js).sum(2) / (s * s).sum(2)).mean(0)              # (b,)
-        q = torch.linalg.qr((js - alpha[None, :, None] * s).permute(1, 2, 0)).Q   # (b, D, k)
+        # the rounding of js − αs is of the size of js and αs
+        scale = (js.norm(dim=2) + alpha.abs() * s.norm(dim=2)).amax(0)  # (b,)
+        q = _range_basis((js - alpha[None, :, None] * s).permute(1, 2, 0), scale)   # (b, D, k), zero columns
+        kept = (q.abs().amax(1) > 0).sum(1).to(alpha.dtype)             # (b,)
         g = self.probes[:, rows].permute(1, 2, 0)                       # (b, D, n)
         g_res = g - q @ (q.transpose(1, 2) @ g)
         vectors = torch.cat([q.permute(2, 0, 1), g_res.permute(2, 0, 1)])
         quad = (vectors * apply(vectors)).sum(2)                        # vᵀJv, (k + n, b)
-        low = quad[:k].sum(0) - alpha * k                               # tr(Qᵀ(J − αI)Q)
+        low = quad[:k].sum(0) - alpha * kept                            # tr(Qᵀ(J − αI)Q)
         residual = quad[k:].T - alpha[:, None] * (g_res * g_res).sum(1)  # g̃ᵀ(J − αI)g̃, (b, n)
         return (alpha * dim + low)[:, None] + residual
+
+
+def _range_basis(m: Tensor, scale: Tensor) -> Tensor:
+    """An orthonormal basis of the columns of ``m`` (b, D, k) that stand above the rounding, as (b, D, k) with a
+    zero column for each column of ``m`` that adds no direction.
+
+    Gram–Schmidt, each column projected twice (CGS2) against the kept ones; a column whose remainder is at most
+    √eps·``scale`` (b,) — ``scale`` the size of the rounding that made ``m`` — is dropped. Kept columns span the
+    range of ``m`` whatever its rank, so the basis is a smooth function of ``m`` (QR's extra columns of a
+    rank-deficient ``m`` are rounding noise).
+    """
+    tol = math.sqrt(torch.finfo(m.dtype).eps) * scale
+    q = torch.zeros_like(m)
+    for j in range(m.shape[2]):
+        v = m[:, :, j]
+        for _ in range(2):
+            v = v - (q @ (q.transpose(1, 2) @ v[:, :, None]))[:, :, 0]
+        norm = v.norm(dim=1)
+        keep = norm > tol
+        q[:, :, j] = torch.where(keep[:, None], v / torch.where(keep, norm, 1.0)[:, None], 0.0)
+    return q
 
 
 # -- validation -----------------------------------------------------------------------------------
