@@ -614,7 +614,8 @@ def log_likelihood(
     :data:`AUTO_EXACT_MAX_DIM`, beyond it ``"hutch++"`` with sketch 32 and probes 16, whose 80
     products per evaluation do not grow with D). Its probes are drawn once from ``generator`` (a CPU
     ``torch.Generator`` or an int seed; draws are made on the CPU whatever the images' device), which also
-    draws the dequantization noise (first). ``checks=flowdiff.Checks(finite=...)``:
+    draws the dequantization noise, image after image (its noise, then its sketch and probes), so that an image's
+    draws do not depend on the images after it. ``checks=flowdiff.Checks(finite=...)``:
     stop with a :class:`solvers.SolveError` when the state turns NaN/inf (default on); its
     ``growth`` and ``model`` fields do not apply here and are refused unless left at their defaults.
     ``progress=True`` shows a tqdm bar on stderr of the time each solve has reached, its σ and step (of ``steps=N``
