@@ -143,3 +143,19 @@ def test_hutch_plus_plus_with_a_rank_deficient_sketch_takes_the_usual_steps():
     exact = model.log_prob(x, 0.0)
     for r in runs.values():
         assert float((r.log_prob - exact).abs().max()) <= 4 * float(r.error.max()) + 1e-3
+
+
+@pytest.mark.parametrize("dtype, levels", [(torch.float16, 4096), (torch.float16, 65536), (torch.bfloat16, 1024)])
+def test_half_precision_images_too_coarse_for_the_levels_are_refused(gaussian, dtype, levels):
+    """float16 images with dequantize=65536 (or bfloat16 with 1024) were accepted whatever their values — even
+    continuous samples, never quantized — and snapped to some lattice point: the snapping slack (the dtype's
+    rounding near 1) reached half a cell, so every value was 'on the lattice'. Refused now, naming the dtype."""
+    model, _ = gaussian
+    continuous = model.sample(2, generator=torch.Generator().manual_seed(1)).clamp(-1, 1).to(dtype)
+    with pytest.raises(ValueError, match=rf"dequantize={levels}: {str(dtype)[6:]} images cannot hold the "
+                                         rf"{levels}-level lattice .* float32 or float64"):
+        _run(model, continuous, dequantize=levels, generator=0)
+    # the finest lattice each still holds is taken, and snaps what is on it
+    coarse = 2048 if dtype == torch.float16 else 256
+    on_lattice = ((continuous.double() + 1) * (coarse - 1) / 2).round() * 2 / (coarse - 1) - 1
+    _run(model, on_lattice.to(dtype), dequantize=coarse, generator=0)

@@ -460,6 +460,11 @@ def _dequantize(images: Tensor, levels: object, kind: str, sigma_min: float,
     off = (k - k.round()).abs().max()
     # in lattice units: 1e-3, plus the images' own rounding of a lattice point in [-1, 1] (a quarter ulp of 1)
     slack = 1e-3 + torch.finfo(images.dtype).eps / (4.0 * delta)
+    if slack >= 0.5:  # any value is then within the slack of a lattice point: its level cannot be told
+        raise ValueError(f"dequantize={levels}: {str(images.dtype).removeprefix('torch.')} images cannot hold the "
+                         f"{levels}-level lattice of [-1, 1] (spacing {delta:.3g}; they round values near 1 by up to "
+                         f"{torch.finfo(images.dtype).eps / 4:.3g}, so a pixel's level cannot be told, nor whether "
+                         "the images are quantized at all): pass them in float32 or float64")
     if float(off) > slack:
         raise ValueError(f"dequantize={levels}: the images are not on the {levels}-level lattice of [-1, 1] "
                          f"(spacing {delta:.6g}; largest distance {float(off) * delta:.3g}); pass the images as "
