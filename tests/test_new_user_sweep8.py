@@ -159,3 +159,17 @@ def test_half_precision_images_too_coarse_for_the_levels_are_refused(gaussian, d
     coarse = 2048 if dtype == torch.float16 else 256
     on_lattice = ((continuous.double() + 1) * (coarse - 1) / 2).round() * 2 / (coarse - 1) - 1
     _run(model, on_lattice.to(dtype), dequantize=coarse, generator=0)
+
+
+def test_the_check_solve_is_looser_even_where_the_step_cap_sets_every_step():
+    """At Adaptive(rtol=1e-3, atol=1e-3) on a 16-dimensional Gaussian, the solve and its check solve (10× the
+    tolerances) both took the largest step allowed everywhere, the same steps: ``solve_error`` was exactly 0 while
+    log p was 0.006 nats off. The check solve's step cap is twice the solve's now, so its bar covers the error."""
+    var = torch.linspace(0.02, 0.6, 16, dtype=torch.float64)
+    model = Gaussian(torch.zeros(16, dtype=torch.float64), var)
+    x = model.sample(4, generator=torch.Generator().manual_seed(0))
+    r = flowdiff.log_likelihood(model.flow(), x, adaptive=flowdiff.Adaptive(rtol=1e-3, atol=1e-3),
+                                data_mean=0.0, data_var=var)
+    err = (r.log_prob - model.log_prob(x, 0.0)).abs()
+    assert bool((r.solve_error > 0).all())
+    assert bool((err <= r.error).all()), (err, r.error)
