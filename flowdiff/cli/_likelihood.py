@@ -20,6 +20,7 @@ import argparse
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from ..tools.likelihood import (
     Trace,
     log_likelihood,
 )
-from ._argtypes import available_device, device_name, seed
+from ._argtypes import available_device, device_name, int_at_least, seed
 from ._argtypes import positive_int as _positive_int
 from ._argtypes import positive_number as _tolerance
 from ._errors import one_line
@@ -47,6 +48,11 @@ from ._outputs import relative_names
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def _levels(text: str) -> int:
+    """``--dequantize``: quantization levels, 2 or more (one level has no spacing)."""
+    return int_at_least(text, 2, "an integer >= 2 (the quantization levels over [-1, 1]; 256 for 8-bit files)")
 
 
 def add_parser(subparsers: Any, *, load_model: Callable[..., Any],
@@ -91,7 +97,7 @@ def add_parser(subparsers: Any, *, load_model: Callable[..., Any],
     group.add_argument("--dequantization", default="uniform", choices=[*DEQUANTIZATIONS, "none"],
                        help="noise that dequantizes the integer pixel values, for the discrete data's bits/dim "
                             "(default: uniform; truncated_normal as in i-DODE); none: the continuous density's")
-    group.add_argument("--dequantize", type=_positive_int, default=None, metavar="LEVELS",
+    group.add_argument("--dequantize", type=_levels, default=None, metavar="LEVELS",
                        help="quantization levels over [-1, 1] of the images (default: the files' own, 2^bits: 256 "
                             "for 8-bit files, 65536 for 16-bit); bits/dim gets the offset -log2(2/(LEVELS-1))")
     group = p.add_argument_group("solver")
@@ -211,11 +217,18 @@ def run(args: argparse.Namespace) -> int:
                                        atol=DEFAULT_ATOL if args.atol is None else args.atol)
     start = time.perf_counter()
     try:
-        result = log_likelihood(loaded.flow, images, solver=args.solver, estimator=estimator,
-                                generator=torch.Generator().manual_seed(args.seed),
-                                model_kwargs=loaded.model_kwargs or None, progress=_progress(args), **options)
+        with warnings.catch_warnings(record=True) as caught:  # said again below in the flags' words
+            warnings.simplefilter("always")
+            result = log_likelihood(loaded.flow, images, solver=args.solver, estimator=estimator,
+                                    generator=torch.Generator().manual_seed(args.seed),
+                                    model_kwargs=loaded.model_kwargs or None, progress=_progress(args), **options)
     except ValueError as err:
         raise ValueError(_as_flags(one_line(err))) from None
+    for warning in caught:
+        said = _as_flags(str(warning.message))
+        if args.dequantize is None:  # the levels came from the files' depth, not from a flag the user typed
+            said = said.replace(f"--dequantize {levels}:", f"the files' {levels} levels:", 1)
+        warnings.warn(said, warning.category, stacklevel=1)
     wall = time.perf_counter() - start
     if result.dequantization is None:
         how = "continuous density: bits/dim = -log p/(D ln 2), no dequantization"

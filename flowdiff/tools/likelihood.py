@@ -56,8 +56,10 @@ for ``"hutch++"``), ``model_calls`` forward passes (one per field evaluation and
 ``chunk`` samples), and ``check`` the check solve's statistics.
 
 **The error bar.** Two errors: the estimator's (its variance over the probes, ``std_error``)
-and the solve's. A second solve with the same probes at 10× the tolerances (a fixed grid: half
-the steps) differs from the first by about the looser solve's error, which, where the error
+and the solve's. A second solve with the same probes at 10× the tolerances and twice the largest
+step (a fixed grid: half the steps) differs from the first by about the looser solve's error (the
+step cap too is loosened: where the cap, not the tolerance, sets every step, two solves of one cap
+took the same steps and measured an error of exactly 0), which, where the error
 falls with the tolerance, bounds the tighter one's; ``solve_error`` is that difference and
 ``error`` = √(std_error² + solve_error²). The check solve costs less than the first (~0.6× on
 the closed-form mixtures).
@@ -86,8 +88,10 @@ from __future__ import annotations
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import reduce
 from typing import Any
 
 import torch
@@ -123,6 +127,8 @@ AUTO_EXACT_MAX_DIM = 256
 CHECK_FACTOR = 10.0
 #: Steps of at most 1 in log(σ + c) (σ + c grows by at most e per step), as flowdiff's adaptive generate.
 CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=10.0, max_step=1.0)
+#: The check solve's: twice the step cap, so that it is looser than the solve even where the cap sets the steps.
+CHECK_CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=10.0, max_step=2.0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -329,6 +335,11 @@ class _HutchPlusPlus:
     g̃ⱼ = (I − QQᵀ)gⱼ see little but the rest. tr(J) = αD + tr(J − αI) for every α; α and Q
     depend on the sketch only, so each column is unbiased given the sketch. (Run on Jᵀ, whose
     trace is J's: the products are vector–Jacobian products.)
+
+    Q spans only the directions of (J − αI)·S that stand above its rounding (:func:`_range_basis`): where the
+    sketch is rank-deficient (two Rademacher vectors ±equal, likely in few dimensions) or J − αI vanishes below
+    the precision (σ = 0; large σ in float32), a plain QR would fill Q with rounding noise that changes at every
+    evaluation, and the adaptive solve, fed a rough field, took 260× the steps for the whole batch.
     """
 
     def __init__(self, sketch: Tensor, probes: Tensor) -> None:
@@ -341,14 +352,38 @@ class _HutchPlusPlus:
         k, dim = s.shape[0], s.shape[2]
         js = apply(s)
         alpha = ((s * js).sum(2) / (s * s).sum(2)).mean(0)              # (b,)
-        q = torch.linalg.qr((js - alpha[None, :, None] * s).permute(1, 2, 0)).Q   # (b, D, k)
+        # the rounding of js − αs is of the size of js and αs
+        scale = (js.norm(dim=2) + alpha.abs() * s.norm(dim=2)).amax(0)  # (b,)
+        q = _range_basis((js - alpha[None, :, None] * s).permute(1, 2, 0), scale)   # (b, D, k), zero columns
+        kept = (q.abs().amax(1) > 0).sum(1).to(alpha.dtype)             # (b,)
         g = self.probes[:, rows].permute(1, 2, 0)                       # (b, D, n)
         g_res = g - q @ (q.transpose(1, 2) @ g)
         vectors = torch.cat([q.permute(2, 0, 1), g_res.permute(2, 0, 1)])
         quad = (vectors * apply(vectors)).sum(2)                        # vᵀJv, (k + n, b)
-        low = quad[:k].sum(0) - alpha * k                               # tr(Qᵀ(J − αI)Q)
+        low = quad[:k].sum(0) - alpha * kept                            # tr(Qᵀ(J − αI)Q)
         residual = quad[k:].T - alpha[:, None] * (g_res * g_res).sum(1)  # g̃ᵀ(J − αI)g̃, (b, n)
         return (alpha * dim + low)[:, None] + residual
+
+
+def _range_basis(m: Tensor, scale: Tensor) -> Tensor:
+    """An orthonormal basis of the columns of ``m`` (b, D, k) that stand above the rounding, as (b, D, k) with a
+    zero column for each column of ``m`` that adds no direction.
+
+    Gram–Schmidt, each column projected twice (CGS2) against the kept ones; a column whose remainder is at most
+    √eps·``scale`` (b,) — ``scale`` the size of the rounding that made ``m`` — is dropped. Kept columns span the
+    range of ``m`` whatever its rank, so the basis is a smooth function of ``m`` (QR's extra columns of a
+    rank-deficient ``m`` are rounding noise).
+    """
+    tol = math.sqrt(torch.finfo(m.dtype).eps) * scale
+    q = torch.zeros_like(m)
+    for j in range(m.shape[2]):
+        v = m[:, :, j]
+        for _ in range(2):
+            v = v - (q @ (q.transpose(1, 2) @ v[:, :, None]))[:, :, 0]
+        norm = v.norm(dim=1)
+        keep = norm > tol
+        q[:, :, j] = torch.where(keep[:, None], v / torch.where(keep, norm, 1.0)[:, None], 0.0)
+    return q
 
 
 # -- validation -----------------------------------------------------------------------------------
@@ -408,12 +443,13 @@ def _per_pixel(name: str, value: object, shape: tuple[int, ...], *, positive: bo
 
 
 def _dequantize(images: Tensor, levels: object, kind: str, sigma_min: float,
-                generator: torch.Generator | None) -> tuple[Tensor, float, Tensor]:
+                u: Tensor) -> tuple[Tensor, float, Tensor]:
     """Dequantization on the lattice of ``levels`` values over [−1, 1]: ỹ = y + Δ(u − ½).
 
     ``kind="uniform"``: u ~ U[0, 1)^D, log q(u) = 0. ``"truncated_normal"``: u − ½ ~ N(0, s²)
     truncated to [−½, ½] per pixel, s = σ_min/Δ (the schedule's smallest noise level in lattice
-    units), drawn by inverting the normal CDF, with its log-density log q(u) summed over pixels.
+    units), drawn by inverting the normal CDF of ``u`` (U[0, 1) draws of the images' shape, float64), with its
+    log-density log q(u) summed over pixels.
     The images may carry their dtype's rounding (float16, bfloat16: up to a quarter ulp of 1, eps/4, off the
     lattice): each is snapped to its lattice point y in float64, and ỹ is returned in float32 or the images'
     wider dtype, since a half-precision ỹ would round the noise away (bfloat16 resolves half a cell at 256 levels).
@@ -428,11 +464,22 @@ def _dequantize(images: Tensor, levels: object, kind: str, sigma_min: float,
     off = (k - k.round()).abs().max()
     # in lattice units: 1e-3, plus the images' own rounding of a lattice point in [-1, 1] (a quarter ulp of 1)
     slack = 1e-3 + torch.finfo(images.dtype).eps / (4.0 * delta)
-    if float(off) > slack or float(k.min()) < -slack or float(k.max()) > levels - 1 + slack:
+    if slack >= 0.5:  # any value is then within the slack of a lattice point: its level cannot be told
+        raise ValueError(f"dequantize={levels}: {str(images.dtype).removeprefix('torch.')} images cannot hold the "
+                         f"{levels}-level lattice of [-1, 1] (spacing {delta:.3g}; they round values near 1 by up to "
+                         f"{torch.finfo(images.dtype).eps / 4:.3g}, so a pixel's level cannot be told, nor whether "
+                         "the images are quantized at all): pass them in float32 or float64")
+    if float(off) > slack:
         raise ValueError(f"dequantize={levels}: the images are not on the {levels}-level lattice of [-1, 1] "
                          f"(spacing {delta:.6g}; largest distance {float(off) * delta:.3g}); pass the images as "
                          "quantized, or dequantize=None for the continuous density")
-    u = torch.rand(images.shape, dtype=torch.float64, generator=generator)
+    if float(k.min()) < -slack or float(k.max()) > levels - 1 + slack:
+        low, high = float(images.min()), float(images.max())
+        raise ValueError(f"dequantize={levels}: the images span [{low:.6g}, {high:.6g}], "
+                         f"outside the lattice's range [-1, 1] (its {levels} levels, spacing {delta:.6g}, end there); "
+                         "pass pixels in [-1, 1] (8-bit values v as v / 127.5 - 1), or dequantize=None for the "
+                         "continuous density")
+    _warn_if_coarser(k.round().long(), levels)
     batch = images.shape[0]
     if kind == "uniform":
         centred = u - 0.5
@@ -450,10 +497,47 @@ def _dequantize(images: Tensor, levels: object, kind: str, sigma_min: float,
     return moved, -math.log2(delta), log_q.to(images.device)
 
 
-def _draw(noise: str, n: int, batch: int, dim: int, generator: torch.Generator | None) -> Tensor:
-    if noise == "rademacher":
-        return torch.randint(0, 2, (n, batch, dim), generator=generator).double() * 2 - 1
-    return torch.randn(n, batch, dim, dtype=torch.float64, generator=generator)
+def _warn_if_coarser(indices: Tensor, levels: int) -> None:
+    """Warn when the images' lattice indices all lie on a coarser sublattice of the ``levels`` given.
+
+    Pixels that use only every g-th level (g | levels − 1; 8-bit data in a 16-bit file: g = 257; binary images
+    read as 8-bit: g = 255) are data on (levels − 1)/g + 1 levels, and the bits/dim against ``levels`` is larger
+    by about log₂ g — a statement about the levels asked for, not about the data. One distinct value says nothing.
+    """
+    values = indices.unique().tolist()
+    if len(values) < 2:
+        return
+    g = reduce(math.gcd, values, levels - 1)
+    if g > 1:
+        coarse = (levels - 1) // g + 1
+        warnings.warn(f"dequantize={levels}: every pixel of the images lies on the coarser {coarse}-level lattice "
+                      f"(they use one level in {g} of the {levels}); bits/dim is measured on the {levels}-level "
+                      f"lattice, about log2({g}) = {math.log2(g):.3g} bits/dim more than on theirs: give "
+                      f"dequantize={coarse} if the data are {coarse}-level (8-bit pixels in a 16-bit file, say)",
+                      UserWarning, stacklevel=4)
+
+
+def _draw_per_image(generator: torch.Generator | None, shape: tuple[int, ...], batch: int, dequantize: bool,
+                    noise: str | None, counts: list[int]) -> tuple[Tensor | None, list[Tensor]]:
+    """The random numbers of each image, drawn image after image: its dequantization's U[0, 1) draws (if
+    ``dequantize``), then ``counts[j]`` probe vectors for each j (Hutch++: the sketch, then the probes).
+
+    Image i's numbers depend on the seed and on i only, not on the batch after it: the first images of a batch give
+    the same numbers alone (on a fixed grid, the same values). Returns u (batch, *shape) or ``None``, and each draw
+    as (counts[j], batch, D), float64.
+    """
+    dim = math.prod(shape)
+    us: list[Tensor] = []
+    draws: list[list[Tensor]] = [[] for _ in counts]
+    for _ in range(batch):
+        if dequantize:
+            us.append(torch.rand(shape, dtype=torch.float64, generator=generator))
+        for j, n in enumerate(counts):
+            if noise == "rademacher":
+                draws[j].append(torch.randint(0, 2, (n, dim), generator=generator).double() * 2 - 1)
+            else:
+                draws[j].append(torch.randn(n, dim, dtype=torch.float64, generator=generator))
+    return (torch.stack(us) if dequantize else None), [torch.stack(d, 1) for d in draws]
 
 
 # -- the solve -----------------------------------------------------------------------------------
@@ -529,7 +613,7 @@ def log_likelihood(
     * ``steps=N``: a fixed grid of N steps uniform in τ with any σ-variable solver (``rk4``,
       ``heun``, ``ipndm``, ...); refused beside ``adaptive=``.
 
-    **Error bar.** With ``solve_check`` (default) a second solve at 10× the tolerances (or half
+    **Error bar.** With ``solve_check`` (default) a second solve at 10× the tolerances and twice the step cap (or half
     the steps, at least one: so ``steps=1`` needs ``solve_check=False``), with the same probes,
     measures the solve's error: ``solve_error`` is |ℓ − ℓ_check| per sample, an overestimate of
     the reported solve's own error wherever the error falls with the tolerance. ``error`` =
@@ -539,7 +623,8 @@ def log_likelihood(
     :data:`AUTO_EXACT_MAX_DIM`, beyond it ``"hutch++"`` with sketch 32 and probes 16, whose 80
     products per evaluation do not grow with D). Its probes are drawn once from ``generator`` (a CPU
     ``torch.Generator`` or an int seed; draws are made on the CPU whatever the images' device), which also
-    draws the dequantization noise (first). ``checks=flowdiff.Checks(finite=...)``:
+    draws the dequantization noise, image after image (its noise, then its sketch and probes), so that an image's
+    draws do not depend on the images after it. ``checks=flowdiff.Checks(finite=...)``:
     stop with a :class:`solvers.SolveError` when the state turns NaN/inf (default on); its
     ``growth`` and ``model`` fields do not apply here and are refused unless left at their defaults.
     ``progress=True`` shows a tqdm bar on stderr of the time each solve has reached, its σ and step (of ``steps=N``
@@ -656,8 +741,10 @@ def log_likelihood(
 
     offset, log_q = 0.0, None
     images_dtype = images.dtype  # the latent's; a dequantized half-precision batch is held in float32
+    counts = {"exact": [], "hutchinson": [probes], "hutch++": [sketch, probes]}[divergence]
+    u, draws = _draw_per_image(generator, shape, batch, dequantize is not None, noise, counts)
     if dequantize is not None:
-        images, offset, log_q = _dequantize(images, dequantize, dequantization, float(schedule.sigma_min), generator)
+        images, offset, log_q = _dequantize(images, dequantize, dequantization, float(schedule.sigma_min), u)
     dtype = torch.float32 if images.dtype in (torch.float16, torch.bfloat16) else images.dtype
     device = images.device
     xbar0 = images.to(dtype).reshape(batch, dim)
@@ -666,10 +753,9 @@ def log_likelihood(
     if divergence == "exact":
         estimator: Any = _Exact(dim, chunk)
     elif divergence == "hutchinson":
-        estimator = _Hutchinson(_draw(noise, probes, batch, dim, generator).to(device, dtype))
+        estimator = _Hutchinson(draws[0].to(device, dtype))
     else:
-        s = _draw(noise, sketch, batch, dim, generator).to(device, dtype)
-        estimator = _HutchPlusPlus(s, _draw(noise, probes, batch, dim, generator).to(device, dtype))
+        estimator = _HutchPlusPlus(draws[0].to(device, dtype), draws[1].to(device, dtype))
     k = estimator.columns
 
     # the engine's time (τ = log(σ + c) from the chooser above), its ends mapping back to σ = 0 and σ_max exactly
@@ -708,11 +794,12 @@ def log_likelihood(
             return torch.maximum(img, lp.amax(1)).max()
 
         callback = None if bar is None else bar.update
+        controller = CONTROLLER if scale == 1.0 else CHECK_CONTROLLER
         try:
             with torch.no_grad():
                 if steps is None:
                     sol = solvers.solve_adaptive(augmented, y0, t_zero, t_max, solver_obj, rtol=rtol * scale,
-                                                 atol=atol * scale, norm=norm, controller=CONTROLLER, max_nfe=max_nfe,
+                                                 atol=atol * scale, norm=norm, controller=controller, max_nfe=max_nfe,
                                                  callback=callback, check_finite=check_finite,
                                                  time_name=form.time_name)
                 else:
