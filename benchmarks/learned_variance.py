@@ -50,25 +50,18 @@ def parse_variants(text: str) -> dict[str, dict]:
     for item in text.split(","):
         if item == "plain":
             out[item] = {}
-        elif item == "shrink":
-            out[item] = {"_shrink": (0.25, 0.5, 0.75)}
         elif item.startswith("robust="):
             out[item] = {"robust": float(item.split("=", 1)[1])}
         else:
-            raise ValueError(f"--variants: unknown entry {item!r}; accepted: plain, shrink, robust=<τ>")
+            raise ValueError(f"--variants: unknown entry {item!r}; accepted: plain, robust=<τ>")
     return out
 
 
 def fitted(flow, calibration, noise, ref, budget, name, options, sigmas, iterations, tol, extra) -> dict:
     started = time.perf_counter()
-    extra = dict(extra)
-    _learned._SHRINK = extra.pop("_shrink", ())
-    try:
-        half, refit = _learned._learn_both(flow, calibration, solver=name, solver_options=options, nfe=budget,
-                                           sigmas=sigmas, reference_tol=tol, learn=DEFAULT, iterations=iterations,
-                                           **extra)
-    finally:
-        _learned._SHRINK = ()
+    half, refit = _learned._learn_both(flow, calibration, solver=name, solver_options=options, nfe=budget,
+                                       sigmas=sigmas, reference_tol=tol, learn=DEFAULT, iterations=iterations,
+                                       **extra)
     seconds = time.perf_counter() - started
     fit = refit or half
     with torch.no_grad():
@@ -77,7 +70,6 @@ def fitted(flow, calibration, noise, ref, budget, name, options, sigmas, iterati
     cal = fit.calibration_error if refit is not None else math.nan  # a fit not kept is the tuned grid
     return dict(kept=half.kept, variant=variant(half), held=half.validation_error, base_held=half.base_validation_error,
                 per_sample=per_sample_error(out.x, ref), rmse=rmse(out.x, ref), cal=cal,
-                shrink=half.options.get("shrink"),
                 cost=fit.fitting_nfe - fit.reference_nfe, solves=fit.solves, seconds=seconds)
 
 
@@ -154,10 +146,9 @@ def main() -> None:
                     if fit["kept"]:
                         candidates[v].append(dict(fit, label=f"`{label}` {v}"))
                     first = first or fit
-                    shrunk = "" if fit["shrink"] in (None, 1.0) else f" (×{fit['shrink']:g})"
                     change = ratio(fit["per_sample"], first["per_sample"].unsqueeze(0))
                     lines.append(f"| {budget} | `{label}` | {row['rmse']:.3e} | {v} | {fit['held']:.3e} "
-                                 f"({fit['base_held']:.3e}) | {fit['variant']}{shrunk} | {fit['rmse']:.3e} | "
+                                 f"({fit['base_held']:.3e}) | {fit['variant']} | {fit['rmse']:.3e} | "
                                  f"{change.ratio:.3f} [{change.low:.3f}, {change.high:.3f}] | {fit['cost']} "
                                  f"({fit['solves']}) |")
                     print(lines[-1], f"[{fit['seconds']:.0f} s]", flush=True)

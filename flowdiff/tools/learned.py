@@ -146,9 +146,6 @@ TRAJECTORY_BOUND = 1.0
 #: previous step's (two measured higher on the evaluation noise: RESULTS.md, engineer L3)
 TRAJECTORY_DEPTH = 1
 
-#: scratch (benchmarks/learned_variance.py): factors f the held-out half may pull a kept fit to, f·v (v = 0 the base)
-_SHRINK: tuple[float, ...] = ()
-
 #: candidate starts tried across the start's interval (evenly in log σ) before its least-squares fit
 _START_SCAN = 8
 
@@ -877,19 +874,10 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
     r = objective.plain(v) if objective is not None else r0
     calib, base_calib = float(np.sqrt(np.mean(r * r))), float(np.sqrt(np.mean(r0 * r0)))
     base_val = judged[zero.tobytes()] if zero.tobytes() in judged else _rms(images(zero, held), held_target)
-    unshrunk, factor = v, 1.0
-    if _SHRINK and objective is not None and learned_val < base_val:  # scratch: the fit pulled towards the base
-        for f in _SHRINK:
-            value = _rms(images(f * unshrunk, held), held_target)
-            if value < learned_val:
-                factor, learned_val = f, value
-        v = factor * unshrunk
-        r = objective.plain(v)
-        calib = float(np.sqrt(np.mean(r * r)))
     settings = {"learn": list(learn), "terms": terms, "bound": bound, "shift_bound": shift_bound,
                 "iterations": iterations, "ridge": float(ridge),
                 "robust": None if robust is None else float(robust), "reference_tol": float(reference_tol),
-                "calibration_batch": int(noise.shape[0]), **({"shrink": factor} if _SHRINK else {})}
+                "calibration_batch": int(noise.shape[0])}
 
     def result(w: np.ndarray, calib: float, base_calib: float, fitted_on: str) -> LearnedSolver:
         coefficients, shifts, scales, directions, trajectory = unpacked(w)
@@ -913,7 +901,7 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
     # (same slots, bounds and iterations; the kinds that variant left at zero stay there)
     # (the first of the four that equals the chosen one: the held-out half took the simplest on a tie)
     mask = next(m for w, m in ((plain, every), (scales_only, every | (kinds == "k")), (directed, kinds != "h"),
-                               (unshrunk, np.ones(len(v), bool))) if np.array_equal(w, unshrunk))
+                               (v, np.ones(len(v), bool))) if np.array_equal(w, v))
 
     def residual_all(w: np.ndarray) -> np.ndarray:
         r = (images(w, whole) - target).reshape(-1).cpu().numpy()
@@ -922,7 +910,7 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
     r0_all = residual_all(zero)
     weight = objective.weight / max(float(np.linalg.norm(r0)), 1e-300) * float(np.linalg.norm(r0_all))
     every_sample = _Objective(residual_all, r0_all, weight, _Huber.of(r0_all, target.shape[0], robust))
-    w = factor * _fit(every_sample, unshrunk, lower, upper, mask, iterations)
+    w = _fit(every_sample, v, lower, upper, mask, iterations)
     r_all = every_sample.plain(w)
     refit = result(w, float(np.sqrt(np.mean(r_all * r_all))), float(np.sqrt(np.mean(r0_all * r0_all))), "all")
     refit = replace(refit, validation_error=learned_val, base_validation_error=base_val,
