@@ -72,8 +72,9 @@ bounded so that every evaluation stays between σ = 0 and the schedule's σ_max 
 no time outside; the first step out of σ_max can only move its evaluation down). With ``robust=τ`` the sum is
 Huber's per sample instead (each sample's RMS error e counts e² up to τ·m and 2τm·e − (τm)² above, m the base
 method's median e): a few samples that land in another training image's basin carry most of the squared error, and
-a fit that chases them does not carry over to other noise (``benchmarks/RESULTS.md``, "Issue 26 item 1: a robust
-fitted objective (engineer L4)"); the held-out decision below stays on the RMS error. The noise is
+a fit that chases them does not carry over to other noise; measured mixed, so opt-in (``benchmarks/RESULTS.md``,
+"Issue 26 item 1: a robust fitted objective, and a held-out shrinkage (engineer L4)"); the held-out decision below
+stays on the RMS error. The noise is
 split: the even-indexed half is fitted, the odd-indexed half decides — the learned solver is
 kept only if its RMS error on the held-out half is below the base method's on the starting
 grid; otherwise the result is the base method on that grid (``kept=False``). Where more than
