@@ -69,7 +69,12 @@ with ``x_ref`` = :func:`flowdiff.reference_solution` from σ_max (the student's 
 would use anyway: the shipped tuned grid of that model, solver and budget when there is one, else ``logsnr``),
 the Jacobian by forward differences (one candidate solve per parameter). A shift is further
 bounded so that every evaluation stays between σ = 0 and the schedule's σ_max (the model has
-no time outside; the first step out of σ_max can only move its evaluation down). The noise is
+no time outside; the first step out of σ_max can only move its evaluation down). With ``robust=τ`` the sum is
+Huber's per sample instead (each sample's RMS error e counts e² up to τ·m and 2τm·e − (τm)² above, m the base
+method's median e): a few samples that land in another training image's basin carry most of the squared error, and
+a fit that chases them does not carry over to other noise; measured mixed, so opt-in (``benchmarks/RESULTS.md``,
+"Issue 26 item 1: a robust fitted objective, and a held-out shrinkage (engineer L4)"); the held-out decision below
+stays on the RMS error. The noise is
 split: the even-indexed half is fitted, the odd-indexed half decides — the learned solver is
 kept only if its RMS error on the held-out half is below the base method's on the starting
 grid; otherwise the result is the base method on that grid (``kept=False``). Where more than
@@ -591,6 +596,7 @@ def learn_solver(
     shift_bound: float = 0.5,
     iterations: int = 8,
     ridge: float = 0.0,
+    robust: float | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     reference_tol: float = 1e-7,
 ) -> LearnedSolver:
@@ -621,7 +627,11 @@ def learn_solver(
     each coefficient in ``[−bound, bound]``; each shift in ``[−shift_bound, shift_bound]`` (in units of
     its step); ``iterations`` caps the least-squares iterations of each fit (each costs one candidate
     solve per parameter plus one); ``ridge`` adds ``ridge·|r₀|²·|c|²/dim(c)`` to the fitted sum of
-    squares (``r₀`` the base method's residual), pulling the coefficients towards the base method.
+    squares (``r₀`` the base method's residual), pulling the coefficients towards the base method. ``robust``
+    (``None``: plain least squares) is a threshold τ > 0 that makes the fitted objective Huber's per sample: a
+    sample whose RMS error e exceeds τ·m (m the base method's median per-sample RMS error on the fitted samples)
+    counts 2τm·e − (τm)² instead of e², so the few samples the base method sends far (into another training
+    image's basin) pull the fit linearly, not quadratically; the held-out decision stays on the RMS error.
     Measure the result on other noise (:meth:`LearnedSolver.validated`).
     """
     half, refit = _half_and_refit(**locals())  # every argument, as given
@@ -638,7 +648,8 @@ def _learn_both(flow: ProbabilityFlow, noise: Tensor, **options: Any) -> tuple[L
 
 def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int, learn: str | tuple[str, ...],
                     solver_options: Mapping[str, Any] | None, sigmas: np.ndarray | None, terms: int, bound: float,
-                    shift_bound: float, iterations: int, ridge: float, model_kwargs: Mapping[str, Any] | None,
+                    shift_bound: float, iterations: int, ridge: float, robust: float | None,
+                    model_kwargs: Mapping[str, Any] | None,
                     reference_tol: float) -> tuple[LearnedSolver, LearnedSolver | None]:
     """:func:`learn_solver`'s fit: the half-fit (fitted on the even half, judged on the odd half; the base method if
     not kept) and, where it is kept, the chosen variant refitted on all the noise from there (else ``None``)."""
@@ -666,6 +677,10 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
             raise ValueError(f"{name} must be an int in {lo}..{hi}, got {value!r}")
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not (0 <= ridge < math.inf):
         raise ValueError(f"ridge must be a finite number >= 0 (the weight of |c|² in the fit), got {ridge!r}")
+    if robust is not None and (isinstance(robust, bool) or not isinstance(robust, (int, float))
+                               or not 0 < robust < math.inf):
+        raise ValueError(f"robust must be None (plain least squares) or a positive finite number (the Huber "
+                         f"threshold, in multiples of the base method's median per-sample RMS error), got {robust!r}")
     bound, shift_bound = _positive("bound", bound, "coefficient"), _positive("shift_bound", shift_bound, "shift")
     if isinstance(reference_tol, bool) or not isinstance(reference_tol, (int, float)) or not 0 < reference_tol <= 1e-3:
         raise ValueError(f"reference_tol must be a number in (0, 1e-3], got {reference_tol!r}")
@@ -800,7 +815,7 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
     if slots and iterations > 0:
         penalised = np.array([k == "c" for k, _, _ in slots])
         objective = _Objective(residual, r0, math.sqrt(ridge * float(np.dot(r0, r0)) / max(int(penalised.sum()), 1))
-                               * penalised)
+                               * penalised, _Huber.of(r0, fit_target.shape[0], robust))
         kinds = np.array([k for k, _, _ in slots])
         last = (kinds == "k") | (kinds == "w") | (kinds == "h")  # fitted on top of the rest
         others = (kinds != "t") & ~last
@@ -852,16 +867,17 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
     # each variant the held-out half judged, [its RMS on the fitted half, on the held-out half] (from the solves
     # above): "others" the kinds but scales, directions and trajectory; then each of those added, in that order
     named = [("others", plain), ("scales", scales_only), ("directions", directed), ("trajectory", v)]
-    variants = {name: [_rms_of(objective(w)[:r0.size] if objective is not None else r0), judged[w.tobytes()]]
+    variants = {name: [_rms_of(objective.plain(w) if objective is not None else r0), judged[w.tobytes()]]
                 for name, w in named if name == "others" or name in learn}
     v = chosen
     # the chosen fit's residual and the base's held-out error, from the solves made above where they were (the
     # objective keeps each candidate's residual; the held-out half judged the base when nothing else was fitted)
-    r = objective(v)[:r0.size] if objective is not None else r0
+    r = objective.plain(v) if objective is not None else r0
     calib, base_calib = float(np.sqrt(np.mean(r * r))), float(np.sqrt(np.mean(r0 * r0)))
     base_val = judged[zero.tobytes()] if zero.tobytes() in judged else _rms(images(zero, held), held_target)
     settings = {"learn": list(learn), "terms": terms, "bound": bound, "shift_bound": shift_bound,
-                "iterations": iterations, "ridge": float(ridge), "reference_tol": float(reference_tol),
+                "iterations": iterations, "ridge": float(ridge),
+                "robust": None if robust is None else float(robust), "reference_tol": float(reference_tol),
                 "calibration_batch": int(noise.shape[0])}
 
     def result(w: np.ndarray, calib: float, base_calib: float, fitted_on: str) -> LearnedSolver:
@@ -894,9 +910,9 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
 
     r0_all = residual_all(zero)
     weight = objective.weight / max(float(np.linalg.norm(r0)), 1e-300) * float(np.linalg.norm(r0_all))
-    every_sample = _Objective(residual_all, r0_all, weight)
+    every_sample = _Objective(residual_all, r0_all, weight, _Huber.of(r0_all, target.shape[0], robust))
     w = _fit(every_sample, v, lower, upper, mask, iterations)
-    r_all = every_sample(w)[:r0_all.size]
+    r_all = every_sample.plain(w)
     refit = result(w, float(np.sqrt(np.mean(r_all * r_all))), float(np.sqrt(np.mean(r0_all * r0_all))), "all")
     refit = replace(refit, validation_error=learned_val, base_validation_error=base_val,
                     options={**refit.options, "variants": variants},
@@ -905,19 +921,56 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
     return half, refit
 
 
-class _Objective:
-    """The fitted residual of parameters ``v``: the image error (``residual``) and ``weight·v`` (the ridge),
-    each candidate solved once."""
+class _Huber:
+    """Huber's loss per sample, as a residual least squares can take: sample s's residual r_s (its RMS e_s) is
+    scaled by √(ρ(e_s)/e_s²), ρ(e) = e² up to the threshold τ·m and 2τm·e − (τm)² above it, so its squared norm
+    counts ρ in place of e² (m the base method's median e_s, fixed when the fit starts)."""
 
-    def __init__(self, residual, r0: np.ndarray, weight: np.ndarray) -> None:
-        self.residual, self.weight = residual, weight
-        self.cache: dict[bytes, np.ndarray] = {np.zeros(len(weight)).tobytes(): np.concatenate([r0, 0.0 * weight])}
+    def __init__(self, samples: int, threshold: float) -> None:
+        self.samples, self.threshold = samples, threshold
+
+    @classmethod
+    def of(cls, r0: np.ndarray, samples: int, robust: float | None) -> _Huber | None:
+        """The loss for ``robust`` (``None``: none) scaled by the base residual ``r0``'s median per-sample RMS."""
+        if robust is None:
+            return None
+        median = float(np.median(np.sqrt(np.mean(r0.reshape(samples, -1) ** 2, axis=1))))
+        return cls(samples, robust * median) if median > 0 else None  # the base is exact: nothing to be robust to
+
+    def __call__(self, r: np.ndarray) -> np.ndarray:
+        per_sample = r.reshape(self.samples, -1)
+        e = np.sqrt(np.mean(per_sample ** 2, axis=1))
+        tau = self.threshold
+        factor = np.ones_like(e)
+        far = e > tau
+        factor[far] = np.sqrt((2 * tau * e[far] - tau * tau) / (e[far] * e[far]))
+        return (per_sample * factor[:, None]).reshape(-1)
+
+
+class _Objective:
+    """The fitted residual of parameters ``v``: the image error (``residual``, through ``loss`` where one is given:
+    :class:`_Huber`) and ``weight·v`` (the ridge), each candidate solved once."""
+
+    def __init__(self, residual, r0: np.ndarray, weight: np.ndarray, loss: _Huber | None = None) -> None:
+        self.residual, self.weight, self.loss = residual, weight, loss
+        zero = np.zeros(len(weight)).tobytes()
+        self.plains: dict[bytes, np.ndarray] = {zero: r0}
+        self.cache: dict[bytes, np.ndarray] = {zero: np.concatenate([self._lossed(r0), 0.0 * weight])}
+
+    def _lossed(self, r: np.ndarray) -> np.ndarray:
+        return r if self.loss is None else self.loss(r)
 
     def __call__(self, v: np.ndarray) -> np.ndarray:
         key = v.tobytes()
         if key not in self.cache:
-            self.cache[key] = np.concatenate([self.residual(v), self.weight * v])
+            self.plains[key] = r = self.residual(v)
+            self.cache[key] = np.concatenate([self._lossed(r), self.weight * v])
         return self.cache[key]
+
+    def plain(self, v: np.ndarray) -> np.ndarray:
+        """The image error of ``v`` itself (no loss, no ridge): what the RMS figures are made of."""
+        self(v)
+        return self.plains[v.tobytes()]
 
     def cost(self, v: np.ndarray) -> float:
         r = self(v)
