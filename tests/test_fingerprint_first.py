@@ -29,6 +29,9 @@ def _noise(n=8):
 
 
 FITS = {
+    "learn_solver": lambda flow: fd.learn_solver(flow, _noise(), solver="heun", nfe=6, iterations=2),
+    "tune_roundtrip": lambda flow: fd.tune_roundtrip(flow, GAUSS.sample(8, generator=torch.Generator().manual_seed(2))
+                                                     .to(torch.float64), solver="euler", nfe=4, max_evals=5),
     "tune": lambda flow: fd.tune(flow, _noise(), solver="heun", nfe=6, progress=False),
     "learn_encoder": lambda flow: fd.learn_encoder(flow, GAUSS.sample(8, generator=torch.Generator().manual_seed(2))
                                                    .to(torch.float64), solver="heun", nfe=6, iterations=2),

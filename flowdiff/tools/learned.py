@@ -110,7 +110,6 @@ import solvers as _solvers
 
 from ..api.sampling import decode, encode, generate
 from ..engine._checks import check_data_range, data_range_checked, model_kwargs_rows
-from ..engine.fingerprint import flow_fingerprint
 from ..engine.flow import ProbabilityFlow
 from ..engine.formulations import (
     encode_evaluates_end,
@@ -120,7 +119,16 @@ from ..engine.formulations import (
 from ..engine.grids import make_sigmas, reversed_grid
 from ..engine.schedules import Schedule
 from .reference import reference_solution
-from .tuning import TunedGrid, _Warp, check_fingerprint, check_rows_split, read_record, stored_grid, write_record
+from .tuning import (
+    TunedGrid,
+    _Warp,
+    check_fingerprint,
+    check_rows_split,
+    read_record,
+    record_fingerprint,
+    stored_grid,
+    write_record,
+)
 
 __all__ = ["LearnedSolver", "learn_solver", "tune_roundtrip"]
 
@@ -684,6 +692,7 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
     bound, shift_bound = _positive("bound", bound, "coefficient"), _positive("shift_bound", shift_bound, "shift")
     if isinstance(reference_tol, bool) or not isinstance(reference_tol, (int, float)) or not 0 < reference_tol <= 1e-3:
         raise ValueError(f"reference_tol must be a number in (0, 1e-3], got {reference_tol!r}")
+    fingerprint = record_fingerprint(flow, model_kwargs, "learn_solver")
     start = time.perf_counter()
     if sigmas is not None:
         grid_name = "given"
@@ -886,7 +895,7 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
         if shifts is not None:
             shifts = tuple(fitted.shifts.values())  # clipped to the fitted grid's intervals (in step order)
         return LearnedSolver(solver, options, nfe, fitted_grid.copy(), coefficients or (),
-                             flow_fingerprint(flow, model_kwargs),
+                             fingerprint,
                              True, calib, base_calib, math.nan, math.nan, grid_name, shifts=shifts or (), learn=learn,
                              base_sigmas=sigmas.copy() if moved else None, scales=scales or (),
                              directions=directions or (), trajectory=trajectory or (),
@@ -1064,6 +1073,7 @@ def tune_roundtrip(
         raise TypeError(f"nfe must be an int, got {type(nfe).__name__}")
     steps = _solvers.steps_for_nfe(solver_obj, nfe, eval_end=encode_evaluates_end(solver_obj))
     check_data_range(images, "images")  # once here, not once per candidate round trip
+    fingerprint = record_fingerprint(flow, model_kwargs, "tune_roundtrip")
     start = time.perf_counter()
     fit, held = slice(0, None, 2), slice(1, None, 2)  # the batch's rows
     spent = {"nfe": check_rows_split(flow, images, model_kwargs, (fit, held)), "evals": 0}
@@ -1109,7 +1119,7 @@ def tune_roundtrip(
     if tuned is not initial and error(tuned, held) >= error(initial, held):
         tuned, tuned_err = initial, initial_err  # the held-out half prefers the start
     return TunedGrid(np.asarray(tuned, dtype=np.float64).copy(), solver, options, nfe,
-                     flow_fingerprint(flow, model_kwargs),
+                     fingerprint,
                      {"objective": "roundtrip", "max_evals": max_evals, "calibration_batch": int(images.shape[0])},
                      tuned_err, initial_name, initial_err, spent["evals"], spent["nfe"], 0,
                      time.perf_counter() - start, "roundtrip")
