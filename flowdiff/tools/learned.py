@@ -692,7 +692,6 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
     bound, shift_bound = _positive("bound", bound, "coefficient"), _positive("shift_bound", shift_bound, "shift")
     if isinstance(reference_tol, bool) or not isinstance(reference_tol, (int, float)) or not 0 < reference_tol <= 1e-3:
         raise ValueError(f"reference_tol must be a number in (0, 1e-3], got {reference_tol!r}")
-    fingerprint = record_fingerprint(flow, model_kwargs, "learn_solver")
     start = time.perf_counter()
     if sigmas is not None:
         grid_name = "given"
@@ -723,6 +722,7 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
         shown = "sigmas=" if grid_name == "given" else f"the {grid_name} grid"
         raise ValueError(f"{shown} ({len(sigmas) - 1} steps) costs {cost} evaluations with solver {solver!r}, over "
                          f"nfe={nfe}: give a grid of fewer steps or a larger nfe")
+    fingerprint = record_fingerprint(flow, model_kwargs, "learn_solver")  # after the arguments, before the teacher
     counts, intervals = _layout(base, sigmas, terms, learn, flow.schedule, shift_bound)
     # the fitted parameters: ("c", step, term) in [−bound, bound], then ("s", step) within the step's interval,
     # ("g", σ index) and ("t", 0) for the grid and its start, ("k", step) in [−SCALE_BOUND, SCALE_BOUND]

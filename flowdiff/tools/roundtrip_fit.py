@@ -403,7 +403,6 @@ def learn_encoder(
             or not 0 < reference_tol <= 1e-3):
         raise ValueError(f"reference_tol must be a number in (0, 1e-3], got {reference_tol!r}")
     reference_tol = float(reference_tol)
-    fingerprint = record_fingerprint(flow, model_kwargs, "learn_encoder")
     # the budget before any evaluation: the steps ``nfe`` buys each way (the encode's count; its decode costs no more)
     affordable = check_budget(solver, nfe, _solvers.steps_for_nfe(base, nfe, eval_end=encode_evaluates_end(base)))
     if sigmas is not None:
@@ -415,6 +414,7 @@ def learn_encoder(
     check_data_range(images, "images")  # once here; the many encodes below (data_range_checked) see parts of them
     images = images.detach()  # the fit's result is numbers (σ, shifts), not a function of the images autograd could use
     bound = float(bound)
+    fingerprint = record_fingerprint(flow, model_kwargs, "learn_encoder")  # after the arguments, before any evaluation
     start = time.perf_counter()
     spent = {"nfe": 0, "solves": 0}
     if sigmas is None:

@@ -345,7 +345,6 @@ def _tuned(flow: ProbabilityFlow, noise: Tensor, *, solver: str, nfe: int, solve
     steps = _solvers.steps_for_nfe(solver_obj, nfe, eval_end=False)  # ValueError when one step costs more
     opts = _check_options(options)
     model_kwargs = opts.get("model_kwargs")
-    fingerprint = record_fingerprint(flow, model_kwargs, "tune") if record else ""
     seed = opts.get("seed", 0)
     restarts = opts.get("restarts", 1)
     floor = flow.schedule.sigma_min if opts.get("sigma_floor") is None else float(opts["sigma_floor"])
@@ -362,6 +361,7 @@ def _tuned(flow: ProbabilityFlow, noise: Tensor, *, solver: str, nfe: int, solve
                       "least 2 (every other sample is held out), so the grid is fitted to it without validation "
                       "(recorded as validate=False in the result's options); give 2 or more samples, or "
                       "validate=False to ask for this", UserWarning, stacklevel=2)
+    fingerprint = record_fingerprint(flow, model_kwargs, "tune") if record else ""  # before any evaluation
     start = time.perf_counter()
     ref = reference_solution(flow, noise, rtol=tol, atol=tol, model_kwargs=model_kwargs,
                              sigma_end=0.0 if flow.sigma_field is not None else None,
