@@ -1,0 +1,102 @@
+"""diffusers' schedulers over their configuration space: reproduced to float rounding, or refused by name.
+
+For each scheduler class flowdiff routes (``sample_like``; ``encode_like`` for ``DDIMInverseScheduler``),
+hypothesis draws a config from the options that class accepts (each option left at its default or set to
+one of the values diffusers accepts, all combined: :data:`flowdiff.tools.scheduler_suite.CONFIG_SPACE`), a
+step count (few, odd, ``num_train_timesteps`` and one less), a dtype and, for flow matching, ``mu`` and a
+pipeline's own ``sigmas``. :func:`~flowdiff.tools.scheduler_suite.check_drawn` asserts the rule: flowdiff's
+route equals diffusers' own loop on the same network and noise (float64 to 1e-10 where diffusers keeps the
+dtype, float32 rounding elsewhere) with diffusers' number of model evaluations less its zero-length steps, or
+flowdiff raises ValueError naming the option; never another result, never another exception; where diffusers'
+own loop fails, flowdiff refuses. The fixed cases these draws found are in the suite's table
+(``tests/test_scheduler_equivalence.py``). ``--slow`` draws ten times as many.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flowdiff.tools.scheduler_suite import (
+    CONFIG_SPACE,
+    OUTCOMES,
+    STEP_CHOICES,
+    check_drawn,
+    check_round_trip,
+    drawn_case,
+)
+
+#: examples per class: the default run takes about half a minute on one core, the long profile ten times as long
+EXAMPLES = 50
+FAST = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow])
+LONG = settings(max_examples=10 * EXAMPLES, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+FLOW_MATCHING = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+
+
+@st.composite
+def cases(draw: st.DrawFn, cls: str):
+    """A point of ``cls``'s configuration space: each option left out (the class's default) or one of its values."""
+    options = {key: draw(st.sampled_from(values)) for key, values in CONFIG_SPACE[cls].items() if draw(st.booleans())}
+    steps = draw(st.sampled_from(STEP_CHOICES))
+    if steps in ("T", "T-1") and options.get("num_train_timesteps", 1000) > 100 and not draw(st.booleans()):
+        steps = draw(st.sampled_from((1, 2, 3)))  # half of the 999- and 1000-step loops: they take seconds
+    mu = draw(st.sampled_from((None, 0.5, 1.15))) if cls in FLOW_MATCHING else None
+    custom = draw(st.booleans()) if cls in FLOW_MATCHING else False
+    dtype = draw(st.sampled_from((torch.float32, torch.float64)))
+    return drawn_case(cls, options, steps, mu=mu, custom_sigmas=custom), dtype
+
+
+def _check(data: st.DataObject, cls: str) -> None:
+    case, dtype = data.draw(cases(cls))
+    outcome = check_drawn(case, dtype)
+    assert outcome in OUTCOMES
+    if cls == "DDIMInverseScheduler" and outcome == "equal":
+        mine, theirs = check_round_trip(case, dtype)  # equal decodes: the same reconstruction error
+        assert math.isclose(mine, theirs, rel_tol=1e-3, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("cls", list(CONFIG_SPACE))
+@FAST
+@given(data=st.data())
+def test_drawn_config_is_reproduced_or_refused_by_name(cls: str, data: st.DataObject) -> None:
+    _check(data, cls)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls", list(CONFIG_SPACE))
+@LONG
+@given(data=st.data())
+def test_drawn_config_is_reproduced_or_refused_by_name_long(cls: str, data: st.DataObject) -> None:
+    _check(data, cls)
+
+
+def test_the_rule_catches_a_wrong_result(monkeypatch) -> None:
+    """check_drawn fails a route whose result differs: the same DPM-Solver config run with the other
+    final-step order (``lower_order_final`` flipped under 15 steps) is caught."""
+    import solvers
+    from flowdiff.tools import scheduler_suite
+
+    case = drawn_case("DPMSolverMultistepScheduler", {"final_sigmas_type": "sigma_min"}, 8)
+    assert check_drawn(case, torch.float32) == "equal"
+    original = scheduler_suite.run_case
+    monkeypatch.setattr(scheduler_suite, "run_case",
+                        lambda case, dtype, **kwargs: original(case, dtype, solver=solvers.get("dpmpp_2m"), **kwargs))
+    with pytest.raises(AssertionError, match="relative difference"):
+        check_drawn(case, torch.float32)
+
+
+@pytest.mark.parametrize("error", [ValueError("cannot do this"), IndexError("index 10 is out of bounds")])
+def test_the_rule_catches_a_refusal_that_names_nothing_and_a_crash(monkeypatch, error) -> None:
+    from flowdiff.tools import scheduler_suite
+
+    def fail(case, dtype, **kwargs):
+        raise error
+
+    monkeypatch.setattr(scheduler_suite, "run_case", fail)
+    with pytest.raises(AssertionError, match="names no option" if isinstance(error, ValueError) else "IndexError"):
+        check_drawn(drawn_case("EulerDiscreteScheduler", {}, 4), torch.float32)
