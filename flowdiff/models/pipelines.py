@@ -393,13 +393,13 @@ def _refuse(source: str, config: Mapping[str, Any], checks: Sequence[tuple[str, 
                              f"{', '.join(repr(a) for a in accepted)}")
 
 
-def _from_diffusers_scheduler(name: str, config: Mapping[str, Any], steps: int) -> Any:
+def _from_diffusers_scheduler(name: str, config: Mapping[str, Any], steps: int, **set_timesteps: Any) -> Any:
     try:
         import diffusers
     except ImportError:  # pragma: no cover - depends on the environment
         raise ImportError(f"the grid of {name} is read from diffusers' own scheduler: pip install diffusers") from None
     scheduler = getattr(diffusers, name).from_config(dict(config))
-    scheduler.set_timesteps(steps)
+    scheduler.set_timesteps(steps, **{k: v for k, v in set_timesteps.items() if v is not None})
     return scheduler
 
 
@@ -419,6 +419,22 @@ def _without_zero_length_steps(sig: np.ndarray, ts: np.ndarray, solver: str) -> 
     return np.append(sig[:-1][keep], sig[-1]), ts[:n][keep]
 
 
+#: the config options that shape the σ grid of the schedulers whose grid is read off diffusers
+_GRID_OPTIONS = ("num_train_timesteps", "timestep_spacing", "steps_offset", "rescale_betas_zero_snr",
+                 "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+                 "interpolation_type", "sigma_min", "sigma_max", "timestep_type", "final_sigmas_type", "shift",
+                 "shift_terminal", "use_dynamic_shifting")
+
+
+def _grid_options(config: Mapping[str, Any]) -> str:
+    """``", key=value, …"`` for the grid-shaping options of a diffusers scheduler config that differ from its class's
+    defaults (``timestep_spacing`` always)."""
+    defaults = with_defaults({"_class_name": class_name(config)})
+    items = [f"{k}={config[k]!r}" for k in _GRID_OPTIONS if k in config
+             and (k == "timestep_spacing" or config[k] != defaults.get(k, config[k]))]
+    return "".join(", " + item for item in items)
+
+
 def _read_plan(name: str, scheduler: Any, solver: str, options: dict[str, Any], state: str) -> SchedulerPlan:
     ts = scheduler.timesteps.double().numpy()
     if len(ts) > 1 and np.sum(ts == ts[0]) > 1:  # e.g. use_lu_lambdas or Karras σ on a zero-terminal-SNR table
@@ -433,11 +449,52 @@ def _read_plan(name: str, scheduler: Any, solver: str, options: dict[str, Any], 
         options = {k: v for k, v in options.items() if k != "lower_order_final"}  # that step was the first-order one
     if solver in ("euler", "heun"):  # one-step methods: a step of zero length (a timestep past the table, clamped
         sig, ts = _without_zero_length_steps(sig, ts, solver)  # to its last σ) leaves the sample as it is
-    if np.any(np.diff(sig) >= 0):
-        raise ValueError(f"{name}: its σ grid {np.array2string(sig, precision=4, max_line_width=10**6)} is not "
-                         "strictly decreasing")
+    if not np.all(np.diff(sig) < 0):  # (NaN too: a shift_terminal that divides by 0)
+        i = int(np.argmax(~(np.diff(sig) < 0)))
+        shaped_by = _grid_options({**scheduler.config, "_class_name": name})
+        raise ValueError(f"{name}: its σ grid {np.array2string(sig, precision=4, threshold=8)} is not "
+                         f"strictly decreasing: step {i} goes from σ {sig[i]:.6g} to {sig[i + 1]:.6g}, with "
+                         f"steps={len(ts)}{shaped_by}; one σ grid cannot run it: not reproduced")
     return SchedulerPlan(name, sig, dict(zip(sig[:-1].tolist(), ts.tolist())), solver, options, state,
                          float(scheduler.init_noise_sigma))
+
+
+#: FlowMatchEulerDiscreteScheduler's options whose grid :func:`scheduler_plan` reads off diffusers' own scheduler
+#: (Karras, exponential or beta σ over the shifted times, the stretch to ``shift_terminal``)
+_FLOW_MATCHING_READ = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "shift_terminal")
+
+
+def _read_flow_matching_plan(name: str, config: Mapping[str, Any], steps: int, mu: float | None, sigmas: Any,
+                             source: str) -> SchedulerPlan:
+    """The plan of a FlowMatchEulerDiscreteScheduler config whose times diffusers computes with one of
+    :data:`_FLOW_MATCHING_READ`: its own ``set_timesteps(steps, mu=, sigmas=)``, the times t read as σ = t/(1−t)
+    (t = 1: σ = ∞) and its float32 timesteps t·T fed as they are; Euler, as for its other grids."""
+    _refuse(source, config, (
+        ("invert_sigmas", (False,), "its steps run from t = 1 − t₀ up to 1, toward noise, feeding the model 1 − t"),
+        ("stochastic_sampling", (False,), "it re-noises the model's x̂₀ with fresh noise at every step: not the ODE"),
+    ))
+    dynamic = bool(config.get("use_dynamic_shifting"))
+    if dynamic and mu is None:
+        raise ValueError(f"{source}: use_dynamic_shifting=True needs mu= (the resolution-dependent shift)")
+    if not dynamic and mu is not None:
+        raise ValueError(f"{source}: mu= is for use_dynamic_shifting=True configs; this one shifts by "
+                         f"shift={config.get('shift', 1.0)}")
+    sched = _from_diffusers_scheduler(name, config, steps, mu=mu, sigmas=None if sigmas is None else list(sigmas))
+    t = sched.sigmas.double().numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sig = np.where(t < 1, t / (1 - t), np.inf)
+    shim = _ReadGrid(torch.from_numpy(sig), sched.timesteps, 1.0, sched.config)
+    return _read_plan(name, shim, "euler", {}, "model")
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReadGrid:
+    """What :func:`_read_plan` reads of a diffusers scheduler: its σ, timesteps, initial noise scale and config."""
+
+    sigmas: Tensor
+    timesteps: Tensor
+    init_noise_sigma: float
+    config: Mapping[str, Any]
 
 
 def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, sigmas: Any = None) -> SchedulerPlan:
@@ -489,6 +546,8 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
         if steps < 2:
             raise ValueError(f"{source}: PNDMScheduler's loop of steps={steps} is not a PNDM step; use steps >= 2")
         solver = "pndm"
+    if name == "FlowMatchEulerDiscreteScheduler" and any(config.get(k) for k in _FLOW_MATCHING_READ):
+        return _read_flow_matching_plan(name, config, steps, mu, sigmas, source)
     if name == "FlowMatchHeunDiscreteScheduler":  # scheduler_sigmas refuses mu= and sigmas= for it
         solver = FLOWMATCH_HEUN
     if name in ("DDIMScheduler", "PNDMScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"):

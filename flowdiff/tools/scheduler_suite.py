@@ -27,7 +27,7 @@ import solvers as _solvers
 
 from ..engine.flow import ProbabilityFlow
 from ..engine.options import Checks
-from ..engine.scheduler_grids import schedule_from_config
+from ..engine.scheduler_grids import schedule_from_config, with_defaults
 from ..models.pipelines import sample_like, scheduler_plan
 
 SHAPE = (2, 6)
@@ -254,16 +254,20 @@ def _cases() -> list[Case]:
              {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15}, mu=0.8))
     add(Case("flowmatch-linear-shift", "FlowMatchEulerDiscreteScheduler",
              {"use_dynamic_shifting": True, "time_shift_type": "linear"}, mu=1.3))
-    add(Case("flowmatch-karras", "FlowMatchEulerDiscreteScheduler", {"use_karras_sigmas": True},
-             expect="use_karras_sigmas"))
+    add(Case("flowmatch-karras", "FlowMatchEulerDiscreteScheduler", {"use_karras_sigmas": True}))
+    add(Case("flowmatch-beta-shift3", "FlowMatchEulerDiscreteScheduler", {"use_beta_sigmas": True, "shift": 3.0}))
+    add(Case("flowmatch-karras-dynamic-flux-sigmas", "FlowMatchEulerDiscreteScheduler",
+             {"use_karras_sigmas": True, "use_dynamic_shifting": True}, mu=1.15,
+             sigmas=tuple(np.linspace(1.0, 1 / 8, 8).tolist())))
     add(Case("flowmatch-stochastic", "FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True},
              expect="stochastic_sampling"))
     add(Case("flowmatch-invert", "FlowMatchEulerDiscreteScheduler", {"invert_sigmas": True},
              expect="invert_sigmas"))
-    add(Case("flowmatch-exponential", "FlowMatchEulerDiscreteScheduler", {"use_exponential_sigmas": True},
-             expect="use_exponential_sigmas"))
-    add(Case("flowmatch-shift-terminal", "FlowMatchEulerDiscreteScheduler", {"shift_terminal": 0.1},
-             expect="shift_terminal"))
+    add(Case("flowmatch-exponential", "FlowMatchEulerDiscreteScheduler", {"use_exponential_sigmas": True}))
+    add(Case("flowmatch-shift-terminal", "FlowMatchEulerDiscreteScheduler", {"shift_terminal": 0.1}))
+    add(Case("flowmatch-karras-invert", "FlowMatchEulerDiscreteScheduler", {"use_karras_sigmas": True,
+                                                                             "invert_sigmas": True},
+             expect="invert_sigmas"))
     add(Case("flowmatch-heun", "FlowMatchHeunDiscreteScheduler", {}))
     add(Case("flowmatch-heun-shift3", "FlowMatchHeunDiscreteScheduler", {"shift": 3.0}, steps=5))
     add(Case("flowmatch-lcm", "FlowMatchLCMScheduler", {}, expect="FlowMatchLCMScheduler"))
@@ -297,6 +301,15 @@ def _cases() -> list[Case]:
     add(Case("euler-trained-betas", "EulerDiscreteScheduler", {"num_train_timesteps": 100, "trained_betas":
                                                                 [0.0001 + 0.0002 * i for i in range(100)]}, steps=5))
     add(Case("euler-sample", "EulerDiscreteScheduler", {"prediction_type": "sample"}))
+    add(Case("euler-original-sample-karras", "EulerDiscreteScheduler", {"prediction_type": "original_sample",
+                                                                         "use_karras_sigmas": True}))
+    add(Case("euler-zero-snr-trailing-steps-T", "EulerDiscreteScheduler",  # σ rises from 4096 (ᾱ = 2⁻²⁴) to 15406
+             {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, steps=1000,
+             expect="rescale_betas_zero_snr"))
+    add(Case("euler-one-step-to-sigma-min", "EulerDiscreteScheduler", {"final_sigmas_type": "sigma_min"}, steps=1,
+             expect="final_sigmas_type"))  # linspace's one timestep is 0: σ_min to σ_min
+    add(Case("dpm2m-linspace-offset-steps-T", "DPMSolverMultistepScheduler",  # diffusers' own loop: non-finite
+             {"num_train_timesteps": 100, "steps_offset": 1}, steps=100, expect="steps_offset"))
     add(Case("dpm2m-exponential-sigma-min", "DPMSolverMultistepScheduler", {"use_exponential_sigmas": True,
                                                                              "final_sigmas_type": "sigma_min"},
              skipped=1))
@@ -396,12 +409,16 @@ def readme_table(cases: list[Case] | None = None) -> str:
             if c.expect == cls:
                 ref.append(route(c).split("not reproduced: ", 1)[-1])
             elif c.expect in c.config:
-                ref.append(f"`{c.expect}={c.config[c.expect]!r}`")
+                default = with_defaults({"_class_name": cls})
+                also = [f"`{k}={v!r}`" for k, v in c.config.items()
+                        if k != c.expect and k not in skip and not (k in default and default[k] == v)]
+                also += [f"steps={c.steps}"] if f"steps={c.steps}" in route(c) else []
+                ref.append(f"`{c.expect}={c.config[c.expect]!r}`" + (f" with {', '.join(also)}" if also else ""))
             elif c.expect in c.config.values():
                 ref.append(" with ".join(f"`{k}={v!r}`" for k, v in c.config.items() if v == c.expect))
             else:
                 ref.append(f"`{c.expect}` (its default)")
-        rows.append(f"| {cls} | {how.replace('|', '/')} | {eq} | {', '.join(ref) or '—'} |")
+        rows.append(f"| {cls} | {how.replace('|', '/')} | {eq} | {'; '.join(ref) or '—'} |")
     return "\n".join(rows) + "\n"
 
 
