@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 from flowdiff.tools.scheduler_suite import (
     CONFIG_SPACE,
     OUTCOMES,
-    STEP_CHOICES,
     check_drawn,
     check_round_trip,
+    draw_case,
     drawn_case,
 )
 
@@ -35,24 +35,10 @@ EXAMPLES = 50
 FAST = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
 LONG = settings(max_examples=10 * EXAMPLES, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-FLOW_MATCHING = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
-
-
-@st.composite
-def cases(draw: st.DrawFn, cls: str):
-    """A point of ``cls``'s configuration space: each option left out (the class's default) or one of its values."""
-    options = {key: draw(st.sampled_from(values)) for key, values in CONFIG_SPACE[cls].items() if draw(st.booleans())}
-    steps = draw(st.sampled_from(STEP_CHOICES))
-    if steps in ("T", "T-1") and options.get("num_train_timesteps", 1000) > 100 and not draw(st.booleans()):
-        steps = draw(st.sampled_from((1, 2, 3)))  # half of the 999- and 1000-step loops: they take seconds
-    mu = draw(st.sampled_from((None, 0.5, 1.15))) if cls in FLOW_MATCHING else None
-    custom = draw(st.booleans()) if cls in FLOW_MATCHING else False
-    dtype = draw(st.sampled_from((torch.float32, torch.float64)))
-    return drawn_case(cls, options, steps, mu=mu, custom_sigmas=custom), dtype
 
 
 def _check(data: st.DataObject, cls: str) -> None:
-    case, dtype = data.draw(cases(cls))
+    case, dtype = draw_case(cls, lambda values: data.draw(st.sampled_from(values)))
     outcome = check_drawn(case, dtype)
     assert outcome in OUTCOMES
     if cls == "DDIMInverseScheduler" and outcome == "equal":
@@ -73,6 +59,25 @@ def test_drawn_config_is_reproduced_or_refused_by_name(cls: str, data: st.DataOb
 @given(data=st.data())
 def test_drawn_config_is_reproduced_or_refused_by_name_long(cls: str, data: st.DataObject) -> None:
     _check(data, cls)
+
+
+def test_the_space_is_every_routed_class_with_every_option() -> None:
+    """Each class sample_like or encode_like routes is drawn, over every parameter of its ``__init__``, each
+    with at least two values (one where diffusers accepts only one), among them the class's default."""
+    import inspect
+
+    import diffusers
+
+    from flowdiff.models.pipelines import PLANNED_SCHEDULERS
+
+    assert set(CONFIG_SPACE) == {*PLANNED_SCHEDULERS, "DDIMInverseScheduler"}
+    for cls, space in CONFIG_SPACE.items():
+        params = inspect.signature(getattr(diffusers, cls).__init__).parameters
+        assert set(space) == set(params) - {"self", "kwargs"}, cls
+        for key, values in space.items():
+            default = params[key].default
+            assert len(values) >= 2 or key == "time_shift_type", (cls, key)
+            assert default in values or (key == "trained_betas" and None in values), (cls, key, default)
 
 
 def test_the_rule_catches_a_wrong_result(monkeypatch) -> None:

@@ -399,7 +399,14 @@ def _from_diffusers_scheduler(name: str, config: Mapping[str, Any], steps: int, 
     except ImportError:  # pragma: no cover - depends on the environment
         raise ImportError(f"the grid of {name} is read from diffusers' own scheduler: pip install diffusers") from None
     scheduler = getattr(diffusers, name).from_config(dict(config))
-    scheduler.set_timesteps(steps, **{k: v for k, v in set_timesteps.items() if v is not None})
+    arguments = {k: v for k, v in set_timesteps.items() if v is not None}
+    try:
+        scheduler.set_timesteps(steps, **arguments)
+    except (ArithmeticError, IndexError, KeyError, ValueError, AssertionError) as e:  # its own failure, named
+        given = "".join(f", {k}={v!r}" for k, v in arguments.items())
+        raise ValueError(f"scheduler {name}: diffusers' own set_timesteps fails with steps={steps}{given}"
+                         f"{_grid_options({**config, '_class_name': name})} ({type(e).__name__}: {e}); "
+                         "not reproduced") from e
     return scheduler
 
 
@@ -481,6 +488,11 @@ def _read_flow_matching_plan(name: str, config: Mapping[str, Any], steps: int, m
                          f"shift={config.get('shift', 1.0)}")
     sched = _from_diffusers_scheduler(name, config, steps, mu=mu, sigmas=None if sigmas is None else list(sigmas))
     t = sched.sigmas.double().numpy()
+    if not np.isfinite(t).all():
+        raise ValueError(f"{source}: diffusers' {name}.set_timesteps({steps}) gives times "
+                         f"{np.array2string(t, precision=4, threshold=8)}, not all finite, with steps={steps}"
+                         f"{_grid_options({**config, '_class_name': name})}"
+                         f"{'' if mu is None else f', mu={mu!r}'}: its loop fails; not reproduced")
     with np.errstate(divide="ignore", invalid="ignore"):
         sig = np.where(t < 1, t / (1 - t), np.inf)
     shim = _ReadGrid(torch.from_numpy(sig), sched.timesteps, 1.0, sched.config)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -265,6 +265,8 @@ def _cases() -> list[Case]:
              expect="invert_sigmas"))
     add(Case("flowmatch-exponential", "FlowMatchEulerDiscreteScheduler", {"use_exponential_sigmas": True}))
     add(Case("flowmatch-shift-terminal", "FlowMatchEulerDiscreteScheduler", {"shift_terminal": 0.1}))
+    add(Case("flowmatch-shift-terminal-one-step", "FlowMatchEulerDiscreteScheduler",  # diffusers' time: 0/0 = NaN
+             {"shift_terminal": 0.1}, steps=1, expect="shift_terminal"))
     add(Case("flowmatch-karras-invert", "FlowMatchEulerDiscreteScheduler", {"use_karras_sigmas": True,
                                                                              "invert_sigmas": True},
              expect="invert_sigmas"))
@@ -433,20 +435,25 @@ _BETAS: dict[str, tuple[Any, ...]] = {
     "timestep_spacing": ("leading", "trailing", "linspace"), "steps_offset": (0, 1, 2)}
 _SIGMA_KINDS: dict[str, tuple[Any, ...]] = {"use_karras_sigmas": (False, True), "use_exponential_sigmas": (False, True),
                                             "use_beta_sigmas": (False, True)}
+#: the clipping and thresholding bounds (they matter only with ``clip_sample`` or ``thresholding`` on)
+_CLIPPING: dict[str, tuple[Any, ...]] = {"clip_sample_range": (1.0, 1.5), "dynamic_thresholding_ratio": (0.995, 0.9),
+                                         "sample_max_value": (1.0, 2.0)}
 #: per scheduler class flowdiff routes (``sample_like``, ``encode_like`` for DDIMInverse), each option it accepts and
 #: the values drawn for it (an option left out of a drawn config is at the class's default)
 CONFIG_SPACE: dict[str, dict[str, tuple[Any, ...]]] = {
     "DDIMScheduler": {**_BETAS, "clip_sample": (False, True), "set_alpha_to_one": (True, False),
-                      "thresholding": (False, True), "rescale_betas_zero_snr": (False, True)},
+                      "thresholding": (False, True), "rescale_betas_zero_snr": (False, True), **_CLIPPING},
     "DDIMInverseScheduler": {**_BETAS, "timestep_spacing": ("leading", "trailing"), "clip_sample": (False, True),
-                             "set_alpha_to_one": (True, False), "rescale_betas_zero_snr": (False, True)},
+                             "set_alpha_to_one": (True, False), "rescale_betas_zero_snr": (False, True),
+                             "clip_sample_range": _CLIPPING["clip_sample_range"]},
     "PNDMScheduler": {**_BETAS, "skip_prk_steps": (True, False), "set_alpha_to_one": (False, True)},
     "EulerDiscreteScheduler": {**_BETAS, **_SIGMA_KINDS,
                                "prediction_type": ("epsilon", "v_prediction", "sample", "original_sample"),
                                "interpolation_type": ("linear", "log_linear"), "sigma_min": (None, 0.1),
                                "sigma_max": (None, 10.0), "timestep_type": ("discrete", "continuous"),
                                "rescale_betas_zero_snr": (False, True), "final_sigmas_type": ("zero", "sigma_min")},
-    "HeunDiscreteScheduler": {**_BETAS, **_SIGMA_KINDS, "clip_sample": (False, True)},
+    "HeunDiscreteScheduler": {**_BETAS, **_SIGMA_KINDS, "clip_sample": (False, True),
+                              "clip_sample_range": _CLIPPING["clip_sample_range"]},
     "LMSDiscreteScheduler": {**_BETAS, **_SIGMA_KINDS},
     "DPMSolverMultistepScheduler": {
         **_BETAS, **_SIGMA_KINDS, "solver_order": (2, 1, 3), "thresholding": (False, True),
@@ -454,10 +461,15 @@ CONFIG_SPACE: dict[str, dict[str, tuple[Any, ...]]] = {
         "solver_type": ("midpoint", "heun"), "lower_order_final": (True, False), "euler_at_final": (False, True),
         "use_lu_lambdas": (False, True), "use_flow_sigmas": (False, True), "flow_shift": (1.0, 3.0),
         "final_sigmas_type": ("zero", "sigma_min"), "lambda_min_clipped": (-math.inf, -5.1),
-        "variance_type": (None, "learned_range"), "rescale_betas_zero_snr": (False, True)},
+        "variance_type": (None, "learned_range"), "rescale_betas_zero_snr": (False, True),
+        "dynamic_thresholding_ratio": _CLIPPING["dynamic_thresholding_ratio"],
+        "sample_max_value": _CLIPPING["sample_max_value"], "use_dynamic_shifting": (False, True),
+        "time_shift_type": ("exponential",)},
     "FlowMatchEulerDiscreteScheduler": {
         "num_train_timesteps": (1000, 100), "shift": (1.0, 3.0), "use_dynamic_shifting": (False, True),
         "time_shift_type": ("exponential", "linear"), "invert_sigmas": (False, True), "shift_terminal": (None, 0.1),
+        "base_shift": (0.5, 0.3), "max_shift": (1.15, 2.0), "base_image_seq_len": (256, 1024),
+        "max_image_seq_len": (4096, 8192),
         **_SIGMA_KINDS, "stochastic_sampling": (False, True)},
     "FlowMatchHeunDiscreteScheduler": {"num_train_timesteps": (1000, 100), "shift": (1.0, 3.0)},
 }
@@ -479,6 +491,25 @@ def drawn_case(cls: str, options: Mapping[str, Any], steps: int | str, *, mu: fl
     sigmas = tuple(np.linspace(1.0, 1.0 / n, n).tolist()) if custom_sigmas else None
     name = "drawn-" + cls.removesuffix("Scheduler").lower()
     return Case(name, cls, config, steps=n, mu=mu, sigmas=sigmas)
+
+
+_FLOW_MATCHING = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+
+
+def draw_case(cls: str, pick: Callable[[Sequence[Any]], Any]) -> tuple[Case, torch.dtype]:
+    """A point of ``cls``'s configuration space and a dtype, each choice made by ``pick`` (one element of the
+    sequence it is given: hypothesis' ``data.draw(sampled_from(...))`` in the test, ``random.choice`` in the
+    benchmark): every option left out (its default) or set to one of its values, a step count of
+    :data:`STEP_CHOICES` (for a 1000-level table, half of the T- and T−1-step draws become 1, 2 or 3 steps:
+    they take seconds), flow matching's ``mu`` and, now and then, a pipeline's own ``sigmas``."""
+    options = {key: pick(values) for key, values in CONFIG_SPACE[cls].items() if pick((False, True))}
+    steps = pick(STEP_CHOICES)
+    if steps in ("T", "T-1") and options.get("num_train_timesteps", 1000) > 100 and not pick((False, True)):
+        steps = pick((1, 2, 3))
+    mu = pick((None, 0.5, 1.15)) if cls in _FLOW_MATCHING else None
+    custom = pick((False, True)) if cls in _FLOW_MATCHING else False
+    dtype = pick((torch.float32, torch.float64))
+    return drawn_case(cls, options, steps, mu=mu, custom_sigmas=custom), dtype
 
 
 def zero_length_calls(sched: Any, steps: int) -> int:
@@ -555,6 +586,9 @@ def check_drawn(case: Case, dtype: torch.dtype) -> str:
         assert named, f"{what}: the refusal names no option: {e}"
         return "refused" if broken is None else "both refuse"
     except Exception as e:  # noqa: BLE001 - the property: flowdiff raises nothing but its refusal
+        if broken is not None:  # (raised by diffusers' loop in run_case, after flowdiff's plan accepted it)
+            raise AssertionError(f"{what}: diffusers' own loop fails ({type(broken).__name__}: {broken}) and "
+                                 f"flowdiff does not refuse it") from e
         raise AssertionError(f"{what}: flowdiff raised {type(e).__name__}: {e}") from e
     assert broken is None, (f"{what}: diffusers' own loop fails ({type(broken).__name__}: {broken}) where flowdiff "
                             "returns a result")
@@ -586,7 +620,7 @@ def check_round_trip(case: Case, dtype: torch.dtype) -> tuple[float, float]:
                    steps=case.steps)
     model = network(dtype, int(config.get("num_train_timesteps", 1000)))
     images = _noise(dtype)
-    z, z_ref, _, _ = run_case(case, dtype)
+    z, z_ref, _, _ = run_case(case, dtype, checks=Checks(growth=None))
     schedule, prediction_type = schedule_from_config(config)
     flow = ProbabilityFlow(model, schedule, prediction_type=prediction_type)
     back = sample_like(flow, z, config, case.steps, checks=Checks(growth=None)).x
