@@ -614,12 +614,25 @@ def _rel(a: Tensor, b: Tensor, scale: Tensor | None = None) -> float:
 def check_round_trip(case: Case, dtype: torch.dtype) -> tuple[float, float]:
     """For a DDIMInverse case flowdiff reproduces: encode, then decode with the DDIM config of the same options
     (``DDIMScheduler.from_config``), on both sides; flowdiff's decode equals diffusers' (AssertionError
-    otherwise). Returns both round trips' relative reconstruction errors, (flowdiff's, diffusers')."""
+    otherwise: within :data:`REL`, and in float32 within twice what float32 rounding moves each side's round
+    trip too, which the decode from σ_max amplifies). Returns both round trips' relative reconstruction
+    errors, (flowdiff's, diffusers')."""
+    back, x, images = _round_trip(case, dtype)
+    rel, tol = _rel(back, x), REL[dtype]
+    if rel > tol and dtype == torch.float32:
+        back64, x64, _ = _round_trip(case, torch.float64)
+        tol += 2 * (_rel(back, back64, x) + _rel(x, x64))
+    assert rel <= tol, (f"{case.cls}({_config_text(case)}), steps={case.steps}, {dtype}: the decode differs "
+                        f"from diffusers' DDIM by {rel:.3g} > {tol:.3g}")
+    return _rel(back, images), _rel(x, images)
+
+
+def _round_trip(case: Case, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(flowdiff's decode of its encode, diffusers' decode of its encode, the images) for a DDIMInverse case."""
     config = {**case.config, "_class_name": "DDIMScheduler"}
     decoder = Case(case.name + "-decode", "DDIMScheduler", {k: v for k, v in config.items() if k != "_class_name"},
                    steps=case.steps)
     model = network(dtype, int(config.get("num_train_timesteps", 1000)))
-    images = _noise(dtype)
     z, z_ref, _, _ = run_case(case, dtype, checks=Checks(growth=None))
     schedule, prediction_type = schedule_from_config(config)
     flow = ProbabilityFlow(model, schedule, prediction_type=prediction_type)
@@ -630,7 +643,4 @@ def check_round_trip(case: Case, dtype: torch.dtype) -> tuple[float, float]:
     x = z_ref.clone()
     for t in sched.timesteps:
         x = sched.step(model(x, t), t, x, return_dict=False)[0]
-    tol = REL[dtype]
-    assert _rel(back, x) <= tol, (f"{case.cls}({_config_text(case)}), steps={case.steps}, {dtype}: the decode differs "
-                                  f"from diffusers' DDIM by {_rel(back, x):.3g}")
-    return _rel(back, images), _rel(x, images)
+    return back, x, _noise(dtype)
