@@ -85,7 +85,7 @@ def measure_space(draws: int, seed: int) -> tuple[list[str], list[str]]:
                     check_round_trip(case, dtype)
             except AssertionError as e:
                 outcome = "broken"
-                broken.append(str(e).splitlines()[0][:300])
+                broken.append(str(e).splitlines()[0][:700])
             counts[outcome] += 1
         total.update(counts)
         rows.append(f"| {cls.removesuffix('Scheduler')} | {draws} | "
