@@ -30,8 +30,8 @@ from flowdiff.tools.scheduler_suite import (
     drawn_case,
 )
 
-#: examples per class: the default run takes about half a minute on one core, the long profile ten times as long
-EXAMPLES = 50
+#: examples per class: the default run takes about 40 s on one core, the long profile (--slow) ten times as long
+EXAMPLES = 80
 FAST = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
 LONG = settings(max_examples=10 * EXAMPLES, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
