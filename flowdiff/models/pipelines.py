@@ -518,7 +518,9 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
 
     * ``DDIMScheduler`` (η = 0) and ``FlowMatchEulerDiscreteScheduler``: Euler on
       :func:`flowdiff.scheduler_sigmas`; ``PNDMScheduler`` with ``skip_prk_steps`` (Stable Diffusion 1.x's
-      own scheduler) and ε prediction: ``pndm`` (a Heun first step, then iPNDM) on the same grid;
+      own scheduler) and ε prediction: ``pndm`` (a Heun first step, then iPNDM) on the same grid; flow matching
+      with Karras, exponential or beta σ or ``shift_terminal``: Euler on the grid read off diffusers' own
+      ``set_timesteps`` (σ = t/(1−t));
     * ``EulerDiscreteScheduler`` (``s_churn = 0``): Euler on its σ grid, whatever the spacing,
       ``interpolation_type``, Karras/exponential/beta σ, ``final_sigmas_type`` or zero-SNR σ_max;
       ``HeunDiscreteScheduler``: ``heun`` (its last step, into σ = 0, Euler); ``LMSDiscreteScheduler``:
@@ -533,7 +535,9 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
     last timestep is 0 and the final σ is σ_min) is left out: diffusers spends one model
     evaluation on it and leaves its sample unchanged; so is any zero-length step of Euler and Heun
     (a 'leading' timestep past the table, read at its last σ: ``steps_offset`` with steps near T).
-    A loop whose first timestep repeats (diffusers' own crashes) is refused. Other schedulers and options are refused by
+    A loop whose first timestep repeats (diffusers' own crashes), a σ grid that is not strictly decreasing
+    and a ``set_timesteps`` that fails in diffusers are refused, naming ``steps`` and the options that shape
+    the grid. Other schedulers and options are refused by
     name, saying why (``clip_sample`` and ``thresholding`` change x̂₀ at every step: not the ODE).
     """
     config, source = config_of(scheduler)
