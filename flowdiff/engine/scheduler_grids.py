@@ -322,7 +322,9 @@ def ddim_inverse_sigmas(scheduler: object, steps: int) -> tuple[np.ndarray, np.n
     steps = _check_steps(steps)
     # read as DDIMInverseScheduler.from_config(config) reads it: its defaults, not those of the config's class
     # (a PNDM config lacking set_alpha_to_one is True here, as in diffusers' inverse, not PNDM's False)
-    config = {**with_defaults({"_class_name": "DDIMInverseScheduler"}), **config}
+    # (and only its keys: a DDIM config's thresholding is no DDIMInverseScheduler option, and diffusers ignores it)
+    config = {**with_defaults({"_class_name": "DDIMInverseScheduler"}),
+              **_as_read_by_class({**config, "_class_name": "DDIMInverseScheduler"})}
     for key in ("clip_sample", "thresholding"):
         if config.get(key, key == "clip_sample"):
             raise ValueError(f"{source}: {key}=True changes x̂₀ at every step, so that loop is not the ODE any solver "

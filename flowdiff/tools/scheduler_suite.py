@@ -28,7 +28,7 @@ import solvers as _solvers
 from ..engine.flow import ProbabilityFlow
 from ..engine.options import Checks
 from ..engine.scheduler_grids import schedule_from_config, with_defaults
-from ..models.pipelines import sample_like, scheduler_plan
+from ..models.pipelines import INVERTED_SCHEDULERS, sample_like, scheduler_plan
 
 SHAPE = (2, 6)
 BOTH = (torch.float32, torch.float64)
@@ -297,6 +297,12 @@ def _cases() -> list[Case]:
                                                                         "timestep_spacing": "trailing",
                                                                         "prediction_type": "v_prediction"},
              steps=10, expect="rescale_betas_zero_snr"))
+    add(Case("ddim-inverse-of-ddim-thresholding", "DDIMInverseScheduler",  # DDIMInverse has no thresholding: ignored
+             {"_class_name": "DDIMScheduler", "clip_sample": False, "thresholding": True}, steps=10, dtypes=BOTH))
+    add(Case("ddim-inverse-of-sd15-pndm", "DDIMInverseScheduler",  # as inversion pipelines read SD 1.5's scheduler
+             {"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+              "beta_end": 0.012, "skip_prk_steps": True, "steps_offset": 1, "set_alpha_to_one": False,
+              "clip_sample": False}, steps=10, dtypes=BOTH))
     # -- schedulers refused by name ---------------------------------------------------------------------------
     add(Case("euler-karras-sigma-min", "EulerDiscreteScheduler", {"use_karras_sigmas": True,
                                                                    "final_sigmas_type": "sigma_min"}, skipped=1))
@@ -502,8 +508,16 @@ def draw_case(cls: str, pick: Callable[[Sequence[Any]], Any]) -> tuple[Case, tor
     benchmark): every option left out (its default) or set to one of its values, a step count of
     :data:`STEP_CHOICES` (for a 1000-level table, half of the T- and T−1-step draws become 1, 2 or 3 steps:
     they take seconds), flow matching's ``mu`` and a pipeline's own ``sigmas`` (each one draw in two; for
-    FlowMatchHeun, whose ``set_timesteps`` takes neither, one in four)."""
-    options = {key: pick(values) for key, values in CONFIG_SPACE[cls].items() if pick((False, True))}
+    FlowMatchHeun, whose ``set_timesteps`` takes neither, one in four). For DDIMInverse, one draw in four
+    is a DDIM config and one a PNDM config (with their ``_class_name``; the PNDM one with a ``clip_sample``, as
+    Stable Diffusion 1.5's carries), which ``encode_like`` reads as inversion pipelines do,
+    ``DDIMInverseScheduler.from_config(config)``."""
+    source = pick((cls, cls, *INVERTED_SCHEDULERS[1:])) if cls == "DDIMInverseScheduler" else cls
+    options = {key: pick(values) for key, values in CONFIG_SPACE[source].items() if pick((False, True))}
+    if source == "PNDMScheduler":  # SD 1.5's PNDM config carries clip_sample: PNDM ignores it, DDIMInverse reads it
+        options["clip_sample"] = pick((False, True))
+    if source != cls:
+        options = {"_class_name": source, **options}
     steps = pick(STEP_CHOICES)
     if steps in ("T", "T-1") and options.get("num_train_timesteps", 1000) > 100 and not pick((False, True)):
         steps = pick((1, 2, 3))
@@ -584,7 +598,8 @@ def check_drawn(case: Case, dtype: torch.dtype) -> str:
     except ValueError as e:
         import diffusers
 
-        names = set(inspect.signature(getattr(diffusers, case.cls).__init__).parameters) - {"self", "kwargs"}
+        names = {p for c in {case.cls, case.config.get("_class_name", case.cls)}
+                 for p in inspect.signature(getattr(diffusers, c).__init__).parameters} - {"self", "kwargs"}
         named = [k for k in (*names, "steps", "mu", "sigmas") if k in str(e)]
         assert named, f"{what}: the refusal names no option: {e}"
         return "refused" if broken is None else "both refuse"
@@ -614,13 +629,17 @@ def _rel(a: Tensor, b: Tensor, scale: Tensor | None = None) -> float:
     return float((a - b).abs().max() / (b if scale is None else scale.double()).abs().max())
 
 
-def check_round_trip(case: Case, dtype: torch.dtype) -> tuple[float, float]:
+def check_round_trip(case: Case, dtype: torch.dtype) -> tuple[float, float] | None:
     """For a DDIMInverse case flowdiff reproduces: encode, then decode with the DDIM config of the same options
     (``DDIMScheduler.from_config``), on both sides; flowdiff's decode equals diffusers' (AssertionError
     otherwise: within :data:`REL`, and in float32 within twice what float32 rounding moves each side's round
     trip too, which the decode from σ_max amplifies). Returns both round trips' relative reconstruction
-    errors, (flowdiff's, diffusers')."""
-    back, x, images = _round_trip(case, dtype)
+    errors, (flowdiff's, diffusers'); None where flowdiff refuses the DDIM config's loop by name (a DDIM config's
+    ``thresholding``, which DDIMInverse does not have)."""
+    try:
+        back, x, images = _round_trip(case, dtype)
+    except ValueError:  # the decode's refusal (the encode, checked by check_drawn, is reproduced)
+        return None
     rel, tol = _rel(back, x), REL[dtype]
     if rel > tol and dtype == torch.float32:
         back64, x64, _ = _round_trip(case, torch.float64)
