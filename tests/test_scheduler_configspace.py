@@ -9,7 +9,7 @@ route equals diffusers' own loop on the same network and noise (float64 to 1e-10
 dtype, float32 rounding elsewhere) with diffusers' number of model evaluations less its zero-length steps, or
 flowdiff raises ValueError naming the option; never another result, never another exception; where diffusers'
 own loop fails, flowdiff refuses. The fixed cases these draws found are in the suite's table
-(``tests/test_scheduler_equivalence.py``). ``--slow`` draws ten times as many.
+(``tests/test_scheduler_equivalence.py``). ``--slow`` draws the long profile's count (300 a class).
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from flowdiff.tools.scheduler_suite import (
     drawn_case,
 )
 
-#: examples per class: the default run takes about 40 s on one core, the long profile (--slow) ten times as long
+#: examples per class: the default run takes about 40 s on one core
 EXAMPLES = 80
 FAST = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
-LONG = settings(max_examples=10 * EXAMPLES, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+#: the project's long profile (tests/conftest.py, --slow): its examples per class, about 2 minutes a class
+LONG = settings(settings.get_profile("long"), database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _check(data: st.DataObject, cls: str) -> None:
