@@ -192,7 +192,7 @@ def schedule_from_config(config: Mapping[str, Any], source: str = "scheduler con
     schedule of betas, rescaled to zero terminal SNR with ``rescale_betas_zero_snr``
     (ᾱ_{T−1} = 0: the schedule's last σ is ∞, where a ``v_prediction`` or ``sample``
     model's step starts from pure noise; an ``epsilon`` model defines no clean image there and is
-    refused when a solve starts at σ = ∞).
+    refused when a solve starts at σ = ∞). Euler's old ``prediction_type="original_sample"`` is its ``"sample"``.
     """
     config = _as_read_by_class(config)
     if _is_flow_matching(config):
@@ -219,6 +219,8 @@ def schedule_from_config(config: Mapping[str, Any], source: str = "scheduler con
                          f"{', '.join(FLOW_MATCHING_SCHEDULERS)}: pass scheduler= one of those, or build the flow "
                          "with flowdiff.ProbabilityFlow and flowdiff.VESchedule")
     prediction_type = config.get("prediction_type", "epsilon")
+    if prediction_type == "original_sample" and name == "EulerDiscreteScheduler":
+        prediction_type = "sample"  # Euler's step reads its old name as "sample" (kept for old configs)
     if prediction_type not in PREDICTION_TYPES or prediction_type == "velocity":
         raise ValueError(f"{source}: unsupported prediction_type {prediction_type!r}; "
                          f"supported: epsilon, v_prediction, sample (flow matching: a "
@@ -320,7 +322,9 @@ def ddim_inverse_sigmas(scheduler: object, steps: int) -> tuple[np.ndarray, np.n
     steps = _check_steps(steps)
     # read as DDIMInverseScheduler.from_config(config) reads it: its defaults, not those of the config's class
     # (a PNDM config lacking set_alpha_to_one is True here, as in diffusers' inverse, not PNDM's False)
-    config = {**with_defaults({"_class_name": "DDIMInverseScheduler"}), **config}
+    # (and only its keys: a DDIM config's thresholding is no DDIMInverseScheduler option, and diffusers ignores it)
+    config = {**with_defaults({"_class_name": "DDIMInverseScheduler"}),
+              **_as_read_by_class({**config, "_class_name": "DDIMInverseScheduler"})}
     for key in ("clip_sample", "thresholding"):
         if config.get(key, key == "clip_sample"):
             raise ValueError(f"{source}: {key}=True changes x̂₀ at every step, so that loop is not the ODE any solver "
@@ -395,10 +399,15 @@ def _flow_matching_sigmas(config: Mapping[str, Any], steps: int, mu: float | Non
     for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
                 "stochastic_sampling"):
         if config.get(key):
-            raise ValueError(f"{source}: {key}=True is not supported by scheduler_sigmas")
+            raise ValueError(f"{source}: {key}=True is not supported by scheduler_sigmas"
+                             + ("" if key in ("invert_sigmas", "stochastic_sampling") else
+                                " (flowdiff.scheduler_plan(scheduler, steps).sigmas reads that grid off diffusers' own "
+                                "scheduler, and sample_like runs it)"))
     if config.get("shift_terminal"):
         raise ValueError(f"{source}: shift_terminal={config['shift_terminal']!r} is not supported by scheduler_sigmas "
-                         "(it stretches the shifted times to end there); accepted: None")
+                         "(it stretches the shifted times to end there; flowdiff.scheduler_plan(scheduler, "
+                         "steps).sigmas reads that grid off diffusers' own scheduler, and sample_like runs it); "
+                         "accepted: None")
     T = int(config.get("num_train_timesteps", 1000))
     shift = float(config.get("shift", 1.0))
     dynamic = bool(config.get("use_dynamic_shifting", False))

@@ -393,13 +393,20 @@ def _refuse(source: str, config: Mapping[str, Any], checks: Sequence[tuple[str, 
                              f"{', '.join(repr(a) for a in accepted)}")
 
 
-def _from_diffusers_scheduler(name: str, config: Mapping[str, Any], steps: int) -> Any:
+def _from_diffusers_scheduler(name: str, config: Mapping[str, Any], steps: int, **set_timesteps: Any) -> Any:
     try:
         import diffusers
     except ImportError:  # pragma: no cover - depends on the environment
         raise ImportError(f"the grid of {name} is read from diffusers' own scheduler: pip install diffusers") from None
     scheduler = getattr(diffusers, name).from_config(dict(config))
-    scheduler.set_timesteps(steps)
+    arguments = {k: v for k, v in set_timesteps.items() if v is not None}
+    try:
+        scheduler.set_timesteps(steps, **arguments)
+    except (ArithmeticError, IndexError, KeyError, ValueError, AssertionError) as e:  # its own failure, named
+        given = "".join(f", {k}={v!r}" for k, v in arguments.items())
+        raise ValueError(f"scheduler {name}: diffusers' own set_timesteps fails with steps={steps}{given}"
+                         f"{_grid_options({**config, '_class_name': name})} ({type(e).__name__}: {e}); "
+                         "not reproduced") from e
     return scheduler
 
 
@@ -419,6 +426,22 @@ def _without_zero_length_steps(sig: np.ndarray, ts: np.ndarray, solver: str) -> 
     return np.append(sig[:-1][keep], sig[-1]), ts[:n][keep]
 
 
+#: the config options that shape the σ grid of the schedulers whose grid is read off diffusers
+_GRID_OPTIONS = ("num_train_timesteps", "timestep_spacing", "steps_offset", "rescale_betas_zero_snr",
+                 "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+                 "interpolation_type", "sigma_min", "sigma_max", "timestep_type", "final_sigmas_type", "shift",
+                 "shift_terminal", "use_dynamic_shifting")
+
+
+def _grid_options(config: Mapping[str, Any]) -> str:
+    """``", key=value, …"`` for the grid-shaping options of a diffusers scheduler config that differ from its class's
+    defaults (``timestep_spacing`` always)."""
+    defaults = with_defaults({"_class_name": class_name(config)})
+    items = [f"{k}={config[k]!r}" for k in _GRID_OPTIONS if k in config
+             and (k == "timestep_spacing" or config[k] != defaults.get(k, config[k]))]
+    return "".join(", " + item for item in items)
+
+
 def _read_plan(name: str, scheduler: Any, solver: str, options: dict[str, Any], state: str) -> SchedulerPlan:
     ts = scheduler.timesteps.double().numpy()
     if len(ts) > 1 and np.sum(ts == ts[0]) > 1:  # e.g. use_lu_lambdas or Karras σ on a zero-terminal-SNR table
@@ -433,11 +456,57 @@ def _read_plan(name: str, scheduler: Any, solver: str, options: dict[str, Any], 
         options = {k: v for k, v in options.items() if k != "lower_order_final"}  # that step was the first-order one
     if solver in ("euler", "heun"):  # one-step methods: a step of zero length (a timestep past the table, clamped
         sig, ts = _without_zero_length_steps(sig, ts, solver)  # to its last σ) leaves the sample as it is
-    if np.any(np.diff(sig) >= 0):
-        raise ValueError(f"{name}: its σ grid {np.array2string(sig, precision=4, max_line_width=10**6)} is not "
-                         "strictly decreasing")
+    if not np.all(np.diff(sig) < 0):  # (NaN too: a shift_terminal that divides by 0)
+        i = int(np.argmax(~(np.diff(sig) < 0)))
+        shaped_by = _grid_options({**scheduler.config, "_class_name": name})
+        raise ValueError(f"{name}: its σ grid {np.array2string(sig, precision=4, threshold=8)} is not "
+                         f"strictly decreasing: step {i} goes from σ {sig[i]:.6g} to {sig[i + 1]:.6g}, with "
+                         f"steps={len(ts)}{shaped_by}; one σ grid cannot run it: not reproduced")
     return SchedulerPlan(name, sig, dict(zip(sig[:-1].tolist(), ts.tolist())), solver, options, state,
                          float(scheduler.init_noise_sigma))
+
+
+#: FlowMatchEulerDiscreteScheduler's options whose grid :func:`scheduler_plan` reads off diffusers' own scheduler
+#: (Karras, exponential or beta σ over the shifted times, the stretch to ``shift_terminal``)
+_FLOW_MATCHING_READ = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "shift_terminal")
+
+
+def _read_flow_matching_plan(name: str, config: Mapping[str, Any], steps: int, mu: float | None, sigmas: Any,
+                             source: str) -> SchedulerPlan:
+    """The plan of a FlowMatchEulerDiscreteScheduler config whose times diffusers computes with one of
+    :data:`_FLOW_MATCHING_READ`: its own ``set_timesteps(steps, mu=, sigmas=)``, the times t read as σ = t/(1−t)
+    (t = 1: σ = ∞) and its float32 timesteps t·T fed as they are; Euler, as for its other grids."""
+    _refuse(source, config, (
+        ("invert_sigmas", (False,), "its steps run from t = 1 − t₀ up to 1, toward noise, feeding the model 1 − t"),
+        ("stochastic_sampling", (False,), "it re-noises the model's x̂₀ with fresh noise at every step: not the ODE"),
+    ))
+    dynamic = bool(config.get("use_dynamic_shifting"))
+    if dynamic and mu is None:
+        raise ValueError(f"{source}: use_dynamic_shifting=True needs mu= (the resolution-dependent shift)")
+    if not dynamic and mu is not None:
+        raise ValueError(f"{source}: mu= is for use_dynamic_shifting=True configs; this one shifts by "
+                         f"shift={config.get('shift', 1.0)}")
+    sched = _from_diffusers_scheduler(name, config, steps, mu=mu, sigmas=None if sigmas is None else list(sigmas))
+    t = sched.sigmas.double().numpy()
+    if not np.isfinite(t).all():
+        raise ValueError(f"{source}: diffusers' {name}.set_timesteps({steps}) gives times "
+                         f"{np.array2string(t, precision=4, threshold=8)}, not all finite, with steps={steps}"
+                         f"{_grid_options({**config, '_class_name': name})}"
+                         f"{'' if mu is None else f', mu={mu!r}'}: its loop fails; not reproduced")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sig = np.where(t < 1, t / (1 - t), np.inf)
+    shim = _ReadGrid(torch.from_numpy(sig), sched.timesteps, 1.0, sched.config)
+    return _read_plan(name, shim, "euler", {}, "model")
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReadGrid:
+    """What :func:`_read_plan` reads of a diffusers scheduler: its σ, timesteps, initial noise scale and config."""
+
+    sigmas: Tensor
+    timesteps: Tensor
+    init_noise_sigma: float
+    config: Mapping[str, Any]
 
 
 def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, sigmas: Any = None) -> SchedulerPlan:
@@ -449,7 +518,9 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
 
     * ``DDIMScheduler`` (η = 0) and ``FlowMatchEulerDiscreteScheduler``: Euler on
       :func:`flowdiff.scheduler_sigmas`; ``PNDMScheduler`` with ``skip_prk_steps`` (Stable Diffusion 1.x's
-      own scheduler) and ε prediction: ``pndm`` (a Heun first step, then iPNDM) on the same grid;
+      own scheduler) and ε prediction: ``pndm`` (a Heun first step, then iPNDM) on the same grid; flow matching
+      with Karras, exponential or beta σ or ``shift_terminal``: Euler on the grid read off diffusers' own
+      ``set_timesteps`` (σ = t/(1−t));
     * ``EulerDiscreteScheduler`` (``s_churn = 0``): Euler on its σ grid, whatever the spacing,
       ``interpolation_type``, Karras/exponential/beta σ, ``final_sigmas_type`` or zero-SNR σ_max;
       ``HeunDiscreteScheduler``: ``heun`` (its last step, into σ = 0, Euler); ``LMSDiscreteScheduler``:
@@ -464,7 +535,9 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
     last timestep is 0 and the final σ is σ_min) is left out: diffusers spends one model
     evaluation on it and leaves its sample unchanged; so is any zero-length step of Euler and Heun
     (a 'leading' timestep past the table, read at its last σ: ``steps_offset`` with steps near T).
-    A loop whose first timestep repeats (diffusers' own crashes) is refused. Other schedulers and options are refused by
+    A loop whose first timestep repeats (diffusers' own crashes), a σ grid that is not strictly decreasing
+    and a ``set_timesteps`` that fails in diffusers are refused, naming ``steps`` and the options that shape
+    the grid. Other schedulers and options are refused by
     name, saying why (``clip_sample`` and ``thresholding`` change x̂₀ at every step: not the ODE).
     """
     config, source = config_of(scheduler)
@@ -487,6 +560,8 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
                                               "its first step's end evaluation: not the ODE's field"),
         ))
         solver = "pndm"
+    if name == "FlowMatchEulerDiscreteScheduler" and any(config.get(k) for k in _FLOW_MATCHING_READ):
+        return _read_flow_matching_plan(name, config, steps, mu, sigmas, source)
     if name == "FlowMatchHeunDiscreteScheduler":  # scheduler_sigmas refuses mu= and sigmas= for it
         solver = FLOWMATCH_HEUN
     if name in ("DDIMScheduler", "PNDMScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"):

@@ -13,19 +13,22 @@ more than the tolerance.
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 import solvers as _solvers
 
 from ..engine.flow import ProbabilityFlow
-from ..engine.scheduler_grids import schedule_from_config
-from ..models.pipelines import sample_like, scheduler_plan
+from ..engine.options import Checks
+from ..engine.scheduler_grids import schedule_from_config, with_defaults
+from ..models.pipelines import INVERTED_SCHEDULERS, sample_like, scheduler_plan
 
 SHAPE = (2, 6)
 BOTH = (torch.float32, torch.float64)
@@ -251,16 +254,22 @@ def _cases() -> list[Case]:
              {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15}, mu=0.8))
     add(Case("flowmatch-linear-shift", "FlowMatchEulerDiscreteScheduler",
              {"use_dynamic_shifting": True, "time_shift_type": "linear"}, mu=1.3))
-    add(Case("flowmatch-karras", "FlowMatchEulerDiscreteScheduler", {"use_karras_sigmas": True},
-             expect="use_karras_sigmas"))
+    add(Case("flowmatch-karras", "FlowMatchEulerDiscreteScheduler", {"use_karras_sigmas": True}))
+    add(Case("flowmatch-beta-shift3", "FlowMatchEulerDiscreteScheduler", {"use_beta_sigmas": True, "shift": 3.0}))
+    add(Case("flowmatch-karras-dynamic-flux-sigmas", "FlowMatchEulerDiscreteScheduler",
+             {"use_karras_sigmas": True, "use_dynamic_shifting": True}, mu=1.15,
+             sigmas=tuple(np.linspace(1.0, 1 / 8, 8).tolist())))
     add(Case("flowmatch-stochastic", "FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True},
              expect="stochastic_sampling"))
     add(Case("flowmatch-invert", "FlowMatchEulerDiscreteScheduler", {"invert_sigmas": True},
              expect="invert_sigmas"))
-    add(Case("flowmatch-exponential", "FlowMatchEulerDiscreteScheduler", {"use_exponential_sigmas": True},
-             expect="use_exponential_sigmas"))
-    add(Case("flowmatch-shift-terminal", "FlowMatchEulerDiscreteScheduler", {"shift_terminal": 0.1},
-             expect="shift_terminal"))
+    add(Case("flowmatch-exponential", "FlowMatchEulerDiscreteScheduler", {"use_exponential_sigmas": True}))
+    add(Case("flowmatch-shift-terminal", "FlowMatchEulerDiscreteScheduler", {"shift_terminal": 0.1}))
+    add(Case("flowmatch-shift-terminal-one-step", "FlowMatchEulerDiscreteScheduler",  # diffusers' time: 0/0 = NaN
+             {"shift_terminal": 0.1}, steps=1, expect="shift_terminal"))
+    add(Case("flowmatch-karras-invert", "FlowMatchEulerDiscreteScheduler", {"use_karras_sigmas": True,
+                                                                             "invert_sigmas": True},
+             expect="invert_sigmas"))
     add(Case("flowmatch-heun", "FlowMatchHeunDiscreteScheduler", {}))
     add(Case("flowmatch-heun-shift3", "FlowMatchHeunDiscreteScheduler", {"shift": 3.0}, steps=5))
     add(Case("flowmatch-lcm", "FlowMatchLCMScheduler", {}, expect="FlowMatchLCMScheduler"))
@@ -288,12 +297,27 @@ def _cases() -> list[Case]:
                                                                         "timestep_spacing": "trailing",
                                                                         "prediction_type": "v_prediction"},
              steps=10, expect="rescale_betas_zero_snr"))
+    add(Case("ddim-inverse-of-ddim-thresholding", "DDIMInverseScheduler",  # DDIMInverse has no thresholding: ignored
+             {"_class_name": "DDIMScheduler", "clip_sample": False, "thresholding": True}, steps=10, dtypes=BOTH))
+    add(Case("ddim-inverse-of-sd15-pndm", "DDIMInverseScheduler",  # as inversion pipelines read SD 1.5's scheduler
+             {"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+              "beta_end": 0.012, "skip_prk_steps": True, "steps_offset": 1, "set_alpha_to_one": False,
+              "clip_sample": False}, steps=10, dtypes=BOTH))
     # -- schedulers refused by name ---------------------------------------------------------------------------
     add(Case("euler-karras-sigma-min", "EulerDiscreteScheduler", {"use_karras_sigmas": True,
                                                                    "final_sigmas_type": "sigma_min"}, skipped=1))
     add(Case("euler-trained-betas", "EulerDiscreteScheduler", {"num_train_timesteps": 100, "trained_betas":
                                                                 [0.0001 + 0.0002 * i for i in range(100)]}, steps=5))
     add(Case("euler-sample", "EulerDiscreteScheduler", {"prediction_type": "sample"}))
+    add(Case("euler-original-sample-karras", "EulerDiscreteScheduler", {"prediction_type": "original_sample",
+                                                                         "use_karras_sigmas": True}))
+    add(Case("euler-zero-snr-trailing-steps-T", "EulerDiscreteScheduler",  # σ rises from 4096 (ᾱ = 2⁻²⁴) to 15406
+             {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, steps=1000,
+             expect="rescale_betas_zero_snr"))
+    add(Case("euler-one-step-to-sigma-min", "EulerDiscreteScheduler", {"final_sigmas_type": "sigma_min"}, steps=1,
+             expect="final_sigmas_type"))  # linspace's one timestep is 0: σ_min to σ_min
+    add(Case("dpm2m-linspace-offset-steps-T", "DPMSolverMultistepScheduler",  # diffusers' own loop: non-finite
+             {"num_train_timesteps": 100, "steps_offset": 1}, steps=100, expect="steps_offset"))
     add(Case("dpm2m-exponential-sigma-min", "DPMSolverMultistepScheduler", {"use_exponential_sigmas": True,
                                                                              "final_sigmas_type": "sigma_min"},
              skipped=1))
@@ -393,10 +417,252 @@ def readme_table(cases: list[Case] | None = None) -> str:
             if c.expect == cls:
                 ref.append(route(c).split("not reproduced: ", 1)[-1])
             elif c.expect in c.config:
-                ref.append(f"`{c.expect}={c.config[c.expect]!r}`")
+                default = with_defaults({"_class_name": cls})
+                also = [f"`{k}={v!r}`" for k, v in c.config.items()
+                        if k != c.expect and k not in skip and not (k in default and default[k] == v)]
+                also += [f"steps={c.steps}"] if f"steps={c.steps}" in route(c) else []
+                ref.append(f"`{c.expect}={c.config[c.expect]!r}`" + (f" with {', '.join(also)}" if also else ""))
             elif c.expect in c.config.values():
                 ref.append(" with ".join(f"`{k}={v!r}`" for k, v in c.config.items() if v == c.expect))
             else:
                 ref.append(f"`{c.expect}` (its default)")
-        rows.append(f"| {cls} | {how.replace('|', '/')} | {eq} | {', '.join(ref) or '—'} |")
+        rows.append(f"| {cls} | {how.replace('|', '/')} | {eq} | {'; '.join(ref) or '—'} |")
     return "\n".join(rows) + "\n"
+
+
+# -- the configuration space: every option of each routed class over the values diffusers accepts ------------------
+
+#: a ``trained_betas`` drawn from the space: a ramp of ``num_train_timesteps`` betas (built by :func:`drawn_case`)
+TRAINED_BETAS = "ramp"
+_BETAS: dict[str, tuple[Any, ...]] = {
+    "num_train_timesteps": (1000, 100), "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+    "beta_start": (0.0001, 0.00085), "beta_end": (0.02, 0.012), "trained_betas": (None, TRAINED_BETAS),
+    "prediction_type": ("epsilon", "v_prediction", "sample"),
+    "timestep_spacing": ("leading", "trailing", "linspace"), "steps_offset": (0, 1, 2)}
+_SIGMA_KINDS: dict[str, tuple[Any, ...]] = {"use_karras_sigmas": (False, True), "use_exponential_sigmas": (False, True),
+                                            "use_beta_sigmas": (False, True)}
+#: the clipping and thresholding bounds (they matter only with ``clip_sample`` or ``thresholding`` on)
+_CLIPPING: dict[str, tuple[Any, ...]] = {"clip_sample_range": (1.0, 1.5), "dynamic_thresholding_ratio": (0.995, 0.9),
+                                         "sample_max_value": (1.0, 2.0)}
+#: per scheduler class flowdiff routes (``sample_like``, ``encode_like`` for DDIMInverse), each option it accepts and
+#: the values drawn for it (an option left out of a drawn config is at the class's default)
+CONFIG_SPACE: dict[str, dict[str, tuple[Any, ...]]] = {
+    "DDIMScheduler": {**_BETAS, "clip_sample": (False, True), "set_alpha_to_one": (True, False),
+                      "thresholding": (False, True), "rescale_betas_zero_snr": (False, True), **_CLIPPING},
+    "DDIMInverseScheduler": {**_BETAS, "timestep_spacing": ("leading", "trailing"), "clip_sample": (False, True),
+                             "set_alpha_to_one": (True, False), "rescale_betas_zero_snr": (False, True),
+                             "clip_sample_range": _CLIPPING["clip_sample_range"]},
+    "PNDMScheduler": {**_BETAS, "skip_prk_steps": (True, False), "set_alpha_to_one": (False, True)},
+    "EulerDiscreteScheduler": {**_BETAS, **_SIGMA_KINDS,
+                               "prediction_type": ("epsilon", "v_prediction", "sample", "original_sample"),
+                               "interpolation_type": ("linear", "log_linear"), "sigma_min": (None, 0.1),
+                               "sigma_max": (None, 10.0), "timestep_type": ("discrete", "continuous"),
+                               "rescale_betas_zero_snr": (False, True), "final_sigmas_type": ("zero", "sigma_min")},
+    "HeunDiscreteScheduler": {**_BETAS, **_SIGMA_KINDS, "clip_sample": (False, True),
+                              "clip_sample_range": _CLIPPING["clip_sample_range"]},
+    "LMSDiscreteScheduler": {**_BETAS, **_SIGMA_KINDS},
+    "DPMSolverMultistepScheduler": {
+        **_BETAS, **_SIGMA_KINDS, "solver_order": (2, 1, 3), "thresholding": (False, True),
+        "algorithm_type": ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver"),
+        "solver_type": ("midpoint", "heun"), "lower_order_final": (True, False), "euler_at_final": (False, True),
+        "use_lu_lambdas": (False, True), "use_flow_sigmas": (False, True), "flow_shift": (1.0, 3.0),
+        "final_sigmas_type": ("zero", "sigma_min"), "lambda_min_clipped": (-math.inf, -5.1),
+        "variance_type": (None, "learned_range"), "rescale_betas_zero_snr": (False, True),
+        "dynamic_thresholding_ratio": _CLIPPING["dynamic_thresholding_ratio"],
+        "sample_max_value": _CLIPPING["sample_max_value"], "use_dynamic_shifting": (False, True),
+        "time_shift_type": ("exponential",)},
+    "FlowMatchEulerDiscreteScheduler": {
+        "num_train_timesteps": (1000, 100), "shift": (1.0, 3.0), "use_dynamic_shifting": (False, True),
+        "time_shift_type": ("exponential", "linear"), "invert_sigmas": (False, True), "shift_terminal": (None, 0.1),
+        "base_shift": (0.5, 0.3), "max_shift": (1.15, 2.0), "base_image_seq_len": (256, 1024),
+        "max_image_seq_len": (4096, 8192),
+        **_SIGMA_KINDS, "stochastic_sampling": (False, True)},
+    "FlowMatchHeunDiscreteScheduler": {"num_train_timesteps": (1000, 100), "shift": (1.0, 3.0)},
+}
+#: step counts drawn: few, odd, and the table's own length ``T`` and ``T − 1`` (written as these strings)
+STEP_CHOICES: tuple[int | str, ...] = (1, 2, 3, 4, 5, 7, 10, 16, "T-1", "T")
+
+
+def drawn_case(cls: str, options: Mapping[str, Any], steps: int | str, *, mu: float | None = None,
+               custom_sigmas: bool = False) -> Case:
+    """The :class:`Case` of a point of :data:`CONFIG_SPACE`: ``options`` (each at one of its drawn values),
+    ``steps`` (an int, or ``"T"``/``"T-1"`` of the config's ``num_train_timesteps``); flow matching's
+    ``mu`` for ``set_timesteps`` and, with ``custom_sigmas``, a pipeline's unshifted times ``linspace(1, 1/N, N)``
+    (Flux's). The case expects ``"equal"``: :func:`check_drawn` accepts a refusal that names an option."""
+    config = dict(options)
+    T = int(config.get("num_train_timesteps", 1000))
+    if config.get("trained_betas") == TRAINED_BETAS:
+        config["trained_betas"] = [1e-4 + (0.02 - 1e-4) * i / max(T - 1, 1) for i in range(T)]
+    n = T if steps == "T" else T - 1 if steps == "T-1" else int(steps)
+    sigmas = tuple(np.linspace(1.0, 1.0 / n, n).tolist()) if custom_sigmas else None
+    name = "drawn-" + cls.removesuffix("Scheduler").lower()
+    return Case(name, cls, config, steps=n, mu=mu, sigmas=sigmas)
+
+
+_FLOW_MATCHING = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+
+
+def draw_case(cls: str, pick: Callable[[Sequence[Any]], Any]) -> tuple[Case, torch.dtype]:
+    """A point of ``cls``'s configuration space and a dtype, each choice made by ``pick`` (one element of the
+    sequence it is given: hypothesis' ``data.draw(sampled_from(...))`` in the test, ``random.choice`` in the
+    benchmark): every option left out (its default) or set to one of its values, a step count of
+    :data:`STEP_CHOICES` (for a 1000-level table, half of the T- and T−1-step draws become 1, 2 or 3 steps:
+    they take seconds), flow matching's ``mu`` and a pipeline's own ``sigmas`` (each one draw in two; for
+    FlowMatchHeun, whose ``set_timesteps`` takes neither, one in four). For DDIMInverse, one draw in four
+    is a DDIM config and one a PNDM config (with their ``_class_name``; the PNDM one with a ``clip_sample``, as
+    Stable Diffusion 1.5's carries), which ``encode_like`` reads as inversion pipelines do,
+    ``DDIMInverseScheduler.from_config(config)``."""
+    source = pick((cls, cls, *INVERTED_SCHEDULERS[1:])) if cls == "DDIMInverseScheduler" else cls
+    options = {key: pick(values) for key, values in CONFIG_SPACE[source].items() if pick((False, True))}
+    if source == "PNDMScheduler":  # SD 1.5's PNDM config carries clip_sample: PNDM ignores it, DDIMInverse reads it
+        options["clip_sample"] = pick((False, True))
+    if source != cls:
+        options = {"_class_name": source, **options}
+    steps = pick(STEP_CHOICES)
+    if steps in ("T", "T-1") and options.get("num_train_timesteps", 1000) > 100 and not pick((False, True)):
+        steps = pick((1, 2, 3))
+    # (FlowMatchHeun's set_timesteps takes neither mu nor sigmas: diffusers refuses them, so they are drawn seldom)
+    seldom = (False, False, False, True) if cls == "FlowMatchHeunDiscreteScheduler" else (False, True)
+    mu = pick((0.5, 1.15)) if cls in _FLOW_MATCHING and pick(seldom) else None
+    custom = pick(seldom) if cls in _FLOW_MATCHING else False
+    dtype = pick((torch.float32, torch.float64))
+    return drawn_case(cls, options, steps, mu=mu, custom_sigmas=custom), dtype
+
+
+def zero_length_calls(sched: Any, steps: int) -> int:
+    """The model evaluations diffusers' loop (after ``set_timesteps(steps)``) spends on steps of zero length —
+    σ to the same σ, which leave its sample as it is and which flowdiff's grids leave out."""
+    name = type(sched).__name__
+    ts = sched.timesteps.double()
+    if name in ("DDIMScheduler", "PNDMScheduler", "DDIMInverseScheduler"):
+        acp = sched.alphas_cumprod.double()
+        edge = getattr(sched, "initial_alpha_cumprod" if name == "DDIMInverseScheduler" else "final_alpha_cumprod")
+        ratio = sched.config.num_train_timesteps // steps
+        levels = ts.long().unique() if name == "PNDMScheduler" else ts.long()  # PNDM repeats its first timestep
+        prev = levels - ratio
+        def level(t: Tensor) -> Tensor:
+            return torch.where(t >= 0, acp[t.clamp(0, len(acp) - 1)], edge.double())
+        return int((level(levels) == level(prev)).sum())
+    sig = sched.sigmas.double()
+    if name in ("HeunDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"):  # [σ0, σ1, σ1, …, σn−1, σn−1, end]
+        sig = torch.cat([sig[0::2], sig[-1:]])
+        calls = torch.full((len(sig) - 1,), 2)
+        calls[-1] = 1  # the last step, into the end, evaluates once
+        return int(calls[sig[:-1] == sig[1:]].sum())
+    sig = sig[: len(ts) + 1]
+    return int((sig[:-1] == sig[1:]).sum())
+
+
+#: what a drawn configuration came to (:func:`check_drawn`)
+OUTCOMES = ("equal", "refused", "both refuse")
+#: relative tolerance per dtype; float64 only where diffusers' step keeps the caller's dtype (on the same ᾱ table)
+REL = {torch.float32: 1e-5, torch.float64: 1e-10}
+_KEEPS_DTYPE = ("DDIMScheduler", "DDIMInverseScheduler", "PNDMScheduler")
+
+
+def _diffusers_alone(case: Case, dtype: torch.dtype) -> tuple[BaseException | None, int]:
+    """diffusers' own loop on the case, alone: the error it raises (a non-finite result counts as one) and
+    the model evaluations it spends on zero-length steps."""
+    config = {"_class_name": case.cls, **case.config}
+    model = network(dtype, int(config.get("num_train_timesteps", 1000)))
+    noise = _noise(dtype)
+    try:
+        sched = _scheduler(case)
+        if case.cls == "DDIMInverseScheduler":
+            sched.set_timesteps(case.steps)
+            zero = zero_length_calls(sched, case.steps)
+            x = noise.clone()
+            for t in sched.timesteps:
+                x = sched.step(model(x, t), t, x, return_dict=False)[0]
+        else:
+            x, _ = _diffusers_generate(sched, model, noise, case)
+            zero = zero_length_calls(sched, case.steps)
+    except Exception as e:  # noqa: BLE001 - whatever diffusers raises, it cannot run this config
+        return e, 0
+    if not torch.isfinite(x).all():
+        return FloatingPointError("diffusers' own loop returns non-finite values"), 0
+    return None, zero
+
+
+def check_drawn(case: Case, dtype: torch.dtype) -> str:
+    """One of :data:`OUTCOMES` for ``case`` in ``dtype``, or AssertionError saying how flowdiff broke the rule:
+    flowdiff's route equals diffusers' own loop (relative difference within :data:`REL`, with diffusers'
+    model evaluations less those of its zero-length steps), or raises ValueError naming an option of the
+    config (or ``steps``, ``mu``, ``sigmas``) — never a different result, never another exception; where
+    diffusers' own loop raises or returns non-finite values, flowdiff must refuse."""
+    broken, zero = _diffusers_alone(case, dtype)
+    what = f"{case.cls}({_config_text(case)}), steps={case.steps}, {dtype}"
+    try:
+        # flowdiff's divergence guard off: diffusers has none, and the random network grows on steps from σ ~ 1e4
+        got, ref, nfe, calls = run_case(case, dtype, checks=Checks(growth=None))
+    except ValueError as e:
+        import diffusers
+
+        names = {p for c in {case.cls, case.config.get("_class_name", case.cls)}
+                 for p in inspect.signature(getattr(diffusers, c).__init__).parameters} - {"self", "kwargs"}
+        named = [k for k in (*names, "steps", "mu", "sigmas") if k in str(e)]
+        assert named, f"{what}: the refusal names no option: {e}"
+        return "refused" if broken is None else "both refuse"
+    except Exception as e:  # noqa: BLE001 - the property: flowdiff raises nothing but its refusal
+        if broken is not None:  # (raised by diffusers' loop in run_case, after flowdiff's plan accepted it)
+            raise AssertionError(f"{what}: diffusers' own loop fails ({type(broken).__name__}: {broken}) and "
+                                 f"flowdiff does not refuse it") from e
+        raise AssertionError(f"{what}: flowdiff raised {type(e).__name__}: {e}") from e
+    assert broken is None, (f"{what}: diffusers' own loop fails ({type(broken).__name__}: {broken}) where flowdiff "
+                            "returns a result")
+    assert nfe == calls - zero, f"{what}: flowdiff evaluated the model {nfe} times, diffusers {calls} ({zero} on " \
+                                "zero-length steps)"
+    tol = REL[dtype] if dtype == torch.float32 or case.cls in _KEEPS_DTYPE else REL[torch.float32]
+    rel = _rel(got, ref)
+    if rel > tol and tol == REL[torch.float32]:  # float32 rounding grows with the config's conditioning: allow twice
+        other = torch.float64 if dtype == torch.float32 else torch.float32  # what each side's own rounding moves it
+        got2, ref2, _, _ = run_case(case, other, checks=Checks(growth=None))
+        spread = _rel(got, got2, ref) + _rel(ref, ref2)
+        tol += 2 * spread
+    assert rel <= tol, f"{what}: relative difference {rel:.3g} > {tol:.3g}"
+    return "equal"
+
+
+def _rel(a: Tensor, b: Tensor, scale: Tensor | None = None) -> float:
+    """max |a − b| / max |scale| (``scale`` default ``b``), in float64."""
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / (b if scale is None else scale.double()).abs().max())
+
+
+def check_round_trip(case: Case, dtype: torch.dtype) -> tuple[float, float] | None:
+    """For a DDIMInverse case flowdiff reproduces: encode, then decode with the DDIM config of the same options
+    (``DDIMScheduler.from_config``), on both sides; flowdiff's decode equals diffusers' (AssertionError
+    otherwise: within :data:`REL`, and in float32 within twice what float32 rounding moves each side's round
+    trip too, which the decode from σ_max amplifies). Returns both round trips' relative reconstruction
+    errors, (flowdiff's, diffusers'); None where flowdiff refuses the DDIM config's loop by name (a DDIM config's
+    ``thresholding``, which DDIMInverse does not have)."""
+    try:
+        back, x, images = _round_trip(case, dtype)
+    except ValueError:  # the decode's refusal (the encode, checked by check_drawn, is reproduced)
+        return None
+    rel, tol = _rel(back, x), REL[dtype]
+    if rel > tol and dtype == torch.float32:
+        back64, x64, _ = _round_trip(case, torch.float64)
+        tol += 2 * (_rel(back, back64, x) + _rel(x, x64))
+    assert rel <= tol, (f"{case.cls}({_config_text(case)}), steps={case.steps}, {dtype}: the decode differs "
+                        f"from diffusers' DDIM by {rel:.3g} > {tol:.3g}")
+    return _rel(back, images), _rel(x, images)
+
+
+def _round_trip(case: Case, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(flowdiff's decode of its encode, diffusers' decode of its encode, the images) for a DDIMInverse case."""
+    config = {**case.config, "_class_name": "DDIMScheduler"}
+    decoder = Case(case.name + "-decode", "DDIMScheduler", {k: v for k, v in config.items() if k != "_class_name"},
+                   steps=case.steps)
+    model = network(dtype, int(config.get("num_train_timesteps", 1000)))
+    z, z_ref, _, _ = run_case(case, dtype, checks=Checks(growth=None))
+    schedule, prediction_type = schedule_from_config(config)
+    flow = ProbabilityFlow(model, schedule, prediction_type=prediction_type)
+    back = sample_like(flow, z, config, case.steps, checks=Checks(growth=None)).x
+    sched = _scheduler(decoder)
+    _same_table(sched, flow, dtype)
+    sched.set_timesteps(case.steps)
+    x = z_ref.clone()
+    for t in sched.timesteps:
+        x = sched.step(model(x, t), t, x, return_dict=False)[0]
+    return back, x, _noise(dtype)
