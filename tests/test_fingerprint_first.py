@@ -41,7 +41,7 @@ FITS = {
 @pytest.mark.parametrize("name", sorted(FITS))
 def test_unfingerprintable_flow_refused_before_any_evaluation(name):
     flow, calls = _plain_flow()
-    with pytest.raises(TypeError, match=rf"{name} records the fingerprint .*cannot fingerprint a model of type function"):
+    with pytest.raises(TypeError, match=rf"{name} records the fingerprint .*cannot fingerprint a model of type"):
         FITS[name](flow)
     assert calls == []
 

@@ -432,7 +432,8 @@ def test_ddim_inverse_zero_length_first_step_is_left_out(spacing: str) -> None:
         assert nfe == calls - 1
         assert float((got - ref).abs().max() / ref.abs().max()) <= (REL if dtype == DTYPE else 1e-10)
     if spacing == "leading":  # one step, of zero length: nothing left to run
-        with pytest.raises(ValueError, match=r"steps=1 with set_alpha_to_one=False and steps_offset=0"):
+        with pytest.raises(ValueError, match=r"steps=1 with set_alpha_to_one=False, whose one timestep is 0 "
+                                             r"\(timestep_spacing='leading', steps_offset=0\)"):
             run_case(dataclasses.replace(case, steps=1), DTYPE)
 
 

@@ -249,6 +249,14 @@ def _steps_offset(config: Mapping[str, Any], source: str) -> int:
     return int(offset)
 
 
+def _spacing_said(config: Mapping[str, Any]) -> str:
+    """The options that place DDIM's timesteps, as given (``steps_offset`` only where the spacing reads it)."""
+    spacing = config.get("timestep_spacing", "leading")
+    offset = f", steps_offset={config.get('steps_offset', 0)!r}" if spacing == "leading" else (
+        f"; {spacing!r} spacing does not add steps_offset" if config.get("steps_offset", 0) else "")
+    return f"timestep_spacing={spacing!r}{offset}"
+
+
 def ddim_timesteps(config: Mapping[str, Any], steps: int, source: str = "scheduler config") -> np.ndarray:
     """The integer timesteps of ``DDIMScheduler.set_timesteps(steps)`` for this config, decreasing."""
     T = int(config.get("num_train_timesteps", 1000))
@@ -296,9 +304,9 @@ def _ddim_sigmas(config: Mapping[str, Any], steps: int, source: str) -> np.ndarr
     grid = np.append(schedule.sigmas[ts], end)
     if grid[-1] == grid[-2]:  # the last timestep is 0 and the step goes to ᾱ_0 again: a zero-length step
         if len(grid) == 2:
-            raise ValueError(f"{source}: steps=1 with set_alpha_to_one=False and steps_offset=0 is one step of zero "
-                             "length (σ_min to σ_min): that loop returns its input; use steps >= 2 or "
-                             "set_alpha_to_one=True")
+            raise ValueError(f"{source}: steps=1 with set_alpha_to_one=False, whose one timestep is 0 "
+                             f"({_spacing_said(config)}), is one step of zero length (σ_min to σ_min): that loop "
+                             "returns its input; use steps >= 2 or set_alpha_to_one=True")
         grid = grid[:-1]
     return grid
 
@@ -363,9 +371,9 @@ def ddim_inverse_sigmas(scheduler: object, steps: int) -> tuple[np.ndarray, np.n
     grid = np.concatenate([[start], schedule.sigmas[ts]])
     if grid[0] == grid[1]:  # the first timestep is 0 and the step starts at ᾱ_0 already: a zero-length step
         if len(grid) == 2:
-            raise ValueError(f"{source}: steps=1 with set_alpha_to_one=False and steps_offset=0 is one step of zero "
-                             "length (σ_min to σ_min): that loop returns its input; use steps >= 2 or "
-                             "set_alpha_to_one=True")
+            raise ValueError(f"{source}: steps=1 with set_alpha_to_one=False, whose one timestep is 0 "
+                             f"({_spacing_said(config)}), is one step of zero length (σ_min to σ_min): that loop "
+                             "returns its input; use steps >= 2 or set_alpha_to_one=True")
         return grid[1:], ts[1:].copy()
     return grid, ts.copy()
 
