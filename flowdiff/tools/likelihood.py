@@ -542,6 +542,13 @@ def _draw_per_image(generator: torch.Generator | None, shape: tuple[int, ...], b
 
 # -- the solve -----------------------------------------------------------------------------------
 
+def draws_random(estimator: Trace, dim: int, dequantize: int | None) -> bool:
+    """Whether :func:`log_likelihood` draws from its ``generator``: a stochastic trace's probes (``"auto"`` is one
+    beyond :data:`AUTO_EXACT_MAX_DIM` dimensions) or the dequantization noise of ``dequantize=K``. Where it draws
+    nothing a ``generator`` is refused (it would change nothing); the command line asks the same rule."""
+    return _choose_divergence(estimator.method, dim) != "exact" or dequantize is not None
+
+
 def _choose_divergence(divergence: str, dim: int) -> str:
     """``"auto"``: the exact trace up to :data:`AUTO_EXACT_MAX_DIM` dimensions (no estimator variance, at most
     256 products an evaluation), Hutch++ beyond (80 products an evaluation, whatever D)."""
@@ -608,8 +615,9 @@ def log_likelihood(
       log-density column's error is ≤ ``atol`` nats (absolute: its errors add up in nats whatever
       the size of ℓ, which grows with D). ``adaptive=flowdiff.Adaptive(rtol=, atol=, max_nfe=,
       sigma_c=)`` sets them (``max_nfe`` bounds each solve's field evaluations, ``sigma_c`` the c
-      of τ); without it rtol = atol = 1e-5 (:data:`DEFAULT_RTOL`, :data:`DEFAULT_ATOL`) and c =
-      σ_min. Adaptive's ``controller``, ``first_step``, ``sigma_end`` and ``sigma_start`` are refused.
+      of τ); a tolerance it leaves out, or all of them without it, is 1e-5 (:data:`DEFAULT_RTOL`,
+      :data:`DEFAULT_ATOL`; not generate's 1e-3: ``Adaptive(max_nfe=N)`` caps the default solve) and
+      c = σ_min. Adaptive's ``controller``, ``first_step``, ``sigma_end`` and ``sigma_start`` are refused.
     * ``steps=N``: a fixed grid of N steps uniform in τ with any σ-variable solver (``rk4``,
       ``heun``, ``ipndm``, ...); refused beside ``adaptive=``.
 
@@ -624,7 +632,10 @@ def log_likelihood(
     products per evaluation do not grow with D). Its probes are drawn once from ``generator`` (a CPU
     ``torch.Generator`` or an int seed; draws are made on the CPU whatever the images' device), which also
     draws the dequantization noise, image after image (its noise, then its sketch and probes), so that an image's
-    draws do not depend on the images after it. ``checks=flowdiff.Checks(finite=...)``:
+    draws do not depend on the images after it. With the exact trace and no dequantization nothing is drawn, and a
+    ``generator`` is refused (:func:`draws_random`). With one probe there is no ``std_error`` (one value has no
+    spread): ``error`` is then the solve's alone and leaves out the probe's variance, which can be far larger.
+    ``checks=flowdiff.Checks(finite=...)``:
     stop with a :class:`solvers.SolveError` when the state turns NaN/inf (default on); its
     ``growth`` and ``model`` fields do not apply here and are refused unless left at their defaults.
     ``progress=True`` shows a tqdm bar on stderr of the time each solve has reached, its σ and step (of ``steps=N``
@@ -658,6 +669,7 @@ def log_likelihood(
     if dequantize is None and dequantization != "uniform":
         raise ValueError(f"dequantization={dequantization!r} chooses the noise of dequantize=K levels, which is "
                          "None (the continuous density): give dequantize=K, or leave dequantization out")
+    given_generator = generator
     if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):  # a seed, as Stochastic's
         generator = torch.Generator().manual_seed(check_seed(generator, "generator"))
     elif generator is not None and not isinstance(generator, torch.Generator):
@@ -666,6 +678,13 @@ def log_likelihood(
         raise ValueError(f"generator is on {generator.device}; log_likelihood draws its probes and dequantization "
                          "noise on the CPU (the same numbers whatever the images' device): give a CPU "
                          "torch.Generator or an int seed")
+    if given_generator is not None and not draws_random(estimator, images[0].numel(), dequantize):
+        shown = repr(given_generator) if isinstance(given_generator, numbers.Integral) else "a torch.Generator"
+        how = "method='exact'" if estimator.method == "exact" else (
+            f"method='auto' takes it at D={images[0].numel()} <= {AUTO_EXACT_MAX_DIM}")
+        raise ValueError(f"generator={shown} would change nothing: log_likelihood draws only a stochastic trace's "
+                         f"probes and dequantize=K's noise, and here the trace is exact ({how}) and dequantize=None; "
+                         "drop generator=")
     if not isinstance(solve_check, bool):
         raise TypeError(f"solve_check must be a bool, got {type(solve_check).__name__}")
     check_finite = _check_checks(checks)
@@ -717,11 +736,9 @@ def log_likelihood(
         if not solver_obj.adaptive:
             raise ValueError(f"solver {solver_obj.name!r} has no error estimate: give steps=N for a fixed grid, or "
                              f"an adaptive solver ({', '.join(solvers.available(adaptive=True))})")
-        if adaptive is None:
-            rtol, atol = DEFAULT_RTOL, DEFAULT_ATOL
-        else:
-            rtol, atol = float(adaptive.rtol), float(adaptive.atol)
-            max_nfe = adaptive.max_nfe
+        # a tolerance the Adaptive leaves out is the likelihood's own default (1e-5), not generate's 1e-3
+        spec = (Adaptive() if adaptive is None else adaptive).resolved(DEFAULT_RTOL, DEFAULT_ATOL)
+        rtol, atol, max_nfe = float(spec.rtol), float(spec.atol), spec.max_nfe
         if atol == 0:
             raise ValueError("Adaptive.atol must be > 0 here: it is also the log-density column's tolerance, in nats "
                              "per step (rtol does not apply to that column), got 0.0")
@@ -850,4 +867,4 @@ def log_likelihood(
                       dequantization=None if dequantize is None else dequantization, log_q=log_q)
 
 
-__all__ = ["DIVERGENCES", "REMOVED", "Likelihood", "Trace", "log_likelihood"]
+__all__ = ["DIVERGENCES", "REMOVED", "Likelihood", "Trace", "draws_random", "log_likelihood"]
