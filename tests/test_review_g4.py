@@ -8,6 +8,8 @@
 5. ``Gaussian(cov=...)`` refused per-pixel variances in the data's shape.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -80,6 +82,63 @@ def test_adaptive_says_what_was_given_and_resolves_only_that():
         flowdiff.Adaptive(rtol=-1)
 
 
+# -- 2. a fixed grid's bar bounds the error, or says it cannot -------------------------------------------------------
+
+def test_fixed_grid_bar_covers_the_error_or_is_inf_outside_the_asymptotic_regime():
+    """rk4 at 16 steps on the CLI's analytic-mixture kernel density was ~130 nats off with bars of 28–65 nats: the
+    difference to the 8-step solve bounds the error only once the error falls with the steps as the method's order
+    says. The third solve (4 steps) finds these grids outside that regime: the bar is inf, with a warning naming
+    steps=, and the check solves' evaluations are counted apart."""
+    from flowdiff.cli._models import MIXTURE_BANDWIDTH, _digits_schedule
+    from flowdiff.models.analytic import Mixture
+
+    train = flowdiff.digits_data("train").images.double()
+    mix = Mixture(train, bandwidth=MIXTURE_BANDWIDTH, schedule=_digits_schedule())
+    prior = {"data_mean": train.mean(0), "data_var": train.var(0, correction=0) + MIXTURE_BANDWIDTH**2}
+    x = flowdiff.digits_data("test").images[:2].double()
+    with pytest.warns(likelihood_module.ErrorBarWarning, match=r"steps=16: the solves of 16, 8 and 4 steps are not "
+                                                               r"in their asymptotic regime for image\(s\) \[0, 1\]"):
+        r = flowdiff.log_likelihood(mix.flow(), x, solver="rk4", steps=16, **prior)
+    err = (r.log_prob - mix.log_prob(x, 0.0)).abs()
+    assert bool((err <= r.error).all()), (err, r.error)
+    assert r.stats.nfe == 4 * 16 and r.stats.extra["check"].nfe == 4 * 8 and r.stats.extra["check_quarter"].nfe == 16
+
+
+def test_fixed_grid_bar_in_the_asymptotic_regime_is_the_half_steps_difference_as_before(gaussian):
+    """Where the error falls at the method's order (a Gaussian, rk4), the bar is |ℓ_N − ℓ_{N/2}| as before, no
+    warning, and it covers the error; the adaptive default runs no third solve."""
+    model, x = gaussian
+    prior = {"data_mean": model.mean.reshape(1, 2, 2), "data_var": model.evals.mean()}
+    run = dict(solver="rk4", estimator=flowdiff.Trace("exact"), **prior)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = flowdiff.log_likelihood(model.flow(), x, steps=32, **run)
+    n, half = (flowdiff.log_likelihood(model.flow(), x, steps=k, solve_check=False, **run) for k in (32, 16))
+    assert torch.equal(r.log_prob, n.log_prob) and torch.equal(r.solve_error, (half.log_prob - n.log_prob).abs())
+    assert bool(((r.log_prob - model.log_prob(x, 0.0)).abs() <= r.error).all())
+    assert r.stats.extra["check_quarter"].nfe == 4 * 8
+    # at 16 steps its differences shrink 4.3× a doubling, short of rk4's 16 (2^(p-1) = 8 asked): inf, and said
+    with pytest.warns(likelihood_module.ErrorBarWarning, match="steps=16"):
+        assert bool(torch.isinf(flowdiff.log_likelihood(model.flow(), x, steps=16, **run).solve_error).all())
+    assert "check_quarter" not in flowdiff.log_likelihood(model.flow(), x).stats.extra
+
+
+def test_two_steps_warn_that_their_bar_is_unchecked(gaussian):
+    model, x = gaussian
+    with pytest.warns(likelihood_module.ErrorBarWarning, match="steps=2: the error bar compares the solve with one "
+                                                               "of 1 step and cannot check"):
+        r = flowdiff.log_likelihood(model.flow(), x, solver="rk4", steps=2)
+    assert "check_quarter" not in r.stats.extra and bool((r.solve_error > 0).all())
+
+
+def test_cli_prints_the_bars_note_under_its_table_not_as_a_warning(png, capsys):
+    assert main(["likelihood", png, *FIXED[:-3], "--steps", "8", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "± inf" in captured.out and "(--steps 8: the solves of 8, 4 and 2 steps are not in their asymptotic" \
+        in captured.out and "warning" not in captured.err
+    assert "the second check solve (a quarter of the steps) 8 and" in captured.out
+
+
 # -- 3. --probes with --divergence auto where auto is stochastic; --seed where nothing is drawn ---------------------
 
 @pytest.fixture(scope="module")
@@ -88,7 +147,7 @@ def png(tmp_path_factory):
     return str(path)
 
 
-FIXED = ["--model", "analytic-mixture", "--solver", "rk4", "--steps", "2", "--no-progress"]
+FIXED = ["--model", "analytic-mixture", "--solver", "rk4", "--steps", "2", "--no-progress"]  # steps=2: warns
 
 
 def test_cli_takes_probes_with_auto_where_auto_is_hutch_plus_plus(png, capsys, monkeypatch):
@@ -117,7 +176,7 @@ def test_generator_is_refused_where_log_likelihood_draws_nothing(gaussian):
     with pytest.raises(ValueError, match="generator=a torch.Generator would change nothing"):
         flowdiff.log_likelihood(model.flow(), x, solver="rk4", steps=2, generator=torch.Generator())
     q = ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
-    flowdiff.log_likelihood(model.flow(), q, solver="rk4", steps=2, generator=7, dequantize=256)  # draws the noise
+    flowdiff.log_likelihood(model.flow(), q, solver="rk4", steps=4, generator=7, dequantize=256)  # draws noise
     assert likelihood_module.draws_random(flowdiff.Trace(), 4, None) is False
     assert likelihood_module.draws_random(flowdiff.Trace(), 257, None) is True
 

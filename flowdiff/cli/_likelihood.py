@@ -37,6 +37,7 @@ from ..tools.likelihood import (
     DEQUANTIZATIONS,
     DIVERGENCES,
     PROBE_NOISES,
+    ErrorBarWarning,
     Trace,
     draws_random,
     log_likelihood,
@@ -230,7 +231,10 @@ def run(args: argparse.Namespace) -> int:
                                     model_kwargs=loaded.model_kwargs or None, progress=_progress(args), **options)
     except ValueError as err:
         raise ValueError(_as_flags(one_line(err))) from None
+    notes = [_as_flags(str(w.message)) for w in caught if issubclass(w.category, ErrorBarWarning)]
     for warning in caught:
+        if issubclass(warning.category, ErrorBarWarning):
+            continue  # printed under the table, beside the bars it is about
         said = _as_flags(str(warning.message))
         if args.dequantize is None:  # the levels came from the files' depth, not from a flag the user typed
             said = said.replace(f"--dequantize {levels}:", f"the files' {levels} levels:", 1)
@@ -252,15 +256,20 @@ def run(args: argparse.Namespace) -> int:
           + (f"  ± error ({' and '.join(parts)})" if se is not None else ""))
     if result.per_probe is not None and result.per_probe.shape[1] == 1:
         print("(1 probe: no standard error, so the error bar is the solve's alone and leaves out the probe's "
-              "variance, which can be far larger; give --probes 2 or more for it)")
+              "variance, which can be far larger; 2 or more give a standard error)")
     for i, name in enumerate(names):
         row = f"{name:<{width}}  {float(result.log_prob[i]):>14.4f}  {float(result.bits_per_dim[i]):>10.5f}"
         print(row + (f"  ± {float(se[i]):.5f}" if se is not None else ""))
+    for note in notes:
+        print(f"({note})")
     mean, err = result.mean_bits_per_dim()
     spread = f" ± {err:.5f} (standard error over {len(paths)} images)" if err is not None else ""
     print(f"mean bits/dim: {mean:.5f}{spread}")
     check = result.stats.extra.get("check")
+    quarter = result.stats.extra.get("check_quarter")
     checked = f"; the check solve {check.nfe} and {check.extra['vjps']}" if check else ""
+    if quarter is not None:
+        checked += f", the second check solve (a quarter of the steps) {quarter.nfe} and {quarter.extra['vjps']}"
     print(f"NFE {result.stats.nfe} (field evaluations) and {result.stats.extra['vjps']} vector-Jacobian products in "
           f"{result.stats.accepted} steps{checked}; {wall:.1f} s")
     if hidden:

@@ -542,6 +542,43 @@ def _draw_per_image(generator: torch.Generator | None, shape: tuple[int, ...], b
 
 # -- the solve -----------------------------------------------------------------------------------
 
+class ErrorBarWarning(UserWarning):
+    """A fixed grid's error bar is unchecked (``steps=2``) or ``inf`` (the grids are outside their asymptotic regime):
+    :func:`log_likelihood` warns with it, and ``flowdiff likelihood`` prints it under its table."""
+
+
+def _fixed_grid_bar(steps: int, order: int, half: Tensor, check_prob: Tensor, log_prob: Tensor,
+                    integrate: Callable[[float, str], Any], log_density: Callable[[Tensor], tuple[Tensor, ...]],
+                    stats: Stats) -> Tensor:
+    """The fixed grid's solve error from the solves of N, N/2 and N/4 steps (``half`` = |ℓ_N − ℓ_{N/2}|).
+
+    |ℓ_N − ℓ_{N/2}| bounds the error of ℓ_N only in the asymptotic regime, where a method of order p leaves an error
+    C·h^p: the differences d₁ = ℓ_{N/2} − ℓ_N and d₂ = ℓ_{N/4} − ℓ_{N/2} then have one sign and d₂/d₁ ≈ 2^p, and
+    |d₁| = (2^p − 1)·|error| over-covers. The third solve measures d₂; where the ratio is at least
+    max(2, 2^(p−1)) with one sign the bar is |d₁| as before, and elsewhere it is ``inf`` with a warning naming
+    ``steps=``: outside that regime the differences say nothing of the error (rk4 on the CLI's analytic-mixture at 16
+    steps: differences shrinking 3.9× a doubling and a bar of 28 nats, the error 139). At N = 2 there is no coarser
+    third grid (half of one step is the same step): the bar is |d₁|, unchecked, with a warning."""
+    if steps == 2:
+        warnings.warn("steps=2: the error bar compares the solve with one of 1 step and cannot check that the solve "
+                      "is in its asymptotic regime (that needs a third solve of N/4 steps: steps >= 3), so it may not "
+                      "bound the error; give more steps, or the adaptive default", ErrorBarWarning, stacklevel=3)
+        return half
+    y_quarter, quarter_stats = integrate(4.0, "second check solve")
+    stats.extra["check_quarter"] = quarter_stats
+    d1, d2 = check_prob - log_prob, log_density(y_quarter)[2] - check_prob
+    asymptotic = (d1 * d2 >= 0) & (d2.abs() >= max(2.0, 2.0 ** (order - 1)) * d1.abs())
+    bar = torch.where(asymptotic, half, torch.full_like(half, math.inf))
+    if not bool(asymptotic.all()):
+        which = torch.nonzero(~asymptotic).flatten().tolist()
+        warnings.warn(f"steps={steps}: the solves of {steps}, {max(1, round(steps / 2))} and "
+                      f"{max(1, round(steps / 4))} steps are not in their asymptotic regime for image(s) {which} "
+                      f"(their differences do not shrink by 2^(order - 1) = {2.0 ** (order - 1):g} or more, with one "
+                      "sign, as the steps double), so nothing bounds the solve's error there and its error bar is "
+                      "inf; give more steps, or the adaptive default", ErrorBarWarning, stacklevel=3)
+    return bar
+
+
 def draws_random(estimator: Trace, dim: int, dequantize: int | None) -> bool:
     """Whether :func:`log_likelihood` draws from its ``generator``: a stochastic trace's probes (``"auto"`` is one
     beyond :data:`AUTO_EXACT_MAX_DIM` dimensions) or the dequantization noise of ``dequantize=K``. Where it draws
@@ -624,7 +661,11 @@ def log_likelihood(
     **Error bar.** With ``solve_check`` (default) a second solve at 10× the tolerances and twice the step cap (or half
     the steps, at least one: so ``steps=1`` needs ``solve_check=False``), with the same probes,
     measures the solve's error: ``solve_error`` is |ℓ − ℓ_check| per sample, an overestimate of
-    the reported solve's own error wherever the error falls with the tolerance. ``error`` =
+    the reported solve's own error wherever the error falls with the tolerance. On a fixed grid that holds only once
+    the solve is in its asymptotic regime, so a third solve of N/4 steps checks it (:func:`_fixed_grid_bar`): where
+    the differences do not shrink by 2^(p−1) (at least 2) a doubling, with one sign, the bar is ``inf`` (with a
+    warning naming ``steps=``); the check solves then cost N/2 + N/4 steps besides the solve's N (``stats.extra``'s
+    ``check`` and ``check_quarter``; ``steps=2`` has no third grid and warns that its bar is unchecked). ``error`` =
     √(``std_error``² + ``solve_error``²) covers both the estimator's variance and the solve.
 
     ``estimator``: a :class:`Trace` (default ``Trace()``: method ``"auto"``, ``"exact"`` up to D =
@@ -649,7 +690,7 @@ def log_likelihood(
     prior that :func:`flowdiff.generate` samples. ``stats`` are the solve's own (``stats.nfe`` its field evaluations);
     ``stats.extra`` adds ``vjps`` (the estimator's vector–Jacobian products, per sample),
     ``model_calls`` (forward passes, one per field evaluation and piece of ``chunk`` samples)
-    and ``check`` (the check solve's statistics).
+    and ``check`` (the check solve's statistics; on a fixed grid also ``check_quarter``, the N/4-step solve's).
     """
     start = time.perf_counter()
     refuse_removed("log_likelihood", removed, REMOVED)
@@ -851,7 +892,11 @@ def log_likelihood(
     if solve_check:
         y_check, check_stats = integrate(CHECK_FACTOR if steps is None else 2.0, "check solve")
         stats.extra["check"] = check_stats
-        solve_error = (log_density(y_check)[2] - log_prob).abs()
+        check_prob = log_density(y_check)[2]
+        solve_error = (check_prob - log_prob).abs()
+        if steps is not None:
+            solve_error = _fixed_grid_bar(steps, solver_obj.order, solve_error, check_prob, log_prob, integrate,
+                                         log_density, stats)
     std_error = None
     if divergence != "exact" and k > 1:
         std_error = per_probe.std(1) / math.sqrt(k)
@@ -867,4 +912,4 @@ def log_likelihood(
                       dequantization=None if dequantize is None else dequantization, log_q=log_q)
 
 
-__all__ = ["DIVERGENCES", "REMOVED", "Likelihood", "Trace", "draws_random", "log_likelihood"]
+__all__ = ["DIVERGENCES", "REMOVED", "ErrorBarWarning", "Likelihood", "Trace", "draws_random", "log_likelihood"]
