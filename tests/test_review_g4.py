@@ -134,7 +134,7 @@ def test_two_steps_warn_that_their_bar_is_unchecked(gaussian):
 def test_cli_prints_the_bars_note_under_its_table_not_as_a_warning(png, capsys):
     assert main(["likelihood", png, *FIXED[:-3], "--steps", "8", "--no-progress"]) == 0
     captured = capsys.readouterr()
-    assert "± inf" in captured.out and "(--steps 8: the solves of 8, 4 and 2 steps are not in their asymptotic" \
+    assert "± inf" in captured.out and "note: --steps 8: the solves of 8, 4 and 2 steps are not in their asymptotic" \
         in captured.out and "warning" not in captured.err
     assert "the second check solve (a quarter of the steps) 8 and" in captured.out
 
@@ -197,7 +197,7 @@ def test_cli_refuses_seed_where_nothing_is_drawn(png, capsys):
 def test_cli_says_that_one_probes_bar_leaves_out_its_variance(png, capsys):
     assert main(["likelihood", png, *FIXED, "--divergence", "hutchinson", "--probes", "1"]) == 0
     out = capsys.readouterr().out
-    assert out.count("1 probe: no standard error") == 1 and "leaves out the probe's variance" in out
+    assert out.count("1 probe gives no standard error") == 1 and "leaves out the probe's variance" in out
     assert main(["likelihood", png, *FIXED, "--divergence", "hutchinson", "--probes", "2"]) == 0
     assert "1 probe" not in capsys.readouterr().out
 

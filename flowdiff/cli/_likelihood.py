@@ -254,14 +254,9 @@ def run(args: argparse.Namespace) -> int:
     parts = [what for what, e in (("probes", result.std_error), ("solve", result.solve_error)) if e is not None]
     print(f"{'image':<{width}}  {'log p (nats)':>14}  {'bits/dim':>10}"
           + (f"  ± error ({' and '.join(parts)})" if se is not None else ""))
-    if result.per_probe is not None and result.per_probe.shape[1] == 1:
-        print("(1 probe: no standard error, so the error bar is the solve's alone and leaves out the probe's "
-              "variance, which can be far larger; 2 or more give a standard error)")
     for i, name in enumerate(names):
         row = f"{name:<{width}}  {float(result.log_prob[i]):>14.4f}  {float(result.bits_per_dim[i]):>10.5f}"
         print(row + (f"  ± {float(se[i]):.5f}" if se is not None else ""))
-    for note in notes:
-        print(f"({note})")
     mean, err = result.mean_bits_per_dim()
     spread = f" ± {err:.5f} (standard error over {len(paths)} images)" if err is not None else ""
     print(f"mean bits/dim: {mean:.5f}{spread}")
@@ -272,6 +267,11 @@ def run(args: argparse.Namespace) -> int:
         checked += f", the second check solve (a quarter of the steps) {quarter.nfe} and {quarter.extra['vjps']}"
     print(f"NFE {result.stats.nfe} (field evaluations) and {result.stats.extra['vjps']} vector-Jacobian products in "
           f"{result.stats.accepted} steps{checked}; {wall:.1f} s")
+    if result.per_probe is not None and result.per_probe.shape[1] == 1:
+        print("note: 1 probe gives no standard error, so the error bar is the solve's alone and leaves out the "
+              "probe's variance, which can be far larger; 2 or more give a standard error")
+    for note in notes:  # the fixed grid's bar: unchecked (--steps 2) or inf outside the asymptotic regime
+        print(f"note: {note}")
     if hidden:
         shown = ", ".join(printable(escaped_name(n)) for n in hidden)
         print(f"skipped {len(hidden)} hidden file(s) in --data: {shown}")
