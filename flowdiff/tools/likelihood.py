@@ -569,7 +569,7 @@ def _fixed_grid_bar(steps: int, order: int, half: Tensor, check_prob: Tensor, lo
         warnings.warn(f"steps={steps}: a fixed grid of fewer than {MIN_REGIME_STEPS} steps gets no error bar for its "
                       "solve (inf): its check solves of N/2 and N/4 steps are too coarse to show that the error falls "
                       "at the method's order, and without that the difference between them bounds nothing; give "
-                      f"steps >= {MIN_REGIME_STEPS}, or the adaptive default", ErrorBarWarning, stacklevel=3)
+                      f"steps={MIN_REGIME_STEPS} or more, or the adaptive default", ErrorBarWarning, stacklevel=3)
         return torch.full_like(half, math.inf)
     y_quarter, quarter_stats = integrate(4.0, "second check solve")
     stats.extra["check_quarter"] = quarter_stats
