@@ -24,7 +24,12 @@ training digits, bandwidth 0.1, the shipped model's schedule), at ``--grid-point
 * the dequantization draw: one 8-bit-lattice held-out digit dequantized (uniform, 256 levels) with ``--draws``
   seeds at the defaults; the spread of its bits/dim over the draws beside the bar each draw reports.
 
+With ``--fixed-grid-only``, the fixed-grid tables alone: the kernel density's, and fixed grids (rk4, heun) on the
+first table's models, where the exact trace leaves the solve's bar alone: how often it covers, misses while
+finite, or is ``inf`` (the third check solve found the grids outside their asymptotic regime).
+
 Usage: python benchmarks/likelihood_coverage.py [--points 400] [--dim 8] [--seed 0] [--grid-points 3] [--draws 6]
+       [--fixed-grid-only]
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import argparse
 import math
 import platform
 import time
+import warnings
 
 import torch
 
@@ -85,23 +91,63 @@ def kernel_density() -> tuple[Mixture, dict]:
     return mix, {"data_mean": train.mean(0), "data_var": train.var(0, correction=0) + MIXTURE_BANDWIDTH**2}
 
 
+def _check_nfe(r) -> str:
+    """The check solves' evaluations: the N/2-step (or 10× tolerance) solve's, and the N/4-step one's where run."""
+    quarter = r.stats.extra.get("check_quarter")
+    return f"{r.stats.extra['check'].nfe}" + (f"+{quarter.nfe}" if quarter is not None else "")
+
+
+def _quiet_likelihood(*args, **kwargs):
+    """``log_likelihood`` with its warnings kept (an unbounded fixed-grid bar warns); the table says what they say."""
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        return flowdiff.log_likelihood(*args, **kwargs)
+
+
 def fixed_grid_rows(points: int) -> None:
     mix, prior = kernel_density()
     x = flowdiff.digits_data("test").images[:points].double()
     exact = mix.log_prob(x, 0.0)
     print(f"\n## The solve's bar on a fixed grid: the CLI's analytic-mixture (D = 64), {points} held-out digits, "
           "exact trace\n")
-    print("| solve | max abs(error) (nats) | bars (nats) | within the bar | NFE | s |")
-    print("|---|---|---|---|---|---|")
+    print("| solve | max abs(error) (nats) | bars (nats) | within the bar | of them with bar inf | NFE (solve+checks) "
+          "| s |")
+    print("|---|---|---|---|---|---|---|")
     for steps in (16, 32, 64, 128, None):
         start = time.perf_counter()
-        r = flowdiff.log_likelihood(mix.flow(), x, solver="rk4" if steps else "dopri5", steps=steps, **prior)
+        r = _quiet_likelihood(mix.flow(), x, solver="rk4" if steps else "dopri5", steps=steps, **prior)
         wall = time.perf_counter() - start
         err = (r.log_prob - exact).abs()
-        label = f"rk4, {steps} steps (check: {steps // 2})" if steps else "dopri5 at the defaults (check: 10× tol)"
+        label = f"rk4, {steps} steps" if steps else "dopri5 at the defaults (check: 10× tol)"
         print(f"| {label} | {float(err.max()):.3g} | {', '.join(f'{v:.3g}' for v in r.error.tolist())} | "
-              f"{int((err <= r.error).sum())} of {points} | {r.stats.nfe}+{r.stats.extra['check'].nfe} | "
-              f"{wall:.1f} |", flush=True)
+              f"{int((err <= r.error).sum())} of {points} | {int(torch.isinf(r.error).sum())} | "
+              f"{r.stats.nfe}+{_check_nfe(r)} | {wall:.1f} |", flush=True)
+
+
+def fixed_grid_coverage(points: int, dim: int, centres: int, seed: int) -> None:
+    """Fixed grids on the first table's models (exact trace, so the bar is the solve's alone): how often the bar
+    covers, how often it is a finite bar that fails to, and how often it is inf (no bound claimed)."""
+    print(f"\n## The solve's bar on a fixed grid: the first table's models (D = {dim}), {points} points, exact trace\n")
+    print("| model | solve | finite bar, covers | finite bar, misses | bar inf | median abs(error) (nats) "
+          "| median finite bar | NFE (solve+checks) | s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, model, prior in models(dim, centres, seed):
+        x = model.sample(points, torch.Generator().manual_seed(seed + 1))
+        exact = model.log_prob(x, 0.0)
+        for solver, steps in (("rk4", 4), ("rk4", 8), ("rk4", 16), ("rk4", 32), ("rk4", 64), ("heun", 8), ("heun", 32),
+                              ("heun", 128)):
+            start = time.perf_counter()
+            r = _quiet_likelihood(model.flow(), x, solver=solver, steps=steps, estimator=flowdiff.Trace("exact"),
+                                  **prior)
+            wall = time.perf_counter() - start
+            err = (r.log_prob - exact).abs()
+            inf = torch.isinf(r.error)
+            within = err <= r.error
+            finite = r.error[~inf]
+            print(f"| {name} | {solver}, {steps} steps | {100 * float((within & ~inf).double().mean()):.1f}% | "
+                  f"{100 * float((~within & ~inf).double().mean()):.1f}% | {100 * float(inf.double().mean()):.1f}% | "
+                  f"{float(err.median()):.2e} | {float(finite.median()) if finite.numel() else float('nan'):.2e} | "
+                  f"{r.stats.nfe}+{_check_nfe(r)} | {wall:.1f} |", flush=True)
 
 
 def dequantization_rows(draws: int) -> None:
@@ -126,8 +172,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid-points", type=int, default=3)
     parser.add_argument("--draws", type=int, default=6)
+    parser.add_argument("--fixed-grid-only", action="store_true",
+                        help="only the two fixed-grid tables (the solve's bar on rk4/heun grids)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.fixed_grid_only:
+        print(f"# likelihood fixed-grid error bars: seed {args.seed}; torch {torch.__version__}, "
+              f"{platform.processor() or platform.machine()}")
+        fixed_grid_coverage(args.points, args.dim, args.centres, args.seed)
+        fixed_grid_rows(args.grid_points)
+        return
     print(f"# likelihood error-bar coverage: D = {args.dim}, {args.points} points per row, seed {args.seed}; "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}\n")
     print("| model | estimator | within 1 bar | within 2 bars | t(probes−1) rates | median bar (nats) "
@@ -150,6 +204,7 @@ def main() -> None:
             print(f"| {name} | {label} | {100 * one:.1f}% | {100 * two:.1f}% | {expected} | "
                   f"{float(r.error.median()):.2e} | {float(ratio.median()):.2f} | "
                   f"{r.stats.nfe}+{r.stats.extra['check'].nfe} | {wall:.1f} |", flush=True)
+    fixed_grid_coverage(args.points, args.dim, args.centres, args.seed)
     fixed_grid_rows(args.grid_points)
     dequantization_rows(args.draws)
 

@@ -77,7 +77,8 @@ def test_cli_errors_are_one_line(pngs, tmp_path, capsys):
     _, paths = pngs
     for argv, code, text in [(["--data", tmp_path / "none"], 1, "no such directory"),
                              (["--data", tmp_path], 1, "no image files"),
-                             ([paths[0], "--model", "analytic-mixture", "--probes", "3"], 1, "--probes/--sketch"),
+                             ([paths[0], "--model", "analytic-mixture", "--probes", "3"], 1,
+                              "--divergence auto takes at D=64 <= 256"),
                              ([paths[0], "--model", "analytic-mixture", "--solver", "nope"], 1, "unknown"),
                              ([paths[0], "--model", "analytic-mixture", "--solver", "rk4"], 1, "give --steps N"),
                              ([paths[0], "--model", "analytic-mixture", "--solver", "rk4", "--steps", "3",

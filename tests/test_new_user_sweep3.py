@@ -248,7 +248,7 @@ def test_probes_from_beside_the_exact_trace_is_refused(tmp_path, capsys):
     code, out, err = run(capsys, ["likelihood", png, "--model", "analytic-mixture", "--steps", "2", "--probes-from",
                                   "gaussian"], tmp_path)
     assert code != 0 and out == ""
-    assert "--probes-from apply to --divergence hutchinson or hutch++" in one_line(err)
+    assert "as does --probes-from, not 'exact' (which --divergence auto takes at D=64 <= 256)" in one_line(err)
     with pytest.raises(ValueError, match=r"as does Trace.probes_from, not method='exact'.*probes_from='gaussian'"):
         flowdiff.Trace("exact", probes_from="gaussian")
     flow = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5).flow()

@@ -55,7 +55,7 @@ from solvers import Chain, Derivative, ErrorControl, FixedGrid, Solver, StepCont
 from ..engine.formulations import Data, EulerToZero, IntoZero, LogSigma, OutOfZero, formulation_for, variables_of
 from ..engine.latent import Latent
 from ..engine.loop import solve_flow
-from ..engine.options import Adaptive, Request, compute_dtype
+from ..engine.options import GENERATE_ATOL, GENERATE_RTOL, Adaptive, Request, compute_dtype
 from ..engine.results import AdaptiveStep, Result
 from ..engine.terminal import refuse_infinite_start
 
@@ -232,6 +232,7 @@ def solve_adaptive_flow(request: Request, x: Tensor, *, direction: str, model_dt
     spec, solver, flow = request.adaptive, request.solver, request.flow
     if spec is None:
         raise ValueError("an adaptive solve needs request.adaptive (a flowdiff.Adaptive)")
+    spec = spec.resolved(GENERATE_RTOL, GENERATE_ATOL)  # a tolerance left out is generate's/encode's default
     if not solver.adaptive:
         raise ValueError(f"rtol=/atol= need an adaptive solver; {solver.name!r} has no error estimate. "
                          f"Adaptive solvers: {', '.join(solvers.available(adaptive=True))}")

@@ -37,7 +37,9 @@ from ..tools.likelihood import (
     DEQUANTIZATIONS,
     DIVERGENCES,
     PROBE_NOISES,
+    ErrorBarWarning,
     Trace,
+    draws_random,
     log_likelihood,
 )
 from ._argtypes import available_device, device_name, int_at_least, seed
@@ -79,8 +81,9 @@ def add_parser(subparsers: Any, *, load_model: Callable[..., Any],
     group.add_argument("--device", default="cpu", type=device_name, help="torch device (default: cpu)")
     group.add_argument("--dtype", default="float32", choices=list(DTYPES),
                        help="precision of the state and the network (default: float32)")
-    group.add_argument("--seed", type=seed, default=0,
-                       help="seed of the probes and the dequantization, 0 … 2**64 - 1 (default: 0)")
+    group.add_argument("--seed", type=seed, default=None,
+                       help="seed of the probes and the dequantization, 0 … 2**64 - 1 (default: 0); refused where "
+                            "nothing is drawn (the exact divergence with --dequantization none)")
     group.add_argument("--threads", type=_positive_int, default=None,
                        help="CPU threads for torch (default: 1 for the built-in models, torch's choice otherwise)")
     group.add_argument("--no-progress", action="store_true",
@@ -114,7 +117,11 @@ def add_parser(subparsers: Any, *, load_model: Callable[..., Any],
 _FLAGS = ((re.compile(r"\bdequantize=None\b"), "--dequantization none"),
           (re.compile(r"\bdequantization='?(\w+)'?"), r"--dequantization \1"),
           (re.compile(r"\b(dequantize|steps)=(\w+)"), r"--\1 \2"),
+          (re.compile(r"\bTrace\.probes_from\b"), "--probes-from"),
           (re.compile(r"\bTrace\.(sketch|probes)\b"), r"--\1"),
+          (re.compile(r"\bprobes_from=None\b"), "no --probes-from"),
+          (re.compile(r"\b(sketch|probes)=None\b"), r"no --\1"),
+          (re.compile(r"\bprobes_from='(\w+)'"), r"--probes-from \1"),
           (re.compile(r"\b(sketch|probes)=(\d+)"), r"--\1 \2"),
           (re.compile(r"\bmethod='([\w+]+)'"), r"--divergence \1"),
           (re.compile(r"\bsolver '([\w+]+)'"), r"--solver \1"))
@@ -194,16 +201,16 @@ def run(args: argparse.Namespace) -> int:
         levels = _file_levels(paths, formats)
     if args.dequantization != "none":
         options.update(dequantize=levels, dequantization=args.dequantization)
-    if args.divergence not in ("exact", "auto"):
-        try:
-            estimator = Trace(args.divergence, probes=args.probes, sketch=args.sketch, probes_from=args.probes_from)
-        except ValueError as err:
-            raise ValueError(_as_flags(one_line(err))) from None
-    elif args.probes is not None or args.sketch is not None or args.probes_from is not None:
-        raise ValueError("--probes/--sketch/--probes-from apply to --divergence hutchinson or hutch++ (not exact or "
-                         "auto)")
-    else:
-        estimator = Trace(args.divergence)
+    try:  # the library says where --probes/--sketch apply ("auto" takes them beyond 256 dimensions, as Hutch++)
+        estimator = Trace(args.divergence, probes=args.probes, sketch=args.sketch, probes_from=args.probes_from)
+    except ValueError as err:
+        raise ValueError(_as_flags(one_line(err))) from None
+    dim = images[0].numel()
+    drawn = draws_random(estimator, dim, options.get("dequantize"))
+    if args.seed is not None and not drawn:
+        raise ValueError(f"--seed {args.seed} would change nothing: the command draws only the probes of a stochastic "
+                         f"divergence and the dequantization noise, and here the divergence is exact (--divergence "
+                         f"{args.divergence}, {dim} dimensions) with --dequantization none; drop --seed")
     if args.steps is not None:
         if args.rtol is not None or args.atol is not None:
             raise ValueError(f"--rtol/--atol set an adaptive solve; --steps {args.steps} a fixed grid: give one of "
@@ -213,18 +220,21 @@ def run(args: argparse.Namespace) -> int:
                              "the same step, which would measure no error; give --steps 2 or more")
         options["steps"] = args.steps
     elif args.rtol is not None or args.atol is not None:
-        options["adaptive"] = Adaptive(rtol=DEFAULT_RTOL if args.rtol is None else args.rtol,
-                                       atol=DEFAULT_ATOL if args.atol is None else args.atol)
+        options["adaptive"] = Adaptive(rtol=args.rtol, atol=args.atol)  # one left out: the likelihood's default
     start = time.perf_counter()
     try:
         with warnings.catch_warnings(record=True) as caught:  # said again below in the flags' words
             warnings.simplefilter("always")
             result = log_likelihood(loaded.flow, images, solver=args.solver, estimator=estimator,
-                                    generator=torch.Generator().manual_seed(args.seed),
+                                    generator=(torch.Generator().manual_seed(0 if args.seed is None else args.seed)
+                                               if drawn else None),
                                     model_kwargs=loaded.model_kwargs or None, progress=_progress(args), **options)
     except ValueError as err:
         raise ValueError(_as_flags(one_line(err))) from None
+    notes = [_as_flags(str(w.message)) for w in caught if issubclass(w.category, ErrorBarWarning)]
     for warning in caught:
+        if issubclass(warning.category, ErrorBarWarning):
+            continue  # printed under the table, beside the bars it is about
         said = _as_flags(str(warning.message))
         if args.dequantize is None:  # the levels came from the files' depth, not from a flag the user typed
             said = said.replace(f"--dequantize {levels}:", f"the files' {levels} levels:", 1)
@@ -251,9 +261,17 @@ def run(args: argparse.Namespace) -> int:
     spread = f" ± {err:.5f} (standard error over {len(paths)} images)" if err is not None else ""
     print(f"mean bits/dim: {mean:.5f}{spread}")
     check = result.stats.extra.get("check")
+    quarter = result.stats.extra.get("check_quarter")
     checked = f"; the check solve {check.nfe} and {check.extra['vjps']}" if check else ""
+    if quarter is not None:
+        checked += f", the second check solve (a quarter of the steps) {quarter.nfe} and {quarter.extra['vjps']}"
     print(f"NFE {result.stats.nfe} (field evaluations) and {result.stats.extra['vjps']} vector-Jacobian products in "
           f"{result.stats.accepted} steps{checked}; {wall:.1f} s")
+    if result.per_probe is not None and result.per_probe.shape[1] == 1:
+        print("note: 1 probe gives no standard error, so the error bar is the solve's alone and leaves out the "
+              "probe's variance, which can be far larger; 2 or more give a standard error")
+    for note in notes:  # the fixed grid's bar: unchecked (--steps 2) or inf outside the asymptotic regime
+        print(f"note: {note}")
     if hidden:
         shown = ", ".join(printable(escaped_name(n)) for n in hidden)
         print(f"skipped {len(hidden)} hidden file(s) in --data: {shown}")

@@ -17,6 +17,7 @@ takes the objects, never keywords one by one:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -260,12 +261,20 @@ def idle_final_euler(solver: Solver, sigmas: ArrayLike, direction: str = "genera
     return None
 
 
+#: generate's and encode's tolerances where ``Adaptive`` leaves them out (each entry point has its own).
+GENERATE_RTOL = 1e-3
+GENERATE_ATOL = 1e-3
+
+
 @dataclass(frozen=True, eq=False)
 class Adaptive:
     """An error-controlled solve whose tolerance is measured on the image's scale.
 
-    ``rtol``/``atol`` (default 1e-3 each) bound each step's local error in the VP-scaled
-    state x = x̄/√(1+σ²), per sample, the worst sample deciding. ``max_nfe`` stops a solve
+    ``rtol``/``atol`` bound each step's local error in the VP-scaled state x = x̄/√(1+σ²), per
+    sample, the worst sample deciding. A tolerance left out (``None``) is the entry point's own
+    default, filled in by :meth:`resolved`: 1e-3 for ``generate``/``encode``
+    (:data:`GENERATE_RTOL`), 1e-5 for :func:`flowdiff.log_likelihood`; so ``Adaptive(max_nfe=N)``
+    caps a solve without loosening it. ``max_nfe`` stops a solve
     that would need more evaluations with a :class:`solvers.SolveError`. ``controller`` (a
     :class:`solvers.StepController`), ``first_step`` (in the solve's time variable),
     ``sigma_c`` (the c of τ = log(σ + c), the time of the σ-variable solvers such as dopri5;
@@ -276,8 +285,8 @@ class Adaptive:
     one, is refused by the solve (neither would change it).
     """
 
-    rtol: float = 1e-3
-    atol: float = 1e-3
+    rtol: float | None = None
+    atol: float | None = None
     max_nfe: int | None = None
     controller: StepController | None = None
     first_step: float | None = None
@@ -286,7 +295,8 @@ class Adaptive:
     sigma_start: float | None = None
 
     def __post_init__(self) -> None:
-        rtol, atol = _tolerance("rtol", self.rtol), _tolerance("atol", self.atol)
+        rtol = None if self.rtol is None else _tolerance("rtol", self.rtol)
+        atol = None if self.atol is None else _tolerance("atol", self.atol)
         if rtol == 0 and atol == 0:
             raise ValueError("rtol and atol cannot both be 0")
         object.__setattr__(self, "max_nfe", _count(self.max_nfe, "max_nfe"))
@@ -301,6 +311,12 @@ class Adaptive:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not (math.isfinite(value) and value > 0)):
                 raise ValueError(f"{name} must lie in (0, σ_start) (a finite number > 0), got {value!r}")
+
+    def resolved(self, rtol: float, atol: float) -> Adaptive:
+        """This request with the caller's default ``rtol``/``atol`` in place of each one not given (an entry point's
+        own defaults: :data:`GENERATE_RTOL` for generate/encode, the likelihood's 1e-5); the given ones kept."""
+        return dataclasses.replace(self, rtol=rtol if self.rtol is None else self.rtol,
+                                   atol=atol if self.atol is None else self.atol)
 
 
 #: The named member of the family besides numeric η: DDPM's larger variance σ̂² = 1 − ᾱ_t/ᾱ_s.

@@ -89,7 +89,8 @@ class _ClosedForm:
 
 
 class Gaussian(_ClosedForm):
-    """Data N(mean, cov): ``cov`` a scalar variance, a vector of variances, or a full matrix."""
+    """Data N(mean, cov): ``cov`` a scalar variance, a vector of D variances or the same in the data's
+    shape (``mean``'s, e.g. (1, 2, 2): per-pixel variances, flattened), or a full D×D matrix."""
 
     def __init__(self, mean: Tensor, cov: float | Tensor, schedule: Schedule | ArrayLike | None = None) -> None:
         self.schedule = Schedule.linear() if schedule is None else as_schedule(schedule)
@@ -105,6 +106,9 @@ class Gaussian(_ClosedForm):
             raise ValueError("cov must be finite")
         if cov_t.ndim == 0:
             cov_t = cov_t.expand(self.dim).clone()
+        if mean.ndim >= 2 and tuple(cov_t.shape) == self.shape and self.dim > 1:
+            # per-pixel variances in the data's shape: never a D×D matrix's shape, since D > 1 pixels fill it
+            cov_t = cov_t.reshape(-1)
         if cov_t.ndim == 1:
             if cov_t.numel() != self.dim or bool((cov_t <= 0).any()):
                 raise ValueError(f"cov as variances must have {self.dim} positive entries, got {tuple(cov_t.shape)}")
@@ -116,7 +120,8 @@ class Gaussian(_ClosedForm):
             if bool((self.evals <= 0).any()):
                 raise ValueError("cov must be positive definite")
         else:
-            raise ValueError(f"cov must be a scalar, a vector or a matrix, got {cov_t.ndim} dimensions")
+            raise ValueError(f"cov must be a scalar, {self.dim} variances (shape ({self.dim},) or the data's "
+                             f"{self.shape}) or a {self.dim}x{self.dim} matrix, got shape {tuple(cov_t.shape)}")
 
     def _apply(self, v: Tensor, fn_of_evals: Tensor) -> Tensor:
         """Multiply rows of v by g(Σ) given g's values on the eigenvalues."""

@@ -125,6 +125,11 @@ DEFAULT_SKETCH = 32
 AUTO_EXACT_MAX_DIM = 256
 #: The check solve's tolerances are this many times the solve's (a fixed grid: half the steps).
 CHECK_FACTOR = 10.0
+#: A fixed grid's bar needs the solves of N/4, N/2 and N steps in their asymptotic regime: their differences shrinking
+#: by between this share of 2^p (p the method's order; at least by 2) and 2^p over it a doubling, with one sign.
+REGIME_SHARE = 0.75
+#: The fewest steps whose error bar a fixed grid reports (its N/4-step check solve then has 4).
+MIN_REGIME_STEPS = 16
 #: Steps of at most 1 in log(σ + c) (σ + c grows by at most e per step), as flowdiff's adaptive generate.
 CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=10.0, max_step=1.0)
 #: The check solve's: twice the step cap, so that it is looser than the solve even where the cap sets the steps.
@@ -542,6 +547,54 @@ def _draw_per_image(generator: torch.Generator | None, shape: tuple[int, ...], b
 
 # -- the solve -----------------------------------------------------------------------------------
 
+class ErrorBarWarning(UserWarning):
+    """A fixed grid's error bar is unchecked (``steps=2``) or ``inf`` (the grids are outside their asymptotic regime):
+    :func:`log_likelihood` warns with it, and ``flowdiff likelihood`` prints it under its table."""
+
+
+def _fixed_grid_bar(steps: int, order: int, half: Tensor, check_prob: Tensor, log_prob: Tensor,
+                    integrate: Callable[[float, str], Any], log_density: Callable[[Tensor], tuple[Tensor, ...]],
+                    stats: Stats) -> Tensor:
+    """The fixed grid's solve error from the solves of N, N/2 and N/4 steps (``half`` = |ℓ_N − ℓ_{N/2}|).
+
+    |ℓ_N − ℓ_{N/2}| bounds the error of ℓ_N only in the asymptotic regime, where a method of order p leaves an error
+    C·h^p: the differences d₁ = ℓ_{N/2} − ℓ_N and d₂ = ℓ_{N/4} − ℓ_{N/2} then have one sign and d₂/d₁ ≈ 2^p, and
+    |d₁| = (2^p − 1)·|error| over-covers. The third solve measures d₂; where the ratio lies within a factor
+    :data:`REGIME_SHARE` of 2^p (and is at least 2), with one sign, the bar is |d₁| as before; elsewhere it is ``inf``
+    with a warning naming ``steps=``: outside that regime the differences say nothing of the error (rk4 on the CLI's
+    analytic-mixture at 16 steps: differences shrinking 3.9× a doubling and a bar of 28 nats, the error 139). Below
+    :data:`MIN_REGIME_STEPS` steps the N/4-step solve is too coarse to show a regime (its ratios fell in the window by
+    chance, and the bars then missed; ``benchmarks/RESULTS.md``): the bar is ``inf`` without the third solve."""
+    if steps < MIN_REGIME_STEPS:
+        warnings.warn(f"steps={steps}: a fixed grid of fewer than {MIN_REGIME_STEPS} steps gets no error bar for its "
+                      "solve (inf): its check solves of N/2 and N/4 steps are too coarse to show that the error falls "
+                      "at the method's order, and without that the difference between them bounds nothing; give "
+                      f"steps={MIN_REGIME_STEPS} or more, or the adaptive default", ErrorBarWarning, stacklevel=3)
+        return torch.full_like(half, math.inf)
+    y_quarter, quarter_stats = integrate(4.0, "second check solve")
+    stats.extra["check_quarter"] = quarter_stats
+    d1, d2 = check_prob - log_prob, log_density(y_quarter)[2] - check_prob
+    least, most = max(2.0, REGIME_SHARE * 2.0**order), 2.0**order / REGIME_SHARE
+    asymptotic = (d1 * d2 >= 0) & (d2.abs() >= least * d1.abs()) & (d2.abs() <= most * d1.abs())
+    bar = torch.where(asymptotic, half, torch.full_like(half, math.inf))
+    if not bool(asymptotic.all()):
+        which = torch.nonzero(~asymptotic).flatten().tolist()
+        warnings.warn(f"steps={steps}: the solves of {steps}, {max(1, round(steps / 2))} and "
+                      f"{max(1, round(steps / 4))} steps are not in their asymptotic regime for image(s) {which} "
+                      f"(their differences do not shrink by {least:g} to {most:g}, about 2^p for a method of order "
+                      f"p = {order}, with one sign, as the steps double), so nothing bounds the solve's error there "
+                      "and its error bar is inf; give more steps, or the adaptive default", ErrorBarWarning,
+                      stacklevel=3)
+    return bar
+
+
+def draws_random(estimator: Trace, dim: int, dequantize: int | None) -> bool:
+    """Whether :func:`log_likelihood` draws from its ``generator``: a stochastic trace's probes (``"auto"`` is one
+    beyond :data:`AUTO_EXACT_MAX_DIM` dimensions) or the dequantization noise of ``dequantize=K``. Where it draws
+    nothing a ``generator`` is refused (it would change nothing); the command line asks the same rule."""
+    return _choose_divergence(estimator.method, dim) != "exact" or dequantize is not None
+
+
 def _choose_divergence(divergence: str, dim: int) -> str:
     """``"auto"``: the exact trace up to :data:`AUTO_EXACT_MAX_DIM` dimensions (no estimator variance, at most
     256 products an evaluation), Hutch++ beyond (80 products an evaluation, whatever D)."""
@@ -608,15 +661,20 @@ def log_likelihood(
       log-density column's error is ≤ ``atol`` nats (absolute: its errors add up in nats whatever
       the size of ℓ, which grows with D). ``adaptive=flowdiff.Adaptive(rtol=, atol=, max_nfe=,
       sigma_c=)`` sets them (``max_nfe`` bounds each solve's field evaluations, ``sigma_c`` the c
-      of τ); without it rtol = atol = 1e-5 (:data:`DEFAULT_RTOL`, :data:`DEFAULT_ATOL`) and c =
-      σ_min. Adaptive's ``controller``, ``first_step``, ``sigma_end`` and ``sigma_start`` are refused.
+      of τ); a tolerance it leaves out, or all of them without it, is 1e-5 (:data:`DEFAULT_RTOL`,
+      :data:`DEFAULT_ATOL`; not generate's 1e-3: ``Adaptive(max_nfe=N)`` caps the default solve) and
+      c = σ_min. Adaptive's ``controller``, ``first_step``, ``sigma_end`` and ``sigma_start`` are refused.
     * ``steps=N``: a fixed grid of N steps uniform in τ with any σ-variable solver (``rk4``,
       ``heun``, ``ipndm``, ...); refused beside ``adaptive=``.
 
     **Error bar.** With ``solve_check`` (default) a second solve at 10× the tolerances and twice the step cap (or half
     the steps, at least one: so ``steps=1`` needs ``solve_check=False``), with the same probes,
     measures the solve's error: ``solve_error`` is |ℓ − ℓ_check| per sample, an overestimate of
-    the reported solve's own error wherever the error falls with the tolerance. ``error`` =
+    the reported solve's own error wherever the error falls with the tolerance. On a fixed grid that holds only once
+    the solve is in its asymptotic regime, so a third solve of N/4 steps checks it (:func:`_fixed_grid_bar`): where
+    the differences do not shrink by about 2^p (p the order) a doubling, with one sign, or below N = 16 steps, the bar
+    is ``inf`` (with an :class:`ErrorBarWarning` naming ``steps=``); the check solves then cost N/2 + N/4 steps besides
+    the solve's N (``stats.extra``'s ``check`` and ``check_quarter``; below 16 steps N/2, with no third). ``error`` =
     √(``std_error``² + ``solve_error``²) covers both the estimator's variance and the solve.
 
     ``estimator``: a :class:`Trace` (default ``Trace()``: method ``"auto"``, ``"exact"`` up to D =
@@ -624,7 +682,10 @@ def log_likelihood(
     products per evaluation do not grow with D). Its probes are drawn once from ``generator`` (a CPU
     ``torch.Generator`` or an int seed; draws are made on the CPU whatever the images' device), which also
     draws the dequantization noise, image after image (its noise, then its sketch and probes), so that an image's
-    draws do not depend on the images after it. ``checks=flowdiff.Checks(finite=...)``:
+    draws do not depend on the images after it. With the exact trace and no dequantization nothing is drawn, and a
+    ``generator`` is refused (:func:`draws_random`). With one probe there is no ``std_error`` (one value has no
+    spread): ``error`` is then the solve's alone and leaves out the probe's variance, which can be far larger.
+    ``checks=flowdiff.Checks(finite=...)``:
     stop with a :class:`solvers.SolveError` when the state turns NaN/inf (default on); its
     ``growth`` and ``model`` fields do not apply here and are refused unless left at their defaults.
     ``progress=True`` shows a tqdm bar on stderr of the time each solve has reached, its σ and step (of ``steps=N``
@@ -638,7 +699,7 @@ def log_likelihood(
     prior that :func:`flowdiff.generate` samples. ``stats`` are the solve's own (``stats.nfe`` its field evaluations);
     ``stats.extra`` adds ``vjps`` (the estimator's vector–Jacobian products, per sample),
     ``model_calls`` (forward passes, one per field evaluation and piece of ``chunk`` samples)
-    and ``check`` (the check solve's statistics).
+    and ``check`` (the check solve's statistics; on a fixed grid also ``check_quarter``, the N/4-step solve's).
     """
     start = time.perf_counter()
     refuse_removed("log_likelihood", removed, REMOVED)
@@ -658,6 +719,7 @@ def log_likelihood(
     if dequantize is None and dequantization != "uniform":
         raise ValueError(f"dequantization={dequantization!r} chooses the noise of dequantize=K levels, which is "
                          "None (the continuous density): give dequantize=K, or leave dequantization out")
+    given_generator = generator
     if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):  # a seed, as Stochastic's
         generator = torch.Generator().manual_seed(check_seed(generator, "generator"))
     elif generator is not None and not isinstance(generator, torch.Generator):
@@ -666,6 +728,13 @@ def log_likelihood(
         raise ValueError(f"generator is on {generator.device}; log_likelihood draws its probes and dequantization "
                          "noise on the CPU (the same numbers whatever the images' device): give a CPU "
                          "torch.Generator or an int seed")
+    if given_generator is not None and not draws_random(estimator, images[0].numel(), dequantize):
+        shown = repr(given_generator) if isinstance(given_generator, numbers.Integral) else "a torch.Generator"
+        how = "method='exact'" if estimator.method == "exact" else (
+            f"method='auto' takes it at D={images[0].numel()} <= {AUTO_EXACT_MAX_DIM}")
+        raise ValueError(f"generator={shown} would change nothing: log_likelihood draws only a stochastic trace's "
+                         f"probes and dequantize=K's noise, and here the trace is exact ({how}) and dequantize=None; "
+                         "drop generator=")
     if not isinstance(solve_check, bool):
         raise TypeError(f"solve_check must be a bool, got {type(solve_check).__name__}")
     check_finite = _check_checks(checks)
@@ -717,11 +786,9 @@ def log_likelihood(
         if not solver_obj.adaptive:
             raise ValueError(f"solver {solver_obj.name!r} has no error estimate: give steps=N for a fixed grid, or "
                              f"an adaptive solver ({', '.join(solvers.available(adaptive=True))})")
-        if adaptive is None:
-            rtol, atol = DEFAULT_RTOL, DEFAULT_ATOL
-        else:
-            rtol, atol = float(adaptive.rtol), float(adaptive.atol)
-            max_nfe = adaptive.max_nfe
+        # a tolerance the Adaptive leaves out is the likelihood's own default (1e-5), not generate's 1e-3
+        spec = (Adaptive() if adaptive is None else adaptive).resolved(DEFAULT_RTOL, DEFAULT_ATOL)
+        rtol, atol, max_nfe = float(spec.rtol), float(spec.atol), spec.max_nfe
         if atol == 0:
             raise ValueError("Adaptive.atol must be > 0 here: it is also the log-density column's tolerance, in nats "
                              "per step (rtol does not apply to that column), got 0.0")
@@ -834,7 +901,11 @@ def log_likelihood(
     if solve_check:
         y_check, check_stats = integrate(CHECK_FACTOR if steps is None else 2.0, "check solve")
         stats.extra["check"] = check_stats
-        solve_error = (log_density(y_check)[2] - log_prob).abs()
+        check_prob = log_density(y_check)[2]
+        solve_error = (check_prob - log_prob).abs()
+        if steps is not None:
+            solve_error = _fixed_grid_bar(steps, solver_obj.order, solve_error, check_prob, log_prob, integrate,
+                                         log_density, stats)
     std_error = None
     if divergence != "exact" and k > 1:
         std_error = per_probe.std(1) / math.sqrt(k)
@@ -850,4 +921,4 @@ def log_likelihood(
                       dequantization=None if dequantize is None else dequantization, log_q=log_q)
 
 
-__all__ = ["DIVERGENCES", "REMOVED", "Likelihood", "Trace", "log_likelihood"]
+__all__ = ["DIVERGENCES", "REMOVED", "ErrorBarWarning", "Likelihood", "Trace", "draws_random", "log_likelihood"]
