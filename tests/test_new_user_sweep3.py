@@ -92,10 +92,10 @@ def test_likelihood_shows_each_solves_progress_unless_told_not_to(tmp_path, caps
     """`flowdiff likelihood --steps 1000000` ran for hours without a word; compare shows its reference's progress."""
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # a terminal: the bar is drawn
     (png,) = write_digits(tmp_path, 1)
-    argv = ["likelihood", png, "--model", "analytic-mixture", "--solver", "rk4", "--steps", "4"]
+    argv = ["likelihood", png, "--model", "analytic-mixture", "--solver", "rk4", "--steps", "16"]
     code, out, err = run(capsys, argv, tmp_path)
     assert code == 0, err
-    assert "likelihood solve" in err and "check solve" in err and "of 4" in err and "of 2" in err, err
+    assert "likelihood solve" in err and "check solve" in err and "of 16" in err and "of 8" in err, err
     code, quiet, err = run(capsys, [*argv, "--no-progress"], tmp_path)
     assert code == 0 and err == "", err
     assert quiet.splitlines()[:-1] == out.splitlines()[:-1]  # the same figures; the last line has the wall time

@@ -564,7 +564,7 @@ def _fixed_grid_bar(steps: int, order: int, half: Tensor, check_prob: Tensor, lo
     with a warning naming ``steps=``: outside that regime the differences say nothing of the error (rk4 on the CLI's
     analytic-mixture at 16 steps: differences shrinking 3.9× a doubling and a bar of 28 nats, the error 139). Below
     :data:`MIN_REGIME_STEPS` steps the N/4-step solve is too coarse to show a regime (its ratios fell in the window by
-    chance, and the bars then missed; ``benchmarks/RESULTS.md``): the bar is ``inf`` without the third solve."""
+    chance, and the bars then missed; ``benchmarks/RESULTS.md``): the bar is ``inf``, and no check solve is run."""
     if steps < MIN_REGIME_STEPS:
         warnings.warn(f"steps={steps}: a fixed grid of fewer than {MIN_REGIME_STEPS} steps gets no error bar for its "
                       "solve (inf): its check solves of N/2 and N/4 steps are too coarse to show that the error falls "
@@ -668,13 +668,13 @@ def log_likelihood(
       ``heun``, ``ipndm``, ...); refused beside ``adaptive=``.
 
     **Error bar.** With ``solve_check`` (default) a second solve at 10× the tolerances and twice the step cap (or half
-    the steps, at least one: so ``steps=1`` needs ``solve_check=False``), with the same probes,
+    the steps), with the same probes,
     measures the solve's error: ``solve_error`` is |ℓ − ℓ_check| per sample, an overestimate of
     the reported solve's own error wherever the error falls with the tolerance. On a fixed grid that holds only once
     the solve is in its asymptotic regime, so a third solve of N/4 steps checks it (:func:`_fixed_grid_bar`): where
     the differences do not shrink by about 2^p (p the order) a doubling, with one sign, or below N = 16 steps, the bar
     is ``inf`` (with an :class:`ErrorBarWarning` naming ``steps=``); the check solves then cost N/2 + N/4 steps besides
-    the solve's N (``stats.extra``'s ``check`` and ``check_quarter``; below 16 steps N/2, with no third). ``error`` =
+    the solve's N (``stats.extra``'s ``check`` and ``check_quarter``; below 16 steps none are run). ``error`` =
     √(``std_error``² + ``solve_error``²) covers both the estimator's variance and the solve.
 
     ``estimator``: a :class:`Trace` (default ``Trace()``: method ``"auto"``, ``"exact"`` up to D =
@@ -799,10 +799,6 @@ def log_likelihood(
         if adaptive is not None:
             raise ValueError(f"adaptive=Adaptive(...) sets an error-controlled solve; steps={steps} sets a fixed "
                              "grid: give one of them")
-        if steps == 1 and solve_check:
-            raise ValueError("steps=1 with solve_check=True: the check solve takes half the steps, and half of one "
-                             "step is the same step, so its error bar would be 0 whatever the error; give steps >= 2, "
-                             "or solve_check=False (no error bar for the solve)")
     mean = _per_pixel("data_mean", data_mean, shape, positive=False)
     var = _per_pixel("data_var", data_var, shape, positive=True)
 
@@ -898,7 +894,10 @@ def log_likelihood(
     prior, per_probe, log_prob = log_density(y)
     delta = per_probe.mean(1)
     solve_error = None
-    if solve_check:
+    if solve_check and steps is not None and steps < MIN_REGIME_STEPS:  # no check solve could bound the error
+        solve_error = _fixed_grid_bar(steps, solver_obj.order, torch.zeros_like(log_prob), log_prob, log_prob,
+                                      integrate, log_density, stats)
+    elif solve_check:
         y_check, check_stats = integrate(CHECK_FACTOR if steps is None else 2.0, "check solve")
         stats.extra["check"] = check_stats
         check_prob = log_density(y_check)[2]
