@@ -331,8 +331,12 @@ def ddim_inverse_sigmas(scheduler: object, steps: int) -> tuple[np.ndarray, np.n
     # read as DDIMInverseScheduler.from_config(config) reads it: its defaults, not those of the config's class
     # (a PNDM config lacking set_alpha_to_one is True here, as in diffusers' inverse, not PNDM's False)
     # (and only its keys: a DDIM config's thresholding is no DDIMInverseScheduler option, and diffusers ignores it)
+    # (and not those its own class filled in: a diffusers scheduler's config lists them in _use_default_values, and
+    # from_config drops them, so that PNDMScheduler(skip_prk_steps=True)'s set_alpha_to_one=False reads as True)
+    filled = config.get("_use_default_values") or ()
     config = {**with_defaults({"_class_name": "DDIMInverseScheduler"}),
-              **_as_read_by_class({**config, "_class_name": "DDIMInverseScheduler"})}
+              **_as_read_by_class({**{k: v for k, v in config.items() if k not in filled},
+                                   "_class_name": "DDIMInverseScheduler"})}
     for key in ("clip_sample", "thresholding"):
         if config.get(key, key == "clip_sample"):
             raise ValueError(f"{source}: {key}=True changes x̂₀ at every step, so that loop is not the ODE any solver "

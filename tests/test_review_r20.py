@@ -1,0 +1,47 @@
+"""R20's review of the session's merges (S7's scheduler configuration space, L4's robust fit, the lead's
+fingerprint-first fits): each test failed before its fix."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from flowdiff.engine.flow import ProbabilityFlow
+from flowdiff.engine.scheduler_grids import schedule_from_config
+from flowdiff.models.pipelines import encode_like
+from flowdiff.tools.scheduler_suite import _noise, _same_table, network
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def _inverse_loop(inverse, model, x: torch.Tensor, steps: int) -> torch.Tensor:
+    inverse.set_timesteps(steps)
+    for t in inverse.timesteps:
+        x = inverse.step(model(x, t), t, x, return_dict=False)[0]
+    return x
+
+
+def test_encode_like_reads_a_scheduler_as_from_config_does_without_the_defaults_its_class_filled_in() -> None:
+    """A PNDM scheduler built without ``set_alpha_to_one`` holds PNDM's default False, listed in its config's
+    ``_use_default_values``; ``DDIMInverseScheduler.from_config(pndm.config)`` (inversion pipelines' idiom) drops
+    such keys and takes its own default, True. encode_like read False and started at σ_min: a different encode
+    (relative difference 7e-3) with no error."""
+    pndm = diffusers.PNDMScheduler.from_config({"skip_prk_steps": True, "clip_sample": False, "steps_offset": 1,
+                                                "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                                                "beta_end": 0.012})
+    assert "set_alpha_to_one" in pndm.config["_use_default_values"] and not pndm.config.set_alpha_to_one
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # diffusers: skip_prk_steps is no DDIMInverseScheduler option
+        inverse = diffusers.DDIMInverseScheduler.from_config(pndm.config)
+    assert inverse.config.set_alpha_to_one  # diffusers' reading
+    dtype, steps = torch.float64, 10
+    model, images = network(dtype), _noise(dtype)
+    schedule, prediction_type = schedule_from_config(dict(pndm.config))
+    flow = ProbabilityFlow(model, schedule, prediction_type=prediction_type)
+    _same_table(inverse, flow, dtype)
+    ref = _inverse_loop(inverse, model, images.clone(), steps)
+    res = encode_like(flow, images, pndm, steps)
+    assert res.stats.nfe == steps
+    torch.testing.assert_close(res.x, ref, rtol=1e-10, atol=1e-12)
