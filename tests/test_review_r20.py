@@ -45,3 +45,31 @@ def test_encode_like_reads_a_scheduler_as_from_config_does_without_the_defaults_
     res = encode_like(flow, images, pndm, steps)
     assert res.stats.nfe == steps
     torch.testing.assert_close(res.x, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("message", ["the timesteps do not fit one grid", "_sigmas_to_t failed",
+                                     "use_karras_sigmas_v2 is unknown"])
+def test_check_drawn_needs_an_option_named_as_a_whole_word(monkeypatch, message: str) -> None:
+    """check_drawn accepted any refusal whose text contained an option's name anywhere: "steps" inside
+    "timesteps", an option inside a longer word; such a refusal names no option the user could change."""
+    from flowdiff.tools import scheduler_suite
+
+    def refuse(case, dtype, **kwargs):
+        raise ValueError(message)
+
+    monkeypatch.setattr(scheduler_suite, "run_case", refuse)
+    with pytest.raises(AssertionError, match="names no option"):
+        scheduler_suite.check_drawn(scheduler_suite.drawn_case("EulerDiscreteScheduler", {}, 4), torch.float32)
+
+
+@pytest.mark.parametrize("message", ["steps=1 is one step of zero length", "Only one of `config.use_beta_sigmas`, "
+                                     "`config.use_karras_sigmas` can be used", "shift_terminal=0.1 is refused"])
+def test_check_drawn_still_takes_a_refusal_that_names_an_option(monkeypatch, message: str) -> None:
+    from flowdiff.tools import scheduler_suite
+
+    def refuse(case, dtype, **kwargs):
+        raise ValueError(message)
+
+    monkeypatch.setattr(scheduler_suite, "run_case", refuse)
+    case = scheduler_suite.drawn_case("FlowMatchEulerDiscreteScheduler", {}, 4)
+    assert scheduler_suite.check_drawn(case, torch.float32) == "refused"
