@@ -10,8 +10,8 @@ import torch
 
 from flowdiff.engine.flow import ProbabilityFlow
 from flowdiff.engine.scheduler_grids import schedule_from_config
-from flowdiff.models.pipelines import encode_like
-from flowdiff.tools.scheduler_suite import _noise, _same_table, network
+from flowdiff.models.pipelines import encode_like, scheduler_plan
+from flowdiff.tools.scheduler_suite import Case, _noise, _same_table, check_drawn, network
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -73,3 +73,15 @@ def test_check_drawn_still_takes_a_refusal_that_names_an_option(monkeypatch, mes
     monkeypatch.setattr(scheduler_suite, "run_case", refuse)
     case = scheduler_suite.drawn_case("FlowMatchEulerDiscreteScheduler", {}, 4)
     assert scheduler_suite.check_drawn(case, torch.float32) == "refused"
+
+
+@pytest.mark.parametrize("config", [{"use_karras_sigmas": True}, {"shift_terminal": 0.1},
+                                    {"shift": 3.0, "use_beta_sigmas": True}])
+def test_flow_matching_grid_read_off_diffusers_refuses_a_pipelines_times_above_one(config) -> None:
+    """A pipeline's own ``sigmas=`` above t = 1 on a grid read off diffusers (Karras, exponential, beta σ,
+    ``shift_terminal``): diffusers steps from t = 1.2, flowdiff read that time as σ = ∞ (t ≥ 1) and returned another
+    result (relative difference 0.04–0.19) with no error. The plain flow-matching route refuses such sigmas by name."""
+    case = Case("times-above-one", "FlowMatchEulerDiscreteScheduler", config, steps=2, sigmas=(1.2, 0.5))
+    assert check_drawn(case, torch.float64) == "refused"
+    with pytest.raises(ValueError, match=r"sigmas=\[1\.2, 0\.5\] holds flow-matching times above 1"):
+        scheduler_plan({"_class_name": "FlowMatchEulerDiscreteScheduler", **config}, 2, sigmas=[1.2, 0.5])

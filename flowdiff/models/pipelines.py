@@ -493,6 +493,10 @@ def _read_flow_matching_plan(name: str, config: Mapping[str, Any], steps: int, m
                          f"{np.array2string(t, precision=4, threshold=8)}, not all finite, with steps={steps}"
                          f"{_grid_options({**config, '_class_name': name})}"
                          f"{'' if mu is None else f', mu={mu!r}'}: its loop fails; not reproduced")
+    if np.any(t > 1):  # only a pipeline's own sigmas= reach past t = 1 (Karras, exponential, beta σ span them)
+        raise ValueError(f"{source}: sigmas={list(sigmas)!r} holds flow-matching times above 1, and diffusers' "
+                         f"{name}.set_timesteps({steps}) steps from t = {float(t[0]):.6g}: a time t > 1 has no "
+                         "σ = t/(1−t) ≥ 0, so no flowdiff grid runs it; give times in (0, 1]")
     with np.errstate(divide="ignore", invalid="ignore"):
         sig = np.where(t < 1, t / (1 - t), np.inf)
     shim = _ReadGrid(torch.from_numpy(sig), sched.timesteps, 1.0, sched.config)
