@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,3 +86,20 @@ def test_flow_matching_grid_read_off_diffusers_refuses_a_pipelines_times_above_o
     assert check_drawn(case, torch.float64) == "refused"
     with pytest.raises(ValueError, match=r"sigmas=\[1\.2, 0\.5\] holds flow-matching times above 1"):
         scheduler_plan({"_class_name": "FlowMatchEulerDiscreteScheduler", **config}, 2, sigmas=[1.2, 0.5])
+
+
+@pytest.mark.parametrize("config", [{}, {"use_karras_sigmas": True}])
+def test_sample_like_refuses_a_flow_matching_scheduler_moved_by_set_shift(config) -> None:
+    """``FlowMatchEulerDiscreteScheduler.set_shift(3.0)`` (public diffusers API) changes the loop but not the
+    config; sample_like read the config's shift and returned another result (relative difference 0.044; Karras
+    σ 0.017) with no error."""
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0, **config)
+    scheduler.set_shift(3.0)
+    with pytest.raises(ValueError, match=r"its shift is 3\.0 \(set by set_shift\) and its config's shift=1\.0"):
+        scheduler_plan(scheduler, 8)
+    dynamic = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, **config)
+    dynamic.set_shift(3.0)  # shifts nothing: with dynamic shifting diffusers shifts by mu
+    fresh = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, **config)
+    assert np.array_equal(scheduler_plan(dynamic, 8, mu=0.8).sigmas, scheduler_plan(fresh, 8, mu=0.8).sigmas)
+    unmoved = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, **config)
+    assert np.array_equal(scheduler_plan(unmoved, 8).sigmas, scheduler_plan(dict(unmoved.config), 8).sigmas)

@@ -555,6 +555,7 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
     if name not in PLANNED_SCHEDULERS:
         raise ValueError(f"{source}: unknown scheduler {name!r}; reproduced: {', '.join(PLANNED_SCHEDULERS)}")
     config = with_defaults(config)
+    _refuse_set_shift(scheduler, config, source)
     solver = "euler"
     if name == "PNDMScheduler":
         _refuse(source, config, (
@@ -650,6 +651,22 @@ def _check_same_model(function: str, flow: ProbabilityFlow, scheduler: object) -
                          f"{flow.prediction_type!r}, so the loop run would not be the scheduler's; give both the "
                          "model's own prediction type (ProbabilityFlow(..., prediction_type=) or the scheduler's "
                          "prediction_type)")
+
+
+def _refuse_set_shift(scheduler: object, config: Mapping[str, Any], source: str) -> None:
+    """Refuse a live flow-matching scheduler whose ``set_shift`` moved its shift off its config's: its
+    ``set_timesteps`` then shifts the levels built at the config's shift by the other, a loop that no config (one
+    shift) gives, and flowdiff reads the config."""
+    if not isinstance(getattr(type(scheduler), "shift", None), property) or config.get("use_dynamic_shifting"):
+        return  # (a config, or a class whose shift is its config's; dynamic shifting shifts by mu, not by shift)
+    held = scheduler.shift
+    if not isinstance(held, (int, float)) or "shift" not in config or float(held) == float(config["shift"]):
+        return
+    raise ValueError(f"{source}: its shift is {float(held)!r} (set by set_shift) and its config's "
+                     f"shift={config['shift']!r}: its set_timesteps shifts the times of levels built at "
+                     f"shift={config['shift']!r} by {float(held)!r}, which no config of one shift gives, and flowdiff "
+                     "reads the config: not reproduced; use a scheduler whose config holds the shift "
+                     "(FlowMatchEulerDiscreteScheduler.from_config(config, shift=...): another grid)")
 
 
 def _check_live_timesteps(scheduler: object, steps: int, mu: float | None, sigmas: Any) -> None:
