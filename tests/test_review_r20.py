@@ -11,7 +11,7 @@ import torch
 
 from flowdiff.engine.flow import ProbabilityFlow
 from flowdiff.engine.scheduler_grids import schedule_from_config
-from flowdiff.models.pipelines import encode_like, scheduler_plan
+from flowdiff.models.pipelines import encode_like, sample_like, scheduler_plan
 from flowdiff.tools.scheduler_suite import Case, _noise, _same_table, check_drawn, network
 
 diffusers = pytest.importorskip("diffusers")
@@ -103,3 +103,34 @@ def test_sample_like_refuses_a_flow_matching_scheduler_moved_by_set_shift(config
     assert np.array_equal(scheduler_plan(dynamic, 8, mu=0.8).sigmas, scheduler_plan(fresh, 8, mu=0.8).sigmas)
     unmoved = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, **config)
     assert np.array_equal(scheduler_plan(unmoved, 8).sigmas, scheduler_plan(dict(unmoved.config), 8).sigmas)
+
+
+def test_a_dict_whose_use_default_values_key_was_edited_is_refused_by_name() -> None:
+    """``{**ddim.config, "_class_name": "PNDMScheduler", "skip_prk_steps": True}`` (a DDIM scheduler's config read as
+    PNDM's): DDIM filled ``set_alpha_to_one`` with its default True, listed in ``_use_default_values``;
+    ``PNDMScheduler.from_config`` drops it and takes PNDM's False. sample_like kept True: its last step went to
+    ᾱ = 1 instead of ᾱ_0, a result 3.5e-3 away, with no error. A dict may have been edited, so which is meant is
+    refused by name; the live scheduler diffusers builds from it is reproduced."""
+    ddim = diffusers.DDIMScheduler(clip_sample=False, steps_offset=1, beta_schedule="scaled_linear",
+                                   beta_start=0.00085, beta_end=0.012)
+    assert "set_alpha_to_one" in ddim.config["_use_default_values"]
+    config = {**ddim.config, "_class_name": "PNDMScheduler", "skip_prk_steps": True}
+    with pytest.raises(ValueError, match=r"set_alpha_to_one=True is listed in its _use_default_values .*"
+                                         r"PNDMScheduler's own set_alpha_to_one=False"):
+        scheduler_plan(config, 10)
+    with pytest.raises(ValueError, match=r"clip_sample=False is listed in its _use_default_values"):
+        scheduler_plan({**diffusers.DDIMScheduler().config, "clip_sample": False}, 10)  # from_config: clip_sample=True
+    pndm = diffusers.PNDMScheduler.from_config(config)
+    assert not pndm.config.set_alpha_to_one  # diffusers' reading
+    dtype, steps = torch.float64, 10
+    model, noise = network(dtype), _noise(dtype)
+    schedule, prediction_type = schedule_from_config(dict(pndm.config))
+    flow = ProbabilityFlow(model, schedule, prediction_type=prediction_type)
+    res = sample_like(flow, noise, pndm, steps)
+    _same_table(pndm, flow, dtype)
+    pndm.set_timesteps(steps)
+    x = noise * pndm.init_noise_sigma
+    for t in pndm.timesteps:
+        x = pndm.step(model(x, t), t, x, return_dict=False)[0]
+    assert res.stats.nfe == len(pndm.timesteps)
+    torch.testing.assert_close(res.x, x, rtol=1e-10, atol=1e-12)

@@ -41,6 +41,7 @@ from ..engine.scheduler_grids import (
     scheduler_sigmas,
     unidentified,
     with_defaults,
+    without_filled,
 )
 
 
@@ -554,7 +555,7 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
                          f"{', '.join(PLANNED_SCHEDULERS)}")
     if name not in PLANNED_SCHEDULERS:
         raise ValueError(f"{source}: unknown scheduler {name!r}; reproduced: {', '.join(PLANNED_SCHEDULERS)}")
-    config = with_defaults(config)
+    config = with_defaults({**without_filled(config, scheduler, name, source), "_class_name": name})  # as from_config
     _refuse_set_shift(scheduler, config, source)
     solver = "euler"
     if name == "PNDMScheduler":
@@ -764,7 +765,7 @@ def encode_like(flow: ProbabilityFlow, images: Tensor, scheduler: object = None,
     if name not in INVERTED_SCHEDULERS:
         raise ValueError(f"{source}: encode_like reproduces DDIMInverseScheduler (or a DDIMScheduler or PNDMScheduler "
                          f"config read as one, DDIMInverseScheduler.from_config(config)); got {name!r}")
-    grid, ts = ddim_inverse_sigmas(config, steps)
+    grid, ts = ddim_inverse_sigmas(scheduler, steps)  # (a live scheduler: its config as diffusers wrote it)
     start = float(grid[0])
     if flow.sigma_field is not None:
         raise ValueError("encode_like feeds the model DDIMInverse's timesteps; a σ-native field has none")
