@@ -495,7 +495,8 @@ def _read_flow_matching_plan(name: str, config: Mapping[str, Any], steps: int, m
                          f"{_grid_options({**config, '_class_name': name})}"
                          f"{'' if mu is None else f', mu={mu!r}'}: its loop fails; not reproduced")
     if np.any(t > 1):  # only a pipeline's own sigmas= reach past t = 1 (Karras, exponential, beta σ span them)
-        raise ValueError(f"{source}: sigmas={list(sigmas)!r} holds flow-matching times above 1, and diffusers' "
+        given = np.asarray(sigmas, dtype=np.float64).tolist()
+        raise ValueError(f"{source}: sigmas={given!r} holds flow-matching times above 1, and diffusers' "
                          f"{name}.set_timesteps({steps}) steps from t = {float(t[0]):.6g}: a time t > 1 has no "
                          "σ = t/(1−t) ≥ 0, so no flowdiff grid runs it; give times in (0, 1]")
     with np.errstate(divide="ignore", invalid="ignore"):
