@@ -147,6 +147,29 @@ def with_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
     return {**defaults, **config, "_class_name": name}
 
 
+def without_filled(config: Mapping[str, Any], scheduler: object, target: str, source: str) -> dict[str, Any]:
+    """``config`` without the keys that the class which wrote it filled in with its own defaults, as
+    ``target``'s ``from_config`` reads it: a diffusers scheduler's config lists them in ``_use_default_values``, and
+    ``from_config`` drops them, so that ``target``'s defaults hold (``DDIMInverseScheduler.from_config`` of a
+    ``PNDMScheduler(skip_prk_steps=True)``'s config has ``set_alpha_to_one=True``, not PNDM's False).
+
+    ``scheduler`` is what the caller gave: a live diffusers scheduler's config is as diffusers wrote it. A dict
+    may have been edited (``{**scheduler.config, key: value}``, or relabelled with another ``_class_name``): where a
+    listed key's value differs from ``target``'s default, which one is meant cannot be told, and it is refused
+    naming the key."""
+    filled = [k for k in (config.get("_use_default_values") or ()) if k in config]
+    if filled and isinstance(scheduler, Mapping):
+        defaults = with_defaults({"_class_name": target})
+        for k in filled:
+            if k in defaults and config[k] != defaults[k]:
+                raise ValueError(
+                    f"{source}: {k}={config[k]!r} is listed in its _use_default_values (a default that the class "
+                    f"which wrote the config filled in), so diffusers' {target}.from_config drops it and reads "
+                    f"{target}'s own {k}={defaults[k]!r}: remove {k!r} from _use_default_values to mean "
+                    f"{config[k]!r}, or remove the key {k!r} to mean {defaults[k]!r}")
+    return {k: v for k, v in config.items() if k not in filled}
+
+
 def unidentified(config: Mapping[str, Any], source: str) -> ValueError:
     """The error for a config without ``_class_name`` whose keys do not identify one scheduler."""
     found = candidates(config)
@@ -331,6 +354,9 @@ def ddim_inverse_sigmas(scheduler: object, steps: int) -> tuple[np.ndarray, np.n
     # read as DDIMInverseScheduler.from_config(config) reads it: its defaults, not those of the config's class
     # (a PNDM config lacking set_alpha_to_one is True here, as in diffusers' inverse, not PNDM's False)
     # (and only its keys: a DDIM config's thresholding is no DDIMInverseScheduler option, and diffusers ignores it)
+    # (and not those its own class filled in: a diffusers scheduler's config lists them in _use_default_values, and
+    # from_config drops them, so that PNDMScheduler(skip_prk_steps=True)'s set_alpha_to_one=False reads as True)
+    config = without_filled(config, scheduler, "DDIMInverseScheduler", source)
     config = {**with_defaults({"_class_name": "DDIMInverseScheduler"}),
               **_as_read_by_class({**config, "_class_name": "DDIMInverseScheduler"})}
     for key in ("clip_sample", "thresholding"):

@@ -41,6 +41,7 @@ from ..engine.scheduler_grids import (
     scheduler_sigmas,
     unidentified,
     with_defaults,
+    without_filled,
 )
 
 
@@ -493,6 +494,11 @@ def _read_flow_matching_plan(name: str, config: Mapping[str, Any], steps: int, m
                          f"{np.array2string(t, precision=4, threshold=8)}, not all finite, with steps={steps}"
                          f"{_grid_options({**config, '_class_name': name})}"
                          f"{'' if mu is None else f', mu={mu!r}'}: its loop fails; not reproduced")
+    if np.any(t > 1):  # only a pipeline's own sigmas= reach past t = 1 (Karras, exponential, beta σ span them)
+        given = np.asarray(sigmas, dtype=np.float64).tolist()
+        raise ValueError(f"{source}: sigmas={given!r} holds flow-matching times above 1, and diffusers' "
+                         f"{name}.set_timesteps({steps}) steps from t = {float(t[0]):.6g}: a time t > 1 has no "
+                         "σ = t/(1−t) ≥ 0, so no flowdiff grid runs it; give times in (0, 1]")
     with np.errstate(divide="ignore", invalid="ignore"):
         sig = np.where(t < 1, t / (1 - t), np.inf)
     shim = _ReadGrid(torch.from_numpy(sig), sched.timesteps, 1.0, sched.config)
@@ -550,7 +556,8 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
                          f"{', '.join(PLANNED_SCHEDULERS)}")
     if name not in PLANNED_SCHEDULERS:
         raise ValueError(f"{source}: unknown scheduler {name!r}; reproduced: {', '.join(PLANNED_SCHEDULERS)}")
-    config = with_defaults(config)
+    config = with_defaults({**without_filled(config, scheduler, name, source), "_class_name": name})  # as from_config
+    _refuse_set_shift(scheduler, config, source)
     solver = "euler"
     if name == "PNDMScheduler":
         _refuse(source, config, (
@@ -648,6 +655,22 @@ def _check_same_model(function: str, flow: ProbabilityFlow, scheduler: object) -
                          "prediction_type)")
 
 
+def _refuse_set_shift(scheduler: object, config: Mapping[str, Any], source: str) -> None:
+    """Refuse a live flow-matching scheduler whose ``set_shift`` moved its shift off its config's: its
+    ``set_timesteps`` then shifts the levels built at the config's shift by the other, a loop that no config (one
+    shift) gives, and flowdiff reads the config."""
+    if not isinstance(getattr(type(scheduler), "shift", None), property) or config.get("use_dynamic_shifting"):
+        return  # (a config, or a class whose shift is its config's; dynamic shifting shifts by mu, not by shift)
+    held = scheduler.shift
+    if not isinstance(held, (int, float)) or "shift" not in config or float(held) == float(config["shift"]):
+        return
+    raise ValueError(f"{source}: its shift is {float(held)!r} (set by set_shift) and its config's "
+                     f"shift={config['shift']!r}: its set_timesteps shifts the times of levels built at "
+                     f"shift={config['shift']!r} by {float(held)!r}, which no config of one shift gives, and flowdiff "
+                     "reads the config: not reproduced; use a scheduler whose config holds the shift "
+                     "(FlowMatchEulerDiscreteScheduler.from_config(config, shift=...): another grid)")
+
+
 def _check_live_timesteps(scheduler: object, steps: int, mu: float | None, sigmas: Any) -> None:
     """Refuse a live diffusers scheduler whose ``set_timesteps`` was given its own ``timesteps=``/``sigmas=`` (a
     pipeline called with them): sample_like follows its config's ``set_timesteps(steps)``, so that loop would not be
@@ -743,7 +766,7 @@ def encode_like(flow: ProbabilityFlow, images: Tensor, scheduler: object = None,
     if name not in INVERTED_SCHEDULERS:
         raise ValueError(f"{source}: encode_like reproduces DDIMInverseScheduler (or a DDIMScheduler or PNDMScheduler "
                          f"config read as one, DDIMInverseScheduler.from_config(config)); got {name!r}")
-    grid, ts = ddim_inverse_sigmas(config, steps)
+    grid, ts = ddim_inverse_sigmas(scheduler, steps)  # (a live scheduler: its config as diffusers wrote it)
     start = float(grid[0])
     if flow.sigma_field is not None:
         raise ValueError("encode_like feeds the model DDIMInverse's timesteps; a σ-native field has none")

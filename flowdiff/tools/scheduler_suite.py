@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -484,17 +485,18 @@ STEP_CHOICES: tuple[int | str, ...] = (1, 2, 3, 4, 5, 7, 10, 16, "T-1", "T")
 
 
 def drawn_case(cls: str, options: Mapping[str, Any], steps: int | str, *, mu: float | None = None,
-               custom_sigmas: bool = False) -> Case:
+               sigmas_from: float | None = None) -> Case:
     """The :class:`Case` of a point of :data:`CONFIG_SPACE`: ``options`` (each at one of its drawn values),
     ``steps`` (an int, or ``"T"``/``"T-1"`` of the config's ``num_train_timesteps``); flow matching's
-    ``mu`` for ``set_timesteps`` and, with ``custom_sigmas``, a pipeline's unshifted times ``linspace(1, 1/N, N)``
-    (Flux's). The case expects ``"equal"``: :func:`check_drawn` accepts a refusal that names an option."""
+    ``mu`` for ``set_timesteps`` and, with ``sigmas_from`` = s, a pipeline's unshifted times ``linspace(s, 1/N, N)``
+    (s = 1: Flux's; s > 1 reaches past t = 1, where flowdiff must refuse). The case expects ``"equal"``:
+    :func:`check_drawn` accepts a refusal that names an option."""
     config = dict(options)
     T = int(config.get("num_train_timesteps", 1000))
     if config.get("trained_betas") == TRAINED_BETAS:
         config["trained_betas"] = [1e-4 + (0.02 - 1e-4) * i / max(T - 1, 1) for i in range(T)]
     n = T if steps == "T" else T - 1 if steps == "T-1" else int(steps)
-    sigmas = tuple(np.linspace(1.0, 1.0 / n, n).tolist()) if custom_sigmas else None
+    sigmas = None if sigmas_from is None else tuple(np.linspace(sigmas_from, 1.0 / n, n).tolist())
     name = "drawn-" + cls.removesuffix("Scheduler").lower()
     return Case(name, cls, config, steps=n, mu=mu, sigmas=sigmas)
 
@@ -508,7 +510,8 @@ def draw_case(cls: str, pick: Callable[[Sequence[Any]], Any]) -> tuple[Case, tor
     benchmark): every option left out (its default) or set to one of its values, a step count of
     :data:`STEP_CHOICES` (for a 1000-level table, half of the T- and T−1-step draws become 1, 2 or 3 steps:
     they take seconds), flow matching's ``mu`` and a pipeline's own ``sigmas`` (each one draw in two; for
-    FlowMatchHeun, whose ``set_timesteps`` takes neither, one in four). For DDIMInverse, one draw in four
+    FlowMatchHeun, whose ``set_timesteps`` takes neither, one in four; half of the ``sigmas`` start past
+    t = 1, at 1.2). For DDIMInverse, one draw in four
     is a DDIM config and one a PNDM config (with their ``_class_name``; the PNDM one with a ``clip_sample``, as
     Stable Diffusion 1.5's carries), which ``encode_like`` reads as inversion pipelines do,
     ``DDIMInverseScheduler.from_config(config)``."""
@@ -524,9 +527,9 @@ def draw_case(cls: str, pick: Callable[[Sequence[Any]], Any]) -> tuple[Case, tor
     # (FlowMatchHeun's set_timesteps takes neither mu nor sigmas: diffusers refuses them, so they are drawn seldom)
     seldom = (False, False, False, True) if cls == "FlowMatchHeunDiscreteScheduler" else (False, True)
     mu = pick((0.5, 1.15)) if cls in _FLOW_MATCHING and pick(seldom) else None
-    custom = pick(seldom) if cls in _FLOW_MATCHING else False
+    sigmas_from = pick((1.0, 1.2)) if cls in _FLOW_MATCHING and pick(seldom) else None
     dtype = pick((torch.float32, torch.float64))
-    return drawn_case(cls, options, steps, mu=mu, custom_sigmas=custom), dtype
+    return drawn_case(cls, options, steps, mu=mu, sigmas_from=sigmas_from), dtype
 
 
 def zero_length_calls(sched: Any, steps: int) -> int:
@@ -600,7 +603,8 @@ def check_drawn(case: Case, dtype: torch.dtype) -> str:
 
         names = {p for c in {case.cls, case.config.get("_class_name", case.cls)}
                  for p in inspect.signature(getattr(diffusers, c).__init__).parameters} - {"self", "kwargs"}
-        named = [k for k in (*names, "steps", "mu", "sigmas") if k in str(e)]
+        # a whole word: "steps" in "timesteps" or "num_train_timesteps", "shift" in "shift_terminal" name nothing
+        named = [k for k in (*names, "steps", "mu", "sigmas") if re.search(rf"(?<!\w){k}(?!\w)", str(e))]
         assert named, f"{what}: the refusal names no option: {e}"
         return "refused" if broken is None else "both refuse"
     except Exception as e:  # noqa: BLE001 - the property: flowdiff raises nothing but its refusal
