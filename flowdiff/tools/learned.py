@@ -643,7 +643,9 @@ def learn_solver(
     (``None``: plain least squares) is a threshold τ > 0 that makes the fitted objective Huber's per sample: a
     sample whose RMS error e exceeds τ·m (m the base method's median per-sample RMS error on the fitted samples)
     counts 2τm·e − (τm)² instead of e², so the few samples the base method sends far (into another training
-    image's basin) pull the fit linearly, not quadratically; the held-out decision stays on the RMS error.
+    image's basin) pull the fit linearly, not quadratically; the held-out decision stays on the RMS error. It is
+    refused where it could not act: with ``iterations=0``, where ``learn`` has no parameter on the grid, and where m
+    is 0.
     Measure the result on other noise (:meth:`LearnedSolver.validated`).
     """
     half, refit = _half_and_refit(**locals())  # every argument, as given
