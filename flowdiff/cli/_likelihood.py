@@ -176,6 +176,19 @@ def _file_levels(paths: list[str], formats: list[Any]) -> int:
     return 2 ** depths[0]
 
 
+def _say_again(caught: list[warnings.WarningMessage], args: argparse.Namespace, levels: int | None, *,
+               with_bars: bool) -> None:
+    """Warn again with each of the library's ``caught`` warnings in the flags' words; an :class:`ErrorBarWarning`
+    only ``with_bars`` (where the solve failed: there is no table to print it under)."""
+    for warning in caught:
+        if issubclass(warning.category, ErrorBarWarning) and not with_bars:
+            continue
+        said = _as_flags(str(warning.message))
+        if args.dequantize is None:  # the levels came from the files' depth, not from a flag the user typed
+            said = said.replace(f"--dequantize {levels}:", f"the files' {levels} levels:", 1)
+        warnings.warn(said, warning.category, stacklevel=1)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``flowdiff likelihood``; errors are ``ValueError``/``TypeError`` for the main CLI to print."""
     load_model, read_images = args.likelihood_helpers
@@ -226,16 +239,11 @@ def run(args: argparse.Namespace) -> int:
                                     generator=(torch.Generator().manual_seed(0 if args.seed is None else args.seed)
                                                if drawn else None),
                                     model_kwargs=loaded.model_kwargs or None, progress=_progress(args), **options)
-    except ValueError as err:
+    except ValueError as err:  # what the library warned of before it failed is said too, before the error
+        _say_again(caught, args, levels, with_bars=True)
         raise ValueError(_as_flags(one_line(err))) from None
     notes = [_as_flags(str(w.message)) for w in caught if issubclass(w.category, ErrorBarWarning)]
-    for warning in caught:
-        if issubclass(warning.category, ErrorBarWarning):
-            continue  # printed under the table, beside the bars it is about
-        said = _as_flags(str(warning.message))
-        if args.dequantize is None:  # the levels came from the files' depth, not from a flag the user typed
-            said = said.replace(f"--dequantize {levels}:", f"the files' {levels} levels:", 1)
-        warnings.warn(said, warning.category, stacklevel=1)
+    _say_again(caught, args, levels, with_bars=False)  # the error bars' notes are printed under the table
     wall = time.perf_counter() - start
     if result.dequantization is None:
         how = "continuous density: bits/dim = -log p/(D ln 2), no dequantization"

@@ -332,7 +332,8 @@ class LearnedSolver:
         """Read a file written by :meth:`save` (or by an older version: format 4, without trajectory weights;
         format 3, without directions; format 2,
         without scales; format 1, coefficients only) and check that it belongs to ``flow`` (see :meth:`check`). A file
-        written before cross-fitting (no ``options["fitted_on"]``) was fitted on the even half: it reads so."""
+        written before cross-fitting (no ``options["fitted_on"]``) was fitted on the even half: it reads so; one written
+        before ``robust=`` (no ``options["robust"]``) was fitted by plain least squares: it reads ``None``."""
         path = Path(path)
         fmt = _FORMAT
         try:
@@ -366,6 +367,9 @@ class LearnedSolver:
             if isinstance(data.get("options"), dict) and "fitted_on" not in data["options"]:
                 # written before cross-fitting, when every fit (and its calibration_error) was the even half's
                 data["options"] = {**data["options"], "fitted_on": "even half"}
+            if isinstance(data.get("options"), dict) and "robust" not in data["options"]:
+                # written before robust= existed, when every fit was plain least squares (robust=None)
+                data["options"] = {**data["options"], "robust": None}
             learned = cls(**data, source=str(path))
             learned.base()
             learned._check_steps()
@@ -639,7 +643,9 @@ def learn_solver(
     (``None``: plain least squares) is a threshold τ > 0 that makes the fitted objective Huber's per sample: a
     sample whose RMS error e exceeds τ·m (m the base method's median per-sample RMS error on the fitted samples)
     counts 2τm·e − (τm)² instead of e², so the few samples the base method sends far (into another training
-    image's basin) pull the fit linearly, not quadratically; the held-out decision stays on the RMS error.
+    image's basin) pull the fit linearly, not quadratically; the held-out decision stays on the RMS error. It is
+    refused where it could not act: with ``iterations=0``, where ``learn`` has no parameter on the grid, and where m
+    is 0.
     Measure the result on other noise (:meth:`LearnedSolver.validated`).
     """
     half, refit = _half_and_refit(**locals())  # every argument, as given
@@ -689,6 +695,10 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
                                or not 0 < robust < math.inf):
         raise ValueError(f"robust must be None (plain least squares) or a positive finite number (the Huber "
                          f"threshold, in multiples of the base method's median per-sample RMS error), got {robust!r}")
+    if robust is not None and iterations == 0:
+        raise ValueError(f"robust={robust!r} makes the fitted objective Huber's, but iterations=0 fits nothing (the "
+                         "base method is judged as it is), so it would change nothing: give iterations >= 1, or leave "
+                         "robust out")
     bound, shift_bound = _positive("bound", bound, "coefficient"), _positive("shift_bound", shift_bound, "shift")
     if isinstance(reference_tol, bool) or not isinstance(reference_tol, (int, float)) or not 0 < reference_tol <= 1e-3:
         raise ValueError(f"reference_tol must be a number in (0, 1e-3], got {reference_tol!r}")
@@ -750,6 +760,11 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
                 for j in range(min(TRAJECTORY_DEPTH, sum(acting[:i])))]  # the steps before it that record one
         slots += past
         reach.update({(k, i, j): (-TRAJECTORY_BOUND, TRAJECTORY_BOUND) for k, i, j in past})
+    if robust is not None and not slots:
+        shown = "sigmas=" if grid_name == "given" else f"the {grid_name} grid"
+        raise ValueError(f"robust={robust!r} makes the fitted objective Huber's, but learn={learn!r} has no parameter "
+                         f"to fit on {shown} ({len(sigmas) - 1} step(s) with solver {solver!r}), so it would change "
+                         "nothing: leave robust out, or give a grid or learn= with something to fit")
     lower = np.array([-bound if k == "c" else intervals[i][0] if k == "s" else reach[k, i, j][0] if k == "h" else
                       reach[k, i][0] for k, i, j in slots])
     upper = np.array([bound if k == "c" else intervals[i][1] if k == "s" else reach[k, i, j][1] if k == "h" else
@@ -940,11 +955,17 @@ class _Huber:
 
     @classmethod
     def of(cls, r0: np.ndarray, samples: int, robust: float | None) -> _Huber | None:
-        """The loss for ``robust`` (``None``: none) scaled by the base residual ``r0``'s median per-sample RMS."""
+        """The loss for ``robust`` (``None``: none) scaled by the base residual ``r0``'s median per-sample RMS; refused
+        where that median is 0 (the base method exact on half the samples or more: the threshold would be 0)."""
         if robust is None:
             return None
         median = float(np.median(np.sqrt(np.mean(r0.reshape(samples, -1) ** 2, axis=1))))
-        return cls(samples, robust * median) if median > 0 else None  # the base is exact: nothing to be robust to
+        if not median > 0:
+            raise ValueError(f"robust={robust!r} sets the Huber threshold in multiples of the base method's median "
+                             f"per-sample RMS error on the fitted samples, which is 0 here (the base method is exact "
+                             f"on half of the {samples} samples or more), so there is no threshold to scale: leave "
+                             "robust out (plain least squares)")
+        return cls(samples, robust * median)
 
     def __call__(self, r: np.ndarray) -> np.ndarray:
         per_sample = r.reshape(self.samples, -1)
