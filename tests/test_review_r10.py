@@ -75,7 +75,7 @@ def test_likelihood_draws_its_progress_bar_on_a_terminal_only(tmp_path, capsys, 
     """In a log or a pipe (stderr no terminal) the bar wrote a carriage-return update every 0.1 s: 130 kB of them
     into `2> file` for a two-minute `--steps 20000` run. Folder runs already draw theirs on a terminal only."""
     (png,) = write_digits(tmp_path, 1)
-    argv = ["likelihood", png, "--model", "analytic-mixture", "--solver", "rk4", "--steps", "4"]
+    argv = ["likelihood", png, "--model", "analytic-mixture", "--solver", "rk4", "--steps", "16"]
     code, out, err = run(capsys, argv, tmp_path)
     assert code == 0 and err == "", err
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
