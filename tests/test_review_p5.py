@@ -88,3 +88,23 @@ def test_scheduler_sigmas_and_config_grid_refuse_an_edited_use_default_values_ke
     assert np.array_equal(grid, scheduler_plan(pndm, 10).sigmas)
     assert grid[-1] > 0  # PNDM's set_alpha_to_one=False: its last step goes to ᾱ_0, σ_min
     assert np.array_equal(config_grid(pndm, "leading", 10)[:-1], grid[:-1])
+
+
+@pytest.mark.parametrize(("cls", "options"), [("EulerDiscreteScheduler", {}),
+                                              ("DPMSolverMultistepScheduler", COSINE_V)])
+def test_check_drawn_catches_a_float32_only_error(cls: str, options: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """R20's mask.py: check_drawn's float32 allowance counted flowdiff's own float32-vs-float64 spread, so a
+    float32-only error of flowdiff's (3e-4, 30× the tolerance) excused itself. The allowance is diffusers' spread."""
+    case = S.drawn_case(cls, options, 8)
+    assert S.check_drawn(case, torch.float32) == "equal"
+    plain = S.sample_like
+
+    def off_in_float32(flow, noise, *args, **kwargs):  # noqa: ANN001, ANN202
+        res = plain(flow, noise, *args, **kwargs)
+        if noise.dtype == torch.float32:
+            res.x.mul_(1 + 3e-4)
+        return res
+
+    monkeypatch.setattr(S, "sample_like", off_in_float32)
+    with pytest.raises(AssertionError, match="relative difference"):
+        S.check_drawn(case, torch.float32)
