@@ -277,7 +277,11 @@ def data_field(eps: EpsField, sigma_of: Callable[[float], float] | None = None) 
     At ρ = ∞ (σ = 0) the state is x̄ itself and ``f`` returns ε(x̄, 0): what the Euler step
     out of σ = 0 needs (:class:`Data`). At ρ = 0 (σ = ∞) the state is the noise and ``f``
     returns ``eps(∞, noise)``, the denoised image there (:class:`OutOfInfinity`). ``sigma_of(ρ)``
-    maps times back to σ (a grid's own σ exactly, :meth:`Formulation.sigma`); default 1/ρ."""
+    maps times back to σ (a grid's own σ exactly, :meth:`Formulation.sigma`); default 1/ρ.
+
+    Where ``eps`` carries ``eps.denoised(σ, x̄)`` (a :meth:`flowdiff.ProbabilityFlow.field`), D is read off the
+    model's own prediction: x̄ − σ·ε cancels at large σ and loses ε's rounding times σ (v-prediction in float32)."""
+    denoised = getattr(eps, "denoised", None)
 
     def f(rho: float, y: Tensor) -> Tensor:
         if rho == math.inf:
@@ -286,6 +290,8 @@ def data_field(eps: EpsField, sigma_of: Callable[[float], float] | None = None) 
             return eps(math.inf, y)
         sigma = 1.0 / rho if sigma_of is None else sigma_of(rho)
         xbar = y * sigma
+        if denoised is not None:
+            return denoised(sigma, xbar)
         return xbar - sigma * eps(sigma, xbar)
 
     return f

@@ -170,6 +170,14 @@ def without_filled(config: Mapping[str, Any], scheduler: object, target: str, so
     return {k: v for k, v in config.items() if k not in filled}
 
 
+def _as_from_config(config: Mapping[str, Any], scheduler: object, source: str) -> dict[str, Any]:
+    """``config`` as its own class's ``from_config`` reads it (:func:`without_filled` with that class: an edited
+    ``_use_default_values`` key refused by name), for :func:`scheduler_sigmas` and :func:`config_grid` as for
+    :func:`flowdiff.models.pipelines.scheduler_plan`. Unchanged for a config whose class is not identified."""
+    name = class_name(config)
+    return dict(config) if name is None else without_filled(config, scheduler, name, source)
+
+
 def unidentified(config: Mapping[str, Any], source: str) -> ValueError:
     """The error for a config without ``_class_name`` whose keys do not identify one scheduler."""
     found = candidates(config)
@@ -312,11 +320,12 @@ def _ddim_sigmas(config: Mapping[str, Any], steps: int, source: str) -> np.ndarr
     T = schedule.num_train_timesteps
     ts = ddim_timesteps(config, steps, source)
     ratio = T // steps
-    targets = ts - ratio  # DDIM's step goes from t to t − T//steps, whatever the next timestep is
+    targets = ts - ratio  # DDIM's (and PNDM's) step goes from t to t − T//steps, whatever the next timestep is
     if not np.array_equal(targets[:-1], ts[1:]):
         i = int(np.argmax(targets[:-1] != ts[1:]))
+        whose = "PNDM" if class_name(config) == "PNDMScheduler" else "DDIM"
         raise ValueError(f"{source}: with timestep_spacing={config.get('timestep_spacing', 'leading')!r} and "
-                         f"steps={steps}, DDIM's step from timestep {ts[i]} lands on {targets[i]} while the next "
+                         f"steps={steps}, {whose}'s step from timestep {ts[i]} lands on {targets[i]} while the next "
                          f"step starts at {ts[i + 1]}: that loop re-labels its state between steps and is no single "
                          "σ grid; use steps dividing num_train_timesteps, or 'leading' spacing")
     last = int(targets[-1])
@@ -422,7 +431,7 @@ def config_grid(scheduler: object, spacing: str, steps: int) -> np.ndarray | Non
     if spacing not in CONFIG_GRIDS or _is_flow_matching(config):
         return None
     steps = _check_steps(steps)
-    config = with_defaults(config)
+    config = with_defaults(_as_from_config(config, scheduler, source))
     schedule, _ = schedule_from_config(config, source)
     ts = ddim_timesteps({**config, "timestep_spacing": spacing}, steps, source)
     return np.append(schedule.sigmas[ts], 0.0)
@@ -492,7 +501,7 @@ def scheduler_sigmas(scheduler: object, steps: int, *, mu: float | None = None, 
     config, source = config_of(scheduler)
     steps = _check_steps(steps)
     name = class_name(config)
-    config = with_defaults(config)
+    config = with_defaults(_as_from_config(config, scheduler, source))
     if name == "PNDMScheduler" and not config.get("skip_prk_steps"):
         raise ValueError(f"{source}: PNDMScheduler with skip_prk_steps=False runs Runge–Kutta steps through half "
                          f"levels first; scheduler_sigmas knows the grids of {', '.join(GRID_SCHEDULERS)} (PNDM with "

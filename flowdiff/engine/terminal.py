@@ -55,6 +55,9 @@ def field_from_infinity(flow: ProbabilityFlow, eps: Callable[[float, Tensor], Te
             return flow.step_from_noise(y, 0.0, kwargs, model_dtype)
         return eps(sigma, y)
 
+    inner = getattr(eps, "denoised", None)
+    if inner is not None:  # the finite σ's denoised form, kept (formulations.data_field reads it)
+        f.denoised = inner  # type: ignore[attr-defined]
     return f
 
 
