@@ -13,9 +13,11 @@ import torch
 import flowdiff
 from flowdiff.engine.flow import ProbabilityFlow
 from flowdiff.engine.formulations import data_field
+from flowdiff.engine.scheduler_grids import schedule_from_config
 from flowdiff.engine.schedules import Schedule, rescale_zero_terminal_snr
 from flowdiff.engine.terminal import field_from_infinity
 from flowdiff.tools import scheduler_suite as S
+from flowdiff.tools.likelihood import ErrorBarWarning
 
 ALPHAS = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
 
@@ -126,3 +128,51 @@ def test_the_velocity_denoised_field_is_x_bar_minus_sigma_eps(schedule: Schedule
         torch.testing.assert_close(direct64, via64, rtol=0, atol=1e-13 * scale * (1.0 + sigma))
         direct32, via32 = out[torch.float32]
         assert S._rel(direct32, direct64) <= S._rel(via32, direct64) + 2e-7
+
+
+def test_a_non_adaptive_solver_beside_adaptive_names_adaptive_not_rtol() -> None:
+    """``adaptive=Adaptive()`` (every tolerance left to the entry point, G4) beside a fixed-step solver was refused
+    as "rtol=/atol= need an adaptive solver": arguments the call did not give (and spellings that no longer
+    exist). The refusal names what was given."""
+    flow = ProbabilityFlow(S.network(torch.float64), ALPHAS)
+    for call in (flowdiff.generate, flowdiff.encode):
+        with pytest.raises(ValueError, match=r"^adaptive=flowdiff\.Adaptive\(\.\.\.\) needs an adaptive solver; "
+                                             r"'euler' has no error estimate") as caught:
+            call(flow, S._noise(torch.float64), solver="euler", adaptive=flowdiff.Adaptive())
+        assert "rtol=/atol=" not in str(caught.value)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_the_likelihood_below_16_steps_does_not_speak_of_check_solves_it_did_not_run(steps: int) -> None:
+    """Below 16 steps no check solve runs (the lead's change after G4), yet the warning said "its check solves of
+    N/2 and N/4 steps are too coarse" (for steps=1: solves of half and a quarter of a step). It now says that none
+    is run, and the statistics agree: no check solve's counts, the NFE that of the one solve."""
+    flow = ProbabilityFlow(S.network(torch.float64), ALPHAS)
+    x = S._noise(torch.float64) * 0.3
+    with pytest.warns(ErrorBarWarning, match=rf"steps={steps}: .* no check solve is run") as caught:
+        r = flowdiff.log_likelihood(flow, x, solver="rk4", steps=steps)
+    assert not any("its check solves" in str(w.message) for w in caught)
+    assert "check" not in r.stats.extra and "check_quarter" not in r.stats.extra
+    assert r.stats.nfe == 4 * steps and bool(torch.isinf(r.solve_error).all())
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_flow_denoised_reads_the_prediction_as_the_solvers_do(prediction_type: str) -> None:
+    """``flow.denoised(x̄, σ)`` (the README's x̂₀ of a saved record) still computed x̄ − σ·ε after P5's change: on the
+    cosine schedule with v-prediction its float32 value was 2.4e-5 off float64 at σ ≈ 640 where the solvers' own D
+    is 1.4e-7 off, and a record's saved x̂₀ and flow.denoised of the same state differed by that. It now reads the
+    prediction as the field does: equal to the data variables' D bit for bit, and to x̄ − σ·ε in float64."""
+    config = {"_class_name": "DDIMScheduler", "beta_schedule": "squaredcos_cap_v2", "prediction_type": prediction_type}
+    schedule, _ = schedule_from_config(config)
+    sigma = float(schedule.sigmas[-2])
+    got = {}
+    for dtype in (torch.float64, torch.float32):
+        flow = ProbabilityFlow(S.network(dtype), schedule, prediction_type=prediction_type)
+        y = S._noise(dtype)
+        xbar = y * sigma
+        got[dtype] = flow.denoised(xbar, sigma)
+        assert torch.equal(got[dtype], data_field(flow.field())(1.0 / sigma, y))
+        if dtype == torch.float64:
+            via_eps = xbar - sigma * flow.eps(xbar, sigma)
+            torch.testing.assert_close(got[dtype], via_eps, rtol=0, atol=1e-12 * sigma * float(via_eps.abs().max()))
+    assert S._rel(got[torch.float32], got[torch.float64]) < 1e-6
