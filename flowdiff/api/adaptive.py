@@ -234,8 +234,8 @@ def solve_adaptive_flow(request: Request, x: Tensor, *, direction: str, model_dt
         raise ValueError("an adaptive solve needs request.adaptive (a flowdiff.Adaptive)")
     spec = spec.resolved(GENERATE_RTOL, GENERATE_ATOL)  # a tolerance left out is generate's/encode's default
     if not solver.adaptive:
-        raise ValueError(f"rtol=/atol= need an adaptive solver; {solver.name!r} has no error estimate. "
-                         f"Adaptive solvers: {', '.join(solvers.available(adaptive=True))}")
+        raise ValueError(f"adaptive=flowdiff.Adaptive(...) needs an adaptive solver; {solver.name!r} has no error "
+                         f"estimate. Adaptive solvers: {', '.join(solvers.available(adaptive=True))}")
     schedule = flow.schedule
     s_max = schedule.sigma_max if spec.sigma_start is None else spec.sigma_start
     refuse_infinite_start(s_max, "an adaptive solve")  # zero terminal SNR (flowdiff.engine.terminal)

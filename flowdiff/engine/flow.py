@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import copy
 import math
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -54,6 +55,25 @@ def _check_output_dtype(out: Tensor, who: str, where: str) -> None:
     if not out.is_floating_point():
         raise TypeError(f"{who} returned a tensor of dtype {str(out.dtype).removeprefix('torch.')} at {where}; it "
                         "must return real floating-point values (float16, bfloat16, float32 or float64)")
+
+def with_denoised(field: Callable[[float, Tensor], Tensor], denoised: Callable[[float, Tensor], Tensor]
+                  ) -> Callable[[float, Tensor], Tensor]:
+    """``field`` (a function) carrying ``field.denoised(σ, x̄)``, its D = x̄ − σ·ε read off the model's own prediction
+    (:func:`flowdiff.engine.formulations.data_field` uses it). ``denoised.field`` is a weak reference to ``field``
+    itself: a wrapper of ``field`` that copies its attributes (``functools.wraps``) or forwards them carries a
+    ``denoised`` that is not its own, and data_field then reads D off the wrapper's ε instead of bypassing it."""
+    denoised.field = weakref.ref(field)  # type: ignore[attr-defined]  # weak: no cycle holding the model's kwargs
+    field.denoised = denoised  # type: ignore[attr-defined]
+    return field
+
+
+def own_denoised(field: Callable[[float, Tensor], Tensor]) -> Callable[[float, Tensor], Tensor] | None:
+    """``field.denoised`` where :func:`with_denoised` gave it to ``field`` itself, else None (also for a wrapper
+    that copied or forwards a wrapped field's attribute: its D is x̄ − σ·(its own ε))."""
+    denoised = getattr(field, "denoised", None)
+    owner = getattr(denoised, "field", None)
+    return denoised if isinstance(owner, weakref.ref) and owner() is field else None
+
 
 class ProbabilityFlow:
     """The vector field ``dx̄/dσ = ε(x̄, σ)`` of a model and its schedule.
@@ -272,8 +292,7 @@ class ProbabilityFlow:
                 return out.mul(-sigma * b).add_(xbar, alpha=1.0 - sigma * a)
             return out  # sample: x̂₀ itself
 
-        f.denoised = denoised  # type: ignore[attr-defined]  # (formulations.data_field's field, when present)
-        return f
+        return with_denoised(f, denoised)
 
     def _native_field(self, kwargs: dict[str, Any], model_dtype: torch.dtype | None) -> Callable[..., Tensor]:
         eps_fn = self.sigma_field
@@ -341,8 +360,13 @@ class ProbabilityFlow:
         return self.field(model_kwargs)(float(sigma), xbar)
 
     def denoised(self, xbar: Tensor, sigma: float, **model_kwargs: Any) -> Tensor:
-        """The model's estimate of the clean image, x̂₀ = x̄ − σ·ε(x̄, σ)."""
-        return xbar - float(sigma) * self.eps(xbar, sigma, **model_kwargs)
+        """The model's estimate of the clean image, x̂₀ = x̄ − σ·ε(x̄, σ), read off its own prediction where the field
+        carries that form (:func:`with_denoised`), as the data-variables solvers read it: x̄ − σ·ε cancels at large σ
+        (v-prediction in float32 on the cosine schedule: 2e-5 off float64 instead of 1e-7)."""
+        sigma = float(sigma)
+        field = self.field(model_kwargs)
+        own = own_denoised(field)
+        return own(sigma, xbar) if own is not None else xbar - sigma * field(sigma, xbar)
 
 
 def _timestep_table(timesteps: Mapping[float, float] | None) -> dict[float, float]:

@@ -64,6 +64,8 @@ from torch import Tensor
 
 from solvers import Derivative, FixedGrid, ReversibleState, Solver, StepResult, VectorField, final_step_methods
 
+from .flow import own_denoised
+
 #: ``eps_field(σ, x̄) -> ε`` as built by :meth:`flowdiff.ProbabilityFlow.field`.
 EpsField = Callable[[float, Tensor], Tensor]
 
@@ -279,9 +281,10 @@ def data_field(eps: EpsField, sigma_of: Callable[[float], float] | None = None) 
     returns ``eps(∞, noise)``, the denoised image there (:class:`OutOfInfinity`). ``sigma_of(ρ)``
     maps times back to σ (a grid's own σ exactly, :meth:`Formulation.sigma`); default 1/ρ.
 
-    Where ``eps`` carries ``eps.denoised(σ, x̄)`` (a :meth:`flowdiff.ProbabilityFlow.field`), D is read off the
+    Where ``eps`` carries its own ``eps.denoised(σ, x̄)`` (:func:`flowdiff.engine.flow.with_denoised`: a
+    :meth:`flowdiff.ProbabilityFlow.field`, not a wrapper of one that copied the attribute), D is read off the
     model's own prediction: x̄ − σ·ε cancels at large σ and loses ε's rounding times σ (v-prediction in float32)."""
-    denoised = getattr(eps, "denoised", None)
+    denoised = own_denoised(eps)  # not a wrapper's copied (functools.wraps) or forwarded one: that is not its D
 
     def f(rho: float, y: Tensor) -> Tensor:
         if rho == math.inf:

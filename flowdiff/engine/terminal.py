@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .flow import ProbabilityFlow
+from .flow import ProbabilityFlow, own_denoised, with_denoised
 
 
 def starts_at_infinity(sigmas: np.ndarray) -> bool:
@@ -55,9 +55,12 @@ def field_from_infinity(flow: ProbabilityFlow, eps: Callable[[float, Tensor], Te
             return flow.step_from_noise(y, 0.0, kwargs, model_dtype)
         return eps(sigma, y)
 
-    inner = getattr(eps, "denoised", None)
-    if inner is not None:  # the finite σ's denoised form, kept (formulations.data_field reads it)
-        f.denoised = inner  # type: ignore[attr-defined]
+    inner = own_denoised(eps)
+    if inner is not None:  # eps's own D at finite σ, kept (formulations.data_field reads it)
+        def denoised(sigma: float, xbar: Tensor) -> Tensor:
+            return inner(sigma, xbar)
+
+        return with_denoised(f, denoised)
     return f
 
 

@@ -567,8 +567,9 @@ def _fixed_grid_bar(steps: int, order: int, half: Tensor, check_prob: Tensor, lo
     chance, and the bars then missed; ``benchmarks/RESULTS.md``): the bar is ``inf``, and no check solve is run."""
     if steps < MIN_REGIME_STEPS:
         warnings.warn(f"steps={steps}: a fixed grid of fewer than {MIN_REGIME_STEPS} steps gets no error bar for its "
-                      "solve (inf): its check solves of N/2 and N/4 steps are too coarse to show that the error falls "
-                      "at the method's order, and without that the difference between them bounds nothing; give "
+                      "solve (inf), and no check solve is run: solves of N/2 and N/4 steps would be too coarse to "
+                      "show that the error falls at the method's order, and without that their difference bounds "
+                      "nothing; give "
                       f"steps={MIN_REGIME_STEPS} or more, or the adaptive default", ErrorBarWarning, stacklevel=3)
         return torch.full_like(half, math.inf)
     y_quarter, quarter_stats = integrate(4.0, "second check solve")
