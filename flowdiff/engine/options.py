@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,7 +103,9 @@ def _flag(value: object, name: str) -> bool:
 
 
 def _tolerance(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # TypeError: not a number at all
+        raise TypeError(f"{name} must be a finite number >= 0, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
@@ -299,6 +302,8 @@ class Adaptive:
         atol = None if self.atol is None else _tolerance("atol", self.atol)
         if rtol == 0 and atol == 0:
             raise ValueError("rtol and atol cannot both be 0")
+        object.__setattr__(self, "rtol", rtol)  # a Python float (a NumPy scalar is taken as its value)
+        object.__setattr__(self, "atol", atol)
         object.__setattr__(self, "max_nfe", _count(self.max_nfe, "max_nfe"))
         if self.controller is not None and not isinstance(self.controller, StepController):
             raise TypeError(f"Adaptive.controller must be a solvers.StepController, got "
