@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..engine.flow import ProbabilityFlow
+from ..engine.flow import ProbabilityFlow, own_denoised
 from ..engine.schedules import ArrayLike, Schedule, as_schedule
 
 #: ``denoiser(xbar, sigma, **extra_args) -> x̂₀``, sigma a tensor of shape (batch,).
@@ -56,14 +56,27 @@ class FlowDenoiser:
         self.sigma_max = flow.schedule.sigma_max
 
     def __call__(self, xbar: Tensor, sigma: Tensor | float, **extra_args: Any) -> Tensor:
-        return self.eps_to_denoised(xbar, sigma, self.eps(xbar, sigma, **extra_args))
+        return self._by_sigma(xbar, sigma, extra_args, denoised=True)
 
     def eps(self, xbar: Tensor, sigma: Tensor | float, **extra_args: Any) -> Tensor:
         """ε(x̄, σ) with per-row σ."""
+        return self._by_sigma(xbar, sigma, extra_args, denoised=False)
+
+    def _by_sigma(self, xbar: Tensor, sigma: Tensor | float, extra_args: dict[str, Any], *, denoised: bool) -> Tensor:
+        """ε, or D read off the model's own prediction where the flow's field gives it (x̄ − σ·ε cancels at large σ:
+        v-prediction in float32 lost ε's rounding times σ; :func:`flowdiff.engine.flow.own_denoised`), per σ group."""
         if not isinstance(xbar, Tensor) or xbar.ndim < 1:
             raise TypeError(f"xbar must be a tensor of shape (batch, ...), got {type(xbar).__name__}")
         values = _sigma_values(sigma, xbar.shape[0])
-        f = self.flow.field(extra_args)
+        field = self.flow.field(extra_args)
+        own = own_denoised(field) if denoised else None
+        if own is not None:
+            f = own
+        elif denoised:
+            def f(v: float, x: Tensor) -> Tensor:
+                return x - v * field(v, x)
+        else:
+            f = field
         if len(set(values)) == 1:
             return f(values[0], xbar)
         if extra_args:
