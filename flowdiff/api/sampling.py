@@ -291,8 +291,8 @@ def _refuse_vmap(function: str, name: str, x: object, model_kwargs: object, chec
         mapped = f"{name} is mapped over"
     elif _vmapped(model_kwargs):
         mapped = "model_kwargs are mapped over"
-    elif _checks.functorch_transforms()[-1:] == ["Vmap"]:  # an ensemble's stacked weights, closed over by the model
-        # (innermost: under jacfwd or jacrev vmap maps the tangents alone, which no check reads)
+    elif _checks.vmap_may_map_states(_checks.functorch_transforms()):  # an ensemble's stacked weights, closed over
+        # by the model (not jacfwd's vmap around a jvp: it maps the tangents alone, which no check reads)
         mapped = f"called inside it with {name} and model_kwargs unmapped: what the model closes over may be mapped"
     else:
         return
