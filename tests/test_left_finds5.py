@@ -10,12 +10,62 @@
    and ``grad(vmap(...))`` are, and runs with the checks off, equal to the loop over the members.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
 import flowdiff as fd
+from flowdiff.models.analytic import Mixture
 
 OFF = fd.Checks(finite=False, growth=None)
+
+
+# -- 2. a learned encoder's heun latent with final_euler=False ---------------------------------------------------------
+
+class _Counted:
+    """A closed-form mixture's field that records the σ of every evaluation (its centres, an attribute, are what the
+    flow's fingerprint reads)."""
+
+    def __init__(self) -> None:
+        self.centers = torch.rand(6, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+        mixture = Mixture(self.centers, 0.3).flow()
+        self.schedule, self.field, self.seen = mixture.schedule, mixture.field(None, None), []
+
+    def eps(self, xbar, sigma):
+        self.seen.append(float(sigma))
+        return self.field(sigma, xbar)
+
+
+def _counted_mixture():
+    counted = _Counted()
+    return fd.ProbabilityFlow.from_sigma_field(counted.eps, counted.schedule), counted.seen
+
+
+def test_a_learned_heun_latent_refuses_final_euler_false_before_any_evaluation():
+    flow, seen = _counted_mixture()
+    images = (torch.rand(4, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1) * 0.9
+    sigmas = fd.make_sigmas(flow.schedule, "logsnr", 3)
+    fitted = fd.learn_encoder(flow, images, solver="heun", nfe=6, sigmas=sigmas, iterations=0)
+    # what the latents of a kept fit record: the decode's shifts (fitted ones are not zero)
+    learned = dataclasses.replace(fitted, kept=True, decode_shifts=(0.1, -0.2, 0.3))
+    latent = learned.encode(flow, images).latent
+    assert latent.decode_shifts == (0.1, -0.2, 0.3)
+    seen.clear()
+    with pytest.raises(ValueError, match=r"^grid=Grid\(\.\.\., final_euler=False\) beside this latent's "
+                                         r"decode_shifts \(a LearnedEncoder's, solver 'heun'\): they were fitted for "
+                                         r"the decode whose last step, into σ = 0, is Euler"):
+        fd.decode(flow, latent, grid=fd.Grid(final_euler=False))
+    assert seen == []
+    # the decode the shifts were fitted for: 3 heun steps, the last Euler into σ = 0, within the budget of nfe=6
+    res = fd.decode(flow, latent)
+    assert res.stats.nfe == len(seen) == 5 <= learned.nfe
+    assert 0.0 not in seen
+    # the plain decode (no shifts) takes final_euler=False, at its own cost: one evaluation at σ = 0 more
+    seen.clear()
+    plain = dataclasses.replace(latent, decode_shifts=None)
+    res = fd.decode(flow, plain, grid=fd.Grid(final_euler=False))
+    assert res.stats.nfe == len(seen) == 6 and seen[-1] == 0.0
 
 
 # -- 3. an ensemble under vmap(grad) ----------------------------------------------------------------------------------

@@ -665,6 +665,14 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
                          "without it); leave final_euler out")
     if final_euler is False and latent.final_euler is None:  # said here, not recorded by the latent
         _refuse_idle_final_euler(solver_obj, sig, "decode", f"this latent's decode with solver {own!r}")
+        if latent.decode_shifts is not None:  # learn_encoder fits them on decode's default, its last step Euler
+            raise ValueError(f"grid=Grid(..., final_euler=False) beside this latent's decode_shifts (a "
+                             f"LearnedEncoder's, solver {own!r}): they were fitted for the decode whose last step, "
+                             "into σ = 0, is Euler (the default, as learn_encoder decodes); final_euler=False would "
+                             f"take it with {own!r}, evaluating the model at σ = 0 once more than that decode and "
+                             "moving an evaluation its shift was not fitted for. Accepted: final_euler left out (or "
+                             "True), or the plain decode without the shifts "
+                             "(dataclasses.replace(latent, decode_shifts=None)) with final_euler=False")
     final_euler = final_euler is not False
     if latent.decode_shifts is not None:  # a learned encoder's latent: the decode it was fitted with
         times = formulation_for(solver_obj, "decode").times(sig.tolist())
