@@ -2,7 +2,9 @@
 
 R20's find: DPMSolverMultistepScheduler on the cosine schedule (σ_max ≈ 2e4) with v-prediction. Prints, per
 config, each side's float32-vs-float64 relative difference (max |a − b| / max |b|) and, for the first config,
-the data variables' field D (the denoised image) step by step, float32 against float64.
+the data variables' field D (the denoised image) step by step, float32 against float64. Then ``solver_order=1``
+(DPM-Solver++(1)) on four grids, planned as ``dpmpp_2m`` with ``order=1`` (the data variables) beside the same
+loop run as Euler in σ (``sample_like(..., solver="euler")``, the plan before), each against its own float64.
 
     PYTHONPATH=$PWD python benchmarks/float32_gap.py
 """
@@ -57,6 +59,30 @@ def _steps_of_first() -> None:
         print(f"| {1 / rho:.4g} | {S._rel(d32, d64):.2e} |")
 
 
+ORDER_1 = (
+    ({"use_exponential_sigmas": True}, 5),
+    ({"use_karras_sigmas": True}, 3),
+    ({}, 8),
+    ({"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, 5),
+)
+
+
+def _order_1() -> None:
+    print("\nDPMSolverMultistepScheduler(solver_order=1), cosine v-prediction: float32 vs float64 of each route")
+    print("| grid | steps | dpmpp_2m(order=1) (the plan) | euler in σ (the plan before) | diffusers |")
+    print("|---|---|---|---|---|")
+    for options, steps in ORDER_1:
+        case = S.drawn_case("DPMSolverMultistepScheduler", {**COSINE_V, "solver_order": 1, **options}, steps)
+        gaps = []
+        for solver in (None, "euler"):
+            kw = {} if solver is None else {"solver": solver}
+            g32, r32, _, _ = S.run_case(case, torch.float32, checks=Checks(growth=None), **kw)
+            g64, r64, _, _ = S.run_case(case, torch.float64, checks=Checks(growth=None), **kw)
+            gaps.append(S._rel(g32, g64))
+        shown = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "defaults"
+        print(f"| {shown} | {steps} | {gaps[0]:.2e} | {gaps[1]:.2e} | {S._rel(r32, r64):.2e} |")
+
+
 def main() -> None:
     warnings.filterwarnings("ignore")
     print("| scheduler | config | steps | flowdiff f32 vs f64 | diffusers f32 vs f64 | flowdiff vs diffusers f32 |")
@@ -68,6 +94,7 @@ def main() -> None:
         print(f"| {cls.removesuffix('Scheduler')} | {S._config_text(case)} | {steps} | {S._rel(g32, g64):.2e} | "
               f"{S._rel(r32, r64):.2e} | {S._rel(g32, r32):.2e} |")
     _steps_of_first()
+    _order_1()
 
 
 if __name__ == "__main__":

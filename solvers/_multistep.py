@@ -257,13 +257,19 @@ class DPMSolverPP2M(Adams):
     ``lower_order_final`` (default False): the last step of a fixed grid is first order
     (``final_method``, the one-derivative step: DPM-Solver++(1), i.e. DDIM), as diffusers'
     ``DPMSolverMultistepScheduler`` takes it with ``lower_order_final`` below 15 steps or
-    ``euler_at_final``.
+    ``euler_at_final``. ``order=1`` takes every step so: DPM-Solver++(1),
+    ``y₁ = y₀ + (ρ₁ − ρ₀)·D₀``, i.e. ``x̄₁ = (σ₁/σ₀)·x̄₀ + (1 − σ₁/σ₀)·D₀``, diffusers'
+    ``solver_order=1``; in these variables its step never forms x̄ − σ·ε, which cancels where x̄ ≈ σ·ε
+    (large σ) when ε is rounded.
     """
 
-    def __init__(self, lower_order_final: bool = False) -> None:
+    def __init__(self, lower_order_final: bool = False, order: int = 2) -> None:
         if not isinstance(lower_order_final, bool):
             raise TypeError(f"solver 'dpmpp_2m': lower_order_final must be True or False, got {lower_order_final!r}")
-        super().__init__("dpmpp_2m", 2, log_time=True)
+        if isinstance(order, bool) or not isinstance(order, int) or order not in (1, 2):
+            raise ValueError(f"solver 'dpmpp_2m': order must be 2 (DPM-Solver++(2M)) or 1 (DPM-Solver++(1), DDIM in "
+                             f"the data variables), got {order!r}")
+        super().__init__("dpmpp_2m", order, log_time=True)
         self.lower_order_final = lower_order_final
         #: the method of a fixed grid's last step, or None for this method's own
         self.final_method: Solver | None = Adams("dpmpp_2m", 1, log_time=True) if lower_order_final else None
@@ -433,7 +439,7 @@ register("ipndm", IPNDM, "iPNDM: Adams–Bashforth with equal-step coefficients,
 register("abm", _abm, "Adams–Bashforth–Moulton PEC in t: AB predictor of order (default 3), AM corrector, "
          "order + 1; Milne error estimate, adaptive; 1 evaluation a step")
 register("dpmpp_2m", DPMSolverPP2M, "DPM-Solver++(2M): second-order multistep in log time, for the "
-         "data-prediction variables (flowdiff changes variables); 1 evaluation a step")
+         "data-prediction variables (flowdiff changes variables); option order=1: DPM-Solver++(1); 1 evaluation a step")
 register("dpmpp_3m", _dpmpp_3m, "DPM-Solver++(3M): third-order Adams in log time (exact φ weights), for the "
          "data-prediction variables; 1 evaluation a step")
 register("unipc", _unipc, "UniPC-style predictor–corrector: log-time Adams–Bashforth of order (default 2) with "

@@ -178,8 +178,10 @@ def test_bad_orders_are_rejected_with_the_accepted_range():
     for name in ("lms", "ipndm", "abm", "unipc"):
         with pytest.raises(ValueError, match="order must be an int in 1..4"):
             solvers.get(name, order=5)
+    with pytest.raises(ValueError, match=r"order must be 2 \(DPM-Solver\+\+\(2M\)\) or 1"):
+        solvers.get("dpmpp_2m", order=3)  # its own order or DPM-Solver++(1), diffusers' solver_order=1
     with pytest.raises(TypeError, match="unknown option"):
-        solvers.get("dpmpp_2m", order=2)
+        solvers.get("dpmpp_3m", order=2)
 
 
 def test_finish_at_zero_is_second_order_and_fourth_with_extrapolation():

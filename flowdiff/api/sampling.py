@@ -291,8 +291,8 @@ def _refuse_vmap(function: str, name: str, x: object, model_kwargs: object, chec
         mapped = f"{name} is mapped over"
     elif _vmapped(model_kwargs):
         mapped = "model_kwargs are mapped over"
-    elif _checks.functorch_transforms()[-1:] == ["Vmap"]:  # an ensemble's stacked weights, closed over by the model
-        # (innermost: under jacfwd or jacrev vmap maps the tangents alone, which no check reads)
+    elif _checks.vmap_may_map_states(_checks.functorch_transforms()):  # an ensemble's stacked weights, closed over
+        # by the model (not jacfwd's vmap around a jvp: it maps the tangents alone, which no check reads)
         mapped = f"called inside it with {name} and model_kwargs unmapped: what the model closes over may be mapped"
     else:
         return
@@ -665,6 +665,14 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
                          "without it); leave final_euler out")
     if final_euler is False and latent.final_euler is None:  # said here, not recorded by the latent
         _refuse_idle_final_euler(solver_obj, sig, "decode", f"this latent's decode with solver {own!r}")
+        if latent.decode_shifts is not None:  # learn_encoder fits them on decode's default, its last step Euler
+            raise ValueError(f"grid=Grid(..., final_euler=False) beside this latent's decode_shifts (a "
+                             f"LearnedEncoder's, solver {own!r}): they were fitted for the decode whose last step, "
+                             "into σ = 0, is Euler (the default, as learn_encoder decodes); final_euler=False would "
+                             f"take it with {own!r}, evaluating the model at σ = 0 once more than that decode and "
+                             "moving an evaluation its shift was not fitted for. Accepted: final_euler left out (or "
+                             "True), or the plain decode without the shifts "
+                             "(dataclasses.replace(latent, decode_shifts=None)) with final_euler=False")
     final_euler = final_euler is not False
     if latent.decode_shifts is not None:  # a learned encoder's latent: the decode it was fitted with
         times = formulation_for(solver_obj, "decode").times(sig.tolist())

@@ -80,6 +80,17 @@ def functorch_transforms() -> list[str]:
     return [interpreter.key().name for interpreter in stack() or ()]
 
 
+def vmap_may_map_states(transforms: list[str]) -> bool:
+    """Whether a ``torch.func.vmap`` among ``transforms`` (:func:`functorch_transforms`, outermost first) may map
+    what a solve computes although none of its inputs is mapped: the model may close over mapped tensors (an
+    ensemble's weights stacked by ``torch.func.stack_module_state``), and the states become mapped at its first
+    evaluation. So is every vmap but one right around a forward-mode transform: ``vmap(f)``, ``vmap(grad(f))``
+    (per-member gradients of an ensemble), ``grad(vmap(f))``, ``vmap(vmap(f))``. ``jacfwd`` (and ``hessian``,
+    ``jacfwd(jacrev)``) is a vmap right around a ``jvp``, which maps the tangents alone, and no check reads them;
+    ``jacrev`` runs its forward pass under ``grad`` alone (its vmap maps the cotangents of the backward pass)."""
+    return any(kind == "Vmap" and transforms[i + 1:i + 2] != ["Jvp"] for i, kind in enumerate(transforms))
+
+
 def check_flags(**flags: object) -> None:
     """``TypeError`` for any flag that is not a bool: ``final_euler="False"`` would otherwise count as True."""
     for name, value in flags.items():

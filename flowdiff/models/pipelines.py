@@ -532,9 +532,10 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
       ``HeunDiscreteScheduler``: ``heun`` (its last step, into σ = 0, Euler); ``LMSDiscreteScheduler``:
       ``lms`` of order 4;
     * ``DPMSolverMultistepScheduler`` with ``algorithm_type="dpmsolver++"`` and the ``midpoint``
-      solver: ``solver_order=1`` is Euler (DPM-Solver++(1) is DDIM), ``2`` is ``dpmpp_2m`` with its
-      ``lower_order_final`` option where diffusers' last step is first order (``euler_at_final``, or
-      ``lower_order_final`` below 15 steps); Karras, exponential, beta and ``use_lu_lambdas`` grids.
+      solver: ``solver_order=1`` is ``dpmpp_2m`` with ``order=1`` (DPM-Solver++(1): DDIM in the data
+      variables), ``2`` is ``dpmpp_2m`` with its ``lower_order_final`` option where diffusers' last step is
+      first order (``euler_at_final``, or ``lower_order_final`` below 15 steps); Karras, exponential, beta
+      and ``use_lu_lambdas`` grids.
 
     The grids of Euler, Heun, LMS and DPM-Solver are read off diffusers' own scheduler (``set_timesteps``),
     float32 as diffusers keeps them. A last step of zero length (σ_min to σ_min, where the grid's
@@ -610,8 +611,8 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
     ))
     sched = _from_diffusers_scheduler(name, config, steps)
     order = int(config.get("solver_order", 2))
-    if order == 1:
-        return _read_plan(name, sched, "euler", {}, "model")
+    if order == 1:  # DPM-Solver++(1) in the data variables, as diffusers' data form: Euler in σ cancels in float32
+        return _read_plan(name, sched, "dpmpp_2m", {"order": 1}, "model")
     n = len(sched.timesteps)
     final_first_order = bool(config.get("euler_at_final", False)) or (
         bool(config.get("lower_order_final", True)) and n < 15)
