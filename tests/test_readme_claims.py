@@ -1,0 +1,120 @@
+"""The README's prose checked against the code: defaults, name lists, counts and the command line's own words.
+
+``tests/test_docs.py`` runs every README code block; this file checks the concrete claims made *around* them, each one
+that a new user reading the README top to bottom found untrue (the test's docstring says what the README or the code
+said before). The README is parsed for the claim, so that a change on either side that breaks it fails here.
+"""
+
+import re
+from pathlib import Path
+
+import flowdiff
+import solvers
+from flowdiff.cli import main
+from flowdiff.cli._parser import build_parser
+from flowdiff.engine.plugins import plugins
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+
+
+def _section(heading: str) -> str:
+    """The README's text from ``heading`` (a whole line) to the next heading of the same or a higher level."""
+    level = len(heading) - len(heading.lstrip("#"))
+    start = README.index(f"\n{heading}\n") + 1
+    end = re.compile(rf"^#{{1,{level}}} ", re.M).search(README, start + len(heading))
+    return README[start:end.start() if end else len(README)]
+
+
+def _table(text: str, header: str) -> list[list[str]]:
+    """The rows (cells stripped) of the Markdown table in ``text`` whose header line starts with ``header``."""
+    lines = text[text.index(header):].splitlines()
+    rows = []
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def _names(cell: str) -> set[str]:
+    """The backticked names of a table cell, leaving out what its parentheses say about them."""
+    while True:
+        shorter = re.sub(r"\([^()]*\)", "", cell)
+        if shorter == cell:
+            return set(re.findall(r"`([a-z0-9_]+)`", cell))
+        cell = shorter
+
+
+def test_the_solvers_table_lists_every_registered_method_and_plugin():
+    """The family table of *Solvers* left out the registered ``deis`` (which `compare` runs by default)."""
+    rows = _table(_section("### Solvers"), "| family | names |")
+    listed = set().union(*(_names(names) for _, names in rows))
+    assert listed == set(solvers.available()) | set(plugins("solver"))
+
+
+def test_the_low_nfe_table_is_the_multistep_methods_with_their_orders():
+    """The *Low-NFE solvers* table: one row per multistep method, and a row's numeric order is the solver's."""
+    rows = _table(_section("### Low-NFE solvers"), "| name | method | order | variables |")
+    names = [re.fullmatch(r"`([a-z0-9_]+)`", row[0]).group(1) for row in rows]
+    assert sorted(names) == solvers.available(multistep=True)
+    for name, (_, _, order, _) in zip(names, rows, strict=True):
+        number = re.match(r"\d+", order)
+        if number:
+            assert solvers.get(name).order == int(number.group()), name
+
+
+def test_the_training_split_has_the_size_the_readme_gives():
+    """The *Likelihood* section said the shipped model had 1437 training digits; the split holds 1433."""
+    whole = r"(\d[\d,]{2,}) "  # a count of the whole split (a handful, "4 training digits", is a subset)
+    said = {int(n.replace(",", "")) for n in re.findall(whole + "training digits", README)}
+    assert said == {len(flowdiff.digits_data("train").images)}
+    held_out = {int(n.replace(",", "")) for n in re.findall(whole + "held-out digits", README)}
+    assert held_out == {len(flowdiff.digits_data("test").images)}
+
+
+def _subcommands() -> dict:
+    parser = build_parser()
+    (sub,) = (a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return dict(sub.choices)
+
+
+def _option(command: str, flag: str):
+    (action,) = (a for a in _subcommands()[command]._actions if flag in a.option_strings)
+    return action
+
+
+def test_every_commands_device_default_is_the_one_the_readme_states():
+    """The README said every command's ``--device`` defaults to the GPU when torch sees one; ``likelihood``'s is
+    the CPU. The sentence now names the exception, and this keeps the two in step."""
+    sentence = re.search(r"`--device` \(default: ([^)]*)\)", README).group(1)
+    exceptions = dict(re.findall(r"`(\w+)`: the (\w+)", sentence))
+    for command in _subcommands():
+        default = _option(command, "--device").default
+        if command in exceptions:
+            assert default == exceptions[command].lower(), command
+        else:
+            assert default == "auto", command
+
+
+def test_fixed_point_help_names_the_method_that_runs():
+    """``--fixed-point``'s help said "(Newton-Krylov)"; it runs ``Inversion("fixed_point")``'s default, "hybrid":
+    Anderson mixing first, then Newton–Krylov (the README's *Fixed-point inversion*)."""
+    assert "`\"hybrid\"` (default)" in README
+    for command in ("encode", "roundtrip"):
+        text = _option(command, "--fixed-point").help
+        assert "Anderson" in text and "Newton" in text, command
+
+
+def test_sample_writes_the_format_its_out_suffix_names(tmp_path, capsys):
+    """``sample``'s help said "output PNG" / "one PNG grid"; as the README's table says, the suffix picks the format
+    (``--out s.tif`` writes a TIFF), and the help now says so."""
+    from flowdiff.runs.imageio import read_image
+
+    assert main(["sample", "--steps", "1", "--num", "2", "--out", str(tmp_path / "s.tif")]) == 0
+    assert read_image(tmp_path / "s.tif")[1].bits == 8
+    assert (tmp_path / "s.tif").read_bytes()[:2] in (b"II", b"MM")  # a TIFF, not a PNG under another name
+    assert "suffix picks the format" in _option("sample", "--out").help
+    assert "the suffix picks the format" in README
+    commands = build_parser()._subparsers._group_actions[0]._choices_actions
+    summary = {c.dest: c.help for c in commands}
+    assert "PNG" not in summary["decode"] and "PNG" not in _option("sample", "--scale").help
