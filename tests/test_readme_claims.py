@@ -118,3 +118,55 @@ def test_sample_writes_the_format_its_out_suffix_names(tmp_path, capsys):
     commands = build_parser()._subparsers._group_actions[0]._choices_actions
     summary = {c.dest: c.help for c in commands}
     assert "PNG" not in summary["decode"] and "PNG" not in _option("sample", "--scale").help
+
+
+def test_the_architecture_file_table_names_every_module_and_only_modules_that_exist():
+    """The file table of *How the code is laid out* left out ``solvers/_deis.py``, ``solvers/_checks.py`` and three of
+    ``flowdiff/cli/``'s modules (``_argtypes.py``, ``_errors.py``, ``_learned.py``). A cell names a path, then bare
+    file names in the same folder; the ``flowdiff/cli/`` row names its files in its second cell."""
+    root = Path(__file__).resolve().parents[1]
+    named = set()
+    for files, what in (row[:2] for row in _table(_section("## How the code is laid out"), "| file | what it is |")):
+        folder = None
+        for token in re.findall(r"`([^`]+)`", files):
+            if token.endswith("/"):
+                folder = Path(token)
+                named |= {folder / name for name in re.findall(r"`([\w.]+\.py)`", what)}
+            elif "/" in token:
+                folder = Path(token).parent
+                named.add(Path(token))
+            else:
+                named.add(folder / token)
+    assert [str(p) for p in sorted(named) if not (root / p).exists() and not str(p).startswith("benchmarks")] == []
+    modules = {p.relative_to(root) for top in ("solvers", "flowdiff") for p in (root / top).rglob("*.py")
+               if p.name not in ("__init__.py", "__main__.py")}
+    assert sorted(map(str, modules - named)) == []
+
+
+def test_the_entry_points_take_the_keywords_the_readme_lists():
+    """*A small surface*: ``generate`` and ``encode`` take ten keywords, ``decode`` the same but ``adaptive``."""
+    import inspect
+
+    said = re.search(r"take at most ten keywords —\s*(.*?)\s*— and everything rarer", README, re.S).group(1)
+    listed = re.findall(r"`(\w+)`", said)
+    assert len(listed) == 10
+    for entry in (flowdiff.generate, flowdiff.encode, flowdiff.decode):
+        keywords = [p.name for p in inspect.signature(entry).parameters.values() if p.kind is p.KEYWORD_ONLY]
+        expected = [k for k in listed if not (entry is flowdiff.decode and k == "adaptive")]
+        assert sorted(keywords) == sorted(expected), entry.__name__
+
+
+def test_the_option_objects_defaults_are_the_ones_the_readme_spells():
+    """``checks=flowdiff.Checks(finite=True, growth="auto", model=True)`` is spelt with its defaults; the README's
+    ``Adaptive`` knobs and ``StepController`` fields are the classes' own."""
+    import ast
+    import dataclasses
+
+    spelt = re.search(r"`checks=flowdiff\.Checks\(([^)]*)\)`", README).group(1)
+    defaults = {f.name: f.default for f in dataclasses.fields(flowdiff.Checks)}
+    assert {k: ast.literal_eval(v) for k, v in (kv.split("=") for kv in spelt.split(", "))} == defaults
+    knobs = re.search(r"Knobs \(fields of `flowdiff\.Adaptive`\): (.*?)\.\s+`startup_order", README, re.S).group(1)
+    fields = re.split(r",\s+", re.search(r"StepController\(([^)]*)\)", knobs).group(1))
+    assert fields == [f.name for f in dataclasses.fields(solvers.StepController)]
+    others = re.findall(r"`(\w+)`", re.sub(r"`controller=.*?\)`", "", knobs, flags=re.S))
+    assert {"controller", *others, "rtol", "atol", "max_nfe"} == {f.name for f in dataclasses.fields(flowdiff.Adaptive)}
