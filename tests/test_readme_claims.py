@@ -170,3 +170,59 @@ def test_the_option_objects_defaults_are_the_ones_the_readme_spells():
     assert fields == [f.name for f in dataclasses.fields(solvers.StepController)]
     others = re.findall(r"`(\w+)`", re.sub(r"`controller=.*?\)`", "", knobs, flags=re.S))
     assert {"controller", *others, "rtol", "atol", "max_nfe"} == {f.name for f in dataclasses.fields(flowdiff.Adaptive)}
+
+
+def test_a_saved_end_state_has_an_x0_only_in_the_data_variables():
+    """*Saved states* said the end state carries no x̂₀ (``None``); in the data variables (``dpmpp_2m``, ``unipc``)
+    the end state at σ = 0 is its own x̂₀, which the record carries. The README now says which."""
+    import torch
+
+    from flowdiff.engine.formulations import Data, formulation_for
+    from flowdiff.models.analytic import Gaussian
+
+    flow = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5).flow()
+    noise = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert "whose end state is its own x̂₀ there" in _section("## Using it")
+    for name in ("euler", "heun", "lms", "abm", "dpmpp_2m", "unipc", "deis"):
+        res = flowdiff.generate(flow, noise, solver=name, steps=4, save=flowdiff.Save(steps=True, denoised=True))
+        end = res.saved[-1]
+        assert end.sigma == 0.0 and all(s.denoised is not None for s in res.saved[:-1]), name
+        if isinstance(formulation_for(solvers.get(name), "generate"), Data):
+            assert torch.equal(end.denoised, end.x), name
+        else:
+            assert end.denoised is None, name
+
+
+def test_every_name_path_and_flag_the_readme_mentions_exists():
+    """Every ``flowdiff.…``/``solvers.…`` name resolves, every repository path and test named exists, every
+    ``--flag`` of a ``flowdiff COMMAND`` line is that command's, and every flag of a ``python benchmarks/X.py`` line
+    is in X.py."""
+    import importlib
+
+    def resolve(dotted: str) -> object:
+        parts = dotted.split(".")
+        for i in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+            except ImportError:
+                continue
+            for part in parts[i:]:
+                obj = getattr(obj, part)
+            return obj
+
+    for dotted in set(re.findall(r"`((?:flowdiff|solvers)(?:\.[A-Za-z_]\w*)+)", README)):
+        resolve(dotted)
+    root = Path(__file__).resolve().parents[1]
+    for path in set(re.findall(r"`((?:benchmarks|examples|tests|docs|training|flowdiff|solvers)/[\w./*…-]+)`", README)):
+        assert list(root.glob(path.replace("…", "*"))), path
+    tests = "".join(p.read_text(encoding="utf-8") for p in (root / "tests").glob("test_*.py"))
+    for name in set(re.findall(r"`(test_\w+)`", README)):
+        assert f"def {name}(" in tests, name
+    options = {name: {o for a in sp._actions for o in a.option_strings} for name, sp in _subcommands().items()}
+    for command, rest in re.findall(rf"flowdiff ({'|'.join(options)})\b([^`\n]*)", README):
+        for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)(?![\w-])", rest):
+            assert flag in options[command], (command, flag)
+    for script, rest in re.findall(r"python (benchmarks/[\w/]+\.py)([^`\n;)]*)", README):
+        source = (root / script).read_text(encoding="utf-8")
+        for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)(?![\w-])", rest):
+            assert f'"{flag}"' in source, (script, flag)
