@@ -226,3 +226,16 @@ def test_every_name_path_and_flag_the_readme_mentions_exists():
         source = (root / script).read_text(encoding="utf-8")
         for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)(?![\w-])", rest):
             assert f'"{flag}"' in source, (script, flag)
+
+
+def test_compares_defaults_are_the_ones_the_readme_lists():
+    """*Which solver for N model evaluations?*: the default solvers (Euler, Heun and every registered multistep
+    method, listed by name), grids and budgets of ``flowdiff compare``."""
+    from flowdiff.tools.compare import DEFAULT_GRIDS, DEFAULT_NFE, default_solvers
+
+    said = re.search(r"\(default: Euler = DDIM, Heun, and every registered multistep\s+solver — ([^;]*); grids "
+                     r"([^;]*) and the shipped\s+tuned grids; budgets ([^)]*)\)", README)
+    multistep, grids, budgets = (re.split(r",\s*|\s+and\s+", g.strip()) for g in said.groups())
+    assert multistep == solvers.available(multistep=True)
+    assert default_solvers() == ["euler", "heun", *multistep]
+    assert tuple(grids) == DEFAULT_GRIDS and tuple(map(int, budgets)) == DEFAULT_NFE
