@@ -239,3 +239,32 @@ def test_compares_defaults_are_the_ones_the_readme_lists():
     assert multistep == solvers.available(multistep=True)
     assert default_solvers() == ["euler", "heun", *multistep]
     assert tuple(grids) == DEFAULT_GRIDS and tuple(map(int, budgets)) == DEFAULT_NFE
+
+
+def test_a_folder_runs_outputs_are_where_the_readme_says(tmp_path, monkeypatch, capsys):
+    """*A folder of images*: the ``encode --data digits --out latents`` line's comment named
+    ``latents/0/d1.png.safetensors``; the latent is at ``OUT/latents/REL.safetensors`` (the table's rule, and the
+    path the next line decodes). The summary's figures were said to be p50/p90/p99 and NFE totals; PSNR's are p10/p1
+    (lower is worse) and the NFE is per image, min/mean/max."""
+    import json
+
+    from flowdiff.runs.imageio import ImageFormat, from_data, write_image
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits" / "0").mkdir(parents=True)
+    fmt = ImageFormat("L", 8)
+    for i, image in enumerate(flowdiff.digits_data("test").images[:2].double()):
+        write_image(tmp_path / "digits" / "0" / f"d{i}.png", from_data(image, fmt), fmt)
+    (line,) = re.findall(r"^flowdiff encode --data digits --out latents .*$", README, re.M)
+    command, comment = (part.strip() for part in line.split("#"))
+    assert main([*command.split()[1:], "--steps", "2"]) == 0
+    assert (tmp_path / comment.removesuffix(", ...")).is_file()
+    (decoded,) = re.findall(r"^flowdiff decode (latents/\S+)", README, re.M)
+    assert (tmp_path / decoded).is_file()
+    assert main(["roundtrip", "--data", "digits", "--out", "recon", "--steps", "2"]) == 0
+    summary = json.loads((tmp_path / "recon" / "summary.json").read_text())
+    said = re.search(r"then a\s+summary \((.*?)\) printed", README, re.S).group(1)
+    assert "p10 and p1 for PSNR" in said and set(summary["psnr"]) == {"mean", "p50", "p10", "p1", "worst"}
+    assert set(summary["mse"]) == {"mean", "p50", "p90", "p99", "worst"}
+    assert "min, mean and max" in said and set(summary["nfe_encode"]) == set(summary["nfe_decode"]) == {"min", "mean",
+                                                                                                       "max"}
