@@ -8,6 +8,8 @@ said before). The README is parsed for the claim, so that a change on either sid
 import re
 from pathlib import Path
 
+import pytest
+
 import flowdiff
 import solvers
 from flowdiff.cli import main
@@ -268,3 +270,19 @@ def test_a_folder_runs_outputs_are_where_the_readme_says(tmp_path, monkeypatch, 
     assert set(summary["mse"]) == {"mean", "p50", "p90", "p99", "worst"}
     assert "min, mean and max" in said and set(summary["nfe_encode"]) == set(summary["nfe_decode"]) == {"min", "mean",
                                                                                                        "max"}
+
+
+def test_an_output_named_as_another_outputs_folder_is_refused_before_the_work(tmp_path, monkeypatch, capsys):
+    """*Checked before the work*: two outputs with one name end with status 2 before the model is loaded.
+    ``roundtrip x.png --latents L --out L`` (the latents file and the reconstructions' folder one name) ran the
+    encode and decode, then failed writing the latents (status 1)."""
+    from flowdiff.runs.imageio import ImageFormat, from_data, write_image
+
+    monkeypatch.chdir(tmp_path)
+    fmt = ImageFormat("L", 8)
+    write_image(tmp_path / "x.png", from_data(flowdiff.digits_data("test").images[0].double(), fmt), fmt)
+    monkeypatch.setattr(flowdiff, "encode", lambda *a, **k: pytest.fail("the encode ran"))
+    assert main(["roundtrip", "x.png", "--steps", "2", "--latents", "l.safetensors", "--out", "l.safetensors"]) == 2
+    err = capsys.readouterr().err
+    assert "'l.safetensors'" in err and "--latents" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
