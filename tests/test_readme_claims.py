@@ -286,3 +286,26 @@ def test_an_output_named_as_another_outputs_folder_is_refused_before_the_work(tm
     err = capsys.readouterr().err
     assert "'l.safetensors'" in err and "--latents" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+
+
+def test_deis_generates_as_the_readme_says():
+    """The *Low-NFE solvers* table described ``deis`` as Adams in σ with ε extrapolated in log σ; since the log-time
+    weights are off on a solve's interval touching σ = 0, a generation down to 0 is ``lms(order=3)`` bit for bit
+    (``benchmarks/deis_generation.py``; RESULTS.md, "README sweep"). The table now says so; should DEIS's weights
+    come back into generation, this test fails and the sentence must change with them."""
+    import torch
+
+    from flowdiff.models.analytic import Mixture
+
+    (row,) = [r for r in _table(_section("### Low-NFE solvers"), "| name | method |") if r[0] == "`deis`"]
+    assert "a generation down to σ = 0 is `lms(order=3)`'s, bit for bit" in row[1]
+    flow = Mixture(torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), 0.5).flow()
+    noise = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    sigmas = flowdiff.make_sigmas(flow.schedule, "logsnr", 8)
+    lms = solvers.get("lms", order=3)
+    assert sigmas[-1] == 0.0
+    assert torch.equal(flowdiff.generate(flow, noise, solver="deis", grid=sigmas).x,
+                       flowdiff.generate(flow, noise, solver=lms, grid=sigmas).x)
+    above = sigmas[:-1]  # ending at σ_min: the log-σ weights act
+    assert not torch.equal(flowdiff.generate(flow, noise, solver="deis", grid=above).x,
+                           flowdiff.generate(flow, noise, solver=lms, grid=above).x)
