@@ -309,3 +309,19 @@ def test_deis_generates_as_the_readme_says():
     above = sigmas[:-1]  # ending at σ_min: the log-σ weights act
     assert not torch.equal(flowdiff.generate(flow, noise, solver="deis", grid=above).x,
                            flowdiff.generate(flow, noise, solver=lms, grid=above).x)
+
+
+def test_the_docs_index_lists_every_example_script():
+    """``docs/index.md``'s row for the examples page left out ``noise_optimisation.py``'s job; the README's
+    *Documentation* and ``docs/examples.md`` list one job per script in ``examples/``."""
+    root = Path(__file__).resolve().parents[1]
+    scripts = sorted(p.name for p in (root / "examples").glob("*.py"))
+    listed = re.findall(r"^\| `(\w+\.py)` \|", (root / "docs" / "examples.md").read_text(encoding="utf-8"), re.M)
+    assert sorted(listed) == scripts
+    row = next(line for line in (root / "docs" / "index.md").read_text(encoding="utf-8").splitlines()
+               if line.startswith("| [Examples]"))
+    jobs = row.split("examples/`:")[1].strip(" |").split(", ")
+    assert len(jobs) == len(scripts), jobs
+    said = re.search(r"`examples/` has short runnable scripts for the main jobs: (.*?)\. Every code block", README,
+                     re.S).group(1)
+    assert len(re.split(r",\s+", said)) == len(scripts)
