@@ -325,3 +325,17 @@ def test_the_docs_index_lists_every_example_script():
     said = re.search(r"`examples/` has short runnable scripts for the main jobs: (.*?)\. Every code block", README,
                      re.S).group(1)
     assert len(re.split(r",\s+", said)) == len(scripts)
+
+
+def test_every_option_with_a_default_states_it_in_its_help():
+    """``flowdiff COMMAND --help`` documents every option (the README): ``compare --task`` and ``likelihood
+    --solver`` did not say their defaults (``generate``, ``dopri5``)."""
+    import argparse
+
+    for command, parser in _subcommands().items():
+        for action in parser._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction) \
+                    or action.default in (None, False, argparse.SUPPRESS):
+                continue
+            value = ",".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
+            assert "default" in action.help and value in action.help, (command, action.option_strings, action.help)

@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default), a row per solver × grid (wide) or a row per run (long)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--task", choices=("generate", "roundtrip"), default="generate",
-                   help="roundtrip: compare encoders by decode(encode(x)) on --batch held-out digits (no --peers: "
+                   help="generate (default): the solvers' images from --batch noises against the reference; "
+                        "roundtrip: compare encoders by decode(encode(x)) on --batch held-out digits (no --peers: "
                         "they do not encode)")
     _learned.add_compare_option(p)
     _overwrite_option(p)
