@@ -339,3 +339,21 @@ def test_every_option_with_a_default_states_it_in_its_help():
                 continue
             value = ",".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
             assert "default" in action.help and value in action.help, (command, action.option_strings, action.help)
+
+
+def test_round_trip_order_refuses_an_exact_round_trip_at_float_rounding():
+    """*Property tests for your model*: ``round_trip_order`` refuses an exact round trip, whose error has no order.
+    It refused errors of exactly 0 only: reversible Heun in float64 comes back within a few ulps, and the "order"
+    fitted to those was a number (≈ 0) like any other."""
+    import torch
+
+    from flowdiff.models.analytic import Gaussian
+    from flowdiff.tools import testing as ft
+
+    assert "`round_trip_order`, which refuses repeated step counts and an exact round trip" in README
+    model = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5)
+    images = model.sample(3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="exact round trip"):
+        ft.round_trip_order(model.flow(), images, [4, 8, 16], solver="reversible_heun")
+    order, errors = ft.round_trip_order(model.flow(), images, [4, 8, 16], solver="euler")
+    assert errors[0] > errors[1] > errors[2] and 0.5 < order < 1.5
