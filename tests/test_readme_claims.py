@@ -365,3 +365,20 @@ def test_the_readme_names_every_public_name_of_flowdiff():
     it. Each is now named where a user meets it."""
     named = re.findall(r"(?<![\w.])(?:flowdiff\.)?([A-Za-z_]\w*)", README)
     assert sorted(set(flowdiff.__all__) - set(named)) == []
+
+
+def test_compare_writes_the_files_the_readme_table_lists(tmp_path, monkeypatch, capsys):
+    """*What each command writes*: ``compare --task roundtrip`` was said to write ``samples.png`` and the reference
+    beside ``roundtrip.png``; it writes neither (no reference solve, no samples)."""
+    monkeypatch.chdir(tmp_path)
+    (row,) = [r for r in _table(README, "| command | writes | named |") if r[0] == "`compare`"]
+    generate, roundtrip = row[1].split("; for `--task roundtrip`, ")
+    written = set(re.findall(r"`(\w+\.\w+)`", generate))
+    assert main(["compare", "--task", "roundtrip", "--solver", "euler", "--nfe", "2", "--batch", "1", "--grid",
+                 "logsnr", "--device", "cpu", "--out", "rt", "--no-progress"]) == 0
+    assert "`roundtrip.png` instead of `samples.png` and no reference" in roundtrip
+    assert {p.name for p in (tmp_path / "rt").iterdir()} == written - {"samples.png", "reference.safetensors"} | {
+        "roundtrip.png"}
+    assert main(["compare", "--solver", "euler", "--nfe", "2", "--batch", "1", "--grid", "logsnr", "--rtol", "1e-3",
+                 "--device", "cpu", "--out", "gen", "--no-progress"]) == 0
+    assert {p.name for p in (tmp_path / "gen").iterdir()} == written
