@@ -104,8 +104,8 @@ def add_parser(subparsers: Any, *, load_model: Callable[..., Any],
                        help="quantization levels over [-1, 1] of the images (default: the files' own, 2^bits: 256 "
                             "for 8-bit files, 65536 for 16-bit); bits/dim gets the offset -log2(2/(LEVELS-1))")
     group = p.add_argument_group("solver")
-    group.add_argument("--solver", default="dopri5", help="a σ-variable solver: adaptive pairs (dopri5, bosh3, "
-                                                          "dopri8, ...) or with --steps any of rk4, heun, ...")
+    group.add_argument("--solver", default="dopri5", help="a σ-variable solver: adaptive pairs (default: dopri5; "
+                                                          "bosh3, dopri8, ...) or with --steps any of rk4, heun, ...")
     group.add_argument("--rtol", type=_tolerance, default=None, help=f"adaptive rtol (default: {DEFAULT_RTOL:g})")
     group.add_argument("--atol", type=_tolerance, default=None, help=f"adaptive atol (default: {DEFAULT_ATOL:g})")
     group.add_argument("--steps", type=_positive_int, default=None, help="fixed grid of N steps in log(σ + c) instead")

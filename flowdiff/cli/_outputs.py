@@ -1,8 +1,8 @@
 """Outputs that cannot destroy anything: every path a command will write is planned and checked before the work.
 
-A plan refuses, before any model runs: two outputs with one name, an output that is an input, an output that
-exists (unless ``--overwrite``), a name longer than the file system holds (NAME_MAX), and a folder that cannot be
-made or written. Files are then written atomically
+A plan refuses, before any model runs: two outputs with one name (or one output's name as another's folder), an
+output that is an input, an output that exists (unless ``--overwrite``), a name longer than the file system holds
+(NAME_MAX), and a folder that cannot be made or written. Files are then written atomically
 (:func:`flowdiff.engine._files.atomic_path`: a temporary file in the target folder, then ``os.replace``).
 """
 
@@ -90,6 +90,12 @@ def plan(outputs: Sequence[tuple[Path, str]], *, inputs: Sequence[str | os.PathL
         elif path.exists() and not overwrite:
             raise CommandError(f"{what} would overwrite {os.fspath(path)!r}, which exists; pass --overwrite to "
                                "replace it, or write elsewhere")
+    given = {path.resolve(): path for path, _ in outputs}
+    for path, what in outputs:  # one output's name taken as another's folder (--latents X beside --out X)
+        folder = next((p for p in path.resolve().parents if p in seen), None)
+        if folder is not None:
+            raise UsageError(f"{what} {os.fspath(path)!r} would be written into {os.fspath(given[folder])!r}, the "
+                             f"name of {seen[folder]}; give distinct names")
     for path, what in outputs:
         folder = path.parent
         try:

@@ -133,8 +133,9 @@ def _common(parser: argparse.ArgumentParser, *, dtype: str | None, seed: bool = 
 
 def _fixed_point_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fixed-point", action="store_true",
-                        help="encode by fixed-point inversion (Newton-Krylov) of the solver's decode steps, so that "
-                             "the plain decode with --solver reproduces the images (not for reversible solvers)")
+                        help="encode by fixed-point inversion of the solver's decode steps (Anderson mixing, then "
+                             "Newton-Krylov for what is left: flowdiff.Inversion('fixed_point')'s default), so "
+                             "that the plain decode with --solver reproduces the images (not for reversible solvers)")
 
 
 def _generate_solvers() -> list[str]:
@@ -234,22 +235,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "default), a row per solver × grid (wide) or a row per run (long)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--task", choices=("generate", "roundtrip"), default="generate",
-                   help="roundtrip: compare encoders by decode(encode(x)) on --batch held-out digits (no --peers: "
+                   help="generate (default): the solvers' images from --batch noises against the reference; "
+                        "roundtrip: compare encoders by decode(encode(x)) on --batch held-out digits (no --peers: "
                         "they do not encode)")
     _learned.add_compare_option(p)
     _overwrite_option(p)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("sample", help="generate images and write them as one PNG grid",
-                       description="Generate images from seeded noise and write them as one PNG grid.")
+    p = sub.add_parser("sample", help="generate images and write them as one 8-bit image grid (PNG)",
+                       description="Generate images from seeded noise and write them as one 8-bit image grid, "
+                                   "in the format --out's suffix names (PNG by default).")
     _common(p, dtype="float32", seed=True)
     add_class_label_option(p)
     _solve_options(p, solver="euler", nfe=20, steps=None, accepted=_generate_solvers)
     _learned.add_sample_option(p)
     p.add_argument("--num", type=image_count, default=16, help="number of images (default: 16)")
-    p.add_argument("--out", default="samples.png", metavar="PNG", help="output PNG (default: samples.png)")
+    p.add_argument("--out", default="samples.png", metavar="FILE",
+                   help="output image file; its suffix picks the format (.png, .tif, …; default: samples.png)")
     p.add_argument("--scale", type=_scale, default=None,
-                   help="pixel magnification of the PNG (default: up to 64 pixels per image side)")
+                   help="pixel magnification of the grid (default: up to 64 pixels per image side)")
     _overwrite_option(p)
     p.set_defaults(func=cmd_sample)
 
@@ -265,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     _overwrite_option(p)
     p.set_defaults(func=with_data("encode", cmd_encode))
 
-    p = sub.add_parser("decode", help="decode latents (safetensors) to PNG images",
+    p = sub.add_parser("decode", help="decode latents (safetensors) to image files, in their inputs' formats",
                        description="Decode a latents file written by 'flowdiff encode' back to images, with the "
                                    "grid and solver it was encoded with.")
     _common(p, dtype=None)

@@ -332,9 +332,16 @@ def assert_fixed_point_converged(result: Result, tol: float | None = None) -> No
                              + ", ".join(f"{i} (residual {r:.3g} > tol {t:.3g})" for i, r, t in bad[:5]))
 
 
+#: Round-trip errors all within this many machine epsilons of the images' scale are rounding, not an order's error.
+ROUNDING_ULPS = 64
+
+
 def round_trip_order(flow: ProbabilityFlow, images: Tensor, step_list: Sequence[int], *, sigmas_for=None,
                      **encode_kwargs: Any) -> tuple[float, list[float]]:
     """The fitted slope p of log round-trip error against log step count (error ∝ steps^−p), and the errors.
+
+    An exact round trip has no order and is refused: errors of 0, or all within :data:`ROUNDING_ULPS` epsilons of the
+    images' scale (a reversible solver's few ulps in float64).
 
     ``sigmas_for(steps)`` gives the generation grid for a step count (default: the
     schedule's Karras grid reaching σ = 0 smoothly, σ_i = σ_max (1 − i/N)^7, so that every
@@ -360,5 +367,10 @@ def round_trip_order(flow: ProbabilityFlow, images: Tensor, step_list: Sequence[
     if not all(math.isfinite(e) and e > 0 for e in errors):
         raise ValueError(f"round-trip errors {errors} at steps {counts}: an order is the slope of log error against "
                          "log steps, and a zero error (an exact round trip) or a non-finite one has no logarithm")
+    floor = ROUNDING_ULPS * torch.finfo(images.dtype).eps * max(1.0, float(images.detach().abs().amax()))
+    if all(e <= floor for e in errors):  # a reversible solver in float64: a few ulps at every step count
+        raise ValueError(f"round-trip errors {errors} at steps {counts} are all at float rounding (at most "
+                         f"{ROUNDING_ULPS} epsilons of the images' scale, {floor:.1e}): an exact round trip's error "
+                         "does not fall with the steps, so it has no order; check it with assert_round_trip instead")
     slope = -float(np.polyfit(np.log(counts), np.log(errors), 1)[0])
     return slope, errors
