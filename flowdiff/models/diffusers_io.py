@@ -215,17 +215,34 @@ def _load(cls: Any, directory: Path, what: str, dtype: torch.dtype | None) -> nn
         raise FileNotFoundError(f"{what} config {directory / 'config.json'} is missing")
     read_json(directory / "config.json", f"{what} config")
     weights = _weights(directory)
-    kwargs: dict[str, Any] = {"local_files_only": True}
+    kwargs: dict[str, Any] = {"local_files_only": True, "output_loading_info": True}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
     try:
-        module = cls.from_pretrained(str(directory), **kwargs)
+        module, info = cls.from_pretrained(str(directory), **kwargs)
     except Exception as e:  # diffusers/transformers raise OSError, ValueError, RuntimeError or SafetensorError
         raise ValueError(f"could not load the {cls.__name__} weights in {directory} ({', '.join(weights)}): "
                          f"{type(e).__name__}: {e}") from None
+    _check_loading_info(cls.__name__, directory, weights, info)
     if dtype is not None and any(p.dtype != dtype for p in module.parameters()):
         module.to(dtype)  # some classes load part of their weights in float32 whatever torch_dtype says
     return module.eval().requires_grad_(False)
+
+
+def _check_loading_info(name: str, directory: Path, weights: list[str], info: Mapping[str, Any]) -> None:
+    """Refuse weights that do not fill the network its ``config.json`` builds: diffusers and transformers only log
+    the parameters they leave at their random initialisation (missing, or of another shape) and the weights they
+    drop (unexpected), and the model then samples noise-like images with no error."""
+    problems = [f"{len(keys)} {what} (e.g. {', '.join(sorted(map(str, keys))[:3])})"
+                for what, keys in (("parameters missing from the weights, left random", info.get("missing_keys")),
+                                   ("parameters of another shape in the weights",
+                                    [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or ()]),
+                                   ("weights the config has no parameter for", info.get("unexpected_keys")))
+                if keys]
+    if problems:
+        raise ValueError(f"the {name} weights in {directory} ({', '.join(weights)}) do not match its config "
+                         f"{directory / 'config.json'}: {'; '.join(problems)}; the folder is damaged or mixes two "
+                         "models (save the model again with save_pretrained)")
 
 
 def _diffusers() -> Any:
