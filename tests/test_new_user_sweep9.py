@@ -60,3 +60,50 @@ def test_text_encoder_weights_that_do_not_match_its_config_are_refused(sd, tmp_p
     _edit_config(copy / "text_encoder" / "config.json", num_hidden_layers=layers)
     with pytest.raises(ValueError, match=rf"CLIPTextModel weights in .*text_encoder .*model\.safetensors.*{what}"):
         flowdiff.from_diffusers(copy)
+
+
+def _noise(shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(("labels", "match"), [
+    (None, r"DiTTransformer2DModel is class-conditional and needs model_kwargs=\{'class_labels'"),
+    (torch.tensor([1001, 3]), r"class_labels must lie in 0 … 1000 .*null class.*got \[1001, 3\]"),
+    (torch.tensor([-1, 3]), r"class_labels must lie in 0 … 1000 .*got \[-1, 3\]"),
+    (torch.tensor([1.0, 3.0]), r"class_labels must be an integer tensor of shape \(2,\).*got a torch.float32 tensor"),
+    ([1, 3], r"class_labels must be an integer tensor .*got list \[1, 3\]"),
+    (torch.tensor([1, 2, 3]), r"class_labels must be an integer tensor of shape \(2,\).*shape \(3,\)"),
+])
+def test_dit_class_labels_are_checked_naming_the_argument_and_what_it_takes(dit, labels, match):
+    """Before: an IndexError 'index out of range in self', torch's embedding() dtype errors, a size mismatch."""
+    flow = flowdiff.from_diffusers(dit[1])
+    kwargs = None if labels is None else {"class_labels": labels}
+    with pytest.raises(ValueError, match=match):
+        flowdiff.generate(flow, _noise((2, 4, 8, 8)), steps=2, model_kwargs=kwargs)
+
+
+def test_dit_one_label_for_the_batch_equals_it_repeated_and_the_null_class_is_accepted(dit):
+    flow = flowdiff.from_diffusers(dit[1])
+    noise = _noise((2, 4, 8, 8))
+    one = flowdiff.generate(flow, noise, steps=2, model_kwargs={"class_labels": torch.tensor([7])}).x
+    scalar = flowdiff.generate(flow, noise, steps=2, model_kwargs={"class_labels": torch.tensor(7)}).x
+    both = flowdiff.generate(flow, noise, steps=2, model_kwargs={"class_labels": torch.tensor([7, 7])}).x
+    assert torch.equal(one, both) and torch.equal(scalar, both)
+    null = flowdiff.generate(flow, noise, steps=2, model_kwargs={"class_labels": torch.tensor([1000, 1000])}).x
+    assert torch.isfinite(null).all() and not torch.equal(null, both)
+
+
+def test_dit_latents_not_a_multiple_of_its_patch_are_refused_naming_the_patch(dit):
+    """Before: 'model returned shape (2, 8, 6, 6) for input shape (2, 4, 7, 7)'."""
+    flow = flowdiff.from_diffusers(dit[1])
+    with pytest.raises(ValueError, match=r"height and width \(7, 7\).*2×2 patches.*multiples of 2"):
+        flowdiff.generate(flow, _noise((2, 4, 7, 7)), steps=2, model_kwargs={"class_labels": torch.tensor([1, 2])})
+
+
+def test_class_labels_given_to_a_unet_without_class_embedding_are_refused_not_ignored(sd):
+    """A Stable Diffusion UNet has no class embedding: diffusers' UNet2DConditionModel drops class_labels
+    silently, so the labels changed nothing."""
+    flow = flowdiff.from_diffusers(sd[1])
+    kwargs = {**flow.encode_prompt(["a cat", "dog"]), "class_labels": torch.tensor([1, 2])}
+    with pytest.raises(ValueError, match=r"class_labels, but this UNet2DConditionModel has no class embedding"):
+        flowdiff.generate(flow, _noise((2, 4, 8, 8)), steps=2, model_kwargs=kwargs)

@@ -97,6 +97,9 @@ class DiffusersModel(nn.Module):
         channels = getattr(cfg, "in_channels", None)
         #: checked by the entry points before a solve (ProbabilityFlow.check_input): the channels, any height and width
         self.input_shape = None if self.packed or channels is None else (int(channels), None, None)
+        #: the rows of the network's class-label table (labels 0 … rows − 1; a DiT's last row is its null class), or
+        #: None where it takes no class labels (a UNet without class embedding ignored them) or reads them otherwise
+        self.class_rows, self.takes_class_labels = _class_table(net)
 
     def _position_ids(self, x_t: Tensor, model_kwargs: dict[str, Any]) -> None:
         """Flux's img_ids and txt_ids, where the caller gave none (see the class docstring)."""
@@ -123,6 +126,41 @@ class DiffusersModel(nn.Module):
                 self._ids[key] = torch.zeros(text.shape[1], 3, device=device, dtype=dtype)
             model_kwargs["txt_ids"] = self._ids[key]
 
+    def _check_class_labels(self, labels: Any, n: int) -> None:
+        """Refuse class labels the network would ignore, miss, or fail on with an index error (the range is checked
+        for labels on the CPU: elsewhere that would be a host sync at every evaluation)."""
+        name = type(self.net).__name__
+        if labels is None:
+            if self.takes_class_labels:
+                raise ValueError(f"this {name} is class-conditional and needs model_kwargs={{'class_labels': labels}}: "
+                                 f"an integer tensor of shape (batch,) or (1,)"
+                                 f"{'' if self.class_rows is None else f', values 0 … {self.class_rows - 1}'}")
+            return
+        if not self.takes_class_labels:
+            unset = " (num_class_embeds / class_embed_type unset)" if name.startswith("UNet") else ""
+            raise ValueError(f"model_kwargs has class_labels, but this {name} has no class embedding{unset}, so it "
+                             "would ignore them or fail on them; leave them out, or condition it by what it takes "
+                             "(e.g. encoder_hidden_states)")
+        if self.class_rows is None:
+            return  # labels read through a timestep or identity embedding: the network's own business
+        if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() \
+                or labels.dtype == torch.bool or labels.ndim > 1 or (labels.ndim == 1 and labels.shape[0] not in (1, n)):
+            got = (f"a {labels.dtype} tensor of shape {tuple(labels.shape)}" if isinstance(labels, Tensor)
+                   else f"{type(labels).__name__} {labels!r}")
+            raise ValueError(f"class_labels must be an integer tensor of shape ({n},) (one label per sample), (1,) "
+                             f"or () (one for all), values 0 … {self.class_rows - 1}; got {got}")
+        if labels.device.type == "cpu" and labels.numel():
+            low, high = (int(v) for v in torch.aminmax(labels))
+            if low < 0 or high >= self.class_rows:
+                raise ValueError(f"class_labels must lie in 0 … {self.class_rows - 1} (the rows of this {name}'s "
+                                 f"class embedding{'; the last is its null class' if self.net_has_null else ''}), "
+                                 f"got {labels.tolist()}")
+
+    @property
+    def net_has_null(self) -> bool:
+        """Whether the label table's last row is the null class of classifier-free guidance (DiT's)."""
+        return type(self.net).__name__ == "DiTTransformer2DModel"
+
     @property
     def unet(self) -> nn.Module:
         """The wrapped network (the name of the UNet-only wrapper this one generalises)."""
@@ -133,8 +171,13 @@ class DiffusersModel(nn.Module):
         if channels is not None and (x_t.ndim != 4 or x_t.shape[1] != channels):
             raise ValueError(f"x_t must have shape (batch, {channels}, height, width): the network takes {channels} "
                              f"channel{'s' if channels != 1 else ''} (its in_channels); got {tuple(x_t.shape)}")
+        patch = getattr(self.net.config, "patch_size", None) if channels is not None else None
+        if isinstance(patch, int) and patch > 1 and (x_t.shape[-1] % patch or x_t.shape[-2] % patch):
+            raise ValueError(f"x_t has height and width {tuple(x_t.shape[-2:])}; this {type(self.net).__name__} cuts "
+                             f"its input into {patch}×{patch} patches, so both must be multiples of {patch}")
         timestep = t if self.time_scale == 1.0 else t * self.time_scale
         n, dtype = x_t.shape[0], self.net.dtype
+        self._check_class_labels(model_kwargs.get("class_labels"), n)
         for key, value in model_kwargs.items():
             if not isinstance(value, Tensor):
                 continue
@@ -158,6 +201,18 @@ class DiffusersModel(nn.Module):
 
 
 DiffusersUNet = DiffusersModel
+
+
+def _class_table(net: nn.Module) -> tuple[int | None, bool]:
+    """(rows of the class-label embedding or None, whether the network takes class_labels at all)."""
+    name = type(net).__name__
+    if name == "DiTTransformer2DModel":
+        table = next((m for k, m in net.named_modules() if k.endswith("class_embedder.embedding_table")), None)
+        return (table.num_embeddings if isinstance(table, nn.Embedding) else None), True
+    if name in ("UNet2DModel", "UNet2DConditionModel"):
+        embedding = getattr(net, "class_embedding", None)
+        return (embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None), embedding is not None
+    return None, False  # the transformers take no class_labels: a TypeError naming the argument, from the network
 
 
 def _scheduler_config(scheduler: object, model_dir: Path) -> tuple[dict[str, Any], str]:
