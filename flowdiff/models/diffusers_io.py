@@ -143,8 +143,9 @@ class DiffusersModel(nn.Module):
                              "(e.g. encoder_hidden_states)")
         if self.class_rows is None:
             return  # labels read through a timestep or identity embedding: the network's own business
-        if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() \
-                or labels.dtype == torch.bool or labels.ndim > 1 or (labels.ndim == 1 and labels.shape[0] not in (1, n)):
+        integer = isinstance(labels, Tensor) and not (labels.is_floating_point() or labels.is_complex()
+                                                     or labels.dtype == torch.bool)
+        if not integer or labels.ndim > 1 or (labels.ndim == 1 and labels.shape[0] not in (1, n)):
             got = (f"a {labels.dtype} tensor of shape {tuple(labels.shape)}" if isinstance(labels, Tensor)
                    else f"{type(labels).__name__} {labels!r}")
             raise ValueError(f"class_labels must be an integer tensor of shape ({n},) (one label per sample), (1,) "
