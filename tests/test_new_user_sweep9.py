@@ -107,3 +107,29 @@ def test_class_labels_given_to_a_unet_without_class_embedding_are_refused_not_ig
     kwargs = {**flow.encode_prompt(["a cat", "dog"]), "class_labels": torch.tensor([1, 2])}
     with pytest.raises(ValueError, match=r"class_labels, but this UNet2DConditionModel has no class embedding"):
         flowdiff.generate(flow, _noise((2, 4, 8, 8)), steps=2, model_kwargs=kwargs)
+
+
+@pytest.mark.parametrize(("method", "shape", "match"), [
+    ("encode", (1, 3, 17, 17), r"images must be \(batch, 3, H, W\).*multiples of 2 .*\(1, 3, 17, 17\)"),
+    ("encode", (1, 1, 16, 16), r"images must be \(batch, 3, H, W\): the VAE's in_channels=3.*\(1, 1, 16, 16\)"),
+    ("encode", (3, 16, 16), r"images must be \(batch, 3, H, W\).*got shape \(3, 16, 16\)"),
+    ("decode", (1, 3, 8, 8), r"latents must be \(batch, 4, H, W\): the VAE's latent_channels=4.*\(1, 3, 8, 8\)"),
+])
+def test_autoencoder_refuses_images_and_latents_of_the_wrong_shape(sd, method, shape, match):
+    """Before: 17×17 images encoded to 8×8 latents (the last row and column dropped: a 16×16 decode), a 3-dim
+    batch was 'not enough values to unpack', a wrong channel count a conv2d RuntimeError."""
+    flow = flowdiff.from_diffusers(sd[1])
+    with pytest.raises(ValueError, match=match):
+        getattr(flow.autoencoder, method)(torch.rand(*shape) * 2 - 1)
+
+
+def test_autoencoder_round_trip_keeps_the_image_size_for_every_multiple(sd):
+    flow = flowdiff.from_diffusers(sd[1])
+    images = torch.rand(2, 3, 18, 22, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    latents = flow.autoencoder.encode(images)
+    assert latents.shape == (2, 4, 9, 11)
+    assert flow.autoencoder.decode(latents).shape == images.shape
+    vae = sd[0].vae  # the pipeline's own VAE: the posterior mean times scaling_factor
+    with torch.no_grad():
+        expected = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
+    assert torch.equal(latents, expected)

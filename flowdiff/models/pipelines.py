@@ -61,10 +61,26 @@ class Autoencoder:
         shift = getattr(cfg, "shift_factor", None)
         self.shift_factor = 0.0 if shift is None else float(shift)
 
+    @property
+    def factor(self) -> int:
+        """Image pixels per latent pixel: 2 to the number of the encoder's downsamplings."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _check_shape(self, x: Tensor, name: str, channels: int, what: str, factor: int = 1) -> None:
+        """``x`` is (batch, channels, H, W) with H and W multiples of ``factor``: a ValueError naming ``name``."""
+        if x.ndim != 4 or x.shape[1] != channels or x.shape[-1] % factor or x.shape[-2] % factor:
+            sizes = f", H and W multiples of {factor} (the VAE's downsampling)" if factor > 1 else ""
+            raise ValueError(f"{name} must be (batch, {channels}, H, W): {what}{sizes}; got shape {tuple(x.shape)}")
+
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
-        """Latents of ``images``: scaling_factor·(mean of q(z | x) − shift_factor)."""
+        """Latents of ``images``: scaling_factor·(mean of q(z | x) − shift_factor).
+
+        ``images`` are (batch, C, H, W) with the VAE's ``in_channels`` and H, W multiples of :attr:`factor`:
+        the encoder would drop the rows and columns past the last multiple, and the decode be smaller."""
         _check_tensor(images, "images")
+        self._check_shape(images, "images", int(self.vae.config.in_channels),
+                          f"the VAE's in_channels={self.vae.config.in_channels}", self.factor)
         mean = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
         return ((mean - self.shift_factor) * self.scaling_factor).to(images.dtype)
 
@@ -72,14 +88,15 @@ class Autoencoder:
     def decode(self, latents: Tensor) -> Tensor:
         """Images of ``latents`` (in [−1, 1] up to the decoder's range; not clamped)."""
         _check_tensor(latents, "latents")
+        self._check_shape(latents, "latents", int(self.vae.config.latent_channels),
+                          f"the VAE's latent_channels={self.vae.config.latent_channels}")
         z = latents.to(self.vae.dtype) / self.scaling_factor + self.shift_factor
         return self.vae.decode(z).sample.to(latents.dtype)
 
     def image_shape(self, sample_shape: Sequence[int]) -> tuple[int, int, int]:
         """The (C, H, W) of the images whose latents have ``sample_shape`` (C, h, w)."""
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         _, h, w = sample_shape
-        return int(self.vae.config.in_channels), int(h) * factor, int(w) * factor
+        return int(self.vae.config.in_channels), int(h) * self.factor, int(w) * self.factor
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.vae).__name__}, scaling_factor={self.scaling_factor:g})"
