@@ -133,3 +133,20 @@ def test_autoencoder_round_trip_keeps_the_image_size_for_every_multiple(sd):
     with torch.no_grad():
         expected = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
     assert torch.equal(latents, expected)
+
+
+@pytest.mark.parametrize("entry", ["oops", ["diffusers"], [None, "AutoencoderKL"], 3])
+def test_a_damaged_component_entry_in_the_index_is_refused_not_read_as_absent(dit, tmp_path, entry):
+    """Before: a "vae" entry that is no [library, class] pair loaded the flow without its autoencoder."""
+    copy = _copy(dit[1], tmp_path)
+    _edit_config(copy / "model_index.json", vae=entry)
+    with pytest.raises(ValueError, match=r"model_index\.json: 'vae' must be a \[library, class\] pair .*got"):
+        flowdiff.from_diffusers(copy)
+
+
+def test_a_component_saved_as_none_is_still_accepted(tmp_path):
+    """[null, null] is how diffusers saves a component left out (SD's safety_checker): not damage."""
+    pipe, folder = tiny_pipelines.dit(tmp_path)
+    _edit_config(folder / "model_index.json", vae=[None, None])
+    flow = flowdiff.from_diffusers(folder)
+    assert flow.autoencoder is None and flow.sample_shape == (4, 8, 8)

@@ -238,6 +238,7 @@ def _components(path: Path) -> tuple[Path, dict[str, Any] | None]:
     index_path = path / "model_index.json"
     if index_path.is_file():
         index = read_json(index_path, "pipeline index")
+        _check_components(index, index_path)
         for key in _DENOISER_KEYS:
             entry = index.get(key)
             if isinstance(entry, list) and len(entry) == 2 and entry[1] is not None:
@@ -251,6 +252,24 @@ def _components(path: Path) -> tuple[Path, dict[str, Any] | None]:
         raise ValueError(f"{path} is not a diffusers model or pipeline directory: it has neither model_index.json "
                          "nor config.json")
     return path, None
+
+
+#: the model_index.json keys flowdiff reads as components: each a [library, class] pair, or [null, null] for none
+_COMPONENT_KEYS = (*_DENOISER_KEYS, "vae", "scheduler", *(f"{kind}{suffix}" for kind in ("tokenizer", "text_encoder")
+                                                          for suffix in ("", "_2", "_3")))
+
+
+def _check_components(index: Mapping[str, Any], index_path: Path) -> None:
+    """Refuse a component entry that is not ``[library, class]`` (or ``[null, null]``): read as absent, a damaged
+    ``"vae"`` entry made the flow run without its autoencoder, with no word."""
+    for key in _COMPONENT_KEYS:
+        if key not in index:
+            continue
+        value = index[key]
+        if not (isinstance(value, list) and len(value) == 2
+                and all(v is None or isinstance(v, str) for v in value) and (value[0] is None) == (value[1] is None)):
+            raise ValueError(f"{index_path}: {key!r} must be a [library, class] pair such as [\"diffusers\", "
+                             f"\"AutoencoderKL\"] (or [null, null] for none), got {value!r}")
 
 
 def _weights(directory: Path) -> list[str]:
