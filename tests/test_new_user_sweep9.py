@@ -150,3 +150,53 @@ def test_a_component_saved_as_none_is_still_accepted(tmp_path):
     _edit_config(folder / "model_index.json", vae=[None, None])
     flow = flowdiff.from_diffusers(folder)
     assert flow.autoencoder is None and flow.sample_shape == (4, 8, 8)
+
+
+@pytest.mark.parametrize("condition", [["--prompt", "a cat"], ["--prompt", "a cat", "--negative-prompt", "dog"]])
+def test_cli_guidance_zero_with_a_prompt_is_refused_since_the_prompt_would_change_nothing(sd, tmp_path, capsys,
+                                                                                           condition):
+    """`--guidance 0` (diffusers' and SD-Turbo's spelling of "no guidance") sampled the negative prompt's model
+    alone: the prompt was ignored, with exit code 0."""
+    from flowdiff import cli
+
+    args = ["sample", "--model", str(sd[1]), "--num", "1", "--steps", "2", *condition, "--guidance", "0",
+            "--out", str(tmp_path / "x.png")]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "--guidance 0 with --prompt 'a cat'" in err and "--guidance 1" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_guidance_zero_with_a_class_label_is_refused(dit, tmp_path, capsys):
+    from flowdiff import cli
+
+    args = ["sample", "--model", str(dit[1]), "--num", "1", "--steps", "2", "--class-label", "3", "--guidance", "0",
+            "--out", str(tmp_path / "x.png")]
+    assert cli.main(args) == 1
+    assert "--guidance 0 with --class-label 3" in capsys.readouterr().err
+
+
+def test_guidance_below_one_is_the_formula_here_and_no_guidance_in_diffusers(sd):
+    """Measured against StableDiffusionPipeline: its guidance_scale ≤ 1 is the conditional model (flowdiff's w = 1),
+    while flowdiff's w = 0 is the negative prompt's model alone (what the README now says)."""
+    pipe, folder = sd
+    flow = flowdiff.from_diffusers(folder)
+    noise = _noise((2, 4, 8, 8), seed=3)
+    cond, uncond = flow.encode_prompt(["a cat", "dog"]), flow.encode_prompt(["blurry", "blurry"])
+
+    def theirs(scale):
+        with torch.no_grad():
+            return pipe(["a cat", "dog"], negative_prompt=["blurry"] * 2, guidance_scale=scale, num_inference_steps=3,
+                        output_type="latent", latents=noise.clone(), height=16, width=16).images
+
+    def ours(w, kwargs=cond):
+        guided = flow if w == 1 else flowdiff.classifier_free_guidance(flow, w, unconditional_kwargs=uncond)
+        return flowdiff.sample_like(guided, noise, steps=3, model_kwargs=kwargs).x
+
+    conditional = ours(1.0)
+    tol = {"rtol": 2e-5, "atol": 2e-5}
+    for scale in (0.0, 0.5, 1.0):
+        assert torch.allclose(theirs(scale), conditional, **tol)
+    assert torch.allclose(theirs(3.0), ours(3.0), **tol)
+    assert torch.allclose(ours(0.0), ours(1.0, uncond), **tol)           # w = 0: the negative prompt alone
+    assert not torch.allclose(ours(0.0), conditional, **tol)

@@ -107,6 +107,7 @@ def condition(loaded: Any, args: argparse.Namespace, record: dict[str, Any] | No
         w = float(getattr(loaded.flow, "default_guidance", DEFAULT_GUIDANCE))
     if not math.isfinite(w):
         raise ValueError(f"--guidance must be a finite number, got {w}")
+    _refuse_zero_guidance(w, f"--prompt {prompt!r}", "the negative prompt's (default: the empty prompt's)")
     flow = loaded.flow
     if getattr(flow, "prompt_encoder", None) is None:
         raise ValueError(f"--prompt: model {loaded.name!r} has no text encoder flowdiff can use (a Stable Diffusion, "
@@ -160,6 +161,8 @@ def _condition_on_class(loaded: Any, args: argparse.Namespace, record: dict[str,
                          "towards)")
     if w is not None and not math.isfinite(w):
         raise ValueError(f"--guidance must be a finite number, got {w}")
+    if w is not None:
+        _refuse_zero_guidance(w, f"--class-label {label}", "the null class's")
     if batch is None and (label is not None or labels.null is not None):
         raise ValueError(f"--data: model {loaded.name!r} takes one class label per image, and a --data run's "
                          "batches differ in size; give the image files one by one" +
@@ -176,6 +179,17 @@ def _condition_on_class(loaded: Any, args: argparse.Namespace, record: dict[str,
     loaded.prompt_record = None
     loaded.label_record = {"class_label": label, "guidance": 1.0 if w is None else float(w)}
     return loaded
+
+
+def _refuse_zero_guidance(w: float, condition: str, unconditional: str) -> None:
+    """Refuse ``--guidance 0``: ε_u + 0·(ε_c − ε_u) is the unconditional branch alone, so the condition would change
+    nothing. (diffusers' pipelines read ``guidance_scale`` ≤ 1 as "no guidance", the conditional model, which is
+    ``--guidance 1`` here; SD-Turbo's ``guidance_scale=0.0`` is meant that way.)"""
+    if w == 0:
+        raise ValueError(f"--guidance 0 with {condition}: ε_u + 0·(ε_c − ε_u) is {unconditional} model alone, so "
+                         f"{condition.split()[0]} would change nothing; for no guidance (diffusers' guidance_scale "
+                         "≤ 1, e.g. SD-Turbo's 0.0) give --guidance 1 or leave it out where the pipeline's default is "
+                         "1; accepted: any other finite number")
 
 
 def _device_of(flow: Any) -> torch.device:

@@ -6,7 +6,9 @@ dropout predicts both ε_c = ε(x, t | c) and ε_u = ε(x, t | ∅); sampling us
     ε_w = ε_u + w·(ε_c − ε_u)
 
 with guidance scale w (w = 1: the conditional model, w = 0: the unconditional one, w > 1:
-sharper, less diverse samples). ε_w is still a deterministic field of (x̄, σ), so the guided
+sharper, less diverse samples). diffusers' pipelines skip guidance for ``guidance_scale`` ≤ 1 (their
+result is then the conditional model's, w = 1 here); w here is the formula at every value.
+ε_w is still a deterministic field of (x̄, σ), so the guided
 model is an ordinary ODE: every solver and both directions (generation and encoding)
 apply unchanged. Each guided evaluation costs two network evaluations; ``stats.nfe``
 counts guided evaluations.
