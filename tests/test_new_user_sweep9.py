@@ -200,3 +200,15 @@ def test_guidance_below_one_is_the_formula_here_and_no_guidance_in_diffusers(sd)
     assert torch.allclose(theirs(3.0), ours(3.0), **tol)
     assert torch.allclose(ours(0.0), ours(1.0, uncond), **tol)           # w = 0: the negative prompt alone
     assert not torch.allclose(ours(0.0), conditional, **tol)
+
+
+@pytest.mark.parametrize("where", ["model_kwargs", "unconditional_kwargs"])
+def test_prompt_embeddings_of_another_batch_are_refused_naming_the_keyword(sd, where):
+    """Three prompts' embeddings for two samples: a RuntimeError from the UNet's attention reshape
+    ("shape '[3, -1, 2, 4]' is invalid"), which named neither the keyword nor the batches."""
+    flow = flowdiff.from_diffusers(sd[1])
+    three, two = flow.encode_prompt(["a", "b", "c"]), flow.encode_prompt(["x", "y"])
+    cond, uncond = (three, two) if where == "model_kwargs" else (two, three)
+    guided = flowdiff.classifier_free_guidance(flow, 5.0, unconditional_kwargs=uncond)
+    with pytest.raises(ValueError, match=r"keyword argument encoder_hidden_states has a batch of 3 .* for 2 samples"):
+        flowdiff.sample_like(guided, _noise((2, 4, 8, 8)), steps=2, model_kwargs=cond)

@@ -186,6 +186,10 @@ class DiffusersModel(nn.Module):
                 value = value.to(dtype)
             if value.ndim >= 1 and value.shape[0] == 1 and n > 1:  # one prompt's conditioning for the batch
                 value = value.expand(n, *value.shape[1:])
+            elif value.ndim >= 1 and value.shape[0] != n and key not in _UNBATCHED:
+                raise ValueError(f"the model's keyword argument {key} has a batch of {value.shape[0]} (shape "
+                                 f"{tuple(value.shape)}) for {n} sample{'s' if n != 1 else ''}: give one per sample or "
+                                 "one for all (batch 1), in model_kwargs or a guided flow's unconditional_kwargs")
             model_kwargs[key] = value
         if self.packed:
             self._position_ids(x_t, model_kwargs)
@@ -202,6 +206,9 @@ class DiffusersModel(nn.Module):
 
 
 DiffusersUNet = DiffusersModel
+
+#: keyword tensors that are no batch (Flux's position ids: one row per token)
+_UNBATCHED = ("img_ids", "txt_ids")
 
 
 def _class_table(net: nn.Module) -> tuple[int | None, bool]:
