@@ -212,3 +212,26 @@ def test_prompt_embeddings_of_another_batch_are_refused_naming_the_keyword(sd, w
     guided = flowdiff.classifier_free_guidance(flow, 5.0, unconditional_kwargs=uncond)
     with pytest.raises(ValueError, match=r"keyword argument encoder_hidden_states has a batch of 3 .* for 2 samples"):
         flowdiff.sample_like(guided, _noise((2, 4, 8, 8)), steps=2, model_kwargs=cond)
+
+
+def test_flow_matching_transformer_without_its_text_conditioning_names_what_it_needs(tmp_path):
+    """SD3's transformer sampled without model_kwargs failed with "'NoneType' object has no attribute 'dtype'"."""
+    net, folder, kwargs = tiny_pipelines.sd3_transformer(tmp_path)
+    flow = flowdiff.from_diffusers(folder)
+    with pytest.raises(ValueError, match=r"SD3Transformer2DModel needs encoder_hidden_states and pooled_projections"):
+        flowdiff.generate(flow, _noise((2, 4, 8, 8)), steps=2)
+    with pytest.raises(ValueError, match=r"needs pooled_projections in model_kwargs"):
+        flowdiff.generate(flow, _noise((2, 4, 8, 8)), steps=2,
+                          model_kwargs={"encoder_hidden_states": kwargs["encoder_hidden_states"]})
+    assert torch.isfinite(flowdiff.generate(flow, _noise((2, 4, 8, 8)), steps=2, model_kwargs=kwargs).x).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 4, 4), (1, 16, 3)])
+def test_flux_latents_that_are_not_packed_tokens_are_refused_at_the_entry(tmp_path, shape):
+    """Unpacked (batch, C, h, w) latents or the wrong channel count went to the transformer: a matmul
+    RuntimeError ("mat1 and mat2 shapes cannot be multiplied")."""
+    pipe, folder = tiny_pipelines.flux(tmp_path)
+    flow = flowdiff.from_diffusers(folder)
+    given = ", ".join(map(str, shape))
+    with pytest.raises(ValueError, match=rf"noise has shape \({given}\); .*takes \(batch, any, 16\)"):
+        flowdiff.sample_like(flow, _noise(shape), steps=2, model_kwargs=flow.encode_prompt(["a cat"]))

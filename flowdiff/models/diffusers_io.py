@@ -100,6 +100,10 @@ class DiffusersModel(nn.Module):
         #: the rows of the network's class-label table (labels 0 … rows − 1; a DiT's last row is its null class), or
         #: None where it takes no class labels (a UNet without class embedding ignored them) or reads them otherwise
         self.class_rows, self.takes_class_labels = _class_table(net)
+        #: the conditioning keywords the network cannot run without (SD3 and Flux failed on None with an AttributeError)
+        self.required_kwargs = _REQUIRED_KWARGS.get(type(net).__name__, ())
+        if self.packed and channels is not None:  # Flux: (tokens, in_channels) packed latents, any number of tokens
+            self.input_shape = (None, int(channels))
 
     def _position_ids(self, x_t: Tensor, model_kwargs: dict[str, Any]) -> None:
         """Flux's img_ids and txt_ids, where the caller gave none (see the class docstring)."""
@@ -176,6 +180,11 @@ class DiffusersModel(nn.Module):
         if isinstance(patch, int) and patch > 1 and (x_t.shape[-1] % patch or x_t.shape[-2] % patch):
             raise ValueError(f"x_t has height and width {tuple(x_t.shape[-2:])}; this {type(self.net).__name__} cuts "
                              f"its input into {patch}×{patch} patches, so both must be multiples of {patch}")
+        missing = [k for k in self.required_kwargs if k not in model_kwargs]
+        if missing:
+            raise ValueError(f"this {type(self.net).__name__} needs {' and '.join(missing)} in model_kwargs (a text "
+                             "pipeline's flow.encode_prompt([...]) gives them; a guided flow's unconditional_kwargs "
+                             "need them too)")
         timestep = t if self.time_scale == 1.0 else t * self.time_scale
         n, dtype = x_t.shape[0], self.net.dtype
         self._check_class_labels(model_kwargs.get("class_labels"), n)
@@ -207,6 +216,10 @@ class DiffusersModel(nn.Module):
 
 DiffusersUNet = DiffusersModel
 
+#: the keywords each denoiser class needs (its text conditioning)
+_REQUIRED_KWARGS = {"UNet2DConditionModel": ("encoder_hidden_states",),
+                    "SD3Transformer2DModel": ("encoder_hidden_states", "pooled_projections"),
+                    "FluxTransformer2DModel": ("encoder_hidden_states", "pooled_projections")}
 #: keyword tensors that are no batch (Flux's position ids: one row per token)
 _UNBATCHED = ("img_ids", "txt_ids")
 
