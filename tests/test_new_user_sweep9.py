@@ -235,3 +235,56 @@ def test_flux_latents_that_are_not_packed_tokens_are_refused_at_the_entry(tmp_pa
     given = ", ".join(map(str, shape))
     with pytest.raises(ValueError, match=rf"noise has shape \({given}\); .*takes \(batch, any, 16\)"):
         flowdiff.sample_like(flow, _noise(shape), steps=2, model_kwargs=flow.encode_prompt(["a cat"]))
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    return tiny_pipelines.stable_diffusion_xl(tmp_path_factory.mktemp("sdxl"))
+
+
+def test_sdxl_without_a_negative_prompt_guides_against_zero_embeddings_as_its_pipeline(sdxl):
+    """StableDiffusionXLPipeline without negative_prompt guides against zero embeddings (its
+    force_zeros_for_empty_prompt); the empty prompt's embeddings, which the CLI used, were 1.2 off (latents ~16)."""
+    pipe, folder = sdxl
+    flow = flowdiff.from_diffusers(folder)
+    noise = _noise((2, 4, 8, 8))
+    with torch.no_grad():
+        ref = pipe(["a cat", "dog"], guidance_scale=5.0, num_inference_steps=3, output_type="latent",
+                   latents=noise.clone(), height=16, width=16).images
+    uncond = flow.encode_negative_prompt()
+    assert not uncond["encoder_hidden_states"].any() and not uncond["text_embeds"].any()
+    guided = flowdiff.classifier_free_guidance(flow, 5.0, unconditional_kwargs=uncond)
+    ours = flowdiff.sample_like(guided, noise, steps=3, model_kwargs=flow.encode_prompt(["a cat", "dog"])).x
+    torch.testing.assert_close(ours, ref, rtol=2e-5, atol=2e-5)
+    # an explicit empty negative prompt is encoded, as the pipeline encodes negative_prompt=""
+    assert torch.equal(flow.encode_negative_prompt([""])["encoder_hidden_states"],
+                       flow.encode_prompt([""])["encoder_hidden_states"])
+
+
+def test_cli_sdxl_prompt_without_negative_prompt_is_the_pipelines_guidance(sdxl, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from flowdiff import cli
+
+    folder = str(sdxl[1])
+    out = tmp_path / "cat.png"
+    assert cli.main(["sample", "--model", folder, "--num", "2", "--steps", "3", "--scale", "1", "--prompt", "a cat",
+                     "--guidance", "3", "--out", str(out)]) == 0
+    flow = flowdiff.from_diffusers(folder)
+    guided = flowdiff.classifier_free_guidance(flow, 3.0, unconditional_kwargs=flow.encode_negative_prompt())
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()
+    x = flowdiff.generate(guided, noise, steps=3, model_kwargs=flow.encode_prompt(["a cat"])).x
+    cli.save_grid(flow.autoencoder.decode(x), tmp_path / "python.png")
+    with Image.open(out) as a, Image.open(tmp_path / "python.png") as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_encode_negative_prompt_without_prompts_is_the_empty_prompt_elsewhere(sd):
+    flow = flowdiff.from_diffusers(sd[1])
+    assert torch.equal(flow.encode_negative_prompt(n=2)["encoder_hidden_states"],
+                       flow.encode_prompt(["", ""])["encoder_hidden_states"])
+    with pytest.raises(ValueError, match="n must be the number of samples, an int >= 1, got 0"):
+        flow.encode_negative_prompt(n=0)
+    with pytest.raises(TypeError, match="n must be the number of samples, an int >= 1, got float 2.0"):
+        flow.encode_negative_prompt(n=2.0)

@@ -122,7 +122,7 @@ def condition(loaded: Any, args: argparse.Namespace, record: dict[str, Any] | No
     cond = flow.encode_prompt([prompt])
     kwargs: dict[str, Any] = {"cond": cond, "guidance": w}
     if w != 1:
-        uncond = flow.encode_prompt([negative or ""])
+        uncond = flow.encode_negative_prompt(None if negative is None else [negative])  # SDXL: zeros without one
         kwargs["uncond"] = uncond
         loaded.flow = classifier_free_guidance(flow, w, unconditional_kwargs=uncond)
     loaded.model_kwargs = dict(cond)

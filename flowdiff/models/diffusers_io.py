@@ -400,7 +400,10 @@ def _prompt_encoder(root: Path, index: Mapping[str, Any], dtype: torch.dtype | N
     pipeline = getattr(_diffusers(), pipeline_class)(**components)
     denoiser = "unet" if pipeline_class == "StableDiffusionXLPipeline" else "transformer"
     config = read_json(root / denoiser / "config.json", "model config")
-    return PipelinePromptEncoder(pipeline, model_dtype, guidance_embeds=bool(config.get("guidance_embeds", False)))
+    encoder = PipelinePromptEncoder(pipeline, model_dtype, guidance_embeds=bool(config.get("guidance_embeds", False)))
+    if pipeline_class == "StableDiffusionXLPipeline":  # diffusers' default where the index does not say
+        encoder.zeros_for_no_negative = bool(index.get("force_zeros_for_empty_prompt", True))
+    return encoder
 
 
 def from_diffusers(path: str | Path, *, scheduler: object = None, device: str | torch.device | None = None,

@@ -225,6 +225,10 @@ class PipelinePromptEncoder:
         self.embedded_guidance = 3.5
         #: SDXL: the (H, W) of its images, for the size ids (from_diffusers sets it from the UNet and VAE)
         self.image_size: tuple[int, int] | None = None
+        #: SDXL's ``force_zeros_for_empty_prompt`` (its model_index.json, True by default): without a negative
+        #: prompt the unconditional branch is zero embeddings, not the empty prompt's
+        #: (:meth:`DiffusersFlow.encode_negative_prompt`)
+        self.zeros_for_no_negative = False
 
     def time_ids(self, n: int, device: torch.device) -> Tensor:
         """SDXL's size conditioning for ``n`` prompts: (original H, W, crop top, left, target H, W), the
@@ -301,6 +305,25 @@ class DiffusersFlow(ProbabilityFlow):
         dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None) \
             if isinstance(self.model, nn.Module) else None
         return {k: v.to(dtype) if dtype is not None else v for k, v in kwargs.items()}  # the denoiser's dtype now
+
+    def encode_negative_prompt(self, negative_prompts: Sequence[str] | None = None, n: int = 1) -> dict[str, Tensor]:
+        """The unconditional branch's ``model_kwargs`` as the pipeline makes it for its ``negative_prompt``.
+
+        Given prompts: their embeddings (:meth:`encode_prompt`). ``None`` (the pipeline called without one): the
+        empty prompt's embeddings for ``n`` samples — except for SDXL, whose pipeline (``force_zeros_for_empty_prompt``,
+        its default) takes zero text embeddings and zero pooled embeddings then (the size ids stay), so
+        ``classifier_free_guidance(flow, 5.0, unconditional_kwargs=flow.encode_negative_prompt())`` is its loop.
+        """
+        if negative_prompts is not None:
+            return self.encode_prompt(negative_prompts)
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"n must be the number of samples, an int >= 1, got {type(n).__name__} {n!r}")
+        if n < 1:
+            raise ValueError(f"n must be the number of samples, an int >= 1, got {n}")
+        kwargs = self.encode_prompt([""] * n)
+        if getattr(self.prompt_encoder, "zeros_for_no_negative", False):
+            kwargs = {k: v if k == "time_ids" else torch.zeros_like(v) for k, v in kwargs.items()}
+        return kwargs
 
     def named_grid(self, name: str, steps: int) -> np.ndarray | None:
         """The grid ``grid=name`` means for this model: ``leading``/``trailing`` are its scheduler config's own
