@@ -288,3 +288,17 @@ def test_encode_negative_prompt_without_prompts_is_the_empty_prompt_elsewhere(sd
         flow.encode_negative_prompt(n=0)
     with pytest.raises(TypeError, match="n must be the number of samples, an int >= 1, got float 2.0"):
         flow.encode_negative_prompt(n=2.0)
+
+
+@pytest.mark.parametrize(("function", "keyword", "value"), [
+    ("sample_like", "grid", "karras"), ("sample_like", "adaptive", "Adaptive"),
+    ("encode_like", "grid", "karras"), ("encode_like", "solver", "euler"),
+])
+def test_like_functions_name_the_keywords_the_scheduler_sets(dit, function, keyword, value):
+    """sample_like(..., grid="karras") was "generate() got multiple values for keyword argument 'grid'"; adaptive=
+    a message about a grid= the call had not given."""
+    flow = flowdiff.from_diffusers(dit[1])
+    extra = {keyword: flowdiff.Adaptive() if value == "Adaptive" else value}
+    with pytest.raises(TypeError, match=rf"{function} takes no {keyword}=: it runs the scheduler's own loop"):
+        getattr(flowdiff, function)(flow, _noise((2, 4, 8, 8)), steps=3,
+                                    model_kwargs={"class_labels": torch.tensor([1, 2])}, **extra)

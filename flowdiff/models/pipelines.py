@@ -659,8 +659,16 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
     return _read_plan(name, sched, "dpmpp_2m", options, "model")
 
 
+#: the keywords of generate/encode that sample_like/encode_like set from the scheduler, and what sets them
+_SET_BY_THE_SCHEDULER = {
+    "sample_like": {"grid": "its σ grid is the scheduler's", "adaptive": "a fixed grid, the scheduler's"},
+    "encode_like": {"grid": "its σ grid is DDIMInverseScheduler's", "solver": "its method is ddim_inverse",
+                    "adaptive": "a fixed grid, DDIMInverseScheduler's"},
+}
+
+
 def _like_arguments(function: str, flow: object, x: object, name: str, scheduler: object, steps: int | None,
-                    steps_are: str) -> object:
+                    steps_are: str, passed: Mapping[str, Any]) -> object:
     """The checks shared by :func:`sample_like` and :func:`encode_like`; the scheduler to follow (the flow's
     own ``scheduler_config`` when none is given)."""
     if not isinstance(flow, ProbabilityFlow):
@@ -668,6 +676,11 @@ def _like_arguments(function: str, flow: object, x: object, name: str, scheduler
     _check_tensor(x, name)
     if steps is None:
         raise TypeError(f"{function} needs steps= ({steps_are})")
+    taken = [k for k in _SET_BY_THE_SCHEDULER[function] if k in passed]
+    if taken:
+        raise TypeError(f"{function} takes no {', '.join(k + '=' for k in taken)}: it runs the scheduler's own loop "
+                        f"({_SET_BY_THE_SCHEDULER[function][taken[0]]}); for another grid or solve call "
+                        f"flowdiff.{'generate' if function == 'sample_like' else 'encode'} with the flow")
     if scheduler is None:
         scheduler = getattr(flow, "scheduler_config", None)
         if scheduler is None:
@@ -758,7 +771,7 @@ def sample_like(flow: ProbabilityFlow, noise: Tensor, scheduler: object = None, 
     :func:`flowdiff.generate`.
     """
     scheduler = _like_arguments("sample_like", flow, noise, "noise", scheduler, steps,
-                                "the pipeline's num_inference_steps")
+                                "the pipeline's num_inference_steps", generate_kwargs)
     if mu is None and sigmas is None and getattr(flow, "packed", False):
         mu, sigmas = flux_grid_arguments(scheduler, noise.shape[1], steps)
     plan = scheduler_plan(scheduler, steps, mu=mu, sigmas=sigmas)
@@ -798,7 +811,7 @@ def encode_like(flow: ProbabilityFlow, images: Tensor, scheduler: object = None,
     :func:`flowdiff.encode`.
     """
     scheduler = _like_arguments("encode_like", flow, images, "images", scheduler, steps,
-                                "the inversion's num_inference_steps")
+                                "the inversion's num_inference_steps", encode_kwargs)
     config, source = config_of(scheduler)
     name = class_name(config)
     if name is None:
