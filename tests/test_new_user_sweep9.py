@@ -302,3 +302,29 @@ def test_like_functions_name_the_keywords_the_scheduler_sets(dit, function, keyw
     with pytest.raises(TypeError, match=rf"{function} takes no {keyword}=: it runs the scheduler's own loop"):
         getattr(flowdiff, function)(flow, _noise((2, 4, 8, 8)), steps=3,
                                     model_kwargs={"class_labels": torch.tensor([1, 2])}, **extra)
+
+
+@pytest.fixture(scope="module")
+def flux_plain(tmp_path_factory):
+    return tiny_pipelines.flux(tmp_path_factory.mktemp("flux_plain"), guidance_embeds=False)
+
+
+def test_embedded_guidance_on_a_flux_without_guidance_embedding_is_refused_not_ignored(flux_plain):
+    """Setting flow.prompt_encoder.embedded_guidance on a Flux without guidance_embeds changed nothing, silently."""
+    flow = flowdiff.from_diffusers(flux_plain[1])
+    with pytest.raises(ValueError, match=r"embedded_guidance=6.0: .*no guidance embedding .*change nothing"):
+        flow.prompt_encoder.embedded_guidance = 6.0
+
+
+def test_embedded_guidance_reaches_a_distilled_flux_as_its_pipelines_guidance_scale(tmp_path):
+    pipe, folder = tiny_pipelines.flux(tmp_path)
+    flow = flowdiff.from_diffusers(folder)
+    with pytest.raises(TypeError, match=r"embedded_guidance must be a finite number .*got 'high'"):
+        flow.prompt_encoder.embedded_guidance = "high"
+    flow.prompt_encoder.embedded_guidance = 6
+    noise = _noise((2, *flow.sample_shape))
+    with torch.no_grad():
+        ref = pipe(["a cat", "dog"], guidance_scale=6.0, num_inference_steps=3, output_type="latent",
+                   latents=noise.clone(), height=16, width=16).images
+    ours = flowdiff.sample_like(flow, noise, steps=3, model_kwargs=flow.encode_prompt(["a cat", "dog"])).x
+    torch.testing.assert_close(ours, ref, rtol=2e-5, atol=2e-5)

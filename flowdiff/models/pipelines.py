@@ -222,13 +222,28 @@ class PipelinePromptEncoder:
         self.dtype = dtype
         self.max_sequence_length = self.MAX_SEQUENCE_LENGTH[name]
         self.guidance_embeds = guidance_embeds
-        self.embedded_guidance = 3.5
+        self._embedded_guidance = 3.5
         #: SDXL: the (H, W) of its images, for the size ids (from_diffusers sets it from the UNet and VAE)
         self.image_size: tuple[int, int] | None = None
         #: SDXL's ``force_zeros_for_empty_prompt`` (its model_index.json, True by default): without a negative
         #: prompt the unconditional branch is zero embeddings, not the empty prompt's
         #: (:meth:`DiffusersFlow.encode_negative_prompt`)
         self.zeros_for_no_negative = False
+
+    @property
+    def embedded_guidance(self) -> float:
+        """A guidance-distilled Flux's embedded guidance scale (FluxPipeline's ``guidance_scale``, 3.5 by default)."""
+        return self._embedded_guidance
+
+    @embedded_guidance.setter
+    def embedded_guidance(self, value: float) -> None:
+        if not self.guidance_embeds:  # it reaches no model: the attribute was set and nothing changed
+            raise ValueError(f"embedded_guidance={value!r}: this {self.kind}'s transformer has no guidance embedding "
+                             "(guidance_embeds=False), so it would change nothing; a guidance-distilled Flux "
+                             "(Flux-dev) has one; guide this one with classifier_free_guidance")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise TypeError(f"embedded_guidance must be a finite number (FluxPipeline's guidance_scale), got {value!r}")
+        self._embedded_guidance = float(value)
 
     def time_ids(self, n: int, device: torch.device) -> Tensor:
         """SDXL's size conditioning for ``n`` prompts: (original H, W, crop top, left, target H, W), the
