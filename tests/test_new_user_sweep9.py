@@ -328,3 +328,33 @@ def test_embedded_guidance_reaches_a_distilled_flux_as_its_pipelines_guidance_sc
                    latents=noise.clone(), height=16, width=16).images
     ours = flowdiff.sample_like(flow, noise, steps=3, model_kwargs=flow.encode_prompt(["a cat", "dog"])).x
     torch.testing.assert_close(ours, ref, rtol=2e-5, atol=2e-5)
+
+
+def test_sdxl_vae_latent_statistics_are_read_as_its_pipeline_reads_them(tmp_path):
+    """An SDXL folder whose VAE config has latents_mean/latents_std (Playground v2.5's): StableDiffusionXLPipeline
+    decodes z·latents_std/scaling_factor + latents_mean; flowdiff's autoencoder ignored them."""
+    _, folder = tiny_pipelines.stable_diffusion_xl(tmp_path)
+    _edit_config(folder / "vae" / "config.json", latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[0.5, 2.0, 1.0, 0.8])
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    flow = flowdiff.from_diffusers(folder)
+    noise = _noise((1, 4, 8, 8))
+    with torch.no_grad():
+        ref = pipe("a cat", negative_prompt="dog", guidance_scale=5.0, num_inference_steps=3, output_type="pt",
+                   latents=noise.clone(), height=16, width=16).images
+    guided = flowdiff.classifier_free_guidance(flow, 5.0, unconditional_kwargs=flow.encode_prompt(["dog"]))
+    latents = flowdiff.sample_like(guided, noise, steps=3, model_kwargs=flow.encode_prompt(["a cat"])).x
+    images = (flow.autoencoder.decode(latents) / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(images, ref, rtol=2e-5, atol=2e-5)
+    # encode is its inverse map: encode(decode(z)) = z up to the VAE's own reconstruction, per-channel statistics
+    vae, m, s = pipe.vae, torch.tensor([0.1, -0.2, 0.3, 0.0]).view(1, 4, 1, 1), torch.tensor([0.5, 2.0, 1.0, 0.8])
+    with torch.no_grad():
+        expected = (vae.encode(ref * 2 - 1).latent_dist.mean - m) * vae.config.scaling_factor / s.view(1, 4, 1, 1)
+    torch.testing.assert_close(flow.autoencoder.encode(ref * 2 - 1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sd_pipelines_ignore_vae_latent_statistics_as_diffusers_does(sd, tmp_path):
+    copy = _copy(sd[1], tmp_path)
+    _edit_config(copy / "vae" / "config.json", latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[0.5, 2.0, 1.0, 0.8])
+    z = _noise((1, 4, 8, 8))
+    assert torch.equal(flowdiff.from_diffusers(copy).autoencoder.decode(z),
+                       flowdiff.from_diffusers(sd[1]).autoencoder.decode(z))

@@ -465,8 +465,9 @@ def from_diffusers(path: str | Path, *, scheduler: object = None, device: str | 
                 if packed.image_size is not None:
                     rows, cols = (s // packed.patch for s in packed.image_size)
                     flow.sample_shape = model.sample_shape = (rows * cols, int(net.config.in_channels))
-            else:
-                flow.autoencoder = Autoencoder(vae)
+            else:  # SDXL's pipeline reads the VAE's latents_mean/latents_std, SD's does not
+                sdxl = index.get("_class_name") == "StableDiffusionXLPipeline"
+                flow.autoencoder = Autoencoder(vae, latents_stats=sdxl)
         prompt_encoder = _prompt_encoder(root, index, dtype, net.dtype)
         if prompt_encoder is not None and device is not None:
             for encoder in getattr(prompt_encoder, "text_encoders", None) or [prompt_encoder.text_encoder]:

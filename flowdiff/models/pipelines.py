@@ -54,12 +54,20 @@ class Autoencoder:
     results returned in the input's dtype.
     """
 
-    def __init__(self, vae: nn.Module) -> None:
+    def __init__(self, vae: nn.Module, *, latents_stats: bool = False) -> None:
         self.vae = vae
         cfg = vae.config
         self.scaling_factor = float(getattr(cfg, "scaling_factor", 1.0) or 1.0)
         shift = getattr(cfg, "shift_factor", None)
         self.shift_factor = 0.0 if shift is None else float(shift)
+        #: per-channel latent statistics (``latents_mean``, ``latents_std`` of the VAE's config) where the pipeline
+        #: reads them (SDXL's, e.g. Playground v2.5): z = scaling_factor·(mean − latents_mean)/latents_std
+        self.latents_mean: Tensor | None = None
+        self.latents_std: Tensor | None = None
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if latents_stats and mean is not None and std is not None:
+            self.latents_mean = torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
+            self.latents_std = torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
 
     @property
     def factor(self) -> int:
@@ -82,6 +90,9 @@ class Autoencoder:
         self._check_shape(images, "images", int(self.vae.config.in_channels),
                           f"the VAE's in_channels={self.vae.config.in_channels}", self.factor)
         mean = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
+        if self.latents_mean is not None:  # SDXL's img2img: (z − latents_mean)·scaling_factor/latents_std
+            m, s = (v.to(mean.device, mean.dtype) for v in (self.latents_mean, self.latents_std))
+            return ((mean - m) * self.scaling_factor / s).to(images.dtype)
         return ((mean - self.shift_factor) * self.scaling_factor).to(images.dtype)
 
     @torch.no_grad()
@@ -90,7 +101,12 @@ class Autoencoder:
         _check_tensor(latents, "latents")
         self._check_shape(latents, "latents", int(self.vae.config.latent_channels),
                           f"the VAE's latent_channels={self.vae.config.latent_channels}")
-        z = latents.to(self.vae.dtype) / self.scaling_factor + self.shift_factor
+        z = latents.to(self.vae.dtype)
+        if self.latents_mean is not None:  # SDXL's decode: z·latents_std/scaling_factor + latents_mean
+            m, s = (v.to(z.device, z.dtype) for v in (self.latents_mean, self.latents_std))
+            z = z * s / self.scaling_factor + m
+        else:
+            z = z / self.scaling_factor + self.shift_factor
         return self.vae.decode(z).sample.to(latents.dtype)
 
     def image_shape(self, sample_shape: Sequence[int]) -> tuple[int, int, int]:
