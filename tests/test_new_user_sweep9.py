@@ -358,3 +358,22 @@ def test_sd_pipelines_ignore_vae_latent_statistics_as_diffusers_does(sd, tmp_pat
     z = _noise((1, 4, 8, 8))
     assert torch.equal(flowdiff.from_diffusers(copy).autoencoder.decode(z),
                        flowdiff.from_diffusers(sd[1]).autoencoder.decode(z))
+
+
+def test_one_negative_prompt_beside_per_sample_prompts_is_the_same_call_as_one_prompt_for_all(sd):
+    """Guidance with the prompt spelt once (batch 1) or repeated per sample: the first paired both branches into
+    one batched call, the second (one negative prompt, two prompts) ran two calls, 9e-6 apart."""
+    flow = flowdiff.from_diffusers(sd[1])
+    guided = flowdiff.classifier_free_guidance(flow, 5.0, unconditional_kwargs=flow.encode_negative_prompt())
+    noise = _noise((2, 4, 8, 8))
+    once = flowdiff.sample_like(guided, noise, steps=3, model_kwargs=flow.encode_prompt(["a cat"])).x
+    repeated = flowdiff.sample_like(guided, noise, steps=3, model_kwargs=flow.encode_prompt(["a cat", "a cat"])).x
+    assert torch.equal(once, repeated)
+    calls = []
+    net = guided.model.model.net
+    hook = net.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        flowdiff.sample_like(guided, noise, steps=2, model_kwargs=flow.encode_prompt(["a cat", "dog"]))
+    finally:
+        hook.remove()
+    assert calls == [4, 4]  # both branches, both samples, one network call per evaluation

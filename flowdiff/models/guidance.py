@@ -103,8 +103,9 @@ def batched_kwargs(first: Mapping[str, Any], second: Mapping[str, Any], batch: i
     """The keyword arguments of one call on the batch [first; second], or None where they do not pair.
 
     They pair when both name the same keys and each key holds either two tensors of leading
-    size ``batch`` (or both 1, broadcast to it) and equal trailing shape and dtype
-    (concatenated), or the same non-tensor value.
+    size ``batch`` or 1 (one prompt for the batch, broadcast to it) and equal trailing shape and dtype
+    (concatenated), or the same non-tensor value. (One negative prompt beside per-sample prompts pairs too: it
+    ran as two calls, whose float rounding differed from the one call of the same request spelt with one prompt.)
     """
     if set(first) != set(second):
         return None
@@ -112,12 +113,11 @@ def batched_kwargs(first: Mapping[str, Any], second: Mapping[str, Any], batch: i
     for key, a in first.items():
         b = second[key]
         if isinstance(a, Tensor) and isinstance(b, Tensor):
-            if a.ndim == 0 or a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+            if a.ndim == 0 or b.ndim == 0 or a.shape[1:] != b.shape[1:] or a.dtype != b.dtype \
+                    or a.device != b.device or a.shape[0] not in (1, batch) or b.shape[0] not in (1, batch):
                 return None
-            if a.shape[0] == 1 and batch > 1:  # one prompt for the whole batch: broadcast before pairing
+            if batch > 1:  # one prompt for the whole batch: broadcast before pairing
                 a, b = a.expand(batch, *a.shape[1:]), b.expand(batch, *b.shape[1:])
-            elif a.shape[0] != batch:
-                return None
             joint[key] = torch.cat([a, b])
         elif isinstance(a, Tensor) or isinstance(b, Tensor) or a is not b and a != b:
             return None
