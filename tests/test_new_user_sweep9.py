@@ -377,3 +377,16 @@ def test_one_negative_prompt_beside_per_sample_prompts_is_the_same_call_as_one_p
     finally:
         hook.remove()
     assert calls == [4, 4]  # both branches, both samples, one network call per evaluation
+
+
+def test_autoencoder_warns_on_images_far_outside_its_range(sd):
+    """8-bit pixels (0 … 255) given to flow.autoencoder.encode made latents ~100× too large, with no word."""
+    flow = flowdiff.from_diffusers(sd[1])
+    pixels = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 255
+    with pytest.warns(UserWarning, match=r"images span .*far outside the model's data range \[-1, 1\]"):
+        flow.autoencoder.encode(pixels)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flow.autoencoder.encode(pixels / 127.5 - 1)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 import solvers
 
 from ..api.sampling import Result, encode, generate
+from ..engine._checks import check_data_range
 from ..engine.flow import ProbabilityFlow
 from ..engine.formulations import prefer_variables
 from ..engine.grids import _check_steps, reversed_grid
@@ -89,6 +90,7 @@ class Autoencoder:
         _check_tensor(images, "images")
         self._check_shape(images, "images", int(self.vae.config.in_channels),
                           f"the VAE's in_channels={self.vae.config.in_channels}", self.factor)
+        check_data_range(images, "images")  # a warning for [0, 255] pixels: the VAE takes [−1, 1]
         mean = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
         if self.latents_mean is not None:  # SDXL's img2img: (z − latents_mean)·scaling_factor/latents_std
             m, s = (v.to(mean.device, mean.dtype) for v in (self.latents_mean, self.latents_std))
