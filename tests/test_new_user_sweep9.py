@@ -390,3 +390,10 @@ def test_autoencoder_warns_on_images_far_outside_its_range(sd):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         flow.autoencoder.encode(pixels / 127.5 - 1)
+
+
+def test_a_text_encoder_folder_is_named_as_one(sd):
+    """from_diffusers on a pipeline's text_encoder/ said "model class None is not supported"."""
+    with pytest.raises(ValueError, match=r"text_encoder/config\.json: a transformers CLIPTextModel .*not a diffusers "
+                                         r"denoiser; give the pipeline folder"):
+        flowdiff.from_diffusers(sd[1] / "text_encoder")

@@ -430,6 +430,11 @@ def from_diffusers(path: str | Path, *, scheduler: object = None, device: str | 
     config_path = model_dir / "config.json"
     config = read_json(config_path, "model config")
     class_name = config.get("_class_name")
+    architectures = config.get("architectures")
+    if class_name is None and isinstance(architectures, list) and architectures:  # a transformers model's config
+        raise ValueError(f"{config_path}: a transformers {', '.join(map(str, architectures))} (a text encoder?), not "
+                         f"a diffusers denoiser; give the pipeline folder (with model_index.json) or its unet/ or "
+                         f"transformer/ folder; supported denoisers: {', '.join(SUPPORTED_MODELS)}")
     if class_name not in SUPPORTED_MODELS:
         raise ValueError(f"{config_path}: model class {class_name!r} is not supported; "
                          f"supported: {', '.join(SUPPORTED_MODELS)}")
