@@ -397,3 +397,14 @@ def test_a_text_encoder_folder_is_named_as_one(sd):
     with pytest.raises(ValueError, match=r"text_encoder/config\.json: a transformers CLIPTextModel .*not a diffusers "
                                          r"denoiser; give the pipeline folder"):
         flowdiff.from_diffusers(sd[1] / "text_encoder")
+
+
+def test_an_autoencoder_under_another_name_is_refused_not_left_out(dit, tmp_path):
+    """A Kandinsky-style index (its VQ autoencoder as "movq", no "vae") loaded the denoiser alone: a latent model
+    whose samples were latents, with no decoder and no word."""
+    copy = _copy(dit[1], tmp_path)
+    index = json.loads((copy / "model_index.json").read_text())
+    index["movq"] = index.pop("vae")[:1] + ["VQModel"]
+    (copy / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"model_index\.json: its autoencoder is 'movq' \(VQModel\)"):
+        flowdiff.from_diffusers(copy)

@@ -290,6 +290,12 @@ def _check_components(index: Mapping[str, Any], index_path: Path) -> None:
                 and all(v is None or isinstance(v, str) for v in value) and (value[0] is None) == (value[1] is None)):
             raise ValueError(f"{index_path}: {key!r} must be a [library, class] pair such as [\"diffusers\", "
                              f"\"AutoencoderKL\"] (or [null, null] for none), got {value!r}")
+    for key, value in index.items():  # an autoencoder under another name (Kandinsky's movq) would be left out
+        if key != "vae" and not key.startswith("_") and isinstance(value, list) and len(value) == 2 \
+                and isinstance(value[1], str) and ("VQModel" in value[1] or value[1].startswith("Autoencoder")):
+            raise ValueError(f"{index_path}: its autoencoder is {key!r} ({value[1]}); flowdiff reads a pipeline's "
+                             "AutoencoderKL as 'vae' only, and without it the flow would run in latent space with no "
+                             "decoder: not supported")
 
 
 def _weights(directory: Path) -> list[str]:
