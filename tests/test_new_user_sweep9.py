@@ -408,3 +408,11 @@ def test_an_autoencoder_under_another_name_is_refused_not_left_out(dit, tmp_path
     (copy / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"model_index\.json: its autoencoder is 'movq' \(VQModel\)"):
         flowdiff.from_diffusers(copy)
+
+
+def test_guiding_a_dit_without_its_null_class_names_unconditional_kwargs(dit):
+    flow = flowdiff.from_diffusers(dit[1])
+    guided = flowdiff.classifier_free_guidance(flow, 4.0)
+    with pytest.raises(ValueError, match=r"unconditional_kwargs=\{'class_labels': null_labels\}\) \(its null class: "
+                                         r"1000\)"):
+        flowdiff.generate(guided, _noise((2, 4, 8, 8)), steps=2, model_kwargs={"class_labels": torch.tensor([1, 2])})

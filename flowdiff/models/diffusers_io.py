@@ -136,9 +136,12 @@ class DiffusersModel(nn.Module):
         name = type(self.net).__name__
         if labels is None:
             if self.takes_class_labels:
+                null = f" (its null class: {self.class_rows - 1})" if self.net_has_null else ""
                 raise ValueError(f"this {name} is class-conditional and needs model_kwargs={{'class_labels': labels}}: "
                                  f"an integer tensor of shape (batch,) or (1,)"
-                                 f"{'' if self.class_rows is None else f', values 0 … {self.class_rows - 1}'}")
+                                 f"{'' if self.class_rows is None else f', values 0 … {self.class_rows - 1}'}; "
+                                 "a guided flow's unconditional branch needs them too: classifier_free_guidance("
+                                 f"flow, w, unconditional_kwargs={{'class_labels': null_labels}}){null}")
             return
         if not self.takes_class_labels:
             unset = " (num_class_embeds / class_embed_type unset)" if name.startswith("UNet") else ""
