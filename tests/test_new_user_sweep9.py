@@ -416,3 +416,18 @@ def test_guiding_a_dit_without_its_null_class_names_unconditional_kwargs(dit):
     with pytest.raises(ValueError, match=r"unconditional_kwargs=\{'class_labels': null_labels\}\) \(its null class: "
                                          r"1000\)"):
         flowdiff.generate(guided, _noise((2, 4, 8, 8)), steps=2, model_kwargs={"class_labels": torch.tensor([1, 2])})
+
+
+@pytest.mark.parametrize(("keyword", "value", "why"), [
+    ("added_cond_kwargs", {"text_embeds": torch.zeros(2, 16), "time_ids": torch.zeros(2, 6)},
+     "it has no addition_embed_type"),
+    ("timestep_cond", torch.zeros(2, 4), "it has no time_cond_proj_dim"),
+])
+def test_keywords_a_unet_takes_and_drops_are_refused(sd, keyword, value, why):
+    """A Stable Diffusion UNet accepts added_cond_kwargs (SDXL's) and timestep_cond (LCM's) though its config has no
+    such embedding: the first were dropped silently, the second failed with "'NoneType' object is not callable"."""
+    flow = flowdiff.from_diffusers(sd[1])
+    kwargs = {**flow.encode_prompt(["a cat", "dog"]), keyword: value}
+    with pytest.raises(ValueError, match=rf"model_kwargs has {keyword}, which this UNet2DConditionModel takes as an "
+                                         rf"argument but has no use for \({why}"):
+        flowdiff.generate(flow, _noise((2, 4, 8, 8)), steps=2, model_kwargs=kwargs)

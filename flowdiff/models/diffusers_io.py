@@ -102,6 +102,13 @@ class DiffusersModel(nn.Module):
         self.class_rows, self.takes_class_labels = _class_table(net)
         #: the conditioning keywords the network cannot run without (SD3 and Flux failed on None with an AttributeError)
         self.required_kwargs = _REQUIRED_KWARGS.get(type(net).__name__, ())
+        #: keywords a UNet2DConditionModel's forward accepts and cannot use for its config (dropped, or a crash) → why
+        self.ignored_kwargs: dict[str, str] = {}
+        if type(net).__name__ == "UNet2DConditionModel":
+            if getattr(cfg, "addition_embed_type", None) is None:
+                self.ignored_kwargs["added_cond_kwargs"] = "it has no addition_embed_type: they are dropped"
+            if getattr(cfg, "time_cond_proj_dim", None) is None:
+                self.ignored_kwargs["timestep_cond"] = "it has no time_cond_proj_dim: a 'NoneType' error"
         if self.packed and channels is not None:  # Flux: (tokens, in_channels) packed latents, any number of tokens
             self.input_shape = (None, int(channels))
 
@@ -191,6 +198,11 @@ class DiffusersModel(nn.Module):
         timestep = t if self.time_scale == 1.0 else t * self.time_scale
         n, dtype = x_t.shape[0], self.net.dtype
         self._check_class_labels(model_kwargs.get("class_labels"), n)
+        ignored = [k for k in model_kwargs if k in self.ignored_kwargs]
+        if ignored:
+            why = "; ".join(self.ignored_kwargs[k] for k in ignored)
+            raise ValueError(f"model_kwargs has {', '.join(ignored)}, which this {type(self.net).__name__} takes as an "
+                             f"argument but has no use for ({why}); leave {'it' if len(ignored) == 1 else 'them'} out")
         for key, value in model_kwargs.items():
             if not isinstance(value, Tensor):
                 continue
