@@ -431,3 +431,19 @@ def test_keywords_a_unet_takes_and_drops_are_refused(sd, keyword, value, why):
     with pytest.raises(ValueError, match=rf"model_kwargs has {keyword}, which this UNet2DConditionModel takes as an "
                                          rf"argument but has no use for \({why}"):
         flowdiff.generate(flow, _noise((2, 4, 8, 8)), steps=2, model_kwargs=kwargs)
+
+
+def test_num_images_per_prompt_is_each_prompt_repeated_in_place(sd):
+    """StableDiffusionPipeline(prompts, num_images_per_prompt=k) orders its samples prompt by prompt
+    ([a, a, b, b]); flowdiff's spelling is encode_prompt with each prompt repeated in place, and equals it."""
+    pipe, folder = sd
+    flow = flowdiff.from_diffusers(folder)
+    noise = _noise((4, 4, 8, 8), seed=5)
+    with torch.no_grad():
+        ref = pipe(["a cat", "dog"], negative_prompt=["x", "blurry"], num_images_per_prompt=2, guidance_scale=6.0,
+                   num_inference_steps=3, output_type="latent", latents=noise.clone(), height=16, width=16).images
+    uncond = flow.encode_prompt(["x", "x", "blurry", "blurry"])
+    guided = flowdiff.classifier_free_guidance(flow, 6.0, unconditional_kwargs=uncond)
+    cond = flow.encode_prompt(["a cat", "a cat", "dog", "dog"])
+    ours = flowdiff.sample_like(guided, noise, steps=3, model_kwargs=cond)
+    torch.testing.assert_close(ours.x, ref, rtol=2e-5, atol=2e-5)
