@@ -449,3 +449,36 @@ def test_num_images_per_prompt_is_each_prompt_repeated_in_place(sd):
     cond = flow.encode_prompt(["a cat", "a cat", "dog", "dog"])
     ours = flowdiff.sample_like(guided, noise, steps=3, model_kwargs=cond)
     torch.testing.assert_close(ours.x, ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def class_unet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("class_unet")
+    torch.manual_seed(0)
+    diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                          down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=4,
+                          num_class_embeds=10).save_pretrained(root / "unet")
+    diffusers.DDIMScheduler(clip_sample=False).save_pretrained(root / "scheduler")
+    return root / "unet"
+
+
+def test_cli_class_label_reaches_a_class_conditional_unet(class_unet, tmp_path, capsys):
+    """A UNet2DModel with num_class_embeds: --class-label 3 was refused ("takes no class labels"), and without a
+    label the run failed inside the network."""
+    import numpy as np
+    from PIL import Image
+
+    from flowdiff import cli
+
+    args = ["sample", "--model", str(class_unet), "--num", "2", "--steps", "3", "--scale", "1"]
+    assert cli.main([*args, "--out", str(tmp_path / "none.png")]) == 1
+    assert "class-conditional with no null class (a UNet with num_class_embeds=10)" in capsys.readouterr().err
+    assert cli.main([*args, "--class-label", "3", "--guidance", "2", "--out", str(tmp_path / "g.png")]) == 1
+    assert "--guidance 2.0: model 'unet' has no null class" in capsys.readouterr().err
+    assert cli.main([*args, "--class-label", "3", "--out", str(tmp_path / "three.png")]) == 0
+    flow = flowdiff.from_diffusers(class_unet)
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()
+    x = flowdiff.generate(flow, noise, steps=3, model_kwargs={"class_labels": torch.tensor([3, 3])}).x
+    cli.save_grid(x, tmp_path / "python.png")
+    with Image.open(tmp_path / "three.png") as a, Image.open(tmp_path / "python.png") as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))

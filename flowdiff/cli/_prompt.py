@@ -141,7 +141,8 @@ def _condition_on_class(loaded: Any, args: argparse.Namespace, record: dict[str,
     label, w = getattr(args, "class_label", None), args.guidance
     if labels is None:
         raise ValueError(f"--class-label {label}: model {loaded.name!r} takes no class labels; accepted for "
-                         "--model digits and class-conditional DiT folders (DiTTransformer2DModel)")
+                         "--model digits, class-conditional DiT folders (DiTTransformer2DModel) and UNets with "
+                         "num_class_embeds")
     for option, value in (("--negative-prompt", args.negative_prompt),
                           ("--embedded-guidance", getattr(args, "embedded_guidance", None))):
         if value is not None:
@@ -159,6 +160,13 @@ def _condition_on_class(loaded: Any, args: argparse.Namespace, record: dict[str,
     if w is not None and label is None:
         raise ValueError(f"--guidance {w}: guiding model {loaded.name!r} needs --class-label N (the class to guide "
                          "towards)")
+    if labels.required and label is None:
+        raise ValueError(f"model {loaded.name!r} is class-conditional with no null class (a UNet with "
+                         f"num_class_embeds={labels.classes}), so it has no unconditional model: give --class-label N, "
+                         f"0 … {labels.classes - 1}")
+    if labels.required and w is not None and w != 1:
+        raise ValueError(f"--guidance {w}: model {loaded.name!r} has no null class (a UNet with num_class_embeds), so "
+                         "classifier-free guidance has no unconditional branch; leave --guidance out")
     if w is not None and not math.isfinite(w):
         raise ValueError(f"--guidance must be a finite number, got {w}")
     if w is not None:
