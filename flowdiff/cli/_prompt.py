@@ -68,7 +68,8 @@ def add_class_label_option(parser: argparse.ArgumentParser) -> None:
     """--class-label for a subcommand (its --guidance is the prompt group's)."""
     parser.add_argument("--class-label", type=class_label, default=None, metavar="N",
                         help="condition a class-conditional model (--model digits: 0 … 9; a DiT folder: 0 … "
-                             "num_embeds_ada_norm − 1) on class N, one label per image; with --guidance W, "
+                             "num_embeds_ada_norm − 1; a UNet with num_class_embeds: 0 … num_class_embeds − 1, "
+                             "required, no guidance) on class N, one label per image; with --guidance W, "
                              "classifier-free guidance against the null class (default: unconditional, unguided)")
 
 
