@@ -29,6 +29,8 @@ class ClassLabels:
 
     classes: int
     null: int | None
+    #: the network cannot run without a label (a UNet with ``num_class_embeds``: no null class, no unconditional model)
+    required: bool = False
 
 
 @dataclass
@@ -85,6 +87,8 @@ def _diffusers_dir(path: Path, dtype: torch.dtype, device: torch.device) -> Load
     if getattr(net.config, "num_embeds_ada_norm", None) and type(net).__name__ == "DiTTransformer2DModel":
         classes = int(net.config.num_embeds_ada_norm)  # trained with label dropout: index `classes` is no class
         labels = ClassLabels(classes, classes)
+    elif type(net).__name__ in ("UNet2DModel", "UNet2DConditionModel") and getattr(flow.model, "class_rows", None):
+        labels = ClassLabels(int(flow.model.class_rows), None, required=True)  # num_class_embeds, no null class
     if flow.model.sample_shape is None:
         raise CommandError(f"--model {str(path)!r}: a {type(flow.model.net).__name__} without its pipeline's VAE takes "
                            "packed latents of a length the caller chooses; give the pipeline folder (with vae/), or "

@@ -68,7 +68,8 @@ def add_class_label_option(parser: argparse.ArgumentParser) -> None:
     """--class-label for a subcommand (its --guidance is the prompt group's)."""
     parser.add_argument("--class-label", type=class_label, default=None, metavar="N",
                         help="condition a class-conditional model (--model digits: 0 … 9; a DiT folder: 0 … "
-                             "num_embeds_ada_norm − 1) on class N, one label per image; with --guidance W, "
+                             "num_embeds_ada_norm − 1; a UNet with num_class_embeds: 0 … num_class_embeds − 1, "
+                             "required, no guidance) on class N, one label per image; with --guidance W, "
                              "classifier-free guidance against the null class (default: unconditional, unguided)")
 
 
@@ -107,6 +108,7 @@ def condition(loaded: Any, args: argparse.Namespace, record: dict[str, Any] | No
         w = float(getattr(loaded.flow, "default_guidance", DEFAULT_GUIDANCE))
     if not math.isfinite(w):
         raise ValueError(f"--guidance must be a finite number, got {w}")
+    _refuse_zero_guidance(w, f"--prompt {prompt!r}", "the negative prompt's (default: the empty prompt's)")
     flow = loaded.flow
     if getattr(flow, "prompt_encoder", None) is None:
         raise ValueError(f"--prompt: model {loaded.name!r} has no text encoder flowdiff can use (a Stable Diffusion, "
@@ -121,7 +123,7 @@ def condition(loaded: Any, args: argparse.Namespace, record: dict[str, Any] | No
     cond = flow.encode_prompt([prompt])
     kwargs: dict[str, Any] = {"cond": cond, "guidance": w}
     if w != 1:
-        uncond = flow.encode_prompt([negative or ""])
+        uncond = flow.encode_negative_prompt(None if negative is None else [negative])  # SDXL: zeros without one
         kwargs["uncond"] = uncond
         loaded.flow = classifier_free_guidance(flow, w, unconditional_kwargs=uncond)
     loaded.model_kwargs = dict(cond)
@@ -140,7 +142,8 @@ def _condition_on_class(loaded: Any, args: argparse.Namespace, record: dict[str,
     label, w = getattr(args, "class_label", None), args.guidance
     if labels is None:
         raise ValueError(f"--class-label {label}: model {loaded.name!r} takes no class labels; accepted for "
-                         "--model digits and class-conditional DiT folders (DiTTransformer2DModel)")
+                         "--model digits, class-conditional DiT folders (DiTTransformer2DModel) and UNets with "
+                         "num_class_embeds")
     for option, value in (("--negative-prompt", args.negative_prompt),
                           ("--embedded-guidance", getattr(args, "embedded_guidance", None))):
         if value is not None:
@@ -158,8 +161,17 @@ def _condition_on_class(loaded: Any, args: argparse.Namespace, record: dict[str,
     if w is not None and label is None:
         raise ValueError(f"--guidance {w}: guiding model {loaded.name!r} needs --class-label N (the class to guide "
                          "towards)")
+    if labels.required and label is None:
+        raise ValueError(f"model {loaded.name!r} is class-conditional with no null class (a UNet with "
+                         f"num_class_embeds={labels.classes}), so it has no unconditional model: give --class-label N, "
+                         f"0 … {labels.classes - 1}")
+    if labels.required and w is not None and w != 1:
+        raise ValueError(f"--guidance {w}: model {loaded.name!r} has no null class (a UNet with num_class_embeds), so "
+                         "classifier-free guidance has no unconditional branch; leave --guidance out")
     if w is not None and not math.isfinite(w):
         raise ValueError(f"--guidance must be a finite number, got {w}")
+    if w is not None:
+        _refuse_zero_guidance(w, f"--class-label {label}", "the null class's")
     if batch is None and (label is not None or labels.null is not None):
         raise ValueError(f"--data: model {loaded.name!r} takes one class label per image, and a --data run's "
                          "batches differ in size; give the image files one by one" +
@@ -176,6 +188,17 @@ def _condition_on_class(loaded: Any, args: argparse.Namespace, record: dict[str,
     loaded.prompt_record = None
     loaded.label_record = {"class_label": label, "guidance": 1.0 if w is None else float(w)}
     return loaded
+
+
+def _refuse_zero_guidance(w: float, condition: str, unconditional: str) -> None:
+    """Refuse ``--guidance 0``: ε_u + 0·(ε_c − ε_u) is the unconditional branch alone, so the condition would change
+    nothing. (diffusers' pipelines read ``guidance_scale`` ≤ 1 as "no guidance", the conditional model, which is
+    ``--guidance 1`` here; SD-Turbo's ``guidance_scale=0.0`` is meant that way.)"""
+    if w == 0:
+        raise ValueError(f"--guidance 0 with {condition}: ε_u + 0·(ε_c − ε_u) is {unconditional} model alone, so "
+                         f"{condition.split()[0]} would change nothing; for no guidance (diffusers' guidance_scale "
+                         "≤ 1, e.g. SD-Turbo's 0.0) give --guidance 1 or leave it out where the pipeline's default is "
+                         "1; accepted: any other finite number")
 
 
 def _device_of(flow: Any) -> torch.device:

@@ -97,6 +97,20 @@ class DiffusersModel(nn.Module):
         channels = getattr(cfg, "in_channels", None)
         #: checked by the entry points before a solve (ProbabilityFlow.check_input): the channels, any height and width
         self.input_shape = None if self.packed or channels is None else (int(channels), None, None)
+        #: the rows of the network's class-label table (labels 0 … rows − 1; a DiT's last row is its null class), or
+        #: None where it takes no class labels (a UNet without class embedding ignored them) or reads them otherwise
+        self.class_rows, self.takes_class_labels = _class_table(net)
+        #: the conditioning keywords the network cannot run without (SD3 and Flux failed on None with an AttributeError)
+        self.required_kwargs = _REQUIRED_KWARGS.get(type(net).__name__, ())
+        #: keywords a UNet2DConditionModel's forward accepts and cannot use for its config (dropped, or a crash) → why
+        self.ignored_kwargs: dict[str, str] = {}
+        if type(net).__name__ == "UNet2DConditionModel":
+            if getattr(cfg, "addition_embed_type", None) is None:
+                self.ignored_kwargs["added_cond_kwargs"] = "it has no addition_embed_type: they are dropped"
+            if getattr(cfg, "time_cond_proj_dim", None) is None:
+                self.ignored_kwargs["timestep_cond"] = "it has no time_cond_proj_dim: a 'NoneType' error"
+        if self.packed and channels is not None:  # Flux: (tokens, in_channels) packed latents, any number of tokens
+            self.input_shape = (None, int(channels))
 
     def _position_ids(self, x_t: Tensor, model_kwargs: dict[str, Any]) -> None:
         """Flux's img_ids and txt_ids, where the caller gave none (see the class docstring)."""
@@ -123,6 +137,45 @@ class DiffusersModel(nn.Module):
                 self._ids[key] = torch.zeros(text.shape[1], 3, device=device, dtype=dtype)
             model_kwargs["txt_ids"] = self._ids[key]
 
+    def _check_class_labels(self, labels: Any, n: int) -> None:
+        """Refuse class labels the network would ignore, miss, or fail on with an index error (the range is checked
+        for labels on the CPU: elsewhere that would be a host sync at every evaluation)."""
+        name = type(self.net).__name__
+        if labels is None:
+            if self.takes_class_labels:
+                null = f" (its null class: {self.class_rows - 1})" if self.net_has_null else ""
+                raise ValueError(f"this {name} is class-conditional and needs model_kwargs={{'class_labels': labels}}: "
+                                 f"an integer tensor of shape (batch,) or (1,)"
+                                 f"{'' if self.class_rows is None else f', values 0 … {self.class_rows - 1}'}; "
+                                 "a guided flow's unconditional branch needs them too: classifier_free_guidance("
+                                 f"flow, w, unconditional_kwargs={{'class_labels': null_labels}}){null}")
+            return
+        if not self.takes_class_labels:
+            unset = " (num_class_embeds / class_embed_type unset)" if name.startswith("UNet") else ""
+            raise ValueError(f"model_kwargs has class_labels, but this {name} has no class embedding{unset}, so it "
+                             "would ignore them or fail on them; leave them out, or condition it by what it takes "
+                             "(e.g. encoder_hidden_states)")
+        if self.class_rows is None:
+            return  # labels read through a timestep or identity embedding: the network's own business
+        integer = isinstance(labels, Tensor) and not (labels.is_floating_point() or labels.is_complex()
+                                                     or labels.dtype == torch.bool)
+        if not integer or labels.ndim > 1 or (labels.ndim == 1 and labels.shape[0] not in (1, n)):
+            got = (f"a {labels.dtype} tensor of shape {tuple(labels.shape)}" if isinstance(labels, Tensor)
+                   else f"{type(labels).__name__} {labels!r}")
+            raise ValueError(f"class_labels must be an integer tensor of shape ({n},) (one label per sample), (1,) "
+                             f"or () (one for all), values 0 … {self.class_rows - 1}; got {got}")
+        if labels.device.type == "cpu" and labels.numel():
+            low, high = (int(v) for v in torch.aminmax(labels))
+            if low < 0 or high >= self.class_rows:
+                raise ValueError(f"class_labels must lie in 0 … {self.class_rows - 1} (the rows of this {name}'s "
+                                 f"class embedding{'; the last is its null class' if self.net_has_null else ''}), "
+                                 f"got {labels.tolist()}")
+
+    @property
+    def net_has_null(self) -> bool:
+        """Whether the label table's last row is the null class of classifier-free guidance (DiT's)."""
+        return type(self.net).__name__ == "DiTTransformer2DModel"
+
     @property
     def unet(self) -> nn.Module:
         """The wrapped network (the name of the UNet-only wrapper this one generalises)."""
@@ -133,8 +186,23 @@ class DiffusersModel(nn.Module):
         if channels is not None and (x_t.ndim != 4 or x_t.shape[1] != channels):
             raise ValueError(f"x_t must have shape (batch, {channels}, height, width): the network takes {channels} "
                              f"channel{'s' if channels != 1 else ''} (its in_channels); got {tuple(x_t.shape)}")
+        patch = getattr(self.net.config, "patch_size", None) if channels is not None else None
+        if isinstance(patch, int) and patch > 1 and (x_t.shape[-1] % patch or x_t.shape[-2] % patch):
+            raise ValueError(f"x_t has height and width {tuple(x_t.shape[-2:])}; this {type(self.net).__name__} cuts "
+                             f"its input into {patch}×{patch} patches, so both must be multiples of {patch}")
+        missing = [k for k in self.required_kwargs if k not in model_kwargs]
+        if missing:
+            raise ValueError(f"this {type(self.net).__name__} needs {' and '.join(missing)} in model_kwargs (a text "
+                             "pipeline's flow.encode_prompt([...]) gives them; a guided flow's unconditional_kwargs "
+                             "need them too)")
         timestep = t if self.time_scale == 1.0 else t * self.time_scale
         n, dtype = x_t.shape[0], self.net.dtype
+        self._check_class_labels(model_kwargs.get("class_labels"), n)
+        ignored = [k for k in model_kwargs if k in self.ignored_kwargs]
+        if ignored:
+            why = "; ".join(self.ignored_kwargs[k] for k in ignored)
+            raise ValueError(f"model_kwargs has {', '.join(ignored)}, which this {type(self.net).__name__} takes as an "
+                             f"argument but has no use for ({why}); leave {'it' if len(ignored) == 1 else 'them'} out")
         for key, value in model_kwargs.items():
             if not isinstance(value, Tensor):
                 continue
@@ -142,6 +210,10 @@ class DiffusersModel(nn.Module):
                 value = value.to(dtype)
             if value.ndim >= 1 and value.shape[0] == 1 and n > 1:  # one prompt's conditioning for the batch
                 value = value.expand(n, *value.shape[1:])
+            elif value.ndim >= 1 and value.shape[0] != n and key not in _UNBATCHED:
+                raise ValueError(f"the model's keyword argument {key} has a batch of {value.shape[0]} (shape "
+                                 f"{tuple(value.shape)}) for {n} sample{'s' if n != 1 else ''}: give one per sample or "
+                                 "one for all (batch 1), in model_kwargs or a guided flow's unconditional_kwargs")
             model_kwargs[key] = value
         if self.packed:
             self._position_ids(x_t, model_kwargs)
@@ -158,6 +230,25 @@ class DiffusersModel(nn.Module):
 
 
 DiffusersUNet = DiffusersModel
+
+#: the keywords each denoiser class needs (its text conditioning)
+_REQUIRED_KWARGS = {"UNet2DConditionModel": ("encoder_hidden_states",),
+                    "SD3Transformer2DModel": ("encoder_hidden_states", "pooled_projections"),
+                    "FluxTransformer2DModel": ("encoder_hidden_states", "pooled_projections")}
+#: keyword tensors that are no batch (Flux's position ids: one row per token)
+_UNBATCHED = ("img_ids", "txt_ids")
+
+
+def _class_table(net: nn.Module) -> tuple[int | None, bool]:
+    """(rows of the class-label embedding or None, whether the network takes class_labels at all)."""
+    name = type(net).__name__
+    if name == "DiTTransformer2DModel":
+        table = next((m for k, m in net.named_modules() if k.endswith("class_embedder.embedding_table")), None)
+        return (table.num_embeddings if isinstance(table, nn.Embedding) else None), True
+    if name in ("UNet2DModel", "UNet2DConditionModel"):
+        embedding = getattr(net, "class_embedding", None)
+        return (embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None), embedding is not None
+    return None, False  # the transformers take no class_labels: a TypeError naming the argument, from the network
 
 
 def _scheduler_config(scheduler: object, model_dir: Path) -> tuple[dict[str, Any], str]:
@@ -182,6 +273,7 @@ def _components(path: Path) -> tuple[Path, dict[str, Any] | None]:
     index_path = path / "model_index.json"
     if index_path.is_file():
         index = read_json(index_path, "pipeline index")
+        _check_components(index, index_path)
         for key in _DENOISER_KEYS:
             entry = index.get(key)
             if isinstance(entry, list) and len(entry) == 2 and entry[1] is not None:
@@ -195,6 +287,30 @@ def _components(path: Path) -> tuple[Path, dict[str, Any] | None]:
         raise ValueError(f"{path} is not a diffusers model or pipeline directory: it has neither model_index.json "
                          "nor config.json")
     return path, None
+
+
+#: the model_index.json keys flowdiff reads as components: each a [library, class] pair, or [null, null] for none
+_COMPONENT_KEYS = (*_DENOISER_KEYS, "vae", "scheduler", *(f"{kind}{suffix}" for kind in ("tokenizer", "text_encoder")
+                                                          for suffix in ("", "_2", "_3")))
+
+
+def _check_components(index: Mapping[str, Any], index_path: Path) -> None:
+    """Refuse a component entry that is not ``[library, class]`` (or ``[null, null]``): read as absent, a damaged
+    ``"vae"`` entry made the flow run without its autoencoder, with no word."""
+    for key in _COMPONENT_KEYS:
+        if key not in index:
+            continue
+        value = index[key]
+        if not (isinstance(value, list) and len(value) == 2
+                and all(v is None or isinstance(v, str) for v in value) and (value[0] is None) == (value[1] is None)):
+            raise ValueError(f"{index_path}: {key!r} must be a [library, class] pair such as [\"diffusers\", "
+                             f"\"AutoencoderKL\"] (or [null, null] for none), got {value!r}")
+    for key, value in index.items():  # an autoencoder under another name (Kandinsky's movq) would be left out
+        if key != "vae" and not key.startswith("_") and isinstance(value, list) and len(value) == 2 \
+                and isinstance(value[1], str) and ("VQModel" in value[1] or value[1].startswith("Autoencoder")):
+            raise ValueError(f"{index_path}: its autoencoder is {key!r} ({value[1]}); flowdiff reads a pipeline's "
+                             "AutoencoderKL as 'vae' only, and without it the flow would run in latent space with no "
+                             "decoder: not supported")
 
 
 def _weights(directory: Path) -> list[str]:
@@ -215,17 +331,34 @@ def _load(cls: Any, directory: Path, what: str, dtype: torch.dtype | None) -> nn
         raise FileNotFoundError(f"{what} config {directory / 'config.json'} is missing")
     read_json(directory / "config.json", f"{what} config")
     weights = _weights(directory)
-    kwargs: dict[str, Any] = {"local_files_only": True}
+    kwargs: dict[str, Any] = {"local_files_only": True, "output_loading_info": True}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
     try:
-        module = cls.from_pretrained(str(directory), **kwargs)
+        module, info = cls.from_pretrained(str(directory), **kwargs)
     except Exception as e:  # diffusers/transformers raise OSError, ValueError, RuntimeError or SafetensorError
         raise ValueError(f"could not load the {cls.__name__} weights in {directory} ({', '.join(weights)}): "
                          f"{type(e).__name__}: {e}") from None
+    _check_loading_info(cls.__name__, directory, weights, info)
     if dtype is not None and any(p.dtype != dtype for p in module.parameters()):
         module.to(dtype)  # some classes load part of their weights in float32 whatever torch_dtype says
     return module.eval().requires_grad_(False)
+
+
+def _check_loading_info(name: str, directory: Path, weights: list[str], info: Mapping[str, Any]) -> None:
+    """Refuse weights that do not fill the network its ``config.json`` builds: diffusers and transformers only log
+    the parameters they leave at their random initialisation (missing, or of another shape) and the weights they
+    drop (unexpected), and the model then samples noise-like images with no error."""
+    problems = [f"{len(keys)} {what} (e.g. {', '.join(sorted(map(str, keys))[:3])})"
+                for what, keys in (("parameters missing from the weights, left random", info.get("missing_keys")),
+                                   ("parameters of another shape in the weights",
+                                    [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or ()]),
+                                   ("weights the config has no parameter for", info.get("unexpected_keys")))
+                if keys]
+    if problems:
+        raise ValueError(f"the {name} weights in {directory} ({', '.join(weights)}) do not match its config "
+                         f"{directory / 'config.json'}: {'; '.join(problems)}; the folder is damaged or mixes two "
+                         "models (save the model again with save_pretrained)")
 
 
 def _diffusers() -> Any:
@@ -288,7 +421,10 @@ def _prompt_encoder(root: Path, index: Mapping[str, Any], dtype: torch.dtype | N
     pipeline = getattr(_diffusers(), pipeline_class)(**components)
     denoiser = "unet" if pipeline_class == "StableDiffusionXLPipeline" else "transformer"
     config = read_json(root / denoiser / "config.json", "model config")
-    return PipelinePromptEncoder(pipeline, model_dtype, guidance_embeds=bool(config.get("guidance_embeds", False)))
+    encoder = PipelinePromptEncoder(pipeline, model_dtype, guidance_embeds=bool(config.get("guidance_embeds", False)))
+    if pipeline_class == "StableDiffusionXLPipeline":  # diffusers' default where the index does not say
+        encoder.zeros_for_no_negative = bool(index.get("force_zeros_for_empty_prompt", True))
+    return encoder
 
 
 def from_diffusers(path: str | Path, *, scheduler: object = None, device: str | torch.device | None = None,
@@ -315,6 +451,11 @@ def from_diffusers(path: str | Path, *, scheduler: object = None, device: str | 
     config_path = model_dir / "config.json"
     config = read_json(config_path, "model config")
     class_name = config.get("_class_name")
+    architectures = config.get("architectures")
+    if class_name is None and isinstance(architectures, list) and architectures:  # a transformers model's config
+        raise ValueError(f"{config_path}: a transformers {', '.join(map(str, architectures))} (a text encoder?), not "
+                         f"a diffusers denoiser; give the pipeline folder (with model_index.json) or its unet/ or "
+                         f"transformer/ folder; supported denoisers: {', '.join(SUPPORTED_MODELS)}")
     if class_name not in SUPPORTED_MODELS:
         raise ValueError(f"{config_path}: model class {class_name!r} is not supported; "
                          f"supported: {', '.join(SUPPORTED_MODELS)}")
@@ -350,8 +491,9 @@ def from_diffusers(path: str | Path, *, scheduler: object = None, device: str | 
                 if packed.image_size is not None:
                     rows, cols = (s // packed.patch for s in packed.image_size)
                     flow.sample_shape = model.sample_shape = (rows * cols, int(net.config.in_channels))
-            else:
-                flow.autoencoder = Autoencoder(vae)
+            else:  # SDXL's pipeline reads the VAE's latents_mean/latents_std, SD's does not
+                sdxl = index.get("_class_name") == "StableDiffusionXLPipeline"
+                flow.autoencoder = Autoencoder(vae, latents_stats=sdxl)
         prompt_encoder = _prompt_encoder(root, index, dtype, net.dtype)
         if prompt_encoder is not None and device is not None:
             for encoder in getattr(prompt_encoder, "text_encoders", None) or [prompt_encoder.text_encoder]:

@@ -6,7 +6,9 @@ dropout predicts both ε_c = ε(x, t | c) and ε_u = ε(x, t | ∅); sampling us
     ε_w = ε_u + w·(ε_c − ε_u)
 
 with guidance scale w (w = 1: the conditional model, w = 0: the unconditional one, w > 1:
-sharper, less diverse samples). ε_w is still a deterministic field of (x̄, σ), so the guided
+sharper, less diverse samples). diffusers' pipelines skip guidance for ``guidance_scale`` ≤ 1 (their
+result is then the conditional model's, w = 1 here); w here is the formula at every value.
+ε_w is still a deterministic field of (x̄, σ), so the guided
 model is an ordinary ODE: every solver and both directions (generation and encoding)
 apply unchanged. Each guided evaluation costs two network evaluations; ``stats.nfe``
 counts guided evaluations.
@@ -101,8 +103,9 @@ def batched_kwargs(first: Mapping[str, Any], second: Mapping[str, Any], batch: i
     """The keyword arguments of one call on the batch [first; second], or None where they do not pair.
 
     They pair when both name the same keys and each key holds either two tensors of leading
-    size ``batch`` (or both 1, broadcast to it) and equal trailing shape and dtype
-    (concatenated), or the same non-tensor value.
+    size ``batch`` or 1 (one prompt for the batch, broadcast to it) and equal trailing shape and dtype
+    (concatenated), or the same non-tensor value. (One negative prompt beside per-sample prompts pairs too: it
+    ran as two calls, whose float rounding differed from the one call of the same request spelt with one prompt.)
     """
     if set(first) != set(second):
         return None
@@ -110,12 +113,11 @@ def batched_kwargs(first: Mapping[str, Any], second: Mapping[str, Any], batch: i
     for key, a in first.items():
         b = second[key]
         if isinstance(a, Tensor) and isinstance(b, Tensor):
-            if a.ndim == 0 or a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+            if a.ndim == 0 or b.ndim == 0 or a.shape[1:] != b.shape[1:] or a.dtype != b.dtype \
+                    or a.device != b.device or a.shape[0] not in (1, batch) or b.shape[0] not in (1, batch):
                 return None
-            if a.shape[0] == 1 and batch > 1:  # one prompt for the whole batch: broadcast before pairing
+            if batch > 1:  # one prompt for the whole batch: broadcast before pairing
                 a, b = a.expand(batch, *a.shape[1:]), b.expand(batch, *b.shape[1:])
-            elif a.shape[0] != batch:
-                return None
             joint[key] = torch.cat([a, b])
         elif isinstance(a, Tensor) or isinstance(b, Tensor) or a is not b and a != b:
             return None

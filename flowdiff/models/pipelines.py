@@ -27,6 +27,7 @@ from torch import Tensor, nn
 import solvers
 
 from ..api.sampling import Result, encode, generate
+from ..engine._checks import check_data_range
 from ..engine.flow import ProbabilityFlow
 from ..engine.formulations import prefer_variables
 from ..engine.grids import _check_steps, reversed_grid
@@ -54,32 +55,66 @@ class Autoencoder:
     results returned in the input's dtype.
     """
 
-    def __init__(self, vae: nn.Module) -> None:
+    def __init__(self, vae: nn.Module, *, latents_stats: bool = False) -> None:
         self.vae = vae
         cfg = vae.config
         self.scaling_factor = float(getattr(cfg, "scaling_factor", 1.0) or 1.0)
         shift = getattr(cfg, "shift_factor", None)
         self.shift_factor = 0.0 if shift is None else float(shift)
+        #: per-channel latent statistics (``latents_mean``, ``latents_std`` of the VAE's config) where the pipeline
+        #: reads them (SDXL's, e.g. Playground v2.5): z = scaling_factor·(mean − latents_mean)/latents_std
+        self.latents_mean: Tensor | None = None
+        self.latents_std: Tensor | None = None
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if latents_stats and mean is not None and std is not None:
+            self.latents_mean = torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
+            self.latents_std = torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
+
+    @property
+    def factor(self) -> int:
+        """Image pixels per latent pixel: 2 to the number of the encoder's downsamplings."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _check_shape(self, x: Tensor, name: str, channels: int, what: str, factor: int = 1) -> None:
+        """``x`` is (batch, channels, H, W) with H and W multiples of ``factor``: a ValueError naming ``name``."""
+        if x.ndim != 4 or x.shape[1] != channels or x.shape[-1] % factor or x.shape[-2] % factor:
+            sizes = f", H and W multiples of {factor} (the VAE's downsampling)" if factor > 1 else ""
+            raise ValueError(f"{name} must be (batch, {channels}, H, W): {what}{sizes}; got shape {tuple(x.shape)}")
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
-        """Latents of ``images``: scaling_factor·(mean of q(z | x) − shift_factor)."""
+        """Latents of ``images``: scaling_factor·(mean of q(z | x) − shift_factor).
+
+        ``images`` are (batch, C, H, W) with the VAE's ``in_channels`` and H, W multiples of :attr:`factor`:
+        the encoder would drop the rows and columns past the last multiple, and the decode be smaller."""
         _check_tensor(images, "images")
+        self._check_shape(images, "images", int(self.vae.config.in_channels),
+                          f"the VAE's in_channels={self.vae.config.in_channels}", self.factor)
+        check_data_range(images, "images")  # a warning for [0, 255] pixels: the VAE takes [−1, 1]
         mean = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
+        if self.latents_mean is not None:  # SDXL's img2img: (z − latents_mean)·scaling_factor/latents_std
+            m, s = (v.to(mean.device, mean.dtype) for v in (self.latents_mean, self.latents_std))
+            return ((mean - m) * self.scaling_factor / s).to(images.dtype)
         return ((mean - self.shift_factor) * self.scaling_factor).to(images.dtype)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """Images of ``latents`` (in [−1, 1] up to the decoder's range; not clamped)."""
         _check_tensor(latents, "latents")
-        z = latents.to(self.vae.dtype) / self.scaling_factor + self.shift_factor
+        self._check_shape(latents, "latents", int(self.vae.config.latent_channels),
+                          f"the VAE's latent_channels={self.vae.config.latent_channels}")
+        z = latents.to(self.vae.dtype)
+        if self.latents_mean is not None:  # SDXL's decode: z·latents_std/scaling_factor + latents_mean
+            m, s = (v.to(z.device, z.dtype) for v in (self.latents_mean, self.latents_std))
+            z = z * s / self.scaling_factor + m
+        else:
+            z = z / self.scaling_factor + self.shift_factor
         return self.vae.decode(z).sample.to(latents.dtype)
 
     def image_shape(self, sample_shape: Sequence[int]) -> tuple[int, int, int]:
         """The (C, H, W) of the images whose latents have ``sample_shape`` (C, h, w)."""
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         _, h, w = sample_shape
-        return int(self.vae.config.in_channels), int(h) * factor, int(w) * factor
+        return int(self.vae.config.in_channels), int(h) * self.factor, int(w) * self.factor
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.vae).__name__}, scaling_factor={self.scaling_factor:g})"
@@ -205,9 +240,28 @@ class PipelinePromptEncoder:
         self.dtype = dtype
         self.max_sequence_length = self.MAX_SEQUENCE_LENGTH[name]
         self.guidance_embeds = guidance_embeds
-        self.embedded_guidance = 3.5
+        self._embedded_guidance = 3.5
         #: SDXL: the (H, W) of its images, for the size ids (from_diffusers sets it from the UNet and VAE)
         self.image_size: tuple[int, int] | None = None
+        #: SDXL's ``force_zeros_for_empty_prompt`` (its model_index.json, True by default): without a negative
+        #: prompt the unconditional branch is zero embeddings, not the empty prompt's
+        #: (:meth:`DiffusersFlow.encode_negative_prompt`)
+        self.zeros_for_no_negative = False
+
+    @property
+    def embedded_guidance(self) -> float:
+        """A guidance-distilled Flux's embedded guidance scale (FluxPipeline's ``guidance_scale``, 3.5 by default)."""
+        return self._embedded_guidance
+
+    @embedded_guidance.setter
+    def embedded_guidance(self, value: float) -> None:
+        if not self.guidance_embeds:  # it reaches no model: the attribute was set and nothing changed
+            raise ValueError(f"embedded_guidance={value!r}: this {self.kind}'s transformer has no guidance embedding "
+                             "(guidance_embeds=False), so it would change nothing; a guidance-distilled Flux "
+                             "(Flux-dev) has one; guide this one with classifier_free_guidance")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise TypeError(f"embedded_guidance must be a finite number (FluxPipeline's guidance_scale), got {value!r}")
+        self._embedded_guidance = float(value)
 
     def time_ids(self, n: int, device: torch.device) -> Tensor:
         """SDXL's size conditioning for ``n`` prompts: (original H, W, crop top, left, target H, W), the
@@ -284,6 +338,25 @@ class DiffusersFlow(ProbabilityFlow):
         dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None) \
             if isinstance(self.model, nn.Module) else None
         return {k: v.to(dtype) if dtype is not None else v for k, v in kwargs.items()}  # the denoiser's dtype now
+
+    def encode_negative_prompt(self, negative_prompts: Sequence[str] | None = None, n: int = 1) -> dict[str, Tensor]:
+        """The unconditional branch's ``model_kwargs`` as the pipeline makes it for its ``negative_prompt``.
+
+        Given prompts: their embeddings (:meth:`encode_prompt`). ``None`` (the pipeline called without one): the
+        empty prompt's embeddings for ``n`` samples — except for SDXL, whose pipeline (``force_zeros_for_empty_prompt``,
+        its default) takes zero text embeddings and zero pooled embeddings then (the size ids stay), so
+        ``classifier_free_guidance(flow, 5.0, unconditional_kwargs=flow.encode_negative_prompt())`` is its loop.
+        """
+        if negative_prompts is not None:
+            return self.encode_prompt(negative_prompts)
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"n must be the number of samples, an int >= 1, got {type(n).__name__} {n!r}")
+        if n < 1:
+            raise ValueError(f"n must be the number of samples, an int >= 1, got {n}")
+        kwargs = self.encode_prompt([""] * n)
+        if getattr(self.prompt_encoder, "zeros_for_no_negative", False):
+            kwargs = {k: v if k == "time_ids" else torch.zeros_like(v) for k, v in kwargs.items()}
+        return kwargs
 
     def named_grid(self, name: str, steps: int) -> np.ndarray | None:
         """The grid ``grid=name`` means for this model: ``leading``/``trailing`` are its scheduler config's own
@@ -620,8 +693,16 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
     return _read_plan(name, sched, "dpmpp_2m", options, "model")
 
 
+#: the keywords of generate/encode that sample_like/encode_like set from the scheduler, and what sets them
+_SET_BY_THE_SCHEDULER = {
+    "sample_like": {"grid": "its σ grid is the scheduler's", "adaptive": "a fixed grid, the scheduler's"},
+    "encode_like": {"grid": "its σ grid is DDIMInverseScheduler's", "solver": "its method is ddim_inverse",
+                    "adaptive": "a fixed grid, DDIMInverseScheduler's"},
+}
+
+
 def _like_arguments(function: str, flow: object, x: object, name: str, scheduler: object, steps: int | None,
-                    steps_are: str) -> object:
+                    steps_are: str, passed: Mapping[str, Any]) -> object:
     """The checks shared by :func:`sample_like` and :func:`encode_like`; the scheduler to follow (the flow's
     own ``scheduler_config`` when none is given)."""
     if not isinstance(flow, ProbabilityFlow):
@@ -629,6 +710,11 @@ def _like_arguments(function: str, flow: object, x: object, name: str, scheduler
     _check_tensor(x, name)
     if steps is None:
         raise TypeError(f"{function} needs steps= ({steps_are})")
+    taken = [k for k in _SET_BY_THE_SCHEDULER[function] if k in passed]
+    if taken:
+        raise TypeError(f"{function} takes no {', '.join(k + '=' for k in taken)}: it runs the scheduler's own loop "
+                        f"({_SET_BY_THE_SCHEDULER[function][taken[0]]}); for another grid or solve call "
+                        f"flowdiff.{'generate' if function == 'sample_like' else 'encode'} with the flow")
     if scheduler is None:
         scheduler = getattr(flow, "scheduler_config", None)
         if scheduler is None:
@@ -719,7 +805,7 @@ def sample_like(flow: ProbabilityFlow, noise: Tensor, scheduler: object = None, 
     :func:`flowdiff.generate`.
     """
     scheduler = _like_arguments("sample_like", flow, noise, "noise", scheduler, steps,
-                                "the pipeline's num_inference_steps")
+                                "the pipeline's num_inference_steps", generate_kwargs)
     if mu is None and sigmas is None and getattr(flow, "packed", False):
         mu, sigmas = flux_grid_arguments(scheduler, noise.shape[1], steps)
     plan = scheduler_plan(scheduler, steps, mu=mu, sigmas=sigmas)
@@ -759,7 +845,7 @@ def encode_like(flow: ProbabilityFlow, images: Tensor, scheduler: object = None,
     :func:`flowdiff.encode`.
     """
     scheduler = _like_arguments("encode_like", flow, images, "images", scheduler, steps,
-                                "the inversion's num_inference_steps")
+                                "the inversion's num_inference_steps", encode_kwargs)
     config, source = config_of(scheduler)
     name = class_name(config)
     if name is None:
