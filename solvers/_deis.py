@@ -15,6 +15,17 @@ with the polynomial in t; the log-time polynomial follows an ε that varies on t
 log t, as a diffusion model's does on grids uniform in log σ. Where log t is undefined (a step
 into t = 0) the step's polynomial is taken in t. One evaluation a step; the first steps use
 the history they have, so a fixed-grid solve converges at order 2.
+
+The log-time weights are chosen step by step (``Adams(log_time_by_step=True)``): every step
+whose nodes and ends lie away from t = 0 takes them, also in a solve that ends or starts at
+t = 0, as every generation in σ does; only the step into 0 (and, out of 0, the steps whose
+nodes still include 0) take the polynomial in t. Generic log-time Adams methods instead take the
+polynomial in t for the whole of such a solve (:meth:`Adams.on_interval`), where DEIS would be
+``lms`` of its order. Next to 0 the log-time polynomial spans O(1) in log t; on a field smooth
+in t (not in log t) the fixed-grid order there, measured by slope fit on both directions and
+across 0 (``tests/test_deis_log_weights.py``, ``benchmarks/deis_generation.py --orders-only``),
+is 2 for order 3 and 4, as away from 0 (slopes 1.88-2.06); for order 2 about 1.8 (its steps
+near 0 add up to O(h² log(1/h))); 1 for order 1 (Euler).
 """
 
 from __future__ import annotations
@@ -24,8 +35,9 @@ from ._registry import register
 
 
 def _deis(order: int = 3) -> Adams:
-    return Adams("deis", order, log_time=True)
+    return Adams("deis", order, log_time=True, log_time_by_step=True)
 
 
 register("deis", _deis, "DEIS (Zhang & Chen 2023), log-ρ variant: Adams–Bashforth of order (default 3, option "
-         "order=1..4) with the derivative extrapolated in log t; 1 evaluation a step")
+         "order=1..4) with the derivative extrapolated in log t on every step away from t = 0 (in t on a step "
+         "into 0); 1 evaluation a step")

@@ -152,17 +152,30 @@ class Adams(Solver):
     small); a self-started fixed-grid solve is limited by its lower-order first steps to
     ``fixed_grid_order`` (2 for Adams–Bashforth, 3 in PEC mode), as k-diffusion's lms is.
 
+    Log-time weights next to t = 0 interpolate across O(1) spans of log|t|, so by default a solve
+    whose interval touches or crosses 0 takes the polynomial in t throughout (:meth:`on_interval`).
+    ``log_time_by_step`` decides step by step instead: every step whose nodes and ends lie on one
+    side of 0 takes the log-time weights, a step touching 0 the polynomial in t. That is DEIS's
+    method (a field smooth in log t); on a field smooth in t only it costs the PEC mode an order
+    next to 0, while Adams–Bashforth of order ≥ 3 keeps its fixed-grid order 2 (see ``solvers._deis``).
     """
 
     multistep: ClassVar[bool] = True
 
-    def __init__(self, name: str, order: int, *, log_time: bool = False, corrector: bool = False) -> None:
+    def __init__(self, name: str, order: int, *, log_time: bool = False, corrector: bool = False,
+                 log_time_by_step: bool = False) -> None:
         if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
             raise ValueError(f"solver {name!r}: order must be an int in 1..4, got {order!r}")
+        if not isinstance(log_time_by_step, bool):
+            raise TypeError(f"solver {name!r}: log_time_by_step must be True or False, got {log_time_by_step!r}")
+        if log_time_by_step and not log_time:
+            raise ValueError(f"solver {name!r}: log_time_by_step=True decides where the log-time weights apply, "
+                             "and log_time is False; pass log_time=True with it, or neither")
         self.name = name  # type: ignore[misc]
         self.steps_order = order
         self.order = order + 1 if corrector else order  # type: ignore[misc]
         self.log_time = log_time
+        self.log_time_by_step = log_time_by_step
         self.corrector = corrector
         self.adaptive = corrector  # type: ignore[misc]
         self.evaluates_end = corrector  # type: ignore[misc]
@@ -200,15 +213,17 @@ class Adams(Solver):
         corrector = self.corrector if corrector is None else corrector and self.corrector
         if derivatives >= self.steps_order and corrector == self.corrector:
             return self
-        out = Adams(self.name, min(derivatives, self.steps_order), log_time=self.log_time, corrector=corrector)
+        out = Adams(self.name, min(derivatives, self.steps_order), log_time=self.log_time, corrector=corrector,
+                    log_time_by_step=self.log_time_by_step)
         out.warp = self.warp
         return out
 
     def on_interval(self, t0: float, t1: float) -> Adams:
         """Log-time weights only on an interval away from t = 0. On one that crosses or touches 0, steps next to
         it would interpolate across O(1) spans of log|t| and lose an order (UniPC's 3 fell to 2 on [−1, 1]):
-        there the whole solve uses the polynomial in t, classic Adams of the same order and the same cost."""
-        if not self.log_time or min(t0, t1) > 0 or max(t0, t1) < 0:
+        there the whole solve uses the polynomial in t, classic Adams of the same order and the same cost.
+        With ``log_time_by_step`` the method is kept: its steps choose their own weights (:func:`adams_weights`)."""
+        if not self.log_time or self.log_time_by_step or min(t0, t1) > 0 or max(t0, t1) < 0:
             return self
         in_t = copy.copy(self)
         in_t.log_time = False

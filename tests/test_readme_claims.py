@@ -289,26 +289,24 @@ def test_an_output_named_as_another_outputs_folder_is_refused_before_the_work(tm
 
 
 def test_deis_generates_as_the_readme_says():
-    """The *Low-NFE solvers* table described ``deis`` as Adams in σ with ε extrapolated in log σ; since the log-time
-    weights are off on a solve's interval touching σ = 0, a generation down to 0 is ``lms(order=3)`` bit for bit
-    (``benchmarks/deis_generation.py``; RESULTS.md, "README sweep"). The table now says so; should DEIS's weights
-    come back into generation, this test fails and the sentence must change with them."""
+    """The *Low-NFE solvers* table described ``deis`` as Adams in σ with ε extrapolated in log σ; from b74a095 to D6
+    a generation down to σ = 0 was ``lms(order=3)`` bit for bit, and the table said so. DEIS's log-σ weights are
+    back on every step away from σ = 0 (``Adams(log_time_by_step=True)``): the table says that, and the
+    generation down to 0 differs from lms(order=3) as the one ending above 0 does."""
     import torch
 
     from flowdiff.models.analytic import Mixture
 
     (row,) = [r for r in _table(_section("### Low-NFE solvers"), "| name | method |") if r[0] == "`deis`"]
-    assert "a generation down to σ = 0 is `lms(order=3)`'s, bit for bit" in row[1]
+    assert "in a generation down to 0 too" in row[1] and "bit for bit" not in row[1]
     flow = Mixture(torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), 0.5).flow()
     noise = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     sigmas = flowdiff.make_sigmas(flow.schedule, "logsnr", 8)
     lms = solvers.get("lms", order=3)
     assert sigmas[-1] == 0.0
-    assert torch.equal(flowdiff.generate(flow, noise, solver="deis", grid=sigmas).x,
-                       flowdiff.generate(flow, noise, solver=lms, grid=sigmas).x)
-    above = sigmas[:-1]  # ending at σ_min: the log-σ weights act
-    assert not torch.equal(flowdiff.generate(flow, noise, solver="deis", grid=above).x,
-                           flowdiff.generate(flow, noise, solver=lms, grid=above).x)
+    for grid in (sigmas, sigmas[:-1]):  # down to σ = 0, and ending at σ_min
+        assert not torch.equal(flowdiff.generate(flow, noise, solver="deis", grid=grid).x,
+                               flowdiff.generate(flow, noise, solver=lms, grid=grid).x)
 
 
 def test_the_docs_index_lists_every_example_script():
