@@ -3,12 +3,14 @@
 import inspect
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import flowdiff
 import flowdiff.api.adaptive
 import solvers
+from flowdiff.cli import main
 from flowdiff.engine.schedules import rescale_zero_terminal_snr
 
 # -- one spelling: the adaptive callback's record is StepState, and only that ---------------------------------
@@ -78,3 +80,49 @@ def test_step_from_noise_gives_the_same_refusal():
     with pytest.raises(ValueError) as solve:
         flowdiff.generate(flow, noise, grid="trailing", steps=3)
     assert str(direct.value) == str(solve.value)
+
+
+# -- the command line: arguments that cannot work together end with status 2 -------------------------------------
+
+def _digit_folder(folder):
+    from PIL import Image
+
+    (folder / "0").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / "0" / f"d{i}.png")
+    return str(folder)
+
+
+USAGE_ERRORS = [
+    (["--guidance", "3"], ["--guidance 3.0", "needs --class-label N"]),
+    (["--class-label", "10"], ["--class-label 10", "has 10 classes; accepted: 0 … 9"]),
+    (["--class-label", "2", "--prompt", "a cat"], ["--class-label 2 and --prompt 'a cat'"]),
+    (["--class-label", "2", "--guidance", "nan"], ["--guidance must be a finite number, got nan"]),
+    (["--model", "analytic-mixture", "--class-label", "1"], ["--class-label 1", "takes no class labels"]),
+    (["--model", "analytic-mixture", "--guidance", "2"], ["--guidance 2.0", "need --prompt"]),
+    (["--prompt", "a cat"], ["--prompt 'a cat'", "no text encoder"]),
+]
+
+
+@pytest.mark.parametrize("extra, named", USAGE_ERRORS, ids=[" ".join(extra) for extra, _ in USAGE_ERRORS])
+def test_arguments_that_cannot_work_are_usage_errors(extra, named, tmp_path, capsys):
+    """The README gives usage errors status 2; these ended with status 1, as failures at run time do."""
+    out = tmp_path / "x.png"
+    assert main(["sample", "--num", "2", "--steps", "2", "--device", "cpu", "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flowdiff sample: error: ") and all(part in err for part in named), err
+    assert not out.exists()
+
+
+def test_a_class_label_with_data_is_a_usage_error(tmp_path, capsys):
+    data = _digit_folder(tmp_path / "in")
+    out = tmp_path / "latents"
+    assert main(["encode", "--data", data, "--class-label", "1", "--steps", "2", "--device", "cpu",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--data: model 'digits' takes one class label per image" in err and "--class-label 1" in err
+    assert not out.exists()
+    # without the label the same run works: the refusal is of the pair, not of --data
+    assert main(["encode", "--data", data, "--steps", "2", "--device", "cpu", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
