@@ -2,6 +2,7 @@
 
 import inspect
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,3 +127,39 @@ def test_a_class_label_with_data_is_a_usage_error(tmp_path, capsys):
     # without the label the same run works: the refusal is of the pair, not of --data
     assert main(["encode", "--data", data, "--steps", "2", "--device", "cpu", "--out", str(out)]) == 0, \
         capsys.readouterr().err
+
+
+# -- the README's round-trip table says which encodes are refused --------------------------------------------------
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+
+
+def _round_trip_table():
+    header = "| solver | trailing | leading | karras | logsnr |"
+    lines = README[README.index(header):].splitlines()
+    grids = [cell.strip() for cell in lines[0].strip().strip("|").split("|")][1:]
+    rows = {}
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        rows[cells[0].split()[0]] = dict(zip(grids, cells[1:]))
+    return rows
+
+
+def test_the_round_trip_table_marks_exactly_the_refused_encodes():
+    """The table showed ``ipndm`` after-values on trailing, leading and karras, but its encodes are refused on every
+    grid: a cell says "refused" exactly where ``flowdiff.encode`` refuses that solver on that grid."""
+    flow = flowdiff.pretrained("digits")
+    images = flowdiff.digits_data("test").images[:1].double()
+    table = _round_trip_table()
+    assert "ipndm" in table and len(table) >= 7
+    for solver, cells in table.items():
+        for grid, cell in cells.items():
+            try:
+                flowdiff.encode(flow, images, solver=solver, steps=2, grid=grid)
+                refused = False
+            except ValueError as err:
+                assert f"solver '{solver}' cannot encode" in str(err)
+                refused = True
+            assert cell.endswith("refused") == refused, (solver, grid, cell)
