@@ -163,3 +163,32 @@ def test_the_round_trip_table_marks_exactly_the_refused_encodes():
                 assert f"solver '{solver}' cannot encode" in str(err)
                 refused = True
             assert cell.endswith("refused") == refused, (solver, grid, cell)
+
+
+# -- the refusals at σ = ∞ advise spellings that run ----------------------------------------------------------------
+
+def test_each_refusal_at_infinity_advises_a_call_that_runs():
+    """The refusals of adaptive and stochastic solves from σ = ∞ advised ``sigmas=[σ_start, 0]`` (a keyword removed
+    from generate) and the encode's ``sigmas=grid[1:]``; each advice now names a spelling, and that spelling runs."""
+    calls = []
+    flow = _zero_snr_flow("v_prediction", calls)
+    grid = flowdiff.make_sigmas(flow.schedule, "trailing", 5)
+    noise = torch.randn(2, 3, generator=torch.Generator().manual_seed(2))
+    adaptive = flowdiff.Adaptive(rtol=1e-3, atol=1e-3)
+    refusals = [
+        (lambda: flowdiff.generate(flow, noise, solver="dopri5", adaptive=adaptive),
+         "adaptive=flowdiff.Adaptive(sigma_start=σ)",
+         lambda: flowdiff.generate(flow, noise, solver="dopri5",
+                                   adaptive=flowdiff.Adaptive(rtol=1e-3, atol=1e-3, sigma_start=float(grid[1])))),
+        (lambda: flowdiff.generate(flow, noise, solver=flowdiff.Stochastic(1.0, generator=0), grid=grid),
+         "grid=grid[1:] for flowdiff.Stochastic",
+         lambda: flowdiff.generate(flow, noise, solver=flowdiff.Stochastic(1.0, generator=0), grid=grid[1:])),
+        (lambda: flowdiff.encode(flow, noise, grid=grid),
+         "grid=grid[1:]",
+         lambda: flowdiff.encode(flow, noise, grid=grid[1:])),
+    ]
+    for refused, advice, advised in refusals:
+        with pytest.raises(ValueError) as err:
+            refused()
+        assert advice in str(err.value) and "sigmas=" not in str(err.value)
+        assert advised().x.isfinite().all()
