@@ -13,7 +13,7 @@ from .engine.flow import PREDICTION_TYPES, ProbabilityFlow
 from .engine.grids import GRIDS, grid_timesteps, make_sigmas
 from .engine.latent import Latent
 from .engine.options import Adaptive, Checks, Grid, Inversion, Save, Stochastic
-from .engine.results import AdaptiveStep, Result, StepState
+from .engine.results import Result, StepState
 from .engine.scheduler_grids import scheduler_sigmas
 from .engine.schedules import FlowMatchingSchedule, Schedule, VESchedule
 from .models.diffusers_io import from_diffusers
@@ -32,7 +32,6 @@ from .tools.tuning import TunedGrid, load_grids, save_grids, stored_grid, tune, 
 
 __all__ = [
     "Adaptive",
-    "AdaptiveStep",
     "Checks",
     "DiffusersFlow",
     "FlowMatchingSchedule",

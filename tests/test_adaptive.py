@@ -8,7 +8,6 @@ import torch
 
 import flowdiff
 import solvers
-from flowdiff.api.adaptive import AdaptiveStep
 from flowdiff.models.analytic import Gaussian
 from solvers import FixedGrid, SolveError, integrate
 
@@ -126,7 +125,7 @@ def test_callback_sees_step_sigma_x_and_denoised():
     seen = []
     r = flowdiff.generate(gauss.flow(), noise, solver="unipc", adaptive=flowdiff.Adaptive(rtol=1e-3, atol=1e-3),
                           callback=seen.append)
-    assert all(isinstance(s, AdaptiveStep) for s in seen)
+    assert all(isinstance(s, flowdiff.StepState) for s in seen)
     assert [s.step for s in seen] == list(range(len(seen))) and len(seen) == r.stats.accepted
     sigmas = [s.sigma for s in seen]
     assert all(a > b for a, b in zip(sigmas, sigmas[1:])) and sigmas[-1] == 0.0

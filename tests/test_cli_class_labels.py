@@ -176,7 +176,7 @@ def test_refusals_name_the_option_the_value_and_what_is_accepted(dit_dir, tmp_pa
         (["--class-label", "2", "--guidance", "nan"], "--guidance must be a finite number, got nan"),
     ]
     for extra, message in cases:
-        assert cli.main(["sample", *out, *extra]) == 1, extra
+        assert cli.main(["sample", *out, *extra]) == 2, extra  # usage errors (README: status 2)
         assert message in capsys.readouterr().err, extra
     assert not (tmp_path / "x.png").exists()
 
@@ -190,5 +190,5 @@ def test_where_no_label_per_image_can_be_passed_a_dit_is_refused_by_name(dit_dir
     for path in digit_files:
         (tmp_path / "in" / path.rsplit("/", 1)[-1]).write_bytes(open(path, "rb").read())
     assert cli.main(["encode", "--data", folder, "--class-label", "1", "--steps", "2", "--out",
-                     str(tmp_path / "o"), "--device", "cpu"]) == 1
+                     str(tmp_path / "o"), "--device", "cpu"]) == 2
     assert "--data: model 'digits' takes one class label per image" in capsys.readouterr().err

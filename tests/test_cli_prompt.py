@@ -82,9 +82,9 @@ def test_roundtrip_and_errors(sd_dir, image_file, capsys):
                      "--steps", "3"]) == 0
     out = capsys.readouterr().out
     assert "psnr_db" in out and "autoencoder's own reconstruction: max_abs_error 0.000e+00" in out
-    assert cli.main(["sample", "--prompt", "a cat", "--num", "1", "--steps", "2"]) == 1  # digits: no text encoder
+    assert cli.main(["sample", "--prompt", "a cat", "--num", "1", "--steps", "2"]) == 2  # digits: no text encoder
     assert "no text encoder" in capsys.readouterr().err
-    assert cli.main(["sample", "--model", sd_dir, "--guidance", "2", "--num", "1", "--steps", "2"]) == 1
+    assert cli.main(["sample", "--model", sd_dir, "--guidance", "2", "--num", "1", "--steps", "2"]) == 2
     assert "need --prompt" in capsys.readouterr().err
 
 

@@ -97,7 +97,7 @@ def test_embedded_guidance_is_flux_dev_style_guidance_scale(pipeline_dir, tmp_pa
     kind, path = pipeline_dir
     args = ["sample", "--model", path, "--num", "1", "--steps", "2", "--scale", "1", "--prompt", "a cat"]
     if kind != "flux":  # SD3 has no guidance embedding: refused by name
-        assert cli.main([*args, "--embedded-guidance", "2", "--out", str(tmp_path / "x.png")]) == 1
+        assert cli.main([*args, "--embedded-guidance", "2", "--out", str(tmp_path / "x.png")]) == 2
         assert "no guidance embedding" in capsys.readouterr().err
         return
     assert cli.main([*args, "--embedded-guidance", "1.5", "--out", str(tmp_path / "g.png")]) == 0
@@ -110,5 +110,5 @@ def test_embedded_guidance_is_flux_dev_style_guidance_scale(pipeline_dir, tmp_pa
     cli.save_grid(flow.autoencoder.decode(x), tmp_path / "python.png")
     assert np.array_equal(_png(tmp_path / "python.png"), _png(tmp_path / "g.png"))
     assert not np.array_equal(_png(tmp_path / "default.png"), _png(tmp_path / "g.png"))
-    assert cli.main(["sample", "--model", path, "--embedded-guidance", "2", "--num", "1", "--steps", "2"]) == 1
+    assert cli.main(["sample", "--model", path, "--embedded-guidance", "2", "--num", "1", "--steps", "2"]) == 2
     assert "need --prompt" in capsys.readouterr().err

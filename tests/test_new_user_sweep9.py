@@ -163,7 +163,7 @@ def test_cli_guidance_zero_with_a_prompt_is_refused_since_the_prompt_would_chang
 
     args = ["sample", "--model", str(sd[1]), "--num", "1", "--steps", "2", *condition, "--guidance", "0",
             "--out", str(tmp_path / "x.png")]
-    assert cli.main(args) == 1
+    assert cli.main(args) == 2  # a usage error (sweep 10: options that cannot work together exit 2)
     err = capsys.readouterr().err
     assert "--guidance 0 with --prompt 'a cat'" in err and "--guidance 1" in err
     assert not (tmp_path / "x.png").exists()
@@ -174,7 +174,7 @@ def test_cli_guidance_zero_with_a_class_label_is_refused(dit, tmp_path, capsys):
 
     args = ["sample", "--model", str(dit[1]), "--num", "1", "--steps", "2", "--class-label", "3", "--guidance", "0",
             "--out", str(tmp_path / "x.png")]
-    assert cli.main(args) == 1
+    assert cli.main(args) == 2
     assert "--guidance 0 with --class-label 3" in capsys.readouterr().err
 
 
@@ -471,9 +471,9 @@ def test_cli_class_label_reaches_a_class_conditional_unet(class_unet, tmp_path, 
     from flowdiff import cli
 
     args = ["sample", "--model", str(class_unet), "--num", "2", "--steps", "3", "--scale", "1"]
-    assert cli.main([*args, "--out", str(tmp_path / "none.png")]) == 1
+    assert cli.main([*args, "--out", str(tmp_path / "none.png")]) == 2
     assert "class-conditional with no null class (a UNet with num_class_embeds=10)" in capsys.readouterr().err
-    assert cli.main([*args, "--class-label", "3", "--guidance", "2", "--out", str(tmp_path / "g.png")]) == 1
+    assert cli.main([*args, "--class-label", "3", "--guidance", "2", "--out", str(tmp_path / "g.png")]) == 2
     assert "--guidance 2.0: model 'unet' has no null class" in capsys.readouterr().err
     assert cli.main([*args, "--class-label", "3", "--out", str(tmp_path / "three.png")]) == 0
     flow = flowdiff.from_diffusers(class_unet)

@@ -359,8 +359,8 @@ def test_round_trip_order_refuses_an_exact_round_trip_at_float_rounding():
 
 def test_the_readme_names_every_public_name_of_flowdiff():
     """The README documents everything: seven names of ``flowdiff.__all__`` (``GRIDS``, ``PREDICTION_TYPES``,
-    ``grid_timesteps``, ``DiffusersFlow``, ``SchedulerPlan``, ``Comparison``, ``AdaptiveStep``) appeared nowhere in
-    it. Each is now named where a user meets it."""
+    ``grid_timesteps``, ``DiffusersFlow``, ``SchedulerPlan``, ``Comparison`` and an alias since removed) appeared
+    nowhere in it. Each is now named where a user meets it."""
     named = re.findall(r"(?<![\w.])(?:flowdiff\.)?([A-Za-z_]\w*)", README)
     assert sorted(set(flowdiff.__all__) - set(named)) == []
 

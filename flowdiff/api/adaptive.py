@@ -56,11 +56,11 @@ from ..engine.formulations import Data, EulerToZero, IntoZero, LogSigma, OutOfZe
 from ..engine.latent import Latent
 from ..engine.loop import solve_flow
 from ..engine.options import GENERATE_ATOL, GENERATE_RTOL, Adaptive, Request, compute_dtype
-from ..engine.results import AdaptiveStep, Result
+from ..engine.results import Result
 from ..engine.terminal import refuse_infinite_start
 
 __all__ = ["MULTISTEP_CONTROLLER", "MULTISTEP_ENCODE_CONTROLLER", "RK_CONTROLLER", "RK_MAX_STEP", "SIGMA_TAIL",
-           "AdaptiveStep", "LimitFromHistory", "corrector_share", "image_norm", "limit_in_sigma_squared",
+           "LimitFromHistory", "corrector_share", "image_norm", "limit_in_sigma_squared",
            "limit_is_known", "signal_scale", "solve_adaptive_flow", "to_zero_in_log_sigma"]
 
 #: Controller defaults. Runge–Kutta pairs: an I-controller with steps of at most 1 in log(σ + c)

@@ -29,7 +29,7 @@ from solvers import ReversibleHeun, Solver
 
 from ..engine import _checks
 from ..engine.adjoint import adjoint_for, refuse_adjoint
-from ..engine.flow import ProbabilityFlow
+from ..engine.flow import ProbabilityFlow, check_from_noise
 from ..engine.formulations import encode_evaluates_end, formulation_for
 from ..engine.grids import reversed_grid
 from ..engine.latent import Latent
@@ -171,6 +171,7 @@ def _solve_fixed(request: Request, start: Tensor, sig: np.ndarray, direction: st
     if isinstance(request.callback, Saver):  # a σ to save that the grid does not step to: refused before the solve
         request.callback.check(sig)
     if starts_at_infinity(sig):
+        check_from_noise(flow)  # before any evaluation: an epsilon model has no step out of σ = ∞
         eps = field_from_infinity(flow, eps, sig, request.model_kwargs, model_dtype)
         begin = {"y0": start.to(dtype)}
     else:

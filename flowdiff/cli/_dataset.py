@@ -40,7 +40,7 @@ from ..tools.metrics import max_abs_error, mse, psnr
 from . import _commands, _prompt
 from ._errors import CommandError, UsageError, one_line
 from ._images import as_written, write_images
-from ._outputs import image_output_name, output_dir, plan
+from ._outputs import image_output_name, make_folder, output_dir, plan
 
 #: Images per batch unless --batch-size says otherwise.
 DEFAULT_BATCH = 16
@@ -164,7 +164,7 @@ def run_dataset(args: argparse.Namespace, command: str) -> int:
 
 def _make_folder(out: Path) -> None:
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out)  # a run refused before it wrote anything (a usage error found at setup) leaves no folder
     except OSError as err:
         raise OSError(err.errno, f"--out {os.fspath(out)!r}: cannot create the folder ({err.strerror or err})") \
             from None

@@ -37,7 +37,8 @@ def remove_planned_folders() -> None:
             pass
 
 
-def _make_folder(folder: Path) -> None:
+def make_folder(folder: Path) -> None:
+    """Make ``folder`` (and its missing parents), remembering those made for :func:`remove_planned_folders`."""
     missing = []
     probe = folder
     while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
@@ -99,7 +100,7 @@ def plan(outputs: Sequence[tuple[Path, str]], *, inputs: Sequence[str | os.PathL
     for path, what in outputs:
         folder = path.parent
         try:
-            _make_folder(folder)
+            make_folder(folder)
         except FileExistsError:
             raise CommandError(f"{what} {os.fspath(path)!r}: {os.fspath(folder)!r} is a file, not a folder") from None
         except OSError as err:

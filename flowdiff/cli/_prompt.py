@@ -36,6 +36,7 @@ from ..engine.fingerprint import accepted_fingerprints
 from ..engine.latent import Latent
 from ..models.guidance import classifier_free_guidance
 from ._argtypes import int_at_least
+from ._errors import UsageError
 
 #: diffusers' Stable Diffusion default guidance scale, used when --prompt is given without --guidance (and the flow
 #: names no ``default_guidance`` of its own)
@@ -87,7 +88,7 @@ def condition(loaded: Any, args: argparse.Namespace, record: dict[str, Any] | No
     loaded.label_record = None
     label = getattr(args, "class_label", None)
     if label is not None and args.prompt is not None:
-        raise ValueError(f"--class-label {label} and --prompt {args.prompt!r}: a model is conditioned on a class or "
+        raise UsageError(f"--class-label {label} and --prompt {args.prompt!r}: a model is conditioned on a class or "
                          "on a prompt, not both; give one")
     if args.prompt is None and (label is not None or getattr(loaded, "labels", None) is not None):
         return _condition_on_class(loaded, args, label_record, batch)
@@ -98,27 +99,32 @@ def condition(loaded: Any, args: argparse.Namespace, record: dict[str, Any] | No
             prompt, negative, w = record["prompt"], record["negative_prompt"], record["guidance"]
             embedded = record.get("embedded_guidance", embedded)
         elif negative is not None or w is not None or embedded is not None:
-            raise ValueError("--negative-prompt, --guidance and --embedded-guidance need --prompt")
+            given = ", ".join(f"{option} {value!r}" for option, value in (
+                ("--negative-prompt", negative), ("--guidance", w), ("--embedded-guidance", embedded))
+                if value is not None)
+            raise UsageError(f"{given}: --negative-prompt, --guidance and --embedded-guidance need --prompt")
         else:
             loaded.prompt_record = None
             if getattr(loaded.flow, "prompt_encoder", None) is not None:  # a text-to-image denoiser needs its text
                 loaded.model_kwargs = dict(loaded.flow.encode_prompt([""]))  # input: the empty prompt, unguided
             return loaded
+    # a prompt given now is a usage error where it cannot work; one read from the latents is a file that does not fit
+    error = UsageError if args.prompt is not None else ValueError
     if w is None:
         w = float(getattr(loaded.flow, "default_guidance", DEFAULT_GUIDANCE))
     if not math.isfinite(w):
-        raise ValueError(f"--guidance must be a finite number, got {w}")
-    _refuse_zero_guidance(w, f"--prompt {prompt!r}", "the negative prompt's (default: the empty prompt's)")
+        raise error(f"--guidance must be a finite number, got {w}")
+    _refuse_zero_guidance(w, f"--prompt {prompt!r}", "the negative prompt's (default: the empty prompt's)", error)
     flow = loaded.flow
     if getattr(flow, "prompt_encoder", None) is None:
-        raise ValueError(f"--prompt: model {loaded.name!r} has no text encoder flowdiff can use (a Stable Diffusion, "
-                         "SDXL, SD3 or Flux pipeline folder with its tokenizers and text encoders)")
+        raise error(f"--prompt {prompt!r}: model {loaded.name!r} has no text encoder flowdiff can use (a Stable "
+                    "Diffusion, SDXL, SD3 or Flux pipeline folder with its tokenizers and text encoders)")
     if embedded is not None:
         if not getattr(flow.prompt_encoder, "guidance_embeds", False):
-            raise ValueError(f"--embedded-guidance: model {loaded.name!r} has no guidance embedding (a guidance-"
-                             "distilled Flux transformer, guidance_embeds=True, has one); use --guidance")
+            raise error(f"--embedded-guidance {embedded}: model {loaded.name!r} has no guidance embedding (a guidance-"
+                        "distilled Flux transformer, guidance_embeds=True, has one); use --guidance")
         if not math.isfinite(embedded):
-            raise ValueError(f"--embedded-guidance must be a finite number, got {embedded}")
+            raise error(f"--embedded-guidance must be a finite number, got {embedded}")
         flow.prompt_encoder.embedded_guidance = float(embedded)
     cond = flow.encode_prompt([prompt])
     kwargs: dict[str, Any] = {"cond": cond, "guidance": w}
@@ -141,39 +147,42 @@ def _condition_on_class(loaded: Any, args: argparse.Namespace, record: dict[str,
     labels = getattr(loaded, "labels", None)
     label, w = getattr(args, "class_label", None), args.guidance
     if labels is None:
-        raise ValueError(f"--class-label {label}: model {loaded.name!r} takes no class labels; accepted for "
+        raise UsageError(f"--class-label {label}: model {loaded.name!r} takes no class labels; accepted for "
                          "--model digits, class-conditional DiT folders (DiTTransformer2DModel) and UNets with "
                          "num_class_embeds")
     for option, value in (("--negative-prompt", args.negative_prompt),
                           ("--embedded-guidance", getattr(args, "embedded_guidance", None))):
         if value is not None:
-            raise ValueError(f"{option} {value!r}: model {loaded.name!r} is class-conditional and has no text "
+            raise UsageError(f"{option} {value!r}: model {loaded.name!r} is class-conditional and has no text "
                              "encoder; give --class-label N (and --guidance W)")
-    if label is None and w is None and isinstance(record, dict):  # decode: the label the latents were made with
+    recorded = label is None and w is None and isinstance(record, dict)  # decode: the latents' label and guidance
+    if recorded:
         label = record.get("class_label")
         w = record.get("guidance") if label is not None else None
         if not (label is None or type(label) is int) or not (w is None or type(w) in (int, float)):
             raise ValueError(f"the latents' class-label record {record!r} is not a class index and a guidance "
                              "scale; pass --class-label N (and --guidance W) to decode them")
     if label is not None and not 0 <= label < labels.classes:
-        raise ValueError(f"--class-label {label}: model {loaded.name!r} has {labels.classes} classes; accepted: "
-                         f"0 … {labels.classes - 1}")
+        given = f"the latents' class label {label}" if recorded else f"--class-label {label}"
+        error = ValueError if recorded else UsageError  # a file that does not fit the model is no usage error
+        raise error(f"{given}: model {loaded.name!r} has {labels.classes} classes; accepted: 0 … {labels.classes - 1}")
     if w is not None and label is None:
-        raise ValueError(f"--guidance {w}: guiding model {loaded.name!r} needs --class-label N (the class to guide "
+        raise UsageError(f"--guidance {w}: guiding model {loaded.name!r} needs --class-label N (the class to guide "
                          "towards)")
     if labels.required and label is None:
-        raise ValueError(f"model {loaded.name!r} is class-conditional with no null class (a UNet with "
+        raise UsageError(f"model {loaded.name!r} is class-conditional with no null class (a UNet with "
                          f"num_class_embeds={labels.classes}), so it has no unconditional model: give --class-label N, "
                          f"0 … {labels.classes - 1}")
     if labels.required and w is not None and w != 1:
-        raise ValueError(f"--guidance {w}: model {loaded.name!r} has no null class (a UNet with num_class_embeds), so "
-                         "classifier-free guidance has no unconditional branch; leave --guidance out")
+        raise (ValueError if recorded else UsageError)(
+            f"--guidance {w}: model {loaded.name!r} has no null class (a UNet with num_class_embeds), so "
+            "classifier-free guidance has no unconditional branch; leave --guidance out")
     if w is not None and not math.isfinite(w):
-        raise ValueError(f"--guidance must be a finite number, got {w}")
+        raise (ValueError if recorded else UsageError)(f"--guidance must be a finite number, got {w}")
     if w is not None:
-        _refuse_zero_guidance(w, f"--class-label {label}", "the null class's")
+        _refuse_zero_guidance(w, f"--class-label {label}", "the null class's", ValueError if recorded else UsageError)
     if batch is None and (label is not None or labels.null is not None):
-        raise ValueError(f"--data: model {loaded.name!r} takes one class label per image, and a --data run's "
+        raise UsageError(f"--data: model {loaded.name!r} takes one class label per image, and a --data run's "
                          "batches differ in size; give the image files one by one" +
                          (f" with --class-label {label}" if label is not None else ""))
     device = _device_of(loaded.flow)
@@ -190,12 +199,12 @@ def _condition_on_class(loaded: Any, args: argparse.Namespace, record: dict[str,
     return loaded
 
 
-def _refuse_zero_guidance(w: float, condition: str, unconditional: str) -> None:
+def _refuse_zero_guidance(w: float, condition: str, unconditional: str, error: type[Exception]) -> None:
     """Refuse ``--guidance 0``: ε_u + 0·(ε_c − ε_u) is the unconditional branch alone, so the condition would change
     nothing. (diffusers' pipelines read ``guidance_scale`` ≤ 1 as "no guidance", the conditional model, which is
     ``--guidance 1`` here; SD-Turbo's ``guidance_scale=0.0`` is meant that way.)"""
     if w == 0:
-        raise ValueError(f"--guidance 0 with {condition}: ε_u + 0·(ε_c − ε_u) is {unconditional} model alone, so "
+        raise error(f"--guidance 0 with {condition}: ε_u + 0·(ε_c − ε_u) is {unconditional} model alone, so "
                          f"{condition.split()[0]} would change nothing; for no guidance (diffusers' guidance_scale "
                          "≤ 1, e.g. SD-Turbo's 0.0) give --guidance 1 or leave it out where the pipeline's default is "
                          "1; accepted: any other finite number")

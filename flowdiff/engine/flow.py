@@ -326,17 +326,10 @@ class ProbabilityFlow:
         the return value is x̄'/√(1+σ'²), the ``noise`` that ``generate(..., grid=grid[1:])``
         continues from.
         """
-        if self.sigma_field is not None:
-            raise ValueError("step_from_noise needs a model(x_t, t) flow; a σ-native field has no σ = ∞")
+        check_from_noise(self)
         sigma = float(sigma)
         if not 0 <= sigma < math.inf:
             raise ValueError(f"sigma must be finite and >= 0 (the first grid point after σ = ∞), got {sigma}")
-        if self.prediction_type == "epsilon":
-            raise ValueError("prediction_type 'epsilon' defines no clean estimate at σ = ∞ (x̂₀ = (x − s·ε)/α "
-                             "with α = 0); start an epsilon model from a finite σ")
-        if self.prediction_type == "velocity" and self.schedule.kind != "flow_matching":
-            raise ValueError(f"step_from_noise for 'velocity' models is defined for flow-matching schedules, "
-                             f"got {self.schedule!r}")
         t_max = self.timesteps.get(math.inf, self.schedule.timestep(math.inf))
         t_dtype = torch.float64 if (model_dtype or noise.dtype) == torch.float64 else torch.float32
         t = torch.full((noise.shape[0],), t_max, dtype=t_dtype, device=noise.device)
@@ -367,6 +360,29 @@ class ProbabilityFlow:
         field = self.field(model_kwargs)
         own = own_denoised(field)
         return own(sigma, xbar) if own is not None else xbar - sigma * field(sigma, xbar)
+
+
+def check_from_noise(flow: ProbabilityFlow) -> None:
+    """Refuse a flow that has no step out of σ = ∞ (:meth:`ProbabilityFlow.step_from_noise`): a σ-native field,
+    an ``epsilon`` model (x̂₀ = (x − s·ε)/α is 0/0 at α = 0), ``velocity`` off a flow-matching schedule. Called
+    before a solve from σ = ∞ evaluates anything, and by the step itself."""
+    sigma_max = flow.schedule.sigma_max
+    shown = "∞ (zero terminal SNR)" if sigma_max == math.inf else f"{sigma_max:.6g}"
+    instead = ("start from a finite σ: the same grid without its first point (grid=grid[1:], e.g. "
+               "flow.scheduler_sigmas(n)[1:] or make_sigmas(schedule, 'trailing', n)[1:])")
+    if flow.sigma_field is not None:
+        raise ValueError(f"a σ-native field (ProbabilityFlow.from_sigma_field) has no σ = ∞, where this grid starts "
+                         f"(the schedule's σ_max = {shown}); the step out of σ = ∞ needs a model(x_t, t) with "
+                         f"prediction_type 'v_prediction' or 'sample'; {instead}")
+    if flow.prediction_type == "epsilon":
+        raise ValueError(f"prediction_type 'epsilon' defines no clean estimate at σ = ∞ (x̂₀ = (x − s·ε)/α with "
+                         f"α = 0), where this grid starts (the schedule's σ_max = {shown}); a grid from σ = ∞ "
+                         f"accepts prediction_type 'v_prediction' or 'sample' (or 'velocity' on a flow-matching "
+                         f"schedule). For an epsilon model, {instead}")
+    if flow.prediction_type == "velocity" and flow.schedule.kind != "flow_matching":
+        raise ValueError(f"prediction_type 'velocity' has a step out of σ = ∞ only on a flow-matching schedule, got "
+                         f"{flow.schedule!r} (σ_max = {shown}); accepted from σ = ∞ here: prediction_type "
+                         f"'v_prediction' or 'sample'; or {instead}")
 
 
 def _timestep_table(timesteps: Mapping[float, float] | None) -> dict[float, float]:

@@ -29,10 +29,6 @@ class StepState(NamedTuple):
     denoised: Tensor | None = None
 
 
-#: The adaptive solves' callback record is the same :class:`StepState` (kept as a name for old code).
-AdaptiveStep = StepState
-
-
 @dataclass
 class Result:
     """The outcome of generate/encode/decode: ``x`` (image, or latent x_T for encode), the

@@ -70,8 +70,8 @@ def refuse_encode_to_infinity(sigmas: np.ndarray) -> None:
         raise ValueError("encode: this grid ends at σ = ∞ (a zero-terminal-SNR schedule's last timestep, or flow "
                          "matching's t = 1), where the state x̄ is infinite; the last step there could only be Euler's "
                          "limit x_T = ε̂, which no decode retraces. Encode to the last finite level: pass the "
-                         "generation grid without its first point, e.g. sigmas=grid[1:] (decoding that latent with "
-                         "a reversible solver is exact)")
+                         "generation grid without its first point, grid=grid[1:] (e.g. flow.scheduler_sigmas(n)[1:]; "
+                         "decoding that latent with a reversible solver is exact)")
 
 
 def refuse_infinite_start(sigma: float, what: str) -> None:
@@ -80,5 +80,7 @@ def refuse_infinite_start(sigma: float, what: str) -> None:
     if sigma == math.inf:
         raise ValueError(f"{what} cannot start or end at σ = ∞ (this schedule's σ_max: zero terminal SNR), where "
                          "the state x̄ is infinite; only a fixed-grid ODE solve takes the boundary step out of it. "
-                         "Start at a finite σ (sigmas=[σ_start, 0] or sigma_start=, e.g. the scheduler grid's "
-                         "second value), or use a fixed grid without eta")
+                         "Start at a finite σ, e.g. the scheduler grid's second value: "
+                         "adaptive=flowdiff.Adaptive(sigma_start=σ) for an adaptive solve (reference_solution(..., "
+                         "sigma_start=σ) for the reference), grid=grid[1:] for flowdiff.Stochastic; or solve the ODE "
+                         "on the fixed grid (an ODE solver, no adaptive=)")
