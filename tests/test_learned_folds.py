@@ -195,3 +195,32 @@ def test_folds_2_is_refused_where_it_could_not_act():
     # two unipc steps: no step whose history holds a correction term, so nothing to fit
     with pytest.raises(ValueError, match=r"folds=2 .*no parameter to fit"):
         learn_solver(flow, cal, solver="unipc", nfe=2, learn="coefficients", folds=2)
+
+
+@pytest.mark.parametrize("rejected", [{2}, {1, 2}])
+def test_a_fold_the_held_out_half_rejects_drops_out_of_the_average(monkeypatch, rejected):
+    """Fold 2 rejected: the result is fold 1's refit (no average, no extra solve), its held-out figure still pooled
+    over both halves (fold 2's half judged as the base method); both rejected: the base method on the tuned grid."""
+    flow, cal = mixture(), noise(1, n=16)
+    decided, calls = LearnedSolver._decided, []
+
+    def judged(self, learned, base):
+        calls.append(1)
+        return decided(self, math.inf if len(calls) in rejected else learned, base)
+
+    monkeypatch.setattr(LearnedSolver, "_decided", judged)
+    folds = _learn_folds(flow, cal, folds=2, **FIT)
+    result = folds.result
+    (first_half, first_refit), (second_half, second_refit) = folds.fits
+    assert second_refit is None and not second_half.kept and len(calls) == 2
+    assert result.options["folds_kept"] == [1 not in rejected, False]
+    pooled = math.sqrt((first_half.validation_error ** 2 + second_half.base_validation_error ** 2) / 2)
+    assert result.validation_error == pytest.approx(pooled, rel=1e-12)
+    assert result.solves == second_half.solves  # nothing averaged: no solve of an average
+    if 1 in rejected:
+        assert not result.kept and result.options["fitted_on"] == "even half"
+        assert np.array_equal(result.sigmas, result.base_grid()) and not any(result.scales + result.shifts)
+    else:
+        assert result.kept and result.options["fitted_on"] == "all"
+        assert (result.sigmas.tolist(), result.shifts, result.scales, result.directions) == (
+            first_refit.sigmas.tolist(), first_refit.shifts, first_refit.scales, first_refit.directions)
