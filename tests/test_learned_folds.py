@@ -224,3 +224,20 @@ def test_a_fold_the_held_out_half_rejects_drops_out_of_the_average(monkeypatch, 
         assert result.kept and result.options["fitted_on"] == "all"
         assert (result.sigmas.tolist(), result.shifts, result.scales, result.directions) == (
             first_refit.sigmas.tolist(), first_refit.shifts, first_refit.scales, first_refit.directions)
+
+
+def test_coefficients_and_trajectory_weights_average_arithmetically_step_by_step():
+    """The tuple-valued kinds: each step's coefficients and trajectory weights are the folds' means (steps without
+    any stay empty), and the average runs at its budget."""
+    flow, cal = mixture(), noise(1, n=16)
+    folds = _learn_folds(flow, cal, solver="unipc", nfe=6, learn=("coefficients", "shifts", "scales", "trajectory"),
+                         iterations=2, folds=2)
+    (_, a), (_, b) = folds.fits
+    result = folds.result
+    assert a is not None and b is not None and result.options["folds_kept"] == [True, True]
+    for kind in ("coefficients", "trajectory"):
+        mine, theirs = getattr(result, kind), (getattr(a, kind), getattr(b, kind))
+        assert [len(c) for c in mine] == [len(c) for c in theirs[0]] and any(mine), kind
+        assert all(np.allclose(m, [(x + y) / 2 for x, y in zip(p, q)], rtol=0, atol=1e-15) if m else not (p or q)
+                   for m, p, q in zip(mine, *theirs)), kind
+    assert flowdiff.generate(flow, cal, solver=result.as_solver(), grid=result.sigmas).stats.nfe == 6
