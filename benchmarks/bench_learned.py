@@ -130,7 +130,7 @@ def learn_kinds(text: str) -> dict[str, tuple[str, ...]]:
 
 
 def flowdiff_candidates(flow, calibration, noise, ref, budget, max_evals, tol, specs, learns,
-                        iterations, robust=None) -> list[dict]:
+                        iterations, robust=None, folds=1) -> list[dict]:
     """Per solver: its tuned grid, then ``learn_solver`` on that grid for each of ``learns`` (coefficients only for
     the Adams methods); every row with its error on the evaluation noise and, for the fits, on both halves of
     the calibration batch."""
@@ -150,7 +150,7 @@ def flowdiff_candidates(flow, calibration, noise, ref, budget, max_evals, tol, s
                 continue
             learned = flowdiff.learn_solver(flow, calibration, solver=name, solver_options=options, nfe=budget,
                                             sigmas=tuned.sigmas, reference_tol=tol, learn=learn,
-                                            iterations=iterations, robust=robust)
+                                            iterations=iterations, robust=robust, folds=folds)
             with torch.no_grad():
                 x_learned = flowdiff.generate(flow, noise, solver=learned.as_solver(), grid=learned.sigmas)
             assert x_learned.stats.nfe <= budget
@@ -222,7 +222,7 @@ def pooled_row(budget: int, ours: list[dict], peers: list[dict], ref: torch.Tens
 
 
 def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, tol, specs, learns, iterations,
-             written=lambda lines: None, centres=None, robust=None) -> list[str]:
+             written=lambda lines: None, centres=None, robust=None, folds=1) -> list[str]:
     noise = torch.randn(batch, *noise_shape(key), dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     calibration = torch.randn(cal_batch, *noise_shape(key), dtype=torch.float64,
                               generator=torch.Generator().manual_seed(seed + 1))
@@ -263,7 +263,7 @@ def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, to
     for budget in budgets:
         started = time.perf_counter()
         ours = flowdiff_candidates(flow, calibration, noise, ref.x, budget, max_evals, tol, specs, learns,
-                                   iterations, robust)
+                                   iterations, robust, folds)
         dif = [r for r in run_diffusers(flow, noise, ref.x, budget) if math.isfinite(r["rmse"])]
         kd = run_kdiffusion(K, flow, noise, ref.x, budget)
         assert all(r["nfe"] <= budget for r in dif + kd)
@@ -367,6 +367,8 @@ def main() -> None:
                         "fit (its iterations=)")
     parser.add_argument("--robust", type=float, default=None, help="every learn_solver fit's robust= (the Huber "
                         "threshold per sample, in the base method's median errors; default: plain least squares)")
+    parser.add_argument("--folds", type=int, default=1, choices=(1, 2), help="every learn_solver fit's folds= (2: "
+                        "the kept refits of both halves' fits averaged; default: one fold)")
     parser.add_argument("--roundtrip-images", type=int, default=2)
     parser.add_argument("--parts", default="frontier,roundtrips", help="frontier, roundtrips or both")
     parser.add_argument("--seed", type=int, default=0)
@@ -389,6 +391,7 @@ def main() -> None:
              f"--solvers '{args.solvers}' --digits-solvers '{args.digits_solvers}' --learn {args.learn} "
              f"--digits-learn {args.digits_learn} --iterations {args.iterations} "
              f"{'' if args.robust is None else f'--robust {args.robust:g} '}"
+             f"{'' if args.folds == 1 else f'--folds {args.folds} '}"
              f"--seed {args.seed} --parts {args.parts}` — {platform.processor() or platform.machine()}, torch "
              f"{torch.__version__}, 1 thread, float64.", ""]
     parts = args.parts.split(",")
@@ -403,18 +406,19 @@ def main() -> None:
         lines += frontier(K, "closed-form mixture (200 digit images, bandwidth 0.1)", mixture_flow(), "mixture",
                           args.batch, args.calibration, [int(b) for b in args.nfe.split(",")], args.max_evals,
                           args.seed, 1e-8, specs, learns, args.iterations, lambda part: write(lines + part),
-                          centres=mixture_centres(), robust=args.robust)
+                          centres=mixture_centres(), robust=args.robust, folds=args.folds)
     if "patches" in wanted and "frontier" in parts:  # the mixture's settings, on 200 grey 16×16 photo patches
         lines += frontier(K, "closed-form kernel density over 200 grey 16×16 photo patches (bandwidth 0.1)",
                           patch_flow(), "patches", args.batch, args.calibration, [int(b) for b in args.nfe.split(",")],
                           args.max_evals, args.seed, 1e-8, specs, learns, args.iterations,
-                          lambda part: write(lines + part), centres=patch_centres(), robust=args.robust)
+                          lambda part: write(lines + part), centres=patch_centres(), robust=args.robust,
+                          folds=args.folds)
     trained = trained_flow() if "digits" in wanted else None
     if trained is not None and "frontier" in parts:
         lines += frontier(K, "shipped trained model pretrained('digits')", trained, "digits", args.digits_batch,
                           args.digits_calibration, [int(b) for b in args.digits_nfe.split(",")], args.max_evals,
                           args.seed, 1e-6, digits_specs, digits_learns, args.iterations,
-                          lambda part: write(lines + part), robust=args.robust)
+                          lambda part: write(lines + part), robust=args.robust, folds=args.folds)
     if trained is not None and "roundtrips" in parts:
         images = flowdiff.digits_data("test").images[: args.roundtrip_images].double()
         calibration = flowdiff.digits_data("train").images[100:104].double()

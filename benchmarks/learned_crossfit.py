@@ -12,10 +12,12 @@ solves. Per budget: the pick across solvers (and their tuned grids) on the calib
 makes it: with the half-fit, each candidate's RMS over the whole batch (fitted and held-out halves); with the refit,
 its RMS over the whole batch, on which it was fitted.
 
-``--two-fold`` adds the 2-fold variant: the same fit with the halves swapped (fitted on the odd half, judged on
-the even one), then the two folds' parameters averaged (shifts, scales and directions arithmetically, the grid's σ
-geometrically, the shifts then clipped to the averaged grid's intervals; a fold that was not kept drops out, none
-kept leaves the tuned grid), both for the two half-fits and for the two refits.
+``--two-fold`` adds the 2-fold variant, ``learn_solver(folds=2)`` itself (through
+``flowdiff.tools.learned._learn_folds``, which returns each fold's half-fit and refit beside the averaged solver, so
+that one fit gives every column): the same fit with the halves swapped (fitted on the odd half, judged on the even
+one, refitted on all), on the same teacher, and the kept folds' refits averaged (the grid's σ geometrically, the rest
+arithmetically, the shifts then clipped to the averaged grid's intervals; a fold not kept drops out, none kept leaves
+the tuned grid). The average of the two half-fits is ``learned._averaged`` of them, for comparison.
 
 References come from (and go to) ``/tmp/flowdiff_bench_cache``, as ``bench_learned.py``'s.
 
@@ -26,7 +28,6 @@ Usage: cd benchmarks; PYTHONPATH=.. python learned_crossfit.py --models mixture 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import platform
 import time
@@ -41,7 +42,7 @@ from bench_learned import LEARN, calibration_reference, solver_specs
 
 import flowdiff
 import solvers
-from flowdiff.tools.learned import _learn_both, _reference, shift_intervals
+from flowdiff.tools.learned import _averaged, _learn_folds, _reference
 
 MODELS = {"mixture": (mixture_flow, 1e-8), "patches": (patch_flow, 1e-8)}
 
@@ -51,35 +52,16 @@ def whole(half_or_refit, part_error: float) -> float:
     return math.sqrt((half_or_refit.calibration_error ** 2 + part_error ** 2) / 2)
 
 
-def averaged(flow, fits):
-    """The kept ``fits`` (same solver, budget and starting grid) averaged: shifts, scales and directions
-    arithmetically, each σ of the grid geometrically (σ = 0 stays), the shifts clipped to the averaged grid's
-    intervals; ``None`` when none was kept."""
-    kept = [f for f in fits if f.kept]
-    if not kept:
-        return None
-    first = kept[0]
-    sigmas = first.sigmas.copy()
-    for i, s in enumerate(first.sigmas):
-        if s > 0:
-            sigmas[i] = math.exp(sum(math.log(f.sigmas[i]) for f in kept) / len(kept))
-    mean = {kind: tuple(sum(vals) / len(kept) for vals in zip(*(getattr(f, kind) for f in kept)))
-            for kind in ("shifts", "scales", "directions")}
-    if mean["shifts"]:
-        bounds = shift_intervals(first.base(), sigmas, flow.schedule, first.options["shift_bound"])
-        mean["shifts"] = tuple(min(max(d, lo), hi) for d, (lo, hi) in zip(mean["shifts"], bounds))
-    return dataclasses.replace(first, sigmas=sigmas, **mean)
-
-
 def cell(flow, key, calibration, noise, ref, budget, spec, learn, iterations, max_evals, tol,
          two_fold=False) -> dict:
     label, name, options = spec
     tuned = flowdiff.tune(flow, calibration, solver=name, solver_options=options, nfe=budget, progress=False,
                           max_evals=max_evals, reference_tol=tol)
     started = time.perf_counter()
-    half, refit = _learn_both(flow, calibration, solver=name, solver_options=options, nfe=budget,
-                              sigmas=tuned.sigmas, reference_tol=tol, learn=learn, iterations=iterations)
+    folds = _learn_folds(flow, calibration, solver=name, solver_options=options, nfe=budget, sigmas=tuned.sigmas,
+                         reference_tol=tol, learn=learn, iterations=iterations, folds=2 if two_fold else 1)
     seconds = time.perf_counter() - started
+    (half, refit), *other_fold = folds.fits
 
     def evaluated(fit):
         with torch.no_grad():
@@ -106,24 +88,27 @@ def cell(flow, key, calibration, noise, ref, budget, spec, learn, iterations, ma
         row["refit_cal"] = row["refit_fit"] = refit.calibration_error
         # the refit's error on all the calibration noise is no worse than the half-fit's there (its start)
         assert refit.calibration_error <= whole(half, half.validation_error) * (1 + 1e-9)
-    if two_fold:  # the halves swapped: fitted on the odd half, judged on the even one
-        swapped = torch.empty_like(calibration)
-        swapped[0::2], swapped[1::2] = calibration[1::2], calibration[0::2]
-        other, other_refit = _learn_both(flow, swapped, solver=name, solver_options=options, nfe=budget,
-                                         sigmas=tuned.sigmas, reference_tol=tol, learn=learn, iterations=iterations)
+    if two_fold:  # learn_solver(folds=2): the halves swapped (fitted on the odd half, judged on the even one)
+        (other, other_refit), = other_fold
+        result = folds.result
         row["other_kept"] = other.kept
         row["other_ps"] = evaluated(other)
-        row["solves_2fold"] = row["solves"] + (other_refit or other).solves
-        cal_ref = _reference(flow, calibration, None, tol)[0]  # the cached calibration reference
-        for label, fits in (("avg_half", (half, other)), ("avg_refit", (refit or half, other_refit or other))):
-            mean = averaged(flow, fits)
-            row[label + "_ps"] = evaluated(mean) if mean is not None else per_sample_error(tuned_x, ref)
-            if mean is not None:  # its error on the whole calibration batch, for the pick
-                with torch.no_grad():
-                    out = flowdiff.generate(flow, calibration, solver=mean.as_solver(), grid=mean.sigmas).x
-                row[label + "_cal"] = rmse(out, cal_ref)
-            else:
-                row[label + "_cal"] = tuned.calibration_error
+        row["solves_2fold"] = result.solves  # both folds, their refits and the average's own solve
+        row["fitting_nfe"] = (refit or half).fitting_nfe, result.fitting_nfe
+        row["held_2fold"], row["base_held_2fold"] = result.validation_error, result.base_validation_error
+        kept_halves = [f for f in (half, other) if f.kept]
+        mean = _averaged(kept_halves, flow.schedule) if kept_halves else None
+        if mean is not None:  # the half-fits averaged, for comparison, on its whole-batch error
+            cal_ref = _reference(flow, calibration, None, tol)[0]  # the cached calibration reference
+            with torch.no_grad():
+                out = flowdiff.generate(flow, calibration, solver=mean.as_solver(), grid=mean.sigmas).x
+            row["avg_half_cal"] = rmse(out, cal_ref)
+        row["avg_half_ps"] = evaluated(mean) if mean is not None else per_sample_error(tuned_x, ref)
+        row["avg_half_cal"] = row.get("avg_half_cal", tuned.calibration_error)
+        row["avg_refit_ps"] = evaluated(result) if result.kept else per_sample_error(tuned_x, ref)
+        # the pick's figure: the average's own error on the whole calibration batch (learn_solver's
+        # calibration_error), the tuned grid's where no fold was kept
+        row["avg_refit_cal"] = result.calibration_error if result.kept else tuned.calibration_error
         for label in ("other", "avg_half", "avg_refit"):
             row[label] = float(row[label + "_ps"].pow(2).mean().sqrt())
     return row
@@ -184,10 +169,13 @@ def main() -> None:
                  "|---:|---|---:|---|---:|---:|"]
         folds = ["", f"2-fold ({key}): evaluation RMSE of the even-half fit (today's half-fit) and its refit, the "
                  "odd-half fit (judged on the even half), the average of the two half-fits and of the two refits "
-                 "(kept folds only).", "",
-                 "| NFE | solver | even half | its refit (shipped) | odd half | average of the half-fits | "
-                 "average of the refits | candidate solves: half → refit → both folds with refits |",
-                 "|---:|---|---:|---:|---:|---:|---:|---:|"]
+                 "(kept folds only; `learn_solver(folds=2)`'s result), that against the refit with a 95 % paired "
+                 "bootstrap over the evaluation samples, folds=2's held-out figure (both folds' held-out halves "
+                 "pooled) against the base method's, and the cost.", "",
+                 "| NFE | solver | even half | its refit (folds=1) | odd half | average of the half-fits | "
+                 "average of the refits (folds=2) | folds=2 / folds=1 [95 %] | folds=2 held out vs base | "
+                 "candidate solves: half → refit → folds=2 | fitting NFE: folds=1 → folds=2 |",
+                 "|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
         folds_picks = ["", f"Picks on the calibration batch ({key}), refits against the 2-fold average of the refits:",
                        "", "| NFE | pick with refits | evaluation RMSE | pick with 2-fold averages | evaluation RMSE | "
                        "change |", "|---:|---|---:|---|---:|---:|"]
@@ -204,10 +192,14 @@ def main() -> None:
                              f"{row['solves']} |")
                 print(lines[-1], f"[{row['seconds']:.0f} s]", flush=True)
                 if args.two_fold:
-                    folds.append(f"| {budget} | `{row['solver']}` | {row['half']:.3e} | {row['refit']:.3e} | "
+                    gain = ratio(row["avg_refit_ps"], row["refit_ps"].unsqueeze(0))
+                    folds.append(f"| {budget} | `{row['solver']}` | {row['half']:.3e}"
+                                 f"{'' if row['kept'] else ' (not kept)'} | {row['refit']:.3e} | "
                                  f"{row['other']:.3e}{'' if row['other_kept'] else ' (not kept)'} | "
-                                 f"{row['avg_half']:.3e} | {row['avg_refit']:.3e} | {row['half_solves']} → "
-                                 f"{row['solves']} → {row['solves_2fold']} |")
+                                 f"{row['avg_half']:.3e} | {row['avg_refit']:.3e} | {gain.ratio:.3f} [{gain.low:.3f}, "
+                                 f"{gain.high:.3f}] | {row['held_2fold']:.3e} vs {row['base_held_2fold']:.3e} | "
+                                 f"{row['half_solves']} → {row['solves']} → {row['solves_2fold']} | "
+                                 f"{row['fitting_nfe'][0]} → {row['fitting_nfe'][1]} |")
                     print(folds[-1], flush=True)
                 write()
             # a tuned grid alone is a candidate too (bench_learned.py's rows), on its calibration error

@@ -84,7 +84,11 @@ noise, from the half's fit (the same parameters free, the same bounds and ``iter
 variant left at zero stays zero), so that the half the decision was made on shapes the result too
 (measured against the half-fit on evaluation noise in ``benchmarks/learned_crossfit.py``). Its held-out
 error is the half-fit's: the refit has no noise left to be judged on, and that figure is the only
-honest one.
+honest one. With ``folds=2`` (opt-in) the same is done with the halves swapped, on the same teacher solve, and the
+kept folds' refits are averaged (the grid's σ geometrically, the rest arithmetically: every bound is an interval in
+those variables, so the average is a fit of the same kind); its held-out figure pools both folds' held-out halves,
+each sample judged by the half-fit that did not see it (measured in ``benchmarks/learned_crossfit.py``;
+``benchmarks/RESULTS.md``, "Issue 26 item 1: the 2-fold average in ``learn_solver`` (engineer L5)").
 
 A :class:`LearnedSolver` records the flow's fingerprint, the grid, the shifts and coefficients,
 its errors and its cost in model evaluations (``fitting_nfe``: the teacher's and every
@@ -183,11 +187,11 @@ class LearnedSolver:
     ``calibration_error`` / ``base_calibration_error`` are the RMS image errors of the learned and the base method
     on the noise it was fitted on (all of it, or the even half), ``validation_error`` / ``base_validation_error``
     those of the half-fit and the base method on the held-out half: the refit's own is not known (it saw that
-    half), so the half-fit's is the figure to trust. ``fitting_nfe`` counts every model evaluation the fit spent
-    (the refit included, and the teacher with the looser solve that checks it: ``reference_nfe``, counted even
-    when :func:`flowdiff.reference_solution`'s cache supplied it, so the figure is the fit's cost from nothing),
-    ``solves`` the candidate solves. ``source`` is the
-    file it was read from.
+    half), so the half-fit's is the figure to trust (with ``options["folds"] == 2``, the average of two folds' refits,
+    they pool both folds' held-out halves over the whole batch: see :func:`learn_solver`). ``fitting_nfe`` counts
+    every model evaluation the fit spent (the refit included, and the teacher with the looser solve that checks it:
+    ``reference_nfe``, counted even when :func:`flowdiff.reference_solution`'s cache supplied it, so the figure is the
+    fit's cost from nothing), ``solves`` the candidate solves. ``source`` is the file it was read from.
 
     Use: ``generate(flow, noise, solver=learned.as_solver(), grid=learned.sigmas)``.
     """
@@ -333,7 +337,8 @@ class LearnedSolver:
         format 3, without directions; format 2,
         without scales; format 1, coefficients only) and check that it belongs to ``flow`` (see :meth:`check`). A file
         written before cross-fitting (no ``options["fitted_on"]``) was fitted on the even half: it reads so; one written
-        before ``robust=`` (no ``options["robust"]``) was fitted by plain least squares: it reads ``None``."""
+        before ``robust=`` (no ``options["robust"]``) was fitted by plain least squares: it reads ``None``; one written
+        before ``folds=`` (no ``options["folds"]``) was one fold: it reads 1."""
         path = Path(path)
         fmt = _FORMAT
         try:
@@ -370,6 +375,9 @@ class LearnedSolver:
             if isinstance(data.get("options"), dict) and "robust" not in data["options"]:
                 # written before robust= existed, when every fit was plain least squares (robust=None)
                 data["options"] = {**data["options"], "robust": None}
+            if isinstance(data.get("options"), dict) and "folds" not in data["options"]:
+                # written before folds= existed, when every fit was one fold (the even half's, refitted)
+                data["options"] = {**data["options"], "folds": 1}
             learned = cls(**data, source=str(path))
             learned.base()
             learned._check_steps()
@@ -609,6 +617,7 @@ def learn_solver(
     iterations: int = 8,
     ridge: float = 0.0,
     robust: float | None = None,
+    folds: int = 1,
     model_kwargs: Mapping[str, Any] | None = None,
     reference_tol: float = 1e-7,
 ) -> LearnedSolver:
@@ -645,16 +654,30 @@ def learn_solver(
     counts 2τm·e − (τm)² instead of e², so the few samples the base method sends far (into another training
     image's basin) pull the fit linearly, not quadratically; the held-out decision stays on the RMS error. It is
     refused where it could not act: with ``iterations=0``, where ``learn`` has no parameter on the grid, and where m
-    is 0.
+    is 0. ``folds=2`` (opt-in; 1 is the fit above) fits a second fold with the halves swapped (fitted on the
+    odd-indexed half, judged on the even one, refitted on all) on the same teacher solve, and returns the average of
+    the kept folds' refits (:func:`_averaged`: each σ of the grid geometrically, the shifts, scales, directions,
+    trajectory weights and coefficients arithmetically, the shifts then clipped to the averaged grid's intervals; one
+    fold kept: its refit; none: the base method), with ``calibration_error`` its own on all of ``noise`` (one more
+    solve) and ``validation_error`` / ``base_validation_error`` the RMS over all of ``noise`` of each sample judged by
+    the half-fit that did not see it (the base method where that fold was not kept) and of the base method: the
+    held-out figure of the procedure, as the average itself saw every sample. ``options["folds_kept"]`` says which
+    folds were kept, ``options["variants"]`` holds each fold's. It costs about twice the candidate solves; refused
+    with ``iterations=0`` or nothing to fit, where both folds would be the base method.
     Measure the result on other noise (:meth:`LearnedSolver.validated`).
     """
-    half, refit = _half_and_refit(**locals())  # every argument, as given
-    return half if refit is None else refit
+    return _half_and_refit(**locals()).result  # every argument, as given
 
 
 def _learn_both(flow: ProbabilityFlow, noise: Tensor, **options: Any) -> tuple[LearnedSolver, LearnedSolver | None]:
     """:func:`learn_solver`'s fit, with its arguments and defaults, returning both fits (see :func:`_half_and_refit`):
     for the benchmarks and tests that compare them."""
+    return _learn_folds(flow, noise, **options).fits[0]
+
+
+def _learn_folds(flow: ProbabilityFlow, noise: Tensor, **options: Any) -> _Folds:
+    """:func:`learn_solver`'s fit, with its arguments and defaults, returning every fold's half-fit and refit and the
+    solver it returns (:class:`_Folds`): for the benchmarks and tests that compare them."""
     arguments = inspect.signature(learn_solver).bind(flow, noise, **options)
     arguments.apply_defaults()
     return _half_and_refit(**arguments.arguments)
@@ -662,11 +685,12 @@ def _learn_both(flow: ProbabilityFlow, noise: Tensor, **options: Any) -> tuple[L
 
 def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int, learn: str | tuple[str, ...],
                     solver_options: Mapping[str, Any] | None, sigmas: np.ndarray | None, terms: int, bound: float,
-                    shift_bound: float, iterations: int, ridge: float, robust: float | None,
-                    model_kwargs: Mapping[str, Any] | None,
-                    reference_tol: float) -> tuple[LearnedSolver, LearnedSolver | None]:
-    """:func:`learn_solver`'s fit: the half-fit (fitted on the even half, judged on the odd half; the base method if
-    not kept) and, where it is kept, the chosen variant refitted on all the noise from there (else ``None``)."""
+                    shift_bound: float, iterations: int, ridge: float, robust: float | None, folds: int,
+                    model_kwargs: Mapping[str, Any] | None, reference_tol: float) -> _Folds:
+    """:func:`learn_solver`'s fit: per fold, the half-fit (fold 1 fitted on the even half and judged on the odd half,
+    fold 2 the other way round; the base method if not kept) and, where it is kept, the chosen variant refitted on all
+    the noise from there (else ``None``); and the solver :func:`learn_solver` returns (with ``folds=2`` the average of
+    the kept folds' refits, :func:`_averaged`). One teacher solve serves every fold."""
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
     if not math.isfinite(flow.schedule.sigma_max):
@@ -695,6 +719,14 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
                                or not 0 < robust < math.inf):
         raise ValueError(f"robust must be None (plain least squares) or a positive finite number (the Huber "
                          f"threshold, in multiples of the base method's median per-sample RMS error), got {robust!r}")
+    if isinstance(folds, bool) or not isinstance(folds, int):
+        raise TypeError(f"folds must be the int 1 or 2, got {folds!r} ({type(folds).__name__})")
+    if folds not in (1, 2):
+        raise ValueError(f"folds must be 1 (fit on the even half, judged on the odd half, refitted on all) or 2 (that "
+                         f"and the same with the halves swapped, the kept folds averaged), got {folds!r}")
+    if folds == 2 and iterations == 0:
+        raise ValueError("folds=2 averages two fits, but iterations=0 fits nothing (each fold would be the base "
+                         "method), so it would change nothing: give iterations >= 1, or leave folds at 1")
     if robust is not None and iterations == 0:
         raise ValueError(f"robust={robust!r} makes the fitted objective Huber's, but iterations=0 fits nothing (the "
                          "base method is judged as it is), so it would change nothing: give iterations >= 1, or leave "
@@ -765,6 +797,11 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
         raise ValueError(f"robust={robust!r} makes the fitted objective Huber's, but learn={learn!r} has no parameter "
                          f"to fit on {shown} ({len(sigmas) - 1} step(s) with solver {solver!r}), so it would change "
                          "nothing: leave robust out, or give a grid or learn= with something to fit")
+    if folds == 2 and not slots:
+        shown = "sigmas=" if grid_name == "given" else f"the {grid_name} grid"
+        raise ValueError(f"folds=2 averages two fits, but learn={learn!r} has no parameter to fit on {shown} "
+                         f"({len(sigmas) - 1} step(s) with solver {solver!r}), so it would change nothing: leave folds "
+                         "at 1, or give a grid or learn= with something to fit")
     lower = np.array([-bound if k == "c" else intervals[i][0] if k == "s" else reach[k, i, j][0] if k == "h" else
                       reach[k, i][0] for k, i, j in slots])
     upper = np.array([bound if k == "c" else intervals[i][1] if k == "s" else reach[k, i, j][1] if k == "h" else
@@ -826,123 +863,191 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
         spent["solves"] += 1
         return res.x.to(torch.float64)
 
-    fit_target, held_target = target[0::2], target[1::2]
+    def fold(fit: slice, held: slice, fitted_on: str) -> tuple[LearnedSolver, LearnedSolver | None]:
+        """One fold: the half-fit on the rows ``fit`` (``fitted_on`` names them), judged on the rows ``held`` (the base
+        method if not kept), and, where it is kept, the chosen variant refitted on all the noise (else ``None``)."""
+        fit_target, held_target = target[fit], target[held]
 
-    def residual(v: np.ndarray) -> np.ndarray:
-        r = (images(v, fit) - fit_target).reshape(-1).cpu().numpy()
-        return r if np.all(np.isfinite(r)) else np.full_like(r, 1e6)
+        def residual(v: np.ndarray) -> np.ndarray:
+            r = (images(v, fit) - fit_target).reshape(-1).cpu().numpy()
+            return r if np.all(np.isfinite(r)) else np.full_like(r, 1e6)
 
-    zero = np.zeros(len(slots))
-    r0 = residual(zero)
-    v = plain = scales_only = directed = zero
-    objective = None
-    if slots and iterations > 0:
-        penalised = np.array([k == "c" for k, _, _ in slots])
-        objective = _Objective(residual, r0, math.sqrt(ridge * float(np.dot(r0, r0)) / max(int(penalised.sum()), 1))
-                               * penalised, _Huber.of(r0, fit_target.shape[0], robust))
-        kinds = np.array([k for k, _, _ in slots])
-        last = (kinds == "k") | (kinds == "w") | (kinds == "h")  # fitted on top of the rest
-        others = (kinds != "t") & ~last
-        every = ~last
+        zero = np.zeros(len(slots))
+        r0 = residual(zero)
+        v = plain = scales_only = directed = zero
+        objective = None
+        if slots and iterations > 0:
+            penalised = np.array([k == "c" for k, _, _ in slots])
+            objective = _Objective(residual, r0, math.sqrt(ridge * float(np.dot(r0, r0)) / max(int(penalised.sum()), 1))
+                                   * penalised, _Huber.of(r0, fit_target.shape[0], robust))
+            kinds = np.array([k for k, _, _ in slots])
+            last = (kinds == "k") | (kinds == "w") | (kinds == "h")  # fitted on top of the rest
+            others = (kinds != "t") & ~last
+            every = ~last
 
-        def fitted_others(v: np.ndarray) -> np.ndarray:
-            """Shifts, coefficients and grid from ``v``: each alone, then together from the best (a joint start
-            from zero settles in the shifts' nearest minimum, which the coefficients alone often beat)."""
-            groups = [kinds == k for k in ("s", "c", "g") if np.any(kinds == k)]
-            if len(groups) > 1:
-                v = min((_fit(objective, v, lower, upper, g, iterations) for g in groups), key=objective.cost)
-            return _fit(objective, v, lower, upper, others, iterations) if np.any(others) else v
+            def fitted_others(v: np.ndarray) -> np.ndarray:
+                """Shifts, coefficients and grid from ``v``: each alone, then together from the best (a joint start
+                from zero settles in the shifts' nearest minimum, which the coefficients alone often beat)."""
+                groups = [kinds == k for k in ("s", "c", "g") if np.any(kinds == k)]
+                if len(groups) > 1:
+                    v = min((_fit(objective, v, lower, upper, g, iterations) for g in groups), key=objective.cost)
+                return _fit(objective, v, lower, upper, others, iterations) if np.any(others) else v
 
-        def fitted_start(v: np.ndarray) -> np.ndarray:
-            """The start from ``v``, from the best of a coarse scan of its interval: its error is not convex in it
-            (on the trained digits model a start of 15–60 beat 157 and 100 by 5 %, where a local fit from σ_max
-            stayed put)."""
-            t = int(np.flatnonzero(kinds == "t")[0])
-            scan = [v] + [np.where(np.arange(len(v)) == t, u, v) for u in np.linspace(lower[t], upper[t], _START_SCAN)]
-            return _fit(objective, min(scan, key=objective.cost), lower, upper, kinds == "t", iterations)
+            def fitted_start(v: np.ndarray) -> np.ndarray:
+                """The start from ``v``, from the best of a coarse scan of its interval: its error is not convex in it
+                (on the trained digits model a start of 15–60 beat 157 and 100 by 5 %, where a local fit from σ_max
+                stayed put)."""
+                t = int(np.flatnonzero(kinds == "t")[0])
+                scan = [v] + [np.where(np.arange(len(v)) == t, u, v)
+                              for u in np.linspace(lower[t], upper[t], _START_SCAN)]
+                return _fit(objective, min(scan, key=objective.cost), lower, upper, kinds == "t", iterations)
 
-        v = fitted_others(zero)
-        if np.any(kinds == "t"):  # the start both last (after the others: the fitted half ends no worse than without
-            # it) and first (the others then fit the grid to it), each then with the rest; the better of the two
-            routes = [fitted_start(v), fitted_others(fitted_start(zero))] if np.any(others) else [fitted_start(v)]
-            v = min((_fit(objective, w, lower, upper, every, iterations) if np.any(others) else w for w in routes),
-                    key=objective.cost)
-        plain = scales_only = v
-        if np.any(kinds == "k"):  # the output scales last, on top of what the other kinds reached
-            v = scales_only = _fit(objective, v, lower, upper, kinds == "k", iterations)
-        if np.any(kinds == "w"):  # then the x_T directions, alone, on top of the scales
-            v = _fit(objective, v, lower, upper, kinds == "w", iterations)
-            if np.any(kinds == "k"):  # then both together from there (the directions move the scales' optimum)
-                v = _fit(objective, v, lower, upper, (kinds == "k") | (kinds == "w"), iterations)
-        directed = v
-        if np.any(kinds == "h"):  # then the previous directions' weights, alone, on top of all that
-            v = _fit(objective, v, lower, upper, kinds == "h", iterations)
-            if np.any((kinds == "k") | (kinds == "w")):  # and all three together from there
-                v = _fit(objective, v, lower, upper, last, iterations)
-    # the held-out half chooses among the fit without scales and directions, with the scales alone, with both and
-    # with the trajectory weights too (fitted on top of the rest, in that order; on a tie, the simpler)
-    judged = {plain.tobytes(): _rms(images(plain, held), held_target)}
-    chosen, learned_val = plain, judged[plain.tobytes()]
-    for candidate in (scales_only, directed, v):
-        if candidate.tobytes() not in judged:
-            judged[candidate.tobytes()] = value = _rms(images(candidate, held), held_target)
-            if value < learned_val:
-                chosen, learned_val = candidate, value
-    # each variant the held-out half judged, [its RMS on the fitted half, on the held-out half] (from the solves
-    # above): "others" the kinds but scales, directions and trajectory; then each of those added, in that order
-    named = [("others", plain), ("scales", scales_only), ("directions", directed), ("trajectory", v)]
-    variants = {name: [_rms_of(objective.plain(w) if objective is not None else r0), judged[w.tobytes()]]
-                for name, w in named if name == "others" or name in learn}
-    v = chosen
-    # the chosen fit's residual and the base's held-out error, from the solves made above where they were (the
-    # objective keeps each candidate's residual; the held-out half judged the base when nothing else was fitted)
-    r = objective.plain(v) if objective is not None else r0
-    calib, base_calib = float(np.sqrt(np.mean(r * r))), float(np.sqrt(np.mean(r0 * r0)))
-    base_val = judged[zero.tobytes()] if zero.tobytes() in judged else _rms(images(zero, held), held_target)
-    settings = {"learn": list(learn), "terms": terms, "bound": bound, "shift_bound": shift_bound,
-                "iterations": iterations, "ridge": float(ridge),
-                "robust": None if robust is None else float(robust), "reference_tol": float(reference_tol),
-                "calibration_batch": int(noise.shape[0])}
+            v = fitted_others(zero)
+            if np.any(kinds == "t"):  # the start both last (after the others: the fitted half ends no worse than
+                # without it) and first (the others then fit the grid to it), each then with the rest; the better of
+                # the two
+                routes = [fitted_start(v), fitted_others(fitted_start(zero))] if np.any(others) else [fitted_start(v)]
+                v = min((_fit(objective, w, lower, upper, every, iterations) if np.any(others) else w for w in routes),
+                        key=objective.cost)
+            plain = scales_only = v
+            if np.any(kinds == "k"):  # the output scales last, on top of what the other kinds reached
+                v = scales_only = _fit(objective, v, lower, upper, kinds == "k", iterations)
+            if np.any(kinds == "w"):  # then the x_T directions, alone, on top of the scales
+                v = _fit(objective, v, lower, upper, kinds == "w", iterations)
+                if np.any(kinds == "k"):  # then both together from there (the directions move the scales' optimum)
+                    v = _fit(objective, v, lower, upper, (kinds == "k") | (kinds == "w"), iterations)
+            directed = v
+            if np.any(kinds == "h"):  # then the previous directions' weights, alone, on top of all that
+                v = _fit(objective, v, lower, upper, kinds == "h", iterations)
+                if np.any((kinds == "k") | (kinds == "w")):  # and all three together from there
+                    v = _fit(objective, v, lower, upper, last, iterations)
+        # the held-out half chooses among the fit without scales and directions, with the scales alone, with both and
+        # with the trajectory weights too (fitted on top of the rest, in that order; on a tie, the simpler)
+        judged = {plain.tobytes(): _rms(images(plain, held), held_target)}
+        chosen, learned_val = plain, judged[plain.tobytes()]
+        for candidate in (scales_only, directed, v):
+            if candidate.tobytes() not in judged:
+                judged[candidate.tobytes()] = value = _rms(images(candidate, held), held_target)
+                if value < learned_val:
+                    chosen, learned_val = candidate, value
+        # each variant the held-out half judged, [its RMS on the fitted half, on the held-out half] (from the solves
+        # above): "others" the kinds but scales, directions and trajectory; then each of those added, in that order
+        named = [("others", plain), ("scales", scales_only), ("directions", directed), ("trajectory", v)]
+        variants = {name: [_rms_of(objective.plain(w) if objective is not None else r0), judged[w.tobytes()]]
+                    for name, w in named if name == "others" or name in learn}
+        v = chosen
+        # the chosen fit's residual and the base's held-out error, from the solves made above where they were (the
+        # objective keeps each candidate's residual; the held-out half judged the base when nothing else was fitted)
+        r = objective.plain(v) if objective is not None else r0
+        calib, base_calib = float(np.sqrt(np.mean(r * r))), float(np.sqrt(np.mean(r0 * r0)))
+        base_val = judged[zero.tobytes()] if zero.tobytes() in judged else _rms(images(zero, held), held_target)
+        settings = {"learn": list(learn), "terms": terms, "bound": bound, "shift_bound": shift_bound,
+                    "iterations": iterations, "ridge": float(ridge),
+                    "robust": None if robust is None else float(robust), "reference_tol": float(reference_tol),
+                    "calibration_batch": int(noise.shape[0]), "folds": folds}
 
-    def result(w: np.ndarray, calib: float, base_calib: float, fitted_on: str) -> LearnedSolver:
-        coefficients, shifts, scales, directions, trajectory = unpacked(w)
-        fitted, fitted_grid = solver_of(w)
-        if shifts is not None:
-            shifts = tuple(fitted.shifts.values())  # clipped to the fitted grid's intervals (in step order)
-        return LearnedSolver(solver, options, nfe, fitted_grid.copy(), coefficients or (),
-                             fingerprint,
-                             True, calib, base_calib, math.nan, math.nan, grid_name, shifts=shifts or (), learn=learn,
-                             base_sigmas=sigmas.copy() if moved else None, scales=scales or (),
-                             directions=directions or (), trajectory=trajectory or (),
-                             options={**settings, "fitted_on": fitted_on})
+        def result(w: np.ndarray, calib: float, base_calib: float, fitted_on: str) -> LearnedSolver:
+            coefficients, shifts, scales, directions, trajectory = unpacked(w)
+            fitted, fitted_grid = solver_of(w)
+            if shifts is not None:
+                shifts = tuple(fitted.shifts.values())  # clipped to the fitted grid's intervals (in step order)
+            return LearnedSolver(solver, options, nfe, fitted_grid.copy(), coefficients or (),
+                                 fingerprint, True, calib, base_calib, math.nan, math.nan, grid_name,
+                                 shifts=shifts or (), learn=learn,
+                                 base_sigmas=sigmas.copy() if moved else None, scales=scales or (),
+                                 directions=directions or (), trajectory=trajectory or (),
+                                 options={**settings, "fitted_on": fitted_on})
 
-    half = replace(result(v, calib, base_calib, "even half")._decided(learned_val, base_val),
-                   options={**settings, "fitted_on": "even half", "variants": variants},
-                   fitting_nfe=spent["nfe"], reference_nfe=ref_nfe, solves=spent["solves"],
-                   fitting_seconds=time.perf_counter() - start)
-    if not half.kept:  # the base method: nothing to refit
-        return half, None
-    # cross-fitting: the variant the held-out half chose, refitted on all the calibration noise from the half's fit
-    # (same slots, bounds and iterations; the kinds that variant left at zero stay there)
-    # (the first of the four that equals the chosen one: the held-out half took the simplest on a tie)
-    mask = next(m for w, m in ((plain, every), (scales_only, every | (kinds == "k")), (directed, kinds != "h"),
-                               (v, np.ones(len(v), bool))) if np.array_equal(w, v))
+        half = replace(result(v, calib, base_calib, fitted_on)._decided(learned_val, base_val),
+                       options={**settings, "fitted_on": fitted_on, "variants": variants},
+                       fitting_nfe=spent["nfe"], reference_nfe=ref_nfe, solves=spent["solves"],
+                       fitting_seconds=time.perf_counter() - start)
+        if not half.kept:  # the base method: nothing to refit
+            return half, None
+        # cross-fitting: the variant the held-out half chose, refitted on all the calibration noise from the half's fit
+        # (same slots, bounds and iterations; the kinds that variant left at zero stay there)
+        # (the first of the four that equals the chosen one: the held-out half took the simplest on a tie)
+        mask = next(m for w, m in ((plain, every), (scales_only, every | (kinds == "k")), (directed, kinds != "h"),
+                                   (v, np.ones(len(v), bool))) if np.array_equal(w, v))
 
-    def residual_all(w: np.ndarray) -> np.ndarray:
-        r = (images(w, whole) - target).reshape(-1).cpu().numpy()
-        return r if np.all(np.isfinite(r)) else np.full_like(r, 1e6)
+        def residual_all(w: np.ndarray) -> np.ndarray:
+            r = (images(w, whole) - target).reshape(-1).cpu().numpy()
+            return r if np.all(np.isfinite(r)) else np.full_like(r, 1e6)
 
-    r0_all = residual_all(zero)
-    weight = objective.weight / max(float(np.linalg.norm(r0)), 1e-300) * float(np.linalg.norm(r0_all))
-    every_sample = _Objective(residual_all, r0_all, weight, _Huber.of(r0_all, target.shape[0], robust))
-    w = _fit(every_sample, v, lower, upper, mask, iterations)
-    r_all = every_sample.plain(w)
-    refit = result(w, float(np.sqrt(np.mean(r_all * r_all))), float(np.sqrt(np.mean(r0_all * r0_all))), "all")
-    refit = replace(refit, validation_error=learned_val, base_validation_error=base_val,
-                    options={**refit.options, "variants": variants},
-                    fitting_nfe=spent["nfe"], reference_nfe=ref_nfe, solves=spent["solves"],
-                    fitting_seconds=time.perf_counter() - start)
-    return half, refit
+        r0_all = residual_all(zero)
+        weight = objective.weight / max(float(np.linalg.norm(r0)), 1e-300) * float(np.linalg.norm(r0_all))
+        every_sample = _Objective(residual_all, r0_all, weight, _Huber.of(r0_all, target.shape[0], robust))
+        w = _fit(every_sample, v, lower, upper, mask, iterations)
+        r_all = every_sample.plain(w)
+        refit = result(w, float(np.sqrt(np.mean(r_all * r_all))), float(np.sqrt(np.mean(r0_all * r0_all))), "all")
+        refit = replace(refit, validation_error=learned_val, base_validation_error=base_val,
+                        options={**refit.options, "variants": variants},
+                        fitting_nfe=spent["nfe"], reference_nfe=ref_nfe, solves=spent["solves"],
+                        fitting_seconds=time.perf_counter() - start)
+        return half, refit
+
+    first = fold(fit, held, "even half")
+    if folds == 1:
+        return _Folds((first,), first[0] if first[1] is None else first[1])
+    second = fold(held, fit, "odd half")  # the halves swapped: fitted on the odd half, judged on the even one
+    ends = [refit if refit is not None else half for half, refit in (first, second)]
+    kept = [end for end in ends if end.kept]
+    # each sample judged by the half-fit that did not see it (the base method where that fold was not kept): the
+    # held-out figures of both folds together, over the whole batch
+    rows = (len(range(*held.indices(noise.shape[0]))), len(range(*fit.indices(noise.shape[0]))))
+    pooled = [math.sqrt(sum(n * getattr(f[0], name) ** 2 for n, f in zip(rows, (first, second))) / sum(rows))
+              for name in ("validation_error", "base_validation_error")]
+    settings = {**(kept or ends)[0].options, "fitted_on": "all" if kept else "even half",
+                "variants": [first[0].options["variants"], second[0].options["variants"]],
+                "folds_kept": [end.kept for end in ends]}
+    if len(kept) < 2:  # one fold kept: its refit; none: the base method on the starting grid
+        result = (kept or ends)[0]
+    else:
+        result = _averaged(kept, flow.schedule)
+        with torch.no_grad():  # its own error over the whole batch (one more solve, counted)
+            out = generate(flow, noise, solver=result._fitted(), grid=result.sigmas, model_kwargs=model_kwargs)
+        spent["nfe"] += out.stats.nfe
+        spent["solves"] += 1
+        result = replace(result, calibration_error=_rms(out.x, target))
+    result = replace(result, validation_error=pooled[0], base_validation_error=pooled[1], options=settings,
+                     fitting_nfe=spent["nfe"], reference_nfe=ref_nfe, solves=spent["solves"],
+                     fitting_seconds=time.perf_counter() - start)
+    return _Folds((first, second), result)
+
+
+@dataclass(frozen=True)
+class _Folds:
+    """:func:`learn_solver`'s fits: per fold, the half-fit and its refit on all the noise (``None`` where the half-fit
+    was not kept), and the solver it returns."""
+
+    fits: tuple[tuple[LearnedSolver, LearnedSolver | None], ...]
+    result: LearnedSolver
+
+
+def _averaged(fits: Sequence[LearnedSolver], schedule: Schedule) -> LearnedSolver:
+    """The kept ``fits`` (of one solver, budget and starting grid) averaged: each σ of the grid geometrically (its
+    start included; σ = 0 stays), the shifts, scales, directions, trajectory weights and coefficients arithmetically,
+    the shifts then clipped to the averaged grid's intervals (:func:`shift_intervals`). Each kind's bounds are an
+    interval in these variables (the start's fraction of its log-σ interval, each moved σ's log-σ reach), so the
+    average keeps within them; the grid stays strictly decreasing, the first σ in (σ_1, σ_max]."""
+    first = fits[0]
+    logs = np.array([[math.log(s) if s > 0 else -math.inf for s in f.sigmas] for f in fits])
+    # between the fits' own σ (the mean of equal σ is that σ, bit for bit: σ_max stays σ_max)
+    sigmas = np.clip(np.where(first.sigmas > 0, np.exp(logs.mean(axis=0)), first.sigmas),
+                     np.min([f.sigmas for f in fits], axis=0), np.max([f.sigmas for f in fits], axis=0))
+
+    def mean(kind: str) -> tuple:
+        values = [getattr(f, kind) for f in fits]
+        if values[0] and isinstance(values[0][0], tuple):
+            return tuple(tuple(float(np.mean(c)) for c in zip(*step)) for step in zip(*values))
+        return tuple(float(np.mean(step)) for step in zip(*values))
+
+    shifts = mean("shifts")
+    if shifts:
+        bounds = shift_intervals(first.base(), sigmas, schedule, first.options["shift_bound"])
+        shifts = tuple(min(max(d, lo), hi) for d, (lo, hi) in zip(shifts, bounds))
+    return replace(first, sigmas=sigmas, shifts=shifts, scales=mean("scales"), directions=mean("directions"),
+                   trajectory=mean("trajectory"), coefficients=mean("coefficients"))
 
 
 class _Huber:
