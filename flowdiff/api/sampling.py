@@ -177,7 +177,12 @@ def _solve_fixed(request: Request, start: Tensor, sig: np.ndarray, direction: st
     else:
         begin = {"xbar0": start.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)}
     if (request.check_finite or request.bound is not None) and "Vmap" in _checks.functorch_transforms():
-        eps = _refusing_mapped_states(eps, direction)  # a vmap right around a jvp: the states may still be mapped
+        eps = _checks.refusing_mapped_output(eps, (  # a vmap right around a jvp: the states may still be mapped
+            f"{direction} under torch.func.vmap around a jvp, with the model's output mapped over although its "
+            "inputs are not (the model closes over mapped tensors, e.g. an ensemble's weights stacked by "
+            "torch.func.stack_module_state), and with the checks on: they read the solve's states on the host "
+            "(non-finite states, the divergence guard), which vmap cannot; give "
+            "checks=flowdiff.Checks(finite=False, growth=None) to run under vmap"))
     grads = adjoint_for(adjoint, solver, flow.model, request.model_kwargs)
     return solve_grid(eps, formulation_for(solver, direction), sig.tolist(), solver, **begin, eval_end=eval_end,
                       callback=request.callback, check_finite=request.check_finite, bound=request.bound, **grads)
@@ -318,22 +323,6 @@ def _refuse_vmap(function: str, name: str, x: object, model_kwargs: object, chec
                          f"guard), which vmap cannot; {instead}, or give checks=flowdiff.Checks(finite=False, "
                          "growth=None) to run under vmap")
 
-
-def _refusing_mapped_states(eps: Callable[[float, Tensor], Tensor], function: str) -> Callable[[float, Tensor], Tensor]:
-    """``eps`` that refuses a mapped output at the first evaluation, for a solve with its checks on under vmaps that
-    each sit right around a jvp (:func:`_refuse_vmap` lets them pass: ``jacfwd``'s maps the tangents alone). A user's
-    ``vmap(lambda w: jvp(...))`` over an ensemble's stacked weights, closed over by the model, maps the states
-    from the first evaluation on, and the checks would stop inside torch (".item()" on a mapped tensor)."""
-    def checked(sigma: float, xbar: Tensor) -> Tensor:
-        out = eps(sigma, xbar)
-        if _checks.functorch_levels(out)[1]:
-            raise ValueError(f"{function} under torch.func.vmap around a jvp, with the model's output mapped over "
-                             "although its inputs are not (the model closes over mapped tensors, e.g. an ensemble's "
-                             "weights stacked by torch.func.stack_module_state), and with the checks on: they read "
-                             "the solve's states on the host (non-finite states, the divergence guard), which vmap "
-                             "cannot; give checks=flowdiff.Checks(finite=False, growth=None) to run under vmap")
-        return out
-    return checked
 
 
 def _refuse_model_check(checks: Checks, function: str) -> None:
