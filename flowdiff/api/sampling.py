@@ -176,6 +176,13 @@ def _solve_fixed(request: Request, start: Tensor, sig: np.ndarray, direction: st
         begin = {"y0": start.to(dtype)}
     else:
         begin = {"xbar0": start.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)}
+    if (request.check_finite or request.bound is not None) and "Vmap" in _checks.functorch_transforms():
+        eps = _checks.refusing_mapped_output(eps, (  # a vmap right around a jvp: the states may still be mapped
+            f"{direction} under torch.func.vmap around a jvp, with the model's output mapped over although its "
+            "inputs are not (the model closes over mapped tensors, e.g. an ensemble's weights stacked by "
+            "torch.func.stack_module_state), and with the checks on: they read the solve's states on the host "
+            "(non-finite states, the divergence guard), which vmap cannot; give "
+            "checks=flowdiff.Checks(finite=False, growth=None) to run under vmap"))
     grads = adjoint_for(adjoint, solver, flow.model, request.model_kwargs)
     return solve_grid(eps, formulation_for(solver, direction), sig.tolist(), solver, **begin, eval_end=eval_end,
                       callback=request.callback, check_finite=request.check_finite, bound=request.bound, **grads)
@@ -315,6 +322,7 @@ def _refuse_vmap(function: str, name: str, x: object, model_kwargs: object, chec
                          " these checks read the solve's states on the host (non-finite states, the divergence "
                          f"guard), which vmap cannot; {instead}, or give checks=flowdiff.Checks(finite=False, "
                          "growth=None) to run under vmap")
+
 
 
 def _refuse_model_check(checks: Checks, function: str) -> None:

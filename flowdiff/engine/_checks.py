@@ -9,7 +9,7 @@ import contextlib
 import contextvars
 import math
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -89,6 +89,20 @@ def vmap_may_map_states(transforms: list[str]) -> bool:
     ``jacfwd(jacrev)``) is a vmap right around a ``jvp``, which maps the tangents alone, and no check reads them;
     ``jacrev`` runs its forward pass under ``grad`` alone (its vmap maps the cotangents of the backward pass)."""
     return any(kind == "Vmap" and transforms[i + 1:i + 2] != ["Jvp"] for i, kind in enumerate(transforms))
+
+
+def refusing_mapped_output(eps: Callable[[float, Tensor], Tensor], refusal: str) -> Callable[[float, Tensor], Tensor]:
+    """``eps(σ, x̄)`` that raises ``ValueError(refusal)`` at the first evaluation whose output is mapped by a
+    ``torch.func.vmap``: for a solve under vmaps that each sit right around a jvp, which
+    :func:`vmap_may_map_states` lets pass (``jacfwd``'s maps the tangents alone), where a user's
+    ``vmap(lambda w: jvp(...))`` over an ensemble's stacked weights, closed over by the model, maps the states from
+    the first evaluation on and what reads them on the host would stop inside torch (".item()" on a mapped tensor)."""
+    def checked(sigma: float, xbar: Tensor) -> Tensor:
+        out = eps(sigma, xbar)
+        if functorch_levels(out)[1]:
+            raise ValueError(refusal)
+        return out
+    return checked
 
 
 def check_flags(**flags: object) -> None:
