@@ -101,3 +101,43 @@ def test_jacfwd_of_an_adaptive_solve_of_one_model_still_runs():
 
     torch.testing.assert_close(torch.func.jacfwd(f)(noise), torch.autograd.functional.jacobian(f, noise),
                                rtol=1e-8, atol=1e-10)
+
+
+def test_encode_under_vmap_around_a_users_jvp_over_an_ensemble_is_refused_with_the_checks_off_too():
+    """encode is refused under every vmap whose states are mapped (README); around a jvp only the model's mapped
+    output shows it, and with the checks off the encode ran (lead, after R23)."""
+    _, params, buffers, shell, noise, tangent = _ensemble()
+    images = noise.clamp(-1, 1)
+
+    def one(p, b):
+        flow = fd.ProbabilityFlow(lambda x, t: torch.func.functional_call(shell, (p, b), (x, t)), fd.Schedule.linear())
+        return torch.func.jvp(lambda x: fd.encode(flow, x, solver="heun", steps=3, checks=OFF).x, (images,), (tangent,))
+
+    with pytest.raises(ValueError, match=r"encode does not run under torch\.func\.vmap around a jvp"):
+        torch.func.vmap(one)(params, buffers)
+    assert shell.calls == 1
+
+
+def test_a_v_prediction_model_in_the_data_variables_is_checked_under_vmap_around_a_jvp_and_keeps_its_own_d():
+    """The check wraps the model's field; a data-variable solver (unipc) reads D off a v-prediction's own output
+    (``with_denoised``), which the wrapper must check alike and keep: read back from x̄ − σ·ε it loses ε's rounding
+    times σ in float32, and the jvp's primal was no longer the plain solve's."""
+    _, params, buffers, shell, noise, tangent = _ensemble()
+
+    def one(p, b):
+        flow = fd.ProbabilityFlow(lambda x, t: torch.func.functional_call(shell, (p, b), (x, t)), fd.Schedule.linear(),
+                                  prediction_type="v_prediction")
+        return torch.func.jvp(lambda x: fd.generate(flow, x, solver="unipc", steps=4).x, (noise,), (tangent,))
+
+    with pytest.raises(ValueError, match=r"generate under torch\.func\.vmap around a jvp"):
+        torch.func.vmap(one)(params, buffers)
+
+    net = _Net(0).float()
+    flow = fd.ProbabilityFlow(net, fd.Schedule.cosine(), prediction_type="v_prediction")
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
+    plain = fd.generate(flow, x, solver="unipc", steps=4).x
+    tangents = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(2))
+    primals, _ = torch.func.vmap(lambda t: torch.func.jvp(lambda n: fd.generate(flow, n, solver="unipc", steps=4).x,
+                                                          (x,), (t,)))(tangents)
+    for primal in primals:
+        assert torch.equal(primal, plain)
