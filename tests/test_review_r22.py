@@ -1,0 +1,58 @@
+"""Review R22 of S9's, S10's and F6's merges: each test failed on main before its fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import flowdiff
+from flowdiff import cli
+from flowdiff.cli import _prompt
+
+
+def _png(path):
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img)
+
+
+@pytest.fixture
+def digit_files(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"d{i}.png")
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(paths[-1])
+    return [str(p) for p in paths]
+
+
+def test_latents_recorded_with_guidance_0_still_decode_as_they_were_encoded(digit_files, tmp_path, monkeypatch,
+                                                                            capsys):
+    """`--guidance 0` became a usage error (S9), and the check also ran on a decode's record: latents that an
+    earlier flowdiff wrote with `--class-label 7 --guidance 0` were refused naming a `--guidance 0` nobody gave, and
+    giving the record's values again was refused too, so they could not be decoded at all. The record is followed."""
+    latents = str(tmp_path / "l.safetensors")
+    with monkeypatch.context() as m:  # the flowdiff that wrote them: guidance 0 not yet refused
+        m.setattr(_prompt, "_refuse_zero_guidance", lambda *args: None)
+        assert cli.main(["encode", *digit_files, "--steps", "4", "--device", "cpu", "--class-label", "7",
+                         "--guidance", "0", "--out", latents]) == 0
+    latent = flowdiff.Latent.load(latents)
+    assert latent.info["class_label"] == {"class_label": 7, "guidance": 0.0}
+    capsys.readouterr()
+    assert cli.main(["decode", latents, "--out", str(tmp_path / "dec"), "--device", "cpu"]) == 0, \
+        capsys.readouterr().err
+    flow = flowdiff.pretrained("digits")
+    guided = flowdiff.classifier_free_guidance(flow, 0.0)
+    with torch.no_grad():
+        dec = flowdiff.decode(guided, latent, model_kwargs={"class_labels": torch.full((2,), 7)}).x
+    cli.save_images(dec, tmp_path / "py", ["d0.png", "d1.png"])
+    for name in ("d0.png", "d1.png"):
+        assert np.array_equal(_png(tmp_path / "dec" / name), _png(tmp_path / "py" / name))
+    # given now, guidance 0 is still the usage error S9 made it
+    assert cli.main(["encode", *digit_files, "--steps", "4", "--device", "cpu", "--class-label", "7",
+                     "--guidance", "0", "--out", str(tmp_path / "again.safetensors")]) == 2
+    assert "--guidance 0 with --class-label 7" in capsys.readouterr().err
