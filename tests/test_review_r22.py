@@ -56,3 +56,32 @@ def test_latents_recorded_with_guidance_0_still_decode_as_they_were_encoded(digi
     assert cli.main(["encode", *digit_files, "--steps", "4", "--device", "cpu", "--class-label", "7",
                      "--guidance", "0", "--out", str(tmp_path / "again.safetensors")]) == 2
     assert "--guidance 0 with --class-label 7" in capsys.readouterr().err
+
+
+def test_latents_recorded_with_a_prompt_and_guidance_0_still_decode(tmp_path, monkeypatch, capsys):
+    """The same for a prompt's record: an SD pipeline's latents encoded with `--prompt 'a cat' --guidance 0` by an
+    earlier flowdiff decode with that record, equal to the decode with `--guidance 0` not refused."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from PIL import Image
+
+    from flowdiff.models.tiny_pipelines import stable_diffusion
+
+    sd_dir = str(stable_diffusion(tmp_path / "sd")[1])
+    image = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(image)
+    common = ["--model", sd_dir, "--steps", "3"]
+    latents = str(tmp_path / "l.safetensors")
+    with monkeypatch.context() as m:  # the flowdiff that wrote them: guidance 0 not yet refused
+        m.setattr(_prompt, "_refuse_zero_guidance", lambda *args: None)
+        assert cli.main(["encode", str(image), *common, "--prompt", "a cat", "--guidance", "0", "--out",
+                         latents]) == 0
+        assert cli.main(["decode", latents, "--model", sd_dir, "--out", str(tmp_path / "then")]) == 0
+    assert flowdiff.Latent.load(latents).info["prompt"]["guidance"] == 0.0
+    capsys.readouterr()
+    assert cli.main(["decode", latents, "--model", sd_dir, "--out", str(tmp_path / "now")]) == 0, \
+        capsys.readouterr().err
+    assert np.array_equal(_png(tmp_path / "now" / "a.png"), _png(tmp_path / "then" / "a.png"))
+    assert cli.main(["encode", str(image), *common, "--prompt", "a cat", "--guidance", "0", "--out",
+                     str(tmp_path / "again.safetensors")]) == 2
+    assert "--guidance 0 with --prompt 'a cat'" in capsys.readouterr().err
