@@ -85,3 +85,18 @@ def test_latents_recorded_with_a_prompt_and_guidance_0_still_decode(tmp_path, mo
     assert cli.main(["encode", str(image), *common, "--prompt", "a cat", "--guidance", "0", "--out",
                      str(tmp_path / "again.safetensors")]) == 2
     assert "--guidance 0 with --prompt 'a cat'" in capsys.readouterr().err
+
+
+def test_round_trip_order_refuses_reversible_heun_on_the_shipped_model_in_float64():
+    """S10 made round_trip_order refuse rounding-level errors, with a floor of 64 epsilons whatever the steps; on the
+    shipped digits model reversible Heun's float64 round trip comes back within ~20 ulps per step (2.9e-14 at 4
+    steps … 1.4e-13 at 32, growing), above that floor, and it returned an "order" of about −0.8. Rounding adds up
+    over the steps: the floor is per step. Euler's genuine first order on the same model and images still fits."""
+    from flowdiff.tools import testing as ft
+
+    flow = flowdiff.pretrained("digits")
+    images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    with pytest.raises(ValueError, match="exact round trip"):
+        ft.round_trip_order(flow, images, [4, 8, 16, 32], solver="reversible_heun")
+    order, errors = ft.round_trip_order(flow, images, [8, 16, 32], solver="euler")
+    assert errors[0] > errors[1] > errors[2] and order > 0.5
