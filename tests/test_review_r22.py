@@ -100,3 +100,22 @@ def test_round_trip_order_refuses_reversible_heun_on_the_shipped_model_in_float6
         ft.round_trip_order(flow, images, [4, 8, 16, 32], solver="reversible_heun")
     order, errors = ft.round_trip_order(flow, images, [8, 16, 32], solver="euler")
     assert errors[0] > errors[1] > errors[2] and order > 0.5
+
+
+@pytest.mark.parametrize("function", ["sample_like", "encode_like"])
+def test_sample_like_and_encode_like_refuse_nfe_naming_steps(function):
+    """S9 made sample_like/encode_like refuse grid=, adaptive= (and encode_like's solver=) naming the scheduler's own
+    loop; nfe= still reached generate/encode beside the scheduler's grid and was refused as "nfe=5 beside
+    grid=explicit σ", a grid the caller never gave. It is refused like the others, before any evaluation."""
+    pytest.importorskip("diffusers")
+    calls = []
+    flow = flowdiff.pretrained("digits")
+    flow = flow.with_model(lambda x, t, **kw: calls.append(t) or flow.model(x, t, **kw))
+    flow.scheduler_config = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000,
+                             "beta_schedule": "linear", "timestep_spacing": "leading", "steps_offset": 1,
+                             "set_alpha_to_one": False, "clip_sample": False}
+    x = torch.zeros(2, 1, 8, 8)
+    with pytest.raises(TypeError, match=rf"{function} takes no nfe=: it runs the scheduler's own loop \(its step "
+                                        r"count is steps=, the (pipeline|inversion)'s num_inference_steps\)"):
+        getattr(flowdiff, function)(flow, x, steps=3, nfe=5)
+    assert calls == []

@@ -695,9 +695,11 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
 
 #: the keywords of generate/encode that sample_like/encode_like set from the scheduler, and what sets them
 _SET_BY_THE_SCHEDULER = {
-    "sample_like": {"grid": "its σ grid is the scheduler's", "adaptive": "a fixed grid, the scheduler's"},
+    "sample_like": {"grid": "its σ grid is the scheduler's", "adaptive": "a fixed grid, the scheduler's",
+                    "nfe": "its step count is steps=, the pipeline's num_inference_steps"},
     "encode_like": {"grid": "its σ grid is DDIMInverseScheduler's", "solver": "its method is ddim_inverse",
-                    "adaptive": "a fixed grid, DDIMInverseScheduler's"},
+                    "adaptive": "a fixed grid, DDIMInverseScheduler's",
+                    "nfe": "its step count is steps=, the inversion's num_inference_steps"},
 }
 
 
