@@ -119,3 +119,21 @@ def test_sample_like_and_encode_like_refuse_nfe_naming_steps(function):
                                         r"count is steps=, the (pipeline|inversion)'s num_inference_steps\)"):
         getattr(flowdiff, function)(flow, x, steps=3, nfe=5)
     assert calls == []
+
+
+def test_encode_negative_prompt_refuses_n_beside_the_prompts(tmp_path):
+    """`encode_negative_prompt(["x", "y", "z"], n=2)` ignored n and returned a batch of 3 (refused later, at the
+    network, as a batch of 3 for 2 samples); n beside the prompts is refused naming both, and without prompts it
+    still gives n empty prompts."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from flowdiff.models.tiny_pipelines import stable_diffusion
+
+    flow = flowdiff.from_diffusers(stable_diffusion(tmp_path / "sd")[1])
+    with pytest.raises(TypeError, match=r"takes n= \(default 1\) without negative_prompts only: .*negative_prompts="
+                                        r"\['x', 'y', 'z'\]; got n=2"):
+        flow.encode_negative_prompt(["x", "y", "z"], n=2)
+    assert torch.equal(flow.encode_negative_prompt(["x", "y"])["encoder_hidden_states"],
+                       flow.encode_prompt(["x", "y"])["encoder_hidden_states"])
+    assert flow.encode_negative_prompt(n=3)["encoder_hidden_states"].shape[0] == 3
+    assert flow.encode_negative_prompt()["encoder_hidden_states"].shape[0] == 1
