@@ -137,3 +137,24 @@ def test_encode_negative_prompt_refuses_n_beside_the_prompts(tmp_path):
                        flow.encode_prompt(["x", "y"])["encoder_hidden_states"])
     assert flow.encode_negative_prompt(n=3)["encoder_hidden_states"].shape[0] == 3
     assert flow.encode_negative_prompt()["encoder_hidden_states"].shape[0] == 1
+
+
+def test_cli_sample_of_an_epsilon_model_from_infinity_is_a_usage_error_naming_a_cli_grid(tmp_path, capsys):
+    """F6 refused an epsilon model on a grid from σ = ∞ before the solve, advising `grid=grid[1:]`; the command line
+    printed that Python advice (which no flag spells) with status 1. It is a usage error (status 2) naming the
+    flags and `--grid leading`, whose first σ is finite, and that advice runs."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                          down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                          norm_num_groups=4).save_pretrained(tmp_path / "unet")
+    diffusers.DDIMScheduler(rescale_betas_zero_snr=True, prediction_type="epsilon", timestep_spacing="trailing",
+                            clip_sample=False).save_pretrained(tmp_path / "scheduler")
+    model = str(tmp_path / "unet")
+    common = ["sample", "--model", model, "--num", "2", "--steps", "3", "--device", "cpu"]
+    out = tmp_path / "x.png"
+    assert cli.main([*common, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--grid trailing with --model {model!r}: prediction_type 'epsilon'" in err and "σ_max = ∞" in err
+    assert "give --grid leading" in err and "grid[1:]" not in err and not out.exists()
+    assert cli.main([*common, "--grid", "leading", "--out", str(out)]) == 0 and out.exists()
