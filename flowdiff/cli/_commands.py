@@ -22,7 +22,7 @@ import solvers as _solvers
 
 from ..engine._files import atomic_path, regular_file
 from ..engine.fingerprint import flow_fingerprint
-from ..engine.flow import ProbabilityFlow
+from ..engine.flow import ProbabilityFlow, check_from_noise
 from ..engine.latent import Latent
 from ..engine.plugins import plugins, solver_plugin
 from ..runs import distributed
@@ -116,7 +116,7 @@ def _check_budget(args: argparse.Namespace, loaded: LoadedModel, budget: dict[st
     solver = _solvers.get(args.solver) if plugin is None else plugin.make({})
     (key, value), = budget.items()
     try:
-        Grid(args.grid, **budget).solve_sigmas(loaded.flow, solver, direction)
+        sigmas = Grid(args.grid, **budget).solve_sigmas(loaded.flow, solver, direction)
     except ValueError as err:
         said = {key: f"--{key} {value}"}  # the flag given; a step count it bought is said as a count
         text = re.sub(r"\b(steps|nfe) >= (\d[\d,]*)", r"--\1 \2 or more", one_line(err))  # what it accepts
@@ -126,6 +126,13 @@ def _check_budget(args: argparse.Namespace, loaded: LoadedModel, budget: dict[st
         if said[key] in text:
             raise CommandError(f"{text} ({where}{default})") from None
         raise CommandError(f"{said[key]}{default} with {where}: {text}") from None
+    if direction == "generate" and math.isinf(float(sigmas[0])):
+        try:  # an epsilon model has no step out of σ = ∞; the refusal's advice (grid=grid[1:]) is Python's
+            check_from_noise(loaded.flow)
+        except ValueError as err:
+            reason = one_line(err).split("; ")[0]
+            raise UsageError(f"--grid {args.grid} with --model {args.model!r}: {reason}; give --grid leading, whose "
+                             "first σ is finite") from None
 
 
 def fingerprint(loaded: LoadedModel) -> str:

@@ -114,7 +114,9 @@ def condition(loaded: Any, args: argparse.Namespace, record: dict[str, Any] | No
         w = float(getattr(loaded.flow, "default_guidance", DEFAULT_GUIDANCE))
     if not math.isfinite(w):
         raise error(f"--guidance must be a finite number, got {w}")
-    _refuse_zero_guidance(w, f"--prompt {prompt!r}", "the negative prompt's (default: the empty prompt's)", error)
+    if args.prompt is not None:  # a decode follows its latents' record: guidance 0 there is how they were encoded
+        _refuse_zero_guidance(w, f"--prompt {prompt!r}", "the negative prompt's (default: the empty prompt's)",
+                              UsageError)
     flow = loaded.flow
     if getattr(flow, "prompt_encoder", None) is None:
         raise error(f"--prompt {prompt!r}: model {loaded.name!r} has no text encoder flowdiff can use (a Stable "
@@ -179,8 +181,8 @@ def _condition_on_class(loaded: Any, args: argparse.Namespace, record: dict[str,
             "classifier-free guidance has no unconditional branch; leave --guidance out")
     if w is not None and not math.isfinite(w):
         raise (ValueError if recorded else UsageError)(f"--guidance must be a finite number, got {w}")
-    if w is not None:
-        _refuse_zero_guidance(w, f"--class-label {label}", "the null class's", ValueError if recorded else UsageError)
+    if w is not None and not recorded:  # a decode follows its latents' record (written before 0 was refused)
+        _refuse_zero_guidance(w, f"--class-label {label}", "the null class's", UsageError)
     if batch is None and (label is not None or labels.null is not None):
         raise UsageError(f"--data: model {loaded.name!r} takes one class label per image, and a --data run's "
                          "batches differ in size; give the image files one by one" +
@@ -202,7 +204,8 @@ def _condition_on_class(loaded: Any, args: argparse.Namespace, record: dict[str,
 def _refuse_zero_guidance(w: float, condition: str, unconditional: str, error: type[Exception]) -> None:
     """Refuse ``--guidance 0``: ε_u + 0·(ε_c − ε_u) is the unconditional branch alone, so the condition would change
     nothing. (diffusers' pipelines read ``guidance_scale`` ≤ 1 as "no guidance", the conditional model, which is
-    ``--guidance 1`` here; SD-Turbo's ``guidance_scale=0.0`` is meant that way.)"""
+    ``--guidance 1`` here; SD-Turbo's ``guidance_scale=0.0`` is meant that way.) Only what is given now: latents
+    whose record says guidance 0 (written before this refusal) decode with it, as they were encoded."""
     if w == 0:
         raise error(f"--guidance 0 with {condition}: ε_u + 0·(ε_c − ε_u) is {unconditional} model alone, so "
                          f"{condition.split()[0]} would change nothing; for no guidance (diffusers' guidance_scale "

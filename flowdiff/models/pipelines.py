@@ -339,16 +339,23 @@ class DiffusersFlow(ProbabilityFlow):
             if isinstance(self.model, nn.Module) else None
         return {k: v.to(dtype) if dtype is not None else v for k, v in kwargs.items()}  # the denoiser's dtype now
 
-    def encode_negative_prompt(self, negative_prompts: Sequence[str] | None = None, n: int = 1) -> dict[str, Tensor]:
+    def encode_negative_prompt(self, negative_prompts: Sequence[str] | None = None,
+                               n: int | None = None) -> dict[str, Tensor]:
         """The unconditional branch's ``model_kwargs`` as the pipeline makes it for its ``negative_prompt``.
 
-        Given prompts: their embeddings (:meth:`encode_prompt`). ``None`` (the pipeline called without one): the
-        empty prompt's embeddings for ``n`` samples — except for SDXL, whose pipeline (``force_zeros_for_empty_prompt``,
-        its default) takes zero text embeddings and zero pooled embeddings then (the size ids stay), so
+        Given prompts: their embeddings (:meth:`encode_prompt`), one per prompt (``n`` is for no prompts only).
+        ``None`` (the pipeline called without one): the empty prompt's embeddings for ``n`` samples (default 1) —
+        except for SDXL, whose pipeline (``force_zeros_for_empty_prompt``, its default) takes zero text embeddings
+        and zero pooled embeddings then (the size ids stay), so
         ``classifier_free_guidance(flow, 5.0, unconditional_kwargs=flow.encode_negative_prompt())`` is its loop.
         """
         if negative_prompts is not None:
+            if n is not None:  # the prompts' count is their batch: n beside them was ignored
+                raise TypeError(f"encode_negative_prompt takes n= (default 1) without negative_prompts only: the "
+                                f"batch is one per prompt of negative_prompts={negative_prompts!r}; got n={n!r} "
+                                "beside them")
             return self.encode_prompt(negative_prompts)
+        n = 1 if n is None else n
         if isinstance(n, bool) or not isinstance(n, int):
             raise TypeError(f"n must be the number of samples, an int >= 1, got {type(n).__name__} {n!r}")
         if n < 1:
@@ -695,9 +702,11 @@ def scheduler_plan(scheduler: object, steps: int, *, mu: float | None = None, si
 
 #: the keywords of generate/encode that sample_like/encode_like set from the scheduler, and what sets them
 _SET_BY_THE_SCHEDULER = {
-    "sample_like": {"grid": "its σ grid is the scheduler's", "adaptive": "a fixed grid, the scheduler's"},
+    "sample_like": {"grid": "its σ grid is the scheduler's", "adaptive": "a fixed grid, the scheduler's",
+                    "nfe": "its step count is steps=, the pipeline's num_inference_steps"},
     "encode_like": {"grid": "its σ grid is DDIMInverseScheduler's", "solver": "its method is ddim_inverse",
-                    "adaptive": "a fixed grid, DDIMInverseScheduler's"},
+                    "adaptive": "a fixed grid, DDIMInverseScheduler's",
+                    "nfe": "its step count is steps=, the inversion's num_inference_steps"},
 }
 
 

@@ -332,7 +332,8 @@ def assert_fixed_point_converged(result: Result, tol: float | None = None) -> No
                              + ", ".join(f"{i} (residual {r:.3g} > tol {t:.3g})" for i, r, t in bad[:5]))
 
 
-#: Round-trip errors all within this many machine epsilons of the images' scale are rounding, not an order's error.
+#: Round-trip errors all within this many machine epsilons of the images' scale per step are rounding, not an
+#: order's error (each step rounds the state once more: an exact round trip's error grows with the steps).
 ROUNDING_ULPS = 64
 
 
@@ -340,8 +341,8 @@ def round_trip_order(flow: ProbabilityFlow, images: Tensor, step_list: Sequence[
                      **encode_kwargs: Any) -> tuple[float, list[float]]:
     """The fitted slope p of log round-trip error against log step count (error ∝ steps^−p), and the errors.
 
-    An exact round trip has no order and is refused: errors of 0, or all within :data:`ROUNDING_ULPS` epsilons of the
-    images' scale (a reversible solver's few ulps in float64).
+    An exact round trip has no order and is refused: errors of 0, or each within :data:`ROUNDING_ULPS` epsilons of
+    the images' scale per step of its solve (a reversible solver's ulps in float64, which add up over the steps).
 
     ``sigmas_for(steps)`` gives the generation grid for a step count (default: the
     schedule's Karras grid reaching σ = 0 smoothly, σ_i = σ_max (1 − i/N)^7, so that every
@@ -368,9 +369,10 @@ def round_trip_order(flow: ProbabilityFlow, images: Tensor, step_list: Sequence[
         raise ValueError(f"round-trip errors {errors} at steps {counts}: an order is the slope of log error against "
                          "log steps, and a zero error (an exact round trip) or a non-finite one has no logarithm")
     floor = ROUNDING_ULPS * torch.finfo(images.dtype).eps * max(1.0, float(images.detach().abs().amax()))
-    if all(e <= floor for e in errors):  # a reversible solver in float64: a few ulps at every step count
+    if all(e <= floor * int(n) for e, n in zip(errors, counts)):  # a reversible solver in float64: ulps per step
         raise ValueError(f"round-trip errors {errors} at steps {counts} are all at float rounding (at most "
-                         f"{ROUNDING_ULPS} epsilons of the images' scale, {floor:.1e}): an exact round trip's error "
-                         "does not fall with the steps, so it has no order; check it with assert_round_trip instead")
+                         f"{ROUNDING_ULPS} epsilons of the images' scale per step, {floor:.1e} a step): an exact round "
+                         "trip's error does not fall with the steps, so it has no order; check it with "
+                         "assert_round_trip instead")
     slope = -float(np.polyfit(np.log(counts), np.log(errors), 1)[0])
     return slope, errors
