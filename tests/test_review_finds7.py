@@ -6,6 +6,10 @@
 4. ``flowdiff sample --grid karras`` (or logsnr) on a zero-terminal-SNR model advised the Python
    ``grid_options={'sigma_max': ...}``, which no flag spells, with status 1: it is a usage error naming the grids
    the command line has that run there (trailing or leading; leading alone for an epsilon model).
+5. A ``Stochastic`` generate under a user's ``torch.func.vmap`` right around a ``jvp`` over an ensemble (weights
+   stacked and closed over by the model) stopped inside torch: with the checks on, ".item()" on a mapped tensor;
+   drawing its step noise, "called random operation while in randomness error mode" (jacfwd of one model too).
+   Both are refused by name now; with the checks off and ``step_noise`` given it runs, equal to the members' loop.
 """
 
 from __future__ import annotations
@@ -75,3 +79,68 @@ def test_cli_sigma_range_grid_on_a_zero_snr_model_is_a_usage_error_naming_cli_gr
     assert f"give --grid {advice}" in err and "grid_options" not in err and not out.exists()
     assert ("--grid trailing" in err) == (prediction != "epsilon")
     assert cli.main([*common, "--grid", advice, "--out", str(out)]) == 0 and out.exists()
+
+
+OFF = fd.Checks(finite=False, growth=None)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = torch.nn.Linear(4, 4).double()
+        self.calls = 0
+
+    def forward(self, x, t):
+        self.calls += 1
+        return torch.tanh(self.lin(x)) * (1 + t.reshape(-1, 1) / 1000)
+
+
+def _ensemble_jvp(spec, checks):
+    nets = [_Net(k) for k in range(3)]
+    params, buffers = torch.func.stack_module_state(nets)
+    shell = _Net(99)
+    noise = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    tangent = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+
+    def one(p, b):
+        flow = fd.ProbabilityFlow(lambda x, t: torch.func.functional_call(shell, (p, b), (x, t)), fd.Schedule.linear())
+        return torch.func.jvp(lambda x: fd.generate(flow, x, solver=spec, steps=3, checks=checks).x,
+                              (noise,), (tangent,))
+    return nets, shell, noise, tangent, lambda: torch.func.vmap(one)(params, buffers)
+
+
+_STEP_NOISE = torch.randn(3, 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("spec", [fd.Stochastic(eta=1.0, generator=0), fd.Stochastic(eta=0.5, step_noise=_STEP_NOISE),
+                                  fd.Stochastic(eta=0.0)])
+def test_a_stochastic_solve_under_vmap_around_a_jvp_over_an_ensemble_with_the_checks_on_is_refused_by_name(spec):
+    _, shell, _, _, run = _ensemble_jvp(spec, None)
+    with pytest.raises(ValueError, match=r"generate\(solver=flowdiff\.Stochastic\(\.\.\.\)\) under torch\.func\.vmap "
+                                         r"around a jvp.*give checks=flowdiff\.Checks\(finite=False, growth=None\)"):
+        run()
+    assert shell.calls == 1  # at the first evaluation
+
+
+def test_a_stochastic_solve_drawing_under_vmap_around_a_jvp_is_refused_naming_step_noise():
+    _, shell, _, _, run = _ensemble_jvp(fd.Stochastic(eta=1.0, generator=0), OFF)
+    with pytest.raises(ValueError, match=r"draws its step noise from its generator.*Stochastic\(step_noise=\.\.\.\)"):
+        run()
+    flow = fd.ProbabilityFlow(_Net(0), fd.Schedule.linear())
+    noise = torch.randn(1, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match=r"draws its step noise from torch's global generator \(no generator=\)"):
+        torch.func.jacfwd(lambda n: fd.generate(flow, n, solver=fd.Stochastic(eta=1.0), steps=3).x)(noise)
+
+
+def test_a_stochastic_solve_with_step_noise_under_vmap_around_a_jvp_runs_equal_to_the_members_loop():
+    spec = fd.Stochastic(eta=0.5, step_noise=_STEP_NOISE)
+    nets, _, noise, tangent, run = _ensemble_jvp(spec, OFF)
+    primals, tangents = run()
+    for i, net in enumerate(nets):
+        want = torch.func.jvp(lambda x, net=net: fd.generate(fd.ProbabilityFlow(net, fd.Schedule.linear()), x,
+                                                             solver=spec, steps=3).x, (noise,), (tangent,))
+        torch.testing.assert_close(primals[i], want[0], rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(tangents[i], want[1], rtol=1e-12, atol=1e-13)
+    assert not torch.allclose(primals[0], fd.generate(fd.ProbabilityFlow(nets[0], fd.Schedule.linear()), noise,
+                                                      solver=fd.Stochastic(eta=0.0), steps=3).x)
