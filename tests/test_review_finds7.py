@@ -6,6 +6,12 @@
 4. ``flowdiff sample --grid karras`` (or logsnr) on a zero-terminal-SNR model advised the Python
    ``grid_options={'sigma_max': ...}``, which no flag spells, with status 1: it is a usage error naming the grids
    the command line has that run there (trailing or leading; leading alone for an epsilon model).
+2. A UNet2DConditionModel with ``num_class_embeds`` needs a prompt and a class label together, which the command line
+   refused together ("not both"), and each alone failed later: it is refused at load by name, with the Python call
+   that runs it (which does, and differs by label).
+3. A UNet with ``class_embed_type`` "timestep" or "identity" has no label table: ``--class-label`` was refused as
+   "takes no class labels" and without it the network asked for ``class_labels`` (a bare error from inside it). It is
+   refused at load, naming its class_embed_type and the Python call.
 5. A ``Stochastic`` generate under a user's ``torch.func.vmap`` right around a ``jvp`` over an ensemble (weights
    stacked and closed over by the model) stopped inside torch: with the checks on, ".item()" on a mapped tensor;
    drawing its step noise, "called random operation while in randomness error mode" (jacfwd of one model too).
@@ -144,3 +150,51 @@ def test_a_stochastic_solve_with_step_noise_under_vmap_around_a_jvp_runs_equal_t
         torch.testing.assert_close(tangents[i], want[1], rtol=1e-12, atol=1e-13)
     assert not torch.allclose(primals[0], fd.generate(fd.ProbabilityFlow(nets[0], fd.Schedule.linear()), noise,
                                                       solver=fd.Stochastic(eta=0.0), steps=3).x)
+
+
+def _sd_with_class_table(root):
+    diffusers = pytest.importorskip("diffusers")
+    pipe, _ = tiny_pipelines.stable_diffusion(root)
+    torch.manual_seed(1)
+    pipe.unet = diffusers.UNet2DConditionModel(**{**pipe.unet.config, "num_class_embeds": 5})
+    pipe.save_pretrained(root / "sd_classes")
+    return str(root / "sd_classes")
+
+
+def test_cli_refuses_a_text_unet_with_a_class_table_at_load_naming_the_python_call(tmp_path, capsys):
+    model = _sd_with_class_table(tmp_path)
+    common = ["sample", "--model", model, "--num", "1", "--steps", "2", "--device", "cpu"]
+    for extra in (["--prompt", "a cat"], ["--class-label", "2"], ["--prompt", "a cat", "--class-label", "2"]):
+        out = tmp_path / "x.png"
+        assert cli.main([*common, *extra, "--out", str(out)]) == 1 and not out.exists()
+        err = capsys.readouterr().err
+        assert f"--model {model!r}: this UNet2DConditionModel needs a prompt's text conditioning and a class" in err
+        assert "num_class_embeds=5" in err and "'class_labels': torch.tensor([N])" in err
+    flow = fd.from_diffusers(model)  # the advised call runs, and the label conditions it
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    a, b = (fd.generate(flow, noise, steps=2, model_kwargs={**flow.encode_prompt(["a cat"]),
+                                                            "class_labels": torch.tensor([n])}).x for n in (1, 2))
+    assert torch.isfinite(a).all() and not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["timestep", "identity"])
+def test_cli_refuses_a_unet_with_a_class_embedding_but_no_table_at_load_by_name(tmp_path, capsys, kind):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                          down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                          norm_num_groups=4, class_embed_type=kind).save_pretrained(tmp_path / "unet")
+    diffusers.DDIMScheduler(clip_sample=False).save_pretrained(tmp_path / "scheduler")
+    model = str(tmp_path / "unet")
+    common = ["sample", "--model", model, "--num", "2", "--steps", "2", "--device", "cpu"]
+    for extra in ([], ["--class-label", "3"]):
+        out = tmp_path / "x.png"
+        assert cli.main([*common, *extra, "--out", str(out)]) == 1 and not out.exists()
+        err = capsys.readouterr().err
+        assert f"--model {model!r}: this UNet2DModel takes class_labels through its class_embed_type={kind!r}" in err
+        assert "model_kwargs={'class_labels': labels}" in err and "takes no class labels" not in err
+    flow = fd.from_diffusers(model)  # the advised call runs
+    net = flow.model.net
+    labels = torch.tensor([3, 7]) if kind == "timestep" else torch.randn(2, net.time_embedding.linear_2.out_features)
+    x = fd.generate(flow, torch.randn(2, 1, 8, 8), steps=2, model_kwargs={"class_labels": labels}).x
+    assert torch.isfinite(x).all()
