@@ -5,7 +5,8 @@
    them into one: the results differed in their last digits. A 0-d label of a model with a label table pairs now.
 4. ``flowdiff sample --grid karras`` (or logsnr) on a zero-terminal-SNR model advised the Python
    ``grid_options={'sigma_max': ...}``, which no flag spells, with status 1: it is a usage error naming the grids
-   the command line has that run there (trailing or leading; leading alone for an epsilon model).
+   the command line has that run there (trailing or leading; leading alone for an epsilon model, and for an encode,
+   whose default trailing grid also printed Python advice, grid=grid[1:]).
 2. A UNet2DConditionModel with ``num_class_embeds`` needs a prompt and a class label together, which the command line
    refused together ("not both"), and each alone failed later: it is refused at load by name, with the Python call
    that runs it (which does, and differs by label).
@@ -85,6 +86,21 @@ def test_cli_sigma_range_grid_on_a_zero_snr_model_is_a_usage_error_naming_cli_gr
     assert f"give --grid {advice}" in err and "grid_options" not in err and not out.exists()
     assert ("--grid trailing" in err) == (prediction != "epsilon")
     assert cli.main([*common, "--grid", advice, "--out", str(out)]) == 0 and out.exists()
+
+
+@pytest.mark.parametrize("grid", ["karras", "trailing"])
+def test_cli_encode_on_a_zero_snr_model_names_the_grid_that_ends_finite(tmp_path, capsys, grid):
+    from PIL import Image
+
+    model = _zero_snr_unet(tmp_path, "v_prediction")
+    Image.fromarray(torch.zeros(8, 8, dtype=torch.uint8).numpy(), mode="L").save(tmp_path / "a.png")
+    common = ["encode", str(tmp_path / "a.png"), "--model", model, "--steps", "3", "--device", "cpu"]
+    out = tmp_path / "l.safetensors"
+    assert cli.main([*common, "--grid", grid, "--out", str(out)]) == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert f"--grid {grid} with --model {model!r}" in err and "give --grid leading, whose last σ is finite" in err
+    assert "grid_options" not in err and "grid[1:]" not in err and "--grid trailing or" not in err
+    assert cli.main([*common, "--grid", "leading", "--out", str(out)]) == 0 and out.exists()
 
 
 OFF = fd.Checks(finite=False, growth=None)

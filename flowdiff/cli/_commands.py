@@ -128,6 +128,10 @@ def _check_budget(args: argparse.Namespace, loaded: LoadedModel, budget: dict[st
         if said[key] in text:
             raise CommandError(f"{text} ({where}{default})") from None
         raise CommandError(f"{said[key]}{default} with {where}: {text}") from None
+    if direction == "encode" and any(math.isinf(float(s)) for s in sigmas):  # the Python advice is grid=grid[1:]
+        raise UsageError(f"--grid {args.grid} with --model {args.model!r}: encoding would end at σ = ∞ (zero terminal "
+                         "SNR), where the state is infinite and no decode retraces the last step; give --grid leading, "
+                         "whose last σ is finite")
     if direction == "generate" and math.isinf(float(sigmas[0])):
         try:  # an epsilon model has no step out of σ = ∞; the refusal's advice (grid=grid[1:]) is Python's
             check_from_noise(loaded.flow)
@@ -141,7 +145,9 @@ def _refuse_infinite_sigma_max(args: argparse.Namespace, loaded: LoadedModel, di
     """A σ-range grid (karras, logsnr) needs a finite σ_max, and a zero-terminal-SNR schedule's is ∞: the Python
     advice (grid_options={'sigma_max': ...}) has no flag, so name the grids the command line has that run there."""
     grids = "--grid trailing or --grid leading"
-    if direction == "generate":
+    if direction == "encode":  # trailing ends at σ = ∞, where no decode retraces the step
+        grids = "--grid leading, whose last σ is finite"
+    else:
         try:  # an epsilon model has no step out of σ = ∞ either: trailing starts there
             check_from_noise(loaded.flow)
         except ValueError:
