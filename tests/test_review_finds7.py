@@ -45,8 +45,10 @@ def test_every_spelling_of_one_guided_dit_label_gives_the_same_result_bit_for_bi
         guided = fd.classifier_free_guidance(flow, 4.0, unconditional_kwargs={"class_labels": null}, batch=batch)
         results.append(fd.generate(guided, noise, steps=3, model_kwargs={"class_labels": label}).x)
     assert all(torch.equal(r, results[0]) for r in results[1:])
-    assert not torch.equal(results[0], fd.generate(flow, noise, steps=3,
-                                                   model_kwargs={"class_labels": torch.tensor(3)}).x)
+    plain = [fd.generate(flow, noise, steps=3, model_kwargs={"class_labels": label}).x
+             for label in (torch.tensor(3), torch.tensor([3]), torch.tensor([3] * 3))]
+    assert all(torch.equal(p, plain[0]) for p in plain[1:])  # unguided, the spellings agree too
+    assert not torch.equal(results[0], plain[0])
 
 
 def test_a_guided_dit_pairs_a_0d_label_into_one_call(dit):
