@@ -173,8 +173,9 @@ def test_the_cli_samples_from_infinity_and_refuses_to_encode_there(zero_snr, tmp
     assert "5 NFE, 5 steps" in capsys.readouterr().out
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8), mode="L").save(tmp_path / "a.png")
     assert cli.main(["encode", str(tmp_path / "a.png"), "--model", str(path), "--steps", "5",
-                     "--out", str(tmp_path / "l.safetensors")]) == 1
-    assert "ends at σ = ∞" in capsys.readouterr().err
+                     "--out", str(tmp_path / "l.safetensors")]) == 2  # a usage error naming the flag that runs
+    err = capsys.readouterr().err
+    assert "end at σ = ∞" in err and "give --grid leading" in err and "grid[1:]" not in err
 
 
 def test_float16_noise_keeps_a_float32_state_after_the_boundary_step(zero_snr):

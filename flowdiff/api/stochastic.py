@@ -49,6 +49,7 @@ from torch import Tensor
 import solvers
 from solvers import Solver, StepResult
 
+from ..engine import _checks
 from ..engine._checks import check_seed
 from ..engine.formulations import formulation_for
 from ..engine.loop import solve_grid
@@ -98,7 +99,17 @@ class _StepNoise:
         self.draws += 1
         if self.given is not None:
             return self.given[i]
-        return torch.randn(self.shape, generator=self.generator, dtype=self.dtype, device=self.device)
+        try:
+            return torch.randn(self.shape, generator=self.generator, dtype=self.dtype, device=self.device)
+        except RuntimeError as err:  # a vmap left to its default randomness="error" (jacfwd's own, or a user's)
+            if "randomness" not in str(err):
+                raise
+            source = "its generator" if self.generator is not None else "torch's global generator (no generator=)"
+            raise ValueError(f"generate(solver=flowdiff.Stochastic(eta=...)) draws its step noise from {source}, and "
+                             "it runs under torch.func.vmap (a jacfwd's, or one around a jvp) whose randomness is "
+                             "'error', which refuses random draws: give the noise as Stochastic(step_noise=...) (shape "
+                             "(steps, *noise.shape)), or pass randomness='same' or 'different' to that vmap or "
+                             "jacfwd") from None
 
 
 def _check_step_noise(step_noise: object, like: Tensor, steps: int) -> list[Tensor]:
@@ -202,6 +213,13 @@ def generate_stochastic(request: Request, noise: Tensor, spec: Stochastic) -> Re
     source = _StepNoise(spec.step_noise, gen, xbar0, len(sig) - 1)
     step = GeneralizedDDIM(eta, source)
     eps = request.flow.field(request.model_kwargs, model_dtype)
+    if (request.check_finite or request.bound is not None) and "Vmap" in _checks.functorch_transforms():
+        eps = _checks.refusing_mapped_output(eps, (  # a vmap right around a jvp (others are refused before)
+            "generate(solver=flowdiff.Stochastic(...)) under torch.func.vmap around a jvp, with the model's output "
+            "mapped over although its inputs are not (the model closes over mapped tensors, e.g. an ensemble's "
+            "weights stacked by torch.func.stack_module_state), and with the checks on: they read the solve's states "
+            "on the host (non-finite states, the divergence guard), which vmap cannot; give "
+            "checks=flowdiff.Checks(finite=False, growth=None) to run under vmap"))
     sol = solve_grid(eps, formulation_for(step, "generate"), sig.tolist(), step, xbar0=xbar0,
                      state=0, callback=request.callback, check_finite=request.check_finite, bound=request.bound)
     sol.stats.extra.update(eta=eta, noise_draws=source.draws)

@@ -118,6 +118,8 @@ def _check_budget(args: argparse.Namespace, loaded: LoadedModel, budget: dict[st
     try:
         sigmas = Grid(args.grid, **budget).solve_sigmas(loaded.flow, solver, direction)
     except ValueError as err:
+        if math.isinf(loaded.flow.schedule.sigma_max) and "finite sigma_max" in str(err):
+            _refuse_infinite_sigma_max(args, loaded, direction)
         said = {key: f"--{key} {value}"}  # the flag given; a step count it bought is said as a count
         text = re.sub(r"\b(steps|nfe) >= (\d[\d,]*)", r"--\1 \2 or more", one_line(err))  # what it accepts
         text = re.sub(r"\b(steps|nfe)=(\d[\d,]*)", lambda m: said.get(m[1], f"{m[2]} {m[1]}"), text)
@@ -126,6 +128,10 @@ def _check_budget(args: argparse.Namespace, loaded: LoadedModel, budget: dict[st
         if said[key] in text:
             raise CommandError(f"{text} ({where}{default})") from None
         raise CommandError(f"{said[key]}{default} with {where}: {text}") from None
+    if direction == "encode" and any(math.isinf(float(s)) for s in sigmas):  # the Python advice is grid=grid[1:]
+        raise UsageError(f"--grid {args.grid} with --model {args.model!r}: encoding would end at σ = ∞ (zero terminal "
+                         "SNR), where the state is infinite and no decode retraces the last step; give --grid leading, "
+                         "whose last σ is finite")
     if direction == "generate" and math.isinf(float(sigmas[0])):
         try:  # an epsilon model has no step out of σ = ∞; the refusal's advice (grid=grid[1:]) is Python's
             check_from_noise(loaded.flow)
@@ -133,6 +139,22 @@ def _check_budget(args: argparse.Namespace, loaded: LoadedModel, budget: dict[st
             reason = one_line(err).split("; ")[0]
             raise UsageError(f"--grid {args.grid} with --model {args.model!r}: {reason}; give --grid leading, whose "
                              "first σ is finite") from None
+
+
+def _refuse_infinite_sigma_max(args: argparse.Namespace, loaded: LoadedModel, direction: str) -> None:
+    """A σ-range grid (karras, logsnr) needs a finite σ_max, and a zero-terminal-SNR schedule's is ∞: the Python
+    advice (grid_options={'sigma_max': ...}) has no flag, so name the grids the command line has that run there."""
+    grids = "--grid trailing or --grid leading"
+    if direction == "encode":  # trailing ends at σ = ∞, where no decode retraces the step
+        grids = "--grid leading, whose last σ is finite"
+    else:
+        try:  # an epsilon model has no step out of σ = ∞ either: trailing starts there
+            check_from_noise(loaded.flow)
+        except ValueError:
+            grids = "--grid leading, whose first σ is finite"
+    raise UsageError(f"--grid {args.grid} with --model {args.model!r}: the {args.grid} grid spans the schedule's "
+                     f"σ range and this schedule's σ_max is ∞ (zero terminal SNR), so it has no first σ; give "
+                     f"{grids} (the command line sets no σ_max)") from None
 
 
 def fingerprint(loaded: LoadedModel) -> str:

@@ -89,6 +89,7 @@ def _diffusers_dir(path: Path, dtype: torch.dtype, device: torch.device) -> Load
         labels = ClassLabels(classes, classes)
     elif type(net).__name__ in ("UNet2DModel", "UNet2DConditionModel") and getattr(flow.model, "class_rows", None):
         labels = ClassLabels(int(flow.model.class_rows), None, required=True)  # num_class_embeds, no null class
+    _refuse_unsupported_labels(path, flow, labels)
     if flow.model.sample_shape is None:
         raise CommandError(f"--model {str(path)!r}: a {type(flow.model.net).__name__} without its pipeline's VAE takes "
                            "packed latents of a length the caller chooses; give the pipeline folder (with vae/), or "
@@ -100,6 +101,27 @@ def _diffusers_dir(path: Path, dtype: torch.dtype, device: torch.device) -> Load
                            "encoders, and this folder has none; give the pipeline folder (with model_index.json), or "
                            "use the model from Python with model_kwargs= (flowdiff.from_diffusers)")
     return LoadedModel(path.name, _to(flow, dtype, device), tuple(flow.model.sample_shape), {}, labels)
+
+
+def _refuse_unsupported_labels(path: Path, flow: ProbabilityFlow, labels: ClassLabels | None) -> None:
+    """Refuse, at load, a network that needs ``class_labels`` the command line cannot give: labels read through a
+    timestep, identity or projection embedding (class_embed_type; not class indices into a table, so no
+    --class-label), or a UNet2DConditionModel's label table beside its text (--class-label and --prompt are one or
+    the other). Either stopped later, the first inside the network (it asks for ``class_labels``)."""
+    net = flow.model.net
+    name = type(net).__name__
+    if labels is None and getattr(flow.model, "takes_class_labels", False):
+        kind = getattr(net.config, "class_embed_type", None)
+        raise CommandError(f"--model {str(path)!r}: this {name} takes class_labels through its class_embed_type="
+                           f"{kind!r} embedding (values it embeds as they are, not class indices into a table), which "
+                           "--class-label does not give; use it from Python: generate(flowdiff.from_diffusers(DIR), "
+                           "noise, model_kwargs={'class_labels': labels}) with the labels that embedding takes")
+    if labels is not None and name in TEXT_CONDITIONED:
+        raise CommandError(f"--model {str(path)!r}: this {name} needs a prompt's text conditioning and a class label "
+                           f"(num_class_embeds={labels.classes}, no null class) together, and the command line "
+                           "conditions on --prompt or --class-label, not both; use it from Python: flow = "
+                           "flowdiff.from_diffusers(DIR); generate(flow, noise, model_kwargs={**flow.encode_prompt("
+                           "[prompt]), 'class_labels': torch.tensor([N])})")
 
 
 def _to(flow: ProbabilityFlow, dtype: torch.dtype | None, device: torch.device) -> ProbabilityFlow:

@@ -69,7 +69,7 @@ def add_class_label_option(parser: argparse.ArgumentParser) -> None:
     """--class-label for a subcommand (its --guidance is the prompt group's)."""
     parser.add_argument("--class-label", type=class_label, default=None, metavar="N",
                         help="condition a class-conditional model (--model digits: 0 … 9; a DiT folder: 0 … "
-                             "num_embeds_ada_norm − 1; a UNet with num_class_embeds: 0 … num_class_embeds − 1, "
+                             "num_embeds_ada_norm − 1; a UNet2DModel with num_class_embeds: 0 … num_class_embeds − 1, "
                              "required, no guidance) on class N, one label per image; with --guidance W, "
                              "classifier-free guidance against the null class (default: unconditional, unguided)")
 
@@ -150,7 +150,7 @@ def _condition_on_class(loaded: Any, args: argparse.Namespace, record: dict[str,
     label, w = getattr(args, "class_label", None), args.guidance
     if labels is None:
         raise UsageError(f"--class-label {label}: model {loaded.name!r} takes no class labels; accepted for "
-                         "--model digits, class-conditional DiT folders (DiTTransformer2DModel) and UNets with "
+                         "--model digits, class-conditional DiT folders (DiTTransformer2DModel) and UNet2DModels with "
                          "num_class_embeds")
     for option, value in (("--negative-prompt", args.negative_prompt),
                           ("--embedded-guidance", getattr(args, "embedded_guidance", None))):

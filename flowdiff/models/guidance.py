@@ -86,7 +86,7 @@ class GuidedModel(nn.Module):
                              "and its unconditional branch takes none either, so both branches are the same call "
                              "and the result the unconditional model's at twice the cost; pass the condition as "
                              "model_kwargs (e.g. {'class_labels': labels}), or sample the unguided flow")
-        joint = batched_kwargs(uncond, model_kwargs, x.shape[0]) if self.batch else None
+        joint = batched_kwargs(uncond, model_kwargs, x.shape[0], _per_sample_keys(self.model)) if self.batch else None
         if joint is not None:
             tt = torch.cat([t, t]) if isinstance(t, Tensor) and t.ndim == 1 and t.shape[0] == x.shape[0] else t
             out_u, out_c = self.model(torch.cat([x, x]), tt, **joint).chunk(2)
@@ -99,13 +99,26 @@ class GuidedModel(nn.Module):
         return f"GuidedModel({type(self.model).__name__}, scale={self.scale})"
 
 
-def batched_kwargs(first: Mapping[str, Any], second: Mapping[str, Any], batch: int) -> dict[str, Any] | None:
+def _per_sample_keys(model: Any) -> frozenset[str]:
+    """The keywords ``model`` reads one value per sample from, so that a 0-d value there is one for all: the class
+    labels of a network with a label table (a diffusers model's ``class_rows``, flowdiff's nets' ``null_class``);
+    a class-embedding-free or timestep/identity-embedded model says nothing, and its 0-d tensors stay unpaired."""
+    if getattr(model, "class_rows", None) is not None or isinstance(getattr(model, "null_class", None), int):
+        return frozenset({"class_labels"})
+    return frozenset()
+
+
+def batched_kwargs(first: Mapping[str, Any], second: Mapping[str, Any], batch: int,
+                   per_sample: frozenset[str] = frozenset()) -> dict[str, Any] | None:
     """The keyword arguments of one call on the batch [first; second], or None where they do not pair.
 
     They pair when both name the same keys and each key holds either two tensors of leading
     size ``batch`` or 1 (one prompt for the batch, broadcast to it) and equal trailing shape and dtype
     (concatenated), or the same non-tensor value. (One negative prompt beside per-sample prompts pairs too: it
     ran as two calls, whose float rounding differed from the one call of the same request spelt with one prompt.)
+    Under a key in ``per_sample`` (values the model reads one per sample, e.g. class labels), a 0-d tensor is one
+    for all, as the shape (1,) is: ``class_labels=torch.tensor(3)`` ran as two calls while ``torch.tensor([3])``
+    paired, and the two spellings of one request differed in their last digits.
     """
     if set(first) != set(second):
         return None
@@ -113,6 +126,8 @@ def batched_kwargs(first: Mapping[str, Any], second: Mapping[str, Any], batch: i
     for key, a in first.items():
         b = second[key]
         if isinstance(a, Tensor) and isinstance(b, Tensor):
+            if key in per_sample:  # one label for all, spelt 0-d
+                a, b = (a.reshape(1) if a.ndim == 0 else a), (b.reshape(1) if b.ndim == 0 else b)
             if a.ndim == 0 or b.ndim == 0 or a.shape[1:] != b.shape[1:] or a.dtype != b.dtype \
                     or a.device != b.device or a.shape[0] not in (1, batch) or b.shape[0] not in (1, batch):
                 return None
