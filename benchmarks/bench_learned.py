@@ -234,8 +234,14 @@ def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, to
              "RMSE | best diffusers | RMSE | best k-diffusion | RMSE | learned / best peer | tuned / best peer | "
              "fitting cost of the pick (NFE, candidate solves) |",
              "|---:|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|"]
-    held = ["", "Held-out half of the calibration batch (what `kept` is decided on): RMSE of the base method on "
-            "the tuned grid, and of each fit (* kept); the last column is the best on the evaluation noise.", "",
+    # folds=2's held-out figure pools both folds' held-out halves (each sample judged by the half-fit that did not
+    # see it): the whole calibration batch, not one half
+    held_name = "held-out half" if folds == 1 else "held-out halves of both folds"
+    held = ["", ("Held-out half of the calibration batch (what `kept` is decided on)" if folds == 1 else
+                 "Both folds' held-out halves of the calibration batch, pooled (every sample judged by the half-fit "
+                 "that did not see it; each fold's `kept` is decided on its own half)") +
+            ": RMSE of the base method on the tuned grid, and of each fit (* kept); the last column is the best on "
+            "the evaluation noise.", "",
             "| NFE | solver | base (tuned grid) | " + " | ".join(learns) + " | on the evaluation noise |",
             "|---:|---|---:|" + "---:|" * len(learns) + "---|"]
     details = []
@@ -245,12 +251,12 @@ def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, to
               "(mixture), for flowdiff's pick and the best peer (and the fewest of any peer configuration; the "
               "pick's sample indices when few); the ratio with every per-sample error capped at "
               f"{CAP:g}, and without the samples that either lands on another image (extra columns: the ratio "
-              "is the first); the candidate the held-out half alone picks; the best flowdiff candidate chosen on "
+              f"is the first); the candidate the {held_name} alone picks; the best flowdiff candidate chosen on "
               "the evaluation noise itself, as the peers' is (for scale, not an entry).", "",
               "| NFE | flowdiff learned (chosen on calibration) | RMSE | best peer (chosen on evaluation) | RMSE | "
               "learned / peer [95 %] | tuned only / peer [95 %] | samples > "
               f"{CAP:g} off: pick / peer | on another image: pick / peer | ratio, errors capped at {CAP:g} | "
-              "ratio without those samples | picked on the held-out half: ratio | best flowdiff on evaluation "
+              f"ratio without those samples | picked on the {held_name}: ratio | best flowdiff on evaluation "
               "noise: ratio |",
               "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
 
@@ -291,7 +297,7 @@ def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, to
                         f" | {best['kind']} {best['rmse']:.3e} |")
         details += [f"- NFE {budget}: " + "; ".join(
             f"{r['solver']} {r['kind']} {r['rmse']:.3e}" + (
-                f" (fitted {r['fit_cal']:.3e} vs base {r['base_cal']:.3e}, held-out half {r['val']:.3e} vs "
+                f" (fitted {r['fit_cal']:.3e} vs base {r['base_cal']:.3e}, {held_name} {r['val']:.3e} vs "
                 f"{r['base_val']:.3e}; {r['cost']} NFE in {r['solves']} solves, {r['seconds']:.1f} s; shifts "
                 f"{', '.join(f'{d:.2f}' for d in r['shifts'])})" if "base_cal" in r else "") for r in ours)]
         print(f"{key} NFE {budget}: learned pick {pick['solver']} {pick['kind']} {pick['rmse']:.3e}, tuned "

@@ -86,7 +86,14 @@ _MODULE_DIGESTS: weakref.WeakKeyDictionary[torch.nn.Module, dict[torch.dtype | N
 
 def _module_digest(module: torch.nn.Module, cast: torch.dtype | None = None) -> bytes:
     """The digest of the module's state; with ``cast``, of its floating tensors cast to it as ``module.to(cast)``
-    casts them, one tensor at a time (no copy of the network)."""
+    casts them, one tensor at a time (no copy of the network). Read with torch.func's transforms set aside: under
+    them (``encode`` inside ``grad``, ``jvp``, ``jacfwd``) ``state_dict``'s ``detach`` returns wrapped tensors
+    without storage, whose ``data_ptr`` raises."""
+    with torch._C._DisableFuncTorch():  # torch's own random-state readers step outside the transforms the same way
+        return _plain_module_digest(module, cast)
+
+
+def _plain_module_digest(module: torch.nn.Module, cast: torch.dtype | None) -> bytes:
     items = sorted(module.state_dict().items())
     key = (cast, *((name, v.data_ptr(), v._version, v.dtype, tuple(v.shape), str(v.device))
                    if isinstance(v, Tensor) else (name, repr(v)) for name, v in items))

@@ -231,9 +231,11 @@ class ProbabilityFlow:
                     combo = current[0]
                 t_dtype = torch.float64 if (model_dtype or combo[2]) == torch.float64 else torch.float32
                 scale = alpha(sigma)
-                hit = (torch.full((combo[0],), timestep(sigma), dtype=t_dtype, device=combo[1]),
-                       torch.full((), scale, dtype=combo[2], device=combo[1]) if combo[2] in _EXACT_SCALARS else scale,
-                       scale)
+                with torch._C._DisableFuncTorch():  # plain tensors: made under a torch.func transform (hessian) they
+                    # were wrapped at its levels, and a later transform's solve reading them back failed inside torch
+                    hit = (torch.full((combo[0],), timestep(sigma), dtype=t_dtype, device=combo[1]),
+                           torch.full((), scale, dtype=combo[2], device=combo[1]) if combo[2] in _EXACT_SCALARS
+                           else scale, scale)
                 if len(by_sigma) >= _SIGMA_CACHE:
                     by_sigma.clear()
                 by_sigma[sigma] = hit
