@@ -391,29 +391,57 @@ def table_sigma(flow: ProbabilityFlow, t: Tensor | float) -> float:
 
 
 class DiffusersEps:
-    """The flow's ε as diffusers' ``model(x_t, t)``: σ = :func:`table_sigma` of t, x̄ = x_t·√(1+σ²).
+    """The flow's model as diffusers' ``model(x_t, t)``, counting its calls (``nfe``): one per scheduler step,
+    whatever the batch.
 
-    Counts its calls (``nfe``): one per scheduler step, whatever the batch."""
+    A timestep model predicting ε, v or x₀ (:attr:`direct`) is called as a diffusers pipeline calls its network:
+    on the scheduler's sample and its own timestep, its output returned as it is, and the scheduler converts it
+    with its own σ (:func:`diffusers_scheduler` gives it the flow's ``prediction_type``). Where a scheduler feeds
+    a timestep rounded off its σ (Karras σ on integer timesteps), converting v to ε at the rounded timestep's σ
+    instead moved DPM++ 2M Karras off a diffusers user's own loop by 8e-4. Other flows (a σ-native field, a
+    ``timesteps`` table, a ``velocity`` model) give ε = the field at σ = :func:`table_sigma` of t,
+    x̄ = x_t·√(1+σ²)."""
 
     def __init__(self, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> None:
-        self.field = flow.field(model_kwargs)
+        self.field = flow.field(model_kwargs)  # also checks model_kwargs
         self.flow = flow
+        self.kwargs = dict(model_kwargs or {})
+        self.direct = _direct_prediction(flow) is not None
         self.nfe = 0
 
     def __call__(self, x_t: Tensor, t: Tensor | float) -> Tensor:
         self.nfe += 1
+        if self.direct:
+            t_dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
+            timestep = torch.full((x_t.shape[0],), float(t), dtype=t_dtype, device=x_t.device)
+            out = self.flow.model(x_t, timestep, **self.kwargs)
+            if not isinstance(out, Tensor) or out.shape != x_t.shape:
+                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(f"model returned {got} for input shape {tuple(x_t.shape)} at timestep {float(t)}")
+            return out.to(x_t.dtype)
         sigma = table_sigma(self.flow, t)
         return self.field(sigma, x_t * math.sqrt(1.0 + sigma * sigma))
 
 
+def _direct_prediction(flow: ProbabilityFlow) -> str | None:
+    """The ``prediction_type`` a diffusers scheduler is given to take the flow's model output as it is (a timestep
+    model predicting ε, v or x₀, fed t(σ) everywhere), or None where :class:`DiffusersEps` gives it ε."""
+    if flow.sigma_field is None and not flow.timesteps and flow.prediction_type in ("epsilon", "v_prediction",
+                                                                                    "sample"):
+        return flow.prediction_type
+    return None
+
+
 def diffusers_scheduler(sampler: PeerSampler, flow: ProbabilityFlow) -> Any:
-    """The diffusers scheduler of ``sampler`` on the flow's noise schedule (its ``alphas_cumprod``)."""
+    """The diffusers scheduler of ``sampler`` on the flow's noise schedule (its ``alphas_cumprod``), taking the
+    flow's model output (``prediction_type``) as :class:`DiffusersEps` gives it."""
     import diffusers
 
     ac = np.asarray(flow.schedule.alphas_cumprod, dtype=np.float64)
     betas = (1.0 - ac / np.concatenate([[1.0], ac[:-1]])).tolist()
     cls = getattr(diffusers, sampler.target)
-    return cls(num_train_timesteps=len(ac), trained_betas=betas, prediction_type="epsilon", **dict(sampler.options))
+    return cls(num_train_timesteps=len(ac), trained_betas=betas,
+               prediction_type=_direct_prediction(flow) or "epsilon", **dict(sampler.options))
 
 
 def _run_diffusers(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, budget: int,
