@@ -55,3 +55,48 @@ def test_a_v_prediction_model_through_the_diffusers_peers_equals_a_diffusers_use
     assert len(calls) == 7
     # left: diffusers' scaled_linear betas in float32 against the flow's float64 table
     torch.testing.assert_close(out.x, x, rtol=0, atol=1e-5)
+
+
+def _gaussian_flow(schedule: Schedule | None = None) -> flowdiff.ProbabilityFlow:
+    from flowdiff.models.analytic import Gaussian
+
+    return Gaussian(torch.zeros(4, dtype=torch.float64), 0.5, schedule or Schedule.linear()).flow()
+
+
+def _empty_comparison(flow, noise) -> flowdiff.Comparison:
+    ref = flowdiff.reference_solution(flow, noise, rtol=1e-5, atol=1e-5)
+    return flowdiff.Comparison([], reference=ref)
+
+
+def test_run_peers_takes_its_budgets_as_compare_takes_nfe():
+    # run_peers(..., budgets=5) was "'int' object is not iterable", budgets=[0] ran nothing and said nothing
+    # (every sampler "skipped"), budgets=[5, 5] gave every row twice
+    flow = _gaussian_flow()
+    noise = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    one = flowdiff.tools.compare.run_peers(_empty_comparison(flow, noise), flow, noise, "k-diffusion", 5)
+    twice = flowdiff.tools.compare.run_peers(_empty_comparison(flow, noise), flow, noise, "k-diffusion", [5, 5])
+    assert [(r.solver, r.budget, r.nfe) for r in one.runs] == [(r.solver, r.budget, r.nfe) for r in twice.runs]
+    assert len(one.runs) == len(P.KDIFFUSION_DEFAULT)
+    for r, s in zip(one.runs, twice.runs):
+        assert torch.equal(torch.tensor(r.rms_error), torch.tensor(s.rms_error))
+    with pytest.raises(ValueError, match=r"budgets.*positive ints, got 0"):
+        flowdiff.tools.compare.run_peers(_empty_comparison(flow, noise), flow, noise, "k-diffusion", [0])
+    with pytest.raises(TypeError, match=r"budgets must be an int or a list of ints"):
+        flowdiff.tools.compare.run_peers(_empty_comparison(flow, noise), flow, noise, "k-diffusion", "10")
+
+
+@pytest.mark.parametrize("peer", P.PEERS)
+def test_an_error_inside_a_peers_run_says_which_peer_sampler_and_budget(peer):
+    # the model's own error came out bare: with nine peer rows a user could not tell which sampler met it
+    flow = _gaussian_flow()
+    noise = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    result = _empty_comparison(flow, noise)
+
+    def failing(x_t, t):
+        raise RuntimeError("the model failed")
+
+    with pytest.raises(RuntimeError, match="the model failed") as info:
+        flowdiff.tools.compare.run_peers(result, flowdiff.ProbabilityFlow(failing, flow.schedule), noise, peer, 4)
+    first = P.default_samplers([peer])[0]
+    assert info.value.__notes__ == [f"while running the peer {peer}: {first.name} / {first.grid} at NFE 4 "
+                                    "(flowdiff.tools.peers.run)"]
