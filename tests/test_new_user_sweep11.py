@@ -100,3 +100,23 @@ def test_an_error_inside_a_peers_run_says_which_peer_sampler_and_budget(peer):
     first = P.default_samplers([peer])[0]
     assert info.value.__notes__ == [f"while running the peer {peer}: {first.name} / {first.grid} at NFE 4 "
                                     "(flowdiff.tools.peers.run)"]
+
+
+@pytest.mark.parametrize("steps", [6, 8])
+def test_the_ddim_peer_is_flowdiffs_euler_on_trailing_only_where_the_budget_divides_T(steps):
+    # the default comparison's DDIM row "checks the harness" against euler / trailing: true at 8 | 1000 steps; at 6,
+    # diffusers' step goes to t − 1000 // 6 = t − 166 while its rounded trailing timesteps are 166 or 167 apart
+    flow = flowdiff.pretrained("digits")
+    noise = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ddim = P.run(P.DIFFUSERS_DEFAULT[0], flow, noise, steps)
+    euler = flowdiff.generate(flow, noise, solver="euler", grid=flowdiff.Grid("trailing", nfe=steps))
+    assert ddim.nfe == euler.stats.nfe == steps
+    gap = float((ddim.x - euler.x).abs().max())
+    scheduler = P.diffusers_scheduler(P.DIFFUSERS_DEFAULT[0], flow)
+    scheduler.set_timesteps(steps)
+    listed = scheduler.timesteps.tolist()
+    stepped_to = [t - 1000 // steps for t in listed[:-1]]
+    if stepped_to == listed[1:]:
+        assert gap < 1e-5  # the digits network computes in float32
+    else:
+        assert steps == 6 and gap > 1e-3
