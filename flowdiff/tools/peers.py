@@ -5,8 +5,10 @@ flowdiff's solvers: same model, same noise, same budgets, same reference, every 
 as one NFE. Each peer runs through its own code, not a reimplementation:
 
 * diffusers: the scheduler's own ``set_timesteps`` / ``scale_model_input`` / ``step`` loop from
-  ``x = noise · init_noise_sigma``, the model given as diffusers' ``model(x_t, t)`` returning ε at
-  the σ of timestep t in the flow's table of noise levels (x̄ = x_t·√(1+σ²)). Its schedulers are
+  ``x = noise · init_noise_sigma``, the model given as diffusers' ``model(x_t, t)``: a timestep model predicting
+  ε, v or x₀ called on the scheduler's sample and timestep, its output converted by the scheduler (built with the
+  flow's ``prediction_type``); other flows give ε at the σ of timestep t in the flow's table of noise levels
+  (x̄ = x_t·√(1+σ²)), :class:`DiffusersEps`. Its schedulers are
   built from the flow's own ``alphas_cumprod`` (``trained_betas``), with ``num_inference_steps`` = the
   budget (one evaluation a step). :data:`DIFFUSERS_DEFAULT` is the default set;
   :func:`diffusers_configs` every scheduler × order × spacing or σ option
