@@ -19,8 +19,8 @@ SCALED_LINEAR = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_
                  "num_train_timesteps": 1000}
 
 
-def _gaussian_v_model(schedule: Schedule, calls: list):
-    """A timestep model predicting v for data N(0, 0.5·I), defined at every (fractional) timestep."""
+def _gaussian_model(schedule: Schedule, calls: list, prediction_type: str):
+    """A timestep model predicting v or x₀ for data N(0, 0.5·I), defined at every (fractional) timestep."""
 
     def model(x_t: torch.Tensor, t: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         calls.append((float(t.reshape(-1)[0]), scale))
@@ -28,25 +28,26 @@ def _gaussian_v_model(schedule: Schedule, calls: list):
         ac = (1.0 / (1.0 + sigma * sigma)).reshape(-1, *[1] * (x_t.ndim - 1))
         eps = scale * x_t * (1 - ac).sqrt() / (0.5 * ac + 1 - ac)
         x0 = (x_t - (1 - ac).sqrt() * eps) / ac.sqrt()
-        return ac.sqrt() * eps - (1 - ac).sqrt() * x0
+        return x0 if prediction_type == "sample" else ac.sqrt() * eps - (1 - ac).sqrt() * x0
 
     return model
 
 
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
 @pytest.mark.parametrize("sampler", P.DIFFUSERS_DEFAULT, ids=lambda s: s.name)
-def test_a_v_prediction_model_through_the_diffusers_peers_equals_a_diffusers_users_own_loop(sampler):
+def test_a_v_or_x0_model_through_the_diffusers_peers_equals_a_diffusers_users_own_loop(sampler, prediction_type):
     # a diffusers user with a v-prediction model sets prediction_type="v_prediction" and lets the scheduler convert
     # v at its own σ; the harness converted v to ε at the σ of the (rounded) timestep: DPM++ 2M Karras, whose
-    # integer timesteps sit off its Karras σ, moved 7.6e-4 away from the user's loop
+    # integer timesteps sit off its Karras σ, moved 7.6e-4 away from the user's loop (x₀: 3.2e-4)
     schedule = Schedule.scaled_linear()
     calls: list = []
-    model = _gaussian_v_model(schedule, calls)
-    flow = flowdiff.ProbabilityFlow(model, schedule, prediction_type="v_prediction")
+    model = _gaussian_model(schedule, calls, prediction_type)
+    flow = flowdiff.ProbabilityFlow(model, schedule, prediction_type=prediction_type)
     noise = torch.randn(1, 1, 3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     out = P.run(sampler, flow, noise, 7, {"scale": 0.9})
     assert out.nfe == len(calls) == 7 and {s for _, s in calls} == {0.9}
     calls.clear()
-    scheduler = getattr(diffusers, sampler.target).from_config({**SCALED_LINEAR, "prediction_type": "v_prediction",
+    scheduler = getattr(diffusers, sampler.target).from_config({**SCALED_LINEAR, "prediction_type": prediction_type,
                                                                **sampler.options})
     scheduler.set_timesteps(7)
     x = noise * scheduler.init_noise_sigma
