@@ -141,3 +141,51 @@ def test_the_reports_best_per_budget_table_shows_the_nfe_spent_where_it_is_not_t
         run = next(r for r in result.runs if cell.startswith(f"{r.solver} / {r.grid}: {r.rms_error:.2e}"))
         assert cell.endswith(f" ({run.nfe})") == (run.nfe != 10)
     assert "heun / karras" in table and "(9)" in table
+
+
+@pytest.mark.parametrize(("target", "options", "match"), [
+    ("sample_euler_ancestral", {}, r"sample_euler_ancestral with eta=1\.0 adds fresh noise at every step"),
+    ("sample_euler", {"s_churn": 5.0}, r"sample_euler with s_churn=5\.0 adds fresh noise"),
+    ("sample_dpmpp_2m_sde", {}, r"eta=1\.0 adds fresh noise"),
+    ("sample_dpm_fast", {}, r"no sampler 'sample_dpm_fast' on a σ grid; accepted targets: .*sample_euler"),
+    ("sample_eulr", {}, r"no sampler 'sample_eulr' on a σ grid; accepted targets: .*sample_euler"),
+    ("sample_lms", {"eta": 0.0}, r"sample_lms option\(s\) eta are not its options.*it takes: order"),
+    ("sample_euler", {"sigmas": [1.0, 0.0]}, r"option\(s\) sigmas are not its options"),
+])
+def test_a_kdiffusion_sampler_that_is_not_the_odes_peer_is_refused_by_name(target, options, match):
+    # PeerSampler("k-diffusion", ..., "sample_euler_ancestral") ran, adding noise every step, and was measured against
+    # the ODE's reference; s_churn likewise; an unknown target was an AttributeError of a private module name, an
+    # option k-diffusion's function lacks a TypeError, sample_dpm_fast (no σ grid) a TypeError inside k-diffusion
+    flow = _gaussian_flow()
+    noise = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=match):
+        P.run(P.PeerSampler("k-diffusion", "mine", "karras", target, options), flow, noise, 6)
+
+
+def test_a_peer_never_spends_more_than_its_budget_through_run():
+    # peers.run(PeerSampler(..., "sample_dpm_2"), budget=6) spent 11 evaluations and returned them as a result (only
+    # run_peers checked, and only its default samplers reach it); DPM2 spends as Heun does, so it is sized as Heun is
+    flow = _gaussian_flow()
+    noise = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    K = P.load_kdiffusion()
+    calls = []
+    denoiser = flowdiff.to_denoiser(flow)
+
+    def counted(x, sigma, **kw):
+        calls.append(1)
+        return denoiser(x, sigma, **kw)
+
+    dpm2 = P.run(P.PeerSampler("k-diffusion", "dpm_2", "karras", "sample_dpm_2"), flow, noise, 6)
+    sigmas = P.kdiffusion_sigmas(flow, 3)
+    by_hand = K.sample_dpm_2(counted, noise * (1 + float(sigmas[0]) ** 2) ** 0.5, sigmas, disable=True)
+    assert dpm2.nfe == len(calls) == 5 and dpm2.steps == 3
+    torch.testing.assert_close(dpm2.x, by_hand, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"sample_dpmpp_2s_ancestral spent 11 model evaluations of a budget of 6"):
+        P.run(P.PeerSampler("k-diffusion", "2s", "karras", "sample_dpmpp_2s_ancestral", {"eta": 0.0}), flow, noise, 6)
+
+
+def test_an_unknown_diffusers_scheduler_is_named():
+    flow = _gaussian_flow()
+    noise = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"has no scheduler 'DDIMSchedular'; a diffusers peer's target is a scheduler"):
+        P.run(P.PeerSampler("diffusers", "mine", "trailing", "DDIMSchedular"), flow, noise, 6)

@@ -339,12 +339,18 @@ def run(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, budget: int,
         if not is_flow_matching(flow):
             raise ValueError(f"{sampler.name} on {sampler.grid} is a flow-matching scheduler; the flow's schedule is "
                              f"{flow.schedule!r} (its diffusers peers: default_samplers(['diffusers'], flow))")
-        return _run_flow_matching(sampler, flow, noise, budget, model_kwargs)
-    if sampler.source == "diffusers":
-        return _run_diffusers(sampler, flow, noise, budget, model_kwargs)
-    if sampler.source == "k-diffusion":
-        return _run_kdiffusion(sampler, flow, noise, budget, model_kwargs)
-    raise ValueError(f"unknown peer {sampler.source!r}; accepted: {', '.join(PEERS)}")
+        out = _run_flow_matching(sampler, flow, noise, budget, model_kwargs)
+    elif sampler.source == "diffusers":
+        out = _run_diffusers(sampler, flow, noise, budget, model_kwargs)
+    elif sampler.source == "k-diffusion":
+        out = _run_kdiffusion(sampler, flow, noise, budget, model_kwargs)
+    else:
+        raise ValueError(f"unknown peer {sampler.source!r}; accepted: {', '.join(PEERS)}")
+    if out.nfe > budget:  # its steps were sized for one evaluation a step, or Heun's count (_steps)
+        raise ValueError(f"{sampler.source} {sampler.target} spent {out.nfe} model evaluations of a budget of {budget} "
+                         f"in {out.steps} steps: flowdiff sizes the steps of samplers that spend one evaluation a step "
+                         f"and of {', '.join(_TWO_A_STEP)} (two a step, one on the last)")
+    return out
 
 
 def fits(sampler: PeerSampler, budget: int) -> str | None:
@@ -380,9 +386,12 @@ def _repeated_timestep(sampler: PeerSampler, steps: int) -> int | None:
     return int(values[counts > 1][0]) if bool((counts > 1).any()) else None
 
 
+#: the peers' samplers that spend two evaluations a step and one on the last (its Euler step into σ = 0)
+_TWO_A_STEP = ("sample_heun", "sample_dpm_2", "FlowMatchHeunDiscreteScheduler")
+
+
 def _steps(sampler: PeerSampler, budget: int) -> int:
-    # k-diffusion's and FlowMatchHeun's Heun: 2 evaluations a step, 1 on the last (its Euler step into σ = 0)
-    return (budget + 1) // 2 if sampler.target in ("sample_heun", "FlowMatchHeunDiscreteScheduler") else budget
+    return (budget + 1) // 2 if sampler.target in _TWO_A_STEP else budget
 
 
 # ---------------------------------------------------------------------------------------------- diffusers
@@ -444,7 +453,10 @@ def diffusers_scheduler(sampler: PeerSampler, flow: ProbabilityFlow) -> Any:
 
     ac = np.asarray(flow.schedule.alphas_cumprod, dtype=np.float64)
     betas = (1.0 - ac / np.concatenate([[1.0], ac[:-1]])).tolist()
-    cls = getattr(diffusers, sampler.target)
+    cls = getattr(diffusers, sampler.target, None)
+    if not (isinstance(cls, type) and sampler.target.endswith("Scheduler")):
+        raise ValueError(f"diffusers {diffusers.__version__} has no scheduler {sampler.target!r}; a diffusers peer's "
+                         "target is a scheduler class name, e.g. DDIMScheduler, DPMSolverMultistepScheduler")
     return cls(num_train_timesteps=len(ac), trained_betas=betas,
                prediction_type=_direct_prediction(flow) or "epsilon", **dict(sampler.options))
 
@@ -571,9 +583,46 @@ def kdiffusion_sigmas(flow: ProbabilityFlow, steps: int, dtype: torch.dtype = to
     return sigmas.to(dtype=dtype, device=device)
 
 
+#: the arguments of a k-diffusion ``sample_*`` that the harness gives; the others are a sampler's options
+_KDIFFUSION_OWN = ("model", "x", "sigmas", "extra_args", "callback", "disable", "noise_sampler")
+
+
+def kdiffusion_sampler(sampler: PeerSampler) -> Callable[..., Tensor]:
+    """The k-diffusion ``sample_*`` function of ``sampler``, refused where it cannot be the ODE's peer: no such
+    function, one that takes no σ grid (``sample_dpm_fast``, ``sample_dpm_adaptive``), an option it does not take or
+    that the harness gives, or a configuration that adds fresh noise at every step (``s_churn`` > 0, or ``eta`` ≠ 0
+    for the ancestral and SDE samplers: a stochastic sampler, not the ODE the table measures)."""
+    K = load_kdiffusion()
+    fn = getattr(K, sampler.target, None) if sampler.target.startswith("sample_") else None
+    params = inspect.signature(fn).parameters if callable(fn) else {}
+    if "sigmas" not in params:
+        accepted = sorted(n for n in dir(K) if n.startswith("sample_")
+                          and "sigmas" in inspect.signature(getattr(K, n)).parameters)
+        raise ValueError(f"k-diffusion has no sampler {sampler.target!r} on a σ grid; accepted targets: "
+                         f"{', '.join(accepted)}")
+    options = dict(sampler.options)
+    unknown = sorted(k for k in options if k not in params or k in _KDIFFUSION_OWN)
+    if unknown:
+        takes = sorted(k for k in params if k not in _KDIFFUSION_OWN)
+        raise ValueError(f"k-diffusion {sampler.target} option(s) {', '.join(unknown)} are not its options (the "
+                         f"harness gives the model, x, sigmas, extra_args); it takes: {', '.join(takes) or 'none'}")
+
+    def value(name: str) -> Any:
+        return options.get(name, params[name].default)
+
+    noisy = [f"s_churn={value('s_churn')!r}"] if "s_churn" in params and value("s_churn") != 0 else []
+    if "noise_sampler" in params and "eta" in params and value("eta") != 0:
+        noisy.append(f"eta={value('eta')!r}")
+    if noisy:
+        raise ValueError(f"k-diffusion {sampler.target} with {', '.join(noisy)} adds fresh noise at every step: a "
+                         "stochastic sampler, not the ODE the comparison measures; give s_churn=0 / eta=0, or compare "
+                         "it with flowdiff.generate(..., solver=flowdiff.Stochastic(eta))")
+    return fn
+
+
 def _run_kdiffusion(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, budget: int,
                     model_kwargs: Mapping[str, Any] | None) -> PeerRun:
-    K = load_kdiffusion()
+    sample = kdiffusion_sampler(sampler)
     steps = _steps(sampler, budget)
     # its σ grid as its users hold it, in float32 (get_sigmas_karras' own dtype) beside a half-precision state:
     # sample_lms reads it through NumPy, which has no bfloat16 (a bfloat16 comparison stopped there)
@@ -581,8 +630,8 @@ def _run_kdiffusion(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, 
     model = _CountingDenoiser(flow)
     start = time.perf_counter()
     with torch.no_grad():
-        x = getattr(K, sampler.target)(model, noise * math.sqrt(1.0 + float(sigmas[0]) ** 2), sigmas,
-                                       extra_args=dict(model_kwargs or {}), disable=True, **dict(sampler.options))
+        x = sample(model, noise * math.sqrt(1.0 + float(sigmas[0]) ** 2), sigmas, extra_args=dict(model_kwargs or {}),
+                   disable=True, **dict(sampler.options))
     return PeerRun(x, model.nfe, steps, time.perf_counter() - start, float(sigmas[0]))
 
 
