@@ -331,7 +331,9 @@ def version(peer: str) -> str:
 
 def run(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, budget: int,
         model_kwargs: Mapping[str, Any] | None = None) -> PeerRun:
-    """``sampler`` on ``flow`` from ``noise`` (DDIM scale, x_T ~ N(0, I)) within ``budget`` evaluations."""
+    """``sampler`` on ``flow`` from ``noise`` (DDIM scale, x_T ~ N(0, I)) within ``budget`` evaluations: its steps
+    are sized for one evaluation a step, or two and one on the last for Heun and DPM2; a run that spends more
+    is a ``ValueError``, as is a k-diffusion sampler that is not the ODE's peer (:func:`kdiffusion_sampler`)."""
     if sampler.left_out is not None:
         raise ValueError(f"{sampler.source} {sampler.name} on {sampler.grid} is left out on this flow: "
                          f"{sampler.left_out}")
