@@ -160,7 +160,7 @@ NOT_FLOW_MATCHING_PEERS = {
 }
 #: the sets of diffusers peers, said in reports: on a flow-matching flow, and on any other
 FLOW_MATCHING_SET = "flow-matching schedulers (FlowMatchEuler, FlowMatchHeun, DPM++/UniPC on flow σ) on its velocity"
-VP_SET = "VP schedulers built from the flow's ᾱ table (trained_betas) on its ε"
+VP_SET = "VP schedulers built from the flow's ᾱ table (trained_betas) on its model's ε, v or x₀"
 #: each set by the sampler names its rows carry (:func:`peer_set`)
 PEER_SETS = {FLOW_MATCHING_SET: {s.name for s in FLOW_MATCHING_DEFAULT}, VP_SET: {s.name for s in DIFFUSERS_DEFAULT}}
 
