@@ -368,21 +368,21 @@ def _split_solvers(values: object, flow: ProbabilityFlow, model_kwargs: Mapping[
     return names, [v for _, v in learned]
 
 
-def _check_budgets(nfe: Iterable[int] | int) -> list[int]:
+def _check_budgets(nfe: Iterable[int] | int, name: str = "nfe") -> list[int]:
     """The budgets as the table's columns: sorted, each once; NumPy integers (``np.arange(5, 30, 5)``) are ints."""
     if isinstance(nfe, (np.ndarray, Tensor)) and nfe.ndim == 0:  # a 0-d array or tensor: one budget
         nfe = nfe.item()
     if isinstance(nfe, numbers.Integral) and not isinstance(nfe, bool):
         values = [nfe]
     elif isinstance(nfe, (str, bytes)) or not isinstance(nfe, Iterable):
-        raise TypeError(f"nfe must be an int or a list of ints (NFE budgets), got {type(nfe).__name__} {nfe!r}")
+        raise TypeError(f"{name} must be an int or a list of ints (NFE budgets), got {type(nfe).__name__} {nfe!r}")
     else:
         values = list(nfe)
     if not values:
-        raise ValueError("nfe must hold at least one budget")
+        raise ValueError(f"{name} must hold at least one budget")
     for v in values:
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            raise ValueError(f"nfe budgets must be positive ints, got {v!r}")
+            raise ValueError(f"{name}: NFE budgets must be positive ints, got {v!r}")
     return sorted({int(v) for v in values})
 
 
@@ -603,12 +603,14 @@ def _run_learned(result: Comparison, flow: ProbabilityFlow, noise: Tensor, learn
 
 
 def run_peers(result: Comparison, flow: ProbabilityFlow, noise: Tensor, peers: Iterable[str] | str,
-              budgets: Iterable[int], *, model_kwargs: Mapping[str, Any] | None = None, keep_images: int = 0,
+              budgets: Iterable[int] | int, *, model_kwargs: Mapping[str, Any] | None = None, keep_images: int = 0,
               on_run: Callable[[str], None] | None = None) -> Comparison:
     """Add to ``result`` a row per default sampler of each of ``peers`` × budget, measured against
     ``result.reference``, and each peer that cannot run to ``result.unavailable`` with why (the peers'
-    part of :func:`compare`, which the command line runs once after the ranks' runs)."""
+    part of :func:`compare`, which the command line runs once after the ranks' runs). ``budgets`` are checked as
+    ``compare(nfe=)`` checks them; an error raised inside a peer's run carries a note naming that row."""
     names = _peers.check_peers(peers)
+    budgets = _check_budgets(budgets, "budgets")  # an int is one budget, as in compare(nfe=); each once, sorted
     result.unavailable.update({peer: why for peer in names if (why := _peers.unavailable(peer)) is not None})
     ref = result.reference
     for sampler in _peers.default_samplers([p for p in names if p not in result.unavailable], flow):
@@ -619,10 +621,12 @@ def run_peers(result: Comparison, flow: ProbabilityFlow, noise: Tensor, peers: I
             if reason is not None:
                 result.skipped.append(Skipped(sampler.name, sampler.grid, budget, reason, sampler.source))
                 continue
-            out = _peers.run(sampler, flow, noise, budget, model_kwargs)
-            if out.nfe > budget:  # the peers' step counts are chosen to fit; a miss is a bug here, not a result
-                raise RuntimeError(f"{sampler.source} {sampler.name} spent {out.nfe} evaluations of a budget of "
-                                   f"{budget}")
+            try:
+                out = _peers.run(sampler, flow, noise, budget, model_kwargs)
+            except Exception as err:  # the model's or the peer's own error, its type kept, said for which row
+                err.add_note(f"while running the peer {sampler.source}: {sampler.name} / {sampler.grid} at NFE "
+                             f"{budget} (flowdiff.tools.peers.run)")
+                raise
             diff = out.x.detach().to(torch.float64) - ref.x.to(out.x.device)
             result.runs.append(Run(sampler.name, sampler.grid, budget, out.nfe, out.steps,
                                    float(diff.pow(2).mean().sqrt()), float(diff.abs().max()), out.wall_time,

@@ -5,8 +5,10 @@ flowdiff's solvers: same model, same noise, same budgets, same reference, every 
 as one NFE. Each peer runs through its own code, not a reimplementation:
 
 * diffusers: the scheduler's own ``set_timesteps`` / ``scale_model_input`` / ``step`` loop from
-  ``x = noise · init_noise_sigma``, the model given as diffusers' ``model(x_t, t)`` returning ε at
-  the σ of timestep t in the flow's table of noise levels (x̄ = x_t·√(1+σ²)). Its schedulers are
+  ``x = noise · init_noise_sigma``, the model given as diffusers' ``model(x_t, t)``: a timestep model predicting
+  ε, v or x₀ called on the scheduler's sample and timestep, its output converted by the scheduler (built with the
+  flow's ``prediction_type``); other flows give ε at the σ of timestep t in the flow's table of noise levels
+  (x̄ = x_t·√(1+σ²)), :class:`DiffusersEps`. Its schedulers are
   built from the flow's own ``alphas_cumprod`` (``trained_betas``), with ``num_inference_steps`` = the
   budget (one evaluation a step). :data:`DIFFUSERS_DEFAULT` is the default set;
   :func:`diffusers_configs` every scheduler × order × spacing or σ option
@@ -84,7 +86,10 @@ class PeerRun:
 
 
 #: diffusers' schedulers in the default comparison: DDIM on trailing timesteps (flowdiff's Euler on the
-#: trailing grid is the same method, so its row checks the harness) and the samplers a diffusers pipeline
+#: trailing grid is the same method where the budget N divides T, as the default budgets 10, 20, 50 divide 1000, so
+#: its row checks the harness; at other N DDIM's ``step`` goes to t − T // N, which is not its next listed timestep
+#: when the trailing timesteps were rounded: at N = 6 it steps from 999 to 833 and reads the model at 832, and its
+#: error on the digits model differs from Euler's by 2e-3) and the samplers a diffusers pipeline
 #: ships with, each in diffusers' default configuration unless the name says otherwise (DDIM without
 #: ``clip_sample``, which clips the predicted image to [−1, 1] and so solves another equation than the ODE).
 DIFFUSERS_DEFAULT = (
@@ -155,7 +160,7 @@ NOT_FLOW_MATCHING_PEERS = {
 }
 #: the sets of diffusers peers, said in reports: on a flow-matching flow, and on any other
 FLOW_MATCHING_SET = "flow-matching schedulers (FlowMatchEuler, FlowMatchHeun, DPM++/UniPC on flow σ) on its velocity"
-VP_SET = "VP schedulers built from the flow's ᾱ table (trained_betas) on its ε"
+VP_SET = "VP schedulers built from the flow's ᾱ table (trained_betas) on its model's ε, v or x₀"
 #: each set by the sampler names its rows carry (:func:`peer_set`)
 PEER_SETS = {FLOW_MATCHING_SET: {s.name for s in FLOW_MATCHING_DEFAULT}, VP_SET: {s.name for s in DIFFUSERS_DEFAULT}}
 
@@ -326,7 +331,9 @@ def version(peer: str) -> str:
 
 def run(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, budget: int,
         model_kwargs: Mapping[str, Any] | None = None) -> PeerRun:
-    """``sampler`` on ``flow`` from ``noise`` (DDIM scale, x_T ~ N(0, I)) within ``budget`` evaluations."""
+    """``sampler`` on ``flow`` from ``noise`` (DDIM scale, x_T ~ N(0, I)) within ``budget`` evaluations: its steps
+    are sized for one evaluation a step, or two and one on the last for Heun and DPM2; a run that spends more
+    is a ``ValueError``, as is a k-diffusion sampler that is not the ODE's peer (:func:`kdiffusion_sampler`)."""
     if sampler.left_out is not None:
         raise ValueError(f"{sampler.source} {sampler.name} on {sampler.grid} is left out on this flow: "
                          f"{sampler.left_out}")
@@ -334,12 +341,18 @@ def run(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, budget: int,
         if not is_flow_matching(flow):
             raise ValueError(f"{sampler.name} on {sampler.grid} is a flow-matching scheduler; the flow's schedule is "
                              f"{flow.schedule!r} (its diffusers peers: default_samplers(['diffusers'], flow))")
-        return _run_flow_matching(sampler, flow, noise, budget, model_kwargs)
-    if sampler.source == "diffusers":
-        return _run_diffusers(sampler, flow, noise, budget, model_kwargs)
-    if sampler.source == "k-diffusion":
-        return _run_kdiffusion(sampler, flow, noise, budget, model_kwargs)
-    raise ValueError(f"unknown peer {sampler.source!r}; accepted: {', '.join(PEERS)}")
+        out = _run_flow_matching(sampler, flow, noise, budget, model_kwargs)
+    elif sampler.source == "diffusers":
+        out = _run_diffusers(sampler, flow, noise, budget, model_kwargs)
+    elif sampler.source == "k-diffusion":
+        out = _run_kdiffusion(sampler, flow, noise, budget, model_kwargs)
+    else:
+        raise ValueError(f"unknown peer {sampler.source!r}; accepted: {', '.join(PEERS)}")
+    if out.nfe > budget:  # its steps were sized for one evaluation a step, or Heun's count (_steps)
+        raise ValueError(f"{sampler.source} {sampler.target} spent {out.nfe} model evaluations of a budget of {budget} "
+                         f"in {out.steps} steps: flowdiff sizes the steps of samplers that spend one evaluation a step "
+                         f"and of {', '.join(_TWO_A_STEP)} (two a step, one on the last)")
+    return out
 
 
 def fits(sampler: PeerSampler, budget: int) -> str | None:
@@ -375,9 +388,12 @@ def _repeated_timestep(sampler: PeerSampler, steps: int) -> int | None:
     return int(values[counts > 1][0]) if bool((counts > 1).any()) else None
 
 
+#: the peers' samplers that spend two evaluations a step and one on the last (its Euler step into σ = 0)
+_TWO_A_STEP = ("sample_heun", "sample_dpm_2", "FlowMatchHeunDiscreteScheduler")
+
+
 def _steps(sampler: PeerSampler, budget: int) -> int:
-    # k-diffusion's and FlowMatchHeun's Heun: 2 evaluations a step, 1 on the last (its Euler step into σ = 0)
-    return (budget + 1) // 2 if sampler.target in ("sample_heun", "FlowMatchHeunDiscreteScheduler") else budget
+    return (budget + 1) // 2 if sampler.target in _TWO_A_STEP else budget
 
 
 # ---------------------------------------------------------------------------------------------- diffusers
@@ -391,29 +407,60 @@ def table_sigma(flow: ProbabilityFlow, t: Tensor | float) -> float:
 
 
 class DiffusersEps:
-    """The flow's ε as diffusers' ``model(x_t, t)``: σ = :func:`table_sigma` of t, x̄ = x_t·√(1+σ²).
+    """The flow's model as diffusers' ``model(x_t, t)``, counting its calls (``nfe``): one per scheduler step,
+    whatever the batch.
 
-    Counts its calls (``nfe``): one per scheduler step, whatever the batch."""
+    A timestep model predicting ε, v or x₀ (:attr:`direct`) is called as a diffusers pipeline calls its network:
+    on the scheduler's sample and its own timestep, its output returned as it is, and the scheduler converts it
+    with its own σ (:func:`diffusers_scheduler` gives it the flow's ``prediction_type``). Where a scheduler feeds
+    a timestep rounded off its σ (Karras σ on integer timesteps), converting v to ε at the rounded timestep's σ
+    instead moved DPM++ 2M Karras off a diffusers user's own loop by 8e-4. Other flows (a σ-native field, a
+    ``timesteps`` table, a ``velocity`` model) give ε = the field at σ = :func:`table_sigma` of t,
+    x̄ = x_t·√(1+σ²)."""
 
     def __init__(self, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> None:
-        self.field = flow.field(model_kwargs)
+        self.field = flow.field(model_kwargs)  # also checks model_kwargs
         self.flow = flow
+        self.kwargs = dict(model_kwargs or {})
+        self.direct = _direct_prediction(flow) is not None
         self.nfe = 0
 
     def __call__(self, x_t: Tensor, t: Tensor | float) -> Tensor:
         self.nfe += 1
+        if self.direct:
+            t_dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
+            timestep = torch.full((x_t.shape[0],), float(t), dtype=t_dtype, device=x_t.device)
+            out = self.flow.model(x_t, timestep, **self.kwargs)
+            if not isinstance(out, Tensor) or out.shape != x_t.shape:
+                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(f"model returned {got} for input shape {tuple(x_t.shape)} at timestep {float(t)}")
+            return out.to(x_t.dtype)
         sigma = table_sigma(self.flow, t)
         return self.field(sigma, x_t * math.sqrt(1.0 + sigma * sigma))
 
 
+def _direct_prediction(flow: ProbabilityFlow) -> str | None:
+    """The ``prediction_type`` a diffusers scheduler is given to take the flow's model output as it is (a timestep
+    model predicting ε, v or x₀, fed t(σ) everywhere), or None where :class:`DiffusersEps` gives it ε."""
+    if flow.sigma_field is None and not flow.timesteps and flow.prediction_type in ("epsilon", "v_prediction",
+                                                                                    "sample"):
+        return flow.prediction_type
+    return None
+
+
 def diffusers_scheduler(sampler: PeerSampler, flow: ProbabilityFlow) -> Any:
-    """The diffusers scheduler of ``sampler`` on the flow's noise schedule (its ``alphas_cumprod``)."""
+    """The diffusers scheduler of ``sampler`` on the flow's noise schedule (its ``alphas_cumprod``), taking the
+    flow's model output (``prediction_type``) as :class:`DiffusersEps` gives it."""
     import diffusers
 
     ac = np.asarray(flow.schedule.alphas_cumprod, dtype=np.float64)
     betas = (1.0 - ac / np.concatenate([[1.0], ac[:-1]])).tolist()
-    cls = getattr(diffusers, sampler.target)
-    return cls(num_train_timesteps=len(ac), trained_betas=betas, prediction_type="epsilon", **dict(sampler.options))
+    cls = getattr(diffusers, sampler.target, None)
+    if not (isinstance(cls, type) and sampler.target.endswith("Scheduler")):
+        raise ValueError(f"diffusers {diffusers.__version__} has no scheduler {sampler.target!r}; a diffusers peer's "
+                         "target is a scheduler class name, e.g. DDIMScheduler, DPMSolverMultistepScheduler")
+    return cls(num_train_timesteps=len(ac), trained_betas=betas,
+               prediction_type=_direct_prediction(flow) or "epsilon", **dict(sampler.options))
 
 
 def _run_diffusers(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, budget: int,
@@ -538,9 +585,46 @@ def kdiffusion_sigmas(flow: ProbabilityFlow, steps: int, dtype: torch.dtype = to
     return sigmas.to(dtype=dtype, device=device)
 
 
+#: the arguments of a k-diffusion ``sample_*`` that the harness gives; the others are a sampler's options
+_KDIFFUSION_OWN = ("model", "x", "sigmas", "extra_args", "callback", "disable", "noise_sampler")
+
+
+def kdiffusion_sampler(sampler: PeerSampler) -> Callable[..., Tensor]:
+    """The k-diffusion ``sample_*`` function of ``sampler``, refused where it cannot be the ODE's peer: no such
+    function, one that takes no σ grid (``sample_dpm_fast``, ``sample_dpm_adaptive``), an option it does not take or
+    that the harness gives, or a configuration that adds fresh noise at every step (``s_churn`` > 0, or ``eta`` ≠ 0
+    for the ancestral and SDE samplers: a stochastic sampler, not the ODE the table measures)."""
+    K = load_kdiffusion()
+    fn = getattr(K, sampler.target, None) if sampler.target.startswith("sample_") else None
+    params = inspect.signature(fn).parameters if callable(fn) else {}
+    if "sigmas" not in params:
+        accepted = sorted(n for n in dir(K) if n.startswith("sample_")
+                          and "sigmas" in inspect.signature(getattr(K, n)).parameters)
+        raise ValueError(f"k-diffusion has no sampler {sampler.target!r} on a σ grid; accepted targets: "
+                         f"{', '.join(accepted)}")
+    options = dict(sampler.options)
+    unknown = sorted(k for k in options if k not in params or k in _KDIFFUSION_OWN)
+    if unknown:
+        takes = sorted(k for k in params if k not in _KDIFFUSION_OWN)
+        raise ValueError(f"k-diffusion {sampler.target} option(s) {', '.join(unknown)} are not its options (the "
+                         f"harness gives the model, x, sigmas, extra_args); it takes: {', '.join(takes) or 'none'}")
+
+    def value(name: str) -> Any:
+        return options.get(name, params[name].default)
+
+    noisy = [f"s_churn={value('s_churn')!r}"] if "s_churn" in params and value("s_churn") != 0 else []
+    if "noise_sampler" in params and "eta" in params and value("eta") != 0:
+        noisy.append(f"eta={value('eta')!r}")
+    if noisy:
+        raise ValueError(f"k-diffusion {sampler.target} with {', '.join(noisy)} adds fresh noise at every step: a "
+                         "stochastic sampler, not the ODE the comparison measures; give s_churn=0 / eta=0, or compare "
+                         "it with flowdiff.generate(..., solver=flowdiff.Stochastic(eta))")
+    return fn
+
+
 def _run_kdiffusion(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, budget: int,
                     model_kwargs: Mapping[str, Any] | None) -> PeerRun:
-    K = load_kdiffusion()
+    sample = kdiffusion_sampler(sampler)
     steps = _steps(sampler, budget)
     # its σ grid as its users hold it, in float32 (get_sigmas_karras' own dtype) beside a half-precision state:
     # sample_lms reads it through NumPy, which has no bfloat16 (a bfloat16 comparison stopped there)
@@ -548,8 +632,8 @@ def _run_kdiffusion(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, 
     model = _CountingDenoiser(flow)
     start = time.perf_counter()
     with torch.no_grad():
-        x = getattr(K, sampler.target)(model, noise * math.sqrt(1.0 + float(sigmas[0]) ** 2), sigmas,
-                                       extra_args=dict(model_kwargs or {}), disable=True, **dict(sampler.options))
+        x = sample(model, noise * math.sqrt(1.0 + float(sigmas[0]) ** 2), sigmas, extra_args=dict(model_kwargs or {}),
+                   disable=True, **dict(sampler.options))
     return PeerRun(x, model.nfe, steps, time.perf_counter() - start, float(sigmas[0]))
 
 

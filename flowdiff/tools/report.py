@@ -214,7 +214,8 @@ def roundtrip_figure(images: Tensor, reconstructions: Mapping[str, Tensor], path
 
 
 def best_table(result: Comparison) -> str:
-    """Per budget: the best row overall, the best of each source (markdown)."""
+    """Per budget: the best of each source (markdown), with the NFE it spent in brackets where that is not the budget
+    (as :meth:`Comparison.to_markdown` shows it: Heun at budget 10 spends 9)."""
     lines = frontier(result)
     names = list(lines)
     if not names:
@@ -224,7 +225,8 @@ def best_table(result: Comparison) -> str:
         cells = []
         for name in names:
             r = lines[name].get(budget)
-            cells.append("—" if r is None else f"{r.solver} / {r.grid}: {r.rms_error:.2e}")
+            cells.append("—" if r is None else f"{r.solver} / {r.grid}: {r.rms_error:.2e}"
+                         + (f" ({r.nfe})" if r.nfe != budget else ""))
         out.append(f"| {budget} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
