@@ -659,7 +659,8 @@ def learn_solver(
     the kept folds' refits (:func:`_averaged`: each σ of the grid geometrically, the shifts, scales, directions,
     trajectory weights and coefficients arithmetically, the shifts then clipped to the averaged grid's intervals; one
     fold kept: its refit; none: the base method), with ``calibration_error`` its own on all of ``noise`` (one more
-    solve) and ``validation_error`` / ``base_validation_error`` the RMS over all of ``noise`` of each sample judged by
+    solve; where no fold is kept, the base method's on the even half, ``options["fitted_on"]``, as with one fold) and
+    ``validation_error`` / ``base_validation_error`` the RMS over all of ``noise`` of each sample judged by
     the half-fit that did not see it (the base method where that fold was not kept) and of the base method: the
     held-out figure of the procedure, as the average itself saw every sample. ``options["folds_kept"]`` says which
     folds were kept, ``options["variants"]`` holds each fold's. It costs about twice the candidate solves; refused
