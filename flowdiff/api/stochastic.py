@@ -165,7 +165,9 @@ class GeneralizedDDIM(Solver):
         eps = f(t0, y0)
         y1 = y0.add(eps, alpha=sigma_down - t0)
         if sigma_up > 0.0:
-            y1 = y1.add_(self.noise(state), alpha=sigma_up)
+            # out of place: under a vmap with randomness='different' (its own, or a jacfwd's) z is mapped while
+            # the state may not be, and an in-place add into the unmapped state stopped inside torch
+            y1 = y1.add(self.noise(state), alpha=sigma_up)
         return StepResult(y1, state + 1)
 
 
