@@ -24,3 +24,28 @@ def test_stochastic_under_jacfwd_with_randomness_different_runs():
     same = torch.func.jacfwd(_gaussian_stochastic, randomness="same")(noise)
     different = torch.func.jacfwd(_gaussian_stochastic, randomness="different")(noise)
     torch.testing.assert_close(different, same, rtol=1e-12, atol=1e-12)
+
+
+def test_diffusers_peer_feeds_a_ve_model_its_own_time_and_scale():
+    """S11 called a timestep model predicting ε directly on the diffusers scheduler's VP sample x_t and integer
+    timestep; a VE-schedule model reads x̄ itself (α = 1) at its own time ¼·ln σ, so it was fed timestep 999 and
+    the DDIM row ended 21 off flowdiff's Euler on the same trailing grid. Through ε it agrees with Euler, and every
+    time the model is fed lies in the schedule's time range."""
+    from flowdiff.tools import peers
+
+    times: list[float] = []
+
+    class Tanh(torch.nn.Module):
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            times.append(float(t.flatten()[0]))
+            return torch.tanh(0.7 * x) + 0.01 * t.reshape(-1, 1) * x
+
+    schedule = flowdiff.VESchedule(0.002, 80.0)
+    flow = flowdiff.ProbabilityFlow(Tanh(), schedule)
+    noise = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ddim = next(s for s in peers.DIFFUSERS_DEFAULT if s.target == "DDIMScheduler")
+    row = peers.run(ddim, flow, noise, 10)
+    lo, hi = schedule.timestep(0.0), schedule.timestep(schedule.sigma_max)
+    assert times and all(lo <= t <= hi for t in times), (min(times), max(times), lo, hi)
+    euler = flowdiff.generate(flow, noise, steps=10, grid="trailing").x
+    torch.testing.assert_close(row.x, euler, rtol=0, atol=1e-3)
