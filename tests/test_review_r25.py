@@ -49,3 +49,19 @@ def test_diffusers_peer_feeds_a_ve_model_its_own_time_and_scale():
     assert times and all(lo <= t <= hi for t in times), (min(times), max(times), lo, hi)
     euler = flowdiff.generate(flow, noise, steps=10, grid="trailing").x
     torch.testing.assert_close(row.x, euler, rtol=0, atol=1e-3)
+
+
+def test_stochastic_refusal_under_jacfwd_randomness_different_says_why():
+    """With the checks on, jacfwd(randomness='different') is refused at the first mapped output, pointing to the
+    checks; the refusal said the model closes over mapped tensors, which this model does not: it names the
+    per-sample step noise of randomness='different' now."""
+    import pytest
+
+    model = Gaussian(torch.tensor([0.5, -1.0], dtype=torch.float64), 1.0)
+    noise = torch.randn(1, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def sample(n: torch.Tensor) -> torch.Tensor:
+        return flowdiff.generate(model.flow(), n, steps=3, solver=flowdiff.Stochastic(eta=1.0)).x
+
+    with pytest.raises(ValueError, match=r"randomness='different'.*Checks\(finite=False, growth=None\)"):
+        torch.func.jacfwd(sample, randomness="different")(noise)

@@ -218,8 +218,9 @@ def generate_stochastic(request: Request, noise: Tensor, spec: Stochastic) -> Re
     if (request.check_finite or request.bound is not None) and "Vmap" in _checks.functorch_transforms():
         eps = _checks.refusing_mapped_output(eps, (  # a vmap right around a jvp (others are refused before)
             "generate(solver=flowdiff.Stochastic(...)) under torch.func.vmap around a jvp, with the model's output "
-            "mapped over although its inputs are not (the model closes over mapped tensors, e.g. an ensemble's "
-            "weights stacked by torch.func.stack_module_state), and with the checks on: they read the solve's states "
+            "mapped over although the noise is not (the model closes over mapped tensors, e.g. an ensemble's "
+            "weights stacked by torch.func.stack_module_state, or that vmap's randomness='different' drew each "
+            "mapped sample its own step noise, as jacfwd's does), and with the checks on: they read the solve's states "
             "on the host (non-finite states, the divergence guard), which vmap cannot; give "
             "checks=flowdiff.Checks(finite=False, growth=None) to run under vmap"))
     sol = solve_grid(eps, formulation_for(step, "generate"), sig.tolist(), step, xbar0=xbar0,
