@@ -165,7 +165,9 @@ class GeneralizedDDIM(Solver):
         eps = f(t0, y0)
         y1 = y0.add(eps, alpha=sigma_down - t0)
         if sigma_up > 0.0:
-            y1 = y1.add_(self.noise(state), alpha=sigma_up)
+            # out of place: under a vmap with randomness='different' (its own, or a jacfwd's) z is mapped while
+            # the state may not be, and an in-place add into the unmapped state stopped inside torch
+            y1 = y1.add(self.noise(state), alpha=sigma_up)
         return StepResult(y1, state + 1)
 
 
@@ -216,8 +218,9 @@ def generate_stochastic(request: Request, noise: Tensor, spec: Stochastic) -> Re
     if (request.check_finite or request.bound is not None) and "Vmap" in _checks.functorch_transforms():
         eps = _checks.refusing_mapped_output(eps, (  # a vmap right around a jvp (others are refused before)
             "generate(solver=flowdiff.Stochastic(...)) under torch.func.vmap around a jvp, with the model's output "
-            "mapped over although its inputs are not (the model closes over mapped tensors, e.g. an ensemble's "
-            "weights stacked by torch.func.stack_module_state), and with the checks on: they read the solve's states "
+            "mapped over although the noise is not (the model closes over mapped tensors, e.g. an ensemble's "
+            "weights stacked by torch.func.stack_module_state, or that vmap's randomness='different' drew each "
+            "mapped sample its own step noise, as jacfwd's does), and with the checks on: they read the solve's states "
             "on the host (non-finite states, the divergence guard), which vmap cannot; give "
             "checks=flowdiff.Checks(finite=False, growth=None) to run under vmap"))
     sol = solve_grid(eps, formulation_for(step, "generate"), sig.tolist(), step, xbar0=xbar0,

@@ -441,9 +441,14 @@ class DiffusersEps:
 
 def _direct_prediction(flow: ProbabilityFlow) -> str | None:
     """The ``prediction_type`` a diffusers scheduler is given to take the flow's model output as it is (a timestep
-    model predicting ε, v or x₀, fed t(σ) everywhere), or None where :class:`DiffusersEps` gives it ε."""
+    model predicting ε, v or x₀, fed t(σ) everywhere), or None where :class:`DiffusersEps` gives it ε. Only on a VP
+    table's own timesteps and input scale (:class:`Schedule`'s ``timestep`` and ``alpha``), which are what the
+    scheduler feeds: a VE model reads x̄ itself at ¼·ln σ, and fed the scheduler's x_t at timestep 999 its DDIM row
+    was 21 off flowdiff's Euler on the same trailing grid (3e-5 through ε)."""
+    schedule = type(flow.schedule)
     if flow.sigma_field is None and not flow.timesteps and flow.prediction_type in ("epsilon", "v_prediction",
-                                                                                    "sample"):
+                                                                                    "sample") \
+            and schedule.timestep is Schedule.timestep and schedule.alpha is Schedule.alpha:
         return flow.prediction_type
     return None
 
