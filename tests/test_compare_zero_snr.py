@@ -14,6 +14,7 @@ import torch
 
 import flowdiff
 from flowdiff import Schedule
+from flowdiff.tools.compare import run_peers
 from flowdiff.tools.reference import clear_reference_cache
 
 diffusers = pytest.importorskip("diffusers")
@@ -125,6 +126,18 @@ def test_an_epsilon_model_is_refused_before_any_evaluation():
     assert flowdiff.reference_solution(flow, _noise(), sigma_start=start, rtol=1e-6, atol=1e-6).x.isfinite().all()
 
 
+def test_peers_are_refused_there_before_any_evaluation():
+    flow, model = _flow()
+    noise = _noise(torch.float32)
+    with pytest.raises(ValueError, match=r"peers=\['diffusers'\].*zero-terminal-SNR.*σ_max = ∞.*leave peers= out"):
+        flowdiff.compare(flow, noise, solvers=["euler"], nfe=[4], peers="diffusers")
+    result = flowdiff.compare(flow, noise, solvers=["euler"], nfe=[4])
+    calls = model.calls
+    with pytest.raises(ValueError, match=r"peers=\['k-diffusion'\].*σ_max = ∞"):
+        run_peers(result, flow, noise, "k-diffusion", [4])
+    assert model.calls == calls and len(result.runs) == 1
+
+
 @pytest.fixture(scope="module")
 def unet_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("zsnr_compare")
@@ -153,3 +166,7 @@ def test_the_cli_compares_a_v_model_and_refuses_an_epsilon_one_as_a_usage_error(
     assert "prediction_type 'epsilon'" in err and "σ_max = ∞" in err and "'v_prediction' or 'sample'" in err
     assert "--grid leading" in err and "grid[1:]" not in err and "sigma_start=" not in err
     assert not (tmp_path / "eps" / "reference.safetensors").exists()
+    assert cli.main(["compare", "--model", str(unet_dir / "v_prediction" / "unet"), *flags, "--peers", "diffusers",
+                     "--out", str(tmp_path / "peers")]) == 2
+    err = capsys.readouterr().err
+    assert "--peers diffusers" in err and "σ_max = ∞" in err and "leave --peers out" in err

@@ -223,6 +223,10 @@ def _refuse_no_step_from_infinity(args: argparse.Namespace, loaded: LoadedModel)
     (the Python advice, reference_solution(sigma_start=σ) beside grid=grid[1:], has no flags)."""
     if not math.isinf(loaded.flow.schedule.sigma_max):
         return
+    if args.peers:  # their grids have no finite first σ (flowdiff.tools.compare._refuse_peers_from_infinity)
+        raise UsageError(f"--peers {','.join(args.peers)} with --model {args.model!r}: the peers' samplers are not run "
+                         "on a zero-terminal-SNR schedule (σ_max = ∞), where their grids have no finite first σ; "
+                         "leave --peers out to compare flowdiff's solvers, which start from σ = ∞ as sample does")
     try:
         check_from_noise(loaded.flow)
     except ValueError as err:

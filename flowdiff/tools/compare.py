@@ -530,6 +530,7 @@ def compare(
         grids = default_grids(flow, names, budgets, model_kwargs)
     grid_names = _check_names(grids, "grids", (*GRIDS, *TUNED_GRIDS))
     peer_names = [] if peers is None else _peers.check_peers(peers)
+    _refuse_peers_from_infinity(flow, peer_names)
     keep_images = _check_keep(keep_images)
     calibration = _calibration(noise, calibration_noise) if set(grid_names) & set(TUNED_GRIDS) else None
     check_tolerance("rtol", rtol)
@@ -639,6 +640,7 @@ def run_peers(result: Comparison, flow: ProbabilityFlow, noise: Tensor, peers: I
     part of :func:`compare`, which the command line runs once after the ranks' runs). ``budgets`` are checked as
     ``compare(nfe=)`` checks them; an error raised inside a peer's run carries a note naming that row."""
     names = _peers.check_peers(peers)
+    _refuse_peers_from_infinity(flow, names)
     budgets = _check_budgets(budgets, "budgets")  # an int is one budget, as in compare(nfe=); each once, sorted
     result.unavailable.update({peer: why for peer in names if (why := _peers.unavailable(peer)) is not None})
     ref = result.reference
@@ -664,6 +666,16 @@ def run_peers(result: Comparison, flow: ProbabilityFlow, noise: Tensor, peers: I
                 result.images[(sampler.source, sampler.name, sampler.grid, budget)] = \
                     out.x[:keep_images].detach().cpu()
     return result
+
+
+def _refuse_peers_from_infinity(flow: ProbabilityFlow, peers: list[str]) -> None:
+    """Refuse peers on a zero-terminal-SNR schedule (σ_max = ∞), before any evaluation: their adapters
+    (:mod:`flowdiff.tools.peers`) pass the schedule's σ range to the peers' loops, which have no σ = ∞ (diffusers'
+    timestep and k-diffusion's σ came out non-finite)."""
+    if peers and flow.schedule.sigma_max == math.inf:
+        raise ValueError(f"peers={peers}: the peers' samplers are not run on a zero-terminal-SNR schedule (σ_max = ∞), "
+                         "where their grids have no finite first σ; compare flowdiff's solvers there (leave peers= "
+                         "out), which start as generate does, with the boundary step out of σ = ∞")
 
 
 def _check_keep(keep_images: object) -> int:
