@@ -217,8 +217,28 @@ def _untuned_calibration_seed(args: argparse.Namespace, loaded: LoadedModel) -> 
                          "one, or leave --calibration-seed out")
 
 
+def _refuse_no_step_from_infinity(args: argparse.Namespace, loaded: LoadedModel) -> None:
+    """On a zero-terminal-SNR schedule (σ_max = ∞) the reference and every run of ``compare`` start with the
+    boundary step out of pure noise, which an ``epsilon`` model has not: a usage error in the command line's words
+    (the Python advice, reference_solution(sigma_start=σ) beside grid=grid[1:], has no flags)."""
+    if not math.isinf(loaded.flow.schedule.sigma_max):
+        return
+    if args.peers:  # their grids have no finite first σ (flowdiff.tools.compare._refuse_peers_from_infinity)
+        raise UsageError(f"--peers {','.join(args.peers)} with --model {args.model!r}: the peers' samplers are not run "
+                         "on a zero-terminal-SNR schedule (σ_max = ∞), where their grids have no finite first σ; "
+                         "leave --peers out to compare flowdiff's solvers, which start from σ = ∞ as sample does")
+    try:
+        check_from_noise(loaded.flow)
+    except ValueError as err:
+        reason = one_line(err).split("; ")[0].replace("where this grid starts", "where compare starts")
+        raise UsageError(f"--model {args.model!r}: {reason}; flowdiff compare measures every run against a reference "
+                         "from σ = ∞ and accepts a model with prediction_type 'v_prediction' or 'sample' there. This "
+                         "model samples from a finite σ: flowdiff sample --grid leading") from None
+
+
 def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
     from ..tools.compare import Reference, reference_solution
+    from ..tools.reference import last_finite_sigma
 
     _unused_compare_flags(args)
     _learned.compare_flags(args)
@@ -242,6 +262,7 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
         if args.peers:
             raise CommandError("--peers applies to --task generate: the peers' samplers do not encode")
         return _compare_roundtrip(args, loaded, run_flow, dtype, device, out, ranks)
+    _refuse_no_step_from_infinity(args, loaded)  # before the reference: it starts at σ = ∞ too
     noise = _noise(args, args.batch, loaded.shape, dtype, device)
     # The reference depends on the model, the noise (seed, batch, shape) and the tolerance, not on --dtype:
     # it is always solved in float64 from the same float64 draw, so it is kept on disk under that key.
@@ -285,14 +306,17 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
     if not ranks.is_main:
         return 0
     ref = result.reference
+    start = f"σ={ref.sigma_start:.4g}"
+    if math.isinf(ref.sigma_start):  # zero terminal SNR: as generate starts, with the boundary step out of σ = ∞
+        start = f"σ=∞ (the boundary step out of pure noise to σ={last_finite_sigma(loaded.flow.schedule):.4g}, then)"
     header = (f"model {loaded.name}, {args.batch} samples of shape {loaded.shape}, {args.dtype}, seed {args.seed}; "
-              f"reference: {ref.solver} rtol=atol={ref.rtol:g} from σ={ref.sigma_start:.4g} to {ref.sigma_end:.4g} "
+              f"reference: {ref.solver} rtol=atol={ref.rtol:g} from {start} to σ={ref.sigma_end:.4g} "
               f"then the Euler step to 0, {ref.nfe} NFE, "
               f"estimated error {ref.error:.1e}" + (f" (kept in {ref_path})" if kept else ""))
     facts = _report_facts(args, loaded, device)
     facts["noise"] = f"seed {args.seed}, {args.batch} samples of shape {tuple(loaded.shape)}, {args.dtype}"
-    facts["reference"] = (f"{ref.solver} in float64, rtol = atol = {ref.rtol:g}, from σ = {ref.sigma_start:.4g} to "
-                          f"{ref.sigma_end:.4g} then the Euler step to 0, {ref.nfe} NFE, estimated error "
+    facts["reference"] = (f"{ref.solver} in float64, rtol = atol = {ref.rtol:g}, from {start} to "
+                          f"σ={ref.sigma_end:.4g} then the Euler step to 0, {ref.nfe} NFE, estimated error "
                           f"{ref.error:.1e}")
     paths = _write_report(result, out, args, loaded, facts, f"{loaded.name}: {args.batch} samples, {args.dtype}")
     print(header)

@@ -56,7 +56,14 @@ from ..engine.options import Grid
 from . import peers as _peers
 from . import tuning as _tuning
 from .learned import LearnedSolver
-from .reference import Reference, check_reference, check_tolerance, clear_reference_cache, reference_solution
+from .reference import (
+    Reference,
+    check_reference,
+    check_reference_from_infinity,
+    check_tolerance,
+    clear_reference_cache,
+    reference_solution,
+)
 
 __all__ = ["CALIBRATION_SEED", "CSV_COLUMNS", "DEFAULT_GRIDS", "DEFAULT_NFE", "TUNED_GRIDS", "Comparison", "Reference",
            "LEARNED_GRID", "Run", "Skipped", "clear_reference_cache", "compare", "default_grids", "default_solvers",
@@ -86,7 +93,22 @@ def default_grids(flow: ProbabilityFlow, solvers: Iterable[str], nfe: Iterable[i
     every solver × budget of the comparison (flowdiff ships tuned grids for ``pretrained("digits")``)."""
     solvers, nfe = list(solvers), list(nfe)
     covered = all(_tuning.stored_grid(flow, s, b, model_kwargs=model_kwargs) is not None for s in solvers for b in nfe)
-    return DEFAULT_GRIDS + (TUNED_GRIDS if covered else ())
+    return _spanning(flow, DEFAULT_GRIDS) + (TUNED_GRIDS if covered else ())
+
+
+def _spanning(flow: ProbabilityFlow, grids: tuple[str, ...]) -> tuple[str, ...]:
+    """The ``grids`` that start at the schedule's σ_max: all of them, but on a zero-terminal-SNR schedule
+    (σ_max = ∞) the σ-range grids (karras, logsnr) have no first σ and only the timestep grids remain."""
+    if flow.schedule.sigma_max < math.inf:
+        return grids
+    kept = []
+    for grid in grids:
+        try:
+            make_sigmas(flow.schedule, grid, 2)
+        except ValueError:
+            continue
+        kept.append(grid)
+    return tuple(kept)
 
 
 def default_solvers() -> list[str]:
@@ -449,6 +471,11 @@ def compare(
     before each run instead. ``reference`` supplies the reference instead of solving it
     (e.g. one kept on disk from an earlier run of the same model and noise); one solved for another
     flow, other ``model_kwargs`` or other noise is refused (:func:`flowdiff.tools.reference.check_reference`).
+    On a zero-terminal-SNR schedule (σ_max = ∞) the reference and every run start as ``generate`` does, with
+    the boundary step out of pure noise (:mod:`flowdiff.engine.terminal`; its evaluation is in each row's NFE),
+    the default grids are the timestep grids among :data:`DEFAULT_GRIDS` (karras and logsnr span a σ range
+    that has no first σ there; named, they are skipped with why), and an ``epsilon`` model, which has no step
+    out of σ = ∞, is refused before any evaluation.
 
     ``grids`` may also name ``"tuned"`` (:data:`TUNED_GRIDS`), which tunes a grid
     per (solver, budget) with :func:`flowdiff.tune` (options ``tune_options``) on
@@ -495,12 +522,15 @@ def compare(
                         f"{noise.dtype if isinstance(noise, Tensor) else type(noise).__name__}")
     _check_noise(noise)  # issue 13
     flow.check_input(noise, "noise")
+    if flow.schedule.sigma_max == math.inf:  # every run and the reference start at σ = ∞: refused before evaluating
+        check_reference_from_infinity(flow)
     budgets = _check_budgets(nfe)
     names, learned = _split_solvers(default_solvers() if solvers is None else solvers, flow, model_kwargs, budgets)
     if grids is None:
         grids = default_grids(flow, names, budgets, model_kwargs)
     grid_names = _check_names(grids, "grids", (*GRIDS, *TUNED_GRIDS))
     peer_names = [] if peers is None else _peers.check_peers(peers)
+    _refuse_peers_from_infinity(flow, peer_names)
     keep_images = _check_keep(keep_images)
     calibration = _calibration(noise, calibration_noise) if set(grid_names) & set(TUNED_GRIDS) else None
     check_tolerance("rtol", rtol)
@@ -610,6 +640,7 @@ def run_peers(result: Comparison, flow: ProbabilityFlow, noise: Tensor, peers: I
     part of :func:`compare`, which the command line runs once after the ranks' runs). ``budgets`` are checked as
     ``compare(nfe=)`` checks them; an error raised inside a peer's run carries a note naming that row."""
     names = _peers.check_peers(peers)
+    _refuse_peers_from_infinity(flow, names)
     budgets = _check_budgets(budgets, "budgets")  # an int is one budget, as in compare(nfe=); each once, sorted
     result.unavailable.update({peer: why for peer in names if (why := _peers.unavailable(peer)) is not None})
     ref = result.reference
@@ -635,6 +666,16 @@ def run_peers(result: Comparison, flow: ProbabilityFlow, noise: Tensor, peers: I
                 result.images[(sampler.source, sampler.name, sampler.grid, budget)] = \
                     out.x[:keep_images].detach().cpu()
     return result
+
+
+def _refuse_peers_from_infinity(flow: ProbabilityFlow, peers: list[str]) -> None:
+    """Refuse peers on a zero-terminal-SNR schedule (σ_max = ∞), before any evaluation: their adapters
+    (:mod:`flowdiff.tools.peers`) pass the schedule's σ range to the peers' loops, which have no σ = ∞ (diffusers'
+    timestep and k-diffusion's σ came out non-finite)."""
+    if peers and flow.schedule.sigma_max == math.inf:
+        raise ValueError(f"peers={peers}: the peers' samplers are not run on a zero-terminal-SNR schedule (σ_max = ∞), "
+                         "where their grids have no finite first σ; compare flowdiff's solvers there (leave peers= "
+                         "out), which start as generate does, with the boundary step out of σ = ∞")
 
 
 def _check_keep(keep_images: object) -> int:

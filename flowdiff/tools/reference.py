@@ -34,10 +34,9 @@ from ..api.adaptive import RK_CONTROLLER, to_zero_in_log_sigma
 from ..api.sampling import generate
 from ..engine._checks import check_has_values
 from ..engine.fingerprint import flow_fingerprint, precision_fingerprints
-from ..engine.flow import ProbabilityFlow
+from ..engine.flow import ProbabilityFlow, check_from_noise
 from ..engine.loop import solve_flow
 from ..engine.options import Adaptive
-from ..engine.terminal import refuse_infinite_start
 
 
 @dataclass(frozen=True)
@@ -371,6 +370,12 @@ def reference_solution(
     that one fixed last step. ``sigma_end=0`` solves the ODE itself to σ = 0 (for closed-form
     models, exact down to 0).
 
+    On a zero-terminal-SNR schedule (σ_max = ∞, :mod:`flowdiff.engine.terminal`) it starts as
+    ``generate`` does: the boundary step out of pure noise, x̄ = x̂₀ + σ₁·noise (one evaluation, in
+    ``nfe``), to the schedule's largest finite σ₁ (which every timestep grid's second σ is at or below), then
+    the adaptive solve from σ₁; ``sigma_start`` stays ∞. An ``epsilon`` model (no x̂₀ at σ = ∞) is refused
+    there before any evaluation; ``sigma_start=σ`` solves it from a finite σ.
+
     The solve runs in τ = log σ (dx̄/dτ = σ·ε, steps relative in σ, where the image forms in
     the last few percent of the σ range) with the error measured in the image's scale
     (:func:`flowdiff.api.adaptive.image_norm`); with ``sigma_end=0`` it is
@@ -398,10 +403,12 @@ def reference_solution(
         raise ValueError(f"the reference needs an adaptive solver; got {solver!r}, adaptive solvers: "
                          f"{', '.join(_solvers.available(adaptive=True))}")
     s0 = flow.schedule.sigma_max if sigma_start is None else float(sigma_start)
-    if not (math.isfinite(s0) and s0 > 0):
-        if sigma_start is None:  # a zero-terminal-SNR schedule: σ_max = ∞ (flowdiff.engine.terminal)
-            refuse_infinite_start(s0, "the adaptive reference solution")
-        raise ValueError(f"sigma_start must be a finite number > 0, got {sigma_start!r}")
+    from_infinity = s0 == math.inf and flow.schedule.sigma_max == math.inf
+    if from_infinity:  # zero terminal SNR: generate's boundary step out of σ = ∞, then the solve
+        check_reference_from_infinity(flow)
+    elif not (math.isfinite(s0) and s0 > 0):
+        raise ValueError(f"sigma_start must be a finite number > 0 (or None: the schedule's σ_max), got "
+                         f"{sigma_start!r}")
     s_end = flow.schedule.sigma_min if sigma_end is None else float(sigma_end)
     if not (math.isfinite(s_end) and 0 <= s_end < s0):
         raise ValueError(f"sigma_end must lie in [0, sigma_start={s0:.6g}), got {sigma_end!r}")
@@ -413,20 +420,24 @@ def reference_solution(
             return hit
     flow64 = _float64_flow(flow)
     noise64 = noise.detach().to(torch.float64)
-    with torch.no_grad(), _SigmaBar(s0, progress) as bar:
+    s_solve = last_finite_sigma(flow.schedule) if from_infinity else s0  # where the adaptive solve starts
+    with torch.no_grad(), _SigmaBar(s_solve, progress) as bar:
         start = time.perf_counter()
+        boundary = 0
+        if from_infinity:  # Euler's limit out of pure noise, x̄ = x̂₀ + σ₁·noise (one evaluation), as generate takes it
+            noise64, boundary = flow64.step_from_noise(noise64, s_solve, model_kwargs), 1
         bar.stage = "reference"
         draws = _RandomDraws(flow64, model_kwargs, noise64.device, bar.callback)
         try:
-            tight, nfe = _solve_reference(flow64, noise64, s0, s_end, solver, rtol, atol, model_kwargs, draws)
+            tight, nfe = _solve_reference(flow64, noise64, s_solve, s_end, solver, rtol, atol, model_kwargs, draws)
         except _solvers.SolveError:
             if draws.refusal is not None:  # the loop located it at its step; it is the caller's model, not the solve
                 raise draws.refusal from None
             raise
-        nfe += draws.evaluations
+        nfe += draws.evaluations + boundary
         wall = time.perf_counter() - start
         bar.stage = "its error check"
-        loose, error_nfe = _solve_reference(flow64, noise64, s0, s_end, solver, _LOOSER * rtol, _LOOSER * atol,
+        loose, error_nfe = _solve_reference(flow64, noise64, s_solve, s_end, solver, _LOOSER * rtol, _LOOSER * atol,
                                     model_kwargs, bar.callback)
     error = float((loose - tight).pow(2).mean().sqrt()) / (_LOOSER - 1)
     ref = Reference(tight, s0, s_end, solver, rtol, atol, nfe, wall, error, error_nfe,
@@ -434,6 +445,27 @@ def reference_solution(
     if use_cache:
         _CACHE.setdefault(flow, {})[key] = ref
     return ref
+
+
+def last_finite_sigma(schedule: Any) -> float:  # noqa: ANN401 - a flowdiff Schedule
+    """The largest finite trained σ of ``schedule``: where a reference from σ = ∞ goes on after the boundary step
+    (a zero-terminal-SNR schedule's level below its last; every timestep grid's second σ is at or below it)."""
+    sigmas = np.asarray(schedule.sigmas, dtype=np.float64)
+    return float(sigmas[np.isfinite(sigmas)].max())
+
+
+def check_reference_from_infinity(flow: ProbabilityFlow) -> None:
+    """Refuse, before any evaluation, a reference from σ_max = ∞ for a flow with no step out of it (an ``epsilon``
+    model, a σ-native field): its message names the prediction type, σ_max = ∞ and what is accepted."""
+    try:
+        check_from_noise(flow)
+    except ValueError as err:
+        reason = str(err).split("; ")[0].replace("where this grid starts", "where it starts")
+        raise ValueError(f"the reference solution starts at the schedule's σ_max = ∞ (zero terminal SNR) with the "
+                         f"boundary step out of pure noise, as generate does, and {reason}; accepted from σ = ∞: a "
+                         "model with prediction_type 'v_prediction' or 'sample'. For this model, solve from a finite "
+                         "σ: reference_solution(flow, noise, sigma_start=σ) (e.g. σ = make_sigmas(flow.schedule, "
+                         "'trailing', n)[1]) beside generate(flow, noise, grid=grid[1:])") from None
 
 
 def _still_its_flow(ref: Reference, flow: ProbabilityFlow) -> bool:
