@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import flowdiff
@@ -55,7 +56,6 @@ def test_stochastic_refusal_under_jacfwd_randomness_different_says_why():
     """With the checks on, jacfwd(randomness='different') is refused at the first mapped output, pointing to the
     checks; the refusal said the model closes over mapped tensors, which this model does not: it names the
     per-sample step noise of randomness='different' now."""
-    import pytest
 
     model = Gaussian(torch.tensor([0.5, -1.0], dtype=torch.float64), 1.0)
     noise = torch.randn(1, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -65,3 +65,18 @@ def test_stochastic_refusal_under_jacfwd_randomness_different_says_why():
 
     with pytest.raises(ValueError, match=r"randomness='different'.*Checks\(finite=False, growth=None\)"):
         torch.func.jacfwd(sample, randomness="different")(noise)
+
+
+def test_a_model_that_returns_no_tensor_is_the_same_type_error_on_every_path():
+    """The peers' direct calls and the step out of σ = ∞ said ValueError where the flow's field says TypeError for a
+    model that returns no tensor (R25; one helper, ``flowdiff.engine.flow.checked_output``, now checks all three)."""
+    from flowdiff.tools import peers
+
+    flow = flowdiff.ProbabilityFlow(lambda x, t: (x,), flowdiff.Schedule.linear(), prediction_type="v_prediction")
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="model must return a torch.Tensor, got tuple at timestep 999"):
+        peers.DiffusersEps(flow)(x, 999)
+    with pytest.raises(TypeError, match="model must return a torch.Tensor, got tuple at σ = ∞"):
+        flow.step_from_noise(x, 1.0)
+    with pytest.raises(TypeError, match=r"model must return a torch.Tensor, got tuple at σ=1"):
+        flow.field()(1.0, x)

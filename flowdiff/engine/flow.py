@@ -49,6 +49,19 @@ Model = Callable[..., Tensor]
 
 
 
+def checked_output(out: object, x: Tensor, where: str) -> Tensor:
+    """A model's raw output for input ``x`` at ``where`` (e.g. "σ = ∞"), outside the field's own cached path (the step
+    out of σ = ∞, the peers' direct calls): a real floating-point tensor of ``x``'s shape, cast to ``x``'s dtype."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"model must return a torch.Tensor, got {type(out).__name__} at {where} (wrap models that "
+                        "return objects, e.g. flowdiff.from_diffusers)")
+    if out.shape != x.shape:
+        raise ValueError(f"model returned shape {tuple(out.shape)} for input shape {tuple(x.shape)} at {where}; it "
+                         "must return the input's shape")
+    _check_output_dtype(out, "model", where)
+    return out.to(x.dtype)
+
+
 def _check_output_dtype(out: Tensor, who: str, where: str) -> None:
     """A model's output is cast to the state's dtype only between floating-point types: an integer or bool output
     (a rounded or thresholded ε) or a complex one would be silently converted into another prediction."""
@@ -337,11 +350,7 @@ class ProbabilityFlow:
         t = torch.full((noise.shape[0],), t_max, dtype=t_dtype, device=noise.device)
         x = noise if model_dtype is None else noise.to(model_dtype)
         out = self.model(x, t, **dict(model_kwargs or {}))
-        if not isinstance(out, Tensor) or out.shape != noise.shape:
-            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"model returned {got} for input shape {tuple(noise.shape)} at σ = ∞")
-        _check_output_dtype(out, "model", "σ = ∞")
-        out = out.to(noise.dtype)
+        out = checked_output(out, noise, "σ = ∞")
         if self.prediction_type == "sample":
             x0 = out
         elif self.prediction_type == "v_prediction":  # v = α·ε − s·x₀ with α = 0, s = 1

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..engine.flow import ProbabilityFlow
+from ..engine.flow import ProbabilityFlow, checked_output
 from ..engine.scheduler_grids import FLOW_MATCHING_SCHEDULERS, class_name
 from ..engine.schedules import Schedule
 from ..models.kdiffusion import to_denoiser
@@ -430,11 +430,7 @@ class DiffusersEps:
         if self.direct:
             t_dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
             timestep = torch.full((x_t.shape[0],), float(t), dtype=t_dtype, device=x_t.device)
-            out = self.flow.model(x_t, timestep, **self.kwargs)
-            if not isinstance(out, Tensor) or out.shape != x_t.shape:
-                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                raise ValueError(f"model returned {got} for input shape {tuple(x_t.shape)} at timestep {float(t)}")
-            return out.to(x_t.dtype)
+            return checked_output(self.flow.model(x_t, timestep, **self.kwargs), x_t, f"timestep {float(t)}")
         sigma = table_sigma(self.flow, t)
         return self.field(sigma, x_t * math.sqrt(1.0 + sigma * sigma))
 
@@ -511,11 +507,7 @@ class DiffusersVelocity:
         if self.direct:
             t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
             t = torch.full((x.shape[0],), float(timestep), dtype=t_dtype, device=x.device)
-            out = self.flow.model(x, t, **self.kwargs)
-            if not isinstance(out, Tensor) or out.shape != x.shape:
-                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                raise ValueError(f"model returned {got} for input shape {tuple(x.shape)} at timestep {float(timestep)}")
-            return out.to(x.dtype)
+            return checked_output(self.flow.model(x, t, **self.kwargs), x, f"timestep {float(timestep)}")
         t_fm = float(timestep) / self.T
         if t_fm >= 1.0:
             return x - self.flow.step_from_noise(x, 0.0, self.kwargs)
