@@ -166,3 +166,34 @@ def test_make_sigmas_documented_grid_option_defaults():
         np.testing.assert_array_equal(
             flowdiff.make_sigmas(schedule, grid, 10),
             flowdiff.make_sigmas(schedule, grid, 10, sigma_min=schedule.sigma_min, sigma_max=schedule.sigma_max))
+
+
+def _argument_defaults(script: Path) -> dict[str, tuple[object, str]]:
+    """``--flag`` → (its literal default, or None when it has none or a computed one; its help text), by AST."""
+    out: dict[str, tuple[object, str]] = {}
+    for node in ast.walk(ast.parse(script.read_text(encoding="utf-8"))):
+        if (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument" and node.args
+                and isinstance(node.args[0], ast.Constant) and str(node.args[0].value).startswith("--")):
+            keywords = {k.arg: k.value for k in node.keywords}
+            try:
+                default = ast.literal_eval(keywords["default"]) if "default" in keywords else None
+            except ValueError:
+                default = None
+            text = ast.literal_eval(keywords["help"]) if "help" in keywords else ""
+            out[node.args[0].value] = (default, " ".join(text.split()))
+    return out
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
+def test_example_help_defaults_are_the_parser_defaults(script):
+    """``(default: V)`` in a flag's help is its default; "drop ``--flag``" in the docstring needs no default."""
+    arguments = _argument_defaults(script)
+    for flag, (default, text) in arguments.items():
+        said = re.search(r"\(default:? ([-\w.]+)[;)]", text)
+        if said and default is not None:
+            value = float(said.group(1)) if isinstance(default, (int, float)) else said.group(1)
+            assert default == value, f"{script.name} {flag}: help says {said.group(1)}, default {default!r}"
+    doc = " ".join((ast.get_docstring(ast.parse(script.read_text(encoding="utf-8"))) or "").split())
+    for flag in re.findall(r"drop ``(--[\w-]+)``", doc):
+        assert arguments[flag][0] is None, (f"{script.name}'s docstring says to drop {flag} for another behaviour, "
+                                            f"but leaving it out gives its default {arguments[flag][0]!r}")
