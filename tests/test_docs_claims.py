@@ -15,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import flowdiff
 import solvers
 from flowdiff.engine import plugins
+from flowdiff.models.analytic import Gaussian
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted((ROOT / "docs").glob("*.md"))
@@ -197,3 +199,19 @@ def test_example_help_defaults_are_the_parser_defaults(script):
     for flag in re.findall(r"drop ``(--[\w-]+)``", doc):
         assert arguments[flag][0] is None, (f"{script.name}'s docstring says to drop {flag} for another behaviour, "
                                             f"but leaving it out gives its default {arguments[flag][0]!r}")
+
+
+def test_flow_fingerprint_reads_what_its_docstring_says():
+    """``flow_fingerprint``: a bound method's object is read (as the model or as a σ field), a plain-function σ
+    field is a ``TypeError``. A bound method given as the model was digested as nothing of its object: two
+    Gaussians' ``eps`` had one fingerprint (a latent of one decoded under the other unchecked)."""
+    doc = " ".join(inspect.getdoc(flowdiff.flow_fingerprint).split())
+    assert "bound method" in doc and "raises ``TypeError``" in doc
+    first, second = Gaussian(torch.zeros(4), 0.5), Gaussian(torch.ones(4), 0.5)
+    keys = {flowdiff.flow_fingerprint(flowdiff.ProbabilityFlow(g.eps, g.schedule)) for g in (first, second)}
+    assert len(keys) == 2
+    # one object's field, as the model (a bound method) or as the σ field, is digested from the same tensors
+    assert flowdiff.flow_fingerprint(flowdiff.ProbabilityFlow(first.eps, first.schedule)) == \
+        flowdiff.flow_fingerprint(first.flow())
+    with pytest.raises(TypeError, match="cannot fingerprint a model of type function"):
+        flowdiff.flow_fingerprint(flowdiff.ProbabilityFlow.from_sigma_field(lambda xbar, sigma: xbar, first.schedule))
