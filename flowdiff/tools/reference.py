@@ -168,7 +168,7 @@ def _flow_keys(flow: ProbabilityFlow,
                model_kwargs: Mapping[str, Any] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The fingerprints of ``flow`` alone and with ``model_kwargs``, for its network as given and cast to each
     precision (:func:`~flowdiff.engine.fingerprint.precision_fingerprints`, one tensor at a time: no copy of the
-    network); ``()`` for what cannot be fingerprinted (a plain function as the model, conditioning whose digest
+    network); ``()`` for what cannot be fingerprinted (a plain-function σ field, conditioning whose digest
     would change between runs)."""
     try:
         alone = precision_fingerprints(flow, None, _PRECISIONS)
