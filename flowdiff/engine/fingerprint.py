@@ -16,6 +16,7 @@ sample (:func:`accepted_fingerprints` still knows that digest at the batch it wa
 from __future__ import annotations
 
 import hashlib
+import types
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -118,6 +119,8 @@ def _digest(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None, *, re
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
     h = hashlib.blake2b(digest_size=16)
     owner = getattr(flow.sigma_field, "__self__", None) if flow.sigma_field is not None else flow.model
+    if isinstance(owner, types.MethodType):  # a bound method as the model: its object holds the tensors
+        owner = owner.__self__
     if isinstance(owner, torch.nn.Module):
         h.update(_module_digest(owner, cast))
     elif owner is not None and hasattr(owner, "__dict__"):
@@ -144,8 +147,12 @@ def flow_fingerprint(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | No
     a class label repeated over 8 samples, over 4, or given as a 0-d tensor has one fingerprint; labels that
     differ between samples are digested sample by sample. ``model_kwargs=None`` (or empty) digests the flow alone.
 
-    Raises ``TypeError`` for a model whose parameters cannot be read (a plain function that is
-    neither a ``torch.nn.Module`` nor an object holding its tensors as attributes).
+    The model is read as a ``torch.nn.Module``'s state, or as the tensors and numbers an object holds as attributes
+    (the object of a bound method, given as the model or as a σ field). A σ field that is a plain function
+    (:meth:`ProbabilityFlow.from_sigma_field`), whose tensors nothing can read, raises ``TypeError``. A plain function
+    given as the model itself is not refused, but its closure is not read either: it is digested as its schedule
+    and prediction type alone, so two plain-function models of one schedule share a fingerprint — wrap the
+    function in a ``torch.nn.Module``, or an object holding its tensors as attributes, to have them told apart.
     """
     return _digest(flow, model_kwargs, repeated=True)
 
@@ -168,6 +175,8 @@ def precision_fingerprints(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any
     What records a flow solved in one precision (a reference) matches the same network run in another."""
     keys = [_digest(flow, model_kwargs, repeated=True)]
     owner = getattr(flow.sigma_field, "__self__", None) if flow.sigma_field is not None else flow.model
+    if isinstance(owner, types.MethodType):  # a bound method as the model: its object holds the tensors
+        owner = owner.__self__
     if isinstance(owner, torch.nn.Module):
         keys += [_digest(flow, model_kwargs, repeated=True, cast=dtype) for dtype in dtypes]
     return tuple(dict.fromkeys(keys))

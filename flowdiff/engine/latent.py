@@ -161,7 +161,7 @@ class Latent:
 
     def set_origin(self, flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> Latent:
         """Record the fingerprint of the flow and conditioning that made this latent (left ``None`` for a model that
-        cannot be fingerprinted, such as a plain function); returns ``self``."""
+        cannot be fingerprinted, such as a plain-function σ field); returns ``self``."""
         try:
             self.fingerprint = flow_fingerprint(flow, model_kwargs)
         except TypeError:

@@ -168,7 +168,7 @@ def _flow_keys(flow: ProbabilityFlow,
                model_kwargs: Mapping[str, Any] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The fingerprints of ``flow`` alone and with ``model_kwargs``, for its network as given and cast to each
     precision (:func:`~flowdiff.engine.fingerprint.precision_fingerprints`, one tensor at a time: no copy of the
-    network); ``()`` for what cannot be fingerprinted (a plain function as the model, conditioning whose digest
+    network); ``()`` for what cannot be fingerprinted (a plain-function σ field, conditioning whose digest
     would change between runs)."""
     try:
         alone = precision_fingerprints(flow, None, _PRECISIONS)
@@ -365,8 +365,8 @@ def reference_solution(
     then the step every fixed grid ends with, Euler from its last σ into σ = 0, which is the
     model's denoised image x̄ − σ_end·ε(x̄, σ_end). σ_end defaults to the schedule's smallest
     trained σ: a trained model knows no σ below it (its timestep is clamped to 0 there), the
-    grids ``karras``, ``logsnr`` and ``leading`` end there and the others approach it as
-    steps grow, so fixed-grid errors fall to 0 with NFE instead of settling on the error of
+    grids ``leading``, ``linear``, ``quadratic``, ``karras`` and ``logsnr`` end there and ``trailing`` approaches
+    it as steps grow, so fixed-grid errors fall to 0 with NFE instead of settling on the error of
     that one fixed last step. ``sigma_end=0`` solves the ODE itself to σ = 0 (for closed-form
     models, exact down to 0).
 
