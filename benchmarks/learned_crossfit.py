@@ -32,19 +32,16 @@ import math
 import platform
 import time
 import warnings
-from pathlib import Path
 
 import torch
-from _kdiffusion import mixture_flow, noise_shape, patch_flow, per_sample_error, rmse
+from _kdiffusion import per_sample_error, rmse
+from _learned_batches import model_batches, report_writer
 from _pooled import ratio
-from bench_frontier import evaluation_reference
-from bench_learned import LEARN, calibration_reference, solver_specs
+from bench_learned import LEARN
 
 import flowdiff
 import solvers
 from flowdiff.tools.learned import _averaged, _learn_folds, _reference
-
-MODELS = {"mixture": (mixture_flow, 1e-8), "patches": (patch_flow, 1e-8)}
 
 
 def whole(half_or_refit, part_error: float) -> float:
@@ -145,22 +142,10 @@ def main() -> None:
              f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, float64.", ""]
     started = time.perf_counter()
 
-    def write() -> None:
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text("\n".join(lines) + "\n")
+    write = report_writer(args.out, lines)
 
     for key in args.models.split(","):
-        make, tol = MODELS[key]
-        flow = make()
-        specs = solver_specs(args.patch_solvers if key == "patches" else args.solvers)
-        evals = args.patch_max_evals if key == "patches" else args.max_evals
-        noise = torch.randn(args.batch, *noise_shape(key), dtype=torch.float64,
-                            generator=torch.Generator().manual_seed(args.seed))
-        calibration = torch.randn(args.calibration, *noise_shape(key), dtype=torch.float64,
-                                  generator=torch.Generator().manual_seed(cal_seed))
-        ref = evaluation_reference(flow, noise, key, tol).x
-        calibration_reference(flow, calibration, key, tol)
+        flow, tol, specs, evals, noise, calibration, ref = model_batches(key, args, cal_seed)
         lines += [f"### {key}", "", "| NFE | solver | tuned grid | held-out half (half-fit vs base) | kept | "
                   "half-fit | refit on all | refit / half-fit [95 %] | candidate solves (half-fit → with refit) |",
                   "|---:|---|---:|---|---|---:|---:|---:|---:|"]

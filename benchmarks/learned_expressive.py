@@ -32,20 +32,19 @@ import math
 import platform
 import time
 import warnings
-from pathlib import Path
 
 import torch
-from _kdiffusion import load_kdiffusion_sampling, mixture_flow, noise_shape, patch_flow, per_sample_error, rmse
+from _kdiffusion import load_kdiffusion_sampling, per_sample_error, rmse
+from _learned_batches import model_batches, report_writer
 from _pooled import ratio
-from bench_frontier import evaluation_reference, run_diffusers
-from bench_learned import LEARN, calibration_reference, solver_specs
+from bench_frontier import run_diffusers
+from bench_learned import LEARN
 from bench_lownfe import run_kdiffusion
 
 import flowdiff
 import solvers
 from flowdiff.tools import learned as _learned
 
-MODELS = {"mixture": (mixture_flow, 1e-8), "patches": (patch_flow, 1e-8)}
 DEFAULT = LEARN["shifts+grid+start+scales+directions"]
 WITH_TRAJECTORY = (*DEFAULT, "trajectory")
 
@@ -115,22 +114,10 @@ def main() -> None:
              f"torch {torch.__version__}, 1 thread, float64.", ""]
     started = time.perf_counter()
 
-    def write() -> None:
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text("\n".join(lines) + "\n")
+    write = report_writer(args.out, lines)
 
     for key in args.models.split(","):
-        make, tol = MODELS[key]
-        flow = make()
-        specs = solver_specs(args.patch_solvers if key == "patches" else args.solvers)
-        evals = args.patch_max_evals if key == "patches" else args.max_evals
-        noise = torch.randn(args.batch, *noise_shape(key), dtype=torch.float64,
-                            generator=torch.Generator().manual_seed(args.seed))
-        calibration = torch.randn(args.calibration, *noise_shape(key), dtype=torch.float64,
-                                  generator=torch.Generator().manual_seed(args.seed + 1))
-        ref = evaluation_reference(flow, noise, key, tol).x
-        calibration_reference(flow, calibration, key, tol)
+        flow, tol, specs, evals, noise, calibration, ref = model_batches(key, args, args.seed + 1)
         lines += [f"### {key}", "", "| NFE | solver | tuned grid | default: held-out half (base) | kept | evaluation "
                   "RMSE | fitting NFE (solves) | + trajectory: held-out half | kept | evaluation RMSE | fitting NFE "
                   "(solves) | change | trajectory variant against the one before it: fitted half | held-out "
