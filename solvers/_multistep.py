@@ -297,7 +297,8 @@ class DPMSolverPP2M(Adams):
                         "'dpmpp_3m', 'deis', 'unipc', 'lms', 'abm')")
 
     def _predict_weights(self, ts: list[float], t0: float, t1: float) -> list[float]:
-        if len(ts) < 2 or not _log_defined((*ts, t1)):
+        # log_time is off on a solve whose interval touches or crosses 0 (on_interval): AB2 in t there, as Adams
+        if not self.log_time or len(ts) < 2 or not _log_defined((*ts, t1)):
             return adams_weights(ts, t0, t1, log_time=False)
         h = math.log(abs(t1)) - math.log(abs(t0))
         r = (math.log(abs(t0)) - math.log(abs(ts[1]))) / h

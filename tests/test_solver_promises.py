@@ -193,12 +193,31 @@ def _order_on(name, t0, t1, ns):
     return -np.polyfit(np.log(ns), np.log(errs), 1)[0], errs
 
 
+@pytest.mark.parametrize("name", ["unipc", "dpmpp_3m"])
 @pytest.mark.parametrize("interval", [(-1.0, 1.0), (1.0, -1.0), (-1.0, 0.0), (0.0, 1.0), (0.5, -0.25)])
-def test_unipc_keeps_its_order_on_intervals_that_cross_or_touch_zero(interval):
-    solver = solvers.get("unipc")
-    slope, errs = _order_on("unipc", *interval, [32, 64, 128, 256])
-    # (log-time weights next to 0 made it 1.6-2.4 here)
+def test_log_time_multistep_keeps_its_order_on_intervals_that_cross_or_touch_zero(name, interval):
+    solver = solvers.get(name)
+    slope, errs = _order_on(name, *interval, [32, 64, 128, 256])
+    # (log-time weights next to 0 made unipc 1.6-2.4 here)
     assert abs(slope - solver.fixed_grid_order) < 0.35, (slope, errs)
+
+
+@pytest.mark.parametrize("interval", [(-1.0, 1.3), (1.0, -1.0), (-1.0, 0.0), (0.0, 1.0), (0.5, -0.25)])
+def test_dpmpp_2m_steps_in_t_where_on_interval_drops_log_time(interval):
+    """DPM-Solver++(2M)'s own midpoint formula kept its log-time weights after ``on_interval`` had turned them off
+    for a solve that crosses 0 (a generic ODE on [-1, 1.3]: order 1.7 instead of 2). There it is AB2 in t."""
+    def f(t, y):
+        return math.cos(3 * t) * y + t
+
+    y0 = torch.tensor([0.7, -0.2], dtype=torch.float64)
+    ts = np.linspace(*interval, 41)
+    got = solvers.solve(f, y0, ts, "dpmpp_2m").y
+    ab2 = solvers.solve(f, y0, ts, solvers.Adams("ab2", 2, log_time=False)).y
+    torch.testing.assert_close(got, ab2, rtol=1e-13, atol=1e-15)
+    # away from 0 its own formula is kept (and differs from AB2 in t)
+    away = np.linspace(0.5, 2.0, 41)
+    assert (solvers.solve(f, y0, away, "dpmpp_2m").y - solvers.solve(
+        f, y0, away, solvers.Adams("ab2", 2, log_time=False)).y).abs().max() > 1e-6
 
 
 def test_log_time_weights_are_kept_away_from_zero_and_dropped_across_it():
