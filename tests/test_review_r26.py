@@ -1,0 +1,56 @@
+"""Review R26 of the session's later changes (sweep 11 on the peers, Z7's compare on zero-terminal-SNR models, S12,
+R23–R25): each test failed before its fix."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import flowdiff
+from flowdiff import Schedule
+
+MEAN, VAR = 0.3, 0.25  # Gaussian data N(MEAN, VAR) per pixel
+
+
+class _GaussianEps:
+    """The exact ε of N(MEAN, VAR) data at timestep t (an epsilon model: no x̂₀ at σ = ∞). Counts its calls."""
+
+    def __init__(self, schedule: Schedule) -> None:
+        self.schedule, self.calls = schedule, 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        sigma = float(self.schedule.sigma_at(float(t.reshape(-1)[0])))
+        alpha, s = 1 / math.sqrt(1 + sigma**2), sigma / math.sqrt(1 + sigma**2)
+        x0 = MEAN + alpha * VAR * (x - alpha * MEAN) / (alpha**2 * VAR + s**2)
+        return (x - alpha * x0) / s
+
+
+def _zero_snr_epsilon_flow() -> tuple[flowdiff.ProbabilityFlow, _GaussianEps]:
+    schedule = Schedule.from_config("scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True)
+    model = _GaussianEps(schedule)
+    return flowdiff.ProbabilityFlow(model, schedule), model
+
+
+def test_compare_takes_a_given_reference_from_a_finite_sigma_for_an_epsilon_zero_snr_model():
+    """Z7 refused every compare of an epsilon model on a zero-terminal-SNR schedule "before any evaluation", also
+    with reference= given: the reference its own refusal advises (reference_solution(sigma_start=σ)) was refused
+    with "the reference solution starts at σ_max = ∞", which it does not, and the leading grid, whose first σ is
+    finite, could not be compared (it ran before Z7). A row from σ = ∞ is skipped with why instead of stopping the
+    table."""
+    flow, model = _zero_snr_epsilon_flow()
+    noise = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    start = float(flowdiff.make_sigmas(flow.schedule, "leading", 4)[0])
+    ref = flowdiff.reference_solution(flow, noise, sigma_start=start, rtol=1e-7, atol=1e-7, cache=False)
+    result = flowdiff.compare(flow, noise, solvers=["euler"], grids=["leading", "trailing"], nfe=[4], reference=ref)
+    assert [(r.grid, r.nfe, r.sigma_start) for r in result.runs] == [("leading", 4, start)]
+    alone = flowdiff.generate(flow, noise, solver="euler", grid=flowdiff.Grid("leading", nfe=4))
+    assert result.runs[0].rms_error == float((alone.x - ref.x).pow(2).mean().sqrt())
+    assert [(s.grid, s.budget) for s in result.skipped] == [("trailing", 4)]
+    assert "prediction_type 'epsilon'" in result.skipped[0].reason and "σ = ∞" in result.skipped[0].reason
+    calls = model.calls
+    with pytest.raises(ValueError, match=r"reference solution starts at the schedule's σ_max = ∞"):
+        flowdiff.compare(flow, noise, solvers=["euler"], grids=["leading"], nfe=[4])  # no reference: refused
+    assert model.calls == calls  # before any evaluation
