@@ -80,3 +80,19 @@ def test_an_adaptive_data_solve_under_jacfwd_reads_the_models_own_denoised_image
     plain = solve(x)
     _, primal = torch.func.jacfwd(lambda y: (solve(y), solve(y)), has_aux=True)(x)
     assert torch.equal(primal, plain)
+
+
+def test_a_reference_from_infinity_refuses_a_sigma_end_at_or_above_where_its_solve_starts():
+    """On a zero-terminal-SNR schedule Z7's reference takes the boundary step out of σ = ∞ to the largest finite σ₁
+    and solves from there; sigma_end was checked against σ_start = ∞ alone, so a sigma_end above σ₁ was accepted and
+    the "solve to σ_end" ran up, away from the data (30 evaluations), and came back as the reference to σ_end."""
+    schedule = Schedule.from_config("scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True)
+
+    def v_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return -x  # any v; refused before it is called
+    flow = flowdiff.ProbabilityFlow(v_model, schedule, prediction_type="v_prediction")
+    s1 = float(schedule.sigmas[-2])
+    noise = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for sigma_end in (2 * s1, s1):
+        with pytest.raises(ValueError, match=rf"sigma_end must lie in \[0, {s1:.6g}\).*σ = ∞.*got {sigma_end!r}"):
+            flowdiff.reference_solution(flow, noise, sigma_end=sigma_end, cache=False)
