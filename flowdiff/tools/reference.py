@@ -412,6 +412,10 @@ def reference_solution(
     s_end = flow.schedule.sigma_min if sigma_end is None else float(sigma_end)
     if not (math.isfinite(s_end) and 0 <= s_end < s0):
         raise ValueError(f"sigma_end must lie in [0, sigma_start={s0:.6g}), got {sigma_end!r}")
+    if from_infinity and not s_end < last_finite_sigma(flow.schedule):  # the solve goes on from there, downwards
+        raise ValueError(f"sigma_end must lie in [0, {last_finite_sigma(flow.schedule):.6g}) on this zero-terminal-SNR "
+                         "schedule: the reference takes the boundary step out of σ = ∞ to its largest finite σ, "
+                         f"{last_finite_sigma(flow.schedule):.6g}, and solves down from there; got {sigma_end!r}")
     use_cache = cache and model_kwargs is None
     key = (*_noise_key(noise), s0, s_end, solver, rtol, atol)
     if use_cache:
