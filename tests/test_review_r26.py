@@ -96,3 +96,28 @@ def test_a_reference_from_infinity_refuses_a_sigma_end_at_or_above_where_its_sol
     for sigma_end in (2 * s1, s1):
         with pytest.raises(ValueError, match=rf"sigma_end must lie in \[0, {s1:.6g}\).*σ = ∞.*got {sigma_end!r}"):
             flowdiff.reference_solution(flow, noise, sigma_end=sigma_end, cache=False)
+
+
+@pytest.mark.parametrize("target", ["sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral"])
+def test_a_two_evaluation_kdiffusion_sampler_at_eta_0_is_sized_as_heun_is(target):
+    """S11's check lets k-diffusion's DPM2 ancestral and DPM++ 2S ancestral through at eta=0 as the ODE's peers (no
+    fresh noise), but sized them at one evaluation a step: at budget 6 they ran 6 steps, spent 11 evaluations, and
+    only then were refused for overspending. Like Heun and DPM2 they spend two a step and one on the last."""
+    from flowdiff.models.analytic import Gaussian
+    from flowdiff.tools import peers as P
+
+    flow = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5, Schedule.linear()).flow()
+    noise = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = P.run(P.PeerSampler("k-diffusion", target, "karras", target, {"eta": 0.0}), flow, noise, 6)
+    calls = []
+    denoiser = flowdiff.to_denoiser(flow)
+
+    def counted(x, sigma, **kw):
+        calls.append(1)
+        return denoiser(x, sigma, **kw)
+
+    sigmas = P.kdiffusion_sigmas(flow, 3)
+    by_hand = getattr(P.load_kdiffusion(), target)(counted, noise * (1 + float(sigmas[0]) ** 2) ** 0.5, sigmas,
+                                                    disable=True, eta=0.0)
+    assert out.nfe == len(calls) == 5 and out.steps == 3
+    torch.testing.assert_close(out.x, by_hand, rtol=0, atol=0)
