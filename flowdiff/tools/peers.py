@@ -332,7 +332,8 @@ def version(peer: str) -> str:
 def run(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, budget: int,
         model_kwargs: Mapping[str, Any] | None = None) -> PeerRun:
     """``sampler`` on ``flow`` from ``noise`` (DDIM scale, x_T ~ N(0, I)) within ``budget`` evaluations: its steps
-    are sized for one evaluation a step, or two and one on the last for Heun and DPM2; a run that spends more
+    are sized for one evaluation a step, or two and one on the last for Heun, DPM2 (ancestral too) and DPM++ 2S
+    ancestral and SDE (:data:`_TWO_A_STEP`); a run that spends more
     is a ``ValueError``, as is a k-diffusion sampler that is not the ODE's peer (:func:`kdiffusion_sampler`)."""
     if sampler.left_out is not None:
         raise ValueError(f"{sampler.source} {sampler.name} on {sampler.grid} is left out on this flow: "
@@ -388,8 +389,10 @@ def _repeated_timestep(sampler: PeerSampler, steps: int) -> int | None:
     return int(values[counts > 1][0]) if bool((counts > 1).any()) else None
 
 
-#: the peers' samplers that spend two evaluations a step and one on the last (its Euler step into σ = 0)
-_TWO_A_STEP = ("sample_heun", "sample_dpm_2", "FlowMatchHeunDiscreteScheduler")
+#: the peers' samplers that spend two evaluations a step and one on the last (its Euler step into σ = 0); the ancestral
+#: and SDE ones run as the ODE's peers at eta=0 alone (:func:`kdiffusion_sampler`)
+_TWO_A_STEP = ("sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde",
+               "FlowMatchHeunDiscreteScheduler")
 
 
 def _steps(sampler: PeerSampler, budget: int) -> int:
