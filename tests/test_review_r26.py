@@ -137,9 +137,11 @@ class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _user_loop_reads(scheduler, model, noise: torch.Tensor, flow_matching: bool) -> int:
-    """The host reads of a diffusers user's own loop: the model fed the scheduler's timestep tensor as it is."""
+def _user_loop_reads(make_scheduler, model, noise: torch.Tensor, flow_matching: bool) -> int:
+    """The host reads of a diffusers user's set-up and own loop: the model fed the scheduler's timestep tensor as it
+    is."""
     with _HostReads() as mode:
+        scheduler = make_scheduler()
         x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
         for t in scheduler.timesteps:
             x_in = x if flow_matching else scheduler.scale_model_input(x, t)
@@ -170,13 +172,15 @@ def test_the_diffusers_peers_read_no_timestep_to_the_host_inside_their_loop(kind
         flow = flowdiff.ProbabilityFlow(model, Schedule.scaled_linear(), prediction_type="v_prediction")
         samplers = list(P.DIFFUSERS_DEFAULT)
     for sampler in samplers:
-        if kind == "flow_matching":
-            steps = P._steps(sampler, 10)
-            scheduler = P.flow_matching_scheduler(sampler, flow, noise, steps)
-        else:
+        def make(sampler=sampler):
+            if kind == "flow_matching":
+                return P.flow_matching_scheduler(sampler, flow, noise, P._steps(sampler, 10))
             scheduler = P.diffusers_scheduler(sampler, flow)
             scheduler.set_timesteps(10)
-        users = _user_loop_reads(scheduler, model, noise, kind == "flow_matching")
+            return scheduler
+
+        users = _user_loop_reads(make, model, noise, kind == "flow_matching")
         with _HostReads() as mode:
             out = P.run(sampler, flow, noise, 10)
+        # one more: the start σ the row reports, read after the loop
         assert out.nfe <= 10 and mode.reads <= users + 1, (sampler.name, sampler.grid, mode.reads, users)

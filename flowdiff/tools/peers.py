@@ -429,11 +429,14 @@ class DiffusersEps:
         self.nfe = 0
 
     def __call__(self, x_t: Tensor, t: Tensor | float) -> Tensor:
+        """The model at the scheduler's timestep ``t``; the loops here give it as a Python number, read off the
+        scheduler's timesteps once before the loop (a tensor's value read here would be a device sync a step)."""
         self.nfe += 1
+        t = float(t)
         if self.direct:
             t_dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
-            timestep = torch.full((x_t.shape[0],), float(t), dtype=t_dtype, device=x_t.device)
-            return checked_output(self.flow.model(x_t, timestep, **self.kwargs), x_t, f"timestep {float(t)}")
+            timestep = torch.full((x_t.shape[0],), t, dtype=t_dtype, device=x_t.device)
+            return checked_output(self.flow.model(x_t, timestep, **self.kwargs), x_t, f"timestep {t}")
         sigma = table_sigma(self.flow, t)
         return self.field(sigma, x_t * math.sqrt(1.0 + sigma * sigma))
 
@@ -476,13 +479,13 @@ def _run_diffusers(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, b
     model = DiffusersEps(flow, model_kwargs)
     start = time.perf_counter()
     x = noise * scheduler.init_noise_sigma
+    host = scheduler.timesteps.tolist()  # the model's times, read once: no device sync inside the loop
     with torch.no_grad():
-        for t in scheduler.timesteps:
-            eps = model(scheduler.scale_model_input(x, t), t)
+        for t, t_host in zip(scheduler.timesteps, host):
+            eps = model(scheduler.scale_model_input(x, t), t_host)
             x = scheduler.step(eps, t, x).prev_sample
     wall = time.perf_counter() - start
-    first = table_sigma(flow, scheduler.timesteps[0])
-    return PeerRun(x, model.nfe, len(scheduler.timesteps), wall, first)
+    return PeerRun(x, model.nfe, len(host), wall, table_sigma(flow, host[0]))
 
 
 # ---------------------------------------------------------------------------------------------- flow matching
@@ -506,12 +509,15 @@ class DiffusersVelocity:
         self.nfe = 0
 
     def __call__(self, x: Tensor, timestep: Tensor | float) -> Tensor:
+        """The velocity at the scheduler's ``timestep``, given by the loop here as a Python number (read once before
+        the loop, as :class:`DiffusersEps`'s)."""
         self.nfe += 1
+        timestep = float(timestep)
         if self.direct:
             t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            t = torch.full((x.shape[0],), float(timestep), dtype=t_dtype, device=x.device)
-            return checked_output(self.flow.model(x, t, **self.kwargs), x, f"timestep {float(timestep)}")
-        t_fm = float(timestep) / self.T
+            t = torch.full((x.shape[0],), timestep, dtype=t_dtype, device=x.device)
+            return checked_output(self.flow.model(x, t, **self.kwargs), x, f"timestep {timestep}")
+        t_fm = timestep / self.T
         if t_fm >= 1.0:
             return x - self.flow.step_from_noise(x, 0.0, self.kwargs)
         sigma = t_fm / (1.0 - t_fm)
@@ -554,9 +560,10 @@ def _run_flow_matching(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tenso
     model = DiffusersVelocity(flow, model_kwargs)
     start = time.perf_counter()
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # the FlowMatch schedulers start from the noise itself
+    host = scheduler.timesteps.tolist()  # the model's times, read once: no device sync inside the loop
     with torch.no_grad():
-        for t in scheduler.timesteps:
-            x = scheduler.step(model(x, t), t, x).prev_sample
+        for t, t_host in zip(scheduler.timesteps, host):
+            x = scheduler.step(model(x, t_host), t, x).prev_sample
     wall = time.perf_counter() - start
     t0 = float(scheduler.sigmas[0])  # rectified flow's time t of its first sample (its timestep may be rounded)
     return PeerRun(x, model.nfe, steps, wall, math.inf if t0 >= 1 else t0 / (1.0 - t0))
