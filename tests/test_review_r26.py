@@ -184,3 +184,20 @@ def test_the_diffusers_peers_read_no_timestep_to_the_host_inside_their_loop(kind
             out = P.run(sampler, flow, noise, 10)
         # one more: the start σ the row reports, read after the loop
         assert out.nfe <= 10 and mode.reads <= users + 1, (sampler.name, sampler.grid, mode.reads, users)
+
+
+def test_a_roundtrip_comparison_on_a_zero_snr_model_skips_the_grids_that_end_at_infinity():
+    """Z7 made compare's generation table skip what cannot run on a zero-terminal-SNR schedule; compare(task=
+    "roundtrip") there stopped at its first default row (trailing, whose encode ends at σ = ∞) with encode's Python
+    advice (grid=grid[1:]), so no grid could be compared beside it. It is skipped with why, as karras is."""
+    schedule = Schedule.from_config("scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True)
+
+    def v_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return -0.5 * x
+    flow = flowdiff.ProbabilityFlow(v_model, schedule, prediction_type="v_prediction")
+    images = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    result = flowdiff.compare(flow, task="roundtrip", images=images, solvers=["euler"], grids=["trailing", "leading"],
+                              nfe=[8])
+    assert [(r.grid, r.budget) for r in result.runs] == [("leading", 8)]
+    assert [(s.grid, s.budget) for s in result.skipped] == [("trailing", 8)]
+    assert "σ = ∞" in result.skipped[0].reason and "grid[1:]" not in result.skipped[0].reason
