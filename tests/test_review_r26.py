@@ -201,3 +201,32 @@ def test_a_roundtrip_comparison_on_a_zero_snr_model_skips_the_grids_that_end_at_
     assert [(r.grid, r.budget) for r in result.runs] == [("leading", 8)]
     assert [(s.grid, s.budget) for s in result.skipped] == [("trailing", 8)]
     assert "σ = ∞" in result.skipped[0].reason and "grid[1:]" not in result.skipped[0].reason
+
+
+@pytest.mark.parametrize(("target", "nfe"), [("sample_dpmpp_2m_sde", 6), ("sample_dpmpp_3m_sde", 6),
+                                             ("sample_dpmpp_sde", 5)])
+def test_a_kdiffusion_sde_sampler_at_eta_0_runs_as_the_odes_peer(target, nfe):
+    """S11's check accepts k-diffusion's SDE samplers at eta=0 as the ODE's peers (no fresh noise), but they build a
+    torchsde Brownian tree for their noise sampler whatever eta, and flowdiff loads k-diffusion with torchsde stood
+    in for: each stopped with "module 'torchsde' has no attribute 'BrownianTree'". The harness gives the noise
+    sampler (one of the arguments it owns): at eta=0 its draws are multiplied by 0, so the run equals k-diffusion's
+    own function with any noise sampler, here fresh normal draws."""
+    from flowdiff.models.analytic import Gaussian
+    from flowdiff.tools import peers as P
+
+    flow = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5, Schedule.linear()).flow()
+    noise = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = P.run(P.PeerSampler("k-diffusion", target, "karras", target, {"eta": 0.0}), flow, noise, 6)
+    calls = []
+    denoiser = flowdiff.to_denoiser(flow)
+
+    def counted(x, sigma, **kw):
+        calls.append(1)
+        return denoiser(x, sigma, **kw)
+
+    sigmas = P.kdiffusion_sigmas(flow, out.steps)
+    x = noise * (1 + float(sigmas[0]) ** 2) ** 0.5
+    by_hand = getattr(P.load_kdiffusion(), target)(counted, x, sigmas, disable=True, eta=0.0,
+                                                    noise_sampler=lambda s, t: torch.randn_like(x))
+    assert out.nfe == len(calls) == nfe
+    torch.testing.assert_close(out.x, by_hand, rtol=0, atol=0)
