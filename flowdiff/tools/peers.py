@@ -637,10 +637,15 @@ def _run_kdiffusion(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, 
     # sample_lms reads it through NumPy, which has no bfloat16 (a bfloat16 comparison stopped there)
     sigmas = kdiffusion_sigmas(flow, steps, torch.promote_types(noise.dtype, torch.float32), noise.device)
     model = _CountingDenoiser(flow)
+    x_start = noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)
+    # the ancestral and SDE samplers run here at eta=0 alone (kdiffusion_sampler), where their noise is multiplied by
+    # 0: given as zeros, it draws nothing from torch's generator and needs no torchsde (their default Brownian tree)
+    given = {"noise_sampler": lambda sigma, sigma_next: torch.zeros_like(x_start)} \
+        if "noise_sampler" in inspect.signature(sample).parameters else {}
     start = time.perf_counter()
     with torch.no_grad():
-        x = sample(model, noise * math.sqrt(1.0 + float(sigmas[0]) ** 2), sigmas, extra_args=dict(model_kwargs or {}),
-                   disable=True, **dict(sampler.options))
+        x = sample(model, x_start, sigmas, extra_args=dict(model_kwargs or {}), disable=True, **given,
+                   **dict(sampler.options))
     return PeerRun(x, model.nfe, steps, time.perf_counter() - start, float(sigmas[0]))
 
 
