@@ -51,7 +51,8 @@ def test_compare_takes_a_given_reference_from_a_finite_sigma_for_an_epsilon_zero
     assert [(s.grid, s.budget) for s in result.skipped] == [("trailing", 4)]
     assert "prediction_type 'epsilon'" in result.skipped[0].reason and "σ = ∞" in result.skipped[0].reason
     calls = model.calls
-    with pytest.raises(ValueError, match=r"reference solution starts at the schedule's σ_max = ∞"):
+    with pytest.raises(ValueError, match=r"reference solution starts at the schedule's σ_max = ∞.*compare\(flow, "
+                                         r"noise, reference=that, grids=\['leading'\]\)"):
         flowdiff.compare(flow, noise, solvers=["euler"], grids=["leading"], nfe=[4])  # no reference: refused
     assert model.calls == calls  # before any evaluation
 

@@ -469,7 +469,8 @@ def check_reference_from_infinity(flow: ProbabilityFlow) -> None:
                          f"boundary step out of pure noise, as generate does, and {reason}; accepted from σ = ∞: a "
                          "model with prediction_type 'v_prediction' or 'sample'. For this model, solve from a finite "
                          "σ: reference_solution(flow, noise, sigma_start=σ) (e.g. σ = make_sigmas(flow.schedule, "
-                         "'trailing', n)[1]) beside generate(flow, noise, grid=grid[1:])") from None
+                         "'trailing', n)[1]) beside generate(flow, noise, grid=grid[1:]), or compare(flow, noise, "
+                         "reference=that, grids=['leading'])") from None
 
 
 def _still_its_flow(ref: Reference, flow: ProbabilityFlow) -> bool:
