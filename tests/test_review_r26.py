@@ -231,3 +231,24 @@ def test_a_kdiffusion_sde_sampler_at_eta_0_runs_as_the_odes_peer(target, nfe):
                                                     noise_sampler=lambda s, t: torch.randn_like(x))
     assert out.nfe == len(calls) == nfe
     torch.testing.assert_close(out.x, by_hand, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("peer", ["diffusers", "k-diffusion"])
+def test_peers_run_refuses_a_zero_snr_schedule_as_compare_does(peer):
+    """Z7 refused peers on a zero-terminal-SNR schedule in compare and run_peers alone; flowdiff.tools.peers.run, the
+    public call both go through, still ran them: diffusers' Euler returned NaN images as a result, k-diffusion's
+    samplers stopped in the model on a NaN σ. It is refused there too, before any evaluation."""
+    from flowdiff.tools import peers as P
+
+    schedule = Schedule.from_config("scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True)
+    calls = []
+
+    def v_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return -0.5 * x
+    flow = flowdiff.ProbabilityFlow(v_model, schedule, prediction_type="v_prediction")
+    noise = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    for sampler in P.default_samplers([peer], flow):
+        with pytest.raises(ValueError, match=rf"{sampler.name}.*zero-terminal-SNR schedule \(σ_max = ∞\)"):
+            P.run(sampler, flow, noise, 6)
+    assert not calls
