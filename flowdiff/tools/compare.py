@@ -672,13 +672,10 @@ def run_peers(result: Comparison, flow: ProbabilityFlow, noise: Tensor, peers: I
 
 
 def _refuse_peers_from_infinity(flow: ProbabilityFlow, peers: list[str]) -> None:
-    """Refuse peers on a zero-terminal-SNR schedule (σ_max = ∞), before any evaluation: their adapters
-    (:mod:`flowdiff.tools.peers`) pass the schedule's σ range to the peers' loops, which have no σ = ∞ (diffusers'
-    timestep and k-diffusion's σ came out non-finite)."""
-    if peers and flow.schedule.sigma_max == math.inf:
-        raise ValueError(f"peers={peers}: the peers' samplers are not run on a zero-terminal-SNR schedule (σ_max = ∞), "
-                         "where their grids have no finite first σ; compare flowdiff's solvers there (leave peers= "
-                         "out), which start as generate does, with the boundary step out of σ = ∞")
+    """Refuse peers on a zero-terminal-SNR schedule (σ_max = ∞) before the reference or any row
+    (:func:`flowdiff.tools.peers.refuse_infinite_sigma_max`, which :func:`flowdiff.tools.peers.run` checks too)."""
+    if peers:
+        _peers.refuse_infinite_sigma_max(flow, f"peers={peers}")
 
 
 def _check_keep(keep_images: object) -> int:

@@ -338,6 +338,7 @@ def run(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, budget: int,
     if sampler.left_out is not None:
         raise ValueError(f"{sampler.source} {sampler.name} on {sampler.grid} is left out on this flow: "
                          f"{sampler.left_out}")
+    refuse_infinite_sigma_max(flow, f"{sampler.source} {sampler.name} on {sampler.grid}")
     if sampler.source == "diffusers" and _on_flow_matching(sampler):
         if not is_flow_matching(flow):
             raise ValueError(f"{sampler.name} on {sampler.grid} is a flow-matching scheduler; the flow's schedule is "
@@ -354,6 +355,16 @@ def run(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, budget: int,
                          f"in {out.steps} steps: flowdiff sizes the steps of samplers that spend one evaluation a step "
                          f"and of {', '.join(_TWO_A_STEP)} (two a step, one on the last)")
     return out
+
+
+def refuse_infinite_sigma_max(flow: ProbabilityFlow, who: str) -> None:
+    """Refuse ``who`` (peers' samplers) on a zero-terminal-SNR schedule (σ_max = ∞), before any evaluation: the
+    adapters here pass the schedule's σ range to the peers' loops, which have no σ = ∞ (diffusers' Euler came out NaN,
+    k-diffusion's σ NaN)."""
+    if flow.schedule.sigma_max == math.inf:
+        raise ValueError(f"{who}: the peers' samplers are not run on a zero-terminal-SNR schedule (σ_max = ∞), where "
+                         "their grids have no finite first σ; compare flowdiff's solvers there (leave peers= out), "
+                         "which start as generate does, with the boundary step out of σ = ∞")
 
 
 def fits(sampler: PeerSampler, budget: int) -> str | None:
