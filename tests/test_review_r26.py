@@ -253,3 +253,22 @@ def test_peers_run_refuses_a_zero_snr_schedule_as_compare_does(peer):
         with pytest.raises(ValueError, match=rf"{re.escape(sampler.name)}.*zero-terminal-SNR schedule \(σ_max = ∞\)"):
             P.run(sampler, flow, noise, 6)
     assert not calls
+
+
+@pytest.mark.parametrize("peer", ["diffusers", "k-diffusion"])
+def test_peers_run_checks_its_budget_as_run_peers_does(peer):
+    """S11 checked run_peers' budgets; peers.run, public, took any budget: 0 made a k-diffusion "run" of 0
+    evaluations whose image was the scaled noise, a diffusers one a ZeroDivisionError, -3 and 2.5 errors from inside
+    torch or diffusers, True a run of one step. Each is refused naming budget; a NumPy integer is an int."""
+    import numpy as np
+
+    from flowdiff.models.analytic import Gaussian
+    from flowdiff.tools import peers as P
+
+    flow = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5, Schedule.linear()).flow()
+    noise = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sampler = P.default_samplers([peer])[0]
+    for budget, error in ((0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError), ("4", TypeError)):
+        with pytest.raises(error, match=rf"budget must be a positive int \(model evaluations\), got {budget!r}"):
+            P.run(sampler, flow, noise, budget)
+    assert torch.equal(P.run(sampler, flow, noise, np.int64(4)).x, P.run(sampler, flow, noise, 4).x)
