@@ -38,6 +38,7 @@ import importlib
 import importlib.util
 import inspect
 import math
+import numbers
 import sys
 import time
 import types
@@ -339,6 +340,11 @@ def run(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, budget: int,
         raise ValueError(f"{sampler.source} {sampler.name} on {sampler.grid} is left out on this flow: "
                          f"{sampler.left_out}")
     refuse_infinite_sigma_max(flow, f"{sampler.source} {sampler.name} on {sampler.grid}")
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
+        raise TypeError(f"budget must be a positive int (model evaluations), got {budget!r}")
+    if budget < 1:
+        raise ValueError(f"budget must be a positive int (model evaluations), got {budget!r}")
+    budget = int(budget)
     if sampler.source == "diffusers" and _on_flow_matching(sampler):
         if not is_flow_matching(flow):
             raise ValueError(f"{sampler.name} on {sampler.grid} is a flow-matching scheduler; the flow's schedule is "
