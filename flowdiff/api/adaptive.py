@@ -53,6 +53,7 @@ import solvers
 from solvers import Chain, Derivative, ErrorControl, FixedGrid, Solver, StepController, StepResult, VectorField
 
 from ..engine import _checks
+from ..engine.flow import refusing_mapped_field
 from ..engine.formulations import Data, EulerToZero, IntoZero, LogSigma, OutOfZero, formulation_for, variables_of
 from ..engine.latent import Latent
 from ..engine.loop import solve_flow
@@ -255,7 +256,7 @@ def solve_adaptive_flow(request: Request, x: Tensor, *, direction: str, model_dt
     ends = (s_max, 0.0) if generating else (0.0, s_max)  # the interval in the solve's own order
     eps = flow.field(request.model_kwargs, model_dtype)
     if "Vmap" in _checks.functorch_transforms():  # a vmap right around a jvp (others are refused before): the
-        eps = _checks.refusing_mapped_output(eps, (  # states are mapped where the model closes over mapped tensors
+        eps = refusing_mapped_field(eps, (  # states are mapped where the model closes over mapped tensors
             f"{direction}(adaptive=...) under torch.func.vmap around a jvp, with the model's output mapped over "
             "although its inputs are not (the model closes over mapped tensors, e.g. an ensemble's weights stacked by "
             "torch.func.stack_module_state): its step control reads each step's error on the host, which vmap "

@@ -14,6 +14,7 @@ at rounding level. :func:`flowdiff.compare` with ``task="roundtrip"`` calls
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -64,9 +65,12 @@ def cannot_encode(flow: ProbabilityFlow, solver: str, grid: str, budget: int) ->
         return (f"{solver} encodes from NFE {one_step}: an encode's first step, out of σ = 0, is a whole step "
                 f"({one_step} evaluations)")
     try:
-        make_sigmas(flow.schedule, grid, _solvers.steps_for_nfe(base, budget))
+        sigmas = make_sigmas(flow.schedule, grid, _solvers.steps_for_nfe(base, budget))
     except ValueError as err:
         return str(err)
+    if sigmas[0] == math.inf:  # zero terminal SNR: the generation grid starts, so the encode ends, at σ = ∞
+        return (f"the {grid} grid's encode ends at σ = ∞ (the schedule's σ_max, zero terminal SNR), where the state is "
+                "infinite and no decode retraces the last step; a grid whose first σ is finite (leading) encodes here")
     return None
 
 

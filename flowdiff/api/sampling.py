@@ -29,7 +29,7 @@ from solvers import ReversibleHeun, Solver
 
 from ..engine import _checks
 from ..engine.adjoint import adjoint_for, refuse_adjoint
-from ..engine.flow import ProbabilityFlow, check_from_noise, own_denoised, with_denoised
+from ..engine.flow import ProbabilityFlow, check_from_noise, refusing_mapped_field
 from ..engine.formulations import encode_evaluates_end, formulation_for
 from ..engine.grids import reversed_grid
 from ..engine.latent import Latent
@@ -181,16 +181,13 @@ def _solve_fixed(request: Request, start: Tensor, sig: np.ndarray, direction: st
         mapped = ("under torch.func.vmap around a jvp, with the model's output mapped over although its inputs are "
                   "not (the model closes over mapped tensors, e.g. an ensemble's weights stacked by "
                   "torch.func.stack_module_state)")
-        denoised = own_denoised(eps)  # D read off the model's prediction: checked alike, kept as the wrapper's own
         refusal = (  # a vmap right around a jvp: the states may still be mapped
             f"encode does not run {mapped}, as under any vmap whose states are mapped: call it once on the members' "
             "inputs, or per member" if direction == "encode" else
             f"{direction} {mapped}, and with the checks on: they read the solve's states on the host (non-finite "
             "states, the divergence guard), which vmap cannot; give checks=flowdiff.Checks(finite=False, "
             "growth=None) to run under vmap")
-        eps = _checks.refusing_mapped_output(eps, refusal)
-        if denoised is not None:
-            eps = with_denoised(eps, _checks.refusing_mapped_output(denoised, refusal))
+        eps = refusing_mapped_field(eps, refusal)  # D read off the model's prediction: checked alike, kept
     grads = adjoint_for(adjoint, solver, flow.model, request.model_kwargs)
     return solve_grid(eps, formulation_for(solver, direction), sig.tolist(), solver, **begin, eval_end=eval_end,
                       callback=request.callback, check_finite=request.check_finite, bound=request.bound, **grads)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import check_model_kwargs
+from ._checks import check_model_kwargs, refusing_mapped_output
 from .schedules import ArrayLike, Schedule, as_schedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "velocity")
@@ -86,6 +86,15 @@ def own_denoised(field: Callable[[float, Tensor], Tensor]) -> Callable[[float, T
     denoised = getattr(field, "denoised", None)
     owner = getattr(denoised, "field", None)
     return denoised if isinstance(owner, weakref.ref) and owner() is field else None
+
+
+def refusing_mapped_field(field: Callable[[float, Tensor], Tensor], refusal: str) -> Callable[[float, Tensor], Tensor]:
+    """``field`` refusing a mapped model output by name (:func:`~flowdiff.engine._checks.refusing_mapped_output`,
+    for a solve under a vmap right around a jvp), its own D (:func:`own_denoised`) kept and checked alike: a wrapper
+    without it would have the data variables read x̄ − σ·ε, which loses the digits of x̂₀ at large σ."""
+    denoised = own_denoised(field)
+    checked = refusing_mapped_output(field, refusal)
+    return checked if denoised is None else with_denoised(checked, refusing_mapped_output(denoised, refusal))
 
 
 class ProbabilityFlow:

@@ -50,7 +50,7 @@ import solvers as _solvers
 from ..api import roundtrip as _roundtrip
 from ..api.sampling import generate
 from ..engine._checks import check_data_range, check_has_values, data_range_checked
-from ..engine.flow import ProbabilityFlow
+from ..engine.flow import ProbabilityFlow, check_from_noise
 from ..engine.grids import GRIDS, make_sigmas
 from ..engine.options import Grid
 from . import peers as _peers
@@ -307,8 +307,10 @@ def _cannot_run(flow: ProbabilityFlow, solver: str, grid: str, budget: int) -> s
     if budget < one_step:
         return f"one step costs {one_step} evaluations"
     try:
-        make_sigmas(flow.schedule, "logsnr" if grid in TUNED_GRIDS else grid,
-                    _solvers.steps_for_nfe(solver, budget, eval_end=False))
+        sigmas = make_sigmas(flow.schedule, "logsnr" if grid in TUNED_GRIDS else grid,
+                             _solvers.steps_for_nfe(solver, budget, eval_end=False))
+        if sigmas[0] == math.inf:  # zero terminal SNR: an epsilon model has no step out of σ = ∞ (reachable where
+            check_from_noise(flow)  # reference= was given from a finite σ)
     except ValueError as err:
         return str(err)
     return None
@@ -475,7 +477,8 @@ def compare(
     the boundary step out of pure noise (:mod:`flowdiff.engine.terminal`; its evaluation is in each row's NFE),
     the default grids are the timestep grids among :data:`DEFAULT_GRIDS` (karras and logsnr span a σ range
     that has no first σ there; named, they are skipped with why), and an ``epsilon`` model, which has no step
-    out of σ = ∞, is refused before any evaluation.
+    out of σ = ∞, is refused before any evaluation; given ``reference=`` (e.g. one solved from a finite
+    ``sigma_start``) it is compared on the grids that start at a finite σ (``leading``), a grid from σ = ∞ skipped.
 
     ``grids`` may also name ``"tuned"`` (:data:`TUNED_GRIDS`), which tunes a grid
     per (solver, budget) with :func:`flowdiff.tune` (options ``tune_options``) on
@@ -522,8 +525,8 @@ def compare(
                         f"{noise.dtype if isinstance(noise, Tensor) else type(noise).__name__}")
     _check_noise(noise)  # issue 13
     flow.check_input(noise, "noise")
-    if flow.schedule.sigma_max == math.inf:  # every run and the reference start at σ = ∞: refused before evaluating
-        check_reference_from_infinity(flow)
+    if flow.schedule.sigma_max == math.inf and reference is None:  # the reference solved here starts at σ = ∞:
+        check_reference_from_infinity(flow)  # refused before evaluating (a given one may start at a finite σ)
     budgets = _check_budgets(nfe)
     names, learned = _split_solvers(default_solvers() if solvers is None else solvers, flow, model_kwargs, budgets)
     if grids is None:
@@ -669,13 +672,10 @@ def run_peers(result: Comparison, flow: ProbabilityFlow, noise: Tensor, peers: I
 
 
 def _refuse_peers_from_infinity(flow: ProbabilityFlow, peers: list[str]) -> None:
-    """Refuse peers on a zero-terminal-SNR schedule (σ_max = ∞), before any evaluation: their adapters
-    (:mod:`flowdiff.tools.peers`) pass the schedule's σ range to the peers' loops, which have no σ = ∞ (diffusers'
-    timestep and k-diffusion's σ came out non-finite)."""
-    if peers and flow.schedule.sigma_max == math.inf:
-        raise ValueError(f"peers={peers}: the peers' samplers are not run on a zero-terminal-SNR schedule (σ_max = ∞), "
-                         "where their grids have no finite first σ; compare flowdiff's solvers there (leave peers= "
-                         "out), which start as generate does, with the boundary step out of σ = ∞")
+    """Refuse peers on a zero-terminal-SNR schedule (σ_max = ∞) before the reference or any row
+    (:func:`flowdiff.tools.peers.refuse_infinite_sigma_max`, which :func:`flowdiff.tools.peers.run` checks too)."""
+    if peers:
+        _peers.refuse_infinite_sigma_max(flow, f"peers={peers}")
 
 
 def _check_keep(keep_images: object) -> int:

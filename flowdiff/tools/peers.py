@@ -38,6 +38,7 @@ import importlib
 import importlib.util
 import inspect
 import math
+import numbers
 import sys
 import time
 import types
@@ -332,11 +333,18 @@ def version(peer: str) -> str:
 def run(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, budget: int,
         model_kwargs: Mapping[str, Any] | None = None) -> PeerRun:
     """``sampler`` on ``flow`` from ``noise`` (DDIM scale, x_T ~ N(0, I)) within ``budget`` evaluations: its steps
-    are sized for one evaluation a step, or two and one on the last for Heun and DPM2; a run that spends more
+    are sized for one evaluation a step, or two and one on the last for Heun, DPM2 (ancestral too) and DPM++ 2S
+    ancestral and SDE (:data:`_TWO_A_STEP`); a run that spends more
     is a ``ValueError``, as is a k-diffusion sampler that is not the ODE's peer (:func:`kdiffusion_sampler`)."""
     if sampler.left_out is not None:
         raise ValueError(f"{sampler.source} {sampler.name} on {sampler.grid} is left out on this flow: "
                          f"{sampler.left_out}")
+    refuse_infinite_sigma_max(flow, f"{sampler.source} {sampler.name} on {sampler.grid}")
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
+        raise TypeError(f"budget must be a positive int (model evaluations), got {budget!r}")
+    if budget < 1:
+        raise ValueError(f"budget must be a positive int (model evaluations), got {budget!r}")
+    budget = int(budget)
     if sampler.source == "diffusers" and _on_flow_matching(sampler):
         if not is_flow_matching(flow):
             raise ValueError(f"{sampler.name} on {sampler.grid} is a flow-matching scheduler; the flow's schedule is "
@@ -353,6 +361,16 @@ def run(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, budget: int,
                          f"in {out.steps} steps: flowdiff sizes the steps of samplers that spend one evaluation a step "
                          f"and of {', '.join(_TWO_A_STEP)} (two a step, one on the last)")
     return out
+
+
+def refuse_infinite_sigma_max(flow: ProbabilityFlow, who: str) -> None:
+    """Refuse ``who`` (peers' samplers) on a zero-terminal-SNR schedule (σ_max = ∞), before any evaluation: the
+    adapters here pass the schedule's σ range to the peers' loops, which have no σ = ∞ (diffusers' Euler came out NaN,
+    k-diffusion's σ NaN)."""
+    if flow.schedule.sigma_max == math.inf:
+        raise ValueError(f"{who}: the peers' samplers are not run on a zero-terminal-SNR schedule (σ_max = ∞), where "
+                         "their grids have no finite first σ; compare flowdiff's solvers there (leave peers= out), "
+                         "which start as generate does, with the boundary step out of σ = ∞")
 
 
 def fits(sampler: PeerSampler, budget: int) -> str | None:
@@ -388,8 +406,10 @@ def _repeated_timestep(sampler: PeerSampler, steps: int) -> int | None:
     return int(values[counts > 1][0]) if bool((counts > 1).any()) else None
 
 
-#: the peers' samplers that spend two evaluations a step and one on the last (its Euler step into σ = 0)
-_TWO_A_STEP = ("sample_heun", "sample_dpm_2", "FlowMatchHeunDiscreteScheduler")
+#: the peers' samplers that spend two evaluations a step and one on the last (its Euler step into σ = 0); the ancestral
+#: and SDE ones run as the ODE's peers at eta=0 alone (:func:`kdiffusion_sampler`)
+_TWO_A_STEP = ("sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde",
+               "FlowMatchHeunDiscreteScheduler")
 
 
 def _steps(sampler: PeerSampler, budget: int) -> int:
@@ -426,11 +446,14 @@ class DiffusersEps:
         self.nfe = 0
 
     def __call__(self, x_t: Tensor, t: Tensor | float) -> Tensor:
+        """The model at the scheduler's timestep ``t``; the loops here give it as a Python number, read off the
+        scheduler's timesteps once before the loop (a tensor's value read here would be a device sync a step)."""
         self.nfe += 1
+        t = float(t)
         if self.direct:
             t_dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
-            timestep = torch.full((x_t.shape[0],), float(t), dtype=t_dtype, device=x_t.device)
-            return checked_output(self.flow.model(x_t, timestep, **self.kwargs), x_t, f"timestep {float(t)}")
+            timestep = torch.full((x_t.shape[0],), t, dtype=t_dtype, device=x_t.device)
+            return checked_output(self.flow.model(x_t, timestep, **self.kwargs), x_t, f"timestep {t}")
         sigma = table_sigma(self.flow, t)
         return self.field(sigma, x_t * math.sqrt(1.0 + sigma * sigma))
 
@@ -473,13 +496,13 @@ def _run_diffusers(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, b
     model = DiffusersEps(flow, model_kwargs)
     start = time.perf_counter()
     x = noise * scheduler.init_noise_sigma
+    host = scheduler.timesteps.tolist()  # the model's times, read once: no device sync inside the loop
     with torch.no_grad():
-        for t in scheduler.timesteps:
-            eps = model(scheduler.scale_model_input(x, t), t)
+        for t, t_host in zip(scheduler.timesteps, host):
+            eps = model(scheduler.scale_model_input(x, t), t_host)
             x = scheduler.step(eps, t, x).prev_sample
     wall = time.perf_counter() - start
-    first = table_sigma(flow, scheduler.timesteps[0])
-    return PeerRun(x, model.nfe, len(scheduler.timesteps), wall, first)
+    return PeerRun(x, model.nfe, len(host), wall, table_sigma(flow, host[0]))
 
 
 # ---------------------------------------------------------------------------------------------- flow matching
@@ -503,12 +526,15 @@ class DiffusersVelocity:
         self.nfe = 0
 
     def __call__(self, x: Tensor, timestep: Tensor | float) -> Tensor:
+        """The velocity at the scheduler's ``timestep``, given by the loop here as a Python number (read once before
+        the loop, as :class:`DiffusersEps`'s)."""
         self.nfe += 1
+        timestep = float(timestep)
         if self.direct:
             t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            t = torch.full((x.shape[0],), float(timestep), dtype=t_dtype, device=x.device)
-            return checked_output(self.flow.model(x, t, **self.kwargs), x, f"timestep {float(timestep)}")
-        t_fm = float(timestep) / self.T
+            t = torch.full((x.shape[0],), timestep, dtype=t_dtype, device=x.device)
+            return checked_output(self.flow.model(x, t, **self.kwargs), x, f"timestep {timestep}")
+        t_fm = timestep / self.T
         if t_fm >= 1.0:
             return x - self.flow.step_from_noise(x, 0.0, self.kwargs)
         sigma = t_fm / (1.0 - t_fm)
@@ -551,9 +577,10 @@ def _run_flow_matching(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tenso
     model = DiffusersVelocity(flow, model_kwargs)
     start = time.perf_counter()
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # the FlowMatch schedulers start from the noise itself
+    host = scheduler.timesteps.tolist()  # the model's times, read once: no device sync inside the loop
     with torch.no_grad():
-        for t in scheduler.timesteps:
-            x = scheduler.step(model(x, t), t, x).prev_sample
+        for t, t_host in zip(scheduler.timesteps, host):
+            x = scheduler.step(model(x, t_host), t, x).prev_sample
     wall = time.perf_counter() - start
     t0 = float(scheduler.sigmas[0])  # rectified flow's time t of its first sample (its timestep may be rounded)
     return PeerRun(x, model.nfe, steps, wall, math.inf if t0 >= 1 else t0 / (1.0 - t0))
@@ -627,10 +654,15 @@ def _run_kdiffusion(sampler: PeerSampler, flow: ProbabilityFlow, noise: Tensor, 
     # sample_lms reads it through NumPy, which has no bfloat16 (a bfloat16 comparison stopped there)
     sigmas = kdiffusion_sigmas(flow, steps, torch.promote_types(noise.dtype, torch.float32), noise.device)
     model = _CountingDenoiser(flow)
+    x_start = noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)
+    # the ancestral and SDE samplers run here at eta=0 alone (kdiffusion_sampler), where their noise is multiplied by
+    # 0: given as zeros, it draws nothing from torch's generator and needs no torchsde (their default Brownian tree)
+    given = {"noise_sampler": lambda sigma, sigma_next: torch.zeros_like(x_start)} \
+        if "noise_sampler" in inspect.signature(sample).parameters else {}
     start = time.perf_counter()
     with torch.no_grad():
-        x = sample(model, noise * math.sqrt(1.0 + float(sigmas[0]) ** 2), sigmas, extra_args=dict(model_kwargs or {}),
-                   disable=True, **dict(sampler.options))
+        x = sample(model, x_start, sigmas, extra_args=dict(model_kwargs or {}), disable=True, **given,
+                   **dict(sampler.options))
     return PeerRun(x, model.nfe, steps, time.perf_counter() - start, float(sigmas[0]))
 
 

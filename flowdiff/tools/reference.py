@@ -412,6 +412,10 @@ def reference_solution(
     s_end = flow.schedule.sigma_min if sigma_end is None else float(sigma_end)
     if not (math.isfinite(s_end) and 0 <= s_end < s0):
         raise ValueError(f"sigma_end must lie in [0, sigma_start={s0:.6g}), got {sigma_end!r}")
+    if from_infinity and not s_end < last_finite_sigma(flow.schedule):  # the solve goes on from there, downwards
+        raise ValueError(f"sigma_end must lie in [0, {last_finite_sigma(flow.schedule):.6g}) on this zero-terminal-SNR "
+                         "schedule: the reference takes the boundary step out of σ = ∞ to its largest finite σ, "
+                         f"{last_finite_sigma(flow.schedule):.6g}, and solves down from there; got {sigma_end!r}")
     use_cache = cache and model_kwargs is None
     key = (*_noise_key(noise), s0, s_end, solver, rtol, atol)
     if use_cache:
@@ -465,7 +469,8 @@ def check_reference_from_infinity(flow: ProbabilityFlow) -> None:
                          f"boundary step out of pure noise, as generate does, and {reason}; accepted from σ = ∞: a "
                          "model with prediction_type 'v_prediction' or 'sample'. For this model, solve from a finite "
                          "σ: reference_solution(flow, noise, sigma_start=σ) (e.g. σ = make_sigmas(flow.schedule, "
-                         "'trailing', n)[1]) beside generate(flow, noise, grid=grid[1:])") from None
+                         "'trailing', n)[1]) beside generate(flow, noise, grid=grid[1:]), or compare(flow, noise, "
+                         "reference=that, grids=['leading'])") from None
 
 
 def _still_its_flow(ref: Reference, flow: ProbabilityFlow) -> bool:
