@@ -55,7 +55,7 @@ import solvers as _solvers
 
 from ..api.sampling import generate
 from ..engine._checks import check_seed, model_kwargs_rows
-from ..engine.fingerprint import accepted_fingerprints, flow_fingerprint
+from ..engine.fingerprint import accepted_fingerprints, flow_fingerprint, plain_function_before
 from ..engine.flow import ProbabilityFlow
 from ..engine.grids import GRIDS, make_sigmas
 from . import grid_dp as _dp
@@ -178,6 +178,10 @@ def check_fingerprint(fingerprint: str, flow: ProbabilityFlow, model_kwargs: Map
     """Raise ``ValueError`` unless ``flow`` (with ``model_kwargs``) has ``fingerprint``: the flow a record
     (``what``: "this grid was tuned", …) belongs to; ``again`` says how to make one for the flow given."""
     accepted = accepted_fingerprints(flow, model_kwargs)
+    if fingerprint not in accepted and fingerprint in plain_function_before(flow, model_kwargs):
+        raise ValueError(f"{what} on a plain function's flow with fingerprint {fingerprint}, recorded before flowdiff "
+                         "read a plain function's code and closure (every plain function of one schedule had that "
+                         f"fingerprint), so it cannot tell whether the function given is that one: {again}")
     if fingerprint not in accepted:
         older = ("; a file saved before flowdiff fingerprinted conditioning repeated per sample independently of the "
                  "batch size matches only at the batch it was made with") if len(accepted) > 1 else ""
