@@ -556,7 +556,7 @@ def test_a_part_far_out_of_range_is_warned_about_when_the_first_part_is_not():
 def test_an_encoder_built_by_hand_without_a_weight_saves_and_loads(tmp_path):
     flow = _mixture().flow()
     sigmas = flowdiff.make_sigmas(flow.schedule, "logsnr", 4)
-    built = flowdiff.LearnedEncoder("euler", {}, 4, sigmas, (0.1, 0.0, -0.1, 0.0), (0.0,) * 4,
+    built = flowdiff.LearnedEncoder("euler", {}, 4, sigmas, (0.1, 0.0, -0.01, 0.0), (0.0,) * 4,
                                     flowdiff.flow_fingerprint(flow), True)
     back = flowdiff.LearnedEncoder.load(built.save(tmp_path / "built.json"), flow)
     assert np.isnan(back.latent_weight) and back.weight_trials == () and back.shifts == built.shifts

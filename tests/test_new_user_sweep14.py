@@ -3,6 +3,7 @@ fingerprints, and what a fit that the held-out half rejects says. Each test fail
 what the user saw."""
 
 import importlib
+import json
 import os
 import pathlib
 import subprocess
@@ -15,9 +16,9 @@ import torch
 
 import flowdiff
 import solvers
-from flowdiff import LearnedSolver, TunedGrid
+from flowdiff import LearnedEncoder, LearnedSolver, TunedGrid
 from flowdiff.engine.fingerprint import _digest
-from flowdiff.models.analytic import Gaussian
+from flowdiff.models.analytic import Gaussian, Mixture
 from flowdiff.tools.learned import shift_intervals
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -154,3 +155,107 @@ def test_a_file_saved_before_plain_functions_were_read_is_refused_saying_why(tmp
     path = old.save(tmp_path / "old.learned.json")
     with pytest.raises(ValueError, match="recorded before flowdiff read a plain function's code and closure"):
         LearnedSolver.load(path, flow)
+
+
+def _edit(path, out, change):
+    data = json.loads(path.read_text())
+    change(data)
+    out.write_text(json.dumps(data))
+    return out
+
+
+def _swap(key, i, j):
+    def change(data):
+        data[key][i], data[key][j] = data[key][j], data[key][i]
+    return change
+
+
+def _put(key, value, i=None):
+    def change(data):
+        if i is None:
+            data[key] = value
+        else:
+            data[key][i] = value
+    return change
+
+
+LEARNED_EDITS = {
+    "sigmas not decreasing": (_swap("sigmas", 1, 2), r"sigmas must be a strictly decreasing list"),
+    "a NaN σ": (_put("sigmas", float("nan").hex(), 1), r"sigmas must be a strictly decreasing list .*nan"),
+    "a negative σ": (_put("sigmas", (-1.0).hex(), 3), r"sigmas must be a strictly decreasing list .*-1\.0"),
+    "base_sigmas not decreasing": (_swap("base_sigmas", 1, 2), r"base_sigmas must be a strictly decreasing list"),
+    "nfe below the grid's cost": (_put("nfe", 2), r"nfe = 2 is below the 4 evaluations solver 'unipc' spends"),
+    "nfe as text": (_put("nfe", "4"), r"nfe must be an int >= 1 .*got '4'"),
+    "kept as text": (_put("kept", "yes"), r"kept must be true or false, got 'yes'"),
+    "a shift past its bound": (_put("shifts", (3.0).hex(), 0), r"shifts\[0\] = 3\.0 is outside \[0\.0, 0\.49"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(LEARNED_EDITS))
+def test_a_hand_edited_learned_solver_file_is_refused_at_load_naming_the_file_and_field(tmp_path, edit):
+    """``LearnedSolver.load`` checked the shifts, scales and directions of a hand-edited file, not its grids, budget or
+    the shifts' intervals: a σ grid not decreasing, with NaN or a negative σ loaded and failed at the first
+    ``generate`` without naming the file; an ``nfe`` edited to 2 loaded and spent 4 (``compare`` labels the row with
+    it); a shift of 3 (bound 0.5) loaded and ran; ``kept: "yes"`` loaded as true."""
+    flow = Mixture(torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), 0.4).flow()
+    path = _by_hand(flow, flowdiff.make_sigmas(flow.schedule, "logsnr", 4)).save(tmp_path / "fit.json")
+    assert LearnedSolver.load(path, flow).kept  # as written, it loads
+    change, message = LEARNED_EDITS[edit]
+    edited = _edit(path, tmp_path / "edited.json", change)
+    with pytest.raises(ValueError, match=message) as err:
+        LearnedSolver.load(edited, flow)
+    assert str(edited) in str(err.value)
+
+
+def _encoder(flow, sigmas, **fields):
+    """A kept learned encoder built by hand: Euler, its encode and decode shifts a quarter of the way to a bound."""
+    base = solvers.get("euler")
+    enc, dec = (tuple(0.25 * (hi if hi > 0 else lo) for lo, hi in shift_intervals(base, sigmas, flow.schedule, 1.5, d))
+                for d in ("encode", "decode"))
+    return LearnedEncoder("euler", {}, 4, sigmas.copy(), enc, dec, flowdiff.flow_fingerprint(flow), True,
+                          options={"bound": 1.5}, **fields)
+
+
+ENCODER_EDITS = {
+    "sigmas not decreasing": (_swap("sigmas", 1, 2),
+                              r"malformed learned encoder \(sigmas must be a strictly decreasing"),
+    "a NaN shift": (_put("shifts", float("nan").hex(), 1), r"shifts\[1\] = nan is not finite"),
+    "a shift past its bound": (_put("shifts", (3.0).hex(), 1), r"shifts\[1\] = 3\.0 is outside"),
+    "a decode shift past its bound": (_put("decode_shifts", (3.0).hex(), 1), r"decode_shifts\[1\] = 3\.0 is outside"),
+    "kept as text": (_put("kept", "no"), r"kept must be true or false, got 'no'"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(ENCODER_EDITS))
+def test_a_hand_edited_learned_encoder_file_is_refused_at_load_naming_the_file_and_field(tmp_path, edit):
+    """``LearnedEncoder.load`` checked the shifts' count alone: a NaN encode shift or one of 3 (bound 1.5) loaded and
+    encoded (4 evaluations, finite), a grid not decreasing loaded and failed at the encode without naming the
+    file."""
+    flow = Mixture(torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), 0.4).flow()
+    path = _encoder(flow, flowdiff.make_sigmas(flow.schedule, "logsnr", 4)).save(tmp_path / "enc.json")
+    assert LearnedEncoder.load(path, flow).kept
+    change, message = ENCODER_EDITS[edit]
+    edited = _edit(path, tmp_path / "edited.json", change)
+    with pytest.raises(ValueError, match=message) as err:
+        LearnedEncoder.load(edited, flow)
+    assert str(edited) in str(err.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    (_put("solver", "nope"), r"unknown solver 'nope'"),
+    (_put("solver_options", {"order": 9, "colour": 1}), r"unknown option"),
+])
+def test_a_tuned_grid_file_for_an_unknown_solver_is_refused_at_load(tmp_path, change, message):
+    """A tuned-grid file whose solver was edited to ``"nope"`` (or given an option it does not take) loaded as it
+    was, and failed only where the grid was used; ``load_grids`` (and so ``stored_grid``) read it the same way."""
+    flow = FIRST.flow()
+    grid = TunedGrid(flowdiff.make_sigmas(flow.schedule, "logsnr", 4), "unipc", {}, 4, flowdiff.flow_fingerprint(flow))
+    edited = _edit(grid.save(tmp_path / "grid.json"), tmp_path / "edited.json", change)
+    with pytest.raises(ValueError, match=rf"{edited}: malformed tuned grid \(.*{message}"):
+        TunedGrid.load(edited, flow)
+    many = flowdiff.save_grids([grid], tmp_path / "set.tuned.json")
+    data = json.loads(many.read_text())
+    change(data["grids"][0])
+    many.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=rf"grid 0 is malformed \(.*{message}"):
+        flowdiff.load_grids(many)

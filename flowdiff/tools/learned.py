@@ -238,7 +238,22 @@ class LearnedSolver:
         """Shifts, scales and directions hold one value per step of :attr:`sigmas` where :attr:`learn` names them,
         none where not (a short list would be zipped with the steps and its last values dropped); every shift and
         coefficient is finite, every scale and direction weight within the bound :func:`learn_solver` fits it in
-        (a hand-edited file could hold a scale of 3 or NaN, which the solve would take as it is)."""
+        (a hand-edited file could hold a scale of 3 or NaN, which the solve would take as it is). :attr:`sigmas` and
+        :attr:`base_sigmas` are generation grids (finite σ >= 0, strictly decreasing), ``nfe`` an int that pays for
+        :attr:`sigmas`' steps with :attr:`solver` (what ``compare`` labels its row with), ``kept`` a bool."""
+        for name, grid in (("sigmas", self.sigmas), ("base_sigmas", self.base_sigmas)):
+            if grid is not None:
+                check_fitted_grid(name, grid, "learn_solver")
+        if not isinstance(self.kept, bool):
+            raise ValueError(f"kept must be true or false, got {self.kept!r}")
+        if isinstance(self.nfe, bool) or not isinstance(self.nfe, int) or self.nfe < 1:
+            raise ValueError(f"nfe must be an int >= 1 (the budget the solver was fitted at), got {self.nfe!r}")
+        steps = len(self.sigmas) - 1
+        cost = _solvers.nfe_for_steps(self.base(), steps, eval_end=bool(self.sigmas[-1] != 0))
+        if cost > self.nfe:
+            raise ValueError(f"nfe = {self.nfe} is below the {cost} evaluations solver {self.solver!r} spends on the "
+                             f"{steps} steps of sigmas: learn_solver fits a grid within its budget; accepted: an nfe "
+                             f"of at least {cost}")
         for kind in ("shifts", "scales", "directions"):
             values = getattr(self, kind)
             if kind not in self.learn and values:
@@ -288,6 +303,15 @@ class LearnedSolver:
         any batch size (:func:`flowdiff.flow_fingerprint`), so it matches a fit made on another batch."""
         check_fingerprint(self.fingerprint, flow, model_kwargs, "this learned solver was fitted",
                           "fit it again with flowdiff.learn_solver")
+
+    def _check_shifts(self, schedule: Schedule) -> None:
+        """Each shift of a file within the interval :func:`learn_solver` fits it in on :attr:`sigmas` (``shift_bound``
+        of its options, where recorded, and no evaluation outside [0, σ_max] of the schedule): a hand-edited shift of
+        3 would evaluate the model where it has no time, or past the step it belongs to. (A solver built in Python
+        with other shifts is its maker's: :meth:`validated` judges it.)"""
+        bound = self.options.get("shift_bound", math.inf) if isinstance(self.options, dict) else math.inf
+        check_fitted_shifts(self.shifts, shift_intervals(self.base(), self.sigmas, schedule, float(bound)),
+                            "shifts", f"learn_solver (within ±shift_bound = {bound!r}", self.source)
 
     def validated(self, flow: ProbabilityFlow, noise: Tensor, *,
                   model_kwargs: Mapping[str, Any] | None = None) -> LearnedSolver:
@@ -390,7 +414,34 @@ class LearnedSolver:
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"{path}: malformed learned solver ({err})") from None
         learned.check(flow, model_kwargs)
+        if "shifts" in learned.learn and any(learned.shifts):
+            learned._check_shifts(flow.schedule)
         return learned
+
+
+def check_fitted_grid(name: str, grid: object, fit: str) -> None:
+    """Refuse a stored grid that ``fit`` (``"learn_solver"``, …) could not have written: a generation grid is a
+    1-d float array of at least 2 finite σ >= 0, strictly decreasing (a hand-edited file may hold anything)."""
+    s = np.asarray(grid)
+    if s.ndim != 1 or s.size < 2 or not np.issubdtype(s.dtype, np.floating) or not np.all(np.isfinite(s)) \
+            or np.any(s < 0) or np.any(np.diff(s) >= 0):
+        raise ValueError(f"{name} must be a strictly decreasing list of at least 2 finite σ >= 0 (a generation grid, "
+                         f"as {fit} fits), got {s.tolist()}")
+
+
+def check_fitted_shifts(shifts: Sequence[float], intervals: Sequence[tuple[float, float]], name: str, fit: str,
+                        source: str) -> None:
+    """Refuse a stored shift outside the interval its fit keeps it in (``fit`` says whose and its bound, an open
+    parenthesis closed here): :func:`shift_intervals`, which every fit clips to, with a relative slack of 1e-6 for
+    files of older versions; ``source`` is the file. A step whose interval is (0, 0) takes no shift (it evaluates
+    nothing, or the entry point runs a method of its own there): what a file holds for it is not used."""
+    for i, (d, (lo, hi)) in enumerate(zip(shifts, intervals)):
+        slack = 1e-6 * (hi - lo)
+        if lo < hi and not lo - slack <= d <= hi + slack:
+            where = f"{source}: " if source else ""
+            raise ValueError(f"{where}{name}[{i}] = {d!r} is outside [{lo!r}, {hi!r}], the interval {fit}, every "
+                             f"evaluation between σ = 0 and the schedule's σ_max) keeps step {i}'s shift in on these "
+                             "sigmas; accepted: a shift in it")
 
 
 def _check_learn(learn: object) -> tuple[str, ...]:

@@ -65,7 +65,7 @@ from ..engine.formulations import encode_evaluates_end, encode_refusal, formulat
 from ..engine.grids import check_budget, make_sigmas, reversed_grid
 from ..engine.options import Adaptive
 from ..engine.results import Result
-from .learned import shift_intervals, tune_roundtrip
+from .learned import check_fitted_grid, check_fitted_shifts, shift_intervals, tune_roundtrip
 from .tuning import check_fingerprint, check_rows_split, read_record, record_fingerprint, write_record
 
 __all__ = ["LearnedEncoder", "learn_encoder"]
@@ -192,14 +192,26 @@ class LearnedEncoder:
             data.setdefault("latent_weight", data["options"].get("latent_weight", math.nan))
             data["weight_trials"] = tuple(_trial(t) for t in data.get("weight_trials", ()))
             learned = cls(**data, source=str(path))
+            check_fitted_grid("sigmas", learned.sigmas, "learn_encoder")
+            if not isinstance(learned.kept, bool):
+                raise ValueError(f"kept must be true or false, got {learned.kept!r}")
             for what in ("shifts", "decode_shifts"):
                 if len(getattr(learned, what)) != len(learned.sigmas) - 1:
                     raise ValueError(f"{len(getattr(learned, what))} {what} for {len(learned.sigmas) - 1} steps")
+                bad = [(i, d) for i, d in enumerate(getattr(learned, what)) if not math.isfinite(d)]
+                if bad:
+                    raise ValueError(f"{what}[{bad[0][0]}] = {bad[0][1]!r} is not finite; accepted: a finite number")
             _check_choice(learned)
             learned._encode_solver()
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"{path}: malformed learned encoder ({err})") from None
         learned.check(flow, model_kwargs)
+        bound = float(learned.options.get("bound", math.inf)) if isinstance(learned.options, dict) else math.inf
+        for what, direction in (("shifts", "encode"), ("decode_shifts", "decode")):
+            if any(getattr(learned, what)):  # each within what learn_encoder keeps it in, as learn_solver's files
+                check_fitted_shifts(getattr(learned, what), shift_intervals(learned.base(), learned.sigmas,
+                                                                            flow.schedule, bound, direction),
+                                    what, f"learn_encoder (within ±bound = {bound!r}", str(path))
         return learned
 
 

@@ -132,13 +132,18 @@ class TunedGrid:
 
 def _consistent(grid: TunedGrid) -> TunedGrid:
     """``grid`` as read from a file, if it can be what :func:`tune` writes: a generation grid (finite σ ≥ 0, strictly
-    decreasing) of at most ``nfe`` steps (every solver spends at least one evaluation a step)."""
+    decreasing) of at most ``nfe`` steps (every solver spends at least one evaluation a step), for a registered
+    solver with options it takes (a file naming another was loaded, and failed only where the grid was used)."""
     s = grid.sigmas
     if s.ndim != 1 or s.size < 2 or not np.all(np.isfinite(s)) or np.any(s < 0) or np.any(np.diff(s) >= 0):
         raise ValueError(f"sigmas must be a strictly decreasing list of at least 2 finite σ >= 0 (a generation grid), "
                          f"got {s.tolist()}")
     if isinstance(grid.nfe, bool) or not isinstance(grid.nfe, int) or grid.nfe < s.size - 1:
         raise ValueError(f"nfe must be an int no smaller than the grid's {s.size - 1} steps, got {grid.nfe!r}")
+    if not isinstance(grid.solver, str) or not isinstance(grid.solver_options, dict):
+        raise ValueError(f"solver must be a registered solver's name and solver_options its options, got "
+                         f"{grid.solver!r} and {grid.solver_options!r}")
+    _solvers.get(grid.solver, **grid.solver_options)  # an unknown name or option: a ValueError naming it
     return grid
 
 
