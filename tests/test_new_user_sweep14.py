@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -19,7 +20,8 @@ import solvers
 from flowdiff import LearnedEncoder, LearnedSolver, TunedGrid
 from flowdiff.engine.fingerprint import _digest
 from flowdiff.models.analytic import Gaussian, Mixture
-from flowdiff.tools.learned import shift_intervals
+from flowdiff.tools.learned import NOT_KEPT, shift_intervals
+from flowdiff.tools.roundtrip_fit import NOT_KEPT as ENCODER_NOT_KEPT
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIRST = Gaussian(torch.zeros(8, dtype=torch.float64), torch.full((8,), 0.5, dtype=torch.float64))
@@ -259,3 +261,28 @@ def test_a_tuned_grid_file_for_an_unknown_solver_is_refused_at_load(tmp_path, ch
     many.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=rf"grid 0 is malformed \(.*{message}"):
         flowdiff.load_grids(many)
+
+
+def test_learn_solver_says_when_the_held_out_half_keeps_the_base_method():
+    """A fit that the held-out half rejects returns the base method (``kept=False``) and said nothing: the user saw a
+    LearnedSolver whose ``as_solver()`` was plain ``unipc``. It warns, naming the base method and the held-out error;
+    a kept fit does not."""
+    flow = SECOND.flow()
+    with pytest.warns(UserWarning, match=rf"{NOT_KEPT}: no fit beat it on the held-out half .* so the result is "
+                                         r"'unipc' itself on the starting grid \(logsnr\) with kept=False"):
+        rejected = flowdiff.learn_solver(flow, _noise(4), solver="unipc", nfe=4, learn="shifts", iterations=0)
+    assert not rejected.kept and rejected.as_solver().name == "unipc"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kept = flowdiff.learn_solver(flow, _noise(8), solver="euler", nfe=3, learn="shifts", iterations=3)
+    assert kept.kept and not [w for w in caught if NOT_KEPT in str(w.message)]
+
+
+def test_learn_encoder_says_when_the_held_out_half_keeps_the_plain_encode():
+    """``learn_encoder``'s rejected fit returned the plain encode (``kept=False``) without a word."""
+    flow = SECOND.flow()
+    images = SECOND.sample(4, generator=torch.Generator().manual_seed(3))
+    sigmas = flowdiff.make_sigmas(flow.schedule, "logsnr", 3)
+    with pytest.warns(UserWarning, match=rf"{ENCODER_NOT_KEPT}: on the held-out half .* the plain 'euler' encode"):
+        learned = flowdiff.learn_encoder(flow, images, solver="euler", nfe=3, sigmas=sigmas, iterations=0)
+    assert not learned.kept

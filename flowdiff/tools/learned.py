@@ -101,6 +101,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -161,6 +162,9 @@ TRAJECTORY_DEPTH = 1
 
 #: candidate starts tried across the start's interval (evenly in log σ) before its least-squares fit
 _START_SCAN = 8
+
+#: How :func:`learn_solver`'s warning that the held-out half rejected every fit (``kept=False``) begins.
+NOT_KEPT = "learn_solver kept the base method"
 
 #: what :func:`learn_solver` can fit (``learn=``)
 LEARNABLE = ("shifts", "coefficients", "grid", "start", "scales", "directions", "trajectory")
@@ -716,9 +720,16 @@ def learn_solver(
     held-out figure of the procedure, as the average itself saw every sample. ``options["folds_kept"]`` says which
     folds were kept, ``options["variants"]`` holds each fold's. It costs about twice the candidate solves; refused
     with ``iterations=0`` or nothing to fit, where both folds would be the base method.
-    Measure the result on other noise (:meth:`LearnedSolver.validated`).
+    Measure the result on other noise (:meth:`LearnedSolver.validated`). Where the held-out half keeps no fit, the
+    result is the base method (``kept=False``) and a ``UserWarning`` (beginning :data:`NOT_KEPT`) says so.
     """
-    return _half_and_refit(**locals()).result  # every argument, as given
+    learned = _half_and_refit(**locals()).result  # every argument, as given
+    if not learned.kept:
+        warnings.warn(f"{NOT_KEPT}: no fit beat it on the held-out half of the calibration noise (the base method's "
+                      f"RMS error there: {learned.base_validation_error:.4g}), so the result is {solver!r} itself on "
+                      f"the starting grid ({learned.grid}) with kept=False, and as_solver() returns it; more "
+                      "calibration samples, another learn= or another solver may fit", UserWarning, stacklevel=2)
+    return learned
 
 
 def _learn_both(flow: ProbabilityFlow, noise: Tensor, **options: Any) -> tuple[LearnedSolver, LearnedSolver | None]:
