@@ -2,6 +2,7 @@
 fingerprints, and what a fit that the held-out half rejects says. Each test failed before its fix; its docstring says
 what the user saw."""
 
+import errno
 import importlib
 import json
 import os
@@ -286,3 +287,36 @@ def test_learn_encoder_says_when_the_held_out_half_keeps_the_plain_encode():
     with pytest.warns(UserWarning, match=rf"{ENCODER_NOT_KEPT}: on the held-out half .* the plain 'euler' encode"):
         learned = flowdiff.learn_encoder(flow, images, solver="euler", nfe=3, sigmas=sigmas, iterations=0)
     assert not learned.kept
+
+
+@pytest.mark.parametrize("save", ["learned", "tuned", "grids", "encoder"])
+def test_a_save_that_fails_half_way_leaves_the_earlier_file(tmp_path, monkeypatch, save):
+    """Saving a second fit to the path of the first on a disk that fills half way left the first file cut short
+    (written in place): the earlier fit was lost and the new one not written. The write is atomic now (as
+    ``Latent.save``'s): the earlier file stays whole and loads, and the error names the file."""
+    flow = FIRST.flow()
+    sigmas = flowdiff.make_sigmas(flow.schedule, "logsnr", 4)
+    grid = TunedGrid(sigmas, "unipc", {}, 4, flowdiff.flow_fingerprint(flow))
+    writers = {"learned": (lambda p: _by_hand(flow, sigmas).save(p), lambda p: LearnedSolver.load(p, flow)),
+               "tuned": (grid.save, lambda p: TunedGrid.load(p, flow)),
+               "grids": (lambda p: flowdiff.save_grids([grid], p), flowdiff.load_grids),
+               "encoder": (lambda p: _encoder(flow, sigmas).save(p), lambda p: LearnedEncoder.load(p, flow))}
+    write, read = writers[save]
+    path = tmp_path / "fit.json"
+    write(path)
+    before = path.read_bytes()
+
+    def full_disk(self, data, *args, **kwargs):
+        with open(self, "wb" if isinstance(data, bytes) else "w") as fh:
+            fh.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+    monkeypatch.setattr(pathlib.Path, "write_bytes", full_disk)
+    with pytest.raises(OSError, match="No space left on device") as err:
+        write(path)
+    monkeypatch.undo()
+    assert str(path) in str(err.value)
+    assert path.read_bytes() == before and read(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["fit.json"]  # no temporary file left behind
+

@@ -55,6 +55,7 @@ import solvers as _solvers
 
 from ..api.sampling import generate
 from ..engine._checks import check_seed, model_kwargs_rows
+from ..engine._files import atomic_write
 from ..engine.fingerprint import accepted_fingerprints, flow_fingerprint, plain_function_before
 from ..engine.flow import ProbabilityFlow
 from ..engine.grids import GRIDS, make_sigmas
@@ -163,7 +164,9 @@ def read_record(path: Path, format: str, what: str) -> dict[str, Any]:
 
 def write_record(path: str | Path, format: str, data: dict[str, Any], what: str) -> Path:
     """Write ``data`` as the JSON file of a ``format`` record (a tuned grid, a learned solver or encoder); numpy
-    numbers and tuples in its options are stored as JSON numbers and lists, anything else is a TypeError."""
+    numbers and tuples in its options are stored as JSON numbers and lists, anything else is a TypeError. Written
+    atomically, as :meth:`flowdiff.Latent.save` writes: a file already at ``path`` is replaced whole, and a write
+    that fails (a full disk) leaves it as it was, where writing in place had left it cut short."""
 
     def plain(value: object) -> object:
         if isinstance(value, (np.integer, np.floating)):
@@ -173,8 +176,9 @@ def write_record(path: str | Path, format: str, data: dict[str, Any], what: str)
         raise TypeError(f"cannot store {type(value).__name__} in a {what}'s options")
 
     path = Path(path)
+    text = json.dumps({"format": format, **data}, indent=1, default=plain) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"format": format, **data}, indent=1, default=plain) + "\n")
+    atomic_write(path, text.encode(), f"flowdiff {what} file")
     return path
 
 
