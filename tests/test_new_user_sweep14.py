@@ -111,8 +111,9 @@ def test_a_plain_function_has_its_fingerprint_in_every_run(tmp_path, monkeypatch
 
 def test_a_plain_function_s_fingerprint_follows_its_closure_globals_and_code():
     """What a plain function computes with is read: a number in its closure, a network or tensor among the globals
-    its body names, its code (two lambdas of one line differ); a list the function appends to is not (its type is),
-    nor a counter it assigns: a fingerprint taken before a solve matches after it."""
+    its body names, its code (two lambdas of one line differ), a flow in its closure (its model's tensors, not the
+    caches its first evaluation fills); a list the function appends to is not (its type is), nor a counter it
+    assigns: a fingerprint taken before a solve matches after it."""
     schedule = FIRST.schedule
 
     def key(model):
@@ -126,6 +127,16 @@ def test_a_plain_function_s_fingerprint_follows_its_closure_globals_and_code():
     other = torch.nn.Linear(8, 8).double()
     assert key(lambda x_t, t: net(x_t)) != key(lambda x_t, t: other(x_t))
     assert key(lambda x_t, t: FIRST(x_t, t)) != key(lambda x_t, t: -FIRST(x_t, t))
+
+    def through(flow):  # a closure over a flow, calling its model
+        return lambda x_t, t: flow.model(x_t, t)
+
+    fresh = Gaussian(torch.zeros(8, dtype=torch.float64), 0.5)  # not evaluated yet: no caches in it or its flow
+    inner = flowdiff.ProbabilityFlow(fresh, fresh.schedule)
+    unused = key(through(inner))
+    flowdiff.generate(inner, _noise(2), steps=2)  # fills the flow's and the Gaussian's caches
+    flowdiff.generate(flowdiff.ProbabilityFlow(through(inner), schedule), _noise(2), steps=2)
+    assert key(through(inner)) == unused != key(through(flowdiff.ProbabilityFlow(SECOND, schedule)))
     before = key(lambda x_t, t: net(x_t))
     with torch.no_grad():
         net.weight.add_(1.0)  # trained further: another model

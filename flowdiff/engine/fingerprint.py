@@ -157,7 +157,7 @@ def _written(code: types.CodeType) -> set[str]:
     return names
 
 
-def _function(h: Any, fn: types.FunctionType | functools.partial, seen: set[int]) -> None:
+def _function(h: Any, fn: types.FunctionType | functools.partial, seen: set[int], depth: int = 0) -> None:
     """Feed what a plain function computes with: its code, defaults, the values its closure holds and the globals its
     body names (a network, tensors, another function, an object's tensors: :func:`_read`), so that two plain
     functions used as models (``ProbabilityFlow(eps_a, schedule)``, ``ProbabilityFlow(eps_b, schedule)``) have
@@ -168,36 +168,42 @@ def _function(h: Any, fn: types.FunctionType | functools.partial, seen: set[int]
     seen.add(id(fn))
     if isinstance(fn, functools.partial):
         h.update(b"|partial")
-        _read(h, fn.func, seen)
-        _read(h, fn.args, seen)
-        _read(h, dict(fn.keywords), seen)
+        _read(h, fn.func, seen, depth)
+        _read(h, fn.args, seen, depth)
+        _read(h, tuple(sorted(fn.keywords.items())), seen, depth)
         return
     code = fn.__code__
     h.update(b"|function")
     _code(h, code)
-    _read(h, fn.__defaults__ or (), seen)
-    _read(h, tuple(sorted((fn.__kwdefaults__ or {}).items())), seen)
+    _read(h, fn.__defaults__ or (), seen, depth)
+    _read(h, tuple(sorted((fn.__kwdefaults__ or {}).items())), seen, depth)
     written = _written(code)
     for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
         h.update(f"|cell {name}".encode())
         if name in written:
             continue
         try:
-            _read(h, cell.cell_contents, seen)
+            _read(h, cell.cell_contents, seen, depth)
         except ValueError:  # a cell not filled yet
             h.update(b"|empty")
     names = fn.__globals__
     for name in sorted(_global_names(code) - written):
         if name in names:
             h.update(f"|global {name}".encode())
-            _read(h, names[name], seen)
+            _read(h, names[name], seen, depth)
 
 
-def _read(h: Any, value: object, seen: set[int]) -> None:
+#: how many objects deep :func:`_read` follows attributes from a plain function (a closure's flow, its model's
+#: object, that object's schedule); deeper objects are read as their type alone
+_DEPTH = 3
+
+
+def _read(h: Any, value: object, seen: set[int], depth: int = 0) -> None:
     """Feed a value a plain function reads: tensors, networks and numbers by value, functions and bound methods by
-    what they read, tuples item by item; other objects by the tensors and numbers they hold as attributes (as an
-    object given as the model is read) and their networks; a module or a class by its name only, and a list, dict or
-    set by its type alone: mutable, it is where a function logs its calls or caches, which is no part of the model."""
+    what they read, tuples item by item, other objects by their public attributes read the same way (:data:`_DEPTH`
+    objects deep; not those that are None, lists, dicts or sets: an object's caches, made by its first evaluation); a
+    module or a class by its name only, and a list, dict or set by its type alone: mutable, it is where a function
+    logs its calls or caches, which is no part of the model."""
     if isinstance(value, Tensor):
         _update(h, value)
     elif isinstance(value, torch.nn.Module):
@@ -208,10 +214,10 @@ def _read(h: Any, value: object, seen: set[int]) -> None:
     elif isinstance(value, _STABLE):
         h.update(repr(value).encode())
     elif isinstance(value, (types.FunctionType, functools.partial)):
-        _function(h, value, seen)
+        _function(h, value, seen, depth)
     elif isinstance(value, types.MethodType):
         h.update(f"|method {value.__func__.__qualname__}".encode())
-        _read(h, value.__self__, seen)
+        _read(h, value.__self__, seen, depth)
     elif isinstance(value, (types.ModuleType, type, types.BuiltinFunctionType)):
         h.update(f"|{type(value).__name__} {getattr(value, '__qualname__', getattr(value, '__name__', ''))}".encode())
     elif id(value) in seen:
@@ -220,17 +226,18 @@ def _read(h: Any, value: object, seen: set[int]) -> None:
         seen.add(id(value))
         h.update(f"|tuple{len(value)}".encode())
         for item in value:
-            _read(h, item, seen)
+            _read(h, item, seen, depth)
     elif isinstance(value, (list, dict, set, Mapping)):  # mutable: a log the function appends to, a cache it fills
         h.update(f"|{type(value).__name__}".encode())
     else:
         seen.add(id(value))
         h.update(f"|{type(value).__name__}".encode())
-        if hasattr(value, "__dict__"):
-            _attributes(h, value)
-            for name, module in sorted((k, v) for k, v in vars(value).items() if isinstance(v, torch.nn.Module)):
-                h.update(name.encode())
-                h.update(_module_digest(module))
+        if depth < _DEPTH and hasattr(value, "__dict__"):
+            for name, item in sorted(vars(value).items(), key=lambda kv: str(kv[0])):
+                if str(name).startswith("_") or item is None or isinstance(item, (list, dict, set, Mapping)):
+                    continue  # where objects keep caches, made or filled by the first evaluation
+                h.update(f"|.{name}".encode())
+                _read(h, item, seen, depth + 1)
 
 
 def _digest(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None, *, repeated: bool,
@@ -273,7 +280,8 @@ def flow_fingerprint(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | No
     (the object of a bound method, given as the model or as a σ field). A plain function (or ``functools.partial``)
     given as the model is read as its code (bytecode, constants, the names it looks up; not its name, file or line),
     its defaults, the values its closure holds and the globals its body names — tensors, networks, numbers, tuples,
-    other functions and objects' tensors, as above; a list, dict or set as its type alone, and a global or cell the
+    other functions and bound methods, objects by their public attributes read the same way (a few objects deep); a
+    list, dict or set as its type alone, and a global or cell the
     function assigns (a call counter) not at all — so two plain-function models of one schedule have different
     fingerprints, and a grid tuned or a solver fitted on one is refused for the other. Bytecode belongs to one Python
     version: a file made for a plain function under another is refused (fit it again). A σ field that is a plain
