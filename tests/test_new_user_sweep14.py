@@ -331,3 +331,10 @@ def test_a_save_that_fails_half_way_leaves_the_earlier_file(tmp_path, monkeypatc
     assert path.read_bytes() == before and read(path)
     assert [p.name for p in tmp_path.iterdir()] == ["fit.json"]  # no temporary file left behind
 
+
+@pytest.mark.parametrize("learn", [(), []])
+def test_learn_with_nothing_named_says_it_needs_one_kind(learn):
+    """``learn_solver(..., learn=())`` said "learn must be one of (...) or a tuple of them, got ()": the user had given
+    a tuple of them, with none in it."""
+    with pytest.raises(TypeError, match=r"a non-empty tuple or list of them \(at least one kind to fit\), got"):
+        flowdiff.learn_solver(FIRST.flow(), _noise(4), solver="unipc", nfe=4, learn=learn)

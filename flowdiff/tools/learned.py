@@ -452,7 +452,8 @@ def _check_learn(learn: object) -> tuple[str, ...]:
     """``learn`` as a tuple of distinct names from :data:`LEARNABLE`, in that order."""
     names = (learn,) if isinstance(learn, str) else learn
     if not isinstance(names, (tuple, list)) or not names or not all(isinstance(n, str) for n in names):
-        raise TypeError(f"learn must be one of {LEARNABLE} or a tuple of them, got {learn!r}")
+        raise TypeError(f"learn must be one of {LEARNABLE} or a non-empty tuple or list of them (at least one kind "
+                        f"to fit), got {learn!r}")
     unknown = [n for n in names if n not in LEARNABLE]
     if unknown or len(set(names)) != len(names):
         raise ValueError(f"learn must name each of {', '.join(map(repr, LEARNABLE))} at most once, got {learn!r}")
