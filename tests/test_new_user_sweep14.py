@@ -21,7 +21,7 @@ import solvers
 from flowdiff import LearnedEncoder, LearnedSolver, TunedGrid
 from flowdiff.engine.fingerprint import _digest
 from flowdiff.models.analytic import Gaussian, Mixture
-from flowdiff.tools.learned import NOT_KEPT, shift_intervals
+from flowdiff.tools.learned import NOT_KEPT, _layout, shift_intervals
 from flowdiff.tools.roundtrip_fit import NOT_KEPT as ENCODER_NOT_KEPT
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -215,6 +215,39 @@ def test_a_hand_edited_learned_solver_file_is_refused_at_load_naming_the_file_an
     path = _by_hand(flow, flowdiff.make_sigmas(flow.schedule, "logsnr", 4)).save(tmp_path / "fit.json")
     assert LearnedSolver.load(path, flow).kept  # as written, it loads
     change, message = LEARNED_EDITS[edit]
+    edited = _edit(path, tmp_path / "edited.json", change)
+    with pytest.raises(ValueError, match=message) as err:
+        LearnedSolver.load(edited, flow)
+    assert str(edited) in str(err.value)
+
+
+def _more(data):
+    data["coefficients"] = [cs + [(0.5).hex()] for cs in data["coefficients"]]
+
+
+COEFFICIENT_EDITS = {
+    "a step's tuple dropped": (lambda data: data["coefficients"].pop(), r"coefficients must hold one tuple per step "
+                                                                          r"of sigmas \(5\), got 4"),
+    "a term more than a step takes": (_more, r"coefficients\[0\] holds 1 values, but step 0 of sigmas takes at most 0"),
+    "a coefficient past its bound": (_put("coefficients", [(1e9).hex()], 3),
+                                     r"coefficients\[3\]\[0\] = 1000000000\.0 is outside \[-4\.0, 4\.0\]"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(COEFFICIENT_EDITS))
+def test_a_hand_edited_coefficient_file_is_refused_at_load(tmp_path, edit):
+    """The coefficients of a file were checked for finiteness alone: a coefficient of 1e9 (bound 4) loaded and the
+    solve diverged at step 2; a tuple with a term more than its step takes loaded and failed inside the solve; a
+    dropped step's tuple loaded."""
+    flow = FIRST.flow()
+    sigmas = flowdiff.make_sigmas(flow.schedule, "logsnr", 5)
+    base = solvers.get("unipc")
+    counts = _layout(base, sigmas, 2, ("coefficients",), flow.schedule, 0.5)[0]
+    learned = LearnedSolver("unipc", {}, 5, sigmas, tuple((0.1,) * n for n in counts), flowdiff.flow_fingerprint(flow),
+                            True, learn=("coefficients",), options={"bound": 4.0, "terms": 2})
+    path = learned.save(tmp_path / "fit.json")
+    assert LearnedSolver.load(path, flow).coefficients == learned.coefficients and sum(counts) >= 2
+    change, message = COEFFICIENT_EDITS[edit]
     edited = _edit(path, tmp_path / "edited.json", change)
     with pytest.raises(ValueError, match=message) as err:
         LearnedSolver.load(edited, flow)

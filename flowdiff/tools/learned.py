@@ -289,6 +289,31 @@ class LearnedSolver:
         for where, value in entries:
             if not math.isfinite(value):
                 raise ValueError(f"{where} = {value!r} is not finite; accepted: a finite number")
+        if "coefficients" in self.learn:
+            self._check_coefficients()
+
+    def _check_coefficients(self) -> None:
+        """One tuple of coefficients per step, each no longer than the terms the step can take (``terms`` of the
+        options, else the most, 3) and each coefficient within ``options["bound"]`` where recorded: a longer tuple
+        failed inside the solve, a coefficient of 1e9 (bound 4) loaded and the solve diverged."""
+        steps = len(self.sigmas) - 1
+        if len(self.coefficients) not in (steps, 0):
+            raise ValueError(f"coefficients must hold one tuple per step of sigmas ({steps}), got "
+                             f"{len(self.coefficients)}")
+        options = self.options if isinstance(self.options, dict) else {}
+        terms = options.get("terms", 3)
+        terms = terms if isinstance(terms, int) and not isinstance(terms, bool) and 1 <= terms <= 3 else 3
+        counts = _layout(self.base(), self.sigmas, terms, ("coefficients",), None, 0.0)[0]  # type: ignore[arg-type]
+        bound = options.get("bound", math.inf)
+        for i, (cs, n) in enumerate(zip(self.coefficients, counts)):
+            if len(cs) > n:
+                raise ValueError(f"coefficients[{i}] holds {len(cs)} values, but step {i} of sigmas takes at most {n} "
+                                 f"correction term(s) with solver {self.solver!r}")
+            for m, c in enumerate(cs):
+                if isinstance(bound, (int, float)) and math.isfinite(c) and abs(c) > bound:
+                    raise ValueError(f"coefficients[{i}][{m}] = {c!r} is outside [-{bound}, {bound}]: learn_solver "
+                                     "fits each coefficient within ±bound (its options['bound']); accepted: a finite "
+                                     "value of at most that size")
 
     def _fitted(self) -> _solvers.Solver:
         try:
