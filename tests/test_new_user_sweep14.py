@@ -371,3 +371,18 @@ def test_learn_with_nothing_named_says_it_needs_one_kind(learn):
     a tuple of them, with none in it."""
     with pytest.raises(TypeError, match=r"a non-empty tuple or list of them \(at least one kind to fit\), got"):
         flowdiff.learn_solver(FIRST.flow(), _noise(4), solver="unipc", nfe=4, learn=learn)
+
+
+@pytest.mark.parametrize("sigmas, error, message", [
+    ("karras", TypeError, r"sigmas must be an array of σ \(a generation grid\), got str 'karras'; for a named grid "
+                          r"give flowdiff.make_sigmas"),
+    ([[157.0, 1.0, 0.1, 0.0]], ValueError, r"sigmas must be a strictly decreasing list .*got \[\[157\.0"),
+    ([157.0, float("nan"), 0.1, 0.0], ValueError, r"sigmas must be a strictly decreasing list .*the grid the fit "
+                                                  r"starts from\), got \[157\.0, nan"),
+])
+def test_a_starting_grid_that_is_no_grid_is_refused_naming_sigmas(sigmas, error, message):
+    """``learn_solver(..., sigmas=...)``: a grid's name said "could not convert string to float: 'karras'", a 2-d
+    list "only 0-dimensional arrays can be converted to Python scalars" (neither naming ``sigmas``), and a NaN σ
+    that the grid "has no σ_1 > 0 below it"."""
+    with pytest.raises(error, match=message):
+        flowdiff.learn_solver(FIRST.flow(), _noise(4), solver="euler", nfe=4, sigmas=sigmas)

@@ -448,14 +448,15 @@ class LearnedSolver:
         return learned
 
 
-def check_fitted_grid(name: str, grid: object, fit: str) -> None:
-    """Refuse a stored grid that ``fit`` (``"learn_solver"``, …) could not have written: a generation grid is a
-    1-d float array of at least 2 finite σ >= 0, strictly decreasing (a hand-edited file may hold anything)."""
+def check_fitted_grid(name: str, grid: object, fit: str, why: str = "") -> None:
+    """Refuse a stored grid that ``fit`` (``"learn_solver"``, …) could not have written, or a grid given to it
+    (``why`` then says what it is for): a generation grid is a 1-d float array of at least 2 finite σ >= 0, strictly
+    decreasing (a hand-edited file may hold anything)."""
     s = np.asarray(grid)
     if s.ndim != 1 or s.size < 2 or not np.issubdtype(s.dtype, np.floating) or not np.all(np.isfinite(s)) \
             or np.any(s < 0) or np.any(np.diff(s) >= 0):
         raise ValueError(f"{name} must be a strictly decreasing list of at least 2 finite σ >= 0 (a generation grid, "
-                         f"as {fit} fits), got {s.tolist()}")
+                         f"{why or f'as {fit} fits'}), got {s.tolist()}")
 
 
 def check_fitted_shifts(shifts: Sequence[float], intervals: Sequence[tuple[float, float]], name: str, fit: str,
@@ -826,7 +827,16 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
     start = time.perf_counter()
     if sigmas is not None:
         grid_name = "given"
-        sigmas = np.asarray(sigmas, dtype=np.float64)
+        try:
+            given = np.asarray(sigmas, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"sigmas must be an array of σ (a generation grid), got {type(sigmas).__name__} "
+                            f"{sigmas!r}; for a named grid give flowdiff.make_sigmas(flow.schedule, name, steps)") \
+                from None
+        if given.ndim == 1 and given.size and given[0] == math.inf:
+            raise ValueError("sigmas must start at a finite σ (a grid from σ = ∞ has its own first step)")
+        check_fitted_grid("sigmas", given, "learn_solver", "the grid the fit starts from")
+        sigmas = given
     else:
         stored = stored_grid(flow, solver, nfe, options, model_kwargs)
         if stored is not None:
