@@ -386,3 +386,16 @@ def test_a_starting_grid_that_is_no_grid_is_refused_naming_sigmas(sigmas, error,
     that the grid "has no σ_1 > 0 below it"."""
     with pytest.raises(error, match=message):
         flowdiff.learn_solver(FIRST.flow(), _noise(4), solver="euler", nfe=4, sigmas=sigmas)
+
+
+def test_stored_grid_in_a_folder_that_is_not_there_says_so(tmp_path):
+    """``stored_grid(flow, "unipc", 4, directory="my_grids")`` with the folder misspelt (or a file named) returned
+    ``None``, as for a folder without a grid for this flow: ``compare`` then tunes again, minutes on a real model."""
+    flow = FIRST.flow()
+    grid = TunedGrid(flowdiff.make_sigmas(flow.schedule, "logsnr", 4), "unipc", {}, 4, flowdiff.flow_fingerprint(flow))
+    flowdiff.save_grids([grid], tmp_path / "mine.tuned.json")
+    assert flowdiff.stored_grid(flow, "unipc", 4, directory=tmp_path).sigmas.tolist() == grid.sigmas.tolist()
+    with pytest.raises(FileNotFoundError, match=r"directory '.*my_grids' is not a folder \(it does not exist\)"):
+        flowdiff.stored_grid(flow, "unipc", 4, directory=tmp_path / "my_grids")
+    with pytest.raises(NotADirectoryError, match=r"mine\.tuned\.json' is not a folder; stored_grid looks there"):
+        flowdiff.stored_grid(flow, "unipc", 4, directory=tmp_path / "mine.tuned.json")

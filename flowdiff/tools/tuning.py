@@ -720,8 +720,9 @@ def stored_grid(flow: ProbabilityFlow, solver: str, nfe: int, solver_options: Ma
                 ) -> TunedGrid | None:
     """The shipped grid tuned for exactly this flow (by fingerprint), solver, options and budget, or ``None``.
 
-    Looks in ``directory`` (default :data:`STORED_DIR`) at every ``*.tuned.json``. A flow whose
-    network, schedule or conditioning differs in any bit has another fingerprint and finds none.
+    Looks in ``directory`` (default :data:`STORED_DIR`; a ``directory`` given that is not a folder is an
+    ``OSError`` naming it) at every ``*.tuned.json``. A flow whose network, schedule or conditioning differs in any
+    bit has another fingerprint and finds none.
     """
     if solver not in _solvers.available():  # a misspelt name is not a solver without a stored grid
         raise ValueError(f"unknown solver {solver!r}; available: {', '.join(_solvers.available())}")
@@ -730,6 +731,10 @@ def stored_grid(flow: ProbabilityFlow, solver: str, nfe: int, solver_options: Ma
     if nfe < 1:
         raise ValueError(f"nfe must be >= 1, got {nfe}")
     folder = STORED_DIR if directory is None else Path(directory)
+    if directory is not None and not folder.is_dir():  # a misspelt folder is not a folder without stored grids
+        raise (NotADirectoryError if folder.exists() else FileNotFoundError)(
+            f"directory {str(directory)!r} is not a folder{'' if folder.exists() else ' (it does not exist)'}; "
+            "stored_grid looks there for *.tuned.json files (flowdiff.save_grids writes them)")
     files = sorted(folder.glob("*.tuned.json"))
     if not files:
         return None
