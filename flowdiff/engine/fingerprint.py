@@ -281,10 +281,10 @@ def flow_fingerprint(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | No
     given as the model is read as its code (bytecode, constants, the names it looks up; not its name, file or line),
     its defaults, the values its closure holds and the globals its body names — tensors, networks, numbers, tuples,
     other functions and bound methods, objects by their public attributes read the same way (a few objects deep); a
-    list, dict or set as its type alone, and a global or cell the
-    function assigns (a call counter) not at all — so two plain-function models of one schedule have different
-    fingerprints, and a grid tuned or a solver fitted on one is refused for the other. Bytecode belongs to one Python
-    version: a file made for a plain function under another is refused (fit it again). A σ field that is a plain
+    list, dict or set as its type alone, and a global or cell the function assigns (a call counter) not at all — so
+    two plain-function models of one schedule have different fingerprints, and a grid tuned or a solver fitted on one
+    is refused for the other. Bytecode belongs to one Python version: a file made for a plain function under another
+    is refused (fit it again). A σ field that is a plain
     function (:meth:`ProbabilityFlow.from_sigma_field`) is not read: it raises ``TypeError``.
     """
     return _digest(flow, model_kwargs, repeated=True)
