@@ -365,9 +365,10 @@ def test_images_out_of_range_are_warned_about_once_per_call():
     for call in calls:
         with pytest.warns(UserWarning, match="images span .* far outside the model's data range") as caught:
             call()
+        caught = [w for w in caught if "data range" in str(w.message)]  # not learn_encoder's own NOT_KEPT
         assert len(caught) == 1 and caught[0].filename == __file__, [str(w.message) for w in caught]
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # images in range: no warning
+        warnings.filterwarnings("error", message="images span")  # images in range: no warning
         flowdiff.learn_encoder(flow, _images(8, 1), nfe=4, sigmas=sigmas, iterations=1)
 
 
@@ -550,13 +551,13 @@ def test_a_part_far_out_of_range_is_warned_about_when_the_first_part_is_not():
     sigmas = flowdiff.make_sigmas(flow.schedule, "logsnr", 4)
     with pytest.warns(UserWarning, match="images span .* far outside the model's data range") as caught:
         flowdiff.learn_encoder(flow, images, nfe=4, sigmas=sigmas, iterations=1, latent_weight=(0.3, 1.0))
-    assert len(caught) == 1, [str(w.message) for w in caught]
+    assert len([w for w in caught if "data range" in str(w.message)]) == 1, [str(w.message) for w in caught]
 
 
 def test_an_encoder_built_by_hand_without_a_weight_saves_and_loads(tmp_path):
     flow = _mixture().flow()
     sigmas = flowdiff.make_sigmas(flow.schedule, "logsnr", 4)
-    built = flowdiff.LearnedEncoder("euler", {}, 4, sigmas, (0.1, 0.0, -0.1, 0.0), (0.0,) * 4,
+    built = flowdiff.LearnedEncoder("euler", {}, 4, sigmas, (0.1, 0.0, -0.01, 0.0), (0.0,) * 4,
                                     flowdiff.flow_fingerprint(flow), True)
     back = flowdiff.LearnedEncoder.load(built.save(tmp_path / "built.json"), flow)
     assert np.isnan(back.latent_weight) and back.weight_trials == () and back.shifts == built.shifts

@@ -15,6 +15,8 @@ sample (:func:`accepted_fingerprints` still knows that digest at the batch it wa
 
 from __future__ import annotations
 
+import dis
+import functools
 import hashlib
 import types
 import weakref
@@ -113,8 +115,135 @@ def _plain_module_digest(module: torch.nn.Module, cast: torch.dtype | None) -> b
     return digest
 
 
+def _attributes(h: Any, owner: object) -> None:
+    """Feed the tensors and numbers ``owner`` holds as attributes (how an object given as the model is read)."""
+    for name, value in sorted((k, v) for k, v in vars(owner).items() if isinstance(v, (Tensor, int, float, str))):
+        h.update(name.encode())
+        _update(h, value)
+
+
+def _code(h: Any, code: types.CodeType) -> None:
+    """Feed a function's compiled body: its bytecode, the names it reads and its constants (nested functions' code
+    the same way). No file name or line number: the same function defined in another script, or moved, is the same
+    model. Bytecode belongs to one Python version: under another the digest differs (a file is fitted again)."""
+    h.update(code.co_code)
+    h.update(repr(code.co_names).encode())
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _code(h, const)
+        elif isinstance(const, frozenset):  # its repr's order follows string hashing, which changes between runs
+            h.update(repr(sorted(map(repr, const))).encode())
+        else:
+            h.update(repr(const).encode())
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    """The names a function's body (nested functions' included) looks up, among them the globals it reads."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def _written(code: types.CodeType) -> set[str]:
+    """The globals and closure cells a function's body (nested functions' included) assigns: its own state (a
+    call counter), not the model's, and changed by every call."""
+    names = {ins.argval for ins in dis.get_instructions(code)
+             if ins.opname in ("STORE_GLOBAL", "DELETE_GLOBAL", "STORE_DEREF", "DELETE_DEREF")}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _written(const)
+    return names
+
+
+def _function(h: Any, fn: types.FunctionType | functools.partial, seen: set[int], depth: int = 0) -> None:
+    """Feed what a plain function computes with: its code, defaults, the values its closure holds and the globals its
+    body names (a network, tensors, another function, an object's tensors: :func:`_read`), so that two plain
+    functions used as models (``ProbabilityFlow(eps_a, schedule)``, ``ProbabilityFlow(eps_b, schedule)``) have
+    different fingerprints, and one function has the same one in every run."""
+    if id(fn) in seen:
+        h.update(b"|again")
+        return
+    seen.add(id(fn))
+    if isinstance(fn, functools.partial):
+        h.update(b"|partial")
+        _read(h, fn.func, seen, depth)
+        _read(h, fn.args, seen, depth)
+        _read(h, tuple(sorted(fn.keywords.items())), seen, depth)
+        return
+    code = fn.__code__
+    h.update(b"|function")
+    _code(h, code)
+    _read(h, fn.__defaults__ or (), seen, depth)
+    _read(h, tuple(sorted((fn.__kwdefaults__ or {}).items())), seen, depth)
+    written = _written(code)
+    for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
+        h.update(f"|cell {name}".encode())
+        if name in written:
+            continue
+        try:
+            _read(h, cell.cell_contents, seen, depth)
+        except ValueError:  # a cell not filled yet
+            h.update(b"|empty")
+    names = fn.__globals__
+    for name in sorted(_global_names(code) - written):
+        if name in names:
+            h.update(f"|global {name}".encode())
+            _read(h, names[name], seen, depth)
+
+
+#: how many objects deep :func:`_read` follows attributes from a plain function (a closure's flow, its model's
+#: object, that object's schedule); deeper objects are read as their type alone
+_DEPTH = 3
+
+
+def _read(h: Any, value: object, seen: set[int], depth: int = 0) -> None:
+    """Feed a value a plain function reads: tensors, networks and numbers by value, functions and bound methods by
+    what they read, tuples item by item, other objects by their public attributes read the same way (:data:`_DEPTH`
+    objects deep; not those that are None, lists, dicts or sets: an object's caches, made by its first evaluation); a
+    module or a class by its name only, and a list, dict or set by its type alone: mutable, it is where a function
+    logs its calls or caches, which is no part of the model."""
+    if isinstance(value, Tensor):
+        _update(h, value)
+    elif isinstance(value, torch.nn.Module):
+        h.update(_module_digest(value))
+    elif isinstance(value, np.ndarray):
+        h.update(f"|ndarray {value.dtype} {value.shape}".encode())
+        h.update(np.ascontiguousarray(value).tobytes() if value.dtype != object else repr(value).encode())
+    elif isinstance(value, _STABLE):
+        h.update(repr(value).encode())
+    elif isinstance(value, (types.FunctionType, functools.partial)):
+        _function(h, value, seen, depth)
+    elif isinstance(value, types.MethodType):
+        h.update(f"|method {value.__func__.__qualname__}".encode())
+        _read(h, value.__self__, seen, depth)
+    elif isinstance(value, (types.ModuleType, type, types.BuiltinFunctionType)):
+        h.update(f"|{type(value).__name__} {getattr(value, '__qualname__', getattr(value, '__name__', ''))}".encode())
+    elif id(value) in seen:
+        h.update(b"|again")
+    elif isinstance(value, tuple):
+        seen.add(id(value))
+        h.update(f"|tuple{len(value)}".encode())
+        for item in value:
+            _read(h, item, seen, depth)
+    elif isinstance(value, (list, dict, set, Mapping)):  # mutable: a log the function appends to, a cache it fills
+        h.update(f"|{type(value).__name__}".encode())
+    else:
+        seen.add(id(value))
+        h.update(f"|{type(value).__name__}".encode())
+        if depth < _DEPTH and hasattr(value, "__dict__"):
+            for name, item in sorted(vars(value).items(), key=lambda kv: str(kv[0])):
+                if str(name).startswith("_") or item is None or isinstance(item, (list, dict, set, Mapping)):
+                    continue  # where objects keep caches, made or filled by the first evaluation
+                h.update(f"|.{name}".encode())
+                _read(h, item, seen, depth + 1)
+
+
 def _digest(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None, *, repeated: bool,
-            cast: torch.dtype | None = None) -> str:
+            cast: torch.dtype | None = None, functions: bool = True) -> str:
+    """The fingerprint; ``functions=False`` digests a plain function as the model as nothing of its own (its schedule
+    and prediction type alone), as flowdiff did before it read them (:func:`plain_function_before`)."""
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
     h = hashlib.blake2b(digest_size=16)
@@ -123,10 +252,10 @@ def _digest(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None, *, re
         owner = owner.__self__
     if isinstance(owner, torch.nn.Module):
         h.update(_module_digest(owner, cast))
+    elif isinstance(owner, (types.FunctionType, functools.partial)) and functions:  # a plain function as the model
+        _function(h, owner, set())
     elif owner is not None and hasattr(owner, "__dict__"):
-        for name, value in sorted((k, v) for k, v in vars(owner).items() if isinstance(v, (Tensor, int, float, str))):
-            h.update(name.encode())
-            _update(h, value)
+        _attributes(h, owner)
     else:
         raise TypeError(f"cannot fingerprint a model of type {type(flow.model).__name__}: it is neither a "
                         "torch.nn.Module nor an object holding its tensors as attributes")
@@ -148,13 +277,29 @@ def flow_fingerprint(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | No
     differ between samples are digested sample by sample. ``model_kwargs=None`` (or empty) digests the flow alone.
 
     The model is read as a ``torch.nn.Module``'s state, or as the tensors and numbers an object holds as attributes
-    (the object of a bound method, given as the model or as a σ field). A σ field that is a plain function
-    (:meth:`ProbabilityFlow.from_sigma_field`), whose tensors nothing can read, raises ``TypeError``. A plain function
-    given as the model itself is not refused, but its closure is not read either: it is digested as its schedule
-    and prediction type alone, so two plain-function models of one schedule share a fingerprint — wrap the
-    function in a ``torch.nn.Module``, or an object holding its tensors as attributes, to have them told apart.
+    (the object of a bound method, given as the model or as a σ field). A plain function (or ``functools.partial``)
+    given as the model is read as its code (bytecode, constants, the names it looks up; not its name, file or line),
+    its defaults, the values its closure holds and the globals its body names — tensors, networks, numbers, tuples,
+    other functions and bound methods, objects by their public attributes read the same way (a few objects deep); a
+    list, dict or set as its type alone, and a global or cell the function assigns (a call counter) not at all — so
+    two plain-function models of one schedule have different fingerprints, and a grid tuned or a solver fitted on one
+    is refused for the other. Bytecode belongs to one Python version: a file made for a plain function under another
+    is refused (fit it again). A σ field that is a plain
+    function (:meth:`ProbabilityFlow.from_sigma_field`) is not read: it raises ``TypeError``.
     """
     return _digest(flow, model_kwargs, repeated=True)
+
+
+def plain_function_before(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """For a flow whose model is a plain function: the fingerprints files recorded for it before flowdiff read the
+    function (its schedule and prediction type alone, every plain function of that schedule alike), which cannot
+    tell which function a file was made for; ``()`` for any other model."""
+    if flow.sigma_field is not None or not isinstance(flow.model, (types.FunctionType, functools.partial)):
+        return ()
+    keys = [_digest(flow, model_kwargs, repeated=True, functions=False)]
+    if check_model_kwargs(model_kwargs):
+        keys.append(_digest(flow, model_kwargs, repeated=False, functions=False))
+    return tuple(dict.fromkeys(keys))
 
 
 def accepted_fingerprints(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> tuple[str, ...]:

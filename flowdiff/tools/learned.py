@@ -101,6 +101,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -161,6 +162,9 @@ TRAJECTORY_DEPTH = 1
 
 #: candidate starts tried across the start's interval (evenly in log σ) before its least-squares fit
 _START_SCAN = 8
+
+#: How :func:`learn_solver`'s warning that the held-out half rejected every fit (``kept=False``) begins.
+NOT_KEPT = "learn_solver kept the base method"
 
 #: what :func:`learn_solver` can fit (``learn=``)
 LEARNABLE = ("shifts", "coefficients", "grid", "start", "scales", "directions", "trajectory")
@@ -238,7 +242,22 @@ class LearnedSolver:
         """Shifts, scales and directions hold one value per step of :attr:`sigmas` where :attr:`learn` names them,
         none where not (a short list would be zipped with the steps and its last values dropped); every shift and
         coefficient is finite, every scale and direction weight within the bound :func:`learn_solver` fits it in
-        (a hand-edited file could hold a scale of 3 or NaN, which the solve would take as it is)."""
+        (a hand-edited file could hold a scale of 3 or NaN, which the solve would take as it is). :attr:`sigmas` and
+        :attr:`base_sigmas` are generation grids (finite σ >= 0, strictly decreasing), ``nfe`` an int that pays for
+        :attr:`sigmas`' steps with :attr:`solver` (what ``compare`` labels its row with), ``kept`` a bool."""
+        for name, grid in (("sigmas", self.sigmas), ("base_sigmas", self.base_sigmas)):
+            if grid is not None:
+                check_fitted_grid(name, grid, "learn_solver")
+        if not isinstance(self.kept, bool):
+            raise ValueError(f"kept must be true or false, got {self.kept!r}")
+        if isinstance(self.nfe, bool) or not isinstance(self.nfe, int) or self.nfe < 1:
+            raise ValueError(f"nfe must be an int >= 1 (the budget the solver was fitted at), got {self.nfe!r}")
+        steps = len(self.sigmas) - 1
+        cost = _solvers.nfe_for_steps(self.base(), steps, eval_end=bool(self.sigmas[-1] != 0))
+        if cost > self.nfe:
+            raise ValueError(f"nfe = {self.nfe} is below the {cost} evaluations solver {self.solver!r} spends on the "
+                             f"{steps} steps of sigmas: learn_solver fits a grid within its budget; accepted: an nfe "
+                             f"of at least {cost}")
         for kind in ("shifts", "scales", "directions"):
             values = getattr(self, kind)
             if kind not in self.learn and values:
@@ -270,6 +289,31 @@ class LearnedSolver:
         for where, value in entries:
             if not math.isfinite(value):
                 raise ValueError(f"{where} = {value!r} is not finite; accepted: a finite number")
+        if "coefficients" in self.learn:
+            self._check_coefficients()
+
+    def _check_coefficients(self) -> None:
+        """One tuple of coefficients per step, each no longer than the terms the step can take (``terms`` of the
+        options, else the most, 3) and each coefficient within ``options["bound"]`` where recorded: a longer tuple
+        failed inside the solve, a coefficient of 1e9 (bound 4) loaded and the solve diverged."""
+        steps = len(self.sigmas) - 1
+        if len(self.coefficients) not in (steps, 0):
+            raise ValueError(f"coefficients must hold one tuple per step of sigmas ({steps}), got "
+                             f"{len(self.coefficients)}")
+        options = self.options if isinstance(self.options, dict) else {}
+        terms = options.get("terms", 3)
+        terms = terms if isinstance(terms, int) and not isinstance(terms, bool) and 1 <= terms <= 3 else 3
+        counts = _layout(self.base(), self.sigmas, terms, ("coefficients",), None, 0.0)[0]  # type: ignore[arg-type]
+        bound = options.get("bound", math.inf)
+        for i, (cs, n) in enumerate(zip(self.coefficients, counts)):
+            if len(cs) > n:
+                raise ValueError(f"coefficients[{i}] holds {len(cs)} values, but step {i} of sigmas takes at most {n} "
+                                 f"correction term(s) with solver {self.solver!r}")
+            for m, c in enumerate(cs):
+                if isinstance(bound, (int, float)) and math.isfinite(c) and abs(c) > bound:
+                    raise ValueError(f"coefficients[{i}][{m}] = {c!r} is outside [-{bound}, {bound}]: learn_solver "
+                                     "fits each coefficient within ±bound (its options['bound']); accepted: a finite "
+                                     "value of at most that size")
 
     def _fitted(self) -> _solvers.Solver:
         try:
@@ -288,6 +332,15 @@ class LearnedSolver:
         any batch size (:func:`flowdiff.flow_fingerprint`), so it matches a fit made on another batch."""
         check_fingerprint(self.fingerprint, flow, model_kwargs, "this learned solver was fitted",
                           "fit it again with flowdiff.learn_solver")
+
+    def _check_shifts(self, schedule: Schedule) -> None:
+        """Each shift of a file within the interval :func:`learn_solver` fits it in on :attr:`sigmas` (``shift_bound``
+        of its options, where recorded, and no evaluation outside [0, σ_max] of the schedule): a hand-edited shift of
+        3 would evaluate the model where it has no time, or past the step it belongs to. (A solver built in Python
+        with other shifts is its maker's: :meth:`validated` judges it.)"""
+        bound = self.options.get("shift_bound", math.inf) if isinstance(self.options, dict) else math.inf
+        check_fitted_shifts(self.shifts, shift_intervals(self.base(), self.sigmas, schedule, float(bound)),
+                            "shifts", f"learn_solver (within ±shift_bound = {bound!r}", self.source)
 
     def validated(self, flow: ProbabilityFlow, noise: Tensor, *,
                   model_kwargs: Mapping[str, Any] | None = None) -> LearnedSolver:
@@ -390,14 +443,43 @@ class LearnedSolver:
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"{path}: malformed learned solver ({err})") from None
         learned.check(flow, model_kwargs)
+        if "shifts" in learned.learn and any(learned.shifts):
+            learned._check_shifts(flow.schedule)
         return learned
+
+
+def check_fitted_grid(name: str, grid: object, fit: str, why: str = "") -> None:
+    """Refuse a stored grid that ``fit`` (``"learn_solver"``, …) could not have written, or a grid given to it
+    (``why`` then says what it is for): a generation grid is a 1-d float array of at least 2 finite σ >= 0, strictly
+    decreasing (a hand-edited file may hold anything)."""
+    s = np.asarray(grid)
+    if s.ndim != 1 or s.size < 2 or not np.issubdtype(s.dtype, np.floating) or not np.all(np.isfinite(s)) \
+            or np.any(s < 0) or np.any(np.diff(s) >= 0):
+        raise ValueError(f"{name} must be a strictly decreasing list of at least 2 finite σ >= 0 (a generation grid, "
+                         f"{why or f'as {fit} fits'}), got {s.tolist()}")
+
+
+def check_fitted_shifts(shifts: Sequence[float], intervals: Sequence[tuple[float, float]], name: str, fit: str,
+                        source: str) -> None:
+    """Refuse a stored shift outside the interval its fit keeps it in (``fit`` says whose and its bound, an open
+    parenthesis closed here): :func:`shift_intervals`, which every fit clips to, with a relative slack of 1e-6 for
+    files of older versions; ``source`` is the file. A step whose interval is (0, 0) takes no shift (it evaluates
+    nothing, or the entry point runs a method of its own there): what a file holds for it is not used."""
+    for i, (d, (lo, hi)) in enumerate(zip(shifts, intervals)):
+        slack = 1e-6 * (hi - lo)
+        if lo < hi and not lo - slack <= d <= hi + slack:
+            where = f"{source}: " if source else ""
+            raise ValueError(f"{where}{name}[{i}] = {d!r} is outside [{lo!r}, {hi!r}], the interval {fit}, every "
+                             f"evaluation between σ = 0 and the schedule's σ_max) keeps step {i}'s shift in on these "
+                             "sigmas; accepted: a shift in it")
 
 
 def _check_learn(learn: object) -> tuple[str, ...]:
     """``learn`` as a tuple of distinct names from :data:`LEARNABLE`, in that order."""
     names = (learn,) if isinstance(learn, str) else learn
     if not isinstance(names, (tuple, list)) or not names or not all(isinstance(n, str) for n in names):
-        raise TypeError(f"learn must be one of {LEARNABLE} or a tuple of them, got {learn!r}")
+        raise TypeError(f"learn must be one of {LEARNABLE} or a non-empty tuple or list of them (at least one kind "
+                        f"to fit), got {learn!r}")
     unknown = [n for n in names if n not in LEARNABLE]
     if unknown or len(set(names)) != len(names):
         raise ValueError(f"learn must name each of {', '.join(map(repr, LEARNABLE))} at most once, got {learn!r}")
@@ -665,9 +747,16 @@ def learn_solver(
     held-out figure of the procedure, as the average itself saw every sample. ``options["folds_kept"]`` says which
     folds were kept, ``options["variants"]`` holds each fold's. It costs about twice the candidate solves; refused
     with ``iterations=0`` or nothing to fit, where both folds would be the base method.
-    Measure the result on other noise (:meth:`LearnedSolver.validated`).
+    Measure the result on other noise (:meth:`LearnedSolver.validated`). Where the held-out half keeps no fit, the
+    result is the base method (``kept=False``) and a ``UserWarning`` (beginning :data:`NOT_KEPT`) says so.
     """
-    return _half_and_refit(**locals()).result  # every argument, as given
+    learned = _half_and_refit(**locals()).result  # every argument, as given
+    if not learned.kept:
+        warnings.warn(f"{NOT_KEPT}: no fit beat it on the held-out half of the calibration noise (the base method's "
+                      f"RMS error there: {learned.base_validation_error:.4g}), so the result is {solver!r} itself on "
+                      f"the starting grid ({learned.grid}) with kept=False, and as_solver() returns it; more "
+                      "calibration samples, another learn= or another solver may fit", UserWarning, stacklevel=2)
+    return learned
 
 
 def _learn_both(flow: ProbabilityFlow, noise: Tensor, **options: Any) -> tuple[LearnedSolver, LearnedSolver | None]:
@@ -738,7 +827,16 @@ def _half_and_refit(flow: ProbabilityFlow, noise: Tensor, solver: str, nfe: int,
     start = time.perf_counter()
     if sigmas is not None:
         grid_name = "given"
-        sigmas = np.asarray(sigmas, dtype=np.float64)
+        try:
+            given = np.asarray(sigmas, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"sigmas must be an array of σ (a generation grid), got {type(sigmas).__name__} "
+                            f"{sigmas!r}; for a named grid give flowdiff.make_sigmas(flow.schedule, name, steps)") \
+                from None
+        if given.ndim == 1 and given.size and given[0] == math.inf:
+            raise ValueError("sigmas must start at a finite σ (a grid from σ = ∞ has its own first step)")
+        check_fitted_grid("sigmas", given, "learn_solver", "the grid the fit starts from")
+        sigmas = given
     else:
         stored = stored_grid(flow, solver, nfe, options, model_kwargs)
         if stored is not None:

@@ -46,6 +46,7 @@ import dataclasses
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,7 +66,7 @@ from ..engine.formulations import encode_evaluates_end, encode_refusal, formulat
 from ..engine.grids import check_budget, make_sigmas, reversed_grid
 from ..engine.options import Adaptive
 from ..engine.results import Result
-from .learned import shift_intervals, tune_roundtrip
+from .learned import check_fitted_grid, check_fitted_shifts, shift_intervals, tune_roundtrip
 from .tuning import check_fingerprint, check_rows_split, read_record, record_fingerprint, write_record
 
 __all__ = ["LearnedEncoder", "learn_encoder"]
@@ -75,6 +76,9 @@ _FORMAT = "flowdiff.LearnedEncoder/1"
 #: Named grids the fit also starts from when no grid is given (besides the round-trip grid): the fit finds
 #: local minima, and on the mixture of ``bench_roundtrip.py`` which one depended on the start.
 START_GRIDS = ("logsnr", "karras", "trailing")
+
+#: How :func:`learn_encoder`'s warning that the held-out half rejected every fit (``kept=False``) begins.
+NOT_KEPT = "learn_encoder kept the plain encode"
 
 
 @dataclass(frozen=True)
@@ -192,14 +196,26 @@ class LearnedEncoder:
             data.setdefault("latent_weight", data["options"].get("latent_weight", math.nan))
             data["weight_trials"] = tuple(_trial(t) for t in data.get("weight_trials", ()))
             learned = cls(**data, source=str(path))
+            check_fitted_grid("sigmas", learned.sigmas, "learn_encoder")
+            if not isinstance(learned.kept, bool):
+                raise ValueError(f"kept must be true or false, got {learned.kept!r}")
             for what in ("shifts", "decode_shifts"):
                 if len(getattr(learned, what)) != len(learned.sigmas) - 1:
                     raise ValueError(f"{len(getattr(learned, what))} {what} for {len(learned.sigmas) - 1} steps")
+                bad = [(i, d) for i, d in enumerate(getattr(learned, what)) if not math.isfinite(d)]
+                if bad:
+                    raise ValueError(f"{what}[{bad[0][0]}] = {bad[0][1]!r} is not finite; accepted: a finite number")
             _check_choice(learned)
             learned._encode_solver()
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"{path}: malformed learned encoder ({err})") from None
         learned.check(flow, model_kwargs)
+        bound = float(learned.options.get("bound", math.inf)) if isinstance(learned.options, dict) else math.inf
+        for what, direction in (("shifts", "encode"), ("decode_shifts", "decode")):
+            if any(getattr(learned, what)):  # each within what learn_encoder keeps it in, as learn_solver's files
+                check_fitted_shifts(getattr(learned, what), shift_intervals(learned.base(), learned.sigmas,
+                                                                            flow.schedule, bound, direction),
+                                    what, f"learn_encoder (within ±bound = {bound!r}", str(path))
         return learned
 
 
@@ -375,7 +391,8 @@ def learn_encoder(
     each half is one kind and a fit on one is judged on the other. Any non-reversible solver that encodes
     (``euler`` gains most: every one of its steps can be shifted; the multistep methods' steps out of and into
     σ = 0 are not). Use the result as ``learned.encode(flow, x)``. Images beyond the model's data range are
-    warned about once per call.
+    warned about once per call. Where the held-out half keeps no fit, the result is the plain encode (``kept=False``)
+    and a ``UserWarning`` (beginning :data:`NOT_KEPT`) says so.
     """
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
@@ -536,6 +553,11 @@ def learn_encoder(
     base_calib, _ = errors(sigmas, plain, fit, ref_fit, fit_kw)
     encode_shifts, decode_shifts = learned_shifts if kept else plain
     if not kept:  # the held-out errors are those of what the result encodes with: the plain encode
+        warnings.warn(f"{NOT_KEPT}: on the held-out half of the images no fit beat it (the nearest: round trip "
+                      f"{val:.4g} against the plain encode's {base_val:.4g}, latent error {lat:.4g} against "
+                      f"{base_lat:.4g}; a fit is kept only if it is lower in both), so the result is the plain "
+                      f"{solver!r} encode on the starting grid ({initial_name}) with kept=False; more calibration "
+                      "images, another latent_weight or solver may fit", UserWarning, stacklevel=2)
         val, lat = base_val, base_lat
     return LearnedEncoder(
         solver, options, nfe, (learned_sig if kept else sigmas).copy(), encode_shifts, decode_shifts,

@@ -55,7 +55,8 @@ import solvers as _solvers
 
 from ..api.sampling import generate
 from ..engine._checks import check_seed, model_kwargs_rows
-from ..engine.fingerprint import accepted_fingerprints, flow_fingerprint
+from ..engine._files import atomic_write
+from ..engine.fingerprint import accepted_fingerprints, flow_fingerprint, plain_function_before
 from ..engine.flow import ProbabilityFlow
 from ..engine.grids import GRIDS, make_sigmas
 from . import grid_dp as _dp
@@ -132,13 +133,18 @@ class TunedGrid:
 
 def _consistent(grid: TunedGrid) -> TunedGrid:
     """``grid`` as read from a file, if it can be what :func:`tune` writes: a generation grid (finite σ ≥ 0, strictly
-    decreasing) of at most ``nfe`` steps (every solver spends at least one evaluation a step)."""
+    decreasing) of at most ``nfe`` steps (every solver spends at least one evaluation a step), for a registered
+    solver with options it takes (a file naming another was loaded, and failed only where the grid was used)."""
     s = grid.sigmas
     if s.ndim != 1 or s.size < 2 or not np.all(np.isfinite(s)) or np.any(s < 0) or np.any(np.diff(s) >= 0):
         raise ValueError(f"sigmas must be a strictly decreasing list of at least 2 finite σ >= 0 (a generation grid), "
                          f"got {s.tolist()}")
     if isinstance(grid.nfe, bool) or not isinstance(grid.nfe, int) or grid.nfe < s.size - 1:
         raise ValueError(f"nfe must be an int no smaller than the grid's {s.size - 1} steps, got {grid.nfe!r}")
+    if not isinstance(grid.solver, str) or not isinstance(grid.solver_options, dict):
+        raise ValueError(f"solver must be a registered solver's name and solver_options its options, got "
+                         f"{grid.solver!r} and {grid.solver_options!r}")
+    _solvers.get(grid.solver, **grid.solver_options)  # an unknown name or option: a ValueError naming it
     return grid
 
 
@@ -158,7 +164,9 @@ def read_record(path: Path, format: str, what: str) -> dict[str, Any]:
 
 def write_record(path: str | Path, format: str, data: dict[str, Any], what: str) -> Path:
     """Write ``data`` as the JSON file of a ``format`` record (a tuned grid, a learned solver or encoder); numpy
-    numbers and tuples in its options are stored as JSON numbers and lists, anything else is a TypeError."""
+    numbers and tuples in its options are stored as JSON numbers and lists, anything else is a TypeError. Written
+    atomically, as :meth:`flowdiff.Latent.save` writes: a file already at ``path`` is replaced whole, and a write
+    that fails (a full disk) leaves it as it was, where writing in place had left it cut short."""
 
     def plain(value: object) -> object:
         if isinstance(value, (np.integer, np.floating)):
@@ -168,8 +176,9 @@ def write_record(path: str | Path, format: str, data: dict[str, Any], what: str)
         raise TypeError(f"cannot store {type(value).__name__} in a {what}'s options")
 
     path = Path(path)
+    text = json.dumps({"format": format, **data}, indent=1, default=plain) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"format": format, **data}, indent=1, default=plain) + "\n")
+    atomic_write(path, text.encode(), f"flowdiff {what} file")
     return path
 
 
@@ -178,6 +187,10 @@ def check_fingerprint(fingerprint: str, flow: ProbabilityFlow, model_kwargs: Map
     """Raise ``ValueError`` unless ``flow`` (with ``model_kwargs``) has ``fingerprint``: the flow a record
     (``what``: "this grid was tuned", …) belongs to; ``again`` says how to make one for the flow given."""
     accepted = accepted_fingerprints(flow, model_kwargs)
+    if fingerprint not in accepted and fingerprint in plain_function_before(flow, model_kwargs):
+        raise ValueError(f"{what} on a plain function's flow with fingerprint {fingerprint}, recorded before flowdiff "
+                         "read a plain function's code and closure (every plain function of one schedule had that "
+                         f"fingerprint), so it cannot tell whether the function given is that one: {again}")
     if fingerprint not in accepted:
         older = ("; a file saved before flowdiff fingerprinted conditioning repeated per sample independently of the "
                  "batch size matches only at the batch it was made with") if len(accepted) > 1 else ""
@@ -707,8 +720,9 @@ def stored_grid(flow: ProbabilityFlow, solver: str, nfe: int, solver_options: Ma
                 ) -> TunedGrid | None:
     """The shipped grid tuned for exactly this flow (by fingerprint), solver, options and budget, or ``None``.
 
-    Looks in ``directory`` (default :data:`STORED_DIR`) at every ``*.tuned.json``. A flow whose
-    network, schedule or conditioning differs in any bit has another fingerprint and finds none.
+    Looks in ``directory`` (default :data:`STORED_DIR`; a ``directory`` given that is not a folder is an
+    ``OSError`` naming it) at every ``*.tuned.json``. A flow whose network, schedule or conditioning differs in any
+    bit has another fingerprint and finds none.
     """
     if solver not in _solvers.available():  # a misspelt name is not a solver without a stored grid
         raise ValueError(f"unknown solver {solver!r}; available: {', '.join(_solvers.available())}")
@@ -717,6 +731,10 @@ def stored_grid(flow: ProbabilityFlow, solver: str, nfe: int, solver_options: Ma
     if nfe < 1:
         raise ValueError(f"nfe must be >= 1, got {nfe}")
     folder = STORED_DIR if directory is None else Path(directory)
+    if directory is not None and not folder.is_dir():  # a misspelt folder is not a folder without stored grids
+        raise (NotADirectoryError if folder.exists() else FileNotFoundError)(
+            f"directory {str(directory)!r} is not a folder{'' if folder.exists() else ' (it does not exist)'}; "
+            "stored_grid looks there for *.tuned.json files (flowdiff.save_grids writes them)")
     files = sorted(folder.glob("*.tuned.json"))
     if not files:
         return None
