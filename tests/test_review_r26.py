@@ -272,3 +272,50 @@ def test_peers_run_checks_its_budget_as_run_peers_does(peer):
         with pytest.raises(error, match=rf"budget must be a positive int \(model evaluations\), got {budget!r}"):
             P.run(sampler, flow, noise, budget)
     assert torch.equal(P.run(sampler, flow, noise, np.int64(4)).x, P.run(sampler, flow, noise, 4).x)
+
+
+# -- fingerprints (R26's findings in flowdiff/engine/fingerprint.py) ------------------------------------------------
+
+class _TwoModels:
+    """One object, two models: its methods give different ε (and a counter, not part of either)."""
+
+    def __init__(self) -> None:
+        self.scale = torch.tensor(0.5)
+
+    def eps_a(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.scale * x
+
+    def eps_b(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return -self.scale * x
+
+
+def test_two_methods_of_one_object_are_two_fingerprints():
+    """S12 read a bound method's object, not which method: ``ProbabilityFlow(obj.eps_a)`` and ``(obj.eps_b)`` had one
+    fingerprint, so a reference or latent made with one was accepted for the other. The same method twice keeps one."""
+    obj, schedule = _TwoModels(), flowdiff.VESchedule()
+    a = flowdiff.flow_fingerprint(flowdiff.ProbabilityFlow(obj.eps_a, schedule))
+    assert a != flowdiff.flow_fingerprint(flowdiff.ProbabilityFlow(obj.eps_b, schedule))
+    assert a == flowdiff.flow_fingerprint(flowdiff.ProbabilityFlow(obj.eps_a, schedule))
+    # and still the object's tensors: the same method of an object holding other values is another model
+    other = _TwoModels()
+    other.scale = torch.tensor(0.25)
+    assert a != flowdiff.flow_fingerprint(flowdiff.ProbabilityFlow(other.eps_a, schedule))
+
+
+@pytest.mark.parametrize("pair", [
+    (dict(time="sigma"), dict(time="log_sigma")),
+])
+def test_ve_schedules_feeding_other_times_are_other_flows(pair):
+    """Only ᾱ was digested, so VE's time="sigma" and time="log_sigma" (the network fed σ or ¼·ln σ over one table of
+    levels) had one fingerprint: a file made for one flow was accepted for the other."""
+    obj = _TwoModels()
+    one, two = (flowdiff.ProbabilityFlow(obj.eps_a, flowdiff.VESchedule(**kw)) for kw in pair)
+    assert one.schedule.alphas_cumprod.tobytes() == two.schedule.alphas_cumprod.tobytes()
+    assert flowdiff.flow_fingerprint(one) != flowdiff.flow_fingerprint(two)
+
+
+def test_a_plain_schedule_digest_is_unchanged():
+    """The schedule's extra fields are digested only for schedules other than the plain table: the shipped model's
+    stored grids (`flowdiff/weights/digits.tuned.json`) still find it."""
+    flow = flowdiff.pretrained("digits")
+    assert flowdiff.stored_grid(flow, "unipc", 10) is not None

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ._checks import check_model_kwargs
 from .flow import ProbabilityFlow
+from .schedules import Schedule
 
 
 def _bytes(value: Tensor) -> np.ndarray:
@@ -240,6 +241,16 @@ def _read(h: Any, value: object, seen: set[int], depth: int = 0) -> None:
                 _read(h, item, seen, depth + 1)
 
 
+def _owner(flow: ProbabilityFlow) -> tuple[object, str | None]:
+    """What holds the model's tensors — the model itself, or the object of a bound method given as the model or as
+    a σ field — and that method's qualified name (None for no bound method)."""
+    owner = getattr(flow.sigma_field, "__self__", None) if flow.sigma_field is not None else flow.model
+    bound = flow.sigma_field if flow.sigma_field is not None else flow.model
+    if isinstance(bound, types.MethodType):  # a bound method: its object holds the tensors
+        return bound.__self__, bound.__func__.__qualname__
+    return owner, None
+
+
 def _digest(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None, *, repeated: bool,
             cast: torch.dtype | None = None, functions: bool = True) -> str:
     """The fingerprint; ``functions=False`` digests a plain function as the model as nothing of its own (its schedule
@@ -247,9 +258,9 @@ def _digest(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None, *, re
     if not isinstance(flow, ProbabilityFlow):
         raise TypeError(f"flow must be a flowdiff.ProbabilityFlow, got {type(flow).__name__}")
     h = hashlib.blake2b(digest_size=16)
-    owner = getattr(flow.sigma_field, "__self__", None) if flow.sigma_field is not None else flow.model
-    if isinstance(owner, types.MethodType):  # a bound method as the model: its object holds the tensors
-        owner = owner.__self__
+    owner, method = _owner(flow)
+    if method is not None:  # which of the object's methods: two methods of one object are two models
+        h.update(f"|method {method}".encode())
     if isinstance(owner, torch.nn.Module):
         h.update(_module_digest(owner, cast))
     elif isinstance(owner, (types.FunctionType, functools.partial)) and functions:  # a plain function as the model
@@ -260,6 +271,13 @@ def _digest(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None, *, re
         raise TypeError(f"cannot fingerprint a model of type {type(flow.model).__name__}: it is neither a "
                         "torch.nn.Module nor an object holding its tensors as attributes")
     h.update(flow.schedule.alphas_cumprod.tobytes())
+    if type(flow.schedule) is not Schedule:
+        # what else feeds the model (VE's time="sigma" or "log_sigma", flow matching's T and shift): a table of levels
+        # alone does not say which time the network was fed
+        h.update(f"|{type(flow.schedule).__name__}".encode())
+        for name, value in sorted(vars(flow.schedule).items()):
+            if not name.startswith("_") and isinstance(value, (bool, int, float, str)):
+                h.update(f"|{name}={value!r}".encode())
     h.update(f"{type(owner).__name__}|{flow.prediction_type}".encode())
     if check_model_kwargs(model_kwargs):
         for key, value in dict(model_kwargs).items():
@@ -277,7 +295,10 @@ def flow_fingerprint(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | No
     differ between samples are digested sample by sample. ``model_kwargs=None`` (or empty) digests the flow alone.
 
     The model is read as a ``torch.nn.Module``'s state, or as the tensors and numbers an object holds as attributes
-    (the object of a bound method, given as the model or as a σ field). A plain function (or ``functools.partial``)
+    (the object of a bound method, given as the model or as a σ field, with that method's name: two methods of one
+    object are two models). The schedule is read as its table of levels and, for a schedule other than the plain
+    table (``VESchedule``, ``FlowMatchingSchedule``, a subclass), its type and its public scalar fields (VE's ``time``,
+    flow matching's T and shift), which say what else the network is fed. A plain function (or ``functools.partial``)
     given as the model is read as its code (bytecode, constants, the names it looks up; not its name, file or line),
     its defaults, the values its closure holds and the globals its body names — tensors, networks, numbers, tuples,
     other functions and bound methods, objects by their public attributes read the same way (a few objects deep); a
@@ -319,9 +340,6 @@ def precision_fingerprints(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any
     the network; distinct values, in that order. A model that is not a ``torch.nn.Module`` has its own only.
     What records a flow solved in one precision (a reference) matches the same network run in another."""
     keys = [_digest(flow, model_kwargs, repeated=True)]
-    owner = getattr(flow.sigma_field, "__self__", None) if flow.sigma_field is not None else flow.model
-    if isinstance(owner, types.MethodType):  # a bound method as the model: its object holds the tensors
-        owner = owner.__self__
-    if isinstance(owner, torch.nn.Module):
+    if isinstance(_owner(flow)[0], torch.nn.Module):
         keys += [_digest(flow, model_kwargs, repeated=True, cast=dtype) for dtype in dtypes]
     return tuple(dict.fromkeys(keys))
