@@ -11,6 +11,7 @@ is the file's way through the command line, which does not depend on the values 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import re
 from pathlib import Path
@@ -138,3 +139,18 @@ def test_each_refusal_is_one_line_naming_learned_and_the_file_and_writes_nothing
     assert code == status
     assert re.search(says, one_line(err)), err
     assert not (tmp_path / out).exists()
+
+
+def test_sample_with_a_rejected_fit_says_it_runs_the_base_method(files, capsys, tmp_path):
+    """A file whose fit the held-out half rejected (``kept=False``: ``as_solver()`` is the base method) was announced
+    as running "on its fitted grid", as a kept one is (S14): the line now says the base method runs."""
+    flow, _, _, folder = files
+    rejected = dataclasses.replace(_learned(flow, 5, size=0.0, grid="trailing"), kept=False)
+    path = rejected.save(folder / "rejected.json")
+    code, out, err = run_in(capsys, ["sample", "--learned", path, "--seed", 3, "--num", 2, "--out", "r.png"], tmp_path)
+    assert code == 0, err
+    assert "fitted grid" not in out and "base method unipc" in out and "not kept" in out
+    code, out, err = run_in(capsys, ["sample", "--learned", str(folder / "good5.json"), "--seed", 3, "--num", 2,
+                                     "--out", "k.png"], tmp_path)
+    assert code == 0, err
+    assert "on its fitted grid" in out and "base method" not in out

@@ -104,8 +104,10 @@ def sample_solve(args: argparse.Namespace, flow: ProbabilityFlow, model_kwargs: 
     if args.learned is None:
         return {"solver": args.solver}, f"on the {args.grid} grid"
     learned = load(args.learned, flow, model_kwargs)
+    how = ("on its fitted grid" if learned.kept else
+           f"on its grid as the base method {learned.solver} (its fit was not kept: the held-out half rejected it)")
     return ({"solver": learned.as_solver(), "grid": learned.sigmas},
-            f"from --learned {args.learned} (fitted at NFE {learned.nfe}) on its fitted grid")
+            f"from --learned {args.learned} (fitted at NFE {learned.nfe}) {how}")
 
 
 def compare_solvers(args: argparse.Namespace, flow: ProbabilityFlow, model_kwargs: dict[str, Any] | None
