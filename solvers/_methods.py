@@ -53,7 +53,7 @@ def _make(name: str, tableau: BT, order: int, error_order: int | None = None) ->
 
 
 for _name, (_tab, _order, _summary) in _FIXED.items():
-    register(_name, partial(_make, _name, _tab, _order), _summary)
+    register(_name, partial(_make, _name, _tab, _order, None), _summary)  # every argument bound: no options
 
 for _name, (_tdtab, _order, _err_order, _summary) in _EMBEDDED.items():
     register(_name, partial(_make, _name, BT.from_torchdiffeq(_tdtab), _order, _err_order),
