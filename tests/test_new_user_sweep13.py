@@ -126,3 +126,204 @@ def test_available_flags_are_bools():
     """Was: ``available(adaptive="yes")`` returned [] (no solver's flag equals a string)."""
     with pytest.raises(TypeError, match="adaptive must be True, False or None, got 'yes'"):
         solvers.available(adaptive="yes")
+
+
+# -- time grids and times ---------------------------------------------------------------------------------------
+
+Y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize(("ts", "error", "match"), [
+    ("01", TypeError, "ts must be a list or tuple of times, or a 1-D tensor or array, got str"),
+    ({0.0, 1.0}, TypeError, "got set"),
+    ([False, True], TypeError, r"ts must hold real numbers, got False \(bool\) at index 0"),
+    ([0.0, 1j], TypeError, r"got 1j \(complex\) at index 1"),
+    (torch.tensor(1.0), ValueError, r"1-D sequence of times, got a Tensor of shape \(\)"),
+    (torch.zeros(2, 2), ValueError, r"shape \(2, 2\)"),
+    (torch.tensor([0.0, 1.0], requires_grad=True), ValueError, r"requires grad.*no gradient.*ts.detach\(\)"),
+    ([torch.tensor(0.0), torch.tensor(1.0, requires_grad=True)], TypeError, "at index 1 .*requires grad"),
+    (np.array([0, 1j]), TypeError, "real times, got dtype complex128"),
+])
+def test_a_grid_that_is_not_a_sequence_of_real_times_is_refused(ts, error, match):
+    """Was: ``ts="01"`` solved from 0 to 1 (each character a time), a set solved in its iteration order,
+    ``[False, True]`` from 0 to 1, and a grid that requires grad was solved with the gradient silently dropped;
+    a 0-dim tensor was "not a sequence of real numbers, got Tensor" though a 1-D tensor is one."""
+    with pytest.raises(error, match=match):
+        solvers.solve(oscillator, Y0, ts, "rk4")
+
+
+@pytest.mark.parametrize("ts", [[0, 1, 2], torch.arange(3), np.arange(3), (0.0, 1.0, 2.0), range(3),
+                                [torch.tensor(0.0), 1, np.float32(2.0)]])
+def test_integer_tensor_and_array_grids_are_times(ts):
+    """What torchdiffeq users pass: integer lists, integer tensors, arrays, 0-dim tensors: one result."""
+    assert torch.equal(solvers.solve(oscillator, Y0, ts, "rk4").y, solvers.solve(oscillator, Y0, [0.0, 1.0, 2.0],
+                                                                                   "rk4").y)
+
+
+@pytest.mark.parametrize(("t0", "t1", "error", "match"), [
+    (0.0, "1", TypeError, "t1 must be a real number, got str '1'"),
+    (torch.tensor(0.0, requires_grad=True), 1.0, ValueError, r"t0 requires grad.*t0.detach\(\)"),
+])
+def test_adaptive_end_times_are_numbers(t0, t1, error, match):
+    """Was: ``solve_adaptive(f, y0, 0.0, "1")`` solved to t = 1 (the string converted); a t0 that requires grad was
+    taken as a float, its gradient dropped."""
+    with pytest.raises(error, match=match):
+        solvers.solve_adaptive(oscillator, Y0, t0, t1)
+    assert torch.equal(solvers.solve_adaptive(oscillator, Y0, torch.tensor(0.0), np.float64(1.0)).y,
+                       solvers.solve_adaptive(oscillator, Y0, 0.0, 1.0).y)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    (dict(rtol=torch.tensor(1e-6)), TypeError, r"rtol must be a Python number, got a tensor.*norm="),
+    (dict(atol=torch.tensor([1e-8, 1e-6])), TypeError, "atol must be a Python number, got a tensor"),
+    (dict(rtol="1e-3"), TypeError, "rtol must be a finite number >= 0, got str"),
+    (dict(rtol=-1.0), ValueError, "rtol must be a finite number >= 0, got -1.0"),
+    (dict(first_step=math.inf), ValueError, "first_step must be a finite number > 0, got inf"),
+    (dict(norm="rms"), TypeError, r"norm must be callable as norm\(error, y0, y1, t1\)"),
+    (dict(controller=solvers.StepController), TypeError, "controller must be a solvers.StepController"),
+])
+def test_adaptive_options_are_checked_before_the_solve(kwargs, error, match):
+    """Was: a tensor tolerance was "rtol must be a finite number >= 0, got tensor(1.0000e-06)" (it is one; torchdiffeq
+    takes it), a string tolerance a ValueError, and ``norm="rms"`` failed inside step 0 ("'str' object is not
+    callable")."""
+    with pytest.raises(error, match=match):
+        solvers.solve_adaptive(oscillator, Y0, 0.0, 1.0, **kwargs)
+
+
+def test_a_per_component_tolerance_is_a_norm():
+    """What the tensor-tolerance error points to: a norm of one's own gives per-component tolerances, as
+    torchdiffeq's tensor atol does; with equal components it is the default norm's solve."""
+    atol = torch.tensor([1e-8, 1e-8], dtype=torch.float64)
+
+    def norm(error, y0, y1, t1):
+        return (error / (atol + 1e-6 * torch.maximum(y0.abs(), y1.abs()))).pow(2).mean().sqrt()
+
+    own = solvers.solve_adaptive(oscillator, Y0, 0.0, 1.0, rtol=1e-6, atol=1e-8, norm=norm)
+    default = solvers.solve_adaptive(oscillator, Y0, 0.0, 1.0, rtol=1e-6, atol=1e-8)
+    assert own.stats.nfe == default.stats.nfe and torch.allclose(own.y, default.y, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize(("field", "error", "match"), [
+    ("icoeff", TypeError, "StepController.icoeff must be a real number, got str '1'"),
+    ("pcoeff", ValueError, "finite pcoeff"),
+])
+def test_step_controller_coefficients_are_numbers(field, error, match):
+    """Was: ``StepController(icoeff="1")`` was built, and failed inside the first step's size update."""
+    with pytest.raises(error, match=match):
+        solvers.StepController(**{field: "1" if field == "icoeff" else math.nan})
+
+
+# -- the loop's hooks and where failures are reported -----------------------------------------------------------
+
+def test_a_stepping_that_is_not_one_is_refused():
+    """Was: ``integrate(f, y0, "rk4", [0.0, 1.0])`` failed with "'list' object has no attribute 'interval'"."""
+    with pytest.raises(TypeError, match=r"stepping must be a solvers.Stepping \(FixedGrid\(ts\).*got list"):
+        solvers.integrate(oscillator, Y0, "rk4", [0.0, 1.0])
+
+
+@pytest.mark.parametrize(("methods", "error", "match"), [
+    ({5: solvers.get("rk4")}, ValueError, r"FixedGrid.methods: 5 is not a step of this grid \(its 2 steps are 0..1\)"),
+    ({0: "rk4"}, TypeError, r"FixedGrid.methods\[0\] must be a solvers.Solver"),
+    ([solvers.get("rk4")], TypeError, "FixedGrid.methods must be a dict"),
+])
+def test_fixed_grid_methods_name_steps_of_the_grid(methods, error, match):
+    """Was: a method for step 5 of a 2-step grid was silently ignored; a name instead of a solver failed with
+    "'str' object has no attribute 'lacks'"."""
+    with pytest.raises(error, match=match):
+        solvers.integrate(oscillator, Y0, "euler", solvers.FixedGrid([0.0, 0.5, 1.0], methods=methods))
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(callback=3), r"callback must be callable as callback\(info: solvers.StepInfo\)"),
+    (dict(time_name=3), "time_name must be a str"),
+])
+def test_hooks_are_checked_before_the_first_step(kwargs, match):
+    """Was: ``callback=3`` ran the first step and then failed as "step 1 (t 0 -> 1): 'int' object is not
+    callable"; ``time_name=3`` was accepted (and broke only an error message)."""
+    calls = []
+
+    def f(t, y):
+        calls.append(t)
+        return oscillator(t, y)
+
+    with pytest.raises(TypeError, match=match):
+        solvers.solve(f, Y0, [0.0, 1.0], "rk4", **kwargs)
+    assert calls == []
+
+
+def test_a_failing_callback_is_located_at_the_step_it_followed():
+    """Was: a callback raising ValueError after step 0 was reported as "step 1 (t 0 -> 0.5)": the index of the next
+    step with the times of the last."""
+    def callback(info):
+        if info.step == 1:
+            raise ValueError("stop here")
+
+    with pytest.raises(SolveError, match=r"^the callback after step 1 \(t 0.5 -> 1\): stop here") as info:
+        solvers.solve(oscillator, Y0, [0.0, 0.5, 1.0, 1.5], "rk4", callback=callback)
+    assert (info.value.step, info.value.t0, info.value.t1) == (1, 0.5, 1.0)
+
+
+def test_a_field_failing_in_the_solvers_start_is_located():
+    """Was: reversible Heun evaluates f(t0, y0) before the first step, outside the loop's error handling: a field of
+    the wrong shape was a bare ValueError, and a field raising there carried no note of where."""
+    with pytest.raises(SolveError, match=r"the solver's start at t 0.25 \(before step 0\): the vector field "
+                                         r"returned shape \(1,\)") as info:
+        solvers.solve(lambda t, y: y[:1], Y0, [0.25, 1.0], "reversible_heun")
+    assert info.value.stats.nfe == 1
+
+    def broken(t, y):
+        raise RuntimeError("model failed")
+
+    with pytest.raises(RuntimeError, match="model failed") as info:
+        solvers.solve(broken, Y0, [0.25, 1.0], "reversible_heun")
+    assert info.value.__notes__ == ["while solving the solver's start at t 0.25 (before step 0)"]
+    with pytest.raises(RuntimeError, match="model failed") as info:  # dopri5's first evaluation: its size estimate
+        solvers.solve_adaptive(broken, Y0, 0.25, 1.0)
+    assert info.value.__notes__ == ["while solving step 0 (choosing it at t 0.25)"]
+
+
+@pytest.mark.parametrize("solver", ["rk4", "dopri5"])
+def test_a_field_failing_mid_solve_names_the_step_and_its_times(solver):
+    """The brief's case: a field that raises at t > 0.55 is reported at the step that spans it."""
+    def late(t, y):
+        if t > 0.55:
+            raise KeyError("late")
+        return oscillator(t, y)
+
+    with pytest.raises(KeyError) as info:
+        solvers.solve(late, Y0, torch.linspace(0, 1, 11), solver)
+    assert info.value.__notes__ == ["while solving step 5 (t 0.5 -> 0.6)"]
+
+
+def test_an_adaptive_solve_from_a_state_that_requires_grad_does_not_warn():
+    """Was: the step-size estimate took ``float`` of a norm that required grad: "UserWarning: Converting a tensor
+    with requires_grad=True to a scalar" on every solve from a differentiable y0; gradients are those of the
+    solution (d y(1)/d y0 = exp(A))."""
+    y0 = Y0.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sol = solvers.solve_adaptive(oscillator, y0, 0.0, 1.0, rtol=1e-9, atol=1e-12)
+    (grad,) = torch.autograd.grad(sol.y[0], y0)
+    assert torch.allclose(grad, torch.linalg.matrix_exp(OSCILLATOR)[0], rtol=0, atol=1e-7)
+
+
+def test_vmap_over_a_solve_says_which_check_to_turn_off():
+    """Was: ``torch.func.vmap`` over ``solve`` failed with torch's "data-dependent control flow" (the end state's
+    finite check), over ``solve_adaptive`` with "calling .item()". With the check off, vmap equals the batch solve."""
+    ys = torch.randn(3, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="under torch.func.vmap .* pass check_finite=False"):
+        torch.func.vmap(lambda y: solvers.solve(oscillator, y, [0.0, 0.5, 1.0], "rk4").y)(ys)
+    mapped = torch.func.vmap(lambda y: solvers.solve(oscillator, y, [0.0, 0.5, 1.0], "rk4", check_finite=False).y)(ys)
+    assert torch.allclose(mapped, solvers.solve(oscillator, ys, [0.0, 0.5, 1.0], "rk4").y, rtol=0, atol=1e-15)
+    with pytest.raises(SolveError, match="error-controlled solve reads each step's error on the host"):
+        torch.func.vmap(lambda y: solvers.solve_adaptive(oscillator, y, 0.0, 1.0).y)(ys)
+
+
+def test_a_reversible_state_undone_by_another_solver_is_refused():
+    """Was: ``unsolve(f, y, ts, "reversible", state=<reversible_heun's state>)`` ran and returned a wrong y0."""
+    ts = [0.0, 0.5, 1.0]
+    sol = solvers.solve(oscillator, Y0, ts, "reversible_heun")
+    with pytest.raises(SolveError, match="carries no derivative, but the state holds one"):
+        solvers.unsolve(oscillator, sol.y, ts, "reversible", state=sol.state)
+    back = solvers.unsolve(oscillator, sol.y, ts, "reversible_heun", state=sol.state)
+    assert torch.allclose(back.y, Y0, rtol=0, atol=1e-15)
