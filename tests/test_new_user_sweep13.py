@@ -327,3 +327,45 @@ def test_a_reversible_state_undone_by_another_solver_is_refused():
         solvers.unsolve(oscillator, sol.y, ts, "reversible", state=sol.state)
     back = solvers.unsolve(oscillator, sol.y, ts, "reversible_heun", state=sol.state)
     assert torch.allclose(back.y, Y0, rtol=0, atol=1e-15)
+
+
+# -- solvers/ without flowdiff ----------------------------------------------------------------------------------
+
+#: the test files of solvers/ alone (they import no flowdiff)
+SOLVERS_TESTS = ("tests/test_solvers.py", "tests/test_reversible.py", "tests/test_solver_promises.py",
+                 "tests/test_newton.py", "tests/test_new_user_sweep13.py")
+_WITHOUT_FLOWDIFF = "import sys; sys.modules['flowdiff'] = None  # `import flowdiff` now fails, as if deleted\n"
+
+
+def _run_without_flowdiff(code: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _WITHOUT_FLOWDIFF + code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                                                           "PATH": "/usr/bin:/bin"})
+
+
+def test_solvers_import_solve_and_collect_their_tests_without_flowdiff():
+    """STYLE's promise: delete flowdiff/ and solvers/ still imports, solves, and its tests load. No test checked it."""
+    code = """
+import torch, solvers
+y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+f = lambda t, y: torch.stack([y[1], -y[0]])
+a = solvers.solve(f, y0, [0.0, 0.5, 1.0], "rk4")
+b = solvers.solve_adaptive(f, y0, 0.0, 1.0)
+c = solvers.solve(f, y0, [0.0, 0.5, 1.0], "reversible_heun")
+assert torch.allclose(solvers.unsolve(f, c.y, [0.0, 0.5, 1.0], "reversible_heun", state=c.state).y, y0)
+assert not any(m == "flowdiff" or m.startswith("flowdiff.") for m in sys.modules if sys.modules[m] is not None)
+import pytest
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "--collect-only", *%r]))
+""" % (SOLVERS_TESTS,)
+    done = _run_without_flowdiff(code, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "error" not in done.stdout.lower().split("collected")[-1], done.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_the_solvers_tests_pass_without_flowdiff():
+    """The same, running them (about 15 s on one core)."""
+    code = "import pytest; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'not without_flowdiff', *%r]))" \
+        % (SOLVERS_TESTS,)
+    done = _run_without_flowdiff(code, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
