@@ -861,7 +861,7 @@ def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state:
         stats.steps, stats.accepted, stats.rejected = steps, accepted, rejected
         if isinstance(err, _OverBudget):
             finish()
-            raise _budget_error(max_nfe, err, t0, t1, stats, names, inverse) from None
+            raise _budget_error(max_nfe, err, t0, t1, stats, names, inverse, always) from None
         _reraise(err, stats, t0, t1, names, inverse, finish, phase, run.t)
     stats.steps, stats.accepted, stats.rejected = steps, accepted, rejected
     finish()
@@ -869,7 +869,8 @@ def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state:
 
 
 def _budget_error(max_nfe: int | None, err: _OverBudget, t0: float, t1: float, stats: Stats,
-                  names: tuple[str, Callable[[float], float] | None], inverse: bool) -> SolveError:
+                  names: tuple[str, Callable[[float], float] | None], inverse: bool,
+                  fixed: bool = False) -> SolveError:
     """The error of a step (or of the first step's size estimate, ``err.what``) not taken because its
     evaluations would pass ``max_nfe``; ``err.t`` is where the evaluation that would have passed it was asked."""
     time_name, display = names
@@ -883,7 +884,7 @@ def _budget_error(max_nfe: int | None, err: _OverBudget, t0: float, t1: float, s
     return SolveError(
         f"max_nfe={max_nfe} reached: {where} was not taken, its evaluations would pass the bound after the "
         f"{stats.nfe} already made ({stats.accepted} accepted and {stats.rejected} rejected steps); raise max_nfe "
-        "or loosen rtol/atol", step=i, t0=t0, t1=t1, stats=stats)
+        + ("or take fewer steps" if fixed else "or loosen rtol/atol"), step=i, t0=t0, t1=t1, stats=stats)
 
 
 def _reraise(err: BaseException, stats: Stats, t0: float, t1: float,

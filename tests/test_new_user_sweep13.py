@@ -369,3 +369,49 @@ def test_the_solvers_tests_pass_without_flowdiff():
         % (SOLVERS_TESTS,)
     done = _run_without_flowdiff(code, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+# -- against torchdiffeq ----------------------------------------------------------------------------------------
+
+def _counting(times: list):
+    def f(t, y):
+        times.append(float(t))
+        return oscillator(t, y)
+    return f
+
+
+@pytest.mark.parametrize(("name", "same_times"), [("dopri5", True), ("bosh3", False)])
+def test_adaptive_pairs_cost_what_torchdiffeqs_do(name, same_times):
+    """A torchdiffeq user's first check: the same pair at the same tolerances makes as many evaluations, counted
+    exactly (NFE = calls of f); dopri5's are at the same times (to rounding) but for its last step, which
+    torchdiffeq takes past t1 and interpolates back. (bosh3's steps part where this controller shrinks an accepted
+    step, which torchdiffeq's never does: see solvers._methods.)"""
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    ours, theirs = [], []
+    sol = solvers.solve_adaptive(_counting(ours), Y0, 0.0, 1.0, name, rtol=1e-6, atol=1e-8)
+    torchdiffeq.odeint(_counting(theirs), Y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method=name,
+                       rtol=1e-6, atol=1e-8)
+    assert sol.stats.nfe == len(ours) == len(theirs)
+    if same_times:
+        last = solvers.get(name).tableau.stages - 1  # the evaluations of the last step (FSAL: one fewer)
+        assert np.allclose(ours[:-last], theirs[:-last], rtol=1e-9, atol=0)
+        assert not np.allclose(ours[-last:], theirs[-last:], rtol=1e-9, atol=0)
+    assert float((sol.y - exact_oscillator(Y0, 0.0, 1.0)).abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize(("name", "per_step"), [("adaptive_heun", 2), ("fehlberg2", 3)])
+def test_pairs_that_are_not_fsal_evaluate_every_stage(name, per_step):
+    """``adaptive_heun`` and ``fehlberg2`` cost twice and 1.5 times torchdiffeq's NFE on the same problem: their last
+    stage is not at the step's result, which torchdiffeq reuses anyway. Here each step costs its stages (plus the
+    first step's size estimate, 2 evaluations), as ``describe()`` says."""
+    times = []
+    sol = solvers.solve_adaptive(_counting(times), Y0, 0.0, 1.0, name, rtol=1e-5, atol=1e-7)
+    assert sol.stats.nfe == len(times) == 2 + per_step * sol.stats.steps - 1  # f(t0, y0) is shared by the estimate
+    assert f"{per_step} evaluations a step" in solvers.describe()[name]
+
+
+def test_max_nfe_on_a_fixed_grid_does_not_advise_tolerances():
+    """Was: a fixed grid over its ``max_nfe`` was told to "loosen rtol/atol", which it has none of."""
+    with pytest.raises(SolveError, match="raise max_nfe or take fewer steps$") as info:
+        solvers.integrate(oscillator, Y0, "rk4", solvers.FixedGrid([0.0, 0.25, 0.5, 0.75, 1.0]), max_nfe=15)
+    assert info.value.stats.nfe == 12 and info.value.step == 3
