@@ -415,3 +415,52 @@ def test_max_nfe_on_a_fixed_grid_does_not_advise_tolerances():
     with pytest.raises(SolveError, match="raise max_nfe or take fewer steps$") as info:
         solvers.integrate(oscillator, Y0, "rk4", solvers.FixedGrid([0.0, 0.25, 0.5, 0.75, 1.0]), max_nfe=15)
     assert info.value.stats.nfe == 12 and info.value.step == 3
+
+
+# -- the root finders -------------------------------------------------------------------------------------------
+
+ROOTS = torch.tensor([[2.0], [3.0]], dtype=torch.float64)
+
+
+def _square(y):
+    return y**2 - ROOTS
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    (dict(guesses=torch.ones(2, 1, dtype=torch.float64)), TypeError, r"guesses must be a list.*one guess is \[y0\]"),
+    (dict(guesses=[torch.ones(2, 1, dtype=torch.long)]), TypeError, "guesses.0. must be a real floating-point"),
+    (dict(F=lambda y: y[:1]), ValueError, r"F returned shape \(1, 1\) for an argument of shape \(2, 1\)"),
+    (dict(tol=-1.0), ValueError, "tol must be a finite number >= 0, got -1.0"),
+    (dict(scale=torch.zeros(1, dtype=torch.float64)), ValueError, "scale must be positive"),
+    (dict(max_iter=0), ValueError, "max_iter must be >= 1, got 0"),
+])
+def test_newton_krylov_checks_its_arguments(kwargs, error, match):
+    """Was: a tensor for ``guesses`` failed with "Boolean value of Tensor ... is ambiguous"; an F returning a smaller
+    shape broadcast and "converged" to zeros; tol=-1 and a zero scale ran to the end without converging; an integer
+    guess failed inside torch.finfo."""
+    args = dict(F=_square, guesses=[torch.ones(2, 1, dtype=torch.float64)], scale=torch.ones(1, dtype=torch.float64),
+                tol=1e-12)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        solvers.newton_krylov(args.pop("F"), args.pop("guesses"), **args)
+    root = solvers.newton_krylov(_square, [torch.ones(2, 1, dtype=torch.float64)], scale=1.0, tol=1e-12)
+    assert bool(root.converged.all()) and torch.allclose(root.y, ROOTS.sqrt(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    (dict(x0=torch.tensor(1.0, dtype=torch.float64)), ValueError, "x0 must have a first dimension of samples"),
+    (dict(max_iter=0), ValueError, "max_iter must be >= 1, got 0"),
+    (dict(depth=-1), ValueError, "depth must be >= 0, got -1"),
+    (dict(depth=2.5), TypeError, "depth must be an int, got float 2.5"),
+    (dict(g=lambda x: torch.cos(x[:1])), ValueError, r"g returned shape \(1, 1\)"),
+])
+def test_anderson_checks_its_arguments(kwargs, error, match):
+    """Was: ``max_iter=0`` returned a result whose residual was None; depth=-1 ran as plain iteration and 2.5 as
+    depth 3; a 0-dim x0 failed with "tuple index out of range"; a g of the wrong shape broadcast."""
+    args = dict(g=torch.cos, x0=torch.ones(2, 1, dtype=torch.float64), scale=torch.ones(1, dtype=torch.float64),
+                tol=1e-12, max_iter=100)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        solvers.anderson(args.pop("g"), args.pop("x0"), **args)
+    fixed = solvers.anderson(torch.cos, torch.ones(2, 1, dtype=torch.float64), scale=1.0, tol=1e-12, max_iter=100)
+    assert torch.allclose(torch.cos(fixed.y), fixed.y, rtol=0, atol=1e-11)
