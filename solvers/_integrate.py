@@ -843,6 +843,8 @@ def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state:
                 result = StepResult(y_new, state_new)
             else:
                 result = method.step(field, t0, t1, y, state)
+            if type(result) is not StepResult or result.y.shape != y.shape:
+                _check_result(result, y, method)
             steps += 1
             if always or judge(result, y, t1):
                 accepted += 1
@@ -866,6 +868,18 @@ def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state:
     stats.steps, stats.accepted, stats.rejected = steps, accepted, rejected
     finish()
     return y, state, times, stats
+
+
+def _check_result(result: object, y: Tensor, method: Solver) -> None:
+    """A step's result is a :class:`StepResult` whose state has the shape of the step's start (a solver of one's own
+    that returned the new state alone, or another shape, failed later or not at all)."""
+    if not isinstance(result, StepResult):
+        raise TypeError(f"solver {method.name!r}: step() returned {type(result).__name__}; it must return a "
+                        "solvers.StepResult(y, state, error)")
+    if not isinstance(result.y, Tensor) or result.y.shape != y.shape:
+        got = tuple(result.y.shape) if isinstance(result.y, Tensor) else type(result.y).__name__
+        raise ValueError(f"solver {method.name!r}: step() returned a state of shape {got} from one of shape "
+                         f"{tuple(y.shape)}")
 
 
 def _budget_error(max_nfe: int | None, err: _OverBudget, t0: float, t1: float, stats: Stats,

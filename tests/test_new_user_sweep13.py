@@ -464,3 +464,47 @@ def test_anderson_checks_its_arguments(kwargs, error, match):
         solvers.anderson(args.pop("g"), args.pop("x0"), **args)
     fixed = solvers.anderson(torch.cos, torch.ones(2, 1, dtype=torch.float64), scale=1.0, tol=1e-12, max_iter=100)
     assert torch.allclose(torch.cos(fixed.y), fixed.y, rtol=0, atol=1e-11)
+
+
+# -- a solver of one's own --------------------------------------------------------------------------------------
+
+class _ExplicitMidpoint(solvers.Solver):
+    """The explicit midpoint rule written as a user would, from the Solver interface alone."""
+
+    name = "sweep13_midpoint"
+    order = 2
+
+    def step(self, f, t0, t1, y0, state):
+        h = t1 - t0
+        return solvers.StepResult(y0 + h * f(t0 + h / 2, y0 + h / 2 * f(t0, y0)), None)
+
+
+def test_a_solver_of_ones_own_runs_in_the_loop_and_is_counted():
+    """The Solver interface alone is enough: same values as the registered midpoint, NFE counted by the loop."""
+    ts = torch.linspace(0, 1, 11, dtype=torch.float64)
+    own, registered = solvers.solve(oscillator, Y0, ts, _ExplicitMidpoint()), solvers.solve(oscillator, Y0, ts,
+                                                                                            "midpoint")
+    assert torch.allclose(own.y, registered.y, rtol=0, atol=1e-15) and own.stats.nfe == 20
+    assert solvers.nfe_for_steps(_ExplicitMidpoint(), 10) == 20
+
+
+class _ReturnsTensor(_ExplicitMidpoint):
+    def step(self, f, t0, t1, y0, state):
+        return super().step(f, t0, t1, y0, state).y
+
+
+class _ReturnsOtherShape(_ExplicitMidpoint):
+    def step(self, f, t0, t1, y0, state):
+        return solvers.StepResult(y0[:1], None)
+
+
+@pytest.mark.parametrize(("solver", "match"), [
+    (_ReturnsTensor(), r"step 0 \(t 0 -> 0.5\): solver 'sweep13_midpoint': step\(\) returned Tensor; it must return "
+                       r"a solvers.StepResult"),
+    (_ReturnsOtherShape(), r"step\(\) returned a state of shape \(1,\) from one of shape \(2,\)"),
+])
+def test_a_step_that_returns_the_wrong_thing_is_named(solver, match):
+    """Was: a step returning the new state alone failed with "'Tensor' object has no attribute 'y'"; one returning
+    another shape was carried on (a (2,) state came back (1,), no error)."""
+    with pytest.raises(SolveError, match=match):
+        solvers.solve(oscillator, Y0, [0.0, 0.5, 1.0], solver)
