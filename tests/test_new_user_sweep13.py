@@ -300,9 +300,14 @@ def test_an_adaptive_solve_from_a_state_that_requires_grad_does_not_warn():
     with requires_grad=True to a scalar" on every solve from a differentiable y0; gradients are those of the
     solution (d y(1)/d y0 = exp(A))."""
     y0 = Y0.clone().requires_grad_(True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        sol = solvers.solve_adaptive(oscillator, y0, 0.0, 1.0, rtol=1e-9, atol=1e-12)
+    always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # torch warns once per process otherwise: an earlier test could have used it up
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sol = solvers.solve_adaptive(oscillator, y0, 0.0, 1.0, rtol=1e-9, atol=1e-12)
+    finally:
+        torch.set_warn_always(always)
     (grad,) = torch.autograd.grad(sol.y[0], y0)
     assert torch.allclose(grad, torch.linalg.matrix_exp(OSCILLATOR)[0], rtol=0, atol=1e-7)
 
