@@ -95,9 +95,12 @@ class ButcherTableau:
     ``b_error`` (optional) holds the weights ``b - b_hat`` of an embedded pair, so
     that ``h * sum(b_error[j] * k[j])`` estimates the local error of a step.
 
-    Construction checks the row-sum condition ``c[i] == sum(a[i])`` and the
-    consistency condition ``sum(b) == 1`` (and ``sum(b_error) == 0``), so a
-    mistyped coefficient fails at import, not as a silently lower order.
+    Construction checks that every entry is a finite real number (lists become tuples), the
+    row-sum condition ``c[i] == sum(a[i])`` and the consistency condition ``sum(b) == 1`` (and
+    ``sum(b_error) == 0``). Those hold for a tableau of order 1 too: the order a method claims is
+    checked by :meth:`check_order` against Butcher's order conditions (one per rooted tree; J. C.
+    Butcher, "Numerical Methods for Ordinary Differential Equations"), which :class:`solvers.ExplicitRK`
+    calls, so a mistyped coefficient fails when the method is made, not as a silently lower order.
     """
 
     c: tuple[float, ...]
