@@ -580,8 +580,9 @@ def _on_host(flag: Tensor, what: str) -> bool:
     except RuntimeError as err:
         if "vmap" not in str(err):
             raise
+        also = " and no bound" if what == "bound" else ""
         raise ValueError(f"under torch.func.vmap the end state cannot be checked on the host ({what}): pass "
-                         f"check_finite=False{' and no bound' if what == 'bound' else ''} to solve under vmap") from None
+                         f"check_finite=False{also} to solve under vmap") from None
 
 
 def _initial_step(f: VectorField, t0: float, y0: Tensor, k0: Tensor, direction: float, order: int,

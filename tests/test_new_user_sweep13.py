@@ -360,18 +360,17 @@ c = solvers.solve(f, y0, [0.0, 0.5, 1.0], "reversible_heun")
 assert torch.allclose(solvers.unsolve(f, c.y, [0.0, 0.5, 1.0], "reversible_heun", state=c.state).y, y0)
 assert not any(m == "flowdiff" or m.startswith("flowdiff.") for m in sys.modules if sys.modules[m] is not None)
 import pytest
-sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "--collect-only", *%r]))
-""" % (SOLVERS_TESTS,)
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "--collect-only", *TESTS]))
+""".replace("TESTS", repr(SOLVERS_TESTS))
     done = _run_without_flowdiff(code, timeout=120)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "error" not in done.stdout.lower().split("collected")[-1], done.stdout[-3000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]  # 2: a test file failed to import
 
 
 @pytest.mark.slow
 def test_the_solvers_tests_pass_without_flowdiff():
     """The same, running them (about 15 s on one core)."""
-    code = "import pytest; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'not without_flowdiff', *%r]))" \
-        % (SOLVERS_TESTS,)
+    code = ("import pytest; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'not without_flowdiff', "
+            f"*{SOLVERS_TESTS!r}]))")
     done = _run_without_flowdiff(code, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
