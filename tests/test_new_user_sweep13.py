@@ -31,13 +31,6 @@ def exact_oscillator(y0: torch.Tensor, t0: float, t1: float) -> torch.Tensor:
     return y0 @ torch.linalg.matrix_exp(OSCILLATOR * (t1 - t0)).T
 
 
-def _fresh_name(stem: str) -> str:
-    n = 0
-    while f"{stem}{n}" in solvers.describe():
-        n += 1
-    return f"{stem}{n}"
-
-
 # -- a custom tableau, and the registry ------------------------------------------------------------------------
 
 # SSPRK3 (Shu & Osher): third order, three stages
@@ -96,21 +89,24 @@ def test_a_tableau_given_as_lists_is_stored_as_tuples_and_hashable():
     assert tableau == solvers.get("heun").tableau and hash(tableau) == hash(solvers.get("heun").tableau)
 
 
-def test_register_refuses_what_cannot_build_a_solver():
+def test_register_refuses_what_cannot_build_a_solver(monkeypatch):
     """Was: ``register("x", 3)`` was accepted and ``get("x")`` failed with "'int' object is not callable"; a factory
     returning something else broke ``get`` ("cannot create weak reference") and ``available(adaptive=True)`` for
     every user ("'int' object has no attribute 'adaptive'")."""
+    monkeypatch.setattr(solvers._registry, "_REGISTRY", dict(solvers._registry._REGISTRY))  # registered here only
     with pytest.raises(TypeError, match="factory must be a callable"):
-        solvers.register(_fresh_name("sweep13_"), 3)
+        solvers.register("sweep13_refused", 3)
     with pytest.raises(TypeError, match="factory must be a callable"):
-        solvers.register(_fresh_name("sweep13_"), solvers.get("rk4"))  # an instance, not a factory
-    name = _fresh_name("sweep13_")
-    solvers.register(name, lambda: solvers.ExplicitRK("not_" + name, SSPRK3, 3))
-    with pytest.raises(TypeError, match=f"registered as '{name}' built a solver named 'not_{name}'"):
-        solvers.get(name)
-    name = _fresh_name("sweep13_")
-    solvers.register(name, lambda: solvers.ExplicitRK(name, SSPRK3, 3), "SSPRK3")
-    assert solvers.get(name).order == 3 and solvers.describe()[name] == "SSPRK3"
+        solvers.register("sweep13_refused", solvers.get("rk4"))  # an instance, not a factory
+    solvers.register("sweep13_misnamed", lambda: solvers.ExplicitRK("sweep13_other", SSPRK3, 3))
+    with pytest.raises(TypeError, match="registered as 'sweep13_misnamed' built a solver named 'sweep13_other'"):
+        solvers.get("sweep13_misnamed")
+    with pytest.raises(TypeError, match="registered as 'sweep13_misnamed'"):
+        solvers.available(adaptive=True)
+    del solvers._registry._REGISTRY["sweep13_misnamed"]
+    solvers.register("sweep13_ssprk3", lambda: solvers.ExplicitRK("sweep13_ssprk3", SSPRK3, 3), "SSPRK3")
+    assert solvers.get("sweep13_ssprk3").order == 3 and solvers.describe()["sweep13_ssprk3"] == "SSPRK3"
+    assert "sweep13_ssprk3" in solvers.available(adaptive=False)
 
 
 def test_a_fixed_runge_kutta_method_has_no_options():
