@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import abc
 import math
+import numbers
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -133,13 +135,46 @@ class _Stop(Exception):
     """Raised by a stepping to end the solve with a located :class:`SolveError`."""
 
 
+def _real(value: object) -> bool:
+    """A real number: an int, float or NumPy real scalar, or a 0-dim real tensor that does not require grad (not a
+    bool, a string or a complex number)."""
+    if isinstance(value, Tensor):
+        return (value.dim() == 0 and not value.requires_grad and not value.is_complex()
+                and value.dtype is not torch.bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def check_grid(ts: Sequence[float], *, name: str = "ts", infinite_ends: bool = False) -> list[float]:
     """Validate a time grid: at least two strictly monotone times, finite (or ±inf at the ends
-    with ``infinite_ends``); returned as Python floats."""
-    try:
-        grid = [float(t) for t in (ts.tolist() if hasattr(ts, "tolist") else ts)]
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a sequence of real numbers, got {type(ts).__name__}") from None
+    with ``infinite_ends``); returned as Python floats.
+
+    ``ts`` is a list or tuple of real numbers, or a 1-D real tensor or array (integers are times too). The times are
+    taken as Python floats: a tensor that requires grad is refused (no gradient with respect to the times is
+    computed), as are unordered or text values (a set, a string) and booleans."""
+    if isinstance(ts, (Tensor, np.ndarray)):
+        shape = tuple(ts.shape)
+        if len(shape) != 1:
+            raise ValueError(f"{name} must be a 1-D sequence of times, got a {type(ts).__name__} of shape {shape}")
+        complex_or_bool = ts.is_complex() or ts.dtype is torch.bool if isinstance(ts, Tensor) else \
+            ts.dtype.kind not in "iuf"
+        if complex_or_bool:
+            raise TypeError(f"{name} must hold real times, got dtype {ts.dtype}")
+        if isinstance(ts, Tensor) and ts.requires_grad:
+            raise ValueError(f"{name} requires grad, but the times are taken as Python floats and no gradient with "
+                             f"respect to them is computed; pass {name}.detach()")
+        values = ts.tolist()
+    elif isinstance(ts, (list, tuple, range)):
+        i = next((i for i, t in enumerate(ts) if not _real(t)), None)
+        if i is not None:
+            bad = ts[i]
+            hint = (" (a tensor that requires grad: no gradient with respect to the times is computed)"
+                    if isinstance(bad, Tensor) and bad.requires_grad else "")
+            raise TypeError(f"{name} must hold real numbers, got {bad!r} ({type(bad).__name__}) at index {i}{hint}")
+        values = list(ts)
+    else:
+        raise TypeError(f"{name} must be a list or tuple of times, or a 1-D tensor or array, got "
+                        f"{type(ts).__name__}")
+    grid = [float(t) for t in values]
     if len(grid) < 2:
         raise ValueError(f"{name} must hold at least 2 times (one step), got {len(grid)}")
     inner = grid[1:-1] if infinite_ends else grid
@@ -226,7 +261,24 @@ class FixedGrid(Stepping):
             return None
 
     def begin(self, solver: Solver, f: VectorField, y: Tensor, state: Any) -> _Run:
-        return _GridRun(self.times(), dict(self.methods), solver, self.inverse)
+        grid = self.times()
+        return _GridRun(grid, _check_methods(self.methods, len(grid) - 1), solver, self.inverse)
+
+
+def _check_methods(methods: object, steps: int) -> dict[int, Solver]:
+    """``FixedGrid.methods``: a mapping of step indices in ``0 .. steps - 1`` to solvers (a step outside the grid
+    would be silently ignored)."""
+    if not isinstance(methods, Mapping):
+        raise TypeError(f"FixedGrid.methods must be a dict of step index -> solvers.Solver, got "
+                        f"{type(methods).__name__}")
+    for i, method in methods.items():
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < steps:
+            raise ValueError(f"FixedGrid.methods: {i!r} is not a step of this grid (its {steps} steps are "
+                             f"0..{steps - 1})")
+        if not isinstance(method, Solver):
+            raise TypeError(f"FixedGrid.methods[{i}] must be a solvers.Solver (solvers.get(name) builds one), got "
+                            f"{type(method).__name__}")
+    return dict(methods)
 
 
 class _GridRun(_Run):
@@ -283,6 +335,13 @@ class StepController:
     def __post_init__(self) -> None:
         if not isinstance(self.startup_order, bool):
             raise TypeError(f"startup_order must be True or False, got {self.startup_order!r}")
+        for name in ("safety", "icoeff", "pcoeff", "factor_min", "factor_max", "min_step", "max_step"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+                raise TypeError(f"StepController.{name} must be a real number, got {type(value).__name__} {value!r}")
+        if not (math.isfinite(self.icoeff) and self.icoeff > 0 and math.isfinite(self.pcoeff)):
+            raise ValueError(f"need a finite icoeff > 0 and a finite pcoeff, got icoeff={self.icoeff!r}, "
+                             f"pcoeff={self.pcoeff!r}")
         if not 0 < self.safety <= 1:
             raise ValueError(f"safety must be in (0, 1], got {self.safety}")
         if not 0 < self.factor_min < 1 < self.factor_max:
@@ -325,8 +384,24 @@ def rms_norm(rtol: float, atol: float) -> ErrorNorm:
 
 
 def _check_tol(name: str, value: object) -> float:
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+    if isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a Python number, got a tensor {value!r}: the tolerance is a float on the host "
+                        f"(float({name}) for a 0-dim one); per-component tolerances are a norm of your own "
+                        "(norm=, see solvers.rms_norm)")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number >= 0, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _check_time(name: str, value: object) -> float:
+    """A time given as one number (an int, float, NumPy scalar or 0-dim tensor that does not require grad)."""
+    if isinstance(value, Tensor) and value.requires_grad:
+        raise ValueError(f"{name} requires grad, but the times are taken as Python floats and no gradient with "
+                         f"respect to them is computed; pass {name}.detach()")
+    if not _real(value):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     return float(value)
 
 
@@ -367,15 +442,18 @@ class ErrorControl(Stepping):
         if rtol == 0 and atol == 0:
             raise ValueError("rtol=0 and atol=0: at least one tolerance must be > 0 (atol=0 is a pure relative "
                              "tolerance, rtol=0 a pure absolute one)")
-        t0, t1 = float(self.t0), float(self.t1)
+        t0, t1 = _check_time("t0", self.t0), _check_time("t1", self.t1)
         if not (math.isfinite(t0) and math.isfinite(t1)) or t0 == t1:
             raise ValueError(f"need finite t0 != t1, got t0={t0!r}, t1={t1!r}")
         if self.log_steps and (t0 == 0 or t1 == 0 or (t0 > 0) != (t1 > 0)):
             raise ValueError(f"log_steps=True needs non-zero t0 and t1 of one sign, got t0={t0!r}, t1={t1!r}")
         if self.first_step is not None and not (
                 isinstance(self.first_step, (int, float)) and not isinstance(self.first_step, bool)
-                and 0 < self.first_step):
-            raise ValueError(f"first_step must be a positive number, got {self.first_step!r}")
+                and 0 < self.first_step < math.inf):
+            raise ValueError(f"first_step must be a finite number > 0, got {self.first_step!r}")
+        if self.norm is not None and not callable(self.norm):
+            raise TypeError(f"norm must be callable as norm(error, y0, y1, t1) -> scaled error, or None (the default "
+                            f"solvers.rms_norm(rtol, atol)); got {type(self.norm).__name__}")
         if self.controller is not None and not isinstance(self.controller, StepController):
             raise TypeError(f"controller must be a solvers.StepController, got {type(self.controller).__name__}")
         if self.stop is not None and not callable(self.stop):
@@ -454,7 +532,7 @@ class _ErrorRun(_Run):
         return t, t_next, None, state  # None: the solver itself
 
     def judge(self, result: StepResult, y0: Tensor, t1: float) -> bool:
-        ratio = float(self.norm(result.error, y0, result.y, t1))
+        ratio = _host(self.norm(result.error, y0, result.y, t1))
         if not math.isfinite(ratio) and (math.isnan(ratio) or not bool(torch.isfinite(result.error).all())):
             raise _Stop("the error estimate is not finite; the vector field (the model) returned NaN or inf")
         # (an infinite ratio of a finite error: a zero scale, atol=0 where the state is 0; the step is rejected)
@@ -479,6 +557,34 @@ class _ErrorRun(_Run):
         return accepted
 
 
+def _host(value: Any) -> float:
+    """A norm's value as a Python float, off the autograd graph: step sizes are not differentiated, and ``float`` of
+    a tensor that requires grad warns (a solve from a ``y0`` that requires grad warned once per process)."""
+    if not isinstance(value, Tensor):
+        return float(value)
+    try:
+        return float(value.detach())
+    except RuntimeError as err:
+        if "vmap" not in str(err):
+            raise
+        raise ValueError("an error-controlled solve reads each step's error on the host, which torch.func.vmap "
+                         "cannot: solve the batch along its first dimension instead (one step size for all), or "
+                         "vmap a fixed-grid solve (solvers.solve) with check_finite=False") from None
+
+
+def _on_host(flag: Tensor, what: str) -> bool:
+    """``bool(flag)``, the end-of-solve check; under ``torch.func.vmap`` (which cannot read a mapped value on the
+    host) a ValueError that says which option to turn off, instead of torch's "data-dependent control flow"."""
+    try:
+        return bool(flag)
+    except RuntimeError as err:
+        if "vmap" not in str(err):
+            raise
+        also = " and no bound" if what == "bound" else ""
+        raise ValueError(f"under torch.func.vmap the end state cannot be checked on the host ({what}): pass "
+                         f"check_finite=False{also} to solve under vmap") from None
+
+
 def _initial_step(f: VectorField, t0: float, y0: Tensor, k0: Tensor, direction: float, order: int,
                   norm: ErrorNorm, span: float) -> float:
     """Hairer, Nørsett & Wanner's starting step (one extra evaluation).
@@ -487,12 +593,12 @@ def _initial_step(f: VectorField, t0: float, y0: Tensor, k0: Tensor, direction: 
     zeros would make every ratio 0/0. Where a ratio is still not finite (a derivative where the
     state is 0, with ``atol = 0``) the estimate falls back to HNW's small default step, 1e-6.
     """
-    d0 = float(norm(y0, y0, y0, t0))
-    d1 = float(norm(k0, y0, y0, t0))
+    d0 = _host(norm(y0, y0, y0, t0))
+    d1 = _host(norm(k0, y0, y0, t0))
     small = not (math.isfinite(d0) and math.isfinite(d1)) or d0 < 1e-5 or d1 < 1e-5
     h0 = min(1e-6 if small else 0.01 * d0 / d1, span)
     k1 = f(t0 + direction * h0, y0 + direction * h0 * k0)
-    d2 = float(norm(k1 - k0, y0, y0, t0)) / h0
+    d2 = _host(norm(k1 - k0, y0, y0, t0)) / h0
     if not math.isfinite(d2) or not math.isfinite(d1):
         h1 = max(1e-6, h0 * 1e-3)
     elif max(d1, d2) <= 1e-15:
@@ -570,6 +676,17 @@ class _ChainRun(_Run):
 
 # -- the loop --------------------------------------------------------------------------------
 
+def check_hooks(*, callback: object = None, display: object = None, time_name: object = "t") -> None:
+    """The loop's hooks, checked before the first step: ``callback`` and ``display`` callables (or None),
+    ``time_name`` a string (a callback that cannot be called would fail after the first step has been taken)."""
+    for name, value, form in (("callback", callback, "callback(info: solvers.StepInfo)"),
+                              ("display", display, "display(t) -> float")):
+        if value is not None and not callable(value):
+            raise TypeError(f"{name} must be callable as {form}, or None; got {type(value).__name__}")
+    if not isinstance(time_name, str):
+        raise TypeError(f"time_name must be a str (how errors name the time), got {type(time_name).__name__}")
+
+
 def _where(i: int, t0: float, t1: float, time_name: str, display: Callable[[float], float] | None,
            inverse: bool) -> str:
     a, b = (display(t0), display(t1)) if display is not None else (t0, t1)
@@ -612,6 +729,10 @@ def integrate(
     solver = get(solver)
     check_state(y0, "y0")
     check_flags(check_finite=check_finite)
+    if not isinstance(stepping, Stepping):
+        raise TypeError(f"stepping must be a solvers.Stepping (FixedGrid(ts), ErrorControl(t0, t1, ...) or "
+                        f"Chain([...])), got {type(stepping).__name__}")
+    check_hooks(callback=callback, display=display, time_name=time_name)
     if max_nfe is not None and (isinstance(max_nfe, bool) or not isinstance(max_nfe, int) or max_nfe < 1):
         raise ValueError(f"max_nfe must be a positive int or None, got {max_nfe!r}")
     names = (time_name, display)
@@ -620,9 +741,9 @@ def integrate(
     if bound is not None and not isinstance(bound, Bound):
         raise TypeError(f"bound must be a solvers.Bound or None, got {type(bound).__name__}")
     if bound is None:
-        ok = not check_finite or bool(torch.isfinite(y).all())
+        ok = not check_finite or _on_host(torch.isfinite(y).all(), "check_finite")
     else:  # one sync for both checks: a NaN fails the comparison too
-        ok = bool(bound.value(times[-1], y) <= bound.limit)
+        ok = _on_host(bound.value(times[-1], y) <= bound.limit, "bound")
         if not ok and not check_finite and not bool(torch.isfinite(y).all()):
             ok = True  # non-finite values were asked not to be checked
     # On an asynchronous device the loop only queued the work; the check above waited for it, so the
@@ -691,8 +812,6 @@ def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state:
                          "the forward solve); without it the inverse is not defined")
     if run.plan is not None and not inverse:  # a method fitted to other steps is refused before the first
         check_fitted(run.plan, time_name, display)
-    if state is None and not inverse:
-        state = solver.init(field, run.t, y0)
     y = y0
     times = [run.t]
     t0 = t1 = run.t
@@ -703,11 +822,16 @@ def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state:
         stats.wall_time = time.perf_counter() - start
 
     steps = accepted = rejected = 0
+    phase = "init"  # where a failure happened: the solver's init, choosing a step, the step, or the callback
     try:
+        if state is None and not inverse:
+            state = solver.init(field, run.t, y0)
         while True:
+            phase = "propose"
             step = propose(y, state)
             if step is None:
                 break
+            phase = "step"
             t0, t1, method, state = step
             if method is None:
                 method = solver
@@ -720,6 +844,8 @@ def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state:
                 result = StepResult(y_new, state_new)
             else:
                 result = method.step(field, t0, t1, y, state)
+            if type(result) is not StepResult or result.y.shape != y.shape:
+                _check_result(result, y, method)
             steps += 1
             if always or judge(result, y, t1):
                 accepted += 1
@@ -728,6 +854,7 @@ def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state:
                 if flags is not None:
                     flags.append(y.detach().abs().amax() if bound is None else bound.value(t1, y))
                 if callback is not None:
+                    phase = "callback"
                     callback(StepInfo(accepted - 1, t0, t1, y, state))
             else:
                 rejected += 1
@@ -737,15 +864,28 @@ def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state:
         stats.steps, stats.accepted, stats.rejected = steps, accepted, rejected
         if isinstance(err, _OverBudget):
             finish()
-            raise _budget_error(max_nfe, err, t0, t1, stats, names, inverse) from None
-        _reraise(err, stats, t0, t1, names, inverse, finish)
+            raise _budget_error(max_nfe, err, t0, t1, stats, names, inverse, always) from None
+        _reraise(err, stats, t0, t1, names, inverse, finish, phase, run.t)
     stats.steps, stats.accepted, stats.rejected = steps, accepted, rejected
     finish()
     return y, state, times, stats
 
 
+def _check_result(result: object, y: Tensor, method: Solver) -> None:
+    """A step's result is a :class:`StepResult` whose state has the shape of the step's start (a solver of one's own
+    that returned the new state alone, or another shape, failed later or not at all)."""
+    if not isinstance(result, StepResult):
+        raise TypeError(f"solver {method.name!r}: step() returned {type(result).__name__}; it must return a "
+                        "solvers.StepResult(y, state, error)")
+    if not isinstance(result.y, Tensor) or result.y.shape != y.shape:
+        got = tuple(result.y.shape) if isinstance(result.y, Tensor) else type(result.y).__name__
+        raise ValueError(f"solver {method.name!r}: step() returned a state of shape {got} from one of shape "
+                         f"{tuple(y.shape)}")
+
+
 def _budget_error(max_nfe: int | None, err: _OverBudget, t0: float, t1: float, stats: Stats,
-                  names: tuple[str, Callable[[float], float] | None], inverse: bool) -> SolveError:
+                  names: tuple[str, Callable[[float], float] | None], inverse: bool,
+                  fixed: bool = False) -> SolveError:
     """The error of a step (or of the first step's size estimate, ``err.what``) not taken because its
     evaluations would pass ``max_nfe``; ``err.t`` is where the evaluation that would have passed it was asked."""
     time_name, display = names
@@ -759,29 +899,43 @@ def _budget_error(max_nfe: int | None, err: _OverBudget, t0: float, t1: float, s
     return SolveError(
         f"max_nfe={max_nfe} reached: {where} was not taken, its evaluations would pass the bound after the "
         f"{stats.nfe} already made ({stats.accepted} accepted and {stats.rejected} rejected steps); raise max_nfe "
-        "or loosen rtol/atol", step=i, t0=t0, t1=t1, stats=stats)
+        + ("or take fewer steps" if fixed else "or loosen rtol/atol"), step=i, t0=t0, t1=t1, stats=stats)
 
 
 def _reraise(err: BaseException, stats: Stats, t0: float, t1: float,
-             names: tuple[str, Callable[[float], float] | None], inverse: bool, finish: Callable[[], None]) -> None:
-    """Raise ``err`` located at the step that failed (a :class:`SolveError` for bad values)."""
+             names: tuple[str, Callable[[float], float] | None], inverse: bool, finish: Callable[[], None],
+             phase: str = "step", t_now: float | None = None) -> None:
+    """Raise ``err`` located at the step that failed (a :class:`SolveError` for bad values).
+
+    ``phase`` says what was running: ``"step"`` (step ``stats.steps``, from ``t0`` to ``t1``), ``"callback"`` (the
+    callback after the step just taken, ``t0`` to ``t1``), ``"propose"`` (choosing the next step at ``t_now``, e.g.
+    the first step's size estimate) or ``"init"`` (the solver's first evaluations at ``t_now``, before step 0)."""
     time_name, display = names
     if isinstance(err, SolveError):
         raise err
     finish()
+    if phase == "callback":
+        index = stats.steps - 1
+        where = "the callback after " + _where(index, t0, t1, time_name, display, inverse)
+    elif phase in ("init", "propose") and t_now is not None and not isinstance(err, _Stop):
+        index = stats.steps
+        at = f"{time_name} {_shown(t_now, display):.6g}"
+        where = (f"the solver's start at {at} (before step 0)" if phase == "init" else
+                 f"{'inverse step' if inverse else 'step'} {index} (choosing it at {at})")
+        t0 = t1 = t_now
+    else:
+        index = stats.steps - 1 if isinstance(err, _Stop) else stats.steps
+        where = _where(index, t0, t1, time_name, display, inverse)
     if isinstance(err, StepFailure):
         stats.extra.update(err.extra)
-        where = _where(stats.steps, t0, t1, time_name, display, inverse)
         message = err.message.format(where=where) if "{where}" in err.message else f"{where}: {err}"
-        raise SolveError(message, step=stats.steps, t0=t0, t1=t1, stats=stats) from None
+        raise SolveError(message, step=index, t0=t0, t1=t1, stats=stats) from None
     if isinstance(err, _Stop):
-        where = _where(stats.steps - 1, t0, t1, time_name, display, inverse)
-        raise SolveError(f"{where}: {err}", step=stats.steps - 1, t0=t0, t1=t1, stats=stats) from None
+        raise SolveError(f"{where}: {err}", step=index, t0=t0, t1=t1, stats=stats) from None
     if isinstance(err, (ValueError, TypeError)):
-        where = _where(stats.steps, t0, t1, time_name, display, inverse)
-        raise SolveError(f"{where}: {err}", step=stats.steps, t0=t0, t1=t1, stats=stats) from err
+        raise SolveError(f"{where}: {err}", step=index, t0=t0, t1=t1, stats=stats) from err
     if isinstance(err, Exception):
-        err.add_note(f"while solving {_where(stats.steps, t0, t1, time_name, display, inverse)}")
+        err.add_note(f"while solving {where}")
     raise err
 
 

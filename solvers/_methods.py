@@ -2,7 +2,16 @@
 
 Textbook tableaus (Euler, midpoint, Heun, Ralston, Kutta's third order, classic RK4 and
 the 3/8 rule) are written here; the embedded pairs are taken from torchdiffeq's own
-tableaus so that ``dopri5`` here is torchdiffeq's ``dopri5``.
+tableaus so that ``dopri5`` here is torchdiffeq's ``dopri5``: an adaptive solve of the same
+problem at the same tolerances evaluates ``f`` at the same times, as long as no accepted step is
+shrunk (torchdiffeq's controller never shrinks an accepted step; this one may, by its safety
+factor); ``bosh3`` likewise.
+
+``adaptive_heun`` and ``fehlberg2`` are not first-same-as-last: their last stage is evaluated at
+an intermediate state (the Euler predictor; the first-order solution), not at the step's result,
+so each step here evaluates ``f`` at its own start. torchdiffeq's solvers of those names reuse
+that last stage as the next step's first derivative instead (one evaluation a step fewer, a
+derivative taken O(h²) off the state); NFE and results differ from theirs accordingly.
 """
 
 from __future__ import annotations
@@ -40,8 +49,10 @@ _FIXED = {
 
 #: name -> (torchdiffeq tableau, order, error order, summary)
 _EMBEDDED = {
-    "adaptive_heun": (_ADAPTIVE_HEUN_TABLEAU, 2, 1, "Heun–Euler pair (torchdiffeq's adaptive_heun)"),
-    "fehlberg2": (_FEHLBERG2_TABLEAU, 2, 1, "Runge–Kutta–Fehlberg 1(2) pair (torchdiffeq's fehlberg2)"),
+    "adaptive_heun": (_ADAPTIVE_HEUN_TABLEAU, 2, 1, "Heun–Euler pair (torchdiffeq's adaptive_heun tableau), 2 "
+                      "evaluations a step"),
+    "fehlberg2": (_FEHLBERG2_TABLEAU, 2, 1, "Runge–Kutta–Fehlberg 1(2) pair (torchdiffeq's fehlberg2 tableau), 3 "
+                  "evaluations a step"),
     "bosh3": (_BOGACKI_SHAMPINE_TABLEAU, 3, 2, "Bogacki–Shampine 3(2) pair, FSAL (torchdiffeq's bosh3)"),
     "dopri5": (_DORMAND_PRINCE_SHAMPINE_TABLEAU, 5, 4, "Dormand–Prince 5(4) pair, FSAL (torchdiffeq's dopri5)"),
     "dopri8": (_DOPRI8_TABLEAU, 8, 7, "Dormand–Prince 8(7) pair (torchdiffeq's dopri8)"),
@@ -53,7 +64,7 @@ def _make(name: str, tableau: BT, order: int, error_order: int | None = None) ->
 
 
 for _name, (_tab, _order, _summary) in _FIXED.items():
-    register(_name, partial(_make, _name, _tab, _order), _summary)
+    register(_name, partial(_make, _name, _tab, _order, None), _summary)  # every argument bound: no options
 
 for _name, (_tdtab, _order, _err_order, _summary) in _EMBEDDED.items():
     register(_name, partial(_make, _name, BT.from_torchdiffeq(_tdtab), _order, _err_order),

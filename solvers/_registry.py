@@ -26,18 +26,38 @@ def register(name: str, factory: Callable[..., Solver], summary: str = "") -> No
         raise TypeError(f"register: name must be a non-empty string, got {name!r}")
     if name in _REGISTRY:
         raise ValueError(f"register: a solver named {name!r} is already registered")
+    if not callable(factory) or isinstance(factory, Solver):
+        raise TypeError(f"register: factory must be a callable that builds the solver (factory(**options) -> "
+                        f"solvers.Solver; for a ready instance, lambda: instance), got {type(factory).__name__}")
+    if not isinstance(summary, str):
+        raise TypeError(f"register: summary must be a str, got {type(summary).__name__}")
     _REGISTRY[name] = _Entry(factory, summary)
+
+
+def _build(name: str, entry: _Entry, options: dict[str, object]) -> Solver:
+    """``entry.factory(**options)``, which must be a :class:`Solver` named ``name`` (so that ``get(solver.name,
+    **options_of(solver))`` rebuilds it)."""
+    solver = entry.factory(**options)
+    if not isinstance(solver, Solver):
+        raise TypeError(f"the factory registered as {name!r} returned {type(solver).__name__}, not a solvers.Solver")
+    if solver.name != name:
+        raise TypeError(f"the factory registered as {name!r} built a solver named {solver.name!r}; a registered "
+                        "solver carries its registered name (get(solver.name) must find it again)")
+    return solver
 
 
 def available(*, adaptive: bool | None = None, reversible: bool | None = None,
               multistep: bool | None = None) -> list[str]:
     """Registered solver names, sorted; filter by capability with the keyword flags."""
+    for flag, value in (("adaptive", adaptive), ("reversible", reversible), ("multistep", multistep)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"available: {flag} must be True, False or None, got {value!r} ({type(value).__name__})")
     names = []
     for name in sorted(_REGISTRY):
         if adaptive is None and reversible is None and multistep is None:
             names.append(name)
             continue
-        solver = _REGISTRY[name].factory()
+        solver = _build(name, _REGISTRY[name], {})
         if adaptive is not None and solver.adaptive != adaptive:
             continue
         if reversible is not None and solver.reversible != reversible:
@@ -76,13 +96,13 @@ def get(name: str | Solver, **options: object) -> Solver:
     except KeyError:
         raise ValueError(f"unknown solver {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
     if not options:
-        return _remember(entry.factory(), {})
+        return _remember(_build(name, entry, {}), {})
     accepts_any, valid = _options_of(entry.factory)
     unknown = sorted(set(options) - set(valid))
     if unknown and not accepts_any:
         raise TypeError(f"solver {name!r} got unknown option(s) {unknown}; "
                         f"it accepts: {', '.join(valid) if valid else 'no options'}")
-    return _remember(entry.factory(**options), options)
+    return _remember(_build(name, entry, options), options)
 
 
 #: id(instance) → the options :func:`get` built it with, while the instance lives.

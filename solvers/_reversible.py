@@ -70,6 +70,10 @@ def _check_state(solver: Solver, state: Any, t: float, y: Tensor, *, needs_k: bo
     if not isinstance(state, ReversibleState):
         raise TypeError(f"solver {solver.name!r} needs a solvers.ReversibleState as its carried state, "
                         f"got {type(state).__name__}")
+    if not needs_k and state.k is not None:
+        raise ValueError(f"solver {solver.name!r} carries no derivative, but the state holds one (state.k): it comes "
+                         "from another solver (reversible_heun carries f(t, z)); undo a solve with the solver that "
+                         "made it")
     if state.t != t:
         raise ValueError(f"solver {solver.name!r}: the carried state is at t={state.t!r} but the step starts at "
                          f"t={t!r}; the state belongs to another grid")

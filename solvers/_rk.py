@@ -32,6 +32,10 @@ def weighted_sum(h: float, weights: Sequence[float], ks: Sequence[Tensor]) -> Te
 class ExplicitRK(Solver):
     """An explicit Runge–Kutta method given by its tableau.
 
+    ``order`` (and ``error_order``, the embedded method's, for a tableau with ``b_error``) is checked against the
+    tableau's order conditions on construction (:meth:`ButcherTableau.check_order`): a claim the coefficients do
+    not meet is a ``ValueError`` naming the first unmet condition.
+
     The carried state is a :class:`Derivative` ``f(t0, y0)`` when one is already known:
     the last stage of a first-same-as-last tableau, or the first stage of a step the
     adaptive driver rejected and retries from the same point. It is never recomputed.
@@ -55,6 +59,12 @@ class ExplicitRK(Solver):
         elif tableau.b_error is not None and order < 2:
             raise ValueError(f"ExplicitRK {name!r}: an embedded pair of order {order} needs error_order >= 1 "
                              "(its default, order - 1, is not positive)")
+        try:  # the order claimed must be the tableau's (a mistyped coefficient would silently lower it)
+            tableau.check_order(order)
+            if tableau.b_error is not None:
+                tableau.check_order(error_order if error_order is not None else order - 1, embedded=True)
+        except ValueError as err:
+            raise ValueError(f"ExplicitRK {name!r}: {err}") from None
         self.name = name  # type: ignore[misc]
         self.tableau = tableau
         self.order = order  # type: ignore[misc]

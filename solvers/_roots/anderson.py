@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._checks import check_batch, check_count, check_scale, check_tol, check_value
+
 
 @dataclass
 class AndersonResult:
@@ -54,6 +56,14 @@ def anderson(g: Callable[[Tensor], Tensor], x0: Tensor, *, scale: Tensor, tol: f
     or after ``max_iter`` evaluations of g. With ``check_finite`` a non-finite residual raises
     ``FloatingPointError``; otherwise a NaN sample counts as unconverged (residual inf).
     """
+    check_batch(x0, "x0")
+    if not callable(g):
+        raise TypeError(f"g must be callable as g(x) -> tensor of x's shape, got {type(g).__name__}")
+    check_scale(scale, x0)
+    tol = check_tol(tol)
+    max_iter, depth = check_count(max_iter, "max_iter", 1), check_count(depth, "depth", 0)
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be True or False, got {check_finite!r}")
     x = x0
     dg: list[Tensor] = []
     dr: list[Tensor] = []
@@ -61,7 +71,7 @@ def anderson(g: Callable[[Tensor], Tensor], x0: Tensor, *, scale: Tensor, tol: f
     best_x, best_res = x, None
     converged = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     for it in range(1, max_iter + 1):
-        gx = g(x)
+        gx = check_value(g(x), x, "g")
         r = gx - x
         res = (r.abs() / scale).reshape(r.shape[0], -1).amax(dim=1)
         if check_finite and not bool(torch.isfinite(res).all()):

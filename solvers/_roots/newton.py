@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._checks import check_batch, check_count, check_scale, check_tol, check_value
+
 
 @dataclass
 class RootResult:
@@ -58,7 +60,7 @@ class _Counted:
 
     def __call__(self, y: Tensor) -> Tensor:
         self.calls += 1
-        return self.F(y)
+        return check_value(self.F(y), y, "F")
 
 
 def _gmres(F: _Counted, y: Tensor, r: Tensor, active: Tensor, *, dim: int, rel_tol: float, eps: float) -> Tensor:
@@ -138,8 +140,26 @@ def newton_krylov(
     forward-difference step √eps·(1 + |y|). A sample whose residual is not finite counts as
     unconverged (residual inf) and is restarted, without disturbing the others.
     """
+    if not isinstance(guesses, (list, tuple)):
+        raise TypeError(f"guesses must be a list of initial guesses (tensors), got {type(guesses).__name__}; one "
+                        "guess is [y0]")
     if not guesses:
         raise ValueError("newton_krylov needs at least one initial guess")
+    for i, guess in enumerate(guesses):
+        check_batch(guess, f"guesses[{i}]")
+        if guess.shape != guesses[0].shape or guess.dtype != guesses[0].dtype:
+            raise ValueError(f"guesses[{i}] is {guess.dtype} of shape {tuple(guess.shape)}, guesses[0] "
+                             f"{guesses[0].dtype} of shape {tuple(guesses[0].shape)}; all must match")
+    if not callable(F):
+        raise TypeError(f"F must be callable as F(y) -> tensor of y's shape, got {type(F).__name__}")
+    check_scale(scale, guesses[0])
+    tol = check_tol(tol)
+    max_iter, krylov_dim = check_count(max_iter, "max_iter", 1), check_count(krylov_dim, "krylov_dim", 1)
+    max_backtracks = check_count(max_backtracks, "max_backtracks", 0)
+    if isinstance(forcing, bool) or not isinstance(forcing, (int, float)) or not 0 < forcing < 1:
+        raise ValueError(f"forcing must be a number in (0, 1) (GMRES's relative residual), got {forcing!r}")
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1):
+        raise ValueError(f"eps must be None or a number in (0, 1) (the relative precision of F), got {eps!r}")
     Fc = _Counted(F)
     eps = torch.finfo(guesses[0].dtype).eps if eps is None else float(eps)
     y = guesses[0].clone()
