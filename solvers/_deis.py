@@ -24,7 +24,8 @@ polynomial in t for the whole of such a solve (:meth:`Adams.on_interval`), where
 ``lms`` of its order. Next to 0 the log-time polynomial spans O(1) in log t; on a field smooth
 in t (not in log t) the fixed-grid order there, measured by slope fit on both directions and
 across 0 (``tests/test_deis_log_weights.py``, ``benchmarks/deis_generation.py --orders-only``),
-is 2 for order 3 and 4, as away from 0 (slopes 1.88-2.06); for order 2 about 1.8 (its steps
+is 2 for order 3 and 4, as away from 0 (slopes 1.88-2.06 fitted over 64-512 steps; across 0 the slope from 32
+to 64 steps is still about 1.6, reaching 1.95 by 512); for order 2 about 1.8 (its steps
 near 0 add up to O(h² log(1/h))); 1 for order 1 (Euler).
 """
 
