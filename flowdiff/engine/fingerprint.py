@@ -27,15 +27,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import check_model_kwargs
+from ._checks import check_model_kwargs, functorch_levels
 from .flow import ProbabilityFlow
 from .schedules import Schedule
 
 
+def _flat_bytes(value: Tensor) -> np.ndarray:
+    """The tensor's bytes, flat. Under a torch.func transform (an encode inside ``grad``, ``jvp``, ``jacfwd``) a tensor
+    the model closes over may be the transform's wrapper, which has no storage: its values are read under every level
+    (the primal; under ``vmap``, the whole mapped batch), as a network's weights are read there."""
+    with torch._C._DisableFuncTorch():
+        plain = functorch_levels(value)[0]
+        return plain.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
 def _bytes(value: Tensor) -> np.ndarray:
     """The tensor's bytes, one row per sample along its first axis (a 0-d tensor is one row)."""
-    flat = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-    return flat.reshape(value.shape[0] if value.dim() else 1, -1)
+    return _flat_bytes(value).reshape(value.shape[0] if value.dim() else 1, -1)
 
 
 def _update(h: Any, value: object, *, repeated: bool = False) -> None:
@@ -48,7 +56,7 @@ def _update(h: Any, value: object, *, repeated: bool = False) -> None:
         h.update(rows[0].tobytes())
     elif isinstance(value, Tensor):
         h.update(str((value.dtype, tuple(value.shape))).encode())
-        h.update(value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(_flat_bytes(value).tobytes())
     elif isinstance(value, Mapping):
         for key in sorted(value, key=str):
             h.update(str(key).encode())
