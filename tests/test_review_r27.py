@@ -41,3 +41,52 @@ def test_encode_under_torch_func_grad_of_a_tensor_a_plain_function_closes_over()
     torch.func.grad(record)(scale)
     outside = flowdiff.ProbabilityFlow(lambda x_t, t: scale * GAUSS(x_t, t), GAUSS.schedule)
     assert seen["under"] == flowdiff.flow_fingerprint(outside)
+
+
+class _Calls:
+    """A user's call counter: a public int attribute the model function increments."""
+
+    def __init__(self):
+        self.calls = 0
+
+
+class _Remembering:
+    """A wrapper that keeps its last input in a public attribute, filled by its first call."""
+
+    def __init__(self, model):
+        self.model = model
+        self.last = None
+
+    def __call__(self, x_t, t):
+        self.last = x_t
+        return self.model(x_t, t)
+
+
+def test_a_plain_function_s_fingerprint_does_not_change_as_its_objects_count_or_remember_calls():
+    """A plain function that counts its calls on an object (``stats.calls += 1``) or calls a wrapper that remembers its
+    last input (``self.last = x``) had a fingerprint that changed with every solve (sweep 14 reads the public attributes
+    of the objects it reads): a latent decoded once was refused at its second decode as "encoded with another model",
+    and a grid tuned before a generate was refused after it. The attributes those calls assign are left out; the
+    model's own still count."""
+    stats = _Calls()
+    wrapper = _Remembering(GAUSS)
+
+    def counted(x_t, t):
+        stats.calls += 1
+        return GAUSS(x_t, t)
+
+    def remembered(x_t, t):
+        return wrapper(x_t, t)
+
+    for eps in (counted, remembered):
+        flow = flowdiff.ProbabilityFlow(eps, GAUSS.schedule)
+        before = flowdiff.flow_fingerprint(flow)
+        latent = flowdiff.encode(flow, _images(), solver="euler", steps=3).latent
+        flowdiff.decode(flow, latent)
+        flowdiff.decode(flow, latent)  # refused here before
+        assert flowdiff.flow_fingerprint(flow) == before == latent.fingerprint
+    # what the wrapper wraps is still read: another model behind it is another flow
+    other = Gaussian(torch.ones(8, dtype=torch.float64), torch.full((8,), 0.2, dtype=torch.float64))
+    wrapper_b = _Remembering(other)
+    assert (flowdiff.flow_fingerprint(flowdiff.ProbabilityFlow(lambda x_t, t: wrapper_b(x_t, t), GAUSS.schedule))
+            != flowdiff.flow_fingerprint(flowdiff.ProbabilityFlow(lambda x_t, t: wrapper(x_t, t), GAUSS.schedule)))
