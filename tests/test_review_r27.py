@@ -90,3 +90,39 @@ def test_a_plain_function_s_fingerprint_does_not_change_as_its_objects_count_or_
     wrapper_b = _Remembering(other)
     assert (flowdiff.flow_fingerprint(flowdiff.ProbabilityFlow(lambda x_t, t: wrapper_b(x_t, t), GAUSS.schedule))
             != flowdiff.flow_fingerprint(flowdiff.ProbabilityFlow(lambda x_t, t: wrapper(x_t, t), GAUSS.schedule)))
+
+
+class _Output:
+    """What a diffusers network returns: the prediction as an attribute."""
+
+    def __init__(self, prediction):
+        self.sample = prediction
+
+
+def _network(x_t, t):
+    return _Output(GAUSS(x_t, t))
+
+
+def test_an_attribute_a_plain_function_reads_is_not_taken_for_the_global_of_that_name():
+    """``def eps(x, t): return unet(x, t).sample`` in a notebook that also holds ``sample = flowdiff.generate(...)``:
+    the function's fingerprint read that result as if the function used it (the names a function's bytecode lists
+    mix the globals it loads with the attributes it reads), so it changed with each new ``sample`` and a grid tuned
+    before was refused after. Only the globals the function loads are read."""
+
+    def eps(x_t, t):
+        return _network(x_t, t).sample
+
+    flow = flowdiff.ProbabilityFlow(eps, GAUSS.schedule)
+    before = flowdiff.flow_fingerprint(flow)
+    eps.__globals__["sample"] = flowdiff.generate(flow, _images(), steps=3)  # the notebook's global
+    try:
+        assert flowdiff.flow_fingerprint(flow) == before
+    finally:
+        del eps.__globals__["sample"]
+    # a global it does load is still read
+    global _network
+    plain, _network = _network, lambda x_t, t: _Output(-GAUSS(x_t, t))
+    try:
+        assert flowdiff.flow_fingerprint(flow) != before
+    finally:
+        _network = plain
