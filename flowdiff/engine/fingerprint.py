@@ -147,8 +147,9 @@ def _code(h: Any, code: types.CodeType) -> None:
 
 
 def _global_names(code: types.CodeType) -> set[str]:
-    """The names a function's body (nested functions' included) looks up, among them the globals it reads."""
-    names = set(code.co_names)
+    """The globals a function's body (nested functions' included) loads. Not ``co_names``, which also lists the
+    attributes it reads: ``unet(x, t).sample`` would read a notebook's global ``sample`` (a generate's result)."""
+    names = {ins.argval for ins in dis.get_instructions(code) if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             names |= _global_names(const)
