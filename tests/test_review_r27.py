@@ -126,3 +126,30 @@ def test_an_attribute_a_plain_function_reads_is_not_taken_for_the_global_of_that
         assert flowdiff.flow_fingerprint(flow) != before
     finally:
         _network = plain
+
+
+class _CountingModel:
+    """A model object whose method, given as the model, counts its calls on ``self``."""
+
+    def __init__(self, scale):
+        self.scale = torch.tensor(scale, dtype=torch.float64)
+        self.calls = 0
+
+    def eps(self, x_t, t):
+        self.calls += 1
+        return self.scale * GAUSS(x_t, t)
+
+
+def test_a_bound_method_model_that_counts_its_calls_keeps_its_fingerprint():
+    """``ProbabilityFlow(model.eps, schedule)`` where ``eps`` counts its calls on ``self``: the object's int attributes
+    are digested, so its fingerprint changed with every solve and a latent's second decode was refused as "encoded
+    with another model" (the same rule as a plain function's objects: what the object's methods assign on ``self`` is
+    its state). Its tensors still count."""
+    model = _CountingModel(1.0)
+    flow = flowdiff.ProbabilityFlow(model.eps, GAUSS.schedule)
+    latent = flowdiff.encode(flow, _images(), solver="euler", steps=3).latent
+    flowdiff.decode(flow, latent)
+    flowdiff.decode(flow, latent)  # refused here before
+    assert flowdiff.flow_fingerprint(flow) == latent.fingerprint
+    other = flowdiff.ProbabilityFlow(_CountingModel(2.0).eps, GAUSS.schedule)
+    assert flowdiff.flow_fingerprint(other) != latent.fingerprint
