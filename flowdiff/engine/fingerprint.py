@@ -125,8 +125,11 @@ def _plain_module_digest(module: torch.nn.Module, cast: torch.dtype | None) -> b
 
 
 def _attributes(h: Any, owner: object) -> None:
-    """Feed the tensors and numbers ``owner`` holds as attributes (how an object given as the model is read)."""
-    for name, value in sorted((k, v) for k, v in vars(owner).items() if isinstance(v, (Tensor, int, float, str))):
+    """Feed the tensors and numbers ``owner`` holds as attributes (how an object given as the model is read), not
+    those its methods assign on ``self`` (:func:`_state`: a call counter, a cache), which change with every solve."""
+    state = _state(type(owner))
+    for name, value in sorted((k, v) for k, v in vars(owner).items()
+                              if isinstance(v, (Tensor, int, float, str)) and k not in state):
         h.update(name.encode())
         _update(h, value)
 
