@@ -153,3 +153,20 @@ def test_a_bound_method_model_that_counts_its_calls_keeps_its_fingerprint():
     assert flowdiff.flow_fingerprint(flow) == latent.fingerprint
     other = flowdiff.ProbabilityFlow(_CountingModel(2.0).eps, GAUSS.schedule)
     assert flowdiff.flow_fingerprint(other) != latent.fingerprint
+
+
+def test_a_plain_function_closing_over_a_sparse_tensor_encodes_and_is_told_apart():
+    """A plain-function model closing over a sparse matrix (a graph's adjacency) stopped every encode with torch's
+    "unsupported memory format option Contiguous" from its fingerprint (sweep 14 reads the closure); it encoded
+    before. A sparse tensor is read by its indices and values, without making it dense."""
+    def model_of(adjacency):
+        return lambda x_t, t: GAUSS(x_t, t) + 0.0 * (x_t @ adjacency)
+
+    first = torch.eye(8, dtype=torch.float64).to_sparse()
+    second = (2 * torch.eye(8, dtype=torch.float64)).to_sparse_csr()
+    flow = flowdiff.ProbabilityFlow(model_of(first), GAUSS.schedule)
+    latent = flowdiff.encode(flow, _images(), solver="euler", steps=3).latent
+    assert latent.fingerprint == flowdiff.flow_fingerprint(flowdiff.ProbabilityFlow(model_of(first.to_dense()
+                                                                                             .to_sparse()),
+                                                                                    GAUSS.schedule))
+    assert latent.fingerprint != flowdiff.flow_fingerprint(flowdiff.ProbabilityFlow(model_of(second), GAUSS.schedule))
