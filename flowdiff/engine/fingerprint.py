@@ -37,8 +37,11 @@ def _flat_bytes(value: Tensor) -> np.ndarray:
     the model closes over may be the transform's wrapper, which has no storage: its values are read under every level
     (the primal; under ``vmap``, the whole mapped batch), as a network's weights are read there."""
     with torch._C._DisableFuncTorch():
-        plain = functorch_levels(value)[0]
-        return plain.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        plain = functorch_levels(value)[0].detach()
+        if plain.layout != torch.strided:  # sparse (COO, CSR, ...): its indices and values, never made dense
+            coo = plain.to_sparse().coalesce()
+            return np.concatenate([_flat_bytes(coo.indices()), _flat_bytes(coo.values())])
+        return plain.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _bytes(value: Tensor) -> np.ndarray:
@@ -50,7 +53,8 @@ def _update(h: Any, value: object, *, repeated: bool = False) -> None:
     """Feed ``value`` to ``h``; with ``repeated``, a tensor whose samples (along its first axis) are bit for bit
     equal is fed as its first sample, marked repeated, so its batch size leaves no trace, and a 0-d tensor (one
     value for every sample, as a scalar class label is broadcast) is fed as that sample repeated."""
-    rows = _bytes(value) if repeated and isinstance(value, Tensor) and (value.dim() == 0 or value.shape[0]) else None
+    rows = _bytes(value) if (repeated and isinstance(value, Tensor) and value.layout == torch.strided
+                             and (value.dim() == 0 or value.shape[0])) else None
     if rows is not None and bool((rows == rows[:1]).all()):
         h.update(str((value.dtype, "repeated", tuple(value.shape[1:]))).encode())
         h.update(rows[0].tobytes())
