@@ -27,28 +27,40 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import check_model_kwargs
+from ._checks import check_model_kwargs, functorch_levels
 from .flow import ProbabilityFlow
 from .schedules import Schedule
 
 
+def _flat_bytes(value: Tensor) -> np.ndarray:
+    """The tensor's bytes, flat. Under a torch.func transform (an encode inside ``grad``, ``jvp``, ``jacfwd``) a tensor
+    the model closes over may be the transform's wrapper, which has no storage: its values are read under every level
+    (the primal; under ``vmap``, the whole mapped batch), as a network's weights are read there."""
+    with torch._C._DisableFuncTorch():
+        plain = functorch_levels(value)[0].detach()
+        if plain.layout != torch.strided:  # sparse (COO, CSR, ...): its indices and values, never made dense
+            coo = plain.to_sparse().coalesce()
+            return np.concatenate([_flat_bytes(coo.indices()), _flat_bytes(coo.values())])
+        return plain.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
 def _bytes(value: Tensor) -> np.ndarray:
     """The tensor's bytes, one row per sample along its first axis (a 0-d tensor is one row)."""
-    flat = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-    return flat.reshape(value.shape[0] if value.dim() else 1, -1)
+    return _flat_bytes(value).reshape(value.shape[0] if value.dim() else 1, -1)
 
 
 def _update(h: Any, value: object, *, repeated: bool = False) -> None:
     """Feed ``value`` to ``h``; with ``repeated``, a tensor whose samples (along its first axis) are bit for bit
     equal is fed as its first sample, marked repeated, so its batch size leaves no trace, and a 0-d tensor (one
     value for every sample, as a scalar class label is broadcast) is fed as that sample repeated."""
-    rows = _bytes(value) if repeated and isinstance(value, Tensor) and (value.dim() == 0 or value.shape[0]) else None
+    rows = _bytes(value) if (repeated and isinstance(value, Tensor) and value.layout == torch.strided
+                             and (value.dim() == 0 or value.shape[0])) else None
     if rows is not None and bool((rows == rows[:1]).all()):
         h.update(str((value.dtype, "repeated", tuple(value.shape[1:]))).encode())
         h.update(rows[0].tobytes())
     elif isinstance(value, Tensor):
         h.update(str((value.dtype, tuple(value.shape))).encode())
-        h.update(value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(_flat_bytes(value).tobytes())
     elif isinstance(value, Mapping):
         for key in sorted(value, key=str):
             h.update(str(key).encode())
@@ -117,8 +129,11 @@ def _plain_module_digest(module: torch.nn.Module, cast: torch.dtype | None) -> b
 
 
 def _attributes(h: Any, owner: object) -> None:
-    """Feed the tensors and numbers ``owner`` holds as attributes (how an object given as the model is read)."""
-    for name, value in sorted((k, v) for k, v in vars(owner).items() if isinstance(v, (Tensor, int, float, str))):
+    """Feed the tensors and numbers ``owner`` holds as attributes (how an object given as the model is read), not
+    those its methods assign on ``self`` (:func:`_state`: a call counter, a cache), which change with every solve."""
+    state = _state(type(owner))
+    for name, value in sorted((k, v) for k, v in vars(owner).items()
+                              if isinstance(v, (Tensor, int, float, str)) and k not in state):
         h.update(name.encode())
         _update(h, value)
 
@@ -139,8 +154,9 @@ def _code(h: Any, code: types.CodeType) -> None:
 
 
 def _global_names(code: types.CodeType) -> set[str]:
-    """The names a function's body (nested functions' included) looks up, among them the globals it reads."""
-    names = set(code.co_names)
+    """The globals a function's body (nested functions' included) loads. Not ``co_names``, which also lists the
+    attributes it reads: ``unet(x, t).sample`` would read a notebook's global ``sample`` (a generate's result)."""
+    names = {ins.argval for ins in dis.get_instructions(code) if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             names |= _global_names(const)
@@ -158,7 +174,7 @@ def _written(code: types.CodeType) -> set[str]:
     return names
 
 
-def _function(h: Any, fn: types.FunctionType | functools.partial, seen: set[int], depth: int = 0) -> None:
+def _function(h: Any, fn: types.FunctionType | functools.partial, seen: set[Any], depth: int = 0) -> None:
     """Feed what a plain function computes with: its code, defaults, the values its closure holds and the globals its
     body names (a network, tensors, another function, an object's tensors: :func:`_read`), so that two plain
     functions used as models (``ProbabilityFlow(eps_a, schedule)``, ``ProbabilityFlow(eps_b, schedule)``) have
@@ -179,6 +195,9 @@ def _function(h: Any, fn: types.FunctionType | functools.partial, seen: set[int]
     _read(h, fn.__defaults__ or (), seen, depth)
     _read(h, tuple(sorted((fn.__kwdefaults__ or {}).items())), seen, depth)
     written = _written(code)
+    # the attributes it assigns on the objects it reads (``stats.calls += 1``) are its state, not the model's: left
+    # out of every object read after this (marked in ``seen`` as ("attribute", name))
+    seen.update(("attribute", name) for name in _stores(code, None))
     for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
         h.update(f"|cell {name}".encode())
         if name in written:
@@ -194,15 +213,63 @@ def _function(h: Any, fn: types.FunctionType | functools.partial, seen: set[int]
             _read(h, names[name], seen, depth)
 
 
+def _stores(code: types.CodeType, target: str | None) -> set[str]:
+    """The attribute names ``code`` (nested functions' included) assigns or deletes: on any object (``target`` None),
+    or on its local ``target`` alone (a method's ``self``: ``self.calls += 1``, ``self.last = x``; not ``new.model =
+    model`` on a copy it returns). A store whose object the bytecode does not show plainly counts, whatever it is on."""
+    names: set[str] = set()
+    ins = list(dis.get_instructions(code))
+    for i, op in enumerate(ins):
+        if op.opname not in ("STORE_ATTR", "DELETE_ATTR"):
+            continue
+        owner = None  # the local the attribute is stored on, where the bytecode shows it
+        if i and ins[i - 1].opname.startswith("LOAD_FAST"):  # obj.a = v (3.13: LOAD_FAST_LOAD_FAST v, obj)
+            argval = ins[i - 1].argval
+            owner = argval[-1] if isinstance(argval, tuple) else argval
+        elif i and ins[i - 1].opname == "SWAP":  # obj.a += v: LOAD_FAST obj, COPY 1, LOAD_ATTR a, ..., SWAP 2
+            for j in range(i - 2, 1, -1):
+                if ins[j].opname == "LOAD_ATTR" and ins[j - 1].opname == "COPY" and ins[j].argval == op.argval:
+                    if ins[j - 2].opname.startswith("LOAD_FAST") and not isinstance(ins[j - 2].argval, tuple):
+                        owner = ins[j - 2].argval
+                    break
+        if target is None or owner is None or owner == target:
+            names.add(op.argval)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _stores(const, None if target is None else "")
+    return names
+
+
+#: type -> the attributes its methods other than the constructor assign on ``self``: its state (a call counter, a
+#: cache filled by the first call, a random generator's), which a fingerprint taken before a solve must not read
+_STATE: weakref.WeakKeyDictionary[type, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+def _state(cls: type) -> frozenset[str]:
+    hit = _STATE.get(cls)
+    if hit is None:
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            for name, member in vars(klass).items():
+                fn = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
+                if (isinstance(fn, types.FunctionType) and name not in ("__init__", "__new__", "__post_init__")
+                        and fn.__code__.co_argcount and not isinstance(member, (staticmethod, classmethod))):
+                    names |= _stores(fn.__code__, fn.__code__.co_varnames[0])
+        hit = _STATE[cls] = frozenset(names)
+    return hit
+
+
 #: how many objects deep :func:`_read` follows attributes from a plain function (a closure's flow, its model's
 #: object, that object's schedule); deeper objects are read as their type alone
 _DEPTH = 3
 
 
-def _read(h: Any, value: object, seen: set[int], depth: int = 0) -> None:
+def _read(h: Any, value: object, seen: set[Any], depth: int = 0) -> None:
     """Feed a value a plain function reads: tensors, networks and numbers by value, functions and bound methods by
     what they read, tuples item by item, other objects by their public attributes read the same way (:data:`_DEPTH`
-    objects deep; not those that are None, lists, dicts or sets: an object's caches, made by its first evaluation); a
+    objects deep; not those that are None, lists, dicts or sets, nor those its class's methods other than the
+    constructor assign on ``self`` or a function read assigns: an object's caches and counters, made or changed by an
+    evaluation, :func:`_state`); a
     module or a class by its name only, and a list, dict or set by its type alone: mutable, it is where a function
     logs its calls or caches, which is no part of the model."""
     if isinstance(value, Tensor):
@@ -234,9 +301,11 @@ def _read(h: Any, value: object, seen: set[int], depth: int = 0) -> None:
         seen.add(id(value))
         h.update(f"|{type(value).__name__}".encode())
         if depth < _DEPTH and hasattr(value, "__dict__"):
+            state = _state(type(value))
             for name, item in sorted(vars(value).items(), key=lambda kv: str(kv[0])):
-                if str(name).startswith("_") or item is None or isinstance(item, (list, dict, set, Mapping)):
-                    continue  # where objects keep caches, made or filled by the first evaluation
+                if (str(name).startswith("_") or item is None or isinstance(item, (list, dict, set, Mapping))
+                        or name in state or ("attribute", name) in seen):
+                    continue  # where objects keep caches and counters, made, filled or changed by an evaluation
                 h.update(f"|.{name}".encode())
                 _read(h, item, seen, depth + 1)
 
