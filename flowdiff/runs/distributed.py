@@ -125,6 +125,14 @@ class Ranks:
         self._main_only(fn)
         return fn()
 
+    def from_main(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run on rank 0 alone, its (picklable) result on every rank: for what one process decides or
+        writes for all (a manifest, the batches already done). Where rank 0's ``fn`` raises, it raises there and
+        the others raise a ``RuntimeError`` saying ``rank 0 of N failed: <why>`` (not gloo's closed connection)."""
+        if not self.distributed:
+            return fn()
+        return self.broadcast(self._main_only(fn))
+
     def _main_only(self, fn: Callable[[], T]) -> T | None:
         """``fn()`` on rank 0 and ``None`` on the others, once rank 0 is done; its failure is raised on every rank."""
         out, failure = None, None
@@ -174,10 +182,27 @@ def process_group(device: torch.device | str = "cpu") -> Ranks:
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     if not dist.is_initialized():
         cuda = torch.device(device).type == "cuda"
+        if cuda:
+            _check_gpus(torch.device(device), local)
         if cuda and torch.cuda.is_available() and local < torch.cuda.device_count():
             torch.cuda.set_device(local)  # nccl's device for this rank: one GPU per process (else --device says)
         dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo")
     return Ranks(dist.get_rank(), dist.get_world_size(), local)
+
+
+def _check_gpus(device: torch.device, local: int) -> None:
+    """Refuse, on every rank alike and before the group is joined, a CUDA device that this machine cannot give each
+    of its processes: no CUDA at all (nccl's own "Distributed package doesn't have NCCL built in" said nothing of the
+    device), or more processes here (torchrun's ``LOCAL_WORLD_SIZE``) than GPUs for ``cuda`` without an index."""
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available in this torch build or on this machine, so "
+                         "the processes cannot work on it (nccl); give device 'cpu' to run them on the CPU (gloo)")
+    count = torch.cuda.device_count()
+    here = _env_int("LOCAL_WORLD_SIZE", local + 1)
+    if device.index is None and here > count:
+        raise ValueError(f"device 'cuda' under torchrun takes one GPU per process, and {here} processes run on this "
+                         f"machine (LOCAL_WORLD_SIZE={here}) for its {count} CUDA device(s): start at most {count} "
+                         "per machine (--nproc_per_node)")
 
 
 def rank_device(device: torch.device | str, ranks: Ranks) -> torch.device:
