@@ -112,3 +112,24 @@ def test_more_processes_per_machine_than_gpus_is_refused_on_every_rank_before_jo
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     _torchrun_env(monkeypatch, rank=0, local_world=1)  # one process per machine (two machines): each has its GPU
     assert distributed.process_group("cuda") == distributed.Ranks(0, 2, 0) and len(joined) == 1
+
+
+@needs_digits
+def test_a_resumed_run_deals_the_batches_left_to_do_over_every_rank(tmp_path):
+    """Rank 1 failed at its first batch (a full disk) while rank 0, as the README promises, finished and recorded its
+    own share; the user freed the disk and reran on 2 processes: rank 0 found every batch of its fixed share (0, 2, …)
+    done and sat idle while rank 1 ran the rest alone, rank 0 waiting in a collective whose default timeout
+    (torch's ``default_pg_timeout``) is 30 minutes. The
+    batches left are dealt out, so both ranks work; the table is the one-process table all the same."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_digits(data, ["a.png", "b.png", "c.png", "d.png"])
+    assert main(["roundtrip", "--data", str(data), "--out", str(out), *ARGS]) == 0
+    table = (out / "results.csv").read_bytes()
+    for b in (1, 3):  # rank 1's share, unrecorded
+        datasets.record_path(out, b).unlink()
+    done = torchrun("roundtrip", "--data", data, "--out", out, *ARGS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming: 2 of 4 batches done" in done.stdout
+    ranks = {b: datasets.json.loads(datasets.record_path(out, b).read_text())["rank"] for b in (1, 3)}
+    assert sorted(ranks.values()) == [0, 1], ranks
+    assert (out / "results.csv").read_bytes() == table

@@ -288,7 +288,9 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
         return done - set(missing)
 
     done = ranks.from_main(start)  # a failure there (a file --overwrite cannot remove) is said on every rank
-    todo = [b for b in ranks.share(range(len(groups))) if b not in done]
+    # the batches left to do, dealt out: after a rank that stopped early, the others' shares are done, and dealing
+    # all batches would leave those ranks idle (waiting for the rest past gloo's timeout on a long run)
+    todo = ranks.share([b for b in range(len(groups)) if b not in done])
     if ranks.is_main:
         where = f" over {ranks.world_size} processes" if ranks.distributed else ""
         start = f"resuming: {len(done)} of {len(groups)} batches done, " if resume else ""
