@@ -274,6 +274,7 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
         check_peers(peers)
     if not (isinstance(progress, bool) or callable(progress)):
         raise TypeError(f"progress must be a bool or a callable, got {type(progress).__name__}")
+    _same_inputs(ranks, flow, noise, images, model_kwargs)  # before the reference: every run must see rank 0's
     jobs: list[tuple[Any, ...]] = [(s, g, b) for s in names for g in grids for b in budgets]
     jobs += [(fitted,) for fitted in learned]  # one job each, after the named runs as in flowdiff.compare's table
     if task != "roundtrip" and reference is None:
@@ -338,6 +339,42 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
         else:
             result.images = {}
     return result
+
+
+def _tensor_digest(x: Any) -> str | None:
+    """SHA-256 of a tensor's dtype, shape and bytes (``None`` for ``None``; the type's name for anything else)."""
+    if x is None:
+        return None
+    if not isinstance(x, Tensor):
+        return type(x).__name__
+    import hashlib
+
+    data = x.detach().cpu().contiguous().reshape(-1)
+    h = hashlib.sha256(f"{x.dtype} {tuple(x.shape)}".encode())
+    h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return h.hexdigest()
+
+
+def _same_inputs(ranks: Ranks, flow: ProbabilityFlow, noise: Tensor | None, images: Tensor | None,
+                 model_kwargs: Mapping[str, Any] | None) -> None:
+    """Refuse, on every rank alike, ``noise``, ``images`` or a flow (network, weights, schedule, ``model_kwargs``) that
+    is not rank 0's. Each rank runs its share of the table on what it was given: a round trip's ``images`` drawn with
+    another seed on rank 1 gave rank 1's rows for other images, in one table, without a word (a generation's noise
+    was caught only by the reference's check, as "solved from other noise than the noise given")."""
+    from ..engine.fingerprint import flow_fingerprint
+
+    try:
+        fingerprint: str | None = flow_fingerprint(flow, model_kwargs)
+    except TypeError:  # a flow that cannot be fingerprinted (a plain σ field): its inputs are still compared
+        fingerprint = None
+    said = ranks.all_gather((_tensor_digest(noise), _tensor_digest(images), fingerprint))
+    what = ("noise", "images", "the flow (network, weights, schedule, model_kwargs)")
+    for rank, theirs in enumerate(said):
+        for name, first, other in zip(what, said[0], theirs):
+            if other != first:
+                raise ValueError(f"{name} on rank {rank} of {ranks.world_size} is not rank 0's: each rank runs its "
+                                 "share of the table on what it is given, so every rank must pass the same (draw "
+                                 "noise and images from one seed on every rank, load the same model)")
 
 
 def _raise_failures(ranks: Ranks, failure: Exception | None) -> None:
