@@ -237,7 +237,9 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
     if given, else solved on rank 0 and sent to the others. Each run is the computation a single
     process makes, so the gathered rows equal a one-process table value for value (wall times aside).
     ``peers`` run once, on rank 0, after the ranks' runs (their rows are sent to every rank).
-    ``ranks`` defaults to :func:`process_group`; with one process this is :func:`flowdiff.compare`.
+    ``ranks`` defaults to :func:`process_group`; with one process this is :func:`flowdiff.compare`. Every rank must
+    pass the same ``noise``, ``images`` and flow (with ``model_kwargs``): one that differs from rank 0's is a
+    ``ValueError`` on every rank, naming which and where, before any run.
     Other keywords (``rtol``, ``calibration_noise``, …) pass through.
 
     ``keep_images=k``: each rank keeps the first ``k`` images of its own runs, and rank 0 receives only those
