@@ -170,3 +170,13 @@ def test_split_round_trip_comparison_refuses_images_that_differ_between_ranks(tm
     refusals = [line for line in done.stderr.splitlines()
                 if "ValueError: images on rank 1 of 2 is not rank 0's" in line]
     assert len(refusals) == 2, done.stderr[-3000:]  # raised by both ranks alike, before any run
+
+
+def test_data_naming_a_file_says_it_is_a_file(tmp_path, capsys):
+    """``flowdiff roundtrip --data x.png --out o`` said "--data 'x.png': no such folder" of a file that is there."""
+    image = tmp_path / "x.png"
+    write_digits(tmp_path, ["x.png"])
+    code = main(["roundtrip", "--data", str(image), "--out", str(tmp_path / "o"), "--steps", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--data {str(image)!r} is a file, not a folder" in err and "no such folder" not in err, err
+    assert not (tmp_path / "o").exists()

@@ -129,6 +129,9 @@ def run_dataset(args: argparse.Namespace, command: str) -> int:
     """One dataset run (see the module docstring); on every rank under ``torchrun``, rank 0 merging."""
     data = Path(args.data)
     out = output_dir(args.out)
+    if data.exists() and not data.is_dir():  # "no such folder" for a file that is there sent users looking for it
+        raise UsageError(f"--data {args.data!r} is a file, not a folder: give image files without --data "
+                         f"('flowdiff {command} {args.data} ...'), or the folder that holds them as --data")
     if not data.is_dir():
         raise CommandError(f"--data {args.data!r}: no such folder")
     if _inside(out, data):
