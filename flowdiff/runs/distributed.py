@@ -16,6 +16,7 @@ them until the whole table is known; then rank 0 receives those the grid shows, 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,6 +29,7 @@ from torch import Tensor
 from solvers import available
 
 from ..api.roundtrip import encoders
+from ..engine.fingerprint import flow_fingerprint
 from ..engine.flow import ProbabilityFlow
 from ..engine.grids import GRIDS
 from ..tools.compare import (
@@ -349,8 +351,6 @@ def _tensor_digest(x: Any) -> str | None:
         return None
     if not isinstance(x, Tensor):
         return type(x).__name__
-    import hashlib
-
     data = x.detach().cpu().contiguous().reshape(-1)
     h = hashlib.sha256(f"{x.dtype} {tuple(x.shape)}".encode())
     h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
@@ -363,8 +363,6 @@ def _same_inputs(ranks: Ranks, flow: ProbabilityFlow, noise: Tensor | None, imag
     is not rank 0's. Each rank runs its share of the table on what it was given: a round trip's ``images`` drawn with
     another seed on rank 1 gave rank 1's rows for other images, in one table, without a word (a generation's noise
     was caught only by the reference's check, as "solved from other noise than the noise given")."""
-    from ..engine.fingerprint import flow_fingerprint
-
     try:
         fingerprint: str | None = flow_fingerprint(flow, model_kwargs)
     except TypeError:  # a flow that cannot be fingerprinted (a plain σ field): its inputs are still compared
