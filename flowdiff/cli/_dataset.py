@@ -269,7 +269,7 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
     groups = _ds.batches(len(folder.files), args.batch_size or DEFAULT_BATCH)
     ranks.barrier()  # every rank has read the old manifest before rank 0 replaces it
 
-    def start() -> set[int]:
+    def begin() -> set[int]:
         """On rank 0: a new run's manifest written over what --overwrite removes; or the batches a resumed run
         has done (decided once: a batch whose files were deleted is run again)."""
         if not resume:
@@ -290,7 +290,7 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
                   f"{', …' if len(names) > 3 else ''}): running their {len(missing)} batch(es) again")
         return done - set(missing)
 
-    done = ranks.from_main(start)  # a failure there (a file --overwrite cannot remove) is said on every rank
+    done = ranks.from_main(begin)  # a failure there (a file --overwrite cannot remove) is said on every rank
     # the batches left to do, dealt out: after a rank that stopped early, the others' shares are done, and dealing
     # all batches would leave those ranks idle (waiting for the rest past gloo's timeout on a long run)
     todo = ranks.share([b for b in range(len(groups)) if b not in done])
