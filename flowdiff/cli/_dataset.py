@@ -129,6 +129,9 @@ def run_dataset(args: argparse.Namespace, command: str) -> int:
     """One dataset run (see the module docstring); on every rank under ``torchrun``, rank 0 merging."""
     data = Path(args.data)
     out = output_dir(args.out)
+    if data.exists() and not data.is_dir():  # "no such folder" for a file that is there sent users looking for it
+        raise UsageError(f"--data {args.data!r} is a file, not a folder: give image files without --data "
+                         f"('flowdiff {command} {args.data} ...'), or the folder that holds them as --data")
     if not data.is_dir():
         raise CommandError(f"--data {args.data!r}: no such folder")
     if _inside(out, data):
@@ -234,8 +237,9 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
     _commands._grid(args, loaded)  # --grid tuned without --nfe, or with none stored: refused before run.json is written
     args.device = torch.device(device_given).type  # the manifest keeps the kind of device, not each rank's index
     arguments = _arguments(args, _commands.fingerprint(loaded))
-    # rank 0 hashes the inputs and sends the manifest: N ranks would otherwise read the whole dataset N times
-    man = ranks.broadcast(_ds.manifest(command, arguments, folder) if ranks.is_main else None)
+    # rank 0 hashes the inputs and sends the manifest: N ranks would otherwise read the whole dataset N times (an
+    # input it cannot read is said on every rank: 'rank 0 of N failed: ...', not a closed connection)
+    man = ranks.from_main(lambda: _ds.manifest(command, arguments, folder))
     run = _ds.run_id(man)
     manifest_path = out / "run.json"
     old = None
@@ -264,27 +268,32 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
     plan(outputs, inputs=[folder.path(rel) for rel in folder.files], overwrite=resume or args.overwrite)
     groups = _ds.batches(len(folder.files), args.batch_size or DEFAULT_BATCH)
     ranks.barrier()  # every rank has read the old manifest before rank 0 replaces it
-    if ranks.is_main and not resume:
-        if args.overwrite and manifest_path.exists():
-            print(_remove_earlier(out, manifest_path))
-            for folder_of in {p.parent for p, _ in outputs}:  # planned folders the removal left empty
-                folder_of.mkdir(parents=True, exist_ok=True)
-        _ds.clear_records(out)
-        for name in ("results.csv", "summary.json"):
-            (out / name).unlink(missing_ok=True)
-        _ds.write_json(manifest_path, man)
-    ranks.barrier()
-    done = set()
-    if resume and ranks.is_main:  # decided once, on rank 0: a batch whose files were deleted is run again
+
+    def begin() -> set[int]:
+        """On rank 0: a new run's manifest written over what --overwrite removes; or the batches a resumed run
+        has done (decided once: a batch whose files were deleted is run again)."""
+        if not resume:
+            if args.overwrite and manifest_path.exists():
+                print(_remove_earlier(out, manifest_path))
+                for folder_of in {p.parent for p, _ in outputs}:  # planned folders the removal left empty
+                    folder_of.mkdir(parents=True, exist_ok=True)
+            _ds.clear_records(out)
+            for name in ("results.csv", "summary.json"):
+                (out / name).unlink(missing_ok=True)
+            _ds.write_json(manifest_path, man)
+            return set()
         done = _ds.completed(out, run, groups, folder.files)
         missing = _missing(out, command, args.save_latents, folder, groups, done)
         if missing:
             names = [_ds.printable(_ds.escaped_name(n)) for b in missing for n in missing[b]]
             print(f"{len(names)} file(s) listed by the completion records are missing ({', '.join(names[:3])}"
                   f"{', …' if len(names) > 3 else ''}): running their {len(missing)} batch(es) again")
-            done -= set(missing)
-    done = ranks.broadcast(done)
-    todo = [b for b in ranks.share(range(len(groups))) if b not in done]
+        return done - set(missing)
+
+    done = ranks.from_main(begin)  # a failure there (a file --overwrite cannot remove) is said on every rank
+    # the batches left to do, dealt out: after a rank that stopped early, the others' shares are done, and dealing
+    # all batches would leave those ranks idle (waiting for the rest past gloo's timeout on a long run)
+    todo = ranks.share([b for b in range(len(groups)) if b not in done])
     if ranks.is_main:
         where = f" over {ranks.world_size} processes" if ranks.distributed else ""
         start = f"resuming: {len(done)} of {len(groups)} batches done, " if resume else ""
@@ -312,7 +321,13 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
         if stop is not None and finished >= stop:
             raise Stopped(f"stopped after {finished} image(s) as FLOWDIFF_STOP_AFTER={stop} asks, like a kill: batch "
                           f"{b} has its files but no completion record; rerun the command to finish")
-        _ds.write_record(out, run, b, rows, ranks.rank)
+        try:
+            _ds.write_record(out, run, b, rows, ranks.rank)
+        except Exception as err:  # a record that cannot be written (disk full) is a failure of this rank's, said below
+            if not ranks.distributed:
+                raise
+            failure = err
+            break
         if progress:
             who = f"rank {ranks.rank}: " if ranks.distributed else ""
             print(f"{who}batch {b} done ({k + 1} of {len(todo)} to do here)", file=sys.stderr, flush=True)

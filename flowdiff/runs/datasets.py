@@ -12,8 +12,8 @@ all independent of how many processes share it:
 - **fixed batches** of the global order: batch b holds inputs b·S … (b+1)·S − 1 (:func:`batches`). A
   model evaluated on a batch of 3 and on a batch of 4 may differ at float rounding (matrix kernels
   block differently; an adaptive solve is controlled by its worst sample), so the batches never depend
-  on the process count: rank r of N takes batches r, r + N, … whole, and every number is the number
-  a single process computes, bit for bit.
+  on the process count: rank r of N takes the batches left to do at positions r, r + N, … of their list,
+  whole, and every number is the number a single process computes, bit for bit.
 - **the manifest** ``OUT/run.json`` (:func:`manifest`): the arguments that define the numbers (the
   model's fingerprint, solver, grid, budget, dtype, batch size, the CPU thread count, …) and each input's SHA-256.
 

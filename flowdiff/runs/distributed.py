@@ -16,6 +16,7 @@ them until the whole table is known; then rank 0 receives those the grid shows, 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,6 +29,7 @@ from torch import Tensor
 from solvers import available
 
 from ..api.roundtrip import encoders
+from ..engine.fingerprint import flow_fingerprint
 from ..engine.flow import ProbabilityFlow
 from ..engine.grids import GRIDS
 from ..tools.compare import (
@@ -125,6 +127,14 @@ class Ranks:
         self._main_only(fn)
         return fn()
 
+    def from_main(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run on rank 0 alone, its (picklable) result on every rank: for what one process decides or
+        writes for all (a manifest, the batches already done). Where rank 0's ``fn`` raises, it raises there and
+        the others raise a ``RuntimeError`` saying ``rank 0 of N failed: <why>`` (not gloo's closed connection)."""
+        if not self.distributed:
+            return fn()
+        return self.broadcast(self._main_only(fn))
+
     def _main_only(self, fn: Callable[[], T]) -> T | None:
         """``fn()`` on rank 0 and ``None`` on the others, once rank 0 is done; its failure is raised on every rank."""
         out, failure = None, None
@@ -174,10 +184,27 @@ def process_group(device: torch.device | str = "cpu") -> Ranks:
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     if not dist.is_initialized():
         cuda = torch.device(device).type == "cuda"
+        if cuda:
+            _check_gpus(torch.device(device), local)
         if cuda and torch.cuda.is_available() and local < torch.cuda.device_count():
             torch.cuda.set_device(local)  # nccl's device for this rank: one GPU per process (else --device says)
         dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo")
     return Ranks(dist.get_rank(), dist.get_world_size(), local)
+
+
+def _check_gpus(device: torch.device, local: int) -> None:
+    """Refuse, on every rank alike and before the group is joined, a CUDA device that this machine cannot give each
+    of its processes: no CUDA at all (nccl's own "Distributed package doesn't have NCCL built in" said nothing of the
+    device), or more processes here (torchrun's ``LOCAL_WORLD_SIZE``) than GPUs for ``cuda`` without an index."""
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available in this torch build or on this machine, so "
+                         "the processes cannot work on it (nccl); give device 'cpu' to run them on the CPU (gloo)")
+    count = torch.cuda.device_count()
+    here = _env_int("LOCAL_WORLD_SIZE", local + 1)
+    if device.index is None and here > count:
+        raise ValueError(f"device 'cuda' under torchrun takes one GPU per process, and {here} processes run on this "
+                         f"machine (LOCAL_WORLD_SIZE={here}) for its {count} CUDA device(s): start at most {count} "
+                         "per machine (--nproc_per_node)")
 
 
 def rank_device(device: torch.device | str, ranks: Ranks) -> torch.device:
@@ -212,7 +239,9 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
     if given, else solved on rank 0 and sent to the others. Each run is the computation a single
     process makes, so the gathered rows equal a one-process table value for value (wall times aside).
     ``peers`` run once, on rank 0, after the ranks' runs (their rows are sent to every rank).
-    ``ranks`` defaults to :func:`process_group`; with one process this is :func:`flowdiff.compare`.
+    ``ranks`` defaults to :func:`process_group`; with one process this is :func:`flowdiff.compare`. Every rank must
+    pass the same ``noise``, ``images`` and flow (with ``model_kwargs``): one that differs from rank 0's is a
+    ``ValueError`` on every rank, naming which and where, before any run.
     Other keywords (``rtol``, ``calibration_noise``, …) pass through.
 
     ``keep_images=k``: each rank keeps the first ``k`` images of its own runs, and rank 0 receives only those
@@ -249,6 +278,7 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
         check_peers(peers)
     if not (isinstance(progress, bool) or callable(progress)):
         raise TypeError(f"progress must be a bool or a callable, got {type(progress).__name__}")
+    _same_inputs(ranks, flow, noise, images, model_kwargs)  # before the reference: every run must see rank 0's
     jobs: list[tuple[Any, ...]] = [(s, g, b) for s in names for g in grids for b in budgets]
     jobs += [(fitted,) for fitted in learned]  # one job each, after the named runs as in flowdiff.compare's table
     if task != "roundtrip" and reference is None:
@@ -313,6 +343,38 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
         else:
             result.images = {}
     return result
+
+
+def _tensor_digest(x: Any) -> str | None:
+    """SHA-256 of a tensor's dtype, shape and bytes (``None`` for ``None``; the type's name for anything else)."""
+    if x is None:
+        return None
+    if not isinstance(x, Tensor):
+        return type(x).__name__
+    data = x.detach().cpu().contiguous().reshape(-1)
+    h = hashlib.sha256(f"{x.dtype} {tuple(x.shape)}".encode())
+    h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return h.hexdigest()
+
+
+def _same_inputs(ranks: Ranks, flow: ProbabilityFlow, noise: Tensor | None, images: Tensor | None,
+                 model_kwargs: Mapping[str, Any] | None) -> None:
+    """Refuse, on every rank alike, ``noise``, ``images`` or a flow (network, weights, schedule, ``model_kwargs``) that
+    is not rank 0's. Each rank runs its share of the table on what it was given: a round trip's ``images`` drawn with
+    another seed on rank 1 gave rank 1's rows for other images, in one table, without a word (a generation's noise
+    was caught only by the reference's check, as "solved from other noise than the noise given")."""
+    try:
+        fingerprint: str | None = flow_fingerprint(flow, model_kwargs)
+    except TypeError:  # a flow that cannot be fingerprinted (a plain σ field): its inputs are still compared
+        fingerprint = None
+    said = ranks.all_gather((_tensor_digest(noise), _tensor_digest(images), fingerprint))
+    what = ("noise", "images", "the flow (network, weights, schedule, model_kwargs)")
+    for rank, theirs in enumerate(said):
+        for name, first, other in zip(what, said[0], theirs):
+            if other != first:
+                raise ValueError(f"{name} on rank {rank} of {ranks.world_size} is not rank 0's: each rank runs its "
+                                 "share of the table on what it is given, so every rank must pass the same (draw "
+                                 "noise and images from one seed on every rank, load the same model)")
 
 
 def _raise_failures(ranks: Ranks, failure: Exception | None) -> None:
