@@ -180,3 +180,24 @@ def test_data_naming_a_file_says_it_is_a_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and f"--data {str(image)!r} is a file, not a folder" in err and "no such folder" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["sample", "--num", "2", "--steps", "2"],
+    ["likelihood", "IMAGE"],
+    ["likelihood", "--data", "."],
+    ["encode", "IMAGE", "--steps", "2"],
+])
+def test_a_command_that_does_not_split_is_refused_under_torchrun(argv, tmp_path, monkeypatch, capsys):
+    """``torchrun --nproc_per_node 2 -m flowdiff sample`` (or ``likelihood``, or ``encode`` of image files) did the whole
+    job on every process: the same lines printed twice and the same file written twice (S15). Refused by name before
+    any work, on every rank; ``compare`` and the ``--data`` runs split and are not refused."""
+    image = tmp_path / "one.png"
+    write_digits(tmp_path, ["one.png"])
+    argv = [str(image) if a == "IMAGE" else a for a in argv]
+    _torchrun_env(monkeypatch, rank=1, local_world=2)
+    monkeypatch.chdir(tmp_path)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and "does not split its work over torchrun's processes (WORLD_SIZE=2)" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.png"]  # nothing written

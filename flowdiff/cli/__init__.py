@@ -34,6 +34,7 @@ from collections.abc import Sequence
 
 import solvers as _solvers
 
+from ..runs.distributed import world_size
 from ._errors import CommandError, UsageError, one_line
 from ._images import read_images, save_grid, save_images
 from ._models import LoadedModel, in_dtype, load_model
@@ -52,6 +53,17 @@ def _one_line_warning(command: str):
     return show
 
 
+def _check_split(args) -> None:
+    """Under torchrun, only the commands that deal their work out over the processes run: any other would do the whole
+    job on every process (the same file written N times, the same lines printed N times)."""
+    world = world_size()
+    splits = args.command == "compare" or (args.command in ("encode", "roundtrip") and args.data is not None)
+    if world > 1 and not splits:
+        raise UsageError(f"flowdiff {args.command} does not split its work over torchrun's processes (WORLD_SIZE="
+                         f"{world}): every process would do all of it; run it as one process, or use a command that "
+                         "splits: compare, or encode/roundtrip with --data DIR")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``flowdiff`` command with ``argv`` (default: the process's); returns the exit status."""
     parser = build_parser()
@@ -67,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning(args.command)
+            _check_split(args)
             code = int(args.func(args) or 0)
             return code
     except KeyboardInterrupt:

@@ -151,6 +151,11 @@ class Ranks:
         return out
 
 
+def world_size() -> int:
+    """How many processes torchrun started for this run (``WORLD_SIZE``; 1 without torchrun)."""
+    return _env_int("WORLD_SIZE", 1)
+
+
 def _env_int(name: str, default: int) -> int:
     text = os.environ.get(name)
     if text is None or text == "":
