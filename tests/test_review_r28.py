@@ -1,0 +1,82 @@
+"""Review R28 of the model fingerprint (flowdiff/engine/fingerprint.py): each test failed before its fix; its
+docstring says what a user saw."""
+
+import torch
+
+import flowdiff
+from flowdiff.models.analytic import Gaussian
+
+GAUSS = Gaussian(torch.zeros(8, dtype=torch.float64), torch.full((8,), 0.5, dtype=torch.float64))
+
+
+def _fingerprint(model):
+    return flowdiff.flow_fingerprint(flowdiff.ProbabilityFlow(model, GAUSS.schedule))
+
+
+class _Settable:
+    """A model object whose weight is set after construction, by a setter or by ``to`` (common in research code)."""
+
+    def __init__(self):
+        self.weight = torch.tensor(1.0, dtype=torch.float64)
+
+    def set_weight(self, weight):
+        self.weight = weight
+
+    def to(self, dtype):
+        self.weight = self.weight.to(dtype)
+        return self
+
+    def __call__(self, x_t, t):
+        return self.weight * GAUSS(x_t, t)
+
+    def eps(self, x_t, t):
+        return self(x_t, t)
+
+
+def test_a_tensor_a_model_object_sets_outside_its_constructor_is_part_of_its_fingerprint():
+    """Two model objects of one class whose weights were set by a method (``set_weight``, or reassigned in ``to``)
+    had one fingerprint, as objects or through a bound method: R27 left out every attribute a method other than the
+    constructor assigns on ``self`` (meant for call counters and caches), so a grid tuned, a solver fitted or a latent
+    encoded with one loaded for the other without a word. What a call assigns (the method given as the model and the
+    methods it calls) is still left out."""
+    first, second = _Settable(), _Settable()
+    second.set_weight(torch.tensor(2.0, dtype=torch.float64))
+    assert _fingerprint(first) != _fingerprint(second)
+    assert _fingerprint(first.eps) != _fingerprint(second.eps)
+    assert _fingerprint(lambda x_t, t: first(x_t, t)) != _fingerprint(lambda x_t, t: second(x_t, t))
+    third = _Settable().to(torch.float32)
+    assert _fingerprint(first) != _fingerprint(third)
+    # the same object before and after a solve: still one fingerprint
+    flow = flowdiff.ProbabilityFlow(second.eps, GAUSS.schedule)
+    latent = flowdiff.encode(flow, GAUSS.sample(2, generator=torch.Generator().manual_seed(0)), solver="euler",
+                             steps=3).latent
+    flowdiff.decode(flow, latent)
+    assert flowdiff.flow_fingerprint(flow) == latent.fingerprint
+
+
+class _Caching:
+    """A model object whose call fills a cache through a helper method (the state a call assigns)."""
+
+    def __init__(self, scale):
+        self.scale = torch.tensor(scale, dtype=torch.float64)
+        self.last = None
+
+    def _remember(self, x_t):
+        self.last = x_t
+        self.count = getattr(self, "count", 0) + 1
+
+    def __call__(self, x_t, t):
+        self._remember(x_t)
+        return self.scale * GAUSS(x_t, t)
+
+
+def test_what_a_call_assigns_through_a_helper_method_stays_out():
+    """The narrower rule still leaves out what a call assigns through a method it calls (a cache, a counter)."""
+    model = _Caching(1.0)
+    flow = flowdiff.ProbabilityFlow(model, GAUSS.schedule)
+    before = flowdiff.flow_fingerprint(flow)
+    latent = flowdiff.encode(flow, GAUSS.sample(2, generator=torch.Generator().manual_seed(0)), solver="euler",
+                             steps=3).latent
+    flowdiff.decode(flow, latent)
+    assert flowdiff.flow_fingerprint(flow) == before == latent.fingerprint
+    assert _fingerprint(_Caching(2.0)) != before
