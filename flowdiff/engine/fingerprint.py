@@ -128,10 +128,11 @@ def _plain_module_digest(module: torch.nn.Module, cast: torch.dtype | None) -> b
     return digest
 
 
-def _attributes(h: Any, owner: object) -> None:
+def _attributes(h: Any, owner: object, calls: set[str]) -> None:
     """Feed the tensors and numbers ``owner`` holds as attributes (how an object given as the model is read), not
-    those its methods assign on ``self`` (:func:`_state`: a call counter, a cache), which change with every solve."""
-    state = _state(type(owner))
+    those a call of the methods ``calls`` assigns on ``self`` (:func:`_state`: a call counter, a cache), which change
+    with every solve."""
+    state = _state(type(owner), calls)
     for name, value in sorted((k, v) for k, v in vars(owner).items()
                               if isinstance(v, (Tensor, int, float, str)) and k not in state):
         h.update(name.encode())
@@ -198,6 +199,8 @@ def _function(h: Any, fn: types.FunctionType | functools.partial, seen: set[Any]
     # the attributes it assigns on the objects it reads (``stats.calls += 1``) are its state, not the model's: left
     # out of every object read after this (marked in ``seen`` as ("attribute", name))
     seen.update(("attribute", name) for name in _stores(code, None))
+    # the methods it may call on the objects it reads (``model.eps(x, t)``): what they assign on ``self`` is left out
+    seen.update(("call", name) for name in _names(code))
     for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
         h.update(f"|cell {name}".encode())
         if name in written:
@@ -240,23 +243,52 @@ def _stores(code: types.CodeType, target: str | None) -> set[str]:
     return names
 
 
-#: type -> the attributes its methods other than the constructor assign on ``self``: its state (a call counter, a
-#: cache filled by the first call, a random generator's), which a fingerprint taken before a solve must not read
-_STATE: weakref.WeakKeyDictionary[type, frozenset[str]] = weakref.WeakKeyDictionary()
+#: type -> {method or property name: (the attributes it assigns on ``self``, the names its code reads)}
+_METHODS: weakref.WeakKeyDictionary[type, dict[str, tuple[frozenset[str], frozenset[str]]]] = \
+    weakref.WeakKeyDictionary()
 
 
-def _state(cls: type) -> frozenset[str]:
-    hit = _STATE.get(cls)
+def _methods(cls: type) -> dict[str, tuple[frozenset[str], frozenset[str]]]:
+    hit = _METHODS.get(cls)
     if hit is None:
-        names: set[str] = set()
-        for klass in cls.__mro__:
+        hit = {}
+        for klass in cls.__mro__:  # a name's definitions in every class: an override may call the base's by super()
             for name, member in vars(klass).items():
-                fn = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
-                if (isinstance(fn, types.FunctionType) and name not in ("__init__", "__new__", "__post_init__")
-                        and fn.__code__.co_argcount and not isinstance(member, (staticmethod, classmethod))):
-                    names |= _stores(fn.__code__, fn.__code__.co_varnames[0])
-        hit = _STATE[cls] = frozenset(names)
+                fns = ((member.fget, member.fset, member.fdel) if isinstance(member, property)
+                       else () if isinstance(member, (staticmethod, classmethod)) else (member,))
+                for fn in fns:
+                    if isinstance(fn, types.FunctionType) and fn.__code__.co_argcount:
+                        stores, reads = hit.get(name, (frozenset(), frozenset()))
+                        hit[name] = (stores | _stores(fn.__code__, fn.__code__.co_varnames[0]),
+                                     reads | _names(fn.__code__))
+        _METHODS[cls] = hit
     return hit
+
+
+def _names(code: types.CodeType) -> frozenset[str]:
+    """The names ``code`` (nested functions' included) reads: globals and attributes alike."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names(const)
+    return frozenset(names)
+
+
+def _state(cls: type, calls: set[str]) -> frozenset[str]:
+    """The attributes a call assigns on an object of ``cls`` (a call counter, a cache its first call fills, a random
+    generator's): what the methods named in ``calls`` (``__call__``, the method given as the model, the attributes a
+    plain function reads on it) assign on ``self``, and the methods they read on ``self`` in turn. A fingerprint taken
+    before a solve must not read them; what other methods assign (a setter, ``to``) is the model's."""
+    methods = _methods(cls)
+    todo, done, names = [name for name in calls if name in methods], set(), set()
+    while todo:
+        name = todo.pop()
+        if name not in done:
+            done.add(name)
+            stores, reads = methods[name]
+            names |= stores
+            todo += [read for read in reads if read in methods]
+    return frozenset(names)
 
 
 #: how many objects deep :func:`_read` follows attributes from a plain function (a closure's flow, its model's
@@ -267,10 +299,9 @@ _DEPTH = 3
 def _read(h: Any, value: object, seen: set[Any], depth: int = 0) -> None:
     """Feed a value a plain function reads: tensors, networks and numbers by value, functions and bound methods by
     what they read, tuples item by item, other objects by their public attributes read the same way (:data:`_DEPTH`
-    objects deep; not those that are None, lists, dicts or sets, nor those its class's methods other than the
-    constructor assign on ``self`` or a function read assigns: an object's caches and counters, made or changed by an
-    evaluation, :func:`_state`); a
-    module or a class by its name only, and a list, dict or set by its type alone: mutable, it is where a function
+    objects deep; not those that are None, lists, dicts or sets, nor those a function read assigns or the methods it
+    may call on the object assign on ``self``: an object's caches and counters, made or changed by an evaluation,
+    :func:`_state`); a module or a class by its name only, and a list, dict or set by its type alone: mutable, it is where a function
     logs its calls or caches, which is no part of the model."""
     if isinstance(value, Tensor):
         _update(h, value)
@@ -285,6 +316,7 @@ def _read(h: Any, value: object, seen: set[Any], depth: int = 0) -> None:
         _function(h, value, seen, depth)
     elif isinstance(value, types.MethodType):
         h.update(f"|method {value.__func__.__qualname__}".encode())
+        seen.add(("call", value.__func__.__name__))
         _read(h, value.__self__, seen, depth)
     elif isinstance(value, (types.ModuleType, type, types.BuiltinFunctionType)):
         h.update(f"|{type(value).__name__} {getattr(value, '__qualname__', getattr(value, '__name__', ''))}".encode())
@@ -301,7 +333,8 @@ def _read(h: Any, value: object, seen: set[Any], depth: int = 0) -> None:
         seen.add(id(value))
         h.update(f"|{type(value).__name__}".encode())
         if depth < _DEPTH and hasattr(value, "__dict__"):
-            state = _state(type(value))
+            state = _state(type(value), {"__call__"} | {item[1] for item in seen
+                                                         if isinstance(item, tuple) and item[0] == "call"})
             for name, item in sorted(vars(value).items(), key=lambda kv: str(kv[0])):
                 if (str(name).startswith("_") or item is None or isinstance(item, (list, dict, set, Mapping))
                         or name in state or ("attribute", name) in seen):
@@ -330,12 +363,13 @@ def _digest(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None, *, re
     owner, method = _owner(flow)
     if method is not None:  # which of the object's methods: two methods of one object are two models
         h.update(f"|method {method}".encode())
+    calls = {"__call__"} if method is None else {"__call__", method.rpartition(".")[2]}
     if isinstance(owner, torch.nn.Module):
         h.update(_module_digest(owner, cast))
     elif isinstance(owner, (types.FunctionType, functools.partial)) and functions:  # a plain function as the model
         _function(h, owner, set())
     elif owner is not None and hasattr(owner, "__dict__"):
-        _attributes(h, owner)
+        _attributes(h, owner, calls)
     else:
         raise TypeError(f"cannot fingerprint a model of type {type(flow.model).__name__}: it is neither a "
                         "torch.nn.Module nor an object holding its tensors as attributes")
