@@ -1,6 +1,7 @@
 """Review R28 of the model fingerprint (flowdiff/engine/fingerprint.py): each test failed before its fix; its
 docstring says what a user saw."""
 
+import numpy as np
 import torch
 
 import flowdiff
@@ -80,3 +81,37 @@ def test_what_a_call_assigns_through_a_helper_method_stays_out():
     flowdiff.decode(flow, latent)
     assert flowdiff.flow_fingerprint(flow) == before == latent.fingerprint
     assert _fingerprint(_Caching(2.0)) != before
+
+
+class _Guided:
+    """A user's guidance wrapper: a plain object holding the network and a weight."""
+
+    def __init__(self, network, weight):
+        self.network = network
+        self.weight = weight
+
+    def __call__(self, x_t, t):
+        return (1 + self.weight) * self.network(x_t)
+
+    def eps(self, x_t, t):
+        return self(x_t, t)
+
+
+def test_a_model_object_holding_a_network_or_another_model_object_is_read_through_it():
+    """A plain object given as the model (or its bound method) that holds a network, another model object or a numpy
+    array had the fingerprint of its numbers and tensors alone: ``_Guided(unet_a, 7.5)`` and ``_Guided(unet_b, 7.5)``
+    had one, so a latent encoded with one decoded under the other unchecked; the same wrapper read from a plain
+    function's closure was told apart. What the object holds is read as a closure's objects are."""
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(8, 8).double(), torch.nn.Linear(8, 8).double()
+    assert _fingerprint(_Guided(first, 7.5)) != _fingerprint(_Guided(second, 7.5))
+    assert _fingerprint(_Guided(first, 7.5).eps) != _fingerprint(_Guided(second, 7.5).eps)
+    other = Gaussian(torch.ones(8, dtype=torch.float64), torch.full((8,), 0.5, dtype=torch.float64))
+    assert _fingerprint(_Guided(GAUSS, 0.0)) != _fingerprint(_Guided(other, 0.0))
+    assert _fingerprint(_Guided(np.zeros(3), 0.0)) != _fingerprint(_Guided(np.ones(3), 0.0))
+    # one wrapper: one fingerprint before and after a solve
+    flow = flowdiff.ProbabilityFlow(_Guided(first, 0.5), GAUSS.schedule)
+    latent = flowdiff.encode(flow, GAUSS.sample(2, generator=torch.Generator().manual_seed(0)), solver="euler",
+                             steps=3).latent
+    flowdiff.decode(flow, latent)
+    assert flowdiff.flow_fingerprint(flow) == latent.fingerprint
