@@ -129,14 +129,19 @@ def _plain_module_digest(module: torch.nn.Module, cast: torch.dtype | None) -> b
 
 
 def _attributes(h: Any, owner: object, calls: set[str]) -> None:
-    """Feed the tensors and numbers ``owner`` holds as attributes (how an object given as the model is read), not
-    those a call of the methods ``calls`` assigns on ``self`` (:func:`_state`: a call counter, a cache), which change
-    with every solve."""
-    state = _state(type(owner), calls)
-    for name, value in sorted((k, v) for k, v in vars(owner).items()
-                              if isinstance(v, (Tensor, int, float, str)) and k not in state):
-        h.update(name.encode())
-        _update(h, value)
+    """Feed what an object given as the model holds as attributes: its tensors and numbers, and what else it holds
+    publicly (a network, another model object, an array) read as a plain function's objects are (:func:`_read`);
+    not what a call of the methods ``calls`` assigns on ``self`` (:func:`_state`: a call counter, a cache), which
+    changes with every solve."""
+    state, reads = _state(type(owner), calls)
+    seen: set[Any] = {id(owner), *(("call", name) for name in reads)}
+    for name, value in sorted((k, v) for k, v in vars(owner).items() if k not in state):
+        if isinstance(value, (Tensor, int, float, str)):
+            h.update(name.encode())
+            _update(h, value)
+        elif not (name.startswith("_") or value is None or isinstance(value, (list, dict, set, Mapping))):
+            h.update(f"|.{name}".encode())
+            _read(h, value, seen, 1)
 
 
 def _code(h: Any, code: types.CodeType) -> None:
@@ -274,21 +279,23 @@ def _names(code: types.CodeType) -> frozenset[str]:
     return frozenset(names)
 
 
-def _state(cls: type, calls: set[str]) -> frozenset[str]:
+def _state(cls: type, calls: set[str]) -> tuple[frozenset[str], frozenset[str]]:
     """The attributes a call assigns on an object of ``cls`` (a call counter, a cache its first call fills, a random
     generator's): what the methods named in ``calls`` (``__call__``, the method given as the model, the attributes a
     plain function reads on it) assign on ``self``, and the methods they read on ``self`` in turn. A fingerprint taken
-    before a solve must not read them; what other methods assign (a setter, ``to``) is the model's."""
+    before a solve must not read them; what other methods assign (a setter, ``to``) is the model's. With them, the
+    names those methods read (the methods they may call on the objects the object holds)."""
     methods = _methods(cls)
-    todo, done, names = [name for name in calls if name in methods], set(), set()
+    todo, done, names, read = [name for name in calls if name in methods], set(), set(), set()
     while todo:
         name = todo.pop()
         if name not in done:
             done.add(name)
             stores, reads = methods[name]
             names |= stores
-            todo += [read for read in reads if read in methods]
-    return frozenset(names)
+            read |= reads
+            todo += [other for other in reads if other in methods]
+    return frozenset(names), frozenset(read)
 
 
 #: how many objects deep :func:`_read` follows attributes from a plain function (a closure's flow, its model's
@@ -333,8 +340,9 @@ def _read(h: Any, value: object, seen: set[Any], depth: int = 0) -> None:
         seen.add(id(value))
         h.update(f"|{type(value).__name__}".encode())
         if depth < _DEPTH and hasattr(value, "__dict__"):
-            state = _state(type(value), {"__call__"} | {item[1] for item in seen
-                                                         if isinstance(item, tuple) and item[0] == "call"})
+            state, reads = _state(type(value), {"__call__"} | {item[1] for item in seen
+                                                                if isinstance(item, tuple) and item[0] == "call"})
+            seen.update(("call", name) for name in reads)
             for name, item in sorted(vars(value).items(), key=lambda kv: str(kv[0])):
                 if (str(name).startswith("_") or item is None or isinstance(item, (list, dict, set, Mapping))
                         or name in state or ("attribute", name) in seen):
@@ -397,9 +405,10 @@ def flow_fingerprint(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | No
     a class label repeated over 8 samples, over 4, or given as a 0-d tensor has one fingerprint; labels that
     differ between samples are digested sample by sample. ``model_kwargs=None`` (or empty) digests the flow alone.
 
-    The model is read as a ``torch.nn.Module``'s state, or as the tensors and numbers an object holds as attributes
-    (the object of a bound method, given as the model or as a σ field, with that method's name: two methods of one
-    object are two models). The schedule is read as its table of levels and, for a schedule other than the plain
+    The model is read as a ``torch.nn.Module``'s state, or as what an object holds as attributes — tensors and
+    numbers, and public networks, objects and arrays read as a plain function's are, below — (the object of a bound
+    method, given as the model or as a σ field, with that method's name: two methods of one object are two models),
+    without what a call of it assigns on the object (a counter, a cache). The schedule is read as its table of levels and, for a schedule other than the plain
     table (``VESchedule``, ``FlowMatchingSchedule``, a subclass), its type and its public scalar fields (VE's ``time``,
     flow matching's T and shift), which say what else the network is fed. A plain function (or ``functools.partial``)
     given as the model is read as its code (bytecode, constants, the names it looks up; not its name, file or line),
