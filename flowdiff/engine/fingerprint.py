@@ -139,7 +139,7 @@ def _attributes(h: Any, owner: object, calls: set[str]) -> None:
         if isinstance(value, (Tensor, int, float, str)):
             h.update(name.encode())
             _update(h, value)
-        elif not (name.startswith("_") or value is None or isinstance(value, (list, dict, set, Mapping))):
+        elif not _left_out(name, value):
             h.update(f"|.{name}".encode())
             _read(h, value, seen, 1)
 
@@ -159,25 +159,26 @@ def _code(h: Any, code: types.CodeType) -> None:
             h.update(repr(const).encode())
 
 
+def _nested(code: types.CodeType) -> list[types.CodeType]:
+    """``code`` and the code of the functions (lambdas, comprehensions) defined in it, at any depth."""
+    return [code, *(inner for const in code.co_consts if isinstance(const, types.CodeType) for inner in _nested(const))]
+
+
+def _operands(code: types.CodeType, *opnames: str) -> set[str]:
+    """The names the instructions ``opnames`` of ``code`` (nested functions' included) name."""
+    return {ins.argval for part in _nested(code) for ins in dis.get_instructions(part) if ins.opname in opnames}
+
+
 def _global_names(code: types.CodeType) -> set[str]:
-    """The globals a function's body (nested functions' included) loads. Not ``co_names``, which also lists the
-    attributes it reads: ``unet(x, t).sample`` would read a notebook's global ``sample`` (a generate's result)."""
-    names = {ins.argval for ins in dis.get_instructions(code) if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _global_names(const)
-    return names
+    """The globals a function's body loads. Not ``co_names``, which also lists the attributes it reads:
+    ``unet(x, t).sample`` would read a notebook's global ``sample`` (a generate's result)."""
+    return _operands(code, "LOAD_GLOBAL", "LOAD_NAME")
 
 
 def _written(code: types.CodeType) -> set[str]:
-    """The globals and closure cells a function's body (nested functions' included) assigns: its own state (a
-    call counter), not the model's, and changed by every call."""
-    names = {ins.argval for ins in dis.get_instructions(code)
-             if ins.opname in ("STORE_GLOBAL", "DELETE_GLOBAL", "STORE_DEREF", "DELETE_DEREF")}
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _written(const)
-    return names
+    """The globals and closure cells a function's body assigns: its own state (a call counter), not the model's,
+    and changed by every call."""
+    return _operands(code, "STORE_GLOBAL", "DELETE_GLOBAL", "STORE_DEREF", "DELETE_DEREF")
 
 
 def _function(h: Any, fn: types.FunctionType | functools.partial, seen: set[Any], depth: int = 0) -> None:
@@ -272,11 +273,7 @@ def _methods(cls: type) -> dict[str, tuple[frozenset[str], frozenset[str]]]:
 
 def _names(code: types.CodeType) -> frozenset[str]:
     """The names ``code`` (nested functions' included) reads: globals and attributes alike."""
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _names(const)
-    return frozenset(names)
+    return frozenset(name for part in _nested(code) for name in part.co_names)
 
 
 def _state(cls: type, calls: set[str]) -> tuple[frozenset[str], frozenset[str]]:
@@ -298,6 +295,12 @@ def _state(cls: type, calls: set[str]) -> tuple[frozenset[str], frozenset[str]]:
     return frozenset(names), frozenset(read)
 
 
+def _left_out(name: object, value: object) -> bool:
+    """Whether an object's attribute is left out of its digest, whatever its class: a private one, None, a list, dict
+    or set, where objects keep the caches and logs an evaluation makes or fills (a flow's ``_timesteps_of``)."""
+    return str(name).startswith("_") or value is None or isinstance(value, (list, set, Mapping))
+
+
 #: how many objects deep :func:`_read` follows attributes from a plain function (a closure's flow, its model's
 #: object, that object's schedule); deeper objects are read as their type alone
 _DEPTH = 3
@@ -308,8 +311,8 @@ def _read(h: Any, value: object, seen: set[Any], depth: int = 0) -> None:
     what they read, tuples item by item, other objects by their public attributes read the same way (:data:`_DEPTH`
     objects deep; not those that are None, lists, dicts or sets, nor those a function read assigns or the methods it
     may call on the object assign on ``self``: an object's caches and counters, made or changed by an evaluation,
-    :func:`_state`); a module or a class by its name only, and a list, dict or set by its type alone: mutable, it is where a function
-    logs its calls or caches, which is no part of the model."""
+    :func:`_state`); a module or a class by its name only, and a list, dict or set by its type alone: mutable, it is
+    where a function logs its calls or caches, which is no part of the model."""
     if isinstance(value, Tensor):
         _update(h, value)
     elif isinstance(value, torch.nn.Module):
@@ -334,7 +337,7 @@ def _read(h: Any, value: object, seen: set[Any], depth: int = 0) -> None:
         h.update(f"|tuple{len(value)}".encode())
         for item in value:
             _read(h, item, seen, depth)
-    elif isinstance(value, (list, dict, set, Mapping)):  # mutable: a log the function appends to, a cache it fills
+    elif isinstance(value, (list, set, Mapping)):  # mutable: a log the function appends to, a cache it fills
         h.update(f"|{type(value).__name__}".encode())
     else:
         seen.add(id(value))
@@ -344,9 +347,8 @@ def _read(h: Any, value: object, seen: set[Any], depth: int = 0) -> None:
                                                                 if isinstance(item, tuple) and item[0] == "call"})
             seen.update(("call", name) for name in reads)
             for name, item in sorted(vars(value).items(), key=lambda kv: str(kv[0])):
-                if (str(name).startswith("_") or item is None or isinstance(item, (list, dict, set, Mapping))
-                        or name in state or ("attribute", name) in seen):
-                    continue  # where objects keep caches and counters, made, filled or changed by an evaluation
+                if _left_out(name, item) or name in state or ("attribute", name) in seen:
+                    continue
                 h.update(f"|.{name}".encode())
                 _read(h, item, seen, depth + 1)
 
@@ -405,20 +407,20 @@ def flow_fingerprint(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | No
     a class label repeated over 8 samples, over 4, or given as a 0-d tensor has one fingerprint; labels that
     differ between samples are digested sample by sample. ``model_kwargs=None`` (or empty) digests the flow alone.
 
-    The model is read as a ``torch.nn.Module``'s state, or as what an object holds as attributes — tensors and
-    numbers, and public networks, objects and arrays read as a plain function's are, below — (the object of a bound
-    method, given as the model or as a σ field, with that method's name: two methods of one object are two models),
-    without what a call of it assigns on the object (a counter, a cache). The schedule is read as its table of levels and, for a schedule other than the plain
-    table (``VESchedule``, ``FlowMatchingSchedule``, a subclass), its type and its public scalar fields (VE's ``time``,
-    flow matching's T and shift), which say what else the network is fed. A plain function (or ``functools.partial``)
-    given as the model is read as its code (bytecode, constants, the names it looks up; not its name, file or line),
-    its defaults, the values its closure holds and the globals its body names — tensors, networks, numbers, tuples,
-    other functions and bound methods, objects by their public attributes read the same way (a few objects deep); a
-    list, dict or set as its type alone, and a global or cell the function assigns (a call counter) not at all — so
-    two plain-function models of one schedule have different fingerprints, and a grid tuned or a solver fitted on one
-    is refused for the other. Bytecode belongs to one Python version: a file made for a plain function under another
-    is refused (fit it again). A σ field that is a plain
-    function (:meth:`ProbabilityFlow.from_sigma_field`) is not read: it raises ``TypeError``.
+    The model is read as a ``torch.nn.Module``'s state, or as what an object holds as attributes — tensors and numbers,
+    and public networks, objects and arrays read as a plain function's are, below — (the object of a bound method, given
+    as the model or as a σ field, with that method's name: two methods of one object are two models), without what a
+    call of it assigns on the object (a counter, a cache). The schedule is read as its table of levels and, for a
+    schedule other than the plain table (``VESchedule``, ``FlowMatchingSchedule``, a subclass), its type and its public
+    scalar fields (VE's ``time``, flow matching's T and shift), which say what else the network is fed. A plain function
+    (or ``functools.partial``) given as the model is read as its code (bytecode, constants, the names it looks up; not
+    its name, file or line), its defaults, the values its closure holds and the globals its body names — tensors,
+    networks, numbers, tuples, other functions and bound methods, objects by their public attributes read the same way
+    (a few objects deep); a list, dict or set as its type alone, and a global or cell the function assigns (a call
+    counter) not at all — so two plain-function models of one schedule have different fingerprints, and a grid tuned or
+    a solver fitted on one is refused for the other. Bytecode belongs to one Python version: a file made for a plain
+    function under another is refused (fit it again). A σ field that is a plain function
+    (:meth:`ProbabilityFlow.from_sigma_field`) is not read: it raises ``TypeError``.
     """
     return _digest(flow, model_kwargs, repeated=True)
 
