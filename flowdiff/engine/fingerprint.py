@@ -60,7 +60,7 @@ def _update(h: Any, value: object, *, repeated: bool = False) -> None:
         h.update(rows[0].tobytes())
     elif isinstance(value, Tensor):
         h.update(str((value.dtype, tuple(value.shape))).encode())
-        h.update(_flat_bytes(value).tobytes())
+        h.update(_flat_bytes(value))  # its buffer, not a copy of it (a large tensor is hashed at every encode)
     elif isinstance(value, Mapping):
         for key in sorted(value, key=str):
             h.update(str(key).encode())
