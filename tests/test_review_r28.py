@@ -115,3 +115,18 @@ def test_a_model_object_holding_a_network_or_another_model_object_is_read_throug
                              steps=3).latent
     flowdiff.decode(flow, latent)
     assert flowdiff.flow_fingerprint(flow) == latent.fingerprint
+
+
+def test_a_plain_function_closing_over_a_conjugate_view_encodes_and_is_told_apart():
+    """A plain-function model closing over a complex tensor's conjugate (``torch.fft.fft(kernel).conj()``, a lazy
+    view) stopped every encode in its fingerprint with torch's "view is not supported for conjugate view tensors"
+    (sweep 14 reads the closure). Its values are read as the conjugate they stand for."""
+    def model_of(kernel):
+        return lambda x_t, t: GAUSS(x_t, t) + 0.0 * kernel.real.sum()
+
+    kernel = torch.fft.fft(torch.arange(8, dtype=torch.float64))
+    flow = flowdiff.ProbabilityFlow(model_of(kernel.conj()), GAUSS.schedule)
+    latent = flowdiff.encode(flow, GAUSS.sample(2, generator=torch.Generator().manual_seed(0)), solver="euler",
+                             steps=3).latent
+    assert latent.fingerprint == _fingerprint(model_of(kernel.conj().resolve_conj()))
+    assert latent.fingerprint != _fingerprint(model_of(kernel))
