@@ -41,7 +41,8 @@ def _flat_bytes(value: Tensor) -> np.ndarray:
         if plain.layout != torch.strided:  # sparse (COO, CSR, ...): its indices and values, never made dense
             coo = plain.to_sparse().coalesce()
             return np.concatenate([_flat_bytes(coo.indices()), _flat_bytes(coo.values())])
-        return plain.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        # a conjugate or negated view (``z.conj()``) is read as the values it stands for: its bits cannot be viewed
+        return plain.to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _bytes(value: Tensor) -> np.ndarray:
