@@ -1,6 +1,8 @@
 """Review R28 of the model fingerprint (flowdiff/engine/fingerprint.py): each test failed before its fix; its
 docstring says what a user saw."""
 
+import enum
+
 import numpy as np
 import torch
 
@@ -130,3 +132,21 @@ def test_a_plain_function_closing_over_a_conjugate_view_encodes_and_is_told_apar
                              steps=3).latent
     assert latent.fingerprint == _fingerprint(model_of(kernel.conj().resolve_conj()))
     assert latent.fingerprint != _fingerprint(model_of(kernel))
+
+
+class _Target(enum.Enum):
+    """What a user's network predicts, as an enum its plain-function wrapper closes over."""
+
+    EPS = "eps"
+    V = "v"
+
+
+def test_two_plain_functions_closing_over_two_members_of_an_enum_are_told_apart():
+    """``make_eps(Target.EPS)`` and ``make_eps(Target.V)`` had one fingerprint: an enum member was read as an object
+    by its public attributes, and it has none (its name and value are private), so a grid tuned for one loaded for
+    the other. A member is read by its class and name."""
+    def make_eps(target):
+        return lambda x_t, t: GAUSS(x_t, t) if target is _Target.EPS else -GAUSS(x_t, t)
+
+    assert _fingerprint(make_eps(_Target.EPS)) != _fingerprint(make_eps(_Target.V))
+    assert _fingerprint(make_eps(_Target.EPS)) == _fingerprint(make_eps(_Target("eps")))
