@@ -16,6 +16,7 @@ sample (:func:`accepted_fingerprints` still knows that digest at the batch it wa
 from __future__ import annotations
 
 import dis
+import enum
 import functools
 import hashlib
 import types
@@ -329,6 +330,8 @@ def _read(h: Any, value: object, seen: set[Any], depth: int = 0) -> None:
         h.update(f"|method {value.__func__.__qualname__}".encode())
         seen.add(("call", value.__func__.__name__))
         _read(h, value.__self__, seen, depth)
+    elif isinstance(value, enum.Enum):  # its name and value are private attributes: read by its class and name
+        h.update(f"|enum {type(value).__qualname__}.{value.name}".encode())
     elif isinstance(value, (types.ModuleType, type, types.BuiltinFunctionType)):
         h.update(f"|{type(value).__name__} {getattr(value, '__qualname__', getattr(value, '__name__', ''))}".encode())
     elif id(value) in seen:
