@@ -1,6 +1,7 @@
 """Review R28 of the model fingerprint (flowdiff/engine/fingerprint.py): each test failed before its fix; its
 docstring says what a user saw."""
 
+import dataclasses
 import enum
 
 import numpy as np
@@ -150,3 +151,21 @@ def test_two_plain_functions_closing_over_two_members_of_an_enum_are_told_apart(
 
     assert _fingerprint(make_eps(_Target.EPS)) != _fingerprint(make_eps(_Target.V))
     assert _fingerprint(make_eps(_Target.EPS)) == _fingerprint(make_eps(_Target("eps")))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Config:
+    """A user's configuration, a slotted dataclass: its fields have no ``__dict__``."""
+
+    guidance: float
+    target: str
+
+
+def test_two_plain_functions_closing_over_two_slotted_configurations_are_told_apart():
+    """``make_eps(Config(7.5, "eps"))`` and ``make_eps(Config(1.0, "eps"))`` had one fingerprint: an object was read
+    by its ``__dict__``, and a slotted dataclass has none, so it counted as its type alone."""
+    def make_eps(config):
+        return lambda x_t, t: config.guidance * GAUSS(x_t, t)
+
+    assert _fingerprint(make_eps(_Config(7.5, "eps"))) != _fingerprint(make_eps(_Config(1.0, "eps")))
+    assert _fingerprint(make_eps(_Config(7.5, "eps"))) == _fingerprint(make_eps(_Config(7.5, "eps")))
