@@ -303,6 +303,17 @@ def _left_out(name: object, value: object) -> bool:
     return str(name).startswith("_") or value is None or isinstance(value, (list, set, Mapping))
 
 
+def _fields(value: object) -> dict[Any, Any]:
+    """An object's attributes: its ``__dict__`` and the slots it has set (a slotted dataclass has no ``__dict__``)."""
+    fields = dict(getattr(value, "__dict__", None) or {})
+    for klass in type(value).__mro__:
+        slots = vars(klass).get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__") and hasattr(value, name):
+                fields[name] = getattr(value, name)
+    return fields
+
+
 #: how many objects deep :func:`_read` follows attributes from a plain function (a closure's flow, its model's
 #: object, that object's schedule); deeper objects are read as their type alone
 _DEPTH = 3
@@ -346,11 +357,12 @@ def _read(h: Any, value: object, seen: set[Any], depth: int = 0) -> None:
     else:
         seen.add(id(value))
         h.update(f"|{type(value).__name__}".encode())
-        if depth < _DEPTH and hasattr(value, "__dict__"):
+        fields = _fields(value)
+        if depth < _DEPTH and fields:
             state, reads = _state(type(value), {"__call__"} | {item[1] for item in seen
                                                                 if isinstance(item, tuple) and item[0] == "call"})
             seen.update(("call", name) for name in reads)
-            for name, item in sorted(vars(value).items(), key=lambda kv: str(kv[0])):
+            for name, item in sorted(fields.items(), key=lambda kv: str(kv[0])):
                 if _left_out(name, item) or name in state or ("attribute", name) in seen:
                     continue
                 h.update(f"|.{name}".encode())
