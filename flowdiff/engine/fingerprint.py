@@ -16,6 +16,7 @@ sample (:func:`accepted_fingerprints` still knows that digest at the batch it wa
 from __future__ import annotations
 
 import dis
+import enum
 import functools
 import hashlib
 import types
@@ -41,7 +42,8 @@ def _flat_bytes(value: Tensor) -> np.ndarray:
         if plain.layout != torch.strided:  # sparse (COO, CSR, ...): its indices and values, never made dense
             coo = plain.to_sparse().coalesce()
             return np.concatenate([_flat_bytes(coo.indices()), _flat_bytes(coo.values())])
-        return plain.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        # a conjugate or negated view (``z.conj()``) is read as the values it stands for: its bits cannot be viewed
+        return plain.to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _bytes(value: Tensor) -> np.ndarray:
@@ -60,7 +62,7 @@ def _update(h: Any, value: object, *, repeated: bool = False) -> None:
         h.update(rows[0].tobytes())
     elif isinstance(value, Tensor):
         h.update(str((value.dtype, tuple(value.shape))).encode())
-        h.update(_flat_bytes(value).tobytes())
+        h.update(_flat_bytes(value))  # its buffer, not a copy of it (a large tensor is hashed at every encode)
     elif isinstance(value, Mapping):
         for key in sorted(value, key=str):
             h.update(str(key).encode())
@@ -128,14 +130,20 @@ def _plain_module_digest(module: torch.nn.Module, cast: torch.dtype | None) -> b
     return digest
 
 
-def _attributes(h: Any, owner: object) -> None:
-    """Feed the tensors and numbers ``owner`` holds as attributes (how an object given as the model is read), not
-    those its methods assign on ``self`` (:func:`_state`: a call counter, a cache), which change with every solve."""
-    state = _state(type(owner))
-    for name, value in sorted((k, v) for k, v in vars(owner).items()
-                              if isinstance(v, (Tensor, int, float, str)) and k not in state):
-        h.update(name.encode())
-        _update(h, value)
+def _attributes(h: Any, owner: object, calls: set[str]) -> None:
+    """Feed what an object given as the model holds as attributes: its tensors and numbers, and what else it holds
+    publicly (a network, another model object, an array) read as a plain function's objects are (:func:`_read`);
+    not what a call of the methods ``calls`` assigns on ``self`` (:func:`_state`: a call counter, a cache), which
+    changes with every solve."""
+    state, reads = _state(type(owner), calls)
+    seen: set[Any] = {id(owner), *(("call", name) for name in reads)}
+    for name, value in sorted((k, v) for k, v in vars(owner).items() if k not in state):
+        if isinstance(value, (Tensor, int, float, str)):
+            h.update(name.encode())
+            _update(h, value)
+        elif not _left_out(name, value):
+            h.update(f"|.{name}".encode())
+            _read(h, value, seen, 1)
 
 
 def _code(h: Any, code: types.CodeType) -> None:
@@ -153,25 +161,26 @@ def _code(h: Any, code: types.CodeType) -> None:
             h.update(repr(const).encode())
 
 
+def _nested(code: types.CodeType) -> list[types.CodeType]:
+    """``code`` and the code of the functions (lambdas, comprehensions) defined in it, at any depth."""
+    return [code, *(inner for const in code.co_consts if isinstance(const, types.CodeType) for inner in _nested(const))]
+
+
+def _operands(code: types.CodeType, *opnames: str) -> set[str]:
+    """The names the instructions ``opnames`` of ``code`` (nested functions' included) name."""
+    return {ins.argval for part in _nested(code) for ins in dis.get_instructions(part) if ins.opname in opnames}
+
+
 def _global_names(code: types.CodeType) -> set[str]:
-    """The globals a function's body (nested functions' included) loads. Not ``co_names``, which also lists the
-    attributes it reads: ``unet(x, t).sample`` would read a notebook's global ``sample`` (a generate's result)."""
-    names = {ins.argval for ins in dis.get_instructions(code) if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _global_names(const)
-    return names
+    """The globals a function's body loads. Not ``co_names``, which also lists the attributes it reads:
+    ``unet(x, t).sample`` would read a notebook's global ``sample`` (a generate's result)."""
+    return _operands(code, "LOAD_GLOBAL", "LOAD_NAME")
 
 
 def _written(code: types.CodeType) -> set[str]:
-    """The globals and closure cells a function's body (nested functions' included) assigns: its own state (a
-    call counter), not the model's, and changed by every call."""
-    names = {ins.argval for ins in dis.get_instructions(code)
-             if ins.opname in ("STORE_GLOBAL", "DELETE_GLOBAL", "STORE_DEREF", "DELETE_DEREF")}
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _written(const)
-    return names
+    """The globals and closure cells a function's body assigns: its own state (a call counter), not the model's,
+    and changed by every call."""
+    return _operands(code, "STORE_GLOBAL", "DELETE_GLOBAL", "STORE_DEREF", "DELETE_DEREF")
 
 
 def _function(h: Any, fn: types.FunctionType | functools.partial, seen: set[Any], depth: int = 0) -> None:
@@ -198,6 +207,8 @@ def _function(h: Any, fn: types.FunctionType | functools.partial, seen: set[Any]
     # the attributes it assigns on the objects it reads (``stats.calls += 1``) are its state, not the model's: left
     # out of every object read after this (marked in ``seen`` as ("attribute", name))
     seen.update(("attribute", name) for name in _stores(code, None))
+    # the methods it may call on the objects it reads (``model.eps(x, t)``): what they assign on ``self`` is left out
+    seen.update(("call", name) for name in _names(code))
     for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
         h.update(f"|cell {name}".encode())
         if name in written:
@@ -240,23 +251,67 @@ def _stores(code: types.CodeType, target: str | None) -> set[str]:
     return names
 
 
-#: type -> the attributes its methods other than the constructor assign on ``self``: its state (a call counter, a
-#: cache filled by the first call, a random generator's), which a fingerprint taken before a solve must not read
-_STATE: weakref.WeakKeyDictionary[type, frozenset[str]] = weakref.WeakKeyDictionary()
+#: type -> {method or property name: (the attributes it assigns on ``self``, the names its code reads)}
+_METHODS: weakref.WeakKeyDictionary[type, dict[str, tuple[frozenset[str], frozenset[str]]]] = \
+    weakref.WeakKeyDictionary()
 
 
-def _state(cls: type) -> frozenset[str]:
-    hit = _STATE.get(cls)
+def _methods(cls: type) -> dict[str, tuple[frozenset[str], frozenset[str]]]:
+    hit = _METHODS.get(cls)
     if hit is None:
-        names: set[str] = set()
-        for klass in cls.__mro__:
+        hit = {}
+        for klass in cls.__mro__:  # a name's definitions in every class: an override may call the base's by super()
             for name, member in vars(klass).items():
-                fn = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
-                if (isinstance(fn, types.FunctionType) and name not in ("__init__", "__new__", "__post_init__")
-                        and fn.__code__.co_argcount and not isinstance(member, (staticmethod, classmethod))):
-                    names |= _stores(fn.__code__, fn.__code__.co_varnames[0])
-        hit = _STATE[cls] = frozenset(names)
+                fns = ((member.fget, member.fset, member.fdel) if isinstance(member, property)
+                       else () if isinstance(member, (staticmethod, classmethod)) else (member,))
+                for fn in fns:
+                    if isinstance(fn, types.FunctionType) and fn.__code__.co_argcount:
+                        stores, reads = hit.get(name, (frozenset(), frozenset()))
+                        hit[name] = (stores | _stores(fn.__code__, fn.__code__.co_varnames[0]),
+                                     reads | _names(fn.__code__))
+        _METHODS[cls] = hit
     return hit
+
+
+def _names(code: types.CodeType) -> frozenset[str]:
+    """The names ``code`` (nested functions' included) reads: globals and attributes alike."""
+    return frozenset(name for part in _nested(code) for name in part.co_names)
+
+
+def _state(cls: type, calls: set[str]) -> tuple[frozenset[str], frozenset[str]]:
+    """The attributes a call assigns on an object of ``cls`` (a call counter, a cache its first call fills, a random
+    generator's): what the methods named in ``calls`` (``__call__``, the method given as the model, the attributes a
+    plain function reads on it) assign on ``self``, and the methods they read on ``self`` in turn. A fingerprint taken
+    before a solve must not read them; what other methods assign (a setter, ``to``) is the model's. With them, the
+    names those methods read (the methods they may call on the objects the object holds)."""
+    methods = _methods(cls)
+    todo, done, names, read = [name for name in calls if name in methods], set(), set(), set()
+    while todo:
+        name = todo.pop()
+        if name not in done:
+            done.add(name)
+            stores, reads = methods[name]
+            names |= stores
+            read |= reads
+            todo += [other for other in reads if other in methods]
+    return frozenset(names), frozenset(read)
+
+
+def _left_out(name: object, value: object) -> bool:
+    """Whether an object's attribute is left out of its digest, whatever its class: a private one, None, a list, dict
+    or set, where objects keep the caches and logs an evaluation makes or fills (a flow's ``_timesteps_of``)."""
+    return str(name).startswith("_") or value is None or isinstance(value, (list, set, Mapping))
+
+
+def _fields(value: object) -> dict[Any, Any]:
+    """An object's attributes: its ``__dict__`` and the slots it has set (a slotted dataclass has no ``__dict__``)."""
+    fields = dict(getattr(value, "__dict__", None) or {})
+    for klass in type(value).__mro__:
+        slots = vars(klass).get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__") and hasattr(value, name):
+                fields[name] = getattr(value, name)
+    return fields
 
 
 #: how many objects deep :func:`_read` follows attributes from a plain function (a closure's flow, its model's
@@ -267,11 +322,10 @@ _DEPTH = 3
 def _read(h: Any, value: object, seen: set[Any], depth: int = 0) -> None:
     """Feed a value a plain function reads: tensors, networks and numbers by value, functions and bound methods by
     what they read, tuples item by item, other objects by their public attributes read the same way (:data:`_DEPTH`
-    objects deep; not those that are None, lists, dicts or sets, nor those its class's methods other than the
-    constructor assign on ``self`` or a function read assigns: an object's caches and counters, made or changed by an
-    evaluation, :func:`_state`); a
-    module or a class by its name only, and a list, dict or set by its type alone: mutable, it is where a function
-    logs its calls or caches, which is no part of the model."""
+    objects deep; not those that are None, lists, dicts or sets, nor those a function read assigns or the methods it
+    may call on the object assign on ``self``: an object's caches and counters, made or changed by an evaluation,
+    :func:`_state`); a module or a class by its name only, and a list, dict or set by its type alone: mutable, it is
+    where a function logs its calls or caches, which is no part of the model."""
     if isinstance(value, Tensor):
         _update(h, value)
     elif isinstance(value, torch.nn.Module):
@@ -285,7 +339,10 @@ def _read(h: Any, value: object, seen: set[Any], depth: int = 0) -> None:
         _function(h, value, seen, depth)
     elif isinstance(value, types.MethodType):
         h.update(f"|method {value.__func__.__qualname__}".encode())
+        seen.add(("call", value.__func__.__name__))
         _read(h, value.__self__, seen, depth)
+    elif isinstance(value, enum.Enum):  # its name and value are private attributes: read by its class and name
+        h.update(f"|enum {type(value).__qualname__}.{value.name}".encode())
     elif isinstance(value, (types.ModuleType, type, types.BuiltinFunctionType)):
         h.update(f"|{type(value).__name__} {getattr(value, '__qualname__', getattr(value, '__name__', ''))}".encode())
     elif id(value) in seen:
@@ -295,17 +352,19 @@ def _read(h: Any, value: object, seen: set[Any], depth: int = 0) -> None:
         h.update(f"|tuple{len(value)}".encode())
         for item in value:
             _read(h, item, seen, depth)
-    elif isinstance(value, (list, dict, set, Mapping)):  # mutable: a log the function appends to, a cache it fills
+    elif isinstance(value, (list, set, Mapping)):  # mutable: a log the function appends to, a cache it fills
         h.update(f"|{type(value).__name__}".encode())
     else:
         seen.add(id(value))
         h.update(f"|{type(value).__name__}".encode())
-        if depth < _DEPTH and hasattr(value, "__dict__"):
-            state = _state(type(value))
-            for name, item in sorted(vars(value).items(), key=lambda kv: str(kv[0])):
-                if (str(name).startswith("_") or item is None or isinstance(item, (list, dict, set, Mapping))
-                        or name in state or ("attribute", name) in seen):
-                    continue  # where objects keep caches and counters, made, filled or changed by an evaluation
+        fields = _fields(value)
+        if depth < _DEPTH and fields:
+            state, reads = _state(type(value), {"__call__"} | {item[1] for item in seen
+                                                                if isinstance(item, tuple) and item[0] == "call"})
+            seen.update(("call", name) for name in reads)
+            for name, item in sorted(fields.items(), key=lambda kv: str(kv[0])):
+                if _left_out(name, item) or name in state or ("attribute", name) in seen:
+                    continue
                 h.update(f"|.{name}".encode())
                 _read(h, item, seen, depth + 1)
 
@@ -330,12 +389,13 @@ def _digest(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None, *, re
     owner, method = _owner(flow)
     if method is not None:  # which of the object's methods: two methods of one object are two models
         h.update(f"|method {method}".encode())
+    calls = {"__call__"} if method is None else {"__call__", method.rpartition(".")[2]}
     if isinstance(owner, torch.nn.Module):
         h.update(_module_digest(owner, cast))
     elif isinstance(owner, (types.FunctionType, functools.partial)) and functions:  # a plain function as the model
         _function(h, owner, set())
     elif owner is not None and hasattr(owner, "__dict__"):
-        _attributes(h, owner)
+        _attributes(h, owner, calls)
     else:
         raise TypeError(f"cannot fingerprint a model of type {type(flow.model).__name__}: it is neither a "
                         "torch.nn.Module nor an object holding its tensors as attributes")
@@ -363,19 +423,20 @@ def flow_fingerprint(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | No
     a class label repeated over 8 samples, over 4, or given as a 0-d tensor has one fingerprint; labels that
     differ between samples are digested sample by sample. ``model_kwargs=None`` (or empty) digests the flow alone.
 
-    The model is read as a ``torch.nn.Module``'s state, or as the tensors and numbers an object holds as attributes
-    (the object of a bound method, given as the model or as a σ field, with that method's name: two methods of one
-    object are two models). The schedule is read as its table of levels and, for a schedule other than the plain
-    table (``VESchedule``, ``FlowMatchingSchedule``, a subclass), its type and its public scalar fields (VE's ``time``,
-    flow matching's T and shift), which say what else the network is fed. A plain function (or ``functools.partial``)
-    given as the model is read as its code (bytecode, constants, the names it looks up; not its name, file or line),
-    its defaults, the values its closure holds and the globals its body names — tensors, networks, numbers, tuples,
-    other functions and bound methods, objects by their public attributes read the same way (a few objects deep); a
-    list, dict or set as its type alone, and a global or cell the function assigns (a call counter) not at all — so
-    two plain-function models of one schedule have different fingerprints, and a grid tuned or a solver fitted on one
-    is refused for the other. Bytecode belongs to one Python version: a file made for a plain function under another
-    is refused (fit it again). A σ field that is a plain
-    function (:meth:`ProbabilityFlow.from_sigma_field`) is not read: it raises ``TypeError``.
+    The model is read as a ``torch.nn.Module``'s state, or as what an object holds as attributes — tensors and numbers,
+    and public networks, objects and arrays read as a plain function's are, below — (the object of a bound method, given
+    as the model or as a σ field, with that method's name: two methods of one object are two models), without what a
+    call of it assigns on the object (a counter, a cache). The schedule is read as its table of levels and, for a
+    schedule other than the plain table (``VESchedule``, ``FlowMatchingSchedule``, a subclass), its type and its public
+    scalar fields (VE's ``time``, flow matching's T and shift), which say what else the network is fed. A plain function
+    (or ``functools.partial``) given as the model is read as its code (bytecode, constants, the names it looks up; not
+    its name, file or line), its defaults, the values its closure holds and the globals its body names — tensors,
+    networks, numbers, tuples, other functions and bound methods, objects by their public attributes read the same way
+    (a few objects deep); a list, dict or set as its type alone, and a global or cell the function assigns (a call
+    counter) not at all — so two plain-function models of one schedule have different fingerprints, and a grid tuned or
+    a solver fitted on one is refused for the other. Bytecode belongs to one Python version: a file made for a plain
+    function under another is refused (fit it again). A σ field that is a plain function
+    (:meth:`ProbabilityFlow.from_sigma_field`) is not read: it raises ``TypeError``.
     """
     return _digest(flow, model_kwargs, repeated=True)
 
