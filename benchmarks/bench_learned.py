@@ -6,7 +6,8 @@ reference from the same noise:
 
 * flowdiff, tuned grid: ``flowdiff.tune`` (dp+search) for each solver of ``--solvers`` (``--digits-solvers`` for the
   trained model; options in brackets, e.g. ``ipndm(order=3)``, passed as ``solver_options``) on calibration noise
-  (seed + 1), measured on the evaluation noise (seed); the entry is the solver best on the calibration noise.
+  (``--cal-seed``, by default seed + 1), measured on the evaluation noise (seed); the entry is the solver best on
+  the calibration noise.
 * flowdiff, learned: ``flowdiff.learn_solver`` on the same calibration noise, started from that tuned grid,
   once for each of ``LEARN`` (evaluation shifts and the grid — the default —, shifts alone, shifts and the
   Adams coefficients, the coefficients alone; ``--learn``, and ``--digits-learn`` for the trained model, whose
@@ -39,7 +40,7 @@ half alone would pick (on the trained model the 8-sample evaluation batch once u
 Usage: python benchmarks/bench_learned.py [--models mixture,digits] [--nfe 4,5,6,8,10,20] [--digits-nfe 5,10]
 [--solvers unipc,dpmpp_3m,ipndm] [--digits-solvers 'unipc,dpmpp_3m,ipndm(order=3),unipc(order=3)']
 [--learn ...] [--digits-learn shifts+grid,coefficients] [--iterations 8] [--parts frontier,roundtrips]
-[--out benchmarks/results/learned.md]
+[--seed 0] [--cal-seed SEED] [--out benchmarks/results/learned.md]
 
 Both float64 references (the evaluation batch's and the calibration batch's) are kept on disk under
 ``/tmp/flowdiff_bench_cache`` and solved only when missing: on the trained model they are most of a short run.
@@ -222,10 +223,11 @@ def pooled_row(budget: int, ours: list[dict], peers: list[dict], ref: torch.Tens
 
 
 def frontier(K, title, flow, key, batch, cal_batch, budgets, max_evals, seed, tol, specs, learns, iterations,
-             written=lambda lines: None, centres=None, robust=None, folds=1) -> list[str]:
+             written=lambda lines: None, centres=None, robust=None, folds=1, cal_seed=None) -> list[str]:
+    """One model's frontier table; the calibration noise is drawn from ``cal_seed`` (``None``: ``seed + 1``)."""
     noise = torch.randn(batch, *noise_shape(key), dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     calibration = torch.randn(cal_batch, *noise_shape(key), dtype=torch.float64,
-                              generator=torch.Generator().manual_seed(seed + 1))
+                              generator=torch.Generator().manual_seed(seed + 1 if cal_seed is None else cal_seed))
     ref = evaluation_reference(flow, noise, key, tol)
     calibration_reference(flow, calibration, key, tol)
     lines = [f"### {title}", "", f"Evaluation batch {batch}, calibration batch {cal_batch}, reference tolerance "
@@ -377,9 +379,14 @@ def main() -> None:
                         "the kept refits of both halves' fits averaged; default: one fold)")
     parser.add_argument("--roundtrip-images", type=int, default=2)
     parser.add_argument("--parts", default="frontier,roundtrips", help="frontier, roundtrips or both")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the evaluation noise's seed")
+    parser.add_argument("--cal-seed", type=int, default=None, help="the calibration noise's seed (default: --seed + 1; "
+                        "another calibration batch against the same evaluation noise and peers)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.cal_seed == args.seed:
+        parser.error(f"--cal-seed {args.cal_seed} equals --seed: the calibration noise would be the evaluation noise; "
+                     "accepted: any other seed")
     specs, digits_specs = solver_specs(args.solvers), solver_specs(args.digits_solvers)
     learns, digits_learns = learn_kinds(args.learn), learn_kinds(args.digits_learn)
     torch.set_num_threads(1)
@@ -398,7 +405,8 @@ def main() -> None:
              f"--digits-learn {args.digits_learn} --iterations {args.iterations} "
              f"{'' if args.robust is None else f'--robust {args.robust:g} '}"
              f"{'' if args.folds == 1 else f'--folds {args.folds} '}"
-             f"--seed {args.seed} --parts {args.parts}` — {platform.processor() or platform.machine()}, torch "
+             f"--seed {args.seed} {'' if args.cal_seed is None else f'--cal-seed {args.cal_seed} '}"
+             f"--parts {args.parts}` — {platform.processor() or platform.machine()}, torch "
              f"{torch.__version__}, 1 thread, float64.", ""]
     parts = args.parts.split(",")
 
@@ -412,19 +420,21 @@ def main() -> None:
         lines += frontier(K, "closed-form mixture (200 digit images, bandwidth 0.1)", mixture_flow(), "mixture",
                           args.batch, args.calibration, [int(b) for b in args.nfe.split(",")], args.max_evals,
                           args.seed, 1e-8, specs, learns, args.iterations, lambda part: write(lines + part),
-                          centres=mixture_centres(), robust=args.robust, folds=args.folds)
+                          centres=mixture_centres(), robust=args.robust, folds=args.folds,
+                          cal_seed=args.cal_seed)
     if "patches" in wanted and "frontier" in parts:  # the mixture's settings, on 200 grey 16×16 photo patches
         lines += frontier(K, "closed-form kernel density over 200 grey 16×16 photo patches (bandwidth 0.1)",
                           patch_flow(), "patches", args.batch, args.calibration, [int(b) for b in args.nfe.split(",")],
                           args.max_evals, args.seed, 1e-8, specs, learns, args.iterations,
                           lambda part: write(lines + part), centres=patch_centres(), robust=args.robust,
-                          folds=args.folds)
+                          folds=args.folds, cal_seed=args.cal_seed)
     trained = trained_flow() if "digits" in wanted else None
     if trained is not None and "frontier" in parts:
         lines += frontier(K, "shipped trained model pretrained('digits')", trained, "digits", args.digits_batch,
                           args.digits_calibration, [int(b) for b in args.digits_nfe.split(",")], args.max_evals,
                           args.seed, 1e-6, digits_specs, digits_learns, args.iterations,
-                          lambda part: write(lines + part), robust=args.robust, folds=args.folds)
+                          lambda part: write(lines + part), robust=args.robust, folds=args.folds,
+                          cal_seed=args.cal_seed)
     if trained is not None and "roundtrips" in parts:
         images = flowdiff.digits_data("test").images[: args.roundtrip_images].double()
         calibration = flowdiff.digits_data("train").images[100:104].double()
