@@ -357,6 +357,9 @@ class _Rank1Told(Ranks):
     def broadcast(self, obj):
         return self.said.pop(0) if self.said else obj
 
+    def all_gather(self, obj):  # rank 0 was given the same inputs (S15's check exchanges them first)
+        return [obj, obj]
+
 
 def test_main_first_tells_the_other_ranks_that_rank_0_failed():
     """`flowdiff compare` under torchrun solves the reference on rank 0 first (`Ranks.main_first`): where that
@@ -389,7 +392,9 @@ def test_distributed_compare_tells_a_rank_without_runs_why_the_others_stopped():
     images = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
 
     class Rank1(Ranks):
-        def all_gather(self, obj):  # rank 0's refusal, as the exchange carries it
+        def all_gather(self, obj):  # rank 0's refusal, as the exchange carries it (its inputs are rank 1's)
+            if isinstance(obj, tuple):  # the inputs' digests, exchanged first (S15)
+                return [obj, obj]
             return ["keep_images= does not apply to task='roundtrip'", obj]
 
     with pytest.raises(RuntimeError, match="rank 0 of 2 failed: keep_images= does not apply"):
