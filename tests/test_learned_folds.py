@@ -12,6 +12,7 @@ import torch
 from _closed_form import mixture, noise
 
 import flowdiff
+from flowdiff.tools import learned as learned_module
 from flowdiff.tools.learned import (
     DIRECTION_BOUND,
     SCALE_BOUND,
@@ -241,3 +242,21 @@ def test_coefficients_and_trajectory_weights_average_arithmetically_step_by_step
         assert all(np.allclose(m, [(x + y) / 2 for x, y in zip(p, q)], rtol=0, atol=1e-15) if m else not (p or q)
                    for m, p, q in zip(mine, *theirs)), kind
     assert flowdiff.generate(flow, cal, solver=result.as_solver(), grid=result.sigmas).stats.nfe == 6
+
+
+def test_an_average_worse_than_the_base_method_is_not_returned(monkeypatch, setting):
+    """M1 measured a folds=2 average (dpmpp_3m, NFE 10, mixture) above the plain tuned grid (the base method) on the
+    calibration batch, returned as kept: the average of two optima can lie off both. Forced here (the average replaced
+    by a fit pushed to its scale bound): the better refit is returned, and ``options["averaged"]`` says so; an average
+    below the base method is kept."""
+    flow, cal, folds = setting
+    assert folds.result.options["averaged"] is True
+    (_, a), (_, b) = folds.fits
+    best = min((a, b), key=lambda refit: refit.calibration_error)
+    worse = lambda fits, schedule: dataclasses.replace(fits[0], scales=tuple(SCALE_BOUND for _ in fits[0].scales))  # noqa: E731
+    monkeypatch.setattr(learned_module, "_averaged", worse)
+    result = _learn_folds(flow, cal, folds=2, **FIT).result
+    assert result.options["averaged"] is False and result.kept
+    assert (result.sigmas.tolist(), result.shifts, result.scales, result.directions) == (
+        best.sigmas.tolist(), best.shifts, best.scales, best.directions)
+    assert result.calibration_error == best.calibration_error
