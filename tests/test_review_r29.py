@@ -1,0 +1,51 @@
+"""Review R29 of sweep 15's folder runs over many processes, the CLI's refusal of non-splitting commands under
+torchrun, and ``learn_solver(folds=2)``'s guard: each test failed before the fix beside it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GENERATE = """
+import os, torch
+from flowdiff.models.analytic import Gaussian
+from flowdiff.runs import distributed
+
+torch.set_num_threads(1)
+flow = Gaussian(torch.zeros(1, 4, 4), torch.linspace(0.05, 1.0, 16)).flow()
+noise = torch.randn(3, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+rank = int(os.environ["RANK"])
+if rank == 1:
+    noise = eval(os.environ["RANK1_NOISE"])  # what a user's rank 1 passed
+ranks = distributed.process_group()
+try:
+    result = distributed.compare(flow, noise, ranks=ranks, solvers=["euler"], grids=["trailing"], nfe=[4])
+    print("rows", len(result.runs))
+finally:
+    distributed.close(ranks)
+"""
+
+
+def _two_ranks(tmp_path: Path, script: str, **env: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "ranks.py"
+    path.write_text(script)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(path)], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_noise_only_rank_1_gets_wrong_is_refused_on_every_rank_not_left_to_a_closed_connection(tmp_path):
+    """``distributed.compare`` checked each rank's noise (its type, its values) before the exchange that compares the
+    ranks' inputs: a rank 1 passing ``None`` (the noise drawn on rank 0 alone) or noise with a NaN raised there alone,
+    and rank 0, already waiting in the exchange, met gloo's closed connection instead of a word on what differs.
+    Every rank now says that rank 1's noise is not rank 0's."""
+    for given in ("None", "noise.clone().fill_(float('nan'))"):
+        done = _two_ranks(tmp_path, GENERATE, RANK1_NOISE=given)
+        assert done.returncode != 0 and "rows" not in done.stdout, done.stdout
+        refusals = [line for line in done.stderr.splitlines()
+                    if "ValueError: noise on rank 1 of 2 is not rank 0's" in line]
+        assert len(refusals) == 2, (given, done.stderr[-3000:])
