@@ -49,3 +49,15 @@ def test_noise_only_rank_1_gets_wrong_is_refused_on_every_rank_not_left_to_a_clo
         refusals = [line for line in done.stderr.splitlines()
                     if "ValueError: noise on rank 1 of 2 is not rank 0's" in line]
         assert len(refusals) == 2, (given, done.stderr[-3000:])
+
+
+def test_bench_learned_refuses_a_calibration_seed_no_part_of_the_run_draws(tmp_path):
+    """``bench_learned.py --cal-seed 2 --parts roundtrips`` ran and wrote its report without a word: the round trips
+    calibrate on fixed training digits, and only the frontier draws calibration noise, so the flag changed nothing."""
+    out = tmp_path / "learned.md"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_learned.py"), "--models", "mixture",
+                           "--parts", "roundtrips", "--cal-seed", "2", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "--cal-seed 2" in done.stderr and "frontier" in done.stderr, done.stderr[-2000:]
+    assert not out.exists()
