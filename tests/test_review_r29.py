@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 GENERATE = """
@@ -61,3 +63,42 @@ def test_bench_learned_refuses_a_calibration_seed_no_part_of_the_run_draws(tmp_p
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2 and "--cal-seed 2" in done.stderr and "frontier" in done.stderr, done.stderr[-2000:]
     assert not out.exists()
+
+
+PEERS_ZERO_SNR = """
+import math, os, sys, torch
+import flowdiff
+from flowdiff import Schedule
+from flowdiff.runs import distributed
+
+torch.set_num_threads(1)
+schedule = Schedule.from_config("scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True)
+
+def v(x, t):  # the exact v prediction of N(0, 1) data: -x (finite at sigma = inf)
+    return -x
+
+flow = flowdiff.ProbabilityFlow(v, schedule, prediction_type="v_prediction")
+noise = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+ranks = distributed.process_group()
+runs = []
+try:
+    distributed.compare(flow, noise, ranks=ranks, solvers=["euler"], grids=["trailing"], nfe=[4], peers="diffusers",
+                        progress=runs.append)
+finally:
+    print(f"rank {ranks.rank} ran {len(runs)} runs", file=sys.stderr, flush=True)
+    distributed.close(ranks)
+"""
+
+
+def test_peers_on_a_zero_terminal_snr_flow_are_refused_on_every_rank_before_any_run(tmp_path):
+    """``distributed.compare(..., peers="diffusers")`` on a zero-terminal-SNR flow (σ_max = ∞, where the peers'
+    grids have no first σ) ran every rank's runs, then refused on rank 0 alone, inside its peers' part, while the other
+    ranks waited in the broadcast of the peers' rows and ended with gloo's closed connection. ``flowdiff.compare``
+    refuses it before any run; so does every rank now."""
+    pytest.importorskip("diffusers")
+    done = _two_ranks(tmp_path, PEERS_ZERO_SNR)
+    assert done.returncode != 0
+    refusals = [line for line in done.stderr.splitlines()
+                if "ValueError: peers=['diffusers']" in line and "zero-terminal-SNR" in line]
+    assert len(refusals) == 2, done.stderr[-3000:]
+    assert "rank 0 ran 0 runs" in done.stderr and "rank 1 ran 0 runs" in done.stderr, done.stderr[-3000:]
