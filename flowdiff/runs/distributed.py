@@ -43,6 +43,7 @@ from ..tools.compare import (
     _check_names,
     _check_noise,
     _learned_label,
+    _refuse_peers_from_infinity,
     _split_solvers,
     default_grids,
     default_solvers,
@@ -283,7 +284,8 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
         if task == "roundtrip":
             raise ValueError("peers= does not apply to task='roundtrip': the peers' samplers do not encode; "
                              "drop peers=")
-        check_peers(peers)
+        # as flowdiff.compare, before any run: a zero-terminal-SNR flow's σ_max = ∞ gives the peers' grids no first σ
+        _refuse_peers_from_infinity(flow, check_peers(peers))
     if not (isinstance(progress, bool) or callable(progress)):
         raise TypeError(f"progress must be a bool or a callable, got {type(progress).__name__}")
     jobs: list[tuple[Any, ...]] = [(s, g, b) for s in names for g in grids for b in budgets]
@@ -407,10 +409,13 @@ def _peers_on_main(result: Comparison, ranks: Ranks, flow: ProbabilityFlow, nois
                    progress: Callable[[str], None] | None) -> None:
     """The peers' rows, run once on rank 0 after the ranks' runs (as :func:`flowdiff.compare` runs them after its
     own), and sent to the other ranks so that every rank holds one table; their images stay on rank 0."""
-    if ranks.is_main:
+    # a peer's failure (its model's error) is raised on rank 0 and said on the others, not left to a closed connection
+    def rows() -> tuple[list[Any], list[Any], dict[str, str]]:
         run_peers(result, flow, noise, peers, result.budgets, model_kwargs=model_kwargs, keep_images=keep_images,
                   on_run=progress)
-    added = ranks.broadcast((result.runs, result.skipped, result.unavailable) if ranks.is_main else None)
+        return result.runs, result.skipped, result.unavailable
+
+    added = ranks.from_main(rows)
     result.runs, result.skipped, result.unavailable = list(added[0]), list(added[1]), dict(added[2])
 
 
