@@ -387,6 +387,10 @@ def main() -> None:
     if args.cal_seed == args.seed:
         parser.error(f"--cal-seed {args.cal_seed} equals --seed: the calibration noise would be the evaluation noise; "
                      "accepted: any other seed")
+    if args.cal_seed is not None and "frontier" not in args.parts.split(","):
+        parser.error(f"--cal-seed {args.cal_seed} seeds the frontier's calibration noise, and --parts {args.parts} has "
+                     "no frontier (the round trips calibrate on fixed training digits): add frontier to --parts, or "
+                     "leave --cal-seed out")
     specs, digits_specs = solver_specs(args.solvers), solver_specs(args.digits_solvers)
     learns, digits_learns = learn_kinds(args.learn), learn_kinds(args.digits_learn)
     torch.set_num_threads(1)

@@ -43,6 +43,7 @@ from ..tools.compare import (
     _check_names,
     _check_noise,
     _learned_label,
+    _refuse_peers_from_infinity,
     _split_solvers,
     default_grids,
     default_solvers,
@@ -259,7 +260,10 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
     if not ranks.distributed:
         return _compare_one(flow, noise, solvers=solvers, grids=grids, nfe=nfe, reference=reference,
                             progress=progress, peers=peers, keep_images=keep_images, **kwargs)
-    # flowdiff.compare's checks, on every rank before any exchange: its table's budgets (sorted, each once), grids and
+    # first of all, the ranks' inputs compared: every run must see rank 0's, and the checks below read them, so a check
+    # that failed on one rank's inputs alone would leave the others waiting in this exchange (gloo's closed connection)
+    _same_inputs(ranks, flow, noise, images, model_kwargs)
+    # flowdiff.compare's checks, on every rank after that exchange: its table's budgets (sorted, each once), grids and
     # solvers (each once), so that the jobs are its runs in its order; a refusal is raised by every rank alike
     budgets = _check_budgets(nfe)
     default = encoders() if task == "roundtrip" else default_solvers()
@@ -280,10 +284,10 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
         if task == "roundtrip":
             raise ValueError("peers= does not apply to task='roundtrip': the peers' samplers do not encode; "
                              "drop peers=")
-        check_peers(peers)
+        # as flowdiff.compare, before any run: a zero-terminal-SNR flow's σ_max = ∞ gives the peers' grids no first σ
+        _refuse_peers_from_infinity(flow, check_peers(peers))
     if not (isinstance(progress, bool) or callable(progress)):
         raise TypeError(f"progress must be a bool or a callable, got {type(progress).__name__}")
-    _same_inputs(ranks, flow, noise, images, model_kwargs)  # before the reference: every run must see rank 0's
     jobs: list[tuple[Any, ...]] = [(s, g, b) for s in names for g in grids for b in budgets]
     jobs += [(fitted,) for fitted in learned]  # one job each, after the named runs as in flowdiff.compare's table
     if task != "roundtrip" and reference is None:
@@ -362,17 +366,23 @@ def _tensor_digest(x: Any) -> str | None:
     return h.hexdigest()
 
 
+def _or_failure(digest: Callable[[], str | None]) -> str | None:
+    """``digest()``, or what it raised (a flow that cannot be fingerprinted, a plain σ field; a tensor whose bytes
+    cannot be read): reached on every rank whatever its inputs, as the exchange that follows must be."""
+    try:
+        return digest()
+    except Exception as err:
+        return f"not read: {type(err).__name__}"  # not its words, which may name an address
+
+
 def _same_inputs(ranks: Ranks, flow: ProbabilityFlow, noise: Tensor | None, images: Tensor | None,
                  model_kwargs: Mapping[str, Any] | None) -> None:
     """Refuse, on every rank alike, ``noise``, ``images`` or a flow (network, weights, schedule, ``model_kwargs``) that
     is not rank 0's. Each rank runs its share of the table on what it was given: a round trip's ``images`` drawn with
     another seed on rank 1 gave rank 1's rows for other images, in one table, without a word (a generation's noise
     was caught only by the reference's check, as "solved from other noise than the noise given")."""
-    try:
-        fingerprint: str | None = flow_fingerprint(flow, model_kwargs)
-    except TypeError:  # a flow that cannot be fingerprinted (a plain σ field): its inputs are still compared
-        fingerprint = None
-    said = ranks.all_gather((_tensor_digest(noise), _tensor_digest(images), fingerprint))
+    said = ranks.all_gather(tuple(_or_failure(digest) for digest in (
+        lambda: _tensor_digest(noise), lambda: _tensor_digest(images), lambda: flow_fingerprint(flow, model_kwargs))))
     what = ("noise", "images", "the flow (network, weights, schedule, model_kwargs)")
     for rank, theirs in enumerate(said):
         for name, first, other in zip(what, said[0], theirs):
@@ -399,10 +409,13 @@ def _peers_on_main(result: Comparison, ranks: Ranks, flow: ProbabilityFlow, nois
                    progress: Callable[[str], None] | None) -> None:
     """The peers' rows, run once on rank 0 after the ranks' runs (as :func:`flowdiff.compare` runs them after its
     own), and sent to the other ranks so that every rank holds one table; their images stay on rank 0."""
-    if ranks.is_main:
+    # a peer's failure (its model's error) is raised on rank 0 and said on the others, not left to a closed connection
+    def rows() -> tuple[list[Any], list[Any], dict[str, str]]:
         run_peers(result, flow, noise, peers, result.budgets, model_kwargs=model_kwargs, keep_images=keep_images,
                   on_run=progress)
-    added = ranks.broadcast((result.runs, result.skipped, result.unavailable) if ranks.is_main else None)
+        return result.runs, result.skipped, result.unavailable
+
+    added = ranks.from_main(rows)
     result.runs, result.skipped, result.unavailable = list(added[0]), list(added[1]), dict(added[2])
 
 
