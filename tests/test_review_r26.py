@@ -100,11 +100,9 @@ def test_a_reference_from_infinity_refuses_a_sigma_end_at_or_above_where_its_sol
             flowdiff.reference_solution(flow, noise, sigma_end=sigma_end, cache=False)
 
 
-@pytest.mark.parametrize("target", ["sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral"])
-def test_a_two_evaluation_kdiffusion_sampler_at_eta_0_is_sized_as_heun_is(target):
-    """S11's check lets k-diffusion's DPM2 ancestral and DPM++ 2S ancestral through at eta=0 as the ODE's peers (no
-    fresh noise), but sized them at one evaluation a step: at budget 6 they ran 6 steps, spent 11 evaluations, and
-    only then were refused for overspending. Like Heun and DPM2 they spend two a step and one on the last."""
+def _kdiffusion_peer_at_eta_0(target):
+    """A Gaussian flow, its noise, k-diffusion's ``target`` run through the peers' harness at eta=0 (budget 6), and a
+    counting denoiser of the flow to call k-diffusion's function by hand: (flow, noise, run, calls, counted)."""
     from flowdiff.models.analytic import Gaussian
     from flowdiff.tools import peers as P
 
@@ -117,6 +115,18 @@ def test_a_two_evaluation_kdiffusion_sampler_at_eta_0_is_sized_as_heun_is(target
     def counted(x, sigma, **kw):
         calls.append(1)
         return denoiser(x, sigma, **kw)
+
+    return flow, noise, out, calls, counted
+
+
+@pytest.mark.parametrize("target", ["sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral"])
+def test_a_two_evaluation_kdiffusion_sampler_at_eta_0_is_sized_as_heun_is(target):
+    """S11's check lets k-diffusion's DPM2 ancestral and DPM++ 2S ancestral through at eta=0 as the ODE's peers (no
+    fresh noise), but sized them at one evaluation a step: at budget 6 they ran 6 steps, spent 11 evaluations, and
+    only then were refused for overspending. Like Heun and DPM2 they spend two a step and one on the last."""
+    from flowdiff.tools import peers as P
+
+    flow, noise, out, calls, counted = _kdiffusion_peer_at_eta_0(target)
 
     sigmas = P.kdiffusion_sigmas(flow, 3)
     by_hand = getattr(P.load_kdiffusion(), target)(counted, noise * (1 + float(sigmas[0]) ** 2) ** 0.5, sigmas,
@@ -213,18 +223,9 @@ def test_a_kdiffusion_sde_sampler_at_eta_0_runs_as_the_odes_peer(target, nfe):
     in for: each stopped with "module 'torchsde' has no attribute 'BrownianTree'". The harness gives the noise
     sampler (one of the arguments it owns): at eta=0 its draws are multiplied by 0, so the run equals k-diffusion's
     own function with any noise sampler, here fresh normal draws."""
-    from flowdiff.models.analytic import Gaussian
     from flowdiff.tools import peers as P
 
-    flow = Gaussian(torch.zeros(4, dtype=torch.float64), 0.5, Schedule.linear()).flow()
-    noise = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    out = P.run(P.PeerSampler("k-diffusion", target, "karras", target, {"eta": 0.0}), flow, noise, 6)
-    calls = []
-    denoiser = flowdiff.to_denoiser(flow)
-
-    def counted(x, sigma, **kw):
-        calls.append(1)
-        return denoiser(x, sigma, **kw)
+    flow, noise, out, calls, counted = _kdiffusion_peer_at_eta_0(target)
 
     sigmas = P.kdiffusion_sigmas(flow, out.steps)
     x = noise * (1 + float(sigmas[0]) ** 2) ** 0.5
