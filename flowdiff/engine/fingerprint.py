@@ -75,6 +75,33 @@ def _update(h: Any, value: object, *, repeated: bool = False) -> None:
         h.update(repr(value).encode())
 
 
+#: tensor -> (what it is now, the digest of its values): a large tensor a plain function or a model object holds is
+#: hashed once, not at every encode and decode; the key changes whenever it is replaced or modified in place
+#: (by the tensor's id, with a weak reference to it: a WeakKeyDictionary would compare tensors with ``==``)
+_TENSOR_DIGESTS: dict[int, tuple[weakref.ref, tuple, bytes]] = {}
+
+
+def _tensor(h: Any, value: Tensor) -> None:
+    """Feed a tensor a plain function or a model object holds: its dtype, shape and the digest of its values, kept
+    while the tensor is unchanged (a tensor under a torch.func transform, a sparse or an inference tensor: not kept)."""
+    h.update(str((value.dtype, tuple(value.shape))).encode())
+    try:
+        key = (value.data_ptr(), value._version, value.stride(), value.storage_offset(), str(value.device),
+               value.is_conj(), value.is_neg()) if value.layout == torch.strided else None
+    except RuntimeError:  # no storage to point at (a transform's wrapper), or no version counter (inference mode)
+        key = None
+    hit = _TENSOR_DIGESTS.get(id(value)) if key is not None else None
+    if hit is not None and hit[0]() is value and hit[1] == key:
+        h.update(hit[2])
+        return
+    digest = hashlib.blake2b(_flat_bytes(value), digest_size=16).digest()
+    if key is not None:
+        ident = id(value)
+        _TENSOR_DIGESTS[ident] = (weakref.ref(value, lambda _, ident=ident: _TENSOR_DIGESTS.pop(ident, None)), key,
+                                  digest)
+    h.update(digest)
+
+
 #: values whose digest is their repr, the same in every run (numpy scalars print as ``np.float32(2.0)``)
 _STABLE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, np.generic)
 
@@ -138,7 +165,10 @@ def _attributes(h: Any, owner: object, calls: set[str]) -> None:
     state, reads = _state(type(owner), calls)
     seen: set[Any] = {id(owner), *(("call", name) for name in reads)}
     for name, value in sorted((k, v) for k, v in vars(owner).items() if k not in state):
-        if isinstance(value, (Tensor, int, float, str)):
+        if isinstance(value, Tensor):
+            h.update(name.encode())
+            _tensor(h, value)
+        elif isinstance(value, (int, float, str)):
             h.update(name.encode())
             _update(h, value)
         elif not _left_out(name, value):
@@ -327,7 +357,7 @@ def _read(h: Any, value: object, seen: set[Any], depth: int = 0) -> None:
     :func:`_state`); a module or a class by its name only, and a list, dict or set by its type alone: mutable, it is
     where a function logs its calls or caches, which is no part of the model."""
     if isinstance(value, Tensor):
-        _update(h, value)
+        _tensor(h, value)
     elif isinstance(value, torch.nn.Module):
         h.update(_module_digest(value))
     elif isinstance(value, np.ndarray):
