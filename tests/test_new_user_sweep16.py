@@ -50,3 +50,44 @@ def test_denoiser_round_trip_returns_the_flows_eps_below_the_floor(schedule):
     xbar = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     for sigma in (0.0, schedule.sigma_min / 2, 0.5):
         torch.testing.assert_close(back.eps(xbar, sigma), flow.eps(xbar, sigma), rtol=1e-12, atol=1e-12)
+
+
+def _tiny_unet(diffusers):
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
+                                 up_block_types=("UpBlock2D",) * 2, norm_num_groups=4).eval()
+
+
+@pytest.mark.parametrize("scheduler", ["EDMEulerScheduler", "ScoreSdeVeScheduler"])
+def test_a_ve_folder_is_refused_with_a_recipe_that_builds_its_flow_not_with_another_scheduler(tmp_path, scheduler):
+    """The user with an EDM or score-SDE VE folder was told "pass scheduler= one of those" (DDIM, DDPM, ...):
+    doing so reads a VE network as a VP ε model, another ODE without a word. The refusal now says how to build the
+    flow on a VESchedule with the config's σ range, and the EDM recipe it gives is diffusers' EDMEulerScheduler loop."""
+    diffusers = pytest.importorskip("diffusers")
+    unet = _tiny_unet(diffusers)
+    unet.save_pretrained(tmp_path / "unet")
+    sch = getattr(diffusers, scheduler)()
+    sch.save_pretrained(tmp_path / "scheduler")
+    with pytest.raises(ValueError, match="defines no betas") as err:
+        flowdiff.from_diffusers(str(tmp_path / "unet"))
+    message = str(err.value)
+    assert "pass scheduler= one of those" not in message
+    lo, hi = sch.config.sigma_min, sch.config.sigma_max
+    assert f"flowdiff.VESchedule({lo!r}, {hi!r}" in message
+    if scheduler != "EDMEulerScheduler":
+        assert "time='sigma'" in message
+        return
+    # the recipe, as the message gives it, against diffusers' own EDM Euler loop
+    D = lambda x, s: sch.precondition_outputs(  # noqa: E731
+        x, unet(sch.precondition_inputs(x, s[0]), sch.precondition_noise(s[0])).sample, s[0])
+    flow = flowdiff.from_denoiser(D, flowdiff.VESchedule(lo, hi))
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    sch.set_timesteps(6)
+    with torch.no_grad():
+        x = noise * sch.init_noise_sigma
+        for t in sch.timesteps:
+            x = sch.step(unet(sch.scale_model_input(x, t), t).sample, t, x).prev_sample
+        ours = flowdiff.generate(flow, noise, solver="euler", grid=sch.sigmas.double().numpy())
+    assert ours.stats.nfe == 6
+    torch.testing.assert_close(ours.x, x, rtol=1e-4, atol=1e-4)
