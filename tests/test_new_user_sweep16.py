@@ -3,6 +3,8 @@ flow-matching model, each built from Gaussian data whose answer is known in clos
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -91,3 +93,18 @@ def test_a_ve_folder_is_refused_with_a_recipe_that_builds_its_flow_not_with_anot
         ours = flowdiff.generate(flow, noise, solver="euler", grid=sch.sigmas.double().numpy())
     assert ours.stats.nfe == 6
     torch.testing.assert_close(ours.x, x, rtol=1e-4, atol=1e-4)
+
+
+def test_a_ve_log_sigma_model_round_trips_float32_images():
+    """The user's float32 images on ``ProbabilityFlow(Gaussian(m, v, VESchedule()), VESchedule())`` stopped at σ = 0:
+    "time t=-1.553652048 is outside this schedule's [-1.5536520246, inf)": the floor ¼·ln σ_min, fed to the model in
+    float32, rounds below itself, and ``VESchedule.sigma_at`` refused it."""
+    schedule = flowdiff.VESchedule()
+    model = Gaussian(MEAN, VAR, schedule)
+    flow = flowdiff.ProbabilityFlow(model, schedule)
+    x = model.sample(4, torch.Generator().manual_seed(2)).float()
+    enc = flowdiff.encode(flow, x, solver="reversible_heun", steps=8)
+    assert torch.equal(flowdiff.decode(flow, enc.latent).x, x)
+    t = torch.tensor([0.25 * math.log(schedule.sigma_min)], dtype=torch.float32)
+    assert schedule.sigma_at(float(t)) == pytest.approx(schedule.sigma_min, rel=1e-6)
+    assert schedule.sigma_at(schedule.timestep(0.0)) == pytest.approx(schedule.sigma_min, rel=1e-12)

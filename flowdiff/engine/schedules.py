@@ -396,7 +396,9 @@ class VESchedule(_ContinuousSchedule):
         return t if self.time == "sigma" else math.exp(4.0 * t)
 
     def _time_range(self) -> tuple[float, float]:
-        return (0.0, math.inf) if self.time == "sigma" else (0.25 * math.log(self.sigma_min), math.inf)
+        # ¼·ln σ is σ's for every σ > 0: a time below ¼·ln σ_min (the floor fed below σ_min, rounded down to float32
+        # as a model receives it) is a σ just under σ_min, not an error
+        return (0.0, math.inf) if self.time == "sigma" else (-math.inf, math.inf)
 
     def alpha(self, sigma: float) -> float:
         return 1.0
