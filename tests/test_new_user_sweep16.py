@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,7 +41,8 @@ def test_closed_form_model_in_the_user_convention_is_its_exact_flow_on_every_sch
         torch.testing.assert_close(user.eps(xbar, sigma), exact.eps(xbar, sigma), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("schedule", [flowdiff.VESchedule(0.2, 80.0), flowdiff.VESchedule(), flowdiff.Schedule.linear()],
+@pytest.mark.parametrize("schedule",
+                         [flowdiff.VESchedule(0.2, 80.0), flowdiff.VESchedule(), flowdiff.Schedule.linear()],
                          ids=["ve_floor_0.2", "ve_log_sigma", "vp"])
 def test_denoiser_round_trip_returns_the_flows_eps_below_the_floor(schedule):
     """The user saw ``from_denoiser(to_denoiser(flow), VESchedule(0.2, 80))`` return an ε 0.029 off the flow's own
@@ -108,3 +110,23 @@ def test_a_ve_log_sigma_model_round_trips_float32_images():
     t = torch.tensor([0.25 * math.log(schedule.sigma_min)], dtype=torch.float32)
     assert schedule.sigma_at(float(t)) == pytest.approx(schedule.sigma_min, rel=1e-6)
     assert schedule.sigma_at(schedule.timestep(0.0)) == pytest.approx(schedule.sigma_min, rel=1e-12)
+
+
+def test_ve_and_flow_matching_schedules_check_their_arguments_by_name():
+    """``VESchedule(sigma_min=True)`` built a schedule from σ_min = 1 without a word, ``VESchedule(sigma_min="0.1")``
+    said "'<' not supported between instances of 'int' and 'str'", ``VESchedule(num_levels=1000.0)`` blamed
+    ``num_train_timesteps``, an argument it does not have, and ``FlowMatchingSchedule(shift=np.float32(3.0))`` (a
+    config read with NumPy) was refused as not "a finite number > 0"."""
+    for bad in (True, "0.1", None):
+        with pytest.raises(TypeError, match=rf"sigma_min must be a real number .*got {bad!r}"):
+            flowdiff.VESchedule(sigma_min=bad)
+    with pytest.raises(TypeError, match="sigma_max must be a real number"):
+        flowdiff.VESchedule(sigma_max="80")
+    with pytest.raises(ValueError, match="num_levels must be an int >= 2, got 1000.0"):
+        flowdiff.VESchedule(num_levels=1000.0)
+    assert flowdiff.VESchedule(np.float32(0.5), np.float64(80.0)).sigma_min == pytest.approx(0.5)
+    assert flowdiff.VESchedule(torch.tensor(0.5), 80).sigma_min == pytest.approx(0.5)
+    shifted = flowdiff.FlowMatchingSchedule(shift=np.float32(3.0))
+    assert shifted.sigma_max == flowdiff.FlowMatchingSchedule(shift=3.0).sigma_max
+    with pytest.raises(ValueError, match="shift must be a finite number > 0, got np.True_"):
+        flowdiff.FlowMatchingSchedule(shift=np.bool_(True))

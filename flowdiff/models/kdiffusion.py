@@ -110,7 +110,8 @@ def from_denoiser(denoiser: Denoiser, schedule: Schedule | ArrayLike, *,
     it got at σ: this is how a timestep model treats σ below its first timestep, and for a flow whose
     model time stops there (VP's timesteps, VE's ``time="log_sigma"``) the round trip
     flow → denoiser → flow returns the same ε at every σ, 0 included (a model fed σ itself, VE's
-    ``time="sigma"`` or flow matching's t, differs below the floor: lower ``sigma_floor`` for it). Generation with ``final_euler`` (the default) never evaluates σ = 0.
+    ``time="sigma"`` or flow matching's t, differs below the floor: lower ``sigma_floor`` for it).
+    Generation with ``final_euler`` (the default) never evaluates σ = 0.
     ``model_kwargs`` of generate/encode are passed to the denoiser as ``extra_args``.
     """
     if not callable(denoiser):
