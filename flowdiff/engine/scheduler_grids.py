@@ -211,6 +211,26 @@ def _as_read_by_class(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k.startswith("_") or k in params}
 
 
+def _no_betas_advice(name: str | None, config: Mapping[str, Any]) -> str:
+    """What to do with a network trained for a scheduler without betas: a VE one is not a VP model, so
+    another scheduler= would read it as the wrong ODE; it is built by hand on a VESchedule."""
+    lo, hi = config.get("sigma_min"), config.get("sigma_max")
+    if lo is None or hi is None:
+        return ("Pass scheduler= one of those only if the network was trained with it; otherwise build the flow "
+                "with flowdiff.ProbabilityFlow (or flowdiff.from_denoiser) on the schedule it was trained with")
+    if name == "ScoreSdeVeScheduler":
+        return ("A score-SDE VE network (NCSN++) is fed σ itself and returns the score ∇log p = −ε/σ, so another "
+                "scheduler= would read it as a different ODE; build its flow as flowdiff.ProbabilityFlow("
+                "lambda x, t: -t.view(-1, *[1] * (x.ndim - 1)) * unet(x, t).sample, "
+                f"flowdiff.VESchedule({lo!r}, {hi!r}, time='sigma'))")
+    return ("A variance-exploding (EDM-style) network is preconditioned by its scheduler, so another scheduler= "
+            "would read it as a different ODE; build its flow from the scheduler's own preconditioning as a "
+            "k-diffusion denoiser: sch = diffusers." + (name or "EDMEulerScheduler") + ".from_config(config); "
+            "D = lambda x, s: sch.precondition_outputs(x, unet(sch.precondition_inputs(x, s[0]), "
+            "sch.precondition_noise(s[0])).sample, s[0]); "
+            f"flowdiff.from_denoiser(D, flowdiff.VESchedule({lo!r}, {hi!r}))")
+
+
 def schedule_from_config(config: Mapping[str, Any], source: str = "scheduler config") -> tuple[Schedule, str]:
     """The :class:`Schedule` and prediction type that a diffusers scheduler config defines.
 
@@ -247,8 +267,7 @@ def schedule_from_config(config: Mapping[str, Any], source: str = "scheduler con
                     if known else "")
         raise ValueError(f"{source}: the {name} config defines no betas{schedule}, and flowdiff reads a "
                          f"variance-preserving schedule from a betas scheduler ({vp}, ...) or rectified flow from "
-                         f"{', '.join(FLOW_MATCHING_SCHEDULERS)}: pass scheduler= one of those, or build the flow "
-                         "with flowdiff.ProbabilityFlow and flowdiff.VESchedule")
+                         f"{', '.join(FLOW_MATCHING_SCHEDULERS)}. " + _no_betas_advice(name, config))
     prediction_type = config.get("prediction_type", "epsilon")
     if prediction_type == "original_sample" and name == "EulerDiscreteScheduler":
         prediction_type = "sample"  # Euler's step reads its old name as "sample" (kept for old configs)

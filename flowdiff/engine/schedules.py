@@ -332,7 +332,8 @@ class FlowMatchingSchedule(_ContinuousSchedule):
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0) -> None:
         _check_T(num_train_timesteps)
-        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not (math.isfinite(shift) and shift > 0):
+        if isinstance(shift, (bool, np.bool_)) or not isinstance(shift, numbers.Real) \
+                or not (math.isfinite(shift) and shift > 0):
             raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
         self.train_steps = num_train_timesteps
         self.shift = float(shift)
@@ -379,11 +380,12 @@ class VESchedule(_ContinuousSchedule):
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, num_levels: int = 1000,
                  time: str = "log_sigma") -> None:
+        sigma_min, sigma_max = _real_number(sigma_min, "sigma_min"), _real_number(sigma_max, "sigma_max")
         if not (0 < sigma_min < sigma_max < math.inf):
             raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got {sigma_min}, {sigma_max}")
         if time not in self.TIMES:
             raise ValueError(f"unknown time {time!r}; accepted: {', '.join(self.TIMES)}")
-        _check_T(num_levels)
+        _check_T(num_levels, "num_levels")
         self.time = time
         super().__init__(np.geomspace(sigma_min, sigma_max, num_levels))
 
@@ -396,7 +398,9 @@ class VESchedule(_ContinuousSchedule):
         return t if self.time == "sigma" else math.exp(4.0 * t)
 
     def _time_range(self) -> tuple[float, float]:
-        return (0.0, math.inf) if self.time == "sigma" else (0.25 * math.log(self.sigma_min), math.inf)
+        # ¼·ln σ is σ's for every σ > 0: a time below ¼·ln σ_min (the floor fed below σ_min, rounded down to float32
+        # as a model receives it) is a σ just under σ_min, not an error
+        return (0.0, math.inf) if self.time == "sigma" else (-math.inf, math.inf)
 
     def alpha(self, sigma: float) -> float:
         return 1.0
@@ -428,9 +432,20 @@ def rescale_zero_terminal_snr(alphas_cumprod: ArrayLike) -> np.ndarray:
     return rescaled**2
 
 
-def _check_T(num_train_timesteps: int) -> None:
+def _check_T(num_train_timesteps: int, name: str = "num_train_timesteps") -> None:
     if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
-        raise ValueError(f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
+        raise ValueError(f"{name} must be an int >= 2, got {num_train_timesteps!r}")
+
+
+def _real_number(value: object, name: str) -> float:
+    """A real number (a Python or NumPy int or float, or a 0-d real tensor; not a bool or a string) as a float, else a
+    TypeError naming it."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and (value.is_floating_point() or value.dtype in (
+            torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+        return float(value.item())
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (an int or float), got {value!r} of type {type(value).__name__}")
+    return float(value)
 
 
 def as_schedule(schedule: Schedule | ArrayLike | None, *, name: str = "alphas_cumprod") -> Schedule:

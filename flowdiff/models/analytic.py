@@ -55,12 +55,14 @@ class _ClosedForm:
         raise NotImplementedError  # abstract
 
     def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """``model(x_t, t)``: ε at the VP-scaled input and (possibly fractional) timestep t."""
+        """``model(x_t, t)``: ε at the input x_t = α(σ)·x̄ and (possibly fractional) timestep t, α the
+        schedule's (:meth:`flowdiff.Schedule.alpha`: 1/√(1+σ²) for VP, 1 for VE, 1/(1+σ) for flow matching)."""
         t_vals = t.detach().cpu().double().reshape(-1).tolist()
+        alpha = self.schedule.alpha
         if len(set(t_vals)) == 1:
             s = float(self.schedule.sigma_at(t_vals[0]))
-            return self.eps(x_t * math.sqrt(1 + s * s), s)
-        out = [self.eps(x_t[i:i + 1] * math.sqrt(1 + s * s), s)
+            return self.eps(x_t / alpha(s), s)
+        out = [self.eps(x_t[i:i + 1] / alpha(s), s)
                for i, s in enumerate(float(self.schedule.sigma_at(v)) for v in t_vals)]
         return torch.cat(out)
 

@@ -105,9 +105,13 @@ def from_denoiser(denoiser: Denoiser, schedule: Schedule | ArrayLike, *,
 
     ε is undefined from D at σ = 0, so below ``sigma_floor`` (default: the schedule's σ_min,
     the smallest trained noise level) the denoiser is evaluated at the floor with the state
-    rescaled to it, x̄·√((1+σ_f²)/(1+σ²)), which is how a timestep model treats σ below its
-    first timestep: the round trip flow → denoiser → flow then returns the same ε at every σ,
-    0 included. Generation with ``final_euler`` (the default) never evaluates σ = 0.
+    rescaled to it, x̄·α(σ)/α(σ_f) (the schedule's :meth:`~flowdiff.Schedule.alpha`: √((1+σ_f²)/(1+σ²))
+    for VP, 1 for VE, (1+σ_f)/(1+σ) for flow matching), so that the model's input α·x̄ is the one
+    it got at σ: this is how a timestep model treats σ below its first timestep, and for a flow whose
+    model time stops there (VP's timesteps, VE's ``time="log_sigma"``) the round trip
+    flow → denoiser → flow returns the same ε at every σ, 0 included (a model fed σ itself, VE's
+    ``time="sigma"`` or flow matching's t, differs below the floor: lower ``sigma_floor`` for it).
+    Generation with ``final_euler`` (the default) never evaluates σ = 0.
     ``model_kwargs`` of generate/encode are passed to the denoiser as ``extra_args``.
     """
     if not callable(denoiser):
@@ -121,7 +125,7 @@ def from_denoiser(denoiser: Denoiser, schedule: Schedule | ArrayLike, *,
 
     def eps(xbar: Tensor, sigma: float, **extra_args: Any) -> Tensor:
         if sigma < floor:
-            xbar = xbar * math.sqrt((1.0 + floor * floor) / (1.0 + sigma * sigma))
+            xbar = xbar * (schedule.alpha(sigma) / schedule.alpha(floor))
             sigma = floor
         s = torch.full((xbar.shape[0],), sigma, dtype=xbar.dtype, device=xbar.device)
         denoised = denoiser(xbar, s, **extra_args)
