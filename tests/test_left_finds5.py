@@ -15,6 +15,7 @@ import re
 
 import pytest
 import torch
+from _ensemble import TinyNet
 
 import flowdiff as fd
 import solvers
@@ -127,16 +128,8 @@ def test_a_learned_heun_latent_refuses_final_euler_false_before_any_evaluation()
 
 # -- 3. an ensemble under vmap(grad) ----------------------------------------------------------------------------------
 
-class _Net(torch.nn.Module):
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(4, 4).double()
-        torch.nn.init.normal_(self.lin.weight, std=0.4, generator=torch.Generator().manual_seed(seed))
-        self.calls = 0
-
-    def forward(self, x, t):
-        self.calls += 1
-        return torch.tanh(self.lin(x)) * (1 + t.reshape(-1, 1) / 1000)
+def _Net(seed: int) -> TinyNet:
+    return TinyNet(seed, std=0.4)
 
 
 def _ensemble():

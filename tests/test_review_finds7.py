@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _ensemble import TinyNet
 
 import flowdiff as fd
 from flowdiff import cli
@@ -108,16 +109,7 @@ def test_cli_encode_on_a_zero_snr_model_names_the_grid_that_ends_finite(tmp_path
 OFF = fd.Checks(finite=False, growth=None)
 
 
-class _Net(torch.nn.Module):
-    def __init__(self, seed):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.lin = torch.nn.Linear(4, 4).double()
-        self.calls = 0
-
-    def forward(self, x, t):
-        self.calls += 1
-        return torch.tanh(self.lin(x)) * (1 + t.reshape(-1, 1) / 1000)
+_Net = TinyNet
 
 
 def _ensemble_jvp(spec, checks):
