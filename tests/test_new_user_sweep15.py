@@ -26,7 +26,8 @@ ARGS = ["--steps", "2", "--batch-size", "1", "--threads", "1"]
 
 
 def torchrun(*argv):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # unbuffered, as CI's environment may be: a line written as text and newline apart ran on into the other rank's
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "flowdiff", *map(str, argv)], capture_output=True, text=True, env=env, timeout=120)
 
@@ -196,9 +197,9 @@ def test_data_naming_a_file_says_it_is_a_file(tmp_path, capsys):
     ["encode", "IMAGE", "--steps", "2"],
 ])
 def test_a_command_that_does_not_split_is_refused_under_torchrun(argv, tmp_path, monkeypatch, capsys):
-    """``torchrun --nproc_per_node 2 -m flowdiff sample`` (or ``likelihood``, or ``encode`` of image files) did the whole
-    job on every process: the same lines printed twice and the same file written twice (S15). Refused by name before
-    any work, on every rank; ``compare`` and the ``--data`` runs split and are not refused."""
+    """``torchrun --nproc_per_node 2 -m flowdiff sample`` (or ``likelihood``, or ``encode`` of image files) did the
+    whole job on every process: the same lines printed twice and the same file written twice (S15). Refused by name
+    before any work, on every rank; ``compare`` and the ``--data`` runs split and are not refused."""
     image = tmp_path / "one.png"
     write_digits(tmp_path, ["one.png"])
     argv = [str(image) if a == "IMAGE" else a for a in argv]
@@ -208,3 +209,31 @@ def test_a_command_that_does_not_split_is_refused_under_torchrun(argv, tmp_path,
     err = capsys.readouterr().err
     assert code == 2 and "does not split its work over torchrun's processes (WORLD_SIZE=2)" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.png"]  # nothing written
+
+
+class _Writes:
+    def __init__(self):
+        self.calls = []
+
+    def write(self, text):
+        self.calls.append(text)
+
+    def flush(self):
+        pass
+
+
+def test_every_line_the_command_line_prints_on_stderr_is_one_write(monkeypatch):
+    """CI saw rank 0's error line run on into rank 1's: ``print`` wrote each line's text and its newline apart, and
+    under an unbuffered stderr the two processes' writes spliced. A line is now one write, whole with its newline."""
+    from flowdiff.cli._errors import say
+    from flowdiff.runs.distributed import _say_on_stderr
+
+    seen = _Writes()
+    monkeypatch.setattr(sys, "stderr", seen)
+    say("flowdiff roundtrip: error: one")
+    _say_on_stderr(1)("run two")
+    monkeypatch.setattr(sys, "argv", ["flowdiff"])
+    assert main(["sample", "--num", "0"]) != 0  # an error of the command's own, printed by main
+    assert seen.calls[:2] == ["flowdiff roundtrip: error: one\n", "[rank 1] run two\n"]
+    assert len(seen.calls) == 3 and seen.calls[2].startswith("flowdiff sample: error:") and \
+        seen.calls[2].endswith("\n") and seen.calls[2].count("\n") == 1, seen.calls

@@ -28,14 +28,13 @@ The package: ``_parser`` (options), ``_models`` (``--model``), ``_images`` (imag
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from collections.abc import Sequence
 
 import solvers as _solvers
 
 from ..runs.distributed import world_size
-from ._errors import CommandError, UsageError, one_line
+from ._errors import CommandError, UsageError, one_line, say
 from ._images import read_images, save_grid, save_images
 from ._models import LoadedModel, in_dtype, load_model
 from ._outputs import forget_planned_folders, remove_planned_folders
@@ -48,7 +47,7 @@ __all__ = ["CommandError", "UsageError", "LoadedModel", "build_parser", "in_dtyp
 def _one_line_warning(command: str):
     """A ``warnings.showwarning`` that prints ``flowdiff COMMAND: warning: …`` on one line of stderr."""
     def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-        print(f"flowdiff {command}: warning: {one_line(message)}", file=sys.stderr)
+        say(f"flowdiff {command}: warning: {one_line(message)}")
 
     return show
 
@@ -83,18 +82,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = int(args.func(args) or 0)
             return code
     except KeyboardInterrupt:
-        print(f"flowdiff {args.command}: interrupted", file=sys.stderr)
+        say(f"flowdiff {args.command}: interrupted")
         return 130
     except (CommandError, _solvers.SolveError, ValueError, TypeError, OSError, RuntimeError, ImportError) as err:
         if os.environ.get("FLOWDIFF_DEBUG"):
             raise
-        print(f"flowdiff {args.command}: error: {one_line(err)}", file=sys.stderr)
+        say(f"flowdiff {args.command}: error: {one_line(err)}")
         return getattr(err, "exit_code", 1)
     except Exception as err:  # a bug, still reported in one line; FLOWDIFF_DEBUG=1 shows where
         if os.environ.get("FLOWDIFF_DEBUG"):
             raise
-        print(f"flowdiff {args.command}: internal error: {type(err).__name__}: {one_line(err)} "
-              "(set FLOWDIFF_DEBUG=1 for the traceback)", file=sys.stderr)
+        say(f"flowdiff {args.command}: internal error: {type(err).__name__}: {one_line(err)} "
+            "(set FLOWDIFF_DEBUG=1 for the traceback)")
         return 1
     finally:
         if code != 0:  # the output plan made folders before the work that failed: those left empty go

@@ -11,7 +11,6 @@ import math
 import os
 import re
 import shlex
-import sys
 import warnings
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from ..tools.report import FILES as REPORT_FILES
 from ..tools.report import ROUNDTRIP_FIGURE
 from . import _learned, _prompt
 from ._argtypes import available_device
-from ._errors import CommandError, UsageError, one_line
+from ._errors import CommandError, UsageError, one_line, say
 from ._images import as_written, default_format, load_images, save_grid, write_images
 from ._models import BUILTIN_MODELS, LoadedModel, in_dtype, load_model
 from ._outputs import image_output_name, output_dir, plan, relative_names
@@ -280,8 +279,8 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
             kept = ref is not None
         if ref is None:
             if not args.no_progress:
-                print(f"solving the float64 reference (dopri8, rtol=atol={args.rtol:g}); it is kept in {ref_path} "
-                      "for later runs", file=sys.stderr)
+                say(f"solving the float64 reference (dopri8, rtol=atol={args.rtol:g}); it is kept in {ref_path} "
+                    "for later runs")
             ref = reference_solution(loaded.flow, _noise(args, args.batch, loaded.shape, torch.float64, device),
                                      rtol=args.rtol, atol=args.rtol, model_kwargs=loaded.model_kwargs or None,
                                      progress=not args.no_progress)
@@ -346,8 +345,8 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
                   f"{made.tuning_seconds:.1f} s{unchecked}")
     if any(not getattr(made, "options", {}).get("validate", True) for made in result.provided.values()
            if not getattr(made, "source", "")):
-        print(f"flowdiff compare: warning: --batch {args.batch}: the grids tuned here were fitted to their one "
-              "calibration sample without the held-out validation, which needs --batch 2 or more", file=sys.stderr)
+        say(f"flowdiff compare: warning: --batch {args.batch}: the grids tuned here were fitted to their one "
+            "calibration sample without the held-out validation, which needs --batch 2 or more")
     for source, made in shipped.items():
         batches = "/".join(str(b) for b in sorted({m.options.get("calibration_batch", 0) for m in made}))
         print(f"tuned grids: {len(made)} shipped ones from {source}, tuned once on other noise ({batches} "

@@ -38,7 +38,7 @@ from ..runs import datasets as _ds
 from ..runs.distributed import Ranks, close, process_group, rank_device
 from ..tools.metrics import max_abs_error, mse, psnr
 from . import _commands, _prompt
-from ._errors import CommandError, UsageError, one_line
+from ._errors import CommandError, UsageError, one_line, say
 from ._images import as_written, write_images
 from ._outputs import image_output_name, make_folder, output_dir, plan
 
@@ -255,9 +255,9 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
             unrecorded = {**man, "arguments": {k: v for k, v in man["arguments"].items() if k != "threads"}}
             if _ds.difference(old, unrecorded) is None:
                 if ranks.is_main:
-                    print(f"note: --out {args.out!r} holds a run written before flowdiff recorded the CPU thread "
-                          f"count; it resumes with {man['arguments']['threads']} thread(s), and a batch it ran with "
-                          "another count may differ in its last bits", file=sys.stderr)
+                    say(f"note: --out {args.out!r} holds a run written before flowdiff recorded the CPU thread "
+                        f"count; it resumes with {man['arguments']['threads']} thread(s), and a batch it ran with "
+                        "another count may differ in its last bits")
                 man, run = unrecorded, _ds.run_id(unrecorded)
         diff = _ds.difference(old, man)
         if diff is not None:
@@ -330,7 +330,7 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
             break
         if progress:
             who = f"rank {ranks.rank}: " if ranks.distributed else ""
-            print(f"{who}batch {b} done ({k + 1} of {len(todo)} to do here)", file=sys.stderr, flush=True)
+            say(f"{who}batch {b} done ({k + 1} of {len(todo)} to do here)")
     if ranks.distributed:  # every rank learns whether another failed, after all have stopped writing
         _exchange_failures(ranks, failure, lambda: not resume and _forget_unstarted(out, manifest_path))
     if not ranks.is_main:

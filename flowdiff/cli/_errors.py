@@ -20,3 +20,13 @@ class UsageError(CommandError):
 def one_line(err: object) -> str:
     text = " ".join(str(err).split())
     return text or type(err).__name__
+
+
+def say(line: str) -> None:
+    """Print ``line`` on stderr in one write. ``print`` writes the text and its newline apart, and under an unbuffered
+    stderr (``PYTHONUNBUFFERED=1``) the processes of one torchrun, which share the stream, spliced their lines: rank
+    0's error ran on into rank 1's."""
+    import sys
+
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()

@@ -297,8 +297,7 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
         solved = ranks._main_only(lambda: reference_solution(flow, noise, model_kwargs=model_kwargs, **ref_options))
         reference = ranks.broadcast(solved)
     if isinstance(progress, bool):  # True: each rank names its runs on stderr as it starts them
-        rank = ranks.rank
-        progress = (lambda text: print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)) if progress else None
+        progress = _say_on_stderr(ranks.rank) if progress else None
     kwargs["keep_images"] = keep_images  # checked by each run (the round trip refuses it as compare() does)
     mine, own, failure = [], {}, None
     # the reference is checked once, on every rank before any job (its check computes the flow's fingerprints); the
@@ -352,6 +351,16 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
         else:
             result.images = {}
     return result
+
+
+def _say_on_stderr(rank: int) -> Callable[[str], None]:
+    """Progress lines ``[rank R] ...`` on stderr, each in one write: the ranks share the stream, and a line written
+    as text and newline apart ran on into another rank's under an unbuffered stderr."""
+    def say(text: str) -> None:
+        sys.stderr.write(f"[rank {rank}] {text}\n")
+        sys.stderr.flush()
+
+    return say
 
 
 def _tensor_digest(x: Any) -> str | None:
