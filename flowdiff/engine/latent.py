@@ -233,7 +233,7 @@ class Latent:
             if st.k is not None:
                 tensors["state.k"] = st.k.detach().contiguous().cpu()
         meta["state"] = sorted(k for k in tensors if k.startswith("state."))  # what a load must find again
-        data = save(tensors, metadata={k: json.dumps(v) for k, v in meta.items()})
+        data = _in_key_order(save(tensors, metadata={k: json.dumps(v) for k, v in meta.items()}))
         atomic_write(path, data, "latent file")
 
     @classmethod
@@ -346,6 +346,23 @@ def _check_path(path: object) -> Path:
     if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     return Path(path)
+
+
+def _in_key_order(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its ``__metadata__`` keys in sorted order. safetensors keeps the metadata in
+    a hash map whose order changes from one save to the next, so two identical runs wrote latent files that differed
+    in their header's bytes. The header is re-written only where it reads back to the same JSON in the same length
+    (the padding safetensors adds is kept); the tensors' bytes are not touched."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict):
+        return data
+    ordered = {"__metadata__": dict(sorted(meta.items())), **{k: v for k, v in header.items() if k != "__metadata__"}}
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size or json.loads(text) != header:
+        return data
+    return data[:8] + text.ljust(size) + data[8 + size:]
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
