@@ -39,11 +39,18 @@ def _flat_bytes(value: Tensor) -> np.ndarray:
     (the primal; under ``vmap``, the whole mapped batch), as a network's weights are read there."""
     with torch._C._DisableFuncTorch():
         plain = functorch_levels(value)[0].detach()
+        if plain.is_nested:  # a torch.nested tensor: its components' bytes, one after another (their shapes: _shape)
+            return np.concatenate([_flat_bytes(part) for part in plain.unbind()] or [np.zeros(0, np.uint8)])
         if plain.layout != torch.strided:  # sparse (COO, CSR, ...): its indices and values, never made dense
             coo = plain.to_sparse().coalesce()
             return np.concatenate([_flat_bytes(coo.indices()), _flat_bytes(coo.values())])
         # a conjugate or negated view (``z.conj()``) is read as the values it stands for: its bits cannot be viewed
         return plain.to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _shape(value: Tensor) -> tuple:
+    """The tensor's shape; a torch.nested tensor's (which has no one shape) is its components' shapes."""
+    return ("nested", *(tuple(part.shape) for part in value.unbind())) if value.is_nested else tuple(value.shape)
 
 
 def _bytes(value: Tensor) -> np.ndarray:
@@ -56,12 +63,12 @@ def _update(h: Any, value: object, *, repeated: bool = False) -> None:
     equal is fed as its first sample, marked repeated, so its batch size leaves no trace, and a 0-d tensor (one
     value for every sample, as a scalar class label is broadcast) is fed as that sample repeated."""
     rows = _bytes(value) if (repeated and isinstance(value, Tensor) and value.layout == torch.strided
-                             and (value.dim() == 0 or value.shape[0])) else None
+                             and not value.is_nested and (value.dim() == 0 or value.shape[0])) else None
     if rows is not None and bool((rows == rows[:1]).all()):
         h.update(str((value.dtype, "repeated", tuple(value.shape[1:]))).encode())
         h.update(rows[0].tobytes())
     elif isinstance(value, Tensor):
-        h.update(str((value.dtype, tuple(value.shape))).encode())
+        h.update(str((value.dtype, _shape(value))).encode())
         h.update(_flat_bytes(value))  # its buffer, not a copy of it (a large tensor is hashed at every encode)
     elif isinstance(value, Mapping):
         for key in sorted(value, key=str):
@@ -84,10 +91,10 @@ _TENSOR_DIGESTS: dict[int, tuple[weakref.ref, tuple, bytes]] = {}
 def _tensor(h: Any, value: Tensor) -> None:
     """Feed a tensor a plain function or a model object holds: its dtype, shape and the digest of its values, kept
     while the tensor is unchanged (a tensor under a torch.func transform, a sparse or an inference tensor: not kept)."""
-    h.update(str((value.dtype, tuple(value.shape))).encode())
+    h.update(str((value.dtype, _shape(value))).encode())
     try:
         key = (value.data_ptr(), value._version, value.stride(), value.storage_offset(), str(value.device),
-               value.is_conj(), value.is_neg()) if value.layout == torch.strided else None
+               value.is_conj(), value.is_neg()) if value.layout == torch.strided and not value.is_nested else None
     except RuntimeError:  # no storage to point at (a transform's wrapper), or no version counter (inference mode)
         key = None
     hit = _TENSOR_DIGESTS.get(id(value)) if key is not None else None
