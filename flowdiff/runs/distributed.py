@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -135,6 +135,36 @@ class Ranks:
         if not self.distributed:
             return fn()
         return self.broadcast(self._main_only(fn))
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """A block that every rank leaves alike, ending in one exchange: where it raises on some ranks, each of those
+        raises its own error and every other rank a ``RuntimeError`` saying ``rank R of N failed: <why>`` (the first
+        rank that failed). For what each rank does on its own before an exchange — its setup: loading the model (one
+        GPU out of memory), reading a file one machine cannot read — which left the others waiting in their next
+        exchange for a rank that had gone, to end with gloo's "Connection closed by peer". The block must hold no
+        exchange of its own: a rank that failed before it would not be there. With one process, a plain block."""
+        failure = None
+        try:
+            yield
+        except Exception as err:  # said to the other ranks; an interrupt (KeyboardInterrupt) ends the job anyway
+            failure = err
+        self.raise_failures(failure)
+
+    def raise_failures(self, failure: Exception | None) -> None:
+        """Every rank's ``failure`` (or None) exchanged: the failing rank raises its own, the others a ``RuntimeError``
+        naming the first rank that failed and why. Every rank must call it (it is an exchange)."""
+        if not self.distributed:
+            if failure is not None:
+                raise failure
+            return
+        said = self.all_gather(None if failure is None else " ".join(str(failure).split()) or type(failure).__name__)
+        failed = [(rank, text) for rank, text in enumerate(said) if text]
+        if failure is not None:
+            raise failure
+        if failed:
+            rank, text = failed[0]
+            raise RuntimeError(f"rank {rank} of {self.world_size} failed: {text}")
 
     def _main_only(self, fn: Callable[[], T]) -> T | None:
         """``fn()`` on rank 0 and ``None`` on the others, once rank 0 is done; its failure is raised on every rank."""
@@ -323,7 +353,7 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
                 mine.append((index, replace(part, images={}), list(part.images)))
     except Exception as err:  # said to the other ranks, which would otherwise meet a closed connection
         failure = err
-    _raise_failures(ranks, failure)
+    ranks.raise_failures(failure)
     parts = sorted((item for gathered in ranks.all_gather(mine) for item in gathered), key=lambda item: item[0])
     if [index for index, _, _ in parts] != list(range(len(jobs))):
         raise RuntimeError(f"the ranks returned runs {[i for i, _, _ in parts]} of {len(jobs)}; expected each once")
@@ -399,18 +429,6 @@ def _same_inputs(ranks: Ranks, flow: ProbabilityFlow, noise: Tensor | None, imag
                 raise ValueError(f"{name} on rank {rank} of {ranks.world_size} is not rank 0's: each rank runs its "
                                  "share of the table on what it is given, so every rank must pass the same (draw "
                                  "noise and images from one seed on every rank, load the same model)")
-
-
-def _raise_failures(ranks: Ranks, failure: Exception | None) -> None:
-    """Every rank's ``failure`` (or None) exchanged: the failing rank raises its own, the others a ``RuntimeError``
-    naming the first rank that failed and why."""
-    said = ranks.all_gather(None if failure is None else " ".join(str(failure).split()) or type(failure).__name__)
-    failed = [(rank, text) for rank, text in enumerate(said) if text]
-    if failure is not None:
-        raise failure
-    if failed:
-        rank, text = failed[0]
-        raise RuntimeError(f"rank {rank} of {ranks.world_size} failed: {text}")
 
 
 def _peers_on_main(result: Comparison, ranks: Ranks, flow: ProbabilityFlow, noise: Tensor | None,

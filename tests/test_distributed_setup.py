@@ -1,0 +1,103 @@
+"""Distributed runs: failures outside the exchanges (D2). A setup failure on one rank alone (one GPU out of memory
+while loading the model), the GPU check under a launcher that sets only ``WORLD_SIZE`` and ``RANK``, and a command
+started from inside a torchrun job, which inherits its environment. Each test failed before the fix beside it.
+
+The torchrun tests start two CPU processes (gloo) on the shipped digits model, as tests/test_new_user_sweep15.py does.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _digit_files import write_digits
+
+import flowdiff
+from flowdiff.runs.distributed import Ranks
+
+ROOT = Path(__file__).resolve().parent.parent
+HAS_DIGITS = (Path(flowdiff.__file__).parent / "weights" / "digits.safetensors").is_file()
+needs_digits = pytest.mark.skipif(not HAS_DIGITS, reason="the shipped digits weights are not installed")
+ARGS = ["--steps", "2", "--batch-size", "1", "--threads", "1"]
+OOM = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 1; 79.10 GiB total capacity)"
+
+# flowdiff's command line as torchrun's processes run it, with rank 1's model load failing as one GPU out of memory
+# does (torch.cuda.OutOfMemoryError) while rank 0's loads
+RANK_1_OOM = f"""
+import os, sys, torch
+from flowdiff.cli import _commands, main
+
+if os.environ["RANK"] == "1":
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError({OOM!r})
+    _commands._setup = out_of_memory
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _errors(stderr: str, command: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(f"flowdiff {command}: error:")]
+
+
+@needs_digits
+@pytest.mark.parametrize("command", ["roundtrip", "compare"])
+def test_a_model_that_one_rank_cannot_load_is_said_on_every_rank(command, tmp_path):
+    """Rank 1 out of GPU memory while loading the model: it said so and ended, and rank 0, already waiting in its
+    first exchange (the manifest of a folder run, the reference of compare), said gloo's "Connection closed by
+    peer". Every rank now ends its setup with one exchange: rank 1 says its cause, rank 0 ``rank 1 of 2 failed:``."""
+    script = tmp_path / "rank_1_oom.py"
+    script.write_text(RANK_1_OOM)
+    data = tmp_path / "data"
+    write_digits(data, ["a.png", "b.png"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # The failing rank exits once the failure is exchanged, and torchrun then stops the other, which now and then
+    # (under load) happens before it has printed its line: up to three tries for one in which both ranks speak.
+    for attempt in range(3):
+        out = tmp_path / f"out{attempt}"
+        argv = (["roundtrip", "--data", data, "--out", out, *ARGS] if command == "roundtrip" else
+                ["compare", "--solver", "euler", "--nfe", "2", "--batch", "2", "--out", out, "--no-progress"])
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(script), *map(str, argv)], capture_output=True, text=True, env=env, timeout=120)
+        said = _errors(done.stderr, command)
+        assert done.returncode != 0 and not any("gloo" in line or "onnection closed" in line for line in said), \
+            done.stderr[-3000:]
+        assert said and all(OOM in line for line in said), done.stderr[-3000:]
+        if len(said) == 2:
+            break
+    assert len(said) == 2, said
+    assert sum(f"rank 1 of 2 failed: {OOM}" in line for line in said) == 1, said  # rank 0's; rank 1 says its own
+    assert not (out / "run.json").exists() and not (out / "report.md").exists()
+
+
+class _FakeRank(Ranks):
+    """One of two ranks, in one process: the other rank's failure (or None) is ``theirs``."""
+
+    def __init__(self, rank: int, theirs: str | None) -> None:
+        super().__init__(rank=rank, world_size=2)
+        object.__setattr__(self, "theirs", theirs)
+
+    def all_gather(self, obj):
+        return [obj, self.theirs] if self.rank == 0 else [self.theirs, obj]
+
+
+def test_together_raises_the_own_failure_on_the_failing_rank_and_names_it_on_the_others():
+    """The exchange behind the setup's: the failing rank keeps its own error (type and all); the others name the rank
+    and its cause in one line; a block that fails nowhere passes."""
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="out of memory"):
+        with _FakeRank(1, None).together():
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory.\n  Tried")
+    with pytest.raises(RuntimeError, match=r"^rank 1 of 2 failed: CUDA out of memory\. Tried$"):
+        with _FakeRank(0, "CUDA out of memory. Tried").together():
+            pass
+    with pytest.raises(RuntimeError, match=r"^rank 0 of 2 failed: gone$"):
+        with _FakeRank(1, "gone").together():
+            pass
+    with _FakeRank(0, None).together():
+        pass
+    with pytest.raises(OSError, match="mine"):  # both failed: each its own
+        with _FakeRank(0, "theirs").together():
+            raise OSError("mine")
