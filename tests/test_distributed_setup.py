@@ -17,6 +17,7 @@ import torch
 from _digit_files import write_digits
 
 import flowdiff
+from flowdiff.runs import distributed
 from flowdiff.runs.distributed import Ranks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,3 +102,39 @@ def test_together_raises_the_own_failure_on_the_failing_rank_and_names_it_on_the
     with pytest.raises(OSError, match="mine"):  # both failed: each its own
         with _FakeRank(0, "theirs").together():
             raise OSError("mine")
+
+
+def _launcher_env(monkeypatch, rank: int, **more: str) -> None:
+    """What srun or mpirun with a user's exports give a process: WORLD_SIZE and RANK, and the rendezvous address."""
+    for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"WORLD_SIZE": "2", "RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1",
+                        **more}.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_device_cuda_without_local_world_size_is_decided_alike_on_every_rank(monkeypatch):
+    """Two processes from a launcher that sets WORLD_SIZE and RANK alone, on a machine with one GPU: the count of
+    processes here was taken as LOCAL_RANK + 1, so rank 0 (1 process) joined the group and rank 1 (2 processes) was
+    refused, leaving rank 0 to wait for it. Every rank now refuses alike, naming what to set."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("joined the group"))
+    for rank in (0, 1):
+        _launcher_env(monkeypatch, rank)
+        with pytest.raises(ValueError, match=r"LOCAL_RANK and LOCAL_WORLD_SIZE are not set .*srun or mpirun.*set "
+                                             r"LOCAL_RANK .* and LOCAL_WORLD_SIZE .*'cuda:INDEX'"):
+            distributed.process_group("cuda")
+        _launcher_env(monkeypatch, rank, LOCAL_RANK=str(rank))
+        with pytest.raises(ValueError, match=r"and LOCAL_WORLD_SIZE is not set"):
+            distributed.process_group("cuda")
+    # a GPU named by index needs neither: each process says which it takes
+    joined = []
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: joined.append(k))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    _launcher_env(monkeypatch, 1)
+    assert distributed.process_group("cuda:0") == Ranks(1, 2, 0) and len(joined) == 1

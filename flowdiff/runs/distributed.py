@@ -231,13 +231,27 @@ def process_group(device: torch.device | str = "cpu") -> Ranks:
 def _check_gpus(device: torch.device, local: int) -> None:
     """Refuse, on every rank alike and before the group is joined, a CUDA device that this machine cannot give each
     of its processes: no CUDA at all (nccl's own "Distributed package doesn't have NCCL built in" said nothing of the
-    device), or more processes here (torchrun's ``LOCAL_WORLD_SIZE``) than GPUs for ``cuda`` without an index."""
+    device), or more processes here (torchrun's ``LOCAL_WORLD_SIZE``) than GPUs for ``cuda`` without an index.
+
+    ``cuda`` without an index is ``cuda:LOCAL_RANK``, which needs ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE``: torchrun
+    sets both; a launcher that sets only ``WORLD_SIZE`` and ``RANK`` (srun, mpirun) does not, and the count of
+    processes per machine taken as ``LOCAL_RANK + 1`` in their place passed rank 0 and refused rank 1 of one job,
+    leaving rank 0 waiting to join. Their absence is refused instead, alike on every rank that lacks them."""
     if not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r}: CUDA is not available in this torch build or on this machine, so "
                          "the processes cannot work on it (nccl); give device 'cpu' to run them on the CPU (gloo)")
+    if device.index is not None:
+        return
+    missing = [name for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE") if os.environ.get(name, "") == ""]
+    if missing:
+        raise ValueError(f"device 'cuda' with WORLD_SIZE={world_size()} takes one GPU per process, cuda:LOCAL_RANK, "
+                         f"and {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set in this "
+                         "process's environment (torchrun sets them; srun or mpirun set WORLD_SIZE and RANK alone): "
+                         "set LOCAL_RANK to the process's index on its machine and LOCAL_WORLD_SIZE to the number of "
+                         "processes on its machine, or give each process its GPU as device 'cuda:INDEX'")
     count = torch.cuda.device_count()
-    here = _env_int("LOCAL_WORLD_SIZE", local + 1)
-    if device.index is None and here > count:
+    here = _env_int("LOCAL_WORLD_SIZE", 1)
+    if here > count:
         raise ValueError(f"device 'cuda' under torchrun takes one GPU per process, and {here} processes run on this "
                          f"machine (LOCAL_WORLD_SIZE={here}) for its {count} CUDA device(s): start at most {count} "
                          "per machine (--nproc_per_node)")
