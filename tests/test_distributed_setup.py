@@ -17,6 +17,7 @@ import torch
 from _digit_files import write_digits
 
 import flowdiff
+from flowdiff.cli import main
 from flowdiff.runs import distributed
 from flowdiff.runs.distributed import Ranks
 
@@ -138,3 +139,32 @@ def test_device_cuda_without_local_world_size_is_decided_alike_on_every_rank(mon
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     _launcher_env(monkeypatch, 1)
     assert distributed.process_group("cuda:0") == Ranks(1, 2, 0) and len(joined) == 1
+
+
+def _inherited_env(monkeypatch) -> None:
+    """What a process started from inside torchrun's rank 1 of 2 inherits."""
+    for name, value in (("WORLD_SIZE", 2), ("RANK", 1), ("LOCAL_RANK", 1), ("LOCAL_WORLD_SIZE", 2),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500"), ("TORCHELASTIC_RUN_ID", "none")):
+        monkeypatch.setenv(name, str(value))
+
+
+@needs_digits
+def test_a_command_started_from_inside_a_torchrun_job_is_told_to_say_it_is_one_process(tmp_path, monkeypatch, capsys):
+    """A rank's script ran ``flowdiff sample`` as a subprocess, which inherits the rank's whole environment and was
+    refused as one of torchrun's processes, with no word of how to run it. Nothing in the environment tells such a
+    process from a rank (a rank can run flowdiff under a shell too), so the refusal says how: ``WORLD_SIZE=1``, with
+    which it runs as one process (and a ``--data`` run does not join the job's group) whatever else it inherited."""
+    import torch.distributed as dist
+
+    _inherited_env(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    code = main(["sample", "--num", "1", "--steps", "2", "--out", "s.png"])
+    err = capsys.readouterr().err
+    assert code == 2 and "WORLD_SIZE=2" in err and "start it with WORLD_SIZE=1 in its environment" in err, err
+    assert not (tmp_path / "s.png").exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("joined the job's group"))
+    assert main(["sample", "--num", "1", "--steps", "2", "--out", "s.png"]) == 0 and (tmp_path / "s.png").is_file()
+    write_digits(tmp_path / "data", ["a.png"])
+    assert main(["roundtrip", "--data", "data", "--out", "out", *ARGS]) == 0
+    assert (tmp_path / "out" / "results.csv").is_file()

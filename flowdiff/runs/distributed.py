@@ -203,7 +203,9 @@ def _env_int(name: str, default: int) -> int:
 def process_group(device: torch.device | str = "cpu") -> Ranks:
     """Join the processes ``torchrun`` started (once per process) and return this one's :class:`Ranks`.
 
-    Without ``WORLD_SIZE`` > 1 in the environment nothing is initialised: ``Ranks(0, 1)``. Under
+    Without ``WORLD_SIZE`` > 1 in the environment nothing is initialised: ``Ranks(0, 1)``, whatever else the
+    environment holds (``WORLD_SIZE=1`` is how a process started from inside a torchrun job, which inherits ``RANK``
+    and the rest, runs as one process: nothing in the environment tells it from a rank). Under
     ``torchrun`` the default group is ``gloo`` (every exchange here is of host objects), with ``nccl``
     for CUDA tensors beside it when ``device`` is CUDA; each rank then works on ``cuda:LOCAL_RANK``
     (see :func:`rank_device`).
