@@ -54,13 +54,21 @@ def _one_line_warning(command: str):
 
 def _check_split(args) -> None:
     """Under torchrun, only the commands that deal their work out over the processes run: any other would do the whole
-    job on every process (the same file written N times, the same lines printed N times)."""
+    job on every process (the same file written N times, the same lines printed N times).
+
+    A process started from inside a torchrun job (``subprocess.run(["flowdiff", "sample", ...])`` in a rank's script)
+    inherits the rank's whole environment — ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT`` — and
+    cannot be told from one of torchrun's processes by it (nor by its parent process: ``torchrun --no-python`` runs a
+    rank's flowdiff under a shell). ``WORLD_SIZE=1`` in its environment says it is one process, as outside torchrun:
+    the refusal says so."""
     world = world_size()
     splits = args.command == "compare" or (args.command in ("encode", "roundtrip") and args.data is not None)
     if world > 1 and not splits:
         raise UsageError(f"flowdiff {args.command} does not split its work over torchrun's processes (WORLD_SIZE="
                          f"{world}): every process would do all of it; run it as one process, or use a command that "
-                         "splits: compare, or encode/roundtrip with --data DIR")
+                         "splits: compare, or encode/roundtrip with --data DIR. A command started from inside a "
+                         "torchrun job inherits its WORLD_SIZE: start it with WORLD_SIZE=1 in its environment to run "
+                         "it as one process")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

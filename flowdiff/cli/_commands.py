@@ -239,23 +239,26 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
     from ..tools.compare import Reference, reference_solution
     from ..tools.reference import last_finite_sigma
 
-    _unused_compare_flags(args)
-    _learned.compare_flags(args)
-    if args.task == "roundtrip":
-        from ..models.pretrained import digits_data
+    # each rank's setup, ended by one exchange: a failure on one rank alone (one GPU out of memory while loading the
+    # model) is said on every rank, 'rank R of N failed: <why>', not met as gloo's closed connection in the next one
+    with ranks.together():
+        _unused_compare_flags(args)
+        _learned.compare_flags(args)
+        if args.task == "roundtrip":
+            from ..models.pretrained import digits_data
 
-        held_out = len(digits_data("test").images)
-        if args.batch > held_out:  # it was cut to them, and the report said --batch
-            raise UsageError(f"--batch {args.batch}: --task roundtrip encodes the held-out digits, of which there are "
-                             f"{held_out}; give --batch {held_out} or fewer")
-    # the reference is solved from the network as saved (copied to float64), the runs in --dtype
-    loaded, dtype, device = _setup(args, convert=False, batch=args.batch)
-    _untuned_calibration_seed(args, loaded)  # before --out is made: a refusal leaves nothing behind
-    run_flow = in_dtype(loaded.flow, dtype)
-    solvers = _learned.compare_solvers(args, run_flow, loaded.model_kwargs)  # each --learned file, read and checked
-    out = output_dir(args.out)
-    names = [*REPORT_FILES.values()] + ([ROUNDTRIP_FIGURE] if args.task == "roundtrip" else [])
-    plan([(out / name, "--out") for name in names], overwrite=args.overwrite)
+            held_out = len(digits_data("test").images)
+            if args.batch > held_out:  # it was cut to them, and the report said --batch
+                raise UsageError(f"--batch {args.batch}: --task roundtrip encodes the held-out digits, of which there "
+                                 f"are {held_out}; give --batch {held_out} or fewer")
+        # the reference is solved from the network as saved (copied to float64), the runs in --dtype
+        loaded, dtype, device = _setup(args, convert=False, batch=args.batch)
+        _untuned_calibration_seed(args, loaded)  # before --out is made: a refusal leaves nothing behind
+        run_flow = in_dtype(loaded.flow, dtype)
+        solvers = _learned.compare_solvers(args, run_flow, loaded.model_kwargs)  # each --learned file, read and checked
+        out = output_dir(args.out)
+        names = [*REPORT_FILES.values()] + ([ROUNDTRIP_FIGURE] if args.task == "roundtrip" else [])
+        plan([(out / name, "--out") for name in names], overwrite=args.overwrite)
     ref_path = out / "reference.safetensors"
     if args.task == "roundtrip":  # held-out digits (the shipped models' data) encoded and decoded back
         if args.peers:

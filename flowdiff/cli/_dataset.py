@@ -127,6 +127,33 @@ def _arguments(args: argparse.Namespace, fingerprint: str) -> dict[str, Any]:
 
 def run_dataset(args: argparse.Namespace, command: str) -> int:
     """One dataset run (see the module docstring); on every rank under ``torchrun``, rank 0 merging."""
+    ranks = process_group(args.device)
+    lock: _ds.FolderLock | None = None
+    try:
+        # each rank's setup (the folders, the model), ended by one exchange: a failure on one rank alone (one GPU out
+        # of memory, a file one machine cannot read) is said on every rank, 'rank R of N failed: <why>', where the
+        # others waited for it in their first exchange and met gloo's closed connection
+        with ranks.together():
+            folder, out = _folders(args, command)
+            if ranks.is_main:  # rank 0 holds OUT for the whole run
+                lock = _ds.FolderLock(out)
+                try:
+                    _make_folder(out)
+                    lock.acquire()
+                except (_ds.FolderBusy, OSError) as err:
+                    raise CommandError(one_line(err)) from None
+                if lock.took_over:
+                    print(f"note: {lock.took_over}")
+            setup = _setup(args, ranks)
+        return _run(args, command, folder, out, ranks, *setup)
+    finally:
+        if lock is not None:
+            lock.release()
+        close(ranks)
+
+
+def _folders(args: argparse.Namespace, command: str) -> tuple[_ds.ImageFolder, Path]:
+    """``--data`` walked and ``--out`` checked against it."""
     data = Path(args.data)
     out = output_dir(args.out)
     if data.exists() and not data.is_dir():  # "no such folder" for a file that is there sent users looking for it
@@ -144,25 +171,17 @@ def run_dataset(args: argparse.Namespace, command: str) -> int:
     if not folder.files:
         seen = ", ".join(_ds.printable(_ds.escaped_name(p)) for p, _ in folder.skipped[:3])
         raise CommandError(f"--data {args.data!r}: no image files" + (f" (skipped: {seen}, …)" if seen else ""))
-    ranks = process_group(args.device)
-    lock = _ds.FolderLock(out)
-    try:
-        problem = None
-        if ranks.is_main:  # rank 0 holds OUT for the whole run; every rank learns whether it could
-            try:
-                _make_folder(out)
-                lock.acquire()
-            except (_ds.FolderBusy, OSError) as err:
-                problem = one_line(err)
-        problem = ranks.broadcast(problem)
-        if problem is not None:
-            raise CommandError(problem)
-        if lock.took_over:
-            print(f"note: {lock.took_over}")
-        return _run(args, command, folder, out, ranks)
-    finally:
-        lock.release()
-        close(ranks)
+    return folder, out
+
+
+def _setup(args: argparse.Namespace, ranks: Ranks) -> tuple[Any, torch.dtype, torch.device, dict[str, Any]]:
+    """This rank's model on its device, and the arguments that define the run (for its manifest)."""
+    args.device = str(rank_device(args.device, ranks))
+    device_given = args.device
+    loaded, dtype, device = _commands._setup(args)
+    _commands._grid(args, loaded)  # --grid tuned without --nfe, or with none stored: refused before run.json is written
+    args.device = torch.device(device_given).type  # the manifest keeps the kind of device, not each rank's index
+    return loaded, dtype, device, _arguments(args, _commands.fingerprint(loaded))
 
 
 def _make_folder(out: Path) -> None:
@@ -230,44 +249,41 @@ def _missing(out: Path, command: str, save_latents: bool, folder: _ds.ImageFolde
     return missing
 
 
-def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: Path, ranks: Ranks) -> int:
-    args.device = str(rank_device(args.device, ranks))
-    device_given = args.device
-    loaded, dtype, device = _commands._setup(args)
-    _commands._grid(args, loaded)  # --grid tuned without --nfe, or with none stored: refused before run.json is written
-    args.device = torch.device(device_given).type  # the manifest keeps the kind of device, not each rank's index
-    arguments = _arguments(args, _commands.fingerprint(loaded))
+def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: Path, ranks: Ranks, loaded: Any,
+         dtype: torch.dtype, device: torch.device, arguments: dict[str, Any]) -> int:
     # rank 0 hashes the inputs and sends the manifest: N ranks would otherwise read the whole dataset N times (an
     # input it cannot read is said on every rank: 'rank 0 of N failed: ...', not a closed connection)
     man = ranks.from_main(lambda: _ds.manifest(command, arguments, folder))
     run = _ds.run_id(man)
     manifest_path = out / "run.json"
-    old = None
-    if manifest_path.exists() and not args.overwrite:
-        try:
-            old = _ds.read_manifest(manifest_path)
-        except ValueError as err:
-            raise CommandError(f"{one_line(err)}; pass --overwrite to start a new run there, or write elsewhere") \
-                from None
-        if "threads" not in old.get("arguments", {}) and "threads" in man["arguments"]:
-            # written before the thread count was recorded: resumed on its other arguments, as it was, under its
-            # own manifest (its batches' records carry that run's id)
-            unrecorded = {**man, "arguments": {k: v for k, v in man["arguments"].items() if k != "threads"}}
-            if _ds.difference(old, unrecorded) is None:
-                if ranks.is_main:
-                    say(f"note: --out {args.out!r} holds a run written before flowdiff recorded the CPU thread "
-                        f"count; it resumes with {man['arguments']['threads']} thread(s), and a batch it ran with "
-                        "another count may differ in its last bits")
-                man, run = unrecorded, _ds.run_id(unrecorded)
-        diff = _ds.difference(old, man)
-        if diff is not None:
-            raise UsageError(f"--out {args.out!r} holds a run with other arguments ({diff}); rerun with the same "
-                             "arguments to resume it, pass --overwrite to start over, or write elsewhere")
-    resume = old is not None
-    outputs = _outputs(command, args, folder, out)
-    plan(outputs, inputs=[folder.path(rel) for rel in folder.files], overwrite=resume or args.overwrite)
-    groups = _ds.batches(len(folder.files), args.batch_size or DEFAULT_BATCH)
-    ranks.barrier()  # every rank has read the old manifest before rank 0 replaces it
+    # every rank reads the old manifest and plans its outputs; the exchange that ends the block is also the barrier
+    # rank 0 waits at before it replaces the manifest, and a refusal on one rank alone is said on every rank
+    with ranks.together():
+        old = None
+        if manifest_path.exists() and not args.overwrite:
+            try:
+                old = _ds.read_manifest(manifest_path)
+            except ValueError as err:
+                raise CommandError(f"{one_line(err)}; pass --overwrite to start a new run there, or write elsewhere") \
+                    from None
+            if "threads" not in old.get("arguments", {}) and "threads" in man["arguments"]:
+                # written before the thread count was recorded: resumed on its other arguments, as it was, under its
+                # own manifest (its batches' records carry that run's id)
+                unrecorded = {**man, "arguments": {k: v for k, v in man["arguments"].items() if k != "threads"}}
+                if _ds.difference(old, unrecorded) is None:
+                    if ranks.is_main:
+                        say(f"note: --out {args.out!r} holds a run written before flowdiff recorded the CPU thread "
+                            f"count; it resumes with {man['arguments']['threads']} thread(s), and a batch it ran with "
+                            "another count may differ in its last bits")
+                    man, run = unrecorded, _ds.run_id(unrecorded)
+            diff = _ds.difference(old, man)
+            if diff is not None:
+                raise UsageError(f"--out {args.out!r} holds a run with other arguments ({diff}); rerun with the same "
+                                 "arguments to resume it, pass --overwrite to start over, or write elsewhere")
+        resume = old is not None
+        outputs = _outputs(command, args, folder, out)
+        plan(outputs, inputs=[folder.path(rel) for rel in folder.files], overwrite=resume or args.overwrite)
+        groups = _ds.batches(len(folder.files), args.batch_size or DEFAULT_BATCH)
 
     def begin() -> set[int]:
         """On rank 0: a new run's manifest written over what --overwrite removes; or the batches a resumed run
@@ -340,20 +356,17 @@ def _run(args: argparse.Namespace, command: str, folder: _ds.ImageFolder, out: P
 
 def _exchange_failures(ranks: Ranks, failure: Exception | None, forget: Callable[[], object]) -> None:
     """After the batches of every rank: raise ``failure`` on the rank it happened on and, on the others, a
-    ``CommandError`` saying which rank failed and why. A failing rank used to end at once, and the others then met a
-    closed connection (gloo's "Connection closed by peer"), or wrote into the folders its exit had just removed as
-    empty ("the folder ... does not exist"), reporting that instead of the cause. The batches recorded stay
-    recorded: a rerun resumes. ``forget`` (rank 0, a new run) removes the manifest if no batch wrote anything."""
-    said = ranks.all_gather(None if failure is None else one_line(failure))
-    failed = [(rank, text) for rank, text in enumerate(said) if text is not None]
-    if not failed:
-        return
-    if ranks.is_main:
-        forget()
-    if failure is not None:
-        raise failure
-    rank, text = failed[0]
-    raise CommandError(f"rank {rank} of {ranks.world_size} failed: {text}")
+    ``RuntimeError`` saying which rank failed and why (:meth:`~flowdiff.runs.distributed.Ranks.raise_failures`). A
+    failing rank used to end at once, and the others then met a closed connection (gloo's "Connection closed by
+    peer"), or wrote into the folders its exit had just removed as empty ("the folder ... does not exist"), reporting
+    that instead of the cause. The batches recorded stay recorded: a rerun resumes. ``forget`` (rank 0, a new run)
+    removes the manifest if no batch wrote anything."""
+    try:
+        ranks.raise_failures(failure)
+    except Exception:
+        if ranks.is_main:
+            forget()
+        raise
 
 
 def _forget_unstarted(out: Path, manifest_path: Path) -> None:

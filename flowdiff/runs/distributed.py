@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -136,6 +136,36 @@ class Ranks:
             return fn()
         return self.broadcast(self._main_only(fn))
 
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """A block that every rank leaves alike, ending in one exchange: where it raises on some ranks, each of those
+        raises its own error and every other rank a ``RuntimeError`` saying ``rank R of N failed: <why>`` (the first
+        rank that failed). For what each rank does on its own before an exchange — its setup: loading the model (one
+        GPU out of memory), reading a file one machine cannot read — which left the others waiting in their next
+        exchange for a rank that had gone, to end with gloo's "Connection closed by peer". The block must hold no
+        exchange of its own: a rank that failed before it would not be there. With one process, a plain block."""
+        failure = None
+        try:
+            yield
+        except Exception as err:  # said to the other ranks; an interrupt (KeyboardInterrupt) ends the job anyway
+            failure = err
+        self.raise_failures(failure)
+
+    def raise_failures(self, failure: Exception | None) -> None:
+        """Every rank's ``failure`` (or None) exchanged: the failing rank raises its own, the others a ``RuntimeError``
+        naming the first rank that failed and why. Every rank must call it (it is an exchange)."""
+        if not self.distributed:
+            if failure is not None:
+                raise failure
+            return
+        said = self.all_gather(None if failure is None else " ".join(str(failure).split()) or type(failure).__name__)
+        failed = [(rank, text) for rank, text in enumerate(said) if text]
+        if failure is not None:
+            raise failure
+        if failed:
+            rank, text = failed[0]
+            raise RuntimeError(f"rank {rank} of {self.world_size} failed: {text}")
+
     def _main_only(self, fn: Callable[[], T]) -> T | None:
         """``fn()`` on rank 0 and ``None`` on the others, once rank 0 is done; its failure is raised on every rank."""
         out, failure = None, None
@@ -173,7 +203,9 @@ def _env_int(name: str, default: int) -> int:
 def process_group(device: torch.device | str = "cpu") -> Ranks:
     """Join the processes ``torchrun`` started (once per process) and return this one's :class:`Ranks`.
 
-    Without ``WORLD_SIZE`` > 1 in the environment nothing is initialised: ``Ranks(0, 1)``. Under
+    Without ``WORLD_SIZE`` > 1 in the environment nothing is initialised: ``Ranks(0, 1)``, whatever else the
+    environment holds (``WORLD_SIZE=1`` is how a process started from inside a torchrun job, which inherits ``RANK``
+    and the rest, runs as one process: nothing in the environment tells it from a rank). Under
     ``torchrun`` the default group is ``gloo`` (every exchange here is of host objects), with ``nccl``
     for CUDA tensors beside it when ``device`` is CUDA; each rank then works on ``cuda:LOCAL_RANK``
     (see :func:`rank_device`).
@@ -201,13 +233,27 @@ def process_group(device: torch.device | str = "cpu") -> Ranks:
 def _check_gpus(device: torch.device, local: int) -> None:
     """Refuse, on every rank alike and before the group is joined, a CUDA device that this machine cannot give each
     of its processes: no CUDA at all (nccl's own "Distributed package doesn't have NCCL built in" said nothing of the
-    device), or more processes here (torchrun's ``LOCAL_WORLD_SIZE``) than GPUs for ``cuda`` without an index."""
+    device), or more processes here (torchrun's ``LOCAL_WORLD_SIZE``) than GPUs for ``cuda`` without an index.
+
+    ``cuda`` without an index is ``cuda:LOCAL_RANK``, which needs ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE``: torchrun
+    sets both; a launcher that sets only ``WORLD_SIZE`` and ``RANK`` (srun, mpirun) does not, and the count of
+    processes per machine taken as ``LOCAL_RANK + 1`` in their place passed rank 0 and refused rank 1 of one job,
+    leaving rank 0 waiting to join. Their absence is refused instead, alike on every rank that lacks them."""
     if not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r}: CUDA is not available in this torch build or on this machine, so "
                          "the processes cannot work on it (nccl); give device 'cpu' to run them on the CPU (gloo)")
+    if device.index is not None:
+        return
+    missing = [name for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE") if os.environ.get(name, "") == ""]
+    if missing:
+        raise ValueError(f"device 'cuda' with WORLD_SIZE={world_size()} takes one GPU per process, cuda:LOCAL_RANK, "
+                         f"and {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set in this "
+                         "process's environment (torchrun sets them; srun or mpirun set WORLD_SIZE and RANK alone): "
+                         "set LOCAL_RANK to the process's index on its machine and LOCAL_WORLD_SIZE to the number of "
+                         "processes on its machine, or give each process its GPU as device 'cuda:INDEX'")
     count = torch.cuda.device_count()
-    here = _env_int("LOCAL_WORLD_SIZE", local + 1)
-    if device.index is None and here > count:
+    here = _env_int("LOCAL_WORLD_SIZE", 1)
+    if here > count:
         raise ValueError(f"device 'cuda' under torchrun takes one GPU per process, and {here} processes run on this "
                          f"machine (LOCAL_WORLD_SIZE={here}) for its {count} CUDA device(s): start at most {count} "
                          "per machine (--nproc_per_node)")
@@ -323,7 +369,7 @@ def compare(flow: ProbabilityFlow, noise: Tensor | None = None, *, ranks: Ranks 
                 mine.append((index, replace(part, images={}), list(part.images)))
     except Exception as err:  # said to the other ranks, which would otherwise meet a closed connection
         failure = err
-    _raise_failures(ranks, failure)
+    ranks.raise_failures(failure)
     parts = sorted((item for gathered in ranks.all_gather(mine) for item in gathered), key=lambda item: item[0])
     if [index for index, _, _ in parts] != list(range(len(jobs))):
         raise RuntimeError(f"the ranks returned runs {[i for i, _, _ in parts]} of {len(jobs)}; expected each once")
@@ -399,18 +445,6 @@ def _same_inputs(ranks: Ranks, flow: ProbabilityFlow, noise: Tensor | None, imag
                 raise ValueError(f"{name} on rank {rank} of {ranks.world_size} is not rank 0's: each rank runs its "
                                  "share of the table on what it is given, so every rank must pass the same (draw "
                                  "noise and images from one seed on every rank, load the same model)")
-
-
-def _raise_failures(ranks: Ranks, failure: Exception | None) -> None:
-    """Every rank's ``failure`` (or None) exchanged: the failing rank raises its own, the others a ``RuntimeError``
-    naming the first rank that failed and why."""
-    said = ranks.all_gather(None if failure is None else " ".join(str(failure).split()) or type(failure).__name__)
-    failed = [(rank, text) for rank, text in enumerate(said) if text]
-    if failure is not None:
-        raise failure
-    if failed:
-        rank, text = failed[0]
-        raise RuntimeError(f"rank {rank} of {ranks.world_size} failed: {text}")
 
 
 def _peers_on_main(result: Comparison, ranks: Ranks, flow: ProbabilityFlow, noise: Tensor | None,
