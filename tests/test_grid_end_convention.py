@@ -9,6 +9,7 @@ own schedulers are checked beside it."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -73,8 +74,9 @@ def test_encode_reads_x_at_the_grids_first_sigma(kind):
 @pytest.mark.parametrize("native", [True, False], ids=["sigma_field", "model"])
 @pytest.mark.parametrize("kind", SCHEDULES)
 def test_decode_of_encode_on_a_grid_ending_above_zero_converges_at_the_solvers_order(kind, native):
-    """Heun's round trip error falls as h²: a slope fit over three step counts (a convention mismatch is an error
-    that no refinement removes, slope ≈ 0)."""
+    """Heun's round trip error falls at least as h² (a slope fit over three step counts; it measures h³, the
+    encode's and decode's leading errors cancelling on this linear field): a convention mismatch is an error that
+    no refinement removes, slope ≈ 0."""
     _, flow = _gaussian(kind, native)
     x = _randn(2)
     steps, errors = [8, 16, 32], []
@@ -83,7 +85,7 @@ def test_decode_of_encode_on_a_grid_ending_above_zero_converges_at_the_solvers_o
         back = flowdiff.decode(flow, flowdiff.encode(flow, x, solver="heun", grid=grid).latent)
         errors.append(_err(back.x, x))
     slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
-    assert 1.8 <= slope <= 2.3, (errors, slope)
+    assert slope >= 1.8, (errors, slope)
     assert errors[-1] <= 1e-4
 
 
@@ -118,23 +120,28 @@ def _digits_grid(flow, n: int, end: float) -> np.ndarray:
     return np.geomspace(flow.schedule.sigma_max, end, n + 1)
 
 
-def test_shipped_digits_round_trip_on_a_grid_ending_above_zero():
-    """On the shipped digits model (float64 states): the reversible encode comes back to rounding, and rk4's round
-    trip on a grid ending at σ = 0.45 to its (small) discretisation error, not x·(√(1+σ²) − 1) ≈ 0.1·|x|."""
+def _digits64():
+    """The shipped digits model with its network in float64 (its float32 weights read the states at float32
+    precision, which no inverse step can undo exactly)."""
     flow = flowdiff.pretrained("digits")
+    return flow.with_model(copy.deepcopy(flow.model).double())
+
+
+def test_shipped_digits_round_trip_on_a_grid_ending_above_zero():
+    """On the shipped digits model in float64: the reversible encode comes back to rounding, and rk4's round trip on
+    a grid ending at σ = 0.45 to its discretisation error (8e-4 at 10 steps), not x·(√(1+σ²) − 1) ≈ 0.1·|x|."""
+    flow = _digits64()
     x = flowdiff.digits_data("test").images[:4].to(torch.float64)
-    grid = _digits_grid(flow, 12, S_END)
-    enc = flowdiff.encode(flow, x, solver="reversible_heun", grid=grid)
-    assert _err(flowdiff.decode(flow, enc.latent).x, x) <= 1e-10
-    fine = _digits_grid(flow, 40, S_END)
-    back = flowdiff.decode(flow, flowdiff.encode(flow, x, solver="rk4", grid=fine).latent)
-    assert _err(back.x, x) <= 1e-3 < 0.1 * float(x.abs().max())
+    enc = flowdiff.encode(flow, x, solver="reversible_heun", grid=_digits_grid(flow, 12, S_END))
+    assert _err(flowdiff.decode(flow, enc.latent).x, x) <= 1e-13
+    back = flowdiff.decode(flow, flowdiff.encode(flow, x, solver="rk4", grid=_digits_grid(flow, 10, S_END)).latent)
+    assert _err(back.x, x) <= 2e-3
 
 
 def test_shipped_digits_generate_at_sigma_end_is_alpha_times_the_continued_solve():
     """The digits model's generation stopped at σ_end > 0 hands back α(σ_end)·x̄: its x̄, continued to 0 by the same
     steps, is the full solve's image (the two solves share every step down to σ_end)."""
-    flow = flowdiff.pretrained("digits")
+    flow = _digits64()
     noise = torch.randn(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     grid = np.append(_digits_grid(flow, 10, S_END), 0.0)
     part = flowdiff.generate(flow, noise, solver="euler", grid=grid[:-1])
@@ -147,11 +154,15 @@ def test_shipped_digits_generate_at_sigma_end_is_alpha_times_the_continued_solve
 
 
 def _ddim(diffusers, config, steps):
+    """diffusers' DDIMScheduler on flowdiff's float64 ᾱ table (as the scheduler suite runs it), and that schedule."""
+    from flowdiff.models.diffusers_io import schedule_from_config
+
+    schedule, _ = schedule_from_config(config)
     sched = diffusers.DDIMScheduler.from_config(config)
     sched.set_timesteps(steps)
-    sched.alphas_cumprod = sched.alphas_cumprod.double()
-    sched.final_alpha_cumprod = sched.alphas_cumprod[0] if not config["set_alpha_to_one"] else torch.tensor(1.0)
-    return sched
+    sched.alphas_cumprod = torch.tensor(schedule.alphas_cumprod, dtype=torch.float64)
+    sched.final_alpha_cumprod = sched.alphas_cumprod[0]  # set_alpha_to_one=False: ᾱ_0
+    return sched, schedule
 
 
 def _net(dtype=torch.float64):
@@ -174,7 +185,7 @@ def test_generate_on_ddims_grid_with_set_alpha_to_one_false_is_diffusers_without
     config = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
               "beta_end": 0.012, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
     steps = 8
-    sched = _ddim(diffusers, config, steps)
+    sched, schedule = _ddim(diffusers, config, steps)
     model = _net()
     noise = _randn(6, 3)
     step_noise = [_randn(100 + i, 3) for i in range(steps)]
@@ -184,7 +195,7 @@ def test_generate_on_ddims_grid_with_set_alpha_to_one_false_is_diffusers_without
                        return_dict=False)[0]
     plan = scheduler_plan(config, steps)
     assert plan.sigmas[-1] > 0
-    flow = flowdiff.ProbabilityFlow(model, sched.alphas_cumprod).with_timesteps(plan.timesteps)
+    flow = flowdiff.ProbabilityFlow(model, schedule).with_timesteps(plan.timesteps)
     solver = flowdiff.Stochastic(eta, step_noise=step_noise) if eta else "euler"
     out = flowdiff.generate(flow, noise, solver=solver, grid=plan.sigmas)
     assert _err(out.x, x) <= 1e-12 * float(x.abs().max())
