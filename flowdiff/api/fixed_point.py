@@ -50,6 +50,7 @@ from torch import Tensor
 import solvers
 from solvers import Derivative, Solver, StepFailure, StepResult
 
+from ..engine.flow import from_model_scale
 from ..engine.formulations import Sigma, formulation_for
 from ..engine.grids import reversed_grid
 from ..engine.latent import Latent
@@ -347,8 +348,8 @@ def encode_fixed_point(request: Request, images: Tensor, spec: Inversion) -> Res
                                 eps_floor=max(torch.finfo(dtype).eps, torch.finfo(images.dtype).eps),
                                 tol_given=tol_given)
     sol = solve_grid(request.flow.field(request.model_kwargs, model_dtype), form, enc.tolist(), inverse,
-                     xbar0=images.to(dtype), callback=request.callback, check_finite=request.check_finite,
-                     bound=request.bound)
+                     xbar0=from_model_scale(request.flow, images.to(dtype), enc[0]), callback=request.callback,
+                     check_finite=request.check_finite, bound=request.bound)
     stats = sol.stats
     iters, residuals, unconverged = inverse.iterations, inverse.residuals, sorted(inverse.unconverged)
     sample_residuals = [] if inverse.sample_residuals is None else inverse.sample_residuals.cpu().tolist()

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from solvers import FixedGrid, ReversibleState, Solver
 
+from ..engine.flow import to_model_scale
 from ..engine.formulations import formulation_for
 from ..engine.grids import reversed_grid
 from ..engine.latent import Latent
@@ -71,5 +72,6 @@ def decode_reversible(request: Request, latent: Latent, *, adjoint: str = "autog
                      sigma0=float(enc[-1]), y0=x.to(**cast), state=state, callback=request.callback,
                      check_finite=request.check_finite, bound=request.bound,
                      adjoint=adjoint, params=params)
-    return Result(sol.xbar.to(latent.dtype), sol.stats, reversed_grid(enc), solver.name)
+    return Result(to_model_scale(request.flow, sol.xbar, float(enc[0])).to(latent.dtype), sol.stats,
+                  reversed_grid(enc), solver.name)
 

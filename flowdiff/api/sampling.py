@@ -29,7 +29,7 @@ from solvers import ReversibleHeun, Solver
 
 from ..engine import _checks
 from ..engine.adjoint import adjoint_for, refuse_adjoint
-from ..engine.flow import ProbabilityFlow, check_from_noise, refusing_mapped_field
+from ..engine.flow import ProbabilityFlow, check_from_noise, from_model_scale, refusing_mapped_field, to_model_scale
 from ..engine.formulations import encode_evaluates_end, formulation_for
 from ..engine.grids import reversed_grid
 from ..engine.latent import Latent
@@ -161,8 +161,10 @@ def _solve_fixed(request: Request, start: Tensor, sig: np.ndarray, direction: st
                  model_dtype: torch.dtype | None, eval_end: bool, adjoint: str = "autograd") -> FlowSolution:
     """The one fixed-grid solve of generate, encode and decode, in the variables the engine picks.
 
-    ``start`` is the VP-scaled state at ``sig[0]`` (noise, images at σ = 0, a latent's x_T), taken to
-    x̄ here; a grid from σ = ∞ starts from the noise itself with its boundary step (engine.terminal)."""
+    ``start`` is the state at ``sig[0]``, taken to x̄ here: noise or a latent's x_T at the DDIM scale x̄/√(1+σ²)
+    (generate, decode), images as the model's x = α(σ)·x̄ (encode: x̄ itself at σ = 0;
+    :func:`~flowdiff.engine.flow.from_model_scale`); a grid from σ = ∞ starts from the noise itself with its
+    boundary step (engine.terminal)."""
     flow, solver = request.flow, request.solver
     flow_for = getattr(solver, "flow_for", None)  # a method that feeds the model its own way (ddim_inverse)
     if flow_for is not None:
@@ -174,6 +176,8 @@ def _solve_fixed(request: Request, start: Tensor, sig: np.ndarray, direction: st
         check_from_noise(flow)  # before any evaluation: an epsilon model has no step out of σ = ∞
         eps = field_from_infinity(flow, eps, sig, request.model_kwargs, model_dtype)
         begin = {"y0": start.to(dtype)}
+    elif direction == "encode":
+        begin = {"xbar0": from_model_scale(request.flow, start.to(dtype), sig[0])}
     else:
         begin = {"xbar0": start.to(dtype) * math.sqrt(1.0 + sig[0] ** 2)}
     checking = request.check_finite or request.bound is not None
@@ -361,7 +365,9 @@ def generate(
 
     Fixed grids: ``steps`` on a named ``grid`` (``trailing``, ``leading``, ``linear``,
     ``quadratic``, ``karras``, ``logsnr``), explicit σ values ``grid=[...]`` (decreasing, ending
-    at 0), or ``grid=flowdiff.Grid(...)`` (timesteps, grid options, ``final_euler``). ``nfe=N``
+    at 0, or above it: the result is then the model's own variable x = α(σ_end)·x̄ there, VP's
+    x̄/√(1+σ²), as diffusers' DDIMScheduler with ``set_alpha_to_one=False`` returns it), or
+    ``grid=flowdiff.Grid(...)`` (timesteps, grid options, ``final_euler``). ``nfe=N``
     is the fixed-budget form: the step count is chosen so that ``stats.nfe`` is the largest
     count ≤ N that the solver's steps allow (exactly N for one-evaluation-per-step solvers;
     Heun with its Euler step into σ = 0 spends odd counts). With
@@ -448,7 +454,8 @@ def generate(
                            eval_end=not (grid_spec.euler_into_zero and sig[-1] == 0.0), adjoint=adjoint)
     except solvers.GridMismatch as err:
         raise _unfitted(err, solver_obj, "generate", _given(grid, steps, nfe), sig) from None
-    return _kept(saver, Result(sol.xbar.to(noise.dtype), sol.stats, sig, solver_obj.name))
+    return _kept(saver, Result(to_model_scale(flow, sol.xbar, sig[-1]).to(noise.dtype), sol.stats, sig,
+                               solver_obj.name))
 
 
 def encode(
@@ -470,7 +477,9 @@ def encode(
     """Encode images (model data scale, σ = 0) to DDIM-scale latents x_T along the reversed grid.
 
     The grid arguments mean what they mean for :func:`generate`; the encode runs that grid
-    backwards (0 → σ_max), so that decoding with the same arguments retraces it.
+    backwards (0 → σ_max), so that decoding with the same arguments retraces it. A grid whose
+    generation ends above 0 starts the encode there, reading ``images`` as what :func:`generate`
+    and :func:`decode` return at that σ: the model's x = α(σ)·x̄.
     ``solver="ddim_inverse"`` reproduces diffusers' DDIMInverseScheduler (see
     :mod:`flowdiff.api.ddim_inverse` for how it differs from the Euler encode). The result's
     ``latent`` carries the grid and solver for :func:`decode`.
@@ -573,7 +582,8 @@ def decode(
     """Decode a latent back to an image.
 
     A :class:`Latent` from :func:`encode` carries its grid and solver: the decode retraces
-    that grid with that solver (a ``ddim_inverse`` latent decodes with Euler, i.e. DDIM).
+    that grid with that solver (a ``ddim_inverse`` latent decodes with Euler, i.e. DDIM), to the
+    encode's first σ: above 0, the model's x = α(σ)·x̄ there, as the encode read it.
     The encode's own arguments are accepted — ``solver`` (a name, or an instance with the
     latent's options), ``steps``/``nfe``/``grid`` that build the latent's grid, explicit σ equal
     to the grid in either order — and only disagreements are refused, naming both values. A
@@ -701,4 +711,4 @@ def _decode_latent(flow: ProbabilityFlow, latent: Latent, *, solver, steps, nfe,
     model_dtype = latent.dtype if latent.dtype != dtype else None
     sol = _solve_fixed(request, x, sig, "decode", dtype=dtype, model_dtype=model_dtype,
                        eval_end=not (final_euler and own != "euler" and sig[-1] == 0.0), adjoint=adjoint)
-    return Result(sol.xbar.to(latent.dtype), sol.stats, sig, solver_obj.name)
+    return Result(to_model_scale(flow, sol.xbar, sig[-1]).to(latent.dtype), sol.stats, sig, solver_obj.name)

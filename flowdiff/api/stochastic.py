@@ -51,6 +51,7 @@ from solvers import Solver, StepResult
 
 from ..engine import _checks
 from ..engine._checks import check_seed
+from ..engine.flow import to_model_scale
 from ..engine.formulations import formulation_for
 from ..engine.loop import solve_grid
 from ..engine.options import SIGMA_HAT, Request, Stochastic, check_eta, compute_dtype
@@ -227,7 +228,7 @@ def generate_stochastic(request: Request, noise: Tensor, spec: Stochastic) -> Re
                      state=0, callback=request.callback, check_finite=request.check_finite, bound=request.bound)
     sol.stats.extra.update(eta=eta, noise_draws=source.draws)
     label = "ddim(sigma_hat)" if eta == SIGMA_HAT else f"ddim(eta={eta:g})"
-    return Result(sol.xbar.to(noise.dtype), sol.stats, sig, label)
+    return Result(to_model_scale(request.flow, sol.xbar, sig[-1]).to(noise.dtype), sol.stats, sig, label)
 
 
 register_plugin(Plugin("eta", "generate", "procedure", "the DDIM paper's generalized generative process (eta in "

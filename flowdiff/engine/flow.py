@@ -382,6 +382,19 @@ class ProbabilityFlow:
         return own(sigma, xbar) if own is not None else xbar - sigma * field(sigma, xbar)
 
 
+def to_model_scale(flow: ProbabilityFlow, xbar: Tensor, sigma: float) -> Tensor:
+    """The state a solve hands back at its grid's data end σ (a generation's or decode's last σ): the model's own
+    variable x = α(σ)·x̄ (VP: x̄/√(1+σ²); VE: x̄; flow matching: x̄/(1+σ)), as diffusers' DDIMScheduler with
+    ``set_alpha_to_one=False`` returns x at ᾱ_0; the image x̄ itself at σ = 0. :func:`from_model_scale` is its
+    inverse, how an encode reads its input there."""
+    return xbar if sigma == 0.0 else xbar * flow.schedule.alpha(float(sigma))
+
+
+def from_model_scale(flow: ProbabilityFlow, x: Tensor, sigma: float) -> Tensor:
+    """x̄ = x/α(σ) of the model's variable ``x`` at an encode's first σ (:func:`to_model_scale`'s inverse)."""
+    return x if sigma == 0.0 else x / flow.schedule.alpha(float(sigma))
+
+
 def check_from_noise(flow: ProbabilityFlow) -> None:
     """Refuse a flow that has no step out of σ = ∞ (:meth:`ProbabilityFlow.step_from_noise`): a σ-native field,
     an ``epsilon`` model (x̂₀ = (x − s·ε)/α is 0/0 at α = 0), ``velocity`` off a flow-matching schedule. Called

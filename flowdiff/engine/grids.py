@@ -146,7 +146,7 @@ def make_sigmas(
         if np.any(np.diff(s) >= 0):
             raise ValueError("sigmas must be strictly decreasing (a generation grid); encode reverses it itself")
         # A grid may stop above 0: diffusers' DDIMScheduler with set_alpha_to_one=False ends at σ_min
-        # (see flowdiff.engine.scheduler_grids); the result is then x̄ at that σ.
+        # (see flowdiff.engine.scheduler_grids); the result is then the model's x = α(σ)·x̄ at that σ.
         return s
     if timesteps is not None:
         t = real_values(timesteps, "timesteps")

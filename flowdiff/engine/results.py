@@ -31,7 +31,8 @@ class StepState(NamedTuple):
 
 @dataclass
 class Result:
-    """The outcome of generate/encode/decode: ``x`` (image, or latent x_T for encode), the
+    """The outcome of generate/encode/decode: ``x`` (image, or latent x_T for encode; at a grid's end above
+    σ = 0 the model's x = α(σ)·x̄ there, :func:`flowdiff.engine.flow.to_model_scale`), the
     statistics (``stats.nfe`` is the exact number of model evaluations), the σ grid used,
     for encode the :class:`Latent` that :func:`decode` takes back, and the states kept by
     ``save=flowdiff.Save(...)`` (``saved``: the callback's records there, in step order)."""

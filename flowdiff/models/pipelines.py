@@ -28,7 +28,7 @@ import solvers
 
 from ..api.sampling import Result, encode, generate
 from ..engine._checks import check_data_range
-from ..engine.flow import ProbabilityFlow
+from ..engine.flow import ProbabilityFlow, from_model_scale
 from ..engine.formulations import prefer_variables
 from ..engine.grids import _check_steps, reversed_grid
 from ..engine.plugins import Plugin, register_plugin
@@ -832,9 +832,9 @@ def sample_like(flow: ProbabilityFlow, noise: Tensor, scheduler: object = None, 
     else:
         x_T = noise / _model_per_ddim(schedule, sigma0)
     res = generate(run_flow, x_T, solver=solver, grid=grid, model_kwargs=model_kwargs, **generate_kwargs)
-    if end == 0 or plan.state == "sigma":
+    if end == 0 or plan.state == "model":  # generate's x at σ_end is the model's α·x̄, the scheduler's sample
         return res
-    return dataclasses.replace(res, x=res.x * schedule.alpha(end))
+    return dataclasses.replace(res, x=from_model_scale(flow, res.x, end))  # Euler's sample: x̄ itself
 
 
 def encode_like(flow: ProbabilityFlow, images: Tensor, scheduler: object = None, steps: int | None = None, *,
@@ -872,6 +872,6 @@ def encode_like(flow: ProbabilityFlow, images: Tensor, scheduler: object = None,
     # DDIMInverse feeds its own integer timesteps at the grid's levels; the ddim_inverse method feeds each
     # step's target timestep at its source level (flowdiff.api.ddim_inverse)
     run_flow = flow.with_timesteps(dict(zip(grid[1:].tolist(), ts.astype(float).tolist())))
-    # encode takes its input as the VP-scaled sample at the grid's first level (x̄ = x·√(1+σ_min²))
+    # encode takes its input as the model's sample at the grid's first level (VP: x̄ = x·√(1+σ_min²))
     return encode(run_flow, images, solver="ddim_inverse", grid=reversed_grid(grid), model_kwargs=model_kwargs,
                   **encode_kwargs)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 import solvers as _solvers
 
-from ..engine.flow import ProbabilityFlow
+from ..engine.flow import ProbabilityFlow, from_model_scale
 from ..engine.options import Checks
 from ..engine.scheduler_grids import schedule_from_config, with_defaults
 from ..models.pipelines import INVERTED_SCHEDULERS, sample_like, scheduler_plan
@@ -139,10 +139,10 @@ def _sample_continuous(flow: ProbabilityFlow, noise: Tensor, plan: Any) -> Any:
     sigma0 = float(plan.sigmas[0])
     x_T = noise if plan.state == "model" else noise * plan.init_noise_sigma / math.sqrt(1 + sigma0 ** 2)
     solver = _solvers.get(plan.solver, **plan.solver_options) if plan.solver_options else plan.solver
-    res = generate(flow, x_T, solver=solver, grid=plan.sigmas)
+    res = generate(flow, x_T, solver=solver, grid=plan.sigmas)  # at σ_end > 0: the model's α·x̄, DDIM's sample
     end = float(plan.sigmas[-1])
-    if end and plan.state == "model":
-        res.x.mul_(flow.schedule.alpha(end))
+    if end and plan.state == "sigma":  # Euler's sample: x̄ itself
+        res.x.copy_(from_model_scale(flow, res.x, end))
     return res
 
 
