@@ -211,3 +211,24 @@ def test_a_one_step_solve_whose_only_step_is_euler_takes_the_solvers_own_state()
     solve(field, first.y, TS[2:4], "heun", state=first.state, eval_end=False)
     with pytest.raises(ValueError, match="^state was made by 'rk4', not by solver 'heun'"):
         solve(field, first.y, TS[2:4], "heun", state=solve(field, y, TS[:3], "rk4").state, eval_end=False)
+
+
+def test_wrapped_and_corrected_methods_take_their_base_methods_states():
+    """Shifted and Scaled step with their base method, whose states they carry; CorrectedAdams records its own."""
+    steps = list(zip(TS, TS[1:]))
+    y = y0()
+    for wrap in (lambda s: solvers.Shifted(s, dict.fromkeys(steps, 0.1)),
+                 lambda s: solvers.Scaled(s, dict.fromkeys(steps, 0.1))):
+        whole = solve(field, y, TS, wrap(solvers.get("lms")))
+        first, second = halves(wrap(solvers.get("lms")))
+        assert torch.equal(second.y, whole.y) and first.state.made_by == "lms(order=4)"
+        with pytest.raises(ValueError, match=r"^state was made by 'ipndm\(order=4\)', not by solver 'lms'"):
+            solve(field, first.y, TS[MID:], wrap(solvers.get("lms")), state=halves(solvers.get("ipndm"))[0].state)
+    coefficients = {step: (0.5,) if i >= 2 else () for i, step in enumerate(steps)}  # (the first have no term)
+    corrected = solvers.CorrectedAdams(solvers.get("lms", order=2), coefficients)
+    whole = solve(field, y, TS, corrected)
+    first, second = halves(corrected)
+    assert torch.equal(second.y, whole.y)
+    assert first.state.made_by == corrected.state_maker == "lms+corrected(base='lms(order=2)', terms=1)"
+    with pytest.raises(ValueError, match=r"^state was made by 'lms\(order=2\)', not by solver 'lms\+corrected'"):
+        solve(field, first.y, TS[MID:], corrected, state=halves(solvers.get("lms", order=2))[0].state)
