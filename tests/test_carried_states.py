@@ -232,3 +232,12 @@ def test_wrapped_and_corrected_methods_take_their_base_methods_states():
     assert first.state.made_by == corrected.state_maker == "lms+corrected(base='lms(order=2)', terms=1)"
     with pytest.raises(ValueError, match=r"^state was made by 'lms\(order=2\)', not by solver 'lms\+corrected'"):
         solve(field, first.y, TS[MID:], corrected, state=halves(solvers.get("lms", order=2))[0].state)
+
+
+def test_a_state_left_by_a_lower_order_last_step_continues_its_solver():
+    """dpmpp_2m(lower_order_final=True) takes its last step with its first-order form: the state it leaves is still
+    the solver's to continue."""
+    solver = solvers.get("dpmpp_2m", lower_order_final=True)
+    first = solve(field, y0(), TS[: MID + 1], solver)
+    assert first.state.made_by == solver.state_maker
+    assert solve(field, first.y, TS[MID:], solver, state=first.state).stats.nfe == len(TS) - 1 - MID
