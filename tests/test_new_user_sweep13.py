@@ -337,7 +337,7 @@ def test_a_reversible_state_undone_by_another_solver_is_refused():
 
 #: the test files of solvers/ alone (they import no flowdiff)
 SOLVERS_TESTS = ("tests/test_solvers.py", "tests/test_reversible.py", "tests/test_solver_promises.py",
-                 "tests/test_newton.py", "tests/test_new_user_sweep13.py")
+                 "tests/test_newton.py", "tests/test_new_user_sweep13.py", "tests/test_carried_states.py")
 _WITHOUT_FLOWDIFF = "import sys; sys.modules['flowdiff'] = None  # `import flowdiff` now fails, as if deleted\n"
 
 
