@@ -18,10 +18,15 @@ VectorField = Callable[[float, Tensor], Tensor]
 
 
 class Derivative(NamedTuple):
-    """``k = f(t, y)`` already evaluated at the start of the next step (reused, not recomputed)."""
+    """``k = f(t, y)`` already evaluated at the start of the next step (reused, not recomputed).
+
+    ``made_by`` is the :attr:`Solver.state_maker` of the solver whose step made it (``None``: made by the loop, or
+    built by hand), so that a solve given it as ``state=`` refuses it unless it made it.
+    """
 
     t: float
     k: Tensor
+    made_by: str | None = None
 
 
 @dataclass(slots=True)
@@ -49,6 +54,12 @@ class Solver(abc.ABC):
     ``reversible`` (each step has an exact algebraic inverse, :meth:`unstep`),
     ``evaluates_end`` (a step evaluates ``f`` at ``t1``), ``uses_initial_state`` (a step reads the
     ``y0`` its solve's :meth:`init` was given, so a step cannot be recomputed apart from its solve).
+
+    ``state_type`` is the type of the carried state the solver makes and takes back as a solve's ``state=``
+    (:class:`Derivative`, :class:`~solvers.History`, :class:`~solvers.ReversibleState`); the state records the
+    solver's :attr:`state_maker` (``made_by``), and :meth:`check_carried` refuses, before the first step, a state
+    of another type, one made by another solver or configuration, or one whose time, shape or dtype does not fit
+    the solve. ``None`` (a solver of one's own that declares nothing): its states reach its steps unchecked.
     """
 
     name: ClassVar[str] = ""
@@ -58,6 +69,42 @@ class Solver(abc.ABC):
     reversible: ClassVar[bool] = False
     evaluates_end: ClassVar[bool] = False
     uses_initial_state: ClassVar[bool] = False
+    state_type: ClassVar[type | None] = None
+
+    def maker_options(self) -> str:
+        """The options that change what this solver's carried state holds or means, as ``"(order=4)"`` (``""``
+        for none): with the name they make :attr:`state_maker`."""
+        return ""
+
+    @property
+    def state_maker(self) -> str:
+        """What a carried state made by this solver records of it (``made_by``): its name and the options that
+        change what the state holds or means, e.g. ``"lms(order=4)"``, ``"reversible(base='euler',
+        coupling=0.999)"``. A solve refuses a ``state=`` recorded as made by another."""
+        return self.name + self.maker_options()
+
+    def check_carried(self, state: Any, t0: float, y0: Tensor, t1: float | None = None, *,
+                      name: str = "state") -> None:
+        """Refuse ``state`` (the argument ``name`` of a solve from ``y0`` at ``t0`` towards ``t1``, ``None`` where
+        unknown) unless it is ``None`` (a fresh start) or a carried state this solver can continue: of its
+        ``state_type`` exactly, not recorded as made by another solver (:attr:`state_maker`), and, as a subclass
+        checks, of the solve's time, shape, dtype and direction. A ``TypeError`` for another type, a ``ValueError``
+        otherwise, each naming the argument, what it got and what this solver takes. A solver without a
+        ``state_type`` takes any state."""
+        expected = self.state_type
+        if state is None or expected is None:
+            return
+        if type(state) is not expected:
+            made = getattr(state, "made_by", None)
+            got = type(state).__name__ + (f" made by {made!r}" if isinstance(made, str) else "")
+            raise TypeError(f"{name} must be None (a fresh start) or the carried state solver {self.name!r} makes, a "
+                            f"solvers.{expected.__name__} recorded as made by {self.state_maker!r}; got a {got}: a "
+                            "state continues only the solver that made it")
+        made = getattr(state, "made_by", None)
+        if made is not None and made != self.state_maker:
+            raise ValueError(f"{name} was made by {made!r}, not by solver {self.name!r} ({self.state_maker!r}): a "
+                             f"carried state continues only the solver and options that made it; continue with "
+                             f"{made!r}, or pass {name}=None for a fresh start")
 
     def init(self, f: VectorField, t0: float, y0: Tensor) -> Any:
         """The carried state before the first step (``None`` unless a solver needs one)."""
@@ -96,6 +143,21 @@ class Solver(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, order={self.order})"
+
+
+def check_carried_tensor(v: object, y0: Tensor, what: str) -> None:
+    """A tensor of a carried state (``what``, e.g. ``"state.k"``) fits the solve's ``y0``: a tensor of its shape,
+    dtype and device (another shape broadcast, another dtype promoted the solve's state, without a word)."""
+    if not isinstance(v, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(v).__name__}")
+    if v.shape != y0.shape:
+        raise ValueError(f"{what} has shape {tuple(v.shape)}, the solve's y0 has shape {tuple(y0.shape)}: the state "
+                         "belongs to another solve")
+    if v.dtype != y0.dtype:
+        raise TypeError(f"{what} is {v.dtype}, the solve's y0 is {y0.dtype}: the state belongs to another solve "
+                        "(convert both to one dtype)")
+    if v.device != y0.device:
+        raise ValueError(f"{what} is on {v.device}, the solve's y0 on {y0.device}: move the state with it")
 
 
 class Shifted(Solver):
@@ -137,7 +199,7 @@ class Shifted(Solver):
         self.base = base
         self.shifts = table
         self.name = name or f"{base.name}+shifted"  # type: ignore[misc]
-        for attr in ("order", "adaptive", "multistep", "evaluates_end", "uses_initial_state"):
+        for attr in ("order", "adaptive", "multistep", "evaluates_end", "uses_initial_state", "state_type"):
             setattr(self, attr, getattr(base, attr))
         for attr in ("steps_order", "fixed_grid_order", "error_order"):
             if hasattr(base, attr):
@@ -159,6 +221,14 @@ class Shifted(Solver):
 
     def init(self, f: VectorField, t0: float, y0: Tensor) -> Any:
         return self.base.init(f, t0, y0)
+
+    @property
+    def state_maker(self) -> str:  # the base's steps make the carried states
+        return self.base.state_maker
+
+    def check_carried(self, state: Any, t0: float, y0: Tensor, t1: float | None = None, *,
+                      name: str = "state") -> None:
+        self.base.check_carried(state, t0, y0, t1, name=name)
 
     def step_cost(self, t0: float, state: Any) -> int | None:
         return self.base.step_cost(t0, state)
@@ -285,7 +355,7 @@ class Scaled(Solver):
         self.depth = max((len(c) for c in past.values() if any(x != 0.0 for x in c)), default=0)
         self.uses_initial_state = any(w != 0.0 for w in weights.values()) or self.depth > 0  # type: ignore[misc]
         self.name = name or f"{base.name}+scaled"  # type: ignore[misc]
-        for attr in ("order", "adaptive", "multistep", "evaluates_end"):
+        for attr in ("order", "adaptive", "multistep", "evaluates_end", "state_type"):
             setattr(self, attr, getattr(base, attr))
         for attr in ("steps_order", "fixed_grid_order", "error_order"):
             if hasattr(base, attr):
@@ -314,6 +384,14 @@ class Scaled(Solver):
         if self.uses_initial_state:
             self._starts.record(f, y0)
         return self.base.init(f, t0, y0)
+
+    @property
+    def state_maker(self) -> str:  # the base's steps make the carried states
+        return self.base.state_maker
+
+    def check_carried(self, state: Any, t0: float, y0: Tensor, t1: float | None = None, *,
+                      name: str = "state") -> None:
+        self.base.check_carried(state, t0, y0, t1, name=name)
 
     def step_cost(self, t0: float, state: Any) -> int | None:
         return self.base.step_cost(t0, state)

@@ -710,8 +710,11 @@ def integrate(
     """Integrate ``dy/dt = f(t, y)`` from ``y0`` with ``solver``, the steps placed by ``stepping``.
 
     ``state`` seeds the solver's carried state (e.g. a reversible solver's second variable;
-    for an inverse run, its state at the grid's end). ``max_nfe`` is a hard bound on the
-    evaluations: a step whose cost (:meth:`Solver.step_cost`) would pass it is not taken, and an
+    for an inverse run, its state at the grid's end): ``None`` is a fresh start; otherwise the solver must have
+    made it (:meth:`Solver.check_carried`: its ``state_type``, recorded maker, time, shape, dtype and direction), or
+    it is refused before any evaluation (unless the first step has a method of its own that declares no
+    ``state_type``, such as a step out of an infinite end: the state is that method's). ``max_nfe`` is a hard
+    bound on the evaluations: a step whose cost (:meth:`Solver.step_cost`) would pass it is not taken, and an
     evaluation past it is never made; a :class:`SolveError` names that step and its time, with the
     partial statistics (a solve that needs exactly ``max_nfe`` evaluations finishes). Errors
     name the step and the time, shown as ``display(t)`` under ``time_name`` when given (a
@@ -810,6 +813,11 @@ def _loop(f: VectorField, y0: Tensor, solver: Solver, stepping: Stepping, state:
     if inverse and state is None:
         raise ValueError("an inverse run needs the solver's carried state at the grid's end (Solution.state of "
                          "the forward solve); without it the inverse is not defined")
+    if state is not None:  # refused before any evaluation unless the solver made it
+        first = run.plan[0] if run.plan else None
+        toward = first[1] if first is not None else None if interval is None else interval[1]
+        if first is None or first[2].state_type is not None:  # (else a first step of its own, e.g. out of t = ±inf)
+            solver.check_carried(state, run.t, y0, toward)
     if run.plan is not None and not inverse:  # a method fitted to other steps is refused before the first
         check_fitted(run.plan, time_name, display)
     y = y0

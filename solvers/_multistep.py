@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 from torch import Tensor
 
-from ._base import Derivative, Solver, StepResult, VectorField
+from ._base import Derivative, Solver, StepResult, VectorField, check_carried_tensor
 from ._registry import register
 
 # Gauss–Legendre nodes on [0, 1]: exact for the polynomial weights in linear time, and
@@ -103,14 +103,15 @@ _AB_EQUAL = (
 class History(Derivative):
     """The carried state of a multistep method: the newest derivative ``(t, k)`` as a
     :class:`Derivative` (so a following Runge–Kutta step reuses it), plus the older ones in
-    ``past`` (newest first, ``(t, k)`` pairs)."""
+    ``past`` (newest first, ``(t, k)`` pairs). Build one with :meth:`of`; ``made_by`` records the method that
+    made it (:attr:`Solver.state_maker`)."""
 
     # A NamedTuple subclass without __slots__ has an instance dict: ``past`` lives there.
     past: tuple[tuple[float, Tensor], ...]
 
     @classmethod
-    def of(cls, t: float, k: Tensor, past: tuple[tuple[float, Tensor], ...]) -> History:
-        h = cls(t, k)
+    def of(cls, t: float, k: Tensor, past: tuple[tuple[float, Tensor], ...], made_by: str | None = None) -> History:
+        h = cls(t, k, made_by)
         h.past = past
         return h
 
@@ -120,15 +121,36 @@ class History(Derivative):
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def _history_at(f: VectorField, t0: float, y0: Tensor, state: Any, keep: int) -> History:
+def _history_at(f: VectorField, t0: float, y0: Tensor, state: Any, keep: int, maker: str) -> History:
     """The history with ``k₀ = f(t₀, y₀)`` newest: reused when the state already holds it
-    (a corrector's evaluation, or a driver's first evaluation), evaluated otherwise."""
+    (a corrector's evaluation, or a driver's first evaluation), evaluated otherwise. A new one records ``maker``."""
     if isinstance(state, Derivative) and state.t == t0:
-        return state if isinstance(state, History) else History.of(state.t, state.k, ())
+        return state if isinstance(state, History) else History.of(state.t, state.k, (), maker)
     past: tuple[tuple[float, Tensor], ...] = ()
     if isinstance(state, History):
         past = ((state.t, state.k), *state.past)[: keep - 1]
-    return History.of(t0, f(t0, y0), past)
+    return History.of(t0, f(t0, y0), past, maker)
+
+
+def _check_history(solver: Solver, state: History, t0: float, y0: Tensor, t1: float | None, name: str) -> None:
+    """A multistep method's ``state=`` (of its type and maker, checked before): its derivatives of ``y0``'s shape and
+    dtype, and, where the solve's direction is known (towards ``t1``), none ahead of its start ``t0`` (the newest may
+    lie at ``t0``: a corrector's): a history of a solve the other way would be extrapolated from."""
+    past = getattr(state, "past", None)
+    if not isinstance(past, tuple) or not all(isinstance(p, tuple) and len(p) == 2 for p in past):
+        raise TypeError(f"{name} is a solvers.History without its older derivatives (past, a tuple of (t, k) pairs); "
+                        f"build one with History.of(t, k, past), got past={type(past).__name__}")
+    check_carried_tensor(state.k, y0, f"{name}.k")
+    for i, (_, k) in enumerate(past):
+        check_carried_tensor(k, y0, f"{name}.past[{i}]")
+    if t1 is None or t1 == t0:
+        return
+    times = [state.t, *(t for t, _ in past)]
+    ahead = [t for i, t in enumerate(times) if (t1 - t0) * (t0 - t) < 0 or (i > 0 and t == t0)]
+    if ahead:
+        raise ValueError(f"{name} holds derivatives at t={ahead}, ahead of the solve's start t={t0!r} in its "
+                         f"direction (towards t={t1!r}): solver {solver.name!r} extrapolates from the past of the "
+                         f"solve, so this state comes from a solve the other way (or another); pass {name}=None")
 
 
 def _combine(y0: Tensor, weights: Sequence[float], ks: Sequence[Tensor]) -> Tensor:
@@ -161,6 +183,7 @@ class Adams(Solver):
     """
 
     multistep: ClassVar[bool] = True
+    state_type: ClassVar[type | None] = History
 
     def __init__(self, name: str, order: int, *, log_time: bool = False, corrector: bool = False,
                  log_time_by_step: bool = False) -> None:
@@ -183,6 +206,21 @@ class Adams(Solver):
         self.fixed_grid_order = min(self.order, 3 if corrector else 2)
         #: ``(warp, t_from)`` of :meth:`warped`, or None
         self.warp: tuple[Callable[[np.ndarray], np.ndarray], float] | None = None
+        flags = "".join(f", {flag}=True" for flag, on in (("log_time", log_time), ("corrector", corrector),
+                                                             ("log_time_by_step", log_time_by_step)) if on)
+        #: what its carried states record of it (kept by its lower-order forms, :meth:`limited`, :meth:`on_interval`)
+        self._maker_options = f"(order={order}{flags})"
+
+    def maker_options(self) -> str:
+        return self._maker_options
+
+    def check_carried(self, state: Any, t0: float, y0: Tensor, t1: float | None = None, *,
+                      name: str = "state") -> None:
+        """:meth:`Solver.check_carried`, and the history's derivatives: of ``y0``'s shape and dtype, none ahead of
+        the solve's start in its direction (towards ``t1``)."""
+        super().check_carried(state, t0, y0, t1, name=name)
+        if state is not None:
+            _check_history(self, state, t0, y0, t1, name)
 
     def warped(self, warp: Callable[[np.ndarray], np.ndarray], t_from: float) -> Adams:
         """The same method with its derivatives interpolated in ``u = warp(t)`` (see :func:`adams_weights`)
@@ -216,6 +254,7 @@ class Adams(Solver):
         out = Adams(self.name, min(derivatives, self.steps_order), log_time=self.log_time, corrector=corrector,
                     log_time_by_step=self.log_time_by_step)
         out.warp = self.warp
+        out._maker_options = self._maker_options  # its states continue this method
         return out
 
     def on_interval(self, t0: float, t1: float) -> Adams:
@@ -248,7 +287,7 @@ class Adams(Solver):
         return min(held, self.steps_order)
 
     def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
-        hist = _history_at(f, t0, y0, state, self.steps_order)
+        hist = _history_at(f, t0, y0, state, self.steps_order, self.state_maker)
         ts, ks = hist.newest(self.steps_order)
         y_pred = _combine(y0, self._predict_weights(ts, t0, t1), ks)
         if not self.corrector:
@@ -257,7 +296,7 @@ class Adams(Solver):
         nodes = [t1, *ts]
         y1 = _combine(y0, adams_weights(nodes, t0, t1, log_time=self.log_time, warp=self._warp_for((*nodes, t0))),
                       [k1, *ks])
-        return StepResult(y1, History.of(t1, k1, tuple(zip(ts, ks))), y1 - y_pred)
+        return StepResult(y1, History.of(t1, k1, tuple(zip(ts, ks)), self.state_maker), y1 - y_pred)
 
 
 class DPMSolverPP2M(Adams):
@@ -287,7 +326,10 @@ class DPMSolverPP2M(Adams):
         super().__init__("dpmpp_2m", order, log_time=True)
         self.lower_order_final = lower_order_final
         #: the method of a fixed grid's last step, or None for this method's own
-        self.final_method: Solver | None = Adams("dpmpp_2m", 1, log_time=True) if lower_order_final else None
+        final = Adams("dpmpp_2m", 1, log_time=True) if lower_order_final else None
+        if final is not None:
+            final._maker_options = self._maker_options  # the state it leaves continues this method
+        self.final_method: Solver | None = final
 
     def warped(self, warp: Callable[[np.ndarray], np.ndarray], t_from: float) -> Adams:
         """Refused: this method's step is its own midpoint formula, not Adams weights through its nodes, so a
@@ -313,6 +355,7 @@ class IPNDM(Solver):
     on a fixed grid its first Euler step limits it to ``fixed_grid_order`` = 2."""
 
     multistep: ClassVar[bool] = True
+    state_type: ClassVar[type | None] = History
 
     def __init__(self, order: int = 4) -> None:
         if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
@@ -321,8 +364,17 @@ class IPNDM(Solver):
         self.order = order  # type: ignore[misc]
         self.fixed_grid_order = min(order, 2)
 
+    def maker_options(self) -> str:
+        return f"(order={self.order})"
+
+    def check_carried(self, state: Any, t0: float, y0: Tensor, t1: float | None = None, *,
+                      name: str = "state") -> None:
+        super().check_carried(state, t0, y0, t1, name=name)
+        if state is not None:
+            _check_history(self, state, t0, y0, t1, name)
+
     def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
-        hist = _history_at(f, t0, y0, state, self.order)
+        hist = _history_at(f, t0, y0, state, self.order, self.state_maker)
         _, ks = hist.newest(self.order)
         h = t1 - t0
         return StepResult(_combine(y0, [h * c for c in _AB_EQUAL[len(ks) - 1]], ks), hist, None)
@@ -351,6 +403,7 @@ class CorrectedAdams(Solver):
     """
 
     multistep: ClassVar[bool] = True
+    state_type: ClassVar[type | None] = History
 
     def __init__(self, base: Adams, coefficients: dict[tuple[float, float], Sequence[float]], *,
                  name: str | None = None) -> None:
@@ -389,6 +442,15 @@ class CorrectedAdams(Solver):
         out.base = inner
         return out
 
+    def maker_options(self) -> str:
+        return f"(base={self.base.state_maker!r}, terms={self.terms})"
+
+    def check_carried(self, state: Any, t0: float, y0: Tensor, t1: float | None = None, *,
+                      name: str = "state") -> None:
+        super().check_carried(state, t0, y0, t1, name=name)
+        if state is not None:
+            _check_history(self, state, t0, y0, t1, name)
+
     def fitted_steps(self) -> frozenset[tuple[float, float]]:
         return frozenset(self.coefficients)
 
@@ -407,7 +469,7 @@ class CorrectedAdams(Solver):
                              f"coefficients belong to the grid and direction they were fitted on (steps "
                              f"{sorted(self.coefficients)})")
         keep = self.base.steps_order + self.terms
-        hist = _history_at(f, t0, y0, state, keep)
+        hist = _history_at(f, t0, y0, state, keep, self.state_maker)
         ts, ks = hist.newest(keep)
         available = self.available_terms(len(ts))
         if len(cs) > available:
@@ -426,7 +488,7 @@ class CorrectedAdams(Solver):
             lo = adams_weights(ts[: used + m - 1], t0, t1, log_time=self.base.log_time) + [0.0]
             y1 = _combine(y1, [c * (a - b) for a, b in zip(hi, lo)], ks[: used + m])
         if self.base.corrector:  # the base kept only its own history: keep the longer one
-            new = History.of(t1, ks[0], tuple(zip(ts[1:], ks[1:]))[: keep - 1])
+            new = History.of(t1, ks[0], tuple(zip(ts[1:], ks[1:]))[: keep - 1], self.state_maker)
         else:
             new = hist
         return StepResult(y1, new, None)

@@ -49,7 +49,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._base import Solver, StepResult, VectorField
+from ._base import Solver, StepResult, VectorField, check_carried_tensor
 from ._registry import get, register
 
 
@@ -58,32 +58,36 @@ class ReversibleState(NamedTuple):
 
     ``z`` is the second variable (ŷ of reversible Heun, z of the reversible wrapper);
     ``k`` is ``f(t, z)`` when the method carries it (reversible Heun) and ``None`` otherwise.
-    Tensors and a float, so that it can be saved beside the main state.
+    ``made_by`` records the solver and options that made it (:attr:`Solver.state_maker`:
+    ``"reversible(base='euler', coupling=0.999)"``, ``"reversible_heun"``), so that another
+    configuration refuses to continue or undo it; ``None`` (a state rebuilt from its saved
+    tensors) is checked by its time, shape and dtype alone. Tensors, a float and a string, so
+    that it can be saved beside the main state.
     """
 
     t: float
     z: Tensor
     k: Tensor | None = None
+    made_by: str | None = None
 
 
-def _check_state(solver: Solver, state: Any, t: float, y: Tensor, *, needs_k: bool) -> ReversibleState:
-    if not isinstance(state, ReversibleState):
-        raise TypeError(f"solver {solver.name!r} needs a solvers.ReversibleState as its carried state, "
-                        f"got {type(state).__name__}")
+def _check_state(solver: Solver, state: Any, t: float, y: Tensor, *, needs_k: bool,
+                 name: str = "state") -> ReversibleState:
+    """The carried state a reversible ``solver`` continues or undoes from ``(t, y)``: a :class:`ReversibleState` it
+    made (or one that records no maker), at ``t``, its tensors of ``y``'s shape and dtype. Checked at the solve's
+    ``state=`` (:meth:`Solver.check_carried`, naming ``name``) and at every step."""
+    if state is None:
+        raise TypeError(f"{name} must be the solvers.ReversibleState solver {solver.name!r} made, got None")
+    Solver.check_carried(solver, state, t, y, name=name)
     if not needs_k and state.k is not None:
-        raise ValueError(f"solver {solver.name!r} carries no derivative, but the state holds one (state.k): it comes "
-                         "from another solver (reversible_heun carries f(t, z)); undo a solve with the solver that "
-                         "made it")
+        raise ValueError(f"{name} holds a derivative ({name}.k), which solver {solver.name!r} does not carry: it "
+                         "comes from another solver (reversible_heun carries f(t, z)); undo a solve with the solver "
+                         "that made it")
     if state.t != t:
-        raise ValueError(f"solver {solver.name!r}: the carried state is at t={state.t!r} but the step starts at "
-                         f"t={t!r}; the state belongs to another grid")
-    for name in ("z", "k") if needs_k else ("z",):
-        v = getattr(state, name)
-        if not isinstance(v, Tensor):
-            raise TypeError(f"solver {solver.name!r}: state.{name} must be a torch.Tensor, got {type(v).__name__}")
-        if v.shape != y.shape:
-            raise ValueError(f"solver {solver.name!r}: state.{name} has shape {tuple(v.shape)}, the state y has "
-                             f"{tuple(y.shape)}")
+        raise ValueError(f"{name} is at t={state.t!r}, but solver {solver.name!r} steps from t={t!r}: the state "
+                         "belongs to another grid")
+    for part in ("z", "k") if needs_k else ("z",):
+        check_carried_tensor(getattr(state, part), y, f"{name}.{part}")
     return state
 
 
@@ -121,6 +125,7 @@ class ReversibleHeun(Solver):
     order = 2
     reversible = True
     evaluates_end = True
+    state_type = ReversibleState
 
     def __init__(self, quantum: float | None = None) -> None:
         if quantum is not None:
@@ -129,6 +134,14 @@ class ReversibleHeun(Solver):
                 raise ValueError(f"quantum must be a power of two (e.g. 2**-40) or None, got {quantum!r}")
             quantum = float(quantum)
         self.quantum = quantum
+
+    def maker_options(self) -> str:
+        return "" if self.quantum is None else f"(quantum={self.quantum!r})"
+
+    def check_carried(self, state: Any, t0: float, y0: Tensor, t1: float | None = None, *,
+                      name: str = "state") -> None:
+        if state is not None:
+            _check_state(self, state, t0, y0, needs_k=True, name=name)
 
     def _grid(self, y: Tensor) -> Tensor:
         q = self.quantum
@@ -146,7 +159,7 @@ class ReversibleHeun(Solver):
         z0 = self._grid(y0)
         if self.quantum is not None:
             _check_quantum(self.quantum, y0, z0)
-        return ReversibleState(t0, z0, f(t0, z0))
+        return ReversibleState(t0, z0, f(t0, z0), self.state_maker)
 
     def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
         if state is None:
@@ -161,7 +174,7 @@ class ReversibleHeun(Solver):
             y1 = y0.add(s.k + k1, alpha=0.5 * h)
         else:
             y1 = y0.add(inc0, alpha=0.5).add_(self._increment(k1, h), alpha=0.5)
-        return StepResult(y1, ReversibleState(t1, z1, k1))
+        return StepResult(y1, ReversibleState(t1, z1, k1, self.state_maker))
 
     def unstep(self, f: VectorField, t0: float, t1: float, y1: Tensor, state1: Any) -> tuple[Tensor, ReversibleState]:
         """(y₁, z₁, k₁) at t₁ → (y₀, z₀, k₀) at t₀: z₀ = 2y₁ − z₁ − h k₁, k₀ = f(t₀, z₀), y₀ = y₁ − h/2 (k₀ + k₁)."""
@@ -175,7 +188,7 @@ class ReversibleHeun(Solver):
             y0 = y1.sub(k0 + s.k, alpha=0.5 * h)
         else:
             y0 = y1.sub(self._increment(k0, h), alpha=0.5).sub_(inc1, alpha=0.5)
-        return y0, ReversibleState(t0, z0, k0)
+        return y0, ReversibleState(t0, z0, k0, self.state_maker)
 
     def __repr__(self) -> str:
         return f"ReversibleHeun(quantum={self.quantum!r}, order=2)" if self.quantum else super().__repr__()
@@ -209,6 +222,7 @@ class Reversible(Solver):
     name = "reversible"
     reversible = True
     evaluates_end = True
+    state_type = ReversibleState
 
     def __init__(self, base: str | Solver = "euler", coupling: float = 0.999) -> None:
         base_solver = get(base)
@@ -224,13 +238,22 @@ class Reversible(Solver):
         self.coupling = float(coupling)
         self.order = base_solver.order  # type: ignore[misc]
 
+    def maker_options(self) -> str:
+        """The base method and the coupling: a state of one λ continued or undone with another is not this solve's."""
+        return f"(base={self.base.state_maker!r}, coupling={self.coupling!r})"
+
+    def check_carried(self, state: Any, t0: float, y0: Tensor, t1: float | None = None, *,
+                      name: str = "state") -> None:
+        if state is not None:
+            _check_state(self, state, t0, y0, needs_k=False, name=name)
+
     def _increment(self, f: VectorField, t0: float, t1: float, y: Tensor) -> Tensor:
         """Ψ_h(t₀, y): the base method's step from y minus y (no carried state: always recomputed)."""
         return self.base.step(f, t0, t1, y, None).y - y
 
     def init(self, f: VectorField, t0: float, y0: Tensor) -> ReversibleState:
         """z₀ = y₀ (no evaluation)."""
-        return ReversibleState(t0, y0)
+        return ReversibleState(t0, y0, None, self.state_maker)
 
     def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
         if state is None:
@@ -239,7 +262,7 @@ class Reversible(Solver):
         lam = self.coupling
         y1 = (y0 * lam).add_(s.z, alpha=1.0 - lam).add_(self._increment(f, t0, t1, s.z))
         z1 = s.z - self._increment(f, t1, t0, y1)
-        return StepResult(y1, ReversibleState(t1, z1))
+        return StepResult(y1, ReversibleState(t1, z1, None, self.state_maker))
 
     def unstep(self, f: VectorField, t0: float, t1: float, y1: Tensor, state1: Any) -> tuple[Tensor, ReversibleState]:
         """z₀ = z₁ + Ψ_{−h}(t₁, y₁);  y₀ = (y₁ − (1 − λ) z₀ − Ψ_h(t₀, z₀)) / λ."""
@@ -249,7 +272,7 @@ class Reversible(Solver):
         y0 = (y1 - self._increment(f, t0, t1, z0)).sub_(z0, alpha=1.0 - lam)
         if lam != 1.0:
             y0 = y0.div_(lam)
-        return y0, ReversibleState(t0, z0)
+        return y0, ReversibleState(t0, z0, None, self.state_maker)
 
     def __repr__(self) -> str:
         return f"Reversible(base={self.base.name!r}, coupling={self.coupling}, order={self.order})"

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
-from ._base import Derivative, Solver, StepResult, VectorField
+from ._base import Derivative, Solver, StepResult, VectorField, check_carried_tensor
 from ._tableau import ButcherTableau
 
 
@@ -39,7 +39,11 @@ class ExplicitRK(Solver):
     The carried state is a :class:`Derivative` ``f(t0, y0)`` when one is already known:
     the last stage of a first-same-as-last tableau, or the first stage of a step the
     adaptive driver rejected and retries from the same point. It is never recomputed.
+    A solve given a state (``state=``) takes a :class:`Derivative` this method made (:meth:`check_carried`);
+    a first-same-as-last method's must lie at the solve's start, where its end left it.
     """
+
+    state_type: ClassVar[type | None] = Derivative
 
     def __init__(self, name: str, tableau: ButcherTableau, order: int, *, error_order: int | None = None) -> None:
         if not isinstance(name, str) or not name:
@@ -75,6 +79,21 @@ class ExplicitRK(Solver):
         self._stages, self._fsal = tableau.stages, tableau.fsal
         self._a, self._b, self._c, self._b_error = tableau.a, tableau.b, tableau.c, tableau.b_error
 
+    def check_carried(self, state: Any, t0: float, y0: Tensor, t1: float | None = None, *,
+                      name: str = "state") -> None:
+        """:meth:`Solver.check_carried`, and its derivative of ``y0``'s shape and dtype; a first-same-as-last
+        method's at ``t0`` (it holds ``f`` where the solve that made it ended). The state of a method that is not
+        first-same-as-last holds the first stage of its last step, which only a retried step reuses: at another time
+        it is taken and not used, as within a solve."""
+        super().check_carried(state, t0, y0, t1, name=name)
+        if state is None:
+            return
+        check_carried_tensor(state.k, y0, f"{name}.k")
+        if self._fsal and state.t != t0:
+            raise ValueError(f"{name} is at t={state.t!r}, but the solve starts at t={t0!r}: solver {self.name!r} "
+                             f"carries f where its solve ended; continue from there (t={state.t!r}), or pass "
+                             f"{name}=None")
+
     def step_cost(self, t0: float, state: Any) -> int:
         """Every stage is an evaluation, but the first when ``state`` already holds ``f(t0, y0)``."""
         return self._stages - (1 if isinstance(state, Derivative) and state.t == t0 else 0)
@@ -101,5 +120,6 @@ class ExplicitRK(Solver):
             y1 = lincomb(y0, h, b, ks)
         error = weighted_sum(h, self._b_error, ks) if self._b_error is not None else None
         # FSAL: the last stage is f(t1, y1). Otherwise keep f(t0, y0) for a retried step.
-        new_state = Derivative(t1, ks[-1]) if fsal else Derivative(t0, k1)
+        maker = self.state_maker
+        new_state = Derivative(t1, ks[-1], maker) if fsal else Derivative(t0, k1, maker)
         return StepResult(y1, new_state, error)

@@ -324,8 +324,11 @@ def test_a_reversible_state_undone_by_another_solver_is_refused():
     """Was: ``unsolve(f, y, ts, "reversible", state=<reversible_heun's state>)`` ran and returned a wrong y0."""
     ts = [0.0, 0.5, 1.0]
     sol = solvers.solve(oscillator, Y0, ts, "reversible_heun")
-    with pytest.raises(SolveError, match="carries no derivative, but the state holds one"):
+    with pytest.raises(ValueError, match="state was made by 'reversible_heun', not by solver 'reversible'"):
         solvers.unsolve(oscillator, sol.y, ts, "reversible", state=sol.state)
+    bare = solvers.ReversibleState(sol.state.t, sol.state.z, sol.state.k)  # rebuilt without its record (S17)
+    with pytest.raises(ValueError, match="state holds a derivative .*, which solver 'reversible' does not carry"):
+        solvers.unsolve(oscillator, sol.y, ts, "reversible", state=bare)
     back = solvers.unsolve(oscillator, sol.y, ts, "reversible_heun", state=sol.state)
     assert torch.allclose(back.y, Y0, rtol=0, atol=1e-15)
 
@@ -334,7 +337,7 @@ def test_a_reversible_state_undone_by_another_solver_is_refused():
 
 #: the test files of solvers/ alone (they import no flowdiff)
 SOLVERS_TESTS = ("tests/test_solvers.py", "tests/test_reversible.py", "tests/test_solver_promises.py",
-                 "tests/test_newton.py", "tests/test_new_user_sweep13.py")
+                 "tests/test_newton.py", "tests/test_new_user_sweep13.py", "tests/test_carried_states.py")
 _WITHOUT_FLOWDIFF = "import sys; sys.modules['flowdiff'] = None  # `import flowdiff` now fails, as if deleted\n"
 
 

@@ -163,14 +163,17 @@ def solve_grid(eps: EpsField, form: Formulation, sigmas: list[float], solver: So
     A grid from σ = ∞ starts from ``y0`` = the noise (the state there in every formulation) and
     ``eps`` extended to σ = ∞ (:func:`flowdiff.engine.terminal.field_from_infinity`); its first step
     is the grid's boundary step, counted, timed, called back and located by the loop like the others."""
+    if sigmas[0] == math.inf and y0 is None:
+        raise ValueError("a grid from σ = ∞ starts from the noise itself: give y0, not xbar0")
+    stepping = form.grid(sigmas, solver, eval_end=eval_end)
     if sigmas[0] == math.inf:
-        if y0 is None:
-            raise ValueError("a grid from σ = ∞ starts from the noise itself: give y0, not xbar0")
-        if state is None:  # the boundary step has its own method: no solver state (and no evaluation) at σ = ∞
+        boundary = stepping.methods.get(0)
+        if state is None and boundary is not None and boundary.state_type is None:
+            # the boundary step has its own method: no solver state (and no evaluation) at σ = ∞. Where the solver
+            # itself steps from there (flow matching's t = 1), it starts afresh: a solver refuses a state not its own
             state = _NO_STATE
-    return solve_flow(eps, form, form.grid(sigmas, solver, eval_end=eval_end), solver, sigma0=sigmas[0],
-                      xbar0=xbar0, y0=y0, state=state, callback=callback, check_finite=check_finite, bound=bound,
-                      adjoint=adjoint, params=params)
+    return solve_flow(eps, form, stepping, solver, sigma0=sigmas[0], xbar0=xbar0, y0=y0, state=state,
+                      callback=callback, check_finite=check_finite, bound=bound, adjoint=adjoint, params=params)
 
 
 class _NoState:
