@@ -35,3 +35,14 @@ def counting(flow):
         return field(xbar, sigma, **kwargs)
 
     return flowdiff.ProbabilityFlow.from_sigma_field(counted, flow.schedule), calls
+
+
+class Counted:
+    """A field that records every model evaluation and can be fingerprinted (it holds a tensor)."""
+
+    def __init__(self, flow):
+        self.inner, self.calls, self.tag = flow.sigma_field, [], torch.zeros(1)
+
+    def field(self, xbar, sigma, **kwargs):
+        self.calls.append(sigma)
+        return self.inner(xbar, sigma, **kwargs)

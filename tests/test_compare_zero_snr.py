@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _tiny_unet import tiny_unet
 
 import flowdiff
 from flowdiff import Schedule
@@ -141,10 +142,7 @@ def test_peers_are_refused_there_before_any_evaluation():
 @pytest.fixture(scope="module")
 def unet_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("zsnr_compare")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
+    unet = tiny_unet(diffusers)
     for prediction_type in ("v_prediction", "epsilon"):
         unet.save_pretrained(root / prediction_type / "unet")
         diffusers.DDIMScheduler(**ZERO_SNR, prediction_type=prediction_type).save_pretrained(

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from _closed_form import mixture, noise
+from _closed_form import Counted, mixture, noise
 
 import flowdiff
 from flowdiff.tools import learned as learned_module
@@ -34,17 +34,6 @@ def _fields(fit):
     out["sigmas"] = fit.sigmas.tolist()
     out["base_sigmas"] = None if fit.base_sigmas is None else fit.base_sigmas.tolist()
     return out
-
-
-class _Counted:
-    """A field that records every model evaluation and can be fingerprinted (it holds a tensor)."""
-
-    def __init__(self, flow):
-        self.inner, self.calls, self.tag = flow.sigma_field, [], torch.zeros(1)
-
-    def field(self, xbar, sigma, **kwargs):
-        self.calls.append(sigma)
-        return self.inner(xbar, sigma, **kwargs)
 
 
 def _swapped(cal):
@@ -153,7 +142,7 @@ def test_equal_starts_at_sigma_max_average_to_sigma_max_exactly(setting):
 
 def test_fitting_nfe_counts_both_folds_the_averages_solve_and_the_teacher_once():
     flow, cal = mixture(), noise(1, n=16)
-    counted = _Counted(flow)
+    counted = Counted(flow)
     counted_flow, calls = flowdiff.ProbabilityFlow.from_sigma_field(counted.field, flow.schedule), counted.calls
     flowdiff.reference_solution(counted_flow, cal, sigma_end=0.0, rtol=1e-7, atol=1e-7)  # the teacher, cached
     del calls[:]

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from _closed_form import mixture, noise
+from _closed_form import Counted, mixture, noise
 
 import flowdiff
 from flowdiff.tools import learned
@@ -24,17 +24,6 @@ def _same(a, b):
     return (a.kept, a.shifts, a.scales, a.directions, a.calibration_error, a.validation_error, a.fitting_nfe) == (
         b.kept, b.shifts, b.scales, b.directions, b.calibration_error, b.validation_error, b.fitting_nfe
     ) and np.array_equal(a.sigmas, b.sigmas)
-
-
-class _Counted:
-    """A field that records every model evaluation and can be fingerprinted (it holds a tensor)."""
-
-    def __init__(self, flow):
-        self.inner, self.calls, self.tag = flow.sigma_field, [], torch.zeros(1)
-
-    def field(self, xbar, sigma, **kwargs):
-        self.calls.append(sigma)
-        return self.inner(xbar, sigma, **kwargs)
 
 
 def test_a_threshold_no_sample_reaches_is_the_plain_fit_bit_for_bit_and_none_is_the_default():
@@ -98,7 +87,7 @@ def test_a_robust_fit_records_plain_rms_errors_and_its_cost_exactly(monkeypatch)
     is every model evaluation."""
     flow = mixture()
     cal = noise(1, n=16)
-    counted = _Counted(flow)
+    counted = Counted(flow)
     counted_flow, calls = flowdiff.ProbabilityFlow.from_sigma_field(counted.field, flow.schedule), counted.calls
     flowdiff.reference_solution(counted_flow, cal, sigma_end=0.0, rtol=1e-7, atol=1e-7)  # the teacher, cached
     del calls[:]

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _tiny_unet import tiny_unet
 
 import flowdiff
 from flowdiff.models.analytic import Gaussian, Mixture
@@ -56,20 +57,13 @@ def test_denoiser_round_trip_returns_the_flows_eps_below_the_floor(schedule):
         torch.testing.assert_close(back.eps(xbar, sigma), flow.eps(xbar, sigma), rtol=1e-12, atol=1e-12)
 
 
-def _tiny_unet(diffusers):
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
-                                 up_block_types=("UpBlock2D",) * 2, norm_num_groups=4).eval()
-
-
 @pytest.mark.parametrize("scheduler", ["EDMEulerScheduler", "ScoreSdeVeScheduler"])
 def test_a_ve_folder_is_refused_with_a_recipe_that_builds_its_flow_not_with_another_scheduler(tmp_path, scheduler):
     """The user with an EDM or score-SDE VE folder was told "pass scheduler= one of those" (DDIM, DDPM, ...):
     doing so reads a VE network as a VP ε model, another ODE without a word. The refusal now says how to build the
     flow on a VESchedule with the config's σ range, and the EDM recipe it gives is diffusers' EDMEulerScheduler loop."""
     diffusers = pytest.importorskip("diffusers")
-    unet = _tiny_unet(diffusers)
+    unet = tiny_unet(diffusers)
     unet.save_pretrained(tmp_path / "unet")
     sch = getattr(diffusers, scheduler)()
     sch.save_pretrained(tmp_path / "scheduler")

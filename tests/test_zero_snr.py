@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _tiny_unet import tiny_unet
 
 import flowdiff
 import solvers
@@ -26,10 +27,7 @@ ZERO_SNR = {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "
 @pytest.fixture(scope="module")
 def zero_snr(tmp_path_factory):
     root = tmp_path_factory.mktemp("zsnr")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
+    unet = tiny_unet(diffusers)
     unet.save_pretrained(root / "unet")
     diffusers.DDIMScheduler(**ZERO_SNR).save_pretrained(root / "scheduler")
     return unet, root / "unet"
