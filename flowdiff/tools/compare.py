@@ -26,7 +26,9 @@ A :class:`~flowdiff.LearnedSolver` in ``solvers=`` joins the table as ``learned(
 ``fitted`` (its own, ``learned.sigmas``) at the one budget it was fitted for (``learned.nfe``).
 
 ``peers=`` adds the samplers of diffusers and k-diffusion (:mod:`flowdiff.tools.peers`) as rows of
-the same table: same flow, noise, budgets and reference, their model calls counted the same way.
+the same table: same flow, noise, budgets and reference, their model calls counted the same way. On a
+flow-matching flow the reference starts at t = 1 (σ = ∞), where the noise is pure noise and diffusers'
+FlowMatch samplers start, and every run, flowdiff's from σ_max included, is measured against that solution.
 """
 
 from __future__ import annotations
@@ -468,7 +470,13 @@ def compare(
     step costs more than the budget is listed in ``skipped``. Every run is measured against
     one :func:`reference_solution` from the schedule's σ_max, the exact sample of this noise:
     grids that start lower (``leading``, ``linear``, ``quadratic`` read the noise as x_T at
-    a smaller σ) carry the error of that late start, as their users get it.
+    a smaller σ) carry the error of that late start, as their users get it. On a flow-matching
+    schedule the noise is the pure-noise sample at t = 1 (σ = ∞), where diffusers' FlowMatch samplers
+    start, and the reference is the exact solution from there (the boundary step out of pure noise, then the
+    adaptive solve; :func:`reference_solution`), so that a peer's row is its distance to the solution it
+    solves; flowdiff's runs still start where ``generate(grid=...)`` starts, at σ_max, and carry the error of
+    that start as their users get it (a flow without the step out of pure noise, such as a σ-native field,
+    keeps the reference from σ_max, and its FlowMatch peers are left out).
     ``progress=True`` shows a tqdm bar on stderr; a callable receives a short description
     before each run instead. ``reference`` supplies the reference instead of solving it
     (e.g. one kept on disk from an earlier run of the same model and noise); one solved for another
