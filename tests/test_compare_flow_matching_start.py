@@ -12,6 +12,7 @@ solution from t = 1 is known in closed form: x̄(σ) = μ + √(Σ + σ²)·nois
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -161,3 +162,21 @@ def test_a_flow_without_the_step_out_of_pure_noise_keeps_sigma_max():
     with pytest.raises(ValueError, match=r"sigma_start must be a finite number > 0, math.inf on a zero-terminal-SNR "
                                          r"or flow-matching schedule .*got inf"):
         flowdiff.reference_solution(vp, noise, sigma_start=math.inf, cache=False)
+
+
+def test_a_given_reference_from_a_finite_sigma_is_said_beside_the_flowmatch_peers():
+    """A reference from σ_max (given, or kept on disk by a flowdiff compare from before this change) is still taken,
+    and a warning says that the FlowMatch peers, which start at t = 1, are measured against another solution."""
+    flow, noise = _flow(), _noise(2, seed=3)
+    at_max = flowdiff.reference_solution(flow, noise, sigma_start=SCHEDULE.sigma_max, rtol=1e-7, atol=1e-7)
+    with pytest.warns(UserWarning, match=r"reference starts at σ=2997, and diffusers' FlowMatch Euler and FlowMatch "
+                                         r"Heun start from the noise at t = 1 .*reference_solution\(flow, noise\)"):
+        result = flowdiff.compare(flow, noise, solvers=["euler"], grids=["trailing"], nfe=[4], peers=["diffusers"],
+                                  reference=at_max)
+    assert result.reference is at_max and any(r.solver == "FlowMatch Euler" for r in result.runs)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        flowdiff.compare(flow, noise, solvers=["euler"], grids=["trailing"], nfe=[4], peers=["diffusers"],
+                         reference=flowdiff.reference_solution(flow, noise, rtol=1e-7, atol=1e-7))
+        flowdiff.compare(flow, noise, solvers=["euler"], grids=["trailing"], nfe=[4], reference=at_max)  # no peers
+    assert not [w for w in seen if "t = 1" in str(w.message)]

@@ -38,6 +38,7 @@ import io
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,7 @@ from .reference import (
     check_reference_from_infinity,
     check_tolerance,
     clear_reference_cache,
+    default_sigma_start,
     reference_solution,
 )
 
@@ -655,7 +657,9 @@ def run_peers(result: Comparison, flow: ProbabilityFlow, noise: Tensor, peers: I
     budgets = _check_budgets(budgets, "budgets")  # an int is one budget, as in compare(nfe=); each once, sorted
     result.unavailable.update({peer: why for peer in names if (why := _peers.unavailable(peer)) is not None})
     ref = result.reference
-    for sampler in _peers.default_samplers([p for p in names if p not in result.unavailable], flow):
+    samplers = _peers.default_samplers([p for p in names if p not in result.unavailable], flow)
+    _warn_another_start(ref, flow, samplers)
+    for sampler in samplers:
         for budget in budgets:
             if on_run is not None:
                 on_run(f"{sampler.source}: {sampler.name}/{sampler.grid}/NFE {budget}")
@@ -677,6 +681,19 @@ def run_peers(result: Comparison, flow: ProbabilityFlow, noise: Tensor, peers: I
                 result.images[(sampler.source, sampler.name, sampler.grid, budget)] = \
                     out.x[:keep_images].detach().cpu()
     return result
+
+
+def _warn_another_start(reference: Reference, flow: ProbabilityFlow, samplers: list[_peers.PeerSampler]) -> None:
+    """Warn where diffusers' FlowMatch samplers, which start from the noise at t = 1 (σ = ∞), are measured against a
+    reference from a finite σ (given as ``reference=``, or kept on disk by a ``flowdiff compare`` from before the
+    reference started at t = 1): their rows then hold the difference of the two starts besides their own error."""
+    at_one = sorted({s.name for s in samplers if s.left_out is None and s.target.startswith("FlowMatch")})
+    if at_one and math.isfinite(reference.sigma_start) and default_sigma_start(flow) == math.inf:
+        warnings.warn(f"reference starts at σ={reference.sigma_start:.6g}, and diffusers' {' and '.join(at_one)} start "
+                      "from the noise at t = 1 (σ = ∞): their rows hold the difference of the two starts besides their "
+                      "own error. The exact solution from t = 1 is reference_solution(flow, noise), its default on "
+                      "this flow-matching flow (flowdiff compare --fresh-reference solves it again)", UserWarning,
+                      stacklevel=4)  # compare's caller (run_peers called directly: its caller's caller)
 
 
 def _refuse_peers_from_infinity(flow: ProbabilityFlow, peers: list[str]) -> None:
