@@ -469,7 +469,8 @@ def reference_solution(
 #: x̄₁ = x̂₀ + σ₁·noise, is Euler's: x̄(σ₁) differs from it by about D₁/(2σ₁) (D₁ = lim σ·(x̂₀(σ) − x̂₀(∞)), of the
 #: data's variance), and the solve to the image shrinks that by about √var/σ₁, so the image is off by ≈ c/σ₁² with
 #: c ≲ 1 for data of unit scale. At the table's σ_max = 2997 (shift 3) that was 1.1e-8 on a closed-form Gaussian
-#: (2.7e-7 at shift 1, σ_max = 999), above a 1e-9 tolerance; at 1e6 it is below 1e-12. The model is fed
+#: (9.8e-8 at shift 1, σ_max = 999), above a 1e-9 tolerance; at 1e6 it is below 1e-12, for 169 evaluations more than
+#: from 2997 at 1e-9 (``benchmarks/RESULTS.md``, engineer F8). The model is fed
 #: t = T·σ/(1+σ) = T − 0.001 there, between its last trained level and the t = T its FlowMatch samplers feed.
 FLOW_MATCHING_BOUNDARY_SIGMA = 1e6
 
