@@ -359,7 +359,8 @@ def reference_solution(
     cache: bool = True,
     progress: bool = False,
 ) -> Reference:
-    """The high-accuracy image from ``noise`` (DDIM scale, x_T ~ N(0, I)), the limit the fixed grids converge to.
+    """The high-accuracy image from ``noise`` (DDIM scale, x_T ~ N(0, I)), the limit the fixed grids converge to (on a
+    flow-matching flow the exact solution from t = 1, where its FlowMatch samplers start; below).
 
     An adaptive float64 solve from σ_start (default: the schedule's σ_max; σ = ∞ where the noise is pure noise
     there, below) down to σ_end,
@@ -385,9 +386,8 @@ def reference_solution(
     the step's own error is below any tolerance), then the adaptive solve; ``sigma_start`` stays ∞. The fixed
     grids of ``generate`` start at σ_max, reading the noise as x̄ = noise·√(1+σ_max²), and differ from it by
     that start (``benchmarks/RESULTS.md``, engineer F8): ``sigma_start=flow.schedule.sigma_max`` is the solution
-    they converge to. A flow without the step (a
-    σ-native field, an ``epsilon`` model) has no t = 1: its default start stays σ_max, and ``sigma_start=math.inf``
-    is refused for it before any evaluation.
+    they converge to. A flow without the step (a σ-native field, an ``epsilon`` model) has no t = 1: its default
+    start stays σ_max, and ``sigma_start=math.inf`` is refused for it before any evaluation.
 
     The solve runs in τ = log σ (dx̄/dτ = σ·ε, steps relative in σ, where the image forms in
     the last few percent of the σ range) with the error measured in the image's scale
@@ -517,7 +517,8 @@ def check_reference_from_infinity(flow: ProbabilityFlow) -> None:
         reason = str(err).split("; ")[0].replace("where this grid starts", "where it starts")
         if flow.schedule.sigma_max < math.inf:  # flow matching, asked for sigma_start=math.inf
             raise ValueError(f"sigma_start=math.inf: the reference solution would start at flow matching's t = 1 "
-                             f"(σ = ∞) with the boundary step out of pure noise, and {reason}; accepted from σ = ∞: "
+                             f"(σ = ∞) with the boundary step out of pure noise, and {reason.split(', where')[0]}; "
+                             "accepted from σ = ∞: "
                              "a model(x_t, t) with prediction_type 'velocity', 'v_prediction' or 'sample'. For this "
                              "flow leave sigma_start out: it starts at the schedule's σ_max, where generate's grids "
                              "start") from None
