@@ -5,7 +5,8 @@ random centres in 64 dimensions, bandwidth 0.3), the schedule SD3's (``FlowMatch
 and the model is its exact velocity v = E[ε − x₀ | x_t] as a ``model(x, t)`` (T·t fed, x = x̄/(1+σ)), computed
 in float64 from the mixture's exact ε: v = (1+σ)·(ε(x̄, σ) − x), and at t = 1 (pure noise) x − E[x₀].
 Every row is measured against one float64 reference from the same evaluation noise
-(:func:`flowdiff.reference_solution`, dopri8, rtol = atol = 1e-10, from the schedule's σ_max), in one process:
+(:func:`flowdiff.reference_solution`, dopri8, rtol = atol = 1e-10, from t = 1 (σ = ∞, pure noise) since engineer F8;
+from the schedule's σ_max before), in one process:
 
 * flowdiff, tuned pick: ``flowdiff.tune`` of each solver in ``TUNED`` on calibration noise (seed + 1); at each
   NFE the solver whose tuned grid did best on the calibration noise, measured on the evaluation noise;
@@ -15,8 +16,9 @@ Every row is measured against one float64 reference from the same evaluation noi
   (FlowMatch Euler on its own, Karras, exponential and beta σ, FlowMatch Heun, DPM++ 2M and UniPC on flow σ) —
   each through its own loop, the best chosen on the evaluation noise itself;
 * the "start gap": FlowMatch Euler/Heun start at t = 1 (σ = ∞) from x = noise and DPM++/UniPC at their own first
-  σ from x = noise (x = x̄/(1+σ)), as their users run them, while the reference starts at σ_max from
-  x̄ = noise·√(1+σ_max²); the error of FlowMatch Heun at 1000 steps and UniPC at 300 bounds what that costs them.
+  σ from x = noise (x = x̄/(1+σ)), as their users run them, and the reference where its line says (flowdiff's named
+  and tuned grids start at σ_max from x̄ = noise·√(1+σ_max²)); the error of FlowMatch Heun at 1000 steps and UniPC at
+  300 bounds what a start other than the reference's costs them.
 
 Usage: python benchmarks/bench_flowmatch_peers.py [--batch 32] [--calibration 32] [--budgets 5,10,20]
 """
@@ -89,8 +91,8 @@ def main() -> None:
     for name, budget in (("FlowMatch Heun", 1999), ("UniPC flow", 300)):  # UniPC's timesteps repeat past ~300
         sampler = next(s for s in samplers if s.name == name)
         gap = rmse(peers.run(sampler, flow, noise, budget).x, ref.x)
-        print(f"start gap: {name} at NFE {budget} (its own start, x = noise) vs the reference (from σ_max, "
-              f"x̄ = noise·√(1+σ_max²)): RMSE {gap:.1e}")
+        print(f"start gap: {name} at NFE {budget} (its own start, x = noise) vs the reference (from "
+              f"σ={ref.sigma_start:g}): RMSE {gap:.1e}")
 
     rows = []
     for budget in budgets:

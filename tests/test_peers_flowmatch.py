@@ -229,7 +229,7 @@ def test_configs_the_flow_cannot_express_are_left_out_with_why():
 def test_run_peers_and_report_say_which_peer_set_ran(tmp_path):
     flow = _velocity_flow(use_dynamic_shifting=False, shift=2.0, stochastic_sampling=True)
     noise = _noise(2, 1, 4, 4, seed=6).double()
-    ref = flowdiff.Reference(noise, flow.schedule.sigma_max, 0.0, "none", 0.0, 0.0, 0, 0.0, 0.0)  # labels only
+    ref = flowdiff.Reference(noise, math.inf, 0.0, "none", 0.0, 0.0, 0, 0.0, 0.0)  # labels only, from t = 1
     result = run_peers(Comparison([], reference=ref), flow, noise, ["diffusers"], [2, 4])
     ran = {(r.solver, r.grid) for r in result.runs}
     assert ("UniPC flow", "flow sigmas, shift 2") in ran and ("DPM++ 2M flow", "flow sigmas, shift 2") in ran

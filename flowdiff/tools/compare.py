@@ -26,7 +26,9 @@ A :class:`~flowdiff.LearnedSolver` in ``solvers=`` joins the table as ``learned(
 ``fitted`` (its own, ``learned.sigmas``) at the one budget it was fitted for (``learned.nfe``).
 
 ``peers=`` adds the samplers of diffusers and k-diffusion (:mod:`flowdiff.tools.peers`) as rows of
-the same table: same flow, noise, budgets and reference, their model calls counted the same way.
+the same table: same flow, noise, budgets and reference, their model calls counted the same way. On a
+flow-matching flow the reference starts at t = 1 (σ = ∞), where the noise is pure noise and diffusers'
+FlowMatch samplers start, and every run, flowdiff's from σ_max included, is measured against that solution.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import io
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +65,7 @@ from .reference import (
     check_reference_from_infinity,
     check_tolerance,
     clear_reference_cache,
+    default_sigma_start,
     reference_solution,
 )
 
@@ -468,7 +472,13 @@ def compare(
     step costs more than the budget is listed in ``skipped``. Every run is measured against
     one :func:`reference_solution` from the schedule's σ_max, the exact sample of this noise:
     grids that start lower (``leading``, ``linear``, ``quadratic`` read the noise as x_T at
-    a smaller σ) carry the error of that late start, as their users get it.
+    a smaller σ) carry the error of that late start, as their users get it. On a flow-matching
+    schedule the noise is the pure-noise sample at t = 1 (σ = ∞), where diffusers' FlowMatch samplers
+    start, and the reference is the exact solution from there (the boundary step out of pure noise, then the
+    adaptive solve; :func:`reference_solution`), so that a peer's row is its distance to the solution it
+    solves; flowdiff's runs still start where ``generate(grid=...)`` starts, at σ_max, and carry the error of
+    that start as their users get it (a flow without the step out of pure noise, such as a σ-native field,
+    keeps the reference from σ_max, and its FlowMatch peers are left out).
     ``progress=True`` shows a tqdm bar on stderr; a callable receives a short description
     before each run instead. ``reference`` supplies the reference instead of solving it
     (e.g. one kept on disk from an earlier run of the same model and noise); one solved for another
@@ -647,7 +657,9 @@ def run_peers(result: Comparison, flow: ProbabilityFlow, noise: Tensor, peers: I
     budgets = _check_budgets(budgets, "budgets")  # an int is one budget, as in compare(nfe=); each once, sorted
     result.unavailable.update({peer: why for peer in names if (why := _peers.unavailable(peer)) is not None})
     ref = result.reference
-    for sampler in _peers.default_samplers([p for p in names if p not in result.unavailable], flow):
+    samplers = _peers.default_samplers([p for p in names if p not in result.unavailable], flow)
+    _warn_another_start(ref, flow, samplers)
+    for sampler in samplers:
         for budget in budgets:
             if on_run is not None:
                 on_run(f"{sampler.source}: {sampler.name}/{sampler.grid}/NFE {budget}")
@@ -669,6 +681,19 @@ def run_peers(result: Comparison, flow: ProbabilityFlow, noise: Tensor, peers: I
                 result.images[(sampler.source, sampler.name, sampler.grid, budget)] = \
                     out.x[:keep_images].detach().cpu()
     return result
+
+
+def _warn_another_start(reference: Reference, flow: ProbabilityFlow, samplers: list[_peers.PeerSampler]) -> None:
+    """Warn where diffusers' FlowMatch samplers, which start from the noise at t = 1 (σ = ∞), are measured against a
+    reference from a finite σ (given as ``reference=``, or kept on disk by a ``flowdiff compare`` from before the
+    reference started at t = 1): their rows then hold the difference of the two starts besides their own error."""
+    at_one = sorted({s.name for s in samplers if s.left_out is None and s.target.startswith("FlowMatch")})
+    if at_one and math.isfinite(reference.sigma_start) and default_sigma_start(flow) == math.inf:
+        warnings.warn(f"reference starts at σ={reference.sigma_start:.6g}, and diffusers' {' and '.join(at_one)} start "
+                      "from the noise at t = 1 (σ = ∞): their rows hold the difference of the two starts besides their "
+                      "own error. The exact solution from t = 1 is reference_solution(flow, noise), its default on "
+                      "this flow-matching flow (flowdiff compare --fresh-reference solves it again)", UserWarning,
+                      stacklevel=4)  # compare's caller (run_peers called directly: its caller's caller)
 
 
 def _refuse_peers_from_infinity(flow: ProbabilityFlow, peers: list[str]) -> None:

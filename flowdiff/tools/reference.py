@@ -359,9 +359,11 @@ def reference_solution(
     cache: bool = True,
     progress: bool = False,
 ) -> Reference:
-    """The high-accuracy image from ``noise`` (DDIM scale, x_T ~ N(0, I)), the limit the fixed grids converge to.
+    """The high-accuracy image from ``noise`` (DDIM scale, x_T ~ N(0, I)), the limit the fixed grids converge to (on a
+    flow-matching flow the exact solution from t = 1, where its FlowMatch samplers start; below).
 
-    An adaptive float64 solve from σ_start (default: the schedule's σ_max) down to σ_end,
+    An adaptive float64 solve from σ_start (default: the schedule's σ_max; σ = ∞ where the noise is pure noise
+    there, below) down to σ_end,
     then the step every fixed grid ends with, Euler from its last σ into σ = 0, which is the
     model's denoised image x̄ − σ_end·ε(x̄, σ_end). σ_end defaults to the schedule's smallest
     trained σ: a trained model knows no σ below it (its timestep is clamped to 0 there), the
@@ -375,6 +377,17 @@ def reference_solution(
     ``nfe``), to the schedule's largest finite σ₁ (which every timestep grid's second σ is at or below), then
     the adaptive solve from σ₁; ``sigma_start`` stays ∞. An ``epsilon`` model (no x̂₀ at σ = ∞) is refused
     there before any evaluation; ``sigma_start=σ`` solves it from a finite σ.
+
+    On a flow-matching schedule (rectified flow: SD3, Flux) the noise is the pure-noise sample x at t = 1
+    (σ = ∞), where diffusers' FlowMatch samplers start, and a flow with the step out of it (a ``velocity``
+    ``model(x_t, t)``, :func:`flowdiff.engine.flow.check_from_noise`) is solved from there by default: the exact
+    solution for the noise, which those samplers converge to. It is the same boundary step, to
+    σ₁ = :func:`last_finite_sigma` (:data:`FLOW_MATCHING_BOUNDARY_SIGMA`, far above the table's σ_max, so that
+    the step's own error is below any tolerance), then the adaptive solve; ``sigma_start`` stays ∞. The fixed
+    grids of ``generate`` start at σ_max, reading the noise as x̄ = noise·√(1+σ_max²), and differ from it by
+    that start (``benchmarks/RESULTS.md``, engineer F8): ``sigma_start=flow.schedule.sigma_max`` is the solution
+    they converge to. A flow without the step (a σ-native field, an ``epsilon`` model) has no t = 1: its default
+    start stays σ_max, and ``sigma_start=math.inf`` is refused for it before any evaluation.
 
     The solve runs in τ = log σ (dx̄/dτ = σ·ε, steps relative in σ, where the image forms in
     the last few percent of the σ range) with the error measured in the image's scale
@@ -402,19 +415,20 @@ def reference_solution(
     if not _solvers.get(solver).adaptive:
         raise ValueError(f"the reference needs an adaptive solver; got {solver!r}, adaptive solvers: "
                          f"{', '.join(_solvers.available(adaptive=True))}")
-    s0 = flow.schedule.sigma_max if sigma_start is None else float(sigma_start)
-    from_infinity = s0 == math.inf and flow.schedule.sigma_max == math.inf
-    if from_infinity:  # zero terminal SNR: generate's boundary step out of σ = ∞, then the solve
+    s0 = default_sigma_start(flow) if sigma_start is None else float(sigma_start)
+    from_infinity = s0 == math.inf and _noise_at_infinity(flow)
+    if from_infinity:  # zero terminal SNR, flow matching's t = 1: generate's boundary step out of σ = ∞, then the solve
         check_reference_from_infinity(flow)
     elif not (math.isfinite(s0) and s0 > 0):
-        raise ValueError(f"sigma_start must be a finite number > 0 (or None: the schedule's σ_max), got "
-                         f"{sigma_start!r}")
+        raise ValueError(f"sigma_start must be a finite number > 0, math.inf on a zero-terminal-SNR or flow-matching "
+                         f"schedule (where the noise is pure noise), or None (default: {default_sigma_start(flow):.6g} "
+                         f"here), got {sigma_start!r} on {flow.schedule!r}")
     s_end = flow.schedule.sigma_min if sigma_end is None else float(sigma_end)
     if not (math.isfinite(s_end) and 0 <= s_end < s0):
         raise ValueError(f"sigma_end must lie in [0, sigma_start={s0:.6g}), got {sigma_end!r}")
     if from_infinity and not s_end < last_finite_sigma(flow.schedule):  # the solve goes on from there, downwards
-        raise ValueError(f"sigma_end must lie in [0, {last_finite_sigma(flow.schedule):.6g}) on this zero-terminal-SNR "
-                         "schedule: the reference takes the boundary step out of σ = ∞ to its largest finite σ, "
+        raise ValueError(f"sigma_end must lie in [0, {last_finite_sigma(flow.schedule):.6g}) on this schedule from "
+                         "σ = ∞: the reference takes the boundary step out of σ = ∞ to "
                          f"{last_finite_sigma(flow.schedule):.6g}, and solves down from there; got {sigma_end!r}")
     use_cache = cache and model_kwargs is None
     key = (*_noise_key(noise), s0, s_end, solver, rtol, atol)
@@ -451,20 +465,63 @@ def reference_solution(
     return ref
 
 
+#: Where a flow-matching reference from t = 1 (σ = ∞) lands with the boundary step out of pure noise. That step,
+#: x̄₁ = x̂₀ + σ₁·noise, is Euler's: x̄(σ₁) differs from it by about D₁/(2σ₁) (D₁ = lim σ·(x̂₀(σ) − x̂₀(∞)), of the
+#: data's variance), and the solve to the image shrinks that by about √var/σ₁, so the image is off by ≈ c/σ₁² with
+#: c ≲ 1 for data of unit scale. At the table's σ_max = 2997 (shift 3) that was 1.1e-8 on a closed-form Gaussian
+#: (9.8e-8 at shift 1, σ_max = 999), above a 1e-9 tolerance; at 1e6 it is below 1e-12, for 169 evaluations more than
+#: from 2997 at 1e-9 (``benchmarks/RESULTS.md``, engineer F8). The model is fed
+#: t = T·σ/(1+σ) = T − 0.001 there, between its last trained level and the t = T its FlowMatch samplers feed.
+FLOW_MATCHING_BOUNDARY_SIGMA = 1e6
+
+
 def last_finite_sigma(schedule: Any) -> float:  # noqa: ANN401 - a flowdiff Schedule
-    """The largest finite trained σ of ``schedule``: where a reference from σ = ∞ goes on after the boundary step
-    (a zero-terminal-SNR schedule's level below its last; every timestep grid's second σ is at or below it)."""
+    """Where a reference from σ = ∞ goes on after the boundary step: a zero-terminal-SNR schedule's largest finite
+    trained σ (its level below its last; every timestep grid's second σ is at or below it), a flow-matching
+    schedule's :data:`FLOW_MATCHING_BOUNDARY_SIGMA` (or its σ_max, where that is larger): the exact solution from
+    t = 1 is wanted there, not the limit of a grid (its grids start at σ_max). Other schedules: their σ_max."""
     sigmas = np.asarray(schedule.sigmas, dtype=np.float64)
-    return float(sigmas[np.isfinite(sigmas)].max())
+    top = float(sigmas[np.isfinite(sigmas)].max())
+    return max(top, FLOW_MATCHING_BOUNDARY_SIGMA) if _flow_matching(schedule) else top
+
+
+def default_sigma_start(flow: ProbabilityFlow) -> float:
+    """Where :func:`reference_solution` starts without ``sigma_start``: the schedule's σ_max (∞ on a zero-terminal-SNR
+    schedule), or σ = ∞ (t = 1) on a flow-matching schedule whose flow has the step out of pure noise
+    (:func:`flowdiff.engine.flow.check_from_noise`)."""
+    if _flow_matching(flow.schedule):
+        try:
+            check_from_noise(flow)
+        except ValueError:  # a σ-native field, an epsilon model: no t = 1
+            return flow.schedule.sigma_max
+        return math.inf
+    return flow.schedule.sigma_max
+
+
+def _flow_matching(schedule: Any) -> bool:  # noqa: ANN401 - a flowdiff Schedule
+    return getattr(schedule, "kind", None) == "flow_matching"
+
+
+def _noise_at_infinity(flow: ProbabilityFlow) -> bool:
+    """Whether the noise can be read as pure noise at σ = ∞: zero terminal SNR, or flow matching's t = 1."""
+    return flow.schedule.sigma_max == math.inf or _flow_matching(flow.schedule)
 
 
 def check_reference_from_infinity(flow: ProbabilityFlow) -> None:
-    """Refuse, before any evaluation, a reference from σ_max = ∞ for a flow with no step out of it (an ``epsilon``
-    model, a σ-native field): its message names the prediction type, σ_max = ∞ and what is accepted."""
+    """Refuse, before any evaluation, a reference from σ = ∞ (σ_max = ∞, or ``sigma_start=math.inf`` on a
+    flow-matching schedule) for a flow with no step out of it (an ``epsilon`` model, a σ-native field): its message
+    names the prediction type, where it starts and what is accepted."""
     try:
         check_from_noise(flow)
     except ValueError as err:
         reason = str(err).split("; ")[0].replace("where this grid starts", "where it starts")
+        if flow.schedule.sigma_max < math.inf:  # flow matching, asked for sigma_start=math.inf
+            raise ValueError(f"sigma_start=math.inf: the reference solution would start at flow matching's t = 1 "
+                             f"(σ = ∞) with the boundary step out of pure noise, and {reason.split(', where')[0]}; "
+                             "accepted from σ = ∞: "
+                             "a model(x_t, t) with prediction_type 'velocity', 'v_prediction' or 'sample'. For this "
+                             "flow leave sigma_start out: it starts at the schedule's σ_max, where generate's grids "
+                             "start") from None
         raise ValueError(f"the reference solution starts at the schedule's σ_max = ∞ (zero terminal SNR) with the "
                          f"boundary step out of pure noise, as generate does, and {reason}; accepted from σ = ∞: a "
                          "model with prediction_type 'v_prediction' or 'sample'. For this model, solve from a finite "
