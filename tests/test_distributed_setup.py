@@ -168,3 +168,39 @@ def test_a_command_started_from_inside_a_torchrun_job_is_told_to_say_it_is_one_p
     write_digits(tmp_path / "data", ["a.png"])
     assert main(["roundtrip", "--data", "data", "--out", "out", *ARGS]) == 0
     assert (tmp_path / "out" / "results.csv").is_file()
+
+
+class _LoggedRank(_FakeRank):
+    """:class:`_FakeRank` whose rank 0 succeeded in its part of ``main_first``, logging each exchange it enters."""
+
+    def __init__(self, rank: int, theirs: str | None) -> None:
+        super().__init__(rank, theirs)
+        object.__setattr__(self, "log", [])
+
+    def broadcast(self, obj):
+        self.log.append("broadcast")
+        return obj if self.rank == 0 else None
+
+    def all_gather(self, obj):
+        self.log.append("all_gather")
+        return super().all_gather(obj)
+
+
+def test_main_first_says_a_failure_of_the_other_ranks_read_on_every_rank():
+    """`flowdiff compare` under torchrun: rank 0 solves the reference and keeps it in a file, then the others read it
+    (`Ranks.main_first`). Where rank 1 could not read it (a machine that does not see rank 0's --out), rank 1 said so
+    and ended, while rank 0 had returned and gone on to its next exchange, to meet gloo's closed connection. Both ranks
+    now enter the same exchanges, and rank 0 says `rank 1 of 2 failed: <why>`."""
+    rank0 = _LoggedRank(0, "[Errno 2] No such file or directory: 'out/reference.safetensors'")
+    with pytest.raises(RuntimeError, match=r"^rank 1 of 2 failed: \[Errno 2\] No such file"):
+        rank0.main_first(lambda: "solved")
+    rank1 = _LoggedRank(1, None)
+
+    def unreadable():
+        raise FileNotFoundError(2, "No such file or directory", "out/reference.safetensors")
+
+    with pytest.raises(FileNotFoundError):  # the failing rank keeps its own error
+        rank1.main_first(unreadable)
+    assert rank0.log == rank1.log == ["broadcast", "all_gather"]  # the same exchanges, in the same order
+    assert _LoggedRank(0, None).main_first(lambda: "solved") == "solved"
+    assert _LoggedRank(1, None).main_first(lambda: "read") == "read"
