@@ -75,6 +75,34 @@ def test_a_model_that_one_rank_cannot_load_is_said_on_every_rank(command, tmp_pa
     assert not (out / "run.json").exists() and not (out / "report.md").exists()
 
 
+# as RANK_1_OOM, with rank 1's model loaded and its noise (compare's input, drawn on its device) out of GPU memory
+RANK_1_NOISE_OOM = RANK_1_OOM.replace("_commands._setup = out_of_memory", "_commands._noise = out_of_memory")
+
+
+@needs_digits
+def test_noise_that_one_rank_cannot_hold_is_said_on_every_rank(tmp_path):
+    """`flowdiff compare` under torchrun draws its noise on each rank's device after the setup's exchange: rank 1 out
+    of GPU memory there said so and ended, and rank 0 solved the reference alone and met gloo's "Connection closed by
+    peer" when it sent it. The noise is drawn inside the setup's block now: rank 0 says ``rank 1 of 2 failed:``."""
+    script = tmp_path / "rank_1_noise_oom.py"
+    script.write_text(RANK_1_NOISE_OOM)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for attempt in range(3):  # as above: torchrun may stop rank 0 before it has printed its line
+        out = tmp_path / f"out{attempt}"
+        argv = ["compare", "--solver", "euler", "--nfe", "2", "--batch", "2", "--out", out, "--no-progress"]
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(script), *map(str, argv)], capture_output=True, text=True, env=env, timeout=120)
+        said = _errors(done.stderr, "compare")
+        assert done.returncode != 0 and not any("gloo" in line or "onnection closed" in line for line in said), \
+            done.stderr[-3000:]
+        assert said and all(OOM in line for line in said), done.stderr[-3000:]
+        if len(said) == 2:
+            break
+    assert len(said) == 2, said
+    assert sum(f"rank 1 of 2 failed: {OOM}" in line for line in said) == 1, said
+    assert not (out / "reference.safetensors").exists() and not (out / "report.md").exists()
+
+
 class _FakeRank(Ranks):
     """One of two ranks, in one process: the other rank's failure (or None) is ``theirs``."""
 
