@@ -75,6 +75,34 @@ def test_a_model_that_one_rank_cannot_load_is_said_on_every_rank(command, tmp_pa
     assert not (out / "run.json").exists() and not (out / "report.md").exists()
 
 
+# as RANK_1_OOM, with rank 1's model loaded and its noise (compare's input, drawn on its device) out of GPU memory
+RANK_1_NOISE_OOM = RANK_1_OOM.replace("_commands._setup = out_of_memory", "_commands._noise = out_of_memory")
+
+
+@needs_digits
+def test_noise_that_one_rank_cannot_hold_is_said_on_every_rank(tmp_path):
+    """`flowdiff compare` under torchrun draws its noise on each rank's device after the setup's exchange: rank 1 out
+    of GPU memory there said so and ended, and rank 0 solved the reference alone and met gloo's "Connection closed by
+    peer" when it sent it. The noise is drawn inside the setup's block now: rank 0 says ``rank 1 of 2 failed:``."""
+    script = tmp_path / "rank_1_noise_oom.py"
+    script.write_text(RANK_1_NOISE_OOM)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for attempt in range(3):  # as above: torchrun may stop rank 0 before it has printed its line
+        out = tmp_path / f"out{attempt}"
+        argv = ["compare", "--solver", "euler", "--nfe", "2", "--batch", "2", "--out", out, "--no-progress"]
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(script), *map(str, argv)], capture_output=True, text=True, env=env, timeout=120)
+        said = _errors(done.stderr, "compare")
+        assert done.returncode != 0 and not any("gloo" in line or "onnection closed" in line for line in said), \
+            done.stderr[-3000:]
+        assert said and all(OOM in line for line in said), done.stderr[-3000:]
+        if len(said) == 2:
+            break
+    assert len(said) == 2, said
+    assert sum(f"rank 1 of 2 failed: {OOM}" in line for line in said) == 1, said
+    assert not (out / "reference.safetensors").exists() and not (out / "report.md").exists()
+
+
 class _FakeRank(Ranks):
     """One of two ranks, in one process: the other rank's failure (or None) is ``theirs``."""
 
@@ -168,3 +196,39 @@ def test_a_command_started_from_inside_a_torchrun_job_is_told_to_say_it_is_one_p
     write_digits(tmp_path / "data", ["a.png"])
     assert main(["roundtrip", "--data", "data", "--out", "out", *ARGS]) == 0
     assert (tmp_path / "out" / "results.csv").is_file()
+
+
+class _LoggedRank(_FakeRank):
+    """:class:`_FakeRank` whose rank 0 succeeded in its part of ``main_first``, logging each exchange it enters."""
+
+    def __init__(self, rank: int, theirs: str | None) -> None:
+        super().__init__(rank, theirs)
+        object.__setattr__(self, "log", [])
+
+    def broadcast(self, obj):
+        self.log.append("broadcast")
+        return obj if self.rank == 0 else None
+
+    def all_gather(self, obj):
+        self.log.append("all_gather")
+        return super().all_gather(obj)
+
+
+def test_main_first_says_a_failure_of_the_other_ranks_read_on_every_rank():
+    """`flowdiff compare` under torchrun: rank 0 solves the reference and keeps it in a file, then the others read it
+    (`Ranks.main_first`). Where rank 1 could not read it (a machine that does not see rank 0's --out), rank 1 said so
+    and ended, while rank 0 had returned and gone on to its next exchange, to meet gloo's closed connection. Both ranks
+    now enter the same exchanges, and rank 0 says `rank 1 of 2 failed: <why>`."""
+    rank0 = _LoggedRank(0, "[Errno 2] No such file or directory: 'out/reference.safetensors'")
+    with pytest.raises(RuntimeError, match=r"^rank 1 of 2 failed: \[Errno 2\] No such file"):
+        rank0.main_first(lambda: "solved")
+    rank1 = _LoggedRank(1, None)
+
+    def unreadable():
+        raise FileNotFoundError(2, "No such file or directory", "out/reference.safetensors")
+
+    with pytest.raises(FileNotFoundError):  # the failing rank keeps its own error
+        rank1.main_first(unreadable)
+    assert rank0.log == rank1.log == ["broadcast", "all_gather"]  # the same exchanges, in the same order
+    assert _LoggedRank(0, None).main_first(lambda: "solved") == "solved"
+    assert _LoggedRank(1, None).main_first(lambda: "read") == "read"

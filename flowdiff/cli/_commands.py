@@ -259,13 +259,17 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
         out = output_dir(args.out)
         names = [*REPORT_FILES.values()] + ([ROUNDTRIP_FIGURE] if args.task == "roundtrip" else [])
         plan([(out / name, "--out") for name in names], overwrite=args.overwrite)
+        # this rank's inputs on its device, in the block too: a rank whose GPU cannot hold them is said on every rank
+        if args.task == "roundtrip":  # held-out digits (the shipped models' data) encoded and decoded back
+            if args.peers:
+                raise CommandError("--peers applies to --task generate: the peers' samplers do not encode")
+            images = _held_out_digits(args, loaded, dtype, device)
+        else:
+            _refuse_no_step_from_infinity(args, loaded)  # before the reference: it starts at σ = ∞ too
+            noise = _noise(args, args.batch, loaded.shape, dtype, device)
     ref_path = out / "reference.safetensors"
-    if args.task == "roundtrip":  # held-out digits (the shipped models' data) encoded and decoded back
-        if args.peers:
-            raise CommandError("--peers applies to --task generate: the peers' samplers do not encode")
-        return _compare_roundtrip(args, loaded, run_flow, dtype, device, out, ranks)
-    _refuse_no_step_from_infinity(args, loaded)  # before the reference: it starts at σ = ∞ too
-    noise = _noise(args, args.batch, loaded.shape, dtype, device)
+    if args.task == "roundtrip":
+        return _compare_roundtrip(args, loaded, run_flow, images, device, out, ranks)
     # The reference depends on the model, the noise (seed, batch, shape) and the tolerance, not on --dtype:
     # it is always solved in float64 from the same float64 draw, so it is kept on disk under that key.
     key = f"{fingerprint(loaded)}|seed={args.seed}|batch={args.batch}|shape={loaded.shape}|dopri8|{args.rtol!r}"
@@ -403,18 +407,24 @@ def _write_report(result, out: Path, args: argparse.Namespace, loaded: LoadedMod
                         title=title, to_images=to_images, figures=figures)
 
 
-def _compare_roundtrip(args: argparse.Namespace, loaded: LoadedModel, run_flow: ProbabilityFlow,
-                       dtype: torch.dtype, device: torch.device, out: Path, ranks: distributed.Ranks) -> int:
-    from ..api.sampling import decode, encode
-    from ..engine.options import Grid
+def _held_out_digits(args: argparse.Namespace, loaded: LoadedModel, dtype: torch.dtype,
+                     device: torch.device) -> Tensor:
+    """The first ``--batch`` held-out digits on ``device``, that ``--task roundtrip`` encodes and decodes back."""
     from ..models.pretrained import digits_data
-    from ..tools.report import ranked_methods, roundtrip_figure
 
     if tuple(loaded.shape) != (1, 8, 8):
         raise CommandError(f"--task roundtrip runs on the held-out 8×8 digits; --model {args.model!r} makes images of "
                            f"shape {tuple(loaded.shape)} (use flowdiff.compare(task='roundtrip', images=...) from "
                            "Python)")
-    images = digits_data("test").images[: args.batch].to(device, dtype).reshape(-1, *loaded.shape)
+    return digits_data("test").images[: args.batch].to(device, dtype).reshape(-1, *loaded.shape)
+
+
+def _compare_roundtrip(args: argparse.Namespace, loaded: LoadedModel, run_flow: ProbabilityFlow, images: Tensor,
+                       device: torch.device, out: Path, ranks: distributed.Ranks) -> int:
+    from ..api.sampling import decode, encode
+    from ..engine.options import Grid
+    from ..tools.report import ranked_methods, roundtrip_figure
+
     result = distributed.compare(run_flow, ranks=ranks, task="roundtrip", images=images, solvers=args.solver,
                                  grids=args.grid, nfe=args.nfe, model_kwargs=loaded.model_kwargs or None)
     if not ranks.is_main:

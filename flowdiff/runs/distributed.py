@@ -120,13 +120,24 @@ class Ranks:
     def main_first(self, fn: Callable[[], T]) -> T:
         """``fn()`` on rank 0, then on the other ranks: for work that rank 0 leaves on disk for the others
         (a reference solve kept in a file is solved once and read by the rest). Where rank 0's ``fn`` raises, it
-        raises there, and the others a ``RuntimeError`` that says so (not a closed connection)."""
+        raises there, and the others a ``RuntimeError`` that says so (not a closed connection). The others' ``fn``
+        ends in one exchange too (:meth:`raise_failures`): a rank that cannot read what rank 0 left (a file its
+        machine does not see) says why, and every other rank ``rank R of N failed: <why>``, where rank 0 had gone on
+        to its next exchange and met gloo's closed connection there."""
         if not self.distributed:
             return fn()
         if self.is_main:
-            return self._main_only(fn)  # type: ignore[return-value]
+            out = self._main_only(fn)
+            self.raise_failures(None)
+            return out  # type: ignore[return-value]
         self._main_only(fn)
-        return fn()
+        out, failure = None, None
+        try:
+            out = fn()
+        except Exception as err:  # said to the other ranks, rank 0 included
+            failure = err
+        self.raise_failures(failure)
+        return out  # type: ignore[return-value]
 
     def from_main(self, fn: Callable[[], T]) -> T:
         """``fn()`` run on rank 0 alone, its (picklable) result on every rank: for what one process decides or
