@@ -64,12 +64,19 @@ def decode_reversible(request: Request, latent: Latent, *, adjoint: str = "autog
     enc = np.asarray(latent.sigmas, dtype=np.float64)
     x = latent.x
     cast = {"dtype": compute_dtype(x), "device": x.device}
-    state = ReversibleState(state.t, state.z.to(**cast), None if state.k is None else state.k.to(**cast))
+    y0 = x.to(**cast)
+    # its tensors in the decode's dtype and device; its time and maker (made_by) as the latent recorded them
+    state = state._replace(z=state.z.to(**cast), k=None if state.k is None else state.k.to(**cast))
     model_dtype = latent.dtype if latent.dtype != cast["dtype"] else None
     form = formulation_for(solver, "decode")  # the encode's variables (VP for a reversible solver)
-    stepping = FixedGrid(form.times(enc.tolist()), inverse=True)
+    times = form.times(enc.tolist())
+    stepping = FixedGrid(times, inverse=True)
+    # the solver's own check of the state the solve is given (its maker, time, shape, dtype), refused before any
+    # evaluation under the name the caller knows: a state made by another configuration (latent.solver_options
+    # changed since the encode) would be undone with the wrong inverse and give other images without a word
+    solver.check_carried(form.state_in(state), times[-1], y0, name="latent.solver_state")
     sol = solve_flow(request.flow.field(request.model_kwargs, model_dtype), form, stepping, solver,
-                     sigma0=float(enc[-1]), y0=x.to(**cast), state=state, callback=request.callback,
+                     sigma0=float(enc[-1]), y0=y0, state=state, callback=request.callback,
                      check_finite=request.check_finite, bound=request.bound,
                      adjoint=adjoint, params=params)
     return Result(to_model_scale(request.flow, sol.xbar, float(enc[0])).to(latent.dtype), sol.stats,

@@ -536,6 +536,13 @@ def encode(
                          "inverts); an encode starts at σ = 0 and has none. Give it to decode, or drop it")
     state_dtype = None if images.dtype == torch.float64 else exact_dtype(images)
     solver_obj, name, options = _resolve_solver(solver, "encode", state_dtype=state_dtype)
+    if solver_obj.reversible and solvers.get(name, **options).state_maker != solver_obj.state_maker:
+        # its latent records the name and options, from which the decode rebuilds the method its state needs
+        raise ValueError(f"solver={solver_obj!r} makes states recorded as {solver_obj.state_maker!r}, but a latent "
+                         f"records it as solver {name!r} with solver_options={options}, which make "
+                         f"{solvers.get(name, **options).state_maker!r} (it was not built by solvers.get, whose "
+                         f"options a latent keeps): build it as solvers.get({name!r}, ...) with the options of "
+                         f"{solver_obj.state_maker!r}")
     dtype = exact_dtype(images) if solver_obj.reversible else compute_dtype(images)
     model_dtype = images.dtype if images.dtype != dtype else None
     request = _request(flow, solver_obj, name, options, grid_spec, adaptive_spec, model_kwargs, callback,

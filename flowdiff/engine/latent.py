@@ -2,9 +2,9 @@
 
 A :class:`Latent` is self-contained: ``decode(flow, latent)`` needs nothing beside it. Its
 main tensor ``x`` is always DDIM's x_T (x̄/√(1+σ_max²)), so it can also be used as plain
-noise; a reversible solver's extra state rides along in ``solver_state``. ``save``/``load``
-write and read one safetensors file (tensors as tensors, the grid as float64, the rest as
-JSON metadata), atomically.
+noise; a reversible solver's extra state rides along in ``solver_state``, with the record of the
+solver and options that made it. ``save``/``load`` write and read one safetensors file (tensors
+as tensors, the grid as float64, the rest as JSON metadata), atomically.
 
 A latent knows where it comes from: ``fingerprint`` is :func:`flowdiff.flow_fingerprint` of
 the flow and conditioning that encoded it, and ``dtype`` the images' dtype. A decode with
@@ -47,8 +47,11 @@ class Latent:
     ``solver_options`` the method that made it (a registry name and its options);
     ``solver_state`` the extra state of a reversible solver (a
     :class:`solvers.ReversibleState` at σ_max, ``None`` for plain solvers, whose latent is
-    ``x`` alone); ``inversion`` names how a plain latent was made (``"fixed_point"``) and
-    ``final_euler`` whether the decode it was made for takes its last step as Euler.
+    ``x`` alone); its ``made_by`` (kept by :meth:`save`, :meth:`load` and :meth:`to`; ``None``
+    in files written before it was kept) must be what ``solver`` and ``solver_options`` make,
+    and the decode's solve refuses the state if they make another; ``inversion`` names how a
+    plain latent was made (``"fixed_point"``) and ``final_euler`` whether the decode it was
+    made for takes its last step as Euler.
 
     ``dtype`` is the dtype of the encoded images, which the decode feeds the model and
     returns (default: ``x.dtype``). A reversible solver keeps ``x`` and its state in float64
@@ -131,6 +134,7 @@ class Latent:
                 raise ValueError(f"Latent.solver_state tensors must have the latent's shape {tuple(self.x.shape)}")
             if not math.isclose(st.t, float(s[-1]), rel_tol=1e-12, abs_tol=0.0):
                 raise ValueError(f"Latent.solver_state is at σ={st.t!r}, not at the grid's end σ_max={s[-1]!r}")
+            _check_made_by(st.made_by, self.solver, self.solver_options)
 
     @property
     def steps(self) -> int:
@@ -153,8 +157,8 @@ class Latent:
         except (RuntimeError, TypeError, ValueError):
             raise ValueError(f"Latent.to: {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
         st = self.solver_state
-        if st is not None:
-            st = ReversibleState(st.t, st.z.to(device), None if st.k is None else st.k.to(device))
+        if st is not None:  # the tensors moved; its time and maker (made_by) kept
+            st = st._replace(z=st.z.to(device), k=None if st.k is None else st.k.to(device))
         return Latent(self.x.to(device), self.sigmas.copy(), self.solver, dict(self.solver_options), st,
                       self.inversion, self.final_euler, self.dtype, self.fingerprint, dict(self.info),
                       self.decode_shifts)
@@ -232,6 +236,8 @@ class Latent:
             tensors["state.z"] = st.z.detach().contiguous().cpu()
             if st.k is not None:
                 tensors["state.k"] = st.k.detach().contiguous().cpu()
+            if st.made_by is not None:  # the solver and options that made it: a decode by another is refused
+                meta["state_made_by"] = st.made_by
         meta["state"] = sorted(k for k in tensors if k.startswith("state."))  # what a load must find again
         data = _in_key_order(save(tensors, metadata={k: json.dumps(v) for k, v in meta.items()}))
         atomic_write(path, data, "latent file")
@@ -298,6 +304,14 @@ class Latent:
                 raise ValueError(f"latent file {name!r}: the tensor {key!r} is missing; solver {meta['solver']!r} "
                                  "needs it to decode this latent exactly, and decoding without it would give other "
                                  "images without a word. Re-encode the images, or use the file as it was written")
+        made_by = meta.get("state_made_by")  # absent from files written before it was kept: no record, as then
+        if "state_made_by" in meta and not isinstance(made_by, str):
+            raise ValueError(f"latent file {name!r}: metadata entry 'state_made_by' must be a string, the solver and "
+                             "options that made the reversible state (e.g. \"reversible(base='euler', "
+                             f"coupling=0.999)\"), got {made_by!r:.80}")
+        if made_by is not None and "state.z" not in tensors:
+            raise ValueError(f"latent file {name!r}: metadata entry 'state_made_by' ({made_by!r:.80}) records the "
+                             "maker of a reversible state, but the file holds no state (no tensor 'state.z')")
         state = None
         if "state.z" in tensors:
             try:
@@ -305,7 +319,7 @@ class Latent:
             except (KeyError, TypeError, ValueError):
                 raise ValueError(f"latent file {name!r}: the reversible state's time state_t is missing or not a "
                                  f"hex float: {meta.get('state_t')!r}") from None
-            state = ReversibleState(t, tensors["state.z"].to(target), _get(tensors, "state.k", target))
+            state = ReversibleState(t, tensors["state.z"].to(target), _get(tensors, "state.k", target), made_by)
         shifts = meta.get("decode_shifts")
         if shifts is not None:
             try:
@@ -335,6 +349,29 @@ def _state_keys(solver: object, options: dict[str, Any]) -> list[str]:
         return []
     probe = obj.init(lambda t, y: torch.zeros_like(y), 0.0, torch.zeros(1, dtype=torch.float64))
     return ["state.z"] + (["state.k"] if getattr(probe, "k", None) is not None else [])
+
+
+def _check_made_by(made_by: object, solver: str, options: dict[str, Any]) -> None:
+    """A reversible state's record of its maker (``made_by``; ``None``: no record, as in files written before it was
+    kept) agrees with the latent's ``solver`` and ``options``: the decode builds its solver from those and undoes
+    the encode with it, so a state made by another (a file whose options were edited by hand) would decode to other
+    images. The decode's solve refuses it too; here it is refused where the latent is built or loaded."""
+    if made_by is None:
+        return
+    if not isinstance(made_by, str):
+        raise TypeError(f"Latent.solver_state.made_by must be a str (the state_maker of the solver that made the "
+                        f"state) or None, got {made_by!r}")
+    try:
+        own = solvers.get(solver, **options).state_maker
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"Latent.solver_state.made_by (a file's metadata entry 'state_made_by') is {made_by!r}, but "
+                         f"solver={solver!r} with solver_options={options} builds no solver to decode it with "
+                         f"({err})") from None
+    if made_by != own:
+        raise ValueError(f"Latent.solver_state.made_by (a file's metadata entry 'state_made_by') is {made_by!r}, but "
+                         f"solver={solver!r} with solver_options={options} makes {own!r}: the state was made by "
+                         "another solver or options, and its exact decode undoes only those (with these it would "
+                         "give other images); keep the solver and solver_options that made it, or encode again")
 
 
 def _get(tensors: dict[str, Tensor], key: str, device: torch.device) -> Tensor | None:
