@@ -230,3 +230,19 @@ def test_an_encode_whose_solver_a_latent_cannot_record_is_refused(mixture):
     latent = fd.encode(flow, x, solver=solvers.get("reversible", coupling=0.5), steps=STEPS).latent
     assert latent.solver_options == {"coupling": 0.5}
     assert (fd.decode(flow, latent).x - x).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize(("name", "opts", "dtype"), CONFIGS[:2], ids=IDS[:2])
+def test_a_folder_runs_per_image_latent_keeps_its_maker_and_decodes_as_its_row(mixture, name, opts, dtype):
+    """``flowdiff encode --data`` cuts each batch's latent into one latent per image (``_one``), which rebuilt the
+    state from its tensors and dropped its record: those files were checked by type, time and shape only."""
+    from flowdiff.cli._dataset import _one
+
+    flow, _ = mixture
+    latent = _encode(mixture, name, opts, dtype)
+    whole = fd.decode(flow, latent).x
+    for i in range(latent.x.shape[0]):
+        one = _one(latent, i, {})
+        assert one.solver_state.made_by == latent.solver_state.made_by is not None
+        # (a batch of one reduces in another order than the batch: equal to rounding, not bit for bit)
+        torch.testing.assert_close(fd.decode(flow, one).x, whole[i:i + 1], rtol=0, atol=1e-12)

@@ -394,7 +394,7 @@ def _one(latent: Latent, i: int, info: dict[str, Any]) -> Latent:
     """Image ``i`` of a batch's latent, as a latent of its own (``flowdiff decode`` takes it)."""
     st = latent.solver_state
     if st is not None:
-        st = type(st)(st.t, st.z[i:i + 1], None if st.k is None else st.k[i:i + 1])
+        st = st._replace(z=st.z[i:i + 1], k=None if st.k is None else st.k[i:i + 1])  # its maker kept
     # every other field (grid, solver, options, decode shifts, ...) as the batch's: replace, not a field-by-field copy
     return dataclasses.replace(latent, x=latent.x[i:i + 1], sigmas=latent.sigmas.copy(),
                                solver_options=dict(latent.solver_options), solver_state=st, info=info)
