@@ -49,7 +49,7 @@ done
 # The test files with device-parametrised tests (tests/test_gpu_check.py checks that this list is complete).
 DEFAULT_TESTS=(tests/test_ddim_equivalence.py tests/test_analytic.py tests/test_reversible.py tests/test_inversion.py
                tests/test_solvers.py tests/test_guidance.py tests/test_likelihood.py tests/test_pretrained.py
-               tests/test_compare.py tests/test_syncs.py tests/test_adjoint.py)
+               tests/test_compare.py tests/test_syncs.py tests/test_adjoint.py tests/test_latent_state_maker.py)
 QUICK_TESTS=(tests/test_ddim_equivalence.py tests/test_syncs.py)
 # The wheels the GPU machine's image lacks (pure Python), pinned to the versions installed here.
 WHEELS=(diffusers importlib_metadata)
