@@ -122,6 +122,7 @@ from ..engine.formulations import (
     formulation_for,
 )
 from ..engine.grids import make_sigmas, reversed_grid
+from ..engine.plugins import registered_only
 from ..engine.schedules import Schedule
 from .reference import reference_solution
 from .tuning import (
@@ -489,6 +490,7 @@ def _check_learn(learn: object) -> tuple[str, ...]:
 def _base_solver(name: str, options: Mapping[str, Any], learn: Sequence[str]) -> _solvers.Solver:
     """The registered solver ``name``: one that is not reversible for shifts, a variable-step Adams method for
     coefficients."""
+    registered_only(name, "solver", "that learn_solver fits")
     obj = _solvers.get(name, **dict(options))
     if "coefficients" in learn and (not isinstance(obj, _solvers.Adams) or isinstance(obj, _solvers.CorrectedAdams)):
         multistep = [n for n in _solvers.available(multistep=True)
@@ -1300,6 +1302,7 @@ def tune_roundtrip(
     if refusal is not None:
         raise ValueError(f"solver {solver!r} cannot encode: {refusal}")
     options = dict(solver_options or {})
+    registered_only(solver, "solver", "that tune_roundtrip tunes a grid for")
     solver_obj = _solvers.get(solver, **options)
     if solver_obj.reversible:
         raise ValueError(f"solver {solver!r} is reversible: its round trip is exact on any grid; nothing to tune")

@@ -59,6 +59,7 @@ from ..engine._files import atomic_write
 from ..engine.fingerprint import accepted_fingerprints, flow_fingerprint, plain_function_before
 from ..engine.flow import ProbabilityFlow
 from ..engine.grids import GRIDS, make_sigmas
+from ..engine.plugins import registered_only
 from . import grid_dp as _dp
 from .reference import reference_solution
 
@@ -352,6 +353,7 @@ def _tuned(flow: ProbabilityFlow, noise: Tensor, *, solver: str, nfe: int, solve
     if solver_options is not None and not isinstance(solver_options, Mapping):
         raise TypeError(f"solver_options must be a mapping, got {type(solver_options).__name__}")
     solver_options = dict(solver_options or {})
+    registered_only(solver, "solver", "that tune runs")
     solver_obj = _solvers.get(solver, **solver_options)
     if isinstance(nfe, bool) or not isinstance(nfe, int):
         raise TypeError(f"nfe must be an int, got {type(nfe).__name__}")
@@ -724,6 +726,7 @@ def stored_grid(flow: ProbabilityFlow, solver: str, nfe: int, solver_options: Ma
     ``OSError`` naming it) at every ``*.tuned.json``. A flow whose network, schedule or conditioning differs in any
     bit has another fingerprint and finds none.
     """
+    registered_only(solver, "solver", "that tune runs, the ones grids are stored for")
     if solver not in _solvers.available():  # a misspelt name is not a solver without a stored grid
         raise ValueError(f"unknown solver {solver!r}; available: {', '.join(_solvers.available())}")
     if isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)):
