@@ -112,3 +112,46 @@ def test_the_command_line_names_a_generate_or_encode_only_method_as_such(capsys,
     line = one_line(err)
     assert says in line and "unknown solver" not in line
     assert re.search(r"accepted: abm, .*unipc", line)
+
+
+def _fm_folder(tmp_path):
+    """A tiny diffusers flow-matching model (a seeded UNet and FlowMatchEulerDiscreteScheduler(shift=3)), saved and
+    loaded back as flowdiff.from_diffusers loads it (float32)."""
+    diffusers = pytest.importorskip("diffusers")
+    from _tiny_unet import tiny_unet
+
+    tiny_unet(diffusers).save_pretrained(tmp_path / "fm" / "unet")
+    diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(tmp_path / "fm" / "scheduler")
+    return tmp_path / "fm" / "unet", flowdiff.from_diffusers(str(tmp_path / "fm" / "unet"))
+
+
+def test_a_learned_file_used_in_another_precision_says_so_not_another_model(tmp_path, capsys):
+    """A learned solver fitted on the tiny flow-matching folder (float32, as ``flowdiff sample`` loads it) and run with
+    ``--dtype float64`` was refused as made for "another model, schedule or conditioning": it is the same model, its
+    network in another precision. The refusal says so and which --dtype the file was made with; the same refusal from
+    Python (``LearnedSolver.load`` on the network in float64), and for a tuned grid."""
+    folder, flow = _fm_folder(tmp_path)
+    sigmas = flowdiff.make_sigmas(flow.schedule, "logsnr", 4)
+    learned = flowdiff.LearnedSolver(solver="unipc", solver_options={}, nfe=4, sigmas=sigmas, coefficients=(),
+                                     fingerprint=flowdiff.flow_fingerprint(flow), kept=True, learn=("shifts",),
+                                     shifts=(0.02, -0.02, 0.02, -0.02))
+    path = learned.save(tmp_path / "unipc4.learned.json")
+    code, _, err = run_in(capsys, ["sample", "--model", folder, "--learned", path, "--dtype", "float64", "--num", 1,
+                                   "--out", "x.png", "--device", "cpu"], tmp_path)
+    assert code == 1 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]  # diffusers may log (no accelerate) while loading the folder
+    assert line.startswith("flowdiff sample: error: --learned")
+    assert "another model, schedule or conditioning" not in line
+    assert "its network in torch.float64 where the file was made with it in torch.float32" in line
+    assert "--dtype float32" in line
+    assert not (tmp_path / "x.png").exists()
+    flowdiff.LearnedSolver.load(path, flow)  # the precision it was made in loads
+    flow.model.double()
+    with pytest.raises(ValueError, match="the same model and conditioning, its network in torch.float64"):
+        flowdiff.LearnedSolver.load(path, flow)
+    tuned = flowdiff.TunedGrid(sigmas, "unipc", {}, 4, learned.fingerprint)
+    with pytest.raises(ValueError, match="made with it in torch.float32"):
+        tuned.check(flow)
+    other = flowdiff.ProbabilityFlow(flow.model, flowdiff.FlowMatchingSchedule(shift=1.0), prediction_type="velocity")
+    with pytest.raises(ValueError, match="another model, schedule or conditioning"):
+        tuned.check(other)  # another schedule is not another precision, in any precision

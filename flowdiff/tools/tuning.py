@@ -56,7 +56,7 @@ import solvers as _solvers
 from ..api.sampling import generate
 from ..engine._checks import check_seed, model_kwargs_rows
 from ..engine._files import atomic_write
-from ..engine.fingerprint import accepted_fingerprints, flow_fingerprint, plain_function_before
+from ..engine.fingerprint import accepted_fingerprints, fitted_precision, flow_fingerprint, plain_function_before
 from ..engine.flow import ProbabilityFlow
 from ..engine.grids import GRIDS, make_sigmas
 from ..engine.plugins import registered_only
@@ -193,6 +193,13 @@ def check_fingerprint(fingerprint: str, flow: ProbabilityFlow, model_kwargs: Map
                          "read a plain function's code and closure (every plain function of one schedule had that "
                          f"fingerprint), so it cannot tell whether the function given is that one: {again}")
     if fingerprint not in accepted:
+        precision = fitted_precision(fingerprint, flow, model_kwargs)
+        if precision is not None:  # the same network in another dtype: say that, not "another model"
+            made, given = precision
+            raise ValueError(f"{what} on the flow with fingerprint {fingerprint}; the flow given has fingerprint "
+                             f"{accepted[0]}: the same model and conditioning, its network in {given} where the file "
+                             f"was made with it in {made} (another precision is another field); run it in {made} "
+                             f"(--dtype {str(made).removeprefix('torch.')} on the command line), or {again}")
         older = ("; a file saved before flowdiff fingerprinted conditioning repeated per sample independently of the "
                  "batch size matches only at the batch it was made with") if len(accepted) > 1 else ""
         raise ValueError(f"{what} on the flow with fingerprint {fingerprint}; the flow given has fingerprint "
