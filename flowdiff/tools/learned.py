@@ -27,7 +27,8 @@ the first σ — and then the output scales, then the x_T directions, then those
   as DDIM's and diffusers' ``leading`` spacings do, which start below σ_max): its log σ lies at
   a fraction f ∈ [0.1, 1] of the way from the second σ (as fitted) to log σ_max, so σ_start ∈
   (σ_1, σ_max] and the grid stays ordered whatever σ_1 does. The teacher still
-  starts at σ_max: what the solve skips above σ_start is part of the error it is fitted on, so
+  starts at σ_max (a flow-matching model with a step out of pure noise: at t = 1, σ = ∞, :func:`reference_solution`'s
+  default there): what the solve skips above σ_start is part of the error it is fitted on, so
   the start drops only where the steps it frees gain more than the skipped interval costs. Its
   error is not convex in it, so it is fitted from the best of an 8-point scan of f, twice: after
   the other kinds named (so the fitted half ends no worse than without it) and before them (so
