@@ -9,7 +9,8 @@ from typing import Any, NoReturn
 import solvers as _solvers
 
 from ..engine.grids import GRIDS
-from ..engine.plugins import plugins
+from ..engine.plugins import article as _a
+from ..engine.plugins import plugins, solver_plugin
 from ..tools.compare import DEFAULT_GRIDS, DEFAULT_NFE, default_solvers
 from ..tools.peers import PEERS
 from . import _learned, _likelihood
@@ -89,7 +90,7 @@ def _name_list(accepted: Callable[[], Sequence[str]], what: str) -> Callable[[st
         known = accepted()
         for name in names:
             if name not in known:
-                raise argparse.ArgumentTypeError(f"unknown {what} {name!r}; accepted: {', '.join(known)}")
+                raise argparse.ArgumentTypeError(_unknown(what, name, known))
         return names
 
     return parse
@@ -99,10 +100,20 @@ def _one_name(accepted: Callable[[], Sequence[str]], what: str) -> Callable[[str
     def parse(text: str) -> str:
         known = accepted()
         if text not in known:
-            raise argparse.ArgumentTypeError(f"unknown {what} {text!r}; accepted: {', '.join(known)}")
+            raise argparse.ArgumentTypeError(_unknown(what, text, known))
         return text
 
     return parse
+
+
+def _unknown(what: str, name: str, known: Sequence[str]) -> str:
+    """Why ``name`` is refused: unknown, or a solver that only generates or only encodes (``flowmatch_heun``,
+    ``pndm``, ``ddim_inverse``), known by name to the commands that run that direction but not to this one."""
+    plugin = solver_plugin(name) if what == "solver" else None
+    if plugin is None:
+        return f"unknown {what} {name!r}; accepted: {', '.join(known)}"
+    return (f"{name!r} is {_a(plugin.direction)}-only method, which this command does not run; accepted: "
+            f"{', '.join(known)}")
 
 
 def _empty(text: str) -> NoReturn:

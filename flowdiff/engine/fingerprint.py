@@ -490,6 +490,27 @@ def plain_function_before(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any]
     return tuple(dict.fromkeys(keys))
 
 
+#: the precisions :func:`fitted_precision` tries a network in
+PRECISIONS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def fitted_precision(fingerprint: str, flow: ProbabilityFlow,
+                     model_kwargs: Mapping[str, Any] | None = None) -> tuple[torch.dtype, torch.dtype] | None:
+    """Where ``fingerprint`` (a file's) is that of ``flow``'s network cast to another floating precision (the same
+    model loaded with another ``--dtype``): (the precision it matches, the network's own); else None. A model that is
+    not a ``torch.nn.Module`` has no other precision. For the message of a refusal, which would otherwise blame
+    another model, schedule or conditioning."""
+    owner = _owner(flow)[0]
+    if not isinstance(owner, torch.nn.Module):
+        return None
+    own = next((t.dtype for t in owner.state_dict().values() if isinstance(t, Tensor) and t.is_floating_point()),
+               None)
+    for dtype in PRECISIONS:
+        if dtype != own and _digest(flow, model_kwargs, repeated=True, cast=dtype) == fingerprint:
+            return dtype, own
+    return None
+
+
 def accepted_fingerprints(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any] | None = None) -> tuple[str, ...]:
     """The fingerprints a file made for ``flow`` with exactly ``model_kwargs`` may record: :func:`flow_fingerprint`
     first, then, where it differs, the digest files written before the repeated-sample rule recorded (every

@@ -9,7 +9,8 @@ Two kinds of plug-in:
   which runs a whole solve its own way on the one loop.
 
 Implementations register themselves when their module is imported (:mod:`flowdiff.api.sampling`
-imports them all); this module imports nothing of flowdiff, so anything may look things up here.
+imports them all); this module imports nothing of flowdiff (only :mod:`solvers`, below it), so anything may look
+things up here.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import solvers as _solvers
 
 DIRECTIONS = ("generate", "encode")
 
@@ -66,6 +69,26 @@ def solver_plugin(name: object) -> Plugin | None:
     """The solver plug-in registered as ``name``, or None (a registered solver of :mod:`solvers`, or unknown)."""
     p = _PLUGINS.get(name) if isinstance(name, str) else None
     return p if p is not None and p.kind == "solver" else None
+
+
+def article(direction: str) -> str:
+    """``direction`` with its indefinite article: "a generate", "an encode"."""
+    return ("an " if direction[:1] in "aeiou" else "a ") + direction
+
+
+def registered_only(name: object, argument: str, who: str, accepted: tuple[str, ...] = (), advice: str = "") -> None:
+    """Refuse a solver plug-in ``name`` given as ``argument`` to an entry point that runs the registered ODE solvers
+    only (a tuning, a fit, a comparison; ``who`` ends "not one of the registered ODE solvers ...", e.g. "that tune
+    runs"): a generate-only or encode-only method is known by name to ``generate``/``encode``, so "unknown solver"
+    would name the wrong thing. ``accepted`` lists what ``who`` takes
+    besides the registered solvers (``compare``'s round trip: ``ddim_inverse``); ``advice`` ends the message. Nothing
+    happens for any other name (a registered solver, or an unknown name, which ``solvers.get`` refuses)."""
+    p = solver_plugin(name)
+    if p is None or name in accepted:
+        return
+    names = ", ".join([*_solvers.available(), *accepted])
+    raise ValueError(f"{argument} {name!r} is {article(p.direction)}-only method ({p.summary}), not one of the "
+                     f"registered ODE solvers {who}; accepted: {names}{advice}")
 
 
 def procedure(name: str, direction: str) -> Plugin:

@@ -56,6 +56,7 @@ from ..engine._checks import check_data_range, check_has_values, data_range_chec
 from ..engine.flow import ProbabilityFlow, check_from_noise
 from ..engine.grids import GRIDS, make_sigmas
 from ..engine.options import Grid
+from ..engine.plugins import registered_only, solver_plugin
 from . import peers as _peers
 from . import tuning as _tuning
 from .learned import LearnedSolver
@@ -339,10 +340,30 @@ def _check_names(values: Iterable[str] | str, name: str, accepted: Sequence[str]
                             "grid; compare it with task='generate'")
         if not isinstance(v, str):
             raise TypeError(f"{name} must be names (str), got {type(v).__name__}")
+        if name == "solvers" and v not in accepted:
+            _refuse_plugin(v, accepted)
         if v not in accepted:
             raise ValueError(f"unknown {name[:-1] if name.endswith('s') else name} {v!r} in {name}; "
                              f"accepted: {', '.join(accepted)}")
     return list(dict.fromkeys(out))
+
+
+def _refuse_plugin(name: str, accepted: Sequence[str]) -> None:
+    """Refuse a generate-only or encode-only method named in ``solvers=`` (``flowmatch_heun``, ``pndm``,
+    ``ddim_inverse`` where the task does not run it) as what it is, with where it can be measured."""
+    plugin = solver_plugin(name)
+    if plugin is None:
+        return
+    if plugin.direction == "encode":
+        advice = "; compare encoders by their round trip with task='roundtrip'"
+    elif "ddim_inverse" in accepted:  # the round trip's table
+        advice = (f"; it has no encode, so no round trip: generate with it, flowdiff.generate(flow, noise, "
+                  f"solver={name!r}, ...)")
+    else:
+        advice = (f"; measure it on its own: flowdiff.generate(flow, noise, solver={name!r}, nfe=...) against the "
+                  "comparison's reference (Comparison.reference.x)")
+    registered_only(name, "solvers entry", "that compare runs", accepted=tuple(a for a in accepted
+                                                                     if a not in _solvers.available()), advice=advice)
 
 
 def _is_explicit_grid(values: object) -> bool:

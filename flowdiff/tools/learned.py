@@ -27,7 +27,8 @@ the first σ — and then the output scales, then the x_T directions, then those
   as DDIM's and diffusers' ``leading`` spacings do, which start below σ_max): its log σ lies at
   a fraction f ∈ [0.1, 1] of the way from the second σ (as fitted) to log σ_max, so σ_start ∈
   (σ_1, σ_max] and the grid stays ordered whatever σ_1 does. The teacher still
-  starts at σ_max: what the solve skips above σ_start is part of the error it is fitted on, so
+  starts at σ_max (a flow-matching model with a step out of pure noise: at t = 1, σ = ∞, :func:`reference_solution`'s
+  default there): what the solve skips above σ_start is part of the error it is fitted on, so
   the start drops only where the steps it frees gain more than the skipped interval costs. Its
   error is not convex in it, so it is fitted from the best of an 8-point scan of f, twice: after
   the other kinds named (so the fitted half ends no worse than without it) and before them (so
@@ -122,6 +123,7 @@ from ..engine.formulations import (
     formulation_for,
 )
 from ..engine.grids import make_sigmas, reversed_grid
+from ..engine.plugins import registered_only
 from ..engine.schedules import Schedule
 from .reference import reference_solution
 from .tuning import (
@@ -489,6 +491,7 @@ def _check_learn(learn: object) -> tuple[str, ...]:
 def _base_solver(name: str, options: Mapping[str, Any], learn: Sequence[str]) -> _solvers.Solver:
     """The registered solver ``name``: one that is not reversible for shifts, a variable-step Adams method for
     coefficients."""
+    registered_only(name, "solver", "that learn_solver fits")
     obj = _solvers.get(name, **dict(options))
     if "coefficients" in learn and (not isinstance(obj, _solvers.Adams) or isinstance(obj, _solvers.CorrectedAdams)):
         multistep = [n for n in _solvers.available(multistep=True)
@@ -1300,6 +1303,7 @@ def tune_roundtrip(
     if refusal is not None:
         raise ValueError(f"solver {solver!r} cannot encode: {refusal}")
     options = dict(solver_options or {})
+    registered_only(solver, "solver", "that tune_roundtrip tunes a grid for")
     solver_obj = _solvers.get(solver, **options)
     if solver_obj.reversible:
         raise ValueError(f"solver {solver!r} is reversible: its round trip is exact on any grid; nothing to tune")

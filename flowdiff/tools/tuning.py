@@ -56,9 +56,10 @@ import solvers as _solvers
 from ..api.sampling import generate
 from ..engine._checks import check_seed, model_kwargs_rows
 from ..engine._files import atomic_write
-from ..engine.fingerprint import accepted_fingerprints, flow_fingerprint, plain_function_before
+from ..engine.fingerprint import accepted_fingerprints, fitted_precision, flow_fingerprint, plain_function_before
 from ..engine.flow import ProbabilityFlow
 from ..engine.grids import GRIDS, make_sigmas
+from ..engine.plugins import registered_only
 from . import grid_dp as _dp
 from .reference import reference_solution
 
@@ -192,6 +193,13 @@ def check_fingerprint(fingerprint: str, flow: ProbabilityFlow, model_kwargs: Map
                          "read a plain function's code and closure (every plain function of one schedule had that "
                          f"fingerprint), so it cannot tell whether the function given is that one: {again}")
     if fingerprint not in accepted:
+        precision = fitted_precision(fingerprint, flow, model_kwargs)
+        if precision is not None:  # the same network in another dtype: say that, not "another model"
+            made, given = precision
+            raise ValueError(f"{what} on the flow with fingerprint {fingerprint}; the flow given has fingerprint "
+                             f"{accepted[0]}: the same model and conditioning, its network in {given} where the file "
+                             f"was made with it in {made} (another precision is another field); run it in {made} "
+                             f"(--dtype {str(made).removeprefix('torch.')} on the command line), or {again}")
         older = ("; a file saved before flowdiff fingerprinted conditioning repeated per sample independently of the "
                  "batch size matches only at the batch it was made with") if len(accepted) > 1 else ""
         raise ValueError(f"{what} on the flow with fingerprint {fingerprint}; the flow given has fingerprint "
@@ -352,6 +360,7 @@ def _tuned(flow: ProbabilityFlow, noise: Tensor, *, solver: str, nfe: int, solve
     if solver_options is not None and not isinstance(solver_options, Mapping):
         raise TypeError(f"solver_options must be a mapping, got {type(solver_options).__name__}")
     solver_options = dict(solver_options or {})
+    registered_only(solver, "solver", "that tune runs")
     solver_obj = _solvers.get(solver, **solver_options)
     if isinstance(nfe, bool) or not isinstance(nfe, int):
         raise TypeError(f"nfe must be an int, got {type(nfe).__name__}")
@@ -724,6 +733,7 @@ def stored_grid(flow: ProbabilityFlow, solver: str, nfe: int, solver_options: Ma
     ``OSError`` naming it) at every ``*.tuned.json``. A flow whose network, schedule or conditioning differs in any
     bit has another fingerprint and finds none.
     """
+    registered_only(solver, "solver", "that tune runs, the ones grids are stored for")
     if solver not in _solvers.available():  # a misspelt name is not a solver without a stored grid
         raise ValueError(f"unknown solver {solver!r}; available: {', '.join(_solvers.available())}")
     if isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)):
