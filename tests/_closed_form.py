@@ -5,6 +5,16 @@ import torch
 import flowdiff
 from flowdiff.models.analytic import Mixture
 
+#: A four-dimensional Gaussian's mean and variance, and the three kinds of schedule, for the tests that hold a
+#: closed-form answer against every schedule (the grid's end convention, ddim_inverse off VP)
+MEAN = torch.tensor([0.5, -0.3, 0.1, 0.8], dtype=torch.float64)
+VAR = torch.tensor([0.4, 2.0, 0.1, 1.0], dtype=torch.float64)
+SCHEDULES = {
+    "vp": flowdiff.Schedule.linear,
+    "ve": flowdiff.VESchedule,
+    "flow_matching": lambda: flowdiff.FlowMatchingSchedule(shift=3.0),
+}
+
 #: A tuning run small enough for a test: a few candidate solves, no restarts, a loose reference.
 QUICK = {"max_evals": 12, "restarts": 0, "progress": False, "reference_tol": 1e-6}
 

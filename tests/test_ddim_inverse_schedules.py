@@ -17,17 +17,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from _closed_form import MEAN, SCHEDULES, VAR
 
 import flowdiff
 from flowdiff.models.analytic import Gaussian
 
-MEAN = torch.tensor([0.5, -0.3, 0.1, 0.8], dtype=torch.float64)
-VAR = torch.tensor([0.4, 2.0, 0.1, 1.0], dtype=torch.float64)
-SCHEDULES = {
-    "vp": flowdiff.Schedule.linear,
-    "ve": flowdiff.VESchedule,
-    "flow_matching": lambda: flowdiff.FlowMatchingSchedule(shift=3.0),
-}
 PATHS = ("sigma_field", "model")
 S_TOP = 20.0
 

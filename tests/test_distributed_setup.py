@@ -45,6 +45,28 @@ def _errors(stderr: str, command: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith(f"flowdiff {command}: error:")]
 
 
+def _both_ranks_say_rank_1_is_out_of_memory(script, command: str, argv_for) -> Path:
+    """Run ``script`` under torchrun (two CPU processes) with ``argv_for(out)`` until both ranks print their error
+    line: the failing rank exits once the failure is exchanged, and torchrun then stops the other, which now and then
+    (under load) happens before it has printed its line, so up to three tries. No line may show gloo's closed
+    connection; rank 1 says its own cause, rank 0 ``rank 1 of 2 failed:``. Returns the last try's --out."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for attempt in range(3):
+        out = script.parent / f"out{attempt}"
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(script), *map(str, argv_for(out))], capture_output=True, text=True, env=env,
+                              timeout=120)
+        said = _errors(done.stderr, command)
+        assert done.returncode != 0 and not any("gloo" in line or "onnection closed" in line for line in said), \
+            done.stderr[-3000:]
+        assert said and all(OOM in line for line in said), done.stderr[-3000:]
+        if len(said) == 2:
+            break
+    assert len(said) == 2, said
+    assert sum(f"rank 1 of 2 failed: {OOM}" in line for line in said) == 1, said  # rank 0's; rank 1 says its own
+    return out
+
+
 @needs_digits
 @pytest.mark.parametrize("command", ["roundtrip", "compare"])
 def test_a_model_that_one_rank_cannot_load_is_said_on_every_rank(command, tmp_path):
@@ -55,23 +77,9 @@ def test_a_model_that_one_rank_cannot_load_is_said_on_every_rank(command, tmp_pa
     script.write_text(RANK_1_OOM)
     data = tmp_path / "data"
     write_digits(data, ["a.png", "b.png"])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    # The failing rank exits once the failure is exchanged, and torchrun then stops the other, which now and then
-    # (under load) happens before it has printed its line: up to three tries for one in which both ranks speak.
-    for attempt in range(3):
-        out = tmp_path / f"out{attempt}"
-        argv = (["roundtrip", "--data", data, "--out", out, *ARGS] if command == "roundtrip" else
-                ["compare", "--solver", "euler", "--nfe", "2", "--batch", "2", "--out", out, "--no-progress"])
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               str(script), *map(str, argv)], capture_output=True, text=True, env=env, timeout=120)
-        said = _errors(done.stderr, command)
-        assert done.returncode != 0 and not any("gloo" in line or "onnection closed" in line for line in said), \
-            done.stderr[-3000:]
-        assert said and all(OOM in line for line in said), done.stderr[-3000:]
-        if len(said) == 2:
-            break
-    assert len(said) == 2, said
-    assert sum(f"rank 1 of 2 failed: {OOM}" in line for line in said) == 1, said  # rank 0's; rank 1 says its own
+    out = _both_ranks_say_rank_1_is_out_of_memory(
+        script, command, lambda out: ["roundtrip", "--data", data, "--out", out, *ARGS] if command == "roundtrip" else
+        ["compare", "--solver", "euler", "--nfe", "2", "--batch", "2", "--out", out, "--no-progress"])
     assert not (out / "run.json").exists() and not (out / "report.md").exists()
 
 
@@ -86,20 +94,9 @@ def test_noise_that_one_rank_cannot_hold_is_said_on_every_rank(tmp_path):
     peer" when it sent it. The noise is drawn inside the setup's block now: rank 0 says ``rank 1 of 2 failed:``."""
     script = tmp_path / "rank_1_noise_oom.py"
     script.write_text(RANK_1_NOISE_OOM)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for attempt in range(3):  # as above: torchrun may stop rank 0 before it has printed its line
-        out = tmp_path / f"out{attempt}"
-        argv = ["compare", "--solver", "euler", "--nfe", "2", "--batch", "2", "--out", out, "--no-progress"]
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               str(script), *map(str, argv)], capture_output=True, text=True, env=env, timeout=120)
-        said = _errors(done.stderr, "compare")
-        assert done.returncode != 0 and not any("gloo" in line or "onnection closed" in line for line in said), \
-            done.stderr[-3000:]
-        assert said and all(OOM in line for line in said), done.stderr[-3000:]
-        if len(said) == 2:
-            break
-    assert len(said) == 2, said
-    assert sum(f"rank 1 of 2 failed: {OOM}" in line for line in said) == 1, said
+    out = _both_ranks_say_rank_1_is_out_of_memory(
+        script, "compare", lambda out: ["compare", "--solver", "euler", "--nfe", "2", "--batch", "2", "--out", out,
+                                        "--no-progress"])
     assert not (out / "reference.safetensors").exists() and not (out / "report.md").exists()
 
 

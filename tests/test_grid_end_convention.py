@@ -15,17 +15,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from _closed_form import MEAN, SCHEDULES, VAR
 
 import flowdiff
 from flowdiff.models.analytic import Gaussian
 
-MEAN = torch.tensor([0.5, -0.3, 0.1, 0.8], dtype=torch.float64)
-VAR = torch.tensor([0.4, 2.0, 0.1, 1.0], dtype=torch.float64)
-SCHEDULES = {
-    "vp": flowdiff.Schedule.linear,
-    "ve": flowdiff.VESchedule,
-    "flow_matching": lambda: flowdiff.FlowMatchingSchedule(shift=3.0),
-}
 S_START, S_END = 5.0, 0.45
 #: a fine generation grid from S_START down to S_END > 0: rk4's error on it is ~1e-9
 FINE = np.geomspace(S_START, S_END, 161)
