@@ -160,7 +160,28 @@ def check_carried_tensor(v: object, y0: Tensor, what: str) -> None:
         raise ValueError(f"{what} is on {v.device}, the solve's y0 on {y0.device}: move the state with it")
 
 
-class Shifted(Solver):
+class _OnBase(Solver):
+    """A method that wraps a ``base`` method and leaves its steps' bookkeeping to it: the carried state (its type is
+    copied from the base; its maker, :meth:`check_carried`) and the cost of a step (:class:`Shifted`,
+    :class:`Scaled`)."""
+
+    base: Solver
+
+    @property
+    def state_maker(self) -> str:  # the base's steps make the carried states
+        return self.base.state_maker
+
+    def check_carried(self, state: Any, t0: float, y0: Tensor, t1: float | None = None, *,
+                      name: str = "state") -> None:
+        self.base.check_carried(state, t0, y0, t1, name=name)
+
+    def step_cost(self, t0: float, state: Any) -> int | None:
+        return self.base.step_cost(t0, state)
+
+
+
+
+class Shifted(_OnBase):
     """``base`` with the field evaluated at times shifted off the step's own, by a multiple of the step.
 
     In the step ``(t₀, t₁)`` every evaluation ``f(t, y)`` the base method makes is taken at
@@ -222,17 +243,6 @@ class Shifted(Solver):
     def init(self, f: VectorField, t0: float, y0: Tensor) -> Any:
         return self.base.init(f, t0, y0)
 
-    @property
-    def state_maker(self) -> str:  # the base's steps make the carried states
-        return self.base.state_maker
-
-    def check_carried(self, state: Any, t0: float, y0: Tensor, t1: float | None = None, *,
-                      name: str = "state") -> None:
-        self.base.check_carried(state, t0, y0, t1, name=name)
-
-    def step_cost(self, t0: float, state: Any) -> int | None:
-        return self.base.step_cost(t0, state)
-
     def fitted_steps(self) -> frozenset[tuple[float, float]]:
         return _within(frozenset(self.shifts), self.base)
 
@@ -255,7 +265,7 @@ class Shifted(Solver):
         return self.base.step(shifted, t0, t1, y0, state)
 
 
-class Scaled(Solver):
+class Scaled(_OnBase):
     """``base`` with the field scaled about an anchor, by a factor per step.
 
     In the step ``(t₀, t₁)`` every evaluation the base method makes returns
@@ -384,17 +394,6 @@ class Scaled(Solver):
         if self.uses_initial_state:
             self._starts.record(f, y0)
         return self.base.init(f, t0, y0)
-
-    @property
-    def state_maker(self) -> str:  # the base's steps make the carried states
-        return self.base.state_maker
-
-    def check_carried(self, state: Any, t0: float, y0: Tensor, t1: float | None = None, *,
-                      name: str = "state") -> None:
-        self.base.check_carried(state, t0, y0, t1, name=name)
-
-    def step_cost(self, t0: float, state: Any) -> int | None:
-        return self.base.step_cost(t0, state)
 
     def fitted_steps(self) -> frozenset[tuple[float, float]]:
         return _within(frozenset(self.scales), self.base)

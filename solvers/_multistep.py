@@ -160,7 +160,24 @@ def _combine(y0: Tensor, weights: Sequence[float], ks: Sequence[Tensor]) -> Tens
     return out
 
 
-class Adams(Solver):
+class _CarriesHistory(Solver):
+    """A multistep method: it carries a :class:`History` of its derivatives from step to step, and takes one back as a
+    solve's ``state=`` (:class:`Adams`, :class:`IPNDM`, :class:`CorrectedAdams`)."""
+
+    state_type: ClassVar[type | None] = History
+
+    def check_carried(self, state: Any, t0: float, y0: Tensor, t1: float | None = None, *,
+                      name: str = "state") -> None:
+        """:meth:`Solver.check_carried`, and the history's derivatives: of ``y0``'s shape and dtype, none ahead of
+        the solve's start in its direction (towards ``t1``)."""
+        super().check_carried(state, t0, y0, t1, name=name)
+        if state is not None:
+            _check_history(self, state, t0, y0, t1, name)
+
+
+
+
+class Adams(_CarriesHistory):
     """Variable-step Adams–Bashforth of ``order`` (``order`` derivatives, newest first).
 
     ``log_time`` interpolates the derivatives in ``log|t|`` instead of ``t`` (see the module
@@ -183,7 +200,6 @@ class Adams(Solver):
     """
 
     multistep: ClassVar[bool] = True
-    state_type: ClassVar[type | None] = History
 
     def __init__(self, name: str, order: int, *, log_time: bool = False, corrector: bool = False,
                  log_time_by_step: bool = False) -> None:
@@ -213,14 +229,6 @@ class Adams(Solver):
 
     def maker_options(self) -> str:
         return self._maker_options
-
-    def check_carried(self, state: Any, t0: float, y0: Tensor, t1: float | None = None, *,
-                      name: str = "state") -> None:
-        """:meth:`Solver.check_carried`, and the history's derivatives: of ``y0``'s shape and dtype, none ahead of
-        the solve's start in its direction (towards ``t1``)."""
-        super().check_carried(state, t0, y0, t1, name=name)
-        if state is not None:
-            _check_history(self, state, t0, y0, t1, name)
 
     def warped(self, warp: Callable[[np.ndarray], np.ndarray], t_from: float) -> Adams:
         """The same method with its derivatives interpolated in ``u = warp(t)`` (see :func:`adams_weights`)
@@ -347,7 +355,7 @@ class DPMSolverPP2M(Adams):
         return [(t1 - t0) * (1 + 0.5 / r), -(t1 - t0) * 0.5 / r]
 
 
-class IPNDM(Solver):
+class IPNDM(_CarriesHistory):
     """iPNDM (Zhang & Chen, "Fast Sampling of Diffusion Models with Exponential Integrator",
     2023): Adams–Bashforth with the equal-step coefficients used on any grid, with lower
     orders while the history fills. Order ``order`` on uniform grids in ``t``; on a
@@ -355,7 +363,6 @@ class IPNDM(Solver):
     on a fixed grid its first Euler step limits it to ``fixed_grid_order`` = 2."""
 
     multistep: ClassVar[bool] = True
-    state_type: ClassVar[type | None] = History
 
     def __init__(self, order: int = 4) -> None:
         if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
@@ -367,12 +374,6 @@ class IPNDM(Solver):
     def maker_options(self) -> str:
         return f"(order={self.order})"
 
-    def check_carried(self, state: Any, t0: float, y0: Tensor, t1: float | None = None, *,
-                      name: str = "state") -> None:
-        super().check_carried(state, t0, y0, t1, name=name)
-        if state is not None:
-            _check_history(self, state, t0, y0, t1, name)
-
     def step(self, f: VectorField, t0: float, t1: float, y0: Tensor, state: Any) -> StepResult:
         hist = _history_at(f, t0, y0, state, self.order, self.state_maker)
         _, ks = hist.newest(self.order)
@@ -380,7 +381,7 @@ class IPNDM(Solver):
         return StepResult(_combine(y0, [h * c for c in _AB_EQUAL[len(ks) - 1]], ks), hist, None)
 
 
-class CorrectedAdams(Solver):
+class CorrectedAdams(_CarriesHistory):
     """An Adams method plus given multiples of its next-order terms, with coefficients per step.
 
     Where the history holds more derivatives than the base method's formula uses at a step
@@ -403,7 +404,6 @@ class CorrectedAdams(Solver):
     """
 
     multistep: ClassVar[bool] = True
-    state_type: ClassVar[type | None] = History
 
     def __init__(self, base: Adams, coefficients: dict[tuple[float, float], Sequence[float]], *,
                  name: str | None = None) -> None:
@@ -444,12 +444,6 @@ class CorrectedAdams(Solver):
 
     def maker_options(self) -> str:
         return f"(base={self.base.state_maker!r}, terms={self.terms})"
-
-    def check_carried(self, state: Any, t0: float, y0: Tensor, t1: float | None = None, *,
-                      name: str = "state") -> None:
-        super().check_carried(state, t0, y0, t1, name=name)
-        if state is not None:
-            _check_history(self, state, t0, y0, t1, name)
 
     def fitted_steps(self) -> frozenset[tuple[float, float]]:
         return frozenset(self.coefficients)
