@@ -66,7 +66,8 @@ What ``learn`` names is fitted together by bounded least squares on the image er
 
     min_{δ,c,σ}  Σ_samples |generate(noise_fit; δ, c, σ) − x_ref|²,   |c_{i,m}| ≤ bound,  |δ_i| ≤ shift_bound,
 
-with ``x_ref`` = :func:`flowdiff.reference_solution` from σ_max (the student's grid is the one it
+with ``x_ref`` = :func:`flowdiff.reference_solution` from σ_max (from t = 1, σ = ∞, on a flow-matching model
+with a step out of pure noise: its default there; the student's grid, from σ_max, is the one it
 would use anyway: the shipped tuned grid of that model, solver and budget when there is one, else ``logsnr``),
 the Jacobian by forward differences (one candidate solve per parameter). A shift is further
 bounded so that every evaluation stays between σ = 0 and the schedule's σ_max (the model has
