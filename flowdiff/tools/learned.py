@@ -566,6 +566,12 @@ def _layout(base: _solvers.Solver, sigmas: np.ndarray, terms: int, learn: Sequen
     return counts, intervals
 
 
+def plain_encoders() -> tuple[str, ...]:
+    """The registered solvers whose round trip :func:`tune_roundtrip` and :func:`flowdiff.learn_encoder` fit: those
+    that encode and are not reversible (whose round trip is exact on any grid)."""
+    return tuple(n for n in _solvers.available() if encode_refusal(n) is None and not _solvers.get(n).reversible)
+
+
 def shift_intervals(base: _solvers.Solver, sigmas: np.ndarray, schedule: Schedule, shift_bound: float,
                     direction: str = "generate") -> list[tuple[float, float]]:
     """The interval of each step's evaluation shift δ (:class:`solvers.Shifted`) when ``base`` solves in
@@ -1304,7 +1310,7 @@ def tune_roundtrip(
     if refusal is not None:
         raise ValueError(f"solver {solver!r} cannot encode: {refusal}")
     options = dict(solver_options or {})
-    registered_only(solver, "solver", "that tune_roundtrip tunes a grid for")
+    registered_only(solver, "solver", "that tune_roundtrip tunes a grid for", registered=plain_encoders())
     solver_obj = _solvers.get(solver, **options)
     if solver_obj.reversible:
         raise ValueError(f"solver {solver!r} is reversible: its round trip is exact on any grid; nothing to tune")
