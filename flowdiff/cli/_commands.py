@@ -237,7 +237,7 @@ def _refuse_no_step_from_infinity(args: argparse.Namespace, loaded: LoadedModel)
 
 def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
     from ..tools.compare import Reference, reference_solution
-    from ..tools.reference import last_finite_sigma
+    from ..tools.reference import default_sigma_start, last_finite_sigma
 
     # each rank's setup, ended by one exchange: a failure on one rank alone (one GPU out of memory while loading the
     # model) is said on every rank, 'rank R of N failed: <why>', not met as gloo's closed connection in the next one
@@ -283,6 +283,10 @@ def _cmd_compare(args: argparse.Namespace, ranks: distributed.Ranks) -> int:
                 if not args.overwrite:
                     raise CommandError(f"{os.fspath(ref_path)!r} is not a flowdiff reference file ({one_line(err)}); "
                                        "pass --overwrite or --fresh-reference to replace it") from None
+            if ref is not None and ref.sigma_start != default_sigma_start(loaded.flow):
+                # kept from where the reference started before (σ_max on a flow-matching model, which it now solves
+                # from t = 1): the key does not hold the start, and this one is not the reference of this run
+                ref = None
             kept = ref is not None
         if ref is None:
             if not args.no_progress:

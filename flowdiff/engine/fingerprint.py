@@ -494,20 +494,37 @@ def plain_function_before(flow: ProbabilityFlow, model_kwargs: Mapping[str, Any]
 PRECISIONS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def in_precision(value: Any, dtype: torch.dtype) -> Any:  # noqa: ANN401 - conditioning of any structure
+    """``value`` (``model_kwargs``, or a value in them) with every floating tensor in it, in mappings, lists and
+    tuples, cast to ``dtype``: the conditioning a run in that precision is given (prompt embeddings beside the
+    network). Anything else is kept as it is (class labels, numbers, ``None``)."""
+    if isinstance(value, Tensor):
+        return value.detach().to(dtype) if value.is_floating_point() else value
+    if isinstance(value, Mapping):
+        return {k: in_precision(v, dtype) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(in_precision(v, dtype) for v in value)
+    return value
+
+
 def fitted_precision(fingerprint: str, flow: ProbabilityFlow,
                      model_kwargs: Mapping[str, Any] | None = None) -> tuple[torch.dtype, torch.dtype] | None:
     """Where ``fingerprint`` (a file's) is that of ``flow``'s network cast to another floating precision (the same
-    model loaded with another ``--dtype``): (the precision it matches, the network's own); else None. A model that is
-    not a ``torch.nn.Module`` has no other precision. For the message of a refusal, which would otherwise blame
-    another model, schedule or conditioning."""
+    model loaded with another ``--dtype``), with ``model_kwargs`` as given or with their floating tensors in that
+    precision too (prompt embeddings made by the text encoder in the run's dtype): (the precision it matches, the
+    network's own); else None. A model that is not a ``torch.nn.Module`` has no other precision. For the message of a
+    refusal, which would otherwise blame another model, schedule or conditioning."""
     owner = _owner(flow)[0]
     if not isinstance(owner, torch.nn.Module):
         return None
     own = next((t.dtype for t in owner.state_dict().values() if isinstance(t, Tensor) and t.is_floating_point()),
                None)
     for dtype in PRECISIONS:
-        if dtype != own and _digest(flow, model_kwargs, repeated=True, cast=dtype) == fingerprint:
-            return dtype, own
+        if dtype == own:
+            continue
+        for kwargs in (model_kwargs, in_precision(model_kwargs, dtype)):
+            if _digest(flow, kwargs, repeated=True, cast=dtype) == fingerprint:
+                return dtype, own
     return None
 
 

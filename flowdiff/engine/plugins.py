@@ -76,17 +76,19 @@ def article(direction: str) -> str:
     return ("an " if direction[:1] in "aeiou" else "a ") + direction
 
 
-def registered_only(name: object, argument: str, who: str, accepted: tuple[str, ...] = (), advice: str = "") -> None:
+def registered_only(name: object, argument: str, who: str, accepted: tuple[str, ...] = (), advice: str = "",
+                    registered: tuple[str, ...] | None = None) -> None:
     """Refuse a solver plug-in ``name`` given as ``argument`` to an entry point that runs the registered ODE solvers
     only (a tuning, a fit, a comparison; ``who`` ends "not one of the registered ODE solvers ...", e.g. "that tune
     runs"): a generate-only or encode-only method is known by name to ``generate``/``encode``, so "unknown solver"
     would name the wrong thing. ``accepted`` lists what ``who`` takes
-    besides the registered solvers (``compare``'s round trip: ``ddim_inverse``); ``advice`` ends the message. Nothing
-    happens for any other name (a registered solver, or an unknown name, which ``solvers.get`` refuses)."""
+    besides the registered solvers (``compare``'s round trip: ``ddim_inverse``), ``registered`` the registered solvers
+    it takes where it refuses some (default: every one); ``advice`` ends the message. Nothing happens for any other
+    name (a registered solver, or an unknown name, which ``solvers.get`` refuses)."""
     p = solver_plugin(name)
     if p is None or name in accepted:
         return
-    names = ", ".join([*_solvers.available(), *accepted])
+    names = ", ".join([*(_solvers.available() if registered is None else registered), *accepted])
     raise ValueError(f"{argument} {name!r} is {article(p.direction)}-only method ({p.summary}), not one of the "
                      f"registered ODE solvers {who}; accepted: {names}{advice}")
 

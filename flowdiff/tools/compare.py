@@ -706,8 +706,9 @@ def run_peers(result: Comparison, flow: ProbabilityFlow, noise: Tensor, peers: I
 
 def _warn_another_start(reference: Reference, flow: ProbabilityFlow, samplers: list[_peers.PeerSampler]) -> None:
     """Warn where diffusers' FlowMatch samplers, which start from the noise at t = 1 (σ = ∞), are measured against a
-    reference from a finite σ (given as ``reference=``, or kept on disk by a ``flowdiff compare`` from before the
-    reference started at t = 1): their rows then hold the difference of the two starts besides their own error."""
+    reference from a finite σ (given as ``reference=``, e.g. one read from a file a ``flowdiff compare`` kept before
+    the reference started at t = 1, which the command itself solves again): their rows then hold the difference of
+    the two starts besides their own error."""
     at_one = sorted({s.name for s in samplers if s.left_out is None and s.target.startswith("FlowMatch")})
     if at_one and math.isfinite(reference.sigma_start) and default_sigma_start(flow) == math.inf:
         warnings.warn(f"reference starts at σ={reference.sigma_start:.6g}, and diffusers' {' and '.join(at_one)} start "

@@ -66,7 +66,8 @@ What ``learn`` names is fitted together by bounded least squares on the image er
 
     min_{δ,c,σ}  Σ_samples |generate(noise_fit; δ, c, σ) − x_ref|²,   |c_{i,m}| ≤ bound,  |δ_i| ≤ shift_bound,
 
-with ``x_ref`` = :func:`flowdiff.reference_solution` from σ_max (the student's grid is the one it
+with ``x_ref`` = :func:`flowdiff.reference_solution` from σ_max (from t = 1, σ = ∞, on a flow-matching model
+with a step out of pure noise: its default there; the student's grid, from σ_max, is the one it
 would use anyway: the shipped tuned grid of that model, solver and budget when there is one, else ``logsnr``),
 the Jacobian by forward differences (one candidate solve per parameter). A shift is further
 bounded so that every evaluation stays between σ = 0 and the schedule's σ_max (the model has
@@ -563,6 +564,12 @@ def _layout(base: _solvers.Solver, sigmas: np.ndarray, terms: int, learn: Sequen
         counts = [0 if i in replaced else probe.available_terms(i + 1) for i in range(n)]
     intervals = shift_intervals(base, sigmas, schedule, shift_bound) if "shifts" in learn else [(0.0, 0.0)] * n
     return counts, intervals
+
+
+def plain_encoders() -> tuple[str, ...]:
+    """The registered solvers whose round trip :func:`tune_roundtrip` and :func:`flowdiff.learn_encoder` fit: those
+    that encode and are not reversible (whose round trip is exact on any grid)."""
+    return tuple(n for n in _solvers.available() if encode_refusal(n) is None and not _solvers.get(n).reversible)
 
 
 def shift_intervals(base: _solvers.Solver, sigmas: np.ndarray, schedule: Schedule, shift_bound: float,
@@ -1303,7 +1310,7 @@ def tune_roundtrip(
     if refusal is not None:
         raise ValueError(f"solver {solver!r} cannot encode: {refusal}")
     options = dict(solver_options or {})
-    registered_only(solver, "solver", "that tune_roundtrip tunes a grid for")
+    registered_only(solver, "solver", "that tune_roundtrip tunes a grid for", registered=plain_encoders())
     solver_obj = _solvers.get(solver, **options)
     if solver_obj.reversible:
         raise ValueError(f"solver {solver!r} is reversible: its round trip is exact on any grid; nothing to tune")

@@ -33,7 +33,7 @@ import solvers as _solvers
 from ..api.adaptive import RK_CONTROLLER, to_zero_in_log_sigma
 from ..api.sampling import generate
 from ..engine._checks import check_has_values
-from ..engine.fingerprint import flow_fingerprint, precision_fingerprints
+from ..engine.fingerprint import flow_fingerprint, in_precision, precision_fingerprints
 from ..engine.flow import ProbabilityFlow, check_from_noise
 from ..engine.loop import solve_flow
 from ..engine.options import Adaptive
@@ -187,15 +187,6 @@ def _flow_keys(flow: ProbabilityFlow,
 def _kwargs_in_precisions(model_kwargs: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """``model_kwargs`` as given, then with every floating tensor in it cast to each of the precisions (where it
     holds any): the same conditioning a run in another precision is given."""
-    def cast(value: Any, dtype: torch.dtype) -> Any:
-        if isinstance(value, Tensor):
-            return value.detach().to(dtype) if value.is_floating_point() else value
-        if isinstance(value, Mapping):
-            return {k: cast(v, dtype) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(cast(v, dtype) for v in value)
-        return value
-
     def floating(value: Any) -> bool:
         if isinstance(value, Tensor):
             return value.is_floating_point()
@@ -205,7 +196,7 @@ def _kwargs_in_precisions(model_kwargs: Mapping[str, Any]) -> list[Mapping[str, 
 
     if not floating(model_kwargs):
         return [model_kwargs]
-    return [model_kwargs, *(cast(dict(model_kwargs), dtype) for dtype in _PRECISIONS)]
+    return [model_kwargs, *(in_precision(dict(model_kwargs), dtype) for dtype in _PRECISIONS)]
 
 
 #: What :func:`checked_reference` has checked, while its block runs: :func:`_held` of its arguments.

@@ -67,7 +67,7 @@ from ..engine.grids import check_budget, make_sigmas, reversed_grid
 from ..engine.options import Adaptive
 from ..engine.plugins import registered_only
 from ..engine.results import Result
-from .learned import check_fitted_grid, check_fitted_shifts, shift_intervals, tune_roundtrip
+from .learned import check_fitted_grid, check_fitted_shifts, plain_encoders, shift_intervals, tune_roundtrip
 from .tuning import check_fingerprint, check_rows_split, read_record, record_fingerprint, write_record
 
 __all__ = ["LearnedEncoder", "learn_encoder"]
@@ -279,7 +279,7 @@ def _check_latent_weight(latent_weight: object) -> tuple[float, ...]:
 
 
 def _base_solver(name: str, options: Mapping[str, Any]) -> _solvers.Solver:
-    registered_only(name, "solver", "that learn_encoder fits")
+    registered_only(name, "solver", "that learn_encoder fits", registered=plain_encoders())
     obj = _solvers.get(name, **dict(options))
     refusal = encode_refusal(name)
     if refusal is not None:

@@ -9,8 +9,9 @@ search on the quantity that matters, the error of the image itself against a tig
 
     min over σ_1 > … > σ_{n−1}  of  RMS( generate(noise_cal, solver, [σ_max, σ_1, …, σ_{n−1}, 0]) − x_ref )
 
-with ``x_ref`` = :func:`flowdiff.reference_solution` of the calibration noise, σ_0 = σ_max
-(where the reference starts; ``free_start=True`` lets it move down too) and n the step count
+with ``x_ref`` = :func:`flowdiff.reference_solution` of the calibration noise (from σ_max; on a flow-matching
+model with a step out of pure noise, from t = 1, σ = ∞, its default there), σ_0 = σ_max (where ``generate``'s
+grids start; ``free_start=True`` lets it move down too) and n the step count
 that spends the NFE budget. The knots are parametrised by positive gaps in log σ between σ_max
 and a floor (default the schedule's σ_min), normalised to sum to the whole range, so that every
 point of the search is a valid, strictly decreasing grid. The search is Nelder–Mead ("A simplex
@@ -436,7 +437,7 @@ def _tuned(flow: ProbabilityFlow, noise: Tensor, *, solver: str, nfe: int, solve
             sig = make_sigmas(flow.schedule, name, steps, **grid_options)
         except ValueError:  # e.g. a timestep grid that cannot hold this many steps
             continue
-        if sig[0] != sigma_max and not knots.free_start:  # σ_0 = σ_max: where the noise and the reference start
+        if sig[0] != sigma_max and not knots.free_start:  # σ_0 = σ_max: where the noise is read as the state
             continue
         e = search.evaluate(sig)
         if initial is None or e < initial[0]:
