@@ -62,7 +62,9 @@ step cap too is loosened: where the cap, not the tolerance, sets every step, two
 took the same steps and measured an error of exactly 0), which, where the error
 falls with the tolerance, bounds the tighter one's; ``solve_error`` is that difference and
 ``error`` = √(std_error² + solve_error²). The check solve costs less than the first (~0.6× on
-the closed-form mixtures).
+the closed-form mixtures). For one image the two solves' errors can happen to agree, and their difference is then a
+fraction of the error: the adaptive solve's bar is floored by a third, coarse check (100× the tolerances, four times
+the step cap; ~0.6× the solve's evaluations), at its difference to the check over 10^1.5 (:data:`COARSE_FALL`).
 
 **Bits per dimension.** ``bits_per_dim = −log_prob/(D ln 2) + offset`` for a continuous density.
 Data quantized to ``dequantize = K`` levels over the model's range [−1, 1] (lattice spacing
@@ -136,7 +138,7 @@ CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=10.0, max_ste
 CHECK_CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=10.0, max_step=2.0)
 #: The adaptive solve's coarse check (100× the tolerances, four times the step cap): two solves whose errors happen to
 #: agree for an image (their difference crossing zero) gave that image a bar of a fraction of its error (one image at
-#: a time, 5–9% of the exact trace's bars missed, by up to 18×; sweep 18). The difference of the coarse check to the
+#: a time on 8-dimensional mixtures, 4–24% of the exact trace's bars missed, by up to 8 000×; sweep 18). The difference of the coarse check to the
 #: check, over CHECK_FACTOR ** COARSE_FALL, floors the bar: it assumes the error falls at most as tol^1.5 a decade
 #: (it fell as tol^1.2–1.6 between the checks at the median, benchmarks/RESULTS.md "S21").
 COARSE_CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=10.0, max_step=4.0)
