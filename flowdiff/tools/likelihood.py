@@ -138,9 +138,10 @@ CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=10.0, max_ste
 CHECK_CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=10.0, max_step=2.0)
 #: The adaptive solve's coarse check (100× the tolerances, four times the step cap): two solves whose errors happen to
 #: agree for an image (their difference crossing zero) gave that image a bar of a fraction of its error (one image at
-#: a time on 8-dimensional mixtures, 4–24% of the exact trace's bars missed, by up to 8 000×; sweep 18). The difference of the coarse check to the
-#: check, over CHECK_FACTOR ** COARSE_FALL, floors the bar: it assumes the error falls at most as tol^1.5 a decade
-#: (it fell as tol^1.2–1.6 between the checks at the median, benchmarks/RESULTS.md "S21").
+#: a time on 8-dimensional mixtures, 4–24% of the exact trace's bars missed, by up to 8 000×; sweep 18). The
+#: difference of the coarse check to the check, over CHECK_FACTOR ** COARSE_FALL, floors the bar: it assumes the error
+#: falls at most as tol^1.5 a decade (it fell as tol^1.2–1.6 between the checks at the median, benchmarks/RESULTS.md
+#: "S21").
 COARSE_CONTROLLER = StepController(safety=0.9, factor_min=0.2, factor_max=10.0, max_step=4.0)
 COARSE_FALL = 1.5
 
