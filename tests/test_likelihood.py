@@ -174,10 +174,10 @@ def test_nfe_counts_every_vector_jacobian_product(divergence, options, cost):
     counter.calls = 0
     a = log_likelihood(flow, x, estimator=Trace(divergence, **options), adaptive=Adaptive(rtol=1e-2, atol=1e-2),
                        **seed)
-    check = a.stats.extra["check"]
-    for st in (a.stats, check):
+    check, coarse = a.stats.extra["check"], a.stats.extra["check_coarse"]
+    for st in (a.stats, check, coarse):
         assert st.extra["vjps"] == cost * st.nfe and st.extra["model_calls"] == st.nfe
-    assert counter.calls == a.stats.nfe + check.nfe
+    assert counter.calls == a.stats.nfe + check.nfe + coarse.nfe
 
 
 def test_batch_larger_than_chunk_is_split_with_the_same_result():
